@@ -1,0 +1,237 @@
+"""Public speculative-verify ops (SPEC §6) and backend selection.
+
+Three backends compute the same functions:
+
+* ``"reference"``: plain PyTorch (``specdiff_kernels.reference``), the oracle; any device.
+* ``"cpp"``: the C++ CPU kernels behind ``torch.ops.specdiff.*`` (``csrc/``).
+* ``"triton"``: Triton kernels (GPU; on CPU only under ``TRITON_INTERPRET=1``).
+
+By default the backend follows the device: CPU -> ``cpp``, CUDA -> ``triton``, else ``reference``.
+
+Non-finite inputs are not scanned for (that would cost a pass and a host sync): a non-finite log
+ratio counts as a rejection, and the state reflected at that step may be non-finite. Callers that
+must not continue on bad values (the samplers) check ``log_ratio`` and raise.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Callable, NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+from . import _checks, reference
+
+try:  # the compiled CPU backend; registers torch.ops.specdiff.* schemas and CPU kernels
+    from . import _C  # noqa: F401
+    HAS_CPP = True
+except ImportError as _err:  # pragma: no cover - exercised only on broken installs
+    HAS_CPP = False
+    _CPP_IMPORT_ERROR = _err
+
+
+class VerifyResult(NamedTuple):
+    """Output of :func:`speculative_verify`."""
+
+    num_accepted: Tensor  # [B] int64: first rejected step, or num_steps when all accepted
+    next_state: Tensor    # [B, *E]: reflected sample at the first rejection, else y_n
+    log_ratio: Tensor     # [B, L] float32: log p/q of every step of the window
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    gaussian_log_ratio: Callable[..., Tensor]
+    first_rejection: Callable[..., Tensor]
+    reflect_resample: Callable[..., Tensor]
+    speculative_verify: Callable[..., tuple]
+    devices: Optional[tuple[str, ...]] = None  # None: any device
+
+    def supports(self, device: torch.device) -> bool:
+        return self.devices is None or device.type in self.devices
+
+
+_BACKENDS: dict[str, Backend] = {}
+# Backends that live in optional modules, imported on first use (keeps `import triton` lazy).
+_LAZY_BACKENDS = {"triton": "specdiff_kernels.triton_backend"}
+
+
+def register_backend(backend: Backend) -> None:
+    """Make a backend selectable by name in every op of this module."""
+    _BACKENDS[backend.name] = backend
+
+
+register_backend(Backend("reference", reference.gaussian_log_ratio, reference.first_rejection,
+                         reference.reflect_resample, reference.speculative_verify))
+
+if HAS_CPP:
+    register_backend(Backend(
+        "cpp",
+        torch.ops.specdiff.gaussian_log_ratio.default,
+        torch.ops.specdiff.first_rejection.default,
+        torch.ops.specdiff.reflect_resample.default,
+        torch.ops.specdiff.speculative_verify.default,
+        devices=("cpu",),
+    ))
+
+
+def available_backends() -> list[str]:
+    """Names of the backends that can run in this process."""
+    names = list(_BACKENDS)
+    for name, module in _LAZY_BACKENDS.items():
+        if name not in names:
+            try:
+                importlib.import_module(module)
+                names.append(name)
+            except ImportError:
+                pass
+    return names
+
+
+def default_backend(device: torch.device) -> str:
+    if device.type == "cpu" and HAS_CPP:
+        return "cpp"
+    if device.type == "cuda":
+        return "triton"
+    return "reference"
+
+
+def get_backend(name: Optional[str], device: torch.device) -> Backend:
+    name = default_backend(device) if name is None else name
+    if name not in _BACKENDS and name in _LAZY_BACKENDS:
+        try:
+            importlib.import_module(_LAZY_BACKENDS[name])
+        except ImportError as err:
+            raise RuntimeError(f"backend {name!r} is not available: {err}") from err
+    if name not in _BACKENDS:
+        if name == "cpp" and not HAS_CPP:
+            raise RuntimeError(f"backend 'cpp' is not available: specdiff_kernels._C failed to "
+                               f"import ({_CPP_IMPORT_ERROR}); rebuild with "
+                               f"`pip install --no-build-isolation .`")
+        raise ValueError(f"backend must be one of {sorted(set(_BACKENDS) | set(_LAZY_BACKENDS))}, "
+                         f"got {name!r}")
+    backend = _BACKENDS[name]
+    if not backend.supports(device):
+        raise ValueError(f"backend {name!r} runs on {list(backend.devices or ())} tensors, "
+                         f"got tensors on {device}")
+    return backend
+
+
+# ---------------------------------------------------------------- public functions
+def gaussian_log_ratio(draft_states: Tensor, draft_means: Tensor, target_means: Tensor,
+                       sigma: Tensor | float, *, backend: Optional[str] = None) -> Tensor:
+    """Per-step log p(y_{j+1}|y_j) - log q(y_{j+1}|y_j) for Gaussians of equal std ``sigma``.
+
+    Args:
+        draft_states: ``[B, L, *E]`` drafted states y_1..y_L.
+        draft_means: ``[B, L, *E]`` draft means mq_0..mq_{L-1}.
+        target_means: ``[B, L, *E]`` target means mp_0..mp_{L-1}.
+        sigma: step std, ``[B, L]``, ``[L]`` or scalar, > 0.
+        backend: ``"reference"``, ``"cpp"``, ``"triton"`` or None (by device).
+
+    Returns:
+        ``[B, L]`` float32: ``(<d, r> - ||d||^2 / 2) / sigma^2`` with d = mp - mq, r = y - mq,
+        summed over all event dims (accumulated in fp32, fp64 for fp64 inputs).
+    """
+    op = "gaussian_log_ratio"
+    _checks.check_window(op, draft_states, draft_means, target_means)
+    sigma = _checks.as_sigma(sigma, draft_states)
+    B, L = draft_states.shape[:2]
+    _checks.check_sigma(op, sigma, B, L, draft_states)
+    impl = get_backend(backend, draft_states.device)
+    return impl.gaussian_log_ratio(draft_states, draft_means, target_means, sigma)
+
+
+def first_rejection(log_ratio: Tensor, uniforms: Tensor, num_steps: Optional[Tensor] = None, *,
+                    backend: Optional[str] = None) -> Tensor:
+    """Index of the first rejected step per chain, or ``num_steps`` (default L) if none.
+
+    Step j is accepted iff ``log_ratio[j]`` is finite and ``log(uniforms[j]) <= log_ratio[j]``
+    (u = 0 accepts any finite ratio). Steps at or beyond ``num_steps`` are ignored.
+
+    Args:
+        log_ratio: ``[B, L]`` floating.
+        uniforms: ``[B, L]`` in [0, 1).
+        num_steps: optional ``[B]`` integer in 1..L.
+
+    Returns:
+        ``[B]`` int64.
+    """
+    op = "first_rejection"
+    _checks.check_log_ratio(op, log_ratio)
+    B, L = log_ratio.shape
+    _checks.check_uniforms(op, uniforms, B, L, log_ratio)
+    _checks.check_num_steps(op, num_steps, B, L, log_ratio)
+    impl = get_backend(backend, log_ratio.device)
+    return impl.first_rejection(log_ratio, uniforms, num_steps)
+
+
+def reflect_resample(draft_state: Tensor, draft_mean: Tensor, target_mean: Tensor, *,
+                     backend: Optional[str] = None) -> Tensor:
+    """Reflection-maximal-coupling sample ``y + (1 - 2<d, y - mq>/||d||^2) d``, d = mp - mq.
+
+    Equals ``mp + (I - 2 e e^T)(y - mq)`` with e = d/||d||: distance-preserving, on the line through
+    y along d. Returns y unchanged where d = 0. Inputs ``[B, *E]``; output in the input dtype.
+    """
+    op = "reflect_resample"
+    _checks.check_state_triplet(op, draft_state, draft_mean, target_mean)
+    impl = get_backend(backend, draft_state.device)
+    return impl.reflect_resample(draft_state, draft_mean, target_mean)
+
+
+def speculative_verify(draft_states: Tensor, draft_means: Tensor, target_means: Tensor,
+                       sigma: Tensor | float, uniforms: Tensor, num_steps: Optional[Tensor] = None,
+                       *, backend: Optional[str] = None) -> VerifyResult:
+    """Verify a window of drafted Gaussian steps against the target in one fused pass (SPEC §2).
+
+    Computes the log ratios of all L steps, accepts in order while ``log(u_j) <= log_ratio_j``, and
+    at the first rejection j returns the reflection-coupled resample of step j; if all
+    ``num_steps`` steps are accepted returns y_n.
+
+    Args:
+        draft_states: ``[B, L, *E]`` y_1..y_L (fp16/bf16/fp32; fp64 on CPU).
+        draft_means: ``[B, L, *E]`` mq_0..mq_{L-1}.
+        target_means: ``[B, L, *E]`` mp_0..mp_{L-1}.
+        sigma: ``[B, L]``, ``[L]`` or scalar step std, > 0.
+        uniforms: ``[B, L]`` in [0, 1).
+        num_steps: optional ``[B]`` integer in 1..L; steps beyond are ignored (end of schedule).
+            Checked on CPU; on other devices out-of-range values are clamped into 1..L.
+        backend: ``"reference"``, ``"cpp"``, ``"triton"`` or None (by device).
+
+    Returns:
+        :class:`VerifyResult` ``(num_accepted [B] int64, next_state [B, *E] input dtype,
+        log_ratio [B, L] float32)``.
+    """
+    op = "speculative_verify"
+    _checks.check_window(op, draft_states, draft_means, target_means)
+    sigma = _checks.as_sigma(sigma, draft_states)
+    B, L = draft_states.shape[:2]
+    _checks.check_sigma(op, sigma, B, L, draft_states)
+    _checks.check_uniforms(op, uniforms, B, L, draft_states)
+    _checks.check_num_steps(op, num_steps, B, L, draft_states)
+    impl = get_backend(backend, draft_states.device)
+    return VerifyResult(*impl.speculative_verify(draft_states, draft_means, target_means, sigma,
+                                                 uniforms, num_steps))
+
+
+# ---------------------------------------------------------------- fake (meta) kernels
+if HAS_CPP:
+    @torch.library.register_fake("specdiff::gaussian_log_ratio")
+    def _(draft_states, draft_means, target_means, sigma):
+        return draft_states.new_empty(draft_states.shape[:2], dtype=torch.float32)
+
+    @torch.library.register_fake("specdiff::first_rejection")
+    def _(log_ratio, uniforms, num_steps=None):
+        return log_ratio.new_empty(log_ratio.shape[:1], dtype=torch.int64)
+
+    @torch.library.register_fake("specdiff::reflect_resample")
+    def _(draft_state, draft_mean, target_mean):
+        return torch.empty_like(draft_state, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake("specdiff::speculative_verify")
+    def _(draft_states, draft_means, target_means, sigma, uniforms, num_steps=None):
+        B, L = draft_states.shape[:2]
+        return (draft_states.new_empty((B,), dtype=torch.int64),
+                draft_states.new_empty((B, *draft_states.shape[2:])),
+                draft_states.new_empty((B, L), dtype=torch.float32))
