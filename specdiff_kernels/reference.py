@@ -5,6 +5,8 @@ float64. It is traceable by ``torch.compile`` (no host synchronisation, no data-
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -16,7 +18,7 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _flat_window(x: Tensor) -> Tensor:
     """[B, L, *E] -> [B, L, D]"""
-    return x.reshape(x.shape[0], x.shape[1], -1)
+    return x.reshape(x.shape[0], x.shape[1], math.prod(x.shape[2:]))
 
 
 def _expand_sigma(sigma: Tensor, batch: int, window: int) -> Tensor:
@@ -79,9 +81,10 @@ def reflect_resample(draft_state: Tensor, draft_mean: Tensor, target_mean: Tenso
     """
     acc = _acc_dtype(draft_state.dtype)
     B = draft_state.shape[0]
-    y = draft_state.reshape(B, -1).to(acc)
-    mq = draft_mean.reshape(B, -1).to(acc)
-    mp = target_mean.reshape(B, -1).to(acc)
+    D = math.prod(draft_state.shape[1:])
+    y = draft_state.reshape(B, D).to(acc)
+    mq = draft_mean.reshape(B, D).to(acc)
+    mp = target_mean.reshape(B, D).to(acc)
     d = mp - mq
     a = (d * (y - mq)).sum(-1, keepdim=True)
     b = (d * d).sum(-1, keepdim=True)

@@ -1,0 +1,84 @@
+"""Shared input generation and comparison helpers for the verify-op test suites."""
+from __future__ import annotations
+
+import math
+import zlib
+
+import torch
+
+from specdiff_kernels import VerifyResult, reference
+
+# Accumulation tolerance, relative to the sum of absolute terms: fp32 accumulation for every
+# narrower dtype, fp64 for fp64 inputs.
+ACC_RTOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-5, torch.bfloat16: 2e-5}
+
+
+def stable_seed(*key) -> int:
+    """A seed from test parameters that does not change between processes (unlike hash())."""
+    return zlib.crc32(repr(key).encode()) & 0x7FFFFFFF
+
+
+def make_window(B: int, L: int, event: tuple[int, ...], dtype: torch.dtype, gen: torch.Generator,
+                sigma_scale: float = 0.7):
+    """Random window inputs with a mix of accepted and rejected steps.
+
+    The mean gap per step is ||d|| / s = c with c log-uniform in [0.2, 4], so acceptance
+    probabilities 2 Phi(-c/2) range from ~0.92 down to ~0.05.
+    """
+    D = math.prod(event)
+    shape = (B, L, *event)
+    mq = torch.randn(shape, generator=gen, dtype=torch.float64)
+    sigma = sigma_scale * (0.5 + torch.rand(B, L, generator=gen, dtype=torch.float64))
+    c = torch.exp(torch.empty(B, L, dtype=torch.float64).uniform_(math.log(0.2), math.log(4.0),
+                                                                   generator=gen))
+    per = (sigma * c / math.sqrt(D)).view(B, L, *([1] * len(event)))
+    mp = mq + per * torch.randn(shape, generator=gen, dtype=torch.float64)
+    y = mq + sigma.view(B, L, *([1] * len(event))) * torch.randn(shape, generator=gen,
+                                                                  dtype=torch.float64)
+    u = torch.rand(B, L, generator=gen, dtype=torch.float64)
+    cast = lambda t: t.to(dtype)  # noqa: E731
+    return cast(y), cast(mq), cast(mp), sigma.to(torch.float32 if dtype != torch.float64 else dtype), u.to(torch.float32 if dtype != torch.float64 else dtype)
+
+
+def log_ratio_tolerance(y, mq, mp, sigma, dtype) -> torch.Tensor:
+    """Per-step absolute tolerance for log ratios: ACC_RTOL x (sum |d r| + |d|^2 / 2) / s^2."""
+    B, L = y.shape[:2]
+    y64, q64, p64 = (t.reshape(B, L, -1).double() for t in (y, mq, mp))
+    d = p64 - q64
+    r = y64 - q64
+    mag = (d * r).abs().sum(-1) + 0.5 * (d * d).sum(-1)
+    s = sigma.double().expand(B, L)
+    return ACC_RTOL[dtype] * mag / (s * s) + 1e-30
+
+
+def reference64(y, mq, mp, sigma, u, num_steps=None):
+    """The oracle: the reference backend on the same (already rounded) inputs, in float64."""
+    return VerifyResult(*reference.speculative_verify(y.double(), mq.double(), mp.double(),
+                                                      sigma.double(), u.double(), num_steps))
+
+
+def assert_decisions_match(got_acc, ref_acc, lr_ref64, u, tol):
+    """Accept counts equal the reference's except where the decisive step sits on the threshold."""
+    margin = (torch.log(u.double()) - lr_ref64).abs()
+    for b in torch.nonzero(got_acc != ref_acc).flatten().tolist():
+        m = int(min(got_acc[b], ref_acc[b]))
+        assert margin[b, m] <= 4 * tol[b, m], (
+            f"chain {b}: accepted {int(got_acc[b])} vs reference {int(ref_acc[b])}, and step {m} "
+            f"is not within rounding of the threshold (margin {float(margin[b, m]):.3g}, "
+            f"tol {float(tol[b, m]):.3g})")
+
+
+def assert_state_close(got, ref64, y_decisive, dtype):
+    """next_state vs the float64 reference: output rounding plus accumulation error of the
+    reflection coefficient (which scales |x - y| = |c d|)."""
+    got64 = got.double()
+    eps = torch.finfo(dtype).eps
+    subnormal = torch.finfo(dtype).tiny * eps  # spacing of the dtype near zero
+    tol = eps * ref64.abs() + subnormal + 10 * ACC_RTOL[dtype] * (y_decisive.double().abs()
+                                                       + (ref64 - y_decisive.double()).abs())
+    err = (got64 - ref64).abs()
+    bad = err > tol + 1e-300
+    assert not bool(bad.any()), (
+        f"next_state differs from the float64 reference at {int(bad.sum())} elements; worst "
+        f"error {float(err.max()):.3g}, worst relative error "
+        f"{float((err / (ref64.abs() + 1e-30)).max()):.3g}")
