@@ -1,0 +1,145 @@
+"""CPU microbenchmark of the fused speculative_verify op (not a test).
+
+Compares the C++ kernel against the eager PyTorch reference and torch.compile(reference), reports
+median time, effective bandwidth (3·B·L·D·elt bytes read / time) and the fraction of this machine's
+read bandwidth, measured in the same run with a large ``x.sum()``.
+
+    python bench/bench_verify.py            # headline size + sweep, writes bench/results/verify_cpu.{json,md}
+    python bench/bench_verify.py --quick    # headline size only
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.utils.benchmark as tbench
+
+import specdiff_kernels as sk
+from specdiff_kernels import reference
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def timeit(fn, min_run_time: float = 0.5) -> dict:
+    """Median and quantiles (seconds) over blocked repetitions, after a warm-up call."""
+    fn()
+    m = tbench.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()
+                     ).blocked_autorange(min_run_time=min_run_time)
+    times = sorted(m.times)
+    q = lambda p: times[min(len(times) - 1, int(p * len(times)))]  # noqa: E731
+    return {"median": m.median, "q20": q(0.2), "q80": q(0.8), "reps": len(times) * m.number_per_run}
+
+
+def read_bandwidth(numel: int = 1 << 27) -> float:
+    """Bytes/s of a large fp32 reduction: this machine's practical read bandwidth."""
+    x = torch.randn(numel)
+    t = timeit(lambda: x.sum(), min_run_time=1.0)["median"]
+    return numel * 4 / t
+
+
+def make_inputs(B: int, L: int, D: int, dtype=torch.float32, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    mq = torch.randn(B, L, D, generator=g).to(dtype)
+    mp = (mq.float() + 0.5 / D**0.5 * torch.randn(B, L, D, generator=g)).to(dtype)
+    y = (mq.float() + torch.randn(B, L, D, generator=g)).to(dtype)
+    sigma = torch.ones(B, L)
+    u = torch.rand(B, L, generator=g)
+    return y, mq, mp, sigma, u
+
+
+def bench_size(B: int, L: int, D: int, read_bw: float, dtype=torch.float32, compiled=None) -> dict:
+    args = make_inputs(B, L, D, dtype)
+    elt = torch.empty((), dtype=dtype).element_size()
+    nbytes = 3 * B * L * D * elt
+    row = {"B": B, "L": L, "D": D, "dtype": str(dtype).replace("torch.", ""), "bytes": nbytes}
+    impls = {
+        "cpp": lambda: torch.ops.specdiff.speculative_verify(*args, None),
+        "eager_reference": lambda: reference.speculative_verify(*args),
+    }
+    if compiled is not None:
+        impls["compiled_reference"] = lambda: compiled(*args)
+    for name, fn in impls.items():
+        t = timeit(fn)
+        row[name] = {**t, "ms": t["median"] * 1e3, "GBps": nbytes / t["median"] / 1e9,
+                     "frac_read_bw": nbytes / t["median"] / read_bw}
+    row["speedup_vs_eager"] = row["eager_reference"]["median"] / row["cpp"]["median"]
+    if "compiled_reference" in row:
+        row["speedup_vs_compiled"] = row["compiled_reference"]["median"] / row["cpp"]["median"]
+    return row
+
+
+def to_markdown(meta: dict, rows: list[dict]) -> str:
+    lines = [f"# speculative_verify on CPU ({meta['cpu']}, {meta['threads']} threads)", "",
+             f"torch {meta['torch']}; measured read bandwidth (x.sum over 512 MiB fp32): "
+             f"{meta['read_bw_GBps']:.1f} GB/s. Command: `{meta['command']}`", "",
+             "| B | L | D | dtype | C++ ms | C++ GB/s | % read BW | eager ms | compiled ms | "
+             "× eager | × compiled |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        comp = r.get("compiled_reference")
+        lines.append(
+            f"| {r['B']} | {r['L']} | {r['D']} | {r['dtype']} | {r['cpp']['ms']:.3f} | "
+            f"{r['cpp']['GBps']:.1f} | {100 * r['cpp']['frac_read_bw']:.0f}% | "
+            f"{r['eager_reference']['ms']:.3f} | {comp['ms']:.3f} | "
+            f"{r['speedup_vs_eager']:.1f} | {r['speedup_vs_compiled']:.2f} |" if comp else
+            f"| {r['B']} | {r['L']} | {r['D']} | {r['dtype']} | {r['cpp']['ms']:.3f} | "
+            f"{r['cpp']['GBps']:.1f} | {100 * r['cpp']['frac_read_bw']:.0f}% | "
+            f"{r['eager_reference']['ms']:.3f} | - | {r['speedup_vs_eager']:.1f} | - |")
+    return "\n".join(lines) + "\n"
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="headline size only")
+    ap.add_argument("--no-compile", action="store_true", help="skip torch.compile(reference)")
+    ap.add_argument("--out", default=str(RESULTS / "verify_cpu"), help="output path stem")
+    args = ap.parse_args(argv)
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    read_bw = read_bandwidth()
+    compiled = None if args.no_compile else torch.compile(reference.speculative_verify, dynamic=False)
+    sizes = [(64, 8, 3072)]
+    if not args.quick:
+        sizes += [(1, 8, 3072), (8, 8, 3072), (256, 8, 3072), (64, 4, 3072), (64, 16, 3072),
+                  (1, 8, 3 * 256 * 256), (8, 8, 4 * 64 * 64), (64, 8, 4 * 64 * 64),
+                  (256, 16, 4 * 64 * 64)]
+    rows = []
+    for (B, L, D) in sizes:
+        torch._dynamo.reset()
+        row = bench_size(B, L, D, read_bw, compiled=compiled)
+        rows.append(row)
+        print(f"B={B:4d} L={L:3d} D={D:7d}: cpp {row['cpp']['ms']:8.3f} ms "
+              f"({row['cpp']['GBps']:6.1f} GB/s, {100 * row['cpp']['frac_read_bw']:4.0f}% of read BW) "
+              f"| eager {row['eager_reference']['ms']:8.3f} ms (x{row['speedup_vs_eager']:.1f})"
+              + (f" | compiled {row['compiled_reference']['ms']:8.3f} ms "
+                 f"(x{row['speedup_vs_compiled']:.2f})" if compiled else ""), flush=True)
+    meta = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "read_bw_GBps": read_bw / 1e9, "build_info": sk.ops._C.build_info() if sk.ops.HAS_CPP else None,
+            "command": "python bench/bench_verify.py" + (" --quick" if args.quick else ""),
+            "date": time.strftime("%Y-%m-%d")}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    out.with_suffix(".md").write_text(to_markdown(meta, rows))
+    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
