@@ -1,0 +1,164 @@
+"""The Triton backend: ``torch.ops.specdiff.triton_*`` ops, the CUDA kernels of ``specdiff::*``, and
+registration as backend ``"triton"`` of ``specdiff_kernels.ops``.
+
+Design
+------
+* Four ops ``specdiff::triton_gaussian_log_ratio``, ``triton_first_rejection``,
+  ``triton_reflect_resample`` and ``triton_speculative_verify`` run the kernels of
+  :mod:`specdiff_kernels.triton_kernels`. Each takes a trailing ``strategy: str = "auto"``
+  ("per_chain" | "split" | "auto") so tests and benchmarks can force a launch strategy.
+* Compiled (GPU) mode: they are ``torch.library.triton_op``s whose bodies launch the kernels through
+  ``torch.library.wrap_triton``, so ``torch.compile``/Inductor sees the kernels (no opaque call) and
+  the body doubles as the fake (meta) implementation. The CUDA kernels of the C++-defined
+  ``specdiff::gaussian_log_ratio`` / ``first_rejection`` / ``reflect_resample`` /
+  ``speculative_verify`` are registered to call them, so ``torch.ops.specdiff.speculative_verify``
+  on CUDA tensors runs Triton. Nothing synchronises with the host (num_steps is clamped
+  in-kernel), so the ops are CUDA-graph capturable once autotuning has run (warm up first).
+* Interpreted mode (``TRITON_INTERPRET=1`` set before triton is imported: CPU tensors):
+  ``wrap_triton`` refuses interpreted kernels, so the same names are defined as opaque
+  ``torch.library.custom_op``s that launch the kernels directly, with explicit fake impls:
+  ``torch.compile(fullgraph=True)`` keeps them as one node, no graph break. The backend is then
+  registered for ("cpu", "cuda") tensors; otherwise for ("cuda",) only.
+
+Importing this module registers backend ``"triton"`` (``ops._LAZY_BACKENDS`` imports it lazily).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import ops
+from .triton_kernels import INTERPRET, STRATEGIES, choose_strategy  # noqa: F401 (re-exported)
+from .triton_kernels import first_rejection as _tk_first_rejection
+from .triton_kernels import gaussian_log_ratio as _tk_gaussian_log_ratio
+from .triton_kernels import reflect_resample as _tk_reflect_resample
+from .triton_kernels import speculative_verify as _tk_speculative_verify
+
+DEVICES: tuple[str, ...] = ("cpu", "cuda") if INTERPRET else ("cuda",)
+
+
+def _define(name: str, impl, fake):
+    """triton_op (visible to Inductor) when compiled; opaque custom_op + fake when interpreting."""
+    if INTERPRET:
+        op = torch.library.custom_op(name, impl, mutates_args=())
+        op.register_fake(fake)
+        return op
+    return torch.library.triton_op(name, impl, mutates_args=())
+
+
+def _strategy(strategy: str) -> Optional[str]:
+    if strategy == "auto":
+        return None
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be 'auto', 'per_chain' or 'split', got {strategy!r}")
+    return strategy
+
+
+# ---------------------------------------------------------------- implementations
+def _speculative_verify_impl(draft_states: Tensor, draft_means: Tensor, target_means: Tensor,
+                             sigma: Tensor, uniforms: Tensor, num_steps: Optional[Tensor] = None,
+                             strategy: str = "auto") -> tuple[Tensor, Tensor, Tensor]:
+    return _tk_speculative_verify(draft_states, draft_means, target_means, sigma, uniforms,
+                                  num_steps, _strategy(strategy))
+
+
+def _gaussian_log_ratio_impl(draft_states: Tensor, draft_means: Tensor, target_means: Tensor,
+                             sigma: Tensor, strategy: str = "auto") -> Tensor:
+    return _tk_gaussian_log_ratio(draft_states, draft_means, target_means, sigma,
+                                  _strategy(strategy))
+
+
+def _reflect_resample_impl(draft_state: Tensor, draft_mean: Tensor, target_mean: Tensor,
+                           strategy: str = "auto") -> Tensor:
+    return _tk_reflect_resample(draft_state, draft_mean, target_mean, _strategy(strategy))
+
+
+def _first_rejection_impl(log_ratio: Tensor, uniforms: Tensor,
+                          num_steps: Optional[Tensor] = None) -> Tensor:
+    return _tk_first_rejection(log_ratio, uniforms, num_steps)
+
+
+# ---------------------------------------------------------------- fake impls (interpreted mode)
+def _speculative_verify_fake(draft_states, draft_means, target_means, sigma, uniforms,
+                             num_steps=None, strategy="auto"):
+    B, L = draft_states.shape[:2]
+    return (draft_states.new_empty((B,), dtype=torch.int64),
+            draft_states.new_empty((B, *draft_states.shape[2:])),
+            draft_states.new_empty((B, L), dtype=torch.float32))
+
+
+def _gaussian_log_ratio_fake(draft_states, draft_means, target_means, sigma, strategy="auto"):
+    return draft_states.new_empty(draft_states.shape[:2], dtype=torch.float32)
+
+
+def _reflect_resample_fake(draft_state, draft_mean, target_mean, strategy="auto"):
+    return draft_state.new_empty(draft_state.shape)
+
+
+def _first_rejection_fake(log_ratio, uniforms, num_steps=None):
+    return log_ratio.new_empty(log_ratio.shape[:1], dtype=torch.int64)
+
+
+triton_speculative_verify = _define("specdiff::triton_speculative_verify",
+                                    _speculative_verify_impl, _speculative_verify_fake)
+triton_gaussian_log_ratio = _define("specdiff::triton_gaussian_log_ratio",
+                                    _gaussian_log_ratio_impl, _gaussian_log_ratio_fake)
+triton_reflect_resample = _define("specdiff::triton_reflect_resample",
+                                  _reflect_resample_impl, _reflect_resample_fake)
+triton_first_rejection = _define("specdiff::triton_first_rejection",
+                                 _first_rejection_impl, _first_rejection_fake)
+
+
+# ---------------------------------------------------------------- CUDA kernels of specdiff::*
+def _cuda_speculative_verify(draft_states, draft_means, target_means, sigma, uniforms,
+                             num_steps=None):
+    return torch.ops.specdiff.triton_speculative_verify(draft_states, draft_means, target_means,
+                                                        sigma, uniforms, num_steps)
+
+
+def _cuda_gaussian_log_ratio(draft_states, draft_means, target_means, sigma):
+    return torch.ops.specdiff.triton_gaussian_log_ratio(draft_states, draft_means, target_means,
+                                                        sigma)
+
+
+def _cuda_reflect_resample(draft_state, draft_mean, target_mean):
+    return torch.ops.specdiff.triton_reflect_resample(draft_state, draft_mean, target_mean)
+
+
+def _cuda_first_rejection(log_ratio, uniforms, num_steps=None):
+    return torch.ops.specdiff.triton_first_rejection(log_ratio, uniforms, num_steps)
+
+
+_CUDA_LIB: Optional[torch.library.Library] = None
+if ops.HAS_CPP:  # the schemas come from the C++ extension (csrc/registration.cpp)
+    _CUDA_LIB = torch.library.Library("specdiff", "IMPL")
+    for _name, _fn in (("speculative_verify", _cuda_speculative_verify),
+                       ("gaussian_log_ratio", _cuda_gaussian_log_ratio),
+                       ("reflect_resample", _cuda_reflect_resample),
+                       ("first_rejection", _cuda_first_rejection)):
+        torch.library.register_kernel(f"specdiff::{_name}", "cuda", _fn, lib=_CUDA_LIB)
+
+
+# ---------------------------------------------------------------- backend "triton"
+def _backend_verify(draft_states, draft_means, target_means, sigma, uniforms, num_steps=None):
+    return torch.ops.specdiff.triton_speculative_verify(draft_states, draft_means, target_means,
+                                                        sigma, uniforms, num_steps)
+
+
+def _backend_log_ratio(draft_states, draft_means, target_means, sigma):
+    return torch.ops.specdiff.triton_gaussian_log_ratio(draft_states, draft_means, target_means,
+                                                        sigma)
+
+
+def _backend_reflect(draft_state, draft_mean, target_mean):
+    return torch.ops.specdiff.triton_reflect_resample(draft_state, draft_mean, target_mean)
+
+
+def _backend_first_rejection(log_ratio, uniforms, num_steps=None):
+    return torch.ops.specdiff.triton_first_rejection(log_ratio, uniforms, num_steps)
+
+
+ops.register_backend(ops.Backend("triton", _backend_log_ratio, _backend_first_rejection,
+                                 _backend_reflect, _backend_verify, devices=DEVICES))

@@ -1,0 +1,476 @@
+"""Triton kernels for the speculative-verify ops (SPEC §2, §6), their launchers, and the launch rule.
+
+Every op reduces, for each chain c and window step j, the two sums over all event dims
+
+    a_j = <d_j, r_j>,   b_j = ||d_j||^2,   d_j = mp_j - mq_j,   r_j = y_{j+1} - mq_j
+
+(accumulated in fp32, fp64 for fp64 inputs), turns them into log ratios (a_j - b_j / 2) / s_j^2,
+scans for the first rejection and writes the reflected state (or y_n). Two launch strategies:
+
+* ``per_chain``: one program per chain loops over the L steps and the event blocks, scans as it
+  goes, then writes the output. One launch; best with many chains (they fill the GPU).
+* ``split``: ``_split_partials_kernel`` computes partial a, b for every (chain, step, event chunk)
+  in parallel; ``_split_finalize_kernel`` (one program per (chain, output block)) reduces the
+  partials in a fixed order, scans for the first rejection and writes its block of the output. Two
+  launches, but the whole GPU works on a single chain: the B=1 latency case.
+
+:func:`choose_strategy` is the plain Python rule between them (no ``triton.heuristics``: it breaks
+under ``torch.compile``). Launchers take an explicit ``strategy`` so tests can force either.
+
+Compiled (GPU) kernels are ``triton.autotune``-d over block size, warps and pipeline stages, keyed on
+the sizes that matter. Under ``TRITON_INTERPRET=1`` (CPU tensors) autotuning is pointless, so a
+fixed small block is used and kernels are launched directly (``torch.library.wrap_triton`` refuses
+interpreted kernels). Kernel sizes that vary at run time without changing the code (L, the number of
+chunks, broadcast strides, the batch bucket) are ``do_not_specialize``; D keeps Triton's
+divisibility-by-16 specialisation (two variants at most, not one per value) because it is what lets
+row starts be proven aligned and loads vectorised. The kernels take no float scalar arguments (sigma
+and the uniforms are read from tensors in-kernel), so there is nothing to pin to fp32.
+
+Semantics match ``specdiff_kernels.reference``: step j is accepted iff its log ratio is finite and
+``log(u_j) <= log_ratio_j`` (compared in the accumulation dtype); ``b = 0`` gives the reflection
+coefficient 1; steps at or beyond ``num_steps`` (clamped into 1..L in-kernel, no host sync) are
+ignored; ``next_state`` is written in the input dtype; ``log_ratio`` is float32 for all L steps.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+try:  # wrap_triton lets make_fx / Inductor see the kernels inside a triton_op
+    from torch.library import wrap_triton
+except ImportError:  # pragma: no cover - torch < 2.6
+    from torch._library.triton import wrap_triton  # type: ignore
+
+STRATEGIES = ("per_chain", "split")
+
+# Modes of the shared kernels (constexpr): which op they compute.
+MODE_LOG_RATIO = 0  # gaussian_log_ratio: log ratios only
+MODE_REFLECT = 1    # reflect_resample: a window of one step that is always rejected
+MODE_VERIFY = 2     # speculative_verify: log ratios, first rejection, next state
+
+
+# ---------------------------------------------------------------- device helpers
+@triton.jit
+def _accept(lr, u):
+    """Step accepted iff its log ratio is finite and log(u) <= log ratio (u = 0 always accepts)."""
+    return (tl.abs(lr) < float("inf")) & (tl.log(u) <= lr)
+
+
+@triton.jit
+def _reflect_coef(a, b):
+    """1 - 2a/b, or 1 where b = 0 (p = q: the reflection is the identity); never divides by 0."""
+    pos = b > 0
+    return tl.where(pos, 1.0 - 2.0 * a / tl.where(pos, b, 1.0), 1.0)
+
+
+@triton.jit
+def _load_num_steps(n_ptr, c, L, HAS_N: tl.constexpr):
+    if HAS_N:
+        n = tl.load(n_ptr + c).to(tl.int32)
+        n = tl.minimum(tl.maximum(n, 1), L)
+    else:
+        n = tl.zeros((), tl.int32) + L
+    return n
+
+
+@triton.jit
+def _decide_step(a, b, c, j, L, n, first, coef, sig_ptr, sig_sb, sig_sl, u_ptr, lr_ptr, store_lr,
+                 MODE: tl.constexpr, ACC_FP64: tl.constexpr):
+    """Fold step j (sums a, b) into the running scan state (first rejection, its coefficient)."""
+    acc_t: tl.constexpr = tl.float64 if ACC_FP64 else tl.float32
+    if MODE == 1:
+        reject = j >= 0  # reflect_resample: the single step is always "rejected"
+    else:
+        s = tl.load(sig_ptr + c * sig_sb + j * sig_sl).to(acc_t)
+        lr = (a - 0.5 * b) / (s * s)
+        tl.store(lr_ptr + c * L + j, lr.to(tl.float32), mask=store_lr)
+        if MODE == 2:
+            u = tl.load(u_ptr + c * L + j).to(acc_t)
+            reject = ~_accept(lr, u)
+        else:
+            reject = j < 0  # log ratios only: nothing is scanned
+    newly = (first == n) & (j < n) & reject
+    coef = tl.where(newly, _reflect_coef(a, b), coef)
+    first = tl.where(newly, j, first)
+    return first, coef
+
+
+@triton.jit
+def _write_state(y_ptr, mq_ptr, mp_ptr, out_ptr, in_off, out_off, mask, rejected, coef,
+                 ACC_FP64: tl.constexpr):
+    """One block of next_state: y + coef * (mp - mq) at a rejection, else an exact copy of y."""
+    acc_t: tl.constexpr = tl.float64 if ACC_FP64 else tl.float32
+    y = tl.load(y_ptr + in_off, mask=mask, other=0.0)
+    if rejected:
+        q = tl.load(mq_ptr + in_off, mask=mask, other=0.0).to(acc_t)
+        p = tl.load(mp_ptr + in_off, mask=mask, other=0.0).to(acc_t)
+        res = y.to(acc_t) + coef * (p - q)
+        tl.store(out_ptr + out_off, res.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(out_ptr + out_off, y, mask=mask)
+
+
+# ---------------------------------------------------------------- per-chain strategy
+@triton.jit(do_not_specialize=["L", "sig_sb", "sig_sl", "B_BUCKET"])
+def _per_chain_raw(y_ptr, mq_ptr, mp_ptr, sig_ptr, u_ptr, n_ptr,  # inputs
+                   nacc_ptr, out_ptr, lr_ptr,                      # outputs
+                   L, D, sig_sb, sig_sl,
+                   B_BUCKET,  # unused in the body: an autotune key (bucketed chain count)
+                   MODE: tl.constexpr, HAS_N: tl.constexpr, ACC_FP64: tl.constexpr,
+                   BLOCK_D: tl.constexpr):
+    """One program per chain: all L steps' sums, the scan, then the output row. Inputs [B, L, D]."""
+    acc_t: tl.constexpr = tl.float64 if ACC_FP64 else tl.float32
+    c = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_D)
+    n = _load_num_steps(n_ptr, c, L, HAS_N)
+    first = n
+    coef = tl.full((), 1.0, acc_t)
+    for j in range(0, L):
+        row = (c * L + j) * D
+        a_vec = tl.zeros([BLOCK_D], acc_t)
+        b_vec = tl.zeros([BLOCK_D], acc_t)
+        for k in range(0, D, BLOCK_D):
+            idx = k + offs
+            m = idx < D
+            q = tl.load(mq_ptr + row + idx, mask=m, other=0.0).to(acc_t)
+            d = tl.load(mp_ptr + row + idx, mask=m, other=0.0).to(acc_t) - q
+            r = tl.load(y_ptr + row + idx, mask=m, other=0.0).to(acc_t) - q
+            a_vec += d * r
+            b_vec += d * d
+        a = tl.sum(a_vec, axis=0)
+        b = tl.sum(b_vec, axis=0)
+        first, coef = _decide_step(a, b, c, j, L, n, first, coef, sig_ptr, sig_sb, sig_sl, u_ptr,
+                                   lr_ptr, j >= 0, MODE, ACC_FP64)
+    if MODE != 0:
+        if MODE == 2:
+            tl.store(nacc_ptr + c, first.to(tl.int64))
+        rejected = first < n
+        step = tl.where(rejected, first, n - 1).to(tl.int64)
+        in_row = (c * L + step) * D
+        out_row = c * D
+        for k in range(0, D, BLOCK_D):
+            idx = k + offs
+            _write_state(y_ptr, mq_ptr, mp_ptr, out_ptr, in_row + idx, out_row + idx, idx < D,
+                         rejected, coef, ACC_FP64)
+
+
+# ---------------------------------------------------------------- split-event strategy
+@triton.jit(do_not_specialize=["NB"])
+def _split_partials_raw(y_ptr, mq_ptr, mp_ptr, part_ptr, D, CHUNK, NB,
+                        ACC_FP64: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Program (row = c*L + j, chunk k): partial a, b over elements [k*CHUNK, (k+1)*CHUNK) of the
+    row, stored at part[row*NB + k] = (a, b). CHUNK is a multiple of every BLOCK_D config."""
+    acc_t: tl.constexpr = tl.float64 if ACC_FP64 else tl.float32
+    pid = tl.program_id(0).to(tl.int64)
+    row = pid // NB
+    start = (pid % NB) * CHUNK
+    lim = tl.minimum(start + CHUNK, D)
+    base = row * D
+    offs = tl.arange(0, BLOCK_D)
+    a_vec = tl.zeros([BLOCK_D], acc_t)
+    b_vec = tl.zeros([BLOCK_D], acc_t)
+    for k in range(0, CHUNK, BLOCK_D):
+        idx = start + k + offs
+        m = idx < lim
+        q = tl.load(mq_ptr + base + idx, mask=m, other=0.0).to(acc_t)
+        d = tl.load(mp_ptr + base + idx, mask=m, other=0.0).to(acc_t) - q
+        r = tl.load(y_ptr + base + idx, mask=m, other=0.0).to(acc_t) - q
+        a_vec += d * r
+        b_vec += d * d
+    tl.store(part_ptr + 2 * pid, tl.sum(a_vec, axis=0))
+    tl.store(part_ptr + 2 * pid + 1, tl.sum(b_vec, axis=0))
+
+
+@triton.jit(do_not_specialize=["L", "NB", "sig_sb", "sig_sl"])
+def _split_finalize_raw(y_ptr, mq_ptr, mp_ptr, part_ptr, sig_ptr, u_ptr, n_ptr,
+                        nacc_ptr, out_ptr, lr_ptr,
+                        L, D, NB, sig_sb, sig_sl,
+                        MODE: tl.constexpr, HAS_N: tl.constexpr, ACC_FP64: tl.constexpr,
+                        BLOCK_NB: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Program (chain c, output block ob): reduce the partials of chain c in a fixed order (every
+    block of the chain gets bit-identical sums), scan for the first rejection, write block ob of
+    next_state. Block 0 also writes the chain's log ratios and num_accepted. MODE 0: grid (B,)."""
+    acc_t: tl.constexpr = tl.float64 if ACC_FP64 else tl.float32
+    pid = tl.program_id(0).to(tl.int64)
+    if MODE == 0:
+        c = pid
+        ob = pid * 0
+    else:
+        nob = tl.cdiv(D, BLOCK_D)
+        c = pid // nob
+        ob = pid % nob
+    n = _load_num_steps(n_ptr, c, L, HAS_N)
+    first = n
+    coef = tl.full((), 1.0, acc_t)
+    kk = tl.arange(0, BLOCK_NB)
+    for j in range(0, L):
+        prow = (c * L + j) * NB
+        a_vec = tl.zeros([BLOCK_NB], acc_t)
+        b_vec = tl.zeros([BLOCK_NB], acc_t)
+        for k0 in range(0, NB, BLOCK_NB):
+            m = k0 + kk < NB
+            a_vec += tl.load(part_ptr + 2 * (prow + k0 + kk), mask=m, other=0.0)
+            b_vec += tl.load(part_ptr + 2 * (prow + k0 + kk) + 1, mask=m, other=0.0)
+        a = tl.sum(a_vec, axis=0)
+        b = tl.sum(b_vec, axis=0)
+        first, coef = _decide_step(a, b, c, j, L, n, first, coef, sig_ptr, sig_sb, sig_sl, u_ptr,
+                                   lr_ptr, ob == 0, MODE, ACC_FP64)
+    if MODE != 0:
+        if MODE == 2:
+            tl.store(nacc_ptr + c, first.to(tl.int64), mask=ob == 0)
+        rejected = first < n
+        step = tl.where(rejected, first, n - 1).to(tl.int64)
+        idx = ob * BLOCK_D + tl.arange(0, BLOCK_D)
+        _write_state(y_ptr, mq_ptr, mp_ptr, out_ptr, (c * L + step) * D + idx, c * D + idx,
+                     idx < D, rejected, coef, ACC_FP64)
+
+
+# ---------------------------------------------------------------- first_rejection alone
+@triton.jit(do_not_specialize=["B", "L", "lr_sb", "lr_sl", "u_sb", "u_sl"])
+def _first_rejection_raw(lr_ptr, u_ptr, n_ptr, out_ptr, B, L, lr_sb, lr_sl, u_sb, u_sl,
+                         HAS_N: tl.constexpr, CMP_FP64: tl.constexpr,
+                         BLOCK_B: tl.constexpr, BLOCK_L: tl.constexpr):
+    """BLOCK_B chains per program; the window is scanned in column tiles of BLOCK_L."""
+    cmp_t: tl.constexpr = tl.float64 if CMP_FP64 else tl.float32
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
+    rmask = rows < B
+    if HAS_N:
+        n = tl.load(n_ptr + rows, mask=rmask, other=1).to(tl.int32)
+        n = tl.minimum(tl.maximum(n, 1), L)
+    else:
+        n = tl.zeros([BLOCK_B], tl.int32) + L
+    first = n
+    for l0 in range(0, L, BLOCK_L):
+        cols = l0 + tl.arange(0, BLOCK_L)
+        m = rmask[:, None] & (cols[None, :] < L)
+        lr = tl.load(lr_ptr + rows[:, None] * lr_sb + cols[None, :] * lr_sl, mask=m, other=0.0)
+        u = tl.load(u_ptr + rows[:, None] * u_sb + cols[None, :] * u_sl, mask=m, other=0.0)
+        reject = (~_accept(lr.to(cmp_t), u.to(cmp_t))) & m & (cols[None, :] < n[:, None])
+        cand = tl.min(tl.where(reject, cols[None, :], L), axis=1)
+        first = tl.minimum(first, cand)
+    tl.store(out_ptr + rows, first.to(tl.int64), mask=rmask)
+
+
+# ---------------------------------------------------------------- autotuning / fixed configs
+INTERPRET = type(_per_chain_raw).__name__ == "InterpretedFunction"
+
+# Under the interpreter: small fixed blocks (every path, multi-block included, runs on small shapes).
+_INTERP_BLOCK_D = 128
+_INTERP_NUM_SMS = 4
+# Split chunk bounds (elements of one (chain, step) row per partial-sum program). On GPU the lower
+# bound is the largest BLOCK_D config, so every chunk is a whole number of blocks for every config.
+_CHUNK_MIN, _CHUNK_MAX = (256, 4096) if INTERPRET else (4096, 65536)
+_FIRST_REJ_BLOCK_B = 16 if INTERPRET else 128
+
+
+def _cfgs(blocks, warps, stages):
+    return [triton.Config({"BLOCK_D": bd}, num_warps=w, num_stages=s)
+            for bd in blocks for w in warps for s in stages]
+
+
+if INTERPRET:
+    _per_chain_kernel = _per_chain_raw
+    _split_partials_kernel = _split_partials_raw
+    _split_finalize_kernel = _split_finalize_raw
+    _FIXED = {"BLOCK_D": _INTERP_BLOCK_D}
+else:
+    _per_chain_kernel = triton.autotune(
+        configs=_cfgs((1024, 2048, 4096), (4, 8), (2, 3)),
+        key=["L", "D", "B_BUCKET", "MODE"])(_per_chain_raw)
+    _split_partials_kernel = triton.autotune(
+        configs=_cfgs((1024, 2048, 4096), (4, 8), (2, 3)),
+        key=["D", "CHUNK", "NB"])(_split_partials_raw)
+    _split_finalize_kernel = triton.autotune(
+        configs=_cfgs((1024, 2048, 4096), (4, 8), (1,)),
+        key=["L", "D", "NB", "MODE"])(_split_finalize_raw)
+    _FIXED = {}
+
+
+def _quiet():
+    """The interpreter evaluates kernels with numpy, which warns on log(0) (u = 0 accepts) and on
+    inf - inf in non-finite inputs; compiled kernels do not warn. Silence numpy while interpreting."""
+    if INTERPRET:
+        import numpy as np
+        return np.errstate(divide="ignore", invalid="ignore", over="ignore")
+    return contextlib.nullcontext()
+
+
+# ---------------------------------------------------------------- launch rule
+def _next_pow2(x: int) -> int:
+    return 1 if x <= 1 else 1 << (int(x) - 1).bit_length()
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms_of(device_type: str, index: Optional[int]) -> int:
+    if device_type == "cuda" and not INTERPRET:
+        return torch.cuda.get_device_properties(index if index is not None else
+                                                torch.cuda.current_device()).multi_processor_count
+    return _INTERP_NUM_SMS
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of the device (a nominal 4 under the interpreter); cached."""
+    return _num_sms_of(device.type, device.index)
+
+
+def choose_strategy(B: int, L: int, D: int, sms: int) -> str:
+    """The launch-strategy rule (plain Python, evaluated once per launch / trace).
+
+    * ``per_chain`` when there are enough chains to fill the device (B >= 2 programs per SM): every
+      program streams its chain once, no partial buffer, one launch.
+    * ``per_chain`` when a chain is so small (L * D <= 16384 elements) that a program finishes it in
+      a handful of iterations: the second launch of ``split`` would cost more than it saves.
+    * ``split`` otherwise (few chains, large windows: the B=1 latency case), which spreads one chain
+      over B * L * ceil(D / chunk) programs.
+
+    The thresholds are first guesses, not tuned on hardware; bench/bench_verify_cuda.py times both
+    strategies forced so they can be revised from its results.
+    """
+    if B >= 2 * sms or L * D <= 16384:
+        return "per_chain"
+    return "split"
+
+
+def split_chunk(B: int, L: int, D: int, sms: int) -> int:
+    """Elements of a (chain, step) row per partial-sum program: aim at ~4 programs per SM."""
+    rows = max(B * L, 1)
+    per_row = max(1, -(-4 * sms // rows))   # programs wanted per row
+    chunk = _next_pow2(-(-D // per_row))
+    return int(min(max(chunk, _CHUNK_MIN), _CHUNK_MAX))
+
+
+def _resolve_strategy(strategy: Optional[str], B: int, L: int, D: int, device) -> str:
+    if strategy is None or strategy == "auto":
+        return choose_strategy(B, L, D, num_sms(device))
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES} or 'auto'/None, got {strategy!r}")
+    return strategy
+
+
+# ---------------------------------------------------------------- launchers
+def _acc_fp64(dtype: torch.dtype) -> bool:
+    return dtype == torch.float64
+
+
+def _sigma_strides(sigma: Tensor, B: int, L: int) -> tuple[int, int]:
+    """Strides of sigma broadcast to [B, L] (0 along broadcast dims); the data pointer is sigma's."""
+    return tuple(sigma.expand(B, L).stride())  # type: ignore[return-value]
+
+
+def _window_launch(mode: int, y: Tensor, mq: Tensor, mp: Tensor, sigma: Tensor, uniforms: Tensor,
+                   num_steps: Optional[Tensor], nacc: Tensor, out: Tensor, lr: Tensor,
+                   strategy: Optional[str]) -> None:
+    """Launch the window kernels of ``mode`` on contiguous [B, L, *E] inputs (B >= 1)."""
+    B, L = y.shape[0], y.shape[1]
+    D = y.numel() // (B * L)
+    sig_sb, sig_sl = (0, 0) if mode == MODE_REFLECT else _sigma_strides(sigma, B, L)
+    has_n = num_steps is not None
+    n_arg = num_steps if has_n else y  # dummy pointer, never read without HAS_N
+    acc64 = _acc_fp64(y.dtype)
+    strat = _resolve_strategy(strategy, B, L, D, y.device)
+    if strat == "per_chain":
+        k = _per_chain_kernel if INTERPRET else wrap_triton(_per_chain_kernel)
+        k[(B,)](y, mq, mp, sigma, uniforms, n_arg, nacc, out, lr,
+                L, D, sig_sb, sig_sl, min(_next_pow2(B), 1024),
+                MODE=mode, HAS_N=has_n, ACC_FP64=acc64, **_FIXED)
+        return
+    sms = num_sms(y.device)
+    chunk = split_chunk(B, L, D, sms)
+    nb = -(-D // chunk)
+    part = torch.empty((B * L * nb * 2,), device=y.device,
+                       dtype=torch.float64 if acc64 else torch.float32)
+    kp = _split_partials_kernel if INTERPRET else wrap_triton(_split_partials_kernel)
+    kp[(B * L * nb,)](y, mq, mp, part, D, chunk, nb, ACC_FP64=acc64, **_FIXED)
+    block_nb = min(_next_pow2(nb), 128)
+    if mode == MODE_LOG_RATIO:
+        grid = (B,)
+    elif INTERPRET:
+        grid = (B * triton.cdiv(D, _INTERP_BLOCK_D),)
+    else:
+        def grid(meta):
+            return (B * triton.cdiv(D, meta["BLOCK_D"]),)
+    kf = _split_finalize_kernel if INTERPRET else wrap_triton(_split_finalize_kernel)
+    kf[grid](y, mq, mp, part, sigma, uniforms, n_arg, nacc, out, lr,
+             L, D, nb, sig_sb, sig_sl,
+             MODE=mode, HAS_N=has_n, ACC_FP64=acc64, BLOCK_NB=block_nb, **_FIXED)
+
+
+def _contig(x: Tensor) -> Tensor:
+    return x if x.is_contiguous() else x.contiguous()
+
+
+def speculative_verify(draft_states: Tensor, draft_means: Tensor, target_means: Tensor,
+                       sigma: Tensor, uniforms: Tensor, num_steps: Optional[Tensor] = None,
+                       strategy: Optional[str] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Fused verify (SPEC §6) -> (num_accepted [B] int64, next_state [B, *E], log_ratio [B, L] fp32).
+
+    Arguments are assumed validated (``specdiff_kernels._checks``); sigma is any shape that
+    broadcasts to [B, L]. ``strategy``: "per_chain", "split", or None/"auto" (:func:`choose_strategy`).
+    """
+    y, mq, mp = _contig(draft_states), _contig(draft_means), _contig(target_means)
+    B, L = y.shape[0], y.shape[1]
+    nacc = torch.empty((B,), device=y.device, dtype=torch.int64)
+    out = torch.empty((B, *y.shape[2:]), device=y.device, dtype=y.dtype)
+    lr = torch.empty((B, L), device=y.device, dtype=torch.float32)
+    if B > 0:
+        with _quiet():
+            _window_launch(MODE_VERIFY, y, mq, mp, sigma, _contig(uniforms),
+                           None if num_steps is None else _contig(num_steps), nacc, out, lr,
+                           strategy)
+    return nacc, out, lr
+
+
+def gaussian_log_ratio(draft_states: Tensor, draft_means: Tensor, target_means: Tensor,
+                       sigma: Tensor, strategy: Optional[str] = None) -> Tensor:
+    """[B, L] float32 log ratios (a - b/2) / s^2 of every step (SPEC §2)."""
+    y, mq, mp = _contig(draft_states), _contig(draft_means), _contig(target_means)
+    B, L = y.shape[0], y.shape[1]
+    lr = torch.empty((B, L), device=y.device, dtype=torch.float32)
+    if B > 0:
+        # uniforms/num_accepted/next_state are never touched in this mode: the (read-only) input
+        # stands in as a dummy pointer.
+        with _quiet():
+            _window_launch(MODE_LOG_RATIO, y, mq, mp, sigma, y, None, y, y, lr, strategy)
+    return lr
+
+
+def reflect_resample(draft_state: Tensor, draft_mean: Tensor, target_mean: Tensor,
+                     strategy: Optional[str] = None) -> Tensor:
+    """Reflection-coupling resample y + (1 - 2<d, y - mq>/||d||^2) d of [B, *E] states (input dtype)."""
+    y, mq, mp = _contig(draft_state), _contig(draft_mean), _contig(target_mean)
+    B = y.shape[0]
+    out = torch.empty(y.shape, device=y.device, dtype=y.dtype)
+    if B > 0:
+        shape3 = (B, 1, y.numel() // B)
+        y3, mq3, mp3 = y.view(shape3), mq.view(shape3), mp.view(shape3)
+        # A window of one always-rejected step; sigma/uniforms/num_accepted/log_ratio are never
+        # touched: the (read-only) input stands in as a dummy pointer.
+        with _quiet():
+            _window_launch(MODE_REFLECT, y3, mq3, mp3, y3, y3, None, y3, out, y3, strategy)
+    return out
+
+
+def first_rejection(log_ratio: Tensor, uniforms: Tensor, num_steps: Optional[Tensor] = None
+                    ) -> Tensor:
+    """[B] int64 index of the first rejected step, or num_steps (default L) when all are accepted."""
+    B, L = log_ratio.shape
+    out = torch.empty((B,), device=log_ratio.device, dtype=torch.int64)
+    if B == 0:
+        return out
+    has_n = num_steps is not None
+    n_arg = _contig(num_steps) if has_n else out
+    block_l = min(_next_pow2(L), 32)
+    grid = (triton.cdiv(B, _FIRST_REJ_BLOCK_B),)
+    k = _first_rejection_raw if INTERPRET else wrap_triton(_first_rejection_raw)
+    with _quiet():
+        k[grid](log_ratio, uniforms, n_arg, out, B, L,
+                log_ratio.stride(0), log_ratio.stride(1), uniforms.stride(0), uniforms.stride(1),
+                HAS_N=has_n, CMP_FP64=log_ratio.dtype == torch.float64,
+                BLOCK_B=_FIRST_REJ_BLOCK_B, BLOCK_L=block_l)
+    return out
