@@ -1,0 +1,234 @@
+"""GPU microbenchmark of the fused speculative_verify op (not a test).
+
+Triton (automatic strategy, and each strategy forced) vs the eager PyTorch reference vs
+torch.compile(reference), timed with ``triton.testing.do_bench`` (median and 20/80% quantiles).
+Reports effective bandwidth 3·B·L·D·elt bytes read / time and its fraction of the device copy
+bandwidth, measured in the same run with a large ``dst.copy_(src)`` (read + write bytes counted).
+
+    python bench/bench_verify_cuda.py --device cuda               # full sweep (B, L, D grid)
+    python bench/bench_verify_cuda.py --device cuda --quick       # a few sizes
+    python bench/bench_verify_cuda.py --device cuda --dtype bfloat16 --no-compile
+    python bench/bench_verify_cuda.py --dry-run                   # no GPU: the script's logic on
+                                                                  # CPU (Triton interpreter, tiny
+                                                                  # sizes, meaningless numbers)
+
+Writes bench/results/verify_cuda_<cardname>.json and .md (``--out`` overrides the stem). Each row
+also records which strategy the automatic rule picked and how many chains' accept counts differ
+from the reference (near-threshold ties only; expected 0 almost always), so the launch rule in
+specdiff_kernels/triton_kernels.py can be re-tuned from the per-strategy timings.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+DRY_RUN = "--dry-run" in sys.argv
+if DRY_RUN:  # the interpreter must be chosen before triton is imported
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import torch  # noqa: E402
+
+import specdiff_kernels as sk  # noqa: E402
+from specdiff_kernels import reference  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SWEEP_B = (1, 8, 64, 256)
+SWEEP_L = (4, 8, 16)
+SWEEP_D = (3 * 32 * 32, 4 * 64 * 64, 3 * 256 * 256)
+QUICK = [(1, 8, 3 * 32 * 32), (1, 8, 3 * 256 * 256), (64, 8, 4 * 64 * 64), (256, 16, 3 * 32 * 32)]
+DRY = [(1, 2, 300), (3, 2, 700), (8, 4, 96)]
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+# ---------------------------------------------------------------- timing
+def bench(fn, device: torch.device) -> dict:
+    """Median and 20/80% quantiles in ms; one untimed call first (compile, autotune)."""
+    fn()
+    if device.type == "cuda":
+        import triton.testing
+        torch.cuda.synchronize()
+        q20, med, q80 = triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=[0.2, 0.5, 0.8])
+        return {"ms": med, "q20_ms": q20, "q80_ms": q80}
+    # dry run on CPU: a plain timer (do_bench needs a GPU)
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    return {"ms": statistics.median(times), "q20_ms": times[0], "q80_ms": times[-1]}
+
+
+def copy_bandwidth(device: torch.device, numel: int) -> float:
+    """Bytes/s of a large ``dst.copy_(src)``, counting read + write bytes."""
+    src = torch.randn(numel, device=device)
+    dst = torch.empty_like(src)
+    t = bench(lambda: dst.copy_(src), device)["ms"] * 1e-3
+    del src, dst
+    return 2 * numel * 4 / t
+
+
+# ---------------------------------------------------------------- inputs
+def make_inputs(B: int, L: int, D: int, dtype: torch.dtype, device: torch.device, seed: int = 0):
+    """A draft near the target: ||d|| / s = 1, so about 60% of the steps are accepted."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    mq = torch.randn(B, L, D, generator=g, device=device, dtype=dtype)
+    mp = mq + (torch.randn(B, L, D, generator=g, device=device, dtype=dtype) / math.sqrt(D))
+    y = mq + torch.randn(B, L, D, generator=g, device=device, dtype=dtype)
+    sigma = torch.ones(B, L, device=device)
+    u = torch.rand(B, L, generator=g, device=device)
+    return y, mq, mp, sigma, u
+
+
+def reference_fits(B: int, L: int, D: int, elt: int, device: torch.device) -> bool:
+    """The eager reference upcasts and materialises d, r and two products: ~8 fp32 copies."""
+    if device.type != "cuda":
+        return True
+    need = B * L * D * (3 * elt + 8 * 4)
+    free, _ = torch.cuda.mem_get_info(device)
+    return need < 0.85 * free
+
+
+# ---------------------------------------------------------------- one size
+def bench_size(B, L, D, dtype, device, copy_bw, compiled) -> dict:
+    from specdiff_kernels import triton_kernels as tk
+    args = make_inputs(B, L, D, dtype, device)
+    elt = torch.empty((), dtype=dtype).element_size()
+    nbytes = 3 * B * L * D * elt
+    row = {"B": B, "L": L, "D": D, "dtype": str(dtype).replace("torch.", ""), "bytes_read": nbytes,
+           "auto_strategy": tk.choose_strategy(B, L, D, tk.num_sms(device))}
+    op = torch.ops.specdiff.triton_speculative_verify.default
+    impls = {
+        "triton": lambda: op(*args, None, "auto"),
+        "triton_per_chain": lambda: op(*args, None, "per_chain"),
+        "triton_split": lambda: op(*args, None, "split"),
+    }
+    fits = reference_fits(B, L, D, elt, device)
+    if fits:
+        impls["eager_reference"] = lambda: reference.speculative_verify(*args)
+        if compiled is not None:
+            impls["compiled_reference"] = lambda: compiled(*args)
+    else:
+        row["reference_skipped"] = "inputs too large for the reference's fp32 temporaries"
+    for name, fn in impls.items():
+        t = bench(fn, device)
+        gbps = nbytes / (t["ms"] * 1e-3) / 1e9
+        row[name] = {**t, "GBps": gbps, "frac_copy_bw": gbps * 1e9 / copy_bw}
+    for ref_name in ("eager_reference", "compiled_reference"):
+        if ref_name in row:
+            row[f"speedup_vs_{ref_name.split('_')[0]}"] = row[ref_name]["ms"] / row["triton"]["ms"]
+    if fits:  # sanity: the accept counts agree with the reference (up to threshold ties)
+        got = op(*args, None, "auto")[0]
+        want = reference.speculative_verify(*args)[0]
+        row["num_accepted_mismatches"] = int((got != want).sum())
+    del args
+    return row
+
+
+# ---------------------------------------------------------------- report
+def card_slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_") or "unknown"
+
+
+def _cell(row, name, key="ms", fmt="{:.3f}"):
+    return fmt.format(row[name][key]) if name in row else "-"
+
+
+def to_markdown(meta: dict, rows: list[dict]) -> str:
+    lines = [f"# speculative_verify on {meta['device_name']} ({meta['dtype']})", "",
+             f"torch {meta['torch']}, triton {meta['triton']}; copy bandwidth (`copy_` of "
+             f"{meta['copy_numel'] * 4 / 2**20:.0f} MiB fp32, read + write): "
+             f"{meta['copy_bw_GBps']:.0f} GB/s. Times: `triton.testing.do_bench` median (ms). "
+             f"GB/s = 3·B·L·D·elt / time. Command: `{meta['command']}`", ""]
+    if meta.get("dry_run"):
+        lines += ["**Dry run on CPU through the Triton interpreter: the numbers are meaningless; "
+                  "it only checks the script.**", ""]
+    lines += ["| B | L | D | auto | Triton ms | GB/s | % copy BW | per_chain ms | split ms | "
+              "eager ms | compiled ms | × eager | × compiled |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['B']} | {r['L']} | {r['D']} | {r['auto_strategy']} | {_cell(r, 'triton')} | "
+            f"{_cell(r, 'triton', 'GBps', '{:.0f}')} | "
+            f"{100 * r['triton']['frac_copy_bw']:.0f}% | {_cell(r, 'triton_per_chain')} | "
+            f"{_cell(r, 'triton_split')} | {_cell(r, 'eager_reference')} | "
+            f"{_cell(r, 'compiled_reference')} | "
+            + (f"{r['speedup_vs_eager']:.1f}" if "speedup_vs_eager" in r else "-") + " | "
+            + (f"{r['speedup_vs_compiled']:.2f}" if "speedup_vs_compiled" in r else "-") + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda", choices=["cuda"], help="benchmark device")
+    ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    ap.add_argument("--quick", action="store_true", help=f"only {QUICK}")
+    ap.add_argument("--no-compile", action="store_true", help="skip torch.compile(reference)")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="no GPU: run the script's logic on CPU through the Triton interpreter")
+    ap.add_argument("--out", default=None, help="output path stem "
+                    "(default bench/results/verify_cuda_<cardname>)")
+    args = ap.parse_args(argv)
+
+    if args.dry_run:
+        device, name = torch.device("cpu"), "cpu-interpreter-dry-run"
+        sizes, copy_numel = DRY, 1 << 20
+    else:
+        if not torch.cuda.is_available():
+            print("no CUDA device: use --dry-run to check the script on CPU", file=sys.stderr)
+            return 2
+        device, name = torch.device("cuda"), torch.cuda.get_device_name()
+        sizes = QUICK if args.quick else [(B, L, D) for D in SWEEP_D for L in SWEEP_L
+                                          for B in SWEEP_B]
+        copy_numel = 1 << 28  # 1 GiB fp32 per buffer
+    dtype = DTYPES[args.dtype]
+    import triton
+    from specdiff_kernels import triton_backend  # noqa: F401  (registers the triton ops)
+
+    copy_bw = copy_bandwidth(device, copy_numel)
+    compiled = None if args.no_compile else torch.compile(reference.speculative_verify,
+                                                          dynamic=False)
+    rows = []
+    for (B, L, D) in sizes:
+        torch._dynamo.reset()  # one specialised compile per size, never the recompile limit
+        row = bench_size(B, L, D, dtype, device, copy_bw, compiled)
+        rows.append(row)
+        print(f"B={B:4d} L={L:3d} D={D:7d} [{row['auto_strategy']:9s}] triton "
+              f"{row['triton']['ms']:8.4f} ms ({row['triton']['GBps']:7.1f} GB/s, "
+              f"{100 * row['triton']['frac_copy_bw']:4.0f}% copy BW) | per_chain "
+              f"{row['triton_per_chain']['ms']:8.4f} | split {row['triton_split']['ms']:8.4f}"
+              + (f" | eager {row['eager_reference']['ms']:8.3f} (x{row['speedup_vs_eager']:.1f})"
+                 if "eager_reference" in row else "")
+              + (f" | compiled {row['compiled_reference']['ms']:8.3f} "
+                 f"(x{row['speedup_vs_compiled']:.2f})" if "compiled_reference" in row else ""),
+              flush=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    meta = {"device_name": name, "dtype": args.dtype, "torch": torch.__version__,
+            "triton": triton.__version__, "copy_numel": copy_numel,
+            "copy_bw_GBps": copy_bw / 1e9, "dry_run": args.dry_run,
+            "num_sms": (torch.cuda.get_device_properties(device).multi_processor_count
+                        if device.type == "cuda" else None),
+            "command": "python bench/bench_verify_cuda.py " + " ".join(sys.argv[1:] if argv is None
+                                                                        else argv),
+            "date": time.strftime("%Y-%m-%d")}
+    out = Path(args.out) if args.out else RESULTS / f"verify_cuda_{card_slug(name)}"
+    if args.dtype != "float32" and not args.out:
+        out = out.with_name(out.name + f"_{args.dtype}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    out.with_suffix(".md").write_text(to_markdown(meta, rows))
+    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
