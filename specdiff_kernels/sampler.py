@@ -1,0 +1,608 @@
+"""The ancestral (baseline) and the speculative samplers (SPEC §2-§4).
+
+Both run the chain defined by a :class:`~specdiff_kernels.transitions.GaussianTransitions` and a
+target ``model(x, t)``; both read their randomness from the same per-chain streams
+(:mod:`specdiff_kernels.chain_noise`), so with the same generator they use the same noise xi_k at
+every sampling step k.
+
+:class:`SpeculativeSampler` runs RAGGED batches: every chain has its own step index. A round
+
+1. runs, without any call, the deterministic steps (std 0) of chains whose target prediction at
+   the current state is already known (prefetched);
+2. drafts a window of n = min(L, stochastic steps left before the next deterministic step or the
+   end) steps for every speculating chain (frozen-target draft: no network call; draft model: n
+   sequential batched draft calls);
+3. makes ONE batched target call over everything the round needs: the window states of every
+   speculating chain (concatenated, shorter windows near the end of the schedule), the states of
+   chains at a deterministic step, and (frozen draft, first round) the roots of chains that have
+   no prediction yet to freeze (those take one plain ancestral step);
+4. verifies all windows with the public op :func:`specdiff_kernels.speculative_verify` (windows
+   shorter than L are padded and passed ``num_steps``), and advances each chain by its own
+   number of committed steps. Finished chains leave the batch.
+
+With ``FrozenTargetDraft(prefetch_root=False)`` a round makes two sequential calls instead: the
+roots first (with the deterministic-step chains), then the window states y_1..y_{n-1}.
+
+Randomness: chain c draws xi_k and u_k of sampling step k from its own generator, seeded from one
+draw of the ``generator`` passed to ``sample`` and the chain's id (see ``chain_noise``). So the same
+generator seed gives the same samples, and a chain's samples do not depend on the other chains of
+its batch.
+
+L = 1: with ``FrozenTargetDraft(prefetch_root=False)`` every window starts from the target's own
+prediction at its root, so mq_0 == mp_0 bit for bit, the step is always accepted and
+y_1 = mp_0 + s_k xi_k is computed by the same expression as the ancestral step: the speculative
+sampler reproduces the ancestral one bit for bit. With prefetching (the default) or a draft model
+the L = 1 chains differ from the ancestral ones path by path (after a rejection the next frozen
+prediction is stale, and rejected steps are reflected rather than drawn from xi_k directly) but not
+in law.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from . import ops
+from .chain_noise import DEFAULT_BLOCK, ChainNoise, base_seed_from, chain_seed
+from .drafts import Draft, DraftModelDraft, FrozenTargetDraft
+from .transitions import GaussianTransitions, Model
+
+VerifyFn = Callable[..., "ops.VerifyResult"]
+
+
+class NonFiniteError(FloatingPointError):
+    """A model output or a log ratio was not finite; the message names the step and the chain."""
+
+
+@dataclass
+class SamplerStats:
+    """Cost and acceptance accounting (SPEC §4). Counts are totals over all chains.
+
+    * ``target_calls``: sequential (batched) target calls: latency. A call on n states counts once.
+    * ``target_evals``: states evaluated by the target: compute. A call on n states counts n.
+    * ``draft_calls`` / ``draft_evals``: the same for a draft network (0 for the frozen draft).
+    * ``rounds``: loop iterations of the sampler (a shared ragged batch advances one round at a
+      time; for the ancestral sampler, one per step).
+    * ``windows``: verified windows (a chain taking part in a round with a window counts 1).
+    * ``speculative_steps``: chain-steps committed by verified windows; ``direct_steps``: stochastic
+      chain-steps run with the target alone (ancestral steps; frozen draft: the first step of a
+      chain, before anything can be frozen); ``deterministic_steps``: chain-steps with std 0.
+    * ``accepted_by_position[j]`` / ``attempted_by_position[j]``: window position j (a step is
+      attempted when all earlier steps of its window were accepted).
+    * ``accepted_length_hist[a]``: number of windows with a accepted steps (a = 0..L).
+    * ``accepted_by_step[k]`` / ``attempted_by_step[k]``: the same by sampling step k.
+    """
+
+    sampler: str
+    num_chains: int
+    num_steps: int
+    window: int
+    rounds: int = 0
+    target_calls: int = 0
+    target_evals: int = 0
+    draft_calls: int = 0
+    draft_evals: int = 0
+    windows: int = 0
+    speculative_steps: int = 0
+    direct_steps: int = 0
+    deterministic_steps: int = 0
+    accepted_by_position: list = field(default_factory=list)
+    attempted_by_position: list = field(default_factory=list)
+    accepted_length_hist: list = field(default_factory=list)
+    accepted_by_step: list = field(default_factory=list)
+    attempted_by_step: list = field(default_factory=list)
+    wall_time: float = 0.0
+
+    def __post_init__(self):
+        L, N = self.window, self.num_steps
+        for name, n in (("accepted_by_position", L), ("attempted_by_position", L),
+                        ("accepted_length_hist", L + 1), ("accepted_by_step", N),
+                        ("attempted_by_step", N)):
+            if not getattr(self, name):
+                setattr(self, name, [0] * n)
+
+    @property
+    def acceptance_by_position(self) -> list:
+        return [a / t if t else math.nan for a, t in zip(self.accepted_by_position, self.attempted_by_position)]
+
+    @property
+    def acceptance_by_step(self) -> list:
+        return [a / t if t else math.nan for a, t in zip(self.accepted_by_step, self.attempted_by_step)]
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Mean number of accepted steps per verified window."""
+        n = sum(self.accepted_length_hist)
+        return sum(a * c for a, c in enumerate(self.accepted_length_hist)) / n if n else math.nan
+
+    @property
+    def steps_per_window(self) -> float:
+        """Mean committed steps per verified window (accepted + the reflected one, if any)."""
+        return self.speculative_steps / self.windows if self.windows else math.nan
+
+    @property
+    def acceptance_rate(self) -> float:
+        t = sum(self.attempted_by_position)
+        return sum(self.accepted_by_position) / t if t else math.nan
+
+    def relative_to(self, baseline: "SamplerStats") -> dict:
+        """Ratios of this run's costs to a baseline run's (e.g. the ancestral sampler's)."""
+        def r(a, b):
+            return a / b if b else math.nan
+        return {"target_calls": r(self.target_calls, baseline.target_calls),
+                "target_evals": r(self.target_evals, baseline.target_evals),
+                "wall_time": r(self.wall_time, baseline.wall_time)}
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d.update(acceptance_by_position=self.acceptance_by_position,
+                 mean_accepted_length=self.mean_accepted_length,
+                 steps_per_window=self.steps_per_window, acceptance_rate=self.acceptance_rate)
+        return d
+
+    def summary(self) -> str:
+        acc = ", ".join("-" if math.isnan(a) else f"{a:.2f}" for a in self.acceptance_by_position)
+        return (f"{self.sampler}: chains={self.num_chains} steps={self.num_steps} L={self.window} "
+                f"rounds={self.rounds} target_calls={self.target_calls} "
+                f"target_evals={self.target_evals} draft_calls={self.draft_calls} "
+                f"draft_evals={self.draft_evals} steps/window={self.steps_per_window:.2f} "
+                f"acceptance by position=[{acc}] wall={self.wall_time:.3f}s")
+
+
+@dataclass
+class SamplingResult:
+    samples: Tensor        # [B, *E] final states
+    stats: SamplerStats
+
+
+class _SamplerBase:
+    name = "sampler"
+
+    def __init__(self, model: Model, transitions: GaussianTransitions, *, progress: bool = False,
+                 noise_block: int = DEFAULT_BLOCK, check_finite: bool = True):
+        if not isinstance(transitions, GaussianTransitions):
+            raise TypeError(f"transitions must be a GaussianTransitions, got {type(transitions).__name__}")
+        self.model = model
+        self.transitions = transitions
+        self.progress = progress
+        self.noise_block = int(noise_block)
+        self.check_finite = bool(check_finite)
+
+    # -------------------------------------------------------------- setup and helpers
+    def _setup(self, num_chains, event_shape, generator, chain_ids, x_init, dtype, device, window):
+        if x_init is not None:
+            x_init = torch.as_tensor(x_init)
+            if num_chains is not None and num_chains != x_init.shape[0]:
+                raise ValueError(f"num_chains={num_chains} but x_init has {x_init.shape[0]} rows")
+            num_chains, event_shape = x_init.shape[0], tuple(x_init.shape[1:])
+            dtype, device = x_init.dtype, x_init.device
+        if num_chains is None or event_shape is None:
+            raise ValueError("give num_chains and event_shape, or x_init")
+        if isinstance(event_shape, int):
+            event_shape = (event_shape,)
+        event_shape = tuple(int(s) for s in event_shape)
+        if len(event_shape) == 0:
+            raise ValueError("event_shape must have at least one dimension")
+        device = torch.device("cpu") if device is None else torch.device(device)
+        B = int(num_chains)
+        ids = list(range(B)) if chain_ids is None else [int(c) for c in chain_ids]
+        if len(ids) != B:
+            raise ValueError(f"chain_ids has {len(ids)} entries for {B} chains")
+        base = base_seed_from(generator)
+        noise = ChainNoise([chain_seed(base, c) for c in ids], event_shape, dtype, device,
+                           window=window, block=self.noise_block)
+        if x_init is None:
+            x = (noise.initial * self.transitions.init_std).to(dtype)
+        else:
+            x = x_init.clone()
+        return x, noise, ids
+
+    def _eval(self, model: Model, role: str, x: Tensor, k: Tensor, chains: Sequence[int]) -> Tensor:
+        """Raw x0-hat of ``model`` at states x [n, *E], steps k [n]; raises on non-finite output."""
+        out = self.transitions.call_model(model, x, k)
+        if out.shape != x.shape:
+            raise ValueError(f"{role} model returned shape {tuple(out.shape)} for input {tuple(x.shape)}")
+        if self.check_finite:
+            bad = ~torch.isfinite(out.reshape(out.shape[0], -1)).all(dim=1)
+            if bool(bad.any()):
+                i = int(bad.nonzero()[0, 0])
+                step = int(k[i])
+                t = self.transitions.timesteps[min(step, self.transitions.num_steps - 1)].item()
+                raise NonFiniteError(f"{role} model returned a non-finite output at sampling step "
+                                     f"{step} (timestep t={t}) for chain {chains[i]}")
+        return self.transitions.x0_from_output(x, out, k)
+
+    def _progress_bar(self, total: int):
+        if not self.progress:
+            return None
+        from tqdm.auto import tqdm
+        return tqdm(total=total, desc=self.name, unit="step")
+
+
+class AncestralSampler(_SamplerBase):
+    """The plain chain: one batched target call per step (the baseline).
+
+    ``sample`` has the same signature and randomness as :meth:`SpeculativeSampler.sample`.
+    """
+
+    name = "ancestral"
+
+    def sample(self, num_chains: Optional[int] = None, event_shape=None, *,
+               generator: Optional[torch.Generator] = None, chain_ids=None, x_init=None,
+               dtype: torch.dtype = torch.float32, device=None) -> SamplingResult:
+        t0 = time.perf_counter()
+        T = self.transitions
+        x, noise, ids = self._setup(num_chains, event_shape, generator, chain_ids, x_init, dtype,
+                                    device, window=1)
+        B, N = x.shape[0], T.num_steps
+        stats = SamplerStats(self.name, B, N, 1)
+        rows = torch.arange(B)
+        bar = self._progress_bar(B * N)
+        for s in range(N):
+            k = torch.full((B,), s, dtype=torch.int64, device=x.device)
+            x0 = self._eval(self.model, "target", x, k, ids)
+            mean = T.mean_from_x0(x, x0, k)
+            if bool(T.deterministic[s]):
+                x = mean
+                stats.deterministic_steps += B
+            else:
+                xi, _ = noise.window(rows, k.cpu(), 1)
+                x = mean + T.coef("std", k, x) * xi[:, 0]
+                stats.direct_steps += B
+            stats.rounds += 1
+            stats.target_calls += 1
+            stats.target_evals += B
+            if bar is not None:
+                bar.update(B)
+        if bar is not None:
+            bar.close()
+        stats.wall_time = time.perf_counter() - t0
+        return SamplingResult(x, stats)
+
+
+class SpeculativeSampler(_SamplerBase):
+    """Exact speculative sampling of a Gaussian diffusion chain (SPEC §2-§4).
+
+    Args:
+        model: the target network, ``model(x, t) -> prediction`` (t: ``[B]`` timesteps).
+        transitions: the chain (:class:`GaussianTransitions`).
+        draft: :class:`FrozenTargetDraft` (default ``FrozenTargetDraft("x0", prefetch_root=True)``)
+            or :class:`DraftModelDraft`.
+        window: L, the number of drafted steps per round (>= 1).
+        backend: passed to :func:`specdiff_kernels.speculative_verify` (None: by device).
+        verify_fn: replaces the verify op (same signature and return type as
+            :func:`specdiff_kernels.speculative_verify`, called with ``backend=`` as a keyword).
+            A hook for testing and instrumentation; the default is the public op.
+        progress: show a tqdm bar over steps completed (summed over chains).
+        noise_block: steps per block of the per-chain random streams (keep the default to share
+            noise with :class:`AncestralSampler`).
+        check_finite: check model outputs and log ratios (raise :class:`NonFiniteError`).
+    """
+
+    name = "speculative"
+
+    def __init__(self, model: Model, transitions: GaussianTransitions, draft: Optional[Draft] = None,
+                 window: int = 8, *, backend: Optional[str] = None, verify_fn: Optional[VerifyFn] = None,
+                 progress: bool = False, noise_block: int = DEFAULT_BLOCK, check_finite: bool = True):
+        super().__init__(model, transitions, progress=progress, noise_block=noise_block,
+                         check_finite=check_finite)
+        self.draft = FrozenTargetDraft() if draft is None else draft
+        if not isinstance(self.draft, (FrozenTargetDraft, DraftModelDraft)):
+            raise TypeError(f"draft must be a FrozenTargetDraft or DraftModelDraft, got {type(self.draft).__name__}")
+        if int(window) < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
+        self.window = int(window)
+        self.backend = backend
+        self.verify_fn = ops.speculative_verify if verify_fn is None else verify_fn
+        det = transitions.deterministic.tolist()
+        run = [0] * (transitions.num_steps + 1)
+        for s in range(transitions.num_steps - 1, -1, -1):
+            run[s] = 0 if det[s] else run[s + 1] + 1
+        self._stoch_run = torch.tensor(run, dtype=torch.int64)  # stochastic steps left before a det step/end
+
+    def __repr__(self) -> str:
+        return f"SpeculativeSampler(window={self.window}, draft={self.draft!r}, transitions={self.transitions!r})"
+
+    # -------------------------------------------------------------- public
+    def sample(self, num_chains: Optional[int] = None, event_shape=None, *,
+               generator: Optional[torch.Generator] = None, chain_ids=None, x_init=None,
+               dtype: torch.dtype = torch.float32, device=None) -> SamplingResult:
+        """Run ``num_chains`` chains of shape ``event_shape`` to the end of the schedule.
+
+        Args:
+            num_chains, event_shape: batch size and state shape (or give ``x_init``).
+            generator: seeds every chain's random stream (one draw); same seed, same samples.
+            chain_ids: integer id of each chain (default 0..B-1): chain c's stream depends only on
+                (generator seed, c), so a chain gives the same result in any batch.
+            x_init: initial states ``[B, *E]`` (default: ``init_std * N(0, I)`` from the streams).
+            dtype, device: of the states (ignored when ``x_init`` is given).
+
+        Returns:
+            :class:`SamplingResult` (samples ``[B, *E]``, :class:`SamplerStats`).
+        """
+        t0 = time.perf_counter()
+        T = self.transitions
+        L = self.window
+        x, noise, ids = self._setup(num_chains, event_shape, generator, chain_ids, x_init, dtype,
+                                    device, window=L)
+        dev = x.device
+        B, N = x.shape[0], T.num_steps
+        stats = SamplerStats(self.name, B, N, L)
+        frozen_mode = isinstance(self.draft, FrozenTargetDraft)
+        prefetch = frozen_mode and self.draft.prefetch_root
+        k = torch.zeros(B, dtype=torch.int64)                 # per-chain step index (CPU)
+        root_exact = torch.zeros(B, dtype=torch.bool)         # target x0 at (x, k) known
+        has_frozen = torch.zeros(B, dtype=torch.bool)
+        root_x0 = torch.zeros_like(x) if frozen_mode else None
+        frozen = torch.zeros_like(x) if frozen_mode else None
+        sig_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        self._acc = {"pos_acc": torch.zeros(L, dtype=torch.int64), "pos_att": torch.zeros(L, dtype=torch.int64),
+                     "hist": torch.zeros(L + 1, dtype=torch.int64), "step_acc": torch.zeros(N, dtype=torch.int64),
+                     "step_att": torch.zeros(N, dtype=torch.int64)}
+        bar = self._progress_bar(B * N)
+        det_table = T.deterministic
+
+        def advance(rows: Tensor, by: Tensor | int):
+            k[rows] += by
+            if bar is not None:
+                bar.update(int(by.sum()) if isinstance(by, Tensor) else by * rows.numel())
+
+        while True:
+            # 1. free deterministic steps: the target's prediction at the root is known
+            if frozen_mode:
+                m = (k < N) & root_exact
+                m &= det_table[k.clamp(max=N - 1)]
+                if bool(m.any()):
+                    r = m.nonzero().squeeze(1)
+                    rd = r.to(dev)
+                    kr = k[r].to(dev)
+                    x[rd] = T.mean_from_x0(x[rd], root_x0[rd], kr)
+                    root_exact[r] = False
+                    stats.deterministic_steps += r.numel()
+                    advance(r, 1)
+            live = (k < N).nonzero().squeeze(1)
+            if live.numel() == 0:
+                break
+            stats.rounds += 1
+            kl = k[live]
+            is_det = det_table[kl]
+            det_rows = live[is_det]
+            spec_rows = live[~is_det]
+            boot_rows = spec_rows[:0]
+            if prefetch:
+                boot_rows = spec_rows[~has_frozen[spec_rows]]
+                spec_rows = spec_rows[has_frozen[spec_rows]]
+
+            if frozen_mode and not prefetch:
+                # root call: every speculating chain's root, plus the deterministic-step chains
+                roots = torch.cat([det_rows, spec_rows])
+                x0r = self._call_target(x, k, roots, ids, stats)
+                nd = det_rows.numel()
+                self._det_steps(x, k, det_rows, x0r[:nd], frozen, has_frozen, root_exact, stats)
+                if nd:
+                    advance(det_rows, 1)
+                sd = spec_rows.to(dev)
+                root_x0[sd] = x0r[nd:]
+                frozen[sd] = self.draft.freeze_value(T, x[sd], x0r[nd:], k[spec_rows].to(dev))
+                root_exact[spec_rows] = True
+                has_frozen[spec_rows] = True
+                det_rows = det_rows[:0]
+
+            # 2. draft the windows
+            win = None
+            if spec_rows.numel():
+                win = self._draft_windows(x, k, spec_rows, noise, root_exact, root_x0, frozen, ids, stats)
+
+            # 3. one batched target call: det roots, bootstrap roots, window states
+            parts_x, parts_k, parts_rows = [], [], []
+            for rows in (det_rows, boot_rows):
+                parts_x.append(x[rows.to(dev)])
+                parts_k.append(k[rows])
+                parts_rows.append(rows)
+            if win is not None:
+                need = self._needed_positions(win, root_exact, prefetch, frozen_mode, N)
+                rr, pp = need.nonzero(as_tuple=True)
+                win["need_r"], win["need_p"] = rr, pp
+                parts_x.append(win["Y"][rr.to(dev), pp.to(dev)])
+                parts_k.append(win["k"][rr] + pp)
+                parts_rows.append(spec_rows[rr])
+            all_x = torch.cat(parts_x)
+            if all_x.shape[0]:
+                all_k = torch.cat(parts_k)
+                all_rows = torch.cat(parts_rows)
+                x0_all = self._eval(self.model, "target", all_x, all_k.to(dev), [ids[i] for i in all_rows.tolist()])
+                stats.target_calls += 1
+                stats.target_evals += all_x.shape[0]
+            else:
+                x0_all = all_x
+            nd, nb = det_rows.numel(), boot_rows.numel()
+            if nd:
+                self._det_steps(x, k, det_rows, x0_all[:nd], frozen, has_frozen, root_exact, stats)
+                advance(det_rows, 1)
+            if nb:
+                bd = boot_rows.to(dev)
+                kb = k[boot_rows]
+                x0b = x0_all[nd:nd + nb]
+                xi, _ = noise.window(boot_rows, kb, 1)
+                xb = x[bd]
+                mean = T.mean_from_x0(xb, x0b, kb.to(dev))
+                frozen[bd] = self.draft.freeze_value(T, xb, x0b, kb.to(dev))
+                has_frozen[boot_rows] = True
+                root_exact[boot_rows] = False
+                x[bd] = mean + T.coef("std", kb.to(dev), xb) * xi[:, 0].to(dev)
+                stats.direct_steps += nb
+                advance(boot_rows, 1)
+            if win is not None:
+                self._verify_windows(x, k, spec_rows, win, x0_all[nd + nb:], root_exact, root_x0,
+                                     frozen, has_frozen, prefetch, frozen_mode, sig_dtype, ids, stats)
+                advance(spec_rows, win["adv"])
+        if bar is not None:
+            bar.close()
+        a = self._acc
+        stats.accepted_by_position = a["pos_acc"].tolist()
+        stats.attempted_by_position = a["pos_att"].tolist()
+        stats.accepted_length_hist = a["hist"].tolist()
+        stats.accepted_by_step = a["step_acc"].tolist()
+        stats.attempted_by_step = a["step_att"].tolist()
+        stats.wall_time = time.perf_counter() - t0
+        return SamplingResult(x, stats)
+
+    # -------------------------------------------------------------- pieces of a round
+    def _call_target(self, x, k, rows, ids, stats) -> Tensor:
+        if rows.numel() == 0:
+            return x[:0]
+        dev = x.device
+        x0 = self._eval(self.model, "target", x[rows.to(dev)], k[rows].to(dev), [ids[i] for i in rows.tolist()])
+        stats.target_calls += 1
+        stats.target_evals += rows.numel()
+        return x0
+
+    def _det_steps(self, x, k, rows, x0, frozen, has_frozen, root_exact, stats) -> None:
+        """Deterministic steps (std 0) of chains ``rows`` given the target's x0 at their roots."""
+        if rows.numel() == 0:
+            return
+        T = self.transitions
+        rd = rows.to(x.device)
+        kr = k[rows].to(x.device)
+        xr = x[rd]
+        if frozen is not None:
+            frozen[rd] = self.draft.freeze_value(T, xr, x0, kr)
+            has_frozen[rows] = True
+            root_exact[rows] = False
+        x[rd] = T.mean_from_x0(xr, x0, kr)
+        stats.deterministic_steps += rows.numel()
+
+    def _draft_windows(self, x, k, rows, noise, root_exact, root_x0, frozen, ids, stats) -> dict:
+        """Draft y_1..y_n and mq_0..mq_{n-1} for chains ``rows`` (padded to L)."""
+        T = self.transitions
+        L = self.window
+        dev = x.device
+        w = rows.numel()
+        rd = rows.to(dev)
+        kr = k[rows]
+        n = torch.minimum(self._stoch_run[kr], torch.full_like(kr, L))      # [w] >= 1
+        xi, u = noise.window(rows, kr, L)
+        xi = xi.to(dev)
+        kd = kr.to(dev)
+        nd = n.to(dev)
+        frozen_mode = isinstance(self.draft, FrozenTargetDraft)
+        if frozen_mode:
+            fr = frozen[rd]
+            exact0 = root_exact[rows].to(dev)
+            rx0 = root_x0[rd]
+        ys = [x[rd]]
+        mqs = []
+        shape1 = (w,) + (1,) * (x.dim() - 1)
+        max_n = int(n.max())
+        for j in range(L):
+            yj = ys[j]
+            if j >= max_n:
+                mqs.append(yj)
+                ys.append(yj)
+                continue
+            kj = kd + j
+            active = nd > j
+            if frozen_mode:
+                x0j = self.draft.x0_at(T, fr, yj, kj)
+                if j == 0:
+                    x0j = torch.where(exact0.view(shape1), rx0, x0j)
+            else:
+                act = active.nonzero().squeeze(1)
+                x0j = torch.zeros_like(yj)
+                x0j[act] = self._eval(self.draft.model, "draft", yj[act], kj[act],
+                                      [ids[i] for i in rows[act.cpu()].tolist()])
+                stats.draft_calls += 1
+                stats.draft_evals += act.numel()
+            mq = T.mean_from_x0(yj, x0j, kj)
+            ynext = mq + T.coef("std", kj, yj) * xi[:, j]
+            mask = active.view(shape1)
+            mqs.append(torch.where(mask, mq, yj))
+            ys.append(torch.where(mask, ynext, yj))
+        exact = root_exact[rows].clone() if frozen_mode else torch.zeros(w, dtype=torch.bool)
+        return {"Y": torch.stack(ys, 1), "MQ": torch.stack(mqs, 1), "n": n, "k": kr, "u": u,
+                "exact": exact}
+
+    def _needed_positions(self, win, root_exact, prefetch, frozen_mode, N) -> Tensor:
+        """[w, L+1] bool: window positions p whose state y_p the target must evaluate."""
+        L = self.window
+        n, kr = win["n"], win["k"]
+        p = torch.arange(L + 1)[None]
+        need = (p >= 1) & (p < n[:, None])                 # y_1..y_{n-1}: means of steps 1..n-1
+        if not frozen_mode:
+            need |= p == 0                                 # draft model: the root as well
+        elif prefetch:
+            need |= (p == 0) & ~win["exact"][:, None]        # stale frozen prediction: root needed
+            need |= (p == n[:, None]) & ((kr + n) < N)[:, None]   # prefetch the next root
+        return need
+
+    def _verify_windows(self, x, k, rows, win, x0_evals, root_exact, root_x0, frozen, has_frozen,
+                        prefetch, frozen_mode, sig_dtype, ids, stats) -> None:
+        T = self.transitions
+        L = self.window
+        dev = x.device
+        w = rows.numel()
+        Y, MQ, n, kr, u = win["Y"], win["MQ"], win["n"], win["k"], win["u"]
+        rd = rows.to(dev)
+        TP = torch.zeros_like(Y)                            # target raw x0 at y_0..y_L
+        TP[win["need_r"].to(dev), win["need_p"].to(dev)] = x0_evals
+        if frozen_mode:
+            exact0 = root_exact[rows].to(dev).view((w,) + (1,) * (x.dim() - 1))
+            TP[:, 0] = torch.where(exact0, root_x0[rd], TP[:, 0])
+        pos = torch.arange(L)
+        kw = kr[:, None] + pos[None]                         # [w, L] step of each position
+        kwd = kw.to(dev)
+        active = (pos[None] < n[:, None])
+        MP = T.mean_from_x0(Y[:, :L], TP[:, :L], kwd)
+        MP = torch.where(active.to(dev).view(w, L, *([1] * (x.dim() - 1))), MP, MQ)
+        sigma = torch.where(active, T.step_std(kw), torch.ones((), dtype=torch.float64)).to(device=dev, dtype=sig_dtype)
+        uniforms = u.to(dev)
+        res = self.verify_fn(Y[:, 1:].contiguous(), MQ.contiguous(), MP.contiguous(), sigma, uniforms,
+                             n.to(dev), backend=self.backend)
+        na = res.num_accepted.to("cpu", torch.int64)
+        lr = res.log_ratio.to("cpu")
+        attempted = active & (pos[None] <= na[:, None])
+        accepted = pos[None] < na[:, None]
+        if self.check_finite:
+            bad = attempted & ~torch.isfinite(lr)
+            if bool(bad.any()):
+                i, j = (int(v) for v in bad.nonzero()[0])
+                step = int(kr[i]) + j
+                t = T.timesteps[step].item()
+                raise NonFiniteError(f"non-finite log ratio ({float(lr[i, j])}) at sampling step {step} "
+                                     f"(timestep t={t}, window position {j}) for chain {ids[int(rows[i])]}")
+        rejected = na < n
+        adv = na + rejected.to(torch.int64)
+        x[rd] = res.next_state.to(x.dtype)
+        # stats
+        a = self._acc
+        a["pos_acc"] += accepted.sum(0)
+        a["pos_att"] += attempted.sum(0)
+        a["hist"] += torch.bincount(na, minlength=L + 1)
+        N = T.num_steps
+        a["step_acc"] += torch.bincount(kw[accepted], minlength=N)[:N]
+        a["step_att"] += torch.bincount(kw[attempted], minlength=N)[:N]
+        stats.windows += w
+        stats.speculative_steps += int(adv.sum())
+        win["adv"] = adv
+        # next round's frozen prediction
+        if frozen_mode:
+            if prefetch:
+                idx = torch.arange(w)
+                src = torch.where(rejected, na, n)                  # parent of the rejected step, or y_n
+                k_new = kr + adv
+                exact = (~rejected) & (k_new < N)
+                usable = rejected | exact
+                srcd, idxd = src.to(dev), idx.to(dev)
+                ysrc, x0src = Y[idxd, srcd], TP[idxd, srcd]
+                fz = self.draft.freeze_value(T, ysrc, x0src, (kr + src).to(dev))
+                ud = usable.to(dev).view((w,) + (1,) * (x.dim() - 1))
+                frozen[rd] = torch.where(ud, fz, frozen[rd])
+                root_x0[rd] = torch.where(ud, x0src, root_x0[rd])
+                root_exact[rows] = exact
+                has_frozen[rows] = has_frozen[rows] | usable
+            else:
+                root_exact[rows] = False

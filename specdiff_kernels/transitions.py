@@ -1,0 +1,374 @@
+"""Gaussian transitions of stochastic diffusion samplers, in affine form (SPEC §1, §3).
+
+A sampler with N steps is a Markov chain over *sampling steps* k = 0..N-1: step k maps the state
+at (model) timestep ``timesteps[k]`` to the state of the next timestep (after the last step: the
+data). Every step is Gaussian with a model-independent, isotropic std::
+
+    x' ~ N(mean_k(x), std[k]^2 I)
+    mean_k(x) = c_x0[k] * clip(x0_hat) + c_eps[k] * eps_hat + c_x[k] * x
+
+where ``x0_hat`` and ``eps_hat`` are the network's denoised estimate and noise estimate at
+(x, k). All per-step quantities are plain float64 tables of length N, so an adapter (e.g. for a
+diffusers scheduler) can supply its own; the builders below produce DDPM, DDIM (eta >= 0) and
+Euler-ancestral tables.
+
+Conventions, made explicit:
+
+* **Model call.** ``out = model(input_scale[k] * x, t)`` with ``t = timesteps[k]`` as a per-sample
+  ``[B]`` tensor (integer dtype when all timesteps are integral, float64 otherwise). The model's
+  input obeys the VP marginal ``x_in = model_alpha[k] * x0 + model_sigma[k] * eps``
+  (``model_alpha^2 + model_sigma^2 = 1`` for the usual VP-trained networks).
+* **State scaling.** The state x itself obeys ``x = state_alpha[k] * x0 + state_sigma[k] * eps``
+  with ``state_alpha = model_alpha / input_scale`` and ``state_sigma = model_sigma /
+  input_scale``. For VP samplers (DDPM, DDIM) ``input_scale = 1`` and the state is the VP
+  ``x_t``. For Euler-ancestral the state is the VE variable ``x = x0 + sigma_k * eps``
+  (``state_alpha = 1``, ``state_sigma = sigma_k``) and ``input_scale = 1/sqrt(1 + sigma_k^2)``,
+  exactly diffusers' ``scale_model_input``; the initial state has std ``init_std``.
+* **Prediction types.** ``epsilon``: x0 = (x_in - model_sigma * out) / model_alpha;
+  ``sample``: x0 = out; ``v_prediction``: x0 = model_alpha * x_in - model_sigma * out.
+  ``eps_hat`` is derived from the *unclipped* x0 (``(x - state_alpha x0) / state_sigma``; for an
+  epsilon-model this is its output), unless ``eps_from_clipped_x0`` (diffusers DDIM's
+  ``use_clipped_model_output``).
+* **Clipping.** ``clip_sample=c`` clamps x0_hat to [-c, c] before it enters the mean (DDPM/DDIM).
+* **Deterministic steps.** ``std[k] == 0`` (final DDPM step, DDIM eta = 0, the last
+  Euler-ancestral step): the sampler runs these with the target directly.
+
+The frozen-target draft (``drafts.py``) freezes the network OUTPUT at one state, as a raw x0
+(``freeze="x0"``) or as eps (``freeze="eps"``), and recomputes the mean at every drafted state
+with :meth:`GaussianTransitions.mean_from_x0` (after :meth:`x0_from_eps` for eps).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+PREDICTIONS = ("epsilon", "sample", "v_prediction")
+
+Model = Callable[[Tensor, Tensor], Tensor]
+
+
+def _table(x, n: Optional[int] = None, name: str = "table") -> Tensor:
+    t = torch.as_tensor(x, dtype=torch.float64).flatten().clone()
+    if n is not None and t.numel() == 1 and n != 1:
+        t = t.expand(n).clone()
+    if n is not None and t.numel() != n:
+        raise ValueError(f"{name} must have {n} entries (one per sampling step), got {t.numel()}")
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} must be finite, got {t.tolist()}")
+    return t
+
+
+class GaussianTransitions:
+    """Per-step coefficient tables of an affine Gaussian sampler (see the module docstring).
+
+    Args:
+        timesteps: ``[N]`` model timestep of each sampling step (training-schedule values).
+        c_x0, c_x, std: ``[N]`` mean coefficients and step std (std >= 0; 0 = deterministic).
+        model_alpha, model_sigma: ``[N]`` VP coefficients of the model's input at each step.
+        c_eps: ``[N]`` coefficient of eps_hat in the mean (default 0).
+        input_scale: ``[N]`` model input = input_scale * state (default 1).
+        prediction: ``"epsilon"``, ``"sample"`` or ``"v_prediction"``.
+        clip_sample: clamp x0_hat to [-clip_sample, clip_sample] (None: no clipping).
+        eps_from_clipped_x0: derive eps_hat from the clipped x0_hat (default: unclipped).
+        init_std: std of the initial state, x_start ~ N(0, init_std^2 I).
+        name: a label for reprs and errors.
+    """
+
+    def __init__(self, timesteps, c_x0, c_x, std, model_alpha, model_sigma, *, c_eps=None,
+                 input_scale=None, prediction: str = "epsilon", clip_sample: Optional[float] = None,
+                 eps_from_clipped_x0: bool = False, init_std: float = 1.0, name: str = "custom"):
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
+        ts = torch.as_tensor(timesteps).flatten().clone()
+        n = ts.numel()
+        if n == 0:
+            raise ValueError("timesteps must not be empty")
+        if ts.is_floating_point():
+            ts = ts.to(torch.float64)
+            if bool((ts == ts.round()).all()):
+                ts = ts.round().to(torch.int64)
+        else:
+            ts = ts.to(torch.int64)
+        self.timesteps = ts
+        self.num_steps = n
+        self.c_x0 = _table(c_x0, n, "c_x0")
+        self.c_x = _table(c_x, n, "c_x")
+        self.c_eps = _table(0.0 if c_eps is None else c_eps, n, "c_eps")
+        self.std = _table(std, n, "std")
+        if bool((self.std < 0).any()):
+            raise ValueError(f"std must be >= 0, got {self.std.tolist()}")
+        self.model_alpha = _table(model_alpha, n, "model_alpha")
+        self.model_sigma = _table(model_sigma, n, "model_sigma")
+        self.input_scale = _table(1.0 if input_scale is None else input_scale, n, "input_scale")
+        if bool((self.model_alpha <= 0).any()) or bool((self.input_scale <= 0).any()):
+            raise ValueError("model_alpha and input_scale must be > 0")
+        self.state_alpha = self.model_alpha / self.input_scale
+        self.state_sigma = self.model_sigma / self.input_scale
+        self.prediction = prediction
+        self.clip_sample = None if clip_sample is None else float(clip_sample)
+        self.eps_from_clipped_x0 = bool(eps_from_clipped_x0)
+        self.init_std = float(init_std)
+        self.name = name
+        # x0_raw = out_x[k] * x + out_pred[k] * out
+        if prediction == "epsilon":
+            self.out_x = self.input_scale / self.model_alpha
+            self.out_pred = -self.model_sigma / self.model_alpha
+        elif prediction == "sample":
+            self.out_x = torch.zeros(n, dtype=torch.float64)
+            self.out_pred = torch.ones(n, dtype=torch.float64)
+        else:  # v_prediction
+            self.out_x = self.model_alpha * self.input_scale
+            self.out_pred = -self.model_sigma
+        self.deterministic = self.std == 0
+        self._has_eps = bool((self.c_eps != 0).any())
+        self._cache: dict = {}
+
+    def __repr__(self) -> str:
+        return (f"GaussianTransitions({self.name}, N={self.num_steps}, prediction={self.prediction!r}, "
+                f"clip_sample={self.clip_sample}, deterministic_steps="
+                f"{int(self.deterministic.sum())})")
+
+    # ------------------------------------------------------------------ table lookups
+    def _on(self, name: str, device: torch.device, dtype: torch.dtype) -> Tensor:
+        key = (name, device, dtype)
+        t = self._cache.get(key)
+        if t is None:
+            t = getattr(self, name).to(device=device, dtype=dtype)
+            self._cache[key] = t
+        return t
+
+    def coef(self, name: str, k: Tensor, like: Tensor) -> Tensor:
+        """Table ``name`` at per-chain steps ``k`` (any shape), shaped to broadcast against
+        ``like`` (whose leading dims are k's shape)."""
+        table = self._on(name, like.device, like.dtype)
+        idx = k.to(device=like.device, dtype=torch.int64).clamp(0, self.num_steps - 1)
+        c = table[idx]
+        return c.reshape(*k.shape, *([1] * (like.dim() - k.dim())))
+
+    def t(self, k: Tensor) -> Tensor:
+        """Model timesteps for per-chain steps ``k`` ([B] -> [B])."""
+        table = self._on("timesteps", k.device, self.timesteps.dtype)
+        return table[k.to(torch.int64).clamp(0, self.num_steps - 1)]
+
+    def step_std(self, k: Tensor) -> Tensor:
+        """Step std (float64) at steps ``k``."""
+        return self._on("std", k.device, torch.float64)[k.to(torch.int64).clamp(0, self.num_steps - 1)]
+
+    def is_deterministic(self, k: Tensor) -> Tensor:
+        return self._on("deterministic", k.device, torch.bool)[k.to(torch.int64).clamp(0, self.num_steps - 1)]
+
+    # ------------------------------------------------------------------ parametrisations
+    def model_input(self, x: Tensor, k: Tensor) -> Tensor:
+        return x * self.coef("input_scale", k, x)
+
+    def x0_from_output(self, x: Tensor, out: Tensor, k: Tensor) -> Tensor:
+        """Raw (unclipped) x0_hat from the network output at (x, k)."""
+        if self.prediction == "sample":
+            return out
+        return self.coef("out_x", k, x) * x + self.coef("out_pred", k, x) * out
+
+    def eps_from_x0(self, x: Tensor, x0: Tensor, k: Tensor) -> Tensor:
+        return (x - self.coef("state_alpha", k, x) * x0) / self.coef("state_sigma", k, x)
+
+    def x0_from_eps(self, x: Tensor, eps: Tensor, k: Tensor) -> Tensor:
+        return (x - self.coef("state_sigma", k, x) * eps) / self.coef("state_alpha", k, x)
+
+    def mean_from_x0(self, x: Tensor, x0: Tensor, k: Tensor) -> Tensor:
+        """Transition mean at state x, step k, given the raw (unclipped) x0_hat."""
+        x0c = x0 if self.clip_sample is None else x0.clamp(-self.clip_sample, self.clip_sample)
+        mean = self.coef("c_x0", k, x) * x0c + self.coef("c_x", k, x) * x
+        if self._has_eps:
+            eps = self.eps_from_x0(x, x0c if self.eps_from_clipped_x0 else x0, k)
+            mean = mean + self.coef("c_eps", k, x) * eps
+        return mean
+
+    def call_model(self, model: Model, x: Tensor, k: Tensor) -> Tensor:
+        """``model(input_scale * x, t)`` with per-sample timesteps."""
+        return model(self.model_input(x, k), self.t(k).to(x.device))
+
+    def predict_x0(self, model: Model, x: Tensor, k: Tensor) -> Tensor:
+        """Raw x0_hat of ``model`` at states x [B, *E] and per-chain steps k [B]."""
+        return self.x0_from_output(x, self.call_model(model, x, k), k)
+
+    def mean(self, model: Model, x: Tensor, k: Tensor) -> Tensor:
+        return self.mean_from_x0(x, self.predict_x0(model, x, k), k)
+
+    def sample_prior(self, shape: Sequence[int], generator: Optional[torch.Generator] = None,
+                     dtype: torch.dtype = torch.float32, device=None) -> Tensor:
+        return torch.randn(tuple(shape), generator=generator, dtype=dtype, device=device) * self.init_std
+
+
+# ---------------------------------------------------------------------- schedules
+def make_betas(schedule: str = "linear", num_train_timesteps: int = 1000, beta_start: float = 1e-4,
+               beta_end: float = 0.02) -> Tensor:
+    """Training betas (float64), as diffusers: ``"linear"``, ``"scaled_linear"`` or
+    ``"cosine"`` (= ``"squaredcos_cap_v2"``, Nichol & Dhariwal, betas capped at 0.999)."""
+    T = int(num_train_timesteps)
+    if schedule == "linear":
+        return torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
+    if schedule == "scaled_linear":
+        return torch.linspace(beta_start ** 0.5, beta_end ** 0.5, T, dtype=torch.float64) ** 2
+    if schedule in ("cosine", "squaredcos_cap_v2"):
+        def abar(s):
+            return math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
+        return torch.tensor([min(1 - abar((i + 1) / T) / abar(i / T), 0.999) for i in range(T)],
+                            dtype=torch.float64)
+    raise ValueError(f"unknown beta schedule {schedule!r}; use 'linear', 'scaled_linear' or 'cosine'")
+
+
+def alphas_cumprod_from_betas(betas: Tensor) -> Tensor:
+    return torch.cumprod(1.0 - torch.as_tensor(betas, dtype=torch.float64), dim=0)
+
+
+def respaced_timesteps(num_train_timesteps: int, num_inference_steps: Optional[int] = None,
+                       spacing: str = "leading", steps_offset: int = 0) -> Tensor:
+    """Decreasing integer timesteps, as diffusers' DDPM/DDIM ``set_timesteps``.
+
+    ``num_inference_steps=None`` gives all training timesteps T-1..0.
+    """
+    T = int(num_train_timesteps)
+    if num_inference_steps is None:
+        return torch.arange(T - 1, -1, -1, dtype=torch.int64)
+    n = int(num_inference_steps)
+    if not 0 < n <= T:
+        raise ValueError(f"num_inference_steps must be in 1..{T}, got {n}")
+    if spacing == "leading":
+        ts = (np.arange(0, n) * (T // n)).round()[::-1].astype(np.int64) + steps_offset
+    elif spacing == "linspace":
+        ts = np.linspace(0, T - 1, n).round()[::-1].astype(np.int64)
+    elif spacing == "trailing":
+        ts = np.round(np.arange(T, 0, -T / n)).astype(np.int64) - 1
+    else:
+        raise ValueError(f"spacing must be 'leading', 'linspace' or 'trailing', got {spacing!r}")
+    return torch.from_numpy(ts.copy())
+
+
+def _abar_and_timesteps(alphas_cumprod, betas, num_inference_steps, timesteps, spacing, steps_offset):
+    if alphas_cumprod is None:
+        if betas is None:
+            betas = make_betas()
+        alphas_cumprod = alphas_cumprod_from_betas(betas)
+    abar = torch.as_tensor(alphas_cumprod, dtype=torch.float64).flatten()
+    T = abar.numel()
+    if timesteps is None:
+        ts = respaced_timesteps(T, num_inference_steps, spacing, steps_offset)
+    else:
+        ts = torch.as_tensor(timesteps, dtype=torch.int64).flatten()
+        if ts.numel() > 1 and bool((ts[1:] >= ts[:-1]).any()):
+            raise ValueError("timesteps must be strictly decreasing")
+    if bool((ts < 0).any()) or bool((ts >= T).any()):
+        raise ValueError(f"timesteps must lie in 0..{T - 1}")
+    return abar, ts
+
+
+def ddpm_transitions(alphas_cumprod=None, *, betas=None, num_inference_steps: Optional[int] = None,
+                     timesteps=None, spacing: str = "leading", steps_offset: int = 0,
+                     prediction: str = "epsilon", variance: str = "fixed_small",
+                     clip_sample: Optional[float] = None) -> GaussianTransitions:
+    """DDPM ancestral sampling (diffusers ``DDPMScheduler.step``), on any decreasing subset of the
+    training timesteps (respacing: ``betas_k = 1 - abar_t / abar_prev``).
+
+    Args:
+        alphas_cumprod: training ``abar`` [T] (default: from ``betas``, default linear 1e-4..0.02).
+        num_inference_steps, spacing, steps_offset: respacing as diffusers' ``set_timesteps``;
+            or give ``timesteps`` explicitly (strictly decreasing).
+        prediction: ``"epsilon"``, ``"sample"``, ``"v_prediction"``.
+        variance: ``"fixed_small"`` (posterior beta_tilde = (1-abar_prev)/(1-abar) beta) or
+            ``"fixed_large"`` (beta).
+        clip_sample: clamp x0_hat to [-c, c] (diffusers default for DDPM: 1.0); None: off.
+
+    The step at t = 0 adds no noise (diffusers adds noise only for t > 0), so it is deterministic.
+    A fixed_small step whose previous abar is 1 has variance 0 and is deterministic as well
+    (diffusers clamps that variance at 1e-20, i.e. adds 1e-10 noise; dropped here).
+    """
+    if variance not in ("fixed_small", "fixed_large"):
+        raise ValueError(f"variance must be 'fixed_small' or 'fixed_large', got {variance!r}")
+    abar, ts = _abar_and_timesteps(alphas_cumprod, betas, num_inference_steps, timesteps, spacing,
+                                   steps_offset)
+    a_t = abar[ts]
+    a_prev = torch.cat([abar[ts[1:]], torch.ones(1, dtype=torch.float64)])
+    alpha_k = a_t / a_prev
+    beta_k = 1 - alpha_k
+    c_x0 = a_prev.sqrt() * beta_k / (1 - a_t)
+    c_x = alpha_k.sqrt() * (1 - a_prev) / (1 - a_t)
+    if variance == "fixed_small":
+        var = (1 - a_prev) / (1 - a_t) * beta_k
+    else:
+        var = beta_k.clone()
+    var = torch.where(ts > 0, var, torch.zeros_like(var)).clamp_min(0)
+    return GaussianTransitions(ts, c_x0, c_x, var.sqrt(), a_t.sqrt(), (1 - a_t).sqrt(),
+                               prediction=prediction, clip_sample=clip_sample, init_std=1.0,
+                               name=f"ddpm[{variance}]")
+
+
+def ddim_transitions(alphas_cumprod=None, *, betas=None, num_inference_steps: int = 50,
+                     eta: float = 1.0, spacing: str = "leading", steps_offset: int = 0,
+                     prediction: str = "epsilon", clip_sample: Optional[float] = None,
+                     set_alpha_to_one: bool = True, use_clipped_model_output: bool = False
+                     ) -> GaussianTransitions:
+    """DDIM (diffusers ``DDIMScheduler.step``): ``mean = sqrt(abar_prev) x0 + sqrt(1 - abar_prev -
+    std^2) eps``, ``std = eta * sqrt((1-abar_prev)/(1-abar) (1 - abar/abar_prev))``.
+
+    As diffusers, the previous timestep is ``t - T // num_inference_steps`` (and
+    ``final_alpha_cumprod`` = 1 or abar[0] below 0). eta = 0: every step is deterministic.
+    """
+    abar, ts = _abar_and_timesteps(alphas_cumprod, betas, num_inference_steps, None, spacing,
+                                   steps_offset)
+    T = abar.numel()
+    final = torch.tensor(1.0, dtype=torch.float64) if set_alpha_to_one else abar[0]
+    prev = ts - T // int(num_inference_steps)
+    a_t = abar[ts]
+    a_prev = torch.where(prev >= 0, abar[prev.clamp_min(0)], final)
+    var = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
+    std = float(eta) * var.clamp_min(0).sqrt()
+    c_eps = (1 - a_prev - std ** 2).clamp_min(0).sqrt()
+    return GaussianTransitions(ts, a_prev.sqrt(), torch.zeros_like(a_t), std, a_t.sqrt(),
+                               (1 - a_t).sqrt(), c_eps=c_eps, prediction=prediction,
+                               clip_sample=clip_sample, eps_from_clipped_x0=use_clipped_model_output,
+                               init_std=1.0, name=f"ddim[eta={eta}]")
+
+
+def euler_ancestral_transitions(alphas_cumprod=None, *, betas=None, num_inference_steps: int = 50,
+                                spacing: str = "linspace", steps_offset: int = 0,
+                                prediction: str = "epsilon", init_std: Optional[float] = None
+                                ) -> GaussianTransitions:
+    """Euler-ancestral (diffusers ``EulerAncestralDiscreteScheduler``), VE state convention.
+
+    State ``x = x0 + sigma_k eps`` with ``sigma = sqrt((1-abar)/abar)`` at the (possibly
+    fractional, linearly interpolated in sigma, as diffusers) timesteps; the model sees
+    ``x / sqrt(1 + sigma_k^2)``. With ``s_up = sqrt(s_to^2 (s_from^2 - s_to^2) / s_from^2)`` and
+    ``s_down = sqrt(s_to^2 - s_up^2)``: ``mean = (s_down/s_from) x + (1 - s_down/s_from) x0``,
+    ``std = s_up`` (the last step, to sigma = 0, is deterministic: mean = x0).
+    ``init_std`` defaults to diffusers' ``init_noise_sigma`` (sigma_max for "linspace"/"trailing"
+    spacing, sqrt(sigma_max^2 + 1) for "leading").
+    """
+    if alphas_cumprod is None:
+        alphas_cumprod = alphas_cumprod_from_betas(make_betas() if betas is None else betas)
+    abar = torch.as_tensor(alphas_cumprod, dtype=torch.float64).flatten()
+    T = abar.numel()
+    n = int(num_inference_steps)
+    if spacing == "linspace":
+        ts = np.linspace(0, T - 1, n, dtype=np.float64)[::-1].copy()
+    elif spacing == "leading":
+        ts = (np.arange(0, n) * (T // n)).round()[::-1].copy().astype(np.float64) + steps_offset
+    elif spacing == "trailing":
+        ts = np.arange(T, 0, -T / n).round().copy().astype(np.float64) - 1
+    else:
+        raise ValueError(f"spacing must be 'leading', 'linspace' or 'trailing', got {spacing!r}")
+    full = ((1 - abar) / abar).sqrt().numpy()
+    sig = torch.from_numpy(np.interp(ts, np.arange(T), full))
+    sig_to = torch.cat([sig[1:], torch.zeros(1, dtype=torch.float64)])
+    s_up = (sig_to ** 2 * (sig ** 2 - sig_to ** 2) / sig ** 2).clamp_min(0).sqrt()
+    s_down = (sig_to ** 2 - s_up ** 2).clamp_min(0).sqrt()
+    ratio = s_down / sig
+    scale = 1 / (1 + sig ** 2).sqrt()
+    if init_std is None:
+        smax = float(sig.max())
+        init_std = smax if spacing in ("linspace", "trailing") else math.sqrt(smax ** 2 + 1)
+    return GaussianTransitions(torch.from_numpy(ts), 1 - ratio, ratio, s_up, scale, sig * scale,
+                               input_scale=scale, prediction=prediction, init_std=init_std,
+                               name="euler_ancestral")
