@@ -1,0 +1,333 @@
+"""Non-statistical behaviour of the samplers: seeding, ragged batches, errors, stats accounting,
+hooks. (The laws are tested in test_sampler_exactness.py.)"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import specdiff_kernels
+from specdiff_kernels.chain_noise import ChainNoise
+from specdiff_kernels.drafts import DraftModelDraft, FrozenTargetDraft
+from specdiff_kernels.models.gmm import GMMDenoiser, make_gmm
+from specdiff_kernels.sampler import (AncestralSampler, NonFiniteError, SamplerStats,
+                                      SpeculativeSampler)
+from specdiff_kernels.transitions import (alphas_cumprod_from_betas, ddim_transitions,
+                                          ddpm_transitions, euler_ancestral_transitions, make_betas)
+
+ABAR = alphas_cumprod_from_betas(make_betas())
+D = 6
+STEPS = 30
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def setup(steps=STEPS, kind="ddpm"):
+    model = GMMDenoiser(make_gmm(D, K=3, seed=0), ABAR)
+    if kind == "ddpm":
+        T = ddpm_transitions(ABAR, num_inference_steps=steps)
+    elif kind == "ddim0":
+        T = ddim_transitions(ABAR, num_inference_steps=steps, eta=0.0)
+    else:
+        T = euler_ancestral_transitions(ABAR, num_inference_steps=steps)
+    return model, T
+
+
+def draft_model():
+    return GMMDenoiser(make_gmm(D, K=3, seed=5), ABAR)
+
+
+DRAFTS = {
+    "frozen_x0": lambda: FrozenTargetDraft("x0"),
+    "frozen_eps": lambda: FrozenTargetDraft("eps"),
+    "frozen_x0_noprefetch": lambda: FrozenTargetDraft("x0", prefetch_root=False),
+    "draft_model": lambda: DraftModelDraft(draft_model()),
+}
+
+
+# ----------------------------------------------------------------------------- seeding
+@pytest.mark.parametrize("draft", list(DRAFTS))
+def test_same_seed_same_samples(draft):
+    model, T = setup()
+    a = SpeculativeSampler(model, T, DRAFTS[draft](), 4).sample(16, (D,), generator=gen(1))
+    b = SpeculativeSampler(model, T, DRAFTS[draft](), 4).sample(16, (D,), generator=gen(1))
+    c = SpeculativeSampler(model, T, DRAFTS[draft](), 4).sample(16, (D,), generator=gen(2))
+    assert torch.equal(a.samples, b.samples)
+    assert not torch.allclose(a.samples, c.samples)
+    assert a.stats.accepted_by_position == b.stats.accepted_by_position
+
+
+def test_ancestral_same_seed_same_samples():
+    model, T = setup()
+    a = AncestralSampler(model, T).sample(8, (D,), generator=gen(1))
+    b = AncestralSampler(model, T).sample(8, (D,), generator=gen(1))
+    assert torch.equal(a.samples, b.samples)
+
+
+@pytest.mark.parametrize("draft", list(DRAFTS))
+@pytest.mark.parametrize("kind", ["ddpm", "euler_ancestral"])
+def test_chain_result_independent_of_batch(draft, kind):
+    """Chains 0..7 together vs chain 3 alone vs chains [6, 3] : chain 3 is the same."""
+    model, T = setup(kind=kind)
+    s = SpeculativeSampler(model, T, DRAFTS[draft](), 5)
+    together = s.sample(8, (D,), generator=gen(3), dtype=torch.float64)
+    alone = s.sample(1, (D,), generator=gen(3), chain_ids=[3], dtype=torch.float64)
+    pair = s.sample(2, (D,), generator=gen(3), chain_ids=[6, 3], dtype=torch.float64)
+    torch.testing.assert_close(alone.samples[0], together.samples[3], rtol=0, atol=1e-6)
+    torch.testing.assert_close(pair.samples[1], together.samples[3], rtol=0, atol=1e-6)
+    torch.testing.assert_close(pair.samples[0], together.samples[6], rtol=0, atol=1e-6)
+    # ragged: the chains did not all take the same number of rounds
+    assert together.stats.rounds >= alone.stats.rounds
+
+
+def test_ancestral_chain_independent_of_batch():
+    model, T = setup()
+    together = AncestralSampler(model, T).sample(8, (D,), generator=gen(3), dtype=torch.float64)
+    alone = AncestralSampler(model, T).sample(1, (D,), generator=gen(3), chain_ids=[3], dtype=torch.float64)
+    torch.testing.assert_close(alone.samples[0], together.samples[3], rtol=0, atol=1e-6)
+
+
+def test_chain_noise_indexed_by_step():
+    """xi_k of a chain does not depend on how the steps were requested."""
+    a = ChainNoise([11, 12], (3,), torch.float32, "cpu", window=8, block=4)
+    b = ChainNoise([11, 12], (3,), torch.float32, "cpu", window=8, block=4)
+    rows = torch.tensor([0, 1])
+    xs_a = [a.window(rows, torch.tensor([k, k]), 1)[0][:, 0] for k in range(20)]
+    got = {}
+    for k in (0, 3, 4, 9, 12):                      # windows of 8 that overlap, with jumps
+        xi, u = b.window(rows, torch.tensor([k, k]), 8)
+        for j in range(8):
+            got[k + j] = xi[:, j]
+    for k, v in got.items():
+        if k < 20:
+            assert torch.equal(v, xs_a[k]), k
+    assert torch.equal(a.initial, b.initial)
+    with pytest.raises(ValueError, match="already dropped"):
+        b.window(rows, torch.tensor([0, 0]), 1)
+
+
+# ----------------------------------------------------------------------------- L = 1, deterministic samplers
+def test_window_one_without_prefetch_is_ancestral():
+    model, T = setup()
+    anc = AncestralSampler(model, T).sample(12, (D,), generator=gen(4))
+    spec = SpeculativeSampler(model, T, FrozenTargetDraft("eps", prefetch_root=False), 1).sample(
+        12, (D,), generator=gen(4))
+    assert torch.equal(anc.samples, spec.samples)
+
+
+def test_all_deterministic_sampler_runs_directly():
+    """DDIM eta = 0: every step has std 0 -> no speculation, one target call per step, same as
+    ancestral."""
+    model, T = setup(kind="ddim0")
+    anc = AncestralSampler(model, T).sample(5, (D,), generator=gen(5))
+    for draft in ("frozen_x0", "frozen_x0_noprefetch", "draft_model"):
+        spec = SpeculativeSampler(model, T, DRAFTS[draft](), 8).sample(5, (D,), generator=gen(5))
+        assert torch.equal(anc.samples, spec.samples)
+        st = spec.stats
+        assert st.target_calls == STEPS and st.deterministic_steps == 5 * STEPS and st.windows == 0
+
+
+# ----------------------------------------------------------------------------- errors
+class NaNAt(torch.nn.Module):
+    """Wraps a model: non-finite output for rows with |x|_inf > bound, or at timestep t_bad."""
+
+    def __init__(self, model, bound=None, t_bad=None):
+        super().__init__()
+        self.model, self.bound, self.t_bad = model, bound, t_bad
+
+    def forward(self, x, t):
+        out = self.model(x, t).clone()
+        bad = torch.zeros(x.shape[0], dtype=torch.bool)
+        if self.bound is not None:
+            bad |= x.reshape(x.shape[0], -1).abs().amax(1) > self.bound
+        if self.t_bad is not None:
+            bad |= t == self.t_bad
+        out[bad] = float("nan")
+        return out
+
+
+@pytest.mark.parametrize("draft", list(DRAFTS))
+def test_nonfinite_target_output_names_step_and_chain(draft):
+    model, T = setup()
+    x = torch.randn(6, D, generator=gen(0))
+    x[4] = 1000.0
+    s = SpeculativeSampler(NaNAt(model, bound=100.0), T, DRAFTS[draft](), 4)
+    with pytest.raises(NonFiniteError, match=r"target model .* sampling step 0 .* chain 4$"):
+        s.sample(x_init=x, generator=gen(0), chain_ids=[0, 1, 2, 3, 4, 5])
+    with pytest.raises(NonFiniteError, match=r"sampling step 0 .* chain 4"):
+        AncestralSampler(NaNAt(model, bound=100.0), T).sample(x_init=x, generator=gen(0))
+
+
+def test_nonfinite_target_output_at_later_step():
+    model, T = setup()
+    t_bad = int(T.timesteps[7])
+    s = SpeculativeSampler(NaNAt(model, t_bad=t_bad), T, FrozenTargetDraft(), 4)
+    with pytest.raises(NonFiniteError, match=rf"sampling step 7 \(timestep t={t_bad}\) for chain \d+"):
+        s.sample(4, (D,), generator=gen(0))
+
+
+def test_nonfinite_draft_output_names_step_and_chain():
+    model, T = setup()
+    x = torch.randn(3, D, generator=gen(0))
+    x[2] = 1000.0
+    s = SpeculativeSampler(model, T, DraftModelDraft(NaNAt(draft_model(), bound=100.0)), 4)
+    with pytest.raises(NonFiniteError, match=r"draft model .* sampling step 0 .* chain 12"):
+        s.sample(x_init=x, generator=gen(0), chain_ids=[10, 11, 12])
+
+
+def test_nonfinite_log_ratio_names_step_and_chain():
+    """A finite but enormous draft mean overflows the float32 log ratio: the sampler raises."""
+    model, T = setup()
+
+    class Huge(torch.nn.Module):
+        def forward(self, x, t):
+            return torch.full_like(x, 1e30)
+
+    T_sample = ddpm_transitions(ABAR, num_inference_steps=STEPS, prediction="sample")
+    s = SpeculativeSampler(GMMDenoiser(make_gmm(D, K=3, seed=0), ABAR, "sample"), T_sample,
+                           DraftModelDraft(Huge()), 4)
+    with pytest.raises(NonFiniteError, match=r"non-finite log ratio .* sampling step 0 .* chain 0"):
+        s.sample(2, (D,), generator=gen(0), dtype=torch.float64)
+
+
+def test_bad_arguments():
+    model, T = setup()
+    with pytest.raises(ValueError, match="window"):
+        SpeculativeSampler(model, T, window=0)
+    with pytest.raises(TypeError, match="draft"):
+        SpeculativeSampler(model, T, draft="frozen")
+    with pytest.raises(ValueError, match="freeze"):
+        FrozenTargetDraft("v")
+    with pytest.raises(ValueError, match="num_chains and event_shape"):
+        SpeculativeSampler(model, T).sample(4)
+    with pytest.raises(ValueError, match="backend"):
+        SpeculativeSampler(model, T, backend="nope").sample(2, (D,), generator=gen(0))
+
+
+# ----------------------------------------------------------------------------- stats
+def test_ancestral_stats():
+    model, T = setup()
+    st = AncestralSampler(model, T).sample(7, (D,), generator=gen(0)).stats
+    assert st.target_calls == STEPS and st.rounds == STEPS and st.target_evals == 7 * STEPS
+    assert st.target_calls == model.num_calls and st.target_evals == model.num_evals
+    assert st.direct_steps + st.deterministic_steps == 7 * STEPS
+    assert st.deterministic_steps == 7        # the final DDPM step
+    assert st.draft_calls == st.draft_evals == 0 and st.wall_time > 0
+
+
+def _check_common(st: SamplerStats, B: int):
+    L = st.window
+    assert st.speculative_steps + st.direct_steps + st.deterministic_steps == B * st.num_steps
+    assert sum(st.accepted_length_hist) == st.windows
+    assert st.mean_accepted_length * st.windows == pytest.approx(
+        sum(a * c for a, c in enumerate(st.accepted_length_hist)))
+    assert sum(st.accepted_by_position) == sum(st.accepted_by_step)
+    assert sum(st.attempted_by_position) == sum(st.attempted_by_step)
+    # committed steps = accepted + one reflected step per window that rejected
+    rejected_windows = sum(st.attempted_by_position) - sum(st.accepted_by_position)
+    assert st.speculative_steps == sum(st.accepted_by_position) + rejected_windows
+    assert st.attempted_by_position[0] == st.windows
+    for j in range(L - 1):
+        assert st.attempted_by_position[j + 1] <= st.accepted_by_position[j]
+    assert all(0 <= a <= t for a, t in zip(st.accepted_by_position, st.attempted_by_position))
+
+
+@pytest.mark.parametrize("L", [1, 3, 8])
+@pytest.mark.parametrize("B", [1, 9])
+def test_prefetch_stats_one_call_per_round(L, B):
+    model, T = setup()
+    st = SpeculativeSampler(model, T, FrozenTargetDraft("x0"), L).sample(B, (D,), generator=gen(L)).stats
+    _check_common(st, B)
+    assert st.target_calls == st.rounds                        # exactly one call per round
+    assert st.target_calls == model.num_calls and st.target_evals == model.num_evals
+    assert st.direct_steps == B                                # the first step of every chain
+    assert st.deterministic_steps == B                         # final DDPM step (t = 0)
+    assert st.draft_calls == st.draft_evals == 0
+    if B == 1:
+        # one chain: one window per round, except the bootstrap round and (if the last window
+        # ended in a rejection, so nothing was prefetched) a round for the final DDPM step
+        assert st.rounds - 2 <= st.windows <= st.rounds - 1
+        # and evals per window: y_1..y_n plus y_0 when the root is stale plus y_n prefetch
+        assert st.target_evals <= 1 + st.windows * (L + 1)
+
+
+def test_noprefetch_stats_two_calls_per_round():
+    model, T = setup()
+    B, L = 4, 6
+    st = SpeculativeSampler(model, T, FrozenTargetDraft("x0", prefetch_root=False), L).sample(
+        B, (D,), generator=gen(0)).stats
+    _check_common(st, B)
+    assert st.rounds <= st.target_calls <= 2 * st.rounds
+    assert st.target_calls == model.num_calls and st.target_evals == model.num_evals
+    assert st.direct_steps == 0
+    assert st.accepted_by_position[0] == st.attempted_by_position[0]   # exact root: step 0 is p
+
+
+def test_draft_model_stats():
+    model, T = setup()
+    dm = draft_model()
+    B, L = 5, 4
+    st = SpeculativeSampler(model, T, DraftModelDraft(dm), L).sample(B, (D,), generator=gen(0)).stats
+    _check_common(st, B)
+    assert st.target_calls == st.rounds == model.num_calls
+    assert st.target_evals == model.num_evals
+    assert st.draft_calls == dm.num_calls and st.draft_evals == dm.num_evals
+    assert st.draft_calls <= L * st.rounds
+    # every drafted step is evaluated by the target (y_0..y_{n-1}) plus one det step per chain
+    assert st.target_evals == st.draft_evals + st.deterministic_steps
+    ratios = st.relative_to(AncestralSampler(model, T).sample(B, (D,), generator=gen(0)).stats)
+    assert set(ratios) == {"target_calls", "target_evals", "wall_time"}
+
+
+def test_stats_summary_and_dict():
+    model, T = setup()
+    st = SpeculativeSampler(model, T, window=4).sample(3, (D,), generator=gen(0)).stats
+    text = st.summary()
+    assert "target_calls" in text and "acceptance by position" in text
+    d = st.as_dict()
+    assert d["rounds"] == st.rounds and len(d["acceptance_by_position"]) == 4
+    assert len(st.acceptance_by_step) == STEPS
+
+
+# ----------------------------------------------------------------------------- hooks
+def test_backend_passthrough_and_verify_fn_hook():
+    model, T = setup()
+    seen = []
+
+    def spy(*args, backend=None):
+        seen.append((args[0].shape, backend))
+        return specdiff_kernels.speculative_verify(*args, backend=backend)
+
+    s_ref = SpeculativeSampler(model, T, window=4, backend="reference", verify_fn=spy)
+    r_ref = s_ref.sample(6, (D,), generator=gen(0), dtype=torch.float64)
+    assert seen and all(b == "reference" and shp[1] == 4 and shp[2] == D for shp, b in seen)
+    r_cpp = SpeculativeSampler(model, T, window=4, backend="cpp").sample(6, (D,), generator=gen(0),
+                                                                         dtype=torch.float64)
+    torch.testing.assert_close(r_ref.samples, r_cpp.samples)
+
+
+def test_multidim_event_and_progress_bar(capsys):
+    model, T = setup()
+    s = SpeculativeSampler(model, T, window=4, progress=True)
+    r = s.sample(3, (2, 3), generator=gen(0))
+    assert r.samples.shape == (3, 2, 3) and r.samples.dtype == torch.float32
+    flat = SpeculativeSampler(model, T, window=4).sample(3, (D,), generator=gen(0))
+    torch.testing.assert_close(r.samples.reshape(3, D), flat.samples)
+    assert "speculative" in capsys.readouterr().err
+
+
+def test_x_init_is_used():
+    model, T = setup(steps=3)
+    x = torch.randn(4, D, generator=gen(0), dtype=torch.float64)
+    a = SpeculativeSampler(model, T, window=2).sample(x_init=x, generator=gen(1))
+    b = SpeculativeSampler(model, T, window=2).sample(x_init=x * 2, generator=gen(1))
+    assert a.samples.dtype == torch.float64 and not torch.equal(a.samples, b.samples)
