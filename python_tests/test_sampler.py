@@ -85,8 +85,9 @@ def test_chain_result_independent_of_batch(draft, kind):
     torch.testing.assert_close(alone.samples[0], together.samples[3], rtol=0, atol=1e-6)
     torch.testing.assert_close(pair.samples[1], together.samples[3], rtol=0, atol=1e-6)
     torch.testing.assert_close(pair.samples[0], together.samples[6], rtol=0, atol=1e-6)
-    # ragged: the chains did not all take the same number of rounds
-    assert together.stats.rounds >= alone.stats.rounds
+    # ragged: each chain progresses at its own pace; chain 3 finishes in the same round either way
+    assert together.stats.chain_rounds[3] == alone.stats.rounds == alone.stats.chain_rounds[0]
+    assert together.stats.rounds == max(together.stats.chain_rounds)
 
 
 def test_ancestral_chain_independent_of_batch():

@@ -75,6 +75,8 @@ class SamplerStats:
       attempted when all earlier steps of its window were accepted).
     * ``accepted_length_hist[a]``: number of windows with a accepted steps (a = 0..L).
     * ``accepted_by_step[k]`` / ``attempted_by_step[k]``: the same by sampling step k.
+    * ``chain_rounds[c]``: the round in which chain c finished, i.e. the sequential target calls
+      (with one call per round) that chain c alone would have needed: per-chain latency.
     """
 
     sampler: str
@@ -95,6 +97,7 @@ class SamplerStats:
     accepted_length_hist: list = field(default_factory=list)
     accepted_by_step: list = field(default_factory=list)
     attempted_by_step: list = field(default_factory=list)
+    chain_rounds: list = field(default_factory=list)
     wall_time: float = 0.0
 
     def __post_init__(self):
@@ -125,6 +128,10 @@ class SamplerStats:
         return self.speculative_steps / self.windows if self.windows else math.nan
 
     @property
+    def mean_chain_rounds(self) -> float:
+        return sum(self.chain_rounds) / len(self.chain_rounds) if self.chain_rounds else math.nan
+
+    @property
     def acceptance_rate(self) -> float:
         t = sum(self.attempted_by_position)
         return sum(self.accepted_by_position) / t if t else math.nan
@@ -140,6 +147,7 @@ class SamplerStats:
     def as_dict(self) -> dict:
         d = asdict(self)
         d.update(acceptance_by_position=self.acceptance_by_position,
+                 mean_chain_rounds=self.mean_chain_rounds,
                  mean_accepted_length=self.mean_accepted_length,
                  steps_per_window=self.steps_per_window, acceptance_rate=self.acceptance_rate)
         return d
@@ -260,6 +268,7 @@ class AncestralSampler(_SamplerBase):
                 bar.update(B)
         if bar is not None:
             bar.close()
+        stats.chain_rounds = [N] * B
         stats.wall_time = time.perf_counter() - t0
         return SamplingResult(x, stats)
 
@@ -346,8 +355,11 @@ class SpeculativeSampler(_SamplerBase):
         bar = self._progress_bar(B * N)
         det_table = T.deterministic
 
+        chain_rounds = torch.zeros(B, dtype=torch.int64)
+
         def advance(rows: Tensor, by: Tensor | int):
             k[rows] += by
+            chain_rounds[rows] = stats.rounds
             if bar is not None:
                 bar.update(int(by.sum()) if isinstance(by, Tensor) else by * rows.numel())
 
@@ -448,6 +460,7 @@ class SpeculativeSampler(_SamplerBase):
         stats.accepted_length_hist = a["hist"].tolist()
         stats.accepted_by_step = a["step_acc"].tolist()
         stats.attempted_by_step = a["step_att"].tolist()
+        stats.chain_rounds = chain_rounds.tolist()
         stats.wall_time = time.perf_counter() - t0
         return SamplingResult(x, stats)
 
