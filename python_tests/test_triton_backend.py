@@ -342,21 +342,27 @@ assert not tk.INTERPRET and tb.DEVICES == ("cuda",)
 T = GPUTarget("cuda", 90, 32)
 
 def compile_(fn, sig, consts, **opts):
-    src = ASTSource(fn=fn, signature={**sig, **{k: "constexpr" for k in consts}}, constexprs=consts)
+    # as at launch on real tensors: 16-byte aligned pointers, D (and CHUNK) divisible by 16
+    names = list(sig)
+    div = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(names)
+           if sig[a].startswith("*") or a in ("D", "CHUNK")}
+    src = ASTSource(fn=fn, signature={**sig, **{k: "constexpr" for k in consts}}, constexprs=consts,
+                    attrs=div)
     return triton.compile(src, target=T, options=opts)
 
 # 1. every kernel (every mode, bf16 included) compiles to a cubin for sm_90
 win = lambda dt: dict(y_ptr=f"*{dt}", mq_ptr=f"*{dt}", mp_ptr=f"*{dt}")
 for dt, acc in (("bf16", False), ("fp16", False), ("fp32", False), ("fp64", True)):
     part = "*fp64" if acc else "*fp32"
-    compile_(tk._split_partials_raw, {**win(dt), "part_ptr": part, "D": "i32", "CHUNK": "i32",
-             "NB": "i32"}, dict(ACC_FP64=acc, BLOCK_D=1024), num_warps=4, num_stages=2)
+    k = compile_(tk._split_partials_raw, {**win(dt), "part_ptr": part, "D": "i32", "CHUNK": "i32",
+                 "NB": "i32"}, dict(ACC_FP64=acc, BLOCK_D=1024, NUM_STAGES=3), num_warps=4, num_stages=3)
+    assert "cp.async" in k.asm["ptx"]  # NUM_STAGES=3 really pipelines the streaming loads
     for mode, has_n in ((0, False), (1, False), (2, True)) if dt in ("bf16", "fp32") else ((2, False),):
         io = dict(sig_ptr="*fp32", u_ptr="*fp32", n_ptr="*i64", nacc_ptr="*i64", out_ptr=f"*{dt}",
                   lr_ptr="*fp32")
         k = compile_(tk._per_chain_raw, {**win(dt), **io, "L": "i32", "D": "i32", "sig_sb": "i32",
                      "sig_sl": "i32", "B_BUCKET": "i32"},
-                     dict(MODE=mode, HAS_N=has_n, ACC_FP64=acc, BLOCK_D=4096), num_warps=8, num_stages=3)
+                     dict(MODE=mode, HAS_N=has_n, ACC_FP64=acc, BLOCK_D=4096, NUM_STAGES=1), num_warps=8)
         assert "cubin" in k.asm
         compile_(tk._split_finalize_raw, {**win(dt), "part_ptr": part, **io, "L": "i32", "D": "i32",
                  "NB": "i32", "sig_sb": "i32", "sig_sl": "i32"},

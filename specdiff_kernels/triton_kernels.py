@@ -123,8 +123,9 @@ def _per_chain_raw(y_ptr, mq_ptr, mp_ptr, sig_ptr, u_ptr, n_ptr,  # inputs
                    L, D, sig_sb, sig_sl,
                    B_BUCKET,  # unused in the body: an autotune key (bucketed chain count)
                    MODE: tl.constexpr, HAS_N: tl.constexpr, ACC_FP64: tl.constexpr,
-                   BLOCK_D: tl.constexpr):
-    """One program per chain: all L steps' sums, the scan, then the output row. Inputs [B, L, D]."""
+                   BLOCK_D: tl.constexpr, NUM_STAGES: tl.constexpr):
+    """One program per chain: all L steps' sums, the scan, then the output row. Inputs [B, L, D].
+    NUM_STAGES > 1 software-pipelines the streaming loads (cp.async prefetch of later blocks)."""
     acc_t: tl.constexpr = tl.float64 if ACC_FP64 else tl.float32
     c = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_D)
@@ -135,7 +136,7 @@ def _per_chain_raw(y_ptr, mq_ptr, mp_ptr, sig_ptr, u_ptr, n_ptr,  # inputs
         row = (c * L + j) * D
         a_vec = tl.zeros([BLOCK_D], acc_t)
         b_vec = tl.zeros([BLOCK_D], acc_t)
-        for k in range(0, D, BLOCK_D):
+        for k in tl.range(0, D, BLOCK_D, num_stages=NUM_STAGES):
             idx = k + offs
             m = idx < D
             q = tl.load(mq_ptr + row + idx, mask=m, other=0.0).to(acc_t)
@@ -163,9 +164,9 @@ def _per_chain_raw(y_ptr, mq_ptr, mp_ptr, sig_ptr, u_ptr, n_ptr,  # inputs
 # ---------------------------------------------------------------- split-event strategy
 @triton.jit(do_not_specialize=["NB"])
 def _split_partials_raw(y_ptr, mq_ptr, mp_ptr, part_ptr, D, CHUNK, NB,
-                        ACC_FP64: tl.constexpr, BLOCK_D: tl.constexpr):
+                        ACC_FP64: tl.constexpr, BLOCK_D: tl.constexpr, NUM_STAGES: tl.constexpr):
     """Program (row = c*L + j, chunk k): partial a, b over elements [k*CHUNK, (k+1)*CHUNK) of the
-    row, stored at part[row*NB + k] = (a, b). CHUNK is a multiple of every BLOCK_D config."""
+    row, stored at part[row*NB + k] = (a, b). CHUNK is a power of two (a BLOCK_D above it is masked)."""
     acc_t: tl.constexpr = tl.float64 if ACC_FP64 else tl.float32
     pid = tl.program_id(0).to(tl.int64)
     row = pid // NB
@@ -175,7 +176,7 @@ def _split_partials_raw(y_ptr, mq_ptr, mp_ptr, part_ptr, D, CHUNK, NB,
     offs = tl.arange(0, BLOCK_D)
     a_vec = tl.zeros([BLOCK_D], acc_t)
     b_vec = tl.zeros([BLOCK_D], acc_t)
-    for k in range(0, CHUNK, BLOCK_D):
+    for k in tl.range(0, CHUNK, BLOCK_D, num_stages=NUM_STAGES):
         idx = start + k + offs
         m = idx < lim
         q = tl.load(mq_ptr + base + idx, mask=m, other=0.0).to(acc_t)
@@ -263,33 +264,39 @@ INTERPRET = type(_per_chain_raw).__name__ == "InterpretedFunction"
 # Under the interpreter: small fixed blocks (every path, multi-block included, runs on small shapes).
 _INTERP_BLOCK_D = 128
 _INTERP_NUM_SMS = 4
-# Split chunk bounds (elements of one (chain, step) row per partial-sum program). On GPU the lower
-# bound is the largest BLOCK_D config, so every chunk is a whole number of blocks for every config.
+# Split chunk bounds (elements of one (chain, step) row per partial-sum program; a power of two, so
+# a whole number of blocks for every BLOCK_D config up to it; larger blocks are simply masked).
 _CHUNK_MIN, _CHUNK_MAX = (256, 4096) if INTERPRET else (4096, 65536)
 _FIRST_REJ_BLOCK_B = 16 if INTERPRET else 128
 
 
-def _cfgs(blocks, warps, stages):
-    return [triton.Config({"BLOCK_D": bd}, num_warps=w, num_stages=s)
-            for bd in blocks for w in warps for s in stages]
+# Streaming configs: wide blocks without pipelining, or narrower blocks with 3-stage cp.async
+# prefetch (more bytes in flight when few programs share an SM: the latency-bound cases). Configs
+# that do not fit in shared memory / registers are skipped by the autotuner.
+_STREAM_CONFIGS = [
+    triton.Config({"BLOCK_D": bd, "NUM_STAGES": st}, num_warps=w, num_stages=st)
+    for bd, w, st in ((1024, 4, 1), (2048, 4, 1), (2048, 8, 1), (4096, 8, 1), (8192, 8, 1),
+                      (8192, 16, 1), (1024, 4, 3), (1024, 8, 3), (2048, 8, 3))
+]
+_FINALIZE_CONFIGS = [triton.Config({"BLOCK_D": bd}, num_warps=w, num_stages=1)
+                     for bd in (1024, 2048, 4096) for w in (4, 8)]
 
 
 if INTERPRET:
     _per_chain_kernel = _per_chain_raw
     _split_partials_kernel = _split_partials_raw
     _split_finalize_kernel = _split_finalize_raw
-    _FIXED = {"BLOCK_D": _INTERP_BLOCK_D}
+    _FIXED_STREAM = {"BLOCK_D": _INTERP_BLOCK_D, "NUM_STAGES": 1}
+    _FIXED_FINALIZE = {"BLOCK_D": _INTERP_BLOCK_D}
 else:
     _per_chain_kernel = triton.autotune(
-        configs=_cfgs((1024, 2048, 4096), (4, 8), (2, 3)),
-        key=["L", "D", "B_BUCKET", "MODE"])(_per_chain_raw)
+        configs=_STREAM_CONFIGS, key=["L", "D", "B_BUCKET", "MODE"])(_per_chain_raw)
     _split_partials_kernel = triton.autotune(
-        configs=_cfgs((1024, 2048, 4096), (4, 8), (2, 3)),
-        key=["D", "CHUNK", "NB"])(_split_partials_raw)
+        configs=_STREAM_CONFIGS, key=["D", "CHUNK", "NB"])(_split_partials_raw)
     _split_finalize_kernel = triton.autotune(
-        configs=_cfgs((1024, 2048, 4096), (4, 8), (1,)),
-        key=["L", "D", "NB", "MODE"])(_split_finalize_raw)
-    _FIXED = {}
+        configs=_FINALIZE_CONFIGS, key=["L", "D", "NB", "MODE"])(_split_finalize_raw)
+    _FIXED_STREAM = {}
+    _FIXED_FINALIZE = {}
 
 
 def _quiet():
@@ -378,7 +385,7 @@ def _window_launch(mode: int, y: Tensor, mq: Tensor, mp: Tensor, sigma: Tensor, 
         k = _per_chain_kernel if INTERPRET else wrap_triton(_per_chain_kernel)
         k[(B,)](y, mq, mp, sigma, uniforms, n_arg, nacc, out, lr,
                 L, D, sig_sb, sig_sl, min(_next_pow2(B), 1024),
-                MODE=mode, HAS_N=has_n, ACC_FP64=acc64, **_FIXED)
+                MODE=mode, HAS_N=has_n, ACC_FP64=acc64, **_FIXED_STREAM)
         return
     sms = num_sms(y.device)
     chunk = split_chunk(B, L, D, sms)
@@ -386,7 +393,7 @@ def _window_launch(mode: int, y: Tensor, mq: Tensor, mp: Tensor, sigma: Tensor, 
     part = torch.empty((B * L * nb * 2,), device=y.device,
                        dtype=torch.float64 if acc64 else torch.float32)
     kp = _split_partials_kernel if INTERPRET else wrap_triton(_split_partials_kernel)
-    kp[(B * L * nb,)](y, mq, mp, part, D, chunk, nb, ACC_FP64=acc64, **_FIXED)
+    kp[(B * L * nb,)](y, mq, mp, part, D, chunk, nb, ACC_FP64=acc64, **_FIXED_STREAM)
     block_nb = min(_next_pow2(nb), 128)
     if mode == MODE_LOG_RATIO:
         grid = (B,)
@@ -398,7 +405,7 @@ def _window_launch(mode: int, y: Tensor, mq: Tensor, mp: Tensor, sigma: Tensor, 
     kf = _split_finalize_kernel if INTERPRET else wrap_triton(_split_finalize_kernel)
     kf[grid](y, mq, mp, part, sigma, uniforms, n_arg, nacc, out, lr,
              L, D, nb, sig_sb, sig_sl,
-             MODE=mode, HAS_N=has_n, ACC_FP64=acc64, BLOCK_NB=block_nb, **_FIXED)
+             MODE=mode, HAS_N=has_n, ACC_FP64=acc64, BLOCK_NB=block_nb, **_FIXED_FINALIZE)
 
 
 def _contig(x: Tensor) -> Tensor:
