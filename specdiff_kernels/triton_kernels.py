@@ -316,14 +316,17 @@ def _next_pow2(x: int) -> int:
 @functools.lru_cache(maxsize=None)
 def _num_sms_of(device_type: str, index: Optional[int]) -> int:
     if device_type == "cuda" and not INTERPRET:
-        return torch.cuda.get_device_properties(index if index is not None else
-                                                torch.cuda.current_device()).multi_processor_count
+        return torch.cuda.get_device_properties(index).multi_processor_count
     return _INTERP_NUM_SMS
 
 
 def num_sms(device: torch.device) -> int:
-    """Streaming multiprocessors of the device (a nominal 4 under the interpreter); cached."""
-    return _num_sms_of(device.type, device.index)
+    """Streaming multiprocessors of the device (a nominal 4 under the interpreter); cached, and
+    no host synchronisation (safe during CUDA-graph capture)."""
+    index = device.index
+    if device.type == "cuda" and index is None and not INTERPRET:
+        index = torch.cuda.current_device()
+    return _num_sms_of(device.type, index)
 
 
 def choose_strategy(B: int, L: int, D: int, sms: int) -> str:
