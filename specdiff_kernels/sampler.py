@@ -349,9 +349,9 @@ class SpeculativeSampler(_SamplerBase):
         root_x0 = torch.zeros_like(x) if frozen_mode else None
         frozen = torch.zeros_like(x) if frozen_mode else None
         sig_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        self._acc = {"pos_acc": torch.zeros(L, dtype=torch.int64), "pos_att": torch.zeros(L, dtype=torch.int64),
-                     "hist": torch.zeros(L + 1, dtype=torch.int64), "step_acc": torch.zeros(N, dtype=torch.int64),
-                     "step_att": torch.zeros(N, dtype=torch.int64)}
+        acc = {"pos_acc": torch.zeros(L, dtype=torch.int64), "pos_att": torch.zeros(L, dtype=torch.int64),
+               "hist": torch.zeros(L + 1, dtype=torch.int64), "step_acc": torch.zeros(N, dtype=torch.int64),
+               "step_att": torch.zeros(N, dtype=torch.int64)}
         bar = self._progress_bar(B * N)
         det_table = T.deterministic
 
@@ -450,11 +450,11 @@ class SpeculativeSampler(_SamplerBase):
                 advance(boot_rows, 1)
             if win is not None:
                 self._verify_windows(x, k, spec_rows, win, x0_all[nd + nb:], root_exact, root_x0,
-                                     frozen, has_frozen, prefetch, frozen_mode, sig_dtype, ids, stats)
+                                     frozen, has_frozen, prefetch, frozen_mode, sig_dtype, ids, stats, acc)
                 advance(spec_rows, win["adv"])
         if bar is not None:
             bar.close()
-        a = self._acc
+        a = acc
         stats.accepted_by_position = a["pos_acc"].tolist()
         stats.attempted_by_position = a["pos_att"].tolist()
         stats.accepted_length_hist = a["hist"].tolist()
@@ -553,7 +553,7 @@ class SpeculativeSampler(_SamplerBase):
         return need
 
     def _verify_windows(self, x, k, rows, win, x0_evals, root_exact, root_x0, frozen, has_frozen,
-                        prefetch, frozen_mode, sig_dtype, ids, stats) -> None:
+                        prefetch, frozen_mode, sig_dtype, ids, stats, acc) -> None:
         T = self.transitions
         L = self.window
         dev = x.device
@@ -591,7 +591,7 @@ class SpeculativeSampler(_SamplerBase):
         adv = na + rejected.to(torch.int64)
         x[rd] = res.next_state.to(x.dtype)
         # stats
-        a = self._acc
+        a = acc
         a["pos_acc"] += accepted.sum(0)
         a["pos_att"] += attempted.sum(0)
         a["hist"] += torch.bincount(na, minlength=L + 1)
