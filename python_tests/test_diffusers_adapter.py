@@ -1,0 +1,121 @@
+"""diffusers adapter: per-sample transitions equal what each scheduler's own ``step`` produces.
+
+Uses a tiny randomly initialised UNet2DModel built from a config (no downloads).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers", reason="diffusers is an optional extra")
+from diffusers import (DDIMScheduler, DDPMScheduler,  # noqa: E402
+                       EulerAncestralDiscreteScheduler, UNet2DModel)
+
+from specdiff_kernels.integrations.diffusers import (DiffusersModel,  # noqa: E402
+                                                     diffusers_transitions)
+
+N_STEPS = 12
+
+
+def tiny_unet(out_channels: int = 1, seed: int = 0) -> UNet2DModel:
+    torch.manual_seed(seed)
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=out_channels, layers_per_block=1,
+                       block_out_channels=(8, 16), norm_num_groups=4,
+                       down_block_types=("DownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "UpBlock2D"))
+    return unet.eval().requires_grad_(False)
+
+
+SCHEDULERS = {
+    "ddpm-eps-small-clip": (lambda: DDPMScheduler(num_train_timesteps=1000, clip_sample=True), None),
+    "ddpm-v-large": (lambda: DDPMScheduler(prediction_type="v_prediction", variance_type="fixed_large",
+                                           clip_sample=False, beta_schedule="squaredcos_cap_v2"), None),
+    "ddpm-sample-threshold": (lambda: DDPMScheduler(prediction_type="sample", thresholding=True,
+                                                    sample_max_value=1.5,
+                                                    clip_sample=False), None),
+    "ddpm-eps-trailing": (lambda: DDPMScheduler(timestep_spacing="trailing", clip_sample=False), None),
+    "ddim-eps-eta1": (lambda: DDIMScheduler(clip_sample=False), 1.0),
+    "ddim-v-eta05-clip": (lambda: DDIMScheduler(prediction_type="v_prediction", clip_sample=True,
+                                                clip_sample_range=0.8), 0.5),
+    "euler-a-eps": (lambda: EulerAncestralDiscreteScheduler(), None),
+    "euler-a-v-leading": (lambda: EulerAncestralDiscreteScheduler(prediction_type="v_prediction",
+                                                                  timestep_spacing="leading"), None),
+}
+
+
+def scheduler_step(sched, unet, x, i, eta, seed):
+    """One step of the scheduler's own loop at step index i, noise from a seeded generator."""
+    t = sched.timesteps[i]
+    if isinstance(sched, EulerAncestralDiscreteScheduler):
+        sched._step_index = None
+    x_in = sched.scale_model_input(x, t)
+    out = unet(x_in, t).sample
+    g = torch.Generator().manual_seed(seed)
+    kwargs = {"eta": eta} if eta is not None else {}
+    return sched.step(out, t, x, generator=g, **kwargs).prev_sample
+
+
+@pytest.mark.parametrize("name", list(SCHEDULERS))
+def test_transition_matches_scheduler_step(name):
+    make, eta = SCHEDULERS[name]
+    unet = tiny_unet()
+    model = DiffusersModel(unet)
+    sched = make()
+    tr = diffusers_transitions(sched, N_STEPS, eta=eta)
+    sched.set_timesteps(N_STEPS)
+    assert tr.num_steps == len(sched.timesteps) == N_STEPS
+    gx = torch.Generator().manual_seed(1)
+    scale = float(getattr(sched, "init_noise_sigma", 1.0))
+    for i in (0, 1, N_STEPS // 2, N_STEPS - 2, N_STEPS - 1):
+        x = scale * torch.randn(3, 1, 8, 8, generator=gx) * (1.0 - i / N_STEPS) + 0.1
+        expect = scheduler_step(sched, unet, x, i, eta, seed=100 + i)
+        k = torch.full((3,), i)
+        mean = tr.mean(model, x, k)
+        std = float(tr.std[i])
+        noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(100 + i))
+        got = mean + std * noise
+        torch.testing.assert_close(got, expect, rtol=2e-4, atol=2e-4 * max(1.0, scale),
+                                   msg=f"{name}: step {i} differs from scheduler.step")
+
+
+@pytest.mark.parametrize("name", ["ddpm-eps-small-clip", "ddim-eps-eta1", "euler-a-eps"])
+def test_per_sample_steps_match_scalar_steps(name):
+    """A batch whose chains sit at different steps gives each chain its own step's mean."""
+    make, eta = SCHEDULERS[name]
+    model = DiffusersModel(tiny_unet())
+    tr = diffusers_transitions(make(), N_STEPS, eta=eta)
+    x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    k = torch.tensor([0, 5, 3, N_STEPS - 1])
+    batched = tr.mean(model, x, k)
+    for b in range(4):
+        single = tr.mean(model, x[b:b + 1], k[b:b + 1])
+        torch.testing.assert_close(batched[b:b + 1], single, rtol=1e-4, atol=2e-4)  # conv numerics vary with batch size
+
+
+def test_scheduler_is_not_mutated_and_ddpm_last_step_is_deterministic():
+    sched = DDPMScheduler()
+    tr = diffusers_transitions(sched, 10)
+    assert sched.num_inference_steps is None
+    assert float(tr.std[-1]) == 0.0 and bool((tr.std[:-1] > 0).all())
+
+
+def test_learned_variance_is_refused():
+    sched = DDPMScheduler(variance_type="learned_range")
+    with pytest.raises(ValueError, match="learned variances"):
+        diffusers_transitions(sched, 10)
+    model = DiffusersModel(tiny_unet(out_channels=2))
+    with pytest.raises(ValueError, match="also predicts a variance"):
+        model(torch.randn(2, 1, 8, 8), torch.tensor([10, 20]))
+
+
+def test_ddim_needs_positive_eta():
+    with pytest.raises(ValueError, match="eta"):
+        diffusers_transitions(DDIMScheduler(), 10)
+    with pytest.raises(ValueError, match="deterministic"):
+        diffusers_transitions(DDIMScheduler(), 10, eta=0.0)
+
+
+def test_unsupported_scheduler():
+    from diffusers import EulerDiscreteScheduler
+    with pytest.raises(TypeError, match="unsupported scheduler"):
+        diffusers_transitions(EulerDiscreteScheduler(), 10)

@@ -1,0 +1,1 @@
+"""Adapters from other libraries' models and schedulers to specdiff_kernels' samplers."""
