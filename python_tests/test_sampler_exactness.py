@@ -21,7 +21,6 @@ import numpy as np
 import pytest
 import torch
 from scipy import stats
-from scipy.spatial.distance import cdist
 
 import specdiff_kernels
 from specdiff_kernels import VerifyResult
@@ -51,73 +50,10 @@ def gen(seed: int) -> torch.Generator:
 
 
 # ===================================================================== statistical tests
-def bonferroni(pvalues) -> float:
-    p = np.asarray(pvalues, dtype=np.float64)
-    return float(min(1.0, p.min() * p.size))
-
-
-def random_directions(D: int, n: int, seed: int) -> np.ndarray:
-    v = np.random.default_rng(seed).standard_normal((n, D))
-    return v / np.linalg.norm(v, axis=1, keepdims=True)
-
-
-def gaussian_one_sample_pvalue(x: np.ndarray, mean: np.ndarray, cov: np.ndarray, *,
-                               n_proj: int = 8, seed: int = 0, extra_dirs=None) -> float:
-    """H0: rows of x ~ N(mean, cov). KS of the squared Mahalanobis distances against chi2_D and KS
-    of standardised random projections against N(0, 1); Bonferroni-combined p-value."""
-    x = np.asarray(x, dtype=np.float64)
-    D = x.shape[1]
-    diff = x - mean
-    prec = np.linalg.inv(cov)
-    m2 = np.einsum("nd,de,ne->n", diff, prec, diff)
-    ps = [stats.kstest(m2, stats.chi2(D).cdf).pvalue]
-    dirs = random_directions(D, n_proj, seed)
-    if extra_dirs is not None:
-        dirs = np.concatenate([dirs, np.asarray(extra_dirs, dtype=np.float64)])
-    for v in dirs:
-        z = diff @ v / math.sqrt(v @ cov @ v)
-        ps.append(stats.kstest(z, stats.norm.cdf).pvalue)
-    return bonferroni(ps)
-
-
-def per_coordinate_ks_pvalue(x: np.ndarray, y: np.ndarray) -> float:
-    """Two-sample KS per coordinate, Bonferroni over coordinates."""
-    return bonferroni([stats.ks_2samp(x[:, d], y[:, d]).pvalue for d in range(x.shape[1])])
-
-
-def energy_distance_pvalue(x: np.ndarray, y: np.ndarray, *, n_resamples: int = 2999, seed: int = 0) -> float:
-    """Multivariate energy-distance two-sample permutation test: scipy.stats.permutation_test
-    permuting indices into the pooled sample; the statistic
-    2 E|X-Y| - E|X-X'| - E|Y-Y'| is computed from the precomputed pooled distance matrix with one
-    matrix product per batch of permutations."""
-    z = np.concatenate([x, y]).astype(np.float64)
-    dist = cdist(z, z)
-    total = dist.sum()
-    nx, n = x.shape[0], z.shape[0]
-    ny = n - nx
-
-    def energy(ix, iy, axis=-1):
-        ix = np.atleast_2d(ix)
-        mask = np.zeros((ix.shape[0], n))
-        np.put_along_axis(mask, ix, 1.0, axis=1)
-        dm = mask @ dist                                  # [P, n]: sum over x of distances
-        sxx = (dm * mask).sum(1)
-        sx_all = dm.sum(1)
-        sxy = sx_all - sxx
-        syy = total - 2 * sxy - sxx
-        return 2 * sxy / (nx * ny) - sxx / nx ** 2 - syy / ny ** 2
-
-    res = stats.permutation_test((np.arange(nx), np.arange(nx, n)), energy,
-                                 permutation_type="independent", vectorized=True,
-                                 n_resamples=n_resamples, alternative="greater", batch=100,
-                                 random_state=np.random.default_rng(seed))
-    return float(res.pvalue)
-
-
-def two_sample_pvalue(x: np.ndarray, y: np.ndarray, seed: int = 0) -> float:
-    """Combined two-sample test: per-coordinate KS (Bonferroni) and the energy permutation test,
-    Bonferroni over the two."""
-    return bonferroni([per_coordinate_ks_pvalue(x, y), energy_distance_pvalue(x, y, seed=seed)])
+# (scipy.stats-based; shared with the demo and the benchmarks)
+from specdiff_kernels.stats import (bonferroni, energy_distance_pvalue,  # noqa: E402,F401
+                                    gaussian_one_sample_pvalue, per_coordinate_ks_pvalue,
+                                    random_directions, two_sample_pvalue)
 
 
 # ===================================================================== wrong verifiers (power)

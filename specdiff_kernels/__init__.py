@@ -1,8 +1,13 @@
 """specdiff_kernels: exact speculative sampling for diffusion models.
 
-The fused verify ops (SPEC §6) are exposed as plain functions with backend selection; the
-samplers, drafts and models build on them.
+* ops: the fused verify op (SPEC §6) and its parts, with backend selection
+  (``reference`` | ``cpp`` | ``triton``);
+* samplers: :class:`SpeculativeSampler` (ragged batches, exact) and the
+  :class:`AncestralSampler` baseline, over :class:`GaussianTransitions` (DDPM, DDIM with eta > 0,
+  Euler-ancestral, or your own tables);
+* drafts: :class:`FrozenTargetDraft` (training-free) and :class:`DraftModelDraft`.
 """
+from .drafts import DraftModelDraft, FrozenTargetDraft
 from .ops import (
     VerifyResult,
     available_backends,
@@ -11,12 +16,30 @@ from .ops import (
     reflect_resample,
     speculative_verify,
 )
+from .sampler import AncestralSampler, NonFiniteError, SamplerStats, SamplingResult, SpeculativeSampler
+from .transitions import (
+    GaussianTransitions,
+    ddim_transitions,
+    ddpm_transitions,
+    euler_ancestral_transitions,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AncestralSampler",
+    "DraftModelDraft",
+    "FrozenTargetDraft",
+    "GaussianTransitions",
+    "NonFiniteError",
+    "SamplerStats",
+    "SamplingResult",
+    "SpeculativeSampler",
     "VerifyResult",
     "available_backends",
+    "ddim_transitions",
+    "ddpm_transitions",
+    "euler_ancestral_transitions",
     "first_rejection",
     "gaussian_log_ratio",
     "reflect_resample",
