@@ -26,32 +26,29 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_verify_example(args: argparse.Namespace) -> int:
-    """One speculative verify round on random Gaussian windows, each backend side by side."""
-    import specdiff_kernels as sk
-
-    g = torch.Generator().manual_seed(args.seed)
-    B, L, D = args.batch, args.window, 64
-    mq = torch.randn(B, L, D, generator=g)
-    mp = mq + 0.15 * torch.randn(B, L, D, generator=g)
-    sigma = torch.full((L,), 1.0)
-    y = mq + sigma[None, :, None] * torch.randn(B, L, D, generator=g)
-    u = torch.rand(B, L, generator=g)
-    print(f"speculative_verify on B={B} chains, window L={L}, D={D}")
-    for backend in [b for b in sk.available_backends()]:
-        res = sk.speculative_verify(y, mq, mp, sigma, u, backend=backend)
-        print(f"  {backend:>9}: accepted per chain {res.num_accepted.tolist()}")
-    return 0
+def cmd_demo(args: argparse.Namespace) -> int:
+    if args.model == "langevin":
+        from .langevin import run_langevin_demo
+        return run_langevin_demo(args)
+    from .demo import run_demo
+    return run_demo(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="specdiff", description="Exact speculative sampling for diffusion models")
     sub = p.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="run the demo")
-    demo.add_argument("--batch", type=int, default=8)
-    demo.add_argument("--window", type=int, default=8)
+    demo = sub.add_parser("demo", help="ancestral vs speculative sampling of an embedded model")
+    demo.add_argument("--model", default="digits", choices=["digits", "gmm", "langevin"])
+    demo.add_argument("--steps", type=int, default=200, help="sampling steps N")
+    demo.add_argument("--window", type=int, default=8, help="draft window L")
+    demo.add_argument("--draft", default="frozen-x0", choices=["frozen-x0", "frozen-eps", "model"])
+    demo.add_argument("--batch", type=int, default=256, help="chains per sampler")
     demo.add_argument("--seed", type=int, default=0)
-    demo.set_defaults(func=cmd_verify_example)
+    demo.add_argument("--dim", type=int, default=64, help="dimension of the gmm model")
+    demo.add_argument("--backend", default=None, help="verify backend (default: by device)")
+    demo.add_argument("--out", default="out", help="directory for the PNGs and JSON")
+    demo.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    demo.set_defaults(func=cmd_demo)
     info = sub.add_parser("info", help="version, build and backends")
     info.set_defaults(func=cmd_info)
     return p
