@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, default=200, help="sampling steps N")
     demo.add_argument("--window", type=int, default=8, help="draft window L")
     demo.add_argument("--draft", default="frozen-x0", choices=["frozen-x0", "frozen-eps", "model"])
-    demo.add_argument("--batch", type=int, default=256, help="chains per sampler")
+    demo.add_argument("--batch", type=int, default=192, help="chains per sampler")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--dim", type=int, default=64, help="dimension of the gmm model")
     demo.add_argument("--backend", default=None, help="verify backend (default: by device)")
