@@ -47,6 +47,7 @@ import torch
 from torch import Tensor
 
 from . import ops
+from .adaptive import AdaptiveWindow, resolve_window
 from .chain_noise import DEFAULT_BLOCK, ChainNoise, base_seed_from, chain_seed
 from .drafts import Draft, DraftModelDraft, FrozenTargetDraft
 from .transitions import GaussianTransitions, Model
@@ -74,6 +75,8 @@ class SamplerStats:
     * ``accepted_by_position[j]`` / ``attempted_by_position[j]``: window position j (a step is
       attempted when all earlier steps of its window were accepted).
     * ``accepted_length_hist[a]``: number of windows with a accepted steps (a = 0..L).
+    * ``window_length_hist[n]``: number of windows of n drafted steps (n = 1..L; shorter than L
+      near the end of the schedule, or chosen per chain by an adaptive window).
     * ``accepted_by_step[k]`` / ``attempted_by_step[k]``: the same by sampling step k.
     * ``chain_rounds[c]``: the round in which chain c finished, i.e. the sequential target calls
       (with one call per round) that chain c alone would have needed: per-chain latency.
@@ -98,12 +101,14 @@ class SamplerStats:
     accepted_by_step: list = field(default_factory=list)
     attempted_by_step: list = field(default_factory=list)
     chain_rounds: list = field(default_factory=list)
+    window_length_hist: list = field(default_factory=list)
     wall_time: float = 0.0
 
     def __post_init__(self):
         L, N = self.window, self.num_steps
         for name, n in (("accepted_by_position", L), ("attempted_by_position", L),
-                        ("accepted_length_hist", L + 1), ("accepted_by_step", N),
+                        ("accepted_length_hist", L + 1), ("window_length_hist", L + 1),
+                        ("accepted_by_step", N),
                         ("attempted_by_step", N)):
             if not getattr(self, name):
                 setattr(self, name, [0] * n)
@@ -128,6 +133,12 @@ class SamplerStats:
         return self.speculative_steps / self.windows if self.windows else math.nan
 
     @property
+    def mean_window_length(self) -> float:
+        """Mean number of drafted steps per verified window."""
+        n = sum(self.window_length_hist)
+        return sum(a * c for a, c in enumerate(self.window_length_hist)) / n if n else math.nan
+
+    @property
     def mean_chain_rounds(self) -> float:
         return sum(self.chain_rounds) / len(self.chain_rounds) if self.chain_rounds else math.nan
 
@@ -149,7 +160,8 @@ class SamplerStats:
         d.update(acceptance_by_position=self.acceptance_by_position,
                  mean_chain_rounds=self.mean_chain_rounds,
                  mean_accepted_length=self.mean_accepted_length,
-                 steps_per_window=self.steps_per_window, acceptance_rate=self.acceptance_rate)
+                 steps_per_window=self.steps_per_window, acceptance_rate=self.acceptance_rate,
+                 mean_window_length=self.mean_window_length)
         return d
 
     def summary(self) -> str:
@@ -281,7 +293,11 @@ class SpeculativeSampler(_SamplerBase):
         transitions: the chain (:class:`GaussianTransitions`).
         draft: :class:`FrozenTargetDraft` (default ``FrozenTargetDraft("x0", prefetch_root=True)``)
             or :class:`DraftModelDraft`.
-        window: L, the number of drafted steps per round (>= 1).
+        window: L, the number of drafted steps per round (>= 1); or ``"adaptive"`` /
+            an :class:`~specdiff_kernels.adaptive.AdaptiveWindow`: each chain's window length is
+            chosen before each of its rounds from its OWN past acceptance (exactness is kept: the
+            length is a function of the past; see :mod:`specdiff_kernels.adaptive`). The buffer
+            length (``self.window``, ``stats.window``) is then the policy's ``max_window``.
         backend: passed to :func:`specdiff_kernels.speculative_verify` (None: by device).
         verify_fn: replaces the verify op (same signature and return type as
             :func:`specdiff_kernels.speculative_verify`, called with ``backend=`` as a keyword).
@@ -295,16 +311,14 @@ class SpeculativeSampler(_SamplerBase):
     name = "speculative"
 
     def __init__(self, model: Model, transitions: GaussianTransitions, draft: Optional[Draft] = None,
-                 window: int = 8, *, backend: Optional[str] = None, verify_fn: Optional[VerifyFn] = None,
+                 window: int | str | AdaptiveWindow = 8, *, backend: Optional[str] = None, verify_fn: Optional[VerifyFn] = None,
                  progress: bool = False, noise_block: int = DEFAULT_BLOCK, check_finite: bool = True):
         super().__init__(model, transitions, progress=progress, noise_block=noise_block,
                          check_finite=check_finite)
         self.draft = FrozenTargetDraft() if draft is None else draft
         if not isinstance(self.draft, (FrozenTargetDraft, DraftModelDraft)):
             raise TypeError(f"draft must be a FrozenTargetDraft or DraftModelDraft, got {type(self.draft).__name__}")
-        if int(window) < 1:
-            raise ValueError(f"window must be >= 1, got {window}")
-        self.window = int(window)
+        self.window, self.window_policy = resolve_window(window)
         self.backend = backend
         self.verify_fn = ops.speculative_verify if verify_fn is None else verify_fn
         det = transitions.deterministic.tolist()
@@ -314,7 +328,8 @@ class SpeculativeSampler(_SamplerBase):
         self._stoch_run = torch.tensor(run, dtype=torch.int64)  # stochastic steps left before a det step/end
 
     def __repr__(self) -> str:
-        return f"SpeculativeSampler(window={self.window}, draft={self.draft!r}, transitions={self.transitions!r})"
+        w = self.window if self.window_policy is None else repr(self.window_policy)
+        return f"SpeculativeSampler(window={w}, draft={self.draft!r}, transitions={self.transitions!r})"
 
     # -------------------------------------------------------------- public
     def sample(self, num_chains: Optional[int] = None, event_shape=None, *,
@@ -351,7 +366,9 @@ class SpeculativeSampler(_SamplerBase):
         sig_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         acc = {"pos_acc": torch.zeros(L, dtype=torch.int64), "pos_att": torch.zeros(L, dtype=torch.int64),
                "hist": torch.zeros(L + 1, dtype=torch.int64), "step_acc": torch.zeros(N, dtype=torch.int64),
-               "step_att": torch.zeros(N, dtype=torch.int64)}
+               "step_att": torch.zeros(N, dtype=torch.int64), "wlen": torch.zeros(L + 1, dtype=torch.int64)}
+        policy = self.window_policy
+        ad_state = None if policy is None else policy.init_state(B)   # per-chain counts
         bar = self._progress_bar(B * N)
         det_table = T.deterministic
 
@@ -359,6 +376,8 @@ class SpeculativeSampler(_SamplerBase):
 
         def advance(rows: Tensor, by: Tensor | int):
             k[rows] += by
+            if ad_state is not None:
+                ad_state["steps"][rows] += by
             chain_rounds[rows] = stats.rounds
             if bar is not None:
                 bar.update(int(by.sum()) if isinstance(by, Tensor) else by * rows.numel())
@@ -393,6 +412,8 @@ class SpeculativeSampler(_SamplerBase):
                 # root call: every speculating chain's root, plus the deterministic-step chains
                 roots = torch.cat([det_rows, spec_rows])
                 x0r = self._call_target(x, k, roots, ids, stats)
+                if ad_state is not None:
+                    ad_state["evals"][roots] += 1
                 nd = det_rows.numel()
                 self._det_steps(x, k, det_rows, x0r[:nd], frozen, has_frozen, root_exact, stats)
                 if nd:
@@ -407,7 +428,16 @@ class SpeculativeSampler(_SamplerBase):
             # 2. draft the windows
             win = None
             if spec_rows.numel():
-                win = self._draft_windows(x, k, spec_rows, noise, root_exact, root_x0, frozen, ids, stats)
+                lengths = None
+                if policy is not None:
+                    exact_root = (root_exact[spec_rows] if frozen_mode
+                                  else torch.zeros(spec_rows.shape, dtype=torch.bool))
+                    # prefetching frozen draft: a stale root is evaluated in this round's call
+                    extra = (~exact_root).to(torch.float64) if prefetch else torch.zeros(exact_root.shape, dtype=torch.float64)
+                    lengths = policy.lengths(ad_state, spec_rows, exact_root, extra,
+                                             steps_left=N - k[spec_rows])
+                win = self._draft_windows(x, k, spec_rows, noise, root_exact, root_x0, frozen, ids,
+                                          stats, lengths)
 
             # 3. one batched target call: det roots, bootstrap roots, window states
             parts_x, parts_k, parts_rows = [], [], []
@@ -429,6 +459,9 @@ class SpeculativeSampler(_SamplerBase):
                 x0_all = self._eval(self.model, "target", all_x, all_k.to(dev), [ids[i] for i in all_rows.tolist()])
                 stats.target_calls += 1
                 stats.target_evals += all_x.shape[0]
+                if ad_state is not None:
+                    ad_state["evals"] += torch.bincount(all_rows, minlength=B).to(torch.float64)
+
             else:
                 x0_all = all_x
             nd, nb = det_rows.numel(), boot_rows.numel()
@@ -452,6 +485,8 @@ class SpeculativeSampler(_SamplerBase):
                 self._verify_windows(x, k, spec_rows, win, x0_all[nd + nb:], root_exact, root_x0,
                                      frozen, has_frozen, prefetch, frozen_mode, sig_dtype, ids, stats, acc)
                 advance(spec_rows, win["adv"])
+                if policy is not None:
+                    policy.update(ad_state, spec_rows, win["exact"], win["accepted"], win["attempted"])
         if bar is not None:
             bar.close()
         a = acc
@@ -460,6 +495,7 @@ class SpeculativeSampler(_SamplerBase):
         stats.accepted_length_hist = a["hist"].tolist()
         stats.accepted_by_step = a["step_acc"].tolist()
         stats.attempted_by_step = a["step_att"].tolist()
+        stats.window_length_hist = a["wlen"].tolist()
         stats.chain_rounds = chain_rounds.tolist()
         stats.wall_time = time.perf_counter() - t0
         return SamplingResult(x, stats)
@@ -489,15 +525,18 @@ class SpeculativeSampler(_SamplerBase):
         x[rd] = T.mean_from_x0(xr, x0, kr)
         stats.deterministic_steps += rows.numel()
 
-    def _draft_windows(self, x, k, rows, noise, root_exact, root_x0, frozen, ids, stats) -> dict:
-        """Draft y_1..y_n and mq_0..mq_{n-1} for chains ``rows`` (padded to L)."""
+    def _draft_windows(self, x, k, rows, noise, root_exact, root_x0, frozen, ids, stats,
+                       lengths: Optional[Tensor] = None) -> dict:
+        """Draft y_1..y_n and mq_0..mq_{n-1} for chains ``rows`` (padded to L); ``lengths``: each
+        chain's window length (adaptive window; default L)."""
         T = self.transitions
         L = self.window
         dev = x.device
         w = rows.numel()
         rd = rows.to(dev)
         kr = k[rows]
-        n = torch.minimum(self._stoch_run[kr], torch.full_like(kr, L))      # [w] >= 1
+        cap = torch.full_like(kr, L) if lengths is None else lengths.clamp(1, L)
+        n = torch.minimum(self._stoch_run[kr], cap)                         # [w] >= 1
         xi, u = noise.window(rows, kr, L)
         xi = xi.to(dev)
         kd = kr.to(dev)
@@ -595,6 +634,8 @@ class SpeculativeSampler(_SamplerBase):
         a["pos_acc"] += accepted.sum(0)
         a["pos_att"] += attempted.sum(0)
         a["hist"] += torch.bincount(na, minlength=L + 1)
+        a["wlen"] += torch.bincount(n, minlength=L + 1)
+        win["accepted"], win["attempted"] = accepted, attempted
         N = T.num_steps
         a["step_acc"] += torch.bincount(kw[accepted], minlength=N)[:N]
         a["step_att"] += torch.bincount(kw[attempted], minlength=N)[:N]
