@@ -134,6 +134,12 @@ class _LangevinBase:
         self.step_size = self.transitions.c_x0.neg()
         self.num_steps = self.transitions.num_steps
 
+    @property
+    def sampler(self):
+        """The underlying :class:`~specdiff_kernels.sampler.AncestralSampler` /
+        :class:`~specdiff_kernels.sampler.SpeculativeSampler` (diffusion-sampler signature)."""
+        return self._sampler
+
     def sample(self, x_init: Optional[Tensor] = None, *, num_chains: Optional[int] = None,
                event_shape=None, generator: Optional[torch.Generator] = None, chain_ids=None,
                dtype: torch.dtype = torch.float32, device=None) -> SamplingResult:

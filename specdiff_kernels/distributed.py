@@ -1,0 +1,314 @@
+"""Multi-process sampling on ``torch.distributed``: many chains sharded across ranks.
+
+Every chain's random stream is a function of (seed, GLOBAL chain id) only
+(:mod:`specdiff_kernels.chain_noise`), the samplers' batches are ragged (each chain has its own step
+index) and a chain's adaptive window depends on its own past only, so a chain's result does not
+depend on which other chains share its process. Sharding the global ids 0..n-1 over the ranks and
+passing them as ``chain_ids=`` therefore gives the SAME union of samples for any number of ranks
+(up to floating-point differences of batched model calls on different batch sizes: bit-for-bit for
+the element-wise parts, ~1e-7 relative at worst for batched matmuls).
+
+Results are gathered on rank 0 (``gather=True``: padded ``torch.distributed.gather``, then the rows
+are put back in global-id order) or written per rank (``out_dir``: ``rank{r}.pt`` with the shard's
+ids, samples and stats; :func:`load_shards` reassembles them). Stats are merged on rank 0 by
+:func:`merge_stats`: counts of work (evaluations, windows, steps, acceptance tables) are SUMMED over
+ranks; sequential quantities (``rounds``, ``target_calls``, ``draft_calls``, ``wall_time``) are the
+MAX over ranks, because ranks run in parallel (the sum of calls is reported separately as
+``total_target_calls``). Since a chain's rounds do not depend on its batch, the merged stats equal
+the single-process run's (except wall time).
+
+Launch (CPU: gloo; GPU: nccl, one GPU per rank)::
+
+    torchrun --nproc_per_node 4 -m specdiff_kernels.distributed --model gmm --dim 64 \\
+        --chains 4096 --steps 200 --window 8 --seed 0 --out samples.pt
+
+or call :func:`sample_distributed` from your own torchrun script after
+``torch.distributed.init_process_group``. Without an initialised process group it runs as a
+single process (world size 1).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .sampler import SamplerStats, SamplingResult
+
+__all__ = ["DistributedResult", "shard_chains", "merge_stats", "sample_distributed", "load_shards",
+           "main"]
+
+# SamplerStats fields merged by max (sequential / latency) rather than summed
+_MAX_FIELDS = {"rounds", "target_calls", "draft_calls", "wall_time"}
+_SAME_FIELDS = {"sampler", "num_steps", "window"}
+
+
+@dataclass
+class DistributedResult:
+    """Output of :func:`sample_distributed`.
+
+    * ``samples``: rank 0 with ``gather=True``: all ``[num_chains, *E]`` in global-id order; other
+      ranks (or ``gather=False``): this rank's shard.
+    * ``chain_ids``: the global ids of the rows of ``samples``.
+    * ``stats``: merged over ranks (rank 0, ``gather=True``), else this rank's.
+    * ``rank_stats``: every rank's stats (rank 0, ``gather=True``), else ``[stats]``.
+    * ``total_target_calls``: sum over ranks of the sequential target calls (rank 0).
+    """
+
+    samples: Tensor
+    chain_ids: list
+    stats: SamplerStats
+    rank: int
+    world_size: int
+    rank_stats: list
+    total_target_calls: int
+
+
+def shard_chains(num_chains: int, rank: int, world_size: int) -> range:
+    """Contiguous, balanced shard of the global chain ids 0..num_chains-1 for ``rank``."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside 0..{world_size - 1}")
+    start = rank * num_chains // world_size
+    stop = (rank + 1) * num_chains // world_size
+    return range(start, stop)
+
+
+def merge_stats(stats: Sequence[SamplerStats], chain_ids: Optional[Sequence[Sequence[int]]] = None
+                ) -> SamplerStats:
+    """Merge per-rank stats: work summed, sequential quantities maxed, ``chain_rounds`` put in
+    global-id order (``chain_ids[r]``: the global ids of rank r's chains; default: concatenated)."""
+    stats = [s for s in stats if s is not None]
+    if not stats:
+        raise ValueError("no stats to merge")
+    first = stats[0]
+    for s in stats[1:]:
+        for name in _SAME_FIELDS:
+            if getattr(s, name) != getattr(first, name):
+                raise ValueError(f"cannot merge stats with different {name}: "
+                                 f"{getattr(first, name)!r} vs {getattr(s, name)!r}")
+    kw = {}
+    for f in dataclasses.fields(SamplerStats):
+        name = f.name
+        vals = [getattr(s, name) for s in stats]
+        if name in _SAME_FIELDS:
+            kw[name] = vals[0]
+        elif name == "chain_rounds":
+            continue
+        elif name in _MAX_FIELDS:
+            kw[name] = max(vals)
+        elif isinstance(vals[0], list):
+            n = max(len(v) for v in vals)
+            kw[name] = [sum(v[i] for v in vals if i < len(v)) for i in range(n)]
+        else:
+            kw[name] = sum(vals)
+    if chain_ids is None:
+        kw["chain_rounds"] = [r for s in stats for r in s.chain_rounds]
+    else:
+        pairs = sorted((c, r) for ids, s in zip(chain_ids, stats) for c, r in zip(ids, s.chain_rounds))
+        kw["chain_rounds"] = [r for _, r in pairs]
+    return SamplerStats(**kw)
+
+
+def _base_sampler(sampler):
+    """The ``sample(num_chains, event_shape, *, generator, chain_ids, x_init, dtype, device)``
+    sampler behind ``sampler`` (Langevin wrappers hold one)."""
+    return getattr(sampler, "sampler", sampler)
+
+
+def _comm_device(group) -> torch.device:
+    backend = dist.get_backend(group)
+    if backend == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def sample_distributed(sampler, num_chains: int, event_shape, *, seed: int,
+                       dtype: torch.dtype = torch.float32, device=None, x_init: Optional[Tensor] = None,
+                       gather: bool = True, out_dir: Optional[str] = None, group=None
+                       ) -> DistributedResult:
+    """Sample ``num_chains`` chains sharded over the ranks of ``group`` (default: the world).
+
+    Args:
+        sampler: a :class:`~specdiff_kernels.sampler.SpeculativeSampler` /
+            :class:`~specdiff_kernels.sampler.AncestralSampler` (or a Langevin wrapper), the same
+            on every rank.
+        num_chains, event_shape: the GLOBAL number of chains and the state shape.
+        seed: one integer seed, the same on every rank; chain c's stream depends on (seed, c) only.
+        dtype, device: of this rank's states (e.g. ``cuda:LOCAL_RANK`` with nccl).
+        x_init: optional global initial states ``[num_chains, *E]`` (each rank takes its rows).
+        gather: gather samples and stats on rank 0 (collective: every rank must call).
+        out_dir: also write this rank's shard to ``out_dir/rank{r}.pt`` (see :func:`load_shards`).
+        group: process group (None: default group; no initialised group: single process).
+    """
+    distributed = dist.is_available() and dist.is_initialized()
+    rank = dist.get_rank(group) if distributed else 0
+    world = dist.get_world_size(group) if distributed else 1
+    ids = list(shard_chains(int(num_chains), rank, world))
+    if isinstance(event_shape, int):
+        event_shape = (event_shape,)
+    event_shape = tuple(int(s) for s in event_shape)
+    base = _base_sampler(sampler)
+    gen = torch.Generator().manual_seed(int(seed))
+    xi = None if x_init is None else torch.as_tensor(x_init)[ids[0]:ids[-1] + 1] if ids else None
+    if ids:
+        res: SamplingResult = base.sample(len(ids), event_shape, generator=gen, chain_ids=ids,
+                                          x_init=xi, dtype=dtype, device=device)
+        samples, stats = res.samples, res.stats
+    else:  # more ranks than chains
+        dev = torch.device("cpu") if device is None else torch.device(device)
+        samples = torch.zeros((0, *event_shape), dtype=dtype if xi is None else xi.dtype, device=dev)
+        stats = None
+    if out_dir is not None:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        torch.save({"chain_ids": ids, "samples": samples.cpu(), "stats": stats, "rank": rank,
+                    "world_size": world, "num_chains": int(num_chains)},
+                   Path(out_dir) / f"rank{rank}.pt")
+    if not distributed or not gather:
+        return DistributedResult(samples, ids, stats, rank, world, [stats],
+                                 stats.target_calls if stats is not None else 0)
+
+    # ---- gather on rank 0: padded tensors, then the objects (stats)
+    cdev = _comm_device(group)
+    per = max(len(shard_chains(int(num_chains), r, world)) for r in range(world))
+    buf = torch.zeros((per, *event_shape), dtype=samples.dtype, device=cdev)
+    buf[:len(ids)] = samples.to(cdev)
+    bufs = [torch.empty_like(buf) for _ in range(world)] if rank == 0 else None
+    dist.gather(buf, bufs, dst=_global_rank(0, group), group=group)
+    objs = [None] * world if rank == 0 else None
+    dist.gather_object(stats, objs, dst=_global_rank(0, group), group=group)
+    if rank != 0:
+        return DistributedResult(samples, ids, stats, rank, world, [stats],
+                                 stats.target_calls if stats is not None else 0)
+    shards = [list(shard_chains(int(num_chains), r, world)) for r in range(world)]
+    all_samples = torch.cat([b[:len(s)] for b, s in zip(bufs, shards)]).to(samples.device)
+    merged = merge_stats([o for o in objs if o is not None],
+                         [s for s, o in zip(shards, objs) if o is not None])
+    total_calls = sum(o.target_calls for o in objs if o is not None)
+    return DistributedResult(all_samples, list(range(int(num_chains))), merged, rank, world, objs,
+                             total_calls)
+
+
+def _global_rank(group_rank: int, group) -> int:
+    if group is None:
+        return group_rank
+    return dist.get_global_rank(group, group_rank)
+
+
+def load_shards(out_dir: str) -> tuple[Tensor, SamplerStats]:
+    """Reassemble the per-rank files of ``sample_distributed(..., out_dir=...)``: samples in
+    global-id order and merged stats."""
+    files = sorted(Path(out_dir).glob("rank*.pt"), key=lambda p: int(p.stem[4:]))
+    if not files:
+        raise FileNotFoundError(f"no rank*.pt files in {out_dir}")
+    parts = [torch.load(f, weights_only=False) for f in files]
+    world = parts[0]["world_size"]
+    if len(parts) != world:
+        raise ValueError(f"{out_dir} holds {len(parts)} shards for world size {world}")
+    pairs = sorted((c, p["samples"][i]) for p in parts for i, c in enumerate(p["chain_ids"]))
+    samples = torch.stack([s for _, s in pairs]) if pairs else torch.zeros(0)
+    with_stats = [p for p in parts if p["stats"] is not None]
+    return samples, merge_stats([p["stats"] for p in with_stats], [p["chain_ids"] for p in with_stats])
+
+
+# --------------------------------------------------------------------------- command line
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m specdiff_kernels.distributed",
+                                description="Sample many chains across torchrun processes (gloo on "
+                                            "CPU, nccl on GPU); the union is the same for any "
+                                            "number of ranks.")
+    p.add_argument("--model", default="gmm", choices=["gmm", "digits", "banana"],
+                   help="embedded diffusion model (gmm, digits) or 'banana' (speculative Langevin)")
+    p.add_argument("--dim", type=int, default=64, help="dimension (gmm, banana)")
+    p.add_argument("--chains", type=int, default=1024, help="total chains over all ranks")
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--window", default="8", help="window L, or 'adaptive'")
+    p.add_argument("--draft", default="frozen", choices=["frozen", "model"],
+                   help="frozen target (training-free) or the model's draft network")
+    p.add_argument("--sampler", default="speculative", choices=["speculative", "ancestral"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    p.add_argument("--step-size", type=float, default=0.05, help="banana: ULA step size")
+    p.add_argument("--backend", default=None, help="process-group backend (default: nccl with "
+                                                   "CUDA, else gloo)")
+    p.add_argument("--out", default=None, help="rank 0 saves {samples, chain_ids, stats} here")
+    p.add_argument("--per-rank-dir", default=None,
+                   help="each rank writes rank{r}.pt here instead of gathering")
+    return p
+
+
+def build_sampler(args, device):
+    from .drafts import DraftModelDraft, FrozenTargetDraft
+    from .sampler import AncestralSampler, SpeculativeSampler
+
+    window = args.window if args.window == "adaptive" else int(args.window)
+    if args.model == "banana":
+        from .langevin import LangevinSampler, SpeculativeLangevin, banana_energy, banana_grad
+        if args.sampler == "ancestral":
+            return LangevinSampler(banana_energy(), step_size=args.step_size, num_steps=args.steps), (args.dim,)
+        draft = "frozen" if args.draft == "frozen" else banana_grad(b=0.0)
+        return SpeculativeLangevin(banana_energy(), step_size=args.step_size, num_steps=args.steps,
+                                   window=window, draft=draft), (args.dim,)
+    from .models import load
+    kw = {"dim": args.dim} if args.model == "gmm" else {"device": device}
+    m = load(args.model, **kw)
+    target = m.target.to(device)
+    T = m.transitions(args.steps)
+    if args.sampler == "ancestral":
+        return AncestralSampler(target, T), m.event_shape
+    draft = FrozenTargetDraft("x0") if args.draft == "frozen" else DraftModelDraft(m.draft.to(device))
+    return SpeculativeSampler(target, T, draft, window), m.event_shape
+
+
+def main(argv: Optional[list] = None) -> int:
+    args = build_parser().parse_args(argv)
+    launched = "WORLD_SIZE" in os.environ and "RANK" in os.environ
+    own_group = False
+    if launched and not dist.is_initialized():
+        backend = args.backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend=backend)
+        own_group = True
+    try:
+        distributed = dist.is_initialized()
+        rank = dist.get_rank() if distributed else 0
+        world = dist.get_world_size() if distributed else 1
+        if distributed and dist.get_backend() == "nccl":
+            device = torch.device("cuda", torch.cuda.current_device())
+        else:
+            device = torch.device("cpu")
+        sampler, event_shape = build_sampler(args, device)
+        dtype = getattr(torch, args.dtype)
+        t0 = time.perf_counter()
+        res = sample_distributed(sampler, args.chains, event_shape, seed=args.seed, dtype=dtype,
+                                 device=device, gather=args.per_rank_dir is None,
+                                 out_dir=args.per_rank_dir)
+        wall = time.perf_counter() - t0
+        if rank == 0:
+            st = res.stats
+            if args.per_rank_dir is None and st is not None:
+                print(f"{args.model}: {args.chains} chains on {world} rank(s), {args.steps} steps, "
+                      f"window {args.window}, {args.sampler}: sequential target calls (max over "
+                      f"ranks) {st.target_calls}, summed {res.total_target_calls}; target evals "
+                      f"{st.target_evals}; acceptance {st.acceptance_rate:.3f}; wall {wall:.2f}s")
+            else:
+                print(f"rank 0 wrote its shard of {len(res.chain_ids)} chains to {args.per_rank_dir}")
+            if args.out is not None and args.per_rank_dir is None:
+                torch.save({"samples": res.samples.cpu(), "chain_ids": res.chain_ids, "stats": st,
+                            "world_size": world, "args": vars(args)}, args.out)
+        return 0
+    finally:
+        if own_group:
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
