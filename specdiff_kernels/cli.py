@@ -26,6 +26,18 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _window(value: str):
+    if value == "adaptive":
+        return value
+    try:
+        L = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"window must be a positive integer or 'adaptive', got {value!r}")
+    if L < 1:
+        raise argparse.ArgumentTypeError(f"window must be >= 1, got {L}")
+    return L
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     if args.model == "langevin":
         from .langevin import run_langevin_demo
@@ -40,11 +52,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="ancestral vs speculative sampling of an embedded model")
     demo.add_argument("--model", default="digits", choices=["digits", "gmm", "langevin"])
     demo.add_argument("--steps", type=int, default=200, help="sampling steps N")
-    demo.add_argument("--window", type=int, default=8, help="draft window L")
+    demo.add_argument("--window", type=_window, default=8,
+                      help="draft window L, or 'adaptive' (per-chain, from its own acceptance)")
     demo.add_argument("--draft", default="frozen-x0", choices=["frozen-x0", "frozen-eps", "model"])
-    demo.add_argument("--batch", type=int, default=192, help="chains per sampler")
+    demo.add_argument("--batch", type=int, default=None,
+                      help="chains per sampler (default: 192; langevin: 1000)")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--dim", type=int, default=64, help="dimension of the gmm model")
+    demo.add_argument("--dim", type=int, default=None,
+                      help="dimension of the gmm (default 64) or langevin banana (default 4) model")
+    demo.add_argument("--step-size", type=float, default=None, help="langevin step size g (default 0.05)")
     demo.add_argument("--backend", default=None, help="verify backend (default: by device)")
     demo.add_argument("--out", default="out", help="directory for the PNGs and JSON")
     demo.add_argument("--no-progress", action="store_true", help="no tqdm bars")

@@ -114,7 +114,9 @@ def save_acceptance_plot(path: Path, spec: SamplerStats, title: str) -> None:
 
 def run_demo(args) -> int:
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    model = models.load(args.model, **({"dim": args.dim} if args.model == "gmm" else {}))
+    if args.batch is None:
+        args.batch = 192
+    model = models.load(args.model, **({"dim": args.dim or 64} if args.model == "gmm" else {}))
     transitions = model.transitions(args.steps)
     draft = make_draft(args.draft, model)
     print(f"model: {model.name} ({model.description})")
