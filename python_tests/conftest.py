@@ -21,7 +21,12 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long-running statistical test")
 
 
-@pytest.fixture
-def gen():
-    """A fixed-seed CPU generator: tests are deterministic."""
-    return torch.Generator().manual_seed(1234)
+@pytest.fixture(scope="module")
+def single_thread():
+    """One intra-op thread for a module of tiny-tensor tests (statistical sampler tests): extra
+    threads only add synchronisation, which is very slow on a loaded 2-core machine."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+

@@ -32,12 +32,8 @@ ALPHA = 1e-3
 ABAR = alphas_cumprod_from_betas(make_betas("linear", 1000))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+# tiny tensors: intra-op threads only add synchronisation (see conftest.single_thread)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def gen(seed: int) -> torch.Generator:

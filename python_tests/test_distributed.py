@@ -29,12 +29,8 @@ from specdiff_kernels.sampler import AncestralSampler, SpeculativeSampler
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+# tiny tensors: intra-op threads only add synchronisation (see conftest.single_thread)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def assert_stats_equal(a, b, skip=("wall_time",)):

@@ -19,12 +19,8 @@ D = 6
 STEPS = 30
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+# tiny tensors: intra-op threads only add synchronisation (see conftest.single_thread)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def gen(seed):
