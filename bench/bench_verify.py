@@ -77,6 +77,7 @@ def bench_size(B: int, L: int, D: int, read_bw: float, dtype=torch.float32, comp
 
 def to_markdown(meta: dict, rows: list[dict]) -> str:
     lines = [f"# speculative_verify on CPU ({meta['cpu']}, {meta['threads']} threads)", "",
+             f"Load average when the run started: {', '.join(f'{v:.2f}' for v in meta['load_average_at_start'])}.", "",
              f"torch {meta['torch']}; measured read bandwidth (x.sum over 512 MiB fp32): "
              f"{meta['read_bw_GBps']:.1f} GB/s. Command: `{meta['command']}`", "",
              "| B | L | D | dtype | C++ ms | C++ GB/s | % read BW | eager ms | compiled ms | "
@@ -108,10 +109,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="headline size only")
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile(reference)")
-    ap.add_argument("--out", default=str(RESULTS / "verify_cpu"), help="output path stem")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="intra-op threads")
+    ap.add_argument("--out", default=None, help="output path stem (default: bench/results/verify_cpu_<threads>t)")
     args = ap.parse_args(argv)
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.threads)
     read_bw = read_bandwidth()
     compiled = None if args.no_compile else torch.compile(reference.speculative_verify, dynamic=False)
     sizes = [(64, 8, 3072)]
@@ -131,9 +133,10 @@ def main(argv=None) -> int:
                  f"(x{row['speedup_vs_compiled']:.2f})" if compiled else ""), flush=True)
     meta = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
             "read_bw_GBps": read_bw / 1e9, "build_info": sk.ops._C.build_info() if sk.ops.HAS_CPP else None,
-            "command": "python bench/bench_verify.py" + (" --quick" if args.quick else ""),
+            "command": "python bench/bench_verify.py " + " ".join(sys.argv[1:] if argv is None else argv),
+            "load_average_at_start": os.getloadavg(),
             "date": time.strftime("%Y-%m-%d")}
-    out = Path(args.out)
+    out = Path(args.out) if args.out else RESULTS / f"verify_cpu_{args.threads}t"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     out.with_suffix(".md").write_text(to_markdown(meta, rows))

@@ -22,20 +22,40 @@ template <typename T> struct AccType { using type = float; };
 template <> struct AccType<double> { using type = double; };
 
 // <d, r> and ||d||^2 over one contiguous block, d = mp - mq, r = y - mq.
+// kLanes independent partial sums per quantity: a single vector accumulator would make the loop
+// wait on the FMA latency at every step; with several the loop streams at load bandwidth. The
+// lanes are combined in a fixed order, so the result is still deterministic.
+constexpr int64_t kLanes = 32;
+
 template <typename scalar_t, typename acc_t>
 inline void block_sums(const scalar_t* __restrict__ y, const scalar_t* __restrict__ mq,
                        const scalar_t* __restrict__ mp, int64_t n, double& a_out, double& b_out) {
-  acc_t a = 0, b = 0;
-#pragma omp simd reduction(+ : a, b)
-  for (int64_t i = 0; i < n; ++i) {
+  acc_t av[kLanes] = {}, bv[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+#pragma omp simd
+    for (int64_t l = 0; l < kLanes; ++l) {
+      const acc_t q = static_cast<acc_t>(mq[i + l]);
+      const acc_t d = static_cast<acc_t>(mp[i + l]) - q;
+      const acc_t r = static_cast<acc_t>(y[i + l]) - q;
+      av[l] += d * r;
+      bv[l] += d * d;
+    }
+  }
+  for (int64_t l = 0; i < n; ++i, ++l) {
     const acc_t q = static_cast<acc_t>(mq[i]);
     const acc_t d = static_cast<acc_t>(mp[i]) - q;
     const acc_t r = static_cast<acc_t>(y[i]) - q;
-    a += d * r;
-    b += d * d;
+    av[l] += d * r;
+    bv[l] += d * d;
   }
-  a_out = static_cast<double>(a);
-  b_out = static_cast<double>(b);
+  double a = 0.0, b = 0.0;
+  for (int64_t l = 0; l < kLanes; ++l) {
+    a += static_cast<double>(av[l]);
+    b += static_cast<double>(bv[l]);
+  }
+  a_out = a;
+  b_out = b;
 }
 
 // out = y + coef * (mp - mq) over one block; coef = 1 - 2a/b (the reflection), computed in acc_t.
