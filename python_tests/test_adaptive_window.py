@@ -41,24 +41,7 @@ def gen(seed: int) -> torch.Generator:
 
 
 # ===================================================================== wrong verifiers (power)
-def verify_always_accept(draft_states, draft_means, target_means, sigma, uniforms, num_steps=None, *,
-                         backend=None):
-    B, L = draft_states.shape[:2]
-    n = torch.full((B,), L, dtype=torch.int64) if num_steps is None else num_steps.to(torch.int64)
-    lr = specdiff_kernels.gaussian_log_ratio(draft_states, draft_means, target_means, sigma)
-    return VerifyResult(n, draft_states[torch.arange(B), n - 1], lr)
-
-
-def verify_keep_draft_on_reject(draft_states, draft_means, target_means, sigma, uniforms,
-                                num_steps=None, *, backend=None):
-    res = specdiff_kernels.speculative_verify(draft_states, draft_means, target_means, sigma,
-                                              uniforms, num_steps, backend=backend)
-    B, L = draft_states.shape[:2]
-    j = res.num_accepted.clamp(max=L - 1)
-    return VerifyResult(res.num_accepted, draft_states[torch.arange(B), j], res.log_ratio)
-
-
-WRONG = {"always_accept": verify_always_accept, "keep_draft": verify_keep_draft_on_reject}
+from wrong_verifiers import WRONG  # noqa: E402
 
 
 # ===================================================================== the rule
