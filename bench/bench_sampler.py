@@ -20,7 +20,7 @@ chain over the same N steps (SPEC §4: all three costs, never only the flatterin
   mixture; digits: the data set, and the digit classifier's confidence).
 
 Models: ``gmm<D>`` (analytic 8-component mixture, exact denoiser; draft model: moment-matched
-Gaussian denoiser) and ``digits`` (embedded DDPM + independently trained smaller draft).
+Gaussian denoiser; ``gmm<D>k<K>`` for K components) and ``digits`` (embedded DDPM + independently trained smaller draft).
 Drafts: ``x0+pf`` / ``eps+pf`` (frozen target x0-hat / eps-hat, prefetched root: one sequential
 call per round), ``x0`` / ``eps`` (frozen, no prefetch: two calls per round), ``model`` (the
 independent draft network; its n sequential calls per window are reported separately).
@@ -31,6 +31,9 @@ Usage:
     .venv/bin/python bench/bench_sampler.py --models gmm784 --steps 1000   # one piece of it
     .venv/bin/python bench/bench_sampler.py --only quality     # quality records only
     .venv/bin/python bench/bench_sampler.py --report-only      # rebuild json/md/png
+    # the former bench/gmm_ratios.py (cost ratios only, GMM, frozen x0 + prefetch), into /tmp:
+    .venv/bin/python bench/bench_sampler.py --models gmm2 gmm64 gmm784 --steps 200 \
+        --windows 4 8 16 --drafts x0+pf --only cost --batch 32 --reps 1 --big-reps 1 --out /tmp/r
 Each finished (model, N) group and quality cell is appended to
 ``bench/results/sampler_<mode>_cells.jsonl``; a rerun skips what is there (``--fresh`` to redo).
 The report (``sampler_<mode>.json``, ``.md``, ``_*.png``) is rebuilt from all records.
@@ -67,7 +70,7 @@ DRAFT_LABEL = {"x0+pf": "frozen x0, prefetched root", "eps+pf": "frozen eps, pre
 
 MODES = {
     "quick": dict(models=["gmm64", "gmm784", "digits"], steps=[200], windows=[4, 8, 16],
-                  drafts=["x0+pf", "x0", "model"], reps=3, big_reps=2, rep_budget=20, batch=64,
+                  drafts=["x0+pf", "eps+pf", "x0", "model"], reps=3, big_reps=2, rep_budget=20, batch=64,
                   q_n=256, q_steps=[200], q_drafts=["x0+pf"]),
     "full": dict(models=["gmm2", "gmm64", "gmm784", "gmm3072", "digits"], steps=[50, 100, 200, 1000],
                  windows=[2, 4, 8, 16, 32], drafts=list(DRAFT_NAMES), reps=3, big_reps=3,
@@ -92,8 +95,9 @@ _MODEL_CACHE: dict = {}
 
 def load_model(key: str):
     if key not in _MODEL_CACHE:
-        if key.startswith("gmm"):
-            _MODEL_CACHE[key] = models.load("gmm", dim=int(key[3:]))
+        if key.startswith("gmm"):  # gmm<D> or gmm<D>k<K> (K mixture components, default 8)
+            dim, _, comp = key[3:].partition("k")
+            _MODEL_CACHE[key] = models.load("gmm", dim=int(dim), components=int(comp or 8))
         elif key == "digits":
             _MODEL_CACHE[key] = models.load("digits")
         else:
@@ -187,16 +191,16 @@ def stats_record(st, N, B) -> dict:
         "mean_committed_per_round": st.steps_per_window, "acceptance_rate": st.acceptance_rate,
         "acceptance_by_position": st.acceptance_by_position,
         "accepted_length_hist": st.accepted_length_hist,
-        "acceptance_by_step": st.acceptance_by_step,
+        "acceptance_by_step": [round(a, 3) for a in st.acceptance_by_step],
         "direct_steps": st.direct_steps, "deterministic_steps": st.deterministic_steps,
         "speculative_steps": st.speculative_steps,
     }
 
 
 def clean(v):
-    """NaN -> None, recursively (strict JSON)."""
-    if isinstance(v, float) and math.isnan(v):
-        return None
+    """NaN -> None (strict JSON), floats to 6 significant digits, recursively."""
+    if isinstance(v, float):
+        return None if math.isnan(v) else float(f"{v:.6g}")
     if isinstance(v, dict):
         return {k: clean(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
@@ -393,7 +397,10 @@ def best_cell(cost, model, N, draft, key="seq_ratio_chain"):
 
 
 def model_order(k):
-    return (1, 0) if k == "digits" else (0, int(k[3:]))
+    if k == "digits":
+        return (1, 0, 0)
+    dim, _, comp = k[3:].partition("k")
+    return (0, int(dim), int(comp or 8))
 
 
 def targets(cost, quality) -> list[tuple[str, str, str]]:
@@ -425,6 +432,19 @@ def targets(cost, quality) -> list[tuple[str, str, str]]:
                      f"{m - len(bad)}/{m} cells pass; min p = {min(ps):.3g}; "
                      f"{sum(p < 0.01 for p in ps)} cell(s) below 0.01 (about {0.01 * m:.2f} expected "
                      f"by chance)", "met" if not bad else "MISSED"))
+
+        def few_p(q):
+            f = q[f"ancestral_{q['M_fewer_steps']}_steps"]
+            k = "spread" if q["model"].startswith("gmm") else "confidence"
+            return min(f["pvalue_vs_ref"], f[f"{k}_ks_pvalue_vs_ref"])
+
+        det = [q for q in quality if few_p(q) < 0.01]
+        miss = ", ".join(sorted({f"{q['model']} N={q['N']} (M={q['M_fewer_steps']}, p={few_p(q):.2g})"
+                                 for q in quality if few_p(q) >= 0.01}))
+        rows.append(("(contrast) ancestral with M = the speculative sequential-call budget is detected "
+                     "as a different law (two-sample or spread/confidence KS p < 0.01)",
+                     f"{len(det)}/{m} cells" + (f"; not detected: {miss}" if miss else ""),
+                     "info"))
     return rows
 
 
@@ -432,8 +452,16 @@ def write_report(mode, cost, quality, meta, out: Path) -> None:
     cost = sorted(cost, key=lambda c: (model_order(c["model"]), c["N"], c["L"], DRAFT_NAMES.index(c["draft"])))
     quality = sorted(quality, key=lambda q: (model_order(q["model"]), q["N"], q["draft"]))
     stem = f"sampler_{mode}"
-    (out / f"{stem}.json").write_text(json.dumps(
-        {"meta": meta, "targets": targets(cost, quality), "cost": cost, "quality": quality}, indent=1))
+    head = json.dumps({"meta": meta, "targets": targets(cost, quality)}, indent=1)[:-2]
+    def slim(r):
+        r = dict(r)
+        if "acceptance_by_step" in r:
+            r["acceptance_by_step"] = [None if a is None else round(a, 3) for a in r["acceptance_by_step"]]
+        return clean(r)
+
+    body = ",\n".join(f' "{k}": [\n' + ",\n".join("  " + json.dumps(slim(r)) for r in recs) + "\n ]"
+                      for k, recs in (("cost", cost), ("quality", quality)))
+    (out / f"{stem}.json").write_text(head + ",\n" + body + "\n}\n")  # one record per line
     pngs = make_plots(stem, cost, out)
     L = []
     L.append(f"# Speculative vs ancestral sampling, end to end ({mode} mode)\n")
@@ -458,7 +486,7 @@ def write_report(mode, cost, quality, meta, out: Path) -> None:
              "of the whole ragged batch / N; **evals** = total target evaluations / (B N) "
              "(compute); **acc/round** = mean accepted draft steps per round, **commit/round** = "
              "committed steps per round (accepted + the reflected one); **acc pos** = acceptance at "
-             "window positions 0, L/2, L-1; **wall B=1**, **wall B=64** = wall-clock / ancestral "
+             f"window positions 0, L/2, L-1; **wall B=1**, **wall B={meta['batch']}** = wall-clock / ancestral "
              "(median over interleaved reps); **net%** = share of the speculative wall time spent "
              "inside target+draft network calls at B=1 (the rest is sampler overhead). Draft "
              "`model`: **drafts** = sequential draft-network calls / N (not in seq/chain).\n")
@@ -512,12 +540,12 @@ def _row(c):
 
 
 HEAD = ("| model | N | L | draft | seq/chain | seq/batch | evals | drafts | rounds | acc/round | "
-        "commit/round | acc pos 0/mid/last | wall B=1 | wall B=64 | net% |\n"
+        "commit/round | acc pos 0/mid/last | wall B=1 | wall B={B} | net% |\n"
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def headline_table(cost, N):
-    rows = [HEAD]
+    rows = [HEAD.format(B=cost[0]["batch"])]
     for mk in sorted({c["model"] for c in cost}, key=model_order):
         for d in DRAFT_NAMES:
             b = best_cell(cost, mk, N, d)
@@ -527,7 +555,7 @@ def headline_table(cost, N):
 
 
 def full_table(cost):
-    return "\n".join([HEAD] + [_row(c) for c in cost]) + "\n"
+    return "\n".join([HEAD.format(B=cost[0]["batch"])] + [_row(c) for c in cost]) + "\n"
 
 
 def quality_table(quality):
@@ -606,7 +634,7 @@ def make_plots(stem, cost, out: Path) -> list[str]:
             if not cs:
                 continue
             Ls = [c["L"] for c in cs]
-            lab = mk if mk == "digits" else f"GMM D={mk[3:]}"
+            lab = mk if mk == "digits" else f"GMM D={mk[3:]}".replace("k", ", K=")
             axes[0, j].plot(Ls, [c["seq_ratio_chain"] for c in cs], "o-", label=lab)
             axes[1, j].plot(Ls, [c["evals_ratio"] for c in cs], "o-", label=lab)
         axes[0, j].set_title(DRAFT_LABEL[d], fontsize=9)
@@ -668,13 +696,13 @@ def make_plots(stem, cost, out: Path) -> list[str]:
     # 4. wall-clock ratio vs L at B=1 and B=batch
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), squeeze=False)
     for ax, tag, b in zip(axes[0], ("b1", "bB"), ("1", str(cost[0]["batch"]))):
-        for mk in mks:
+        for i, mk in enumerate(mks):
             for d, ls in (("x0+pf", "o-"), ("model", "s--")):
                 cs = sorted([c for c in cost if c["model"] == mk and c["N"] == N0 and c["draft"] == d],
                             key=lambda c: c["L"])
                 if cs:
                     ax.plot([c["L"] for c in cs], [c[f"wall_ratio_{tag}"] for c in cs], ls, ms=4,
-                            label=f"{mk} {d}")
+                            color=f"C{i}", label=f"{mk} {d}")
         ax.axhline(1.0, color="gray", ls=":", lw=1)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
@@ -728,6 +756,7 @@ def main() -> int:
     ap.add_argument("--quality-n", type=int, help="samples per set in the quality cells")
     ap.add_argument("--rep-budget", type=float, help="skip further timing reps of a group/batch "
                     "size once one took longer than this many seconds")
+    ap.add_argument("--batch", type=int, help="chains of the cost-statistics / big-batch timing run (64)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--fresh", action="store_true", help="discard stored records of this mode")
     ap.add_argument("--report-only", action="store_true")
@@ -748,6 +777,8 @@ def main() -> int:
         cfg["q_n"] = args.quality_n
     if args.rep_budget:
         cfg["rep_budget"] = args.rep_budget
+    if args.batch:
+        cfg["batch"] = args.batch
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -818,7 +849,9 @@ def main() -> int:
         log("no cost records; nothing to report")
         return 1
     allload = [x for r in cost for x in r.get("loadavg", [])] + loads
-    meta = {"mode": mode, "command": "python bench/bench_sampler.py" + (" --quick" if args.quick else ""),
+    cmd = ("python bench/bench_sampler.py --quick" if args.quick else
+           "python bench/bench_sampler.py (resumable; may be run in pieces with --models / --steps)")
+    meta = {"mode": mode, "command": cmd,
             "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
             "torch": torch.__version__, "threads": args.threads, "batch": cfg["batch"],
             "load": f"{min(allload):.1f}-{max(allload):.1f}",
