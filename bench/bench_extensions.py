@@ -5,7 +5,7 @@
    gradient calls (batch and per chain), gradient evaluations, wall time, acceptance, and a
    two-sample p-value against an independent plain-ULA run (exactness check, not a speed claim).
 2. Adaptive window vs the best fixed window on the analytic GMM (DDPM, linear betas, N = 200
-   steps, frozen-x0 draft with prefetched root, as bench/gmm_ratios.py), D in {2, 64, 784}. For
+   steps, frozen-x0 draft with prefetched root, as bench/bench_sampler.py), D in {2, 64, 784}. For
    each evaluation cap c, "best fixed L" is the fixed window (grid below) with the fewest sequential
    calls among those whose MEASURED evaluations / ancestral evaluations <= c; the adaptive window
    (defaults, max_window = 32, max_evals_ratio = c) is compared with it, and with the best fixed L
