@@ -111,54 +111,38 @@ triton_first_rejection = _define("specdiff::triton_first_rejection",
                                  _first_rejection_impl, _first_rejection_fake)
 
 
-# ---------------------------------------------------------------- CUDA kernels of specdiff::*
-def _cuda_speculative_verify(draft_states, draft_means, target_means, sigma, uniforms,
+# ---------------------------------------------------------------- forwarding to the Triton ops
+# (the CUDA kernels of specdiff::* and the "triton" backend entry)
+def _fwd_speculative_verify(draft_states, draft_means, target_means, sigma, uniforms,
                              num_steps=None):
     return torch.ops.specdiff.triton_speculative_verify(draft_states, draft_means, target_means,
                                                         sigma, uniforms, num_steps)
 
 
-def _cuda_gaussian_log_ratio(draft_states, draft_means, target_means, sigma):
+def _fwd_gaussian_log_ratio(draft_states, draft_means, target_means, sigma):
     return torch.ops.specdiff.triton_gaussian_log_ratio(draft_states, draft_means, target_means,
                                                         sigma)
 
 
-def _cuda_reflect_resample(draft_state, draft_mean, target_mean):
+def _fwd_reflect_resample(draft_state, draft_mean, target_mean):
     return torch.ops.specdiff.triton_reflect_resample(draft_state, draft_mean, target_mean)
 
 
-def _cuda_first_rejection(log_ratio, uniforms, num_steps=None):
+def _fwd_first_rejection(log_ratio, uniforms, num_steps=None):
     return torch.ops.specdiff.triton_first_rejection(log_ratio, uniforms, num_steps)
 
 
 _CUDA_LIB: Optional[torch.library.Library] = None
 if ops.HAS_CPP:  # the schemas come from the C++ extension (csrc/registration.cpp)
     _CUDA_LIB = torch.library.Library("specdiff", "IMPL")
-    for _name, _fn in (("speculative_verify", _cuda_speculative_verify),
-                       ("gaussian_log_ratio", _cuda_gaussian_log_ratio),
-                       ("reflect_resample", _cuda_reflect_resample),
-                       ("first_rejection", _cuda_first_rejection)):
+    for _name, _fn in (("speculative_verify", _fwd_speculative_verify),
+                       ("gaussian_log_ratio", _fwd_gaussian_log_ratio),
+                       ("reflect_resample", _fwd_reflect_resample),
+                       ("first_rejection", _fwd_first_rejection)):
         torch.library.register_kernel(f"specdiff::{_name}", "cuda", _fn, lib=_CUDA_LIB)
 
 
 # ---------------------------------------------------------------- backend "triton"
-def _backend_verify(draft_states, draft_means, target_means, sigma, uniforms, num_steps=None):
-    return torch.ops.specdiff.triton_speculative_verify(draft_states, draft_means, target_means,
-                                                        sigma, uniforms, num_steps)
-
-
-def _backend_log_ratio(draft_states, draft_means, target_means, sigma):
-    return torch.ops.specdiff.triton_gaussian_log_ratio(draft_states, draft_means, target_means,
-                                                        sigma)
-
-
-def _backend_reflect(draft_state, draft_mean, target_mean):
-    return torch.ops.specdiff.triton_reflect_resample(draft_state, draft_mean, target_mean)
-
-
-def _backend_first_rejection(log_ratio, uniforms, num_steps=None):
-    return torch.ops.specdiff.triton_first_rejection(log_ratio, uniforms, num_steps)
-
-
-ops.register_backend(ops.Backend("triton", _backend_log_ratio, _backend_first_rejection,
-                                 _backend_reflect, _backend_verify, devices=DEVICES))
+# The same forwarding functions serve the backend entry (any device the kernels run on).
+ops.register_backend(ops.Backend("triton", _fwd_gaussian_log_ratio, _fwd_first_rejection,
+                                 _fwd_reflect_resample, _fwd_speculative_verify, devices=DEVICES))
