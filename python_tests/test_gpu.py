@@ -32,8 +32,9 @@ import specdiff_kernels as sk  # noqa: E402
 from specdiff_kernels import ops, reference  # noqa: E402
 from specdiff_kernels import triton_backend  # noqa: E402,F401  (registers the ops)
 
-from verify_cases import (assert_decisions_match, assert_state_close, log_ratio_tolerance,  # noqa: E402
-                          make_window, reference64, stable_seed)
+from verify_cases import (assert_decisions_match, assert_state_close,  # noqa: E402
+                          assert_verify_matches_reference, log_ratio_tolerance, make_window,
+                          stable_seed)
 
 pytestmark = pytest.mark.gpu
 DEV = torch.device("cuda")
@@ -52,24 +53,7 @@ def _window(B, L, E, dtype, key, with_n=False):
 
 
 def _check(got, y, mq, mp, sigma, u, n, dtype):
-    y, mq, mp, sigma, u = (t.cpu() for t in (y, mq, mp, sigma, u))
-    n = None if n is None else n.cpu()
-    nacc, state, lr = (t.cpu() for t in got)
-    B, L = y.shape[:2]
-    assert nacc.dtype == torch.int64 and state.dtype == dtype and lr.dtype == torch.float32
-    assert state.shape == (B, *y.shape[2:]) and lr.shape == (B, L)
-    ref = reference64(y, mq, mp, sigma, u, n)
-    lr64 = reference._log_ratio_acc(y.double(), mq.double(), mp.double(), sigma.double())
-    tol = log_ratio_tolerance(y, mq, mp, sigma, dtype)
-    assert bool(((lr.double() - lr64).abs() <= tol + 1.2e-7 * lr64.abs()).all())
-    assert_decisions_match(nacc, ref.num_accepted, lr64, u, tol)
-    same = nacc == ref.num_accepted
-    nn = torch.full((B,), L) if n is None else n.to(torch.int64)
-    j = torch.where(ref.num_accepted < nn, ref.num_accepted, nn - 1)
-    y_dec = y[torch.arange(B), j]
-    assert_state_close(state[same], ref.next_state[same], y_dec[same], dtype)
-    all_acc = same & (ref.num_accepted == nn)
-    assert torch.equal(state[all_acc], y_dec[all_acc])
+    assert_verify_matches_reference(got, y, mq, mp, sigma, u, n, dtype)
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)

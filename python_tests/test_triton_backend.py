@@ -26,8 +26,9 @@ triton = pytest.importorskip("triton")
 import specdiff_kernels as sk  # noqa: E402
 from specdiff_kernels import ops, reference  # noqa: E402
 
-from verify_cases import (assert_decisions_match, assert_state_close, log_ratio_tolerance,  # noqa: E402
-                          make_window, reference64, stable_seed)
+from verify_cases import (assert_decisions_match, assert_state_close,  # noqa: E402
+                          assert_verify_matches_reference, log_ratio_tolerance, make_window,
+                          reference64, stable_seed)
 
 tb = pytest.importorskip("specdiff_kernels.triton_backend")
 from specdiff_kernels import triton_kernels as tk  # noqa: E402
@@ -57,29 +58,7 @@ def _window(B, L, E, dtype, seed_key, sigma_form="full"):
 
 def _check_verify(got, y, mq, mp, sigma, u, n, dtype):
     """Compare a fused-verify result with the float64 reference on the same rounded inputs."""
-    cpu = [t.cpu() for t in (y, mq, mp, sigma, u)]
-    y, mq, mp, sigma, u = cpu
-    n = None if n is None else n.cpu()
-    nacc, state, lr = (t.cpu() for t in got)
-    B, L = y.shape[:2]
-    assert nacc.dtype == torch.int64 and nacc.shape == (B,)
-    assert state.dtype == dtype and state.shape == (B, *y.shape[2:])
-    assert lr.dtype == torch.float32 and lr.shape == (B, L)
-    ref = reference64(y, mq, mp, sigma, u, n)
-    lr64 = reference._log_ratio_acc(y.double(), mq.double(), mp.double(), sigma.double())
-    tol = log_ratio_tolerance(y, mq, mp, sigma, dtype)
-    lr_err = (lr.double() - lr64).abs()
-    assert bool((lr_err <= tol + 1.2e-7 * lr64.abs()).all()), \
-        f"log ratio relative error too large: {float((lr_err / (lr64.abs() + 1e-30)).max()):.3g}"
-    assert_decisions_match(nacc, ref.num_accepted, lr64, u, tol)
-    same = nacc == ref.num_accepted
-    nn = torch.full((B,), L) if n is None else n.to(torch.int64)
-    j = torch.where(ref.num_accepted < nn, ref.num_accepted, nn - 1)
-    y_dec = y[torch.arange(B), j]
-    assert_state_close(state[same], ref.next_state[same], y_dec[same], dtype)
-    all_acc = same & (ref.num_accepted == nn)
-    assert torch.equal(state[all_acc], y_dec[all_acc]), "all accepted: y_n bit-for-bit"
-    return ref
+    return assert_verify_matches_reference(got, y, mq, mp, sigma, u, n, dtype)
 
 
 # ---------------------------------------------------------------- both strategies, forced

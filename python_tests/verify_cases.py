@@ -82,3 +82,32 @@ def assert_state_close(got, ref64, y_decisive, dtype):
         f"next_state differs from the float64 reference at {int(bad.sum())} elements; worst "
         f"error {float(err.max()):.3g}, worst relative error "
         f"{float((err / (ref64.abs() + 1e-30)).max()):.3g}")
+
+
+def assert_verify_matches_reference(got, y, mq, mp, sigma, u, num_steps, dtype):
+    """A fused-verify result (any device) against the float64 reference on the same rounded
+    inputs: output dtypes and shapes, log ratios within accumulation tolerance, accept decisions
+    (up to threshold ties), the next state, and y_n bit-for-bit for fully accepted chains.
+    Returns the reference result."""
+    y, mq, mp, sigma, u = (t.cpu() for t in (y, mq, mp, sigma, u))
+    n = None if num_steps is None else num_steps.cpu()
+    nacc, state, lr = (t.cpu() for t in got)
+    B, L = y.shape[:2]
+    assert nacc.dtype == torch.int64 and nacc.shape == (B,)
+    assert state.dtype == dtype and state.shape == (B, *y.shape[2:])
+    assert lr.dtype == torch.float32 and lr.shape == (B, L)
+    ref = reference64(y, mq, mp, sigma, u, n)
+    lr64 = reference._log_ratio_acc(y.double(), mq.double(), mp.double(), sigma.double())
+    tol = log_ratio_tolerance(y, mq, mp, sigma, dtype)
+    lr_err = (lr.double() - lr64).abs()
+    assert bool((lr_err <= tol + torch.finfo(torch.float32).eps * lr64.abs()).all()), \
+        f"log ratio relative error too large: {float((lr_err / (lr64.abs() + 1e-30)).max()):.3g}"
+    assert_decisions_match(nacc, ref.num_accepted, lr64, u, tol)
+    same = nacc == ref.num_accepted
+    nn = torch.full((B,), L) if n is None else n.to(torch.int64)
+    j = torch.where(ref.num_accepted < nn, ref.num_accepted, nn - 1)
+    y_dec = y[torch.arange(B), j]
+    assert_state_close(state[same], ref.next_state[same], y_dec[same], dtype)
+    all_acc = same & (ref.num_accepted == nn)
+    assert torch.equal(state[all_acc], y_dec[all_acc]), "all accepted: y_n bit-for-bit"
+    return ref
