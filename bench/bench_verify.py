@@ -10,7 +10,6 @@ read bandwidth, measured in the same run with a large ``x.sum()``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -23,6 +22,7 @@ import torch.utils.benchmark as tbench
 
 import specdiff_kernels as sk
 from specdiff_kernels import reference
+from bench_results import write_results
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -137,10 +137,7 @@ def main(argv=None) -> int:
             "load_average_at_start": os.getloadavg(),
             "date": time.strftime("%Y-%m-%d")}
     out = Path(args.out) if args.out else RESULTS / f"verify_cpu_{args.threads}t"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    out.with_suffix(".md").write_text(to_markdown(meta, rows))
-    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
+    write_results(out, meta, rows, to_markdown)
     return 0
 
 

@@ -20,7 +20,6 @@ specdiff_kernels/triton_kernels.py can be re-tuned from the per-strategy timings
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import re
@@ -37,6 +36,7 @@ import torch  # noqa: E402
 
 import specdiff_kernels as sk  # noqa: E402
 from specdiff_kernels import reference  # noqa: E402
+from bench_results import write_results  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SWEEP_B = (1, 8, 64, 256)
@@ -223,10 +223,7 @@ def main(argv=None) -> int:
     out = Path(args.out) if args.out else RESULTS / f"verify_cuda_{card_slug(name)}"
     if args.dtype != "float32" and not args.out:
         out = out.with_name(out.name + f"_{args.dtype}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    out.with_suffix(".md").write_text(to_markdown(meta, rows))
-    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
+    write_results(out, meta, rows, to_markdown)
     return 0
 
 
