@@ -105,8 +105,8 @@ def bench_size(B, L, D, dtype, device, copy_bw, compiled) -> dict:
     row = {"B": B, "L": L, "D": D, "dtype": str(dtype).replace("torch.", ""), "bytes_read": nbytes,
            "auto_strategy": tk.choose_strategy(B, L, D, tk.num_sms(device))}
     op = torch.ops.specdiff.triton_speculative_verify.default
+    # "auto" launches exactly the kernels of the strategy it picks: its time is that strategy's.
     impls = {
-        "triton": lambda: op(*args, None, "auto"),
         "triton_per_chain": lambda: op(*args, None, "per_chain"),
         "triton_split": lambda: op(*args, None, "split"),
     }
@@ -121,6 +121,21 @@ def bench_size(B, L, D, dtype, device, copy_bw, compiled) -> dict:
         t = bench(fn, device)
         gbps = nbytes / (t["ms"] * 1e-3) / 1e9
         row[name] = {**t, "GBps": gbps, "frac_copy_bw": gbps * 1e9 / copy_bw}
+    row["triton"] = dict(row[f"triton_{row['auto_strategy']}"])
+    if device.type == "cuda":
+        # Kernel time without the Python launch path (triton_op dispatch, autotuner lookup): the
+        # op replayed from a CUDA graph. What a sampler that captures its verify step would see.
+        import triton.testing
+        row["triton_cudagraph_ms"] = triton.testing.do_bench_cudagraph(
+            lambda: op(*args, None, "auto"), rep=20)
+        # Host time per call, back to back without synchronising: the launch path's own cost.
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(50):
+            op(*args, None, "auto")
+        host = (time.perf_counter() - t0) / 50
+        torch.cuda.synchronize()
+        row["triton_host_us_per_call"] = host * 1e6
     for ref_name in ("eager_reference", "compiled_reference"):
         if ref_name in row:
             row[f"speedup_vs_{ref_name.split('_')[0]}"] = row[ref_name]["ms"] / row["triton"]["ms"]
@@ -150,15 +165,24 @@ def to_markdown(meta: dict, rows: list[dict]) -> str:
     if meta.get("dry_run"):
         lines += ["**Dry run on CPU through the Triton interpreter: the numbers are meaningless; "
                   "it only checks the script.**", ""]
+    if meta.get("sizes_done", 0) < meta.get("sizes_planned", 0):
+        lines += [f"Partial run: {meta['sizes_done']} of {meta['sizes_planned']} sizes "
+                  "(time budget).", ""]
+    lines += ["Triton = the automatic strategy (its time is that strategy's column). graph µs: the "
+              "op replayed from a CUDA graph (`do_bench_cudagraph`, no Python launch path); host "
+              "µs: Python time per call, back to back.", ""]
     lines += ["| B | L | D | auto | Triton ms | GB/s | % copy BW | per_chain ms | split ms | "
-              "eager ms | compiled ms | × eager | × compiled |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "graph µs | host µs | eager ms | compiled ms | × eager | × compiled |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
             f"| {r['B']} | {r['L']} | {r['D']} | {r['auto_strategy']} | {_cell(r, 'triton')} | "
             f"{_cell(r, 'triton', 'GBps', '{:.0f}')} | "
             f"{100 * r['triton']['frac_copy_bw']:.0f}% | {_cell(r, 'triton_per_chain')} | "
-            f"{_cell(r, 'triton_split')} | {_cell(r, 'eager_reference')} | "
+            f"{_cell(r, 'triton_split')} | "
+            + (f"{1e3 * r['triton_cudagraph_ms']:.1f} | {r['triton_host_us_per_call']:.0f} | "
+               if "triton_cudagraph_ms" in r else "- | - | ")
+            + f"{_cell(r, 'eager_reference')} | "
             f"{_cell(r, 'compiled_reference')} | "
             + (f"{r['speedup_vs_eager']:.1f}" if "speedup_vs_eager" in r else "-") + " | "
             + (f"{r['speedup_vs_compiled']:.2f}" if "speedup_vs_compiled" in r else "-") + " |")
@@ -174,6 +198,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile(reference)")
     ap.add_argument("--dry-run", action="store_true",
                     help="no GPU: run the script's logic on CPU through the Triton interpreter")
+    ap.add_argument("--time-budget", type=float, default=0.0,
+                    help="seconds: start no new size after this (0: no limit); results so far "
+                         "are written after every size either way")
     ap.add_argument("--out", default=None, help="output path stem "
                     "(default bench/results/verify_cuda_<cardname>)")
     args = ap.parse_args(argv)
@@ -186,8 +213,9 @@ def main(argv=None) -> int:
             print("no CUDA device: use --dry-run to check the script on CPU", file=sys.stderr)
             return 2
         device, name = torch.device("cuda"), torch.cuda.get_device_name()
-        sizes = QUICK if args.quick else [(B, L, D) for D in SWEEP_D for L in SWEEP_L
-                                          for B in SWEEP_B]
+        sweep = [(B, L, D) for D in SWEEP_D for L in SWEEP_L for B in SWEEP_B]
+        # the quick sizes first, so a run cut short by --time-budget still has them
+        sizes = QUICK if args.quick else QUICK + [s for s in sweep if s not in QUICK]
         copy_numel = 1 << 28  # 1 GiB fp32 per buffer
     dtype = DTYPES[args.dtype]
     import triton
@@ -196,22 +224,6 @@ def main(argv=None) -> int:
     copy_bw = copy_bandwidth(device, copy_numel)
     compiled = None if args.no_compile else torch.compile(reference.speculative_verify,
                                                           dynamic=False)
-    rows = []
-    for (B, L, D) in sizes:
-        torch._dynamo.reset()  # one specialised compile per size, never the recompile limit
-        row = bench_size(B, L, D, dtype, device, copy_bw, compiled)
-        rows.append(row)
-        print(f"B={B:4d} L={L:3d} D={D:7d} [{row['auto_strategy']:9s}] triton "
-              f"{row['triton']['ms']:8.4f} ms ({row['triton']['GBps']:7.1f} GB/s, "
-              f"{100 * row['triton']['frac_copy_bw']:4.0f}% copy BW) | per_chain "
-              f"{row['triton_per_chain']['ms']:8.4f} | split {row['triton_split']['ms']:8.4f}"
-              + (f" | eager {row['eager_reference']['ms']:8.3f} (x{row['speedup_vs_eager']:.1f})"
-                 if "eager_reference" in row else "")
-              + (f" | compiled {row['compiled_reference']['ms']:8.3f} "
-                 f"(x{row['speedup_vs_compiled']:.2f})" if "compiled_reference" in row else ""),
-              flush=True)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
     meta = {"device_name": name, "dtype": args.dtype, "torch": torch.__version__,
             "triton": triton.__version__, "copy_numel": copy_numel,
             "copy_bw_GBps": copy_bw / 1e9, "dry_run": args.dry_run,
@@ -219,11 +231,36 @@ def main(argv=None) -> int:
                         if device.type == "cuda" else None),
             "command": "python bench/bench_verify_cuda.py " + " ".join(sys.argv[1:] if argv is None
                                                                         else argv),
-            "date": time.strftime("%Y-%m-%d")}
+            "date": time.strftime("%Y-%m-%d"), "sizes_planned": len(sizes)}
     out = Path(args.out) if args.out else RESULTS / f"verify_cuda_{card_slug(name)}"
     if args.dtype != "float32" and not args.out:
         out = out.with_name(out.name + f"_{args.dtype}")
-    write_results(out, meta, rows, to_markdown)
+    start = time.perf_counter()
+    rows = []
+    for (B, L, D) in sizes:
+        if args.time_budget and time.perf_counter() - start > args.time_budget:
+            print(f"time budget of {args.time_budget:.0f} s spent: stopping after {len(rows)} of "
+                  f"{len(sizes)} sizes", flush=True)
+            break
+        torch._dynamo.reset()  # one specialised compile per size, never the recompile limit
+        row = bench_size(B, L, D, dtype, device, copy_bw, compiled)
+        rows.append(row)
+        print(f"B={B:4d} L={L:3d} D={D:7d} [{row['auto_strategy']:9s}] triton "
+              f"{row['triton']['ms']:8.4f} ms ({row['triton']['GBps']:7.1f} GB/s, "
+              f"{100 * row['triton']['frac_copy_bw']:4.0f}% copy BW) | per_chain "
+              f"{row['triton_per_chain']['ms']:8.4f} | split {row['triton_split']['ms']:8.4f}"
+              + (f" | graph {row['triton_cudagraph_ms']:8.4f} | host "
+                 f"{row['triton_host_us_per_call']:6.1f} us" if "triton_cudagraph_ms" in row else "")
+              + (f" | eager {row['eager_reference']['ms']:8.3f} (x{row['speedup_vs_eager']:.1f})"
+                 if "eager_reference" in row else "")
+              + (f" | compiled {row['compiled_reference']['ms']:8.3f} "
+                 f"(x{row['speedup_vs_compiled']:.2f})" if "compiled_reference" in row else ""),
+              flush=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        meta["sizes_done"] = len(rows)
+        meta["elapsed_s"] = time.perf_counter() - start
+        write_results(out, meta, rows, to_markdown)  # after every size: a cut-off run keeps them
     return 0
 
 

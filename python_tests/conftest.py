@@ -10,6 +10,10 @@ import pytest
 if not os.environ.get("SPECDIFF_TEST_GPU"):
     # On a CUDA machine set SPECDIFF_TEST_GPU=1 to run the Triton kernels compiled, not interpreted.
     os.environ.setdefault("TRITON_INTERPRET", "1")
+else:
+    # One default config per kernel (no autotune benchmarking at every new size): the GPU tests
+    # check every config explicitly (test_gpu.py::test_every_config) and the autotuned set once.
+    os.environ.setdefault("SPECDIFF_TRITON_AUTOTUNE", "0")
 
 import torch  # noqa: E402
 

@@ -4,7 +4,9 @@ Run on a CUDA machine with the kernels compiled (not interpreted):
 
     SPECDIFF_TEST_GPU=1 .venv/bin/python -m pytest python_tests/test_gpu.py
 
-(conftest.py sets TRITON_INTERPRET=1 unless SPECDIFF_TEST_GPU is set.) Covers fp32/fp16/bf16 (and
+(conftest.py sets TRITON_INTERPRET=1 unless SPECDIFF_TEST_GPU is set; with it, it sets
+SPECDIFF_TRITON_AUTOTUNE=0 so kernels use one default config: every config is checked by
+test_every_config and the autotuned set by test_autotuned_kernels.) Covers fp32/fp16/bf16 (and
 fp64) against the float64 reference with both launch strategies forced and the automatic rule, the
 dispatcher path (torch.ops.specdiff.* on CUDA tensors runs Triton), the default backend on CUDA,
 opcheck, torch.compile(fullgraph=True) through Inductor (which sees into the triton_ops),
@@ -70,6 +72,40 @@ def test_verify_matches_reference(strategy, dtype, B, L, E):
     y, mq, mp, sigma, u, n = _window(B, L, E, dtype, ("gpu", dtype, B, L, E), with_n=L > 1)
     got = verify_op(y, mq, mp, sigma, u, n, strategy)
     _check(got, y, mq, mp, sigma, u, n, dtype)
+
+
+def _use_kernels(monkeypatch, kernels):
+    monkeypatch.setattr(tk, "_per_chain_kernel", kernels["per_chain"])
+    monkeypatch.setattr(tk, "_split_partials_kernel", kernels["split_partials"])
+    monkeypatch.setattr(tk, "_split_finalize_kernel", kernels["split_finalize"])
+
+
+def test_every_config(monkeypatch):
+    """Each autotune config gives correct results (the autotuner may pick any of them on some card
+    and size): every streaming config through both strategies, every finalize config through split.
+    D = 3*333 is not a multiple of any block; B*L*D spans several split chunks. (The dtype only
+    changes the loads; fp16/bf16 are covered with the default config above.)"""
+    dtype = torch.float32
+    cases = [_window(3, 4, (3, 333), dtype, ("cfg", dtype, 0), True),
+             _window(1, 3, (5, 4099), dtype, ("cfg", dtype, 1), True)]
+    configs = [(s, tk.DEFAULT_FINALIZE_CONFIG) for s in tk._STREAM_CONFIGS]
+    configs += [(tk.DEFAULT_STREAM_CONFIG, f) for f in tk._FINALIZE_CONFIGS]
+    for stream_cfg, fin_cfg in configs:
+        _use_kernels(monkeypatch, tk.make_kernels([stream_cfg], [fin_cfg]))
+        for y, mq, mp, sigma, u, n in cases:
+            for strategy in ("per_chain", "split"):
+                got = verify_op(y, mq, mp, sigma, u, n, strategy)
+                _check(got, y, mq, mp, sigma, u, n, dtype)
+
+
+@pytest.mark.parametrize("strategy", ["per_chain", "split", "auto"])
+def test_autotuned_kernels(monkeypatch, strategy):
+    """The autotuned kernel set (the default outside the tests) benchmarks its configs and then
+    gives the same correct results."""
+    _use_kernels(monkeypatch, tk.make_kernels())
+    for B, L, E in [(2, 8, (3, 64, 64)), (40, 4, (777,))]:
+        y, mq, mp, sigma, u, n = _window(B, L, E, torch.float32, ("autotune", B, strategy), True)
+        _check(verify_op(y, mq, mp, sigma, u, n, strategy), y, mq, mp, sigma, u, n, torch.float32)
 
 
 @pytest.mark.parametrize("strategy", ["per_chain", "split"])

@@ -18,7 +18,8 @@ scans for the first rejection and writes the reflected state (or y_n). Two launc
 under ``torch.compile``). Launchers take an explicit ``strategy`` so tests can force either.
 
 Compiled (GPU) kernels are ``triton.autotune``-d over block size, warps and pipeline stages, keyed on
-the sizes that matter. Under ``TRITON_INTERPRET=1`` (CPU tensors) autotuning is pointless, so a
+the sizes that matter (``SPECDIFF_TRITON_AUTOTUNE=0`` uses one default config instead: no
+benchmarking at first launch; the GPU tests use it and check every config explicitly). Under ``TRITON_INTERPRET=1`` (CPU tensors) autotuning is pointless, so a
 fixed small block is used and kernels are launched directly (``torch.library.wrap_triton`` refuses
 interpreted kernels). Kernel sizes that vary at run time without changing the code (L, the number of
 chunks, broadcast strides, the batch bucket) are ``do_not_specialize``; D keeps Triton's
@@ -35,6 +36,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
+import os
 from typing import Optional
 
 import torch
@@ -282,6 +285,40 @@ _FINALIZE_CONFIGS = [triton.Config({"BLOCK_D": bd}, num_warps=w, num_stages=1)
                      for bd in (1024, 2048, 4096) for w in (4, 8)]
 
 
+# One config per kernel when autotuning is off (SPECDIFF_TRITON_AUTOTUNE=0): no benchmarking at the
+# first launch of each size, so start-up is fast and the choice is deterministic (tests use it).
+DEFAULT_STREAM_CONFIG = triton.Config({"BLOCK_D": 2048, "NUM_STAGES": 1}, num_warps=8, num_stages=1)
+DEFAULT_FINALIZE_CONFIG = triton.Config({"BLOCK_D": 1024}, num_warps=4, num_stages=1)
+AUTOTUNE = os.environ.get("SPECDIFF_TRITON_AUTOTUNE", "1").strip().lower() not in ("0", "false", "off")
+
+
+def _autotune_bench(kernel_call, quantiles):
+    """Shorter than Triton's default (25 ms warm-up, 100 ms timed per config): the kernels are
+    memory-bound streams whose timings settle fast, and every new key pays this once per config."""
+    import triton.testing
+    return triton.testing.do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
+
+
+def make_kernels(stream_configs: Optional[list] = None, finalize_configs: Optional[list] = None
+                 ) -> dict:
+    """The three window kernels wrapped in ``triton.autotune`` over the given configs (default: all
+    of them). A single config means no benchmarking: it is simply used. Keys: the sizes the best
+    config depends on. Tests build single-config sets to check every config."""
+    stream = _STREAM_CONFIGS if stream_configs is None else stream_configs
+    finalize = _FINALIZE_CONFIGS if finalize_configs is None else finalize_configs
+    extra = {}
+    if "do_bench" in inspect.signature(triton.autotune).parameters:
+        extra["do_bench"] = _autotune_bench
+    return {
+        "per_chain": triton.autotune(configs=stream, key=["L", "D", "B_BUCKET", "MODE"],
+                                     **extra)(_per_chain_raw),
+        "split_partials": triton.autotune(configs=stream, key=["D", "CHUNK", "NB"],
+                                          **extra)(_split_partials_raw),
+        "split_finalize": triton.autotune(configs=finalize, key=["L", "D", "NB", "MODE"],
+                                          **extra)(_split_finalize_raw),
+    }
+
+
 if INTERPRET:
     _per_chain_kernel = _per_chain_raw
     _split_partials_kernel = _split_partials_raw
@@ -289,12 +326,11 @@ if INTERPRET:
     _FIXED_STREAM = {"BLOCK_D": _INTERP_BLOCK_D, "NUM_STAGES": 1}
     _FIXED_FINALIZE = {"BLOCK_D": _INTERP_BLOCK_D}
 else:
-    _per_chain_kernel = triton.autotune(
-        configs=_STREAM_CONFIGS, key=["L", "D", "B_BUCKET", "MODE"])(_per_chain_raw)
-    _split_partials_kernel = triton.autotune(
-        configs=_STREAM_CONFIGS, key=["D", "CHUNK", "NB"])(_split_partials_raw)
-    _split_finalize_kernel = triton.autotune(
-        configs=_FINALIZE_CONFIGS, key=["L", "D", "NB", "MODE"])(_split_finalize_raw)
+    _KERNELS = (make_kernels() if AUTOTUNE
+                else make_kernels([DEFAULT_STREAM_CONFIG], [DEFAULT_FINALIZE_CONFIG]))
+    _per_chain_kernel = _KERNELS["per_chain"]
+    _split_partials_kernel = _KERNELS["split_partials"]
+    _split_finalize_kernel = _KERNELS["split_finalize"]
     _FIXED_STREAM = {}
     _FIXED_FINALIZE = {}
 
