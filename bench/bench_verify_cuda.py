@@ -126,8 +126,10 @@ def bench_size(B, L, D, dtype, device, copy_bw, compiled) -> dict:
         # Kernel time without the Python launch path (triton_op dispatch, autotuner lookup): the
         # op replayed from a CUDA graph. What a sampler that captures its verify step would see.
         import triton.testing
-        row["triton_cudagraph_ms"] = triton.testing.do_bench_cudagraph(
-            lambda: op(*args, None, "auto"), rep=20)
+        for strat in ("per_chain", "split"):
+            row[f"{strat}_graph_ms"] = triton.testing.do_bench_cudagraph(
+                lambda: op(*args, None, strat), rep=20)
+        row["triton_cudagraph_ms"] = row[f"{row['auto_strategy']}_graph_ms"]
         # Host time per call, back to back without synchronising: the launch path's own cost.
         torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -172,16 +174,20 @@ def to_markdown(meta: dict, rows: list[dict]) -> str:
               "op replayed from a CUDA graph (`do_bench_cudagraph`, no Python launch path); host "
               "µs: Python time per call, back to back.", ""]
     lines += ["| B | L | D | auto | Triton ms | GB/s | % copy BW | per_chain ms | split ms | "
-              "graph µs | host µs | eager ms | compiled ms | × eager | × compiled |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "graph µs | per_chain / split graph µs | host µs | eager ms | compiled ms | "
+              "× eager | × compiled |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
             f"| {r['B']} | {r['L']} | {r['D']} | {r['auto_strategy']} | {_cell(r, 'triton')} | "
             f"{_cell(r, 'triton', 'GBps', '{:.0f}')} | "
             f"{100 * r['triton']['frac_copy_bw']:.0f}% | {_cell(r, 'triton_per_chain')} | "
             f"{_cell(r, 'triton_split')} | "
-            + (f"{1e3 * r['triton_cudagraph_ms']:.1f} | {r['triton_host_us_per_call']:.0f} | "
-               if "triton_cudagraph_ms" in r else "- | - | ")
+            + (f"{1e3 * r['triton_cudagraph_ms']:.1f} | "
+               + (f"{1e3 * r['per_chain_graph_ms']:.1f} / {1e3 * r['split_graph_ms']:.1f} | "
+                  if "split_graph_ms" in r else "- | ")
+               + f"{r['triton_host_us_per_call']:.0f} | "
+               if "triton_cudagraph_ms" in r else "- | - | - | ")
             + f"{_cell(r, 'eager_reference')} | "
             f"{_cell(r, 'compiled_reference')} | "
             + (f"{r['speedup_vs_eager']:.1f}" if "speedup_vs_eager" in r else "-") + " | "
@@ -249,7 +255,8 @@ def main(argv=None) -> int:
               f"{row['triton']['ms']:8.4f} ms ({row['triton']['GBps']:7.1f} GB/s, "
               f"{100 * row['triton']['frac_copy_bw']:4.0f}% copy BW) | per_chain "
               f"{row['triton_per_chain']['ms']:8.4f} | split {row['triton_split']['ms']:8.4f}"
-              + (f" | graph {row['triton_cudagraph_ms']:8.4f} | host "
+              + (f" | graph pc/split {row['per_chain_graph_ms']:8.4f}/{row['split_graph_ms']:8.4f}"
+                 f" | host "
                  f"{row['triton_host_us_per_call']:6.1f} us" if "triton_cudagraph_ms" in row else "")
               + (f" | eager {row['eager_reference']['ms']:8.3f} (x{row['speedup_vs_eager']:.1f})"
                  if "eager_reference" in row else "")

@@ -3,12 +3,16 @@
 #   1. build the C++ extension in place (the op schemas live there),
 #   2. the GPU tests (compiled Triton kernels against the float64 reference, opcheck,
 #      torch.compile, CUDA graphs, every autotune config),
-#   3. the CUDA verify benchmark (bench/bench_verify_cuda.py), cut to a time budget.
+#   3. the CUDA verify benchmark (bench/bench_verify_cuda.py), cut to a time budget,
+#   4. the launch-cost breakdown (bench/bench_launch_overhead.py).
+# STEPS picks a subset (default "build tests bench overhead").
 # Logs and results go to $OUT (default bench/results/gpu_run). Runs under the machine's python3
 # (PYTHON overrides); needs torch, triton, pytest, hypothesis, scipy, pybind11, cmake, ninja.
 #   OUT=/tmp/gpu BENCH_BUDGET=200 bash bench/gpu_checks.sh
 set -u
 OUT=${OUT:-bench/results/gpu_run}
+STEPS=" ${STEPS:-build tests bench overhead} "
+want() { [[ "$STEPS" == *" $1 "* ]]; }
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:$PWD/bench${PYTHONPATH:+:$PYTHONPATH}"
@@ -20,20 +24,33 @@ stamp() { echo "[$(( $(date +%s) - t0 )) s] $*"; }
 torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
   nproc; } 2>&1 | tee "$OUT/env.txt"
 
-stamp "build"
-MAX_JOBS=$(nproc) timeout "${BUILD_TIMEOUT:-240}" $PY setup.py build_ext --inplace \
-  >"$OUT/build.log" 2>&1
-stamp "build rc=$?"; tail -n 3 "$OUT/build.log"
+if want build; then
+  stamp "build"
+  MAX_JOBS=$(nproc) timeout "${BUILD_TIMEOUT:-240}" $PY setup.py build_ext --inplace \
+    >"$OUT/build.log" 2>&1
+  stamp "build rc=$?"; tail -n 3 "$OUT/build.log"
+fi
 $PY -c "import specdiff_kernels.ops as o; print('C++ extension loaded:', o.HAS_CPP)"
 
-stamp "GPU tests"
-SPECDIFF_TEST_GPU=1 timeout "${TEST_TIMEOUT:-240}" $PY -m pytest python_tests/test_gpu.py -q -ra \
-  --maxfail=25 -p no:cacheprovider --durations=8 --junitxml="$OUT/test_gpu.xml" \
-  >"$OUT/test_gpu.log" 2>&1
-stamp "GPU tests rc=$?"; tail -n 40 "$OUT/test_gpu.log"
+if want tests; then
+  stamp "GPU tests"
+  SPECDIFF_TEST_GPU=1 timeout "${TEST_TIMEOUT:-240}" $PY -m pytest python_tests/test_gpu.py -q \
+    -ra --maxfail=25 -p no:cacheprovider --durations=8 --junitxml="$OUT/test_gpu.xml" \
+    >"$OUT/test_gpu.log" 2>&1
+  stamp "GPU tests rc=$?"; tail -n 40 "$OUT/test_gpu.log"
+fi
 
-stamp "benchmark"
 slug=$($PY -c "import torch, re; print(re.sub(r'[^a-z0-9]+', '_', torch.cuda.get_device_name().lower()).strip('_'))")
-timeout "${BENCH_TIMEOUT:-300}" $PY bench/bench_verify_cuda.py --device cuda \
-  --time-budget "${BENCH_BUDGET:-200}" --out "$OUT/verify_cuda_$slug" >"$OUT/bench.log" 2>&1
-stamp "benchmark rc=$?"; cat "$OUT/bench.log"
+if want overhead; then
+  stamp "launch overhead"
+  timeout "${OVERHEAD_TIMEOUT:-120}" $PY bench/bench_launch_overhead.py \
+    --out "$OUT/launch_overhead_$slug" >"$OUT/overhead.log" 2>&1
+  stamp "launch overhead rc=$?"; cat "$OUT/overhead.log"
+fi
+
+if want bench; then
+  stamp "benchmark"
+  timeout "${BENCH_TIMEOUT:-300}" $PY bench/bench_verify_cuda.py --device cuda \
+    --time-budget "${BENCH_BUDGET:-200}" --out "$OUT/verify_cuda_$slug" >"$OUT/bench.log" 2>&1
+  stamp "benchmark rc=$?"; cat "$OUT/bench.log"
+fi
