@@ -103,7 +103,7 @@ def bench_size(B, L, D, dtype, device, copy_bw, compiled) -> dict:
     elt = torch.empty((), dtype=dtype).element_size()
     nbytes = 3 * B * L * D * elt
     row = {"B": B, "L": L, "D": D, "dtype": str(dtype).replace("torch.", ""), "bytes_read": nbytes,
-           "auto_strategy": tk.choose_strategy(B, L, D, tk.num_sms(device))}
+           "auto_strategy": tk.choose_strategy(B, L, D, tk.num_sms(device), elt)}
     op = torch.ops.specdiff.triton_speculative_verify.default
     # "auto" launches exactly the kernels of the strategy it picks: its time is that strategy's.
     impls = {

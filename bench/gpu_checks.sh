@@ -27,15 +27,15 @@ torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 if want build; then
   stamp "build"
   MAX_JOBS=$(nproc) timeout "${BUILD_TIMEOUT:-240}" $PY setup.py build_ext --inplace \
-    >"$OUT/build.log" 2>&1
-  stamp "build rc=$?"; tail -n 3 "$OUT/build.log"
+    >/tmp/specdiff_build.log 2>&1
+  stamp "build rc=$?"; tail -n 3 /tmp/specdiff_build.log
 fi
 $PY -c "import specdiff_kernels.ops as o; print('C++ extension loaded:', o.HAS_CPP)"
 
 if want tests; then
   stamp "GPU tests"
   SPECDIFF_TEST_GPU=1 timeout "${TEST_TIMEOUT:-240}" $PY -m pytest python_tests/test_gpu.py -q \
-    -ra --maxfail=25 -p no:cacheprovider --durations=8 --junitxml="$OUT/test_gpu.xml" \
+    -ra --maxfail=25 -p no:cacheprovider --durations=8 \
     >"$OUT/test_gpu.log" 2>&1
   stamp "GPU tests rc=$?"; tail -n 40 "$OUT/test_gpu.log"
 fi
@@ -50,7 +50,7 @@ fi
 
 if want bench; then
   stamp "benchmark"
-  timeout "${BENCH_TIMEOUT:-300}" $PY bench/bench_verify_cuda.py --device cuda \
+  timeout "${BENCH_TIMEOUT:-300}" $PY bench/bench_verify_cuda.py --device cuda ${BENCH_ARGS:-} \
     --time-budget "${BENCH_BUDGET:-200}" --out "$OUT/verify_cuda_$slug" >"$OUT/bench.log" 2>&1
   stamp "benchmark rc=$?"; cat "$OUT/bench.log"
 fi

@@ -11,6 +11,8 @@ test_gpu.py covers bf16 and fp16 on CUDA, and the AOT check below compiles the b
 """
 from __future__ import annotations
 
+import functools
+
 import math
 import os
 import subprocess
@@ -247,10 +249,16 @@ def test_empty_batch(strategy):
 # ---------------------------------------------------------------- the launch rule
 def test_strategy_rule():
     sms = 132
-    assert tk.choose_strategy(1024, 8, 3 * 64 * 64, sms) == "per_chain"   # many chains
-    assert tk.choose_strategy(1, 4, 1024, sms) == "per_chain"             # tiny window
-    assert tk.choose_strategy(1, 8, 3 * 256 * 256, sms) == "split"        # the B=1 case
-    assert tk.choose_strategy(64, 8, 3 * 64 * 64, sms) == "split"         # too few chains to fill
+    rule = functools.partial(tk.choose_strategy, sms=sms)
+    assert rule(1024, 8, 3 * 64 * 64) == "per_chain"     # many chains
+    assert rule(132, 16, 3 * 256 * 256) == "per_chain"   # one chain per SM already fills it
+    assert rule(1, 4, 1024) == "per_chain"               # tiny window
+    assert rule(1, 8, 3 * 256 * 256) == "split"          # the B=1 latency case
+    assert rule(8, 16, 3 * 256 * 256) == "split"
+    # split's extra launch pays only for long windows (>= 8 MiB read per chain)
+    assert rule(64, 8, 3 * 64 * 64) == "per_chain"
+    assert rule(1, 4, 3 * 256 * 256, elt=4) == "split"      # 9.4 MB read
+    assert rule(1, 4, 3 * 256 * 256, elt=2) == "per_chain"  # 4.7 MB read
     for B, L, D in [(1, 4, 3072), (1, 16, 196608), (256, 16, 196608), (7, 3, 1 << 20)]:
         c = tk.split_chunk(B, L, D, sms)
         assert c & (c - 1) == 0 and tk._CHUNK_MIN <= c <= tk._CHUNK_MAX
@@ -363,7 +371,7 @@ from torch._subclasses import FakeTensorMode
 from functorch.compile import aot_function
 mode = FakeTensorMode(allow_non_fake_inputs=True)
 with mode:
-    y = torch.empty(1, 8, 3, 64, 64, device="cuda", dtype=torch.bfloat16)
+    y = torch.empty(1, 8, 3, 256, 256, device="cuda", dtype=torch.bfloat16)  # 9.4 MB: auto = split
     y0 = torch.empty(1, 3, 64, 64, device="cuda", dtype=torch.bfloat16)
     u = torch.empty(1, 8, device="cuda"); s = torch.empty(8, device="cuda")
     n = torch.empty(1, dtype=torch.int32, device="cuda")

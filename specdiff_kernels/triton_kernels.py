@@ -365,22 +365,34 @@ def num_sms(device: torch.device) -> int:
     return _num_sms_of(device.type, index)
 
 
-def choose_strategy(B: int, L: int, D: int, sms: int) -> str:
+# The launch rule's constants, measured on an NVIDIA H200 (bench/results/verify_cuda_nvidia_h200.md
+# and launch_overhead_nvidia_h200.md): one per_chain program streams ~100-120 GB/s, so a chain's
+# window takes about 3*L*D*elt / 110 GB/s of GPU time; split streams at near copy bandwidth, but its
+# second launch and partial-sum buffer cost ~90 us more host time per call (232 vs 141 us through
+# the op), so eagerly split pays only once a chain's window is ~8 MiB of reads.
+SPLIT_MIN_CHAIN_BYTES = 8 << 20
+PER_CHAIN_MAX_WINDOW = 16384
+
+
+def choose_strategy(B: int, L: int, D: int, sms: int, elt: int = 4) -> str:
     """The launch-strategy rule (plain Python, evaluated once per launch / trace).
 
-    * ``per_chain`` when there are enough chains to fill the device (B >= 2 programs per SM): every
-      program streams its chain once, no partial buffer, one launch.
-    * ``per_chain`` when a chain is so small (L * D <= 16384 elements) that a program finishes it in
-      a handful of iterations: the second launch of ``split`` would cost more than it saves.
-    * ``split`` otherwise (few chains, large windows: the B=1 latency case), which spreads one chain
-      over B * L * ceil(D / chunk) programs.
+    * ``per_chain`` when the chains alone fill the device (B >= number of SMs): one launch, no
+      partial buffer, and on the H200 as fast as or faster than split at every such size measured.
+    * ``per_chain`` when a chain's window is short (L * D <= 16384 elements).
+    * ``split`` when one chain's window is at least 8 MiB of reads (3 * L * D * elt bytes): there
+      per_chain's single-program stream costs more GPU time than split's extra host time (the
+      B=1, D=3*256*256, L=8 fp32 case is above it); ``per_chain`` below.
 
-    The thresholds are first guesses, not tuned on hardware; bench/bench_verify_cuda.py times both
-    strategies forced so they can be revised from its results.
+    The rule does not look at CUDA-graph capture, so a captured call runs the same kernels as an
+    eager one (bit-identical results, and nothing left to autotune during capture). Inside a graph
+    host time is free and ``split`` is faster from L * D > 16384 on (e.g. B=64, L=8, D=16384:
+    34 vs 45 us on the H200); force it with ``torch.ops.specdiff.triton_speculative_verify(...,
+    "split")``.
     """
-    if B >= 2 * sms or L * D <= 16384:
+    if B >= sms or L * D <= PER_CHAIN_MAX_WINDOW:
         return "per_chain"
-    return "split"
+    return "split" if 3 * L * D * elt >= SPLIT_MIN_CHAIN_BYTES else "per_chain"
 
 
 def split_chunk(B: int, L: int, D: int, sms: int) -> int:
@@ -391,9 +403,9 @@ def split_chunk(B: int, L: int, D: int, sms: int) -> int:
     return int(min(max(chunk, _CHUNK_MIN), _CHUNK_MAX))
 
 
-def _resolve_strategy(strategy: Optional[str], B: int, L: int, D: int, device) -> str:
+def _resolve_strategy(strategy: Optional[str], B: int, L: int, D: int, elt: int, device) -> str:
     if strategy is None or strategy == "auto":
-        return choose_strategy(B, L, D, num_sms(device))
+        return choose_strategy(B, L, D, num_sms(device), elt)
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES} or 'auto'/None, got {strategy!r}")
     return strategy
@@ -419,7 +431,7 @@ def _window_launch(mode: int, y: Tensor, mq: Tensor, mp: Tensor, sigma: Tensor, 
     has_n = num_steps is not None
     n_arg = num_steps if has_n else y  # dummy pointer, never read without HAS_N
     acc64 = _acc_fp64(y.dtype)
-    strat = _resolve_strategy(strategy, B, L, D, y.device)
+    strat = _resolve_strategy(strategy, B, L, D, y.element_size(), y.device)
     if strat == "per_chain":
         k = _per_chain_kernel if INTERPRET else wrap_triton(_per_chain_kernel)
         k[(B,)](y, mq, mp, sigma, uniforms, n_arg, nacc, out, lr,
