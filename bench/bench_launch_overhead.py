@@ -49,6 +49,25 @@ def host_us(fn, n: int, sync) -> float:
     return statistics.median(rounds)
 
 
+_NOOP = []
+
+
+def _noop_op():
+    """A torch.library.custom_op with the verify op's signature whose body only allocates the
+    outputs: the cost of the custom-op dispatch itself."""
+    if not _NOOP:
+        @torch.library.custom_op("specdiff_bench::noop_verify", mutates_args=())
+        def noop(y: torch.Tensor, mq: torch.Tensor, mp: torch.Tensor, sigma: torch.Tensor,
+                 u: torch.Tensor, n: torch.Tensor | None = None, strategy: str = "auto"
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            B, L = y.shape[:2]
+            return (torch.empty(B, device=y.device, dtype=torch.int64),
+                    torch.empty((B, *y.shape[2:]), device=y.device, dtype=y.dtype),
+                    torch.empty(B, L, device=y.device))
+        _NOOP.append(noop)
+    return _NOOP[0]
+
+
 def layers(B, L, D, device):
     from specdiff_kernels import triton_backend  # noqa: F401  (registers the ops)
     from specdiff_kernels import triton_kernels as tk
@@ -77,6 +96,8 @@ def layers(B, L, D, device):
     yield "launcher: triton_kernels.speculative_verify, split", \
         lambda: tk.speculative_verify(y, mq, mp, sigma, u, None, "split")
     op = torch.ops.specdiff.triton_speculative_verify.default
+    yield "custom_op dispatch alone: a no-op op, same signature (3 x torch.empty)", \
+        lambda: _noop_op()(y, mq, mp, sigma, u, None, "per_chain")
     yield "op: torch.ops.specdiff.triton_speculative_verify, per_chain", \
         lambda: op(y, mq, mp, sigma, u, None, "per_chain")
     yield "op: torch.ops.specdiff.triton_speculative_verify, auto", \
