@@ -158,6 +158,20 @@ def _cell(row, name, key="ms", fmt="{:.3f}"):
     return fmt.format(row[name][key]) if name in row else "-"
 
 
+def _rule_now(meta: dict, row: dict) -> str:
+    """What the current launch rule picks for the row's size (on the run's device)."""
+    from specdiff_kernels import triton_kernels as tk
+    if not meta.get("num_sms"):
+        return row["auto_strategy"]
+    elt = torch.empty((), dtype=DTYPES[meta["dtype"]]).element_size()
+    return tk.choose_strategy(row["B"], row["L"], row["D"], meta["num_sms"], elt)
+
+
+def _auto_cell(meta: dict, row: dict) -> str:
+    now = _rule_now(meta, row)
+    return row["auto_strategy"] if now == row["auto_strategy"] else f"{row['auto_strategy']} → {now}"
+
+
 def to_markdown(meta: dict, rows: list[dict]) -> str:
     lines = [f"# speculative_verify on {meta['device_name']} ({meta['dtype']})", "",
              f"torch {meta['torch']}, triton {meta['triton']}; copy bandwidth (`copy_` of "
@@ -170,6 +184,12 @@ def to_markdown(meta: dict, rows: list[dict]) -> str:
     if meta.get("sizes_done", 0) < meta.get("sizes_planned", 0):
         lines += [f"Partial run: {meta['sizes_done']} of {meta['sizes_planned']} sizes "
                   "(time budget).", ""]
+    changed = [r for r in rows if _rule_now(meta, r) != r["auto_strategy"]]
+    if changed:
+        lines += [f"The launch rule changed after this run: for {len(changed)} of {len(rows)} sizes "
+                  "it now picks the other strategy (shown as `old → now`); that strategy's time is "
+                  "in its own column (measured in this run), and the Triton, GB/s, graph and host "
+                  "columns are those of the old pick.", ""]
     lines += ["Triton = the automatic strategy (its time is that strategy's column). graph µs: the "
               "op replayed from a CUDA graph (`do_bench_cudagraph`, no Python launch path); host "
               "µs: Python time per call, back to back.", ""]
@@ -179,7 +199,7 @@ def to_markdown(meta: dict, rows: list[dict]) -> str:
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
-            f"| {r['B']} | {r['L']} | {r['D']} | {r['auto_strategy']} | {_cell(r, 'triton')} | "
+            f"| {r['B']} | {r['L']} | {r['D']} | {_auto_cell(meta, r)} | {_cell(r, 'triton')} | "
             f"{_cell(r, 'triton', 'GBps', '{:.0f}')} | "
             f"{100 * r['triton']['frac_copy_bw']:.0f}% | {_cell(r, 'triton_per_chain')} | "
             f"{_cell(r, 'triton_split')} | "
@@ -207,9 +227,16 @@ def main(argv=None) -> int:
     ap.add_argument("--time-budget", type=float, default=0.0,
                     help="seconds: start no new size after this (0: no limit); results so far "
                          "are written after every size either way")
+    ap.add_argument("--render", default=None, metavar="JSON",
+                    help="only rewrite the .md beside a saved results .json")
     ap.add_argument("--out", default=None, help="output path stem "
                     "(default bench/results/verify_cuda_<cardname>)")
     args = ap.parse_args(argv)
+    if args.render:  # rewrite the markdown of a saved run (e.g. after the launch rule changed)
+        import json
+        saved = json.loads(Path(args.render).read_text())
+        Path(args.render).with_suffix(".md").write_text(to_markdown(saved["meta"], saved["rows"]))
+        return 0
 
     if args.dry_run:
         device, name = torch.device("cpu"), "cpu-interpreter-dry-run"
