@@ -6,6 +6,7 @@ read bandwidth, measured in the same run with a large ``x.sum()``.
 
     python bench/bench_verify.py            # headline size + sweep, writes bench/results/verify_cpu.{json,md}
     python bench/bench_verify.py --quick    # headline size only
+    python bench/bench_verify.py --device cuda [--quick ...]   # = bench/bench_verify_cuda.py
 """
 from __future__ import annotations
 
@@ -106,7 +107,16 @@ def cpu_name() -> str:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    known, rest = pre.parse_known_args(argv)
+    if known.device == "cuda":  # the GPU benchmark lives in its own script (Triton, do_bench)
+        from bench_verify_cuda import main as cuda_main
+        return cuda_main(["--device", "cuda", *rest])
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                    help="cuda runs bench/bench_verify_cuda.py with the remaining arguments")
     ap.add_argument("--quick", action="store_true", help="headline size only")
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile(reference)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="intra-op threads")
@@ -133,7 +143,7 @@ def main(argv=None) -> int:
                  f"(x{row['speedup_vs_compiled']:.2f})" if compiled else ""), flush=True)
     meta = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
             "read_bw_GBps": read_bw / 1e9, "build_info": sk.ops._C.build_info() if sk.ops.HAS_CPP else None,
-            "command": "python bench/bench_verify.py " + " ".join(sys.argv[1:] if argv is None else argv),
+            "command": "python bench/bench_verify.py " + " ".join(argv),
             "load_average_at_start": os.getloadavg(),
             "date": time.strftime("%Y-%m-%d")}
     out = Path(args.out) if args.out else RESULTS / f"verify_cpu_{args.threads}t"
