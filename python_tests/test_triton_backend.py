@@ -12,7 +12,6 @@ test_gpu.py covers bf16 and fp16 on CUDA, and the AOT check below compiles the b
 from __future__ import annotations
 
 import functools
-
 import math
 import os
 import subprocess

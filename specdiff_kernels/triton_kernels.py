@@ -19,8 +19,8 @@ under ``torch.compile``). Launchers take an explicit ``strategy`` so tests can f
 
 Compiled (GPU) kernels are ``triton.autotune``-d over block size, warps and pipeline stages, keyed on
 the sizes that matter (``SPECDIFF_TRITON_AUTOTUNE=0`` uses one default config instead: no
-benchmarking at first launch; the GPU tests use it and check every config explicitly). Under ``TRITON_INTERPRET=1`` (CPU tensors) autotuning is pointless, so a
-fixed small block is used and kernels are launched directly (``torch.library.wrap_triton`` refuses
+benchmarking at first launch; the GPU tests use it and check every config explicitly). Under
+``TRITON_INTERPRET=1`` (CPU tensors) autotuning is pointless, so a fixed small block is used and kernels are launched directly (``torch.library.wrap_triton`` refuses
 interpreted kernels). Kernel sizes that vary at run time without changing the code (L, the number of
 chunks, broadcast strides, the batch bucket) are ``do_not_specialize``; D keeps Triton's
 divisibility-by-16 specialisation (two variants at most, not one per value) because it is what lets
@@ -368,8 +368,9 @@ def num_sms(device: torch.device) -> int:
 # The launch rule's constants, measured on an NVIDIA H200 (bench/results/verify_cuda_nvidia_h200.md
 # and launch_overhead_nvidia_h200.md): one per_chain program streams ~100-120 GB/s, so a chain's
 # window takes about 3*L*D*elt / 110 GB/s of GPU time; split streams at near copy bandwidth, but its
-# second launch and partial-sum buffer cost ~90 us more host time per call (232 vs 141 us through
-# the op), so eagerly split pays only once a chain's window is ~8 MiB of reads.
+# second launch and partial-sum buffer cost 40-90 us more host time per call (123 vs 79 us, and
+# 232 vs 141 us on a slower host, through the op), so eagerly split pays only once a chain's window
+# is ~8 MiB of reads.
 SPLIT_MIN_CHAIN_BYTES = 8 << 20
 PER_CHAIN_MAX_WINDOW = 16384
 
