@@ -20,8 +20,8 @@ under ``torch.compile``). Launchers take an explicit ``strategy`` so tests can f
 Compiled (GPU) kernels are ``triton.autotune``-d over block size, warps and pipeline stages, keyed on
 the sizes that matter (``SPECDIFF_TRITON_AUTOTUNE=0`` uses one default config instead: no
 benchmarking at first launch; the GPU tests use it and check every config explicitly). Under
-``TRITON_INTERPRET=1`` (CPU tensors) autotuning is pointless, so a fixed small block is used and kernels are launched directly (``torch.library.wrap_triton`` refuses
-interpreted kernels). Kernel sizes that vary at run time without changing the code (L, the number of
+``TRITON_INTERPRET=1`` (CPU tensors) autotuning is pointless, so a fixed small block is used and
+kernels are launched directly (``torch.library.wrap_triton`` refuses interpreted kernels). Kernel sizes that vary at run time without changing the code (L, the number of
 chunks, broadcast strides, the batch bucket) are ``do_not_specialize``; D keeps Triton's
 divisibility-by-16 specialisation (two variants at most, not one per value) because it is what lets
 row starts be proven aligned and loads vectorised. The kernels take no float scalar arguments (sigma
