@@ -75,10 +75,11 @@ def layers(B, L, D, device):
     nacc = torch.empty(B, device=device, dtype=torch.int64)
     out = torch.empty(B, D, device=device)
     lr = torch.empty(B, L, device=device)
-    fixed = {} if tk.INTERPRET else {"BLOCK_D": 2048, "NUM_STAGES": 1, "num_warps": 8,
-                                     "num_stages": 1}
     if tk.INTERPRET:
-        fixed = {"BLOCK_D": 128, "NUM_STAGES": 1}
+        fixed = dict(tk._FIXED_STREAM)
+    else:  # the config the kernels use with autotuning off
+        cfg = tk.DEFAULT_STREAM_CONFIG
+        fixed = {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
     sig_sb, sig_sl = sigma.stride()
     raw_args = (y, mq, mp, sigma, u, y, nacc, out, lr, L, D, sig_sb, sig_sl, 1)
     consts = {"MODE": tk.MODE_VERIFY, "HAS_N": False, "ACC_FP64": False}

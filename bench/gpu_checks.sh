@@ -40,7 +40,7 @@ if want tests; then
   stamp "GPU tests rc=$?"; tail -n 40 "$OUT/test_gpu.log"
 fi
 
-slug=$($PY -c "import torch, re; print(re.sub(r'[^a-z0-9]+', '_', torch.cuda.get_device_name().lower()).strip('_'))")
+slug=$($PY -c "import torch; from bench_verify_cuda import card_slug; print(card_slug(torch.cuda.get_device_name()))")
 if want overhead; then
   stamp "launch overhead"
   timeout "${OVERHEAD_TIMEOUT:-120}" $PY bench/bench_launch_overhead.py \
