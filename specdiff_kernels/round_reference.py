@@ -1,0 +1,280 @@
+"""Plain PyTorch reference of the round ops (SPEC §7): counter-based noise, the frozen-draft
+rollout and the frozen verify. Every other backend (C++, Triton) is tested against this module,
+evaluated in float64. Written for clarity; it runs on any device.
+
+Counter-based noise
+-------------------
+Philox4x32-10 (Salmon et al., SC'11; Random123's ``philox4x32_10``, the generator behind
+``tl.randn`` and cuRAND's Philox) maps a 128-bit counter and a 64-bit key to four 32-bit words.
+The key is the 64-bit ``seed`` (low word k0, high word k1). For chain ``c`` at sampling step ``k``:
+
+* the step noise ``xi(seed, c, k)`` in R^D: element ``e`` with ``Q = ceil(D / 4)``,
+  ``i = e mod Q``, ``lane = e div Q`` is output ``lane`` of the Box-Muller pairs of
+  ``Philox(counter = (i, k + 1, c, 0))``: words (x0, x1) give lanes 0, 1 and (x2, x3) lanes 2, 3 as
+  ``sqrt(-2 ln v) * (cos 2 pi t, sin 2 pi t)`` with ``v = (2 (x_a >> 9) + 1) 2^-24`` (in (0, 1))
+  and ``t = (x_b >> 8) 2^-24`` (in [0, 1)); both are exact in fp32, so every backend feeds the
+  same numbers to the transcendental functions. The quarter layout (lane-major) lets a kernel make
+  one Philox call per four elements and store four contiguous runs;
+* the acceptance uniform ``u(seed, c, k) = (x0 >> 8) 2^-24`` (in [0, 1), exact in fp32) of
+  ``Philox(counter = (0, k + 1, c, 1))``;
+* the initial state of chain c is ``xi(seed, c, -1)`` (counter word 1 is ``k + 1 = 0``).
+
+The radius uniform has 23 bits: |xi| <= sqrt(2 ln 2^24) = 5.77, so each Box-Muller pair differs from
+N(0, I_2) by at most 2^-24 = 6e-8 in total variation (cuRAND's and ``tl.randn``'s are of the same
+order). The integer stream is bit-identical on every backend; the normals agree to rounding.
+
+The frozen round (SPEC §7)
+--------------------------
+Per-step tables (``coef``, float64 ``[8, N]``, rows named by ``ROW_*`` below) describe the affine mean
+``m(x, k) = A clip(p) + E p + G x`` of the network's x0-hat p, the step std, and the conversions
+between x0 and eps that the frozen-eps draft needs. ``freeze``: 0 freezes x0-hat (the draft's x0 at
+every drafted state is f), 1 freezes eps-hat (the draft's x0 at y is ``X0_Y y - X0_F f``).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+# ---------------------------------------------------------------- table rows (coef[ROW, step])
+ROW_A, ROW_E, ROW_G, ROW_STD, ROW_X0_Y, ROW_X0_F, ROW_EPS_Y, ROW_EPS_P = range(8)
+NUM_ROWS = 8
+FREEZE_X0, FREEZE_EPS = 0, 1
+
+# ---------------------------------------------------------------- Philox4x32-10
+PHILOX_M0, PHILOX_M1 = 0xD2511F53, 0xCD9E8D57
+PHILOX_W0, PHILOX_W1 = 0x9E3779B9, 0xBB67AE85
+MASK32 = 0xFFFFFFFF
+STREAM_NORMAL, STREAM_UNIFORM = 0, 1
+TWO_PI = 2.0 * math.pi
+
+
+def _mulhilo(a: int, b: Tensor) -> tuple[Tensor, Tensor]:
+    """High and low words of the 64-bit product a * b (a < 2^32 constant, b int64 in [0, 2^32)),
+    in 16-bit limbs so no int64 product overflows."""
+    al, ah = a & 0xFFFF, a >> 16
+    bl, bh = b & 0xFFFF, b >> 16
+    mid = al * bh + ah * bl
+    lo_full = al * bl + ((mid & 0xFFFF) << 16)
+    hi = ah * bh + (mid >> 16) + (lo_full >> 32)
+    return hi & MASK32, lo_full & MASK32
+
+
+def philox4x32(c0: Tensor, c1: Tensor, c2: Tensor, c3: Tensor, k0: Tensor, k1: Tensor,
+               rounds: int = 10) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Philox4x32 on int64 tensors holding uint32 values (broadcasting)."""
+    for _ in range(rounds):
+        hi0, lo0 = _mulhilo(PHILOX_M0, c0)
+        hi1, lo1 = _mulhilo(PHILOX_M1, c2)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0 = (k0 + PHILOX_W0) & MASK32
+        k1 = (k1 + PHILOX_W1) & MASK32
+    return c0, c1, c2, c3
+
+
+def seed_key(seed: Tensor) -> tuple[Tensor, Tensor]:
+    """The Philox key words (k0, k1) of an int64 seed tensor (any shape; taken as 64 raw bits)."""
+    s = seed.reshape(()).to(torch.int64)
+    return s & MASK32, (s >> 32) & MASK32
+
+
+def _counter_words(chain_ids: Tensor, steps: Tensor) -> tuple[Tensor, Tensor]:
+    """Counter words 1 (k + 1) and 2 (chain id), each mod 2^32."""
+    return (steps.to(torch.int64) + 1) & MASK32, chain_ids.to(torch.int64) & MASK32
+
+
+def normal_uniforms(xa: Tensor, xb: Tensor) -> tuple[Tensor, Tensor]:
+    """Box-Muller's radius uniform v in (0, 1) and angle uniform t in [0, 1), as float64 (exact)."""
+    v = (2 * (xa >> 9) + 1).to(torch.float64) * 2.0 ** -24
+    t = (xb >> 8).to(torch.float64) * 2.0 ** -24
+    return v, t
+
+
+def box_muller(xa: Tensor, xb: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    v, t = normal_uniforms(xa, xb)
+    v, t = v.to(dtype), t.to(dtype)
+    r = torch.sqrt(-2.0 * torch.log(v))
+    th = TWO_PI * t
+    return r * torch.cos(th), r * torch.sin(th)
+
+
+def normal_noise(seed: Tensor, chain_ids: Tensor, steps: Tensor, D: int,
+                 dtype: torch.dtype = torch.float64) -> Tensor:
+    """xi(seed, chain_ids[b], steps[b]) for every b: [B, D] in ``dtype`` (computed in ``dtype``)."""
+    k0, k1 = seed_key(seed)
+    c1, c2 = _counter_words(chain_ids, steps)
+    Q = -(-D // 4)
+    i = torch.arange(Q, device=chain_ids.device, dtype=torch.int64)[None, :]
+    zero = torch.zeros_like(i)
+    x0, x1, x2, x3 = (w.expand(-1, Q) for w in philox4x32(i, c1[:, None], c2[:, None], zero, k0, k1))
+    n0, n1 = box_muller(x0, x1, dtype)
+    n2, n3 = box_muller(x2, x3, dtype)
+    return torch.cat([n0, n1, n2, n3], dim=1)[:, :D]
+
+
+def uniform_noise(seed: Tensor, chain_ids: Tensor, steps: Tensor) -> Tensor:
+    """u(seed, chain_ids[b], steps[b]): [B] float32 (exact)."""
+    k0, k1 = seed_key(seed)
+    c1, c2 = _counter_words(chain_ids, steps)
+    zero = torch.zeros_like(c1)
+    x0, _, _, _ = philox4x32(zero, c1, c2, zero + STREAM_UNIFORM, k0, k1)
+    return ((x0 >> 8).to(torch.float64) * 2.0 ** -24).to(torch.float32)
+
+
+def chain_noise(seed: Tensor, chain_ids: Tensor, steps: Tensor, window: int, event_numel: int,
+                dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """xi [B, window, D] (``dtype``) and u [B, window] (float32) of steps ``steps[b] + j``."""
+    B = chain_ids.shape[0]
+    j = torch.arange(window, device=chain_ids.device, dtype=torch.int64)
+    k = (steps.to(torch.int64)[:, None] + j[None, :]).reshape(-1)
+    c = chain_ids.to(torch.int64)[:, None].expand(B, window).reshape(-1)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    xi = normal_noise(seed, c, k, event_numel, acc).to(dtype).reshape(B, window, event_numel)
+    u = uniform_noise(seed, c, k).reshape(B, window)
+    return xi, u
+
+
+# ---------------------------------------------------------------- the frozen round
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _clip(p: Tensor, clip: float) -> Tensor:
+    return p if math.isinf(clip) else p.clamp(-clip, clip)
+
+
+def _rows(coef: Tensor, k: Tensor, acc: torch.dtype) -> Tensor:
+    """coef[:, k] as [8, B, 1] in acc (k clamped into the table)."""
+    N = coef.shape[1]
+    return coef[:, k.clamp(0, N - 1)].to(acc)[..., None]
+
+
+def draft_x0(c: Tensor, y: Tensor, f: Tensor, freeze: int) -> Tensor:
+    """The frozen draft's x0-hat at drafted state y (c: coef rows at the step)."""
+    return f if freeze == FREEZE_X0 else c[ROW_X0_Y] * y - c[ROW_X0_F] * f
+
+
+def affine_mean(c: Tensor, p: Tensor, x: Tensor, clip: float) -> Tensor:
+    return c[ROW_A] * _clip(p, clip) + c[ROW_E] * p + c[ROW_G] * x
+
+
+def freeze_value(c: Tensor, y: Tensor, p: Tensor, freeze: int) -> Tensor:
+    """The frozen quantity from the target's x0-hat p at state y."""
+    return p if freeze == FREEZE_X0 else c[ROW_EPS_Y] * y - c[ROW_EPS_P] * p
+
+
+def frozen_draft(root: Tensor, frozen: Tensor, steps: Tensor, lengths: Tensor, coef: Tensor,
+                 seed: Tensor, chain_ids: Tensor, window: int, freeze: int, clip: float) -> Tensor:
+    """Drafted states Y [B, window + 1, *E]: Y[:, 0] = root; for j < lengths[b],
+    ``Y[b, j+1] = m_q(Y[b, j], k+j) + std[k+j] xi(seed, c, k+j)``; beyond, Y[b, j+1] = Y[b, j].
+    Each drafted state is rounded to the state dtype before the next step drafts from it (the
+    verify recomputes m_q from the stored states)."""
+    B = root.shape[0]
+    D = root[0].numel() if B else 0
+    acc = _acc(root.dtype)
+    y = root.reshape(B, D).to(acc)
+    f = frozen.reshape(B, D).to(acc)
+    k = steps.to(torch.int64)
+    n = lengths.to(torch.int64).clamp(0, window)
+    ys = [root.reshape(B, D)]
+    for j in range(window):
+        c = _rows(coef, k + j, acc)
+        xi = normal_noise(seed, chain_ids, k + j, D, acc)
+        mq = affine_mean(c, draft_x0(c, y, f, freeze), y, clip)
+        y_new = (mq + c[ROW_STD] * xi).to(root.dtype)
+        live = (j < n)[:, None]
+        ys.append(torch.where(live, y_new, ys[-1]))
+        y = ys[-1].to(acc)
+    return torch.stack(ys, 1).reshape(B, window + 1, *root.shape[1:])
+
+
+def verify_frozen(states: Tensor, x0_hat: Tensor, frozen: Tensor, steps: Tensor, lengths: Tensor,
+                  coef: Tensor, seed: Tensor, chain_ids: Tensor, freeze: int, clip: float
+                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Verify a frozen-draft window and commit the round (SPEC §7).
+
+    With d_j = m_p(y_j) - m_q(y_j) = A (clip(P_j) - clip(p_q)) + E (P_j - p_q) and r_j = s xi_j:
+    log_ratio_j = <d_j, xi_j> / s - ||d_j||^2 / (2 s^2) for j < n (0 beyond); step j is accepted
+    iff the ratio is finite and log u_j <= log_ratio_j. Commit per chain:
+
+    * rejection at j: next_state = m_q(y_j) + r_j + (1 - 2 <d_j, r_j> / ||d_j||^2) d_j (the
+      reflection), committed j + 1, next_frozen = freeze(y_j, P_j), root_exact False;
+    * all n accepted: next_state = y_n, committed n; if k + n < N: next_frozen = freeze(y_n, P_n)
+      and root_exact True, and if step k + n is deterministic (std 0) it is taken too
+      (next_state = m_p(y_n), committed n + 1, root_exact False); if k + n >= N the frozen value is
+      kept;
+    * n = 0: a chain at a deterministic step k < N takes it from P_0 (committed 1,
+      next_frozen = freeze(y_0, P_0)); any other chain is left as it is (committed 0).
+
+    Returns (num_accepted [B] int64, committed [B] int64, next_state [B, *E] (state dtype),
+    next_frozen [B, *E] (state dtype), root_exact [B] bool, log_ratio [B, L] float32).
+    """
+    B, L1 = states.shape[:2]
+    L = L1 - 1
+    N = coef.shape[1]
+    D = states[0, 0].numel() if B else 0
+    acc = _acc(states.dtype)
+    Y = states.reshape(B, L1, D).to(acc)
+    P = x0_hat.reshape(B, L1, D).to(acc)
+    f = frozen.reshape(B, D).to(acc)
+    k = steps.to(torch.int64)
+    n = lengths.to(torch.int64).clamp(0, L)
+    ar = torch.arange(B, device=states.device)
+
+    lr = torch.zeros(B, L, dtype=acc, device=states.device)
+    a_all = torch.zeros(B, L, dtype=acc, device=states.device)
+    b_all = torch.zeros(B, L, dtype=acc, device=states.device)
+    for j in range(L):
+        c = _rows(coef, k + j, acc)
+        pq = draft_x0(c, Y[:, j], f, freeze)
+        d = c[ROW_A] * (_clip(P[:, j], clip) - _clip(pq, clip)) + c[ROW_E] * (P[:, j] - pq)
+        xi = normal_noise(seed, chain_ids, k + j, D, acc)
+        a, b = (d * xi).sum(-1), (d * d).sum(-1)
+        s = c[ROW_STD][:, 0]
+        live = j < n
+        safe_s = torch.where(live, s, torch.ones_like(s))
+        lr[:, j] = torch.where(live, a / safe_s - b / (2 * safe_s * safe_s), torch.zeros_like(s))
+        a_all[:, j], b_all[:, j] = a * safe_s, b          # <d, r> and ||d||^2
+    u = torch.stack([uniform_noise(seed, chain_ids, k + j) for j in range(L)], 1) if L else \
+        torch.zeros(B, 0, device=states.device)
+    pos = torch.arange(L, device=states.device)
+    accept = torch.isfinite(lr) & (torch.log(u.to(acc)) <= lr)
+    reject = (~accept) & (pos[None] < n[:, None])
+    first = torch.where(reject, pos[None].expand(B, L), torch.full_like(reject, L, dtype=torch.int64))
+    first = torch.minimum(first.min(1).values if L else n, n)
+    rejected = first < n
+
+    j = torch.where(rejected, first, n).clamp(0, L)           # the position that decides
+    c = _rows(coef, k + j, acc)
+    yj, pj = Y[ar, j], P[ar, j]
+    # rejection: reflect the draft's step j about the hyperplane orthogonal to d_j
+    pq = draft_x0(c, yj, f, freeze)
+    mq = affine_mean(c, pq, yj, clip)
+    d = c[ROW_A] * (_clip(pj, clip) - _clip(pq, clip)) + c[ROW_E] * (pj - pq)
+    r = c[ROW_STD] * normal_noise(seed, chain_ids, k + j, D, acc)
+    jc = j.clamp(max=max(L - 1, 0))
+    a_j = a_all[ar, jc][:, None] if L else torch.zeros(B, 1, dtype=acc, device=states.device)
+    b_j = b_all[ar, jc][:, None] if L else torch.ones(B, 1, dtype=acc, device=states.device)
+    pos_b = b_j > 0
+    coef_r = torch.where(pos_b, 1 - 2 * a_j / torch.where(pos_b, b_j, torch.ones_like(b_j)),
+                         torch.ones_like(b_j))
+    reflected = mq + r + coef_r * d
+    # acceptance of all n steps (or n = 0): y_n, and a deterministic step from y_n if one is next
+    kn = k + n
+    live_next = kn < N
+    det_next = live_next & (coef[ROW_STD, kn.clamp(0, N - 1)] == 0)
+    det_mean = affine_mean(c, pj, yj, clip)
+    accepted_state = torch.where(det_next[:, None], det_mean, yj)
+
+    next_state = torch.where(rejected[:, None], reflected, accepted_state)
+    committed = torch.where(rejected, first + 1, n + det_next.to(torch.int64))
+    # n = 0 and not deterministic: nothing happens (finished chain, or masked out)
+    idle = (n == 0) & ~det_next
+    fz = freeze_value(c, yj, pj, freeze)
+    keep_frozen = idle | (~rejected & ~live_next)
+    next_frozen = torch.where(keep_frozen[:, None], f, fz)
+    root_exact = ~rejected & live_next & ~det_next & (n > 0)
+    E = states.shape[2:]
+    return (first.to(torch.int64), committed, next_state.to(states.dtype).reshape(B, *E),
+            next_frozen.to(states.dtype).reshape(B, *E), root_exact, lr.to(torch.float32))
