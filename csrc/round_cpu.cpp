@@ -1,0 +1,464 @@
+// CPU kernels of the round ops (SPEC §7): chain_noise, frozen_draft, verify_frozen.
+// Semantics: specdiff_kernels/round_reference.py (the oracle the tests compare with).
+//
+// Work is split into tasks of (chain[, window position], chunk of kChunk Philox counters). One
+// counter feeds four elements (the quarter layout: lane * Q + i), so a task touches four
+// contiguous runs of each vector. Chunk sizes are constants, not functions of the thread count:
+// every reduction is summed in the same order whatever the parallelism.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "philox.h"
+
+namespace specdiff {
+namespace {
+
+using philox::Key;
+using philox::kTile;
+
+constexpr int64_t kChunk = 512;  // counters per task (a multiple of kTile)
+static_assert(kChunk % kTile == 0, "chunks hold whole tiles");
+
+template <typename T> struct Acc { using type = float; };
+template <> struct Acc<double> { using type = double; };
+
+// Rows of the coefficient table (round_reference.ROW_*).
+enum Row { kA = 0, kE, kG, kStd, kX0Y, kX0F, kEpsY, kEpsP, kNumRows };
+constexpr int64_t kFreezeX0 = 0, kFreezeEps = 1;
+
+// The quarter layout of a D-vector: element lane * Q + i for counter i; lane l holds cnt[l] valid
+// counters (the last lanes are short when 4 does not divide D).
+struct Layout {
+  int64_t D, Q, cnt[4];
+  explicit Layout(int64_t d) : D(d), Q((d + 3) / 4) {
+    for (int l = 0; l < 4; ++l) cnt[l] = std::max<int64_t>(0, std::min<int64_t>(Q, D - l * Q));
+  }
+  int64_t chunks() const { return std::max<int64_t>(1, (Q + kChunk - 1) / kChunk); }
+};
+
+template <typename acc_t> struct StepCoef {
+  acc_t v[kNumRows];
+  StepCoef(const double* coef, int64_t N, int64_t k) {
+    const int64_t kc = std::min<int64_t>(std::max<int64_t>(k, 0), N - 1);
+    for (int r = 0; r < kNumRows; ++r) v[r] = static_cast<acc_t>(coef[r * N + kc]);
+  }
+};
+
+template <typename acc_t> inline acc_t clip_to(acc_t p, acc_t c) {
+  return std::min(std::max(p, -c), c);  // NaN stays NaN; c = inf is the identity
+}
+
+// The draft's x0-hat at y (frozen x0: f itself; frozen eps: x0 from eps).
+template <typename acc_t>
+inline acc_t draft_x0(const StepCoef<acc_t>& c, acc_t y, acc_t f, bool eps) {
+  return eps ? c.v[kX0Y] * y - c.v[kX0F] * f : f;
+}
+
+template <typename acc_t>
+inline acc_t affine_mean(const StepCoef<acc_t>& c, acc_t p, acc_t x, acc_t clip) {
+  return c.v[kA] * clip_to(p, clip) + c.v[kE] * p + c.v[kG] * x;
+}
+
+// m_p(y) - m_q(y): only the x0-hats differ.
+template <typename acc_t>
+inline acc_t mean_gap(const StepCoef<acc_t>& c, acc_t p, acc_t pq, acc_t clip) {
+  return c.v[kA] * (clip_to(p, clip) - clip_to(pq, clip)) + c.v[kE] * (p - pq);
+}
+
+template <typename acc_t>
+inline acc_t freeze_value(const StepCoef<acc_t>& c, acc_t y, acc_t p, bool eps) {
+  return eps ? c.v[kEpsY] * y - c.v[kEpsP] * p : p;
+}
+
+// Calls fn(lane, l, e) for every valid element of tile i0 (counter i0 + l, element e).
+template <typename Fn>
+inline void for_tile(const Layout& lay, int64_t i0, Fn&& fn) {
+  for (int lane = 0; lane < 4; ++lane) {
+    const int64_t lim = std::min<int64_t>(kTile, lay.cnt[lane] - i0);
+    const int64_t base = lane * lay.Q + i0;
+#pragma omp simd
+    for (int64_t l = 0; l < lim; ++l) fn(lane, l, base + l);
+  }
+}
+
+// ---------------------------------------------------------------- argument checks
+void check_cpu(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor for the CPU kernel, got ",
+              t.device());
+}
+
+void check_int_vector(const at::Tensor& t, const char* op, const char* name, int64_t B) {
+  check_cpu(t, op, name);
+  TORCH_CHECK(t.scalar_type() == at::kLong, op, ": ", name, " must be an int64 tensor, got ",
+              t.scalar_type());
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == B, op, ": ", name, " must have shape [B] = [", B,
+              "], got ", t.sizes());
+}
+
+int64_t check_seed(const at::Tensor& seed, const char* op) {
+  check_cpu(seed, op, "seed");
+  TORCH_CHECK(seed.scalar_type() == at::kLong && seed.numel() == 1, op,
+              ": seed must be an int64 tensor with one element, got ", seed.scalar_type(),
+              " of shape ", seed.sizes());
+  return seed.reshape({}).item<int64_t>();
+}
+
+std::vector<uint32_t> check_chain_ids(const at::Tensor& ids, const char* op, int64_t B) {
+  check_int_vector(ids, op, "chain_ids", B);
+  at::Tensor c = ids.contiguous();
+  const int64_t* p = c.data_ptr<int64_t>();
+  std::vector<uint32_t> out(B);
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(p[b] >= 0 && p[b] < (int64_t(1) << 32), op, ": chain_ids must lie in [0, 2^32), got ",
+                p[b], " at index ", b);
+    out[b] = static_cast<uint32_t>(p[b]);
+  }
+  return out;
+}
+
+std::vector<int64_t> check_range(const at::Tensor& t, const char* op, const char* name, int64_t B,
+                                 int64_t lo, int64_t hi) {
+  check_int_vector(t, op, name, B);
+  at::Tensor c = t.contiguous();
+  const int64_t* p = c.data_ptr<int64_t>();
+  std::vector<int64_t> out(p, p + B);
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(out[b] >= lo && out[b] <= hi, op, ": ", name, " must lie in ", lo, "..", hi,
+                ", got ", out[b], " at index ", b);
+  }
+  return out;
+}
+
+void check_state(const at::Tensor& t, const char* op, const char* name) {
+  check_cpu(t, op, name);
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": ", name,
+              " must be a floating tensor, got ", t.scalar_type());
+}
+
+struct RoundArgs {
+  int64_t B, D, N;
+  std::vector<int64_t> k, n;
+  std::vector<uint32_t> chain;
+  int64_t seed;
+  at::Tensor coef;  // contiguous float64 [8, N]
+};
+
+RoundArgs check_round(const char* op, const at::Tensor& root, const at::Tensor& frozen,
+                      const at::Tensor& steps, const at::Tensor& lengths, const at::Tensor& coef,
+                      const at::Tensor& seed, const at::Tensor& chain_ids, int64_t window,
+                      int64_t freeze, double clip) {
+  check_state(frozen, op, "frozen");
+  TORCH_CHECK(frozen.sizes() == root.sizes() && frozen.scalar_type() == root.scalar_type(), op,
+              ": frozen must match the root states' shape and dtype, got ", frozen.sizes(), " ",
+              frozen.scalar_type(), " vs ", root.sizes(), " ", root.scalar_type());
+  check_cpu(coef, op, "coef");
+  TORCH_CHECK(coef.scalar_type() == at::kDouble && coef.dim() == 2 && coef.size(0) == kNumRows &&
+                  coef.size(1) >= 1,
+              op, ": coef must be the float64 [8, N] table of round_ops.round_tables, got ",
+              coef.scalar_type(), " ", coef.sizes());
+  TORCH_CHECK(window >= 1, op, ": window must be >= 1, got ", window);
+  TORCH_CHECK(freeze == kFreezeX0 || freeze == kFreezeEps, op,
+              ": freeze must be 0 (x0) or 1 (eps), got ", freeze);
+  TORCH_CHECK(clip > 0, op, ": clip must be > 0 (inf: no clipping), got ", clip);
+  RoundArgs a;
+  a.B = root.size(0);
+  a.D = a.B == 0 ? 0 : root.numel() / a.B;
+  TORCH_CHECK(a.B == 0 || a.D > 0, op, ": the event shape must have at least one element");
+  a.N = coef.size(1);
+  a.seed = check_seed(seed, op);
+  a.chain = check_chain_ids(chain_ids, op, a.B);
+  a.k = check_range(steps, op, "steps", a.B, 0, a.N);
+  a.n = check_range(lengths, op, "lengths", a.B, 0, window);
+  a.coef = coef.contiguous();
+  return a;
+}
+
+// ---------------------------------------------------------------- chain_noise
+std::tuple<at::Tensor, at::Tensor> chain_noise_cpu(const at::Tensor& seed, const at::Tensor& chain_ids,
+                                                   const at::Tensor& steps, int64_t window,
+                                                   int64_t event_numel, at::ScalarType dtype) {
+  const char* op = "specdiff::chain_noise";
+  TORCH_CHECK(chain_ids.dim() == 1, op, ": chain_ids must have shape [B], got ", chain_ids.sizes());
+  const int64_t B = chain_ids.size(0);
+  const Key key(check_seed(seed, op));
+  std::vector<uint32_t> chain = check_chain_ids(chain_ids, op, B);
+  std::vector<int64_t> k = check_range(steps, op, "steps", B, -1,
+                                       (int64_t(1) << 32) - 2 - (int64_t(1) << 20));
+  TORCH_CHECK(window >= 1, op, ": window must be >= 1, got ", window);
+  TORCH_CHECK(event_numel >= 1, op, ": event_numel must be >= 1, got ", event_numel);
+  TORCH_CHECK(at::isFloatingType(dtype), op, ": dtype must be floating, got ", dtype);
+  const int64_t D = event_numel;
+  at::Tensor xi = at::empty({B, window, D}, chain_ids.options().dtype(dtype));
+  at::Tensor u = at::empty({B, window}, chain_ids.options().dtype(at::kFloat));
+  float* up = u.data_ptr<float>();
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t j = 0; j < window; ++j) up[b * window + j] = philox::uniform(key, chain[b], k[b] + j);
+  const Layout lay(D);
+  const int64_t nch = lay.chunks();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "chain_noise", [&] {
+    using acc_t = typename Acc<scalar_t>::type;
+    scalar_t* out = xi.data_ptr<scalar_t>();
+    at::parallel_for(0, B * window * nch, 1, [&](int64_t begin, int64_t end) {
+      acc_t nz[4][kTile];
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t row = task / nch, ch = task % nch;
+        const int64_t b = row / window, j = row % window;
+        scalar_t* o = out + row * D;
+        for (int64_t i0 = ch * kChunk; i0 < std::min(lay.Q, (ch + 1) * kChunk); i0 += kTile) {
+          philox::normal_tile<acc_t>(key, chain[b], k[b] + j, static_cast<uint32_t>(i0), nz);
+          for_tile(lay, i0, [&](int lane, int64_t l, int64_t e) {
+            o[e] = static_cast<scalar_t>(nz[lane][l]);
+          });
+        }
+      }
+    });
+  });
+  return {xi, u};
+}
+
+// ---------------------------------------------------------------- frozen_draft
+at::Tensor frozen_draft_cpu(const at::Tensor& root, const at::Tensor& frozen, const at::Tensor& steps,
+                            const at::Tensor& lengths, const at::Tensor& coef, const at::Tensor& seed,
+                            const at::Tensor& chain_ids, int64_t window, int64_t freeze, double clip) {
+  const char* op = "specdiff::frozen_draft";
+  check_state(root, op, "root");
+  TORCH_CHECK(root.dim() >= 2, op, ": root must have shape [B, *E], got ", root.sizes());
+  RoundArgs a = check_round(op, root, frozen, steps, lengths, coef, seed, chain_ids, window, freeze,
+                            clip);
+  std::vector<int64_t> shape{a.B, window + 1};
+  shape.insert(shape.end(), root.sizes().begin() + 1, root.sizes().end());
+  at::Tensor Y = at::empty(shape, root.options().memory_format(at::MemoryFormat::Contiguous));
+  if (a.B == 0) return Y;
+  at::Tensor x = root.contiguous(), fz = frozen.contiguous();
+  const Key key(a.seed);
+  const Layout lay(a.D);
+  const int64_t nch = lay.chunks(), D = a.D, L = window, N = a.N;
+  const bool eps = freeze == kFreezeEps;
+  const double* cp = a.coef.data_ptr<double>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, root.scalar_type(), "frozen_draft", [&] {
+    using acc_t = typename Acc<scalar_t>::type;
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* fp = fz.data_ptr<scalar_t>();
+    scalar_t* yp = Y.data_ptr<scalar_t>();
+    const acc_t cl = static_cast<acc_t>(clip);
+    at::parallel_for(0, a.B * nch, 1, [&](int64_t begin, int64_t end) {
+      acc_t nz[4][kTile];
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t b = task / nch, ch = task % nch;
+        const int64_t i_lo = ch * kChunk, i_hi = std::min(lay.Q, (ch + 1) * kChunk);
+        const scalar_t* xb = xp + b * D;
+        const scalar_t* fb = fp + b * D;
+        scalar_t* yb = yp + b * (L + 1) * D;
+        for (int lane = 0; lane < 4; ++lane) {
+          const int64_t lo = lane * lay.Q + i_lo, hi = lane * lay.Q + std::min(i_hi, lay.cnt[lane]);
+          if (hi > lo) std::copy(xb + lo, xb + hi, yb + lo);
+        }
+        for (int64_t j = 0; j < L; ++j) {
+          const scalar_t* prev = yb + j * D;
+          scalar_t* next = yb + (j + 1) * D;
+          if (j >= a.n[b]) {
+            for (int lane = 0; lane < 4; ++lane) {
+              const int64_t lo = lane * lay.Q + i_lo, hi = lane * lay.Q + std::min(i_hi, lay.cnt[lane]);
+              if (hi > lo) std::copy(prev + lo, prev + hi, next + lo);
+            }
+            continue;
+          }
+          const StepCoef<acc_t> c(cp, N, a.k[b] + j);
+          for (int64_t i0 = i_lo; i0 < i_hi; i0 += kTile) {
+            philox::normal_tile<acc_t>(key, a.chain[b], a.k[b] + j, static_cast<uint32_t>(i0), nz);
+            for_tile(lay, i0, [&](int lane, int64_t l, int64_t e) {
+              const acc_t y = static_cast<acc_t>(prev[e]);
+              const acc_t p = draft_x0(c, y, static_cast<acc_t>(fb[e]), eps);
+              next[e] = static_cast<scalar_t>(affine_mean(c, p, y, cl) + c.v[kStd] * nz[lane][l]);
+            });
+          }
+        }
+      }
+    });
+  });
+  return Y;
+}
+
+// ---------------------------------------------------------------- verify_frozen
+enum class Commit : uint8_t { kIdle, kAccept, kDeterministic, kReflect };
+
+struct ChainDecision {
+  Commit mode = Commit::kIdle;
+  int64_t pos = 0;         // the window position whose state and prediction decide the commit
+  bool new_frozen = false; // next_frozen = freeze(Y_pos, P_pos); else the old frozen value
+  double reflect = 1.0;    // 1 - 2 <d, r> / ||d||^2 at a rejection
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> verify_frozen_cpu(
+    const at::Tensor& states, const at::Tensor& x0_hat, const at::Tensor& frozen,
+    const at::Tensor& steps, const at::Tensor& lengths, const at::Tensor& coef,
+    const at::Tensor& seed, const at::Tensor& chain_ids, int64_t freeze, double clip) {
+  const char* op = "specdiff::verify_frozen";
+  check_state(states, op, "states");
+  check_state(x0_hat, op, "x0_hat");
+  TORCH_CHECK(states.dim() >= 3 && states.size(1) >= 2, op,
+              ": states must have shape [B, L+1, *E] with L >= 1, got ", states.sizes());
+  TORCH_CHECK(x0_hat.sizes() == states.sizes() && x0_hat.scalar_type() == states.scalar_type(), op,
+              ": x0_hat must match states' shape and dtype, got ", x0_hat.sizes(), " ",
+              x0_hat.scalar_type());
+  const int64_t L = states.size(1) - 1;
+  at::Tensor root = states.select(1, 0);
+  RoundArgs a = check_round(op, root, frozen, steps, lengths, coef, seed, chain_ids, L, freeze, clip);
+  const int64_t B = a.B, D = a.D, N = a.N;
+  std::vector<int64_t> eshape(states.sizes().begin() + 2, states.sizes().end());
+  std::vector<int64_t> sshape{B};
+  sshape.insert(sshape.end(), eshape.begin(), eshape.end());
+  auto opts = states.options().memory_format(at::MemoryFormat::Contiguous);
+  at::Tensor num_accepted = at::empty({B}, opts.dtype(at::kLong));
+  at::Tensor committed = at::empty({B}, opts.dtype(at::kLong));
+  at::Tensor next_state = at::empty(sshape, opts);
+  at::Tensor next_frozen = at::empty(sshape, opts);
+  at::Tensor root_exact = at::empty({B}, opts.dtype(at::kBool));
+  at::Tensor log_ratio = at::zeros({B, L}, opts.dtype(at::kFloat));
+  if (B == 0) return {num_accepted, committed, next_state, next_frozen, root_exact, log_ratio};
+
+  at::Tensor Yt = states.contiguous(), Pt = x0_hat.contiguous(), Ft = frozen.contiguous();
+  const Key key(a.seed);
+  const Layout lay(D);
+  const int64_t nch = lay.chunks();
+  const bool eps = freeze == kFreezeEps;
+  const double* cp = a.coef.data_ptr<double>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, states.scalar_type(), "verify_frozen", [&] {
+    using acc_t = typename Acc<scalar_t>::type;
+    const scalar_t* Y = Yt.data_ptr<scalar_t>();
+    const scalar_t* P = Pt.data_ptr<scalar_t>();
+    const scalar_t* F = Ft.data_ptr<scalar_t>();
+    const acc_t cl = static_cast<acc_t>(clip);
+
+    // Pass 1: <d_j, xi_j> and ||d_j||^2 per (chain, position, chunk); xi drawn in-kernel.
+    std::vector<double> parts(static_cast<size_t>(B * L * nch * 2), 0.0);
+    at::parallel_for(0, B * L * nch, 1, [&](int64_t begin, int64_t end) {
+      acc_t nz[4][kTile];
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t row = task / nch, ch = task % nch;
+        const int64_t b = row / L, j = row % L;
+        if (j >= a.n[b]) continue;
+        const StepCoef<acc_t> c(cp, N, a.k[b] + j);
+        const scalar_t* yj = Y + (b * (L + 1) + j) * D;
+        const scalar_t* pj = P + (b * (L + 1) + j) * D;
+        const scalar_t* fb = F + b * D;
+        acc_t av[kTile] = {}, bv[kTile] = {};
+        for (int64_t i0 = ch * kChunk; i0 < std::min(lay.Q, (ch + 1) * kChunk); i0 += kTile) {
+          philox::normal_tile<acc_t>(key, a.chain[b], a.k[b] + j, static_cast<uint32_t>(i0), nz);
+          for_tile(lay, i0, [&](int lane, int64_t l, int64_t e) {
+            const acc_t pq = draft_x0(c, static_cast<acc_t>(yj[e]), static_cast<acc_t>(fb[e]), eps);
+            const acc_t d = mean_gap(c, static_cast<acc_t>(pj[e]), pq, cl);
+            av[l] += d * nz[lane][l];
+            bv[l] += d * d;
+          });
+        }
+        double sa = 0.0, sb = 0.0;
+        for (int l = 0; l < kTile; ++l) {
+          sa += static_cast<double>(av[l]);
+          sb += static_cast<double>(bv[l]);
+        }
+        parts[static_cast<size_t>(task * 2)] = sa;
+        parts[static_cast<size_t>(task * 2 + 1)] = sb;
+      }
+    });
+
+    // Pass 2 (O(B L)): log ratios, uniforms, first rejection, and each chain's commit.
+    std::vector<ChainDecision> dec(B);
+    float* lro = log_ratio.data_ptr<float>();
+    int64_t* nacc = num_accepted.data_ptr<int64_t>();
+    int64_t* comm = committed.data_ptr<int64_t>();
+    bool* exact = root_exact.data_ptr<bool>();
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t k = a.k[b], n = a.n[b];
+      int64_t first = n;
+      double reflect = 1.0;
+      for (int64_t j = 0; j < n; ++j) {
+        double sa = 0.0, sb = 0.0;
+        const double* p = &parts[static_cast<size_t>((b * L + j) * nch * 2)];
+        for (int64_t ch = 0; ch < nch; ++ch) {
+          sa += p[2 * ch];
+          sb += p[2 * ch + 1];
+        }
+        const double s = cp[kStd * N + std::min(k + j, N - 1)];
+        const double lr = sa / s - sb / (2.0 * s * s);
+        lro[b * L + j] = static_cast<float>(lr);
+        const double u = philox::uniform(key, a.chain[b], k + j);
+        if (first == n && !(std::isfinite(lr) && std::log(u) <= lr)) {
+          first = j;
+          reflect = sb > 0.0 ? 1.0 - 2.0 * s * sa / sb : 1.0;
+        }
+      }
+      ChainDecision& d = dec[b];
+      nacc[b] = first;
+      const bool live_next = k + n < N;
+      const bool det_next = live_next && cp[kStd * N + std::min(k + n, N - 1)] == 0.0;
+      if (first < n) {
+        d = {Commit::kReflect, first, true, reflect};
+        comm[b] = first + 1;
+      } else if (det_next) {
+        d = {Commit::kDeterministic, n, true, 1.0};
+        comm[b] = n + 1;
+      } else {
+        d = {n > 0 ? Commit::kAccept : Commit::kIdle, n, n > 0 && live_next, 1.0};
+        comm[b] = n;
+      }
+      exact[b] = d.mode == Commit::kAccept && live_next;
+    }
+
+    // Pass 3: next_state and next_frozen, chunk by chunk.
+    scalar_t* xs = next_state.data_ptr<scalar_t>();
+    scalar_t* xf = next_frozen.data_ptr<scalar_t>();
+    at::parallel_for(0, B * nch, 1, [&](int64_t begin, int64_t end) {
+      acc_t nz[4][kTile];
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t b = task / nch, ch = task % nch;
+        const ChainDecision& d = dec[b];
+        const int64_t kp = a.k[b] + d.pos;
+        const StepCoef<acc_t> c(cp, N, kp);
+        const scalar_t* yj = Y + (b * (L + 1) + d.pos) * D;
+        const scalar_t* pj = P + (b * (L + 1) + d.pos) * D;
+        const scalar_t* fb = F + b * D;
+        scalar_t* os = xs + b * D;
+        scalar_t* of = xf + b * D;
+        const acc_t refl = static_cast<acc_t>(d.reflect);
+        for (int64_t i0 = ch * kChunk; i0 < std::min(lay.Q, (ch + 1) * kChunk); i0 += kTile) {
+          if (d.mode == Commit::kReflect)
+            philox::normal_tile<acc_t>(key, a.chain[b], kp, static_cast<uint32_t>(i0), nz);
+          for_tile(lay, i0, [&](int lane, int64_t l, int64_t e) {
+            const acc_t y = static_cast<acc_t>(yj[e]);
+            const acc_t p = static_cast<acc_t>(pj[e]);
+            const acc_t f = static_cast<acc_t>(fb[e]);
+            acc_t out = y;
+            if (d.mode == Commit::kReflect) {
+              const acc_t pq = draft_x0(c, y, f, eps);
+              out = affine_mean(c, pq, y, cl) + c.v[kStd] * nz[lane][l] +
+                    refl * mean_gap(c, p, pq, cl);
+            } else if (d.mode == Commit::kDeterministic) {
+              out = affine_mean(c, p, y, cl);
+            }
+            os[e] = static_cast<scalar_t>(out);
+            of[e] = d.new_frozen ? static_cast<scalar_t>(freeze_value(c, y, p, eps)) : fb[e];
+          });
+        }
+      }
+    });
+  });
+  return {num_accepted, committed, next_state, next_frozen, root_exact, log_ratio};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(specdiff, CPU, m) {
+  m.impl("chain_noise", &chain_noise_cpu);
+  m.impl("frozen_draft", &frozen_draft_cpu);
+  m.impl("verify_frozen", &verify_frozen_cpu);
+}
+
+}  // namespace specdiff
