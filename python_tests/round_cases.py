@@ -1,0 +1,285 @@
+"""Shared inputs and oracles for the round-op test suites (CPU, Triton-interpreted, GPU).
+
+The oracle of a round is written here with the samplers' own formulas
+(:class:`GaussianTransitions`' ``mean_from_x0`` / ``x0_from_eps`` / ``eps_from_x0``) and the
+general verify op's reference (``reference.speculative_verify`` on materialised draft and target
+means), in float64: an independent composition, not the table arithmetic of ``round_reference``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from specdiff_kernels import VerifyResult, reference
+from specdiff_kernels import round_ops as ro
+from specdiff_kernels import round_reference as rr
+from specdiff_kernels.langevin import langevin_transitions
+from specdiff_kernels.transitions import (GaussianTransitions, ddim_transitions, ddpm_transitions,
+                                          euler_ancestral_transitions)
+
+FAMILIES = {
+    "ddpm_eps_clip": lambda: ddpm_transitions(num_inference_steps=40, clip_sample=1.0),
+    "ddpm_large_noclip": lambda: ddpm_transitions(num_inference_steps=40, variance="fixed_large"),
+    "ddim_eta": lambda: ddim_transitions(num_inference_steps=40, eta=0.7, clip_sample=1.0),
+    "ddim_clipped_eps": lambda: ddim_transitions(num_inference_steps=40, eta=1.0, clip_sample=0.8,
+                                                 use_clipped_model_output=True),
+    "euler_a": lambda: euler_ancestral_transitions(num_inference_steps=40),
+    "ula": lambda: langevin_transitions(0.05, 40),
+}
+
+# fp32 accumulation for every narrower dtype
+ACC_RTOL = {torch.float64: 1e-11, torch.float32: 3e-5, torch.float16: 3e-5, torch.bfloat16: 3e-5}
+
+
+@dataclass
+class RoundCase:
+    T: GaussianTransitions
+    root: torch.Tensor      # [B, *E] state dtype
+    frozen: torch.Tensor    # [B, *E]
+    steps: torch.Tensor     # [B] int64
+    lengths: torch.Tensor   # [B] int64
+    seed: torch.Tensor
+    chain_ids: torch.Tensor
+    window: int
+    freeze: int
+
+    @property
+    def coef(self) -> torch.Tensor:
+        return ro.round_tables(self.T, self.root.device)
+
+    @property
+    def clip(self) -> float:
+        return ro.clip_value(self.T)
+
+    def to(self, device) -> "RoundCase":
+        return RoundCase(self.T, *(t.to(device) for t in (self.root, self.frozen, self.steps,
+                                                          self.lengths, self.seed, self.chain_ids)),
+                         self.window, self.freeze)
+
+    def draft_args(self):
+        return (self.root, self.frozen, self.steps, self.lengths, self.coef, self.seed,
+                self.chain_ids, self.window, self.freeze, self.clip)
+
+    def verify_args(self, Y, P):
+        return (Y, P, self.frozen, self.steps, self.lengths, self.coef, self.seed, self.chain_ids,
+                self.freeze, self.clip)
+
+
+def stochastic_run(T: GaussianTransitions, k: int) -> int:
+    """Stochastic steps from step k before the next deterministic one or the end."""
+    n = 0
+    while k + n < T.num_steps and not bool(T.deterministic[k + n]):
+        n += 1
+    return n
+
+
+def make_case(B: int, L: int, event: tuple, dtype: torch.dtype, family: str, freeze: int,
+              gen: torch.Generator, n_mode: str = "mixed") -> RoundCase:
+    """Chains at random steps (the last ones included) with windows that stop before a
+    deterministic step; ``n_mode="mixed"`` also shortens some windows and sets some to 0."""
+    T = FAMILIES[family]()
+    N = T.num_steps
+    k = torch.randint(0, N + 1, (B,), generator=gen)
+    k[0] = min(N - 3, int(k[0]))   # keep one chain that can draft
+    n = torch.tensor([min(L, stochastic_run(T, int(kk))) if kk < N else 0 for kk in k])
+    if n_mode == "mixed":
+        cut = torch.randint(0, L + 1, (B,), generator=gen)
+        use = torch.rand(B, generator=gen) < 0.3
+        n = torch.where(use, torch.minimum(n, cut), n)
+    root = (torch.randn((B, *event), generator=gen, dtype=torch.float64) * 0.8).to(dtype)
+    frozen = (torch.randn((B, *event), generator=gen, dtype=torch.float64) * 0.6).to(dtype)
+    seed = ro.seed_tensor(int(torch.randint(0, 2 ** 62, (1,), generator=gen)))
+    ids = torch.randperm(4 * B + 7, generator=gen)[:B].to(torch.int64)
+    return RoundCase(T, root, frozen, k.to(torch.int64), n.to(torch.int64), seed, ids, L, freeze)
+
+
+def make_x0_hat(case: RoundCase, Y: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """A target x0-hat at the drafted states whose mean gap ||d|| / s is log-uniform in
+    [0.1, 4] per position (acceptance from ~0.96 down to ~0.05), in the state dtype."""
+    B, L1 = Y.shape[:2]
+    D = Y[0, 0].numel()
+    f = case.frozen.double().reshape(B, 1, D)
+    kk = (case.steps[:, None] + torch.arange(L1)[None]).clamp(max=case.T.num_steps - 1)
+    coef = ro.round_tables(case.T)
+    scale = (coef[rr.ROW_A] + coef[rr.ROW_E]).abs()[kk] + 1e-3
+    s = coef[rr.ROW_STD][kk].clamp_min(1e-3)
+    gap = torch.exp(torch.empty(B, L1, dtype=torch.float64).uniform_(math.log(0.1), math.log(4.0),
+                                                                     generator=gen))
+    eps = (gap * s / (scale * math.sqrt(D)))[..., None]
+    if case.freeze == rr.FREEZE_X0:
+        base = f
+    else:  # the frozen value is an eps: the draft's x0 at y is X0_Y y - X0_F f
+        base = coef[rr.ROW_X0_Y][kk][..., None] * Y.reshape(B, L1, D).double() \
+            - coef[rr.ROW_X0_F][kk][..., None] * f
+    P = base + eps * torch.randn((B, L1, D), generator=gen, dtype=torch.float64)
+    return P.to(Y.dtype).reshape(Y.shape)
+
+
+@dataclass
+class RoundOracle:
+    num_accepted: torch.Tensor
+    committed: torch.Tensor
+    next_state: torch.Tensor   # float64 [B, D]
+    next_frozen: torch.Tensor  # float64 [B, D]
+    root_exact: torch.Tensor
+    log_ratio: torch.Tensor    # float64 [B, L]
+    decisive: torch.Tensor     # [B] position that decides the commit
+    margin: torch.Tensor       # [B, L] |log u - log_ratio|
+    lr_tol: torch.Tensor       # [B, L] rounding bound of an fp32-accumulated log ratio, per unit
+
+
+def _coef(T, name, k, like):
+    return T.coef(name, k.clamp(0, T.num_steps - 1), like)
+
+
+def general_draft(case: RoundCase) -> tuple[torch.Tensor, torch.Tensor]:
+    """The draft rollout with GaussianTransitions' formulas, in float64: (Y [B, L+1, D], MQ)."""
+    T, B, L = case.T, case.root.shape[0], case.window
+    D = case.root[0].numel()
+    xi, _ = rr.chain_noise(case.seed, case.chain_ids, case.steps, L, D, torch.float64)
+    y = case.root.double().reshape(B, D)
+    f = case.frozen.double().reshape(B, D)
+    ys, mqs = [y], []
+    for j in range(L):
+        kj = case.steps + j
+        x0q = f if case.freeze == rr.FREEZE_X0 else T.x0_from_eps(ys[-1], f, kj.clamp(max=T.num_steps - 1))
+        mq = T.mean_from_x0(ys[-1], x0q, kj.clamp(max=T.num_steps - 1))
+        live = (j < case.lengths)[:, None]
+        ys.append(torch.where(live, mq + _coef(T, "std", kj, ys[-1]) * xi[:, j], ys[-1]))
+        mqs.append(torch.where(live, mq, ys[-2]))
+    return torch.stack(ys, 1), torch.stack(mqs, 1)
+
+
+def general_round(case: RoundCase, Y: torch.Tensor, P: torch.Tensor) -> RoundOracle:
+    """The round on the given drafted states Y (state dtype) and x0-hat P, with the samplers'
+    formulas and ``reference.speculative_verify`` on materialised means, in float64."""
+    T, B, L = case.T, Y.shape[0], case.window
+    N = T.num_steps
+    D = Y[0, 0].numel()
+    Yd, Pd = Y.double().reshape(B, L + 1, D), P.double().reshape(B, L + 1, D)
+    f = case.frozen.double().reshape(B, D)
+    k, n = case.steps, case.lengths
+    _, u = rr.chain_noise(case.seed, case.chain_ids, k, L, D, torch.float64)
+    mq, mp, sig = [], [], []
+    for j in range(L):
+        kj = (k + j).clamp(max=N - 1)
+        x0q = f if case.freeze == rr.FREEZE_X0 else T.x0_from_eps(Yd[:, j], f, kj)
+        mq.append(T.mean_from_x0(Yd[:, j], x0q, kj))
+        mp.append(T.mean_from_x0(Yd[:, j], Pd[:, j], kj))
+        live = j < n
+        sig.append(torch.where(live, T.step_std(kj), torch.ones(B, dtype=torch.float64)))
+    MQ, MP, S = torch.stack(mq, 1), torch.stack(mp, 1), torch.stack(sig, 1)
+    live = torch.arange(L)[None] < n[:, None]
+    MP = torch.where(live[..., None], MP, MQ)
+    # the proposal before rounding to the state dtype: m_q + s xi (the stored Y is its rounding)
+    xi, _ = rr.chain_noise(case.seed, case.chain_ids, k, L, D, torch.float64)
+    prop = MQ + S[..., None] * xi
+    lr = reference._log_ratio_acc(prop, MQ, MP, S)
+    lr = torch.where(live, lr, torch.zeros_like(lr))
+    nv = n.clamp(min=1)
+    res = VerifyResult(*reference.speculative_verify(prop, MQ, MP, S, u.double(), nv))
+    nacc = torch.where(n > 0, res.num_accepted, torch.zeros_like(n))
+    rejected = nacc < n
+    pos = torch.where(rejected, nacc, n)
+    ar = torch.arange(B)
+    kpos = (k + pos).clamp(max=N - 1)
+    y_pos, p_pos = Yd[ar, pos], Pd[ar, pos]
+    live_next = k + n < N
+    det_next = live_next & T.deterministic[(k + n).clamp(max=N - 1)]
+    det_state = T.mean_from_x0(y_pos, p_pos, kpos)
+    state = torch.where(rejected[:, None], res.next_state,
+                        torch.where(det_next[:, None], det_state, y_pos))
+    fz = p_pos if case.freeze == rr.FREEZE_X0 else T.eps_from_x0(y_pos, p_pos, kpos)
+    keep = (~rejected & ~live_next) | ((n == 0) & ~det_next)
+    next_frozen = torch.where(keep[:, None], f, fz)
+    committed = torch.where(rejected, nacc + 1, n + det_next.to(torch.int64))
+    root_exact = ~rejected & live_next & ~det_next & (n > 0)
+    margin = (torch.log(u.double()) - lr).abs()
+    # error scale of the log ratio: every term of d (and its x0-hats) rounded relative to itself
+    coef = ro.round_tables(T)
+    kk = (k[:, None] + torch.arange(L)[None]).clamp(max=N - 1)
+    c = coef[:, kk][..., None]                                         # [8, B, L, 1]
+    pq_mag = f.abs()[:, None] if case.freeze == rr.FREEZE_X0 else \
+        (c[rr.ROW_X0_Y] * Yd[:, :L]).abs() + (c[rr.ROW_X0_F] * f[:, None]).abs()
+    d_mag = (c[rr.ROW_A].abs() + c[rr.ROW_E].abs()) * (Pd[:, :L].abs() + pq_mag)
+    sd = S[..., None]
+    d = MP - MQ
+    lr_tol = ((d_mag + d.abs()) * (xi.abs() / sd + d.abs() / sd ** 2)).sum(-1)
+    return RoundOracle(nacc, committed, state, next_frozen, root_exact, lr, pos, margin, lr_tol)
+
+
+def assert_draft_consistent(Y: torch.Tensor, case: RoundCase, dtype: torch.dtype) -> None:
+    """Every drafted state is the draft step from the PREVIOUS STORED state (float64 formulas),
+    rounded to the state dtype: checked one step at a time, so rounding does not accumulate."""
+    B, L1 = Y.shape[:2]
+    T = case.T
+    D = Y[0, 0].numel()
+    Yc = Y.cpu()
+    assert Yc.dtype == dtype and Yc.shape == (B, case.window + 1, *case.root.shape[1:])
+    assert torch.equal(Yc[:, 0], case.root.cpu()), "Y[:, 0] must be the root, bit for bit"
+    xi, _ = rr.chain_noise(case.seed.cpu(), case.chain_ids.cpu(), case.steps.cpu(), case.window, D,
+                           torch.float64)
+    f = case.frozen.cpu().double().reshape(B, D)
+    Yd = Yc.double().reshape(B, L1, D)
+    eps = torch.finfo(dtype).eps
+    for j in range(case.window):
+        kj = (case.steps.cpu() + j).clamp(max=T.num_steps - 1)
+        x0q = f if case.freeze == rr.FREEZE_X0 else T.x0_from_eps(Yd[:, j], f, kj)
+        mq = T.mean_from_x0(Yd[:, j], x0q, kj)
+        want = mq + T.coef("std", kj, mq) * xi[:, j]
+        live = (j < case.lengths.cpu())
+        mag = (mq.abs() + Yd[:, j].abs() + f.abs() * 4 + xi[:, j].abs() * T.coef("std", kj, mq) + 1)
+        tol = eps * want.abs() + 40 * ACC_RTOL[dtype] * mag + torch.finfo(dtype).tiny
+        err = (Yd[:, j + 1] - want).abs()
+        bad = live[:, None] & (err > tol)
+        assert not bool(bad.any()), (f"drafted state {j + 1}: {int(bad.sum())} elements off the "
+                                     f"draft step; worst error {float(err[live].max()):.3g}")
+        held = ~live
+        assert torch.equal(Yc[held, j + 1], Yc[held, j]), "positions past n must repeat the state"
+
+
+def assert_round_matches(got, oracle: RoundOracle, Y: torch.Tensor, P: torch.Tensor,
+                         case: RoundCase, dtype: torch.dtype) -> None:
+    """A verify_frozen result against the oracle on the same (rounded) inputs: log ratios within
+    accumulation error, decisions equal up to threshold ties, commits, states within rounding."""
+    nacc, comm, state, frozen, exact, lr = (t.cpu() for t in got)
+    B, L = lr.shape
+    assert nacc.dtype == torch.int64 and comm.dtype == torch.int64 and exact.dtype == torch.bool
+    assert lr.dtype == torch.float32 and state.dtype == dtype and frozen.dtype == dtype
+    assert state.shape == case.root.shape and frozen.shape == case.root.shape
+    D = state[0].numel()
+    live = torch.arange(L)[None] < case.lengths.cpu()[:, None]
+    tol = 8 * ACC_RTOL[dtype] * oracle.lr_tol + 2e-7 * oracle.log_ratio.abs() + 1e-30
+    lr_err = (lr.double() - oracle.log_ratio).abs()
+    ok = (lr_err <= tol) | (~torch.isfinite(oracle.log_ratio) & ~torch.isfinite(lr.double()))
+    assert bool(ok[live].all()), (
+        f"log ratio off the oracle beyond rounding: worst error {float(lr_err[live].max()):.3g}")
+    assert bool((lr[~live] == 0).all()), "log ratios past n must be 0"
+    differ = nacc != oracle.num_accepted
+    for b in torch.nonzero(differ).flatten().tolist():
+        m = int(min(nacc[b], oracle.num_accepted[b]))
+        assert oracle.margin[b, m] <= 4 * tol[b, m], (
+            f"chain {b}: accepted {int(nacc[b])} vs oracle {int(oracle.num_accepted[b])}, step {m} "
+            f"not within rounding of the threshold (margin {float(oracle.margin[b, m]):.3g})")
+    same = ~differ
+    assert torch.equal(comm[same], oracle.committed[same]), \
+        f"committed {comm[same].tolist()} vs oracle {oracle.committed[same].tolist()}"
+    assert torch.equal(exact[same], oracle.root_exact[same]), "root_exact differs from the oracle"
+    ar = torch.arange(B)
+    pos = oracle.decisive
+    y_dec = Y.cpu().double().reshape(B, L + 1, D)[ar, pos]
+    p_dec = P.cpu().double().reshape(B, L + 1, D)[ar, pos]
+    f = case.frozen.cpu().double().reshape(B, D)
+    eps = torch.finfo(dtype).eps
+    for name, got_v, want in (("next_state", state, oracle.next_state),
+                              ("next_frozen", frozen, oracle.next_frozen)):
+        g = got_v.double().reshape(B, D)
+        scale = y_dec.abs() + p_dec.abs() + f.abs() + (want - y_dec).abs() + 1
+        tol_v = eps * want.abs() + 100 * ACC_RTOL[dtype] * scale + torch.finfo(dtype).tiny
+        err = (g - want).abs()
+        bad = same[:, None] & (err > tol_v)
+        assert not bool(bad.any()), (
+            f"{name} differs from the oracle at {int(bad.sum())} elements; worst error "
+            f"{float(err[same].max()):.3g}")

@@ -1,0 +1,351 @@
+"""The round ops (SPEC §7) on CPU: counter-based noise, frozen_draft and verify_frozen.
+
+* The noise: Philox4x32-10 against Random123's known-answer vectors; N(0, 1) / U[0, 1) (KS tests);
+  no correlation across chains, steps, lanes and Box-Muller pairs; a chain's noise does not depend
+  on its batch; the C++ stream equals the reference's (the uniforms bit for bit).
+* The ops, ``reference`` and ``cpp`` backends, against an independent oracle
+  (``round_cases.general_round``: the samplers' GaussianTransitions formulas and the general
+  verify op's reference on materialised means, in float64) over every transition family, both
+  freeze modes, clipping on and off, B in {1, 3, 64}, L in {1, 2, 8, 17}, odd event shapes and
+  fp16/bf16/fp32/fp64.
+* Exactness of one round in law (the reflection coupling), and the same tests failing on a
+  deliberately wrong kernel (reflection coefficient 1 - a/b).
+* Bad arguments, opcheck, torch.compile(fullgraph=True).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from specdiff_kernels import ops
+from specdiff_kernels import round_ops as ro
+from specdiff_kernels import round_reference as rr
+
+from round_cases import (FAMILIES, assert_draft_consistent, assert_round_matches, general_draft,
+                         general_round, make_case, make_x0_hat)
+from verify_cases import stable_seed
+
+pytestmark = pytest.mark.skipif(not ops.HAS_CPP, reason="the C++ extension is not built")
+BACKENDS = ["reference", "cpp"]
+SEED = ro.seed_tensor(0x5DEECE66D_1234)
+
+
+def _gen(*key) -> torch.Generator:
+    return torch.Generator().manual_seed(stable_seed(*key))
+
+
+# ---------------------------------------------------------------- Philox and the noise
+KAT = [  # Random123 kat_vectors, philox4x32_10: (counter, key, output)
+    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+    ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+]
+
+
+@pytest.mark.parametrize("ctr,key,want", KAT)
+def test_philox_known_answers(ctr, key, want):
+    out = rr.philox4x32(*(torch.tensor([c]) for c in ctr), *(torch.tensor([k]) for k in key))
+    assert [int(o) for o in out] == list(want)
+
+
+def test_uniforms_are_the_philox_stream_bit_for_bit():
+    """u = (x0 >> 8) 2^-24 is exact in fp32: the C++ stream must equal the reference's exactly,
+    for chain ids and steps up to the ends of their ranges."""
+    ids = torch.tensor([0, 1, 2 ** 31, 2 ** 32 - 1], dtype=torch.int64)
+    steps = torch.tensor([-1, 0, 999_999, 123], dtype=torch.int64)
+    for seed in (ro.seed_tensor(0), ro.seed_tensor(2 ** 64 - 1), SEED):
+        _, u = ro.chain_noise(seed, ids, steps, 5, (3,), backend="cpp")
+        _, u_ref = rr.chain_noise(seed, ids, steps, 5, 3, torch.float64)
+        assert torch.equal(u, u_ref)
+        assert u.dtype == torch.float32 and bool(((u >= 0) & (u < 1)).all())
+
+
+@pytest.mark.parametrize("D", [1, 3, 5, 37, 4 * 512 + 3, 3 * 32 * 32])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_normals_match_reference(D, dtype):
+    ids = torch.tensor([3, 0, 77], dtype=torch.int64)
+    steps = torch.tensor([-1, 5, 41], dtype=torch.int64)
+    xi, _ = ro.chain_noise(SEED, ids, steps, 2, (D,), dtype, backend="cpp")
+    want, _ = rr.chain_noise(SEED, ids, steps, 2, D, torch.float64)
+    assert xi.dtype == dtype and xi.shape == (3, 2, D)
+    # fp32 transcendental functions (|xi| <= 5.8): 2e-6 absolute; narrower dtypes: their rounding
+    tol = 2e-6 + torch.finfo(dtype).eps * want.abs() if dtype != torch.float64 else 1e-13
+    assert bool(((xi.double() - want).abs() <= tol).all()), float((xi.double() - want).abs().max())
+
+
+def _noise(backend, B=64, window=16, D=257, dtype=torch.float64, seed=SEED):
+    ids = torch.arange(B, dtype=torch.int64)
+    steps = torch.zeros(B, dtype=torch.int64)
+    return ro.chain_noise(seed, ids, steps, window, (D,), dtype, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_noise_marginals(backend):
+    """xi ~ N(0, 1) and u ~ U[0, 1) (KS tests on 263k and 16k draws; fixed seeds)."""
+    xi, _ = _noise(backend)
+    assert stats.kstest(xi.flatten().numpy(), "norm").pvalue > 1e-3
+    _, u = _noise(backend, B=1024, window=16, D=1)
+    assert stats.kstest(u.flatten().double().numpy(), "uniform").pvalue > 1e-3
+    # the tails are there (|xi| > 4 has probability 6.3e-5: ~17 of 263k draws)
+    assert int((xi.abs() > 4).sum()) >= 3
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_noise_independence(backend):
+    """No correlation across chains, steps, the four lanes of one Philox block, and no dependence
+    between the two normals of a Box-Muller pair (correlation of their squares)."""
+    xi, u = _noise(backend, B=64, window=16, D=256)   # Q = 64: lanes e, e+64, e+128, e+192
+    pairs = {
+        "chains": (xi[:-1], xi[1:]),
+        "steps": (xi[:, :-1], xi[:, 1:]),
+        "lanes 0/1 (a Box-Muller pair)": (xi[..., :64], xi[..., 64:128]),
+        "lanes 1/2 (two pairs)": (xi[..., 64:128], xi[..., 128:192]),
+        "squares of a pair": (xi[..., :64] ** 2, xi[..., 64:128] ** 2),
+        "elements": (xi[..., :-1], xi[..., 1:]),
+    }
+    for name, (a, b) in pairs.items():
+        r, p = stats.pearsonr(a.flatten().numpy(), b.flatten().numpy())
+        assert p > 1e-4, f"{name}: correlation {r:.4f} (p = {p:.2g})"
+    r, p = stats.pearsonr(u.flatten().double().numpy(), xi[..., 0].flatten().numpy())
+    assert p > 1e-4, f"u vs xi: correlation {r:.4f}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_noise_does_not_depend_on_the_batch(backend):
+    """Chain 7's noise at step 12 is the same alone, in a batch, at another row, or read through a
+    window that starts earlier; another seed gives other noise."""
+    one, u1 = ro.chain_noise(SEED, torch.tensor([7]), torch.tensor([12]), 1, (5, 7), backend=backend)
+    ids = torch.tensor([3, 9, 7, 11], dtype=torch.int64)
+    many, um = ro.chain_noise(SEED, ids, torch.tensor([0, 12, 10, 99]), 3, (5, 7), backend=backend)
+    assert torch.equal(one[0, 0], many[2, 2]) and torch.equal(u1[0, 0], um[2, 2])
+    other, _ = ro.chain_noise(ro.seed_tensor(1), torch.tensor([7]), torch.tensor([12]), 1, (5, 7),
+                              backend=backend)
+    assert not torch.equal(one, other)
+    assert not torch.equal(many[0, 0], many[1, 0])
+
+
+# ---------------------------------------------------------------- the round ops vs the oracle
+SHAPES = [(1, 1, (3,)), (3, 2, (5, 7)), (3, 8, (37,)), (64, 8, (2, 3, 5)), (3, 17, (130,)),
+          (1, 8, (3, 16, 16))]
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+
+def _round_params():
+    out = []
+    for fam in FAMILIES:
+        for freeze in (rr.FREEZE_X0, rr.FREEZE_EPS):
+            for i, (B, L, E) in enumerate(SHAPES):
+                dtype = DTYPES[(i + freeze + len(fam)) % len(DTYPES)]
+                out.append((fam, freeze, B, L, E, dtype))
+    return out
+
+
+ROUND_PARAMS = _round_params()
+
+
+@pytest.mark.parametrize("fam,freeze,B,L,E,dtype", ROUND_PARAMS)
+def test_reference_round_equals_general_composition(fam, freeze, B, L, E, dtype):
+    """The round_reference formulas (tables A, E, G, ...) against the samplers' own formulas and
+    the general verify op, float64 throughout."""
+    gen = _gen("ref", fam, freeze, B, L, E)
+    case = make_case(B, L, E, torch.float64, fam, freeze, gen)
+    Y = ro.frozen_draft(*case.draft_args(), backend="reference")
+    Yg, _ = general_draft(case)
+    assert torch.allclose(Y.reshape(Yg.shape), Yg, rtol=1e-12, atol=1e-12)
+    P = make_x0_hat(case, Y, gen)
+    got = ro.verify_frozen(*case.verify_args(Y, P), backend="reference")
+    assert_round_matches(got, general_round(case, Y, P), Y, P, case, torch.float64)
+
+
+@pytest.mark.parametrize("fam,freeze,B,L,E,dtype", ROUND_PARAMS)
+def test_cpp_round_matches_oracle(fam, freeze, B, L, E, dtype):
+    gen = _gen("cpp", fam, freeze, B, L, E, str(dtype))
+    case = make_case(B, L, E, dtype, fam, freeze, gen)
+    Y = ro.frozen_draft(*case.draft_args(), backend="cpp")
+    assert_draft_consistent(Y, case, dtype)
+    P = make_x0_hat(case, Y, gen)
+    got = ro.verify_frozen(*case.verify_args(Y, P), backend="cpp")
+    assert_round_matches(got, general_round(case, Y, P), Y, P, case, dtype)
+
+
+def test_cases_cover_every_commit():
+    """The parametrised cases reach rejections, full acceptances, deterministic steps after a
+    window, idle chains and chains that finish (else the tests above prove little)."""
+    seen = set()
+    for fam, freeze, B, L, E, dtype in ROUND_PARAMS:
+        gen = _gen("cpp", fam, freeze, B, L, E, str(dtype))
+        case = make_case(B, L, E, dtype, fam, freeze, gen)
+        Y = ro.frozen_draft(*case.draft_args(), backend="cpp")
+        res = ro.verify_frozen(*case.verify_args(Y, make_x0_hat(case, Y, gen)), backend="cpp")
+        n, k, N = case.lengths, case.steps, case.T.num_steps
+        rej = res.num_accepted < n
+        seen |= {"reject"} if bool(rej.any()) else set()
+        seen |= {"accept"} if bool(((~rej) & (n > 0) & res.root_exact).any()) else set()
+        seen |= {"det"} if bool((res.committed > n).any()) else set()
+        seen |= {"idle"} if bool((res.committed == 0).any()) else set()
+        seen |= {"finish"} if bool((k + res.committed == N).any()) else set()
+    assert seen == {"reject", "accept", "det", "idle", "finish"}, seen
+
+
+# ---------------------------------------------------------------- exactness in law, power
+def _wrong_reflection_verify(states, x0_hat, frozen, steps, lengths, coef, seed, chain_ids,
+                             freeze, clip):
+    """The reference verify with the reflection coefficient 1 - a/b instead of 1 - 2a/b."""
+    out = list(rr.verify_frozen(states, x0_hat, frozen, steps, lengths, coef, seed, chain_ids,
+                                freeze, clip))
+    B, L1 = states.shape[:2]
+    D = states[0, 0].numel()
+    k, n = steps, lengths
+    rejected = out[0] < n
+    j = torch.where(rejected, out[0], n)
+    c = rr._rows(coef, k + j, torch.float64)
+    yj = states.reshape(B, L1, D).double()[torch.arange(B), j]
+    pj = x0_hat.reshape(B, L1, D).double()[torch.arange(B), j]
+    f = frozen.reshape(B, D).double()
+    pq = rr.draft_x0(c, yj, f, freeze)
+    d = c[rr.ROW_A] * (rr._clip(pj, clip) - rr._clip(pq, clip)) + c[rr.ROW_E] * (pj - pq)
+    r = c[rr.ROW_STD] * rr.normal_noise(seed, chain_ids, k + j, D, torch.float64)
+    a = (d * r).sum(-1, keepdim=True)
+    b = (d * d).sum(-1, keepdim=True).clamp_min(1e-300)
+    wrong = rr.affine_mean(c, pq, yj, clip) + r + (1 - a / b) * d
+    out[2] = torch.where(rejected[:, None], wrong, out[2].reshape(B, D).double()) \
+        .to(states.dtype).reshape(out[2].shape)
+    return tuple(out)
+
+
+def _one_step_law(verify, B=4000, D=3, gap=1.2):
+    """B chains at the same root with a frozen x0 that is off the target's: the committed state
+    after one step (L = 1) must be N(m_p, s^2 I); returns the KS p-value of its standardised
+    projection on the mean gap's direction and the acceptance rate."""
+    T = FAMILIES["ddpm_large_noclip"]()   # unclipped: ||m_p - m_q|| = gap * s exactly
+    coef = ro.round_tables(T)
+    k0 = 30
+    s = float(T.std[k0])
+    root = torch.full((B, D), 0.3, dtype=torch.float64)
+    x0_target = torch.tensor([0.2, -0.1, 0.4], dtype=torch.float64)[:D]
+    A_E = float(coef[rr.ROW_A, k0] + coef[rr.ROW_E, k0])
+    shift = torch.tensor([1.0, -1.0, 0.5], dtype=torch.float64)[:D]
+    frozen = (x0_target - gap * s / A_E * shift / shift.norm()).expand(B, D).contiguous()
+    steps = torch.full((B,), k0, dtype=torch.int64)
+    ones = torch.ones(B, dtype=torch.int64)
+    ids = torch.arange(B, dtype=torch.int64)
+    clip = ro.clip_value(T)
+    Y = rr.frozen_draft(root, frozen, steps, ones, coef, SEED, ids, 1, rr.FREEZE_X0, clip)
+    P = x0_target.expand(B, 2, D).contiguous()
+    res = verify(Y, P, frozen, steps, ones, coef, SEED, ids, rr.FREEZE_X0, clip)
+    c = rr._rows(coef, steps, torch.float64)
+    mp = rr.affine_mean(c, P[:, 0], root, clip)
+    mq = rr.affine_mean(c, frozen, root, clip)
+    e = (mp - mq)[0] / (mp - mq)[0].norm()
+    z = ((res[2] - mp) @ e) / s
+    v = torch.zeros(D, dtype=torch.float64)
+    v[-1] = 1.0
+    v = v - (v @ e) * e
+    z_perp = ((res[2] - mp) @ (v / v.norm())) / s     # a direction orthogonal to the gap
+    accept = float((res[0] == 1).double().mean())
+    return stats.kstest(z.numpy(), "norm").pvalue, stats.kstest(z_perp.numpy(), "norm").pvalue, accept
+
+
+def test_one_round_has_the_target_law():
+    p_par, p_perp, accept = _one_step_law(rr.verify_frozen)
+    assert 0.3 < accept < 0.8, accept       # both branches of the coupling are exercised
+    assert p_par > 1e-3 and p_perp > 1e-3, (p_par, p_perp)
+
+
+def test_cpp_round_has_the_target_law():
+    def cpp(*args):
+        return torch.ops.specdiff.verify_frozen(*args)
+    p_par, p_perp, _ = _one_step_law(cpp)
+    assert p_par > 1e-3 and p_perp > 1e-3, (p_par, p_perp)
+
+
+def test_wrong_reflection_is_detected():
+    """The power check: the law test and the oracle comparison both reject a verify whose
+    reflection coefficient is 1 - a/b."""
+    p_par, _, _ = _one_step_law(_wrong_reflection_verify)
+    assert p_par < 1e-6, p_par
+    gen = _gen("wrong", 1)
+    case = make_case(64, 4, (37,), torch.float64, "ddpm_eps_clip", rr.FREEZE_X0, gen, n_mode="full")
+    Y = rr.frozen_draft(*case.draft_args())
+    P = make_x0_hat(case, Y, gen)
+    got = _wrong_reflection_verify(*case.verify_args(Y, P))
+    with pytest.raises(AssertionError, match="next_state"):
+        assert_round_matches(got, general_round(case, Y, P), Y, P, case, torch.float64)
+
+
+# ---------------------------------------------------------------- bad arguments, opcheck, compile
+def _small_case(dtype=torch.float32):
+    return make_case(3, 4, (5,), dtype, "ddpm_eps_clip", rr.FREEZE_X0, _gen("small"))
+
+
+@pytest.mark.parametrize("mutate,match", [
+    (lambda a: a.update(seed=3), "seed must be an int64 tensor with one element"),
+    (lambda a: a.update(seed=torch.tensor([1.0])), "seed must be an int64"),
+    (lambda a: a.update(lengths=torch.tensor([1, 2, 9])), "lengths must lie in 0..window"),
+    (lambda a: a.update(steps=torch.tensor([0, 1, 999])), "steps must lie in 0..N"),
+    (lambda a: a.update(steps=torch.tensor([0, 1, 2], dtype=torch.int32)), "steps must be an int64"),
+    (lambda a: a.update(chain_ids=torch.tensor([0, -1, 2])), r"chain_ids must lie in \[0, 2\^32\)"),
+    (lambda a: a.update(coef=torch.zeros(8, 5)), "coef must be the float64"),
+    (lambda a: a.update(frozen=torch.zeros(3, 6)), "frozen must match"),
+    (lambda a: a.update(window=0), "window must be an int >= 1"),
+    (lambda a: a.update(freeze=2), "freeze must be 0"),
+    (lambda a: a.update(clip=0.0), "clip must be > 0"),
+])
+def test_bad_arguments_name_the_argument(mutate, match):
+    case = _small_case()
+    args = dict(root=case.root, frozen=case.frozen, steps=case.steps, lengths=case.lengths,
+                coef=case.coef, seed=case.seed, chain_ids=case.chain_ids, window=case.window,
+                freeze=case.freeze, clip=case.clip)
+    mutate(args)
+    with pytest.raises((ValueError, TypeError), match=match):
+        ro.frozen_draft(**args)
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda c: torch.ops.specdiff.frozen_draft(c.root, c.frozen, c.steps, c.lengths + 5, c.coef,
+                                               c.seed, c.chain_ids, 4, 0, 1.0), "lengths must lie in"),
+    (lambda c: torch.ops.specdiff.verify_frozen(*c.verify_args(
+        torch.zeros(3, 5, 5), torch.zeros(3, 5, 6))), "x0_hat must match"),
+    (lambda c: torch.ops.specdiff.chain_noise(c.seed, c.chain_ids, c.steps * 0 - 3, 2, 4,
+                                              torch.float32), "steps must lie in -1.."),
+    (lambda c: torch.ops.specdiff.chain_noise(c.seed.double(), c.chain_ids, c.steps, 2, 4,
+                                              torch.float32), "seed must be an int64"),
+])
+def test_cpp_kernels_check_their_arguments(call, match):
+    """The C++ kernels refuse bad input themselves (TORCH_CHECK), for callers that bypass the
+    Python wrappers."""
+    with pytest.raises(RuntimeError, match=match):
+        call(_small_case())
+
+
+def test_opcheck():
+    case = _small_case()
+    Y = ro.frozen_draft(*case.draft_args())
+    P = Y * 0.9 + 0.05
+    torch.library.opcheck(torch.ops.specdiff.chain_noise.default,
+                          (case.seed, case.chain_ids, case.steps, 3, 10, torch.float32))
+    torch.library.opcheck(torch.ops.specdiff.frozen_draft.default, case.draft_args())
+    torch.library.opcheck(torch.ops.specdiff.verify_frozen.default, case.verify_args(Y, P))
+
+
+def test_torch_compile_fullgraph_round():
+    """draft -> a network -> verify, compiled as one graph with Inductor: no graph break, and the
+    same result as eager."""
+    case = _small_case()
+    w = torch.linspace(0.5, 1.0, 5)
+
+    def round_(root, frozen, steps, lengths, coef, seed, ids):
+        Y = torch.ops.specdiff.frozen_draft(root, frozen, steps, lengths, coef, seed, ids, 4, 0, 1.0)
+        P = torch.tanh(Y * w)
+        return torch.ops.specdiff.verify_frozen(Y, P, frozen, steps, lengths, coef, seed, ids, 0, 1.0)
+
+    args = (case.root, case.frozen, case.steps, case.lengths, case.coef, case.seed, case.chain_ids)
+    eager = round_(*args)
+    compiled = torch.compile(round_, fullgraph=True, backend="inductor")(*args)
+    for a, b in zip(eager, compiled):
+        assert torch.equal(a, b)
