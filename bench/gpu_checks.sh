@@ -4,14 +4,16 @@
 #   2. the GPU tests (compiled Triton kernels against the float64 reference, opcheck,
 #      torch.compile, CUDA graphs, every autotune config),
 #   3. the CUDA verify benchmark (bench/bench_verify_cuda.py), cut to a time budget,
-#   4. the launch-cost breakdown (bench/bench_launch_overhead.py).
-# STEPS picks a subset (default "build tests bench overhead").
+#   4. the launch-cost breakdown (bench/bench_launch_overhead.py),
+#   5. the round ops' GPU tests (python_tests/test_gpu_round.py) and benchmark
+#      (bench/bench_round_ops.py --device cuda).
+# STEPS picks a subset (default "build tests bench overhead round_tests round_bench").
 # Logs and results go to $OUT (default bench/results/gpu_run). Runs under the machine's python3
 # (PYTHON overrides); needs torch, triton, pytest, hypothesis, scipy, pybind11, cmake, ninja.
 #   OUT=/tmp/gpu BENCH_BUDGET=200 bash bench/gpu_checks.sh
 set -u
 OUT=${OUT:-bench/results/gpu_run}
-STEPS=" ${STEPS:-build tests bench overhead} "
+STEPS=" ${STEPS:-build tests bench overhead round_tests round_bench} "
 want() { [[ "$STEPS" == *" $1 "* ]]; }
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
@@ -53,4 +55,18 @@ if want bench; then
   timeout "${BENCH_TIMEOUT:-300}" $PY bench/bench_verify_cuda.py --device cuda ${BENCH_ARGS:-} \
     --time-budget "${BENCH_BUDGET:-200}" --out "$OUT/verify_cuda_$slug" >"$OUT/bench.log" 2>&1
   stamp "benchmark rc=$?"; cat "$OUT/bench.log"
+fi
+
+if want round_tests; then
+  stamp "round-op GPU tests"
+  SPECDIFF_TEST_GPU=1 timeout "${ROUND_TEST_TIMEOUT:-240}" $PY -m pytest python_tests/test_gpu_round.py \
+    -q -ra --maxfail=25 -p no:cacheprovider --durations=8 >"$OUT/test_gpu_round.log" 2>&1
+  stamp "round-op GPU tests rc=$?"; tail -n 40 "$OUT/test_gpu_round.log"
+fi
+
+if want round_bench; then
+  stamp "round-op benchmark"
+  timeout "${ROUND_BENCH_TIMEOUT:-180}" $PY bench/bench_round_ops.py --device cuda \
+    --out "$OUT/round_ops_$slug" >"$OUT/round_bench.log" 2>&1
+  stamp "round-op benchmark rc=$?"; cat "$OUT/round_bench.log"
 fi

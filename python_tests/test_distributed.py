@@ -70,7 +70,12 @@ def test_split_batches_merge_to_the_single_run(window, draft):
     b = s.sample(6, (16,), generator=g(), chain_ids=range(7, 13), dtype=torch.float64)
     torch.testing.assert_close(torch.cat([a.samples, b.samples]), full.samples, rtol=0, atol=1e-9)
     merged = merge_stats([b.stats, a.stats], [list(range(7, 13)), list(range(7))])
-    assert_stats_equal(merged, full.stats)
+    # A round's sequential draft calls are its longest window among the batch's chains, so the
+    # shards' (run side by side: the max over shards) can be fewer than one batch's, never more.
+    assert_stats_equal(merged, full.stats, skip=("wall_time", "draft_calls"))
+    assert merged.draft_calls <= full.stats.draft_calls
+    if draft == "frozen":
+        assert merged.draft_calls == full.stats.draft_calls == 0
 
 
 def test_merge_stats_rules():

@@ -23,7 +23,7 @@ import torch
 
 import specdiff_kernels
 from specdiff_kernels import VerifyResult
-from specdiff_kernels.chain_noise import ChainNoise, base_seed_from, chain_seed
+from specdiff_kernels.chain_noise import ChainNoise, base_seed_from
 from specdiff_kernels.drafts import FrozenTargetDraft
 from specdiff_kernels.langevin import (GradientModel, LangevinSampler, SpeculativeLangevin,
                                        banana_energy, banana_grad, langevin_transitions,
@@ -145,7 +145,7 @@ def test_plain_sampler_is_the_ula_loop_bit_for_bit():
         res = s.sample(x_init, num_chains=B, event_shape=(D,), generator=gen(6), chain_ids=ids,
                        dtype=torch.float64)
         base = base_seed_from(gen(6))
-        noise = ChainNoise([chain_seed(base, c) for c in ids], (D,), torch.float64, "cpu")
+        noise = ChainNoise(base, ids, (D,), torch.float64, "cpu")
         x = (noise.initial * 1.5) if x_init is None else x_init.clone()
         rows = torch.arange(B)
         gt = torch.tensor(g, dtype=torch.float64)
