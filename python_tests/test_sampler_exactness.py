@@ -309,15 +309,16 @@ def test_gmm_tests_reject_wrong_verifiers(gmm_reference, wrong):
 
 
 # ===================================================================== L = 1 and streams
-def test_window_one_equals_ancestral_bit_for_bit():
+def test_window_one_equals_ancestral():
     """L = 1 with the frozen draft without prefetch: every window starts from the target's own
     prediction at its root, so mq_0 == mp_0, the step is always accepted and y_1 = mp_0 + s xi_k with
-    the same xi_k (per-chain streams indexed by step): identical to the ancestral chain."""
+    the same xi_k (counter-based noise indexed by step): the ancestral chain, up to rounding (one
+    fused kernel there, eager ops here)."""
     model, T = gmm_setup()
     anc = AncestralSampler(model, T).sample(64, (GMM_D,), generator=gen(9))
     spec = SpeculativeSampler(model, T, FrozenTargetDraft("x0", prefetch_root=False), 1).sample(
         64, (GMM_D,), generator=gen(9))
-    assert torch.equal(anc.samples, spec.samples)
+    torch.testing.assert_close(anc.samples, spec.samples, rtol=1e-5, atol=1e-5)
     assert spec.stats.accepted_by_position == spec.stats.attempted_by_position
 
 

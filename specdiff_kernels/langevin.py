@@ -105,8 +105,9 @@ class GradientModel:
     def gradient(self, x: Tensor) -> Tensor:
         if self.grad_U is not None:
             return self.grad_U(x)
-        with torch.enable_grad():
-            xr = x.detach().requires_grad_(True)
+        # The samplers run under inference_mode; autograd needs an ordinary tensor and grad mode.
+        with torch.inference_mode(False), torch.enable_grad():
+            xr = x.clone().requires_grad_(True)
             u = self.U(xr)
             if u.dim() != 1 or u.shape[0] != x.shape[0]:
                 raise ValueError(f"U must return one energy per state, shape [{x.shape[0]}], got "

@@ -23,21 +23,23 @@ every sampling step k.
 With ``FrozenTargetDraft(prefetch_root=False)`` a round makes two sequential calls instead: the
 roots first (with the deterministic-step chains), then the window states y_1..y_{n-1}.
 
-Randomness: chain c draws xi_k and u_k of sampling step k from its own generator, seeded from one
-draw of the ``generator`` passed to ``sample`` and the chain's id (see ``chain_noise``). So the same
+Randomness: xi_k and u_k of chain c at sampling step k are counter-based (Philox), pure functions
+of (seed, chain id, k); the seed is one draw of the ``generator`` passed to ``sample`` (see
+``chain_noise``). So the same
 generator seed gives the same samples, and a chain's samples do not depend on the other chains of
 its batch.
 
 L = 1: with ``FrozenTargetDraft(prefetch_root=False)`` every window starts from the target's own
 prediction at its root, so mq_0 == mp_0 bit for bit, the step is always accepted and
 y_1 = mp_0 + s_k xi_k is computed by the same expression as the ancestral step: the speculative
-sampler reproduces the ancestral one bit for bit. With prefetching (the default) or a draft model
+sampler reproduces the ancestral one up to float rounding (the ancestral step is one fused kernel). With prefetching (the default) or a draft model
 the L = 1 chains differ from the ancestral ones path by path (after a rejection the next frozen
 prediction is stale, and rejected steps are reflected rather than drawn from xi_k directly) but not
 in law.
 """
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -48,11 +50,17 @@ from torch import Tensor
 
 from . import ops
 from .adaptive import AdaptiveWindow, resolve_window
-from .chain_noise import DEFAULT_BLOCK, ChainNoise, base_seed_from, chain_seed
+from .chain_noise import ChainNoise, base_seed_from
 from .drafts import Draft, DraftModelDraft, FrozenTargetDraft
+from .static_round import NO_BAD, LeanAncestral, StaticRound, stochastic_runs
 from .transitions import GaussianTransitions, Model
 
 VerifyFn = Callable[..., "ops.VerifyResult"]
+PATHS = ("auto", "static", "ragged")
+# The static round is the default up to this many chains on CPU; above it the ragged path, which
+# evaluates only the states a round needs (L per chain instead of L + 1) and compacts finished
+# chains away, costs less (bench/results/static_vs_ragged_cpu.md). On CUDA the static round always.
+STATIC_MAX_CHAINS_CPU = 64
 
 
 class NonFiniteError(FloatingPointError):
@@ -179,17 +187,28 @@ class SamplingResult:
     stats: SamplerStats
 
 
+def _inference(sample):
+    """Run ``sample`` under ``torch.inference_mode()``: a model whose parameters require grad (a
+    diffusers UNet outside its pipeline) must not build an autograd graph over N steps. The
+    samples are cloned out of inference mode, so callers get ordinary tensors."""
+    @functools.wraps(sample)
+    def wrapper(self, *args, **kwargs) -> "SamplingResult":
+        with torch.inference_mode():
+            res = sample(self, *args, **kwargs)
+        return SamplingResult(res.samples.clone(), res.stats)
+    return wrapper
+
+
 class _SamplerBase:
     name = "sampler"
 
     def __init__(self, model: Model, transitions: GaussianTransitions, *, progress: bool = False,
-                 noise_block: int = DEFAULT_BLOCK, check_finite: bool = True):
+                 check_finite: bool = True):
         if not isinstance(transitions, GaussianTransitions):
             raise TypeError(f"transitions must be a GaussianTransitions, got {type(transitions).__name__}")
         self.model = model
         self.transitions = transitions
         self.progress = progress
-        self.noise_block = int(noise_block)
         self.check_finite = bool(check_finite)
 
     # -------------------------------------------------------------- setup and helpers
@@ -213,8 +232,7 @@ class _SamplerBase:
         if len(ids) != B:
             raise ValueError(f"chain_ids has {len(ids)} entries for {B} chains")
         base = base_seed_from(generator)
-        noise = ChainNoise([chain_seed(base, c) for c in ids], event_shape, dtype, device,
-                           window=window, block=self.noise_block)
+        noise = ChainNoise(base, ids, event_shape, dtype, device)
         if x_init is None:
             x = (noise.initial * self.transitions.init_std).to(dtype)
         else:
@@ -251,6 +269,13 @@ class AncestralSampler(_SamplerBase):
 
     name = "ancestral"
 
+    def __init__(self, model: Model, transitions: GaussianTransitions, *, progress: bool = False,
+                 check_finite: bool = True, compile: bool = False, backend: Optional[str] = None):
+        super().__init__(model, transitions, progress=progress, check_finite=check_finite)
+        self.compile = bool(compile)
+        self.backend = backend
+
+    @_inference
     def sample(self, num_chains: Optional[int] = None, event_shape=None, *,
                generator: Optional[torch.Generator] = None, chain_ids=None, x_init=None,
                dtype: torch.dtype = torch.float32, device=None) -> SamplingResult:
@@ -260,26 +285,21 @@ class AncestralSampler(_SamplerBase):
                                     device, window=1)
         B, N = x.shape[0], T.num_steps
         stats = SamplerStats(self.name, B, N, 1)
-        rows = torch.arange(B)
+        chain = LeanAncestral(self.model, T, noise.seed, noise.chain_ids, dtype=x.dtype,
+                              backend=self.backend, compile=self.compile)
         bar = self._progress_bar(B * N)
-        for s in range(N):
-            k = torch.full((B,), s, dtype=torch.int64, device=x.device)
-            x0 = self._eval(self.model, "target", x, k, ids)
-            mean = T.mean_from_x0(x, x0, k)
-            if bool(T.deterministic[s]):
-                x = mean
-                stats.deterministic_steps += B
-            else:
-                xi, _ = noise.window(rows, k.cpu(), 1)
-                x = mean + T.coef("std", k, x) * xi[:, 0]
-                stats.direct_steps += B
-            stats.rounds += 1
-            stats.target_calls += 1
-            stats.target_evals += B
-            if bar is not None:
-                bar.update(B)
+        x, bad = chain.run(x, self.check_finite, bar)
         if bar is not None:
             bar.close()
+        if bad is not None:
+            step, row = bad
+            raise NonFiniteError(f"target model returned a non-finite output at sampling step "
+                                 f"{step} (timestep t={T.timesteps[step].item()}) for chain {ids[row]}")
+        n_det = int(T.deterministic.sum())
+        stats.rounds = stats.target_calls = N
+        stats.target_evals = B * N
+        stats.deterministic_steps = B * n_det
+        stats.direct_steps = B * (N - n_det)
         stats.chain_rounds = [N] * B
         stats.wall_time = time.perf_counter() - t0
         return SamplingResult(x, stats)
@@ -303,8 +323,6 @@ class SpeculativeSampler(_SamplerBase):
             :func:`specdiff_kernels.speculative_verify`, called with ``backend=`` as a keyword).
             A hook for testing and instrumentation; the default is the public op.
         progress: show a tqdm bar over steps completed (summed over chains).
-        noise_block: steps per block of the per-chain random streams (keep the default to share
-            noise with :class:`AncestralSampler`).
         check_finite: check model outputs and log ratios (raise :class:`NonFiniteError`).
     """
 
@@ -312,26 +330,32 @@ class SpeculativeSampler(_SamplerBase):
 
     def __init__(self, model: Model, transitions: GaussianTransitions, draft: Optional[Draft] = None,
                  window: int | str | AdaptiveWindow = 8, *, backend: Optional[str] = None, verify_fn: Optional[VerifyFn] = None,
-                 progress: bool = False, noise_block: int = DEFAULT_BLOCK, check_finite: bool = True):
-        super().__init__(model, transitions, progress=progress, noise_block=noise_block,
-                         check_finite=check_finite)
+                 progress: bool = False, check_finite: bool = True, path: str = "auto",
+                 compile: bool | str = "auto"):
+        super().__init__(model, transitions, progress=progress, check_finite=check_finite)
         self.draft = FrozenTargetDraft() if draft is None else draft
         if not isinstance(self.draft, (FrozenTargetDraft, DraftModelDraft)):
             raise TypeError(f"draft must be a FrozenTargetDraft or DraftModelDraft, got {type(self.draft).__name__}")
         self.window, self.window_policy = resolve_window(window)
         self.backend = backend
         self.verify_fn = ops.speculative_verify if verify_fn is None else verify_fn
-        det = transitions.deterministic.tolist()
-        run = [0] * (transitions.num_steps + 1)
-        for s in range(transitions.num_steps - 1, -1, -1):
-            run[s] = 0 if det[s] else run[s + 1] + 1
-        self._stoch_run = torch.tensor(run, dtype=torch.int64)  # stochastic steps left before a det step/end
+        if path not in PATHS:
+            raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+        if path == "static" and not self._static_capable():
+            raise ValueError("path='static' needs a FrozenTargetDraft with prefetch_root=True, a "
+                             "fixed integer window and the default verify op; use path='ragged'")
+        if compile not in (True, False, "auto"):
+            raise ValueError(f"compile must be True, False or 'auto', got {compile!r}")
+        self.path = path
+        self.compile = compile
+        self._stoch_run = stochastic_runs(transitions)  # stochastic steps left before a det step/end
 
     def __repr__(self) -> str:
         w = self.window if self.window_policy is None else repr(self.window_policy)
         return f"SpeculativeSampler(window={w}, draft={self.draft!r}, transitions={self.transitions!r})"
 
     # -------------------------------------------------------------- public
+    @_inference
     def sample(self, num_chains: Optional[int] = None, event_shape=None, *,
                generator: Optional[torch.Generator] = None, chain_ids=None, x_init=None,
                dtype: torch.dtype = torch.float32, device=None) -> SamplingResult:
@@ -353,6 +377,8 @@ class SpeculativeSampler(_SamplerBase):
         L = self.window
         x, noise, ids = self._setup(num_chains, event_shape, generator, chain_ids, x_init, dtype,
                                     device, window=L)
+        if self.resolve_path(x.shape[0], x.device) == "static":
+            return self._sample_static(x, noise, ids, t0)
         dev = x.device
         B, N = x.shape[0], T.num_steps
         stats = SamplerStats(self.name, B, N, L)
@@ -499,6 +525,71 @@ class SpeculativeSampler(_SamplerBase):
         stats.chain_rounds = chain_rounds.tolist()
         stats.wall_time = time.perf_counter() - t0
         return SamplingResult(x, stats)
+
+    # -------------------------------------------------------------- the static path
+    def _static_capable(self) -> bool:
+        return (isinstance(self.draft, FrozenTargetDraft) and self.draft.prefetch_root
+                and self.window_policy is None and self.verify_fn is ops.speculative_verify)
+
+    def resolve_path(self, num_chains: int, device: torch.device) -> str:
+        """``"static"`` or ``"ragged"``: what ``sample`` runs for this batch (see ``path``)."""
+        if self.path != "auto":
+            return self.path
+        if not self._static_capable():
+            return "ragged"
+        if device.type == "cuda" or num_chains <= STATIC_MAX_CHAINS_CPU:
+            return "static"
+        return "ragged"
+
+    def _sample_static(self, x: Tensor, noise, ids: list, t0: float) -> SamplingResult:
+        T, L = self.transitions, self.window
+        B, N = x.shape[0], T.num_steps
+        cuda = x.device.type == "cuda"
+        compile_ = cuda if self.compile == "auto" else bool(self.compile)
+        rnd = StaticRound(self.model, T, L, self.draft.freeze, noise.seed, noise.chain_ids,
+                          dtype=x.dtype, backend=self.backend, compile=compile_, cuda_graph=cuda)
+        bar = self._progress_bar(B * N)
+        done_steps = 0
+        s = rnd.start(x)
+        while True:
+            # the one host read of a round: finished?, first non-finite codes, progress
+            done, bad_out, bad_lr, steps = torch.stack(
+                [(s.k >= N).all().to(torch.int64), s.bad_output, s.bad_ratio,
+                 s.k.clamp(max=N).sum()]).tolist()
+            if self.check_finite and (bad_out != NO_BAD or bad_lr != NO_BAD):
+                self._raise_static_nonfinite(bad_out, bad_lr, ids, N)
+            if bar is not None:
+                bar.update(steps - done_steps)
+                done_steps = steps
+            if done:
+                break
+            s = rnd.step(s)
+        if bar is not None:
+            bar.close()
+        stats = SamplerStats(self.name, B, N, L)
+        stats.rounds = int(s.round_index)
+        stats.target_calls = stats.rounds
+        stats.target_evals = B + (stats.rounds - 1) * B * (L + 1)
+        det0 = bool(T.deterministic[0])
+        stats.direct_steps = 0 if det0 else B
+        for name in ("windows", "speculative_steps", "deterministic_steps"):
+            setattr(stats, name, int(getattr(s, name)))
+        for name in ("accepted_by_position", "attempted_by_position", "accepted_length_hist",
+                     "window_length_hist", "accepted_by_step", "attempted_by_step", "chain_rounds"):
+            setattr(stats, name, getattr(s, name).tolist())
+        stats.wall_time = time.perf_counter() - t0
+        return SamplingResult(s.x, stats)
+
+    def _raise_static_nonfinite(self, bad_out: int, bad_lr: int, ids: list, N: int) -> None:
+        T = self.transitions
+        code = bad_out if bad_out != NO_BAD else bad_lr
+        row, step = divmod(code, N + 1)
+        t = T.timesteps[min(step, N - 1)].item()
+        if bad_out != NO_BAD:
+            raise NonFiniteError(f"target model returned a non-finite output at sampling step {step} "
+                                 f"(timestep t={t}) for chain {ids[row]}")
+        raise NonFiniteError(f"non-finite log ratio at sampling step {step} (timestep t={t}) for "
+                             f"chain {ids[row]}")
 
     # -------------------------------------------------------------- pieces of a round
     def _call_target(self, x, k, rows, ids, stats) -> Tensor:

@@ -1,0 +1,307 @@
+"""The static-shape round: speculative sampling whose every round is the same few launches.
+
+A round of the frozen-target draft with a prefetched root (SPEC §7) on a FIXED batch:
+
+1. ``n = min(L, stochastic steps left before a deterministic step)`` per chain, from a table on
+   the device (0 for a chain at a deterministic step or finished);
+2. ``Y = frozen_draft(x, frozen, k, n)``: the window, noise drawn in-kernel;
+3. ONE network call on all ``B (L + 1)`` drafted states (positions past n are evaluated too: the
+   call's shape never changes);
+4. ``verify_frozen``: log ratios, first rejection, reflection, and the commit (next state, steps,
+   next frozen value; a deterministic step right after an accepted window, or at a chain's root,
+   is taken from the same call's prediction);
+5. statistics accumulated on the device.
+
+Finished chains have ``n = 0`` and stay idle; nothing in a round depends on values read back to
+the host, so a round is one graph: ``torch.compile(fullgraph=True)`` traces it with the network,
+and on CUDA it is captured once as a CUDA graph and replayed. The host reads one small tensor per
+round: whether every chain has finished (and whether a non-finite value was seen).
+
+The first round cannot draft (nothing is frozen yet): a bootstrap call at the roots takes one
+plain ancestral step and freezes the prediction, as the ragged sampler does.
+
+:class:`LeanAncestral` is the baseline held to the same standard: one network call and one fused
+step (``frozen_draft`` with L = 1 and the network's own x0-hat) per sampling step, same noise.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from . import round_ops
+from .round_reference import FREEZE_X0, ROW_EPS_P, ROW_EPS_Y
+from .transitions import GaussianTransitions, Model
+
+
+NO_BAD = torch.iinfo(torch.int64).max
+
+
+def first_bad(prev: Tensor, bad: Tensor, k: Tensor, N: int) -> Tensor:
+    """Keep the first recorded (chain, step) code, else the smallest new one: bad [B, P] marks
+    window positions, k [B] the chains' steps."""
+    B, P = bad.shape
+    chain = torch.arange(B, device=bad.device)[:, None]
+    code = chain * (N + 1) + (k[:, None] + torch.arange(P, device=bad.device)[None])
+    new = torch.where(bad, code, torch.full_like(code, NO_BAD)).amin()
+    return torch.where(prev != NO_BAD, prev, new)
+
+
+def stochastic_runs(transitions: GaussianTransitions) -> Tensor:
+    """``[N + 1]`` int64: stochastic steps from step k before the next deterministic step or the
+    end (0 at a deterministic step and at k = N)."""
+    det = transitions.deterministic.tolist()
+    run = [0] * (transitions.num_steps + 1)
+    for s in range(transitions.num_steps - 1, -1, -1):
+        run[s] = 0 if det[s] else run[s + 1] + 1
+    return torch.tensor(run, dtype=torch.int64)
+
+
+class NetworkCall:
+    """The target network as the round calls it: raw x0-hat at states x and steps k (clamped
+    into the table), every table on the states' device. ``forward`` does no host work."""
+
+    def __init__(self, model: Model, transitions: GaussianTransitions, device, dtype):
+        T = transitions
+        self.model = model
+        self.N = T.num_steps
+        self.sample_pred = T.prediction == "sample"
+        self.input_scale = T._on("input_scale", device, dtype)
+        self.timesteps = T._on("timesteps", device, T.timesteps.dtype)
+        self.out_x = T._on("out_x", device, dtype)
+        self.out_pred = T._on("out_pred", device, dtype)
+
+    def __call__(self, x: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+        """(raw network output, x0-hat) at states x [M, *E] and steps k [M]."""
+        kc = k.clamp(0, self.N - 1)
+        shape = (-1,) + (1,) * (x.dim() - 1)
+        out = self.model(x * self.input_scale[kc].view(shape), self.timesteps[kc])
+        if self.sample_pred:
+            return out, out
+        return out, self.out_x[kc].view(shape) * x + self.out_pred[kc].view(shape) * out
+
+
+@dataclass
+class ChainBatch:
+    """Every per-chain quantity of a static run, on the device (tensors only, so a round can be
+    compiled and captured; the CUDA graph updates them in place)."""
+
+    x: Tensor                  # [B, *E] states
+    k: Tensor                  # [B] int64 sampling step (N: finished)
+    frozen: Tensor             # [B, *E] frozen x0-hat (or eps-hat)
+    round_index: Tensor        # [] int64 rounds run so far (the bootstrap counts as one)
+    chain_rounds: Tensor       # [B] int64 round in which each chain finished
+    accepted_by_position: Tensor
+    attempted_by_position: Tensor
+    accepted_length_hist: Tensor
+    window_length_hist: Tensor
+    accepted_by_step: Tensor
+    attempted_by_step: Tensor
+    windows: Tensor            # [] int64
+    speculative_steps: Tensor  # [] int64
+    deterministic_steps: Tensor
+    bad_output: Tensor         # [] int64: first (chain * (N + 1) + step) whose network output the
+    bad_ratio: Tensor          #   round read was not finite / whose log ratio was not (NO_BAD: none)
+
+    def tensors(self) -> list[Tensor]:
+        return [getattr(self, f.name) for f in fields(self)]
+
+    def copy_(self, other: "ChainBatch") -> None:
+        for a, b in zip(self.tensors(), other.tensors()):
+            a.copy_(b)
+
+
+class StaticRound:
+    """The static round of one speculative run (see the module docstring).
+
+    Args:
+        model, transitions: the target and the chain.
+        window: L.
+        freeze: ``"x0"`` or ``"eps"`` (the frozen-target draft's mode).
+        seed, chain_ids: the chains' noise key and ids (int64 tensors on the device).
+        backend: round-op backend (None: by device).
+        compile: compile the round (network included) with ``torch.compile(fullgraph=True)``.
+        cuda_graph: on CUDA, capture the round once and replay it.
+    """
+
+    def __init__(self, model: Model, transitions: GaussianTransitions, window: int, freeze: str,
+                 seed: Tensor, chain_ids: Tensor, *, dtype: torch.dtype, backend: Optional[str] = None,
+                 compile: bool = False, cuda_graph: bool = False):
+        device = chain_ids.device
+        self.T = transitions
+        self.N = transitions.num_steps
+        self.L = int(window)
+        self.freeze = round_ops.FREEZE_MODES[freeze]
+        self.seed, self.ids = seed, chain_ids
+        self.backend = backend
+        self.coef = round_ops.round_tables(transitions, device)
+        self.clip = round_ops.clip_value(transitions)
+        self.runs = stochastic_runs(transitions).to(device)
+        self.net = NetworkCall(model, transitions, device, dtype)
+        self.compile = compile
+        self.cuda_graph = cuda_graph and device.type == "cuda"
+        self._round: Callable[[ChainBatch], ChainBatch] = (
+            torch.compile(self._round_eager, fullgraph=True, dynamic=False) if compile
+            else self._round_eager)
+        self._graph = None
+        self._static: Optional[ChainBatch] = None
+
+    # ------------------------------------------------------------------ pieces
+    def _draft(self, x, frozen, k, n, window, freeze):
+        return torch.ops.specdiff.frozen_draft(x, frozen, k, n, self.coef, self.seed, self.ids,
+                                               window, freeze, self.clip) \
+            if self.backend is None else round_ops.frozen_draft(
+                x, frozen, k, n, self.coef, self.seed, self.ids, window, freeze, self.clip,
+                backend=self.backend)
+
+    def _verify(self, Y, P, frozen, k, n):
+        if self.backend is None:
+            return round_ops.FrozenVerifyResult(*torch.ops.specdiff.verify_frozen(
+                Y, P, frozen, k, n, self.coef, self.seed, self.ids, self.freeze, self.clip))
+        return round_ops.verify_frozen(Y, P, frozen, k, n, self.coef, self.seed, self.ids,
+                                       self.freeze, self.clip, backend=self.backend)
+
+    def _freeze(self, y, p, k):
+        if self.freeze == FREEZE_X0:
+            return p
+        c = self.coef[:, k.clamp(0, self.N - 1)].to(y.dtype).view(8, -1, *([1] * (y.dim() - 1)))
+        return c[ROW_EPS_Y] * y - c[ROW_EPS_P] * p
+
+    # ------------------------------------------------------------------ bootstrap
+    def start(self, x: Tensor) -> ChainBatch:
+        """The bootstrap round: one call at the roots, one ancestral step, the first frozen value."""
+        B, L, N = x.shape[0], self.L, self.N
+        dev = x.device
+        i64 = dict(dtype=torch.int64, device=dev)
+        k = torch.zeros(B, **i64)
+        out, p0 = self.net(x, k)
+        ones = torch.ones(B, **i64) if N > 0 else k
+        x1 = self._draft(x, p0, k, ones, 1, FREEZE_X0)[:, 1]
+        det0 = bool(self.T.deterministic[0])
+        batch = ChainBatch(
+            x=x1, k=k + 1, frozen=self._freeze(x, p0, k),
+            round_index=torch.ones((), **i64),
+            chain_rounds=torch.where(k + 1 >= N, 1, 0).to(torch.int64),
+            accepted_by_position=torch.zeros(L, **i64), attempted_by_position=torch.zeros(L, **i64),
+            accepted_length_hist=torch.zeros(L + 1, **i64), window_length_hist=torch.zeros(L + 1, **i64),
+            accepted_by_step=torch.zeros(N, **i64), attempted_by_step=torch.zeros(N, **i64),
+            windows=torch.zeros((), **i64), speculative_steps=torch.zeros((), **i64),
+            deterministic_steps=torch.full((), B if det0 else 0, **i64),
+            bad_output=first_bad(torch.full((), NO_BAD, **i64),
+                                 ~torch.isfinite(out.reshape(B, 1, -1)).all(-1), k, N),
+            bad_ratio=torch.full((), NO_BAD, **i64))
+        return batch
+
+    # ------------------------------------------------------------------ the round
+    def _round_eager(self, s: ChainBatch) -> ChainBatch:
+        B, L, N = s.x.shape[0], self.L, self.N
+        dev = s.x.device
+        k = s.k
+        n = torch.minimum(self.runs[k.clamp(0, N)], torch.full_like(k, L))
+        Y = self._draft(s.x, s.frozen, k, n, L, self.freeze)
+        pos1 = torch.arange(L + 1, device=dev)
+        kk = (k[:, None] + pos1[None]).reshape(-1)
+        out, P = self.net(Y.reshape(B * (L + 1), *s.x.shape[1:]), kk)
+        P = P.reshape(Y.shape)
+        res = self._verify(Y, P, s.frozen, k, n)
+        # statistics (no host reads)
+        pos = pos1[:L]
+        live = pos[None] < n[:, None]
+        attempted = live & (pos[None] <= res.num_accepted[:, None])
+        accepted = pos[None] < res.num_accepted[:, None]
+        spec = n > 0
+        rejected = res.num_accepted < n
+        spec_steps = torch.where(spec, res.num_accepted + rejected.to(torch.int64), 0)
+        det_steps = res.committed - spec_steps
+        kw = (k[:, None] + pos[None]).clamp(max=N - 1).reshape(-1)
+        read = (pos1[None] <= n[:, None]) & (k < N)[:, None]        # positions verify reads
+        out_bad = ~torch.isfinite(out.reshape(B, L + 1, -1)).all(-1) & read
+        bad_output = first_bad(s.bad_output, out_bad, k, N)
+        bad_ratio = first_bad(s.bad_ratio, ~torch.isfinite(res.log_ratio) & attempted, k, N)
+        k_new = k + res.committed
+        r = s.round_index + 1
+        return ChainBatch(
+            x=res.next_state, k=k_new, frozen=res.next_frozen, round_index=r,
+            chain_rounds=torch.where((k < N) & (k_new >= N), r, s.chain_rounds),
+            accepted_by_position=s.accepted_by_position + accepted.sum(0),
+            attempted_by_position=s.attempted_by_position + attempted.sum(0),
+            accepted_length_hist=s.accepted_length_hist.scatter_add(0, res.num_accepted, spec.to(torch.int64)),
+            window_length_hist=s.window_length_hist.scatter_add(0, n, spec.to(torch.int64)),
+            accepted_by_step=s.accepted_by_step.scatter_add(0, kw, accepted.reshape(-1).to(torch.int64)),
+            attempted_by_step=s.attempted_by_step.scatter_add(0, kw, attempted.reshape(-1).to(torch.int64)),
+            windows=s.windows + spec.sum(), speculative_steps=s.speculative_steps + spec_steps.sum(),
+            deterministic_steps=s.deterministic_steps + det_steps.sum(), bad_output=bad_output,
+            bad_ratio=bad_ratio)
+
+    def step(self, s: ChainBatch) -> ChainBatch:
+        """One round. With ``cuda_graph``, the first call captures the round on s's buffers and
+        every later call replays it (s must be the batch returned by the previous call)."""
+        if not self.cuda_graph:
+            out = self._round(s)
+            return out
+        if self._graph is None:
+            self._static = s
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):   # warm-up: compile/autotune outside the capture
+                self._round(ChainBatch(*[t.clone() for t in s.tensors()]))
+            torch.cuda.current_stream().wait_stream(side)
+            self._graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self._graph):
+                s.copy_(self._round(s))
+        self._graph.replay()
+        return self._static
+
+
+class LeanAncestral:
+    """The ancestral chain with the same care: per step one network call and one fused step
+    (``frozen_draft`` with L = 1 on the network's own x0-hat: mean + std * xi(seed, c, k)), the
+    same noise as the speculative sampler; optionally compiled (network included)."""
+
+    def __init__(self, model: Model, transitions: GaussianTransitions, seed: Tensor,
+                 chain_ids: Tensor, *, dtype: torch.dtype, backend: Optional[str] = None,
+                 compile: bool = False):
+        device = chain_ids.device
+        self.T = transitions
+        self.N = transitions.num_steps
+        self.seed, self.ids = seed, chain_ids
+        self.backend = backend
+        self.coef = round_ops.round_tables(transitions, device)
+        self.clip = round_ops.clip_value(transitions)
+        self.net = NetworkCall(model, transitions, device, dtype)
+        self._step = torch.compile(self._step_eager, fullgraph=True, dynamic=False) if compile \
+            else self._step_eager
+
+    def _step_eager(self, x: Tensor, k: Tensor, ones: Tensor) -> tuple[Tensor, Tensor]:
+        out, p = self.net(x, k)
+        if self.backend is None:
+            y = torch.ops.specdiff.frozen_draft(x, p, k, ones, self.coef, self.seed, self.ids, 1,
+                                                FREEZE_X0, self.clip)
+        else:
+            y = round_ops.frozen_draft(x, p, k, ones, self.coef, self.seed, self.ids, 1, FREEZE_X0,
+                                       self.clip, backend=self.backend)
+        return y[:, 1].contiguous(), ~torch.isfinite(out.reshape(x.shape[0], -1)).all(-1)
+
+    def run(self, x: Tensor, check_finite: bool = True, bar=None
+            ) -> tuple[Tensor, Optional[tuple[int, int]]]:
+        """All N steps from x; returns the samples and the first (step, chain row) whose network
+        output was not finite (None if all were; read once, at the end)."""
+        B = x.shape[0]
+        k = torch.zeros(B, dtype=torch.int64, device=x.device)
+        ones = torch.ones_like(k)
+        flags = []
+        for _ in range(self.N):
+            x, bad = self._step(x, k, ones)
+            if check_finite:
+                flags.append(bad)
+            k = k + 1
+            if bar is not None:
+                bar.update(B)
+        if check_finite and flags:
+            bad = torch.stack(flags)                     # [N, B]
+            if bool(bad.any()):
+                step, row = (int(v) for v in bad.nonzero()[0])
+                return x, (step, row)
+        return x, None
