@@ -6,14 +6,16 @@
 #   3. the CUDA verify benchmark (bench/bench_verify_cuda.py), cut to a time budget,
 #   4. the launch-cost breakdown (bench/bench_launch_overhead.py),
 #   5. the round ops' GPU tests (python_tests/test_gpu_round.py) and benchmark
-#      (bench/bench_round_ops.py --device cuda).
-# STEPS picks a subset (default "build tests bench overhead round_tests round_bench").
+#      (bench/bench_round_ops.py --device cuda),
+#   6. the samplers end to end on CUDA (python_tests/test_gpu_sampler.py) and their latency
+#      (bench/bench_latency.py --device cuda).
+# STEPS picks a subset (default: all of them).
 # Logs and results go to $OUT (default bench/results/gpu_run). Runs under the machine's python3
 # (PYTHON overrides); needs torch, triton, pytest, hypothesis, scipy, pybind11, cmake, ninja.
 #   OUT=/tmp/gpu BENCH_BUDGET=200 bash bench/gpu_checks.sh
 set -u
 OUT=${OUT:-bench/results/gpu_run}
-STEPS=" ${STEPS:-build tests bench overhead round_tests round_bench} "
+STEPS=" ${STEPS:-build tests bench overhead round_tests round_bench sampler_tests latency} "
 want() { [[ "$STEPS" == *" $1 "* ]]; }
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
@@ -69,4 +71,18 @@ if want round_bench; then
   timeout "${ROUND_BENCH_TIMEOUT:-180}" $PY bench/bench_round_ops.py --device cuda \
     --out "$OUT/round_ops_$slug" >"$OUT/round_bench.log" 2>&1
   stamp "round-op benchmark rc=$?"; cat "$OUT/round_bench.log"
+fi
+
+if want sampler_tests; then
+  stamp "sampler GPU tests"
+  SPECDIFF_TEST_GPU=1 timeout "${SAMPLER_TEST_TIMEOUT:-300}" $PY -m pytest python_tests/test_gpu_sampler.py \
+    -q -ra --maxfail=10 -p no:cacheprovider --durations=8 >"$OUT/test_gpu_sampler.log" 2>&1
+  stamp "sampler GPU tests rc=$?"; tail -n 40 "$OUT/test_gpu_sampler.log"
+fi
+
+if want latency; then
+  stamp "sampler latency benchmark"
+  timeout "${LATENCY_TIMEOUT:-300}" $PY bench/bench_latency.py --device cuda --reps "${LATENCY_REPS:-3}" \
+    --out "$OUT/latency_$slug" >"$OUT/latency.log" 2>&1
+  stamp "sampler latency benchmark rc=$?"; tail -n 40 "$OUT/latency.log"
 fi

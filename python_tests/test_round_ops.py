@@ -264,6 +264,33 @@ def test_cpp_round_has_the_target_law():
     assert p_par > 1e-3 and p_perp > 1e-3, (p_par, p_perp)
 
 
+def _fresh_from_p_verify(states, x0_hat, frozen, steps, lengths, coef, seed, chain_ids, freeze,
+                         clip):
+    """WRONG: at a rejection, a fresh draw from p instead of the reflection."""
+    out = list(rr.verify_frozen(states, x0_hat, frozen, steps, lengths, coef, seed, chain_ids,
+                                freeze, clip))
+    B, L1 = states.shape[:2]
+    D = states[0, 0].numel()
+    rejected = out[0] < lengths
+    j = torch.where(rejected, out[0], lengths)
+    c = rr._rows(coef, steps + j, torch.float64)
+    ar = torch.arange(B)
+    mp = rr.affine_mean(c, x0_hat.reshape(B, L1, D).double()[ar, j],
+                       states.reshape(B, L1, D).double()[ar, j], clip)
+    fresh = mp + c[rr.ROW_STD] * torch.randn(B, D, generator=torch.Generator().manual_seed(3),
+                                             dtype=torch.float64)
+    out[2] = torch.where(rejected[:, None], fresh, out[2].reshape(B, D).double()) \
+        .to(states.dtype).reshape(out[2].shape)
+    return tuple(out)
+
+
+def test_fresh_draw_at_rejection_is_detected():
+    """The residual law (p - q)_+ / TV is not p: drawing afresh from p at a rejection is wrong,
+    and the one-step law test sees it."""
+    p_par, _, _ = _one_step_law(_fresh_from_p_verify)
+    assert p_par < 1e-6, p_par
+
+
 def test_wrong_reflection_is_detected():
     """The power check: the law test and the oracle comparison both reject a verify whose
     reflection coefficient is 1 - a/b."""

@@ -337,3 +337,28 @@ def test_x_init_is_used():
     a = SpeculativeSampler(model, T, window=2).sample(x_init=x, generator=gen(1))
     b = SpeculativeSampler(model, T, window=2).sample(x_init=x * 2, generator=gen(1))
     assert a.samples.dtype == torch.float64 and not torch.equal(a.samples, b.samples)
+
+
+# ----------------------------------------------------------------------------- autograd
+@pytest.mark.parametrize("make", [
+    lambda m, T: AncestralSampler(m, T),
+    lambda m, T: SpeculativeSampler(m, T, FrozenTargetDraft("x0"), 4, path="static"),
+    lambda m, T: SpeculativeSampler(m, T, FrozenTargetDraft("x0"), 4, path="ragged"),
+    lambda m, T: SpeculativeSampler(m, T, DraftModelDraft(lambda x, t: m(x, t) * 0.9), 4)])
+def test_no_autograd_graph_with_grad_requiring_parameters(make):
+    """A network whose parameters require grad (a diffusers UNet outside its pipeline) is run
+    under inference mode: no autograd graph over the N steps, ordinary output tensors."""
+    _, T = setup()
+    net = torch.nn.Sequential(torch.nn.Linear(D, 32), torch.nn.Tanh(), torch.nn.Linear(32, D))
+    assert all(p.requires_grad for p in net.parameters())
+    modes = []
+
+    def model(x, t):
+        modes.append((torch.is_grad_enabled(), torch.is_inference_mode_enabled()))
+        return net(x)
+
+    res = make(model, T).sample(6, (D,), generator=gen(2))
+    assert modes and all(not grad and inference for grad, inference in modes)
+    assert res.samples.grad_fn is None and not res.samples.requires_grad
+    assert not torch.is_inference(res.samples)      # usable in autograd afterwards
+    (res.samples * 2).sum()                          # an ordinary tensor

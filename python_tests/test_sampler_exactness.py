@@ -27,6 +27,7 @@ from specdiff_kernels import VerifyResult
 from specdiff_kernels.drafts import DraftModelDraft, FrozenTargetDraft
 from specdiff_kernels.models.gmm import GaussianMixture, GMMDenoiser, make_gmm
 from specdiff_kernels.sampler import AncestralSampler, SpeculativeSampler
+from specdiff_kernels.static_round import StaticRound
 from specdiff_kernels.transitions import (GaussianTransitions, alphas_cumprod_from_betas,
                                           ddim_transitions, ddpm_transitions,
                                           euler_ancestral_transitions, make_betas)
@@ -51,7 +52,8 @@ from specdiff_kernels.stats import (bonferroni, energy_distance_pvalue,  # noqa:
 
 
 # ===================================================================== wrong verifiers (power)
-from wrong_verifiers import (WRONG, VerifyFreshFromP, verify_always_accept,  # noqa: E402,F401
+from wrong_verifiers import (STATIC_WRONG, WRONG, VerifyFreshFromP, static_wrong_verify,
+                             verify_always_accept,  # noqa: E402,F401
                              verify_keep_draft_on_reject)
 
 
@@ -202,10 +204,16 @@ DRAFTS = {
 }
 
 
-def run_gaussian(kind: str, draft: str, window: int, seed: int, verify_fn=None):
+# Drafts the static round runs (frozen target, prefetched root); the others run ragged only.
+STATIC_DRAFTS = ("frozen_x0", "frozen_eps")
+PATHS = ("static", "ragged")
+
+
+def run_gaussian(kind: str, draft: str, window: int, seed: int, verify_fn=None, path="auto"):
     T = gaussian_transitions(kind)
     model = gaussian_model(T)
-    sampler = SpeculativeSampler(model, T, DRAFTS[draft](T), window, verify_fn=verify_fn)
+    sampler = SpeculativeSampler(model, T, DRAFTS[draft](T), window, verify_fn=verify_fn, path=path)
+    assert path == "auto" or sampler.resolve_path(GAUSS_N, torch.device("cpu")) == path
     res = sampler.sample(GAUSS_N, (GAUSS_D,), generator=gen(seed), dtype=torch.float64)
     m, C = exact_final_law(model, T, GAUSS_D)
     return res, m, C
@@ -220,18 +228,20 @@ def test_ancestral_matches_exact_gaussian_law():
 
 
 @pytest.mark.parametrize("window", [2, 8])
-@pytest.mark.parametrize("draft", list(DRAFTS))
-def test_speculative_matches_exact_gaussian_law(draft, window):
-    seed = 200 + 10 * list(DRAFTS).index(draft) + window
-    res, m, C = run_gaussian("ddpm", draft, window, seed)
+@pytest.mark.parametrize("draft,path", [(d, p) for d in DRAFTS for p in PATHS
+                                        if p == "ragged" or d in STATIC_DRAFTS])
+def test_speculative_matches_exact_gaussian_law(draft, window, path):
+    seed = 200 + 10 * list(DRAFTS).index(draft) + window + (50 if path == "static" else 0)
+    res, m, C = run_gaussian("ddpm", draft, window, seed, path=path)
     assert gaussian_one_sample_pvalue(res.samples.numpy(), m, C) > ALPHA
     # the draft is not trivially exact: some steps were rejected
     assert sum(res.stats.accepted_by_position) < sum(res.stats.attempted_by_position)
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("kind", ["ddpm_v_large", "ddim_eta1", "euler_ancestral"])
-def test_speculative_other_samplers_match_exact_gaussian_law(kind):
-    res, m, C = run_gaussian(kind, "frozen_x0", 8, 300 + len(kind))
+def test_speculative_other_samplers_match_exact_gaussian_law(kind, path):
+    res, m, C = run_gaussian(kind, "frozen_x0", 8, 300 + len(kind) + len(path), path=path)
     assert gaussian_one_sample_pvalue(res.samples.numpy(), m, C) > ALPHA
 
 
@@ -240,6 +250,15 @@ def test_gaussian_chain_tests_reject_wrong_verifiers(wrong):
     fn = {"always_accept": verify_always_accept, "keep_draft": verify_keep_draft_on_reject,
           "fresh_from_p": VerifyFreshFromP(6)}[wrong]
     res, m, C = run_gaussian("ddpm", "wrong_draft_model", 8, 400, verify_fn=fn)
+    assert gaussian_one_sample_pvalue(res.samples.numpy(), m, C) < ALPHA
+
+
+@pytest.mark.parametrize("wrong", STATIC_WRONG)
+def test_static_path_tests_reject_wrong_verifiers(wrong, monkeypatch):
+    """The same exact-law test, on the static round, rejects a wrong fused verify. The frozen eps
+    draft at L = 8 rejects often enough for every wrong variant to show."""
+    monkeypatch.setattr(StaticRound, "_verify", static_wrong_verify(wrong, seed=7))
+    res, m, C = run_gaussian("ddpm", "frozen_eps", 8, 410, path="static")
     assert gaussian_one_sample_pvalue(res.samples.numpy(), m, C) < ALPHA
 
 
@@ -260,9 +279,9 @@ def gmm_ancestral(seed: int, clip=None) -> np.ndarray:
     return AncestralSampler(model, T).sample(GMM_N, (GMM_D,), generator=gen(seed)).samples.numpy()
 
 
-def gmm_speculative(draft, window: int, seed: int, verify_fn=None, clip=None):
+def gmm_speculative(draft, window: int, seed: int, verify_fn=None, clip=None, path="auto"):
     model, T = gmm_setup(clip)
-    return SpeculativeSampler(model, T, draft, window, verify_fn=verify_fn).sample(
+    return SpeculativeSampler(model, T, draft, window, verify_fn=verify_fn, path=path).sample(
         GMM_N, (GMM_D,), generator=gen(seed))
 
 
@@ -271,20 +290,22 @@ def gmm_reference():
     return gmm_ancestral(500)
 
 
-@pytest.mark.parametrize("draft,window", [
-    ("frozen_x0", 8), ("frozen_eps", 4), ("frozen_x0_noprefetch", 8), ("draft_model", 4)])
-def test_gmm_speculative_vs_ancestral(gmm_reference, draft, window):
+@pytest.mark.parametrize("draft,window,path", [
+    ("frozen_x0", 8, "ragged"), ("frozen_eps", 4, "ragged"), ("frozen_x0_noprefetch", 8, "ragged"),
+    ("draft_model", 4, "ragged"), ("frozen_x0", 8, "static"), ("frozen_eps", 4, "static")])
+def test_gmm_speculative_vs_ancestral(gmm_reference, draft, window, path):
     d = {"frozen_x0": FrozenTargetDraft("x0"), "frozen_eps": FrozenTargetDraft("eps"),
          "frozen_x0_noprefetch": FrozenTargetDraft("x0", prefetch_root=False),
          "draft_model": DraftModelDraft(GMMDenoiser(make_gmm(GMM_D, K=4, seed=2), ABAR))}[draft]
-    res = gmm_speculative(d, window, 600 + window + len(draft))
+    res = gmm_speculative(d, window, 600 + window + len(draft) + len(path), path=path)
     assert two_sample_pvalue(res.samples.numpy(), gmm_reference) > ALPHA
     assert sum(res.stats.accepted_by_position) < sum(res.stats.attempted_by_position)
 
 
-def test_gmm_speculative_vs_ancestral_with_clipping():
+@pytest.mark.parametrize("path", PATHS)
+def test_gmm_speculative_vs_ancestral_with_clipping(path):
     ref = gmm_ancestral(700, clip=1.0)
-    res = gmm_speculative(FrozenTargetDraft("x0"), 8, 701, clip=1.0)
+    res = gmm_speculative(FrozenTargetDraft("x0"), 8, 701, clip=1.0, path=path)
     assert two_sample_pvalue(res.samples.numpy(), ref) > ALPHA
 
 

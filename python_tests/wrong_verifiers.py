@@ -52,3 +52,65 @@ class VerifyFreshFromP:
 
 
 WRONG = {"always_accept": verify_always_accept, "keep_draft": verify_keep_draft_on_reject}
+
+
+# ---------------------------------------------------------------- the static path's verify
+# The static round calls the fused ``verify_frozen`` op (StaticRound._verify), not ``verify_fn``:
+# these WRONG variants replace that method (tests patch it with monkeypatch).
+def _mean_gap_and_step(rnd, Y, P, frozen, k, j):
+    """m_p, the draft step's r = s xi and the mean gap d at window position j (float64)."""
+    from specdiff_kernels import round_reference as rr
+    B = Y.shape[0]
+    idx = torch.arange(B, device=Y.device)
+    D = Y[0, 0].numel()
+    c = rr._rows(rnd.coef, k + j, torch.float64)
+    yj = Y.reshape(B, Y.shape[1], D)[idx, j].double()
+    pj = P.reshape(B, Y.shape[1], D)[idx, j].double()
+    f = frozen.reshape(B, D).double()
+    pq = rr.draft_x0(c, yj, f, rnd.freeze)
+    mp = rr.affine_mean(c, pj, yj, rnd.clip)
+    mq = rr.affine_mean(c, pq, yj, rnd.clip)
+    r = c[rr.ROW_STD] * rr.normal_noise(rnd.seed, rnd.ids, k + j, D, torch.float64)
+    return mp, mq, r, c[rr.ROW_STD]
+
+
+def static_wrong_verify(kind: str, seed: int = 0):
+    """A WRONG replacement of StaticRound._verify: ``always_accept`` (commits the whole drafted
+    window), ``keep_draft`` (keeps y_{j+1} at a rejection), ``fresh_from_p`` (a fresh draw from p
+    at a rejection) or ``half_reflection`` (reflection coefficient 1 - a/b instead of 1 - 2a/b)."""
+    from specdiff_kernels.static_round import StaticRound
+    real = StaticRound._verify
+    gen = torch.Generator().manual_seed(seed)
+
+    def verify(self, Y, P, frozen, k, n):
+        res = real(self, Y, P, frozen, k, n)
+        B, L1 = Y.shape[:2]
+        idx = torch.arange(B, device=Y.device)
+        rejected = res.num_accepted < n
+        j = res.num_accepted.clamp(max=L1 - 2)
+        shape = (B,) + (1,) * (Y.dim() - 2)
+        mask = rejected.view(shape)
+        if kind == "always_accept":
+            return res._replace(num_accepted=torch.where(rejected, n, res.num_accepted),
+                                committed=torch.where(rejected, n, res.committed),
+                                next_state=torch.where(mask, Y[idx, n], res.next_state))
+        if kind == "keep_draft":
+            return res._replace(next_state=torch.where(mask, Y[idx, j + 1], res.next_state))
+        mp, mq, r, s = _mean_gap_and_step(self, Y, P, frozen, k, j)
+        if kind == "fresh_from_p":
+            wrong = mp + s * torch.randn(mp.shape, generator=gen, dtype=torch.float64)
+        elif kind == "half_reflection":
+            d = mp - mq
+            a = (d * r).sum(-1, keepdim=True)
+            b = (d * d).sum(-1, keepdim=True).clamp_min(1e-300)
+            wrong = mq + r + (1 - a / b) * d
+        else:
+            raise ValueError(kind)
+        wrong = wrong.to(Y.dtype).reshape(res.next_state.shape)
+        return res._replace(next_state=torch.where(mask, wrong, res.next_state))
+    return verify
+
+
+# (fresh_from_p is not in this list: the frozen drafts reject too rarely in this chain for its small
+# error to show at these sample sizes; test_round_ops.py rejects it with the one-step law test.)
+STATIC_WRONG = ("always_accept", "keep_draft", "half_reflection")

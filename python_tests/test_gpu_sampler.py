@@ -1,0 +1,104 @@
+"""The samplers end to end on CUDA (skipped, with the reason, without a GPU).
+
+    SPECDIFF_TEST_GPU=1 python -m pytest python_tests/test_gpu_sampler.py
+
+* The static round on CUDA (compiled, CUDA-graph captured) follows the same paths as on CPU: same
+  noise, same decisions, samples equal up to rounding (float64), chain by chain.
+* Its samples have the ancestral chain's law (two-sample test against an independent CUDA
+  ancestral run of the digits model).
+* A round is captured as one CUDA graph and replays without any host synchronisation
+  (``torch.cuda.set_sync_debug_mode("error")``), giving the eager round's result.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    pytest.skip("no CUDA device: the samplers' GPU path is tested only on a GPU machine",
+                allow_module_level=True)
+pytest.importorskip("triton")
+from specdiff_kernels import triton_kernels as tk  # noqa: E402
+
+if tk.INTERPRET:
+    pytest.skip("TRITON_INTERPRET=1 is set: run with SPECDIFF_TEST_GPU=1", allow_module_level=True)
+
+from specdiff_kernels import models  # noqa: E402
+from specdiff_kernels import round_ops as ro  # noqa: E402
+from specdiff_kernels.sampler import AncestralSampler, SpeculativeSampler  # noqa: E402
+from specdiff_kernels.static_round import ChainBatch, StaticRound  # noqa: E402
+from specdiff_kernels.stats import two_sample_pvalue  # noqa: E402
+
+pytestmark = pytest.mark.gpu
+DEV = torch.device("cuda")
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return models.load("digits")
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def test_static_round_on_cuda_follows_the_cpu_paths(digits):
+    T = digits.transitions(100)
+    B = 16
+    net_cpu = digits.target.double()
+    cpu = SpeculativeSampler(net_cpu, T, window=8, path="static", compile=False).sample(
+        B, digits.event_shape, generator=_gen(3), dtype=torch.float64)
+    import copy
+    net_gpu = copy.deepcopy(net_cpu).to(DEV)
+    gpu = SpeculativeSampler(net_gpu, T, window=8, path="static").sample(
+        B, digits.event_shape, generator=_gen(3), dtype=torch.float64, device=DEV)
+    diff = (gpu.samples.cpu() - cpu.samples).flatten(1).abs().amax(1)
+    # a decision within rounding of its threshold may flip; no more than one chain here
+    assert int((diff > 1e-6).sum()) <= 1, diff
+    assert gpu.stats.rounds == cpu.stats.rounds or int((diff > 1e-6).sum()) == 1
+    digits.target.float()
+
+
+def test_cuda_static_samples_have_the_ancestral_law(digits):
+    T = digits.transitions(50)
+    net = digits.target.to(DEV)
+    n = 2000
+    spec = SpeculativeSampler(net, T, window=8).sample(n, digits.event_shape, generator=_gen(11),
+                                                       device=DEV)
+    anc = AncestralSampler(net, T).sample(n, digits.event_shape, generator=_gen(12), device=DEV)
+    p = two_sample_pvalue(spec.samples.flatten(1).cpu().double().numpy(),
+                          anc.samples.flatten(1).cpu().double().numpy())
+    assert p > 1e-3, p
+    assert spec.stats.target_calls < 0.5 * anc.stats.target_calls
+    digits.target.cpu()
+
+
+@pytest.mark.parametrize("compile_", [False, True])
+def test_round_is_one_cuda_graph_without_host_sync(digits, compile_):
+    T = digits.transitions(200)
+    net = digits.target.to(DEV)
+    B = 4
+    ids = torch.arange(B, device=DEV)
+    seed = ro.seed_tensor(5, DEV)
+    x = torch.randn(B, *digits.event_shape, device=DEV)
+    captured = StaticRound(net, T, 8, "x0", seed, ids, dtype=x.dtype, compile=compile_, cuda_graph=True)
+    eager = StaticRound(net, T, 8, "x0", seed, ids, dtype=x.dtype, compile=False, cuda_graph=False)
+    with torch.inference_mode():
+        s_cap = captured.start(x)
+        s_eag = ChainBatch(*[t.clone() for t in s_cap.tensors()])
+        s_cap = captured.step(s_cap)            # captures, then replays once
+        s_eag = eager.step(s_eag)
+        assert captured._graph is not None
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for _ in range(5):
+                s_cap = captured.step(s_cap)
+                s_eag = eager.step(s_eag)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.synchronize()
+    assert torch.equal(s_cap.k, s_eag.k)
+    torch.testing.assert_close(s_cap.x, s_eag.x, rtol=1e-4, atol=1e-4)
+    assert int(s_cap.round_index) == 7
+    digits.target.cpu()
