@@ -27,7 +27,7 @@ from specdiff_kernels import models  # noqa: E402
 from specdiff_kernels import round_ops as ro  # noqa: E402
 from specdiff_kernels.sampler import AncestralSampler, SpeculativeSampler  # noqa: E402
 from specdiff_kernels.static_round import ChainBatch, StaticRound  # noqa: E402
-from specdiff_kernels.stats import two_sample_pvalue  # noqa: E402
+from specdiff_kernels.stats import per_coordinate_ks_pvalue  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 DEV = torch.device("cuda")
@@ -50,12 +50,14 @@ def test_static_round_on_cuda_follows_the_cpu_paths(digits):
         B, digits.event_shape, generator=_gen(3), dtype=torch.float64)
     import copy
     net_gpu = copy.deepcopy(net_cpu).to(DEV)
-    gpu = SpeculativeSampler(net_gpu, T, window=8, path="static").sample(
+    gpu = SpeculativeSampler(net_gpu, T, window=8, path="static", compile=False).sample(
         B, digits.event_shape, generator=_gen(3), dtype=torch.float64, device=DEV)
     diff = (gpu.samples.cpu() - cpu.samples).flatten(1).abs().amax(1)
-    # a decision within rounding of its threshold may flip; no more than one chain here
-    assert int((diff > 1e-6).sum()) <= 1, diff
-    assert gpu.stats.rounds == cpu.stats.rounds or int((diff > 1e-6).sum()) == 1
+    # float64 matmuls round differently on the two devices (measured on an H200: up to 9e-6 after
+    # 100 steps); a flipped accept decision would move a chain by O(0.1)
+    assert bool((diff < 1e-3).all()), diff
+    assert gpu.stats.rounds == cpu.stats.rounds
+    assert gpu.stats.accepted_by_position == cpu.stats.accepted_by_position
     digits.target.float()
 
 
@@ -63,11 +65,13 @@ def test_cuda_static_samples_have_the_ancestral_law(digits):
     T = digits.transitions(50)
     net = digits.target.to(DEV)
     n = 2000
-    spec = SpeculativeSampler(net, T, window=8).sample(n, digits.event_shape, generator=_gen(11),
-                                                       device=DEV)
+    spec = SpeculativeSampler(net, T, window=8, compile=False).sample(
+        n, digits.event_shape, generator=_gen(11), device=DEV)
     anc = AncestralSampler(net, T).sample(n, digits.event_shape, generator=_gen(12), device=DEV)
-    p = two_sample_pvalue(spec.samples.flatten(1).cpu().double().numpy(),
-                          anc.samples.flatten(1).cpu().double().numpy())
+    # per-coordinate KS (scipy.stats.ks_2samp): the energy permutation test of two_sample_pvalue
+    # failed inside a newer scipy's permutation_test on the GPU machine (IndexError)
+    p = per_coordinate_ks_pvalue(spec.samples.flatten(1).cpu().double().numpy(),
+                                 anc.samples.flatten(1).cpu().double().numpy())
     assert p > 1e-3, p
     assert spec.stats.target_calls < 0.5 * anc.stats.target_calls
     digits.target.cpu()

@@ -245,8 +245,10 @@ class StaticRound:
             self._static = s
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):   # warm-up: compile/autotune outside the capture
-                self._round(ChainBatch(*[t.clone() for t in s.tensors()]))
+            with torch.cuda.stream(side):
+                # warm-up on the very batch the capture will read (the round is pure: s is not
+                # changed), so compilation and autotuning finish before the capture starts
+                self._round(s)
             torch.cuda.current_stream().wait_stream(side)
             self._graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self._graph):
@@ -272,7 +274,8 @@ class LeanAncestral:
         self.clip = round_ops.clip_value(transitions)
         self.net = NetworkCall(model, transitions, device, dtype)
         # on CUDA, "reduce-overhead" replays each step as a CUDA graph: the fastest baseline
-        mode = "reduce-overhead" if device.type == "cuda" else None
+        self.cuda_graphs = compile and device.type == "cuda"
+        mode = "reduce-overhead" if self.cuda_graphs else None
         self._step = torch.compile(self._step_eager, fullgraph=True, dynamic=False, mode=mode) \
             if compile else self._step_eager
 
@@ -294,8 +297,13 @@ class LeanAncestral:
         k = torch.zeros(B, dtype=torch.int64, device=x.device)
         ones = torch.ones_like(k)
         flags = []
+        graphs = self.cuda_graphs
         for _ in range(self.N):
+            if graphs:   # each step replays a CUDA graph whose outputs the next replay overwrites
+                torch.compiler.cudagraph_mark_step_begin()
             x, bad = self._step(x, k, ones)
+            if graphs:
+                x, bad = x.clone(), bad.clone()
             if check_finite:
                 flags.append(bad)
             k = k + 1
