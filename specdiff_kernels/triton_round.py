@@ -1,0 +1,706 @@
+"""Triton backend of the round ops (SPEC §7): ``torch.ops.specdiff.triton_chain_noise`` /
+``triton_frozen_draft`` / ``triton_verify_frozen``, the CUDA kernels of ``specdiff::chain_noise`` /
+``frozen_draft`` / ``verify_frozen``, and registration as round backend ``"triton"``.
+
+Semantics: :mod:`specdiff_kernels.round_reference` (the oracle). Conventions as
+:mod:`specdiff_kernels.triton_backend` / :mod:`specdiff_kernels.triton_kernels`: ``triton_op`` +
+``wrap_triton`` when compiled (Inductor sees the kernels; the body is the fake), opaque
+``custom_op`` + fake under ``TRITON_INTERPRET=1`` (CPU tensors).
+
+Noise
+-----
+Philox4x32-10 (the rounds of ``tl.randint4x``; bit-identical to ``round_reference.philox4x32``)
+keyed by the int64 seed read in-kernel (k0 = low word, k1 = high word). A program owns a block of
+counters ``i`` of a D-vector in the quarter layout (Q = ceil(D/4), element ``lane * Q + i``): one
+Philox call per counter gives the four lanes (two Box-Muller pairs), stored / read as four
+contiguous runs. Box-Muller and every sum run in fp32 (fp64 for fp64 states).
+
+Kernels
+-------
+* ``_chain_noise``: grid (B * window, cdiv(Q, BLOCK)); the i-block 0 program of a row writes u.
+* ``_frozen_draft``: grid (B, cdiv(Q, BLOCK)); each program keeps its counters' four lane vectors of
+  the state in registers and loops over the window (a runtime loop), rounding each drafted state to
+  the state dtype before drafting from it (as the reference). BLOCK adapts to B * Q so that small
+  problems still spread over the SMs (the loop is latency-bound).
+* ``verify_frozen``: two launches. ``_verify_partials``: grid (B * L, chunks) partial
+  (<d_j, xi_j>, ||d_j||^2) of one (chain, step) row over a chunk of counters (rows j >= n write 0
+  and read nothing). ``_verify_finalize``: grid (B, cdiv(Q, BLOCK)); every program of a chain
+  reduces the chain's partials in the same fixed order (bit-identical sums in all of them), forms
+  the log ratios, draws u_j, finds the first rejection and writes its block of next_state /
+  next_frozen per the reference's commit rules (xi regenerated in-kernel for the reflection);
+  block 0 also writes num_accepted, committed, root_exact and log_ratio.
+
+Nothing is read back to the host: steps / lengths are clamped in-kernel, the seed is read from its
+tensor, and the clip bound travels as three float32 arguments that sum to it exactly in float64
+(fp64 states clip at the exact bound; the others at its fp32 rounding, as torch's clamp does). So
+the ops are CUDA-graph capturable and ``torch.compile(fullgraph=True)`` traces them (Inductor sees
+the kernels through ``wrap_triton``). No autotuning: the kernels are a
+Philox + elementwise stream (chain_noise, finalize, partials) or a latency-bound loop (draft), and a
+fixed block per role does as well; under the interpreter blocks are small (32 counters) so the
+multi-block and multi-chunk paths run on small shapes.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import struct
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from . import round_ops
+from . import round_reference as ref
+from .triton_backend import _define
+from .triton_kernels import INTERPRET, _accept, _next_pow2, _quiet, _reflect_coef, num_sms
+
+try:  # wrap_triton lets make_fx / Inductor see the kernels inside a triton_op
+    from torch.library import wrap_triton
+except ImportError:  # pragma: no cover - torch < 2.6
+    from torch._library.triton import wrap_triton  # type: ignore
+
+DEVICES: tuple[str, ...] = ("cpu", "cuda") if INTERPRET else ("cuda",)
+
+# Table rows (coef[ROW, step]) as compile-time constants of the kernels.
+_ROW_A = tl.constexpr(ref.ROW_A)
+_ROW_E = tl.constexpr(ref.ROW_E)
+_ROW_G = tl.constexpr(ref.ROW_G)
+_ROW_STD = tl.constexpr(ref.ROW_STD)
+_ROW_X0_Y = tl.constexpr(ref.ROW_X0_Y)
+_ROW_X0_F = tl.constexpr(ref.ROW_X0_F)
+_ROW_EPS_Y = tl.constexpr(ref.ROW_EPS_Y)
+_ROW_EPS_P = tl.constexpr(ref.ROW_EPS_P)
+_STREAM_NORMAL = tl.constexpr(ref.STREAM_NORMAL)
+_STREAM_UNIFORM = tl.constexpr(ref.STREAM_UNIFORM)
+_PHILOX_M0 = tl.constexpr(ref.PHILOX_M0)
+_PHILOX_M1 = tl.constexpr(ref.PHILOX_M1)
+_PHILOX_W0 = tl.constexpr(ref.PHILOX_W0)
+_PHILOX_W1 = tl.constexpr(ref.PHILOX_W1)
+_TWO_PI = tl.constexpr(ref.TWO_PI)
+_TWO_M24 = tl.constexpr(2.0 ** -24)
+
+# Blocks, in Philox counters (4 elements each). Interpreter: small, so tests hit several blocks.
+if INTERPRET:
+    _NOISE_BLOCK = _FIN_BLOCK = _PART_BLOCK = 32
+    _DRAFT_BLOCK_MIN = _DRAFT_BLOCK_MAX = 32
+    _CHUNK_MAX = 64
+else:
+    _NOISE_BLOCK = _FIN_BLOCK = _PART_BLOCK = 256
+    _DRAFT_BLOCK_MIN, _DRAFT_BLOCK_MAX = 32, 512
+    _CHUNK_MAX = 8192
+_BLOCK_L_MAX = 16   # window steps per tile of the finalize scan
+_BLOCK_NB_MAX = 64  # partial-sum chunks per tile of the finalize reduction
+
+
+# ---------------------------------------------------------------- device helpers
+@triton.jit
+def _philox_key(seed_ptr):
+    """Key words (k0, k1) = (low, high) 32 bits of the int64 seed."""
+    s = tl.load(seed_ptr)
+    return s.to(tl.uint32), (s >> 32).to(tl.uint32)
+
+
+@triton.jit
+def _philox4x32_10(c0, c1, c2, c3, k0, k1):
+    """Philox4x32-10 on uint32 words (the rounds of ``tl.randint4x``, i.e. of
+    ``triton.language.random.philox_impl``, which Inductor cannot copy into its generated code: its
+    default argument names a module global)."""
+    m0 = tl.full((), _PHILOX_M0, tl.uint32)
+    m1 = tl.full((), _PHILOX_M1, tl.uint32)
+    for _ in tl.static_range(10):
+        a0, a2 = c0, c2
+        c0 = tl.umulhi(m1, a2) ^ c1 ^ k0
+        c2 = tl.umulhi(m0, a0) ^ c3 ^ k1
+        c1 = m1 * a2
+        c3 = m0 * a0
+        k0 = k0 + _PHILOX_W0
+        k1 = k1 + _PHILOX_W1
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def _philox(k0, k1, c0, step, chain, STREAM: tl.constexpr):
+    """Philox4x32-10 of counter (c0, step + 1, chain, STREAM), words mod 2^32 (c0: the shape)."""
+    w0 = c0.to(tl.uint32)
+    z = w0 * 0
+    w1 = z + (step + 1).to(tl.uint32)
+    w2 = z + chain.to(tl.uint32)
+    w3 = z + STREAM
+    return _philox4x32_10(w0, w1, w2, w3, k0, k1)
+
+
+@triton.jit
+def _box_muller(xa, xb, ACC_FP64: tl.constexpr):
+    """sqrt(-2 ln v) (cos 2 pi t, sin 2 pi t), v = (2 (xa >> 9) + 1) 2^-24, t = (xb >> 8) 2^-24."""
+    acc_t: tl.constexpr = tl.float64 if ACC_FP64 else tl.float32
+    v = (2 * (xa >> 9) + 1).to(acc_t) * _TWO_M24
+    t = (xb >> 8).to(acc_t) * _TWO_M24
+    r = tl.sqrt(-2.0 * tl.log(v))
+    th = tl.full((), _TWO_PI, acc_t) * t
+    return r * tl.cos(th), r * tl.sin(th)
+
+
+@triton.jit
+def _normals(k0, k1, i, step, chain, ACC_FP64: tl.constexpr):
+    """The four lanes of xi(seed, chain, step) at counters i (lane l is element l * Q + i)."""
+    x0, x1, x2, x3 = _philox(k0, k1, i, step, chain, _STREAM_NORMAL)
+    n0, n1 = _box_muller(x0, x1, ACC_FP64)
+    n2, n3 = _box_muller(x2, x3, ACC_FP64)
+    return n0, n1, n2, n3
+
+
+@triton.jit
+def _uniform(k0, k1, step, chain):
+    """u(seed, chain, step) in [0, 1), float32 (exact); step may be a scalar or a block."""
+    x0, _, _, _ = _philox(k0, k1, step * 0, step, chain, _STREAM_UNIFORM)
+    return (x0 >> 8).to(tl.float32) * _TWO_M24
+
+
+@triton.jit
+def _clip_value(clip_hi, clip_mid, clip_lo, ACC_FP64: tl.constexpr):
+    """The clip bound from its three-float32 split (fp64: the exact float64 value; else the fp32
+    rounding, as torch's clamp of a float tensor). Written so that it also traces with the
+    arguments as Python constants (Inductor's mutation analysis)."""
+    # Inductor passes Python floats as fp64 scalars: cast, or fp32 kernels would promote to fp64
+    # (measured on an H200: "loop-carried variable a_vec ... re-assigned to fp64")
+    if ACC_FP64:
+        c = (((tl.zeros((), tl.float64) + clip_hi) + clip_mid) + clip_lo).to(tl.float64)
+    else:
+        c = (tl.zeros((), tl.float32) + clip_hi).to(tl.float32)
+    return c
+
+
+@triton.jit
+def _clip(p, c, HAS_CLIP: tl.constexpr):
+    if HAS_CLIP:
+        p = tl.minimum(tl.maximum(p, -c, propagate_nan=tl.PropagateNan.ALL), c,
+                       propagate_nan=tl.PropagateNan.ALL)
+    return p
+
+
+@triton.jit
+def _coef(coef_ptr, row: tl.constexpr, kc, N, ACC_FP64: tl.constexpr):
+    """coef[row, kc] in the accumulation dtype (kc already clamped into the table)."""
+    acc_t: tl.constexpr = tl.float64 if ACC_FP64 else tl.float32
+    return tl.load(coef_ptr + row * N + kc).to(acc_t)
+
+
+@triton.jit
+def _step_index(k, N):
+    """The table column of sampling step k (clamped into 0..N-1, as the reference)."""
+    return tl.minimum(tl.maximum(k, 0), N - 1)
+
+
+@triton.jit
+def _draft_x0(y, f, x0y, x0f, FREEZE: tl.constexpr):
+    """The frozen draft's x0-hat at y: f (freeze x0) or X0_Y y - X0_F f (freeze eps)."""
+    if FREEZE == 0:
+        return f
+    else:
+        return x0y * y - x0f * f
+
+
+@triton.jit
+def _affine(p, x, a, e, g, cl, HAS_CLIP: tl.constexpr):
+    """m = A clip(p) + E p + G x."""
+    return a * _clip(p, cl, HAS_CLIP) + e * p + g * x
+
+
+@triton.jit
+def _gap(p, pq, a, e, cl, HAS_CLIP: tl.constexpr):
+    """d = m_p - m_q = A (clip(p) - clip(pq)) + E (p - pq)."""
+    return a * (_clip(p, cl, HAS_CLIP) - _clip(pq, cl, HAS_CLIP)) + e * (p - pq)
+
+
+@triton.jit
+def _draft_lane(y, f, xi, a, e, g, s, x0y, x0f, cl, out_ty: tl.constexpr, FREEZE: tl.constexpr,
+                HAS_CLIP: tl.constexpr):
+    """One drafted lane: m_q(y) + s xi, rounded to the state dtype, back in the acc dtype."""
+    mq = _affine(_draft_x0(y, f, x0y, x0f, FREEZE), y, a, e, g, cl, HAS_CLIP)
+    return (mq + s * xi).to(out_ty).to(y.dtype)
+
+
+@triton.jit
+def _row_sums_lane(y_ptr, p_ptr, f_ptr, row, frow, off, m, xi, a, e, x0y, x0f, cl,
+                   ACC_FP64: tl.constexpr, FREEZE: tl.constexpr, HAS_CLIP: tl.constexpr):
+    """(d xi, d d) of one lane (masked elements give 0)."""
+    acc_t: tl.constexpr = tl.float64 if ACC_FP64 else tl.float32
+    y = tl.load(y_ptr + row + off, mask=m, other=0.0).to(acc_t)
+    p = tl.load(p_ptr + row + off, mask=m, other=0.0).to(acc_t)
+    f = tl.load(f_ptr + frow + off, mask=m, other=0.0).to(acc_t)
+    d = _gap(p, _draft_x0(y, f, x0y, x0f, FREEZE), a, e, cl, HAS_CLIP)
+    d = tl.where(m, d, 0.0)
+    return d * xi, d * d
+
+
+@triton.jit
+def _commit_lane(y_ptr, p_ptr, f_ptr, next_ptr, nfz_ptr, row, frow, off, m, xi,
+                 a, e, g, s, x0y, x0f, epy, epp, cl, coef_r, rejected, det, keep_frozen,
+                 ACC_FP64: tl.constexpr, FREEZE: tl.constexpr, HAS_CLIP: tl.constexpr):
+    """One lane of next_state / next_frozen from y_j, P_j (row) and f (frow)."""
+    acc_t: tl.constexpr = tl.float64 if ACC_FP64 else tl.float32
+    y_raw = tl.load(y_ptr + row + off, mask=m, other=0.0)
+    y = y_raw.to(acc_t)
+    p = tl.load(p_ptr + row + off, mask=m, other=0.0).to(acc_t)
+    f_raw = tl.load(f_ptr + frow + off, mask=m, other=0.0)
+    f = f_raw.to(acc_t)
+    pq = _draft_x0(y, f, x0y, x0f, FREEZE)
+    res = tl.where(det, _affine(p, y, a, e, g, cl, HAS_CLIP), y)
+    # rejection: the draft's step reflected about the hyperplane orthogonal to d
+    refl = _affine(pq, y, a, e, g, cl, HAS_CLIP) + s * xi + coef_r * _gap(p, pq, a, e, cl, HAS_CLIP)
+    res = tl.where(rejected, refl, res)
+    if FREEZE == 0:
+        fz = p
+    else:
+        fz = epy * y - epp * p
+    tl.store(next_ptr + frow + off, res.to(next_ptr.dtype.element_ty), mask=m)
+    tl.store(nfz_ptr + frow + off, tl.where(keep_frozen, f, fz).to(nfz_ptr.dtype.element_ty),
+             mask=m)
+
+
+# ---------------------------------------------------------------- kernels
+@triton.jit(do_not_specialize=["W"])
+def _chain_noise_kernel(seed_ptr, ids_ptr, steps_ptr, xi_ptr, u_ptr, W, D, Q,
+                        ACC_FP64: tl.constexpr, BLOCK: tl.constexpr):
+    """Program (row = b * W + j, i-block): xi of step steps[b] + j at its counters; block 0: u."""
+    row = tl.program_id(0).to(tl.int64)
+    ib = tl.program_id(1)
+    b = row // W
+    k = tl.load(steps_ptr + b) + row % W
+    chain = tl.load(ids_ptr + b)
+    k0, k1 = _philox_key(seed_ptr)
+    i = ib * BLOCK + tl.arange(0, BLOCK)
+    n0, n1, n2, n3 = _normals(k0, k1, i, k, chain, ACC_FP64)
+    out = xi_ptr + row * D
+    ty = xi_ptr.dtype.element_ty
+    mi = i < Q
+    tl.store(out + i, n0.to(ty), mask=mi & (i < D))
+    tl.store(out + Q + i, n1.to(ty), mask=mi & (Q + i < D))
+    tl.store(out + 2 * Q + i, n2.to(ty), mask=mi & (2 * Q + i < D))
+    tl.store(out + 3 * Q + i, n3.to(ty), mask=mi & (3 * Q + i < D))
+    tl.store(u_ptr + row, _uniform(k0, k1, k, chain), mask=ib == 0)
+
+
+@triton.jit(do_not_specialize=["W", "N"])
+def _frozen_draft_kernel(root_ptr, frozen_ptr, steps_ptr, len_ptr, coef_ptr, seed_ptr, ids_ptr,
+                         y_ptr, W, N, D, Q, clip_hi, clip_mid, clip_lo,
+                         FREEZE: tl.constexpr, HAS_CLIP: tl.constexpr, ACC_FP64: tl.constexpr,
+                         BLOCK: tl.constexpr):
+    """Program (chain b, i-block): Y[b, 0] = root, then the window's drafted states (its
+    counters)."""
+    acc_t: tl.constexpr = tl.float64 if ACC_FP64 else tl.float32
+    ty = y_ptr.dtype.element_ty
+    b = tl.program_id(0).to(tl.int64)
+    i = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mi = i < Q
+    m0, m1, m2, m3 = mi & (i < D), mi & (Q + i < D), mi & (2 * Q + i < D), mi & (3 * Q + i < D)
+    src = b * D
+    dst = b * (W + 1) * D
+    r0 = tl.load(root_ptr + src + i, mask=m0, other=0.0)
+    r1 = tl.load(root_ptr + src + Q + i, mask=m1, other=0.0)
+    r2 = tl.load(root_ptr + src + 2 * Q + i, mask=m2, other=0.0)
+    r3 = tl.load(root_ptr + src + 3 * Q + i, mask=m3, other=0.0)
+    tl.store(y_ptr + dst + i, r0, mask=m0)
+    tl.store(y_ptr + dst + Q + i, r1, mask=m1)
+    tl.store(y_ptr + dst + 2 * Q + i, r2, mask=m2)
+    tl.store(y_ptr + dst + 3 * Q + i, r3, mask=m3)
+    y0, y1, y2, y3 = r0.to(acc_t), r1.to(acc_t), r2.to(acc_t), r3.to(acc_t)
+    f0 = tl.load(frozen_ptr + src + i, mask=m0, other=0.0).to(acc_t)
+    f1 = tl.load(frozen_ptr + src + Q + i, mask=m1, other=0.0).to(acc_t)
+    f2 = tl.load(frozen_ptr + src + 2 * Q + i, mask=m2, other=0.0).to(acc_t)
+    f3 = tl.load(frozen_ptr + src + 3 * Q + i, mask=m3, other=0.0).to(acc_t)
+    k = tl.load(steps_ptr + b)
+    n = tl.minimum(tl.maximum(tl.load(len_ptr + b), 0), W)
+    chain = tl.load(ids_ptr + b)
+    k0, k1 = _philox_key(seed_ptr)
+    cl = _clip_value(clip_hi, clip_mid, clip_lo, ACC_FP64)
+    for j in range(0, W):
+        if j < n:
+            kc = _step_index(k + j, N)
+            a = _coef(coef_ptr, _ROW_A, kc, N, ACC_FP64)
+            e = _coef(coef_ptr, _ROW_E, kc, N, ACC_FP64)
+            g = _coef(coef_ptr, _ROW_G, kc, N, ACC_FP64)
+            s = _coef(coef_ptr, _ROW_STD, kc, N, ACC_FP64)
+            x0y = _coef(coef_ptr, _ROW_X0_Y, kc, N, ACC_FP64)
+            x0f = _coef(coef_ptr, _ROW_X0_F, kc, N, ACC_FP64)
+            n0, n1, n2, n3 = _normals(k0, k1, i, k + j, chain, ACC_FP64)
+            y0 = _draft_lane(y0, f0, n0, a, e, g, s, x0y, x0f, cl, ty, FREEZE, HAS_CLIP)
+            y1 = _draft_lane(y1, f1, n1, a, e, g, s, x0y, x0f, cl, ty, FREEZE, HAS_CLIP)
+            y2 = _draft_lane(y2, f2, n2, a, e, g, s, x0y, x0f, cl, ty, FREEZE, HAS_CLIP)
+            y3 = _draft_lane(y3, f3, n3, a, e, g, s, x0y, x0f, cl, ty, FREEZE, HAS_CLIP)
+        out = dst + (j + 1) * D
+        tl.store(y_ptr + out + i, y0.to(ty), mask=m0)
+        tl.store(y_ptr + out + Q + i, y1.to(ty), mask=m1)
+        tl.store(y_ptr + out + 2 * Q + i, y2.to(ty), mask=m2)
+        tl.store(y_ptr + out + 3 * Q + i, y3.to(ty), mask=m3)
+
+
+@triton.jit(do_not_specialize=["L", "N", "NB"])
+def _verify_partials_kernel(y_ptr, p_ptr, frozen_ptr, steps_ptr, len_ptr, coef_ptr, seed_ptr,
+                            ids_ptr, part_ptr, L, N, D, Q, CHUNK, NB, clip_hi, clip_mid, clip_lo,
+                            FREEZE: tl.constexpr, HAS_CLIP: tl.constexpr, ACC_FP64: tl.constexpr,
+                            BLOCK: tl.constexpr):
+    """Program (row = b * L + j, chunk): partial (<d_j, xi_j>, ||d_j||^2) over counters
+    [chunk * CHUNK, (chunk + 1) * CHUNK) at part[(row * NB + chunk) * 2 + {0, 1}]; 0 for j >= n."""
+    acc_t: tl.constexpr = tl.float64 if ACC_FP64 else tl.float32
+    row = tl.program_id(0).to(tl.int64)
+    ck = tl.program_id(1)
+    b = row // L
+    j = row % L
+    n = tl.minimum(tl.maximum(tl.load(len_ptr + b), 0), L)
+    a_vec = tl.zeros([BLOCK], acc_t)
+    b_vec = tl.zeros([BLOCK], acc_t)
+    if j < n:
+        k = tl.load(steps_ptr + b) + j
+        chain = tl.load(ids_ptr + b)
+        k0, k1 = _philox_key(seed_ptr)
+        kc = _step_index(k, N)
+        a = _coef(coef_ptr, _ROW_A, kc, N, ACC_FP64)
+        e = _coef(coef_ptr, _ROW_E, kc, N, ACC_FP64)
+        x0y = _coef(coef_ptr, _ROW_X0_Y, kc, N, ACC_FP64)
+        x0f = _coef(coef_ptr, _ROW_X0_F, kc, N, ACC_FP64)
+        cl = _clip_value(clip_hi, clip_mid, clip_lo, ACC_FP64)
+        yrow = (b * (L + 1) + j) * D
+        frow = b * D
+        start = ck * CHUNK
+        stop = tl.minimum(start + CHUNK, Q)
+        for i0 in range(start, stop, BLOCK):
+            i = i0 + tl.arange(0, BLOCK)
+            mi = i < stop
+            n0, n1, n2, n3 = _normals(k0, k1, i, k, chain, ACC_FP64)
+            da, db = _row_sums_lane(y_ptr, p_ptr, frozen_ptr, yrow, frow, i, mi & (i < D), n0,
+                                    a, e, x0y, x0f, cl, ACC_FP64, FREEZE, HAS_CLIP)
+            a_vec += da
+            b_vec += db
+            da, db = _row_sums_lane(y_ptr, p_ptr, frozen_ptr, yrow, frow, Q + i,
+                                    mi & (Q + i < D), n1, a, e, x0y, x0f, cl, ACC_FP64, FREEZE,
+                                    HAS_CLIP)
+            a_vec += da
+            b_vec += db
+            da, db = _row_sums_lane(y_ptr, p_ptr, frozen_ptr, yrow, frow, 2 * Q + i,
+                                    mi & (2 * Q + i < D), n2, a, e, x0y, x0f, cl, ACC_FP64, FREEZE,
+                                    HAS_CLIP)
+            a_vec += da
+            b_vec += db
+            da, db = _row_sums_lane(y_ptr, p_ptr, frozen_ptr, yrow, frow, 3 * Q + i,
+                                    mi & (3 * Q + i < D), n3, a, e, x0y, x0f, cl, ACC_FP64, FREEZE,
+                                    HAS_CLIP)
+            a_vec += da
+            b_vec += db
+    out = part_ptr + (row * NB + ck) * 2
+    tl.store(out, tl.sum(a_vec, axis=0))
+    tl.store(out + 1, tl.sum(b_vec, axis=0))
+
+
+@triton.jit(do_not_specialize=["L", "N", "NB"])
+def _verify_finalize_kernel(y_ptr, p_ptr, frozen_ptr, steps_ptr, len_ptr, coef_ptr, seed_ptr,
+                            ids_ptr, part_ptr,
+                            nacc_ptr, comm_ptr, next_ptr, nfz_ptr, exact_ptr, lr_ptr,
+                            L, N, D, Q, NB, clip_hi, clip_mid, clip_lo,
+                            FREEZE: tl.constexpr, HAS_CLIP: tl.constexpr, ACC_FP64: tl.constexpr,
+                            BLOCK: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_NB: tl.constexpr):
+    """Program (chain b, i-block): the chain's scan (identical in all its programs), then its block
+    of next_state / next_frozen; block 0 writes the per-chain outputs and the log ratios."""
+    acc_t: tl.constexpr = tl.float64 if ACC_FP64 else tl.float32
+    b = tl.program_id(0).to(tl.int64)
+    ib = tl.program_id(1)
+    k = tl.load(steps_ptr + b)
+    chain = tl.load(ids_ptr + b)
+    n = tl.minimum(tl.maximum(tl.load(len_ptr + b), 0), L).to(tl.int32)
+    k0, k1 = _philox_key(seed_ptr)
+    first = n
+    a_first = tl.zeros((), acc_t)  # <d, r> = s <d, xi> of the first rejected step
+    b_first = tl.zeros((), acc_t)  # ||d||^2 of it
+    jj = tl.arange(0, BLOCK_L)
+    cc = tl.arange(0, BLOCK_NB)
+    for j0 in range(0, L, BLOCK_L):
+        j = j0 + jj
+        mj = j < L
+        a2 = tl.zeros([BLOCK_L, BLOCK_NB], acc_t)  # (reduced after the loop: a reduction
+        b2 = tl.zeros([BLOCK_L, BLOCK_NB], acc_t)  # accumulated inside it crashes a Triton pass)
+        for c0 in range(0, NB, BLOCK_NB):
+            m2 = mj[:, None] & ((c0 + cc) < NB)[None, :]
+            off = ((b * L + j)[:, None] * NB + (c0 + cc)[None, :]) * 2
+            a2 += tl.load(part_ptr + off, mask=m2, other=0.0)
+            b2 += tl.load(part_ptr + off + 1, mask=m2, other=0.0)
+        sa = tl.sum(a2, axis=1)
+        sb = tl.sum(b2, axis=1)
+        live = j < n
+        s = tl.load(coef_ptr + _ROW_STD * N + _step_index(k + j, N), mask=mj, other=1.0).to(acc_t)
+        s = tl.where(live, s, 1.0)
+        lr = tl.where(live, sa / s - sb / (2.0 * s * s), 0.0)
+        tl.store(lr_ptr + b * L + j, lr.to(tl.float32), mask=mj & (ib == 0))
+        u = _uniform(k0, k1, k + j, chain).to(acc_t)
+        cand = tl.min(tl.where(live & ~_accept(lr, u), j, L), axis=0)
+        newly = (first == n) & (cand < n)
+        a_first = tl.where(newly, tl.sum(tl.where(j == cand, sa * s, 0.0), axis=0), a_first)
+        b_first = tl.where(newly, tl.sum(tl.where(j == cand, sb, 0.0), axis=0), b_first)
+        first = tl.where(newly, cand, first)
+    rejected = first < n
+    coef_r = _reflect_coef(a_first, b_first)
+    js = tl.where(rejected, first, n)        # the window position that decides
+    ks = k + js
+    kc = _step_index(ks, N)
+    kn = k + n
+    live_next = kn < N
+    det = live_next & (tl.load(coef_ptr + _ROW_STD * N + _step_index(kn, N)) == 0)
+    det = det & ~rejected
+    committed = tl.where(rejected, first + 1, n + det.to(tl.int32))
+    idle = (n == 0) & ~det
+    keep_frozen = idle | (~rejected & ~live_next)
+    root_exact = ~rejected & live_next & ~det & (n > 0)
+    blk0 = ib == 0
+    tl.store(nacc_ptr + b, first.to(tl.int64), mask=blk0)
+    tl.store(comm_ptr + b, committed.to(tl.int64), mask=blk0)
+    tl.store(exact_ptr + b, root_exact, mask=blk0)
+
+    a = _coef(coef_ptr, _ROW_A, kc, N, ACC_FP64)
+    e = _coef(coef_ptr, _ROW_E, kc, N, ACC_FP64)
+    g = _coef(coef_ptr, _ROW_G, kc, N, ACC_FP64)
+    s = _coef(coef_ptr, _ROW_STD, kc, N, ACC_FP64)
+    x0y = _coef(coef_ptr, _ROW_X0_Y, kc, N, ACC_FP64)
+    x0f = _coef(coef_ptr, _ROW_X0_F, kc, N, ACC_FP64)
+    epy = _coef(coef_ptr, _ROW_EPS_Y, kc, N, ACC_FP64)
+    epp = _coef(coef_ptr, _ROW_EPS_P, kc, N, ACC_FP64)
+    cl = _clip_value(clip_hi, clip_mid, clip_lo, ACC_FP64)
+    i = ib * BLOCK + tl.arange(0, BLOCK)
+    mi = i < Q
+    if rejected:  # the reflection needs the draft's noise of the rejected step
+        n0, n1, n2, n3 = _normals(k0, k1, i, ks, chain, ACC_FP64)
+    else:
+        n0 = tl.zeros([BLOCK], acc_t)
+        n1 = n0
+        n2 = n0
+        n3 = n0
+    row = (b * (L + 1) + js) * D
+    frow = b * D
+    _commit_lane(y_ptr, p_ptr, frozen_ptr, next_ptr, nfz_ptr, row, frow, i, mi & (i < D), n0,
+                 a, e, g, s, x0y, x0f, epy, epp, cl, coef_r, rejected, det, keep_frozen,
+                 ACC_FP64, FREEZE, HAS_CLIP)
+    _commit_lane(y_ptr, p_ptr, frozen_ptr, next_ptr, nfz_ptr, row, frow, Q + i,
+                 mi & (Q + i < D), n1, a, e, g, s, x0y, x0f, epy, epp, cl, coef_r, rejected, det,
+                 keep_frozen, ACC_FP64, FREEZE, HAS_CLIP)
+    _commit_lane(y_ptr, p_ptr, frozen_ptr, next_ptr, nfz_ptr, row, frow, 2 * Q + i,
+                 mi & (2 * Q + i < D), n2, a, e, g, s, x0y, x0f, epy, epp, cl, coef_r, rejected,
+                 det, keep_frozen, ACC_FP64, FREEZE, HAS_CLIP)
+    _commit_lane(y_ptr, p_ptr, frozen_ptr, next_ptr, nfz_ptr, row, frow, 3 * Q + i,
+                 mi & (3 * Q + i < D), n3, a, e, g, s, x0y, x0f, epy, epp, cl, coef_r, rejected,
+                 det, keep_frozen, ACC_FP64, FREEZE, HAS_CLIP)
+
+
+# ---------------------------------------------------------------- launchers
+@functools.lru_cache(maxsize=None)
+def _configured(kernel, block: int):
+    """The kernel with its block: under the interpreter, the plain kernel (BLOCK passed at launch);
+    compiled, a single-config ``triton.autotune`` (no benchmarking) holding BLOCK and the warps,
+    wrapped by ``wrap_triton``. Built once per (kernel, block): launch options passed per call
+    would make ``wrap_triton`` build a new autotuner at every launch (~100 us of host time)."""
+    if INTERPRET:
+        return kernel
+    cfg = triton.Config({"BLOCK": block}, num_warps=min(4, max(1, block // 32)), num_stages=1)
+    return triton.autotune(configs=[cfg], key=[])(kernel)
+
+
+def _launch(kernel, block: int, grid, *args, **kwargs) -> None:
+    k = _configured(kernel, block)
+    if INTERPRET:
+        k[grid](*args, BLOCK=block, **kwargs)
+    else:
+        wrap_triton(k)[grid](*args, **kwargs)
+
+
+def _quarter(D: int) -> int:
+    return -(-D // 4)
+
+
+def _f32(x: float) -> float:
+    """x rounded to float32 (to nearest; inf past the float32 range)."""
+    try:
+        return struct.unpack("<f", struct.pack("<f", x))[0]
+    except OverflowError:
+        return math.copysign(math.inf, x)
+
+
+def _clip_args(clip: float) -> dict:
+    """HAS_CLIP and the clip bound as three float32 kernel arguments whose float64 sum is the bound
+    exactly (3 x 24 >= 53 mantissa bits; a bound past the float32 range clips nothing). Floats,
+    not the int64 bits of the double: Inductor cannot pass ints >= 2^31 to a user kernel, and
+    Triton passes Python floats as float32. inf: no clipping."""
+    clip = float(clip)
+    hi = _f32(clip)
+    if math.isinf(hi):
+        return {"HAS_CLIP": False, "clip_hi": 0.0, "clip_mid": 0.0, "clip_lo": 0.0}
+    mid = _f32(clip - hi)
+    return {"HAS_CLIP": True, "clip_hi": hi, "clip_mid": mid, "clip_lo": _f32(clip - hi - mid)}
+
+
+def _contig(x: Tensor) -> Tensor:
+    return x if x.is_contiguous() else x.contiguous()
+
+
+def draft_block(B: int, Q: int, sms: int) -> int:
+    """Counters per frozen_draft program: the loop over the window is latency-bound, so aim at
+    ~2 programs per SM before making blocks wider (32..512 counters, 128..2048 elements)."""
+    want = _next_pow2(-(-B * Q // max(2 * sms, 1)))
+    return int(min(max(want, _DRAFT_BLOCK_MIN), _DRAFT_BLOCK_MAX))
+
+
+def partial_chunk(rows: int, Q: int, sms: int) -> int:
+    """Counters per partial-sum program of verify_frozen: aim at ~4 programs per SM (a power of
+    two, a whole number of blocks)."""
+    per_row = max(1, -(-4 * sms // max(rows, 1)))
+    chunk = _next_pow2(-(-Q // per_row))
+    return int(min(max(chunk, _PART_BLOCK), _CHUNK_MAX))
+
+
+def chain_noise(seed: Tensor, chain_ids: Tensor, steps: Tensor, window: int, event_numel: int,
+                dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """xi [B, window, D] (dtype) and u [B, window] (float32) of steps ``steps[b] + j``."""
+    B, D = chain_ids.shape[0], int(event_numel)
+    dev = chain_ids.device
+    xi = torch.empty((B, window, D), device=dev, dtype=dtype)
+    u = torch.empty((B, window), device=dev, dtype=torch.float32)
+    if B > 0:
+        Q = _quarter(D)
+        grid = (B * window, triton.cdiv(Q, _NOISE_BLOCK))
+        with _quiet():
+            _launch(_chain_noise_kernel, _NOISE_BLOCK, grid,
+                    seed, _contig(chain_ids), _contig(steps), xi, u, window, D, Q,
+                    ACC_FP64=dtype == torch.float64)
+    return xi, u
+
+
+def frozen_draft(root: Tensor, frozen: Tensor, steps: Tensor, lengths: Tensor, coef: Tensor,
+                 seed: Tensor, chain_ids: Tensor, window: int, freeze: int, clip: float) -> Tensor:
+    """Drafted states Y [B, window + 1, *E] (semantics: round_reference.frozen_draft)."""
+    B = root.shape[0]
+    y = torch.empty((B, window + 1, *root.shape[1:]), device=root.device, dtype=root.dtype)
+    if B > 0:
+        D = root.numel() // B
+        Q = _quarter(D)
+        block = draft_block(B, Q, num_sms(root.device))
+        grid = (B, triton.cdiv(Q, block))
+        with _quiet():
+            _launch(_frozen_draft_kernel, block, grid,
+                    _contig(root), _contig(frozen), _contig(steps), _contig(lengths),
+                    _contig(coef), seed, _contig(chain_ids), y, window, coef.shape[1], D, Q,
+                    **_clip_args(clip), FREEZE=int(freeze), ACC_FP64=root.dtype == torch.float64)
+    return y
+
+
+def verify_frozen(states: Tensor, x0_hat: Tensor, frozen: Tensor, steps: Tensor, lengths: Tensor,
+                  coef: Tensor, seed: Tensor, chain_ids: Tensor, freeze: int, clip: float
+                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(num_accepted, committed, next_state, next_frozen, root_exact, log_ratio) (semantics:
+    round_reference.verify_frozen)."""
+    B, L1 = states.shape[:2]
+    L = L1 - 1
+    E = states.shape[2:]
+    dev = states.device
+    nacc = torch.empty((B,), device=dev, dtype=torch.int64)
+    committed = torch.empty((B,), device=dev, dtype=torch.int64)
+    next_state = torch.empty((B, *E), device=dev, dtype=states.dtype)
+    next_frozen = torch.empty((B, *E), device=dev, dtype=states.dtype)
+    root_exact = torch.empty((B,), device=dev, dtype=torch.bool)
+    lr = torch.empty((B, L), device=dev, dtype=torch.float32)
+    if B == 0:
+        return nacc, committed, next_state, next_frozen, root_exact, lr
+    D = states.numel() // (B * L1)
+    Q = _quarter(D)
+    N = coef.shape[1]
+    acc64 = states.dtype == torch.float64
+    clip_args = _clip_args(clip)
+    y, p, f = _contig(states), _contig(x0_hat), _contig(frozen)
+    st, ln, cf, ids = _contig(steps), _contig(lengths), _contig(coef), _contig(chain_ids)
+    rows = max(B * L, 1)
+    chunk = partial_chunk(rows, Q, num_sms(dev))
+    nb = triton.cdiv(Q, chunk)
+    part = torch.empty((rows * nb * 2,), device=dev,
+                       dtype=torch.float64 if acc64 else torch.float32)
+    with _quiet():
+        if L > 0:
+            _launch(_verify_partials_kernel, _PART_BLOCK, (B * L, nb),
+                    y, p, f, st, ln, cf, seed, ids, part, L, N, D, Q, chunk, nb, **clip_args,
+                    FREEZE=int(freeze), ACC_FP64=acc64)
+        _launch(_verify_finalize_kernel, _FIN_BLOCK, (B, triton.cdiv(Q, _FIN_BLOCK)),
+                y, p, f, st, ln, cf, seed, ids, part,
+                nacc, committed, next_state, next_frozen, root_exact, lr,
+                L, N, D, Q, nb, **clip_args, FREEZE=int(freeze), ACC_FP64=acc64,
+                BLOCK_L=min(_next_pow2(L), _BLOCK_L_MAX),
+                BLOCK_NB=min(_next_pow2(nb), _BLOCK_NB_MAX))
+    return nacc, committed, next_state, next_frozen, root_exact, lr
+
+
+# ---------------------------------------------------------------- ops
+def _chain_noise_impl(seed: Tensor, chain_ids: Tensor, steps: Tensor, window: int,
+                      event_numel: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    return chain_noise(seed, chain_ids, steps, window, event_numel, dtype)
+
+
+def _frozen_draft_impl(root: Tensor, frozen: Tensor, steps: Tensor, lengths: Tensor, coef: Tensor,
+                       seed: Tensor, chain_ids: Tensor, window: int, freeze: int,
+                       clip: float) -> Tensor:
+    return frozen_draft(root, frozen, steps, lengths, coef, seed, chain_ids, window, freeze, clip)
+
+
+def _verify_frozen_impl(states: Tensor, x0_hat: Tensor, frozen: Tensor, steps: Tensor,
+                        lengths: Tensor, coef: Tensor, seed: Tensor, chain_ids: Tensor,
+                        freeze: int, clip: float
+                        ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return verify_frozen(states, x0_hat, frozen, steps, lengths, coef, seed, chain_ids, freeze,
+                         clip)
+
+
+# fake impls (interpreted mode; compiled, the triton_op body is its own fake)
+def _chain_noise_fake(seed, chain_ids, steps, window, event_numel, dtype):
+    B = chain_ids.shape[0]
+    return (chain_ids.new_empty((B, window, event_numel), dtype=dtype),
+            chain_ids.new_empty((B, window), dtype=torch.float32))
+
+
+def _frozen_draft_fake(root, frozen, steps, lengths, coef, seed, chain_ids, window, freeze, clip):
+    return root.new_empty((root.shape[0], window + 1, *root.shape[1:]))
+
+
+def _verify_frozen_fake(states, x0_hat, frozen, steps, lengths, coef, seed, chain_ids, freeze,
+                        clip):
+    B, L1 = states.shape[:2]
+    E = states.shape[2:]
+    return (steps.new_empty((B,)), steps.new_empty((B,)), states.new_empty((B, *E)),
+            states.new_empty((B, *E)), steps.new_empty((B,), dtype=torch.bool),
+            states.new_empty((B, L1 - 1), dtype=torch.float32))
+
+
+triton_chain_noise = _define("specdiff::triton_chain_noise", _chain_noise_impl, _chain_noise_fake)
+triton_frozen_draft = _define("specdiff::triton_frozen_draft", _frozen_draft_impl,
+                              _frozen_draft_fake)
+triton_verify_frozen = _define("specdiff::triton_verify_frozen", _verify_frozen_impl,
+                               _verify_frozen_fake)
+
+
+# ---------------------------------------------------------------- forwarding to the Triton ops
+# (the CUDA kernels of specdiff::chain_noise / frozen_draft / verify_frozen, and backend "triton")
+def fwd_chain_noise(seed, chain_ids, steps, window, event_numel, dtype):
+    return torch.ops.specdiff.triton_chain_noise(seed, chain_ids, steps, window, event_numel, dtype)
+
+
+def fwd_frozen_draft(root, frozen, steps, lengths, coef, seed, chain_ids, window, freeze, clip):
+    return torch.ops.specdiff.triton_frozen_draft(root, frozen, steps, lengths, coef, seed,
+                                                  chain_ids, window, freeze, clip)
+
+
+def fwd_verify_frozen(states, x0_hat, frozen, steps, lengths, coef, seed, chain_ids, freeze, clip):
+    return torch.ops.specdiff.triton_verify_frozen(states, x0_hat, frozen, steps, lengths, coef,
+                                                   seed, chain_ids, freeze, clip)
+
+
+_CUDA_LIB = None
+if round_ops.HAS_CPP:  # the schemas come from the C++ extension (csrc/registration.cpp)
+    _CUDA_LIB = torch.library.Library("specdiff", "IMPL")
+    for _name, _fn in (("chain_noise", fwd_chain_noise), ("frozen_draft", fwd_frozen_draft),
+                       ("verify_frozen", fwd_verify_frozen)):
+        torch.library.register_kernel(f"specdiff::{_name}", "cuda", _fn, lib=_CUDA_LIB)
+
+round_ops.register_backend(round_ops.RoundBackend("triton", fwd_chain_noise, fwd_frozen_draft,
+                                                  fwd_verify_frozen, devices=DEVICES))
