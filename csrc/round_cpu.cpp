@@ -177,6 +177,15 @@ RoundArgs check_round(const char* op, const at::Tensor& root, const at::Tensor& 
   a.k = check_range(steps, op, "steps", a.B, 0, a.N);
   a.n = check_range(lengths, op, "lengths", a.B, 0, window);
   a.coef = coef.contiguous();
+  const double* std = a.coef.data_ptr<double>() + kStd * a.N;
+  for (int64_t b = 0; b < a.B; ++b) {
+    for (int64_t j = 0; j < a.n[b]; ++j) {
+      const int64_t k = a.k[b] + j;
+      TORCH_CHECK(k < a.N && std[k] > 0.0, op, ": lengths[", b, "] = ", a.n[b], " from step ",
+                  a.k[b], " reaches a deterministic step or the end of the schedule (N = ", a.N,
+                  "); windows must cover stochastic steps only");
+    }
+  }
   return a;
 }
 

@@ -322,6 +322,8 @@ def _small_case(dtype=torch.float32):
     (lambda a: a.update(window=0), "window must be an int >= 1"),
     (lambda a: a.update(freeze=2), "freeze must be 0"),
     (lambda a: a.update(clip=0.0), "clip must be > 0"),
+    (lambda a: a.update(steps=torch.tensor([38, 38, 38]), lengths=torch.tensor([2, 2, 1])),
+     "reaches a deterministic step"),
 ])
 def test_bad_arguments_name_the_argument(mutate, match):
     case = _small_case()
@@ -336,6 +338,9 @@ def test_bad_arguments_name_the_argument(mutate, match):
 @pytest.mark.parametrize("call,match", [
     (lambda c: torch.ops.specdiff.frozen_draft(c.root, c.frozen, c.steps, c.lengths + 5, c.coef,
                                                c.seed, c.chain_ids, 4, 0, 1.0), "lengths must lie in"),
+    (lambda c: torch.ops.specdiff.frozen_draft(c.root, c.frozen, c.steps * 0 + 39, c.lengths * 0 + 1,
+                                               c.coef, c.seed, c.chain_ids, 4, 0, 1.0),
+     "reaches a deterministic step"),
     (lambda c: torch.ops.specdiff.verify_frozen(*c.verify_args(
         torch.zeros(3, 5, 5), torch.zeros(3, 5, 6))), "x0_hat must match"),
     (lambda c: torch.ops.specdiff.chain_noise(c.seed, c.chain_ids, c.steps * 0 - 3, 2, 4,

@@ -224,6 +224,16 @@ def _check_round(op: str, root: Tensor, frozen: Tensor, steps: Tensor, lengths: 
         if int(steps.max()) > N:
             raise ValueError(f"{op}: steps must lie in 0..N = 0..{N} (N: the table length), got "
                              f"max {int(steps.max())}")
+        # a window covers stochastic steps only (std > 0, before the end of the schedule)
+        idx = steps[:, None] + torch.arange(window)[None]
+        live = torch.arange(window)[None] < lengths[:, None]
+        std = coef[3, idx.clamp(0, N - 1)]
+        bad = live & ((idx >= N) | ~(std > 0))
+        if bool(bad.any()):
+            b = int(bad.nonzero()[0, 0])
+            raise ValueError(f"{op}: lengths[{b}] = {int(lengths[b])} from step {int(steps[b])} "
+                             f"reaches a deterministic step or the end of the schedule (N = {N}); "
+                             f"windows must cover stochastic steps only")
 
 
 # ---------------------------------------------------------------- public functions
