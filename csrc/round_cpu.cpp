@@ -153,7 +153,7 @@ struct RoundArgs {
 RoundArgs check_round(const char* op, const at::Tensor& root, const at::Tensor& frozen,
                       const at::Tensor& steps, const at::Tensor& lengths, const at::Tensor& coef,
                       const at::Tensor& seed, const at::Tensor& chain_ids, int64_t window,
-                      int64_t freeze, double clip) {
+                      int64_t freeze, double clip, bool stochastic_only) {
   check_state(frozen, op, "frozen");
   TORCH_CHECK(frozen.sizes() == root.sizes() && frozen.scalar_type() == root.scalar_type(), op,
               ": frozen must match the root states' shape and dtype, got ", frozen.sizes(), " ",
@@ -177,6 +177,7 @@ RoundArgs check_round(const char* op, const at::Tensor& root, const at::Tensor& 
   a.k = check_range(steps, op, "steps", a.B, 0, a.N);
   a.n = check_range(lengths, op, "lengths", a.B, 0, window);
   a.coef = coef.contiguous();
+  if (!stochastic_only) return a;  // a draft step with std 0 is the deterministic step itself
   const double* std = a.coef.data_ptr<double>() + kStd * a.N;
   for (int64_t b = 0; b < a.B; ++b) {
     for (int64_t j = 0; j < a.n[b]; ++j) {
@@ -240,7 +241,7 @@ at::Tensor frozen_draft_cpu(const at::Tensor& root, const at::Tensor& frozen, co
   check_state(root, op, "root");
   TORCH_CHECK(root.dim() >= 2, op, ": root must have shape [B, *E], got ", root.sizes());
   RoundArgs a = check_round(op, root, frozen, steps, lengths, coef, seed, chain_ids, window, freeze,
-                            clip);
+                            clip, false);
   std::vector<int64_t> shape{a.B, window + 1};
   shape.insert(shape.end(), root.sizes().begin() + 1, root.sizes().end());
   at::Tensor Y = at::empty(shape, root.options().memory_format(at::MemoryFormat::Contiguous));
@@ -319,7 +320,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
               x0_hat.scalar_type());
   const int64_t L = states.size(1) - 1;
   at::Tensor root = states.select(1, 0);
-  RoundArgs a = check_round(op, root, frozen, steps, lengths, coef, seed, chain_ids, L, freeze, clip);
+  RoundArgs a = check_round(op, root, frozen, steps, lengths, coef, seed, chain_ids, L, freeze, clip,
+                            true);
   const int64_t B = a.B, D = a.D, N = a.N;
   std::vector<int64_t> eshape(states.sizes().begin() + 2, states.sizes().end());
   std::vector<int64_t> sshape{B};

@@ -322,8 +322,6 @@ def _small_case(dtype=torch.float32):
     (lambda a: a.update(window=0), "window must be an int >= 1"),
     (lambda a: a.update(freeze=2), "freeze must be 0"),
     (lambda a: a.update(clip=0.0), "clip must be > 0"),
-    (lambda a: a.update(steps=torch.tensor([38, 38, 38]), lengths=torch.tensor([2, 2, 1])),
-     "reaches a deterministic step"),
 ])
 def test_bad_arguments_name_the_argument(mutate, match):
     case = _small_case()
@@ -335,12 +333,23 @@ def test_bad_arguments_name_the_argument(mutate, match):
         ro.frozen_draft(**args)
 
 
+def test_verified_window_must_be_stochastic():
+    """A verified window that reaches a deterministic step (std 0: its log ratio would be
+    non-finite) is refused; drafting through it is fine (the draft step is the deterministic one)."""
+    case = _small_case()
+    k = torch.full((3,), 38, dtype=torch.int64)          # step 39 is the deterministic t = 0 step
+    n = torch.tensor([2, 2, 1])
+    Y = ro.frozen_draft(case.root, case.frozen, k, n, case.coef, case.seed, case.chain_ids, 4)
+    with pytest.raises(ValueError, match=r"lengths\[0\] = 2 from step 38 reaches a deterministic"):
+        ro.verify_frozen(Y, Y, case.frozen, k, n, case.coef, case.seed, case.chain_ids)
+
+
 @pytest.mark.parametrize("call,match", [
     (lambda c: torch.ops.specdiff.frozen_draft(c.root, c.frozen, c.steps, c.lengths + 5, c.coef,
                                                c.seed, c.chain_ids, 4, 0, 1.0), "lengths must lie in"),
-    (lambda c: torch.ops.specdiff.frozen_draft(c.root, c.frozen, c.steps * 0 + 39, c.lengths * 0 + 1,
-                                               c.coef, c.seed, c.chain_ids, 4, 0, 1.0),
-     "reaches a deterministic step"),
+    (lambda c: torch.ops.specdiff.verify_frozen(
+        torch.zeros(3, 5, 5), torch.zeros(3, 5, 5), c.frozen, c.steps * 0 + 38, c.lengths * 0 + 2,
+        c.coef, c.seed, c.chain_ids, 0, 1.0), "reaches a deterministic step"),
     (lambda c: torch.ops.specdiff.verify_frozen(*c.verify_args(
         torch.zeros(3, 5, 5), torch.zeros(3, 5, 6))), "x0_hat must match"),
     (lambda c: torch.ops.specdiff.chain_noise(c.seed, c.chain_ids, c.steps * 0 - 3, 2, 4,

@@ -193,7 +193,7 @@ def _check_states(op: str, name: str, x: Tensor, min_dim: int) -> None:
 
 def _check_round(op: str, root: Tensor, frozen: Tensor, steps: Tensor, lengths: Tensor,
                  coef: Tensor, seed: Tensor, chain_ids: Tensor, window: int, freeze: int,
-                 clip: float) -> None:
+                 clip: float, stochastic_only: bool) -> None:
     B = root.shape[0]
     _check_states(op, "frozen", frozen, 2)
     if frozen.shape != root.shape or frozen.dtype != root.dtype or frozen.device != root.device:
@@ -224,7 +224,9 @@ def _check_round(op: str, root: Tensor, frozen: Tensor, steps: Tensor, lengths: 
         if int(steps.max()) > N:
             raise ValueError(f"{op}: steps must lie in 0..N = 0..{N} (N: the table length), got "
                              f"max {int(steps.max())}")
-        # a window covers stochastic steps only (std > 0, before the end of the schedule)
+        if not stochastic_only:   # a draft step with std 0 is the deterministic step itself
+            return
+        # a verified window covers stochastic steps only (std > 0, before the end of the schedule)
         idx = steps[:, None] + torch.arange(window)[None]
         live = torch.arange(window)[None] < lengths[:, None]
         std = coef[3, idx.clamp(0, N - 1)]
@@ -285,7 +287,8 @@ def frozen_draft(root: Tensor, frozen: Tensor, steps: Tensor, lengths: Tensor, c
     """
     op = "frozen_draft"
     _check_states(op, "root", root, 2)
-    _check_round(op, root, frozen, steps, lengths, coef, seed, chain_ids, window, freeze, clip)
+    _check_round(op, root, frozen, steps, lengths, coef, seed, chain_ids, window, freeze, clip,
+                 stochastic_only=False)
     impl = get_backend(backend, root.device)
     return impl.frozen_draft(root, frozen, steps, lengths, coef, seed, chain_ids, window, freeze,
                              float(clip))
@@ -314,7 +317,7 @@ def verify_frozen(states: Tensor, x0_hat: Tensor, frozen: Tensor, steps: Tensor,
         raise ValueError(f"{op}: states must hold L + 1 >= 2 positions, got {states.shape[1]}")
     root = states[:, 0]
     _check_round(op, root, frozen, steps, lengths, coef, seed, chain_ids, states.shape[1] - 1,
-                 freeze, clip)
+                 freeze, clip, stochastic_only=True)
     impl = get_backend(backend, states.device)
     return FrozenVerifyResult(*impl.verify_frozen(states, x0_hat, frozen, steps, lengths, coef,
                                                   seed, chain_ids, freeze, float(clip)))
