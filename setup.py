@@ -24,6 +24,9 @@ from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
 
+# pyproject.toml's [build-system] requires, for builds without isolation
+BUILD_TOOLS = "setuptools wheel pybind11 cmake ninja"
+
 NO_TORCH = """
 specdiff_kernels: torch is not importable in the build environment ({err}).
 The C++ extension must be compiled against the torch you will run it with, and pip's isolated
@@ -56,7 +59,8 @@ def _find_tool(name: str) -> str:
             return str(c)
     found = shutil.which(name)
     if found is None:
-        sys.exit(f"specdiff_kernels: `{name}` not found; install it with `pip install {name}`")
+        sys.exit(f"specdiff_kernels: `{name}` not found. A --no-build-isolation build uses this "
+                 f"environment's build tools: pip install {BUILD_TOOLS}")
     return found
 
 
@@ -71,7 +75,11 @@ class CMakeBuild(build_ext):
             import torch
         except ImportError as err:
             sys.exit(NO_TORCH.format(err=err))
-        import pybind11
+        try:
+            import pybind11
+        except ImportError:
+            sys.exit(f"specdiff_kernels: pybind11 is not installed. A --no-build-isolation build uses "
+                     f"this environment's build tools: pip install {BUILD_TOOLS}")
 
         cmake, ninja = _find_tool("cmake"), _find_tool("ninja")
         out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent

@@ -134,8 +134,8 @@ def check_model_output(role: str, out, x: Tensor) -> None:
                     "specdiff_kernels.integrations.diffusers.DiffusersModel")
         else:
             hint = "wrap the model so that it returns the prediction tensor"
-        raise TypeError(f"{role} model returned a {kind}, not a tensor: model(x, t) must return "
-                        f"the prediction as a tensor shaped like x ({hint})")
+        raise TypeError(f"{role} model returned {kind} instead of a tensor: model(x, t) must "
+                        f"return the prediction as a tensor shaped like x ({hint})")
     if out.shape != x.shape:
         raise ValueError(f"{role} model returned shape {tuple(out.shape)} for input {tuple(x.shape)}")
     if out.dtype != x.dtype:
