@@ -304,7 +304,62 @@ def test_adaptive_chain_independent_of_batch(draft):
     assert together.stats.chain_rounds[5] == alone.stats.rounds
 
 
-def test_pacing_option_runs_and_keeps_law():
+def test_pacing_option_keeps_law():
     pol = AdaptiveWindow(max_window=8, max_evals_ratio=1.5, pacing=True)
     res, (m, C) = run_ddpm("frozen", 990, policy=pol)
     assert gaussian_one_sample_pvalue(res.samples.numpy(), m, C) > ALPHA
+
+
+def test_pacing_cap_lets_a_thrifty_chain_draft_longer():
+    """Two chains with the same acceptance history; chain 0 has spent 1 evaluation per step so far,
+    chain 1 its whole cap c = 1.5. Pacing raises chain 0's cap to (c N - spent) / steps left and
+    gives it a longer window; chain 1 keeps cap c and the window it had without pacing."""
+    c, done, left = 1.5, 100.0, 20.0
+    rows = torch.tensor([0, 1])
+    exact = torch.zeros(2, dtype=torch.bool)
+    windows = {}
+    for pacing in (False, True):
+        pol = AdaptiveWindow(max_window=16, max_evals_ratio=c, pacing=pacing, decay=1.0)
+        st = pol.init_state(2)
+        st["acc"] += 30.0          # acceptance 0.75 on positions >= 1, the same for both chains
+        st["att"] += 40.0
+        st["steps"] += done
+        st["evals"] = torch.tensor([1.0 * done, c * done], dtype=torch.float64)
+        if pacing:
+            cap = pol.pacing_cap(st, rows, torch.tensor([left, left]))
+            torch.testing.assert_close(cap, torch.tensor([(c * (done + left) - done) / left, c],
+                                                         dtype=torch.float64))
+        windows[pacing] = pol.lengths(st, rows, exact, None, steps_left=torch.tensor([left, left])).tolist()
+    assert windows[False][0] == windows[False][1]
+    assert windows[True][1] == windows[False][1]
+    assert windows[True][0] > windows[False][0]
+
+
+def test_pacing_spends_the_saved_budget_where_acceptance_drops():
+    """Acceptance is 1 for the first ~160 steps (exact draft where x_0 > 0), then 0.32: without
+    pacing a chain saves 0.5 evaluations per step early and cannot use them; with pacing it drafts
+    longer windows at the end: fewer sequential calls, more evaluations, still within c N."""
+    T = random_walk_transitions(200)
+
+    def drift_model(x, t):            # the target drifts -0.05 per step: 8 -> -2
+        out = x.clone()
+        out[:, 0] -= 0.05
+        return out
+
+    def draft(x, t):
+        out = drift_model(x, t)
+        out[:, 0] += 2 * RW_S * (x[:, 0] < 0).to(x.dtype)
+        return out
+
+    x = torch.zeros(16, RW_D, dtype=torch.float64)
+    x[:, 0] = 8.0
+    c = 1.5
+    st = {pacing: SpeculativeSampler(drift_model, T, DraftModelDraft(draft),
+                                     AdaptiveWindow(16, c, pacing=pacing)).sample(
+        x_init=x, generator=gen(2)).stats for pacing in (False, True)}
+    evals = {p: s.target_evals / (16 * 200) for p, s in st.items()}
+    assert st[True].mean_chain_rounds < st[False].mean_chain_rounds - 0.5
+    assert evals[False] < evals[True] <= c
+    assert st[True].mean_window_length > st[False].mean_window_length
+    # the one-step windows of the low-acceptance end are the ones pacing lengthens
+    assert st[True].window_length_hist[1] < 0.75 * st[False].window_length_hist[1]
