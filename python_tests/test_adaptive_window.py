@@ -181,13 +181,12 @@ def test_adaptive_spends_far_fewer_evaluations_on_poor_drafts():
     assert adapt.mean_chain_rounds < 1.15 * fixed.mean_chain_rounds
 
 
-def test_acceptance_changing_along_the_chain():
-    """Chains that cross from the poor region into the exact one switch to long windows."""
-    T = random_walk_transitions(200)
-
-    def drift_model(x, t):            # the target drifts +0.05 per step: -2 -> +8
+def drifting_models(drift: float):
+    """A target that moves x_0 by ``drift`` per step, and a draft that is exact where x_0 > 0 and
+    off by 2 s where x_0 < 0 (acceptance 0.32): acceptance changes as the chains cross 0."""
+    def drift_model(x, t):
         out = x.clone()
-        out[:, 0] += 0.05
+        out[:, 0] += drift
         return out
 
     def draft(x, t):
@@ -195,6 +194,13 @@ def test_acceptance_changing_along_the_chain():
         out[:, 0] += 2 * RW_S * (x[:, 0] < 0).to(x.dtype)
         return out
 
+    return drift_model, draft
+
+
+def test_acceptance_changing_along_the_chain():
+    """Chains that cross from the poor region into the exact one switch to long windows."""
+    T = random_walk_transitions(200)
+    drift_model, draft = drifting_models(0.05)     # -2 -> +8
     x = torch.zeros(8, RW_D, dtype=torch.float64)
     x[:, 0] = -2.0
     s = SpeculativeSampler(drift_model, T, DraftModelDraft(draft), AdaptiveWindow(16, 2.0))
@@ -340,17 +346,7 @@ def test_pacing_spends_the_saved_budget_where_acceptance_drops():
     pacing a chain saves 0.5 evaluations per step early and cannot use them; with pacing it drafts
     longer windows at the end: fewer sequential calls, more evaluations, still within c N."""
     T = random_walk_transitions(200)
-
-    def drift_model(x, t):            # the target drifts -0.05 per step: 8 -> -2
-        out = x.clone()
-        out[:, 0] -= 0.05
-        return out
-
-    def draft(x, t):
-        out = drift_model(x, t)
-        out[:, 0] += 2 * RW_S * (x[:, 0] < 0).to(x.dtype)
-        return out
-
+    drift_model, draft = drifting_models(-0.05)    # 8 -> -2
     x = torch.zeros(16, RW_D, dtype=torch.float64)
     x[:, 0] = 8.0
     c = 1.5
