@@ -180,6 +180,14 @@ def test_ddim_negative_eta():
         ddim_transitions(ABAR, num_inference_steps=10, eta=-0.5)
 
 
+@pytest.mark.parametrize("sampler", ["ddpm", "euler_ancestral"])
+def test_embedded_model_transitions_refuse_eta(sampler):
+    from specdiff_kernels import models
+    with pytest.raises(TypeError, match="unexpected keyword argument 'eta'") as err:
+        models.load("gmm", dim=2).transitions(10, sampler, eta=0.5)
+    one_line(err)
+
+
 @pytest.mark.parametrize("scheduler", ["DDPMScheduler", "EulerAncestralDiscreteScheduler"])
 def test_eta_refused_where_it_does_not_apply(scheduler):
     diffusers = pytest.importorskip("diffusers")
