@@ -112,9 +112,10 @@ def test_window_argument_forms():
     model = GMMDenoiser(make_gmm(3, K=2, seed=0), ABAR)
     T = ddpm_transitions(ABAR, num_inference_steps=10)
     s = SpeculativeSampler(model, T, window="adaptive")
-    assert s.window == 32 and "AdaptiveWindow" in repr(s)
+    # the buffer is clamped to the 9 stochastic steps (the 10th, t = 0, is deterministic)
+    assert s.window_policy.max_window == 32 and s.window == 9 and "AdaptiveWindow" in repr(s)
     st = s.sample(4, (3,), generator=gen(0)).stats
-    assert st.window == 32 and len(st.window_length_hist) == 33
+    assert st.window == 9 and len(st.window_length_hist) == 10
     assert sum(st.window_length_hist) == st.windows
 
 
@@ -181,13 +182,12 @@ def test_adaptive_spends_far_fewer_evaluations_on_poor_drafts():
     assert adapt.mean_chain_rounds < 1.15 * fixed.mean_chain_rounds
 
 
-def test_acceptance_changing_along_the_chain():
-    """Chains that cross from the poor region into the exact one switch to long windows."""
-    T = random_walk_transitions(200)
-
-    def drift_model(x, t):            # the target drifts +0.05 per step: -2 -> +8
+def drifting_models(drift: float):
+    """A target that moves x_0 by ``drift`` per step, and a draft that is exact where x_0 > 0 and
+    off by 2 s where x_0 < 0 (acceptance 0.32): acceptance changes as the chains cross 0."""
+    def drift_model(x, t):
         out = x.clone()
-        out[:, 0] += 0.05
+        out[:, 0] += drift
         return out
 
     def draft(x, t):
@@ -195,6 +195,13 @@ def test_acceptance_changing_along_the_chain():
         out[:, 0] += 2 * RW_S * (x[:, 0] < 0).to(x.dtype)
         return out
 
+    return drift_model, draft
+
+
+def test_acceptance_changing_along_the_chain():
+    """Chains that cross from the poor region into the exact one switch to long windows."""
+    T = random_walk_transitions(200)
+    drift_model, draft = drifting_models(0.05)     # -2 -> +8
     x = torch.zeros(8, RW_D, dtype=torch.float64)
     x[:, 0] = -2.0
     s = SpeculativeSampler(drift_model, T, DraftModelDraft(draft), AdaptiveWindow(16, 2.0))
@@ -304,7 +311,52 @@ def test_adaptive_chain_independent_of_batch(draft):
     assert together.stats.chain_rounds[5] == alone.stats.rounds
 
 
-def test_pacing_option_runs_and_keeps_law():
+def test_pacing_option_keeps_law():
     pol = AdaptiveWindow(max_window=8, max_evals_ratio=1.5, pacing=True)
     res, (m, C) = run_ddpm("frozen", 990, policy=pol)
     assert gaussian_one_sample_pvalue(res.samples.numpy(), m, C) > ALPHA
+
+
+def test_pacing_cap_lets_a_thrifty_chain_draft_longer():
+    """Two chains with the same acceptance history; chain 0 has spent 1 evaluation per step so far,
+    chain 1 its whole cap c = 1.5. Pacing raises chain 0's cap to (c N - spent) / steps left and
+    gives it a longer window; chain 1 keeps cap c and the window it had without pacing."""
+    c, done, left = 1.5, 100.0, 20.0
+    rows = torch.tensor([0, 1])
+    exact = torch.zeros(2, dtype=torch.bool)
+    windows = {}
+    for pacing in (False, True):
+        pol = AdaptiveWindow(max_window=16, max_evals_ratio=c, pacing=pacing, decay=1.0)
+        st = pol.init_state(2)
+        st["acc"] += 30.0          # acceptance 0.75 on positions >= 1, the same for both chains
+        st["att"] += 40.0
+        st["steps"] += done
+        st["evals"] = torch.tensor([1.0 * done, c * done], dtype=torch.float64)
+        if pacing:
+            cap = pol.pacing_cap(st, rows, torch.tensor([left, left]))
+            torch.testing.assert_close(cap, torch.tensor([(c * (done + left) - done) / left, c],
+                                                         dtype=torch.float64))
+        windows[pacing] = pol.lengths(st, rows, exact, None, steps_left=torch.tensor([left, left])).tolist()
+    assert windows[False][0] == windows[False][1]
+    assert windows[True][1] == windows[False][1]
+    assert windows[True][0] > windows[False][0]
+
+
+def test_pacing_spends_the_saved_budget_where_acceptance_drops():
+    """Acceptance is 1 for the first ~160 steps (exact draft where x_0 > 0), then 0.32: without
+    pacing a chain saves 0.5 evaluations per step early and cannot use them; with pacing it drafts
+    longer windows at the end: fewer sequential calls, more evaluations, still within c N."""
+    T = random_walk_transitions(200)
+    drift_model, draft = drifting_models(-0.05)    # 8 -> -2
+    x = torch.zeros(16, RW_D, dtype=torch.float64)
+    x[:, 0] = 8.0
+    c = 1.5
+    st = {pacing: SpeculativeSampler(drift_model, T, DraftModelDraft(draft),
+                                     AdaptiveWindow(16, c, pacing=pacing)).sample(
+        x_init=x, generator=gen(2)).stats for pacing in (False, True)}
+    evals = {p: s.target_evals / (16 * 200) for p, s in st.items()}
+    assert st[True].mean_chain_rounds < st[False].mean_chain_rounds - 0.5
+    assert evals[False] < evals[True] <= c
+    assert st[True].mean_window_length > st[False].mean_window_length
+    # the one-step windows of the low-acceptance end are the ones pacing lengthens
+    assert st[True].window_length_hist[1] < 0.75 * st[False].window_length_hist[1]

@@ -74,3 +74,45 @@ def test_digits_speculative_costs_less_than_ancestral():
     res = SpeculativeSampler(m.target, m.transitions(200), window=8).sample(
         16, m.event_shape, generator=torch.Generator().manual_seed(0))
     assert res.stats.target_calls / 200 <= 0.40
+
+
+def test_demo_without_matplotlib_and_sklearn(tmp_path, capsys, monkeypatch):
+    """A plain install has neither: the demo says so in one line each, before sampling, and runs
+    to the end (stats JSON written, no PNGs, no classifier line)."""
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("matplotlib", "sklearn") else real(name, *a))
+    rc = main(["demo", "--model", "digits", "--steps", "20", "--window", "3", "--batch", "16",
+               "--no-progress", "--out", str(tmp_path)])
+    out = capsys.readouterr().out.splitlines()
+    assert rc == 0
+    assert out[0] == ("note: matplotlib is not installed, so the PNG output is skipped "
+                      "(pip install 'specdiff_kernels[demo]' adds it)")
+    assert out[1] == ("note: sklearn is not installed, so the digit classifier is skipped "
+                      "(pip install 'specdiff_kernels[demo]' adds it)")
+    assert not any("digit classifier mean confidence" in line for line in out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo_stats.json"]
+
+
+def test_langevin_demo_uses_backend_and_out(tmp_path, capsys, monkeypatch):
+    """--backend and --out apply to --model langevin: the verify calls get the backend, and the
+    stats land in --out."""
+    from specdiff_kernels import ops
+    seen = []
+    real = ops.get_backend
+
+    def spy(name, device):
+        seen.append(name)
+        return real(name, device)
+
+    monkeypatch.setattr(ops, "get_backend", spy)
+    rc = main(["demo", "--model", "langevin", "--batch", "64", "--steps", "20", "--window", "4",
+               "--dim", "3", "--backend", "reference", "--no-progress", "--out", str(tmp_path)])
+    assert rc == 0 and "plain ULA" in capsys.readouterr().out
+    assert len(seen) > 3 and set(seen) == {"reference"}
+    stats = json.loads((tmp_path / "langevin_stats.json").read_text())
+    assert stats["args"]["backend"] == "reference" and stats["args"]["dim"] == 3
+    assert [r["sampler"] for r in stats["rows"]] == [
+        "plain ULA", "frozen gradient, L=4", "frozen gradient, adaptive", "surrogate gradient, L=4"]
+    assert all(r["two_sample_pvalue"] > 1e-3 for r in stats["rows"])

@@ -19,7 +19,8 @@ import torch
 import torch.distributed as dist
 
 from specdiff_kernels.adaptive import AdaptiveWindow
-from specdiff_kernels.distributed import (load_shards, main, merge_stats, sample_distributed,
+from specdiff_kernels.cli import distributed_main as main
+from specdiff_kernels.distributed import (load_shards, merge_stats, sample_distributed,
                                           shard_chains)
 from specdiff_kernels.drafts import DraftModelDraft, FrozenTargetDraft
 from specdiff_kernels.langevin import SpeculativeLangevin, banana_energy

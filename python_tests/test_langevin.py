@@ -14,7 +14,6 @@ Fixed seeds: every p-value is deterministic. Correct samplers: p > 1e-3; wrong o
 """
 from __future__ import annotations
 
-import argparse
 import math
 
 import numpy as np
@@ -25,9 +24,9 @@ import specdiff_kernels
 from specdiff_kernels import VerifyResult
 from specdiff_kernels.chain_noise import ChainNoise, base_seed_from
 from specdiff_kernels.drafts import FrozenTargetDraft
+from specdiff_kernels.demo import run_langevin_demo
 from specdiff_kernels.langevin import (GradientModel, LangevinSampler, SpeculativeLangevin,
-                                       banana_energy, banana_grad, langevin_transitions,
-                                       run_langevin_demo)
+                                       banana_energy, banana_grad, langevin_transitions)
 from specdiff_kernels.sampler import NonFiniteError
 from specdiff_kernels.stats import gaussian_one_sample_pvalue, two_sample_pvalue
 
@@ -301,8 +300,7 @@ def test_banana_tests_reject_wrong_verifiers(banana_reference, wrong):
 
 # ===================================================================== demo
 def test_demo_runs(capsys):
-    args = argparse.Namespace(seed=0, batch=200, window=4, steps=30, dim=3, step_size=0.05)
-    assert run_langevin_demo(args) == 0
+    assert run_langevin_demo(seed=0, batch=200, window=4, steps=30, dim=3, step_size=0.05) == 0
     out = capsys.readouterr().out
     for word in ("plain ULA", "frozen gradient", "surrogate gradient", "seq grad calls",
                  "acceptance by window position", "p vs ULA"):

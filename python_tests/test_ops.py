@@ -17,8 +17,8 @@ import specdiff_kernels as sk
 from specdiff_kernels import reference
 
 from verify_cases import (assert_decisions_match, assert_state_close,
-                          assert_verify_matches_reference, log_ratio_tolerance, make_window,
-                          reference64, stable_seed)
+                          assert_verify_matches_reference, first_rejection_loop, log_ratio_loop,
+                          log_ratio_tolerance, make_window, reflect_loop, stable_seed)
 
 KERNEL_BACKENDS = [b for b in sk.available_backends() if b != "reference"]
 ALL_BACKENDS = ["reference"] + KERNEL_BACKENDS
@@ -91,8 +91,39 @@ def test_parts_match_reference(backend, dtype):
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("sigma_form", ["full", "window", "scalar"])
+def test_every_backend_matches_the_spec_loop(backend, dtype, sigma_form):
+    """The reference included: every op against SPEC §2 transcribed as plain loops
+    (verify_cases.spec_loop), which share no code with specdiff_kernels.reference."""
+    if not _supported(backend, dtype):
+        pytest.skip("not on this backend on CPU")
+    gen = torch.Generator().manual_seed(stable_seed("spec", str(dtype), sigma_form))
+    B, L, E = 12, 5, (3, 7)
+    y, mq, mp, sigma, u = make_window(B, L, E, dtype, gen)
+    sigma = {"full": sigma, "window": sigma[0], "scalar": sigma[0, 0]}[sigma_form]
+    mp[0, 1] = mq[0, 1]            # d = 0: log ratio 0, always accepted
+    u[1, :2] = 0.0                 # u = 0 accepts any finite ratio
+    n = torch.randint(1, L + 1, (B,), generator=gen)
+    got = sk.speculative_verify(y, mq, mp, sigma, u, n, backend=backend)
+    ref = assert_verify_matches_reference(got, y, mq, mp, sigma, u, n, dtype, oracle="spec_loop")
+    assert 0 < int((ref.num_accepted < n).sum()) < B     # both outcomes are exercised
+
+    lr = sk.gaussian_log_ratio(y, mq, mp, sigma, backend=backend)
+    lr64 = log_ratio_loop(y, mq, mp, sigma)
+    tol = log_ratio_tolerance(y, mq, mp, sigma, dtype) + 1.2e-7 * lr64.abs()
+    assert bool(((lr.double() - lr64).abs() <= tol).all())
+    assert lr[0, 1] == 0
+    assert torch.equal(sk.first_rejection(lr, u, n, backend=backend), first_rejection_loop(lr, u, n))
+    rr = sk.reflect_resample(y[:, 2], mq[:, 2], mp[:, 2], backend=backend)
+    assert_state_close(rr, reflect_loop(y[:, 2], mq[:, 2], mp[:, 2]).reshape(rr.shape), y[:, 2], dtype)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_fused_equals_composition_of_parts(backend, dtype):
+    """The fused kernel against the same backend's separate part kernels (separate code). Not for
+    the reference, whose fused op is built from its parts: the spec-loop test covers it."""
     gen = torch.Generator().manual_seed(11)
     B, L, E = 16, 5, (3, 7)
     y, mq, mp, sigma, u = make_window(B, L, E, dtype, gen)
@@ -238,10 +269,31 @@ def test_opcheck(name):
         torch.library.opcheck(op, (y, mq, mp, sigma, u, None))
 
 
+def assert_op_matches_spec_loop(name, out, args):
+    """One op's output against the SPEC §2 loops (verify_cases)."""
+    if name == "speculative_verify":
+        y, mq, mp, sigma, u, n = args
+        assert_verify_matches_reference(out, y, mq, mp, sigma, u, n, y.dtype, oracle="spec_loop")
+    elif name == "gaussian_log_ratio":
+        y, mq, mp, sigma = args
+        lr64 = log_ratio_loop(*args)
+        tol = log_ratio_tolerance(y, mq, mp, sigma, y.dtype) + 1.2e-7 * lr64.abs()
+        assert out.dtype == torch.float32 and bool(((out.double() - lr64).abs() <= tol).all())
+    elif name == "first_rejection":
+        assert torch.equal(out, first_rejection_loop(*args))
+    else:
+        y = args[0]
+        assert out.dtype == y.dtype
+        assert_state_close(out, reflect_loop(*args).reshape(y.shape), y, y.dtype)
+
+
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("name", ["gaussian_log_ratio", "first_rejection", "reflect_resample",
                                   "speculative_verify"])
 def test_torch_compile_fullgraph(backend, name):
+    """One graph (fullgraph=True: no break around the op) whose output is right: checked
+    against the spec loops, not against the eager call, which for an opaque op is the same
+    kernel."""
     torch._dynamo.reset()
     fn = getattr(sk, name)
     args = _op_samples()[name]
@@ -249,12 +301,8 @@ def test_torch_compile_fullgraph(backend, name):
     def f(*a):
         return fn(*a, backend=backend)
 
-    compiled = torch.compile(f, fullgraph=True, backend="inductor")
-    eager, comp = f(*args), compiled(*args)
-    eager = eager if isinstance(eager, tuple) else (eager,)
-    comp = comp if isinstance(comp, tuple) else (comp,)
-    for e, c in zip(eager, comp):
-        torch.testing.assert_close(c, e, rtol=1e-5, atol=1e-5)
+    out = torch.compile(f, fullgraph=True, backend="inductor")(*args)
+    assert_op_matches_spec_loop(name, out, args)
 
 
 # ---------------------------------------------------------------- bad input

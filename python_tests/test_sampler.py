@@ -2,6 +2,9 @@
 hooks. (The laws are tested in test_sampler_exactness.py.)"""
 from __future__ import annotations
 
+import json
+import math
+
 import pytest
 import torch
 
@@ -297,11 +300,28 @@ def test_draft_model_stats():
 def test_stats_summary_and_dict():
     model, T = setup()
     st = SpeculativeSampler(model, T, window=4).sample(3, (D,), generator=gen(0)).stats
-    text = st.summary()
-    assert "target_calls" in text and "acceptance by position" in text
-    d = st.as_dict()
-    assert d["rounds"] == st.rounds and len(d["acceptance_by_position"]) == 4
-    assert len(st.acceptance_by_step) == STEPS
+    acc = [a / t for a, t in zip(st.accepted_by_position, st.attempted_by_position)]
+    assert st.summary() == (
+        f"speculative: chains=3 steps={STEPS} L=4 rounds={st.rounds} "
+        f"target_calls={st.target_calls} target_evals={st.target_evals} draft_calls=0 "
+        f"draft_evals=0 steps/window={st.speculative_steps / st.windows:.2f} "
+        f"acceptance by position=[{', '.join(f'{a:.2f}' for a in acc)}] wall={st.wall_time:.3f}s")
+    d = json.loads(json.dumps(st.as_dict()))
+    assert d["rounds"] == st.rounds and d["target_calls"] == model.num_calls
+    assert d["acceptance_by_position"] == pytest.approx(acc, rel=1e-15)
+    hist = st.accepted_length_hist
+    assert d["mean_accepted_length"] == pytest.approx(
+        sum(a * c for a, c in enumerate(hist)) / sum(hist), rel=1e-15)
+    assert d["mean_chain_rounds"] == pytest.approx(sum(st.chain_rounds) / 3, rel=1e-15)
+    assert d["acceptance_rate"] == pytest.approx(
+        sum(st.accepted_by_position) / sum(st.attempted_by_position), rel=1e-15)
+    by_step = st.acceptance_by_step
+    assert len(by_step) == STEPS
+    for k in range(STEPS):
+        if st.attempted_by_step[k]:
+            assert by_step[k] == st.accepted_by_step[k] / st.attempted_by_step[k]
+        else:
+            assert math.isnan(by_step[k])
 
 
 # ----------------------------------------------------------------------------- hooks
@@ -331,12 +351,45 @@ def test_multidim_event_and_progress_bar(capsys):
     assert "speculative" in capsys.readouterr().err
 
 
-def test_x_init_is_used():
-    model, T = setup(steps=3)
+def test_x_init_is_the_starting_state():
+    """Deterministic chain (DDIM eta = 0): the samples are the hand-run chain from x_init."""
+    model, T = setup(steps=6, kind="ddim0")
     x = torch.randn(4, D, generator=gen(0), dtype=torch.float64)
-    a = SpeculativeSampler(model, T, window=2).sample(x_init=x, generator=gen(1))
-    b = SpeculativeSampler(model, T, window=2).sample(x_init=x * 2, generator=gen(1))
-    assert a.samples.dtype == torch.float64 and not torch.equal(a.samples, b.samples)
+    expect = x.clone()
+    for k in range(T.num_steps):
+        expect = T.mean(model, expect, torch.full((4,), k))
+    for sampler in (SpeculativeSampler(model, T, window=2), AncestralSampler(model, T)):
+        got = sampler.sample(x_init=x, generator=gen(1)).samples
+        assert got.dtype == torch.float64
+        torch.testing.assert_close(got, expect, rtol=0, atol=1e-12)
+
+
+class FirstInput(torch.nn.Module):
+    """Records the states of its first call (DDPM: input_scale = 1, so they are the states)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.first = model, None
+
+    def forward(self, x, t):
+        if self.first is None:
+            self.first = x.clone()
+        return self.model(x, t)
+
+
+@pytest.mark.parametrize("sampler_cls", [SpeculativeSampler, AncestralSampler])
+def test_x_init_equal_to_the_default_start_gives_the_same_samples(sampler_cls):
+    """Stochastic chain: passing the default start (the states of the ancestral sampler's first
+    call) as x_init reproduces the default run bit for bit, and another x_init changes it."""
+    model, T = setup()
+    rec = FirstInput(model)
+    AncestralSampler(rec, T).sample(5, (D,), generator=gen(1))
+    start = rec.first
+    default = sampler_cls(model, T).sample(5, (D,), generator=gen(1)).samples
+    given = sampler_cls(model, T).sample(x_init=start, generator=gen(1)).samples
+    assert torch.equal(given, default)
+    shifted = sampler_cls(model, T).sample(x_init=start + 0.5, generator=gen(1)).samples
+    assert not torch.allclose(shifted, default, atol=1e-3)
 
 
 # ----------------------------------------------------------------------------- autograd

@@ -28,8 +28,8 @@ import specdiff_kernels as sk  # noqa: E402
 from specdiff_kernels import ops, reference  # noqa: E402
 
 from verify_cases import (assert_decisions_match, assert_state_close,  # noqa: E402
-                          assert_verify_matches_reference, log_ratio_tolerance, make_window,
-                          reference64, stable_seed)
+                          assert_verify_matches_reference, first_rejection_loop, log_ratio_loop,
+                          log_ratio_tolerance, make_window, reference64, reflect_loop, stable_seed)
 
 tb = pytest.importorskip("specdiff_kernels.triton_backend")
 from specdiff_kernels import triton_kernels as tk  # noqa: E402
@@ -227,14 +227,26 @@ def test_first_rejection(lr_dtype):
                        reference.first_rejection(lr, u))
 
 
-def test_non_contiguous_inputs():
-    _, (y, mq, mp, sigma, u) = _window(3, 4, (6, 10), torch.float32, ("nc",))
-    yt, qt, pt = (t.transpose(2, 3) for t in (y, mq, mp))  # [B, L, 10, 6] views
-    got = sk.speculative_verify(yt, qt, pt, sigma, u, backend="triton")
-    ref = sk.speculative_verify(yt.contiguous(), qt.contiguous(), pt.contiguous(), sigma, u,
-                                backend="triton")
-    for g, r in zip(got, ref):
-        assert torch.equal(g, r)
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_non_contiguous_inputs(strategy):
+    """Transposed event dims and every other window step (strided views of all inputs, sigma and
+    uniforms included) against the float64 oracles on the same views: whatever the launcher does
+    with the strides, the result must be the views' verify."""
+    _, (y, mq, mp, sigma, u) = _window(5, 8, (6, 10), torch.float32, ("nc", strategy))
+    yt, qt, pt = (t.transpose(2, 3)[:, ::2] for t in (y, mq, mp))  # [B, 4, 10, 6] views
+    st, ut = sigma[:, ::2], u[:, ::2]
+    assert not any(t.is_contiguous() for t in (yt, qt, pt, st, ut))
+    n = torch.tensor([4, 1, 3, 2, 4], device=DEVICE)
+    got = verify_op(yt, qt, pt, st, ut, n, strategy)
+    assert_verify_matches_reference(got, yt, qt, pt, st, ut, n, torch.float32, oracle="spec_loop")
+    lr = log_ratio_op(yt, qt, pt, st, strategy).cpu()
+    lr64 = log_ratio_loop(*(t.cpu() for t in (yt, qt, pt, st)))
+    tol = log_ratio_tolerance(*(t.cpu() for t in (yt, qt, pt, st)), torch.float32) + 1.2e-7 * lr64.abs()
+    assert bool(((lr.double() - lr64).abs() <= tol).all())
+    y1, q1, p1 = yt[:, 1], qt[:, 1], pt[:, 1]
+    rr = reflect_op(y1, q1, p1, strategy)
+    assert_state_close(rr.cpu(), reflect_loop(y1.cpu(), q1.cpu(), p1.cpu()).reshape(rr.shape),
+                       y1.cpu(), torch.float32)
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -299,7 +311,8 @@ def test_opcheck(strategy):
 
 def test_torch_compile_fullgraph_all_ops():
     """One compiled function calling every Triton-backed op: no graph break (fullgraph=True) and
-    the same results as eager."""
+    results that match the SPEC §2 loops (not the eager call: in interpreted mode the ops are
+    opaque, so compiled and eager run the same kernels)."""
     torch._dynamo.reset()
     y, mq, mp, sigma, u, n, lr, y0, q0, p0 = _samples()
 
@@ -310,11 +323,16 @@ def test_torch_compile_fullgraph_all_ops():
         rr = sk.reflect_resample(y0, q0, p0, backend="triton")
         return res.num_accepted, res.next_state * 1.0, res.log_ratio, lr, fr, rr
 
-    args = (y, mq, mp, sigma, u, n, y0, q0, p0)
-    eager = f(*args)
-    compiled = torch.compile(f, fullgraph=True)(*args)
-    for e, c in zip(eager, compiled):
-        torch.testing.assert_close(c, e, rtol=0, atol=0)
+    nacc, state, lr_f, lr, fr, rr = torch.compile(f, fullgraph=True)(y, mq, mp, sigma, u, n, y0, q0, p0)
+    cpu = [t.cpu() for t in (y, mq, mp, sigma, u, n, y0, q0, p0)]
+    yc, qc, pc, sc, uc, nc, y0c, q0c, p0c = cpu
+    assert_verify_matches_reference((nacc, state, lr_f), yc, qc, pc, sc, uc, nc, torch.float32,
+                                    oracle="spec_loop")
+    lr64 = log_ratio_loop(yc, qc, pc, sc)
+    tol = log_ratio_tolerance(yc, qc, pc, sc, torch.float32) + 1.2e-7 * lr64.abs()
+    assert bool(((lr.cpu().double() - lr64).abs() <= tol).all())
+    assert torch.equal(fr.cpu(), first_rejection_loop(lr.cpu(), uc, nc))
+    assert_state_close(rr.cpu(), reflect_loop(y0c, q0c, p0c).reshape(rr.shape), y0c, torch.float32)
 
 
 # ---------------------------------------------------------------- the compiled path, without GPU

@@ -57,6 +57,69 @@ def reference64(y, mq, mp, sigma, u, num_steps=None):
                                                       sigma.double(), u.double(), num_steps))
 
 
+# ---- SPEC §2 step 3 transcribed literally, one chain and one step at a time, in float64 Python
+# loops; written apart from ``specdiff_kernels.reference`` so that they can check the reference too.
+def log_ratio_loop(y, mq, mp, sigma):
+    """[B, L] float64: (<d, r> - |d|^2 / 2) / s^2, d = mp - mq, r = y - mq."""
+    B, L = y.shape[:2]
+    Y, MQ, MP = (t.double().reshape(B, L, -1) for t in (y, mq, mp))
+    S = torch.as_tensor(sigma).double().expand(B, L)
+    lr = torch.zeros(B, L, dtype=torch.float64)
+    for b in range(B):
+        for j in range(L):
+            d = MP[b, j] - MQ[b, j]
+            r = Y[b, j] - MQ[b, j]
+            lr[b, j] = (float(torch.dot(d, r)) - float(torch.dot(d, d)) / 2) / float(S[b, j]) ** 2
+    return lr
+
+
+def first_rejection_loop(lr, u, num_steps=None):
+    """[B] int64: the first j < n with a non-finite ratio or log(u_j) > ratio_j, else n."""
+    B, L = lr.shape
+    n = [L] * B if num_steps is None else [int(v) for v in num_steps]
+    out = torch.zeros(B, dtype=torch.int64)
+    for b in range(B):
+        out[b] = n[b]
+        for j in range(n[b]):
+            ratio, uj = float(lr[b, j]), float(u[b, j])
+            log_u = math.log(uj) if uj > 0 else -math.inf
+            if not (math.isfinite(ratio) and log_u <= ratio):
+                out[b] = j
+                break
+    return out
+
+
+def reflect_loop(y, mq, mp):
+    """[B, D] float64: mp + (I - 2 e e^T)(y - mq), e = d / |d| (the second form of SPEC §2); y
+    where d = 0."""
+    B = y.shape[0]
+    Y, MQ, MP = (t.double().reshape(B, -1) for t in (y, mq, mp))
+    out = Y.clone()
+    for b in range(B):
+        d = MP[b] - MQ[b]
+        norm = float(torch.linalg.vector_norm(d))
+        if norm > 0:
+            e = d / norm
+            r = Y[b] - MQ[b]
+            out[b] = MP[b] + r - 2 * float(torch.dot(e, r)) * e
+    return out
+
+
+def spec_loop(y, mq, mp, sigma, u, num_steps=None) -> VerifyResult:
+    """The fused verify by the loops above: (num_accepted, next_state [float64], log_ratio
+    [float64])."""
+    B, L = y.shape[:2]
+    lr = log_ratio_loop(y, mq, mp, sigma)
+    nacc = first_rejection_loop(lr, u, num_steps)
+    n = torch.full((B,), L) if num_steps is None else num_steps.to(torch.int64)
+    rows = torch.arange(B)
+    rejected = nacc < n
+    j = torch.where(rejected, nacc, n - 1)
+    state = torch.where(rejected[:, None], reflect_loop(y[rows, j], mq[rows, j], mp[rows, j]),
+                        y[rows, j].double().reshape(B, -1))
+    return VerifyResult(nacc, state.reshape(B, *y.shape[2:]), lr)
+
+
 def assert_decisions_match(got_acc, ref_acc, lr_ref64, u, tol):
     """Accept counts equal the reference's except where the decisive step sits on the threshold."""
     margin = (torch.log(u.double()) - lr_ref64).abs()
@@ -84,11 +147,12 @@ def assert_state_close(got, ref64, y_decisive, dtype):
         f"{float((err / (ref64.abs() + 1e-30)).max()):.3g}")
 
 
-def assert_verify_matches_reference(got, y, mq, mp, sigma, u, num_steps, dtype):
-    """A fused-verify result (any device) against the float64 reference on the same rounded
-    inputs: output dtypes and shapes, log ratios within accumulation tolerance, accept decisions
-    (up to threshold ties), the next state, and y_n bit-for-bit for fully accepted chains.
-    Returns the reference result."""
+def assert_verify_matches_reference(got, y, mq, mp, sigma, u, num_steps, dtype, oracle="reference"):
+    """A fused-verify result (any device) against the float64 oracle on the same rounded inputs
+    (``oracle``: ``"reference"``, the reference backend in float64, or ``"spec_loop"``, the
+    literal loop above, for small cases): output dtypes and shapes, log ratios within accumulation
+    tolerance, accept decisions (up to threshold ties), the next state, and y_n bit-for-bit for
+    fully accepted chains. Returns the oracle's result."""
     y, mq, mp, sigma, u = (t.cpu() for t in (y, mq, mp, sigma, u))
     n = None if num_steps is None else num_steps.cpu()
     nacc, state, lr = (t.cpu() for t in got)
@@ -96,8 +160,12 @@ def assert_verify_matches_reference(got, y, mq, mp, sigma, u, num_steps, dtype):
     assert nacc.dtype == torch.int64 and nacc.shape == (B,)
     assert state.dtype == dtype and state.shape == (B, *y.shape[2:])
     assert lr.dtype == torch.float32 and lr.shape == (B, L)
-    ref = reference64(y, mq, mp, sigma, u, n)
-    lr64 = reference._log_ratio_acc(y.double(), mq.double(), mp.double(), sigma.double())
+    if oracle == "spec_loop":
+        ref = spec_loop(y, mq, mp, sigma, u, n)
+        lr64 = ref.log_ratio
+    else:
+        ref = reference64(y, mq, mp, sigma, u, n)
+        lr64 = reference._log_ratio_acc(y.double(), mq.double(), mp.double(), sigma.double())
     tol = log_ratio_tolerance(y, mq, mp, sigma, dtype)
     lr_err = (lr.double() - lr64).abs()
     assert bool((lr_err <= tol + torch.finfo(torch.float32).eps * lr64.abs()).all()), \

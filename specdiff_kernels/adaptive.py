@@ -72,6 +72,15 @@ import torch
 from torch import Tensor
 
 
+def _as_int(name: str, value) -> int:
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {value!r}") from None
+
+
 class AdaptiveWindow:
     """Per-chain window length from the chain's own past acceptance (see the module docstring).
 
@@ -93,8 +102,8 @@ class AdaptiveWindow:
     def __init__(self, max_window: int = 32, max_evals_ratio: Optional[float] = 2.0, *,
                  min_window: int = 1, prior_acceptance: float = 0.95, prior_weight: float = 2.0,
                  decay: float = 0.7, pacing: bool = False):
-        self.max_window = int(max_window)
-        self.min_window = int(min_window)
+        self.max_window = _as_int("max_window", max_window)
+        self.min_window = _as_int("min_window", min_window)
         if not 1 <= self.min_window <= self.max_window:
             raise ValueError(f"need 1 <= min_window <= max_window, got {min_window}, {max_window}")
         if max_evals_ratio is not None and not float(max_evals_ratio) >= 1.0:
@@ -204,6 +213,8 @@ def resolve_window(window) -> tuple[int, Optional[AdaptiveWindow]]:
     """``window`` argument of the sampler -> (buffer length L, policy or None)."""
     if isinstance(window, AdaptiveWindow):
         return window.max_window, window
+    if isinstance(window, bool):   # True is an int to operator.index: it would mean L = 1
+        raise TypeError(f"window must be an int >= 1, 'adaptive' or an AdaptiveWindow, got {window!r}")
     if isinstance(window, str):
         if window != "adaptive":
             raise ValueError(f"window must be an int >= 1, 'adaptive' or an AdaptiveWindow, got {window!r}")

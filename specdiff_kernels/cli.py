@@ -1,12 +1,125 @@
-"""The ``specdiff`` command line (also ``python -m specdiff_kernels``)."""
+"""The command lines: ``specdiff`` (also ``python -m specdiff_kernels``) and
+``python -m specdiff_kernels.distributed``.
+
+Every argument is checked here, before any model is loaded or any chain sampled: a bad value, or a
+flag that does not apply to the chosen model, ends the command with argparse's one-line
+``error: argument --flag: ...`` and exit code 2. The library functions behind the commands take
+explicit values (no ``or default`` that would turn a 0 into the default).
+"""
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
 
 import torch
 
+SEED_MAX = 2 ** 63 - 1
+DIFFUSION_MODELS = ("digits", "gmm")
 
+
+# ----------------------------------------------------------------------------- argument types
+def _int_at_least(low: int, what: str, high: Optional[int] = None):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {value}")
+        return value
+    return parse
+
+
+positive_int = _int_at_least(1, "a positive integer")
+seed_int = _int_at_least(0, "an integer in 0..2^63-1", SEED_MAX)
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {value}")
+    return value
+
+
+def window_arg(text: str):
+    if text == "adaptive":
+        return text
+    try:
+        L = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer or 'adaptive', got {text!r}") from None
+    if L < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer or 'adaptive', got {L}")
+    return L
+
+
+# ----------------------------------------------------------------------------- shared checks
+def _not_applicable(args, model: str, flags) -> Optional[str]:
+    """``flags``: (option, dest, models it applies to); the first one given for another model."""
+    for option, dest, models in flags:
+        if getattr(args, dest) is not None and model not in models:
+            return (f"argument {option}: does not apply to --model {model} "
+                    f"(only to {', '.join(models)})")
+    return None
+
+
+def _check_steps_window(steps: int, window, max_steps: Optional[int]) -> Optional[str]:
+    if max_steps is not None and steps > max_steps:
+        return (f"argument --steps: must be at most {max_steps} (the model's training timesteps), "
+                f"got {steps}")
+    if isinstance(window, int) and window > steps:
+        return f"argument --window: must be at most --steps ({steps}), got {window}"
+    return None
+
+
+def _check_dir(option: str, path: str) -> Optional[str]:
+    """The directory exists or can be made, and a file can be written in it (tried, since as root
+    ``os.access`` says yes to read-only mounts)."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        return f"argument {option}: {path!r} exists and is not a directory"
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=p):
+            pass
+    except OSError as err:
+        return f"argument {option}: cannot write to {path!r}: {err.strerror or err}"
+    return None
+
+
+def _check_file(option: str, path: str) -> Optional[str]:
+    p = Path(path)
+    if p.is_dir():
+        return f"argument {option}: {path!r} is a directory"
+    return _check_dir(option, str(p.parent) if str(p.parent) else ".")
+
+
+def _check_verify_backend(name: Optional[str]) -> Optional[str]:
+    if name is None:
+        return None
+    from . import ops
+    try:
+        ops.get_backend(name, torch.device("cpu"))  # the demos sample on CPU
+    except (ValueError, RuntimeError) as err:
+        return f"argument --backend: {err}"
+    return None
+
+
+def _error(parser: argparse.ArgumentParser, message: Optional[str]) -> None:
+    if message is not None:
+        parser.error(message)   # prints usage and "error: ...", exits 2
+
+
+# ----------------------------------------------------------------------------- specdiff info
 def cmd_info(args: argparse.Namespace) -> int:
     import specdiff_kernels as sk
     from specdiff_kernels import ops
@@ -26,22 +139,38 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _window(value: str):
-    if value == "adaptive":
-        return value
-    try:
-        L = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"window must be a positive integer or 'adaptive', got {value!r}")
-    if L < 1:
-        raise argparse.ArgumentTypeError(f"window must be >= 1, got {L}")
-    return L
+# ----------------------------------------------------------------------------- specdiff demo
+# (option, dest, models it applies to); given for another model, the demo refuses to start
+DEMO_MODEL_FLAGS = (("--dim", "dim", ("gmm", "langevin")),
+                    ("--step-size", "step_size", ("langevin",)),
+                    ("--draft", "draft", DIFFUSION_MODELS))
+DEMO_DEFAULTS = {"digits": {"batch": 192, "draft": "frozen-x0"},
+                 "gmm": {"batch": 192, "draft": "frozen-x0", "dim": 64},
+                 "langevin": {"batch": 1000, "dim": 4, "step_size": 0.05}}
+
+
+def check_demo_args(args: argparse.Namespace) -> Optional[str]:
+    """Fill the model's defaults into ``args``; the error message for the first bad argument."""
+    err = _not_applicable(args, args.model, DEMO_MODEL_FLAGS)
+    if err:
+        return err
+    for dest, value in DEMO_DEFAULTS[args.model].items():
+        if getattr(args, dest) is None:
+            setattr(args, dest, value)
+    if args.model == "langevin" and args.dim < 2:
+        return f"argument --dim: the langevin banana target needs at least 2 dimensions, got {args.dim}"
+    from . import models
+    max_steps = models.TRAIN_TIMESTEPS if args.model in DIFFUSION_MODELS else None
+    return (_check_steps_window(args.steps, args.window, max_steps)
+            or _check_verify_backend(args.backend) or _check_dir("--out", args.out))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     if args.model == "langevin":
-        from .langevin import run_langevin_demo
-        return run_langevin_demo(args)
+        from .demo import run_langevin_demo
+        return run_langevin_demo(seed=args.seed, batch=args.batch, window=args.window,
+                                 steps=args.steps, dim=args.dim, step_size=args.step_size,
+                                 backend=args.backend, progress=not args.no_progress, out=args.out)
     from .demo import run_demo
     return run_demo(args)
 
@@ -51,28 +180,164 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="ancestral vs speculative sampling of an embedded model")
     demo.add_argument("--model", default="digits", choices=["digits", "gmm", "langevin"])
-    demo.add_argument("--steps", type=int, default=200, help="sampling steps N")
-    demo.add_argument("--window", type=_window, default=8,
-                      help="draft window L, or 'adaptive' (per-chain, from its own acceptance)")
-    demo.add_argument("--draft", default="frozen-x0", choices=["frozen-x0", "frozen-eps", "model"])
-    demo.add_argument("--batch", type=int, default=None,
+    demo.add_argument("--steps", type=positive_int, default=200, help="sampling steps N")
+    demo.add_argument("--window", type=window_arg, default=8,
+                      help="draft window L (at most N), or 'adaptive' (per-chain, from its own acceptance)")
+    demo.add_argument("--draft", default=None, choices=["frozen-x0", "frozen-eps", "model"],
+                      help="digits, gmm (default frozen-x0)")
+    demo.add_argument("--batch", type=positive_int, default=None,
                       help="chains per sampler (default: 192; langevin: 1000)")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--dim", type=int, default=None,
-                      help="dimension of the gmm (default 64) or langevin banana (default 4) model")
-    demo.add_argument("--step-size", type=float, default=None, help="langevin step size g (default 0.05)")
-    demo.add_argument("--backend", default=None, help="verify backend (default: by device)")
+    demo.add_argument("--seed", type=seed_int, default=0)
+    demo.add_argument("--dim", type=positive_int, default=None,
+                      help="dimension of the gmm (default 64) or langevin banana (default 4, >= 2) model")
+    demo.add_argument("--step-size", type=positive_float, default=None,
+                      help="langevin step size g (default 0.05)")
+    demo.add_argument("--backend", default=None, help="verify backend: reference, cpp or triton "
+                                                      "(default: by device)")
     demo.add_argument("--out", default="out", help="directory for the PNGs and JSON")
     demo.add_argument("--no-progress", action="store_true", help="no tqdm bars")
-    demo.set_defaults(func=cmd_demo)
+    demo.set_defaults(func=cmd_demo, check=check_demo_args)
     info = sub.add_parser("info", help="version, build and backends")
-    info.set_defaults(func=cmd_info)
+    info.set_defaults(func=cmd_info, check=None)
+    p.subcommands = {"demo": demo, "info": info}
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check, func = args.check, args.func
+    del args.check, args.func
+    if check is not None:
+        _error(parser.subcommands[args.command], check(args))
+    return func(args)
+
+
+# ----------------------------------------------------------------------------- distributed
+DIST_MODEL_FLAGS = (("--dim", "dim", ("gmm", "banana")),
+                    ("--step-size", "step_size", ("banana",)))
+DIST_DEFAULTS = {"dim": 64, "step_size": 0.05}
+
+
+def build_distributed_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m specdiff_kernels.distributed",
+                                description="Sample many chains across torchrun processes (gloo on "
+                                            "CPU, nccl on GPU); the union is the same for any "
+                                            "number of ranks.")
+    p.add_argument("--model", default="gmm", choices=["gmm", "digits", "banana"],
+                   help="embedded diffusion model (gmm, digits) or 'banana' (speculative Langevin)")
+    p.add_argument("--dim", type=positive_int, default=None, help="dimension (gmm, banana; default 64)")
+    p.add_argument("--chains", type=positive_int, default=1024, help="total chains over all ranks")
+    p.add_argument("--steps", type=positive_int, default=200)
+    p.add_argument("--window", type=window_arg, default=8, help="window L (at most --steps), or 'adaptive'")
+    p.add_argument("--draft", default="frozen", choices=["frozen", "model"],
+                   help="frozen target (training-free) or the model's draft network "
+                        "(banana: a surrogate gradient)")
+    p.add_argument("--sampler", default="speculative", choices=["speculative", "ancestral"])
+    p.add_argument("--seed", type=seed_int, default=0)
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    p.add_argument("--step-size", type=positive_float, default=None,
+                   help="banana: ULA step size (default 0.05)")
+    p.add_argument("--backend", default=None, choices=["gloo", "nccl", "mpi", "ucc"],
+                   help="process-group backend (default: nccl with CUDA, else gloo)")
+    p.add_argument("--out", default=None, help="rank 0 saves {samples, chain_ids, stats} here")
+    p.add_argument("--per-rank-dir", default=None,
+                   help="each rank writes rank{r}.pt here instead of gathering")
+    return p
+
+
+def check_distributed_args(args: argparse.Namespace) -> Optional[str]:
+    err = _not_applicable(args, args.model, DIST_MODEL_FLAGS)
+    if err:
+        return err
+    for dest, value in DIST_DEFAULTS.items():
+        if getattr(args, dest) is None:
+            setattr(args, dest, value)
+    if args.model == "banana" and args.dim < 2:
+        return f"argument --dim: the banana target needs at least 2 dimensions, got {args.dim}"
+    if args.out is not None and args.per_rank_dir is not None:
+        return "argument --out: not allowed with --per-rank-dir (ranks then write their own files)"
+    from . import models
+    max_steps = None if args.model == "banana" else models.TRAIN_TIMESTEPS
+    err = _check_steps_window(args.steps, args.window, max_steps)
+    if err is None and args.out is not None:
+        err = _check_file("--out", args.out)
+    if err is None and args.per_rank_dir is not None:
+        err = _check_dir("--per-rank-dir", args.per_rank_dir)
+    return err
+
+
+def build_distributed_sampler(args, device):
+    """(sampler, event_shape) for the checked arguments of ``python -m specdiff_kernels.distributed``."""
+    from .drafts import DraftModelDraft, FrozenTargetDraft
+    from .sampler import AncestralSampler, SpeculativeSampler
+
+    if args.model == "banana":
+        from .langevin import LangevinSampler, SpeculativeLangevin, banana_energy, banana_grad
+        if args.sampler == "ancestral":
+            return LangevinSampler(banana_energy(), step_size=args.step_size, num_steps=args.steps), (args.dim,)
+        draft = "frozen" if args.draft == "frozen" else banana_grad(b=0.0)
+        return SpeculativeLangevin(banana_energy(), step_size=args.step_size, num_steps=args.steps,
+                                   window=args.window, draft=draft), (args.dim,)
+    from .models import load
+    kw = {"dim": args.dim} if args.model == "gmm" else {"device": device}
+    m = load(args.model, **kw)
+    target = m.target.to(device)
+    T = m.transitions(args.steps)
+    if args.sampler == "ancestral":
+        return AncestralSampler(target, T), m.event_shape
+    draft = FrozenTargetDraft("x0") if args.draft == "frozen" else DraftModelDraft(m.draft.to(device))
+    return SpeculativeSampler(target, T, draft, args.window), m.event_shape
+
+
+def distributed_main(argv: Optional[list] = None) -> int:
+    import torch.distributed as dist
+
+    from .distributed import sample_distributed
+
+    parser = build_distributed_parser()
+    args = parser.parse_args(argv)
+    _error(parser, check_distributed_args(args))
+    launched = "WORLD_SIZE" in os.environ and "RANK" in os.environ
+    own_group = False
+    if launched and not dist.is_initialized():
+        backend = args.backend if args.backend is not None else (
+            "nccl" if torch.cuda.is_available() else "gloo")
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend=backend)
+        own_group = True
+    try:
+        distributed = dist.is_initialized()
+        rank = dist.get_rank() if distributed else 0
+        world = dist.get_world_size() if distributed else 1
+        if distributed and dist.get_backend() == "nccl":
+            device = torch.device("cuda", torch.cuda.current_device())
+        else:
+            device = torch.device("cpu")
+        sampler, event_shape = build_distributed_sampler(args, device)
+        dtype = getattr(torch, args.dtype)
+        t0 = time.perf_counter()
+        res = sample_distributed(sampler, args.chains, event_shape, seed=args.seed, dtype=dtype,
+                                 device=device, gather=args.per_rank_dir is None,
+                                 out_dir=args.per_rank_dir)
+        wall = time.perf_counter() - t0
+        if rank == 0:
+            st = res.stats
+            if args.per_rank_dir is None and st is not None:
+                print(f"{args.model}: {args.chains} chains on {world} rank(s), {args.steps} steps, "
+                      f"window {args.window}, {args.sampler}: sequential target calls (max over "
+                      f"ranks) {st.target_calls}, summed {res.total_target_calls}; target evals "
+                      f"{st.target_evals}; acceptance {st.acceptance_rate:.3f}; wall {wall:.2f}s")
+            else:
+                print(f"rank 0 wrote its shard of {len(res.chain_ids)} chains to {args.per_rank_dir}")
+            if args.out is not None and args.per_rank_dir is None:
+                torch.save({"samples": res.samples.cpu(), "chain_ids": res.chain_ids, "stats": st,
+                            "world_size": world, "args": vars(args)}, args.out)
+        return 0
+    finally:
+        if own_group:
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

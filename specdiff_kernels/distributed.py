@@ -28,11 +28,8 @@ single process (world size 1).
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import os
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -43,8 +40,7 @@ from torch import Tensor
 
 from .sampler import SamplerStats, SamplingResult
 
-__all__ = ["DistributedResult", "shard_chains", "merge_stats", "sample_distributed", "load_shards",
-           "main"]
+__all__ = ["DistributedResult", "shard_chains", "merge_stats", "sample_distributed", "load_shards"]
 
 # SamplerStats fields merged by max (sequential / latency) rather than summed
 _MAX_FIELDS = {"rounds", "target_calls", "draft_calls", "wall_time"}
@@ -218,97 +214,6 @@ def load_shards(out_dir: str) -> tuple[Tensor, SamplerStats]:
     return samples, merge_stats([p["stats"] for p in with_stats], [p["chain_ids"] for p in with_stats])
 
 
-# --------------------------------------------------------------------------- command line
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m specdiff_kernels.distributed",
-                                description="Sample many chains across torchrun processes (gloo on "
-                                            "CPU, nccl on GPU); the union is the same for any "
-                                            "number of ranks.")
-    p.add_argument("--model", default="gmm", choices=["gmm", "digits", "banana"],
-                   help="embedded diffusion model (gmm, digits) or 'banana' (speculative Langevin)")
-    p.add_argument("--dim", type=int, default=64, help="dimension (gmm, banana)")
-    p.add_argument("--chains", type=int, default=1024, help="total chains over all ranks")
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--window", default="8", help="window L, or 'adaptive'")
-    p.add_argument("--draft", default="frozen", choices=["frozen", "model"],
-                   help="frozen target (training-free) or the model's draft network")
-    p.add_argument("--sampler", default="speculative", choices=["speculative", "ancestral"])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    p.add_argument("--step-size", type=float, default=0.05, help="banana: ULA step size")
-    p.add_argument("--backend", default=None, help="process-group backend (default: nccl with "
-                                                   "CUDA, else gloo)")
-    p.add_argument("--out", default=None, help="rank 0 saves {samples, chain_ids, stats} here")
-    p.add_argument("--per-rank-dir", default=None,
-                   help="each rank writes rank{r}.pt here instead of gathering")
-    return p
-
-
-def build_sampler(args, device):
-    from .drafts import DraftModelDraft, FrozenTargetDraft
-    from .sampler import AncestralSampler, SpeculativeSampler
-
-    window = args.window if args.window == "adaptive" else int(args.window)
-    if args.model == "banana":
-        from .langevin import LangevinSampler, SpeculativeLangevin, banana_energy, banana_grad
-        if args.sampler == "ancestral":
-            return LangevinSampler(banana_energy(), step_size=args.step_size, num_steps=args.steps), (args.dim,)
-        draft = "frozen" if args.draft == "frozen" else banana_grad(b=0.0)
-        return SpeculativeLangevin(banana_energy(), step_size=args.step_size, num_steps=args.steps,
-                                   window=window, draft=draft), (args.dim,)
-    from .models import load
-    kw = {"dim": args.dim} if args.model == "gmm" else {"device": device}
-    m = load(args.model, **kw)
-    target = m.target.to(device)
-    T = m.transitions(args.steps)
-    if args.sampler == "ancestral":
-        return AncestralSampler(target, T), m.event_shape
-    draft = FrozenTargetDraft("x0") if args.draft == "frozen" else DraftModelDraft(m.draft.to(device))
-    return SpeculativeSampler(target, T, draft, window), m.event_shape
-
-
-def main(argv: Optional[list] = None) -> int:
-    args = build_parser().parse_args(argv)
-    launched = "WORLD_SIZE" in os.environ and "RANK" in os.environ
-    own_group = False
-    if launched and not dist.is_initialized():
-        backend = args.backend or ("nccl" if torch.cuda.is_available() else "gloo")
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend=backend)
-        own_group = True
-    try:
-        distributed = dist.is_initialized()
-        rank = dist.get_rank() if distributed else 0
-        world = dist.get_world_size() if distributed else 1
-        if distributed and dist.get_backend() == "nccl":
-            device = torch.device("cuda", torch.cuda.current_device())
-        else:
-            device = torch.device("cpu")
-        sampler, event_shape = build_sampler(args, device)
-        dtype = getattr(torch, args.dtype)
-        t0 = time.perf_counter()
-        res = sample_distributed(sampler, args.chains, event_shape, seed=args.seed, dtype=dtype,
-                                 device=device, gather=args.per_rank_dir is None,
-                                 out_dir=args.per_rank_dir)
-        wall = time.perf_counter() - t0
-        if rank == 0:
-            st = res.stats
-            if args.per_rank_dir is None and st is not None:
-                print(f"{args.model}: {args.chains} chains on {world} rank(s), {args.steps} steps, "
-                      f"window {args.window}, {args.sampler}: sequential target calls (max over "
-                      f"ranks) {st.target_calls}, summed {res.total_target_calls}; target evals "
-                      f"{st.target_evals}; acceptance {st.acceptance_rate:.3f}; wall {wall:.2f}s")
-            else:
-                print(f"rank 0 wrote its shard of {len(res.chain_ids)} chains to {args.per_rank_dir}")
-            if args.out is not None and args.per_rank_dir is None:
-                torch.save({"samples": res.samples.cpu(), "chain_ids": res.chain_ids, "stats": st,
-                            "world_size": world, "args": vars(args)}, args.out)
-        return 0
-    finally:
-        if own_group:
-            dist.destroy_process_group()
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # the command line lives in specdiff_kernels.cli with the others
+    from specdiff_kernels.cli import distributed_main
+    sys.exit(distributed_main())

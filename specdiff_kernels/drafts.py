@@ -28,8 +28,6 @@ FREEZE_MODES = ("x0", "eps")
 class Draft:
     """Base class of the draft strategies (a tag the sampler dispatches on)."""
 
-    uses_target_predictions: bool = False
-
 
 class FrozenTargetDraft(Draft):
     """Frozen-target draft: reuse the target's x0-hat or eps-hat across the window.
@@ -40,8 +38,6 @@ class FrozenTargetDraft(Draft):
         prefetch_root: evaluate the target at the window's last state inside the verify call
             (one sequential target call per round).
     """
-
-    uses_target_predictions = True
 
     def __init__(self, freeze: str = "x0", prefetch_root: bool = True):
         if freeze not in FREEZE_MODES:
@@ -73,6 +69,3 @@ class DraftModelDraft(Draft):
 
     def __repr__(self) -> str:
         return f"DraftModelDraft({type(self.model).__name__})"
-
-    def x0_at(self, transitions: GaussianTransitions, y: Tensor, k: Tensor) -> Tensor:
-        return transitions.predict_x0(self.model, y, k)

@@ -33,7 +33,6 @@ same xi_k in the plain and the speculative chain), ``chain_ids``, ``x_init`` (a 
 """
 from __future__ import annotations
 
-import argparse
 import math
 from typing import Callable, Optional, Union
 
@@ -48,7 +47,7 @@ GradFn = Callable[[Tensor], Tensor]
 EnergyFn = Callable[[Tensor], Tensor]
 
 __all__ = ["GradientModel", "langevin_transitions", "LangevinSampler", "SpeculativeLangevin",
-           "banana_energy", "run_langevin_demo"]
+           "banana_energy", "banana_grad"]
 
 
 # --------------------------------------------------------------------------- the chain
@@ -272,71 +271,3 @@ def banana_grad(a: float = 1.5, b: float = 0.5) -> GradFn:
         return g.reshape(shape)
 
     return grad
-
-
-def _fmt_acc(vals) -> str:
-    return " ".join("  -" if math.isnan(v) else f"{v:.2f}" for v in vals)
-
-
-def run_langevin_demo(args: argparse.Namespace) -> int:
-    """``specdiff demo --model langevin``: speculative vs plain ULA on a banana target.
-
-    Reads (all optional, ``getattr`` with defaults): ``seed`` (0), ``batch`` (chains, 1000),
-    ``window`` (L, 8; an int or ``"adaptive"``), ``steps`` (ULA steps, 200), ``dim`` (D >= 2, 4),
-    ``step_size`` (g, 0.05). Prints a table (sequential gradient calls of the batch and per chain,
-    total gradient evaluations, draft calls, wall time, two-sample p-value) for plain ULA,
-    speculative ULA with the frozen-gradient draft (window L, and adaptive windows), and with a
-    cheap surrogate gradient (the banana's Gaussian part only, ``b = 0``), then the acceptance by
-    window position. The p-value (per-coordinate KS + energy distance, Bonferroni) is against an
-    independent plain-ULA run. Returns 0, or 1 when a p-value is below 1e-3.
-    """
-    from .adaptive import AdaptiveWindow
-    from .stats import two_sample_pvalue
-
-    seed = int(getattr(args, "seed", 0) or 0)
-    B = int(getattr(args, "batch", None) or 1000)
-    L = getattr(args, "window", None) or 8
-    L = L if isinstance(L, (str, AdaptiveWindow)) else int(L)
-    N = int(getattr(args, "steps", None) or 200)
-    D = int(getattr(args, "dim", None) or 4)
-    g = float(getattr(args, "step_size", None) or 0.05)
-    if D < 2:
-        raise ValueError("the banana target needs dim >= 2")
-    U = banana_energy()
-    surrogate = banana_grad(b=0.0)
-    gen = lambda s: torch.Generator().manual_seed(s)  # noqa: E731
-    print(f"Speculative ULA on a banana target (a=1.5, b=0.5), D={D}, {B} chains, N={N} steps, "
-          f"g={g}, window L={L}, float32; gradient by autograd")
-    plain = LangevinSampler(U, step_size=g, num_steps=N)
-    ref = plain.sample(num_chains=B, event_shape=(D,), generator=gen(seed + 1))   # independent
-    base = plain.sample(num_chains=B, event_shape=(D,), generator=gen(seed))
-    rows = [("plain ULA", base, two_sample_pvalue(base.samples, ref.samples))]
-    configs = [(f"frozen gradient, L={L}", L, "frozen")]
-    if not isinstance(L, str):
-        configs.append(("frozen gradient, adaptive", "adaptive", "frozen"))
-    configs.append((f"surrogate gradient, L={L}", L, surrogate))
-    for name, window, draft in configs:
-        s = SpeculativeLangevin(U, step_size=g, num_steps=N, window=window, draft=draft)
-        res = s.sample(num_chains=B, event_shape=(D,), generator=gen(seed))
-        rows.append((name, res, two_sample_pvalue(res.samples, ref.samples)))
-    print(f"{'sampler':<27} {'seq grad calls':>14} {'/N batch':>8} {'/N chain':>8} {'grad evals':>10} "
-          f"{'/(B*N)':>6} {'draft calls':>11} {'wall s':>7} {'p vs ULA':>9}")
-    for name, res, p in rows:
-        st = res.stats
-        print(f"{name:<27} {st.target_calls:>14d} {st.target_calls / N:>8.3f} "
-              f"{st.mean_chain_rounds / N:>8.3f} {st.target_evals:>10d} {st.target_evals / (B * N):>6.2f} "
-              f"{st.draft_calls:>11d} {st.wall_time:>7.2f} {p:>9.3g}")
-    print("acceptance by window position (j = 0..L-1):")
-    for name, res, _ in rows[1:]:
-        st = res.stats
-        acc = st.acceptance_by_position
-        shown = acc if len(acc) <= 16 else acc[:16]
-        more = f" ... ({len(acc)} positions)" if len(acc) > 16 else ""
-        print(f"  {name:<27} [{_fmt_acc(shown)}{more}]  mean window {st.mean_window_length:.1f}, "
-              f"mean steps/window {st.steps_per_window:.2f}")
-    print(f"(/N batch: sequential gradient calls of the whole ragged batch / N; /N chain: mean over "
-          f"chains of the calls each chain needed. p vs ULA: two-sample test against an independent "
-          f"plain-ULA run with seed {seed + 1}; the plain row is the test's own null check. "
-          f"Speculative ULA is exact w.r.t. the ULA chain, so these p-values are Uniform(0,1) "
-          f"under correct code.)")
-    return 0 if min(p for _, _, p in rows) > 1e-3 else 1

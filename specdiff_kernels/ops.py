@@ -216,22 +216,31 @@ def speculative_verify(draft_states: Tensor, draft_means: Tensor, target_means: 
 
 
 # ---------------------------------------------------------------- fake (meta) kernels
+# Output metadata of every verify op: registered here for the C++-defined ops and used by the Triton
+# ops (triton_backend.py) too, whose trailing launch ``strategy`` shapes nothing.
+def fake_gaussian_log_ratio(draft_states, draft_means, target_means, sigma, strategy="auto"):
+    return draft_states.new_empty(draft_states.shape[:2], dtype=torch.float32)
+
+
+def fake_first_rejection(log_ratio, uniforms, num_steps=None):
+    return log_ratio.new_empty(log_ratio.shape[:1], dtype=torch.int64)
+
+
+def fake_reflect_resample(draft_state, draft_mean, target_mean, strategy="auto"):
+    return draft_state.new_empty(draft_state.shape)
+
+
+def fake_speculative_verify(draft_states, draft_means, target_means, sigma, uniforms,
+                            num_steps=None, strategy="auto"):
+    B, L = draft_states.shape[:2]
+    return (draft_states.new_empty((B,), dtype=torch.int64),
+            draft_states.new_empty((B, *draft_states.shape[2:])),
+            draft_states.new_empty((B, L), dtype=torch.float32))
+
+
 if HAS_CPP:
-    @torch.library.register_fake("specdiff::gaussian_log_ratio")
-    def _(draft_states, draft_means, target_means, sigma):
-        return draft_states.new_empty(draft_states.shape[:2], dtype=torch.float32)
-
-    @torch.library.register_fake("specdiff::first_rejection")
-    def _(log_ratio, uniforms, num_steps=None):
-        return log_ratio.new_empty(log_ratio.shape[:1], dtype=torch.int64)
-
-    @torch.library.register_fake("specdiff::reflect_resample")
-    def _(draft_state, draft_mean, target_mean):
-        return torch.empty_like(draft_state, memory_format=torch.contiguous_format)
-
-    @torch.library.register_fake("specdiff::speculative_verify")
-    def _(draft_states, draft_means, target_means, sigma, uniforms, num_steps=None):
-        B, L = draft_states.shape[:2]
-        return (draft_states.new_empty((B,), dtype=torch.int64),
-                draft_states.new_empty((B, *draft_states.shape[2:])),
-                draft_states.new_empty((B, L), dtype=torch.float32))
+    for _name, _fake in (("gaussian_log_ratio", fake_gaussian_log_ratio),
+                         ("first_rejection", fake_first_rejection),
+                         ("reflect_resample", fake_reflect_resample),
+                         ("speculative_verify", fake_speculative_verify)):
+        torch.library.register_fake(f"specdiff::{_name}", _fake)

@@ -25,30 +25,21 @@ def _expand_sigma(sigma: Tensor, batch: int, window: int) -> Tensor:
     return sigma.expand(batch, window)
 
 
-def gaussian_log_ratio(draft_states: Tensor, draft_means: Tensor, target_means: Tensor,
-                       sigma: Tensor) -> Tensor:
-    """log p(y_{j+1}|y_j) - log q(y_{j+1}|y_j) = (<d, r> - ||d||^2 / 2) / s^2, as float32 [B, L]."""
-    acc = _acc_dtype(draft_states.dtype)
-    B, L = draft_states.shape[:2]
-    y = _flat_window(draft_states).to(acc)
-    mq = _flat_window(draft_means).to(acc)
-    mp = _flat_window(target_means).to(acc)
-    d = mp - mq
-    r = y - mq
-    a = (d * r).sum(-1)
-    b = (d * d).sum(-1)
-    s = _expand_sigma(sigma, B, L).to(acc)
-    return ((a - 0.5 * b) / (s * s)).to(torch.float32)
-
-
 def _log_ratio_acc(draft_states: Tensor, draft_means: Tensor, target_means: Tensor,
                    sigma: Tensor) -> Tensor:
+    """(<d, r> - ||d||^2 / 2) / s^2 per step, [B, L], in the accumulation dtype."""
     acc = _acc_dtype(draft_states.dtype)
     B, L = draft_states.shape[:2]
     d = _flat_window(target_means).to(acc) - _flat_window(draft_means).to(acc)
     r = _flat_window(draft_states).to(acc) - _flat_window(draft_means).to(acc)
     s = _expand_sigma(sigma, B, L).to(acc)
     return ((d * r).sum(-1) - 0.5 * (d * d).sum(-1)) / (s * s)
+
+
+def gaussian_log_ratio(draft_states: Tensor, draft_means: Tensor, target_means: Tensor,
+                       sigma: Tensor) -> Tensor:
+    """log p(y_{j+1}|y_j) - log q(y_{j+1}|y_j) = (<d, r> - ||d||^2 / 2) / s^2, as float32 [B, L]."""
+    return _log_ratio_acc(draft_states, draft_means, target_means, sigma).to(torch.float32)
 
 
 def first_rejection(log_ratio: Tensor, uniforms: Tensor, num_steps: Tensor | None = None) -> Tensor:

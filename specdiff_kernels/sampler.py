@@ -48,6 +48,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
+from . import _sample_args as _args
 from . import ops
 from .adaptive import AdaptiveWindow, resolve_window
 from .chain_noise import ChainNoise, base_seed_from
@@ -213,24 +214,27 @@ class _SamplerBase:
 
     # -------------------------------------------------------------- setup and helpers
     def _setup(self, num_chains, event_shape, generator, chain_ids, x_init, dtype, device, window):
+        # every argument is checked here, before the first model call
+        _args.check_generator(generator)
+        if num_chains is not None:
+            num_chains = _args.as_count("num_chains", num_chains)
         if x_init is not None:
             x_init = torch.as_tensor(x_init)
+            _args.check_x_init(x_init, self.check_finite)
             if num_chains is not None and num_chains != x_init.shape[0]:
                 raise ValueError(f"num_chains={num_chains} but x_init has {x_init.shape[0]} rows")
+            if event_shape is not None and _args.as_event_shape(event_shape) != tuple(x_init.shape[1:]):
+                raise ValueError(f"event_shape={tuple(event_shape)} but x_init has rows of shape "
+                                 f"{tuple(x_init.shape[1:])}")
             num_chains, event_shape = x_init.shape[0], tuple(x_init.shape[1:])
             dtype, device = x_init.dtype, x_init.device
         if num_chains is None or event_shape is None:
             raise ValueError("give num_chains and event_shape, or x_init")
-        if isinstance(event_shape, int):
-            event_shape = (event_shape,)
-        event_shape = tuple(int(s) for s in event_shape)
-        if len(event_shape) == 0:
-            raise ValueError("event_shape must have at least one dimension")
-        device = torch.device("cpu") if device is None else torch.device(device)
-        B = int(num_chains)
-        ids = list(range(B)) if chain_ids is None else [int(c) for c in chain_ids]
-        if len(ids) != B:
-            raise ValueError(f"chain_ids has {len(ids)} entries for {B} chains")
+        event_shape = _args.as_event_shape(event_shape)
+        _args.check_state_dtype(dtype)
+        device = _args.as_device(device)
+        B = num_chains
+        ids = _args.as_chain_ids(chain_ids, B)
         base = base_seed_from(generator)
         noise = ChainNoise(base, ids, event_shape, dtype, device)
         if x_init is None:
@@ -242,8 +246,7 @@ class _SamplerBase:
     def _eval(self, model: Model, role: str, x: Tensor, k: Tensor, chains: Sequence[int]) -> Tensor:
         """Raw x0-hat of ``model`` at states x [n, *E], steps k [n]; raises on non-finite output."""
         out = self.transitions.call_model(model, x, k)
-        if out.shape != x.shape:
-            raise ValueError(f"{role} model returned shape {tuple(out.shape)} for input {tuple(x.shape)}")
+        _args.check_model_output(role, out, x)
         if self.check_finite:
             bad = ~torch.isfinite(out.reshape(out.shape[0], -1)).all(dim=1)
             if bool(bad.any()):
@@ -313,11 +316,13 @@ class SpeculativeSampler(_SamplerBase):
         transitions: the chain (:class:`GaussianTransitions`).
         draft: :class:`FrozenTargetDraft` (default ``FrozenTargetDraft("x0", prefetch_root=True)``)
             or :class:`DraftModelDraft`.
-        window: L, the number of drafted steps per round (>= 1); or ``"adaptive"`` /
+        window: L, the number of drafted steps per round (an int >= 1); or ``"adaptive"`` /
             an :class:`~specdiff_kernels.adaptive.AdaptiveWindow`: each chain's window length is
             chosen before each of its rounds from its OWN past acceptance (exactness is kept: the
             length is a function of the past; see :mod:`specdiff_kernels.adaptive`). The buffer
-            length (``self.window``, ``stats.window``) is then the policy's ``max_window``.
+            length (``self.window``, ``stats.window``) is then the policy's ``max_window``. Either
+            is clamped to the longest run of stochastic steps of ``transitions`` (no window can
+            be longer).
         backend: passed to :func:`specdiff_kernels.speculative_verify` (None: by device).
         verify_fn: replaces the verify op (same signature and return type as
             :func:`specdiff_kernels.speculative_verify`, called with ``backend=`` as a keyword).
@@ -349,6 +354,9 @@ class SpeculativeSampler(_SamplerBase):
         self.path = path
         self.compile = compile
         self._stoch_run = stochastic_runs(transitions)  # stochastic steps left before a det step/end
+        # a window longer than the longest stochastic run would only be padding, and noise buffers
+        # of that size (window=10000 on 200 steps: gigabytes)
+        self.window = max(1, min(self.window, int(self._stoch_run.max())))
 
     def __repr__(self) -> str:
         w = self.window if self.window_policy is None else repr(self.window_policy)
@@ -415,11 +423,7 @@ class SpeculativeSampler(_SamplerBase):
                 m &= det_table[k.clamp(max=N - 1)]
                 if bool(m.any()):
                     r = m.nonzero().squeeze(1)
-                    rd = r.to(dev)
-                    kr = k[r].to(dev)
-                    x[rd] = T.mean_from_x0(x[rd], root_x0[rd], kr)
-                    root_exact[r] = False
-                    stats.deterministic_steps += r.numel()
+                    self._det_steps(x, k, r, root_x0[r.to(dev)], frozen, has_frozen, root_exact, stats)
                     advance(r, 1)
             live = (k < N).nonzero().squeeze(1)
             if live.numel() == 0:

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from . import round_ops
+from ._sample_args import check_model_output
 from .round_reference import FREEZE_X0, ROW_EPS_P, ROW_EPS_Y
 from .transitions import GaussianTransitions, Model
 
@@ -78,6 +79,7 @@ class NetworkCall:
         kc = k.clamp(0, self.N - 1)
         shape = (-1,) + (1,) * (x.dim() - 1)
         out = self.model(x * self.input_scale[kc].view(shape), self.timesteps[kc])
+        check_model_output("target", out, x)   # shape and dtype only: traceable, no host read
         if self.sample_pred:
             return out, out
         return out, self.out_x[kc].view(shape) * x + self.out_pred[kc].view(shape) * out

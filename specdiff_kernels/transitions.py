@@ -40,6 +40,7 @@ with :meth:`GaussianTransitions.mean_from_x0` (after :meth:`x0_from_eps` for eps
 from __future__ import annotations
 
 import math
+import operator
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -224,6 +225,20 @@ def alphas_cumprod_from_betas(betas: Tensor) -> Tensor:
     return torch.cumprod(1.0 - torch.as_tensor(betas, dtype=torch.float64), dim=0)
 
 
+def _inference_steps(num_inference_steps, T: int) -> int:
+    """An int in 1..T (a float or bool would be truncated silently; 0 fails deep in numpy)."""
+    if isinstance(num_inference_steps, bool):
+        raise TypeError(f"num_inference_steps must be an int in 1..{T}, got {num_inference_steps!r}")
+    try:
+        n = operator.index(num_inference_steps)
+    except TypeError:
+        raise TypeError(f"num_inference_steps must be an int in 1..{T}, "
+                        f"got {num_inference_steps!r}") from None
+    if not 0 < n <= T:
+        raise ValueError(f"num_inference_steps must be in 1..{T}, got {n}")
+    return n
+
+
 def respaced_timesteps(num_train_timesteps: int, num_inference_steps: Optional[int] = None,
                        spacing: str = "leading", steps_offset: int = 0) -> Tensor:
     """Decreasing integer timesteps, as diffusers' DDPM/DDIM ``set_timesteps``.
@@ -233,9 +248,7 @@ def respaced_timesteps(num_train_timesteps: int, num_inference_steps: Optional[i
     T = int(num_train_timesteps)
     if num_inference_steps is None:
         return torch.arange(T - 1, -1, -1, dtype=torch.int64)
-    n = int(num_inference_steps)
-    if not 0 < n <= T:
-        raise ValueError(f"num_inference_steps must be in 1..{T}, got {n}")
+    n = _inference_steps(num_inference_steps, T)
     if spacing == "leading":
         ts = (np.arange(0, n) * (T // n)).round()[::-1].astype(np.int64) + steps_offset
     elif spacing == "linspace":
@@ -320,16 +333,31 @@ def ddim_transitions(alphas_cumprod=None, *, betas=None, num_inference_steps: in
                                    steps_offset)
     T = abar.numel()
     final = torch.tensor(1.0, dtype=torch.float64) if set_alpha_to_one else abar[0]
-    prev = ts - T // int(num_inference_steps)
+    return ddim_from_schedule(abar, ts, T // _inference_steps(num_inference_steps, T), final,
+                              eta=eta, prediction=prediction, clip_sample=clip_sample,
+                              eps_from_clipped_x0=use_clipped_model_output, name=f"ddim[eta={eta}]")
+
+
+def ddim_from_schedule(alphas_cumprod: Tensor, timesteps: Tensor, step_ratio: int,
+                       final_alpha_cumprod, *, eta: float, name: str, **kwargs) -> GaussianTransitions:
+    """DDIM's step at ``timesteps`` of a training schedule ``alphas_cumprod``, as diffusers
+    computes it: previous timestep ``t - step_ratio``, ``final_alpha_cumprod`` below 0.
+    ``kwargs`` go to :class:`GaussianTransitions` (prediction, clip_sample, eps_from_clipped_x0).
+    Shared by :func:`ddim_transitions` and the diffusers adapter."""
+    eta = float(eta)
+    if not (math.isfinite(eta) and eta >= 0):
+        raise ValueError(f"eta must be a finite number >= 0, got {eta}")
+    abar = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
+    ts = torch.as_tensor(timesteps, dtype=torch.int64)
+    final = torch.as_tensor(final_alpha_cumprod, dtype=torch.float64)
+    prev = ts - int(step_ratio)
     a_t = abar[ts]
     a_prev = torch.where(prev >= 0, abar[prev.clamp_min(0)], final)
     var = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
-    std = float(eta) * var.clamp_min(0).sqrt()
+    std = eta * var.clamp_min(0).sqrt()
     c_eps = (1 - a_prev - std ** 2).clamp_min(0).sqrt()
     return GaussianTransitions(ts, a_prev.sqrt(), torch.zeros_like(a_t), std, a_t.sqrt(),
-                               (1 - a_t).sqrt(), c_eps=c_eps, prediction=prediction,
-                               clip_sample=clip_sample, eps_from_clipped_x0=use_clipped_model_output,
-                               init_std=1.0, name=f"ddim[eta={eta}]")
+                               (1 - a_t).sqrt(), c_eps=c_eps, init_std=1.0, name=name, **kwargs)
 
 
 def euler_ancestral_transitions(alphas_cumprod=None, *, betas=None, num_inference_steps: int = 50,
@@ -350,7 +378,7 @@ def euler_ancestral_transitions(alphas_cumprod=None, *, betas=None, num_inferenc
         alphas_cumprod = alphas_cumprod_from_betas(make_betas() if betas is None else betas)
     abar = torch.as_tensor(alphas_cumprod, dtype=torch.float64).flatten()
     T = abar.numel()
-    n = int(num_inference_steps)
+    n = _inference_steps(num_inference_steps, T)
     if spacing == "linspace":
         ts = np.linspace(0, T - 1, n, dtype=np.float64)[::-1].copy()
     elif spacing == "leading":
@@ -361,14 +389,25 @@ def euler_ancestral_transitions(alphas_cumprod=None, *, betas=None, num_inferenc
         raise ValueError(f"spacing must be 'leading', 'linspace' or 'trailing', got {spacing!r}")
     full = ((1 - abar) / abar).sqrt().numpy()
     sig = torch.from_numpy(np.interp(ts, np.arange(T), full))
-    sig_to = torch.cat([sig[1:], torch.zeros(1, dtype=torch.float64)])
-    s_up = (sig_to ** 2 * (sig ** 2 - sig_to ** 2) / sig ** 2).clamp_min(0).sqrt()
-    s_down = (sig_to ** 2 - s_up ** 2).clamp_min(0).sqrt()
-    ratio = s_down / sig
-    scale = 1 / (1 + sig ** 2).sqrt()
     if init_std is None:
         smax = float(sig.max())
         init_std = smax if spacing in ("linspace", "trailing") else math.sqrt(smax ** 2 + 1)
-    return GaussianTransitions(torch.from_numpy(ts), 1 - ratio, ratio, s_up, scale, sig * scale,
+    return euler_ancestral_from_sigmas(torch.from_numpy(ts), torch.cat([sig, sig.new_zeros(1)]),
+                                       prediction=prediction, init_std=init_std,
+                                       name="euler_ancestral")
+
+
+def euler_ancestral_from_sigmas(timesteps: Tensor, sigmas: Tensor, *, prediction: str,
+                                init_std: float, name: str) -> GaussianTransitions:
+    """The Euler-ancestral step from ``sigmas[k]`` to ``sigmas[k + 1]`` (``N + 1`` entries, the
+    last one the final sigma, 0), as diffusers' ``EulerAncestralDiscreteScheduler.step``. Shared by
+    :func:`euler_ancestral_transitions` and the diffusers adapter."""
+    sig = torch.as_tensor(sigmas, dtype=torch.float64)
+    s_from, s_to = sig[:-1], sig[1:]
+    s_up = (s_to ** 2 * (s_from ** 2 - s_to ** 2) / s_from ** 2).clamp_min(0).sqrt()
+    s_down = (s_to ** 2 - s_up ** 2).clamp_min(0).sqrt()
+    ratio = s_down / s_from
+    scale = 1 / (1 + s_from ** 2).sqrt()
+    return GaussianTransitions(timesteps, 1 - ratio, ratio, s_up, scale, s_from * scale,
                                input_scale=scale, prediction=prediction, init_std=init_std,
-                               name="euler_ancestral")
+                               name=name)

@@ -80,35 +80,15 @@ def _first_rejection_impl(log_ratio: Tensor, uniforms: Tensor,
     return _tk_first_rejection(log_ratio, uniforms, num_steps)
 
 
-# ---------------------------------------------------------------- fake impls (interpreted mode)
-def _speculative_verify_fake(draft_states, draft_means, target_means, sigma, uniforms,
-                             num_steps=None, strategy="auto"):
-    B, L = draft_states.shape[:2]
-    return (draft_states.new_empty((B,), dtype=torch.int64),
-            draft_states.new_empty((B, *draft_states.shape[2:])),
-            draft_states.new_empty((B, L), dtype=torch.float32))
-
-
-def _gaussian_log_ratio_fake(draft_states, draft_means, target_means, sigma, strategy="auto"):
-    return draft_states.new_empty(draft_states.shape[:2], dtype=torch.float32)
-
-
-def _reflect_resample_fake(draft_state, draft_mean, target_mean, strategy="auto"):
-    return draft_state.new_empty(draft_state.shape)
-
-
-def _first_rejection_fake(log_ratio, uniforms, num_steps=None):
-    return log_ratio.new_empty(log_ratio.shape[:1], dtype=torch.int64)
-
-
+# fake impls (interpreted mode): the ones of the C++-defined ops (ops.py)
 triton_speculative_verify = _define("specdiff::triton_speculative_verify",
-                                    _speculative_verify_impl, _speculative_verify_fake)
+                                    _speculative_verify_impl, ops.fake_speculative_verify)
 triton_gaussian_log_ratio = _define("specdiff::triton_gaussian_log_ratio",
-                                    _gaussian_log_ratio_impl, _gaussian_log_ratio_fake)
+                                    _gaussian_log_ratio_impl, ops.fake_gaussian_log_ratio)
 triton_reflect_resample = _define("specdiff::triton_reflect_resample",
-                                  _reflect_resample_impl, _reflect_resample_fake)
+                                  _reflect_resample_impl, ops.fake_reflect_resample)
 triton_first_rejection = _define("specdiff::triton_first_rejection",
-                                 _first_rejection_impl, _first_rejection_fake)
+                                 _first_rejection_impl, ops.fake_first_rejection)
 
 
 # ---------------------------------------------------------------- forwarding to the Triton ops

@@ -23,7 +23,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..transitions import GaussianTransitions, ddpm_transitions
+from ..transitions import (GaussianTransitions, ddim_from_schedule, ddpm_transitions,
+                           euler_ancestral_from_sigmas)
 
 __all__ = ["DiffusersModel", "diffusers_transitions", "from_pipeline"]
 
@@ -126,19 +127,11 @@ def _ddim(sched, eta: float) -> GaussianTransitions:
     if eta <= 0:
         raise ValueError("DDIMScheduler with eta = 0 is deterministic: there is nothing to "
                          "speculate; pass eta > 0")
-    abar = sched.alphas_cumprod.double()
-    ts = sched.timesteps.long()
-    prev = ts - cfg.num_train_timesteps // sched.num_inference_steps
-    final = torch.as_tensor(sched.final_alpha_cumprod, dtype=torch.float64)
-    a_t = abar[ts]
-    a_prev = torch.where(prev >= 0, abar[prev.clamp_min(0)], final)
-    var = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
-    std = float(eta) * var.clamp_min(0).sqrt()
-    c_eps = (1 - a_prev - std ** 2).clamp_min(0).sqrt()
-    tr = GaussianTransitions(ts, a_prev.sqrt(), torch.zeros_like(a_t), std, a_t.sqrt(),
-                             (1 - a_t).sqrt(), c_eps=c_eps, prediction=cfg.prediction_type,
-                             clip_sample=_clip(cfg),
-                             eps_from_clipped_x0=False, init_std=1.0, name=f"diffusers-ddim[eta={eta}]")
+    tr = ddim_from_schedule(sched.alphas_cumprod.double(), sched.timesteps.long(),
+                            cfg.num_train_timesteps // sched.num_inference_steps,
+                            sched.final_alpha_cumprod, eta=eta, prediction=cfg.prediction_type,
+                            clip_sample=_clip(cfg), eps_from_clipped_x0=False,
+                            name=f"diffusers-ddim[eta={eta}]")
     return _with_thresholding(cfg, tr)
 
 
@@ -147,15 +140,10 @@ def _euler_ancestral(sched) -> GaussianTransitions:
     if cfg.prediction_type not in ("epsilon", "v_prediction"):
         raise ValueError(f"EulerAncestralDiscreteScheduler prediction_type="
                          f"{cfg.prediction_type!r} is not supported by diffusers either")
-    sig = sched.sigmas.double()
-    s_from, s_to = sig[:-1], sig[1:]
-    s_up = (s_to ** 2 * (s_from ** 2 - s_to ** 2) / s_from ** 2).clamp_min(0).sqrt()
-    s_down = (s_to ** 2 - s_up ** 2).clamp_min(0).sqrt()
-    ratio = s_down / s_from
-    scale = 1 / (1 + s_from ** 2).sqrt()
-    return GaussianTransitions(sched.timesteps.double(), 1 - ratio, ratio, s_up, scale,
-                               s_from * scale, input_scale=scale, prediction=cfg.prediction_type,
-                               init_std=float(sched.init_noise_sigma), name="diffusers-euler-ancestral")
+    return euler_ancestral_from_sigmas(sched.timesteps.double(), sched.sigmas.double(),
+                                       prediction=cfg.prediction_type,
+                                       init_std=float(sched.init_noise_sigma),
+                                       name="diffusers-euler-ancestral")
 
 
 def diffusers_transitions(scheduler, num_inference_steps: Optional[int] = None, *,
@@ -173,6 +161,13 @@ def diffusers_transitions(scheduler, num_inference_steps: Optional[int] = None, 
     from diffusers import DDIMScheduler, DDPMScheduler, EulerAncestralDiscreteScheduler
 
     sched = _fresh(scheduler, num_inference_steps)
+    if not isinstance(sched, DDIMScheduler):
+        # DDPM and Euler-ancestral steps have a fixed variance: an eta would be silently ignored
+        if eta is not None:
+            raise ValueError(f"eta applies to DDIMScheduler only, not to {type(scheduler).__name__}")
+        if use_clipped_model_output:
+            raise ValueError(f"use_clipped_model_output applies to DDIMScheduler only, not to "
+                             f"{type(scheduler).__name__}")
     if isinstance(sched, DDPMScheduler):
         return _ddpm(sched)
     if isinstance(sched, DDIMScheduler):

@@ -21,7 +21,10 @@ from torch import Tensor, nn
 from ..transitions import (GaussianTransitions, alphas_cumprod_from_betas, ddim_transitions,
                            ddpm_transitions, euler_ancestral_transitions, make_betas)
 
-__all__ = ["EmbeddedModel", "available", "load"]
+__all__ = ["EmbeddedModel", "TRAIN_TIMESTEPS", "available", "load"]
+
+# Length of both embedded models' training schedule: the most sampling steps they can take.
+TRAIN_TIMESTEPS = 1000
 
 
 @dataclass
@@ -59,7 +62,7 @@ class EmbeddedModel:
 def _load_gmm(dim: int = 64, components: int = 8, seed: int = 0, **_) -> EmbeddedModel:
     from .gmm import GaussianMixture, GMMDenoiser, make_gmm
 
-    abar = alphas_cumprod_from_betas(make_betas("linear", 1000))
+    abar = alphas_cumprod_from_betas(make_betas("linear", TRAIN_TIMESTEPS))
     gmm = make_gmm(int(dim), K=int(components), seed=int(seed))
     moment_matched = GaussianMixture(gmm.mean()[None], torch.diagonal(gmm.cov()).sqrt()[None])
     return EmbeddedModel(

@@ -1,0 +1,147 @@
+"""Checks of the samplers' arguments and of what the user's model returns.
+
+Everything a ``sample()`` call is given is checked before the first model call, with a one-line
+error that names the argument; a model's output is checked at its first call (a tuple, an output
+object, another dtype or device), before anything is done with it.
+"""
+from __future__ import annotations
+
+import operator
+import torch
+from torch import Tensor
+
+
+def as_count(name: str, value) -> int:
+    """A positive int; bools and floats (2.7 would silently become 2) are refused."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be a positive int, got {value!r}")
+    try:
+        n = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be a positive int, got {value!r}") from None
+    if n < 1:
+        raise ValueError(f"{name} must be a positive int, got {n}")
+    return n
+
+
+def as_event_shape(event_shape) -> tuple[int, ...]:
+    if isinstance(event_shape, int) and not isinstance(event_shape, bool):
+        event_shape = (event_shape,)
+    try:
+        dims = tuple(event_shape)
+    except TypeError:
+        raise TypeError(f"event_shape must be a tuple of positive ints, got {event_shape!r}") from None
+    if len(dims) == 0:
+        raise ValueError("event_shape must have at least one dimension")
+    for d in dims:
+        if isinstance(d, bool):
+            raise TypeError(f"event_shape must be a tuple of positive ints, got {event_shape!r}")
+        try:
+            ok = operator.index(d) >= 1
+        except TypeError:
+            ok = False
+        if not ok:
+            raise ValueError(f"event_shape must be a tuple of positive ints, got {event_shape!r}")
+    return tuple(operator.index(d) for d in dims)
+
+
+def as_chain_ids(chain_ids, num_chains: int) -> list[int]:
+    """Distinct non-negative ints, one per chain: each id seeds one chain's random stream, so a
+    repeated id would give two copies of one chain."""
+    if chain_ids is None:
+        return list(range(num_chains))
+    if isinstance(chain_ids, Tensor) and chain_ids.is_floating_point():
+        raise TypeError(f"chain_ids must be integers, got a {chain_ids.dtype} tensor")
+    ids = []
+    for c in chain_ids:
+        if isinstance(c, bool):
+            raise TypeError(f"chain_ids must be integers, got {c!r}")
+        try:
+            ids.append(operator.index(c))
+        except TypeError:
+            raise TypeError(f"chain_ids must be integers, got {c!r}") from None
+    if len(ids) != num_chains:
+        raise ValueError(f"chain_ids has {len(ids)} entries for {num_chains} chains")
+    seen = set()
+    for c in ids:
+        if c < 0:
+            raise ValueError(f"chain_ids must be >= 0, got {c}")
+        if c in seen:
+            raise ValueError(f"chain_ids must be distinct (each id seeds one chain's stream), "
+                             f"got {c} twice")
+        seen.add(c)
+    return ids
+
+
+def check_generator(generator) -> None:
+    if generator is None:
+        return
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got "
+                        f"{type(generator).__name__} {generator!r} (use "
+                        f"torch.Generator().manual_seed(seed))")
+    if generator.device.type != "cpu":
+        raise ValueError(f"generator must be a CPU torch.Generator (it only seeds the chains' "
+                         f"streams), got one on {generator.device}")
+
+
+def as_device(device) -> torch.device:
+    """A device this process can allocate on (``"cuda"`` without a GPU is refused here, not by a
+    raw torch error deep inside the sampler)."""
+    if device is None:
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device={device!r} is not a torch device: {err}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={str(dev)!r} is not available: torch.cuda.is_available() is False")
+    try:
+        torch.empty(0, device=dev)
+    except (RuntimeError, AssertionError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"device={str(dev)!r} is not available: {first}") from None
+    return dev
+
+
+def check_state_dtype(dtype) -> None:
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+
+
+def check_x_init(x_init: Tensor, check_finite: bool) -> None:
+    if not x_init.is_floating_point():
+        raise TypeError(f"x_init must be a floating-point tensor, got dtype {x_init.dtype}")
+    if x_init.dim() < 2 or x_init.shape[0] == 0 or x_init.numel() == 0:
+        raise ValueError(f"x_init must have shape [num_chains, *event_shape] with at least one "
+                         f"chain and one element, got {tuple(x_init.shape)}")
+    if check_finite:
+        bad = ~torch.isfinite(x_init.reshape(x_init.shape[0], -1)).all(dim=1)
+        if bool(bad.any()):
+            rows = bad.nonzero()[:, 0].tolist()
+            raise ValueError(f"x_init has non-finite values in {len(rows)} row(s), the first is "
+                             f"row {rows[0]}")
+
+
+def check_model_output(role: str, out, x: Tensor) -> None:
+    """``out`` = ``model(x, t)`` must be a tensor of x's shape, dtype and device."""
+    if not isinstance(out, Tensor):
+        kind = type(out).__name__
+        if isinstance(out, (tuple, list)):
+            hint = "for a model that returns a tuple, pass e.g. lambda x, t: model(x, t)[0]"
+        elif hasattr(out, "sample"):
+            hint = ("for a diffusers model, wrap it in "
+                    "specdiff_kernels.integrations.diffusers.DiffusersModel")
+        else:
+            hint = "wrap the model so that it returns the prediction tensor"
+        raise TypeError(f"{role} model returned {kind} instead of a tensor: model(x, t) must "
+                        f"return the prediction as a tensor shaped like x ({hint})")
+    if out.shape != x.shape:
+        raise ValueError(f"{role} model returned shape {tuple(out.shape)} for input {tuple(x.shape)}")
+    if out.dtype != x.dtype:
+        raise TypeError(f"{role} model returned dtype {out.dtype} for a {x.dtype} input: it must "
+                        f"return its input's dtype (cast inside the model, or sample with "
+                        f"dtype={out.dtype})")
+    if out.device != x.device:
+        raise ValueError(f"{role} model returned a tensor on {out.device} for an input on {x.device}")
+
