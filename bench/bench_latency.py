@@ -39,7 +39,35 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def configs(net, T, L, device, with_compile: bool) -> dict:
+class DiffusersLoop:
+    """diffusers' own sampling loop on the same network and schedule: DDPMScheduler with the
+    model's training betas, ``leading`` respacing, fixed_small variance and its clipping;
+    ``scheduler.step`` per step (what a pipeline's ``__call__`` does), under inference_mode."""
+
+    def __init__(self, m, N: int):
+        from diffusers import DDPMScheduler
+        abar = m.alphas_cumprod
+        betas = 1 - abar / torch.cat([torch.ones(1, dtype=abar.dtype), abar[:-1]])
+        self.sched = DDPMScheduler(num_train_timesteps=abar.numel(), trained_betas=betas.numpy(),
+                                   prediction_type=m.prediction, variance_type="fixed_small",
+                                   clip_sample=m.clip_sample is not None,
+                                   clip_sample_range=m.clip_sample or 1.0,
+                                   timestep_spacing="leading")
+        self.sched.set_timesteps(N)
+        self.net, self.N = m.target, N
+
+    def sample(self, B, shape, generator=None, device=None):
+        import types
+        x = torch.randn(B, *shape, generator=generator).to(device)
+        with torch.inference_mode():
+            for t in self.sched.timesteps:
+                out = self.net(x, torch.full((B,), int(t), device=device))
+                x = self.sched.step(out, t, x, generator=generator).prev_sample
+        st = types.SimpleNamespace(target_calls=self.N, rounds=self.N, target_evals=B * self.N)
+        return types.SimpleNamespace(samples=x, stats=st)
+
+
+def configs(net, T, L, device, with_compile: bool, m=None) -> dict:
     """On CUDA the static round is always CUDA-graph captured ("static_eager" = captured, not
     compiled) and the default configuration is "static_compiled" (not timed twice)."""
     out = {"ancestral_eager": AncestralSampler(net, T),
@@ -47,6 +75,10 @@ def configs(net, T, L, device, with_compile: bool) -> dict:
            "ragged": SpeculativeSampler(net, T, window=L, path="ragged")}
     if device.type == "cpu":
         out["default"] = SpeculativeSampler(net, T, window=L)
+        try:
+            out["ancestral_diffusers_loop"] = DiffusersLoop(m, T.num_steps)
+        except ImportError:
+            pass
     if with_compile:
         out["ancestral_compiled"] = AncestralSampler(net, T, compile=True)
         out["static_compiled"] = SpeculativeSampler(net, T, window=L, path="static", compile=True)
@@ -89,7 +121,7 @@ def bench_model(key, B, N, L, device, reps, with_compile, log) -> dict:
     net = m.target.to(device) if isinstance(m.target, torch.nn.Module) else m.target
     T = m.transitions(N)
     shape = m.event_shape
-    cfgs = configs(net, T, L, device, with_compile)
+    cfgs = configs(net, T, L, device, with_compile, m)
     stats, times = {}, {name: [] for name in cfgs}
     for name, s in cfgs.items():                       # warm-up: compile, autotune, capture
         t, st = run_once(s, B, shape, device)
@@ -111,7 +143,7 @@ def bench_model(key, B, N, L, device, reps, with_compile, log) -> dict:
         row = {"wall_s": wall[name], "ratio_vs_fastest_ancestral": wall[name] / wall[fastest_anc],
                "target_calls": st.target_calls, "rounds": st.rounds, "target_evals": st.target_evals,
                "reps": len(times[name])}
-        if compiled and device.type == "cuda":
+        if (compiled and device.type == "cuda") or name == "ancestral_diffusers_loop":
             pass   # own cost is a CPU target; compiling the network alone again costs device time
         elif name.startswith("ancestral"):
             t_call = net_time(net, shape, B, device, compiled)
@@ -123,7 +155,7 @@ def bench_model(key, B, N, L, device, reps, with_compile, log) -> dict:
             row["own_per_round_ms"] = (wall[name] - t_root - (rounds - 1) * t_round) / max(rounds - 1, 1) * 1e3
             row["net_per_round_ms"] = t_round * 1e3
         if device.type == "cpu" and name in ("static_eager", "static_compiled", "ancestral_eager",
-                                             "ancestral_compiled", "ragged", "default"):
+                                             "ancestral_compiled", "ragged", "default") and B <= 64:
             total = aten_calls(lambda: run_once(s, B, shape, device))
             # the network's own aten calls, alone, in the same mode (compiled: Inductor's extern
             # kernels such as addmm still show as aten calls)

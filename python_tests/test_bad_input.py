@@ -271,8 +271,9 @@ def test_demo_out_not_writable(capsys, no_sampling):
 
 def test_demo_backend_not_on_this_device(capsys, no_sampling, tmp_path, monkeypatch):
     from specdiff_kernels import ops
-    monkeypatch.setattr(ops, "_BACKENDS", {k: v for k, v in ops._BACKENDS.items() if k != "triton"})
-    monkeypatch.setitem(ops._LAZY_BACKENDS, "triton", "specdiff_kernels._no_such_module")
+    reg = ops._REGISTRY
+    monkeypatch.setattr(reg, "_backends", {k: v for k, v in reg._backends.items() if k != "triton"})
+    monkeypatch.setitem(reg._lazy, "triton", "specdiff_kernels._no_such_module")
     last = cli_error(["demo", "--backend", "triton", "--out", str(tmp_path)], capsys)
     assert last.startswith("specdiff demo: error: argument --backend: backend 'triton' is not available")
 

@@ -52,15 +52,63 @@ class Backend:
         return self.devices is None or device.type in self.devices
 
 
-_BACKENDS: dict[str, Backend] = {}
-# Backends that live in optional modules, imported on first use (keeps `import triton` lazy).
-_LAZY_BACKENDS = {"triton": "specdiff_kernels.triton_backend"}
+class BackendRegistry:
+    """Backends of one family of ops by name: the default by device (CPU -> ``cpp``, CUDA ->
+    ``triton``, else ``reference``), and backends that live in optional modules, imported on
+    first use (keeps ``import triton`` lazy)."""
+
+    def __init__(self, lazy: dict[str, str]):
+        self._backends: dict = {}
+        self._lazy = dict(lazy)
+
+    def register(self, backend) -> None:
+        self._backends[backend.name] = backend
+
+    def available(self) -> list[str]:
+        """Names of the backends that can run in this process."""
+        names = list(self._backends)
+        for name, module in self._lazy.items():
+            if name not in names:
+                try:
+                    importlib.import_module(module)
+                    names.append(name)
+                except ImportError:
+                    pass
+        return names
+
+    def get(self, name: Optional[str], device: torch.device):
+        name = default_backend(device) if name is None else name
+        if name not in self._backends and name in self._lazy:
+            try:
+                importlib.import_module(self._lazy[name])
+            except ImportError as err:
+                raise RuntimeError(f"backend {name!r} is not available: {err}") from err
+        if name not in self._backends:
+            if name == "cpp" and not HAS_CPP:
+                raise RuntimeError(f"backend 'cpp' is not available: specdiff_kernels._C failed to "
+                                   f"import ({_CPP_IMPORT_ERROR}); rebuild with "
+                                   f"`pip install --no-build-isolation .`")
+            raise ValueError(f"backend must be one of "
+                             f"{sorted(set(self._backends) | set(self._lazy))}, got {name!r}")
+        backend = self._backends[name]
+        if not backend.supports(device):
+            raise ValueError(f"backend {name!r} runs on {list(backend.devices or ())} tensors, "
+                             f"got tensors on {device}")
+        return backend
 
 
-def register_backend(backend: Backend) -> None:
-    """Make a backend selectable by name in every op of this module."""
-    _BACKENDS[backend.name] = backend
+def default_backend(device: torch.device) -> str:
+    if device.type == "cpu" and HAS_CPP:
+        return "cpp"
+    if device.type == "cuda":
+        return "triton"
+    return "reference"
 
+
+_REGISTRY = BackendRegistry({"triton": "specdiff_kernels.triton_backend"})
+register_backend = _REGISTRY.register
+available_backends = _REGISTRY.available
+get_backend = _REGISTRY.get
 
 register_backend(Backend("reference", reference.gaussian_log_ratio, reference.first_rejection,
                          reference.reflect_resample, reference.speculative_verify))
@@ -74,48 +122,6 @@ if HAS_CPP:
         torch.ops.specdiff.speculative_verify.default,
         devices=("cpu",),
     ))
-
-
-def available_backends() -> list[str]:
-    """Names of the backends that can run in this process."""
-    names = list(_BACKENDS)
-    for name, module in _LAZY_BACKENDS.items():
-        if name not in names:
-            try:
-                importlib.import_module(module)
-                names.append(name)
-            except ImportError:
-                pass
-    return names
-
-
-def default_backend(device: torch.device) -> str:
-    if device.type == "cpu" and HAS_CPP:
-        return "cpp"
-    if device.type == "cuda":
-        return "triton"
-    return "reference"
-
-
-def get_backend(name: Optional[str], device: torch.device) -> Backend:
-    name = default_backend(device) if name is None else name
-    if name not in _BACKENDS and name in _LAZY_BACKENDS:
-        try:
-            importlib.import_module(_LAZY_BACKENDS[name])
-        except ImportError as err:
-            raise RuntimeError(f"backend {name!r} is not available: {err}") from err
-    if name not in _BACKENDS:
-        if name == "cpp" and not HAS_CPP:
-            raise RuntimeError(f"backend 'cpp' is not available: specdiff_kernels._C failed to "
-                               f"import ({_CPP_IMPORT_ERROR}); rebuild with "
-                               f"`pip install --no-build-isolation .`")
-        raise ValueError(f"backend must be one of {sorted(set(_BACKENDS) | set(_LAZY_BACKENDS))}, "
-                         f"got {name!r}")
-    backend = _BACKENDS[name]
-    if not backend.supports(device):
-        raise ValueError(f"backend {name!r} runs on {list(backend.devices or ())} tensors, "
-                         f"got tensors on {device}")
-    return backend
 
 
 # ---------------------------------------------------------------- public functions

@@ -23,7 +23,6 @@ reads values back to the host on CUDA: out-of-range steps and lengths are clampe
 """
 from __future__ import annotations
 
-import importlib
 import math
 from dataclasses import dataclass
 from typing import Callable, NamedTuple, Optional, Sequence
@@ -32,7 +31,7 @@ import torch
 from torch import Tensor
 
 from . import round_reference as ref
-from .ops import HAS_CPP
+from .ops import HAS_CPP, BackendRegistry
 from .round_reference import FREEZE_EPS, FREEZE_X0, NUM_ROWS  # noqa: F401 (re-exported)
 from .transitions import GaussianTransitions
 
@@ -63,38 +62,15 @@ class RoundBackend:
         return self.devices is None or device.type in self.devices
 
 
-_BACKENDS: dict[str, RoundBackend] = {}
-_LAZY_BACKENDS = {"triton": "specdiff_kernels.triton_round"}
-
-
-def register_backend(backend: RoundBackend) -> None:
-    _BACKENDS[backend.name] = backend
-
+_REGISTRY = BackendRegistry({"triton": "specdiff_kernels.triton_round"})
+register_backend = _REGISTRY.register
+get_backend = _REGISTRY.get
 
 register_backend(RoundBackend("reference", ref.chain_noise, ref.frozen_draft, ref.verify_frozen))
 if HAS_CPP:
     register_backend(RoundBackend("cpp", torch.ops.specdiff.chain_noise.default,
                                   torch.ops.specdiff.frozen_draft.default,
                                   torch.ops.specdiff.verify_frozen.default, devices=("cpu",)))
-
-
-def get_backend(name: Optional[str], device: torch.device) -> RoundBackend:
-    if name is None:
-        name = "cpp" if device.type == "cpu" and HAS_CPP else (
-            "triton" if device.type == "cuda" else "reference")
-    if name not in _BACKENDS and name in _LAZY_BACKENDS:
-        try:
-            importlib.import_module(_LAZY_BACKENDS[name])
-        except ImportError as err:
-            raise RuntimeError(f"backend {name!r} is not available: {err}") from err
-    if name not in _BACKENDS:
-        raise ValueError(f"backend must be one of {sorted(set(_BACKENDS) | set(_LAZY_BACKENDS))}, "
-                         f"got {name!r}")
-    backend = _BACKENDS[name]
-    if not backend.supports(device):
-        raise ValueError(f"backend {name!r} runs on {list(backend.devices or ())} tensors, got "
-                         f"tensors on {device}")
-    return backend
 
 
 # ---------------------------------------------------------------- tables

@@ -20,7 +20,7 @@ Design
   ``torch.compile(fullgraph=True)`` keeps them as one node, no graph break. The backend is then
   registered for ("cpu", "cuda") tensors; otherwise for ("cuda",) only.
 
-Importing this module registers backend ``"triton"`` (``ops._LAZY_BACKENDS`` imports it lazily).
+Importing this module registers backend ``"triton"`` (``ops.get_backend`` imports it lazily).
 """
 from __future__ import annotations
 
