@@ -109,6 +109,31 @@ def net_time(net, shape, batch, device, compiled: bool, reps=30) -> float:
     return (time.perf_counter() - t0) / reps
 
 
+class TimedNetwork(torch.nn.Module):
+    """The network with a stopwatch around each call (eager runs only: a compiled graph has no
+    call boundary); on CUDA it synchronises around each call, so use it in separate runs."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.seconds = net, 0.0
+
+    def forward(self, x, t):
+        dev = x.device
+        sync(dev)
+        t0 = time.perf_counter()
+        out = self.net(x, t)
+        sync(dev)
+        self.seconds += time.perf_counter() - t0
+        return out
+
+
+def own_cost_per_round(make, B, shape, device) -> float:
+    """(wall - time inside the network) / rounds, in ms, from one instrumented run."""
+    timed_sampler, timed = make()
+    wall, st = run_once(timed_sampler, B, shape, device)
+    return (wall - timed.seconds) / st.rounds * 1e3
+
+
 def aten_calls(fn) -> int:
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -143,7 +168,12 @@ def bench_model(key, B, N, L, device, reps, with_compile, log) -> dict:
         row = {"wall_s": wall[name], "ratio_vs_fastest_ancestral": wall[name] / wall[fastest_anc],
                "target_calls": st.target_calls, "rounds": st.rounds, "target_evals": st.target_evals,
                "reps": len(times[name])}
-        if (compiled and device.type == "cuda") or name == "ancestral_diffusers_loop":
+        if not compiled and name != "ancestral_diffusers_loop" and isinstance(net, torch.nn.Module):
+            def make(name=name):
+                timed = TimedNetwork(net)
+                return configs(timed, T, L, device, False, m)[name], timed
+            row["own_per_round_ms"] = own_cost_per_round(make, B, shape, device)
+        elif (compiled and device.type == "cuda") or name == "ancestral_diffusers_loop":
             pass   # own cost is a CPU target; compiling the network alone again costs device time
         elif name.startswith("ancestral"):
             t_call = net_time(net, shape, B, device, compiled)
@@ -184,8 +214,9 @@ def to_markdown(res) -> str:
     lines = [f"# Sampler latency ({res['device_name']}, {res['device']}, {res['threads']} threads, "
              f"torch {res['torch']})", "",
              "Medians of interleaved repetitions; ratio = wall / the fastest ancestral configuration "
-             "of the same run. own/round: wall minus the network's own time for the same calls, "
-             "per round. aten/round: aten calls per round outside the network (CPU).", ""]
+             "of the same run. own/round: wall minus the time inside the network, per round "
+             "(eager: measured around each call in a separate instrumented run; compiled: the "
+             "network alone, compiled the same way, at the same batch sizes, subtracted). aten/round: aten calls per round outside the network (CPU).", ""]
     for cell in res["cells"]:
         lines += [f"## {cell['model']}, B = {cell['B']}, N = {cell['N']}, L = {cell['L']} "
                   f"(fastest ancestral: {cell['fastest_ancestral']})", "",

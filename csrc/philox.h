@@ -25,11 +25,12 @@ struct Key {
 // Counter word 1 of sampling step k (k = -1: the initial state).
 inline uint32_t step_word(int64_t k) { return static_cast<uint32_t>(k + 1); }
 
-// One Philox4x32-10 block per lane l of a tile: counters (i0 + l, c1, c2, c3).
-inline void tile(uint32_t i0, uint32_t c1, uint32_t c2, uint32_t c3, Key key, uint32_t x0[kTile],
-                 uint32_t x1[kTile], uint32_t x2[kTile], uint32_t x3[kTile]) {
+// One Philox4x32-10 block per lane l < count of a tile: counters (i0 + l, c1, c2, c3). count is
+// below kTile only for the last tile of a short vector (D < 4 kTile: no lanes computed in vain).
+inline void tile(uint32_t i0, int count, uint32_t c1, uint32_t c2, uint32_t c3, Key key,
+                 uint32_t x0[kTile], uint32_t x1[kTile], uint32_t x2[kTile], uint32_t x3[kTile]) {
 #pragma omp simd
-  for (int l = 0; l < kTile; ++l) {
+  for (int l = 0; l < count; ++l) {
     x0[l] = i0 + static_cast<uint32_t>(l);
     x1[l] = c1;
     x2[l] = c2;
@@ -38,7 +39,7 @@ inline void tile(uint32_t i0, uint32_t c1, uint32_t c2, uint32_t c3, Key key, ui
   uint32_t k0 = key.k0, k1 = key.k1;
   for (int r = 0; r < 10; ++r) {
 #pragma omp simd
-    for (int l = 0; l < kTile; ++l) {
+    for (int l = 0; l < count; ++l) {
       const uint64_t p0 = static_cast<uint64_t>(kM0) * x0[l];
       const uint64_t p1 = static_cast<uint64_t>(kM1) * x2[l];
       const uint32_t n0 = static_cast<uint32_t>(p1 >> 32) ^ x1[l] ^ k0;
@@ -83,16 +84,15 @@ inline float angle_uniform(uint32_t x) { return static_cast<float>(x >> 8) * 0x1
 
 // ln(v) for normal v > 0: v = m 2^e with m in [sqrt(1/2), sqrt(2)), ln m = 2 atanh(s),
 // s = (m - 1) / (m + 1), |s| <= 0.172: the odd series to s^9 is within fp32 rounding.
+// Integer-only range reduction (no float compare or select), so the loop vectorises even for a
+// baseline x86-64 (SSE2) build.
 inline float fast_log(float v) {
-  uint32_t bits;
-  std::memcpy(&bits, &v, sizeof bits);
-  int32_t e = static_cast<int32_t>((bits >> 23) & 0xffu) - 127;
-  const uint32_t mbits = (bits & 0x7fffffu) | 0x3f800000u;
-  float m;
-  std::memcpy(&m, &mbits, sizeof m);
-  const bool big = m > 1.41421356f;
-  m = big ? 0.5f * m : m;
-  e = big ? e + 1 : e;
+  const uint32_t bits = __builtin_bit_cast(uint32_t, v);
+  uint32_t mbits = (bits & 0x7fffffu) | 0x3f800000u;          // m in [1, 2)
+  const uint32_t big = mbits > 0x3fb504f3u ? 1u : 0u;          // m > sqrt(2)
+  mbits -= big << 23;                                          // then m / 2
+  const int32_t e = static_cast<int32_t>((bits >> 23) & 0xffu) - 127 + static_cast<int32_t>(big);
+  const float m = __builtin_bit_cast(float, mbits);
   const float s = (m - 1.0f) / (m + 1.0f);
   const float s2 = s * s;
   const float poly = 1.0f + s2 * (1.0f / 3 + s2 * (1.0f / 5 + s2 * (1.0f / 7 + s2 * (1.0f / 9))));
@@ -134,14 +134,15 @@ template <> struct BoxMuller<double> {
   }
 };
 
-// Normals of counters i0 .. i0 + kTile - 1 of xi(key, chain, k): out[lane][l] is element
+// Normals of counters i0 .. i0 + count - 1 of xi(key, chain, k): out[lane][l] is element
 // lane * Q + i0 + l of the D-vector (the quarter layout of round_reference.py).
 template <typename acc_t>
-inline void normal_tile(Key key, uint32_t chain, int64_t k, uint32_t i0, acc_t out[4][kTile]) {
+inline void normal_tile(Key key, uint32_t chain, int64_t k, uint32_t i0, int count,
+                        acc_t out[4][kTile]) {
   uint32_t x0[kTile], x1[kTile], x2[kTile], x3[kTile];
-  tile(i0, step_word(k), chain, kStreamNormal, key, x0, x1, x2, x3);
+  tile(i0, count, step_word(k), chain, kStreamNormal, key, x0, x1, x2, x3);
 #pragma omp simd
-  for (int l = 0; l < kTile; ++l) {
+  for (int l = 0; l < count; ++l) {
     BoxMuller<acc_t>::pair(x0[l], x1[l], out[0][l], out[1][l]);
     BoxMuller<acc_t>::pair(x2[l], x3[l], out[2][l], out[3][l]);
   }

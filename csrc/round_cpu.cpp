@@ -77,6 +77,11 @@ inline acc_t freeze_value(const StepCoef<acc_t>& c, acc_t y, acc_t p, bool eps) 
   return eps ? c.v[kEpsY] * y - c.v[kEpsP] * p : p;
 }
 
+// Counters of tile i0 that exist (the last tile of the vector may be short).
+inline int tile_count(const Layout& lay, int64_t i0) {
+  return static_cast<int>(std::min<int64_t>(kTile, lay.Q - i0));
+}
+
 // Calls fn(lane, l, e) for every valid element of tile i0 (counter i0 + l, element e).
 template <typename Fn>
 inline void for_tile(const Layout& lay, int64_t i0, Fn&& fn) {
@@ -222,7 +227,7 @@ std::tuple<at::Tensor, at::Tensor> chain_noise_cpu(const at::Tensor& seed, const
         const int64_t b = row / window, j = row % window;
         scalar_t* o = out + row * D;
         for (int64_t i0 = ch * kChunk; i0 < std::min(lay.Q, (ch + 1) * kChunk); i0 += kTile) {
-          philox::normal_tile<acc_t>(key, chain[b], k[b] + j, static_cast<uint32_t>(i0), nz);
+          philox::normal_tile<acc_t>(key, chain[b], k[b] + j, static_cast<uint32_t>(i0), tile_count(lay, i0), nz);
           for_tile(lay, i0, [&](int lane, int64_t l, int64_t e) {
             o[e] = static_cast<scalar_t>(nz[lane][l]);
           });
@@ -282,7 +287,7 @@ at::Tensor frozen_draft_cpu(const at::Tensor& root, const at::Tensor& frozen, co
           }
           const StepCoef<acc_t> c(cp, N, a.k[b] + j);
           for (int64_t i0 = i_lo; i0 < i_hi; i0 += kTile) {
-            philox::normal_tile<acc_t>(key, a.chain[b], a.k[b] + j, static_cast<uint32_t>(i0), nz);
+            philox::normal_tile<acc_t>(key, a.chain[b], a.k[b] + j, static_cast<uint32_t>(i0), tile_count(lay, i0), nz);
             for_tile(lay, i0, [&](int lane, int64_t l, int64_t e) {
               const acc_t y = static_cast<acc_t>(prev[e]);
               const acc_t p = draft_x0(c, y, static_cast<acc_t>(fb[e]), eps);
@@ -362,7 +367,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         const scalar_t* fb = F + b * D;
         acc_t av[kTile] = {}, bv[kTile] = {};
         for (int64_t i0 = ch * kChunk; i0 < std::min(lay.Q, (ch + 1) * kChunk); i0 += kTile) {
-          philox::normal_tile<acc_t>(key, a.chain[b], a.k[b] + j, static_cast<uint32_t>(i0), nz);
+          philox::normal_tile<acc_t>(key, a.chain[b], a.k[b] + j, static_cast<uint32_t>(i0), tile_count(lay, i0), nz);
           for_tile(lay, i0, [&](int lane, int64_t l, int64_t e) {
             const acc_t pq = draft_x0(c, static_cast<acc_t>(yj[e]), static_cast<acc_t>(fb[e]), eps);
             const acc_t d = mean_gap(c, static_cast<acc_t>(pj[e]), pq, cl);
@@ -441,7 +446,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         const acc_t refl = static_cast<acc_t>(d.reflect);
         for (int64_t i0 = ch * kChunk; i0 < std::min(lay.Q, (ch + 1) * kChunk); i0 += kTile) {
           if (d.mode == Commit::kReflect)
-            philox::normal_tile<acc_t>(key, a.chain[b], kp, static_cast<uint32_t>(i0), nz);
+            philox::normal_tile<acc_t>(key, a.chain[b], kp, static_cast<uint32_t>(i0), tile_count(lay, i0), nz);
           for_tile(lay, i0, [&](int lane, int64_t l, int64_t e) {
             const acc_t y = static_cast<acc_t>(yj[e]);
             const acc_t p = static_cast<acc_t>(pj[e]);
