@@ -183,6 +183,27 @@ class SamplerStats:
                 f"acceptance by position=[{acc}] wall={self.wall_time:.3f}s")
 
 
+@dataclass(frozen=True)
+class DraftedWindows:
+    """The ragged round's drafted windows of chains ``rows`` (padded to L)."""
+
+    Y: Tensor       # [w, L+1, *E] y_0..y_L (positions past n repeat the state)
+    MQ: Tensor      # [w, L, *E] draft means mq_0..mq_{L-1}
+    n: Tensor       # [w] int64 steps drafted (CPU)
+    k: Tensor       # [w] int64 step at the root (CPU)
+    u: Tensor       # [w, L] acceptance uniforms
+    exact: Tensor   # [w] bool: the target's x0-hat at the root is known (CPU)
+
+
+@dataclass(frozen=True)
+class WindowOutcome:
+    """What verifying the windows did, per chain (CPU tensors)."""
+
+    accepted: Tensor   # [w, L] bool: position accepted
+    attempted: Tensor  # [w, L] bool: position verified (all earlier ones accepted)
+    advance: Tensor    # [w] int64 steps committed
+
+
 @dataclass
 class SamplingResult:
     samples: Tensor        # [B, *E] final states
@@ -477,11 +498,10 @@ class SpeculativeSampler(_SamplerBase):
                 parts_k.append(k[rows])
                 parts_rows.append(rows)
             if win is not None:
-                need = self._needed_positions(win, root_exact, prefetch, frozen_mode, N)
-                rr, pp = need.nonzero(as_tuple=True)
-                win["need_r"], win["need_p"] = rr, pp
-                parts_x.append(win["Y"][rr.to(dev), pp.to(dev)])
-                parts_k.append(win["k"][rr] + pp)
+                need = self._needed_positions(win, prefetch, frozen_mode, N)
+                rr, pp = need.nonzero(as_tuple=True)      # (window, position) of each evaluation
+                parts_x.append(win.Y[rr.to(dev), pp.to(dev)])
+                parts_k.append(win.k[rr] + pp)
                 parts_rows.append(spec_rows[rr])
             all_x = torch.cat(parts_x)
             if all_x.shape[0]:
@@ -513,11 +533,12 @@ class SpeculativeSampler(_SamplerBase):
                 stats.direct_steps += nb
                 advance(boot_rows, 1)
             if win is not None:
-                self._verify_windows(x, k, spec_rows, win, x0_all[nd + nb:], root_exact, root_x0,
-                                     frozen, has_frozen, prefetch, frozen_mode, sig_dtype, ids, stats, acc)
-                advance(spec_rows, win["adv"])
+                out = self._verify_windows(x, k, spec_rows, win, (rr, pp), x0_all[nd + nb:],
+                                           root_exact, root_x0, frozen, has_frozen, prefetch,
+                                           frozen_mode, sig_dtype, ids, stats, acc)
+                advance(spec_rows, out.advance)
                 if policy is not None:
-                    policy.update(ad_state, spec_rows, win["exact"], win["accepted"], win["attempted"])
+                    policy.update(ad_state, spec_rows, win.exact, out.accepted, out.attempted)
         if bar is not None:
             bar.close()
         a = acc
@@ -622,7 +643,7 @@ class SpeculativeSampler(_SamplerBase):
         stats.deterministic_steps += rows.numel()
 
     def _draft_windows(self, x, k, rows, noise, root_exact, root_x0, frozen, ids, stats,
-                       lengths: Optional[Tensor] = None) -> dict:
+                       lengths: Optional[Tensor] = None) -> DraftedWindows:
         """Draft y_1..y_n and mq_0..mq_{n-1} for chains ``rows`` (padded to L); ``lengths``: each
         chain's window length (adaptive window; default L)."""
         T = self.transitions
@@ -671,32 +692,32 @@ class SpeculativeSampler(_SamplerBase):
             mqs.append(torch.where(mask, mq, yj))
             ys.append(torch.where(mask, ynext, yj))
         exact = root_exact[rows].clone() if frozen_mode else torch.zeros(w, dtype=torch.bool)
-        return {"Y": torch.stack(ys, 1), "MQ": torch.stack(mqs, 1), "n": n, "k": kr, "u": u,
-                "exact": exact}
+        return DraftedWindows(torch.stack(ys, 1), torch.stack(mqs, 1), n, kr, u, exact)
 
-    def _needed_positions(self, win, root_exact, prefetch, frozen_mode, N) -> Tensor:
+    def _needed_positions(self, win: DraftedWindows, prefetch, frozen_mode, N) -> Tensor:
         """[w, L+1] bool: window positions p whose state y_p the target must evaluate."""
         L = self.window
-        n, kr = win["n"], win["k"]
+        n, kr = win.n, win.k
         p = torch.arange(L + 1)[None]
         need = (p >= 1) & (p < n[:, None])                 # y_1..y_{n-1}: means of steps 1..n-1
         if not frozen_mode:
             need |= p == 0                                 # draft model: the root as well
         elif prefetch:
-            need |= (p == 0) & ~win["exact"][:, None]        # stale frozen prediction: root needed
+            need |= (p == 0) & ~win.exact[:, None]           # stale frozen prediction: root needed
             need |= (p == n[:, None]) & ((kr + n) < N)[:, None]   # prefetch the next root
         return need
 
-    def _verify_windows(self, x, k, rows, win, x0_evals, root_exact, root_x0, frozen, has_frozen,
-                        prefetch, frozen_mode, sig_dtype, ids, stats, acc) -> None:
+    def _verify_windows(self, x, k, rows, win: DraftedWindows, evaluated, x0_evals, root_exact,
+                        root_x0, frozen, has_frozen, prefetch, frozen_mode, sig_dtype, ids, stats,
+                        acc) -> WindowOutcome:
         T = self.transitions
         L = self.window
         dev = x.device
         w = rows.numel()
-        Y, MQ, n, kr, u = win["Y"], win["MQ"], win["n"], win["k"], win["u"]
+        Y, MQ, n, kr, u = win.Y, win.MQ, win.n, win.k, win.u
         rd = rows.to(dev)
         TP = torch.zeros_like(Y)                            # target raw x0 at y_0..y_L
-        TP[win["need_r"].to(dev), win["need_p"].to(dev)] = x0_evals
+        TP[evaluated[0].to(dev), evaluated[1].to(dev)] = x0_evals
         if frozen_mode:
             exact0 = root_exact[rows].to(dev).view((w,) + (1,) * (x.dim() - 1))
             TP[:, 0] = torch.where(exact0, root_x0[rd], TP[:, 0])
@@ -731,13 +752,11 @@ class SpeculativeSampler(_SamplerBase):
         a["pos_att"] += attempted.sum(0)
         a["hist"] += torch.bincount(na, minlength=L + 1)
         a["wlen"] += torch.bincount(n, minlength=L + 1)
-        win["accepted"], win["attempted"] = accepted, attempted
         N = T.num_steps
         a["step_acc"] += torch.bincount(kw[accepted], minlength=N)[:N]
         a["step_att"] += torch.bincount(kw[attempted], minlength=N)[:N]
         stats.windows += w
         stats.speculative_steps += int(adv.sum())
-        win["adv"] = adv
         # next round's frozen prediction
         if frozen_mode:
             if prefetch:
@@ -756,3 +775,4 @@ class SpeculativeSampler(_SamplerBase):
                 has_frozen[rows] = has_frozen[rows] | usable
             else:
                 root_exact[rows] = False
+        return WindowOutcome(accepted, attempted, adv)
