@@ -40,14 +40,11 @@ from .transitions import GaussianTransitions, Model
 NO_BAD = torch.iinfo(torch.int64).max
 
 
-def first_bad(prev: Tensor, bad: Tensor, k: Tensor, N: int) -> Tensor:
-    """Keep the first recorded (chain, step) code, else the smallest new one: bad [B, P] marks
-    window positions, k [B] the chains' steps."""
-    B, P = bad.shape
-    chain = torch.arange(B, device=bad.device)[:, None]
-    code = chain * (N + 1) + (k[:, None] + torch.arange(P, device=bad.device)[None])
-    new = torch.where(bad, code, torch.full_like(code, NO_BAD)).amin()
-    return torch.where(prev != NO_BAD, prev, new)
+def first_bad(prev: Tensor, bad: Tensor, code: Tensor) -> Tensor:
+    """The smallest (chain * (N + 1) + step) code marked bad so far: bad [B, P] marks window
+    positions whose codes are ``code`` [B, P]. The sampler raises at the first round that records
+    one, so ``prev`` is NO_BAD whenever a new code can appear."""
+    return torch.minimum(prev, code.masked_fill(~bad, NO_BAD).amin())
 
 
 def stochastic_runs(transitions: GaussianTransitions) -> Tensor:
@@ -140,7 +137,9 @@ class StaticRound:
         self.backend = backend
         self.coef = round_ops.round_tables(transitions, device)
         self.clip = round_ops.clip_value(transitions)
-        self.runs = stochastic_runs(transitions).to(device)
+        # each chain's window length by its step: the stochastic run ahead of it, capped at L
+        self.window_lengths = stochastic_runs(transitions).clamp(max=self.L).to(device)
+        self._consts: dict = {}
         self.net = NetworkCall(model, transitions, device, dtype)
         self.compile = compile
         self.cuda_graph = cuda_graph and device.type == "cuda"
@@ -151,6 +150,14 @@ class StaticRound:
         self._static: Optional[ChainBatch] = None
 
     # ------------------------------------------------------------------ pieces
+    def _positions(self, dev) -> Tensor:
+        """arange(L + 1) on the device (made in ``start``: the round only reads it)."""
+        return self._consts["pos"]
+
+    def _chain_code(self, B: int, dev) -> Tensor:
+        """[B, 1] chain * (N + 1): the chain part of a non-finite value's (chain, step) code."""
+        return self._consts["code"]
+
     def _draft(self, x, frozen, k, n, window, freeze):
         return torch.ops.specdiff.frozen_draft(x, frozen, k, n, self.coef, self.seed, self.ids,
                                                window, freeze, self.clip) \
@@ -177,6 +184,8 @@ class StaticRound:
         B, L, N = x.shape[0], self.L, self.N
         dev = x.device
         i64 = dict(dtype=torch.int64, device=dev)
+        self._consts = {"pos": torch.arange(L + 1, **i64),
+                        "code": torch.arange(B, **i64)[:, None] * (N + 1)}
         k = torch.zeros(B, **i64)
         out, p0 = self.net(x, k)
         ones = torch.ones(B, **i64) if N > 0 else k
@@ -192,7 +201,8 @@ class StaticRound:
             windows=torch.zeros((), **i64), speculative_steps=torch.zeros((), **i64),
             deterministic_steps=torch.full((), B if det0 else 0, **i64),
             bad_output=first_bad(torch.full((), NO_BAD, **i64),
-                                 ~torch.isfinite(out.reshape(B, 1, -1)).all(-1), k, N),
+                                 ~torch.isfinite(out.reshape(B, 1, -1)).all(-1),
+                                 self._consts["code"]),
             bad_ratio=torch.full((), NO_BAD, **i64))
         return batch
 
@@ -201,11 +211,11 @@ class StaticRound:
         B, L, N = s.x.shape[0], self.L, self.N
         dev = s.x.device
         k = s.k
-        n = torch.minimum(self.runs[k.clamp(0, N)], torch.full_like(k, L))
+        n = self.window_lengths[k]                                   # k lies in 0..N
         Y = self._draft(s.x, s.frozen, k, n, L, self.freeze)
-        pos1 = torch.arange(L + 1, device=dev)
-        kk = (k[:, None] + pos1[None]).reshape(-1)
-        out, P = self.net(Y.reshape(B * (L + 1), *s.x.shape[1:]), kk)
+        pos1 = self._positions(dev)
+        k_pos = k[:, None] + pos1[None]                              # [B, L+1] step of each position
+        out, P = self.net(Y.reshape(B * (L + 1), *s.x.shape[1:]), k_pos.reshape(-1))
         P = P.reshape(Y.shape)
         res = self._verify(Y, P, s.frozen, k, n)
         # statistics (no host reads)
@@ -213,15 +223,16 @@ class StaticRound:
         live = pos[None] < n[:, None]
         attempted = live & (pos[None] <= res.num_accepted[:, None])
         accepted = pos[None] < res.num_accepted[:, None]
-        spec = n > 0
+        spec = (n > 0).to(torch.int64)
         rejected = res.num_accepted < n
-        spec_steps = torch.where(spec, res.num_accepted + rejected.to(torch.int64), 0)
+        spec_steps = (res.num_accepted + rejected.to(torch.int64)) * spec
         det_steps = res.committed - spec_steps
-        kw = (k[:, None] + pos[None]).clamp(max=N - 1).reshape(-1)
+        kw = k_pos[:, :L].clamp(max=N - 1).reshape(-1)
         read = (pos1[None] <= n[:, None]) & (k < N)[:, None]        # positions verify reads
         out_bad = ~torch.isfinite(out.reshape(B, L + 1, -1)).all(-1) & read
-        bad_output = first_bad(s.bad_output, out_bad, k, N)
-        bad_ratio = first_bad(s.bad_ratio, ~torch.isfinite(res.log_ratio) & attempted, k, N)
+        code = self._chain_code(B, dev) + k_pos
+        bad_output = first_bad(s.bad_output, out_bad, code)
+        bad_ratio = first_bad(s.bad_ratio, ~torch.isfinite(res.log_ratio) & attempted, code[:, :L])
         k_new = k + res.committed
         r = s.round_index + 1
         return ChainBatch(
@@ -229,8 +240,8 @@ class StaticRound:
             chain_rounds=torch.where((k < N) & (k_new >= N), r, s.chain_rounds),
             accepted_by_position=s.accepted_by_position + accepted.sum(0),
             attempted_by_position=s.attempted_by_position + attempted.sum(0),
-            accepted_length_hist=s.accepted_length_hist.scatter_add(0, res.num_accepted, spec.to(torch.int64)),
-            window_length_hist=s.window_length_hist.scatter_add(0, n, spec.to(torch.int64)),
+            accepted_length_hist=s.accepted_length_hist.scatter_add(0, res.num_accepted, spec),
+            window_length_hist=s.window_length_hist.scatter_add(0, n, spec),
             accepted_by_step=s.accepted_by_step.scatter_add(0, kw, accepted.reshape(-1).to(torch.int64)),
             attempted_by_step=s.attempted_by_step.scatter_add(0, kw, attempted.reshape(-1).to(torch.int64)),
             windows=s.windows + spec.sum(), speculative_steps=s.speculative_steps + spec_steps.sum(),
