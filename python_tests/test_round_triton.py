@@ -665,10 +665,13 @@ def compile_(fn, sig, consts):
                     constexprs=consts, attrs=div)
     return triton.compile(src, target=T, options=dict(num_warps=4, num_stages=1))
 
-# 1. every kernel compiles to an sm_90 cubin (bf16: conversions; fp64: fp64 transcendentals)
+# 1. every kernel compiles to an sm_90 cubin (bf16: conversions; fp64: fp64 transcendentals),
+#    with the clip bound typed fp32 (a direct launch) or fp64 (how Inductor passes Python floats:
+#    on an H200 an fp64 bound once promoted the fp32 accumulators and failed to compile)
 ids = dict(steps_ptr="*i64", len_ptr="*i64", coef_ptr="*fp64", seed_ptr="*i64", ids_ptr="*i64")
-clip = dict(clip_hi="fp32", clip_mid="fp32", clip_lo="fp32")
-for dt, acc in (("bf16", False), ("fp64", True)):
+for dt, acc, clip_t in (("bf16", False, "fp32"), ("bf16", False, "fp64"), ("fp32", False, "fp64"),
+                        ("fp64", True, "fp64")):
+    clip = dict(clip_hi=clip_t, clip_mid=clip_t, clip_lo=clip_t)
     part = "*fp64" if acc else "*fp32"
     io = dict(y_ptr=f"*{dt}", p_ptr=f"*{dt}", frozen_ptr=f"*{dt}", **ids, part_ptr=part)
     c = dict(FREEZE=1, HAS_CLIP=True, ACC_FP64=acc, BLOCK=256)
