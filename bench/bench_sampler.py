@@ -31,6 +31,7 @@ Usage:
     .venv/bin/python bench/bench_sampler.py --models gmm784 --steps 1000   # one piece of it
     .venv/bin/python bench/bench_sampler.py --only quality     # quality records only
     .venv/bin/python bench/bench_sampler.py --report-only      # rebuild json/md/png
+    .venv/bin/python bench/bench_sampler.py --latency [--device cuda ...]   # = bench/bench_latency.py
     # the former bench/gmm_ratios.py (cost ratios only, GMM, frozen x0 + prefetch), into /tmp:
     .venv/bin/python bench/bench_sampler.py --models gmm2 gmm64 gmm784 --steps 200 \
         --windows 4 8 16 --drafts x0+pf --only cost --batch 32 --reps 1 --big-reps 1 --out /tmp/r
@@ -744,6 +745,12 @@ def read_records(path: Path) -> list[dict]:
 
 
 def main() -> int:
+    if sys.argv[1:2] == ["--latency"]:
+        # the latency cells (static vs ragged round vs the fastest ancestral chain, own cost and
+        # aten calls per round): bench/bench_latency.py, which takes the remaining arguments
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from bench_latency import main as latency_main
+        return latency_main(sys.argv[2:])
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="representative subset, < 5 min")
     ap.add_argument("--models", nargs="+", help="subset of the mode's models (gmm<D>, digits)")
