@@ -13,6 +13,10 @@
 # Logs and results go to $OUT (default bench/results/gpu_run). Runs under the machine's python3
 # (PYTHON overrides); needs torch, triton, pytest, hypothesis, scipy, pybind11, cmake, ninja.
 #   OUT=/tmp/gpu BENCH_BUDGET=200 bash bench/gpu_checks.sh
+# All steps write more files than the device tool brings back (8): PACK=path.tgz also packs $OUT
+# into one archive, e.g.  OUT=/tmp/gpu PACK=$OUT/gpu_results.tgz bash bench/gpu_checks.sh
+# The whole default run needs more than one 10-minute command: split it with STEPS (e.g.
+# "build round_tests round_bench", then "sampler_tests latency" on the same warm machine).
 set -u
 OUT=${OUT:-bench/results/gpu_run}
 STEPS=" ${STEPS:-build tests bench overhead round_tests round_bench sampler_tests latency} "
@@ -85,4 +89,8 @@ if want latency; then
   timeout "${LATENCY_TIMEOUT:-300}" $PY bench/bench_latency.py --device cuda --reps "${LATENCY_REPS:-3}" \
     --out "$OUT/latency_$slug" >"$OUT/latency.log" 2>&1
   stamp "sampler latency benchmark rc=$?"; tail -n 40 "$OUT/latency.log"
+fi
+
+if [ -n "${PACK:-}" ]; then
+  tar czf "$PACK" -C "$OUT" . && stamp "packed $OUT into $PACK"
 fi
