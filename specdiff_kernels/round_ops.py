@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from . import round_reference as ref
+from ._checks import _values_checkable
 from .ops import HAS_CPP, BackendRegistry
 from .round_reference import FREEZE_EPS, FREEZE_X0, NUM_ROWS  # noqa: F401 (re-exported)
 from .transitions import GaussianTransitions
@@ -118,10 +119,6 @@ def seed_tensor(seed: int, device=None) -> Tensor:
 
 
 # ---------------------------------------------------------------- argument checks
-def _values_checkable(t: Tensor) -> bool:
-    return t.device.type == "cpu" and not torch.compiler.is_compiling()
-
-
 def _check_int_vector(op: str, name: str, t: Tensor, B: int, like: Tensor) -> None:
     if not isinstance(t, Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
@@ -205,7 +202,7 @@ def _check_round(op: str, root: Tensor, frozen: Tensor, steps: Tensor, lengths: 
         # a verified window covers stochastic steps only (std > 0, before the end of the schedule)
         idx = steps[:, None] + torch.arange(window)[None]
         live = torch.arange(window)[None] < lengths[:, None]
-        std = coef[3, idx.clamp(0, N - 1)]
+        std = coef[ref.ROW_STD, idx.clamp(0, N - 1)]
         bad = live & ((idx >= N) | ~(std > 0))
         if bool(bad.any()):
             b = int(bad.nonzero()[0, 0])

@@ -32,8 +32,9 @@ import torch
 from torch import Tensor
 
 from . import round_ops
+from . import round_reference as rr
 from ._sample_args import check_model_output
-from .round_reference import FREEZE_X0, ROW_EPS_P, ROW_EPS_Y
+from .round_reference import FREEZE_X0
 from .transitions import GaussianTransitions, Model
 
 
@@ -45,6 +46,14 @@ def first_bad(prev: Tensor, bad: Tensor, code: Tensor) -> Tensor:
     positions whose codes are ``code`` [B, P]. The sampler raises at the first round that records
     one, so ``prev`` is NO_BAD whenever a new code can appear."""
     return torch.minimum(prev, code.masked_fill(~bad, NO_BAD).amin())
+
+
+def draft_op(backend: Optional[str], *args) -> Tensor:
+    """``frozen_draft``: the dispatcher op directly (no Python checks: the round is a hot path and
+    its arguments are built right), or the checked wrapper when a backend is named."""
+    if backend is None:
+        return torch.ops.specdiff.frozen_draft(*args)
+    return round_ops.frozen_draft(*args, backend=backend)
 
 
 def stochastic_runs(transitions: GaussianTransitions) -> Tensor:
@@ -139,7 +148,8 @@ class StaticRound:
         self.clip = round_ops.clip_value(transitions)
         # each chain's window length by its step: the stochastic run ahead of it, capped at L
         self.window_lengths = stochastic_runs(transitions).clamp(max=self.L).to(device)
-        self._consts: dict = {}
+        self._pos: Optional[Tensor] = None    # arange(L + 1), made in start(): rounds only read it
+        self._code: Optional[Tensor] = None   # [B, 1] chain * (N + 1): non-finite codes' chain part
         self.net = NetworkCall(model, transitions, device, dtype)
         self.compile = compile
         self.cuda_graph = cuda_graph and device.type == "cuda"
@@ -150,20 +160,9 @@ class StaticRound:
         self._static: Optional[ChainBatch] = None
 
     # ------------------------------------------------------------------ pieces
-    def _positions(self, dev) -> Tensor:
-        """arange(L + 1) on the device (made in ``start``: the round only reads it)."""
-        return self._consts["pos"]
-
-    def _chain_code(self, B: int, dev) -> Tensor:
-        """[B, 1] chain * (N + 1): the chain part of a non-finite value's (chain, step) code."""
-        return self._consts["code"]
-
     def _draft(self, x, frozen, k, n, window, freeze):
-        return torch.ops.specdiff.frozen_draft(x, frozen, k, n, self.coef, self.seed, self.ids,
-                                               window, freeze, self.clip) \
-            if self.backend is None else round_ops.frozen_draft(
-                x, frozen, k, n, self.coef, self.seed, self.ids, window, freeze, self.clip,
-                backend=self.backend)
+        return draft_op(self.backend, x, frozen, k, n, self.coef, self.seed, self.ids, window,
+                        freeze, self.clip)
 
     def _verify(self, Y, P, frozen, k, n):
         if self.backend is None:
@@ -173,10 +172,9 @@ class StaticRound:
                                        self.freeze, self.clip, backend=self.backend)
 
     def _freeze(self, y, p, k):
-        if self.freeze == FREEZE_X0:
-            return p
-        c = self.coef[:, k.clamp(0, self.N - 1)].to(y.dtype).view(8, -1, *([1] * (y.dim() - 1)))
-        return c[ROW_EPS_Y] * y - c[ROW_EPS_P] * p
+        B = y.shape[0]
+        c = rr._rows(self.coef, k, y.dtype)
+        return rr.freeze_value(c, y.reshape(B, -1), p.reshape(B, -1), self.freeze).reshape(y.shape)
 
     # ------------------------------------------------------------------ bootstrap
     def start(self, x: Tensor) -> ChainBatch:
@@ -184,8 +182,8 @@ class StaticRound:
         B, L, N = x.shape[0], self.L, self.N
         dev = x.device
         i64 = dict(dtype=torch.int64, device=dev)
-        self._consts = {"pos": torch.arange(L + 1, **i64),
-                        "code": torch.arange(B, **i64)[:, None] * (N + 1)}
+        self._pos = torch.arange(L + 1, **i64)
+        self._code = torch.arange(B, **i64)[:, None] * (N + 1)
         k = torch.zeros(B, **i64)
         out, p0 = self.net(x, k)
         ones = torch.ones(B, **i64) if N > 0 else k
@@ -202,18 +200,17 @@ class StaticRound:
             deterministic_steps=torch.full((), B if det0 else 0, **i64),
             bad_output=first_bad(torch.full((), NO_BAD, **i64),
                                  ~torch.isfinite(out.reshape(B, 1, -1)).all(-1),
-                                 self._consts["code"]),
+                                 self._code),
             bad_ratio=torch.full((), NO_BAD, **i64))
         return batch
 
     # ------------------------------------------------------------------ the round
     def _round_eager(self, s: ChainBatch) -> ChainBatch:
         B, L, N = s.x.shape[0], self.L, self.N
-        dev = s.x.device
         k = s.k
         n = self.window_lengths[k]                                   # k lies in 0..N
         Y = self._draft(s.x, s.frozen, k, n, L, self.freeze)
-        pos1 = self._positions(dev)
+        pos1 = self._pos
         k_pos = k[:, None] + pos1[None]                              # [B, L+1] step of each position
         out, P = self.net(Y.reshape(B * (L + 1), *s.x.shape[1:]), k_pos.reshape(-1))
         P = P.reshape(Y.shape)
@@ -230,7 +227,7 @@ class StaticRound:
         kw = k_pos[:, :L].clamp(max=N - 1).reshape(-1)
         read = (pos1[None] <= n[:, None]) & (k < N)[:, None]        # positions verify reads
         out_bad = ~torch.isfinite(out.reshape(B, L + 1, -1)).all(-1) & read
-        code = self._chain_code(B, dev) + k_pos
+        code = self._code + k_pos
         bad_output = first_bad(s.bad_output, out_bad, code)
         bad_ratio = first_bad(s.bad_ratio, ~torch.isfinite(res.log_ratio) & attempted, code[:, :L])
         k_new = k + res.committed
@@ -294,12 +291,8 @@ class LeanAncestral:
 
     def _step_eager(self, x: Tensor, k: Tensor, ones: Tensor) -> tuple[Tensor, Tensor]:
         out, p = self.net(x, k)
-        if self.backend is None:
-            y = torch.ops.specdiff.frozen_draft(x, p, k, ones, self.coef, self.seed, self.ids, 1,
-                                                FREEZE_X0, self.clip)
-        else:
-            y = round_ops.frozen_draft(x, p, k, ones, self.coef, self.seed, self.ids, 1, FREEZE_X0,
-                                       self.clip, backend=self.backend)
+        y = draft_op(self.backend, x, p, k, ones, self.coef, self.seed, self.ids, 1, FREEZE_X0,
+                     self.clip)
         return y[:, 1].contiguous(), ~torch.isfinite(out.reshape(x.shape[0], -1)).all(-1)
 
     def run(self, x: Tensor, check_finite: bool = True, bar=None
