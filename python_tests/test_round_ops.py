@@ -14,9 +14,6 @@
 """
 from __future__ import annotations
 
-import math
-
-import numpy as np
 import pytest
 import torch
 from scipy import stats

@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+import textwrap
 import zlib
 
 import torch
@@ -179,3 +183,28 @@ def assert_verify_matches_reference(got, y, mq, mp, sigma, u, num_steps, dtype, 
     all_acc = same & (ref.num_accepted == nn)
     assert torch.equal(state[all_acc], y_dec[all_acc]), "all accepted: y_n bit-for-bit"
     return ref
+
+
+# The ahead-of-time (no GPU) checks of the Triton kernels run a script in a subprocess without
+# TRITON_INTERPRET. Where a script says "# @AOT_STANDIN@", a stand-in driver reports an sm_90
+# target (the script's T) and 132 SMs, so Inductor's tracing and Triton's mutation analysis run
+# on a CPU machine, under a FakeTensorMode ``mode``.
+AOT_STANDIN = """class _Driver:
+    def get_current_target(self):
+        return T
+triton.runtime.driver.set_active(_Driver())
+tk._num_sms_of = lambda t, i: 132
+from torch._subclasses import FakeTensorMode
+from functorch.compile import aot_function
+mode = FakeTensorMode(allow_non_fake_inputs=True)
+"""
+
+
+def run_aot_script(script: str, cwd, ok_marker: str) -> None:
+    """Run an AOT check script (see AOT_STANDIN) and assert it printed ``ok_marker``."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    src = textwrap.dedent(script).replace("# @AOT_STANDIN@\n", AOT_STANDIN)
+    proc = subprocess.run([sys.executable, "-c", src], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0 and ok_marker in proc.stdout, \
+        proc.stdout[-3000:] + proc.stderr[-6000:]
