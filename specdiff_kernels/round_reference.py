@@ -211,7 +211,7 @@ def verify_frozen(states: Tensor, x0_hat: Tensor, frozen: Tensor, steps: Tensor,
     next_frozen [B, *E] (state dtype), root_exact [B] bool, log_ratio [B, L] float32).
     """
     B, L1 = states.shape[:2]
-    L = L1 - 1
+    L = L1 - 1                                                 # >= 1 (the wrappers check it)
     N = coef.shape[1]
     D = states[0, 0].numel() if B else 0
     acc = _acc(states.dtype)
@@ -236,13 +236,12 @@ def verify_frozen(states: Tensor, x0_hat: Tensor, frozen: Tensor, steps: Tensor,
         safe_s = torch.where(live, s, torch.ones_like(s))
         lr[:, j] = torch.where(live, a / safe_s - b / (2 * safe_s * safe_s), torch.zeros_like(s))
         a_all[:, j], b_all[:, j] = a * safe_s, b          # <d, r> and ||d||^2
-    u = torch.stack([uniform_noise(seed, chain_ids, k + j) for j in range(L)], 1) if L else \
-        torch.zeros(B, 0, device=states.device)
+    u = torch.stack([uniform_noise(seed, chain_ids, k + j) for j in range(L)], 1)
     pos = torch.arange(L, device=states.device)
     accept = torch.isfinite(lr) & (torch.log(u.to(acc)) <= lr)
     reject = (~accept) & (pos[None] < n[:, None])
     first = torch.where(reject, pos[None].expand(B, L), torch.full_like(reject, L, dtype=torch.int64))
-    first = torch.minimum(first.min(1).values if L else n, n)
+    first = torch.minimum(first.min(1).values, n)
     rejected = first < n
 
     j = torch.where(rejected, first, n).clamp(0, L)           # the position that decides
@@ -253,9 +252,8 @@ def verify_frozen(states: Tensor, x0_hat: Tensor, frozen: Tensor, steps: Tensor,
     mq = affine_mean(c, pq, yj, clip)
     d = c[ROW_A] * (_clip(pj, clip) - _clip(pq, clip)) + c[ROW_E] * (pj - pq)
     r = c[ROW_STD] * normal_noise(seed, chain_ids, k + j, D, acc)
-    jc = j.clamp(max=max(L - 1, 0))
-    a_j = a_all[ar, jc][:, None] if L else torch.zeros(B, 1, dtype=acc, device=states.device)
-    b_j = b_all[ar, jc][:, None] if L else torch.ones(B, 1, dtype=acc, device=states.device)
+    jc = j.clamp(max=L - 1)                                    # (only read at a rejection, j < n)
+    a_j, b_j = a_all[ar, jc][:, None], b_all[ar, jc][:, None]
     pos_b = b_j > 0
     coef_r = torch.where(pos_b, 1 - 2 * a_j / torch.where(pos_b, b_j, torch.ones_like(b_j)),
                          torch.ones_like(b_j))
