@@ -41,6 +41,7 @@ struct Layout {
     for (int l = 0; l < 4; ++l) cnt[l] = std::max<int64_t>(0, std::min<int64_t>(Q, D - l * Q));
   }
   int64_t chunks() const { return std::max<int64_t>(1, (Q + kChunk - 1) / kChunk); }
+  int64_t chunk_end(int64_t ch) const { return std::min(Q, (ch + 1) * kChunk); }
 };
 
 template <typename acc_t> struct StepCoef {
@@ -80,6 +81,23 @@ inline acc_t freeze_value(const StepCoef<acc_t>& c, acc_t y, acc_t p, bool eps) 
 // Counters of tile i0 that exist (the last tile of the vector may be short).
 inline int tile_count(const Layout& lay, int64_t i0) {
   return static_cast<int>(std::min<int64_t>(kTile, lay.Q - i0));
+}
+
+// The normals of tile i0 of xi(key, chain, k): nz[lane][l] is element lane * Q + i0 + l.
+template <typename acc_t>
+inline void draw_tile(Key key, const Layout& lay, uint32_t chain, int64_t k, int64_t i0,
+                      acc_t nz[4][kTile]) {
+  philox::normal_tile<acc_t>(key, chain, k, static_cast<uint32_t>(i0), tile_count(lay, i0), nz);
+}
+
+// dst = src on the four runs of counters [i_lo, i_hi).
+template <typename scalar_t>
+inline void copy_chunk(const Layout& lay, int64_t i_lo, int64_t i_hi, const scalar_t* src,
+                       scalar_t* dst) {
+  for (int lane = 0; lane < 4; ++lane) {
+    const int64_t lo = lane * lay.Q + i_lo, hi = lane * lay.Q + std::min(i_hi, lay.cnt[lane]);
+    if (hi > lo) std::copy(src + lo, src + hi, dst + lo);
+  }
 }
 
 // Calls fn(lane, l, e) for every valid element of tile i0 (counter i0 + l, element e).
@@ -226,8 +244,8 @@ std::tuple<at::Tensor, at::Tensor> chain_noise_cpu(const at::Tensor& seed, const
         const int64_t row = task / nch, ch = task % nch;
         const int64_t b = row / window, j = row % window;
         scalar_t* o = out + row * D;
-        for (int64_t i0 = ch * kChunk; i0 < std::min(lay.Q, (ch + 1) * kChunk); i0 += kTile) {
-          philox::normal_tile<acc_t>(key, chain[b], k[b] + j, static_cast<uint32_t>(i0), tile_count(lay, i0), nz);
+        for (int64_t i0 = ch * kChunk; i0 < lay.chunk_end(ch); i0 += kTile) {
+          draw_tile<acc_t>(key, lay, chain[b], k[b] + j, i0, nz);
           for_tile(lay, i0, [&](int lane, int64_t l, int64_t e) {
             o[e] = static_cast<scalar_t>(nz[lane][l]);
           });
@@ -267,27 +285,21 @@ at::Tensor frozen_draft_cpu(const at::Tensor& root, const at::Tensor& frozen, co
       acc_t nz[4][kTile];
       for (int64_t task = begin; task < end; ++task) {
         const int64_t b = task / nch, ch = task % nch;
-        const int64_t i_lo = ch * kChunk, i_hi = std::min(lay.Q, (ch + 1) * kChunk);
+        const int64_t i_lo = ch * kChunk, i_hi = lay.chunk_end(ch);
         const scalar_t* xb = xp + b * D;
         const scalar_t* fb = fp + b * D;
         scalar_t* yb = yp + b * (L + 1) * D;
-        for (int lane = 0; lane < 4; ++lane) {
-          const int64_t lo = lane * lay.Q + i_lo, hi = lane * lay.Q + std::min(i_hi, lay.cnt[lane]);
-          if (hi > lo) std::copy(xb + lo, xb + hi, yb + lo);
-        }
+        copy_chunk(lay, i_lo, i_hi, xb, yb);
         for (int64_t j = 0; j < L; ++j) {
           const scalar_t* prev = yb + j * D;
           scalar_t* next = yb + (j + 1) * D;
           if (j >= a.n[b]) {
-            for (int lane = 0; lane < 4; ++lane) {
-              const int64_t lo = lane * lay.Q + i_lo, hi = lane * lay.Q + std::min(i_hi, lay.cnt[lane]);
-              if (hi > lo) std::copy(prev + lo, prev + hi, next + lo);
-            }
+            copy_chunk(lay, i_lo, i_hi, prev, next);
             continue;
           }
           const StepCoef<acc_t> c(cp, N, a.k[b] + j);
           for (int64_t i0 = i_lo; i0 < i_hi; i0 += kTile) {
-            philox::normal_tile<acc_t>(key, a.chain[b], a.k[b] + j, static_cast<uint32_t>(i0), tile_count(lay, i0), nz);
+            draw_tile<acc_t>(key, lay, a.chain[b], a.k[b] + j, i0, nz);
             for_tile(lay, i0, [&](int lane, int64_t l, int64_t e) {
               const acc_t y = static_cast<acc_t>(prev[e]);
               const acc_t p = draft_x0(c, y, static_cast<acc_t>(fb[e]), eps);
@@ -366,8 +378,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         const scalar_t* pj = P + (b * (L + 1) + j) * D;
         const scalar_t* fb = F + b * D;
         acc_t av[kTile] = {}, bv[kTile] = {};
-        for (int64_t i0 = ch * kChunk; i0 < std::min(lay.Q, (ch + 1) * kChunk); i0 += kTile) {
-          philox::normal_tile<acc_t>(key, a.chain[b], a.k[b] + j, static_cast<uint32_t>(i0), tile_count(lay, i0), nz);
+        for (int64_t i0 = ch * kChunk; i0 < lay.chunk_end(ch); i0 += kTile) {
+          draw_tile<acc_t>(key, lay, a.chain[b], a.k[b] + j, i0, nz);
           for_tile(lay, i0, [&](int lane, int64_t l, int64_t e) {
             const acc_t pq = draft_x0(c, static_cast<acc_t>(yj[e]), static_cast<acc_t>(fb[e]), eps);
             const acc_t d = mean_gap(c, static_cast<acc_t>(pj[e]), pq, cl);
@@ -444,9 +456,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         scalar_t* os = xs + b * D;
         scalar_t* of = xf + b * D;
         const acc_t refl = static_cast<acc_t>(d.reflect);
-        for (int64_t i0 = ch * kChunk; i0 < std::min(lay.Q, (ch + 1) * kChunk); i0 += kTile) {
+        for (int64_t i0 = ch * kChunk; i0 < lay.chunk_end(ch); i0 += kTile) {
           if (d.mode == Commit::kReflect)
-            philox::normal_tile<acc_t>(key, a.chain[b], kp, static_cast<uint32_t>(i0), tile_count(lay, i0), nz);
+            draw_tile<acc_t>(key, lay, a.chain[b], kp, i0, nz);
           for_tile(lay, i0, [&](int lane, int64_t l, int64_t e) {
             const acc_t y = static_cast<acc_t>(yj[e]);
             const acc_t p = static_cast<acc_t>(pj[e]);
