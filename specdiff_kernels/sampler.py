@@ -265,6 +265,13 @@ class _SamplerBase:
             x = x_init.clone()
         return x, noise, ids
 
+    def _nonfinite_output(self, role: str, step: int, chain: int) -> NonFiniteError:
+        """The error for a non-finite network output, naming the step, its timestep and the chain
+        (one message for every path)."""
+        t = self.transitions.timesteps[min(step, self.transitions.num_steps - 1)].item()
+        return NonFiniteError(f"{role} model returned a non-finite output at sampling step "
+                              f"{step} (timestep t={t}) for chain {chain}")
+
     def _eval(self, model: Model, role: str, x: Tensor, k: Tensor, chains: Sequence[int]) -> Tensor:
         """Raw x0-hat of ``model`` at states x [n, *E], steps k [n]; raises on non-finite output."""
         out = self.transitions.call_model(model, x, k)
@@ -273,10 +280,7 @@ class _SamplerBase:
             bad = ~torch.isfinite(out.reshape(out.shape[0], -1)).all(dim=1)
             if bool(bad.any()):
                 i = int(bad.nonzero()[0, 0])
-                step = int(k[i])
-                t = self.transitions.timesteps[min(step, self.transitions.num_steps - 1)].item()
-                raise NonFiniteError(f"{role} model returned a non-finite output at sampling step "
-                                     f"{step} (timestep t={t}) for chain {chains[i]}")
+                raise self._nonfinite_output(role, int(k[i]), chains[i])
         return self.transitions.x0_from_output(x, out, k)
 
     def _progress_bar(self, total: int):
@@ -318,8 +322,7 @@ class AncestralSampler(_SamplerBase):
             bar.close()
         if bad is not None:
             step, row = bad
-            raise NonFiniteError(f"target model returned a non-finite output at sampling step "
-                                 f"{step} (timestep t={T.timesteps[step].item()}) for chain {ids[row]}")
+            raise self._nonfinite_output("target", step, ids[row])
         n_det = int(T.deterministic.sum())
         stats.rounds = stats.target_calls = N
         stats.target_evals = B * N
@@ -607,13 +610,11 @@ class SpeculativeSampler(_SamplerBase):
         return SamplingResult(s.x, stats)
 
     def _raise_static_nonfinite(self, bad_out: int, bad_lr: int, ids: list, N: int) -> None:
-        T = self.transitions
         code = bad_out if bad_out != NO_BAD else bad_lr
         row, step = divmod(code, N + 1)
-        t = T.timesteps[min(step, N - 1)].item()
         if bad_out != NO_BAD:
-            raise NonFiniteError(f"target model returned a non-finite output at sampling step {step} "
-                                 f"(timestep t={t}) for chain {ids[row]}")
+            raise self._nonfinite_output("target", step, ids[row])
+        t = self.transitions.timesteps[min(step, N - 1)].item()
         raise NonFiniteError(f"non-finite log ratio at sampling step {step} (timestep t={t}) for "
                              f"chain {ids[row]}")
 
