@@ -145,3 +145,48 @@ def check_model_output(role: str, out, x: Tensor) -> None:
     if out.device != x.device:
         raise ValueError(f"{role} model returned a tensor on {out.device} for an input on {x.device}")
 
+
+
+class ModelKwargs:
+    """Per-chain conditioning: keyword arguments of the network (``class_labels``,
+    ``encoder_hidden_states``, ...), each a tensor with one row per chain, or a dict of such
+    tensors (``added_cond_kwargs``). A network call on rows of chains ``rows`` receives
+    ``model(x, t, **kwargs.gather(rows))``: every row gets its own chain's conditioning, whatever
+    window position or draft state it holds."""
+
+    def __init__(self, values: dict):
+        self.values = values
+
+    @staticmethod
+    def check(model_kwargs, num_chains: int, device: torch.device) -> "ModelKwargs":
+        if model_kwargs is None:
+            return ModelKwargs({})
+        if not isinstance(model_kwargs, dict):
+            raise TypeError(f"model_kwargs must be a dict of per-chain tensors, got "
+                            f"{type(model_kwargs).__name__}")
+
+        def one(where: str, value):
+            if isinstance(value, dict):
+                return {k: one(f"{where}[{k!r}]", v) for k, v in value.items()}
+            if not isinstance(value, Tensor):
+                raise TypeError(f"{where} must be a tensor with one row per chain (or a dict of "
+                                f"such tensors), got {type(value).__name__}")
+            if value.dim() == 0 or value.shape[0] != num_chains:
+                raise ValueError(f"{where} must have num_chains={num_chains} rows (one per "
+                                 f"chain), got shape {tuple(value.shape)}")
+            return value.to(device)
+
+        for name in model_kwargs:
+            if not isinstance(name, str):
+                raise TypeError(f"model_kwargs keys must be strings, got {name!r}")
+        return ModelKwargs({name: one(f"model_kwargs[{name!r}]", v)
+                            for name, v in model_kwargs.items()})
+
+    def gather(self, rows: Tensor) -> dict:
+        """The kwargs of a call whose i-th row belongs to chain ``rows[i]``."""
+        def pick(v):
+            return {k: pick(w) for k, w in v.items()} if isinstance(v, dict) else v[rows]
+        return {name: pick(v) for name, v in self.values.items()}
+
+    def __bool__(self) -> bool:
+        return bool(self.values)

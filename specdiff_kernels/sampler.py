@@ -43,7 +43,7 @@ import functools
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -204,6 +204,15 @@ class WindowOutcome:
     advance: Tensor    # [w] int64 steps committed
 
 
+@dataclass(frozen=True)
+class Chains:
+    """Who the chains of a run are: their ids (noise streams, error messages) and their
+    conditioning (passed to every network call on their rows)."""
+
+    ids: list                     # [B] int chain ids
+    cond: "_args.ModelKwargs"     # per-chain network kwargs (empty: unconditional)
+
+
 @dataclass
 class SamplingResult:
     samples: Tensor        # [B, *E] final states
@@ -235,7 +244,8 @@ class _SamplerBase:
         self.check_finite = bool(check_finite)
 
     # -------------------------------------------------------------- setup and helpers
-    def _setup(self, num_chains, event_shape, generator, chain_ids, x_init, dtype, device, window):
+    def _setup(self, num_chains, event_shape, generator, chain_ids, x_init, dtype, device,
+               model_kwargs):
         # every argument is checked here, before the first model call
         _args.check_generator(generator)
         if num_chains is not None:
@@ -256,14 +266,15 @@ class _SamplerBase:
         _args.check_state_dtype(dtype)
         device = _args.as_device(device)
         B = num_chains
-        ids = _args.as_chain_ids(chain_ids, B)
+        chains = Chains(_args.as_chain_ids(chain_ids, B),
+                        _args.ModelKwargs.check(model_kwargs, B, device))
         base = base_seed_from(generator)
-        noise = ChainNoise(base, ids, event_shape, dtype, device)
+        noise = ChainNoise(base, chains.ids, event_shape, dtype, device)
         if x_init is None:
             x = (noise.initial * self.transitions.init_std).to(dtype)
         else:
             x = x_init.clone()
-        return x, noise, ids
+        return x, noise, chains
 
     def _nonfinite_output(self, role: str, step: int, chain: int) -> NonFiniteError:
         """The error for a non-finite network output, naming the step, its timestep and the chain
@@ -272,15 +283,18 @@ class _SamplerBase:
         return NonFiniteError(f"{role} model returned a non-finite output at sampling step "
                               f"{step} (timestep t={t}) for chain {chain}")
 
-    def _eval(self, model: Model, role: str, x: Tensor, k: Tensor, chains: Sequence[int]) -> Tensor:
-        """Raw x0-hat of ``model`` at states x [n, *E], steps k [n]; raises on non-finite output."""
-        out = self.transitions.call_model(model, x, k)
+    def _eval(self, model: Model, role: str, x: Tensor, k: Tensor, rows: Tensor,
+              chains: "Chains") -> Tensor:
+        """Raw x0-hat of ``model`` at states x [n, *E], steps k [n] of chains ``rows`` [n] (batch
+        indices); raises on non-finite output."""
+        cond = chains.cond.gather(rows.to(x.device)) if chains.cond else {}
+        out = self.transitions.call_model(model, x, k, **cond)
         _args.check_model_output(role, out, x)
         if self.check_finite:
             bad = ~torch.isfinite(out.reshape(out.shape[0], -1)).all(dim=1)
             if bool(bad.any()):
                 i = int(bad.nonzero()[0, 0])
-                raise self._nonfinite_output(role, int(k[i]), chains[i])
+                raise self._nonfinite_output(role, int(k[i]), chains.ids[int(rows[i])])
         return self.transitions.x0_from_output(x, out, k)
 
     def _progress_bar(self, total: int):
@@ -307,15 +321,19 @@ class AncestralSampler(_SamplerBase):
     @_inference
     def sample(self, num_chains: Optional[int] = None, event_shape=None, *,
                generator: Optional[torch.Generator] = None, chain_ids=None, x_init=None,
-               dtype: torch.dtype = torch.float32, device=None) -> SamplingResult:
+               dtype: torch.dtype = torch.float32, device=None,
+               model_kwargs: Optional[dict] = None) -> SamplingResult:
+        """Same arguments as :meth:`SpeculativeSampler.sample`."""
         t0 = time.perf_counter()
         T = self.transitions
-        x, noise, ids = self._setup(num_chains, event_shape, generator, chain_ids, x_init, dtype,
-                                    device, window=1)
+        x, noise, chains = self._setup(num_chains, event_shape, generator, chain_ids, x_init,
+                                       dtype, device, model_kwargs)
+        ids = chains.ids
         B, N = x.shape[0], T.num_steps
         stats = SamplerStats(self.name, B, N, 1)
         chain = LeanAncestral(self.model, T, noise.seed, noise.chain_ids, dtype=x.dtype,
-                              backend=self.backend, compile=self.compile)
+                              backend=self.backend, compile=self.compile,
+                              cond=chains.cond.gather(torch.arange(B, device=x.device)))
         bar = self._progress_bar(B * N)
         x, bad = chain.run(x, self.check_finite, bar)
         if bar is not None:
@@ -391,7 +409,8 @@ class SpeculativeSampler(_SamplerBase):
     @_inference
     def sample(self, num_chains: Optional[int] = None, event_shape=None, *,
                generator: Optional[torch.Generator] = None, chain_ids=None, x_init=None,
-               dtype: torch.dtype = torch.float32, device=None) -> SamplingResult:
+               dtype: torch.dtype = torch.float32, device=None,
+               model_kwargs: Optional[dict] = None) -> SamplingResult:
         """Run ``num_chains`` chains of shape ``event_shape`` to the end of the schedule.
 
         Args:
@@ -401,6 +420,11 @@ class SpeculativeSampler(_SamplerBase):
                 (generator seed, c), so a chain gives the same result in any batch.
             x_init: initial states ``[B, *E]`` (default: ``init_std * N(0, I)`` from the streams).
             dtype, device: of the states (ignored when ``x_init`` is given).
+            model_kwargs: per-chain conditioning, ``{name: tensor with num_chains rows}`` (or a
+                dict of such tensors): every network call (target and draft model) on states of
+                chain c gets row c, as ``model(x, t, **kwargs)``; e.g. ``class_labels`` or
+                ``encoder_hidden_states`` of a diffusers UNet. The law is that of the ancestral
+                chain with the same conditioning.
 
         Returns:
             :class:`SamplingResult` (samples ``[B, *E]``, :class:`SamplerStats`).
@@ -408,10 +432,10 @@ class SpeculativeSampler(_SamplerBase):
         t0 = time.perf_counter()
         T = self.transitions
         L = self.window
-        x, noise, ids = self._setup(num_chains, event_shape, generator, chain_ids, x_init, dtype,
-                                    device, window=L)
+        x, noise, chains = self._setup(num_chains, event_shape, generator, chain_ids, x_init,
+                                       dtype, device, model_kwargs)
         if self.resolve_path(x.shape[0], x.device) == "static":
-            return self._sample_static(x, noise, ids, t0)
+            return self._sample_static(x, noise, chains, t0)
         dev = x.device
         B, N = x.shape[0], T.num_steps
         stats = SamplerStats(self.name, B, N, L)
@@ -466,7 +490,7 @@ class SpeculativeSampler(_SamplerBase):
             if frozen_mode and not prefetch:
                 # root call: every speculating chain's root, plus the deterministic-step chains
                 roots = torch.cat([det_rows, spec_rows])
-                x0r = self._call_target(x, k, roots, ids, stats)
+                x0r = self._call_target(x, k, roots, chains, stats)
                 if ad_state is not None:
                     ad_state["evals"][roots] += 1
                 nd = det_rows.numel()
@@ -491,7 +515,7 @@ class SpeculativeSampler(_SamplerBase):
                     extra = (~exact_root).to(torch.float64) if prefetch else torch.zeros(exact_root.shape, dtype=torch.float64)
                     lengths = policy.lengths(ad_state, spec_rows, exact_root, extra,
                                              steps_left=N - k[spec_rows])
-                win = self._draft_windows(x, k, spec_rows, noise, root_exact, root_x0, frozen, ids,
+                win = self._draft_windows(x, k, spec_rows, noise, root_exact, root_x0, frozen, chains,
                                           stats, lengths)
 
             # 3. one batched target call: det roots, bootstrap roots, window states
@@ -510,7 +534,7 @@ class SpeculativeSampler(_SamplerBase):
             if all_x.shape[0]:
                 all_k = torch.cat(parts_k)
                 all_rows = torch.cat(parts_rows)
-                x0_all = self._eval(self.model, "target", all_x, all_k.to(dev), [ids[i] for i in all_rows.tolist()])
+                x0_all = self._eval(self.model, "target", all_x, all_k.to(dev), all_rows, chains)
                 stats.target_calls += 1
                 stats.target_evals += all_x.shape[0]
                 if ad_state is not None:
@@ -538,7 +562,7 @@ class SpeculativeSampler(_SamplerBase):
             if win is not None:
                 out = self._verify_windows(x, k, spec_rows, win, (rr, pp), x0_all[nd + nb:],
                                            root_exact, root_x0, frozen, has_frozen, prefetch,
-                                           frozen_mode, sig_dtype, ids, stats, acc)
+                                           frozen_mode, sig_dtype, chains, stats, acc)
                 advance(spec_rows, out.advance)
                 if policy is not None:
                     policy.update(ad_state, spec_rows, win.exact, out.accepted, out.attempted)
@@ -570,13 +594,15 @@ class SpeculativeSampler(_SamplerBase):
             return "static"
         return "ragged"
 
-    def _sample_static(self, x: Tensor, noise, ids: list, t0: float) -> SamplingResult:
+    def _sample_static(self, x: Tensor, noise, chains: Chains, t0: float) -> SamplingResult:
         T, L = self.transitions, self.window
         B, N = x.shape[0], T.num_steps
+        ids = chains.ids
         cuda = x.device.type == "cuda"
         compile_ = cuda if self.compile == "auto" else bool(self.compile)
         rnd = StaticRound(self.model, T, L, self.draft.freeze, noise.seed, noise.chain_ids,
-                          dtype=x.dtype, backend=self.backend, compile=compile_, cuda_graph=cuda)
+                          dtype=x.dtype, backend=self.backend, compile=compile_, cuda_graph=cuda,
+                          cond=chains.cond)
         bar = self._progress_bar(B * N)
         done_steps = 0
         s = rnd.start(x)
@@ -619,11 +645,11 @@ class SpeculativeSampler(_SamplerBase):
                              f"chain {ids[row]}")
 
     # -------------------------------------------------------------- pieces of a round
-    def _call_target(self, x, k, rows, ids, stats) -> Tensor:
+    def _call_target(self, x, k, rows, chains: Chains, stats) -> Tensor:
         if rows.numel() == 0:
             return x[:0]
         dev = x.device
-        x0 = self._eval(self.model, "target", x[rows.to(dev)], k[rows].to(dev), [ids[i] for i in rows.tolist()])
+        x0 = self._eval(self.model, "target", x[rows.to(dev)], k[rows].to(dev), rows, chains)
         stats.target_calls += 1
         stats.target_evals += rows.numel()
         return x0
@@ -643,7 +669,7 @@ class SpeculativeSampler(_SamplerBase):
         x[rd] = T.mean_from_x0(xr, x0, kr)
         stats.deterministic_steps += rows.numel()
 
-    def _draft_windows(self, x, k, rows, noise, root_exact, root_x0, frozen, ids, stats,
+    def _draft_windows(self, x, k, rows, noise, root_exact, root_x0, frozen, chains: Chains, stats,
                        lengths: Optional[Tensor] = None) -> DraftedWindows:
         """Draft y_1..y_n and mq_0..mq_{n-1} for chains ``rows`` (padded to L); ``lengths``: each
         chain's window length (adaptive window; default L)."""
@@ -684,7 +710,7 @@ class SpeculativeSampler(_SamplerBase):
                 act = active.nonzero().squeeze(1)
                 x0j = torch.zeros_like(yj)
                 x0j[act] = self._eval(self.draft.model, "draft", yj[act], kj[act],
-                                      [ids[i] for i in rows[act.cpu()].tolist()])
+                                      rows[act.cpu()], chains)
                 stats.draft_calls += 1
                 stats.draft_evals += act.numel()
             mq = T.mean_from_x0(yj, x0j, kj)
@@ -709,7 +735,7 @@ class SpeculativeSampler(_SamplerBase):
         return need
 
     def _verify_windows(self, x, k, rows, win: DraftedWindows, evaluated, x0_evals, root_exact,
-                        root_x0, frozen, has_frozen, prefetch, frozen_mode, sig_dtype, ids, stats,
+                        root_x0, frozen, has_frozen, prefetch, frozen_mode, sig_dtype, chains, stats,
                         acc) -> WindowOutcome:
         T = self.transitions
         L = self.window
@@ -743,7 +769,7 @@ class SpeculativeSampler(_SamplerBase):
                 step = int(kr[i]) + j
                 t = T.timesteps[step].item()
                 raise NonFiniteError(f"non-finite log ratio ({float(lr[i, j])}) at sampling step {step} "
-                                     f"(timestep t={t}, window position {j}) for chain {ids[int(rows[i])]}")
+                                     f"(timestep t={t}, window position {j}) for chain {chains.ids[int(rows[i])]}")
         rejected = na < n
         adv = na + rejected.to(torch.int64)
         x[rd] = res.next_state.to(x.dtype)

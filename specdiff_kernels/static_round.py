@@ -33,7 +33,7 @@ from torch import Tensor
 
 from . import round_ops
 from . import round_reference as rr
-from ._sample_args import check_model_output
+from ._sample_args import ModelKwargs, check_model_output
 from .round_reference import FREEZE_X0
 from .transitions import GaussianTransitions, Model
 
@@ -80,11 +80,12 @@ class NetworkCall:
         self.out_x = T._on("out_x", device, dtype)
         self.out_pred = T._on("out_pred", device, dtype)
 
-    def __call__(self, x: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
-        """(raw network output, x0-hat) at states x [M, *E] and steps k [M]."""
+    def __call__(self, x: Tensor, k: Tensor, cond: dict) -> tuple[Tensor, Tensor]:
+        """(raw network output, x0-hat) at states x [M, *E] and steps k [M]; ``cond``: the rows'
+        conditioning (network kwargs, gathered per row)."""
         kc = k.clamp(0, self.N - 1)
         shape = (-1,) + (1,) * (x.dim() - 1)
-        out = self.model(x * self.input_scale[kc].view(shape), self.timesteps[kc])
+        out = self.model(x * self.input_scale[kc].view(shape), self.timesteps[kc], **cond)
         check_model_output("target", out, x)   # shape and dtype only: traceable, no host read
         if self.sample_pred:
             return out, out
@@ -132,13 +133,18 @@ class StaticRound:
         backend: round-op backend (None: by device).
         compile: compile the round (network included) with ``torch.compile(fullgraph=True)``.
         cuda_graph: on CUDA, capture the round once and replay it.
+        cond: the chains' conditioning (:class:`~specdiff_kernels._sample_args.ModelKwargs`).
     """
 
     def __init__(self, model: Model, transitions: GaussianTransitions, window: int, freeze: str,
                  seed: Tensor, chain_ids: Tensor, *, dtype: torch.dtype, backend: Optional[str] = None,
-                 compile: bool = False, cuda_graph: bool = False):
+                 compile: bool = False, cuda_graph: bool = False,
+                 cond: Optional[ModelKwargs] = None):
         device = chain_ids.device
         self.T = transitions
+        self.cond = ModelKwargs({}) if cond is None else cond
+        self._cond_roots: dict = {}    # the chains' kwargs for a call on their roots [B]
+        self._cond_window: dict = {}   # ... on their windows [B (L + 1)], chain-major
         self.N = transitions.num_steps
         self.L = int(window)
         self.freeze = round_ops.FREEZE_MODES[freeze]
@@ -184,8 +190,11 @@ class StaticRound:
         i64 = dict(dtype=torch.int64, device=dev)
         self._pos = torch.arange(L + 1, **i64)
         self._code = torch.arange(B, **i64)[:, None] * (N + 1)
+        chain = torch.arange(B, **i64)
+        self._cond_roots = self.cond.gather(chain)
+        self._cond_window = self.cond.gather(chain.repeat_interleave(L + 1))
         k = torch.zeros(B, **i64)
-        out, p0 = self.net(x, k)
+        out, p0 = self.net(x, k, self._cond_roots)
         ones = torch.ones(B, **i64) if N > 0 else k
         x1 = self._draft(x, p0, k, ones, 1, FREEZE_X0)[:, 1]
         det0 = bool(self.T.deterministic[0])
@@ -212,7 +221,8 @@ class StaticRound:
         Y = self._draft(s.x, s.frozen, k, n, L, self.freeze)
         pos1 = self._pos
         k_pos = k[:, None] + pos1[None]                              # [B, L+1] step of each position
-        out, P = self.net(Y.reshape(B * (L + 1), *s.x.shape[1:]), k_pos.reshape(-1))
+        out, P = self.net(Y.reshape(B * (L + 1), *s.x.shape[1:]), k_pos.reshape(-1),
+                          self._cond_window)
         P = P.reshape(Y.shape)
         res = self._verify(Y, P, s.frozen, k, n)
         # statistics (no host reads)
@@ -274,11 +284,12 @@ class LeanAncestral:
 
     def __init__(self, model: Model, transitions: GaussianTransitions, seed: Tensor,
                  chain_ids: Tensor, *, dtype: torch.dtype, backend: Optional[str] = None,
-                 compile: bool = False):
+                 compile: bool = False, cond: Optional[dict] = None):
         device = chain_ids.device
         self.T = transitions
         self.N = transitions.num_steps
         self.seed, self.ids = seed, chain_ids
+        self.cond = {} if cond is None else cond    # the chains' network kwargs, rows in order
         self.backend = backend
         self.coef = round_ops.round_tables(transitions, device)
         self.clip = round_ops.clip_value(transitions)
@@ -290,7 +301,7 @@ class LeanAncestral:
             if compile else self._step_eager
 
     def _step_eager(self, x: Tensor, k: Tensor, ones: Tensor) -> tuple[Tensor, Tensor]:
-        out, p = self.net(x, k)
+        out, p = self.net(x, k, self.cond)
         y = draft_op(self.backend, x, p, k, ones, self.coef, self.seed, self.ids, 1, FREEZE_X0,
                      self.clip)
         return y[:, 1].contiguous(), ~torch.isfinite(out.reshape(x.shape[0], -1)).all(-1)

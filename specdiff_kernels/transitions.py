@@ -187,9 +187,10 @@ class GaussianTransitions:
             mean = mean + self.coef("c_eps", k, x) * eps
         return mean
 
-    def call_model(self, model: Model, x: Tensor, k: Tensor) -> Tensor:
-        """``model(input_scale * x, t)`` with per-sample timesteps."""
-        return model(self.model_input(x, k), self.t(k).to(x.device))
+    def call_model(self, model: Model, x: Tensor, k: Tensor, **cond) -> Tensor:
+        """``model(input_scale * x, t, **cond)`` with per-sample timesteps (``cond``: the rows'
+        conditioning, if any)."""
+        return model(self.model_input(x, k), self.t(k).to(x.device), **cond)
 
     def predict_x0(self, model: Model, x: Tensor, k: Tensor) -> Tensor:
         """Raw x0_hat of ``model`` at states x [B, *E] and per-chain steps k [B]."""
