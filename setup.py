@@ -106,7 +106,11 @@ setup(
     long_description=(ROOT / "README.md").read_text() if (ROOT / "README.md").exists() else "",
     long_description_content_type="text/markdown",
     packages=find_packages(include=["specdiff_kernels", "specdiff_kernels.*"]),
-    package_data={"specdiff_kernels": ["models/weights/*.safetensors", "models/weights/*.json"]},
+    package_data={"specdiff_kernels": [
+        "models/weights/*.safetensors", "models/weights/*.json",
+        # the patches model is a diffusers save_pretrained folder: model_index.json, unet/, scheduler/
+        "models/weights/patches/*.json", "models/weights/patches/*/*.json",
+        "models/weights/patches/*/*.safetensors"]},
     ext_modules=[CMakeExtension("specdiff_kernels._C")],
     cmdclass={"build_ext": CMakeBuild},
     python_requires=">=3.10",
@@ -114,6 +118,8 @@ setup(
     extras_require={
         "triton": ["triton"],
         "diffusers": ["diffusers>=0.30"],
+        # the embedded patches pipeline; scikit-image's wheel carries the training photographs
+        "patches": ["diffusers>=0.30", "scikit-image>=0.22"],
         "plots": ["matplotlib"],
         # the demo's PNGs and its digit classifier; without them it prints a notice and skips them
         "demo": ["matplotlib", "scikit-learn"],
