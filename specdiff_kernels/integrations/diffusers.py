@@ -7,6 +7,11 @@ here from the scheduler's own ``timesteps``, ``alphas_cumprod`` and ``sigmas`` a
 ``set_timesteps``, and evaluated per sample. ``prediction_type``, ``clip_sample`` /
 ``clip_sample_range``, ``thresholding`` (dynamic thresholding) and ``variance_type`` are honoured.
 
+Conditioning (``class_labels``, ``encoder_hidden_states``, ...) is passed per chain through the
+samplers' ``model_kwargs``; classifier-free guidance (``DiffusersModel(unet, guidance_scale=w,
+uncond=...)``) evaluates both branches in one batched UNet call. The guided prediction is a
+deterministic function of the state, so the sampler stays exact.
+
 Example::
 
     from diffusers import DDPMPipeline
@@ -14,11 +19,18 @@ Example::
     model, transitions = from_pipeline(pipe, num_inference_steps=200)
     sampler = SpeculativeSampler(model, transitions, window=8)
 
+    # class-conditional UNet with a null class (id 10) and guidance 4:
+    model = DiffusersModel(unet, guidance_scale=4.0, uncond={"class_labels": 10})
+    res = SpeculativeSampler(model, transitions, window=8).sample(
+        64, (3, 32, 32), model_kwargs={"class_labels": labels})     # labels: [64] long
+
 Install with ``pip install specdiff_kernels[diffusers]``.
 """
 from __future__ import annotations
 
-from typing import Optional
+import math
+import numbers
+from typing import Any, Mapping, Optional
 
 import torch
 from torch import Tensor
@@ -32,20 +44,94 @@ _LEARNED = ("learned", "learned_range")
 
 
 class DiffusersModel(torch.nn.Module):
-    """``model(x, t) -> prediction`` around a diffusers model with the UNet call signature
-    (``unet(sample, timestep).sample``), with ``t`` a per-sample ``[B]`` tensor.
+    """``model(x, t, **cond) -> prediction`` around a diffusers model with the UNet call signature
+    (``unet(sample, timestep, ...)``), with ``t`` a per-sample ``[B]`` tensor.
+
+    **Conditioning.** Keyword arguments of a call (``class_labels``, ``encoder_hidden_states``,
+    ``added_cond_kwargs={...}``, ...) are passed on to the UNet; tensors among them must have one
+    row per state of ``x``. The samplers supply them per chain: ``sample(...,
+    model_kwargs={"class_labels": labels})`` with ``labels[c]`` chain c's label, and every network
+    call gets the rows of the chains it evaluates. ``call_kwargs`` given to the constructor are
+    fixed arguments passed unchanged to every call (e.g. ``cross_attention_kwargs``); a name may
+    not be both fixed and per-call.
+
+    **Classifier-free guidance** (``guidance_scale=w``, ``w != 1``): the prediction is
+    ``u + w (c - u)`` with ``c`` the UNet's raw output under the call's conditioning and ``u``
+    under the unconditional inputs, both from ONE UNet call on the doubled batch
+    ``[x, x]`` with ``[uncond, cond]``, exactly as diffusers' pipelines guide the raw model output
+    (eps, v or x0, whichever the model predicts). The guided prediction is a deterministic function
+    of the state, so speculative sampling stays exact. Unconditional inputs, by name:
+
+    * ``uncond={"class_labels": null_id}`` (DiT-style null class) or
+      ``uncond={"encoder_hidden_states": negative_embeds}`` (``[S, D]`` or ``[1, S, D]``): one value
+      for every state (broadcast);
+    * per chain: ``sample(..., model_kwargs={"encoder_hidden_states": emb, "uncond":
+      {"encoder_hidden_states": neg}})`` with ``neg`` one row per chain; these override the
+      constructor's values of the same name.
+
+    Conditioning without an unconditional counterpart (e.g. ``added_cond_kwargs["time_ids"]``
+    where only ``text_embeds`` has one) is the same in both branches. With ``w = 1`` (or ``None``)
+    there is one branch and no doubling (unconditional inputs are accepted and unused). Unlike diffusers' pipelines, which skip guidance for
+    ``w <= 1``, any finite ``w != 1`` is applied (``w = 0`` samples the unconditional model).
 
     Models that predict a variance as extra channels are refused: speculative sampling needs the
     draft and target steps to share one covariance.
     """
 
-    def __init__(self, unet: torch.nn.Module, **call_kwargs) -> None:
+    def __init__(self, unet: torch.nn.Module, *, guidance_scale: Optional[float] = None,
+                 uncond: Optional[Mapping[str, Any]] = None, **call_kwargs) -> None:
         super().__init__()
         self.unet = unet
         self.call_kwargs = call_kwargs
+        if guidance_scale is not None:
+            if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, numbers.Real):
+                raise TypeError(f"DiffusersModel: guidance_scale must be a real number, got "
+                                f"{type(guidance_scale).__name__}")
+            if not math.isfinite(float(guidance_scale)):
+                raise ValueError(f"DiffusersModel: guidance_scale must be finite, got {guidance_scale}")
+        self.guidance_scale = None if guidance_scale is None else float(guidance_scale)
+        self.uncond = {} if uncond is None else _check_uncond_rows(uncond, "uncond")
+        if self.uncond and self.guidance_scale is None:
+            raise ValueError("DiffusersModel: uncond is given without guidance_scale; pass "
+                             "guidance_scale (1 = conditional only) to use it")
+        for name in self.uncond:
+            if name in call_kwargs:
+                raise ValueError(f"DiffusersModel: {name!r} is a fixed call argument; uncond "
+                                 f"applies to per-call conditioning only")
+        _check_null_class(unet, self.uncond.get("class_labels"))
 
-    def forward(self, x: Tensor, t: Tensor) -> Tensor:
-        out = self.unet(x, t, return_dict=False, **self.call_kwargs)[0]
+    @property
+    def guided(self) -> bool:
+        """Whether calls evaluate two branches (``guidance_scale`` set and != 1)."""
+        return self.guidance_scale is not None and self.guidance_scale != 1.0
+
+    def forward(self, x: Tensor, t: Tensor, *, uncond: Optional[Mapping[str, Any]] = None,
+                **cond) -> Tensor:
+        B = x.shape[0]
+        for name in cond:
+            if name in self.call_kwargs:
+                raise ValueError(f"DiffusersModel: {name!r} is given both as a fixed call argument "
+                                 f"and per call")
+        _check_rows(cond, B, "")
+        if uncond is not None:
+            if self.guidance_scale is None:
+                raise ValueError("DiffusersModel: per-call uncond is given but the model has no "
+                                 "guidance_scale; pass guidance_scale to DiffusersModel")
+            uncond = _check_uncond_rows(uncond, "uncond")
+        if not self.guided:
+            return self._call(x, t, cond)
+        if not self.uncond and not uncond:
+            raise ValueError(f"DiffusersModel: guidance_scale={self.guidance_scale} needs "
+                             f"unconditional inputs: pass uncond={{...}} to DiffusersModel or "
+                             f"model_kwargs={{'uncond': {{...}}}} to sample()")
+        null = _unconditional(cond, self.uncond, uncond, B)
+        both = _double(cond, null)
+        out = self._call(torch.cat([x, x]), torch.cat([t, t]) if t.numel() > 1 else t, both)
+        out_u, out_c = out.chunk(2)
+        return out_u + self.guidance_scale * (out_c - out_u)
+
+    def _call(self, x: Tensor, t: Tensor, cond: dict) -> Tensor:
+        out = self.unet(x, t, return_dict=False, **self.call_kwargs, **cond)[0]
         if out.shape != x.shape:
             raise ValueError(
                 f"DiffusersModel: the model returned shape {tuple(out.shape)} for input "
@@ -53,6 +139,105 @@ class DiffusersModel(torch.nn.Module):
                 f"supported, because speculative sampling needs the draft and target steps to "
                 f"share one covariance")
         return out
+
+
+def _check_uncond_rows(uncond, where: str) -> dict:
+    """``uncond`` as a dict of tensors (numbers become 0-dim tensors), nested dicts kept."""
+    if not isinstance(uncond, Mapping):
+        raise TypeError(f"DiffusersModel: {where} must be a dict of unconditional inputs by name, "
+                        f"got {type(uncond).__name__}")
+    out = {}
+    for name, v in uncond.items():
+        if isinstance(v, Mapping):
+            out[name] = _check_uncond_rows(v, f"{where}[{name!r}]")
+        elif isinstance(v, Tensor):
+            out[name] = v
+        elif isinstance(v, numbers.Number) and not isinstance(v, bool):
+            out[name] = torch.tensor(v)
+        else:
+            raise TypeError(f"DiffusersModel: {where}[{name!r}] must be a tensor or a number, "
+                            f"got {type(v).__name__}")
+    return out
+
+
+def _check_rows(cond: Mapping, B: int, where: str) -> None:
+    """Every tensor of per-call conditioning has one row per state."""
+    for name, v in cond.items():
+        label = f"{where}[{name!r}]" if where else repr(name)
+        if isinstance(v, Mapping):
+            _check_rows(v, B, label)
+        elif isinstance(v, Tensor) and (v.dim() == 0 or v.shape[0] != B):
+            raise ValueError(f"DiffusersModel: conditioning {label} has shape {tuple(v.shape)}; "
+                             f"it needs one row per state ({B} rows)")
+
+
+def _check_null_class(unet, null) -> None:
+    n = getattr(getattr(unet, "config", None), "num_class_embeds", None)
+    if null is None or n is None:
+        return
+    if null.dtype.is_floating_point or null.numel() != 1 or not 0 <= int(null) < int(n):
+        raise ValueError(f"DiffusersModel: uncond['class_labels'] must be one integer class id in "
+                         f"[0, {n}) (the model's num_class_embeds), got {null.tolist()}")
+
+
+def _label(where: str, name) -> str:
+    return f"{where}[{name!r}]"
+
+
+def _unconditional(cond: Mapping, fixed: Mapping, per_call: Optional[Mapping], B: int,
+                   where: str = "uncond") -> dict:
+    """The unconditional inputs of a call, one row per state, by the names of ``cond``:
+    ``fixed`` (the constructor's, one row each: broadcast) overridden by ``per_call`` (one row
+    per state). Every unconditional input needs a conditional tensor of the same name and row
+    shape."""
+    per_call = per_call or {}
+    out = {}
+    for name in list(fixed) + [n for n in per_call if n not in fixed]:
+        label = _label(where, name)
+        if name not in cond:
+            raise ValueError(f"DiffusersModel: {label} has no conditional counterpart in this "
+                             f"call (conditioning given: {sorted(cond)})")
+        c, f, p = cond[name], fixed.get(name), per_call.get(name)
+        if isinstance(c, Mapping):
+            for v in (f, p):
+                if v is not None and not isinstance(v, Mapping):
+                    raise ValueError(f"DiffusersModel: {label} must be a dict, like the "
+                                     f"conditioning of the same name")
+            out[name] = _unconditional(c, f or {}, p, B, label)
+            continue
+        if not isinstance(c, Tensor) or any(isinstance(v, Mapping) for v in (f, p)):
+            raise ValueError(f"DiffusersModel: {label} must be a tensor, like the conditioning "
+                             f"of the same name")
+        row = tuple(c.shape[1:])
+        if p is not None:
+            u = p
+            if tuple(u.shape) != tuple(c.shape):
+                raise ValueError(f"DiffusersModel: {label} has shape {tuple(u.shape)}; per call "
+                                 f"it needs the conditioning's shape {tuple(c.shape)}")
+        else:
+            if tuple(f.shape) not in (row, (1,) + row):
+                raise ValueError(f"DiffusersModel: {label} has shape {tuple(f.shape)}; it needs "
+                                 f"the shape of one row of the conditioning, {row} or "
+                                 f"{(1,) + row} (broadcast to every state)")
+            u = f.reshape(row).expand((B,) + row)
+        out[name] = u.to(device=c.device, dtype=c.dtype)
+    return out
+
+
+def _double(cond: Mapping, null: Mapping) -> dict:
+    """The conditioning of the doubled batch ``[unconditional rows, conditional rows]``: a tensor
+    with an unconditional counterpart is concatenated with it, one without is repeated, anything
+    else is passed as is."""
+    out = {}
+    for name, c in cond.items():
+        u = null.get(name)
+        if isinstance(c, Mapping):
+            out[name] = _double(c, u or {})
+        elif isinstance(c, Tensor):
+            out[name] = torch.cat([c if u is None else u, c])
+        else:
+            out[name] = c
+    return out
 
 
 class _ThresholdedTransitions(GaussianTransitions):
@@ -182,7 +367,16 @@ def diffusers_transitions(scheduler, num_inference_steps: Optional[int] = None, 
                     f"DDIMScheduler (eta > 0), EulerAncestralDiscreteScheduler")
 
 
-def from_pipeline(pipe, num_inference_steps: int, *, eta: Optional[float] = None):
-    """``(model, transitions)`` from a diffusers pipeline with ``.unet`` and ``.scheduler``."""
-    return (DiffusersModel(pipe.unet),
+def from_pipeline(pipe, num_inference_steps: int, *, eta: Optional[float] = None,
+                  guidance_scale: Optional[float] = None,
+                  uncond: Optional[Mapping[str, Any]] = None, **call_kwargs):
+    """``(model, transitions)`` from a diffusers pipeline with ``.unet`` and ``.scheduler``.
+
+    ``guidance_scale`` and ``uncond`` (classifier-free guidance) and ``call_kwargs`` go to
+    :class:`DiffusersModel`; the per-chain conditioning is passed to the sampler's ``sample(...,
+    model_kwargs=...)``. For a text pipeline, e.g. ``cond, neg = pipe.encode_prompt(prompts,
+    "cpu", 1, True)`` and ``from_pipeline(pipe, n, guidance_scale=7.5, uncond={
+    "encoder_hidden_states": neg[:1]})`` with ``model_kwargs={"encoder_hidden_states": cond}``.
+    """
+    return (DiffusersModel(pipe.unet, guidance_scale=guidance_scale, uncond=uncond, **call_kwargs),
             diffusers_transitions(pipe.scheduler, num_inference_steps, eta=eta))
