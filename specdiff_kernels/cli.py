@@ -62,6 +62,25 @@ def window_arg(text: str):
     return L
 
 
+def device_arg(text: str) -> str:
+    """cpu, cuda or cuda:N, refused here when this process cannot use it."""
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"must be cpu, cuda or cuda:N, got {text!r}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"must be cpu, cuda or cuda:N, got {text!r}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{text!r} is not available: torch.cuda.is_available() "
+                                             f"is False (use --device cpu)")
+        n = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= n:
+            raise argparse.ArgumentTypeError(f"{text!r} is not available: this machine has {n} CUDA "
+                                             f"device(s), cuda:0..cuda:{n - 1}")
+    return str(dev)
+
+
 # ----------------------------------------------------------------------------- shared checks
 def _not_applicable(args, model: str, flags) -> Optional[str]:
     """``flags``: (option, dest, models it applies to); the first one given for another model."""
@@ -103,12 +122,12 @@ def _check_file(option: str, path: str) -> Optional[str]:
     return _check_dir(option, str(p.parent) if str(p.parent) else ".")
 
 
-def _check_verify_backend(name: Optional[str]) -> Optional[str]:
+def _check_verify_backend(name: Optional[str], device: str = "cpu") -> Optional[str]:
     if name is None:
         return None
     from . import ops
     try:
-        ops.get_backend(name, torch.device("cpu"))  # the demos sample on CPU
+        ops.get_backend(name, torch.device(device))
     except (ValueError, RuntimeError) as err:
         return f"argument --backend: {err}"
     return None
@@ -162,7 +181,7 @@ def check_demo_args(args: argparse.Namespace) -> Optional[str]:
     from . import models
     max_steps = models.TRAIN_TIMESTEPS if args.model in DIFFUSION_MODELS else None
     return (_check_steps_window(args.steps, args.window, max_steps)
-            or _check_verify_backend(args.backend) or _check_dir("--out", args.out))
+            or _check_verify_backend(args.backend, args.device) or _check_dir("--out", args.out))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -170,9 +189,64 @@ def cmd_demo(args: argparse.Namespace) -> int:
         from .demo import run_langevin_demo
         return run_langevin_demo(seed=args.seed, batch=args.batch, window=args.window,
                                  steps=args.steps, dim=args.dim, step_size=args.step_size,
-                                 backend=args.backend, progress=not args.no_progress, out=args.out)
+                                 backend=args.backend, progress=not args.no_progress, out=args.out,
+                                 device=args.device)
     from .demo import run_demo
     return run_demo(args)
+
+
+# ----------------------------------------------------------------------------- specdiff sample
+def add_sample_arguments(sample: argparse.ArgumentParser) -> None:
+    from .sample_cmd import EMBEDDED, SCHEDULERS
+    sample.add_argument("--pipeline", required=True, metavar="PATH|" + "|".join(EMBEDDED),
+                        help="a diffusers save_pretrained folder (unconditional UNet2DModel + "
+                             "scheduler), or an embedded model: " + ", ".join(EMBEDDED))
+    sample.add_argument("--scheduler", default=None, choices=list(SCHEDULERS),
+                        help="default: the pipeline's own (digits: ddpm)")
+    sample.add_argument("--eta", type=positive_float, default=None,
+                        help="DDIM's eta (> 0; default 1.0); --scheduler ddim only")
+    sample.add_argument("--steps", type=positive_int, default=200, help="sampling steps N")
+    sample.add_argument("--window", type=window_arg, default=8,
+                        help="draft window L (at most N), or 'adaptive'")
+    sample.add_argument("--draft", default="frozen-x0", choices=["frozen-x0", "frozen-eps", "model"],
+                        help="frozen target (training-free) or the draft network (digits only)")
+    sample.add_argument("--batch", type=positive_int, default=16, help="chains")
+    sample.add_argument("--device", type=device_arg, default="cpu", help="cpu, cuda or cuda:N")
+    sample.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                        help="of the network and the states (float16: CUDA only)")
+    sample.add_argument("--seed", type=seed_int, default=0)
+    sample.add_argument("--out", default="out", help="directory for samples.png and stats.json")
+    sample.add_argument("--compare", action="store_true",
+                        help="also run the ancestral chain (independent seed): cost table and "
+                             "two-sample p-value")
+    sample.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+
+
+def check_sample_args(args: argparse.Namespace) -> Optional[str]:
+    """The first bad argument's message; on success ``args.resolved`` holds the checked pipeline
+    (its transitions already built, no weights loaded)."""
+    from .sample_cmd import PipelineError, resolve_pipeline
+    if args.dtype == "float16" and args.device == "cpu":
+        return ("argument --dtype: float16 needs --device cuda (on CPU it is slower than float32 and "
+                "some kernels lack it); use float32 or bfloat16 on CPU")
+    try:
+        spec = resolve_pipeline(args.pipeline, args.scheduler, args.steps, args.eta)
+    except PipelineError as err:
+        return f"argument {err.option}: {err}"
+    if args.draft == "model" and not spec.has_draft_model:
+        return (f"argument --draft: 'model' needs a draft network, which only --pipeline digits "
+                f"ships; use frozen-x0 or frozen-eps")
+    err = _check_steps_window(args.steps, args.window, None) or _check_dir("--out", args.out)
+    if err is None:
+        args.resolved = spec
+    return err
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from .sample_cmd import run_sample
+    spec = args.resolved
+    del args.resolved
+    return run_sample(args, spec)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -194,12 +268,17 @@ def build_parser() -> argparse.ArgumentParser:
                       help="langevin step size g (default 0.05)")
     demo.add_argument("--backend", default=None, help="verify backend: reference, cpp or triton "
                                                       "(default: by device)")
+    demo.add_argument("--device", type=device_arg, default="cpu", help="cpu, cuda or cuda:N")
     demo.add_argument("--out", default="out", help="directory for the PNGs and JSON")
     demo.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     demo.set_defaults(func=cmd_demo, check=check_demo_args)
+    sample = sub.add_parser("sample", help="speculative sampling of a diffusers pipeline folder or "
+                                           "an embedded model")
+    add_sample_arguments(sample)
+    sample.set_defaults(func=cmd_sample, check=check_sample_args)
     info = sub.add_parser("info", help="version, build and backends")
     info.set_defaults(func=cmd_info, check=None)
-    p.subcommands = {"demo": demo, "info": info}
+    p.subcommands = {"demo": demo, "sample": sample, "info": info}
     return p
 
 

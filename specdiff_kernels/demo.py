@@ -130,33 +130,38 @@ def optional_module(module: str, what: str) -> bool:
 def run_demo(args) -> int:
     plots = optional_module("matplotlib", "PNG output")
     classify = args.model == "digits" and optional_module("sklearn", "digit classifier")
+    device = torch.device(args.device)
     model = models.load(args.model, **({"dim": args.dim} if args.model == "gmm" else {}))
+    model.target = model.target.to(device)
+    if model.draft is not None:
+        model.draft = model.draft.to(device)
     transitions = model.transitions(args.steps)
     draft = make_draft(args.draft, model)
     print(f"model: {model.name} ({model.description})")
     print(f"chain: {transitions!r}; batch {args.batch}, window L={args.window}, draft {draft!r}, "
-          f"seed {args.seed}")
+          f"seed {args.seed}, device {device}")
     gen = lambda: torch.Generator().manual_seed(args.seed)  # noqa: E731
     anc = AncestralSampler(model.target, transitions, progress=not args.no_progress
-                           ).sample(args.batch, model.event_shape, generator=gen())
+                           ).sample(args.batch, model.event_shape, generator=gen(), device=device)
     spec = SpeculativeSampler(model.target, transitions, draft=draft, window=args.window,
                               backend=args.backend, progress=not args.no_progress
-                              ).sample(args.batch, model.event_shape, generator=gen())
+                              ).sample(args.batch, model.event_shape, generator=gen(), device=device)
     print()
     print(cost_table(anc.stats, spec.stats))
     # The two runs share their random streams: compare against an independent ancestral run so the
     # p-value tests the law, not a coupling of the two sample sets.
     t0 = time.perf_counter()
     indep = AncestralSampler(model.target, transitions).sample(
-        args.batch, model.event_shape, generator=torch.Generator().manual_seed(args.seed + 10_007))
+        args.batch, model.event_shape, generator=torch.Generator().manual_seed(args.seed + 10_007),
+        device=device)
     p = two_sample_pvalue(spec.samples, indep.samples, seed=args.seed)
     print(f"two-sample test, speculative vs an independent ancestral run (per-coordinate KS + energy "
           f"distance, Bonferroni): p = {p:.3f} ({'no evidence of a difference' if p > 0.01 else 'DIFFERENT'}"
           f"; {time.perf_counter() - t0:.1f}s)")
     if classify:
         from .models.digits_classifier import digit_confidence
-        print(f"digit classifier mean confidence: ancestral {float(digit_confidence(anc.samples).mean()):.3f}, "
-              f"speculative {float(digit_confidence(spec.samples).mean()):.3f}")
+        print(f"digit classifier mean confidence: ancestral {float(digit_confidence(anc.samples.cpu()).mean()):.3f}, "
+              f"speculative {float(digit_confidence(spec.samples.cpu()).mean()):.3f}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     written = []
@@ -180,7 +185,7 @@ def _fmt_acc(vals) -> str:
 
 def run_langevin_demo(*, seed: int = 0, batch: int = 1000, window=8, steps: int = 200, dim: int = 4,
                       step_size: float = 0.05, backend: Optional[str] = None, progress: bool = False,
-                      out: Optional[str] = None) -> int:
+                      out: Optional[str] = None, device: str = "cpu") -> int:
     """``specdiff demo --model langevin``: speculative vs plain ULA on a banana target.
 
     ``batch`` chains of dimension ``dim`` (>= 2), ``steps`` ULA steps of size ``step_size``, window
@@ -203,8 +208,8 @@ def run_langevin_demo(*, seed: int = 0, batch: int = 1000, window=8, steps: int 
     print(f"Speculative ULA on a banana target (a=1.5, b=0.5), D={D}, {B} chains, N={N} steps, "
           f"g={g}, window L={L}, float32; gradient by autograd")
     plain = LangevinSampler(U, step_size=g, num_steps=N, progress=progress)
-    ref = plain.sample(num_chains=B, event_shape=(D,), generator=gen(seed + 1))   # independent
-    base = plain.sample(num_chains=B, event_shape=(D,), generator=gen(seed))
+    ref = plain.sample(num_chains=B, event_shape=(D,), generator=gen(seed + 1), device=device)  # independent
+    base = plain.sample(num_chains=B, event_shape=(D,), generator=gen(seed), device=device)
     rows = [("plain ULA", base, two_sample_pvalue(base.samples, ref.samples))]
     configs = [(f"frozen gradient, L={L}", L, "frozen")]
     if not isinstance(L, str):
@@ -213,7 +218,7 @@ def run_langevin_demo(*, seed: int = 0, batch: int = 1000, window=8, steps: int 
     for name, w, draft in configs:
         s = SpeculativeLangevin(U, step_size=g, num_steps=N, window=w, draft=draft, backend=backend,
                                 progress=progress)
-        res = s.sample(num_chains=B, event_shape=(D,), generator=gen(seed))
+        res = s.sample(num_chains=B, event_shape=(D,), generator=gen(seed), device=device)
         rows.append((name, res, two_sample_pvalue(res.samples, ref.samples)))
     print(f"{'sampler':<27} {'seq grad calls':>14} {'/N batch':>8} {'/N chain':>8} {'grad evals':>10} "
           f"{'/(B*N)':>6} {'draft calls':>11} {'wall s':>7} {'p vs ULA':>9}")
@@ -240,7 +245,7 @@ def run_langevin_demo(*, seed: int = 0, batch: int = 1000, window=8, steps: int 
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(
             {"args": {"seed": seed, "batch": B, "window": L, "steps": N, "dim": D, "step_size": g,
-                      "backend": backend},
+                      "backend": backend, "device": str(device)},
              "rows": [{"sampler": name, "stats": res.stats.as_dict(), "two_sample_pvalue": p}
                       for name, res, p in rows]}, indent=1, default=str))
         print(f"wrote {path}")
