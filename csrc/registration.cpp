@@ -18,4 +18,6 @@ TORCH_LIBRARY(specdiff, m) {
   m.def("verify_frozen(Tensor states, Tensor x0_hat, Tensor frozen, Tensor steps, Tensor lengths, "
         "Tensor coef, Tensor seed, Tensor chain_ids, int freeze, float clip) -> "
         "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("round_stats(Tensor stats, Tensor steps, Tensor lengths, Tensor num_accepted, "
+        "Tensor committed, Tensor log_ratio, Tensor output, int num_steps) -> Tensor");
 }

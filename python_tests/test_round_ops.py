@@ -387,3 +387,82 @@ def test_torch_compile_fullgraph_round():
     compiled = torch.compile(round_, fullgraph=True, backend="inductor")(*args)
     for a, b in zip(eager, compiled):
         assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------- round statistics
+def _stats_case(seed: int, B: int, L: int, N: int, nonfinite: bool):
+    g = torch.Generator().manual_seed(seed)
+    lay = rr.StatsLayout(L, N, B)
+    stats = torch.randint(0, 5, (lay.size,), generator=g)
+    stats[rr.STAT_BAD_OUTPUT] = rr.NO_BAD
+    stats[rr.STAT_BAD_RATIO] = rr.NO_BAD
+    k = torch.randint(0, N + 1, (B,), generator=g)
+    n = torch.minimum(torch.randint(0, L + 1, (B,), generator=g), N - k)
+    na = (torch.rand(B, generator=g) * (n + 1)).floor().long().clamp(max=n)
+    committed = torch.where(n > 0, na + (na < n).long(), (k < N).long())
+    lr = torch.randn(B, L, generator=g)
+    out = torch.randn(B, L + 1, 3, 2, generator=g)
+    if nonfinite:
+        lr[torch.rand(B, L, generator=g) < 0.2] = float("nan")
+        out[torch.rand(B, L + 1, 3, 2, generator=g) < 0.05] = float("inf")
+    return stats, k, n, na, committed, lr, out, N
+
+
+def test_round_stats_by_hand():
+    """Two chains, L = 3, N = 10: chain 0 at step 2 drafts 3 and has 1 accepted (position 1
+    rejected, 2 steps committed); chain 1 at step 9 is at a deterministic step (n = 0, 1 committed,
+    it finishes). The network output of chain 0 at position 2 is NaN; chain 0's log ratio at
+    position 2 (not attempted) is NaN and must be ignored."""
+    L, N, B = 3, 10, 2
+    lay = rr.StatsLayout(L, N, B)
+    stats = torch.zeros(lay.size, dtype=torch.int64)
+    stats[rr.STAT_ROUNDS] = 4
+    stats[rr.STAT_BAD_OUTPUT] = stats[rr.STAT_BAD_RATIO] = rr.NO_BAD
+    out = torch.ones(B, L + 1, 2)
+    out[0, 2, 1] = float("nan")
+    lr = torch.tensor([[0.1, -3.0, float("nan")], [0.0, 0.0, 0.0]])
+    args = (stats, torch.tensor([2, 9]), torch.tensor([3, 0]), torch.tensor([1, 0]),
+            torch.tensor([2, 1]), lr, out, N)
+    for new in (rr.round_stats(*args), ro.round_stats(*args)):
+        head = new[:rr.STAT_HEAD].tolist()
+        assert head == [5, 1, 2, 1, 0 * (N + 1) + 2 + 2, rr.NO_BAD, 4 + 10, 1]
+        assert lay.view(new, "accepted_by_position").tolist() == [1, 0, 0]
+        assert lay.view(new, "attempted_by_position").tolist() == [1, 1, 0]
+        assert lay.view(new, "accepted_length_hist").tolist() == [0, 1, 0, 0]
+        assert lay.view(new, "window_length_hist").tolist() == [0, 0, 0, 1]
+        acc = [0] * N
+        acc[2] = 1
+        att = [0] * N
+        att[2] = att[3] = 1
+        assert lay.view(new, "accepted_by_step").tolist() == acc
+        assert lay.view(new, "attempted_by_step").tolist() == att
+        assert lay.view(new, "chain_rounds").tolist() == [0, 5]
+    assert int(stats[rr.STAT_ROUNDS]) == 4        # the input is not changed
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_round_stats_cpp_matches_reference(seed):
+    g = torch.Generator().manual_seed(1000 + seed)
+    B, L, N = (int(torch.randint(lo, hi, (1,), generator=g)) for lo, hi in ((1, 9), (1, 7), (1, 20)))
+    stats, k, n, na, committed, lr, out, N = _stats_case(seed, B, L, N, nonfinite=seed % 2 == 0)
+    dtype = (torch.float32, torch.float16, torch.float64, torch.bfloat16)[seed % 4]
+    args = (stats, k, n, na, committed, lr, out.to(dtype), N)
+    want = rr.round_stats(*args)
+    got = torch.ops.specdiff.round_stats(*args)
+    assert torch.equal(got, want)
+
+
+def test_round_stats_opcheck_and_bad_arguments():
+    args = _stats_case(3, 4, 3, 12, nonfinite=True)
+    torch.library.opcheck(torch.ops.specdiff.round_stats.default, args)
+    stats, k, n, na, committed, lr, out, N = args
+    with pytest.raises(ValueError, match="round_stats: stats must be the int64"):
+        ro.round_stats(stats[:-1], k, n, na, committed, lr, out, N)
+    with pytest.raises(ValueError, match="round_stats: lengths must be an int64"):
+        ro.round_stats(stats, k, n.int(), na, committed, lr, out, N)
+    with pytest.raises(ValueError, match=r"round_stats: output must have shape \[B, L\+1"):
+        ro.round_stats(stats, k, n, na, committed, lr, out[:, :-1], N)
+    with pytest.raises(RuntimeError, match="round_stats: stats must be the int64 vector"):
+        torch.ops.specdiff.round_stats(stats[:-1], k, n, na, committed, lr, out, N)
+    with pytest.raises(RuntimeError, match="num_accepted <= lengths"):
+        torch.ops.specdiff.round_stats(stats, k, n, n + 1, committed, lr, out, N)

@@ -415,3 +415,19 @@ def test_no_autograd_graph_with_grad_requiring_parameters(make):
     assert res.samples.grad_fn is None and not res.samples.requires_grad
     assert not torch.is_inference(res.samples)      # usable in autograd afterwards
     (res.samples * 2).sum()                          # an ordinary tensor
+
+
+# ----------------------------------------------------------------------------- compiled paths
+def test_compiled_static_round_and_ancestral_equal_eager():
+    """torch.compile(fullgraph=True) of the whole static round (network, draft, verify and the
+    counters op) and of the lean ancestral step give the eager paths' samples and statistics."""
+    model, T = setup(steps=25)
+    kw = dict(generator=None, dtype=torch.float64)
+    for make in (lambda c: SpeculativeSampler(model, T, window=4, path="static", compile=c),
+                 lambda c: AncestralSampler(model, T, compile=c)):
+        eager = make(False).sample(3, (D,), **{**kw, "generator": gen(4)})
+        compiled = make(True).sample(3, (D,), **{**kw, "generator": gen(4)})
+        torch.testing.assert_close(compiled.samples, eager.samples, rtol=1e-9, atol=1e-9)
+        a, b = compiled.stats.as_dict(), eager.stats.as_dict()
+        a.pop("wall_time"), b.pop("wall_time")
+        assert a == b

@@ -296,8 +296,42 @@ def verify_frozen(states: Tensor, x0_hat: Tensor, frozen: Tensor, steps: Tensor,
                                                   seed, chain_ids, freeze, float(clip)))
 
 
+def round_stats(stats: Tensor, steps: Tensor, lengths: Tensor, num_accepted: Tensor,
+                committed: Tensor, log_ratio: Tensor, output: Tensor, num_steps: int) -> Tensor:
+    """The static round's counters after one round, as a new int64 vector (layout:
+    :class:`~specdiff_kernels.round_reference.StatsLayout`; semantics:
+    :func:`specdiff_kernels.round_reference.round_stats`). One launch on CPU (C++) and on CUDA (a
+    composition of a few ops, replayed inside the round's CUDA graph)."""
+    op = "round_stats"
+    if not isinstance(log_ratio, Tensor) or log_ratio.dim() != 2:
+        raise ValueError(f"{op}: log_ratio must be a [B, L] tensor")
+    B, L = log_ratio.shape
+    for name, t in (("steps", steps), ("lengths", lengths), ("num_accepted", num_accepted),
+                    ("committed", committed)):
+        _check_int_vector(op, name, t, B, log_ratio)
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"{op}: num_steps must be an int >= 1, got {num_steps!r}")
+    size = ref.StatsLayout(L, num_steps, B).size
+    if not isinstance(stats, Tensor) or stats.dtype != torch.int64 or tuple(stats.shape) != (size,):
+        raise ValueError(f"{op}: stats must be the int64 [{size}] vector of StatsLayout(L={L}, "
+                         f"N={num_steps}, B={B})")
+    if not isinstance(output, Tensor) or output.dim() < 2 or tuple(output.shape[:2]) != (B, L + 1):
+        raise ValueError(f"{op}: output must have shape [B, L+1, ...] = [{B}, {L + 1}, ...]")
+    if output.device != log_ratio.device or stats.device != log_ratio.device:
+        raise ValueError(f"{op}: stats, output and log_ratio must be on one device")
+    return torch.ops.specdiff.round_stats(stats, steps, lengths, num_accepted, committed,
+                                          log_ratio, output, num_steps)
+
+
 # ---------------------------------------------------------------- fake (meta) kernels
 if HAS_CPP:
+    # CUDA: the reference composition; inside a captured round its launches replay as one graph
+    torch.library.register_kernel("specdiff::round_stats", "cuda", ref.round_stats)
+
+    @torch.library.register_fake("specdiff::round_stats")
+    def _(stats, steps, lengths, num_accepted, committed, log_ratio, output, num_steps):
+        return torch.empty_like(stats)
+
     @torch.library.register_fake("specdiff::chain_noise")
     def _(seed, chain_ids, steps, window, event_numel, dtype):
         B = chain_ids.shape[0]

@@ -276,3 +276,92 @@ def verify_frozen(states: Tensor, x0_hat: Tensor, frozen: Tensor, steps: Tensor,
     E = states.shape[2:]
     return (first.to(torch.int64), committed, next_state.to(states.dtype).reshape(B, *E),
             next_frozen.to(states.dtype).reshape(B, *E), root_exact, lr.to(torch.float32))
+
+
+# ---------------------------------------------------------------- round statistics
+# The static round's counters live in ONE int64 vector (read back once per round: its head; once
+# per run: the rest). Head slots, then the per-position, per-length, per-step and per-chain parts.
+(STAT_ROUNDS, STAT_WINDOWS, STAT_SPEC_STEPS, STAT_DET_STEPS, STAT_BAD_OUTPUT, STAT_BAD_RATIO,
+ STAT_STEPS_DONE, STAT_LIVE) = range(8)
+STAT_HEAD = 8
+NO_BAD = torch.iinfo(torch.int64).max   # "no non-finite value seen" in the BAD slots
+
+
+class StatsLayout:
+    """Where each counter of a run with window L, N steps and B chains lies in the stats vector:
+    the head (``STAT_*``), then ``accepted_by_position [L]``, ``attempted_by_position [L]``,
+    ``accepted_length_hist [L+1]``, ``window_length_hist [L+1]``, ``accepted_by_step [N]``,
+    ``attempted_by_step [N]``, ``chain_rounds [B]``. The BAD slots hold the smallest code
+    ``chain * (N + 1) + step`` whose network output / log ratio was not finite (NO_BAD: none)."""
+
+    PARTS = ("accepted_by_position", "attempted_by_position", "accepted_length_hist",
+             "window_length_hist", "accepted_by_step", "attempted_by_step", "chain_rounds")
+
+    def __init__(self, L: int, N: int, B: int):
+        self.L, self.N, self.B = L, N, B
+        sizes = (L, L, L + 1, L + 1, N, N, B)
+        self.slices = {}
+        start = STAT_HEAD
+        for name, size in zip(self.PARTS, sizes):
+            self.slices[name] = slice(start, start + size)
+            start += size
+        self.size = start
+
+    def view(self, stats: Tensor, name: str) -> Tensor:
+        return stats[self.slices[name]]
+
+
+def round_stats(stats: Tensor, steps: Tensor, lengths: Tensor, num_accepted: Tensor,
+                committed: Tensor, log_ratio: Tensor, output: Tensor, num_steps: int) -> Tensor:
+    """The stats vector after one static round (a new tensor; ``stats`` is not changed).
+
+    Args:
+        stats: int64 ``[StatsLayout(L, N, B).size]`` before the round.
+        steps, lengths: ``[B]`` int64 each chain's step k before the round and its window length n
+            (0: the chain did not speculate: finished, or at a deterministic step).
+        num_accepted, committed: ``[B]`` int64 from ``verify_frozen``.
+        log_ratio: ``[B, L]`` from ``verify_frozen``.
+        output: ``[B, L+1, ...]`` the network's raw output at the window's states (positions
+            ``0..n`` were read by verify_frozen, for chains not finished).
+        num_steps: N.
+    """
+    B, L = log_ratio.shape
+    N = int(num_steps)
+    lay = StatsLayout(L, N, B)
+    out = stats.clone()
+    k, n, na = steps, lengths, num_accepted
+    pos = torch.arange(L + 1, device=k.device)
+    code = torch.arange(B, device=k.device)[:, None] * (N + 1) + k[:, None] + pos[None]
+    live = pos[None, :L] < n[:, None]
+    attempted = live & (pos[None, :L] <= na[:, None])
+    accepted = pos[None, :L] < na[:, None]
+    spec = (n > 0).to(torch.int64)
+    spec_steps = (na + (na < n).to(torch.int64)) * spec
+    k_new = k + committed
+    read = (pos[None] <= n[:, None]) & (k < N)[:, None]
+    out_bad = ~torch.isfinite(output.reshape(B, L + 1, -1)).all(-1) & read
+    ratio_bad = ~torch.isfinite(log_ratio) & attempted
+
+    def first(prev: Tensor, bad: Tensor, codes: Tensor) -> Tensor:
+        return torch.minimum(prev, codes.masked_fill(~bad, NO_BAD).amin())
+
+    rounds = out[STAT_ROUNDS] + 1
+    out[STAT_ROUNDS] = rounds
+    out[STAT_WINDOWS] += spec.sum()
+    out[STAT_SPEC_STEPS] += spec_steps.sum()
+    out[STAT_DET_STEPS] += (committed - spec_steps).sum()
+    out[STAT_BAD_OUTPUT] = first(out[STAT_BAD_OUTPUT], out_bad, code)
+    out[STAT_BAD_RATIO] = first(out[STAT_BAD_RATIO], ratio_bad, code[:, :L])
+    out[STAT_STEPS_DONE] = k_new.clamp(max=N).sum()
+    out[STAT_LIVE] = (k_new < N).sum()
+    i64 = torch.int64
+    lay.view(out, "accepted_by_position").add_(accepted.sum(0))
+    lay.view(out, "attempted_by_position").add_(attempted.sum(0))
+    lay.view(out, "accepted_length_hist").scatter_add_(0, na, spec)
+    lay.view(out, "window_length_hist").scatter_add_(0, n, spec)
+    kw = (k[:, None] + pos[None, :L]).clamp(max=N - 1).reshape(-1)
+    lay.view(out, "accepted_by_step").scatter_add_(0, kw, accepted.reshape(-1).to(i64))
+    lay.view(out, "attempted_by_step").scatter_add_(0, kw, attempted.reshape(-1).to(i64))
+    cr = lay.view(out, "chain_rounds")
+    cr.copy_(torch.where((k < N) & (k_new >= N), rounds, cr))
+    return out

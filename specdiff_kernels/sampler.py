@@ -53,6 +53,7 @@ from . import ops
 from .adaptive import AdaptiveWindow, resolve_window
 from .chain_noise import ChainNoise, base_seed_from
 from .drafts import Draft, DraftModelDraft, FrozenTargetDraft
+from . import round_reference as rr
 from .static_round import NO_BAD, LeanAncestral, StaticRound, stochastic_runs
 from .transitions import GaussianTransitions, Model
 
@@ -597,7 +598,6 @@ class SpeculativeSampler(_SamplerBase):
     def _sample_static(self, x: Tensor, noise, chains: Chains, t0: float) -> SamplingResult:
         T, L = self.transitions, self.window
         B, N = x.shape[0], T.num_steps
-        ids = chains.ids
         cuda = x.device.type == "cuda"
         compile_ = cuda if self.compile == "auto" else bool(self.compile)
         rnd = StaticRound(self.model, T, L, self.draft.freeze, noise.seed, noise.chain_ids,
@@ -607,31 +607,30 @@ class SpeculativeSampler(_SamplerBase):
         done_steps = 0
         s = rnd.start(x)
         while True:
-            # the one host read of a round: finished?, first non-finite codes, progress
-            done, bad_out, bad_lr, steps = torch.stack(
-                [(s.k >= N).all().to(torch.int64), s.bad_output, s.bad_ratio,
-                 s.k.clamp(max=N).sum()]).tolist()
+            # the one host read of a round: the head of the counters (rounds, non-finite codes,
+            # steps done, chains left)
+            head = s.stats[:rr.STAT_HEAD].tolist()
+            bad_out, bad_lr = head[rr.STAT_BAD_OUTPUT], head[rr.STAT_BAD_RATIO]
             if self.check_finite and (bad_out != NO_BAD or bad_lr != NO_BAD):
-                self._raise_static_nonfinite(bad_out, bad_lr, ids, N)
+                self._raise_static_nonfinite(bad_out, bad_lr, chains.ids, N)
             if bar is not None:
-                bar.update(steps - done_steps)
-                done_steps = steps
-            if done:
+                bar.update(head[rr.STAT_STEPS_DONE] - done_steps)
+                done_steps = head[rr.STAT_STEPS_DONE]
+            if head[rr.STAT_LIVE] == 0:
                 break
             s = rnd.step(s)
         if bar is not None:
             bar.close()
+        counts = s.stats.tolist()
         stats = SamplerStats(self.name, B, N, L)
-        stats.rounds = int(s.round_index)
-        stats.target_calls = stats.rounds
+        stats.rounds = stats.target_calls = counts[rr.STAT_ROUNDS]
         stats.target_evals = B + (stats.rounds - 1) * B * (L + 1)
-        det0 = bool(T.deterministic[0])
-        stats.direct_steps = 0 if det0 else B
-        for name in ("windows", "speculative_steps", "deterministic_steps"):
-            setattr(stats, name, int(getattr(s, name)))
-        for name in ("accepted_by_position", "attempted_by_position", "accepted_length_hist",
-                     "window_length_hist", "accepted_by_step", "attempted_by_step", "chain_rounds"):
-            setattr(stats, name, getattr(s, name).tolist())
+        stats.direct_steps = 0 if bool(T.deterministic[0]) else B
+        stats.windows = counts[rr.STAT_WINDOWS]
+        stats.speculative_steps = counts[rr.STAT_SPEC_STEPS]
+        stats.deterministic_steps = counts[rr.STAT_DET_STEPS]
+        for name, part in rnd.layout.slices.items():
+            setattr(stats, name, counts[part])
         stats.wall_time = time.perf_counter() - t0
         return SamplingResult(s.x, stats)
 

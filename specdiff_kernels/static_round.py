@@ -38,14 +38,7 @@ from .round_reference import FREEZE_X0
 from .transitions import GaussianTransitions, Model
 
 
-NO_BAD = torch.iinfo(torch.int64).max
-
-
-def first_bad(prev: Tensor, bad: Tensor, code: Tensor) -> Tensor:
-    """The smallest (chain * (N + 1) + step) code marked bad so far: bad [B, P] marks window
-    positions whose codes are ``code`` [B, P]. The sampler raises at the first round that records
-    one, so ``prev`` is NO_BAD whenever a new code can appear."""
-    return torch.minimum(prev, code.masked_fill(~bad, NO_BAD).amin())
+NO_BAD = rr.NO_BAD
 
 
 def draft_op(backend: Optional[str], *args) -> Tensor:
@@ -100,19 +93,7 @@ class ChainBatch:
     x: Tensor                  # [B, *E] states
     k: Tensor                  # [B] int64 sampling step (N: finished)
     frozen: Tensor             # [B, *E] frozen x0-hat (or eps-hat)
-    round_index: Tensor        # [] int64 rounds run so far (the bootstrap counts as one)
-    chain_rounds: Tensor       # [B] int64 round in which each chain finished
-    accepted_by_position: Tensor
-    attempted_by_position: Tensor
-    accepted_length_hist: Tensor
-    window_length_hist: Tensor
-    accepted_by_step: Tensor
-    attempted_by_step: Tensor
-    windows: Tensor            # [] int64
-    speculative_steps: Tensor  # [] int64
-    deterministic_steps: Tensor
-    bad_output: Tensor         # [] int64: first (chain * (N + 1) + step) whose network output the
-    bad_ratio: Tensor          #   round read was not finite / whose log ratio was not (NO_BAD: none)
+    stats: Tensor              # int64 counters, laid out by round_reference.StatsLayout
 
     def tensors(self) -> list[Tensor]:
         return [getattr(self, f.name) for f in fields(self)]
@@ -155,7 +136,7 @@ class StaticRound:
         # each chain's window length by its step: the stochastic run ahead of it, capped at L
         self.window_lengths = stochastic_runs(transitions).clamp(max=self.L).to(device)
         self._pos: Optional[Tensor] = None    # arange(L + 1), made in start(): rounds only read it
-        self._code: Optional[Tensor] = None   # [B, 1] chain * (N + 1): non-finite codes' chain part
+        self.layout: Optional[rr.StatsLayout] = None
         self.net = NetworkCall(model, transitions, device, dtype)
         self.compile = compile
         self.cuda_graph = cuda_graph and device.type == "cuda"
@@ -189,7 +170,6 @@ class StaticRound:
         dev = x.device
         i64 = dict(dtype=torch.int64, device=dev)
         self._pos = torch.arange(L + 1, **i64)
-        self._code = torch.arange(B, **i64)[:, None] * (N + 1)
         chain = torch.arange(B, **i64)
         self._cond_roots = self.cond.gather(chain)
         self._cond_window = self.cond.gather(chain.repeat_interleave(L + 1))
@@ -197,63 +177,32 @@ class StaticRound:
         out, p0 = self.net(x, k, self._cond_roots)
         ones = torch.ones(B, **i64) if N > 0 else k
         x1 = self._draft(x, p0, k, ones, 1, FREEZE_X0)[:, 1]
-        det0 = bool(self.T.deterministic[0])
-        batch = ChainBatch(
-            x=x1, k=k + 1, frozen=self._freeze(x, p0, k),
-            round_index=torch.ones((), **i64),
-            chain_rounds=torch.where(k + 1 >= N, 1, 0).to(torch.int64),
-            accepted_by_position=torch.zeros(L, **i64), attempted_by_position=torch.zeros(L, **i64),
-            accepted_length_hist=torch.zeros(L + 1, **i64), window_length_hist=torch.zeros(L + 1, **i64),
-            accepted_by_step=torch.zeros(N, **i64), attempted_by_step=torch.zeros(N, **i64),
-            windows=torch.zeros((), **i64), speculative_steps=torch.zeros((), **i64),
-            deterministic_steps=torch.full((), B if det0 else 0, **i64),
-            bad_output=first_bad(torch.full((), NO_BAD, **i64),
-                                 ~torch.isfinite(out.reshape(B, 1, -1)).all(-1),
-                                 self._code),
-            bad_ratio=torch.full((), NO_BAD, **i64))
-        return batch
+        self.layout = lay = rr.StatsLayout(L, N, B)
+        stats = torch.zeros(lay.size, **i64)
+        bad = ~torch.isfinite(out.reshape(B, -1)).all(-1)
+        head = [1, 0, 0, B if bool(self.T.deterministic[0]) else 0, NO_BAD, NO_BAD, B if N else 0,
+                B if N > 1 else 0]
+        stats[:rr.STAT_HEAD] = torch.tensor(head, **i64)
+        # the bootstrap's non-finite outputs: code = chain * (N + 1) + step 0
+        stats[rr.STAT_BAD_OUTPUT] = (chain * (N + 1)).masked_fill(~bad, NO_BAD).amin()
+        if N <= 1:
+            lay.view(stats, "chain_rounds").fill_(1)
+        return ChainBatch(x=x1, k=k + 1, frozen=self._freeze(x, p0, k), stats=stats)
 
     # ------------------------------------------------------------------ the round
     def _round_eager(self, s: ChainBatch) -> ChainBatch:
-        B, L, N = s.x.shape[0], self.L, self.N
+        B, L = s.x.shape[0], self.L
         k = s.k
         n = self.window_lengths[k]                                   # k lies in 0..N
         Y = self._draft(s.x, s.frozen, k, n, L, self.freeze)
-        pos1 = self._pos
-        k_pos = k[:, None] + pos1[None]                              # [B, L+1] step of each position
+        k_pos = k[:, None] + self._pos[None]                         # [B, L+1] step of each position
         out, P = self.net(Y.reshape(B * (L + 1), *s.x.shape[1:]), k_pos.reshape(-1),
                           self._cond_window)
-        P = P.reshape(Y.shape)
-        res = self._verify(Y, P, s.frozen, k, n)
-        # statistics (no host reads)
-        pos = pos1[:L]
-        live = pos[None] < n[:, None]
-        attempted = live & (pos[None] <= res.num_accepted[:, None])
-        accepted = pos[None] < res.num_accepted[:, None]
-        spec = (n > 0).to(torch.int64)
-        rejected = res.num_accepted < n
-        spec_steps = (res.num_accepted + rejected.to(torch.int64)) * spec
-        det_steps = res.committed - spec_steps
-        kw = k_pos[:, :L].clamp(max=N - 1).reshape(-1)
-        read = (pos1[None] <= n[:, None]) & (k < N)[:, None]        # positions verify reads
-        out_bad = ~torch.isfinite(out.reshape(B, L + 1, -1)).all(-1) & read
-        code = self._code + k_pos
-        bad_output = first_bad(s.bad_output, out_bad, code)
-        bad_ratio = first_bad(s.bad_ratio, ~torch.isfinite(res.log_ratio) & attempted, code[:, :L])
-        k_new = k + res.committed
-        r = s.round_index + 1
-        return ChainBatch(
-            x=res.next_state, k=k_new, frozen=res.next_frozen, round_index=r,
-            chain_rounds=torch.where((k < N) & (k_new >= N), r, s.chain_rounds),
-            accepted_by_position=s.accepted_by_position + accepted.sum(0),
-            attempted_by_position=s.attempted_by_position + attempted.sum(0),
-            accepted_length_hist=s.accepted_length_hist.scatter_add(0, res.num_accepted, spec),
-            window_length_hist=s.window_length_hist.scatter_add(0, n, spec),
-            accepted_by_step=s.accepted_by_step.scatter_add(0, kw, accepted.reshape(-1).to(torch.int64)),
-            attempted_by_step=s.attempted_by_step.scatter_add(0, kw, attempted.reshape(-1).to(torch.int64)),
-            windows=s.windows + spec.sum(), speculative_steps=s.speculative_steps + spec_steps.sum(),
-            deterministic_steps=s.deterministic_steps + det_steps.sum(), bad_output=bad_output,
-            bad_ratio=bad_ratio)
+        res = self._verify(Y, P.reshape(Y.shape), s.frozen, k, n)
+        stats = torch.ops.specdiff.round_stats(s.stats, k, n, res.num_accepted, res.committed,
+                                               res.log_ratio, out.reshape(Y.shape), self.N)
+        return ChainBatch(x=res.next_state, k=k + res.committed, frozen=res.next_frozen,
+                          stats=stats)
 
     def step(self, s: ChainBatch) -> ChainBatch:
         """One round. With ``cuda_graph``, the first call captures the round on s's buffers and
