@@ -232,14 +232,15 @@ def train_patches(steps: int = PATCHES_DEFAULT_STEPS, batch: int = PATCHES_DEFAU
                   out: str | Path | None = None, seed: int = DEFAULT_SEED,
                   threads: int = DEFAULT_THREADS, lr: float = 5e-4, warmup: int = 200,
                   final_lr_frac: float = 0.05, ema_decay: float = 0.999,
-                  grad_clip: float = 1.0, log_every: int = 100,
+                  grad_clip: float = 1.0, log_every: int = 100, eval_crops: int = 512,
                   argv: list[str] | None = None) -> dict:
     """Train the ``patches`` UNet and save the EMA weights as a diffusers ``DDPMPipeline``."""
     from diffusers import DDPMPipeline
 
     from .models import patches as P
 
-    for name, v in (("steps", steps), ("batch", batch), ("threads", threads)):
+    for name, v in (("steps", steps), ("batch", batch), ("threads", threads),
+                    ("eval_crops", eval_crops)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ValueError(f"{name} must be a positive int, got {v!r}")
     torch.set_num_threads(threads)
@@ -255,7 +256,7 @@ def train_patches(steps: int = PATCHES_DEFAULT_STEPS, batch: int = PATCHES_DEFAU
     ema.requires_grad_(False)
     params = sum(p.numel() for p in unet.parameters())
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
-    evaldata = P.heldout_crops(512, seed=seed + 7)
+    evaldata = P.heldout_crops(eval_crops, seed=seed + 7)
     print(f"[patches] params={params} steps={steps} batch={batch} lr={lr} seed={seed} "
           f"threads={threads}", flush=True)
     unet.train()
@@ -308,6 +309,7 @@ def train_patches(steps: int = PATCHES_DEFAULT_STEPS, batch: int = PATCHES_DEFAU
         "wall_time_s": round(wall, 2),
         "final_smoothed_train_loss": round(smooth, 6),
         "final_heldout_loss_ema": round(final_eval, 6),
+        "heldout_eval_crops": eval_crops,
         "torch": torch.__version__,
         "python": platform.python_version(),
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),

@@ -149,7 +149,9 @@ def _region(img: Tensor, heldout: bool) -> Tensor:
     return img[:, :, split:] if heldout else img[:, :, :split]
 
 
-def _crops(n: int, generator: torch.Generator, heldout: bool) -> Tensor:
+def _crop_positions(n: int, generator: torch.Generator, heldout: bool):
+    """``(which, ys, xs, flip)``: image index, top-left corner in region coordinates and
+    horizontal flip of ``n`` crops."""
     if not isinstance(n, int) or isinstance(n, bool) or n < 0:
         raise ValueError(f"n must be a non-negative int, got {n!r}")
     regions = [_region(im, heldout) for im in load_images()]
@@ -164,6 +166,12 @@ def _crops(n: int, generator: torch.Generator, heldout: bool) -> Tensor:
     ys = (u[:, 0] * ny[which]).floor().to(torch.int64)
     xs = (u[:, 1] * nx[which]).floor().to(torch.int64)
     flip = torch.rand(n, generator=generator) < 0.5
+    return which, ys, xs, flip
+
+
+def _crops(n: int, generator: torch.Generator, heldout: bool) -> Tensor:
+    which, ys, xs, flip = _crop_positions(n, generator, heldout)
+    regions = [_region(im, heldout) for im in load_images()]
     out = torch.empty(n, 3, CROP, CROP, dtype=torch.uint8)
     for i in range(n):
         r = regions[int(which[i])]
