@@ -222,6 +222,35 @@ def test_chains_with_different_labels_get_what_each_label_alone_gives(sampler):
             "labels make no difference: the test would be vacuous"
 
 
+@pytest.mark.parametrize("sampler", ["ancestral", "speculative"])
+def test_per_chain_prompts_and_negatives_through_the_sampler(sampler):
+    """Per-chain prompt embeddings AND per-chain negative embeddings (``model_kwargs["uncond"]``):
+    chain c of the mixed batch equals chain c of a batch where every chain has chain c's pair."""
+    unet = text_unet.__wrapped__().double()
+    model = DiffusersModel(unet, guidance_scale=4.0,
+                           uncond={"encoder_hidden_states": torch.zeros(SEQ, DIM)})
+    tr = diffusers_transitions(DDPMScheduler(clip_sample=True), 10)
+    g = torch.Generator().manual_seed(12)
+    B = 4
+    emb = 3 * torch.randn(B, SEQ, DIM, generator=g, dtype=torch.float64)
+    neg = torch.randn(B, SEQ, DIM, generator=g, dtype=torch.float64)
+
+    def run(e, n):
+        kw = dict(generator=torch.Generator().manual_seed(13), dtype=torch.float64,
+                  model_kwargs={"encoder_hidden_states": e, "uncond": {"encoder_hidden_states": n}})
+        if sampler == "ancestral":
+            return AncestralSampler(model, tr).sample(B, (2, 8, 8), **kw).samples
+        return SpeculativeSampler(model, tr, window=4).sample(B, (2, 8, 8), **kw).samples
+
+    mixed = run(emb, neg)
+    for c in range(B):
+        alone = run(emb[c].expand_as(emb), neg[c].expand_as(neg))
+        torch.testing.assert_close(mixed[c], alone[c], rtol=0, atol=1e-9, msg=f"{sampler}: chain {c}")
+        # the per-chain negative is used (not the constructor's zeros)
+        other = run(emb[c].expand_as(emb), torch.zeros_like(neg))
+        assert not torch.allclose(mixed[c], other[c], atol=1e-3), f"chain {c}: negative ignored"
+
+
 # ------------------------------------------------------------------ the law
 W, STEPS, WINDOW, N_CHAINS = 4.0, 20, 4, 600
 

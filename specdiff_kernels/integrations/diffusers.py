@@ -90,7 +90,7 @@ class DiffusersModel(torch.nn.Module):
             if not math.isfinite(float(guidance_scale)):
                 raise ValueError(f"DiffusersModel: guidance_scale must be finite, got {guidance_scale}")
         self.guidance_scale = None if guidance_scale is None else float(guidance_scale)
-        self.uncond = {} if uncond is None else _check_uncond_rows(uncond, "uncond")
+        self.uncond = {} if uncond is None else _as_uncond(uncond, "uncond")
         if self.uncond and self.guidance_scale is None:
             raise ValueError("DiffusersModel: uncond is given without guidance_scale; pass "
                              "guidance_scale (1 = conditional only) to use it")
@@ -117,7 +117,7 @@ class DiffusersModel(torch.nn.Module):
             if self.guidance_scale is None:
                 raise ValueError("DiffusersModel: per-call uncond is given but the model has no "
                                  "guidance_scale; pass guidance_scale to DiffusersModel")
-            uncond = _check_uncond_rows(uncond, "uncond")
+            uncond = _as_uncond(uncond, "uncond")
         if not self.guided:
             return self._call(x, t, cond)
         if not self.uncond and not uncond:
@@ -141,7 +141,7 @@ class DiffusersModel(torch.nn.Module):
         return out
 
 
-def _check_uncond_rows(uncond, where: str) -> dict:
+def _as_uncond(uncond, where: str) -> dict:
     """``uncond`` as a dict of tensors (numbers become 0-dim tensors), nested dicts kept."""
     if not isinstance(uncond, Mapping):
         raise TypeError(f"DiffusersModel: {where} must be a dict of unconditional inputs by name, "
@@ -149,7 +149,7 @@ def _check_uncond_rows(uncond, where: str) -> dict:
     out = {}
     for name, v in uncond.items():
         if isinstance(v, Mapping):
-            out[name] = _check_uncond_rows(v, f"{where}[{name!r}]")
+            out[name] = _as_uncond(v, f"{where}[{name!r}]")
         elif isinstance(v, Tensor):
             out[name] = v
         elif isinstance(v, numbers.Number) and not isinstance(v, bool):
