@@ -73,6 +73,8 @@ class DiffusersModel(torch.nn.Module):
     where only ``text_embeds`` has one) is the same in both branches. With ``w = 1`` (or ``None``)
     there is one branch and no doubling (unconditional inputs are accepted and unused). Unlike diffusers' pipelines, which skip guidance for
     ``w <= 1``, any finite ``w != 1`` is applied (``w = 0`` samples the unconditional model).
+    A draft network (``DraftModelDraft``) receives the same per-chain kwargs: wrap it the same way,
+    with its own ``guidance_scale`` (``1.0`` for an unguided draft that accepts ``uncond``).
 
     Models that predict a variance as extra channels are refused: speculative sampling needs the
     draft and target steps to share one covariance.
