@@ -15,7 +15,7 @@ import torch
 diffusers = pytest.importorskip("diffusers", reason="diffusers is an optional extra")
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DConditionModel, UNet2DModel  # noqa: E402
 
-from specdiff_kernels import AncestralSampler, SpeculativeSampler  # noqa: E402
+from specdiff_kernels import AncestralSampler, DraftModelDraft, SpeculativeSampler  # noqa: E402
 from specdiff_kernels.integrations.diffusers import (DiffusersModel,  # noqa: E402
                                                      diffusers_transitions, from_pipeline)
 from specdiff_kernels.stats import bonferroni, two_sample_pvalue  # noqa: E402
@@ -193,7 +193,7 @@ def test_fixed_call_kwargs_still_work():
 
 
 # ------------------------------------------------------------------ per-chain gathering
-@pytest.mark.parametrize("sampler", ["ancestral", "speculative"])
+@pytest.mark.parametrize("sampler", ["ancestral", "speculative", "draft-network"])
 def test_chains_with_different_labels_get_what_each_label_alone_gives(sampler):
     """Chain c of a batch with mixed labels equals chain c of a batch where every chain has
     chain c's label: a chain's noise depends only on (seed, chain), so only the gather of its
@@ -210,8 +210,13 @@ def test_chains_with_different_labels_get_what_each_label_alone_gives(sampler):
                   model_kwargs={"class_labels": lab})
         if sampler == "ancestral":
             return AncestralSampler(model, tr).sample(B, (2, 8, 8), **kw).samples
+        if sampler == "draft-network":   # a guided draft UNet gets the same per-chain labels
+            return SpeculativeSampler(model, tr, window=4, draft=DraftModelDraft(draft)).sample(
+                B, (2, 8, 8), **kw).samples
         return SpeculativeSampler(model, tr, window=4).sample(B, (2, 8, 8), **kw).samples
 
+    draft = DiffusersModel(class_unet.__wrapped__(seed=1).double(), guidance_scale=2.0,
+                           uncond={"class_labels": NULL})
     mixed = run(labels)
     for lab in range(NUM_CLASSES):
         alone = run(torch.full((B,), lab))
