@@ -5,23 +5,17 @@ target ``model(x, t)``; both read their randomness from the same per-chain strea
 (:mod:`specdiff_kernels.chain_noise`), so with the same generator they use the same noise xi_k at
 every sampling step k.
 
-:class:`SpeculativeSampler` runs RAGGED batches: every chain has its own step index. A round
+:class:`SpeculativeSampler` runs one of two paths (``path=``; "auto" picks by measurement):
 
-1. runs, without any call, the deterministic steps (std 0) of chains whose target prediction at
-   the current state is already known (prefetched);
-2. drafts a window of n = min(L, stochastic steps left before the next deterministic step or the
-   end) steps for every speculating chain (frozen-target draft: no network call; draft model: n
-   sequential batched draft calls);
-3. makes ONE batched target call over everything the round needs: the window states of every
-   speculating chain (concatenated, shorter windows near the end of the schedule), the states of
-   chains at a deterministic step, and (frozen draft, first round) the roots of chains that have
-   no prediction yet to freeze (those take one plain ancestral step);
-4. verifies all windows with the public op :func:`specdiff_kernels.speculative_verify` (windows
-   shorter than L are padded and passed ``num_steps``), and advances each chain by its own
-   number of committed steps. Finished chains leave the batch.
+* the STATIC round (:mod:`specdiff_kernels.static_round`): frozen-target draft with a prefetched
+  root, fixed batch and window, every per-chain quantity on the device, one network call and a few
+  fused ops per round, one host read per round; compiled and CUDA-graph captured on GPUs;
+* the RAGGED round (:mod:`specdiff_kernels.ragged_round`): every chain at its own step with its
+  own window; any draft (frozen target with or without prefetch, a draft network), the adaptive
+  window, a custom verify op; evaluates only the states a round needs and drops finished chains.
 
-With ``FrozenTargetDraft(prefetch_root=False)`` a round makes two sequential calls instead: the
-roots first (with the deterministic-step chains), then the window states y_1..y_{n-1}.
+Each round of either path makes ONE sequential target call (two with
+``FrozenTargetDraft(prefetch_root=False)``: the roots first, then the window states).
 
 Randomness: xi_k and u_k of chain c at sampling step k are counter-based (Philox), pure functions
 of (seed, chain id, k); the seed is one draw of the ``generator`` passed to ``sample`` (see
@@ -54,6 +48,8 @@ from .adaptive import AdaptiveWindow, resolve_window
 from .chain_noise import ChainNoise, base_seed_from
 from .drafts import Draft, DraftModelDraft, FrozenTargetDraft
 from . import round_reference as rr
+from .ragged_round import (DraftedWindows, RaggedChains, RaggedCounters, RootStatus, RoundPlan,
+                           TargetCall, WindowOutcome, plan_round, proposer_for)
 from .static_round import NO_BAD, LeanAncestral, StaticRound, stochastic_runs
 from .transitions import GaussianTransitions, Model
 
@@ -182,27 +178,6 @@ class SamplerStats:
                 f"target_evals={self.target_evals} draft_calls={self.draft_calls} "
                 f"draft_evals={self.draft_evals} steps/window={self.steps_per_window:.2f} "
                 f"acceptance by position=[{acc}] wall={self.wall_time:.3f}s")
-
-
-@dataclass(frozen=True)
-class DraftedWindows:
-    """The ragged round's drafted windows of chains ``rows`` (padded to L)."""
-
-    Y: Tensor       # [w, L+1, *E] y_0..y_L (positions past n repeat the state)
-    MQ: Tensor      # [w, L, *E] draft means mq_0..mq_{L-1}
-    n: Tensor       # [w] int64 steps drafted (CPU)
-    k: Tensor       # [w] int64 step at the root (CPU)
-    u: Tensor       # [w, L] acceptance uniforms
-    exact: Tensor   # [w] bool: the target's x0-hat at the root is known (CPU)
-
-
-@dataclass(frozen=True)
-class WindowOutcome:
-    """What verifying the windows did, per chain (CPU tensors)."""
-
-    accepted: Tensor   # [w, L] bool: position accepted
-    attempted: Tensor  # [w, L] bool: position verified (all earlier ones accepted)
-    advance: Tensor    # [w] int64 steps committed
 
 
 @dataclass(frozen=True)
@@ -431,154 +406,88 @@ class SpeculativeSampler(_SamplerBase):
             :class:`SamplingResult` (samples ``[B, *E]``, :class:`SamplerStats`).
         """
         t0 = time.perf_counter()
-        T = self.transitions
-        L = self.window
         x, noise, chains = self._setup(num_chains, event_shape, generator, chain_ids, x_init,
                                        dtype, device, model_kwargs)
         if self.resolve_path(x.shape[0], x.device) == "static":
             return self._sample_static(x, noise, chains, t0)
-        dev = x.device
+        return self._sample_ragged(x, noise, chains, t0)
+
+    # -------------------------------------------------------------- the ragged path
+    def _sample_ragged(self, x: Tensor, noise: ChainNoise, info: Chains, t0: float) -> SamplingResult:
+        """Every chain at its own step; see :mod:`specdiff_kernels.ragged_round`."""
+        T, L = self.transitions, self.window
         B, N = x.shape[0], T.num_steps
+        prop = proposer_for(self.draft, T)
+        ch = RaggedChains(
+            x=x, k=torch.zeros(B, dtype=torch.int64), root=torch.zeros(B, dtype=torch.int8),
+            root_x0=torch.zeros_like(x) if prop.needs_frozen else None,
+            frozen=torch.zeros_like(x) if prop.needs_frozen else None,
+            finished_round=torch.zeros(B, dtype=torch.int64))
         stats = SamplerStats(self.name, B, N, L)
-        frozen_mode = isinstance(self.draft, FrozenTargetDraft)
-        prefetch = frozen_mode and self.draft.prefetch_root
-        k = torch.zeros(B, dtype=torch.int64)                 # per-chain step index (CPU)
-        root_exact = torch.zeros(B, dtype=torch.bool)         # target x0 at (x, k) known
-        has_frozen = torch.zeros(B, dtype=torch.bool)
-        root_x0 = torch.zeros_like(x) if frozen_mode else None
-        frozen = torch.zeros_like(x) if frozen_mode else None
-        sig_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        acc = {"pos_acc": torch.zeros(L, dtype=torch.int64), "pos_att": torch.zeros(L, dtype=torch.int64),
-               "hist": torch.zeros(L + 1, dtype=torch.int64), "step_acc": torch.zeros(N, dtype=torch.int64),
-               "step_att": torch.zeros(N, dtype=torch.int64), "wlen": torch.zeros(L + 1, dtype=torch.int64)}
+        counters = RaggedCounters(L, N)
         policy = self.window_policy
-        ad_state = None if policy is None else policy.init_state(B)   # per-chain counts
+        budget = None if policy is None else policy.init_state(B)   # per-chain counts
         bar = self._progress_bar(B * N)
-        det_table = T.deterministic
 
-        chain_rounds = torch.zeros(B, dtype=torch.int64)
+        def target(xs: Tensor, ks: Tensor, rows: Tensor) -> Tensor:
+            """One sequential target call on states xs of chains rows."""
+            x0 = self._eval(self.model, "target", xs, ks, rows, info)
+            stats.target_calls += 1
+            stats.target_evals += rows.numel()
+            if budget is not None:
+                budget["evals"] += torch.bincount(rows, minlength=B).to(torch.float64)
+            return x0
 
-        def advance(rows: Tensor, by: Tensor | int):
-            k[rows] += by
-            if ad_state is not None:
-                ad_state["steps"][rows] += by
-            chain_rounds[rows] = stats.rounds
+        def advance(rows: Tensor, by: Tensor | int) -> None:
+            ch.k[rows] += by
+            if budget is not None:
+                budget["steps"][rows] += by
+            ch.finished_round[rows] = stats.rounds
             if bar is not None:
                 bar.update(int(by.sum()) if isinstance(by, Tensor) else by * rows.numel())
 
         while True:
-            # 1. free deterministic steps: the target's prediction at the root is known
-            if frozen_mode:
-                m = (k < N) & root_exact
-                m &= det_table[k.clamp(max=N - 1)]
-                if bool(m.any()):
-                    r = m.nonzero().squeeze(1)
-                    self._det_steps(x, k, r, root_x0[r.to(dev)], frozen, has_frozen, root_exact, stats)
-                    advance(r, 1)
-            live = (k < N).nonzero().squeeze(1)
-            if live.numel() == 0:
+            if prop.needs_frozen:   # deterministic steps whose root prediction is known: free
+                known = ((ch.k < N) & (ch.root == int(RootStatus.EXACT))
+                         & T.deterministic[ch.k.clamp(max=N - 1)]).nonzero().squeeze(1)
+                if known.numel():
+                    self._det_steps(ch, prop, known, ch.root_x0[known.to(x.device)], stats)
+                    advance(known, 1)
+            plan = plan_round(ch.k, ch.root, T.deterministic, N, prop.needs_frozen and prop.prefetch)
+            if plan.det.numel() + plan.boot.numel() + plan.spec.numel() == 0:
                 break
             stats.rounds += 1
-            kl = k[live]
-            is_det = det_table[kl]
-            det_rows = live[is_det]
-            spec_rows = live[~is_det]
-            boot_rows = spec_rows[:0]
-            if prefetch:
-                boot_rows = spec_rows[~has_frozen[spec_rows]]
-                spec_rows = spec_rows[has_frozen[spec_rows]]
-
-            if frozen_mode and not prefetch:
-                # root call: every speculating chain's root, plus the deterministic-step chains
-                roots = torch.cat([det_rows, spec_rows])
-                x0r = self._call_target(x, k, roots, chains, stats)
-                if ad_state is not None:
-                    ad_state["evals"][roots] += 1
-                nd = det_rows.numel()
-                self._det_steps(x, k, det_rows, x0r[:nd], frozen, has_frozen, root_exact, stats)
-                if nd:
-                    advance(det_rows, 1)
-                sd = spec_rows.to(dev)
-                root_x0[sd] = x0r[nd:]
-                frozen[sd] = self.draft.freeze_value(T, x[sd], x0r[nd:], k[spec_rows].to(dev))
-                root_exact[spec_rows] = True
-                has_frozen[spec_rows] = True
-                det_rows = det_rows[:0]
-
-            # 2. draft the windows
+            if prop.needs_frozen and not prop.prefetch:
+                plan = self._root_call(ch, prop, plan, target, stats, advance)
             win = None
-            if spec_rows.numel():
-                lengths = None
-                if policy is not None:
-                    exact_root = (root_exact[spec_rows] if frozen_mode
-                                  else torch.zeros(spec_rows.shape, dtype=torch.bool))
-                    # prefetching frozen draft: a stale root is evaluated in this round's call
-                    extra = (~exact_root).to(torch.float64) if prefetch else torch.zeros(exact_root.shape, dtype=torch.float64)
-                    lengths = policy.lengths(ad_state, spec_rows, exact_root, extra,
-                                             steps_left=N - k[spec_rows])
-                win = self._draft_windows(x, k, spec_rows, noise, root_exact, root_x0, frozen, chains,
-                                          stats, lengths)
-
-            # 3. one batched target call: det roots, bootstrap roots, window states
-            parts_x, parts_k, parts_rows = [], [], []
-            for rows in (det_rows, boot_rows):
-                parts_x.append(x[rows.to(dev)])
-                parts_k.append(k[rows])
-                parts_rows.append(rows)
+            if plan.spec.numel():
+                win = self._draft_windows(ch, prop, plan.spec, noise, self._lengths(ch, prop, plan.spec, budget),
+                                          info, stats)
+            call = TargetCall()
+            call.add("det", ch.x[plan.det.to(x.device)], ch.k[plan.det], plan.det)
+            call.add("boot", ch.x[plan.boot.to(x.device)], ch.k[plan.boot], plan.boot)
             if win is not None:
-                need = self._needed_positions(win, prefetch, frozen_mode, N)
-                rr, pp = need.nonzero(as_tuple=True)      # (window, position) of each evaluation
-                parts_x.append(win.Y[rr.to(dev), pp.to(dev)])
-                parts_k.append(win.k[rr] + pp)
-                parts_rows.append(spec_rows[rr])
-            all_x = torch.cat(parts_x)
-            if all_x.shape[0]:
-                all_k = torch.cat(parts_k)
-                all_rows = torch.cat(parts_rows)
-                x0_all = self._eval(self.model, "target", all_x, all_k.to(dev), all_rows, chains)
-                stats.target_calls += 1
-                stats.target_evals += all_x.shape[0]
-                if ad_state is not None:
-                    ad_state["evals"] += torch.bincount(all_rows, minlength=B).to(torch.float64)
-
-            else:
-                x0_all = all_x
-            nd, nb = det_rows.numel(), boot_rows.numel()
-            if nd:
-                self._det_steps(x, k, det_rows, x0_all[:nd], frozen, has_frozen, root_exact, stats)
-                advance(det_rows, 1)
-            if nb:
-                bd = boot_rows.to(dev)
-                kb = k[boot_rows]
-                x0b = x0_all[nd:nd + nb]
-                xi, _ = noise.window(boot_rows, kb, 1)
-                xb = x[bd]
-                mean = T.mean_from_x0(xb, x0b, kb.to(dev))
-                frozen[bd] = self.draft.freeze_value(T, xb, x0b, kb.to(dev))
-                has_frozen[boot_rows] = True
-                root_exact[boot_rows] = False
-                x[bd] = mean + T.coef("std", kb.to(dev), xb) * xi[:, 0].to(dev)
-                stats.direct_steps += nb
-                advance(boot_rows, 1)
+                evaluated = prop.needed_positions(win, N).nonzero(as_tuple=True)   # (window, position)
+                wi, pi = evaluated
+                call.add("window", win.Y[wi.to(x.device), pi.to(x.device)], win.k[wi] + pi, win.rows[wi])
+            x0 = call.run(target)
+            if plan.det.numel():
+                self._det_steps(ch, prop, plan.det, x0["det"], stats)
+                advance(plan.det, 1)
+            if plan.boot.numel():
+                self._first_step(ch, prop, plan.boot, x0["boot"], noise, stats)
+                advance(plan.boot, 1)
             if win is not None:
-                out = self._verify_windows(x, k, spec_rows, win, (rr, pp), x0_all[nd + nb:],
-                                           root_exact, root_x0, frozen, has_frozen, prefetch,
-                                           frozen_mode, sig_dtype, chains, stats, acc)
-                advance(spec_rows, out.advance)
+                out = self._verify_windows(ch, prop, win, evaluated, x0["window"], info, stats, counters)
+                advance(win.rows, out.advance)
                 if policy is not None:
-                    policy.update(ad_state, spec_rows, win.exact, out.accepted, out.attempted)
+                    policy.update(budget, win.rows, win.exact, out.accepted, out.attempted)
         if bar is not None:
             bar.close()
-        a = acc
-        stats.accepted_by_position = a["pos_acc"].tolist()
-        stats.attempted_by_position = a["pos_att"].tolist()
-        stats.accepted_length_hist = a["hist"].tolist()
-        stats.accepted_by_step = a["step_acc"].tolist()
-        stats.attempted_by_step = a["step_att"].tolist()
-        stats.window_length_hist = a["wlen"].tolist()
-        stats.chain_rounds = chain_rounds.tolist()
+        counters.fill(stats)
+        stats.chain_rounds = ch.finished_round.tolist()
         stats.wall_time = time.perf_counter() - t0
-        return SamplingResult(x, stats)
+        return SamplingResult(ch.x, stats)
 
     # -------------------------------------------------------------- the static path
     def _static_capable(self) -> bool:
@@ -643,55 +552,90 @@ class SpeculativeSampler(_SamplerBase):
         raise NonFiniteError(f"non-finite log ratio at sampling step {step} (timestep t={t}) for "
                              f"chain {ids[row]}")
 
-    # -------------------------------------------------------------- pieces of a round
-    def _call_target(self, x, k, rows, chains: Chains, stats) -> Tensor:
-        if rows.numel() == 0:
-            return x[:0]
-        dev = x.device
-        x0 = self._eval(self.model, "target", x[rows.to(dev)], k[rows].to(dev), rows, chains)
-        stats.target_calls += 1
-        stats.target_evals += rows.numel()
-        return x0
+    # -------------------------------------------------------------- pieces of a ragged round
+    def _lengths(self, ch: RaggedChains, prop, rows: Tensor, budget) -> Optional[Tensor]:
+        """The adaptive window's lengths for chains ``rows`` (None: fixed L)."""
+        policy = self.window_policy
+        if policy is None:
+            return None
+        exact = (ch.status(rows, RootStatus.EXACT) if prop.needs_frozen
+                 else torch.zeros(rows.shape, dtype=torch.bool))
+        # prefetching frozen draft: a stale root is evaluated in this round's call
+        extra = ((~exact).to(torch.float64) if prop.prefetch
+                 else torch.zeros(exact.shape, dtype=torch.float64))
+        return policy.lengths(budget, rows, exact, extra, steps_left=self.transitions.num_steps - ch.k[rows])
 
-    def _det_steps(self, x, k, rows, x0, frozen, has_frozen, root_exact, stats) -> None:
+    def _root_call(self, ch: RaggedChains, prop, plan: RoundPlan, target, stats, advance) -> RoundPlan:
+        """FrozenTargetDraft(prefetch_root=False): a call at every root first (deterministic-step
+        chains take their step; speculating chains freeze the exact prediction)."""
+        dev = ch.x.device
+        call = TargetCall()
+        call.add("det", ch.x[plan.det.to(dev)], ch.k[plan.det], plan.det)
+        call.add("spec", ch.x[plan.spec.to(dev)], ch.k[plan.spec], plan.spec)
+        x0 = call.run(target)
+        if plan.det.numel():
+            self._det_steps(ch, prop, plan.det, x0["det"], stats)
+            advance(plan.det, 1)
+        sd = plan.spec.to(dev)
+        ch.root_x0[sd] = x0["spec"]
+        prop.freeze(ch, sd, ch.x[sd], x0["spec"], ch.k[plan.spec].to(dev))
+        ch.set_status(plan.spec, RootStatus.EXACT)
+        return RoundPlan(plan.det[:0], plan.boot, plan.spec)
+
+    def _det_steps(self, ch: RaggedChains, prop, rows: Tensor, x0: Tensor, stats) -> None:
         """Deterministic steps (std 0) of chains ``rows`` given the target's x0 at their roots."""
-        if rows.numel() == 0:
-            return
         T = self.transitions
-        rd = rows.to(x.device)
-        kr = k[rows].to(x.device)
-        xr = x[rd]
-        if frozen is not None:
-            frozen[rd] = self.draft.freeze_value(T, xr, x0, kr)
-            has_frozen[rows] = True
-            root_exact[rows] = False
-        x[rd] = T.mean_from_x0(xr, x0, kr)
+        rd = rows.to(ch.x.device)
+        kr = ch.k[rows].to(ch.x.device)
+        xr = ch.x[rd]
+        if prop.needs_frozen:
+            prop.freeze(ch, rd, xr, x0, kr)
+            ch.set_status(rows, RootStatus.STALE)
+        ch.x[rd] = T.mean_from_x0(xr, x0, kr)
         stats.deterministic_steps += rows.numel()
 
-    def _draft_windows(self, x, k, rows, noise, root_exact, root_x0, frozen, chains: Chains, stats,
-                       lengths: Optional[Tensor] = None) -> DraftedWindows:
+    def _first_step(self, ch: RaggedChains, prop, rows: Tensor, x0: Tensor, noise: ChainNoise,
+                    stats) -> None:
+        """One ancestral step of chains with nothing frozen yet, freezing the target's x0-hat."""
+        T = self.transitions
+        dev = ch.x.device
+        rd = rows.to(dev)
+        kr = ch.k[rows]
+        kd = kr.to(dev)
+        xi, _ = noise.window(rows, kr, 1)
+        xr = ch.x[rd]
+        mean = T.mean_from_x0(xr, x0, kd)
+        prop.freeze(ch, rd, xr, x0, kd)
+        ch.set_status(rows, RootStatus.STALE)
+        ch.x[rd] = mean + T.coef("std", kd, xr) * xi[:, 0].to(dev)
+        stats.direct_steps += rows.numel()
+
+    def _draft_windows(self, ch: RaggedChains, prop, rows: Tensor, noise: ChainNoise,
+                       lengths: Optional[Tensor], info: Chains, stats) -> DraftedWindows:
         """Draft y_1..y_n and mq_0..mq_{n-1} for chains ``rows`` (padded to L); ``lengths``: each
         chain's window length (adaptive window; default L)."""
-        T = self.transitions
-        L = self.window
-        dev = x.device
+        T, L = self.transitions, self.window
+        dev = ch.x.device
         w = rows.numel()
         rd = rows.to(dev)
-        kr = k[rows]
+        kr = ch.k[rows]
         cap = torch.full_like(kr, L) if lengths is None else lengths.clamp(1, L)
         n = torch.minimum(self._stoch_run[kr], cap)                         # [w] >= 1
         xi, u = noise.window(rows, kr, L)
         xi = xi.to(dev)
-        kd = kr.to(dev)
-        nd = n.to(dev)
-        frozen_mode = isinstance(self.draft, FrozenTargetDraft)
-        if frozen_mode:
-            fr = frozen[rd]
-            exact0 = root_exact[rows].to(dev)
-            rx0 = root_x0[rd]
-        ys = [x[rd]]
+        kd, nd = kr.to(dev), n.to(dev)
+        exact = (ch.status(rows, RootStatus.EXACT) if prop.needs_frozen
+                 else torch.zeros(w, dtype=torch.bool))
+        exact0 = exact.to(dev)
+
+        def draft_eval(y: Tensor, k: Tensor, act: Tensor) -> Tensor:
+            stats.draft_calls += 1
+            stats.draft_evals += act.numel()
+            return self._eval(self.draft.model, "draft", y, k, rows[act.cpu()], info)
+
+        ys = [ch.x[rd]]
         mqs = []
-        shape1 = (w,) + (1,) * (x.dim() - 1)
+        shape1 = (w,) + (1,) * (ch.x.dim() - 1)
         max_n = int(n.max())
         for j in range(L):
             yj = ys[j]
@@ -701,104 +645,50 @@ class SpeculativeSampler(_SamplerBase):
                 continue
             kj = kd + j
             active = nd > j
-            if frozen_mode:
-                x0j = self.draft.x0_at(T, fr, yj, kj)
-                if j == 0:
-                    x0j = torch.where(exact0.view(shape1), rx0, x0j)
-            else:
-                act = active.nonzero().squeeze(1)
-                x0j = torch.zeros_like(yj)
-                x0j[act] = self._eval(self.draft.model, "draft", yj[act], kj[act],
-                                      rows[act.cpu()], chains)
-                stats.draft_calls += 1
-                stats.draft_evals += act.numel()
+            x0j = prop.draft_x0(ch, rd, exact0, j, yj, kj, active, draft_eval)
             mq = T.mean_from_x0(yj, x0j, kj)
             ynext = mq + T.coef("std", kj, yj) * xi[:, j]
             mask = active.view(shape1)
             mqs.append(torch.where(mask, mq, yj))
             ys.append(torch.where(mask, ynext, yj))
-        exact = root_exact[rows].clone() if frozen_mode else torch.zeros(w, dtype=torch.bool)
-        return DraftedWindows(torch.stack(ys, 1), torch.stack(mqs, 1), n, kr, u, exact)
+        return DraftedWindows(rows, torch.stack(ys, 1), torch.stack(mqs, 1), n, kr, u, exact)
 
-    def _needed_positions(self, win: DraftedWindows, prefetch, frozen_mode, N) -> Tensor:
-        """[w, L+1] bool: window positions p whose state y_p the target must evaluate."""
-        L = self.window
-        n, kr = win.n, win.k
-        p = torch.arange(L + 1)[None]
-        need = (p >= 1) & (p < n[:, None])                 # y_1..y_{n-1}: means of steps 1..n-1
-        if not frozen_mode:
-            need |= p == 0                                 # draft model: the root as well
-        elif prefetch:
-            need |= (p == 0) & ~win.exact[:, None]           # stale frozen prediction: root needed
-            need |= (p == n[:, None]) & ((kr + n) < N)[:, None]   # prefetch the next root
-        return need
-
-    def _verify_windows(self, x, k, rows, win: DraftedWindows, evaluated, x0_evals, root_exact,
-                        root_x0, frozen, has_frozen, prefetch, frozen_mode, sig_dtype, chains, stats,
-                        acc) -> WindowOutcome:
-        T = self.transitions
-        L = self.window
-        dev = x.device
+    def _verify_windows(self, ch: RaggedChains, prop, win: DraftedWindows, evaluated, x0_evals: Tensor,
+                        info: Chains, stats, counters: RaggedCounters) -> WindowOutcome:
+        T, L = self.transitions, self.window
+        dev = ch.x.device
+        rows = win.rows
         w = rows.numel()
-        Y, MQ, n, kr, u = win.Y, win.MQ, win.n, win.k, win.u
-        rd = rows.to(dev)
+        Y, MQ, n, kr = win.Y, win.MQ, win.n, win.k
         TP = torch.zeros_like(Y)                            # target raw x0 at y_0..y_L
         TP[evaluated[0].to(dev), evaluated[1].to(dev)] = x0_evals
-        if frozen_mode:
-            exact0 = root_exact[rows].to(dev).view((w,) + (1,) * (x.dim() - 1))
-            TP[:, 0] = torch.where(exact0, root_x0[rd], TP[:, 0])
+        prop.root_x0(ch, win, TP)
         pos = torch.arange(L)
         kw = kr[:, None] + pos[None]                         # [w, L] step of each position
-        kwd = kw.to(dev)
         active = (pos[None] < n[:, None])
-        MP = T.mean_from_x0(Y[:, :L], TP[:, :L], kwd)
-        MP = torch.where(active.to(dev).view(w, L, *([1] * (x.dim() - 1))), MP, MQ)
+        MP = T.mean_from_x0(Y[:, :L], TP[:, :L], kw.to(dev))
+        MP = torch.where(active.to(dev).view(w, L, *([1] * (ch.x.dim() - 1))), MP, MQ)
+        sig_dtype = torch.float64 if ch.x.dtype == torch.float64 else torch.float32
         sigma = torch.where(active, T.step_std(kw), torch.ones((), dtype=torch.float64)).to(device=dev, dtype=sig_dtype)
-        uniforms = u.to(dev)
-        res = self.verify_fn(Y[:, 1:].contiguous(), MQ.contiguous(), MP.contiguous(), sigma, uniforms,
-                             n.to(dev), backend=self.backend)
+        res = self.verify_fn(Y[:, 1:].contiguous(), MQ.contiguous(), MP.contiguous(), sigma,
+                             win.u.to(dev), n.to(dev), backend=self.backend)
         na = res.num_accepted.to("cpu", torch.int64)
-        lr = res.log_ratio.to("cpu")
         attempted = active & (pos[None] <= na[:, None])
         accepted = pos[None] < na[:, None]
         if self.check_finite:
+            lr = res.log_ratio.to("cpu")
             bad = attempted & ~torch.isfinite(lr)
             if bool(bad.any()):
                 i, j = (int(v) for v in bad.nonzero()[0])
                 step = int(kr[i]) + j
                 t = T.timesteps[step].item()
                 raise NonFiniteError(f"non-finite log ratio ({float(lr[i, j])}) at sampling step {step} "
-                                     f"(timestep t={t}, window position {j}) for chain {chains.ids[int(rows[i])]}")
-        rejected = na < n
-        adv = na + rejected.to(torch.int64)
-        x[rd] = res.next_state.to(x.dtype)
-        # stats
-        a = acc
-        a["pos_acc"] += accepted.sum(0)
-        a["pos_att"] += attempted.sum(0)
-        a["hist"] += torch.bincount(na, minlength=L + 1)
-        a["wlen"] += torch.bincount(n, minlength=L + 1)
-        N = T.num_steps
-        a["step_acc"] += torch.bincount(kw[accepted], minlength=N)[:N]
-        a["step_att"] += torch.bincount(kw[attempted], minlength=N)[:N]
+                                     f"(timestep t={t}, window position {j}) for chain {info.ids[int(rows[i])]}")
+        advance = na + (na < n).to(torch.int64)
+        ch.x[rows.to(dev)] = res.next_state.to(ch.x.dtype)
+        out = WindowOutcome(accepted, attempted, na, advance)
+        counters.add(win, out)
         stats.windows += w
-        stats.speculative_steps += int(adv.sum())
-        # next round's frozen prediction
-        if frozen_mode:
-            if prefetch:
-                idx = torch.arange(w)
-                src = torch.where(rejected, na, n)                  # parent of the rejected step, or y_n
-                k_new = kr + adv
-                exact = (~rejected) & (k_new < N)
-                usable = rejected | exact
-                srcd, idxd = src.to(dev), idx.to(dev)
-                ysrc, x0src = Y[idxd, srcd], TP[idxd, srcd]
-                fz = self.draft.freeze_value(T, ysrc, x0src, (kr + src).to(dev))
-                ud = usable.to(dev).view((w,) + (1,) * (x.dim() - 1))
-                frozen[rd] = torch.where(ud, fz, frozen[rd])
-                root_x0[rd] = torch.where(ud, x0src, root_x0[rd])
-                root_exact[rows] = exact
-                has_frozen[rows] = has_frozen[rows] | usable
-            else:
-                root_exact[rows] = False
-        return WindowOutcome(accepted, attempted, adv)
+        stats.speculative_steps += int(advance.sum())
+        prop.after_verify(ch, win, TP, out, T.num_steps)
+        return out
