@@ -431,3 +431,40 @@ def test_compiled_static_round_and_ancestral_equal_eager():
         a, b = compiled.stats.as_dict(), eager.stats.as_dict()
         a.pop("wall_time"), b.pop("wall_time")
         assert a == b
+
+
+# ----------------------------------------------------------------------------- ragged round pieces
+def test_plan_round_splits_live_chains():
+    from specdiff_kernels.ragged_round import RootStatus, plan_round
+    N = 6
+    det = torch.tensor([False, False, True, False, False, True])
+    k = torch.tensor([0, 2, 6, 5, 3, 1])
+    root = torch.tensor([RootStatus.NONE, RootStatus.EXACT, RootStatus.STALE, RootStatus.STALE,
+                         RootStatus.NONE, RootStatus.STALE], dtype=torch.int8)
+    plan = plan_round(k, root, det, N, needs_frozen=True)
+    assert plan.det.tolist() == [1, 3]          # steps 2 and 5 are deterministic; chain 2 finished
+    assert plan.boot.tolist() == [0, 4]         # nothing frozen yet
+    assert plan.spec.tolist() == [5]
+    plan = plan_round(k, root, det, N, needs_frozen=False)
+    assert plan.boot.numel() == 0 and plan.spec.tolist() == [0, 4, 5]
+
+
+def test_target_call_segments_come_back_by_name():
+    from specdiff_kernels.ragged_round import TargetCall
+    call = TargetCall()
+    call.add("a", torch.full((2, 3), 1.0), torch.tensor([4, 5]), torch.tensor([0, 1]))
+    call.add("empty", torch.zeros(0, 3), torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64))
+    call.add("b", torch.full((1, 3), 2.0), torch.tensor([7]), torch.tensor([9]))
+    seen = []
+
+    def evaluate(x, k, rows):
+        seen.append((x.shape[0], k.tolist(), rows.tolist()))
+        return x * 10 + k[:, None]
+    out = call.run(evaluate)
+    assert seen == [(3, [4, 5, 7], [0, 1, 9])]       # one call
+    assert out["a"].tolist() == [[14.0] * 3, [15.0] * 3]
+    assert out["empty"].shape == (0, 3)
+    assert out["b"].tolist() == [[27.0] * 3]
+    empty = TargetCall()
+    empty.add("a", torch.zeros(0, 3), torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64))
+    assert empty.run(lambda *a: pytest.fail("no call for an empty round"))["a"].shape == (0, 3)
