@@ -8,7 +8,12 @@
 #   5. the round ops' GPU tests (python_tests/test_gpu_round.py) and benchmark
 #      (bench/bench_round_ops.py --device cuda),
 #   6. the samplers end to end on CUDA (python_tests/test_gpu_sampler.py) and their latency
-#      (bench/bench_latency.py --device cuda).
+#      (bench/bench_latency.py --device cuda),
+#   7. e2e: speculative vs ancestral vs diffusers' own pipeline on the patches and digits models,
+#      fp32 and fp16, with and without torch.compile, and the batch cost curve
+#      (bench/bench_e2e.py --device cuda, cut to E2E_BUDGET seconds; E2E_ARGS adds arguments,
+#      e.g. "--dtypes float16" or "--models digits" to run the rest in a second command;
+#      E2E_DEVICE=cpu E2E_ARGS=--dry-run STEPS=e2e runs the step on a CPU machine in seconds).
 # STEPS picks a subset (default: all of them).
 # Logs and results go to $OUT (default bench/results/gpu_run). Runs under the machine's python3
 # (PYTHON overrides); needs torch, triton, pytest, hypothesis, scipy, pybind11, cmake, ninja.
@@ -19,7 +24,7 @@
 # "build round_tests round_bench", then "sampler_tests latency" on the same warm machine).
 set -u
 OUT=${OUT:-bench/results/gpu_run}
-STEPS=" ${STEPS:-build tests bench overhead round_tests round_bench sampler_tests latency} "
+STEPS=" ${STEPS:-build tests bench overhead round_tests round_bench sampler_tests latency e2e} "
 want() { [[ "$STEPS" == *" $1 "* ]]; }
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
@@ -48,7 +53,8 @@ if want tests; then
   stamp "GPU tests rc=$?"; tail -n 40 "$OUT/test_gpu.log"
 fi
 
-slug=$($PY -c "import torch; from bench_verify_cuda import card_slug; print(card_slug(torch.cuda.get_device_name()))")
+# "cpu" where there is no GPU (the e2e step's dry run); the GPU steps need one anyway
+slug=$($PY -c "import torch; from bench_verify_cuda import card_slug; print(card_slug(torch.cuda.get_device_name()))" 2>/dev/null || echo cpu)
 if want overhead; then
   stamp "launch overhead"
   timeout "${OVERHEAD_TIMEOUT:-120}" $PY bench/bench_launch_overhead.py \
@@ -89,6 +95,13 @@ if want latency; then
   timeout "${LATENCY_TIMEOUT:-300}" $PY bench/bench_latency.py --device cuda --reps "${LATENCY_REPS:-3}" \
     --out "$OUT/latency_$slug" >"$OUT/latency.log" 2>&1
   stamp "sampler latency benchmark rc=$?"; tail -n 40 "$OUT/latency.log"
+fi
+
+if want e2e; then
+  stamp "end-to-end benchmark"
+  timeout "${E2E_TIMEOUT:-570}" $PY bench/bench_e2e.py --device "${E2E_DEVICE:-cuda}" \
+    --time-budget "${E2E_BUDGET:-420}" ${E2E_ARGS:-} --out "$OUT/e2e_$slug" >"$OUT/e2e.log" 2>&1
+  stamp "end-to-end benchmark rc=$?"; tail -n 60 "$OUT/e2e.log"
 fi
 
 if [ -n "${PACK:-}" ]; then
