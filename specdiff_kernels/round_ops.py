@@ -81,6 +81,9 @@ def round_tables(transitions: GaussianTransitions, device=None) -> Tensor:
     ``mean(x, k) = A clip(p) + E p + G x`` for the network's raw x0-hat p (GaussianTransitions'
     ``mean_from_x0`` with its eps term expanded), the step std, the frozen-eps draft's x0 at y
     (``X0_Y y - X0_F eps``) and the eps of an x0-hat at y (``EPS_Y y - EPS_P x0``)."""
+    if not transitions.affine:
+        raise ValueError(f"round_tables: {transitions.name} is not affine in x0-hat (dynamic "
+                         f"thresholding); the round ops cannot express it")
     device = torch.device("cpu") if device is None else torch.device(device)
     key = ("round_tables", device)
     cache = transitions._cache

@@ -367,7 +367,8 @@ class SpeculativeSampler(_SamplerBase):
             raise ValueError(f"path must be one of {PATHS}, got {path!r}")
         if path == "static" and not self._static_capable():
             raise ValueError("path='static' needs a FrozenTargetDraft with prefetch_root=True, a "
-                             "fixed integer window and the default verify op; use path='ragged'")
+                             "fixed integer window, the default verify op and transitions affine "
+                             "in x0-hat (no dynamic thresholding); use path='ragged'")
         if compile not in (True, False, "auto"):
             raise ValueError(f"compile must be True, False or 'auto', got {compile!r}")
         self.path = path
@@ -492,7 +493,8 @@ class SpeculativeSampler(_SamplerBase):
     # -------------------------------------------------------------- the static path
     def _static_capable(self) -> bool:
         return (isinstance(self.draft, FrozenTargetDraft) and self.draft.prefetch_root
-                and self.window_policy is None and self.verify_fn is ops.speculative_verify)
+                and self.window_policy is None and self.verify_fn is ops.speculative_verify
+                and self.transitions.affine)
 
     def resolve_path(self, num_chains: int, device: torch.device) -> str:
         """``"static"`` or ``"ragged"``: what ``sample`` runs for this batch (see ``path``)."""

@@ -240,7 +240,9 @@ class LeanAncestral:
         self.seed, self.ids = seed, chain_ids
         self.cond = {} if cond is None else cond    # the chains' network kwargs, rows in order
         self.backend = backend
-        self.coef = round_ops.round_tables(transitions, device)
+        # a mean that is not affine in x0-hat (dynamic thresholding) is stepped by the
+        # transitions' own formula with the same counter-based noise
+        self.coef = round_ops.round_tables(transitions, device) if transitions.affine else None
         self.clip = round_ops.clip_value(transitions)
         self.net = NetworkCall(model, transitions, device, dtype)
         # on CUDA, "reduce-overhead" replays each step as a CUDA graph: the fastest baseline
@@ -251,9 +253,13 @@ class LeanAncestral:
 
     def _step_eager(self, x: Tensor, k: Tensor, ones: Tensor) -> tuple[Tensor, Tensor]:
         out, p = self.net(x, k, self.cond)
+        bad = ~torch.isfinite(out.reshape(x.shape[0], -1)).all(-1)
+        if self.coef is None:
+            xi, _ = round_ops.chain_noise(self.seed, self.ids, k, 1, x.shape[1:], x.dtype)
+            return self.T.mean_from_x0(x, p, k) + self.T.coef("std", k, x) * xi[:, 0], bad
         y = draft_op(self.backend, x, p, k, ones, self.coef, self.seed, self.ids, 1, FREEZE_X0,
                      self.clip)
-        return y[:, 1].contiguous(), ~torch.isfinite(out.reshape(x.shape[0], -1)).all(-1)
+        return y[:, 1].contiguous(), bad
 
     def run(self, x: Tensor, check_finite: bool = True, bar=None
             ) -> tuple[Tensor, Optional[tuple[int, int]]]:

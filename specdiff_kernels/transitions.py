@@ -66,6 +66,10 @@ def _table(x, n: Optional[int] = None, name: str = "table") -> Tensor:
 class GaussianTransitions:
     """Per-step coefficient tables of an affine Gaussian sampler (see the module docstring).
 
+    Subclasses whose ``mean_from_x0`` is not affine in x0-hat (diffusers' dynamic thresholding)
+    set ``affine = False``: the static round's fused ops cannot express them, so the sampler
+    takes the ragged path.
+
     Args:
         timesteps: ``[N]`` model timestep of each sampling step (training-schedule values).
         c_x0, c_x, std: ``[N]`` mean coefficients and step std (std >= 0; 0 = deterministic).
@@ -78,6 +82,8 @@ class GaussianTransitions:
         init_std: std of the initial state, x_start ~ N(0, init_std^2 I).
         name: a label for reprs and errors.
     """
+
+    affine = True
 
     def __init__(self, timesteps, c_x0, c_x, std, model_alpha, model_sigma, *, c_eps=None,
                  input_scale=None, prediction: str = "epsilon", clip_sample: Optional[float] = None,

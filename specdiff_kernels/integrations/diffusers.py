@@ -246,21 +246,24 @@ class _ThresholdedTransitions(GaussianTransitions):
     """Transitions whose x0_hat goes through diffusers' dynamic thresholding (Imagen):
     per sample, s = clamp(quantile(|x0|, ratio), 1, max); x0 <- clamp(x0, -s, s) / s."""
 
+    # the mean is not affine in x0-hat: the fused round ops (static path) cannot express it
+    affine = False
+
     def __init__(self, *args, ratio: float, max_value: float, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.threshold_ratio = float(ratio)
         self.threshold_max = float(max_value)
 
-    def threshold(self, x0: Tensor) -> Tensor:
-        B = x0.shape[0]
-        flat = x0.reshape(B, -1)
+    def threshold(self, x0: Tensor, batch_dims: int = 1) -> Tensor:
+        """Per sample: the first ``batch_dims`` dims index samples (a window [w, L, *E] has 2)."""
+        flat = x0.reshape(math.prod(x0.shape[:batch_dims]), -1)
         work = flat.float() if flat.dtype in (torch.float16, torch.bfloat16) else flat
         s = torch.quantile(work.abs(), self.threshold_ratio, dim=1)
         s = s.clamp(min=1.0, max=self.threshold_max).unsqueeze(1)
         return (torch.clamp(work, -s, s) / s).to(x0.dtype).reshape(x0.shape)
 
     def mean_from_x0(self, x: Tensor, x0: Tensor, k: Tensor) -> Tensor:
-        return super().mean_from_x0(x, self.threshold(x0), k)
+        return super().mean_from_x0(x, self.threshold(x0, max(1, k.dim())), k)
 
 
 def _fresh(scheduler, num_inference_steps: Optional[int]):
