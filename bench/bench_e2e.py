@@ -51,6 +51,7 @@ import torch  # noqa: E402
 
 from bench_results import write_results  # noqa: E402
 from specdiff_kernels import models  # noqa: E402
+from specdiff_kernels.sample_cmd import CastNet  # noqa: E402
 from specdiff_kernels.sampler import AncestralSampler, SpeculativeSampler  # noqa: E402
 from specdiff_kernels.stats import two_sample_pvalue  # noqa: E402
 
@@ -77,18 +78,6 @@ def sync(device: torch.device) -> None:
 def quiet_diffusers():
     from diffusers.utils import logging as dlog
     dlog.set_verbosity_error()   # no accelerate: every from_pretrained warns
-
-
-class CastNet(torch.nn.Module):
-    """A network run in a lower precision while the chain's states stay float32 (the verify's
-    log-density ratio over thousands of coordinates needs float32; the network is the cost)."""
-
-    def __init__(self, net, dtype):
-        super().__init__()
-        self.net, self.dtype = net, dtype
-
-    def forward(self, x, t):
-        return self.net(x.to(self.dtype), t).to(x.dtype)
 
 
 class StepLoop:
@@ -409,7 +398,9 @@ def to_markdown(meta: dict, rows: list) -> str:
              "*p* = two-sample p-value (per-coordinate KS + energy distance, Bonferroni) of the eager "
              "speculative samples of all batches and repetitions of (model, dtype, N, L) against the "
              "eager ancestral samples of (model, dtype, N), every run with its own seed (n = pool "
-             "sizes). " + meta.get("warmup_note", ""), ""]
+             "sizes). float16: the network's weights and inputs in float16; the samplers of this "
+             "project keep the chain's states in float32, diffusers' `pipe(...)` and step loop run "
+             "everything in float16 as diffusers does. " + meta.get("warmup_note", ""), ""]
     for m, lab in meta.get("model_labels", {}).items():
         lines.append(f"* {m}: {lab}")
     lines.append("")

@@ -146,6 +146,24 @@ def test_sample_digits_bfloat16_and_ddim(tmp_path):
     assert "eta=0.7" in stats["pipeline"]["transitions"] and stats["args"]["dtype"] == "bfloat16"
 
 
+def test_dtype_is_the_networks(pipe_dir, tmp_path, monkeypatch):
+    """--dtype bfloat16 loads the UNet in bfloat16; the chains (and the samples) stay float32."""
+    loaded, sampled = [], []
+    real_load, real_sample = sample_cmd.load_unet, SpeculativeSampler.sample
+    monkeypatch.setattr(sample_cmd, "load_unet", lambda *a: loaded.append(real_load(*a)) or loaded[-1])
+
+    def spy(self, *a, **kw):
+        res = real_sample(self, *a, **kw)
+        sampled.append(res.samples.dtype)
+        return res
+
+    monkeypatch.setattr(SpeculativeSampler, "sample", spy)
+    rc = main(["sample", "--pipeline", str(pipe_dir), "--dtype", "bfloat16", "--steps", "10",
+               "--batch", "2", "--no-progress", "--out", str(tmp_path)])
+    assert rc == 0
+    assert [u.dtype for u in loaded] == [torch.bfloat16] and sampled == [torch.float32]
+
+
 def test_image_grid_denormalises():
     x = torch.tensor([-1.0, 0.0, 1.0, 2.0]).reshape(4, 1, 1, 1)
     g = sample_cmd.image_grid(x, min_tile=1)

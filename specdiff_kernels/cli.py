@@ -213,7 +213,8 @@ def add_sample_arguments(sample: argparse.ArgumentParser) -> None:
     sample.add_argument("--batch", type=positive_int, default=16, help="chains")
     sample.add_argument("--device", type=device_arg, default="cpu", help="cpu, cuda or cuda:N")
     sample.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
-                        help="of the network and the states (float16: CUDA only)")
+                        help="the network's precision; the chains' states stay float32 "
+                             "(float16: CUDA only)")
     sample.add_argument("--seed", type=seed_int, default=0)
     sample.add_argument("--out", default="out", help="directory for samples.png and stats.json")
     sample.add_argument("--compare", action="store_true",
