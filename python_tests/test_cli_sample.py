@@ -317,6 +317,13 @@ def test_missing_patches_weights(tmp_path, capsys, monkeypatch, nothing_loaded):
                     f"folder or 'digits'")
 
 
+def test_pipeline_folder_without_diffusers(pipe_dir, tmp_path, capsys, monkeypatch, nothing_loaded):
+    monkeypatch.setitem(sys.modules, "diffusers", None)   # import diffusers -> ImportError
+    assert cli_error(["sample", "--pipeline", str(pipe_dir), "--out", str(tmp_path)], capsys) == (
+        "specdiff sample: error: argument --pipeline: diffusers is not installed (pip install "
+        "'specdiff_kernels[diffusers]')")
+
+
 def test_out_that_is_a_file(pipe_dir, tmp_path, capsys, nothing_loaded):
     f = tmp_path / "afile"
     f.write_text("")
