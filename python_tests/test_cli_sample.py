@@ -260,7 +260,7 @@ def test_bad_pipeline_folders(case, pipe_dir, tmp_path, capsys, nothing_loaded):
 FOLDER_CASES = [
     (["--steps", "2000"], "argument --steps: must be at most 1000 (the pipeline's training timesteps), got 2000"),
     (["--eta", "0.5"], "argument --eta: applies to --scheduler ddim only (this pipeline's own scheduler is DDPMScheduler)"),
-    (["--scheduler", "euler-a", "--eta", "0.5"], "argument --eta: applies to --scheduler ddim only (this pipeline's own scheduler is DDPMScheduler)"),
+    (["--scheduler", "euler-a", "--eta", "0.5"], "argument --eta: applies to --scheduler ddim only"),
     (["--scheduler", "ddim", "--eta", "0"], "argument --eta: must be a positive number, got 0.0"),
     (["--scheduler", "heun"], "argument --scheduler: invalid choice: 'heun' (choose from 'ddpm', 'ddim', 'euler-a')"),
     (["--draft", "model"], "argument --draft: 'model' needs a draft network, which only --pipeline digits ships; use frozen-x0 or frozen-eps"),

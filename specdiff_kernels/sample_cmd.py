@@ -134,6 +134,7 @@ def resolve_pipeline(pipeline: str, scheduler: Optional[str], steps: int, eta: O
     sched_cfg = _read_json(path / "scheduler" / "scheduler_config.json", "--pipeline",
                            f"{pipeline!r} has no usable scheduler/")
     own = sched_cfg.get("_class_name", "?")
+    given = scheduler is not None
     if scheduler is None:
         if own not in SCHEDULER_NAMES:
             raise PipelineError("--scheduler", f"the pipeline's own scheduler {own} is not supported "
@@ -141,8 +142,8 @@ def resolve_pipeline(pipeline: str, scheduler: Optional[str], steps: int, eta: O
                                                f"--scheduler {' or '.join(SCHEDULERS)}")
         scheduler = SCHEDULER_NAMES[own]
     if eta is not None and scheduler != "ddim":
-        raise PipelineError("--eta", f"applies to --scheduler ddim only (this pipeline's own "
-                                     f"scheduler is {own})")
+        raise PipelineError("--eta", "applies to --scheduler ddim only" + (
+            "" if given else f" (this pipeline's own scheduler is {own})"))
     max_steps = int(sched_cfg.get("num_train_timesteps", 1000))
     if steps > max_steps:
         raise PipelineError("--steps", f"must be at most {max_steps} (the pipeline's training "
