@@ -67,6 +67,14 @@ class ChainNoise:
         steps = steps.to(device=self.device, dtype=torch.int64)
         return self._draw(self.chain_ids[rows], steps, length)
 
+    def uniforms(self, rows: Tensor, steps: Tensor, length: int) -> Tensor:
+        """``u [n, length]`` alone (the step noise of a fused draft is drawn in its kernel): u does
+        not depend on the event size, so one element per row is drawn for xi."""
+        rows = rows.to(device=self.device, dtype=torch.int64)
+        steps = steps.to(device=self.device, dtype=torch.int64)
+        return round_ops.chain_noise(self.seed, self.chain_ids[rows], steps, length, (1,),
+                                     self.dtype, backend=self.backend)[1]
+
     def _draw(self, ids: Tensor, steps: Tensor, length: int) -> tuple[Tensor, Tensor]:
         return round_ops.chain_noise(self.seed, ids, steps, length, self.event_shape, self.dtype,
                                      backend=self.backend)

@@ -31,7 +31,10 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+from . import round_ops
+from .chain_noise import ChainNoise
 from .drafts import DraftModelDraft, FrozenTargetDraft
+from .static_round import draft_op
 from .transitions import GaussianTransitions
 
 
@@ -151,6 +154,31 @@ class FrozenProposer:
         """Freeze the target's x0-hat ``x0`` at states x of chains ``rows`` (device rows)."""
         chains.frozen[rows] = self.draft.freeze_value(self.T, x, x0, k)
 
+    @property
+    def fused(self) -> bool:
+        """Whether the window is drafted by the fused ``frozen_draft`` op (affine means)."""
+        return self.T.affine
+
+    def fused_draft(self, chains: RaggedChains, rows: Tensor, k: Tensor, n: Tensor,
+                    noise: ChainNoise, window: int, backend: Optional[str]) -> tuple[Tensor, Tensor]:
+        """``(Y, MQ)`` of chains ``rows`` in one pass of ``frozen_draft`` (noise drawn in-kernel:
+        the same xi(seed, c, k) as ``noise``), the draft means recomputed from Y in a few
+        vectorised ops. Positions past n repeat the state (and mq = y there)."""
+        dev = chains.x.device
+        rd = rows.to(dev)
+        kd, nd = k.to(dev), n.to(dev)
+        fr = chains.frozen[rd]
+        Y = draft_op(backend, chains.x[rd], fr, kd, nd, round_ops.round_tables(self.T, dev),
+                     noise.seed, noise.chain_ids[rd], window,
+                     round_ops.FREEZE_MODES[self.draft.freeze], round_ops.clip_value(self.T))
+        pos = torch.arange(window, device=dev)
+        kw = kd[:, None] + pos[None]
+        Yl = Y[:, :window]
+        x0q = self.draft.x0_at(self.T, fr.unsqueeze(1), Yl, kw)
+        MQ = self.T.mean_from_x0(Yl, x0q.expand_as(Yl), kw)
+        active = (pos[None] < nd[:, None]).view(*kw.shape, *([1] * (Yl.dim() - 2)))
+        return Y, torch.where(active, MQ, Yl)
+
     def draft_x0(self, chains: RaggedChains, rd: Tensor, exact0: Tensor, j: int, yj: Tensor,
                  kj: Tensor, active: Tensor, evaluate) -> Tensor:
         x0j = self.draft.x0_at(self.T, chains.frozen[rd], yj, kj)
@@ -206,6 +234,7 @@ class ModelProposer:
 
     needs_frozen = False
     prefetch = False
+    fused = False
 
     def __init__(self, draft: DraftModelDraft, transitions: GaussianTransitions):
         self.draft = draft

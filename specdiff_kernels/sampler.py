@@ -266,7 +266,9 @@ class _SamplerBase:
         cond = chains.cond.gather(rows.to(x.device)) if chains.cond else {}
         out = self.transitions.call_model(model, x, k, **cond)
         _args.check_model_output(role, out, x)
-        if self.check_finite:
+        # one reduction first (a finite sum has no inf or NaN term); the row-wise test only when
+        # it is not finite (which a sum that overflows also gives)
+        if self.check_finite and not bool(torch.isfinite(out.sum())):
             bad = ~torch.isfinite(out.reshape(out.shape[0], -1)).all(dim=1)
             if bool(bad.any()):
                 i = int(bad.nonzero()[0, 0])
@@ -623,11 +625,14 @@ class SpeculativeSampler(_SamplerBase):
         kr = ch.k[rows]
         cap = torch.full_like(kr, L) if lengths is None else lengths.clamp(1, L)
         n = torch.minimum(self._stoch_run[kr], cap)                         # [w] >= 1
+        exact = (ch.status(rows, RootStatus.EXACT) if prop.needs_frozen
+                 else torch.zeros(w, dtype=torch.bool))
+        if prop.fused:
+            Y, MQ = prop.fused_draft(ch, rows, kr, n, noise, L, self.backend)
+            return DraftedWindows(rows, Y, MQ, n, kr, noise.uniforms(rows, kr, L), exact)
         xi, u = noise.window(rows, kr, L)
         xi = xi.to(dev)
         kd, nd = kr.to(dev), n.to(dev)
-        exact = (ch.status(rows, RootStatus.EXACT) if prop.needs_frozen
-                 else torch.zeros(w, dtype=torch.bool))
         exact0 = exact.to(dev)
 
         def draft_eval(y: Tensor, k: Tensor, act: Tensor) -> Tensor:
