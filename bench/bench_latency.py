@@ -127,11 +127,12 @@ class TimedNetwork(torch.nn.Module):
         return out
 
 
-def own_cost_per_round(make, B, shape, device) -> float:
-    """(wall - time inside the network) / rounds, in ms, from one instrumented run."""
+def own_cost_per_round(make, B, shape, device) -> tuple[float, float]:
+    """((wall - time inside the network) / rounds in ms, time inside the network in s), from one
+    instrumented run."""
     timed_sampler, timed = make()
     wall, st = run_once(timed_sampler, B, shape, device)
-    return (wall - timed.seconds) / st.rounds * 1e3
+    return (wall - timed.seconds) / st.rounds * 1e3, timed.seconds
 
 
 def aten_calls(fn) -> int:
@@ -172,7 +173,8 @@ def bench_model(key, B, N, L, device, reps, with_compile, log) -> dict:
             def make(name=name):
                 timed = TimedNetwork(net)
                 return configs(timed, T, L, device, False, m)[name], timed
-            row["own_per_round_ms"] = own_cost_per_round(make, B, shape, device)
+            row["own_per_round_ms"], net_s = own_cost_per_round(make, B, shape, device)
+            row["network_floor_ratio"] = net_s / wall[fastest_anc]
         elif (compiled and device.type == "cuda") or name == "ancestral_diffusers_loop":
             pass   # own cost is a CPU target; compiling the network alone again costs device time
         elif name.startswith("ancestral"):
@@ -184,6 +186,7 @@ def bench_model(key, B, N, L, device, reps, with_compile, log) -> dict:
             rounds = st.rounds
             row["own_per_round_ms"] = (wall[name] - t_root - (rounds - 1) * t_round) / max(rounds - 1, 1) * 1e3
             row["net_per_round_ms"] = t_round * 1e3
+            row["network_floor_ratio"] = (t_root + (rounds - 1) * t_round) / wall[fastest_anc]
         if device.type == "cpu" and name in ("static_eager", "static_compiled", "ancestral_eager",
                                              "ancestral_compiled", "ragged", "default") and B <= 64:
             total = aten_calls(lambda: run_once(s, B, shape, device))
@@ -216,16 +219,21 @@ def to_markdown(res) -> str:
              "Medians of interleaved repetitions; ratio = wall / the fastest ancestral configuration "
              "of the same run. own/round: wall minus the time inside the network, per round "
              "(eager: measured around each call in a separate instrumented run; compiled: the "
-             "network alone, compiled the same way, at the same batch sizes, subtracted). aten/round: aten calls per round outside the network (CPU).", ""]
+             "network alone, compiled the same way, at the same batch sizes, subtracted). aten/round: aten calls per round outside the network (CPU). "
+             "floor: the ratio this sampler would have if its own cost were zero (its time inside "
+             "the network / the fastest ancestral wall): a ratio target below it cannot be met by "
+             "the sampler, only by a cheaper network call at batch B (L + 1).", ""]
     for cell in res["cells"]:
         lines += [f"## {cell['model']}, B = {cell['B']}, N = {cell['N']}, L = {cell['L']} "
                   f"(fastest ancestral: {cell['fastest_ancestral']})", "",
-                  "| sampler | wall [s] | ratio | calls | rounds | own/round [ms] | aten/round |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| sampler | wall [s] | ratio | floor | calls | rounds | own/round [ms] | aten/round |",
+                  "|---|---|---|---|---|---|---|---|"]
         for name, r in cell["configs"].items():
             own = r.get("own_per_round_ms")
             at = r.get("aten_calls_per_round_outside_network")
+            fl = r.get("network_floor_ratio")
             lines.append(f"| {name} | {r['wall_s']:.4f} | {r['ratio_vs_fastest_ancestral']:.3f} | "
+                         f"{'-' if fl is None else f'{fl:.3f}'} | "
                          f"{r['target_calls']} | {r['rounds']} | "
                          f"{'-' if own is None else f'{own:.3f}'} | {'-' if at is None else f'{at:.0f}'} |")
         lines.append("")

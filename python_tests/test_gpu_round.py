@@ -277,3 +277,15 @@ def test_no_host_sync():
         run()
     finally:
         torch.cuda.set_sync_debug_mode(prev)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_round_stats_cuda_equals_cpu(seed):
+    """The counters op on CUDA (the reference composition) equals the C++ CPU kernel, with
+    non-finite outputs and log ratios, finished chains and chains at a deterministic step."""
+    from test_round_ops import _stats_case
+    args = _stats_case(seed, 5 + seed, 1 + seed % 5, 9 + 2 * seed, nonfinite=seed % 2 == 0)
+    want = torch.ops.specdiff.round_stats(*args)
+    got = torch.ops.specdiff.round_stats(*[a.to(DEV) if isinstance(a, torch.Tensor) else a
+                                           for a in args])
+    assert torch.equal(got.cpu(), want)
