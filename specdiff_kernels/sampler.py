@@ -57,8 +57,9 @@ VerifyFn = Callable[..., "ops.VerifyResult"]
 PATHS = ("auto", "static", "ragged")
 # The static round is the default up to this many chains on CPU; above it the ragged path, which
 # evaluates only the states a round needs and drops finished chains, costs less. Measured (digits,
-# N = 200, L = 8, 1 thread; bench/results/latency_cpu*.md): B = 1 static 19.7 vs ragged 32.8 ms,
-# B = 16 98.5 vs 98.7 ms, B = 64 363 vs 298 ms, B = 256 1.47 vs 1.11 s. On CUDA always static.
+# N = 200, L = 8, 1 thread, after the counters op; `bench_latency.py --cells digits:16 digits:64
+# digits:256 --no-compile`): B = 16 static 104 vs ragged 111 ms, B = 64 365 vs 308 ms, B = 256
+# 1.65 vs 1.30 s (B = 1: bench/results/latency_cpu.md). On CUDA always static.
 STATIC_MAX_CHAINS_CPU = 16
 
 
