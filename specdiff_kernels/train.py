@@ -286,6 +286,10 @@ def train_patches(steps: int = PATCHES_DEFAULT_STEPS, batch: int = PATCHES_DEFAU
     wall = time.perf_counter() - t0
     final_eval = _patches_eval_loss(ema, evaldata, abar)
     DDPMPipeline(unet=ema, scheduler=scheduler).save_pretrained(str(out), safe_serialization=True)
+    # safetensors writes through a 0600 temp file; installed package data must be world-readable
+    for f in out.rglob("*"):
+        if f.is_file():
+            f.chmod(0o644)
     info = {
         "command": "python -m specdiff_kernels.train " + " ".join(argv if argv is not None
                                                                  else ["patches"]),
