@@ -25,10 +25,10 @@ config, 35.7 M parameters, RANDOM weights: cost only) and for the digits MLP.
     python bench/bench_e2e.py --device cuda         # the full grid, fp32 and fp16
     python bench/bench_e2e.py --dry-run             # seconds: one tiny cell per model, to check the script
 
-CPU defaults (2 shared cores: a patches UNet call costs ~22 ms at batch 1 and ~100 ms at 9, and
-compiling it ~1 min per shape): digits gets the whole grid eager and compiled configurations at
-B = 1, N = 200, L = 8 only; patches gets B = 1 at N = 100 and 200 and B = 4 at N = 100, eager,
-no compiled configurations; fp32 only. Every skipped cell is listed in the results with its
+CPU defaults (2 shared cores: a patches UNet call costs ~9 ms at batch 1 and ~35 ms at 9, a
+round at B = 16, L = 8 ~1 s, and compiling costs 15-90 s per shape): the whole grid for digits,
+B = 1 and 4 for patches (B = 16 skipped), eager everywhere, compiled configurations (ancestral
+and L = 8) at B = 1, N = 200 only; fp32 only. Every skipped cell is listed in the results with its
 reason; ``--full`` runs everything. ``--time-budget`` skips the cells left when it is spent.
 Results: ``bench/results/e2e_<device>.{json,md,png}``.
 """
@@ -205,27 +205,26 @@ def plan(args, device) -> tuple[list, list]:
         for N in args.steps:
             for model in present:
                 if dtype == "float16" and device.type == "cpu":
-                    skipped.append({"model": model, "dtype": dtype, "reason": "float16 runs on CUDA only"})
+                    if N == args.steps[0]:
+                        skipped.append({"model": model, "dtype": dtype, "reason": "float16 runs on CUDA only"})
                     continue
                 for B in args.batches:
                     windows = [L for L in args.windows if L <= N]
-                    comp = [] if args.compile == "off" or B not in args.compile_batches else \
+                    comp = [] if args.compile == "off" else \
                         [L for L in windows if L in args.compile_windows]
-                    if cpu_reduced and model != "digits":
-                        if B > 4 or (B == 4 and N > 100):
-                            skipped.append({"model": model, "dtype": dtype, "N": N, "B": B,
-                                            "reason": "CPU: each round is one UNet call on B (L + 1) "
-                                                      "states, seconds at this batch"})
-                            continue
-                        if comp:
-                            skipped.append({"model": model, "dtype": dtype, "N": N, "B": B,
-                                            "configs": "compiled", "reason": "CPU: compiling the UNet "
-                                                                             "costs ~1 min per shape"})
+                    where = {"model": model, "dtype": dtype, "N": N, "B": B}
+                    if cpu_reduced and model != "digits" and B > 4:
+                        skipped.append({**where, "reason": "CPU: each round is one UNet call on "
+                                                           "B (L + 1) states, seconds at this batch"})
+                        continue
+                    if comp and B not in args.compile_batches:
+                        skipped.append({**where, "configs": "compiled",
+                                        "reason": f"compiled only at B in {args.compile_batches} "
+                                                  f"(--compile-batches)"})
                         comp = []
                     elif cpu_reduced and comp and N != max(args.steps):
-                        skipped.append({"model": model, "dtype": dtype, "N": N, "B": B,
-                                        "configs": "compiled", "reason": "CPU: 15-60 s of compiling per "
-                                                                         f"shape; compiled at N = {max(args.steps)} only"})
+                        skipped.append({**where, "configs": "compiled", "reason": "CPU: 15-90 s of "
+                                        f"compiling per shape; compiled at N = {max(args.steps)} only"})
                         comp = []
                     cells.append((model, dtype, N, B, windows, comp))
     return cells, skipped
@@ -520,7 +519,7 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=None, help="default: 3 (CPU), 5 (CUDA)")
     p.add_argument("--cost-batches", nargs="+", type=int, default=None,
                    help="default: 1..64 (CUDA); 1 2 3 4 5 8 9 16 17 32 64 (CPU)")
-    p.add_argument("--cost-reps", type=int, default=None, help="default: 2 (CPU), 10 (CUDA)")
+    p.add_argument("--cost-reps", type=int, default=None, help="default: 3 (CPU), 10 (CUDA)")
     p.add_argument("--no-cost-curve", action="store_true")
     p.add_argument("--full", action="store_true", help="CPU: no reduced grid")
     p.add_argument("--time-budget", type=float, default=None,
@@ -529,6 +528,8 @@ def main(argv=None) -> int:
     p.add_argument("--dry-run", action="store_true",
                    help="one tiny cell per model and a 3-point cost curve, to check the script")
     p.add_argument("--out", default=None, help="path stem (default bench/results/e2e_<device>)")
+    p.add_argument("--report-only", action="store_true",
+                   help="rewrite the markdown and PNG from the JSON at --out")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -541,7 +542,7 @@ def main(argv=None) -> int:
         args.compile_batches = args.batches if cuda or args.full else [1]
     if args.compile_windows is None:
         args.compile_windows = [8]
-    cost_reps = args.cost_reps if args.cost_reps is not None else (10 if cuda else 2)
+    cost_reps = args.cost_reps if args.cost_reps is not None else (10 if cuda else 3)
     cost_batches = args.cost_batches or (list(range(1, 65)) if cuda else [1, 2, 3, 4, 5, 8, 9, 16, 17, 32, 64])
     if args.dry_run:
         args.batches, args.steps, args.windows, args.reps = [2], [20], [4], 1
@@ -555,6 +556,12 @@ def main(argv=None) -> int:
     except ImportError:
         slug = args.device
     out = Path(args.out) if args.out else RESULTS / f"e2e_{slug}"
+    if args.report_only:
+        import json
+        saved = json.loads(out.with_suffix(".json").read_text())
+        write_results(out, saved["meta"], saved["rows"], to_markdown)
+        plot(saved["meta"], saved["rows"], out.with_suffix(".png"))
+        return 0
     import diffusers
 
     def log(msg):
