@@ -164,6 +164,16 @@ def test_dtype_is_the_networks(pipe_dir, tmp_path, monkeypatch):
     assert [u.dtype for u in loaded] == [torch.bfloat16] and sampled == [torch.float32]
 
 
+def test_patches_resolves_to_the_shipped_pipeline():
+    """--pipeline patches is the packaged save_pretrained folder, checked from its JSON alone."""
+    from specdiff_kernels.models import patches
+    spec = sample_cmd.resolve_pipeline("patches", None, 200, None)
+    assert spec.path == patches.pipeline_dir() and (spec.path / "unet").is_dir()
+    assert (spec.scheduler, spec.own_scheduler, spec.unet_class) == ("ddpm", "DDPMScheduler", "UNet2DModel")
+    assert spec.event_shape == (3, 32, 32) and spec.transitions.num_steps == 200
+    assert not spec.has_draft_model
+
+
 def test_image_grid_denormalises():
     x = torch.tensor([-1.0, 0.0, 1.0, 2.0]).reshape(4, 1, 1, 1)
     g = sample_cmd.image_grid(x, min_tile=1)
