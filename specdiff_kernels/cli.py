@@ -205,18 +205,19 @@ def add_sample_arguments(sample: argparse.ArgumentParser) -> None:
                         help="default: the pipeline's own (digits: ddpm)")
     sample.add_argument("--eta", type=positive_float, default=None,
                         help="DDIM's eta (> 0; default 1.0); --scheduler ddim only")
-    sample.add_argument("--steps", type=positive_int, default=200, help="sampling steps N")
+    sample.add_argument("--steps", type=positive_int, default=200, help="sampling steps N (default 200)")
     sample.add_argument("--window", type=window_arg, default=8,
-                        help="draft window L (at most N), or 'adaptive'")
+                        help="draft window L (at most N; default 8), or 'adaptive'")
     sample.add_argument("--draft", default="frozen-x0", choices=["frozen-x0", "frozen-eps", "model"],
                         help="frozen target (training-free) or the draft network (digits only)")
-    sample.add_argument("--batch", type=positive_int, default=16, help="chains")
+    sample.add_argument("--batch", type=positive_int, default=16, help="chains (default 16)")
     sample.add_argument("--device", type=device_arg, default="cpu", help="cpu, cuda or cuda:N")
     sample.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                         help="the network's precision; the chains' states stay float32 "
                              "(float16: CUDA only)")
     sample.add_argument("--seed", type=seed_int, default=0)
-    sample.add_argument("--out", default="out", help="directory for samples.png and stats.json")
+    sample.add_argument("--out", default="out", help="directory for samples.png and stats.json "
+                                                     "(default ./out)")
     sample.add_argument("--compare", action="store_true",
                         help="also run the ancestral chain (independent seed): cost table and "
                              "two-sample p-value")
