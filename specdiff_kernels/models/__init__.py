@@ -6,6 +6,10 @@
 * ``digits``: a DDPM (eps-prediction, 1000-step linear schedule) trained on scikit-learn's bundled
   8x8 digits by ``python -m specdiff_kernels.train digits``, with a smaller, independently trained
   draft model.
+* ``patches`` (:mod:`specdiff_kernels.models.patches`, not through ``load``): a real diffusers
+  ``DDPMPipeline`` (UNet2DModel + DDPMScheduler) in ``save_pretrained`` layout, trained by
+  ``python -m specdiff_kernels.train patches`` on crops of scikit-image's photographs; load it with
+  ``patches.load_pipeline()`` or ``DDPMPipeline.from_pretrained(patches.pipeline_dir())``.
 
 ``load(name)`` returns an :class:`EmbeddedModel` with the target, the draft model and a
 ``transitions(num_steps)`` factory over the model's training schedule.
