@@ -31,7 +31,9 @@ import os
 import platform
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -62,6 +64,54 @@ def _lr_at(step: int, total: int, base: float, warmup: int, final_frac: float) -
 def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     for pe, pm in zip(ema.parameters(), model.parameters()):
         pe.mul_(decay).add_(pm.detach(), alpha=1.0 - decay)
+
+
+def _eps_loss(predict, x0: torch.Tensor, g: torch.Generator, abar: torch.Tensor) -> torch.Tensor:
+    """The DDPM epsilon loss of ``predict(x_t, t)`` on clean data x0 (t, then eps, drawn from g)."""
+    b = x0.shape[0]
+    t = torch.randint(0, abar.shape[0], (b,), generator=g)
+    eps = torch.randn(x0.shape, generator=g)
+    a = abar[t].view(b, 1, 1, 1)
+    xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
+    return (predict(xt, t) - eps).pow(2).mean()
+
+
+@dataclass(frozen=True)
+class Schedule:
+    steps: int
+    lr: float
+    warmup: int
+    final_lr_frac: float
+    ema_decay: float
+    grad_clip: float
+    log_every: int
+
+
+class _Trainer:
+    """One optimiser step at a time: cosine learning rate, gradient clipping, EMA weights, a
+    smoothed loss and a log line every ``log_every`` steps (shared by both models)."""
+
+    def __init__(self, name: str, model: torch.nn.Module, ema: torch.nn.Module, opt, sch: Schedule):
+        self.name, self.model, self.ema, self.opt, self.sch = name, model, ema, opt, sch
+        self.smooth: Optional[float] = None
+        self.t0 = time.perf_counter()
+
+    def step(self, step: int, loss: torch.Tensor) -> None:
+        sch, opt = self.sch, self.opt
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(step, sch.steps, sch.lr, sch.warmup, sch.final_lr_frac)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if sch.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), sch.grad_clip)
+        opt.step()
+        _ema_update(self.ema, self.model, min(sch.ema_decay, (1.0 + step) / (10.0 + step)))
+        lv = loss.item()
+        self.smooth = lv if self.smooth is None else 0.99 * self.smooth + 0.01 * lv
+        if (step + 1) % sch.log_every == 0 or step + 1 == sch.steps:
+            print(f"[{self.name}] step {step + 1:6d}/{sch.steps}  loss {lv:.5f}  ema-loss "
+                  f"{self.smooth:.5f}  lr {opt.param_groups[0]['lr']:.2e}  "
+                  f"{time.perf_counter() - self.t0:7.1f}s", flush=True)
 
 
 @torch.no_grad()
@@ -98,10 +148,10 @@ def train_eps_model(name: str, config: dict, data: torch.Tensor, *, steps: int, 
     n = data.shape[0]
     perm = torch.randperm(n, generator=g)
     pos = 0
-    smooth = None
-    t0 = time.perf_counter()
     print(f"[{name}] config={config} params={D.count_params(model)} steps={steps} "
           f"batch={batch} lr={lr} seed={seed}", flush=True)
+    trainer = _Trainer(name, model, ema, opt,
+                       Schedule(steps, lr, warmup, final_lr_frac, ema_decay, grad_clip, log_every))
     for step in range(steps):
         # deterministic data order: a fresh seeded permutation per epoch, consumed in order
         idx_parts = []
@@ -115,26 +165,9 @@ def train_eps_model(name: str, config: dict, data: torch.Tensor, *, steps: int, 
             pos += take
             need -= take
         x0 = data[torch.cat(idx_parts)]
-        t = torch.randint(0, D.T, (batch,), generator=g)
-        eps = torch.randn(x0.shape, generator=g)
-        a = abar[t].view(batch, 1, 1, 1)
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
-        loss = (model(xt, t) - eps).pow(2).mean()
-        for group in opt.param_groups:
-            group["lr"] = _lr_at(step, steps, lr, warmup, final_lr_frac)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        opt.step()
-        _ema_update(ema, model, min(ema_decay, (1.0 + step) / (10.0 + step)))
-        lv = loss.item()
-        smooth = lv if smooth is None else 0.99 * smooth + 0.01 * lv
-        if (step + 1) % log_every == 0 or step + 1 == steps:
-            print(f"[{name}] step {step + 1:6d}/{steps}  loss {lv:.5f}  ema-loss {smooth:.5f}  "
-                  f"lr {opt.param_groups[0]['lr']:.2e}  {time.perf_counter() - t0:7.1f}s",
-                  flush=True)
-    wall = time.perf_counter() - t0
+        trainer.step(step, _eps_loss(model, x0, g, abar))
+    wall = time.perf_counter() - trainer.t0
+    smooth = trainer.smooth
     final_eval = eval_loss(ema, data, abar)
     stats = {
         "config": config,
@@ -249,7 +282,6 @@ def train_patches(steps: int = PATCHES_DEFAULT_STEPS, batch: int = PATCHES_DEFAU
     out.mkdir(parents=True, exist_ok=True)
     scheduler = P.build_scheduler()
     abar = scheduler.alphas_cumprod.to(torch.float32)
-    T = abar.shape[0]
     g = torch.Generator().manual_seed(seed)
     unet = P.build_unet(seed)
     ema = copy.deepcopy(unet).eval()
@@ -260,30 +292,13 @@ def train_patches(steps: int = PATCHES_DEFAULT_STEPS, batch: int = PATCHES_DEFAU
     print(f"[patches] params={params} steps={steps} batch={batch} lr={lr} seed={seed} "
           f"threads={threads}", flush=True)
     unet.train()
-    smooth = None
-    t0 = time.perf_counter()
+    trainer = _Trainer("patches", unet, ema, opt,
+                       Schedule(steps, lr, warmup, final_lr_frac, ema_decay, grad_clip, log_every))
     for step in range(steps):
         x0 = P.random_crops(batch, g)
-        t = torch.randint(0, T, (batch,), generator=g)
-        eps = torch.randn(x0.shape, generator=g)
-        a = abar[t].view(batch, 1, 1, 1)
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
-        loss = (unet(xt, t).sample - eps).pow(2).mean()
-        for group in opt.param_groups:
-            group["lr"] = _lr_at(step, steps, lr, warmup, final_lr_frac)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if grad_clip:
-            torch.nn.utils.clip_grad_norm_(unet.parameters(), grad_clip)
-        opt.step()
-        _ema_update(ema, unet, min(ema_decay, (1.0 + step) / (10.0 + step)))
-        lv = loss.item()
-        smooth = lv if smooth is None else 0.99 * smooth + 0.01 * lv
-        if (step + 1) % log_every == 0 or step + 1 == steps:
-            print(f"[patches] step {step + 1:6d}/{steps}  loss {lv:.5f}  ema-loss {smooth:.5f}  "
-                  f"lr {opt.param_groups[0]['lr']:.2e}  {time.perf_counter() - t0:7.1f}s",
-                  flush=True)
-    wall = time.perf_counter() - t0
+        trainer.step(step, _eps_loss(lambda xt, t: unet(xt, t).sample, x0, g, abar))
+    wall = time.perf_counter() - trainer.t0
+    smooth = trainer.smooth
     final_eval = _patches_eval_loss(ema, evaldata, abar)
     DDPMPipeline(unet=ema, scheduler=scheduler).save_pretrained(str(out), safe_serialization=True)
     # safetensors writes through a 0600 temp file; installed package data must be world-readable
