@@ -468,3 +468,18 @@ def test_target_call_segments_come_back_by_name():
     empty = TargetCall()
     empty.add("a", torch.zeros(0, 3), torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64))
     assert empty.run(lambda *a: pytest.fail("no call for an empty round"))["a"].shape == (0, 3)
+
+
+@pytest.mark.parametrize("family", ["ddpm_eps_clip", "ddpm_large_noclip", "ddim_eta", "ddim_clipped_eps",
+                                    "euler_a", "ula"])
+def test_affine_mean_equals_the_general_formula(family):
+    """The ragged round's table form A clip(p) + E p + G y equals mean_from_x0, in float64,
+    for windows [w, L, *E] with per-position steps."""
+    from round_cases import FAMILIES
+    from specdiff_kernels.ragged_round import affine_mean
+    T = FAMILIES[family]()
+    g = torch.Generator().manual_seed(1)
+    y = torch.randn(5, 3, 2, 7, generator=g, dtype=torch.float64)
+    p = 2 * torch.randn(5, 3, 2, 7, generator=g, dtype=torch.float64)   # |p| > clip often
+    k = torch.randint(0, T.num_steps, (5, 3), generator=g)
+    torch.testing.assert_close(affine_mean(T, y, p, k), T.mean_from_x0(y, p, k), rtol=1e-10, atol=1e-10)

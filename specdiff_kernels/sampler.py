@@ -49,7 +49,7 @@ from .chain_noise import ChainNoise, base_seed_from
 from .drafts import Draft, DraftModelDraft, FrozenTargetDraft
 from . import round_reference as rr
 from .ragged_round import (DraftedWindows, RaggedChains, RaggedCounters, RootStatus, RoundPlan,
-                           TargetCall, WindowOutcome, plan_round, proposer_for)
+                           TargetCall, WindowOutcome, affine_mean, plan_round, proposer_for)
 from .static_round import NO_BAD, LeanAncestral, StaticRound, stochastic_runs
 from .transitions import GaussianTransitions, Model
 
@@ -674,7 +674,8 @@ class SpeculativeSampler(_SamplerBase):
         pos = torch.arange(L)
         kw = kr[:, None] + pos[None]                         # [w, L] step of each position
         active = (pos[None] < n[:, None])
-        MP = T.mean_from_x0(Y[:, :L], TP[:, :L], kw.to(dev))
+        mean = functools.partial(affine_mean, T) if T.affine else T.mean_from_x0
+        MP = mean(Y[:, :L], TP[:, :L], kw.to(dev))
         MP = torch.where(active.to(dev).view(w, L, *([1] * (ch.x.dim() - 1))), MP, MQ)
         sig_dtype = torch.float64 if ch.x.dtype == torch.float64 else torch.float32
         sigma = torch.where(active, T.step_std(kw), torch.ones((), dtype=torch.float64)).to(device=dev, dtype=sig_dtype)
