@@ -180,7 +180,8 @@ class FrozenProposer:
                     noise: ChainNoise, window: int, backend: Optional[str]) -> tuple[Tensor, Tensor]:
         """``(Y, MQ)`` of chains ``rows`` in one pass of ``frozen_draft`` (noise drawn in-kernel:
         the same xi(seed, c, k) as ``noise``), the draft means recomputed from Y in a few
-        vectorised ops. Positions past n repeat the state (and mq = y there)."""
+        vectorised ops. Positions past n repeat the state; their means are not used (the verify
+        op ignores steps >= n)."""
         dev = chains.x.device
         rd = rows.to(dev)
         kd, nd = k.to(dev), n.to(dev)
@@ -192,9 +193,7 @@ class FrozenProposer:
         kw = kd[:, None] + pos[None]
         Yl = Y[:, :window]
         x0q = self.draft.x0_at(self.T, fr.unsqueeze(1), Yl, kw)
-        MQ = affine_mean(self.T, Yl, x0q, kw)
-        active = (pos[None] < nd[:, None]).view(*kw.shape, *([1] * (Yl.dim() - 2)))
-        return Y, torch.where(active, MQ, Yl)
+        return Y, affine_mean(self.T, Yl, x0q, kw)
 
     def draft_x0(self, chains: RaggedChains, rd: Tensor, exact0: Tensor, j: int, yj: Tensor,
                  kj: Tensor, active: Tensor, evaluate) -> Tensor:

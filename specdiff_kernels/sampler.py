@@ -675,8 +675,8 @@ class SpeculativeSampler(_SamplerBase):
         kw = kr[:, None] + pos[None]                         # [w, L] step of each position
         active = (pos[None] < n[:, None])
         mean = functools.partial(affine_mean, T) if T.affine else T.mean_from_x0
+        # positions past n hold anything finite: the verify op ignores steps >= num_steps
         MP = mean(Y[:, :L], TP[:, :L], kw.to(dev))
-        MP = torch.where(active.to(dev).view(w, L, *([1] * (ch.x.dim() - 1))), MP, MQ)
         sig_dtype = torch.float64 if ch.x.dtype == torch.float64 else torch.float32
         sigma = torch.where(active, T.step_std(kw), torch.ones((), dtype=torch.float64)).to(device=dev, dtype=sig_dtype)
         res = self.verify_fn(Y[:, 1:].contiguous(), MQ.contiguous(), MP.contiguous(), sigma,

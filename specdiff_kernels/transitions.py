@@ -170,7 +170,10 @@ class GaussianTransitions:
 
     # ------------------------------------------------------------------ parametrisations
     def model_input(self, x: Tensor, k: Tensor) -> Tensor:
-        return x * self.coef("input_scale", k, x)
+        if self._cache.get("unit_input") is None:
+            self._cache["unit_input"] = bool((self.input_scale == 1).all())
+        # VP samplers feed the state as it is: no multiply by ones on every call
+        return x if self._cache["unit_input"] else x * self.coef("input_scale", k, x)
 
     def x0_from_output(self, x: Tensor, out: Tensor, k: Tensor) -> Tensor:
         """Raw (unclipped) x0_hat from the network output at (x, k)."""
