@@ -86,6 +86,12 @@ class Schedule:
     grad_clip: float
     log_every: int
 
+    def record(self) -> dict:
+        """The hyper-parameters as the training info files record them."""
+        return {"steps": self.steps, "lr": self.lr, "warmup": self.warmup,
+                "final_lr_frac": self.final_lr_frac, "ema_decay": self.ema_decay,
+                "grad_clip": self.grad_clip}
+
 
 class _Trainer:
     """One optimiser step at a time: cosine learning rate, gradient clipping, EMA weights, a
@@ -173,13 +179,8 @@ def train_eps_model(name: str, config: dict, data: torch.Tensor, *, steps: int, 
         "config": config,
         "params": D.count_params(ema),
         "macs_per_sample": ema.flops_per_sample(),
-        "steps": steps,
         "batch": batch,
-        "lr": lr,
-        "warmup": warmup,
-        "final_lr_frac": final_lr_frac,
-        "ema_decay": ema_decay,
-        "grad_clip": grad_clip,
+        **trainer.sch.record(),
         "seed": seed,
         "wall_time_s": round(wall, 2),
         "final_smoothed_train_loss": round(smooth, 6),
@@ -318,13 +319,8 @@ def train_patches(steps: int = PATCHES_DEFAULT_STEPS, batch: int = PATCHES_DEFAU
         "loss": "mean squared error of epsilon, t ~ U{0..999}",
         "weights": "EMA of training weights, fp32, diffusers save_pretrained layout",
         "params": params,
-        "steps": steps,
         "batch": batch,
-        "lr": lr,
-        "warmup": warmup,
-        "final_lr_frac": final_lr_frac,
-        "ema_decay": ema_decay,
-        "grad_clip": grad_clip,
+        **trainer.sch.record(),
         "wall_time_s": round(wall, 2),
         "final_smoothed_train_loss": round(smooth, 6),
         "final_heldout_loss_ema": round(final_eval, 6),
