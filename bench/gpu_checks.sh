@@ -20,6 +20,7 @@
 #   OUT=/tmp/gpu BENCH_BUDGET=200 bash bench/gpu_checks.sh
 # All steps write more files than the device tool brings back (8): PACK=path.tgz also packs $OUT
 # into one archive, e.g.  OUT=/tmp/gpu PACK=$OUT/gpu_results.tgz bash bench/gpu_checks.sh
+# The machines' image has no diffusers: run bench/gpu_wheels.sh here first and carry .whl.
 # The whole default run needs more than one 10-minute command: split it with STEPS (e.g.
 # "build round_tests round_bench", then "sampler_tests latency" on the same warm machine).
 set -u
@@ -29,6 +30,11 @@ want() { [[ "$STEPS" == *" $1 "* ]]; }
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:$PWD/bench${PYTHONPATH:+:$PYTHONPATH}"
+# wheels carried for packages the machine lacks (diffusers: bench/gpu_wheels.sh)
+if compgen -G ".whl/*.whl" >/dev/null; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && export PYTHONPATH="/tmp/site:$PYTHONPATH"
+fi
 t0=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - t0 )) s] $*"; }
 
