@@ -120,6 +120,12 @@ class _Trainer:
                   f"{time.perf_counter() - self.t0:7.1f}s", flush=True)
 
 
+def _write_json(path: Path, info: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(info, f, indent=2)
+        f.write("\n")
+
+
 @torch.no_grad()
 def eval_loss(model: torch.nn.Module, data: torch.Tensor, abar: torch.Tensor,
               seed: int = 12345, repeats: int = 4) -> float:
@@ -239,9 +245,7 @@ def train_digits(steps: int = DEFAULT_TARGET_STEPS, draft_steps: int | None = No
         "macs_ratio_target_over_draft": round(tstats["macs_per_sample"]
                                               / dstats["macs_per_sample"], 2),
     }
-    with open(out / "digits_train_info.json", "w") as f:
-        json.dump(info, f, indent=2)
-        f.write("\n")
+    _write_json(out / "digits_train_info.json", info)
     print(f"wrote {out / D.TARGET_FILE}, {out / D.DRAFT_FILE}, {out / 'digits_train_info.json'}"
           f"  (total wall {total:.1f}s)", flush=True)
     return info
@@ -331,9 +335,7 @@ def train_patches(steps: int = PATCHES_DEFAULT_STEPS, batch: int = PATCHES_DEFAU
         "cpu_count": os.cpu_count(),
         "num_threads": torch.get_num_threads(),
     }
-    with open(out / "patches_train_info.json", "w") as f:
-        json.dump(info, f, indent=2)
-        f.write("\n")
+    _write_json(out / "patches_train_info.json", info)
     print(f"[patches] done: wall {wall:.1f}s  final EMA-smoothed train loss {smooth:.5f}  "
           f"held-out loss (EMA weights, fixed noise) {final_eval:.5f}; wrote {out}", flush=True)
     return info
