@@ -51,12 +51,16 @@ if want build; then
 fi
 $PY -c "import specdiff_kernels.ops as o; print('C++ extension loaded:', o.HAS_CPP)"
 
+# one GPU test file: label, file under python_tests/, timeout [s], maxfail; log in $OUT/<file>.log
+gpu_tests() {
+  stamp "$1"
+  SPECDIFF_TEST_GPU=1 timeout "$3" $PY -m pytest "python_tests/$2.py" -q -ra --maxfail="$4" \
+    -p no:cacheprovider --durations=8 >"$OUT/$2.log" 2>&1
+  stamp "$1 rc=$?"; tail -n 40 "$OUT/$2.log"
+}
+
 if want tests; then
-  stamp "GPU tests"
-  SPECDIFF_TEST_GPU=1 timeout "${TEST_TIMEOUT:-240}" $PY -m pytest python_tests/test_gpu.py -q \
-    -ra --maxfail=25 -p no:cacheprovider --durations=8 \
-    >"$OUT/test_gpu.log" 2>&1
-  stamp "GPU tests rc=$?"; tail -n 40 "$OUT/test_gpu.log"
+  gpu_tests "GPU tests" test_gpu "${TEST_TIMEOUT:-240}" 25
 fi
 
 # "cpu" where there is no GPU (the e2e step's dry run); the GPU steps need one anyway
@@ -76,10 +80,7 @@ if want bench; then
 fi
 
 if want round_tests; then
-  stamp "round-op GPU tests"
-  SPECDIFF_TEST_GPU=1 timeout "${ROUND_TEST_TIMEOUT:-240}" $PY -m pytest python_tests/test_gpu_round.py \
-    -q -ra --maxfail=25 -p no:cacheprovider --durations=8 >"$OUT/test_gpu_round.log" 2>&1
-  stamp "round-op GPU tests rc=$?"; tail -n 40 "$OUT/test_gpu_round.log"
+  gpu_tests "round-op GPU tests" test_gpu_round "${ROUND_TEST_TIMEOUT:-240}" 25
 fi
 
 if want round_bench; then
@@ -90,10 +91,7 @@ if want round_bench; then
 fi
 
 if want sampler_tests; then
-  stamp "sampler GPU tests"
-  SPECDIFF_TEST_GPU=1 timeout "${SAMPLER_TEST_TIMEOUT:-300}" $PY -m pytest python_tests/test_gpu_sampler.py \
-    -q -ra --maxfail=10 -p no:cacheprovider --durations=8 >"$OUT/test_gpu_sampler.log" 2>&1
-  stamp "sampler GPU tests rc=$?"; tail -n 40 "$OUT/test_gpu_sampler.log"
+  gpu_tests "sampler GPU tests" test_gpu_sampler "${SAMPLER_TEST_TIMEOUT:-300}" 10
 fi
 
 if want latency; then
