@@ -187,6 +187,14 @@ def _coef(coef_ptr, row: tl.constexpr, kc, N, ACC_FP64: tl.constexpr):
 
 
 @triton.jit
+def _draft_coefs(coef_ptr, kc, N, ACC_FP64: tl.constexpr):
+    """The table rows a drafted step reads at column kc: A, E, G, std, X0_Y, X0_F."""
+    return (_coef(coef_ptr, _ROW_A, kc, N, ACC_FP64), _coef(coef_ptr, _ROW_E, kc, N, ACC_FP64),
+            _coef(coef_ptr, _ROW_G, kc, N, ACC_FP64), _coef(coef_ptr, _ROW_STD, kc, N, ACC_FP64),
+            _coef(coef_ptr, _ROW_X0_Y, kc, N, ACC_FP64), _coef(coef_ptr, _ROW_X0_F, kc, N, ACC_FP64))
+
+
+@triton.jit
 def _step_index(k, N):
     """The table column of sampling step k (clamped into 0..N-1, as the reference)."""
     return tl.minimum(tl.maximum(k, 0), N - 1)
@@ -318,12 +326,7 @@ def _frozen_draft_kernel(root_ptr, frozen_ptr, steps_ptr, len_ptr, coef_ptr, see
     for j in range(0, W):
         if j < n:
             kc = _step_index(k + j, N)
-            a = _coef(coef_ptr, _ROW_A, kc, N, ACC_FP64)
-            e = _coef(coef_ptr, _ROW_E, kc, N, ACC_FP64)
-            g = _coef(coef_ptr, _ROW_G, kc, N, ACC_FP64)
-            s = _coef(coef_ptr, _ROW_STD, kc, N, ACC_FP64)
-            x0y = _coef(coef_ptr, _ROW_X0_Y, kc, N, ACC_FP64)
-            x0f = _coef(coef_ptr, _ROW_X0_F, kc, N, ACC_FP64)
+            a, e, g, s, x0y, x0f = _draft_coefs(coef_ptr, kc, N, ACC_FP64)
             n0, n1, n2, n3 = _normals(k0, k1, i, k + j, chain, ACC_FP64)
             y0 = _draft_lane(y0, f0, n0, a, e, g, s, x0y, x0f, cl, ty, FREEZE, HAS_CLIP)
             y1 = _draft_lane(y1, f1, n1, a, e, g, s, x0y, x0f, cl, ty, FREEZE, HAS_CLIP)
@@ -455,12 +458,7 @@ def _verify_finalize_kernel(y_ptr, p_ptr, frozen_ptr, steps_ptr, len_ptr, coef_p
     tl.store(comm_ptr + b, committed.to(tl.int64), mask=blk0)
     tl.store(exact_ptr + b, root_exact, mask=blk0)
 
-    a = _coef(coef_ptr, _ROW_A, kc, N, ACC_FP64)
-    e = _coef(coef_ptr, _ROW_E, kc, N, ACC_FP64)
-    g = _coef(coef_ptr, _ROW_G, kc, N, ACC_FP64)
-    s = _coef(coef_ptr, _ROW_STD, kc, N, ACC_FP64)
-    x0y = _coef(coef_ptr, _ROW_X0_Y, kc, N, ACC_FP64)
-    x0f = _coef(coef_ptr, _ROW_X0_F, kc, N, ACC_FP64)
+    a, e, g, s, x0y, x0f = _draft_coefs(coef_ptr, kc, N, ACC_FP64)
     epy = _coef(coef_ptr, _ROW_EPS_Y, kc, N, ACC_FP64)
     epp = _coef(coef_ptr, _ROW_EPS_P, kc, N, ACC_FP64)
     cl = _clip_value(clip_hi, clip_mid, clip_lo, ACC_FP64)
