@@ -118,19 +118,13 @@ class TargetCall:
         self._names.append(name)
         self._parts.append((x, k, rows))
 
-    @property
-    def rows(self) -> Tensor:
-        return torch.cat([p[2] for p in self._parts])
-
-    def __len__(self) -> int:
-        return sum(p[2].numel() for p in self._parts)
-
     def run(self, evaluate: Callable[[Tensor, Tensor, Tensor], Tensor]) -> dict[str, Tensor]:
         """The target's x0-hat per segment, from one call ``evaluate(x, k, rows)`` (no call when
         every segment is empty)."""
         x = torch.cat([p[0] for p in self._parts])
         k = torch.cat([p[1] for p in self._parts])
-        x0 = evaluate(x, k.to(x.device), self.rows) if x.shape[0] else x
+        rows = torch.cat([p[2] for p in self._parts])
+        x0 = evaluate(x, k.to(x.device), rows) if x.shape[0] else x
         out, start = {}, 0
         for name, (_, _, rows) in zip(self._names, self._parts):
             out[name] = x0[start:start + rows.numel()]

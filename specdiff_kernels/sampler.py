@@ -457,7 +457,7 @@ class SpeculativeSampler(_SamplerBase):
                 if known.numel():
                     self._det_steps(ch, prop, known, ch.root_x0[known.to(x.device)], stats)
                     advance(known, 1)
-            plan = plan_round(ch.k, ch.root, T.deterministic, N, prop.needs_frozen and prop.prefetch)
+            plan = plan_round(ch.k, ch.root, T.deterministic, N, prop.prefetch)
             if plan.det.numel() + plan.boot.numel() + plan.spec.numel() == 0:
                 break
             stats.rounds += 1

@@ -113,6 +113,8 @@ class GaussianTransitions:
         self.input_scale = _table(1.0 if input_scale is None else input_scale, n, "input_scale")
         if bool((self.model_alpha <= 0).any()) or bool((self.input_scale <= 0).any()):
             raise ValueError("model_alpha and input_scale must be > 0")
+        # VP samplers feed the state as it is: no multiply by ones on every call
+        self.unit_input = bool((self.input_scale == 1).all())
         self.state_alpha = self.model_alpha / self.input_scale
         self.state_sigma = self.model_sigma / self.input_scale
         self.prediction = prediction
@@ -170,10 +172,7 @@ class GaussianTransitions:
 
     # ------------------------------------------------------------------ parametrisations
     def model_input(self, x: Tensor, k: Tensor) -> Tensor:
-        if self._cache.get("unit_input") is None:
-            self._cache["unit_input"] = bool((self.input_scale == 1).all())
-        # VP samplers feed the state as it is: no multiply by ones on every call
-        return x if self._cache["unit_input"] else x * self.coef("input_scale", k, x)
+        return x if self.unit_input else x * self.coef("input_scale", k, x)
 
     def x0_from_output(self, x: Tensor, out: Tensor, k: Tensor) -> Tensor:
         """Raw (unclipped) x0_hat from the network output at (x, k)."""
