@@ -3,6 +3,8 @@
 #include <ATen/Parallel.h>
 #include <pybind11/pybind11.h>
 
+#include "cpu_isa.h"
+
 #ifndef SPECDIFF_CXX_FLAGS
 #define SPECDIFF_CXX_FLAGS "unknown"
 #endif
@@ -11,6 +13,15 @@
 #endif
 
 namespace py = pybind11;
+namespace cpu = specdiff::cpu;
+
+template <typename Fn> static std::string value_errors(Fn&& fn) {
+  try {
+    return fn();
+  } catch (const c10::Error& e) {
+    throw py::value_error(e.what_without_backtrace());
+  }
+}
 
 static py::dict build_info() {
   py::dict info;
@@ -45,6 +56,7 @@ static py::dict build_info() {
   simd.append("neon");
 #endif
   info["simd"] = simd;
+  info["cpu_capability"] = value_errors([] { return cpu::isa_name(cpu::active_isa()); });
   info["parallel_info"] = at::get_parallel_info();
   return info;
 }
@@ -52,4 +64,14 @@ static py::dict build_info() {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "specdiff_kernels C++ CPU backend (ops are registered under torch.ops.specdiff)";
   m.def("build_info", &build_info, "Compiler, flags, OpenMP and SIMD of this build");
+  // a bad SPECDIFF_CPU_CAPABILITY or name is a ValueError with one line, not a C++ backtrace
+  m.def("cpu_capability", [] { return value_errors([] { return cpu::isa_name(cpu::active_isa()); }); },
+        "The instruction set the round kernels run with now: default, avx2 or avx512");
+  m.def("supported_cpu_capability", [] { return cpu::isa_name(cpu::supported_isa()); },
+        "The widest instruction set this CPU supports");
+  m.def("set_cpu_capability",
+        [](const std::string& name) { return value_errors([&] { return cpu::set_isa(name); }); },
+        py::arg("name"),
+        "Run the round kernels with 'default', 'avx2' or 'avx512' (capped at what the CPU "
+        "supports); returns the previous one");
 }

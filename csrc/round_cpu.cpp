@@ -15,6 +15,7 @@
 #include <limits>
 #include <vector>
 
+#include "cpu_isa.h"
 #include "philox.h"
 
 namespace specdiff {
@@ -238,7 +239,7 @@ std::tuple<at::Tensor, at::Tensor> chain_noise_cpu(const at::Tensor& seed, const
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "chain_noise", [&] {
     using acc_t = typename Acc<scalar_t>::type;
     scalar_t* out = xi.data_ptr<scalar_t>();
-    at::parallel_for(0, B * window * nch, 1, [&](int64_t begin, int64_t end) {
+    cpu::parallel_for_isa(B * window * nch, [&](int64_t begin, int64_t end) {
       acc_t nz[4][kTile];
       for (int64_t task = begin; task < end; ++task) {
         const int64_t row = task / nch, ch = task % nch;
@@ -281,7 +282,7 @@ at::Tensor frozen_draft_cpu(const at::Tensor& root, const at::Tensor& frozen, co
     const scalar_t* fp = fz.data_ptr<scalar_t>();
     scalar_t* yp = Y.data_ptr<scalar_t>();
     const acc_t cl = static_cast<acc_t>(clip);
-    at::parallel_for(0, a.B * nch, 1, [&](int64_t begin, int64_t end) {
+    cpu::parallel_for_isa(a.B * nch, [&](int64_t begin, int64_t end) {
       acc_t nz[4][kTile];
       for (int64_t task = begin; task < end; ++task) {
         const int64_t b = task / nch, ch = task % nch;
@@ -367,7 +368,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
     // Pass 1: <d_j, xi_j> and ||d_j||^2 per (chain, position, chunk); xi drawn in-kernel.
     std::vector<double> parts(static_cast<size_t>(B * L * nch * 2), 0.0);
-    at::parallel_for(0, B * L * nch, 1, [&](int64_t begin, int64_t end) {
+    cpu::parallel_for_isa(B * L * nch, [&](int64_t begin, int64_t end) {
       acc_t nz[4][kTile];
       for (int64_t task = begin; task < end; ++task) {
         const int64_t row = task / nch, ch = task % nch;
@@ -443,7 +444,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     // Pass 3: next_state and next_frozen, chunk by chunk.
     scalar_t* xs = next_state.data_ptr<scalar_t>();
     scalar_t* xf = next_frozen.data_ptr<scalar_t>();
-    at::parallel_for(0, B * nch, 1, [&](int64_t begin, int64_t end) {
+    cpu::parallel_for_isa(B * nch, [&](int64_t begin, int64_t end) {
       acc_t nz[4][kTile];
       for (int64_t task = begin; task < end; ++task) {
         const int64_t b = task / nch, ch = task % nch;

@@ -2,7 +2,8 @@
 //
 // Work is split into tasks of (chain, event block). The block size is a constant, not a function of
 // the thread count, so every reduction is summed in the same order whatever the parallelism: results
-// are bit-for-bit reproducible across machines with the same SIMD width. Within a block the sums are
+// are bit-for-bit reproducible across machines running the same instruction-set variant (cpu_isa.h:
+// the lanes of a block's sums depend on the vector width). Within a block the sums are
 // accumulated in fp32 (fp64 for fp64 inputs); blocks are combined in fp64.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -12,6 +13,8 @@
 #include <cmath>
 #include <limits>
 #include <vector>
+
+#include "cpu_isa.h"
 
 namespace specdiff {
 namespace {
@@ -174,7 +177,7 @@ void window_partial_sums(const scalar_t* y, const scalar_t* mq, const scalar_t* 
   using acc_t = typename AccType<scalar_t>::type;
   const int64_t nb = num_blocks(D);
   parts.assign(static_cast<size_t>(B * L * nb * 2), 0.0);
-  at::parallel_for(0, B * nb, 1, [&](int64_t begin, int64_t end) {
+  cpu::parallel_for_isa(B * nb, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t c = task / nb, k = task % nb;
       const int64_t lo = k * kBlock, len = std::min(kBlock, D - lo);
@@ -283,7 +286,7 @@ at::Tensor reflect_resample_cpu(const at::Tensor& draft_state, const at::Tensor&
     const scalar_t* qp = mq.data_ptr<scalar_t>();
     const scalar_t* pp = mp.data_ptr<scalar_t>();
     scalar_t* op_ = out.data_ptr<scalar_t>();
-    at::parallel_for(0, B * nb, 1, [&](int64_t begin, int64_t end) {
+    cpu::parallel_for_isa(B * nb, [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task) {
         const int64_t c = task / nb, k = task % nb;
         const int64_t lo = k * kBlock, len = std::min(kBlock, D - lo), off = c * D + lo;
@@ -353,7 +356,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> speculative_verify_cpu(
 
     // Pass 3: write the reflected state at the first rejection, or copy y_n.
     scalar_t* out = next_state.data_ptr<scalar_t>();
-    at::parallel_for(0, B * nb, 1, [&](int64_t begin, int64_t end) {
+    cpu::parallel_for_isa(B * nb, [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task) {
         const int64_t c = task / nb, k = task % nb;
         const int64_t lo = k * kBlock, len = std::min(kBlock, D - lo);

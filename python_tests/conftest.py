@@ -34,3 +34,22 @@ def single_thread():
     yield
     torch.set_num_threads(prev)
 
+
+
+CPU_CAPABILITIES = ["default", "avx2", "avx512"]
+
+
+@pytest.fixture(params=CPU_CAPABILITIES)
+def cpu_capability(request):
+    """Runs the test with the C++ kernels' `request.param` instruction-set variant (see
+    csrc/cpu_isa.h), then restores the one in use. A variant this CPU cannot run is skipped."""
+    from specdiff_kernels import ops
+    if not ops.HAS_CPP:
+        pytest.skip("the C++ extension is not built")
+    order = CPU_CAPABILITIES.index
+    if order(request.param) > order(ops._C.supported_cpu_capability()):
+        pytest.skip(f"this CPU does not support {request.param}")
+    before = ops._C.set_cpu_capability(request.param)
+    assert ops._C.cpu_capability() == request.param
+    yield request.param
+    ops._C.set_cpu_capability(before)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gc
 import math
+import os
 
 import pytest
 import torch
@@ -65,6 +66,25 @@ def test_fused_matches_reference(backend, dtype, B, L, E):
     # the mix of outcomes makes the comparison meaningful
     if B * L >= 64:
         assert 0 < int((ref.num_accepted < nn).sum()) < B
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("B,L,E", [(3, 8, (3, 5, 7)), (64, 2, (4096,)), (1, 17, (1 << 16,))])
+def test_cpp_matches_reference_per_capability(cpu_capability, dtype, B, L, E):
+    """The fused op and the parts on each instruction-set variant of the C++ kernels."""
+    gen = torch.Generator().manual_seed(stable_seed(B, L, E, str(dtype), cpu_capability))
+    y, mq, mp, sigma, u = make_window(B, L, E, dtype, gen)
+    n = torch.randint(1, L + 1, (B,), generator=gen)
+    _poison_heap(((B, *E), dtype), ((B, L), torch.float32), ((B,), torch.int64))
+    got = sk.speculative_verify(y, mq, mp, sigma, u, n, backend="cpp")
+    assert_verify_matches_reference(got, y, mq, mp, sigma, u, n, dtype)
+    lr = sk.gaussian_log_ratio(y, mq, mp, sigma, backend="cpp")
+    lr64 = reference._log_ratio_acc(y.double(), mq.double(), mp.double(), sigma.double())
+    tol = log_ratio_tolerance(y, mq, mp, sigma, dtype) + 1.2e-7 * lr64.abs()
+    assert bool(((lr.double() - lr64).abs() <= tol).all())
+    rr = sk.reflect_resample(y[:, 0], mq[:, 0], mp[:, 0], backend="cpp")
+    rr_ref = reference.reflect_resample(y[:, 0].double(), mq[:, 0].double(), mp[:, 0].double())
+    assert_state_close(rr, rr_ref, y[:, 0], dtype)
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
@@ -415,7 +435,10 @@ def test_build_info_reports_the_build():
         pytest.skip("C++ extension not built")
     from specdiff_kernels import _C
     info = _C.build_info()
-    assert {"compiler", "cxx_flags", "openmp", "simd", "parallel_info"} <= set(info)
+    assert {"compiler", "cxx_flags", "openmp", "simd", "parallel_info", "cpu_capability"} <= set(info)
+    assert info["cpu_capability"] == _C.cpu_capability()
+    if not os.environ.get("SPECDIFF_CPU_CAPABILITY"):   # else the variable caps it
+        assert info["cpu_capability"] == _C.supported_cpu_capability()
     assert "-O3" in info["cxx_flags"]
 
 

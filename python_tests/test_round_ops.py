@@ -170,6 +170,48 @@ def test_cpp_round_matches_oracle(fam, freeze, B, L, E, dtype):
     assert_round_matches(got, general_round(case, Y, P), Y, P, case, dtype)
 
 
+# ---------------------------------------------------------------- every CPU instruction-set variant
+# a spread of the cases above: every family, both freeze modes, every shape and dtype
+CAPABILITY_PARAMS = ROUND_PARAMS[::5]
+
+
+@pytest.mark.parametrize("fam,freeze,B,L,E,dtype", CAPABILITY_PARAMS)
+def test_cpp_round_matches_oracle_per_capability(cpu_capability, fam, freeze, B, L, E, dtype):
+    gen = _gen("cpp", fam, freeze, B, L, E, str(dtype))
+    case = make_case(B, L, E, dtype, fam, freeze, gen)
+    Y = ro.frozen_draft(*case.draft_args(), backend="cpp")
+    assert_draft_consistent(Y, case, dtype)
+    P = make_x0_hat(case, Y, gen)
+    got = ro.verify_frozen(*case.verify_args(Y, P), backend="cpp")
+    assert_round_matches(got, general_round(case, Y, P), Y, P, case, dtype)
+
+
+@pytest.mark.parametrize("D", [3, 4 * 512 + 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_normals_match_reference_per_capability(cpu_capability, D, dtype):
+    ids = torch.tensor([3, 0, 77], dtype=torch.int64)
+    steps = torch.tensor([-1, 5, 41], dtype=torch.int64)
+    xi, u = ro.chain_noise(SEED, ids, steps, 2, (D,), dtype, backend="cpp")
+    want, u_ref = rr.chain_noise(SEED, ids, steps, 2, D, torch.float64)
+    assert torch.equal(u, u_ref)
+    tol = 2e-6 + torch.finfo(dtype).eps * want.abs() if dtype != torch.float64 else 1e-13
+    assert bool(((xi.double() - want).abs() <= tol).all()), float((xi.double() - want).abs().max())
+
+
+def test_bad_cpu_capability_is_one_line_error():
+    import subprocess
+    import sys
+    from specdiff_kernels import _C
+    with pytest.raises(ValueError, match="set_cpu_capability: name must be one of default, avx2, avx512"):
+        _C.set_cpu_capability("sse9")
+    env = dict(__import__("os").environ, SPECDIFF_CPU_CAPABILITY="avx1024")
+    r = subprocess.run([sys.executable, "-c", "import specdiff_kernels"], env=env,
+                       capture_output=True, text=True)
+    assert r.returncode != 0
+    assert r.stderr.strip().splitlines()[-1] == (
+        "ValueError: SPECDIFF_CPU_CAPABILITY must be one of default, avx2, avx512, got 'avx1024'")
+
+
 def test_cases_cover_every_commit():
     """The parametrised cases reach rejections, full acceptances, deterministic steps after a
     window, idle chains and chains that finish (else the tests above prove little)."""

@@ -29,6 +29,10 @@ try:  # the compiled CPU backend; registers torch.ops.specdiff.* schemas and CPU
 except ImportError as _err:  # pragma: no cover - exercised only on broken installs
     HAS_CPP = False
     _CPP_IMPORT_ERROR = _err
+if HAS_CPP:
+    # reads SPECDIFF_CPU_CAPABILITY now: a bad value fails the import with one line, rather than
+    # the first op call, and never as a silent fallback to the reference backend
+    _C.cpu_capability()
 
 
 class VerifyResult(NamedTuple):
