@@ -25,12 +25,13 @@ from pathlib import Path
 
 import torch
 
-from specdiff_kernels import reference
+from specdiff_kernels import _C, reference
 from specdiff_kernels import round_ops as ro
 from specdiff_kernels.transitions import ddpm_transitions
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SIZES = [(64, 8, 3072), (1, 8, 3 * 64 * 64), (16, 8, 3 * 64 * 64), (256, 8, 3072)]
+SIZES = [(64, 8, 3072), (1, 8, 3 * 64 * 64), (16, 8, 3 * 64 * 64), (256, 8, 3072),
+         (1, 8, 784), (1024, 8, 64)]   # the last two: the latency benchmark's gmm784 and digits cells
 
 
 def timer(device: str):
@@ -122,6 +123,12 @@ def composed_round(T):
     return f
 
 
+def cpu_capabilities() -> list:
+    """The C++ kernels' instruction-set variants this CPU runs (csrc/cpu_isa.h), narrowest first."""
+    every = ["default", "avx2", "avx512"]
+    return every[:every.index(_C.supported_cpu_capability()) + 1]
+
+
 def bench(device: str, sizes, quick: bool) -> dict:
     t = timer(device)
     bw = read_bandwidth(device, t)
@@ -129,6 +136,7 @@ def bench(device: str, sizes, quick: bool) -> dict:
     for (B, L, D) in sizes:
         T, a = make_round(B, L, D, device)
         comp = composed_round(T)
+        torch._dynamo.reset()   # one compile per size: every size would count as a recompile
         args = (a["root"], a["frozen"], a["steps"], a["lengths"], a["P"], a["xi"], a["u"])
         compiled = torch.compile(comp, fullgraph=True, dynamic=False)
         impls = {"fused": lambda: fused_round(a), "compiled": lambda: compiled(*args),
@@ -140,6 +148,16 @@ def bench(device: str, sizes, quick: bool) -> dict:
         for name, fn in impls.items():
             row[name] = t(fn)
             print(f"B={B} L={L} D={D} {name}: {row[name]['ms']:.4f} ms", flush=True)
+        if device == "cpu":   # the C++ kernels' narrower instruction-set variants, same inputs
+            row["fused_by_capability"] = {}
+            for cap in cpu_capabilities():
+                before = _C.set_cpu_capability(cap)
+                try:
+                    row["fused_by_capability"][cap] = t(lambda: fused_round(a))
+                finally:
+                    _C.set_cpu_capability(before)
+                print(f"B={B} L={L} D={D} fused[{cap}]: "
+                      f"{row['fused_by_capability'][cap]['ms']:.4f} ms", flush=True)
         row["fused_GBps"] = row["bytes_fused"] / (row["fused"]["ms"] * 1e-3) / 1e9
         row["fused_frac_read_bw"] = row["bytes_fused"] / (row["fused"]["ms"] * 1e-3) / bw
         row["speedup_vs_compiled"] = row["compiled"]["ms"] / row["fused"]["ms"]
@@ -152,6 +170,7 @@ def bench(device: str, sizes, quick: bool) -> dict:
             break
     name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine()
     return {"device": device, "name": name, "threads": torch.get_num_threads(),
+            "cpu_capability": _C.cpu_capability() if device == "cpu" else None,
             "torch": torch.__version__, "read_bw_GBps": bw / 1e9, "rows": rows}
 
 
@@ -176,6 +195,17 @@ def to_markdown(res: dict) -> str:
                      f"{r['graph_speedup_vs_compiled_graph']:.2f}x | "
                      f"{100 * r['fused_graph_frac_read_bw']:.0f}% |")
         lines.append(line)
+    if not gpu:
+        caps = list(res["rows"][0]["fused_by_capability"])
+        lines += ["", f"The fused round on each instruction-set variant of the C++ kernels (ms; the "
+                  f"table above ran `{res['cpu_capability']}`; `SPECDIFF_CPU_CAPABILITY` picks one):", "",
+                  "| B | L | D | " + " | ".join(caps) + f" | {caps[-1]} / {caps[0]} |",
+                  "|" + "---|" * (len(caps) + 4)]
+        for r in res["rows"]:
+            fc = r["fused_by_capability"]
+            lines.append(f"| {r['B']} | {r['L']} | {r['D']} | " +
+                         " | ".join(f"{fc[c]['ms']:.4f}" for c in caps) +
+                         f" | {fc[caps[-1]]['ms'] / fc[caps[0]]['ms']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
