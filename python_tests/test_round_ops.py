@@ -159,8 +159,7 @@ def test_reference_round_equals_general_composition(fam, freeze, B, L, E, dtype)
     assert_round_matches(got, general_round(case, Y, P), Y, P, case, torch.float64)
 
 
-@pytest.mark.parametrize("fam,freeze,B,L,E,dtype", ROUND_PARAMS)
-def test_cpp_round_matches_oracle(fam, freeze, B, L, E, dtype):
+def _check_cpp_round(fam, freeze, B, L, E, dtype):
     gen = _gen("cpp", fam, freeze, B, L, E, str(dtype))
     case = make_case(B, L, E, dtype, fam, freeze, gen)
     Y = ro.frozen_draft(*case.draft_args(), backend="cpp")
@@ -168,6 +167,11 @@ def test_cpp_round_matches_oracle(fam, freeze, B, L, E, dtype):
     P = make_x0_hat(case, Y, gen)
     got = ro.verify_frozen(*case.verify_args(Y, P), backend="cpp")
     assert_round_matches(got, general_round(case, Y, P), Y, P, case, dtype)
+
+
+@pytest.mark.parametrize("fam,freeze,B,L,E,dtype", ROUND_PARAMS)
+def test_cpp_round_matches_oracle(fam, freeze, B, L, E, dtype):
+    _check_cpp_round(fam, freeze, B, L, E, dtype)
 
 
 # ---------------------------------------------------------------- every CPU instruction-set variant
@@ -177,13 +181,7 @@ CAPABILITY_PARAMS = ROUND_PARAMS[::5]
 
 @pytest.mark.parametrize("fam,freeze,B,L,E,dtype", CAPABILITY_PARAMS)
 def test_cpp_round_matches_oracle_per_capability(cpu_capability, fam, freeze, B, L, E, dtype):
-    gen = _gen("cpp", fam, freeze, B, L, E, str(dtype))
-    case = make_case(B, L, E, dtype, fam, freeze, gen)
-    Y = ro.frozen_draft(*case.draft_args(), backend="cpp")
-    assert_draft_consistent(Y, case, dtype)
-    P = make_x0_hat(case, Y, gen)
-    got = ro.verify_frozen(*case.verify_args(Y, P), backend="cpp")
-    assert_round_matches(got, general_round(case, Y, P), Y, P, case, dtype)
+    _check_cpp_round(fam, freeze, B, L, E, dtype)
 
 
 @pytest.mark.parametrize("D", [3, 4 * 512 + 3])
