@@ -12,8 +12,8 @@ import specdiff_kernels
 from specdiff_kernels.chain_noise import ChainNoise
 from specdiff_kernels.drafts import DraftModelDraft, FrozenTargetDraft
 from specdiff_kernels.models.gmm import GMMDenoiser, make_gmm
-from specdiff_kernels.sampler import (AncestralSampler, NonFiniteError, SamplerStats,
-                                      SpeculativeSampler)
+from specdiff_kernels.sampler import (COMPACT_MIN_CHAINS_CPU, AncestralSampler, NonFiniteError,
+                                      SamplerStats, SpeculativeSampler)
 from specdiff_kernels.transitions import (alphas_cumprod_from_betas, ddim_transitions,
                                           ddpm_transitions, euler_ancestral_transitions, make_betas)
 
@@ -265,8 +265,14 @@ def test_prefetch_stats_one_call_per_round(L, B, path):
     if B == 1 and path == "ragged":
         # evals per window: y_1..y_n plus y_0 when the root is stale plus y_n prefetch
         assert st.target_evals <= 1 + st.windows * (L + 1)
-    if path == "static":   # every round after the bootstrap evaluates all L + 1 positions
-        assert st.target_evals == B + (st.rounds - 1) * B * (L + 1)
+    if path == "static":
+        full = B + (st.rounds - 1) * B * (L + 1)   # every round evaluating all L + 1 positions
+        if B < COMPACT_MIN_CHAINS_CPU:
+            assert st.target_evals == full
+        else:   # eager on CPU: only the states the round reads, which are the ragged round's
+            ragged = SpeculativeSampler(model, T, FrozenTargetDraft("x0"), L, path="ragged").sample(
+                B, (D,), generator=gen(L)).stats
+            assert st.target_evals == ragged.target_evals < full
 
 
 def test_noprefetch_stats_two_calls_per_round():
@@ -420,16 +426,24 @@ def test_no_autograd_graph_with_grad_requiring_parameters(make):
 # ----------------------------------------------------------------------------- compiled paths
 def test_compiled_static_round_and_ancestral_equal_eager():
     """torch.compile(fullgraph=True) of the whole static round (network, draft, verify and the
-    counters op) and of the lean ancestral step give the eager paths' samples and statistics."""
+    counters op) and of the lean ancestral step give the eager paths' samples and statistics.
+    Eager on CPU the static round (B = 3) calls the network only on the states it reads; compiled,
+    on all B (L + 1) of every round: the same calls and decisions, more evaluations."""
     model, T = setup(steps=25)
     kw = dict(generator=None, dtype=torch.float64)
-    for make in (lambda c: SpeculativeSampler(model, T, window=4, path="static", compile=c),
-                 lambda c: AncestralSampler(model, T, compile=c)):
-        eager = make(False).sample(3, (D,), **{**kw, "generator": gen(4)})
-        compiled = make(True).sample(3, (D,), **{**kw, "generator": gen(4)})
+    B, L = 3, 4
+    for make, compact in ((lambda c: SpeculativeSampler(model, T, window=L, path="static", compile=c), True),
+                          (lambda c: AncestralSampler(model, T, compile=c), False)):
+        eager = make(False).sample(B, (D,), **{**kw, "generator": gen(4)})
+        compiled = make(True).sample(B, (D,), **{**kw, "generator": gen(4)})
         torch.testing.assert_close(compiled.samples, eager.samples, rtol=1e-9, atol=1e-9)
         a, b = compiled.stats.as_dict(), eager.stats.as_dict()
         a.pop("wall_time"), b.pop("wall_time")
+        evals_compiled, evals_eager = a.pop("target_evals"), b.pop("target_evals")
+        if compact:
+            assert evals_compiled == B + (a["rounds"] - 1) * B * (L + 1) > evals_eager
+        else:
+            assert evals_compiled == evals_eager
         assert a == b
 
 
@@ -483,3 +497,36 @@ def test_affine_mean_equals_the_general_formula(family):
     p = 2 * torch.randn(5, 3, 2, 7, generator=g, dtype=torch.float64)   # |p| > clip often
     k = torch.randint(0, T.num_steps, (5, 3), generator=g)
     torch.testing.assert_close(affine_mean(T, y, p, k), T.mean_from_x0(y, p, k), rtol=1e-10, atol=1e-10)
+
+
+# ----------------------------------------------------------------------------- the compact static round
+@pytest.mark.parametrize("freeze", ["x0", "eps"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_compact_static_round_equals_the_full_round(freeze, dtype):
+    """Round by round, the static round that calls the network only on the states it reads
+    (compact) and the one that calls it on all B (L + 1) reach the same states, steps, frozen
+    values, exact roots and counters; the compact one evaluates fewer states. Exact roots are
+    reached (their position 0 then comes from the frozen value: x0, or x0 from eps)."""
+    from specdiff_kernels import round_ops
+    from specdiff_kernels import round_reference as rr
+    from specdiff_kernels.static_round import StaticRound
+    model, T = setup(steps=40)
+    B, L = 6, 4
+    ids = torch.arange(B, dtype=torch.int64)
+    seed = round_ops.seed_tensor(123)
+    x = torch.randn(B, D, generator=gen(7), dtype=torch.float64).to(dtype)
+    rounds = {c: StaticRound(model, T, L, freeze, seed, ids, dtype=dtype, compact=c)
+              for c in (False, True)}
+    s = {c: r.start(x) for c, r in rounds.items()}
+    seen_exact = 0
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    while int(s[False].stats[rr.STAT_LIVE]) > 0:
+        seen_exact += int(s[True].exact.sum())
+        s = {c: rounds[c].step(s[c]) for c in s}
+        full, compact = s[False], s[True]
+        torch.testing.assert_close(compact.x, full.x, rtol=tol, atol=tol)
+        torch.testing.assert_close(compact.frozen, full.frozen, rtol=tol, atol=tol)
+        assert torch.equal(compact.k, full.k) and torch.equal(compact.exact, full.exact)
+        assert torch.equal(compact.stats, full.stats)
+    assert seen_exact > 0
+    assert rounds[True].target_evals < rounds[False].target_evals

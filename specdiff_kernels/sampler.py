@@ -5,11 +5,13 @@ target ``model(x, t)``; both read their randomness from the same per-chain strea
 (:mod:`specdiff_kernels.chain_noise`), so with the same generator they use the same noise xi_k at
 every sampling step k.
 
-:class:`SpeculativeSampler` runs one of two paths (``path=``; "auto" picks by measurement):
+:class:`SpeculativeSampler` runs one of two paths (``path=``; "auto": the static round wherever
+it applies):
 
 * the STATIC round (:mod:`specdiff_kernels.static_round`): frozen-target draft with a prefetched
   root, fixed batch and window, every per-chain quantity on the device, one network call and a few
-  fused ops per round, one host read per round; compiled and CUDA-graph captured on GPUs;
+  fused ops per round, one host read per round; compiled and CUDA-graph captured on GPUs; eager on
+  a CPU with B >= 2 its network call holds only the states the round reads, as the ragged one's;
 * the RAGGED round (:mod:`specdiff_kernels.ragged_round`): every chain at its own step with its
   own window; any draft (frozen target with or without prefetch, a draft network), the adaptive
   window, a custom verify op; evaluates only the states a round needs and drops finished chains.
@@ -55,12 +57,12 @@ from .transitions import GaussianTransitions, Model
 
 VerifyFn = Callable[..., "ops.VerifyResult"]
 PATHS = ("auto", "static", "ragged")
-# The static round is the default up to this many chains on CPU; above it the ragged path, which
-# evaluates only the states a round needs and drops finished chains, costs less. Measured (digits,
-# N = 200, L = 8, 1 thread, after the counters op; `bench_latency.py --cells digits:16 digits:64
-# digits:256 --no-compile`): B = 16 static 104 vs ragged 111 ms, B = 64 365 vs 308 ms, B = 256
-# 1.65 vs 1.30 s (B = 1: bench/results/latency_cpu.md). On CUDA always static.
-STATIC_MAX_CHAINS_CPU = 16
+# Eager on CPU the static round calls the network only on the states it reads (the ragged path's
+# evaluations, with the static round's lower own cost) from this many chains: measured (digits,
+# N = 200, L = 8, 1 thread, bench/results/latency_cpu_batch.md) 0.97x the full call's wall-clock
+# at B = 2, 0.83x at B = 16; at B = 1 the two tie (1.01x) and the full call costs 73 aten calls a
+# round instead of 133.
+COMPACT_MIN_CHAINS_CPU = 2
 
 
 class NonFiniteError(FloatingPointError):
@@ -503,20 +505,19 @@ class SpeculativeSampler(_SamplerBase):
         """``"static"`` or ``"ragged"``: what ``sample`` runs for this batch (see ``path``)."""
         if self.path != "auto":
             return self.path
-        if not self._static_capable():
-            return "ragged"
-        if device.type == "cuda" or num_chains <= STATIC_MAX_CHAINS_CPU:
-            return "static"
-        return "ragged"
+        return "static" if self._static_capable() else "ragged"
 
     def _sample_static(self, x: Tensor, noise, chains: Chains, t0: float) -> SamplingResult:
         T, L = self.transitions, self.window
         B, N = x.shape[0], T.num_steps
         cuda = x.device.type == "cuda"
         compile_ = cuda if self.compile == "auto" else bool(self.compile)
+        # eager on CPU: call the network only on the states a round reads (its size is read on
+        # the host, which costs nothing there); compiled or on CUDA: the fixed B (L + 1) call
+        compact = not (cuda or compile_) and B >= COMPACT_MIN_CHAINS_CPU
         rnd = StaticRound(self.model, T, L, self.draft.freeze, noise.seed, noise.chain_ids,
                           dtype=x.dtype, backend=self.backend, compile=compile_, cuda_graph=cuda,
-                          cond=chains.cond)
+                          cond=chains.cond, compact=compact)
         bar = self._progress_bar(B * N)
         done_steps = 0
         s = rnd.start(x)
@@ -538,7 +539,7 @@ class SpeculativeSampler(_SamplerBase):
         counts = s.stats.tolist()
         stats = SamplerStats(self.name, B, N, L)
         stats.rounds = stats.target_calls = counts[rr.STAT_ROUNDS]
-        stats.target_evals = B + (stats.rounds - 1) * B * (L + 1)
+        stats.target_evals = rnd.target_evals
         stats.direct_steps = 0 if bool(T.deterministic[0]) else B
         stats.windows = counts[rr.STAT_WINDOWS]
         stats.speculative_steps = counts[rr.STAT_SPEC_STEPS]

@@ -93,6 +93,8 @@ class ChainBatch:
     x: Tensor                  # [B, *E] states
     k: Tensor                  # [B] int64 sampling step (N: finished)
     frozen: Tensor             # [B, *E] frozen x0-hat (or eps-hat)
+    exact: Tensor              # [B] bool: frozen is the target's own prediction at x (the last
+                               # round evaluated x: its window was accepted whole)
     stats: Tensor              # int64 counters, laid out by round_reference.StatsLayout
 
     def tensors(self) -> list[Tensor]:
@@ -115,13 +117,21 @@ class StaticRound:
         compile: compile the round (network included) with ``torch.compile(fullgraph=True)``.
         cuda_graph: on CUDA, capture the round once and replay it.
         cond: the chains' conditioning (:class:`~specdiff_kernels._sample_args.ModelKwargs`).
+        compact: call the network only on the window positions a round reads (0..n of chains
+            not finished, less position 0 where the root's prediction is already known), not on
+            all B (L + 1): the call's size then changes from round to round and is read on the
+            host, so it suits eager CPU runs (a host read costs nothing there, the network's
+            work is proportional to its batch), not compiled or captured rounds.
     """
 
     def __init__(self, model: Model, transitions: GaussianTransitions, window: int, freeze: str,
                  seed: Tensor, chain_ids: Tensor, *, dtype: torch.dtype, backend: Optional[str] = None,
                  compile: bool = False, cuda_graph: bool = False,
-                 cond: Optional[ModelKwargs] = None):
+                 cond: Optional[ModelKwargs] = None, compact: bool = False):
         device = chain_ids.device
+        if compact and (compile or (cuda_graph and device.type == "cuda")):
+            raise ValueError("compact=True sizes each network call on the host: it cannot be "
+                             "compiled with fullgraph=True or captured as a CUDA graph")
         self.T = transitions
         self.cond = ModelKwargs({}) if cond is None else cond
         self._cond_roots: dict = {}    # the chains' kwargs for a call on their roots [B]
@@ -135,11 +145,16 @@ class StaticRound:
         self.clip = round_ops.clip_value(transitions)
         # each chain's window length by its step: the stochastic run ahead of it, capped at L
         self.window_lengths = stochastic_runs(transitions).clamp(max=self.L).to(device)
+        # the last window position a round reads, by step (-1: finished, nothing to read)
+        self.read_upto = torch.cat([self.window_lengths[:-1],
+                                    torch.full((1,), -1, dtype=torch.int64, device=device)])
         self._pos: Optional[Tensor] = None    # arange(L + 1), made in start(): rounds only read it
         self.layout: Optional[rr.StatsLayout] = None
         self.net = NetworkCall(model, transitions, device, dtype)
         self.compile = compile
         self.cuda_graph = cuda_graph and device.type == "cuda"
+        self.compact = compact
+        self.target_evals = 0   # states the network has been called on (host count)
         self._round: Callable[[ChainBatch], ChainBatch] = (
             torch.compile(self._round_eager, fullgraph=True, dynamic=False) if compile
             else self._round_eager)
@@ -175,6 +190,7 @@ class StaticRound:
         self._cond_window = self.cond.gather(chain.repeat_interleave(L + 1))
         k = torch.zeros(B, **i64)
         out, p0 = self.net(x, k, self._cond_roots)
+        self.target_evals = B
         ones = torch.ones(B, **i64) if N > 0 else k
         x1 = self._draft(x, p0, k, ones, 1, FREEZE_X0)[:, 1]
         self.layout = lay = rr.StatsLayout(L, N, B)
@@ -187,29 +203,65 @@ class StaticRound:
         stats[rr.STAT_BAD_OUTPUT] = (chain * (N + 1)).masked_fill(~bad, NO_BAD).amin()
         if N <= 1:
             lay.view(stats, "chain_rounds").fill_(1)
-        return ChainBatch(x=x1, k=k + 1, frozen=self._freeze(x, p0, k), stats=stats)
+        return ChainBatch(x=x1, k=k + 1, frozen=self._freeze(x, p0, k),
+                          exact=torch.zeros(B, dtype=torch.bool, device=dev), stats=stats)
 
     # ------------------------------------------------------------------ the round
+    def _evaluate(self, Y: Tensor, s: ChainBatch) -> tuple[Tensor, Tensor]:
+        """(raw output, x0-hat) at the window's states, both [B, L+1, *E]."""
+        B, L1 = Y.shape[:2]
+        k_pos = s.k[:, None] + self._pos[None]                       # [B, L+1] step of each position
+        rows_y, rows_k = Y.reshape(B * L1, *Y.shape[2:]), k_pos.reshape(-1)
+        if not self.compact:
+            out, P = self.net(rows_y, rows_k, self._cond_window)
+            return out.reshape(Y.shape), P.reshape(Y.shape)
+        # the positions verify_frozen reads: 0..n of chains not finished (read_upto = -1 once
+        # finished), from 1 where the root's prediction is the frozen value; the others stay 0
+        first = s.exact.to(torch.int64)[:, None]
+        need = (self._pos[None] >= first) & (self._pos[None] <= self.read_upto[s.k][:, None])
+        rows = need.view(-1).nonzero().view(-1)
+        self.target_evals += rows.numel()   # eager only (compact is never compiled)
+        cond = self.cond.gather(rows // L1) if self.cond else {}
+        o, p = self.net(rows_y.index_select(0, rows), rows_k.index_select(0, rows), cond)
+        out = rows_y.new_zeros(rows_y.shape).index_copy_(0, rows, o).view(Y.shape)
+        P = rows_y.new_zeros(rows_y.shape).index_copy_(0, rows, p).view(Y.shape)
+        if bool(s.exact.any()):
+            ex = s.exact.nonzero().view(-1)
+            P[:, 0].index_copy_(0, ex, self._known_x0(s, ex))
+        return out, P
+
+    def _known_x0(self, s: ChainBatch, ex: Tensor) -> Tensor:
+        """The target's x0-hat at the roots of chains ex, from their frozen value (which the
+        last round computed from the network's prediction at that very state)."""
+        f = s.frozen.index_select(0, ex)
+        if self.freeze == FREEZE_X0:
+            return f
+        acc = torch.float64 if f.dtype == torch.float64 else torch.float32
+        c = rr._rows(self.coef, s.k.index_select(0, ex), acc)
+        x = s.x.index_select(0, ex)
+        x0 = rr.draft_x0(c, x.reshape(len(ex), -1).to(acc), f.reshape(len(ex), -1).to(acc),
+                         self.freeze)
+        return x0.to(f.dtype).reshape(f.shape)
+
     def _round_eager(self, s: ChainBatch) -> ChainBatch:
-        B, L = s.x.shape[0], self.L
+        L = self.L
         k = s.k
         n = self.window_lengths[k]                                   # k lies in 0..N
         Y = self._draft(s.x, s.frozen, k, n, L, self.freeze)
-        k_pos = k[:, None] + self._pos[None]                         # [B, L+1] step of each position
-        out, P = self.net(Y.reshape(B * (L + 1), *s.x.shape[1:]), k_pos.reshape(-1),
-                          self._cond_window)
-        res = self._verify(Y, P.reshape(Y.shape), s.frozen, k, n)
+        out, P = self._evaluate(Y, s)
+        res = self._verify(Y, P, s.frozen, k, n)
         stats = torch.ops.specdiff.round_stats(s.stats, k, n, res.num_accepted, res.committed,
-                                               res.log_ratio, out.reshape(Y.shape), self.N)
+                                               res.log_ratio, out, self.N)
         return ChainBatch(x=res.next_state, k=k + res.committed, frozen=res.next_frozen,
-                          stats=stats)
+                          exact=res.root_exact, stats=stats)
 
     def step(self, s: ChainBatch) -> ChainBatch:
         """One round. With ``cuda_graph``, the first call captures the round on s's buffers and
         every later call replays it (s must be the batch returned by the previous call)."""
+        if not self.compact:
+            self.target_evals += s.x.shape[0] * (self.L + 1)
         if not self.cuda_graph:
-            out = self._round(s)
-            return out
+            return self._round(s)
         if self._graph is None:
             self._static = s
             side = torch.cuda.Stream()
