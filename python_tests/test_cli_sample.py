@@ -90,8 +90,8 @@ def test_sample_a_save_pretrained_folder(pipe_dir, tmp_path, capsys):
     # the grid holds exactly what the library gives for this pipeline, seed and window
     pipe = DDPMPipeline.from_pretrained(pipe_dir)
     model, T = from_pipeline(pipe, 40)
-    # (a UNet folder on CPU runs the ragged path: see sample_cmd)
-    ref = SpeculativeSampler(model, T, window=4, path="ragged").sample(
+    # (16 chains of a UNet on CPU: the default path, the static round with its compact call)
+    ref = SpeculativeSampler(model, T, window=4).sample(
         16, (3, SIZE, SIZE), generator=torch.Generator().manual_seed(3)).samples
     shown = grid_to_samples(tmp_path / "samples.png", 16, 3, SIZE)
     torch.testing.assert_close(shown, ref.double().clamp(-1, 1), atol=1 / 127.5, rtol=0)

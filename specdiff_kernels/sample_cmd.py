@@ -276,7 +276,7 @@ def _sync(device: torch.device) -> None:
 def run_sample(args, spec: PipelineSpec) -> int:
     """Sample with the checked arguments; print a summary (and the cost table with --compare)."""
     from .demo import cost_table, optional_module
-    from .sampler import AncestralSampler, SpeculativeSampler
+    from .sampler import COMPACT_MIN_CHAINS_CPU, AncestralSampler, SpeculativeSampler
     from .stats import two_sample_pvalue
 
     # --dtype is the network's precision; the chains stay float32 (see CastNet)
@@ -304,11 +304,13 @@ def run_sample(args, spec: PipelineSpec) -> int:
         _sync(device)
         return res, time.perf_counter() - t
 
-    # A UNet on a CPU is compute-bound: the ragged round, which evaluates only the states a round
-    # needs, measured faster than the static one even at one chain (patches, N = 200, L = 8:
-    # B = 1 1.65 vs 1.87 s, B = 4 6.8 vs 8.3 s, B = 8 13.6 vs 18.1 s). The sampler's own "auto"
-    # rule (static up to 16 chains on CPU) was measured on the overhead-bound digits MLP.
-    path = "ragged" if device.type == "cpu" and spec.unet_class else "auto"
+    # A UNet on a CPU is compute-bound: every evaluation counts. From 2 chains the static round's
+    # compact call evaluates what the ragged round does (patches, N = 200, L = 8, B = 4: static
+    # 8.08 vs ragged 8.31 s); one chain keeps the full B (L + 1) call, where the ragged round
+    # evaluates fewer states (B = 1: 445 vs 487, 2.29 vs 2.41 s).
+    one_unet_chain = (device.type == "cpu" and spec.unet_class is not None
+                      and args.batch < COMPACT_MIN_CHAINS_CPU)
+    path = "ragged" if one_unet_chain else "auto"
     spec_res, spec_wall = run(SpeculativeSampler(net, T, draft=draft, window=args.window,
                                                  progress=progress, path=path), args.seed)
     st = spec_res.stats
