@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -62,10 +63,12 @@ def test_demo_with_draft_model_on_digits(tmp_path, capsys):
 
 
 def test_info_and_module_entry_point():
+    env = dict(os.environ, SPECDIFF_CPU_CAPABILITY="default")
     res = subprocess.run([sys.executable, "-m", "specdiff_kernels", "info"], capture_output=True,
-                         text=True, timeout=120)
+                         text=True, timeout=120, env=env)
     assert res.returncode == 0, res.stderr
     assert "backends: reference, cpp" in res.stdout and "C++ build:" in res.stdout
+    assert "C++ kernels run the default variant" in res.stdout   # as the variable asked
 
 
 def test_digits_speculative_costs_less_than_ancestral():

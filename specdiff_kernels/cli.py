@@ -150,6 +150,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         info = ops._C.build_info()
         print(f"C++ build: {info['compiler']} [{info['build_type']}] flags '{info['cxx_flags'].strip()}', "
               f"OpenMP {info['openmp']}, SIMD {'/'.join(info['simd']) or 'none'}")
+        print(f"C++ kernels run the {info['cpu_capability']} variant (this CPU supports "
+              f"{ops._C.supported_cpu_capability()}; SPECDIFF_CPU_CAPABILITY caps it)")
     try:
         import triton
         print(f"triton {triton.__version__}")
