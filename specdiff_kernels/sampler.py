@@ -59,9 +59,9 @@ VerifyFn = Callable[..., "ops.VerifyResult"]
 PATHS = ("auto", "static", "ragged")
 # Eager on CPU the static round calls the network only on the states it reads (the ragged path's
 # evaluations, with the static round's lower own cost) from this many chains: measured (digits,
-# N = 200, L = 8, 1 thread, bench/results/latency_cpu_batch.md) 0.97x the full call's wall-clock
-# at B = 2, 0.83x at B = 16; at B = 1 the two tie (1.01x) and the full call costs 73 aten calls a
-# round instead of 133.
+# N = 200, L = 8, 1 thread, `bench/bench_compact.py` -> bench/results/compact_cpu.md) 0.97x the
+# full call's wall-clock at B = 2, 0.84x at B = 16, 0.69x at B = 64; at B = 1 the two tie (1.01x)
+# and the full call costs 73 aten calls a round instead of 133.
 COMPACT_MIN_CHAINS_CPU = 2
 
 
