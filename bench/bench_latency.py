@@ -222,7 +222,10 @@ def to_markdown(res) -> str:
              "network alone, compiled the same way, at the same batch sizes, subtracted). aten/round: aten calls per round outside the network (CPU). "
              "floor: the ratio this sampler would have if its own cost were zero (its time inside "
              "the network / the fastest ancestral wall): a ratio target below it cannot be met by "
-             "the sampler, only by a cheaper network call at batch B (L + 1).", ""]
+             "the sampler, only by a cheaper network call at batch B (L + 1). On CPU, static_eager "
+             "and default run the static round eagerly, whose network call holds only the states a "
+             "round reads from B = 2 (the compact call, `sampler.COMPACT_MIN_CHAINS_CPU`); "
+             "static_compiled makes the full B (L + 1) call.", ""]
     for cell in res["cells"]:
         lines += [f"## {cell['model']}, B = {cell['B']}, N = {cell['N']}, L = {cell['L']} "
                   f"(fastest ancestral: {cell['fastest_ancestral']})", "",
