@@ -424,26 +424,24 @@ def test_no_autograd_graph_with_grad_requiring_parameters(make):
 
 
 # ----------------------------------------------------------------------------- compiled paths
-def test_compiled_static_round_and_ancestral_equal_eager():
-    """torch.compile(fullgraph=True) of the whole static round (network, draft, verify and the
-    counters op) and of the lean ancestral step give the eager paths' samples and statistics.
-    Eager on CPU the static round (B = 3) calls the network only on the states it reads; compiled,
-    on all B (L + 1) of every round: the same calls and decisions, more evaluations."""
+@pytest.mark.parametrize("B", [1, 3])
+def test_compiled_static_round_and_ancestral_equal_eager(B):
+    """compile=True gives the eager paths' samples and statistics: at B = 1 the whole static round
+    under torch.compile(fullgraph=True) (network, draft, verify and the counters op); at B = 3,
+    on CPU, the compact round with the network alone compiled (a dynamic batch: its calls change
+    size); and the lean ancestral step compiled."""
     model, T = setup(steps=25)
     kw = dict(generator=None, dtype=torch.float64)
-    B, L = 3, 4
-    for make, compact in ((lambda c: SpeculativeSampler(model, T, window=L, path="static", compile=c), True),
-                          (lambda c: AncestralSampler(model, T, compile=c), False)):
+    for make in (lambda c: SpeculativeSampler(model, T, window=4, path="static", compile=c),
+                 lambda c: AncestralSampler(model, T, compile=c)):
         eager = make(False).sample(B, (D,), **{**kw, "generator": gen(4)})
+        torch._dynamo.reset()   # a fresh compile, whatever other tests compiled before
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
         compiled = make(True).sample(B, (D,), **{**kw, "generator": gen(4)})
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs   # it did compile
         torch.testing.assert_close(compiled.samples, eager.samples, rtol=1e-9, atol=1e-9)
         a, b = compiled.stats.as_dict(), eager.stats.as_dict()
         a.pop("wall_time"), b.pop("wall_time")
-        evals_compiled, evals_eager = a.pop("target_evals"), b.pop("target_evals")
-        if compact:
-            assert evals_compiled == B + (a["rounds"] - 1) * B * (L + 1) > evals_eager
-        else:
-            assert evals_compiled == evals_eager
         assert a == b
 
 

@@ -57,11 +57,13 @@ from .transitions import GaussianTransitions, Model
 
 VerifyFn = Callable[..., "ops.VerifyResult"]
 PATHS = ("auto", "static", "ragged")
-# Eager on CPU the static round calls the network only on the states it reads (the ragged path's
+# On CPU the static round calls the network only on the states it reads (the ragged path's
 # evaluations, with the static round's lower own cost) from this many chains: measured (digits,
 # N = 200, L = 8, 1 thread, `bench/bench_compact.py` -> bench/results/compact_cpu.md) 0.97x the
 # full call's wall-clock at B = 2, 0.84x at B = 16, 0.69x at B = 64; at B = 1 the two tie (1.01x)
-# and the full call costs 73 aten calls a round instead of 133.
+# and the full call costs 73 aten calls a round instead of 133. With compile=True the network is
+# then compiled alone (dynamic batch): B = 1024 4.53 s, against 6.53 s for the whole round
+# compiled with the full call (bench/results/latency_cpu.md and the run before it).
 COMPACT_MIN_CHAINS_CPU = 2
 
 
@@ -512,9 +514,10 @@ class SpeculativeSampler(_SamplerBase):
         B, N = x.shape[0], T.num_steps
         cuda = x.device.type == "cuda"
         compile_ = cuda if self.compile == "auto" else bool(self.compile)
-        # eager on CPU: call the network only on the states a round reads (its size is read on
-        # the host, which costs nothing there); compiled or on CUDA: the fixed B (L + 1) call
-        compact = not (cuda or compile_) and B >= COMPACT_MIN_CHAINS_CPU
+        # on CPU: call the network only on the states a round reads (its size is read on the
+        # host, which costs nothing there; compile=True then compiles the network alone, with a
+        # dynamic batch); on CUDA: the fixed B (L + 1) call, captured as a CUDA graph
+        compact = not cuda and B >= COMPACT_MIN_CHAINS_CPU
         rnd = StaticRound(self.model, T, L, self.draft.freeze, noise.seed, noise.chain_ids,
                           dtype=x.dtype, backend=self.backend, compile=compile_, cuda_graph=cuda,
                           cond=chains.cond, compact=compact)

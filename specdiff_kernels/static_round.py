@@ -114,14 +114,15 @@ class StaticRound:
         freeze: ``"x0"`` or ``"eps"`` (the frozen-target draft's mode).
         seed, chain_ids: the chains' noise key and ids (int64 tensors on the device).
         backend: round-op backend (None: by device).
-        compile: compile the round (network included) with ``torch.compile(fullgraph=True)``.
+        compile: compile the round (network included) with ``torch.compile(fullgraph=True)``;
+            with ``compact``, whose calls change size, only the network, with a dynamic batch.
         cuda_graph: on CUDA, capture the round once and replay it.
         cond: the chains' conditioning (:class:`~specdiff_kernels._sample_args.ModelKwargs`).
         compact: call the network only on the window positions a round reads (0..n of chains
             not finished, less position 0 where the root's prediction is already known), not on
             all B (L + 1): the call's size then changes from round to round and is read on the
-            host, so it suits eager CPU runs (a host read costs nothing there, the network's
-            work is proportional to its batch), not compiled or captured rounds.
+            host, so it suits CPU runs (a host read costs nothing there, the network's work is
+            proportional to its batch), not captured rounds.
     """
 
     def __init__(self, model: Model, transitions: GaussianTransitions, window: int, freeze: str,
@@ -129,9 +130,9 @@ class StaticRound:
                  compile: bool = False, cuda_graph: bool = False,
                  cond: Optional[ModelKwargs] = None, compact: bool = False):
         device = chain_ids.device
-        if compact and (compile or (cuda_graph and device.type == "cuda")):
+        if compact and cuda_graph and device.type == "cuda":
             raise ValueError("compact=True sizes each network call on the host: it cannot be "
-                             "compiled with fullgraph=True or captured as a CUDA graph")
+                             "captured as a CUDA graph")
         self.T = transitions
         self.cond = ModelKwargs({}) if cond is None else cond
         self._cond_roots: dict = {}    # the chains' kwargs for a call on their roots [B]
@@ -150,14 +151,16 @@ class StaticRound:
                                     torch.full((1,), -1, dtype=torch.int64, device=device)])
         self._pos: Optional[Tensor] = None    # arange(L + 1), made in start(): rounds only read it
         self.layout: Optional[rr.StatsLayout] = None
+        if compile and compact:   # the round stays eager: its calls change size
+            model = torch.compile(model, dynamic=True)
         self.net = NetworkCall(model, transitions, device, dtype)
         self.compile = compile
         self.cuda_graph = cuda_graph and device.type == "cuda"
         self.compact = compact
         self.target_evals = 0   # states the network has been called on (host count)
         self._round: Callable[[ChainBatch], ChainBatch] = (
-            torch.compile(self._round_eager, fullgraph=True, dynamic=False) if compile
-            else self._round_eager)
+            torch.compile(self._round_eager, fullgraph=True, dynamic=False)
+            if compile and not compact else self._round_eager)
         self._graph = None
         self._static: Optional[ChainBatch] = None
 
@@ -220,7 +223,7 @@ class StaticRound:
         first = s.exact.to(torch.int64)[:, None]
         need = (self._pos[None] >= first) & (self._pos[None] <= self.read_upto[s.k][:, None])
         rows = need.view(-1).nonzero().view(-1)
-        self.target_evals += rows.numel()   # eager only (compact is never compiled)
+        self.target_evals += rows.numel()   # the round is eager when compact
         cond = self.cond.gather(rows // L1) if self.cond else {}
         o, p = self.net(rows_y.index_select(0, rows), rows_k.index_select(0, rows), cond)
         out = rows_y.new_zeros(rows_y.shape).index_copy_(0, rows, o).view(Y.shape)
