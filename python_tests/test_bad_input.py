@@ -109,6 +109,16 @@ def test_window_true_is_not_a_window_of_one():
         AdaptiveWindow(max_window=8.5)
 
 
+@pytest.mark.parametrize("kwargs", [dict(path="ragged"), dict(draft=DraftModelDraft(Counting())),
+                                    dict(window="adaptive")])
+def test_compile_refused_where_the_ragged_round_runs(kwargs):
+    """compile=True applies to the static round only: with the ragged round it would be ignored."""
+    with pytest.raises(ValueError, match=r"^compile=True compiles the static round, but this "
+                                         r"sampler runs the ragged round"):
+        SpeculativeSampler(Counting(), transitions(), compile=True, **kwargs)
+    SpeculativeSampler(Counting(), transitions(), compile=False, **kwargs)   # eager is fine
+
+
 def test_window_longer_than_the_schedule_is_clamped():
     """window=10000 on 20 DDPM steps (19 stochastic, then the deterministic t = 0 step): the
     buffers are those of a 19-step window and the samples those of window=19."""

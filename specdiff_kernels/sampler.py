@@ -355,6 +355,13 @@ class SpeculativeSampler(_SamplerBase):
             A hook for testing and instrumentation; the default is the public op.
         progress: show a tqdm bar over steps completed (summed over chains).
         check_finite: check model outputs and log ratios (raise :class:`NonFiniteError`).
+        path: ``"auto"``: the static round wherever it applies (a :class:`FrozenTargetDraft` with
+            ``prefetch_root=True``, an integer window, the default verify op, transitions affine
+            in x0-hat), else the ragged round; or ``"static"`` / ``"ragged"``.
+        compile: ``"auto"`` (on CUDA only), True or False: compile the static round with
+            ``torch.compile`` (on CUDA or at B = 1 the whole round, network included, fullgraph;
+            on CPU from ``COMPACT_MIN_CHAINS_CPU`` chains the network alone, with a dynamic
+            batch). True with the ragged round is refused: it runs eagerly.
     """
 
     name = "speculative"
@@ -378,6 +385,11 @@ class SpeculativeSampler(_SamplerBase):
                              "in x0-hat (no dynamic thresholding); use path='ragged'")
         if compile not in (True, False, "auto"):
             raise ValueError(f"compile must be True, False or 'auto', got {compile!r}")
+        if compile is True and (path == "ragged" or not self._static_capable()):
+            raise ValueError("compile=True compiles the static round, but this sampler runs the "
+                             "ragged round (path='ragged', a draft model, prefetch_root=False, an "
+                             "adaptive window, a verify_fn or non-affine transitions), which runs "
+                             "eagerly; leave compile at 'auto' or False")
         self.path = path
         self.compile = compile
         self._stoch_run = stochastic_runs(transitions)  # stochastic steps left before a det step/end
