@@ -73,13 +73,10 @@ def test_split_batches_merge_to_the_single_run(window, draft):
     merged = merge_stats([b.stats, a.stats], [list(range(7, 13)), list(range(7))])
     # A round's sequential draft calls are its longest window among the batch's chains, so the
     # shards' (run side by side: the max over shards) can be fewer than one batch's, never more.
-    # Likewise the static round evaluates every chain of its batch (finished ones too) until the
-    # batch's last chain finishes: smaller batches evaluate no more states than one large batch.
-    assert_stats_equal(merged, full.stats, skip=("wall_time", "draft_calls", "target_evals"))
+    # Evaluations are per chain on both paths (the static round's compact call on CPU evaluates
+    # only the states each chain reads, as the ragged round does).
+    assert_stats_equal(merged, full.stats, skip=("wall_time", "draft_calls"))
     assert merged.draft_calls <= full.stats.draft_calls
-    assert merged.target_evals <= full.stats.target_evals
-    if s.resolve_path(13, torch.device("cpu")) == "ragged":
-        assert merged.target_evals == full.stats.target_evals
     if draft == "frozen":
         assert merged.draft_calls == full.stats.draft_calls == 0
 

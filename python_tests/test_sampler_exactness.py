@@ -213,7 +213,7 @@ def run_gaussian(kind: str, draft: str, window: int, seed: int, verify_fn=None, 
     T = gaussian_transitions(kind)
     model = gaussian_model(T)
     sampler = SpeculativeSampler(model, T, DRAFTS[draft](T), window, verify_fn=verify_fn, path=path)
-    assert path == "auto" or sampler.resolve_path(GAUSS_N, torch.device("cpu")) == path
+    assert path == "auto" or sampler.resolve_path() == path
     res = sampler.sample(GAUSS_N, (GAUSS_D,), generator=gen(seed), dtype=torch.float64)
     m, C = exact_final_law(model, T, GAUSS_D)
     return res, m, C

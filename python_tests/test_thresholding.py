@@ -62,7 +62,7 @@ def test_thresholding_is_not_affine_so_the_static_path_is_refused():
         round_tables(tr)
     with pytest.raises(ValueError, match="no dynamic thresholding"):
         SpeculativeSampler(DiffusersModel(unet()), tr, window=4, path="static")
-    assert SpeculativeSampler(DiffusersModel(unet()), tr, window=4).resolve_path(1, torch.device("cpu")) == "ragged"
+    assert SpeculativeSampler(DiffusersModel(unet()), tr, window=4).resolve_path() == "ragged"
 
 
 def test_window_thresholds_each_position_separately():

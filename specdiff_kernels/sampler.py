@@ -428,7 +428,7 @@ class SpeculativeSampler(_SamplerBase):
         t0 = time.perf_counter()
         x, noise, chains = self._setup(num_chains, event_shape, generator, chain_ids, x_init,
                                        dtype, device, model_kwargs)
-        if self.resolve_path(x.shape[0], x.device) == "static":
+        if self.resolve_path() == "static":
             return self._sample_static(x, noise, chains, t0)
         return self._sample_ragged(x, noise, chains, t0)
 
@@ -515,8 +515,8 @@ class SpeculativeSampler(_SamplerBase):
                 and self.window_policy is None and self.verify_fn is ops.speculative_verify
                 and self.transitions.affine)
 
-    def resolve_path(self, num_chains: int, device: torch.device) -> str:
-        """``"static"`` or ``"ragged"``: what ``sample`` runs for this batch (see ``path``)."""
+    def resolve_path(self) -> str:
+        """``"static"`` or ``"ragged"``: what ``sample`` runs (see ``path``)."""
         if self.path != "auto":
             return self.path
         return "static" if self._static_capable() else "ragged"
