@@ -28,15 +28,19 @@ NUM_CLASSES = 4            # class ids 0..3; id NULL is the unconditional ("null
 NULL = NUM_CLASSES
 
 
-@functools.lru_cache(maxsize=None)
-def text_unet(seed: int = 0) -> UNet2DConditionModel:
+def _cross_attention_unet(seed: int, **extra) -> UNet2DConditionModel:
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         sample_size=8, in_channels=2, out_channels=2, layers_per_block=1,
         block_out_channels=(4, 8), norm_num_groups=2, cross_attention_dim=DIM,
         attention_head_dim=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), **extra)
     return unet.eval().requires_grad_(False)
+
+
+@functools.lru_cache(maxsize=None)
+def text_unet(seed: int = 0) -> UNet2DConditionModel:
+    return _cross_attention_unet(seed)
 
 
 @functools.lru_cache(maxsize=None)
@@ -52,14 +56,8 @@ def class_unet(seed: int = 0) -> UNet2DModel:
 @functools.lru_cache(maxsize=None)
 def sdxl_unet(seed: int = 0) -> UNet2DConditionModel:
     """SDXL-style conditioning: cross-attention plus added_cond_kwargs text_embeds / time_ids."""
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=8, in_channels=2, out_channels=2, layers_per_block=1,
-        block_out_channels=(4, 8), norm_num_groups=2, cross_attention_dim=DIM,
-        attention_head_dim=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), addition_embed_type="text_time",
-        addition_time_embed_dim=4, projection_class_embeddings_input_dim=DIM + 6 * 4)
-    return unet.eval().requires_grad_(False)
+    return _cross_attention_unet(seed, addition_embed_type="text_time", addition_time_embed_dim=4,
+                                 projection_class_embeddings_input_dim=DIM + 6 * 4)
 
 
 class CallCounter:
