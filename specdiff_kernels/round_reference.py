@@ -129,8 +129,7 @@ def chain_noise(seed: Tensor, chain_ids: Tensor, steps: Tensor, window: int, eve
     j = torch.arange(window, device=chain_ids.device, dtype=torch.int64)
     k = (steps.to(torch.int64)[:, None] + j[None, :]).reshape(-1)
     c = chain_ids.to(torch.int64)[:, None].expand(B, window).reshape(-1)
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
-    xi = normal_noise(seed, c, k, event_numel, acc).to(dtype).reshape(B, window, event_numel)
+    xi = normal_noise(seed, c, k, event_numel, _acc(dtype)).to(dtype).reshape(B, window, event_numel)
     u = uniform_noise(seed, c, k).reshape(B, window)
     return xi, u
 

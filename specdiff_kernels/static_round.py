@@ -239,7 +239,7 @@ class StaticRound:
         f = s.frozen.index_select(0, ex)
         if self.freeze == FREEZE_X0:
             return f
-        acc = torch.float64 if f.dtype == torch.float64 else torch.float32
+        acc = rr._acc(f.dtype)
         c = rr._rows(self.coef, s.k.index_select(0, ex), acc)
         x = s.x.index_select(0, ex)
         x0 = rr.draft_x0(c, x.reshape(len(ex), -1).to(acc), f.reshape(len(ex), -1).to(acc),
