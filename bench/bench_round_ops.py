@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from specdiff_kernels import _C, reference
+from specdiff_kernels import _C, ops, reference
 from specdiff_kernels import round_ops as ro
 from specdiff_kernels.transitions import ddpm_transitions
 
@@ -123,12 +123,6 @@ def composed_round(T):
     return f
 
 
-def cpu_capabilities() -> list:
-    """The C++ kernels' instruction-set variants this CPU runs (csrc/cpu_isa.h), narrowest first."""
-    every = ["default", "avx2", "avx512"]
-    return every[:every.index(_C.supported_cpu_capability()) + 1]
-
-
 def bench(device: str, sizes, quick: bool) -> dict:
     t = timer(device)
     bw = read_bandwidth(device, t)
@@ -150,7 +144,7 @@ def bench(device: str, sizes, quick: bool) -> dict:
             print(f"B={B} L={L} D={D} {name}: {row[name]['ms']:.4f} ms", flush=True)
         if device == "cpu":   # the C++ kernels' narrower instruction-set variants, same inputs
             row["fused_by_capability"] = {}
-            for cap in cpu_capabilities():
+            for cap in ops.cpu_capabilities():
                 before = _C.set_cpu_capability(cap)
                 try:
                     row["fused_by_capability"][cap] = t(lambda: fused_round(a))

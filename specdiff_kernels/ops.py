@@ -34,6 +34,16 @@ if HAS_CPP:
     # the first op call, and never as a silent fallback to the reference backend
     _C.cpu_capability()
 
+# the C++ kernels' instruction-set variants (csrc/cpu_isa.h), narrowest first
+CPU_CAPABILITIES = ("default", "avx2", "avx512")
+
+
+def cpu_capabilities() -> list[str]:
+    """The variants of CPU_CAPABILITIES this CPU can run (none without the C++ extension)."""
+    if not HAS_CPP:
+        return []
+    return list(CPU_CAPABILITIES[:CPU_CAPABILITIES.index(_C.supported_cpu_capability()) + 1])
+
 
 class VerifyResult(NamedTuple):
     """Output of :func:`speculative_verify`."""
