@@ -125,6 +125,6 @@ setup(
         "demo": ["matplotlib", "scikit-learn"],
         "test": ["pytest", "hypothesis", "scikit-learn", "matplotlib"],
     },
-    entry_points={"console_scripts": ["specdiff=specdiff_kernels.cli:main"]},
+    entry_points={"console_scripts": ["specdiff=specdiff_kernels.cli.commands:main"]},
     zip_safe=False,
 )

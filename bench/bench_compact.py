@@ -18,9 +18,10 @@ from pathlib import Path
 
 import torch
 
-from specdiff_kernels import models, round_ops
-from specdiff_kernels import round_reference as rr
-from specdiff_kernels.static_round import StaticRound
+from specdiff_kernels import models
+from specdiff_kernels.ops import round as round_ops
+from specdiff_kernels.ops.reference import round as rr
+from specdiff_kernels.sampling.static_round import StaticRound
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -13,7 +13,7 @@ For each cell (model, dtype, N steps, B chains), in one process:
   the FASTEST baseline of the same cell;
 * quality beside speed: the eager speculative samples of all batches and repetitions of a
   (model, dtype, N, L), pooled, against the pooled eager ancestral samples of the same
-  (model, dtype, N), two-sample p-value (:func:`specdiff_kernels.stats.two_sample_pvalue`); every
+  (model, dtype, N), two-sample p-value (:func:`specdiff_kernels.testing.two_sample.two_sample_pvalue`); every
   run has its own seed, so the pools are independent draws.
 
 Then the cost curve that decides whether speculation can pay on a device: time of one network
@@ -51,9 +51,9 @@ import torch  # noqa: E402
 
 from bench_results import write_results  # noqa: E402
 from specdiff_kernels import models  # noqa: E402
-from specdiff_kernels.sample_cmd import CastNet  # noqa: E402
-from specdiff_kernels.sampler import AncestralSampler, SpeculativeSampler  # noqa: E402
-from specdiff_kernels.stats import two_sample_pvalue  # noqa: E402
+from specdiff_kernels.cli.sample import CastNet  # noqa: E402
+from specdiff_kernels.sampling.sampler import AncestralSampler, SpeculativeSampler  # noqa: E402
+from specdiff_kernels.testing.two_sample import two_sample_pvalue  # noqa: E402
 
 RESULTS = HERE / "results"
 BASELINES = ("ancestral_eager", "ancestral_compiled", "diffusers_pipe", "diffusers_step_loop")
@@ -145,7 +145,7 @@ class Target:
         except ImportError as err:
             return f"not in this install ({err})"
         if not (folder / "model_index.json").is_file():
-            return f"no pipeline at {folder} (patches: train it with python -m specdiff_kernels.train patches)"
+            return f"no pipeline at {folder} (patches: train it with python -m specdiff_kernels.models.train patches)"
         return None
 
     def transitions(self, N: int):

@@ -36,14 +36,14 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from specdiff_kernels.adaptive import AdaptiveWindow  # noqa: E402
-from specdiff_kernels.drafts import FrozenTargetDraft  # noqa: E402
-from specdiff_kernels.langevin import (LangevinSampler, SpeculativeLangevin, banana_energy,  # noqa: E402
+from specdiff_kernels.sampling.window import AdaptiveWindow  # noqa: E402
+from specdiff_kernels.sampling.drafts import FrozenTargetDraft  # noqa: E402
+from specdiff_kernels.sampling.langevin import (LangevinSampler, SpeculativeLangevin, banana_energy,  # noqa: E402
                                        banana_grad)
 from specdiff_kernels.models.gmm import GMMDenoiser, make_gmm  # noqa: E402
-from specdiff_kernels.sampler import SpeculativeSampler  # noqa: E402
-from specdiff_kernels.stats import two_sample_pvalue  # noqa: E402
-from specdiff_kernels.transitions import (alphas_cumprod_from_betas, ddpm_transitions,  # noqa: E402
+from specdiff_kernels.sampling.sampler import SpeculativeSampler  # noqa: E402
+from specdiff_kernels.testing.two_sample import two_sample_pvalue  # noqa: E402
+from specdiff_kernels.sampling.transitions import (alphas_cumprod_from_betas, ddpm_transitions,  # noqa: E402
                                           make_betas)
 
 RESULTS = Path(__file__).resolve().parent / "results"

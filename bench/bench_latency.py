@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from specdiff_kernels import models
-from specdiff_kernels.sampler import COMPACT_MIN_CHAINS_CPU, AncestralSampler, SpeculativeSampler
+from specdiff_kernels.sampling.sampler import COMPACT_MIN_CHAINS_CPU, AncestralSampler, SpeculativeSampler
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

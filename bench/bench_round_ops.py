@@ -25,9 +25,12 @@ from pathlib import Path
 
 import torch
 
-from specdiff_kernels import _C, ops, reference
-from specdiff_kernels import round_ops as ro
-from specdiff_kernels.transitions import ddpm_transitions
+from specdiff_kernels import _C
+from specdiff_kernels.ops import verify as ops
+from specdiff_kernels.ops.reference import verify as reference
+from specdiff_kernels.ops import round as ro
+from specdiff_kernels.sampling.transitions import ddpm_transitions
+from specdiff_kernels.sampling.transitions import clip_value, round_tables
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SIZES = [(64, 8, 3072), (1, 8, 3 * 64 * 64), (16, 8, 3 * 64 * 64), (256, 8, 3072),
@@ -83,8 +86,8 @@ def make_round(B: int, L: int, D: int, device: str, dtype=torch.float32):
     lengths = torch.full((B,), L, dtype=torch.int64, device=device)
     seed = ro.seed_tensor(1234, device)
     ids = torch.arange(B, dtype=torch.int64, device=device)
-    coef = ro.round_tables(T, device)
-    clip = ro.clip_value(T)
+    coef = round_tables(T, device)
+    clip = clip_value(T)
     Y = ro.frozen_draft(root, frozen, steps, lengths, coef, seed, ids, L, 0, clip)
     # a target x0-hat close to the frozen one: most steps accepted, as in a real run
     P = (frozen[:, None] + 0.02 * torch.randn(B, L + 1, D, generator=g).to(device, dtype))

@@ -1,7 +1,7 @@
 """End-to-end benchmark of exact speculative sampling vs the ancestral chain (issue #6).
 
 For every cell (model, N steps, window L, draft) it measures, against the plain ancestral DDPM
-chain over the same N steps (SPEC §4: all three costs, never only the flattering one):
+chain over the same N steps (docs/design.md §10: all three costs, never only the flattering one):
 
 * sequential target calls / N: of the whole ragged batch (``target_calls``) and per chain
   (``mean_chain_rounds`` x calls per round: the latency one chain alone would see);
@@ -12,7 +12,7 @@ chain over the same N steps (SPEC §4: all three costs, never only the flatterin
   median ratio; the time inside target / draft network calls is recorded separately so the
   sampler's own overhead is visible;
 * quality beside speed (``quality`` records): two-sample statistics (energy distance, sliced
-  Wasserstein, two-sample p-value from :mod:`specdiff_kernels.stats`) of the speculative samples
+  Wasserstein, two-sample p-value from :mod:`specdiff_kernels.testing.two_sample`) of the speculative samples
   vs an INDEPENDENT ancestral run at the same N (different seed: the samplers share random
   streams under one seed), of a second independent ancestral run (the null reference), and of
   ancestral with FEWER steps, M = the speculative per-chain sequential-call budget; plus the
@@ -58,9 +58,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from specdiff_kernels import models  # noqa: E402
-from specdiff_kernels.drafts import DraftModelDraft, FrozenTargetDraft  # noqa: E402
-from specdiff_kernels.sampler import AncestralSampler, SpeculativeSampler  # noqa: E402
-from specdiff_kernels.stats import (energy_distance_statistic, sliced_wasserstein,  # noqa: E402
+from specdiff_kernels.sampling.drafts import DraftModelDraft, FrozenTargetDraft  # noqa: E402
+from specdiff_kernels.sampling.sampler import AncestralSampler, SpeculativeSampler  # noqa: E402
+from specdiff_kernels.testing.two_sample import (energy_distance_statistic, sliced_wasserstein,  # noqa: E402
                                     two_sample_pvalue)
 
 RESULTS = Path(__file__).resolve().parent / "results"

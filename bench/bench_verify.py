@@ -22,7 +22,7 @@ import torch
 import torch.utils.benchmark as tbench
 
 import specdiff_kernels as sk
-from specdiff_kernels import reference
+from specdiff_kernels.ops.reference import verify as reference
 from bench_results import write_results
 
 RESULTS = Path(__file__).resolve().parent / "results"

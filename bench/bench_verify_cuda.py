@@ -35,7 +35,7 @@ if DRY_RUN:  # the interpreter must be chosen before triton is imported
 import torch  # noqa: E402
 
 import specdiff_kernels as sk  # noqa: E402
-from specdiff_kernels import reference  # noqa: E402
+from specdiff_kernels.ops.reference import verify as reference  # noqa: E402
 from bench_results import write_results  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -98,7 +98,7 @@ def reference_fits(B: int, L: int, D: int, elt: int, device: torch.device) -> bo
 
 # ---------------------------------------------------------------- one size
 def bench_size(B, L, D, dtype, device, copy_bw, compiled) -> dict:
-    from specdiff_kernels import triton_kernels as tk
+    from specdiff_kernels.ops.triton import verify as tk
     args = make_inputs(B, L, D, dtype, device)
     elt = torch.empty((), dtype=dtype).element_size()
     nbytes = 3 * B * L * D * elt
@@ -160,7 +160,7 @@ def _cell(row, name, key="ms", fmt="{:.3f}"):
 
 def _rule_now(meta: dict, row: dict) -> str:
     """What the current launch rule picks for the row's size (on the run's device)."""
-    from specdiff_kernels import triton_kernels as tk
+    from specdiff_kernels.ops.triton import verify as tk
     if not meta.get("num_sms"):
         return row["auto_strategy"]
     elt = torch.empty((), dtype=DTYPES[meta["dtype"]]).element_size()
@@ -252,7 +252,7 @@ def main(argv=None) -> int:
         copy_numel = 1 << 28  # 1 GiB fp32 per buffer
     dtype = DTYPES[args.dtype]
     import triton
-    from specdiff_kernels import triton_backend  # noqa: F401  (registers the triton ops)
+    from specdiff_kernels.ops.triton import verify_register as triton_backend  # noqa: F401  (registers the triton ops)
 
     copy_bw = copy_bandwidth(device, copy_numel)
     compiled = None if args.no_compile else torch.compile(reference.speculative_verify,

@@ -49,7 +49,7 @@ if want build; then
     >/tmp/specdiff_build.log 2>&1
   stamp "build rc=$?"; tail -n 3 /tmp/specdiff_build.log
 fi
-$PY -c "import specdiff_kernels.ops as o; print('C++ extension loaded:', o.HAS_CPP)"
+$PY -c "import specdiff_kernels.ops.verify as o; print('C++ extension loaded:', o.HAS_CPP)"
 
 # one GPU test file: label, file under python_tests/, timeout [s], maxfail; log in $OUT/<file>.log
 gpu_tests() {

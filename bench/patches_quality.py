@@ -11,7 +11,7 @@ on) and, as a yardstick of how far two sets of real crops lie apart, training cr
   |log10 ratio| to the held-out spectrum over the radii r = 1..16;
 * sliced 1-Wasserstein distances between the sets (pixels as 3072-vectors);
 * a two-sample test of speculative vs ancestral samples, which must NOT reject (speculative
-  sampling is exact): ``specdiff_kernels.stats.two_sample_pvalue`` (per-pixel KS + energy
+  sampling is exact): ``specdiff_kernels.testing.two_sample.two_sample_pvalue`` (per-pixel KS + energy
   permutation test) and KS on per-image statistics (channel means, contrast, high-frequency
   power fraction), Bonferroni over all.
 
@@ -33,7 +33,7 @@ import torch
 from scipy import stats as sps
 
 from specdiff_kernels import AncestralSampler, SpeculativeSampler
-from specdiff_kernels import stats as S
+from specdiff_kernels.testing import two_sample as S
 from specdiff_kernels.integrations.diffusers import from_pipeline
 from specdiff_kernels.models import patches as P
 

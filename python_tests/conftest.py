@@ -17,7 +17,7 @@ else:
 
 import torch  # noqa: E402
 
-from specdiff_kernels.ops import CPU_CAPABILITIES  # noqa: E402  (after TRITON_INTERPRET is set)
+from specdiff_kernels.ops.verify import CPU_CAPABILITIES  # noqa: E402  (after TRITON_INTERPRET is set)
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
@@ -41,7 +41,7 @@ def single_thread():
 def cpu_capability(request):
     """Runs the test with the C++ kernels' `request.param` instruction-set variant (see
     csrc/cpu_isa.h), then restores the one in use. A variant this CPU cannot run is skipped."""
-    from specdiff_kernels import ops
+    from specdiff_kernels.ops import verify as ops
     if not ops.HAS_CPP:
         pytest.skip("the C++ extension is not built")
     if request.param not in ops.cpu_capabilities():

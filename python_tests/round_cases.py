@@ -12,12 +12,13 @@ from dataclasses import dataclass
 
 import torch
 
-from specdiff_kernels import VerifyResult, reference
-from specdiff_kernels import round_ops as ro
-from specdiff_kernels import round_reference as rr
-from specdiff_kernels.langevin import langevin_transitions
-from specdiff_kernels.transitions import (GaussianTransitions, ddim_transitions, ddpm_transitions,
-                                          euler_ancestral_transitions)
+from specdiff_kernels import VerifyResult
+from specdiff_kernels.ops.reference import verify as reference
+from specdiff_kernels.ops import round as ro
+from specdiff_kernels.ops.reference import round as rr
+from specdiff_kernels.sampling.langevin import langevin_transitions
+from specdiff_kernels.sampling.transitions import GaussianTransitions, ddim_transitions, ddpm_transitions, euler_ancestral_transitions
+from specdiff_kernels.sampling.transitions import clip_value, round_tables
 
 FAMILIES = {
     "ddpm_eps_clip": lambda: ddpm_transitions(num_inference_steps=40, clip_sample=1.0),
@@ -47,11 +48,11 @@ class RoundCase:
 
     @property
     def coef(self) -> torch.Tensor:
-        return ro.round_tables(self.T, self.root.device)
+        return round_tables(self.T, self.root.device)
 
     @property
     def clip(self) -> float:
-        return ro.clip_value(self.T)
+        return clip_value(self.T)
 
     def to(self, device) -> "RoundCase":
         return RoundCase(self.T, *(t.to(device) for t in (self.root, self.frozen, self.steps,
@@ -102,7 +103,7 @@ def make_x0_hat(case: RoundCase, Y: torch.Tensor, gen: torch.Generator) -> torch
     D = Y[0, 0].numel()
     f = case.frozen.double().reshape(B, 1, D)
     kk = (case.steps[:, None] + torch.arange(L1)[None]).clamp(max=case.T.num_steps - 1)
-    coef = ro.round_tables(case.T)
+    coef = round_tables(case.T)
     scale = (coef[rr.ROW_A] + coef[rr.ROW_E]).abs()[kk] + 1e-3
     s = coef[rr.ROW_STD][kk].clamp_min(1e-3)
     gap = torch.exp(torch.empty(B, L1, dtype=torch.float64).uniform_(math.log(0.1), math.log(4.0),
@@ -198,7 +199,7 @@ def general_round(case: RoundCase, Y: torch.Tensor, P: torch.Tensor) -> RoundOra
     root_exact = ~rejected & live_next & ~det_next & (n > 0)
     margin = (torch.log(u.double()) - lr).abs()
     # error scale of the log ratio: every term of d (and its x0-hats) rounded relative to itself
-    coef = ro.round_tables(T)
+    coef = round_tables(T)
     kk = (k[:, None] + torch.arange(L)[None]).clamp(max=N - 1)
     c = coef[:, kk][..., None]                                         # [8, B, L, 1]
     pq_mag = f.abs()[:, None] if case.freeze == rr.FREEZE_X0 else \

@@ -19,14 +19,13 @@ import torch
 
 import specdiff_kernels
 from specdiff_kernels import VerifyResult
-from specdiff_kernels.adaptive import AdaptiveWindow, resolve_window
-from specdiff_kernels.drafts import DraftModelDraft, FrozenTargetDraft
-from specdiff_kernels.langevin import SpeculativeLangevin
+from specdiff_kernels.sampling.window import AdaptiveWindow, resolve_window
+from specdiff_kernels.sampling.drafts import DraftModelDraft, FrozenTargetDraft
+from specdiff_kernels.sampling.langevin import SpeculativeLangevin
 from specdiff_kernels.models.gmm import GaussianMixture, GMMDenoiser, make_gmm
-from specdiff_kernels.sampler import SpeculativeSampler
-from specdiff_kernels.stats import gaussian_one_sample_pvalue
-from specdiff_kernels.transitions import (GaussianTransitions, alphas_cumprod_from_betas,
-                                          ddpm_transitions, make_betas)
+from specdiff_kernels.sampling.sampler import SpeculativeSampler
+from specdiff_kernels.testing.two_sample import gaussian_one_sample_pvalue
+from specdiff_kernels.sampling.transitions import GaussianTransitions, alphas_cumprod_from_betas, ddpm_transitions, make_betas
 
 ALPHA = 1e-3
 ABAR = alphas_cumprod_from_betas(make_betas("linear", 1000))

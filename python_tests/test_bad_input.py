@@ -13,14 +13,12 @@ import sys
 import pytest
 import torch
 
-from specdiff_kernels import cli
-from specdiff_kernels.adaptive import AdaptiveWindow
-from specdiff_kernels.drafts import DraftModelDraft
+from specdiff_kernels.cli import commands as cli
+from specdiff_kernels.sampling.window import AdaptiveWindow
+from specdiff_kernels.sampling.drafts import DraftModelDraft
 from specdiff_kernels.models.gmm import GMMDenoiser, make_gmm
-from specdiff_kernels.sampler import AncestralSampler, SpeculativeSampler
-from specdiff_kernels.transitions import (alphas_cumprod_from_betas, ddim_transitions,
-                                          ddpm_transitions, euler_ancestral_transitions,
-                                          make_betas)
+from specdiff_kernels.sampling.sampler import AncestralSampler, SpeculativeSampler
+from specdiff_kernels.sampling.transitions import alphas_cumprod_from_betas, ddim_transitions, ddpm_transitions, euler_ancestral_transitions, make_betas
 
 ABAR = alphas_cumprod_from_betas(make_betas())
 D = 4
@@ -280,7 +278,7 @@ def test_demo_out_not_writable(capsys, no_sampling):
 
 
 def test_demo_backend_not_on_this_device(capsys, no_sampling, tmp_path, monkeypatch):
-    from specdiff_kernels import ops
+    from specdiff_kernels.ops import verify as ops
     reg = ops._REGISTRY
     monkeypatch.setattr(reg, "_backends", {k: v for k, v in reg._backends.items() if k != "triton"})
     monkeypatch.setitem(reg._lazy, "triton", "specdiff_kernels._no_such_module")
@@ -315,7 +313,7 @@ DIST_CASES = [
 @pytest.mark.parametrize("argv,message", DIST_CASES, ids=[" ".join(a) for a, _ in DIST_CASES])
 def test_distributed_refuses_before_sampling(argv, message, capsys, no_sampling):
     last = cli_error(argv, capsys, entry=cli.distributed_main)
-    assert last == f"python -m specdiff_kernels.distributed: error: {message}"
+    assert last == f"python -m specdiff_kernels.sampling.distributed: error: {message}"
 
 
 def test_distributed_out_checks(capsys, no_sampling, tmp_path):

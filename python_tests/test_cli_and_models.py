@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from specdiff_kernels import SpeculativeSampler, models
-from specdiff_kernels.cli import main
+from specdiff_kernels.cli.commands import main
 
 
 def test_registry_loads_both_models():
@@ -101,7 +101,7 @@ def test_demo_without_matplotlib_and_sklearn(tmp_path, capsys, monkeypatch):
 def test_langevin_demo_uses_backend_and_out(tmp_path, capsys, monkeypatch):
     """--backend and --out apply to --model langevin: the verify calls get the backend, and the
     stats land in --out."""
-    from specdiff_kernels import ops
+    from specdiff_kernels.ops import verify as ops
     seen = []
     real = ops.get_backend
 

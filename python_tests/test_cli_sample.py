@@ -20,8 +20,9 @@ import torch
 pytest.importorskip("diffusers")
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel  # noqa: E402
 
-from specdiff_kernels import AncestralSampler, SpeculativeSampler, sample_cmd  # noqa: E402
-from specdiff_kernels.cli import main  # noqa: E402
+from specdiff_kernels import AncestralSampler, SpeculativeSampler  # noqa: E402
+from specdiff_kernels.cli import sample as sample_cmd
+from specdiff_kernels.cli.commands import main  # noqa: E402
 from specdiff_kernels.integrations.diffusers import from_pipeline  # noqa: E402
 
 SIZE = 8
@@ -324,7 +325,7 @@ def test_missing_patches_weights(tmp_path, capsys, monkeypatch, nothing_loaded):
     last = cli_error(["sample", "--pipeline", "patches", "--out", str(tmp_path)], capsys)
     assert last == (f"specdiff sample: error: argument --pipeline: the embedded 'patches' pipeline is "
                     f"not in this install (no model_index.json in {str(tmp_path / 'nowhere')!r}); "
-                    f"train it with `python -m specdiff_kernels.train patches`, or pass a pipeline "
+                    f"train it with `python -m specdiff_kernels.models.train patches`, or pass a pipeline "
                     f"folder or 'digits'")
 
 

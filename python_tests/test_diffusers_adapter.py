@@ -136,7 +136,7 @@ def scheduler_loop(sched, unet, n: int, seed: int, eta=None) -> torch.Tensor:
 def test_speculative_through_adapter_matches_scheduler_loop(name):
     """Speculative sampling through the adapter has the law of the scheduler's own loop."""
     from specdiff_kernels import SpeculativeSampler
-    from specdiff_kernels.stats import two_sample_pvalue
+    from specdiff_kernels.testing.two_sample import two_sample_pvalue
 
     make, eta = SCHEDULERS[name]
     unet = tiny_unet(seed=3)

@@ -18,7 +18,7 @@ from diffusers import DDPMPipeline, DDPMScheduler, UNet2DConditionModel, UNet2DM
 from specdiff_kernels import AncestralSampler, DraftModelDraft, SpeculativeSampler  # noqa: E402
 from specdiff_kernels.integrations.diffusers import (DiffusersModel,  # noqa: E402
                                                      diffusers_transitions, from_pipeline)
-from specdiff_kernels.stats import bonferroni, two_sample_pvalue  # noqa: E402
+from specdiff_kernels.testing.two_sample import bonferroni, two_sample_pvalue  # noqa: E402
 
 # tiny tensors: intra-op threads only add synchronisation (see conftest.single_thread)
 pytestmark = pytest.mark.usefixtures("single_thread")

@@ -1,4 +1,4 @@
-"""Multi-process sampling (``specdiff_kernels.distributed``): the union of the ranks' samples equals
+"""Multi-process sampling (``specdiff_kernels.sampling.distributed``): the union of the ranks' samples equals
 the single-process result for the same seed, whatever the number of ranks.
 
 In-process tests check sharding, stats merging and the world-size-1 path; two launches of
@@ -18,14 +18,13 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from specdiff_kernels.adaptive import AdaptiveWindow
-from specdiff_kernels.cli import distributed_main as main
-from specdiff_kernels.distributed import (load_shards, merge_stats, sample_distributed,
-                                          shard_chains)
-from specdiff_kernels.drafts import DraftModelDraft, FrozenTargetDraft
-from specdiff_kernels.langevin import SpeculativeLangevin, banana_energy
+from specdiff_kernels.sampling.window import AdaptiveWindow
+from specdiff_kernels.cli.commands import distributed_main as main
+from specdiff_kernels.sampling.distributed import load_shards, merge_stats, sample_distributed, shard_chains
+from specdiff_kernels.sampling.drafts import DraftModelDraft, FrozenTargetDraft
+from specdiff_kernels.sampling.langevin import SpeculativeLangevin, banana_energy
 from specdiff_kernels.models import load
-from specdiff_kernels.sampler import AncestralSampler, SpeculativeSampler
+from specdiff_kernels.sampling.sampler import AncestralSampler, SpeculativeSampler
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -130,7 +129,7 @@ def torchrun(nproc: int, args: list, timeout: float = 120.0) -> subprocess.Compl
     env.pop("TRITON_INTERPRET", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-           "-m", "specdiff_kernels.distributed", *args]
+           "-m", "specdiff_kernels.sampling.distributed", *args]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout}\n{proc.stderr}"
     return proc

@@ -23,7 +23,7 @@ if not torch.cuda.is_available():
                 allow_module_level=True)
 pytest.importorskip("triton")
 
-from specdiff_kernels import triton_kernels as tk  # noqa: E402
+from specdiff_kernels.ops.triton import verify as tk  # noqa: E402
 
 if tk.INTERPRET:
     pytest.skip("TRITON_INTERPRET=1 is set (conftest.py sets it unless SPECDIFF_TEST_GPU is set): "
@@ -31,8 +31,9 @@ if tk.INTERPRET:
                 allow_module_level=True)
 
 import specdiff_kernels as sk  # noqa: E402
-from specdiff_kernels import ops, reference  # noqa: E402
-from specdiff_kernels import triton_backend  # noqa: E402,F401  (registers the ops)
+from specdiff_kernels.ops import verify as ops  # noqa: E402
+from specdiff_kernels.ops.reference import verify as reference
+from specdiff_kernels.ops.triton import verify_register as triton_backend  # noqa: E402,F401  (registers the ops)
 
 from verify_cases import (assert_decisions_match, assert_state_close,  # noqa: E402
                           assert_verify_matches_reference, log_ratio_tolerance, make_window,

@@ -1,4 +1,4 @@
-"""CUDA-only tests of the compiled Triton round ops (``specdiff_kernels.triton_round``), skipped,
+"""CUDA-only tests of the compiled Triton round ops (``specdiff_kernels.ops.triton.round``), skipped,
 with the reason, without a GPU.
 
 Run on a CUDA machine with the kernels compiled (not interpreted):
@@ -26,16 +26,16 @@ if not torch.cuda.is_available():
                 allow_module_level=True)
 pytest.importorskip("triton")
 
-from specdiff_kernels import triton_kernels as tk  # noqa: E402
+from specdiff_kernels.ops.triton import verify as tk  # noqa: E402
 
 if tk.INTERPRET:
     pytest.skip("TRITON_INTERPRET=1 is set (conftest.py sets it unless SPECDIFF_TEST_GPU is set): "
                 "run `SPECDIFF_TEST_GPU=1 pytest python_tests/test_gpu_round.py` to test compiled "
                 "kernels", allow_module_level=True)
 
-from specdiff_kernels import round_ops  # noqa: E402
-from specdiff_kernels import round_reference as R  # noqa: E402
-from specdiff_kernels import triton_round as tr  # noqa: E402
+from specdiff_kernels.ops import round as round_ops  # noqa: E402
+from specdiff_kernels.ops.reference import round as R  # noqa: E402
+from specdiff_kernels.ops.triton import round as tr  # noqa: E402
 
 from test_round_triton import (XI_ERR, _gen, _inputs, _table, _x0_hat,  # noqa: E402
                                assert_draft_matches, assert_verify_matches)

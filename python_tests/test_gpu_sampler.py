@@ -18,17 +18,17 @@ if not torch.cuda.is_available():
     pytest.skip("no CUDA device: the samplers' GPU path is tested only on a GPU machine",
                 allow_module_level=True)
 pytest.importorskip("triton")
-from specdiff_kernels import triton_kernels as tk  # noqa: E402
+from specdiff_kernels.ops.triton import verify as tk  # noqa: E402
 
 if tk.INTERPRET:
     pytest.skip("TRITON_INTERPRET=1 is set: run with SPECDIFF_TEST_GPU=1", allow_module_level=True)
 
 from specdiff_kernels import models  # noqa: E402
-from specdiff_kernels import round_ops as ro  # noqa: E402
-from specdiff_kernels.sampler import AncestralSampler, SpeculativeSampler  # noqa: E402
-from specdiff_kernels import round_reference as rr  # noqa: E402
-from specdiff_kernels.static_round import StaticRound  # noqa: E402
-from specdiff_kernels.stats import per_coordinate_ks_pvalue  # noqa: E402
+from specdiff_kernels.ops import round as ro  # noqa: E402
+from specdiff_kernels.sampling.sampler import AncestralSampler, SpeculativeSampler  # noqa: E402
+from specdiff_kernels.ops.reference import round as rr  # noqa: E402
+from specdiff_kernels.sampling.static_round import StaticRound  # noqa: E402
+from specdiff_kernels.testing.two_sample import per_coordinate_ks_pvalue  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 DEV = torch.device("cuda")

@@ -1,4 +1,4 @@
-"""Speculative unadjusted Langevin (SPEC §5): ULA written as affine Gaussian transitions, run by
+"""Speculative unadjusted Langevin (docs/design.md §11): ULA written as affine Gaussian transitions, run by
 the existing samplers.
 
 * conventions: the transitions give the ULA mean and std, the frozen draft is the frozen gradient,
@@ -22,13 +22,12 @@ import torch
 
 import specdiff_kernels
 from specdiff_kernels import VerifyResult
-from specdiff_kernels.chain_noise import ChainNoise, base_seed_from
-from specdiff_kernels.drafts import FrozenTargetDraft
-from specdiff_kernels.demo import run_langevin_demo
-from specdiff_kernels.langevin import (GradientModel, LangevinSampler, SpeculativeLangevin,
-                                       banana_energy, banana_grad, langevin_transitions)
-from specdiff_kernels.sampler import NonFiniteError
-from specdiff_kernels.stats import gaussian_one_sample_pvalue, two_sample_pvalue
+from specdiff_kernels.sampling.noise import ChainNoise, base_seed_from
+from specdiff_kernels.sampling.drafts import FrozenTargetDraft
+from specdiff_kernels.cli.demo import run_langevin_demo
+from specdiff_kernels.sampling.langevin import GradientModel, LangevinSampler, SpeculativeLangevin, banana_energy, banana_grad, langevin_transitions
+from specdiff_kernels.sampling.sampler import NonFiniteError
+from specdiff_kernels.testing.two_sample import gaussian_one_sample_pvalue, two_sample_pvalue
 
 ALPHA = 1e-3
 

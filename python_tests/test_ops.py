@@ -1,4 +1,4 @@
-"""The verify ops on every available backend against the float64 reference (SPEC §2, §6).
+"""The verify ops on every available backend against the float64 reference (docs/design.md §3, §4).
 
 One suite for all backends: C++ (CPU) and, where importable, Triton (interpreted on CPU, so it gets
 interpreter-sized shapes). Properties run on the reference too.
@@ -15,11 +15,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import specdiff_kernels as sk
-from specdiff_kernels import reference
+from specdiff_kernels.ops.reference import verify as reference
 
-from verify_cases import (assert_decisions_match, assert_state_close,
-                          assert_verify_matches_reference, first_rejection_loop, log_ratio_loop,
-                          log_ratio_tolerance, make_window, reflect_loop, stable_seed)
+from verify_cases import assert_decisions_match, assert_state_close, assert_verify_matches_reference, first_rejection_loop, log_ratio_loop, log_ratio_tolerance, make_window, reflect_loop, stable_seed
 
 KERNEL_BACKENDS = [b for b in sk.available_backends() if b != "reference"]
 ALL_BACKENDS = ["reference"] + KERNEL_BACKENDS
@@ -114,8 +112,8 @@ def test_parts_match_reference(backend, dtype):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("sigma_form", ["full", "window", "scalar"])
 def test_every_backend_matches_the_spec_loop(backend, dtype, sigma_form):
-    """The reference included: every op against SPEC §2 transcribed as plain loops
-    (verify_cases.spec_loop), which share no code with specdiff_kernels.reference."""
+    """The reference included: every op against docs/design.md §3 transcribed as plain loops
+    (verify_cases.spec_loop), which share no code with specdiff_kernels.ops.reference.verify."""
     if not _supported(backend, dtype):
         pytest.skip("not on this backend on CPU")
     gen = torch.Generator().manual_seed(stable_seed("spec", str(dtype), sigma_form))
@@ -290,7 +288,7 @@ def test_opcheck(name):
 
 
 def assert_op_matches_spec_loop(name, out, args):
-    """One op's output against the SPEC §2 loops (verify_cases)."""
+    """One op's output against the docs/design.md §3 loops (verify_cases)."""
     if name == "speculative_verify":
         y, mq, mp, sigma, u, n = args
         assert_verify_matches_reference(out, y, mq, mp, sigma, u, n, y.dtype, oracle="spec_loop")

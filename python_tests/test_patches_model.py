@@ -10,8 +10,9 @@ import torch
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("skimage")
 
-from specdiff_kernels import SpeculativeSampler, stats  # noqa: E402
-from specdiff_kernels import train as TR  # noqa: E402
+from specdiff_kernels import SpeculativeSampler  # noqa: E402
+from specdiff_kernels.testing import two_sample as stats
+from specdiff_kernels.models import train as TR  # noqa: E402
 from specdiff_kernels.integrations.diffusers import from_pipeline  # noqa: E402
 from specdiff_kernels.models import patches as P  # noqa: E402
 
@@ -74,7 +75,7 @@ def test_load_pipeline_is_fp32_eval_and_frozen(pipe):
 
 def test_load_pipeline_missing_folder_names_the_train_command(monkeypatch, tmp_path):
     monkeypatch.setattr(P, "pipeline_dir", lambda: tmp_path / "nothing")
-    with pytest.raises(FileNotFoundError, match="python -m specdiff_kernels.train patches"):
+    with pytest.raises(FileNotFoundError, match="python -m specdiff_kernels.models.train patches"):
         P.load_pipeline()
 
 

@@ -1,4 +1,4 @@
-"""The round ops (SPEC §7) on CPU: counter-based noise, frozen_draft and verify_frozen.
+"""The round ops (docs/design.md §6) on CPU: counter-based noise, frozen_draft and verify_frozen.
 
 * The noise: Philox4x32-10 against Random123's known-answer vectors; N(0, 1) / U[0, 1) (KS tests);
   no correlation across chains, steps, lanes and Box-Muller pairs; a chain's noise does not depend
@@ -18,13 +18,13 @@ import pytest
 import torch
 from scipy import stats
 
-from specdiff_kernels import ops
-from specdiff_kernels import round_ops as ro
-from specdiff_kernels import round_reference as rr
+from specdiff_kernels.ops import verify as ops
+from specdiff_kernels.ops import round as ro
+from specdiff_kernels.ops.reference import round as rr
 
-from round_cases import (FAMILIES, assert_draft_consistent, assert_round_matches, general_draft,
-                         general_round, make_case, make_x0_hat)
+from round_cases import FAMILIES, assert_draft_consistent, assert_round_matches, general_draft, general_round, make_case, make_x0_hat
 from verify_cases import stable_seed
+from specdiff_kernels.sampling.transitions import clip_value, round_tables
 
 pytestmark = pytest.mark.skipif(not ops.HAS_CPP, reason="the C++ extension is not built")
 BACKENDS = ["reference", "cpp"]
@@ -260,7 +260,7 @@ def _one_step_law(verify, B=4000, D=3, gap=1.2):
     after one step (L = 1) must be N(m_p, s^2 I); returns the KS p-value of its standardised
     projection on the mean gap's direction and the acceptance rate."""
     T = FAMILIES["ddpm_large_noclip"]()   # unclipped: ||m_p - m_q|| = gap * s exactly
-    coef = ro.round_tables(T)
+    coef = round_tables(T)
     k0 = 30
     s = float(T.std[k0])
     root = torch.full((B, D), 0.3, dtype=torch.float64)
@@ -271,7 +271,7 @@ def _one_step_law(verify, B=4000, D=3, gap=1.2):
     steps = torch.full((B,), k0, dtype=torch.int64)
     ones = torch.ones(B, dtype=torch.int64)
     ids = torch.arange(B, dtype=torch.int64)
-    clip = ro.clip_value(T)
+    clip = clip_value(T)
     Y = rr.frozen_draft(root, frozen, steps, ones, coef, SEED, ids, 1, rr.FREEZE_X0, clip)
     P = x0_target.expand(B, 2, D).contiguous()
     res = verify(Y, P, frozen, steps, ones, coef, SEED, ids, rr.FREEZE_X0, clip)

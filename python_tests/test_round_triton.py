@@ -1,4 +1,4 @@
-"""Triton round ops (``specdiff_kernels.triton_round``) on the interpreted CPU path, against the
+"""Triton round ops (``specdiff_kernels.ops.triton.round``) on the interpreted CPU path, against the
 PyTorch oracle ``round_reference`` evaluated in float64.
 
 * the Philox4x32-10 integer stream bit for bit (all four words, both streams, negative and 64-bit
@@ -31,15 +31,16 @@ import torch
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
-from specdiff_kernels import round_ops  # noqa: E402
-from specdiff_kernels import round_reference as R  # noqa: E402
-from specdiff_kernels.transitions import (ddim_transitions, ddpm_transitions,  # noqa: E402
+from specdiff_kernels.ops import round as round_ops  # noqa: E402
+from specdiff_kernels.ops.reference import round as R  # noqa: E402
+from specdiff_kernels.sampling.transitions import (ddim_transitions, ddpm_transitions,  # noqa: E402
                                           euler_ancestral_transitions)
 
 from verify_cases import run_aot_script  # noqa: E402
 
-tr = pytest.importorskip("specdiff_kernels.triton_round")
-from specdiff_kernels import triton_kernels as tk  # noqa: E402
+tr = pytest.importorskip("specdiff_kernels.ops.triton.round")
+from specdiff_kernels.ops.triton import verify as tk  # noqa: E402
+from specdiff_kernels.sampling.transitions import clip_value, round_tables
 
 # (not a module-level skip: test_gpu_round.py imports the checking helpers below)
 pytestmark = pytest.mark.skipif(
@@ -78,9 +79,9 @@ def _table(name: str, N: int = N_STEPS):
         T = euler_ancestral_transitions(num_inference_steps=N)
     else:
         raise ValueError(name)
-    coef = round_ops.round_tables(T)
+    coef = round_tables(T)
     assert coef[R.ROW_STD, -1] == 0 and bool((coef[R.ROW_STD, :-1] > 0).all())
-    return coef, round_ops.clip_value(T)
+    return coef, clip_value(T)
 
 
 def _gen(*key):
@@ -651,7 +652,7 @@ import warnings
 import torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from specdiff_kernels import triton_kernels as tk, triton_round as tr
+from specdiff_kernels.ops.triton import verify as tk, round as tr
 assert not tk.INTERPRET and tr.DEVICES == ("cuda",)
 T = GPUTarget("cuda", 90, 32)
 
@@ -759,7 +760,7 @@ def test_static_sampler_on_triton_kernels_follows_the_cpp_kernels():
     interpreted here; no CUDA graph): chain by chain the same rounds, decisions and samples (float64,
     up to rounding) as with the C++ kernels, on the embedded digits network and DDPM."""
     from specdiff_kernels import models
-    from specdiff_kernels.sampler import SpeculativeSampler
+    from specdiff_kernels.sampling.sampler import SpeculativeSampler
 
     digits = models.load("digits")
     net = digits.target.double()

@@ -9,13 +9,11 @@ import pytest
 import torch
 
 import specdiff_kernels
-from specdiff_kernels.chain_noise import ChainNoise
-from specdiff_kernels.drafts import DraftModelDraft, FrozenTargetDraft
+from specdiff_kernels.sampling.noise import ChainNoise
+from specdiff_kernels.sampling.drafts import DraftModelDraft, FrozenTargetDraft
 from specdiff_kernels.models.gmm import GMMDenoiser, make_gmm
-from specdiff_kernels.sampler import (COMPACT_MIN_CHAINS_CPU, AncestralSampler, NonFiniteError,
-                                      SamplerStats, SpeculativeSampler)
-from specdiff_kernels.transitions import (alphas_cumprod_from_betas, ddim_transitions,
-                                          ddpm_transitions, euler_ancestral_transitions, make_betas)
+from specdiff_kernels.sampling.sampler import COMPACT_MIN_CHAINS_CPU, AncestralSampler, NonFiniteError, SamplerStats, SpeculativeSampler
+from specdiff_kernels.sampling.transitions import alphas_cumprod_from_betas, ddim_transitions, ddpm_transitions, euler_ancestral_transitions, make_betas
 
 ABAR = alphas_cumprod_from_betas(make_betas())
 D = 6
@@ -447,7 +445,7 @@ def test_compiled_static_round_and_ancestral_equal_eager(B):
 
 # ----------------------------------------------------------------------------- ragged round pieces
 def test_plan_round_splits_live_chains():
-    from specdiff_kernels.ragged_round import RootStatus, plan_round
+    from specdiff_kernels.sampling.ragged_round import RootStatus, plan_round
     N = 6
     det = torch.tensor([False, False, True, False, False, True])
     k = torch.tensor([0, 2, 6, 5, 3, 1])
@@ -462,7 +460,7 @@ def test_plan_round_splits_live_chains():
 
 
 def test_target_call_segments_come_back_by_name():
-    from specdiff_kernels.ragged_round import TargetCall
+    from specdiff_kernels.sampling.ragged_round import TargetCall
     call = TargetCall()
     call.add("a", torch.full((2, 3), 1.0), torch.tensor([4, 5]), torch.tensor([0, 1]))
     call.add("empty", torch.zeros(0, 3), torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64))
@@ -488,7 +486,7 @@ def test_affine_mean_equals_the_general_formula(family):
     """The ragged round's table form A clip(p) + E p + G y equals mean_from_x0, in float64,
     for windows [w, L, *E] with per-position steps."""
     from round_cases import FAMILIES
-    from specdiff_kernels.ragged_round import affine_mean
+    from specdiff_kernels.sampling.ragged_round import affine_mean
     T = FAMILIES[family]()
     g = torch.Generator().manual_seed(1)
     y = torch.randn(5, 3, 2, 7, generator=g, dtype=torch.float64)
@@ -505,9 +503,9 @@ def test_compact_static_round_equals_the_full_round(freeze, dtype):
     (compact) and the one that calls it on all B (L + 1) reach the same states, steps, frozen
     values, exact roots and counters; the compact one evaluates fewer states. Exact roots are
     reached (their position 0 then comes from the frozen value: x0, or x0 from eps)."""
-    from specdiff_kernels import round_ops
-    from specdiff_kernels import round_reference as rr
-    from specdiff_kernels.static_round import StaticRound
+    from specdiff_kernels.ops import round as round_ops
+    from specdiff_kernels.ops.reference import round as rr
+    from specdiff_kernels.sampling.static_round import StaticRound
     model, T = setup(steps=40)
     B, L = 6, 4
     ids = torch.arange(B, dtype=torch.int64)

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from specdiff_kernels.drafts import DraftModelDraft, FrozenTargetDraft
+from specdiff_kernels.sampling.drafts import DraftModelDraft, FrozenTargetDraft
 from specdiff_kernels.models.gmm import GMMDenoiser, make_gmm
-from specdiff_kernels.sampler import AncestralSampler, SpeculativeSampler
-from specdiff_kernels.stats import bonferroni, per_coordinate_ks_pvalue
-from specdiff_kernels.transitions import alphas_cumprod_from_betas, ddpm_transitions, make_betas
+from specdiff_kernels.sampling.sampler import AncestralSampler, SpeculativeSampler
+from specdiff_kernels.testing.two_sample import bonferroni, per_coordinate_ks_pvalue
+from specdiff_kernels.sampling.transitions import alphas_cumprod_from_betas, ddpm_transitions, make_betas
 
 ABAR = alphas_cumprod_from_betas(make_betas())
 D = 4

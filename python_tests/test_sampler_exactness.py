@@ -1,4 +1,4 @@
-"""Statistical proof that the speculative sampler is exact (SPEC §2.4): its output law equals the
+"""Statistical proof that the speculative sampler is exact (docs/design.md §3.4): its output law equals the
 ancestral chain's, for every draft and window.
 
 * one step from a fixed state: the committed state is N(mp, s^2 I) and the acceptance frequency is
@@ -24,13 +24,11 @@ from scipy import stats
 
 import specdiff_kernels
 from specdiff_kernels import VerifyResult
-from specdiff_kernels.drafts import DraftModelDraft, FrozenTargetDraft
+from specdiff_kernels.sampling.drafts import DraftModelDraft, FrozenTargetDraft
 from specdiff_kernels.models.gmm import GaussianMixture, GMMDenoiser, make_gmm
-from specdiff_kernels.sampler import AncestralSampler, SpeculativeSampler
-from specdiff_kernels.static_round import StaticRound
-from specdiff_kernels.transitions import (GaussianTransitions, alphas_cumprod_from_betas,
-                                          ddim_transitions, ddpm_transitions,
-                                          euler_ancestral_transitions, make_betas)
+from specdiff_kernels.sampling.sampler import AncestralSampler, SpeculativeSampler
+from specdiff_kernels.sampling.static_round import StaticRound
+from specdiff_kernels.sampling.transitions import GaussianTransitions, alphas_cumprod_from_betas, ddim_transitions, ddpm_transitions, euler_ancestral_transitions, make_betas
 
 ALPHA = 1e-3
 ABAR = alphas_cumprod_from_betas(make_betas("linear", 1000))
@@ -46,7 +44,7 @@ def gen(seed: int) -> torch.Generator:
 
 # ===================================================================== statistical tests
 # (scipy.stats-based; shared with the demo and the benchmarks)
-from specdiff_kernels.stats import (bonferroni, energy_distance_pvalue,  # noqa: E402,F401
+from specdiff_kernels.testing.two_sample import (bonferroni, energy_distance_pvalue,  # noqa: E402,F401
                                     gaussian_one_sample_pvalue, per_coordinate_ks_pvalue,
                                     random_directions, two_sample_pvalue)
 

@@ -11,8 +11,8 @@ from diffusers import DDPMScheduler, UNet2DModel  # noqa: E402
 
 from specdiff_kernels import AncestralSampler, SpeculativeSampler  # noqa: E402
 from specdiff_kernels.integrations.diffusers import DiffusersModel, diffusers_transitions  # noqa: E402
-from specdiff_kernels.round_ops import round_tables  # noqa: E402
-from specdiff_kernels.stats import per_coordinate_ks_pvalue  # noqa: E402
+from specdiff_kernels.sampling.transitions import round_tables  # noqa: E402
+from specdiff_kernels.testing.two_sample import per_coordinate_ks_pvalue  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 STEPS = 12

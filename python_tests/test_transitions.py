@@ -9,10 +9,7 @@ import pytest
 import torch
 
 from specdiff_kernels.models.gmm import GaussianMixture, GMMDenoiser, make_gmm
-from specdiff_kernels.transitions import (GaussianTransitions, alphas_cumprod_from_betas,
-                                          ddim_transitions, ddpm_transitions,
-                                          euler_ancestral_transitions, make_betas,
-                                          respaced_timesteps)
+from specdiff_kernels.sampling.transitions import GaussianTransitions, alphas_cumprod_from_betas, ddim_transitions, ddpm_transitions, euler_ancestral_transitions, make_betas, respaced_timesteps
 
 diffusers = pytest.importorskip("diffusers")
 

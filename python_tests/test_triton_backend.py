@@ -20,15 +20,16 @@ import torch
 triton = pytest.importorskip("triton")
 
 import specdiff_kernels as sk  # noqa: E402
-from specdiff_kernels import ops, reference  # noqa: E402
+from specdiff_kernels.ops import verify as ops  # noqa: E402
+from specdiff_kernels.ops.reference import verify as reference
 
 from verify_cases import (assert_decisions_match, assert_state_close,  # noqa: E402
                           assert_verify_matches_reference, first_rejection_loop, log_ratio_loop,
                           log_ratio_tolerance, make_window, reference64, reflect_loop,
                           run_aot_script, stable_seed)
 
-tb = pytest.importorskip("specdiff_kernels.triton_backend")
-from specdiff_kernels import triton_kernels as tk  # noqa: E402
+tb = pytest.importorskip("specdiff_kernels.ops.triton.verify_register")
+from specdiff_kernels.ops.triton import verify as tk  # noqa: E402
 
 if not tk.INTERPRET and not torch.cuda.is_available():
     pytest.skip("Triton kernels need TRITON_INTERPRET=1 (CPU) or a CUDA device",
@@ -307,7 +308,7 @@ def test_opcheck(strategy):
 
 def test_torch_compile_fullgraph_all_ops():
     """One compiled function calling every Triton-backed op: no graph break (fullgraph=True) and
-    results that match the SPEC §2 loops (not the eager call: in interpreted mode the ops are
+    results that match the docs/design.md §3 loops (not the eager call: in interpreted mode the ops are
     opaque, so compiled and eager run the same kernels)."""
     torch._dynamo.reset()
     y, mq, mp, sigma, u, n, lr, y0, q0, p0 = _samples()
@@ -337,7 +338,7 @@ import os, sys, warnings
 import torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from specdiff_kernels import triton_kernels as tk, triton_backend as tb
+from specdiff_kernels.ops.triton import verify as tk, verify_register as tb
 assert not tk.INTERPRET and tb.DEVICES == ("cuda",)
 T = GPUTarget("cuda", 90, 32)
 

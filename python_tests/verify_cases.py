@@ -10,7 +10,8 @@ import zlib
 
 import torch
 
-from specdiff_kernels import VerifyResult, reference
+from specdiff_kernels import VerifyResult
+from specdiff_kernels.ops.reference import verify as reference
 
 # Accumulation tolerance, relative to the sum of absolute terms: fp32 accumulation for every
 # narrower dtype, fp64 for fp64 inputs.
@@ -61,8 +62,8 @@ def reference64(y, mq, mp, sigma, u, num_steps=None):
                                                       sigma.double(), u.double(), num_steps))
 
 
-# ---- SPEC §2 step 3 transcribed literally, one chain and one step at a time, in float64 Python
-# loops; written apart from ``specdiff_kernels.reference`` so that they can check the reference too.
+# ---- docs/design.md §3 step 3 transcribed literally, one chain and one step at a time, in float64 Python
+# loops; written apart from ``specdiff_kernels.ops.reference.verify`` so that they can check the reference too.
 def log_ratio_loop(y, mq, mp, sigma):
     """[B, L] float64: (<d, r> - |d|^2 / 2) / s^2, d = mp - mq, r = y - mq."""
     B, L = y.shape[:2]
@@ -94,7 +95,7 @@ def first_rejection_loop(lr, u, num_steps=None):
 
 
 def reflect_loop(y, mq, mp):
-    """[B, D] float64: mp + (I - 2 e e^T)(y - mq), e = d / |d| (the second form of SPEC §2); y
+    """[B, D] float64: mp + (I - 2 e e^T)(y - mq), e = d / |d| (the second form of docs/design.md §3); y
     where d = 0."""
     B = y.shape[0]
     Y, MQ, MP = (t.double().reshape(B, -1) for t in (y, mq, mp))

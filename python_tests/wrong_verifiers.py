@@ -59,7 +59,7 @@ WRONG = {"always_accept": verify_always_accept, "keep_draft": verify_keep_draft_
 # these WRONG variants replace that method (tests patch it with monkeypatch).
 def _mean_gap_and_step(rnd, Y, P, frozen, k, j):
     """m_p, the draft step's r = s xi and the mean gap d at window position j (float64)."""
-    from specdiff_kernels import round_reference as rr
+    from specdiff_kernels.ops.reference import round as rr
     B = Y.shape[0]
     idx = torch.arange(B, device=Y.device)
     D = Y[0, 0].numel()
@@ -78,7 +78,7 @@ def static_wrong_verify(kind: str, seed: int = 0):
     """A WRONG replacement of StaticRound._verify: ``always_accept`` (commits the whole drafted
     window), ``keep_draft`` (keeps y_{j+1} at a rejection), ``fresh_from_p`` (a fresh draw from p
     at a rejection) or ``half_reflection`` (reflection coefficient 1 - a/b instead of 1 - 2a/b)."""
-    from specdiff_kernels.static_round import StaticRound
+    from specdiff_kernels.sampling.static_round import StaticRound
     real = StaticRound._verify
     gen = torch.Generator().manual_seed(seed)
 

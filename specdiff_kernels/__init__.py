@@ -1,28 +1,16 @@
 """specdiff_kernels: exact speculative sampling for diffusion models.
 
-* ops: the fused verify op (SPEC §6) and its parts, with backend selection
+* ops: the fused verify op (docs/design.md §4) and its parts, with backend selection
   (``reference`` | ``cpp`` | ``triton``);
 * samplers: :class:`SpeculativeSampler` (ragged batches, exact) and the
   :class:`AncestralSampler` baseline, over :class:`GaussianTransitions` (DDPM, DDIM with eta > 0,
   Euler-ancestral, or your own tables);
 * drafts: :class:`FrozenTargetDraft` (training-free) and :class:`DraftModelDraft`.
 """
-from .drafts import DraftModelDraft, FrozenTargetDraft
-from .ops import (
-    VerifyResult,
-    available_backends,
-    first_rejection,
-    gaussian_log_ratio,
-    reflect_resample,
-    speculative_verify,
-)
-from .sampler import AncestralSampler, NonFiniteError, SamplerStats, SamplingResult, SpeculativeSampler
-from .transitions import (
-    GaussianTransitions,
-    ddim_transitions,
-    ddpm_transitions,
-    euler_ancestral_transitions,
-)
+from .sampling.drafts import DraftModelDraft, FrozenTargetDraft
+from .ops.verify import VerifyResult, available_backends, first_rejection, gaussian_log_ratio, reflect_resample, speculative_verify
+from .sampling.sampler import AncestralSampler, NonFiniteError, SamplerStats, SamplingResult, SpeculativeSampler
+from .sampling.transitions import GaussianTransitions, ddim_transitions, ddpm_transitions, euler_ancestral_transitions
 
 __version__ = "0.1.0"
 

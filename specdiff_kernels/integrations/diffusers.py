@@ -1,5 +1,5 @@
 """diffusers adapter: a UNet-style model plus a DDPM, DDIM (eta > 0) or Euler-ancestral scheduler
-become the sampler's model and :class:`~specdiff_kernels.transitions.GaussianTransitions`.
+become the sampler's model and :class:`~specdiff_kernels.sampling.transitions.GaussianTransitions`.
 
 diffusers' ``scheduler.step`` takes one scalar timestep for the whole batch; speculative sampling
 needs per-chain steps (ragged batches, drafted windows), so the step's coefficients are tabulated
@@ -35,8 +35,7 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import Tensor
 
-from ..transitions import (GaussianTransitions, ddim_from_schedule, ddpm_transitions,
-                           euler_ancestral_from_sigmas)
+from ..sampling.transitions import GaussianTransitions, ddim_from_schedule, ddpm_transitions, euler_ancestral_from_sigmas
 
 __all__ = ["DiffusersModel", "diffusers_transitions", "from_pipeline"]
 

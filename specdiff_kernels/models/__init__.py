@@ -4,11 +4,11 @@
   known. Its draft model is the denoiser of the moment-matched (diagonal) Gaussian: affine, so
   cheap, and trained on nothing.
 * ``digits``: a DDPM (eps-prediction, 1000-step linear schedule) trained on scikit-learn's bundled
-  8x8 digits by ``python -m specdiff_kernels.train digits``, with a smaller, independently trained
+  8x8 digits by ``python -m specdiff_kernels.models.train digits``, with a smaller, independently trained
   draft model.
 * ``patches`` (:mod:`specdiff_kernels.models.patches`, not through ``load``): a real diffusers
   ``DDPMPipeline`` (UNet2DModel + DDPMScheduler) in ``save_pretrained`` layout, trained by
-  ``python -m specdiff_kernels.train patches`` on crops of scikit-image's photographs; load it with
+  ``python -m specdiff_kernels.models.train patches`` on crops of scikit-image's photographs; load it with
   ``patches.load_pipeline()`` or ``DDPMPipeline.from_pretrained(patches.pipeline_dir())``.
 
 ``load(name)`` returns an :class:`EmbeddedModel` with the target, the draft model and a
@@ -22,8 +22,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from ..transitions import (GaussianTransitions, alphas_cumprod_from_betas, ddim_transitions,
-                           ddpm_transitions, euler_ancestral_transitions, make_betas)
+from ..sampling.transitions import GaussianTransitions, alphas_cumprod_from_betas, ddim_transitions, ddpm_transitions, euler_ancestral_transitions, make_betas
 
 __all__ = ["EmbeddedModel", "TRAIN_TIMESTEPS", "available", "load"]
 
@@ -79,8 +78,7 @@ def _load_gmm(dim: int = 64, components: int = 8, seed: int = 0, **_) -> Embedde
 
 
 def _load_digits(device="cpu", dtype=torch.float32, **_) -> EmbeddedModel:
-    from .digits import (digits_alphas_cumprod, digits_dataset, load_digits_draft,
-                         load_digits_target)
+    from .digits import digits_alphas_cumprod, digits_dataset, load_digits_draft, load_digits_target
 
     data_cache: dict = {}
 

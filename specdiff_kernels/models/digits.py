@@ -19,7 +19,7 @@ through a sinusoidal embedding and a 2-layer SiLU MLP; every residual block is
 ``h + W2 SiLU(W1 FiLM(LN(h), t))`` (pre-LayerNorm, FiLM scale/shift from the time embedding,
 zero-initialised output projection), followed by LayerNorm, SiLU and a zero-initialised linear
 read-out to the 64 pixels. Target and draft differ only in width/depth (see ``TARGET_CONFIG``
-and ``DRAFT_CONFIG``); the shipped weights were trained by ``python -m specdiff_kernels.train
+and ``DRAFT_CONFIG``); the shipped weights were trained by ``python -m specdiff_kernels.models.train
 digits`` and are stored with their config in the safetensors metadata.
 
 This module imports only torch (and safetensors when loading); scikit-learn is imported
@@ -189,14 +189,14 @@ def count_params(model: nn.Module) -> int:
 # --------------------------------------------------------------------------------------------
 def load_digits_model(path: str | Path, device: str | torch.device = "cpu",
                       dtype: torch.dtype = torch.float32) -> DigitsEpsMLP:
-    """Load a digits model saved by ``specdiff_kernels.train`` (config in the metadata)."""
+    """Load a digits model saved by ``specdiff_kernels.models.train`` (config in the metadata)."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(
-            f"{path} not found; train it with `python -m specdiff_kernels.train digits`"
+            f"{path} not found; train it with `python -m specdiff_kernels.models.train digits`"
         )
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}

@@ -17,7 +17,7 @@ linear betas 1e-4..0.02, ``clip_sample=True``). The shipped folder (:func:`pipel
 diffusers' own ``save_pretrained`` layout (``model_index.json``, ``unet/``, ``scheduler/``,
 safetensors) holding the EMA weights, and loads with
 ``diffusers.DDPMPipeline.from_pretrained(pipeline_dir())`` (:func:`load_pipeline`). Train it
-with ``python -m specdiff_kernels.train patches``.
+with ``python -m specdiff_kernels.models.train patches``.
 
 Quality helpers (used by ``bench/patches_quality.py``): :func:`channel_stats` and
 :func:`radial_power_spectrum`.
@@ -57,7 +57,7 @@ CROP = 32
 HELDOUT_FRACTION = 0.2
 #: ``skimage.data`` colour photographs stored in the scikit-image wheel (no pooch download)
 IMAGES = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle_left")
-TRAIN_COMMAND = "python -m specdiff_kernels.train patches"
+TRAIN_COMMAND = "python -m specdiff_kernels.models.train patches"
 
 UNET_CONFIG: dict = {
     "sample_size": CROP,

@@ -1,4 +1,4 @@
-"""Speculative unadjusted Langevin (SPEC §5, the paper's extension).
+"""Speculative unadjusted Langevin (docs/design.md §11, the paper's extension).
 
 ULA for an unnormalised density pi ∝ exp(-U) runs
 
@@ -13,7 +13,7 @@ sampled here: :func:`langevin_transitions` writes ULA as a :class:`GaussianTrans
 
 so ``mean_from_x0(x, grad, k) = x - g_k * grad``, which is the ULA mean. Then
 
-* the plain chain (:class:`LangevinSampler`) is :class:`~specdiff_kernels.sampler.AncestralSampler`
+* the plain chain (:class:`LangevinSampler`) is :class:`~specdiff_kernels.sampling.sampler.AncestralSampler`
   on these transitions: one gradient call per step;
 * the frozen-target draft (``FrozenTargetDraft("x0")``) freezes the model OUTPUT, i.e. the
   gradient: the draft window is y_{j+1} = y_j - g grad U(y_0) + sqrt(2g) xi_j, the
@@ -21,7 +21,7 @@ so ``mean_from_x0(x, grad, k) = x - g_k * grad``, which is the ULA mean. Then
   sequential (batched) gradient call;
 * ``DraftModelDraft(surrogate)`` with a cheap surrogate gradient is the surrogate draft.
 
-:class:`SpeculativeLangevin` is :class:`~specdiff_kernels.sampler.SpeculativeSampler` on the same
+:class:`SpeculativeLangevin` is :class:`~specdiff_kernels.sampling.sampler.SpeculativeSampler` on the same
 transitions. Its output law equals the plain ULA chain's law after the same number of steps (for
 any draft, window or adaptive window): it is exact with respect to ULA, NOT with respect to pi
 (ULA itself is biased by O(g)); add a Metropolis correction (MALA) for that, which is outside this
@@ -136,8 +136,8 @@ class _LangevinBase:
 
     @property
     def sampler(self):
-        """The underlying :class:`~specdiff_kernels.sampler.AncestralSampler` /
-        :class:`~specdiff_kernels.sampler.SpeculativeSampler` (diffusion-sampler signature)."""
+        """The underlying :class:`~specdiff_kernels.sampling.sampler.AncestralSampler` /
+        :class:`~specdiff_kernels.sampling.sampler.SpeculativeSampler` (diffusion-sampler signature)."""
         return self._sampler
 
     def sample(self, x_init: Optional[Tensor] = None, *, num_chains: Optional[int] = None,
@@ -154,7 +154,7 @@ class _LangevinBase:
                 (seed, c), not on the other chains of the batch.
 
         Returns:
-            :class:`~specdiff_kernels.sampler.SamplingResult`: ``samples [B, *E]`` and ``stats``
+            :class:`~specdiff_kernels.sampling.sampler.SamplingResult`: ``samples [B, *E]`` and ``stats``
             (``stats.target_calls`` = sequential gradient calls, ``stats.target_evals`` = gradient
             evaluations, acceptance by window position, ...).
         """
@@ -193,17 +193,17 @@ class SpeculativeLangevin(_LangevinBase):
     Args:
         U / grad_U: the (expensive) target energy (autograd) or gradient, on batches ``[B, *E]``.
         step_size: g (scalar or per-step schedule); num_steps: N.
-        window: L (int), or ``"adaptive"`` / an :class:`~specdiff_kernels.adaptive.AdaptiveWindow`
+        window: L (int), or ``"adaptive"`` / an :class:`~specdiff_kernels.sampling.window.AdaptiveWindow`
             (per-chain window lengths from each chain's own past acceptance).
         draft: ``"frozen"`` (training-free: the gradient at the window's root, reused for every
             drafted step; with ``prefetch=True`` one sequential gradient call per round),
             a callable ``surrogate_grad(x) -> [B, *E]`` (a cheap gradient: L sequential cheap
             calls per window, then one batched target call), or a
-            :class:`~specdiff_kernels.drafts.Draft` instance.
+            :class:`~specdiff_kernels.sampling.drafts.Draft` instance.
         prefetch: for the frozen draft: evaluate the target at the window's end inside the verify
             call (one sequential call per round instead of two).
         init_std: std of the default initial state.
-        backend, verify_fn: passed to :class:`~specdiff_kernels.sampler.SpeculativeSampler`
+        backend, verify_fn: passed to :class:`~specdiff_kernels.sampling.sampler.SpeculativeSampler`
             (``verify_fn`` replaces the verify op: a testing hook).
     """
 

@@ -1,4 +1,4 @@
-"""Gaussian transitions of stochastic diffusion samplers, in affine form (SPEC §1, §3).
+"""Gaussian transitions of stochastic diffusion samplers, in affine form (docs/design.md §2, §5).
 
 A sampler with N steps is a Markov chain over *sampling steps* k = 0..N-1: step k maps the state
 at (model) timestep ``timesteps[k]`` to the state of the next timestep (after the last step: the
@@ -420,3 +420,39 @@ def euler_ancestral_from_sigmas(timesteps: Tensor, sigmas: Tensor, *, prediction
     return GaussianTransitions(timesteps, 1 - ratio, ratio, s_up, scale, s_from * scale,
                                input_scale=scale, prediction=prediction, init_std=init_std,
                                name=name)
+
+
+# ---------------------------------------------------------------- the round ops' tables
+def round_tables(transitions: GaussianTransitions, device=None) -> Tensor:
+    """The float64 ``[8, N]`` coefficient tensor of ``transitions`` (rows ``round_reference.ROW_*``):
+
+    ``mean(x, k) = A clip(p) + E p + G x`` for the network's raw x0-hat p (GaussianTransitions'
+    ``mean_from_x0`` with its eps term expanded), the step std, the frozen-eps draft's x0 at y
+    (``X0_Y y - X0_F eps``) and the eps of an x0-hat at y (``EPS_Y y - EPS_P x0``)."""
+    if not transitions.affine:
+        raise ValueError(f"round_tables: {transitions.name} is not affine in x0-hat (dynamic "
+                         f"thresholding); the round ops cannot express it")
+    device = torch.device("cpu") if device is None else torch.device(device)
+    key = ("round_tables", device)
+    cache = transitions._cache
+    if key in cache:
+        return cache[key]
+    T = transitions
+    sa, ss = T.state_alpha, T.state_sigma
+    eps_x0 = -T.c_eps * sa / ss          # coefficient of x0 inside c_eps * eps
+    G = T.c_x + T.c_eps / ss
+    if T.clip_sample is None:
+        A, E = torch.zeros_like(G), T.c_x0 + eps_x0
+    elif T.eps_from_clipped_x0:
+        A, E = T.c_x0 + eps_x0, torch.zeros_like(G)
+    else:
+        A, E = T.c_x0.clone(), eps_x0
+    rows = [A, E, G, T.std, 1.0 / sa, ss / sa, 1.0 / ss, sa / ss]
+    table = torch.stack(rows).to(device=device, dtype=torch.float64).contiguous()
+    cache[key] = table
+    return table
+
+
+def clip_value(transitions: GaussianTransitions) -> float:
+    """The clip bound the ops take (``inf``: no clipping)."""
+    return math.inf if transitions.clip_sample is None else float(transitions.clip_sample)

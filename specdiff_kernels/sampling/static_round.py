@@ -1,6 +1,6 @@
 """The static-shape round: speculative sampling whose every round is the same few launches.
 
-A round of the frozen-target draft with a prefetched root (SPEC §7) on a FIXED batch:
+A round of the frozen-target draft with a prefetched root (docs/design.md §6, §8) on a FIXED batch:
 
 1. ``n = min(L, stochastic steps left before a deterministic step)`` per chain, from a table on
    the device (0 for a chain at a deterministic step or finished);
@@ -31,11 +31,12 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from . import round_ops
-from . import round_reference as rr
-from ._sample_args import ModelKwargs, check_model_output
-from .round_reference import FREEZE_X0
+from ..ops import round as round_ops
+from ..ops.reference import round as rr
+from .checks import ModelKwargs, check_model_output
+from ..ops.reference.round import FREEZE_X0
 from .transitions import GaussianTransitions, Model
+from .transitions import clip_value, round_tables
 
 
 NO_BAD = rr.NO_BAD
@@ -117,7 +118,7 @@ class StaticRound:
         compile: compile the round (network included) with ``torch.compile(fullgraph=True)``;
             with ``compact``, whose calls change size, only the network, with a dynamic batch.
         cuda_graph: on CUDA, capture the round once and replay it.
-        cond: the chains' conditioning (:class:`~specdiff_kernels._sample_args.ModelKwargs`).
+        cond: the chains' conditioning (:class:`~specdiff_kernels.sampling.checks.ModelKwargs`).
         compact: call the network only on the window positions a round reads (0..n of chains
             not finished, less position 0 where the root's prediction is already known), not on
             all B (L + 1): the call's size then changes from round to round and is read on the
@@ -142,8 +143,8 @@ class StaticRound:
         self.freeze = round_ops.FREEZE_MODES[freeze]
         self.seed, self.ids = seed, chain_ids
         self.backend = backend
-        self.coef = round_ops.round_tables(transitions, device)
-        self.clip = round_ops.clip_value(transitions)
+        self.coef = round_tables(transitions, device)
+        self.clip = clip_value(transitions)
         # each chain's window length by its step: the stochastic run ahead of it, capped at L
         self.window_lengths = stochastic_runs(transitions).clamp(max=self.L).to(device)
         # the last window position a round reads, by step (-1: finished, nothing to read)
@@ -297,8 +298,8 @@ class LeanAncestral:
         self.backend = backend
         # a mean that is not affine in x0-hat (dynamic thresholding) is stepped by the
         # transitions' own formula with the same counter-based noise
-        self.coef = round_ops.round_tables(transitions, device) if transitions.affine else None
-        self.clip = round_ops.clip_value(transitions)
+        self.coef = round_tables(transitions, device) if transitions.affine else None
+        self.clip = clip_value(transitions)
         self.net = NetworkCall(model, transitions, device, dtype)
         # on CUDA, "reduce-overhead" replays each step as a CUDA graph: the fastest baseline
         self.cuda_graphs = compile and device.type == "cuda"

@@ -1,18 +1,18 @@
-"""The ancestral (baseline) and the speculative samplers (SPEC §2-§4).
+"""The ancestral (baseline) and the speculative samplers (docs/design.md §3, §5, §10).
 
-Both run the chain defined by a :class:`~specdiff_kernels.transitions.GaussianTransitions` and a
+Both run the chain defined by a :class:`~specdiff_kernels.sampling.transitions.GaussianTransitions` and a
 target ``model(x, t)``; both read their randomness from the same per-chain streams
-(:mod:`specdiff_kernels.chain_noise`), so with the same generator they use the same noise xi_k at
+(:mod:`specdiff_kernels.sampling.noise`), so with the same generator they use the same noise xi_k at
 every sampling step k.
 
 :class:`SpeculativeSampler` runs one of two paths (``path=``; "auto": the static round wherever
 it applies):
 
-* the STATIC round (:mod:`specdiff_kernels.static_round`): frozen-target draft with a prefetched
+* the STATIC round (:mod:`specdiff_kernels.sampling.static_round`): frozen-target draft with a prefetched
   root, fixed batch and window, every per-chain quantity on the device, one network call and a few
   fused ops per round, one host read per round; compiled and CUDA-graph captured on GPUs; eager on
   a CPU with B >= 2 its network call holds only the states the round reads, as the ragged one's;
-* the RAGGED round (:mod:`specdiff_kernels.ragged_round`): every chain at its own step with its
+* the RAGGED round (:mod:`specdiff_kernels.sampling.ragged_round`): every chain at its own step with its
   own window; any draft (frozen target with or without prefetch, a draft network), the adaptive
   window, a custom verify op; evaluates only the states a round needs and drops finished chains.
 
@@ -44,14 +44,13 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from . import _sample_args as _args
-from . import ops
-from .adaptive import AdaptiveWindow, resolve_window
-from .chain_noise import ChainNoise, base_seed_from
+from . import checks as _args
+from ..ops import verify as ops
+from .window import AdaptiveWindow, resolve_window
+from .noise import ChainNoise, base_seed_from
 from .drafts import Draft, DraftModelDraft, FrozenTargetDraft
-from . import round_reference as rr
-from .ragged_round import (DraftedWindows, RaggedChains, RaggedCounters, RootStatus, RoundPlan,
-                           TargetCall, WindowOutcome, affine_mean, plan_round, proposer_for)
+from ..ops.reference import round as rr
+from .ragged_round import DraftedWindows, RaggedChains, RaggedCounters, RootStatus, RoundPlan, TargetCall, WindowOutcome, affine_mean, plan_round, proposer_for
 from .static_round import NO_BAD, LeanAncestral, StaticRound, stochastic_runs
 from .transitions import GaussianTransitions, Model
 
@@ -73,7 +72,7 @@ class NonFiniteError(FloatingPointError):
 
 @dataclass
 class SamplerStats:
-    """Cost and acceptance accounting (SPEC §4). Counts are totals over all chains.
+    """Cost and acceptance accounting (docs/design.md §10). Counts are totals over all chains.
 
     * ``target_calls``: sequential (batched) target calls: latency. A call on n states counts once.
     * ``target_evals``: states evaluated by the target: compute. A call on n states counts n.
@@ -335,7 +334,7 @@ class AncestralSampler(_SamplerBase):
 
 
 class SpeculativeSampler(_SamplerBase):
-    """Exact speculative sampling of a Gaussian diffusion chain (SPEC §2-§4).
+    """Exact speculative sampling of a Gaussian diffusion chain (docs/design.md §3, §5, §10).
 
     Args:
         model: the target network, ``model(x, t) -> prediction`` (t: ``[B]`` timesteps).
@@ -343,9 +342,9 @@ class SpeculativeSampler(_SamplerBase):
         draft: :class:`FrozenTargetDraft` (default ``FrozenTargetDraft("x0", prefetch_root=True)``)
             or :class:`DraftModelDraft`.
         window: L, the number of drafted steps per round (an int >= 1); or ``"adaptive"`` /
-            an :class:`~specdiff_kernels.adaptive.AdaptiveWindow`: each chain's window length is
+            an :class:`~specdiff_kernels.sampling.window.AdaptiveWindow`: each chain's window length is
             chosen before each of its rounds from its OWN past acceptance (exactness is kept: the
-            length is a function of the past; see :mod:`specdiff_kernels.adaptive`). The buffer
+            length is a function of the past; see :mod:`specdiff_kernels.sampling.window`). The buffer
             length (``self.window``, ``stats.window``) is then the policy's ``max_window``. Either
             is clamped to the longest run of stochastic steps of ``transitions`` (no window can
             be longer).
@@ -434,7 +433,7 @@ class SpeculativeSampler(_SamplerBase):
 
     # -------------------------------------------------------------- the ragged path
     def _sample_ragged(self, x: Tensor, noise: ChainNoise, info: Chains, t0: float) -> SamplingResult:
-        """Every chain at its own step; see :mod:`specdiff_kernels.ragged_round`."""
+        """Every chain at its own step; see :mod:`specdiff_kernels.sampling.ragged_round`."""
         T, L = self.transitions, self.window
         B, N = x.shape[0], T.num_steps
         prop = proposer_for(self.draft, T)

@@ -5,7 +5,7 @@ Two halves, so that every argument is refused before any weight is read:
 * :func:`resolve_pipeline` reads only JSON (``model_index.json``, ``scheduler/scheduler_config.json``,
   ``unet/config.json``) and builds the chain's transitions from the scheduler's config (no weights),
   so the adapter's own refusals (learned variances, DDIM with eta = 0, ...) surface as one-line
-  argument errors in :mod:`specdiff_kernels.cli`;
+  argument errors in :mod:`specdiff_kernels.cli.commands`;
 * :func:`run_sample` loads the network, samples, writes ``samples.png`` and ``stats.json``, and with
   ``compare`` also runs the ancestral chain (independent seed) for the cost table and the
   two-sample p-value.
@@ -67,13 +67,13 @@ def _read_json(path: Path, option: str, what: str) -> dict:
 def patches_dir() -> Path:
     """The embedded ``patches`` pipeline's save_pretrained folder."""
     try:
-        from .models import patches
+        from ..models import patches
     except ImportError as err:
         raise PipelineError("--pipeline", f"the embedded 'patches' model is not in this install "
                                           f"({err}); pass a pipeline folder or 'digits'") from None
     folder = Path(patches.pipeline_dir())
     if not (folder / "model_index.json").is_file():
-        how = getattr(patches, "TRAIN_COMMAND", "python -m specdiff_kernels.train patches")
+        how = getattr(patches, "TRAIN_COMMAND", "python -m specdiff_kernels.models.train patches")
         raise PipelineError("--pipeline", f"the embedded 'patches' pipeline is not in this install "
                                           f"(no model_index.json in {str(folder)!r}); train it with "
                                           f"`{how}`, or pass a pipeline folder or 'digits'")
@@ -154,7 +154,7 @@ def resolve_pipeline(pipeline: str, scheduler: Optional[str], steps: int, eta: O
                                            f"be speculated; set variance_type to 'fixed_small' in "
                                            f"scheduler/scheduler_config.json, or pass --scheduler "
                                            f"ddim or euler-a")
-    from .integrations.diffusers import diffusers_transitions
+    from ..integrations.diffusers import diffusers_transitions
     sched = _scheduler_from_config(scheduler, sched_cfg)
     try:
         T = diffusers_transitions(sched, steps, eta=(DEFAULT_ETA if eta is None else eta)
@@ -167,7 +167,7 @@ def resolve_pipeline(pipeline: str, scheduler: Optional[str], steps: int, eta: O
 
 
 def _resolve_digits(scheduler: Optional[str], steps: int, eta: Optional[float]) -> PipelineSpec:
-    from . import models
+    from .. import models
     scheduler = scheduler or "ddpm"
     if eta is not None and scheduler != "ddim":
         raise PipelineError("--eta", "applies to --scheduler ddim only")
@@ -175,8 +175,8 @@ def _resolve_digits(scheduler: Optional[str], steps: int, eta: Optional[float]) 
         raise PipelineError("--steps", f"must be at most {models.TRAIN_TIMESTEPS} (the model's "
                                        f"training timesteps), got {steps}")
     # the digits tables need no weights: models.load would read them, so build them directly
-    from .models.digits import digits_alphas_cumprod
-    from .transitions import ddim_transitions, ddpm_transitions, euler_ancestral_transitions
+    from ..models.digits import digits_alphas_cumprod
+    from ..sampling.transitions import ddim_transitions, ddpm_transitions, euler_ancestral_transitions
     abar = digits_alphas_cumprod()
     if scheduler == "ddpm":
         T = ddpm_transitions(abar, num_inference_steps=steps, prediction="epsilon", clip_sample=1.0)
@@ -222,16 +222,16 @@ def load_network(spec: PipelineSpec, device: torch.device, dtype: torch.dtype):
     """(target model(x, t), draft network or None) for a resolved pipeline: weights in ``dtype``,
     called on (and returning) float32 states."""
     if spec.path is None:
-        from . import models
+        from .. import models
         m = models.load("digits", device=device, dtype=dtype)   # casts to its weights' dtype itself
         return m.target, m.draft
-    from .integrations.diffusers import DiffusersModel
+    from ..integrations.diffusers import DiffusersModel
     net = DiffusersModel(load_unet(spec.path, device, dtype))
     return (net if dtype == torch.float32 else CastNet(net, dtype)), None
 
 
 def make_draft(kind: str, draft_net):
-    from .drafts import DraftModelDraft, FrozenTargetDraft
+    from ..sampling.drafts import DraftModelDraft, FrozenTargetDraft
     if kind == "model":
         return DraftModelDraft(draft_net)
     return FrozenTargetDraft("x0" if kind == "frozen-x0" else "eps", prefetch_root=True)
@@ -276,8 +276,8 @@ def _sync(device: torch.device) -> None:
 def run_sample(args, spec: PipelineSpec) -> int:
     """Sample with the checked arguments; print a summary (and the cost table with --compare)."""
     from .demo import cost_table, optional_module
-    from .sampler import COMPACT_MIN_CHAINS_CPU, AncestralSampler, SpeculativeSampler
-    from .stats import two_sample_pvalue
+    from ..sampling.sampler import COMPACT_MIN_CHAINS_CPU, AncestralSampler, SpeculativeSampler
+    from ..testing.two_sample import two_sample_pvalue
 
     # --dtype is the network's precision; the chains stay float32 (see CastNet)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)

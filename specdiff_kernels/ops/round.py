@@ -1,8 +1,8 @@
-"""The round ops (SPEC §7): counter-based noise and the fused frozen-draft round.
+"""The round ops (docs/design.md §6): counter-based noise and the fused frozen-draft round.
 
 * :func:`chain_noise`: the step noises xi(seed, chain, k) and acceptance uniforms u(seed, chain, k)
   of given chains and steps, as pure functions of (seed, chain id, step) (Philox4x32-10; see
-  :mod:`specdiff_kernels.round_reference` for the exact definition). One launch; no generator
+  :mod:`specdiff_kernels.ops.reference.round` for the exact definition). One launch; no generator
   objects, no host loop over chains.
 * :func:`frozen_draft`: the drafted states Y [B, L+1, *E] of a frozen-target window, noise drawn
   in-kernel. One pass.
@@ -10,9 +10,9 @@
   at Y and the frozen value; u_j drawn in-kernel), the first rejection, the reflection and the
   round's commit per chain. The draft and target means never exist in memory.
 
-Tables: :func:`round_tables` turns a :class:`~specdiff_kernels.transitions.GaussianTransitions`
-into the float64 ``[8, N]`` coefficient tensor the ops read (affine mean ``A clip(p) + E p + G x``
-of the network's x0-hat p, step std, x0/eps conversions), cached per device.
+Tables: the ops read a float64 ``[8, N]`` coefficient tensor (rows ``reference.round.ROW_*``:
+affine mean ``A clip(p) + E p + G x`` of the network's x0-hat p, step std, x0/eps conversions);
+:func:`specdiff_kernels.sampling.transitions.round_tables` builds it from a transition family.
 
 Backends, as for the verify op: ``reference`` (PyTorch, the oracle), ``cpp`` (C++ CPU kernels
 behind ``torch.ops.specdiff.*``) and ``triton`` (GPU; CPU tensors under ``TRITON_INTERPRET=1``).
@@ -30,11 +30,10 @@ from typing import Callable, NamedTuple, Optional, Sequence
 import torch
 from torch import Tensor
 
-from . import round_reference as ref
+from .reference import round as ref
 from ._checks import _values_checkable
-from .ops import HAS_CPP, BackendRegistry
-from .round_reference import FREEZE_EPS, FREEZE_X0, NUM_ROWS  # noqa: F401 (re-exported)
-from .transitions import GaussianTransitions
+from .verify import HAS_CPP, BackendRegistry
+from .reference.round import FREEZE_EPS, FREEZE_X0, NUM_ROWS  # noqa: F401 (re-exported)
 
 FREEZE_MODES = {"x0": FREEZE_X0, "eps": FREEZE_EPS}
 NOISE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -63,7 +62,7 @@ class RoundBackend:
         return self.devices is None or device.type in self.devices
 
 
-_REGISTRY = BackendRegistry({"triton": "specdiff_kernels.triton_round"})
+_REGISTRY = BackendRegistry({"triton": "specdiff_kernels.ops.triton.round"})
 register_backend = _REGISTRY.register
 get_backend = _REGISTRY.get
 
@@ -72,42 +71,6 @@ if HAS_CPP:
     register_backend(RoundBackend("cpp", torch.ops.specdiff.chain_noise.default,
                                   torch.ops.specdiff.frozen_draft.default,
                                   torch.ops.specdiff.verify_frozen.default, devices=("cpu",)))
-
-
-# ---------------------------------------------------------------- tables
-def round_tables(transitions: GaussianTransitions, device=None) -> Tensor:
-    """The float64 ``[8, N]`` coefficient tensor of ``transitions`` (rows ``round_reference.ROW_*``):
-
-    ``mean(x, k) = A clip(p) + E p + G x`` for the network's raw x0-hat p (GaussianTransitions'
-    ``mean_from_x0`` with its eps term expanded), the step std, the frozen-eps draft's x0 at y
-    (``X0_Y y - X0_F eps``) and the eps of an x0-hat at y (``EPS_Y y - EPS_P x0``)."""
-    if not transitions.affine:
-        raise ValueError(f"round_tables: {transitions.name} is not affine in x0-hat (dynamic "
-                         f"thresholding); the round ops cannot express it")
-    device = torch.device("cpu") if device is None else torch.device(device)
-    key = ("round_tables", device)
-    cache = transitions._cache
-    if key in cache:
-        return cache[key]
-    T = transitions
-    sa, ss = T.state_alpha, T.state_sigma
-    eps_x0 = -T.c_eps * sa / ss          # coefficient of x0 inside c_eps * eps
-    G = T.c_x + T.c_eps / ss
-    if T.clip_sample is None:
-        A, E = torch.zeros_like(G), T.c_x0 + eps_x0
-    elif T.eps_from_clipped_x0:
-        A, E = T.c_x0 + eps_x0, torch.zeros_like(G)
-    else:
-        A, E = T.c_x0.clone(), eps_x0
-    rows = [A, E, G, T.std, 1.0 / sa, ss / sa, 1.0 / ss, sa / ss]
-    table = torch.stack(rows).to(device=device, dtype=torch.float64).contiguous()
-    cache[key] = table
-    return table
-
-
-def clip_value(transitions: GaussianTransitions) -> float:
-    """The clip bound the ops take (``inf``: no clipping)."""
-    return math.inf if transitions.clip_sample is None else float(transitions.clip_sample)
 
 
 def seed_tensor(seed: int, device=None) -> Tensor:
@@ -182,7 +145,7 @@ def _check_round(op: str, root: Tensor, frozen: Tensor, steps: Tensor, lengths: 
     if not isinstance(coef, Tensor) or coef.dtype != torch.float64 or coef.dim() != 2 \
             or coef.shape[0] != NUM_ROWS or coef.shape[1] < 1:
         raise ValueError(f"{op}: coef must be the float64 [{NUM_ROWS}, N] table of "
-                         f"round_ops.round_tables(transitions)")
+                         f"round_tables(transitions)")
     if coef.device != root.device:
         raise ValueError(f"{op}: coef is on {coef.device} but the states are on {root.device}")
     if isinstance(window, bool) or not isinstance(window, int) or window < 1:
@@ -253,7 +216,7 @@ def chain_noise(seed: Tensor, chain_ids: Tensor, steps: Tensor, window: int,
 def frozen_draft(root: Tensor, frozen: Tensor, steps: Tensor, lengths: Tensor, coef: Tensor,
                  seed: Tensor, chain_ids: Tensor, window: int, freeze: int = FREEZE_X0,
                  clip: float = math.inf, *, backend: Optional[str] = None) -> Tensor:
-    """Drafted states ``Y [B, window+1, *E]`` of a frozen-target window (SPEC §7), in one pass.
+    """Drafted states ``Y [B, window+1, *E]`` of a frozen-target window (docs/design.md §6), in one pass.
 
     ``Y[:, 0] = root``; for ``j < lengths[b]``: ``Y[b, j+1] = A clip(p) + E p + G Y[b, j] +
     std[k+j] xi(seed, chain_ids[b], k+j)`` with k = steps[b] and p the draft's x0-hat (``frozen``
@@ -273,8 +236,8 @@ def frozen_draft(root: Tensor, frozen: Tensor, steps: Tensor, lengths: Tensor, c
 def verify_frozen(states: Tensor, x0_hat: Tensor, frozen: Tensor, steps: Tensor, lengths: Tensor,
                   coef: Tensor, seed: Tensor, chain_ids: Tensor, freeze: int = FREEZE_X0,
                   clip: float = math.inf, *, backend: Optional[str] = None) -> FrozenVerifyResult:
-    """Verify a frozen-draft window and commit the round (SPEC §7; semantics:
-    :func:`specdiff_kernels.round_reference.verify_frozen`).
+    """Verify a frozen-draft window and commit the round (docs/design.md §6; semantics:
+    :func:`specdiff_kernels.ops.reference.round.verify_frozen`).
 
     Args:
         states: ``[B, L+1, *E]`` the drafted states (from :func:`frozen_draft`).
@@ -302,8 +265,8 @@ def verify_frozen(states: Tensor, x0_hat: Tensor, frozen: Tensor, steps: Tensor,
 def round_stats(stats: Tensor, steps: Tensor, lengths: Tensor, num_accepted: Tensor,
                 committed: Tensor, log_ratio: Tensor, output: Tensor, num_steps: int) -> Tensor:
     """The static round's counters after one round, as a new int64 vector (layout:
-    :class:`~specdiff_kernels.round_reference.StatsLayout`; semantics:
-    :func:`specdiff_kernels.round_reference.round_stats`). One launch on CPU (C++) and on CUDA (a
+    :class:`~specdiff_kernels.ops.reference.round.StatsLayout`; semantics:
+    :func:`specdiff_kernels.ops.reference.round.round_stats`). One launch on CPU (C++) and on CUDA (a
     composition of a few ops, replayed inside the round's CUDA graph)."""
     op = "round_stats"
     if not isinstance(log_ratio, Tensor) or log_ratio.dim() != 2:

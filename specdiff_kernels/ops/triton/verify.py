@@ -1,4 +1,4 @@
-"""Triton kernels for the speculative-verify ops (SPEC §2, §6), their launchers, and the launch rule.
+"""Triton kernels for the speculative-verify ops (docs/design.md §3, §4), their launchers, and the launch rule.
 
 Every op reduces, for each chain c and window step j, the two sums over all event dims
 
@@ -27,7 +27,7 @@ divisibility-by-16 specialisation (two variants at most, not one per value) beca
 row starts be proven aligned and loads vectorised. The kernels take no float scalar arguments (sigma
 and the uniforms are read from tensors in-kernel), so there is nothing to pin to fp32.
 
-Semantics match ``specdiff_kernels.reference``: step j is accepted iff its log ratio is finite and
+Semantics match ``specdiff_kernels.ops.reference.verify``: step j is accepted iff its log ratio is finite and
 ``log(u_j) <= log_ratio_j`` (compared in the accumulation dtype); ``b = 0`` gives the reflection
 coefficient 1; steps at or beyond ``num_steps`` (clamped into 1..L in-kernel, no host sync) are
 ignored; ``next_state`` is written in the input dtype; ``log_ratio`` is float32 for all L steps.
@@ -467,9 +467,9 @@ def _contig(x: Tensor) -> Tensor:
 def speculative_verify(draft_states: Tensor, draft_means: Tensor, target_means: Tensor,
                        sigma: Tensor, uniforms: Tensor, num_steps: Optional[Tensor] = None,
                        strategy: Optional[str] = None) -> tuple[Tensor, Tensor, Tensor]:
-    """Fused verify (SPEC §6) -> (num_accepted [B] int64, next_state [B, *E], log_ratio [B, L] fp32).
+    """Fused verify (docs/design.md §4) -> (num_accepted [B] int64, next_state [B, *E], log_ratio [B, L] fp32).
 
-    Arguments are assumed validated (``specdiff_kernels._checks``); sigma is any shape that
+    Arguments are assumed validated (``specdiff_kernels.ops._checks``); sigma is any shape that
     broadcasts to [B, L]. ``strategy``: "per_chain", "split", or None/"auto" (:func:`choose_strategy`).
     """
     y, mq, mp = _contig(draft_states), _contig(draft_means), _contig(target_means)
@@ -487,7 +487,7 @@ def speculative_verify(draft_states: Tensor, draft_means: Tensor, target_means: 
 
 def gaussian_log_ratio(draft_states: Tensor, draft_means: Tensor, target_means: Tensor,
                        sigma: Tensor, strategy: Optional[str] = None) -> Tensor:
-    """[B, L] float32 log ratios (a - b/2) / s^2 of every step (SPEC §2)."""
+    """[B, L] float32 log ratios (a - b/2) / s^2 of every step (docs/design.md §3)."""
     y, mq, mp = _contig(draft_states), _contig(draft_means), _contig(target_means)
     B, L = y.shape[0], y.shape[1]
     lr = torch.empty((B, L), device=y.device, dtype=torch.float32)

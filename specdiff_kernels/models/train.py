@@ -1,8 +1,8 @@
 """Train the embedded models.
 
-    python -m specdiff_kernels.train digits [--steps N] [--draft-steps N] [--out DIR] [--seed S]
+    python -m specdiff_kernels.models.train digits [--steps N] [--draft-steps N] [--out DIR] [--seed S]
                                             [--threads K]
-    python -m specdiff_kernels.train patches [--steps N] [--batch B] [--out DIR] [--seed S]
+    python -m specdiff_kernels.models.train patches [--steps N] [--batch B] [--out DIR] [--seed S]
                                              [--threads K]
 
 ``digits`` trains BOTH the digits target and the (much smaller) digits draft, deterministically
@@ -37,7 +37,7 @@ from typing import Optional
 
 import torch
 
-from .models import digits as D
+from . import digits as D
 
 DEFAULT_SEED = 20250105
 DEFAULT_TARGET_STEPS = 16000  # the draft gets the same number of steps by default
@@ -227,7 +227,7 @@ def train_digits(steps: int = DEFAULT_TARGET_STEPS, draft_steps: int | None = No
     _save(draft, out / D.DRAFT_FILE, {"seed": seed + 1, "steps": draft_steps})
     total = time.perf_counter() - t_all
     info = {
-        "command": "python -m specdiff_kernels.train " + " ".join(argv if argv is not None
+        "command": "python -m specdiff_kernels.models.train " + " ".join(argv if argv is not None
                                                                  else ["digits"]),
         "seed": seed,
         "data": "sklearn.datasets.load_digits, 1797 x 8x8, scaled v/8-1 to [-1,1], no augmentation",
@@ -275,7 +275,7 @@ def train_patches(steps: int = PATCHES_DEFAULT_STEPS, batch: int = PATCHES_DEFAU
     """Train the ``patches`` UNet and save the EMA weights as a diffusers ``DDPMPipeline``."""
     from diffusers import DDPMPipeline
 
-    from .models import patches as P
+    from . import patches as P
 
     for name, v in (("steps", steps), ("batch", batch), ("threads", threads),
                     ("eval_crops", eval_crops)):
@@ -311,7 +311,7 @@ def train_patches(steps: int = PATCHES_DEFAULT_STEPS, batch: int = PATCHES_DEFAU
         if f.is_file():
             f.chmod(0o644)
     info = {
-        "command": "python -m specdiff_kernels.train " + " ".join(argv if argv is not None
+        "command": "python -m specdiff_kernels.models.train " + " ".join(argv if argv is not None
                                                                  else ["patches"]),
         "seed": seed,
         "data": (f"random {P.CROP}x{P.CROP} crops with horizontal flips of skimage.data "
@@ -343,7 +343,7 @@ def train_patches(steps: int = PATCHES_DEFAULT_STEPS, batch: int = PATCHES_DEFAU
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    ap = argparse.ArgumentParser(prog="python -m specdiff_kernels.train", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m specdiff_kernels.models.train", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", choices=["digits", "patches"],
                     help="which embedded model family to train")

@@ -1,7 +1,7 @@
 """Multi-process sampling on ``torch.distributed``: many chains sharded across ranks.
 
 Every chain's random stream is a function of (seed, GLOBAL chain id) only
-(:mod:`specdiff_kernels.chain_noise`), the samplers' batches are ragged (each chain has its own step
+(:mod:`specdiff_kernels.sampling.noise`), the samplers' batches are ragged (each chain has its own step
 index) and a chain's adaptive window depends on its own past only, so a chain's result does not
 depend on which other chains share its process. Sharding the global ids 0..n-1 over the ranks and
 passing them as ``chain_ids=`` therefore gives the SAME union of samples for any number of ranks
@@ -19,7 +19,7 @@ the single-process run's (except wall time).
 
 Launch (CPU: gloo; GPU: nccl, one GPU per rank)::
 
-    torchrun --nproc_per_node 4 -m specdiff_kernels.distributed --model gmm --dim 64 \\
+    torchrun --nproc_per_node 4 -m specdiff_kernels.sampling.distributed --model gmm --dim 64 \\
         --chains 4096 --steps 200 --window 8 --seed 0 --out samples.pt
 
 or call :func:`sample_distributed` from your own torchrun script after
@@ -29,7 +29,6 @@ single process (world size 1).
 from __future__ import annotations
 
 import dataclasses
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -133,8 +132,8 @@ def sample_distributed(sampler, num_chains: int, event_shape, *, seed: int,
     """Sample ``num_chains`` chains sharded over the ranks of ``group`` (default: the world).
 
     Args:
-        sampler: a :class:`~specdiff_kernels.sampler.SpeculativeSampler` /
-            :class:`~specdiff_kernels.sampler.AncestralSampler` (or a Langevin wrapper), the same
+        sampler: a :class:`~specdiff_kernels.sampling.sampler.SpeculativeSampler` /
+            :class:`~specdiff_kernels.sampling.sampler.AncestralSampler` (or a Langevin wrapper), the same
             on every rank.
         num_chains, event_shape: the GLOBAL number of chains and the state shape.
         seed: one integer seed, the same on every rank; chain c's stream depends on (seed, c) only.
@@ -212,8 +211,3 @@ def load_shards(out_dir: str) -> tuple[Tensor, SamplerStats]:
     samples = torch.stack([s for _, s in pairs]) if pairs else torch.zeros(0)
     with_stats = [p for p in parts if p["stats"] is not None]
     return samples, merge_stats([p["stats"] for p in with_stats], [p["chain_ids"] for p in with_stats])
-
-
-if __name__ == "__main__":  # the command line lives in specdiff_kernels.cli with the others
-    from specdiff_kernels.cli import distributed_main
-    sys.exit(distributed_main())

@@ -1,5 +1,5 @@
 """The command lines: ``specdiff`` (also ``python -m specdiff_kernels``) and
-``python -m specdiff_kernels.distributed``.
+``python -m specdiff_kernels.sampling.distributed``.
 
 Every argument is checked here, before any model is loaded or any chain sampled: a bad value, or a
 flag that does not apply to the chosen model, ends the command with argparse's one-line
@@ -125,7 +125,7 @@ def _check_file(option: str, path: str) -> Optional[str]:
 def _check_verify_backend(name: Optional[str], device: str = "cpu") -> Optional[str]:
     if name is None:
         return None
-    from . import ops
+    from ..ops import verify as ops
     try:
         ops.get_backend(name, torch.device(device))
     except (ValueError, RuntimeError) as err:
@@ -141,7 +141,7 @@ def _error(parser: argparse.ArgumentParser, message: Optional[str]) -> None:
 # ----------------------------------------------------------------------------- specdiff info
 def cmd_info(args: argparse.Namespace) -> int:
     import specdiff_kernels as sk
-    from specdiff_kernels import ops
+    from specdiff_kernels.ops import verify as ops
 
     print(f"specdiff_kernels {sk.__version__}")
     print(f"torch {torch.__version__}; CUDA available: {torch.cuda.is_available()}")
@@ -180,7 +180,7 @@ def check_demo_args(args: argparse.Namespace) -> Optional[str]:
             setattr(args, dest, value)
     if args.model == "langevin" and args.dim < 2:
         return f"argument --dim: the langevin banana target needs at least 2 dimensions, got {args.dim}"
-    from . import models
+    from .. import models
     max_steps = models.TRAIN_TIMESTEPS if args.model in DIFFUSION_MODELS else None
     return (_check_steps_window(args.steps, args.window, max_steps)
             or _check_verify_backend(args.backend, args.device) or _check_dir("--out", args.out))
@@ -199,7 +199,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------- specdiff sample
 def add_sample_arguments(sample: argparse.ArgumentParser) -> None:
-    from .sample_cmd import EMBEDDED, SCHEDULERS
+    from .sample import EMBEDDED, SCHEDULERS
     sample.add_argument("--pipeline", required=True, metavar="PATH|" + "|".join(EMBEDDED),
                         help="a diffusers save_pretrained folder (unconditional UNet2DModel + "
                              "scheduler), or an embedded model: " + ", ".join(EMBEDDED))
@@ -229,7 +229,7 @@ def add_sample_arguments(sample: argparse.ArgumentParser) -> None:
 def check_sample_args(args: argparse.Namespace) -> Optional[str]:
     """The first bad argument's message; on success ``args.resolved`` holds the checked pipeline
     (its transitions already built, no weights loaded)."""
-    from .sample_cmd import PipelineError, resolve_pipeline
+    from .sample import PipelineError, resolve_pipeline
     if args.dtype == "float16" and args.device == "cpu":
         return ("argument --dtype: float16 needs --device cuda (on CPU it is slower than float32 and "
                 "some kernels lack it); use float32 or bfloat16 on CPU")
@@ -247,7 +247,7 @@ def check_sample_args(args: argparse.Namespace) -> Optional[str]:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from .sample_cmd import run_sample
+    from .sample import run_sample
     spec = args.resolved
     del args.resolved
     return run_sample(args, spec)
@@ -303,7 +303,7 @@ DIST_DEFAULTS = {"dim": 64, "step_size": 0.05}
 
 
 def build_distributed_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m specdiff_kernels.distributed",
+    p = argparse.ArgumentParser(prog="python -m specdiff_kernels.sampling.distributed",
                                 description="Sample many chains across torchrun processes (gloo on "
                                             "CPU, nccl on GPU); the union is the same for any "
                                             "number of ranks.")
@@ -340,7 +340,7 @@ def check_distributed_args(args: argparse.Namespace) -> Optional[str]:
         return f"argument --dim: the banana target needs at least 2 dimensions, got {args.dim}"
     if args.out is not None and args.per_rank_dir is not None:
         return "argument --out: not allowed with --per-rank-dir (ranks then write their own files)"
-    from . import models
+    from .. import models
     max_steps = None if args.model == "banana" else models.TRAIN_TIMESTEPS
     err = _check_steps_window(args.steps, args.window, max_steps)
     if err is None and args.out is not None:
@@ -351,18 +351,18 @@ def check_distributed_args(args: argparse.Namespace) -> Optional[str]:
 
 
 def build_distributed_sampler(args, device):
-    """(sampler, event_shape) for the checked arguments of ``python -m specdiff_kernels.distributed``."""
-    from .drafts import DraftModelDraft, FrozenTargetDraft
-    from .sampler import AncestralSampler, SpeculativeSampler
+    """(sampler, event_shape) for the checked arguments of ``python -m specdiff_kernels.sampling.distributed``."""
+    from ..sampling.drafts import DraftModelDraft, FrozenTargetDraft
+    from ..sampling.sampler import AncestralSampler, SpeculativeSampler
 
     if args.model == "banana":
-        from .langevin import LangevinSampler, SpeculativeLangevin, banana_energy, banana_grad
+        from ..sampling.langevin import LangevinSampler, SpeculativeLangevin, banana_energy, banana_grad
         if args.sampler == "ancestral":
             return LangevinSampler(banana_energy(), step_size=args.step_size, num_steps=args.steps), (args.dim,)
         draft = "frozen" if args.draft == "frozen" else banana_grad(b=0.0)
         return SpeculativeLangevin(banana_energy(), step_size=args.step_size, num_steps=args.steps,
                                    window=args.window, draft=draft), (args.dim,)
-    from .models import load
+    from ..models import load
     kw = {"dim": args.dim} if args.model == "gmm" else {"device": device}
     m = load(args.model, **kw)
     target = m.target.to(device)
@@ -376,7 +376,7 @@ def build_distributed_sampler(args, device):
 def distributed_main(argv: Optional[list] = None) -> int:
     import torch.distributed as dist
 
-    from .distributed import sample_distributed
+    from ..sampling.distributed import sample_distributed
 
     parser = build_distributed_parser()
     args = parser.parse_args(argv)

@@ -1,4 +1,4 @@
-"""Draft strategies for the speculative sampler (SPEC §3).
+"""Draft strategies for the speculative sampler (docs/design.md §5).
 
 A draft proposes the window y_1..y_L with Gaussian steps of the TARGET's std, y_{j+1} = mq_j +
 s_{k+j} xi_{k+j}; only its means mq_j differ from the target's. Exactness does not depend on the

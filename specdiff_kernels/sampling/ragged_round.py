@@ -1,6 +1,6 @@
 """The ragged round: speculative sampling where every chain has its own step and window.
 
-The general path of :class:`~specdiff_kernels.sampler.SpeculativeSampler` (any draft, adaptive
+The general path of :class:`~specdiff_kernels.sampling.sampler.SpeculativeSampler` (any draft, adaptive
 windows, a custom verify op). A round
 
 1. takes, without any call, the deterministic steps (std 0) of chains whose target prediction at
@@ -31,11 +31,12 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from . import round_ops
-from .chain_noise import ChainNoise
+from ..ops import round as round_ops
+from .noise import ChainNoise
 from .drafts import DraftModelDraft, FrozenTargetDraft
 from .static_round import draft_op
 from .transitions import GaussianTransitions
+from .transitions import clip_value, round_tables
 
 
 class RootStatus(IntEnum):
@@ -139,7 +140,7 @@ def affine_mean(transitions: GaussianTransitions, y: Tensor, p: Tensor, k: Tenso
     key = ("affine_rows", y.device, y.dtype)
     rows = transitions._cache.get(key)
     if rows is None:
-        rows = round_ops.round_tables(transitions, y.device)[:3].to(y.dtype)
+        rows = round_tables(transitions, y.device)[:3].to(y.dtype)
         transitions._cache[key] = rows
     c = rows[:, k.clamp(0, transitions.num_steps - 1)]
     c = c.reshape(3, *k.shape, *([1] * (y.dim() - k.dim())))
@@ -180,9 +181,9 @@ class FrozenProposer:
         rd = rows.to(dev)
         kd, nd = k.to(dev), n.to(dev)
         fr = chains.frozen[rd]
-        Y = draft_op(backend, chains.x[rd], fr, kd, nd, round_ops.round_tables(self.T, dev),
+        Y = draft_op(backend, chains.x[rd], fr, kd, nd, round_tables(self.T, dev),
                      noise.seed, noise.chain_ids[rd], window,
-                     round_ops.FREEZE_MODES[self.draft.freeze], round_ops.clip_value(self.T))
+                     round_ops.FREEZE_MODES[self.draft.freeze], clip_value(self.T))
         pos = torch.arange(window, device=dev)
         kw = kd[:, None] + pos[None]
         Yl = Y[:, :window]

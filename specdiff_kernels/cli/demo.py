@@ -1,10 +1,10 @@
 """``specdiff demo``: ancestral vs speculative sampling of an embedded model, side by side.
 
-Prints the cost table (SPEC §4: sequential target calls, total evaluations, rounds, acceptance by
+Prints the cost table (docs/design.md §10: sequential target calls, total evaluations, rounds, acceptance by
 window position, wall time), a two-sample p-value between the two sample sets (the law must be
 the same), and writes two PNGs: both sample sets, and acceptance by window position.
 
-The arguments arrive checked and with their defaults filled in (``specdiff_kernels.cli``).
+The arguments arrive checked and with their defaults filled in (``specdiff_kernels.cli.commands``).
 matplotlib (the PNGs) and scikit-learn (the digit classifier) are optional: without them the demo
 says so in one line before it starts and skips that part (``pip install specdiff_kernels[demo]``).
 """
@@ -19,10 +19,10 @@ from typing import Optional
 
 import torch
 
-from . import models
-from .drafts import DraftModelDraft, FrozenTargetDraft
-from .sampler import AncestralSampler, SamplerStats, SpeculativeSampler
-from .stats import two_sample_pvalue
+from .. import models
+from ..sampling.drafts import DraftModelDraft, FrozenTargetDraft
+from ..sampling.sampler import AncestralSampler, SamplerStats, SpeculativeSampler
+from ..testing.two_sample import two_sample_pvalue
 
 DRAFTS = ("frozen-x0", "frozen-eps", "model")
 
@@ -159,7 +159,7 @@ def run_demo(args) -> int:
           f"distance, Bonferroni): p = {p:.3f} ({'no evidence of a difference' if p > 0.01 else 'DIFFERENT'}"
           f"; {time.perf_counter() - t0:.1f}s)")
     if classify:
-        from .models.digits_classifier import digit_confidence
+        from ..models.digits_classifier import digit_confidence
         print(f"digit classifier mean confidence: ancestral {float(digit_confidence(anc.samples.cpu()).mean()):.3f}, "
               f"speculative {float(digit_confidence(spec.samples.cpu()).mean()):.3f}")
     out = Path(args.out)
@@ -197,7 +197,7 @@ def run_langevin_demo(*, seed: int = 0, batch: int = 1000, window=8, steps: int 
     (per-coordinate KS + energy distance, Bonferroni) is against an independent plain-ULA run.
     Returns 0, or 1 when a p-value is below 1e-3.
     """
-    from .langevin import LangevinSampler, SpeculativeLangevin, banana_energy, banana_grad
+    from ..sampling.langevin import LangevinSampler, SpeculativeLangevin, banana_energy, banana_grad
 
     if dim < 2:
         raise ValueError(f"dim: the banana target needs at least 2 dimensions, got {dim}")

@@ -1,4 +1,4 @@
-"""Plain PyTorch reference of the round ops (SPEC §7): counter-based noise, the frozen-draft
+"""Plain PyTorch reference of the round ops (docs/design.md §6): counter-based noise, the frozen-draft
 rollout and the frozen verify. Every other backend (C++, Triton) is tested against this module,
 evaluated in float64. Written for clarity; it runs on any device.
 
@@ -23,7 +23,7 @@ The radius uniform has 23 bits: |xi| <= sqrt(2 ln 2^24) = 5.77, so each Box-Mull
 N(0, I_2) by at most 2^-24 = 6e-8 in total variation (cuRAND's and ``tl.randn``'s are of the same
 order). The integer stream is bit-identical on every backend; the normals agree to rounding.
 
-The frozen round (SPEC §7)
+The frozen round (docs/design.md §6)
 --------------------------
 Per-step tables (``coef``, float64 ``[8, N]``, rows named by ``ROW_*`` below) describe the affine mean
 ``m(x, k) = A clip(p) + E p + G x`` of the network's x0-hat p, the step std, and the conversions
@@ -191,7 +191,7 @@ def frozen_draft(root: Tensor, frozen: Tensor, steps: Tensor, lengths: Tensor, c
 def verify_frozen(states: Tensor, x0_hat: Tensor, frozen: Tensor, steps: Tensor, lengths: Tensor,
                   coef: Tensor, seed: Tensor, chain_ids: Tensor, freeze: int, clip: float
                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Verify a frozen-draft window and commit the round (SPEC §7).
+    """Verify a frozen-draft window and commit the round (docs/design.md §6).
 
     With d_j = m_p(y_j) - m_q(y_j) = A (clip(P_j) - clip(p_q)) + E (P_j - p_q) and r_j = s xi_j:
     log_ratio_j = <d_j, xi_j> / s - ||d_j||^2 / (2 s^2) for j < n (0 beyond); step j is accepted

@@ -1,4 +1,4 @@
-"""Plain PyTorch reference for the speculative-verify ops (SPEC §2, §6).
+"""Plain PyTorch reference for the speculative-verify ops (docs/design.md §3, §4).
 
 Written for clarity, not speed: every other backend is tested against this one, evaluated in
 float64. It is traceable by ``torch.compile`` (no host synchronisation, no data-dependent shapes).
@@ -12,7 +12,7 @@ from torch import Tensor
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    # fp64 inputs keep fp64; everything narrower accumulates in fp32 (SPEC §6).
+    # fp64 inputs keep fp64; everything narrower accumulates in fp32 (docs/design.md §4).
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 

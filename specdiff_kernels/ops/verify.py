@@ -1,8 +1,8 @@
-"""Public speculative-verify ops (SPEC §6) and backend selection.
+"""Public speculative-verify ops (docs/design.md §4) and backend selection.
 
 Three backends compute the same functions:
 
-* ``"reference"``: plain PyTorch (``specdiff_kernels.reference``), the oracle; any device.
+* ``"reference"``: plain PyTorch (``specdiff_kernels.ops.reference.verify``), the oracle; any device.
 * ``"cpp"``: the C++ CPU kernels behind ``torch.ops.specdiff.*`` (``csrc/``).
 * ``"triton"``: Triton kernels (GPU; on CPU only under ``TRITON_INTERPRET=1``).
 
@@ -21,10 +21,11 @@ from typing import Callable, NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from . import _checks, reference
+from . import _checks
+from .reference import verify as reference
 
 try:  # the compiled CPU backend; registers torch.ops.specdiff.* schemas and CPU kernels
-    from . import _C  # noqa: F401
+    from .. import _C  # noqa: F401
     HAS_CPP = True
 except ImportError as _err:  # pragma: no cover - exercised only on broken installs
     HAS_CPP = False
@@ -119,7 +120,7 @@ def default_backend(device: torch.device) -> str:
     return "reference"
 
 
-_REGISTRY = BackendRegistry({"triton": "specdiff_kernels.triton_backend"})
+_REGISTRY = BackendRegistry({"triton": "specdiff_kernels.ops.triton.verify_register"})
 register_backend = _REGISTRY.register
 available_backends = _REGISTRY.available
 get_backend = _REGISTRY.get
@@ -203,7 +204,7 @@ def reflect_resample(draft_state: Tensor, draft_mean: Tensor, target_mean: Tenso
 def speculative_verify(draft_states: Tensor, draft_means: Tensor, target_means: Tensor,
                        sigma: Tensor | float, uniforms: Tensor, num_steps: Optional[Tensor] = None,
                        *, backend: Optional[str] = None) -> VerifyResult:
-    """Verify a window of drafted Gaussian steps against the target in one fused pass (SPEC §2).
+    """Verify a window of drafted Gaussian steps against the target in one fused pass (docs/design.md §3).
 
     Computes the log ratios of all L steps, accepts in order while ``log(u_j) <= log_ratio_j``, and
     at the first rejection j returns the reflection-coupled resample of step j; if all

@@ -1,11 +1,11 @@
 """The Triton backend: ``torch.ops.specdiff.triton_*`` ops, the CUDA kernels of ``specdiff::*``, and
-registration as backend ``"triton"`` of ``specdiff_kernels.ops``.
+registration as backend ``"triton"`` of ``specdiff_kernels.ops.verify``.
 
 Design
 ------
 * Four ops ``specdiff::triton_gaussian_log_ratio``, ``triton_first_rejection``,
   ``triton_reflect_resample`` and ``triton_speculative_verify`` run the kernels of
-  :mod:`specdiff_kernels.triton_kernels`. Each takes a trailing ``strategy: str = "auto"``
+  :mod:`specdiff_kernels.ops.triton.verify`. Each takes a trailing ``strategy: str = "auto"``
   ("per_chain" | "split" | "auto") so tests and benchmarks can force a launch strategy.
 * Compiled (GPU) mode: they are ``torch.library.triton_op``s whose bodies launch the kernels through
   ``torch.library.wrap_triton``, so ``torch.compile``/Inductor sees the kernels (no opaque call) and
@@ -29,12 +29,12 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import ops
-from .triton_kernels import INTERPRET, STRATEGIES, choose_strategy  # noqa: F401 (re-exported)
-from .triton_kernels import first_rejection as _tk_first_rejection
-from .triton_kernels import gaussian_log_ratio as _tk_gaussian_log_ratio
-from .triton_kernels import reflect_resample as _tk_reflect_resample
-from .triton_kernels import speculative_verify as _tk_speculative_verify
+from .. import verify as ops
+from .verify import INTERPRET, STRATEGIES, choose_strategy  # noqa: F401 (re-exported)
+from .verify import first_rejection as _tk_first_rejection
+from .verify import gaussian_log_ratio as _tk_gaussian_log_ratio
+from .verify import reflect_resample as _tk_reflect_resample
+from .verify import speculative_verify as _tk_speculative_verify
 
 DEVICES: tuple[str, ...] = ("cpu", "cuda") if INTERPRET else ("cuda",)
 

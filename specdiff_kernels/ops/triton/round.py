@@ -1,9 +1,9 @@
-"""Triton backend of the round ops (SPEC §7): ``torch.ops.specdiff.triton_chain_noise`` /
+"""Triton backend of the round ops (docs/design.md §6): ``torch.ops.specdiff.triton_chain_noise`` /
 ``triton_frozen_draft`` / ``triton_verify_frozen``, the CUDA kernels of ``specdiff::chain_noise`` /
 ``frozen_draft`` / ``verify_frozen``, and registration as round backend ``"triton"``.
 
-Semantics: :mod:`specdiff_kernels.round_reference` (the oracle). Conventions as
-:mod:`specdiff_kernels.triton_backend` / :mod:`specdiff_kernels.triton_kernels`: ``triton_op`` +
+Semantics: :mod:`specdiff_kernels.ops.reference.round` (the oracle). Conventions as
+:mod:`specdiff_kernels.ops.triton.verify_register` / :mod:`specdiff_kernels.ops.triton.verify`: ``triton_op`` +
 ``wrap_triton`` when compiled (Inductor sees the kernels; the body is the fake), opaque
 ``custom_op`` + fake under ``TRITON_INTERPRET=1`` (CPU tensors).
 
@@ -50,10 +50,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import round_ops
-from . import round_reference as ref
-from .triton_backend import _define
-from .triton_kernels import INTERPRET, _accept, _next_pow2, _quiet, _reflect_coef, num_sms
+from .. import round as round_ops
+from ..reference import round as ref
+from .verify_register import _define
+from .verify import INTERPRET, _accept, _next_pow2, _quiet, _reflect_coef, num_sms
 
 try:  # wrap_triton lets make_fx / Inductor see the kernels inside a triton_op
     from torch.library import wrap_triton

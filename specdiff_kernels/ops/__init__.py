@@ -1,0 +1,43 @@
+"""The ops layer: fused kernels behind ``torch.ops.specdiff.*`` and their Python wrappers.
+
+* :mod:`.verify`: the verify family (``speculative_verify`` and its parts ``gaussian_log_ratio``,
+  ``first_rejection``, ``reflect_resample``) on explicit draft and target means;
+* :mod:`.round`: the round family (``chain_noise``, ``frozen_draft``, ``verify_frozen``,
+  ``round_stats``): counter-based noise and the fused frozen-draft round;
+* :mod:`.reference`: the PyTorch oracles of both families; :mod:`.triton`: their Triton kernels.
+
+Backends: ``reference`` (PyTorch), ``cpp`` (C++ CPU kernels), ``triton`` (GPU, or CPU tensors under
+``TRITON_INTERPRET=1``); by default the backend follows the device. This layer imports nothing from
+the sampling, integration, model or command-line layers.
+"""
+
+from .round import FrozenVerifyResult, chain_noise, frozen_draft, round_stats, seed_tensor, verify_frozen
+from .verify import (
+    HAS_CPP,
+    VerifyResult,
+    available_backends,
+    cpu_capabilities,
+    default_backend,
+    first_rejection,
+    gaussian_log_ratio,
+    reflect_resample,
+    speculative_verify,
+)
+
+__all__ = [
+    "HAS_CPP",
+    "FrozenVerifyResult",
+    "VerifyResult",
+    "available_backends",
+    "chain_noise",
+    "cpu_capabilities",
+    "default_backend",
+    "first_rejection",
+    "frozen_draft",
+    "gaussian_log_ratio",
+    "reflect_resample",
+    "round_stats",
+    "seed_tensor",
+    "speculative_verify",
+    "verify_frozen",
+]
