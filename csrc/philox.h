@@ -1,4 +1,4 @@
-// Counter-based noise for the round ops (SPEC §7): Philox4x32-10 and the Box-Muller transform,
+// Counter-based noise for the round ops (docs/design.md §6, §7): Philox4x32-10 and the Box-Muller transform,
 // written so that GCC/Clang vectorise them (tiles of counters, branch-free polynomial log and
 // sincos for fp32). The definition every backend follows is specdiff_kernels/round_reference.py.
 #pragma once

@@ -1,4 +1,4 @@
-// CPU kernels of the round ops (SPEC §7): chain_noise, frozen_draft, verify_frozen, round_stats.
+// CPU kernels of the round ops (docs/design.md §6): chain_noise, frozen_draft, verify_frozen, round_stats.
 // Semantics: specdiff_kernels/round_reference.py (the oracle the tests compare with).
 //
 // Work is split into tasks of (chain[, window position], chunk of kChunk Philox counters). One

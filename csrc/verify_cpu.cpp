@@ -1,4 +1,4 @@
-// CPU kernels for the speculative-verify ops (SPEC §2, §6).
+// CPU kernels for the speculative-verify ops (docs/design.md §3, §4).
 //
 // Work is split into tasks of (chain, event block). The block size is a constant, not a function of
 // the thread count, so every reduction is summed in the same order whatever the parallelism: results
