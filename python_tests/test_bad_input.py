@@ -313,7 +313,7 @@ DIST_CASES = [
 @pytest.mark.parametrize("argv,message", DIST_CASES, ids=[" ".join(a) for a, _ in DIST_CASES])
 def test_distributed_refuses_before_sampling(argv, message, capsys, no_sampling):
     last = cli_error(argv, capsys, entry=cli.distributed_main)
-    assert last == f"python -m specdiff_kernels.sampling.distributed: error: {message}"
+    assert last == f"python -m specdiff_kernels.cli.distributed: error: {message}"
 
 
 def test_distributed_out_checks(capsys, no_sampling, tmp_path):

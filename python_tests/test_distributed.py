@@ -129,7 +129,7 @@ def torchrun(nproc: int, args: list, timeout: float = 120.0) -> subprocess.Compl
     env.pop("TRITON_INTERPRET", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-           "-m", "specdiff_kernels.sampling.distributed", *args]
+           "-m", "specdiff_kernels.cli.distributed", *args]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout}\n{proc.stderr}"
     return proc

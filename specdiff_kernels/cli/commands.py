@@ -1,5 +1,5 @@
 """The command lines: ``specdiff`` (also ``python -m specdiff_kernels``) and
-``python -m specdiff_kernels.sampling.distributed``.
+``python -m specdiff_kernels.cli.distributed``.
 
 Every argument is checked here, before any model is loaded or any chain sampled: a bad value, or a
 flag that does not apply to the chosen model, ends the command with argparse's one-line
@@ -303,7 +303,7 @@ DIST_DEFAULTS = {"dim": 64, "step_size": 0.05}
 
 
 def build_distributed_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m specdiff_kernels.sampling.distributed",
+    p = argparse.ArgumentParser(prog="python -m specdiff_kernels.cli.distributed",
                                 description="Sample many chains across torchrun processes (gloo on "
                                             "CPU, nccl on GPU); the union is the same for any "
                                             "number of ranks.")
@@ -351,7 +351,7 @@ def check_distributed_args(args: argparse.Namespace) -> Optional[str]:
 
 
 def build_distributed_sampler(args, device):
-    """(sampler, event_shape) for the checked arguments of ``python -m specdiff_kernels.sampling.distributed``."""
+    """(sampler, event_shape) for the checked arguments of ``python -m specdiff_kernels.cli.distributed``."""
     from ..sampling.drafts import DraftModelDraft, FrozenTargetDraft
     from ..sampling.sampler import AncestralSampler, SpeculativeSampler
 
