@@ -218,8 +218,9 @@ def compare(path_a: str, path_b: str) -> int:
         return 0
     print(f"{len({n for n, _ in diffs})} configs differ:")
     for name, field in diffs:
-        va, vb = ca.get(name, {}).get(field), cb.get(name, {}).get(field)
-        print(f"  {name}: {field}  ({va} vs {vb})")
+        if name in ca and name in cb:
+            field += f"  ({ca[name].get(field)} vs {cb[name].get(field)})"
+        print(f"  {name}: {field}")
     return 1
 
 
