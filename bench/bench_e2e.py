@@ -35,27 +35,19 @@ Results: ``bench/results/e2e_<device>.{json,md,png}``.
 from __future__ import annotations
 
 import argparse
+import json
 import math
-import os
-import platform
-import random
-import statistics
-import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE.parent), str(HERE)]
+import _common as common
+import torch
 
-import torch  # noqa: E402
+from specdiff_kernels import models
+from specdiff_kernels.cli.sample import CastNet
+from specdiff_kernels.sampling.sampler import AncestralSampler, SpeculativeSampler
+from specdiff_kernels.testing.two_sample import two_sample_pvalue
 
-from bench_results import write_results  # noqa: E402
-from specdiff_kernels import models  # noqa: E402
-from specdiff_kernels.cli.sample import CastNet  # noqa: E402
-from specdiff_kernels.sampling.sampler import AncestralSampler, SpeculativeSampler  # noqa: E402
-from specdiff_kernels.testing.two_sample import two_sample_pvalue  # noqa: E402
-
-RESULTS = HERE / "results"
 BASELINES = ("ancestral_eager", "ancestral_compiled", "diffusers_pipe", "diffusers_step_loop")
 
 # google/ddpm-cifar10-32's unet/config.json (the architecture of Ho et al.'s CIFAR-10 model)
@@ -68,11 +60,6 @@ CIFAR10_UNET = {
     "downsample_padding": 0, "flip_sin_to_cos": False, "freq_shift": 1, "mid_block_scale_factor": 1,
     "norm_eps": 1e-6, "time_embedding_type": "positional",
 }
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def quiet_diffusers():
@@ -114,6 +101,7 @@ class Target:
         else:
             quiet_diffusers()
             from diffusers import DDPMPipeline
+
             from specdiff_kernels.integrations.diffusers import DiffusersModel
             folder = self._folder(name)
             self.pipe = DDPMPipeline.from_pretrained(str(folder), torch_dtype=dtype,
@@ -234,27 +222,37 @@ def plan(args, device) -> tuple[list, list]:
 SEED_BASE = {"ancestral": 0, "speculative": 5_000_000}
 
 
-def run_cell(target: Target, N: int, B: int, windows, comp_windows, reps: int,
-             eager_warmup_counts: bool, pools: dict, log) -> list:
-    dev = target.device
+def cell_configs(target: Target, N: int, windows, comp_windows) -> dict:
+    """The baselines and the speculative sampler at each window, eager and compiled."""
     T = target.transitions(N)
     cfgs = target.baselines(N, bool(comp_windows))
     for L in windows:
         cfgs[f"spec_L{L}_eager"] = SpeculativeSampler(target.net, T, window=L, compile=False)
         if L in comp_windows:
             cfgs[f"spec_L{L}_compiled"] = SpeculativeSampler(target.net, T, window=L, compile=True)
-    times = {n: [] for n in cfgs}
-    stats, errors = {}, {}
+    return cfgs
+
+
+def error_text(err: Exception) -> str:
+    msg = str(err).strip()
+    return f"{type(err).__name__}: {msg.splitlines()[0] if msg else ''}"[:300]
+
+
+def run_cell(target: Target, N: int, B: int, windows, comp_windows, reps: int,
+             eager_warmup_counts: bool, pools: dict) -> list:
+    dev, where = target.device, f"{target.name} N={N} B={B}"
+    cfgs = cell_configs(target, N, windows, comp_windows)
     counter = {n: 0 for n in cfgs}
 
     def once(name):
+        """One timed run with its own seed; eager samples go to the quality pools."""
         kind = "ancestral" if name == "ancestral_eager" else "speculative"
         seed = SEED_BASE[kind] + 10_000 * B + counter[name]
         counter[name] += 1
-        sync(dev)
+        common.sync(dev)
         t0 = time.perf_counter()
         samples, st = target.run(cfgs[name], B, N, seed)
-        sync(dev)
+        common.sync(dev)
         wall = time.perf_counter() - t0
         if name == "ancestral_eager":
             pools.setdefault(("anc", target.name, str(target.dtype), N), []).append(samples.float().cpu())
@@ -263,45 +261,38 @@ def run_cell(target: Target, N: int, B: int, windows, comp_windows, reps: int,
             pools.setdefault(key, []).append(samples.float().cpu())
         return wall, st
 
+    stats, errors, times = {}, {}, {}
     for name in list(cfgs):                      # warm-up: compile, capture, autotune
         try:
-            wall, st = once(name)
+            wall, stats[name] = once(name)
         except Exception as err:                # a config that fails is reported, not fatal
-            errors[name] = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"[:300]
-            log(f"  {target.name} N={N} B={B} {name}: FAILED {errors[name]}")
+            errors[name] = error_text(err)
+            common.log(f"  {where} {name}: FAILED {errors[name]}")
             del cfgs[name]
             continue
-        stats[name] = st
         counts = eager_warmup_counts and "compiled" not in name
-        if counts:
-            times[name].append(wall)
-        log(f"  {target.name} {target.dtype} N={N} B={B} warm-up {name}: {wall:.3f} s"
-            + (" (kept as a repetition)" if counts else ""))
-    for _ in range(reps):
-        order = [n for n in cfgs if len(times[n]) < reps]
-        random.shuffle(order)
-        for name in order:
-            times[name].append(once(name)[0])
-    wall = {n: statistics.median(times[n]) for n in cfgs}
-    base = [n for n in wall if n in BASELINES]
-    fastest = min(base, key=lambda n: wall[n])
+        times[name] = [wall] if counts else []
+        common.log(f"  {target.name} {target.dtype} N={N} B={B} warm-up {name}: {wall:.3f} s"
+                   + (" (kept as a repetition)" if counts else ""))
+    wall = common.medians(common.interleaved(lambda n: once(n)[0], cfgs, reps, times))
+    fastest = min((n for n in wall if n in BASELINES), key=wall.get)
+    head = {"model": target.name, "dtype": str(target.dtype).replace("torch.", ""),
+            "device": str(dev), "N": N, "B": B}
     rows = []
     for name in cfgs:
         st = stats.get(name)
         L = int(name.split("_")[1][1:]) if name.startswith("spec_") else None
-        rows.append({"model": target.name, "dtype": str(target.dtype).replace("torch.", ""),
-                     "device": str(dev), "N": N, "B": B, "sampler": name, "L": L,
+        rows.append({**head, "sampler": name, "L": L,
                      "compiled": "compiled" in name, "wall_s": wall[name], "reps": len(times[name]),
                      "ratio_vs_fastest_baseline": wall[name] / wall[fastest],
                      "fastest_baseline": fastest,
                      "target_calls": N if st is None else st.target_calls,
                      "rounds": N if st is None else st.rounds,
                      "evals_per_BN": 1.0 if st is None else st.target_evals / (B * N)})
-        log(f"  {target.name} N={N} B={B} {name}: wall {wall[name]:.4f} s, ratio "
-            f"{rows[-1]['ratio_vs_fastest_baseline']:.3f} vs {fastest}, calls {rows[-1]['target_calls']}")
-    for name, msg in errors.items():
-        rows.append({"model": target.name, "dtype": str(target.dtype).replace("torch.", ""),
-                     "device": str(dev), "N": N, "B": B, "sampler": name, "error": msg})
+        common.log(f"  {where} {name}: wall {wall[name]:.4f} s, ratio "
+                   f"{rows[-1]['ratio_vs_fastest_baseline']:.3f} vs {fastest}, calls "
+                   f"{rows[-1]['target_calls']}")
+    rows += [{**head, "sampler": name, "error": msg} for name, msg in errors.items()]
     return rows
 
 
@@ -328,35 +319,23 @@ def add_quality(rows: list, pools: dict) -> list:
 
 
 # ----------------------------------------------------------------------------- cost curve
-def cost_curve(nets: dict, batches, reps: int, device, dtype, log) -> dict:
+def cost_curve(nets: dict, batches, reps: int, device, dtype) -> dict:
     """{name: {b: median seconds of one call at batch b}}, the b's interleaved per repetition."""
     out = {}
     for name, (net, shape) in nets.items():
         xs = {b: (torch.randn(b, *shape, device=device, dtype=dtype),
                   torch.full((b,), 500, device=device)) for b in batches}
-        times = {b: [] for b in batches}
         inner = {}
         with torch.inference_mode():
             for b in batches:          # warm-up (cuDNN autotuning, allocator), then calibrate
                 net(*xs[b])
-                sync(device)
-                t0 = time.perf_counter()
-                net(*xs[b])
-                sync(device)
+                t1 = common.per_call(lambda: net(*xs[b]), 1, device)
                 # a 0.2 ms call timed alone is mostly timer and scheduler noise: repeat to ~20 ms
-                inner[b] = max(1, min(1000, round(0.02 / max(time.perf_counter() - t0, 1e-6))))
-            for _ in range(reps):
-                order = list(batches)
-                random.shuffle(order)
-                for b in order:
-                    sync(device)
-                    t0 = time.perf_counter()
-                    for _ in range(inner[b]):
-                        net(*xs[b])
-                    sync(device)
-                    times[b].append((time.perf_counter() - t0) / inner[b])
-        out[name] = {b: statistics.median(ts) for b, ts in times.items()}
-        log(f"  cost curve {name} {dtype}: " + ", ".join(
+                inner[b] = max(1, min(1000, round(0.02 / max(t1, 1e-6))))
+            times = common.interleaved(
+                lambda b: common.per_call(lambda: net(*xs[b]), inner[b], device), batches, reps)
+        out[name] = common.medians(times)
+        common.log(f"  cost curve {name} {dtype}: " + ", ".join(
             f"b={b}: {out[name][b] / out[name][batches[0]]:.2f}" for b in batches))
     return out
 
@@ -365,6 +344,7 @@ def cost_nets(device, dtype, patches_trained: bool) -> tuple[dict, dict]:
     """The networks of the cost curve, called as net(x, t) -> tensor, and their labels."""
     quiet_diffusers()
     from diffusers import UNet2DModel
+
     from specdiff_kernels.integrations.diffusers import DiffusersModel
     from specdiff_kernels.models import patches
     nets, labels = {}, {}
@@ -500,14 +480,18 @@ def plot(meta: dict, rows: list, path: Path) -> None:
     plt.close(fig)
 
 
+def write(out: Path, meta: dict, rows: list) -> None:
+    common.write_results(out, {"meta": meta, "rows": rows}, to_markdown(meta, rows),
+                         plot=lambda png: plot(meta, rows, png))
+
+
 def loadavg() -> str:
-    try:
-        return " ".join(f"{v:.1f}" for v in os.getloadavg())
-    except OSError:
-        return "-"
+    load = common.load_average()
+    return " ".join(f"{v:.1f}" for v in load) if load else "-"
 
 
-def main(argv=None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The arguments, with the device's defaults filled in."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--models", nargs="+", default=["patches", "digits"],
@@ -521,7 +505,7 @@ def main(argv=None) -> int:
                    help="both: eager and compile=True configurations; off: eager only")
     p.add_argument("--compile-batches", nargs="+", type=int, default=None,
                    help="batches with compiled configurations (default: all on CUDA, 1 on CPU)")
-    p.add_argument("--compile-windows", nargs="+", type=int, default=None,
+    p.add_argument("--compile-windows", nargs="+", type=int, default=[8],
                    help="windows with a compiled speculative configuration (default 8: each is "
                         "one more compile per cell)")
     p.add_argument("--reps", type=int, default=None, help="default: 3 (CPU), 5 (CUDA)")
@@ -539,104 +523,102 @@ def main(argv=None) -> int:
     p.add_argument("--report-only", action="store_true",
                    help="rewrite the markdown and PNG from the JSON at --out")
     args = p.parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        p.error("argument --device: cuda is not available")
-    torch.set_num_threads(args.threads)
-    cuda = device.type == "cuda"
+    cuda = args.device == "cuda"
+    if cuda:
+        common.require_cuda(p)
     args.dtypes = args.dtypes or (["float32", "float16"] if cuda else ["float32"])
     args.reps = args.reps if args.reps is not None else (5 if cuda else 3)
     if args.compile_batches is None:
         args.compile_batches = args.batches if cuda or args.full else [1]
-    if args.compile_windows is None:
-        args.compile_windows = [8]
-    cost_reps = args.cost_reps if args.cost_reps is not None else (10 if cuda else 3)
-    cost_batches = args.cost_batches or (list(range(1, 65)) if cuda else [1, 2, 3, 4, 5, 8, 9, 16, 17, 32, 64])
+    args.cost_reps = args.cost_reps if args.cost_reps is not None else (10 if cuda else 3)
+    args.cost_batches = args.cost_batches or (list(range(1, 65)) if cuda else
+                                              [1, 2, 3, 4, 5, 8, 9, 16, 17, 32, 64])
     if args.dry_run:
         args.batches, args.steps, args.windows, args.reps = [2], [20], [4], 1
-        cost_batches, cost_reps, args.compile = [1, 2, 5], 1, "off"
-    if cuda:
-        import torch._dynamo.config as dcfg
-        dcfg.recompile_limit = max(dcfg.recompile_limit, 64)   # one graph per (B, L, N, dtype)
-    try:
-        from bench_verify_cuda import card_slug
-        slug = card_slug(torch.cuda.get_device_name()) if cuda else "cpu"
-    except ImportError:
-        slug = args.device
-    out = Path(args.out) if args.out else RESULTS / f"e2e_{slug}"
-    if args.report_only:
-        import json
-        saved = json.loads(out.with_suffix(".json").read_text())
-        write_results(out, saved["meta"], saved["rows"], to_markdown)
-        plot(saved["meta"], saved["rows"], out.with_suffix(".png"))
-        return 0
+        args.cost_batches, args.cost_reps, args.compile = [1, 2, 5], 1, "off"
+    return args
+
+
+def run_meta(args: argparse.Namespace, argv: list[str] | None) -> dict:
     import diffusers
 
-    def log(msg):
-        print(msg, flush=True)
-
-    t_start = time.perf_counter()
-    meta = {"device": args.device, "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "diffusers": diffusers.__version__,
-            "device_name": torch.cuda.get_device_name() if cuda else (platform.processor() or platform.machine()),
-            "command": "python bench/bench_e2e.py " + " ".join(sys.argv[1:] if argv is None else argv),
-            "loadavg_start": loadavg(), "elapsed_s": 0.0, "grid": {
-                "models": args.models, "batches": args.batches, "steps": args.steps,
-                "windows": args.windows, "dtypes": args.dtypes, "reps": args.reps,
-                "compile": args.compile, "compile_batches": args.compile_batches,
-                "compile_windows": args.compile_windows, "cost_batches": cost_batches, "cost_reps": cost_reps},
+    cuda = args.device == "cuda"
+    grid = ("models", "batches", "steps", "windows", "dtypes", "reps", "compile",
+            "compile_batches", "compile_windows", "cost_batches", "cost_reps")
+    return {**common.environment(args.device, __file__, argv),
+            "diffusers": diffusers.__version__, "loadavg_start": loadavg(), "elapsed_s": 0.0,
+            "grid": {k: getattr(args, k) for k in grid},
             "warmup_note": ("Every configuration ran once first, untimed where it compiles "
-                            "or captures; " + ("on CPU an eager configuration's first run "
-                                               "counts as its first repetition." if not cuda else
-                                               "on CUDA every warm-up is untimed.")),
+                            "or captures; " + ("on CUDA every warm-up is untimed." if cuda else
+                                               "on CPU an eager configuration's first run "
+                                               "counts as its first repetition.")),
             "model_labels": {}}
-    rows, pools = [], {}
 
-    def save():
-        meta["elapsed_s"] = time.perf_counter() - t_start
-        meta["loadavg_end"] = loadavg()
-        meta["quality"] = add_quality(rows, pools)
-        write_results(out, meta, rows, to_markdown)
-        try:
-            plot(meta, rows, out.with_suffix(".png"))
-        except ImportError:
-            log("note: matplotlib is not installed, so the PNG is skipped")
 
-    if not args.no_cost_curve:
-        meta["cost_curve"] = {}
-        patches_trained = Target.available("patches") is None
-        for dtype in args.dtypes:
-            if dtype == "float16" and not cuda:
-                continue
-            nets, labels = cost_nets(device, getattr(torch, dtype), patches_trained)
-            meta["cost_curve_labels"] = labels
-            meta["cost_curve"][dtype] = cost_curve(nets, cost_batches, cost_reps, device,
-                                                   getattr(torch, dtype), log)
-            del nets
-        for n, lab in meta["cost_curve_labels"].items():
-            meta["model_labels"][f"cost curve: {n}"] = lab
-        save()
+def run_cost_curves(args: argparse.Namespace, device: torch.device, meta: dict) -> None:
+    meta["cost_curve"] = {}
+    patches_trained = Target.available("patches") is None
+    for dtype in args.dtypes:
+        if dtype == "float16" and device.type != "cuda":
+            continue
+        nets, labels = cost_nets(device, getattr(torch, dtype), patches_trained)
+        meta["cost_curve_labels"] = labels
+        meta["cost_curve"][dtype] = cost_curve(nets, args.cost_batches, args.cost_reps, device,
+                                               getattr(torch, dtype))
+        del nets
+    for n, lab in meta["cost_curve_labels"].items():
+        meta["model_labels"][f"cost curve: {n}"] = lab
 
-    cells, skipped = plan(args, device)
-    meta["skipped"] = skipped
+
+def run_cells(args: argparse.Namespace, device: torch.device, meta: dict, rows: list,
+              pools: dict, deadline: common.Deadline, save) -> None:
+    """The grid's cells, one model in memory at a time; ``save()`` after each."""
+    cells, meta["skipped"] = plan(args, device)
     targets = {}
     for (model, dtype, N, B, windows, comp_windows) in cells:
-        if args.time_budget is not None and time.perf_counter() - t_start > args.time_budget:
-            skipped.append({"model": model, "dtype": dtype, "N": N, "B": B,
-                            "reason": f"time budget ({args.time_budget:.0f} s) spent"})
+        if deadline.spent():
+            meta["skipped"].append({"model": model, "dtype": dtype, "N": N, "B": B,
+                                    "reason": f"time budget ({args.time_budget:.0f} s) spent"})
             continue
         key = (model, dtype)
         if key not in targets:
-            targets = {key: Target(model, device, getattr(torch, dtype))}   # one model in memory
+            targets = {key: Target(model, device, getattr(torch, dtype))}
             meta["model_labels"][model] = targets[key].label
-        log(f"{model} {dtype} N={N} B={B} windows {windows} compiled {comp_windows}")
+        common.log(f"{model} {dtype} N={N} B={B} windows {windows} compiled {comp_windows}")
         rows += run_cell(targets[key], N, B, windows, comp_windows, args.reps,
-                         eager_warmup_counts=not cuda, pools=pools, log=log)
+                         eager_warmup_counts=device.type != "cuda", pools=pools)
         save()
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    torch.set_num_threads(args.threads)
+    if device.type == "cuda":
+        import torch._dynamo.config as dcfg
+        dcfg.recompile_limit = max(dcfg.recompile_limit, 64)   # one graph per (B, L, N, dtype)
+    slug = common.card_slug(common.device_name(device)) if device.type == "cuda" else "cpu"
+    out = common.out_stem(args.out, f"e2e_{slug}")
+    if args.report_only:
+        saved = json.loads(out.with_suffix(".json").read_text())
+        write(out, saved["meta"], saved["rows"])
+        return 0
+    meta, rows, pools = run_meta(args, argv), [], {}
+    deadline = common.Deadline(args.time_budget)
+
+    def save():
+        meta["elapsed_s"], meta["loadavg_end"] = deadline.elapsed(), loadavg()
+        meta["quality"] = add_quality(rows, pools)
+        write(out, meta, rows)
+
+    if not args.no_cost_curve:
+        run_cost_curves(args, device, meta)
+        save()
+    run_cells(args, device, meta, rows, pools, deadline, save)
     save()
     print(to_markdown(meta, rows))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -16,37 +16,26 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
-from pathlib import Path
 
 DRY_RUN = "--dry-run" in sys.argv
-if DRY_RUN:
+if DRY_RUN:  # the interpreter must be chosen before triton is imported
     os.environ["TRITON_INTERPRET"] = "1"
 
+import _common as common  # noqa: E402
 import torch  # noqa: E402
+from bench_verify_cuda import make_inputs  # noqa: E402
 
 import specdiff_kernels as sk  # noqa: E402
-from bench_results import write_results  # noqa: E402
-from bench_verify_cuda import card_slug, make_inputs  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
+ROUNDS = 5
 
 
-def host_us(fn, n: int, sync) -> float:
-    """Median over 5 rounds of the host time per call of n back-to-back calls."""
+def host_us(fn, calls: int, device: torch.device) -> float:
+    """Median over ROUNDS rounds of the host time per call of ``calls`` back-to-back calls."""
     fn()
-    sync()
-    rounds = []
-    for _ in range(5):
-        sync()
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        rounds.append((time.perf_counter() - t0) / n * 1e6)
-        sync()
-    return statistics.median(rounds)
+    rounds = [common.per_call(fn, calls, device, host_only=True) for _ in range(ROUNDS)]
+    return common.Timing.of(rounds).median * 1e6
 
 
 _NOOP = []
@@ -69,8 +58,8 @@ def _noop_op():
 
 
 def layers(B, L, D, device):
-    from specdiff_kernels.ops.triton import verify_register as triton_backend  # noqa: F401  (registers the ops)
     from specdiff_kernels.ops.triton import verify as tk
+    from specdiff_kernels.ops.triton import verify_register as triton_backend  # noqa: F401  (registers the ops)
     y, mq, mp, sigma, u = make_inputs(B, L, D, torch.float32, device)
     nacc = torch.empty(B, device=device, dtype=torch.int64)
     out = torch.empty(B, D, device=device)
@@ -109,15 +98,8 @@ def layers(B, L, D, device):
     yield "public: specdiff_kernels.speculative_verify (checks + backend)", \
         lambda: sk.speculative_verify(y, mq, mp, sigma, u)
     if device.type == "cuda":
-        g = torch.cuda.CUDAGraph()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            op(y, mq, mp, sigma, u, None, "auto")
-        torch.cuda.current_stream().wait_stream(side)
-        with torch.cuda.graph(g):
-            op(y, mq, mp, sigma, u, None, "auto")
-        yield "graph: CUDAGraph.replay() of the auto op", g.replay
+        yield "graph: CUDAGraph.replay() of the auto op", common.cuda_graph(
+            lambda: op(y, mq, mp, sigma, u, None, "auto"), warmup=1)
 
 
 def main(argv=None) -> int:
@@ -128,37 +110,30 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if args.dry_run:
-        device, name, n = torch.device("cpu"), "cpu-interpreter-dry-run", 3
+        device, name, calls = torch.device("cpu"), "cpu-interpreter-dry-run", 3
         sizes = [(1, 2, 300)]
-        sync = lambda: None  # noqa: E731
     else:
-        if not torch.cuda.is_available():
-            print("no CUDA device: use --dry-run to check the script on CPU", file=sys.stderr)
-            return 2
-        device, name, n = torch.device("cuda"), torch.cuda.get_device_name(), args.calls
+        common.require_cuda(ap, ": use --dry-run to check the script on CPU")
+        device, name, calls = torch.device("cuda"), torch.cuda.get_device_name(), args.calls
         sizes = [(1, 8, 3 * 32 * 32), (1, 8, 3 * 256 * 256)]
-        sync = torch.cuda.synchronize
+    import triton  # noqa: F401  (its version goes into the environment)
     rows = []
     for B, L, D in sizes:
         for label, fn in layers(B, L, D, device):
-            us = host_us(fn, n, sync)
+            us = host_us(fn, calls, device)
             rows.append({"B": B, "L": L, "D": D, "layer": label, "host_us_per_call": us})
-            print(f"B={B} L={L} D={D:7d} {label:70s} {us:8.1f} us", flush=True)
-    import triton
-    meta = {"device_name": name, "torch": torch.__version__, "triton": triton.__version__,
-            "calls_per_round": n, "dry_run": args.dry_run,
-            "command": "python bench/bench_launch_overhead.py " + " ".join(
-                sys.argv[1:] if argv is None else argv),
-            "date": time.strftime("%Y-%m-%d")}
-    out = Path(args.out) if args.out else RESULTS / f"launch_overhead_{card_slug(name)}"
-    write_results(out, meta, rows, to_markdown)
+            common.log(f"B={B} L={L} D={D:7d} {label:70s} {us:8.1f} us")
+    meta = {**common.environment(device, __file__, argv), "device_name": name,
+            "calls_per_round": calls, "dry_run": args.dry_run}
+    common.write_results(common.out_stem(args.out, f"launch_overhead_{common.card_slug(name)}"),
+                         {"meta": meta, "rows": rows}, to_markdown(meta, rows))
     return 0
 
 
 def to_markdown(meta, rows) -> str:
     lines = [f"# Launch cost of speculative_verify on {meta['device_name']}", "",
              f"torch {meta['torch']}, triton {meta['triton']}. Host time per call of "
-             f"{meta['calls_per_round']} back-to-back calls (median of 5 rounds); fp32 inputs. "
+             f"{meta['calls_per_round']} back-to-back calls (median of {ROUNDS} rounds); fp32 inputs. "
              f"Command: `{meta['command']}`", ""]
     if meta.get("dry_run"):
         lines += ["**Dry run on CPU through the Triton interpreter: meaningless numbers.**", ""]

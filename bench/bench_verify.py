@@ -11,38 +11,20 @@ read bandwidth, measured in the same run with a large ``x.sum()``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
-import platform
-import statistics
 import sys
-import time
-from pathlib import Path
 
+import _common as common
 import torch
-import torch.utils.benchmark as tbench
 
-import specdiff_kernels as sk
+from specdiff_kernels.ops import verify as vops
 from specdiff_kernels.ops.reference import verify as reference
-from bench_results import write_results
 
-RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def timeit(fn, min_run_time: float = 0.5) -> dict:
-    """Median and quantiles (seconds) over blocked repetitions, after a warm-up call."""
-    fn()
-    m = tbench.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()
-                     ).blocked_autorange(min_run_time=min_run_time)
-    times = sorted(m.times)
-    q = lambda p: times[min(len(times) - 1, int(p * len(times)))]  # noqa: E731
-    return {"median": m.median, "q20": q(0.2), "q80": q(0.8), "reps": len(times) * m.number_per_run}
-
-
-def read_bandwidth(numel: int = 1 << 27) -> float:
-    """Bytes/s of a large fp32 reduction: this machine's practical read bandwidth."""
-    x = torch.randn(numel)
-    t = timeit(lambda: x.sum(), min_run_time=1.0)["median"]
-    return numel * 4 / t
+HEADLINE = (64, 8, 3072)
+SWEEP = [(1, 8, 3072), (8, 8, 3072), (256, 8, 3072), (64, 4, 3072), (64, 16, 3072),
+         (1, 8, 3 * 256 * 256), (8, 8, 4 * 64 * 64), (64, 8, 4 * 64 * 64), (256, 16, 4 * 64 * 64)]
+READ_NUMEL = 1 << 27   # 512 MiB of fp32: far beyond the caches
 
 
 def make_inputs(B: int, L: int, D: int, dtype=torch.float32, seed: int = 0):
@@ -67,18 +49,31 @@ def bench_size(B: int, L: int, D: int, read_bw: float, dtype=torch.float32, comp
     if compiled is not None:
         impls["compiled_reference"] = lambda: compiled(*args)
     for name, fn in impls.items():
-        t = timeit(fn)
-        row[name] = {**t, "ms": t["median"] * 1e3, "GBps": nbytes / t["median"] / 1e9,
-                     "frac_read_bw": nbytes / t["median"] / read_bw}
+        t = common.time_cpu(fn)
+        row[name] = {**dataclasses.asdict(t), "ms": t.median * 1e3,
+                     "GBps": nbytes / t.median / 1e9, "frac_read_bw": nbytes / t.median / read_bw}
     row["speedup_vs_eager"] = row["eager_reference"]["median"] / row["cpp"]["median"]
     if "compiled_reference" in row:
         row["speedup_vs_compiled"] = row["compiled_reference"]["median"] / row["cpp"]["median"]
     return row
 
 
+def describe(row: dict) -> str:
+    cpp = row["cpp"]
+    text = (f"B={row['B']:4d} L={row['L']:3d} D={row['D']:7d}: cpp {cpp['ms']:8.3f} ms "
+            f"({cpp['GBps']:6.1f} GB/s, {100 * cpp['frac_read_bw']:4.0f}% of read BW) "
+            f"| eager {row['eager_reference']['ms']:8.3f} ms (x{row['speedup_vs_eager']:.1f})")
+    if "compiled_reference" in row:
+        text += (f" | compiled {row['compiled_reference']['ms']:8.3f} ms "
+                 f"(x{row['speedup_vs_compiled']:.2f})")
+    return text
+
+
 def to_markdown(meta: dict, rows: list[dict]) -> str:
+    load = meta.get("load_average") or meta.get("load_average_at_start") or []
     lines = [f"# speculative_verify on CPU ({meta['cpu']}, {meta['threads']} threads)", "",
-             f"Load average when the run started: {', '.join(f'{v:.2f}' for v in meta['load_average_at_start'])}.", "",
+             f"Load average when the run started: {', '.join(f'{v:.2f}' for v in load) or '-'}.",
+             "",
              f"torch {meta['torch']}; measured read bandwidth (x.sum over 512 MiB fp32): "
              f"{meta['read_bw_GBps']:.1f} GB/s. Command: `{meta['command']}`", "",
              "| B | L | D | dtype | C++ ms | C++ GB/s | % read BW | eager ms | compiled ms | "
@@ -88,22 +83,23 @@ def to_markdown(meta: dict, rows: list[dict]) -> str:
         lines.append(
             f"| {r['B']} | {r['L']} | {r['D']} | {r['dtype']} | {r['cpp']['ms']:.3f} | "
             f"{r['cpp']['GBps']:.1f} | {100 * r['cpp']['frac_read_bw']:.0f}% | "
-            f"{r['eager_reference']['ms']:.3f} | {comp['ms']:.3f} | "
-            f"{r['speedup_vs_eager']:.1f} | {r['speedup_vs_compiled']:.2f} |" if comp else
-            f"| {r['B']} | {r['L']} | {r['D']} | {r['dtype']} | {r['cpp']['ms']:.3f} | "
-            f"{r['cpp']['GBps']:.1f} | {100 * r['cpp']['frac_read_bw']:.0f}% | "
-            f"{r['eager_reference']['ms']:.3f} | - | {r['speedup_vs_eager']:.1f} | - |")
+            f"{r['eager_reference']['ms']:.3f} | "
+            + (f"{comp['ms']:.3f} | {r['speedup_vs_eager']:.1f} | {r['speedup_vs_compiled']:.2f} |"
+               if comp else f"- | {r['speedup_vs_eager']:.1f} | - |"))
     return "\n".join(lines) + "\n"
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                    help="cuda runs bench/bench_verify_cuda.py with the remaining arguments")
+    ap.add_argument("--quick", action="store_true", help="headline size only")
+    ap.add_argument("--no-compile", action="store_true", help="skip torch.compile(reference)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="intra-op threads")
+    ap.add_argument("--out", default=None,
+                    help="output path stem (default: bench/results/verify_cpu_<threads>t)")
+    return ap.parse_args(argv)
 
 
 def main(argv=None) -> int:
@@ -114,40 +110,21 @@ def main(argv=None) -> int:
     if known.device == "cuda":  # the GPU benchmark lives in its own script (Triton, do_bench)
         from bench_verify_cuda import main as cuda_main
         return cuda_main(["--device", "cuda", *rest])
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
-                    help="cuda runs bench/bench_verify_cuda.py with the remaining arguments")
-    ap.add_argument("--quick", action="store_true", help="headline size only")
-    ap.add_argument("--no-compile", action="store_true", help="skip torch.compile(reference)")
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="intra-op threads")
-    ap.add_argument("--out", default=None, help="output path stem (default: bench/results/verify_cpu_<threads>t)")
-    args = ap.parse_args(argv)
-
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    read_bw = read_bandwidth()
-    compiled = None if args.no_compile else torch.compile(reference.speculative_verify, dynamic=False)
-    sizes = [(64, 8, 3072)]
-    if not args.quick:
-        sizes += [(1, 8, 3072), (8, 8, 3072), (256, 8, 3072), (64, 4, 3072), (64, 16, 3072),
-                  (1, 8, 3 * 256 * 256), (8, 8, 4 * 64 * 64), (64, 8, 4 * 64 * 64),
-                  (256, 16, 4 * 64 * 64)]
+    read_bw = common.read_bandwidth("cpu", READ_NUMEL,
+                                    lambda fn: common.time_cpu(fn, min_run_time=1.0))
+    compiled = None if args.no_compile else torch.compile(reference.speculative_verify,
+                                                          dynamic=False)
     rows = []
-    for (B, L, D) in sizes:
+    for (B, L, D) in [HEADLINE] + ([] if args.quick else SWEEP):
         torch._dynamo.reset()
-        row = bench_size(B, L, D, read_bw, compiled=compiled)
-        rows.append(row)
-        print(f"B={B:4d} L={L:3d} D={D:7d}: cpp {row['cpp']['ms']:8.3f} ms "
-              f"({row['cpp']['GBps']:6.1f} GB/s, {100 * row['cpp']['frac_read_bw']:4.0f}% of read BW) "
-              f"| eager {row['eager_reference']['ms']:8.3f} ms (x{row['speedup_vs_eager']:.1f})"
-              + (f" | compiled {row['compiled_reference']['ms']:8.3f} ms "
-                 f"(x{row['speedup_vs_compiled']:.2f})" if compiled else ""), flush=True)
-    meta = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "read_bw_GBps": read_bw / 1e9, "build_info": sk.ops._C.build_info() if sk.ops.HAS_CPP else None,
-            "command": "python bench/bench_verify.py " + " ".join(argv),
-            "load_average_at_start": os.getloadavg(),
-            "date": time.strftime("%Y-%m-%d")}
-    out = Path(args.out) if args.out else RESULTS / f"verify_cpu_{args.threads}t"
-    write_results(out, meta, rows, to_markdown)
+        rows.append(bench_size(B, L, D, read_bw, compiled=compiled))
+        common.log(describe(rows[-1]))
+    meta = {**common.environment("cpu", __file__, argv), "read_bw_GBps": read_bw / 1e9,
+            "build_info": vops._C.build_info() if vops.HAS_CPP else None}
+    common.write_results(common.out_stem(args.out, f"verify_cpu_{args.threads}t"),
+                    {"meta": meta, "rows": rows}, to_markdown(meta, rows))
     return 0
 
 

@@ -14,31 +14,29 @@ bandwidth, measured in the same run with a large ``dst.copy_(src)`` (read + writ
 
 Writes bench/results/verify_cuda_<cardname>.json and .md (``--out`` overrides the stem). Each row
 also records which strategy the automatic rule picked and how many chains' accept counts differ
-from the reference (near-threshold ties only; expected 0 almost always), so the launch rule in
-specdiff_kernels/triton_kernels.py can be re-tuned from the per-strategy timings.
+from the reference (near-threshold ties only; expected 0 almost always), so the launch rule
+(``choose_strategy`` in specdiff_kernels/ops/triton/verify.py) can be re-tuned from the
+per-strategy timings.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
-import re
-import statistics
 import sys
-import time
 from pathlib import Path
 
 DRY_RUN = "--dry-run" in sys.argv
 if DRY_RUN:  # the interpreter must be chosen before triton is imported
     os.environ["TRITON_INTERPRET"] = "1"
 
+import _common as common  # noqa: E402
 import torch  # noqa: E402
+from _common import card_slug  # noqa: E402  (bench/gpu_checks.sh imports it from here)
 
-import specdiff_kernels as sk  # noqa: E402
 from specdiff_kernels.ops.reference import verify as reference  # noqa: E402
-from bench_results import write_results  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 SWEEP_B = (1, 8, 64, 256)
 SWEEP_L = (4, 8, 16)
 SWEEP_D = (3 * 32 * 32, 4 * 64 * 64, 3 * 256 * 256)
@@ -49,30 +47,17 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 # ---------------------------------------------------------------- timing
 def bench(fn, device: torch.device) -> dict:
-    """Median and 20/80% quantiles in ms; one untimed call first (compile, autotune)."""
-    fn()
-    if device.type == "cuda":
-        import triton.testing
-        torch.cuda.synchronize()
-        q20, med, q80 = triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=[0.2, 0.5, 0.8])
-        return {"ms": med, "q20_ms": q20, "q80_ms": q80}
-    # dry run on CPU: a plain timer (do_bench needs a GPU)
-    times = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
-    return {"ms": statistics.median(times), "q20_ms": times[0], "q80_ms": times[-1]}
+    """Median and 20/80% quantiles in ms; one untimed call first (compile, autotune). A dry run
+    on CPU times a few plain calls (do_bench needs a GPU)."""
+    t = common.time_cuda(fn) if device.type == "cuda" else common.time_calls(fn)
+    return t.ms("_ms")
 
 
 def copy_bandwidth(device: torch.device, numel: int) -> float:
     """Bytes/s of a large ``dst.copy_(src)``, counting read + write bytes."""
     src = torch.randn(numel, device=device)
     dst = torch.empty_like(src)
-    t = bench(lambda: dst.copy_(src), device)["ms"] * 1e-3
-    del src, dst
-    return 2 * numel * 4 / t
+    return 2 * numel * 4 / (bench(lambda: dst.copy_(src), device)["ms"] * 1e-3)
 
 
 # ---------------------------------------------------------------- inputs
@@ -131,13 +116,8 @@ def bench_size(B, L, D, dtype, device, copy_bw, compiled) -> dict:
                 lambda: op(*args, None, strat), rep=20)
         row["triton_cudagraph_ms"] = row[f"{row['auto_strategy']}_graph_ms"]
         # Host time per call, back to back without synchronising: the launch path's own cost.
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(50):
-            op(*args, None, "auto")
-        host = (time.perf_counter() - t0) / 50
-        torch.cuda.synchronize()
-        row["triton_host_us_per_call"] = host * 1e6
+        row["triton_host_us_per_call"] = 1e6 * common.per_call(
+            lambda: op(*args, None, "auto"), 50, device, host_only=True)
     for ref_name in ("eager_reference", "compiled_reference"):
         if ref_name in row:
             row[f"speedup_vs_{ref_name.split('_')[0]}"] = row[ref_name]["ms"] / row["triton"]["ms"]
@@ -145,15 +125,10 @@ def bench_size(B, L, D, dtype, device, copy_bw, compiled) -> dict:
         got = op(*args, None, "auto")[0]
         want = reference.speculative_verify(*args)[0]
         row["num_accepted_mismatches"] = int((got != want).sum())
-    del args
     return row
 
 
 # ---------------------------------------------------------------- report
-def card_slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_") or "unknown"
-
-
 def _cell(row, name, key="ms", fmt="{:.3f}"):
     return fmt.format(row[name][key]) if name in row else "-"
 
@@ -215,7 +190,7 @@ def to_markdown(meta: dict, rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda", choices=["cuda"], help="benchmark device")
@@ -232,69 +207,72 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="output path stem "
                     "(default bench/results/verify_cuda_<cardname>)")
     args = ap.parse_args(argv)
+    if not (args.dry_run or args.render):
+        common.require_cuda(ap, ": use --dry-run to check the script on CPU")
+    return args
+
+
+def plan(args: argparse.Namespace) -> tuple[torch.device, str, list, int]:
+    """(device, its name, the sizes in the order they run, the copy-bandwidth buffer's numel)."""
+    if args.dry_run:
+        return torch.device("cpu"), "cpu-interpreter-dry-run", DRY, 1 << 20
+    sweep = [(B, L, D) for D in SWEEP_D for L in SWEEP_L for B in SWEEP_B]
+    # the quick sizes first, so a run cut short by --time-budget still has them
+    sizes = QUICK if args.quick else QUICK + [s for s in sweep if s not in QUICK]
+    return torch.device("cuda"), torch.cuda.get_device_name(), sizes, 1 << 28  # 1 GiB fp32
+
+
+def describe(row: dict) -> str:
+    text = (f"B={row['B']:4d} L={row['L']:3d} D={row['D']:7d} [{row['auto_strategy']:9s}] triton "
+            f"{row['triton']['ms']:8.4f} ms ({row['triton']['GBps']:7.1f} GB/s, "
+            f"{100 * row['triton']['frac_copy_bw']:4.0f}% copy BW) | per_chain "
+            f"{row['triton_per_chain']['ms']:8.4f} | split {row['triton_split']['ms']:8.4f}")
+    if "triton_cudagraph_ms" in row:
+        text += (f" | graph pc/split {row['per_chain_graph_ms']:8.4f}/"
+                 f"{row['split_graph_ms']:8.4f} | host {row['triton_host_us_per_call']:6.1f} us")
+    if "eager_reference" in row:
+        text += f" | eager {row['eager_reference']['ms']:8.3f} (x{row['speedup_vs_eager']:.1f})"
+    if "compiled_reference" in row:
+        text += (f" | compiled {row['compiled_reference']['ms']:8.3f} "
+                 f"(x{row['speedup_vs_compiled']:.2f})")
+    return text
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     if args.render:  # rewrite the markdown of a saved run (e.g. after the launch rule changed)
-        import json
         saved = json.loads(Path(args.render).read_text())
         Path(args.render).with_suffix(".md").write_text(to_markdown(saved["meta"], saved["rows"]))
         return 0
-
-    if args.dry_run:
-        device, name = torch.device("cpu"), "cpu-interpreter-dry-run"
-        sizes, copy_numel = DRY, 1 << 20
-    else:
-        if not torch.cuda.is_available():
-            print("no CUDA device: use --dry-run to check the script on CPU", file=sys.stderr)
-            return 2
-        device, name = torch.device("cuda"), torch.cuda.get_device_name()
-        sweep = [(B, L, D) for D in SWEEP_D for L in SWEEP_L for B in SWEEP_B]
-        # the quick sizes first, so a run cut short by --time-budget still has them
-        sizes = QUICK if args.quick else QUICK + [s for s in sweep if s not in QUICK]
-        copy_numel = 1 << 28  # 1 GiB fp32 per buffer
+    device, name, sizes, copy_numel = plan(args)
     dtype = DTYPES[args.dtype]
-    import triton
-    from specdiff_kernels.ops.triton import verify_register as triton_backend  # noqa: F401  (registers the triton ops)
+    from specdiff_kernels.ops.triton import verify_register  # noqa: F401  (registers the ops)
 
     copy_bw = copy_bandwidth(device, copy_numel)
     compiled = None if args.no_compile else torch.compile(reference.speculative_verify,
                                                           dynamic=False)
-    meta = {"device_name": name, "dtype": args.dtype, "torch": torch.__version__,
-            "triton": triton.__version__, "copy_numel": copy_numel,
-            "copy_bw_GBps": copy_bw / 1e9, "dry_run": args.dry_run,
+    meta = {**common.environment(device, __file__, argv), "device_name": name,
+            "dtype": args.dtype, "copy_numel": copy_numel, "copy_bw_GBps": copy_bw / 1e9,
+            "dry_run": args.dry_run, "sizes_planned": len(sizes),
             "num_sms": (torch.cuda.get_device_properties(device).multi_processor_count
-                        if device.type == "cuda" else None),
-            "command": "python bench/bench_verify_cuda.py " + " ".join(sys.argv[1:] if argv is None
-                                                                        else argv),
-            "date": time.strftime("%Y-%m-%d"), "sizes_planned": len(sizes)}
-    out = Path(args.out) if args.out else RESULTS / f"verify_cuda_{card_slug(name)}"
+                        if device.type == "cuda" else None)}
+    out = common.out_stem(args.out, f"verify_cuda_{card_slug(name)}")
     if args.dtype != "float32" and not args.out:
         out = out.with_name(out.name + f"_{args.dtype}")
-    start = time.perf_counter()
-    rows = []
+    budget, rows = common.Deadline(args.time_budget or None), []
     for (B, L, D) in sizes:
-        if args.time_budget and time.perf_counter() - start > args.time_budget:
-            print(f"time budget of {args.time_budget:.0f} s spent: stopping after {len(rows)} of "
-                  f"{len(sizes)} sizes", flush=True)
+        if budget.spent():
+            common.log(f"time budget of {args.time_budget:.0f} s spent: stopping after "
+                       f"{len(rows)} of {len(sizes)} sizes")
             break
         torch._dynamo.reset()  # one specialised compile per size, never the recompile limit
-        row = bench_size(B, L, D, dtype, device, copy_bw, compiled)
-        rows.append(row)
-        print(f"B={B:4d} L={L:3d} D={D:7d} [{row['auto_strategy']:9s}] triton "
-              f"{row['triton']['ms']:8.4f} ms ({row['triton']['GBps']:7.1f} GB/s, "
-              f"{100 * row['triton']['frac_copy_bw']:4.0f}% copy BW) | per_chain "
-              f"{row['triton_per_chain']['ms']:8.4f} | split {row['triton_split']['ms']:8.4f}"
-              + (f" | graph pc/split {row['per_chain_graph_ms']:8.4f}/{row['split_graph_ms']:8.4f}"
-                 f" | host "
-                 f"{row['triton_host_us_per_call']:6.1f} us" if "triton_cudagraph_ms" in row else "")
-              + (f" | eager {row['eager_reference']['ms']:8.3f} (x{row['speedup_vs_eager']:.1f})"
-                 if "eager_reference" in row else "")
-              + (f" | compiled {row['compiled_reference']['ms']:8.3f} "
-                 f"(x{row['speedup_vs_compiled']:.2f})" if "compiled_reference" in row else ""),
-              flush=True)
+        rows.append(bench_size(B, L, D, dtype, device, copy_bw, compiled))
+        common.log(describe(rows[-1]))
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        meta["sizes_done"] = len(rows)
-        meta["elapsed_s"] = time.perf_counter() - start
-        write_results(out, meta, rows, to_markdown)  # after every size: a cut-off run keeps them
+        meta["sizes_done"], meta["elapsed_s"] = len(rows), budget.elapsed()
+        # after every size: a run cut off keeps what it measured
+        common.write_results(out, {"meta": meta, "rows": rows}, to_markdown(meta, rows))
     return 0
 
 
