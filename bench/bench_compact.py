@@ -8,22 +8,16 @@ measurement behind ``sampler.COMPACT_MIN_CHAINS_CPU``.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import random
-import statistics
 import sys
 import time
-from pathlib import Path
 
+import _common as common
 import torch
 
 from specdiff_kernels import models
 from specdiff_kernels.ops import round as round_ops
 from specdiff_kernels.ops.reference import round as rr
 from specdiff_kernels.sampling.static_round import StaticRound
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def run_static(m, T, B: int, L: int, compact: bool, seed: int = 0) -> tuple[float, int]:
@@ -41,6 +35,27 @@ def run_static(m, T, B: int, L: int, compact: bool, seed: int = 0) -> tuple[floa
     return time.perf_counter() - t0, rnd.target_evals
 
 
+def bench_batch(m, T, B: int, L: int, reps: int) -> dict:
+    """Full and compact calls at batch B: medians of interleaved repetitions after a warm-up."""
+    evals = {c: run_static(m, T, B, L, c)[1] for c in (False, True)}
+    times = common.interleaved(lambda c: run_static(m, T, B, L, c)[0], (False, True), reps)
+    full, compact = (common.medians(times)[c] for c in (False, True))
+    return {"B": B, "full_s": full, "compact_s": compact, "ratio": compact / full,
+            "full_evals": evals[False], "compact_evals": evals[True]}
+
+
+def to_markdown(res: dict) -> str:
+    lines = [f"# Static round: compact vs full network call (digits, cpu, {res['threads']} threads, "
+             f"torch {res['torch']})", "",
+             f"N = {res['steps']}, L = {res['window']}, eager; medians of {res['reps']} interleaved "
+             "repetitions; the same states either way.", "",
+             "| B | full call [ms] | compact call [ms] | compact / full | evaluations full | compact |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {r['B']} | {r['full_s'] * 1e3:.2f} | {r['compact_s'] * 1e3:.2f} | {r['ratio']:.3f} | "
+              f"{r['full_evals']} | {r['compact_evals']} |" for r in res["rows"]]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--batches", type=int, nargs="*", default=[1, 2, 4, 8, 16, 64])
@@ -55,34 +70,13 @@ def main(argv=None) -> int:
     T = m.transitions(args.steps)
     rows = []
     for B in args.batches:
-        runs = {c: [] for c in (False, True)}
-        evals = {}
-        for c in runs:                                       # warm-up
-            evals[c] = run_static(m, T, B, args.window, c)[1]
-        for _ in range(args.reps):
-            for c in random.sample(list(runs), 2):
-                runs[c].append(run_static(m, T, B, args.window, c)[0])
-        full, compact = (statistics.median(runs[c]) for c in (False, True))
-        rows.append({"B": B, "full_s": full, "compact_s": compact, "ratio": compact / full,
-                     "full_evals": evals[False], "compact_evals": evals[True]})
-        print(f"B={B}: compact {compact * 1e3:.2f} ms, full {full * 1e3:.2f} ms, "
-              f"compact / full {compact / full:.3f}; evaluations {evals[True]} vs {evals[False]}",
-              flush=True)
-    res = {"device": "cpu", "name": platform.processor() or platform.machine(),
-           "threads": torch.get_num_threads(), "torch": torch.__version__, "steps": args.steps,
+        rows.append(r := bench_batch(m, T, B, args.window, args.reps))
+        common.log(f"B={B}: compact {r['compact_s'] * 1e3:.2f} ms, full {r['full_s'] * 1e3:.2f} ms, "
+                   f"compact / full {r['ratio']:.3f}; evaluations {r['compact_evals']} vs "
+                   f"{r['full_evals']}")
+    res = {**common.environment("cpu", __file__, argv), "steps": args.steps,
            "window": args.window, "reps": args.reps, "rows": rows}
-    out = Path(args.out) if args.out else RESULTS / "compact_cpu"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(res, indent=1))
-    lines = [f"# Static round: compact vs full network call (digits, cpu, {res['threads']} threads, "
-             f"torch {res['torch']})", "",
-             f"N = {args.steps}, L = {args.window}, eager; medians of {args.reps} interleaved "
-             "repetitions; the same states either way.", "",
-             "| B | full call [ms] | compact call [ms] | compact / full | evaluations full | compact |",
-             "|---|---|---|---|---|---|"]
-    lines += [f"| {r['B']} | {r['full_s'] * 1e3:.2f} | {r['compact_s'] * 1e3:.2f} | {r['ratio']:.3f} | "
-              f"{r['full_evals']} | {r['compact_evals']} |" for r in rows]
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    common.write_results(common.out_stem(args.out, "compact_cpu"), res, to_markdown(res))
     return 0
 
 

@@ -18,25 +18,24 @@ order per repetition; medians. Reported per configuration:
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import random
-import statistics
 import sys
 import time
-from pathlib import Path
+from dataclasses import dataclass
 
+import _common as common
 import torch
 
 from specdiff_kernels import models
-from specdiff_kernels.sampling.sampler import COMPACT_MIN_CHAINS_CPU, AncestralSampler, SpeculativeSampler
+from specdiff_kernels.sampling.sampler import (
+    COMPACT_MIN_CHAINS_CPU,
+    AncestralSampler,
+    SpeculativeSampler,
+)
 
-RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+# the configurations whose aten calls per round are counted (CPU, B <= ATEN_MAX_B)
+ATEN_CONFIGS = ("static_eager", "static_compiled", "ancestral_eager", "ancestral_compiled",
+                "ragged", "default")
+ATEN_MAX_B = 64
 
 
 class DiffusersLoop:
@@ -58,6 +57,7 @@ class DiffusersLoop:
 
     def sample(self, B, shape, generator=None, device=None):
         import types
+
         x = torch.randn(B, *shape, generator=generator).to(device)
         with torch.inference_mode():
             for t in self.sched.timesteps:
@@ -86,10 +86,10 @@ def configs(net, T, L, device, with_compile: bool, m=None) -> dict:
 
 
 def run_once(sampler, B, shape, device, seed=0):
-    sync(device)
+    common.sync(device)
     t0 = time.perf_counter()
     res = sampler.sample(B, shape, generator=torch.Generator().manual_seed(seed), device=device)
-    sync(device)
+    common.sync(device)
     return time.perf_counter() - t0, res.stats
 
 
@@ -101,12 +101,7 @@ def net_time(net, shape, batch, device, compiled: bool, reps=30) -> float:
     with torch.inference_mode():
         for _ in range(3):
             f(x, t)
-        sync(device)
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            f(x, t)
-        sync(device)
-    return (time.perf_counter() - t0) / reps
+        return common.per_call(lambda: f(x, t), reps, device)
 
 
 class TimedNetwork(torch.nn.Module):
@@ -118,21 +113,12 @@ class TimedNetwork(torch.nn.Module):
         self.net, self.seconds = net, 0.0
 
     def forward(self, x, t):
-        dev = x.device
-        sync(dev)
+        common.sync(x.device)
         t0 = time.perf_counter()
         out = self.net(x, t)
-        sync(dev)
+        common.sync(x.device)
         self.seconds += time.perf_counter() - t0
         return out
-
-
-def own_cost_per_round(make, B, shape, device) -> tuple[float, float]:
-    """((wall - time inside the network) / rounds in ms, time inside the network in s), from one
-    instrumented run."""
-    timed_sampler, timed = make()
-    wall, st = run_once(timed_sampler, B, shape, device)
-    return (wall - timed.seconds) / st.rounds * 1e3, timed.seconds
 
 
 def aten_calls(fn) -> int:
@@ -142,76 +128,114 @@ def aten_calls(fn) -> int:
     return sum(e.count for e in prof.key_averages() if e.key.startswith("aten::"))
 
 
-def bench_model(key, B, N, L, device, reps, with_compile, log) -> dict:
-    m = models.load("gmm", dim=int(key[3:])) if key.startswith("gmm") and key[3:] else models.load(key)
+@dataclass
+class Cell:
+    """One (model, B) of the run: the network, its transitions and the sampler settings."""
+
+    key: str
+    m: object
+    net: object
+    T: object
+    B: int
+    N: int
+    L: int
+    device: torch.device
+
+    @property
+    def shape(self):
+        return self.m.event_shape
+
+    def configs(self, net=None, with_compile: bool = False) -> dict:
+        return configs(self.net if net is None else net, self.T, self.L, self.device,
+                       with_compile, self.m)
+
+
+def load_cell(key: str, B: int, N: int, L: int, device: torch.device) -> Cell:
+    gmm_dim = key[3:] if key.startswith("gmm") else ""
+    m = models.load("gmm", dim=int(gmm_dim)) if gmm_dim else models.load(key)
     net = m.target.to(device) if isinstance(m.target, torch.nn.Module) else m.target
-    T = m.transitions(N)
-    shape = m.event_shape
-    cfgs = configs(net, T, L, device, with_compile, m)
-    stats, times = {}, {name: [] for name in cfgs}
+    return Cell(key, m, net, m.transitions(N), B, N, L, device)
+
+
+def is_compiled(cell: Cell, name: str, sampler) -> bool:
+    if name == "default":
+        return sampler.compile is True or cell.device.type == "cuda"
+    return name.endswith("compiled")
+
+
+def own_cost(cell: Cell, name: str, compiled: bool, st, wall: float, anc_wall: float) -> dict:
+    """The sampler's own cost per round (wall minus the time inside the network) and the ratio it
+    would have at no own cost ("floor"), where it can be estimated."""
+    B, N, L, dev = cell.B, cell.N, cell.L, cell.device
+    if not compiled and name != "ancestral_diffusers_loop" and isinstance(cell.net,
+                                                                          torch.nn.Module):
+        timed = TimedNetwork(cell.net)   # one instrumented run
+        wall_timed, st_timed = run_once(cell.configs(timed)[name], B, cell.shape, dev)
+        return {"own_per_round_ms": (wall_timed - timed.seconds) / st_timed.rounds * 1e3,
+                "network_floor_ratio": timed.seconds / anc_wall}
+    if (compiled and dev.type == "cuda") or name == "ancestral_diffusers_loop":
+        return {}   # own cost is a CPU target; compiling the network alone again costs device time
+    if compiled and name.startswith("static") and B >= COMPACT_MIN_CHAINS_CPU:
+        return {}   # compact calls of changing size: no fixed-batch network time to subtract
+    if name.startswith("ancestral"):
+        t_call = net_time(cell.net, cell.shape, B, dev, compiled)
+        return {"own_per_round_ms": (wall - N * t_call) / N * 1e3}
+    if name == "ragged":
+        return {}
+    t_root = net_time(cell.net, cell.shape, B, dev, compiled)
+    t_round = net_time(cell.net, cell.shape, B * (L + 1), dev, compiled)
+    rounds = st.rounds
+    return {"own_per_round_ms": (wall - t_root - (rounds - 1) * t_round) / max(rounds - 1, 1) * 1e3,
+            "net_per_round_ms": t_round * 1e3,
+            "network_floor_ratio": (t_root + (rounds - 1) * t_round) / anc_wall}
+
+
+def aten_outside_network(cell: Cell, sampler, compiled: bool, st) -> float:
+    """aten calls per round outside the network: the run's, less the network's own aten calls
+    profiled alone in the same mode (compiled: Inductor's extern kernels such as addmm still show
+    as aten calls)."""
+    B, L = cell.B, cell.L
+    total = aten_calls(lambda: run_once(sampler, B, cell.shape, cell.device))
+    f = torch.compile(cell.net, fullgraph=True, dynamic=False) if compiled else cell.net
+    x, tt = torch.randn(B, *cell.shape), torch.full((B,), 500)
+    xw, tw = torch.randn(B * (L + 1), *cell.shape), torch.full((B * (L + 1),), 500)
+    with torch.inference_mode():
+        f(x, tt), f(xw, tw)
+        per_root = aten_calls(lambda: f(x, tt))
+        per_round_net = aten_calls(lambda: f(xw, tw))
+    if isinstance(sampler, AncestralSampler):
+        net_calls = cell.N * per_root
+    else:
+        net_calls = per_root + (st.rounds - 1) * per_round_net
+    return (total - net_calls) / st.rounds
+
+
+def bench_model(key, B, N, L, device, reps, with_compile) -> dict:
+    cell = load_cell(key, B, N, L, device)
+    cfgs = cell.configs(with_compile=with_compile)
+    stats = {}
     for name, s in cfgs.items():                       # warm-up: compile, autotune, capture
-        t, st = run_once(s, B, shape, device)
-        log(f"  {key} B={B} warm-up {name}: {t:.3f} s ({st.target_calls} calls)")
-        stats[name] = st
-    for _ in range(reps):
-        order = list(cfgs)
-        random.shuffle(order)
-        for name in order:
-            times[name].append(run_once(cfgs[name], B, shape, device)[0])
-    wall = {name: statistics.median(ts) for name, ts in times.items()}
-    anc = [n for n in wall if n.startswith("ancestral")]
-    fastest_anc = min(anc, key=lambda n: wall[n])
+        t, stats[name] = run_once(s, B, cell.shape, device)
+        common.log(f"  {key} B={B} warm-up {name}: {t:.3f} s ({stats[name].target_calls} calls)")
+    times = common.interleaved(lambda name: run_once(cfgs[name], B, cell.shape, device)[0],
+                               cfgs, reps)
+    wall = common.medians(times)
+    fastest_anc = min((n for n in wall if n.startswith("ancestral")), key=wall.get)
     rows = {}
     for name, s in cfgs.items():
-        st = stats[name]
-        compiled = name.endswith("compiled") or (name == "default" and s.compile is True) or (
-            name == "default" and device.type == "cuda")
+        st, compiled = stats[name], is_compiled(cell, name, s)
         row = {"wall_s": wall[name], "ratio_vs_fastest_ancestral": wall[name] / wall[fastest_anc],
-               "target_calls": st.target_calls, "rounds": st.rounds, "target_evals": st.target_evals,
-               "reps": len(times[name])}
-        if not compiled and name != "ancestral_diffusers_loop" and isinstance(net, torch.nn.Module):
-            def make(name=name):
-                timed = TimedNetwork(net)
-                return configs(timed, T, L, device, False, m)[name], timed
-            row["own_per_round_ms"], net_s = own_cost_per_round(make, B, shape, device)
-            row["network_floor_ratio"] = net_s / wall[fastest_anc]
-        elif (compiled and device.type == "cuda") or name == "ancestral_diffusers_loop":
-            pass   # own cost is a CPU target; compiling the network alone again costs device time
-        elif compiled and name.startswith("static") and B >= COMPACT_MIN_CHAINS_CPU:
-            pass   # compact calls of changing size: no fixed-batch network time to subtract
-        elif name.startswith("ancestral"):
-            t_call = net_time(net, shape, B, device, compiled)
-            row["own_per_round_ms"] = (wall[name] - N * t_call) / N * 1e3
-        elif name != "ragged":
-            t_root = net_time(net, shape, B, device, compiled)
-            t_round = net_time(net, shape, B * (L + 1), device, compiled)
-            rounds = st.rounds
-            row["own_per_round_ms"] = (wall[name] - t_root - (rounds - 1) * t_round) / max(rounds - 1, 1) * 1e3
-            row["net_per_round_ms"] = t_round * 1e3
-            row["network_floor_ratio"] = (t_root + (rounds - 1) * t_round) / wall[fastest_anc]
-        if device.type == "cpu" and name in ("static_eager", "static_compiled", "ancestral_eager",
-                                             "ancestral_compiled", "ragged", "default") and B <= 64:
-            total = aten_calls(lambda: run_once(s, B, shape, device))
-            # the network's own aten calls, alone, in the same mode (compiled: Inductor's extern
-            # kernels such as addmm still show as aten calls)
-            f = torch.compile(net, fullgraph=True, dynamic=False) if compiled else net
-            x = torch.randn(B, *shape)
-            tt = torch.full((B,), 500)
-            xw = torch.randn(B * (L + 1), *shape)
-            tw = torch.full((B * (L + 1),), 500)
-            with torch.inference_mode():
-                f(x, tt), f(xw, tw)
-                per_root = aten_calls(lambda: f(x, tt))
-                per_round_net = aten_calls(lambda: f(xw, tw))
-            if name.startswith("ancestral"):
-                net_calls = N * per_root
-            else:
-                net_calls = per_root + (st.rounds - 1) * per_round_net
-            row["aten_calls_per_round_outside_network"] = (total - net_calls) / st.rounds
+               "target_calls": st.target_calls, "rounds": st.rounds,
+               "target_evals": st.target_evals, "reps": len(times[name]),
+               **own_cost(cell, name, compiled, st, wall[name], wall[fastest_anc])}
+        if device.type == "cpu" and name in ATEN_CONFIGS and B <= ATEN_MAX_B:
+            row["aten_calls_per_round_outside_network"] = aten_outside_network(cell, s, compiled,
+                                                                               st)
         rows[name] = row
-        log(f"  {key} B={B} {name}: wall {wall[name]:.4f} s, ratio {row['ratio_vs_fastest_ancestral']:.3f}"
-            f", own/round {row.get('own_per_round_ms', float('nan')):.3f} ms, aten/round "
-            f"{row.get('aten_calls_per_round_outside_network', float('nan')):.0f}")
+        common.log(f"  {key} B={B} {name}: wall {wall[name]:.4f} s, ratio "
+                   f"{row['ratio_vs_fastest_ancestral']:.3f}, own/round "
+                   f"{row.get('own_per_round_ms', float('nan')):.3f} ms, aten/round "
+                   f"{row.get('aten_calls_per_round_outside_network', float('nan')):.0f}")
     return {"model": key, "B": B, "N": N, "L": L, "fastest_ancestral": fastest_anc, "configs": rows}
 
 
@@ -260,26 +284,18 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA device is available")
+    if device.type == "cuda":
+        common.require_cuda(p)
     torch.set_num_threads(args.threads)
     cells = args.cells or (["digits:1", "digits:16"] if device.type == "cuda"
                            else ["digits:1", "gmm784:1", "digits:1024"])
-    out = Path(args.out) if args.out else RESULTS / f"latency_{args.device}"
-    out.parent.mkdir(parents=True, exist_ok=True)
-
-    def log(msg):
-        print(msg, flush=True)
-
-    res = {"device": args.device, "threads": torch.get_num_threads(), "torch": torch.__version__,
-           "device_name": torch.cuda.get_device_name() if device.type == "cuda"
-           else platform.processor() or platform.machine(), "cells": []}
+    out = common.out_stem(args.out, f"latency_{args.device}")
+    res = {**common.environment(device, __file__, argv), "cells": []}
     for cell in cells:
         key, B = cell.split(":")
         res["cells"].append(bench_model(key, int(B), args.steps, args.window, device, args.reps,
-                                        not args.no_compile, log))
-        out.with_suffix(".json").write_text(json.dumps(res, indent=1))
-        out.with_suffix(".md").write_text(to_markdown(res))
+                                        not args.no_compile))
+        common.write_results(out, res, to_markdown(res))   # after every cell: a cut-off run keeps them
     print(to_markdown(res))
     return 0
 

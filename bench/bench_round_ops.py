@@ -18,63 +18,25 @@ fraction of this device's ``x.sum()`` read bandwidth measured in the same run.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import sys
-from pathlib import Path
 
+import _common as common
 import torch
 
 from specdiff_kernels import _C
+from specdiff_kernels.ops import round as ro
 from specdiff_kernels.ops import verify as ops
 from specdiff_kernels.ops.reference import verify as reference
-from specdiff_kernels.ops import round as ro
-from specdiff_kernels.sampling.transitions import ddpm_transitions
-from specdiff_kernels.sampling.transitions import clip_value, round_tables
+from specdiff_kernels.sampling.transitions import clip_value, ddpm_transitions, round_tables
 
-RESULTS = Path(__file__).resolve().parent / "results"
 SIZES = [(64, 8, 3072), (1, 8, 3 * 64 * 64), (16, 8, 3 * 64 * 64), (256, 8, 3072),
          (1, 8, 784), (1024, 8, 64)]   # the last two: the latency benchmark's gmm784 and digits cells
 
 
 def timer(device: str):
-    """Median and 20/80% quantiles in ms."""
-    if device == "cuda":
-        import triton.testing
-
-        def t(fn):
-            med, q20, q80 = triton.testing.do_bench(fn, warmup=25, rep=200, quantiles=[0.5, 0.2, 0.8])
-            return {"ms": med, "q20": q20, "q80": q80}
-        return t
-    import torch.utils.benchmark as tbench
-
-    def t(fn):
-        fn()
-        m = tbench.Timer(stmt="fn()", globals={"fn": fn},
-                         num_threads=torch.get_num_threads()).blocked_autorange(min_run_time=0.5)
-        ts = sorted(m.times)
-        return {"ms": m.median * 1e3, "q20": ts[int(0.2 * (len(ts) - 1))] * 1e3,
-                "q80": ts[int(0.8 * (len(ts) - 1))] * 1e3}
-    return t
-
-
-def cuda_graph(fn):
-    """fn captured in a CUDA graph (after a warm-up on a side stream); returns its replay."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return g.replay
-
-
-def read_bandwidth(device: str, t) -> float:
-    x = torch.randn(1 << (27 if device == "cuda" else 25), device=device)
-    return x.numel() * 4 / (t(lambda: x.sum())["ms"] * 1e-3)
+    """The device's timer; on CUDA with 200 ms of repetitions (the round is short)."""
+    t = common.timer(device)
+    return lambda fn: t(fn, rep_ms=200) if device == "cuda" else t(fn)
 
 
 def make_round(B: int, L: int, D: int, device: str, dtype=torch.float32):
@@ -126,54 +88,52 @@ def composed_round(T):
     return f
 
 
-def bench(device: str, sizes, quick: bool) -> dict:
-    t = timer(device)
-    bw = read_bandwidth(device, t)
-    rows = []
-    for (B, L, D) in sizes:
-        T, a = make_round(B, L, D, device)
-        comp = composed_round(T)
-        torch._dynamo.reset()   # one compile per size: every size would count as a recompile
-        args = (a["root"], a["frozen"], a["steps"], a["lengths"], a["P"], a["xi"], a["u"])
-        compiled = torch.compile(comp, fullgraph=True, dynamic=False)
-        impls = {"fused": lambda: fused_round(a), "compiled": lambda: compiled(*args),
-                 "eager": lambda: comp(*args)}
-        if device == "cuda":
-            impls["fused_graph"] = cuda_graph(lambda: fused_round(a))
-            impls["compiled_graph"] = cuda_graph(lambda: compiled(*args))
-        row = {"B": B, "L": L, "D": D, "bytes_fused": (2 * L + 9) * B * D * 4}
-        for name, fn in impls.items():
-            row[name] = t(fn)
-            print(f"B={B} L={L} D={D} {name}: {row[name]['ms']:.4f} ms", flush=True)
-        if device == "cpu":   # the C++ kernels' narrower instruction-set variants, same inputs
-            row["fused_by_capability"] = {}
-            for cap in ops.cpu_capabilities():
-                before = _C.set_cpu_capability(cap)
-                try:
-                    row["fused_by_capability"][cap] = t(lambda: fused_round(a))
-                finally:
-                    _C.set_cpu_capability(before)
-                print(f"B={B} L={L} D={D} fused[{cap}]: "
-                      f"{row['fused_by_capability'][cap]['ms']:.4f} ms", flush=True)
-        row["fused_GBps"] = row["bytes_fused"] / (row["fused"]["ms"] * 1e-3) / 1e9
-        row["fused_frac_read_bw"] = row["bytes_fused"] / (row["fused"]["ms"] * 1e-3) / bw
-        row["speedup_vs_compiled"] = row["compiled"]["ms"] / row["fused"]["ms"]
-        row["speedup_vs_eager"] = row["eager"]["ms"] / row["fused"]["ms"]
-        if device == "cuda":
-            row["graph_speedup_vs_compiled_graph"] = row["compiled_graph"]["ms"] / row["fused_graph"]["ms"]
-            row["fused_graph_frac_read_bw"] = row["bytes_fused"] / (row["fused_graph"]["ms"] * 1e-3) / bw
-        rows.append(row)
-        if quick:
-            break
-    name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine()
-    return {"device": device, "name": name, "threads": torch.get_num_threads(),
-            "cpu_capability": _C.cpu_capability() if device == "cpu" else None,
-            "torch": torch.__version__, "read_bw_GBps": bw / 1e9, "rows": rows}
+def fused_by_capability(a: dict, t, label: str) -> dict:
+    """The fused round on each of the C++ kernels' instruction-set variants, same inputs."""
+    out = {}
+    for cap in ops.cpu_capabilities():
+        before = _C.set_cpu_capability(cap)
+        try:
+            out[cap] = t(lambda: fused_round(a)).ms()
+        finally:
+            _C.set_cpu_capability(before)
+        common.log(f"{label} fused[{cap}]: {out[cap]['ms']:.4f} ms")
+    return out
+
+
+def bench_size(B: int, L: int, D: int, device: str, t, bw: float) -> dict:
+    T, a = make_round(B, L, D, device)
+    comp = composed_round(T)
+    torch._dynamo.reset()   # one compile per size: every size would count as a recompile
+    args = (a["root"], a["frozen"], a["steps"], a["lengths"], a["P"], a["xi"], a["u"])
+    compiled = torch.compile(comp, fullgraph=True, dynamic=False)
+    impls = {"fused": lambda: fused_round(a), "compiled": lambda: compiled(*args),
+             "eager": lambda: comp(*args)}
+    if device == "cuda":
+        impls["fused_graph"] = common.cuda_graph(lambda: fused_round(a))
+        impls["compiled_graph"] = common.cuda_graph(lambda: compiled(*args))
+    label = f"B={B} L={L} D={D}"
+    row = {"B": B, "L": L, "D": D, "bytes_fused": (2 * L + 9) * B * D * 4}
+    for name, fn in impls.items():
+        row[name] = t(fn).ms()
+        common.log(f"{label} {name}: {row[name]['ms']:.4f} ms")
+    if device == "cpu":
+        row["fused_by_capability"] = fused_by_capability(a, t, label)
+    row["fused_GBps"] = row["bytes_fused"] / (row["fused"]["ms"] * 1e-3) / 1e9
+    row["fused_frac_read_bw"] = row["bytes_fused"] / (row["fused"]["ms"] * 1e-3) / bw
+    row["speedup_vs_compiled"] = row["compiled"]["ms"] / row["fused"]["ms"]
+    row["speedup_vs_eager"] = row["eager"]["ms"] / row["fused"]["ms"]
+    if device == "cuda":
+        row["graph_speedup_vs_compiled_graph"] = (row["compiled_graph"]["ms"]
+                                                  / row["fused_graph"]["ms"])
+        row["fused_graph_frac_read_bw"] = (row["bytes_fused"]
+                                           / (row["fused_graph"]["ms"] * 1e-3) / bw)
+    return row
 
 
 def to_markdown(res: dict) -> str:
     gpu = res["device"] == "cuda"
-    lines = [f"# Fused frozen round vs composed round ({res['name']}, {res['device']}, "
+    lines = [f"# Fused frozen round vs composed round ({res['device_name']}, {res['device']}, "
              f"{res['threads']} threads, torch {res['torch']})", "",
              f"x.sum() read bandwidth in the same run: {res['read_bw_GBps']:.1f} GB/s. "
              "Times are medians in ms (20-80% quantiles in the JSON); fp32, frozen x0, DDPM N=200.",
@@ -211,19 +171,22 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--quick", action="store_true", help="headline size only (B=64, L=8, D=3072)")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--out", default=None, help="output path stem (default bench/results/round_ops_<device>)")
+    p.add_argument("--out", default=None,
+                   help="output path stem (default bench/results/round_ops_<device>)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA device is available")
+    if args.device == "cuda":
+        common.require_cuda(p)
     sizes = SIZES if args.device == "cpu" else SIZES[:2]   # device time is short: two sizes
-    res = bench(args.device, sizes, args.quick)
-    out = Path(args.out) if args.out else RESULTS / f"round_ops_{args.device}"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(res, indent=1))
+    t = timer(args.device)
+    bw = common.read_bandwidth(args.device, 1 << (27 if args.device == "cuda" else 25), t)
+    rows = [bench_size(B, L, D, args.device, t, bw) for B, L, D in sizes[:1 if args.quick else None]]
+    res = {**common.environment(args.device, __file__, argv),
+           "cpu_capability": _C.cpu_capability() if args.device == "cpu" else None,
+           "read_bw_GBps": bw / 1e9, "rows": rows}
     md = to_markdown(res)
-    out.with_suffix(".md").write_text(md)
+    common.write_results(common.out_stem(args.out, f"round_ops_{args.device}"), res, md)
     print(md)
     return 0
 
