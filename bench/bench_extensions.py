@@ -23,30 +23,29 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
-import platform
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import _common as common
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from specdiff_kernels.sampling.window import AdaptiveWindow  # noqa: E402
-from specdiff_kernels.sampling.drafts import FrozenTargetDraft  # noqa: E402
-from specdiff_kernels.sampling.langevin import (LangevinSampler, SpeculativeLangevin, banana_energy,  # noqa: E402
-                                       banana_grad)
-from specdiff_kernels.models.gmm import GMMDenoiser, make_gmm  # noqa: E402
-from specdiff_kernels.sampling.sampler import SpeculativeSampler  # noqa: E402
-from specdiff_kernels.testing.two_sample import two_sample_pvalue  # noqa: E402
-from specdiff_kernels.sampling.transitions import (alphas_cumprod_from_betas, ddpm_transitions,  # noqa: E402
-                                          make_betas)
-
-RESULTS = Path(__file__).resolve().parent / "results"
+from specdiff_kernels.models.gmm import GMMDenoiser, make_gmm
+from specdiff_kernels.sampling.drafts import FrozenTargetDraft
+from specdiff_kernels.sampling.langevin import (
+    LangevinSampler,
+    SpeculativeLangevin,
+    banana_energy,
+    banana_grad,
+)
+from specdiff_kernels.sampling.sampler import SpeculativeSampler
+from specdiff_kernels.sampling.transitions import (
+    alphas_cumprod_from_betas,
+    ddpm_transitions,
+    make_betas,
+)
+from specdiff_kernels.sampling.window import AdaptiveWindow
+from specdiff_kernels.testing.two_sample import two_sample_pvalue
 
 
 def gen(seed: int) -> torch.Generator:
@@ -149,10 +148,14 @@ def fmt(v, p=3):
     return f"{v:.{p}f}"
 
 
+def machine(res: dict) -> str:
+    return res.get("machine") or f"{res['cpu']} ({res['cores']} cores)"
+
+
 def markdown(res: dict) -> str:
     lv, ad = res["langevin"], res["adaptive"]
-    lines = [f"# Extensions benchmark (issue #7)", "",
-             f"{res['machine']}; torch {res['torch']}; {res['threads']} thread(s). "
+    lines = ["# Extensions benchmark (issue #7)", "",
+             f"{machine(res)}; torch {res['torch']}; {res['threads']} thread(s). "
              f"Command: `{res['command']}` ({res['total_s']:.0f} s).", "",
              f"## Speculative Langevin: {lv['target']}, {lv['chains']} chains, N={lv['steps']} "
              f"steps, g={lv['step_size']}, gradient by {lv['gradient']}", "",
@@ -199,8 +202,9 @@ def markdown(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small sizes; results not written")
     ap.add_argument("--dims", type=int, nargs="+", default=[2, 64, 784])
     ap.add_argument("--windows", type=int, nargs="+", default=[1, 2, 3, 4, 6, 8, 12, 16, 24, 32])
@@ -212,33 +216,35 @@ def main() -> None:
     ap.add_argument("--langevin-chains", type=int, default=1000)
     ap.add_argument("--langevin-dim", type=int, default=4)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default=str(RESULTS / "extensions"))
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    ap.add_argument("--out", default=str(common.RESULTS / "extensions"))
+    args = ap.parse_args(argv)
     if args.quick:
         args.dims, args.windows, args.caps = [2, 64], [2, 8, 32], [2.0]
         args.chains, args.seeds, args.langevin_chains = 16, 1, 200
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    print("1. speculative Langevin", flush=True)
+    common.log("1. speculative Langevin")
     lv = bench_langevin(args.langevin_chains, args.steps, args.langevin_dim, 0.05, 8, seed=0)
     for r in lv["rows"]:
-        print(f"  {r['sampler']:<34} seq/N {r['seq_per_N']:.3f} (chain {r['seq_chain_per_N']:.3f}) "
-              f"evals {r['evals_per_BN']:.2f} wall {r['wall_s']:.2f}s p {r['p_vs_plain']:.3g}", flush=True)
-    print("2. adaptive window vs fixed", flush=True)
+        common.log(f"  {r['sampler']:<34} seq/N {r['seq_per_N']:.3f} (chain "
+                   f"{r['seq_chain_per_N']:.3f}) evals {r['evals_per_BN']:.2f} wall "
+                   f"{r['wall_s']:.2f}s p {r['p_vs_plain']:.3g}")
+    common.log("2. adaptive window vs fixed")
     ad = bench_adaptive(args.dims, args.windows, args.caps, args.chains, args.steps,
                         range(args.seeds), pacing=not args.no_pacing)
-    res = {"machine": f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)",
-           "torch": torch.__version__, "threads": args.threads,
-           "command": "python bench/bench_extensions.py " + " ".join(sys.argv[1:]),
-           "total_s": time.perf_counter() - t0, "langevin": lv, "adaptive": ad}
+    res = {**common.environment("cpu", __file__, argv), "total_s": time.perf_counter() - t0,
+           "langevin": lv, "adaptive": ad}
     md = markdown(res)
     print(md)
     if not args.quick:
-        RESULTS.mkdir(exist_ok=True)
-        Path(args.out + ".json").write_text(json.dumps(res, indent=1))
-        Path(args.out + ".md").write_text(md)
-        print(f"wrote {args.out}.json and {args.out}.md")
+        common.write_results(common.out_stem(args.out, "extensions"), res, md)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

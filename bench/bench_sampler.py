@@ -45,25 +45,26 @@ import argparse
 import json
 import math
 import os
-import platform
 import random
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import _common as common
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+from specdiff_kernels import models
+from specdiff_kernels.sampling.drafts import DraftModelDraft, FrozenTargetDraft
+from specdiff_kernels.sampling.sampler import AncestralSampler, SpeculativeSampler
+from specdiff_kernels.testing.two_sample import (
+    energy_distance_statistic,
+    sliced_wasserstein,
+    two_sample_pvalue,
+)
 
-from specdiff_kernels import models  # noqa: E402
-from specdiff_kernels.sampling.drafts import DraftModelDraft, FrozenTargetDraft  # noqa: E402
-from specdiff_kernels.sampling.sampler import AncestralSampler, SpeculativeSampler  # noqa: E402
-from specdiff_kernels.testing.two_sample import (energy_distance_statistic, sliced_wasserstein,  # noqa: E402
-                                    two_sample_pvalue)
-
-RESULTS = Path(__file__).resolve().parent / "results"
 DRAFT_NAMES = ("x0+pf", "eps+pf", "x0", "eps", "model")
 DRAFT_LABEL = {"x0+pf": "frozen x0, prefetched root", "eps+pf": "frozen eps, prefetched root",
                "x0": "frozen x0, no prefetch", "eps": "frozen eps, no prefetch",
@@ -454,6 +455,7 @@ def write_report(mode, cost, quality, meta, out: Path) -> None:
     quality = sorted(quality, key=lambda q: (model_order(q["model"]), q["N"], q["draft"]))
     stem = f"sampler_{mode}"
     head = json.dumps({"meta": meta, "targets": targets(cost, quality)}, indent=1)[:-2]
+
     def slim(r):
         r = dict(r)
         if "acceptance_by_step" in r:
@@ -462,7 +464,6 @@ def write_report(mode, cost, quality, meta, out: Path) -> None:
 
     body = ",\n".join(f' "{k}": [\n' + ",\n".join("  " + json.dumps(slim(r)) for r in recs) + "\n ]"
                       for k, recs in (("cost", cost), ("quality", quality)))
-    (out / f"{stem}.json").write_text(head + ",\n" + body + "\n}\n")  # one record per line
     pngs = make_plots(stem, cost, out)
     L = []
     L.append(f"# Speculative vs ancestral sampling, end to end ({mode} mode)\n")
@@ -525,7 +526,8 @@ def write_report(mode, cost, quality, meta, out: Path) -> None:
         L.append("")
     L.append("## All cells\n")
     L.append(full_table(cost))
-    (out / f"{stem}.md").write_text("\n".join(L) + "\n")
+    # the JSON with one record per line: diffs of a rerun show which cells changed
+    common.write_results(out / stem, head + ",\n" + body + "\n}\n", "\n".join(L) + "\n")
 
 
 def _row(c):
@@ -614,24 +616,44 @@ def acceptance_text(cost):
     return "\n".join(out) + "\n"
 
 
-def make_plots(stem, cost, out: Path) -> list[str]:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except Exception:  # noqa: BLE001
-        return []
-    files = []
-    Ns = sorted({c["N"] for c in cost})
-    N0 = 200 if 200 in Ns else Ns[0]
-    mks = sorted({c["model"] for c in cost}, key=model_order)
-    drafts = [d for d in DRAFT_NAMES if any(c["draft"] == d for c in cost)]
-    # 1. ratio vs L per model (D), one column per draft
-    fig, axes = plt.subplots(2, len(drafts), figsize=(3.4 * len(drafts), 6.4), sharex=True, squeeze=False)
+@dataclass
+class PlotData:
+    """The cost records and what every plot selects them by: the models, the drafts present and
+    the N the plots show (200 where it was run)."""
+
+    cost: list
+
+    @property
+    def Ns(self) -> list[int]:
+        return sorted({c["N"] for c in self.cost})
+
+    @property
+    def N0(self) -> int:
+        return 200 if 200 in self.Ns else self.Ns[0]
+
+    @property
+    def models(self) -> list[str]:
+        return sorted({c["model"] for c in self.cost}, key=model_order)
+
+    @property
+    def drafts(self) -> list[str]:
+        return [d for d in DRAFT_NAMES if any(c["draft"] == d for c in self.cost)]
+
+    def cells(self, model: str, draft: str, **where) -> list[dict]:
+        """The records of (model, N0, draft) matching ``where``, by increasing L."""
+        cs = [c for c in self.cost if c["model"] == model and c["N"] == self.N0
+              and c["draft"] == draft and all(c[k] == v for k, v in where.items())]
+        return sorted(cs, key=lambda c: c["L"])
+
+
+def plot_ratio_vs_L(plt, data: PlotData):
+    """Sequential calls and evaluations vs L per model, one column per draft."""
+    drafts = data.drafts
+    fig, axes = plt.subplots(2, len(drafts), figsize=(3.4 * len(drafts), 6.4), sharex=True,
+                             squeeze=False)
     for j, d in enumerate(drafts):
-        for mk in mks:
-            cs = sorted([c for c in cost if c["model"] == mk and c["N"] == N0 and c["draft"] == d],
-                        key=lambda c: c["L"])
+        for mk in data.models:
+            cs = data.cells(mk, d)
             if not cs:
                 continue
             Ls = [c["L"] for c in cs]
@@ -647,60 +669,48 @@ def make_plots(stem, cost, out: Path) -> list[str]:
     axes[0, 0].set_ylabel("sequential target calls / N\n(per chain)")
     axes[1, 0].set_ylabel("target evaluations / (B N)")
     axes[0, 0].legend(fontsize=8)
-    fig.suptitle(f"speculative / ancestral cost vs window, N={N0} (dotted: paper's 0.5; ancestral 1.0)")
-    fig.tight_layout()
-    p = f"{stem}_ratio_vs_L.png"
-    fig.savefig(out / p, dpi=100)
-    plt.close(fig)
-    files.append(p)
-    # 2. acceptance by window position (largest L, N0)
+    fig.suptitle(f"speculative / ancestral cost vs window, N={data.N0} (dotted: paper's 0.5; "
+                 "ancestral 1.0)")
+    return fig
+
+
+def plot_acceptance(plt, data: PlotData, by: str):
+    """Acceptance of the frozen-x0 and the draft-model drafts, ``by`` "position" in the window
+    (largest L) or sampling "step" (L = 8: where rejections concentrate)."""
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), squeeze=False)
     for ax, d in zip(axes[0], ("x0+pf", "model")):
-        for mk in mks:
-            cs = [c for c in cost if c["model"] == mk and c["N"] == N0 and c["draft"] == d]
-            if not cs:
-                continue
-            c = max(cs, key=lambda c: c["L"])
-            acc = c["acceptance_by_position"]
-            ax.plot(range(len(acc)), acc, "o-", ms=3, label=f"{mk} (L={c['L']})")
-        ax.set_title(f"{DRAFT_LABEL[d]}, N={N0}", fontsize=10)
-        ax.set_xlabel("position j in the window")
-        ax.set_ylabel("P(accept step j | steps < j accepted)")
+        for mk in data.models:
+            if by == "position":
+                cs = data.cells(mk, d)
+                if cs:
+                    acc = cs[-1]["acceptance_by_position"]
+                    ax.plot(range(len(acc)), acc, "o-", ms=3, label=f"{mk} (L={cs[-1]['L']})")
+            else:
+                cs = data.cells(mk, d, L=8)
+                if cs:
+                    a = [np.nan if v is None else v for v in cs[0]["acceptance_by_step"]]
+                    ax.plot(range(len(a)), a, "-", lw=1, label=mk)
+        if by == "position":
+            ax.set_title(f"{DRAFT_LABEL[d]}, N={data.N0}", fontsize=10)
+            ax.set_xlabel("position j in the window")
+            ax.set_ylabel("P(accept step j | steps < j accepted)")
+        else:
+            ax.set_title(f"{DRAFT_LABEL[d]}, N={data.N0}, L=8", fontsize=10)
+            ax.set_xlabel("sampling step k (0 = pure noise, N-1 = data)")
+            ax.set_ylabel("acceptance rate")
         ax.set_ylim(0, 1.02)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
-    fig.tight_layout()
-    p = f"{stem}_acceptance_position.png"
-    fig.savefig(out / p, dpi=100)
-    plt.close(fig)
-    files.append(p)
-    # 3. acceptance by sampling step (where rejections concentrate)
+    return fig
+
+
+def plot_wall(plt, data: PlotData):
+    """Wall-clock ratio vs L at B = 1 and B = batch."""
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), squeeze=False)
-    for ax, d in zip(axes[0], ("x0+pf", "model")):
-        for mk in mks:
-            cs = [c for c in cost if c["model"] == mk and c["N"] == N0 and c["draft"] == d and c["L"] == 8]
-            if not cs:
-                continue
-            a = [np.nan if v is None else v for v in cs[0]["acceptance_by_step"]]
-            ax.plot(range(len(a)), a, "-", lw=1, label=mk)
-        ax.set_title(f"{DRAFT_LABEL[d]}, N={N0}, L=8", fontsize=10)
-        ax.set_xlabel("sampling step k (0 = pure noise, N-1 = data)")
-        ax.set_ylabel("acceptance rate")
-        ax.set_ylim(0, 1.02)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
-    fig.tight_layout()
-    p = f"{stem}_acceptance_step.png"
-    fig.savefig(out / p, dpi=100)
-    plt.close(fig)
-    files.append(p)
-    # 4. wall-clock ratio vs L at B=1 and B=batch
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), squeeze=False)
-    for ax, tag, b in zip(axes[0], ("b1", "bB"), ("1", str(cost[0]["batch"]))):
-        for i, mk in enumerate(mks):
+    for ax, tag, b in zip(axes[0], ("b1", "bB"), ("1", str(data.cost[0]["batch"]))):
+        for i, mk in enumerate(data.models):
             for d, ls in (("x0+pf", "o-"), ("model", "s--")):
-                cs = sorted([c for c in cost if c["model"] == mk and c["N"] == N0 and c["draft"] == d],
-                            key=lambda c: c["L"])
+                cs = data.cells(mk, d)
                 if cs:
                     ax.plot([c["L"] for c in cs], [c[f"wall_ratio_{tag}"] for c in cs], ls, ms=4,
                             color=f"C{i}", label=f"{mk} {d}")
@@ -709,49 +719,74 @@ def make_plots(stem, cost, out: Path) -> list[str]:
         ax.set_yscale("log")
         ax.set_xlabel("window L")
         ax.set_ylabel("wall-clock / ancestral")
-        ax.set_title(f"B={b}, N={N0} (CPU, median of interleaved reps)", fontsize=10)
+        ax.set_title(f"B={b}, N={data.N0} (CPU, median of interleaved reps)", fontsize=10)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    p = f"{stem}_wall.png"
-    fig.savefig(out / p, dpi=100)
-    plt.close(fig)
-    files.append(p)
-    # 5. ratio vs N (best L per model, frozen x0 + prefetch)
-    if len(Ns) > 1:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for mk in mks:
-            pts = [(N, best_cell(cost, mk, N, "x0+pf")) for N in Ns]
-            pts = [(N, c) for N, c in pts if c]
-            ax.plot([N for N, _ in pts], [c["seq_ratio_chain"] for _, c in pts], "o-", label=mk)
-        ax.set_xscale("log")
-        ax.set_xlabel("N steps")
-        ax.set_ylabel("best seq. target calls / N")
-        ax.set_title("frozen x0 + prefetch, best L per N")
-        ax.set_ylim(0, None)
-        ax.legend(fontsize=8)
+    return fig
+
+
+def plot_ratio_vs_N(plt, data: PlotData):
+    """The best L's sequential calls per N (frozen x0 + prefetch)."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for mk in data.models:
+        pts = [(N, best_cell(data.cost, mk, N, "x0+pf")) for N in data.Ns]
+        pts = [(N, c) for N, c in pts if c]
+        ax.plot([N for N, _ in pts], [c["seq_ratio_chain"] for _, c in pts], "o-", label=mk)
+    ax.set_xscale("log")
+    ax.set_xlabel("N steps")
+    ax.set_ylabel("best seq. target calls / N")
+    ax.set_title("frozen x0 + prefetch, best L per N")
+    ax.set_ylim(0, None)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def make_plots(stem, cost, out: Path) -> list[str]:
+    """The report's PNGs, written beside it; their file names ([] without matplotlib)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    data = PlotData(cost)
+    plots = {"ratio_vs_L": lambda: plot_ratio_vs_L(plt, data),
+             "acceptance_position": lambda: plot_acceptance(plt, data, "position"),
+             "acceptance_step": lambda: plot_acceptance(plt, data, "step"),
+             "wall": lambda: plot_wall(plt, data)}
+    if len(data.Ns) > 1:
+        plots["ratio_vs_N"] = lambda: plot_ratio_vs_N(plt, data)
+    files = []
+    for name, draw in plots.items():
+        fig = draw()
         fig.tight_layout()
-        p = f"{stem}_ratio_vs_N.png"
-        fig.savefig(out / p, dpi=100)
+        files.append(f"{stem}_{name}.png")
+        fig.savefig(out / files[-1], dpi=100)
         plt.close(fig)
-        files.append(p)
     return files
 
 
 # ----------------------------------------------------------------------------- main
-def read_records(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+class Store:
+    """The records of finished cells, one JSON line each, so that a rerun skips what is there."""
+
+    def __init__(self, path: Path, fresh: bool):
+        self.path = path
+        if fresh and path.exists():
+            path.unlink()
+
+    def read(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+    def append(self, rec: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(clean(rec)) + "\n")
 
 
-def main() -> int:
-    if sys.argv[1:2] == ["--latency"]:
-        # the latency cells (static vs ragged round vs the fastest ancestral chain, own cost and
-        # aten calls per round): bench/bench_latency.py, which takes the remaining arguments
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-        from bench_latency import main as latency_main
-        return latency_main(sys.argv[2:])
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="representative subset, < 5 min")
     ap.add_argument("--models", nargs="+", help="subset of the mode's models (gmm<D>, digits)")
     ap.add_argument("--steps", type=int, nargs="+", help="subset of N")
@@ -763,12 +798,17 @@ def main() -> int:
     ap.add_argument("--quality-n", type=int, help="samples per set in the quality cells")
     ap.add_argument("--rep-budget", type=float, help="skip further timing reps of a group/batch "
                     "size once one took longer than this many seconds")
-    ap.add_argument("--batch", type=int, help="chains of the cost-statistics / big-batch timing run (64)")
+    ap.add_argument("--batch", type=int,
+                    help="chains of the cost-statistics / big-batch timing run (64)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--fresh", action="store_true", help="discard stored records of this mode")
     ap.add_argument("--report-only", action="store_true")
-    ap.add_argument("--out", default=str(RESULTS))
-    args = ap.parse_args()
+    ap.add_argument("--out", default=str(common.RESULTS), help="output folder")
+    return ap.parse_args(argv)
+
+
+def mode_config(args: argparse.Namespace) -> tuple[str, dict]:
+    """The mode ("quick" or "full") and its grid with the arguments' overrides."""
     mode = "quick" if args.quick else "full"
     cfg = dict(MODES[mode])
     for k in ("models", "steps", "windows", "drafts"):
@@ -776,104 +816,111 @@ def main() -> int:
             cfg[k] = getattr(args, k)
     if args.steps:
         cfg["q_steps"] = [N for N in cfg["q_steps"] if N in args.steps]
-    if args.reps:
-        cfg["reps"] = args.reps
-    if args.big_reps:
-        cfg["big_reps"] = args.big_reps
-    if args.quality_n:
-        cfg["q_n"] = args.quality_n
-    if args.rep_budget:
-        cfg["rep_budget"] = args.rep_budget
-    if args.batch:
-        cfg["batch"] = args.batch
+    overrides = {"reps": args.reps, "big_reps": args.big_reps, "q_n": args.quality_n,
+                 "rep_budget": args.rep_budget, "batch": args.batch}
+    cfg.update({k: v for k, v in overrides.items() if v})
+    return mode, cfg
+
+
+def elapsed_log():
+    """A log that prefixes each line with the seconds since it was made."""
+    t0 = time.perf_counter()
+    return lambda msg: common.log(f"[{time.perf_counter() - t0:7.1f}s] {msg}")
+
+
+def available_models(cfg: dict, log) -> list[str]:
+    avail = []
+    for mk in cfg["models"]:
+        try:
+            load_model(mk)
+            avail.append(mk)
+        except (FileNotFoundError, OSError) as e:
+            log(f"skipping {mk}: {e}")
+    return avail
+
+
+def run_cost(args, mode: str, cfg: dict, avail: list[str], store: Store, recs: list,
+             loads: list, log) -> None:
+    """Every (model, N) group with a cell not yet in the store."""
+    for mk in avail:
+        for N in cfg["steps"]:
+            have = {(r["L"], r["draft"]) for r in recs
+                    if r["kind"] == "cost" and r["model"] == mk and r["N"] == N}
+            drafts = cfg["drafts"]
+            if mode == "full" and not args.drafts and (mk, N) in FULL_LIMITS:
+                drafts = FULL_LIMITS[(mk, N)]
+            Ls = [L for L in cfg["windows"] if any((L, d) not in have for d in drafts)]
+            ds = [d for d in drafts if any((L, d) not in have for L in cfg["windows"])]
+            if not Ls:
+                continue
+            log(f"cost group {mk} N={N}: L={Ls} drafts={ds}")
+            for rec in run_group(mk, N, Ls, ds, cfg["reps"], cfg["big_reps"], cfg["batch"], log,
+                                 cfg["rep_budget"]):
+                if (rec["L"], rec["draft"]) not in have:
+                    store.append(rec)
+                    recs.append(rec)
+            loads.append(os.getloadavg()[0])
+
+
+def run_quality(mode: str, cfg: dict, avail: list[str], store: Store, recs: list, loads: list,
+                log) -> None:
+    """Every quality cell not yet in the store, at the best L of its cost cells."""
+    for mk in avail:
+        for N in cfg["q_steps"]:
+            if mode == "full" and (mk, N) in FULL_QUALITY_SKIP:
+                continue  # too slow on 2 cores (documented in the report)
+            for d in cfg["q_drafts"]:
+                if any(r["kind"] == "quality" and r["model"] == mk and r["N"] == N
+                       and r["draft"] == d for r in recs):
+                    continue
+                b = best_cell([r for r in recs if r["kind"] == "cost"], mk, N, d)
+                D = int(np.prod(load_model(mk).event_shape))
+                n = cfg["q_n"] if D < 784 else min(cfg["q_n"], 512)
+                rec = quality_cell(mk, N, d, b["L"] if b else 8, n, log)
+                store.append(rec)
+                recs.append(rec)
+                loads.append(os.getloadavg()[0])
+
+
+def report_meta(args, mode: str, cfg: dict, cost: list, loads: list) -> dict:
+    allload = [x for r in cost for x in r.get("loadavg", [])] + loads
+    cmd = ("python bench/bench_sampler.py --quick" if args.quick else
+           "python bench/bench_sampler.py (resumable; may be run in pieces with --models / --steps)")
+    env = common.environment("cpu")
+    return {"mode": mode, "command": cmd, "cpu": env["cpu"], "cores": env["cores"],
+            "torch": env["torch"], "threads": env["threads"], "batch": cfg["batch"],
+            "load": f"{min(allload):.1f}-{max(allload):.1f}",
+            "config": cfg, "generated": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["--latency"]:
+        # the latency cells (static vs ragged round vs the fastest ancestral chain, own cost and
+        # aten calls per round): bench/bench_latency.py, which takes the remaining arguments
+        from bench_latency import main as latency_main
+        return latency_main(argv[1:])
+    args = parse_args(argv)
+    mode, cfg = mode_config(args)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    store = out / f"sampler_{mode}_cells.jsonl"
-    if args.fresh and store.exists():
-        store.unlink()
-    t_all = time.perf_counter()
-
-    def log(msg):
-        print(f"[{time.perf_counter() - t_all:7.1f}s] {msg}", flush=True)
-
-    def save(rec):
-        with store.open("a") as f:
-            f.write(json.dumps(clean(rec)) + "\n")
-
+    store, log = Store(out / f"sampler_{mode}_cells.jsonl", args.fresh), elapsed_log()
     loads = [os.getloadavg()[0]]
     if not args.report_only:
-        avail = []
-        for mk in cfg["models"]:
-            try:
-                load_model(mk)
-                avail.append(mk)
-            except (FileNotFoundError, OSError) as e:
-                log(f"skipping {mk}: {e}")
-        recs = read_records(store)
+        avail, recs = available_models(cfg, log), store.read()
         if args.only in (None, "cost"):
-            for mk in avail:
-                for N in cfg["steps"]:
-                    have = {(r["L"], r["draft"]) for r in recs
-                            if r["kind"] == "cost" and r["model"] == mk and r["N"] == N}
-                    drafts = cfg["drafts"]
-                    if mode == "full" and not args.drafts and (mk, N) in FULL_LIMITS:
-                        drafts = FULL_LIMITS[(mk, N)]
-                    Ls = [L for L in cfg["windows"] if any((L, d) not in have for d in drafts)]
-                    ds = [d for d in drafts if any((L, d) not in have for L in cfg["windows"])]
-                    if not Ls:
-                        continue
-                    log(f"cost group {mk} N={N}: L={Ls} drafts={ds}")
-                    reps = cfg["reps"]
-                    big = cfg["big_reps"]
-                    for rec in run_group(mk, N, Ls, ds, reps, big, cfg["batch"], log, cfg["rep_budget"]):
-                        if (rec["L"], rec["draft"]) not in have:
-                            save(rec)
-                            recs.append(rec)
-                    loads.append(os.getloadavg()[0])
+            run_cost(args, mode, cfg, avail, store, recs, loads, log)
         if args.only in (None, "quality"):
-            for mk in avail:
-                for N in cfg["q_steps"]:
-                    if mode == "full" and (mk, N) in FULL_QUALITY_SKIP:
-                        continue  # too slow on 2 cores (documented in the report)
-                    for d in cfg["q_drafts"]:
-                        if any(r["kind"] == "quality" and r["model"] == mk and r["N"] == N and r["draft"] == d
-                               for r in recs):
-                            continue
-                        cost = [r for r in recs if r["kind"] == "cost"]
-                        b = best_cell(cost, mk, N, d)
-                        L = b["L"] if b else 8
-                        D = int(np.prod(load_model(mk).event_shape))
-                        n = cfg["q_n"] if D < 784 else min(cfg["q_n"], 512)
-                        rec = quality_cell(mk, N, d, L, n, log)
-                        save(rec)
-                        recs.append(rec)
-                        loads.append(os.getloadavg()[0])
-    recs = read_records(store)
+            run_quality(mode, cfg, avail, store, recs, loads, log)
+    recs = store.read()
     cost = [r for r in recs if r["kind"] == "cost"]
     quality = [r for r in recs if r["kind"] == "quality"]
     if not cost:
         log("no cost records; nothing to report")
         return 1
-    allload = [x for r in cost for x in r.get("loadavg", [])] + loads
-    cmd = ("python bench/bench_sampler.py --quick" if args.quick else
-           "python bench/bench_sampler.py (resumable; may be run in pieces with --models / --steps)")
-    meta = {"mode": mode, "command": cmd,
-            "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "torch": torch.__version__, "threads": args.threads, "batch": cfg["batch"],
-            "load": f"{min(allload):.1f}-{max(allload):.1f}",
-            "config": cfg, "generated": time.strftime("%Y-%m-%d %H:%M:%S")}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    meta["cpu"] = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    write_report(mode, cost, quality, meta, out)
-    log(f"wrote {out / f'sampler_{mode}.json'}, .md, PNGs ({len(cost)} cost cells, "
-        f"{len(quality)} quality cells)")
+    write_report(mode, cost, quality, report_meta(args, mode, cfg, cost, loads), out)
+    log(f"report of {len(cost)} cost cells and {len(quality)} quality cells")
     return 0
 
 
