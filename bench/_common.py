@@ -222,7 +222,7 @@ def log(msg: str) -> None:
 def require_cuda(parser, hint: str = "") -> None:
     """Exits through ``parser.error`` where there is no CUDA device."""
     if not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is available" + hint)
+        parser.error("no CUDA device is available" + hint)
 
 
 # ---------------------------------------------------------------- results
