@@ -257,7 +257,7 @@ def test_prefetch_stats_one_call_per_round(L, B, path):
     assert st.deterministic_steps == B                         # final DDPM step (t = 0)
     assert st.draft_calls == st.draft_evals == 0
     if B == 1:
-        # one chain: one window per round, except the bootstrap round and (if the last window
+        # one chain: one window per round, except the first-step round and (if the last window
         # ended in a rejection, so nothing was prefetched) a round for the final DDPM step
         assert st.rounds - 2 <= st.windows <= st.rounds - 1
     if B == 1 and path == "ragged":
@@ -443,6 +443,55 @@ def test_compiled_static_round_and_ancestral_equal_eager(B):
         assert a == b
 
 
+# ----------------------------------------------------------------------------- which round runs
+BLOCKERS = {   # settings the static round cannot run -> the reason static_path_blockers() gives
+    "draft_model": (lambda: dict(draft=DraftModelDraft(draft_model())),
+                    "a draft model (DraftModelDraft)"),
+    "noprefetch": (lambda: dict(draft=FrozenTargetDraft("x0", prefetch_root=False)),
+                   "FrozenTargetDraft(prefetch_root=False)"),
+    "adaptive": (lambda: dict(window="adaptive"), "an adaptive window"),
+    "verify_fn": (lambda: dict(verify_fn=lambda *a, **k: specdiff_kernels.speculative_verify(*a, **k)),
+                  "a custom verify_fn"),
+}
+
+
+def test_static_path_blockers_empty_where_the_static_round_runs():
+    model, T = setup()
+    sampler = SpeculativeSampler(model, T, FrozenTargetDraft("eps"), 4)
+    assert sampler.static_path_blockers() == [] and sampler.resolve_path() == "static"
+
+
+@pytest.mark.parametrize("blocker", list(BLOCKERS))
+def test_static_path_blockers_state_the_rule_for_auto_errors_and_docs(blocker):
+    """One reason per blocking setting, the same text in the path='static' and compile=True
+    refusals (one line each) and in the SpeculativeSampler docstring."""
+    model, T = setup()
+    kwargs, reason = BLOCKERS[blocker]
+    sampler = SpeculativeSampler(model, T, **kwargs())
+    assert sampler.static_path_blockers() == [reason]
+    assert sampler.resolve_path() == "ragged"
+    assert reason in " ".join(SpeculativeSampler.__doc__.split())
+    for bad in (dict(path="static"), dict(compile=True)):
+        with pytest.raises(ValueError) as err:
+            SpeculativeSampler(model, T, **kwargs(), **bad)
+        msg = str(err.value)
+        assert reason in msg and "\n" not in msg
+        assert msg.startswith("path='static' cannot run with" if "path" in bad
+                              else "compile=True compiles the static round")
+
+
+def test_static_path_blockers_list_every_reason():
+    model, T = setup()
+    s = SpeculativeSampler(model, T, FrozenTargetDraft("x0", prefetch_root=False),
+                           window="adaptive", verify_fn=BLOCKERS["verify_fn"][0]()["verify_fn"])
+    assert s.static_path_blockers() == [BLOCKERS[b][1] for b in ("noprefetch", "adaptive",
+                                                                  "verify_fn")]
+    with pytest.raises(ValueError, match=r"^compile=True compiles the static round, but this "
+                                         r"sampler runs the ragged round \(path='ragged'\), which "
+                                         r"runs eagerly; leave compile at 'auto' or False$"):
+        SpeculativeSampler(model, T, path="ragged", compile=True)
+
+
 # ----------------------------------------------------------------------------- ragged round pieces
 def test_plan_round_splits_live_chains():
     from specdiff_kernels.sampling.ragged_round import RootStatus, plan_round
@@ -451,12 +500,12 @@ def test_plan_round_splits_live_chains():
     k = torch.tensor([0, 2, 6, 5, 3, 1])
     root = torch.tensor([RootStatus.NONE, RootStatus.EXACT, RootStatus.STALE, RootStatus.STALE,
                          RootStatus.NONE, RootStatus.STALE], dtype=torch.int8)
-    plan = plan_round(k, root, det, N, needs_frozen=True)
+    plan = plan_round(k, root, det, N, first_steps=True)
     assert plan.det.tolist() == [1, 3]          # steps 2 and 5 are deterministic; chain 2 finished
-    assert plan.boot.tolist() == [0, 4]         # nothing frozen yet
+    assert plan.first_step.tolist() == [0, 4]   # nothing frozen yet
     assert plan.spec.tolist() == [5]
-    plan = plan_round(k, root, det, N, needs_frozen=False)
-    assert plan.boot.numel() == 0 and plan.spec.tolist() == [0, 4, 5]
+    plan = plan_round(k, root, det, N, first_steps=False)
+    assert plan.first_step.numel() == 0 and plan.spec.tolist() == [0, 4, 5]
 
 
 def test_target_call_segments_come_back_by_name():

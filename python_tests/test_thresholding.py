@@ -60,9 +60,14 @@ def test_thresholding_is_not_affine_so_the_static_path_is_refused():
     assert not tr.affine
     with pytest.raises(ValueError, match="not affine"):
         round_tables(tr)
-    with pytest.raises(ValueError, match="no dynamic thresholding"):
+    with pytest.raises(ValueError, match=r"^path='static' cannot run with transitions not affine "
+                                         r"in x0-hat \(dynamic thresholding\); use path='ragged'"):
         SpeculativeSampler(DiffusersModel(unet()), tr, window=4, path="static")
-    assert SpeculativeSampler(DiffusersModel(unet()), tr, window=4).resolve_path() == "ragged"
+    sampler = SpeculativeSampler(DiffusersModel(unet()), tr, window=4)
+    assert sampler.resolve_path() == "ragged"
+    reason = "transitions not affine in x0-hat (dynamic thresholding)"
+    assert sampler.static_path_blockers() == [reason]
+    assert reason in " ".join(SpeculativeSampler.__doc__.split())
 
 
 def test_window_thresholds_each_position_separately():

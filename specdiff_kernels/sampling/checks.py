@@ -7,6 +7,7 @@ object, another dtype or device), before anything is done with it.
 from __future__ import annotations
 
 import operator
+
 import torch
 from torch import Tensor
 

@@ -19,7 +19,7 @@ the single-process run's (except wall time).
 
 Launch (CPU: gloo; GPU: nccl, one GPU per rank)::
 
-    torchrun --nproc_per_node 4 -m specdiff_kernels.sampling.distributed --model gmm --dim 64 \\
+    torchrun --nproc_per_node 4 -m specdiff_kernels.cli.distributed --model gmm --dim 64 \\
         --chains 4096 --steps 200 --window 8 --seed 0 --out samples.pt
 
 or call :func:`sample_distributed` from your own torchrun script after
@@ -37,7 +37,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .sampler import SamplerStats, SamplingResult
+from .accounting import SamplerStats
+from .base import SamplingResult
 
 __all__ = ["DistributedResult", "shard_chains", "merge_stats", "sample_distributed", "load_shards"]
 
@@ -166,28 +167,33 @@ def sample_distributed(sampler, num_chains: int, event_shape, *, seed: int,
         torch.save({"chain_ids": ids, "samples": samples.cpu(), "stats": stats, "rank": rank,
                     "world_size": world, "num_chains": int(num_chains)},
                    Path(out_dir) / f"rank{rank}.pt")
+    local = DistributedResult(samples, ids, stats, rank, world, [stats],
+                              stats.target_calls if stats is not None else 0)
     if not distributed or not gather:
-        return DistributedResult(samples, ids, stats, rank, world, [stats],
-                                 stats.target_calls if stats is not None else 0)
+        return local
+    return _gather(local, int(num_chains), group)
 
-    # ---- gather on rank 0: padded tensors, then the objects (stats)
+
+def _gather(local: DistributedResult, num_chains: int, group) -> DistributedResult:
+    """Every rank's samples and stats on rank 0 (collective: padded tensors, then the stats
+    objects); the other ranks get ``local``, their own shard, back."""
+    rank, world, samples = local.rank, local.world_size, local.samples
     cdev = _comm_device(group)
-    per = max(len(shard_chains(int(num_chains), r, world)) for r in range(world))
-    buf = torch.zeros((per, *event_shape), dtype=samples.dtype, device=cdev)
-    buf[:len(ids)] = samples.to(cdev)
+    per = max(len(shard_chains(num_chains, r, world)) for r in range(world))
+    buf = torch.zeros((per, *samples.shape[1:]), dtype=samples.dtype, device=cdev)
+    buf[:len(local.chain_ids)] = samples.to(cdev)
     bufs = [torch.empty_like(buf) for _ in range(world)] if rank == 0 else None
     dist.gather(buf, bufs, dst=_global_rank(0, group), group=group)
     objs = [None] * world if rank == 0 else None
-    dist.gather_object(stats, objs, dst=_global_rank(0, group), group=group)
+    dist.gather_object(local.stats, objs, dst=_global_rank(0, group), group=group)
     if rank != 0:
-        return DistributedResult(samples, ids, stats, rank, world, [stats],
-                                 stats.target_calls if stats is not None else 0)
-    shards = [list(shard_chains(int(num_chains), r, world)) for r in range(world)]
+        return local
+    shards = [list(shard_chains(num_chains, r, world)) for r in range(world)]
     all_samples = torch.cat([b[:len(s)] for b, s in zip(bufs, shards)]).to(samples.device)
     merged = merge_stats([o for o in objs if o is not None],
                          [s for s, o in zip(shards, objs) if o is not None])
     total_calls = sum(o.target_calls for o in objs if o is not None)
-    return DistributedResult(all_samples, list(range(int(num_chains))), merged, rank, world, objs,
+    return DistributedResult(all_samples, list(range(num_chains)), merged, rank, world, objs,
                              total_calls)
 
 

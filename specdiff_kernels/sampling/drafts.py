@@ -20,9 +20,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from ..ops.layout import FREEZE_MODES
 from .transitions import GaussianTransitions, Model
-
-FREEZE_MODES = ("x0", "eps")
 
 
 class Draft:
@@ -41,7 +40,7 @@ class FrozenTargetDraft(Draft):
 
     def __init__(self, freeze: str = "x0", prefetch_root: bool = True):
         if freeze not in FREEZE_MODES:
-            raise ValueError(f"freeze must be one of {FREEZE_MODES}, got {freeze!r}")
+            raise ValueError(f"freeze must be one of {tuple(FREEZE_MODES)}, got {freeze!r}")
         self.freeze = freeze
         self.prefetch_root = bool(prefetch_root)
 

@@ -39,8 +39,10 @@ from typing import Callable, Optional, Union
 import torch
 from torch import Tensor
 
+from .ancestral import AncestralSampler
+from .base import SamplingResult
 from .drafts import Draft, DraftModelDraft, FrozenTargetDraft
-from .sampler import AncestralSampler, SamplingResult, SpeculativeSampler
+from .sampler import SpeculativeSampler
 from .transitions import GaussianTransitions
 
 GradFn = Callable[[Tensor], Tensor]

@@ -1,7 +1,9 @@
 """The ragged round: speculative sampling where every chain has its own step and window.
 
-The general path of :class:`~specdiff_kernels.sampling.sampler.SpeculativeSampler` (any draft, adaptive
-windows, a custom verify op). A round
+The general path of :class:`~specdiff_kernels.sampling.sampler.SpeculativeSampler`: it runs every
+setting, and is the one taken where
+:meth:`~specdiff_kernels.sampling.sampler.SpeculativeSampler.static_path_blockers` names a reason
+the static round cannot run. A round
 
 1. takes, without any call, the deterministic steps (std 0) of chains whose target prediction at
    the current state is already known (prefetched);
@@ -24,6 +26,7 @@ known to be is one enum, :class:`RootStatus`.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Callable, Optional
@@ -31,12 +34,13 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from ..ops import round as round_ops
-from .noise import ChainNoise
+from ..ops.layout import FREEZE_MODES
+from .accounting import SamplerStats
+from .base import Chains, NonFiniteError, SamplerBase, SamplingResult
 from .drafts import DraftModelDraft, FrozenTargetDraft
-from .static_round import draft_op
-from .transitions import GaussianTransitions
-from .transitions import clip_value, round_tables
+from .network import draft_op
+from .noise import ChainNoise
+from .transitions import GaussianTransitions, clip_value, round_tables, stochastic_runs
 
 
 class RootStatus(IntEnum):
@@ -69,17 +73,21 @@ class RaggedChains:
 class RoundPlan:
     """Who does what in a round (disjoint rows of live chains)."""
 
-    det: Tensor    # at a deterministic step, root not known: the target at the root, then the step
-    boot: Tensor   # nothing frozen yet: one ancestral step from the target at the root
-    spec: Tensor   # draft and verify a window
+    det: Tensor         # at a deterministic step, root not known: the target at the root, then the step
+    first_step: Tensor  # nothing frozen yet: one ancestral step from the target at the root
+    spec: Tensor        # draft and verify a window
 
 
-def plan_round(k: Tensor, root: Tensor, deterministic: Tensor, N: int, needs_frozen: bool) -> RoundPlan:
-    """The round's plan from each chain's step and root status (a pure function)."""
+def plan_round(k: Tensor, root: Tensor, deterministic: Tensor, N: int,
+               first_steps: bool) -> RoundPlan:
+    """The round's plan from each chain's step and root status (a pure function).
+    ``first_steps``: chains with nothing frozen take a first step (the prefetching frozen draft;
+    without prefetch the round's call at the roots freezes the exact prediction instead, and a
+    draft model freezes nothing)."""
     live = (k < N).nonzero().squeeze(1)
     is_det = deterministic[k[live]]
     det, spec = live[is_det], live[~is_det]
-    if not needs_frozen:
+    if not first_steps:
         return RoundPlan(det, spec[:0], spec)
     has_frozen = root[spec] != int(RootStatus.NONE)
     return RoundPlan(det, spec[~has_frozen], spec[has_frozen])
@@ -90,9 +98,9 @@ class DraftedWindows:
     """The drafted windows of chains ``rows`` (padded to L)."""
 
     rows: Tensor    # [w] chains (CPU)
-    Y: Tensor       # [w, L+1, *E] y_0..y_L (positions past n repeat the state)
+    Y: Tensor       # [w, L+1, *E] y_0..y_L (positions past the window length repeat the state)
     MQ: Tensor      # [w, L, *E] draft means mq_0..mq_{L-1}
-    n: Tensor       # [w] int64 steps drafted (CPU)
+    lengths: Tensor  # [w] int64 per-chain window length n: steps drafted (CPU)
     k: Tensor       # [w] int64 step at the root (CPU)
     u: Tensor       # [w, L] acceptance uniforms
     exact: Tensor   # [w] bool: the target's x0-hat at the root is known (CPU)
@@ -162,80 +170,80 @@ class FrozenProposer:
         self.T = transitions
         self.prefetch = draft.prefetch_root
 
-    def freeze(self, chains: RaggedChains, rows: Tensor, x: Tensor, x0: Tensor, k: Tensor) -> None:
+    def freeze(self, state: RaggedChains, rows: Tensor, x: Tensor, x0: Tensor, k: Tensor) -> None:
         """Freeze the target's x0-hat ``x0`` at states x of chains ``rows`` (device rows)."""
-        chains.frozen[rows] = self.draft.freeze_value(self.T, x, x0, k)
+        state.frozen[rows] = self.draft.freeze_value(self.T, x, x0, k)
 
     @property
     def fused(self) -> bool:
         """Whether the window is drafted by the fused ``frozen_draft`` op (affine means)."""
         return self.T.affine
 
-    def fused_draft(self, chains: RaggedChains, rows: Tensor, k: Tensor, n: Tensor,
+    def fused_draft(self, state: RaggedChains, rows: Tensor, k: Tensor, lengths: Tensor,
                     noise: ChainNoise, window: int, backend: Optional[str]) -> tuple[Tensor, Tensor]:
         """``(Y, MQ)`` of chains ``rows`` in one pass of ``frozen_draft`` (noise drawn in-kernel:
         the same xi(seed, c, k) as ``noise``), the draft means recomputed from Y in a few
-        vectorised ops. Positions past n repeat the state; their means are not used (the verify
-        op ignores steps >= n)."""
-        dev = chains.x.device
+        vectorised ops. Positions past a chain's window length repeat the state; their means are
+        not used (the verify op ignores them)."""
+        dev = state.x.device
         rd = rows.to(dev)
-        kd, nd = k.to(dev), n.to(dev)
-        fr = chains.frozen[rd]
-        Y = draft_op(backend, chains.x[rd], fr, kd, nd, round_tables(self.T, dev),
+        kd, nd = k.to(dev), lengths.to(dev)
+        fr = state.frozen[rd]
+        Y = draft_op(backend, state.x[rd], fr, kd, nd, round_tables(self.T, dev),
                      noise.seed, noise.chain_ids[rd], window,
-                     round_ops.FREEZE_MODES[self.draft.freeze], clip_value(self.T))
+                     FREEZE_MODES[self.draft.freeze], clip_value(self.T))
         pos = torch.arange(window, device=dev)
         kw = kd[:, None] + pos[None]
         Yl = Y[:, :window]
         x0q = self.draft.x0_at(self.T, fr.unsqueeze(1), Yl, kw)
         return Y, affine_mean(self.T, Yl, x0q, kw)
 
-    def draft_x0(self, chains: RaggedChains, rd: Tensor, exact0: Tensor, j: int, yj: Tensor,
+    def draft_x0(self, state: RaggedChains, rd: Tensor, exact0: Tensor, j: int, yj: Tensor,
                  kj: Tensor, active: Tensor, evaluate) -> Tensor:
-        x0j = self.draft.x0_at(self.T, chains.frozen[rd], yj, kj)
+        x0j = self.draft.x0_at(self.T, state.frozen[rd], yj, kj)
         if j == 0:
-            x0j = torch.where(exact0.view((-1,) + (1,) * (yj.dim() - 1)), chains.root_x0[rd], x0j)
+            x0j = torch.where(exact0.view((-1,) + (1,) * (yj.dim() - 1)), state.root_x0[rd], x0j)
         return x0j
 
     def needed_positions(self, win: DraftedWindows, N: int) -> Tensor:
         """[w, L+1] bool: window positions whose state the target must evaluate."""
         p = torch.arange(win.Y.shape[1])[None]
-        n = win.n[:, None]
-        need = (p >= 1) & (p < n)                          # y_1..y_{n-1}: means of steps 1..n-1
+        lengths = win.lengths[:, None]
+        need = (p >= 1) & (p < lengths)                    # y_1..y_{n-1}: means of steps 1..n-1
         if self.prefetch:
-            need |= (p == 0) & ~win.exact[:, None]           # stale frozen value: the root too
-            need |= (p == n) & ((win.k + win.n) < N)[:, None]  # prefetch the next root
+            need |= (p == 0) & ~win.exact[:, None]         # stale frozen value: the root too
+            need |= (p == lengths) & ((win.k + win.lengths) < N)[:, None]   # prefetch the next root
         return need
 
-    def root_x0(self, chains: RaggedChains, win: DraftedWindows, TP: Tensor) -> None:
+    def root_x0(self, state: RaggedChains, win: DraftedWindows, TP: Tensor) -> None:
         """Fill the target's x0-hat at the roots that are known without evaluation."""
         rd = win.rows.to(TP.device)
         exact0 = win.exact.to(TP.device).view((-1,) + (1,) * (TP.dim() - 2))
-        TP[:, 0] = torch.where(exact0, chains.root_x0[rd], TP[:, 0])
+        TP[:, 0] = torch.where(exact0, state.root_x0[rd], TP[:, 0])
 
-    def after_verify(self, chains: RaggedChains, win: DraftedWindows, TP: Tensor,
+    def after_verify(self, state: RaggedChains, win: DraftedWindows, TP: Tensor,
                      out: WindowOutcome, N: int) -> None:
         """The next round's frozen value: prefetching, the target's x0-hat at the new root (an
         accepted window's y_n) or at the parent of the rejected step; else stale."""
         rows = win.rows
         if not self.prefetch:
-            chains.set_status(rows, RootStatus.STALE)
+            state.set_status(rows, RootStatus.STALE)
             return
         dev = TP.device
         w = rows.numel()
         rd = rows.to(dev)
         na = out.num_accepted
-        rejected = na < win.n
-        src = torch.where(rejected, na, win.n)              # parent of the rejected step, or y_n
+        rejected = na < win.lengths
+        src = torch.where(rejected, na, win.lengths)              # parent of the rejected step, or y_n
         exact = (~rejected) & ((win.k + out.advance) < N)
         usable = rejected | exact
         idx, srcd = torch.arange(w).to(dev), src.to(dev)
         ysrc, x0src = win.Y[idx, srcd], TP[idx, srcd]
         fz = self.draft.freeze_value(self.T, ysrc, x0src, (win.k + src).to(dev))
         ud = usable.to(dev).view((w,) + (1,) * (TP.dim() - 2))
-        chains.frozen[rd] = torch.where(ud, fz, chains.frozen[rd])
-        chains.root_x0[rd] = torch.where(ud, x0src, chains.root_x0[rd])
-        chains.set_status(rows, torch.where(exact, int(RootStatus.EXACT), int(RootStatus.STALE))
+        state.frozen[rd] = torch.where(ud, fz, state.frozen[rd])
+        state.root_x0[rd] = torch.where(ud, x0src, state.root_x0[rd])
+        state.set_status(rows, torch.where(exact, int(RootStatus.EXACT), int(RootStatus.STALE))
                           .to(torch.int8))
 
 
@@ -251,7 +259,7 @@ class ModelProposer:
         self.draft = draft
         self.T = transitions
 
-    def draft_x0(self, chains: RaggedChains, rd: Tensor, exact0: Tensor, j: int, yj: Tensor,
+    def draft_x0(self, state: RaggedChains, rd: Tensor, exact0: Tensor, j: int, yj: Tensor,
                  kj: Tensor, active: Tensor, evaluate) -> Tensor:
         act = active.nonzero().squeeze(1)
         x0j = torch.zeros_like(yj)
@@ -260,12 +268,12 @@ class ModelProposer:
 
     def needed_positions(self, win: DraftedWindows, N: int) -> Tensor:
         p = torch.arange(win.Y.shape[1])[None]
-        return (p < win.n[:, None])                        # the root and y_1..y_{n-1}
+        return (p < win.lengths[:, None])                  # the root and y_1..y_{n-1}
 
-    def root_x0(self, chains, win, TP) -> None:
+    def root_x0(self, state, win, TP) -> None:
         pass
 
-    def after_verify(self, chains, win, TP, out, N) -> None:
+    def after_verify(self, state, win, TP, out, N) -> None:
         pass
 
 
@@ -294,7 +302,7 @@ class RaggedCounters:
         self.accepted_by_position += out.accepted.sum(0)
         self.attempted_by_position += out.attempted.sum(0)
         self.accepted_length_hist += torch.bincount(out.num_accepted, minlength=L + 1)
-        self.window_length_hist += torch.bincount(win.n, minlength=L + 1)
+        self.window_length_hist += torch.bincount(win.lengths, minlength=L + 1)
         self.accepted_by_step += torch.bincount(kw[out.accepted], minlength=N)[:N]
         self.attempted_by_step += torch.bincount(kw[out.attempted], minlength=N)[:N]
 
@@ -304,6 +312,275 @@ class RaggedCounters:
             setattr(stats, name, getattr(self, name).tolist())
 
 
+# ------------------------------------------------------------------------- the round
+class RaggedRound:
+    """The ragged rounds of one speculative run, from the initial states to the end of the
+    schedule (see the module docstring): ``RaggedRound(sampler, x, noise, chains).run()``.
+
+    The run's state lives on ``self``: ``state`` (:class:`RaggedChains`: states, steps, root
+    status, frozen values), ``proposer`` (the draft as this path runs it), ``stats`` and
+    ``counters`` (cost and acceptance), ``budget`` (the adaptive window's per-chain counts; None
+    with a fixed window) and ``bar`` (progress; None without). ``sampler``, the
+    :class:`~specdiff_kernels.sampling.sampler.SpeculativeSampler`, supplies the settings only
+    (model, transitions, L, draft, window policy, verify op, backend, ``check_finite``) and the
+    checked network evaluation.
+    """
+
+    def __init__(self, sampler: SamplerBase, x: Tensor, noise: ChainNoise,
+                 chains: Chains):
+        self.sampler = sampler
+        self.T, self.L = sampler.transitions, sampler.window
+        self.N = self.T.num_steps
+        self.noise, self.chains = noise, chains
+        self.proposer = proposer_for(sampler.draft, self.T)
+        self.policy = sampler.window_policy
+        self.run_left = stochastic_runs(self.T)   # stochastic steps before a deterministic one
+        B = x.shape[0]
+        frozen = self.proposer.needs_frozen
+        self.state = RaggedChains(
+            x=x, k=torch.zeros(B, dtype=torch.int64), root=torch.zeros(B, dtype=torch.int8),
+            root_x0=torch.zeros_like(x) if frozen else None,
+            frozen=torch.zeros_like(x) if frozen else None,
+            finished_round=torch.zeros(B, dtype=torch.int64))
+        self.stats = SamplerStats(sampler.name, B, self.N, self.L)
+        self.counters = RaggedCounters(self.L, self.N)
+        self.budget = None if self.policy is None else self.policy.init_state(B)
+        self.bar = sampler.progress_bar(B * self.N)
+
+    def run(self) -> SamplingResult:
+        """Every round until every chain has finished; the samples and the run's stats
+        (``wall_time`` is the caller's to set)."""
+        while self._round():
+            pass
+        if self.bar is not None:
+            self.bar.close()
+        self.counters.fill(self.stats)
+        self.stats.chain_rounds = self.state.finished_round.tolist()
+        return SamplingResult(self.state.x, self.stats)
+
+    def _round(self) -> bool:
+        """One round (False: every chain had finished, nothing was done)."""
+        s, prop = self.state, self.proposer
+        self._free_deterministic_steps()
+        plan = plan_round(s.k, s.root, self.T.deterministic, self.N, prop.prefetch)
+        if plan.det.numel() + plan.first_step.numel() + plan.spec.numel() == 0:
+            return False
+        self.stats.rounds += 1
+        if prop.needs_frozen and not prop.prefetch:
+            plan = self._root_call(plan)
+        win = None
+        if plan.spec.numel():
+            win = self._draft_windows(plan.spec, self._adaptive_lengths(plan.spec))
+        call = TargetCall()
+        call.add("det", s.x[plan.det.to(s.x.device)], s.k[plan.det], plan.det)
+        call.add("first_step", s.x[plan.first_step.to(s.x.device)], s.k[plan.first_step],
+                 plan.first_step)
+        evaluated = None
+        if win is not None:
+            evaluated = prop.needed_positions(win, self.N).nonzero(as_tuple=True)  # (window, pos)
+            wi, pi = (i.to(s.x.device) for i in evaluated)
+            call.add("window", win.Y[wi, pi], win.k[evaluated[0]] + evaluated[1], win.rows[evaluated[0]])
+        x0 = call.run(self._target)
+        if plan.det.numel():
+            self._commit_deterministic_steps(plan.det, x0["det"])
+        if plan.first_step.numel():
+            self._commit_first_steps(plan.first_step, x0["first_step"])
+        if win is not None:
+            self._commit_windows(win, evaluated, x0["window"])
+        return True
+
+    # ------------------------------------------------------------------ calls and commits
+    def _target(self, xs: Tensor, ks: Tensor, rows: Tensor) -> Tensor:
+        """One sequential target call on states xs of chains rows."""
+        x0 = self.sampler.evaluate(self.sampler.model, "target", xs, ks, rows, self.chains)
+        self.stats.target_calls += 1
+        self.stats.target_evals += rows.numel()
+        if self.budget is not None:
+            self.budget["evals"] += torch.bincount(rows, minlength=self.state.x.shape[0]).to(torch.float64)
+        return x0
+
+    def _advance(self, rows: Tensor, by: Tensor | int) -> None:
+        """Chains ``rows`` committed ``by`` steps this round."""
+        s = self.state
+        s.k[rows] += by
+        if self.budget is not None:
+            self.budget["steps"][rows] += by
+        s.finished_round[rows] = self.stats.rounds
+        if self.bar is not None:
+            self.bar.update(int(by.sum()) if isinstance(by, Tensor) else by * rows.numel())
+
+    def _free_deterministic_steps(self) -> None:
+        """Deterministic steps whose root prediction is known (prefetched): no call."""
+        s, N = self.state, self.N
+        if not self.proposer.needs_frozen:
+            return
+        known = ((s.k < N) & (s.root == int(RootStatus.EXACT))
+                 & self.T.deterministic[s.k.clamp(max=N - 1)]).nonzero().squeeze(1)
+        if known.numel():
+            self._commit_deterministic_steps(known, s.root_x0[known.to(s.x.device)])
+
+    def _root_call(self, plan: RoundPlan) -> RoundPlan:
+        """FrozenTargetDraft(prefetch_root=False): a call at every root first (deterministic-step
+        chains take their step; speculating chains freeze the exact prediction)."""
+        s = self.state
+        dev = s.x.device
+        call = TargetCall()
+        call.add("det", s.x[plan.det.to(dev)], s.k[plan.det], plan.det)
+        call.add("spec", s.x[plan.spec.to(dev)], s.k[plan.spec], plan.spec)
+        x0 = call.run(self._target)
+        if plan.det.numel():
+            self._commit_deterministic_steps(plan.det, x0["det"])
+        sd = plan.spec.to(dev)
+        s.root_x0[sd] = x0["spec"]
+        self.proposer.freeze(s, sd, s.x[sd], x0["spec"], s.k[plan.spec].to(dev))
+        s.set_status(plan.spec, RootStatus.EXACT)
+        return RoundPlan(plan.det[:0], plan.first_step, plan.spec)
+
+    def _commit_deterministic_steps(self, rows: Tensor, x0: Tensor) -> None:
+        """Deterministic steps (std 0) of chains ``rows`` given the target's x0 at their roots."""
+        s = self.state
+        rd = rows.to(s.x.device)
+        kr = s.k[rows].to(s.x.device)
+        xr = s.x[rd]
+        if self.proposer.needs_frozen:
+            self.proposer.freeze(s, rd, xr, x0, kr)
+            s.set_status(rows, RootStatus.STALE)
+        s.x[rd] = self.T.mean_from_x0(xr, x0, kr)
+        self.stats.deterministic_steps += rows.numel()
+        self._advance(rows, 1)
+
+    def _commit_first_steps(self, rows: Tensor, x0: Tensor) -> None:
+        """The first step of chains with nothing frozen yet: one ancestral step, freezing the
+        target's x0-hat."""
+        s, T = self.state, self.T
+        dev = s.x.device
+        rd = rows.to(dev)
+        kr = s.k[rows]
+        kd = kr.to(dev)
+        xi, _ = self.noise.window(rows, kr, 1)
+        xr = s.x[rd]
+        mean = T.mean_from_x0(xr, x0, kd)
+        self.proposer.freeze(s, rd, xr, x0, kd)
+        s.set_status(rows, RootStatus.STALE)
+        s.x[rd] = mean + T.coef("std", kd, xr) * xi[:, 0].to(dev)
+        self.stats.direct_steps += rows.numel()
+        self._advance(rows, 1)
+
+    # ------------------------------------------------------------------ windows
+    def _adaptive_lengths(self, rows: Tensor) -> Optional[Tensor]:
+        """The adaptive window's choice of lengths for chains ``rows`` (None: fixed L)."""
+        if self.policy is None:
+            return None
+        s, prop = self.state, self.proposer
+        exact = (s.status(rows, RootStatus.EXACT) if prop.needs_frozen
+                 else torch.zeros(rows.shape, dtype=torch.bool))
+        # prefetching frozen draft: a stale root is evaluated in this round's call
+        extra = ((~exact).to(torch.float64) if prop.prefetch
+                 else torch.zeros(exact.shape, dtype=torch.float64))
+        return self.policy.lengths(self.budget, rows, exact, extra, steps_left=self.N - s.k[rows])
+
+    def _draft_windows(self, rows: Tensor, chosen: Optional[Tensor]) -> DraftedWindows:
+        """Draft y_1..y_n and mq_0..mq_{n-1} of chains ``rows`` (padded to L), where n, each
+        chain's window length, is L or the adaptive window's ``chosen`` length, capped by the
+        stochastic steps before the next deterministic step."""
+        s, L, noise = self.state, self.L, self.noise
+        kr = s.k[rows]
+        cap = torch.full_like(kr, L) if chosen is None else chosen.clamp(1, L)
+        lengths = torch.minimum(self.run_left[kr], cap)                     # [w] >= 1
+        exact = (s.status(rows, RootStatus.EXACT) if self.proposer.needs_frozen
+                 else torch.zeros(rows.numel(), dtype=torch.bool))
+        if self.proposer.fused:
+            Y, MQ = self.proposer.fused_draft(s, rows, kr, lengths, noise, L, self.sampler.backend)
+            return DraftedWindows(rows, Y, MQ, lengths, kr, noise.uniforms(rows, kr, L), exact)
+        xi, u = noise.window(rows, kr, L)
+        Y, MQ = self._draft_sequential(rows, kr, lengths, exact, xi.to(s.x.device))
+        return DraftedWindows(rows, Y, MQ, lengths, kr, u, exact)
+
+    def _draft_sequential(self, rows: Tensor, kr: Tensor, lengths: Tensor, exact: Tensor,
+                          xi: Tensor) -> tuple[Tensor, Tensor]:
+        """``(Y, MQ)`` of chains ``rows`` one position at a time (the draft's x0-hat at each
+        drafted state: a draft-model call, or the frozen value re-read at non-affine means)."""
+        s, T = self.state, self.T
+        dev = s.x.device
+        rd = rows.to(dev)
+        kd, nd, exact0 = kr.to(dev), lengths.to(dev), exact.to(dev)
+        draft_eval = functools.partial(self._draft_call, rows)
+        ys = [s.x[rd]]
+        mqs = []
+        shape1 = (rows.numel(),) + (1,) * (s.x.dim() - 1)
+        max_n = int(lengths.max())
+        for j in range(self.L):
+            yj = ys[j]
+            if j >= max_n:
+                mqs.append(yj)
+                ys.append(yj)
+                continue
+            kj = kd + j
+            active = nd > j
+            x0j = self.proposer.draft_x0(s, rd, exact0, j, yj, kj, active, draft_eval)
+            mq = T.mean_from_x0(yj, x0j, kj)
+            ynext = mq + T.coef("std", kj, yj) * xi[:, j]
+            mask = active.view(shape1)
+            mqs.append(torch.where(mask, mq, yj))
+            ys.append(torch.where(mask, ynext, yj))
+        return torch.stack(ys, 1), torch.stack(mqs, 1)
+
+    def _draft_call(self, rows: Tensor, y: Tensor, k: Tensor, act: Tensor) -> Tensor:
+        """One sequential draft-model call on states y of windows ``act`` of chains ``rows``."""
+        self.stats.draft_calls += 1
+        self.stats.draft_evals += act.numel()
+        return self.sampler.evaluate(self.sampler.draft.model, "draft", y, k, rows[act.cpu()],
+                                     self.chains)
+
+    def _commit_windows(self, win: DraftedWindows, evaluated, x0_evals: Tensor) -> None:
+        """Verify the windows given the target's x0-hat at the ``evaluated`` (window, position)
+        states, commit each chain's accepted steps and the reflected one, count."""
+        s, T, L = self.state, self.T, self.L
+        dev = s.x.device
+        rows, lengths, kr = win.rows, win.lengths, win.k
+        TP = torch.zeros_like(win.Y)                        # target raw x0 at y_0..y_L
+        TP[evaluated[0].to(dev), evaluated[1].to(dev)] = x0_evals
+        self.proposer.root_x0(s, win, TP)
+        pos = torch.arange(L)
+        kw = kr[:, None] + pos[None]                         # [w, L] step of each position
+        active = (pos[None] < lengths[:, None])
+        mean = functools.partial(affine_mean, T) if T.affine else T.mean_from_x0
+        # positions past a chain's window length hold anything finite: the verify op ignores them
+        MP = mean(win.Y[:, :L], TP[:, :L], kw.to(dev))
+        sig_dtype = torch.float64 if s.x.dtype == torch.float64 else torch.float32
+        sigma = torch.where(active, T.step_std(kw), torch.ones((), dtype=torch.float64)).to(device=dev, dtype=sig_dtype)
+        res = self.sampler.verify_fn(win.Y[:, 1:].contiguous(), win.MQ.contiguous(), MP.contiguous(),
+                                     sigma, win.u.to(dev), lengths.to(dev), backend=self.sampler.backend)
+        na = res.num_accepted.to("cpu", torch.int64)
+        attempted = active & (pos[None] <= na[:, None])
+        accepted = pos[None] < na[:, None]
+        if self.sampler.check_finite:
+            self._check_log_ratio(win, res.log_ratio, attempted)
+        advance = na + (na < lengths).to(torch.int64)
+        s.x[rows.to(dev)] = res.next_state.to(s.x.dtype)
+        out = WindowOutcome(accepted, attempted, na, advance)
+        self.counters.add(win, out)
+        self.stats.windows += rows.numel()
+        self.stats.speculative_steps += int(advance.sum())
+        self.proposer.after_verify(s, win, TP, out, self.N)
+        self._advance(rows, out.advance)
+        if self.policy is not None:
+            self.policy.update(self.budget, rows, win.exact, out.accepted, out.attempted)
+
+    def _check_log_ratio(self, win: DraftedWindows, log_ratio: Tensor, attempted: Tensor) -> None:
+        """Raise :class:`NonFiniteError` at the first attempted position whose log ratio is not
+        finite."""
+        lr = log_ratio.to("cpu")
+        bad = attempted & ~torch.isfinite(lr)
+        if bool(bad.any()):
+            i, j = (int(v) for v in bad.nonzero()[0])
+            step = int(win.k[i]) + j
+            t = self.T.timesteps[step].item()
+            raise NonFiniteError(f"non-finite log ratio ({float(lr[i, j])}) at sampling step {step} "
+                                 f"(timestep t={t}, window position {j}) for chain "
+                                 f"{self.chains.ids[int(win.rows[i])]}")
+
+
 __all__ = ["RootStatus", "RaggedChains", "RoundPlan", "plan_round", "DraftedWindows",
            "WindowOutcome", "TargetCall", "FrozenProposer", "ModelProposer", "proposer_for",
-           "RaggedCounters"]
+           "RaggedCounters", "RaggedRound"]

@@ -424,7 +424,7 @@ def euler_ancestral_from_sigmas(timesteps: Tensor, sigmas: Tensor, *, prediction
 
 # ---------------------------------------------------------------- the round ops' tables
 def round_tables(transitions: GaussianTransitions, device=None) -> Tensor:
-    """The float64 ``[8, N]`` coefficient tensor of ``transitions`` (rows ``round_reference.ROW_*``):
+    """The float64 ``[8, N]`` coefficient tensor of ``transitions`` (rows ``ops.layout.ROW_*``):
 
     ``mean(x, k) = A clip(p) + E p + G x`` for the network's raw x0-hat p (GaussianTransitions'
     ``mean_from_x0`` with its eps term expanded), the step std, the frozen-eps draft's x0 at y
@@ -456,3 +456,14 @@ def round_tables(transitions: GaussianTransitions, device=None) -> Tensor:
 def clip_value(transitions: GaussianTransitions) -> float:
     """The clip bound the ops take (``inf``: no clipping)."""
     return math.inf if transitions.clip_sample is None else float(transitions.clip_sample)
+
+
+def stochastic_runs(transitions: GaussianTransitions) -> Tensor:
+    """``[N + 1]`` int64: stochastic steps from step k before the next deterministic step or the
+    end (0 at a deterministic step and at k = N)."""
+    det = transitions.deterministic.tolist()
+    run = [0] * (transitions.num_steps + 1)
+    for s in range(transitions.num_steps - 1, -1, -1):
+        run[s] = 0 if det[s] else run[s + 1] + 1
+    return torch.tensor(run, dtype=torch.int64)
+

@@ -1,0 +1,129 @@
+"""What every sampler of this package shares: argument checks and the chains' noise
+(:meth:`SamplerBase.setup`), the checked network evaluation, the error for a non-finite value, the
+result types.
+
+Randomness: xi_k and u_k of chain c at sampling step k are counter-based (Philox), pure functions
+of (seed, chain id, k); the seed is one draw of the ``generator`` passed to ``sample`` (see
+``chain_noise``). So the same generator seed gives the same samples, and a chain's samples do not
+depend on the other chains of its batch.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from . import checks as _args
+from .accounting import SamplerStats
+from .noise import ChainNoise, base_seed_from
+from .transitions import GaussianTransitions, Model
+
+
+class NonFiniteError(FloatingPointError):
+    """A model output or a log ratio was not finite; the message names the step and the chain."""
+
+
+@dataclass(frozen=True)
+class Chains:
+    """Who the chains of a run are: their ids (noise streams, error messages) and their
+    conditioning (passed to every network call on their rows)."""
+
+    ids: list                     # [B] int chain ids
+    cond: "_args.ModelKwargs"     # per-chain network kwargs (empty: unconditional)
+
+
+@dataclass
+class SamplingResult:
+    samples: Tensor        # [B, *E] final states
+    stats: SamplerStats
+
+
+def sample_in_inference_mode(sample):
+    """Run ``sample`` under ``torch.inference_mode()``: a model whose parameters require grad (a
+    diffusers UNet outside its pipeline) must not build an autograd graph over N steps. The
+    samples are cloned out of inference mode, so callers get ordinary tensors."""
+    @functools.wraps(sample)
+    def wrapper(self, *args, **kwargs) -> "SamplingResult":
+        with torch.inference_mode():
+            res = sample(self, *args, **kwargs)
+        return SamplingResult(res.samples.clone(), res.stats)
+    return wrapper
+
+
+class SamplerBase:
+    """The model, the transitions and the settings every sampler has; see the module docstring."""
+
+    name = "sampler"
+
+    def __init__(self, model: Model, transitions: GaussianTransitions, *, progress: bool = False,
+                 check_finite: bool = True):
+        if not isinstance(transitions, GaussianTransitions):
+            raise TypeError(f"transitions must be a GaussianTransitions, got {type(transitions).__name__}")
+        self.model = model
+        self.transitions = transitions
+        self.progress = progress
+        self.check_finite = bool(check_finite)
+
+    # -------------------------------------------------------------- setup and helpers
+    def setup(self, num_chains, event_shape, generator, chain_ids, x_init, dtype, device,
+               model_kwargs):
+        # every argument is checked here, before the first model call
+        _args.check_generator(generator)
+        if num_chains is not None:
+            num_chains = _args.as_count("num_chains", num_chains)
+        if x_init is not None:
+            x_init = torch.as_tensor(x_init)
+            _args.check_x_init(x_init, self.check_finite)
+            if num_chains is not None and num_chains != x_init.shape[0]:
+                raise ValueError(f"num_chains={num_chains} but x_init has {x_init.shape[0]} rows")
+            if event_shape is not None and _args.as_event_shape(event_shape) != tuple(x_init.shape[1:]):
+                raise ValueError(f"event_shape={tuple(event_shape)} but x_init has rows of shape "
+                                 f"{tuple(x_init.shape[1:])}")
+            num_chains, event_shape = x_init.shape[0], tuple(x_init.shape[1:])
+            dtype, device = x_init.dtype, x_init.device
+        if num_chains is None or event_shape is None:
+            raise ValueError("give num_chains and event_shape, or x_init")
+        event_shape = _args.as_event_shape(event_shape)
+        _args.check_state_dtype(dtype)
+        device = _args.as_device(device)
+        B = num_chains
+        chains = Chains(_args.as_chain_ids(chain_ids, B),
+                        _args.ModelKwargs.check(model_kwargs, B, device))
+        base = base_seed_from(generator)
+        noise = ChainNoise(base, chains.ids, event_shape, dtype, device)
+        if x_init is None:
+            x = (noise.initial * self.transitions.init_std).to(dtype)
+        else:
+            x = x_init.clone()
+        return x, noise, chains
+
+    def nonfinite_output_error(self, role: str, step: int, chain: int) -> NonFiniteError:
+        """The error for a non-finite network output, naming the step, its timestep and the chain
+        (one message for every path)."""
+        t = self.transitions.timesteps[min(step, self.transitions.num_steps - 1)].item()
+        return NonFiniteError(f"{role} model returned a non-finite output at sampling step "
+                              f"{step} (timestep t={t}) for chain {chain}")
+
+    def evaluate(self, model: Model, role: str, x: Tensor, k: Tensor, rows: Tensor,
+              chains: "Chains") -> Tensor:
+        """Raw x0-hat of ``model`` at states x [n, *E], steps k [n] of chains ``rows`` [n] (batch
+        indices); raises on non-finite output."""
+        cond = chains.cond.gather(rows.to(x.device)) if chains.cond else {}
+        out = self.transitions.call_model(model, x, k, **cond)
+        _args.check_model_output(role, out, x)
+        # one reduction first (a finite sum has no inf or NaN term); the row-wise test only when
+        # it is not finite (which a sum that overflows also gives)
+        if self.check_finite and not bool(torch.isfinite(out.sum())):
+            bad = ~torch.isfinite(out.reshape(out.shape[0], -1)).all(dim=1)
+            if bool(bad.any()):
+                i = int(bad.nonzero()[0, 0])
+                raise self.nonfinite_output_error(role, int(k[i]), chains.ids[int(rows[i])])
+        return self.transitions.x0_from_output(x, out, k)
+
+    def progress_bar(self, total: int):
+        if not self.progress:
+            return None
+        from tqdm.auto import tqdm
+        return tqdm(total=total, desc=self.name, unit="step")
