@@ -123,3 +123,32 @@ def test_the_checks_can_fail():
     cycles = _cycles(graph)
     assert any(f"{PKG}.ops.verify" in c for c in cycles)
     assert any(f"{PKG}.cli.demo" in c for c in cycles)
+
+
+# ------------------------------------------------------------------ function length in sampling/
+MAX_FUNCTION_LINES = 60   # def line to the last line of the body, docstring included
+
+
+def _long_functions(source: str, filename: str = "<source>") -> list[str]:
+    """``name (lines)`` of every function in ``source`` longer than MAX_FUNCTION_LINES (nested
+    functions and methods included; decorators not counted)."""
+    return [f"{filename}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)"
+            for node in ast.walk(ast.parse(source, filename))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES]
+
+
+def test_no_function_in_sampling_over_60_lines():
+    long = [f for path in sorted((PKG_DIR / "sampling").glob("*.py"))
+            for f in _long_functions(path.read_text(), path.name)]
+    assert not long, "\n".join(long)
+
+
+def test_the_function_length_check_can_fail():
+    def function(lines: int, prefix: str = "") -> str:   # def line + body: `lines` lines in all
+        return f"{prefix}def f():\n" + "".join(f"{prefix}    x = {i}\n" for i in range(lines - 1))
+
+    assert _long_functions(function(60)) == []
+    assert _long_functions(function(61)) == ["<source>:1 f (61 lines)"]
+    method = "class C:\n" + function(61, prefix="    ").replace("def f():", "async def f(self):")
+    assert _long_functions(method) == ["<source>:2 f (61 lines)"]
