@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "cpu_isa.h"
+#include "cpu_kernel_common.h"
 #include "philox.h"
 
 namespace specdiff {
@@ -26,9 +27,6 @@ using philox::kTile;
 
 constexpr int64_t kChunk = 512;  // counters per task (a multiple of kTile)
 static_assert(kChunk % kTile == 0, "chunks hold whole tiles");
-
-template <typename T> struct Acc { using type = float; };
-template <> struct Acc<double> { using type = double; };
 
 // Rows of the coefficient table (round_reference.ROW_*).
 enum Row { kA = 0, kE, kG, kStd, kX0Y, kX0F, kEpsY, kEpsP, kNumRows };
@@ -113,19 +111,6 @@ inline void for_tile(const Layout& lay, int64_t i0, Fn&& fn) {
 }
 
 // ---------------------------------------------------------------- argument checks
-void check_cpu(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor for the CPU kernel, got ",
-              t.device());
-}
-
-void check_int_vector(const at::Tensor& t, const char* op, const char* name, int64_t B) {
-  check_cpu(t, op, name);
-  TORCH_CHECK(t.scalar_type() == at::kLong, op, ": ", name, " must be an int64 tensor, got ",
-              t.scalar_type());
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == B, op, ": ", name, " must have shape [B] = [", B,
-              "], got ", t.sizes());
-}
-
 int64_t check_seed(const at::Tensor& seed, const char* op) {
   check_cpu(seed, op, "seed");
   TORCH_CHECK(seed.scalar_type() == at::kLong && seed.numel() == 1, op,
@@ -135,9 +120,8 @@ int64_t check_seed(const at::Tensor& seed, const char* op) {
 }
 
 std::vector<uint32_t> check_chain_ids(const at::Tensor& ids, const char* op, int64_t B) {
-  check_int_vector(ids, op, "chain_ids", B);
-  at::Tensor c = ids.contiguous();
-  const int64_t* p = c.data_ptr<int64_t>();
+  check_int64_vector(ids, op, "chain_ids", B);
+  const std::vector<int64_t> p = int64_values(ids);
   std::vector<uint32_t> out(B);
   for (int64_t b = 0; b < B; ++b) {
     TORCH_CHECK(p[b] >= 0 && p[b] < (int64_t(1) << 32), op, ": chain_ids must lie in [0, 2^32), got ",
@@ -149,21 +133,13 @@ std::vector<uint32_t> check_chain_ids(const at::Tensor& ids, const char* op, int
 
 std::vector<int64_t> check_range(const at::Tensor& t, const char* op, const char* name, int64_t B,
                                  int64_t lo, int64_t hi) {
-  check_int_vector(t, op, name, B);
-  at::Tensor c = t.contiguous();
-  const int64_t* p = c.data_ptr<int64_t>();
-  std::vector<int64_t> out(p, p + B);
+  check_int64_vector(t, op, name, B);
+  std::vector<int64_t> out = int64_values(t);
   for (int64_t b = 0; b < B; ++b) {
     TORCH_CHECK(out[b] >= lo && out[b] <= hi, op, ": ", name, " must lie in ", lo, "..", hi,
                 ", got ", out[b], " at index ", b);
   }
   return out;
-}
-
-void check_state(const at::Tensor& t, const char* op, const char* name) {
-  check_cpu(t, op, name);
-  TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": ", name,
-              " must be a floating tensor, got ", t.scalar_type());
 }
 
 struct RoundArgs {
@@ -178,7 +154,7 @@ RoundArgs check_round(const char* op, const at::Tensor& root, const at::Tensor& 
                       const at::Tensor& steps, const at::Tensor& lengths, const at::Tensor& coef,
                       const at::Tensor& seed, const at::Tensor& chain_ids, int64_t window,
                       int64_t freeze, double clip, bool stochastic_only) {
-  check_state(frozen, op, "frozen");
+  check_cpu_float(frozen, op, "frozen");
   TORCH_CHECK(frozen.sizes() == root.sizes() && frozen.scalar_type() == root.scalar_type(), op,
               ": frozen must match the root states' shape and dtype, got ", frozen.sizes(), " ",
               frozen.scalar_type(), " vs ", root.sizes(), " ", root.scalar_type());
@@ -193,8 +169,7 @@ RoundArgs check_round(const char* op, const at::Tensor& root, const at::Tensor& 
   TORCH_CHECK(clip > 0, op, ": clip must be > 0 (inf: no clipping), got ", clip);
   RoundArgs a;
   a.B = root.size(0);
-  a.D = a.B == 0 ? 0 : root.numel() / a.B;
-  TORCH_CHECK(a.B == 0 || a.D > 0, op, ": the event shape must have at least one element");
+  a.D = event_numel(root, op, 1);
   a.N = coef.size(1);
   a.seed = check_seed(seed, op);
   a.chain = check_chain_ids(chain_ids, op, a.B);
@@ -236,8 +211,8 @@ std::tuple<at::Tensor, at::Tensor> chain_noise_cpu(const at::Tensor& seed, const
     for (int64_t j = 0; j < window; ++j) up[b * window + j] = philox::uniform(key, chain[b], k[b] + j);
   const Layout lay(D);
   const int64_t nch = lay.chunks();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "chain_noise", [&] {
-    using acc_t = typename Acc<scalar_t>::type;
+  SPECDIFF_DISPATCH_FLOATING(dtype, "chain_noise", [&] {
+    using acc_t = acc_type<scalar_t>;
     scalar_t* out = xi.data_ptr<scalar_t>();
     cpu::parallel_for_isa(B * window * nch, [&](int64_t begin, int64_t end) {
       acc_t nz[4][kTile];
@@ -262,13 +237,12 @@ at::Tensor frozen_draft_cpu(const at::Tensor& root, const at::Tensor& frozen, co
                             const at::Tensor& lengths, const at::Tensor& coef, const at::Tensor& seed,
                             const at::Tensor& chain_ids, int64_t window, int64_t freeze, double clip) {
   const char* op = "specdiff::frozen_draft";
-  check_state(root, op, "root");
+  check_cpu_float(root, op, "root");
   TORCH_CHECK(root.dim() >= 2, op, ": root must have shape [B, *E], got ", root.sizes());
   RoundArgs a = check_round(op, root, frozen, steps, lengths, coef, seed, chain_ids, window, freeze,
                             clip, false);
-  std::vector<int64_t> shape{a.B, window + 1};
-  shape.insert(shape.end(), root.sizes().begin() + 1, root.sizes().end());
-  at::Tensor Y = at::empty(shape, root.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor Y = at::empty(shape_with({a.B, window + 1}, root.sizes().slice(1)),
+                           root.options().memory_format(at::MemoryFormat::Contiguous));
   if (a.B == 0) return Y;
   at::Tensor x = root.contiguous(), fz = frozen.contiguous();
   const Key key(a.seed);
@@ -276,8 +250,8 @@ at::Tensor frozen_draft_cpu(const at::Tensor& root, const at::Tensor& frozen, co
   const int64_t nch = lay.chunks(), D = a.D, L = window, N = a.N;
   const bool eps = freeze == kFreezeEps;
   const double* cp = a.coef.data_ptr<double>();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, root.scalar_type(), "frozen_draft", [&] {
-    using acc_t = typename Acc<scalar_t>::type;
+  SPECDIFF_DISPATCH_FLOATING(root.scalar_type(), "frozen_draft", [&] {
+    using acc_t = acc_type<scalar_t>;
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const scalar_t* fp = fz.data_ptr<scalar_t>();
     scalar_t* yp = Y.data_ptr<scalar_t>();
@@ -329,8 +303,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& steps, const at::Tensor& lengths, const at::Tensor& coef,
     const at::Tensor& seed, const at::Tensor& chain_ids, int64_t freeze, double clip) {
   const char* op = "specdiff::verify_frozen";
-  check_state(states, op, "states");
-  check_state(x0_hat, op, "x0_hat");
+  check_cpu_float(states, op, "states");
+  check_cpu_float(x0_hat, op, "x0_hat");
   TORCH_CHECK(states.dim() >= 3 && states.size(1) >= 2, op,
               ": states must have shape [B, L+1, *E] with L >= 1, got ", states.sizes());
   TORCH_CHECK(x0_hat.sizes() == states.sizes() && x0_hat.scalar_type() == states.scalar_type(), op,
@@ -341,9 +315,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   RoundArgs a = check_round(op, root, frozen, steps, lengths, coef, seed, chain_ids, L, freeze, clip,
                             true);
   const int64_t B = a.B, D = a.D, N = a.N;
-  std::vector<int64_t> eshape(states.sizes().begin() + 2, states.sizes().end());
-  std::vector<int64_t> sshape{B};
-  sshape.insert(sshape.end(), eshape.begin(), eshape.end());
+  const std::vector<int64_t> sshape = shape_with({B}, states.sizes().slice(2));
   auto opts = states.options().memory_format(at::MemoryFormat::Contiguous);
   at::Tensor num_accepted = at::empty({B}, opts.dtype(at::kLong));
   at::Tensor committed = at::empty({B}, opts.dtype(at::kLong));
@@ -359,15 +331,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const int64_t nch = lay.chunks();
   const bool eps = freeze == kFreezeEps;
   const double* cp = a.coef.data_ptr<double>();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, states.scalar_type(), "verify_frozen", [&] {
-    using acc_t = typename Acc<scalar_t>::type;
+  SPECDIFF_DISPATCH_FLOATING(states.scalar_type(), "verify_frozen", [&] {
+    using acc_t = acc_type<scalar_t>;
     const scalar_t* Y = Yt.data_ptr<scalar_t>();
     const scalar_t* P = Pt.data_ptr<scalar_t>();
     const scalar_t* F = Ft.data_ptr<scalar_t>();
     const acc_t cl = static_cast<acc_t>(clip);
 
     // Pass 1: <d_j, xi_j> and ||d_j||^2 per (chain, position, chunk); xi drawn in-kernel.
-    std::vector<double> parts(static_cast<size_t>(B * L * nch * 2), 0.0);
+    std::vector<SumPair> parts(static_cast<size_t>(B * L * nch));
     cpu::parallel_for_isa(B * L * nch, [&](int64_t begin, int64_t end) {
       acc_t nz[4][kTile];
       for (int64_t task = begin; task < end; ++task) {
@@ -388,13 +360,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
             bv[l] += d * d;
           });
         }
-        double sa = 0.0, sb = 0.0;
-        for (int l = 0; l < kTile; ++l) {
-          sa += static_cast<double>(av[l]);
-          sb += static_cast<double>(bv[l]);
-        }
-        parts[static_cast<size_t>(task * 2)] = sa;
-        parts[static_cast<size_t>(task * 2 + 1)] = sb;
+        parts[static_cast<size_t>(task)] = sum_lanes(av, bv);
       }
     });
 
@@ -409,19 +375,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       int64_t first = n;
       double reflect = 1.0;
       for (int64_t j = 0; j < n; ++j) {
-        double sa = 0.0, sb = 0.0;
-        const double* p = &parts[static_cast<size_t>((b * L + j) * nch * 2)];
-        for (int64_t ch = 0; ch < nch; ++ch) {
-          sa += p[2 * ch];
-          sb += p[2 * ch + 1];
-        }
+        // sums over xi, the noise of the draft step: r = s * xi
+        const SumPair dx = sum_blocks(parts, b * L + j, nch);
         const double s = cp[kStd * N + std::min(k + j, N - 1)];
-        const double lr = sa / s - sb / (2.0 * s * s);
+        const double lr = dx.a / s - dx.b / (2.0 * s * s);
         lro[b * L + j] = static_cast<float>(lr);
         const double u = philox::uniform(key, a.chain[b], k + j);
-        if (first == n && !(std::isfinite(lr) && std::log(u) <= lr)) {
+        if (first == n && !accepts(lr, u)) {
           first = j;
-          reflect = sb > 0.0 ? 1.0 - 2.0 * s * sa / sb : 1.0;
+          reflect = reflection_coef(dx, s);
         }
       }
       ChainDecision& d = dec[b];
@@ -492,19 +454,18 @@ at::Tensor round_stats_cpu(const at::Tensor& stats, const at::Tensor& steps, con
   TORCH_CHECK(log_ratio.dim() == 2, op, ": log_ratio must have shape [B, L], got ", log_ratio.sizes());
   const int64_t B = log_ratio.size(0), L = log_ratio.size(1), N = num_steps;
   TORCH_CHECK(N >= 1 && L >= 1, op, ": num_steps and L must be >= 1, got ", N, " and ", L);
-  for (const at::Tensor* t : {&steps, &lengths, &num_accepted, &committed}) {
-    TORCH_CHECK(t->scalar_type() == at::kLong && t->dim() == 1 && t->size(0) == B, op,
-                ": steps, lengths, num_accepted and committed must be int64 [B] = [", B, "], got ",
-                t->scalar_type(), " ", t->sizes());
-  }
+  check_int64_vector(steps, op, "steps", B);
+  check_int64_vector(lengths, op, "lengths", B);
+  check_int64_vector(num_accepted, op, "num_accepted", B);
+  check_int64_vector(committed, op, "committed", B);
   const int64_t head = 8, size = head + 4 * L + 2 + 2 * N + B;
   TORCH_CHECK(stats.scalar_type() == at::kLong && stats.dim() == 1 && stats.size(0) == size, op,
               ": stats must be the int64 vector of StatsLayout(L, N, B) (", size, " entries), got ",
               stats.scalar_type(), " ", stats.sizes());
   TORCH_CHECK(output.dim() >= 2 && output.size(0) == B && output.size(1) == L + 1, op,
               ": output must have shape [B, L+1, ...] = [", B, ", ", L + 1, ", ...], got ", output.sizes());
-  TORCH_CHECK(output.is_floating_point() && log_ratio.is_floating_point(), op,
-              ": output and log_ratio must be floating-point tensors");
+  check_cpu_float(output, op, "output");
+  check_cpu_float(log_ratio, op, "log_ratio");
   at::Tensor out = stats.contiguous().clone();
   if (B == 0) return out;
   int64_t* s = out.data_ptr<int64_t>();
@@ -515,16 +476,14 @@ at::Tensor round_stats_cpu(const at::Tensor& stats, const at::Tensor& steps, con
   int64_t* step_acc = win_hist + L + 1;
   int64_t* step_att = step_acc + N;
   int64_t* chain_rounds = step_att + N;
-  const at::Tensor kt = steps.contiguous(), nt = lengths.contiguous(), at_ = num_accepted.contiguous(),
-                   ct = committed.contiguous();
-  const int64_t *k = kt.data_ptr<int64_t>(), *n = nt.data_ptr<int64_t>(),
-                *na = at_.data_ptr<int64_t>(), *cm = ct.data_ptr<int64_t>();
+  const std::vector<int64_t> k = int64_values(steps), n = int64_values(lengths),
+                             na = int64_values(num_accepted), cm = int64_values(committed);
   // finiteness of each (chain, position) of the output (rows of D values) and of the log ratios,
   // in this pass rather than by at::isfinite(...).all(): each aten call costs as much as the loop
   const at::Tensor o = output.contiguous();
   const int64_t D = o.numel() / std::max<int64_t>(1, B * (L + 1));
   std::vector<char> fo(static_cast<size_t>(B * (L + 1))), fr(static_cast<size_t>(B * L));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, o.scalar_type(), "round_stats", [&] {
+  SPECDIFF_DISPATCH_FLOATING(o.scalar_type(), "round_stats", [&] {
     const scalar_t* p = o.data_ptr<scalar_t>();
     for (int64_t r = 0; r < B * (L + 1); ++r) {
       bool ok = true;
@@ -533,7 +492,7 @@ at::Tensor round_stats_cpu(const at::Tensor& stats, const at::Tensor& steps, con
     }
   });
   const at::Tensor lrc = log_ratio.contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, lrc.scalar_type(), "round_stats", [&] {
+  SPECDIFF_DISPATCH_FLOATING(lrc.scalar_type(), "round_stats", [&] {
     const scalar_t* p = lrc.data_ptr<scalar_t>();
     for (int64_t r = 0; r < B * L; ++r) fr[r] = std::isfinite(static_cast<double>(p[r]));
   });

@@ -15,14 +15,12 @@
 #include <vector>
 
 #include "cpu_isa.h"
+#include "cpu_kernel_common.h"
 
 namespace specdiff {
 namespace {
 
 constexpr int64_t kBlock = 4096;
-
-template <typename T> struct AccType { using type = float; };
-template <> struct AccType<double> { using type = double; };
 
 // <d, r> and ||d||^2 over one contiguous block, d = mp - mq, r = y - mq.
 // kLanes independent partial sums per quantity: a single vector accumulator would make the loop
@@ -32,7 +30,7 @@ constexpr int64_t kLanes = 32;
 
 template <typename scalar_t, typename acc_t>
 inline void block_sums(const scalar_t* __restrict__ y, const scalar_t* __restrict__ mq,
-                       const scalar_t* __restrict__ mp, int64_t n, double& a_out, double& b_out) {
+                       const scalar_t* __restrict__ mp, int64_t n, SumPair& out) {
   acc_t av[kLanes] = {}, bv[kLanes] = {};
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
@@ -52,13 +50,7 @@ inline void block_sums(const scalar_t* __restrict__ y, const scalar_t* __restric
     av[l] += d * r;
     bv[l] += d * d;
   }
-  double a = 0.0, b = 0.0;
-  for (int64_t l = 0; l < kLanes; ++l) {
-    a += static_cast<double>(av[l]);
-    b += static_cast<double>(bv[l]);
-  }
-  a_out = a;
-  b_out = b;
+  out = sum_lanes(av, bv);
 }
 
 // out = y + coef * (mp - mq) over one block; coef = 1 - 2a/b (the reflection), computed in acc_t.
@@ -73,25 +65,14 @@ inline void block_reflect(const scalar_t* __restrict__ y, const scalar_t* __rest
   }
 }
 
-inline double reflection_coef(double a, double b) {
-  // b == 0 means p == q: the step is always accepted, and the "reflection" is the identity.
-  return b > 0.0 ? 1.0 - 2.0 * a / b : 1.0;
-}
-
 inline int64_t num_blocks(int64_t D) { return (D + kBlock - 1) / kBlock; }
 
 // ---------------------------------------------------------------- argument checks
-void check_float_tensor(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor for the CPU kernel, got ",
-              t.device());
-  TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": ", name,
-              " must be a floating tensor, got ", t.scalar_type());
-}
-
-void check_window(const char* op, const at::Tensor& y, const at::Tensor& mq, const at::Tensor& mp) {
-  check_float_tensor(y, op, "draft_states");
-  check_float_tensor(mq, op, "draft_means");
-  check_float_tensor(mp, op, "target_means");
+// Returns the event size D of the [B, L, *E] window.
+int64_t check_window(const char* op, const at::Tensor& y, const at::Tensor& mq, const at::Tensor& mp) {
+  check_cpu_float(y, op, "draft_states");
+  check_cpu_float(mq, op, "draft_means");
+  check_cpu_float(mp, op, "target_means");
   TORCH_CHECK(y.dim() >= 3, op, ": draft_states must have shape [B, L, *E] with at least one event "
               "dim, got ", y.sizes());
   TORCH_CHECK(mq.sizes() == y.sizes(), op, ": draft_means shape ", mq.sizes(),
@@ -102,12 +83,12 @@ void check_window(const char* op, const at::Tensor& y, const at::Tensor& mq, con
               ": draft_states, draft_means and target_means must share a dtype, got ",
               y.scalar_type(), ", ", mq.scalar_type(), ", ", mp.scalar_type());
   TORCH_CHECK(y.size(1) >= 1, op, ": window length L (draft_states.shape[1]) must be >= 1");
-  TORCH_CHECK(y.numel() > 0 || y.size(0) == 0, op, ": event shape must have at least one element");
+  return event_numel(y, op, 2);
 }
 
 // sigma as [B, L] fp64, contiguous; accepts scalar, [L], [1], [B, 1], [1, L], [B, L].
 at::Tensor canonical_sigma(const char* op, const at::Tensor& sigma, int64_t B, int64_t L) {
-  check_float_tensor(sigma, op, "sigma");
+  check_cpu_float(sigma, op, "sigma");
   TORCH_CHECK(sigma.dim() <= 2, op, ": sigma must be a scalar, [L] or [B, L], got shape ",
               sigma.sizes());
   at::Tensor s = sigma.to(at::kDouble);
@@ -126,7 +107,7 @@ at::Tensor canonical_sigma(const char* op, const at::Tensor& sigma, int64_t B, i
 }
 
 at::Tensor canonical_uniforms(const char* op, const at::Tensor& u, int64_t B, int64_t L) {
-  check_float_tensor(u, op, "uniforms");
+  check_cpu_float(u, op, "uniforms");
   TORCH_CHECK(u.dim() == 2 && u.size(0) == B && u.size(1) == L, op,
               ": uniforms must have shape [B, L] = [", B, ", ", L, "], got ", u.sizes());
   at::Tensor ud = u.to(at::kDouble).contiguous();
@@ -141,81 +122,62 @@ at::Tensor canonical_uniforms(const char* op, const at::Tensor& u, int64_t B, in
 // num_steps as [B] int64 with values in 1..L (default: all L).
 std::vector<int64_t> canonical_num_steps(const char* op, const c10::optional<at::Tensor>& num_steps,
                                          int64_t B, int64_t L) {
-  std::vector<int64_t> n(B, L);
-  if (!num_steps.has_value()) return n;
+  if (!num_steps.has_value()) return std::vector<int64_t>(B, L);
   const at::Tensor& t = *num_steps;
-  TORCH_CHECK(t.device().is_cpu(), op, ": num_steps must be a CPU tensor, got ", t.device());
+  check_cpu(t, op, "num_steps");
   TORCH_CHECK(!at::isFloatingType(t.scalar_type()) && !at::isComplexType(t.scalar_type()) &&
                   t.scalar_type() != at::kBool,
               op, ": num_steps must be an integer tensor, got ", t.scalar_type());
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == B, op, ": num_steps must have shape [B] = [", B,
-              "], got ", t.sizes());
-  at::Tensor t64 = t.to(at::kLong).contiguous();
-  const int64_t* p = t64.data_ptr<int64_t>();
+  check_batch_vector(t, op, "num_steps", B);
+  std::vector<int64_t> n = int64_values(t);
   for (int64_t b = 0; b < B; ++b) {
-    TORCH_CHECK(p[b] >= 1 && p[b] <= L, op, ": num_steps values must lie in 1..L = 1..", L,
-                ", got ", p[b], " for chain ", b);
-    n[b] = p[b];
+    TORCH_CHECK(n[b] >= 1 && n[b] <= L, op, ": num_steps values must lie in 1..L = 1..", L,
+                ", got ", n[b], " for chain ", b);
   }
   return n;
 }
 
-// Accept step j iff its log ratio is finite and log(u_j) <= log_ratio_j. Returns the first rejected
-// index in [0, n), or n.
+// The first rejected index in [0, n), or n.
 inline int64_t scan_first_rejection(const double* lr, const double* u, int64_t n) {
   for (int64_t j = 0; j < n; ++j) {
-    const bool accept = std::isfinite(lr[j]) && std::log(u[j]) <= lr[j];
-    if (!accept) return j;
+    if (!accepts(lr[j], u[j])) return j;
   }
   return n;
 }
 
-// Partial sums a, b for every (chain, step, block): parts[((c * L) + j) * nb + k][0..1].
+// Partial sums a, b for every (chain, step, block): parts[((c * L) + j) * nb + k].
 template <typename scalar_t>
 void window_partial_sums(const scalar_t* y, const scalar_t* mq, const scalar_t* mp, int64_t B,
-                         int64_t L, int64_t D, std::vector<double>& parts) {
-  using acc_t = typename AccType<scalar_t>::type;
+                         int64_t L, int64_t D, std::vector<SumPair>& parts) {
+  using acc_t = acc_type<scalar_t>;
   const int64_t nb = num_blocks(D);
-  parts.assign(static_cast<size_t>(B * L * nb * 2), 0.0);
+  parts.assign(static_cast<size_t>(B * L * nb), SumPair{});
   cpu::parallel_for_isa(B * nb, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t c = task / nb, k = task % nb;
       const int64_t lo = k * kBlock, len = std::min(kBlock, D - lo);
       for (int64_t j = 0; j < L; ++j) {
         const int64_t off = (c * L + j) * D + lo;
-        double* out = &parts[static_cast<size_t>(((c * L + j) * nb + k) * 2)];
-        block_sums<scalar_t, acc_t>(y + off, mq + off, mp + off, len, out[0], out[1]);
+        block_sums<scalar_t, acc_t>(y + off, mq + off, mp + off, len,
+                                    parts[static_cast<size_t>((c * L + j) * nb + k)]);
       }
     }
   });
-}
-
-// Sum the block partials of one (chain, step) in a fixed order.
-inline void reduce_parts(const std::vector<double>& parts, int64_t row, int64_t nb, double& a,
-                         double& b) {
-  a = 0.0;
-  b = 0.0;
-  const double* p = &parts[static_cast<size_t>(row * nb * 2)];
-  for (int64_t k = 0; k < nb; ++k) {
-    a += p[2 * k];
-    b += p[2 * k + 1];
-  }
 }
 
 // ---------------------------------------------------------------- ops
 at::Tensor gaussian_log_ratio_cpu(const at::Tensor& draft_states, const at::Tensor& draft_means,
                                   const at::Tensor& target_means, const at::Tensor& sigma) {
   const char* op = "specdiff::gaussian_log_ratio";
-  check_window(op, draft_states, draft_means, target_means);
+  const int64_t D = check_window(op, draft_states, draft_means, target_means);
   const int64_t B = draft_states.size(0), L = draft_states.size(1);
-  const int64_t D = B * L == 0 ? 0 : draft_states.numel() / (B * L);
   at::Tensor s = canonical_sigma(op, sigma, B, L);
   at::Tensor y = draft_states.contiguous(), mq = draft_means.contiguous(),
              mp = target_means.contiguous();
   at::Tensor out = at::empty({B, L}, draft_states.options().dtype(at::kFloat));
   if (B == 0) return out;
-  std::vector<double> parts;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "gaussian_log_ratio", [&] {
+  std::vector<SumPair> parts;
+  SPECDIFF_DISPATCH_FLOATING(y.scalar_type(), "gaussian_log_ratio", [&] {
     window_partial_sums<scalar_t>(y.data_ptr<scalar_t>(), mq.data_ptr<scalar_t>(),
                                   mp.data_ptr<scalar_t>(), B, L, D, parts);
   });
@@ -223,9 +185,8 @@ at::Tensor gaussian_log_ratio_cpu(const at::Tensor& draft_states, const at::Tens
   const double* sp = s.data_ptr<double>();
   float* o = out.data_ptr<float>();
   for (int64_t row = 0; row < B * L; ++row) {
-    double a, b;
-    reduce_parts(parts, row, nb, a, b);
-    o[row] = static_cast<float>((a - 0.5 * b) / (sp[row] * sp[row]));
+    const SumPair ab = sum_blocks(parts, row, nb);
+    o[row] = static_cast<float>((ab.a - 0.5 * ab.b) / (sp[row] * sp[row]));
   }
   return out;
 }
@@ -233,7 +194,7 @@ at::Tensor gaussian_log_ratio_cpu(const at::Tensor& draft_states, const at::Tens
 at::Tensor first_rejection_cpu(const at::Tensor& log_ratio, const at::Tensor& uniforms,
                                const c10::optional<at::Tensor>& num_steps) {
   const char* op = "specdiff::first_rejection";
-  check_float_tensor(log_ratio, op, "log_ratio");
+  check_cpu_float(log_ratio, op, "log_ratio");
   TORCH_CHECK(log_ratio.dim() == 2, op, ": log_ratio must have shape [B, L], got ",
               log_ratio.sizes());
   const int64_t B = log_ratio.size(0), L = log_ratio.size(1);
@@ -252,9 +213,9 @@ at::Tensor first_rejection_cpu(const at::Tensor& log_ratio, const at::Tensor& un
 at::Tensor reflect_resample_cpu(const at::Tensor& draft_state, const at::Tensor& draft_mean,
                                 const at::Tensor& target_mean) {
   const char* op = "specdiff::reflect_resample";
-  check_float_tensor(draft_state, op, "draft_state");
-  check_float_tensor(draft_mean, op, "draft_mean");
-  check_float_tensor(target_mean, op, "target_mean");
+  check_cpu_float(draft_state, op, "draft_state");
+  check_cpu_float(draft_mean, op, "draft_mean");
+  check_cpu_float(target_mean, op, "target_mean");
   TORCH_CHECK(draft_state.dim() >= 2, op, ": draft_state must have shape [B, *E], got ",
               draft_state.sizes());
   TORCH_CHECK(draft_mean.sizes() == draft_state.sizes() && target_mean.sizes() == draft_state.sizes(),
@@ -263,25 +224,19 @@ at::Tensor reflect_resample_cpu(const at::Tensor& draft_state, const at::Tensor&
   TORCH_CHECK(draft_mean.scalar_type() == draft_state.scalar_type() &&
                   target_mean.scalar_type() == draft_state.scalar_type(),
               op, ": draft_state, draft_mean and target_mean must share a dtype");
-  const int64_t B = draft_state.size(0);
-  const int64_t D = B == 0 ? 0 : draft_state.numel() / B;
-  TORCH_CHECK(B == 0 || D > 0, op, ": event shape must have at least one element");
+  const int64_t B = draft_state.size(0), D = event_numel(draft_state, op, 1);
   at::Tensor y = draft_state.contiguous(), mq = draft_mean.contiguous(), mp = target_mean.contiguous();
   at::Tensor out = at::empty_like(y);
   if (B == 0) return out;
   const int64_t nb = num_blocks(D);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "reflect_resample", [&] {
-    using acc_t = typename AccType<scalar_t>::type;
-    std::vector<double> parts;
+  SPECDIFF_DISPATCH_FLOATING(y.scalar_type(), "reflect_resample", [&] {
+    using acc_t = acc_type<scalar_t>;
+    std::vector<SumPair> parts;
     // A window of length 1 is exactly this op's layout.
     window_partial_sums<scalar_t>(y.data_ptr<scalar_t>(), mq.data_ptr<scalar_t>(),
                                   mp.data_ptr<scalar_t>(), B, 1, D, parts);
     std::vector<double> coef(B);
-    for (int64_t c = 0; c < B; ++c) {
-      double a, b;
-      reduce_parts(parts, c, nb, a, b);
-      coef[c] = reflection_coef(a, b);
-    }
+    for (int64_t c = 0; c < B; ++c) coef[c] = reflection_coef(sum_blocks(parts, c, nb));
     const scalar_t* yp = y.data_ptr<scalar_t>();
     const scalar_t* qp = mq.data_ptr<scalar_t>();
     const scalar_t* pp = mp.data_ptr<scalar_t>();
@@ -302,9 +257,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> speculative_verify_cpu(
     const at::Tensor& draft_states, const at::Tensor& draft_means, const at::Tensor& target_means,
     const at::Tensor& sigma, const at::Tensor& uniforms, const c10::optional<at::Tensor>& num_steps) {
   const char* op = "specdiff::speculative_verify";
-  check_window(op, draft_states, draft_means, target_means);
+  const int64_t D = check_window(op, draft_states, draft_means, target_means);
   const int64_t B = draft_states.size(0), L = draft_states.size(1);
-  const int64_t D = B == 0 ? 0 : draft_states.numel() / (B * L);
   at::Tensor s = canonical_sigma(op, sigma, B, L);
   at::Tensor u = canonical_uniforms(op, uniforms, B, L);
   std::vector<int64_t> n = canonical_num_steps(op, num_steps, B, L);
@@ -312,22 +266,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> speculative_verify_cpu(
              mp = target_means.contiguous();
 
   at::Tensor num_accepted = at::empty({B}, draft_states.options().dtype(at::kLong));
-  std::vector<int64_t> event_shape(draft_states.sizes().begin() + 2, draft_states.sizes().end());
-  std::vector<int64_t> state_shape{B};
-  state_shape.insert(state_shape.end(), event_shape.begin(), event_shape.end());
-  at::Tensor next_state = at::empty(state_shape, draft_states.options());
+  at::Tensor next_state =
+      at::empty(shape_with({B}, draft_states.sizes().slice(2)), draft_states.options());
   at::Tensor log_ratio = at::empty({B, L}, draft_states.options().dtype(at::kFloat));
   if (B == 0) return {num_accepted, next_state, log_ratio};
 
   const int64_t nb = num_blocks(D);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "speculative_verify", [&] {
-    using acc_t = typename AccType<scalar_t>::type;
+  SPECDIFF_DISPATCH_FLOATING(y.scalar_type(), "speculative_verify", [&] {
+    using acc_t = acc_type<scalar_t>;
     const scalar_t* yp = y.data_ptr<scalar_t>();
     const scalar_t* qp = mq.data_ptr<scalar_t>();
     const scalar_t* pp = mp.data_ptr<scalar_t>();
 
     // Pass 1: every input element is read once, for the a_j, b_j of all L steps.
-    std::vector<double> parts;
+    std::vector<SumPair> parts;
     window_partial_sums<scalar_t>(yp, qp, pp, B, L, D, parts);
 
     // Pass 2 (O(B L)): log ratios, acceptance scan, reflection coefficient at the decisive step.
@@ -340,18 +292,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> speculative_verify_cpu(
     std::vector<int64_t> step(B);
     std::vector<char> rejected(B);
     for (int64_t c = 0; c < B; ++c) {
-      std::vector<double> a(L), b(L);
+      std::vector<SumPair> ab(L);
       for (int64_t j = 0; j < L; ++j) {
         const int64_t row = c * L + j;
-        reduce_parts(parts, row, nb, a[j], b[j]);
-        lr[row] = (a[j] - 0.5 * b[j]) / (sp[row] * sp[row]);
+        ab[j] = sum_blocks(parts, row, nb);
+        lr[row] = (ab[j].a - 0.5 * ab[j].b) / (sp[row] * sp[row]);
         lro[row] = static_cast<float>(lr[row]);
       }
       const int64_t first = scan_first_rejection(lr.data() + c * L, up + c * L, n[c]);
       nacc[c] = first;
       rejected[c] = first < n[c];
       step[c] = rejected[c] ? first : n[c] - 1;
-      if (rejected[c]) coef[c] = reflection_coef(a[first], b[first]);
+      if (rejected[c]) coef[c] = reflection_coef(ab[first]);
     }
 
     // Pass 3: write the reflected state at the first rejection, or copy y_n.
