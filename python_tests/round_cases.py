@@ -15,6 +15,7 @@ import torch
 from specdiff_kernels import VerifyResult
 from specdiff_kernels.ops.reference import verify as reference
 from specdiff_kernels.ops import round as ro
+from specdiff_kernels.ops import layout
 from specdiff_kernels.ops.reference import round as rr
 from specdiff_kernels.sampling.langevin import langevin_transitions
 from specdiff_kernels.sampling.transitions import GaussianTransitions, ddim_transitions, ddpm_transitions, euler_ancestral_transitions
@@ -104,16 +105,16 @@ def make_x0_hat(case: RoundCase, Y: torch.Tensor, gen: torch.Generator) -> torch
     f = case.frozen.double().reshape(B, 1, D)
     kk = (case.steps[:, None] + torch.arange(L1)[None]).clamp(max=case.T.num_steps - 1)
     coef = round_tables(case.T)
-    scale = (coef[rr.ROW_A] + coef[rr.ROW_E]).abs()[kk] + 1e-3
-    s = coef[rr.ROW_STD][kk].clamp_min(1e-3)
+    scale = (coef[layout.ROW_A] + coef[layout.ROW_E]).abs()[kk] + 1e-3
+    s = coef[layout.ROW_STD][kk].clamp_min(1e-3)
     gap = torch.exp(torch.empty(B, L1, dtype=torch.float64).uniform_(math.log(0.1), math.log(4.0),
                                                                      generator=gen))
     eps = (gap * s / (scale * math.sqrt(D)))[..., None]
-    if case.freeze == rr.FREEZE_X0:
+    if case.freeze == layout.FREEZE_X0:
         base = f
     else:  # the frozen value is an eps: the draft's x0 at y is X0_Y y - X0_F f
-        base = coef[rr.ROW_X0_Y][kk][..., None] * Y.reshape(B, L1, D).double() \
-            - coef[rr.ROW_X0_F][kk][..., None] * f
+        base = coef[layout.ROW_X0_Y][kk][..., None] * Y.reshape(B, L1, D).double() \
+            - coef[layout.ROW_X0_F][kk][..., None] * f
     P = base + eps * torch.randn((B, L1, D), generator=gen, dtype=torch.float64)
     return P.to(Y.dtype).reshape(Y.shape)
 
@@ -145,7 +146,7 @@ def general_draft(case: RoundCase) -> tuple[torch.Tensor, torch.Tensor]:
     ys, mqs = [y], []
     for j in range(L):
         kj = case.steps + j
-        x0q = f if case.freeze == rr.FREEZE_X0 else T.x0_from_eps(ys[-1], f, kj.clamp(max=T.num_steps - 1))
+        x0q = f if case.freeze == layout.FREEZE_X0 else T.x0_from_eps(ys[-1], f, kj.clamp(max=T.num_steps - 1))
         mq = T.mean_from_x0(ys[-1], x0q, kj.clamp(max=T.num_steps - 1))
         live = (j < case.lengths)[:, None]
         ys.append(torch.where(live, mq + _coef(T, "std", kj, ys[-1]) * xi[:, j], ys[-1]))
@@ -166,7 +167,7 @@ def general_round(case: RoundCase, Y: torch.Tensor, P: torch.Tensor) -> RoundOra
     mq, mp, sig = [], [], []
     for j in range(L):
         kj = (k + j).clamp(max=N - 1)
-        x0q = f if case.freeze == rr.FREEZE_X0 else T.x0_from_eps(Yd[:, j], f, kj)
+        x0q = f if case.freeze == layout.FREEZE_X0 else T.x0_from_eps(Yd[:, j], f, kj)
         mq.append(T.mean_from_x0(Yd[:, j], x0q, kj))
         mp.append(T.mean_from_x0(Yd[:, j], Pd[:, j], kj))
         live = j < n
@@ -192,7 +193,7 @@ def general_round(case: RoundCase, Y: torch.Tensor, P: torch.Tensor) -> RoundOra
     det_state = T.mean_from_x0(y_pos, p_pos, kpos)
     state = torch.where(rejected[:, None], res.next_state,
                         torch.where(det_next[:, None], det_state, y_pos))
-    fz = p_pos if case.freeze == rr.FREEZE_X0 else T.eps_from_x0(y_pos, p_pos, kpos)
+    fz = p_pos if case.freeze == layout.FREEZE_X0 else T.eps_from_x0(y_pos, p_pos, kpos)
     keep = (~rejected & ~live_next) | ((n == 0) & ~det_next)
     next_frozen = torch.where(keep[:, None], f, fz)
     committed = torch.where(rejected, nacc + 1, n + det_next.to(torch.int64))
@@ -202,9 +203,9 @@ def general_round(case: RoundCase, Y: torch.Tensor, P: torch.Tensor) -> RoundOra
     coef = round_tables(T)
     kk = (k[:, None] + torch.arange(L)[None]).clamp(max=N - 1)
     c = coef[:, kk][..., None]                                         # [8, B, L, 1]
-    pq_mag = f.abs()[:, None] if case.freeze == rr.FREEZE_X0 else \
-        (c[rr.ROW_X0_Y] * Yd[:, :L]).abs() + (c[rr.ROW_X0_F] * f[:, None]).abs()
-    d_mag = (c[rr.ROW_A].abs() + c[rr.ROW_E].abs()) * (Pd[:, :L].abs() + pq_mag)
+    pq_mag = f.abs()[:, None] if case.freeze == layout.FREEZE_X0 else \
+        (c[layout.ROW_X0_Y] * Yd[:, :L]).abs() + (c[layout.ROW_X0_F] * f[:, None]).abs()
+    d_mag = (c[layout.ROW_A].abs() + c[layout.ROW_E].abs()) * (Pd[:, :L].abs() + pq_mag)
     sd = S[..., None]
     d = MP - MQ
     lr_tol = ((d_mag + d.abs()) * (xi.abs() / sd + d.abs() / sd ** 2)).sum(-1)
@@ -227,7 +228,7 @@ def assert_draft_consistent(Y: torch.Tensor, case: RoundCase, dtype: torch.dtype
     eps = torch.finfo(dtype).eps
     for j in range(case.window):
         kj = (case.steps.cpu() + j).clamp(max=T.num_steps - 1)
-        x0q = f if case.freeze == rr.FREEZE_X0 else T.x0_from_eps(Yd[:, j], f, kj)
+        x0q = f if case.freeze == layout.FREEZE_X0 else T.x0_from_eps(Yd[:, j], f, kj)
         mq = T.mean_from_x0(Yd[:, j], x0q, kj)
         want = mq + T.coef("std", kj, mq) * xi[:, j]
         live = (j < case.lengths.cpu())

@@ -34,6 +34,7 @@ if tk.INTERPRET:
                 "kernels", allow_module_level=True)
 
 from specdiff_kernels.ops import round as round_ops  # noqa: E402
+from specdiff_kernels.ops import layout  # noqa: E402
 from specdiff_kernels.ops.reference import round as R  # noqa: E402
 from specdiff_kernels.ops.triton import round as tr  # noqa: E402
 
@@ -131,7 +132,7 @@ def test_round_matches_reference(dtype, case):
 
 
 @pytest.mark.parametrize("clip", [1.0, 0.37, math.inf])
-@pytest.mark.parametrize("freeze", [R.FREEZE_X0, R.FREEZE_EPS])
+@pytest.mark.parametrize("freeze", [layout.FREEZE_X0, layout.FREEZE_EPS])
 def test_clip_and_wide_blocks(freeze, clip):
     """Clip bounds (0.37 is not an fp32 number: fp64 states clip at the exact float64 bound) and
     the widest draft blocks (B * Q large)."""

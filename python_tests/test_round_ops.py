@@ -20,6 +20,7 @@ from scipy import stats
 
 from specdiff_kernels.ops import verify as ops
 from specdiff_kernels.ops import round as ro
+from specdiff_kernels.ops import layout
 from specdiff_kernels.ops.reference import round as rr
 
 from round_cases import FAMILIES, assert_draft_consistent, assert_round_matches, general_draft, general_round, make_case, make_x0_hat
@@ -135,7 +136,7 @@ DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 def _round_params():
     out = []
     for fam in FAMILIES:
-        for freeze in (rr.FREEZE_X0, rr.FREEZE_EPS):
+        for freeze in (layout.FREEZE_X0, layout.FREEZE_EPS):
             for i, (B, L, E) in enumerate(SHAPES):
                 dtype = DTYPES[(i + freeze + len(fam)) % len(DTYPES)]
                 out.append((fam, freeze, B, L, E, dtype))
@@ -245,8 +246,8 @@ def _wrong_reflection_verify(states, x0_hat, frozen, steps, lengths, coef, seed,
     pj = x0_hat.reshape(B, L1, D).double()[torch.arange(B), j]
     f = frozen.reshape(B, D).double()
     pq = rr.draft_x0(c, yj, f, freeze)
-    d = c[rr.ROW_A] * (rr._clip(pj, clip) - rr._clip(pq, clip)) + c[rr.ROW_E] * (pj - pq)
-    r = c[rr.ROW_STD] * rr.normal_noise(seed, chain_ids, k + j, D, torch.float64)
+    d = c[layout.ROW_A] * (rr._clip(pj, clip) - rr._clip(pq, clip)) + c[layout.ROW_E] * (pj - pq)
+    r = c[layout.ROW_STD] * rr.normal_noise(seed, chain_ids, k + j, D, torch.float64)
     a = (d * r).sum(-1, keepdim=True)
     b = (d * d).sum(-1, keepdim=True).clamp_min(1e-300)
     wrong = rr.affine_mean(c, pq, yj, clip) + r + (1 - a / b) * d
@@ -265,16 +266,16 @@ def _one_step_law(verify, B=4000, D=3, gap=1.2):
     s = float(T.std[k0])
     root = torch.full((B, D), 0.3, dtype=torch.float64)
     x0_target = torch.tensor([0.2, -0.1, 0.4], dtype=torch.float64)[:D]
-    A_E = float(coef[rr.ROW_A, k0] + coef[rr.ROW_E, k0])
+    A_E = float(coef[layout.ROW_A, k0] + coef[layout.ROW_E, k0])
     shift = torch.tensor([1.0, -1.0, 0.5], dtype=torch.float64)[:D]
     frozen = (x0_target - gap * s / A_E * shift / shift.norm()).expand(B, D).contiguous()
     steps = torch.full((B,), k0, dtype=torch.int64)
     ones = torch.ones(B, dtype=torch.int64)
     ids = torch.arange(B, dtype=torch.int64)
     clip = clip_value(T)
-    Y = rr.frozen_draft(root, frozen, steps, ones, coef, SEED, ids, 1, rr.FREEZE_X0, clip)
+    Y = rr.frozen_draft(root, frozen, steps, ones, coef, SEED, ids, 1, layout.FREEZE_X0, clip)
     P = x0_target.expand(B, 2, D).contiguous()
-    res = verify(Y, P, frozen, steps, ones, coef, SEED, ids, rr.FREEZE_X0, clip)
+    res = verify(Y, P, frozen, steps, ones, coef, SEED, ids, layout.FREEZE_X0, clip)
     c = rr._rows(coef, steps, torch.float64)
     mp = rr.affine_mean(c, P[:, 0], root, clip)
     mq = rr.affine_mean(c, frozen, root, clip)
@@ -314,7 +315,7 @@ def _fresh_from_p_verify(states, x0_hat, frozen, steps, lengths, coef, seed, cha
     ar = torch.arange(B)
     mp = rr.affine_mean(c, x0_hat.reshape(B, L1, D).double()[ar, j],
                        states.reshape(B, L1, D).double()[ar, j], clip)
-    fresh = mp + c[rr.ROW_STD] * torch.randn(B, D, generator=torch.Generator().manual_seed(3),
+    fresh = mp + c[layout.ROW_STD] * torch.randn(B, D, generator=torch.Generator().manual_seed(3),
                                              dtype=torch.float64)
     out[2] = torch.where(rejected[:, None], fresh, out[2].reshape(B, D).double()) \
         .to(states.dtype).reshape(out[2].shape)
@@ -334,7 +335,7 @@ def test_wrong_reflection_is_detected():
     p_par, _, _ = _one_step_law(_wrong_reflection_verify)
     assert p_par < 1e-6, p_par
     gen = _gen("wrong", 1)
-    case = make_case(64, 4, (37,), torch.float64, "ddpm_eps_clip", rr.FREEZE_X0, gen, n_mode="full")
+    case = make_case(64, 4, (37,), torch.float64, "ddpm_eps_clip", layout.FREEZE_X0, gen, n_mode="full")
     Y = rr.frozen_draft(*case.draft_args())
     P = make_x0_hat(case, Y, gen)
     got = _wrong_reflection_verify(*case.verify_args(Y, P))
@@ -344,7 +345,7 @@ def test_wrong_reflection_is_detected():
 
 # ---------------------------------------------------------------- bad arguments, opcheck, compile
 def _small_case(dtype=torch.float32):
-    return make_case(3, 4, (5,), dtype, "ddpm_eps_clip", rr.FREEZE_X0, _gen("small"))
+    return make_case(3, 4, (5,), dtype, "ddpm_eps_clip", layout.FREEZE_X0, _gen("small"))
 
 
 @pytest.mark.parametrize("mutate,match", [
@@ -432,10 +433,10 @@ def test_torch_compile_fullgraph_round():
 # ---------------------------------------------------------------- round statistics
 def _stats_case(seed: int, B: int, L: int, N: int, nonfinite: bool):
     g = torch.Generator().manual_seed(seed)
-    lay = rr.StatsLayout(L, N, B)
+    lay = layout.StatsLayout(L, N, B)
     stats = torch.randint(0, 5, (lay.size,), generator=g)
-    stats[rr.STAT_BAD_OUTPUT] = rr.NO_BAD
-    stats[rr.STAT_BAD_RATIO] = rr.NO_BAD
+    stats[layout.STAT_BAD_OUTPUT] = layout.NO_BAD
+    stats[layout.STAT_BAD_RATIO] = layout.NO_BAD
     k = torch.randint(0, N + 1, (B,), generator=g)
     n = torch.minimum(torch.randint(0, L + 1, (B,), generator=g), N - k)
     na = (torch.rand(B, generator=g) * (n + 1)).floor().long().clamp(max=n)
@@ -454,18 +455,18 @@ def test_round_stats_by_hand():
     it finishes). The network output of chain 0 at position 2 is NaN; chain 0's log ratio at
     position 2 (not attempted) is NaN and must be ignored."""
     L, N, B = 3, 10, 2
-    lay = rr.StatsLayout(L, N, B)
+    lay = layout.StatsLayout(L, N, B)
     stats = torch.zeros(lay.size, dtype=torch.int64)
-    stats[rr.STAT_ROUNDS] = 4
-    stats[rr.STAT_BAD_OUTPUT] = stats[rr.STAT_BAD_RATIO] = rr.NO_BAD
+    stats[layout.STAT_ROUNDS] = 4
+    stats[layout.STAT_BAD_OUTPUT] = stats[layout.STAT_BAD_RATIO] = layout.NO_BAD
     out = torch.ones(B, L + 1, 2)
     out[0, 2, 1] = float("nan")
     lr = torch.tensor([[0.1, -3.0, float("nan")], [0.0, 0.0, 0.0]])
     args = (stats, torch.tensor([2, 9]), torch.tensor([3, 0]), torch.tensor([1, 0]),
             torch.tensor([2, 1]), lr, out, N)
     for new in (rr.round_stats(*args), ro.round_stats(*args)):
-        head = new[:rr.STAT_HEAD].tolist()
-        assert head == [5, 1, 2, 1, 0 * (N + 1) + 2 + 2, rr.NO_BAD, 4 + 10, 1]
+        head = new[:layout.STAT_HEAD].tolist()
+        assert head == [5, 1, 2, 1, 0 * (N + 1) + 2 + 2, layout.NO_BAD, 4 + 10, 1]
         assert lay.view(new, "accepted_by_position").tolist() == [1, 0, 0]
         assert lay.view(new, "attempted_by_position").tolist() == [1, 1, 0]
         assert lay.view(new, "accepted_length_hist").tolist() == [0, 1, 0, 0]
@@ -477,7 +478,7 @@ def test_round_stats_by_hand():
         assert lay.view(new, "accepted_by_step").tolist() == acc
         assert lay.view(new, "attempted_by_step").tolist() == att
         assert lay.view(new, "chain_rounds").tolist() == [0, 5]
-    assert int(stats[rr.STAT_ROUNDS]) == 4        # the input is not changed
+    assert int(stats[layout.STAT_ROUNDS]) == 4        # the input is not changed
 
 
 @pytest.mark.parametrize("seed", range(40))

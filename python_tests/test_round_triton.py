@@ -32,6 +32,7 @@ triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
 from specdiff_kernels.ops import round as round_ops  # noqa: E402
+from specdiff_kernels.ops import layout  # noqa: E402
 from specdiff_kernels.ops.reference import round as R  # noqa: E402
 from specdiff_kernels.sampling.transitions import (ddim_transitions, ddpm_transitions,  # noqa: E402
                                           euler_ancestral_transitions)
@@ -80,7 +81,7 @@ def _table(name: str, N: int = N_STEPS):
     else:
         raise ValueError(name)
     coef = round_tables(T)
-    assert coef[R.ROW_STD, -1] == 0 and bool((coef[R.ROW_STD, :-1] > 0).all())
+    assert coef[layout.ROW_STD, -1] == 0 and bool((coef[layout.ROW_STD, :-1] > 0).all())
     return coef, clip_value(T)
 
 
@@ -106,12 +107,12 @@ def _x0_hat(Y, frozen, steps, coef, freeze, gen, gap_lo=0.1, gap_hi=4.0):
     f = frozen.double().reshape(B, 1, D)
     kk = (steps[:, None] + torch.arange(L1)[None]).clamp(0, coef.shape[1] - 1)
     c = coef[:, kk][..., None]  # [8, B, L1, 1]
-    base = f.expand(B, L1, D) if freeze == R.FREEZE_X0 else c[R.ROW_X0_Y] * Yd - c[R.ROW_X0_F] * f
+    base = f.expand(B, L1, D) if freeze == layout.FREEZE_X0 else c[layout.ROW_X0_Y] * Yd - c[layout.ROW_X0_F] * f
     if gap_hi == 0:
         return base.to(Y.dtype).reshape(Y.shape)
     gap = torch.exp(torch.empty(B, L1, 1, dtype=torch.float64).uniform_(
         math.log(gap_lo), math.log(gap_hi), generator=gen))
-    scale = gap * c[R.ROW_STD].clamp_min(1e-3) / ((c[R.ROW_A].abs() + c[R.ROW_E].abs() + 1e-3)
+    scale = gap * c[layout.ROW_STD].clamp_min(1e-3) / ((c[layout.ROW_A].abs() + c[layout.ROW_E].abs() + 1e-3)
                                                   * math.sqrt(D))
     return (base + scale * torch.randn((B, L1, D), generator=gen, dtype=torch.float64)
             ).to(Y.dtype).reshape(Y.shape)
@@ -120,9 +121,9 @@ def _x0_hat(Y, frozen, steps, coef, freeze, gen, gap_lo=0.1, gap_hi=4.0):
 # ---------------------------------------------------------------- float64 oracle pieces
 def _pq_and_mag(c, y, f, freeze):
     """The draft's x0-hat at y and the magnitude of its terms."""
-    if freeze == R.FREEZE_X0:
+    if freeze == layout.FREEZE_X0:
         return f, f.abs()
-    a, b = c[R.ROW_X0_Y] * y, c[R.ROW_X0_F] * f
+    a, b = c[layout.ROW_X0_Y] * y, c[layout.ROW_X0_F] * f
     return a - b, a.abs() + b.abs()
 
 
@@ -132,7 +133,7 @@ def _step64(coef, k, y, f, seed, ids, freeze, clip, D):
     xi = R.normal_noise(seed, ids, k, D, torch.float64)
     pq, pq_mag = _pq_and_mag(c, y, f, freeze)
     mq = R.affine_mean(c, pq, y, clip)
-    mq_mag = (c[R.ROW_A].abs() + c[R.ROW_E].abs()) * (pq.abs() + pq_mag) + (c[R.ROW_G] * y).abs()
+    mq_mag = (c[layout.ROW_A].abs() + c[layout.ROW_E].abs()) * (pq.abs() + pq_mag) + (c[layout.ROW_G] * y).abs()
     return c, xi, pq, pq_mag, mq, mq_mag
 
 
@@ -154,7 +155,7 @@ def assert_draft_matches(Y, root, frozen, steps, lengths, coef, seed, ids, windo
     for j in range(window):
         c, xi, pq, pq_mag, mq, mq_mag = _step64(coef, steps + j, Yd[:, j], f, seed, ids, freeze,
                                                 clip, D)
-        s = c[R.ROW_STD]
+        s = c[layout.ROW_STD]
         want = mq + s * xi
         tol = (_out_tol(dtype, want) + C_ACC * _eps_acc(dtype) * (mq_mag + (s * xi).abs())
                + s * XI_ERR[_acc(dtype)])
@@ -182,10 +183,10 @@ def _verify_oracle(Y, P, frozen, steps, lengths, coef, seed, ids, freeze, clip):
     for j in range(L1):
         c, xi, pq, pq_mag, mq, mq_mag = _step64(coef, steps + j, Yd[:, j], f, seed, ids, freeze,
                                                 clip, D)
-        A, E = c[R.ROW_A], c[R.ROW_E]
+        A, E = c[layout.ROW_A], c[layout.ROW_E]
         d = A * (R._clip(Pd[:, j], clip) - R._clip(pq, clip)) + E * (Pd[:, j] - pq)
         dmag = (A.abs() + E.abs()) * (Pd[:, j].abs() + pq.abs() + pq_mag) + d.abs()
-        s = c[R.ROW_STD]
+        s = c[layout.ROW_STD]
         parts.append((c, xi, pq, pq_mag, mq, mq_mag, d, dmag))
         if j < L:
             ss = torch.where(s > 0, s, torch.ones_like(s))
@@ -215,7 +216,7 @@ def assert_verify_matches(got, Y, P, frozen, steps, lengths, coef, seed, ids, fr
     lr_ref = torch.zeros(B, L, dtype=torch.float64)
     for j in range(L):
         c, xi, d = parts[j][0], parts[j][1], parts[j][6]
-        s = c[R.ROW_STD][:, 0]
+        s = c[layout.ROW_STD][:, 0]
         lr_ref[:, j] = torch.where(j < n, (d * xi).sum(-1) / s - (d * d).sum(-1) / (2 * s * s),
                                    torch.zeros_like(s))
     tol = lr_tol + 2 * torch.finfo(torch.float32).eps * lr_ref.abs() + 1e-30
@@ -240,7 +241,7 @@ def assert_verify_matches(got, Y, P, frozen, steps, lengths, coef, seed, ids, fr
     rejected = w_nacc < n
     pos = torch.where(rejected, w_nacc, n)
     kn = steps + n
-    det = ~rejected & (kn < N) & (coef[R.ROW_STD, kn.clamp(0, N - 1)] == 0)
+    det = ~rejected & (kn < N) & (coef[layout.ROW_STD, kn.clamp(0, N - 1)] == 0)
     keep = ((n == 0) & ~det) | (~rejected & ~(kn < N))
     Yf, Pf = Y.reshape(B, L1, D), P.reshape(B, L1, D)
     sd, fd = state.reshape(B, D), nfz.reshape(B, D)
@@ -252,7 +253,7 @@ def assert_verify_matches(got, Y, P, frozen, steps, lengths, coef, seed, ids, fr
                                                   for t in parts[j])
         y, p = Yf[b, j].double(), Pf[b, j].double()
         if rejected[b]:
-            s = c[R.ROW_STD]
+            s = c[layout.ROW_STD]
             a_ = float(((d * xi).sum() * s).item())
             b_ = float((d * d).sum().item())
             cr = 1 - 2 * a_ / b_ if b_ > 0 else 1.0
@@ -268,7 +269,7 @@ def assert_verify_matches(got, Y, P, frozen, steps, lengths, coef, seed, ids, fr
                 f"chain {b}: reflected state off the reference by {float(errs.max()):.3g} "
                 f"(tolerance {float(tol_s[errs.argmax()]):.3g})")
         elif det[b]:
-            m_mag = (c[R.ROW_A].abs() + c[R.ROW_E].abs()) * p.abs() + (c[R.ROW_G] * y).abs()
+            m_mag = (c[layout.ROW_A].abs() + c[layout.ROW_E].abs()) * p.abs() + (c[layout.ROW_G] * y).abs()
             tol_s = _out_tol(dtype, ws[b]) + C_ACC * eps * m_mag
             errs = (sd[b].double() - ws[b]).abs()
             assert bool((errs <= tol_s).all()), \
@@ -279,10 +280,10 @@ def assert_verify_matches(got, Y, P, frozen, steps, lengths, coef, seed, ids, fr
         if keep[b]:
             assert torch.equal(fd[b], frozen.reshape(B, D)[b]), \
                 f"chain {b}: frozen value must be kept"
-        elif freeze == R.FREEZE_X0:
+        elif freeze == layout.FREEZE_X0:
             assert torch.equal(fd[b], Pf[b, j]), f"chain {b}: next_frozen must be P[b, {j}]"
         else:
-            mag = (c[R.ROW_EPS_Y] * y).abs() + (c[R.ROW_EPS_P] * p).abs()
+            mag = (c[layout.ROW_EPS_Y] * y).abs() + (c[layout.ROW_EPS_P] * p).abs()
             errf = (fd[b].double() - wf[b]).abs()
             assert bool((errf <= _out_tol(dtype, wf[b]) + C_ACC * eps * mag).all()), (
                 f"chain {b}: next_frozen (eps) off by {float(errf.max()):.3g}")
@@ -323,7 +324,7 @@ def test_philox_words_bit_identical(seed, step, chain):
     st, ch = torch.tensor([step]), torch.tensor([chain])
     c1, c2 = R._counter_words(ch, st)
     block = 16
-    for stream in (R.STREAM_NORMAL, R.STREAM_UNIFORM):
+    for stream in (layout.STREAM_NORMAL, layout.STREAM_UNIFORM):
         out = torch.empty(4 * block, dtype=torch.int64)
         _words_kernel[(1,)](s, st, ch, out, STREAM=stream, BLOCK=block)
         want = R.philox4x32(torch.arange(block), c1, c2, torch.full_like(c1, stream), k0, k1)
@@ -363,14 +364,14 @@ def test_chain_noise_public_api():
 
 # ---------------------------------------------------------------- frozen_draft
 DRAFT_CASES = [  # (table, freeze, dtype, event)
-    ("ddpm_clip", R.FREEZE_X0, torch.float32, (37,)),
-    ("ddpm_clip", R.FREEZE_EPS, torch.float32, (2, 65)),
-    ("ddim_eta", R.FREEZE_X0, torch.float64, (2, 65)),
-    ("ddim_eta", R.FREEZE_EPS, torch.float64, (37,)),
-    ("euler_a", R.FREEZE_EPS, torch.float16, (37,)),
-    ("ddpm_clip", R.FREEZE_X0, torch.float16, (2, 65)),
-    ("ddpm_clip", R.FREEZE_EPS, torch.float64, (5,)),
-    ("euler_a", R.FREEZE_X0, torch.float32, (1,)),
+    ("ddpm_clip", layout.FREEZE_X0, torch.float32, (37,)),
+    ("ddpm_clip", layout.FREEZE_EPS, torch.float32, (2, 65)),
+    ("ddim_eta", layout.FREEZE_X0, torch.float64, (2, 65)),
+    ("ddim_eta", layout.FREEZE_EPS, torch.float64, (37,)),
+    ("euler_a", layout.FREEZE_EPS, torch.float16, (37,)),
+    ("ddpm_clip", layout.FREEZE_X0, torch.float16, (2, 65)),
+    ("ddpm_clip", layout.FREEZE_EPS, torch.float64, (5,)),
+    ("euler_a", layout.FREEZE_X0, torch.float32, (1,)),
 ]
 
 
@@ -409,14 +410,14 @@ def test_frozen_draft_clip_matters_and_public_api(dtype, bound):
 
 # ---------------------------------------------------------------- verify_frozen
 VERIFY_CASES = [  # (table, freeze, dtype, event, L)
-    ("ddpm_clip", R.FREEZE_X0, torch.float32, (37,), 5),
-    ("ddpm_clip", R.FREEZE_EPS, torch.float32, (2, 65), 2),
-    ("ddim_eta", R.FREEZE_X0, torch.float64, (2, 65), 5),
-    ("ddim_eta", R.FREEZE_EPS, torch.float64, (37,), 1),
-    ("euler_a", R.FREEZE_EPS, torch.float16, (37,), 5),
-    ("ddpm_clip", R.FREEZE_X0, torch.float16, (2, 65), 2),
-    ("euler_a", R.FREEZE_X0, torch.float32, (1,), 5),
-    ("ddpm_clip", R.FREEZE_EPS, torch.float64, (5,), 5),
+    ("ddpm_clip", layout.FREEZE_X0, torch.float32, (37,), 5),
+    ("ddpm_clip", layout.FREEZE_EPS, torch.float32, (2, 65), 2),
+    ("ddim_eta", layout.FREEZE_X0, torch.float64, (2, 65), 5),
+    ("ddim_eta", layout.FREEZE_EPS, torch.float64, (37,), 1),
+    ("euler_a", layout.FREEZE_EPS, torch.float16, (37,), 5),
+    ("ddpm_clip", layout.FREEZE_X0, torch.float16, (2, 65), 2),
+    ("euler_a", layout.FREEZE_X0, torch.float32, (1,), 5),
+    ("ddpm_clip", layout.FREEZE_EPS, torch.float64, (5,), 5),
 ]
 
 
@@ -439,7 +440,7 @@ def test_verify_frozen_matches_reference(table, freeze, dtype, E, L):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-@pytest.mark.parametrize("freeze", [R.FREEZE_X0, R.FREEZE_EPS])
+@pytest.mark.parametrize("freeze", [layout.FREEZE_X0, layout.FREEZE_EPS])
 def test_verify_all_accepted_and_table_end(dtype, freeze):
     """d = 0 everywhere (P = the draft's x0-hat): every step is accepted (log ratio 0). Commits at
     the table's end: k + n == N with a stochastic last step (frozen kept, committed n), a window
@@ -447,11 +448,11 @@ def test_verify_all_accepted_and_table_end(dtype, freeze):
     n = 0 at the deterministic step (taken from P_0), n = 0 elsewhere or at k = N (idle)."""
     coef_det, clip = _table("ddpm_clip")
     coef_sto = coef_det.clone()
-    coef_sto[R.ROW_STD, -1] = 0.05  # a stochastic last step
+    coef_sto[layout.ROW_STD, -1] = 0.05  # a stochastic last step
     N, L = N_STEPS, 3
     gen = _gen("end", dtype, freeze)
     for coef in (coef_det, coef_sto):
-        last_det = bool(coef[R.ROW_STD, -1] == 0)
+        last_det = bool(coef[layout.ROW_STD, -1] == 0)
         steps = torch.tensor([0, N - 1 - L, N - L, N - 1, N, 2])
         lengths = torch.tensor([L, L, L if not last_det else L - 1, 0, 0, 0])
         B = steps.shape[0]
@@ -463,10 +464,10 @@ def test_verify_all_accepted_and_table_end(dtype, freeze):
         nacc, comm, state, nfz, exact, lr = got
         n = lengths
         assert torch.equal(nacc, n), "d = 0: every step is accepted"
-        if freeze == R.FREEZE_X0:  # P = f exactly (eps: P is the draft's x0 rounded, d ~ 0)
+        if freeze == layout.FREEZE_X0:  # P = f exactly (eps: P is the draft's x0 rounded, d ~ 0)
             assert bool((lr == 0).all())
         kn = steps + n
-        det = (kn < N) & (coef[R.ROW_STD, kn.clamp(max=N - 1)] == 0)
+        det = (kn < N) & (coef[layout.ROW_STD, kn.clamp(max=N - 1)] == 0)
         assert torch.equal(comm, n + det.long())
         assert torch.equal(exact, (kn < N) & ~det & (n > 0))
         if not last_det:  # chain 2: k + n == N, stochastic last step: state Y_n, frozen kept
@@ -500,8 +501,8 @@ def test_forced_rejection_reflection(dtype):
     y, p, f = (t.double().reshape(B, D) for t in (Y[:, 0], P[:, 0], frozen))
     c = R._rows(coef, steps, torch.float64)
     xi = R.normal_noise(seed, ids, steps, D, torch.float64)
-    d = c[R.ROW_A] * (p - f) + c[R.ROW_E] * (p - f)
-    r = c[R.ROW_STD] * xi
+    d = c[layout.ROW_A] * (p - f) + c[layout.ROW_E] * (p - f)
+    r = c[layout.ROW_STD] * xi
     mq = R.affine_mean(c, f, y, clip)
     a_, b_ = (d * r).sum(-1, keepdim=True), (d * d).sum(-1, keepdim=True)
     right = mq + r + (1 - 2 * a_ / b_) * d

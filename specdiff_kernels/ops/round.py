@@ -10,7 +10,7 @@
   at Y and the frozen value; u_j drawn in-kernel), the first rejection, the reflection and the
   round's commit per chain. The draft and target means never exist in memory.
 
-Tables: the ops read a float64 ``[8, N]`` coefficient tensor (rows ``reference.round.ROW_*``:
+Tables: the ops read a float64 ``[8, N]`` coefficient tensor (rows ``layout.ROW_*``:
 affine mean ``A clip(p) + E p + G x`` of the network's x0-hat p, step std, x0/eps conversions);
 :func:`specdiff_kernels.sampling.transitions.round_tables` builds it from a transition family.
 
@@ -30,13 +30,18 @@ from typing import Callable, NamedTuple, Optional, Sequence
 import torch
 from torch import Tensor
 
-from .reference import round as ref
 from ._checks import _values_checkable
+from .layout import (
+    FLOAT_DTYPES,
+    FREEZE_EPS,
+    FREEZE_MODES,
+    FREEZE_X0,
+    NUM_ROWS,
+    ROW_STD,
+    StatsLayout,
+)
+from .reference import round as ref
 from .verify import HAS_CPP, BackendRegistry
-from .reference.round import FREEZE_EPS, FREEZE_X0, NUM_ROWS  # noqa: F401 (re-exported)
-
-FREEZE_MODES = {"x0": FREEZE_X0, "eps": FREEZE_EPS}
-NOISE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 class FrozenVerifyResult(NamedTuple):
@@ -123,9 +128,9 @@ def _check_ids_steps(op: str, chain_ids: Tensor, steps: Tensor, B: int, like: Te
 def _check_states(op: str, name: str, x: Tensor, min_dim: int) -> None:
     if not isinstance(x, Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in NOISE_DTYPES:
+    if x.dtype not in FLOAT_DTYPES:
         raise ValueError(f"{op}: {name} must have a floating dtype in "
-                         f"{[str(d) for d in NOISE_DTYPES]}, got {x.dtype}")
+                         f"{[str(d) for d in FLOAT_DTYPES]}, got {x.dtype}")
     if x.dim() < min_dim or any(s == 0 for s in x.shape[min_dim - 1:]):
         raise ValueError(f"{op}: {name} must have a non-empty event shape, got {tuple(x.shape)}")
 
@@ -150,7 +155,7 @@ def _check_round(op: str, root: Tensor, frozen: Tensor, steps: Tensor, lengths: 
         raise ValueError(f"{op}: coef is on {coef.device} but the states are on {root.device}")
     if isinstance(window, bool) or not isinstance(window, int) or window < 1:
         raise ValueError(f"{op}: window must be an int >= 1, got {window!r}")
-    if freeze not in (FREEZE_X0, FREEZE_EPS):
+    if freeze not in FREEZE_MODES.values():
         raise ValueError(f"{op}: freeze must be {FREEZE_X0} (x0) or {FREEZE_EPS} (eps), got {freeze!r}")
     if not (clip > 0):
         raise ValueError(f"{op}: clip must be > 0 (math.inf: no clipping), got {clip!r}")
@@ -168,7 +173,7 @@ def _check_round(op: str, root: Tensor, frozen: Tensor, steps: Tensor, lengths: 
         # a verified window covers stochastic steps only (std > 0, before the end of the schedule)
         idx = steps[:, None] + torch.arange(window)[None]
         live = torch.arange(window)[None] < lengths[:, None]
-        std = coef[ref.ROW_STD, idx.clamp(0, N - 1)]
+        std = coef[ROW_STD, idx.clamp(0, N - 1)]
         bad = live & ((idx >= N) | ~(std > 0))
         if bool(bad.any()):
             b = int(bad.nonzero()[0, 0])
@@ -206,8 +211,8 @@ def chain_noise(seed: Tensor, chain_ids: Tensor, steps: Tensor, window: int,
     D = math.prod(event_shape)
     if not event_shape or D < 1:
         raise ValueError(f"{op}: event_shape must be non-empty with positive sizes, got {event_shape}")
-    if dtype not in NOISE_DTYPES:
-        raise ValueError(f"{op}: dtype must be one of {[str(d) for d in NOISE_DTYPES]}, got {dtype}")
+    if dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{op}: dtype must be one of {[str(d) for d in FLOAT_DTYPES]}, got {dtype}")
     impl = get_backend(backend, chain_ids.device)
     xi, u = impl.chain_noise(seed, chain_ids, steps, window, D, dtype)
     return xi.reshape(chain_ids.shape[0], window, *event_shape), u
@@ -265,7 +270,7 @@ def verify_frozen(states: Tensor, x0_hat: Tensor, frozen: Tensor, steps: Tensor,
 def round_stats(stats: Tensor, steps: Tensor, lengths: Tensor, num_accepted: Tensor,
                 committed: Tensor, log_ratio: Tensor, output: Tensor, num_steps: int) -> Tensor:
     """The static round's counters after one round, as a new int64 vector (layout:
-    :class:`~specdiff_kernels.ops.reference.round.StatsLayout`; semantics:
+    :class:`~specdiff_kernels.ops.layout.StatsLayout`; semantics:
     :func:`specdiff_kernels.ops.reference.round.round_stats`). One launch on CPU (C++) and on CUDA (a
     composition of a few ops, replayed inside the round's CUDA graph)."""
     op = "round_stats"
@@ -277,7 +282,7 @@ def round_stats(stats: Tensor, steps: Tensor, lengths: Tensor, num_accepted: Ten
         _check_int_vector(op, name, t, B, log_ratio)
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
         raise ValueError(f"{op}: num_steps must be an int >= 1, got {num_steps!r}")
-    size = ref.StatsLayout(L, num_steps, B).size
+    size = StatsLayout(L, num_steps, B).size
     if not isinstance(stats, Tensor) or stats.dtype != torch.int64 or tuple(stats.shape) != (size,):
         raise ValueError(f"{op}: stats must be the int64 [{size}] vector of StatsLayout(L={L}, "
                          f"N={num_steps}, B={B})")

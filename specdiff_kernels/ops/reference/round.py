@@ -25,7 +25,8 @@ order). The integer stream is bit-identical on every backend; the normals agree 
 
 The frozen round (docs/design.md §6)
 --------------------------
-Per-step tables (``coef``, float64 ``[8, N]``, rows named by ``ROW_*`` below) describe the affine mean
+Per-step tables (``coef``, float64 ``[8, N]``, rows named by
+``ops.layout.ROW_*``) describe the affine mean
 ``m(x, k) = A clip(p) + E p + G x`` of the network's x0-hat p, the step std, and the conversions
 between x0 and eps that the frozen-eps draft needs. ``freeze``: 0 freezes x0-hat (the draft's x0 at
 every drafted state is f), 1 freezes eps-hat (the draft's x0 at y is ``X0_Y y - X0_F f``).
@@ -37,16 +38,35 @@ import math
 import torch
 from torch import Tensor
 
-# ---------------------------------------------------------------- table rows (coef[ROW, step])
-ROW_A, ROW_E, ROW_G, ROW_STD, ROW_X0_Y, ROW_X0_F, ROW_EPS_Y, ROW_EPS_P = range(8)
-NUM_ROWS = 8
-FREEZE_X0, FREEZE_EPS = 0, 1
+from ..layout import (
+    FREEZE_X0,
+    NO_BAD,
+    PHILOX_M0,
+    PHILOX_M1,
+    PHILOX_W0,
+    PHILOX_W1,
+    ROW_A,
+    ROW_E,
+    ROW_EPS_P,
+    ROW_EPS_Y,
+    ROW_G,
+    ROW_STD,
+    ROW_X0_F,
+    ROW_X0_Y,
+    STAT_BAD_OUTPUT,
+    STAT_BAD_RATIO,
+    STAT_DET_STEPS,
+    STAT_LIVE,
+    STAT_ROUNDS,
+    STAT_SPEC_STEPS,
+    STAT_STEPS_DONE,
+    STAT_WINDOWS,
+    STREAM_UNIFORM,
+    StatsLayout,
+)
 
 # ---------------------------------------------------------------- Philox4x32-10
-PHILOX_M0, PHILOX_M1 = 0xD2511F53, 0xCD9E8D57
-PHILOX_W0, PHILOX_W1 = 0x9E3779B9, 0xBB67AE85
 MASK32 = 0xFFFFFFFF
-STREAM_NORMAL, STREAM_UNIFORM = 0, 1
 TWO_PI = 2.0 * math.pi
 
 
@@ -278,38 +298,6 @@ def verify_frozen(states: Tensor, x0_hat: Tensor, frozen: Tensor, steps: Tensor,
 
 
 # ---------------------------------------------------------------- round statistics
-# The static round's counters live in ONE int64 vector (read back once per round: its head; once
-# per run: the rest). Head slots, then the per-position, per-length, per-step and per-chain parts.
-(STAT_ROUNDS, STAT_WINDOWS, STAT_SPEC_STEPS, STAT_DET_STEPS, STAT_BAD_OUTPUT, STAT_BAD_RATIO,
- STAT_STEPS_DONE, STAT_LIVE) = range(8)
-STAT_HEAD = 8
-NO_BAD = torch.iinfo(torch.int64).max   # "no non-finite value seen" in the BAD slots
-
-
-class StatsLayout:
-    """Where each counter of a run with window L, N steps and B chains lies in the stats vector:
-    the head (``STAT_*``), then ``accepted_by_position [L]``, ``attempted_by_position [L]``,
-    ``accepted_length_hist [L+1]``, ``window_length_hist [L+1]``, ``accepted_by_step [N]``,
-    ``attempted_by_step [N]``, ``chain_rounds [B]``. The BAD slots hold the smallest code
-    ``chain * (N + 1) + step`` whose network output / log ratio was not finite (NO_BAD: none)."""
-
-    PARTS = ("accepted_by_position", "attempted_by_position", "accepted_length_hist",
-             "window_length_hist", "accepted_by_step", "attempted_by_step", "chain_rounds")
-
-    def __init__(self, L: int, N: int, B: int):
-        self.L, self.N, self.B = L, N, B
-        sizes = (L, L, L + 1, L + 1, N, N, B)
-        self.slices = {}
-        start = STAT_HEAD
-        for name, size in zip(self.PARTS, sizes):
-            self.slices[name] = slice(start, start + size)
-            start += size
-        self.size = start
-
-    def view(self, stats: Tensor, name: str) -> Tensor:
-        return stats[self.slices[name]]
-
-
 def round_stats(stats: Tensor, steps: Tensor, lengths: Tensor, num_accepted: Tensor,
                 committed: Tensor, log_ratio: Tensor, output: Tensor, num_steps: int) -> Tensor:
     """The stats vector after one static round (a new tensor; ``stats`` is not changed).

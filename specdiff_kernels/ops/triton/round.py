@@ -50,8 +50,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .. import layout
 from .. import round as round_ops
-from ..reference import round as ref
 from .verify_register import _define
 from .verify import INTERPRET, _accept, _next_pow2, _quiet, _reflect_coef, num_sms
 
@@ -63,21 +63,21 @@ except ImportError:  # pragma: no cover - torch < 2.6
 DEVICES: tuple[str, ...] = ("cpu", "cuda") if INTERPRET else ("cuda",)
 
 # Table rows (coef[ROW, step]) as compile-time constants of the kernels.
-_ROW_A = tl.constexpr(ref.ROW_A)
-_ROW_E = tl.constexpr(ref.ROW_E)
-_ROW_G = tl.constexpr(ref.ROW_G)
-_ROW_STD = tl.constexpr(ref.ROW_STD)
-_ROW_X0_Y = tl.constexpr(ref.ROW_X0_Y)
-_ROW_X0_F = tl.constexpr(ref.ROW_X0_F)
-_ROW_EPS_Y = tl.constexpr(ref.ROW_EPS_Y)
-_ROW_EPS_P = tl.constexpr(ref.ROW_EPS_P)
-_STREAM_NORMAL = tl.constexpr(ref.STREAM_NORMAL)
-_STREAM_UNIFORM = tl.constexpr(ref.STREAM_UNIFORM)
-_PHILOX_M0 = tl.constexpr(ref.PHILOX_M0)
-_PHILOX_M1 = tl.constexpr(ref.PHILOX_M1)
-_PHILOX_W0 = tl.constexpr(ref.PHILOX_W0)
-_PHILOX_W1 = tl.constexpr(ref.PHILOX_W1)
-_TWO_PI = tl.constexpr(ref.TWO_PI)
+_ROW_A = tl.constexpr(layout.ROW_A)
+_ROW_E = tl.constexpr(layout.ROW_E)
+_ROW_G = tl.constexpr(layout.ROW_G)
+_ROW_STD = tl.constexpr(layout.ROW_STD)
+_ROW_X0_Y = tl.constexpr(layout.ROW_X0_Y)
+_ROW_X0_F = tl.constexpr(layout.ROW_X0_F)
+_ROW_EPS_Y = tl.constexpr(layout.ROW_EPS_Y)
+_ROW_EPS_P = tl.constexpr(layout.ROW_EPS_P)
+_STREAM_NORMAL = tl.constexpr(layout.STREAM_NORMAL)
+_STREAM_UNIFORM = tl.constexpr(layout.STREAM_UNIFORM)
+_PHILOX_M0 = tl.constexpr(layout.PHILOX_M0)
+_PHILOX_M1 = tl.constexpr(layout.PHILOX_M1)
+_PHILOX_W0 = tl.constexpr(layout.PHILOX_W0)
+_PHILOX_W1 = tl.constexpr(layout.PHILOX_W1)
+_TWO_PI = tl.constexpr(2.0 * math.pi)
 _TWO_M24 = tl.constexpr(2.0 ** -24)
 
 # Blocks, in Philox counters (4 elements each). Interpreter: small, so tests hit several blocks.
