@@ -9,11 +9,23 @@ import pytest
 import torch
 
 import specdiff_kernels
-from specdiff_kernels.sampling.noise import ChainNoise
-from specdiff_kernels.sampling.drafts import DraftModelDraft, FrozenTargetDraft
 from specdiff_kernels.models.gmm import GMMDenoiser, make_gmm
-from specdiff_kernels.sampling.sampler import COMPACT_MIN_CHAINS_CPU, AncestralSampler, NonFiniteError, SamplerStats, SpeculativeSampler
-from specdiff_kernels.sampling.transitions import alphas_cumprod_from_betas, ddim_transitions, ddpm_transitions, euler_ancestral_transitions, make_betas
+from specdiff_kernels.sampling.drafts import DraftModelDraft, FrozenTargetDraft
+from specdiff_kernels.sampling.noise import ChainNoise
+from specdiff_kernels.sampling.sampler import (
+    COMPACT_MIN_CHAINS_CPU,
+    AncestralSampler,
+    NonFiniteError,
+    SamplerStats,
+    SpeculativeSampler,
+)
+from specdiff_kernels.sampling.transitions import (
+    alphas_cumprod_from_betas,
+    ddim_transitions,
+    ddpm_transitions,
+    euler_ancestral_transitions,
+    make_betas,
+)
 
 ABAR = alphas_cumprod_from_betas(make_betas())
 D = 6
@@ -90,7 +102,8 @@ def test_chain_result_independent_of_batch(draft, kind):
 def test_ancestral_chain_independent_of_batch():
     model, T = setup()
     together = AncestralSampler(model, T).sample(8, (D,), generator=gen(3), dtype=torch.float64)
-    alone = AncestralSampler(model, T).sample(1, (D,), generator=gen(3), chain_ids=[3], dtype=torch.float64)
+    alone = AncestralSampler(model, T).sample(1, (D,), generator=gen(3), chain_ids=[3],
+                                              dtype=torch.float64)
     torch.testing.assert_close(alone.samples[0], together.samples[3], rtol=0, atol=1e-6)
 
 
@@ -111,7 +124,7 @@ def test_chain_noise_indexed_by_step():
     assert not torch.equal(a.initial[0], a.window(torch.tensor([0]), torch.tensor([0]), 1)[0][0, 0])
 
 
-# ----------------------------------------------------------------------------- L = 1, deterministic samplers
+# ------------------------------------------------------------------ L = 1, deterministic samplers
 def test_window_one_without_prefetch_is_ancestral():
     model, T = setup()
     """Every window starts from the target's own prediction at its root, so every step is accepted
@@ -173,7 +186,8 @@ def test_nonfinite_target_output_at_later_step():
     model, T = setup()
     t_bad = int(T.timesteps[7])
     s = SpeculativeSampler(NaNAt(model, t_bad=t_bad), T, FrozenTargetDraft(), 4)
-    with pytest.raises(NonFiniteError, match=rf"sampling step 7 \(timestep t={t_bad}\) for chain \d+"):
+    with pytest.raises(NonFiniteError,
+                       match=rf"sampling step 7 \(timestep t={t_bad}\) for chain \d+"):
         s.sample(4, (D,), generator=gen(0))
 
 
@@ -289,7 +303,8 @@ def test_draft_model_stats():
     model, T = setup()
     dm = draft_model()
     B, L = 5, 4
-    st = SpeculativeSampler(model, T, DraftModelDraft(dm), L).sample(B, (D,), generator=gen(0)).stats
+    sampler = SpeculativeSampler(model, T, DraftModelDraft(dm), L)
+    st = sampler.sample(B, (D,), generator=gen(0)).stats
     _check_common(st, B)
     assert st.target_calls == st.rounds == model.num_calls
     assert st.target_evals == model.num_evals
@@ -444,14 +459,17 @@ def test_compiled_static_round_and_ancestral_equal_eager(B):
 
 
 # ----------------------------------------------------------------------------- which round runs
+def custom_verify(*args, **kwargs):   # the public op behind a hook: not the default verify op
+    return specdiff_kernels.speculative_verify(*args, **kwargs)
+
+
 BLOCKERS = {   # settings the static round cannot run -> the reason static_path_blockers() gives
     "draft_model": (lambda: dict(draft=DraftModelDraft(draft_model())),
                     "a draft model (DraftModelDraft)"),
     "noprefetch": (lambda: dict(draft=FrozenTargetDraft("x0", prefetch_root=False)),
                    "FrozenTargetDraft(prefetch_root=False)"),
     "adaptive": (lambda: dict(window="adaptive"), "an adaptive window"),
-    "verify_fn": (lambda: dict(verify_fn=lambda *a, **k: specdiff_kernels.speculative_verify(*a, **k)),
-                  "a custom verify_fn"),
+    "verify_fn": (lambda: dict(verify_fn=custom_verify), "a custom verify_fn"),
 }
 
 
@@ -483,7 +501,7 @@ def test_static_path_blockers_state_the_rule_for_auto_errors_and_docs(blocker):
 def test_static_path_blockers_list_every_reason():
     model, T = setup()
     s = SpeculativeSampler(model, T, FrozenTargetDraft("x0", prefetch_root=False),
-                           window="adaptive", verify_fn=BLOCKERS["verify_fn"][0]()["verify_fn"])
+                           window="adaptive", verify_fn=custom_verify)
     assert s.static_path_blockers() == [BLOCKERS[b][1] for b in ("noprefetch", "adaptive",
                                                                   "verify_fn")]
     with pytest.raises(ValueError, match=r"^compile=True compiles the static round, but this "
@@ -512,7 +530,8 @@ def test_target_call_segments_come_back_by_name():
     from specdiff_kernels.sampling.ragged_round import TargetCall
     call = TargetCall()
     call.add("a", torch.full((2, 3), 1.0), torch.tensor([4, 5]), torch.tensor([0, 1]))
-    call.add("empty", torch.zeros(0, 3), torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64))
+    call.add("empty", torch.zeros(0, 3), torch.zeros(0, dtype=torch.int64),
+             torch.zeros(0, dtype=torch.int64))
     call.add("b", torch.full((1, 3), 2.0), torch.tensor([7]), torch.tensor([9]))
     seen = []
 
@@ -525,26 +544,30 @@ def test_target_call_segments_come_back_by_name():
     assert out["empty"].shape == (0, 3)
     assert out["b"].tolist() == [[27.0] * 3]
     empty = TargetCall()
-    empty.add("a", torch.zeros(0, 3), torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64))
+    empty.add("a", torch.zeros(0, 3), torch.zeros(0, dtype=torch.int64),
+              torch.zeros(0, dtype=torch.int64))
     assert empty.run(lambda *a: pytest.fail("no call for an empty round"))["a"].shape == (0, 3)
 
 
-@pytest.mark.parametrize("family", ["ddpm_eps_clip", "ddpm_large_noclip", "ddim_eta", "ddim_clipped_eps",
+@pytest.mark.parametrize("family", ["ddpm_eps_clip", "ddpm_large_noclip", "ddim_eta",
+                                    "ddim_clipped_eps",
                                     "euler_a", "ula"])
 def test_affine_mean_equals_the_general_formula(family):
     """The ragged round's table form A clip(p) + E p + G y equals mean_from_x0, in float64,
     for windows [w, L, *E] with per-position steps."""
     from round_cases import FAMILIES
+
     from specdiff_kernels.sampling.ragged_round import affine_mean
     T = FAMILIES[family]()
     g = torch.Generator().manual_seed(1)
     y = torch.randn(5, 3, 2, 7, generator=g, dtype=torch.float64)
     p = 2 * torch.randn(5, 3, 2, 7, generator=g, dtype=torch.float64)   # |p| > clip often
     k = torch.randint(0, T.num_steps, (5, 3), generator=g)
-    torch.testing.assert_close(affine_mean(T, y, p, k), T.mean_from_x0(y, p, k), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(affine_mean(T, y, p, k), T.mean_from_x0(y, p, k), rtol=1e-10,
+                               atol=1e-10)
 
 
-# ----------------------------------------------------------------------------- the compact static round
+# ----------------------------------------------------------------------- the compact static round
 @pytest.mark.parametrize("freeze", ["x0", "eps"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_compact_static_round_equals_the_full_round(freeze, dtype):

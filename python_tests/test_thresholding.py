@@ -34,7 +34,8 @@ class LoudUNet(torch.nn.Module):
         self.net = UNet2DModel(sample_size=4, in_channels=1, out_channels=1, layers_per_block=1,
                                block_out_channels=(8, 8), norm_num_groups=4,
                                down_block_types=("DownBlock2D", "DownBlock2D"),
-                               up_block_types=("UpBlock2D", "UpBlock2D")).eval().requires_grad_(False)
+                               up_block_types=("UpBlock2D", "UpBlock2D")
+                               ).eval().requires_grad_(False)
 
     def forward(self, x, t, return_dict=False):
         return (4.0 * self.net(x, t).sample,)
@@ -78,7 +79,8 @@ def test_window_thresholds_each_position_separately():
     tr = diffusers_transitions(sched, STEPS)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 4, 1, 4, 4, generator=g)
-    x0 = torch.randn(3, 4, 1, 4, 4, generator=g) * torch.tensor([1.5, 3.0, 6.0, 12.0]).view(1, 4, 1, 1, 1)
+    scale = torch.tensor([1.5, 3.0, 6.0, 12.0]).view(1, 4, 1, 1, 1)
+    x0 = torch.randn(3, 4, 1, 4, 4, generator=g) * scale
     k = torch.arange(4)[None].expand(3, 4)
     window = tr.mean_from_x0(x, x0, k)
     for j in range(4):
@@ -93,7 +95,8 @@ def test_law_matches_the_scheduler_loop(make):
     net = unet()
     n = 1500
     tr = diffusers_transitions(scheduler(), STEPS)
-    got = make(DiffusersModel(net), tr).sample(n, (1, 4, 4), generator=torch.Generator().manual_seed(6)).samples
+    gen = torch.Generator().manual_seed(6)
+    got = make(DiffusersModel(net), tr).sample(n, (1, 4, 4), generator=gen).samples
     ref = scheduler_loop(net, n, seed=5)
     p = per_coordinate_ks_pvalue(got.flatten(1).double().numpy(), ref.flatten(1).double().numpy())
     assert p > 0.01, p
@@ -101,5 +104,6 @@ def test_law_matches_the_scheduler_loop(make):
     plain = DDPMScheduler(prediction_type="sample", clip_sample=False)
     wrong = AncestralSampler(DiffusersModel(net), diffusers_transitions(plain, STEPS)).sample(
         n, (1, 4, 4), generator=torch.Generator().manual_seed(6)).samples
-    p_wrong = per_coordinate_ks_pvalue(wrong.flatten(1).double().numpy(), ref.flatten(1).double().numpy())
+    p_wrong = per_coordinate_ks_pvalue(wrong.flatten(1).double().numpy(),
+                                       ref.flatten(1).double().numpy())
     assert p_wrong < 1e-4, p_wrong

@@ -61,11 +61,13 @@ class SamplerStats:
 
     @property
     def acceptance_by_position(self) -> list:
-        return [a / t if t else math.nan for a, t in zip(self.accepted_by_position, self.attempted_by_position)]
+        return [a / t if t else math.nan
+                for a, t in zip(self.accepted_by_position, self.attempted_by_position)]
 
     @property
     def acceptance_by_step(self) -> list:
-        return [a / t if t else math.nan for a, t in zip(self.accepted_by_step, self.attempted_by_step)]
+        return [a / t if t else math.nan
+                for a, t in zip(self.accepted_by_step, self.attempted_by_step)]
 
     @property
     def mean_accepted_length(self) -> float:

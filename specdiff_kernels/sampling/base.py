@@ -60,7 +60,8 @@ class SamplerBase:
     def __init__(self, model: Model, transitions: GaussianTransitions, *, progress: bool = False,
                  check_finite: bool = True):
         if not isinstance(transitions, GaussianTransitions):
-            raise TypeError(f"transitions must be a GaussianTransitions, got {type(transitions).__name__}")
+            raise TypeError(f"transitions must be a GaussianTransitions, got "
+                            f"{type(transitions).__name__}")
         self.model = model
         self.transitions = transitions
         self.progress = progress
@@ -78,7 +79,8 @@ class SamplerBase:
             _args.check_x_init(x_init, self.check_finite)
             if num_chains is not None and num_chains != x_init.shape[0]:
                 raise ValueError(f"num_chains={num_chains} but x_init has {x_init.shape[0]} rows")
-            if event_shape is not None and _args.as_event_shape(event_shape) != tuple(x_init.shape[1:]):
+            rows_shape = tuple(x_init.shape[1:])
+            if event_shape is not None and _args.as_event_shape(event_shape) != rows_shape:
                 raise ValueError(f"event_shape={tuple(event_shape)} but x_init has rows of shape "
                                  f"{tuple(x_init.shape[1:])}")
             num_chains, event_shape = x_init.shape[0], tuple(x_init.shape[1:])

@@ -31,7 +31,8 @@ def as_event_shape(event_shape) -> tuple[int, ...]:
     try:
         dims = tuple(event_shape)
     except TypeError:
-        raise TypeError(f"event_shape must be a tuple of positive ints, got {event_shape!r}") from None
+        raise TypeError(f"event_shape must be a tuple of positive ints, got "
+                        f"{event_shape!r}") from None
     if len(dims) == 0:
         raise ValueError("event_shape must have at least one dimension")
     for d in dims:
@@ -96,7 +97,8 @@ def as_device(device) -> torch.device:
     except (RuntimeError, TypeError) as err:
         raise ValueError(f"device={device!r} is not a torch device: {err}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={str(dev)!r} is not available: torch.cuda.is_available() is False")
+        raise ValueError(f"device={str(dev)!r} is not available: torch.cuda.is_available() is "
+                         f"False")
     try:
         torch.empty(0, device=dev)
     except (RuntimeError, AssertionError) as err:
@@ -138,13 +140,15 @@ def check_model_output(role: str, out, x: Tensor) -> None:
         raise TypeError(f"{role} model returned {kind} instead of a tensor: model(x, t) must "
                         f"return the prediction as a tensor shaped like x ({hint})")
     if out.shape != x.shape:
-        raise ValueError(f"{role} model returned shape {tuple(out.shape)} for input {tuple(x.shape)}")
+        raise ValueError(f"{role} model returned shape {tuple(out.shape)} for input "
+                         f"{tuple(x.shape)}")
     if out.dtype != x.dtype:
         raise TypeError(f"{role} model returned dtype {out.dtype} for a {x.dtype} input: it must "
                         f"return its input's dtype (cast inside the model, or sample with "
                         f"dtype={out.dtype})")
     if out.device != x.device:
-        raise ValueError(f"{role} model returned a tensor on {out.device} for an input on {x.device}")
+        raise ValueError(f"{role} model returned a tensor on {out.device} for an input on "
+                         f"{x.device}")
 
 
 

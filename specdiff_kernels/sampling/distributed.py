@@ -1,8 +1,8 @@
 """Multi-process sampling on ``torch.distributed``: many chains sharded across ranks.
 
 Every chain's random stream is a function of (seed, GLOBAL chain id) only
-(:mod:`specdiff_kernels.sampling.noise`), the samplers' batches are ragged (each chain has its own step
-index) and a chain's adaptive window depends on its own past only, so a chain's result does not
+(:mod:`specdiff_kernels.sampling.noise`), the samplers' batches are ragged (each chain has its own
+step index) and a chain's adaptive window depends on its own past only, so a chain's result does not
 depend on which other chains share its process. Sharding the global ids 0..n-1 over the ranks and
 passing them as ``chain_ids=`` therefore gives the SAME union of samples for any number of ranks
 (up to floating-point differences of batched model calls on different batch sizes: bit-for-bit for
@@ -108,7 +108,8 @@ def merge_stats(stats: Sequence[SamplerStats], chain_ids: Optional[Sequence[Sequ
     if chain_ids is None:
         kw["chain_rounds"] = [r for s in stats for r in s.chain_rounds]
     else:
-        pairs = sorted((c, r) for ids, s in zip(chain_ids, stats) for c, r in zip(ids, s.chain_rounds))
+        pairs = sorted((c, r) for ids, s in zip(chain_ids, stats)
+                       for c, r in zip(ids, s.chain_rounds))
         kw["chain_rounds"] = [r for _, r in pairs]
     return SamplerStats(**kw)
 
@@ -127,15 +128,16 @@ def _comm_device(group) -> torch.device:
 
 
 def sample_distributed(sampler, num_chains: int, event_shape, *, seed: int,
-                       dtype: torch.dtype = torch.float32, device=None, x_init: Optional[Tensor] = None,
-                       gather: bool = True, out_dir: Optional[str] = None, group=None
+                       dtype: torch.dtype = torch.float32, device=None,
+                       x_init: Optional[Tensor] = None, gather: bool = True,
+                       out_dir: Optional[str] = None, group=None
                        ) -> DistributedResult:
     """Sample ``num_chains`` chains sharded over the ranks of ``group`` (default: the world).
 
     Args:
         sampler: a :class:`~specdiff_kernels.sampling.sampler.SpeculativeSampler` /
-            :class:`~specdiff_kernels.sampling.sampler.AncestralSampler` (or a Langevin wrapper), the same
-            on every rank.
+            :class:`~specdiff_kernels.sampling.ancestral.AncestralSampler` (or a Langevin wrapper),
+            the same on every rank.
         num_chains, event_shape: the GLOBAL number of chains and the state shape.
         seed: one integer seed, the same on every rank; chain c's stream depends on (seed, c) only.
         dtype, device: of this rank's states (e.g. ``cuda:LOCAL_RANK`` with nccl).
@@ -160,7 +162,8 @@ def sample_distributed(sampler, num_chains: int, event_shape, *, seed: int,
         samples, stats = res.samples, res.stats
     else:  # more ranks than chains
         dev = torch.device("cpu") if device is None else torch.device(device)
-        samples = torch.zeros((0, *event_shape), dtype=dtype if xi is None else xi.dtype, device=dev)
+        samples = torch.zeros((0, *event_shape), dtype=dtype if xi is None else xi.dtype,
+                              device=dev)
         stats = None
     if out_dir is not None:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
@@ -216,4 +219,5 @@ def load_shards(out_dir: str) -> tuple[Tensor, SamplerStats]:
     pairs = sorted((c, p["samples"][i]) for p in parts for i, c in enumerate(p["chain_ids"]))
     samples = torch.stack([s for _, s in pairs]) if pairs else torch.zeros(0)
     with_stats = [p for p in parts if p["stats"] is not None]
-    return samples, merge_stats([p["stats"] for p in with_stats], [p["chain_ids"] for p in with_stats])
+    return samples, merge_stats([p["stats"] for p in with_stats],
+                                [p["chain_ids"] for p in with_stats])

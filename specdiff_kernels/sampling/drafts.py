@@ -47,13 +47,15 @@ class FrozenTargetDraft(Draft):
     def __repr__(self) -> str:
         return f"FrozenTargetDraft(freeze={self.freeze!r}, prefetch_root={self.prefetch_root})"
 
-    def freeze_value(self, transitions: GaussianTransitions, x: Tensor, x0: Tensor, k: Tensor) -> Tensor:
+    def freeze_value(self, transitions: GaussianTransitions, x: Tensor, x0: Tensor,
+                     k: Tensor) -> Tensor:
         """The frozen quantity from the target's raw x0-hat at state x, step k."""
         if self.freeze == "x0":
             return x0
         return transitions.eps_from_x0(x, x0, k)
 
-    def x0_at(self, transitions: GaussianTransitions, frozen: Tensor, y: Tensor, k: Tensor) -> Tensor:
+    def x0_at(self, transitions: GaussianTransitions, frozen: Tensor, y: Tensor,
+              k: Tensor) -> Tensor:
         """Draft x0-hat at drafted state y, step k."""
         if self.freeze == "x0":
             return frozen

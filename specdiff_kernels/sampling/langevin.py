@@ -13,19 +13,20 @@ sampled here: :func:`langevin_transitions` writes ULA as a :class:`GaussianTrans
 
 so ``mean_from_x0(x, grad, k) = x - g_k * grad``, which is the ULA mean. Then
 
-* the plain chain (:class:`LangevinSampler`) is :class:`~specdiff_kernels.sampling.sampler.AncestralSampler`
-  on these transitions: one gradient call per step;
+* the plain chain (:class:`LangevinSampler`) is
+  :class:`~specdiff_kernels.sampling.ancestral.AncestralSampler` on these transitions: one
+  gradient call per step;
 * the frozen-target draft (``FrozenTargetDraft("x0")``) freezes the model OUTPUT, i.e. the
   gradient: the draft window is y_{j+1} = y_j - g grad U(y_0) + sqrt(2g) xi_j, the
   training-free "frozen gradient" draft. With the prefetched root (default) every round costs one
   sequential (batched) gradient call;
 * ``DraftModelDraft(surrogate)`` with a cheap surrogate gradient is the surrogate draft.
 
-:class:`SpeculativeLangevin` is :class:`~specdiff_kernels.sampling.sampler.SpeculativeSampler` on the same
-transitions. Its output law equals the plain ULA chain's law after the same number of steps (for
-any draft, window or adaptive window): it is exact with respect to ULA, NOT with respect to pi
-(ULA itself is biased by O(g)); add a Metropolis correction (MALA) for that, which is outside this
-module.
+:class:`SpeculativeLangevin` is :class:`~specdiff_kernels.sampling.sampler.SpeculativeSampler` on
+the same transitions. Its output law equals the plain ULA chain's law after the same number of
+steps (for any draft, window or adaptive window): it is exact with respect to ULA, NOT with
+respect to pi (ULA itself is biased by O(g)); add a Metropolis correction (MALA) for that, which
+is outside this module.
 
 Conventions inherited from the samplers: the per-chain random streams (same generator seed ->
 same xi_k in the plain and the speculative chain), ``chain_ids``, ``x_init`` (a user start
@@ -74,7 +75,8 @@ def langevin_transitions(step_size, num_steps: Optional[int] = None, *, init_std
     if g.numel() == 1:
         g = g.expand(n).clone()
     if g.numel() != n:
-        raise ValueError(f"step_size must be a scalar or have num_steps = {n} entries, got {g.numel()}")
+        raise ValueError(f"step_size must be a scalar or have num_steps = {n} entries, got "
+                         f"{g.numel()}")
     if not bool(torch.isfinite(g).all()) or bool((g <= 0).any()):
         raise ValueError(f"step_size must be finite and > 0, got {g.tolist()}")
     half = math.sqrt(0.5)  # model_alpha/model_sigma only matter for eps-conversions (not used)
@@ -138,8 +140,9 @@ class _LangevinBase:
 
     @property
     def sampler(self):
-        """The underlying :class:`~specdiff_kernels.sampling.sampler.AncestralSampler` /
-        :class:`~specdiff_kernels.sampling.sampler.SpeculativeSampler` (diffusion-sampler signature)."""
+        """The underlying :class:`~specdiff_kernels.sampling.ancestral.AncestralSampler` /
+        :class:`~specdiff_kernels.sampling.sampler.SpeculativeSampler` (diffusion-sampler
+        signature)."""
         return self._sampler
 
     def sample(self, x_init: Optional[Tensor] = None, *, num_chains: Optional[int] = None,
@@ -156,7 +159,8 @@ class _LangevinBase:
                 (seed, c), not on the other chains of the batch.
 
         Returns:
-            :class:`~specdiff_kernels.sampling.sampler.SamplingResult`: ``samples [B, *E]`` and ``stats``
+            :class:`~specdiff_kernels.sampling.base.SamplingResult`: ``samples [B, *E]`` and
+            ``stats``
             (``stats.target_calls`` = sequential gradient calls, ``stats.target_evals`` = gradient
             evaluations, acceptance by window position, ...).
         """
@@ -195,8 +199,9 @@ class SpeculativeLangevin(_LangevinBase):
     Args:
         U / grad_U: the (expensive) target energy (autograd) or gradient, on batches ``[B, *E]``.
         step_size: g (scalar or per-step schedule); num_steps: N.
-        window: L (int), or ``"adaptive"`` / an :class:`~specdiff_kernels.sampling.window.AdaptiveWindow`
-            (per-chain window lengths from each chain's own past acceptance).
+        window: L (int), or ``"adaptive"`` / an
+            :class:`~specdiff_kernels.sampling.window.AdaptiveWindow` (per-chain window lengths
+            from each chain's own past acceptance).
         draft: ``"frozen"`` (training-free: the gradient at the window's root, reused for every
             drafted step; with ``prefetch=True`` one sequential gradient call per round),
             a callable ``surrogate_grad(x) -> [B, *E]`` (a cheap gradient: L sequential cheap
@@ -221,13 +226,14 @@ class SpeculativeLangevin(_LangevinBase):
                 raise ValueError("the frozen Langevin draft freezes the gradient: use freeze='x0'")
         elif isinstance(draft, str):
             if draft != "frozen":
-                raise ValueError(f"draft must be 'frozen', a surrogate gradient callable or a Draft, "
-                                 f"got {draft!r}")
+                raise ValueError(f"draft must be 'frozen', a surrogate gradient callable or a "
+                                 f"Draft, got {draft!r}")
             d = FrozenTargetDraft("x0", prefetch_root=prefetch)
         elif callable(draft):
             d = DraftModelDraft(_as_model(draft))
         else:
-            raise TypeError(f"draft must be 'frozen', a callable or a Draft, got {type(draft).__name__}")
+            raise TypeError(f"draft must be 'frozen', a callable or a Draft, got "
+                            f"{type(draft).__name__}")
         self.draft = d
         self._sampler = SpeculativeSampler(self.model, self.transitions, d, window, backend=backend,
                                            verify_fn=verify_fn, progress=progress,
@@ -239,7 +245,8 @@ class SpeculativeLangevin(_LangevinBase):
         return self._sampler.window
 
     def __repr__(self) -> str:
-        return f"SpeculativeLangevin({self.transitions!r}, window={self.window}, draft={self.draft!r})"
+        return (f"SpeculativeLangevin({self.transitions!r}, window={self.window}, "
+                f"draft={self.draft!r})")
 
 
 # --------------------------------------------------------------------------- demo targets
@@ -252,7 +259,8 @@ def banana_energy(a: float = 1.5, b: float = 0.5) -> EnergyFn:
     def U(x: Tensor) -> Tensor:
         x = x.reshape(x.shape[0], -1)
         x1, x2 = x[:, 0], x[:, 1]
-        return x1 ** 2 / (2 * a2) + 0.5 * (x2 - b * (x1 ** 2 - a2)) ** 2 + 0.5 * (x[:, 2:] ** 2).sum(1)
+        return (x1 ** 2 / (2 * a2) + 0.5 * (x2 - b * (x1 ** 2 - a2)) ** 2
+                + 0.5 * (x[:, 2:] ** 2).sum(1))
 
     return U
 

@@ -73,7 +73,7 @@ class RaggedChains:
 class RoundPlan:
     """Who does what in a round (disjoint rows of live chains)."""
 
-    det: Tensor         # at a deterministic step, root not known: the target at the root, then the step
+    det: Tensor         # at a deterministic step, root not known: target at the root, then the step
     first_step: Tensor  # nothing frozen yet: one ancestral step from the target at the root
     spec: Tensor        # draft and verify a window
 
@@ -158,7 +158,7 @@ def affine_mean(transitions: GaussianTransitions, y: Tensor, p: Tensor, k: Tenso
     return mean
 
 
-# ------------------------------------------------------------------------- drafts on the ragged path
+# --------------------------------------------------------------------- drafts on the ragged path
 class FrozenProposer:
     """:class:`FrozenTargetDraft` on the ragged path: no call to draft; the frozen value is
     refreshed from the verify call (prefetching) or from a call at the roots."""
@@ -180,7 +180,8 @@ class FrozenProposer:
         return self.T.affine
 
     def fused_draft(self, state: RaggedChains, rows: Tensor, k: Tensor, lengths: Tensor,
-                    noise: ChainNoise, window: int, backend: Optional[str]) -> tuple[Tensor, Tensor]:
+                    noise: ChainNoise, window: int,
+                    backend: Optional[str]) -> tuple[Tensor, Tensor]:
         """``(Y, MQ)`` of chains ``rows`` in one pass of ``frozen_draft`` (noise drawn in-kernel:
         the same xi(seed, c, k) as ``noise``), the draft means recomputed from Y in a few
         vectorised ops. Positions past a chain's window length repeat the state; their means are
@@ -234,7 +235,7 @@ class FrozenProposer:
         rd = rows.to(dev)
         na = out.num_accepted
         rejected = na < win.lengths
-        src = torch.where(rejected, na, win.lengths)              # parent of the rejected step, or y_n
+        src = torch.where(rejected, na, win.lengths)   # parent of the rejected step, or y_n
         exact = (~rejected) & ((win.k + out.advance) < N)
         usable = rejected | exact
         idx, srcd = torch.arange(w).to(dev), src.to(dev)
@@ -282,7 +283,8 @@ def proposer_for(draft, transitions: GaussianTransitions):
         return FrozenProposer(draft, transitions)
     if isinstance(draft, DraftModelDraft):
         return ModelProposer(draft, transitions)
-    raise TypeError(f"draft must be a FrozenTargetDraft or DraftModelDraft, got {type(draft).__name__}")
+    raise TypeError(f"draft must be a FrozenTargetDraft or DraftModelDraft, got "
+                    f"{type(draft).__name__}")
 
 
 # ------------------------------------------------------------------------- counters
@@ -326,15 +328,14 @@ class RaggedRound:
     checked network evaluation.
     """
 
-    def __init__(self, sampler: SamplerBase, x: Tensor, noise: ChainNoise,
-                 chains: Chains):
+    def __init__(self, sampler: SamplerBase, x: Tensor, noise: ChainNoise, chains: Chains):
         self.sampler = sampler
         self.T, self.L = sampler.transitions, sampler.window
         self.N = self.T.num_steps
         self.noise, self.chains = noise, chains
         self.proposer = proposer_for(sampler.draft, self.T)
         self.policy = sampler.window_policy
-        self.run_left = stochastic_runs(self.T)   # stochastic steps before a deterministic one
+        self.stochastic_ahead = stochastic_runs(self.T)   # by step: before a deterministic one
         B = x.shape[0]
         frozen = self.proposer.needs_frozen
         self.state = RaggedChains(
@@ -360,9 +361,9 @@ class RaggedRound:
 
     def _round(self) -> bool:
         """One round (False: every chain had finished, nothing was done)."""
-        s, prop = self.state, self.proposer
+        state, prop = self.state, self.proposer
         self._free_deterministic_steps()
-        plan = plan_round(s.k, s.root, self.T.deterministic, self.N, prop.prefetch)
+        plan = plan_round(state.k, state.root, self.T.deterministic, self.N, prop.prefetch)
         if plan.det.numel() + plan.first_step.numel() + plan.spec.numel() == 0:
             return False
         self.stats.rounds += 1
@@ -371,15 +372,16 @@ class RaggedRound:
         win = None
         if plan.spec.numel():
             win = self._draft_windows(plan.spec, self._adaptive_lengths(plan.spec))
+        dev = state.x.device
         call = TargetCall()
-        call.add("det", s.x[plan.det.to(s.x.device)], s.k[plan.det], plan.det)
-        call.add("first_step", s.x[plan.first_step.to(s.x.device)], s.k[plan.first_step],
+        call.add("det", state.x[plan.det.to(dev)], state.k[plan.det], plan.det)
+        call.add("first_step", state.x[plan.first_step.to(dev)], state.k[plan.first_step],
                  plan.first_step)
         evaluated = None
         if win is not None:
             evaluated = prop.needed_positions(win, self.N).nonzero(as_tuple=True)  # (window, pos)
-            wi, pi = (i.to(s.x.device) for i in evaluated)
-            call.add("window", win.Y[wi, pi], win.k[evaluated[0]] + evaluated[1], win.rows[evaluated[0]])
+            wi, pi = evaluated
+            call.add("window", win.Y[wi.to(dev), pi.to(dev)], win.k[wi] + pi, win.rows[wi])
         x0 = call.run(self._target)
         if plan.det.numel():
             self._commit_deterministic_steps(plan.det, x0["det"])
@@ -396,73 +398,74 @@ class RaggedRound:
         self.stats.target_calls += 1
         self.stats.target_evals += rows.numel()
         if self.budget is not None:
-            self.budget["evals"] += torch.bincount(rows, minlength=self.state.x.shape[0]).to(torch.float64)
+            B = self.state.x.shape[0]
+            self.budget["evals"] += torch.bincount(rows, minlength=B).to(torch.float64)
         return x0
 
     def _advance(self, rows: Tensor, by: Tensor | int) -> None:
         """Chains ``rows`` committed ``by`` steps this round."""
-        s = self.state
-        s.k[rows] += by
+        state = self.state
+        state.k[rows] += by
         if self.budget is not None:
             self.budget["steps"][rows] += by
-        s.finished_round[rows] = self.stats.rounds
+        state.finished_round[rows] = self.stats.rounds
         if self.bar is not None:
             self.bar.update(int(by.sum()) if isinstance(by, Tensor) else by * rows.numel())
 
     def _free_deterministic_steps(self) -> None:
         """Deterministic steps whose root prediction is known (prefetched): no call."""
-        s, N = self.state, self.N
+        state, N = self.state, self.N
         if not self.proposer.needs_frozen:
             return
-        known = ((s.k < N) & (s.root == int(RootStatus.EXACT))
-                 & self.T.deterministic[s.k.clamp(max=N - 1)]).nonzero().squeeze(1)
+        known = ((state.k < N) & (state.root == int(RootStatus.EXACT))
+                 & self.T.deterministic[state.k.clamp(max=N - 1)]).nonzero().squeeze(1)
         if known.numel():
-            self._commit_deterministic_steps(known, s.root_x0[known.to(s.x.device)])
+            self._commit_deterministic_steps(known, state.root_x0[known.to(state.x.device)])
 
     def _root_call(self, plan: RoundPlan) -> RoundPlan:
         """FrozenTargetDraft(prefetch_root=False): a call at every root first (deterministic-step
         chains take their step; speculating chains freeze the exact prediction)."""
-        s = self.state
-        dev = s.x.device
+        state = self.state
+        dev = state.x.device
         call = TargetCall()
-        call.add("det", s.x[plan.det.to(dev)], s.k[plan.det], plan.det)
-        call.add("spec", s.x[plan.spec.to(dev)], s.k[plan.spec], plan.spec)
+        call.add("det", state.x[plan.det.to(dev)], state.k[plan.det], plan.det)
+        call.add("spec", state.x[plan.spec.to(dev)], state.k[plan.spec], plan.spec)
         x0 = call.run(self._target)
         if plan.det.numel():
             self._commit_deterministic_steps(plan.det, x0["det"])
         sd = plan.spec.to(dev)
-        s.root_x0[sd] = x0["spec"]
-        self.proposer.freeze(s, sd, s.x[sd], x0["spec"], s.k[plan.spec].to(dev))
-        s.set_status(plan.spec, RootStatus.EXACT)
+        state.root_x0[sd] = x0["spec"]
+        self.proposer.freeze(state, sd, state.x[sd], x0["spec"], state.k[plan.spec].to(dev))
+        state.set_status(plan.spec, RootStatus.EXACT)
         return RoundPlan(plan.det[:0], plan.first_step, plan.spec)
 
     def _commit_deterministic_steps(self, rows: Tensor, x0: Tensor) -> None:
         """Deterministic steps (std 0) of chains ``rows`` given the target's x0 at their roots."""
-        s = self.state
-        rd = rows.to(s.x.device)
-        kr = s.k[rows].to(s.x.device)
-        xr = s.x[rd]
+        state = self.state
+        rd = rows.to(state.x.device)
+        kr = state.k[rows].to(state.x.device)
+        xr = state.x[rd]
         if self.proposer.needs_frozen:
-            self.proposer.freeze(s, rd, xr, x0, kr)
-            s.set_status(rows, RootStatus.STALE)
-        s.x[rd] = self.T.mean_from_x0(xr, x0, kr)
+            self.proposer.freeze(state, rd, xr, x0, kr)
+            state.set_status(rows, RootStatus.STALE)
+        state.x[rd] = self.T.mean_from_x0(xr, x0, kr)
         self.stats.deterministic_steps += rows.numel()
         self._advance(rows, 1)
 
     def _commit_first_steps(self, rows: Tensor, x0: Tensor) -> None:
         """The first step of chains with nothing frozen yet: one ancestral step, freezing the
         target's x0-hat."""
-        s, T = self.state, self.T
-        dev = s.x.device
+        state, T = self.state, self.T
+        dev = state.x.device
         rd = rows.to(dev)
-        kr = s.k[rows]
+        kr = state.k[rows]
         kd = kr.to(dev)
         xi, _ = self.noise.window(rows, kr, 1)
-        xr = s.x[rd]
+        xr = state.x[rd]
         mean = T.mean_from_x0(xr, x0, kd)
-        self.proposer.freeze(s, rd, xr, x0, kd)
-        s.set_status(rows, RootStatus.STALE)
-        s.x[rd] = mean + T.coef("std", kd, xr) * xi[:, 0].to(dev)
+        self.proposer.freeze(state, rd, xr, x0, kd)
+        state.set_status(rows, RootStatus.STALE)
+        state.x[rd] = mean + T.coef("std", kd, xr) * xi[:, 0].to(dev)
         self.stats.direct_steps += rows.numel()
         self._advance(rows, 1)
 
@@ -471,43 +474,45 @@ class RaggedRound:
         """The adaptive window's choice of lengths for chains ``rows`` (None: fixed L)."""
         if self.policy is None:
             return None
-        s, prop = self.state, self.proposer
-        exact = (s.status(rows, RootStatus.EXACT) if prop.needs_frozen
+        state, prop = self.state, self.proposer
+        exact = (state.status(rows, RootStatus.EXACT) if prop.needs_frozen
                  else torch.zeros(rows.shape, dtype=torch.bool))
         # prefetching frozen draft: a stale root is evaluated in this round's call
         extra = ((~exact).to(torch.float64) if prop.prefetch
                  else torch.zeros(exact.shape, dtype=torch.float64))
-        return self.policy.lengths(self.budget, rows, exact, extra, steps_left=self.N - s.k[rows])
+        return self.policy.lengths(self.budget, rows, exact, extra,
+                                   steps_left=self.N - state.k[rows])
 
     def _draft_windows(self, rows: Tensor, chosen: Optional[Tensor]) -> DraftedWindows:
         """Draft y_1..y_n and mq_0..mq_{n-1} of chains ``rows`` (padded to L), where n, each
         chain's window length, is L or the adaptive window's ``chosen`` length, capped by the
         stochastic steps before the next deterministic step."""
-        s, L, noise = self.state, self.L, self.noise
-        kr = s.k[rows]
+        state, L, noise = self.state, self.L, self.noise
+        kr = state.k[rows]
         cap = torch.full_like(kr, L) if chosen is None else chosen.clamp(1, L)
-        lengths = torch.minimum(self.run_left[kr], cap)                     # [w] >= 1
-        exact = (s.status(rows, RootStatus.EXACT) if self.proposer.needs_frozen
+        lengths = torch.minimum(self.stochastic_ahead[kr], cap)             # [w] >= 1
+        exact = (state.status(rows, RootStatus.EXACT) if self.proposer.needs_frozen
                  else torch.zeros(rows.numel(), dtype=torch.bool))
         if self.proposer.fused:
-            Y, MQ = self.proposer.fused_draft(s, rows, kr, lengths, noise, L, self.sampler.backend)
+            Y, MQ = self.proposer.fused_draft(state, rows, kr, lengths, noise, L,
+                                              self.sampler.backend)
             return DraftedWindows(rows, Y, MQ, lengths, kr, noise.uniforms(rows, kr, L), exact)
         xi, u = noise.window(rows, kr, L)
-        Y, MQ = self._draft_sequential(rows, kr, lengths, exact, xi.to(s.x.device))
+        Y, MQ = self._draft_sequential(rows, kr, lengths, exact, xi.to(state.x.device))
         return DraftedWindows(rows, Y, MQ, lengths, kr, u, exact)
 
     def _draft_sequential(self, rows: Tensor, kr: Tensor, lengths: Tensor, exact: Tensor,
                           xi: Tensor) -> tuple[Tensor, Tensor]:
         """``(Y, MQ)`` of chains ``rows`` one position at a time (the draft's x0-hat at each
         drafted state: a draft-model call, or the frozen value re-read at non-affine means)."""
-        s, T = self.state, self.T
-        dev = s.x.device
+        state, T = self.state, self.T
+        dev = state.x.device
         rd = rows.to(dev)
         kd, nd, exact0 = kr.to(dev), lengths.to(dev), exact.to(dev)
         draft_eval = functools.partial(self._draft_call, rows)
-        ys = [s.x[rd]]
+        ys = [state.x[rd]]
         mqs = []
-        shape1 = (rows.numel(),) + (1,) * (s.x.dim() - 1)
+        shape1 = (rows.numel(),) + (1,) * (state.x.dim() - 1)
         max_n = int(lengths.max())
         for j in range(self.L):
             yj = ys[j]
@@ -517,7 +522,7 @@ class RaggedRound:
                 continue
             kj = kd + j
             active = nd > j
-            x0j = self.proposer.draft_x0(s, rd, exact0, j, yj, kj, active, draft_eval)
+            x0j = self.proposer.draft_x0(state, rd, exact0, j, yj, kj, active, draft_eval)
             mq = T.mean_from_x0(yj, x0j, kj)
             ynext = mq + T.coef("std", kj, yj) * xi[:, j]
             mask = active.view(shape1)
@@ -535,34 +540,36 @@ class RaggedRound:
     def _commit_windows(self, win: DraftedWindows, evaluated, x0_evals: Tensor) -> None:
         """Verify the windows given the target's x0-hat at the ``evaluated`` (window, position)
         states, commit each chain's accepted steps and the reflected one, count."""
-        s, T, L = self.state, self.T, self.L
-        dev = s.x.device
+        state, T, L = self.state, self.T, self.L
+        dev = state.x.device
         rows, lengths, kr = win.rows, win.lengths, win.k
         TP = torch.zeros_like(win.Y)                        # target raw x0 at y_0..y_L
         TP[evaluated[0].to(dev), evaluated[1].to(dev)] = x0_evals
-        self.proposer.root_x0(s, win, TP)
+        self.proposer.root_x0(state, win, TP)
         pos = torch.arange(L)
         kw = kr[:, None] + pos[None]                         # [w, L] step of each position
         active = (pos[None] < lengths[:, None])
         mean = functools.partial(affine_mean, T) if T.affine else T.mean_from_x0
         # positions past a chain's window length hold anything finite: the verify op ignores them
         MP = mean(win.Y[:, :L], TP[:, :L], kw.to(dev))
-        sig_dtype = torch.float64 if s.x.dtype == torch.float64 else torch.float32
-        sigma = torch.where(active, T.step_std(kw), torch.ones((), dtype=torch.float64)).to(device=dev, dtype=sig_dtype)
-        res = self.sampler.verify_fn(win.Y[:, 1:].contiguous(), win.MQ.contiguous(), MP.contiguous(),
-                                     sigma, win.u.to(dev), lengths.to(dev), backend=self.sampler.backend)
+        sig_dtype = torch.float64 if state.x.dtype == torch.float64 else torch.float32
+        sigma = torch.where(active, T.step_std(kw), torch.ones((), dtype=torch.float64))
+        sigma = sigma.to(device=dev, dtype=sig_dtype)
+        res = self.sampler.verify_fn(win.Y[:, 1:].contiguous(), win.MQ.contiguous(),
+                                     MP.contiguous(), sigma, win.u.to(dev), lengths.to(dev),
+                                     backend=self.sampler.backend)
         na = res.num_accepted.to("cpu", torch.int64)
         attempted = active & (pos[None] <= na[:, None])
         accepted = pos[None] < na[:, None]
         if self.sampler.check_finite:
             self._check_log_ratio(win, res.log_ratio, attempted)
         advance = na + (na < lengths).to(torch.int64)
-        s.x[rows.to(dev)] = res.next_state.to(s.x.dtype)
+        state.x[rows.to(dev)] = res.next_state.to(state.x.dtype)
         out = WindowOutcome(accepted, attempted, na, advance)
         self.counters.add(win, out)
         self.stats.windows += rows.numel()
         self.stats.speculative_steps += int(advance.sum())
-        self.proposer.after_verify(s, win, TP, out, self.N)
+        self.proposer.after_verify(state, win, TP, out, self.N)
         self._advance(rows, out.advance)
         if self.policy is not None:
             self.policy.update(self.budget, rows, win.exact, out.accepted, out.attempted)
@@ -576,8 +583,8 @@ class RaggedRound:
             i, j = (int(v) for v in bad.nonzero()[0])
             step = int(win.k[i]) + j
             t = self.T.timesteps[step].item()
-            raise NonFiniteError(f"non-finite log ratio ({float(lr[i, j])}) at sampling step {step} "
-                                 f"(timestep t={t}, window position {j}) for chain "
+            raise NonFiniteError(f"non-finite log ratio ({float(lr[i, j])}) at sampling step "
+                                 f"{step} (timestep t={t}, window position {j}) for chain "
                                  f"{self.chains.ids[int(win.rows[i])]}")
 
 

@@ -1,5 +1,6 @@
 """The speculative sampler (docs/design.md §3, §5, §8, §10); the ancestral baseline is in
-:mod:`specdiff_kernels.sampling.ancestral`, what both share in :mod:`specdiff_kernels.sampling.base`.
+:mod:`specdiff_kernels.sampling.ancestral`, what both share in
+:mod:`specdiff_kernels.sampling.base`.
 
 Both run the chain defined by a :class:`~specdiff_kernels.sampling.transitions.GaussianTransitions`
 and a target ``model(x, t)``; both read their randomness from the same per-chain streams
@@ -9,10 +10,11 @@ at every sampling step k.
 :class:`SpeculativeSampler` runs one of two paths (``path=``; "auto": the static round wherever
 it applies):
 
-* the STATIC round (:mod:`specdiff_kernels.sampling.static_round`): frozen-target draft with a prefetched
-  root, fixed batch and window, every per-chain quantity on the device, one network call and a few
-  fused ops per round, one host read per round; compiled and CUDA-graph captured on GPUs; eager on
-  a CPU with B >= 2 its network call holds only the states the round reads, as the ragged one's;
+* the STATIC round (:mod:`specdiff_kernels.sampling.static_round`): frozen-target draft with a
+  prefetched root, fixed batch and window, every per-chain quantity on the device, one network
+  call and a few fused ops per round, one host read per round; compiled and CUDA-graph captured on
+  GPUs; eager on a CPU with B >= 2 its network call holds only the states the round reads, as the
+  ragged one's;
 * the RAGGED round (:mod:`specdiff_kernels.sampling.ragged_round`): every chain at its own step
   with its own window; runs every setting, in particular those
   :meth:`SpeculativeSampler.static_path_blockers` keeps off the static round (a draft network,
@@ -25,10 +27,10 @@ Each round of either path makes ONE sequential target call (two with
 L = 1: with ``FrozenTargetDraft(prefetch_root=False)`` every window starts from the target's own
 prediction at its root, so mq_0 == mp_0 bit for bit, the step is always accepted and
 y_1 = mp_0 + s_k xi_k is computed by the same expression as the ancestral step: the speculative
-sampler reproduces the ancestral one up to float rounding (the ancestral step is one fused kernel). With prefetching (the default) or a draft model
-the L = 1 chains differ from the ancestral ones path by path (after a rejection the next frozen
-prediction is stale, and rejected steps are reflected rather than drawn from xi_k directly) but not
-in law.
+sampler reproduces the ancestral one up to float rounding (the ancestral step is one fused
+kernel). With prefetching (the default) or a draft model the L = 1 chains differ from the ancestral
+ones path by path (after a rejection the next frozen prediction is stale, and rejected steps are
+reflected rather than drawn from xi_k directly) but not in law.
 """
 from __future__ import annotations
 
@@ -88,10 +90,11 @@ class SpeculativeSampler(SamplerBase):
         draft: :class:`FrozenTargetDraft` (default ``FrozenTargetDraft("x0", prefetch_root=True)``)
             or :class:`DraftModelDraft`.
         window: L, the number of drafted steps per round (an int >= 1); or ``"adaptive"`` /
-            an :class:`~specdiff_kernels.sampling.window.AdaptiveWindow`: each chain's window length is
-            chosen before each of its rounds from its OWN past acceptance (exactness is kept: the
-            length is a function of the past; see :mod:`specdiff_kernels.sampling.window`). The buffer
-            length (``self.window``, ``stats.window``) is then the policy's ``max_window``. Either
+            an :class:`~specdiff_kernels.sampling.window.AdaptiveWindow`: each chain's window
+            length is chosen before each of its rounds from its OWN past acceptance (exactness is
+            kept: the length is a function of the past; see
+            :mod:`specdiff_kernels.sampling.window`). The buffer length (``self.window``,
+            ``stats.window``) is then the policy's ``max_window``. Either
             is clamped to the longest run of stochastic steps of ``transitions`` (no window can
             be longer).
         backend: passed to :func:`specdiff_kernels.speculative_verify` (None: by device).
@@ -113,14 +116,16 @@ class SpeculativeSampler(SamplerBase):
 
     name = "speculative"
 
-    def __init__(self, model: Model, transitions: GaussianTransitions, draft: Optional[Draft] = None,
-                 window: int | str | AdaptiveWindow = 8, *, backend: Optional[str] = None, verify_fn: Optional[VerifyFn] = None,
+    def __init__(self, model: Model, transitions: GaussianTransitions,
+                 draft: Optional[Draft] = None, window: int | str | AdaptiveWindow = 8, *,
+                 backend: Optional[str] = None, verify_fn: Optional[VerifyFn] = None,
                  progress: bool = False, check_finite: bool = True, path: str = "auto",
                  compile: bool | str = "auto"):
         super().__init__(model, transitions, progress=progress, check_finite=check_finite)
         self.draft = FrozenTargetDraft() if draft is None else draft
         if not isinstance(self.draft, (FrozenTargetDraft, DraftModelDraft)):
-            raise TypeError(f"draft must be a FrozenTargetDraft or DraftModelDraft, got {type(self.draft).__name__}")
+            raise TypeError(f"draft must be a FrozenTargetDraft or DraftModelDraft, got "
+                            f"{type(self.draft).__name__}")
         self.window, self.window_policy = resolve_window(window)
         self.backend = backend
         self.verify_fn = ops.speculative_verify if verify_fn is None else verify_fn
@@ -145,7 +150,8 @@ class SpeculativeSampler(SamplerBase):
 
     def __repr__(self) -> str:
         w = self.window if self.window_policy is None else repr(self.window_policy)
-        return f"SpeculativeSampler(window={w}, draft={self.draft!r}, transitions={self.transitions!r})"
+        return (f"SpeculativeSampler(window={w}, draft={self.draft!r}, "
+                f"transitions={self.transitions!r})")
 
     # -------------------------------------------------------------- public
     @sample_in_inference_mode
@@ -204,7 +210,6 @@ class SpeculativeSampler(SamplerBase):
         return "ragged" if self.static_path_blockers() else "static"
 
     # -------------------------------------------------------------- the static path
-
     def _sample_static(self, x: Tensor, noise: ChainNoise, chains: Chains) -> SamplingResult:
         T, L = self.transitions, self.window
         B, N = x.shape[0], T.num_steps

@@ -12,8 +12,8 @@ A round of the frozen-target draft with a prefetched root (docs/design.md ยง6, ย
    is taken from the same call's prediction);
 5. statistics accumulated on the device.
 
-Finished chains have window length 0 and stay idle; nothing in a round depends on values read back to
-the host, so a round is one graph: ``torch.compile(fullgraph=True)`` traces it with the network,
+Finished chains have window length 0 and stay idle; nothing in a round depends on values read back
+to the host, so a round is one graph: ``torch.compile(fullgraph=True)`` traces it with the network,
 and on CUDA it is captured once as a CUDA graph and replayed. The host reads one small tensor per
 round: whether every chain has finished (and whether a non-finite value was seen).
 
@@ -78,8 +78,8 @@ class StaticRound:
     """
 
     def __init__(self, model: Model, transitions: GaussianTransitions, window: int, freeze: str,
-                 seed: Tensor, chain_ids: Tensor, *, dtype: torch.dtype, backend: Optional[str] = None,
-                 compile: bool = False, cuda_graph: bool = False,
+                 seed: Tensor, chain_ids: Tensor, *, dtype: torch.dtype,
+                 backend: Optional[str] = None, compile: bool = False, cuda_graph: bool = False,
                  cond: Optional[ModelKwargs] = None, compact: bool = False):
         device = chain_ids.device
         if compact and cuda_graph and device.type == "cuda":
@@ -166,7 +166,7 @@ class StaticRound:
     def _evaluate(self, Y: Tensor, s: ChainBatch) -> tuple[Tensor, Tensor]:
         """(raw output, x0-hat) at the window's states, both [B, L+1, *E]."""
         B, L1 = Y.shape[:2]
-        k_pos = s.k[:, None] + self._pos[None]                       # [B, L+1] step of each position
+        k_pos = s.k[:, None] + self._pos[None]              # [B, L+1] step of each position
         rows_y, rows_k = Y.reshape(B * L1, *Y.shape[2:]), k_pos.reshape(-1)
         if not self.compact:
             out, P = self.net(rows_y, rows_k, self._cond_window)

@@ -137,7 +137,8 @@ class GaussianTransitions:
         self._cache: dict = {}
 
     def __repr__(self) -> str:
-        return (f"GaussianTransitions({self.name}, N={self.num_steps}, prediction={self.prediction!r}, "
+        return (f"GaussianTransitions({self.name}, N={self.num_steps}, "
+                f"prediction={self.prediction!r}, "
                 f"clip_sample={self.clip_sample}, deterministic_steps="
                 f"{int(self.deterministic.sum())})")
 
@@ -165,10 +166,12 @@ class GaussianTransitions:
 
     def step_std(self, k: Tensor) -> Tensor:
         """Step std (float64) at steps ``k``."""
-        return self._on("std", k.device, torch.float64)[k.to(torch.int64).clamp(0, self.num_steps - 1)]
+        k = k.to(torch.int64).clamp(0, self.num_steps - 1)
+        return self._on("std", k.device, torch.float64)[k]
 
     def is_deterministic(self, k: Tensor) -> Tensor:
-        return self._on("deterministic", k.device, torch.bool)[k.to(torch.int64).clamp(0, self.num_steps - 1)]
+        k = k.to(torch.int64).clamp(0, self.num_steps - 1)
+        return self._on("deterministic", k.device, torch.bool)[k]
 
     # ------------------------------------------------------------------ parametrisations
     def model_input(self, x: Tensor, k: Tensor) -> Tensor:
@@ -209,7 +212,8 @@ class GaussianTransitions:
 
     def sample_prior(self, shape: Sequence[int], generator: Optional[torch.Generator] = None,
                      dtype: torch.dtype = torch.float32, device=None) -> Tensor:
-        return torch.randn(tuple(shape), generator=generator, dtype=dtype, device=device) * self.init_std
+        x = torch.randn(tuple(shape), generator=generator, dtype=dtype, device=device)
+        return x * self.init_std
 
 
 # ---------------------------------------------------------------------- schedules
@@ -227,7 +231,8 @@ def make_betas(schedule: str = "linear", num_train_timesteps: int = 1000, beta_s
             return math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
         return torch.tensor([min(1 - abar((i + 1) / T) / abar(i / T), 0.999) for i in range(T)],
                             dtype=torch.float64)
-    raise ValueError(f"unknown beta schedule {schedule!r}; use 'linear', 'scaled_linear' or 'cosine'")
+    raise ValueError(f"unknown beta schedule {schedule!r}; use 'linear', 'scaled_linear' or "
+                     f"'cosine'")
 
 
 def alphas_cumprod_from_betas(betas: Tensor) -> Tensor:
@@ -237,7 +242,8 @@ def alphas_cumprod_from_betas(betas: Tensor) -> Tensor:
 def _inference_steps(num_inference_steps, T: int) -> int:
     """An int in 1..T (a float or bool would be truncated silently; 0 fails deep in numpy)."""
     if isinstance(num_inference_steps, bool):
-        raise TypeError(f"num_inference_steps must be an int in 1..{T}, got {num_inference_steps!r}")
+        raise TypeError(f"num_inference_steps must be an int in 1..{T}, got "
+                        f"{num_inference_steps!r}")
     try:
         n = operator.index(num_inference_steps)
     except TypeError:
@@ -269,7 +275,8 @@ def respaced_timesteps(num_train_timesteps: int, num_inference_steps: Optional[i
     return torch.from_numpy(ts.copy())
 
 
-def _abar_and_timesteps(alphas_cumprod, betas, num_inference_steps, timesteps, spacing, steps_offset):
+def _abar_and_timesteps(alphas_cumprod, betas, num_inference_steps, timesteps, spacing,
+                        steps_offset):
     if alphas_cumprod is None:
         if betas is None:
             betas = make_betas()
@@ -348,7 +355,8 @@ def ddim_transitions(alphas_cumprod=None, *, betas=None, num_inference_steps: in
 
 
 def ddim_from_schedule(alphas_cumprod: Tensor, timesteps: Tensor, step_ratio: int,
-                       final_alpha_cumprod, *, eta: float, name: str, **kwargs) -> GaussianTransitions:
+                       final_alpha_cumprod, *, eta: float, name: str,
+                       **kwargs) -> GaussianTransitions:
     """DDIM's step at ``timesteps`` of a training schedule ``alphas_cumprod``, as diffusers
     computes it: previous timestep ``t - step_ratio``, ``final_alpha_cumprod`` below 0.
     ``kwargs`` go to :class:`GaussianTransitions` (prediction, clip_sample, eps_from_clipped_x0).

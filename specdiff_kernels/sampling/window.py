@@ -1,5 +1,6 @@
-"""Adaptive window length for the speculative sampler: ``SpeculativeSampler(..., window="adaptive")``
-or ``window=AdaptiveWindow(max_window=..., max_evals_ratio=...)``.
+"""Adaptive window length for the speculative sampler:
+``SpeculativeSampler(..., window="adaptive")`` or
+``window=AdaptiveWindow(max_window=..., max_evals_ratio=...)``.
 
 The rule (per chain, before each of its rounds)
 ------------------------------------------------
@@ -59,8 +60,8 @@ still fresh: the round's outcome, hence the next L, depends only on the noise of
 committed. What MUST NOT drive L is anything that looks ahead: the current round's uniforms or
 log ratios before verification. Other chains' outcomes are not used either (that would keep
 exactness but break the batch-independence of a chain's result). The sampler pads the windows of
-a round to a common buffer length (``max_window``); each chain's own L goes to the verify op as
-``num_steps``.
+a round to a common buffer length (``max_window``); each chain's own L is its per-chain window
+length (``lengths``), past which the verify op ignores the buffer.
 """
 from __future__ import annotations
 
@@ -119,7 +120,8 @@ class AdaptiveWindow:
         self.pacing = bool(pacing)
 
     def __repr__(self) -> str:
-        return (f"AdaptiveWindow(max_window={self.max_window}, max_evals_ratio={self.max_evals_ratio}, "
+        return (f"AdaptiveWindow(max_window={self.max_window}, "
+                f"max_evals_ratio={self.max_evals_ratio}, "
                 f"min_window={self.min_window}, prior_acceptance={self.prior_acceptance}, "
                 f"prior_weight={self.prior_weight}, decay={self.decay}, pacing={self.pacing})")
 
@@ -136,7 +138,7 @@ class AdaptiveWindow:
     def estimates(self, state: dict, rows: Tensor) -> tuple[Tensor, Tensor]:
         """(a0 for a stale root, a for positions >= 1) of chains ``rows``."""
         w = self.prior_weight
-        a = state["acc"][rows] / state["att"][rows]                # prior counts decay with the data
+        a = state["acc"][rows] / state["att"][rows]             # prior counts decay with the data
         a0 = (state["acc0"][rows] + a * w) / (state["att0"][rows] + w)     # shrunk towards a
         return a0, a
 
@@ -149,7 +151,8 @@ class AdaptiveWindow:
         a = torch.as_tensor(a, dtype=torch.float64).reshape(-1)
         if self.max_evals_ratio is None:
             return torch.full(a.shape, self.max_window, dtype=torch.int64)
-        e = torch.zeros_like(a) if extra_evals is None else torch.as_tensor(extra_evals, dtype=torch.float64).reshape(-1)
+        e = (torch.zeros_like(a) if extra_evals is None
+             else torch.as_tensor(extra_evals, dtype=torch.float64).reshape(-1))
         Ls = torch.arange(self.min_window, self.max_window + 1, dtype=torch.float64)[None]
         S = self.expected_steps(a0[:, None], a[:, None], Ls)
         ratio = (Ls + e[:, None]) / S
@@ -164,10 +167,12 @@ class AdaptiveWindow:
         cheapest = Ls[0, ratio.argmin(1)]
         return torch.where(ok.any(1), shortest, cheapest).to(torch.int64)
 
-    def window_for_acceptance(self, a: float, a0: Optional[float] = None, extra_evals: float = 0.0) -> int:
+    def window_for_acceptance(self, a: float, a0: Optional[float] = None,
+                              extra_evals: float = 0.0) -> int:
         """The window the rule picks for known acceptances (a0 defaults to a)."""
         a0 = a if a0 is None else a0
-        return int(self.choose(torch.tensor([a0]), torch.tensor([a]), torch.tensor([extra_evals]))[0])
+        chosen = self.choose(torch.tensor([a0]), torch.tensor([a]), torch.tensor([extra_evals]))
+        return int(chosen[0])
 
     # ------------------------------------------------------------------ sampler hooks
     def init_state(self, num_chains: int) -> dict:
@@ -183,10 +188,12 @@ class AdaptiveWindow:
         where N = steps done + steps left (the chain's whole budget is c * N); never below c."""
         done = state["steps"][rows]
         left = steps_left.to(torch.float64).clamp_min(1.0)
-        return ((self.max_evals_ratio * (done + left) - state["evals"][rows]) / left).clamp_min(self.max_evals_ratio)
+        c = self.max_evals_ratio
+        return ((c * (done + left) - state["evals"][rows]) / left).clamp_min(c)
 
     def lengths(self, state: dict, rows: Tensor, exact_root: Tensor,
-                extra_evals: Optional[Tensor] = None, steps_left: Optional[Tensor] = None) -> Tensor:
+                extra_evals: Optional[Tensor] = None,
+                steps_left: Optional[Tensor] = None) -> Tensor:
         """Next window length of chains ``rows``; ``exact_root[i]``: the draft's step-0 mean is the
         target's (step 0 always accepted); ``extra_evals``: evaluations this round beyond L;
         ``steps_left``: steps to the end of the chain (enables budget pacing)."""
@@ -214,10 +221,12 @@ def resolve_window(window) -> tuple[int, Optional[AdaptiveWindow]]:
     if isinstance(window, AdaptiveWindow):
         return window.max_window, window
     if isinstance(window, bool):   # True is an int to operator.index: it would mean L = 1
-        raise TypeError(f"window must be an int >= 1, 'adaptive' or an AdaptiveWindow, got {window!r}")
+        raise TypeError(f"window must be an int >= 1, 'adaptive' or an AdaptiveWindow, got "
+                        f"{window!r}")
     if isinstance(window, str):
         if window != "adaptive":
-            raise ValueError(f"window must be an int >= 1, 'adaptive' or an AdaptiveWindow, got {window!r}")
+            raise ValueError(f"window must be an int >= 1, 'adaptive' or an AdaptiveWindow, got "
+                             f"{window!r}")
         p = AdaptiveWindow()
         return p.max_window, p
     try:
