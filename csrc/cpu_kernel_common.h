@@ -16,7 +16,8 @@
 namespace specdiff {
 
 // ---------------------------------------------------------------- dtypes
-// Every kernel takes the same floating dtypes: fp16, bf16, fp32 and fp64.
+// Every kernel takes the same floating dtypes: fp16, bf16, fp32 and fp64 (ops/layout.py
+// FLOAT_DTYPES).
 #define SPECDIFF_DISPATCH_FLOATING(TYPE, NAME, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
 

@@ -1,6 +1,7 @@
 // Counter-based noise for the round ops (docs/design.md §6, §7): Philox4x32-10 and the Box-Muller transform,
 // written so that GCC/Clang vectorise them (tiles of counters, branch-free polynomial log and
-// sincos for fp32). The definition every backend follows is specdiff_kernels/round_reference.py.
+// sincos for fp32). The definition every backend follows is
+// specdiff_kernels/ops/reference/round.py.
 #pragma once
 
 #include <cmath>
@@ -135,7 +136,7 @@ template <> struct BoxMuller<double> {
 };
 
 // Normals of counters i0 .. i0 + count - 1 of xi(key, chain, k): out[lane][l] is element
-// lane * Q + i0 + l of the D-vector (the quarter layout of round_reference.py).
+// lane * Q + i0 + l of the D-vector (the quarter layout of ops/reference/round.py).
 template <typename acc_t>
 inline void normal_tile(Key key, uint32_t chain, int64_t k, uint32_t i0, int count,
                         acc_t out[4][kTile]) {

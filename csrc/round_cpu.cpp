@@ -1,5 +1,5 @@
 // CPU kernels of the round ops (docs/design.md §6): chain_noise, frozen_draft, verify_frozen, round_stats.
-// Semantics: specdiff_kernels/round_reference.py (the oracle the tests compare with).
+// Semantics: specdiff_kernels/ops/reference/round.py (the oracle the tests compare with).
 //
 // Work is split into tasks of (chain[, window position], chunk of kChunk Philox counters). One
 // counter feeds four elements (the quarter layout: lane * Q + i), so a task touches four
@@ -28,9 +28,14 @@ using philox::kTile;
 constexpr int64_t kChunk = 512;  // counters per task (a multiple of kTile)
 static_assert(kChunk % kTile == 0, "chunks hold whole tiles");
 
-// Rows of the coefficient table (round_reference.ROW_*).
+// The constants of specdiff_kernels/ops/layout.py: the rows of the coefficient table (ROW_*), the
+// freeze modes (FREEZE_*) and the head slots of the static round's stats vector (STAT_*).
 enum Row { kA = 0, kE, kG, kStd, kX0Y, kX0F, kEpsY, kEpsP, kNumRows };
 constexpr int64_t kFreezeX0 = 0, kFreezeEps = 1;
+enum Stat {
+  kStatRounds = 0, kStatWindows, kStatSpecSteps, kStatDetSteps, kStatBadOutput, kStatBadRatio,
+  kStatStepsDone, kStatLive, kStatHead
+};
 
 // The quarter layout of a D-vector: element lane * Q + i for counter i; lane l holds cnt[l] valid
 // counters (the last lanes are short when 4 does not divide D).
@@ -161,7 +166,7 @@ RoundArgs check_round(const char* op, const at::Tensor& root, const at::Tensor& 
   check_cpu(coef, op, "coef");
   TORCH_CHECK(coef.scalar_type() == at::kDouble && coef.dim() == 2 && coef.size(0) == kNumRows &&
                   coef.size(1) >= 1,
-              op, ": coef must be the float64 [8, N] table of round_ops.round_tables, got ",
+              op, ": coef must be the float64 [8, N] table of round_tables(transitions), got ",
               coef.scalar_type(), " ", coef.sizes());
   TORCH_CHECK(window >= 1, op, ": window must be >= 1, got ", window);
   TORCH_CHECK(freeze == kFreezeX0 || freeze == kFreezeEps, op,
@@ -444,7 +449,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   return {num_accepted, committed, next_state, next_frozen, root_exact, log_ratio};
 }
 
-// The static round's counters after one round (round_reference.round_stats / StatsLayout): one
+// The static round's counters after one round (ops/reference/round.py round_stats, laid out by
+// ops/layout.py StatsLayout): one
 // pass over the chains instead of ~200 small eager ops. Returns a new vector (the round is pure:
 // a CUDA-graph warm-up or a compiled trace may run it twice).
 at::Tensor round_stats_cpu(const at::Tensor& stats, const at::Tensor& steps, const at::Tensor& lengths,
@@ -458,7 +464,7 @@ at::Tensor round_stats_cpu(const at::Tensor& stats, const at::Tensor& steps, con
   check_int64_vector(lengths, op, "lengths", B);
   check_int64_vector(num_accepted, op, "num_accepted", B);
   check_int64_vector(committed, op, "committed", B);
-  const int64_t head = 8, size = head + 4 * L + 2 + 2 * N + B;
+  const int64_t size = kStatHead + 4 * L + 2 + 2 * N + B;
   TORCH_CHECK(stats.scalar_type() == at::kLong && stats.dim() == 1 && stats.size(0) == size, op,
               ": stats must be the int64 vector of StatsLayout(L, N, B) (", size, " entries), got ",
               stats.scalar_type(), " ", stats.sizes());
@@ -469,7 +475,7 @@ at::Tensor round_stats_cpu(const at::Tensor& stats, const at::Tensor& steps, con
   at::Tensor out = stats.contiguous().clone();
   if (B == 0) return out;
   int64_t* s = out.data_ptr<int64_t>();
-  int64_t* pos_acc = s + head;
+  int64_t* pos_acc = s + kStatHead;
   int64_t* pos_att = pos_acc + L;
   int64_t* len_hist = pos_att + L;
   int64_t* win_hist = len_hist + L + 1;
@@ -496,9 +502,9 @@ at::Tensor round_stats_cpu(const at::Tensor& stats, const at::Tensor& steps, con
     const scalar_t* p = lrc.data_ptr<scalar_t>();
     for (int64_t r = 0; r < B * L; ++r) fr[r] = std::isfinite(static_cast<double>(p[r]));
   });
-  const int64_t rounds = s[0] + 1;
+  const int64_t rounds = s[kStatRounds] + 1;
   int64_t windows = 0, spec_total = 0, det_total = 0, done = 0, live = 0;
-  int64_t bad_out = s[4], bad_ratio = s[5];
+  int64_t bad_out = s[kStatBadOutput], bad_ratio = s[kStatBadRatio];
   for (int64_t b = 0; b < B; ++b) {
     const int64_t kb = k[b], nb = n[b], ab = na[b];
     TORCH_CHECK(nb >= 0 && nb <= L && ab >= 0 && ab <= nb, op, ": chain ", b,
@@ -529,14 +535,14 @@ at::Tensor round_stats_cpu(const at::Tensor& stats, const at::Tensor& steps, con
     live += k_new < N;
     if (kb < N && k_new >= N) chain_rounds[b] = rounds;
   }
-  s[0] = rounds;
-  s[1] += windows;
-  s[2] += spec_total;
-  s[3] += det_total;
-  s[4] = bad_out;
-  s[5] = bad_ratio;
-  s[6] = done;
-  s[7] = live;
+  s[kStatRounds] = rounds;
+  s[kStatWindows] += windows;
+  s[kStatSpecSteps] += spec_total;
+  s[kStatDetSteps] += det_total;
+  s[kStatBadOutput] = bad_out;
+  s[kStatBadRatio] = bad_ratio;
+  s[kStatStepsDone] = done;
+  s[kStatLive] = live;
   return out;
 }
 

@@ -4,7 +4,7 @@
 // the thread count, so every reduction is summed in the same order whatever the parallelism: results
 // are bit-for-bit reproducible across machines running the same instruction-set variant (cpu_isa.h:
 // the lanes of a block's sums depend on the vector width). Within a block the sums are
-// accumulated in fp32 (fp64 for fp64 inputs); blocks are combined in fp64.
+// accumulated in acc_type (cpu_kernel_common.h); blocks are combined in fp64.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
