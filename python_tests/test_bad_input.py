@@ -278,10 +278,10 @@ def test_demo_out_not_writable(capsys, no_sampling):
 
 
 def test_demo_backend_not_on_this_device(capsys, no_sampling, tmp_path, monkeypatch):
-    from specdiff_kernels.ops import verify as ops
-    reg = ops._REGISTRY
-    monkeypatch.setattr(reg, "_backends", {k: v for k, v in reg._backends.items() if k != "triton"})
-    monkeypatch.setitem(reg._lazy, "triton", "specdiff_kernels._no_such_module")
+    from specdiff_kernels.ops.backends import REGISTRY as reg
+    monkeypatch.setattr(reg, "_backends",
+                        {k: v for k, v in reg._backends.items() if k != ("verify", "triton")})
+    monkeypatch.setitem(reg._lazy, ("verify", "triton"), "specdiff_kernels._no_such_module")
     last = cli_error(["demo", "--backend", "triton", "--out", str(tmp_path)], capsys)
     assert last.startswith("specdiff demo: error: argument --backend: backend 'triton' is not available")
 

@@ -11,13 +11,17 @@ Backends: ``reference`` (PyTorch), ``cpp`` (C++ CPU kernels), ``triton`` (GPU, o
 the sampling, integration, model or command-line layers.
 """
 
-from .round import FrozenVerifyResult, chain_noise, frozen_draft, round_stats, seed_tensor, verify_frozen
+from .backends import HAS_CPP, available_backends, cpu_capabilities, default_backend
+from .round import (
+    FrozenVerifyResult,
+    chain_noise,
+    frozen_draft,
+    round_stats,
+    seed_tensor,
+    verify_frozen,
+)
 from .verify import (
-    HAS_CPP,
     VerifyResult,
-    available_backends,
-    cpu_capabilities,
-    default_backend,
     first_rejection,
     gaussian_log_ratio,
     reflect_resample,

@@ -24,13 +24,13 @@ reads values back to the host on CUDA: out-of-range steps and lengths are clampe
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Callable, NamedTuple, Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from ._checks import _values_checkable
+from .backends import HAS_CPP, REGISTRY, Backend
 from .layout import (
     FLOAT_DTYPES,
     FREEZE_EPS,
@@ -41,7 +41,6 @@ from .layout import (
     StatsLayout,
 )
 from .reference import round as ref
-from .verify import HAS_CPP, BackendRegistry
 
 
 class FrozenVerifyResult(NamedTuple):
@@ -55,27 +54,20 @@ class FrozenVerifyResult(NamedTuple):
     log_ratio: Tensor     # [B, L] float32 (0 at positions >= n)
 
 
-@dataclass(frozen=True)
-class RoundBackend:
-    name: str
-    chain_noise: Callable[..., tuple]
-    frozen_draft: Callable[..., Tensor]
-    verify_frozen: Callable[..., tuple]
-    devices: Optional[tuple[str, ...]] = None
-
-    def supports(self, device: torch.device) -> bool:
-        return self.devices is None or device.type in self.devices
+def get_backend(name: Optional[str], device: torch.device) -> Backend:
+    """The round family's backend ``name`` (None: by device) for tensors on ``device``."""
+    return REGISTRY.get("round", name, device)
 
 
-_REGISTRY = BackendRegistry({"triton": "specdiff_kernels.ops.triton.round"})
-register_backend = _REGISTRY.register
-get_backend = _REGISTRY.get
-
-register_backend(RoundBackend("reference", ref.chain_noise, ref.frozen_draft, ref.verify_frozen))
+REGISTRY.register(Backend("round", "reference", {"chain_noise": ref.chain_noise,
+                                                 "frozen_draft": ref.frozen_draft,
+                                                 "verify_frozen": ref.verify_frozen}))
 if HAS_CPP:
-    register_backend(RoundBackend("cpp", torch.ops.specdiff.chain_noise.default,
-                                  torch.ops.specdiff.frozen_draft.default,
-                                  torch.ops.specdiff.verify_frozen.default, devices=("cpu",)))
+    REGISTRY.register(Backend("round", "cpp", {
+        "chain_noise": torch.ops.specdiff.chain_noise.default,
+        "frozen_draft": torch.ops.specdiff.frozen_draft.default,
+        "verify_frozen": torch.ops.specdiff.verify_frozen.default,
+    }, devices=("cpu",)))
 
 
 def seed_tensor(seed: int, device=None) -> Tensor:
@@ -214,7 +206,7 @@ def chain_noise(seed: Tensor, chain_ids: Tensor, steps: Tensor, window: int,
     if dtype not in FLOAT_DTYPES:
         raise ValueError(f"{op}: dtype must be one of {[str(d) for d in FLOAT_DTYPES]}, got {dtype}")
     impl = get_backend(backend, chain_ids.device)
-    xi, u = impl.chain_noise(seed, chain_ids, steps, window, D, dtype)
+    xi, u = impl.ops["chain_noise"](seed, chain_ids, steps, window, D, dtype)
     return xi.reshape(chain_ids.shape[0], window, *event_shape), u
 
 
@@ -234,7 +226,7 @@ def frozen_draft(root: Tensor, frozen: Tensor, steps: Tensor, lengths: Tensor, c
     _check_round(op, root, frozen, steps, lengths, coef, seed, chain_ids, window, freeze, clip,
                  stochastic_only=False)
     impl = get_backend(backend, root.device)
-    return impl.frozen_draft(root, frozen, steps, lengths, coef, seed, chain_ids, window, freeze,
+    return impl.ops["frozen_draft"](root, frozen, steps, lengths, coef, seed, chain_ids, window, freeze,
                              float(clip))
 
 
@@ -263,7 +255,7 @@ def verify_frozen(states: Tensor, x0_hat: Tensor, frozen: Tensor, steps: Tensor,
     _check_round(op, root, frozen, steps, lengths, coef, seed, chain_ids, states.shape[1] - 1,
                  freeze, clip, stochastic_only=True)
     impl = get_backend(backend, states.device)
-    return FrozenVerifyResult(*impl.verify_frozen(states, x0_hat, frozen, steps, lengths, coef,
+    return FrozenVerifyResult(*impl.ops["verify_frozen"](states, x0_hat, frozen, steps, lengths, coef,
                                                   seed, chain_ids, freeze, float(clip)))
 
 

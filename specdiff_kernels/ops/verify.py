@@ -1,8 +1,8 @@
-"""Public speculative-verify ops (docs/design.md §4) and backend selection.
+"""Public speculative-verify ops (docs/design.md §4).
 
-Three backends compute the same functions:
+Three backends (:mod:`.backends`) compute the same functions:
 
-* ``"reference"``: plain PyTorch (``specdiff_kernels.ops.reference.verify``), the oracle; any device.
+* ``"reference"``: plain PyTorch (:mod:`.reference.verify`), the oracle; any device.
 * ``"cpp"``: the C++ CPU kernels behind ``torch.ops.specdiff.*`` (``csrc/``).
 * ``"triton"``: Triton kernels (GPU; on CPU only under ``TRITON_INTERPRET=1``).
 
@@ -14,36 +14,23 @@ must not continue on bad values (the samplers) check ``log_ratio`` and raise.
 """
 from __future__ import annotations
 
-import importlib
-from dataclasses import dataclass
-from typing import Callable, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
 from . import _checks
+from .backends import (  # noqa: F401 (re-exported: the verify family's public names)
+    _C,
+    CPU_CAPABILITIES,
+    HAS_CPP,
+    REGISTRY,
+    Backend,
+    available_backends,
+    cpu_capabilities,
+    default_backend,
+)
 from .reference import verify as reference
-
-try:  # the compiled CPU backend; registers torch.ops.specdiff.* schemas and CPU kernels
-    from .. import _C  # noqa: F401
-    HAS_CPP = True
-except ImportError as _err:  # pragma: no cover - exercised only on broken installs
-    HAS_CPP = False
-    _CPP_IMPORT_ERROR = _err
-if HAS_CPP:
-    # reads SPECDIFF_CPU_CAPABILITY now: a bad value fails the import with one line, rather than
-    # the first op call, and never as a silent fallback to the reference backend
-    _C.cpu_capability()
-
-# the C++ kernels' instruction-set variants (csrc/cpu_isa.h), narrowest first
-CPU_CAPABILITIES = ("default", "avx2", "avx512")
-
-
-def cpu_capabilities() -> list[str]:
-    """The variants of CPU_CAPABILITIES this CPU can run (none without the C++ extension)."""
-    if not HAS_CPP:
-        return []
-    return list(CPU_CAPABILITIES[:CPU_CAPABILITIES.index(_C.supported_cpu_capability()) + 1])
 
 
 class VerifyResult(NamedTuple):
@@ -54,89 +41,24 @@ class VerifyResult(NamedTuple):
     log_ratio: Tensor     # [B, L] float32: log p/q of every step of the window
 
 
-@dataclass(frozen=True)
-class Backend:
-    name: str
-    gaussian_log_ratio: Callable[..., Tensor]
-    first_rejection: Callable[..., Tensor]
-    reflect_resample: Callable[..., Tensor]
-    speculative_verify: Callable[..., tuple]
-    devices: Optional[tuple[str, ...]] = None  # None: any device
-
-    def supports(self, device: torch.device) -> bool:
-        return self.devices is None or device.type in self.devices
+def get_backend(name: Optional[str], device: torch.device) -> Backend:
+    """The verify family's backend ``name`` (None: by device) for tensors on ``device``."""
+    return REGISTRY.get("verify", name, device)
 
 
-class BackendRegistry:
-    """Backends of one family of ops by name: the default by device (CPU -> ``cpp``, CUDA ->
-    ``triton``, else ``reference``), and backends that live in optional modules, imported on
-    first use (keeps ``import triton`` lazy)."""
-
-    def __init__(self, lazy: dict[str, str]):
-        self._backends: dict = {}
-        self._lazy = dict(lazy)
-
-    def register(self, backend) -> None:
-        self._backends[backend.name] = backend
-
-    def available(self) -> list[str]:
-        """Names of the backends that can run in this process."""
-        names = list(self._backends)
-        for name, module in self._lazy.items():
-            if name not in names:
-                try:
-                    importlib.import_module(module)
-                    names.append(name)
-                except ImportError:
-                    pass
-        return names
-
-    def get(self, name: Optional[str], device: torch.device):
-        name = default_backend(device) if name is None else name
-        if name not in self._backends and name in self._lazy:
-            try:
-                importlib.import_module(self._lazy[name])
-            except ImportError as err:
-                raise RuntimeError(f"backend {name!r} is not available: {err}") from err
-        if name not in self._backends:
-            if name == "cpp" and not HAS_CPP:
-                raise RuntimeError(f"backend 'cpp' is not available: specdiff_kernels._C failed to "
-                                   f"import ({_CPP_IMPORT_ERROR}); rebuild with "
-                                   f"`pip install --no-build-isolation .`")
-            raise ValueError(f"backend must be one of "
-                             f"{sorted(set(self._backends) | set(self._lazy))}, got {name!r}")
-        backend = self._backends[name]
-        if not backend.supports(device):
-            raise ValueError(f"backend {name!r} runs on {list(backend.devices or ())} tensors, "
-                             f"got tensors on {device}")
-        return backend
-
-
-def default_backend(device: torch.device) -> str:
-    if device.type == "cpu" and HAS_CPP:
-        return "cpp"
-    if device.type == "cuda":
-        return "triton"
-    return "reference"
-
-
-_REGISTRY = BackendRegistry({"triton": "specdiff_kernels.ops.triton.verify_register"})
-register_backend = _REGISTRY.register
-available_backends = _REGISTRY.available
-get_backend = _REGISTRY.get
-
-register_backend(Backend("reference", reference.gaussian_log_ratio, reference.first_rejection,
-                         reference.reflect_resample, reference.speculative_verify))
-
+REGISTRY.register(Backend("verify", "reference", {
+    "gaussian_log_ratio": reference.gaussian_log_ratio,
+    "first_rejection": reference.first_rejection,
+    "reflect_resample": reference.reflect_resample,
+    "speculative_verify": reference.speculative_verify,
+}))
 if HAS_CPP:
-    register_backend(Backend(
-        "cpp",
-        torch.ops.specdiff.gaussian_log_ratio.default,
-        torch.ops.specdiff.first_rejection.default,
-        torch.ops.specdiff.reflect_resample.default,
-        torch.ops.specdiff.speculative_verify.default,
-        devices=("cpu",),
-    ))
+    REGISTRY.register(Backend("verify", "cpp", {
+        "gaussian_log_ratio": torch.ops.specdiff.gaussian_log_ratio.default,
+        "first_rejection": torch.ops.specdiff.first_rejection.default,
+        "reflect_resample": torch.ops.specdiff.reflect_resample.default,
+        "speculative_verify": torch.ops.specdiff.speculative_verify.default,
+    }, devices=("cpu",)))
 
 
 # ---------------------------------------------------------------- public functions
@@ -161,7 +83,7 @@ def gaussian_log_ratio(draft_states: Tensor, draft_means: Tensor, target_means: 
     B, L = draft_states.shape[:2]
     _checks.check_sigma(op, sigma, B, L, draft_states)
     impl = get_backend(backend, draft_states.device)
-    return impl.gaussian_log_ratio(draft_states, draft_means, target_means, sigma)
+    return impl.ops["gaussian_log_ratio"](draft_states, draft_means, target_means, sigma)
 
 
 def first_rejection(log_ratio: Tensor, uniforms: Tensor, num_steps: Optional[Tensor] = None, *,
@@ -185,7 +107,7 @@ def first_rejection(log_ratio: Tensor, uniforms: Tensor, num_steps: Optional[Ten
     _checks.check_uniforms(op, uniforms, B, L, log_ratio)
     _checks.check_num_steps(op, num_steps, B, L, log_ratio)
     impl = get_backend(backend, log_ratio.device)
-    return impl.first_rejection(log_ratio, uniforms, num_steps)
+    return impl.ops["first_rejection"](log_ratio, uniforms, num_steps)
 
 
 def reflect_resample(draft_state: Tensor, draft_mean: Tensor, target_mean: Tensor, *,
@@ -198,7 +120,7 @@ def reflect_resample(draft_state: Tensor, draft_mean: Tensor, target_mean: Tenso
     op = "reflect_resample"
     _checks.check_state_triplet(op, draft_state, draft_mean, target_mean)
     impl = get_backend(backend, draft_state.device)
-    return impl.reflect_resample(draft_state, draft_mean, target_mean)
+    return impl.ops["reflect_resample"](draft_state, draft_mean, target_mean)
 
 
 def speculative_verify(draft_states: Tensor, draft_means: Tensor, target_means: Tensor,
@@ -232,7 +154,7 @@ def speculative_verify(draft_states: Tensor, draft_means: Tensor, target_means: 
     _checks.check_uniforms(op, uniforms, B, L, draft_states)
     _checks.check_num_steps(op, num_steps, B, L, draft_states)
     impl = get_backend(backend, draft_states.device)
-    return VerifyResult(*impl.speculative_verify(draft_states, draft_means, target_means, sigma,
+    return VerifyResult(*impl.ops["speculative_verify"](draft_states, draft_means, target_means, sigma,
                                                  uniforms, num_steps))
 
 

@@ -52,6 +52,7 @@ from torch import Tensor
 
 from .. import layout
 from .. import round as round_ops
+from ..backends import REGISTRY, Backend
 from .verify_register import _define
 from .verify import INTERPRET, _accept, _next_pow2, _quiet, _reflect_coef, num_sms
 
@@ -700,5 +701,6 @@ if round_ops.HAS_CPP:  # the schemas come from the C++ extension (csrc/registrat
                        ("verify_frozen", fwd_verify_frozen)):
         torch.library.register_kernel(f"specdiff::{_name}", "cuda", _fn, lib=_CUDA_LIB)
 
-round_ops.register_backend(round_ops.RoundBackend("triton", fwd_chain_noise, fwd_frozen_draft,
-                                                  fwd_verify_frozen, devices=DEVICES))
+REGISTRY.register(Backend("round", "triton", {"chain_noise": fwd_chain_noise,
+                                             "frozen_draft": fwd_frozen_draft,
+                                             "verify_frozen": fwd_verify_frozen}, devices=DEVICES))

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from .. import verify as ops
+from ..backends import REGISTRY, Backend
 from .verify import INTERPRET, STRATEGIES, choose_strategy  # noqa: F401 (re-exported)
 from .verify import first_rejection as _tk_first_rejection
 from .verify import gaussian_log_ratio as _tk_gaussian_log_ratio
@@ -124,5 +125,8 @@ if ops.HAS_CPP:  # the schemas come from the C++ extension (csrc/registration.cp
 
 # ---------------------------------------------------------------- backend "triton"
 # The same forwarding functions serve the backend entry (any device the kernels run on).
-ops.register_backend(ops.Backend("triton", _fwd_gaussian_log_ratio, _fwd_first_rejection,
-                                 _fwd_reflect_resample, _fwd_speculative_verify, devices=DEVICES))
+REGISTRY.register(Backend("verify", "triton", {"gaussian_log_ratio": _fwd_gaussian_log_ratio,
+                                              "first_rejection": _fwd_first_rejection,
+                                              "reflect_resample": _fwd_reflect_resample,
+                                              "speculative_verify": _fwd_speculative_verify},
+                         devices=DEVICES))
