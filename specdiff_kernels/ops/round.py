@@ -287,28 +287,34 @@ def round_stats(stats: Tensor, steps: Tensor, lengths: Tensor, num_accepted: Ten
 
 
 # ---------------------------------------------------------------- fake (meta) kernels
+# Output metadata of every round op: registered here for the C++-defined ops and used by the
+# interpreted Triton ops (ops/triton/round.py) too.
+def fake_chain_noise(seed, chain_ids, steps, window, event_numel, dtype):
+    B = chain_ids.shape[0]
+    return (chain_ids.new_empty((B, window, event_numel), dtype=dtype),
+            chain_ids.new_empty((B, window), dtype=torch.float32))
+
+
+def fake_frozen_draft(root, frozen, steps, lengths, coef, seed, chain_ids, window, freeze, clip):
+    return root.new_empty((root.shape[0], window + 1, *root.shape[1:]))
+
+
+def fake_verify_frozen(states, x0_hat, frozen, steps, lengths, coef, seed, chain_ids, freeze,
+                       clip):
+    B, L1 = states.shape[:2]
+    E = states.shape[2:]
+    return (steps.new_empty((B,)), steps.new_empty((B,)), states.new_empty((B, *E)),
+            states.new_empty((B, *E)), steps.new_empty((B,), dtype=torch.bool),
+            states.new_empty((B, L1 - 1), dtype=torch.float32))
+
+
+def fake_round_stats(stats, steps, lengths, num_accepted, committed, log_ratio, output, num_steps):
+    return torch.empty_like(stats)
+
+
 if HAS_CPP:
     # CUDA: the reference composition; inside a captured round its launches replay as one graph
     torch.library.register_kernel("specdiff::round_stats", "cuda", ref.round_stats)
-
-    @torch.library.register_fake("specdiff::round_stats")
-    def _(stats, steps, lengths, num_accepted, committed, log_ratio, output, num_steps):
-        return torch.empty_like(stats)
-
-    @torch.library.register_fake("specdiff::chain_noise")
-    def _(seed, chain_ids, steps, window, event_numel, dtype):
-        B = chain_ids.shape[0]
-        return (chain_ids.new_empty((B, window, event_numel), dtype=dtype),
-                chain_ids.new_empty((B, window), dtype=torch.float32))
-
-    @torch.library.register_fake("specdiff::frozen_draft")
-    def _(root, frozen, steps, lengths, coef, seed, chain_ids, window, freeze, clip):
-        return root.new_empty((root.shape[0], window + 1, *root.shape[1:]))
-
-    @torch.library.register_fake("specdiff::verify_frozen")
-    def _(states, x0_hat, frozen, steps, lengths, coef, seed, chain_ids, freeze, clip):
-        B, L1 = states.shape[:2]
-        E = states.shape[2:]
-        return (steps.new_empty((B,)), steps.new_empty((B,)), states.new_empty((B, *E)),
-                states.new_empty((B, *E)), steps.new_empty((B,), dtype=torch.bool),
-                states.new_empty((B, L1 - 1), dtype=torch.float32))
+    for _name, _fake in (("chain_noise", fake_chain_noise), ("frozen_draft", fake_frozen_draft),
+                         ("verify_frozen", fake_verify_frozen), ("round_stats", fake_round_stats)):
+        torch.library.register_fake(f"specdiff::{_name}", _fake)

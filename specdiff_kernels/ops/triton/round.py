@@ -651,31 +651,14 @@ def _verify_frozen_impl(states: Tensor, x0_hat: Tensor, frozen: Tensor, steps: T
                          clip)
 
 
-# fake impls (interpreted mode; compiled, the triton_op body is its own fake)
-def _chain_noise_fake(seed, chain_ids, steps, window, event_numel, dtype):
-    B = chain_ids.shape[0]
-    return (chain_ids.new_empty((B, window, event_numel), dtype=dtype),
-            chain_ids.new_empty((B, window), dtype=torch.float32))
-
-
-def _frozen_draft_fake(root, frozen, steps, lengths, coef, seed, chain_ids, window, freeze, clip):
-    return root.new_empty((root.shape[0], window + 1, *root.shape[1:]))
-
-
-def _verify_frozen_fake(states, x0_hat, frozen, steps, lengths, coef, seed, chain_ids, freeze,
-                        clip):
-    B, L1 = states.shape[:2]
-    E = states.shape[2:]
-    return (steps.new_empty((B,)), steps.new_empty((B,)), states.new_empty((B, *E)),
-            states.new_empty((B, *E)), steps.new_empty((B,), dtype=torch.bool),
-            states.new_empty((B, L1 - 1), dtype=torch.float32))
-
-
-triton_chain_noise = _define("specdiff::triton_chain_noise", _chain_noise_impl, _chain_noise_fake)
+# fake impls (interpreted mode; compiled, the triton_op body is its own fake): the ones of the
+# C++-defined ops (ops/round.py)
+triton_chain_noise = _define("specdiff::triton_chain_noise", _chain_noise_impl,
+                             round_ops.fake_chain_noise)
 triton_frozen_draft = _define("specdiff::triton_frozen_draft", _frozen_draft_impl,
-                              _frozen_draft_fake)
+                              round_ops.fake_frozen_draft)
 triton_verify_frozen = _define("specdiff::triton_verify_frozen", _verify_frozen_impl,
-                               _verify_frozen_fake)
+                               round_ops.fake_verify_frozen)
 
 
 # ---------------------------------------------------------------- forwarding to the Triton ops
