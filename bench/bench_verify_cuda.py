@@ -246,7 +246,7 @@ def main(argv=None) -> int:
         return 0
     device, name, sizes, copy_numel = plan(args)
     dtype = DTYPES[args.dtype]
-    from specdiff_kernels.ops.triton import verify_register  # noqa: F401  (registers the ops)
+    from specdiff_kernels.ops.triton import verify  # noqa: F401  (registers the ops)
 
     copy_bw = copy_bandwidth(device, copy_numel)
     compiled = None if args.no_compile else torch.compile(reference.speculative_verify,

@@ -33,7 +33,6 @@ if tk.INTERPRET:
 import specdiff_kernels as sk  # noqa: E402
 from specdiff_kernels.ops import verify as ops  # noqa: E402
 from specdiff_kernels.ops.reference import verify as reference
-from specdiff_kernels.ops.triton import verify_register as triton_backend  # noqa: E402,F401  (registers the ops)
 
 from verify_cases import (assert_decisions_match, assert_state_close,  # noqa: E402
                           assert_verify_matches_reference, log_ratio_tolerance, make_window,

@@ -28,8 +28,7 @@ from verify_cases import (assert_decisions_match, assert_state_close,  # noqa: E
                           log_ratio_tolerance, make_window, reference64, reflect_loop,
                           run_aot_script, stable_seed)
 
-tb = pytest.importorskip("specdiff_kernels.ops.triton.verify_register")
-from specdiff_kernels.ops.triton import verify as tk  # noqa: E402
+tk = pytest.importorskip("specdiff_kernels.ops.triton.verify")
 
 if not tk.INTERPRET and not torch.cuda.is_available():
     pytest.skip("Triton kernels need TRITON_INTERPRET=1 (CPU) or a CUDA device",
@@ -338,8 +337,8 @@ import os, sys, warnings
 import torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from specdiff_kernels.ops.triton import verify as tk, verify_register as tb
-assert not tk.INTERPRET and tb.DEVICES == ("cuda",)
+from specdiff_kernels.ops.triton import verify as tk
+assert not tk.INTERPRET and tk.DEVICES == ("cuda",)
 T = GPUTarget("cuda", 90, 32)
 
 def compile_(fn, sig, consts, **opts):

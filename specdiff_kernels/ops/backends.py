@@ -113,7 +113,7 @@ class BackendRegistry:
         return backend
 
 
-REGISTRY = BackendRegistry({("verify", "triton"): "specdiff_kernels.ops.triton.verify_register",
+REGISTRY = BackendRegistry({("verify", "triton"): "specdiff_kernels.ops.triton.verify",
                             ("round", "triton"): "specdiff_kernels.ops.triton.round"})
 
 

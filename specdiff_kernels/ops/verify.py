@@ -160,7 +160,7 @@ def speculative_verify(draft_states: Tensor, draft_means: Tensor, target_means: 
 
 # ---------------------------------------------------------------- fake (meta) kernels
 # Output metadata of every verify op: registered here for the C++-defined ops and used by the Triton
-# ops (triton_backend.py) too, whose trailing launch ``strategy`` shapes nothing.
+# ops (ops/triton/verify.py) too, whose trailing launch ``strategy`` shapes nothing.
 def fake_gaussian_log_ratio(draft_states, draft_means, target_means, sigma, strategy="auto"):
     return draft_states.new_empty(draft_states.shape[:2], dtype=torch.float32)
 

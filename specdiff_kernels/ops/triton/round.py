@@ -3,9 +3,8 @@
 ``frozen_draft`` / ``verify_frozen``, and registration as round backend ``"triton"``.
 
 Semantics: :mod:`specdiff_kernels.ops.reference.round` (the oracle). Conventions as
-:mod:`specdiff_kernels.ops.triton.verify_register` / :mod:`specdiff_kernels.ops.triton.verify`: ``triton_op`` +
-``wrap_triton`` when compiled (Inductor sees the kernels; the body is the fake), opaque
-``custom_op`` + fake under ``TRITON_INTERPRET=1`` (CPU tensors).
+:mod:`._launch`: ``triton_op`` + ``wrap_triton`` when compiled (Inductor sees the kernels; the
+body is the fake), opaque ``custom_op`` + fake under ``TRITON_INTERPRET=1`` (CPU tensors).
 
 Noise
 -----
@@ -53,15 +52,19 @@ from torch import Tensor
 from .. import layout
 from .. import round as round_ops
 from ..backends import REGISTRY, Backend
-from .verify_register import _define
-from .verify import INTERPRET, _accept, _next_pow2, _quiet, _reflect_coef, num_sms
-
-try:  # wrap_triton lets make_fx / Inductor see the kernels inside a triton_op
-    from torch.library import wrap_triton
-except ImportError:  # pragma: no cover - torch < 2.6
-    from torch._library.triton import wrap_triton  # type: ignore
-
-DEVICES: tuple[str, ...] = ("cpu", "cuda") if INTERPRET else ("cuda",)
+from ._launch import (
+    DEVICES,
+    INTERPRET,
+    accept,
+    contig,
+    define,
+    next_pow2,
+    num_sms,
+    quiet,
+    reflect_coef,
+    register_cuda,
+    wrap_triton,
+)
 
 # Table rows (coef[ROW, step]) as compile-time constants of the kernels.
 _ROW_A = tl.constexpr(layout.ROW_A)
@@ -436,13 +439,13 @@ def _verify_finalize_kernel(y_ptr, p_ptr, frozen_ptr, steps_ptr, len_ptr, coef_p
         lr = tl.where(live, sa / s - sb / (2.0 * s * s), 0.0)
         tl.store(lr_ptr + b * L + j, lr.to(tl.float32), mask=mj & (ib == 0))
         u = _uniform(k0, k1, k + j, chain).to(acc_t)
-        cand = tl.min(tl.where(live & ~_accept(lr, u), j, L), axis=0)
+        cand = tl.min(tl.where(live & ~accept(lr, u), j, L), axis=0)
         newly = (first == n) & (cand < n)
         a_first = tl.where(newly, tl.sum(tl.where(j == cand, sa * s, 0.0), axis=0), a_first)
         b_first = tl.where(newly, tl.sum(tl.where(j == cand, sb, 0.0), axis=0), b_first)
         first = tl.where(newly, cand, first)
     rejected = first < n
-    coef_r = _reflect_coef(a_first, b_first)
+    coef_r = reflect_coef(a_first, b_first)
     js = tl.where(rejected, first, n)        # the window position that decides
     ks = k + js
     kc = _step_index(ks, N)
@@ -501,7 +504,7 @@ def _configured(kernel, block: int):
     return triton.autotune(configs=[cfg], key=[])(kernel)
 
 
-def _launch(kernel, block: int, grid, *args, **kwargs) -> None:
+def _launch_kernel(kernel, block: int, grid, *args, **kwargs) -> None:
     k = _configured(kernel, block)
     if INTERPRET:
         k[grid](*args, BLOCK=block, **kwargs)
@@ -534,14 +537,10 @@ def _clip_args(clip: float) -> dict:
     return {"HAS_CLIP": True, "clip_hi": hi, "clip_mid": mid, "clip_lo": _f32(clip - hi - mid)}
 
 
-def _contig(x: Tensor) -> Tensor:
-    return x if x.is_contiguous() else x.contiguous()
-
-
 def draft_block(B: int, Q: int, sms: int) -> int:
     """Counters per frozen_draft program: the loop over the window is latency-bound, so aim at
     ~2 programs per SM before making blocks wider (32..512 counters, 128..2048 elements)."""
-    want = _next_pow2(-(-B * Q // max(2 * sms, 1)))
+    want = next_pow2(-(-B * Q // max(2 * sms, 1)))
     return int(min(max(want, _DRAFT_BLOCK_MIN), _DRAFT_BLOCK_MAX))
 
 
@@ -549,7 +548,7 @@ def partial_chunk(rows: int, Q: int, sms: int) -> int:
     """Counters per partial-sum program of verify_frozen: aim at ~4 programs per SM (a power of
     two, a whole number of blocks)."""
     per_row = max(1, -(-4 * sms // max(rows, 1)))
-    chunk = _next_pow2(-(-Q // per_row))
+    chunk = next_pow2(-(-Q // per_row))
     return int(min(max(chunk, _PART_BLOCK), _CHUNK_MAX))
 
 
@@ -563,9 +562,9 @@ def chain_noise(seed: Tensor, chain_ids: Tensor, steps: Tensor, window: int, eve
     if B > 0:
         Q = _quarter(D)
         grid = (B * window, triton.cdiv(Q, _NOISE_BLOCK))
-        with _quiet():
-            _launch(_chain_noise_kernel, _NOISE_BLOCK, grid,
-                    seed, _contig(chain_ids), _contig(steps), xi, u, window, D, Q,
+        with quiet():
+            _launch_kernel(_chain_noise_kernel, _NOISE_BLOCK, grid,
+                    seed, contig(chain_ids), contig(steps), xi, u, window, D, Q,
                     ACC_FP64=dtype == torch.float64)
     return xi, u
 
@@ -580,10 +579,10 @@ def frozen_draft(root: Tensor, frozen: Tensor, steps: Tensor, lengths: Tensor, c
         Q = _quarter(D)
         block = draft_block(B, Q, num_sms(root.device))
         grid = (B, triton.cdiv(Q, block))
-        with _quiet():
-            _launch(_frozen_draft_kernel, block, grid,
-                    _contig(root), _contig(frozen), _contig(steps), _contig(lengths),
-                    _contig(coef), seed, _contig(chain_ids), y, window, coef.shape[1], D, Q,
+        with quiet():
+            _launch_kernel(_frozen_draft_kernel, block, grid,
+                    contig(root), contig(frozen), contig(steps), contig(lengths),
+                    contig(coef), seed, contig(chain_ids), y, window, coef.shape[1], D, Q,
                     **_clip_args(clip), FREEZE=int(freeze), ACC_FP64=root.dtype == torch.float64)
     return y
 
@@ -610,55 +609,35 @@ def verify_frozen(states: Tensor, x0_hat: Tensor, frozen: Tensor, steps: Tensor,
     N = coef.shape[1]
     acc64 = states.dtype == torch.float64
     clip_args = _clip_args(clip)
-    y, p, f = _contig(states), _contig(x0_hat), _contig(frozen)
-    st, ln, cf, ids = _contig(steps), _contig(lengths), _contig(coef), _contig(chain_ids)
+    y, p, f = contig(states), contig(x0_hat), contig(frozen)
+    st, ln, cf, ids = contig(steps), contig(lengths), contig(coef), contig(chain_ids)
     rows = max(B * L, 1)
     chunk = partial_chunk(rows, Q, num_sms(dev))
     nb = triton.cdiv(Q, chunk)
     part = torch.empty((rows * nb * 2,), device=dev,
                        dtype=torch.float64 if acc64 else torch.float32)
-    with _quiet():
+    with quiet():
         if L > 0:
-            _launch(_verify_partials_kernel, _PART_BLOCK, (B * L, nb),
+            _launch_kernel(_verify_partials_kernel, _PART_BLOCK, (B * L, nb),
                     y, p, f, st, ln, cf, seed, ids, part, L, N, D, Q, chunk, nb, **clip_args,
                     FREEZE=int(freeze), ACC_FP64=acc64)
-        _launch(_verify_finalize_kernel, _FIN_BLOCK, (B, triton.cdiv(Q, _FIN_BLOCK)),
+        _launch_kernel(_verify_finalize_kernel, _FIN_BLOCK, (B, triton.cdiv(Q, _FIN_BLOCK)),
                 y, p, f, st, ln, cf, seed, ids, part,
                 nacc, committed, next_state, next_frozen, root_exact, lr,
                 L, N, D, Q, nb, **clip_args, FREEZE=int(freeze), ACC_FP64=acc64,
-                BLOCK_L=min(_next_pow2(L), _BLOCK_L_MAX),
-                BLOCK_NB=min(_next_pow2(nb), _BLOCK_NB_MAX))
+                BLOCK_L=min(next_pow2(L), _BLOCK_L_MAX),
+                BLOCK_NB=min(next_pow2(nb), _BLOCK_NB_MAX))
     return nacc, committed, next_state, next_frozen, root_exact, lr
 
 
 # ---------------------------------------------------------------- ops
-def _chain_noise_impl(seed: Tensor, chain_ids: Tensor, steps: Tensor, window: int,
-                      event_numel: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    return chain_noise(seed, chain_ids, steps, window, event_numel, dtype)
-
-
-def _frozen_draft_impl(root: Tensor, frozen: Tensor, steps: Tensor, lengths: Tensor, coef: Tensor,
-                       seed: Tensor, chain_ids: Tensor, window: int, freeze: int,
-                       clip: float) -> Tensor:
-    return frozen_draft(root, frozen, steps, lengths, coef, seed, chain_ids, window, freeze, clip)
-
-
-def _verify_frozen_impl(states: Tensor, x0_hat: Tensor, frozen: Tensor, steps: Tensor,
-                        lengths: Tensor, coef: Tensor, seed: Tensor, chain_ids: Tensor,
-                        freeze: int, clip: float
-                        ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return verify_frozen(states, x0_hat, frozen, steps, lengths, coef, seed, chain_ids, freeze,
-                         clip)
-
-
 # fake impls (interpreted mode; compiled, the triton_op body is its own fake): the ones of the
 # C++-defined ops (ops/round.py)
-triton_chain_noise = _define("specdiff::triton_chain_noise", _chain_noise_impl,
-                             round_ops.fake_chain_noise)
-triton_frozen_draft = _define("specdiff::triton_frozen_draft", _frozen_draft_impl,
-                              round_ops.fake_frozen_draft)
-triton_verify_frozen = _define("specdiff::triton_verify_frozen", _verify_frozen_impl,
-                               round_ops.fake_verify_frozen)
+triton_chain_noise = define("specdiff::triton_chain_noise", chain_noise, round_ops.fake_chain_noise)
+triton_frozen_draft = define("specdiff::triton_frozen_draft", frozen_draft,
+                             round_ops.fake_frozen_draft)
+triton_verify_frozen = define("specdiff::triton_verify_frozen", verify_frozen,
+                              round_ops.fake_verify_frozen)
 
 
 # ---------------------------------------------------------------- forwarding to the Triton ops
@@ -677,13 +656,8 @@ def fwd_verify_frozen(states, x0_hat, frozen, steps, lengths, coef, seed, chain_
                                                    seed, chain_ids, freeze, clip)
 
 
-_CUDA_LIB = None
-if round_ops.HAS_CPP:  # the schemas come from the C++ extension (csrc/registration.cpp)
-    _CUDA_LIB = torch.library.Library("specdiff", "IMPL")
-    for _name, _fn in (("chain_noise", fwd_chain_noise), ("frozen_draft", fwd_frozen_draft),
-                       ("verify_frozen", fwd_verify_frozen)):
-        torch.library.register_kernel(f"specdiff::{_name}", "cuda", _fn, lib=_CUDA_LIB)
-
-REGISTRY.register(Backend("round", "triton", {"chain_noise": fwd_chain_noise,
-                                             "frozen_draft": fwd_frozen_draft,
-                                             "verify_frozen": fwd_verify_frozen}, devices=DEVICES))
+_FORWARD = {"chain_noise": fwd_chain_noise, "frozen_draft": fwd_frozen_draft,
+            "verify_frozen": fwd_verify_frozen}
+# the schemas come from the C++ extension (csrc/registration.cpp)
+_CUDA_LIB = register_cuda(_FORWARD) if round_ops.HAS_CPP else None
+REGISTRY.register(Backend("round", "triton", _FORWARD, devices=DEVICES))

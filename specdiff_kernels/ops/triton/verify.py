@@ -1,4 +1,6 @@
-"""Triton kernels for the speculative-verify ops (docs/design.md §3, §4), their launchers, and the launch rule.
+"""The Triton backend of the verify ops (docs/design.md §3, §4): kernels, launch rule, launchers,
+and the ops ``torch.ops.specdiff.triton_*`` that are the CUDA kernels of ``specdiff::*`` and backend
+``"triton"`` of :mod:`specdiff_kernels.ops.verify` (importing this module registers them).
 
 Every op reduces, for each chain c and window step j, the two sums over all event dims
 
@@ -21,21 +23,29 @@ Compiled (GPU) kernels are ``triton.autotune``-d over block size, warps and pipe
 the sizes that matter (``SPECDIFF_TRITON_AUTOTUNE=0`` uses one default config instead: no
 benchmarking at first launch; the GPU tests use it and check every config explicitly). Under
 ``TRITON_INTERPRET=1`` (CPU tensors) autotuning is pointless, so a fixed small block is used and
-kernels are launched directly (``torch.library.wrap_triton`` refuses interpreted kernels). Kernel sizes that vary at run time without changing the code (L, the number of
-chunks, broadcast strides, the batch bucket) are ``do_not_specialize``; D keeps Triton's
+kernels are launched directly (``torch.library.wrap_triton`` refuses interpreted kernels). Kernel
+sizes that vary at run time without changing the code (L, the number of chunks, broadcast strides,
+the batch bucket) are ``do_not_specialize``; D keeps Triton's
 divisibility-by-16 specialisation (two variants at most, not one per value) because it is what lets
 row starts be proven aligned and loads vectorised. The kernels take no float scalar arguments (sigma
 and the uniforms are read from tensors in-kernel), so there is nothing to pin to fp32.
 
-Semantics match ``specdiff_kernels.ops.reference.verify``: step j is accepted iff its log ratio is finite and
-``log(u_j) <= log_ratio_j`` (compared in the accumulation dtype); ``b = 0`` gives the reflection
+Semantics match :mod:`specdiff_kernels.ops.reference.verify`: step j is accepted iff its log ratio
+is finite and ``log(u_j) <= log_ratio_j`` (compared in the accumulation dtype); ``b = 0`` gives the reflection
 coefficient 1; steps at or beyond ``num_steps`` (clamped into 1..L in-kernel, no host sync) are
 ignored; ``next_state`` is written in the input dtype; ``log_ratio`` is float32 for all L steps.
+
+Ops: ``specdiff::triton_gaussian_log_ratio``, ``triton_first_rejection``,
+``triton_reflect_resample`` and ``triton_speculative_verify`` run the launchers below; all but
+``first_rejection`` take a trailing ``strategy: str = "auto"`` so tests and benchmarks can force a
+launch strategy. How they are defined in each mode: :mod:`._launch`. The CUDA kernels of the
+C++-defined ``specdiff::gaussian_log_ratio`` / ``first_rejection`` / ``reflect_resample`` /
+``speculative_verify`` call them, so ``torch.ops.specdiff.speculative_verify`` on CUDA tensors runs
+Triton. Nothing synchronises with the host (num_steps is clamped in-kernel), so the ops are
+CUDA-graph capturable once autotuning has run (warm up first).
 """
 from __future__ import annotations
 
-import contextlib
-import functools
 import inspect
 import os
 from typing import Optional
@@ -45,10 +55,21 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-try:  # wrap_triton lets make_fx / Inductor see the kernels inside a triton_op
-    from torch.library import wrap_triton
-except ImportError:  # pragma: no cover - torch < 2.6
-    from torch._library.triton import wrap_triton  # type: ignore
+from .. import verify as ops
+from ..backends import REGISTRY, Backend
+from ._launch import (
+    DEVICES,
+    INTERPRET,
+    accept,
+    contig,
+    define,
+    launchable,
+    next_pow2,
+    num_sms,
+    quiet,
+    reflect_coef,
+    register_cuda,
+)
 
 STRATEGIES = ("per_chain", "split")
 
@@ -59,19 +80,6 @@ MODE_VERIFY = 2     # speculative_verify: log ratios, first rejection, next stat
 
 
 # ---------------------------------------------------------------- device helpers
-@triton.jit
-def _accept(lr, u):
-    """Step accepted iff its log ratio is finite and log(u) <= log ratio (u = 0 always accepts)."""
-    return (tl.abs(lr) < float("inf")) & (tl.log(u) <= lr)
-
-
-@triton.jit
-def _reflect_coef(a, b):
-    """1 - 2a/b, or 1 where b = 0 (p = q: the reflection is the identity); never divides by 0."""
-    pos = b > 0
-    return tl.where(pos, 1.0 - 2.0 * a / tl.where(pos, b, 1.0), 1.0)
-
-
 @triton.jit
 def _load_num_steps(n_ptr, c, L, HAS_N: tl.constexpr):
     if HAS_N:
@@ -95,11 +103,11 @@ def _decide_step(a, b, c, j, L, n, first, coef, sig_ptr, sig_sb, sig_sl, u_ptr, 
         tl.store(lr_ptr + c * L + j, lr.to(tl.float32), mask=store_lr)
         if MODE == 2:
             u = tl.load(u_ptr + c * L + j).to(acc_t)
-            reject = ~_accept(lr, u)
+            reject = ~accept(lr, u)
         else:
             reject = j < 0  # log ratios only: nothing is scanned
     newly = (first == n) & (j < n) & reject
-    coef = tl.where(newly, _reflect_coef(a, b), coef)
+    coef = tl.where(newly, reflect_coef(a, b), coef)
     first = tl.where(newly, j, first)
     return first, coef
 
@@ -255,18 +263,15 @@ def _first_rejection_raw(lr_ptr, u_ptr, n_ptr, out_ptr, B, L, lr_sb, lr_sl, u_sb
         m = rmask[:, None] & (cols[None, :] < L)
         lr = tl.load(lr_ptr + rows[:, None] * lr_sb + cols[None, :] * lr_sl, mask=m, other=0.0)
         u = tl.load(u_ptr + rows[:, None] * u_sb + cols[None, :] * u_sl, mask=m, other=0.0)
-        reject = (~_accept(lr.to(cmp_t), u.to(cmp_t))) & m & (cols[None, :] < n[:, None])
+        reject = (~accept(lr.to(cmp_t), u.to(cmp_t))) & m & (cols[None, :] < n[:, None])
         cand = tl.min(tl.where(reject, cols[None, :], L), axis=1)
         first = tl.minimum(first, cand)
     tl.store(out_ptr + rows, first.to(tl.int64), mask=rmask)
 
 
 # ---------------------------------------------------------------- autotuning / fixed configs
-INTERPRET = type(_per_chain_raw).__name__ == "InterpretedFunction"
-
 # Under the interpreter: small fixed blocks (every path, multi-block included, runs on small shapes).
 _INTERP_BLOCK_D = 128
-_INTERP_NUM_SMS = 4
 # Split chunk bounds (elements of one (chain, step) row per partial-sum program; a power of two, so
 # a whole number of blocks for every BLOCK_D config up to it; larger blocks are simply masked).
 _CHUNK_MIN, _CHUNK_MAX = (256, 4096) if INTERPRET else (4096, 65536)
@@ -335,36 +340,7 @@ else:
     _FIXED_FINALIZE = {}
 
 
-def _quiet():
-    """The interpreter evaluates kernels with numpy, which warns on log(0) (u = 0 accepts) and on
-    inf - inf in non-finite inputs; compiled kernels do not warn. Silence numpy while interpreting."""
-    if INTERPRET:
-        import numpy as np
-        return np.errstate(divide="ignore", invalid="ignore", over="ignore")
-    return contextlib.nullcontext()
-
-
 # ---------------------------------------------------------------- launch rule
-def _next_pow2(x: int) -> int:
-    return 1 if x <= 1 else 1 << (int(x) - 1).bit_length()
-
-
-@functools.lru_cache(maxsize=None)
-def _num_sms_of(device_type: str, index: Optional[int]) -> int:
-    if device_type == "cuda" and not INTERPRET:
-        return torch.cuda.get_device_properties(index).multi_processor_count
-    return _INTERP_NUM_SMS
-
-
-def num_sms(device: torch.device) -> int:
-    """Streaming multiprocessors of the device (a nominal 4 under the interpreter); cached, and
-    no host synchronisation (safe during CUDA-graph capture)."""
-    index = device.index
-    if device.type == "cuda" and index is None and not INTERPRET:
-        index = torch.cuda.current_device()
-    return _num_sms_of(device.type, index)
-
-
 # The launch rule's constants, measured on an NVIDIA H200 (bench/results/verify_cuda_nvidia_h200.md
 # and launch_overhead_nvidia_h200.md): one per_chain program streams ~100-120 GB/s, so a chain's
 # window takes about 3*L*D*elt / 110 GB/s of GPU time; split streams at near copy bandwidth, but its
@@ -400,7 +376,7 @@ def split_chunk(B: int, L: int, D: int, sms: int) -> int:
     """Elements of a (chain, step) row per partial-sum program: aim at ~4 programs per SM."""
     rows = max(B * L, 1)
     per_row = max(1, -(-4 * sms // rows))   # programs wanted per row
-    chunk = _next_pow2(-(-D // per_row))
+    chunk = next_pow2(-(-D // per_row))
     return int(min(max(chunk, _CHUNK_MIN), _CHUNK_MAX))
 
 
@@ -434,9 +410,9 @@ def _window_launch(mode: int, y: Tensor, mq: Tensor, mp: Tensor, sigma: Tensor, 
     acc64 = _acc_fp64(y.dtype)
     strat = _resolve_strategy(strategy, B, L, D, y.element_size(), y.device)
     if strat == "per_chain":
-        k = _per_chain_kernel if INTERPRET else wrap_triton(_per_chain_kernel)
+        k = launchable(_per_chain_kernel)
         k[(B,)](y, mq, mp, sigma, uniforms, n_arg, nacc, out, lr,
-                L, D, sig_sb, sig_sl, min(_next_pow2(B), 1024),
+                L, D, sig_sb, sig_sl, min(next_pow2(B), 1024),
                 MODE=mode, HAS_N=has_n, ACC_FP64=acc64, **_FIXED_STREAM)
         return
     sms = num_sms(y.device)
@@ -444,9 +420,9 @@ def _window_launch(mode: int, y: Tensor, mq: Tensor, mp: Tensor, sigma: Tensor, 
     nb = -(-D // chunk)
     part = torch.empty((B * L * nb * 2,), device=y.device,
                        dtype=torch.float64 if acc64 else torch.float32)
-    kp = _split_partials_kernel if INTERPRET else wrap_triton(_split_partials_kernel)
+    kp = launchable(_split_partials_kernel)
     kp[(B * L * nb,)](y, mq, mp, part, D, chunk, nb, ACC_FP64=acc64, **_FIXED_STREAM)
-    block_nb = min(_next_pow2(nb), 128)
+    block_nb = min(next_pow2(nb), 128)
     if mode == MODE_LOG_RATIO:
         grid = (B,)
     elif INTERPRET:
@@ -454,55 +430,51 @@ def _window_launch(mode: int, y: Tensor, mq: Tensor, mp: Tensor, sigma: Tensor, 
     else:
         def grid(meta):
             return (B * triton.cdiv(D, meta["BLOCK_D"]),)
-    kf = _split_finalize_kernel if INTERPRET else wrap_triton(_split_finalize_kernel)
+    kf = launchable(_split_finalize_kernel)
     kf[grid](y, mq, mp, part, sigma, uniforms, n_arg, nacc, out, lr,
              L, D, nb, sig_sb, sig_sl,
              MODE=mode, HAS_N=has_n, ACC_FP64=acc64, BLOCK_NB=block_nb, **_FIXED_FINALIZE)
 
 
-def _contig(x: Tensor) -> Tensor:
-    return x if x.is_contiguous() else x.contiguous()
-
-
 def speculative_verify(draft_states: Tensor, draft_means: Tensor, target_means: Tensor,
                        sigma: Tensor, uniforms: Tensor, num_steps: Optional[Tensor] = None,
-                       strategy: Optional[str] = None) -> tuple[Tensor, Tensor, Tensor]:
+                       strategy: str = "auto") -> tuple[Tensor, Tensor, Tensor]:
     """Fused verify (docs/design.md §4) -> (num_accepted [B] int64, next_state [B, *E], log_ratio [B, L] fp32).
 
     Arguments are assumed validated (``specdiff_kernels.ops._checks``); sigma is any shape that
     broadcasts to [B, L]. ``strategy``: "per_chain", "split", or None/"auto" (:func:`choose_strategy`).
     """
-    y, mq, mp = _contig(draft_states), _contig(draft_means), _contig(target_means)
+    y, mq, mp = contig(draft_states), contig(draft_means), contig(target_means)
     B, L = y.shape[0], y.shape[1]
     nacc = torch.empty((B,), device=y.device, dtype=torch.int64)
     out = torch.empty((B, *y.shape[2:]), device=y.device, dtype=y.dtype)
     lr = torch.empty((B, L), device=y.device, dtype=torch.float32)
     if B > 0:
-        with _quiet():
-            _window_launch(MODE_VERIFY, y, mq, mp, sigma, _contig(uniforms),
-                           None if num_steps is None else _contig(num_steps), nacc, out, lr,
+        with quiet():
+            _window_launch(MODE_VERIFY, y, mq, mp, sigma, contig(uniforms),
+                           None if num_steps is None else contig(num_steps), nacc, out, lr,
                            strategy)
     return nacc, out, lr
 
 
 def gaussian_log_ratio(draft_states: Tensor, draft_means: Tensor, target_means: Tensor,
-                       sigma: Tensor, strategy: Optional[str] = None) -> Tensor:
+                       sigma: Tensor, strategy: str = "auto") -> Tensor:
     """[B, L] float32 log ratios (a - b/2) / s^2 of every step (docs/design.md §3)."""
-    y, mq, mp = _contig(draft_states), _contig(draft_means), _contig(target_means)
+    y, mq, mp = contig(draft_states), contig(draft_means), contig(target_means)
     B, L = y.shape[0], y.shape[1]
     lr = torch.empty((B, L), device=y.device, dtype=torch.float32)
     if B > 0:
         # uniforms/num_accepted/next_state are never touched in this mode: the (read-only) input
         # stands in as a dummy pointer.
-        with _quiet():
+        with quiet():
             _window_launch(MODE_LOG_RATIO, y, mq, mp, sigma, y, None, y, y, lr, strategy)
     return lr
 
 
 def reflect_resample(draft_state: Tensor, draft_mean: Tensor, target_mean: Tensor,
-                     strategy: Optional[str] = None) -> Tensor:
+                     strategy: str = "auto") -> Tensor:
     """Reflection-coupling resample y + (1 - 2<d, y - mq>/||d||^2) d of [B, *E] states (input dtype)."""
-    y, mq, mp = _contig(draft_state), _contig(draft_mean), _contig(target_mean)
+    y, mq, mp = contig(draft_state), contig(draft_mean), contig(target_mean)
     B = y.shape[0]
     out = torch.empty(y.shape, device=y.device, dtype=y.dtype)
     if B > 0:
@@ -510,7 +482,7 @@ def reflect_resample(draft_state: Tensor, draft_mean: Tensor, target_mean: Tenso
         y3, mq3, mp3 = y.view(shape3), mq.view(shape3), mp.view(shape3)
         # A window of one always-rejected step; sigma/uniforms/num_accepted/log_ratio are never
         # touched: the (read-only) input stands in as a dummy pointer.
-        with _quiet():
+        with quiet():
             _window_launch(MODE_REFLECT, y3, mq3, mp3, y3, y3, None, y3, out, y3, strategy)
     return out
 
@@ -523,13 +495,54 @@ def first_rejection(log_ratio: Tensor, uniforms: Tensor, num_steps: Optional[Ten
     if B == 0:
         return out
     has_n = num_steps is not None
-    n_arg = _contig(num_steps) if has_n else out
-    block_l = min(_next_pow2(L), 32)
+    n_arg = contig(num_steps) if has_n else out
+    block_l = min(next_pow2(L), 32)
     grid = (triton.cdiv(B, _FIRST_REJ_BLOCK_B),)
-    k = _first_rejection_raw if INTERPRET else wrap_triton(_first_rejection_raw)
-    with _quiet():
+    k = launchable(_first_rejection_raw)
+    with quiet():
         k[grid](log_ratio, uniforms, n_arg, out, B, L,
                 log_ratio.stride(0), log_ratio.stride(1), uniforms.stride(0), uniforms.stride(1),
                 HAS_N=has_n, CMP_FP64=log_ratio.dtype == torch.float64,
                 BLOCK_B=_FIRST_REJ_BLOCK_B, BLOCK_L=block_l)
     return out
+
+
+# ---------------------------------------------------------------- ops
+# fake impls (interpreted mode): the ones of the C++-defined ops (ops/verify.py)
+triton_speculative_verify = define("specdiff::triton_speculative_verify", speculative_verify,
+                                   ops.fake_speculative_verify)
+triton_gaussian_log_ratio = define("specdiff::triton_gaussian_log_ratio", gaussian_log_ratio,
+                                   ops.fake_gaussian_log_ratio)
+triton_reflect_resample = define("specdiff::triton_reflect_resample", reflect_resample,
+                                 ops.fake_reflect_resample)
+triton_first_rejection = define("specdiff::triton_first_rejection", first_rejection,
+                                ops.fake_first_rejection)
+
+
+# ---------------------------------------------------------------- forwarding to the Triton ops
+# (the CUDA kernels of specdiff::* and the "triton" backend entry)
+def _fwd_speculative_verify(draft_states, draft_means, target_means, sigma, uniforms,
+                            num_steps=None):
+    return torch.ops.specdiff.triton_speculative_verify(draft_states, draft_means, target_means,
+                                                        sigma, uniforms, num_steps)
+
+
+def _fwd_gaussian_log_ratio(draft_states, draft_means, target_means, sigma):
+    return torch.ops.specdiff.triton_gaussian_log_ratio(draft_states, draft_means, target_means,
+                                                        sigma)
+
+
+def _fwd_reflect_resample(draft_state, draft_mean, target_mean):
+    return torch.ops.specdiff.triton_reflect_resample(draft_state, draft_mean, target_mean)
+
+
+def _fwd_first_rejection(log_ratio, uniforms, num_steps=None):
+    return torch.ops.specdiff.triton_first_rejection(log_ratio, uniforms, num_steps)
+
+
+_FORWARD = {"gaussian_log_ratio": _fwd_gaussian_log_ratio, "first_rejection": _fwd_first_rejection,
+            "reflect_resample": _fwd_reflect_resample, "speculative_verify": _fwd_speculative_verify}
+# the schemas come from the C++ extension (csrc/registration.cpp)
+_CUDA_LIB = register_cuda(_FORWARD) if ops.HAS_CPP else None
+# the same forwarding functions serve the backend entry (any device the kernels run on)
+REGISTRY.register(Backend("verify", "triton", _FORWARD, devices=DEVICES))
