@@ -95,7 +95,7 @@ def test_chain_noise_matches_reference(dtype, B, D):
     assert xi.dtype == dtype and xi.shape == (B, W, D) and u.dtype == torch.float32
     xr, ur = R.chain_noise(seed, ids, steps, W, D, torch.float64)
     assert torch.equal(u, ur.float()), "u must equal the reference bit for bit"
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    acc = layout.acc_dtype(dtype)
     err = (xi.double() - xr).abs()
     tol = torch.finfo(dtype).eps * xr.abs() + XI_ERR[acc]
     assert bool((err <= tol).all()), f"xi worst error {float(err.max()):.3g}"

@@ -60,12 +60,8 @@ XI_ERR = {torch.float64: 1e-13, torch.float32: 4e-6}
 C_ACC = 16  # rounding steps allowed per term
 
 
-def _acc(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _eps_acc(dtype):
-    return torch.finfo(_acc(dtype)).eps
+    return torch.finfo(layout.acc_dtype(dtype)).eps
 
 
 # ---------------------------------------------------------------- tables
@@ -158,7 +154,7 @@ def assert_draft_matches(Y, root, frozen, steps, lengths, coef, seed, ids, windo
         s = c[layout.ROW_STD]
         want = mq + s * xi
         tol = (_out_tol(dtype, want) + C_ACC * _eps_acc(dtype) * (mq_mag + (s * xi).abs())
-               + s * XI_ERR[_acc(dtype)])
+               + s * XI_ERR[layout.acc_dtype(dtype)])
         live = (j < n)[:, None]
         err = (Yd[:, j + 1] - want).abs()
         bad = live & ~(err <= tol)
@@ -192,7 +188,7 @@ def _verify_oracle(Y, P, frozen, steps, lengths, coef, seed, ids, freeze, clip):
             ss = torch.where(s > 0, s, torch.ones_like(s))
             rounding = (dmag * (xi.abs() / ss + d.abs() / ss ** 2)).sum(-1)
             lr_tol[:, j] = (C_ACC * _eps_acc(dtype) * rounding
-                            + XI_ERR[_acc(dtype)] * (d.abs() / ss).sum(-1))
+                            + XI_ERR[layout.acc_dtype(dtype)] * (d.abs() / ss).sum(-1))
     return want, lr_tol, parts
 
 
@@ -258,12 +254,12 @@ def assert_verify_matches(got, Y, P, frozen, steps, lengths, coef, seed, ids, fr
             b_ = float((d * d).sum().item())
             cr = 1 - 2 * a_ / b_ if b_ > 0 else 1.0
             err_a = C_ACC * eps * float((dmag * (s * xi).abs()).sum()) + float(
-                s * XI_ERR[_acc(dtype)] * d.abs().sum())
+                s * XI_ERR[layout.acc_dtype(dtype)] * d.abs().sum())
             err_b = C_ACC * eps * float((dmag * d.abs()).sum())
             err_cr = 2 * (err_a + abs(a_ / b_) * err_b) / b_ if b_ > 0 else 0.0
             tol_s = (_out_tol(dtype, ws[b]) + C_ACC * eps * (mq_mag + (s * xi).abs()
                                                             + abs(cr) * dmag)
-                     + s * XI_ERR[_acc(dtype)] + err_cr * d.abs())
+                     + s * XI_ERR[layout.acc_dtype(dtype)] + err_cr * d.abs())
             errs = (sd[b].double() - ws[b]).abs()
             assert bool((errs <= tol_s).all()), (
                 f"chain {b}: reflected state off the reference by {float(errs.max()):.3g} "
@@ -346,7 +342,7 @@ def test_chain_noise_matches_reference(dtype, D):
     assert torch.equal(u, ur.float()), "u must equal the reference bit for bit"
     assert bool(((u >= 0) & (u < 1)).all())
     err = (xi.double() - xr).abs()
-    tol = torch.finfo(dtype).eps * xr.abs() + XI_ERR[_acc(dtype)]
+    tol = torch.finfo(dtype).eps * xr.abs() + XI_ERR[layout.acc_dtype(dtype)]
     assert bool((err <= tol).all()), f"xi worst error {float(err.max()):.3g}"
     # lane layout: a wrong quarter (e.g. interleaved) layout is far off
     assert float(err.max()) < 1e-3

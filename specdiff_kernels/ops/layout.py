@@ -8,7 +8,7 @@ bit, so a mismatch cannot go unnoticed).
 * the freeze modes of the frozen-target draft;
 * the counter layout of the Philox noise (multipliers, key increments, stream words);
 * the static round's stats vector (``STAT_*`` head slots, then :class:`StatsLayout`'s parts);
-* the floating dtypes the kernels take.
+* the floating dtypes the kernels take, and the one rule for the dtype they compute in.
 """
 from __future__ import annotations
 
@@ -33,6 +33,12 @@ STREAM_NORMAL, STREAM_UNIFORM = 0, 1    # counter word 3: step noise, acceptance
 
 # ---------------------------------------------------------------- dtypes
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype sums, noise and comparisons of ``dtype`` states are computed in: float64 states
+    keep float64, every narrower dtype works in float32 (docs/design.md §4)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 # ---------------------------------------------------------------- round statistics
 # The static round's counters live in ONE int64 vector (read back once per round: its head; once

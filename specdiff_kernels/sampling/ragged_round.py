@@ -34,7 +34,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from ..ops.layout import FREEZE_MODES
+from ..ops.layout import FREEZE_MODES, acc_dtype
 from .accounting import SamplerStats
 from .base import Chains, NonFiniteError, SamplerBase, SamplingResult
 from .drafts import DraftModelDraft, FrozenTargetDraft
@@ -552,7 +552,7 @@ class RaggedRound:
         mean = functools.partial(affine_mean, T) if T.affine else T.mean_from_x0
         # positions past a chain's window length hold anything finite: the verify op ignores them
         MP = mean(win.Y[:, :L], TP[:, :L], kw.to(dev))
-        sig_dtype = torch.float64 if state.x.dtype == torch.float64 else torch.float32
+        sig_dtype = acc_dtype(state.x.dtype)
         sigma = torch.where(active, T.step_std(kw), torch.ones((), dtype=torch.float64))
         sigma = sigma.to(device=dev, dtype=sig_dtype)
         res = self.sampler.verify_fn(win.Y[:, 1:].contiguous(), win.MQ.contiguous(),

@@ -192,7 +192,7 @@ class StaticRound:
         f = s.frozen.index_select(0, ex)
         if self.freeze == FREEZE_X0:
             return f
-        acc = rr._acc(f.dtype)
+        acc = layout.acc_dtype(f.dtype)
         c = rr._rows(self.coef, s.k.index_select(0, ex), acc)
         x = s.x.index_select(0, ex)
         x0 = rr.draft_x0(c, x.reshape(len(ex), -1).to(acc), f.reshape(len(ex), -1).to(acc),

@@ -63,6 +63,7 @@ from ..layout import (
     STAT_WINDOWS,
     STREAM_UNIFORM,
     StatsLayout,
+    acc_dtype,
 )
 
 # ---------------------------------------------------------------- Philox4x32-10
@@ -149,16 +150,12 @@ def chain_noise(seed: Tensor, chain_ids: Tensor, steps: Tensor, window: int, eve
     j = torch.arange(window, device=chain_ids.device, dtype=torch.int64)
     k = (steps.to(torch.int64)[:, None] + j[None, :]).reshape(-1)
     c = chain_ids.to(torch.int64)[:, None].expand(B, window).reshape(-1)
-    xi = normal_noise(seed, c, k, event_numel, _acc(dtype)).to(dtype).reshape(B, window, event_numel)
+    xi = normal_noise(seed, c, k, event_numel, acc_dtype(dtype)).to(dtype).reshape(B, window, event_numel)
     u = uniform_noise(seed, c, k).reshape(B, window)
     return xi, u
 
 
 # ---------------------------------------------------------------- the frozen round
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _clip(p: Tensor, clip: float) -> Tensor:
     return p if math.isinf(clip) else p.clamp(-clip, clip)
 
@@ -191,7 +188,7 @@ def frozen_draft(root: Tensor, frozen: Tensor, steps: Tensor, lengths: Tensor, c
     verify recomputes m_q from the stored states)."""
     B = root.shape[0]
     D = root[0].numel() if B else 0
-    acc = _acc(root.dtype)
+    acc = acc_dtype(root.dtype)
     y = root.reshape(B, D).to(acc)
     f = frozen.reshape(B, D).to(acc)
     k = steps.to(torch.int64)
@@ -233,7 +230,7 @@ def verify_frozen(states: Tensor, x0_hat: Tensor, frozen: Tensor, steps: Tensor,
     L = L1 - 1                                                 # >= 1 (the wrappers check it)
     N = coef.shape[1]
     D = states[0, 0].numel() if B else 0
-    acc = _acc(states.dtype)
+    acc = acc_dtype(states.dtype)
     Y = states.reshape(B, L1, D).to(acc)
     P = x0_hat.reshape(B, L1, D).to(acc)
     f = frozen.reshape(B, D).to(acc)

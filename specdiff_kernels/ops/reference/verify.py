@@ -10,10 +10,7 @@ import math
 import torch
 from torch import Tensor
 
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    # fp64 inputs keep fp64; everything narrower accumulates in fp32 (docs/design.md §4).
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from ..layout import acc_dtype
 
 
 def _flat_window(x: Tensor) -> Tensor:
@@ -28,7 +25,7 @@ def _expand_sigma(sigma: Tensor, batch: int, window: int) -> Tensor:
 def _log_ratio_acc(draft_states: Tensor, draft_means: Tensor, target_means: Tensor,
                    sigma: Tensor) -> Tensor:
     """(<d, r> - ||d||^2 / 2) / s^2 per step, [B, L], in the accumulation dtype."""
-    acc = _acc_dtype(draft_states.dtype)
+    acc = acc_dtype(draft_states.dtype)
     B, L = draft_states.shape[:2]
     d = _flat_window(target_means).to(acc) - _flat_window(draft_means).to(acc)
     r = _flat_window(draft_states).to(acc) - _flat_window(draft_means).to(acc)
@@ -49,7 +46,7 @@ def first_rejection(log_ratio: Tensor, uniforms: Tensor, num_steps: Tensor | Non
     accepts a finite ratio. Steps at or beyond ``num_steps`` are ignored.
     """
     B, L = log_ratio.shape
-    cmp = torch.promote_types(log_ratio.dtype, torch.float32)
+    cmp = acc_dtype(log_ratio.dtype)
     lr = log_ratio.to(cmp)
     accept = torch.isfinite(lr) & (torch.log(uniforms.to(cmp)) <= lr)
     steps = torch.arange(L, device=log_ratio.device)
@@ -70,7 +67,7 @@ def reflect_resample(draft_state: Tensor, draft_mean: Tensor, target_mean: Tenso
     Equivalently mp + (I - 2 e e^T)(y - mq) with e = d/||d||. When d = 0 (p = q) returns y.
     Inputs [B, *E]; output in the input dtype.
     """
-    acc = _acc_dtype(draft_state.dtype)
+    acc = acc_dtype(draft_state.dtype)
     B = draft_state.shape[0]
     D = math.prod(draft_state.shape[1:])
     y = draft_state.reshape(B, D).to(acc)

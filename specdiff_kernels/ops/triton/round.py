@@ -52,6 +52,7 @@ from torch import Tensor
 from .. import layout
 from .. import round as round_ops
 from ..backends import REGISTRY, Backend
+from ..layout import acc_dtype
 from ._launch import (
     DEVICES,
     INTERPRET,
@@ -565,7 +566,7 @@ def chain_noise(seed: Tensor, chain_ids: Tensor, steps: Tensor, window: int, eve
         with quiet():
             _launch_kernel(_chain_noise_kernel, _NOISE_BLOCK, grid,
                     seed, contig(chain_ids), contig(steps), xi, u, window, D, Q,
-                    ACC_FP64=dtype == torch.float64)
+                    ACC_FP64=acc_dtype(dtype) == torch.float64)
     return xi, u
 
 
@@ -583,7 +584,7 @@ def frozen_draft(root: Tensor, frozen: Tensor, steps: Tensor, lengths: Tensor, c
             _launch_kernel(_frozen_draft_kernel, block, grid,
                     contig(root), contig(frozen), contig(steps), contig(lengths),
                     contig(coef), seed, contig(chain_ids), y, window, coef.shape[1], D, Q,
-                    **_clip_args(clip), FREEZE=int(freeze), ACC_FP64=root.dtype == torch.float64)
+                    **_clip_args(clip), FREEZE=int(freeze), ACC_FP64=acc_dtype(root.dtype) == torch.float64)
     return y
 
 
@@ -607,15 +608,15 @@ def verify_frozen(states: Tensor, x0_hat: Tensor, frozen: Tensor, steps: Tensor,
     D = states.numel() // (B * L1)
     Q = _quarter(D)
     N = coef.shape[1]
-    acc64 = states.dtype == torch.float64
+    acc = acc_dtype(states.dtype)
+    acc64 = acc == torch.float64
     clip_args = _clip_args(clip)
     y, p, f = contig(states), contig(x0_hat), contig(frozen)
     st, ln, cf, ids = contig(steps), contig(lengths), contig(coef), contig(chain_ids)
     rows = max(B * L, 1)
     chunk = partial_chunk(rows, Q, num_sms(dev))
     nb = triton.cdiv(Q, chunk)
-    part = torch.empty((rows * nb * 2,), device=dev,
-                       dtype=torch.float64 if acc64 else torch.float32)
+    part = torch.empty((rows * nb * 2,), device=dev, dtype=acc)
     with quiet():
         if L > 0:
             _launch_kernel(_verify_partials_kernel, _PART_BLOCK, (B * L, nb),

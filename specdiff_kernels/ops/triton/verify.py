@@ -57,6 +57,7 @@ from torch import Tensor
 
 from .. import verify as ops
 from ..backends import REGISTRY, Backend
+from ..layout import acc_dtype
 from ._launch import (
     DEVICES,
     INTERPRET,
@@ -389,10 +390,6 @@ def _resolve_strategy(strategy: Optional[str], B: int, L: int, D: int, elt: int,
 
 
 # ---------------------------------------------------------------- launchers
-def _acc_fp64(dtype: torch.dtype) -> bool:
-    return dtype == torch.float64
-
-
 def _sigma_strides(sigma: Tensor, B: int, L: int) -> tuple[int, int]:
     """Strides of sigma broadcast to [B, L] (0 along broadcast dims); the data pointer is sigma's."""
     return tuple(sigma.expand(B, L).stride())  # type: ignore[return-value]
@@ -407,7 +404,8 @@ def _window_launch(mode: int, y: Tensor, mq: Tensor, mp: Tensor, sigma: Tensor, 
     sig_sb, sig_sl = (0, 0) if mode == MODE_REFLECT else _sigma_strides(sigma, B, L)
     has_n = num_steps is not None
     n_arg = num_steps if has_n else y  # dummy pointer, never read without HAS_N
-    acc64 = _acc_fp64(y.dtype)
+    acc = acc_dtype(y.dtype)
+    acc64 = acc == torch.float64
     strat = _resolve_strategy(strategy, B, L, D, y.element_size(), y.device)
     if strat == "per_chain":
         k = launchable(_per_chain_kernel)
@@ -418,8 +416,7 @@ def _window_launch(mode: int, y: Tensor, mq: Tensor, mp: Tensor, sigma: Tensor, 
     sms = num_sms(y.device)
     chunk = split_chunk(B, L, D, sms)
     nb = -(-D // chunk)
-    part = torch.empty((B * L * nb * 2,), device=y.device,
-                       dtype=torch.float64 if acc64 else torch.float32)
+    part = torch.empty((B * L * nb * 2,), device=y.device, dtype=acc)
     kp = launchable(_split_partials_kernel)
     kp[(B * L * nb,)](y, mq, mp, part, D, chunk, nb, ACC_FP64=acc64, **_FIXED_STREAM)
     block_nb = min(next_pow2(nb), 128)
@@ -502,7 +499,7 @@ def first_rejection(log_ratio: Tensor, uniforms: Tensor, num_steps: Optional[Ten
     with quiet():
         k[grid](log_ratio, uniforms, n_arg, out, B, L,
                 log_ratio.stride(0), log_ratio.stride(1), uniforms.stride(0), uniforms.stride(1),
-                HAS_N=has_n, CMP_FP64=log_ratio.dtype == torch.float64,
+                HAS_N=has_n, CMP_FP64=acc_dtype(log_ratio.dtype) == torch.float64,
                 BLOCK_B=_FIRST_REJ_BLOCK_B, BLOCK_L=block_l)
     return out
 
