@@ -1,4 +1,5 @@
-"""Argument validation shared by every backend: clear errors that name the argument.
+"""Argument validation of every op, both families and every backend: clear errors that name the
+argument. The public wrappers (:mod:`.verify`, :mod:`.round`) and the Triton launchers call these.
 
 Only metadata is inspected here (shapes, dtypes, devices), so the checks cost no device
 synchronisation and trace cleanly under torch.compile. Value checks (sigma > 0, uniforms in [0, 1),
@@ -6,10 +7,20 @@ num_steps in 1..L) run where they are free: CPU tensors in eager mode (the C++ k
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
-from .layout import FLOAT_DTYPES
+from .layout import (
+    FLOAT_DTYPES,
+    FREEZE_EPS,
+    FREEZE_MODES,
+    FREEZE_X0,
+    NUM_ROWS,
+    ROW_STD,
+    StatsLayout,
+)
 
 INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
@@ -121,7 +132,8 @@ def check_log_ratio(op: str, log_ratio: Tensor) -> None:
         raise ValueError(f"{op}: window length L = log_ratio.shape[1] must be >= 1, got 0")
 
 
-def check_state_triplet(op: str, draft_state: Tensor, draft_mean: Tensor, target_mean: Tensor) -> None:
+def check_state_triplet(op: str, draft_state: Tensor, draft_mean: Tensor,
+                        target_mean: Tensor) -> None:
     for x, name in ((draft_state, "draft_state"), (draft_mean, "draft_mean"),
                     (target_mean, "target_mean")):
         _need_tensor(x, op, name)
@@ -139,3 +151,167 @@ def check_state_triplet(op: str, draft_state: Tensor, draft_mean: Tensor, target
         _same_device(x, draft_state, op, name, "draft_state")
     if any(s == 0 for s in draft_state.shape[1:]):
         raise ValueError(f"{op}: event shape {tuple(draft_state.shape[1:])} has no elements")
+
+
+def check_strategy(strategy: str | None, strategies: tuple[str, ...]) -> None:
+    """A Triton launch strategy: one of ``strategies``, or "auto" / None (the launch rule)."""
+    if strategy is not None and strategy != "auto" and strategy not in strategies:
+        raise ValueError(f"strategy must be one of {strategies} or 'auto'/None, got {strategy!r}")
+
+
+# ---------------------------------------------------------------- round family
+def _int_vector(op: str, name: str, t: Tensor, B: int, like: Tensor) -> None:
+    _need_tensor(t, op, name)
+    if t.dtype != torch.int64:
+        raise ValueError(f"{op}: {name} must be an int64 tensor, got {t.dtype}")
+    if tuple(t.shape) != (B,):
+        raise ValueError(f"{op}: {name} must have shape [B] = [{B}], got {tuple(t.shape)}")
+    if t.device != like.device:
+        raise ValueError(f"{op}: {name} is on {t.device} but the states are on {like.device}")
+
+
+def _window(op: str, window: int) -> None:
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"{op}: window must be an int >= 1, got {window!r}")
+
+
+def _seed(op: str, seed: Tensor, like: Tensor) -> None:
+    if not isinstance(seed, Tensor):
+        raise TypeError(f"{op}: seed must be an int64 tensor with one element "
+                        f"(round_ops.seed_tensor(int)), got {type(seed).__name__}")
+    if seed.dtype != torch.int64 or seed.numel() != 1:
+        raise ValueError(f"{op}: seed must be an int64 tensor with one element, got "
+                         f"{seed.dtype} of shape {tuple(seed.shape)}")
+    if seed.device != like.device:
+        raise ValueError(f"{op}: seed is on {seed.device} but the states are on {like.device}")
+
+
+def _ids_steps(op: str, chain_ids: Tensor, steps: Tensor, B: int, like: Tensor,
+               first_step: int) -> None:
+    _int_vector(op, "chain_ids", chain_ids, B, like)
+    _int_vector(op, "steps", steps, B, like)
+    if _values_checkable(chain_ids) and B:
+        if int(chain_ids.min()) < 0 or int(chain_ids.max()) >= 1 << 32:
+            raise ValueError(f"{op}: chain_ids must lie in [0, 2^32), got min "
+                             f"{int(chain_ids.min())}, max {int(chain_ids.max())}")
+        if int(steps.min()) < first_step or int(steps.max()) >= (1 << 32) - 1 - (1 << 20):
+            raise ValueError(f"{op}: steps must lie in [{first_step}, 2^32 - 2^20), got min "
+                             f"{int(steps.min())}, max {int(steps.max())}")
+
+
+def _states(op: str, name: str, x: Tensor, min_dim: int) -> None:
+    _need_tensor(x, op, name)
+    _need_float(x, op, name)
+    if x.dim() < min_dim or any(s == 0 for s in x.shape[min_dim - 1:]):
+        raise ValueError(f"{op}: {name} must have a non-empty event shape, got {tuple(x.shape)}")
+
+
+def _round(op: str, root: Tensor, frozen: Tensor, steps: Tensor, lengths: Tensor, coef: Tensor,
+           seed: Tensor, chain_ids: Tensor, window: int, freeze: int, clip: float) -> None:
+    """What frozen_draft and verify_frozen share (their windows start at ``root``)."""
+    B = root.shape[0]
+    _states(op, "frozen", frozen, 2)
+    if frozen.shape != root.shape or frozen.dtype != root.dtype or frozen.device != root.device:
+        raise ValueError(f"{op}: frozen must match the root states (shape {tuple(root.shape)}, "
+                         f"{root.dtype}, {root.device}); got {tuple(frozen.shape)}, "
+                         f"{frozen.dtype}, {frozen.device}")
+    _seed(op, seed, root)
+    _ids_steps(op, chain_ids, steps, B, root, 0)
+    _int_vector(op, "lengths", lengths, B, root)
+    if not isinstance(coef, Tensor) or coef.dtype != torch.float64 or coef.dim() != 2 \
+            or coef.shape[0] != NUM_ROWS or coef.shape[1] < 1:
+        raise ValueError(f"{op}: coef must be the float64 [{NUM_ROWS}, N] table of "
+                         f"round_tables(transitions)")
+    if coef.device != root.device:
+        raise ValueError(f"{op}: coef is on {coef.device} but the states are on {root.device}")
+    _window(op, window)
+    if freeze not in FREEZE_MODES.values():
+        raise ValueError(f"{op}: freeze must be {FREEZE_X0} (x0) or {FREEZE_EPS} (eps), "
+                         f"got {freeze!r}")
+    if not (clip > 0):
+        raise ValueError(f"{op}: clip must be > 0 (math.inf: no clipping), got {clip!r}")
+    if _values_checkable(lengths) and B:
+        lo, hi = int(lengths.min()), int(lengths.max())
+        if lo < 0 or hi > window:
+            raise ValueError(f"{op}: lengths must lie in 0..window = 0..{window}, got min {lo}, "
+                             f"max {hi}")
+        N = coef.shape[1]
+        if int(steps.max()) > N:
+            raise ValueError(f"{op}: steps must lie in 0..N = 0..{N} (N: the table length), got "
+                             f"max {int(steps.max())}")
+
+
+def check_chain_noise(seed: Tensor, chain_ids: Tensor, steps: Tensor, window: int,
+                      event_shape, dtype: torch.dtype) -> tuple[int, ...]:
+    """Returns ``event_shape`` as a tuple of ints."""
+    op = "chain_noise"
+    _need_tensor(chain_ids, op, "chain_ids")
+    _seed(op, seed, chain_ids)
+    _ids_steps(op, chain_ids, steps, chain_ids.shape[0] if chain_ids.dim() == 1 else -1,
+               chain_ids, -1)
+    _window(op, window)
+    event_shape = tuple(int(s) for s in event_shape)
+    if not event_shape or math.prod(event_shape) < 1:
+        raise ValueError(f"{op}: event_shape must be non-empty with positive sizes, "
+                         f"got {event_shape}")
+    if dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{op}: dtype must be one of {[str(d) for d in FLOAT_DTYPES]}, "
+                         f"got {dtype}")
+    return event_shape
+
+
+def check_frozen_draft(root: Tensor, frozen: Tensor, steps: Tensor, lengths: Tensor,
+                       coef: Tensor, seed: Tensor, chain_ids: Tensor, window: int, freeze: int,
+                       clip: float) -> None:
+    op = "frozen_draft"
+    _states(op, "root", root, 2)
+    _round(op, root, frozen, steps, lengths, coef, seed, chain_ids, window, freeze, clip)
+
+
+def check_verify_frozen(states: Tensor, x0_hat: Tensor, frozen: Tensor, steps: Tensor,
+                        lengths: Tensor, coef: Tensor, seed: Tensor, chain_ids: Tensor,
+                        freeze: int, clip: float) -> None:
+    op = "verify_frozen"
+    _states(op, "states", states, 3)
+    if not isinstance(x0_hat, Tensor) or x0_hat.shape != states.shape or \
+            x0_hat.dtype != states.dtype or x0_hat.device != states.device:
+        raise ValueError(f"{op}: x0_hat must match states (shape {tuple(states.shape)}, "
+                         f"{states.dtype}, {states.device})")
+    if states.shape[1] < 2:
+        raise ValueError(f"{op}: states must hold L + 1 >= 2 positions, got {states.shape[1]}")
+    window = states.shape[1] - 1
+    _round(op, states[:, 0], frozen, steps, lengths, coef, seed, chain_ids, window, freeze, clip)
+    if _values_checkable(lengths) and states.shape[0]:
+        # a verified window covers stochastic steps only (std > 0, before the end of the
+        # schedule); a draft step with std 0 is the deterministic step itself
+        N = coef.shape[1]
+        idx = steps[:, None] + torch.arange(window)[None]
+        live = torch.arange(window)[None] < lengths[:, None]
+        std = coef[ROW_STD, idx.clamp(0, N - 1)]
+        bad = live & ((idx >= N) | ~(std > 0))
+        if bool(bad.any()):
+            b = int(bad.nonzero()[0, 0])
+            raise ValueError(f"{op}: lengths[{b}] = {int(lengths[b])} from step {int(steps[b])} "
+                             f"reaches a deterministic step or the end of the schedule (N = {N}); "
+                             f"windows must cover stochastic steps only")
+
+
+def check_round_stats(stats: Tensor, steps: Tensor, lengths: Tensor, num_accepted: Tensor,
+                      committed: Tensor, log_ratio: Tensor, output: Tensor, num_steps: int) -> None:
+    op = "round_stats"
+    if not isinstance(log_ratio, Tensor) or log_ratio.dim() != 2:
+        raise ValueError(f"{op}: log_ratio must be a [B, L] tensor")
+    B, L = log_ratio.shape
+    for name, t in (("steps", steps), ("lengths", lengths), ("num_accepted", num_accepted),
+                    ("committed", committed)):
+        _int_vector(op, name, t, B, log_ratio)
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"{op}: num_steps must be an int >= 1, got {num_steps!r}")
+    size = StatsLayout(L, num_steps, B).size
+    if not isinstance(stats, Tensor) or stats.dtype != torch.int64 or tuple(stats.shape) != (size,):
+        raise ValueError(f"{op}: stats must be the int64 [{size}] vector of StatsLayout(L={L}, "
+                         f"N={num_steps}, B={B})")
+    if not isinstance(output, Tensor) or output.dim() < 2 or tuple(output.shape[:2]) != (B, L + 1):
+        raise ValueError(f"{op}: output must have shape [B, L+1, ...] = [{B}, {L + 1}, ...]")
+    if output.device != log_ratio.device or stats.device != log_ratio.device:
+        raise ValueError(f"{op}: stats, output and log_ratio must be on one device")

@@ -56,6 +56,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import verify as ops
+from .._checks import check_strategy
 from ..backends import REGISTRY, Backend
 from ..layout import acc_dtype
 from ._launch import (
@@ -384,8 +385,6 @@ def split_chunk(B: int, L: int, D: int, sms: int) -> int:
 def _resolve_strategy(strategy: Optional[str], B: int, L: int, D: int, elt: int, device) -> str:
     if strategy is None or strategy == "auto":
         return choose_strategy(B, L, D, num_sms(device), elt)
-    if strategy not in STRATEGIES:
-        raise ValueError(f"strategy must be one of {STRATEGIES} or 'auto'/None, got {strategy!r}")
     return strategy
 
 
@@ -441,6 +440,7 @@ def speculative_verify(draft_states: Tensor, draft_means: Tensor, target_means: 
     Arguments are assumed validated (``specdiff_kernels.ops._checks``); sigma is any shape that
     broadcasts to [B, L]. ``strategy``: "per_chain", "split", or None/"auto" (:func:`choose_strategy`).
     """
+    check_strategy(strategy, STRATEGIES)
     y, mq, mp = contig(draft_states), contig(draft_means), contig(target_means)
     B, L = y.shape[0], y.shape[1]
     nacc = torch.empty((B,), device=y.device, dtype=torch.int64)
@@ -457,6 +457,7 @@ def speculative_verify(draft_states: Tensor, draft_means: Tensor, target_means: 
 def gaussian_log_ratio(draft_states: Tensor, draft_means: Tensor, target_means: Tensor,
                        sigma: Tensor, strategy: str = "auto") -> Tensor:
     """[B, L] float32 log ratios (a - b/2) / s^2 of every step (docs/design.md §3)."""
+    check_strategy(strategy, STRATEGIES)
     y, mq, mp = contig(draft_states), contig(draft_means), contig(target_means)
     B, L = y.shape[0], y.shape[1]
     lr = torch.empty((B, L), device=y.device, dtype=torch.float32)
@@ -471,6 +472,7 @@ def gaussian_log_ratio(draft_states: Tensor, draft_means: Tensor, target_means: 
 def reflect_resample(draft_state: Tensor, draft_mean: Tensor, target_mean: Tensor,
                      strategy: str = "auto") -> Tensor:
     """Reflection-coupling resample y + (1 - 2<d, y - mq>/||d||^2) d of [B, *E] states (input dtype)."""
+    check_strategy(strategy, STRATEGIES)
     y, mq, mp = contig(draft_state), contig(draft_mean), contig(target_mean)
     B = y.shape[0]
     out = torch.empty(y.shape, device=y.device, dtype=y.dtype)
