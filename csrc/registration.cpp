@@ -6,10 +6,10 @@
 TORCH_LIBRARY(specdiff, m) {
   m.def("gaussian_log_ratio(Tensor draft_states, Tensor draft_means, Tensor target_means, "
         "Tensor sigma) -> Tensor");
-  m.def("first_rejection(Tensor log_ratio, Tensor uniforms, Tensor? num_steps=None) -> Tensor");
+  m.def("first_rejection(Tensor log_ratio, Tensor uniforms, Tensor? lengths=None) -> Tensor");
   m.def("reflect_resample(Tensor draft_state, Tensor draft_mean, Tensor target_mean) -> Tensor");
   m.def("speculative_verify(Tensor draft_states, Tensor draft_means, Tensor target_means, "
-        "Tensor sigma, Tensor uniforms, Tensor? num_steps=None) -> (Tensor, Tensor, Tensor)");
+        "Tensor sigma, Tensor uniforms, Tensor? lengths=None) -> (Tensor, Tensor, Tensor)");
   // The round ops (docs/design.md §6, §7): counter-based noise and the fused frozen-draft round.
   // Semantics: specdiff_kernels/ops/reference/round.py.
   m.def("chain_noise(Tensor seed, Tensor chain_ids, Tensor steps, int window, int event_numel, "

@@ -231,7 +231,7 @@ def test_non_finite_log_ratio_is_a_rejection(backend):
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
-def test_num_steps_ignores_later_steps(backend):
+def test_lengths_ignores_later_steps(backend):
     gen = torch.Generator().manual_seed(9)
     y, mq, mp, sigma, u = make_window(4, 6, (12,), torch.float32, gen)
     mp[:, 3:] = mq[:, 3:] + 100.0  # certain rejection at steps 3.. if they counted
@@ -342,10 +342,10 @@ def _good(dtype=torch.float32):
     ("sigma_nan", "sigma must be finite and > 0"),
     ("uniforms_shape", "uniforms must have shape"),
     ("uniforms_range", r"uniforms must lie in \[0, 1\)"),
-    ("num_steps_shape", "num_steps must have shape"),
-    ("num_steps_dtype", "num_steps must be an integer tensor"),
-    ("num_steps_zero", "num_steps values must lie in 1..L"),
-    ("num_steps_big", "num_steps values must lie in 1..L"),
+    ("lengths_shape", "lengths must have shape"),
+    ("lengths_dtype", "lengths must be an integer tensor"),
+    ("lengths_zero", "lengths values must lie in 1..L"),
+    ("lengths_big", "lengths values must lie in 1..L"),
 ])
 def test_bad_input_names_the_argument(backend, case, match):
     y, mq, mp, sigma, u = _good()
@@ -376,13 +376,13 @@ def test_bad_input_names_the_argument(backend, case, match):
     elif case == "uniforms_range":
         u = u.clone()
         u[1, 0] = 1.0
-    elif case == "num_steps_shape":
+    elif case == "lengths_shape":
         n = torch.tensor([1, 2, 3])
-    elif case == "num_steps_dtype":
+    elif case == "lengths_dtype":
         n = torch.tensor([1.0, 2.0])
-    elif case == "num_steps_zero":
+    elif case == "lengths_zero":
         n = torch.tensor([0, 2])
-    elif case == "num_steps_big":
+    elif case == "lengths_big":
         n = torch.tensor([1, 4])
     with pytest.raises((ValueError, TypeError), match=match):
         sk.speculative_verify(y, mq, mp, sigma, u, n, backend=backend)

@@ -1,5 +1,5 @@
 """Triton-specific tests: both launch strategies forced, odd sizes, B=1 with a large event, L=1,
-num_steps (and its in-kernel clamp), poisoned outputs, the launch rule, opcheck and
+lengths (and its in-kernel clamp), poisoned outputs, the launch rule, opcheck and
 torch.compile(fullgraph=True) on the interpreted CPU path, and an ahead-of-time check of the
 compiled (GPU) path that needs no GPU.
 
@@ -86,7 +86,7 @@ def test_b1_large_event(strategy):
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-def test_num_steps(strategy, dtype):
+def test_lengths(strategy, dtype):
     B, L = 6, 5
     gen, (y, mq, mp, sigma, u) = _window(B, L, (3, 11), dtype, ("n", strategy, dtype))
     n = torch.tensor([1, 5, 2, 3, 5, 4], dtype=torch.int32, device=DEVICE)
@@ -102,8 +102,8 @@ def test_num_steps(strategy, dtype):
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_num_steps_clamped_in_kernel(strategy):
-    """The op does not validate num_steps on device (no host sync): out-of-range values are
+def test_lengths_clamped_in_kernel(strategy):
+    """The op does not validate lengths on device (no host sync): out-of-range values are
     clamped into 1..L in-kernel. (The public API rejects them on CPU before the kernel.)"""
     B, L = 4, 3
     _, (y, mq, mp, sigma, u) = _window(B, L, (9,), torch.float32, ("clamp", strategy))

@@ -56,10 +56,10 @@ def log_ratio_tolerance(y, mq, mp, sigma, dtype) -> torch.Tensor:
     return ACC_RTOL[dtype] * mag / (s * s) + 1e-30
 
 
-def reference64(y, mq, mp, sigma, u, num_steps=None):
+def reference64(y, mq, mp, sigma, u, lengths=None):
     """The oracle: the reference backend on the same (already rounded) inputs, in float64."""
     return VerifyResult(*reference.speculative_verify(y.double(), mq.double(), mp.double(),
-                                                      sigma.double(), u.double(), num_steps))
+                                                      sigma.double(), u.double(), lengths))
 
 
 # ---- docs/design.md §3 step 3 transcribed literally, one chain and one step at a time, in float64 Python
@@ -78,10 +78,10 @@ def log_ratio_loop(y, mq, mp, sigma):
     return lr
 
 
-def first_rejection_loop(lr, u, num_steps=None):
+def first_rejection_loop(lr, u, lengths=None):
     """[B] int64: the first j < n with a non-finite ratio or log(u_j) > ratio_j, else n."""
     B, L = lr.shape
-    n = [L] * B if num_steps is None else [int(v) for v in num_steps]
+    n = [L] * B if lengths is None else [int(v) for v in lengths]
     out = torch.zeros(B, dtype=torch.int64)
     for b in range(B):
         out[b] = n[b]
@@ -110,13 +110,13 @@ def reflect_loop(y, mq, mp):
     return out
 
 
-def spec_loop(y, mq, mp, sigma, u, num_steps=None) -> VerifyResult:
+def spec_loop(y, mq, mp, sigma, u, lengths=None) -> VerifyResult:
     """The fused verify by the loops above: (num_accepted, next_state [float64], log_ratio
     [float64])."""
     B, L = y.shape[:2]
     lr = log_ratio_loop(y, mq, mp, sigma)
-    nacc = first_rejection_loop(lr, u, num_steps)
-    n = torch.full((B,), L) if num_steps is None else num_steps.to(torch.int64)
+    nacc = first_rejection_loop(lr, u, lengths)
+    n = torch.full((B,), L) if lengths is None else lengths.to(torch.int64)
     rows = torch.arange(B)
     rejected = nacc < n
     j = torch.where(rejected, nacc, n - 1)
@@ -152,14 +152,14 @@ def assert_state_close(got, ref64, y_decisive, dtype):
         f"{float((err / (ref64.abs() + 1e-30)).max()):.3g}")
 
 
-def assert_verify_matches_reference(got, y, mq, mp, sigma, u, num_steps, dtype, oracle="reference"):
+def assert_verify_matches_reference(got, y, mq, mp, sigma, u, lengths, dtype, oracle="reference"):
     """A fused-verify result (any device) against the float64 oracle on the same rounded inputs
     (``oracle``: ``"reference"``, the reference backend in float64, or ``"spec_loop"``, the
     literal loop above, for small cases): output dtypes and shapes, log ratios within accumulation
     tolerance, accept decisions (up to threshold ties), the next state, and y_n bit-for-bit for
     fully accepted chains. Returns the oracle's result."""
     y, mq, mp, sigma, u = (t.cpu() for t in (y, mq, mp, sigma, u))
-    n = None if num_steps is None else num_steps.cpu()
+    n = None if lengths is None else lengths.cpu()
     nacc, state, lr = (t.cpu() for t in got)
     B, L = y.shape[:2]
     assert nacc.dtype == torch.int64 and nacc.shape == (B,)

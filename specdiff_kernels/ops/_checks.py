@@ -3,7 +3,7 @@ argument. The public wrappers (:mod:`.verify`, :mod:`.round`) and the Triton lau
 
 Only metadata is inspected here (shapes, dtypes, devices), so the checks cost no device
 synchronisation and trace cleanly under torch.compile. Value checks (sigma > 0, uniforms in [0, 1),
-num_steps in 1..L) run where they are free: CPU tensors in eager mode (the C++ kernels repeat them).
+lengths in 1..L) run where they are free: CPU tensors in eager mode (the C++ kernels repeat them).
 """
 from __future__ import annotations
 
@@ -106,20 +106,21 @@ def check_uniforms(op: str, uniforms: Tensor, batch: int, window: int, like: Ten
                              f"{uniforms[bad].flatten()[:4].tolist()}")
 
 
-def check_num_steps(op: str, num_steps: Tensor | None, batch: int, window: int, like: Tensor) -> None:
-    if num_steps is None:
+def check_lengths(op: str, lengths: Tensor | None, batch: int, window: int,
+                  like: Tensor) -> None:
+    if lengths is None:
         return
-    _need_tensor(num_steps, op, "num_steps")
-    if num_steps.dtype not in INT_DTYPES:
-        raise ValueError(f"{op}: num_steps must be an integer tensor, got {num_steps.dtype}")
-    _same_device(num_steps, like, op, "num_steps", "draft_states")
-    if tuple(num_steps.shape) != (batch,):
-        raise ValueError(f"{op}: num_steps must have shape [B] = [{batch}], got "
-                         f"{tuple(num_steps.shape)}")
-    if _values_checkable(num_steps) and batch > 0:
-        lo, hi = int(num_steps.min()), int(num_steps.max())
+    _need_tensor(lengths, op, "lengths")
+    if lengths.dtype not in INT_DTYPES:
+        raise ValueError(f"{op}: lengths must be an integer tensor, got {lengths.dtype}")
+    _same_device(lengths, like, op, "lengths", "draft_states")
+    if tuple(lengths.shape) != (batch,):
+        raise ValueError(f"{op}: lengths must have shape [B] = [{batch}], got "
+                         f"{tuple(lengths.shape)}")
+    if _values_checkable(lengths) and batch > 0:
+        lo, hi = int(lengths.min()), int(lengths.max())
         if lo < 1 or hi > window:
-            raise ValueError(f"{op}: num_steps values must lie in 1..L = 1..{window}, got "
+            raise ValueError(f"{op}: lengths values must lie in 1..L = 1..{window}, got "
                              f"min {lo}, max {hi}")
 
 

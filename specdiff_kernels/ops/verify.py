@@ -36,7 +36,7 @@ from .reference import verify as reference
 class VerifyResult(NamedTuple):
     """Output of :func:`speculative_verify`."""
 
-    num_accepted: Tensor  # [B] int64: first rejected step, or num_steps when all accepted
+    num_accepted: Tensor  # [B] int64: first rejected step, or the chain's length when all accepted
     next_state: Tensor    # [B, *E]: reflected sample at the first rejection, else y_n
     log_ratio: Tensor     # [B, L] float32: log p/q of every step of the window
 
@@ -86,17 +86,18 @@ def gaussian_log_ratio(draft_states: Tensor, draft_means: Tensor, target_means: 
     return impl.ops["gaussian_log_ratio"](draft_states, draft_means, target_means, sigma)
 
 
-def first_rejection(log_ratio: Tensor, uniforms: Tensor, num_steps: Optional[Tensor] = None, *,
+def first_rejection(log_ratio: Tensor, uniforms: Tensor, lengths: Optional[Tensor] = None, *,
                     backend: Optional[str] = None) -> Tensor:
-    """Index of the first rejected step per chain, or ``num_steps`` (default L) if none.
+    """Index of the first rejected step per chain, or its window length (``lengths``, default L)
+    if none.
 
     Step j is accepted iff ``log_ratio[j]`` is finite and ``log(uniforms[j]) <= log_ratio[j]``
-    (u = 0 accepts any finite ratio). Steps at or beyond ``num_steps`` are ignored.
+    (u = 0 accepts any finite ratio). Steps at or beyond ``lengths[b]`` are ignored.
 
     Args:
         log_ratio: ``[B, L]`` floating.
         uniforms: ``[B, L]`` in [0, 1).
-        num_steps: optional ``[B]`` integer in 1..L.
+        lengths: optional ``[B]`` integer in 1..L: each chain's window length.
 
     Returns:
         ``[B]`` int64.
@@ -105,9 +106,9 @@ def first_rejection(log_ratio: Tensor, uniforms: Tensor, num_steps: Optional[Ten
     _checks.check_log_ratio(op, log_ratio)
     B, L = log_ratio.shape
     _checks.check_uniforms(op, uniforms, B, L, log_ratio)
-    _checks.check_num_steps(op, num_steps, B, L, log_ratio)
+    _checks.check_lengths(op, lengths, B, L, log_ratio)
     impl = get_backend(backend, log_ratio.device)
-    return impl.ops["first_rejection"](log_ratio, uniforms, num_steps)
+    return impl.ops["first_rejection"](log_ratio, uniforms, lengths)
 
 
 def reflect_resample(draft_state: Tensor, draft_mean: Tensor, target_mean: Tensor, *,
@@ -124,13 +125,14 @@ def reflect_resample(draft_state: Tensor, draft_mean: Tensor, target_mean: Tenso
 
 
 def speculative_verify(draft_states: Tensor, draft_means: Tensor, target_means: Tensor,
-                       sigma: Tensor | float, uniforms: Tensor, num_steps: Optional[Tensor] = None,
+                       sigma: Tensor | float, uniforms: Tensor, lengths: Optional[Tensor] = None,
                        *, backend: Optional[str] = None) -> VerifyResult:
-    """Verify a window of drafted Gaussian steps against the target in one fused pass (docs/design.md §3).
+    """Verify a window of drafted Gaussian steps against the target in one fused pass
+    (docs/design.md §3).
 
     Computes the log ratios of all L steps, accepts in order while ``log(u_j) <= log_ratio_j``, and
     at the first rejection j returns the reflection-coupled resample of step j; if all
-    ``num_steps`` steps are accepted returns y_n.
+    ``lengths[b]`` steps are accepted returns y_n.
 
     Args:
         draft_states: ``[B, L, *E]`` y_1..y_L (fp16/bf16/fp32; fp64 on CPU).
@@ -138,8 +140,9 @@ def speculative_verify(draft_states: Tensor, draft_means: Tensor, target_means: 
         target_means: ``[B, L, *E]`` mp_0..mp_{L-1}.
         sigma: ``[B, L]``, ``[L]`` or scalar step std, > 0.
         uniforms: ``[B, L]`` in [0, 1).
-        num_steps: optional ``[B]`` integer in 1..L; steps beyond are ignored (end of schedule).
-            Checked on CPU; on other devices out-of-range values are clamped into 1..L.
+        lengths: optional ``[B]`` integer in 1..L, each chain's window length; steps beyond are
+            ignored (end of schedule). Checked on CPU; on other devices out-of-range values are
+            clamped into 1..L.
         backend: ``"reference"``, ``"cpp"``, ``"triton"`` or None (by device).
 
     Returns:
@@ -152,10 +155,10 @@ def speculative_verify(draft_states: Tensor, draft_means: Tensor, target_means: 
     B, L = draft_states.shape[:2]
     _checks.check_sigma(op, sigma, B, L, draft_states)
     _checks.check_uniforms(op, uniforms, B, L, draft_states)
-    _checks.check_num_steps(op, num_steps, B, L, draft_states)
+    _checks.check_lengths(op, lengths, B, L, draft_states)
     impl = get_backend(backend, draft_states.device)
-    return VerifyResult(*impl.ops["speculative_verify"](draft_states, draft_means, target_means, sigma,
-                                                 uniforms, num_steps))
+    return VerifyResult(*impl.ops["speculative_verify"](draft_states, draft_means, target_means,
+                                                        sigma, uniforms, lengths))
 
 
 # ---------------------------------------------------------------- fake (meta) kernels
@@ -165,7 +168,7 @@ def fake_gaussian_log_ratio(draft_states, draft_means, target_means, sigma, stra
     return draft_states.new_empty(draft_states.shape[:2], dtype=torch.float32)
 
 
-def fake_first_rejection(log_ratio, uniforms, num_steps=None):
+def fake_first_rejection(log_ratio, uniforms, lengths=None):
     return log_ratio.new_empty(log_ratio.shape[:1], dtype=torch.int64)
 
 
@@ -174,7 +177,7 @@ def fake_reflect_resample(draft_state, draft_mean, target_mean, strategy="auto")
 
 
 def fake_speculative_verify(draft_states, draft_means, target_means, sigma, uniforms,
-                            num_steps=None, strategy="auto"):
+                            lengths=None, strategy="auto"):
     B, L = draft_states.shape[:2]
     return (draft_states.new_empty((B,), dtype=torch.int64),
             draft_states.new_empty((B, *draft_states.shape[2:])),

@@ -39,21 +39,21 @@ def gaussian_log_ratio(draft_states: Tensor, draft_means: Tensor, target_means: 
     return _log_ratio_acc(draft_states, draft_means, target_means, sigma).to(torch.float32)
 
 
-def first_rejection(log_ratio: Tensor, uniforms: Tensor, num_steps: Tensor | None = None) -> Tensor:
-    """Index of the first rejected step per chain ([B] int64), or ``num_steps`` (default L).
+def first_rejection(log_ratio: Tensor, uniforms: Tensor, lengths: Tensor | None = None) -> Tensor:
+    """Index of the first rejected step per chain ([B] int64), or ``lengths`` (default L).
 
     Step j is accepted iff log(u_j) <= log_ratio_j and log_ratio_j is finite; u = 0 always
-    accepts a finite ratio. Steps at or beyond ``num_steps`` are ignored.
+    accepts a finite ratio. Steps at or beyond ``lengths`` are ignored.
     """
     B, L = log_ratio.shape
     cmp = acc_dtype(log_ratio.dtype)
     lr = log_ratio.to(cmp)
     accept = torch.isfinite(lr) & (torch.log(uniforms.to(cmp)) <= lr)
     steps = torch.arange(L, device=log_ratio.device)
-    if num_steps is None:
+    if lengths is None:
         n = torch.full((B,), L, dtype=torch.int64, device=log_ratio.device)
     else:
-        n = num_steps.to(torch.int64)
+        n = lengths.to(torch.int64)
     reject = (~accept) & (steps[None, :] < n[:, None])
     # first True index, or L when none: argmax over a padded column that is always True
     padded = torch.cat([reject, torch.ones(B, 1, dtype=torch.bool, device=reject.device)], dim=1)
@@ -83,14 +83,14 @@ def reflect_resample(draft_state: Tensor, draft_mean: Tensor, target_mean: Tenso
 
 
 def speculative_verify(draft_states: Tensor, draft_means: Tensor, target_means: Tensor,
-                       sigma: Tensor, uniforms: Tensor, num_steps: Tensor | None = None
+                       sigma: Tensor, uniforms: Tensor, lengths: Tensor | None = None
                        ) -> tuple[Tensor, Tensor, Tensor]:
     """Fused verify = first_rejection(gaussian_log_ratio) + reflect_resample at that step."""
     B, L = draft_states.shape[:2]
     lr_acc = _log_ratio_acc(draft_states, draft_means, target_means, sigma)
-    num_accepted = first_rejection(lr_acc, uniforms, num_steps)
+    num_accepted = first_rejection(lr_acc, uniforms, lengths)
     n = (torch.full((B,), L, dtype=torch.int64, device=draft_states.device)
-         if num_steps is None else num_steps.to(torch.int64))
+         if lengths is None else lengths.to(torch.int64))
     rejected = num_accepted < n
     # gather the step that decides the state: the rejected one, else the last accepted (n-1)
     j = torch.where(rejected, num_accepted, n - 1).clamp(0, L - 1)

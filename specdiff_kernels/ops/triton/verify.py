@@ -32,7 +32,7 @@ and the uniforms are read from tensors in-kernel), so there is nothing to pin to
 
 Semantics match :mod:`specdiff_kernels.ops.reference.verify`: step j is accepted iff its log ratio
 is finite and ``log(u_j) <= log_ratio_j`` (compared in the accumulation dtype); ``b = 0`` gives the reflection
-coefficient 1; steps at or beyond ``num_steps`` (clamped into 1..L in-kernel, no host sync) are
+coefficient 1; steps at or beyond ``lengths`` (clamped into 1..L in-kernel, no host sync) are
 ignored; ``next_state`` is written in the input dtype; ``log_ratio`` is float32 for all L steps.
 
 Ops: ``specdiff::triton_gaussian_log_ratio``, ``triton_first_rejection``,
@@ -41,7 +41,7 @@ Ops: ``specdiff::triton_gaussian_log_ratio``, ``triton_first_rejection``,
 launch strategy. How they are defined in each mode: :mod:`._launch`. The CUDA kernels of the
 C++-defined ``specdiff::gaussian_log_ratio`` / ``first_rejection`` / ``reflect_resample`` /
 ``speculative_verify`` call them, so ``torch.ops.specdiff.speculative_verify`` on CUDA tensors runs
-Triton. Nothing synchronises with the host (num_steps is clamped in-kernel), so the ops are
+Triton. Nothing synchronises with the host (lengths are clamped in-kernel), so the ops are
 CUDA-graph capturable once autotuning has run (warm up first).
 """
 from __future__ import annotations
@@ -83,7 +83,7 @@ MODE_VERIFY = 2     # speculative_verify: log ratios, first rejection, next stat
 
 # ---------------------------------------------------------------- device helpers
 @triton.jit
-def _load_num_steps(n_ptr, c, L, HAS_N: tl.constexpr):
+def _load_lengths(n_ptr, c, L, HAS_N: tl.constexpr):
     if HAS_N:
         n = tl.load(n_ptr + c).to(tl.int32)
         n = tl.minimum(tl.maximum(n, 1), L)
@@ -142,7 +142,7 @@ def _per_chain_raw(y_ptr, mq_ptr, mp_ptr, sig_ptr, u_ptr, n_ptr,  # inputs
     acc_t: tl.constexpr = tl.float64 if ACC_FP64 else tl.float32
     c = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_D)
-    n = _load_num_steps(n_ptr, c, L, HAS_N)
+    n = _load_lengths(n_ptr, c, L, HAS_N)
     first = n
     coef = tl.full((), 1.0, acc_t)
     for j in range(0, L):
@@ -219,7 +219,7 @@ def _split_finalize_raw(y_ptr, mq_ptr, mp_ptr, part_ptr, sig_ptr, u_ptr, n_ptr,
         nob = tl.cdiv(D, BLOCK_D)
         c = pid // nob
         ob = pid % nob
-    n = _load_num_steps(n_ptr, c, L, HAS_N)
+    n = _load_lengths(n_ptr, c, L, HAS_N)
     first = n
     coef = tl.full((), 1.0, acc_t)
     kk = tl.arange(0, BLOCK_NB)
@@ -395,14 +395,14 @@ def _sigma_strides(sigma: Tensor, B: int, L: int) -> tuple[int, int]:
 
 
 def _window_launch(mode: int, y: Tensor, mq: Tensor, mp: Tensor, sigma: Tensor, uniforms: Tensor,
-                   num_steps: Optional[Tensor], nacc: Tensor, out: Tensor, lr: Tensor,
+                   lengths: Optional[Tensor], nacc: Tensor, out: Tensor, lr: Tensor,
                    strategy: Optional[str]) -> None:
     """Launch the window kernels of ``mode`` on contiguous [B, L, *E] inputs (B >= 1)."""
     B, L = y.shape[0], y.shape[1]
     D = y.numel() // (B * L)
     sig_sb, sig_sl = (0, 0) if mode == MODE_REFLECT else _sigma_strides(sigma, B, L)
-    has_n = num_steps is not None
-    n_arg = num_steps if has_n else y  # dummy pointer, never read without HAS_N
+    has_n = lengths is not None
+    n_arg = lengths if has_n else y  # dummy pointer, never read without HAS_N
     acc = acc_dtype(y.dtype)
     acc64 = acc == torch.float64
     strat = _resolve_strategy(strategy, B, L, D, y.element_size(), y.device)
@@ -433,7 +433,7 @@ def _window_launch(mode: int, y: Tensor, mq: Tensor, mp: Tensor, sigma: Tensor, 
 
 
 def speculative_verify(draft_states: Tensor, draft_means: Tensor, target_means: Tensor,
-                       sigma: Tensor, uniforms: Tensor, num_steps: Optional[Tensor] = None,
+                       sigma: Tensor, uniforms: Tensor, lengths: Optional[Tensor] = None,
                        strategy: str = "auto") -> tuple[Tensor, Tensor, Tensor]:
     """Fused verify (docs/design.md §4) -> (num_accepted [B] int64, next_state [B, *E], log_ratio [B, L] fp32).
 
@@ -449,7 +449,7 @@ def speculative_verify(draft_states: Tensor, draft_means: Tensor, target_means: 
     if B > 0:
         with quiet():
             _window_launch(MODE_VERIFY, y, mq, mp, sigma, contig(uniforms),
-                           None if num_steps is None else contig(num_steps), nacc, out, lr,
+                           None if lengths is None else contig(lengths), nacc, out, lr,
                            strategy)
     return nacc, out, lr
 
@@ -486,15 +486,15 @@ def reflect_resample(draft_state: Tensor, draft_mean: Tensor, target_mean: Tenso
     return out
 
 
-def first_rejection(log_ratio: Tensor, uniforms: Tensor, num_steps: Optional[Tensor] = None
+def first_rejection(log_ratio: Tensor, uniforms: Tensor, lengths: Optional[Tensor] = None
                     ) -> Tensor:
-    """[B] int64 index of the first rejected step, or num_steps (default L) when all are accepted."""
+    """[B] int64 index of the first rejected step, or the chain's length (default L) if none is."""
     B, L = log_ratio.shape
     out = torch.empty((B,), device=log_ratio.device, dtype=torch.int64)
     if B == 0:
         return out
-    has_n = num_steps is not None
-    n_arg = contig(num_steps) if has_n else out
+    has_n = lengths is not None
+    n_arg = contig(lengths) if has_n else out
     block_l = min(next_pow2(L), 32)
     grid = (triton.cdiv(B, _FIRST_REJ_BLOCK_B),)
     k = launchable(_first_rejection_raw)
@@ -521,9 +521,9 @@ triton_first_rejection = define("specdiff::triton_first_rejection", first_reject
 # ---------------------------------------------------------------- forwarding to the Triton ops
 # (the CUDA kernels of specdiff::* and the "triton" backend entry)
 def _fwd_speculative_verify(draft_states, draft_means, target_means, sigma, uniforms,
-                            num_steps=None):
+                            lengths=None):
     return torch.ops.specdiff.triton_speculative_verify(draft_states, draft_means, target_means,
-                                                        sigma, uniforms, num_steps)
+                                                        sigma, uniforms, lengths)
 
 
 def _fwd_gaussian_log_ratio(draft_states, draft_means, target_means, sigma):
@@ -535,8 +535,8 @@ def _fwd_reflect_resample(draft_state, draft_mean, target_mean):
     return torch.ops.specdiff.triton_reflect_resample(draft_state, draft_mean, target_mean)
 
 
-def _fwd_first_rejection(log_ratio, uniforms, num_steps=None):
-    return torch.ops.specdiff.triton_first_rejection(log_ratio, uniforms, num_steps)
+def _fwd_first_rejection(log_ratio, uniforms, lengths=None):
+    return torch.ops.specdiff.triton_first_rejection(log_ratio, uniforms, lengths)
 
 
 _FORWARD = {"gaussian_log_ratio": _fwd_gaussian_log_ratio, "first_rejection": _fwd_first_rejection,
