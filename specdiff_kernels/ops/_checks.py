@@ -52,26 +52,47 @@ def as_sigma(sigma: Tensor | float, like: Tensor) -> Tensor:
     return sigma
 
 
-def check_window(op: str, draft_states: Tensor, draft_means: Tensor, target_means: Tensor) -> None:
-    for x, name in ((draft_states, "draft_states"), (draft_means, "draft_means"),
-                    (target_means, "target_means")):
+def _matching_floats(op: str, names: tuple[str, ...], tensors: tuple, min_dim: int,
+                     shape: str) -> None:
+    """Floating tensors of one shape, dtype and device as the first, of rank >= ``min_dim``."""
+    for x, name in zip(tensors, names):
         _need_tensor(x, op, name)
         _need_float(x, op, name)
-    if draft_states.dim() < 3:
-        raise ValueError(f"{op}: draft_states must have shape [B, L, *E] with at least one event "
-                         f"dim, got {tuple(draft_states.shape)}")
-    for x, name in ((draft_means, "draft_means"), (target_means, "target_means")):
-        if x.shape != draft_states.shape:
-            raise ValueError(f"{op}: {name} shape {tuple(x.shape)} must equal draft_states shape "
-                             f"{tuple(draft_states.shape)}")
-        if x.dtype != draft_states.dtype:
-            raise ValueError(f"{op}: {name} dtype {x.dtype} must equal draft_states dtype "
-                             f"{draft_states.dtype}")
-        _same_device(x, draft_states, op, name, "draft_states")
+    first, first_name = tensors[0], names[0]
+    if first.dim() < min_dim:
+        raise ValueError(f"{op}: {first_name} must have shape {shape}, got {tuple(first.shape)}")
+    for x, name in zip(tensors[1:], names[1:]):
+        if x.shape != first.shape:
+            raise ValueError(f"{op}: {name} shape {tuple(x.shape)} must equal {first_name} shape "
+                             f"{tuple(first.shape)}")
+        if x.dtype != first.dtype:
+            raise ValueError(f"{op}: {name} dtype {x.dtype} must equal {first_name} dtype "
+                             f"{first.dtype}")
+        _same_device(x, first, op, name, first_name)
+
+
+def _nonempty_events(op: str, x: Tensor, first_event_dim: int) -> None:
+    if any(s == 0 for s in x.shape[first_event_dim:]):
+        raise ValueError(f"{op}: event shape {tuple(x.shape[first_event_dim:])} has no elements")
+
+
+def check_window(op: str, draft_states: Tensor, draft_means: Tensor, target_means: Tensor) -> None:
+    _matching_floats(op, ("draft_states", "draft_means", "target_means"),
+                     (draft_states, draft_means, target_means), 3,
+                     "[B, L, *E] with at least one event dim")
     if draft_states.shape[1] == 0:
         raise ValueError(f"{op}: window length L = draft_states.shape[1] must be >= 1, got 0")
-    if any(s == 0 for s in draft_states.shape[2:]):
-        raise ValueError(f"{op}: event shape {tuple(draft_states.shape[2:])} has no elements")
+    _nonempty_events(op, draft_states, 2)
+
+
+def check_window_sigma(op: str, draft_states: Tensor, draft_means: Tensor, target_means: Tensor,
+                       sigma: Tensor | float) -> Tensor:
+    """The window and its step std; returns sigma as a tensor."""
+    check_window(op, draft_states, draft_means, target_means)
+    sigma = as_sigma(sigma, draft_states)
+    B, L = draft_states.shape[:2]
+    check_sigma(op, sigma, B, L, draft_states)
+    return sigma
 
 
 def check_sigma(op: str, sigma: Tensor, batch: int, window: int, like: Tensor) -> None:
@@ -135,23 +156,9 @@ def check_log_ratio(op: str, log_ratio: Tensor) -> None:
 
 def check_state_triplet(op: str, draft_state: Tensor, draft_mean: Tensor,
                         target_mean: Tensor) -> None:
-    for x, name in ((draft_state, "draft_state"), (draft_mean, "draft_mean"),
-                    (target_mean, "target_mean")):
-        _need_tensor(x, op, name)
-        _need_float(x, op, name)
-    if draft_state.dim() < 2:
-        raise ValueError(f"{op}: draft_state must have shape [B, *E], got "
-                         f"{tuple(draft_state.shape)}")
-    for x, name in ((draft_mean, "draft_mean"), (target_mean, "target_mean")):
-        if x.shape != draft_state.shape:
-            raise ValueError(f"{op}: {name} shape {tuple(x.shape)} must equal draft_state shape "
-                             f"{tuple(draft_state.shape)}")
-        if x.dtype != draft_state.dtype:
-            raise ValueError(f"{op}: {name} dtype {x.dtype} must equal draft_state dtype "
-                             f"{draft_state.dtype}")
-        _same_device(x, draft_state, op, name, "draft_state")
-    if any(s == 0 for s in draft_state.shape[1:]):
-        raise ValueError(f"{op}: event shape {tuple(draft_state.shape[1:])} has no elements")
+    _matching_floats(op, ("draft_state", "draft_mean", "target_mean"),
+                     (draft_state, draft_mean, target_mean), 2, "[B, *E]")
+    _nonempty_events(op, draft_state, 1)
 
 
 def check_strategy(strategy: str | None, strategies: tuple[str, ...]) -> None:

@@ -77,11 +77,8 @@ def gaussian_log_ratio(draft_states: Tensor, draft_means: Tensor, target_means: 
         ``[B, L]`` float32: ``(<d, r> - ||d||^2 / 2) / sigma^2`` with d = mp - mq, r = y - mq,
         summed over all event dims (accumulated in fp32, fp64 for fp64 inputs).
     """
-    op = "gaussian_log_ratio"
-    _checks.check_window(op, draft_states, draft_means, target_means)
-    sigma = _checks.as_sigma(sigma, draft_states)
-    B, L = draft_states.shape[:2]
-    _checks.check_sigma(op, sigma, B, L, draft_states)
+    sigma = _checks.check_window_sigma("gaussian_log_ratio", draft_states, draft_means,
+                                       target_means, sigma)
     impl = get_backend(backend, draft_states.device)
     return impl.ops["gaussian_log_ratio"](draft_states, draft_means, target_means, sigma)
 
@@ -150,10 +147,8 @@ def speculative_verify(draft_states: Tensor, draft_means: Tensor, target_means: 
         log_ratio [B, L] float32)``.
     """
     op = "speculative_verify"
-    _checks.check_window(op, draft_states, draft_means, target_means)
-    sigma = _checks.as_sigma(sigma, draft_states)
+    sigma = _checks.check_window_sigma(op, draft_states, draft_means, target_means, sigma)
     B, L = draft_states.shape[:2]
-    _checks.check_sigma(op, sigma, B, L, draft_states)
     _checks.check_uniforms(op, uniforms, B, L, draft_states)
     _checks.check_lengths(op, lengths, B, L, draft_states)
     impl = get_backend(backend, draft_states.device)
