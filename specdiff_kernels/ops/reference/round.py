@@ -1,6 +1,6 @@
-"""Plain PyTorch reference of the round ops (docs/design.md §6): counter-based noise, the frozen-draft
-rollout and the frozen verify. Every other backend (C++, Triton) is tested against this module,
-evaluated in float64. Written for clarity; it runs on any device.
+"""Plain PyTorch reference of the round ops (docs/design.md §6): counter-based noise, the
+frozen-draft rollout and the frozen verify. Every other backend (C++, Triton) is tested against
+this module, evaluated in float64. Written for clarity; it runs on any device.
 
 Counter-based noise
 -------------------
@@ -128,7 +128,8 @@ def normal_noise(seed: Tensor, chain_ids: Tensor, steps: Tensor, D: int,
     Q = -(-D // 4)
     i = torch.arange(Q, device=chain_ids.device, dtype=torch.int64)[None, :]
     zero = torch.zeros_like(i)
-    x0, x1, x2, x3 = (w.expand(-1, Q) for w in philox4x32(i, c1[:, None], c2[:, None], zero, k0, k1))
+    words = philox4x32(i, c1[:, None], c2[:, None], zero, k0, k1)
+    x0, x1, x2, x3 = (w.expand(-1, Q) for w in words)
     n0, n1 = box_muller(x0, x1, dtype)
     n2, n3 = box_muller(x2, x3, dtype)
     return torch.cat([n0, n1, n2, n3], dim=1)[:, :D]
@@ -150,7 +151,8 @@ def chain_noise(seed: Tensor, chain_ids: Tensor, steps: Tensor, window: int, eve
     j = torch.arange(window, device=chain_ids.device, dtype=torch.int64)
     k = (steps.to(torch.int64)[:, None] + j[None, :]).reshape(-1)
     c = chain_ids.to(torch.int64)[:, None].expand(B, window).reshape(-1)
-    xi = normal_noise(seed, c, k, event_numel, acc_dtype(dtype)).to(dtype).reshape(B, window, event_numel)
+    xi = normal_noise(seed, c, k, event_numel, acc_dtype(dtype)).to(dtype)
+    xi = xi.reshape(B, window, event_numel)
     u = uniform_noise(seed, c, k).reshape(B, window)
     return xi, u
 
@@ -256,7 +258,8 @@ def verify_frozen(states: Tensor, x0_hat: Tensor, frozen: Tensor, steps: Tensor,
     pos = torch.arange(L, device=states.device)
     accept = torch.isfinite(lr) & (torch.log(u.to(acc)) <= lr)
     reject = (~accept) & (pos[None] < n[:, None])
-    first = torch.where(reject, pos[None].expand(B, L), torch.full_like(reject, L, dtype=torch.int64))
+    first = torch.where(reject, pos[None].expand(B, L),
+                        torch.full_like(reject, L, dtype=torch.int64))
     first = torch.minimum(first.min(1).values, n)
     rejected = first < n
 

@@ -196,7 +196,8 @@ def _draft_coefs(coef_ptr, kc, N, ACC_FP64: tl.constexpr):
     """The table rows a drafted step reads at column kc: A, E, G, std, X0_Y, X0_F."""
     return (_coef(coef_ptr, _ROW_A, kc, N, ACC_FP64), _coef(coef_ptr, _ROW_E, kc, N, ACC_FP64),
             _coef(coef_ptr, _ROW_G, kc, N, ACC_FP64), _coef(coef_ptr, _ROW_STD, kc, N, ACC_FP64),
-            _coef(coef_ptr, _ROW_X0_Y, kc, N, ACC_FP64), _coef(coef_ptr, _ROW_X0_F, kc, N, ACC_FP64))
+            _coef(coef_ptr, _ROW_X0_Y, kc, N, ACC_FP64),
+            _coef(coef_ptr, _ROW_X0_F, kc, N, ACC_FP64))
 
 
 @triton.jit
@@ -584,7 +585,8 @@ def frozen_draft(root: Tensor, frozen: Tensor, steps: Tensor, lengths: Tensor, c
             _launch_kernel(_frozen_draft_kernel, block, grid,
                     contig(root), contig(frozen), contig(steps), contig(lengths),
                     contig(coef), seed, contig(chain_ids), y, window, coef.shape[1], D, Q,
-                    **_clip_args(clip), FREEZE=int(freeze), ACC_FP64=acc_dtype(root.dtype) == torch.float64)
+                    **_clip_args(clip), FREEZE=int(freeze),
+                    ACC_FP64=acc_dtype(root.dtype) == torch.float64)
     return y
 
 

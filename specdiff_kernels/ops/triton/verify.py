@@ -19,8 +19,8 @@ scans for the first rejection and writes the reflected state (or y_n). Two launc
 :func:`choose_strategy` is the plain Python rule between them (no ``triton.heuristics``: it breaks
 under ``torch.compile``). Launchers take an explicit ``strategy`` so tests can force either.
 
-Compiled (GPU) kernels are ``triton.autotune``-d over block size, warps and pipeline stages, keyed on
-the sizes that matter (``SPECDIFF_TRITON_AUTOTUNE=0`` uses one default config instead: no
+Compiled (GPU) kernels are ``triton.autotune``-d over block size, warps and pipeline stages, keyed
+on the sizes that matter (``SPECDIFF_TRITON_AUTOTUNE=0`` uses one default config instead: no
 benchmarking at first launch; the GPU tests use it and check every config explicitly). Under
 ``TRITON_INTERPRET=1`` (CPU tensors) autotuning is pointless, so a fixed small block is used and
 kernels are launched directly (``torch.library.wrap_triton`` refuses interpreted kernels). Kernel
@@ -31,9 +31,10 @@ row starts be proven aligned and loads vectorised. The kernels take no float sca
 and the uniforms are read from tensors in-kernel), so there is nothing to pin to fp32.
 
 Semantics match :mod:`specdiff_kernels.ops.reference.verify`: step j is accepted iff its log ratio
-is finite and ``log(u_j) <= log_ratio_j`` (compared in the accumulation dtype); ``b = 0`` gives the reflection
-coefficient 1; steps at or beyond ``lengths`` (clamped into 1..L in-kernel, no host sync) are
-ignored; ``next_state`` is written in the input dtype; ``log_ratio`` is float32 for all L steps.
+is finite and ``log(u_j) <= log_ratio_j`` (compared in the accumulation dtype); ``b = 0`` gives
+the reflection coefficient 1; steps at or beyond ``lengths`` (clamped into 1..L in-kernel, no host
+sync) are ignored; ``next_state`` is written in the input dtype; ``log_ratio`` is float32 for all L
+steps.
 
 Ops: ``specdiff::triton_gaussian_log_ratio``, ``triton_first_rejection``,
 ``triton_reflect_resample`` and ``triton_speculative_verify`` run the launchers below; all but
@@ -179,7 +180,8 @@ def _per_chain_raw(y_ptr, mq_ptr, mp_ptr, sig_ptr, u_ptr, n_ptr,  # inputs
 def _split_partials_raw(y_ptr, mq_ptr, mp_ptr, part_ptr, D, CHUNK, NB,
                         ACC_FP64: tl.constexpr, BLOCK_D: tl.constexpr, NUM_STAGES: tl.constexpr):
     """Program (row = c*L + j, chunk k): partial a, b over elements [k*CHUNK, (k+1)*CHUNK) of the
-    row, stored at part[row*NB + k] = (a, b). CHUNK is a power of two (a BLOCK_D above it is masked)."""
+    row, stored at part[row*NB + k] = (a, b). CHUNK is a power of two (a BLOCK_D above it is
+    masked)."""
     acc_t: tl.constexpr = tl.float64 if ACC_FP64 else tl.float32
     pid = tl.program_id(0).to(tl.int64)
     row = pid // NB
@@ -272,7 +274,8 @@ def _first_rejection_raw(lr_ptr, u_ptr, n_ptr, out_ptr, B, L, lr_sb, lr_sl, u_sb
 
 
 # ---------------------------------------------------------------- autotuning / fixed configs
-# Under the interpreter: small fixed blocks (every path, multi-block included, runs on small shapes).
+# Under the interpreter: small fixed blocks (every path, multi-block included, runs on small
+# shapes).
 _INTERP_BLOCK_D = 128
 # Split chunk bounds (elements of one (chain, step) row per partial-sum program; a power of two, so
 # a whole number of blocks for every BLOCK_D config up to it; larger blocks are simply masked).
@@ -296,7 +299,8 @@ _FINALIZE_CONFIGS = [triton.Config({"BLOCK_D": bd}, num_warps=w, num_stages=1)
 # first launch of each size, so start-up is fast and the choice is deterministic (tests use it).
 DEFAULT_STREAM_CONFIG = triton.Config({"BLOCK_D": 2048, "NUM_STAGES": 1}, num_warps=8, num_stages=1)
 DEFAULT_FINALIZE_CONFIG = triton.Config({"BLOCK_D": 1024}, num_warps=4, num_stages=1)
-AUTOTUNE = os.environ.get("SPECDIFF_TRITON_AUTOTUNE", "1").strip().lower() not in ("0", "false", "off")
+AUTOTUNE = (os.environ.get("SPECDIFF_TRITON_AUTOTUNE", "1").strip().lower()
+            not in ("0", "false", "off"))
 
 
 def _autotune_bench(kernel_call, quantiles):
@@ -390,7 +394,8 @@ def _resolve_strategy(strategy: Optional[str], B: int, L: int, D: int, elt: int,
 
 # ---------------------------------------------------------------- launchers
 def _sigma_strides(sigma: Tensor, B: int, L: int) -> tuple[int, int]:
-    """Strides of sigma broadcast to [B, L] (0 along broadcast dims); the data pointer is sigma's."""
+    """Strides of sigma broadcast to [B, L] (0 along broadcast dims); the data pointer is
+    sigma's."""
     return tuple(sigma.expand(B, L).stride())  # type: ignore[return-value]
 
 
@@ -435,10 +440,12 @@ def _window_launch(mode: int, y: Tensor, mq: Tensor, mp: Tensor, sigma: Tensor, 
 def speculative_verify(draft_states: Tensor, draft_means: Tensor, target_means: Tensor,
                        sigma: Tensor, uniforms: Tensor, lengths: Optional[Tensor] = None,
                        strategy: str = "auto") -> tuple[Tensor, Tensor, Tensor]:
-    """Fused verify (docs/design.md §4) -> (num_accepted [B] int64, next_state [B, *E], log_ratio [B, L] fp32).
+    """Fused verify (docs/design.md §4) -> (num_accepted [B] int64, next_state [B, *E],
+    log_ratio [B, L] fp32).
 
     Arguments are assumed validated (``specdiff_kernels.ops._checks``); sigma is any shape that
-    broadcasts to [B, L]. ``strategy``: "per_chain", "split", or None/"auto" (:func:`choose_strategy`).
+    broadcasts to [B, L]. ``strategy``: "per_chain", "split", or None/"auto"
+    (:func:`choose_strategy`).
     """
     check_strategy(strategy, STRATEGIES)
     y, mq, mp = contig(draft_states), contig(draft_means), contig(target_means)
@@ -471,7 +478,8 @@ def gaussian_log_ratio(draft_states: Tensor, draft_means: Tensor, target_means: 
 
 def reflect_resample(draft_state: Tensor, draft_mean: Tensor, target_mean: Tensor,
                      strategy: str = "auto") -> Tensor:
-    """Reflection-coupling resample y + (1 - 2<d, y - mq>/||d||^2) d of [B, *E] states (input dtype)."""
+    """Reflection-coupling resample y + (1 - 2<d, y - mq>/||d||^2) d of [B, *E] states (input
+    dtype)."""
     check_strategy(strategy, STRATEGIES)
     y, mq, mp = contig(draft_state), contig(draft_mean), contig(target_mean)
     B = y.shape[0]
@@ -539,8 +547,10 @@ def _fwd_first_rejection(log_ratio, uniforms, lengths=None):
     return torch.ops.specdiff.triton_first_rejection(log_ratio, uniforms, lengths)
 
 
-_FORWARD = {"gaussian_log_ratio": _fwd_gaussian_log_ratio, "first_rejection": _fwd_first_rejection,
-            "reflect_resample": _fwd_reflect_resample, "speculative_verify": _fwd_speculative_verify}
+_FORWARD = {"gaussian_log_ratio": _fwd_gaussian_log_ratio,
+            "first_rejection": _fwd_first_rejection,
+            "reflect_resample": _fwd_reflect_resample,
+            "speculative_verify": _fwd_speculative_verify}
 # the schemas come from the C++ extension (csrc/registration.cpp)
 _CUDA_LIB = register_cuda(_FORWARD) if ops.HAS_CPP else None
 # the same forwarding functions serve the backend entry (any device the kernels run on)
