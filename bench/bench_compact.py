@@ -16,7 +16,7 @@ import torch
 
 from specdiff_kernels import models
 from specdiff_kernels.ops import round as round_ops
-from specdiff_kernels.ops.reference import round as rr
+from specdiff_kernels.ops.layout import STAT_LIVE
 from specdiff_kernels.sampling.static_round import StaticRound
 
 
@@ -30,7 +30,7 @@ def run_static(m, T, B: int, L: int, compact: bool, seed: int = 0) -> tuple[floa
         rnd = StaticRound(m.target, T, L, "x0", round_ops.seed_tensor(seed), ids, dtype=x.dtype,
                           compact=compact)
         s = rnd.start(x)
-        while int(s.stats[rr.STAT_LIVE]) > 0:
+        while int(s.stats[STAT_LIVE]) > 0:
             s = rnd.step(s)
     return time.perf_counter() - t0, rnd.target_evals
 

@@ -576,7 +576,7 @@ def test_compact_static_round_equals_the_full_round(freeze, dtype):
     values, exact roots and counters; the compact one evaluates fewer states. Exact roots are
     reached (their position 0 then comes from the frozen value: x0, or x0 from eps)."""
     from specdiff_kernels.ops import round as round_ops
-    from specdiff_kernels.ops.reference import round as rr
+    from specdiff_kernels.ops.layout import STAT_LIVE
     from specdiff_kernels.sampling.static_round import StaticRound
     model, T = setup(steps=40)
     B, L = 6, 4
@@ -588,7 +588,7 @@ def test_compact_static_round_equals_the_full_round(freeze, dtype):
     s = {c: r.start(x) for c, r in rounds.items()}
     seen_exact = 0
     tol = 1e-12 if dtype == torch.float64 else 1e-5
-    while int(s[False].stats[rr.STAT_LIVE]) > 0:
+    while int(s[False].stats[STAT_LIVE]) > 0:
         seen_exact += int(s[True].exact.sum())
         s = {c: rounds[c].step(s[c]) for c in s}
         full, compact = s[False], s[True]

@@ -59,6 +59,7 @@ WRONG = {"always_accept": verify_always_accept, "keep_draft": verify_keep_draft_
 # these WRONG variants replace that method (tests patch it with monkeypatch).
 def _mean_gap_and_step(rnd, Y, P, frozen, k, j):
     """m_p, the draft step's r = s xi and the mean gap d at window position j (float64)."""
+    from specdiff_kernels.ops.layout import ROW_STD
     from specdiff_kernels.ops.reference import round as rr
     B = Y.shape[0]
     idx = torch.arange(B, device=Y.device)
@@ -70,8 +71,8 @@ def _mean_gap_and_step(rnd, Y, P, frozen, k, j):
     pq = rr.draft_x0(c, yj, f, rnd.freeze)
     mp = rr.affine_mean(c, pj, yj, rnd.clip)
     mq = rr.affine_mean(c, pq, yj, rnd.clip)
-    r = c[rr.ROW_STD] * rr.normal_noise(rnd.seed, rnd.ids, k + j, D, torch.float64)
-    return mp, mq, r, c[rr.ROW_STD]
+    r = c[ROW_STD] * rr.normal_noise(rnd.seed, rnd.ids, k + j, D, torch.float64)
+    return mp, mq, r, c[ROW_STD]
 
 
 def static_wrong_verify(kind: str, seed: int = 0):
