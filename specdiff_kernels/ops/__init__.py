@@ -4,7 +4,12 @@
   ``first_rejection``, ``reflect_resample``) on explicit draft and target means;
 * :mod:`.round`: the round family (``chain_noise``, ``frozen_draft``, ``verify_frozen``,
   ``round_stats``): counter-based noise and the fused frozen-draft round;
-* :mod:`.reference`: the PyTorch oracles of both families; :mod:`.triton`: their Triton kernels.
+* :mod:`.reference`: the PyTorch oracles of both families; :mod:`.triton`: their Triton kernels,
+  launchers and ops (shared launch helpers in :mod:`.triton._launch`);
+* :mod:`.layout`: the constants and layouts every backend shares (table rows, freeze modes, the
+  noise counters, the stats vector) and the accumulation-dtype rule;
+* :mod:`.backends`: the one backend registry of both families; :mod:`._checks`: every op's
+  argument checks.
 
 Backends: ``reference`` (PyTorch), ``cpp`` (C++ CPU kernels), ``triton`` (GPU, or CPU tensors under
 ``TRITON_INTERPRET=1``); by default the backend follows the device. This layer imports nothing from
