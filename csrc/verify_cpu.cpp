@@ -119,19 +119,19 @@ at::Tensor canonical_uniforms(const char* op, const at::Tensor& u, int64_t B, in
   return ud;
 }
 
-// num_steps as [B] int64 with values in 1..L (default: all L).
-std::vector<int64_t> canonical_num_steps(const char* op, const c10::optional<at::Tensor>& num_steps,
+// lengths as [B] int64 with values in 1..L (default: all L).
+std::vector<int64_t> canonical_lengths(const char* op, const c10::optional<at::Tensor>& lengths,
                                          int64_t B, int64_t L) {
-  if (!num_steps.has_value()) return std::vector<int64_t>(B, L);
-  const at::Tensor& t = *num_steps;
-  check_cpu(t, op, "num_steps");
+  if (!lengths.has_value()) return std::vector<int64_t>(B, L);
+  const at::Tensor& t = *lengths;
+  check_cpu(t, op, "lengths");
   TORCH_CHECK(!at::isFloatingType(t.scalar_type()) && !at::isComplexType(t.scalar_type()) &&
                   t.scalar_type() != at::kBool,
-              op, ": num_steps must be an integer tensor, got ", t.scalar_type());
-  check_batch_vector(t, op, "num_steps", B);
+              op, ": lengths must be an integer tensor, got ", t.scalar_type());
+  check_batch_vector(t, op, "lengths", B);
   std::vector<int64_t> n = int64_values(t);
   for (int64_t b = 0; b < B; ++b) {
-    TORCH_CHECK(n[b] >= 1 && n[b] <= L, op, ": num_steps values must lie in 1..L = 1..", L,
+    TORCH_CHECK(n[b] >= 1 && n[b] <= L, op, ": lengths values must lie in 1..L = 1..", L,
                 ", got ", n[b], " for chain ", b);
   }
   return n;
@@ -192,7 +192,7 @@ at::Tensor gaussian_log_ratio_cpu(const at::Tensor& draft_states, const at::Tens
 }
 
 at::Tensor first_rejection_cpu(const at::Tensor& log_ratio, const at::Tensor& uniforms,
-                               const c10::optional<at::Tensor>& num_steps) {
+                               const c10::optional<at::Tensor>& lengths) {
   const char* op = "specdiff::first_rejection";
   check_cpu_float(log_ratio, op, "log_ratio");
   TORCH_CHECK(log_ratio.dim() == 2, op, ": log_ratio must have shape [B, L], got ",
@@ -200,7 +200,7 @@ at::Tensor first_rejection_cpu(const at::Tensor& log_ratio, const at::Tensor& un
   const int64_t B = log_ratio.size(0), L = log_ratio.size(1);
   TORCH_CHECK(L >= 1, op, ": window length L (log_ratio.shape[1]) must be >= 1");
   at::Tensor u = canonical_uniforms(op, uniforms, B, L);
-  std::vector<int64_t> n = canonical_num_steps(op, num_steps, B, L);
+  std::vector<int64_t> n = canonical_lengths(op, lengths, B, L);
   at::Tensor lr = log_ratio.to(at::kDouble).contiguous();
   at::Tensor out = at::empty({B}, log_ratio.options().dtype(at::kLong));
   const double* lp = lr.data_ptr<double>();
@@ -255,13 +255,13 @@ at::Tensor reflect_resample_cpu(const at::Tensor& draft_state, const at::Tensor&
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> speculative_verify_cpu(
     const at::Tensor& draft_states, const at::Tensor& draft_means, const at::Tensor& target_means,
-    const at::Tensor& sigma, const at::Tensor& uniforms, const c10::optional<at::Tensor>& num_steps) {
+    const at::Tensor& sigma, const at::Tensor& uniforms, const c10::optional<at::Tensor>& lengths) {
   const char* op = "specdiff::speculative_verify";
   const int64_t D = check_window(op, draft_states, draft_means, target_means);
   const int64_t B = draft_states.size(0), L = draft_states.size(1);
   at::Tensor s = canonical_sigma(op, sigma, B, L);
   at::Tensor u = canonical_uniforms(op, uniforms, B, L);
-  std::vector<int64_t> n = canonical_num_steps(op, num_steps, B, L);
+  std::vector<int64_t> n = canonical_lengths(op, lengths, B, L);
   at::Tensor y = draft_states.contiguous(), mq = draft_means.contiguous(),
              mp = target_means.contiguous();
 

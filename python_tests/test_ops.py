@@ -403,8 +403,8 @@ def test_unknown_backend_and_wrong_device():
     ("dtype", "must share a dtype"),
     ("sigma", "sigma must be finite and > 0"),
     ("uniforms", r"uniforms must lie in \[0, 1\)"),
-    ("num_steps", "num_steps values must lie in 1..L"),
-    ("num_steps_float", "num_steps must be an integer tensor"),
+    ("lengths", "lengths values must lie in 1..L"),
+    ("lengths_float", "lengths must be an integer tensor"),
 ])
 def test_cpp_op_checks_its_arguments(case, match):
     """torch.ops callers bypass the Python checks: the C++ kernel must still refuse bad input."""
@@ -420,9 +420,9 @@ def test_cpp_op_checks_its_arguments(case, match):
         sigma = -sigma
     elif case == "uniforms":
         u = u + 1.0
-    elif case == "num_steps":
+    elif case == "lengths":
         n = torch.tensor([2, 7])
-    elif case == "num_steps_float":
+    elif case == "lengths_float":
         n = torch.tensor([2.0, 1.0])
     with pytest.raises(RuntimeError, match=match):
         torch.ops.specdiff.speculative_verify(y, mq, mp, sigma, u, n)
