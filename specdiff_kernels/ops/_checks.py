@@ -186,7 +186,7 @@ def _window(op: str, window: int) -> None:
 def _seed(op: str, seed: Tensor, like: Tensor) -> None:
     if not isinstance(seed, Tensor):
         raise TypeError(f"{op}: seed must be an int64 tensor with one element "
-                        f"(round_ops.seed_tensor(int)), got {type(seed).__name__}")
+                        f"(ops.seed_tensor(int)), got {type(seed).__name__}")
     if seed.dtype != torch.int64 or seed.numel() != 1:
         raise ValueError(f"{op}: seed must be an int64 tensor with one element, got "
                          f"{seed.dtype} of shape {tuple(seed.shape)}")

@@ -8,7 +8,7 @@ body is the fake), opaque ``custom_op`` + fake under ``TRITON_INTERPRET=1`` (CPU
 
 Noise
 -----
-Philox4x32-10 (the rounds of ``tl.randint4x``; bit-identical to ``round_reference.philox4x32``)
+Philox4x32-10 (the rounds of ``tl.randint4x``; bit-identical to ``reference.round.philox4x32``)
 keyed by the int64 seed read in-kernel (k0 = low word, k1 = high word). A program owns a block of
 counters ``i`` of a D-vector in the quarter layout (Q = ceil(D/4), element ``lane * Q + i``): one
 Philox call per counter gives the four lanes (two Box-Muller pairs), stored / read as four
@@ -573,7 +573,7 @@ def chain_noise(seed: Tensor, chain_ids: Tensor, steps: Tensor, window: int, eve
 
 def frozen_draft(root: Tensor, frozen: Tensor, steps: Tensor, lengths: Tensor, coef: Tensor,
                  seed: Tensor, chain_ids: Tensor, window: int, freeze: int, clip: float) -> Tensor:
-    """Drafted states Y [B, window + 1, *E] (semantics: round_reference.frozen_draft)."""
+    """Drafted states Y [B, window + 1, *E] (semantics: reference.round.frozen_draft)."""
     B = root.shape[0]
     y = torch.empty((B, window + 1, *root.shape[1:]), device=root.device, dtype=root.dtype)
     if B > 0:
@@ -594,7 +594,7 @@ def verify_frozen(states: Tensor, x0_hat: Tensor, frozen: Tensor, steps: Tensor,
                   coef: Tensor, seed: Tensor, chain_ids: Tensor, freeze: int, clip: float
                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(num_accepted, committed, next_state, next_frozen, root_exact, log_ratio) (semantics:
-    round_reference.verify_frozen)."""
+    reference.round.verify_frozen)."""
     B, L1 = states.shape[:2]
     L = L1 - 1
     E = states.shape[2:]
