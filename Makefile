@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 CPP_SOURCES := $(wildcard csrc/*.cpp csrc/*.h) CMakeLists.txt setup.py
 
-.PHONY: all venv build demo test bench clean
+.PHONY: all venv build demo test test-fast bench clean
 
 all: build
 
@@ -29,6 +29,11 @@ demo: build
 
 test: build
 	$(PY) -m pytest python_tests -q
+
+# a quicker subset: without the tests marked slow (packaging: fresh venvs, full builds) and the
+# Triton kernels run by the interpreter on CPU; `make test` runs everything
+test-fast: build
+	$(PY) -m pytest python_tests -q -m "not slow" -k "not triton"
 
 bench: build
 	$(PY) bench/bench_verify.py
