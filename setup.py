@@ -10,6 +10,7 @@ Environment variables:
   SPECDIFF_BUILD_TYPE      CMake build type (default Release).
   MAX_JOBS                 parallel compile jobs (default: all cores).
 """
+
 from __future__ import annotations
 
 import os
@@ -47,10 +48,15 @@ def _find_tool(name: str) -> str:
     try:
         if name == "cmake":
             import cmake
+
             candidates.append(Path(cmake.CMAKE_BIN_DIR) / name)
         else:
             import ninja
-            candidates += [Path(ninja.BIN_DIR) / name, Path(ninja.__file__).parent / "data" / "bin" / name]
+
+            candidates += [
+                Path(ninja.BIN_DIR) / name,
+                Path(ninja.__file__).parent / "data" / "bin" / name,
+            ]
     except (ImportError, AttributeError):
         pass
     candidates += [Path(sysconfig.get_path("scripts")) / name, Path(sys.executable).parent / name]
@@ -59,8 +65,10 @@ def _find_tool(name: str) -> str:
             return str(c)
     found = shutil.which(name)
     if found is None:
-        sys.exit(f"specdiff_kernels: `{name}` not found. A --no-build-isolation build uses this "
-                 f"environment's build tools: pip install {BUILD_TOOLS}")
+        sys.exit(
+            f"specdiff_kernels: `{name}` not found. A --no-build-isolation build uses this "
+            f"environment's build tools: pip install {BUILD_TOOLS}"
+        )
     return found
 
 
@@ -78,22 +86,32 @@ class CMakeBuild(build_ext):
         try:
             import pybind11
         except ImportError:
-            sys.exit(f"specdiff_kernels: pybind11 is not installed. A --no-build-isolation build uses "
-                     f"this environment's build tools: pip install {BUILD_TOOLS}")
+            sys.exit(
+                f"specdiff_kernels: pybind11 is not installed. A --no-build-isolation build uses "
+                f"this environment's build tools: pip install {BUILD_TOOLS}"
+            )
 
         cmake, ninja = _find_tool("cmake"), _find_tool("ninja")
         out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
         build_dir = Path(self.build_temp).resolve() / "cmake"
         build_dir.mkdir(parents=True, exist_ok=True)
         prefix = ";".join([torch.utils.cmake_prefix_path, pybind11.get_cmake_dir()])
-        cfg = [cmake, "-S", str(ROOT), "-B", str(build_dir), "-G", "Ninja",
-               f"-DCMAKE_MAKE_PROGRAM={ninja}",
-               f"-DCMAKE_PREFIX_PATH={prefix}",
-               "-DSPECDIFF_BUILD_PYTHON=ON",
-               f"-DPython_EXECUTABLE={sys.executable}",
-               f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir}",
-               f"-DCMAKE_BUILD_TYPE={os.environ.get('SPECDIFF_BUILD_TYPE', 'Release')}",
-               f"-DSPECDIFF_NATIVE={'ON' if _truthy('SPECDIFF_NATIVE') else 'OFF'}"]
+        cfg = [
+            cmake,
+            "-S",
+            str(ROOT),
+            "-B",
+            str(build_dir),
+            "-G",
+            "Ninja",
+            f"-DCMAKE_MAKE_PROGRAM={ninja}",
+            f"-DCMAKE_PREFIX_PATH={prefix}",
+            "-DSPECDIFF_BUILD_PYTHON=ON",
+            f"-DPython_EXECUTABLE={sys.executable}",
+            f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir}",
+            f"-DCMAKE_BUILD_TYPE={os.environ.get('SPECDIFF_BUILD_TYPE', 'Release')}",
+            f"-DSPECDIFF_NATIVE={'ON' if _truthy('SPECDIFF_NATIVE') else 'OFF'}",
+        ]
         subprocess.run(cfg, check=True)
         jobs = os.environ.get("MAX_JOBS", str(os.cpu_count() or 1))
         subprocess.run([cmake, "--build", str(build_dir), "-j", jobs], check=True)
@@ -106,11 +124,16 @@ setup(
     long_description=(ROOT / "README.md").read_text() if (ROOT / "README.md").exists() else "",
     long_description_content_type="text/markdown",
     packages=find_packages(include=["specdiff_kernels", "specdiff_kernels.*"]),
-    package_data={"specdiff_kernels": [
-        "models/weights/*.safetensors", "models/weights/*.json",
-        # the patches model is a diffusers save_pretrained folder: model_index.json, unet/, scheduler/
-        "models/weights/patches/*.json", "models/weights/patches/*/*.json",
-        "models/weights/patches/*/*.safetensors"]},
+    package_data={
+        "specdiff_kernels": [
+            "models/weights/*.safetensors",
+            "models/weights/*.json",
+            # the patches model is a diffusers save_pretrained folder: model_index.json, unet/, scheduler/
+            "models/weights/patches/*.json",
+            "models/weights/patches/*/*.json",
+            "models/weights/patches/*/*.safetensors",
+        ]
+    },
     ext_modules=[CMakeExtension("specdiff_kernels._C")],
     cmdclass={"build_ext": CMakeBuild},
     python_requires=">=3.10",

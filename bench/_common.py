@@ -49,8 +49,11 @@ class Timing:
 
     def ms(self, quantile_suffix: str = "") -> dict:
         """``{"ms", "q20<suffix>", "q80<suffix>"}`` in milliseconds, as the result files keep them."""
-        return {"ms": self.median * 1e3, f"q20{quantile_suffix}": self.q20 * 1e3,
-                f"q80{quantile_suffix}": self.q80 * 1e3}
+        return {
+            "ms": self.median * 1e3,
+            f"q20{quantile_suffix}": self.q20 * 1e3,
+            f"q80{quantile_suffix}": self.q80 * 1e3,
+        }
 
 
 def time_cpu(fn: Callable[[], object], min_run_time: float = 0.5) -> Timing:
@@ -59,8 +62,9 @@ def time_cpu(fn: Callable[[], object], min_run_time: float = 0.5) -> Timing:
     import torch.utils.benchmark as tbench
 
     fn()
-    m = tbench.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()
-                     ).blocked_autorange(min_run_time=min_run_time)
+    m = tbench.Timer(
+        stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()
+    ).blocked_autorange(min_run_time=min_run_time)
     return Timing.of(m.times, reps=len(m.times) * m.number_per_run)
 
 
@@ -96,8 +100,12 @@ def sync(device: torch.device | str) -> None:
         torch.cuda.synchronize(device)
 
 
-def per_call(fn: Callable[[], object], calls: int, device: torch.device | str = "cpu",
-             host_only: bool = False) -> float:
+def per_call(
+    fn: Callable[[], object],
+    calls: int,
+    device: torch.device | str = "cpu",
+    host_only: bool = False,
+) -> float:
     """Seconds per call of ``calls`` back-to-back calls, the device's queue drained first. The
     clock stops after the queue is drained again (what a caller waits for) or, with
     ``host_only``, before (the launch path's own cost)."""
@@ -110,8 +118,12 @@ def per_call(fn: Callable[[], object], calls: int, device: torch.device | str = 
     return (host if host_only else time.perf_counter() - t0) / calls
 
 
-def interleaved(run: Callable[[K], float], keys: Iterable[K], reps: int,
-                times: dict[K, list[float]] | None = None) -> dict[K, list[float]]:
+def interleaved(
+    run: Callable[[K], float],
+    keys: Iterable[K],
+    reps: int,
+    times: dict[K, list[float]] | None = None,
+) -> dict[K, list[float]]:
     """``reps`` timings ``run(key)`` per key, the keys in a fresh random order in every repetition
     so that drift and other jobs' load fall on all of them alike. A key that already holds
     timings in ``times`` (a warm-up kept as a repetition) runs that many times fewer."""
@@ -142,8 +154,7 @@ def cuda_graph(fn: Callable[[], object], warmup: int = 3) -> Callable[[], None]:
     return graph.replay
 
 
-def read_bandwidth(device: torch.device | str, numel: int, time_fn: Callable[..., Timing]
-                   ) -> float:
+def read_bandwidth(device: torch.device | str, numel: int, time_fn: Callable[..., Timing]) -> float:
     """Bytes/s of a large fp32 ``x.sum()``: the device's practical read bandwidth."""
     x = torch.randn(numel, device=device)
     return numel * 4 / time_fn(lambda: x.sum()).median
@@ -197,15 +208,21 @@ def command_line(script: str, argv: list[str] | None) -> str:
     return " ".join([f"python bench/{Path(script).name}", *args])
 
 
-def environment(device: torch.device | str = "cpu", script: str | None = None,
-                argv: list[str] | None = None) -> dict:
+def environment(
+    device: torch.device | str = "cpu", script: str | None = None, argv: list[str] | None = None
+) -> dict:
     """What a result depends on besides the code: the device, this machine's CPU and cores,
     torch's threads (set them first), the versions (triton where it is imported), the command,
     the date and the load average when the run started."""
     device = torch.device(device)
-    env = {"device": device.type, "device_name": device_name(device), "cpu": cpu_name(),
-           "cores": os.cpu_count(), "threads": torch.get_num_threads(),
-           "torch": torch.__version__}
+    env = {
+        "device": device.type,
+        "device_name": device_name(device),
+        "cpu": cpu_name(),
+        "cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
     if "triton" in sys.modules:
         env["triton"] = sys.modules["triton"].__version__
     if script is not None:
@@ -231,8 +248,9 @@ def out_stem(out: str | None, default: str) -> Path:
     return Path(out) if out else RESULTS / default
 
 
-def write_results(stem: Path, data: dict | str, markdown: str,
-                  plot: Callable[[Path], None] | None = None) -> None:
+def write_results(
+    stem: Path, data: dict | str, markdown: str, plot: Callable[[Path], None] | None = None
+) -> None:
     """``stem``.json (``data``; a string is written as it is), ``stem``.md and, where matplotlib
     is installed, ``stem``.png drawn by ``plot(path)``; parent folders are created."""
     stem.parent.mkdir(parents=True, exist_ok=True)

@@ -5,6 +5,7 @@ measurement behind ``sampler.COMPACT_MIN_CHAINS_CPU``.
 
     python bench/bench_compact.py          # digits, N = 200, L = 8, 1 thread: bench/results/compact_cpu.{json,md}
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,8 +28,9 @@ def run_static(m, T, B: int, L: int, compact: bool, seed: int = 0) -> tuple[floa
     ids = torch.arange(B, dtype=torch.int64)
     t0 = time.perf_counter()
     with torch.inference_mode():
-        rnd = StaticRound(m.target, T, L, "x0", round_ops.seed_tensor(seed), ids, dtype=x.dtype,
-                          compact=compact)
+        rnd = StaticRound(
+            m.target, T, L, "x0", round_ops.seed_tensor(seed), ids, dtype=x.dtype, compact=compact
+        )
         s = rnd.start(x)
         while int(s.stats[STAT_LIVE]) > 0:
             s = rnd.step(s)
@@ -40,19 +42,32 @@ def bench_batch(m, T, B: int, L: int, reps: int) -> dict:
     evals = {c: run_static(m, T, B, L, c)[1] for c in (False, True)}
     times = common.interleaved(lambda c: run_static(m, T, B, L, c)[0], (False, True), reps)
     full, compact = (common.medians(times)[c] for c in (False, True))
-    return {"B": B, "full_s": full, "compact_s": compact, "ratio": compact / full,
-            "full_evals": evals[False], "compact_evals": evals[True]}
+    return {
+        "B": B,
+        "full_s": full,
+        "compact_s": compact,
+        "ratio": compact / full,
+        "full_evals": evals[False],
+        "compact_evals": evals[True],
+    }
 
 
 def to_markdown(res: dict) -> str:
-    lines = [f"# Static round: compact vs full network call (digits, cpu, {res['threads']} threads, "
-             f"torch {res['torch']})", "",
-             f"N = {res['steps']}, L = {res['window']}, eager; medians of {res['reps']} interleaved "
-             "repetitions; the same states either way.", "",
-             "| B | full call [ms] | compact call [ms] | compact / full | evaluations full | compact |",
-             "|---|---|---|---|---|---|"]
-    lines += [f"| {r['B']} | {r['full_s'] * 1e3:.2f} | {r['compact_s'] * 1e3:.2f} | {r['ratio']:.3f} | "
-              f"{r['full_evals']} | {r['compact_evals']} |" for r in res["rows"]]
+    lines = [
+        f"# Static round: compact vs full network call (digits, cpu, {res['threads']} threads, "
+        f"torch {res['torch']})",
+        "",
+        f"N = {res['steps']}, L = {res['window']}, eager; medians of {res['reps']} interleaved "
+        "repetitions; the same states either way.",
+        "",
+        "| B | full call [ms] | compact call [ms] | compact / full | evaluations full | compact |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['B']} | {r['full_s'] * 1e3:.2f} | {r['compact_s'] * 1e3:.2f} | {r['ratio']:.3f} | "
+        f"{r['full_evals']} | {r['compact_evals']} |"
+        for r in res["rows"]
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -71,11 +86,18 @@ def main(argv=None) -> int:
     rows = []
     for B in args.batches:
         rows.append(r := bench_batch(m, T, B, args.window, args.reps))
-        common.log(f"B={B}: compact {r['compact_s'] * 1e3:.2f} ms, full {r['full_s'] * 1e3:.2f} ms, "
-                   f"compact / full {r['ratio']:.3f}; evaluations {r['compact_evals']} vs "
-                   f"{r['full_evals']}")
-    res = {**common.environment("cpu", __file__, argv), "steps": args.steps,
-           "window": args.window, "reps": args.reps, "rows": rows}
+        common.log(
+            f"B={B}: compact {r['compact_s'] * 1e3:.2f} ms, full {r['full_s'] * 1e3:.2f} ms, "
+            f"compact / full {r['ratio']:.3f}; evaluations {r['compact_evals']} vs "
+            f"{r['full_evals']}"
+        )
+    res = {
+        **common.environment("cpu", __file__, argv),
+        "steps": args.steps,
+        "window": args.window,
+        "reps": args.reps,
+        "rows": rows,
+    }
     common.write_results(common.out_stem(args.out, "compact_cpu"), res, to_markdown(res))
     return 0
 

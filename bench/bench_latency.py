@@ -15,6 +15,7 @@ order per repetition; medians. Reported per configuration:
     python bench/bench_latency.py                      # CPU: digits and gmm784 (the 784-dim mixture), B = 1; digits B = 1024
     python bench/bench_latency.py --device cuda        # CUDA: digits, B = 1 and 16
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,14 @@ from specdiff_kernels.sampling.sampler import (
 )
 
 # the configurations whose aten calls per round are counted (CPU, B <= ATEN_MAX_B)
-ATEN_CONFIGS = ("static_eager", "static_compiled", "ancestral_eager", "ancestral_compiled",
-                "ragged", "default")
+ATEN_CONFIGS = (
+    "static_eager",
+    "static_compiled",
+    "ancestral_eager",
+    "ancestral_compiled",
+    "ragged",
+    "default",
+)
 ATEN_MAX_B = 64
 
 
@@ -45,13 +52,18 @@ class DiffusersLoop:
 
     def __init__(self, m, N: int):
         from diffusers import DDPMScheduler
+
         abar = m.alphas_cumprod
         betas = 1 - abar / torch.cat([torch.ones(1, dtype=abar.dtype), abar[:-1]])
-        self.sched = DDPMScheduler(num_train_timesteps=abar.numel(), trained_betas=betas.numpy(),
-                                   prediction_type=m.prediction, variance_type="fixed_small",
-                                   clip_sample=m.clip_sample is not None,
-                                   clip_sample_range=m.clip_sample or 1.0,
-                                   timestep_spacing="leading")
+        self.sched = DDPMScheduler(
+            num_train_timesteps=abar.numel(),
+            trained_betas=betas.numpy(),
+            prediction_type=m.prediction,
+            variance_type="fixed_small",
+            clip_sample=m.clip_sample is not None,
+            clip_sample_range=m.clip_sample or 1.0,
+            timestep_spacing="leading",
+        )
         self.sched.set_timesteps(N)
         self.net, self.N = m.target, N
 
@@ -70,9 +82,11 @@ class DiffusersLoop:
 def configs(net, T, L, device, with_compile: bool, m=None) -> dict:
     """On CUDA the static round is always CUDA-graph captured ("static_eager" = captured, not
     compiled) and the default configuration is "static_compiled" (not timed twice)."""
-    out = {"ancestral_eager": AncestralSampler(net, T),
-           "static_eager": SpeculativeSampler(net, T, window=L, path="static", compile=False),
-           "ragged": SpeculativeSampler(net, T, window=L, path="ragged")}
+    out = {
+        "ancestral_eager": AncestralSampler(net, T),
+        "static_eager": SpeculativeSampler(net, T, window=L, path="static", compile=False),
+        "ragged": SpeculativeSampler(net, T, window=L, path="ragged"),
+    }
     if device.type == "cpu":
         out["default"] = SpeculativeSampler(net, T, window=L)
         try:
@@ -123,6 +137,7 @@ class TimedNetwork(torch.nn.Module):
 
 def aten_calls(fn) -> int:
     from torch.profiler import ProfilerActivity, profile
+
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         fn()
     return sum(e.count for e in prof.key_averages() if e.key.startswith("aten::"))
@@ -146,8 +161,9 @@ class Cell:
         return self.m.event_shape
 
     def configs(self, net=None, with_compile: bool = False) -> dict:
-        return configs(self.net if net is None else net, self.T, self.L, self.device,
-                       with_compile, self.m)
+        return configs(
+            self.net if net is None else net, self.T, self.L, self.device, with_compile, self.m
+        )
 
 
 def load_cell(key: str, B: int, N: int, L: int, device: torch.device) -> Cell:
@@ -167,16 +183,21 @@ def own_cost(cell: Cell, name: str, compiled: bool, st, wall: float, anc_wall: f
     """The sampler's own cost per round (wall minus the time inside the network) and the ratio it
     would have at no own cost ("floor"), where it can be estimated."""
     B, N, L, dev = cell.B, cell.N, cell.L, cell.device
-    if not compiled and name != "ancestral_diffusers_loop" and isinstance(cell.net,
-                                                                          torch.nn.Module):
-        timed = TimedNetwork(cell.net)   # one instrumented run
+    if (
+        not compiled
+        and name != "ancestral_diffusers_loop"
+        and isinstance(cell.net, torch.nn.Module)
+    ):
+        timed = TimedNetwork(cell.net)  # one instrumented run
         wall_timed, st_timed = run_once(cell.configs(timed)[name], B, cell.shape, dev)
-        return {"own_per_round_ms": (wall_timed - timed.seconds) / st_timed.rounds * 1e3,
-                "network_floor_ratio": timed.seconds / anc_wall}
+        return {
+            "own_per_round_ms": (wall_timed - timed.seconds) / st_timed.rounds * 1e3,
+            "network_floor_ratio": timed.seconds / anc_wall,
+        }
     if (compiled and dev.type == "cuda") or name == "ancestral_diffusers_loop":
-        return {}   # own cost is a CPU target; compiling the network alone again costs device time
+        return {}  # own cost is a CPU target; compiling the network alone again costs device time
     if compiled and name.startswith("static") and B >= COMPACT_MIN_CHAINS_CPU:
-        return {}   # compact calls of changing size: no fixed-batch network time to subtract
+        return {}  # compact calls of changing size: no fixed-batch network time to subtract
     if name.startswith("ancestral"):
         t_call = net_time(cell.net, cell.shape, B, dev, compiled)
         return {"own_per_round_ms": (wall - N * t_call) / N * 1e3}
@@ -185,9 +206,11 @@ def own_cost(cell: Cell, name: str, compiled: bool, st, wall: float, anc_wall: f
     t_root = net_time(cell.net, cell.shape, B, dev, compiled)
     t_round = net_time(cell.net, cell.shape, B * (L + 1), dev, compiled)
     rounds = st.rounds
-    return {"own_per_round_ms": (wall - t_root - (rounds - 1) * t_round) / max(rounds - 1, 1) * 1e3,
-            "net_per_round_ms": t_round * 1e3,
-            "network_floor_ratio": (t_root + (rounds - 1) * t_round) / anc_wall}
+    return {
+        "own_per_round_ms": (wall - t_root - (rounds - 1) * t_round) / max(rounds - 1, 1) * 1e3,
+        "net_per_round_ms": t_round * 1e3,
+        "network_floor_ratio": (t_root + (rounds - 1) * t_round) / anc_wall,
+    }
 
 
 def aten_outside_network(cell: Cell, sampler, compiled: bool, st) -> float:
@@ -214,59 +237,77 @@ def bench_model(key, B, N, L, device, reps, with_compile) -> dict:
     cell = load_cell(key, B, N, L, device)
     cfgs = cell.configs(with_compile=with_compile)
     stats = {}
-    for name, s in cfgs.items():                       # warm-up: compile, autotune, capture
+    for name, s in cfgs.items():  # warm-up: compile, autotune, capture
         t, stats[name] = run_once(s, B, cell.shape, device)
         common.log(f"  {key} B={B} warm-up {name}: {t:.3f} s ({stats[name].target_calls} calls)")
-    times = common.interleaved(lambda name: run_once(cfgs[name], B, cell.shape, device)[0],
-                               cfgs, reps)
+    times = common.interleaved(
+        lambda name: run_once(cfgs[name], B, cell.shape, device)[0], cfgs, reps
+    )
     wall = common.medians(times)
     fastest_anc = min((n for n in wall if n.startswith("ancestral")), key=wall.get)
     rows = {}
     for name, s in cfgs.items():
         st, compiled = stats[name], is_compiled(cell, name, s)
-        row = {"wall_s": wall[name], "ratio_vs_fastest_ancestral": wall[name] / wall[fastest_anc],
-               "target_calls": st.target_calls, "rounds": st.rounds,
-               "target_evals": st.target_evals, "reps": len(times[name]),
-               **own_cost(cell, name, compiled, st, wall[name], wall[fastest_anc])}
+        row = {
+            "wall_s": wall[name],
+            "ratio_vs_fastest_ancestral": wall[name] / wall[fastest_anc],
+            "target_calls": st.target_calls,
+            "rounds": st.rounds,
+            "target_evals": st.target_evals,
+            "reps": len(times[name]),
+            **own_cost(cell, name, compiled, st, wall[name], wall[fastest_anc]),
+        }
         if device.type == "cpu" and name in ATEN_CONFIGS and B <= ATEN_MAX_B:
-            row["aten_calls_per_round_outside_network"] = aten_outside_network(cell, s, compiled,
-                                                                               st)
+            row["aten_calls_per_round_outside_network"] = aten_outside_network(
+                cell, s, compiled, st
+            )
         rows[name] = row
-        common.log(f"  {key} B={B} {name}: wall {wall[name]:.4f} s, ratio "
-                   f"{row['ratio_vs_fastest_ancestral']:.3f}, own/round "
-                   f"{row.get('own_per_round_ms', float('nan')):.3f} ms, aten/round "
-                   f"{row.get('aten_calls_per_round_outside_network', float('nan')):.0f}")
+        common.log(
+            f"  {key} B={B} {name}: wall {wall[name]:.4f} s, ratio "
+            f"{row['ratio_vs_fastest_ancestral']:.3f}, own/round "
+            f"{row.get('own_per_round_ms', float('nan')):.3f} ms, aten/round "
+            f"{row.get('aten_calls_per_round_outside_network', float('nan')):.0f}"
+        )
     return {"model": key, "B": B, "N": N, "L": L, "fastest_ancestral": fastest_anc, "configs": rows}
 
 
 def to_markdown(res) -> str:
-    lines = [f"# Sampler latency ({res['device_name']}, {res['device']}, {res['threads']} threads, "
-             f"torch {res['torch']})", "",
-             "Medians of interleaved repetitions; ratio = wall / the fastest ancestral configuration "
-             "of the same run. own/round: wall minus the time inside the network, per round "
-             "(eager: measured around each call in a separate instrumented run; compiled: the "
-             "network alone, compiled the same way, at the same batch sizes, subtracted). aten/round: aten calls per round outside the network (CPU). "
-             "floor: the ratio this sampler would have if its own cost were zero (its time inside "
-             "the network / the fastest ancestral wall): a ratio target below it cannot be met by "
-             "the sampler, only by a cheaper network call at batch B (L + 1). On CPU, static_eager "
-             "and default run the static round eagerly, whose network call holds only the states a "
-             "round reads from B = 2 (the compact call, `sampler.COMPACT_MIN_CHAINS_CPU`); "
-             "static_compiled compiles the whole round with the full B (L + 1) call at B = 1, and "
-             "from B = 2 makes the compact call with the network alone compiled (dynamic batch; "
-             "no own cost is estimated for it).", ""]
+    lines = [
+        f"# Sampler latency ({res['device_name']}, {res['device']}, {res['threads']} threads, "
+        f"torch {res['torch']})",
+        "",
+        "Medians of interleaved repetitions; ratio = wall / the fastest ancestral configuration "
+        "of the same run. own/round: wall minus the time inside the network, per round "
+        "(eager: measured around each call in a separate instrumented run; compiled: the "
+        "network alone, compiled the same way, at the same batch sizes, subtracted). aten/round: aten calls per round outside the network (CPU). "
+        "floor: the ratio this sampler would have if its own cost were zero (its time inside "
+        "the network / the fastest ancestral wall): a ratio target below it cannot be met by "
+        "the sampler, only by a cheaper network call at batch B (L + 1). On CPU, static_eager "
+        "and default run the static round eagerly, whose network call holds only the states a "
+        "round reads from B = 2 (the compact call, `sampler.COMPACT_MIN_CHAINS_CPU`); "
+        "static_compiled compiles the whole round with the full B (L + 1) call at B = 1, and "
+        "from B = 2 makes the compact call with the network alone compiled (dynamic batch; "
+        "no own cost is estimated for it).",
+        "",
+    ]
     for cell in res["cells"]:
-        lines += [f"## {cell['model']}, B = {cell['B']}, N = {cell['N']}, L = {cell['L']} "
-                  f"(fastest ancestral: {cell['fastest_ancestral']})", "",
-                  "| sampler | wall [s] | ratio | floor | calls | rounds | own/round [ms] | aten/round |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"## {cell['model']}, B = {cell['B']}, N = {cell['N']}, L = {cell['L']} "
+            f"(fastest ancestral: {cell['fastest_ancestral']})",
+            "",
+            "| sampler | wall [s] | ratio | floor | calls | rounds | own/round [ms] | aten/round |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for name, r in cell["configs"].items():
             own = r.get("own_per_round_ms")
             at = r.get("aten_calls_per_round_outside_network")
             fl = r.get("network_floor_ratio")
-            lines.append(f"| {name} | {r['wall_s']:.4f} | {r['ratio_vs_fastest_ancestral']:.3f} | "
-                         f"{'-' if fl is None else f'{fl:.3f}'} | "
-                         f"{r['target_calls']} | {r['rounds']} | "
-                         f"{'-' if own is None else f'{own:.3f}'} | {'-' if at is None else f'{at:.0f}'} |")
+            lines.append(
+                f"| {name} | {r['wall_s']:.4f} | {r['ratio_vs_fastest_ancestral']:.3f} | "
+                f"{'-' if fl is None else f'{fl:.3f}'} | "
+                f"{r['target_calls']} | {r['rounds']} | "
+                f"{'-' if own is None else f'{own:.3f}'} | {'-' if at is None else f'{at:.0f}'} |"
+            )
         lines.append("")
     return "\n".join(lines)
 
@@ -274,8 +315,12 @@ def to_markdown(res) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--cells", nargs="*", default=None,
-                   help="model:B pairs (default CPU: digits:1 gmm784:1 digits:1024; CUDA: digits:1 digits:16)")
+    p.add_argument(
+        "--cells",
+        nargs="*",
+        default=None,
+        help="model:B pairs (default CPU: digits:1 gmm784:1 digits:1024; CUDA: digits:1 digits:16)",
+    )
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--window", type=int, default=8)
     p.add_argument("--reps", type=int, default=5)
@@ -287,15 +332,23 @@ def main(argv=None) -> int:
     if device.type == "cuda":
         common.require_cuda(p)
     torch.set_num_threads(args.threads)
-    cells = args.cells or (["digits:1", "digits:16"] if device.type == "cuda"
-                           else ["digits:1", "gmm784:1", "digits:1024"])
+    cells = args.cells or (
+        ["digits:1", "digits:16"]
+        if device.type == "cuda"
+        else ["digits:1", "gmm784:1", "digits:1024"]
+    )
     out = common.out_stem(args.out, f"latency_{args.device}")
     res = {**common.environment(device, __file__, argv), "cells": []}
     for cell in cells:
         key, B = cell.split(":")
-        res["cells"].append(bench_model(key, int(B), args.steps, args.window, device, args.reps,
-                                        not args.no_compile))
-        common.write_results(out, res, to_markdown(res))   # after every cell: a cut-off run keeps them
+        res["cells"].append(
+            bench_model(
+                key, int(B), args.steps, args.window, device, args.reps, not args.no_compile
+            )
+        )
+        common.write_results(
+            out, res, to_markdown(res)
+        )  # after every cell: a cut-off run keeps them
     print(to_markdown(res))
     return 0
 

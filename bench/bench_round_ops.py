@@ -15,6 +15,7 @@ fraction of this device's ``x.sum()`` read bandwidth measured in the same run.
     python bench/bench_round_ops.py                  # CPU, writes bench/results/round_ops_cpu.{json,md}
     python bench/bench_round_ops.py --device cuda    # GPU (eager launches and CUDA-graph replay)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,8 +30,14 @@ from specdiff_kernels.ops import verify as ops
 from specdiff_kernels.ops.reference import verify as reference
 from specdiff_kernels.sampling.transitions import clip_value, ddpm_transitions, round_tables
 
-SIZES = [(64, 8, 3072), (1, 8, 3 * 64 * 64), (16, 8, 3 * 64 * 64), (256, 8, 3072),
-         (1, 8, 784), (1024, 8, 64)]   # the last two: the latency benchmark's gmm784 and digits cells
+SIZES = [
+    (64, 8, 3072),
+    (1, 8, 3 * 64 * 64),
+    (16, 8, 3 * 64 * 64),
+    (256, 8, 3072),
+    (1, 8, 784),
+    (1024, 8, 64),
+]  # the last two: the latency benchmark's gmm784 and digits cells
 
 
 def timer(device: str):
@@ -52,21 +59,55 @@ def make_round(B: int, L: int, D: int, device: str, dtype=torch.float32):
     clip = clip_value(T)
     Y = ro.frozen_draft(root, frozen, steps, lengths, coef, seed, ids, L, 0, clip)
     # a target x0-hat close to the frozen one: most steps accepted, as in a real run
-    P = (frozen[:, None] + 0.02 * torch.randn(B, L + 1, D, generator=g).to(device, dtype))
+    P = frozen[:, None] + 0.02 * torch.randn(B, L + 1, D, generator=g).to(device, dtype)
     xi, u = ro.chain_noise(seed, ids, steps, L, (D,), dtype)
-    return T, dict(root=root, frozen=frozen, steps=steps, lengths=lengths, seed=seed, ids=ids,
-                   coef=coef, clip=clip, Y=Y, P=P, xi=xi, u=u, L=L)
+    return T, dict(
+        root=root,
+        frozen=frozen,
+        steps=steps,
+        lengths=lengths,
+        seed=seed,
+        ids=ids,
+        coef=coef,
+        clip=clip,
+        Y=Y,
+        P=P,
+        xi=xi,
+        u=u,
+        L=L,
+    )
 
 
 def fused_round(a):
-    Y = torch.ops.specdiff.frozen_draft(a["root"], a["frozen"], a["steps"], a["lengths"], a["coef"],
-                                        a["seed"], a["ids"], a["L"], 0, a["clip"])
-    return Y, torch.ops.specdiff.verify_frozen(Y, a["P"], a["frozen"], a["steps"], a["lengths"],
-                                               a["coef"], a["seed"], a["ids"], 0, a["clip"])
+    Y = torch.ops.specdiff.frozen_draft(
+        a["root"],
+        a["frozen"],
+        a["steps"],
+        a["lengths"],
+        a["coef"],
+        a["seed"],
+        a["ids"],
+        a["L"],
+        0,
+        a["clip"],
+    )
+    return Y, torch.ops.specdiff.verify_frozen(
+        Y,
+        a["P"],
+        a["frozen"],
+        a["steps"],
+        a["lengths"],
+        a["coef"],
+        a["seed"],
+        a["ids"],
+        0,
+        a["clip"],
+    )
 
 
 def composed_round(T):
     """The general path's round as PyTorch ops: rollout, means, speculative_verify, commit."""
+
     def f(root, frozen, steps, lengths, P, xi, u):
         B, L = xi.shape[:2]
         ys, mqs = [root], []
@@ -77,14 +118,16 @@ def composed_round(T):
             mqs.append(mq)
         Y, MQ = torch.stack(ys, 1), torch.stack(mqs, 1)
         kw = steps[:, None] + torch.arange(L, device=steps.device)[None]
-        MP = T.mean_from_x0(Y[:, :L].reshape(B * L, -1), P[:, :L].reshape(B * L, -1),
-                            kw.reshape(-1)).reshape(MQ.shape)
+        MP = T.mean_from_x0(
+            Y[:, :L].reshape(B * L, -1), P[:, :L].reshape(B * L, -1), kw.reshape(-1)
+        ).reshape(MQ.shape)
         sigma = T.step_std(kw).to(torch.float32)
         nacc, state, lr = reference.speculative_verify(Y[:, 1:], MQ, MP, sigma, u, lengths)
         rejected = nacc < lengths
         src = torch.where(rejected, nacc, lengths)
         next_frozen = P[torch.arange(B, device=P.device), src]
         return Y, nacc, state, lr, next_frozen
+
     return f
 
 
@@ -104,11 +147,14 @@ def fused_by_capability(a: dict, t, label: str) -> dict:
 def bench_size(B: int, L: int, D: int, device: str, t, bw: float) -> dict:
     T, a = make_round(B, L, D, device)
     comp = composed_round(T)
-    torch._dynamo.reset()   # one compile per size: every size would count as a recompile
+    torch._dynamo.reset()  # one compile per size: every size would count as a recompile
     args = (a["root"], a["frozen"], a["steps"], a["lengths"], a["P"], a["xi"], a["u"])
     compiled = torch.compile(comp, fullgraph=True, dynamic=False)
-    impls = {"fused": lambda: fused_round(a), "compiled": lambda: compiled(*args),
-             "eager": lambda: comp(*args)}
+    impls = {
+        "fused": lambda: fused_round(a),
+        "compiled": lambda: compiled(*args),
+        "eager": lambda: comp(*args),
+    }
     if device == "cuda":
         impls["fused_graph"] = common.cuda_graph(lambda: fused_round(a))
         impls["compiled_graph"] = common.cuda_graph(lambda: compiled(*args))
@@ -124,45 +170,60 @@ def bench_size(B: int, L: int, D: int, device: str, t, bw: float) -> dict:
     row["speedup_vs_compiled"] = row["compiled"]["ms"] / row["fused"]["ms"]
     row["speedup_vs_eager"] = row["eager"]["ms"] / row["fused"]["ms"]
     if device == "cuda":
-        row["graph_speedup_vs_compiled_graph"] = (row["compiled_graph"]["ms"]
-                                                  / row["fused_graph"]["ms"])
-        row["fused_graph_frac_read_bw"] = (row["bytes_fused"]
-                                           / (row["fused_graph"]["ms"] * 1e-3) / bw)
+        row["graph_speedup_vs_compiled_graph"] = (
+            row["compiled_graph"]["ms"] / row["fused_graph"]["ms"]
+        )
+        row["fused_graph_frac_read_bw"] = (
+            row["bytes_fused"] / (row["fused_graph"]["ms"] * 1e-3) / bw
+        )
     return row
 
 
 def to_markdown(res: dict) -> str:
     gpu = res["device"] == "cuda"
-    lines = [f"# Fused frozen round vs composed round ({res['device_name']}, {res['device']}, "
-             f"{res['threads']} threads, torch {res['torch']})", "",
-             f"x.sum() read bandwidth in the same run: {res['read_bw_GBps']:.1f} GB/s. "
-             "Times are medians in ms (20-80% quantiles in the JSON); fp32, frozen x0, DDPM N=200.",
-             ""]
+    lines = [
+        f"# Fused frozen round vs composed round ({res['device_name']}, {res['device']}, "
+        f"{res['threads']} threads, torch {res['torch']})",
+        "",
+        f"x.sum() read bandwidth in the same run: {res['read_bw_GBps']:.1f} GB/s. "
+        "Times are medians in ms (20-80% quantiles in the JSON); fp32, frozen x0, DDPM N=200.",
+        "",
+    ]
     head = "| B | L | D | fused | compiled | eager | fused / compiled speed-up | fused GB/s | of x.sum() BW |"
     if gpu:
         head += " fused graph | compiled graph | graph speed-up | graph of BW |"
     lines += [head, "|" + "---|" * (head.count("|") - 1)]
     for r in res["rows"]:
-        line = (f"| {r['B']} | {r['L']} | {r['D']} | {r['fused']['ms']:.4f} | "
-                f"{r['compiled']['ms']:.4f} | {r['eager']['ms']:.4f} | "
-                f"{r['speedup_vs_compiled']:.2f}x | {r['fused_GBps']:.1f} | "
-                f"{100 * r['fused_frac_read_bw']:.0f}% |")
+        line = (
+            f"| {r['B']} | {r['L']} | {r['D']} | {r['fused']['ms']:.4f} | "
+            f"{r['compiled']['ms']:.4f} | {r['eager']['ms']:.4f} | "
+            f"{r['speedup_vs_compiled']:.2f}x | {r['fused_GBps']:.1f} | "
+            f"{100 * r['fused_frac_read_bw']:.0f}% |"
+        )
         if gpu:
-            line += (f" {r['fused_graph']['ms']:.4f} | {r['compiled_graph']['ms']:.4f} | "
-                     f"{r['graph_speedup_vs_compiled_graph']:.2f}x | "
-                     f"{100 * r['fused_graph_frac_read_bw']:.0f}% |")
+            line += (
+                f" {r['fused_graph']['ms']:.4f} | {r['compiled_graph']['ms']:.4f} | "
+                f"{r['graph_speedup_vs_compiled_graph']:.2f}x | "
+                f"{100 * r['fused_graph_frac_read_bw']:.0f}% |"
+            )
         lines.append(line)
     if not gpu:
         caps = list(res["rows"][0]["fused_by_capability"])
-        lines += ["", f"The fused round on each instruction-set variant of the C++ kernels (ms; the "
-                  f"table above ran `{res['cpu_capability']}`; `SPECDIFF_CPU_CAPABILITY` picks one):", "",
-                  "| B | L | D | " + " | ".join(caps) + f" | {caps[-1]} / {caps[0]} |",
-                  "|" + "---|" * (len(caps) + 4)]
+        lines += [
+            "",
+            f"The fused round on each instruction-set variant of the C++ kernels (ms; the "
+            f"table above ran `{res['cpu_capability']}`; `SPECDIFF_CPU_CAPABILITY` picks one):",
+            "",
+            "| B | L | D | " + " | ".join(caps) + f" | {caps[-1]} / {caps[0]} |",
+            "|" + "---|" * (len(caps) + 4),
+        ]
         for r in res["rows"]:
             fc = r["fused_by_capability"]
-            lines.append(f"| {r['B']} | {r['L']} | {r['D']} | " +
-                         " | ".join(f"{fc[c]['ms']:.4f}" for c in caps) +
-                         f" | {fc[caps[-1]]['ms'] / fc[caps[0]]['ms']:.2f} |")
+            lines.append(
+                f"| {r['B']} | {r['L']} | {r['D']} | "
+                + " | ".join(f"{fc[c]['ms']:.4f}" for c in caps)
+                + f" | {fc[caps[-1]]['ms'] / fc[caps[0]]['ms']:.2f} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -171,20 +232,26 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--quick", action="store_true", help="headline size only (B=64, L=8, D=3072)")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--out", default=None,
-                   help="output path stem (default bench/results/round_ops_<device>)")
+    p.add_argument(
+        "--out", default=None, help="output path stem (default bench/results/round_ops_<device>)"
+    )
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.device == "cuda":
         common.require_cuda(p)
-    sizes = SIZES if args.device == "cpu" else SIZES[:2]   # device time is short: two sizes
+    sizes = SIZES if args.device == "cpu" else SIZES[:2]  # device time is short: two sizes
     t = timer(args.device)
     bw = common.read_bandwidth(args.device, 1 << (27 if args.device == "cuda" else 25), t)
-    rows = [bench_size(B, L, D, args.device, t, bw) for B, L, D in sizes[:1 if args.quick else None]]
-    res = {**common.environment(args.device, __file__, argv),
-           "cpu_capability": _C.cpu_capability() if args.device == "cpu" else None,
-           "read_bw_GBps": bw / 1e9, "rows": rows}
+    rows = [
+        bench_size(B, L, D, args.device, t, bw) for B, L, D in sizes[: 1 if args.quick else None]
+    ]
+    res = {
+        **common.environment(args.device, __file__, argv),
+        "cpu_capability": _C.cpu_capability() if args.device == "cpu" else None,
+        "read_bw_GBps": bw / 1e9,
+        "rows": rows,
+    }
     md = to_markdown(res)
     common.write_results(common.out_stem(args.out, f"round_ops_{args.device}"), res, md)
     print(md)

@@ -39,6 +39,7 @@ Each finished (model, N) group and quality cell is appended to
 ``bench/results/sampler_<mode>_cells.jsonl``; a rerun skips what is there (``--fresh`` to redo).
 The report (``sampler_<mode>.json``, ``.md``, ``_*.png``) is rebuilt from all records.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -66,25 +67,51 @@ from specdiff_kernels.testing.two_sample import (
 )
 
 DRAFT_NAMES = ("x0+pf", "eps+pf", "x0", "eps", "model")
-DRAFT_LABEL = {"x0+pf": "frozen x0, prefetched root", "eps+pf": "frozen eps, prefetched root",
-               "x0": "frozen x0, no prefetch", "eps": "frozen eps, no prefetch",
-               "model": "independent draft model"}
+DRAFT_LABEL = {
+    "x0+pf": "frozen x0, prefetched root",
+    "eps+pf": "frozen eps, prefetched root",
+    "x0": "frozen x0, no prefetch",
+    "eps": "frozen eps, no prefetch",
+    "model": "independent draft model",
+}
 
 MODES = {
-    "quick": dict(models=["gmm64", "gmm784", "digits"], steps=[200], windows=[4, 8, 16],
-                  drafts=["x0+pf", "eps+pf", "x0", "model"], reps=3, big_reps=2, rep_budget=20, batch=64,
-                  q_n=256, q_steps=[200], q_drafts=["x0+pf"]),
-    "full": dict(models=["gmm2", "gmm64", "gmm784", "gmm3072", "digits"], steps=[50, 100, 200, 1000],
-                 windows=[2, 4, 8, 16, 32], drafts=list(DRAFT_NAMES), reps=3, big_reps=3,
-                 rep_budget=60, batch=64, q_n=1024, q_steps=[50, 200, 1000],
-                 q_drafts=["x0+pf", "model"]),
+    "quick": dict(
+        models=["gmm64", "gmm784", "digits"],
+        steps=[200],
+        windows=[4, 8, 16],
+        drafts=["x0+pf", "eps+pf", "x0", "model"],
+        reps=3,
+        big_reps=2,
+        rep_budget=20,
+        batch=64,
+        q_n=256,
+        q_steps=[200],
+        q_drafts=["x0+pf"],
+    ),
+    "full": dict(
+        models=["gmm2", "gmm64", "gmm784", "gmm3072", "digits"],
+        steps=[50, 100, 200, 1000],
+        windows=[2, 4, 8, 16, 32],
+        drafts=list(DRAFT_NAMES),
+        reps=3,
+        big_reps=3,
+        rep_budget=60,
+        batch=64,
+        q_n=1024,
+        q_steps=[50, 200, 1000],
+        q_drafts=["x0+pf", "model"],
+    ),
 }
 # Full mode: the exact GMM denoiser at D >= 784 is slow enough (0.07 / 0.3 ms per state on one
 # core, and weak drafts multiply the evaluations up to 10-20x at large L) that the whole grid would
 # take hours; these (model, N) groups run only the listed drafts unless --drafts is given.
-FULL_LIMITS = {("gmm784", 1000): ["x0+pf", "x0", "model"],
-               ("gmm3072", 50): ["x0+pf", "x0"], ("gmm3072", 100): ["x0+pf", "x0"],
-               ("gmm3072", 1000): ["x0+pf", "x0"]}
+FULL_LIMITS = {
+    ("gmm784", 1000): ["x0+pf", "x0", "model"],
+    ("gmm3072", 50): ["x0+pf", "x0"],
+    ("gmm3072", 100): ["x0+pf", "x0"],
+    ("gmm3072", 1000): ["x0+pf", "x0"],
+}
 # quality cells skipped in full mode (sampling 4 x 512 chains at N=1000, D >= 784, is too slow)
 FULL_QUALITY_SKIP = {("gmm784", 1000), ("gmm3072", 50), ("gmm3072", 1000)}
 SEED = 1234
@@ -114,7 +141,7 @@ def micro_batch(m) -> int:
     into micro-batches -- for the ancestral and the speculative sampler alike. The digits MLP is
     evaluated whole (its cost per state is flat in the batch size)."""
     if m.name == "gmm":
-        return max(8, 2 ** 15 // int(np.prod(m.event_shape)))
+        return max(8, 2**15 // int(np.prod(m.event_shape)))
     return 1 << 30
 
 
@@ -134,8 +161,12 @@ class Timed:
         else:
             t = torch.as_tensor(t)
             t = t.expand(x.shape[0]) if t.dim() == 0 else t
-            out = torch.cat([self.net(x[i:i + self.chunk], t[i:i + self.chunk])
-                             for i in range(0, x.shape[0], self.chunk)])
+            out = torch.cat(
+                [
+                    self.net(x[i : i + self.chunk], t[i : i + self.chunk])
+                    for i in range(0, x.shape[0], self.chunk)
+                ]
+            )
         self.seconds += time.perf_counter() - t0
         return out
 
@@ -179,22 +210,29 @@ def run_sampler(m, T, draft_name, L, B, seed, chain_ids=None):
 def stats_record(st, N, B) -> dict:
     calls_per_round = st.target_calls / st.rounds if st.rounds else math.nan
     return {
-        "seq_calls_batch": st.target_calls, "seq_ratio_batch": st.target_calls / N,
-        "rounds": st.rounds, "mean_chain_rounds": st.mean_chain_rounds,
+        "seq_calls_batch": st.target_calls,
+        "seq_ratio_batch": st.target_calls / N,
+        "rounds": st.rounds,
+        "mean_chain_rounds": st.mean_chain_rounds,
         "calls_per_round": calls_per_round,
         # per-chain sequential target calls: rounds the chain took x calls per round (exactly
         # the rounds with a prefetched root or a draft model: one call per round)
         "seq_calls_chain": st.mean_chain_rounds * calls_per_round,
         "seq_ratio_chain": st.mean_chain_rounds * calls_per_round / N,
-        "target_evals": st.target_evals, "evals_ratio": st.target_evals / (B * N),
-        "draft_calls": st.draft_calls, "draft_evals": st.draft_evals,
+        "target_evals": st.target_evals,
+        "evals_ratio": st.target_evals / (B * N),
+        "draft_calls": st.draft_calls,
+        "draft_evals": st.draft_evals,
         "draft_calls_ratio": st.draft_calls / N,
-        "windows": st.windows, "mean_accepted_per_round": st.mean_accepted_length,
-        "mean_committed_per_round": st.steps_per_window, "acceptance_rate": st.acceptance_rate,
+        "windows": st.windows,
+        "mean_accepted_per_round": st.mean_accepted_length,
+        "mean_committed_per_round": st.steps_per_window,
+        "acceptance_rate": st.acceptance_rate,
         "acceptance_by_position": st.acceptance_by_position,
         "accepted_length_hist": st.accepted_length_hist,
         "acceptance_by_step": [round(a, 3) for a in st.acceptance_by_step],
-        "direct_steps": st.direct_steps, "deterministic_steps": st.deterministic_steps,
+        "direct_steps": st.direct_steps,
+        "deterministic_steps": st.deterministic_steps,
         "speculative_steps": st.speculative_steps,
     }
 
@@ -214,7 +252,9 @@ def med(xs):
     return statistics.median(xs) if xs else math.nan
 
 
-def run_group(model_key, N, windows, drafts, reps, big_reps, batch, log, rep_budget=math.inf) -> list[dict]:
+def run_group(
+    model_key, N, windows, drafts, reps, big_reps, batch, log, rep_budget=math.inf
+) -> list[dict]:
     """All cells of one (model, N): stats from the B=batch run, interleaved timings.
 
     A further repetition (beyond the first) is skipped when the previous one of the same batch
@@ -246,8 +286,15 @@ def run_group(model_key, N, windows, drafts, reps, big_reps, batch, log, rep_bud
                     ids = [r]
                 else:
                     ids = None
-                wall, st, _, tt, td = run_sampler(m, T, None if c[0] == "anc" else c[1],
-                                                  1 if c[0] == "anc" else c[0], b, SEED, ids)
+                wall, st, _, tt, td = run_sampler(
+                    m,
+                    T,
+                    None if c[0] == "anc" else c[1],
+                    1 if c[0] == "anc" else c[0],
+                    b,
+                    SEED,
+                    ids,
+                )
                 times[(c, b)].append(wall)
                 split[(c, b)].append((tt, td))
                 if c[0] != "anc" and b == 1:
@@ -259,19 +306,32 @@ def run_group(model_key, N, windows, drafts, reps, big_reps, batch, log, rep_bud
                         stats_big[c] = st
             done_reps[b] = r + 1
             dt = time.perf_counter() - t_rep
-            log(f"  {model_key} N={N} B={b} rep {r + 1}/{nrep} done in {dt:.0f}s "
-                f"(group {time.perf_counter() - t_start:.0f}s, load {os.getloadavg()[0]:.2f})")
+            log(
+                f"  {model_key} N={N} B={b} rep {r + 1}/{nrep} done in {dt:.0f}s "
+                f"(group {time.perf_counter() - t_start:.0f}s, load {os.getloadavg()[0]:.2f})"
+            )
             if dt > rep_budget and r + 1 < nrep:
-                log(f"  {model_key} N={N} B={b}: stopping after {r + 1} rep(s) (a rep took {dt:.0f}s "
-                    f"> {rep_budget:.0f}s)")
+                log(
+                    f"  {model_key} N={N} B={b}: stopping after {r + 1} rep(s) (a rep took {dt:.0f}s "
+                    f"> {rep_budget:.0f}s)"
+                )
                 break
     assert anc_big_stats.target_calls == N and anc_big_stats.target_evals == batch * N
     anc = {b: med(times[(("anc", None), b)]) for b in (1, batch)}
     out = []
     for c in cells:
         L, d = c
-        rec = {"kind": "cost", "model": model_key, "N": N, "L": L, "draft": d, "batch": batch,
-               "reps": done_reps[1], "big_reps": done_reps[batch], "dim": int(np.prod(m.event_shape))}
+        rec = {
+            "kind": "cost",
+            "model": model_key,
+            "N": N,
+            "L": L,
+            "draft": d,
+            "batch": batch,
+            "reps": done_reps[1],
+            "big_reps": done_reps[batch],
+            "dim": int(np.prod(m.event_shape)),
+        }
         rec.update(stats_record(stats_big[c], N, batch))
         rec["seq_calls_b1_runs"] = calls_b1[c]
         for b, tag in ((1, "b1"), (batch, "bB")):
@@ -313,7 +373,7 @@ def gmm_spread(gmm, x) -> np.ndarray:
     from specdiff_kernels.models.gmm import _log_mix
 
     x = x.detach().double().reshape(x.shape[0], -1)
-    var = gmm.stds ** 2
+    var = gmm.stds**2
     k = _log_mix(x, gmm.means, var, gmm.weights).argmax(-1)
     return (((x - gmm.means[k]) ** 2 / var[k]).mean(-1)).numpy()
 
@@ -332,10 +392,12 @@ def quality_cell(model_key, N, draft, L, n, log) -> dict:
     key = (model_key, N, n)
     if key not in _REF_CACHE:  # shared by the drafts of one (model, N)
         _REF_CACHE.clear()
-        _REF_CACHE[key] = (sample_many(m, T, None, 1, n, QSEED + 1, chunk)[0],   # independent reference
-                           sample_many(m, T, None, 1, n, QSEED + 2, chunk)[0])   # 2nd ancestral (null)
+        _REF_CACHE[key] = (
+            sample_many(m, T, None, 1, n, QSEED + 1, chunk)[0],  # independent reference
+            sample_many(m, T, None, 1, n, QSEED + 2, chunk)[0],
+        )  # 2nd ancestral (null)
     ref, null = _REF_CACHE[key]
-    spec, rounds = sample_many(m, T, draft, L, n, QSEED + 3, chunk)    # speculative
+    spec, rounds = sample_many(m, T, draft, L, n, QSEED + 3, chunk)  # speculative
     M = max(1, int(round(rounds)))
     few, _ = sample_many(m, m.transitions(M), None, 1, n, QSEED + 4, chunk)
     if model_key.startswith("gmm"):
@@ -343,8 +405,17 @@ def quality_cell(model_key, N, draft, L, n, log) -> dict:
     else:
         exact = m.data(n, generator=torch.Generator().manual_seed(QSEED + 5))
     t_sample = time.perf_counter() - t0
-    rec = {"kind": "quality", "model": model_key, "N": N, "draft": draft, "L": L, "n": n,
-           "M_fewer_steps": M, "spec_chain_rounds": rounds, "dim": D}
+    rec = {
+        "kind": "quality",
+        "model": model_key,
+        "N": N,
+        "draft": draft,
+        "L": L,
+        "n": n,
+        "M_fewer_steps": M,
+        "spec_chain_rounds": rounds,
+        "dim": D,
+    }
     sets = {"ancestral_indep": null, "speculative": spec, f"ancestral_{M}_steps": few}
     if model_key.startswith("gmm"):
         lp = lambda x: gmm_of(m).log_prob(x.double()).numpy()  # noqa: E731
@@ -355,18 +426,23 @@ def quality_cell(model_key, N, draft, L, n, log) -> dict:
         rec["exact_spread_mean"] = float(sp(exact).mean())
     else:
         from specdiff_kernels.models.digits_classifier import digit_confidence
+
         conf = lambda x: digit_confidence(x).numpy()  # noqa: E731
         c_ref = conf(ref)
         rec["ref_confidence_mean"] = float(c_ref.mean())
         rec["data_confidence_mean"] = float(conf(exact).mean())
-    rec["ref_vs_exact"] = {"energy": energy_distance_statistic(ref, exact),
-                           "sliced_w1": sliced_wasserstein(ref, exact)}
+    rec["ref_vs_exact"] = {
+        "energy": energy_distance_statistic(ref, exact),
+        "sliced_w1": sliced_wasserstein(ref, exact),
+    }
     for name, x in sets.items():
-        r = {"energy_vs_ref": energy_distance_statistic(x, ref),
-             "sliced_w1_vs_ref": sliced_wasserstein(x, ref),
-             "pvalue_vs_ref": two_sample_pvalue(x, ref, seed=0),
-             "energy_vs_exact": energy_distance_statistic(x, exact),
-             "sliced_w1_vs_exact": sliced_wasserstein(x, exact)}
+        r = {
+            "energy_vs_ref": energy_distance_statistic(x, ref),
+            "sliced_w1_vs_ref": sliced_wasserstein(x, ref),
+            "pvalue_vs_ref": two_sample_pvalue(x, ref, seed=0),
+            "energy_vs_exact": energy_distance_statistic(x, exact),
+            "sliced_w1_vs_exact": sliced_wasserstein(x, exact),
+        }
         if model_key.startswith("gmm"):
             v = lp(x)
             r["loglik_ks_pvalue_vs_ref"] = float(sps.ks_2samp(v, lp_ref).pvalue)
@@ -379,10 +455,13 @@ def quality_cell(model_key, N, draft, L, n, log) -> dict:
             r["confidence_ks_pvalue_vs_ref"] = float(sps.ks_2samp(v, c_ref).pvalue)
         rec[name] = r
     rec["seconds"] = {"sampling": t_sample, "total": time.perf_counter() - t0}
-    log(f"  quality {model_key} N={N} {draft} L={L} M={M}: "
-        + "; ".join(f"{k}: p={rec[k]['pvalue_vs_ref']:.3g} ED={rec[k]['energy_vs_ref']:.3g}"
-                    for k in sets)
-        + f" ({rec['seconds']['total']:.0f}s)")
+    log(
+        f"  quality {model_key} N={N} {draft} L={L} M={M}: "
+        + "; ".join(
+            f"{k}: p={rec[k]['pvalue_vs_ref']:.3g} ED={rec[k]['energy_vs_ref']:.3g}" for k in sets
+        )
+        + f" ({rec['seconds']['total']:.0f}s)"
+    )
     return rec
 
 
@@ -410,30 +489,52 @@ def targets(cost, quality) -> list[tuple[str, str, str]]:
     dig = [c for c in cost if c["model"] == "digits" and c["N"] == 200]
     if dig:
         b = min(dig, key=lambda c: c["seq_ratio_chain"])
-        rows.append(("digits, N=200, best L: sequential target calls / ancestral <= 0.35",
-                     f"{b['seq_ratio_chain']:.3f} per chain ({b['seq_ratio_batch']:.3f} batch of "
-                     f"{b['batch']}), L={b['L']}, draft {b['draft']}",
-                     "met" if b["seq_ratio_chain"] <= 0.35 else "MISSED"))
+        rows.append(
+            (
+                "digits, N=200, best L: sequential target calls / ancestral <= 0.35",
+                f"{b['seq_ratio_chain']:.3f} per chain ({b['seq_ratio_batch']:.3f} batch of "
+                f"{b['batch']}), L={b['L']}, draft {b['draft']}",
+                "met" if b["seq_ratio_chain"] <= 0.35 else "MISSED",
+            )
+        )
         bw = min(dig, key=lambda c: c["wall_ratio_b1"])
-        rows.append(("digits, N=200, wall-clock at B=1 / ancestral <= 0.6 (best L)",
-                     f"{bw['wall_ratio_b1']:.2f} (L={bw['L']}, draft {bw['draft']}; "
-                     f"median of {bw['reps']} interleaved reps)",
-                     "met" if bw["wall_ratio_b1"] <= 0.6 else "MISSED"))
-    g = [c for c in cost if c["model"] == "gmm784" and c["N"] == 200 and c["L"] == 8 and c["draft"] == "x0+pf"]
+        rows.append(
+            (
+                "digits, N=200, wall-clock at B=1 / ancestral <= 0.6 (best L)",
+                f"{bw['wall_ratio_b1']:.2f} (L={bw['L']}, draft {bw['draft']}; "
+                f"median of {bw['reps']} interleaved reps)",
+                "met" if bw["wall_ratio_b1"] <= 0.6 else "MISSED",
+            )
+        )
+    g = [
+        c
+        for c in cost
+        if c["model"] == "gmm784" and c["N"] == 200 and c["L"] == 8 and c["draft"] == "x0+pf"
+    ]
     if g:
         c = g[0]
-        rows.append(("GMM D=784, N=200, L=8: sequential target calls / ancestral <= 0.30",
-                     f"{c['seq_ratio_chain']:.3f} per chain ({c['seq_ratio_batch']:.3f} batch), "
-                     f"frozen x0 + prefetch", "met" if c["seq_ratio_chain"] <= 0.30 else "MISSED"))
+        rows.append(
+            (
+                "GMM D=784, N=200, L=8: sequential target calls / ancestral <= 0.30",
+                f"{c['seq_ratio_chain']:.3f} per chain ({c['seq_ratio_batch']:.3f} batch), "
+                f"frozen x0 + prefetch",
+                "met" if c["seq_ratio_chain"] <= 0.30 else "MISSED",
+            )
+        )
     if quality:
         m = len(quality)
         ps = [q["speculative"]["pvalue_vs_ref"] for q in quality]
         bad = [p for p in ps if p < 0.01 / m]
-        rows.append(("exactness: speculative vs independent ancestral, two-sample p > 0.01 / m "
-                     f"(Bonferroni over the m = {m} quality cells)",
-                     f"{m - len(bad)}/{m} cells pass; min p = {min(ps):.3g}; "
-                     f"{sum(p < 0.01 for p in ps)} cell(s) below 0.01 (about {0.01 * m:.2f} expected "
-                     f"by chance)", "met" if not bad else "MISSED"))
+        rows.append(
+            (
+                "exactness: speculative vs independent ancestral, two-sample p > 0.01 / m "
+                f"(Bonferroni over the m = {m} quality cells)",
+                f"{m - len(bad)}/{m} cells pass; min p = {min(ps):.3g}; "
+                f"{sum(p < 0.01 for p in ps)} cell(s) below 0.01 (about {0.01 * m:.2f} expected "
+                f"by chance)",
+                "met" if not bad else "MISSED",
+            )
+        )
 
         def few_p(q):
             f = q[f"ancestral_{q['M_fewer_steps']}_steps"]
@@ -441,17 +542,30 @@ def targets(cost, quality) -> list[tuple[str, str, str]]:
             return min(f["pvalue_vs_ref"], f[f"{k}_ks_pvalue_vs_ref"])
 
         det = [q for q in quality if few_p(q) < 0.01]
-        miss = ", ".join(sorted({f"{q['model']} N={q['N']} (M={q['M_fewer_steps']}, p={few_p(q):.2g})"
-                                 for q in quality if few_p(q) >= 0.01}))
-        rows.append(("(contrast) ancestral with M = the speculative sequential-call budget is detected "
-                     "as a different law (two-sample or spread/confidence KS p < 0.01)",
-                     f"{len(det)}/{m} cells" + (f"; not detected: {miss}" if miss else ""),
-                     "info"))
+        miss = ", ".join(
+            sorted(
+                {
+                    f"{q['model']} N={q['N']} (M={q['M_fewer_steps']}, p={few_p(q):.2g})"
+                    for q in quality
+                    if few_p(q) >= 0.01
+                }
+            )
+        )
+        rows.append(
+            (
+                "(contrast) ancestral with M = the speculative sequential-call budget is detected "
+                "as a different law (two-sample or spread/confidence KS p < 0.01)",
+                f"{len(det)}/{m} cells" + (f"; not detected: {miss}" if miss else ""),
+                "info",
+            )
+        )
     return rows
 
 
 def write_report(mode, cost, quality, meta, out: Path) -> None:
-    cost = sorted(cost, key=lambda c: (model_order(c["model"]), c["N"], c["L"], DRAFT_NAMES.index(c["draft"])))
+    cost = sorted(
+        cost, key=lambda c: (model_order(c["model"]), c["N"], c["L"], DRAFT_NAMES.index(c["draft"]))
+    )
     quality = sorted(quality, key=lambda q: (model_order(q["model"]), q["N"], q["draft"]))
     stem = f"sampler_{mode}"
     head = json.dumps({"meta": meta, "targets": targets(cost, quality)}, indent=1)[:-2]
@@ -459,39 +573,52 @@ def write_report(mode, cost, quality, meta, out: Path) -> None:
     def slim(r):
         r = dict(r)
         if "acceptance_by_step" in r:
-            r["acceptance_by_step"] = [None if a is None else round(a, 3) for a in r["acceptance_by_step"]]
+            r["acceptance_by_step"] = [
+                None if a is None else round(a, 3) for a in r["acceptance_by_step"]
+            ]
         return clean(r)
 
-    body = ",\n".join(f' "{k}": [\n' + ",\n".join("  " + json.dumps(slim(r)) for r in recs) + "\n ]"
-                      for k, recs in (("cost", cost), ("quality", quality)))
+    body = ",\n".join(
+        f' "{k}": [\n' + ",\n".join("  " + json.dumps(slim(r)) for r in recs) + "\n ]"
+        for k, recs in (("cost", cost), ("quality", quality))
+    )
     pngs = make_plots(stem, cost, out)
     L = []
     L.append(f"# Speculative vs ancestral sampling, end to end ({mode} mode)\n")
-    L.append(f"Command: `{meta['command']}`. CPU: {meta['cpu']} ({meta['cores']} cores, shared with other "
-             f"jobs: load average {meta['load']} during the run, so wall-clock numbers are medians of "
-             f"interleaved repetitions and are noisy), torch {meta['torch']}, "
-             f"{meta['threads']} torch thread(s). DDPM ancestral chain (linear betas, T=1000, "
-             f"'leading' respacing to N steps, fixed_small variance, epsilon prediction; digits: x0 "
-             f"clipped to [-1, 1]); float32 states. Ratios are speculative / ancestral at the same N. "
-             f"Cost statistics: one ragged batch of B={meta['batch']} chains (seed {SEED}). GMM networks "
-             f"are called in micro-batches of max(8, 32768 // D) states (ancestral and speculative "
-             f"alike: the exact GMM denoiser's [B, K, D] float64 temporaries fall out of cache above "
-             f"that and its cost per state grows 3-5x); the digits MLP is called whole.\n")
+    L.append(
+        f"Command: `{meta['command']}`. CPU: {meta['cpu']} ({meta['cores']} cores, shared with other "
+        f"jobs: load average {meta['load']} during the run, so wall-clock numbers are medians of "
+        f"interleaved repetitions and are noisy), torch {meta['torch']}, "
+        f"{meta['threads']} torch thread(s). DDPM ancestral chain (linear betas, T=1000, "
+        f"'leading' respacing to N steps, fixed_small variance, epsilon prediction; digits: x0 "
+        f"clipped to [-1, 1]); float32 states. Ratios are speculative / ancestral at the same N. "
+        f"Cost statistics: one ragged batch of B={meta['batch']} chains (seed {SEED}). GMM networks "
+        f"are called in micro-batches of max(8, 32768 // D) states (ancestral and speculative "
+        f"alike: the exact GMM denoiser's [B, K, D] float64 temporaries fall out of cache above "
+        f"that and its cost per state grows 3-5x); the digits MLP is called whole.\n"
+    )
     if mode == "full":
-        L.append("Full-mode grid limits (time on 2 shared cores): "
-                 + "; ".join(f"{mk} N={N}: drafts {', '.join(d)} only" for (mk, N), d in FULL_LIMITS.items())
-                 + ". Quality cells skipped: " + ", ".join(f"{mk} N={N}" for mk, N in sorted(FULL_QUALITY_SKIP))
-                 + ". Timing repetitions at B=64 stop after the first when one repetition of a "
-                 "group took more than a minute (see `big_reps` per cell in the JSON).\n")
-    L.append("Columns: **seq/chain** = sequential target calls one chain needs (mean over the batch; "
-             "rounds x calls per round) / N -- the latency of B=1; **seq/batch** = sequential calls "
-             "of the whole ragged batch / N; **evals** = total target evaluations / (B N) "
-             "(compute); **acc/round** = mean accepted draft steps per round, **commit/round** = "
-             "committed steps per round (accepted + the reflected one); **acc pos** = acceptance at "
-             f"window positions 0, L/2, L-1; **wall B=1**, **wall B={meta['batch']}** = wall-clock / ancestral "
-             "(median over interleaved reps); **net%** = share of the speculative wall time spent "
-             "inside target+draft network calls at B=1 (the rest is sampler overhead). Draft "
-             "`model`: **drafts** = sequential draft-network calls / N (not in seq/chain).\n")
+        L.append(
+            "Full-mode grid limits (time on 2 shared cores): "
+            + "; ".join(
+                f"{mk} N={N}: drafts {', '.join(d)} only" for (mk, N), d in FULL_LIMITS.items()
+            )
+            + ". Quality cells skipped: "
+            + ", ".join(f"{mk} N={N}" for mk, N in sorted(FULL_QUALITY_SKIP))
+            + ". Timing repetitions at B=64 stop after the first when one repetition of a "
+            "group took more than a minute (see `big_reps` per cell in the JSON).\n"
+        )
+    L.append(
+        "Columns: **seq/chain** = sequential target calls one chain needs (mean over the batch; "
+        "rounds x calls per round) / N -- the latency of B=1; **seq/batch** = sequential calls "
+        "of the whole ragged batch / N; **evals** = total target evaluations / (B N) "
+        "(compute); **acc/round** = mean accepted draft steps per round, **commit/round** = "
+        "committed steps per round (accepted + the reflected one); **acc pos** = acceptance at "
+        f"window positions 0, L/2, L-1; **wall B=1**, **wall B={meta['batch']}** = wall-clock / ancestral "
+        "(median over interleaved reps); **net%** = share of the speculative wall time spent "
+        "inside target+draft network calls at B=1 (the rest is sampler overhead). Draft "
+        "`model`: **drafts** = sequential draft-network calls / N (not in seq/chain).\n"
+    )
     L.append("## Targets\n")
     L.append("| target | measured | |\n|---|---|---|")
     for t, v, s in targets(cost, quality):
@@ -502,18 +629,20 @@ def write_report(mode, cost, quality, meta, out: Path) -> None:
     L.append(headline_table(cost, 200))
     if quality:
         L.append("## Quality beside speed\n")
-        L.append("Every sample set is compared with an INDEPENDENT ancestral run at the same N "
-                 "(`ref`, its own seed). `ancestral (indep.)` is a second independent ancestral run "
-                 "(what a perfect sampler scores), `speculative` is the speculative sampler at the "
-                 "listed L, `ancestral M steps` is the plain chain with M = the speculative "
-                 "per-chain sequential-call budget. ED = energy distance, SW = sliced W1, p = "
-                 "two-sample p-value (per-coordinate KS + energy permutation test, Bonferroni). "
-                 "GMM: spread = mean over samples of ||x - mu_k||^2 / (D sigma_k^2) for the sample's most "
-                 "likely component k (exact mixture samples: 1; too few steps: under-dispersed) and "
-                 "the KS p-value of the per-sample spread against ref (the JSON also has a KS test of "
-                 "log p(x) under the true mixture); "
-                 "digits: mean classifier confidence and its KS p-value against ref. "
-                 "'vs exact': energy distance to exact mixture samples / the digits data set.\n")
+        L.append(
+            "Every sample set is compared with an INDEPENDENT ancestral run at the same N "
+            "(`ref`, its own seed). `ancestral (indep.)` is a second independent ancestral run "
+            "(what a perfect sampler scores), `speculative` is the speculative sampler at the "
+            "listed L, `ancestral M steps` is the plain chain with M = the speculative "
+            "per-chain sequential-call budget. ED = energy distance, SW = sliced W1, p = "
+            "two-sample p-value (per-coordinate KS + energy permutation test, Bonferroni). "
+            "GMM: spread = mean over samples of ||x - mu_k||^2 / (D sigma_k^2) for the sample's most "
+            "likely component k (exact mixture samples: 1; too few steps: under-dispersed) and "
+            "the KS p-value of the per-sample spread against ref (the JSON also has a KS test of "
+            "log p(x) under the true mixture); "
+            "digits: mean classifier confidence and its KS p-value against ref. "
+            "'vs exact': energy distance to exact mixture samples / the digits data set.\n"
+        )
         L.append(quality_table(quality))
     L.append("## Where speculative sampling does not pay\n")
     L.append(negatives_text(cost))
@@ -536,15 +665,19 @@ def _row(c):
     pos = "/".join(fmt(acc[j], ".2f") for j in sorted({0, Lw // 2, Lw - 1}))
     net = (c["target_s_b1"] + c["draft_s_b1"]) / c["wall_b1"] * 100 if c["wall_b1"] else math.nan
     drafts = fmt(c["draft_calls_ratio"], ".2f") if c["draft"] == "model" else "-"
-    return (f"| {c['model']} | {c['N']} | {c['L']} | {c['draft']} | {fmt(c['seq_ratio_chain'])} | "
-            f"{fmt(c['seq_ratio_batch'])} | {fmt(c['evals_ratio'], '.2f')} | {drafts} | {c['rounds']} | "
-            f"{fmt(c['mean_accepted_per_round'], '.2f')} | {fmt(c['mean_committed_per_round'], '.2f')} | "
-            f"{pos} | {fmt(c['wall_ratio_b1'], '.2f')} | {fmt(c['wall_ratio_bB'], '.2f')} | {fmt(net, '.0f')} |")
+    return (
+        f"| {c['model']} | {c['N']} | {c['L']} | {c['draft']} | {fmt(c['seq_ratio_chain'])} | "
+        f"{fmt(c['seq_ratio_batch'])} | {fmt(c['evals_ratio'], '.2f')} | {drafts} | {c['rounds']} | "
+        f"{fmt(c['mean_accepted_per_round'], '.2f')} | {fmt(c['mean_committed_per_round'], '.2f')} | "
+        f"{pos} | {fmt(c['wall_ratio_b1'], '.2f')} | {fmt(c['wall_ratio_bB'], '.2f')} | {fmt(net, '.0f')} |"
+    )
 
 
-HEAD = ("| model | N | L | draft | seq/chain | seq/batch | evals | drafts | rounds | acc/round | "
-        "commit/round | acc pos 0/mid/last | wall B=1 | wall B={B} | net% |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+HEAD = (
+    "| model | N | L | draft | seq/chain | seq/batch | evals | drafts | rounds | acc/round | "
+    "commit/round | acc pos 0/mid/last | wall B=1 | wall B={B} | net% |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+)
 
 
 def headline_table(cost, N):
@@ -562,24 +695,31 @@ def full_table(cost):
 
 
 def quality_table(quality):
-    rows = ["| model | N | draft, L | M | sample set | ED vs ref | SW vs ref | p vs ref | "
-            "GMM spread / digits confidence (KS p vs ref) | ED vs exact |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| model | N | draft, L | M | sample set | ED vs ref | SW vs ref | p vs ref | "
+        "GMM spread / digits confidence (KS p vs ref) | ED vs exact |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for q in quality:
         gm = q["model"].startswith("gmm")
         refv = q["ref_spread_mean"] if gm else q["ref_confidence_mean"]
-        rows.append(f"| {q['model']} (n={q['n']}) | {q['N']} | {q['draft']}, {q['L']} | {q['M_fewer_steps']} | ref "
-                    f"(ancestral, N={q['N']}) | 0 | 0 | - | {fmt(refv, '.3f')} | "
-                    f"{fmt(q['ref_vs_exact']['energy'], '.4f')} |")
+        rows.append(
+            f"| {q['model']} (n={q['n']}) | {q['N']} | {q['draft']}, {q['L']} | {q['M_fewer_steps']} | ref "
+            f"(ancestral, N={q['N']}) | 0 | 0 | - | {fmt(refv, '.3f')} | "
+            f"{fmt(q['ref_vs_exact']['energy'], '.4f')} |"
+        )
         for name in ("ancestral_indep", "speculative", f"ancestral_{q['M_fewer_steps']}_steps"):
             r = q[name]
             v = r["spread_mean"] if gm else r["confidence_mean"]
             kp = r["spread_ks_pvalue_vs_ref"] if gm else r["confidence_ks_pvalue_vs_ref"]
             label = {"ancestral_indep": "ancestral (indep.)", "speculative": "**speculative**"}.get(
-                name, f"ancestral {q['M_fewer_steps']} steps")
-            rows.append(f"| | | | | {label} | {fmt(r['energy_vs_ref'], '.4f')} | "
-                        f"{fmt(r['sliced_w1_vs_ref'], '.4f')} | {fmt(r['pvalue_vs_ref'], '.3g')} | "
-                        f"{fmt(v, '.3f')} ({fmt(kp, '.2g')}) | {fmt(r['energy_vs_exact'], '.4f')} |")
+                name, f"ancestral {q['M_fewer_steps']} steps"
+            )
+            rows.append(
+                f"| | | | | {label} | {fmt(r['energy_vs_ref'], '.4f')} | "
+                f"{fmt(r['sliced_w1_vs_ref'], '.4f')} | {fmt(r['pvalue_vs_ref'], '.3g')} | "
+                f"{fmt(v, '.3f')} ({fmt(kp, '.2g')}) | {fmt(r['energy_vs_exact'], '.4f')} |"
+            )
     return "\n".join(rows) + "\n"
 
 
@@ -591,28 +731,42 @@ def negatives_text(cost):
             b1 = min(cs, key=lambda c: c["wall_ratio_b1"])
             bB = min(cs, key=lambda c: c["wall_ratio_bB"])
             bs = min(cs, key=lambda c: c["seq_ratio_chain"])
-            out.append(f"- {mk}, N={N}: best seq/chain {bs['seq_ratio_chain']:.3f} (L={bs['L']}, "
-                       f"{bs['draft']}, evals x{bs['evals_ratio']:.2f}); best wall-clock B=1 "
-                       f"x{b1['wall_ratio_b1']:.2f} (L={b1['L']}, {b1['draft']}), best B={b1['batch']} "
-                       f"x{bB['wall_ratio_bB']:.2f} (L={bB['L']}, {bB['draft']}); ancestral "
-                       f"{b1['anc_wall_b1'] * 1e3 / N:.2f} ms/step at B=1 of which "
-                       f"{b1['anc_target_s_b1'] * 1e3 / N:.2f} ms in the network")
+            out.append(
+                f"- {mk}, N={N}: best seq/chain {bs['seq_ratio_chain']:.3f} (L={bs['L']}, "
+                f"{bs['draft']}, evals x{bs['evals_ratio']:.2f}); best wall-clock B=1 "
+                f"x{b1['wall_ratio_b1']:.2f} (L={b1['L']}, {b1['draft']}), best B={b1['batch']} "
+                f"x{bB['wall_ratio_bB']:.2f} (L={bB['L']}, {bB['draft']}); ancestral "
+                f"{b1['anc_wall_b1'] * 1e3 / N:.2f} ms/step at B=1 of which "
+                f"{b1['anc_target_s_b1'] * 1e3 / N:.2f} ms in the network"
+            )
     return "\n".join(out) + "\n"
 
 
 def acceptance_text(cost):
     out = []
     for mk in sorted({c["model"] for c in cost}, key=model_order):
-        cs = [c for c in cost if c["model"] == mk and c["N"] == 200 and c["draft"] == "x0+pf" and c["L"] == 8]
+        cs = [
+            c
+            for c in cost
+            if c["model"] == mk and c["N"] == 200 and c["draft"] == "x0+pf" and c["L"] == 8
+        ]
         if not cs:
             continue
         a = np.array([np.nan if v is None else v for v in cs[0]["acceptance_by_step"]], dtype=float)
         N = len(a)
         parts = []
-        for lo, hi in ((0, N // 4), (N // 4, N // 2), (N // 2, 3 * N // 4), (3 * N // 4, N - 10), (N - 10, N)):
+        for lo, hi in (
+            (0, N // 4),
+            (N // 4, N // 2),
+            (N // 2, 3 * N // 4),
+            (3 * N // 4, N - 10),
+            (N - 10, N),
+        ):
             parts.append(f"steps {lo}-{hi - 1}: {np.nanmean(a[lo:hi]):.2f}")
-        out.append(f"- {mk} (N=200, L=8, frozen x0 + prefetch), acceptance by sampling step "
-                   f"(0 = noise end): " + ", ".join(parts))
+        out.append(
+            f"- {mk} (N=200, L=8, frozen x0 + prefetch), acceptance by sampling step "
+            f"(0 = noise end): " + ", ".join(parts)
+        )
     return "\n".join(out) + "\n"
 
 
@@ -641,16 +795,23 @@ class PlotData:
 
     def cells(self, model: str, draft: str, **where) -> list[dict]:
         """The records of (model, N0, draft) matching ``where``, by increasing L."""
-        cs = [c for c in self.cost if c["model"] == model and c["N"] == self.N0
-              and c["draft"] == draft and all(c[k] == v for k, v in where.items())]
+        cs = [
+            c
+            for c in self.cost
+            if c["model"] == model
+            and c["N"] == self.N0
+            and c["draft"] == draft
+            and all(c[k] == v for k, v in where.items())
+        ]
         return sorted(cs, key=lambda c: c["L"])
 
 
 def plot_ratio_vs_L(plt, data: PlotData):
     """Sequential calls and evaluations vs L per model, one column per draft."""
     drafts = data.drafts
-    fig, axes = plt.subplots(2, len(drafts), figsize=(3.4 * len(drafts), 6.4), sharex=True,
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        2, len(drafts), figsize=(3.4 * len(drafts), 6.4), sharex=True, squeeze=False
+    )
     for j, d in enumerate(drafts):
         for mk in data.models:
             cs = data.cells(mk, d)
@@ -669,8 +830,9 @@ def plot_ratio_vs_L(plt, data: PlotData):
     axes[0, 0].set_ylabel("sequential target calls / N\n(per chain)")
     axes[1, 0].set_ylabel("target evaluations / (B N)")
     axes[0, 0].legend(fontsize=8)
-    fig.suptitle(f"speculative / ancestral cost vs window, N={data.N0} (dotted: paper's 0.5; "
-                 "ancestral 1.0)")
+    fig.suptitle(
+        f"speculative / ancestral cost vs window, N={data.N0} (dotted: paper's 0.5; ancestral 1.0)"
+    )
     return fig
 
 
@@ -712,8 +874,14 @@ def plot_wall(plt, data: PlotData):
             for d, ls in (("x0+pf", "o-"), ("model", "s--")):
                 cs = data.cells(mk, d)
                 if cs:
-                    ax.plot([c["L"] for c in cs], [c[f"wall_ratio_{tag}"] for c in cs], ls, ms=4,
-                            color=f"C{i}", label=f"{mk} {d}")
+                    ax.plot(
+                        [c["L"] for c in cs],
+                        [c[f"wall_ratio_{tag}"] for c in cs],
+                        ls,
+                        ms=4,
+                        color=f"C{i}",
+                        label=f"{mk} {d}",
+                    )
         ax.axhline(1.0, color="gray", ls=":", lw=1)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
@@ -744,15 +912,18 @@ def make_plots(stem, cost, out: Path) -> list[str]:
     """The report's PNGs, written beside it; their file names ([] without matplotlib)."""
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return []
     data = PlotData(cost)
-    plots = {"ratio_vs_L": lambda: plot_ratio_vs_L(plt, data),
-             "acceptance_position": lambda: plot_acceptance(plt, data, "position"),
-             "acceptance_step": lambda: plot_acceptance(plt, data, "step"),
-             "wall": lambda: plot_wall(plt, data)}
+    plots = {
+        "ratio_vs_L": lambda: plot_ratio_vs_L(plt, data),
+        "acceptance_position": lambda: plot_acceptance(plt, data, "position"),
+        "acceptance_step": lambda: plot_acceptance(plt, data, "step"),
+        "wall": lambda: plot_wall(plt, data),
+    }
     if len(data.Ns) > 1:
         plots["ratio_vs_N"] = lambda: plot_ratio_vs_N(plt, data)
     files = []
@@ -785,8 +956,9 @@ class Store:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--quick", action="store_true", help="representative subset, < 5 min")
     ap.add_argument("--models", nargs="+", help="subset of the mode's models (gmm<D>, digits)")
     ap.add_argument("--steps", type=int, nargs="+", help="subset of N")
@@ -796,10 +968,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--reps", type=int, help="timing repetitions at B=1")
     ap.add_argument("--big-reps", type=int, help="timing repetitions at B=batch")
     ap.add_argument("--quality-n", type=int, help="samples per set in the quality cells")
-    ap.add_argument("--rep-budget", type=float, help="skip further timing reps of a group/batch "
-                    "size once one took longer than this many seconds")
-    ap.add_argument("--batch", type=int,
-                    help="chains of the cost-statistics / big-batch timing run (64)")
+    ap.add_argument(
+        "--rep-budget",
+        type=float,
+        help="skip further timing reps of a group/batch "
+        "size once one took longer than this many seconds",
+    )
+    ap.add_argument(
+        "--batch", type=int, help="chains of the cost-statistics / big-batch timing run (64)"
+    )
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--fresh", action="store_true", help="discard stored records of this mode")
     ap.add_argument("--report-only", action="store_true")
@@ -816,8 +993,13 @@ def mode_config(args: argparse.Namespace) -> tuple[str, dict]:
             cfg[k] = getattr(args, k)
     if args.steps:
         cfg["q_steps"] = [N for N in cfg["q_steps"] if N in args.steps]
-    overrides = {"reps": args.reps, "big_reps": args.big_reps, "q_n": args.quality_n,
-                 "rep_budget": args.rep_budget, "batch": args.batch}
+    overrides = {
+        "reps": args.reps,
+        "big_reps": args.big_reps,
+        "q_n": args.quality_n,
+        "rep_budget": args.rep_budget,
+        "batch": args.batch,
+    }
     cfg.update({k: v for k, v in overrides.items() if v})
     return mode, cfg
 
@@ -839,13 +1021,17 @@ def available_models(cfg: dict, log) -> list[str]:
     return avail
 
 
-def run_cost(args, mode: str, cfg: dict, avail: list[str], store: Store, recs: list,
-             loads: list, log) -> None:
+def run_cost(
+    args, mode: str, cfg: dict, avail: list[str], store: Store, recs: list, loads: list, log
+) -> None:
     """Every (model, N) group with a cell not yet in the store."""
     for mk in avail:
         for N in cfg["steps"]:
-            have = {(r["L"], r["draft"]) for r in recs
-                    if r["kind"] == "cost" and r["model"] == mk and r["N"] == N}
+            have = {
+                (r["L"], r["draft"])
+                for r in recs
+                if r["kind"] == "cost" and r["model"] == mk and r["N"] == N
+            }
             drafts = cfg["drafts"]
             if mode == "full" and not args.drafts and (mk, N) in FULL_LIMITS:
                 drafts = FULL_LIMITS[(mk, N)]
@@ -854,24 +1040,28 @@ def run_cost(args, mode: str, cfg: dict, avail: list[str], store: Store, recs: l
             if not Ls:
                 continue
             log(f"cost group {mk} N={N}: L={Ls} drafts={ds}")
-            for rec in run_group(mk, N, Ls, ds, cfg["reps"], cfg["big_reps"], cfg["batch"], log,
-                                 cfg["rep_budget"]):
+            for rec in run_group(
+                mk, N, Ls, ds, cfg["reps"], cfg["big_reps"], cfg["batch"], log, cfg["rep_budget"]
+            ):
                 if (rec["L"], rec["draft"]) not in have:
                     store.append(rec)
                     recs.append(rec)
             loads.append(os.getloadavg()[0])
 
 
-def run_quality(mode: str, cfg: dict, avail: list[str], store: Store, recs: list, loads: list,
-                log) -> None:
+def run_quality(
+    mode: str, cfg: dict, avail: list[str], store: Store, recs: list, loads: list, log
+) -> None:
     """Every quality cell not yet in the store, at the best L of its cost cells."""
     for mk in avail:
         for N in cfg["q_steps"]:
             if mode == "full" and (mk, N) in FULL_QUALITY_SKIP:
                 continue  # too slow on 2 cores (documented in the report)
             for d in cfg["q_drafts"]:
-                if any(r["kind"] == "quality" and r["model"] == mk and r["N"] == N
-                       and r["draft"] == d for r in recs):
+                if any(
+                    r["kind"] == "quality" and r["model"] == mk and r["N"] == N and r["draft"] == d
+                    for r in recs
+                ):
                     continue
                 b = best_cell([r for r in recs if r["kind"] == "cost"], mk, N, d)
                 D = int(np.prod(load_model(mk).event_shape))
@@ -884,13 +1074,24 @@ def run_quality(mode: str, cfg: dict, avail: list[str], store: Store, recs: list
 
 def report_meta(args, mode: str, cfg: dict, cost: list, loads: list) -> dict:
     allload = [x for r in cost for x in r.get("loadavg", [])] + loads
-    cmd = ("python bench/bench_sampler.py --quick" if args.quick else
-           "python bench/bench_sampler.py (resumable; may be run in pieces with --models / --steps)")
+    cmd = (
+        "python bench/bench_sampler.py --quick"
+        if args.quick
+        else "python bench/bench_sampler.py (resumable; may be run in pieces with --models / --steps)"
+    )
     env = common.environment("cpu")
-    return {"mode": mode, "command": cmd, "cpu": env["cpu"], "cores": env["cores"],
-            "torch": env["torch"], "threads": env["threads"], "batch": cfg["batch"],
-            "load": f"{min(allload):.1f}-{max(allload):.1f}",
-            "config": cfg, "generated": time.strftime("%Y-%m-%d %H:%M:%S")}
+    return {
+        "mode": mode,
+        "command": cmd,
+        "cpu": env["cpu"],
+        "cores": env["cores"],
+        "torch": env["torch"],
+        "threads": env["threads"],
+        "batch": cfg["batch"],
+        "load": f"{min(allload):.1f}-{max(allload):.1f}",
+        "config": cfg,
+        "generated": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
 
 
 def main(argv=None) -> int:
@@ -899,6 +1100,7 @@ def main(argv=None) -> int:
         # the latency cells (static vs ragged round vs the fastest ancestral chain, own cost and
         # aten calls per round): bench/bench_latency.py, which takes the remaining arguments
         from bench_latency import main as latency_main
+
         return latency_main(argv[1:])
     args = parse_args(argv)
     mode, cfg = mode_config(args)

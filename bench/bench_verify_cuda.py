@@ -18,6 +18,7 @@ from the reference (near-threshold ties only; expected 0 almost always), so the 
 (``choose_strategy`` in specdiff_kernels/ops/triton/verify.py) can be re-tuned from the
 per-strategy timings.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -84,11 +85,18 @@ def reference_fits(B: int, L: int, D: int, elt: int, device: torch.device) -> bo
 # ---------------------------------------------------------------- one size
 def bench_size(B, L, D, dtype, device, copy_bw, compiled) -> dict:
     from specdiff_kernels.ops.triton import verify as tk
+
     args = make_inputs(B, L, D, dtype, device)
     elt = torch.empty((), dtype=dtype).element_size()
     nbytes = 3 * B * L * D * elt
-    row = {"B": B, "L": L, "D": D, "dtype": str(dtype).replace("torch.", ""), "bytes_read": nbytes,
-           "auto_strategy": tk.choose_strategy(B, L, D, tk.num_sms(device), elt)}
+    row = {
+        "B": B,
+        "L": L,
+        "D": D,
+        "dtype": str(dtype).replace("torch.", ""),
+        "bytes_read": nbytes,
+        "auto_strategy": tk.choose_strategy(B, L, D, tk.num_sms(device), elt),
+    }
     op = torch.ops.specdiff.triton_speculative_verify.default
     # "auto" launches exactly the kernels of the strategy it picks: its time is that strategy's.
     impls = {
@@ -111,13 +119,16 @@ def bench_size(B, L, D, dtype, device, copy_bw, compiled) -> dict:
         # Kernel time without the Python launch path (triton_op dispatch, autotuner lookup): the
         # op replayed from a CUDA graph. What a sampler that captures its verify step would see.
         import triton.testing
+
         for strat in ("per_chain", "split"):
             row[f"{strat}_graph_ms"] = triton.testing.do_bench_cudagraph(
-                lambda: op(*args, None, strat), rep=20)
+                lambda: op(*args, None, strat), rep=20
+            )
         row["triton_cudagraph_ms"] = row[f"{row['auto_strategy']}_graph_ms"]
         # Host time per call, back to back without synchronising: the launch path's own cost.
         row["triton_host_us_per_call"] = 1e6 * common.per_call(
-            lambda: op(*args, None, "auto"), 50, device, host_only=True)
+            lambda: op(*args, None, "auto"), 50, device, host_only=True
+        )
     for ref_name in ("eager_reference", "compiled_reference"):
         if ref_name in row:
             row[f"speedup_vs_{ref_name.split('_')[0]}"] = row[ref_name]["ms"] / row["triton"]["ms"]
@@ -136,6 +147,7 @@ def _cell(row, name, key="ms", fmt="{:.3f}"):
 def _rule_now(meta: dict, row: dict) -> str:
     """What the current launch rule picks for the row's size (on the run's device)."""
     from specdiff_kernels.ops.triton import verify as tk
+
     if not meta.get("num_sms"):
         return row["auto_strategy"]
     elt = torch.empty((), dtype=DTYPES[meta["dtype"]]).element_size()
@@ -144,68 +156,111 @@ def _rule_now(meta: dict, row: dict) -> str:
 
 def _auto_cell(meta: dict, row: dict) -> str:
     now = _rule_now(meta, row)
-    return row["auto_strategy"] if now == row["auto_strategy"] else f"{row['auto_strategy']} → {now}"
+    return (
+        row["auto_strategy"] if now == row["auto_strategy"] else f"{row['auto_strategy']} → {now}"
+    )
 
 
 def to_markdown(meta: dict, rows: list[dict]) -> str:
-    lines = [f"# speculative_verify on {meta['device_name']} ({meta['dtype']})", "",
-             f"torch {meta['torch']}, triton {meta['triton']}; copy bandwidth (`copy_` of "
-             f"{meta['copy_numel'] * 4 / 2**20:.0f} MiB fp32, read + write): "
-             f"{meta['copy_bw_GBps']:.0f} GB/s. Times: `triton.testing.do_bench` median (ms). "
-             f"GB/s = 3·B·L·D·elt / time. Command: `{meta['command']}`", ""]
+    lines = [
+        f"# speculative_verify on {meta['device_name']} ({meta['dtype']})",
+        "",
+        f"torch {meta['torch']}, triton {meta['triton']}; copy bandwidth (`copy_` of "
+        f"{meta['copy_numel'] * 4 / 2**20:.0f} MiB fp32, read + write): "
+        f"{meta['copy_bw_GBps']:.0f} GB/s. Times: `triton.testing.do_bench` median (ms). "
+        f"GB/s = 3·B·L·D·elt / time. Command: `{meta['command']}`",
+        "",
+    ]
     if meta.get("dry_run"):
-        lines += ["**Dry run on CPU through the Triton interpreter: the numbers are meaningless; "
-                  "it only checks the script.**", ""]
+        lines += [
+            "**Dry run on CPU through the Triton interpreter: the numbers are meaningless; "
+            "it only checks the script.**",
+            "",
+        ]
     if meta.get("sizes_done", 0) < meta.get("sizes_planned", 0):
-        lines += [f"Partial run: {meta['sizes_done']} of {meta['sizes_planned']} sizes "
-                  "(time budget).", ""]
+        lines += [
+            f"Partial run: {meta['sizes_done']} of {meta['sizes_planned']} sizes (time budget).",
+            "",
+        ]
     changed = [r for r in rows if _rule_now(meta, r) != r["auto_strategy"]]
     if changed:
-        lines += [f"The launch rule changed after this run: for {len(changed)} of {len(rows)} sizes "
-                  "it now picks the other strategy (shown as `old → now`); that strategy's time is "
-                  "in its own column (measured in this run), and the Triton, GB/s, graph and host "
-                  "columns are those of the old pick.", ""]
-    lines += ["Triton = the automatic strategy (its time is that strategy's column). graph µs: the "
-              "op replayed from a CUDA graph (`do_bench_cudagraph`, no Python launch path); host "
-              "µs: Python time per call, back to back.", ""]
-    lines += ["| B | L | D | auto | Triton ms | GB/s | % copy BW | per_chain ms | split ms | "
-              "graph µs | per_chain / split graph µs | host µs | eager ms | compiled ms | "
-              "× eager | × compiled |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"The launch rule changed after this run: for {len(changed)} of {len(rows)} sizes "
+            "it now picks the other strategy (shown as `old → now`); that strategy's time is "
+            "in its own column (measured in this run), and the Triton, GB/s, graph and host "
+            "columns are those of the old pick.",
+            "",
+        ]
+    lines += [
+        "Triton = the automatic strategy (its time is that strategy's column). graph µs: the "
+        "op replayed from a CUDA graph (`do_bench_cudagraph`, no Python launch path); host "
+        "µs: Python time per call, back to back.",
+        "",
+    ]
+    lines += [
+        "| B | L | D | auto | Triton ms | GB/s | % copy BW | per_chain ms | split ms | "
+        "graph µs | per_chain / split graph µs | host µs | eager ms | compiled ms | "
+        "× eager | × compiled |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         lines.append(
             f"| {r['B']} | {r['L']} | {r['D']} | {_auto_cell(meta, r)} | {_cell(r, 'triton')} | "
             f"{_cell(r, 'triton', 'GBps', '{:.0f}')} | "
             f"{100 * r['triton']['frac_copy_bw']:.0f}% | {_cell(r, 'triton_per_chain')} | "
             f"{_cell(r, 'triton_split')} | "
-            + (f"{1e3 * r['triton_cudagraph_ms']:.1f} | "
-               + (f"{1e3 * r['per_chain_graph_ms']:.1f} / {1e3 * r['split_graph_ms']:.1f} | "
-                  if "split_graph_ms" in r else "- | ")
-               + f"{r['triton_host_us_per_call']:.0f} | "
-               if "triton_cudagraph_ms" in r else "- | - | - | ")
+            + (
+                f"{1e3 * r['triton_cudagraph_ms']:.1f} | "
+                + (
+                    f"{1e3 * r['per_chain_graph_ms']:.1f} / {1e3 * r['split_graph_ms']:.1f} | "
+                    if "split_graph_ms" in r
+                    else "- | "
+                )
+                + f"{r['triton_host_us_per_call']:.0f} | "
+                if "triton_cudagraph_ms" in r
+                else "- | - | - | "
+            )
             + f"{_cell(r, 'eager_reference')} | "
             f"{_cell(r, 'compiled_reference')} | "
-            + (f"{r['speedup_vs_eager']:.1f}" if "speedup_vs_eager" in r else "-") + " | "
-            + (f"{r['speedup_vs_compiled']:.2f}" if "speedup_vs_compiled" in r else "-") + " |")
+            + (f"{r['speedup_vs_eager']:.1f}" if "speedup_vs_eager" in r else "-")
+            + " | "
+            + (f"{r['speedup_vs_compiled']:.2f}" if "speedup_vs_compiled" in r else "-")
+            + " |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--device", default="cuda", choices=["cuda"], help="benchmark device")
     ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     ap.add_argument("--quick", action="store_true", help=f"only {QUICK}")
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile(reference)")
-    ap.add_argument("--dry-run", action="store_true",
-                    help="no GPU: run the script's logic on CPU through the Triton interpreter")
-    ap.add_argument("--time-budget", type=float, default=0.0,
-                    help="seconds: start no new size after this (0: no limit); results so far "
-                         "are written after every size either way")
-    ap.add_argument("--render", default=None, metavar="JSON",
-                    help="only rewrite the .md beside a saved results .json")
-    ap.add_argument("--out", default=None, help="output path stem "
-                    "(default bench/results/verify_cuda_<cardname>)")
+    ap.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="no GPU: run the script's logic on CPU through the Triton interpreter",
+    )
+    ap.add_argument(
+        "--time-budget",
+        type=float,
+        default=0.0,
+        help="seconds: start no new size after this (0: no limit); results so far "
+        "are written after every size either way",
+    )
+    ap.add_argument(
+        "--render",
+        default=None,
+        metavar="JSON",
+        help="only rewrite the .md beside a saved results .json",
+    )
+    ap.add_argument(
+        "--out",
+        default=None,
+        help="output path stem (default bench/results/verify_cuda_<cardname>)",
+    )
     args = ap.parse_args(argv)
     if not (args.dry_run or args.render):
         common.require_cuda(ap, ": use --dry-run to check the script on CPU")
@@ -223,18 +278,24 @@ def plan(args: argparse.Namespace) -> tuple[torch.device, str, list, int]:
 
 
 def describe(row: dict) -> str:
-    text = (f"B={row['B']:4d} L={row['L']:3d} D={row['D']:7d} [{row['auto_strategy']:9s}] triton "
-            f"{row['triton']['ms']:8.4f} ms ({row['triton']['GBps']:7.1f} GB/s, "
-            f"{100 * row['triton']['frac_copy_bw']:4.0f}% copy BW) | per_chain "
-            f"{row['triton_per_chain']['ms']:8.4f} | split {row['triton_split']['ms']:8.4f}")
+    text = (
+        f"B={row['B']:4d} L={row['L']:3d} D={row['D']:7d} [{row['auto_strategy']:9s}] triton "
+        f"{row['triton']['ms']:8.4f} ms ({row['triton']['GBps']:7.1f} GB/s, "
+        f"{100 * row['triton']['frac_copy_bw']:4.0f}% copy BW) | per_chain "
+        f"{row['triton_per_chain']['ms']:8.4f} | split {row['triton_split']['ms']:8.4f}"
+    )
     if "triton_cudagraph_ms" in row:
-        text += (f" | graph pc/split {row['per_chain_graph_ms']:8.4f}/"
-                 f"{row['split_graph_ms']:8.4f} | host {row['triton_host_us_per_call']:6.1f} us")
+        text += (
+            f" | graph pc/split {row['per_chain_graph_ms']:8.4f}/"
+            f"{row['split_graph_ms']:8.4f} | host {row['triton_host_us_per_call']:6.1f} us"
+        )
     if "eager_reference" in row:
         text += f" | eager {row['eager_reference']['ms']:8.3f} (x{row['speedup_vs_eager']:.1f})"
     if "compiled_reference" in row:
-        text += (f" | compiled {row['compiled_reference']['ms']:8.3f} "
-                 f"(x{row['speedup_vs_compiled']:.2f})")
+        text += (
+            f" | compiled {row['compiled_reference']['ms']:8.3f} "
+            f"(x{row['speedup_vs_compiled']:.2f})"
+        )
     return text
 
 
@@ -249,21 +310,33 @@ def main(argv=None) -> int:
     from specdiff_kernels.ops.triton import verify  # noqa: F401  (registers the ops)
 
     copy_bw = copy_bandwidth(device, copy_numel)
-    compiled = None if args.no_compile else torch.compile(reference.speculative_verify,
-                                                          dynamic=False)
-    meta = {**common.environment(device, __file__, argv), "device_name": name,
-            "dtype": args.dtype, "copy_numel": copy_numel, "copy_bw_GBps": copy_bw / 1e9,
-            "dry_run": args.dry_run, "sizes_planned": len(sizes),
-            "num_sms": (torch.cuda.get_device_properties(device).multi_processor_count
-                        if device.type == "cuda" else None)}
+    compiled = (
+        None if args.no_compile else torch.compile(reference.speculative_verify, dynamic=False)
+    )
+    meta = {
+        **common.environment(device, __file__, argv),
+        "device_name": name,
+        "dtype": args.dtype,
+        "copy_numel": copy_numel,
+        "copy_bw_GBps": copy_bw / 1e9,
+        "dry_run": args.dry_run,
+        "sizes_planned": len(sizes),
+        "num_sms": (
+            torch.cuda.get_device_properties(device).multi_processor_count
+            if device.type == "cuda"
+            else None
+        ),
+    }
     out = common.out_stem(args.out, f"verify_cuda_{card_slug(name)}")
     if args.dtype != "float32" and not args.out:
         out = out.with_name(out.name + f"_{args.dtype}")
     budget, rows = common.Deadline(args.time_budget or None), []
-    for (B, L, D) in sizes:
+    for B, L, D in sizes:
         if budget.spent():
-            common.log(f"time budget of {args.time_budget:.0f} s spent: stopping after "
-                       f"{len(rows)} of {len(sizes)} sizes")
+            common.log(
+                f"time budget of {args.time_budget:.0f} s spent: stopping after "
+                f"{len(rows)} of {len(sizes)} sizes"
+            )
             break
         torch._dynamo.reset()  # one specialised compile per size, never the recompile limit
         rows.append(bench_size(B, L, D, dtype, device, copy_bw, compiled))

@@ -12,6 +12,7 @@ prints one line per configuration and exits 1 if any hash differs.
 Only the public API is imported (``specdiff_kernels`` and ``specdiff_kernels.models``), so the
 same script runs on both sides of a move of the package's internal modules.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,10 +53,13 @@ SEED = 20240611
 def cosine_alphas_cumprod(T: int = 1000) -> torch.Tensor:
     """Nichol & Dhariwal's cosine schedule, betas capped at 0.999 (written out here: the
     package's schedule helpers are not public API)."""
+
     def abar(s):
         return math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
-    betas = torch.tensor([min(1 - abar((i + 1) / T) / abar(i / T), 0.999) for i in range(T)],
-                         dtype=torch.float64)
+
+    betas = torch.tensor(
+        [min(1 - abar((i + 1) / T) / abar(i / T), 0.999) for i in range(T)], dtype=torch.float64
+    )
     return torch.cumprod(1 - betas, 0)
 
 
@@ -81,8 +85,11 @@ FAMILIES = {
     "ddpm-eps-lin": (ddpm_transitions, "model", {}),
     "ddpm-x0-lin-clip": (ddpm_transitions, "model", {"prediction": "sample", "clip_sample": 1.0}),
     "ddpm-v-cos": (ddpm_transitions, "cos", {"prediction": "v_prediction"}),
-    "ddpm-eps-cos-clip-large": (ddpm_transitions, "cos",
-                                {"clip_sample": 1.0, "variance": "fixed_large"}),
+    "ddpm-eps-cos-clip-large": (
+        ddpm_transitions,
+        "cos",
+        {"clip_sample": 1.0, "variance": "fixed_large"},
+    ),
     "ddim-eta0.6-eps-clip": (ddim_transitions, "model", {"eta": 0.6, "clip_sample": 1.0}),
     "euler-a-eps": (euler_ancestral_transitions, "model", {}),
 }
@@ -97,11 +104,19 @@ WINDOWS = (1, 4, 8, "adaptive")
 PATHS = ("static", "ragged", "auto")
 BACKENDS = ("cpp", "reference")
 
-CONFIGS = ([(p, f, d, w, path, b) for p, f, d, w, path, b
-            in itertools.product(PROBLEMS, FAMILIES, DRAFTS, WINDOWS, PATHS, BACKENDS)]
-           # the ancestral sampler has no draft, window or path
-           + [(p, f, "-", "-", "ancestral", b) for p, f, b
-              in itertools.product(PROBLEMS, FAMILIES, BACKENDS)])
+CONFIGS = (
+    [
+        (p, f, d, w, path, b)
+        for p, f, d, w, path, b in itertools.product(
+            PROBLEMS, FAMILIES, DRAFTS, WINDOWS, PATHS, BACKENDS
+        )
+    ]
+    # the ancestral sampler has no draft, window or path
+    + [
+        (p, f, "-", "-", "ancestral", b)
+        for p, f, b in itertools.product(PROBLEMS, FAMILIES, BACKENDS)
+    ]
+)
 
 _models: dict = {}
 
@@ -114,8 +129,11 @@ def networks(problem: str, prediction: str):
     m = _models[problem]
     if prediction == "epsilon":
         return m.target, m.draft, m.alphas_cumprod
-    return (Reparam(m.target, m.alphas_cumprod, prediction),
-            Reparam(m.draft, m.alphas_cumprod, prediction), m.alphas_cumprod)
+    return (
+        Reparam(m.target, m.alphas_cumprod, prediction),
+        Reparam(m.draft, m.alphas_cumprod, prediction),
+        m.alphas_cumprod,
+    )
 
 
 def make_draft(kind: str, draft_net):
@@ -149,10 +167,22 @@ def run(problem, family, draft, window, path, backend) -> dict:
         if path == "ancestral":
             sampler = AncestralSampler(target, transitions, backend=backend, compile=False)
         else:
-            sampler = SpeculativeSampler(target, transitions, make_draft(draft, draft_net),
-                                         window=window, backend=backend, path=path, compile=False)
-        res = sampler.sample(B, event_shape, generator=torch.Generator().manual_seed(SEED),
-                             chain_ids=chain_ids, dtype=DTYPE)
+            sampler = SpeculativeSampler(
+                target,
+                transitions,
+                make_draft(draft, draft_net),
+                window=window,
+                backend=backend,
+                path=path,
+                compile=False,
+            )
+        res = sampler.sample(
+            B,
+            event_shape,
+            generator=torch.Generator().manual_seed(SEED),
+            chain_ids=chain_ids,
+            dtype=DTYPE,
+        )
     except Exception as err:  # a refused combination is a result too: it must stay refused
         return {"status": f"refused: {type(err).__name__}"}
     out = {"status": "ran", "samples": digest(res.samples)}
@@ -173,7 +203,7 @@ def config_name(cfg) -> str:
 
 
 def produce(path_out: str) -> None:
-    torch.set_num_threads(1)   # one thread: reductions in one order
+    torch.set_num_threads(1)  # one thread: reductions in one order
     torch.use_deterministic_algorithms(True)
     t0 = time.perf_counter()
     results = {}
@@ -181,18 +211,24 @@ def produce(path_out: str) -> None:
         results[config_name(cfg)] = run(*cfg)
         if (i + 1) % 100 == 0:
             print(f"{i + 1}/{len(CONFIGS)} configs, {time.perf_counter() - t0:.0f} s", flush=True)
-    meta = {"specdiff_kernels": specdiff_kernels.__file__, "torch": torch.__version__,
-            "python": platform.python_version(), "machine": platform.machine(),
-            "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "SPECDIFF_CPU_CAPABILITY": os.environ["SPECDIFF_CPU_CAPABILITY"],
-            "seconds": round(time.perf_counter() - t0, 1)}
+    meta = {
+        "specdiff_kernels": specdiff_kernels.__file__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "SPECDIFF_CPU_CAPABILITY": os.environ["SPECDIFF_CPU_CAPABILITY"],
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
     os.makedirs(os.path.dirname(os.path.abspath(path_out)), exist_ok=True)
     with open(path_out, "w") as fh:
         json.dump({"meta": meta, "configs": results}, fh, indent=1, sort_keys=True)
         fh.write("\n")
     refused = sum(r["status"] != "ran" for r in results.values())
-    print(f"{len(results)} configs ({len(results) - refused} ran, {refused} refused) in "
-          f"{meta['seconds']} s -> {path_out}")
+    print(
+        f"{len(results)} configs ({len(results) - refused} ran, {refused} refused) in "
+        f"{meta['seconds']} s -> {path_out}"
+    )
 
 
 def compare(path_a: str, path_b: str) -> int:

@@ -19,6 +19,7 @@ Writes ``bench/results/patches_quality_<tag>.{json,md,png}``.
 
     OMP_NUM_THREADS=1 python bench/patches_quality.py [--n 192] [--steps 200] [--window 8]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -68,8 +69,12 @@ class Runs:
 
     @property
     def sets(self) -> dict[str, torch.Tensor]:
-        return {"ancestral": self.anc.samples.float(), "speculative": self.spec.samples.float(),
-                "heldout": self.heldout, "train": self.train}
+        return {
+            "ancestral": self.anc.samples.float(),
+            "speculative": self.spec.samples.float(),
+            "heldout": self.heldout,
+            "train": self.train,
+        }
 
 
 def sample(args: argparse.Namespace) -> Runs:
@@ -77,15 +82,21 @@ def sample(args: argparse.Namespace) -> Runs:
     model, transitions = from_pipeline(pipe, num_inference_steps=args.steps)
     shape = (3, P.CROP, P.CROP)
     anc = AncestralSampler(model, transitions).sample(
-        args.n, shape, generator=torch.Generator().manual_seed(args.seed))
+        args.n, shape, generator=torch.Generator().manual_seed(args.seed)
+    )
     common.log(f"ancestral: {anc.stats.wall_time:.1f}s")
     # another seed: the samplers read the same counter-based noise, so the same seed would give
     # nearly the same images and the test would say nothing about the law
     spec = SpeculativeSampler(model, transitions, window=args.window).sample(
-        args.n, shape, generator=torch.Generator().manual_seed(args.seed + 1))
+        args.n, shape, generator=torch.Generator().manual_seed(args.seed + 1)
+    )
     common.log(f"speculative: {spec.stats.wall_time:.1f}s")
-    return Runs(anc, spec, P.heldout_crops(args.n_ref, seed=args.seed + 100),
-                P.random_crops(args.n_ref, torch.Generator().manual_seed(args.seed + 200)))
+    return Runs(
+        anc,
+        spec,
+        P.heldout_crops(args.n_ref, seed=args.seed + 100),
+        P.random_crops(args.n_ref, torch.Generator().manual_seed(args.seed + 200)),
+    )
 
 
 def compare(runs: Runs, n: int, seed: int) -> dict:
@@ -93,22 +104,30 @@ def compare(runs: Runs, n: int, seed: int) -> dict:
     sets = runs.sets
     xa, xs, held, train = sets["ancestral"], sets["speculative"], runs.heldout, runs.train
     spectra = {k: P.radial_power_spectrum(x)[1] for k, x in sets.items()}
-    sw = {"ancestral_vs_heldout": S.sliced_wasserstein(xa, held[:n], seed=1),
-          "speculative_vs_heldout": S.sliced_wasserstein(xs, held[:n], seed=1),
-          "train_vs_heldout": S.sliced_wasserstein(train[:n], held[:n], seed=1),
-          "speculative_vs_ancestral": S.sliced_wasserstein(xs, xa, seed=1)}
+    sw = {
+        "ancestral_vs_heldout": S.sliced_wasserstein(xa, held[:n], seed=1),
+        "speculative_vs_heldout": S.sliced_wasserstein(xs, held[:n], seed=1),
+        "train_vs_heldout": S.sliced_wasserstein(train[:n], held[:n], seed=1),
+        "speculative_vs_ancestral": S.sliced_wasserstein(xs, xa, seed=1),
+    }
     t1 = time.perf_counter()
     p_pixels = S.two_sample_pvalue(xs, xa, seed=seed)
     ia, is_ = per_image_stats(xa), per_image_stats(xs)
     p_stats = {k: float(sps.ks_2samp(is_[k], ia[k]).pvalue) for k in ia}
     return {
-        "channel_stats": {k: {m: [round(float(v), 4) for v in arr]
-                              for m, arr in P.channel_stats(x).items()} for k, x in sets.items()},
-        "freq": P.radial_power_spectrum(held[:1])[0], "spectra": spectra,
-        "gaps": {k: round(spectrum_gap(spectra[k], spectra["heldout"]), 4)
-                 for k in ("ancestral", "speculative", "train")},
+        "channel_stats": {
+            k: {m: [round(float(v), 4) for v in arr] for m, arr in P.channel_stats(x).items()}
+            for k, x in sets.items()
+        },
+        "freq": P.radial_power_spectrum(held[:1])[0],
+        "spectra": spectra,
+        "gaps": {
+            k: round(spectrum_gap(spectra[k], spectra["heldout"]), 4)
+            for k in ("ancestral", "speculative", "train")
+        },
         "sw": {k: round(v, 4) for k, v in sw.items()},
-        "p_pixels": p_pixels, "p_stats": p_stats,
+        "p_pixels": p_pixels,
+        "p_stats": p_stats,
         "p_all": S.bonferroni([p_pixels] + list(p_stats.values())),
         # the same machinery on model vs real crops, to show the test has power where laws differ
         "p_model_vs_heldout": S.two_sample_pvalue(xa, held[:n], seed=seed),
@@ -127,9 +146,10 @@ def record(args: argparse.Namespace, runs: Runs, c: dict, argv, total_s: float) 
         "n_reference_crops": args.n_ref,
         "seeds": {"ancestral": args.seed, "speculative": args.seed + 1},
         "channel_stats": c["channel_stats"],
-        "radial_power_spectrum": {"freq_cycles_per_pixel": [round(float(f), 5) for f in c["freq"]],
-                                  **{k: [float(f"{v:.5g}") for v in s]
-                                     for k, s in c["spectra"].items()}},
+        "radial_power_spectrum": {
+            "freq_cycles_per_pixel": [round(float(f), 5) for f in c["freq"]],
+            **{k: [float(f"{v:.5g}") for v in s] for k, s in c["spectra"].items()},
+        },
         "spectrum_mean_abs_log10_ratio_to_heldout": c["gaps"],
         "sliced_wasserstein": c["sw"],
         "two_sample_speculative_vs_ancestral": {
@@ -165,8 +185,10 @@ def to_markdown(args: argparse.Namespace, runs: Runs, c: dict, command: str) -> 
     ]
     for k in ("ancestral", "speculative", "heldout", "train"):
         m, s = cstats[k]["mean"], cstats[k]["std"]
-        lines.append(f"| {k} | {m[0]:.3f} | {m[1]:.3f} | {m[2]:.3f} | {s[0]:.3f} | {s[1]:.3f} "
-                     f"| {s[2]:.3f} | {gaps.get(k, 0.0):.3f} |")
+        lines.append(
+            f"| {k} | {m[0]:.3f} | {m[1]:.3f} | {m[2]:.3f} | {s[0]:.3f} | {s[1]:.3f} "
+            f"| {s[2]:.3f} | {gaps.get(k, 0.0):.3f} |"
+        )
     lines += [
         "",
         "*mean |log10 ratio| of the radially averaged power spectrum to the held-out one, radii "
@@ -194,11 +216,14 @@ def to_markdown(args: argparse.Namespace, runs: Runs, c: dict, command: str) -> 
 def grid(x: torch.Tensor) -> np.ndarray:
     """Up to 8 x 8 images in a grid with a one-pixel white border."""
     rows = min(8, int(np.sqrt(x.shape[0])))
-    x = ((x[:rows * rows].clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).numpy()
+    x = ((x[: rows * rows].clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).numpy()
     pad = np.ones((rows * rows, P.CROP + 2, P.CROP + 2, 3))
     pad[:, 1:-1, 1:-1] = x
-    return pad.reshape(rows, rows, P.CROP + 2, P.CROP + 2, 3).transpose(0, 2, 1, 3, 4) \
+    return (
+        pad.reshape(rows, rows, P.CROP + 2, P.CROP + 2, 3)
+        .transpose(0, 2, 1, 3, 4)
         .reshape(rows * (P.CROP + 2), rows * (P.CROP + 2), 3)
+    )
 
 
 def plot(args: argparse.Namespace, runs: Runs, c: dict, path: Path) -> None:
@@ -207,35 +232,47 @@ def plot(args: argparse.Namespace, runs: Runs, c: dict, path: Path) -> None:
 
     sets, freq, spectra = runs.sets, c["freq"], c["spectra"]
     fig, axes = plt.subplots(1, 4, figsize=(20, 5.4))
-    for ax, (k, title) in zip(axes[:3], [("ancestral", "ancestral samples"),
-                                         ("speculative", f"speculative samples (L={args.window})"),
-                                         ("heldout", "held-out crops")]):
+    for ax, (k, title) in zip(
+        axes[:3],
+        [
+            ("ancestral", "ancestral samples"),
+            ("speculative", f"speculative samples (L={args.window})"),
+            ("heldout", "held-out crops"),
+        ],
+    ):
         ax.imshow(grid(sets[k]))
         ax.set_title(title)
         ax.axis("off")
     ax = axes[3]
-    for k, style in (("heldout", "k-"), ("train", "k:"), ("ancestral", "C0-"),
-                     ("speculative", "C1--")):
+    for k, style in (
+        ("heldout", "k-"),
+        ("train", "k:"),
+        ("ancestral", "C0-"),
+        ("speculative", "C1--"),
+    ):
         ax.loglog(freq[1:], spectra[k][1:], style, label=k)
     # log-axis minor tick labels overlap at this width: label only the decades' mantissas we set
     ax.set_xticks([1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2])
-    ax.xaxis.set_major_formatter(matplotlib.ticker.FixedFormatter(["1/32", "1/16", "1/8", "1/4",
-                                                                   "1/2"]))
+    ax.xaxis.set_major_formatter(
+        matplotlib.ticker.FixedFormatter(["1/32", "1/16", "1/8", "1/4", "1/2"])
+    )
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("frequency [cycles / pixel]")
     ax.set_ylabel("radially averaged power")
     ax.set_title("power spectrum")
     ax.legend()
-    fig.suptitle(f"patches DDPMPipeline, N={args.steps}; speculative vs ancestral "
-                 f"p = {c['p_all']:.3f}")
+    fig.suptitle(
+        f"patches DDPMPipeline, N={args.steps}; speculative vs ancestral p = {c['p_all']:.3f}"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--n", type=int, default=192, help="samples per sampler (default 192)")
     ap.add_argument("--n-ref", type=int, default=2048, help="held-out / training crops")
     ap.add_argument("--steps", type=int, default=200, help="DDPM sampling steps N (default 200)")
@@ -259,8 +296,12 @@ def main(argv=None) -> int:
     c = compare(runs, args.n, args.seed)
     res = record(args, runs, c, argv, time.perf_counter() - t0)
     md = to_markdown(args, runs, c, res["command"])
-    common.write_results(Path(args.out) / f"patches_quality_{args.tag}", res, md,
-                         plot=lambda png: plot(args, runs, c, png))
+    common.write_results(
+        Path(args.out) / f"patches_quality_{args.tag}",
+        res,
+        md,
+        plot=lambda png: plot(args, runs, c, png),
+    )
     print(md)
     return 0
 

@@ -3,6 +3,7 @@
 Triton kernels run on CPU tensors through the interpreter; the variable must be set before triton
 is first imported, so it is set here, before any test module imports specdiff_kernels.
 """
+
 import os
 
 import pytest
@@ -42,6 +43,7 @@ def cpu_capability(request):
     """Runs the test with the C++ kernels' `request.param` instruction-set variant (see
     csrc/cpu_isa.h), then restores the one in use. A variant this CPU cannot run is skipped."""
     from specdiff_kernels.ops import verify as ops
+
     if not ops.HAS_CPP:
         pytest.skip("the C++ extension is not built")
     if request.param not in ops.cpu_capabilities():

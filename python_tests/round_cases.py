@@ -5,6 +5,7 @@ The oracle of a round is written here with the samplers' own formulas
 general verify op's reference (``reference.speculative_verify`` on materialised draft and target
 means), in float64: an independent composition, not the table arithmetic of ``round_reference``.
 """
+
 from __future__ import annotations
 
 import math
@@ -13,20 +14,27 @@ from dataclasses import dataclass
 import torch
 
 from specdiff_kernels import VerifyResult
-from specdiff_kernels.ops.reference import verify as reference
-from specdiff_kernels.ops import round as ro
 from specdiff_kernels.ops import layout
+from specdiff_kernels.ops import round as ro
 from specdiff_kernels.ops.reference import round as rr
+from specdiff_kernels.ops.reference import verify as reference
 from specdiff_kernels.sampling.langevin import langevin_transitions
-from specdiff_kernels.sampling.transitions import GaussianTransitions, ddim_transitions, ddpm_transitions, euler_ancestral_transitions
-from specdiff_kernels.sampling.transitions import clip_value, round_tables
+from specdiff_kernels.sampling.transitions import (
+    GaussianTransitions,
+    clip_value,
+    ddim_transitions,
+    ddpm_transitions,
+    euler_ancestral_transitions,
+    round_tables,
+)
 
 FAMILIES = {
     "ddpm_eps_clip": lambda: ddpm_transitions(num_inference_steps=40, clip_sample=1.0),
     "ddpm_large_noclip": lambda: ddpm_transitions(num_inference_steps=40, variance="fixed_large"),
     "ddim_eta": lambda: ddim_transitions(num_inference_steps=40, eta=0.7, clip_sample=1.0),
-    "ddim_clipped_eps": lambda: ddim_transitions(num_inference_steps=40, eta=1.0, clip_sample=0.8,
-                                                 use_clipped_model_output=True),
+    "ddim_clipped_eps": lambda: ddim_transitions(
+        num_inference_steps=40, eta=1.0, clip_sample=0.8, use_clipped_model_output=True
+    ),
     "euler_a": lambda: euler_ancestral_transitions(num_inference_steps=40),
     "ula": lambda: langevin_transitions(0.05, 40),
 }
@@ -38,10 +46,10 @@ ACC_RTOL = {torch.float64: 1e-11, torch.float32: 3e-5, torch.float16: 3e-5, torc
 @dataclass
 class RoundCase:
     T: GaussianTransitions
-    root: torch.Tensor      # [B, *E] state dtype
-    frozen: torch.Tensor    # [B, *E]
-    steps: torch.Tensor     # [B] int64
-    lengths: torch.Tensor   # [B] int64
+    root: torch.Tensor  # [B, *E] state dtype
+    frozen: torch.Tensor  # [B, *E]
+    steps: torch.Tensor  # [B] int64
+    lengths: torch.Tensor  # [B] int64
     seed: torch.Tensor
     chain_ids: torch.Tensor
     window: int
@@ -56,17 +64,50 @@ class RoundCase:
         return clip_value(self.T)
 
     def to(self, device) -> "RoundCase":
-        return RoundCase(self.T, *(t.to(device) for t in (self.root, self.frozen, self.steps,
-                                                          self.lengths, self.seed, self.chain_ids)),
-                         self.window, self.freeze)
+        return RoundCase(
+            self.T,
+            *(
+                t.to(device)
+                for t in (
+                    self.root,
+                    self.frozen,
+                    self.steps,
+                    self.lengths,
+                    self.seed,
+                    self.chain_ids,
+                )
+            ),
+            self.window,
+            self.freeze,
+        )
 
     def draft_args(self):
-        return (self.root, self.frozen, self.steps, self.lengths, self.coef, self.seed,
-                self.chain_ids, self.window, self.freeze, self.clip)
+        return (
+            self.root,
+            self.frozen,
+            self.steps,
+            self.lengths,
+            self.coef,
+            self.seed,
+            self.chain_ids,
+            self.window,
+            self.freeze,
+            self.clip,
+        )
 
     def verify_args(self, Y, P):
-        return (Y, P, self.frozen, self.steps, self.lengths, self.coef, self.seed, self.chain_ids,
-                self.freeze, self.clip)
+        return (
+            Y,
+            P,
+            self.frozen,
+            self.steps,
+            self.lengths,
+            self.coef,
+            self.seed,
+            self.chain_ids,
+            self.freeze,
+            self.clip,
+        )
 
 
 def stochastic_run(T: GaussianTransitions, k: int) -> int:
@@ -77,14 +118,22 @@ def stochastic_run(T: GaussianTransitions, k: int) -> int:
     return n
 
 
-def make_case(B: int, L: int, event: tuple, dtype: torch.dtype, family: str, freeze: int,
-              gen: torch.Generator, n_mode: str = "mixed") -> RoundCase:
+def make_case(
+    B: int,
+    L: int,
+    event: tuple,
+    dtype: torch.dtype,
+    family: str,
+    freeze: int,
+    gen: torch.Generator,
+    n_mode: str = "mixed",
+) -> RoundCase:
     """Chains at random steps (the last ones included) with windows that stop before a
     deterministic step; ``n_mode="mixed"`` also shortens some windows and sets some to 0."""
     T = FAMILIES[family]()
     N = T.num_steps
     k = torch.randint(0, N + 1, (B,), generator=gen)
-    k[0] = min(N - 3, int(k[0]))   # keep one chain that can draft
+    k[0] = min(N - 3, int(k[0]))  # keep one chain that can draft
     n = torch.tensor([min(L, stochastic_run(T, int(kk))) if kk < N else 0 for kk in k])
     if n_mode == "mixed":
         cut = torch.randint(0, L + 1, (B,), generator=gen)
@@ -92,7 +141,7 @@ def make_case(B: int, L: int, event: tuple, dtype: torch.dtype, family: str, fre
         n = torch.where(use, torch.minimum(n, cut), n)
     root = (torch.randn((B, *event), generator=gen, dtype=torch.float64) * 0.8).to(dtype)
     frozen = (torch.randn((B, *event), generator=gen, dtype=torch.float64) * 0.6).to(dtype)
-    seed = ro.seed_tensor(int(torch.randint(0, 2 ** 62, (1,), generator=gen)))
+    seed = ro.seed_tensor(int(torch.randint(0, 2**62, (1,), generator=gen)))
     ids = torch.randperm(4 * B + 7, generator=gen)[:B].to(torch.int64)
     return RoundCase(T, root, frozen, k.to(torch.int64), n.to(torch.int64), seed, ids, L, freeze)
 
@@ -107,14 +156,19 @@ def make_x0_hat(case: RoundCase, Y: torch.Tensor, gen: torch.Generator) -> torch
     coef = round_tables(case.T)
     scale = (coef[layout.ROW_A] + coef[layout.ROW_E]).abs()[kk] + 1e-3
     s = coef[layout.ROW_STD][kk].clamp_min(1e-3)
-    gap = torch.exp(torch.empty(B, L1, dtype=torch.float64).uniform_(math.log(0.1), math.log(4.0),
-                                                                     generator=gen))
+    gap = torch.exp(
+        torch.empty(B, L1, dtype=torch.float64).uniform_(
+            math.log(0.1), math.log(4.0), generator=gen
+        )
+    )
     eps = (gap * s / (scale * math.sqrt(D)))[..., None]
     if case.freeze == layout.FREEZE_X0:
         base = f
     else:  # the frozen value is an eps: the draft's x0 at y is X0_Y y - X0_F f
-        base = coef[layout.ROW_X0_Y][kk][..., None] * Y.reshape(B, L1, D).double() \
+        base = (
+            coef[layout.ROW_X0_Y][kk][..., None] * Y.reshape(B, L1, D).double()
             - coef[layout.ROW_X0_F][kk][..., None] * f
+        )
     P = base + eps * torch.randn((B, L1, D), generator=gen, dtype=torch.float64)
     return P.to(Y.dtype).reshape(Y.shape)
 
@@ -123,13 +177,13 @@ def make_x0_hat(case: RoundCase, Y: torch.Tensor, gen: torch.Generator) -> torch
 class RoundOracle:
     num_accepted: torch.Tensor
     committed: torch.Tensor
-    next_state: torch.Tensor   # float64 [B, D]
+    next_state: torch.Tensor  # float64 [B, D]
     next_frozen: torch.Tensor  # float64 [B, D]
     root_exact: torch.Tensor
-    log_ratio: torch.Tensor    # float64 [B, L]
-    decisive: torch.Tensor     # [B] position that decides the commit
-    margin: torch.Tensor       # [B, L] |log u - log_ratio|
-    lr_tol: torch.Tensor       # [B, L] rounding bound of an fp32-accumulated log ratio, per unit
+    log_ratio: torch.Tensor  # float64 [B, L]
+    decisive: torch.Tensor  # [B] position that decides the commit
+    margin: torch.Tensor  # [B, L] |log u - log_ratio|
+    lr_tol: torch.Tensor  # [B, L] rounding bound of an fp32-accumulated log ratio, per unit
 
 
 def _coef(T, name, k, like):
@@ -146,7 +200,11 @@ def general_draft(case: RoundCase) -> tuple[torch.Tensor, torch.Tensor]:
     ys, mqs = [y], []
     for j in range(L):
         kj = case.steps + j
-        x0q = f if case.freeze == layout.FREEZE_X0 else T.x0_from_eps(ys[-1], f, kj.clamp(max=T.num_steps - 1))
+        x0q = (
+            f
+            if case.freeze == layout.FREEZE_X0
+            else T.x0_from_eps(ys[-1], f, kj.clamp(max=T.num_steps - 1))
+        )
         mq = T.mean_from_x0(ys[-1], x0q, kj.clamp(max=T.num_steps - 1))
         live = (j < case.lengths)[:, None]
         ys.append(torch.where(live, mq + _coef(T, "std", kj, ys[-1]) * xi[:, j], ys[-1]))
@@ -191,8 +249,9 @@ def general_round(case: RoundCase, Y: torch.Tensor, P: torch.Tensor) -> RoundOra
     live_next = k + n < N
     det_next = live_next & T.deterministic[(k + n).clamp(max=N - 1)]
     det_state = T.mean_from_x0(y_pos, p_pos, kpos)
-    state = torch.where(rejected[:, None], res.next_state,
-                        torch.where(det_next[:, None], det_state, y_pos))
+    state = torch.where(
+        rejected[:, None], res.next_state, torch.where(det_next[:, None], det_state, y_pos)
+    )
     fz = p_pos if case.freeze == layout.FREEZE_X0 else T.eps_from_x0(y_pos, p_pos, kpos)
     keep = (~rejected & ~live_next) | ((n == 0) & ~det_next)
     next_frozen = torch.where(keep[:, None], f, fz)
@@ -202,13 +261,16 @@ def general_round(case: RoundCase, Y: torch.Tensor, P: torch.Tensor) -> RoundOra
     # error scale of the log ratio: every term of d (and its x0-hats) rounded relative to itself
     coef = round_tables(T)
     kk = (k[:, None] + torch.arange(L)[None]).clamp(max=N - 1)
-    c = coef[:, kk][..., None]                                         # [8, B, L, 1]
-    pq_mag = f.abs()[:, None] if case.freeze == layout.FREEZE_X0 else \
-        (c[layout.ROW_X0_Y] * Yd[:, :L]).abs() + (c[layout.ROW_X0_F] * f[:, None]).abs()
+    c = coef[:, kk][..., None]  # [8, B, L, 1]
+    pq_mag = (
+        f.abs()[:, None]
+        if case.freeze == layout.FREEZE_X0
+        else (c[layout.ROW_X0_Y] * Yd[:, :L]).abs() + (c[layout.ROW_X0_F] * f[:, None]).abs()
+    )
     d_mag = (c[layout.ROW_A].abs() + c[layout.ROW_E].abs()) * (Pd[:, :L].abs() + pq_mag)
     sd = S[..., None]
     d = MP - MQ
-    lr_tol = ((d_mag + d.abs()) * (xi.abs() / sd + d.abs() / sd ** 2)).sum(-1)
+    lr_tol = ((d_mag + d.abs()) * (xi.abs() / sd + d.abs() / sd**2)).sum(-1)
     return RoundOracle(nacc, committed, state, next_frozen, root_exact, lr, pos, margin, lr_tol)
 
 
@@ -221,8 +283,9 @@ def assert_draft_consistent(Y: torch.Tensor, case: RoundCase, dtype: torch.dtype
     Yc = Y.cpu()
     assert Yc.dtype == dtype and Yc.shape == (B, case.window + 1, *case.root.shape[1:])
     assert torch.equal(Yc[:, 0], case.root.cpu()), "Y[:, 0] must be the root, bit for bit"
-    xi, _ = rr.chain_noise(case.seed.cpu(), case.chain_ids.cpu(), case.steps.cpu(), case.window, D,
-                           torch.float64)
+    xi, _ = rr.chain_noise(
+        case.seed.cpu(), case.chain_ids.cpu(), case.steps.cpu(), case.window, D, torch.float64
+    )
     f = case.frozen.cpu().double().reshape(B, D)
     Yd = Yc.double().reshape(B, L1, D)
     eps = torch.finfo(dtype).eps
@@ -231,19 +294,22 @@ def assert_draft_consistent(Y: torch.Tensor, case: RoundCase, dtype: torch.dtype
         x0q = f if case.freeze == layout.FREEZE_X0 else T.x0_from_eps(Yd[:, j], f, kj)
         mq = T.mean_from_x0(Yd[:, j], x0q, kj)
         want = mq + T.coef("std", kj, mq) * xi[:, j]
-        live = (j < case.lengths.cpu())
-        mag = (mq.abs() + Yd[:, j].abs() + f.abs() * 4 + xi[:, j].abs() * T.coef("std", kj, mq) + 1)
+        live = j < case.lengths.cpu()
+        mag = mq.abs() + Yd[:, j].abs() + f.abs() * 4 + xi[:, j].abs() * T.coef("std", kj, mq) + 1
         tol = eps * want.abs() + 40 * ACC_RTOL[dtype] * mag + torch.finfo(dtype).tiny
         err = (Yd[:, j + 1] - want).abs()
         bad = live[:, None] & (err > tol)
-        assert not bool(bad.any()), (f"drafted state {j + 1}: {int(bad.sum())} elements off the "
-                                     f"draft step; worst error {float(err[live].max()):.3g}")
+        assert not bool(bad.any()), (
+            f"drafted state {j + 1}: {int(bad.sum())} elements off the "
+            f"draft step; worst error {float(err[live].max()):.3g}"
+        )
         held = ~live
         assert torch.equal(Yc[held, j + 1], Yc[held, j]), "positions past n must repeat the state"
 
 
-def assert_round_matches(got, oracle: RoundOracle, Y: torch.Tensor, P: torch.Tensor,
-                         case: RoundCase, dtype: torch.dtype) -> None:
+def assert_round_matches(
+    got, oracle: RoundOracle, Y: torch.Tensor, P: torch.Tensor, case: RoundCase, dtype: torch.dtype
+) -> None:
     """A verify_frozen result against the oracle on the same (rounded) inputs: log ratios within
     accumulation error, decisions equal up to threshold ties, commits, states within rounding."""
     nacc, comm, state, frozen, exact, lr = (t.cpu() for t in got)
@@ -257,17 +323,20 @@ def assert_round_matches(got, oracle: RoundOracle, Y: torch.Tensor, P: torch.Ten
     lr_err = (lr.double() - oracle.log_ratio).abs()
     ok = (lr_err <= tol) | (~torch.isfinite(oracle.log_ratio) & ~torch.isfinite(lr.double()))
     assert bool(ok[live].all()), (
-        f"log ratio off the oracle beyond rounding: worst error {float(lr_err[live].max()):.3g}")
+        f"log ratio off the oracle beyond rounding: worst error {float(lr_err[live].max()):.3g}"
+    )
     assert bool((lr[~live] == 0).all()), "log ratios past n must be 0"
     differ = nacc != oracle.num_accepted
     for b in torch.nonzero(differ).flatten().tolist():
         m = int(min(nacc[b], oracle.num_accepted[b]))
         assert oracle.margin[b, m] <= 4 * tol[b, m], (
             f"chain {b}: accepted {int(nacc[b])} vs oracle {int(oracle.num_accepted[b])}, step {m} "
-            f"not within rounding of the threshold (margin {float(oracle.margin[b, m]):.3g})")
+            f"not within rounding of the threshold (margin {float(oracle.margin[b, m]):.3g})"
+        )
     same = ~differ
-    assert torch.equal(comm[same], oracle.committed[same]), \
+    assert torch.equal(comm[same], oracle.committed[same]), (
         f"committed {comm[same].tolist()} vs oracle {oracle.committed[same].tolist()}"
+    )
     assert torch.equal(exact[same], oracle.root_exact[same]), "root_exact differs from the oracle"
     ar = torch.arange(B)
     pos = oracle.decisive
@@ -275,8 +344,10 @@ def assert_round_matches(got, oracle: RoundOracle, Y: torch.Tensor, P: torch.Ten
     p_dec = P.cpu().double().reshape(B, L + 1, D)[ar, pos]
     f = case.frozen.cpu().double().reshape(B, D)
     eps = torch.finfo(dtype).eps
-    for name, got_v, want in (("next_state", state, oracle.next_state),
-                              ("next_frozen", frozen, oracle.next_frozen)):
+    for name, got_v, want in (
+        ("next_state", state, oracle.next_state),
+        ("next_frozen", frozen, oracle.next_frozen),
+    ):
         g = got_v.double().reshape(B, D)
         scale = y_dec.abs() + p_dec.abs() + f.abs() + (want - y_dec).abs() + 1
         tol_v = eps * want.abs() + 100 * ACC_RTOL[dtype] * scale + torch.finfo(dtype).tiny
@@ -284,4 +355,5 @@ def assert_round_matches(got, oracle: RoundOracle, Y: torch.Tensor, P: torch.Ten
         bad = same[:, None] & (err > tol_v)
         assert not bool(bad.any()), (
             f"{name} differs from the oracle at {int(bad.sum())} elements; worst error "
-            f"{float(err[same].max()):.3g}")
+            f"{float(err[same].max()):.3g}"
+        )

@@ -9,6 +9,7 @@
   Gaussian data; ULA on a Gaussian target) pass, and the SAME tests reject wrong verifiers;
 * a chain's result does not depend on its batch (adaptive state is per chain).
 """
+
 from __future__ import annotations
 
 import math
@@ -17,15 +18,18 @@ import numpy as np
 import pytest
 import torch
 
-import specdiff_kernels
-from specdiff_kernels import VerifyResult
-from specdiff_kernels.sampling.window import AdaptiveWindow, resolve_window
+from specdiff_kernels.models.gmm import GaussianMixture, GMMDenoiser, make_gmm
 from specdiff_kernels.sampling.drafts import DraftModelDraft, FrozenTargetDraft
 from specdiff_kernels.sampling.langevin import SpeculativeLangevin
-from specdiff_kernels.models.gmm import GaussianMixture, GMMDenoiser, make_gmm
 from specdiff_kernels.sampling.sampler import SpeculativeSampler
+from specdiff_kernels.sampling.transitions import (
+    GaussianTransitions,
+    alphas_cumprod_from_betas,
+    ddpm_transitions,
+    make_betas,
+)
+from specdiff_kernels.sampling.window import AdaptiveWindow, resolve_window
 from specdiff_kernels.testing.two_sample import gaussian_one_sample_pvalue
-from specdiff_kernels.sampling.transitions import GaussianTransitions, alphas_cumprod_from_betas, ddpm_transitions, make_betas
 
 ALPHA = 1e-3
 ABAR = alphas_cumprod_from_betas(make_betas("linear", 1000))
@@ -49,7 +53,7 @@ def test_rule_long_windows_for_high_acceptance():
     assert p.window_for_acceptance(1.0) == 16
     assert p.window_for_acceptance(0.0) == 1
     Ls = [p.window_for_acceptance(a) for a in np.linspace(0.0, 1.0, 21)]
-    assert Ls == sorted(Ls) and Ls[0] < Ls[10] < Ls[-1]            # monotone in the acceptance
+    assert Ls == sorted(Ls) and Ls[0] < Ls[10] < Ls[-1]  # monotone in the acceptance
     # an exact root (step 0 always accepted) never shortens the window
     for a in (0.3, 0.6, 0.9):
         assert p.window_for_acceptance(a, a0=1.0) >= p.window_for_acceptance(a, a0=a)
@@ -70,8 +74,14 @@ def test_rule_respects_the_cap_under_its_model():
             for a in np.linspace(0.05, 0.99, 12):
                 for e in (0.0, 1.0):
                     L = p.window_for_acceptance(float(a), a0=a0, extra_evals=e)
-                    S = lambda n: float(p.expected_steps(torch.tensor(a0), torch.tensor(float(a)),  # noqa: E731
-                                                         torch.tensor(n)))
+
+                    def S(n):
+                        return float(
+                            p.expected_steps(
+                                torch.tensor(a0), torch.tensor(float(a)), torch.tensor(n)
+                            )
+                        )
+
                     ratios = [(n + e) / S(n) for n in range(1, 25)]
                     if min(ratios) <= c:
                         assert ratios[L - 1] <= c + 1e-9
@@ -127,8 +137,9 @@ RW_STEPS = 96
 def random_walk_transitions(steps=RW_STEPS) -> GaussianTransitions:
     """x' ~ N(model(x), s^2 I) (prediction "sample", c_x0 = 1, c_x = 0)."""
     h = math.sqrt(0.5)
-    return GaussianTransitions(torch.arange(steps), 1.0, 0.0, RW_S, h, h, prediction="sample",
-                               name="random-walk")
+    return GaussianTransitions(
+        torch.arange(steps), 1.0, 0.0, RW_S, h, h, prediction="sample", name="random-walk"
+    )
 
 
 def identity(x, t):
@@ -144,7 +155,7 @@ def region_draft(x, t):
 
 def region_start(n_good: int, n_bad: int) -> torch.Tensor:
     x = torch.zeros(n_good + n_bad, RW_D, dtype=torch.float64)
-    x[:n_good, 0] = 5.0          # random walk std over 96 steps ~ 1: chains stay in their half
+    x[:n_good, 0] = 5.0  # random walk std over 96 steps ~ 1: chains stay in their half
     x[n_good:, 0] = -5.0
     return x
 
@@ -162,8 +173,8 @@ def test_high_acceptance_chains_get_long_windows():
     # poor draft (acceptance 0.32): the rule picks L = 2 -> about 96 / 1.3 rounds
     assert bad.min() > 50
     hist = st.window_length_hist
-    assert hist[16] >= 8 * 4                       # the good chains' long windows
-    assert sum(hist[1:5]) > 0.8 * (st.windows - sum(hist[13:]))   # the rest are short
+    assert hist[16] >= 8 * 4  # the good chains' long windows
+    assert sum(hist[1:5]) > 0.8 * (st.windows - sum(hist[13:]))  # the rest are short
 
 
 def test_adaptive_spends_far_fewer_evaluations_on_poor_drafts():
@@ -171,10 +182,16 @@ def test_adaptive_spends_far_fewer_evaluations_on_poor_drafts():
     stays near its cap (2 evaluations per committed step) with hardly more rounds."""
     T = random_walk_transitions()
     x = region_start(0, 16)
-    fixed = SpeculativeSampler(identity, T, DraftModelDraft(region_draft), 16).sample(
-        x_init=x, generator=gen(1)).stats
-    adapt = SpeculativeSampler(identity, T, DraftModelDraft(region_draft),
-                               AdaptiveWindow(16, 2.0)).sample(x_init=x, generator=gen(1)).stats
+    fixed = (
+        SpeculativeSampler(identity, T, DraftModelDraft(region_draft), 16)
+        .sample(x_init=x, generator=gen(1))
+        .stats
+    )
+    adapt = (
+        SpeculativeSampler(identity, T, DraftModelDraft(region_draft), AdaptiveWindow(16, 2.0))
+        .sample(x_init=x, generator=gen(1))
+        .stats
+    )
     steps = 16 * RW_STEPS
     assert fixed.target_evals / steps > 8
     assert adapt.target_evals / steps < 2.3
@@ -184,6 +201,7 @@ def test_adaptive_spends_far_fewer_evaluations_on_poor_drafts():
 def drifting_models(drift: float):
     """A target that moves x_0 by ``drift`` per step, and a draft that is exact where x_0 > 0 and
     off by 2 s where x_0 < 0 (acceptance 0.32): acceptance changes as the chains cross 0."""
+
     def drift_model(x, t):
         out = x.clone()
         out[:, 0] += drift
@@ -200,7 +218,7 @@ def drifting_models(drift: float):
 def test_acceptance_changing_along_the_chain():
     """Chains that cross from the poor region into the exact one switch to long windows."""
     T = random_walk_transitions(200)
-    drift_model, draft = drifting_models(0.05)     # -2 -> +8
+    drift_model, draft = drifting_models(0.05)  # -2 -> +8
     x = torch.zeros(8, RW_D, dtype=torch.float64)
     x[:, 0] = -2.0
     s = SpeculativeSampler(drift_model, T, DraftModelDraft(draft), AdaptiveWindow(16, 2.0))
@@ -217,21 +235,26 @@ GAUSS_STEPS = 25
 
 def gaussian_setup():
     g = torch.Generator().manual_seed(3)
-    data = GaussianMixture(torch.randn(1, GAUSS_D, generator=g, dtype=torch.float64) * 0.8,
-                           torch.tensor([[0.3, 0.5, 0.8, 1.2]], dtype=torch.float64))
+    data = GaussianMixture(
+        torch.randn(1, GAUSS_D, generator=g, dtype=torch.float64) * 0.8,
+        torch.tensor([[0.3, 0.5, 0.8, 1.2]], dtype=torch.float64),
+    )
     T = ddpm_transitions(ABAR, num_inference_steps=GAUSS_STEPS, prediction="epsilon")
     return GMMDenoiser(data, ABAR, prediction="epsilon"), T
 
 
 def poor_draft_model():
-    return GMMDenoiser(GaussianMixture(torch.full((1, GAUSS_D), 0.7, dtype=torch.float64), 0.6),
-                       ABAR, prediction="epsilon")
+    return GMMDenoiser(
+        GaussianMixture(torch.full((1, GAUSS_D), 0.7, dtype=torch.float64), 0.6),
+        ABAR,
+        prediction="epsilon",
+    )
 
 
 def exact_final_law(model, T: GaussianTransitions, D: int):
     """Final law of the ancestral chain when every transition mean is affine (Gaussian data)."""
     m = np.zeros(D)
-    C = np.eye(D) * T.init_std ** 2
+    C = np.eye(D) * T.init_std**2
     pts = torch.cat([torch.zeros(1, D, dtype=torch.float64), torch.eye(D, dtype=torch.float64)])
     for step in range(T.num_steps):
         f = T.mean(model, pts, torch.full((D + 1,), step, dtype=torch.int64)).numpy()
@@ -244,11 +267,15 @@ def exact_final_law(model, T: GaussianTransitions, D: int):
 
 def run_ddpm(draft: str, seed: int, verify_fn=None, policy=None):
     model, T = gaussian_setup()
-    d = {"frozen": FrozenTargetDraft("x0"), "frozen_noprefetch": FrozenTargetDraft("x0", False),
-         "draft_model": DraftModelDraft(poor_draft_model())}[draft]
+    d = {
+        "frozen": FrozenTargetDraft("x0"),
+        "frozen_noprefetch": FrozenTargetDraft("x0", False),
+        "draft_model": DraftModelDraft(poor_draft_model()),
+    }[draft]
     pol = policy or AdaptiveWindow(max_window=8, max_evals_ratio=1.5)
     res = SpeculativeSampler(model, T, d, pol, verify_fn=verify_fn).sample(
-        GAUSS_N, (GAUSS_D,), generator=gen(seed), dtype=torch.float64)
+        GAUSS_N, (GAUSS_D,), generator=gen(seed), dtype=torch.float64
+    )
     return res, exact_final_law(model, T, GAUSS_D)
 
 
@@ -258,7 +285,7 @@ def test_adaptive_ddpm_matches_exact_gaussian_law(draft):
     assert gaussian_one_sample_pvalue(res.samples.numpy(), m, C) > ALPHA
     st = res.stats
     assert 0 < sum(st.accepted_by_position) < sum(st.attempted_by_position)
-    assert sum(1 for c in st.window_length_hist if c) >= 3          # the windows really vary
+    assert sum(1 for c in st.window_length_hist if c) >= 3  # the windows really vary
 
 
 @pytest.mark.parametrize("wrong", list(WRONG))
@@ -286,9 +313,13 @@ def ula_setup():
 @pytest.mark.parametrize("wrong", [None, "always_accept", "keep_draft"])
 def test_adaptive_langevin_exact_law_and_power(wrong):
     grad, g, n, x0, m, C = ula_setup()
-    s = SpeculativeLangevin(grad_U=grad, step_size=g, num_steps=n,
-                            window=AdaptiveWindow(max_window=16, max_evals_ratio=1.5),
-                            verify_fn=None if wrong is None else WRONG[wrong])
+    s = SpeculativeLangevin(
+        grad_U=grad,
+        step_size=g,
+        num_steps=n,
+        window=AdaptiveWindow(max_window=16, max_evals_ratio=1.5),
+        verify_fn=None if wrong is None else WRONG[wrong],
+    )
     res = s.sample(x0, generator=gen(970))
     p = gaussian_one_sample_pvalue(res.samples.numpy(), m, C)
     if wrong is None:
@@ -327,15 +358,18 @@ def test_pacing_cap_lets_a_thrifty_chain_draft_longer():
     for pacing in (False, True):
         pol = AdaptiveWindow(max_window=16, max_evals_ratio=c, pacing=pacing, decay=1.0)
         st = pol.init_state(2)
-        st["acc"] += 30.0          # acceptance 0.75 on positions >= 1, the same for both chains
+        st["acc"] += 30.0  # acceptance 0.75 on positions >= 1, the same for both chains
         st["att"] += 40.0
         st["steps"] += done
         st["evals"] = torch.tensor([1.0 * done, c * done], dtype=torch.float64)
         if pacing:
             cap = pol.pacing_cap(st, rows, torch.tensor([left, left]))
-            torch.testing.assert_close(cap, torch.tensor([(c * (done + left) - done) / left, c],
-                                                         dtype=torch.float64))
-        windows[pacing] = pol.lengths(st, rows, exact, None, steps_left=torch.tensor([left, left])).tolist()
+            torch.testing.assert_close(
+                cap, torch.tensor([(c * (done + left) - done) / left, c], dtype=torch.float64)
+            )
+        windows[pacing] = pol.lengths(
+            st, rows, exact, None, steps_left=torch.tensor([left, left])
+        ).tolist()
     assert windows[False][0] == windows[False][1]
     assert windows[True][1] == windows[False][1]
     assert windows[True][0] > windows[False][0]
@@ -346,13 +380,18 @@ def test_pacing_spends_the_saved_budget_where_acceptance_drops():
     pacing a chain saves 0.5 evaluations per step early and cannot use them; with pacing it drafts
     longer windows at the end: fewer sequential calls, more evaluations, still within c N."""
     T = random_walk_transitions(200)
-    drift_model, draft = drifting_models(-0.05)    # 8 -> -2
+    drift_model, draft = drifting_models(-0.05)  # 8 -> -2
     x = torch.zeros(16, RW_D, dtype=torch.float64)
     x[:, 0] = 8.0
     c = 1.5
-    st = {pacing: SpeculativeSampler(drift_model, T, DraftModelDraft(draft),
-                                     AdaptiveWindow(16, c, pacing=pacing)).sample(
-        x_init=x, generator=gen(2)).stats for pacing in (False, True)}
+    st = {
+        pacing: SpeculativeSampler(
+            drift_model, T, DraftModelDraft(draft), AdaptiveWindow(16, c, pacing=pacing)
+        )
+        .sample(x_init=x, generator=gen(2))
+        .stats
+        for pacing in (False, True)
+    }
     evals = {p: s.target_evals / (16 * 200) for p, s in st.items()}
     assert st[True].mean_chain_rounds < st[False].mean_chain_rounds - 0.5
     assert evals[False] < evals[True] <= c

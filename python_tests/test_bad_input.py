@@ -5,6 +5,7 @@ proves it); a model's bad output is refused at its first call. CLI: argparse's `
 --flag: ...`` with exit code 2 and no traceback, before anything is sampled (the samplers are
 replaced by ones that fail the test if they run).
 """
+
 from __future__ import annotations
 
 import subprocess
@@ -14,11 +15,17 @@ import pytest
 import torch
 
 from specdiff_kernels.cli import commands as cli
-from specdiff_kernels.sampling.window import AdaptiveWindow
-from specdiff_kernels.sampling.drafts import DraftModelDraft
 from specdiff_kernels.models.gmm import GMMDenoiser, make_gmm
+from specdiff_kernels.sampling.drafts import DraftModelDraft
 from specdiff_kernels.sampling.sampler import AncestralSampler, SpeculativeSampler
-from specdiff_kernels.sampling.transitions import alphas_cumprod_from_betas, ddim_transitions, ddpm_transitions, euler_ancestral_transitions, make_betas
+from specdiff_kernels.sampling.transitions import (
+    alphas_cumprod_from_betas,
+    ddim_transitions,
+    ddpm_transitions,
+    euler_ancestral_transitions,
+    make_betas,
+)
+from specdiff_kernels.sampling.window import AdaptiveWindow
 
 ABAR = alphas_cumprod_from_betas(make_betas())
 D = 4
@@ -58,30 +65,66 @@ def one_line(err) -> str:
 
 # ----------------------------------------------------------------------------- sample() arguments
 SAMPLE_CASES = {
-    "duplicate_chain_ids": (dict(num_chains=2, event_shape=(D,), chain_ids=[0, 0]), ValueError,
-                            r"^chain_ids must be distinct \(each id seeds one chain's stream\), got 0 twice$"),
-    "negative_chain_id": (dict(num_chains=2, event_shape=(D,), chain_ids=[0, -1]), ValueError,
-                          r"^chain_ids must be >= 0, got -1$"),
-    "float_chain_id": (dict(num_chains=2, event_shape=(D,), chain_ids=[0, 1.5]), TypeError,
-                       r"^chain_ids must be integers, got 1.5$"),
-    "fractional_num_chains": (dict(num_chains=2.7, event_shape=(D,)), TypeError,
-                              r"^num_chains must be a positive int, got 2.7$"),
-    "zero_num_chains": (dict(num_chains=0, event_shape=(D,)), ValueError,
-                        r"^num_chains must be a positive int, got 0$"),
-    "negative_num_chains": (dict(num_chains=-3, event_shape=(D,)), ValueError,
-                            r"^num_chains must be a positive int, got -3$"),
-    "negative_event_dim": (dict(num_chains=2, event_shape=(-1,)), ValueError,
-                           r"^event_shape must be a tuple of positive ints, got \(-1,\)$"),
-    "int_generator": (dict(num_chains=2, event_shape=(D,), generator=123), TypeError,
-                      r"^generator must be a torch.Generator or None, got int 123"),
-    "cuda_without_gpu": (dict(num_chains=2, event_shape=(D,), device="cuda"), ValueError,
-                         r"^device='cuda' is not available: torch.cuda.is_available\(\) is False$"),
-    "int_dtype": (dict(num_chains=2, event_shape=(D,), dtype=torch.int32), TypeError,
-                  r"^dtype must be a floating torch.dtype, got torch.int32$"),
-    "integer_x_init": (dict(x_init=torch.zeros(3, D, dtype=torch.int64)), TypeError,
-                       r"^x_init must be a floating-point tensor, got dtype torch.int64$"),
-    "nan_x_init": (dict(x_init=torch.zeros(3, D).index_fill_(0, torch.tensor([1]), float("nan"))),
-                   ValueError, r"^x_init has non-finite values in 1 row\(s\), the first is row 1$"),
+    "duplicate_chain_ids": (
+        dict(num_chains=2, event_shape=(D,), chain_ids=[0, 0]),
+        ValueError,
+        r"^chain_ids must be distinct \(each id seeds one chain's stream\), got 0 twice$",
+    ),
+    "negative_chain_id": (
+        dict(num_chains=2, event_shape=(D,), chain_ids=[0, -1]),
+        ValueError,
+        r"^chain_ids must be >= 0, got -1$",
+    ),
+    "float_chain_id": (
+        dict(num_chains=2, event_shape=(D,), chain_ids=[0, 1.5]),
+        TypeError,
+        r"^chain_ids must be integers, got 1.5$",
+    ),
+    "fractional_num_chains": (
+        dict(num_chains=2.7, event_shape=(D,)),
+        TypeError,
+        r"^num_chains must be a positive int, got 2.7$",
+    ),
+    "zero_num_chains": (
+        dict(num_chains=0, event_shape=(D,)),
+        ValueError,
+        r"^num_chains must be a positive int, got 0$",
+    ),
+    "negative_num_chains": (
+        dict(num_chains=-3, event_shape=(D,)),
+        ValueError,
+        r"^num_chains must be a positive int, got -3$",
+    ),
+    "negative_event_dim": (
+        dict(num_chains=2, event_shape=(-1,)),
+        ValueError,
+        r"^event_shape must be a tuple of positive ints, got \(-1,\)$",
+    ),
+    "int_generator": (
+        dict(num_chains=2, event_shape=(D,), generator=123),
+        TypeError,
+        r"^generator must be a torch.Generator or None, got int 123",
+    ),
+    "cuda_without_gpu": (
+        dict(num_chains=2, event_shape=(D,), device="cuda"),
+        ValueError,
+        r"^device='cuda' is not available: torch.cuda.is_available\(\) is False$",
+    ),
+    "int_dtype": (
+        dict(num_chains=2, event_shape=(D,), dtype=torch.int32),
+        TypeError,
+        r"^dtype must be a floating torch.dtype, got torch.int32$",
+    ),
+    "integer_x_init": (
+        dict(x_init=torch.zeros(3, D, dtype=torch.int64)),
+        TypeError,
+        r"^x_init must be a floating-point tensor, got dtype torch.int64$",
+    ),
+    "nan_x_init": (
+        dict(x_init=torch.zeros(3, D).index_fill_(0, torch.tensor([1]), float("nan"))),
+        ValueError,
+        r"^x_init has non-finite values in 1 row\(s\), the first is row 1$",
+    ),
 }
 
 
@@ -100,21 +143,29 @@ def test_sample_arguments_refused_before_the_model_runs(sampler_cls, case):
 
 
 def test_window_true_is_not_a_window_of_one():
-    with pytest.raises(TypeError, match=r"^window must be an int >= 1, 'adaptive' or an "
-                                        r"AdaptiveWindow, got True$"):
+    with pytest.raises(
+        TypeError,
+        match=r"^window must be an int >= 1, 'adaptive' or an "
+        r"AdaptiveWindow, got True$",
+    ):
         SpeculativeSampler(Counting(), transitions(), window=True)
     with pytest.raises(TypeError, match=r"^max_window must be an int, got 8.5$"):
         AdaptiveWindow(max_window=8.5)
 
 
-@pytest.mark.parametrize("kwargs", [dict(path="ragged"), dict(draft=DraftModelDraft(Counting())),
-                                    dict(window="adaptive")])
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(path="ragged"), dict(draft=DraftModelDraft(Counting())), dict(window="adaptive")],
+)
 def test_compile_refused_where_the_ragged_round_runs(kwargs):
     """compile=True applies to the static round only: with the ragged round it would be ignored."""
-    with pytest.raises(ValueError, match=r"^compile=True compiles the static round, but this "
-                                         r"sampler runs the ragged round"):
+    with pytest.raises(
+        ValueError,
+        match=r"^compile=True compiles the static round, but this "
+        r"sampler runs the ragged round",
+    ):
         SpeculativeSampler(Counting(), transitions(), compile=True, **kwargs)
-    SpeculativeSampler(Counting(), transitions(), compile=False, **kwargs)   # eager is fine
+    SpeculativeSampler(Counting(), transitions(), compile=False, **kwargs)  # eager is fine
 
 
 def test_window_longer_than_the_schedule_is_clamped():
@@ -140,12 +191,21 @@ class Output:
 
 
 MODEL_CASES = {
-    "tuple": (lambda out: (out,), TypeError,
-              r"^target model returned tuple instead of a tensor: .*model\(x, t\)\[0\]\)$"),
-    "output_object": (Output, TypeError,
-                      r"^target model returned Output instead of a tensor: .*DiffusersModel\)$"),
-    "float64": (lambda out: out.double(), TypeError,
-                r"^target model returned dtype torch.float64 for a torch.float32 input"),
+    "tuple": (
+        lambda out: (out,),
+        TypeError,
+        r"^target model returned tuple instead of a tensor: .*model\(x, t\)\[0\]\)$",
+    ),
+    "output_object": (
+        Output,
+        TypeError,
+        r"^target model returned Output instead of a tensor: .*DiffusersModel\)$",
+    ),
+    "float64": (
+        lambda out: out.double(),
+        TypeError,
+        r"^target model returned dtype torch.float64 for a torch.float32 input",
+    ),
 }
 
 
@@ -164,19 +224,25 @@ def test_bad_draft_model_output_is_named_draft():
     draft = Counting(lambda out: out.double())
     with pytest.raises(TypeError, match=r"^draft model returned dtype torch.float64") as err:
         SpeculativeSampler(Counting(), transitions(), DraftModelDraft(draft)).sample(
-            2, (D,), generator=gen())
+            2, (D,), generator=gen()
+        )
     one_line(err)
     assert draft.calls == 1
 
 
 # ----------------------------------------------------------------------------- transitions
-@pytest.mark.parametrize("builder", [ddpm_transitions, ddim_transitions, euler_ancestral_transitions])
-@pytest.mark.parametrize("n,exc,match", [
-    (0, ValueError, r"^num_inference_steps must be in 1..1000, got 0$"),
-    (-5, ValueError, r"^num_inference_steps must be in 1..1000, got -5$"),
-    (1001, ValueError, r"^num_inference_steps must be in 1..1000, got 1001$"),
-    (2.5, TypeError, r"^num_inference_steps must be an int in 1..1000, got 2.5$"),
-])
+@pytest.mark.parametrize(
+    "builder", [ddpm_transitions, ddim_transitions, euler_ancestral_transitions]
+)
+@pytest.mark.parametrize(
+    "n,exc,match",
+    [
+        (0, ValueError, r"^num_inference_steps must be in 1..1000, got 0$"),
+        (-5, ValueError, r"^num_inference_steps must be in 1..1000, got -5$"),
+        (1001, ValueError, r"^num_inference_steps must be in 1..1000, got 1001$"),
+        (2.5, TypeError, r"^num_inference_steps must be an int in 1..1000, got 2.5$"),
+    ],
+)
 def test_num_inference_steps_checked(builder, n, exc, match):
     with pytest.raises(exc, match=match) as err:
         builder(ABAR, num_inference_steps=n)
@@ -191,6 +257,7 @@ def test_ddim_negative_eta():
 @pytest.mark.parametrize("sampler", ["ddpm", "euler_ancestral"])
 def test_embedded_model_transitions_refuse_eta(sampler):
     from specdiff_kernels import models
+
     with pytest.raises(TypeError, match="unexpected keyword argument 'eta'") as err:
         models.load("gmm", dim=2).transitions(10, sampler, eta=0.5)
     one_line(err)
@@ -202,7 +269,9 @@ def test_eta_refused_where_it_does_not_apply(scheduler):
     from specdiff_kernels.integrations.diffusers import diffusers_transitions, from_pipeline
 
     sched = getattr(diffusers, scheduler)(num_train_timesteps=1000)
-    with pytest.raises(ValueError, match=rf"^eta applies to DDIMScheduler only, not to {scheduler}$"):
+    with pytest.raises(
+        ValueError, match=rf"^eta applies to DDIMScheduler only, not to {scheduler}$"
+    ):
         diffusers_transitions(sched, 10, eta=0.5)
     with pytest.raises(ValueError, match="^use_clipped_model_output applies to DDIMScheduler only"):
         diffusers_transitions(sched, 10, use_clipped_model_output=True)
@@ -210,6 +279,7 @@ def test_eta_refused_where_it_does_not_apply(scheduler):
     class Pipe:
         unet = torch.nn.Identity()
         scheduler = sched
+
     with pytest.raises(ValueError, match="^eta applies to DDIMScheduler only"):
         from_pipeline(Pipe(), 10, eta=0.5)
 
@@ -218,8 +288,10 @@ def test_eta_refused_where_it_does_not_apply(scheduler):
 @pytest.fixture
 def no_sampling(monkeypatch):
     """Any sampling fails the test: the CLI must refuse before it starts."""
+
     def refuse(*args, **kwargs):
         raise AssertionError("sampling started")
+
     monkeypatch.setattr(AncestralSampler, "sample", refuse)
     monkeypatch.setattr(SpeculativeSampler, "sample", refuse)
 
@@ -240,19 +312,46 @@ DEMO_CASES = [
     (["--batch", "-4"], "argument --batch: must be a positive integer, got -4"),
     (["--steps", "-5"], "argument --steps: must be a positive integer, got -5"),
     (["--steps", "0"], "argument --steps: must be a positive integer, got 0"),
-    (["--steps", "5000"], "argument --steps: must be at most 1000 (the model's training timesteps), got 5000"),
+    (
+        ["--steps", "5000"],
+        "argument --steps: must be at most 1000 (the model's training timesteps), got 5000",
+    ),
     (["--seed", "-1"], "argument --seed: must be an integer in 0..2^63-1, got -1"),
     (["--model", "gmm", "--dim", "0"], "argument --dim: must be a positive integer, got 0"),
-    (["--model", "digits", "--dim", "5"], "argument --dim: does not apply to --model digits (only to gmm, langevin)"),
-    (["--model", "langevin", "--dim", "1"], "argument --dim: the langevin banana target needs at least 2 dimensions, got 1"),
-    (["--backend", "nonsense"], "argument --backend: backend must be one of ['cpp', 'reference', 'triton'], got 'nonsense'"),
-    (["--model", "langevin", "--backend", "nonsense"], "argument --backend: backend must be one of ['cpp', 'reference', 'triton'], got 'nonsense'"),
-    (["--model", "langevin", "--draft", "model", "--backend", "nonsense"], "argument --draft: does not apply to --model langevin (only to digits, gmm)"),
-    (["--model", "gmm", "--step-size", "0.1"], "argument --step-size: does not apply to --model gmm (only to langevin)"),
-    (["--model", "langevin", "--step-size", "-0.1"], "argument --step-size: must be a positive number, got -0.1"),
+    (
+        ["--model", "digits", "--dim", "5"],
+        "argument --dim: does not apply to --model digits (only to gmm, langevin)",
+    ),
+    (
+        ["--model", "langevin", "--dim", "1"],
+        "argument --dim: the langevin banana target needs at least 2 dimensions, got 1",
+    ),
+    (
+        ["--backend", "nonsense"],
+        "argument --backend: backend must be one of ['cpp', 'reference', 'triton'], got 'nonsense'",
+    ),
+    (
+        ["--model", "langevin", "--backend", "nonsense"],
+        "argument --backend: backend must be one of ['cpp', 'reference', 'triton'], got 'nonsense'",
+    ),
+    (
+        ["--model", "langevin", "--draft", "model", "--backend", "nonsense"],
+        "argument --draft: does not apply to --model langevin (only to digits, gmm)",
+    ),
+    (
+        ["--model", "gmm", "--step-size", "0.1"],
+        "argument --step-size: does not apply to --model gmm (only to langevin)",
+    ),
+    (
+        ["--model", "langevin", "--step-size", "-0.1"],
+        "argument --step-size: must be a positive number, got -0.1",
+    ),
     (["--window", "10000"], "argument --window: must be at most --steps (200), got 10000"),
     (["--window", "0"], "argument --window: must be a positive integer or 'adaptive', got 0"),
-    (["--window", "True"], "argument --window: must be a positive integer or 'adaptive', got 'True'"),
+    (
+        ["--window", "True"],
+        "argument --window: must be a positive integer or 'adaptive', got 'True'",
+    ),
 ]
 
 
@@ -266,35 +365,61 @@ def test_demo_out_that_is_a_file(capsys, no_sampling, tmp_path):
     f = tmp_path / "afile"
     f.write_text("")
     assert cli_error(["demo", "--out", str(f)], capsys) == (
-        f"specdiff demo: error: argument --out: {str(f)!r} exists and is not a directory")
+        f"specdiff demo: error: argument --out: {str(f)!r} exists and is not a directory"
+    )
     assert cli_error(["demo", "--out", str(f / "sub")], capsys) == (
-        f"specdiff demo: error: argument --out: cannot write to {str(f / 'sub')!r}: Not a directory")
+        f"specdiff demo: error: argument --out: cannot write to {str(f / 'sub')!r}: Not a directory"
+    )
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /sys, which no one may write")
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="uses /sys, which no one may write"
+)
 def test_demo_out_not_writable(capsys, no_sampling):
     assert cli_error(["demo", "--out", "/sys/specdiff_out"], capsys).startswith(
-        "specdiff demo: error: argument --out: cannot write to '/sys/specdiff_out': ")
+        "specdiff demo: error: argument --out: cannot write to '/sys/specdiff_out': "
+    )
 
 
 def test_demo_backend_not_on_this_device(capsys, no_sampling, tmp_path, monkeypatch):
     from specdiff_kernels.ops.backends import REGISTRY as reg
-    monkeypatch.setattr(reg, "_backends",
-                        {k: v for k, v in reg._backends.items() if k != ("verify", "triton")})
+
+    monkeypatch.setattr(
+        reg, "_backends", {k: v for k, v in reg._backends.items() if k != ("verify", "triton")}
+    )
     monkeypatch.setitem(reg._lazy, ("verify", "triton"), "specdiff_kernels._no_such_module")
     last = cli_error(["demo", "--backend", "triton", "--out", str(tmp_path)], capsys)
-    assert last.startswith("specdiff demo: error: argument --backend: backend 'triton' is not available")
+    assert last.startswith(
+        "specdiff demo: error: argument --backend: backend 'triton' is not available"
+    )
 
 
 def test_demo_error_in_a_real_process(tmp_path):
     """The installed command: exit code 2, usage + one error line on stderr, no traceback."""
-    proc = subprocess.run([sys.executable, "-m", "specdiff_kernels", "demo", "--model", "langevin",
-                           "--draft", "model", "--backend", "nonsense", "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "specdiff_kernels",
+            "demo",
+            "--model",
+            "langevin",
+            "--draft",
+            "model",
+            "--backend",
+            "nonsense",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and proc.stdout == ""
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == (
-        "specdiff demo: error: argument --draft: does not apply to --model langevin (only to digits, gmm)")
+        "specdiff demo: error: argument --draft: does not apply to --model langevin (only to digits, gmm)"
+    )
 
 
 DIST_CASES = [
@@ -304,9 +429,18 @@ DIST_CASES = [
     (["--seed", "-1"], "argument --seed: must be an integer in 0..2^63-1, got -1"),
     (["--window", "x"], "argument --window: must be a positive integer or 'adaptive', got 'x'"),
     (["--window", "300"], "argument --window: must be at most --steps (200), got 300"),
-    (["--model", "digits", "--dim", "8"], "argument --dim: does not apply to --model digits (only to gmm, banana)"),
-    (["--model", "gmm", "--step-size", "0.1"], "argument --step-size: does not apply to --model gmm (only to banana)"),
-    (["--model", "banana", "--dim", "1"], "argument --dim: the banana target needs at least 2 dimensions, got 1"),
+    (
+        ["--model", "digits", "--dim", "8"],
+        "argument --dim: does not apply to --model digits (only to gmm, banana)",
+    ),
+    (
+        ["--model", "gmm", "--step-size", "0.1"],
+        "argument --step-size: does not apply to --model gmm (only to banana)",
+    ),
+    (
+        ["--model", "banana", "--dim", "1"],
+        "argument --dim: the banana target needs at least 2 dimensions, got 1",
+    ),
 ]
 
 
@@ -320,9 +454,11 @@ def test_distributed_out_checks(capsys, no_sampling, tmp_path):
     f = tmp_path / "afile"
     f.write_text("")
     assert cli_error(["--out", str(tmp_path)], capsys, entry=cli.distributed_main).endswith(
-        f"argument --out: {str(tmp_path)!r} is a directory")
+        f"argument --out: {str(tmp_path)!r} is a directory"
+    )
     assert cli_error(["--per-rank-dir", str(f)], capsys, entry=cli.distributed_main).endswith(
-        f"argument --per-rank-dir: {str(f)!r} exists and is not a directory")
-    assert cli_error(["--out", str(f), "--per-rank-dir", str(tmp_path)], capsys,
-                     entry=cli.distributed_main).endswith(
-        "argument --out: not allowed with --per-rank-dir (ranks then write their own files)")
+        f"argument --per-rank-dir: {str(f)!r} exists and is not a directory"
+    )
+    assert cli_error(
+        ["--out", str(f), "--per-rank-dir", str(tmp_path)], capsys, entry=cli.distributed_main
+    ).endswith("argument --out: not allowed with --per-rank-dir (ranks then write their own files)")

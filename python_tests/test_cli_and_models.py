@@ -1,4 +1,5 @@
 """The ``specdiff`` CLI and the embedded-model registry."""
+
 from __future__ import annotations
 
 import json
@@ -40,8 +41,24 @@ def test_gmm_data_matches_its_moments():
 
 
 def test_demo_runs_and_reports(tmp_path, capsys):
-    rc = main(["demo", "--model", "gmm", "--dim", "8", "--steps", "40", "--window", "4",
-               "--batch", "48", "--no-progress", "--out", str(tmp_path)])
+    rc = main(
+        [
+            "demo",
+            "--model",
+            "gmm",
+            "--dim",
+            "8",
+            "--steps",
+            "40",
+            "--window",
+            "4",
+            "--batch",
+            "48",
+            "--no-progress",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0
     assert "sequential target calls (batch)" in out and "acceptance by window position" in out
@@ -54,8 +71,24 @@ def test_demo_runs_and_reports(tmp_path, capsys):
 
 
 def test_demo_with_draft_model_on_digits(tmp_path, capsys):
-    rc = main(["demo", "--model", "digits", "--steps", "20", "--window", "3", "--draft", "model",
-               "--batch", "32", "--no-progress", "--out", str(tmp_path)])
+    rc = main(
+        [
+            "demo",
+            "--model",
+            "digits",
+            "--steps",
+            "20",
+            "--window",
+            "3",
+            "--draft",
+            "model",
+            "--batch",
+            "32",
+            "--no-progress",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0 and "digit classifier mean confidence" in out
     stats = json.loads((tmp_path / "demo_stats.json").read_text())
@@ -64,18 +97,24 @@ def test_demo_with_draft_model_on_digits(tmp_path, capsys):
 
 def test_info_and_module_entry_point():
     env = dict(os.environ, SPECDIFF_CPU_CAPABILITY="default")
-    res = subprocess.run([sys.executable, "-m", "specdiff_kernels", "info"], capture_output=True,
-                         text=True, timeout=120, env=env)
+    res = subprocess.run(
+        [sys.executable, "-m", "specdiff_kernels", "info"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert res.returncode == 0, res.stderr
     assert "backends: reference, cpp" in res.stdout and "C++ build:" in res.stdout
-    assert "C++ kernels run the default variant" in res.stdout   # as the variable asked
+    assert "C++ kernels run the default variant" in res.stdout  # as the variable asked
 
 
 def test_digits_speculative_costs_less_than_ancestral():
     """The acceptance bar of the demo: digits, N=200, L=8, frozen-x0: <= 0.40 sequential calls."""
     m = models.load("digits")
     res = SpeculativeSampler(m.target, m.transitions(200), window=8).sample(
-        16, m.event_shape, generator=torch.Generator().manual_seed(0))
+        16, m.event_shape, generator=torch.Generator().manual_seed(0)
+    )
     assert res.stats.target_calls / 200 <= 0.40
 
 
@@ -83,17 +122,39 @@ def test_demo_without_matplotlib_and_sklearn(tmp_path, capsys, monkeypatch):
     """A plain install has neither: the demo says so in one line each, before sampling, and runs
     to the end (stats JSON written, no PNGs, no classifier line)."""
     import importlib.util
+
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name in ("matplotlib", "sklearn") else real(name, *a))
-    rc = main(["demo", "--model", "digits", "--steps", "20", "--window", "3", "--batch", "16",
-               "--no-progress", "--out", str(tmp_path)])
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name in ("matplotlib", "sklearn") else real(name, *a),
+    )
+    rc = main(
+        [
+            "demo",
+            "--model",
+            "digits",
+            "--steps",
+            "20",
+            "--window",
+            "3",
+            "--batch",
+            "16",
+            "--no-progress",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     out = capsys.readouterr().out.splitlines()
     assert rc == 0
-    assert out[0] == ("note: matplotlib is not installed, so the PNG output is skipped "
-                      "(pip install 'specdiff_kernels[demo]' adds it)")
-    assert out[1] == ("note: sklearn is not installed, so the digit classifier is skipped "
-                      "(pip install 'specdiff_kernels[demo]' adds it)")
+    assert out[0] == (
+        "note: matplotlib is not installed, so the PNG output is skipped "
+        "(pip install 'specdiff_kernels[demo]' adds it)"
+    )
+    assert out[1] == (
+        "note: sklearn is not installed, so the digit classifier is skipped "
+        "(pip install 'specdiff_kernels[demo]' adds it)"
+    )
     assert not any("digit classifier mean confidence" in line for line in out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo_stats.json"]
 
@@ -102,6 +163,7 @@ def test_langevin_demo_uses_backend_and_out(tmp_path, capsys, monkeypatch):
     """--backend and --out apply to --model langevin: the verify calls get the backend, and the
     stats land in --out."""
     from specdiff_kernels.ops import verify as ops
+
     seen = []
     real = ops.get_backend
 
@@ -110,12 +172,34 @@ def test_langevin_demo_uses_backend_and_out(tmp_path, capsys, monkeypatch):
         return real(name, device)
 
     monkeypatch.setattr(ops, "get_backend", spy)
-    rc = main(["demo", "--model", "langevin", "--batch", "64", "--steps", "20", "--window", "4",
-               "--dim", "3", "--backend", "reference", "--no-progress", "--out", str(tmp_path)])
+    rc = main(
+        [
+            "demo",
+            "--model",
+            "langevin",
+            "--batch",
+            "64",
+            "--steps",
+            "20",
+            "--window",
+            "4",
+            "--dim",
+            "3",
+            "--backend",
+            "reference",
+            "--no-progress",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert rc == 0 and "plain ULA" in capsys.readouterr().out
     assert len(seen) > 3 and set(seen) == {"reference"}
     stats = json.loads((tmp_path / "langevin_stats.json").read_text())
     assert stats["args"]["backend"] == "reference" and stats["args"]["dim"] == 3
     assert [r["sampler"] for r in stats["rows"]] == [
-        "plain ULA", "frozen gradient, L=4", "frozen gradient, adaptive", "surrogate gradient, L=4"]
+        "plain ULA",
+        "frozen gradient, L=4",
+        "frozen gradient, adaptive",
+        "surrogate gradient, L=4",
+    ]
     assert all(r["two_sample_pvalue"] > 1e-3 for r in stats["rows"])

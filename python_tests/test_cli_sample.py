@@ -5,6 +5,7 @@ weight is loaded.
 The pipelines here are tiny random ``UNet2DModel`` + scheduler folders written by diffusers' own
 ``save_pretrained``: fast, and independent of the embedded ``patches`` weights.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,16 +31,24 @@ SIZE = 8
 
 def tiny_unet(out_channels: int = 3) -> UNet2DModel:
     torch.manual_seed(0)
-    return UNet2DModel(sample_size=SIZE, in_channels=3, out_channels=out_channels,
-                       block_out_channels=(8, 16), layers_per_block=1,
-                       down_block_types=("DownBlock2D", "DownBlock2D"),
-                       up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4)
+    return UNet2DModel(
+        sample_size=SIZE,
+        in_channels=3,
+        out_channels=out_channels,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+    )
 
 
 @pytest.fixture(scope="module")
 def pipe_dir(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("pipe")
-    DDPMPipeline(unet=tiny_unet(), scheduler=DDPMScheduler(num_train_timesteps=1000)).save_pretrained(d)
+    DDPMPipeline(
+        unet=tiny_unet(), scheduler=DDPMScheduler(num_train_timesteps=1000)
+    ).save_pretrained(d)
     return d
 
 
@@ -60,6 +69,7 @@ def edited_copy(src: Path, dst: Path, file: str, **changes) -> Path:
 def grid_to_samples(png: Path, n: int, channels: int, size: int) -> torch.Tensor:
     """Invert sample_cmd.image_grid for n tiles of size x size upscaled to 32 px (value in [-1, 1])."""
     from PIL import Image
+
     arr = np.asarray(Image.open(png))
     if channels == 1:
         arr = arr[..., None]
@@ -70,20 +80,41 @@ def grid_to_samples(png: Path, n: int, channels: int, size: int) -> torch.Tensor
     for i in range(n):
         r, c = divmod(i, cols)
         y, x = pad + r * (tile + pad), pad + c * (tile + pad)
-        out.append(arr[y:y + tile:scale, x:x + tile:scale])   # one pixel per upscaled block
+        out.append(arr[y : y + tile : scale, x : x + tile : scale])  # one pixel per upscaled block
     return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).double() / 127.5 - 1
 
 
 # ----------------------------------------------------------------------------- runs
 def test_sample_a_save_pretrained_folder(pipe_dir, tmp_path, capsys):
-    rc = main(["sample", "--pipeline", str(pipe_dir), "--steps", "40", "--window", "4", "--batch", "16",
-               "--seed", "3", "--compare", "--no-progress", "--out", str(tmp_path)])
+    rc = main(
+        [
+            "sample",
+            "--pipeline",
+            str(pipe_dir),
+            "--steps",
+            "40",
+            "--window",
+            "4",
+            "--batch",
+            "16",
+            "--seed",
+            "3",
+            "--compare",
+            "--no-progress",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0
     assert "scheduler ddpm (the pipeline's own: DDPMScheduler)" in out
     assert "sequential target calls (batch)" in out and "two-sample test" in out
     stats = json.loads((tmp_path / "stats.json").read_text())
-    assert stats["pipeline"]["scheduler"] == "ddpm" and stats["pipeline"]["event_shape"] == [3, SIZE, SIZE]
+    assert stats["pipeline"]["scheduler"] == "ddpm" and stats["pipeline"]["event_shape"] == [
+        3,
+        SIZE,
+        SIZE,
+    ]
     assert stats["speculative"]["target_calls"] < stats["ancestral"]["target_calls"] == 40
     assert stats["ancestral_seed"] != 3 and stats["two_sample_pvalue"] > 1e-3
     assert stats["wall_s"]["speculative"] > 0 and stats["wall_s"]["ancestral"] > 0
@@ -92,57 +123,135 @@ def test_sample_a_save_pretrained_folder(pipe_dir, tmp_path, capsys):
     pipe = DDPMPipeline.from_pretrained(pipe_dir)
     model, T = from_pipeline(pipe, 40)
     # (16 chains of a UNet on CPU: the default path, the static round with its compact call)
-    ref = SpeculativeSampler(model, T, window=4).sample(
-        16, (3, SIZE, SIZE), generator=torch.Generator().manual_seed(3)).samples
+    ref = (
+        SpeculativeSampler(model, T, window=4)
+        .sample(16, (3, SIZE, SIZE), generator=torch.Generator().manual_seed(3))
+        .samples
+    )
     shown = grid_to_samples(tmp_path / "samples.png", 16, 3, SIZE)
     torch.testing.assert_close(shown, ref.double().clamp(-1, 1), atol=1 / 127.5, rtol=0)
-    anc = AncestralSampler(model, T).sample(16, (3, SIZE, SIZE),
-                                            generator=torch.Generator().manual_seed(stats["ancestral_seed"]))
+    anc = AncestralSampler(model, T).sample(
+        16, (3, SIZE, SIZE), generator=torch.Generator().manual_seed(stats["ancestral_seed"])
+    )
     shown_anc = grid_to_samples(tmp_path / "samples_ancestral.png", 16, 3, SIZE)
     torch.testing.assert_close(shown_anc, anc.samples.double().clamp(-1, 1), atol=1 / 127.5, rtol=0)
 
 
-@pytest.mark.parametrize("argv,scheduler,transitions", [
-    (["--scheduler", "euler-a"], "euler-a", "euler"),
-    (["--scheduler", "ddim", "--eta", "0.5"], "ddim", "eta=0.5"),
-    (["--scheduler", "ddim"], "ddim", "eta=1.0"),
-])
+@pytest.mark.parametrize(
+    "argv,scheduler,transitions",
+    [
+        (["--scheduler", "euler-a"], "euler-a", "euler"),
+        (["--scheduler", "ddim", "--eta", "0.5"], "ddim", "eta=0.5"),
+        (["--scheduler", "ddim"], "ddim", "eta=1.0"),
+    ],
+)
 def test_sample_with_another_scheduler(pipe_dir, tmp_path, capsys, argv, scheduler, transitions):
-    rc = main(["sample", "--pipeline", str(pipe_dir), "--steps", "20", "--window", "adaptive",
-               "--batch", "4", "--no-progress", "--out", str(tmp_path), *argv])
+    rc = main(
+        [
+            "sample",
+            "--pipeline",
+            str(pipe_dir),
+            "--steps",
+            "20",
+            "--window",
+            "adaptive",
+            "--batch",
+            "4",
+            "--no-progress",
+            "--out",
+            str(tmp_path),
+            *argv,
+        ]
+    )
     assert rc == 0
     stats = json.loads((tmp_path / "stats.json").read_text())
-    assert stats["pipeline"]["scheduler"] == scheduler and transitions in stats["pipeline"]["transitions"]
+    assert (
+        stats["pipeline"]["scheduler"] == scheduler
+        and transitions in stats["pipeline"]["transitions"]
+    )
     assert "ancestral" not in stats and stats["speculative"]["num_steps"] == 20
 
 
 def test_unsupported_own_scheduler_needs_scheduler_flag(pipe_dir, tmp_path, capsys):
-    d = edited_copy(pipe_dir, tmp_path / "pndm", "scheduler/scheduler_config.json",
-                    _class_name="PNDMScheduler")
+    d = edited_copy(
+        pipe_dir, tmp_path / "pndm", "scheduler/scheduler_config.json", _class_name="PNDMScheduler"
+    )
     last = cli_error(["sample", "--pipeline", str(d), "--out", str(tmp_path / "o")], capsys)
-    assert last == ("specdiff sample: error: argument --scheduler: the pipeline's own scheduler "
-                    "PNDMScheduler is not supported (no Gaussian ancestral step to speculate); pass "
-                    "--scheduler ddpm or ddim or euler-a")
-    rc = main(["sample", "--pipeline", str(d), "--scheduler", "ddpm", "--steps", "10", "--batch", "2",
-               "--no-progress", "--out", str(tmp_path / "o")])
+    assert last == (
+        "specdiff sample: error: argument --scheduler: the pipeline's own scheduler "
+        "PNDMScheduler is not supported (no Gaussian ancestral step to speculate); pass "
+        "--scheduler ddpm or ddim or euler-a"
+    )
+    rc = main(
+        [
+            "sample",
+            "--pipeline",
+            str(d),
+            "--scheduler",
+            "ddpm",
+            "--steps",
+            "10",
+            "--batch",
+            "2",
+            "--no-progress",
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
     assert rc == 0
     assert "(the pipeline's own: PNDMScheduler)" in capsys.readouterr().out
 
 
 def test_sample_digits_with_its_draft_model(tmp_path, capsys):
-    rc = main(["sample", "--pipeline", "digits", "--steps", "50", "--window", "4", "--batch", "32",
-               "--draft", "model", "--compare", "--no-progress", "--out", str(tmp_path)])
+    rc = main(
+        [
+            "sample",
+            "--pipeline",
+            "digits",
+            "--steps",
+            "50",
+            "--window",
+            "4",
+            "--batch",
+            "32",
+            "--draft",
+            "model",
+            "--compare",
+            "--no-progress",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert rc == 0 and "digits" in capsys.readouterr().out
     stats = json.loads((tmp_path / "stats.json").read_text())
     assert stats["speculative"]["draft_calls"] > 0 and stats["two_sample_pvalue"] > 1e-3
     from PIL import Image
+
     # 32 digits: 6 columns x 6 rows of 32-px tiles (8x8 scaled by 4) with 2-px gaps
     assert Image.open(tmp_path / "samples.png").size == (6 * 34 + 2, 6 * 34 + 2)
 
 
 def test_sample_digits_bfloat16_and_ddim(tmp_path):
-    rc = main(["sample", "--pipeline", "digits", "--scheduler", "ddim", "--eta", "0.7", "--steps", "30",
-               "--batch", "8", "--dtype", "bfloat16", "--no-progress", "--out", str(tmp_path)])
+    rc = main(
+        [
+            "sample",
+            "--pipeline",
+            "digits",
+            "--scheduler",
+            "ddim",
+            "--eta",
+            "0.7",
+            "--steps",
+            "30",
+            "--batch",
+            "8",
+            "--dtype",
+            "bfloat16",
+            "--no-progress",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert rc == 0
     stats = json.loads((tmp_path / "stats.json").read_text())
     assert "eta=0.7" in stats["pipeline"]["transitions"] and stats["args"]["dtype"] == "bfloat16"
@@ -152,7 +261,9 @@ def test_dtype_is_the_networks(pipe_dir, tmp_path, monkeypatch):
     """--dtype bfloat16 loads the UNet in bfloat16; the chains (and the samples) stay float32."""
     loaded, sampled = [], []
     real_load, real_sample = sample_cmd.load_unet, SpeculativeSampler.sample
-    monkeypatch.setattr(sample_cmd, "load_unet", lambda *a: loaded.append(real_load(*a)) or loaded[-1])
+    monkeypatch.setattr(
+        sample_cmd, "load_unet", lambda *a: loaded.append(real_load(*a)) or loaded[-1]
+    )
 
     def spy(self, *a, **kw):
         res = real_sample(self, *a, **kw)
@@ -160,8 +271,22 @@ def test_dtype_is_the_networks(pipe_dir, tmp_path, monkeypatch):
         return res
 
     monkeypatch.setattr(SpeculativeSampler, "sample", spy)
-    rc = main(["sample", "--pipeline", str(pipe_dir), "--dtype", "bfloat16", "--steps", "10",
-               "--batch", "2", "--no-progress", "--out", str(tmp_path)])
+    rc = main(
+        [
+            "sample",
+            "--pipeline",
+            str(pipe_dir),
+            "--dtype",
+            "bfloat16",
+            "--steps",
+            "10",
+            "--batch",
+            "2",
+            "--no-progress",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert rc == 0
     assert [u.dtype for u in loaded] == [torch.bfloat16] and sampled == [torch.float32]
 
@@ -169,9 +294,14 @@ def test_dtype_is_the_networks(pipe_dir, tmp_path, monkeypatch):
 def test_patches_resolves_to_the_shipped_pipeline():
     """--pipeline patches is the packaged save_pretrained folder, checked from its JSON alone."""
     from specdiff_kernels.models import patches
+
     spec = sample_cmd.resolve_pipeline("patches", None, 200, None)
     assert spec.path == patches.pipeline_dir() and (spec.path / "unet").is_dir()
-    assert (spec.scheduler, spec.own_scheduler, spec.unet_class) == ("ddpm", "DDPMScheduler", "UNet2DModel")
+    assert (spec.scheduler, spec.own_scheduler, spec.unet_class) == (
+        "ddpm",
+        "DDPMScheduler",
+        "UNet2DModel",
+    )
     assert spec.event_shape == (3, 32, 32) and spec.transitions.num_steps == 200
     assert not spec.has_draft_model
 
@@ -184,8 +314,26 @@ def test_image_grid_denormalises():
 
 
 def test_demo_device_cpu(tmp_path, capsys):
-    rc = main(["demo", "--model", "gmm", "--dim", "4", "--steps", "20", "--window", "4", "--batch", "32",
-               "--device", "cpu", "--no-progress", "--out", str(tmp_path)])
+    rc = main(
+        [
+            "demo",
+            "--model",
+            "gmm",
+            "--dim",
+            "4",
+            "--steps",
+            "20",
+            "--window",
+            "4",
+            "--batch",
+            "32",
+            "--device",
+            "cpu",
+            "--no-progress",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert rc == 0 and "device cpu" in capsys.readouterr().out
     assert json.loads((tmp_path / "demo_stats.json").read_text())["args"]["device"] == "cpu"
 
@@ -194,8 +342,10 @@ def test_demo_device_cpu(tmp_path, capsys):
 @pytest.fixture
 def nothing_loaded(monkeypatch):
     """Loading a network or sampling fails the test: the CLI must refuse before either."""
+
     def refuse(*args, **kwargs):
         raise AssertionError("work started")
+
     monkeypatch.setattr(sample_cmd, "load_network", refuse)
     monkeypatch.setattr(AncestralSampler, "sample", refuse)
     monkeypatch.setattr(SpeculativeSampler, "sample", refuse)
@@ -210,7 +360,7 @@ def cli_error(argv, capsys) -> str:
     assert "Traceback" not in captured.err
     lines = captured.err.strip().splitlines()
     assert lines[-1].startswith("specdiff ") and ": error: " in lines[-1]
-    assert all(line.startswith(("usage:", " ")) for line in lines[:-1])   # argparse's usage only
+    assert all(line.startswith(("usage:", " ")) for line in lines[:-1])  # argparse's usage only
     return lines[-1]
 
 
@@ -220,46 +370,79 @@ def _bad_pipelines(src: Path, root: Path) -> dict:
     d = {}
     f = root / "afile"
     f.write_text("")
-    d["file"] = (f, f"argument --pipeline: {q(str(f))} is not a directory (a diffusers "
-                    f"save_pretrained folder, or one of patches, digits)")
+    d["file"] = (
+        f,
+        f"argument --pipeline: {q(str(f))} is not a directory (a diffusers "
+        f"save_pretrained folder, or one of patches, digits)",
+    )
     missing = root / "missing"
-    d["missing"] = (missing, f"argument --pipeline: {q(str(missing))} does not exist (a diffusers "
-                             f"save_pretrained folder, or one of patches, digits)")
+    d["missing"] = (
+        missing,
+        f"argument --pipeline: {q(str(missing))} does not exist (a diffusers "
+        f"save_pretrained folder, or one of patches, digits)",
+    )
     empty = root / "empty"
     empty.mkdir()
-    d["no model_index"] = (empty, f"argument --pipeline: {q(str(empty))} is not a diffusers pipeline "
-                                  f"folder: no model_index.json in {q(str(empty))}")
+    d["no model_index"] = (
+        empty,
+        f"argument --pipeline: {q(str(empty))} is not a diffusers pipeline "
+        f"folder: no model_index.json in {q(str(empty))}",
+    )
     no_unet = root / "no_unet"
     shutil.copytree(src, no_unet)
     shutil.rmtree(no_unet / "unet")
-    d["no unet"] = (no_unet, f"argument --pipeline: {q(str(no_unet))} has no usable unet/: no "
-                             f"config.json in {q(str(no_unet / 'unet'))}")
+    d["no unet"] = (
+        no_unet,
+        f"argument --pipeline: {q(str(no_unet))} has no usable unet/: no "
+        f"config.json in {q(str(no_unet / 'unet'))}",
+    )
     no_sched = root / "no_sched"
     shutil.copytree(src, no_sched)
     shutil.rmtree(no_sched / "scheduler")
-    d["no scheduler"] = (no_sched, f"argument --pipeline: {q(str(no_sched))} has no usable "
-                                   f"scheduler/: no scheduler_config.json in "
-                                   f"{q(str(no_sched / 'scheduler'))}")
+    d["no scheduler"] = (
+        no_sched,
+        f"argument --pipeline: {q(str(no_sched))} has no usable "
+        f"scheduler/: no scheduler_config.json in "
+        f"{q(str(no_sched / 'scheduler'))}",
+    )
     learned_unet = edited_copy(src, root / "six", "unet/config.json", out_channels=6)
-    d["learned-variance unet"] = (learned_unet, f"argument --pipeline: {q(str(learned_unet))}: its "
-                                                f"unet has out_channels 6 for in_channels 3 (a learned "
-                                                f"variance?); speculative sampling needs a UNet that "
-                                                f"predicts only the noise/x0/v, with fixed variances")
+    d["learned-variance unet"] = (
+        learned_unet,
+        f"argument --pipeline: {q(str(learned_unet))}: its "
+        f"unet has out_channels 6 for in_channels 3 (a learned "
+        f"variance?); speculative sampling needs a UNet that "
+        f"predicts only the noise/x0/v, with fixed variances",
+    )
     cond = edited_copy(src, root / "cond", "unet/config.json", _class_name="UNet2DConditionModel")
-    d["conditional unet"] = (cond, f"argument --pipeline: {q(str(cond))}: its unet is a "
-                                   f"UNet2DConditionModel; specdiff sample runs unconditional "
-                                   f"UNet2DModel pipelines")
-    learned = edited_copy(src, root / "learned", "scheduler/scheduler_config.json",
-                          variance_type="learned_range")
-    d["learned variance"] = (learned, "argument --scheduler: ddpm with variance_type 'learned_range' "
-                                      "(learned variances) cannot be speculated; set variance_type to "
-                                      "'fixed_small' in scheduler/scheduler_config.json, or pass "
-                                      "--scheduler ddim or euler-a")
+    d["conditional unet"] = (
+        cond,
+        f"argument --pipeline: {q(str(cond))}: its unet is a "
+        f"UNet2DConditionModel; specdiff sample runs unconditional "
+        f"UNet2DModel pipelines",
+    )
+    learned = edited_copy(
+        src, root / "learned", "scheduler/scheduler_config.json", variance_type="learned_range"
+    )
+    d["learned variance"] = (
+        learned,
+        "argument --scheduler: ddpm with variance_type 'learned_range' "
+        "(learned variances) cannot be speculated; set variance_type to "
+        "'fixed_small' in scheduler/scheduler_config.json, or pass "
+        "--scheduler ddim or euler-a",
+    )
     return d
 
 
-BAD_FOLDERS = ["file", "missing", "no model_index", "no unet", "no scheduler", "learned-variance unet",
-               "conditional unet", "learned variance"]
+BAD_FOLDERS = [
+    "file",
+    "missing",
+    "no model_index",
+    "no unet",
+    "no scheduler",
+    "learned-variance unet",
+    "conditional unet",
+    "learned variance",
+]
 
 
 @pytest.mark.parametrize("case", BAD_FOLDERS)
@@ -270,20 +453,50 @@ def test_bad_pipeline_folders(case, pipe_dir, tmp_path, capsys, nothing_loaded):
 
 
 FOLDER_CASES = [
-    (["--steps", "2000"], "argument --steps: must be at most 1000 (the pipeline's training timesteps), got 2000"),
-    (["--eta", "0.5"], "argument --eta: applies to --scheduler ddim only (this pipeline's own scheduler is DDPMScheduler)"),
-    (["--scheduler", "euler-a", "--eta", "0.5"], "argument --eta: applies to --scheduler ddim only"),
+    (
+        ["--steps", "2000"],
+        "argument --steps: must be at most 1000 (the pipeline's training timesteps), got 2000",
+    ),
+    (
+        ["--eta", "0.5"],
+        "argument --eta: applies to --scheduler ddim only (this pipeline's own scheduler is DDPMScheduler)",
+    ),
+    (
+        ["--scheduler", "euler-a", "--eta", "0.5"],
+        "argument --eta: applies to --scheduler ddim only",
+    ),
     (["--scheduler", "ddim", "--eta", "0"], "argument --eta: must be a positive number, got 0.0"),
-    (["--scheduler", "heun"], "argument --scheduler: invalid choice: 'heun' (choose from 'ddpm', 'ddim', 'euler-a')"),
-    (["--draft", "model"], "argument --draft: 'model' needs a draft network, which only --pipeline digits ships; use frozen-x0 or frozen-eps"),
-    (["--draft", "oracle"], "argument --draft: invalid choice: 'oracle' (choose from 'frozen-x0', 'frozen-eps', 'model')"),
-    (["--dtype", "float16"], "argument --dtype: float16 needs --device cuda (on CPU it is slower than float32 and some kernels lack it); use float32 or bfloat16 on CPU"),
-    (["--dtype", "float64"], "argument --dtype: invalid choice: 'float64' (choose from 'float32', 'float16', 'bfloat16')"),
+    (
+        ["--scheduler", "heun"],
+        "argument --scheduler: invalid choice: 'heun' (choose from 'ddpm', 'ddim', 'euler-a')",
+    ),
+    (
+        ["--draft", "model"],
+        "argument --draft: 'model' needs a draft network, which only --pipeline digits ships; use frozen-x0 or frozen-eps",
+    ),
+    (
+        ["--draft", "oracle"],
+        "argument --draft: invalid choice: 'oracle' (choose from 'frozen-x0', 'frozen-eps', 'model')",
+    ),
+    (
+        ["--dtype", "float16"],
+        "argument --dtype: float16 needs --device cuda (on CPU it is slower than float32 and some kernels lack it); use float32 or bfloat16 on CPU",
+    ),
+    (
+        ["--dtype", "float64"],
+        "argument --dtype: invalid choice: 'float64' (choose from 'float32', 'float16', 'bfloat16')",
+    ),
     (["--device", "tpu"], "argument --device: must be cpu, cuda or cuda:N, got 'tpu'"),
     (["--device", "cuda:x"], "argument --device: must be cpu, cuda or cuda:N, got 'cuda:x'"),
-    (["--steps", "50", "--window", "51"], "argument --window: must be at most --steps (50), got 51"),
+    (
+        ["--steps", "50", "--window", "51"],
+        "argument --window: must be at most --steps (50), got 51",
+    ),
     (["--window", "0"], "argument --window: must be a positive integer or 'adaptive', got 0"),
-    (["--window", "adaptiv"], "argument --window: must be a positive integer or 'adaptive', got 'adaptiv'"),
+    (
+        ["--window", "adaptiv"],
+        "argument --window: must be a positive integer or 'adaptive', got 'adaptiv'",
+    ),
     (["--batch", "0"], "argument --batch: must be a positive integer, got 0"),
     (["--steps", "0"], "argument --steps: must be a positive integer, got 0"),
     (["--seed", "-1"], "argument --seed: must be an integer in 0..2^63-1, got -1"),
@@ -297,9 +510,15 @@ def test_sample_refuses_before_loading(argv, message, pipe_dir, tmp_path, capsys
 
 
 DIGITS_CASES = [
-    (["--steps", "5000"], "argument --steps: must be at most 1000 (the model's training timesteps), got 5000"),
+    (
+        ["--steps", "5000"],
+        "argument --steps: must be at most 1000 (the model's training timesteps), got 5000",
+    ),
     (["--eta", "0.5"], "argument --eta: applies to --scheduler ddim only"),
-    (["--scheduler", "euler-a", "--eta", "0.5"], "argument --eta: applies to --scheduler ddim only"),
+    (
+        ["--scheduler", "euler-a", "--eta", "0.5"],
+        "argument --eta: applies to --scheduler ddim only",
+    ),
     (["--window", "300"], "argument --window: must be at most --steps (200), got 300"),
 ]
 
@@ -313,60 +532,91 @@ def test_sample_digits_refuses_before_loading(argv, message, tmp_path, capsys, n
 def test_scheduler_the_adapter_refuses(pipe_dir, tmp_path, capsys, nothing_loaded):
     """Euler-ancestral has no x0 parametrisation in diffusers: the adapter's own message, as an
     argument error, from the scheduler config alone."""
-    d = edited_copy(pipe_dir, tmp_path / "x0", "scheduler/scheduler_config.json", prediction_type="sample")
-    last = cli_error(["sample", "--pipeline", str(d), "--scheduler", "euler-a", "--out", str(tmp_path)], capsys)
-    assert last == ("specdiff sample: error: argument --scheduler: euler-a: EulerAncestralDiscreteScheduler "
-                    "prediction_type='sample' is not supported by diffusers either")
+    d = edited_copy(
+        pipe_dir, tmp_path / "x0", "scheduler/scheduler_config.json", prediction_type="sample"
+    )
+    last = cli_error(
+        ["sample", "--pipeline", str(d), "--scheduler", "euler-a", "--out", str(tmp_path)], capsys
+    )
+    assert last == (
+        "specdiff sample: error: argument --scheduler: euler-a: EulerAncestralDiscreteScheduler "
+        "prediction_type='sample' is not supported by diffusers either"
+    )
 
 
 def test_missing_patches_weights(tmp_path, capsys, monkeypatch, nothing_loaded):
     from specdiff_kernels.models import patches
+
     monkeypatch.setattr(patches, "pipeline_dir", lambda: tmp_path / "nowhere")
     last = cli_error(["sample", "--pipeline", "patches", "--out", str(tmp_path)], capsys)
-    assert last == (f"specdiff sample: error: argument --pipeline: the embedded 'patches' pipeline is "
-                    f"not in this install (no model_index.json in {str(tmp_path / 'nowhere')!r}); "
-                    f"train it with `python -m specdiff_kernels.models.train patches`, or pass a pipeline "
-                    f"folder or 'digits'")
+    assert last == (
+        f"specdiff sample: error: argument --pipeline: the embedded 'patches' pipeline is "
+        f"not in this install (no model_index.json in {str(tmp_path / 'nowhere')!r}); "
+        f"train it with `python -m specdiff_kernels.models.train patches`, or pass a pipeline "
+        f"folder or 'digits'"
+    )
 
 
 def test_pipeline_folder_without_diffusers(pipe_dir, tmp_path, capsys, monkeypatch, nothing_loaded):
-    monkeypatch.setitem(sys.modules, "diffusers", None)   # import diffusers -> ImportError
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # import diffusers -> ImportError
     assert cli_error(["sample", "--pipeline", str(pipe_dir), "--out", str(tmp_path)], capsys) == (
         "specdiff sample: error: argument --pipeline: diffusers is not installed (pip install "
-        "'specdiff_kernels[diffusers]')")
+        "'specdiff_kernels[diffusers]')"
+    )
 
 
 def test_out_that_is_a_file(pipe_dir, tmp_path, capsys, nothing_loaded):
     f = tmp_path / "afile"
     f.write_text("")
     assert cli_error(["sample", "--pipeline", str(pipe_dir), "--out", str(f)], capsys) == (
-        f"specdiff sample: error: argument --out: {str(f)!r} exists and is not a directory")
+        f"specdiff sample: error: argument --out: {str(f)!r} exists and is not a directory"
+    )
 
 
 @pytest.mark.parametrize("cmd", ["sample", "demo"])
 @pytest.mark.parametrize("device", ["cuda", "cuda:3"])
 def test_cuda_without_a_gpu(cmd, device, tmp_path, capsys, monkeypatch, nothing_loaded):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    argv = [cmd, "--device", device, "--out", str(tmp_path)] + (["--pipeline", "digits"] if cmd == "sample" else [])
-    assert cli_error(argv, capsys) == (f"specdiff {cmd}: error: argument --device: {device!r} is not "
-                                       f"available: torch.cuda.is_available() is False (use --device cpu)")
+    argv = [cmd, "--device", device, "--out", str(tmp_path)] + (
+        ["--pipeline", "digits"] if cmd == "sample" else []
+    )
+    assert cli_error(argv, capsys) == (
+        f"specdiff {cmd}: error: argument --device: {device!r} is not "
+        f"available: torch.cuda.is_available() is False (use --device cpu)"
+    )
 
 
 def test_cuda_index_past_the_devices(tmp_path, capsys, monkeypatch, nothing_loaded):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    assert cli_error(["sample", "--pipeline", "digits", "--device", "cuda:2", "--out", str(tmp_path)],
-                     capsys) == ("specdiff sample: error: argument --device: 'cuda:2' is not available: "
-                                 "this machine has 2 CUDA device(s), cuda:0..cuda:1")
+    assert cli_error(
+        ["sample", "--pipeline", "digits", "--device", "cuda:2", "--out", str(tmp_path)], capsys
+    ) == (
+        "specdiff sample: error: argument --device: 'cuda:2' is not available: "
+        "this machine has 2 CUDA device(s), cuda:0..cuda:1"
+    )
 
 
 def test_sample_error_in_a_real_process(tmp_path):
     """The installed command: exit code 2, usage + one error line on stderr, no traceback, and it
     fails fast (no model import needed to refuse)."""
-    proc = subprocess.run([sys.executable, "-m", "specdiff_kernels", "sample", "--pipeline",
-                           str(tmp_path / "nope"), "--out", str(tmp_path / "o")],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "specdiff_kernels",
+            "sample",
+            "--pipeline",
+            str(tmp_path / "nope"),
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and proc.stdout == "" and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == (
         f"specdiff sample: error: argument --pipeline: {str(tmp_path / 'nope')!r} does not exist "
-        f"(a diffusers save_pretrained folder, or one of patches, digits)")
+        f"(a diffusers save_pretrained folder, or one of patches, digits)"
+    )

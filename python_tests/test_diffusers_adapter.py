@@ -2,44 +2,73 @@
 
 Uses a tiny randomly initialised UNet2DModel built from a config (no downloads).
 """
+
 from __future__ import annotations
 
 import pytest
 import torch
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers is an optional extra")
-from diffusers import (DDIMScheduler, DDPMScheduler,  # noqa: E402
-                       EulerAncestralDiscreteScheduler, UNet2DModel)
+from diffusers import DDIMScheduler, DDPMScheduler, EulerAncestralDiscreteScheduler, UNet2DModel  # noqa: E402
 
-from specdiff_kernels.integrations.diffusers import (DiffusersModel,  # noqa: E402
-                                                     diffusers_transitions)
+from specdiff_kernels.integrations.diffusers import DiffusersModel, diffusers_transitions  # noqa: E402
 
 N_STEPS = 12
 
 
 def tiny_unet(out_channels: int = 1, seed: int = 0) -> UNet2DModel:
     torch.manual_seed(seed)
-    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=out_channels, layers_per_block=1,
-                       block_out_channels=(8, 16), norm_num_groups=4,
-                       down_block_types=("DownBlock2D", "DownBlock2D"),
-                       up_block_types=("UpBlock2D", "UpBlock2D"))
+    unet = UNet2DModel(
+        sample_size=8,
+        in_channels=1,
+        out_channels=out_channels,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        norm_num_groups=4,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+    )
     return unet.eval().requires_grad_(False)
 
 
 SCHEDULERS = {
-    "ddpm-eps-small-clip": (lambda: DDPMScheduler(num_train_timesteps=1000, clip_sample=True), None),
-    "ddpm-v-large": (lambda: DDPMScheduler(prediction_type="v_prediction", variance_type="fixed_large",
-                                           clip_sample=False, beta_schedule="squaredcos_cap_v2"), None),
-    "ddpm-sample-threshold": (lambda: DDPMScheduler(prediction_type="sample", thresholding=True,
-                                                    sample_max_value=1.5,
-                                                    clip_sample=False), None),
-    "ddpm-eps-trailing": (lambda: DDPMScheduler(timestep_spacing="trailing", clip_sample=False), None),
+    "ddpm-eps-small-clip": (
+        lambda: DDPMScheduler(num_train_timesteps=1000, clip_sample=True),
+        None,
+    ),
+    "ddpm-v-large": (
+        lambda: DDPMScheduler(
+            prediction_type="v_prediction",
+            variance_type="fixed_large",
+            clip_sample=False,
+            beta_schedule="squaredcos_cap_v2",
+        ),
+        None,
+    ),
+    "ddpm-sample-threshold": (
+        lambda: DDPMScheduler(
+            prediction_type="sample", thresholding=True, sample_max_value=1.5, clip_sample=False
+        ),
+        None,
+    ),
+    "ddpm-eps-trailing": (
+        lambda: DDPMScheduler(timestep_spacing="trailing", clip_sample=False),
+        None,
+    ),
     "ddim-eps-eta1": (lambda: DDIMScheduler(clip_sample=False), 1.0),
-    "ddim-v-eta05-clip": (lambda: DDIMScheduler(prediction_type="v_prediction", clip_sample=True,
-                                                clip_sample_range=0.8), 0.5),
+    "ddim-v-eta05-clip": (
+        lambda: DDIMScheduler(
+            prediction_type="v_prediction", clip_sample=True, clip_sample_range=0.8
+        ),
+        0.5,
+    ),
     "euler-a-eps": (lambda: EulerAncestralDiscreteScheduler(), None),
-    "euler-a-v-leading": (lambda: EulerAncestralDiscreteScheduler(prediction_type="v_prediction",
-                                                                  timestep_spacing="leading"), None),
+    "euler-a-v-leading": (
+        lambda: EulerAncestralDiscreteScheduler(
+            prediction_type="v_prediction", timestep_spacing="leading"
+        ),
+        None,
+    ),
 }
 
 
@@ -74,8 +103,13 @@ def test_transition_matches_scheduler_step(name):
         std = float(tr.std[i])
         noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(100 + i))
         got = mean + std * noise
-        torch.testing.assert_close(got, expect, rtol=2e-4, atol=2e-4 * max(1.0, scale),
-                                   msg=f"{name}: step {i} differs from scheduler.step")
+        torch.testing.assert_close(
+            got,
+            expect,
+            rtol=2e-4,
+            atol=2e-4 * max(1.0, scale),
+            msg=f"{name}: step {i} differs from scheduler.step",
+        )
 
 
 @pytest.mark.parametrize("name", ["ddpm-eps-small-clip", "ddim-eps-eta1", "euler-a-eps"])
@@ -88,8 +122,10 @@ def test_per_sample_steps_match_scalar_steps(name):
     k = torch.tensor([0, 5, 3, N_STEPS - 1])
     batched = tr.mean(model, x, k)
     for b in range(4):
-        single = tr.mean(model, x[b:b + 1], k[b:b + 1])
-        torch.testing.assert_close(batched[b:b + 1], single, rtol=1e-4, atol=2e-4)  # conv numerics vary with batch size
+        single = tr.mean(model, x[b : b + 1], k[b : b + 1])
+        torch.testing.assert_close(
+            batched[b : b + 1], single, rtol=1e-4, atol=2e-4
+        )  # conv numerics vary with batch size
 
 
 def test_scheduler_is_not_mutated_and_ddpm_last_step_is_deterministic():
@@ -117,6 +153,7 @@ def test_ddim_needs_positive_eta():
 
 def test_unsupported_scheduler():
     from diffusers import EulerDiscreteScheduler
+
     with pytest.raises(TypeError, match="unsupported scheduler"):
         diffusers_transitions(EulerDiscreteScheduler(), 10)
 
@@ -147,7 +184,8 @@ def test_speculative_through_adapter_matches_scheduler_loop(name):
         ref = scheduler_loop(sched, unet, n, seed=5, eta=eta)
         tr = diffusers_transitions(make(), steps, eta=eta)
         res = SpeculativeSampler(DiffusersModel(unet), tr, window=4).sample(
-            n, (1, 8, 8), generator=torch.Generator().manual_seed(6))
+            n, (1, 8, 8), generator=torch.Generator().manual_seed(6)
+        )
     # one call per round, each round commits >= 1 step (a random UNet's drafts are poor, so few
     # are saved here; the savings are measured on trained models in the benchmarks)
     assert res.stats.target_calls <= steps

@@ -5,6 +5,7 @@ Tiny randomly initialised diffusers models built from configs (no downloads): a 
 ``UNet2DModel`` (``num_class_embeds``, the last id is the null class) and an SDXL-style
 ``UNet2DConditionModel`` with ``added_cond_kwargs``.
 """
+
 from __future__ import annotations
 
 import functools
@@ -16,25 +17,36 @@ diffusers = pytest.importorskip("diffusers", reason="diffusers is an optional ex
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DConditionModel, UNet2DModel  # noqa: E402
 
 from specdiff_kernels import AncestralSampler, DraftModelDraft, SpeculativeSampler  # noqa: E402
-from specdiff_kernels.integrations.diffusers import (DiffusersModel,  # noqa: E402
-                                                     diffusers_transitions, from_pipeline)
+from specdiff_kernels.integrations.diffusers import (  # noqa: E402
+    DiffusersModel,
+    diffusers_transitions,
+    from_pipeline,
+)
 from specdiff_kernels.testing.two_sample import bonferroni, two_sample_pvalue  # noqa: E402
 
 # tiny tensors: intra-op threads only add synchronisation (see conftest.single_thread)
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-SEQ, DIM = 3, 8            # prompt embeddings: [SEQ, DIM] per chain
-NUM_CLASSES = 4            # class ids 0..3; id NULL is the unconditional ("null") class
+SEQ, DIM = 3, 8  # prompt embeddings: [SEQ, DIM] per chain
+NUM_CLASSES = 4  # class ids 0..3; id NULL is the unconditional ("null") class
 NULL = NUM_CLASSES
 
 
 def _cross_attention_unet(seed: int, **extra) -> UNet2DConditionModel:
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        sample_size=8, in_channels=2, out_channels=2, layers_per_block=1,
-        block_out_channels=(4, 8), norm_num_groups=2, cross_attention_dim=DIM,
-        attention_head_dim=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), **extra)
+        sample_size=8,
+        in_channels=2,
+        out_channels=2,
+        layers_per_block=1,
+        block_out_channels=(4, 8),
+        norm_num_groups=2,
+        cross_attention_dim=DIM,
+        attention_head_dim=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        **extra,
+    )
     return unet.eval().requires_grad_(False)
 
 
@@ -46,18 +58,29 @@ def text_unet(seed: int = 0) -> UNet2DConditionModel:
 @functools.lru_cache(maxsize=None)
 def class_unet(seed: int = 0) -> UNet2DModel:
     torch.manual_seed(seed)
-    unet = UNet2DModel(sample_size=8, in_channels=2, out_channels=2, layers_per_block=1,
-                       block_out_channels=(4, 8), norm_num_groups=2,
-                       down_block_types=("DownBlock2D", "DownBlock2D"),
-                       up_block_types=("UpBlock2D", "UpBlock2D"), num_class_embeds=NUM_CLASSES + 1)
+    unet = UNet2DModel(
+        sample_size=8,
+        in_channels=2,
+        out_channels=2,
+        layers_per_block=1,
+        block_out_channels=(4, 8),
+        norm_num_groups=2,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        num_class_embeds=NUM_CLASSES + 1,
+    )
     return unet.eval().requires_grad_(False)
 
 
 @functools.lru_cache(maxsize=None)
 def sdxl_unet(seed: int = 0) -> UNet2DConditionModel:
     """SDXL-style conditioning: cross-attention plus added_cond_kwargs text_embeds / time_ids."""
-    return _cross_attention_unet(seed, addition_embed_type="text_time", addition_time_embed_dim=4,
-                                 projection_class_embeddings_input_dim=DIM + 6 * 4)
+    return _cross_attention_unet(
+        seed,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=4,
+        projection_class_embeddings_input_dim=DIM + 6 * 4,
+    )
 
 
 class CallCounter:
@@ -67,7 +90,8 @@ class CallCounter:
         self.batches: list[int] = []
         self.handle = unet.register_forward_hook(
             lambda module, args, kwargs, out: self.batches.append(args[0].shape[0]),
-            with_kwargs=True)
+            with_kwargs=True,
+        )
 
     def __enter__(self) -> "CallCounter":
         return self
@@ -113,7 +137,7 @@ def test_text_guidance_equals_hand_computed_in_one_call(w):
     model = DiffusersModel(unet, guidance_scale=w, uncond={"encoder_hidden_states": neg})
     with CallCounter(unet) as calls:
         got = model(x, t, encoder_hidden_states=emb)
-    assert calls.batches == [2 * B]              # both branches in ONE UNet call
+    assert calls.batches == [2 * B]  # both branches in ONE UNet call
     close(got, u + w * (c - u), f"w={w}")
     # the negative embedding as [1, S, D] broadcasts the same way
     model1 = DiffusersModel(unet, guidance_scale=w, uncond={"encoder_hidden_states": neg[None]})
@@ -128,9 +152,12 @@ def test_per_chain_uncond_overrides_the_broadcast_one():
     neg_rows = torch.randn(B, SEQ, DIM, generator=g)
     c = raw(unet, x, t, encoder_hidden_states=emb)
     u = raw(unet, x, t, encoder_hidden_states=neg_rows)
-    for model in (DiffusersModel(unet, guidance_scale=w),
-                  DiffusersModel(unet, guidance_scale=w,
-                                 uncond={"encoder_hidden_states": torch.zeros(SEQ, DIM)})):
+    for model in (
+        DiffusersModel(unet, guidance_scale=w),
+        DiffusersModel(
+            unet, guidance_scale=w, uncond={"encoder_hidden_states": torch.zeros(SEQ, DIM)}
+        ),
+    ):
         with CallCounter(unet) as calls:
             got = model(x, t, encoder_hidden_states=emb, uncond={"encoder_hidden_states": neg_rows})
         assert calls.batches == [2 * B]
@@ -150,8 +177,10 @@ def test_class_guidance_equals_hand_computed_and_w1_is_one_branch():
     assert calls.batches == [2 * B]
     close(got, u + w * (c - u), "class labels")
     # w = 1 (uncond accepted, unused) and no guidance: one branch, no doubling, = conditional
-    for plain in (DiffusersModel(unet, guidance_scale=1.0, uncond={"class_labels": NULL}),
-                  DiffusersModel(unet)):
+    for plain in (
+        DiffusersModel(unet, guidance_scale=1.0, uncond={"class_labels": NULL}),
+        DiffusersModel(unet),
+    ):
         with CallCounter(unet) as calls:
             got1 = plain(x, t, class_labels=labels)
         assert calls.batches == [B]
@@ -167,15 +196,32 @@ def test_added_cond_kwargs_guidance_sdxl_style():
     pooled = torch.randn(B, DIM, generator=g)
     time_ids = torch.rand(B, 6, generator=g) * 64
     neg, neg_pooled = torch.zeros(SEQ, DIM), torch.randn(DIM, generator=g)
-    c = raw(unet, x, t, encoder_hidden_states=emb,
-            added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids})
-    u = raw(unet, x, t, encoder_hidden_states=neg.expand(B, SEQ, DIM),
-            added_cond_kwargs={"text_embeds": neg_pooled.expand(B, DIM), "time_ids": time_ids})
-    model = DiffusersModel(unet, guidance_scale=w, uncond={
-        "encoder_hidden_states": neg, "added_cond_kwargs": {"text_embeds": neg_pooled}})
+    c = raw(
+        unet,
+        x,
+        t,
+        encoder_hidden_states=emb,
+        added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids},
+    )
+    u = raw(
+        unet,
+        x,
+        t,
+        encoder_hidden_states=neg.expand(B, SEQ, DIM),
+        added_cond_kwargs={"text_embeds": neg_pooled.expand(B, DIM), "time_ids": time_ids},
+    )
+    model = DiffusersModel(
+        unet,
+        guidance_scale=w,
+        uncond={"encoder_hidden_states": neg, "added_cond_kwargs": {"text_embeds": neg_pooled}},
+    )
     with CallCounter(unet) as calls:
-        got = model(x, t, encoder_hidden_states=emb,
-                    added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids})
+        got = model(
+            x,
+            t,
+            encoder_hidden_states=emb,
+            added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids},
+        )
     assert calls.batches == [2 * B]
     close(got, u + w * (c - u), "added_cond_kwargs")
 
@@ -185,9 +231,12 @@ def test_fixed_call_kwargs_still_work():
     x, t, g = inputs(2, seed=5)
     emb = torch.randn(2, SEQ, DIM, generator=g)
     model = DiffusersModel(unet, cross_attention_kwargs={"scale": 1.0})
-    torch.testing.assert_close(model(x, t, encoder_hidden_states=emb),
-                               raw(unet, x, t, encoder_hidden_states=emb,
-                                   cross_attention_kwargs={"scale": 1.0}), rtol=0, atol=0)
+    torch.testing.assert_close(
+        model(x, t, encoder_hidden_states=emb),
+        raw(unet, x, t, encoder_hidden_states=emb, cross_attention_kwargs={"scale": 1.0}),
+        rtol=0,
+        atol=0,
+    )
 
 
 # ------------------------------------------------------------------ per-chain gathering
@@ -197,32 +246,41 @@ def test_chains_with_different_labels_get_what_each_label_alone_gives(sampler):
     chain c's label: a chain's noise depends only on (seed, chain), so only the gather of its
     conditioning can make a difference. float64, so acceptance decisions do not flip on
     batch-dependent rounding."""
-    unet = class_unet.__wrapped__().double()     # a fresh copy: .double() converts in place
+    unet = class_unet.__wrapped__().double()  # a fresh copy: .double() converts in place
     model = DiffusersModel(unet, guidance_scale=3.0, uncond={"class_labels": NULL})
     tr = diffusers_transitions(DDPMScheduler(clip_sample=True), 12)
     labels = torch.tensor([0, 3, 1, 1, 2, 0, 3, 2])
     B = labels.numel()
 
     def run(lab):
-        kw = dict(generator=torch.Generator().manual_seed(7), dtype=torch.float64,
-                  model_kwargs={"class_labels": lab})
+        kw = dict(
+            generator=torch.Generator().manual_seed(7),
+            dtype=torch.float64,
+            model_kwargs={"class_labels": lab},
+        )
         if sampler == "ancestral":
             return AncestralSampler(model, tr).sample(B, (2, 8, 8), **kw).samples
-        if sampler == "draft-network":   # a guided draft UNet gets the same per-chain labels
-            return SpeculativeSampler(model, tr, window=4, draft=DraftModelDraft(draft)).sample(
-                B, (2, 8, 8), **kw).samples
+        if sampler == "draft-network":  # a guided draft UNet gets the same per-chain labels
+            return (
+                SpeculativeSampler(model, tr, window=4, draft=DraftModelDraft(draft))
+                .sample(B, (2, 8, 8), **kw)
+                .samples
+            )
         return SpeculativeSampler(model, tr, window=4).sample(B, (2, 8, 8), **kw).samples
 
-    draft = DiffusersModel(class_unet.__wrapped__(seed=1).double(), guidance_scale=2.0,
-                           uncond={"class_labels": NULL})
+    draft = DiffusersModel(
+        class_unet.__wrapped__(seed=1).double(), guidance_scale=2.0, uncond={"class_labels": NULL}
+    )
     mixed = run(labels)
     for lab in range(NUM_CLASSES):
         alone = run(torch.full((B,), lab))
         rows = labels == lab
-        torch.testing.assert_close(mixed[rows], alone[rows], rtol=0, atol=1e-9,
-                                   msg=f"{sampler}: chains with label {lab}")
-        assert not torch.allclose(mixed[~rows], alone[~rows], atol=1e-3), \
+        torch.testing.assert_close(
+            mixed[rows], alone[rows], rtol=0, atol=1e-9, msg=f"{sampler}: chains with label {lab}"
+        )
+        assert not torch.allclose(mixed[~rows], alone[~rows], atol=1e-3), (
             "labels make no difference: the test would be vacuous"
+        )
 
 
 @pytest.mark.parametrize("sampler", ["ancestral", "speculative"])
@@ -230,8 +288,9 @@ def test_per_chain_prompts_and_negatives_through_the_sampler(sampler):
     """Per-chain prompt embeddings AND per-chain negative embeddings (``model_kwargs["uncond"]``):
     chain c of the mixed batch equals chain c of a batch where every chain has chain c's pair."""
     unet = text_unet.__wrapped__().double()
-    model = DiffusersModel(unet, guidance_scale=4.0,
-                           uncond={"encoder_hidden_states": torch.zeros(SEQ, DIM)})
+    model = DiffusersModel(
+        unet, guidance_scale=4.0, uncond={"encoder_hidden_states": torch.zeros(SEQ, DIM)}
+    )
     tr = diffusers_transitions(DDPMScheduler(clip_sample=True), 10)
     g = torch.Generator().manual_seed(12)
     B = 4
@@ -239,8 +298,11 @@ def test_per_chain_prompts_and_negatives_through_the_sampler(sampler):
     neg = torch.randn(B, SEQ, DIM, generator=g, dtype=torch.float64)
 
     def run(e, n):
-        kw = dict(generator=torch.Generator().manual_seed(13), dtype=torch.float64,
-                  model_kwargs={"encoder_hidden_states": e, "uncond": {"encoder_hidden_states": n}})
+        kw = dict(
+            generator=torch.Generator().manual_seed(13),
+            dtype=torch.float64,
+            model_kwargs={"encoder_hidden_states": e, "uncond": {"encoder_hidden_states": n}},
+        )
         if sampler == "ancestral":
             return AncestralSampler(model, tr).sample(B, (2, 8, 8), **kw).samples
         return SpeculativeSampler(model, tr, window=4).sample(B, (2, 8, 8), **kw).samples
@@ -248,7 +310,9 @@ def test_per_chain_prompts_and_negatives_through_the_sampler(sampler):
     mixed = run(emb, neg)
     for c in range(B):
         alone = run(emb[c].expand_as(emb), neg[c].expand_as(neg))
-        torch.testing.assert_close(mixed[c], alone[c], rtol=0, atol=1e-9, msg=f"{sampler}: chain {c}")
+        torch.testing.assert_close(
+            mixed[c], alone[c], rtol=0, atol=1e-9, msg=f"{sampler}: chain {c}"
+        )
         # the per-chain negative is used (not the constructor's zeros)
         other = run(emb[c].expand_as(emb), torch.zeros_like(neg))
         assert not torch.allclose(mixed[c], other[c], atol=1e-3), f"chain {c}: negative ignored"
@@ -260,7 +324,7 @@ W, STEPS, WINDOW, N_CHAINS = 4.0, 20, 4, 600
 
 def prompts_and_negative():
     g = torch.Generator().manual_seed(11)
-    prompts = 3 * torch.randn(2, SEQ, DIM, generator=g)      # two prompts, alternating by chain
+    prompts = 3 * torch.randn(2, SEQ, DIM, generator=g)  # two prompts, alternating by chain
     return prompts, torch.zeros(SEQ, DIM)
 
 
@@ -298,14 +362,22 @@ def law_samples():
     with torch.inference_mode():
         ref = scheduler_loop_cfg(unet, sched, emb, neg, W, seed=5)
         with CallCounter(unet) as calls:
-            spec = sampler.sample(N_CHAINS, (2, 8, 8), generator=torch.Generator().manual_seed(6),
-                                  model_kwargs={"encoder_hidden_states": emb})
+            spec = sampler.sample(
+                N_CHAINS,
+                (2, 8, 8),
+                generator=torch.Generator().manual_seed(6),
+                model_kwargs={"encoder_hidden_states": emb},
+            )
         # guidance adds no sequential call: one (doubled) UNet call per target call
         assert len(calls.batches) == spec.stats.target_calls
         assert all(b % 2 == 0 for b in calls.batches)
         # deliberately mismatched conditioning: every chain gets its neighbour's prompt
-        wrong = sampler.sample(N_CHAINS, (2, 8, 8), generator=torch.Generator().manual_seed(8),
-                               model_kwargs={"encoder_hidden_states": emb.roll(1, 0)})
+        wrong = sampler.sample(
+            N_CHAINS,
+            (2, 8, 8),
+            generator=torch.Generator().manual_seed(8),
+            model_kwargs={"encoder_hidden_states": emb.roll(1, 0)},
+        )
     return which, ref, spec, wrong
 
 
@@ -333,7 +405,10 @@ def test_from_pipeline_with_guidance():
     assert model.guided and tr.num_steps == 10
     x, t, _ = inputs(2, seed=9)
     labels = torch.tensor([1, 2])
-    c, u = raw(unet, x, t, class_labels=labels), raw(unet, x, t, class_labels=torch.tensor([NULL] * 2))
+    c, u = (
+        raw(unet, x, t, class_labels=labels),
+        raw(unet, x, t, class_labels=torch.tensor([NULL] * 2)),
+    )
     close(model(x, t, class_labels=labels), u + 2.0 * (c - u), "from_pipeline")
 
 
@@ -342,18 +417,44 @@ def one_line(excinfo) -> None:
     assert "\n" not in str(excinfo.value), str(excinfo.value)
 
 
-@pytest.mark.parametrize("kwargs,err,match", [
-    (dict(guidance_scale=float("nan"), uncond={"class_labels": NULL}), ValueError, "guidance_scale must be finite"),
-    (dict(guidance_scale=float("inf"), uncond={"class_labels": NULL}), ValueError, "guidance_scale must be finite"),
-    (dict(guidance_scale="4", uncond={"class_labels": NULL}), TypeError, "guidance_scale must be a real number"),
-    (dict(uncond={"class_labels": NULL}), ValueError, "uncond is given without guidance_scale"),
-    (dict(guidance_scale=4.0, uncond=[NULL]), TypeError, "uncond must be a dict"),
-    (dict(guidance_scale=4.0, uncond={"class_labels": "null"}), TypeError, r"uncond\['class_labels'\]"),
-    (dict(guidance_scale=4.0, uncond={"class_labels": NUM_CLASSES + 1}), ValueError, "num_class_embeds"),
-    (dict(guidance_scale=4.0, uncond={"class_labels": 1.5}), ValueError, "num_class_embeds"),
-    (dict(guidance_scale=4.0, uncond={"class_labels": NULL}, class_labels=torch.zeros(1)), ValueError,
-     "fixed call argument"),
-])
+@pytest.mark.parametrize(
+    "kwargs,err,match",
+    [
+        (
+            dict(guidance_scale=float("nan"), uncond={"class_labels": NULL}),
+            ValueError,
+            "guidance_scale must be finite",
+        ),
+        (
+            dict(guidance_scale=float("inf"), uncond={"class_labels": NULL}),
+            ValueError,
+            "guidance_scale must be finite",
+        ),
+        (
+            dict(guidance_scale="4", uncond={"class_labels": NULL}),
+            TypeError,
+            "guidance_scale must be a real number",
+        ),
+        (dict(uncond={"class_labels": NULL}), ValueError, "uncond is given without guidance_scale"),
+        (dict(guidance_scale=4.0, uncond=[NULL]), TypeError, "uncond must be a dict"),
+        (
+            dict(guidance_scale=4.0, uncond={"class_labels": "null"}),
+            TypeError,
+            r"uncond\['class_labels'\]",
+        ),
+        (
+            dict(guidance_scale=4.0, uncond={"class_labels": NUM_CLASSES + 1}),
+            ValueError,
+            "num_class_embeds",
+        ),
+        (dict(guidance_scale=4.0, uncond={"class_labels": 1.5}), ValueError, "num_class_embeds"),
+        (
+            dict(guidance_scale=4.0, uncond={"class_labels": NULL}, class_labels=torch.zeros(1)),
+            ValueError,
+            "fixed call argument",
+        ),
+    ],
+)
 def test_bad_constructor_arguments(kwargs, err, match):
     with pytest.raises(err, match=match) as e:
         DiffusersModel(class_unet(), **kwargs)
@@ -365,33 +466,84 @@ def test_bad_call_arguments_are_refused_before_any_unet_call():
     x, t, g = inputs(B, seed=10)
     emb = torch.randn(B, SEQ, DIM, generator=g)
     cases = [
-        (DiffusersModel(class_unet(), guidance_scale=4.0), dict(class_labels=torch.zeros(B, dtype=torch.long)),
-         "needs unconditional inputs"),
-        (DiffusersModel(class_unet(), guidance_scale=4.0, uncond={"class_labels": NULL}),
-         dict(class_labels=torch.zeros(B - 1, dtype=torch.long)), r"'class_labels' has shape \(3,\).*4 rows"),
-        (DiffusersModel(class_unet(), guidance_scale=4.0, uncond={"class_labels": NULL}),
-         dict(class_labels=torch.tensor(0)), "one row per state"),
-        (DiffusersModel(class_unet(), guidance_scale=4.0, uncond={"class_labels": NULL}), {},
-         "no conditional counterpart"),
-        (DiffusersModel(class_unet()), dict(class_labels=torch.zeros(B, dtype=torch.long),
-                                            uncond={"class_labels": torch.zeros(B, dtype=torch.long)}),
-         "no guidance_scale"),
-        (DiffusersModel(text_unet(), guidance_scale=4.0, uncond={"encoder_hidden_states": torch.zeros(2, SEQ, DIM)}),
-         dict(encoder_hidden_states=emb), r"uncond\['encoder_hidden_states'\] has shape \(2, 3, 8\)"),
-        (DiffusersModel(text_unet(), guidance_scale=4.0),
-         dict(encoder_hidden_states=emb, uncond={"encoder_hidden_states": torch.zeros(B, SEQ + 1, DIM)}),
-         r"uncond\['encoder_hidden_states'\] has shape \(4, 4, 8\)"),
-        (DiffusersModel(text_unet(), guidance_scale=4.0, uncond={"encoder_hidden_states": torch.zeros(SEQ, DIM)}),
-         dict(encoder_hidden_states=emb[:2]), r"'encoder_hidden_states' has shape \(2, 3, 8\)"),
-        (DiffusersModel(text_unet(), cross_attention_kwargs={}),
-         dict(encoder_hidden_states=emb, cross_attention_kwargs={}), "both as a fixed call argument"),
-        (DiffusersModel(sdxl_unet(), guidance_scale=4.0, uncond={"added_cond_kwargs": torch.zeros(DIM)}),
-         dict(encoder_hidden_states=emb, added_cond_kwargs={"text_embeds": torch.zeros(B, DIM),
-                                                            "time_ids": torch.zeros(B, 6)}),
-         r"uncond\['added_cond_kwargs'\] must be a dict"),
+        (
+            DiffusersModel(class_unet(), guidance_scale=4.0),
+            dict(class_labels=torch.zeros(B, dtype=torch.long)),
+            "needs unconditional inputs",
+        ),
+        (
+            DiffusersModel(class_unet(), guidance_scale=4.0, uncond={"class_labels": NULL}),
+            dict(class_labels=torch.zeros(B - 1, dtype=torch.long)),
+            r"'class_labels' has shape \(3,\).*4 rows",
+        ),
+        (
+            DiffusersModel(class_unet(), guidance_scale=4.0, uncond={"class_labels": NULL}),
+            dict(class_labels=torch.tensor(0)),
+            "one row per state",
+        ),
+        (
+            DiffusersModel(class_unet(), guidance_scale=4.0, uncond={"class_labels": NULL}),
+            {},
+            "no conditional counterpart",
+        ),
+        (
+            DiffusersModel(class_unet()),
+            dict(
+                class_labels=torch.zeros(B, dtype=torch.long),
+                uncond={"class_labels": torch.zeros(B, dtype=torch.long)},
+            ),
+            "no guidance_scale",
+        ),
+        (
+            DiffusersModel(
+                text_unet(),
+                guidance_scale=4.0,
+                uncond={"encoder_hidden_states": torch.zeros(2, SEQ, DIM)},
+            ),
+            dict(encoder_hidden_states=emb),
+            r"uncond\['encoder_hidden_states'\] has shape \(2, 3, 8\)",
+        ),
+        (
+            DiffusersModel(text_unet(), guidance_scale=4.0),
+            dict(
+                encoder_hidden_states=emb,
+                uncond={"encoder_hidden_states": torch.zeros(B, SEQ + 1, DIM)},
+            ),
+            r"uncond\['encoder_hidden_states'\] has shape \(4, 4, 8\)",
+        ),
+        (
+            DiffusersModel(
+                text_unet(),
+                guidance_scale=4.0,
+                uncond={"encoder_hidden_states": torch.zeros(SEQ, DIM)},
+            ),
+            dict(encoder_hidden_states=emb[:2]),
+            r"'encoder_hidden_states' has shape \(2, 3, 8\)",
+        ),
+        (
+            DiffusersModel(text_unet(), cross_attention_kwargs={}),
+            dict(encoder_hidden_states=emb, cross_attention_kwargs={}),
+            "both as a fixed call argument",
+        ),
+        (
+            DiffusersModel(
+                sdxl_unet(), guidance_scale=4.0, uncond={"added_cond_kwargs": torch.zeros(DIM)}
+            ),
+            dict(
+                encoder_hidden_states=emb,
+                added_cond_kwargs={
+                    "text_embeds": torch.zeros(B, DIM),
+                    "time_ids": torch.zeros(B, 6),
+                },
+            ),
+            r"uncond\['added_cond_kwargs'\] must be a dict",
+        ),
     ]
     for model, kw, match in cases:
-        with CallCounter(model.unet) as calls, pytest.raises((ValueError, TypeError), match=match) as e:
+        with (
+            CallCounter(model.unet) as calls,
+            pytest.raises((ValueError, TypeError), match=match) as e,
+        ):
             model(x, t, **kw)
         one_line(e)
         assert calls.batches == [], f"{match}: the UNet was called before the error"
@@ -403,6 +555,7 @@ def test_sampler_refuses_conditioning_with_wrong_rows():
     tr = diffusers_transitions(DDPMScheduler(), 5)
     with CallCounter(unet) as calls, pytest.raises(ValueError, match="class_labels") as e:
         SpeculativeSampler(model, tr, window=4).sample(
-            4, (2, 8, 8), model_kwargs={"class_labels": torch.zeros(3, dtype=torch.long)})
+            4, (2, 8, 8), model_kwargs={"class_labels": torch.zeros(3, dtype=torch.long)}
+        )
     one_line(e)
     assert calls.batches == []

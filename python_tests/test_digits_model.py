@@ -4,6 +4,7 @@ digits according to a small classifier (specdiff_kernels.models.digits_classifie
 The sampler here is a self-contained plain ancestral DDPM loop (fixed_small variance, x0
 clipping, diffusers-style "leading" strided timesteps), independent of the project's sampler.
 """
+
 from __future__ import annotations
 
 import json
@@ -55,8 +56,9 @@ def ddpm_sample(model, n: int, num_steps: int, seed: int) -> torch.Tensor:
         beta = 1.0 - ab / ab_prev  # respaced beta
         eps = model(x.to(torch.float32), torch.full((n,), t, dtype=torch.int64)).to(torch.float64)
         x0 = ((x - (1.0 - ab).sqrt() * eps) / ab.sqrt()).clamp(-1.0, 1.0)
-        mean = (ab_prev.sqrt() * beta / (1.0 - ab)) * x0 \
-            + ((1.0 - beta).sqrt() * (1.0 - ab_prev) / (1.0 - ab)) * x
+        mean = (ab_prev.sqrt() * beta / (1.0 - ab)) * x0 + (
+            (1.0 - beta).sqrt() * (1.0 - ab_prev) / (1.0 - ab)
+        ) * x
         if t_prev >= 0:
             var = beta * (1.0 - ab_prev) / (1.0 - ab)  # beta_tilde (fixed_small)
             x = mean + var.sqrt() * torch.randn(x.shape, generator=g, dtype=torch.float64)
@@ -122,8 +124,11 @@ def test_weights_load(which, target, draft):
         # per-sample timesteps: each row only depends on its own (x, t)
         assert torch.allclose(model(x[3:4], t[3:4]), eps[3:4], atol=1e-6)
         # fp64 / bf16 loading works
-        m64 = D.load_digits_target(dtype=torch.float64) if which == "target" \
+        m64 = (
+            D.load_digits_target(dtype=torch.float64)
+            if which == "target"
             else D.load_digits_draft(dtype=torch.float64)
+        )
         eps64 = m64(x.double(), t)
         assert eps64.dtype == torch.float64
         assert torch.allclose(eps64.float(), eps, atol=1e-4)

@@ -5,6 +5,7 @@ In-process tests check sharding, stats merging and the world-size-1 path; two la
 ``torchrun`` (gloo on CPU, loopback only: 127.0.0.1 and a free port) check 2 ranks with gathering on
 rank 0 and 3 ranks writing per-rank files (adaptive windows, speculative Langevin).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -18,13 +19,18 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from specdiff_kernels.sampling.window import AdaptiveWindow
 from specdiff_kernels.cli.commands import distributed_main as main
-from specdiff_kernels.sampling.distributed import load_shards, merge_stats, sample_distributed, shard_chains
+from specdiff_kernels.models import load
+from specdiff_kernels.sampling.distributed import (
+    load_shards,
+    merge_stats,
+    sample_distributed,
+    shard_chains,
+)
 from specdiff_kernels.sampling.drafts import DraftModelDraft, FrozenTargetDraft
 from specdiff_kernels.sampling.langevin import SpeculativeLangevin, banana_energy
-from specdiff_kernels.models import load
 from specdiff_kernels.sampling.sampler import AncestralSampler, SpeculativeSampler
+from specdiff_kernels.sampling.window import AdaptiveWindow
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,9 +51,9 @@ def test_shard_chains_partition():
         for w in (1, 2, 3, 8):
             shards = [shard_chains(n, r, w) for r in range(w)]
             ids = [c for s in shards for c in s]
-            assert ids == list(range(n))                       # contiguous, disjoint, complete
+            assert ids == list(range(n))  # contiguous, disjoint, complete
             sizes = [len(s) for s in shards]
-            assert max(sizes) - min(sizes) <= 1                # balanced
+            assert max(sizes) - min(sizes) <= 1  # balanced
     with pytest.raises(ValueError):
         shard_chains(4, 2, 2)
 
@@ -58,8 +64,9 @@ def gmm_sampler(window=4, draft="frozen", D=16, steps=30):
     return SpeculativeSampler(m.target, m.transitions(steps), d, window)
 
 
-@pytest.mark.parametrize("window,draft", [(4, "frozen"), ("adaptive", "frozen"),
-                                          (AdaptiveWindow(8, 1.5), "model")])
+@pytest.mark.parametrize(
+    "window,draft", [(4, "frozen"), ("adaptive", "frozen"), (AdaptiveWindow(8, 1.5), "model")]
+)
 def test_split_batches_merge_to_the_single_run(window, draft):
     """Sampling chain ids 0..6 and 7..12 in two calls and merging = one call on 0..12: samples
     and every stat but wall time (a chain's rounds and work do not depend on its batch)."""
@@ -88,7 +95,9 @@ def test_merge_stats_rules():
     m = merge_stats([a, b])
     assert m.num_chains == 5 and m.target_evals == a.target_evals + b.target_evals
     assert m.target_calls == max(a.target_calls, b.target_calls)
-    assert m.accepted_by_position == [x + y for x, y in zip(a.accepted_by_position, b.accepted_by_position)]
+    assert m.accepted_by_position == [
+        x + y for x, y in zip(a.accepted_by_position, b.accepted_by_position)
+    ]
     assert m.chain_rounds == a.chain_rounds + b.chain_rounds
     other = AncestralSampler(s.model, s.transitions).sample(2, (16,), generator=g()).stats
     with pytest.raises(ValueError, match="different"):
@@ -100,7 +109,11 @@ def test_world_size_one_equals_plain_sample(tmp_path):
     s = gmm_sampler()
     res = sample_distributed(s, 9, 16, seed=3, out_dir=str(tmp_path))
     ref = s.sample(9, (16,), generator=torch.Generator().manual_seed(3))
-    assert torch.equal(res.samples, ref.samples) and res.world_size == 1 and res.chain_ids == list(range(9))
+    assert (
+        torch.equal(res.samples, ref.samples)
+        and res.world_size == 1
+        and res.chain_ids == list(range(9))
+    )
     samples, stats = load_shards(str(tmp_path))
     assert torch.equal(samples, ref.samples)
     assert_stats_equal(stats, ref.stats)
@@ -108,8 +121,9 @@ def test_world_size_one_equals_plain_sample(tmp_path):
     lv = SpeculativeLangevin(banana_energy(), step_size=0.05, num_steps=20, window=4)
     x0 = torch.randn(5, 3, generator=torch.Generator().manual_seed(0))
     r = sample_distributed(lv, 5, 3, seed=1, x_init=x0)
-    torch.testing.assert_close(r.samples, lv.sample(x0, generator=torch.Generator().manual_seed(1)).samples,
-                               rtol=0, atol=0)
+    torch.testing.assert_close(
+        r.samples, lv.sample(x0, generator=torch.Generator().manual_seed(1)).samples, rtol=0, atol=0
+    )
 
 
 def test_load_shards_errors(tmp_path):
@@ -127,9 +141,20 @@ def free_port() -> int:
 def torchrun(nproc: int, args: list, timeout: float = 120.0) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", MASTER_ADDR="127.0.0.1")
     env.pop("TRITON_INTERPRET", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-           "-m", "specdiff_kernels.cli.distributed", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        "-m",
+        "specdiff_kernels.cli.distributed",
+        *args,
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout}\n{proc.stderr}"
     return proc
@@ -142,8 +167,20 @@ def single(args: list, tmp_path: Path) -> dict:
 
 
 def test_torchrun_two_ranks_gather_equals_single_process(tmp_path):
-    args = ["--model", "gmm", "--dim", "16", "--chains", "13", "--steps", "30", "--window", "4",
-            "--seed", "7"]
+    args = [
+        "--model",
+        "gmm",
+        "--dim",
+        "16",
+        "--chains",
+        "13",
+        "--steps",
+        "30",
+        "--window",
+        "4",
+        "--seed",
+        "7",
+    ]
     ref = single(args, tmp_path)
     out = tmp_path / "two.pt"
     proc = torchrun(2, [*args, "--out", str(out)])
@@ -158,8 +195,22 @@ def test_torchrun_two_ranks_gather_equals_single_process(tmp_path):
 
 
 def test_torchrun_three_ranks_per_rank_files_adaptive_langevin(tmp_path):
-    args = ["--model", "banana", "--dim", "3", "--chains", "10", "--steps", "40", "--window",
-            "adaptive", "--seed", "11", "--dtype", "float64"]
+    args = [
+        "--model",
+        "banana",
+        "--dim",
+        "3",
+        "--chains",
+        "10",
+        "--steps",
+        "40",
+        "--window",
+        "adaptive",
+        "--seed",
+        "11",
+        "--dtype",
+        "float64",
+    ]
     ref = single(args, tmp_path)
     shard_dir = tmp_path / "shards"
     torchrun(3, [*args, "--per-rank-dir", str(shard_dir)])

@@ -12,31 +12,41 @@ dispatcher path (torch.ops.specdiff.* on CUDA tensors runs Triton), the default 
 opcheck, torch.compile(fullgraph=True) through Inductor (which sees into the triton_ops),
 CUDA-graph capture/replay, and the absence of host synchronisation.
 """
+
 from __future__ import annotations
 
 import pytest
 import torch
 
 if not torch.cuda.is_available():
-    pytest.skip("no CUDA device: the compiled Triton path is tested only on a GPU machine "
-                "(the interpreted path is covered by test_triton_backend.py)",
-                allow_module_level=True)
+    pytest.skip(
+        "no CUDA device: the compiled Triton path is tested only on a GPU machine "
+        "(the interpreted path is covered by test_triton_backend.py)",
+        allow_module_level=True,
+    )
 pytest.importorskip("triton")
 
 from specdiff_kernels.ops.triton import verify as tk  # noqa: E402
 
 if tk.INTERPRET:
-    pytest.skip("TRITON_INTERPRET=1 is set (conftest.py sets it unless SPECDIFF_TEST_GPU is set): "
-                "run `SPECDIFF_TEST_GPU=1 pytest python_tests/test_gpu.py` to test compiled kernels",
-                allow_module_level=True)
+    pytest.skip(
+        "TRITON_INTERPRET=1 is set (conftest.py sets it unless SPECDIFF_TEST_GPU is set): "
+        "run `SPECDIFF_TEST_GPU=1 pytest python_tests/test_gpu.py` to test compiled kernels",
+        allow_module_level=True,
+    )
+
+from verify_cases import (  # noqa: E402
+    assert_decisions_match,
+    assert_state_close,
+    assert_verify_matches_reference,
+    log_ratio_tolerance,
+    make_window,
+    stable_seed,
+)
 
 import specdiff_kernels as sk  # noqa: E402
 from specdiff_kernels.ops import verify as ops  # noqa: E402
 from specdiff_kernels.ops.reference import verify as reference
-
-from verify_cases import (assert_decisions_match, assert_state_close,  # noqa: E402
-                          assert_verify_matches_reference, log_ratio_tolerance, make_window,
-                          stable_seed)
 
 pytestmark = pytest.mark.gpu
 DEV = torch.device("cuda")
@@ -60,14 +70,17 @@ def _check(got, y, mq, mp, sigma, u, n, dtype):
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("B,L,E", [
-    (1, 8, (3, 64, 64)),     # the B=1 latency case
-    (1, 4, (3, 256, 256)),   # B=1, large image: many split chunks
-    (64, 4, (3, 32, 32)),
-    (5, 3, (123,)),          # odd D
-    (3, 1, (5, 123)),        # L = 1
-    (600, 2, (7,)),          # many chains: auto picks per_chain
-])
+@pytest.mark.parametrize(
+    "B,L,E",
+    [
+        (1, 8, (3, 64, 64)),  # the B=1 latency case
+        (1, 4, (3, 256, 256)),  # B=1, large image: many split chunks
+        (64, 4, (3, 32, 32)),
+        (5, 3, (123,)),  # odd D
+        (3, 1, (5, 123)),  # L = 1
+        (600, 2, (7,)),  # many chains: auto picks per_chain
+    ],
+)
 def test_verify_matches_reference(strategy, dtype, B, L, E):
     y, mq, mp, sigma, u, n = _window(B, L, E, dtype, ("gpu", dtype, B, L, E), with_n=L > 1)
     got = verify_op(y, mq, mp, sigma, u, n, strategy)
@@ -86,8 +99,10 @@ def test_every_config(monkeypatch):
     D = 3*333 is not a multiple of any block; B*L*D spans several split chunks. (The dtype only
     changes the loads; fp16/bf16 are covered with the default config above.)"""
     dtype = torch.float32
-    cases = [_window(3, 4, (3, 333), dtype, ("cfg", dtype, 0), True),
-             _window(1, 3, (5, 4099), dtype, ("cfg", dtype, 1), True)]
+    cases = [
+        _window(3, 4, (3, 333), dtype, ("cfg", dtype, 0), True),
+        _window(1, 3, (5, 4099), dtype, ("cfg", dtype, 1), True),
+    ]
     configs = [(s, tk.DEFAULT_FINALIZE_CONFIG) for s in tk._STREAM_CONFIGS]
     configs += [(tk.DEFAULT_STREAM_CONFIG, f) for f in tk._FINALIZE_CONFIGS]
     for stream_cfg, fin_cfg in configs:
@@ -146,8 +161,12 @@ def test_opcheck():
     y, mq, mp, sigma, u, n = _window(3, 4, (2, 70), torch.float32, ("opcheck",), True)
     lr = reference.gaussian_log_ratio(y, mq, mp, sigma)
     y0, q0, p0 = (t[:, 0].contiguous() for t in (y, mq, mp))
-    samples = {"gaussian_log_ratio": (y, mq, mp, sigma), "first_rejection": (lr, u, n),
-               "reflect_resample": (y0, q0, p0), "speculative_verify": (y, mq, mp, sigma, u, n)}
+    samples = {
+        "gaussian_log_ratio": (y, mq, mp, sigma),
+        "first_rejection": (lr, u, n),
+        "reflect_resample": (y0, q0, p0),
+        "speculative_verify": (y, mq, mp, sigma, u, n),
+    }
     for name in OPS:
         torch.library.opcheck(getattr(torch.ops.specdiff, f"triton_{name}").default, samples[name])
         if ops.HAS_CPP:

@@ -13,6 +13,7 @@ verify_frozen`` on CUDA tensors run Triton) and the default round backend on CUD
 torch.compile(fullgraph=True) through Inductor (which sees into the triton_ops); CUDA-graph
 capture and replay; and the absence of host synchronisation.
 """
+
 from __future__ import annotations
 
 import math
@@ -21,25 +22,37 @@ import pytest
 import torch
 
 if not torch.cuda.is_available():
-    pytest.skip("no CUDA device: the compiled Triton round ops are tested only on a GPU machine "
-                "(the interpreted path is covered by test_round_triton.py)",
-                allow_module_level=True)
+    pytest.skip(
+        "no CUDA device: the compiled Triton round ops are tested only on a GPU machine "
+        "(the interpreted path is covered by test_round_triton.py)",
+        allow_module_level=True,
+    )
 pytest.importorskip("triton")
 
 from specdiff_kernels.ops.triton import verify as tk  # noqa: E402
 
 if tk.INTERPRET:
-    pytest.skip("TRITON_INTERPRET=1 is set (conftest.py sets it unless SPECDIFF_TEST_GPU is set): "
-                "run `SPECDIFF_TEST_GPU=1 pytest python_tests/test_gpu_round.py` to test compiled "
-                "kernels", allow_module_level=True)
+    pytest.skip(
+        "TRITON_INTERPRET=1 is set (conftest.py sets it unless SPECDIFF_TEST_GPU is set): "
+        "run `SPECDIFF_TEST_GPU=1 pytest python_tests/test_gpu_round.py` to test compiled "
+        "kernels",
+        allow_module_level=True,
+    )
 
-from specdiff_kernels.ops import round as round_ops  # noqa: E402
+from test_round_triton import (  # noqa: E402
+    XI_ERR,
+    _gen,
+    _inputs,
+    _table,
+    _x0_hat,
+    assert_draft_matches,
+    assert_verify_matches,
+)
+
 from specdiff_kernels.ops import layout  # noqa: E402
+from specdiff_kernels.ops import round as round_ops  # noqa: E402
 from specdiff_kernels.ops.reference import round as R  # noqa: E402
 from specdiff_kernels.ops.triton import round as tr  # noqa: E402
-
-from test_round_triton import (XI_ERR, _gen, _inputs, _table, _x0_hat,  # noqa: E402
-                               assert_draft_matches, assert_verify_matches)
 
 pytestmark = pytest.mark.gpu
 DEV = torch.device("cuda")
@@ -89,7 +102,7 @@ def test_chain_noise_matches_reference(dtype, B, D):
     gen = _gen("gpu-noise", dtype, B, D)
     _, _, ids, seed = _inputs(B, (1,), torch.float32, gen)
     steps = torch.randint(-1, 1000, (B,), generator=gen)
-    steps[0] = 2 ** 32 - 2 ** 20 - 5
+    steps[0] = 2**32 - 2**20 - 5
     W = 3
     xi, u = _cpu(noise_op(*_cuda(seed, ids, steps), W, D, dtype))
     assert xi.dtype == dtype and xi.shape == (B, W, D) and u.dtype == torch.float32
@@ -122,7 +135,8 @@ def test_round_matches_reference(dtype, case):
     table = TABLES[case % 3]
     freeze = case % 2
     coef, clip, steps, lengths, root, frozen, ids, seed, gen = _round_inputs(
-        B, L, E, dtype, table, (dtype, case))
+        B, L, E, dtype, table, (dtype, case)
+    )
     args = _cuda(root, frozen, steps, lengths, coef, seed, ids)
     Y = draft_op(*args, L, freeze, clip).cpu()
     assert_draft_matches(Y, root, frozen, steps, lengths, coef, seed, ids, L, freeze, clip)
@@ -138,7 +152,8 @@ def test_clip_and_wide_blocks(freeze, clip):
     the widest draft blocks (B * Q large)."""
     for dtype, (B, L, E) in ((torch.float64, (3, 2, (37,))), (torch.float32, (64, 2, (3, 64, 64)))):
         coef, _, steps, lengths, root, frozen, ids, seed, gen = _round_inputs(
-            B, L, E, dtype, "ddpm_clip", ("clip", freeze, clip, dtype))
+            B, L, E, dtype, "ddpm_clip", ("clip", freeze, clip, dtype)
+        )
         frozen = frozen * 3
         args = _cuda(root, frozen, steps, lengths, coef, seed, ids)
         Y = draft_op(*args, L, freeze, clip).cpu()
@@ -156,7 +171,8 @@ def test_dispatcher_and_default_backend():
     assert round_ops.get_backend(None, DEV).name == "triton"
     B, L, E, dtype = 3, 4, (5, 7), torch.float32
     coef, clip, steps, lengths, root, frozen, ids, seed, gen = _round_inputs(
-        B, L, E, dtype, "ddpm_clip", "dispatch")
+        B, L, E, dtype, "ddpm_clip", "dispatch"
+    )
     c = _cuda(root, frozen, steps, lengths, coef, seed, ids)
     Y = round_ops.frozen_draft(*c, L, 1, clip)
     assert torch.equal(Y, draft_op(*c, L, 1, clip))
@@ -179,7 +195,8 @@ def test_dispatcher_and_default_backend():
 def _small(dtype=torch.float32, freeze=1):
     B, L, E = 3, 3, (2, 70)
     coef, clip, steps, lengths, root, frozen, ids, seed, gen = _round_inputs(
-        B, L, E, dtype, "ddpm_clip", ("small", dtype, freeze))
+        B, L, E, dtype, "ddpm_clip", ("small", dtype, freeze)
+    )
     c = _cuda(root, frozen, steps, lengths, coef, seed, ids)
     Y = draft_op(*c, L, freeze, clip)
     P = _x0_hat(Y.cpu(), frozen, steps, coef, freeze, gen).to(DEV)
@@ -189,9 +206,11 @@ def _small(dtype=torch.float32, freeze=1):
 def test_opcheck():
     c, L, freeze, clip, Y, P = _small()
     root, frozen, steps, lengths, coef, seed, ids = c
-    samples = {"chain_noise": (seed, ids, steps, L, 140, torch.float16),
-               "frozen_draft": (*c, L, freeze, clip),
-               "verify_frozen": (Y, P, frozen, steps, lengths, coef, seed, ids, freeze, math.inf)}
+    samples = {
+        "chain_noise": (seed, ids, steps, L, 140, torch.float16),
+        "frozen_draft": (*c, L, freeze, clip),
+        "verify_frozen": (Y, P, frozen, steps, lengths, coef, seed, ids, freeze, math.inf),
+    }
     for name, args in samples.items():
         torch.library.opcheck(getattr(torch.ops.specdiff, f"triton_{name}").default, args)
         if round_ops.HAS_CPP:
@@ -208,8 +227,9 @@ def test_torch_compile_fullgraph(dtype):
     def f(root, frozen, steps, lengths, coef, seed, ids, P):
         Yd = round_ops.frozen_draft(root, frozen, steps, lengths, coef, seed, ids, L, freeze, clip)
         res = round_ops.verify_frozen(Yd, P, frozen, steps, lengths, coef, seed, ids, freeze, clip)
-        xi, u = round_ops.chain_noise(seed, ids, steps + res.committed, 1, root.shape[1:],
-                                      root.dtype)
+        xi, u = round_ops.chain_noise(
+            seed, ids, steps + res.committed, 1, root.shape[1:], root.dtype
+        )
         return (Yd, *res, xi, u, res.next_state * 2)
 
     eager = f(*c, P)
@@ -226,7 +246,8 @@ def test_cuda_graph_capture_and_replay():
 
     def inputs(k):
         coef, clip, steps, lengths, root, frozen, ids, seed, gen = _round_inputs(
-            B, L, E, dtype, "ddpm_clip", ("graph", k))
+            B, L, E, dtype, "ddpm_clip", ("graph", k)
+        )
         P = _x0_hat(torch.cat([root[:, None]] * (L + 1), 1), frozen, steps, coef, 1, gen)
         return [t.to(DEV) for t in (root, frozen, steps, lengths, coef, seed, ids, P)], clip
 
@@ -285,8 +306,10 @@ def test_round_stats_cuda_equals_cpu(seed):
     """The counters op on CUDA (the reference composition) equals the C++ CPU kernel, with
     non-finite outputs and log ratios, finished chains and chains at a deterministic step."""
     from test_round_ops import _stats_case
+
     args = _stats_case(seed, 5 + seed, 1 + seed % 5, 9 + 2 * seed, nonfinite=seed % 2 == 0)
     want = torch.ops.specdiff.round_stats(*args)
-    got = torch.ops.specdiff.round_stats(*[a.to(DEV) if isinstance(a, torch.Tensor) else a
-                                           for a in args])
+    got = torch.ops.specdiff.round_stats(
+        *[a.to(DEV) if isinstance(a, torch.Tensor) else a for a in args]
+    )
     assert torch.equal(got.cpu(), want)

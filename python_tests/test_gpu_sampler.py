@@ -9,14 +9,17 @@
 * A round is captured as one CUDA graph and replays without any host synchronisation
   (``torch.cuda.set_sync_debug_mode("error")``), giving the eager round's result.
 """
+
 from __future__ import annotations
 
 import pytest
 import torch
 
 if not torch.cuda.is_available():
-    pytest.skip("no CUDA device: the samplers' GPU path is tested only on a GPU machine",
-                allow_module_level=True)
+    pytest.skip(
+        "no CUDA device: the samplers' GPU path is tested only on a GPU machine",
+        allow_module_level=True,
+    )
 pytest.importorskip("triton")
 from specdiff_kernels.ops.triton import verify as tk  # noqa: E402
 
@@ -24,9 +27,9 @@ if tk.INTERPRET:
     pytest.skip("TRITON_INTERPRET=1 is set: run with SPECDIFF_TEST_GPU=1", allow_module_level=True)
 
 from specdiff_kernels import models  # noqa: E402
+from specdiff_kernels.ops import layout  # noqa: E402
 from specdiff_kernels.ops import round as ro  # noqa: E402
 from specdiff_kernels.sampling.sampler import AncestralSampler, SpeculativeSampler  # noqa: E402
-from specdiff_kernels.ops import layout  # noqa: E402
 from specdiff_kernels.sampling.static_round import StaticRound  # noqa: E402
 from specdiff_kernels.testing.two_sample import per_coordinate_ks_pvalue  # noqa: E402
 
@@ -48,11 +51,14 @@ def test_static_round_on_cuda_follows_the_cpu_paths(digits):
     B = 16
     net_cpu = digits.target.double()
     cpu = SpeculativeSampler(net_cpu, T, window=8, path="static", compile=False).sample(
-        B, digits.event_shape, generator=_gen(3), dtype=torch.float64)
+        B, digits.event_shape, generator=_gen(3), dtype=torch.float64
+    )
     import copy
+
     net_gpu = copy.deepcopy(net_cpu).to(DEV)
     gpu = SpeculativeSampler(net_gpu, T, window=8, path="static", compile=False).sample(
-        B, digits.event_shape, generator=_gen(3), dtype=torch.float64, device=DEV)
+        B, digits.event_shape, generator=_gen(3), dtype=torch.float64, device=DEV
+    )
     diff = (gpu.samples.cpu() - cpu.samples).flatten(1).abs().amax(1)
     # float64 matmuls round differently on the two devices (measured on an H200: up to 9e-6 after
     # 100 steps); a flipped accept decision would move a chain by O(0.1)
@@ -67,12 +73,15 @@ def test_cuda_static_samples_have_the_ancestral_law(digits):
     net = digits.target.to(DEV)
     n = 2000
     spec = SpeculativeSampler(net, T, window=8, compile=False).sample(
-        n, digits.event_shape, generator=_gen(11), device=DEV)
+        n, digits.event_shape, generator=_gen(11), device=DEV
+    )
     anc = AncestralSampler(net, T).sample(n, digits.event_shape, generator=_gen(12), device=DEV)
     # per-coordinate KS (scipy.stats.ks_2samp): the energy permutation test of two_sample_pvalue
     # failed inside a newer scipy's permutation_test on the GPU machine (IndexError)
-    p = per_coordinate_ks_pvalue(spec.samples.flatten(1).cpu().double().numpy(),
-                                 anc.samples.flatten(1).cpu().double().numpy())
+    p = per_coordinate_ks_pvalue(
+        spec.samples.flatten(1).cpu().double().numpy(),
+        anc.samples.flatten(1).cpu().double().numpy(),
+    )
     assert p > 1e-3, p
     assert spec.stats.target_calls < 0.5 * anc.stats.target_calls
     digits.target.cpu()
@@ -86,13 +95,15 @@ def test_round_is_one_cuda_graph_without_host_sync(digits, compile_):
     ids = torch.arange(B, device=DEV)
     seed = ro.seed_tensor(5, DEV)
     x = torch.randn(B, *digits.event_shape, device=DEV)
-    captured = StaticRound(net, T, 8, "x0", seed, ids, dtype=x.dtype, compile=compile_, cuda_graph=True)
+    captured = StaticRound(
+        net, T, 8, "x0", seed, ids, dtype=x.dtype, compile=compile_, cuda_graph=True
+    )
     eager = StaticRound(net, T, 8, "x0", seed, ids, dtype=x.dtype, compile=False, cuda_graph=False)
     with torch.inference_mode():
         s_cap = captured.start(x)
         s_eag = eager.start(x)
         assert all(torch.equal(a, b) for a, b in zip(s_cap.tensors(), s_eag.tensors()))
-        s_cap = captured.step(s_cap)            # captures, then replays once
+        s_cap = captured.step(s_cap)  # captures, then replays once
         s_eag = eager.step(s_eag)
         assert captured._graph is not None
         torch.cuda.synchronize()

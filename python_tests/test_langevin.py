@@ -12,6 +12,7 @@ the existing samplers.
 
 Fixed seeds: every p-value is deterministic. Correct samplers: p > 1e-3; wrong ones: p < 1e-3.
 """
+
 from __future__ import annotations
 
 import math
@@ -20,12 +21,17 @@ import numpy as np
 import pytest
 import torch
 
-import specdiff_kernels
-from specdiff_kernels import VerifyResult
-from specdiff_kernels.sampling.noise import ChainNoise, base_seed_from
-from specdiff_kernels.sampling.drafts import FrozenTargetDraft
 from specdiff_kernels.cli.demo import run_langevin_demo
-from specdiff_kernels.sampling.langevin import GradientModel, LangevinSampler, SpeculativeLangevin, banana_energy, banana_grad, langevin_transitions
+from specdiff_kernels.sampling.drafts import FrozenTargetDraft
+from specdiff_kernels.sampling.langevin import (
+    GradientModel,
+    LangevinSampler,
+    SpeculativeLangevin,
+    banana_energy,
+    banana_grad,
+    langevin_transitions,
+)
+from specdiff_kernels.sampling.noise import ChainNoise, base_seed_from
 from specdiff_kernels.sampling.sampler import NonFiniteError
 from specdiff_kernels.testing.two_sample import gaussian_one_sample_pvalue, two_sample_pvalue
 
@@ -42,7 +48,6 @@ def gen(seed: int) -> torch.Generator:
 
 # ===================================================================== wrong verifiers (power)
 from wrong_verifiers import WRONG  # noqa: E402
-
 
 # ===================================================================== Gaussian target
 D = 4
@@ -140,8 +145,14 @@ def test_plain_sampler_is_the_ula_loop_bit_for_bit():
     ids = [3, 9, 0, 1, 7]
     for x_init in (torch.randn(B, D, generator=gen(5), dtype=torch.float64), None):
         s = LangevinSampler(grad_U=grad, step_size=g, num_steps=n, init_std=1.5)
-        res = s.sample(x_init, num_chains=B, event_shape=(D,), generator=gen(6), chain_ids=ids,
-                       dtype=torch.float64)
+        res = s.sample(
+            x_init,
+            num_chains=B,
+            event_shape=(D,),
+            generator=gen(6),
+            chain_ids=ids,
+            dtype=torch.float64,
+        )
         base = base_seed_from(gen(6))
         noise = ChainNoise(base, ids, (D,), torch.float64, "cpu")
         x = (noise.initial * 1.5) if x_init is None else x_init.clone()
@@ -165,9 +176,11 @@ def test_U_and_grad_U_give_the_same_chains():
 def test_window_one_without_prefetch_equals_plain():
     grad = quadratic_grad()
     plain = LangevinSampler(grad_U=grad, step_size=G, num_steps=20).sample(
-        num_chains=32, event_shape=(D,), generator=gen(2))
-    spec = SpeculativeLangevin(grad_U=grad, step_size=G, num_steps=20, window=1, prefetch=False).sample(
-        num_chains=32, event_shape=(D,), generator=gen(2))
+        num_chains=32, event_shape=(D,), generator=gen(2)
+    )
+    spec = SpeculativeLangevin(
+        grad_U=grad, step_size=G, num_steps=20, window=1, prefetch=False
+    ).sample(num_chains=32, event_shape=(D,), generator=gen(2))
     # the plain step is one fused kernel, the ragged round eager ops: equal up to rounding
     torch.testing.assert_close(plain.samples, spec.samples, rtol=1e-5, atol=1e-5)
     assert spec.stats.acceptance_rate == 1.0
@@ -182,10 +195,15 @@ def test_stats_one_sequential_gradient_call_per_round():
     assert st.target_evals == s.model.num_evals
     assert st.direct_steps == 64 and st.draft_calls == 0
     assert st.speculative_steps + st.direct_steps == 64 * N_STEPS
-    assert st.target_calls < N_STEPS / 2          # the point of it
+    assert st.target_calls < N_STEPS / 2  # the point of it
     # a surrogate gradient draft: sequential cheap calls, one target call per round
-    sur = SpeculativeLangevin(U, step_size=G, num_steps=N_STEPS, window=8,
-                              draft=lambda x: x - torch.tensor(gaussian_target()[1], dtype=x.dtype))
+    sur = SpeculativeLangevin(
+        U,
+        step_size=G,
+        num_steps=N_STEPS,
+        window=8,
+        draft=lambda x: x - torch.tensor(gaussian_target()[1], dtype=x.dtype),
+    )
     st2 = sur.sample(fixed_start(64), generator=gen(3)).stats
     assert st2.target_calls == st2.rounds and st2.draft_calls > 0 and st2.direct_steps == 0
 
@@ -200,11 +218,15 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="draft"):
         SpeculativeLangevin(quadratic_U(), step_size=0.1, num_steps=3, draft="frozn")
     with pytest.raises(ValueError, match="freeze"):
-        SpeculativeLangevin(quadratic_U(), step_size=0.1, num_steps=3, draft=FrozenTargetDraft("eps"))
+        SpeculativeLangevin(
+            quadratic_U(), step_size=0.1, num_steps=3, draft=FrozenTargetDraft("eps")
+        )
     with pytest.raises(ValueError, match="one energy per state"):
         LangevinSampler(lambda x: x.sum(), step_size=0.1, num_steps=2).sample(fixed_start(3))
     # integer starts are cast to the requested dtype
-    r = LangevinSampler(quadratic_U(), step_size=0.1, num_steps=2).sample(torch.zeros(3, D, dtype=torch.int64))
+    r = LangevinSampler(quadratic_U(), step_size=0.1, num_steps=2).sample(
+        torch.zeros(3, D, dtype=torch.int64)
+    )
     assert r.samples.dtype == torch.float32
 
 
@@ -219,29 +241,33 @@ def test_divergent_chain_raises():
 def test_plain_ula_matches_exact_law():
     m, C = law_from_fixed_start()
     res = LangevinSampler(quadratic_U(), step_size=G, num_steps=N_STEPS).sample(
-        fixed_start(), generator=gen(100))
+        fixed_start(), generator=gen(100)
+    )
     assert gaussian_one_sample_pvalue(res.samples.numpy(), m, C) > ALPHA
 
 
-@pytest.mark.parametrize("draft,window", [("frozen", 2), ("frozen", 8), ("frozen_noprefetch", 8),
-                                          ("surrogate", 4)])
+@pytest.mark.parametrize(
+    "draft,window", [("frozen", 2), ("frozen", 8), ("frozen_noprefetch", 8), ("surrogate", 4)]
+)
 def test_speculative_ula_matches_exact_law(draft, window):
     m, C = law_from_fixed_start()
     P, mu = gaussian_target()
     # a poor surrogate: the gradient of an isotropic Gaussian at the wrong centre
     sur = lambda x: 1.5 * (x - torch.tensor(mu + 0.3, dtype=x.dtype))  # noqa: E731
-    kw = {"frozen": {}, "frozen_noprefetch": {"prefetch": False}, "surrogate": {"draft": sur}}[draft]
+    kw = {"frozen": {}, "frozen_noprefetch": {"prefetch": False}, "surrogate": {"draft": sur}}[
+        draft
+    ]
     s = SpeculativeLangevin(quadratic_U(), step_size=G, num_steps=N_STEPS, window=window, **kw)
     res = s.sample(fixed_start(), generator=gen(200 + window + len(draft)))
     assert gaussian_one_sample_pvalue(res.samples.numpy(), m, C) > ALPHA
     st = res.stats
-    assert 0 < sum(st.accepted_by_position) < sum(st.attempted_by_position)   # not trivially exact
+    assert 0 < sum(st.accepted_by_position) < sum(st.attempted_by_position)  # not trivially exact
 
 
 def test_speculative_ula_default_start_and_step_schedule():
     """Default start N(0, init_std^2 I) from the streams; a decreasing step-size schedule."""
     sched = np.linspace(0.08, 0.02, N_STEPS)
-    m, C = exact_ula_law(sched, np.zeros(D), np.eye(D) * 1.5 ** 2)
+    m, C = exact_ula_law(sched, np.zeros(D), np.eye(D) * 1.5**2)
     s = SpeculativeLangevin(quadratic_U(), step_size=sched, window=8, init_std=1.5)
     res = s.sample(num_chains=N_CHAINS, event_shape=(D,), generator=gen(301), dtype=torch.float64)
     assert gaussian_one_sample_pvalue(res.samples.numpy(), m, C) > ALPHA
@@ -250,8 +276,9 @@ def test_speculative_ula_default_start_and_step_schedule():
 @pytest.mark.parametrize("wrong", list(WRONG))
 def test_gaussian_tests_reject_wrong_verifiers(wrong):
     m, C = law_from_fixed_start()
-    s = SpeculativeLangevin(quadratic_U(), step_size=G, num_steps=N_STEPS, window=8,
-                            verify_fn=WRONG[wrong])
+    s = SpeculativeLangevin(
+        quadratic_U(), step_size=G, num_steps=N_STEPS, window=8, verify_fn=WRONG[wrong]
+    )
     res = s.sample(fixed_start(), generator=gen(400))
     assert gaussian_one_sample_pvalue(res.samples.numpy(), m, C) < ALPHA
 
@@ -275,7 +302,7 @@ def banana_reference():
 
 @pytest.mark.parametrize("draft", ["frozen", "surrogate"])
 def test_banana_speculative_vs_plain(banana_reference, draft):
-    d = "frozen" if draft == "frozen" else banana_grad(b=0.0)   # surrogate: the Gaussian part only
+    d = "frozen" if draft == "frozen" else banana_grad(b=0.0)  # surrogate: the Gaussian part only
     s = SpeculativeLangevin(banana_energy(), step_size=G, num_steps=BANANA_STEPS, window=8, draft=d)
     res = s.sample(banana_start(), generator=gen(600 + len(draft)))
     assert two_sample_pvalue(res.samples.numpy(), banana_reference) > ALPHA
@@ -285,14 +312,19 @@ def test_banana_speculative_vs_plain(banana_reference, draft):
 
 def test_banana_sanity_two_plain_runs(banana_reference):
     s = LangevinSampler(banana_energy(), step_size=G, num_steps=BANANA_STEPS)
-    assert two_sample_pvalue(s.sample(banana_start(), generator=gen(501)).samples.numpy(),
-                             banana_reference) > ALPHA
+    assert (
+        two_sample_pvalue(
+            s.sample(banana_start(), generator=gen(501)).samples.numpy(), banana_reference
+        )
+        > ALPHA
+    )
 
 
 @pytest.mark.parametrize("wrong", list(WRONG))
 def test_banana_tests_reject_wrong_verifiers(banana_reference, wrong):
-    s = SpeculativeLangevin(banana_energy(), step_size=G, num_steps=BANANA_STEPS, window=8,
-                            verify_fn=WRONG[wrong])
+    s = SpeculativeLangevin(
+        banana_energy(), step_size=G, num_steps=BANANA_STEPS, window=8, verify_fn=WRONG[wrong]
+    )
     res = s.sample(banana_start(), generator=gen(700))
     assert two_sample_pvalue(res.samples.numpy(), banana_reference) < ALPHA
 
@@ -301,7 +333,13 @@ def test_banana_tests_reject_wrong_verifiers(banana_reference, wrong):
 def test_demo_runs(capsys):
     assert run_langevin_demo(seed=0, batch=200, window=4, steps=30, dim=3, step_size=0.05) == 0
     out = capsys.readouterr().out
-    for word in ("plain ULA", "frozen gradient", "surrogate gradient", "seq grad calls",
-                 "acceptance by window position", "p vs ULA"):
+    for word in (
+        "plain ULA",
+        "frozen gradient",
+        "surrogate gradient",
+        "seq grad calls",
+        "acceptance by window position",
+        "p vs ULA",
+    ):
         assert word in out
     assert not math.isnan(0.0)

@@ -70,8 +70,13 @@ def _layer(name: str) -> str:
 
 
 def _violations(graph: dict, layer: str) -> list[str]:
-    return [f"{m} imports {dep}" for m in sorted(graph) if _layer(m) == layer
-            for dep in sorted(graph[m]) if _layer(dep) in FORBIDDEN[layer]]
+    return [
+        f"{m} imports {dep}"
+        for m in sorted(graph)
+        if _layer(m) == layer
+        for dep in sorted(graph[m])
+        if _layer(dep) in FORBIDDEN[layer]
+    ]
 
 
 def _cycles(graph: dict) -> list[str]:
@@ -85,7 +90,7 @@ def _cycles(graph: dict) -> list[str]:
         state[m] = "open"
         for d in sorted(edges(m)):
             if state.get(d) == "open":
-                cycles.append(" -> ".join(stack[stack.index(d):] + [d]))
+                cycles.append(" -> ".join(stack[stack.index(d) :] + [d]))
             elif d not in state:
                 visit(d, stack + [d])
         state[m] = "done"
@@ -126,26 +131,31 @@ def test_the_checks_can_fail():
 
 
 # ------------------------------------------------------------------ function length in sampling/
-MAX_FUNCTION_LINES = 60   # def line to the last line of the body, docstring included
+MAX_FUNCTION_LINES = 60  # def line to the last line of the body, docstring included
 
 
 def _long_functions(source: str, filename: str = "<source>") -> list[str]:
     """``name (lines)`` of every function in ``source`` longer than MAX_FUNCTION_LINES (nested
     functions and methods included; decorators not counted)."""
-    return [f"{filename}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)"
-            for node in ast.walk(ast.parse(source, filename))
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
-            and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES]
+    return [
+        f"{filename}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)"
+        for node in ast.walk(ast.parse(source, filename))
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+        and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES
+    ]
 
 
 def test_no_function_in_sampling_over_60_lines():
-    long = [f for path in sorted((PKG_DIR / "sampling").glob("*.py"))
-            for f in _long_functions(path.read_text(), path.name)]
+    long = [
+        f
+        for path in sorted((PKG_DIR / "sampling").glob("*.py"))
+        for f in _long_functions(path.read_text(), path.name)
+    ]
     assert not long, "\n".join(long)
 
 
 def test_the_function_length_check_can_fail():
-    def function(lines: int, prefix: str = "") -> str:   # def line + body: `lines` lines in all
+    def function(lines: int, prefix: str = "") -> str:  # def line + body: `lines` lines in all
         return f"{prefix}def f():\n" + "".join(f"{prefix}    x = {i}\n" for i in range(lines - 1))
 
     assert _long_functions(function(60)) == []

@@ -3,6 +3,7 @@
 One suite for all backends: C++ (CPU) and, where importable, Triton (interpreted on CPU, so it gets
 interpreter-sized shapes). Properties run on the reference too.
 """
+
 from __future__ import annotations
 
 import gc
@@ -13,18 +14,31 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from verify_cases import (
+    assert_decisions_match,
+    assert_state_close,
+    assert_verify_matches_reference,
+    first_rejection_loop,
+    log_ratio_loop,
+    log_ratio_tolerance,
+    make_window,
+    reflect_loop,
+    stable_seed,
+)
 
 import specdiff_kernels as sk
 from specdiff_kernels.ops.reference import verify as reference
-
-from verify_cases import assert_decisions_match, assert_state_close, assert_verify_matches_reference, first_rejection_loop, log_ratio_loop, log_ratio_tolerance, make_window, reflect_loop, stable_seed
 
 KERNEL_BACKENDS = [b for b in sk.available_backends() if b != "reference"]
 ALL_BACKENDS = ["reference"] + KERNEL_BACKENDS
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 # Elements per input tensor that each backend is exercised with (the Triton interpreter is slow).
 MAX_ELEMS = {"cpp": 1 << 23, "triton": 1 << 13}
-TRITON_DTYPES = (torch.float16, torch.float32, torch.float64)  # no bf16 arithmetic in the interpreter
+TRITON_DTYPES = (
+    torch.float16,
+    torch.float32,
+    torch.float64,
+)  # no bf16 arithmetic in the interpreter
 
 
 def _supported(backend, dtype, numel=0):
@@ -38,18 +52,29 @@ def _supported(backend, dtype, numel=0):
 def _poison_heap(*shapes_dtypes):
     """Fill and free blocks the size of the outputs, so memory an op forgot to write holds NaN
     or garbage rather than zeros."""
-    blocks = [torch.full(s, float("nan") if d.is_floating_point else -7, dtype=d)
-              for s, d in shapes_dtypes]
+    blocks = [
+        torch.full(s, float("nan") if d.is_floating_point else -7, dtype=d)
+        for s, d in shapes_dtypes
+    ]
     del blocks
     gc.collect()
 
 
-SHAPES = [(B, L, E) for B in (1, 3, 64) for L in (1, 2, 8, 17)
-          for E in ((1,), (7,), (3, 5, 7), (4096,), (1 << 16,))]
-FUSED_CASES = [pytest.param(backend, dtype, B, L, E,
-                            id=f"{backend}-{str(dtype)[6:]}-B{B}-L{L}-E{'x'.join(map(str, E))}")
-               for backend in KERNEL_BACKENDS for dtype in DTYPES for (B, L, E) in SHAPES
-               if _supported(backend, dtype, B * L * math.prod(E))]
+SHAPES = [
+    (B, L, E)
+    for B in (1, 3, 64)
+    for L in (1, 2, 8, 17)
+    for E in ((1,), (7,), (3, 5, 7), (4096,), (1 << 16,))
+]
+FUSED_CASES = [
+    pytest.param(
+        backend, dtype, B, L, E, id=f"{backend}-{str(dtype)[6:]}-B{B}-L{L}-E{'x'.join(map(str, E))}"
+    )
+    for backend in KERNEL_BACKENDS
+    for dtype in DTYPES
+    for (B, L, E) in SHAPES
+    if _supported(backend, dtype, B * L * math.prod(E))
+]
 
 
 @pytest.mark.parametrize("backend,dtype,B,L,E", FUSED_CASES)
@@ -120,21 +145,25 @@ def test_every_backend_matches_the_spec_loop(backend, dtype, sigma_form):
     B, L, E = 12, 5, (3, 7)
     y, mq, mp, sigma, u = make_window(B, L, E, dtype, gen)
     sigma = {"full": sigma, "window": sigma[0], "scalar": sigma[0, 0]}[sigma_form]
-    mp[0, 1] = mq[0, 1]            # d = 0: log ratio 0, always accepted
-    u[1, :2] = 0.0                 # u = 0 accepts any finite ratio
+    mp[0, 1] = mq[0, 1]  # d = 0: log ratio 0, always accepted
+    u[1, :2] = 0.0  # u = 0 accepts any finite ratio
     n = torch.randint(1, L + 1, (B,), generator=gen)
     got = sk.speculative_verify(y, mq, mp, sigma, u, n, backend=backend)
     ref = assert_verify_matches_reference(got, y, mq, mp, sigma, u, n, dtype, oracle="spec_loop")
-    assert 0 < int((ref.num_accepted < n).sum()) < B     # both outcomes are exercised
+    assert 0 < int((ref.num_accepted < n).sum()) < B  # both outcomes are exercised
 
     lr = sk.gaussian_log_ratio(y, mq, mp, sigma, backend=backend)
     lr64 = log_ratio_loop(y, mq, mp, sigma)
     tol = log_ratio_tolerance(y, mq, mp, sigma, dtype) + 1.2e-7 * lr64.abs()
     assert bool(((lr.double() - lr64).abs() <= tol).all())
     assert lr[0, 1] == 0
-    assert torch.equal(sk.first_rejection(lr, u, n, backend=backend), first_rejection_loop(lr, u, n))
+    assert torch.equal(
+        sk.first_rejection(lr, u, n, backend=backend), first_rejection_loop(lr, u, n)
+    )
     rr = sk.reflect_resample(y[:, 2], mq[:, 2], mp[:, 2], backend=backend)
-    assert_state_close(rr, reflect_loop(y[:, 2], mq[:, 2], mp[:, 2]).reshape(rr.shape), y[:, 2], dtype)
+    assert_state_close(
+        rr, reflect_loop(y[:, 2], mq[:, 2], mp[:, 2]).reshape(rr.shape), y[:, 2], dtype
+    )
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
@@ -155,9 +184,11 @@ def test_fused_equals_composition_of_parts(backend, dtype):
     rows = torch.arange(B)
     rejected = acc < n
     j = torch.where(rejected, acc, n - 1)
-    expect = torch.where(rejected.view(B, 1, 1),
-                         sk.reflect_resample(y[rows, j], mq[rows, j], mp[rows, j], backend=backend),
-                         y[rows, j])
+    expect = torch.where(
+        rejected.view(B, 1, 1),
+        sk.reflect_resample(y[rows, j], mq[rows, j], mp[rows, j], backend=backend),
+        y[rows, j],
+    )
     same = fused.num_accepted == acc
     assert int(same.sum()) >= B - 1
     torch.testing.assert_close(fused.next_state[same], expect[same], rtol=1e-6, atol=1e-6)
@@ -183,8 +214,12 @@ def test_huge_mean_gap_rejects_at_step_zero(backend):
     res = sk.speculative_verify(y, mq, mp, sigma, u, backend=backend)
     assert torch.equal(res.num_accepted, torch.zeros(5, dtype=torch.int64))
     # the reflected sample is a draw around the target mean: r = y - mq reflected about d
-    torch.testing.assert_close((res.next_state - mp[:, 0]).norm(dim=-1),
-                               (y[:, 0] - mq[:, 0]).norm(dim=-1), rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(
+        (res.next_state - mp[:, 0]).norm(dim=-1),
+        (y[:, 0] - mq[:, 0]).norm(dim=-1),
+        rtol=1e-4,
+        atol=1e-3,
+    )
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
@@ -223,8 +258,8 @@ def test_non_finite_log_ratio_is_a_rejection(backend):
     gen = torch.Generator().manual_seed(8)
     y, mq, mp, sigma, u = make_window(3, 4, (10,), torch.float32, gen)
     mp, u = mq.clone(), torch.zeros(3, 4)  # everything would be accepted...
-    mp[1, 2, 3] = float("nan")             # ...but chain 1 has a NaN at step 2
-    mp[2, 0, 0] = float("inf")             # and chain 2 an inf at step 0
+    mp[1, 2, 3] = float("nan")  # ...but chain 1 has a NaN at step 2
+    mp[2, 0, 0] = float("inf")  # and chain 2 an inf at step 0
     res = sk.speculative_verify(y, mq, mp, sigma, u, backend=backend)
     assert res.num_accepted.tolist() == [4, 2, 0]
     assert not bool(torch.isfinite(res.log_ratio[1, 2]))
@@ -235,7 +270,7 @@ def test_lengths_ignores_later_steps(backend):
     gen = torch.Generator().manual_seed(9)
     y, mq, mp, sigma, u = make_window(4, 6, (12,), torch.float32, gen)
     mp[:, 3:] = mq[:, 3:] + 100.0  # certain rejection at steps 3.. if they counted
-    u[:, :3] = 0.0                   # certain acceptance of steps 0..2
+    u[:, :3] = 0.0  # certain acceptance of steps 0..2
     n = torch.tensor([1, 2, 3, 3])
     res = sk.speculative_verify(y, mq, mp, sigma, u, n, backend=backend)
     assert res.num_accepted.tolist() == [1, 2, 3, 3]
@@ -245,11 +280,18 @@ def test_lengths_ignores_later_steps(backend):
 
 # ---------------------------------------------------------------- fuzz
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(B=st.integers(1, 9), L=st.integers(1, 9),
-       event=st.lists(st.integers(1, 13), min_size=1, max_size=3),
-       dtype=st.sampled_from(DTYPES), use_n=st.booleans(), seed=st.integers(0, 2**31 - 1),
-       sigma_form=st.sampled_from(["full", "window", "scalar"]))
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    B=st.integers(1, 9),
+    L=st.integers(1, 9),
+    event=st.lists(st.integers(1, 13), min_size=1, max_size=3),
+    dtype=st.sampled_from(DTYPES),
+    use_n=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+    sigma_form=st.sampled_from(["full", "window", "scalar"]),
+)
 def test_fuzz_against_reference(backend, B, L, event, dtype, use_n, seed, sigma_form):
     if backend == "triton" and dtype not in TRITON_DTYPES:
         dtype = torch.float32
@@ -276,8 +318,9 @@ def _op_samples(dtype=torch.float32):
 
 
 @pytest.mark.skipif("cpp" not in KERNEL_BACKENDS, reason="C++ extension not built")
-@pytest.mark.parametrize("name", ["gaussian_log_ratio", "first_rejection", "reflect_resample",
-                                  "speculative_verify"])
+@pytest.mark.parametrize(
+    "name", ["gaussian_log_ratio", "first_rejection", "reflect_resample", "speculative_verify"]
+)
 def test_opcheck(name):
     op = getattr(torch.ops.specdiff, name).default
     for dtype in (torch.float32, torch.float64):
@@ -306,8 +349,9 @@ def assert_op_matches_spec_loop(name, out, args):
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
-@pytest.mark.parametrize("name", ["gaussian_log_ratio", "first_rejection", "reflect_resample",
-                                  "speculative_verify"])
+@pytest.mark.parametrize(
+    "name", ["gaussian_log_ratio", "first_rejection", "reflect_resample", "speculative_verify"]
+)
 def test_torch_compile_fullgraph(backend, name):
     """One graph (fullgraph=True: no break around the op) whose output is right: checked
     against the spec loops, not against the eager call, which for an opaque op is the same
@@ -330,23 +374,26 @@ def _good(dtype=torch.float32):
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
-@pytest.mark.parametrize("case,match", [
-    ("rank", "draft_states must have shape"),
-    ("shape", "draft_means shape"),
-    ("dtype", "target_means dtype"),
-    ("int_dtype", "draft_states must have a floating dtype"),
-    ("device", "target_means is on meta"),
-    ("empty_window", "window length L"),
-    ("sigma_shape", "sigma must be a scalar"),
-    ("sigma_nonpositive", "sigma must be finite and > 0"),
-    ("sigma_nan", "sigma must be finite and > 0"),
-    ("uniforms_shape", "uniforms must have shape"),
-    ("uniforms_range", r"uniforms must lie in \[0, 1\)"),
-    ("lengths_shape", "lengths must have shape"),
-    ("lengths_dtype", "lengths must be an integer tensor"),
-    ("lengths_zero", "lengths values must lie in 1..L"),
-    ("lengths_big", "lengths values must lie in 1..L"),
-])
+@pytest.mark.parametrize(
+    "case,match",
+    [
+        ("rank", "draft_states must have shape"),
+        ("shape", "draft_means shape"),
+        ("dtype", "target_means dtype"),
+        ("int_dtype", "draft_states must have a floating dtype"),
+        ("device", "target_means is on meta"),
+        ("empty_window", "window length L"),
+        ("sigma_shape", "sigma must be a scalar"),
+        ("sigma_nonpositive", "sigma must be finite and > 0"),
+        ("sigma_nan", "sigma must be finite and > 0"),
+        ("uniforms_shape", "uniforms must have shape"),
+        ("uniforms_range", r"uniforms must lie in \[0, 1\)"),
+        ("lengths_shape", "lengths must have shape"),
+        ("lengths_dtype", "lengths must be an integer tensor"),
+        ("lengths_zero", "lengths values must lie in 1..L"),
+        ("lengths_big", "lengths values must lie in 1..L"),
+    ],
+)
 def test_bad_input_names_the_argument(backend, case, match):
     y, mq, mp, sigma, u = _good()
     n = None
@@ -397,15 +444,18 @@ def test_unknown_backend_and_wrong_device():
 
 
 @pytest.mark.skipif("cpp" not in KERNEL_BACKENDS, reason="C++ extension not built")
-@pytest.mark.parametrize("case,match", [
-    ("rank", "draft_states must have shape"),
-    ("shape", "draft_means shape"),
-    ("dtype", "must share a dtype"),
-    ("sigma", "sigma must be finite and > 0"),
-    ("uniforms", r"uniforms must lie in \[0, 1\)"),
-    ("lengths", "lengths values must lie in 1..L"),
-    ("lengths_float", "lengths must be an integer tensor"),
-])
+@pytest.mark.parametrize(
+    "case,match",
+    [
+        ("rank", "draft_states must have shape"),
+        ("shape", "draft_means shape"),
+        ("dtype", "must share a dtype"),
+        ("sigma", "sigma must be finite and > 0"),
+        ("uniforms", r"uniforms must lie in \[0, 1\)"),
+        ("lengths", "lengths values must lie in 1..L"),
+        ("lengths_float", "lengths must be an integer tensor"),
+    ],
+)
 def test_cpp_op_checks_its_arguments(case, match):
     """torch.ops callers bypass the Python checks: the C++ kernel must still refuse bad input."""
     y, mq, mp, sigma, u = _good()
@@ -432,10 +482,13 @@ def test_build_info_reports_the_build():
     if "cpp" not in KERNEL_BACKENDS:
         pytest.skip("C++ extension not built")
     from specdiff_kernels import _C
+
     info = _C.build_info()
-    assert {"compiler", "cxx_flags", "openmp", "simd", "parallel_info", "cpu_capability"} <= set(info)
+    assert {"compiler", "cxx_flags", "openmp", "simd", "parallel_info", "cpu_capability"} <= set(
+        info
+    )
     assert info["cpu_capability"] == _C.cpu_capability()
-    if not os.environ.get("SPECDIFF_CPU_CAPABILITY"):   # else the variable caps it
+    if not os.environ.get("SPECDIFF_CPU_CAPABILITY"):  # else the variable caps it
         assert info["cpu_capability"] == _C.supported_cpu_capability()
     assert "-O3" in info["cxx_flags"]
 

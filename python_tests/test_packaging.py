@@ -10,6 +10,7 @@
 torch comes from pip's configured sources, pinned to the version these tests run with (never
 unpinned: that would pull a multi-GB CUDA build). About a minute and a half on 2 cores.
 """
+
 from __future__ import annotations
 
 import json
@@ -31,25 +32,33 @@ SOURCE = ["setup.py", "pyproject.toml", "CMakeLists.txt", "README.md", "csrc", "
 
 
 def _env() -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("TRITON_INTERPRET", "PYTHONPATH", "VIRTUAL_ENV", "SPECDIFF_NATIVE")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("TRITON_INTERPRET", "PYTHONPATH", "VIRTUAL_ENV", "SPECDIFF_NATIVE")
+    }
     env.update(PIP_DISABLE_PIP_VERSION_CHECK="1", MAX_JOBS="2")
     return env
 
 
 def run(cmd, cwd, timeout=600, check=True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([str(c) for c in cmd], cwd=cwd, env=_env(), capture_output=True,
-                          text=True, timeout=timeout)
+    proc = subprocess.run(
+        [str(c) for c in cmd], cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout
+    )
     if check:
-        assert proc.returncode == 0, (f"{' '.join(map(str, cmd))} failed ({proc.returncode}):\n"
-                                      f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+        assert proc.returncode == 0, (
+            f"{' '.join(map(str, cmd))} failed ({proc.returncode}):\n"
+            f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+        )
     return proc
 
 
 def fresh_venv(path: Path, *packages) -> Path:
     run([sys.executable, "-m", "venv", path], cwd=path.parent)
     if packages:
-        run([path / "bin" / "python", "-m", "pip", "install", "--quiet", *packages], cwd=path.parent)
+        run(
+            [path / "bin" / "python", "-m", "pip", "install", "--quiet", *packages], cwd=path.parent
+        )
     return path
 
 
@@ -79,7 +88,7 @@ def check_demo(venv: Path, workdir: Path) -> str:
     assert stats["speculative"]["target_calls"] < stats["ancestral"]["target_calls"]
     info = run([venv / "bin" / "specdiff", "info"], cwd=workdir).stdout
     assert "C++ build:" in info and "backends: reference, cpp" in info
-    assert "-march=native" not in info, info        # the portable build is the default
+    assert "-march=native" not in info, info  # the portable build is the default
     return out
 
 
@@ -89,11 +98,28 @@ def built(tmp_path_factory):
     base = tmp_path_factory.mktemp("packaging")
     src = copy_source(base / "src")
     venv_a = fresh_venv(base / "venv_a", TORCH_PIN, *BUILD_TOOLS)
-    run([venv_a / "bin" / "python", "-m", "pip", "install", "--quiet", "--no-build-isolation", src],
-        cwd=base, timeout=900)
+    run(
+        [venv_a / "bin" / "python", "-m", "pip", "install", "--quiet", "--no-build-isolation", src],
+        cwd=base,
+        timeout=900,
+    )
     dist = base / "dist"
-    run([venv_a / "bin" / "python", "-m", "pip", "wheel", "--quiet", "--no-build-isolation",
-         "--no-deps", "-w", dist, src], cwd=base, timeout=900)
+    run(
+        [
+            venv_a / "bin" / "python",
+            "-m",
+            "pip",
+            "wheel",
+            "--quiet",
+            "--no-build-isolation",
+            "--no-deps",
+            "-w",
+            dist,
+            src,
+        ],
+        cwd=base,
+        timeout=900,
+    )
     wheels = list(dist.glob("specdiff_kernels-*.whl"))
     assert len(wheels) == 1, wheels
     return base, venv_a, wheels[0]
@@ -101,8 +127,12 @@ def built(tmp_path_factory):
 
 def test_isolated_build_says_to_use_no_build_isolation(tmp_path):
     src = copy_source(tmp_path / "src")
-    proc = run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", tmp_path / "dist", src],
-               cwd=tmp_path, check=False, timeout=600)
+    proc = run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", tmp_path / "dist", src],
+        cwd=tmp_path,
+        check=False,
+        timeout=600,
+    )
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert "torch is not importable in the build environment" in output

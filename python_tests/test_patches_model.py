@@ -1,4 +1,5 @@
 """The embedded ``patches`` pipeline: the packaged diffusers folder, its data and its quality helpers."""
+
 from __future__ import annotations
 
 import json
@@ -11,10 +12,10 @@ diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("skimage")
 
 from specdiff_kernels import SpeculativeSampler  # noqa: E402
-from specdiff_kernels.testing import two_sample as stats
-from specdiff_kernels.models import train as TR  # noqa: E402
 from specdiff_kernels.integrations.diffusers import from_pipeline  # noqa: E402
 from specdiff_kernels.models import patches as P  # noqa: E402
+from specdiff_kernels.models import train as TR  # noqa: E402
+from specdiff_kernels.testing import two_sample as stats
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +55,7 @@ def test_folder_layout_size_and_parameter_count():
     assert weights.is_file()
     assert not list(d.rglob("*.bin")), "weights must be stored as safetensors only"
     total = sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
-    assert total <= 10 * 2 ** 20, f"packaged folder is {total / 2 ** 20:.2f} MiB > 10 MiB"
+    assert total <= 10 * 2**20, f"packaged folder is {total / 2**20:.2f} MiB > 10 MiB"
     from safetensors.torch import load_file
 
     state = load_file(str(weights))
@@ -122,13 +123,16 @@ def test_crops_come_from_their_region_with_random_flips(heldout):
     imgs = P.load_images()
     assert len(imgs) == len(P.IMAGES) and all(im.shape[0] == 3 for im in imgs)
     n, seed = 200, 2
-    x = P.heldout_crops(n, seed=seed) if heldout else \
-        P.random_crops(n, torch.Generator().manual_seed(seed))
+    x = (
+        P.heldout_crops(n, seed=seed)
+        if heldout
+        else P.random_crops(n, torch.Generator().manual_seed(seed))
+    )
     which, ys, xs, flip = P._crop_positions(n, torch.Generator().manual_seed(seed), heldout)
     u8 = ((x + 1) * 127.5).round().to(torch.uint8)
     for i in range(n):
         im = imgs[int(which[i])]
-        split = int(round(im.shape[2] * 0.8))      # held-out: the right 20% of the columns
+        split = int(round(im.shape[2] * 0.8))  # held-out: the right 20% of the columns
         x0 = int(xs[i]) + (split if heldout else 0)
         y0 = int(ys[i])
         assert 0 <= y0 and y0 + 32 <= im.shape[1]
@@ -136,7 +140,7 @@ def test_crops_come_from_their_region_with_random_flips(heldout):
             assert x0 >= split and x0 + 32 <= im.shape[2]
         else:
             assert x0 >= 0 and x0 + 32 <= split
-        ref = im[:, y0:y0 + 32, x0:x0 + 32]
+        ref = im[:, y0 : y0 + 32, x0 : x0 + 32]
         assert torch.equal(u8[i], ref.flip(-1) if flip[i] else ref)
     assert 0.35 < flip.float().mean() < 0.65
     # every image is used, roughly in proportion to its number of crop positions
@@ -173,12 +177,16 @@ def test_constant_image_has_power_only_at_dc():
 
 def test_sinusoid_power_sits_at_its_radius():
     xx = np.arange(32)
-    img = np.cos(2 * np.pi * 5 * xx / 32)[None, :].repeat(32, 0)    # 5 cycles per image along x
+    img = np.cos(2 * np.pi * 5 * xx / 32)[None, :].repeat(32, 0)  # 5 cycles per image along x
     _, power = P.radial_power_spectrum(img)
     assert np.argmax(power) == 5
     # Parseval: mean square 0.5, carried by the two modes (+-5, 0) of the 32-mode r=5 annulus
-    n5 = sum(1 for a in range(32) for b in range(32)
-             if round(np.hypot(min(a, 32 - a), min(b, 32 - b))) == 5)
+    n5 = sum(
+        1
+        for a in range(32)
+        for b in range(32)
+        if round(np.hypot(min(a, 32 - a), min(b, 32 - b))) == 5
+    )
     assert power[5] == pytest.approx(0.5 * 32 * 32 / n5)
     np.testing.assert_allclose(np.delete(power, 5), 0.0, atol=1e-20)
 
@@ -206,19 +214,28 @@ def test_speculative_matches_the_diffusers_pipeline_loop(pipe):
     n, N = 24, 10
     model, transitions = from_pipeline(pipe, num_inference_steps=N)
     res = SpeculativeSampler(model, transitions, window=4).sample(
-        n, (3, 32, 32), generator=torch.Generator().manual_seed(1))
+        n, (3, 32, 32), generator=torch.Generator().manual_seed(1)
+    )
     xs = res.samples
     assert torch.isfinite(xs).all() and xs.abs().max() <= 1.0 + 1e-6
     # every round costs one sequential call and commits at least one step (at N = 10 the steps
     # are too coarse for long accepted runs, so no speed-up is asserted here)
     assert res.stats.target_calls <= N
-    img = pipe(batch_size=n, num_inference_steps=N, output_type="np",
-               generator=torch.Generator().manual_seed(2)).images
+    img = pipe(
+        batch_size=n,
+        num_inference_steps=N,
+        output_type="np",
+        generator=torch.Generator().manual_seed(2),
+    ).images
     xp = torch.from_numpy(img).permute(0, 3, 1, 2) * 2 - 1
     # a stat per image: channel means and contrast (pixels are too many for 24 samples)
     feats = lambda x: torch.cat([x.mean((2, 3)), x.std((1, 2, 3))[:, None]], 1)  # noqa: E731
-    p = stats.bonferroni([stats.per_coordinate_ks_pvalue(feats(xs), feats(xp)),
-                          stats.energy_distance_pvalue(feats(xs), feats(xp), n_resamples=499)])
+    p = stats.bonferroni(
+        [
+            stats.per_coordinate_ks_pvalue(feats(xs), feats(xp)),
+            stats.energy_distance_pvalue(feats(xs), feats(xp), n_resamples=499),
+        ]
+    )
     assert p > 1e-3, p
 
 
@@ -231,8 +248,9 @@ def test_train_patches_is_deterministic_and_loadable(tmp_path):
         outs = []
         for k in range(2):
             out = tmp_path / f"run{k}"
-            info = TR.train_patches(steps=2, batch=2, out=out, seed=7, threads=1, warmup=1,
-                                    eval_crops=4, log_every=1)
+            info = TR.train_patches(
+                steps=2, batch=2, out=out, seed=7, threads=1, warmup=1, eval_crops=4, log_every=1
+            )
             outs.append(load_file(str(out / "unet" / "diffusion_pytorch_model.safetensors")))
         assert outs[0].keys() == outs[1].keys()
         assert all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])
@@ -246,10 +264,15 @@ def test_train_patches_is_deterministic_and_loadable(tmp_path):
         torch.use_deterministic_algorithms(False)
 
 
-@pytest.mark.parametrize("args,msg", [(["patches", "--steps", "0"], "--steps"),
-                                      (["patches", "--batch", "-2"], "--batch"),
-                                      (["patches", "--draft-steps", "3"], "--draft-steps"),
-                                      (["digits", "--batch", "3"], "--batch")])
+@pytest.mark.parametrize(
+    "args,msg",
+    [
+        (["patches", "--steps", "0"], "--steps"),
+        (["patches", "--batch", "-2"], "--batch"),
+        (["patches", "--draft-steps", "3"], "--draft-steps"),
+        (["digits", "--batch", "3"], "--batch"),
+    ],
+)
 def test_train_cli_refuses_bad_arguments(args, msg, capsys):
     with pytest.raises(SystemExit) as e:
         TR.main(args)

@@ -12,19 +12,27 @@
   deliberately wrong kernel (reflection coefficient 1 - a/b).
 * Bad arguments, opcheck, torch.compile(fullgraph=True).
 """
+
 from __future__ import annotations
 
 import pytest
 import torch
+from round_cases import (
+    FAMILIES,
+    assert_draft_consistent,
+    assert_round_matches,
+    general_draft,
+    general_round,
+    make_case,
+    make_x0_hat,
+)
 from scipy import stats
-
-from specdiff_kernels.ops import verify as ops
-from specdiff_kernels.ops import round as ro
-from specdiff_kernels.ops import layout
-from specdiff_kernels.ops.reference import round as rr
-
-from round_cases import FAMILIES, assert_draft_consistent, assert_round_matches, general_draft, general_round, make_case, make_x0_hat
 from verify_cases import stable_seed
+
+from specdiff_kernels.ops import layout
+from specdiff_kernels.ops import round as ro
+from specdiff_kernels.ops import verify as ops
+from specdiff_kernels.ops.reference import round as rr
 from specdiff_kernels.sampling.transitions import clip_value, round_tables
 
 pytestmark = pytest.mark.skipif(not ops.HAS_CPP, reason="the C++ extension is not built")
@@ -40,8 +48,11 @@ def _gen(*key) -> torch.Generator:
 KAT = [  # Random123 kat_vectors, philox4x32_10: (counter, key, output)
     ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
     ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
-    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
-     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+    (
+        (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
+        (0xA4093822, 0x299F31D0),
+        (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1),
+    ),
 ]
 
 
@@ -54,9 +65,9 @@ def test_philox_known_answers(ctr, key, want):
 def test_uniforms_are_the_philox_stream_bit_for_bit():
     """u = (x0 >> 8) 2^-24 is exact in fp32: the C++ stream must equal the reference's exactly,
     for chain ids and steps up to the ends of their ranges."""
-    ids = torch.tensor([0, 1, 2 ** 31, 2 ** 32 - 1], dtype=torch.int64)
+    ids = torch.tensor([0, 1, 2**31, 2**32 - 1], dtype=torch.int64)
     steps = torch.tensor([-1, 0, 999_999, 123], dtype=torch.int64)
-    for seed in (ro.seed_tensor(0), ro.seed_tensor(2 ** 64 - 1), SEED):
+    for seed in (ro.seed_tensor(0), ro.seed_tensor(2**64 - 1), SEED):
         _, u = ro.chain_noise(seed, ids, steps, 5, (3,), backend="cpp")
         _, u_ref = rr.chain_noise(seed, ids, steps, 5, 3, torch.float64)
         assert torch.equal(u, u_ref)
@@ -97,7 +108,7 @@ def test_noise_marginals(backend):
 def test_noise_independence(backend):
     """No correlation across chains, steps, the four lanes of one Philox block, and no dependence
     between the two normals of a Box-Muller pair (correlation of their squares)."""
-    xi, u = _noise(backend, B=64, window=16, D=256)   # Q = 64: lanes e, e+64, e+128, e+192
+    xi, u = _noise(backend, B=64, window=16, D=256)  # Q = 64: lanes e, e+64, e+128, e+192
     pairs = {
         "chains": (xi[:-1], xi[1:]),
         "steps": (xi[:, :-1], xi[:, 1:]),
@@ -117,19 +128,28 @@ def test_noise_independence(backend):
 def test_noise_does_not_depend_on_the_batch(backend):
     """Chain 7's noise at step 12 is the same alone, in a batch, at another row, or read through a
     window that starts earlier; another seed gives other noise."""
-    one, u1 = ro.chain_noise(SEED, torch.tensor([7]), torch.tensor([12]), 1, (5, 7), backend=backend)
+    one, u1 = ro.chain_noise(
+        SEED, torch.tensor([7]), torch.tensor([12]), 1, (5, 7), backend=backend
+    )
     ids = torch.tensor([3, 9, 7, 11], dtype=torch.int64)
     many, um = ro.chain_noise(SEED, ids, torch.tensor([0, 12, 10, 99]), 3, (5, 7), backend=backend)
     assert torch.equal(one[0, 0], many[2, 2]) and torch.equal(u1[0, 0], um[2, 2])
-    other, _ = ro.chain_noise(ro.seed_tensor(1), torch.tensor([7]), torch.tensor([12]), 1, (5, 7),
-                              backend=backend)
+    other, _ = ro.chain_noise(
+        ro.seed_tensor(1), torch.tensor([7]), torch.tensor([12]), 1, (5, 7), backend=backend
+    )
     assert not torch.equal(one, other)
     assert not torch.equal(many[0, 0], many[1, 0])
 
 
 # ---------------------------------------------------------------- the round ops vs the oracle
-SHAPES = [(1, 1, (3,)), (3, 2, (5, 7)), (3, 8, (37,)), (64, 8, (2, 3, 5)), (3, 17, (130,)),
-          (1, 8, (3, 16, 16))]
+SHAPES = [
+    (1, 1, (3,)),
+    (3, 2, (5, 7)),
+    (3, 8, (37,)),
+    (64, 8, (2, 3, 5)),
+    (3, 17, (130,)),
+    (1, 8, (3, 16, 16)),
+]
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
 
@@ -200,15 +220,21 @@ def test_normals_match_reference_per_capability(cpu_capability, D, dtype):
 def test_bad_cpu_capability_is_one_line_error():
     import subprocess
     import sys
+
     from specdiff_kernels import _C
-    with pytest.raises(ValueError, match="set_cpu_capability: name must be one of default, avx2, avx512"):
+
+    with pytest.raises(
+        ValueError, match="set_cpu_capability: name must be one of default, avx2, avx512"
+    ):
         _C.set_cpu_capability("sse9")
     env = dict(__import__("os").environ, SPECDIFF_CPU_CAPABILITY="avx1024")
-    r = subprocess.run([sys.executable, "-c", "import specdiff_kernels"], env=env,
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-c", "import specdiff_kernels"], env=env, capture_output=True, text=True
+    )
     assert r.returncode != 0
     assert r.stderr.strip().splitlines()[-1] == (
-        "ValueError: SPECDIFF_CPU_CAPABILITY must be one of default, avx2, avx512, got 'avx1024'")
+        "ValueError: SPECDIFF_CPU_CAPABILITY must be one of default, avx2, avx512, got 'avx1024'"
+    )
 
 
 def test_cases_cover_every_commit():
@@ -231,11 +257,15 @@ def test_cases_cover_every_commit():
 
 
 # ---------------------------------------------------------------- exactness in law, power
-def _wrong_reflection_verify(states, x0_hat, frozen, steps, lengths, coef, seed, chain_ids,
-                             freeze, clip):
+def _wrong_reflection_verify(
+    states, x0_hat, frozen, steps, lengths, coef, seed, chain_ids, freeze, clip
+):
     """The reference verify with the reflection coefficient 1 - a/b instead of 1 - 2a/b."""
-    out = list(rr.verify_frozen(states, x0_hat, frozen, steps, lengths, coef, seed, chain_ids,
-                                freeze, clip))
+    out = list(
+        rr.verify_frozen(
+            states, x0_hat, frozen, steps, lengths, coef, seed, chain_ids, freeze, clip
+        )
+    )
     B, L1 = states.shape[:2]
     D = states[0, 0].numel()
     k, n = steps, lengths
@@ -251,8 +281,11 @@ def _wrong_reflection_verify(states, x0_hat, frozen, steps, lengths, coef, seed,
     a = (d * r).sum(-1, keepdim=True)
     b = (d * d).sum(-1, keepdim=True).clamp_min(1e-300)
     wrong = rr.affine_mean(c, pq, yj, clip) + r + (1 - a / b) * d
-    out[2] = torch.where(rejected[:, None], wrong, out[2].reshape(B, D).double()) \
-        .to(states.dtype).reshape(out[2].shape)
+    out[2] = (
+        torch.where(rejected[:, None], wrong, out[2].reshape(B, D).double())
+        .to(states.dtype)
+        .reshape(out[2].shape)
+    )
     return tuple(out)
 
 
@@ -260,7 +293,7 @@ def _one_step_law(verify, B=4000, D=3, gap=1.2):
     """B chains at the same root with a frozen x0 that is off the target's: the committed state
     after one step (L = 1) must be N(m_p, s^2 I); returns the KS p-value of its standardised
     projection on the mean gap's direction and the acceptance rate."""
-    T = FAMILIES["ddpm_large_noclip"]()   # unclipped: ||m_p - m_q|| = gap * s exactly
+    T = FAMILIES["ddpm_large_noclip"]()  # unclipped: ||m_p - m_q|| = gap * s exactly
     coef = round_tables(T)
     k0 = 30
     s = float(T.std[k0])
@@ -284,41 +317,55 @@ def _one_step_law(verify, B=4000, D=3, gap=1.2):
     v = torch.zeros(D, dtype=torch.float64)
     v[-1] = 1.0
     v = v - (v @ e) * e
-    z_perp = ((res[2] - mp) @ (v / v.norm())) / s     # a direction orthogonal to the gap
+    z_perp = ((res[2] - mp) @ (v / v.norm())) / s  # a direction orthogonal to the gap
     accept = float((res[0] == 1).double().mean())
-    return stats.kstest(z.numpy(), "norm").pvalue, stats.kstest(z_perp.numpy(), "norm").pvalue, accept
+    return (
+        stats.kstest(z.numpy(), "norm").pvalue,
+        stats.kstest(z_perp.numpy(), "norm").pvalue,
+        accept,
+    )
 
 
 def test_one_round_has_the_target_law():
     p_par, p_perp, accept = _one_step_law(rr.verify_frozen)
-    assert 0.3 < accept < 0.8, accept       # both branches of the coupling are exercised
+    assert 0.3 < accept < 0.8, accept  # both branches of the coupling are exercised
     assert p_par > 1e-3 and p_perp > 1e-3, (p_par, p_perp)
 
 
 def test_cpp_round_has_the_target_law():
     def cpp(*args):
         return torch.ops.specdiff.verify_frozen(*args)
+
     p_par, p_perp, _ = _one_step_law(cpp)
     assert p_par > 1e-3 and p_perp > 1e-3, (p_par, p_perp)
 
 
-def _fresh_from_p_verify(states, x0_hat, frozen, steps, lengths, coef, seed, chain_ids, freeze,
-                         clip):
+def _fresh_from_p_verify(
+    states, x0_hat, frozen, steps, lengths, coef, seed, chain_ids, freeze, clip
+):
     """WRONG: at a rejection, a fresh draw from p instead of the reflection."""
-    out = list(rr.verify_frozen(states, x0_hat, frozen, steps, lengths, coef, seed, chain_ids,
-                                freeze, clip))
+    out = list(
+        rr.verify_frozen(
+            states, x0_hat, frozen, steps, lengths, coef, seed, chain_ids, freeze, clip
+        )
+    )
     B, L1 = states.shape[:2]
     D = states[0, 0].numel()
     rejected = out[0] < lengths
     j = torch.where(rejected, out[0], lengths)
     c = rr._rows(coef, steps + j, torch.float64)
     ar = torch.arange(B)
-    mp = rr.affine_mean(c, x0_hat.reshape(B, L1, D).double()[ar, j],
-                       states.reshape(B, L1, D).double()[ar, j], clip)
-    fresh = mp + c[layout.ROW_STD] * torch.randn(B, D, generator=torch.Generator().manual_seed(3),
-                                             dtype=torch.float64)
-    out[2] = torch.where(rejected[:, None], fresh, out[2].reshape(B, D).double()) \
-        .to(states.dtype).reshape(out[2].shape)
+    mp = rr.affine_mean(
+        c, x0_hat.reshape(B, L1, D).double()[ar, j], states.reshape(B, L1, D).double()[ar, j], clip
+    )
+    fresh = mp + c[layout.ROW_STD] * torch.randn(
+        B, D, generator=torch.Generator().manual_seed(3), dtype=torch.float64
+    )
+    out[2] = (
+        torch.where(rejected[:, None], fresh, out[2].reshape(B, D).double())
+        .to(states.dtype)
+        .reshape(out[2].shape)
+    )
     return tuple(out)
 
 
@@ -335,7 +382,9 @@ def test_wrong_reflection_is_detected():
     p_par, _, _ = _one_step_law(_wrong_reflection_verify)
     assert p_par < 1e-6, p_par
     gen = _gen("wrong", 1)
-    case = make_case(64, 4, (37,), torch.float64, "ddpm_eps_clip", layout.FREEZE_X0, gen, n_mode="full")
+    case = make_case(
+        64, 4, (37,), torch.float64, "ddpm_eps_clip", layout.FREEZE_X0, gen, n_mode="full"
+    )
     Y = rr.frozen_draft(*case.draft_args())
     P = make_x0_hat(case, Y, gen)
     got = _wrong_reflection_verify(*case.verify_args(Y, P))
@@ -348,24 +397,42 @@ def _small_case(dtype=torch.float32):
     return make_case(3, 4, (5,), dtype, "ddpm_eps_clip", layout.FREEZE_X0, _gen("small"))
 
 
-@pytest.mark.parametrize("mutate,match", [
-    (lambda a: a.update(seed=3), "seed must be an int64 tensor with one element"),
-    (lambda a: a.update(seed=torch.tensor([1.0])), "seed must be an int64"),
-    (lambda a: a.update(lengths=torch.tensor([1, 2, 9])), "lengths must lie in 0..window"),
-    (lambda a: a.update(steps=torch.tensor([0, 1, 999])), "steps must lie in 0..N"),
-    (lambda a: a.update(steps=torch.tensor([0, 1, 2], dtype=torch.int32)), "steps must be an int64"),
-    (lambda a: a.update(chain_ids=torch.tensor([0, -1, 2])), r"chain_ids must lie in \[0, 2\^32\)"),
-    (lambda a: a.update(coef=torch.zeros(8, 5)), "coef must be the float64"),
-    (lambda a: a.update(frozen=torch.zeros(3, 6)), "frozen must match"),
-    (lambda a: a.update(window=0), "window must be an int >= 1"),
-    (lambda a: a.update(freeze=2), "freeze must be 0"),
-    (lambda a: a.update(clip=0.0), "clip must be > 0"),
-])
+@pytest.mark.parametrize(
+    "mutate,match",
+    [
+        (lambda a: a.update(seed=3), "seed must be an int64 tensor with one element"),
+        (lambda a: a.update(seed=torch.tensor([1.0])), "seed must be an int64"),
+        (lambda a: a.update(lengths=torch.tensor([1, 2, 9])), "lengths must lie in 0..window"),
+        (lambda a: a.update(steps=torch.tensor([0, 1, 999])), "steps must lie in 0..N"),
+        (
+            lambda a: a.update(steps=torch.tensor([0, 1, 2], dtype=torch.int32)),
+            "steps must be an int64",
+        ),
+        (
+            lambda a: a.update(chain_ids=torch.tensor([0, -1, 2])),
+            r"chain_ids must lie in \[0, 2\^32\)",
+        ),
+        (lambda a: a.update(coef=torch.zeros(8, 5)), "coef must be the float64"),
+        (lambda a: a.update(frozen=torch.zeros(3, 6)), "frozen must match"),
+        (lambda a: a.update(window=0), "window must be an int >= 1"),
+        (lambda a: a.update(freeze=2), "freeze must be 0"),
+        (lambda a: a.update(clip=0.0), "clip must be > 0"),
+    ],
+)
 def test_bad_arguments_name_the_argument(mutate, match):
     case = _small_case()
-    args = dict(root=case.root, frozen=case.frozen, steps=case.steps, lengths=case.lengths,
-                coef=case.coef, seed=case.seed, chain_ids=case.chain_ids, window=case.window,
-                freeze=case.freeze, clip=case.clip)
+    args = dict(
+        root=case.root,
+        frozen=case.frozen,
+        steps=case.steps,
+        lengths=case.lengths,
+        coef=case.coef,
+        seed=case.seed,
+        chain_ids=case.chain_ids,
+        window=case.window,
+        freeze=case.freeze,
+        clip=case.clip,
+    )
     mutate(args)
     with pytest.raises((ValueError, TypeError), match=match):
         ro.frozen_draft(**args)
@@ -375,26 +442,57 @@ def test_verified_window_must_be_stochastic():
     """A verified window that reaches a deterministic step (std 0: its log ratio would be
     non-finite) is refused; drafting through it is fine (the draft step is the deterministic one)."""
     case = _small_case()
-    k = torch.full((3,), 38, dtype=torch.int64)          # step 39 is the deterministic t = 0 step
+    k = torch.full((3,), 38, dtype=torch.int64)  # step 39 is the deterministic t = 0 step
     n = torch.tensor([2, 2, 1])
     Y = ro.frozen_draft(case.root, case.frozen, k, n, case.coef, case.seed, case.chain_ids, 4)
     with pytest.raises(ValueError, match=r"lengths\[0\] = 2 from step 38 reaches a deterministic"):
         ro.verify_frozen(Y, Y, case.frozen, k, n, case.coef, case.seed, case.chain_ids)
 
 
-@pytest.mark.parametrize("call,match", [
-    (lambda c: torch.ops.specdiff.frozen_draft(c.root, c.frozen, c.steps, c.lengths + 5, c.coef,
-                                               c.seed, c.chain_ids, 4, 0, 1.0), "lengths must lie in"),
-    (lambda c: torch.ops.specdiff.verify_frozen(
-        torch.zeros(3, 5, 5), torch.zeros(3, 5, 5), c.frozen, c.steps * 0 + 38, c.lengths * 0 + 2,
-        c.coef, c.seed, c.chain_ids, 0, 1.0), "reaches a deterministic step"),
-    (lambda c: torch.ops.specdiff.verify_frozen(*c.verify_args(
-        torch.zeros(3, 5, 5), torch.zeros(3, 5, 6))), "x0_hat must match"),
-    (lambda c: torch.ops.specdiff.chain_noise(c.seed, c.chain_ids, c.steps * 0 - 3, 2, 4,
-                                              torch.float32), "steps must lie in -1.."),
-    (lambda c: torch.ops.specdiff.chain_noise(c.seed.double(), c.chain_ids, c.steps, 2, 4,
-                                              torch.float32), "seed must be an int64"),
-])
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (
+            lambda c: torch.ops.specdiff.frozen_draft(
+                c.root, c.frozen, c.steps, c.lengths + 5, c.coef, c.seed, c.chain_ids, 4, 0, 1.0
+            ),
+            "lengths must lie in",
+        ),
+        (
+            lambda c: torch.ops.specdiff.verify_frozen(
+                torch.zeros(3, 5, 5),
+                torch.zeros(3, 5, 5),
+                c.frozen,
+                c.steps * 0 + 38,
+                c.lengths * 0 + 2,
+                c.coef,
+                c.seed,
+                c.chain_ids,
+                0,
+                1.0,
+            ),
+            "reaches a deterministic step",
+        ),
+        (
+            lambda c: torch.ops.specdiff.verify_frozen(
+                *c.verify_args(torch.zeros(3, 5, 5), torch.zeros(3, 5, 6))
+            ),
+            "x0_hat must match",
+        ),
+        (
+            lambda c: torch.ops.specdiff.chain_noise(
+                c.seed, c.chain_ids, c.steps * 0 - 3, 2, 4, torch.float32
+            ),
+            "steps must lie in -1..",
+        ),
+        (
+            lambda c: torch.ops.specdiff.chain_noise(
+                c.seed.double(), c.chain_ids, c.steps, 2, 4, torch.float32
+            ),
+            "seed must be an int64",
+        ),
+    ],
+)
 def test_cpp_kernels_check_their_arguments(call, match):
     """The C++ kernels refuse bad input themselves (TORCH_CHECK), for callers that bypass the
     Python wrappers."""
@@ -406,8 +504,10 @@ def test_opcheck():
     case = _small_case()
     Y = ro.frozen_draft(*case.draft_args())
     P = Y * 0.9 + 0.05
-    torch.library.opcheck(torch.ops.specdiff.chain_noise.default,
-                          (case.seed, case.chain_ids, case.steps, 3, 10, torch.float32))
+    torch.library.opcheck(
+        torch.ops.specdiff.chain_noise.default,
+        (case.seed, case.chain_ids, case.steps, 3, 10, torch.float32),
+    )
     torch.library.opcheck(torch.ops.specdiff.frozen_draft.default, case.draft_args())
     torch.library.opcheck(torch.ops.specdiff.verify_frozen.default, case.verify_args(Y, P))
 
@@ -419,9 +519,13 @@ def test_torch_compile_fullgraph_round():
     w = torch.linspace(0.5, 1.0, 5)
 
     def round_(root, frozen, steps, lengths, coef, seed, ids):
-        Y = torch.ops.specdiff.frozen_draft(root, frozen, steps, lengths, coef, seed, ids, 4, 0, 1.0)
+        Y = torch.ops.specdiff.frozen_draft(
+            root, frozen, steps, lengths, coef, seed, ids, 4, 0, 1.0
+        )
         P = torch.tanh(Y * w)
-        return torch.ops.specdiff.verify_frozen(Y, P, frozen, steps, lengths, coef, seed, ids, 0, 1.0)
+        return torch.ops.specdiff.verify_frozen(
+            Y, P, frozen, steps, lengths, coef, seed, ids, 0, 1.0
+        )
 
     args = (case.root, case.frozen, case.steps, case.lengths, case.coef, case.seed, case.chain_ids)
     eager = round_(*args)
@@ -462,10 +566,18 @@ def test_round_stats_by_hand():
     out = torch.ones(B, L + 1, 2)
     out[0, 2, 1] = float("nan")
     lr = torch.tensor([[0.1, -3.0, float("nan")], [0.0, 0.0, 0.0]])
-    args = (stats, torch.tensor([2, 9]), torch.tensor([3, 0]), torch.tensor([1, 0]),
-            torch.tensor([2, 1]), lr, out, N)
+    args = (
+        stats,
+        torch.tensor([2, 9]),
+        torch.tensor([3, 0]),
+        torch.tensor([1, 0]),
+        torch.tensor([2, 1]),
+        lr,
+        out,
+        N,
+    )
     for new in (rr.round_stats(*args), ro.round_stats(*args)):
-        head = new[:layout.STAT_HEAD].tolist()
+        head = new[: layout.STAT_HEAD].tolist()
         assert head == [5, 1, 2, 1, 0 * (N + 1) + 2 + 2, layout.NO_BAD, 4 + 10, 1]
         assert lay.view(new, "accepted_by_position").tolist() == [1, 0, 0]
         assert lay.view(new, "attempted_by_position").tolist() == [1, 1, 0]
@@ -478,13 +590,15 @@ def test_round_stats_by_hand():
         assert lay.view(new, "accepted_by_step").tolist() == acc
         assert lay.view(new, "attempted_by_step").tolist() == att
         assert lay.view(new, "chain_rounds").tolist() == [0, 5]
-    assert int(stats[layout.STAT_ROUNDS]) == 4        # the input is not changed
+    assert int(stats[layout.STAT_ROUNDS]) == 4  # the input is not changed
 
 
 @pytest.mark.parametrize("seed", range(40))
 def test_round_stats_cpp_matches_reference(seed):
     g = torch.Generator().manual_seed(1000 + seed)
-    B, L, N = (int(torch.randint(lo, hi, (1,), generator=g)) for lo, hi in ((1, 9), (1, 7), (1, 20)))
+    B, L, N = (
+        int(torch.randint(lo, hi, (1,), generator=g)) for lo, hi in ((1, 9), (1, 7), (1, 20))
+    )
     stats, k, n, na, committed, lr, out, N = _stats_case(seed, B, L, N, nonfinite=seed % 2 == 0)
     dtype = (torch.float32, torch.float16, torch.float64, torch.bfloat16)[seed % 4]
     args = (stats, k, n, na, committed, lr, out.to(dtype), N)

@@ -20,6 +20,7 @@ PyTorch oracle ``round_reference`` evaluated in float64.
 * the compiled path without a GPU (subprocess, no TRITON_INTERPRET): sm_90 cubins, Inductor's view
   of the triton_ops (only outputs written) and the kernel source Inductor generates.
 """
+
 from __future__ import annotations
 
 import math
@@ -30,14 +31,16 @@ import torch
 
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
-
-from specdiff_kernels.ops import round as round_ops  # noqa: E402
-from specdiff_kernels.ops import layout  # noqa: E402
-from specdiff_kernels.ops.reference import round as R  # noqa: E402
-from specdiff_kernels.sampling.transitions import (ddim_transitions, ddpm_transitions,  # noqa: E402
-                                          euler_ancestral_transitions)
-
 from verify_cases import run_aot_script  # noqa: E402
+
+from specdiff_kernels.ops import layout  # noqa: E402
+from specdiff_kernels.ops import round as round_ops  # noqa: E402
+from specdiff_kernels.ops.reference import round as R  # noqa: E402
+from specdiff_kernels.sampling.transitions import (  # noqa: E402
+    ddim_transitions,
+    ddpm_transitions,
+    euler_ancestral_transitions,
+)
 
 tr = pytest.importorskip("specdiff_kernels.ops.triton.round")
 from specdiff_kernels.ops.triton import verify as tk  # noqa: E402
@@ -45,8 +48,10 @@ from specdiff_kernels.sampling.transitions import clip_value, round_tables
 
 # (not a module-level skip: test_gpu_round.py imports the checking helpers below)
 pytestmark = pytest.mark.skipif(
-    not tk.INTERPRET, reason="compiled Triton kernels: the round ops are tested on CUDA by "
-    "test_gpu_round.py (this module runs them interpreted, TRITON_INTERPRET=1)")
+    not tk.INTERPRET,
+    reason="compiled Triton kernels: the round ops are tested on CUDA by "
+    "test_gpu_round.py (this module runs them interpreted, TRITON_INTERPRET=1)",
+)
 
 noise_op = torch.ops.specdiff.triton_chain_noise.default
 draft_op = torch.ops.specdiff.triton_frozen_draft.default
@@ -83,6 +88,7 @@ def _table(name: str, N: int = N_STEPS):
 
 def _gen(*key):
     import zlib
+
     return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
 
 
@@ -90,7 +96,7 @@ def _inputs(B, E, dtype, gen):
     root = (0.8 * torch.randn((B, *E), generator=gen, dtype=torch.float64)).to(dtype)
     frozen = (0.6 * torch.randn((B, *E), generator=gen, dtype=torch.float64)).to(dtype)
     ids = torch.randperm(4 * B + 7, generator=gen)[:B].to(torch.int64)
-    seed = round_ops.seed_tensor(int(torch.randint(-2 ** 62, 2 ** 62, (1,), generator=gen)))
+    seed = round_ops.seed_tensor(int(torch.randint(-(2**62), 2**62, (1,), generator=gen)))
     return root, frozen, ids, seed
 
 
@@ -103,15 +109,28 @@ def _x0_hat(Y, frozen, steps, coef, freeze, gen, gap_lo=0.1, gap_hi=4.0):
     f = frozen.double().reshape(B, 1, D)
     kk = (steps[:, None] + torch.arange(L1)[None]).clamp(0, coef.shape[1] - 1)
     c = coef[:, kk][..., None]  # [8, B, L1, 1]
-    base = f.expand(B, L1, D) if freeze == layout.FREEZE_X0 else c[layout.ROW_X0_Y] * Yd - c[layout.ROW_X0_F] * f
+    base = (
+        f.expand(B, L1, D)
+        if freeze == layout.FREEZE_X0
+        else c[layout.ROW_X0_Y] * Yd - c[layout.ROW_X0_F] * f
+    )
     if gap_hi == 0:
         return base.to(Y.dtype).reshape(Y.shape)
-    gap = torch.exp(torch.empty(B, L1, 1, dtype=torch.float64).uniform_(
-        math.log(gap_lo), math.log(gap_hi), generator=gen))
-    scale = gap * c[layout.ROW_STD].clamp_min(1e-3) / ((c[layout.ROW_A].abs() + c[layout.ROW_E].abs() + 1e-3)
-                                                  * math.sqrt(D))
-    return (base + scale * torch.randn((B, L1, D), generator=gen, dtype=torch.float64)
-            ).to(Y.dtype).reshape(Y.shape)
+    gap = torch.exp(
+        torch.empty(B, L1, 1, dtype=torch.float64).uniform_(
+            math.log(gap_lo), math.log(gap_hi), generator=gen
+        )
+    )
+    scale = (
+        gap
+        * c[layout.ROW_STD].clamp_min(1e-3)
+        / ((c[layout.ROW_A].abs() + c[layout.ROW_E].abs() + 1e-3) * math.sqrt(D))
+    )
+    return (
+        (base + scale * torch.randn((B, L1, D), generator=gen, dtype=torch.float64))
+        .to(Y.dtype)
+        .reshape(Y.shape)
+    )
 
 
 # ---------------------------------------------------------------- float64 oracle pieces
@@ -129,7 +148,9 @@ def _step64(coef, k, y, f, seed, ids, freeze, clip, D):
     xi = R.normal_noise(seed, ids, k, D, torch.float64)
     pq, pq_mag = _pq_and_mag(c, y, f, freeze)
     mq = R.affine_mean(c, pq, y, clip)
-    mq_mag = (c[layout.ROW_A].abs() + c[layout.ROW_E].abs()) * (pq.abs() + pq_mag) + (c[layout.ROW_G] * y).abs()
+    mq_mag = (c[layout.ROW_A].abs() + c[layout.ROW_E].abs()) * (pq.abs() + pq_mag) + (
+        c[layout.ROW_G] * y
+    ).abs()
     return c, xi, pq, pq_mag, mq, mq_mag
 
 
@@ -149,25 +170,32 @@ def assert_draft_matches(Y, root, frozen, steps, lengths, coef, seed, ids, windo
     f = frozen.double().reshape(B, D)
     n = lengths.clamp(0, window)
     for j in range(window):
-        c, xi, pq, pq_mag, mq, mq_mag = _step64(coef, steps + j, Yd[:, j], f, seed, ids, freeze,
-                                                clip, D)
+        c, xi, pq, pq_mag, mq, mq_mag = _step64(
+            coef, steps + j, Yd[:, j], f, seed, ids, freeze, clip, D
+        )
         s = c[layout.ROW_STD]
         want = mq + s * xi
-        tol = (_out_tol(dtype, want) + C_ACC * _eps_acc(dtype) * (mq_mag + (s * xi).abs())
-               + s * XI_ERR[layout.acc_dtype(dtype)])
+        tol = (
+            _out_tol(dtype, want)
+            + C_ACC * _eps_acc(dtype) * (mq_mag + (s * xi).abs())
+            + s * XI_ERR[layout.acc_dtype(dtype)]
+        )
         live = (j < n)[:, None]
         err = (Yd[:, j + 1] - want).abs()
         bad = live & ~(err <= tol)
-        assert not bool(bad.any()), (f"Y[:, {j + 1}]: {int(bad.sum())} elements off the float64 "
-                                     f"draft step; worst error {float(err[bad].max()):.3g}")
+        assert not bool(bad.any()), (
+            f"Y[:, {j + 1}]: {int(bad.sum())} elements off the float64 "
+            f"draft step; worst error {float(err[bad].max()):.3g}"
+        )
         held = ~live[:, 0]
         assert torch.equal(Y[held, j + 1], Y[held, j]), "positions past n must repeat the state"
 
 
 def _verify_oracle(Y, P, frozen, steps, lengths, coef, seed, ids, freeze, clip):
     """The float64 reference result plus per-step error scales (tolerances) of the log ratio."""
-    want = R.verify_frozen(Y.double(), P.double(), frozen.double(), steps, lengths, coef, seed,
-                           ids, freeze, clip)
+    want = R.verify_frozen(
+        Y.double(), P.double(), frozen.double(), steps, lengths, coef, seed, ids, freeze, clip
+    )
     dtype = Y.dtype
     B, L1 = Y.shape[:2]
     L = L1 - 1
@@ -177,8 +205,9 @@ def _verify_oracle(Y, P, frozen, steps, lengths, coef, seed, ids, freeze, clip):
     lr_tol = torch.zeros(B, L, dtype=torch.float64)
     parts = []
     for j in range(L1):
-        c, xi, pq, pq_mag, mq, mq_mag = _step64(coef, steps + j, Yd[:, j], f, seed, ids, freeze,
-                                                clip, D)
+        c, xi, pq, pq_mag, mq, mq_mag = _step64(
+            coef, steps + j, Yd[:, j], f, seed, ids, freeze, clip, D
+        )
         A, E = c[layout.ROW_A], c[layout.ROW_E]
         d = A * (R._clip(Pd[:, j], clip) - R._clip(pq, clip)) + E * (Pd[:, j] - pq)
         dmag = (A.abs() + E.abs()) * (Pd[:, j].abs() + pq.abs() + pq_mag) + d.abs()
@@ -186,9 +215,10 @@ def _verify_oracle(Y, P, frozen, steps, lengths, coef, seed, ids, freeze, clip):
         parts.append((c, xi, pq, pq_mag, mq, mq_mag, d, dmag))
         if j < L:
             ss = torch.where(s > 0, s, torch.ones_like(s))
-            rounding = (dmag * (xi.abs() / ss + d.abs() / ss ** 2)).sum(-1)
-            lr_tol[:, j] = (C_ACC * _eps_acc(dtype) * rounding
-                            + XI_ERR[layout.acc_dtype(dtype)] * (d.abs() / ss).sum(-1))
+            rounding = (dmag * (xi.abs() / ss + d.abs() / ss**2)).sum(-1)
+            lr_tol[:, j] = C_ACC * _eps_acc(dtype) * rounding + XI_ERR[layout.acc_dtype(dtype)] * (
+                d.abs() / ss
+            ).sum(-1)
     return want, lr_tol, parts
 
 
@@ -203,8 +233,9 @@ def assert_verify_matches(got, Y, P, frozen, steps, lengths, coef, seed, ids, fr
     assert lr.dtype == torch.float32 and lr.shape == (B, L)
     assert state.dtype == dtype and nfz.dtype == dtype
     assert state.shape == frozen.shape and nfz.shape == frozen.shape
-    want, lr_tol, parts = _verify_oracle(Y, P, frozen, steps, lengths, coef, seed, ids, freeze,
-                                         clip)
+    want, lr_tol, parts = _verify_oracle(
+        Y, P, frozen, steps, lengths, coef, seed, ids, freeze, clip
+    )
     w_nacc, w_comm, w_state, w_nfz, w_exact, _ = want
     n = lengths.clamp(0, L)
     live = torch.arange(L)[None] < n[:, None]
@@ -213,13 +244,15 @@ def assert_verify_matches(got, Y, P, frozen, steps, lengths, coef, seed, ids, fr
     for j in range(L):
         c, xi, d = parts[j][0], parts[j][1], parts[j][6]
         s = c[layout.ROW_STD][:, 0]
-        lr_ref[:, j] = torch.where(j < n, (d * xi).sum(-1) / s - (d * d).sum(-1) / (2 * s * s),
-                                   torch.zeros_like(s))
+        lr_ref[:, j] = torch.where(
+            j < n, (d * xi).sum(-1) / s - (d * d).sum(-1) / (2 * s * s), torch.zeros_like(s)
+        )
     tol = lr_tol + 2 * torch.finfo(torch.float32).eps * lr_ref.abs() + 1e-30
     err = (lr.double() - lr_ref).abs()
     assert bool((err[live] <= tol[live]).all()), (
         f"log ratio off the float64 reference: worst error {float(err[live].max()):.3g}, "
-        f"tolerance there {float(tol[live][err[live].argmax()]):.3g}")
+        f"tolerance there {float(tol[live][err[live].argmax()]):.3g}"
+    )
     assert bool((lr[~live] == 0).all()), "log ratios past n must be 0"
     # decisions: equal except where the decisive step sits on the threshold
     u = torch.stack([R.uniform_noise(seed, ids, steps + j) for j in range(L)], 1).double()
@@ -229,7 +262,8 @@ def assert_verify_matches(got, Y, P, frozen, steps, lengths, coef, seed, ids, fr
         m = int(min(nacc[b], w_nacc[b]))
         assert margin[b, m] <= 4 * tol[b, m], (
             f"chain {b}: accepted {int(nacc[b])} vs reference {int(w_nacc[b])}; step {m} is not "
-            f"within rounding of the threshold (margin {float(margin[b, m]):.3g})")
+            f"within rounding of the threshold (margin {float(margin[b, m]):.3g})"
+        )
     assert torch.equal(comm[same], w_comm[same]), f"committed {comm.tolist()} vs {w_comm.tolist()}"
     assert torch.equal(exact[same], w_exact[same]), "root_exact differs from the reference"
     # states, per commit kind (bit for bit where the reference copies)
@@ -245,8 +279,9 @@ def assert_verify_matches(got, Y, P, frozen, steps, lengths, coef, seed, ids, fr
     eps = _eps_acc(dtype)
     for b in torch.nonzero(same).flatten().tolist():
         j = int(pos[b])
-        c, xi, pq, pq_mag, mq, mq_mag, d, dmag = (t[b] if t.dim() == 2 else t[:, b]
-                                                  for t in parts[j])
+        c, xi, pq, pq_mag, mq, mq_mag, d, dmag = (
+            t[b] if t.dim() == 2 else t[:, b] for t in parts[j]
+        )
         y, p = Yf[b, j].double(), Pf[b, j].double()
         if rejected[b]:
             s = c[layout.ROW_STD]
@@ -254,35 +289,46 @@ def assert_verify_matches(got, Y, P, frozen, steps, lengths, coef, seed, ids, fr
             b_ = float((d * d).sum().item())
             cr = 1 - 2 * a_ / b_ if b_ > 0 else 1.0
             err_a = C_ACC * eps * float((dmag * (s * xi).abs()).sum()) + float(
-                s * XI_ERR[layout.acc_dtype(dtype)] * d.abs().sum())
+                s * XI_ERR[layout.acc_dtype(dtype)] * d.abs().sum()
+            )
             err_b = C_ACC * eps * float((dmag * d.abs()).sum())
             err_cr = 2 * (err_a + abs(a_ / b_) * err_b) / b_ if b_ > 0 else 0.0
-            tol_s = (_out_tol(dtype, ws[b]) + C_ACC * eps * (mq_mag + (s * xi).abs()
-                                                            + abs(cr) * dmag)
-                     + s * XI_ERR[layout.acc_dtype(dtype)] + err_cr * d.abs())
+            tol_s = (
+                _out_tol(dtype, ws[b])
+                + C_ACC * eps * (mq_mag + (s * xi).abs() + abs(cr) * dmag)
+                + s * XI_ERR[layout.acc_dtype(dtype)]
+                + err_cr * d.abs()
+            )
             errs = (sd[b].double() - ws[b]).abs()
             assert bool((errs <= tol_s).all()), (
                 f"chain {b}: reflected state off the reference by {float(errs.max()):.3g} "
-                f"(tolerance {float(tol_s[errs.argmax()]):.3g})")
+                f"(tolerance {float(tol_s[errs.argmax()]):.3g})"
+            )
         elif det[b]:
-            m_mag = (c[layout.ROW_A].abs() + c[layout.ROW_E].abs()) * p.abs() + (c[layout.ROW_G] * y).abs()
+            m_mag = (c[layout.ROW_A].abs() + c[layout.ROW_E].abs()) * p.abs() + (
+                c[layout.ROW_G] * y
+            ).abs()
             tol_s = _out_tol(dtype, ws[b]) + C_ACC * eps * m_mag
             errs = (sd[b].double() - ws[b]).abs()
-            assert bool((errs <= tol_s).all()), \
+            assert bool((errs <= tol_s).all()), (
                 f"chain {b}: deterministic step off by {float(errs.max()):.3g}"
+            )
         else:
-            assert torch.equal(sd[b], Yf[b, j]), \
+            assert torch.equal(sd[b], Yf[b, j]), (
                 f"chain {b}: next_state must be Y[b, {j}] bit for bit"
+            )
         if keep[b]:
-            assert torch.equal(fd[b], frozen.reshape(B, D)[b]), \
+            assert torch.equal(fd[b], frozen.reshape(B, D)[b]), (
                 f"chain {b}: frozen value must be kept"
+            )
         elif freeze == layout.FREEZE_X0:
             assert torch.equal(fd[b], Pf[b, j]), f"chain {b}: next_frozen must be P[b, {j}]"
         else:
             mag = (c[layout.ROW_EPS_Y] * y).abs() + (c[layout.ROW_EPS_P] * p).abs()
             errf = (fd[b].double() - wf[b]).abs()
             assert bool((errf <= _out_tol(dtype, wf[b]) + C_ACC * eps * mag).all()), (
-                f"chain {b}: next_frozen (eps) off by {float(errf.max()):.3g}")
+                f"chain {b}: next_frozen (eps) off by {float(errf.max()):.3g}"
+            )
     return want
 
 
@@ -297,8 +343,9 @@ def _window_cases(L, N=N_STEPS):
 
 # ---------------------------------------------------------------- noise
 @triton.jit
-def _words_kernel(seed_ptr, step_ptr, chain_ptr, out_ptr, STREAM: tl.constexpr,
-                  BLOCK: tl.constexpr):
+def _words_kernel(
+    seed_ptr, step_ptr, chain_ptr, out_ptr, STREAM: tl.constexpr, BLOCK: tl.constexpr
+):
     k0, k1 = tr._philox_key(seed_ptr)
     i = tl.arange(0, BLOCK)
     x0, x1, x2, x3 = tr._philox(k0, k1, i, tl.load(step_ptr), tl.load(chain_ptr), STREAM)
@@ -308,10 +355,16 @@ def _words_kernel(seed_ptr, step_ptr, chain_ptr, out_ptr, STREAM: tl.constexpr,
     tl.store(out_ptr + 3 * BLOCK + i, x3.to(tl.int64))
 
 
-@pytest.mark.parametrize("seed,step,chain", [
-    (0, -1, 0), (-1, 0, 2 ** 32 - 1), (-(2 ** 63), 12345, 7),
-    (2 ** 63 - 1, 2 ** 32 - 2 ** 20 - 2, 2 ** 31),
-    (0x0123456789ABCDEF, 3, 123456789)])
+@pytest.mark.parametrize(
+    "seed,step,chain",
+    [
+        (0, -1, 0),
+        (-1, 0, 2**32 - 1),
+        (-(2**63), 12345, 7),
+        (2**63 - 1, 2**32 - 2**20 - 2, 2**31),
+        (0x0123456789ABCDEF, 3, 123456789),
+    ],
+)
 def test_philox_words_bit_identical(seed, step, chain):
     """All four Philox4x32-10 words of both streams, bit for bit with round_reference.philox4x32
     (key = low/high words of the int64 seed; counter (i, k + 1, chain, stream))."""
@@ -325,7 +378,7 @@ def test_philox_words_bit_identical(seed, step, chain):
         _words_kernel[(1,)](s, st, ch, out, STREAM=stream, BLOCK=block)
         want = R.philox4x32(torch.arange(block), c1, c2, torch.full_like(c1, stream), k0, k1)
         for w in range(4):
-            assert torch.equal(out[w * block:(w + 1) * block] & R.MASK32, want[w]), (stream, w)
+            assert torch.equal(out[w * block : (w + 1) * block] & R.MASK32, want[w]), (stream, w)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16], ids=str)
@@ -334,8 +387,8 @@ def test_chain_noise_matches_reference(dtype, D):
     gen = _gen("noise", dtype, D)
     B, W = 3, 2
     _, _, ids, seed = _inputs(B, (D,), torch.float32, gen)
-    ids[0] = 2 ** 32 - 1
-    steps = torch.tensor([-1, 0, 2 ** 31 + 5], dtype=torch.int64)
+    ids[0] = 2**32 - 1
+    steps = torch.tensor([-1, 0, 2**31 + 5], dtype=torch.int64)
     xi, u = noise_op(seed, ids, steps, W, D, dtype)
     assert xi.dtype == dtype and xi.shape == (B, W, D) and u.dtype == torch.float32
     xr, ur = R.chain_noise(seed, ids, steps, W, D, torch.float64)
@@ -399,8 +452,9 @@ def test_frozen_draft_clip_matters_and_public_api(dtype, bound):
     assert not torch.equal(y_clip, y_off)
     for clip, y in ((bound, y_clip), (math.inf, y_off)):
         assert_draft_matches(y, root, frozen, steps, lengths, coef, seed, ids, L, 0, clip)
-    pub = round_ops.frozen_draft(root, frozen, steps, lengths, coef, seed, ids, L, 0, bound,
-                                 backend="triton")
+    pub = round_ops.frozen_draft(
+        root, frozen, steps, lengths, coef, seed, ids, L, 0, bound, backend="triton"
+    )
     assert torch.equal(pub, y_clip)
 
 
@@ -507,8 +561,9 @@ def test_forced_rejection_reflection(dtype):
     assert bool((err <= tol).all()), float(err.max())
     for wrong_c in (1 - a_ / b_, 1 + 2 * a_ / b_):
         wrong = mq + r + wrong_c * d
-        assert not bool(((wrong - right).abs() <= tol).all()), \
+        assert not bool(((wrong - right).abs() <= tol).all()), (
             "the check could not see a wrong coefficient"
+        )
         with pytest.raises(AssertionError, match="reflected state"):
             bad = (nacc, comm, wrong.to(dtype).reshape(state.shape), nfz, exact, lr)
             assert_verify_matches(bad, Y, P, frozen, steps, lengths, coef, seed, ids, 0, clip)
@@ -542,13 +597,16 @@ def test_verify_tiled_scan(monkeypatch, tiles):
     P = torch.where(pick, huge, small)
     got = verify_op(Y, P, frozen, steps, lengths, coef, seed, ids, 0, clip)
     assert_verify_matches(got, Y, P, frozen, steps, lengths, coef, seed, ids, 0, clip)
-    first = [min([j for c, j in reject_at if c == b and j < int(lengths[b])] + [int(lengths[b])])
-             for b in range(B)]
+    first = [
+        min([j for c, j in reject_at if c == b and j < int(lengths[b])] + [int(lengths[b])])
+        for b in range(B)
+    ]
     assert got[0].tolist() == first
     if tiles == "forced":
         D = Y[0, 0].numel()
-        assert tr.partial_chunk(B * L, -(-D // 4), tk.num_sms(Y.device)) < -(-D // 4), \
+        assert tr.partial_chunk(B * L, -(-D // 4), tk.num_sms(Y.device)) < -(-D // 4), (
             "the case should have several partial-sum chunks"
+        )
 
 
 def test_clamped_lengths_steps_and_poison_past_n():
@@ -566,8 +624,9 @@ def test_clamped_lengths_steps_and_poison_past_n():
     assert_draft_matches(Y, root, frozen, steps, lengths, coef, seed, ids, L, 1, clip)
     P = _x0_hat(Y, frozen, steps, coef, 1, gen)
     got = verify_op(Y, P, frozen, steps, lengths, coef, seed, ids, 1, clip)
-    want = R.verify_frozen(Y.double(), P.double(), frozen.double(), steps, lengths, coef, seed,
-                           ids, 1, clip)
+    want = R.verify_frozen(
+        Y.double(), P.double(), frozen.double(), steps, lengths, coef, seed, ids, 1, clip
+    )
     for g, w in zip(got[:2], want[:2]):
         assert torch.equal(g, w)
     assert torch.equal(got[4], want[4])
@@ -577,8 +636,8 @@ def test_clamped_lengths_steps_and_poison_past_n():
     assert not bool(torch.isfinite(got[5][2, :2]).any())
     Yp, Pp = Y.clone(), P.clone()
     for b in range(B):
-        Yp[b, int(n[b]) + 1:] = float("nan")
-        Pp[b, int(n[b]) + 1:] = float("nan")
+        Yp[b, int(n[b]) + 1 :] = float("nan")
+        Pp[b, int(n[b]) + 1 :] = float("nan")
     again = verify_op(Yp, Pp, frozen, steps, lengths, coef, seed, ids, 1, clip)
     for g, a in zip(got, again):
         torch.testing.assert_close(g, a, rtol=0, atol=0, equal_nan=True)
@@ -591,11 +650,13 @@ def test_public_api_and_backend():
     steps, lengths = torch.tensor([0, 4]), torch.tensor([2, 1])
     root, frozen, ids, seed = _inputs(2, E, torch.float32, gen)
     assert round_ops.get_backend("triton", torch.device("cpu")).name == "triton"
-    Y = round_ops.frozen_draft(root, frozen, steps, lengths, coef, seed, ids, L, 0, clip,
-                               backend="triton")
+    Y = round_ops.frozen_draft(
+        root, frozen, steps, lengths, coef, seed, ids, L, 0, clip, backend="triton"
+    )
     P = _x0_hat(Y, frozen, steps, coef, 0, gen)
-    res = round_ops.verify_frozen(Y, P, frozen, steps, lengths, coef, seed, ids, 0, clip,
-                                  backend="triton")
+    res = round_ops.verify_frozen(
+        Y, P, frozen, steps, lengths, coef, seed, ids, 0, clip, backend="triton"
+    )
     raw = verify_op(Y, P, frozen, steps, lengths, coef, seed, ids, 0, clip)
     for a, b in zip(res, raw):
         assert torch.equal(a, b)
@@ -617,10 +678,12 @@ def _small_round(freeze=1):
 def test_opcheck():
     root, frozen, steps, lengths, coef, seed, ids, L, freeze, clip, Y, P = _small_round()
     torch.library.opcheck(noise_op, (seed, ids, steps, L, 10, torch.float32))
-    torch.library.opcheck(draft_op, (root, frozen, steps, lengths, coef, seed, ids, L, freeze,
-                                     clip))
-    torch.library.opcheck(verify_op, (Y, P, frozen, steps, lengths, coef, seed, ids, freeze,
-                                      math.inf))
+    torch.library.opcheck(
+        draft_op, (root, frozen, steps, lengths, coef, seed, ids, L, freeze, clip)
+    )
+    torch.library.opcheck(
+        verify_op, (Y, P, frozen, steps, lengths, coef, seed, ids, freeze, math.inf)
+    )
 
 
 def test_torch_compile_fullgraph():
@@ -630,10 +693,12 @@ def test_torch_compile_fullgraph():
     root, frozen, steps, lengths, coef, seed, ids, L, freeze, clip, Y, P = _small_round(0)
 
     def f(root, frozen, steps, lengths, coef, seed, ids, P):
-        Yd = torch.ops.specdiff.triton_frozen_draft(root, frozen, steps, lengths, coef, seed, ids,
-                                                    L, freeze, clip)
-        res = torch.ops.specdiff.triton_verify_frozen(Yd, P, frozen, steps, lengths, coef, seed,
-                                                      ids, freeze, clip)
+        Yd = torch.ops.specdiff.triton_frozen_draft(
+            root, frozen, steps, lengths, coef, seed, ids, L, freeze, clip
+        )
+        res = torch.ops.specdiff.triton_verify_frozen(
+            Yd, P, frozen, steps, lengths, coef, seed, ids, freeze, clip
+        )
         return (Yd,) + tuple(res)
 
     args = (root, frozen, steps, lengths, coef, seed, ids, P)
@@ -742,7 +807,8 @@ print("AOT-OK", len(hops))
 
 @pytest.mark.skipif(
     not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists(),
-    reason="Triton's NVIDIA backend (ptxas) is not installed")
+    reason="Triton's NVIDIA backend (ptxas) is not installed",
+)
 def test_compiled_path_without_gpu():
     """Ahead-of-time check of the GPU path on a CPU machine, in a subprocess without
     TRITON_INTERPRET: the kernels compile to sm_90 cubins (bf16, fp64); the triton_ops decompose
@@ -750,6 +816,7 @@ def test_compiled_path_without_gpu():
     succeeds: it fails, and Inductor then clones every input, on kernel code that only works with
     runtime scalars); and the kernel source Inductor generates imports."""
     run_aot_script(_AOT_SCRIPT, ROOT, "AOT-OK")
+
 
 # ---------------------------------------------------------------- the static sampler on these kernels
 def test_static_sampler_on_triton_kernels_follows_the_cpp_kernels():
@@ -765,10 +832,14 @@ def test_static_sampler_on_triton_kernels_follows_the_cpp_kernels():
     runs = {}
     try:
         for backend in ("cpp", "triton"):
-            runs[backend] = SpeculativeSampler(net, T, window=4, path="static", compile=False,
-                                               backend=backend).sample(
-                6, digits.event_shape, generator=torch.Generator().manual_seed(5),
-                dtype=torch.float64)
+            runs[backend] = SpeculativeSampler(
+                net, T, window=4, path="static", compile=False, backend=backend
+            ).sample(
+                6,
+                digits.event_shape,
+                generator=torch.Generator().manual_seed(5),
+                dtype=torch.float64,
+            )
     finally:
         digits.target.float()
     cpp, tri = runs["cpp"], runs["triton"]

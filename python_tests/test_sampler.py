@@ -1,5 +1,6 @@
 """Non-statistical behaviour of the samplers: seeding, ragged batches, errors, stats accounting,
 hooks. (The laws are tested in test_sampler_exactness.py.)"""
+
 from __future__ import annotations
 
 import json
@@ -102,8 +103,9 @@ def test_chain_result_independent_of_batch(draft, kind):
 def test_ancestral_chain_independent_of_batch():
     model, T = setup()
     together = AncestralSampler(model, T).sample(8, (D,), generator=gen(3), dtype=torch.float64)
-    alone = AncestralSampler(model, T).sample(1, (D,), generator=gen(3), chain_ids=[3],
-                                              dtype=torch.float64)
+    alone = AncestralSampler(model, T).sample(
+        1, (D,), generator=gen(3), chain_ids=[3], dtype=torch.float64
+    )
     torch.testing.assert_close(alone.samples[0], together.samples[3], rtol=0, atol=1e-6)
 
 
@@ -113,7 +115,7 @@ def test_chain_noise_indexed_by_step():
     a = ChainNoise(11, [4, 9], (3,), torch.float32, "cpu")
     b = ChainNoise(11, [9, 4, 2], (3,), torch.float32, "cpu")
     xs_a = [a.window(torch.tensor([0, 1]), torch.tensor([k, k]), 1) for k in range(20)]
-    for k in (12, 0, 3, 4, 9):                      # windows of 8 that overlap, with jumps
+    for k in (12, 0, 3, 4, 9):  # windows of 8 that overlap, with jumps
         xi, u = b.window(torch.tensor([1, 0]), torch.tensor([k, k]), 8)
         for j in range(8):
             if k + j < 20:
@@ -132,7 +134,8 @@ def test_window_one_without_prefetch_is_ancestral():
     kernel, the ragged round eager ops: equal up to float64 rounding) and one call per step."""
     anc = AncestralSampler(model, T).sample(12, (D,), generator=gen(4), dtype=torch.float64)
     spec = SpeculativeSampler(model, T, FrozenTargetDraft("eps", prefetch_root=False), 1).sample(
-        12, (D,), generator=gen(4), dtype=torch.float64)
+        12, (D,), generator=gen(4), dtype=torch.float64
+    )
     torch.testing.assert_close(anc.samples, spec.samples, rtol=1e-12, atol=1e-12)
     assert spec.stats.acceptance_rate == 1.0
     assert spec.stats.target_evals == anc.stats.target_evals
@@ -186,8 +189,9 @@ def test_nonfinite_target_output_at_later_step():
     model, T = setup()
     t_bad = int(T.timesteps[7])
     s = SpeculativeSampler(NaNAt(model, t_bad=t_bad), T, FrozenTargetDraft(), 4)
-    with pytest.raises(NonFiniteError,
-                       match=rf"sampling step 7 \(timestep t={t_bad}\) for chain \d+"):
+    with pytest.raises(
+        NonFiniteError, match=rf"sampling step 7 \(timestep t={t_bad}\) for chain \d+"
+    ):
         s.sample(4, (D,), generator=gen(0))
 
 
@@ -209,8 +213,9 @@ def test_nonfinite_log_ratio_names_step_and_chain():
             return torch.full_like(x, 1e30)
 
     T_sample = ddpm_transitions(ABAR, num_inference_steps=STEPS, prediction="sample")
-    s = SpeculativeSampler(GMMDenoiser(make_gmm(D, K=3, seed=0), ABAR, "sample"), T_sample,
-                           DraftModelDraft(Huge()), 4)
+    s = SpeculativeSampler(
+        GMMDenoiser(make_gmm(D, K=3, seed=0), ABAR, "sample"), T_sample, DraftModelDraft(Huge()), 4
+    )
     with pytest.raises(NonFiniteError, match=r"non-finite log ratio .* sampling step 0 .* chain 0"):
         s.sample(2, (D,), generator=gen(0), dtype=torch.float64)
 
@@ -236,7 +241,7 @@ def test_ancestral_stats():
     assert st.target_calls == STEPS and st.rounds == STEPS and st.target_evals == 7 * STEPS
     assert st.target_calls == model.num_calls and st.target_evals == model.num_evals
     assert st.direct_steps + st.deterministic_steps == 7 * STEPS
-    assert st.deterministic_steps == 7        # the final DDPM step
+    assert st.deterministic_steps == 7  # the final DDPM step
     assert st.draft_calls == st.draft_evals == 0 and st.wall_time > 0
 
 
@@ -245,7 +250,8 @@ def _check_common(st: SamplerStats, B: int):
     assert st.speculative_steps + st.direct_steps + st.deterministic_steps == B * st.num_steps
     assert sum(st.accepted_length_hist) == st.windows
     assert st.mean_accepted_length * st.windows == pytest.approx(
-        sum(a * c for a, c in enumerate(st.accepted_length_hist)))
+        sum(a * c for a, c in enumerate(st.accepted_length_hist))
+    )
     assert sum(st.accepted_by_position) == sum(st.accepted_by_step)
     assert sum(st.attempted_by_position) == sum(st.attempted_by_step)
     # committed steps = accepted + one reflected step per window that rejected
@@ -262,13 +268,16 @@ def _check_common(st: SamplerStats, B: int):
 @pytest.mark.parametrize("B", [1, 9])
 def test_prefetch_stats_one_call_per_round(L, B, path):
     model, T = setup()
-    st = SpeculativeSampler(model, T, FrozenTargetDraft("x0"), L, path=path).sample(
-        B, (D,), generator=gen(L)).stats
+    st = (
+        SpeculativeSampler(model, T, FrozenTargetDraft("x0"), L, path=path)
+        .sample(B, (D,), generator=gen(L))
+        .stats
+    )
     _check_common(st, B)
-    assert st.target_calls == st.rounds                        # exactly one call per round
+    assert st.target_calls == st.rounds  # exactly one call per round
     assert st.target_calls == model.num_calls and st.target_evals == model.num_evals
-    assert st.direct_steps == B                                # the first step of every chain
-    assert st.deterministic_steps == B                         # final DDPM step (t = 0)
+    assert st.direct_steps == B  # the first step of every chain
+    assert st.deterministic_steps == B  # final DDPM step (t = 0)
     assert st.draft_calls == st.draft_evals == 0
     if B == 1:
         # one chain: one window per round, except the first-step round and (if the last window
@@ -278,25 +287,31 @@ def test_prefetch_stats_one_call_per_round(L, B, path):
         # evals per window: y_1..y_n plus y_0 when the root is stale plus y_n prefetch
         assert st.target_evals <= 1 + st.windows * (L + 1)
     if path == "static":
-        full = B + (st.rounds - 1) * B * (L + 1)   # every round evaluating all L + 1 positions
+        full = B + (st.rounds - 1) * B * (L + 1)  # every round evaluating all L + 1 positions
         if B < COMPACT_MIN_CHAINS_CPU:
             assert st.target_evals == full
-        else:   # eager on CPU: only the states the round reads, which are the ragged round's
-            ragged = SpeculativeSampler(model, T, FrozenTargetDraft("x0"), L, path="ragged").sample(
-                B, (D,), generator=gen(L)).stats
+        else:  # eager on CPU: only the states the round reads, which are the ragged round's
+            ragged = (
+                SpeculativeSampler(model, T, FrozenTargetDraft("x0"), L, path="ragged")
+                .sample(B, (D,), generator=gen(L))
+                .stats
+            )
             assert st.target_evals == ragged.target_evals < full
 
 
 def test_noprefetch_stats_two_calls_per_round():
     model, T = setup()
     B, L = 4, 6
-    st = SpeculativeSampler(model, T, FrozenTargetDraft("x0", prefetch_root=False), L).sample(
-        B, (D,), generator=gen(0)).stats
+    st = (
+        SpeculativeSampler(model, T, FrozenTargetDraft("x0", prefetch_root=False), L)
+        .sample(B, (D,), generator=gen(0))
+        .stats
+    )
     _check_common(st, B)
     assert st.rounds <= st.target_calls <= 2 * st.rounds
     assert st.target_calls == model.num_calls and st.target_evals == model.num_evals
     assert st.direct_steps == 0
-    assert st.accepted_by_position[0] == st.attempted_by_position[0]   # exact root: step 0 is p
+    assert st.accepted_by_position[0] == st.attempted_by_position[0]  # exact root: step 0 is p
 
 
 def test_draft_model_stats():
@@ -324,16 +339,19 @@ def test_stats_summary_and_dict():
         f"speculative: chains=3 steps={STEPS} L=4 rounds={st.rounds} "
         f"target_calls={st.target_calls} target_evals={st.target_evals} draft_calls=0 "
         f"draft_evals=0 steps/window={st.speculative_steps / st.windows:.2f} "
-        f"acceptance by position=[{', '.join(f'{a:.2f}' for a in acc)}] wall={st.wall_time:.3f}s")
+        f"acceptance by position=[{', '.join(f'{a:.2f}' for a in acc)}] wall={st.wall_time:.3f}s"
+    )
     d = json.loads(json.dumps(st.as_dict()))
     assert d["rounds"] == st.rounds and d["target_calls"] == model.num_calls
     assert d["acceptance_by_position"] == pytest.approx(acc, rel=1e-15)
     hist = st.accepted_length_hist
     assert d["mean_accepted_length"] == pytest.approx(
-        sum(a * c for a, c in enumerate(hist)) / sum(hist), rel=1e-15)
+        sum(a * c for a, c in enumerate(hist)) / sum(hist), rel=1e-15
+    )
     assert d["mean_chain_rounds"] == pytest.approx(sum(st.chain_rounds) / 3, rel=1e-15)
     assert d["acceptance_rate"] == pytest.approx(
-        sum(st.accepted_by_position) / sum(st.attempted_by_position), rel=1e-15)
+        sum(st.accepted_by_position) / sum(st.attempted_by_position), rel=1e-15
+    )
     by_step = st.acceptance_by_step
     assert len(by_step) == STEPS
     for k in range(STEPS):
@@ -355,8 +373,9 @@ def test_backend_passthrough_and_verify_fn_hook():
     s_ref = SpeculativeSampler(model, T, window=4, backend="reference", verify_fn=spy)
     r_ref = s_ref.sample(6, (D,), generator=gen(0), dtype=torch.float64)
     assert seen and all(b == "reference" and shp[1] == 4 and shp[2] == D for shp, b in seen)
-    r_cpp = SpeculativeSampler(model, T, window=4, backend="cpp").sample(6, (D,), generator=gen(0),
-                                                                         dtype=torch.float64)
+    r_cpp = SpeculativeSampler(model, T, window=4, backend="cpp").sample(
+        6, (D,), generator=gen(0), dtype=torch.float64
+    )
     torch.testing.assert_close(r_ref.samples, r_cpp.samples)
 
 
@@ -412,11 +431,15 @@ def test_x_init_equal_to_the_default_start_gives_the_same_samples(sampler_cls):
 
 
 # ----------------------------------------------------------------------------- autograd
-@pytest.mark.parametrize("make", [
-    lambda m, T: AncestralSampler(m, T),
-    lambda m, T: SpeculativeSampler(m, T, FrozenTargetDraft("x0"), 4, path="static"),
-    lambda m, T: SpeculativeSampler(m, T, FrozenTargetDraft("x0"), 4, path="ragged"),
-    lambda m, T: SpeculativeSampler(m, T, DraftModelDraft(lambda x, t: m(x, t) * 0.9), 4)])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda m, T: AncestralSampler(m, T),
+        lambda m, T: SpeculativeSampler(m, T, FrozenTargetDraft("x0"), 4, path="static"),
+        lambda m, T: SpeculativeSampler(m, T, FrozenTargetDraft("x0"), 4, path="ragged"),
+        lambda m, T: SpeculativeSampler(m, T, DraftModelDraft(lambda x, t: m(x, t) * 0.9), 4),
+    ],
+)
 def test_no_autograd_graph_with_grad_requiring_parameters(make):
     """A network whose parameters require grad (a diffusers UNet outside its pipeline) is run
     under inference mode: no autograd graph over the N steps, ordinary output tensors."""
@@ -432,8 +455,8 @@ def test_no_autograd_graph_with_grad_requiring_parameters(make):
     res = make(model, T).sample(6, (D,), generator=gen(2))
     assert modes and all(not grad and inference for grad, inference in modes)
     assert res.samples.grad_fn is None and not res.samples.requires_grad
-    assert not torch.is_inference(res.samples)      # usable in autograd afterwards
-    (res.samples * 2).sum()                          # an ordinary tensor
+    assert not torch.is_inference(res.samples)  # usable in autograd afterwards
+    (res.samples * 2).sum()  # an ordinary tensor
 
 
 # ----------------------------------------------------------------------------- compiled paths
@@ -445,13 +468,15 @@ def test_compiled_static_round_and_ancestral_equal_eager(B):
     size); and the lean ancestral step compiled."""
     model, T = setup(steps=25)
     kw = dict(generator=None, dtype=torch.float64)
-    for make in (lambda c: SpeculativeSampler(model, T, window=4, path="static", compile=c),
-                 lambda c: AncestralSampler(model, T, compile=c)):
+    for make in (
+        lambda c: SpeculativeSampler(model, T, window=4, path="static", compile=c),
+        lambda c: AncestralSampler(model, T, compile=c),
+    ):
         eager = make(False).sample(B, (D,), **{**kw, "generator": gen(4)})
-        torch._dynamo.reset()   # a fresh compile, whatever other tests compiled before
+        torch._dynamo.reset()  # a fresh compile, whatever other tests compiled before
         graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
         compiled = make(True).sample(B, (D,), **{**kw, "generator": gen(4)})
-        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs   # it did compile
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs  # it did compile
         torch.testing.assert_close(compiled.samples, eager.samples, rtol=1e-9, atol=1e-9)
         a, b = compiled.stats.as_dict(), eager.stats.as_dict()
         a.pop("wall_time"), b.pop("wall_time")
@@ -459,15 +484,19 @@ def test_compiled_static_round_and_ancestral_equal_eager(B):
 
 
 # ----------------------------------------------------------------------------- which round runs
-def custom_verify(*args, **kwargs):   # the public op behind a hook: not the default verify op
+def custom_verify(*args, **kwargs):  # the public op behind a hook: not the default verify op
     return specdiff_kernels.speculative_verify(*args, **kwargs)
 
 
-BLOCKERS = {   # settings the static round cannot run -> the reason static_path_blockers() gives
-    "draft_model": (lambda: dict(draft=DraftModelDraft(draft_model())),
-                    "a draft model (DraftModelDraft)"),
-    "noprefetch": (lambda: dict(draft=FrozenTargetDraft("x0", prefetch_root=False)),
-                   "FrozenTargetDraft(prefetch_root=False)"),
+BLOCKERS = {  # settings the static round cannot run -> the reason static_path_blockers() gives
+    "draft_model": (
+        lambda: dict(draft=DraftModelDraft(draft_model())),
+        "a draft model (DraftModelDraft)",
+    ),
+    "noprefetch": (
+        lambda: dict(draft=FrozenTargetDraft("x0", prefetch_root=False)),
+        "FrozenTargetDraft(prefetch_root=False)",
+    ),
     "adaptive": (lambda: dict(window="adaptive"), "an adaptive window"),
     "verify_fn": (lambda: dict(verify_fn=custom_verify), "a custom verify_fn"),
 }
@@ -494,33 +523,55 @@ def test_static_path_blockers_state_the_rule_for_auto_errors_and_docs(blocker):
             SpeculativeSampler(model, T, **kwargs(), **bad)
         msg = str(err.value)
         assert reason in msg and "\n" not in msg
-        assert msg.startswith("path='static' cannot run with" if "path" in bad
-                              else "compile=True compiles the static round")
+        assert msg.startswith(
+            "path='static' cannot run with"
+            if "path" in bad
+            else "compile=True compiles the static round"
+        )
 
 
 def test_static_path_blockers_list_every_reason():
     model, T = setup()
-    s = SpeculativeSampler(model, T, FrozenTargetDraft("x0", prefetch_root=False),
-                           window="adaptive", verify_fn=custom_verify)
-    assert s.static_path_blockers() == [BLOCKERS[b][1] for b in ("noprefetch", "adaptive",
-                                                                  "verify_fn")]
-    with pytest.raises(ValueError, match=r"^compile=True compiles the static round, but this "
-                                         r"sampler runs the ragged round \(path='ragged'\), which "
-                                         r"runs eagerly; leave compile at 'auto' or False$"):
+    s = SpeculativeSampler(
+        model,
+        T,
+        FrozenTargetDraft("x0", prefetch_root=False),
+        window="adaptive",
+        verify_fn=custom_verify,
+    )
+    assert s.static_path_blockers() == [
+        BLOCKERS[b][1] for b in ("noprefetch", "adaptive", "verify_fn")
+    ]
+    with pytest.raises(
+        ValueError,
+        match=r"^compile=True compiles the static round, but this "
+        r"sampler runs the ragged round \(path='ragged'\), which "
+        r"runs eagerly; leave compile at 'auto' or False$",
+    ):
         SpeculativeSampler(model, T, path="ragged", compile=True)
 
 
 # ----------------------------------------------------------------------------- ragged round pieces
 def test_plan_round_splits_live_chains():
     from specdiff_kernels.sampling.ragged_round import RootStatus, plan_round
+
     N = 6
     det = torch.tensor([False, False, True, False, False, True])
     k = torch.tensor([0, 2, 6, 5, 3, 1])
-    root = torch.tensor([RootStatus.NONE, RootStatus.EXACT, RootStatus.STALE, RootStatus.STALE,
-                         RootStatus.NONE, RootStatus.STALE], dtype=torch.int8)
+    root = torch.tensor(
+        [
+            RootStatus.NONE,
+            RootStatus.EXACT,
+            RootStatus.STALE,
+            RootStatus.STALE,
+            RootStatus.NONE,
+            RootStatus.STALE,
+        ],
+        dtype=torch.int8,
+    )
     plan = plan_round(k, root, det, N, first_steps=True)
-    assert plan.det.tolist() == [1, 3]          # steps 2 and 5 are deterministic; chain 2 finished
-    assert plan.first_step.tolist() == [0, 4]   # nothing frozen yet
+    assert plan.det.tolist() == [1, 3]  # steps 2 and 5 are deterministic; chain 2 finished
+    assert plan.first_step.tolist() == [0, 4]  # nothing frozen yet
     assert plan.spec.tolist() == [5]
     plan = plan_round(k, root, det, N, first_steps=False)
     assert plan.first_step.numel() == 0 and plan.spec.tolist() == [0, 4, 5]
@@ -528,43 +579,53 @@ def test_plan_round_splits_live_chains():
 
 def test_target_call_segments_come_back_by_name():
     from specdiff_kernels.sampling.ragged_round import TargetCall
+
     call = TargetCall()
     call.add("a", torch.full((2, 3), 1.0), torch.tensor([4, 5]), torch.tensor([0, 1]))
-    call.add("empty", torch.zeros(0, 3), torch.zeros(0, dtype=torch.int64),
-             torch.zeros(0, dtype=torch.int64))
+    call.add(
+        "empty",
+        torch.zeros(0, 3),
+        torch.zeros(0, dtype=torch.int64),
+        torch.zeros(0, dtype=torch.int64),
+    )
     call.add("b", torch.full((1, 3), 2.0), torch.tensor([7]), torch.tensor([9]))
     seen = []
 
     def evaluate(x, k, rows):
         seen.append((x.shape[0], k.tolist(), rows.tolist()))
         return x * 10 + k[:, None]
+
     out = call.run(evaluate)
-    assert seen == [(3, [4, 5, 7], [0, 1, 9])]       # one call
+    assert seen == [(3, [4, 5, 7], [0, 1, 9])]  # one call
     assert out["a"].tolist() == [[14.0] * 3, [15.0] * 3]
     assert out["empty"].shape == (0, 3)
     assert out["b"].tolist() == [[27.0] * 3]
     empty = TargetCall()
-    empty.add("a", torch.zeros(0, 3), torch.zeros(0, dtype=torch.int64),
-              torch.zeros(0, dtype=torch.int64))
+    empty.add(
+        "a", torch.zeros(0, 3), torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64)
+    )
     assert empty.run(lambda *a: pytest.fail("no call for an empty round"))["a"].shape == (0, 3)
 
 
-@pytest.mark.parametrize("family", ["ddpm_eps_clip", "ddpm_large_noclip", "ddim_eta",
-                                    "ddim_clipped_eps",
-                                    "euler_a", "ula"])
+@pytest.mark.parametrize(
+    "family",
+    ["ddpm_eps_clip", "ddpm_large_noclip", "ddim_eta", "ddim_clipped_eps", "euler_a", "ula"],
+)
 def test_affine_mean_equals_the_general_formula(family):
     """The ragged round's table form A clip(p) + E p + G y equals mean_from_x0, in float64,
     for windows [w, L, *E] with per-position steps."""
     from round_cases import FAMILIES
 
     from specdiff_kernels.sampling.ragged_round import affine_mean
+
     T = FAMILIES[family]()
     g = torch.Generator().manual_seed(1)
     y = torch.randn(5, 3, 2, 7, generator=g, dtype=torch.float64)
-    p = 2 * torch.randn(5, 3, 2, 7, generator=g, dtype=torch.float64)   # |p| > clip often
+    p = 2 * torch.randn(5, 3, 2, 7, generator=g, dtype=torch.float64)  # |p| > clip often
     k = torch.randint(0, T.num_steps, (5, 3), generator=g)
-    torch.testing.assert_close(affine_mean(T, y, p, k), T.mean_from_x0(y, p, k), rtol=1e-10,
-                               atol=1e-10)
+    torch.testing.assert_close(
+        affine_mean(T, y, p, k), T.mean_from_x0(y, p, k), rtol=1e-10, atol=1e-10
+    )
 
 
 # ----------------------------------------------------------------------- the compact static round
@@ -578,13 +639,16 @@ def test_compact_static_round_equals_the_full_round(freeze, dtype):
     from specdiff_kernels.ops import round as round_ops
     from specdiff_kernels.ops.layout import STAT_LIVE
     from specdiff_kernels.sampling.static_round import StaticRound
+
     model, T = setup(steps=40)
     B, L = 6, 4
     ids = torch.arange(B, dtype=torch.int64)
     seed = round_ops.seed_tensor(123)
     x = torch.randn(B, D, generator=gen(7), dtype=torch.float64).to(dtype)
-    rounds = {c: StaticRound(model, T, L, freeze, seed, ids, dtype=dtype, compact=c)
-              for c in (False, True)}
+    rounds = {
+        c: StaticRound(model, T, L, freeze, seed, ids, dtype=dtype, compact=c)
+        for c in (False, True)
+    }
     s = {c: r.start(x) for c, r in rounds.items()}
     seen_exact = 0
     tol = 1e-12 if dtype == torch.float64 else 1e-5

@@ -13,6 +13,7 @@ ancestral chain's, for every draft and window.
 All seeds are fixed: the p-values below are deterministic. Tests of correct samplers use
 alpha = 1e-3 on Bonferroni-combined p-values; power tests assert p < 1e-3 as well.
 """
+
 from __future__ import annotations
 
 import math
@@ -22,13 +23,18 @@ import pytest
 import torch
 from scipy import stats
 
-import specdiff_kernels
-from specdiff_kernels import VerifyResult
-from specdiff_kernels.sampling.drafts import DraftModelDraft, FrozenTargetDraft
 from specdiff_kernels.models.gmm import GaussianMixture, GMMDenoiser, make_gmm
+from specdiff_kernels.sampling.drafts import DraftModelDraft, FrozenTargetDraft
 from specdiff_kernels.sampling.sampler import AncestralSampler, SpeculativeSampler
 from specdiff_kernels.sampling.static_round import StaticRound
-from specdiff_kernels.sampling.transitions import GaussianTransitions, alphas_cumprod_from_betas, ddim_transitions, ddpm_transitions, euler_ancestral_transitions, make_betas
+from specdiff_kernels.sampling.transitions import (
+    GaussianTransitions,
+    alphas_cumprod_from_betas,
+    ddim_transitions,
+    ddpm_transitions,
+    euler_ancestral_transitions,
+    make_betas,
+)
 
 ALPHA = 1e-3
 ABAR = alphas_cumprod_from_betas(make_betas("linear", 1000))
@@ -44,15 +50,23 @@ def gen(seed: int) -> torch.Generator:
 
 # ===================================================================== statistical tests
 # (scipy.stats-based; shared with the demo and the benchmarks)
-from specdiff_kernels.testing.two_sample import (bonferroni, energy_distance_pvalue,  # noqa: E402,F401
-                                    gaussian_one_sample_pvalue, per_coordinate_ks_pvalue,
-                                    random_directions, two_sample_pvalue)
-
-
 # ===================================================================== wrong verifiers (power)
-from wrong_verifiers import (STATIC_WRONG, WRONG, VerifyFreshFromP, static_wrong_verify,
-                             verify_always_accept,  # noqa: E402,F401
-                             verify_keep_draft_on_reject)
+from wrong_verifiers import (
+    STATIC_WRONG,
+    VerifyFreshFromP,
+    static_wrong_verify,
+    verify_always_accept,  # noqa: E402,F401
+    verify_keep_draft_on_reject,
+)
+
+from specdiff_kernels.testing.two_sample import (  # noqa: E402,F401
+    bonferroni,
+    energy_distance_pvalue,
+    gaussian_one_sample_pvalue,
+    per_coordinate_ks_pvalue,
+    random_directions,
+    two_sample_pvalue,
+)
 
 
 # ===================================================================== one step from a fixed state
@@ -70,8 +84,16 @@ class ConstantModel(torch.nn.Module):
 def constant_mean_transitions(num_steps: int, s: float) -> GaussianTransitions:
     """Steps x' ~ N(x0_hat, s^2 I): c_x0 = 1, c_x = 0, prediction "sample"."""
     half = math.sqrt(0.5)
-    return GaussianTransitions(torch.arange(num_steps - 1, -1, -1), 1.0, 0.0, s, half, half,
-                               prediction="sample", name="constant-mean")
+    return GaussianTransitions(
+        torch.arange(num_steps - 1, -1, -1),
+        1.0,
+        0.0,
+        s,
+        half,
+        half,
+        prediction="sample",
+        name="constant-mean",
+    )
 
 
 ONE_STEP_D = 8
@@ -91,8 +113,9 @@ def one_step_setup(gap: float, s: float = 0.5):
 def run_one_step(gap: float, window: int = 1, verify_fn=None, seed: int = 11):
     mp, mq, e, s = one_step_setup(gap)
     T = constant_mean_transitions(window, s)
-    sampler = SpeculativeSampler(ConstantModel(mp), T, DraftModelDraft(ConstantModel(mq)), window,
-                                 verify_fn=verify_fn)
+    sampler = SpeculativeSampler(
+        ConstantModel(mp), T, DraftModelDraft(ConstantModel(mq)), window, verify_fn=verify_fn
+    )
     x0 = torch.zeros(ONE_STEP_N, ONE_STEP_D, dtype=torch.float64)
     res = sampler.sample(x_init=x0, generator=gen(seed))
     return res, mp, mq, e, s
@@ -132,8 +155,11 @@ def test_window_of_three_constant_steps():
 
 @pytest.mark.parametrize("wrong", ["always_accept", "keep_draft", "fresh_from_p"])
 def test_one_step_tests_reject_wrong_verifiers(wrong):
-    fn = {"always_accept": verify_always_accept, "keep_draft": verify_keep_draft_on_reject,
-          "fresh_from_p": VerifyFreshFromP(5)}[wrong]
+    fn = {
+        "always_accept": verify_always_accept,
+        "keep_draft": verify_keep_draft_on_reject,
+        "fresh_from_p": VerifyFreshFromP(5),
+    }[wrong]
     res, mp, mq, e, s = run_one_step(2.0, verify_fn=fn)
     assert one_step_pvalue(res.samples.numpy(), mp, e, s) < ALPHA
 
@@ -146,8 +172,10 @@ GAUSS_STEPS = 25
 
 def gaussian_data() -> GaussianMixture:
     g = torch.Generator().manual_seed(3)
-    return GaussianMixture(torch.randn(1, GAUSS_D, generator=g, dtype=torch.float64) * 0.8,
-                           torch.tensor([[0.3, 0.5, 0.8, 1.2]], dtype=torch.float64))
+    return GaussianMixture(
+        torch.randn(1, GAUSS_D, generator=g, dtype=torch.float64) * 0.8,
+        torch.tensor([[0.3, 0.5, 0.8, 1.2]], dtype=torch.float64),
+    )
 
 
 def wrong_gaussian_data() -> GaussianMixture:
@@ -159,7 +187,7 @@ def exact_final_law(model, T: GaussianTransitions, D: int):
     """Mean and covariance (float64) of the ancestral chain's final state when every transition
     mean is affine in x (checked): propagate N(m, C) through x' = A x + b + s xi."""
     m = np.zeros(D)
-    C = np.eye(D) * T.init_std ** 2
+    C = np.eye(D) * T.init_std**2
     for step in range(T.num_steps):
         k = torch.full((D + 1,), step, dtype=torch.int64)
         pts = torch.cat([torch.zeros(1, D, dtype=torch.float64), torch.eye(D, dtype=torch.float64)])
@@ -180,12 +208,15 @@ def gaussian_transitions(kind: str) -> GaussianTransitions:
     if kind == "ddpm":
         return ddpm_transitions(ABAR, num_inference_steps=GAUSS_STEPS, prediction="epsilon")
     if kind == "ddpm_v_large":
-        return ddpm_transitions(ABAR, num_inference_steps=GAUSS_STEPS, prediction="v_prediction",
-                                variance="fixed_large")
+        return ddpm_transitions(
+            ABAR, num_inference_steps=GAUSS_STEPS, prediction="v_prediction", variance="fixed_large"
+        )
     if kind == "ddim_eta1":
         return ddim_transitions(ABAR, num_inference_steps=GAUSS_STEPS, eta=1.0, prediction="sample")
     if kind == "euler_ancestral":
-        return euler_ancestral_transitions(ABAR, num_inference_steps=GAUSS_STEPS, spacing="linspace")
+        return euler_ancestral_transitions(
+            ABAR, num_inference_steps=GAUSS_STEPS, spacing="linspace"
+        )
     raise ValueError(kind)
 
 
@@ -220,14 +251,17 @@ def run_gaussian(kind: str, draft: str, window: int, seed: int, verify_fn=None, 
 def test_ancestral_matches_exact_gaussian_law():
     T = gaussian_transitions("ddpm")
     model = gaussian_model(T)
-    res = AncestralSampler(model, T).sample(GAUSS_N, (GAUSS_D,), generator=gen(100), dtype=torch.float64)
+    res = AncestralSampler(model, T).sample(
+        GAUSS_N, (GAUSS_D,), generator=gen(100), dtype=torch.float64
+    )
     m, C = exact_final_law(model, T, GAUSS_D)
     assert gaussian_one_sample_pvalue(res.samples.numpy(), m, C) > ALPHA
 
 
 @pytest.mark.parametrize("window", [2, 8])
-@pytest.mark.parametrize("draft,path", [(d, p) for d in DRAFTS for p in PATHS
-                                        if p == "ragged" or d in STATIC_DRAFTS])
+@pytest.mark.parametrize(
+    "draft,path", [(d, p) for d in DRAFTS for p in PATHS if p == "ragged" or d in STATIC_DRAFTS]
+)
 def test_speculative_matches_exact_gaussian_law(draft, window, path):
     seed = 200 + 10 * list(DRAFTS).index(draft) + window + (50 if path == "static" else 0)
     res, m, C = run_gaussian("ddpm", draft, window, seed, path=path)
@@ -245,8 +279,11 @@ def test_speculative_other_samplers_match_exact_gaussian_law(kind, path):
 
 @pytest.mark.parametrize("wrong", ["always_accept", "keep_draft", "fresh_from_p"])
 def test_gaussian_chain_tests_reject_wrong_verifiers(wrong):
-    fn = {"always_accept": verify_always_accept, "keep_draft": verify_keep_draft_on_reject,
-          "fresh_from_p": VerifyFreshFromP(6)}[wrong]
+    fn = {
+        "always_accept": verify_always_accept,
+        "keep_draft": verify_keep_draft_on_reject,
+        "fresh_from_p": VerifyFreshFromP(6),
+    }[wrong]
     res, m, C = run_gaussian("ddpm", "wrong_draft_model", 8, 400, verify_fn=fn)
     assert gaussian_one_sample_pvalue(res.samples.numpy(), m, C) < ALPHA
 
@@ -280,7 +317,8 @@ def gmm_ancestral(seed: int, clip=None) -> np.ndarray:
 def gmm_speculative(draft, window: int, seed: int, verify_fn=None, clip=None, path="auto"):
     model, T = gmm_setup(clip)
     return SpeculativeSampler(model, T, draft, window, verify_fn=verify_fn, path=path).sample(
-        GMM_N, (GMM_D,), generator=gen(seed))
+        GMM_N, (GMM_D,), generator=gen(seed)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -288,13 +326,24 @@ def gmm_reference():
     return gmm_ancestral(500)
 
 
-@pytest.mark.parametrize("draft,window,path", [
-    ("frozen_x0", 8, "ragged"), ("frozen_eps", 4, "ragged"), ("frozen_x0_noprefetch", 8, "ragged"),
-    ("draft_model", 4, "ragged"), ("frozen_x0", 8, "static"), ("frozen_eps", 4, "static")])
+@pytest.mark.parametrize(
+    "draft,window,path",
+    [
+        ("frozen_x0", 8, "ragged"),
+        ("frozen_eps", 4, "ragged"),
+        ("frozen_x0_noprefetch", 8, "ragged"),
+        ("draft_model", 4, "ragged"),
+        ("frozen_x0", 8, "static"),
+        ("frozen_eps", 4, "static"),
+    ],
+)
 def test_gmm_speculative_vs_ancestral(gmm_reference, draft, window, path):
-    d = {"frozen_x0": FrozenTargetDraft("x0"), "frozen_eps": FrozenTargetDraft("eps"),
-         "frozen_x0_noprefetch": FrozenTargetDraft("x0", prefetch_root=False),
-         "draft_model": DraftModelDraft(GMMDenoiser(make_gmm(GMM_D, K=4, seed=2), ABAR))}[draft]
+    d = {
+        "frozen_x0": FrozenTargetDraft("x0"),
+        "frozen_eps": FrozenTargetDraft("eps"),
+        "frozen_x0_noprefetch": FrozenTargetDraft("x0", prefetch_root=False),
+        "draft_model": DraftModelDraft(GMMDenoiser(make_gmm(GMM_D, K=4, seed=2), ABAR)),
+    }[draft]
     res = gmm_speculative(d, window, 600 + window + len(draft) + len(path), path=path)
     assert two_sample_pvalue(res.samples.numpy(), gmm_reference) > ALPHA
     assert sum(res.stats.accepted_by_position) < sum(res.stats.attempted_by_position)
@@ -328,8 +377,9 @@ def test_gmm_ancestral_vs_data():
     right = AncestralSampler(GMMDenoiser(gmm, ABAR), T).sample(GMM_N, (GMM_D,), generator=gen(510))
     assert two_sample_pvalue(right.samples.numpy(), data) > ALPHA
     moment_matched = GaussianMixture(gmm.mean()[None], torch.diagonal(gmm.cov()).sqrt()[None])
-    wrong = AncestralSampler(GMMDenoiser(moment_matched, ABAR), T).sample(GMM_N, (GMM_D,),
-                                                                         generator=gen(510))
+    wrong = AncestralSampler(GMMDenoiser(moment_matched, ABAR), T).sample(
+        GMM_N, (GMM_D,), generator=gen(510)
+    )
     assert two_sample_pvalue(wrong.samples.numpy(), data) < ALPHA
 
 
@@ -373,7 +423,8 @@ def test_window_one_equals_ancestral():
     model, T = gmm_setup()
     anc = AncestralSampler(model, T).sample(64, (GMM_D,), generator=gen(9))
     spec = SpeculativeSampler(model, T, FrozenTargetDraft("x0", prefetch_root=False), 1).sample(
-        64, (GMM_D,), generator=gen(9))
+        64, (GMM_D,), generator=gen(9)
+    )
     torch.testing.assert_close(anc.samples, spec.samples, rtol=1e-5, atol=1e-5)
     assert spec.stats.accepted_by_position == spec.stats.attempted_by_position
 
@@ -385,7 +436,8 @@ def test_window_one_law(draft):
     T = gaussian_transitions("ddpm")
     d = DRAFTS["frozen_x0" if draft == "frozen_x0" else "wrong_draft_model"](T)
     model = gaussian_model(T)
-    res = SpeculativeSampler(model, T, d, 1).sample(GAUSS_N, (GAUSS_D,), generator=gen(901),
-                                                     dtype=torch.float64)
+    res = SpeculativeSampler(model, T, d, 1).sample(
+        GAUSS_N, (GAUSS_D,), generator=gen(901), dtype=torch.float64
+    )
     m, C = exact_final_law(model, T, GAUSS_D)
     assert gaussian_one_sample_pvalue(res.samples.numpy(), m, C) > ALPHA

@@ -1,6 +1,7 @@
 """diffusers' dynamic thresholding makes the step mean non-affine in x0-hat: the fused round ops
 cannot express it, so both samplers must step it by the transitions' own formula, per window
 position, and keep the law of the scheduler's own loop."""
+
 from __future__ import annotations
 
 import pytest
@@ -20,8 +21,13 @@ STEPS = 12
 
 def scheduler():
     # x0-prediction with a threshold that binds: a random UNet's x0-hat exceeds 1.2 often
-    return DDPMScheduler(prediction_type="sample", thresholding=True, sample_max_value=1.2,
-                         dynamic_thresholding_ratio=0.9, clip_sample=False)
+    return DDPMScheduler(
+        prediction_type="sample",
+        thresholding=True,
+        sample_max_value=1.2,
+        dynamic_thresholding_ratio=0.9,
+        clip_sample=False,
+    )
 
 
 class LoudUNet(torch.nn.Module):
@@ -31,11 +37,20 @@ class LoudUNet(torch.nn.Module):
     def __init__(self):
         super().__init__()
         torch.manual_seed(3)
-        self.net = UNet2DModel(sample_size=4, in_channels=1, out_channels=1, layers_per_block=1,
-                               block_out_channels=(8, 8), norm_num_groups=4,
-                               down_block_types=("DownBlock2D", "DownBlock2D"),
-                               up_block_types=("UpBlock2D", "UpBlock2D")
-                               ).eval().requires_grad_(False)
+        self.net = (
+            UNet2DModel(
+                sample_size=4,
+                in_channels=1,
+                out_channels=1,
+                layers_per_block=1,
+                block_out_channels=(8, 8),
+                norm_num_groups=4,
+                down_block_types=("DownBlock2D", "DownBlock2D"),
+                up_block_types=("UpBlock2D", "UpBlock2D"),
+            )
+            .eval()
+            .requires_grad_(False)
+        )
 
     def forward(self, x, t, return_dict=False):
         return (4.0 * self.net(x, t).sample,)
@@ -61,8 +76,11 @@ def test_thresholding_is_not_affine_so_the_static_path_is_refused():
     assert not tr.affine
     with pytest.raises(ValueError, match="not affine"):
         round_tables(tr)
-    with pytest.raises(ValueError, match=r"^path='static' cannot run with transitions not affine "
-                                         r"in x0-hat \(dynamic thresholding\); use path='ragged'"):
+    with pytest.raises(
+        ValueError,
+        match=r"^path='static' cannot run with transitions not affine "
+        r"in x0-hat \(dynamic thresholding\); use path='ragged'",
+    ):
         SpeculativeSampler(DiffusersModel(unet()), tr, window=4, path="static")
     sampler = SpeculativeSampler(DiffusersModel(unet()), tr, window=4)
     assert sampler.resolve_path() == "ragged"
@@ -74,8 +92,9 @@ def test_thresholding_is_not_affine_so_the_static_path_is_refused():
 def test_window_thresholds_each_position_separately():
     """The mean of a window [w, L, *E] equals the means of its positions taken one by one."""
     # a high sample_max_value: the threshold is the quantile itself, which differs by position
-    sched = DDPMScheduler(prediction_type="sample", thresholding=True, sample_max_value=50.0,
-                          clip_sample=False)
+    sched = DDPMScheduler(
+        prediction_type="sample", thresholding=True, sample_max_value=50.0, clip_sample=False
+    )
     tr = diffusers_transitions(sched, STEPS)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 4, 1, 4, 4, generator=g)
@@ -87,10 +106,14 @@ def test_window_thresholds_each_position_separately():
         torch.testing.assert_close(window[:, j], tr.mean_from_x0(x[:, j], x0[:, j], k[:, j]))
 
 
-@pytest.mark.parametrize("make", [
-    lambda m, tr: SpeculativeSampler(m, tr, window=4),
-    lambda m, tr: AncestralSampler(m, tr),
-], ids=["speculative", "ancestral"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda m, tr: SpeculativeSampler(m, tr, window=4),
+        lambda m, tr: AncestralSampler(m, tr),
+    ],
+    ids=["speculative", "ancestral"],
+)
 def test_law_matches_the_scheduler_loop(make):
     net = unet()
     n = 1500
@@ -102,8 +125,12 @@ def test_law_matches_the_scheduler_loop(make):
     assert p > 0.01, p
     # power: the same comparison sees the loop without thresholding as different
     plain = DDPMScheduler(prediction_type="sample", clip_sample=False)
-    wrong = AncestralSampler(DiffusersModel(net), diffusers_transitions(plain, STEPS)).sample(
-        n, (1, 4, 4), generator=torch.Generator().manual_seed(6)).samples
-    p_wrong = per_coordinate_ks_pvalue(wrong.flatten(1).double().numpy(),
-                                       ref.flatten(1).double().numpy())
+    wrong = (
+        AncestralSampler(DiffusersModel(net), diffusers_transitions(plain, STEPS))
+        .sample(n, (1, 4, 4), generator=torch.Generator().manual_seed(6))
+        .samples
+    )
+    p_wrong = per_coordinate_ks_pvalue(
+        wrong.flatten(1).double().numpy(), ref.flatten(1).double().numpy()
+    )
     assert p_wrong < 1e-4, p_wrong

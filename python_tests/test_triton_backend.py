@@ -9,6 +9,7 @@ Dtypes: fp32 and fp64, plus fp16 (the interpreter computes it through numpy's fl
 kernels upcast to fp32 before any arithmetic). bf16 has no numpy type, so bf16 runs on GPU only:
 test_gpu.py covers bf16 and fp16 on CUDA, and the AOT check below compiles the bf16 kernels for sm_90.
 """
+
 from __future__ import annotations
 
 import functools
@@ -19,20 +20,30 @@ import torch
 
 triton = pytest.importorskip("triton")
 
+from verify_cases import (  # noqa: E402
+    assert_decisions_match,
+    assert_state_close,
+    assert_verify_matches_reference,
+    first_rejection_loop,
+    log_ratio_loop,
+    log_ratio_tolerance,
+    make_window,
+    reference64,
+    reflect_loop,
+    run_aot_script,
+    stable_seed,
+)
+
 import specdiff_kernels as sk  # noqa: E402
 from specdiff_kernels.ops import verify as ops  # noqa: E402
 from specdiff_kernels.ops.reference import verify as reference
 
-from verify_cases import (assert_decisions_match, assert_state_close,  # noqa: E402
-                          assert_verify_matches_reference, first_rejection_loop, log_ratio_loop,
-                          log_ratio_tolerance, make_window, reference64, reflect_loop,
-                          run_aot_script, stable_seed)
-
 tk = pytest.importorskip("specdiff_kernels.ops.triton.verify")
 
 if not tk.INTERPRET and not torch.cuda.is_available():
-    pytest.skip("Triton kernels need TRITON_INTERPRET=1 (CPU) or a CUDA device",
-                allow_module_level=True)
+    pytest.skip(
+        "Triton kernels need TRITON_INTERPRET=1 (CPU) or a CUDA device", allow_module_level=True
+    )
 
 DEVICE = "cpu" if tk.INTERPRET else "cuda"
 STRATEGIES = ["per_chain", "split"]
@@ -48,8 +59,12 @@ first_rej_op = torch.ops.specdiff.triton_first_rejection.default
 def _window(B, L, E, dtype, seed_key, sigma_form="full"):
     gen = torch.Generator().manual_seed(stable_seed(*seed_key))
     y, mq, mp, sigma, u = make_window(B, L, E, dtype, gen)
-    sigma = {"full": sigma, "window": sigma[0].contiguous(), "scalar": sigma[0, 0],
-             "chain": sigma[:, :1].contiguous()}[sigma_form]
+    sigma = {
+        "full": sigma,
+        "window": sigma[0].contiguous(),
+        "scalar": sigma[0, 0],
+        "chain": sigma[:, :1].contiguous(),
+    }[sigma_form]
     return gen, [t.to(DEVICE) for t in (y, mq, mp, sigma, u)]
 
 
@@ -61,12 +76,15 @@ def _check_verify(got, y, mq, mp, sigma, u, n, dtype):
 # ---------------------------------------------------------------- both strategies, forced
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("B,L,E,sigma_form", [
-    (3, 4, (123,), "full"),       # D not a multiple of the block
-    (2, 3, (5, 123), "window"),   # several blocks (and split chunks), ragged tail
-    (4, 1, (7,), "scalar"),       # L = 1
-    (5, 2, (1,), "chain"),        # D = 1, sigma [B, 1]
-])
+@pytest.mark.parametrize(
+    "B,L,E,sigma_form",
+    [
+        (3, 4, (123,), "full"),  # D not a multiple of the block
+        (2, 3, (5, 123), "window"),  # several blocks (and split chunks), ragged tail
+        (4, 1, (7,), "scalar"),  # L = 1
+        (5, 2, (1,), "chain"),  # D = 1, sigma [B, 1]
+    ],
+)
 def test_verify_matches_reference(strategy, dtype, B, L, E, sigma_form):
     gen, (y, mq, mp, sigma, u) = _window(B, L, E, dtype, (strategy, dtype, B, L, E), sigma_form)
     got = verify_op(y, mq, mp, sigma, u, None, strategy)
@@ -95,7 +113,7 @@ def test_lengths(strategy, dtype):
     # later steps never matter: make them certain rejections, they must change nothing
     mp2 = mp.clone()
     for b in range(B):
-        mp2[b, int(n[b]):] += 100.0
+        mp2[b, int(n[b]) :] += 100.0
     got2 = verify_op(y, mq, mp2, sigma, u, n, strategy)
     assert torch.equal(got2[0], got[0]) and torch.equal(got2[1], got[1])
     assert torch.equal(got2[2][:, :1], got[2][:, :1])
@@ -135,17 +153,18 @@ def test_edge_values(strategy):
     B, L, D = 4, 3, 10
     _, (y, mq, mp, sigma, u) = _window(B, L, (D,), torch.float32, ("edge", strategy))
     mp = mq.clone()
-    mp[0] += 5.0                   # chain 0: huge gap but u = 0 -> all accepted
+    mp[0] += 5.0  # chain 0: huge gap but u = 0 -> all accepted
     u = u.clone()
     u[0] = 0.0
-    mp[1, 1, 4] = float("nan")     # chain 1: NaN at step 1
-    mp[2, 0, 0] = float("inf")     # chain 2: inf at step 0
-    mp[3, 2] += 50.0               # chain 3: p = q at steps 0, 1; certain rejection at 2
+    mp[1, 1, 4] = float("nan")  # chain 1: NaN at step 1
+    mp[2, 0, 0] = float("inf")  # chain 2: inf at step 0
+    mp[3, 2] += 50.0  # chain 3: p = q at steps 0, 1; certain rejection at 2
     got = verify_op(y, mq, mp, sigma, u, None, strategy)
     ref = reference64(*(t.cpu() for t in (y, mq, mp, sigma, u)))
     assert got[0].cpu().tolist() == ref.num_accepted.tolist() == [3, 1, 0, 2]
-    torch.testing.assert_close(got[2].cpu()[:, :], ref.log_ratio.float(), equal_nan=True,
-                               rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(
+        got[2].cpu()[:, :], ref.log_ratio.float(), equal_nan=True, rtol=1e-5, atol=1e-4
+    )
     assert got[2][3, 0] == 0 and got[2][3, 1] == 0
     assert torch.equal(got[1][0], y[0, -1])
     assert bool(torch.isnan(got[1][1]).any()) and not bool(torch.isfinite(got[1][2]).all())
@@ -190,8 +209,9 @@ def test_log_ratio_and_reflect(strategy, dtype):
     lr = log_ratio_op(y, mq, mp, sigma, strategy).cpu()
     lr64 = reference._log_ratio_acc(*(t.cpu().double() for t in (y, mq, mp, sigma)))
     tol = log_ratio_tolerance(*(t.cpu() for t in (y, mq, mp, sigma)), dtype)
-    assert lr.dtype == torch.float32 and bool(((lr.double() - lr64).abs()
-                                               <= tol + 1.2e-7 * lr64.abs()).all())
+    assert lr.dtype == torch.float32 and bool(
+        ((lr.double() - lr64).abs() <= tol + 1.2e-7 * lr64.abs()).all()
+    )
     ys, qs, ps = y[:, 1].contiguous(), mq[:, 1].contiguous(), mp[:, 1].contiguous()
     ps[0] = qs[0]  # d = 0: the identity, never a division by zero
     rr = reflect_op(ys, qs, ps, strategy)
@@ -219,8 +239,9 @@ def test_first_rejection(lr_dtype):
     lr_t = lr.t().contiguous().t()
     u_t = u.t().contiguous().t()
     assert not lr_t.is_contiguous()
-    assert torch.equal(first_rej_op(lr_t.to(DEVICE), u_t.to(DEVICE), None).cpu(),
-                       reference.first_rejection(lr, u))
+    assert torch.equal(
+        first_rej_op(lr_t.to(DEVICE), u_t.to(DEVICE), None).cpu(), reference.first_rejection(lr, u)
+    )
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -237,12 +258,19 @@ def test_non_contiguous_inputs(strategy):
     assert_verify_matches_reference(got, yt, qt, pt, st, ut, n, torch.float32, oracle="spec_loop")
     lr = log_ratio_op(yt, qt, pt, st, strategy).cpu()
     lr64 = log_ratio_loop(*(t.cpu() for t in (yt, qt, pt, st)))
-    tol = log_ratio_tolerance(*(t.cpu() for t in (yt, qt, pt, st)), torch.float32) + 1.2e-7 * lr64.abs()
+    tol = (
+        log_ratio_tolerance(*(t.cpu() for t in (yt, qt, pt, st)), torch.float32)
+        + 1.2e-7 * lr64.abs()
+    )
     assert bool(((lr.double() - lr64).abs() <= tol).all())
     y1, q1, p1 = yt[:, 1], qt[:, 1], pt[:, 1]
     rr = reflect_op(y1, q1, p1, strategy)
-    assert_state_close(rr.cpu(), reflect_loop(y1.cpu(), q1.cpu(), p1.cpu()).reshape(rr.shape),
-                       y1.cpu(), torch.float32)
+    assert_state_close(
+        rr.cpu(),
+        reflect_loop(y1.cpu(), q1.cpu(), p1.cpu()).reshape(rr.shape),
+        y1.cpu(),
+        torch.float32,
+    )
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -257,14 +285,14 @@ def test_empty_batch(strategy):
 def test_strategy_rule():
     sms = 132
     rule = functools.partial(tk.choose_strategy, sms=sms)
-    assert rule(1024, 8, 3 * 64 * 64) == "per_chain"     # many chains
-    assert rule(132, 16, 3 * 256 * 256) == "per_chain"   # one chain per SM already fills it
-    assert rule(1, 4, 1024) == "per_chain"               # tiny window
-    assert rule(1, 8, 3 * 256 * 256) == "split"          # the B=1 latency case
+    assert rule(1024, 8, 3 * 64 * 64) == "per_chain"  # many chains
+    assert rule(132, 16, 3 * 256 * 256) == "per_chain"  # one chain per SM already fills it
+    assert rule(1, 4, 1024) == "per_chain"  # tiny window
+    assert rule(1, 8, 3 * 256 * 256) == "split"  # the B=1 latency case
     assert rule(8, 16, 3 * 256 * 256) == "split"
     # split's extra launch pays only for long windows (>= 8 MiB read per chain)
     assert rule(64, 8, 3 * 64 * 64) == "per_chain"
-    assert rule(1, 4, 3 * 256 * 256, elt=4) == "split"      # 9.4 MB read
+    assert rule(1, 4, 3 * 256 * 256, elt=4) == "split"  # 9.4 MB read
     assert rule(1, 4, 3 * 256 * 256, elt=2) == "per_chain"  # 4.7 MB read
     for B, L, D in [(1, 4, 3072), (1, 16, 196608), (256, 16, 196608), (7, 3, 1 << 20)]:
         c = tk.split_chunk(B, L, D, sms)
@@ -319,11 +347,14 @@ def test_torch_compile_fullgraph_all_ops():
         rr = sk.reflect_resample(y0, q0, p0, backend="triton")
         return res.num_accepted, res.next_state * 1.0, res.log_ratio, lr, fr, rr
 
-    nacc, state, lr_f, lr, fr, rr = torch.compile(f, fullgraph=True)(y, mq, mp, sigma, u, n, y0, q0, p0)
+    nacc, state, lr_f, lr, fr, rr = torch.compile(f, fullgraph=True)(
+        y, mq, mp, sigma, u, n, y0, q0, p0
+    )
     cpu = [t.cpu() for t in (y, mq, mp, sigma, u, n, y0, q0, p0)]
     yc, qc, pc, sc, uc, nc, y0c, q0c, p0c = cpu
-    assert_verify_matches_reference((nacc, state, lr_f), yc, qc, pc, sc, uc, nc, torch.float32,
-                                    oracle="spec_loop")
+    assert_verify_matches_reference(
+        (nacc, state, lr_f), yc, qc, pc, sc, uc, nc, torch.float32, oracle="spec_loop"
+    )
     lr64 = log_ratio_loop(yc, qc, pc, sc)
     tol = log_ratio_tolerance(yc, qc, pc, sc, torch.float32) + 1.2e-7 * lr64.abs()
     assert bool(((lr.cpu().double() - lr64).abs() <= tol).all())
@@ -412,8 +443,10 @@ print("AOT-OK", len(hops))
 """
 
 
-@pytest.mark.skipif(not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists(),
-                    reason="Triton's NVIDIA backend (ptxas) is not installed")
+@pytest.mark.skipif(
+    not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists(),
+    reason="Triton's NVIDIA backend (ptxas) is not installed",
+)
 def test_compiled_path_without_gpu():
     """Ahead-of-time check of the GPU path on a CPU machine, in a subprocess without
     TRITON_INTERPRET: the kernels compile to sm_90 cubins (fp16/bf16/fp32/fp64), and the

@@ -1,4 +1,5 @@
 """Shared input generation and comparison helpers for the verify-op test suites."""
+
 from __future__ import annotations
 
 import math
@@ -23,8 +24,14 @@ def stable_seed(*key) -> int:
     return zlib.crc32(repr(key).encode()) & 0x7FFFFFFF
 
 
-def make_window(B: int, L: int, event: tuple[int, ...], dtype: torch.dtype, gen: torch.Generator,
-                sigma_scale: float = 0.7):
+def make_window(
+    B: int,
+    L: int,
+    event: tuple[int, ...],
+    dtype: torch.dtype,
+    gen: torch.Generator,
+    sigma_scale: float = 0.7,
+):
     """Random window inputs with a mix of accepted and rejected steps.
 
     The mean gap per step is ||d|| / s = c with c log-uniform in [0.2, 4], so acceptance
@@ -34,15 +41,23 @@ def make_window(B: int, L: int, event: tuple[int, ...], dtype: torch.dtype, gen:
     shape = (B, L, *event)
     mq = torch.randn(shape, generator=gen, dtype=torch.float64)
     sigma = sigma_scale * (0.5 + torch.rand(B, L, generator=gen, dtype=torch.float64))
-    c = torch.exp(torch.empty(B, L, dtype=torch.float64).uniform_(math.log(0.2), math.log(4.0),
-                                                                   generator=gen))
+    c = torch.exp(
+        torch.empty(B, L, dtype=torch.float64).uniform_(math.log(0.2), math.log(4.0), generator=gen)
+    )
     per = (sigma * c / math.sqrt(D)).view(B, L, *([1] * len(event)))
     mp = mq + per * torch.randn(shape, generator=gen, dtype=torch.float64)
-    y = mq + sigma.view(B, L, *([1] * len(event))) * torch.randn(shape, generator=gen,
-                                                                  dtype=torch.float64)
+    y = mq + sigma.view(B, L, *([1] * len(event))) * torch.randn(
+        shape, generator=gen, dtype=torch.float64
+    )
     u = torch.rand(B, L, generator=gen, dtype=torch.float64)
     cast = lambda t: t.to(dtype)  # noqa: E731
-    return cast(y), cast(mq), cast(mp), sigma.to(torch.float32 if dtype != torch.float64 else dtype), u.to(torch.float32 if dtype != torch.float64 else dtype)
+    return (
+        cast(y),
+        cast(mq),
+        cast(mp),
+        sigma.to(torch.float32 if dtype != torch.float64 else dtype),
+        u.to(torch.float32 if dtype != torch.float64 else dtype),
+    )
 
 
 def log_ratio_tolerance(y, mq, mp, sigma, dtype) -> torch.Tensor:
@@ -58,8 +73,11 @@ def log_ratio_tolerance(y, mq, mp, sigma, dtype) -> torch.Tensor:
 
 def reference64(y, mq, mp, sigma, u, lengths=None):
     """The oracle: the reference backend on the same (already rounded) inputs, in float64."""
-    return VerifyResult(*reference.speculative_verify(y.double(), mq.double(), mp.double(),
-                                                      sigma.double(), u.double(), lengths))
+    return VerifyResult(
+        *reference.speculative_verify(
+            y.double(), mq.double(), mp.double(), sigma.double(), u.double(), lengths
+        )
+    )
 
 
 # ---- docs/design.md §3 step 3 transcribed literally, one chain and one step at a time, in float64 Python
@@ -120,8 +138,11 @@ def spec_loop(y, mq, mp, sigma, u, lengths=None) -> VerifyResult:
     rows = torch.arange(B)
     rejected = nacc < n
     j = torch.where(rejected, nacc, n - 1)
-    state = torch.where(rejected[:, None], reflect_loop(y[rows, j], mq[rows, j], mp[rows, j]),
-                        y[rows, j].double().reshape(B, -1))
+    state = torch.where(
+        rejected[:, None],
+        reflect_loop(y[rows, j], mq[rows, j], mp[rows, j]),
+        y[rows, j].double().reshape(B, -1),
+    )
     return VerifyResult(nacc, state.reshape(B, *y.shape[2:]), lr)
 
 
@@ -133,7 +154,8 @@ def assert_decisions_match(got_acc, ref_acc, lr_ref64, u, tol):
         assert margin[b, m] <= 4 * tol[b, m], (
             f"chain {b}: accepted {int(got_acc[b])} vs reference {int(ref_acc[b])}, and step {m} "
             f"is not within rounding of the threshold (margin {float(margin[b, m]):.3g}, "
-            f"tol {float(tol[b, m]):.3g})")
+            f"tol {float(tol[b, m]):.3g})"
+        )
 
 
 def assert_state_close(got, ref64, y_decisive, dtype):
@@ -142,14 +164,18 @@ def assert_state_close(got, ref64, y_decisive, dtype):
     got64 = got.double()
     eps = torch.finfo(dtype).eps
     subnormal = torch.finfo(dtype).tiny * eps  # spacing of the dtype near zero
-    tol = eps * ref64.abs() + subnormal + 10 * ACC_RTOL[dtype] * (y_decisive.double().abs()
-                                                       + (ref64 - y_decisive.double()).abs())
+    tol = (
+        eps * ref64.abs()
+        + subnormal
+        + 10 * ACC_RTOL[dtype] * (y_decisive.double().abs() + (ref64 - y_decisive.double()).abs())
+    )
     err = (got64 - ref64).abs()
     bad = err > tol + 1e-300
     assert not bool(bad.any()), (
         f"next_state differs from the float64 reference at {int(bad.sum())} elements; worst "
         f"error {float(err.max()):.3g}, worst relative error "
-        f"{float((err / (ref64.abs() + 1e-30)).max()):.3g}")
+        f"{float((err / (ref64.abs() + 1e-30)).max()):.3g}"
+    )
 
 
 def assert_verify_matches_reference(got, y, mq, mp, sigma, u, lengths, dtype, oracle="reference"):
@@ -173,8 +199,9 @@ def assert_verify_matches_reference(got, y, mq, mp, sigma, u, lengths, dtype, or
         lr64 = reference._log_ratio_acc(y.double(), mq.double(), mp.double(), sigma.double())
     tol = log_ratio_tolerance(y, mq, mp, sigma, dtype)
     lr_err = (lr.double() - lr64).abs()
-    assert bool((lr_err <= tol + torch.finfo(torch.float32).eps * lr64.abs()).all()), \
+    assert bool((lr_err <= tol + torch.finfo(torch.float32).eps * lr64.abs()).all()), (
         f"log ratio relative error too large: {float((lr_err / (lr64.abs() + 1e-30)).max()):.3g}"
+    )
     assert_decisions_match(nacc, ref.num_accepted, lr64, u, tol)
     same = nacc == ref.num_accepted
     nn = torch.full((B,), L) if n is None else n.to(torch.int64)
@@ -206,7 +233,9 @@ def run_aot_script(script: str, cwd, ok_marker: str) -> None:
     """Run an AOT check script (see AOT_STANDIN) and assert it printed ``ok_marker``."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     src = textwrap.dedent(script).replace("# @AOT_STANDIN@\n", AOT_STANDIN)
-    proc = subprocess.run([sys.executable, "-c", src], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0 and ok_marker in proc.stdout, \
+    proc = subprocess.run(
+        [sys.executable, "-c", src], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0 and ok_marker in proc.stdout, (
         proc.stdout[-3000:] + proc.stderr[-6000:]
+    )

@@ -1,5 +1,6 @@
 """Deliberately WRONG verifiers, injected through the samplers' ``verify_fn=`` hook: the exactness
 tests must reject them (proof that those tests can fail)."""
+
 from __future__ import annotations
 
 import torch
@@ -8,8 +9,9 @@ import specdiff_kernels
 from specdiff_kernels import VerifyResult
 
 
-def verify_always_accept(draft_states, draft_means, target_means, sigma, uniforms, lengths=None, *,
-                         backend=None):
+def verify_always_accept(
+    draft_states, draft_means, target_means, sigma, uniforms, lengths=None, *, backend=None
+):
     """WRONG: accepts every drafted step (the output is the draft chain)."""
     B, L = draft_states.shape[:2]
     n = torch.full((B,), L, dtype=torch.int64) if lengths is None else lengths.to(torch.int64)
@@ -18,11 +20,13 @@ def verify_always_accept(draft_states, draft_means, target_means, sigma, uniform
     return VerifyResult(n, y_n, lr)
 
 
-def verify_keep_draft_on_reject(draft_states, draft_means, target_means, sigma, uniforms,
-                                lengths=None, *, backend=None):
+def verify_keep_draft_on_reject(
+    draft_states, draft_means, target_means, sigma, uniforms, lengths=None, *, backend=None
+):
     """WRONG: on the first rejection keeps the drafted y_{j+1} instead of reflecting it."""
-    res = specdiff_kernels.speculative_verify(draft_states, draft_means, target_means, sigma,
-                                              uniforms, lengths, backend=backend)
+    res = specdiff_kernels.speculative_verify(
+        draft_states, draft_means, target_means, sigma, uniforms, lengths, backend=backend
+    )
     B, L = draft_states.shape[:2]
     j = res.num_accepted.clamp(max=L - 1)
     return VerifyResult(res.num_accepted, draft_states[torch.arange(B), j], res.log_ratio)
@@ -35,10 +39,20 @@ class VerifyFreshFromP:
     def __init__(self, seed: int):
         self.gen = torch.Generator().manual_seed(seed)
 
-    def __call__(self, draft_states, draft_means, target_means, sigma, uniforms, lengths=None, *,
-                 backend=None):
-        res = specdiff_kernels.speculative_verify(draft_states, draft_means, target_means, sigma,
-                                                  uniforms, lengths, backend=backend)
+    def __call__(
+        self,
+        draft_states,
+        draft_means,
+        target_means,
+        sigma,
+        uniforms,
+        lengths=None,
+        *,
+        backend=None,
+    ):
+        res = specdiff_kernels.speculative_verify(
+            draft_states, draft_means, target_means, sigma, uniforms, lengths, backend=backend
+        )
         B, L = draft_states.shape[:2]
         n = torch.full((B,), L, dtype=torch.int64) if lengths is None else lengths.to(torch.int64)
         rejected = res.num_accepted < n
@@ -46,9 +60,12 @@ class VerifyFreshFromP:
         idx = torch.arange(B)
         s = torch.as_tensor(sigma).expand(B, L)[idx, j].to(draft_states.dtype)
         fresh = target_means[idx, j] + s.view(B, *([1] * (draft_states.dim() - 2))) * torch.randn(
-            draft_states[idx, j].shape, generator=self.gen, dtype=draft_states.dtype)
+            draft_states[idx, j].shape, generator=self.gen, dtype=draft_states.dtype
+        )
         mask = rejected.view(B, *([1] * (draft_states.dim() - 2)))
-        return VerifyResult(res.num_accepted, torch.where(mask, fresh, res.next_state), res.log_ratio)
+        return VerifyResult(
+            res.num_accepted, torch.where(mask, fresh, res.next_state), res.log_ratio
+        )
 
 
 WRONG = {"always_accept": verify_always_accept, "keep_draft": verify_keep_draft_on_reject}
@@ -61,6 +78,7 @@ def _mean_gap_and_step(rnd, Y, P, frozen, k, j):
     """m_p, the draft step's r = s xi and the mean gap d at window position j (float64)."""
     from specdiff_kernels.ops.layout import ROW_STD
     from specdiff_kernels.ops.reference import round as rr
+
     B = Y.shape[0]
     idx = torch.arange(B, device=Y.device)
     D = Y[0, 0].numel()
@@ -80,6 +98,7 @@ def static_wrong_verify(kind: str, seed: int = 0):
     window), ``keep_draft`` (keeps y_{j+1} at a rejection), ``fresh_from_p`` (a fresh draw from p
     at a rejection) or ``half_reflection`` (reflection coefficient 1 - a/b instead of 1 - 2a/b)."""
     from specdiff_kernels.sampling.static_round import StaticRound
+
     real = StaticRound._verify
     gen = torch.Generator().manual_seed(seed)
 
@@ -92,9 +111,11 @@ def static_wrong_verify(kind: str, seed: int = 0):
         shape = (B,) + (1,) * (Y.dim() - 2)
         mask = rejected.view(shape)
         if kind == "always_accept":
-            return res._replace(num_accepted=torch.where(rejected, n, res.num_accepted),
-                                committed=torch.where(rejected, n, res.committed),
-                                next_state=torch.where(mask, Y[idx, n], res.next_state))
+            return res._replace(
+                num_accepted=torch.where(rejected, n, res.num_accepted),
+                committed=torch.where(rejected, n, res.committed),
+                next_state=torch.where(mask, Y[idx, n], res.next_state),
+            )
         if kind == "keep_draft":
             return res._replace(next_state=torch.where(mask, Y[idx, j + 1], res.next_state))
         mp, mq, r, s = _mean_gap_and_step(self, Y, P, frozen, k, j)
@@ -109,6 +130,7 @@ def static_wrong_verify(kind: str, seed: int = 0):
             raise ValueError(kind)
         wrong = wrong.to(Y.dtype).reshape(res.next_state.shape)
         return res._replace(next_state=torch.where(mask, wrong, res.next_state))
+
     return verify
 
 

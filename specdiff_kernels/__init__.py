@@ -7,13 +7,26 @@
   Euler-ancestral, or your own tables);
 * drafts: :class:`FrozenTargetDraft` (training-free) and :class:`DraftModelDraft`.
 """
-from .sampling.drafts import DraftModelDraft, FrozenTargetDraft
-from .ops.verify import VerifyResult, available_backends, first_rejection, gaussian_log_ratio, reflect_resample, speculative_verify
+
+from .ops.verify import (
+    VerifyResult,
+    available_backends,
+    first_rejection,
+    gaussian_log_ratio,
+    reflect_resample,
+    speculative_verify,
+)
 from .sampling.accounting import SamplerStats
 from .sampling.ancestral import AncestralSampler
 from .sampling.base import NonFiniteError, SamplingResult
+from .sampling.drafts import DraftModelDraft, FrozenTargetDraft
 from .sampling.sampler import SpeculativeSampler
-from .sampling.transitions import GaussianTransitions, ddim_transitions, ddpm_transitions, euler_ancestral_transitions
+from .sampling.transitions import (
+    GaussianTransitions,
+    ddim_transitions,
+    ddpm_transitions,
+    euler_ancestral_transitions,
+)
 
 __version__ = "0.1.0"
 

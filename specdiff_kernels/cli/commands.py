@@ -6,6 +6,7 @@ flag that does not apply to the chosen model, ends the command with argparse's o
 ``error: argument --flag: ...`` and exit code 2. The library functions behind the commands take
 explicit values (no ``or default`` that would turn a 0 into the default).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,7 +20,7 @@ from typing import Optional
 
 import torch
 
-SEED_MAX = 2 ** 63 - 1
+SEED_MAX = 2**63 - 1
 DIFFUSION_MODELS = ("digits", "gmm")
 
 
@@ -33,6 +34,7 @@ def _int_at_least(low: int, what: str, high: Optional[int] = None):
         if value < low or (high is not None and value > high):
             raise argparse.ArgumentTypeError(f"must be {what}, got {value}")
         return value
+
     return parse
 
 
@@ -56,7 +58,9 @@ def window_arg(text: str):
     try:
         L = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer or 'adaptive', got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"must be a positive integer or 'adaptive', got {text!r}"
+        ) from None
     if L < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer or 'adaptive', got {L}")
     return L
@@ -72,12 +76,15 @@ def device_arg(text: str) -> str:
         raise argparse.ArgumentTypeError(f"must be cpu, cuda or cuda:N, got {text!r}")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise argparse.ArgumentTypeError(f"{text!r} is not available: torch.cuda.is_available() "
-                                             f"is False (use --device cpu)")
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not available: torch.cuda.is_available() is False (use --device cpu)"
+            )
         n = torch.cuda.device_count()
         if dev.index is not None and dev.index >= n:
-            raise argparse.ArgumentTypeError(f"{text!r} is not available: this machine has {n} CUDA "
-                                             f"device(s), cuda:0..cuda:{n - 1}")
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not available: this machine has {n} CUDA "
+                f"device(s), cuda:0..cuda:{n - 1}"
+            )
     return str(dev)
 
 
@@ -86,15 +93,19 @@ def _not_applicable(args, model: str, flags) -> Optional[str]:
     """``flags``: (option, dest, models it applies to); the first one given for another model."""
     for option, dest, models in flags:
         if getattr(args, dest) is not None and model not in models:
-            return (f"argument {option}: does not apply to --model {model} "
-                    f"(only to {', '.join(models)})")
+            return (
+                f"argument {option}: does not apply to --model {model} "
+                f"(only to {', '.join(models)})"
+            )
     return None
 
 
 def _check_steps_window(steps: int, window, max_steps: Optional[int]) -> Optional[str]:
     if max_steps is not None and steps > max_steps:
-        return (f"argument --steps: must be at most {max_steps} (the model's training timesteps), "
-                f"got {steps}")
+        return (
+            f"argument --steps: must be at most {max_steps} (the model's training timesteps), "
+            f"got {steps}"
+        )
     if isinstance(window, int) and window > steps:
         return f"argument --window: must be at most --steps ({steps}), got {window}"
     return None
@@ -126,6 +137,7 @@ def _check_verify_backend(name: Optional[str], device: str = "cpu") -> Optional[
     if name is None:
         return None
     from ..ops import verify as ops
+
     try:
         ops.get_backend(name, torch.device(device))
     except (ValueError, RuntimeError) as err:
@@ -135,7 +147,7 @@ def _check_verify_backend(name: Optional[str], device: str = "cpu") -> Optional[
 
 def _error(parser: argparse.ArgumentParser, message: Optional[str]) -> None:
     if message is not None:
-        parser.error(message)   # prints usage and "error: ...", exits 2
+        parser.error(message)  # prints usage and "error: ...", exits 2
 
 
 # ----------------------------------------------------------------------------- specdiff info
@@ -148,12 +160,17 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"backends: {', '.join(sk.available_backends())}")
     if ops.HAS_CPP:
         info = ops._C.build_info()
-        print(f"C++ build: {info['compiler']} [{info['build_type']}] flags '{info['cxx_flags'].strip()}', "
-              f"OpenMP {info['openmp']}, SIMD {'/'.join(info['simd']) or 'none'}")
-        print(f"C++ kernels run the {info['cpu_capability']} variant (this CPU supports "
-              f"{ops._C.supported_cpu_capability()}; SPECDIFF_CPU_CAPABILITY caps it)")
+        print(
+            f"C++ build: {info['compiler']} [{info['build_type']}] flags '{info['cxx_flags'].strip()}', "
+            f"OpenMP {info['openmp']}, SIMD {'/'.join(info['simd']) or 'none'}"
+        )
+        print(
+            f"C++ kernels run the {info['cpu_capability']} variant (this CPU supports "
+            f"{ops._C.supported_cpu_capability()}; SPECDIFF_CPU_CAPABILITY caps it)"
+        )
     try:
         import triton
+
         print(f"triton {triton.__version__}")
     except ImportError:
         print("triton: not installed")
@@ -162,12 +179,16 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------- specdiff demo
 # (option, dest, models it applies to); given for another model, the demo refuses to start
-DEMO_MODEL_FLAGS = (("--dim", "dim", ("gmm", "langevin")),
-                    ("--step-size", "step_size", ("langevin",)),
-                    ("--draft", "draft", DIFFUSION_MODELS))
-DEMO_DEFAULTS = {"digits": {"batch": 192, "draft": "frozen-x0"},
-                 "gmm": {"batch": 192, "draft": "frozen-x0", "dim": 64},
-                 "langevin": {"batch": 1000, "dim": 4, "step_size": 0.05}}
+DEMO_MODEL_FLAGS = (
+    ("--dim", "dim", ("gmm", "langevin")),
+    ("--step-size", "step_size", ("langevin",)),
+    ("--draft", "draft", DIFFUSION_MODELS),
+)
+DEMO_DEFAULTS = {
+    "digits": {"batch": 192, "draft": "frozen-x0"},
+    "gmm": {"batch": 192, "draft": "frozen-x0", "dim": 64},
+    "langevin": {"batch": 1000, "dim": 4, "step_size": 0.05},
+}
 
 
 def check_demo_args(args: argparse.Namespace) -> Optional[str]:
@@ -181,48 +202,91 @@ def check_demo_args(args: argparse.Namespace) -> Optional[str]:
     if args.model == "langevin" and args.dim < 2:
         return f"argument --dim: the langevin banana target needs at least 2 dimensions, got {args.dim}"
     from .. import models
+
     max_steps = models.TRAIN_TIMESTEPS if args.model in DIFFUSION_MODELS else None
-    return (_check_steps_window(args.steps, args.window, max_steps)
-            or _check_verify_backend(args.backend, args.device) or _check_dir("--out", args.out))
+    return (
+        _check_steps_window(args.steps, args.window, max_steps)
+        or _check_verify_backend(args.backend, args.device)
+        or _check_dir("--out", args.out)
+    )
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     if args.model == "langevin":
         from .demo import run_langevin_demo
-        return run_langevin_demo(seed=args.seed, batch=args.batch, window=args.window,
-                                 steps=args.steps, dim=args.dim, step_size=args.step_size,
-                                 backend=args.backend, progress=not args.no_progress, out=args.out,
-                                 device=args.device)
+
+        return run_langevin_demo(
+            seed=args.seed,
+            batch=args.batch,
+            window=args.window,
+            steps=args.steps,
+            dim=args.dim,
+            step_size=args.step_size,
+            backend=args.backend,
+            progress=not args.no_progress,
+            out=args.out,
+            device=args.device,
+        )
     from .demo import run_demo
+
     return run_demo(args)
 
 
 # ----------------------------------------------------------------------------- specdiff sample
 def add_sample_arguments(sample: argparse.ArgumentParser) -> None:
     from .sample import EMBEDDED, SCHEDULERS
-    sample.add_argument("--pipeline", required=True, metavar="PATH|" + "|".join(EMBEDDED),
-                        help="a diffusers save_pretrained folder (unconditional UNet2DModel + "
-                             "scheduler), or an embedded model: " + ", ".join(EMBEDDED))
-    sample.add_argument("--scheduler", default=None, choices=list(SCHEDULERS),
-                        help="default: the pipeline's own (digits: ddpm)")
-    sample.add_argument("--eta", type=positive_float, default=None,
-                        help="DDIM's eta (> 0; default 1.0); --scheduler ddim only")
-    sample.add_argument("--steps", type=positive_int, default=200, help="sampling steps N (default 200)")
-    sample.add_argument("--window", type=window_arg, default=8,
-                        help="draft window L (at most N; default 8), or 'adaptive'")
-    sample.add_argument("--draft", default="frozen-x0", choices=["frozen-x0", "frozen-eps", "model"],
-                        help="frozen target (training-free) or the draft network (digits only)")
+
+    sample.add_argument(
+        "--pipeline",
+        required=True,
+        metavar="PATH|" + "|".join(EMBEDDED),
+        help="a diffusers save_pretrained folder (unconditional UNet2DModel + "
+        "scheduler), or an embedded model: " + ", ".join(EMBEDDED),
+    )
+    sample.add_argument(
+        "--scheduler",
+        default=None,
+        choices=list(SCHEDULERS),
+        help="default: the pipeline's own (digits: ddpm)",
+    )
+    sample.add_argument(
+        "--eta",
+        type=positive_float,
+        default=None,
+        help="DDIM's eta (> 0; default 1.0); --scheduler ddim only",
+    )
+    sample.add_argument(
+        "--steps", type=positive_int, default=200, help="sampling steps N (default 200)"
+    )
+    sample.add_argument(
+        "--window",
+        type=window_arg,
+        default=8,
+        help="draft window L (at most N; default 8), or 'adaptive'",
+    )
+    sample.add_argument(
+        "--draft",
+        default="frozen-x0",
+        choices=["frozen-x0", "frozen-eps", "model"],
+        help="frozen target (training-free) or the draft network (digits only)",
+    )
     sample.add_argument("--batch", type=positive_int, default=16, help="chains (default 16)")
     sample.add_argument("--device", type=device_arg, default="cpu", help="cpu, cuda or cuda:N")
-    sample.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
-                        help="the network's precision; the chains' states stay float32 "
-                             "(float16: CUDA only)")
+    sample.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "float16", "bfloat16"],
+        help="the network's precision; the chains' states stay float32 (float16: CUDA only)",
+    )
     sample.add_argument("--seed", type=seed_int, default=0)
-    sample.add_argument("--out", default="out", help="directory for samples.png and stats.json "
-                                                     "(default ./out)")
-    sample.add_argument("--compare", action="store_true",
-                        help="also run the ancestral chain (independent seed): cost table and "
-                             "two-sample p-value")
+    sample.add_argument(
+        "--out", default="out", help="directory for samples.png and stats.json (default ./out)"
+    )
+    sample.add_argument(
+        "--compare",
+        action="store_true",
+        help="also run the ancestral chain (independent seed): cost table and two-sample p-value",
+    )
     sample.add_argument("--no-progress", action="store_true", help="no tqdm bars")
 
 
@@ -230,16 +294,21 @@ def check_sample_args(args: argparse.Namespace) -> Optional[str]:
     """The first bad argument's message; on success ``args.resolved`` holds the checked pipeline
     (its transitions already built, no weights loaded)."""
     from .sample import PipelineError, resolve_pipeline
+
     if args.dtype == "float16" and args.device == "cpu":
-        return ("argument --dtype: float16 needs --device cuda (on CPU it is slower than float32 and "
-                "some kernels lack it); use float32 or bfloat16 on CPU")
+        return (
+            "argument --dtype: float16 needs --device cuda (on CPU it is slower than float32 and "
+            "some kernels lack it); use float32 or bfloat16 on CPU"
+        )
     try:
         spec = resolve_pipeline(args.pipeline, args.scheduler, args.steps, args.eta)
     except PipelineError as err:
         return f"argument {err.option}: {err}"
     if args.draft == "model" and not spec.has_draft_model:
-        return (f"argument --draft: 'model' needs a draft network, which only --pipeline digits "
-                f"ships; use frozen-x0 or frozen-eps")
+        return (
+            "argument --draft: 'model' needs a draft network, which only --pipeline digits "
+            "ships; use frozen-x0 or frozen-eps"
+        )
     err = _check_steps_window(args.steps, args.window, None) or _check_dir("--out", args.out)
     if err is None:
         args.resolved = spec
@@ -248,36 +317,60 @@ def check_sample_args(args: argparse.Namespace) -> Optional[str]:
 
 def cmd_sample(args: argparse.Namespace) -> int:
     from .sample import run_sample
+
     spec = args.resolved
     del args.resolved
     return run_sample(args, spec)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="specdiff", description="Exact speculative sampling for diffusion models")
+    p = argparse.ArgumentParser(
+        prog="specdiff", description="Exact speculative sampling for diffusion models"
+    )
     sub = p.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="ancestral vs speculative sampling of an embedded model")
     demo.add_argument("--model", default="digits", choices=["digits", "gmm", "langevin"])
     demo.add_argument("--steps", type=positive_int, default=200, help="sampling steps N")
-    demo.add_argument("--window", type=window_arg, default=8,
-                      help="draft window L (at most N), or 'adaptive' (per-chain, from its own acceptance)")
-    demo.add_argument("--draft", default=None, choices=["frozen-x0", "frozen-eps", "model"],
-                      help="digits, gmm (default frozen-x0)")
-    demo.add_argument("--batch", type=positive_int, default=None,
-                      help="chains per sampler (default: 192; langevin: 1000)")
+    demo.add_argument(
+        "--window",
+        type=window_arg,
+        default=8,
+        help="draft window L (at most N), or 'adaptive' (per-chain, from its own acceptance)",
+    )
+    demo.add_argument(
+        "--draft",
+        default=None,
+        choices=["frozen-x0", "frozen-eps", "model"],
+        help="digits, gmm (default frozen-x0)",
+    )
+    demo.add_argument(
+        "--batch",
+        type=positive_int,
+        default=None,
+        help="chains per sampler (default: 192; langevin: 1000)",
+    )
     demo.add_argument("--seed", type=seed_int, default=0)
-    demo.add_argument("--dim", type=positive_int, default=None,
-                      help="dimension of the gmm (default 64) or langevin banana (default 4, >= 2) model")
-    demo.add_argument("--step-size", type=positive_float, default=None,
-                      help="langevin step size g (default 0.05)")
-    demo.add_argument("--backend", default=None, help="verify backend: reference, cpp or triton "
-                                                      "(default: by device)")
+    demo.add_argument(
+        "--dim",
+        type=positive_int,
+        default=None,
+        help="dimension of the gmm (default 64) or langevin banana (default 4, >= 2) model",
+    )
+    demo.add_argument(
+        "--step-size", type=positive_float, default=None, help="langevin step size g (default 0.05)"
+    )
+    demo.add_argument(
+        "--backend",
+        default=None,
+        help="verify backend: reference, cpp or triton (default: by device)",
+    )
     demo.add_argument("--device", type=device_arg, default="cpu", help="cpu, cuda or cuda:N")
     demo.add_argument("--out", default="out", help="directory for the PNGs and JSON")
     demo.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     demo.set_defaults(func=cmd_demo, check=check_demo_args)
-    sample = sub.add_parser("sample", help="speculative sampling of a diffusers pipeline folder or "
-                                           "an embedded model")
+    sample = sub.add_parser(
+        "sample", help="speculative sampling of a diffusers pipeline folder or an embedded model"
+    )
     add_sample_arguments(sample)
     sample.set_defaults(func=cmd_sample, check=check_sample_args)
     info = sub.add_parser("info", help="version, build and backends")
@@ -297,35 +390,57 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # ----------------------------------------------------------------------------- distributed
-DIST_MODEL_FLAGS = (("--dim", "dim", ("gmm", "banana")),
-                    ("--step-size", "step_size", ("banana",)))
+DIST_MODEL_FLAGS = (("--dim", "dim", ("gmm", "banana")), ("--step-size", "step_size", ("banana",)))
 DIST_DEFAULTS = {"dim": 64, "step_size": 0.05}
 
 
 def build_distributed_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m specdiff_kernels.cli.distributed",
-                                description="Sample many chains across torchrun processes (gloo on "
-                                            "CPU, nccl on GPU); the union is the same for any "
-                                            "number of ranks.")
-    p.add_argument("--model", default="gmm", choices=["gmm", "digits", "banana"],
-                   help="embedded diffusion model (gmm, digits) or 'banana' (speculative Langevin)")
-    p.add_argument("--dim", type=positive_int, default=None, help="dimension (gmm, banana; default 64)")
+    p = argparse.ArgumentParser(
+        prog="python -m specdiff_kernels.cli.distributed",
+        description="Sample many chains across torchrun processes (gloo on "
+        "CPU, nccl on GPU); the union is the same for any "
+        "number of ranks.",
+    )
+    p.add_argument(
+        "--model",
+        default="gmm",
+        choices=["gmm", "digits", "banana"],
+        help="embedded diffusion model (gmm, digits) or 'banana' (speculative Langevin)",
+    )
+    p.add_argument(
+        "--dim", type=positive_int, default=None, help="dimension (gmm, banana; default 64)"
+    )
     p.add_argument("--chains", type=positive_int, default=1024, help="total chains over all ranks")
     p.add_argument("--steps", type=positive_int, default=200)
-    p.add_argument("--window", type=window_arg, default=8, help="window L (at most --steps), or 'adaptive'")
-    p.add_argument("--draft", default="frozen", choices=["frozen", "model"],
-                   help="frozen target (training-free) or the model's draft network "
-                        "(banana: a surrogate gradient)")
+    p.add_argument(
+        "--window", type=window_arg, default=8, help="window L (at most --steps), or 'adaptive'"
+    )
+    p.add_argument(
+        "--draft",
+        default="frozen",
+        choices=["frozen", "model"],
+        help="frozen target (training-free) or the model's draft network "
+        "(banana: a surrogate gradient)",
+    )
     p.add_argument("--sampler", default="speculative", choices=["speculative", "ancestral"])
     p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    p.add_argument("--step-size", type=positive_float, default=None,
-                   help="banana: ULA step size (default 0.05)")
-    p.add_argument("--backend", default=None, choices=["gloo", "nccl", "mpi", "ucc"],
-                   help="process-group backend (default: nccl with CUDA, else gloo)")
+    p.add_argument(
+        "--step-size",
+        type=positive_float,
+        default=None,
+        help="banana: ULA step size (default 0.05)",
+    )
+    p.add_argument(
+        "--backend",
+        default=None,
+        choices=["gloo", "nccl", "mpi", "ucc"],
+        help="process-group backend (default: nccl with CUDA, else gloo)",
+    )
     p.add_argument("--out", default=None, help="rank 0 saves {samples, chain_ids, stats} here")
-    p.add_argument("--per-rank-dir", default=None,
-                   help="each rank writes rank{r}.pt here instead of gathering")
+    p.add_argument(
+        "--per-rank-dir", default=None, help="each rank writes rank{r}.pt here instead of gathering"
+    )
     return p
 
 
@@ -341,6 +456,7 @@ def check_distributed_args(args: argparse.Namespace) -> Optional[str]:
     if args.out is not None and args.per_rank_dir is not None:
         return "argument --out: not allowed with --per-rank-dir (ranks then write their own files)"
     from .. import models
+
     max_steps = None if args.model == "banana" else models.TRAIN_TIMESTEPS
     err = _check_steps_window(args.steps, args.window, max_steps)
     if err is None and args.out is not None:
@@ -356,20 +472,36 @@ def build_distributed_sampler(args, device):
     from ..sampling.sampler import AncestralSampler, SpeculativeSampler
 
     if args.model == "banana":
-        from ..sampling.langevin import LangevinSampler, SpeculativeLangevin, banana_energy, banana_grad
+        from ..sampling.langevin import (
+            LangevinSampler,
+            SpeculativeLangevin,
+            banana_energy,
+            banana_grad,
+        )
+
         if args.sampler == "ancestral":
-            return LangevinSampler(banana_energy(), step_size=args.step_size, num_steps=args.steps), (args.dim,)
+            return LangevinSampler(
+                banana_energy(), step_size=args.step_size, num_steps=args.steps
+            ), (args.dim,)
         draft = "frozen" if args.draft == "frozen" else banana_grad(b=0.0)
-        return SpeculativeLangevin(banana_energy(), step_size=args.step_size, num_steps=args.steps,
-                                   window=args.window, draft=draft), (args.dim,)
+        return SpeculativeLangevin(
+            banana_energy(),
+            step_size=args.step_size,
+            num_steps=args.steps,
+            window=args.window,
+            draft=draft,
+        ), (args.dim,)
     from ..models import load
+
     kw = {"dim": args.dim} if args.model == "gmm" else {"device": device}
     m = load(args.model, **kw)
     target = m.target.to(device)
     T = m.transitions(args.steps)
     if args.sampler == "ancestral":
         return AncestralSampler(target, T), m.event_shape
-    draft = FrozenTargetDraft("x0") if args.draft == "frozen" else DraftModelDraft(m.draft.to(device))
+    draft = (
+        FrozenTargetDraft("x0") if args.draft == "frozen" else DraftModelDraft(m.draft.to(device))
+    )
     return SpeculativeSampler(target, T, draft, args.window), m.event_shape
 
 
@@ -384,8 +516,11 @@ def distributed_main(argv: Optional[list] = None) -> int:
     launched = "WORLD_SIZE" in os.environ and "RANK" in os.environ
     own_group = False
     if launched and not dist.is_initialized():
-        backend = args.backend if args.backend is not None else (
-            "nccl" if torch.cuda.is_available() else "gloo")
+        backend = (
+            args.backend
+            if args.backend is not None
+            else ("nccl" if torch.cuda.is_available() else "gloo")
+        )
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group(backend=backend)
@@ -401,22 +536,41 @@ def distributed_main(argv: Optional[list] = None) -> int:
         sampler, event_shape = build_distributed_sampler(args, device)
         dtype = getattr(torch, args.dtype)
         t0 = time.perf_counter()
-        res = sample_distributed(sampler, args.chains, event_shape, seed=args.seed, dtype=dtype,
-                                 device=device, gather=args.per_rank_dir is None,
-                                 out_dir=args.per_rank_dir)
+        res = sample_distributed(
+            sampler,
+            args.chains,
+            event_shape,
+            seed=args.seed,
+            dtype=dtype,
+            device=device,
+            gather=args.per_rank_dir is None,
+            out_dir=args.per_rank_dir,
+        )
         wall = time.perf_counter() - t0
         if rank == 0:
             st = res.stats
             if args.per_rank_dir is None and st is not None:
-                print(f"{args.model}: {args.chains} chains on {world} rank(s), {args.steps} steps, "
-                      f"window {args.window}, {args.sampler}: sequential target calls (max over "
-                      f"ranks) {st.target_calls}, summed {res.total_target_calls}; target evals "
-                      f"{st.target_evals}; acceptance {st.acceptance_rate:.3f}; wall {wall:.2f}s")
+                print(
+                    f"{args.model}: {args.chains} chains on {world} rank(s), {args.steps} steps, "
+                    f"window {args.window}, {args.sampler}: sequential target calls (max over "
+                    f"ranks) {st.target_calls}, summed {res.total_target_calls}; target evals "
+                    f"{st.target_evals}; acceptance {st.acceptance_rate:.3f}; wall {wall:.2f}s"
+                )
             else:
-                print(f"rank 0 wrote its shard of {len(res.chain_ids)} chains to {args.per_rank_dir}")
+                print(
+                    f"rank 0 wrote its shard of {len(res.chain_ids)} chains to {args.per_rank_dir}"
+                )
             if args.out is not None and args.per_rank_dir is None:
-                torch.save({"samples": res.samples.cpu(), "chain_ids": res.chain_ids, "stats": st,
-                            "world_size": world, "args": vars(args)}, args.out)
+                torch.save(
+                    {
+                        "samples": res.samples.cpu(),
+                        "chain_ids": res.chain_ids,
+                        "stats": st,
+                        "world_size": world,
+                        "args": vars(args),
+                    },
+                    args.out,
+                )
         return 0
     finally:
         if own_group:

@@ -8,6 +8,7 @@ The arguments arrive checked and with their defaults filled in (``specdiff_kerne
 matplotlib (the PNGs) and scikit-learn (the digit classifier) are optional: without them the demo
 says so in one line before it starts and skips that part (``pip install specdiff_kernels[demo]``).
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -46,9 +47,18 @@ def _fmt(v, spec=".3g"):
 def cost_table(anc: SamplerStats, spec: SamplerStats) -> str:
     rel = spec.relative_to(anc)
     rows = [
-        ("sequential target calls (batch)", anc.target_calls, spec.target_calls, rel["target_calls"]),
-        ("sequential target calls / chain (mean)", anc.mean_chain_rounds, spec.mean_chain_rounds,
-         spec.mean_chain_rounds / anc.mean_chain_rounds),
+        (
+            "sequential target calls (batch)",
+            anc.target_calls,
+            spec.target_calls,
+            rel["target_calls"],
+        ),
+        (
+            "sequential target calls / chain (mean)",
+            anc.mean_chain_rounds,
+            spec.mean_chain_rounds,
+            spec.mean_chain_rounds / anc.mean_chain_rounds,
+        ),
         ("total target evaluations", anc.target_evals, spec.target_evals, rel["target_evals"]),
         ("draft calls / evaluations", "0 / 0", f"{spec.draft_calls} / {spec.draft_evals}", None),
         ("wall time [s]", anc.wall_time, spec.wall_time, rel["wall_time"]),
@@ -56,14 +66,18 @@ def cost_table(anc: SamplerStats, spec: SamplerStats) -> str:
         ("mean committed steps per round", 1.0, spec.steps_per_window, None),
     ]
     w = max(len(r[0]) for r in rows)
-    out = [f"{'':{w}}  {'ancestral':>12}  {'speculative':>12}  {'ratio':>8}",
-           f"{'-' * w}  {'-' * 12}  {'-' * 12}  {'-' * 8}"]
+    out = [
+        f"{'':{w}}  {'ancestral':>12}  {'speculative':>12}  {'ratio':>8}",
+        f"{'-' * w}  {'-' * 12}  {'-' * 12}  {'-' * 8}",
+    ]
     for name, a, s, r in rows:
         fa = a if isinstance(a, str) else _fmt(a, ".4g")
         fs = s if isinstance(s, str) else _fmt(s, ".4g")
         out.append(f"{name:{w}}  {fa:>12}  {fs:>12}  {_fmt(r, '.3f'):>8}")
-    out.append(f"speed-up (ancestral / speculative): sequential calls x{1 / rel['target_calls']:.2f}, "
-               f"wall time x{1 / rel['wall_time']:.2f}")
+    out.append(
+        f"speed-up (ancestral / speculative): sequential calls x{1 / rel['target_calls']:.2f}, "
+        f"wall time x{1 / rel['wall_time']:.2f}"
+    )
     acc = "  ".join(f"{j}:{_fmt(a, '.2f')}" for j, a in enumerate(spec.acceptance_by_position))
     out.append(f"acceptance by window position: {acc}")
     return "\n".join(out)
@@ -71,6 +85,7 @@ def cost_table(anc: SamplerStats, spec: SamplerStats) -> str:
 
 def save_sample_grids(path: Path, anc, spec, event_shape, title: str) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -84,7 +99,7 @@ def save_sample_grids(path: Path, anc, spec, event_shape, title: str) -> None:
             grid = torch.full((side * (H + 1), side * (W + 1)), -1.0)
             for i in range(n):
                 r, c = divmod(i, side)
-                grid[r * (H + 1):r * (H + 1) + H, c * (W + 1):c * (W + 1) + W] = x[i].mean(0)
+                grid[r * (H + 1) : r * (H + 1) + H, c * (W + 1) : c * (W + 1) + W] = x[i].mean(0)
             ax.imshow(grid.clamp(-1, 1).numpy(), cmap="gray_r", vmin=-1, vmax=1)
             ax.set_xticks([]), ax.set_yticks([])
         else:  # vectors: the first two coordinates
@@ -100,6 +115,7 @@ def save_sample_grids(path: Path, anc, spec, event_shape, title: str) -> None:
 
 def save_acceptance_plot(path: Path, spec: SamplerStats, title: str) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -122,8 +138,10 @@ def optional_module(module: str, what: str) -> bool:
     """Whether ``module`` can be imported; if not, a one-line notice that ``what`` is skipped."""
     if importlib.util.find_spec(module) is not None:
         return True
-    print(f"note: {module} is not installed, so the {what} is skipped "
-          f"(pip install 'specdiff_kernels[demo]' adds it)")
+    print(
+        f"note: {module} is not installed, so the {what} is skipped "
+        f"(pip install 'specdiff_kernels[demo]' adds it)"
+    )
     return False
 
 
@@ -138,41 +156,68 @@ def run_demo(args) -> int:
     transitions = model.transitions(args.steps)
     draft = make_draft(args.draft, model)
     print(f"model: {model.name} ({model.description})")
-    print(f"chain: {transitions!r}; batch {args.batch}, window L={args.window}, draft {draft!r}, "
-          f"seed {args.seed}, device {device}")
+    print(
+        f"chain: {transitions!r}; batch {args.batch}, window L={args.window}, draft {draft!r}, "
+        f"seed {args.seed}, device {device}"
+    )
     gen = lambda: torch.Generator().manual_seed(args.seed)  # noqa: E731
-    anc = AncestralSampler(model.target, transitions, progress=not args.no_progress
-                           ).sample(args.batch, model.event_shape, generator=gen(), device=device)
-    spec = SpeculativeSampler(model.target, transitions, draft=draft, window=args.window,
-                              backend=args.backend, progress=not args.no_progress
-                              ).sample(args.batch, model.event_shape, generator=gen(), device=device)
+    anc = AncestralSampler(model.target, transitions, progress=not args.no_progress).sample(
+        args.batch, model.event_shape, generator=gen(), device=device
+    )
+    spec = SpeculativeSampler(
+        model.target,
+        transitions,
+        draft=draft,
+        window=args.window,
+        backend=args.backend,
+        progress=not args.no_progress,
+    ).sample(args.batch, model.event_shape, generator=gen(), device=device)
     print()
     print(cost_table(anc.stats, spec.stats))
     # The two runs share their random streams: compare against an independent ancestral run so the
     # p-value tests the law, not a coupling of the two sample sets.
     t0 = time.perf_counter()
     indep = AncestralSampler(model.target, transitions).sample(
-        args.batch, model.event_shape, generator=torch.Generator().manual_seed(args.seed + 10_007),
-        device=device)
+        args.batch,
+        model.event_shape,
+        generator=torch.Generator().manual_seed(args.seed + 10_007),
+        device=device,
+    )
     p = two_sample_pvalue(spec.samples, indep.samples, seed=args.seed)
-    print(f"two-sample test, speculative vs an independent ancestral run (per-coordinate KS + energy "
-          f"distance, Bonferroni): p = {p:.3f} ({'no evidence of a difference' if p > 0.01 else 'DIFFERENT'}"
-          f"; {time.perf_counter() - t0:.1f}s)")
+    print(
+        f"two-sample test, speculative vs an independent ancestral run (per-coordinate KS + energy "
+        f"distance, Bonferroni): p = {p:.3f} ({'no evidence of a difference' if p > 0.01 else 'DIFFERENT'}"
+        f"; {time.perf_counter() - t0:.1f}s)"
+    )
     if classify:
         from ..models.digits_classifier import digit_confidence
-        print(f"digit classifier mean confidence: ancestral {float(digit_confidence(anc.samples.cpu()).mean()):.3f}, "
-              f"speculative {float(digit_confidence(spec.samples.cpu()).mean()):.3f}")
+
+        print(
+            f"digit classifier mean confidence: ancestral {float(digit_confidence(anc.samples.cpu()).mean()):.3f}, "
+            f"speculative {float(digit_confidence(spec.samples.cpu()).mean()):.3f}"
+        )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     written = []
     if plots:
         title = f"{model.name}, N={args.steps}, L={args.window}, draft {args.draft}"
-        save_sample_grids(out / "demo_samples.png", anc.samples, spec.samples, model.event_shape, title)
+        save_sample_grids(
+            out / "demo_samples.png", anc.samples, spec.samples, model.event_shape, title
+        )
         save_acceptance_plot(out / "demo_acceptance.png", spec.stats, title)
         written += [out / "demo_samples.png", out / "demo_acceptance.png"]
-    (out / "demo_stats.json").write_text(json.dumps(
-        {"args": vars(args), "ancestral": anc.stats.as_dict(), "speculative": spec.stats.as_dict(),
-         "two_sample_pvalue": p}, indent=1, default=str))
+    (out / "demo_stats.json").write_text(
+        json.dumps(
+            {
+                "args": vars(args),
+                "ancestral": anc.stats.as_dict(),
+                "speculative": spec.stats.as_dict(),
+                "two_sample_pvalue": p,
+            },
+            indent=1,
+            default=str,
+        )
+    )
     written.append(out / "demo_stats.json")
     print(f"wrote {', '.join(map(str, written))}")
     return 0 if p > 1e-3 else 1
@@ -183,9 +228,19 @@ def _fmt_acc(vals) -> str:
     return " ".join("  -" if math.isnan(v) else f"{v:.2f}" for v in vals)
 
 
-def run_langevin_demo(*, seed: int = 0, batch: int = 1000, window=8, steps: int = 200, dim: int = 4,
-                      step_size: float = 0.05, backend: Optional[str] = None, progress: bool = False,
-                      out: Optional[str] = None, device: str = "cpu") -> int:
+def run_langevin_demo(
+    *,
+    seed: int = 0,
+    batch: int = 1000,
+    window=8,
+    steps: int = 200,
+    dim: int = 4,
+    step_size: float = 0.05,
+    backend: Optional[str] = None,
+    progress: bool = False,
+    out: Optional[str] = None,
+    device: str = "cpu",
+) -> int:
     """``specdiff demo --model langevin``: speculative vs plain ULA on a banana target.
 
     ``batch`` chains of dimension ``dim`` (>= 2), ``steps`` ULA steps of size ``step_size``, window
@@ -205,10 +260,14 @@ def run_langevin_demo(*, seed: int = 0, batch: int = 1000, window=8, steps: int 
     U = banana_energy()
     surrogate = banana_grad(b=0.0)
     gen = lambda s: torch.Generator().manual_seed(s)  # noqa: E731
-    print(f"Speculative ULA on a banana target (a=1.5, b=0.5), D={D}, {B} chains, N={N} steps, "
-          f"g={g}, window L={L}, float32; gradient by autograd")
+    print(
+        f"Speculative ULA on a banana target (a=1.5, b=0.5), D={D}, {B} chains, N={N} steps, "
+        f"g={g}, window L={L}, float32; gradient by autograd"
+    )
     plain = LangevinSampler(U, step_size=g, num_steps=N, progress=progress)
-    ref = plain.sample(num_chains=B, event_shape=(D,), generator=gen(seed + 1), device=device)  # independent
+    ref = plain.sample(
+        num_chains=B, event_shape=(D,), generator=gen(seed + 1), device=device
+    )  # independent
     base = plain.sample(num_chains=B, event_shape=(D,), generator=gen(seed), device=device)
     rows = [("plain ULA", base, two_sample_pvalue(base.samples, ref.samples))]
     configs = [(f"frozen gradient, L={L}", L, "frozen")]
@@ -216,37 +275,63 @@ def run_langevin_demo(*, seed: int = 0, batch: int = 1000, window=8, steps: int 
         configs.append(("frozen gradient, adaptive", "adaptive", "frozen"))
     configs.append((f"surrogate gradient, L={L}", L, surrogate))
     for name, w, draft in configs:
-        s = SpeculativeLangevin(U, step_size=g, num_steps=N, window=w, draft=draft, backend=backend,
-                                progress=progress)
+        s = SpeculativeLangevin(
+            U, step_size=g, num_steps=N, window=w, draft=draft, backend=backend, progress=progress
+        )
         res = s.sample(num_chains=B, event_shape=(D,), generator=gen(seed), device=device)
         rows.append((name, res, two_sample_pvalue(res.samples, ref.samples)))
-    print(f"{'sampler':<27} {'seq grad calls':>14} {'/N batch':>8} {'/N chain':>8} {'grad evals':>10} "
-          f"{'/(B*N)':>6} {'draft calls':>11} {'wall s':>7} {'p vs ULA':>9}")
+    print(
+        f"{'sampler':<27} {'seq grad calls':>14} {'/N batch':>8} {'/N chain':>8} {'grad evals':>10} "
+        f"{'/(B*N)':>6} {'draft calls':>11} {'wall s':>7} {'p vs ULA':>9}"
+    )
     for name, res, p in rows:
         st = res.stats
-        print(f"{name:<27} {st.target_calls:>14d} {st.target_calls / N:>8.3f} "
-              f"{st.mean_chain_rounds / N:>8.3f} {st.target_evals:>10d} {st.target_evals / (B * N):>6.2f} "
-              f"{st.draft_calls:>11d} {st.wall_time:>7.2f} {p:>9.3g}")
+        print(
+            f"{name:<27} {st.target_calls:>14d} {st.target_calls / N:>8.3f} "
+            f"{st.mean_chain_rounds / N:>8.3f} {st.target_evals:>10d} {st.target_evals / (B * N):>6.2f} "
+            f"{st.draft_calls:>11d} {st.wall_time:>7.2f} {p:>9.3g}"
+        )
     print("acceptance by window position (j = 0..L-1):")
     for name, res, _ in rows[1:]:
         st = res.stats
         acc = st.acceptance_by_position
         shown = acc if len(acc) <= 16 else acc[:16]
         more = f" ... ({len(acc)} positions)" if len(acc) > 16 else ""
-        print(f"  {name:<27} [{_fmt_acc(shown)}{more}]  mean window {st.mean_window_length:.1f}, "
-              f"mean steps/window {st.steps_per_window:.2f}")
-    print(f"(/N batch: sequential gradient calls of the whole ragged batch / N; /N chain: mean over "
-          f"chains of the calls each chain needed. p vs ULA: two-sample test against an independent "
-          f"plain-ULA run with seed {seed + 1}; the plain row is the test's own null check. "
-          f"Speculative ULA is exact w.r.t. the ULA chain, so these p-values are Uniform(0,1) "
-          f"under correct code.)")
+        print(
+            f"  {name:<27} [{_fmt_acc(shown)}{more}]  mean window {st.mean_window_length:.1f}, "
+            f"mean steps/window {st.steps_per_window:.2f}"
+        )
+    print(
+        f"(/N batch: sequential gradient calls of the whole ragged batch / N; /N chain: mean over "
+        f"chains of the calls each chain needed. p vs ULA: two-sample test against an independent "
+        f"plain-ULA run with seed {seed + 1}; the plain row is the test's own null check. "
+        f"Speculative ULA is exact w.r.t. the ULA chain, so these p-values are Uniform(0,1) "
+        f"under correct code.)"
+    )
     if out is not None:
         path = Path(out) / "langevin_stats.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(
-            {"args": {"seed": seed, "batch": B, "window": L, "steps": N, "dim": D, "step_size": g,
-                      "backend": backend, "device": str(device)},
-             "rows": [{"sampler": name, "stats": res.stats.as_dict(), "two_sample_pvalue": p}
-                      for name, res, p in rows]}, indent=1, default=str))
+        path.write_text(
+            json.dumps(
+                {
+                    "args": {
+                        "seed": seed,
+                        "batch": B,
+                        "window": L,
+                        "steps": N,
+                        "dim": D,
+                        "step_size": g,
+                        "backend": backend,
+                        "device": str(device),
+                    },
+                    "rows": [
+                        {"sampler": name, "stats": res.stats.as_dict(), "two_sample_pvalue": p}
+                        for name, res, p in rows
+                    ],
+                },
+                indent=1,
+                default=str,
+            )
+        )
         print(f"wrote {path}")
     return 0 if min(p for _, _, p in rows) > 1e-3 else 1

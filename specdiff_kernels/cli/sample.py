@@ -10,6 +10,7 @@ Two halves, so that every argument is refused before any weight is read:
   ``compare`` also runs the ancestral chain (independent seed) for the cost table and the
   two-sample p-value.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,14 +23,17 @@ from typing import Optional
 import torch
 
 # --scheduler value -> diffusers class; the embedded digits model maps them onto its own tables
-SCHEDULERS = {"ddpm": "DDPMScheduler", "ddim": "DDIMScheduler",
-              "euler-a": "EulerAncestralDiscreteScheduler"}
+SCHEDULERS = {
+    "ddpm": "DDPMScheduler",
+    "ddim": "DDIMScheduler",
+    "euler-a": "EulerAncestralDiscreteScheduler",
+}
 SCHEDULER_NAMES = {cls: name for name, cls in SCHEDULERS.items()}
 EMBEDDED = ("patches", "digits")
 # UNets called as unet(sample, timestep): conditional ones need inputs this command has no flag for
 UNET_CLASSES = ("UNet2DModel",)
-DEFAULT_ETA = 1.0          # DDIM: eta = 1 is DDPM's posterior variance on the respaced schedule
-INDEPENDENT_SEED_OFFSET = 10_007   # the --compare ancestral run's seed: seed + this (as the demo)
+DEFAULT_ETA = 1.0  # DDIM: eta = 1 is DDPM's posterior variance on the respaced schedule
+INDEPENDENT_SEED_OFFSET = 10_007  # the --compare ancestral run's seed: seed + this (as the demo)
 
 
 class PipelineError(ValueError):
@@ -44,12 +48,12 @@ class PipelineError(ValueError):
 class PipelineSpec:
     """What the checks learned about ``--pipeline`` without loading any weights."""
 
-    name: str                       # "digits", "patches" or the folder as given
-    path: Optional[Path]            # the save_pretrained folder (None: digits)
-    scheduler: str                  # ddpm | ddim | euler-a
-    own_scheduler: str              # the pipeline's own scheduler class name
+    name: str  # "digits", "patches" or the folder as given
+    path: Optional[Path]  # the save_pretrained folder (None: digits)
+    scheduler: str  # ddpm | ddim | euler-a
+    own_scheduler: str  # the pipeline's own scheduler class name
     event_shape: tuple
-    max_steps: int                  # training timesteps: the most sampling steps
+    max_steps: int  # training timesteps: the most sampling steps
     has_draft_model: bool
     transitions: object = field(default=None, repr=False)
     unet_class: Optional[str] = None
@@ -69,29 +73,43 @@ def patches_dir() -> Path:
     try:
         from ..models import patches
     except ImportError as err:
-        raise PipelineError("--pipeline", f"the embedded 'patches' model is not in this install "
-                                          f"({err}); pass a pipeline folder or 'digits'") from None
+        raise PipelineError(
+            "--pipeline",
+            f"the embedded 'patches' model is not in this install "
+            f"({err}); pass a pipeline folder or 'digits'",
+        ) from None
     folder = Path(patches.pipeline_dir())
     if not (folder / "model_index.json").is_file():
         how = getattr(patches, "TRAIN_COMMAND", "python -m specdiff_kernels.models.train patches")
-        raise PipelineError("--pipeline", f"the embedded 'patches' pipeline is not in this install "
-                                          f"(no model_index.json in {str(folder)!r}); train it with "
-                                          f"`{how}`, or pass a pipeline folder or 'digits'")
+        raise PipelineError(
+            "--pipeline",
+            f"the embedded 'patches' pipeline is not in this install "
+            f"(no model_index.json in {str(folder)!r}); train it with "
+            f"`{how}`, or pass a pipeline folder or 'digits'",
+        )
     return folder
 
 
 def _check_unet(path: Path) -> tuple[str, tuple]:
-    cfg = _read_json(path / "unet" / "config.json", "--pipeline", f"{str(path)!r} has no usable unet/")
+    cfg = _read_json(
+        path / "unet" / "config.json", "--pipeline", f"{str(path)!r} has no usable unet/"
+    )
     cls = cfg.get("_class_name", "?")
     if cls not in UNET_CLASSES:
-        raise PipelineError("--pipeline", f"{str(path)!r}: its unet is a {cls}; specdiff sample "
-                                          f"runs unconditional {', '.join(UNET_CLASSES)} pipelines")
+        raise PipelineError(
+            "--pipeline",
+            f"{str(path)!r}: its unet is a {cls}; specdiff sample "
+            f"runs unconditional {', '.join(UNET_CLASSES)} pipelines",
+        )
     cin, cout = int(cfg.get("in_channels", 3)), int(cfg.get("out_channels", 3))
     if cout != cin:
-        raise PipelineError("--pipeline", f"{str(path)!r}: its unet has out_channels {cout} for "
-                                          f"in_channels {cin} (a learned variance?); speculative "
-                                          f"sampling needs a UNet that predicts only the noise/x0/v, "
-                                          f"with fixed variances")
+        raise PipelineError(
+            "--pipeline",
+            f"{str(path)!r}: its unet has out_channels {cout} for "
+            f"in_channels {cin} (a learned variance?); speculative "
+            f"sampling needs a UNet that predicts only the noise/x0/v, "
+            f"with fixed variances",
+        )
     size = cfg.get("sample_size", 32)
     h, w = (size, size) if isinstance(size, int) else tuple(size)
     return cls, (cin, int(h), int(w))
@@ -99,95 +117,151 @@ def _check_unet(path: Path) -> tuple[str, tuple]:
 
 def _scheduler_from_config(name: str, config: dict):
     import diffusers
+
     cls = getattr(diffusers, SCHEDULERS[name])
     cfg = {k: v for k, v in config.items() if not k.startswith("_")}
     from diffusers.utils import logging as dlog
+
     level = dlog.get_verbosity()
-    dlog.set_verbosity_error()   # from_config warns about another scheduler's keys
+    dlog.set_verbosity_error()  # from_config warns about another scheduler's keys
     try:
         return cls.from_config(cfg)
     finally:
         dlog.set_verbosity(level)
 
 
-def resolve_pipeline(pipeline: str, scheduler: Optional[str], steps: int, eta: Optional[float]
-                     ) -> PipelineSpec:
+def resolve_pipeline(
+    pipeline: str, scheduler: Optional[str], steps: int, eta: Optional[float]
+) -> PipelineSpec:
     """Check ``--pipeline`` / ``--scheduler`` / ``--eta`` / ``--steps`` from JSON only; build the
     transitions (cheap: tables from the scheduler config). Raises :class:`PipelineError`."""
     if pipeline == "digits":
         return _resolve_digits(scheduler, steps, eta)
     path = patches_dir() if pipeline == "patches" else Path(pipeline)
     if not path.exists():
-        raise PipelineError("--pipeline", f"{pipeline!r} does not exist (a diffusers save_pretrained "
-                                          f"folder, or one of {', '.join(EMBEDDED)})")
+        raise PipelineError(
+            "--pipeline",
+            f"{pipeline!r} does not exist (a diffusers save_pretrained "
+            f"folder, or one of {', '.join(EMBEDDED)})",
+        )
     if not path.is_dir():
-        raise PipelineError("--pipeline", f"{pipeline!r} is not a directory (a diffusers "
-                                          f"save_pretrained folder, or one of {', '.join(EMBEDDED)})")
-    _read_json(path / "model_index.json", "--pipeline",
-               f"{pipeline!r} is not a diffusers pipeline folder")
+        raise PipelineError(
+            "--pipeline",
+            f"{pipeline!r} is not a directory (a diffusers "
+            f"save_pretrained folder, or one of {', '.join(EMBEDDED)})",
+        )
+    _read_json(
+        path / "model_index.json", "--pipeline", f"{pipeline!r} is not a diffusers pipeline folder"
+    )
     try:
         import diffusers  # noqa: F401
     except ImportError:
-        raise PipelineError("--pipeline", "diffusers is not installed (pip install "
-                                          "'specdiff_kernels[diffusers]')") from None
+        raise PipelineError(
+            "--pipeline", "diffusers is not installed (pip install 'specdiff_kernels[diffusers]')"
+        ) from None
     unet_class, event_shape = _check_unet(path)
-    sched_cfg = _read_json(path / "scheduler" / "scheduler_config.json", "--pipeline",
-                           f"{pipeline!r} has no usable scheduler/")
+    sched_cfg = _read_json(
+        path / "scheduler" / "scheduler_config.json",
+        "--pipeline",
+        f"{pipeline!r} has no usable scheduler/",
+    )
     own = sched_cfg.get("_class_name", "?")
     given = scheduler is not None
     if scheduler is None:
         if own not in SCHEDULER_NAMES:
-            raise PipelineError("--scheduler", f"the pipeline's own scheduler {own} is not supported "
-                                               f"(no Gaussian ancestral step to speculate); pass "
-                                               f"--scheduler {' or '.join(SCHEDULERS)}")
+            raise PipelineError(
+                "--scheduler",
+                f"the pipeline's own scheduler {own} is not supported "
+                f"(no Gaussian ancestral step to speculate); pass "
+                f"--scheduler {' or '.join(SCHEDULERS)}",
+            )
         scheduler = SCHEDULER_NAMES[own]
     if eta is not None and scheduler != "ddim":
-        raise PipelineError("--eta", "applies to --scheduler ddim only" + (
-            "" if given else f" (this pipeline's own scheduler is {own})"))
+        raise PipelineError(
+            "--eta",
+            "applies to --scheduler ddim only"
+            + ("" if given else f" (this pipeline's own scheduler is {own})"),
+        )
     max_steps = int(sched_cfg.get("num_train_timesteps", 1000))
     if steps > max_steps:
-        raise PipelineError("--steps", f"must be at most {max_steps} (the pipeline's training "
-                                       f"timesteps), got {steps}")
+        raise PipelineError(
+            "--steps",
+            f"must be at most {max_steps} (the pipeline's training timesteps), got {steps}",
+        )
     if scheduler == "ddpm" and sched_cfg.get("variance_type") in ("learned", "learned_range"):
-        raise PipelineError("--scheduler", f"ddpm with variance_type "
-                                           f"{sched_cfg['variance_type']!r} (learned variances) cannot "
-                                           f"be speculated; set variance_type to 'fixed_small' in "
-                                           f"scheduler/scheduler_config.json, or pass --scheduler "
-                                           f"ddim or euler-a")
+        raise PipelineError(
+            "--scheduler",
+            f"ddpm with variance_type "
+            f"{sched_cfg['variance_type']!r} (learned variances) cannot "
+            f"be speculated; set variance_type to 'fixed_small' in "
+            f"scheduler/scheduler_config.json, or pass --scheduler "
+            f"ddim or euler-a",
+        )
     from ..integrations.diffusers import diffusers_transitions
+
     sched = _scheduler_from_config(scheduler, sched_cfg)
     try:
-        T = diffusers_transitions(sched, steps, eta=(DEFAULT_ETA if eta is None else eta)
-                                  if scheduler == "ddim" else None)
+        T = diffusers_transitions(
+            sched, steps, eta=(DEFAULT_ETA if eta is None else eta) if scheduler == "ddim" else None
+        )
     except (ValueError, TypeError) as err:
         raise PipelineError("--scheduler", f"{scheduler}: {err}") from None
-    return PipelineSpec(name=pipeline, path=path, scheduler=scheduler, own_scheduler=own,
-                        event_shape=event_shape, max_steps=max_steps, has_draft_model=False,
-                        transitions=T, unet_class=unet_class)
+    return PipelineSpec(
+        name=pipeline,
+        path=path,
+        scheduler=scheduler,
+        own_scheduler=own,
+        event_shape=event_shape,
+        max_steps=max_steps,
+        has_draft_model=False,
+        transitions=T,
+        unet_class=unet_class,
+    )
 
 
 def _resolve_digits(scheduler: Optional[str], steps: int, eta: Optional[float]) -> PipelineSpec:
     from .. import models
+
     scheduler = scheduler or "ddpm"
     if eta is not None and scheduler != "ddim":
         raise PipelineError("--eta", "applies to --scheduler ddim only")
     if steps > models.TRAIN_TIMESTEPS:
-        raise PipelineError("--steps", f"must be at most {models.TRAIN_TIMESTEPS} (the model's "
-                                       f"training timesteps), got {steps}")
+        raise PipelineError(
+            "--steps",
+            f"must be at most {models.TRAIN_TIMESTEPS} (the model's "
+            f"training timesteps), got {steps}",
+        )
     # the digits tables need no weights: models.load would read them, so build them directly
     from ..models.digits import digits_alphas_cumprod
-    from ..sampling.transitions import ddim_transitions, ddpm_transitions, euler_ancestral_transitions
+    from ..sampling.transitions import (
+        ddim_transitions,
+        ddpm_transitions,
+        euler_ancestral_transitions,
+    )
+
     abar = digits_alphas_cumprod()
     if scheduler == "ddpm":
         T = ddpm_transitions(abar, num_inference_steps=steps, prediction="epsilon", clip_sample=1.0)
     elif scheduler == "ddim":
-        T = ddim_transitions(abar, num_inference_steps=steps, prediction="epsilon", clip_sample=1.0,
-                             eta=DEFAULT_ETA if eta is None else eta)
+        T = ddim_transitions(
+            abar,
+            num_inference_steps=steps,
+            prediction="epsilon",
+            clip_sample=1.0,
+            eta=DEFAULT_ETA if eta is None else eta,
+        )
     else:
         T = euler_ancestral_transitions(abar, num_inference_steps=steps, prediction="epsilon")
-    return PipelineSpec(name="digits", path=None, scheduler=scheduler, own_scheduler="ddpm",
-                        event_shape=(1, 8, 8), max_steps=models.TRAIN_TIMESTEPS,
-                        has_draft_model=True, transitions=T)
+    return PipelineSpec(
+        name="digits",
+        path=None,
+        scheduler=scheduler,
+        own_scheduler="ddpm",
+        event_shape=(1, 8, 8),
+        max_steps=models.TRAIN_TIMESTEPS,
+        has_draft_model=True,
+        transitions=T,
+    )
 
 
 # ----------------------------------------------------------------------------- loading
@@ -195,12 +269,15 @@ def load_unet(path: Path, device: torch.device, dtype: torch.dtype):
     """The pipeline's UNet in eval mode on ``device`` in ``dtype`` (no accelerate needed)."""
     import diffusers
     from diffusers.utils import logging as dlog
+
     cfg = json.loads((path / "unet" / "config.json").read_text())
     cls = getattr(diffusers, cfg["_class_name"])
     level = dlog.get_verbosity()
-    dlog.set_verbosity_error()   # without accelerate, from_pretrained warns on every load
+    dlog.set_verbosity_error()  # without accelerate, from_pretrained warns on every load
     try:
-        unet = cls.from_pretrained(path, subfolder="unet", torch_dtype=dtype, low_cpu_mem_usage=False)
+        unet = cls.from_pretrained(
+            path, subfolder="unet", torch_dtype=dtype, low_cpu_mem_usage=False
+        )
     finally:
         dlog.set_verbosity(level)
     return unet.to(device).eval()
@@ -223,15 +300,18 @@ def load_network(spec: PipelineSpec, device: torch.device, dtype: torch.dtype):
     called on (and returning) float32 states."""
     if spec.path is None:
         from .. import models
-        m = models.load("digits", device=device, dtype=dtype)   # casts to its weights' dtype itself
+
+        m = models.load("digits", device=device, dtype=dtype)  # casts to its weights' dtype itself
         return m.target, m.draft
     from ..integrations.diffusers import DiffusersModel
+
     net = DiffusersModel(load_unet(spec.path, device, dtype))
     return (net if dtype == torch.float32 else CastNet(net, dtype)), None
 
 
 def make_draft(kind: str, draft_net):
     from ..sampling.drafts import DraftModelDraft, FrozenTargetDraft
+
     if kind == "model":
         return DraftModelDraft(draft_net)
     return FrozenTargetDraft("x0" if kind == "frozen-x0" else "eps", prefetch_root=True)
@@ -242,10 +322,11 @@ def image_grid(x: torch.Tensor, min_tile: int = 32):
     """uint8 HxW(x3) array of up to 64 samples [B, C, H, W] in [-1, 1], tiles scaled up to at least
     ``min_tile`` pixels (8x8 digits are unreadable at 1:1)."""
     import numpy as np
+
     x = x[:64].detach().float().cpu()
     if x.dim() != 4:
         raise ValueError(f"image_grid needs samples [B, C, H, W], got {tuple(x.shape)}")
-    if x.shape[1] not in (1, 3):   # no natural colour mapping: show the channel mean
+    if x.shape[1] not in (1, 3):  # no natural colour mapping: show the channel mean
         x = x.mean(1, keepdim=True)
     scale = max(1, math.ceil(min_tile / max(x.shape[2], x.shape[3])))
     if scale > 1:
@@ -258,13 +339,18 @@ def image_grid(x: torch.Tensor, min_tile: int = 32):
     grid = torch.zeros(C, rows * (H + pad) + pad, cols * (W + pad) + pad, dtype=torch.uint8)
     for i in range(B):
         r, c = divmod(i, cols)
-        grid[:, pad + r * (H + pad):pad + r * (H + pad) + H, pad + c * (W + pad):pad + c * (W + pad) + W] = img[i]
+        grid[
+            :,
+            pad + r * (H + pad) : pad + r * (H + pad) + H,
+            pad + c * (W + pad) : pad + c * (W + pad) + W,
+        ] = img[i]
     arr = grid.permute(1, 2, 0).numpy()
     return np.ascontiguousarray(arr[..., 0] if C == 1 else arr)
 
 
 def save_png(path: Path, x: torch.Tensor) -> None:
     from PIL import Image
+
     Image.fromarray(image_grid(x)).save(path)
 
 
@@ -275,9 +361,9 @@ def _sync(device: torch.device) -> None:
 
 def run_sample(args, spec: PipelineSpec) -> int:
     """Sample with the checked arguments; print a summary (and the cost table with --compare)."""
-    from .demo import cost_table, optional_module
     from ..sampling.sampler import COMPACT_MIN_CHAINS_CPU, AncestralSampler, SpeculativeSampler
     from ..testing.two_sample import two_sample_pvalue
+    from .demo import cost_table, optional_module
 
     # --dtype is the network's precision; the chains stay float32 (see CastNet)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
@@ -287,20 +373,30 @@ def run_sample(args, spec: PipelineSpec) -> int:
     load_s = time.perf_counter() - t0
     T = spec.transitions
     draft = make_draft(args.draft, draft_net)
-    print(f"pipeline: {spec.name} ({spec.unet_class or 'embedded digits MLP'}, samples "
-          f"{tuple(spec.event_shape)}), scheduler {spec.scheduler} (the pipeline's own: "
-          f"{spec.own_scheduler}), {args.steps} steps, window {args.window}, draft {args.draft}, "
-          f"batch {args.batch}, {device} {args.dtype}, seed {args.seed}; loaded in {load_s:.2f}s")
+    print(
+        f"pipeline: {spec.name} ({spec.unet_class or 'embedded digits MLP'}, samples "
+        f"{tuple(spec.event_shape)}), scheduler {spec.scheduler} (the pipeline's own: "
+        f"{spec.own_scheduler}), {args.steps} steps, window {args.window}, draft {args.draft}, "
+        f"batch {args.batch}, {device} {args.dtype}, seed {args.seed}; loaded in {load_s:.2f}s"
+    )
     progress = not args.no_progress
-    with torch.inference_mode():   # first-call costs (allocator, kernel selection) out of both timings
-        net(torch.zeros(args.batch, *spec.event_shape, device=device),
-            torch.full((args.batch,), int(T.timesteps[0]), device=device))
+    with (
+        torch.inference_mode()
+    ):  # first-call costs (allocator, kernel selection) out of both timings
+        net(
+            torch.zeros(args.batch, *spec.event_shape, device=device),
+            torch.full((args.batch,), int(T.timesteps[0]), device=device),
+        )
 
     def run(sampler, seed):
         _sync(device)
         t = time.perf_counter()
-        res = sampler.sample(args.batch, spec.event_shape, device=device,
-                             generator=torch.Generator().manual_seed(seed))
+        res = sampler.sample(
+            args.batch,
+            spec.event_shape,
+            device=device,
+            generator=torch.Generator().manual_seed(seed),
+        )
         _sync(device)
         return res, time.perf_counter() - t
 
@@ -308,21 +404,35 @@ def run_sample(args, spec: PipelineSpec) -> int:
     # compact call evaluates what the ragged round does (patches, N = 200, L = 8, B = 4: static
     # 8.08 vs ragged 8.31 s); one chain keeps the full B (L + 1) call, where the ragged round
     # evaluates fewer states (B = 1: 445 vs 487, 2.29 vs 2.41 s).
-    one_unet_chain = (device.type == "cpu" and spec.unet_class is not None
-                      and args.batch < COMPACT_MIN_CHAINS_CPU)
+    one_unet_chain = (
+        device.type == "cpu" and spec.unet_class is not None and args.batch < COMPACT_MIN_CHAINS_CPU
+    )
     path = "ragged" if one_unet_chain else "auto"
-    spec_res, spec_wall = run(SpeculativeSampler(net, T, draft=draft, window=args.window,
-                                                 progress=progress, path=path), args.seed)
+    spec_res, spec_wall = run(
+        SpeculativeSampler(net, T, draft=draft, window=args.window, progress=progress, path=path),
+        args.seed,
+    )
     st = spec_res.stats
-    print(f"speculative: {st.target_calls} sequential target calls for {args.steps} steps "
-          f"({st.target_calls / args.steps:.3f} of ancestral), {st.target_evals} target evaluations, "
-          f"{st.draft_calls} draft calls, wall {spec_wall:.2f}s")
-    record = {"args": vars(args), "pipeline": {
-        "name": spec.name, "path": None if spec.path is None else str(spec.path),
-        "unet_class": spec.unet_class, "scheduler": spec.scheduler,
-        "own_scheduler": spec.own_scheduler, "event_shape": list(spec.event_shape),
-        "transitions": repr(T)}, "load_s": load_s, "speculative": st.as_dict(),
-        "wall_s": {"speculative": spec_wall}}
+    print(
+        f"speculative: {st.target_calls} sequential target calls for {args.steps} steps "
+        f"({st.target_calls / args.steps:.3f} of ancestral), {st.target_evals} target evaluations, "
+        f"{st.draft_calls} draft calls, wall {spec_wall:.2f}s"
+    )
+    record = {
+        "args": vars(args),
+        "pipeline": {
+            "name": spec.name,
+            "path": None if spec.path is None else str(spec.path),
+            "unet_class": spec.unet_class,
+            "scheduler": spec.scheduler,
+            "own_scheduler": spec.own_scheduler,
+            "event_shape": list(spec.event_shape),
+            "transitions": repr(T),
+        },
+        "load_s": load_s,
+        "speculative": st.as_dict(),
+        "wall_s": {"speculative": spec_wall},
+    }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     written = []
@@ -338,11 +448,17 @@ def run_sample(args, spec: PipelineSpec) -> int:
         t1 = time.perf_counter()
         p = two_sample_pvalue(spec_res.samples, anc_res.samples, seed=args.seed)
         verdict = "no evidence of a difference" if p > 1e-3 else "DIFFERENT"
-        print(f"two-sample test, speculative vs an independent ancestral run (seed {anc_seed}; "
-              f"per-coordinate KS + energy distance, Bonferroni): p = {p:.3f} ({verdict}; "
-              f"{time.perf_counter() - t1:.1f}s)")
-        record.update(ancestral=anc_res.stats.as_dict(), ancestral_seed=anc_seed,
-                      ratios=st.relative_to(anc_res.stats), two_sample_pvalue=p)
+        print(
+            f"two-sample test, speculative vs an independent ancestral run (seed {anc_seed}; "
+            f"per-coordinate KS + energy distance, Bonferroni): p = {p:.3f} ({verdict}; "
+            f"{time.perf_counter() - t1:.1f}s)"
+        )
+        record.update(
+            ancestral=anc_res.stats.as_dict(),
+            ancestral_seed=anc_seed,
+            ratios=st.relative_to(anc_res.stats),
+            two_sample_pvalue=p,
+        )
         record["wall_s"]["ancestral"] = anc_wall
         if pil:
             save_png(out / "samples_ancestral.png", anc_res.samples)

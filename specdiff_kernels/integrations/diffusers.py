@@ -26,6 +26,7 @@ Example::
 
 Install with ``pip install specdiff_kernels[diffusers]``.
 """
+
 from __future__ import annotations
 
 import math
@@ -35,7 +36,12 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import Tensor
 
-from ..sampling.transitions import GaussianTransitions, ddim_from_schedule, ddpm_transitions, euler_ancestral_from_sigmas
+from ..sampling.transitions import (
+    GaussianTransitions,
+    ddim_from_schedule,
+    ddpm_transitions,
+    euler_ancestral_from_sigmas,
+)
 
 __all__ = ["DiffusersModel", "diffusers_transitions", "from_pipeline"]
 
@@ -79,26 +85,40 @@ class DiffusersModel(torch.nn.Module):
     draft and target steps to share one covariance.
     """
 
-    def __init__(self, unet: torch.nn.Module, *, guidance_scale: Optional[float] = None,
-                 uncond: Optional[Mapping[str, Any]] = None, **call_kwargs) -> None:
+    def __init__(
+        self,
+        unet: torch.nn.Module,
+        *,
+        guidance_scale: Optional[float] = None,
+        uncond: Optional[Mapping[str, Any]] = None,
+        **call_kwargs,
+    ) -> None:
         super().__init__()
         self.unet = unet
         self.call_kwargs = call_kwargs
         if guidance_scale is not None:
             if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, numbers.Real):
-                raise TypeError(f"DiffusersModel: guidance_scale must be a real number, got "
-                                f"{type(guidance_scale).__name__}")
+                raise TypeError(
+                    f"DiffusersModel: guidance_scale must be a real number, got "
+                    f"{type(guidance_scale).__name__}"
+                )
             if not math.isfinite(float(guidance_scale)):
-                raise ValueError(f"DiffusersModel: guidance_scale must be finite, got {guidance_scale}")
+                raise ValueError(
+                    f"DiffusersModel: guidance_scale must be finite, got {guidance_scale}"
+                )
         self.guidance_scale = None if guidance_scale is None else float(guidance_scale)
         self.uncond = {} if uncond is None else _as_uncond(uncond, "uncond")
         if self.uncond and self.guidance_scale is None:
-            raise ValueError("DiffusersModel: uncond is given without guidance_scale; pass "
-                             "guidance_scale (1 = conditional only) to use it")
+            raise ValueError(
+                "DiffusersModel: uncond is given without guidance_scale; pass "
+                "guidance_scale (1 = conditional only) to use it"
+            )
         for name in self.uncond:
             if name in call_kwargs:
-                raise ValueError(f"DiffusersModel: {name!r} is a fixed call argument; uncond "
-                                 f"applies to per-call conditioning only")
+                raise ValueError(
+                    f"DiffusersModel: {name!r} is a fixed call argument; uncond "
+                    f"applies to per-call conditioning only"
+                )
         _check_null_class(unet, self.uncond.get("class_labels"))
 
     @property
@@ -106,25 +126,31 @@ class DiffusersModel(torch.nn.Module):
         """Whether calls evaluate two branches (``guidance_scale`` set and != 1)."""
         return self.guidance_scale is not None and self.guidance_scale != 1.0
 
-    def forward(self, x: Tensor, t: Tensor, *, uncond: Optional[Mapping[str, Any]] = None,
-                **cond) -> Tensor:
+    def forward(
+        self, x: Tensor, t: Tensor, *, uncond: Optional[Mapping[str, Any]] = None, **cond
+    ) -> Tensor:
         B = x.shape[0]
         for name in cond:
             if name in self.call_kwargs:
-                raise ValueError(f"DiffusersModel: {name!r} is given both as a fixed call argument "
-                                 f"and per call")
+                raise ValueError(
+                    f"DiffusersModel: {name!r} is given both as a fixed call argument and per call"
+                )
         _check_rows(cond, B, "")
         if uncond is not None:
             if self.guidance_scale is None:
-                raise ValueError("DiffusersModel: per-call uncond is given but the model has no "
-                                 "guidance_scale; pass guidance_scale to DiffusersModel")
+                raise ValueError(
+                    "DiffusersModel: per-call uncond is given but the model has no "
+                    "guidance_scale; pass guidance_scale to DiffusersModel"
+                )
             uncond = _as_uncond(uncond, "uncond")
         if not self.guided:
             return self._call(x, t, cond)
         if not self.uncond and not uncond:
-            raise ValueError(f"DiffusersModel: guidance_scale={self.guidance_scale} needs "
-                             f"unconditional inputs: pass uncond={{...}} to DiffusersModel or "
-                             f"model_kwargs={{'uncond': {{...}}}} to sample()")
+            raise ValueError(
+                f"DiffusersModel: guidance_scale={self.guidance_scale} needs "
+                f"unconditional inputs: pass uncond={{...}} to DiffusersModel or "
+                f"model_kwargs={{'uncond': {{...}}}} to sample()"
+            )
         null = _unconditional(cond, self.uncond, uncond, B)
         both = _double(cond, null)
         out = self._call(torch.cat([x, x]), torch.cat([t, t]) if t.numel() > 1 else t, both)
@@ -138,15 +164,18 @@ class DiffusersModel(torch.nn.Module):
                 f"DiffusersModel: the model returned shape {tuple(out.shape)} for input "
                 f"{tuple(x.shape)}; a model that also predicts a variance (2x channels) is not "
                 f"supported, because speculative sampling needs the draft and target steps to "
-                f"share one covariance")
+                f"share one covariance"
+            )
         return out
 
 
 def _as_uncond(uncond, where: str) -> dict:
     """``uncond`` as a dict of tensors (numbers become 0-dim tensors), nested dicts kept."""
     if not isinstance(uncond, Mapping):
-        raise TypeError(f"DiffusersModel: {where} must be a dict of unconditional inputs by name, "
-                        f"got {type(uncond).__name__}")
+        raise TypeError(
+            f"DiffusersModel: {where} must be a dict of unconditional inputs by name, "
+            f"got {type(uncond).__name__}"
+        )
     out = {}
     for name, v in uncond.items():
         if isinstance(v, Mapping):
@@ -156,8 +185,10 @@ def _as_uncond(uncond, where: str) -> dict:
         elif isinstance(v, numbers.Number) and not isinstance(v, bool):
             out[name] = torch.tensor(v)
         else:
-            raise TypeError(f"DiffusersModel: {where}[{name!r}] must be a tensor or a number, "
-                            f"got {type(v).__name__}")
+            raise TypeError(
+                f"DiffusersModel: {where}[{name!r}] must be a tensor or a number, "
+                f"got {type(v).__name__}"
+            )
     return out
 
 
@@ -168,8 +199,10 @@ def _check_rows(cond: Mapping, B: int, where: str) -> None:
         if isinstance(v, Mapping):
             _check_rows(v, B, label)
         elif isinstance(v, Tensor) and (v.dim() == 0 or v.shape[0] != B):
-            raise ValueError(f"DiffusersModel: conditioning {label} has shape {tuple(v.shape)}; "
-                             f"it needs one row per state ({B} rows)")
+            raise ValueError(
+                f"DiffusersModel: conditioning {label} has shape {tuple(v.shape)}; "
+                f"it needs one row per state ({B} rows)"
+            )
 
 
 def _check_null_class(unet, null) -> None:
@@ -177,16 +210,19 @@ def _check_null_class(unet, null) -> None:
     if null is None or n is None:
         return
     if null.dtype.is_floating_point or null.numel() != 1 or not 0 <= int(null) < int(n):
-        raise ValueError(f"DiffusersModel: uncond['class_labels'] must be one integer class id in "
-                         f"[0, {n}) (the model's num_class_embeds), got {null.tolist()}")
+        raise ValueError(
+            f"DiffusersModel: uncond['class_labels'] must be one integer class id in "
+            f"[0, {n}) (the model's num_class_embeds), got {null.tolist()}"
+        )
 
 
 def _label(where: str, name) -> str:
     return f"{where}[{name!r}]"
 
 
-def _unconditional(cond: Mapping, fixed: Mapping, per_call: Optional[Mapping], B: int,
-                   where: str = "uncond") -> dict:
+def _unconditional(
+    cond: Mapping, fixed: Mapping, per_call: Optional[Mapping], B: int, where: str = "uncond"
+) -> dict:
     """The unconditional inputs of a call, one row per state, by the names of ``cond``:
     ``fixed`` (the constructor's, one row each: broadcast) overridden by ``per_call`` (one row
     per state). Every unconditional input needs a conditional tensor of the same name and row
@@ -196,30 +232,39 @@ def _unconditional(cond: Mapping, fixed: Mapping, per_call: Optional[Mapping], B
     for name in list(fixed) + [n for n in per_call if n not in fixed]:
         label = _label(where, name)
         if name not in cond:
-            raise ValueError(f"DiffusersModel: {label} has no conditional counterpart in this "
-                             f"call (conditioning given: {sorted(cond)})")
+            raise ValueError(
+                f"DiffusersModel: {label} has no conditional counterpart in this "
+                f"call (conditioning given: {sorted(cond)})"
+            )
         c, f, p = cond[name], fixed.get(name), per_call.get(name)
         if isinstance(c, Mapping):
             for v in (f, p):
                 if v is not None and not isinstance(v, Mapping):
-                    raise ValueError(f"DiffusersModel: {label} must be a dict, like the "
-                                     f"conditioning of the same name")
+                    raise ValueError(
+                        f"DiffusersModel: {label} must be a dict, like the "
+                        f"conditioning of the same name"
+                    )
             out[name] = _unconditional(c, f or {}, p, B, label)
             continue
         if not isinstance(c, Tensor) or any(isinstance(v, Mapping) for v in (f, p)):
-            raise ValueError(f"DiffusersModel: {label} must be a tensor, like the conditioning "
-                             f"of the same name")
+            raise ValueError(
+                f"DiffusersModel: {label} must be a tensor, like the conditioning of the same name"
+            )
         row = tuple(c.shape[1:])
         if p is not None:
             u = p
             if tuple(u.shape) != tuple(c.shape):
-                raise ValueError(f"DiffusersModel: {label} has shape {tuple(u.shape)}; per call "
-                                 f"it needs the conditioning's shape {tuple(c.shape)}")
+                raise ValueError(
+                    f"DiffusersModel: {label} has shape {tuple(u.shape)}; per call "
+                    f"it needs the conditioning's shape {tuple(c.shape)}"
+                )
         else:
             if tuple(f.shape) not in (row, (1,) + row):
-                raise ValueError(f"DiffusersModel: {label} has shape {tuple(f.shape)}; it needs "
-                                 f"the shape of one row of the conditioning, {row} or "
-                                 f"{(1,) + row} (broadcast to every state)")
+                raise ValueError(
+                    f"DiffusersModel: {label} has shape {tuple(f.shape)}; it needs "
+                    f"the shape of one row of the conditioning, {row} or "
+                    f"{(1,) + row} (broadcast to every state)"
+                )
             u = f.reshape(row).expand((B,) + row)
         out[name] = u.to(device=c.device, dtype=c.dtype)
     return out
@@ -282,11 +327,22 @@ def _with_thresholding(cfg, transitions: GaussianTransitions) -> GaussianTransit
         return transitions
     t = transitions
     return _ThresholdedTransitions(
-        t.timesteps, t.c_x0, t.c_x, t.std, t.model_alpha, t.model_sigma, c_eps=t.c_eps,
-        input_scale=t.input_scale, prediction=t.prediction, clip_sample=None,
-        eps_from_clipped_x0=t.eps_from_clipped_x0, init_std=t.init_std, name=t.name + "+threshold",
+        t.timesteps,
+        t.c_x0,
+        t.c_x,
+        t.std,
+        t.model_alpha,
+        t.model_sigma,
+        c_eps=t.c_eps,
+        input_scale=t.input_scale,
+        prediction=t.prediction,
+        clip_sample=None,
+        eps_from_clipped_x0=t.eps_from_clipped_x0,
+        init_std=t.init_std,
+        name=t.name + "+threshold",
         ratio=cfg.get("dynamic_thresholding_ratio", 0.995),
-        max_value=cfg.get("sample_max_value", 1.0))
+        max_value=cfg.get("sample_max_value", 1.0),
+    )
 
 
 def _clip(cfg) -> Optional[float]:
@@ -299,45 +355,71 @@ def _ddpm(sched) -> GaussianTransitions:
     cfg = sched.config
     vt = cfg.variance_type
     if vt in _LEARNED:
-        raise ValueError(f"DDPMScheduler variance_type={vt!r}: learned variances make the draft and "
-                         f"target steps' covariances differ, which speculative sampling cannot verify")
+        raise ValueError(
+            f"DDPMScheduler variance_type={vt!r}: learned variances make the draft and "
+            f"target steps' covariances differ, which speculative sampling cannot verify"
+        )
     if vt not in ("fixed_small", "fixed_small_log", "fixed_large"):
-        raise ValueError(f"DDPMScheduler variance_type={vt!r} is not supported; use 'fixed_small', "
-                         f"'fixed_small_log' or 'fixed_large'")
+        raise ValueError(
+            f"DDPMScheduler variance_type={vt!r} is not supported; use 'fixed_small', "
+            f"'fixed_small_log' or 'fixed_large'"
+        )
     # fixed_small_log draws with std sqrt(beta_tilde), exactly as fixed_small (diffusers 0.3x)
     variance = "fixed_large" if vt == "fixed_large" else "fixed_small"
-    tr = ddpm_transitions(sched.alphas_cumprod.double(), timesteps=sched.timesteps.long(),
-                          prediction=cfg.prediction_type, variance=variance, clip_sample=_clip(cfg))
+    tr = ddpm_transitions(
+        sched.alphas_cumprod.double(),
+        timesteps=sched.timesteps.long(),
+        prediction=cfg.prediction_type,
+        variance=variance,
+        clip_sample=_clip(cfg),
+    )
     return _with_thresholding(cfg, tr)
 
 
 def _ddim(sched, eta: float) -> GaussianTransitions:
     cfg = sched.config
     if eta <= 0:
-        raise ValueError("DDIMScheduler with eta = 0 is deterministic: there is nothing to "
-                         "speculate; pass eta > 0")
-    tr = ddim_from_schedule(sched.alphas_cumprod.double(), sched.timesteps.long(),
-                            cfg.num_train_timesteps // sched.num_inference_steps,
-                            sched.final_alpha_cumprod, eta=eta, prediction=cfg.prediction_type,
-                            clip_sample=_clip(cfg), eps_from_clipped_x0=False,
-                            name=f"diffusers-ddim[eta={eta}]")
+        raise ValueError(
+            "DDIMScheduler with eta = 0 is deterministic: there is nothing to "
+            "speculate; pass eta > 0"
+        )
+    tr = ddim_from_schedule(
+        sched.alphas_cumprod.double(),
+        sched.timesteps.long(),
+        cfg.num_train_timesteps // sched.num_inference_steps,
+        sched.final_alpha_cumprod,
+        eta=eta,
+        prediction=cfg.prediction_type,
+        clip_sample=_clip(cfg),
+        eps_from_clipped_x0=False,
+        name=f"diffusers-ddim[eta={eta}]",
+    )
     return _with_thresholding(cfg, tr)
 
 
 def _euler_ancestral(sched) -> GaussianTransitions:
     cfg = sched.config
     if cfg.prediction_type not in ("epsilon", "v_prediction"):
-        raise ValueError(f"EulerAncestralDiscreteScheduler prediction_type="
-                         f"{cfg.prediction_type!r} is not supported by diffusers either")
-    return euler_ancestral_from_sigmas(sched.timesteps.double(), sched.sigmas.double(),
-                                       prediction=cfg.prediction_type,
-                                       init_std=float(sched.init_noise_sigma),
-                                       name="diffusers-euler-ancestral")
+        raise ValueError(
+            f"EulerAncestralDiscreteScheduler prediction_type="
+            f"{cfg.prediction_type!r} is not supported by diffusers either"
+        )
+    return euler_ancestral_from_sigmas(
+        sched.timesteps.double(),
+        sched.sigmas.double(),
+        prediction=cfg.prediction_type,
+        init_std=float(sched.init_noise_sigma),
+        name="diffusers-euler-ancestral",
+    )
 
 
-def diffusers_transitions(scheduler, num_inference_steps: Optional[int] = None, *,
-                          eta: Optional[float] = None,
-                          use_clipped_model_output: bool = False) -> GaussianTransitions:
+def diffusers_transitions(
+    scheduler,
+    num_inference_steps: Optional[int] = None,
+    *,
+    eta: Optional[float] = None,
+    use_clipped_model_output: bool = False,
+) -> GaussianTransitions:
     """Tabulate a diffusers scheduler's ancestral step for per-sample use.
 
     Args:
@@ -353,10 +435,14 @@ def diffusers_transitions(scheduler, num_inference_steps: Optional[int] = None, 
     if not isinstance(sched, DDIMScheduler):
         # DDPM and Euler-ancestral steps have a fixed variance: an eta would be silently ignored
         if eta is not None:
-            raise ValueError(f"eta applies to DDIMScheduler only, not to {type(scheduler).__name__}")
+            raise ValueError(
+                f"eta applies to DDIMScheduler only, not to {type(scheduler).__name__}"
+            )
         if use_clipped_model_output:
-            raise ValueError(f"use_clipped_model_output applies to DDIMScheduler only, not to "
-                             f"{type(scheduler).__name__}")
+            raise ValueError(
+                f"use_clipped_model_output applies to DDIMScheduler only, not to "
+                f"{type(scheduler).__name__}"
+            )
     if isinstance(sched, DDPMScheduler):
         return _ddpm(sched)
     if isinstance(sched, DDIMScheduler):
@@ -367,13 +453,21 @@ def diffusers_transitions(scheduler, num_inference_steps: Optional[int] = None, 
         return tr
     if isinstance(sched, EulerAncestralDiscreteScheduler):
         return _euler_ancestral(sched)
-    raise TypeError(f"unsupported scheduler {type(scheduler).__name__}; supported: DDPMScheduler, "
-                    f"DDIMScheduler (eta > 0), EulerAncestralDiscreteScheduler")
+    raise TypeError(
+        f"unsupported scheduler {type(scheduler).__name__}; supported: DDPMScheduler, "
+        f"DDIMScheduler (eta > 0), EulerAncestralDiscreteScheduler"
+    )
 
 
-def from_pipeline(pipe, num_inference_steps: int, *, eta: Optional[float] = None,
-                  guidance_scale: Optional[float] = None,
-                  uncond: Optional[Mapping[str, Any]] = None, **call_kwargs):
+def from_pipeline(
+    pipe,
+    num_inference_steps: int,
+    *,
+    eta: Optional[float] = None,
+    guidance_scale: Optional[float] = None,
+    uncond: Optional[Mapping[str, Any]] = None,
+    **call_kwargs,
+):
     """``(model, transitions)`` from a diffusers pipeline with ``.unet`` and ``.scheduler``.
 
     ``guidance_scale`` and ``uncond`` (classifier-free guidance) and ``call_kwargs`` go to
@@ -382,5 +476,7 @@ def from_pipeline(pipe, num_inference_steps: int, *, eta: Optional[float] = None
     "cpu", 1, True)`` and ``from_pipeline(pipe, n, guidance_scale=7.5, uncond={
     "encoder_hidden_states": neg[:1]})`` with ``model_kwargs={"encoder_hidden_states": cond}``.
     """
-    return (DiffusersModel(pipe.unet, guidance_scale=guidance_scale, uncond=uncond, **call_kwargs),
-            diffusers_transitions(pipe.scheduler, num_inference_steps, eta=eta))
+    return (
+        DiffusersModel(pipe.unet, guidance_scale=guidance_scale, uncond=uncond, **call_kwargs),
+        diffusers_transitions(pipe.scheduler, num_inference_steps, eta=eta),
+    )

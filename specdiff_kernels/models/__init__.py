@@ -14,6 +14,7 @@
 ``load(name)`` returns an :class:`EmbeddedModel` with the target, the draft model and a
 ``transitions(num_steps)`` factory over the model's training schedule.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -22,7 +23,14 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from ..sampling.transitions import GaussianTransitions, alphas_cumprod_from_betas, ddim_transitions, ddpm_transitions, euler_ancestral_transitions, make_betas
+from ..sampling.transitions import (
+    GaussianTransitions,
+    alphas_cumprod_from_betas,
+    ddim_transitions,
+    ddpm_transitions,
+    euler_ancestral_transitions,
+    make_betas,
+)
 
 __all__ = ["EmbeddedModel", "TRAIN_TIMESTEPS", "available", "load"]
 
@@ -38,8 +46,8 @@ class EmbeddedModel:
     target: nn.Module
     draft: Optional[nn.Module]
     event_shape: tuple[int, ...]
-    alphas_cumprod: Tensor               # training schedule, float64 [T]
-    prediction: str                      # "epsilon" | "sample" | "v_prediction"
+    alphas_cumprod: Tensor  # training schedule, float64 [T]
+    prediction: str  # "epsilon" | "sample" | "v_prediction"
     clip_sample: Optional[float] = None  # DDPM-style x0 clipping range (None: off)
     description: str = ""
     data: Optional[Callable[..., Tensor]] = field(default=None, repr=False)  # data(n, generator)
@@ -51,14 +59,28 @@ class EmbeddedModel:
         ``"euler_ancestral"``.
         """
         if sampler == "ddpm":
-            return ddpm_transitions(self.alphas_cumprod, num_inference_steps=num_steps,
-                                    prediction=self.prediction, clip_sample=self.clip_sample, **kwargs)
+            return ddpm_transitions(
+                self.alphas_cumprod,
+                num_inference_steps=num_steps,
+                prediction=self.prediction,
+                clip_sample=self.clip_sample,
+                **kwargs,
+            )
         if sampler == "ddim":
-            return ddim_transitions(self.alphas_cumprod, num_inference_steps=num_steps,
-                                    prediction=self.prediction, clip_sample=self.clip_sample, **kwargs)
+            return ddim_transitions(
+                self.alphas_cumprod,
+                num_inference_steps=num_steps,
+                prediction=self.prediction,
+                clip_sample=self.clip_sample,
+                **kwargs,
+            )
         if sampler == "euler_ancestral":
-            return euler_ancestral_transitions(self.alphas_cumprod, num_inference_steps=num_steps,
-                                               prediction=self.prediction, **kwargs)
+            return euler_ancestral_transitions(
+                self.alphas_cumprod,
+                num_inference_steps=num_steps,
+                prediction=self.prediction,
+                **kwargs,
+            )
         raise ValueError(f"sampler must be 'ddpm', 'ddim' or 'euler_ancestral', got {sampler!r}")
 
 
@@ -69,12 +91,16 @@ def _load_gmm(dim: int = 64, components: int = 8, seed: int = 0, **_) -> Embedde
     gmm = make_gmm(int(dim), K=int(components), seed=int(seed))
     moment_matched = GaussianMixture(gmm.mean()[None], torch.diagonal(gmm.cov()).sqrt()[None])
     return EmbeddedModel(
-        name="gmm", target=GMMDenoiser(gmm, abar, prediction="epsilon"),
-        draft=GMMDenoiser(moment_matched, abar, prediction="epsilon"), event_shape=(int(dim),),
-        alphas_cumprod=abar, prediction="epsilon",
+        name="gmm",
+        target=GMMDenoiser(gmm, abar, prediction="epsilon"),
+        draft=GMMDenoiser(moment_matched, abar, prediction="epsilon"),
+        event_shape=(int(dim),),
+        alphas_cumprod=abar,
+        prediction="epsilon",
         description=f"analytic {components}-component Gaussian mixture, D={dim}, exact denoiser; "
-                    f"draft: moment-matched Gaussian denoiser",
-        data=lambda n, generator=None: gmm.sample(n, generator=generator).float())
+        f"draft: moment-matched Gaussian denoiser",
+        data=lambda n, generator=None: gmm.sample(n, generator=generator).float(),
+    )
 
 
 def _load_digits(device="cpu", dtype=torch.float32, **_) -> EmbeddedModel:
@@ -90,12 +116,17 @@ def _load_digits(device="cpu", dtype=torch.float32, **_) -> EmbeddedModel:
         return x[idx]
 
     return EmbeddedModel(
-        name="digits", target=load_digits_target(device, dtype), draft=load_digits_draft(device, dtype),
-        event_shape=(1, 8, 8), alphas_cumprod=digits_alphas_cumprod(), prediction="epsilon",
+        name="digits",
+        target=load_digits_target(device, dtype),
+        draft=load_digits_draft(device, dtype),
+        event_shape=(1, 8, 8),
+        alphas_cumprod=digits_alphas_cumprod(),
+        prediction="epsilon",
         clip_sample=1.0,
         description="DDPM (eps-prediction, 1000-step linear betas) trained on sklearn's 8x8 digits; "
-                    "draft: independently trained smaller network",
-        data=data)
+        "draft: independently trained smaller network",
+        data=data,
+    )
 
 
 _REGISTRY = {"gmm": _load_gmm, "digits": _load_digits}

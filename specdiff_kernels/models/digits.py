@@ -25,6 +25,7 @@ digits`` and are stored with their config in the safetensors metadata.
 This module imports only torch (and safetensors when loading); scikit-learn is imported
 inside :func:`digits_dataset`.
 """
+
 from __future__ import annotations
 
 import json
@@ -132,11 +133,21 @@ class _ResBlock(nn.Module):
 class DigitsEpsMLP(nn.Module):
     """Residual MLP epsilon-predictor for 8x8 digits: ``forward(x [B,1,8,8], t [B]) -> eps``."""
 
-    def __init__(self, width: int = 256, depth: int = 4, hidden_mult: int = 1,
-                 temb_dim: int = 128, in_dim: int = 64) -> None:
+    def __init__(
+        self,
+        width: int = 256,
+        depth: int = 4,
+        hidden_mult: int = 1,
+        temb_dim: int = 128,
+        in_dim: int = 64,
+    ) -> None:
         super().__init__()
-        self.config = {"width": int(width), "depth": int(depth),
-                       "hidden_mult": int(hidden_mult), "temb_dim": int(temb_dim)}
+        self.config = {
+            "width": int(width),
+            "depth": int(depth),
+            "hidden_mult": int(hidden_mult),
+            "temb_dim": int(temb_dim),
+        }
         self.in_dim = in_dim
         self.temb_dim = temb_dim
         self.temb_mlp = nn.Sequential(
@@ -172,8 +183,9 @@ class DigitsEpsMLP(nn.Module):
 
     def flops_per_sample(self) -> int:
         """Multiply-accumulates of the linear layers for one sample (norms/activations ignored)."""
-        return sum(m.in_features * m.out_features for m in self.modules()
-                   if isinstance(m, nn.Linear))
+        return sum(
+            m.in_features * m.out_features for m in self.modules() if isinstance(m, nn.Linear)
+        )
 
 
 def build_digits_model(config: dict[str, Any]) -> DigitsEpsMLP:
@@ -187,8 +199,9 @@ def count_params(model: nn.Module) -> int:
 # --------------------------------------------------------------------------------------------
 # loading
 # --------------------------------------------------------------------------------------------
-def load_digits_model(path: str | Path, device: str | torch.device = "cpu",
-                      dtype: torch.dtype = torch.float32) -> DigitsEpsMLP:
+def load_digits_model(
+    path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> DigitsEpsMLP:
     """Load a digits model saved by ``specdiff_kernels.models.train`` (config in the metadata)."""
     from safetensors import safe_open
     from safetensors.torch import load_file
@@ -211,13 +224,15 @@ def load_digits_model(path: str | Path, device: str | torch.device = "cpu",
     return model
 
 
-def load_digits_target(device: str | torch.device = "cpu",
-                       dtype: torch.dtype = torch.float32) -> DigitsEpsMLP:
+def load_digits_target(
+    device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> DigitsEpsMLP:
     """The shipped digits target (eval mode, no grad)."""
     return load_digits_model(WEIGHTS_DIR / TARGET_FILE, device=device, dtype=dtype)
 
 
-def load_digits_draft(device: str | torch.device = "cpu",
-                      dtype: torch.dtype = torch.float32) -> DigitsEpsMLP:
+def load_digits_draft(
+    device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> DigitsEpsMLP:
     """The shipped, independently trained, much smaller digits draft (eval mode, no grad)."""
     return load_digits_model(WEIGHTS_DIR / DRAFT_FILE, device=device, dtype=dtype)

@@ -11,6 +11,7 @@ noise, blurred noise, and digits drowned in unit-variance noise -- so that the r
 "not a digit" probability is never reported) is high for digit-like images and low for noise.
 Everything is seeded; the fit is deterministic.
 """
+
 from __future__ import annotations
 
 from functools import lru_cache
@@ -31,7 +32,7 @@ def _blur(x: np.ndarray) -> np.ndarray:
     out = np.zeros_like(x)
     for di in range(3):
         for dj in range(3):
-            out += p[:, di:di + 8, dj:dj + 8]
+            out += p[:, di : di + 8, dj : dj + 8]
     return out / 9.0
 
 
@@ -43,8 +44,11 @@ def _negatives(digits: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         parts.append(np.clip(rng.standard_normal((n // 3, 64)) * scale, -1, 1))
     parts.append(rng.uniform(-1, 1, (n // 2, 64)))
     blurred = _blur(rng.standard_normal((n, 8, 8)) * 2.0)
-    parts.append(np.clip(blurred / blurred.reshape(n, -1).std(1)[:, None, None] * 0.7 - 0.3,
-                         -1, 1).reshape(n, 64))
+    parts.append(
+        np.clip(blurred / blurred.reshape(n, -1).std(1)[:, None, None] * 0.7 - 0.3, -1, 1).reshape(
+            n, 64
+        )
+    )
     # digits destroyed by strong noise
     k = rng.integers(0, n, n)
     parts.append(np.clip(digits[k] + rng.standard_normal((n, 64)) * 1.0, -1, 1))

@@ -11,6 +11,7 @@ so the posterior mean is ``sum_k r_k(x_t) E[x0 | x_t, k]`` with responsibilities
 logsumexp over ``log w_k + log N(x_t; sqrt(abar) mu_k, v_k I)``. Everything is computed in
 float64. With K = 1 (a Gaussian) the denoiser is affine in x_t.
 """
+
 from __future__ import annotations
 
 import math
@@ -42,11 +43,17 @@ class GaussianMixture:
                 raise ValueError(f"stds must have K = {K} entries, got {s.numel()}")
             s = s[:, None].expand(K, D)
         if tuple(s.shape) != (K, D):
-            raise ValueError(f"stds must be scalar, [K] or [K, D] = [{K}, {D}], got {tuple(s.shape)}")
+            raise ValueError(
+                f"stds must be scalar, [K] or [K, D] = [{K}, {D}], got {tuple(s.shape)}"
+            )
         if bool((s <= 0).any()):
             raise ValueError("stds must be > 0")
         self.stds = s.contiguous()
-        w = torch.ones(K, dtype=torch.float64) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
+        w = (
+            torch.ones(K, dtype=torch.float64)
+            if weights is None
+            else torch.as_tensor(weights, dtype=torch.float64)
+        )
         if w.shape != (K,) or bool((w <= 0).any()):
             raise ValueError(f"weights must be [K] = [{K}] and positive")
         self.weights = w / w.sum()
@@ -64,12 +71,16 @@ class GaussianMixture:
 
     def cov(self) -> Tensor:
         m = self.mean()
-        within = (self.weights[:, None] * self.stds ** 2).sum(0)
+        within = (self.weights[:, None] * self.stds**2).sum(0)
         c = self.means - m
         return torch.diag(within) + (self.weights[:, None] * c).T @ c
 
-    def sample(self, n: int, generator: Optional[torch.Generator] = None,
-               dtype: torch.dtype = torch.float64) -> Tensor:
+    def sample(
+        self,
+        n: int,
+        generator: Optional[torch.Generator] = None,
+        dtype: torch.dtype = torch.float64,
+    ) -> Tensor:
         """``n`` samples ``[n, D]`` (float64 math, cast to ``dtype``)."""
         comp = torch.multinomial(self.weights, n, replacement=True, generator=generator)
         z = torch.randn(n, self.dim, generator=generator, dtype=torch.float64)
@@ -77,7 +88,7 @@ class GaussianMixture:
 
     def log_prob(self, x: Tensor) -> Tensor:
         x = torch.as_tensor(x, dtype=torch.float64).reshape(-1, self.dim)
-        return _log_mix(x, self.means, self.stds ** 2, self.weights).logsumexp(-1)
+        return _log_mix(x, self.means, self.stds**2, self.weights).logsumexp(-1)
 
 
 def _log_mix(x: Tensor, centers: Tensor, var: Tensor, weights: Tensor) -> Tensor:
@@ -106,13 +117,17 @@ class GMMDenoiser(nn.Module):
     def __init__(self, gmm: GaussianMixture, alphas_cumprod, prediction: str = "epsilon"):
         super().__init__()
         if prediction not in ("epsilon", "sample", "v_prediction"):
-            raise ValueError(f"prediction must be 'epsilon', 'sample' or 'v_prediction', got {prediction!r}")
+            raise ValueError(
+                f"prediction must be 'epsilon', 'sample' or 'v_prediction', got {prediction!r}"
+            )
         self.gmm = gmm
         self.prediction = prediction
         self.register_buffer("means", gmm.means.clone())
-        self.register_buffer("var0", (gmm.stds ** 2).clone())
+        self.register_buffer("var0", (gmm.stds**2).clone())
         self.register_buffer("log_weights", gmm.weights.log().clone())
-        self.register_buffer("alphas_cumprod", torch.as_tensor(alphas_cumprod, dtype=torch.float64).clone())
+        self.register_buffer(
+            "alphas_cumprod", torch.as_tensor(alphas_cumprod, dtype=torch.float64).clone()
+        )
         self.num_calls = 0
         self.num_evals = 0
 
@@ -130,28 +145,31 @@ class GMMDenoiser(nn.Module):
 
     def posterior_mean_x0(self, x: Tensor, abar: Tensor) -> Tensor:
         """E[x0 | x_t = x] for x [B, D] float64 and abar [B] float64."""
-        a = abar.sqrt()[:, None, None]                                # [B,1,1]
+        a = abar.sqrt()[:, None, None]  # [B,1,1]
         v = abar[:, None, None] * self.var0[None] + (1 - abar)[:, None, None]  # [B,K,D]
-        centers = a * self.means[None]                                # [B,K,D]
-        diff = x[:, None, :] - centers                                # [B,K,D]
+        centers = a * self.means[None]  # [B,K,D]
+        diff = x[:, None, :] - centers  # [B,K,D]
         D = x.shape[-1]
-        logp = (self.log_weights[None]
-                - 0.5 * ((diff ** 2 / v).sum(-1) + v.log().sum(-1) + D * math.log(2 * math.pi)))
-        r = torch.softmax(logp, dim=-1)                               # [B,K]
-        cond = self.means[None] + a * self.var0[None] / v * diff      # [B,K,D]
+        logp = self.log_weights[None] - 0.5 * (
+            (diff**2 / v).sum(-1) + v.log().sum(-1) + D * math.log(2 * math.pi)
+        )
+        r = torch.softmax(logp, dim=-1)  # [B,K]
+        cond = self.means[None] + a * self.var0[None] / v * diff  # [B,K,D]
         return (r[..., None] * cond).sum(1)
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
         B = x.shape[0]
         xf = x.reshape(B, -1).to(torch.float64)
         if xf.shape[1] != self.means.shape[1]:
-            raise ValueError(f"x has {xf.shape[1]} features per sample, the mixture has D = {self.means.shape[1]}")
+            raise ValueError(
+                f"x has {xf.shape[1]} features per sample, the mixture has D = {self.means.shape[1]}"
+            )
         t = torch.as_tensor(t, device=x.device)
         if t.dim() == 0:
             t = t.expand(B)
         abar = self.abar(t).to(torch.float64).reshape(B)
         x0 = self.posterior_mean_x0(xf, abar)
-        if not torch.compiler.is_compiling():   # a counter in a compiled graph is a recompile
+        if not torch.compiler.is_compiling():  # a counter in a compiled graph is a recompile
             self.num_calls += 1
             self.num_evals += B
         if self.prediction == "sample":
@@ -164,8 +182,15 @@ class GMMDenoiser(nn.Module):
         return out.to(x.dtype).reshape(x.shape)
 
 
-def make_gmm(D: int, K: int = 8, seed: int = 0, *, mean_scale: float = 1.0,
-             std_range: tuple[float, float] = (0.1, 0.4), dirichlet: float = 5.0) -> GaussianMixture:
+def make_gmm(
+    D: int,
+    K: int = 8,
+    seed: int = 0,
+    *,
+    mean_scale: float = 1.0,
+    std_range: tuple[float, float] = (0.1, 0.4),
+    dirichlet: float = 5.0,
+) -> GaussianMixture:
     """A standard test mixture in dimension D: K components, means ~ N(0, mean_scale^2 I)
     (per-coordinate scale, so the data have roughly unit variance per coordinate), isotropic
     stds uniform in ``std_range``, weights ~ Dirichlet(int(dirichlet)). Deterministic in ``seed``."""

@@ -25,6 +25,7 @@ Quality helpers (used by ``bench/patches_quality.py``): :func:`channel_stats` an
 scikit-image and diffusers are imported inside the functions that need them
 (``pip install 'specdiff_kernels[patches]'``).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -108,8 +109,9 @@ def load_pipeline(device: Union[str, torch.device] = "cpu", dtype: torch.dtype =
     """The shipped ``diffusers.DDPMPipeline`` (EMA weights; UNet in eval mode, no grad)."""
     folder = pipeline_dir()
     if not (folder / "model_index.json").is_file():
-        raise FileNotFoundError(f"patches pipeline not found at {folder}; train it with "
-                                f"`{TRAIN_COMMAND}`")
+        raise FileNotFoundError(
+            f"patches pipeline not found at {folder}; train it with `{TRAIN_COMMAND}`"
+        )
     from diffusers import DDPMPipeline
 
     pipe = DDPMPipeline.from_pretrained(str(folder), torch_dtype=dtype)
@@ -136,8 +138,9 @@ def load_images() -> list[Tensor]:
             arr = sd.stereo_motorcycle()[0] if name == "motorcycle_left" else getattr(sd, name)()
             arr = np.ascontiguousarray(arr[..., :3])
             if arr.dtype != np.uint8 or arr.ndim != 3:
-                raise RuntimeError(f"skimage.data.{name}: expected an RGB uint8 image, got "
-                                   f"{arr.dtype} {arr.shape}")
+                raise RuntimeError(
+                    f"skimage.data.{name}: expected an RGB uint8 image, got {arr.dtype} {arr.shape}"
+                )
             out.append(torch.from_numpy(arr).permute(2, 0, 1).contiguous())
         _IMAGE_CACHE["images"] = out
     return _IMAGE_CACHE["images"]
@@ -160,8 +163,11 @@ def _crop_positions(n: int, generator: torch.Generator, heldout: bool):
     ny = torch.tensor([r.shape[1] - CROP + 1 for r in regions], dtype=torch.int64)
     nx = torch.tensor([r.shape[2] - CROP + 1 for r in regions], dtype=torch.int64)
     weights = (ny * nx).to(torch.float64)
-    which = torch.multinomial(weights, n, replacement=True, generator=generator) if n else \
-        torch.zeros(0, dtype=torch.int64)
+    which = (
+        torch.multinomial(weights, n, replacement=True, generator=generator)
+        if n
+        else torch.zeros(0, dtype=torch.int64)
+    )
     u = torch.rand(n, 2, generator=generator, dtype=torch.float64)
     ys = (u[:, 0] * ny[which]).floor().to(torch.int64)
     xs = (u[:, 1] * nx[which]).floor().to(torch.int64)
@@ -176,7 +182,7 @@ def _crops(n: int, generator: torch.Generator, heldout: bool) -> Tensor:
     for i in range(n):
         r = regions[int(which[i])]
         y, x = int(ys[i]), int(xs[i])
-        out[i] = r[:, y:y + CROP, x:x + CROP]
+        out[i] = r[:, y : y + CROP, x : x + CROP]
     out[flip] = out[flip].flip(-1)
     return out.to(torch.float32) / 127.5 - 1.0
 

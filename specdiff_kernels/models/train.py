@@ -21,6 +21,7 @@ loss, the same determinism rules and EMA weights, and writes a ``DDPMPipeline`` 
 ``patches_train_info.json`` to ``--out`` (default: the packaged folder
 ``specdiff_kernels/models/weights/patches``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -88,9 +89,14 @@ class Schedule:
 
     def record(self) -> dict:
         """The hyper-parameters as the training info files record them."""
-        return {"steps": self.steps, "lr": self.lr, "warmup": self.warmup,
-                "final_lr_frac": self.final_lr_frac, "ema_decay": self.ema_decay,
-                "grad_clip": self.grad_clip}
+        return {
+            "steps": self.steps,
+            "lr": self.lr,
+            "warmup": self.warmup,
+            "final_lr_frac": self.final_lr_frac,
+            "ema_decay": self.ema_decay,
+            "grad_clip": self.grad_clip,
+        }
 
 
 class _Trainer:
@@ -115,9 +121,12 @@ class _Trainer:
         lv = loss.item()
         self.smooth = lv if self.smooth is None else 0.99 * self.smooth + 0.01 * lv
         if (step + 1) % sch.log_every == 0 or step + 1 == sch.steps:
-            print(f"[{self.name}] step {step + 1:6d}/{sch.steps}  loss {lv:.5f}  ema-loss "
-                  f"{self.smooth:.5f}  lr {opt.param_groups[0]['lr']:.2e}  "
-                  f"{time.perf_counter() - self.t0:7.1f}s", flush=True)
+            print(
+                f"[{self.name}] step {step + 1:6d}/{sch.steps}  loss {lv:.5f}  ema-loss "
+                f"{self.smooth:.5f}  lr {opt.param_groups[0]['lr']:.2e}  "
+                f"{time.perf_counter() - self.t0:7.1f}s",
+                flush=True,
+            )
 
 
 def _write_json(path: Path, info: dict) -> None:
@@ -127,14 +136,19 @@ def _write_json(path: Path, info: dict) -> None:
 
 
 @torch.no_grad()
-def eval_loss(model: torch.nn.Module, data: torch.Tensor, abar: torch.Tensor,
-              seed: int = 12345, repeats: int = 4) -> float:
+def eval_loss(
+    model: torch.nn.Module,
+    data: torch.Tensor,
+    abar: torch.Tensor,
+    seed: int = 12345,
+    repeats: int = 4,
+) -> float:
     """Mean epsilon-MSE of ``model`` over the dataset with fixed (seeded) timesteps and noise."""
     g = torch.Generator().manual_seed(seed)
     total, count = 0.0, 0
     for _ in range(repeats):
         for i in range(0, data.shape[0], 512):
-            x0 = data[i:i + 512]
+            x0 = data[i : i + 512]
             b = x0.shape[0]
             t = torch.randint(0, D.T, (b,), generator=g)
             eps = torch.randn(x0.shape, generator=g)
@@ -145,10 +159,21 @@ def eval_loss(model: torch.nn.Module, data: torch.Tensor, abar: torch.Tensor,
     return total / count
 
 
-def train_eps_model(name: str, config: dict, data: torch.Tensor, *, steps: int, seed: int,
-                    batch: int = DEFAULT_BATCH, lr: float = 1e-3, warmup: int = 500,
-                    final_lr_frac: float = 0.02, ema_decay: float = 0.9995,
-                    grad_clip: float = 1.0, log_every: int = 1000) -> tuple[torch.nn.Module, dict]:
+def train_eps_model(
+    name: str,
+    config: dict,
+    data: torch.Tensor,
+    *,
+    steps: int,
+    seed: int,
+    batch: int = DEFAULT_BATCH,
+    lr: float = 1e-3,
+    warmup: int = 500,
+    final_lr_frac: float = 0.02,
+    ema_decay: float = 0.9995,
+    grad_clip: float = 1.0,
+    log_every: int = 1000,
+) -> tuple[torch.nn.Module, dict]:
     """Train one epsilon-prediction DDPM network; returns (EMA model in eval mode, stats)."""
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
@@ -160,10 +185,18 @@ def train_eps_model(name: str, config: dict, data: torch.Tensor, *, steps: int, 
     n = data.shape[0]
     perm = torch.randperm(n, generator=g)
     pos = 0
-    print(f"[{name}] config={config} params={D.count_params(model)} steps={steps} "
-          f"batch={batch} lr={lr} seed={seed}", flush=True)
-    trainer = _Trainer(name, model, ema, opt,
-                       Schedule(steps, lr, warmup, final_lr_frac, ema_decay, grad_clip, log_every))
+    print(
+        f"[{name}] config={config} params={D.count_params(model)} steps={steps} "
+        f"batch={batch} lr={lr} seed={seed}",
+        flush=True,
+    )
+    trainer = _Trainer(
+        name,
+        model,
+        ema,
+        opt,
+        Schedule(steps, lr, warmup, final_lr_frac, ema_decay, grad_clip, log_every),
+    )
     for step in range(steps):
         # deterministic data order: a fresh seeded permutation per epoch, consumed in order
         idx_parts = []
@@ -173,7 +206,7 @@ def train_eps_model(name: str, config: dict, data: torch.Tensor, *, steps: int, 
                 perm = torch.randperm(n, generator=g)
                 pos = 0
             take = min(need, n - pos)
-            idx_parts.append(perm[pos:pos + take])
+            idx_parts.append(perm[pos : pos + take])
             pos += take
             need -= take
         x0 = data[torch.cat(idx_parts)]
@@ -192,26 +225,39 @@ def train_eps_model(name: str, config: dict, data: torch.Tensor, *, steps: int, 
         "final_smoothed_train_loss": round(smooth, 6),
         "final_eval_loss_ema": round(final_eval, 6),
     }
-    print(f"[{name}] done: wall {wall:.1f}s  final EMA-smoothed train loss {smooth:.5f}  "
-          f"eval loss (EMA weights, fixed noise) {final_eval:.5f}", flush=True)
+    print(
+        f"[{name}] done: wall {wall:.1f}s  final EMA-smoothed train loss {smooth:.5f}  "
+        f"eval loss (EMA weights, fixed noise) {final_eval:.5f}",
+        flush=True,
+    )
     return ema, stats
 
 
 def _save(model: torch.nn.Module, path: Path, extra: dict) -> None:
     from safetensors.torch import save_file
 
-    state = {k: v.detach().to(torch.float32).contiguous().clone()
-             for k, v in model.state_dict().items()}
-    meta = {"config": json.dumps(model.config), "format": "pt",
-            "model": "specdiff_kernels.models.digits.DigitsEpsMLP",
-            "prediction_type": "epsilon", "schedule": "ddpm linear 1e-4..0.02, T=1000"}
+    state = {
+        k: v.detach().to(torch.float32).contiguous().clone() for k, v in model.state_dict().items()
+    }
+    meta = {
+        "config": json.dumps(model.config),
+        "format": "pt",
+        "model": "specdiff_kernels.models.digits.DigitsEpsMLP",
+        "prediction_type": "epsilon",
+        "schedule": "ddpm linear 1e-4..0.02, T=1000",
+    }
     meta.update({k: str(v) for k, v in extra.items()})
     save_file(state, str(path), metadata=meta)
 
 
-def train_digits(steps: int = DEFAULT_TARGET_STEPS, draft_steps: int | None = None,
-                 out: str | Path | None = None, seed: int = DEFAULT_SEED,
-                 threads: int = DEFAULT_THREADS, argv: list[str] | None = None) -> dict:
+def train_digits(
+    steps: int = DEFAULT_TARGET_STEPS,
+    draft_steps: int | None = None,
+    out: str | Path | None = None,
+    seed: int = DEFAULT_SEED,
+    threads: int = DEFAULT_THREADS,
+    argv: list[str] | None = None,
+) -> dict:
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(True)
     draft_steps = steps if draft_steps is None else draft_steps
@@ -219,20 +265,27 @@ def train_digits(steps: int = DEFAULT_TARGET_STEPS, draft_steps: int | None = No
     out.mkdir(parents=True, exist_ok=True)
     data = D.digits_dataset()
     t_all = time.perf_counter()
-    target, tstats = train_eps_model("target", dict(D.TARGET_CONFIG), data, steps=steps,
-                                     seed=seed, lr=1e-3)
+    target, tstats = train_eps_model(
+        "target", dict(D.TARGET_CONFIG), data, steps=steps, seed=seed, lr=1e-3
+    )
     _save(target, out / D.TARGET_FILE, {"seed": seed, "steps": steps})
-    draft, dstats = train_eps_model("draft", dict(D.DRAFT_CONFIG), data, steps=draft_steps,
-                                    seed=seed + 1, lr=2e-3)
+    draft, dstats = train_eps_model(
+        "draft", dict(D.DRAFT_CONFIG), data, steps=draft_steps, seed=seed + 1, lr=2e-3
+    )
     _save(draft, out / D.DRAFT_FILE, {"seed": seed + 1, "steps": draft_steps})
     total = time.perf_counter() - t_all
     info = {
-        "command": "python -m specdiff_kernels.models.train " + " ".join(argv if argv is not None
-                                                                 else ["digits"]),
+        "command": "python -m specdiff_kernels.models.train "
+        + " ".join(argv if argv is not None else ["digits"]),
         "seed": seed,
         "data": "sklearn.datasets.load_digits, 1797 x 8x8, scaled v/8-1 to [-1,1], no augmentation",
-        "schedule": {"T": D.T, "beta_start": D.BETA_START, "beta_end": D.BETA_END,
-                     "kind": "linear", "prediction_type": "epsilon"},
+        "schedule": {
+            "T": D.T,
+            "beta_start": D.BETA_START,
+            "beta_end": D.BETA_END,
+            "kind": "linear",
+            "prediction_type": "epsilon",
+        },
         "loss": "mean squared error of epsilon, t ~ U{0..999}",
         "weights": "EMA of training weights, fp32",
         "total_wall_time_s": round(total, 2),
@@ -242,12 +295,16 @@ def train_digits(steps: int = DEFAULT_TARGET_STEPS, draft_steps: int | None = No
         "target": tstats,
         "draft": dstats,
         "param_ratio_target_over_draft": round(tstats["params"] / dstats["params"], 2),
-        "macs_ratio_target_over_draft": round(tstats["macs_per_sample"]
-                                              / dstats["macs_per_sample"], 2),
+        "macs_ratio_target_over_draft": round(
+            tstats["macs_per_sample"] / dstats["macs_per_sample"], 2
+        ),
     }
     _write_json(out / "digits_train_info.json", info)
-    print(f"wrote {out / D.TARGET_FILE}, {out / D.DRAFT_FILE}, {out / 'digits_train_info.json'}"
-          f"  (total wall {total:.1f}s)", flush=True)
+    print(
+        f"wrote {out / D.TARGET_FILE}, {out / D.DRAFT_FILE}, {out / 'digits_train_info.json'}"
+        f"  (total wall {total:.1f}s)",
+        flush=True,
+    )
     return info
 
 
@@ -256,7 +313,7 @@ def _patches_eval_loss(unet, data: torch.Tensor, abar: torch.Tensor, seed: int =
     g = torch.Generator().manual_seed(seed)
     total = 0.0
     for i in range(0, data.shape[0], 128):
-        x0 = data[i:i + 128]
+        x0 = data[i : i + 128]
         b = x0.shape[0]
         t = torch.randint(0, abar.shape[0], (b,), generator=g)
         eps = torch.randn(x0.shape, generator=g)
@@ -266,19 +323,32 @@ def _patches_eval_loss(unet, data: torch.Tensor, abar: torch.Tensor, seed: int =
     return total / data.shape[0]
 
 
-def train_patches(steps: int = PATCHES_DEFAULT_STEPS, batch: int = PATCHES_DEFAULT_BATCH,
-                  out: str | Path | None = None, seed: int = DEFAULT_SEED,
-                  threads: int = DEFAULT_THREADS, lr: float = 5e-4, warmup: int = 200,
-                  final_lr_frac: float = 0.05, ema_decay: float = 0.999,
-                  grad_clip: float = 1.0, log_every: int = 100, eval_crops: int = 512,
-                  argv: list[str] | None = None) -> dict:
+def train_patches(
+    steps: int = PATCHES_DEFAULT_STEPS,
+    batch: int = PATCHES_DEFAULT_BATCH,
+    out: str | Path | None = None,
+    seed: int = DEFAULT_SEED,
+    threads: int = DEFAULT_THREADS,
+    lr: float = 5e-4,
+    warmup: int = 200,
+    final_lr_frac: float = 0.05,
+    ema_decay: float = 0.999,
+    grad_clip: float = 1.0,
+    log_every: int = 100,
+    eval_crops: int = 512,
+    argv: list[str] | None = None,
+) -> dict:
     """Train the ``patches`` UNet and save the EMA weights as a diffusers ``DDPMPipeline``."""
     from diffusers import DDPMPipeline
 
     from . import patches as P
 
-    for name, v in (("steps", steps), ("batch", batch), ("threads", threads),
-                    ("eval_crops", eval_crops)):
+    for name, v in (
+        ("steps", steps),
+        ("batch", batch),
+        ("threads", threads),
+        ("eval_crops", eval_crops),
+    ):
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ValueError(f"{name} must be a positive int, got {v!r}")
     torch.set_num_threads(threads)
@@ -294,11 +364,19 @@ def train_patches(steps: int = PATCHES_DEFAULT_STEPS, batch: int = PATCHES_DEFAU
     params = sum(p.numel() for p in unet.parameters())
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
     evaldata = P.heldout_crops(eval_crops, seed=seed + 7)
-    print(f"[patches] params={params} steps={steps} batch={batch} lr={lr} seed={seed} "
-          f"threads={threads}", flush=True)
+    print(
+        f"[patches] params={params} steps={steps} batch={batch} lr={lr} seed={seed} "
+        f"threads={threads}",
+        flush=True,
+    )
     unet.train()
-    trainer = _Trainer("patches", unet, ema, opt,
-                       Schedule(steps, lr, warmup, final_lr_frac, ema_decay, grad_clip, log_every))
+    trainer = _Trainer(
+        "patches",
+        unet,
+        ema,
+        opt,
+        Schedule(steps, lr, warmup, final_lr_frac, ema_decay, grad_clip, log_every),
+    )
     for step in range(steps):
         x0 = P.random_crops(batch, g)
         trainer.step(step, _eps_loss(lambda xt, t: unet(xt, t).sample, x0, g, abar))
@@ -311,14 +389,17 @@ def train_patches(steps: int = PATCHES_DEFAULT_STEPS, batch: int = PATCHES_DEFAU
         if f.is_file():
             f.chmod(0o644)
     info = {
-        "command": "python -m specdiff_kernels.models.train " + " ".join(argv if argv is not None
-                                                                 else ["patches"]),
+        "command": "python -m specdiff_kernels.models.train "
+        + " ".join(argv if argv is not None else ["patches"]),
         "seed": seed,
-        "data": (f"random {P.CROP}x{P.CROP} crops with horizontal flips of skimage.data "
-                 f"{list(P.IMAGES)} (left {1 - P.HELDOUT_FRACTION:.0%} of each image's columns; "
-                 f"the rest is held out), scaled v/127.5-1 to [-1,1]"),
-        "unet_config": {k: list(v) if isinstance(v, tuple) else v
-                        for k, v in P.UNET_CONFIG.items()},
+        "data": (
+            f"random {P.CROP}x{P.CROP} crops with horizontal flips of skimage.data "
+            f"{list(P.IMAGES)} (left {1 - P.HELDOUT_FRACTION:.0%} of each image's columns; "
+            f"the rest is held out), scaled v/127.5-1 to [-1,1]"
+        ),
+        "unet_config": {
+            k: list(v) if isinstance(v, tuple) else v for k, v in P.UNET_CONFIG.items()
+        },
         "scheduler_config": P.SCHEDULER_CONFIG,
         "loss": "mean squared error of epsilon, t ~ U{0..999}",
         "weights": "EMA of training weights, fp32, diffusers save_pretrained layout",
@@ -336,33 +417,60 @@ def train_patches(steps: int = PATCHES_DEFAULT_STEPS, batch: int = PATCHES_DEFAU
         "num_threads": torch.get_num_threads(),
     }
     _write_json(out / "patches_train_info.json", info)
-    print(f"[patches] done: wall {wall:.1f}s  final EMA-smoothed train loss {smooth:.5f}  "
-          f"held-out loss (EMA weights, fixed noise) {final_eval:.5f}; wrote {out}", flush=True)
+    print(
+        f"[patches] done: wall {wall:.1f}s  final EMA-smoothed train loss {smooth:.5f}  "
+        f"held-out loss (EMA weights, fixed noise) {final_eval:.5f}; wrote {out}",
+        flush=True,
+    )
     return info
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    ap = argparse.ArgumentParser(prog="python -m specdiff_kernels.models.train", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("model", choices=["digits", "patches"],
-                    help="which embedded model family to train")
-    ap.add_argument("--steps", type=int, default=None,
-                    help=f"optimizer steps (digits target: default {DEFAULT_TARGET_STEPS}; "
-                         f"patches: default {PATCHES_DEFAULT_STEPS})")
-    ap.add_argument("--batch", type=int, default=None,
-                    help=f"patches only: crops per step (default {PATCHES_DEFAULT_BATCH})")
-    ap.add_argument("--draft-steps", type=int, default=None,
-                    help="optimizer steps for the draft (default: same as --steps)")
-    ap.add_argument("--out", type=str, default=None,
-                    help=f"output directory (digits default {D.WEIGHTS_DIR}; patches default "
-                         "specdiff_kernels/models/weights/patches)")
+    ap = argparse.ArgumentParser(
+        prog="python -m specdiff_kernels.models.train",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument(
+        "model", choices=["digits", "patches"], help="which embedded model family to train"
+    )
+    ap.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help=f"optimizer steps (digits target: default {DEFAULT_TARGET_STEPS}; "
+        f"patches: default {PATCHES_DEFAULT_STEPS})",
+    )
+    ap.add_argument(
+        "--batch",
+        type=int,
+        default=None,
+        help=f"patches only: crops per step (default {PATCHES_DEFAULT_BATCH})",
+    )
+    ap.add_argument(
+        "--draft-steps",
+        type=int,
+        default=None,
+        help="optimizer steps for the draft (default: same as --steps)",
+    )
+    ap.add_argument(
+        "--out",
+        type=str,
+        default=None,
+        help=f"output directory (digits default {D.WEIGHTS_DIR}; patches default "
+        "specdiff_kernels/models/weights/patches)",
+    )
     ap.add_argument("--seed", type=int, default=DEFAULT_SEED)
-    ap.add_argument("--threads", type=int, default=DEFAULT_THREADS,
-                    help=f"torch CPU threads (default {DEFAULT_THREADS}). Results are bitwise "
-                         "reproducible for a fixed thread count (they differ in the last bits "
-                         "between thread counts); 2 is ~1.4x faster on an idle 2-core machine "
-                         "but ~10x slower when another process competes for the cores")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=DEFAULT_THREADS,
+        help=f"torch CPU threads (default {DEFAULT_THREADS}). Results are bitwise "
+        "reproducible for a fixed thread count (they differ in the last bits "
+        "between thread counts); 2 is ~1.4x faster on an idle 2-core machine "
+        "but ~10x slower when another process competes for the cores",
+    )
     args = ap.parse_args(argv)
     for name in ("steps", "batch", "draft_steps", "threads"):
         v = getattr(args, name)
@@ -371,14 +479,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.model == "patches":
         if args.draft_steps is not None:
             ap.error("--draft-steps applies to digits only")
-        train_patches(steps=args.steps or PATCHES_DEFAULT_STEPS,
-                      batch=args.batch or PATCHES_DEFAULT_BATCH, out=args.out, seed=args.seed,
-                      threads=args.threads, argv=argv)
+        train_patches(
+            steps=args.steps or PATCHES_DEFAULT_STEPS,
+            batch=args.batch or PATCHES_DEFAULT_BATCH,
+            out=args.out,
+            seed=args.seed,
+            threads=args.threads,
+            argv=argv,
+        )
     elif args.model == "digits":
         if args.batch is not None:
             ap.error("--batch applies to patches only")
-        train_digits(steps=args.steps or DEFAULT_TARGET_STEPS, draft_steps=args.draft_steps, out=args.out,
-                     seed=args.seed, threads=args.threads, argv=argv)
+        train_digits(
+            steps=args.steps or DEFAULT_TARGET_STEPS,
+            draft_steps=args.draft_steps,
+            out=args.out,
+            seed=args.seed,
+            threads=args.threads,
+            argv=argv,
+        )
     return 0
 
 

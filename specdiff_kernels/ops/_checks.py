@@ -5,6 +5,7 @@ Only metadata is inspected here (shapes, dtypes, devices), so the checks cost no
 synchronisation and trace cleanly under torch.compile. Value checks (sigma > 0, uniforms in [0, 1),
 lengths in 1..L) run where they are free: CPU tensors in eager mode (the C++ kernels repeat them).
 """
+
 from __future__ import annotations
 
 import math
@@ -33,8 +34,10 @@ def _need_tensor(x: object, op: str, name: str) -> Tensor:
 
 def _need_float(x: Tensor, op: str, name: str) -> None:
     if x.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"{op}: {name} must have a floating dtype in "
-                         f"{[str(d) for d in FLOAT_DTYPES]}, got {x.dtype}")
+        raise ValueError(
+            f"{op}: {name} must have a floating dtype in "
+            f"{[str(d) for d in FLOAT_DTYPES]}, got {x.dtype}"
+        )
 
 
 def _same_device(x: Tensor, ref: Tensor, op: str, name: str, ref_name: str) -> None:
@@ -52,8 +55,9 @@ def as_sigma(sigma: Tensor | float, like: Tensor) -> Tensor:
     return sigma
 
 
-def _matching_floats(op: str, names: tuple[str, ...], tensors: tuple, min_dim: int,
-                     shape: str) -> None:
+def _matching_floats(
+    op: str, names: tuple[str, ...], tensors: tuple, min_dim: int, shape: str
+) -> None:
     """Floating tensors of one shape, dtype and device as the first, of rank >= ``min_dim``."""
     for x, name in zip(tensors, names):
         _need_tensor(x, op, name)
@@ -63,11 +67,14 @@ def _matching_floats(op: str, names: tuple[str, ...], tensors: tuple, min_dim: i
         raise ValueError(f"{op}: {first_name} must have shape {shape}, got {tuple(first.shape)}")
     for x, name in zip(tensors[1:], names[1:]):
         if x.shape != first.shape:
-            raise ValueError(f"{op}: {name} shape {tuple(x.shape)} must equal {first_name} shape "
-                             f"{tuple(first.shape)}")
+            raise ValueError(
+                f"{op}: {name} shape {tuple(x.shape)} must equal {first_name} shape "
+                f"{tuple(first.shape)}"
+            )
         if x.dtype != first.dtype:
-            raise ValueError(f"{op}: {name} dtype {x.dtype} must equal {first_name} dtype "
-                             f"{first.dtype}")
+            raise ValueError(
+                f"{op}: {name} dtype {x.dtype} must equal {first_name} dtype {first.dtype}"
+            )
         _same_device(x, first, op, name, first_name)
 
 
@@ -77,16 +84,21 @@ def _nonempty_events(op: str, x: Tensor, first_event_dim: int) -> None:
 
 
 def check_window(op: str, draft_states: Tensor, draft_means: Tensor, target_means: Tensor) -> None:
-    _matching_floats(op, ("draft_states", "draft_means", "target_means"),
-                     (draft_states, draft_means, target_means), 3,
-                     "[B, L, *E] with at least one event dim")
+    _matching_floats(
+        op,
+        ("draft_states", "draft_means", "target_means"),
+        (draft_states, draft_means, target_means),
+        3,
+        "[B, L, *E] with at least one event dim",
+    )
     if draft_states.shape[1] == 0:
         raise ValueError(f"{op}: window length L = draft_states.shape[1] must be >= 1, got 0")
     _nonempty_events(op, draft_states, 2)
 
 
-def check_window_sigma(op: str, draft_states: Tensor, draft_means: Tensor, target_means: Tensor,
-                       sigma: Tensor | float) -> Tensor:
+def check_window_sigma(
+    op: str, draft_states: Tensor, draft_means: Tensor, target_means: Tensor, sigma: Tensor | float
+) -> Tensor:
     """The window and its step std; returns sigma as a tensor."""
     check_window(op, draft_states, draft_means, target_means)
     sigma = as_sigma(sigma, draft_states)
@@ -100,17 +112,23 @@ def check_sigma(op: str, sigma: Tensor, batch: int, window: int, like: Tensor) -
     _need_float(sigma, op, "sigma")
     _same_device(sigma, like, op, "sigma", "draft_states")
     shape = tuple(sigma.shape)
-    ok = (sigma.dim() == 0
-          or (sigma.dim() == 1 and shape[0] in (window, 1))
-          or (sigma.dim() == 2 and shape[0] in (batch, 1) and shape[1] in (window, 1)))
+    ok = (
+        sigma.dim() == 0
+        or (sigma.dim() == 1 and shape[0] in (window, 1))
+        or (sigma.dim() == 2 and shape[0] in (batch, 1) and shape[1] in (window, 1))
+    )
     if not ok:
-        raise ValueError(f"{op}: sigma must be a scalar, [L] or [B, L] broadcastable to "
-                         f"[{batch}, {window}], got shape {shape}")
+        raise ValueError(
+            f"{op}: sigma must be a scalar, [L] or [B, L] broadcastable to "
+            f"[{batch}, {window}], got shape {shape}"
+        )
     if _values_checkable(sigma):
         bad = ~(torch.isfinite(sigma) & (sigma > 0))
         if bool(bad.any()):
-            raise ValueError(f"{op}: sigma must be finite and > 0 everywhere; got "
-                             f"{sigma[bad].flatten()[:4].tolist()}")
+            raise ValueError(
+                f"{op}: sigma must be finite and > 0 everywhere; got "
+                f"{sigma[bad].flatten()[:4].tolist()}"
+            )
 
 
 def check_uniforms(op: str, uniforms: Tensor, batch: int, window: int, like: Tensor) -> None:
@@ -118,17 +136,19 @@ def check_uniforms(op: str, uniforms: Tensor, batch: int, window: int, like: Ten
     _need_float(uniforms, op, "uniforms")
     _same_device(uniforms, like, op, "uniforms", "draft_states")
     if tuple(uniforms.shape) != (batch, window):
-        raise ValueError(f"{op}: uniforms must have shape [B, L] = [{batch}, {window}], got "
-                         f"{tuple(uniforms.shape)}")
+        raise ValueError(
+            f"{op}: uniforms must have shape [B, L] = [{batch}, {window}], got "
+            f"{tuple(uniforms.shape)}"
+        )
     if _values_checkable(uniforms):
         bad = ~((uniforms >= 0) & (uniforms < 1))
         if bool(bad.any()):
-            raise ValueError(f"{op}: uniforms must lie in [0, 1); got "
-                             f"{uniforms[bad].flatten()[:4].tolist()}")
+            raise ValueError(
+                f"{op}: uniforms must lie in [0, 1); got {uniforms[bad].flatten()[:4].tolist()}"
+            )
 
 
-def check_lengths(op: str, lengths: Tensor | None, batch: int, window: int,
-                  like: Tensor) -> None:
+def check_lengths(op: str, lengths: Tensor | None, batch: int, window: int, like: Tensor) -> None:
     if lengths is None:
         return
     _need_tensor(lengths, op, "lengths")
@@ -136,13 +156,15 @@ def check_lengths(op: str, lengths: Tensor | None, batch: int, window: int,
         raise ValueError(f"{op}: lengths must be an integer tensor, got {lengths.dtype}")
     _same_device(lengths, like, op, "lengths", "draft_states")
     if tuple(lengths.shape) != (batch,):
-        raise ValueError(f"{op}: lengths must have shape [B] = [{batch}], got "
-                         f"{tuple(lengths.shape)}")
+        raise ValueError(
+            f"{op}: lengths must have shape [B] = [{batch}], got {tuple(lengths.shape)}"
+        )
     if _values_checkable(lengths) and batch > 0:
         lo, hi = int(lengths.min()), int(lengths.max())
         if lo < 1 or hi > window:
-            raise ValueError(f"{op}: lengths values must lie in 1..L = 1..{window}, got "
-                             f"min {lo}, max {hi}")
+            raise ValueError(
+                f"{op}: lengths values must lie in 1..L = 1..{window}, got min {lo}, max {hi}"
+            )
 
 
 def check_log_ratio(op: str, log_ratio: Tensor) -> None:
@@ -154,10 +176,16 @@ def check_log_ratio(op: str, log_ratio: Tensor) -> None:
         raise ValueError(f"{op}: window length L = log_ratio.shape[1] must be >= 1, got 0")
 
 
-def check_state_triplet(op: str, draft_state: Tensor, draft_mean: Tensor,
-                        target_mean: Tensor) -> None:
-    _matching_floats(op, ("draft_state", "draft_mean", "target_mean"),
-                     (draft_state, draft_mean, target_mean), 2, "[B, *E]")
+def check_state_triplet(
+    op: str, draft_state: Tensor, draft_mean: Tensor, target_mean: Tensor
+) -> None:
+    _matching_floats(
+        op,
+        ("draft_state", "draft_mean", "target_mean"),
+        (draft_state, draft_mean, target_mean),
+        2,
+        "[B, *E]",
+    )
     _nonempty_events(op, draft_state, 1)
 
 
@@ -185,106 +213,166 @@ def _window(op: str, window: int) -> None:
 
 def _seed(op: str, seed: Tensor, like: Tensor) -> None:
     if not isinstance(seed, Tensor):
-        raise TypeError(f"{op}: seed must be an int64 tensor with one element "
-                        f"(ops.seed_tensor(int)), got {type(seed).__name__}")
+        raise TypeError(
+            f"{op}: seed must be an int64 tensor with one element "
+            f"(ops.seed_tensor(int)), got {type(seed).__name__}"
+        )
     if seed.dtype != torch.int64 or seed.numel() != 1:
-        raise ValueError(f"{op}: seed must be an int64 tensor with one element, got "
-                         f"{seed.dtype} of shape {tuple(seed.shape)}")
+        raise ValueError(
+            f"{op}: seed must be an int64 tensor with one element, got "
+            f"{seed.dtype} of shape {tuple(seed.shape)}"
+        )
     if seed.device != like.device:
         raise ValueError(f"{op}: seed is on {seed.device} but the states are on {like.device}")
 
 
-def _ids_steps(op: str, chain_ids: Tensor, steps: Tensor, B: int, like: Tensor,
-               first_step: int) -> None:
+def _ids_steps(
+    op: str, chain_ids: Tensor, steps: Tensor, B: int, like: Tensor, first_step: int
+) -> None:
     _int_vector(op, "chain_ids", chain_ids, B, like)
     _int_vector(op, "steps", steps, B, like)
     if _values_checkable(chain_ids) and B:
         if int(chain_ids.min()) < 0 or int(chain_ids.max()) >= 1 << 32:
-            raise ValueError(f"{op}: chain_ids must lie in [0, 2^32), got min "
-                             f"{int(chain_ids.min())}, max {int(chain_ids.max())}")
+            raise ValueError(
+                f"{op}: chain_ids must lie in [0, 2^32), got min "
+                f"{int(chain_ids.min())}, max {int(chain_ids.max())}"
+            )
         if int(steps.min()) < first_step or int(steps.max()) >= (1 << 32) - 1 - (1 << 20):
-            raise ValueError(f"{op}: steps must lie in [{first_step}, 2^32 - 2^20), got min "
-                             f"{int(steps.min())}, max {int(steps.max())}")
+            raise ValueError(
+                f"{op}: steps must lie in [{first_step}, 2^32 - 2^20), got min "
+                f"{int(steps.min())}, max {int(steps.max())}"
+            )
 
 
 def _states(op: str, name: str, x: Tensor, min_dim: int) -> None:
     _need_tensor(x, op, name)
     _need_float(x, op, name)
-    if x.dim() < min_dim or any(s == 0 for s in x.shape[min_dim - 1:]):
+    if x.dim() < min_dim or any(s == 0 for s in x.shape[min_dim - 1 :]):
         raise ValueError(f"{op}: {name} must have a non-empty event shape, got {tuple(x.shape)}")
 
 
-def _round(op: str, root: Tensor, frozen: Tensor, steps: Tensor, lengths: Tensor, coef: Tensor,
-           seed: Tensor, chain_ids: Tensor, window: int, freeze: int, clip: float) -> None:
+def _round(
+    op: str,
+    root: Tensor,
+    frozen: Tensor,
+    steps: Tensor,
+    lengths: Tensor,
+    coef: Tensor,
+    seed: Tensor,
+    chain_ids: Tensor,
+    window: int,
+    freeze: int,
+    clip: float,
+) -> None:
     """What frozen_draft and verify_frozen share (their windows start at ``root``)."""
     B = root.shape[0]
     _states(op, "frozen", frozen, 2)
     if frozen.shape != root.shape or frozen.dtype != root.dtype or frozen.device != root.device:
-        raise ValueError(f"{op}: frozen must match the root states (shape {tuple(root.shape)}, "
-                         f"{root.dtype}, {root.device}); got {tuple(frozen.shape)}, "
-                         f"{frozen.dtype}, {frozen.device}")
+        raise ValueError(
+            f"{op}: frozen must match the root states (shape {tuple(root.shape)}, "
+            f"{root.dtype}, {root.device}); got {tuple(frozen.shape)}, "
+            f"{frozen.dtype}, {frozen.device}"
+        )
     _seed(op, seed, root)
     _ids_steps(op, chain_ids, steps, B, root, 0)
     _int_vector(op, "lengths", lengths, B, root)
-    if not isinstance(coef, Tensor) or coef.dtype != torch.float64 or coef.dim() != 2 \
-            or coef.shape[0] != NUM_ROWS or coef.shape[1] < 1:
-        raise ValueError(f"{op}: coef must be the float64 [{NUM_ROWS}, N] table of "
-                         f"round_tables(transitions)")
+    if (
+        not isinstance(coef, Tensor)
+        or coef.dtype != torch.float64
+        or coef.dim() != 2
+        or coef.shape[0] != NUM_ROWS
+        or coef.shape[1] < 1
+    ):
+        raise ValueError(
+            f"{op}: coef must be the float64 [{NUM_ROWS}, N] table of round_tables(transitions)"
+        )
     if coef.device != root.device:
         raise ValueError(f"{op}: coef is on {coef.device} but the states are on {root.device}")
     _window(op, window)
     if freeze not in FREEZE_MODES.values():
-        raise ValueError(f"{op}: freeze must be {FREEZE_X0} (x0) or {FREEZE_EPS} (eps), "
-                         f"got {freeze!r}")
+        raise ValueError(
+            f"{op}: freeze must be {FREEZE_X0} (x0) or {FREEZE_EPS} (eps), got {freeze!r}"
+        )
     if not (clip > 0):
         raise ValueError(f"{op}: clip must be > 0 (math.inf: no clipping), got {clip!r}")
     if _values_checkable(lengths) and B:
         lo, hi = int(lengths.min()), int(lengths.max())
         if lo < 0 or hi > window:
-            raise ValueError(f"{op}: lengths must lie in 0..window = 0..{window}, got min {lo}, "
-                             f"max {hi}")
+            raise ValueError(
+                f"{op}: lengths must lie in 0..window = 0..{window}, got min {lo}, max {hi}"
+            )
         N = coef.shape[1]
         if int(steps.max()) > N:
-            raise ValueError(f"{op}: steps must lie in 0..N = 0..{N} (N: the table length), got "
-                             f"max {int(steps.max())}")
+            raise ValueError(
+                f"{op}: steps must lie in 0..N = 0..{N} (N: the table length), got "
+                f"max {int(steps.max())}"
+            )
 
 
-def check_chain_noise(seed: Tensor, chain_ids: Tensor, steps: Tensor, window: int,
-                      event_shape, dtype: torch.dtype) -> tuple[int, ...]:
+def check_chain_noise(
+    seed: Tensor, chain_ids: Tensor, steps: Tensor, window: int, event_shape, dtype: torch.dtype
+) -> tuple[int, ...]:
     """Returns ``event_shape`` as a tuple of ints."""
     op = "chain_noise"
     _need_tensor(chain_ids, op, "chain_ids")
     _seed(op, seed, chain_ids)
-    _ids_steps(op, chain_ids, steps, chain_ids.shape[0] if chain_ids.dim() == 1 else -1,
-               chain_ids, -1)
+    _ids_steps(
+        op, chain_ids, steps, chain_ids.shape[0] if chain_ids.dim() == 1 else -1, chain_ids, -1
+    )
     _window(op, window)
     event_shape = tuple(int(s) for s in event_shape)
     if not event_shape or math.prod(event_shape) < 1:
-        raise ValueError(f"{op}: event_shape must be non-empty with positive sizes, "
-                         f"got {event_shape}")
+        raise ValueError(
+            f"{op}: event_shape must be non-empty with positive sizes, got {event_shape}"
+        )
     if dtype not in FLOAT_DTYPES:
-        raise ValueError(f"{op}: dtype must be one of {[str(d) for d in FLOAT_DTYPES]}, "
-                         f"got {dtype}")
+        raise ValueError(
+            f"{op}: dtype must be one of {[str(d) for d in FLOAT_DTYPES]}, got {dtype}"
+        )
     return event_shape
 
 
-def check_frozen_draft(root: Tensor, frozen: Tensor, steps: Tensor, lengths: Tensor,
-                       coef: Tensor, seed: Tensor, chain_ids: Tensor, window: int, freeze: int,
-                       clip: float) -> None:
+def check_frozen_draft(
+    root: Tensor,
+    frozen: Tensor,
+    steps: Tensor,
+    lengths: Tensor,
+    coef: Tensor,
+    seed: Tensor,
+    chain_ids: Tensor,
+    window: int,
+    freeze: int,
+    clip: float,
+) -> None:
     op = "frozen_draft"
     _states(op, "root", root, 2)
     _round(op, root, frozen, steps, lengths, coef, seed, chain_ids, window, freeze, clip)
 
 
-def check_verify_frozen(states: Tensor, x0_hat: Tensor, frozen: Tensor, steps: Tensor,
-                        lengths: Tensor, coef: Tensor, seed: Tensor, chain_ids: Tensor,
-                        freeze: int, clip: float) -> None:
+def check_verify_frozen(
+    states: Tensor,
+    x0_hat: Tensor,
+    frozen: Tensor,
+    steps: Tensor,
+    lengths: Tensor,
+    coef: Tensor,
+    seed: Tensor,
+    chain_ids: Tensor,
+    freeze: int,
+    clip: float,
+) -> None:
     op = "verify_frozen"
     _states(op, "states", states, 3)
-    if not isinstance(x0_hat, Tensor) or x0_hat.shape != states.shape or \
-            x0_hat.dtype != states.dtype or x0_hat.device != states.device:
-        raise ValueError(f"{op}: x0_hat must match states (shape {tuple(states.shape)}, "
-                         f"{states.dtype}, {states.device})")
+    if (
+        not isinstance(x0_hat, Tensor)
+        or x0_hat.shape != states.shape
+        or x0_hat.dtype != states.dtype
+        or x0_hat.device != states.device
+    ):
+        raise ValueError(
+            f"{op}: x0_hat must match states (shape {tuple(states.shape)}, "
+            f"{states.dtype}, {states.device})"
+        )
     if states.shape[1] < 2:
         raise ValueError(f"{op}: states must hold L + 1 >= 2 positions, got {states.shape[1]}")
     window = states.shape[1] - 1
@@ -299,26 +387,42 @@ def check_verify_frozen(states: Tensor, x0_hat: Tensor, frozen: Tensor, steps: T
         bad = live & ((idx >= N) | ~(std > 0))
         if bool(bad.any()):
             b = int(bad.nonzero()[0, 0])
-            raise ValueError(f"{op}: lengths[{b}] = {int(lengths[b])} from step {int(steps[b])} "
-                             f"reaches a deterministic step or the end of the schedule (N = {N}); "
-                             f"windows must cover stochastic steps only")
+            raise ValueError(
+                f"{op}: lengths[{b}] = {int(lengths[b])} from step {int(steps[b])} "
+                f"reaches a deterministic step or the end of the schedule (N = {N}); "
+                f"windows must cover stochastic steps only"
+            )
 
 
-def check_round_stats(stats: Tensor, steps: Tensor, lengths: Tensor, num_accepted: Tensor,
-                      committed: Tensor, log_ratio: Tensor, output: Tensor, num_steps: int) -> None:
+def check_round_stats(
+    stats: Tensor,
+    steps: Tensor,
+    lengths: Tensor,
+    num_accepted: Tensor,
+    committed: Tensor,
+    log_ratio: Tensor,
+    output: Tensor,
+    num_steps: int,
+) -> None:
     op = "round_stats"
     if not isinstance(log_ratio, Tensor) or log_ratio.dim() != 2:
         raise ValueError(f"{op}: log_ratio must be a [B, L] tensor")
     B, L = log_ratio.shape
-    for name, t in (("steps", steps), ("lengths", lengths), ("num_accepted", num_accepted),
-                    ("committed", committed)):
+    for name, t in (
+        ("steps", steps),
+        ("lengths", lengths),
+        ("num_accepted", num_accepted),
+        ("committed", committed),
+    ):
         _int_vector(op, name, t, B, log_ratio)
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
         raise ValueError(f"{op}: num_steps must be an int >= 1, got {num_steps!r}")
     size = StatsLayout(L, num_steps, B).size
     if not isinstance(stats, Tensor) or stats.dtype != torch.int64 or tuple(stats.shape) != (size,):
-        raise ValueError(f"{op}: stats must be the int64 [{size}] vector of StatsLayout(L={L}, "
-                         f"N={num_steps}, B={B})")
+        raise ValueError(
+            f"{op}: stats must be the int64 [{size}] vector of StatsLayout(L={L}, "
+            f"N={num_steps}, B={B})"
+        )
     if not isinstance(output, Tensor) or output.dim() < 2 or tuple(output.shape[:2]) != (B, L + 1):
         raise ValueError(f"{op}: output must have shape [B, L+1, ...] = [{B}, {L + 1}, ...]")
     if output.device != log_ratio.device or stats.device != log_ratio.device:

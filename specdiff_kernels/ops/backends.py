@@ -5,6 +5,7 @@ and the devices it runs on. By default the backend follows the device: CPU -> ``
 ``triton``, else ``reference``. Backends that live in optional modules are imported on first use
 (keeps ``import triton`` lazy): importing such a module registers its backend.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -15,6 +16,7 @@ import torch
 
 try:  # the compiled CPU backend; registers torch.ops.specdiff.* schemas and CPU kernels
     from .. import _C
+
     HAS_CPP = True
 except ImportError as _err:  # pragma: no cover - exercised only on broken installs
     _C = None
@@ -39,7 +41,7 @@ def cpu_capabilities() -> list[str]:
     """The variants of CPU_CAPABILITIES this CPU can run (none without the C++ extension)."""
     if not HAS_CPP:
         return []
-    return list(CPU_CAPABILITIES[:CPU_CAPABILITIES.index(_C.supported_cpu_capability()) + 1])
+    return list(CPU_CAPABILITIES[: CPU_CAPABILITIES.index(_C.supported_cpu_capability()) + 1])
 
 
 @dataclass(frozen=True)
@@ -53,8 +55,10 @@ class Backend:
 
     def __post_init__(self):
         if sorted(self.ops) != sorted(FAMILIES[self.family]):
-            raise ValueError(f"backend {self.name!r} of family {self.family!r} must implement "
-                             f"{FAMILIES[self.family]}, got {tuple(self.ops)}")
+            raise ValueError(
+                f"backend {self.name!r} of family {self.family!r} must implement "
+                f"{FAMILIES[self.family]}, got {tuple(self.ops)}"
+            )
 
     def supports(self, device: torch.device) -> bool:
         return self.devices is None or device.type in self.devices
@@ -73,7 +77,7 @@ class BackendRegistry:
 
     def __init__(self, lazy: dict[tuple[str, str], str]):
         self._backends: dict[tuple[str, str], Backend] = {}
-        self._lazy = dict(lazy)   # (family, name) -> module whose import registers that backend
+        self._lazy = dict(lazy)  # (family, name) -> module whose import registers that backend
 
     def register(self, backend: Backend) -> None:
         self._backends[backend.family, backend.name] = backend
@@ -100,21 +104,29 @@ class BackendRegistry:
                 raise RuntimeError(f"backend {name!r} is not available: {err}") from err
         if key not in self._backends:
             if name == "cpp" and not HAS_CPP:
-                raise RuntimeError(f"backend 'cpp' is not available: specdiff_kernels._C failed to "
-                                   f"import ({_CPP_IMPORT_ERROR}); rebuild with "
-                                   f"`pip install --no-build-isolation .`")
+                raise RuntimeError(
+                    f"backend 'cpp' is not available: specdiff_kernels._C failed to "
+                    f"import ({_CPP_IMPORT_ERROR}); rebuild with "
+                    f"`pip install --no-build-isolation .`"
+                )
             known = {n for fam, n in self._backends if fam == family}
             known |= {n for fam, n in self._lazy if fam == family}
             raise ValueError(f"backend must be one of {sorted(known)}, got {name!r}")
         backend = self._backends[key]
         if not backend.supports(device):
-            raise ValueError(f"backend {name!r} runs on {list(backend.devices or ())} tensors, "
-                             f"got tensors on {device}")
+            raise ValueError(
+                f"backend {name!r} runs on {list(backend.devices or ())} tensors, "
+                f"got tensors on {device}"
+            )
         return backend
 
 
-REGISTRY = BackendRegistry({("verify", "triton"): "specdiff_kernels.ops.triton.verify",
-                            ("round", "triton"): "specdiff_kernels.ops.triton.round"})
+REGISTRY = BackendRegistry(
+    {
+        ("verify", "triton"): "specdiff_kernels.ops.triton.verify",
+        ("round", "triton"): "specdiff_kernels.ops.triton.round",
+    }
+)
 
 
 def available_backends() -> list[str]:

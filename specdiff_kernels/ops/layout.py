@@ -10,6 +10,7 @@ bit, so a mismatch cannot go unnoticed).
 * the static round's stats vector (``STAT_*`` head slots, then :class:`StatsLayout`'s parts);
 * the floating dtypes the kernels take, and the one rule for the dtype they compute in.
 """
+
 from __future__ import annotations
 
 import torch
@@ -24,12 +25,12 @@ NUM_ROWS = 8
 # ---------------------------------------------------------------- freeze modes
 # what the frozen-target draft holds fixed over a window: the target's x0-hat, or its eps-hat
 FREEZE_X0, FREEZE_EPS = 0, 1
-FREEZE_MODES = {"x0": FREEZE_X0, "eps": FREEZE_EPS}   # user-facing name -> the ops' code
+FREEZE_MODES = {"x0": FREEZE_X0, "eps": FREEZE_EPS}  # user-facing name -> the ops' code
 
 # ---------------------------------------------------------------- Philox4x32-10 counter layout
 PHILOX_M0, PHILOX_M1 = 0xD2511F53, 0xCD9E8D57
 PHILOX_W0, PHILOX_W1 = 0x9E3779B9, 0xBB67AE85
-STREAM_NORMAL, STREAM_UNIFORM = 0, 1    # counter word 3: step noise, acceptance uniform
+STREAM_NORMAL, STREAM_UNIFORM = 0, 1  # counter word 3: step noise, acceptance uniform
 
 # ---------------------------------------------------------------- dtypes
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -40,13 +41,22 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     keep float64, every narrower dtype works in float32 (docs/design.md §4)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
+
 # ---------------------------------------------------------------- round statistics
 # The static round's counters live in ONE int64 vector (read back once per round: its head; once
 # per run: the rest). Head slots, then the per-position, per-length, per-step and per-chain parts.
-(STAT_ROUNDS, STAT_WINDOWS, STAT_SPEC_STEPS, STAT_DET_STEPS, STAT_BAD_OUTPUT, STAT_BAD_RATIO,
- STAT_STEPS_DONE, STAT_LIVE) = range(8)
+(
+    STAT_ROUNDS,
+    STAT_WINDOWS,
+    STAT_SPEC_STEPS,
+    STAT_DET_STEPS,
+    STAT_BAD_OUTPUT,
+    STAT_BAD_RATIO,
+    STAT_STEPS_DONE,
+    STAT_LIVE,
+) = range(8)
 STAT_HEAD = 8
-NO_BAD = torch.iinfo(torch.int64).max   # "no non-finite value seen" in the BAD slots
+NO_BAD = torch.iinfo(torch.int64).max  # "no non-finite value seen" in the BAD slots
 
 
 class StatsLayout:
@@ -56,8 +66,15 @@ class StatsLayout:
     ``attempted_by_step [N]``, ``chain_rounds [B]``. The BAD slots hold the smallest code
     ``chain * (N + 1) + step`` whose network output / log ratio was not finite (NO_BAD: none)."""
 
-    PARTS = ("accepted_by_position", "attempted_by_position", "accepted_length_hist",
-             "window_length_hist", "accepted_by_step", "attempted_by_step", "chain_rounds")
+    PARTS = (
+        "accepted_by_position",
+        "attempted_by_position",
+        "accepted_length_hist",
+        "window_length_hist",
+        "accepted_by_step",
+        "attempted_by_step",
+        "chain_rounds",
+    )
 
     def __init__(self, L: int, N: int, B: int):
         self.L, self.N, self.B = L, N, B

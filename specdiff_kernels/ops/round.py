@@ -21,6 +21,7 @@ Default by device: CPU -> cpp, CUDA -> triton. ``torch.ops.specdiff.chain_noise`
 fake kernels below, so ``torch.compile(fullgraph=True)`` traces them without a graph break. Nothing
 reads values back to the host on CUDA: out-of-range steps and lengths are clamped in-kernel.
 """
+
 from __future__ import annotations
 
 import math
@@ -39,11 +40,11 @@ class FrozenVerifyResult(NamedTuple):
     """Output of :func:`verify_frozen` (one round's commit per chain)."""
 
     num_accepted: Tensor  # [B] int64: first rejected window position, or n
-    committed: Tensor     # [B] int64: sampling steps this round advances the chain by
-    next_state: Tensor    # [B, *E]: the chain's state after the round (state dtype)
-    next_frozen: Tensor   # [B, *E]: the frozen value for the next window
-    root_exact: Tensor    # [B] bool: the target's x0-hat at next_state is next_frozen's source
-    log_ratio: Tensor     # [B, L] float32 (0 at positions >= n)
+    committed: Tensor  # [B] int64: sampling steps this round advances the chain by
+    next_state: Tensor  # [B, *E]: the chain's state after the round (state dtype)
+    next_frozen: Tensor  # [B, *E]: the frozen value for the next window
+    root_exact: Tensor  # [B] bool: the target's x0-hat at next_state is next_frozen's source
+    log_ratio: Tensor  # [B, L] float32 (0 at positions >= n)
 
 
 def get_backend(name: Optional[str], device: torch.device) -> Backend:
@@ -51,15 +52,30 @@ def get_backend(name: Optional[str], device: torch.device) -> Backend:
     return REGISTRY.get("round", name, device)
 
 
-REGISTRY.register(Backend("round", "reference", {"chain_noise": ref.chain_noise,
-                                                 "frozen_draft": ref.frozen_draft,
-                                                 "verify_frozen": ref.verify_frozen}))
+REGISTRY.register(
+    Backend(
+        "round",
+        "reference",
+        {
+            "chain_noise": ref.chain_noise,
+            "frozen_draft": ref.frozen_draft,
+            "verify_frozen": ref.verify_frozen,
+        },
+    )
+)
 if HAS_CPP:
-    REGISTRY.register(Backend("round", "cpp", {
-        "chain_noise": torch.ops.specdiff.chain_noise.default,
-        "frozen_draft": torch.ops.specdiff.frozen_draft.default,
-        "verify_frozen": torch.ops.specdiff.verify_frozen.default,
-    }, devices=("cpu",)))
+    REGISTRY.register(
+        Backend(
+            "round",
+            "cpp",
+            {
+                "chain_noise": torch.ops.specdiff.chain_noise.default,
+                "frozen_draft": torch.ops.specdiff.frozen_draft.default,
+                "verify_frozen": torch.ops.specdiff.verify_frozen.default,
+            },
+            devices=("cpu",),
+        )
+    )
 
 
 def seed_tensor(seed: int, device=None) -> Tensor:
@@ -74,9 +90,16 @@ def seed_tensor(seed: int, device=None) -> Tensor:
 
 
 # ---------------------------------------------------------------- public functions
-def chain_noise(seed: Tensor, chain_ids: Tensor, steps: Tensor, window: int,
-                event_shape: Sequence[int], dtype: torch.dtype = torch.float32, *,
-                backend: Optional[str] = None) -> tuple[Tensor, Tensor]:
+def chain_noise(
+    seed: Tensor,
+    chain_ids: Tensor,
+    steps: Tensor,
+    window: int,
+    event_shape: Sequence[int],
+    dtype: torch.dtype = torch.float32,
+    *,
+    backend: Optional[str] = None,
+) -> tuple[Tensor, Tensor]:
     """Step noises and acceptance uniforms of chains ``chain_ids`` at steps ``steps[b] + j``.
 
     Args:
@@ -96,9 +119,20 @@ def chain_noise(seed: Tensor, chain_ids: Tensor, steps: Tensor, window: int,
     return xi.reshape(chain_ids.shape[0], window, *event_shape), u
 
 
-def frozen_draft(root: Tensor, frozen: Tensor, steps: Tensor, lengths: Tensor, coef: Tensor,
-                 seed: Tensor, chain_ids: Tensor, window: int, freeze: int = FREEZE_X0,
-                 clip: float = math.inf, *, backend: Optional[str] = None) -> Tensor:
+def frozen_draft(
+    root: Tensor,
+    frozen: Tensor,
+    steps: Tensor,
+    lengths: Tensor,
+    coef: Tensor,
+    seed: Tensor,
+    chain_ids: Tensor,
+    window: int,
+    freeze: int = FREEZE_X0,
+    clip: float = math.inf,
+    *,
+    backend: Optional[str] = None,
+) -> Tensor:
     """Drafted states ``Y [B, window+1, *E]`` of a frozen-target window (docs/design.md §6), in one
     pass.
 
@@ -108,16 +142,29 @@ def frozen_draft(root: Tensor, frozen: Tensor, steps: Tensor, lengths: Tensor, c
     ``lengths[b]`` repeat the last state. ``coef``: :func:`round_tables`; ``clip``:
     :func:`clip_value`.
     """
-    _checks.check_frozen_draft(root, frozen, steps, lengths, coef, seed, chain_ids, window, freeze,
-                               clip)
+    _checks.check_frozen_draft(
+        root, frozen, steps, lengths, coef, seed, chain_ids, window, freeze, clip
+    )
     impl = get_backend(backend, root.device)
-    return impl.ops["frozen_draft"](root, frozen, steps, lengths, coef, seed, chain_ids, window,
-                                    freeze, float(clip))
+    return impl.ops["frozen_draft"](
+        root, frozen, steps, lengths, coef, seed, chain_ids, window, freeze, float(clip)
+    )
 
 
-def verify_frozen(states: Tensor, x0_hat: Tensor, frozen: Tensor, steps: Tensor, lengths: Tensor,
-                  coef: Tensor, seed: Tensor, chain_ids: Tensor, freeze: int = FREEZE_X0,
-                  clip: float = math.inf, *, backend: Optional[str] = None) -> FrozenVerifyResult:
+def verify_frozen(
+    states: Tensor,
+    x0_hat: Tensor,
+    frozen: Tensor,
+    steps: Tensor,
+    lengths: Tensor,
+    coef: Tensor,
+    seed: Tensor,
+    chain_ids: Tensor,
+    freeze: int = FREEZE_X0,
+    clip: float = math.inf,
+    *,
+    backend: Optional[str] = None,
+) -> FrozenVerifyResult:
     """Verify a frozen-draft window and commit the round (docs/design.md §6; semantics:
     :func:`specdiff_kernels.ops.reference.round.verify_frozen`).
 
@@ -128,24 +175,37 @@ def verify_frozen(states: Tensor, x0_hat: Tensor, frozen: Tensor, steps: Tensor,
         frozen, steps, lengths, coef, seed, chain_ids, freeze, clip: as for :func:`frozen_draft`
             (``lengths`` in 0..L).
     """
-    _checks.check_verify_frozen(states, x0_hat, frozen, steps, lengths, coef, seed, chain_ids,
-                                freeze, clip)
+    _checks.check_verify_frozen(
+        states, x0_hat, frozen, steps, lengths, coef, seed, chain_ids, freeze, clip
+    )
     impl = get_backend(backend, states.device)
-    return FrozenVerifyResult(*impl.ops["verify_frozen"](states, x0_hat, frozen, steps, lengths,
-                                                         coef, seed, chain_ids, freeze,
-                                                         float(clip)))
+    return FrozenVerifyResult(
+        *impl.ops["verify_frozen"](
+            states, x0_hat, frozen, steps, lengths, coef, seed, chain_ids, freeze, float(clip)
+        )
+    )
 
 
-def round_stats(stats: Tensor, steps: Tensor, lengths: Tensor, num_accepted: Tensor,
-                committed: Tensor, log_ratio: Tensor, output: Tensor, num_steps: int) -> Tensor:
+def round_stats(
+    stats: Tensor,
+    steps: Tensor,
+    lengths: Tensor,
+    num_accepted: Tensor,
+    committed: Tensor,
+    log_ratio: Tensor,
+    output: Tensor,
+    num_steps: int,
+) -> Tensor:
     """The static round's counters after one round, as a new int64 vector (layout:
     :class:`~specdiff_kernels.ops.layout.StatsLayout`; semantics:
     :func:`specdiff_kernels.ops.reference.round.round_stats`). One launch on CPU (C++) and on CUDA
     (a composition of a few ops, replayed inside the round's CUDA graph)."""
-    _checks.check_round_stats(stats, steps, lengths, num_accepted, committed, log_ratio, output,
-                              num_steps)
-    return torch.ops.specdiff.round_stats(stats, steps, lengths, num_accepted, committed,
-                                          log_ratio, output, num_steps)
+    _checks.check_round_stats(
+        stats, steps, lengths, num_accepted, committed, log_ratio, output, num_steps
+    )
+    return torch.ops.specdiff.round_stats(
+        stats, steps, lengths, num_accepted, committed, log_ratio, output, num_steps
+    )
 
 
 # ---------------------------------------------------------------- fake (meta) kernels
@@ -153,21 +213,27 @@ def round_stats(stats: Tensor, steps: Tensor, lengths: Tensor, num_accepted: Ten
 # interpreted Triton ops (ops/triton/round.py) too.
 def fake_chain_noise(seed, chain_ids, steps, window, event_numel, dtype):
     B = chain_ids.shape[0]
-    return (chain_ids.new_empty((B, window, event_numel), dtype=dtype),
-            chain_ids.new_empty((B, window), dtype=torch.float32))
+    return (
+        chain_ids.new_empty((B, window, event_numel), dtype=dtype),
+        chain_ids.new_empty((B, window), dtype=torch.float32),
+    )
 
 
 def fake_frozen_draft(root, frozen, steps, lengths, coef, seed, chain_ids, window, freeze, clip):
     return root.new_empty((root.shape[0], window + 1, *root.shape[1:]))
 
 
-def fake_verify_frozen(states, x0_hat, frozen, steps, lengths, coef, seed, chain_ids, freeze,
-                       clip):
+def fake_verify_frozen(states, x0_hat, frozen, steps, lengths, coef, seed, chain_ids, freeze, clip):
     B, L1 = states.shape[:2]
     E = states.shape[2:]
-    return (steps.new_empty((B,)), steps.new_empty((B,)), states.new_empty((B, *E)),
-            states.new_empty((B, *E)), steps.new_empty((B,), dtype=torch.bool),
-            states.new_empty((B, L1 - 1), dtype=torch.float32))
+    return (
+        steps.new_empty((B,)),
+        steps.new_empty((B,)),
+        states.new_empty((B, *E)),
+        states.new_empty((B, *E)),
+        steps.new_empty((B,), dtype=torch.bool),
+        states.new_empty((B, L1 - 1), dtype=torch.float32),
+    )
 
 
 def fake_round_stats(stats, steps, lengths, num_accepted, committed, log_ratio, output, num_steps):
@@ -177,6 +243,10 @@ def fake_round_stats(stats, steps, lengths, num_accepted, committed, log_ratio, 
 if HAS_CPP:
     # CUDA: the reference composition; inside a captured round its launches replay as one graph
     torch.library.register_kernel("specdiff::round_stats", "cuda", ref.round_stats)
-    for _name, _fake in (("chain_noise", fake_chain_noise), ("frozen_draft", fake_frozen_draft),
-                         ("verify_frozen", fake_verify_frozen), ("round_stats", fake_round_stats)):
+    for _name, _fake in (
+        ("chain_noise", fake_chain_noise),
+        ("frozen_draft", fake_frozen_draft),
+        ("verify_frozen", fake_verify_frozen),
+        ("round_stats", fake_round_stats),
+    ):
         torch.library.register_fake(f"specdiff::{_name}", _fake)

@@ -12,6 +12,7 @@ Non-finite inputs are not scanned for (that would cost a pass and a host sync): 
 ratio counts as a rejection, and the state reflected at that step may be non-finite. Callers that
 must not continue on bad values (the samplers) check ``log_ratio`` and raise.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple, Optional
@@ -37,8 +38,8 @@ class VerifyResult(NamedTuple):
     """Output of :func:`speculative_verify`."""
 
     num_accepted: Tensor  # [B] int64: first rejected step, or the chain's length when all accepted
-    next_state: Tensor    # [B, *E]: reflected sample at the first rejection, else y_n
-    log_ratio: Tensor     # [B, L] float32: log p/q of every step of the window
+    next_state: Tensor  # [B, *E]: reflected sample at the first rejection, else y_n
+    log_ratio: Tensor  # [B, L] float32: log p/q of every step of the window
 
 
 def get_backend(name: Optional[str], device: torch.device) -> Backend:
@@ -46,24 +47,43 @@ def get_backend(name: Optional[str], device: torch.device) -> Backend:
     return REGISTRY.get("verify", name, device)
 
 
-REGISTRY.register(Backend("verify", "reference", {
-    "gaussian_log_ratio": reference.gaussian_log_ratio,
-    "first_rejection": reference.first_rejection,
-    "reflect_resample": reference.reflect_resample,
-    "speculative_verify": reference.speculative_verify,
-}))
+REGISTRY.register(
+    Backend(
+        "verify",
+        "reference",
+        {
+            "gaussian_log_ratio": reference.gaussian_log_ratio,
+            "first_rejection": reference.first_rejection,
+            "reflect_resample": reference.reflect_resample,
+            "speculative_verify": reference.speculative_verify,
+        },
+    )
+)
 if HAS_CPP:
-    REGISTRY.register(Backend("verify", "cpp", {
-        "gaussian_log_ratio": torch.ops.specdiff.gaussian_log_ratio.default,
-        "first_rejection": torch.ops.specdiff.first_rejection.default,
-        "reflect_resample": torch.ops.specdiff.reflect_resample.default,
-        "speculative_verify": torch.ops.specdiff.speculative_verify.default,
-    }, devices=("cpu",)))
+    REGISTRY.register(
+        Backend(
+            "verify",
+            "cpp",
+            {
+                "gaussian_log_ratio": torch.ops.specdiff.gaussian_log_ratio.default,
+                "first_rejection": torch.ops.specdiff.first_rejection.default,
+                "reflect_resample": torch.ops.specdiff.reflect_resample.default,
+                "speculative_verify": torch.ops.specdiff.speculative_verify.default,
+            },
+            devices=("cpu",),
+        )
+    )
 
 
 # ---------------------------------------------------------------- public functions
-def gaussian_log_ratio(draft_states: Tensor, draft_means: Tensor, target_means: Tensor,
-                       sigma: Tensor | float, *, backend: Optional[str] = None) -> Tensor:
+def gaussian_log_ratio(
+    draft_states: Tensor,
+    draft_means: Tensor,
+    target_means: Tensor,
+    sigma: Tensor | float,
+    *,
+    backend: Optional[str] = None,
+) -> Tensor:
     """Per-step log p(y_{j+1}|y_j) - log q(y_{j+1}|y_j) for Gaussians of equal std ``sigma``.
 
     Args:
@@ -77,14 +97,20 @@ def gaussian_log_ratio(draft_states: Tensor, draft_means: Tensor, target_means: 
         ``[B, L]`` float32: ``(<d, r> - ||d||^2 / 2) / sigma^2`` with d = mp - mq, r = y - mq,
         summed over all event dims (accumulated in fp32, fp64 for fp64 inputs).
     """
-    sigma = _checks.check_window_sigma("gaussian_log_ratio", draft_states, draft_means,
-                                       target_means, sigma)
+    sigma = _checks.check_window_sigma(
+        "gaussian_log_ratio", draft_states, draft_means, target_means, sigma
+    )
     impl = get_backend(backend, draft_states.device)
     return impl.ops["gaussian_log_ratio"](draft_states, draft_means, target_means, sigma)
 
 
-def first_rejection(log_ratio: Tensor, uniforms: Tensor, lengths: Optional[Tensor] = None, *,
-                    backend: Optional[str] = None) -> Tensor:
+def first_rejection(
+    log_ratio: Tensor,
+    uniforms: Tensor,
+    lengths: Optional[Tensor] = None,
+    *,
+    backend: Optional[str] = None,
+) -> Tensor:
     """Index of the first rejected step per chain, or its window length (``lengths``, default L)
     if none.
 
@@ -108,8 +134,9 @@ def first_rejection(log_ratio: Tensor, uniforms: Tensor, lengths: Optional[Tenso
     return impl.ops["first_rejection"](log_ratio, uniforms, lengths)
 
 
-def reflect_resample(draft_state: Tensor, draft_mean: Tensor, target_mean: Tensor, *,
-                     backend: Optional[str] = None) -> Tensor:
+def reflect_resample(
+    draft_state: Tensor, draft_mean: Tensor, target_mean: Tensor, *, backend: Optional[str] = None
+) -> Tensor:
     """Reflection-maximal-coupling sample ``y + (1 - 2<d, y - mq>/||d||^2) d``, d = mp - mq.
 
     Equals ``mp + (I - 2 e e^T)(y - mq)`` with e = d/||d||: distance-preserving, on the line through
@@ -121,9 +148,16 @@ def reflect_resample(draft_state: Tensor, draft_mean: Tensor, target_mean: Tenso
     return impl.ops["reflect_resample"](draft_state, draft_mean, target_mean)
 
 
-def speculative_verify(draft_states: Tensor, draft_means: Tensor, target_means: Tensor,
-                       sigma: Tensor | float, uniforms: Tensor, lengths: Optional[Tensor] = None,
-                       *, backend: Optional[str] = None) -> VerifyResult:
+def speculative_verify(
+    draft_states: Tensor,
+    draft_means: Tensor,
+    target_means: Tensor,
+    sigma: Tensor | float,
+    uniforms: Tensor,
+    lengths: Optional[Tensor] = None,
+    *,
+    backend: Optional[str] = None,
+) -> VerifyResult:
     """Verify a window of drafted Gaussian steps against the target in one fused pass
     (docs/design.md §3).
 
@@ -152,8 +186,11 @@ def speculative_verify(draft_states: Tensor, draft_means: Tensor, target_means: 
     _checks.check_uniforms(op, uniforms, B, L, draft_states)
     _checks.check_lengths(op, lengths, B, L, draft_states)
     impl = get_backend(backend, draft_states.device)
-    return VerifyResult(*impl.ops["speculative_verify"](draft_states, draft_means, target_means,
-                                                        sigma, uniforms, lengths))
+    return VerifyResult(
+        *impl.ops["speculative_verify"](
+            draft_states, draft_means, target_means, sigma, uniforms, lengths
+        )
+    )
 
 
 # ---------------------------------------------------------------- fake (meta) kernels
@@ -171,17 +208,22 @@ def fake_reflect_resample(draft_state, draft_mean, target_mean, strategy="auto")
     return draft_state.new_empty(draft_state.shape)
 
 
-def fake_speculative_verify(draft_states, draft_means, target_means, sigma, uniforms,
-                            lengths=None, strategy="auto"):
+def fake_speculative_verify(
+    draft_states, draft_means, target_means, sigma, uniforms, lengths=None, strategy="auto"
+):
     B, L = draft_states.shape[:2]
-    return (draft_states.new_empty((B,), dtype=torch.int64),
-            draft_states.new_empty((B, *draft_states.shape[2:])),
-            draft_states.new_empty((B, L), dtype=torch.float32))
+    return (
+        draft_states.new_empty((B,), dtype=torch.int64),
+        draft_states.new_empty((B, *draft_states.shape[2:])),
+        draft_states.new_empty((B, L), dtype=torch.float32),
+    )
 
 
 if HAS_CPP:
-    for _name, _fake in (("gaussian_log_ratio", fake_gaussian_log_ratio),
-                         ("first_rejection", fake_first_rejection),
-                         ("reflect_resample", fake_reflect_resample),
-                         ("speculative_verify", fake_speculative_verify)):
+    for _name, _fake in (
+        ("gaussian_log_ratio", fake_gaussian_log_ratio),
+        ("first_rejection", fake_first_rejection),
+        ("reflect_resample", fake_reflect_resample),
+        ("speculative_verify", fake_speculative_verify),
+    ):
         torch.library.register_fake(f"specdiff::{_name}", _fake)

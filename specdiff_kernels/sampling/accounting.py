@@ -1,4 +1,5 @@
 """Cost and acceptance accounting of a sampling run (docs/design.md §10): :class:`SamplerStats`."""
+
 from __future__ import annotations
 
 import math
@@ -52,22 +53,29 @@ class SamplerStats:
 
     def __post_init__(self):
         L, N = self.window, self.num_steps
-        for name, n in (("accepted_by_position", L), ("attempted_by_position", L),
-                        ("accepted_length_hist", L + 1), ("window_length_hist", L + 1),
-                        ("accepted_by_step", N),
-                        ("attempted_by_step", N)):
+        for name, n in (
+            ("accepted_by_position", L),
+            ("attempted_by_position", L),
+            ("accepted_length_hist", L + 1),
+            ("window_length_hist", L + 1),
+            ("accepted_by_step", N),
+            ("attempted_by_step", N),
+        ):
             if not getattr(self, name):
                 setattr(self, name, [0] * n)
 
     @property
     def acceptance_by_position(self) -> list:
-        return [a / t if t else math.nan
-                for a, t in zip(self.accepted_by_position, self.attempted_by_position)]
+        return [
+            a / t if t else math.nan
+            for a, t in zip(self.accepted_by_position, self.attempted_by_position)
+        ]
 
     @property
     def acceptance_by_step(self) -> list:
-        return [a / t if t else math.nan
-                for a, t in zip(self.accepted_by_step, self.attempted_by_step)]
+        return [
+            a / t if t else math.nan for a, t in zip(self.accepted_by_step, self.attempted_by_step)
+        ]
 
     @property
     def mean_accepted_length(self) -> float:
@@ -97,26 +105,34 @@ class SamplerStats:
 
     def relative_to(self, baseline: "SamplerStats") -> dict:
         """Ratios of this run's costs to a baseline run's (e.g. the ancestral sampler's)."""
+
         def r(a, b):
             return a / b if b else math.nan
-        return {"target_calls": r(self.target_calls, baseline.target_calls),
-                "target_evals": r(self.target_evals, baseline.target_evals),
-                "wall_time": r(self.wall_time, baseline.wall_time)}
+
+        return {
+            "target_calls": r(self.target_calls, baseline.target_calls),
+            "target_evals": r(self.target_evals, baseline.target_evals),
+            "wall_time": r(self.wall_time, baseline.wall_time),
+        }
 
     def as_dict(self) -> dict:
         d = asdict(self)
-        d.update(acceptance_by_position=self.acceptance_by_position,
-                 mean_chain_rounds=self.mean_chain_rounds,
-                 mean_accepted_length=self.mean_accepted_length,
-                 steps_per_window=self.steps_per_window, acceptance_rate=self.acceptance_rate,
-                 mean_window_length=self.mean_window_length)
+        d.update(
+            acceptance_by_position=self.acceptance_by_position,
+            mean_chain_rounds=self.mean_chain_rounds,
+            mean_accepted_length=self.mean_accepted_length,
+            steps_per_window=self.steps_per_window,
+            acceptance_rate=self.acceptance_rate,
+            mean_window_length=self.mean_window_length,
+        )
         return d
 
     def summary(self) -> str:
         acc = ", ".join("-" if math.isnan(a) else f"{a:.2f}" for a in self.acceptance_by_position)
-        return (f"{self.sampler}: chains={self.num_chains} steps={self.num_steps} L={self.window} "
-                f"rounds={self.rounds} target_calls={self.target_calls} "
-                f"target_evals={self.target_evals} draft_calls={self.draft_calls} "
-                f"draft_evals={self.draft_evals} steps/window={self.steps_per_window:.2f} "
-                f"acceptance by position=[{acc}] wall={self.wall_time:.3f}s")
-
+        return (
+            f"{self.sampler}: chains={self.num_chains} steps={self.num_steps} L={self.window} "
+            f"rounds={self.rounds} target_calls={self.target_calls} "
+            f"target_evals={self.target_evals} draft_calls={self.draft_calls} "
+            f"draft_evals={self.draft_evals} steps/window={self.steps_per_window:.2f} "
+            f"acceptance by position=[{acc}] wall={self.wall_time:.3f}s"
+        )

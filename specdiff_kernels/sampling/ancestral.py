@@ -2,6 +2,7 @@
 :class:`LeanAncestral`, one network call and one fused step per sampling step, with the noise the
 speculative sampler uses (docs/design.md §7), so both read the same xi_k at every step k.
 """
+
 from __future__ import annotations
 
 import time
@@ -23,14 +24,23 @@ class LeanAncestral:
     (``frozen_draft`` with L = 1 on the network's own x0-hat: mean + std * xi(seed, c, k)), the
     same noise as the speculative sampler; optionally compiled (network included)."""
 
-    def __init__(self, model: Model, transitions: GaussianTransitions, seed: Tensor,
-                 chain_ids: Tensor, *, dtype: torch.dtype, backend: Optional[str] = None,
-                 compile: bool = False, cond: Optional[dict] = None):
+    def __init__(
+        self,
+        model: Model,
+        transitions: GaussianTransitions,
+        seed: Tensor,
+        chain_ids: Tensor,
+        *,
+        dtype: torch.dtype,
+        backend: Optional[str] = None,
+        compile: bool = False,
+        cond: Optional[dict] = None,
+    ):
         device = chain_ids.device
         self.T = transitions
         self.N = transitions.num_steps
         self.seed, self.ids = seed, chain_ids
-        self.cond = {} if cond is None else cond    # the chains' network kwargs, rows in order
+        self.cond = {} if cond is None else cond  # the chains' network kwargs, rows in order
         self.backend = backend
         # a mean that is not affine in x0-hat (dynamic thresholding) is stepped by the
         # transitions' own formula with the same counter-based noise
@@ -40,8 +50,11 @@ class LeanAncestral:
         # on CUDA, "reduce-overhead" replays each step as a CUDA graph: the fastest baseline
         self.cuda_graphs = compile and device.type == "cuda"
         mode = "reduce-overhead" if self.cuda_graphs else None
-        self._step = torch.compile(self._step_eager, fullgraph=True, dynamic=False, mode=mode) \
-            if compile else self._step_eager
+        self._step = (
+            torch.compile(self._step_eager, fullgraph=True, dynamic=False, mode=mode)
+            if compile
+            else self._step_eager
+        )
 
     def _step_eager(self, x: Tensor, k: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
         out, p = self.net(x, k, self.cond)
@@ -49,21 +62,23 @@ class LeanAncestral:
         if self.coef is None:
             xi, _ = round_ops.chain_noise(self.seed, self.ids, k, 1, x.shape[1:], x.dtype)
             return self.T.mean_from_x0(x, p, k) + self.T.coef("std", k, x) * xi[:, 0], bad
-        y = draft_op(self.backend, x, p, k, lengths, self.coef, self.seed, self.ids, 1, FREEZE_X0,
-                     self.clip)
+        y = draft_op(
+            self.backend, x, p, k, lengths, self.coef, self.seed, self.ids, 1, FREEZE_X0, self.clip
+        )
         return y[:, 1].contiguous(), bad
 
-    def run(self, x: Tensor, check_finite: bool = True, bar=None
-            ) -> tuple[Tensor, Optional[tuple[int, int]]]:
+    def run(
+        self, x: Tensor, check_finite: bool = True, bar=None
+    ) -> tuple[Tensor, Optional[tuple[int, int]]]:
         """All N steps from x; returns the samples and the first (step, chain row) whose network
         output was not finite (None if all were; read once, at the end)."""
         B = x.shape[0]
         k = torch.zeros(B, dtype=torch.int64, device=x.device)
-        lengths = torch.ones_like(k)   # a window of one step per chain
+        lengths = torch.ones_like(k)  # a window of one step per chain
         flags = []
         graphs = self.cuda_graphs
         for _ in range(self.N):
-            if graphs:   # each step replays a CUDA graph whose outputs the next replay overwrites
+            if graphs:  # each step replays a CUDA graph whose outputs the next replay overwrites
                 torch.compiler.cudagraph_mark_step_begin()
             x, bad = self._step(x, k, lengths)
             if graphs:
@@ -74,7 +89,7 @@ class LeanAncestral:
             if bar is not None:
                 bar.update(B)
         if check_finite and flags:
-            bad = torch.stack(flags)                     # [N, B]
+            bad = torch.stack(flags)  # [N, B]
             if bool(bad.any()):
                 step, row = (int(v) for v in bad.nonzero()[0])
                 return x, (step, row)
@@ -89,28 +104,52 @@ class AncestralSampler(SamplerBase):
 
     name = "ancestral"
 
-    def __init__(self, model: Model, transitions: GaussianTransitions, *, progress: bool = False,
-                 check_finite: bool = True, compile: bool = False, backend: Optional[str] = None):
+    def __init__(
+        self,
+        model: Model,
+        transitions: GaussianTransitions,
+        *,
+        progress: bool = False,
+        check_finite: bool = True,
+        compile: bool = False,
+        backend: Optional[str] = None,
+    ):
         super().__init__(model, transitions, progress=progress, check_finite=check_finite)
         self.compile = bool(compile)
         self.backend = backend
 
     @sample_in_inference_mode
-    def sample(self, num_chains: Optional[int] = None, event_shape=None, *,
-               generator: Optional[torch.Generator] = None, chain_ids=None, x_init=None,
-               dtype: torch.dtype = torch.float32, device=None,
-               model_kwargs: Optional[dict] = None) -> SamplingResult:
+    def sample(
+        self,
+        num_chains: Optional[int] = None,
+        event_shape=None,
+        *,
+        generator: Optional[torch.Generator] = None,
+        chain_ids=None,
+        x_init=None,
+        dtype: torch.dtype = torch.float32,
+        device=None,
+        model_kwargs: Optional[dict] = None,
+    ) -> SamplingResult:
         """Same arguments as :meth:`SpeculativeSampler.sample`."""
         t0 = time.perf_counter()
         T = self.transitions
-        x, noise, chains = self.setup(num_chains, event_shape, generator, chain_ids, x_init,
-                                       dtype, device, model_kwargs)
+        x, noise, chains = self.setup(
+            num_chains, event_shape, generator, chain_ids, x_init, dtype, device, model_kwargs
+        )
         ids = chains.ids
         B, N = x.shape[0], T.num_steps
         stats = SamplerStats(self.name, B, N, 1)
-        chain = LeanAncestral(self.model, T, noise.seed, noise.chain_ids, dtype=x.dtype,
-                              backend=self.backend, compile=self.compile,
-                              cond=chains.cond.gather(torch.arange(B, device=x.device)))
+        chain = LeanAncestral(
+            self.model,
+            T,
+            noise.seed,
+            noise.chain_ids,
+            dtype=x.dtype,
+            backend=self.backend,
+            compile=self.compile,
+            cond=chains.cond.gather(torch.arange(B, device=x.device)),
+        )
         bar = self.progress_bar(B * N)
         x, bad = chain.run(x, self.check_finite, bar)
         if bar is not None:

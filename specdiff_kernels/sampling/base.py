@@ -7,6 +7,7 @@ of (seed, chain id, k); the seed is one draw of the ``generator`` passed to ``sa
 ``chain_noise``). So the same generator seed gives the same samples, and a chain's samples do not
 depend on the other chains of its batch.
 """
+
 from __future__ import annotations
 
 import functools
@@ -30,13 +31,13 @@ class Chains:
     """Who the chains of a run are: their ids (noise streams, error messages) and their
     conditioning (passed to every network call on their rows)."""
 
-    ids: list                     # [B] int chain ids
-    cond: "_args.ModelKwargs"     # per-chain network kwargs (empty: unconditional)
+    ids: list  # [B] int chain ids
+    cond: "_args.ModelKwargs"  # per-chain network kwargs (empty: unconditional)
 
 
 @dataclass
 class SamplingResult:
-    samples: Tensor        # [B, *E] final states
+    samples: Tensor  # [B, *E] final states
     stats: SamplerStats
 
 
@@ -44,11 +45,13 @@ def sample_in_inference_mode(sample):
     """Run ``sample`` under ``torch.inference_mode()``: a model whose parameters require grad (a
     diffusers UNet outside its pipeline) must not build an autograd graph over N steps. The
     samples are cloned out of inference mode, so callers get ordinary tensors."""
+
     @functools.wraps(sample)
     def wrapper(self, *args, **kwargs) -> "SamplingResult":
         with torch.inference_mode():
             res = sample(self, *args, **kwargs)
         return SamplingResult(res.samples.clone(), res.stats)
+
     return wrapper
 
 
@@ -57,19 +60,27 @@ class SamplerBase:
 
     name = "sampler"
 
-    def __init__(self, model: Model, transitions: GaussianTransitions, *, progress: bool = False,
-                 check_finite: bool = True):
+    def __init__(
+        self,
+        model: Model,
+        transitions: GaussianTransitions,
+        *,
+        progress: bool = False,
+        check_finite: bool = True,
+    ):
         if not isinstance(transitions, GaussianTransitions):
-            raise TypeError(f"transitions must be a GaussianTransitions, got "
-                            f"{type(transitions).__name__}")
+            raise TypeError(
+                f"transitions must be a GaussianTransitions, got {type(transitions).__name__}"
+            )
         self.model = model
         self.transitions = transitions
         self.progress = progress
         self.check_finite = bool(check_finite)
 
     # -------------------------------------------------------------- setup and helpers
-    def setup(self, num_chains, event_shape, generator, chain_ids, x_init, dtype, device,
-               model_kwargs):
+    def setup(
+        self, num_chains, event_shape, generator, chain_ids, x_init, dtype, device, model_kwargs
+    ):
         # every argument is checked here, before the first model call
         _args.check_generator(generator)
         if num_chains is not None:
@@ -81,8 +92,10 @@ class SamplerBase:
                 raise ValueError(f"num_chains={num_chains} but x_init has {x_init.shape[0]} rows")
             rows_shape = tuple(x_init.shape[1:])
             if event_shape is not None and _args.as_event_shape(event_shape) != rows_shape:
-                raise ValueError(f"event_shape={tuple(event_shape)} but x_init has rows of shape "
-                                 f"{tuple(x_init.shape[1:])}")
+                raise ValueError(
+                    f"event_shape={tuple(event_shape)} but x_init has rows of shape "
+                    f"{tuple(x_init.shape[1:])}"
+                )
             num_chains, event_shape = x_init.shape[0], tuple(x_init.shape[1:])
             dtype, device = x_init.dtype, x_init.device
         if num_chains is None or event_shape is None:
@@ -91,8 +104,9 @@ class SamplerBase:
         _args.check_state_dtype(dtype)
         device = _args.as_device(device)
         B = num_chains
-        chains = Chains(_args.as_chain_ids(chain_ids, B),
-                        _args.ModelKwargs.check(model_kwargs, B, device))
+        chains = Chains(
+            _args.as_chain_ids(chain_ids, B), _args.ModelKwargs.check(model_kwargs, B, device)
+        )
         base = base_seed_from(generator)
         noise = ChainNoise(base, chains.ids, event_shape, dtype, device)
         if x_init is None:
@@ -105,11 +119,14 @@ class SamplerBase:
         """The error for a non-finite network output, naming the step, its timestep and the chain
         (one message for every path)."""
         t = self.transitions.timesteps[min(step, self.transitions.num_steps - 1)].item()
-        return NonFiniteError(f"{role} model returned a non-finite output at sampling step "
-                              f"{step} (timestep t={t}) for chain {chain}")
+        return NonFiniteError(
+            f"{role} model returned a non-finite output at sampling step "
+            f"{step} (timestep t={t}) for chain {chain}"
+        )
 
-    def evaluate(self, model: Model, role: str, x: Tensor, k: Tensor, rows: Tensor,
-              chains: "Chains") -> Tensor:
+    def evaluate(
+        self, model: Model, role: str, x: Tensor, k: Tensor, rows: Tensor, chains: "Chains"
+    ) -> Tensor:
         """Raw x0-hat of ``model`` at states x [n, *E], steps k [n] of chains ``rows`` [n] (batch
         indices); raises on non-finite output."""
         cond = chains.cond.gather(rows.to(x.device)) if chains.cond else {}
@@ -128,4 +145,5 @@ class SamplerBase:
         if not self.progress:
             return None
         from tqdm.auto import tqdm
+
         return tqdm(total=total, desc=self.name, unit="step")

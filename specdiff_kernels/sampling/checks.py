@@ -4,6 +4,7 @@ Everything a ``sample()`` call is given is checked before the first model call, 
 error that names the argument; a model's output is checked at its first call (a tuple, an output
 object, another dtype or device), before anything is done with it.
 """
+
 from __future__ import annotations
 
 import operator
@@ -31,8 +32,9 @@ def as_event_shape(event_shape) -> tuple[int, ...]:
     try:
         dims = tuple(event_shape)
     except TypeError:
-        raise TypeError(f"event_shape must be a tuple of positive ints, got "
-                        f"{event_shape!r}") from None
+        raise TypeError(
+            f"event_shape must be a tuple of positive ints, got {event_shape!r}"
+        ) from None
     if len(dims) == 0:
         raise ValueError("event_shape must have at least one dimension")
     for d in dims:
@@ -69,8 +71,9 @@ def as_chain_ids(chain_ids, num_chains: int) -> list[int]:
         if c < 0:
             raise ValueError(f"chain_ids must be >= 0, got {c}")
         if c in seen:
-            raise ValueError(f"chain_ids must be distinct (each id seeds one chain's stream), "
-                             f"got {c} twice")
+            raise ValueError(
+                f"chain_ids must be distinct (each id seeds one chain's stream), got {c} twice"
+            )
         seen.add(c)
     return ids
 
@@ -79,12 +82,16 @@ def check_generator(generator) -> None:
     if generator is None:
         return
     if not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None, got "
-                        f"{type(generator).__name__} {generator!r} (use "
-                        f"torch.Generator().manual_seed(seed))")
+        raise TypeError(
+            f"generator must be a torch.Generator or None, got "
+            f"{type(generator).__name__} {generator!r} (use "
+            f"torch.Generator().manual_seed(seed))"
+        )
     if generator.device.type != "cpu":
-        raise ValueError(f"generator must be a CPU torch.Generator (it only seeds the chains' "
-                         f"streams), got one on {generator.device}")
+        raise ValueError(
+            f"generator must be a CPU torch.Generator (it only seeds the chains' "
+            f"streams), got one on {generator.device}"
+        )
 
 
 def as_device(device) -> torch.device:
@@ -97,8 +104,9 @@ def as_device(device) -> torch.device:
     except (RuntimeError, TypeError) as err:
         raise ValueError(f"device={device!r} is not a torch device: {err}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={str(dev)!r} is not available: torch.cuda.is_available() is "
-                         f"False")
+        raise ValueError(
+            f"device={str(dev)!r} is not available: torch.cuda.is_available() is False"
+        )
     try:
         torch.empty(0, device=dev)
     except (RuntimeError, AssertionError) as err:
@@ -116,14 +124,17 @@ def check_x_init(x_init: Tensor, check_finite: bool) -> None:
     if not x_init.is_floating_point():
         raise TypeError(f"x_init must be a floating-point tensor, got dtype {x_init.dtype}")
     if x_init.dim() < 2 or x_init.shape[0] == 0 or x_init.numel() == 0:
-        raise ValueError(f"x_init must have shape [num_chains, *event_shape] with at least one "
-                         f"chain and one element, got {tuple(x_init.shape)}")
+        raise ValueError(
+            f"x_init must have shape [num_chains, *event_shape] with at least one "
+            f"chain and one element, got {tuple(x_init.shape)}"
+        )
     if check_finite:
         bad = ~torch.isfinite(x_init.reshape(x_init.shape[0], -1)).all(dim=1)
         if bool(bad.any()):
             rows = bad.nonzero()[:, 0].tolist()
-            raise ValueError(f"x_init has non-finite values in {len(rows)} row(s), the first is "
-                             f"row {rows[0]}")
+            raise ValueError(
+                f"x_init has non-finite values in {len(rows)} row(s), the first is row {rows[0]}"
+            )
 
 
 def check_model_output(role: str, out, x: Tensor) -> None:
@@ -133,23 +144,30 @@ def check_model_output(role: str, out, x: Tensor) -> None:
         if isinstance(out, (tuple, list)):
             hint = "for a model that returns a tuple, pass e.g. lambda x, t: model(x, t)[0]"
         elif hasattr(out, "sample"):
-            hint = ("for a diffusers model, wrap it in "
-                    "specdiff_kernels.integrations.diffusers.DiffusersModel")
+            hint = (
+                "for a diffusers model, wrap it in "
+                "specdiff_kernels.integrations.diffusers.DiffusersModel"
+            )
         else:
             hint = "wrap the model so that it returns the prediction tensor"
-        raise TypeError(f"{role} model returned {kind} instead of a tensor: model(x, t) must "
-                        f"return the prediction as a tensor shaped like x ({hint})")
+        raise TypeError(
+            f"{role} model returned {kind} instead of a tensor: model(x, t) must "
+            f"return the prediction as a tensor shaped like x ({hint})"
+        )
     if out.shape != x.shape:
-        raise ValueError(f"{role} model returned shape {tuple(out.shape)} for input "
-                         f"{tuple(x.shape)}")
+        raise ValueError(
+            f"{role} model returned shape {tuple(out.shape)} for input {tuple(x.shape)}"
+        )
     if out.dtype != x.dtype:
-        raise TypeError(f"{role} model returned dtype {out.dtype} for a {x.dtype} input: it must "
-                        f"return its input's dtype (cast inside the model, or sample with "
-                        f"dtype={out.dtype})")
+        raise TypeError(
+            f"{role} model returned dtype {out.dtype} for a {x.dtype} input: it must "
+            f"return its input's dtype (cast inside the model, or sample with "
+            f"dtype={out.dtype})"
+        )
     if out.device != x.device:
-        raise ValueError(f"{role} model returned a tensor on {out.device} for an input on "
-                         f"{x.device}")
-
+        raise ValueError(
+            f"{role} model returned a tensor on {out.device} for an input on {x.device}"
+        )
 
 
 class ModelKwargs:
@@ -167,30 +185,39 @@ class ModelKwargs:
         if model_kwargs is None:
             return ModelKwargs({})
         if not isinstance(model_kwargs, dict):
-            raise TypeError(f"model_kwargs must be a dict of per-chain tensors, got "
-                            f"{type(model_kwargs).__name__}")
+            raise TypeError(
+                f"model_kwargs must be a dict of per-chain tensors, got "
+                f"{type(model_kwargs).__name__}"
+            )
 
         def one(where: str, value):
             if isinstance(value, dict):
                 return {k: one(f"{where}[{k!r}]", v) for k, v in value.items()}
             if not isinstance(value, Tensor):
-                raise TypeError(f"{where} must be a tensor with one row per chain (or a dict of "
-                                f"such tensors), got {type(value).__name__}")
+                raise TypeError(
+                    f"{where} must be a tensor with one row per chain (or a dict of "
+                    f"such tensors), got {type(value).__name__}"
+                )
             if value.dim() == 0 or value.shape[0] != num_chains:
-                raise ValueError(f"{where} must have num_chains={num_chains} rows (one per "
-                                 f"chain), got shape {tuple(value.shape)}")
+                raise ValueError(
+                    f"{where} must have num_chains={num_chains} rows (one per "
+                    f"chain), got shape {tuple(value.shape)}"
+                )
             return value.to(device)
 
         for name in model_kwargs:
             if not isinstance(name, str):
                 raise TypeError(f"model_kwargs keys must be strings, got {name!r}")
-        return ModelKwargs({name: one(f"model_kwargs[{name!r}]", v)
-                            for name, v in model_kwargs.items()})
+        return ModelKwargs(
+            {name: one(f"model_kwargs[{name!r}]", v) for name, v in model_kwargs.items()}
+        )
 
     def gather(self, rows: Tensor) -> dict:
         """The kwargs of a call whose i-th row belongs to chain ``rows[i]``."""
+
         def pick(v):
             return {k: pick(w) for k, w in v.items()} if isinstance(v, dict) else v[rows]
+
         return {name: pick(v) for name, v in self.values.items()}
 
     def __bool__(self) -> bool:

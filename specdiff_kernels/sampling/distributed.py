@@ -26,6 +26,7 @@ or call :func:`sample_distributed` from your own torchrun script after
 ``torch.distributed.init_process_group``. Without an initialised process group it runs as a
 single process (world size 1).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -77,8 +78,9 @@ def shard_chains(num_chains: int, rank: int, world_size: int) -> range:
     return range(start, stop)
 
 
-def merge_stats(stats: Sequence[SamplerStats], chain_ids: Optional[Sequence[Sequence[int]]] = None
-                ) -> SamplerStats:
+def merge_stats(
+    stats: Sequence[SamplerStats], chain_ids: Optional[Sequence[Sequence[int]]] = None
+) -> SamplerStats:
     """Merge per-rank stats: work summed, sequential quantities maxed, ``chain_rounds`` put in
     global-id order (``chain_ids[r]``: the global ids of rank r's chains; default: concatenated)."""
     stats = [s for s in stats if s is not None]
@@ -88,8 +90,10 @@ def merge_stats(stats: Sequence[SamplerStats], chain_ids: Optional[Sequence[Sequ
     for s in stats[1:]:
         for name in _SAME_FIELDS:
             if getattr(s, name) != getattr(first, name):
-                raise ValueError(f"cannot merge stats with different {name}: "
-                                 f"{getattr(first, name)!r} vs {getattr(s, name)!r}")
+                raise ValueError(
+                    f"cannot merge stats with different {name}: "
+                    f"{getattr(first, name)!r} vs {getattr(s, name)!r}"
+                )
     kw = {}
     for f in dataclasses.fields(SamplerStats):
         name = f.name
@@ -108,8 +112,9 @@ def merge_stats(stats: Sequence[SamplerStats], chain_ids: Optional[Sequence[Sequ
     if chain_ids is None:
         kw["chain_rounds"] = [r for s in stats for r in s.chain_rounds]
     else:
-        pairs = sorted((c, r) for ids, s in zip(chain_ids, stats)
-                       for c, r in zip(ids, s.chain_rounds))
+        pairs = sorted(
+            (c, r) for ids, s in zip(chain_ids, stats) for c, r in zip(ids, s.chain_rounds)
+        )
         kw["chain_rounds"] = [r for _, r in pairs]
     return SamplerStats(**kw)
 
@@ -127,11 +132,19 @@ def _comm_device(group) -> torch.device:
     return torch.device("cpu")
 
 
-def sample_distributed(sampler, num_chains: int, event_shape, *, seed: int,
-                       dtype: torch.dtype = torch.float32, device=None,
-                       x_init: Optional[Tensor] = None, gather: bool = True,
-                       out_dir: Optional[str] = None, group=None
-                       ) -> DistributedResult:
+def sample_distributed(
+    sampler,
+    num_chains: int,
+    event_shape,
+    *,
+    seed: int,
+    dtype: torch.dtype = torch.float32,
+    device=None,
+    x_init: Optional[Tensor] = None,
+    gather: bool = True,
+    out_dir: Optional[str] = None,
+    group=None,
+) -> DistributedResult:
     """Sample ``num_chains`` chains sharded over the ranks of ``group`` (default: the world).
 
     Args:
@@ -155,23 +168,40 @@ def sample_distributed(sampler, num_chains: int, event_shape, *, seed: int,
     event_shape = tuple(int(s) for s in event_shape)
     base = _base_sampler(sampler)
     gen = torch.Generator().manual_seed(int(seed))
-    xi = None if x_init is None else torch.as_tensor(x_init)[ids[0]:ids[-1] + 1] if ids else None
+    xi = None if x_init is None else torch.as_tensor(x_init)[ids[0] : ids[-1] + 1] if ids else None
     if ids:
-        res: SamplingResult = base.sample(len(ids), event_shape, generator=gen, chain_ids=ids,
-                                          x_init=xi, dtype=dtype, device=device)
+        res: SamplingResult = base.sample(
+            len(ids),
+            event_shape,
+            generator=gen,
+            chain_ids=ids,
+            x_init=xi,
+            dtype=dtype,
+            device=device,
+        )
         samples, stats = res.samples, res.stats
     else:  # more ranks than chains
         dev = torch.device("cpu") if device is None else torch.device(device)
-        samples = torch.zeros((0, *event_shape), dtype=dtype if xi is None else xi.dtype,
-                              device=dev)
+        samples = torch.zeros(
+            (0, *event_shape), dtype=dtype if xi is None else xi.dtype, device=dev
+        )
         stats = None
     if out_dir is not None:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
-        torch.save({"chain_ids": ids, "samples": samples.cpu(), "stats": stats, "rank": rank,
-                    "world_size": world, "num_chains": int(num_chains)},
-                   Path(out_dir) / f"rank{rank}.pt")
-    local = DistributedResult(samples, ids, stats, rank, world, [stats],
-                              stats.target_calls if stats is not None else 0)
+        torch.save(
+            {
+                "chain_ids": ids,
+                "samples": samples.cpu(),
+                "stats": stats,
+                "rank": rank,
+                "world_size": world,
+                "num_chains": int(num_chains),
+            },
+            Path(out_dir) / f"rank{rank}.pt",
+        )
+    local = DistributedResult(
+        samples, ids, stats, rank, world, [stats], stats.target_calls if stats is not None else 0
+    )
     if not distributed or not gather:
         return local
     return _gather(local, int(num_chains), group)
@@ -184,7 +214,7 @@ def _gather(local: DistributedResult, num_chains: int, group) -> DistributedResu
     cdev = _comm_device(group)
     per = max(len(shard_chains(num_chains, r, world)) for r in range(world))
     buf = torch.zeros((per, *samples.shape[1:]), dtype=samples.dtype, device=cdev)
-    buf[:len(local.chain_ids)] = samples.to(cdev)
+    buf[: len(local.chain_ids)] = samples.to(cdev)
     bufs = [torch.empty_like(buf) for _ in range(world)] if rank == 0 else None
     dist.gather(buf, bufs, dst=_global_rank(0, group), group=group)
     objs = [None] * world if rank == 0 else None
@@ -192,12 +222,14 @@ def _gather(local: DistributedResult, num_chains: int, group) -> DistributedResu
     if rank != 0:
         return local
     shards = [list(shard_chains(num_chains, r, world)) for r in range(world)]
-    all_samples = torch.cat([b[:len(s)] for b, s in zip(bufs, shards)]).to(samples.device)
-    merged = merge_stats([o for o in objs if o is not None],
-                         [s for s, o in zip(shards, objs) if o is not None])
+    all_samples = torch.cat([b[: len(s)] for b, s in zip(bufs, shards)]).to(samples.device)
+    merged = merge_stats(
+        [o for o in objs if o is not None], [s for s, o in zip(shards, objs) if o is not None]
+    )
     total_calls = sum(o.target_calls for o in objs if o is not None)
-    return DistributedResult(all_samples, list(range(num_chains)), merged, rank, world, objs,
-                             total_calls)
+    return DistributedResult(
+        all_samples, list(range(num_chains)), merged, rank, world, objs, total_calls
+    )
 
 
 def _global_rank(group_rank: int, group) -> int:
@@ -219,5 +251,6 @@ def load_shards(out_dir: str) -> tuple[Tensor, SamplerStats]:
     pairs = sorted((c, p["samples"][i]) for p in parts for i, c in enumerate(p["chain_ids"]))
     samples = torch.stack([s for _, s in pairs]) if pairs else torch.zeros(0)
     with_stats = [p for p in parts if p["stats"] is not None]
-    return samples, merge_stats([p["stats"] for p in with_stats],
-                                [p["chain_ids"] for p in with_stats])
+    return samples, merge_stats(
+        [p["stats"] for p in with_stats], [p["chain_ids"] for p in with_stats]
+    )

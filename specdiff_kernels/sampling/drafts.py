@@ -16,6 +16,7 @@ draft (any draft gives the ancestral chain's law); only the acceptance rate does
 * :class:`DraftModelDraft`: an independent, cheaper network with the target's parametrisation
   (same ``model(x, t)`` interface and prediction type); n sequential cheap calls per window.
 """
+
 from __future__ import annotations
 
 from torch import Tensor
@@ -47,15 +48,17 @@ class FrozenTargetDraft(Draft):
     def __repr__(self) -> str:
         return f"FrozenTargetDraft(freeze={self.freeze!r}, prefetch_root={self.prefetch_root})"
 
-    def freeze_value(self, transitions: GaussianTransitions, x: Tensor, x0: Tensor,
-                     k: Tensor) -> Tensor:
+    def freeze_value(
+        self, transitions: GaussianTransitions, x: Tensor, x0: Tensor, k: Tensor
+    ) -> Tensor:
         """The frozen quantity from the target's raw x0-hat at state x, step k."""
         if self.freeze == "x0":
             return x0
         return transitions.eps_from_x0(x, x0, k)
 
-    def x0_at(self, transitions: GaussianTransitions, frozen: Tensor, y: Tensor,
-              k: Tensor) -> Tensor:
+    def x0_at(
+        self, transitions: GaussianTransitions, frozen: Tensor, y: Tensor, k: Tensor
+    ) -> Tensor:
         """Draft x0-hat at drafted state y, step k."""
         if self.freeze == "x0":
             return frozen

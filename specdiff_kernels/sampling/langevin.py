@@ -32,6 +32,7 @@ Conventions inherited from the samplers: the per-chain random streams (same gene
 same xi_k in the plain and the speculative chain), ``chain_ids``, ``x_init`` (a user start
 ``[B, *E]``; default ``init_std * N(0, I)``), float32 or float64 states.
 """
+
 from __future__ import annotations
 
 import math
@@ -49,13 +50,20 @@ from .transitions import GaussianTransitions
 GradFn = Callable[[Tensor], Tensor]
 EnergyFn = Callable[[Tensor], Tensor]
 
-__all__ = ["GradientModel", "langevin_transitions", "LangevinSampler", "SpeculativeLangevin",
-           "banana_energy", "banana_grad"]
+__all__ = [
+    "GradientModel",
+    "langevin_transitions",
+    "LangevinSampler",
+    "SpeculativeLangevin",
+    "banana_energy",
+    "banana_grad",
+]
 
 
 # --------------------------------------------------------------------------- the chain
-def langevin_transitions(step_size, num_steps: Optional[int] = None, *, init_std: float = 1.0
-                         ) -> GaussianTransitions:
+def langevin_transitions(
+    step_size, num_steps: Optional[int] = None, *, init_std: float = 1.0
+) -> GaussianTransitions:
     """ULA x' ~ N(x - g_k grad U(x), 2 g_k I) as affine Gaussian transitions.
 
     Args:
@@ -75,15 +83,24 @@ def langevin_transitions(step_size, num_steps: Optional[int] = None, *, init_std
     if g.numel() == 1:
         g = g.expand(n).clone()
     if g.numel() != n:
-        raise ValueError(f"step_size must be a scalar or have num_steps = {n} entries, got "
-                         f"{g.numel()}")
+        raise ValueError(
+            f"step_size must be a scalar or have num_steps = {n} entries, got {g.numel()}"
+        )
     if not bool(torch.isfinite(g).all()) or bool((g <= 0).any()):
         raise ValueError(f"step_size must be finite and > 0, got {g.tolist()}")
     half = math.sqrt(0.5)  # model_alpha/model_sigma only matter for eps-conversions (not used)
     label = f"g={float(g[0]):g}" if bool((g == g[0]).all()) else "g=schedule"
-    return GaussianTransitions(torch.arange(n, dtype=torch.int64), -g, 1.0, (2 * g).sqrt(), half,
-                               half, prediction="sample", init_std=float(init_std),
-                               name=f"ula[{label}]")
+    return GaussianTransitions(
+        torch.arange(n, dtype=torch.int64),
+        -g,
+        1.0,
+        (2 * g).sqrt(),
+        half,
+        half,
+        prediction="sample",
+        init_std=float(init_std),
+        name=f"ula[{label}]",
+    )
 
 
 class GradientModel:
@@ -113,8 +130,10 @@ class GradientModel:
             xr = x.clone().requires_grad_(True)
             u = self.U(xr)
             if u.dim() != 1 or u.shape[0] != x.shape[0]:
-                raise ValueError(f"U must return one energy per state, shape [{x.shape[0]}], got "
-                                 f"{tuple(u.shape)}")
+                raise ValueError(
+                    f"U must return one energy per state, shape [{x.shape[0]}], got "
+                    f"{tuple(u.shape)}"
+                )
             (grad,) = torch.autograd.grad(u.sum(), xr)
         return grad.detach()
 
@@ -145,9 +164,17 @@ class _LangevinBase:
         signature)."""
         return self._sampler
 
-    def sample(self, x_init: Optional[Tensor] = None, *, num_chains: Optional[int] = None,
-               event_shape=None, generator: Optional[torch.Generator] = None, chain_ids=None,
-               dtype: torch.dtype = torch.float32, device=None) -> SamplingResult:
+    def sample(
+        self,
+        x_init: Optional[Tensor] = None,
+        *,
+        num_chains: Optional[int] = None,
+        event_shape=None,
+        generator: Optional[torch.Generator] = None,
+        chain_ids=None,
+        dtype: torch.dtype = torch.float32,
+        device=None,
+    ) -> SamplingResult:
         """Run the chains for ``num_steps`` steps.
 
         Args:
@@ -168,8 +195,15 @@ class _LangevinBase:
             x_init = torch.as_tensor(x_init)
             if not x_init.is_floating_point():
                 x_init = x_init.to(dtype)
-        return self._sampler.sample(num_chains, event_shape, generator=generator,
-                                    chain_ids=chain_ids, x_init=x_init, dtype=dtype, device=device)
+        return self._sampler.sample(
+            num_chains,
+            event_shape,
+            generator=generator,
+            chain_ids=chain_ids,
+            x_init=x_init,
+            dtype=dtype,
+            device=device,
+        )
 
 
 class LangevinSampler(_LangevinBase):
@@ -181,12 +215,21 @@ class LangevinSampler(_LangevinBase):
         init_std: std of the default initial state.
     """
 
-    def __init__(self, U: Optional[EnergyFn] = None, grad_U: Optional[GradFn] = None, *,
-                 step_size, num_steps: Optional[int] = None, init_std: float = 1.0,
-                 progress: bool = False, check_finite: bool = True):
+    def __init__(
+        self,
+        U: Optional[EnergyFn] = None,
+        grad_U: Optional[GradFn] = None,
+        *,
+        step_size,
+        num_steps: Optional[int] = None,
+        init_std: float = 1.0,
+        progress: bool = False,
+        check_finite: bool = True,
+    ):
         super().__init__(U, grad_U, step_size, num_steps, init_std)
-        self._sampler = AncestralSampler(self.model, self.transitions, progress=progress,
-                                         check_finite=check_finite)
+        self._sampler = AncestralSampler(
+            self.model, self.transitions, progress=progress, check_finite=check_finite
+        )
         self._sampler.name = "ula"
 
     def __repr__(self) -> str:
@@ -214,11 +257,22 @@ class SpeculativeLangevin(_LangevinBase):
             (``verify_fn`` replaces the verify op: a testing hook).
     """
 
-    def __init__(self, U: Optional[EnergyFn] = None, grad_U: Optional[GradFn] = None, *,
-                 step_size, num_steps: Optional[int] = None, window: Union[int, str, object] = 8,
-                 draft: Union[str, GradFn, Draft] = "frozen", prefetch: bool = True,
-                 init_std: float = 1.0, backend: Optional[str] = None, verify_fn=None,
-                 progress: bool = False, check_finite: bool = True):
+    def __init__(
+        self,
+        U: Optional[EnergyFn] = None,
+        grad_U: Optional[GradFn] = None,
+        *,
+        step_size,
+        num_steps: Optional[int] = None,
+        window: Union[int, str, object] = 8,
+        draft: Union[str, GradFn, Draft] = "frozen",
+        prefetch: bool = True,
+        init_std: float = 1.0,
+        backend: Optional[str] = None,
+        verify_fn=None,
+        progress: bool = False,
+        check_finite: bool = True,
+    ):
         super().__init__(U, grad_U, step_size, num_steps, init_std)
         if isinstance(draft, Draft):
             d = draft
@@ -226,18 +280,28 @@ class SpeculativeLangevin(_LangevinBase):
                 raise ValueError("the frozen Langevin draft freezes the gradient: use freeze='x0'")
         elif isinstance(draft, str):
             if draft != "frozen":
-                raise ValueError(f"draft must be 'frozen', a surrogate gradient callable or a "
-                                 f"Draft, got {draft!r}")
+                raise ValueError(
+                    f"draft must be 'frozen', a surrogate gradient callable or a "
+                    f"Draft, got {draft!r}"
+                )
             d = FrozenTargetDraft("x0", prefetch_root=prefetch)
         elif callable(draft):
             d = DraftModelDraft(_as_model(draft))
         else:
-            raise TypeError(f"draft must be 'frozen', a callable or a Draft, got "
-                            f"{type(draft).__name__}")
+            raise TypeError(
+                f"draft must be 'frozen', a callable or a Draft, got {type(draft).__name__}"
+            )
         self.draft = d
-        self._sampler = SpeculativeSampler(self.model, self.transitions, d, window, backend=backend,
-                                           verify_fn=verify_fn, progress=progress,
-                                           check_finite=check_finite)
+        self._sampler = SpeculativeSampler(
+            self.model,
+            self.transitions,
+            d,
+            window,
+            backend=backend,
+            verify_fn=verify_fn,
+            progress=progress,
+            check_finite=check_finite,
+        )
         self._sampler.name = "speculative-ula"
 
     @property
@@ -245,8 +309,9 @@ class SpeculativeLangevin(_LangevinBase):
         return self._sampler.window
 
     def __repr__(self) -> str:
-        return (f"SpeculativeLangevin({self.transitions!r}, window={self.window}, "
-                f"draft={self.draft!r})")
+        return (
+            f"SpeculativeLangevin({self.transitions!r}, window={self.window}, draft={self.draft!r})"
+        )
 
 
 # --------------------------------------------------------------------------- demo targets
@@ -259,8 +324,7 @@ def banana_energy(a: float = 1.5, b: float = 0.5) -> EnergyFn:
     def U(x: Tensor) -> Tensor:
         x = x.reshape(x.shape[0], -1)
         x1, x2 = x[:, 0], x[:, 1]
-        return (x1 ** 2 / (2 * a2) + 0.5 * (x2 - b * (x1 ** 2 - a2)) ** 2
-                + 0.5 * (x[:, 2:] ** 2).sum(1))
+        return x1**2 / (2 * a2) + 0.5 * (x2 - b * (x1**2 - a2)) ** 2 + 0.5 * (x[:, 2:] ** 2).sum(1)
 
     return U
 
@@ -274,7 +338,7 @@ def banana_grad(a: float = 1.5, b: float = 0.5) -> GradFn:
         shape = x.shape
         x = x.reshape(shape[0], -1)
         x1, x2 = x[:, 0], x[:, 1]
-        r = x2 - b * (x1 ** 2 - a2)
+        r = x2 - b * (x1**2 - a2)
         g = x.clone()
         g[:, 0] = x1 / a2 - 2 * b * x1 * r
         g[:, 1] = r

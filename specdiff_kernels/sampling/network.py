@@ -1,5 +1,6 @@
 """The network and the fused draft as the fused paths call them (the static round, the lean
 ancestral chain, the ragged round's fused draft): no host work per call."""
+
 from __future__ import annotations
 
 from typing import Optional
@@ -40,8 +41,7 @@ class NetworkCall:
         kc = k.clamp(0, self.N - 1)
         shape = (-1,) + (1,) * (x.dim() - 1)
         out = self.model(x * self.input_scale[kc].view(shape), self.timesteps[kc], **cond)
-        check_model_output("target", out, x)   # shape and dtype only: traceable, no host read
+        check_model_output("target", out, x)  # shape and dtype only: traceable, no host read
         if self.sample_pred:
             return out, out
         return out, self.out_x[kc].view(shape) * x + self.out_pred[kc].view(shape) * out
-

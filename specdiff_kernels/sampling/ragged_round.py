@@ -24,6 +24,7 @@ With ``FrozenTargetDraft(prefetch_root=False)`` a round first makes a separate c
 Per-chain state lives in :class:`RaggedChains`; what the target's prediction at a chain's root is
 known to be is one enum, :class:`RootStatus`.
 """
+
 from __future__ import annotations
 
 import functools
@@ -46,21 +47,21 @@ from .transitions import GaussianTransitions, clip_value, round_tables, stochast
 class RootStatus(IntEnum):
     """What the sampler holds about the target at a chain's current state (frozen drafts)."""
 
-    NONE = 0    # nothing frozen yet: the chain takes one ancestral step first
-    STALE = 1   # a frozen value from an earlier state: the root must be evaluated again
-    EXACT = 2   # the target's x0-hat at the current state is known (``root_x0``)
+    NONE = 0  # nothing frozen yet: the chain takes one ancestral step first
+    STALE = 1  # a frozen value from an earlier state: the root must be evaluated again
+    EXACT = 2  # the target's x0-hat at the current state is known (``root_x0``)
 
 
 @dataclass
 class RaggedChains:
     """Per-chain state of a ragged run: states on the device, bookkeeping on the CPU."""
 
-    x: Tensor                    # [B, *E] states
-    k: Tensor                    # [B] int64 sampling step (CPU; N: finished)
-    root: Tensor                 # [B] int8 RootStatus (CPU)
-    root_x0: Optional[Tensor]    # [B, *E] the target's x0-hat at x where root is EXACT
-    frozen: Optional[Tensor]     # [B, *E] the frozen-target draft's frozen value
-    finished_round: Tensor       # [B] int64 round of each chain's last step (CPU)
+    x: Tensor  # [B, *E] states
+    k: Tensor  # [B] int64 sampling step (CPU; N: finished)
+    root: Tensor  # [B] int8 RootStatus (CPU)
+    root_x0: Optional[Tensor]  # [B, *E] the target's x0-hat at x where root is EXACT
+    frozen: Optional[Tensor]  # [B, *E] the frozen-target draft's frozen value
+    finished_round: Tensor  # [B] int64 round of each chain's last step (CPU)
 
     def status(self, rows: Tensor, s: RootStatus) -> Tensor:
         return self.root[rows] == int(s)
@@ -73,13 +74,14 @@ class RaggedChains:
 class RoundPlan:
     """Who does what in a round (disjoint rows of live chains)."""
 
-    det: Tensor         # at a deterministic step, root not known: target at the root, then the step
+    det: Tensor  # at a deterministic step, root not known: target at the root, then the step
     first_step: Tensor  # nothing frozen yet: one ancestral step from the target at the root
-    spec: Tensor        # draft and verify a window
+    spec: Tensor  # draft and verify a window
 
 
-def plan_round(k: Tensor, root: Tensor, deterministic: Tensor, N: int,
-               first_steps: bool) -> RoundPlan:
+def plan_round(
+    k: Tensor, root: Tensor, deterministic: Tensor, N: int, first_steps: bool
+) -> RoundPlan:
     """The round's plan from each chain's step and root status (a pure function).
     ``first_steps``: chains with nothing frozen take a first step (the prefetching frozen draft;
     without prefetch the round's call at the roots freezes the exact prediction instead, and a
@@ -97,23 +99,23 @@ def plan_round(k: Tensor, root: Tensor, deterministic: Tensor, N: int,
 class DraftedWindows:
     """The drafted windows of chains ``rows`` (padded to L)."""
 
-    rows: Tensor    # [w] chains (CPU)
-    Y: Tensor       # [w, L+1, *E] y_0..y_L (positions past the window length repeat the state)
-    MQ: Tensor      # [w, L, *E] draft means mq_0..mq_{L-1}
+    rows: Tensor  # [w] chains (CPU)
+    Y: Tensor  # [w, L+1, *E] y_0..y_L (positions past the window length repeat the state)
+    MQ: Tensor  # [w, L, *E] draft means mq_0..mq_{L-1}
     lengths: Tensor  # [w] int64 per-chain window length n: steps drafted (CPU)
-    k: Tensor       # [w] int64 step at the root (CPU)
-    u: Tensor       # [w, L] acceptance uniforms
-    exact: Tensor   # [w] bool: the target's x0-hat at the root is known (CPU)
+    k: Tensor  # [w] int64 step at the root (CPU)
+    u: Tensor  # [w, L] acceptance uniforms
+    exact: Tensor  # [w] bool: the target's x0-hat at the root is known (CPU)
 
 
 @dataclass(frozen=True)
 class WindowOutcome:
     """What verifying the windows did, per chain (CPU tensors)."""
 
-    accepted: Tensor   # [w, L] bool: position accepted
+    accepted: Tensor  # [w, L] bool: position accepted
     attempted: Tensor  # [w, L] bool: position verified (all earlier ones accepted)
     num_accepted: Tensor  # [w] int64
-    advance: Tensor    # [w] int64 steps committed
+    advance: Tensor  # [w] int64 steps committed
 
 
 class TargetCall:
@@ -136,7 +138,7 @@ class TargetCall:
         x0 = evaluate(x, k.to(x.device), rows) if x.shape[0] else x
         out, start = {}, 0
         for name, (_, _, rows) in zip(self._names, self._parts):
-            out[name] = x0[start:start + rows.numel()]
+            out[name] = x0[start : start + rows.numel()]
             start += rows.numel()
         return out
 
@@ -179,9 +181,16 @@ class FrozenProposer:
         """Whether the window is drafted by the fused ``frozen_draft`` op (affine means)."""
         return self.T.affine
 
-    def fused_draft(self, state: RaggedChains, rows: Tensor, k: Tensor, lengths: Tensor,
-                    noise: ChainNoise, window: int,
-                    backend: Optional[str]) -> tuple[Tensor, Tensor]:
+    def fused_draft(
+        self,
+        state: RaggedChains,
+        rows: Tensor,
+        k: Tensor,
+        lengths: Tensor,
+        noise: ChainNoise,
+        window: int,
+        backend: Optional[str],
+    ) -> tuple[Tensor, Tensor]:
         """``(Y, MQ)`` of chains ``rows`` in one pass of ``frozen_draft`` (noise drawn in-kernel:
         the same xi(seed, c, k) as ``noise``), the draft means recomputed from Y in a few
         vectorised ops. Positions past a chain's window length repeat the state; their means are
@@ -190,17 +199,36 @@ class FrozenProposer:
         rd = rows.to(dev)
         kd, nd = k.to(dev), lengths.to(dev)
         fr = state.frozen[rd]
-        Y = draft_op(backend, state.x[rd], fr, kd, nd, round_tables(self.T, dev),
-                     noise.seed, noise.chain_ids[rd], window,
-                     FREEZE_MODES[self.draft.freeze], clip_value(self.T))
+        Y = draft_op(
+            backend,
+            state.x[rd],
+            fr,
+            kd,
+            nd,
+            round_tables(self.T, dev),
+            noise.seed,
+            noise.chain_ids[rd],
+            window,
+            FREEZE_MODES[self.draft.freeze],
+            clip_value(self.T),
+        )
         pos = torch.arange(window, device=dev)
         kw = kd[:, None] + pos[None]
         Yl = Y[:, :window]
         x0q = self.draft.x0_at(self.T, fr.unsqueeze(1), Yl, kw)
         return Y, affine_mean(self.T, Yl, x0q, kw)
 
-    def draft_x0(self, state: RaggedChains, rd: Tensor, exact0: Tensor, j: int, yj: Tensor,
-                 kj: Tensor, active: Tensor, evaluate) -> Tensor:
+    def draft_x0(
+        self,
+        state: RaggedChains,
+        rd: Tensor,
+        exact0: Tensor,
+        j: int,
+        yj: Tensor,
+        kj: Tensor,
+        active: Tensor,
+        evaluate,
+    ) -> Tensor:
         x0j = self.draft.x0_at(self.T, state.frozen[rd], yj, kj)
         if j == 0:
             x0j = torch.where(exact0.view((-1,) + (1,) * (yj.dim() - 1)), state.root_x0[rd], x0j)
@@ -210,10 +238,10 @@ class FrozenProposer:
         """[w, L+1] bool: window positions whose state the target must evaluate."""
         p = torch.arange(win.Y.shape[1])[None]
         lengths = win.lengths[:, None]
-        need = (p >= 1) & (p < lengths)                    # y_1..y_{n-1}: means of steps 1..n-1
+        need = (p >= 1) & (p < lengths)  # y_1..y_{n-1}: means of steps 1..n-1
         if self.prefetch:
-            need |= (p == 0) & ~win.exact[:, None]         # stale frozen value: the root too
-            need |= (p == lengths) & ((win.k + win.lengths) < N)[:, None]   # prefetch the next root
+            need |= (p == 0) & ~win.exact[:, None]  # stale frozen value: the root too
+            need |= (p == lengths) & ((win.k + win.lengths) < N)[:, None]  # prefetch the next root
         return need
 
     def root_x0(self, state: RaggedChains, win: DraftedWindows, TP: Tensor) -> None:
@@ -222,8 +250,9 @@ class FrozenProposer:
         exact0 = win.exact.to(TP.device).view((-1,) + (1,) * (TP.dim() - 2))
         TP[:, 0] = torch.where(exact0, state.root_x0[rd], TP[:, 0])
 
-    def after_verify(self, state: RaggedChains, win: DraftedWindows, TP: Tensor,
-                     out: WindowOutcome, N: int) -> None:
+    def after_verify(
+        self, state: RaggedChains, win: DraftedWindows, TP: Tensor, out: WindowOutcome, N: int
+    ) -> None:
         """The next round's frozen value: prefetching, the target's x0-hat at the new root (an
         accepted window's y_n) or at the parent of the rejected step; else stale."""
         rows = win.rows
@@ -235,7 +264,7 @@ class FrozenProposer:
         rd = rows.to(dev)
         na = out.num_accepted
         rejected = na < win.lengths
-        src = torch.where(rejected, na, win.lengths)   # parent of the rejected step, or y_n
+        src = torch.where(rejected, na, win.lengths)  # parent of the rejected step, or y_n
         exact = (~rejected) & ((win.k + out.advance) < N)
         usable = rejected | exact
         idx, srcd = torch.arange(w).to(dev), src.to(dev)
@@ -244,8 +273,9 @@ class FrozenProposer:
         ud = usable.to(dev).view((w,) + (1,) * (TP.dim() - 2))
         state.frozen[rd] = torch.where(ud, fz, state.frozen[rd])
         state.root_x0[rd] = torch.where(ud, x0src, state.root_x0[rd])
-        state.set_status(rows, torch.where(exact, int(RootStatus.EXACT), int(RootStatus.STALE))
-                          .to(torch.int8))
+        state.set_status(
+            rows, torch.where(exact, int(RootStatus.EXACT), int(RootStatus.STALE)).to(torch.int8)
+        )
 
 
 class ModelProposer:
@@ -260,8 +290,17 @@ class ModelProposer:
         self.draft = draft
         self.T = transitions
 
-    def draft_x0(self, state: RaggedChains, rd: Tensor, exact0: Tensor, j: int, yj: Tensor,
-                 kj: Tensor, active: Tensor, evaluate) -> Tensor:
+    def draft_x0(
+        self,
+        state: RaggedChains,
+        rd: Tensor,
+        exact0: Tensor,
+        j: int,
+        yj: Tensor,
+        kj: Tensor,
+        active: Tensor,
+        evaluate,
+    ) -> Tensor:
         act = active.nonzero().squeeze(1)
         x0j = torch.zeros_like(yj)
         x0j[act] = evaluate(yj[act], kj[act], act)
@@ -269,7 +308,7 @@ class ModelProposer:
 
     def needed_positions(self, win: DraftedWindows, N: int) -> Tensor:
         p = torch.arange(win.Y.shape[1])[None]
-        return (p < win.lengths[:, None])                  # the root and y_1..y_{n-1}
+        return p < win.lengths[:, None]  # the root and y_1..y_{n-1}
 
     def root_x0(self, state, win, TP) -> None:
         pass
@@ -283,8 +322,9 @@ def proposer_for(draft, transitions: GaussianTransitions):
         return FrozenProposer(draft, transitions)
     if isinstance(draft, DraftModelDraft):
         return ModelProposer(draft, transitions)
-    raise TypeError(f"draft must be a FrozenTargetDraft or DraftModelDraft, got "
-                    f"{type(draft).__name__}")
+    raise TypeError(
+        f"draft must be a FrozenTargetDraft or DraftModelDraft, got {type(draft).__name__}"
+    )
 
 
 # ------------------------------------------------------------------------- counters
@@ -292,7 +332,7 @@ class RaggedCounters:
     """Acceptance statistics of a ragged run (CPU int64 tensors, copied into SamplerStats once)."""
 
     def __init__(self, L: int, N: int):
-        z = lambda n: torch.zeros(n, dtype=torch.int64)   # noqa: E731
+        z = lambda n: torch.zeros(n, dtype=torch.int64)  # noqa: E731
         self.accepted_by_position, self.attempted_by_position = z(L), z(L)
         self.accepted_length_hist, self.window_length_hist = z(L + 1), z(L + 1)
         self.accepted_by_step, self.attempted_by_step = z(N), z(N)
@@ -309,8 +349,14 @@ class RaggedCounters:
         self.attempted_by_step += torch.bincount(kw[out.attempted], minlength=N)[:N]
 
     def fill(self, stats) -> None:
-        for name in ("accepted_by_position", "attempted_by_position", "accepted_length_hist",
-                     "window_length_hist", "accepted_by_step", "attempted_by_step"):
+        for name in (
+            "accepted_by_position",
+            "attempted_by_position",
+            "accepted_length_hist",
+            "window_length_hist",
+            "accepted_by_step",
+            "attempted_by_step",
+        ):
             setattr(stats, name, getattr(self, name).tolist())
 
 
@@ -335,14 +381,17 @@ class RaggedRound:
         self.noise, self.chains = noise, chains
         self.proposer = proposer_for(sampler.draft, self.T)
         self.policy = sampler.window_policy
-        self.stochastic_ahead = stochastic_runs(self.T)   # by step: before a deterministic one
+        self.stochastic_ahead = stochastic_runs(self.T)  # by step: before a deterministic one
         B = x.shape[0]
         frozen = self.proposer.needs_frozen
         self.state = RaggedChains(
-            x=x, k=torch.zeros(B, dtype=torch.int64), root=torch.zeros(B, dtype=torch.int8),
+            x=x,
+            k=torch.zeros(B, dtype=torch.int64),
+            root=torch.zeros(B, dtype=torch.int8),
             root_x0=torch.zeros_like(x) if frozen else None,
             frozen=torch.zeros_like(x) if frozen else None,
-            finished_round=torch.zeros(B, dtype=torch.int64))
+            finished_round=torch.zeros(B, dtype=torch.int64),
+        )
         self.stats = SamplerStats(sampler.name, B, self.N, self.L)
         self.counters = RaggedCounters(self.L, self.N)
         self.budget = None if self.policy is None else self.policy.init_state(B)
@@ -375,8 +424,12 @@ class RaggedRound:
         dev = state.x.device
         call = TargetCall()
         call.add("det", state.x[plan.det.to(dev)], state.k[plan.det], plan.det)
-        call.add("first_step", state.x[plan.first_step.to(dev)], state.k[plan.first_step],
-                 plan.first_step)
+        call.add(
+            "first_step",
+            state.x[plan.first_step.to(dev)],
+            state.k[plan.first_step],
+            plan.first_step,
+        )
         evaluated = None
         if win is not None:
             evaluated = prop.needed_positions(win, self.N).nonzero(as_tuple=True)  # (window, pos)
@@ -417,8 +470,15 @@ class RaggedRound:
         state, N = self.state, self.N
         if not self.proposer.needs_frozen:
             return
-        known = ((state.k < N) & (state.root == int(RootStatus.EXACT))
-                 & self.T.deterministic[state.k.clamp(max=N - 1)]).nonzero().squeeze(1)
+        known = (
+            (
+                (state.k < N)
+                & (state.root == int(RootStatus.EXACT))
+                & self.T.deterministic[state.k.clamp(max=N - 1)]
+            )
+            .nonzero()
+            .squeeze(1)
+        )
         if known.numel():
             self._commit_deterministic_steps(known, state.root_x0[known.to(state.x.device)])
 
@@ -475,13 +535,20 @@ class RaggedRound:
         if self.policy is None:
             return None
         state, prop = self.state, self.proposer
-        exact = (state.status(rows, RootStatus.EXACT) if prop.needs_frozen
-                 else torch.zeros(rows.shape, dtype=torch.bool))
+        exact = (
+            state.status(rows, RootStatus.EXACT)
+            if prop.needs_frozen
+            else torch.zeros(rows.shape, dtype=torch.bool)
+        )
         # prefetching frozen draft: a stale root is evaluated in this round's call
-        extra = ((~exact).to(torch.float64) if prop.prefetch
-                 else torch.zeros(exact.shape, dtype=torch.float64))
-        return self.policy.lengths(self.budget, rows, exact, extra,
-                                   steps_left=self.N - state.k[rows])
+        extra = (
+            (~exact).to(torch.float64)
+            if prop.prefetch
+            else torch.zeros(exact.shape, dtype=torch.float64)
+        )
+        return self.policy.lengths(
+            self.budget, rows, exact, extra, steps_left=self.N - state.k[rows]
+        )
 
     def _draft_windows(self, rows: Tensor, chosen: Optional[Tensor]) -> DraftedWindows:
         """Draft y_1..y_n and mq_0..mq_{n-1} of chains ``rows`` (padded to L), where n, each
@@ -490,19 +557,24 @@ class RaggedRound:
         state, L, noise = self.state, self.L, self.noise
         kr = state.k[rows]
         cap = torch.full_like(kr, L) if chosen is None else chosen.clamp(1, L)
-        lengths = torch.minimum(self.stochastic_ahead[kr], cap)             # [w] >= 1
-        exact = (state.status(rows, RootStatus.EXACT) if self.proposer.needs_frozen
-                 else torch.zeros(rows.numel(), dtype=torch.bool))
+        lengths = torch.minimum(self.stochastic_ahead[kr], cap)  # [w] >= 1
+        exact = (
+            state.status(rows, RootStatus.EXACT)
+            if self.proposer.needs_frozen
+            else torch.zeros(rows.numel(), dtype=torch.bool)
+        )
         if self.proposer.fused:
-            Y, MQ = self.proposer.fused_draft(state, rows, kr, lengths, noise, L,
-                                              self.sampler.backend)
+            Y, MQ = self.proposer.fused_draft(
+                state, rows, kr, lengths, noise, L, self.sampler.backend
+            )
             return DraftedWindows(rows, Y, MQ, lengths, kr, noise.uniforms(rows, kr, L), exact)
         xi, u = noise.window(rows, kr, L)
         Y, MQ = self._draft_sequential(rows, kr, lengths, exact, xi.to(state.x.device))
         return DraftedWindows(rows, Y, MQ, lengths, kr, u, exact)
 
-    def _draft_sequential(self, rows: Tensor, kr: Tensor, lengths: Tensor, exact: Tensor,
-                          xi: Tensor) -> tuple[Tensor, Tensor]:
+    def _draft_sequential(
+        self, rows: Tensor, kr: Tensor, lengths: Tensor, exact: Tensor, xi: Tensor
+    ) -> tuple[Tensor, Tensor]:
         """``(Y, MQ)`` of chains ``rows`` one position at a time (the draft's x0-hat at each
         drafted state: a draft-model call, or the frozen value re-read at non-affine means)."""
         state, T = self.state, self.T
@@ -534,8 +606,9 @@ class RaggedRound:
         """One sequential draft-model call on states y of windows ``act`` of chains ``rows``."""
         self.stats.draft_calls += 1
         self.stats.draft_evals += act.numel()
-        return self.sampler.evaluate(self.sampler.draft.model, "draft", y, k, rows[act.cpu()],
-                                     self.chains)
+        return self.sampler.evaluate(
+            self.sampler.draft.model, "draft", y, k, rows[act.cpu()], self.chains
+        )
 
     def _commit_windows(self, win: DraftedWindows, evaluated, x0_evals: Tensor) -> None:
         """Verify the windows given the target's x0-hat at the ``evaluated`` (window, position)
@@ -543,21 +616,27 @@ class RaggedRound:
         state, T, L = self.state, self.T, self.L
         dev = state.x.device
         rows, lengths, kr = win.rows, win.lengths, win.k
-        TP = torch.zeros_like(win.Y)                        # target raw x0 at y_0..y_L
+        TP = torch.zeros_like(win.Y)  # target raw x0 at y_0..y_L
         TP[evaluated[0].to(dev), evaluated[1].to(dev)] = x0_evals
         self.proposer.root_x0(state, win, TP)
         pos = torch.arange(L)
-        kw = kr[:, None] + pos[None]                         # [w, L] step of each position
-        active = (pos[None] < lengths[:, None])
+        kw = kr[:, None] + pos[None]  # [w, L] step of each position
+        active = pos[None] < lengths[:, None]
         mean = functools.partial(affine_mean, T) if T.affine else T.mean_from_x0
         # positions past a chain's window length hold anything finite: the verify op ignores them
         MP = mean(win.Y[:, :L], TP[:, :L], kw.to(dev))
         sig_dtype = acc_dtype(state.x.dtype)
         sigma = torch.where(active, T.step_std(kw), torch.ones((), dtype=torch.float64))
         sigma = sigma.to(device=dev, dtype=sig_dtype)
-        res = self.sampler.verify_fn(win.Y[:, 1:].contiguous(), win.MQ.contiguous(),
-                                     MP.contiguous(), sigma, win.u.to(dev), lengths.to(dev),
-                                     backend=self.sampler.backend)
+        res = self.sampler.verify_fn(
+            win.Y[:, 1:].contiguous(),
+            win.MQ.contiguous(),
+            MP.contiguous(),
+            sigma,
+            win.u.to(dev),
+            lengths.to(dev),
+            backend=self.sampler.backend,
+        )
         na = res.num_accepted.to("cpu", torch.int64)
         attempted = active & (pos[None] <= na[:, None])
         accepted = pos[None] < na[:, None]
@@ -583,11 +662,24 @@ class RaggedRound:
             i, j = (int(v) for v in bad.nonzero()[0])
             step = int(win.k[i]) + j
             t = self.T.timesteps[step].item()
-            raise NonFiniteError(f"non-finite log ratio ({float(lr[i, j])}) at sampling step "
-                                 f"{step} (timestep t={t}, window position {j}) for chain "
-                                 f"{self.chains.ids[int(win.rows[i])]}")
+            raise NonFiniteError(
+                f"non-finite log ratio ({float(lr[i, j])}) at sampling step "
+                f"{step} (timestep t={t}, window position {j}) for chain "
+                f"{self.chains.ids[int(win.rows[i])]}"
+            )
 
 
-__all__ = ["RootStatus", "RaggedChains", "RoundPlan", "plan_round", "DraftedWindows",
-           "WindowOutcome", "TargetCall", "FrozenProposer", "ModelProposer", "proposer_for",
-           "RaggedCounters", "RaggedRound"]
+__all__ = [
+    "RootStatus",
+    "RaggedChains",
+    "RoundPlan",
+    "plan_round",
+    "DraftedWindows",
+    "WindowOutcome",
+    "TargetCall",
+    "FrozenProposer",
+    "ModelProposer",
+    "proposer_for",
+    "RaggedCounters",
+    "RaggedRound",
+]

@@ -32,6 +32,7 @@ kernel). With prefetching (the default) or a draft model the L = 1 chains differ
 ones path by path (after a rejection the next frozen prediction is stale, and rejected steps are
 reflected rather than drawn from xi_k directly) but not in law.
 """
+
 from __future__ import annotations
 
 import time
@@ -116,16 +117,27 @@ class SpeculativeSampler(SamplerBase):
 
     name = "speculative"
 
-    def __init__(self, model: Model, transitions: GaussianTransitions,
-                 draft: Optional[Draft] = None, window: int | str | AdaptiveWindow = 8, *,
-                 backend: Optional[str] = None, verify_fn: Optional[VerifyFn] = None,
-                 progress: bool = False, check_finite: bool = True, path: str = "auto",
-                 compile: bool | str = "auto"):
+    def __init__(
+        self,
+        model: Model,
+        transitions: GaussianTransitions,
+        draft: Optional[Draft] = None,
+        window: int | str | AdaptiveWindow = 8,
+        *,
+        backend: Optional[str] = None,
+        verify_fn: Optional[VerifyFn] = None,
+        progress: bool = False,
+        check_finite: bool = True,
+        path: str = "auto",
+        compile: bool | str = "auto",
+    ):
         super().__init__(model, transitions, progress=progress, check_finite=check_finite)
         self.draft = FrozenTargetDraft() if draft is None else draft
         if not isinstance(self.draft, (FrozenTargetDraft, DraftModelDraft)):
-            raise TypeError(f"draft must be a FrozenTargetDraft or DraftModelDraft, got "
-                            f"{type(self.draft).__name__}")
+            raise TypeError(
+                f"draft must be a FrozenTargetDraft or DraftModelDraft, got "
+                f"{type(self.draft).__name__}"
+            )
         self.window, self.window_policy = resolve_window(window)
         self.backend = backend
         self.verify_fn = ops.speculative_verify if verify_fn is None else verify_fn
@@ -133,15 +145,18 @@ class SpeculativeSampler(SamplerBase):
             raise ValueError(f"path must be one of {PATHS}, got {path!r}")
         blockers = self.static_path_blockers()
         if path == "static" and blockers:
-            raise ValueError(f"path='static' cannot run with {', '.join(blockers)}; use "
-                             f"path='ragged' or 'auto'")
+            raise ValueError(
+                f"path='static' cannot run with {', '.join(blockers)}; use path='ragged' or 'auto'"
+            )
         if compile not in (True, False, "auto"):
             raise ValueError(f"compile must be True, False or 'auto', got {compile!r}")
         if compile is True and (path == "ragged" or blockers):
             why = ", ".join((["path='ragged'"] if path == "ragged" else []) + blockers)
-            raise ValueError(f"compile=True compiles the static round, but this sampler runs the "
-                             f"ragged round ({why}), which runs eagerly; leave compile at 'auto' "
-                             f"or False")
+            raise ValueError(
+                f"compile=True compiles the static round, but this sampler runs the "
+                f"ragged round ({why}), which runs eagerly; leave compile at 'auto' "
+                f"or False"
+            )
         self.path = path
         self.compile = compile
         # a window longer than the longest run of stochastic steps would only be padding, and
@@ -150,15 +165,25 @@ class SpeculativeSampler(SamplerBase):
 
     def __repr__(self) -> str:
         w = self.window if self.window_policy is None else repr(self.window_policy)
-        return (f"SpeculativeSampler(window={w}, draft={self.draft!r}, "
-                f"transitions={self.transitions!r})")
+        return (
+            f"SpeculativeSampler(window={w}, draft={self.draft!r}, "
+            f"transitions={self.transitions!r})"
+        )
 
     # -------------------------------------------------------------- public
     @sample_in_inference_mode
-    def sample(self, num_chains: Optional[int] = None, event_shape=None, *,
-               generator: Optional[torch.Generator] = None, chain_ids=None, x_init=None,
-               dtype: torch.dtype = torch.float32, device=None,
-               model_kwargs: Optional[dict] = None) -> SamplingResult:
+    def sample(
+        self,
+        num_chains: Optional[int] = None,
+        event_shape=None,
+        *,
+        generator: Optional[torch.Generator] = None,
+        chain_ids=None,
+        x_init=None,
+        dtype: torch.dtype = torch.float32,
+        device=None,
+        model_kwargs: Optional[dict] = None,
+    ) -> SamplingResult:
         """Run ``num_chains`` chains of shape ``event_shape`` to the end of the schedule.
 
         Args:
@@ -178,8 +203,9 @@ class SpeculativeSampler(SamplerBase):
             :class:`SamplingResult` (samples ``[B, *E]``, :class:`SamplerStats`).
         """
         t0 = time.perf_counter()
-        x, noise, chains = self.setup(num_chains, event_shape, generator, chain_ids, x_init,
-                                       dtype, device, model_kwargs)
+        x, noise, chains = self.setup(
+            num_chains, event_shape, generator, chain_ids, x_init, dtype, device, model_kwargs
+        )
         if self.resolve_path() == "static":
             res = self._sample_static(x, noise, chains)
         else:
@@ -194,13 +220,19 @@ class SpeculativeSampler(SamplerBase):
         The one statement of the rule: ``path="auto"`` runs the static round exactly when this is
         empty, and ``path="static"`` or ``compile=True`` are refused with these reasons."""
         draft = self.draft
-        rule = ((isinstance(draft, DraftModelDraft), "a draft model (DraftModelDraft)"),
-                (isinstance(draft, FrozenTargetDraft) and not draft.prefetch_root,
-                 "FrozenTargetDraft(prefetch_root=False)"),
-                (self.window_policy is not None, "an adaptive window"),
-                (self.verify_fn is not ops.speculative_verify, "a custom verify_fn"),
-                (not self.transitions.affine,
-                 "transitions not affine in x0-hat (dynamic thresholding)"))
+        rule = (
+            (isinstance(draft, DraftModelDraft), "a draft model (DraftModelDraft)"),
+            (
+                isinstance(draft, FrozenTargetDraft) and not draft.prefetch_root,
+                "FrozenTargetDraft(prefetch_root=False)",
+            ),
+            (self.window_policy is not None, "an adaptive window"),
+            (self.verify_fn is not ops.speculative_verify, "a custom verify_fn"),
+            (
+                not self.transitions.affine,
+                "transitions not affine in x0-hat (dynamic thresholding)",
+            ),
+        )
         return [reason for blocked, reason in rule if blocked]
 
     def resolve_path(self) -> str:
@@ -219,16 +251,27 @@ class SpeculativeSampler(SamplerBase):
         # host, which costs nothing there; compile=True then compiles the network alone, with a
         # dynamic batch); on CUDA: the fixed B (L + 1) call, captured as a CUDA graph
         compact = not cuda and B >= COMPACT_MIN_CHAINS_CPU
-        rnd = StaticRound(self.model, T, L, self.draft.freeze, noise.seed, noise.chain_ids,
-                          dtype=x.dtype, backend=self.backend, compile=compile_, cuda_graph=cuda,
-                          cond=chains.cond, compact=compact)
+        rnd = StaticRound(
+            self.model,
+            T,
+            L,
+            self.draft.freeze,
+            noise.seed,
+            noise.chain_ids,
+            dtype=x.dtype,
+            backend=self.backend,
+            compile=compile_,
+            cuda_graph=cuda,
+            cond=chains.cond,
+            compact=compact,
+        )
         bar = self.progress_bar(B * N)
         done_steps = 0
         s = rnd.start(x)
         while True:
             # the one host read of a round: the head of the counters (rounds, non-finite codes,
             # steps done, chains left)
-            head = s.stats[:layout.STAT_HEAD].tolist()
+            head = s.stats[: layout.STAT_HEAD].tolist()
             bad_out, bad_lr = head[layout.STAT_BAD_OUTPUT], head[layout.STAT_BAD_RATIO]
             if self.check_finite and (bad_out != layout.NO_BAD or bad_lr != layout.NO_BAD):
                 self._raise_static_nonfinite(bad_out, bad_lr, chains.ids, N)
@@ -258,10 +301,17 @@ class SpeculativeSampler(SamplerBase):
         if bad_out != layout.NO_BAD:
             raise self.nonfinite_output_error("target", step, ids[row])
         t = self.transitions.timesteps[min(step, N - 1)].item()
-        raise NonFiniteError(f"non-finite log ratio at sampling step {step} (timestep t={t}) for "
-                             f"chain {ids[row]}")
+        raise NonFiniteError(
+            f"non-finite log ratio at sampling step {step} (timestep t={t}) for chain {ids[row]}"
+        )
 
 
 # the samplers' public names, importable from here as before the split into modules
-__all__ = ["AncestralSampler", "COMPACT_MIN_CHAINS_CPU", "NonFiniteError", "SamplerStats",
-           "SamplingResult", "SpeculativeSampler"]
+__all__ = [
+    "AncestralSampler",
+    "COMPACT_MIN_CHAINS_CPU",
+    "NonFiniteError",
+    "SamplerStats",
+    "SamplingResult",
+    "SpeculativeSampler",
+]

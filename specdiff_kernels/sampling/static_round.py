@@ -20,6 +20,7 @@ round: whether every chain has finished (and whether a non-finite value was seen
 The first round cannot draft (nothing is frozen yet): its call at the roots takes each chain's
 first step (one plain ancestral step) and freezes the prediction, as the ragged round does.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
@@ -42,12 +43,12 @@ class ChainBatch:
     """Every per-chain quantity of a static run, on the device (tensors only, so a round can be
     compiled and captured; the CUDA graph updates them in place)."""
 
-    x: Tensor                  # [B, *E] states
-    k: Tensor                  # [B] int64 sampling step (N: finished)
-    frozen: Tensor             # [B, *E] frozen x0-hat (or eps-hat)
-    exact: Tensor              # [B] bool: frozen is the target's own prediction at x (the last
-                               # round evaluated x: its window was accepted whole)
-    stats: Tensor              # int64 counters, laid out by ops.layout.StatsLayout
+    x: Tensor  # [B, *E] states
+    k: Tensor  # [B] int64 sampling step (N: finished)
+    frozen: Tensor  # [B, *E] frozen x0-hat (or eps-hat)
+    exact: Tensor  # [B] bool: frozen is the target's own prediction at x (the last
+    # round evaluated x: its window was accepted whole)
+    stats: Tensor  # int64 counters, laid out by ops.layout.StatsLayout
 
     def tensors(self) -> list[Tensor]:
         return [getattr(self, f.name) for f in fields(self)]
@@ -77,18 +78,32 @@ class StaticRound:
             proportional to its batch), not captured rounds.
     """
 
-    def __init__(self, model: Model, transitions: GaussianTransitions, window: int, freeze: str,
-                 seed: Tensor, chain_ids: Tensor, *, dtype: torch.dtype,
-                 backend: Optional[str] = None, compile: bool = False, cuda_graph: bool = False,
-                 cond: Optional[ModelKwargs] = None, compact: bool = False):
+    def __init__(
+        self,
+        model: Model,
+        transitions: GaussianTransitions,
+        window: int,
+        freeze: str,
+        seed: Tensor,
+        chain_ids: Tensor,
+        *,
+        dtype: torch.dtype,
+        backend: Optional[str] = None,
+        compile: bool = False,
+        cuda_graph: bool = False,
+        cond: Optional[ModelKwargs] = None,
+        compact: bool = False,
+    ):
         device = chain_ids.device
         if compact and cuda_graph and device.type == "cuda":
-            raise ValueError("compact=True sizes each network call on the host: it cannot be "
-                             "captured as a CUDA graph")
+            raise ValueError(
+                "compact=True sizes each network call on the host: it cannot be "
+                "captured as a CUDA graph"
+            )
         self.T = transitions
         self.cond = ModelKwargs({}) if cond is None else cond
-        self._cond_roots: dict = {}    # the chains' kwargs for a call on their roots [B]
-        self._cond_window: dict = {}   # ... on their windows [B (L + 1)], chain-major
+        self._cond_roots: dict = {}  # the chains' kwargs for a call on their roots [B]
+        self._cond_window: dict = {}  # ... on their windows [B (L + 1)], chain-major
         self.N = transitions.num_steps
         self.L = int(window)
         self.freeze = layout.FREEZE_MODES[freeze]
@@ -99,34 +114,62 @@ class StaticRound:
         # each chain's window length by its step: the stochastic run ahead of it, capped at L
         self.lengths_by_step = stochastic_runs(transitions).clamp(max=self.L).to(device)
         # the last window position a round reads, by step (-1: finished, nothing to read)
-        self.read_upto = torch.cat([self.lengths_by_step[:-1],
-                                    torch.full((1,), -1, dtype=torch.int64, device=device)])
-        self._pos: Optional[Tensor] = None    # arange(L + 1), made in start(): rounds only read it
+        self.read_upto = torch.cat(
+            [self.lengths_by_step[:-1], torch.full((1,), -1, dtype=torch.int64, device=device)]
+        )
+        self._pos: Optional[Tensor] = None  # arange(L + 1), made in start(): rounds only read it
         self.layout: Optional[layout.StatsLayout] = None
-        if compile and compact:   # the round stays eager: its calls change size
+        if compile and compact:  # the round stays eager: its calls change size
             model = torch.compile(model, dynamic=True)
         self.net = NetworkCall(model, transitions, device, dtype)
         self.compile = compile
         self.cuda_graph = cuda_graph and device.type == "cuda"
         self.compact = compact
-        self.target_evals = 0   # states the network has been called on (host count)
+        self.target_evals = 0  # states the network has been called on (host count)
         self._round: Callable[[ChainBatch], ChainBatch] = (
             torch.compile(self._round_eager, fullgraph=True, dynamic=False)
-            if compile and not compact else self._round_eager)
+            if compile and not compact
+            else self._round_eager
+        )
         self._graph = None
         self._static: Optional[ChainBatch] = None
 
     # ------------------------------------------------------------------ pieces
     def _draft(self, x, frozen, k, lengths, window, freeze):
-        return draft_op(self.backend, x, frozen, k, lengths, self.coef, self.seed, self.ids, window,
-                        freeze, self.clip)
+        return draft_op(
+            self.backend,
+            x,
+            frozen,
+            k,
+            lengths,
+            self.coef,
+            self.seed,
+            self.ids,
+            window,
+            freeze,
+            self.clip,
+        )
 
     def _verify(self, Y, P, frozen, k, lengths):
         if self.backend is None:
-            return round_ops.FrozenVerifyResult(*torch.ops.specdiff.verify_frozen(
-                Y, P, frozen, k, lengths, self.coef, self.seed, self.ids, self.freeze, self.clip))
-        return round_ops.verify_frozen(Y, P, frozen, k, lengths, self.coef, self.seed, self.ids,
-                                       self.freeze, self.clip, backend=self.backend)
+            return round_ops.FrozenVerifyResult(
+                *torch.ops.specdiff.verify_frozen(
+                    Y, P, frozen, k, lengths, self.coef, self.seed, self.ids, self.freeze, self.clip
+                )
+            )
+        return round_ops.verify_frozen(
+            Y,
+            P,
+            frozen,
+            k,
+            lengths,
+            self.coef,
+            self.seed,
+            self.ids,
+            self.freeze,
+            self.clip,
+            backend=self.backend,
+        )
 
     def _freeze(self, y, p, k):
         B = y.shape[0]
@@ -152,21 +195,34 @@ class StaticRound:
         self.layout = lay = layout.StatsLayout(L, N, B)
         stats = torch.zeros(lay.size, **i64)
         bad = ~torch.isfinite(out.reshape(B, -1)).all(-1)
-        head = [1, 0, 0, B if bool(self.T.deterministic[0]) else 0, NO_BAD, NO_BAD, B if N else 0,
-                B if N > 1 else 0]
-        stats[:layout.STAT_HEAD] = torch.tensor(head, **i64)
+        head = [
+            1,
+            0,
+            0,
+            B if bool(self.T.deterministic[0]) else 0,
+            NO_BAD,
+            NO_BAD,
+            B if N else 0,
+            B if N > 1 else 0,
+        ]
+        stats[: layout.STAT_HEAD] = torch.tensor(head, **i64)
         # the first step's non-finite outputs: code = chain * (N + 1) + step 0
         stats[layout.STAT_BAD_OUTPUT] = (chain * (N + 1)).masked_fill(~bad, NO_BAD).amin()
         if N <= 1:
             lay.view(stats, "chain_rounds").fill_(1)
-        return ChainBatch(x=x1, k=k + 1, frozen=self._freeze(x, p0, k),
-                          exact=torch.zeros(B, dtype=torch.bool, device=dev), stats=stats)
+        return ChainBatch(
+            x=x1,
+            k=k + 1,
+            frozen=self._freeze(x, p0, k),
+            exact=torch.zeros(B, dtype=torch.bool, device=dev),
+            stats=stats,
+        )
 
     # ------------------------------------------------------------------ the round
     def _evaluate(self, Y: Tensor, s: ChainBatch) -> tuple[Tensor, Tensor]:
         """(raw output, x0-hat) at the window's states, both [B, L+1, *E]."""
         B, L1 = Y.shape[:2]
-        k_pos = s.k[:, None] + self._pos[None]              # [B, L+1] step of each position
+        k_pos = s.k[:, None] + self._pos[None]  # [B, L+1] step of each position
         rows_y, rows_k = Y.reshape(B * L1, *Y.shape[2:]), k_pos.reshape(-1)
         if not self.compact:
             out, P = self.net(rows_y, rows_k, self._cond_window)
@@ -176,7 +232,7 @@ class StaticRound:
         first = s.exact.to(torch.int64)[:, None]
         need = (self._pos[None] >= first) & (self._pos[None] <= self.read_upto[s.k][:, None])
         rows = need.view(-1).nonzero().view(-1)
-        self.target_evals += rows.numel()   # the round is eager when compact
+        self.target_evals += rows.numel()  # the round is eager when compact
         cond = self.cond.gather(rows // L1) if self.cond else {}
         o, p = self.net(rows_y.index_select(0, rows), rows_k.index_select(0, rows), cond)
         out = rows_y.new_zeros(rows_y.shape).index_copy_(0, rows, o).view(Y.shape)
@@ -195,21 +251,28 @@ class StaticRound:
         acc = layout.acc_dtype(f.dtype)
         c = rr._rows(self.coef, s.k.index_select(0, ex), acc)
         x = s.x.index_select(0, ex)
-        x0 = rr.draft_x0(c, x.reshape(len(ex), -1).to(acc), f.reshape(len(ex), -1).to(acc),
-                         self.freeze)
+        x0 = rr.draft_x0(
+            c, x.reshape(len(ex), -1).to(acc), f.reshape(len(ex), -1).to(acc), self.freeze
+        )
         return x0.to(f.dtype).reshape(f.shape)
 
     def _round_eager(self, s: ChainBatch) -> ChainBatch:
         L = self.L
         k = s.k
-        lengths = self.lengths_by_step[k]                            # k lies in 0..N
+        lengths = self.lengths_by_step[k]  # k lies in 0..N
         Y = self._draft(s.x, s.frozen, k, lengths, L, self.freeze)
         out, P = self._evaluate(Y, s)
         res = self._verify(Y, P, s.frozen, k, lengths)
-        stats = torch.ops.specdiff.round_stats(s.stats, k, lengths, res.num_accepted, res.committed,
-                                               res.log_ratio, out, self.N)
-        return ChainBatch(x=res.next_state, k=k + res.committed, frozen=res.next_frozen,
-                          exact=res.root_exact, stats=stats)
+        stats = torch.ops.specdiff.round_stats(
+            s.stats, k, lengths, res.num_accepted, res.committed, res.log_ratio, out, self.N
+        )
+        return ChainBatch(
+            x=res.next_state,
+            k=k + res.committed,
+            frozen=res.next_frozen,
+            exact=res.root_exact,
+            stats=stats,
+        )
 
     def step(self, s: ChainBatch) -> ChainBatch:
         """One round. With ``cuda_graph``, the first call captures the round on s's buffers and

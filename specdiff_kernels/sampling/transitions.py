@@ -37,6 +37,7 @@ The frozen-target draft (``drafts.py``) freezes the network OUTPUT at one state,
 (``freeze="x0"``) or as eps (``freeze="eps"``), and recomputes the mean at every drafted state
 with :meth:`GaussianTransitions.mean_from_x0` (after :meth:`x0_from_eps` for eps).
 """
+
 from __future__ import annotations
 
 import math
@@ -85,9 +86,23 @@ class GaussianTransitions:
 
     affine = True
 
-    def __init__(self, timesteps, c_x0, c_x, std, model_alpha, model_sigma, *, c_eps=None,
-                 input_scale=None, prediction: str = "epsilon", clip_sample: Optional[float] = None,
-                 eps_from_clipped_x0: bool = False, init_std: float = 1.0, name: str = "custom"):
+    def __init__(
+        self,
+        timesteps,
+        c_x0,
+        c_x,
+        std,
+        model_alpha,
+        model_sigma,
+        *,
+        c_eps=None,
+        input_scale=None,
+        prediction: str = "epsilon",
+        clip_sample: Optional[float] = None,
+        eps_from_clipped_x0: bool = False,
+        init_std: float = 1.0,
+        name: str = "custom",
+    ):
         if prediction not in PREDICTIONS:
             raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
         ts = torch.as_tensor(timesteps).flatten().clone()
@@ -137,10 +152,12 @@ class GaussianTransitions:
         self._cache: dict = {}
 
     def __repr__(self) -> str:
-        return (f"GaussianTransitions({self.name}, N={self.num_steps}, "
-                f"prediction={self.prediction!r}, "
-                f"clip_sample={self.clip_sample}, deterministic_steps="
-                f"{int(self.deterministic.sum())})")
+        return (
+            f"GaussianTransitions({self.name}, N={self.num_steps}, "
+            f"prediction={self.prediction!r}, "
+            f"clip_sample={self.clip_sample}, deterministic_steps="
+            f"{int(self.deterministic.sum())})"
+        )
 
     # ------------------------------------------------------------------ table lookups
     def _on(self, name: str, device: torch.device, dtype: torch.dtype) -> Tensor:
@@ -210,29 +227,42 @@ class GaussianTransitions:
     def mean(self, model: Model, x: Tensor, k: Tensor) -> Tensor:
         return self.mean_from_x0(x, self.predict_x0(model, x, k), k)
 
-    def sample_prior(self, shape: Sequence[int], generator: Optional[torch.Generator] = None,
-                     dtype: torch.dtype = torch.float32, device=None) -> Tensor:
+    def sample_prior(
+        self,
+        shape: Sequence[int],
+        generator: Optional[torch.Generator] = None,
+        dtype: torch.dtype = torch.float32,
+        device=None,
+    ) -> Tensor:
         x = torch.randn(tuple(shape), generator=generator, dtype=dtype, device=device)
         return x * self.init_std
 
 
 # ---------------------------------------------------------------------- schedules
-def make_betas(schedule: str = "linear", num_train_timesteps: int = 1000, beta_start: float = 1e-4,
-               beta_end: float = 0.02) -> Tensor:
+def make_betas(
+    schedule: str = "linear",
+    num_train_timesteps: int = 1000,
+    beta_start: float = 1e-4,
+    beta_end: float = 0.02,
+) -> Tensor:
     """Training betas (float64), as diffusers: ``"linear"``, ``"scaled_linear"`` or
     ``"cosine"`` (= ``"squaredcos_cap_v2"``, Nichol & Dhariwal, betas capped at 0.999)."""
     T = int(num_train_timesteps)
     if schedule == "linear":
         return torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
     if schedule == "scaled_linear":
-        return torch.linspace(beta_start ** 0.5, beta_end ** 0.5, T, dtype=torch.float64) ** 2
+        return torch.linspace(beta_start**0.5, beta_end**0.5, T, dtype=torch.float64) ** 2
     if schedule in ("cosine", "squaredcos_cap_v2"):
+
         def abar(s):
             return math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
-        return torch.tensor([min(1 - abar((i + 1) / T) / abar(i / T), 0.999) for i in range(T)],
-                            dtype=torch.float64)
-    raise ValueError(f"unknown beta schedule {schedule!r}; use 'linear', 'scaled_linear' or "
-                     f"'cosine'")
+
+        return torch.tensor(
+            [min(1 - abar((i + 1) / T) / abar(i / T), 0.999) for i in range(T)], dtype=torch.float64
+        )
+    raise ValueError(
+        f"unknown beta schedule {schedule!r}; use 'linear', 'scaled_linear' or 'cosine'"
+    )
 
 
 def alphas_cumprod_from_betas(betas: Tensor) -> Tensor:
@@ -242,20 +272,26 @@ def alphas_cumprod_from_betas(betas: Tensor) -> Tensor:
 def _inference_steps(num_inference_steps, T: int) -> int:
     """An int in 1..T (a float or bool would be truncated silently; 0 fails deep in numpy)."""
     if isinstance(num_inference_steps, bool):
-        raise TypeError(f"num_inference_steps must be an int in 1..{T}, got "
-                        f"{num_inference_steps!r}")
+        raise TypeError(
+            f"num_inference_steps must be an int in 1..{T}, got {num_inference_steps!r}"
+        )
     try:
         n = operator.index(num_inference_steps)
     except TypeError:
-        raise TypeError(f"num_inference_steps must be an int in 1..{T}, "
-                        f"got {num_inference_steps!r}") from None
+        raise TypeError(
+            f"num_inference_steps must be an int in 1..{T}, got {num_inference_steps!r}"
+        ) from None
     if not 0 < n <= T:
         raise ValueError(f"num_inference_steps must be in 1..{T}, got {n}")
     return n
 
 
-def respaced_timesteps(num_train_timesteps: int, num_inference_steps: Optional[int] = None,
-                       spacing: str = "leading", steps_offset: int = 0) -> Tensor:
+def respaced_timesteps(
+    num_train_timesteps: int,
+    num_inference_steps: Optional[int] = None,
+    spacing: str = "leading",
+    steps_offset: int = 0,
+) -> Tensor:
     """Decreasing integer timesteps, as diffusers' DDPM/DDIM ``set_timesteps``.
 
     ``num_inference_steps=None`` gives all training timesteps T-1..0.
@@ -275,8 +311,9 @@ def respaced_timesteps(num_train_timesteps: int, num_inference_steps: Optional[i
     return torch.from_numpy(ts.copy())
 
 
-def _abar_and_timesteps(alphas_cumprod, betas, num_inference_steps, timesteps, spacing,
-                        steps_offset):
+def _abar_and_timesteps(
+    alphas_cumprod, betas, num_inference_steps, timesteps, spacing, steps_offset
+):
     if alphas_cumprod is None:
         if betas is None:
             betas = make_betas()
@@ -294,10 +331,18 @@ def _abar_and_timesteps(alphas_cumprod, betas, num_inference_steps, timesteps, s
     return abar, ts
 
 
-def ddpm_transitions(alphas_cumprod=None, *, betas=None, num_inference_steps: Optional[int] = None,
-                     timesteps=None, spacing: str = "leading", steps_offset: int = 0,
-                     prediction: str = "epsilon", variance: str = "fixed_small",
-                     clip_sample: Optional[float] = None) -> GaussianTransitions:
+def ddpm_transitions(
+    alphas_cumprod=None,
+    *,
+    betas=None,
+    num_inference_steps: Optional[int] = None,
+    timesteps=None,
+    spacing: str = "leading",
+    steps_offset: int = 0,
+    prediction: str = "epsilon",
+    variance: str = "fixed_small",
+    clip_sample: Optional[float] = None,
+) -> GaussianTransitions:
     """DDPM ancestral sampling (diffusers ``DDPMScheduler.step``), on any decreasing subset of the
     training timesteps (respacing: ``betas_k = 1 - abar_t / abar_prev``).
 
@@ -316,8 +361,9 @@ def ddpm_transitions(alphas_cumprod=None, *, betas=None, num_inference_steps: Op
     """
     if variance not in ("fixed_small", "fixed_large"):
         raise ValueError(f"variance must be 'fixed_small' or 'fixed_large', got {variance!r}")
-    abar, ts = _abar_and_timesteps(alphas_cumprod, betas, num_inference_steps, timesteps, spacing,
-                                   steps_offset)
+    abar, ts = _abar_and_timesteps(
+        alphas_cumprod, betas, num_inference_steps, timesteps, spacing, steps_offset
+    )
     a_t = abar[ts]
     a_prev = torch.cat([abar[ts[1:]], torch.ones(1, dtype=torch.float64)])
     alpha_k = a_t / a_prev
@@ -329,34 +375,67 @@ def ddpm_transitions(alphas_cumprod=None, *, betas=None, num_inference_steps: Op
     else:
         var = beta_k.clone()
     var = torch.where(ts > 0, var, torch.zeros_like(var)).clamp_min(0)
-    return GaussianTransitions(ts, c_x0, c_x, var.sqrt(), a_t.sqrt(), (1 - a_t).sqrt(),
-                               prediction=prediction, clip_sample=clip_sample, init_std=1.0,
-                               name=f"ddpm[{variance}]")
+    return GaussianTransitions(
+        ts,
+        c_x0,
+        c_x,
+        var.sqrt(),
+        a_t.sqrt(),
+        (1 - a_t).sqrt(),
+        prediction=prediction,
+        clip_sample=clip_sample,
+        init_std=1.0,
+        name=f"ddpm[{variance}]",
+    )
 
 
-def ddim_transitions(alphas_cumprod=None, *, betas=None, num_inference_steps: int = 50,
-                     eta: float = 1.0, spacing: str = "leading", steps_offset: int = 0,
-                     prediction: str = "epsilon", clip_sample: Optional[float] = None,
-                     set_alpha_to_one: bool = True, use_clipped_model_output: bool = False
-                     ) -> GaussianTransitions:
+def ddim_transitions(
+    alphas_cumprod=None,
+    *,
+    betas=None,
+    num_inference_steps: int = 50,
+    eta: float = 1.0,
+    spacing: str = "leading",
+    steps_offset: int = 0,
+    prediction: str = "epsilon",
+    clip_sample: Optional[float] = None,
+    set_alpha_to_one: bool = True,
+    use_clipped_model_output: bool = False,
+) -> GaussianTransitions:
     """DDIM (diffusers ``DDIMScheduler.step``): ``mean = sqrt(abar_prev) x0 + sqrt(1 - abar_prev -
     std^2) eps``, ``std = eta * sqrt((1-abar_prev)/(1-abar) (1 - abar/abar_prev))``.
 
     As diffusers, the previous timestep is ``t - T // num_inference_steps`` (and
     ``final_alpha_cumprod`` = 1 or abar[0] below 0). eta = 0: every step is deterministic.
     """
-    abar, ts = _abar_and_timesteps(alphas_cumprod, betas, num_inference_steps, None, spacing,
-                                   steps_offset)
+    abar, ts = _abar_and_timesteps(
+        alphas_cumprod, betas, num_inference_steps, None, spacing, steps_offset
+    )
     T = abar.numel()
     final = torch.tensor(1.0, dtype=torch.float64) if set_alpha_to_one else abar[0]
-    return ddim_from_schedule(abar, ts, T // _inference_steps(num_inference_steps, T), final,
-                              eta=eta, prediction=prediction, clip_sample=clip_sample,
-                              eps_from_clipped_x0=use_clipped_model_output, name=f"ddim[eta={eta}]")
+    return ddim_from_schedule(
+        abar,
+        ts,
+        T // _inference_steps(num_inference_steps, T),
+        final,
+        eta=eta,
+        prediction=prediction,
+        clip_sample=clip_sample,
+        eps_from_clipped_x0=use_clipped_model_output,
+        name=f"ddim[eta={eta}]",
+    )
 
 
-def ddim_from_schedule(alphas_cumprod: Tensor, timesteps: Tensor, step_ratio: int,
-                       final_alpha_cumprod, *, eta: float, name: str,
-                       **kwargs) -> GaussianTransitions:
+def ddim_from_schedule(
+    alphas_cumprod: Tensor,
+    timesteps: Tensor,
+    step_ratio: int,
+    final_alpha_cumprod,
+    *,
+    eta: float,
+    name: str,
+    **kwargs,
+) -> GaussianTransitions:
     """DDIM's step at ``timesteps`` of a training schedule ``alphas_cumprod``, as diffusers
     computes it: previous timestep ``t - step_ratio``, ``final_alpha_cumprod`` below 0.
     ``kwargs`` go to :class:`GaussianTransitions` (prediction, clip_sample, eps_from_clipped_x0).
@@ -372,15 +451,31 @@ def ddim_from_schedule(alphas_cumprod: Tensor, timesteps: Tensor, step_ratio: in
     a_prev = torch.where(prev >= 0, abar[prev.clamp_min(0)], final)
     var = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
     std = eta * var.clamp_min(0).sqrt()
-    c_eps = (1 - a_prev - std ** 2).clamp_min(0).sqrt()
-    return GaussianTransitions(ts, a_prev.sqrt(), torch.zeros_like(a_t), std, a_t.sqrt(),
-                               (1 - a_t).sqrt(), c_eps=c_eps, init_std=1.0, name=name, **kwargs)
+    c_eps = (1 - a_prev - std**2).clamp_min(0).sqrt()
+    return GaussianTransitions(
+        ts,
+        a_prev.sqrt(),
+        torch.zeros_like(a_t),
+        std,
+        a_t.sqrt(),
+        (1 - a_t).sqrt(),
+        c_eps=c_eps,
+        init_std=1.0,
+        name=name,
+        **kwargs,
+    )
 
 
-def euler_ancestral_transitions(alphas_cumprod=None, *, betas=None, num_inference_steps: int = 50,
-                                spacing: str = "linspace", steps_offset: int = 0,
-                                prediction: str = "epsilon", init_std: Optional[float] = None
-                                ) -> GaussianTransitions:
+def euler_ancestral_transitions(
+    alphas_cumprod=None,
+    *,
+    betas=None,
+    num_inference_steps: int = 50,
+    spacing: str = "linspace",
+    steps_offset: int = 0,
+    prediction: str = "epsilon",
+    init_std: Optional[float] = None,
+) -> GaussianTransitions:
     """Euler-ancestral (diffusers ``EulerAncestralDiscreteScheduler``), VE state convention.
 
     State ``x = x0 + sigma_k eps`` with ``sigma = sqrt((1-abar)/abar)`` at the (possibly
@@ -408,26 +503,40 @@ def euler_ancestral_transitions(alphas_cumprod=None, *, betas=None, num_inferenc
     sig = torch.from_numpy(np.interp(ts, np.arange(T), full))
     if init_std is None:
         smax = float(sig.max())
-        init_std = smax if spacing in ("linspace", "trailing") else math.sqrt(smax ** 2 + 1)
-    return euler_ancestral_from_sigmas(torch.from_numpy(ts), torch.cat([sig, sig.new_zeros(1)]),
-                                       prediction=prediction, init_std=init_std,
-                                       name="euler_ancestral")
+        init_std = smax if spacing in ("linspace", "trailing") else math.sqrt(smax**2 + 1)
+    return euler_ancestral_from_sigmas(
+        torch.from_numpy(ts),
+        torch.cat([sig, sig.new_zeros(1)]),
+        prediction=prediction,
+        init_std=init_std,
+        name="euler_ancestral",
+    )
 
 
-def euler_ancestral_from_sigmas(timesteps: Tensor, sigmas: Tensor, *, prediction: str,
-                                init_std: float, name: str) -> GaussianTransitions:
+def euler_ancestral_from_sigmas(
+    timesteps: Tensor, sigmas: Tensor, *, prediction: str, init_std: float, name: str
+) -> GaussianTransitions:
     """The Euler-ancestral step from ``sigmas[k]`` to ``sigmas[k + 1]`` (``N + 1`` entries, the
     last one the final sigma, 0), as diffusers' ``EulerAncestralDiscreteScheduler.step``. Shared by
     :func:`euler_ancestral_transitions` and the diffusers adapter."""
     sig = torch.as_tensor(sigmas, dtype=torch.float64)
     s_from, s_to = sig[:-1], sig[1:]
-    s_up = (s_to ** 2 * (s_from ** 2 - s_to ** 2) / s_from ** 2).clamp_min(0).sqrt()
-    s_down = (s_to ** 2 - s_up ** 2).clamp_min(0).sqrt()
+    s_up = (s_to**2 * (s_from**2 - s_to**2) / s_from**2).clamp_min(0).sqrt()
+    s_down = (s_to**2 - s_up**2).clamp_min(0).sqrt()
     ratio = s_down / s_from
-    scale = 1 / (1 + s_from ** 2).sqrt()
-    return GaussianTransitions(timesteps, 1 - ratio, ratio, s_up, scale, s_from * scale,
-                               input_scale=scale, prediction=prediction, init_std=init_std,
-                               name=name)
+    scale = 1 / (1 + s_from**2).sqrt()
+    return GaussianTransitions(
+        timesteps,
+        1 - ratio,
+        ratio,
+        s_up,
+        scale,
+        s_from * scale,
+        input_scale=scale,
+        prediction=prediction,
+        init_std=init_std,
+        name=name,
+    )
 
 
 # ---------------------------------------------------------------- the round ops' tables
@@ -438,8 +547,10 @@ def round_tables(transitions: GaussianTransitions, device=None) -> Tensor:
     ``mean_from_x0`` with its eps term expanded), the step std, the frozen-eps draft's x0 at y
     (``X0_Y y - X0_F eps``) and the eps of an x0-hat at y (``EPS_Y y - EPS_P x0``)."""
     if not transitions.affine:
-        raise ValueError(f"round_tables: {transitions.name} is not affine in x0-hat (dynamic "
-                         f"thresholding); the round ops cannot express it")
+        raise ValueError(
+            f"round_tables: {transitions.name} is not affine in x0-hat (dynamic "
+            f"thresholding); the round ops cannot express it"
+        )
     device = torch.device("cpu") if device is None else torch.device(device)
     key = ("round_tables", device)
     cache = transitions._cache
@@ -447,7 +558,7 @@ def round_tables(transitions: GaussianTransitions, device=None) -> Tensor:
         return cache[key]
     T = transitions
     sa, ss = T.state_alpha, T.state_sigma
-    eps_x0 = -T.c_eps * sa / ss          # coefficient of x0 inside c_eps * eps
+    eps_x0 = -T.c_eps * sa / ss  # coefficient of x0 inside c_eps * eps
     G = T.c_x + T.c_eps / ss
     if T.clip_sample is None:
         A, E = torch.zeros_like(G), T.c_x0 + eps_x0
@@ -474,4 +585,3 @@ def stochastic_runs(transitions: GaussianTransitions) -> Tensor:
     for s in range(transitions.num_steps - 1, -1, -1):
         run[s] = 0 if det[s] else run[s + 1] + 1
     return torch.tensor(run, dtype=torch.int64)
-

@@ -63,6 +63,7 @@ exactness but break the batch-independence of a chain's result). The sampler pad
 a round to a common buffer length (``max_window``); each chain's own L is its per-chain window
 length (``lengths``), past which the verify op ignores the buffer.
 """
+
 from __future__ import annotations
 
 import math
@@ -98,11 +99,19 @@ class AdaptiveWindow:
         pacing: spend the evaluation budget saved so far (see the module docstring).
     """
 
-    GAIN_TOL = 0.01   # expected committed steps: longer windows must gain more than this
+    GAIN_TOL = 0.01  # expected committed steps: longer windows must gain more than this
 
-    def __init__(self, max_window: int = 32, max_evals_ratio: Optional[float] = 2.0, *,
-                 min_window: int = 1, prior_acceptance: float = 0.95, prior_weight: float = 2.0,
-                 decay: float = 0.7, pacing: bool = False):
+    def __init__(
+        self,
+        max_window: int = 32,
+        max_evals_ratio: Optional[float] = 2.0,
+        *,
+        min_window: int = 1,
+        prior_acceptance: float = 0.95,
+        prior_weight: float = 2.0,
+        decay: float = 0.7,
+        pacing: bool = False,
+    ):
         self.max_window = _as_int("max_window", max_window)
         self.min_window = _as_int("min_window", min_window)
         if not 1 <= self.min_window <= self.max_window:
@@ -120,10 +129,12 @@ class AdaptiveWindow:
         self.pacing = bool(pacing)
 
     def __repr__(self) -> str:
-        return (f"AdaptiveWindow(max_window={self.max_window}, "
-                f"max_evals_ratio={self.max_evals_ratio}, "
-                f"min_window={self.min_window}, prior_acceptance={self.prior_acceptance}, "
-                f"prior_weight={self.prior_weight}, decay={self.decay}, pacing={self.pacing})")
+        return (
+            f"AdaptiveWindow(max_window={self.max_window}, "
+            f"max_evals_ratio={self.max_evals_ratio}, "
+            f"min_window={self.min_window}, prior_acceptance={self.prior_acceptance}, "
+            f"prior_weight={self.prior_weight}, decay={self.decay}, pacing={self.pacing})"
+        )
 
     # ------------------------------------------------------------------ the model
     @staticmethod
@@ -132,18 +143,23 @@ class AdaptiveWindow:
         (broadcasting; a = 1 gives 1 + a0 (L - 1))."""
         a0, a = a0.clamp(0.0, 1.0), a.clamp(0.0, 1.0)
         Lm1 = (L - 1).to(a.dtype)
-        geo = torch.where(a >= 1.0, Lm1, (1 - a ** Lm1) / (1 - a).clamp_min(1e-300))
+        geo = torch.where(a >= 1.0, Lm1, (1 - a**Lm1) / (1 - a).clamp_min(1e-300))
         return 1 + a0 * torch.minimum(geo, Lm1)
 
     def estimates(self, state: dict, rows: Tensor) -> tuple[Tensor, Tensor]:
         """(a0 for a stale root, a for positions >= 1) of chains ``rows``."""
         w = self.prior_weight
-        a = state["acc"][rows] / state["att"][rows]             # prior counts decay with the data
-        a0 = (state["acc0"][rows] + a * w) / (state["att0"][rows] + w)     # shrunk towards a
+        a = state["acc"][rows] / state["att"][rows]  # prior counts decay with the data
+        a0 = (state["acc0"][rows] + a * w) / (state["att0"][rows] + w)  # shrunk towards a
         return a0, a
 
-    def choose(self, a0: Tensor, a: Tensor, extra_evals: Optional[Tensor] = None,
-               cap: Optional[Tensor] = None) -> Tensor:
+    def choose(
+        self,
+        a0: Tensor,
+        a: Tensor,
+        extra_evals: Optional[Tensor] = None,
+        cap: Optional[Tensor] = None,
+    ) -> Tensor:
         """Window lengths (int64) for acceptances a0 (step 0), a (later steps), ``extra_evals``
         evaluations per round on top of L and per-chain caps ``cap`` (default
         ``max_evals_ratio``) on evaluations per committed step (all ``[w]``)."""
@@ -151,13 +167,19 @@ class AdaptiveWindow:
         a = torch.as_tensor(a, dtype=torch.float64).reshape(-1)
         if self.max_evals_ratio is None:
             return torch.full(a.shape, self.max_window, dtype=torch.int64)
-        e = (torch.zeros_like(a) if extra_evals is None
-             else torch.as_tensor(extra_evals, dtype=torch.float64).reshape(-1))
+        e = (
+            torch.zeros_like(a)
+            if extra_evals is None
+            else torch.as_tensor(extra_evals, dtype=torch.float64).reshape(-1)
+        )
         Ls = torch.arange(self.min_window, self.max_window + 1, dtype=torch.float64)[None]
         S = self.expected_steps(a0[:, None], a[:, None], Ls)
         ratio = (Ls + e[:, None]) / S
-        c = (torch.full_like(a, self.max_evals_ratio) if cap is None
-             else torch.as_tensor(cap, dtype=torch.float64).reshape(-1))
+        c = (
+            torch.full_like(a, self.max_evals_ratio)
+            if cap is None
+            else torch.as_tensor(cap, dtype=torch.float64).reshape(-1)
+        )
         ok = ratio <= c[:, None] * (1 + 1e-12)
         # the most expected steps among admissible L; of those within GAIN_TOL steps of it, the
         # shortest (an extra evaluation for a negligible expected gain is not worth it)
@@ -167,8 +189,9 @@ class AdaptiveWindow:
         cheapest = Ls[0, ratio.argmin(1)]
         return torch.where(ok.any(1), shortest, cheapest).to(torch.int64)
 
-    def window_for_acceptance(self, a: float, a0: Optional[float] = None,
-                              extra_evals: float = 0.0) -> int:
+    def window_for_acceptance(
+        self, a: float, a0: Optional[float] = None, extra_evals: float = 0.0
+    ) -> int:
         """The window the rule picks for known acceptances (a0 defaults to a)."""
         a0 = a if a0 is None else a0
         chosen = self.choose(torch.tensor([a0]), torch.tensor([a]), torch.tensor([extra_evals]))
@@ -177,10 +200,12 @@ class AdaptiveWindow:
     # ------------------------------------------------------------------ sampler hooks
     def init_state(self, num_chains: int) -> dict:
         """Per-chain discounted counts (float64 ``[B]``)."""
-        st = {name: torch.zeros(num_chains, dtype=torch.float64)
-              for name in ("acc0", "att0", "acc", "att", "evals", "steps")}
-        st["acc"] += self.prior_acceptance * self.prior_weight    # the prior: pseudo-counts that
-        st["att"] += self.prior_weight                            # are discounted like the data
+        st = {
+            name: torch.zeros(num_chains, dtype=torch.float64)
+            for name in ("acc0", "att0", "acc", "att", "evals", "steps")
+        }
+        st["acc"] += self.prior_acceptance * self.prior_weight  # the prior: pseudo-counts that
+        st["att"] += self.prior_weight  # are discounted like the data
         return st
 
     def pacing_cap(self, state: dict, rows: Tensor, steps_left: Tensor) -> Tensor:
@@ -191,9 +216,14 @@ class AdaptiveWindow:
         c = self.max_evals_ratio
         return ((c * (done + left) - state["evals"][rows]) / left).clamp_min(c)
 
-    def lengths(self, state: dict, rows: Tensor, exact_root: Tensor,
-                extra_evals: Optional[Tensor] = None,
-                steps_left: Optional[Tensor] = None) -> Tensor:
+    def lengths(
+        self,
+        state: dict,
+        rows: Tensor,
+        exact_root: Tensor,
+        extra_evals: Optional[Tensor] = None,
+        steps_left: Optional[Tensor] = None,
+    ) -> Tensor:
         """Next window length of chains ``rows``; ``exact_root[i]``: the draft's step-0 mean is the
         target's (step 0 always accepted); ``extra_evals``: evaluations this round beyond L;
         ``steps_left``: steps to the end of the chain (enables budget pacing)."""
@@ -204,15 +234,20 @@ class AdaptiveWindow:
             cap = self.pacing_cap(state, rows, steps_left)
         return self.choose(a0, a, extra_evals, cap)
 
-    def update(self, state: dict, rows: Tensor, exact_root: Tensor, accepted: Tensor,
-               attempted: Tensor) -> None:
+    def update(
+        self, state: dict, rows: Tensor, exact_root: Tensor, accepted: Tensor, attempted: Tensor
+    ) -> None:
         """Fold in verified windows of chains ``rows``: ``accepted`` / ``attempted`` ``[w, L]``
         bool by window position (position 0 counts only where the root was not exact)."""
         d = self.decay
         stale = (~exact_root.to(torch.bool)).to(torch.float64)
         acc, att = accepted.to(torch.float64), attempted.to(torch.float64)
-        for name, new in (("acc0", acc[:, 0] * stale), ("att0", att[:, 0] * stale),
-                          ("acc", acc[:, 1:].sum(1)), ("att", att[:, 1:].sum(1))):
+        for name, new in (
+            ("acc0", acc[:, 0] * stale),
+            ("att0", att[:, 0] * stale),
+            ("acc", acc[:, 1:].sum(1)),
+            ("att", att[:, 1:].sum(1)),
+        ):
             state[name][rows] = d * state[name][rows] + new
 
 
@@ -220,20 +255,23 @@ def resolve_window(window) -> tuple[int, Optional[AdaptiveWindow]]:
     """``window`` argument of the sampler -> (buffer length L, policy or None)."""
     if isinstance(window, AdaptiveWindow):
         return window.max_window, window
-    if isinstance(window, bool):   # True is an int to operator.index: it would mean L = 1
-        raise TypeError(f"window must be an int >= 1, 'adaptive' or an AdaptiveWindow, got "
-                        f"{window!r}")
+    if isinstance(window, bool):  # True is an int to operator.index: it would mean L = 1
+        raise TypeError(
+            f"window must be an int >= 1, 'adaptive' or an AdaptiveWindow, got {window!r}"
+        )
     if isinstance(window, str):
         if window != "adaptive":
-            raise ValueError(f"window must be an int >= 1, 'adaptive' or an AdaptiveWindow, got "
-                             f"{window!r}")
+            raise ValueError(
+                f"window must be an int >= 1, 'adaptive' or an AdaptiveWindow, got {window!r}"
+            )
         p = AdaptiveWindow()
         return p.max_window, p
     try:
         window = operator.index(window)
     except TypeError:
-        raise ValueError(f"window must be an int >= 1, 'adaptive' or an AdaptiveWindow, "
-                         f"got {window!r}") from None
+        raise ValueError(
+            f"window must be an int >= 1, 'adaptive' or an AdaptiveWindow, got {window!r}"
+        ) from None
     if window < 1:
         raise ValueError(f"window must be >= 1, got {window}")
     return int(window), None

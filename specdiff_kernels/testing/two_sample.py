@@ -3,6 +3,7 @@
 Used by the exactness tests, the demo's p-value and the benchmarks' quality columns: speculative
 sampling must keep the ancestral chain's law, so these tests are the product's acceptance tests.
 """
+
 from __future__ import annotations
 
 import math
@@ -30,8 +31,9 @@ def random_directions(D: int, n: int, seed: int) -> np.ndarray:
     return v / np.linalg.norm(v, axis=1, keepdims=True)
 
 
-def gaussian_one_sample_pvalue(x, mean, cov, *, n_proj: int = 8, seed: int = 0,
-                               extra_dirs=None) -> float:
+def gaussian_one_sample_pvalue(
+    x, mean, cov, *, n_proj: int = 8, seed: int = 0, extra_dirs=None
+) -> float:
     """H0: rows of x ~ N(mean, cov). KS of the squared Mahalanobis distances against chi2_D and KS
     of standardised random projections against N(0, 1); Bonferroni-combined p-value."""
     x = _np(x)
@@ -78,17 +80,23 @@ def energy_distance_pvalue(x, y, *, n_resamples: int = 2999, seed: int = 0) -> f
         ix = np.atleast_2d(ix)
         mask = np.zeros((ix.shape[0], n))
         np.put_along_axis(mask, ix, 1.0, axis=1)
-        dm = mask @ dist                                  # [P, n]: sum over x of distances
+        dm = mask @ dist  # [P, n]: sum over x of distances
         sxx = (dm * mask).sum(1)
         sx_all = dm.sum(1)
         sxy = sx_all - sxx
         syy = total - 2 * sxy - sxx
-        return 2 * sxy / (nx * ny) - sxx / nx ** 2 - syy / ny ** 2
+        return 2 * sxy / (nx * ny) - sxx / nx**2 - syy / ny**2
 
-    res = stats.permutation_test((np.arange(nx), np.arange(nx, n)), energy,
-                                 permutation_type="independent", vectorized=True,
-                                 n_resamples=n_resamples, alternative="greater", batch=100,
-                                 random_state=np.random.default_rng(seed))
+    res = stats.permutation_test(
+        (np.arange(nx), np.arange(nx, n)),
+        energy,
+        permutation_type="independent",
+        vectorized=True,
+        n_resamples=n_resamples,
+        alternative="greater",
+        batch=100,
+        random_state=np.random.default_rng(seed),
+    )
     return float(res.pvalue)
 
 

@@ -31,6 +31,7 @@ Per-step tables (``coef``, float64 ``[8, N]``, rows named by
 between x0 and eps that the frozen-eps draft needs. ``freeze``: 0 freezes x0-hat (the draft's x0 at
 every drafted state is f), 1 freezes eps-hat (the draft's x0 at y is ``X0_Y y - X0_F f``).
 """
+
 from __future__ import annotations
 
 import math
@@ -82,8 +83,9 @@ def _mulhilo(a: int, b: Tensor) -> tuple[Tensor, Tensor]:
     return hi & MASK32, lo_full & MASK32
 
 
-def philox4x32(c0: Tensor, c1: Tensor, c2: Tensor, c3: Tensor, k0: Tensor, k1: Tensor,
-               rounds: int = 10) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def philox4x32(
+    c0: Tensor, c1: Tensor, c2: Tensor, c3: Tensor, k0: Tensor, k1: Tensor, rounds: int = 10
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Philox4x32 on int64 tensors holding uint32 values (broadcasting)."""
     for _ in range(rounds):
         hi0, lo0 = _mulhilo(PHILOX_M0, c0)
@@ -107,8 +109,8 @@ def _counter_words(chain_ids: Tensor, steps: Tensor) -> tuple[Tensor, Tensor]:
 
 def normal_uniforms(xa: Tensor, xb: Tensor) -> tuple[Tensor, Tensor]:
     """Box-Muller's radius uniform v in (0, 1) and angle uniform t in [0, 1), as float64 (exact)."""
-    v = (2 * (xa >> 9) + 1).to(torch.float64) * 2.0 ** -24
-    t = (xb >> 8).to(torch.float64) * 2.0 ** -24
+    v = (2 * (xa >> 9) + 1).to(torch.float64) * 2.0**-24
+    t = (xb >> 8).to(torch.float64) * 2.0**-24
     return v, t
 
 
@@ -120,8 +122,9 @@ def box_muller(xa: Tensor, xb: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tens
     return r * torch.cos(th), r * torch.sin(th)
 
 
-def normal_noise(seed: Tensor, chain_ids: Tensor, steps: Tensor, D: int,
-                 dtype: torch.dtype = torch.float64) -> Tensor:
+def normal_noise(
+    seed: Tensor, chain_ids: Tensor, steps: Tensor, D: int, dtype: torch.dtype = torch.float64
+) -> Tensor:
     """xi(seed, chain_ids[b], steps[b]) for every b: [B, D] in ``dtype`` (computed in ``dtype``)."""
     k0, k1 = seed_key(seed)
     c1, c2 = _counter_words(chain_ids, steps)
@@ -141,11 +144,17 @@ def uniform_noise(seed: Tensor, chain_ids: Tensor, steps: Tensor) -> Tensor:
     c1, c2 = _counter_words(chain_ids, steps)
     zero = torch.zeros_like(c1)
     x0, _, _, _ = philox4x32(zero, c1, c2, zero + STREAM_UNIFORM, k0, k1)
-    return ((x0 >> 8).to(torch.float64) * 2.0 ** -24).to(torch.float32)
+    return ((x0 >> 8).to(torch.float64) * 2.0**-24).to(torch.float32)
 
 
-def chain_noise(seed: Tensor, chain_ids: Tensor, steps: Tensor, window: int, event_numel: int,
-                dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+def chain_noise(
+    seed: Tensor,
+    chain_ids: Tensor,
+    steps: Tensor,
+    window: int,
+    event_numel: int,
+    dtype: torch.dtype,
+) -> tuple[Tensor, Tensor]:
     """xi [B, window, D] (``dtype``) and u [B, window] (float32) of steps ``steps[b] + j``."""
     B = chain_ids.shape[0]
     j = torch.arange(window, device=chain_ids.device, dtype=torch.int64)
@@ -182,8 +191,18 @@ def freeze_value(c: Tensor, y: Tensor, p: Tensor, freeze: int) -> Tensor:
     return p if freeze == FREEZE_X0 else c[ROW_EPS_Y] * y - c[ROW_EPS_P] * p
 
 
-def frozen_draft(root: Tensor, frozen: Tensor, steps: Tensor, lengths: Tensor, coef: Tensor,
-                 seed: Tensor, chain_ids: Tensor, window: int, freeze: int, clip: float) -> Tensor:
+def frozen_draft(
+    root: Tensor,
+    frozen: Tensor,
+    steps: Tensor,
+    lengths: Tensor,
+    coef: Tensor,
+    seed: Tensor,
+    chain_ids: Tensor,
+    window: int,
+    freeze: int,
+    clip: float,
+) -> Tensor:
     """Drafted states Y [B, window + 1, *E]: Y[:, 0] = root; for j < lengths[b],
     ``Y[b, j+1] = m_q(Y[b, j], k+j) + std[k+j] xi(seed, c, k+j)``; beyond, Y[b, j+1] = Y[b, j].
     Each drafted state is rounded to the state dtype before the next step drafts from it (the
@@ -207,9 +226,18 @@ def frozen_draft(root: Tensor, frozen: Tensor, steps: Tensor, lengths: Tensor, c
     return torch.stack(ys, 1).reshape(B, window + 1, *root.shape[1:])
 
 
-def verify_frozen(states: Tensor, x0_hat: Tensor, frozen: Tensor, steps: Tensor, lengths: Tensor,
-                  coef: Tensor, seed: Tensor, chain_ids: Tensor, freeze: int, clip: float
-                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+def verify_frozen(
+    states: Tensor,
+    x0_hat: Tensor,
+    frozen: Tensor,
+    steps: Tensor,
+    lengths: Tensor,
+    coef: Tensor,
+    seed: Tensor,
+    chain_ids: Tensor,
+    freeze: int,
+    clip: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Verify a frozen-draft window and commit the round (docs/design.md §6).
 
     With d_j = m_p(y_j) - m_q(y_j) = A (clip(P_j) - clip(p_q)) + E (P_j - p_q) and r_j = s xi_j:
@@ -229,7 +257,7 @@ def verify_frozen(states: Tensor, x0_hat: Tensor, frozen: Tensor, steps: Tensor,
     next_frozen [B, *E] (state dtype), root_exact [B] bool, log_ratio [B, L] float32).
     """
     B, L1 = states.shape[:2]
-    L = L1 - 1                                                 # >= 1 (the wrappers check it)
+    L = L1 - 1  # >= 1 (the wrappers check it)
     N = coef.shape[1]
     D = states[0, 0].numel() if B else 0
     acc = acc_dtype(states.dtype)
@@ -253,17 +281,18 @@ def verify_frozen(states: Tensor, x0_hat: Tensor, frozen: Tensor, steps: Tensor,
         live = j < n
         safe_s = torch.where(live, s, torch.ones_like(s))
         lr[:, j] = torch.where(live, a / safe_s - b / (2 * safe_s * safe_s), torch.zeros_like(s))
-        a_all[:, j], b_all[:, j] = a * safe_s, b          # <d, r> and ||d||^2
+        a_all[:, j], b_all[:, j] = a * safe_s, b  # <d, r> and ||d||^2
     u = torch.stack([uniform_noise(seed, chain_ids, k + j) for j in range(L)], 1)
     pos = torch.arange(L, device=states.device)
     accept = torch.isfinite(lr) & (torch.log(u.to(acc)) <= lr)
     reject = (~accept) & (pos[None] < n[:, None])
-    first = torch.where(reject, pos[None].expand(B, L),
-                        torch.full_like(reject, L, dtype=torch.int64))
+    first = torch.where(
+        reject, pos[None].expand(B, L), torch.full_like(reject, L, dtype=torch.int64)
+    )
     first = torch.minimum(first.min(1).values, n)
     rejected = first < n
 
-    j = torch.where(rejected, first, n).clamp(0, L)           # the position that decides
+    j = torch.where(rejected, first, n).clamp(0, L)  # the position that decides
     c = _rows(coef, k + j, acc)
     yj, pj = Y[ar, j], P[ar, j]
     # rejection: reflect the draft's step j about the hyperplane orthogonal to d_j
@@ -271,11 +300,12 @@ def verify_frozen(states: Tensor, x0_hat: Tensor, frozen: Tensor, steps: Tensor,
     mq = affine_mean(c, pq, yj, clip)
     d = c[ROW_A] * (_clip(pj, clip) - _clip(pq, clip)) + c[ROW_E] * (pj - pq)
     r = c[ROW_STD] * normal_noise(seed, chain_ids, k + j, D, acc)
-    jc = j.clamp(max=L - 1)                                    # (only read at a rejection, j < n)
+    jc = j.clamp(max=L - 1)  # (only read at a rejection, j < n)
     a_j, b_j = a_all[ar, jc][:, None], b_all[ar, jc][:, None]
     pos_b = b_j > 0
-    coef_r = torch.where(pos_b, 1 - 2 * a_j / torch.where(pos_b, b_j, torch.ones_like(b_j)),
-                         torch.ones_like(b_j))
+    coef_r = torch.where(
+        pos_b, 1 - 2 * a_j / torch.where(pos_b, b_j, torch.ones_like(b_j)), torch.ones_like(b_j)
+    )
     reflected = mq + r + coef_r * d
     # acceptance of all n steps (or n = 0): y_n, and a deterministic step from y_n if one is next
     kn = k + n
@@ -293,13 +323,27 @@ def verify_frozen(states: Tensor, x0_hat: Tensor, frozen: Tensor, steps: Tensor,
     next_frozen = torch.where(keep_frozen[:, None], f, fz)
     root_exact = ~rejected & live_next & ~det_next & (n > 0)
     E = states.shape[2:]
-    return (first.to(torch.int64), committed, next_state.to(states.dtype).reshape(B, *E),
-            next_frozen.to(states.dtype).reshape(B, *E), root_exact, lr.to(torch.float32))
+    return (
+        first.to(torch.int64),
+        committed,
+        next_state.to(states.dtype).reshape(B, *E),
+        next_frozen.to(states.dtype).reshape(B, *E),
+        root_exact,
+        lr.to(torch.float32),
+    )
 
 
 # ---------------------------------------------------------------- round statistics
-def round_stats(stats: Tensor, steps: Tensor, lengths: Tensor, num_accepted: Tensor,
-                committed: Tensor, log_ratio: Tensor, output: Tensor, num_steps: int) -> Tensor:
+def round_stats(
+    stats: Tensor,
+    steps: Tensor,
+    lengths: Tensor,
+    num_accepted: Tensor,
+    committed: Tensor,
+    log_ratio: Tensor,
+    output: Tensor,
+    num_steps: int,
+) -> Tensor:
     """The stats vector after one static round (a new tensor; ``stats`` is not changed).
 
     Args:

@@ -3,6 +3,7 @@
 Written for clarity, not speed: every other backend is tested against this one, evaluated in
 float64. It is traceable by ``torch.compile`` (no host synchronisation, no data-dependent shapes).
 """
+
 from __future__ import annotations
 
 import math
@@ -22,8 +23,9 @@ def _expand_sigma(sigma: Tensor, batch: int, window: int) -> Tensor:
     return sigma.expand(batch, window)
 
 
-def _log_ratio_acc(draft_states: Tensor, draft_means: Tensor, target_means: Tensor,
-                   sigma: Tensor) -> Tensor:
+def _log_ratio_acc(
+    draft_states: Tensor, draft_means: Tensor, target_means: Tensor, sigma: Tensor
+) -> Tensor:
     """(<d, r> - ||d||^2 / 2) / s^2 per step, [B, L], in the accumulation dtype."""
     acc = acc_dtype(draft_states.dtype)
     B, L = draft_states.shape[:2]
@@ -33,8 +35,9 @@ def _log_ratio_acc(draft_states: Tensor, draft_means: Tensor, target_means: Tens
     return ((d * r).sum(-1) - 0.5 * (d * d).sum(-1)) / (s * s)
 
 
-def gaussian_log_ratio(draft_states: Tensor, draft_means: Tensor, target_means: Tensor,
-                       sigma: Tensor) -> Tensor:
+def gaussian_log_ratio(
+    draft_states: Tensor, draft_means: Tensor, target_means: Tensor, sigma: Tensor
+) -> Tensor:
     """log p(y_{j+1}|y_j) - log q(y_{j+1}|y_j) = (<d, r> - ||d||^2 / 2) / s^2, as float32 [B, L]."""
     return _log_ratio_acc(draft_states, draft_means, target_means, sigma).to(torch.float32)
 
@@ -82,15 +85,23 @@ def reflect_resample(draft_state: Tensor, draft_mean: Tensor, target_mean: Tenso
     return out.to(draft_state.dtype).reshape(draft_state.shape)
 
 
-def speculative_verify(draft_states: Tensor, draft_means: Tensor, target_means: Tensor,
-                       sigma: Tensor, uniforms: Tensor, lengths: Tensor | None = None
-                       ) -> tuple[Tensor, Tensor, Tensor]:
+def speculative_verify(
+    draft_states: Tensor,
+    draft_means: Tensor,
+    target_means: Tensor,
+    sigma: Tensor,
+    uniforms: Tensor,
+    lengths: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
     """Fused verify = first_rejection(gaussian_log_ratio) + reflect_resample at that step."""
     B, L = draft_states.shape[:2]
     lr_acc = _log_ratio_acc(draft_states, draft_means, target_means, sigma)
     num_accepted = first_rejection(lr_acc, uniforms, lengths)
-    n = (torch.full((B,), L, dtype=torch.int64, device=draft_states.device)
-         if lengths is None else lengths.to(torch.int64))
+    n = (
+        torch.full((B,), L, dtype=torch.int64, device=draft_states.device)
+        if lengths is None
+        else lengths.to(torch.int64)
+    )
     rejected = num_accepted < n
     # gather the step that decides the state: the rejected one, else the last accepted (n-1)
     j = torch.where(rejected, num_accepted, n - 1).clamp(0, L - 1)

@@ -8,6 +8,7 @@ Two modes, fixed when triton is imported:
 * interpreted (``TRITON_INTERPRET=1``, CPU tensors): ``wrap_triton`` refuses interpreted kernels, so
   ops are opaque ``torch.library.custom_op``s with explicit fakes that launch the kernels directly.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -42,7 +43,7 @@ def reflect_coef(a, b):
 # ---------------------------------------------------------------- mode
 INTERPRET = type(accept).__name__ == "InterpretedFunction"
 DEVICES: tuple[str, ...] = ("cpu", "cuda") if INTERPRET else ("cuda",)
-_INTERP_NUM_SMS = 4   # the nominal device size under the interpreter
+_INTERP_NUM_SMS = 4  # the nominal device size under the interpreter
 
 
 def define(name: str, impl: Callable, fake: Callable):
@@ -75,6 +76,7 @@ def quiet():
     interpreting."""
     if INTERPRET:
         import numpy as np
+
         return np.errstate(divide="ignore", invalid="ignore", over="ignore")
     return contextlib.nullcontext()
 

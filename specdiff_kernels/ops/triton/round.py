@@ -38,6 +38,7 @@ Philox + elementwise stream (chain_noise, finalize, partials) or a latency-bound
 fixed block per role does as well; under the interpreter blocks are small (32 counters) so the
 multi-block and multi-chunk paths run on small shapes.
 """
+
 from __future__ import annotations
 
 import functools
@@ -83,7 +84,7 @@ _PHILOX_M1 = tl.constexpr(layout.PHILOX_M1)
 _PHILOX_W0 = tl.constexpr(layout.PHILOX_W0)
 _PHILOX_W1 = tl.constexpr(layout.PHILOX_W1)
 _TWO_PI = tl.constexpr(2.0 * math.pi)
-_TWO_M24 = tl.constexpr(2.0 ** -24)
+_TWO_M24 = tl.constexpr(2.0**-24)
 
 # Blocks, in Philox counters (4 elements each). Interpreter: small, so tests hit several blocks.
 if INTERPRET:
@@ -94,7 +95,7 @@ else:
     _NOISE_BLOCK = _FIN_BLOCK = _PART_BLOCK = 256
     _DRAFT_BLOCK_MIN, _DRAFT_BLOCK_MAX = 32, 512
     _CHUNK_MAX = 8192
-_BLOCK_L_MAX = 16   # window steps per tile of the finalize scan
+_BLOCK_L_MAX = 16  # window steps per tile of the finalize scan
 _BLOCK_NB_MAX = 64  # partial-sum chunks per tile of the finalize reduction
 
 
@@ -179,8 +180,11 @@ def _clip_value(clip_hi, clip_mid, clip_lo, ACC_FP64: tl.constexpr):
 @triton.jit
 def _clip(p, c, HAS_CLIP: tl.constexpr):
     if HAS_CLIP:
-        p = tl.minimum(tl.maximum(p, -c, propagate_nan=tl.PropagateNan.ALL), c,
-                       propagate_nan=tl.PropagateNan.ALL)
+        p = tl.minimum(
+            tl.maximum(p, -c, propagate_nan=tl.PropagateNan.ALL),
+            c,
+            propagate_nan=tl.PropagateNan.ALL,
+        )
     return p
 
 
@@ -194,10 +198,14 @@ def _coef(coef_ptr, row: tl.constexpr, kc, N, ACC_FP64: tl.constexpr):
 @triton.jit
 def _draft_coefs(coef_ptr, kc, N, ACC_FP64: tl.constexpr):
     """The table rows a drafted step reads at column kc: A, E, G, std, X0_Y, X0_F."""
-    return (_coef(coef_ptr, _ROW_A, kc, N, ACC_FP64), _coef(coef_ptr, _ROW_E, kc, N, ACC_FP64),
-            _coef(coef_ptr, _ROW_G, kc, N, ACC_FP64), _coef(coef_ptr, _ROW_STD, kc, N, ACC_FP64),
-            _coef(coef_ptr, _ROW_X0_Y, kc, N, ACC_FP64),
-            _coef(coef_ptr, _ROW_X0_F, kc, N, ACC_FP64))
+    return (
+        _coef(coef_ptr, _ROW_A, kc, N, ACC_FP64),
+        _coef(coef_ptr, _ROW_E, kc, N, ACC_FP64),
+        _coef(coef_ptr, _ROW_G, kc, N, ACC_FP64),
+        _coef(coef_ptr, _ROW_STD, kc, N, ACC_FP64),
+        _coef(coef_ptr, _ROW_X0_Y, kc, N, ACC_FP64),
+        _coef(coef_ptr, _ROW_X0_F, kc, N, ACC_FP64),
+    )
 
 
 @triton.jit
@@ -228,16 +236,45 @@ def _gap(p, pq, a, e, cl, HAS_CLIP: tl.constexpr):
 
 
 @triton.jit
-def _draft_lane(y, f, xi, a, e, g, s, x0y, x0f, cl, out_ty: tl.constexpr, FREEZE: tl.constexpr,
-                HAS_CLIP: tl.constexpr):
+def _draft_lane(
+    y,
+    f,
+    xi,
+    a,
+    e,
+    g,
+    s,
+    x0y,
+    x0f,
+    cl,
+    out_ty: tl.constexpr,
+    FREEZE: tl.constexpr,
+    HAS_CLIP: tl.constexpr,
+):
     """One drafted lane: m_q(y) + s xi, rounded to the state dtype, back in the acc dtype."""
     mq = _affine(_draft_x0(y, f, x0y, x0f, FREEZE), y, a, e, g, cl, HAS_CLIP)
     return (mq + s * xi).to(out_ty).to(y.dtype)
 
 
 @triton.jit
-def _row_sums_lane(y_ptr, p_ptr, f_ptr, row, frow, off, m, xi, a, e, x0y, x0f, cl,
-                   ACC_FP64: tl.constexpr, FREEZE: tl.constexpr, HAS_CLIP: tl.constexpr):
+def _row_sums_lane(
+    y_ptr,
+    p_ptr,
+    f_ptr,
+    row,
+    frow,
+    off,
+    m,
+    xi,
+    a,
+    e,
+    x0y,
+    x0f,
+    cl,
+    ACC_FP64: tl.constexpr,
+    FREEZE: tl.constexpr,
+    HAS_CLIP: tl.constexpr,
+):
     """(d xi, d d) of one lane (masked elements give 0)."""
     acc_t: tl.constexpr = tl.float64 if ACC_FP64 else tl.float32
     y = tl.load(y_ptr + row + off, mask=m, other=0.0).to(acc_t)
@@ -249,9 +286,34 @@ def _row_sums_lane(y_ptr, p_ptr, f_ptr, row, frow, off, m, xi, a, e, x0y, x0f, c
 
 
 @triton.jit
-def _commit_lane(y_ptr, p_ptr, f_ptr, next_ptr, nfz_ptr, row, frow, off, m, xi,
-                 a, e, g, s, x0y, x0f, epy, epp, cl, coef_r, rejected, det, keep_frozen,
-                 ACC_FP64: tl.constexpr, FREEZE: tl.constexpr, HAS_CLIP: tl.constexpr):
+def _commit_lane(
+    y_ptr,
+    p_ptr,
+    f_ptr,
+    next_ptr,
+    nfz_ptr,
+    row,
+    frow,
+    off,
+    m,
+    xi,
+    a,
+    e,
+    g,
+    s,
+    x0y,
+    x0f,
+    epy,
+    epp,
+    cl,
+    coef_r,
+    rejected,
+    det,
+    keep_frozen,
+    ACC_FP64: tl.constexpr,
+    FREEZE: tl.constexpr,
+    HAS_CLIP: tl.constexpr,
+):
     """One lane of next_state / next_frozen from y_j, P_j (row) and f (frow)."""
     acc_t: tl.constexpr = tl.float64 if ACC_FP64 else tl.float32
     y_raw = tl.load(y_ptr + row + off, mask=m, other=0.0)
@@ -269,14 +331,25 @@ def _commit_lane(y_ptr, p_ptr, f_ptr, next_ptr, nfz_ptr, row, frow, off, m, xi,
     else:
         fz = epy * y - epp * p
     tl.store(next_ptr + frow + off, res.to(next_ptr.dtype.element_ty), mask=m)
-    tl.store(nfz_ptr + frow + off, tl.where(keep_frozen, f, fz).to(nfz_ptr.dtype.element_ty),
-             mask=m)
+    tl.store(
+        nfz_ptr + frow + off, tl.where(keep_frozen, f, fz).to(nfz_ptr.dtype.element_ty), mask=m
+    )
 
 
 # ---------------------------------------------------------------- kernels
 @triton.jit(do_not_specialize=["W"])
-def _chain_noise_kernel(seed_ptr, ids_ptr, steps_ptr, xi_ptr, u_ptr, W, D, Q,
-                        ACC_FP64: tl.constexpr, BLOCK: tl.constexpr):
+def _chain_noise_kernel(
+    seed_ptr,
+    ids_ptr,
+    steps_ptr,
+    xi_ptr,
+    u_ptr,
+    W,
+    D,
+    Q,
+    ACC_FP64: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     """Program (row = b * W + j, i-block): xi of step steps[b] + j at its counters; block 0: u."""
     row = tl.program_id(0).to(tl.int64)
     ib = tl.program_id(1)
@@ -297,10 +370,27 @@ def _chain_noise_kernel(seed_ptr, ids_ptr, steps_ptr, xi_ptr, u_ptr, W, D, Q,
 
 
 @triton.jit(do_not_specialize=["W", "N"])
-def _frozen_draft_kernel(root_ptr, frozen_ptr, steps_ptr, len_ptr, coef_ptr, seed_ptr, ids_ptr,
-                         y_ptr, W, N, D, Q, clip_hi, clip_mid, clip_lo,
-                         FREEZE: tl.constexpr, HAS_CLIP: tl.constexpr, ACC_FP64: tl.constexpr,
-                         BLOCK: tl.constexpr):
+def _frozen_draft_kernel(
+    root_ptr,
+    frozen_ptr,
+    steps_ptr,
+    len_ptr,
+    coef_ptr,
+    seed_ptr,
+    ids_ptr,
+    y_ptr,
+    W,
+    N,
+    D,
+    Q,
+    clip_hi,
+    clip_mid,
+    clip_lo,
+    FREEZE: tl.constexpr,
+    HAS_CLIP: tl.constexpr,
+    ACC_FP64: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     """Program (chain b, i-block): Y[b, 0] = root, then the window's drafted states (its
     counters)."""
     acc_t: tl.constexpr = tl.float64 if ACC_FP64 else tl.float32
@@ -346,10 +436,30 @@ def _frozen_draft_kernel(root_ptr, frozen_ptr, steps_ptr, len_ptr, coef_ptr, see
 
 
 @triton.jit(do_not_specialize=["L", "N", "NB"])
-def _verify_partials_kernel(y_ptr, p_ptr, frozen_ptr, steps_ptr, len_ptr, coef_ptr, seed_ptr,
-                            ids_ptr, part_ptr, L, N, D, Q, CHUNK, NB, clip_hi, clip_mid, clip_lo,
-                            FREEZE: tl.constexpr, HAS_CLIP: tl.constexpr, ACC_FP64: tl.constexpr,
-                            BLOCK: tl.constexpr):
+def _verify_partials_kernel(
+    y_ptr,
+    p_ptr,
+    frozen_ptr,
+    steps_ptr,
+    len_ptr,
+    coef_ptr,
+    seed_ptr,
+    ids_ptr,
+    part_ptr,
+    L,
+    N,
+    D,
+    Q,
+    CHUNK,
+    NB,
+    clip_hi,
+    clip_mid,
+    clip_lo,
+    FREEZE: tl.constexpr,
+    HAS_CLIP: tl.constexpr,
+    ACC_FP64: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     """Program (row = b * L + j, chunk): partial (<d_j, xi_j>, ||d_j||^2) over counters
     [chunk * CHUNK, (chunk + 1) * CHUNK) at part[(row * NB + chunk) * 2 + {0, 1}]; 0 for j >= n."""
     acc_t: tl.constexpr = tl.float64 if ACC_FP64 else tl.float32
@@ -378,23 +488,84 @@ def _verify_partials_kernel(y_ptr, p_ptr, frozen_ptr, steps_ptr, len_ptr, coef_p
             i = i0 + tl.arange(0, BLOCK)
             mi = i < stop
             n0, n1, n2, n3 = _normals(k0, k1, i, k, chain, ACC_FP64)
-            da, db = _row_sums_lane(y_ptr, p_ptr, frozen_ptr, yrow, frow, i, mi & (i < D), n0,
-                                    a, e, x0y, x0f, cl, ACC_FP64, FREEZE, HAS_CLIP)
+            da, db = _row_sums_lane(
+                y_ptr,
+                p_ptr,
+                frozen_ptr,
+                yrow,
+                frow,
+                i,
+                mi & (i < D),
+                n0,
+                a,
+                e,
+                x0y,
+                x0f,
+                cl,
+                ACC_FP64,
+                FREEZE,
+                HAS_CLIP,
+            )
             a_vec += da
             b_vec += db
-            da, db = _row_sums_lane(y_ptr, p_ptr, frozen_ptr, yrow, frow, Q + i,
-                                    mi & (Q + i < D), n1, a, e, x0y, x0f, cl, ACC_FP64, FREEZE,
-                                    HAS_CLIP)
+            da, db = _row_sums_lane(
+                y_ptr,
+                p_ptr,
+                frozen_ptr,
+                yrow,
+                frow,
+                Q + i,
+                mi & (Q + i < D),
+                n1,
+                a,
+                e,
+                x0y,
+                x0f,
+                cl,
+                ACC_FP64,
+                FREEZE,
+                HAS_CLIP,
+            )
             a_vec += da
             b_vec += db
-            da, db = _row_sums_lane(y_ptr, p_ptr, frozen_ptr, yrow, frow, 2 * Q + i,
-                                    mi & (2 * Q + i < D), n2, a, e, x0y, x0f, cl, ACC_FP64, FREEZE,
-                                    HAS_CLIP)
+            da, db = _row_sums_lane(
+                y_ptr,
+                p_ptr,
+                frozen_ptr,
+                yrow,
+                frow,
+                2 * Q + i,
+                mi & (2 * Q + i < D),
+                n2,
+                a,
+                e,
+                x0y,
+                x0f,
+                cl,
+                ACC_FP64,
+                FREEZE,
+                HAS_CLIP,
+            )
             a_vec += da
             b_vec += db
-            da, db = _row_sums_lane(y_ptr, p_ptr, frozen_ptr, yrow, frow, 3 * Q + i,
-                                    mi & (3 * Q + i < D), n3, a, e, x0y, x0f, cl, ACC_FP64, FREEZE,
-                                    HAS_CLIP)
+            da, db = _row_sums_lane(
+                y_ptr,
+                p_ptr,
+                frozen_ptr,
+                yrow,
+                frow,
+                3 * Q + i,
+                mi & (3 * Q + i < D),
+                n3,
+                a,
+                e,
+                x0y,
+                x0f,
+                cl,
+                ACC_FP64,
+                FREEZE,
+                HAS_CLIP,
+            )
             a_vec += da
             b_vec += db
     out = part_ptr + (row * NB + ck) * 2
@@ -403,12 +574,37 @@ def _verify_partials_kernel(y_ptr, p_ptr, frozen_ptr, steps_ptr, len_ptr, coef_p
 
 
 @triton.jit(do_not_specialize=["L", "N", "NB"])
-def _verify_finalize_kernel(y_ptr, p_ptr, frozen_ptr, steps_ptr, len_ptr, coef_ptr, seed_ptr,
-                            ids_ptr, part_ptr,
-                            nacc_ptr, comm_ptr, next_ptr, nfz_ptr, exact_ptr, lr_ptr,
-                            L, N, D, Q, NB, clip_hi, clip_mid, clip_lo,
-                            FREEZE: tl.constexpr, HAS_CLIP: tl.constexpr, ACC_FP64: tl.constexpr,
-                            BLOCK: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_NB: tl.constexpr):
+def _verify_finalize_kernel(
+    y_ptr,
+    p_ptr,
+    frozen_ptr,
+    steps_ptr,
+    len_ptr,
+    coef_ptr,
+    seed_ptr,
+    ids_ptr,
+    part_ptr,
+    nacc_ptr,
+    comm_ptr,
+    next_ptr,
+    nfz_ptr,
+    exact_ptr,
+    lr_ptr,
+    L,
+    N,
+    D,
+    Q,
+    NB,
+    clip_hi,
+    clip_mid,
+    clip_lo,
+    FREEZE: tl.constexpr,
+    HAS_CLIP: tl.constexpr,
+    ACC_FP64: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    BLOCK_NB: tl.constexpr,
+):
     """Program (chain b, i-block): the chain's scan (identical in all its programs), then its block
     of next_state / next_frozen; block 0 writes the per-chain outputs and the log ratios."""
     acc_t: tl.constexpr = tl.float64 if ACC_FP64 else tl.float32
@@ -448,7 +644,7 @@ def _verify_finalize_kernel(y_ptr, p_ptr, frozen_ptr, steps_ptr, len_ptr, coef_p
         first = tl.where(newly, cand, first)
     rejected = first < n
     coef_r = reflect_coef(a_first, b_first)
-    js = tl.where(rejected, first, n)        # the window position that decides
+    js = tl.where(rejected, first, n)  # the window position that decides
     ks = k + js
     kc = _step_index(ks, N)
     kn = k + n
@@ -479,18 +675,118 @@ def _verify_finalize_kernel(y_ptr, p_ptr, frozen_ptr, steps_ptr, len_ptr, coef_p
         n3 = n0
     row = (b * (L + 1) + js) * D
     frow = b * D
-    _commit_lane(y_ptr, p_ptr, frozen_ptr, next_ptr, nfz_ptr, row, frow, i, mi & (i < D), n0,
-                 a, e, g, s, x0y, x0f, epy, epp, cl, coef_r, rejected, det, keep_frozen,
-                 ACC_FP64, FREEZE, HAS_CLIP)
-    _commit_lane(y_ptr, p_ptr, frozen_ptr, next_ptr, nfz_ptr, row, frow, Q + i,
-                 mi & (Q + i < D), n1, a, e, g, s, x0y, x0f, epy, epp, cl, coef_r, rejected, det,
-                 keep_frozen, ACC_FP64, FREEZE, HAS_CLIP)
-    _commit_lane(y_ptr, p_ptr, frozen_ptr, next_ptr, nfz_ptr, row, frow, 2 * Q + i,
-                 mi & (2 * Q + i < D), n2, a, e, g, s, x0y, x0f, epy, epp, cl, coef_r, rejected,
-                 det, keep_frozen, ACC_FP64, FREEZE, HAS_CLIP)
-    _commit_lane(y_ptr, p_ptr, frozen_ptr, next_ptr, nfz_ptr, row, frow, 3 * Q + i,
-                 mi & (3 * Q + i < D), n3, a, e, g, s, x0y, x0f, epy, epp, cl, coef_r, rejected,
-                 det, keep_frozen, ACC_FP64, FREEZE, HAS_CLIP)
+    _commit_lane(
+        y_ptr,
+        p_ptr,
+        frozen_ptr,
+        next_ptr,
+        nfz_ptr,
+        row,
+        frow,
+        i,
+        mi & (i < D),
+        n0,
+        a,
+        e,
+        g,
+        s,
+        x0y,
+        x0f,
+        epy,
+        epp,
+        cl,
+        coef_r,
+        rejected,
+        det,
+        keep_frozen,
+        ACC_FP64,
+        FREEZE,
+        HAS_CLIP,
+    )
+    _commit_lane(
+        y_ptr,
+        p_ptr,
+        frozen_ptr,
+        next_ptr,
+        nfz_ptr,
+        row,
+        frow,
+        Q + i,
+        mi & (Q + i < D),
+        n1,
+        a,
+        e,
+        g,
+        s,
+        x0y,
+        x0f,
+        epy,
+        epp,
+        cl,
+        coef_r,
+        rejected,
+        det,
+        keep_frozen,
+        ACC_FP64,
+        FREEZE,
+        HAS_CLIP,
+    )
+    _commit_lane(
+        y_ptr,
+        p_ptr,
+        frozen_ptr,
+        next_ptr,
+        nfz_ptr,
+        row,
+        frow,
+        2 * Q + i,
+        mi & (2 * Q + i < D),
+        n2,
+        a,
+        e,
+        g,
+        s,
+        x0y,
+        x0f,
+        epy,
+        epp,
+        cl,
+        coef_r,
+        rejected,
+        det,
+        keep_frozen,
+        ACC_FP64,
+        FREEZE,
+        HAS_CLIP,
+    )
+    _commit_lane(
+        y_ptr,
+        p_ptr,
+        frozen_ptr,
+        next_ptr,
+        nfz_ptr,
+        row,
+        frow,
+        3 * Q + i,
+        mi & (3 * Q + i < D),
+        n3,
+        a,
+        e,
+        g,
+        s,
+        x0y,
+        x0f,
+        epy,
+        epp,
+        cl,
+        coef_r,
+        rejected,
+        det,
+        keep_frozen,
+        ACC_FP64,
+        FREEZE,
+        HAS_CLIP,
+    )
 
 
 # ---------------------------------------------------------------- launchers
@@ -554,8 +850,14 @@ def partial_chunk(rows: int, Q: int, sms: int) -> int:
     return int(min(max(chunk, _PART_BLOCK), _CHUNK_MAX))
 
 
-def chain_noise(seed: Tensor, chain_ids: Tensor, steps: Tensor, window: int, event_numel: int,
-                dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+def chain_noise(
+    seed: Tensor,
+    chain_ids: Tensor,
+    steps: Tensor,
+    window: int,
+    event_numel: int,
+    dtype: torch.dtype,
+) -> tuple[Tensor, Tensor]:
     """xi [B, window, D] (dtype) and u [B, window] (float32) of steps ``steps[b] + j``."""
     B, D = chain_ids.shape[0], int(event_numel)
     dev = chain_ids.device
@@ -565,14 +867,35 @@ def chain_noise(seed: Tensor, chain_ids: Tensor, steps: Tensor, window: int, eve
         Q = _quarter(D)
         grid = (B * window, triton.cdiv(Q, _NOISE_BLOCK))
         with quiet():
-            _launch_kernel(_chain_noise_kernel, _NOISE_BLOCK, grid,
-                    seed, contig(chain_ids), contig(steps), xi, u, window, D, Q,
-                    ACC_FP64=acc_dtype(dtype) == torch.float64)
+            _launch_kernel(
+                _chain_noise_kernel,
+                _NOISE_BLOCK,
+                grid,
+                seed,
+                contig(chain_ids),
+                contig(steps),
+                xi,
+                u,
+                window,
+                D,
+                Q,
+                ACC_FP64=acc_dtype(dtype) == torch.float64,
+            )
     return xi, u
 
 
-def frozen_draft(root: Tensor, frozen: Tensor, steps: Tensor, lengths: Tensor, coef: Tensor,
-                 seed: Tensor, chain_ids: Tensor, window: int, freeze: int, clip: float) -> Tensor:
+def frozen_draft(
+    root: Tensor,
+    frozen: Tensor,
+    steps: Tensor,
+    lengths: Tensor,
+    coef: Tensor,
+    seed: Tensor,
+    chain_ids: Tensor,
+    window: int,
+    freeze: int,
+    clip: float,
+) -> Tensor:
     """Drafted states Y [B, window + 1, *E] (semantics: reference.round.frozen_draft)."""
     B = root.shape[0]
     y = torch.empty((B, window + 1, *root.shape[1:]), device=root.device, dtype=root.dtype)
@@ -582,17 +905,41 @@ def frozen_draft(root: Tensor, frozen: Tensor, steps: Tensor, lengths: Tensor, c
         block = draft_block(B, Q, num_sms(root.device))
         grid = (B, triton.cdiv(Q, block))
         with quiet():
-            _launch_kernel(_frozen_draft_kernel, block, grid,
-                    contig(root), contig(frozen), contig(steps), contig(lengths),
-                    contig(coef), seed, contig(chain_ids), y, window, coef.shape[1], D, Q,
-                    **_clip_args(clip), FREEZE=int(freeze),
-                    ACC_FP64=acc_dtype(root.dtype) == torch.float64)
+            _launch_kernel(
+                _frozen_draft_kernel,
+                block,
+                grid,
+                contig(root),
+                contig(frozen),
+                contig(steps),
+                contig(lengths),
+                contig(coef),
+                seed,
+                contig(chain_ids),
+                y,
+                window,
+                coef.shape[1],
+                D,
+                Q,
+                **_clip_args(clip),
+                FREEZE=int(freeze),
+                ACC_FP64=acc_dtype(root.dtype) == torch.float64,
+            )
     return y
 
 
-def verify_frozen(states: Tensor, x0_hat: Tensor, frozen: Tensor, steps: Tensor, lengths: Tensor,
-                  coef: Tensor, seed: Tensor, chain_ids: Tensor, freeze: int, clip: float
-                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+def verify_frozen(
+    states: Tensor,
+    x0_hat: Tensor,
+    frozen: Tensor,
+    steps: Tensor,
+    lengths: Tensor,
+    coef: Tensor,
+    seed: Tensor,
+    chain_ids: Tensor,
+    freeze: int,
+    clip: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(num_accepted, committed, next_state, next_frozen, root_exact, log_ratio) (semantics:
     reference.round.verify_frozen)."""
     B, L1 = states.shape[:2]
@@ -621,15 +968,59 @@ def verify_frozen(states: Tensor, x0_hat: Tensor, frozen: Tensor, steps: Tensor,
     part = torch.empty((rows * nb * 2,), device=dev, dtype=acc)
     with quiet():
         if L > 0:
-            _launch_kernel(_verify_partials_kernel, _PART_BLOCK, (B * L, nb),
-                    y, p, f, st, ln, cf, seed, ids, part, L, N, D, Q, chunk, nb, **clip_args,
-                    FREEZE=int(freeze), ACC_FP64=acc64)
-        _launch_kernel(_verify_finalize_kernel, _FIN_BLOCK, (B, triton.cdiv(Q, _FIN_BLOCK)),
-                y, p, f, st, ln, cf, seed, ids, part,
-                nacc, committed, next_state, next_frozen, root_exact, lr,
-                L, N, D, Q, nb, **clip_args, FREEZE=int(freeze), ACC_FP64=acc64,
-                BLOCK_L=min(next_pow2(L), _BLOCK_L_MAX),
-                BLOCK_NB=min(next_pow2(nb), _BLOCK_NB_MAX))
+            _launch_kernel(
+                _verify_partials_kernel,
+                _PART_BLOCK,
+                (B * L, nb),
+                y,
+                p,
+                f,
+                st,
+                ln,
+                cf,
+                seed,
+                ids,
+                part,
+                L,
+                N,
+                D,
+                Q,
+                chunk,
+                nb,
+                **clip_args,
+                FREEZE=int(freeze),
+                ACC_FP64=acc64,
+            )
+        _launch_kernel(
+            _verify_finalize_kernel,
+            _FIN_BLOCK,
+            (B, triton.cdiv(Q, _FIN_BLOCK)),
+            y,
+            p,
+            f,
+            st,
+            ln,
+            cf,
+            seed,
+            ids,
+            part,
+            nacc,
+            committed,
+            next_state,
+            next_frozen,
+            root_exact,
+            lr,
+            L,
+            N,
+            D,
+            Q,
+            nb,
+            **clip_args,
+            FREEZE=int(freeze),
+            ACC_FP64=acc64,
+            BLOCK_L=min(next_pow2(L), _BLOCK_L_MAX),
+            BLOCK_NB=min(next_pow2(nb), _BLOCK_NB_MAX),
+        )
     return nacc, committed, next_state, next_frozen, root_exact, lr
 
 
@@ -637,10 +1028,12 @@ def verify_frozen(states: Tensor, x0_hat: Tensor, frozen: Tensor, steps: Tensor,
 # fake impls (interpreted mode; compiled, the triton_op body is its own fake): the ones of the
 # C++-defined ops (ops/round.py)
 triton_chain_noise = define("specdiff::triton_chain_noise", chain_noise, round_ops.fake_chain_noise)
-triton_frozen_draft = define("specdiff::triton_frozen_draft", frozen_draft,
-                             round_ops.fake_frozen_draft)
-triton_verify_frozen = define("specdiff::triton_verify_frozen", verify_frozen,
-                              round_ops.fake_verify_frozen)
+triton_frozen_draft = define(
+    "specdiff::triton_frozen_draft", frozen_draft, round_ops.fake_frozen_draft
+)
+triton_verify_frozen = define(
+    "specdiff::triton_verify_frozen", verify_frozen, round_ops.fake_verify_frozen
+)
 
 
 # ---------------------------------------------------------------- forwarding to the Triton ops
@@ -650,17 +1043,22 @@ def fwd_chain_noise(seed, chain_ids, steps, window, event_numel, dtype):
 
 
 def fwd_frozen_draft(root, frozen, steps, lengths, coef, seed, chain_ids, window, freeze, clip):
-    return torch.ops.specdiff.triton_frozen_draft(root, frozen, steps, lengths, coef, seed,
-                                                  chain_ids, window, freeze, clip)
+    return torch.ops.specdiff.triton_frozen_draft(
+        root, frozen, steps, lengths, coef, seed, chain_ids, window, freeze, clip
+    )
 
 
 def fwd_verify_frozen(states, x0_hat, frozen, steps, lengths, coef, seed, chain_ids, freeze, clip):
-    return torch.ops.specdiff.triton_verify_frozen(states, x0_hat, frozen, steps, lengths, coef,
-                                                   seed, chain_ids, freeze, clip)
+    return torch.ops.specdiff.triton_verify_frozen(
+        states, x0_hat, frozen, steps, lengths, coef, seed, chain_ids, freeze, clip
+    )
 
 
-_FORWARD = {"chain_noise": fwd_chain_noise, "frozen_draft": fwd_frozen_draft,
-            "verify_frozen": fwd_verify_frozen}
+_FORWARD = {
+    "chain_noise": fwd_chain_noise,
+    "frozen_draft": fwd_frozen_draft,
+    "verify_frozen": fwd_verify_frozen,
+}
 # the schemas come from the C++ extension (csrc/registration.cpp)
 _CUDA_LIB = register_cuda(_FORWARD) if round_ops.HAS_CPP else None
 REGISTRY.register(Backend("round", "triton", _FORWARD, devices=DEVICES))

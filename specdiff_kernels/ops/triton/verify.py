@@ -45,6 +45,7 @@ C++-defined ``specdiff::gaussian_log_ratio`` / ``first_rejection`` / ``reflect_r
 Triton. Nothing synchronises with the host (lengths are clamped in-kernel), so the ops are
 CUDA-graph capturable once autotuning has run (warm up first).
 """
+
 from __future__ import annotations
 
 import inspect
@@ -78,8 +79,8 @@ STRATEGIES = ("per_chain", "split")
 
 # Modes of the shared kernels (constexpr): which op they compute.
 MODE_LOG_RATIO = 0  # gaussian_log_ratio: log ratios only
-MODE_REFLECT = 1    # reflect_resample: a window of one step that is always rejected
-MODE_VERIFY = 2     # speculative_verify: log ratios, first rejection, next state
+MODE_REFLECT = 1  # reflect_resample: a window of one step that is always rejected
+MODE_VERIFY = 2  # speculative_verify: log ratios, first rejection, next state
 
 
 # ---------------------------------------------------------------- device helpers
@@ -94,8 +95,24 @@ def _load_lengths(n_ptr, c, L, HAS_N: tl.constexpr):
 
 
 @triton.jit
-def _decide_step(a, b, c, j, L, n, first, coef, sig_ptr, sig_sb, sig_sl, u_ptr, lr_ptr, store_lr,
-                 MODE: tl.constexpr, ACC_FP64: tl.constexpr):
+def _decide_step(
+    a,
+    b,
+    c,
+    j,
+    L,
+    n,
+    first,
+    coef,
+    sig_ptr,
+    sig_sb,
+    sig_sl,
+    u_ptr,
+    lr_ptr,
+    store_lr,
+    MODE: tl.constexpr,
+    ACC_FP64: tl.constexpr,
+):
     """Fold step j (sums a, b) into the running scan state (first rejection, its coefficient)."""
     acc_t: tl.constexpr = tl.float64 if ACC_FP64 else tl.float32
     if MODE == 1:
@@ -116,8 +133,9 @@ def _decide_step(a, b, c, j, L, n, first, coef, sig_ptr, sig_sb, sig_sl, u_ptr, 
 
 
 @triton.jit
-def _write_state(y_ptr, mq_ptr, mp_ptr, out_ptr, in_off, out_off, mask, rejected, coef,
-                 ACC_FP64: tl.constexpr):
+def _write_state(
+    y_ptr, mq_ptr, mp_ptr, out_ptr, in_off, out_off, mask, rejected, coef, ACC_FP64: tl.constexpr
+):
     """One block of next_state: y + coef * (mp - mq) at a rejection, else an exact copy of y."""
     acc_t: tl.constexpr = tl.float64 if ACC_FP64 else tl.float32
     y = tl.load(y_ptr + in_off, mask=mask, other=0.0)
@@ -132,12 +150,27 @@ def _write_state(y_ptr, mq_ptr, mp_ptr, out_ptr, in_off, out_off, mask, rejected
 
 # ---------------------------------------------------------------- per-chain strategy
 @triton.jit(do_not_specialize=["L", "sig_sb", "sig_sl", "B_BUCKET"])
-def _per_chain_raw(y_ptr, mq_ptr, mp_ptr, sig_ptr, u_ptr, n_ptr,  # inputs
-                   nacc_ptr, out_ptr, lr_ptr,                      # outputs
-                   L, D, sig_sb, sig_sl,
-                   B_BUCKET,  # unused in the body: an autotune key (bucketed chain count)
-                   MODE: tl.constexpr, HAS_N: tl.constexpr, ACC_FP64: tl.constexpr,
-                   BLOCK_D: tl.constexpr, NUM_STAGES: tl.constexpr):
+def _per_chain_raw(
+    y_ptr,
+    mq_ptr,
+    mp_ptr,
+    sig_ptr,
+    u_ptr,
+    n_ptr,  # inputs
+    nacc_ptr,
+    out_ptr,
+    lr_ptr,  # outputs
+    L,
+    D,
+    sig_sb,
+    sig_sl,
+    B_BUCKET,  # unused in the body: an autotune key (bucketed chain count)
+    MODE: tl.constexpr,
+    HAS_N: tl.constexpr,
+    ACC_FP64: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
+):
     """One program per chain: all L steps' sums, the scan, then the output row. Inputs [B, L, D].
     NUM_STAGES > 1 software-pipelines the streaming loads (cp.async prefetch of later blocks)."""
     acc_t: tl.constexpr = tl.float64 if ACC_FP64 else tl.float32
@@ -160,8 +193,24 @@ def _per_chain_raw(y_ptr, mq_ptr, mp_ptr, sig_ptr, u_ptr, n_ptr,  # inputs
             b_vec += d * d
         a = tl.sum(a_vec, axis=0)
         b = tl.sum(b_vec, axis=0)
-        first, coef = _decide_step(a, b, c, j, L, n, first, coef, sig_ptr, sig_sb, sig_sl, u_ptr,
-                                   lr_ptr, j >= 0, MODE, ACC_FP64)
+        first, coef = _decide_step(
+            a,
+            b,
+            c,
+            j,
+            L,
+            n,
+            first,
+            coef,
+            sig_ptr,
+            sig_sb,
+            sig_sl,
+            u_ptr,
+            lr_ptr,
+            j >= 0,
+            MODE,
+            ACC_FP64,
+        )
     if MODE != 0:
         if MODE == 2:
             tl.store(nacc_ptr + c, first.to(tl.int64))
@@ -171,14 +220,34 @@ def _per_chain_raw(y_ptr, mq_ptr, mp_ptr, sig_ptr, u_ptr, n_ptr,  # inputs
         out_row = c * D
         for k in range(0, D, BLOCK_D):
             idx = k + offs
-            _write_state(y_ptr, mq_ptr, mp_ptr, out_ptr, in_row + idx, out_row + idx, idx < D,
-                         rejected, coef, ACC_FP64)
+            _write_state(
+                y_ptr,
+                mq_ptr,
+                mp_ptr,
+                out_ptr,
+                in_row + idx,
+                out_row + idx,
+                idx < D,
+                rejected,
+                coef,
+                ACC_FP64,
+            )
 
 
 # ---------------------------------------------------------------- split-event strategy
 @triton.jit(do_not_specialize=["NB"])
-def _split_partials_raw(y_ptr, mq_ptr, mp_ptr, part_ptr, D, CHUNK, NB,
-                        ACC_FP64: tl.constexpr, BLOCK_D: tl.constexpr, NUM_STAGES: tl.constexpr):
+def _split_partials_raw(
+    y_ptr,
+    mq_ptr,
+    mp_ptr,
+    part_ptr,
+    D,
+    CHUNK,
+    NB,
+    ACC_FP64: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
+):
     """Program (row = c*L + j, chunk k): partial a, b over elements [k*CHUNK, (k+1)*CHUNK) of the
     row, stored at part[row*NB + k] = (a, b). CHUNK is a power of two (a BLOCK_D above it is
     masked)."""
@@ -204,11 +273,28 @@ def _split_partials_raw(y_ptr, mq_ptr, mp_ptr, part_ptr, D, CHUNK, NB,
 
 
 @triton.jit(do_not_specialize=["L", "NB", "sig_sb", "sig_sl"])
-def _split_finalize_raw(y_ptr, mq_ptr, mp_ptr, part_ptr, sig_ptr, u_ptr, n_ptr,
-                        nacc_ptr, out_ptr, lr_ptr,
-                        L, D, NB, sig_sb, sig_sl,
-                        MODE: tl.constexpr, HAS_N: tl.constexpr, ACC_FP64: tl.constexpr,
-                        BLOCK_NB: tl.constexpr, BLOCK_D: tl.constexpr):
+def _split_finalize_raw(
+    y_ptr,
+    mq_ptr,
+    mp_ptr,
+    part_ptr,
+    sig_ptr,
+    u_ptr,
+    n_ptr,
+    nacc_ptr,
+    out_ptr,
+    lr_ptr,
+    L,
+    D,
+    NB,
+    sig_sb,
+    sig_sl,
+    MODE: tl.constexpr,
+    HAS_N: tl.constexpr,
+    ACC_FP64: tl.constexpr,
+    BLOCK_NB: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """Program (chain c, output block ob): reduce the partials of chain c in a fixed order (every
     block of the chain gets bit-identical sums), scan for the first rejection, write block ob of
     next_state. Block 0 also writes the chain's log ratios and num_accepted. MODE 0: grid (B,)."""
@@ -235,23 +321,62 @@ def _split_finalize_raw(y_ptr, mq_ptr, mp_ptr, part_ptr, sig_ptr, u_ptr, n_ptr,
             b_vec += tl.load(part_ptr + 2 * (prow + k0 + kk) + 1, mask=m, other=0.0)
         a = tl.sum(a_vec, axis=0)
         b = tl.sum(b_vec, axis=0)
-        first, coef = _decide_step(a, b, c, j, L, n, first, coef, sig_ptr, sig_sb, sig_sl, u_ptr,
-                                   lr_ptr, ob == 0, MODE, ACC_FP64)
+        first, coef = _decide_step(
+            a,
+            b,
+            c,
+            j,
+            L,
+            n,
+            first,
+            coef,
+            sig_ptr,
+            sig_sb,
+            sig_sl,
+            u_ptr,
+            lr_ptr,
+            ob == 0,
+            MODE,
+            ACC_FP64,
+        )
     if MODE != 0:
         if MODE == 2:
             tl.store(nacc_ptr + c, first.to(tl.int64), mask=ob == 0)
         rejected = first < n
         step = tl.where(rejected, first, n - 1).to(tl.int64)
         idx = ob * BLOCK_D + tl.arange(0, BLOCK_D)
-        _write_state(y_ptr, mq_ptr, mp_ptr, out_ptr, (c * L + step) * D + idx, c * D + idx,
-                     idx < D, rejected, coef, ACC_FP64)
+        _write_state(
+            y_ptr,
+            mq_ptr,
+            mp_ptr,
+            out_ptr,
+            (c * L + step) * D + idx,
+            c * D + idx,
+            idx < D,
+            rejected,
+            coef,
+            ACC_FP64,
+        )
 
 
 # ---------------------------------------------------------------- first_rejection alone
 @triton.jit(do_not_specialize=["B", "L", "lr_sb", "lr_sl", "u_sb", "u_sl"])
-def _first_rejection_raw(lr_ptr, u_ptr, n_ptr, out_ptr, B, L, lr_sb, lr_sl, u_sb, u_sl,
-                         HAS_N: tl.constexpr, CMP_FP64: tl.constexpr,
-                         BLOCK_B: tl.constexpr, BLOCK_L: tl.constexpr):
+def _first_rejection_raw(
+    lr_ptr,
+    u_ptr,
+    n_ptr,
+    out_ptr,
+    B,
+    L,
+    lr_sb,
+    lr_sl,
+    u_sb,
+    u_sl,
+    HAS_N: tl.constexpr,
+    CMP_FP64: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+):
     """BLOCK_B chains per program; the window is scanned in column tiles of BLOCK_L."""
     cmp_t: tl.constexpr = tl.float64 if CMP_FP64 else tl.float32
     rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -288,30 +413,47 @@ _FIRST_REJ_BLOCK_B = 16 if INTERPRET else 128
 # that do not fit in shared memory / registers are skipped by the autotuner.
 _STREAM_CONFIGS = [
     triton.Config({"BLOCK_D": bd, "NUM_STAGES": st}, num_warps=w, num_stages=st)
-    for bd, w, st in ((1024, 4, 1), (2048, 4, 1), (2048, 8, 1), (4096, 8, 1), (8192, 8, 1),
-                      (8192, 16, 1), (1024, 4, 3), (1024, 8, 3), (2048, 8, 3))
+    for bd, w, st in (
+        (1024, 4, 1),
+        (2048, 4, 1),
+        (2048, 8, 1),
+        (4096, 8, 1),
+        (8192, 8, 1),
+        (8192, 16, 1),
+        (1024, 4, 3),
+        (1024, 8, 3),
+        (2048, 8, 3),
+    )
 ]
-_FINALIZE_CONFIGS = [triton.Config({"BLOCK_D": bd}, num_warps=w, num_stages=1)
-                     for bd in (1024, 2048, 4096) for w in (4, 8)]
+_FINALIZE_CONFIGS = [
+    triton.Config({"BLOCK_D": bd}, num_warps=w, num_stages=1)
+    for bd in (1024, 2048, 4096)
+    for w in (4, 8)
+]
 
 
 # One config per kernel when autotuning is off (SPECDIFF_TRITON_AUTOTUNE=0): no benchmarking at the
 # first launch of each size, so start-up is fast and the choice is deterministic (tests use it).
 DEFAULT_STREAM_CONFIG = triton.Config({"BLOCK_D": 2048, "NUM_STAGES": 1}, num_warps=8, num_stages=1)
 DEFAULT_FINALIZE_CONFIG = triton.Config({"BLOCK_D": 1024}, num_warps=4, num_stages=1)
-AUTOTUNE = (os.environ.get("SPECDIFF_TRITON_AUTOTUNE", "1").strip().lower()
-            not in ("0", "false", "off"))
+AUTOTUNE = os.environ.get("SPECDIFF_TRITON_AUTOTUNE", "1").strip().lower() not in (
+    "0",
+    "false",
+    "off",
+)
 
 
 def _autotune_bench(kernel_call, quantiles):
     """Shorter than Triton's default (25 ms warm-up, 100 ms timed per config): the kernels are
     memory-bound streams whose timings settle fast, and every new key pays this once per config."""
     import triton.testing
+
     return triton.testing.do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
 
 
-def make_kernels(stream_configs: Optional[list] = None, finalize_configs: Optional[list] = None
-                 ) -> dict:
+def make_kernels(
+    stream_configs: Optional[list] = None, finalize_configs: Optional[list] = None
+) -> dict:
     """The three window kernels wrapped in ``triton.autotune`` over the given configs (default: all
     of them). A single config means no benchmarking: it is simply used. Keys: the sizes the best
     config depends on. Tests build single-config sets to check every config."""
@@ -321,12 +463,15 @@ def make_kernels(stream_configs: Optional[list] = None, finalize_configs: Option
     if "do_bench" in inspect.signature(triton.autotune).parameters:
         extra["do_bench"] = _autotune_bench
     return {
-        "per_chain": triton.autotune(configs=stream, key=["L", "D", "B_BUCKET", "MODE"],
-                                     **extra)(_per_chain_raw),
-        "split_partials": triton.autotune(configs=stream, key=["D", "CHUNK", "NB"],
-                                          **extra)(_split_partials_raw),
-        "split_finalize": triton.autotune(configs=finalize, key=["L", "D", "NB", "MODE"],
-                                          **extra)(_split_finalize_raw),
+        "per_chain": triton.autotune(configs=stream, key=["L", "D", "B_BUCKET", "MODE"], **extra)(
+            _per_chain_raw
+        ),
+        "split_partials": triton.autotune(configs=stream, key=["D", "CHUNK", "NB"], **extra)(
+            _split_partials_raw
+        ),
+        "split_finalize": triton.autotune(configs=finalize, key=["L", "D", "NB", "MODE"], **extra)(
+            _split_finalize_raw
+        ),
     }
 
 
@@ -337,8 +482,11 @@ if INTERPRET:
     _FIXED_STREAM = {"BLOCK_D": _INTERP_BLOCK_D, "NUM_STAGES": 1}
     _FIXED_FINALIZE = {"BLOCK_D": _INTERP_BLOCK_D}
 else:
-    _KERNELS = (make_kernels() if AUTOTUNE
-                else make_kernels([DEFAULT_STREAM_CONFIG], [DEFAULT_FINALIZE_CONFIG]))
+    _KERNELS = (
+        make_kernels()
+        if AUTOTUNE
+        else make_kernels([DEFAULT_STREAM_CONFIG], [DEFAULT_FINALIZE_CONFIG])
+    )
     _per_chain_kernel = _KERNELS["per_chain"]
     _split_partials_kernel = _KERNELS["split_partials"]
     _split_finalize_kernel = _KERNELS["split_finalize"]
@@ -381,7 +529,7 @@ def choose_strategy(B: int, L: int, D: int, sms: int, elt: int = 4) -> str:
 def split_chunk(B: int, L: int, D: int, sms: int) -> int:
     """Elements of a (chain, step) row per partial-sum program: aim at ~4 programs per SM."""
     rows = max(B * L, 1)
-    per_row = max(1, -(-4 * sms // rows))   # programs wanted per row
+    per_row = max(1, -(-4 * sms // rows))  # programs wanted per row
     chunk = next_pow2(-(-D // per_row))
     return int(min(max(chunk, _CHUNK_MIN), _CHUNK_MAX))
 
@@ -399,9 +547,19 @@ def _sigma_strides(sigma: Tensor, B: int, L: int) -> tuple[int, int]:
     return tuple(sigma.expand(B, L).stride())  # type: ignore[return-value]
 
 
-def _window_launch(mode: int, y: Tensor, mq: Tensor, mp: Tensor, sigma: Tensor, uniforms: Tensor,
-                   lengths: Optional[Tensor], nacc: Tensor, out: Tensor, lr: Tensor,
-                   strategy: Optional[str]) -> None:
+def _window_launch(
+    mode: int,
+    y: Tensor,
+    mq: Tensor,
+    mp: Tensor,
+    sigma: Tensor,
+    uniforms: Tensor,
+    lengths: Optional[Tensor],
+    nacc: Tensor,
+    out: Tensor,
+    lr: Tensor,
+    strategy: Optional[str],
+) -> None:
     """Launch the window kernels of ``mode`` on contiguous [B, L, *E] inputs (B >= 1)."""
     B, L = y.shape[0], y.shape[1]
     D = y.numel() // (B * L)
@@ -413,9 +571,26 @@ def _window_launch(mode: int, y: Tensor, mq: Tensor, mp: Tensor, sigma: Tensor, 
     strat = _resolve_strategy(strategy, B, L, D, y.element_size(), y.device)
     if strat == "per_chain":
         k = launchable(_per_chain_kernel)
-        k[(B,)](y, mq, mp, sigma, uniforms, n_arg, nacc, out, lr,
-                L, D, sig_sb, sig_sl, min(next_pow2(B), 1024),
-                MODE=mode, HAS_N=has_n, ACC_FP64=acc64, **_FIXED_STREAM)
+        k[(B,)](
+            y,
+            mq,
+            mp,
+            sigma,
+            uniforms,
+            n_arg,
+            nacc,
+            out,
+            lr,
+            L,
+            D,
+            sig_sb,
+            sig_sl,
+            min(next_pow2(B), 1024),
+            MODE=mode,
+            HAS_N=has_n,
+            ACC_FP64=acc64,
+            **_FIXED_STREAM,
+        )
         return
     sms = num_sms(y.device)
     chunk = split_chunk(B, L, D, sms)
@@ -429,17 +604,44 @@ def _window_launch(mode: int, y: Tensor, mq: Tensor, mp: Tensor, sigma: Tensor, 
     elif INTERPRET:
         grid = (B * triton.cdiv(D, _INTERP_BLOCK_D),)
     else:
+
         def grid(meta):
             return (B * triton.cdiv(D, meta["BLOCK_D"]),)
+
     kf = launchable(_split_finalize_kernel)
-    kf[grid](y, mq, mp, part, sigma, uniforms, n_arg, nacc, out, lr,
-             L, D, nb, sig_sb, sig_sl,
-             MODE=mode, HAS_N=has_n, ACC_FP64=acc64, BLOCK_NB=block_nb, **_FIXED_FINALIZE)
+    kf[grid](
+        y,
+        mq,
+        mp,
+        part,
+        sigma,
+        uniforms,
+        n_arg,
+        nacc,
+        out,
+        lr,
+        L,
+        D,
+        nb,
+        sig_sb,
+        sig_sl,
+        MODE=mode,
+        HAS_N=has_n,
+        ACC_FP64=acc64,
+        BLOCK_NB=block_nb,
+        **_FIXED_FINALIZE,
+    )
 
 
-def speculative_verify(draft_states: Tensor, draft_means: Tensor, target_means: Tensor,
-                       sigma: Tensor, uniforms: Tensor, lengths: Optional[Tensor] = None,
-                       strategy: str = "auto") -> tuple[Tensor, Tensor, Tensor]:
+def speculative_verify(
+    draft_states: Tensor,
+    draft_means: Tensor,
+    target_means: Tensor,
+    sigma: Tensor,
+    uniforms: Tensor,
+    lengths: Optional[Tensor] = None,
+    strategy: str = "auto",
+) -> tuple[Tensor, Tensor, Tensor]:
     """Fused verify (docs/design.md §4) -> (num_accepted [B] int64, next_state [B, *E],
     log_ratio [B, L] fp32).
 
@@ -455,14 +657,29 @@ def speculative_verify(draft_states: Tensor, draft_means: Tensor, target_means: 
     lr = torch.empty((B, L), device=y.device, dtype=torch.float32)
     if B > 0:
         with quiet():
-            _window_launch(MODE_VERIFY, y, mq, mp, sigma, contig(uniforms),
-                           None if lengths is None else contig(lengths), nacc, out, lr,
-                           strategy)
+            _window_launch(
+                MODE_VERIFY,
+                y,
+                mq,
+                mp,
+                sigma,
+                contig(uniforms),
+                None if lengths is None else contig(lengths),
+                nacc,
+                out,
+                lr,
+                strategy,
+            )
     return nacc, out, lr
 
 
-def gaussian_log_ratio(draft_states: Tensor, draft_means: Tensor, target_means: Tensor,
-                       sigma: Tensor, strategy: str = "auto") -> Tensor:
+def gaussian_log_ratio(
+    draft_states: Tensor,
+    draft_means: Tensor,
+    target_means: Tensor,
+    sigma: Tensor,
+    strategy: str = "auto",
+) -> Tensor:
     """[B, L] float32 log ratios (a - b/2) / s^2 of every step (docs/design.md §3)."""
     check_strategy(strategy, STRATEGIES)
     y, mq, mp = contig(draft_states), contig(draft_means), contig(target_means)
@@ -476,8 +693,9 @@ def gaussian_log_ratio(draft_states: Tensor, draft_means: Tensor, target_means: 
     return lr
 
 
-def reflect_resample(draft_state: Tensor, draft_mean: Tensor, target_mean: Tensor,
-                     strategy: str = "auto") -> Tensor:
+def reflect_resample(
+    draft_state: Tensor, draft_mean: Tensor, target_mean: Tensor, strategy: str = "auto"
+) -> Tensor:
     """Reflection-coupling resample y + (1 - 2<d, y - mq>/||d||^2) d of [B, *E] states (input
     dtype)."""
     check_strategy(strategy, STRATEGIES)
@@ -494,8 +712,9 @@ def reflect_resample(draft_state: Tensor, draft_mean: Tensor, target_mean: Tenso
     return out
 
 
-def first_rejection(log_ratio: Tensor, uniforms: Tensor, lengths: Optional[Tensor] = None
-                    ) -> Tensor:
+def first_rejection(
+    log_ratio: Tensor, uniforms: Tensor, lengths: Optional[Tensor] = None
+) -> Tensor:
     """[B] int64 index of the first rejected step, or the chain's length (default L) if none is."""
     B, L = log_ratio.shape
     out = torch.empty((B,), device=log_ratio.device, dtype=torch.int64)
@@ -507,36 +726,53 @@ def first_rejection(log_ratio: Tensor, uniforms: Tensor, lengths: Optional[Tenso
     grid = (triton.cdiv(B, _FIRST_REJ_BLOCK_B),)
     k = launchable(_first_rejection_raw)
     with quiet():
-        k[grid](log_ratio, uniforms, n_arg, out, B, L,
-                log_ratio.stride(0), log_ratio.stride(1), uniforms.stride(0), uniforms.stride(1),
-                HAS_N=has_n, CMP_FP64=acc_dtype(log_ratio.dtype) == torch.float64,
-                BLOCK_B=_FIRST_REJ_BLOCK_B, BLOCK_L=block_l)
+        k[grid](
+            log_ratio,
+            uniforms,
+            n_arg,
+            out,
+            B,
+            L,
+            log_ratio.stride(0),
+            log_ratio.stride(1),
+            uniforms.stride(0),
+            uniforms.stride(1),
+            HAS_N=has_n,
+            CMP_FP64=acc_dtype(log_ratio.dtype) == torch.float64,
+            BLOCK_B=_FIRST_REJ_BLOCK_B,
+            BLOCK_L=block_l,
+        )
     return out
 
 
 # ---------------------------------------------------------------- ops
 # fake impls (interpreted mode): the ones of the C++-defined ops (ops/verify.py)
-triton_speculative_verify = define("specdiff::triton_speculative_verify", speculative_verify,
-                                   ops.fake_speculative_verify)
-triton_gaussian_log_ratio = define("specdiff::triton_gaussian_log_ratio", gaussian_log_ratio,
-                                   ops.fake_gaussian_log_ratio)
-triton_reflect_resample = define("specdiff::triton_reflect_resample", reflect_resample,
-                                 ops.fake_reflect_resample)
-triton_first_rejection = define("specdiff::triton_first_rejection", first_rejection,
-                                ops.fake_first_rejection)
+triton_speculative_verify = define(
+    "specdiff::triton_speculative_verify", speculative_verify, ops.fake_speculative_verify
+)
+triton_gaussian_log_ratio = define(
+    "specdiff::triton_gaussian_log_ratio", gaussian_log_ratio, ops.fake_gaussian_log_ratio
+)
+triton_reflect_resample = define(
+    "specdiff::triton_reflect_resample", reflect_resample, ops.fake_reflect_resample
+)
+triton_first_rejection = define(
+    "specdiff::triton_first_rejection", first_rejection, ops.fake_first_rejection
+)
 
 
 # ---------------------------------------------------------------- forwarding to the Triton ops
 # (the CUDA kernels of specdiff::* and the "triton" backend entry)
-def _fwd_speculative_verify(draft_states, draft_means, target_means, sigma, uniforms,
-                            lengths=None):
-    return torch.ops.specdiff.triton_speculative_verify(draft_states, draft_means, target_means,
-                                                        sigma, uniforms, lengths)
+def _fwd_speculative_verify(draft_states, draft_means, target_means, sigma, uniforms, lengths=None):
+    return torch.ops.specdiff.triton_speculative_verify(
+        draft_states, draft_means, target_means, sigma, uniforms, lengths
+    )
 
 
 def _fwd_gaussian_log_ratio(draft_states, draft_means, target_means, sigma):
-    return torch.ops.specdiff.triton_gaussian_log_ratio(draft_states, draft_means, target_means,
-                                                        sigma)
+    return torch.ops.specdiff.triton_gaussian_log_ratio(
+        draft_states, draft_means, target_means, sigma
+    )
 
 
 def _fwd_reflect_resample(draft_state, draft_mean, target_mean):
@@ -547,10 +783,12 @@ def _fwd_first_rejection(log_ratio, uniforms, lengths=None):
     return torch.ops.specdiff.triton_first_rejection(log_ratio, uniforms, lengths)
 
 
-_FORWARD = {"gaussian_log_ratio": _fwd_gaussian_log_ratio,
-            "first_rejection": _fwd_first_rejection,
-            "reflect_resample": _fwd_reflect_resample,
-            "speculative_verify": _fwd_speculative_verify}
+_FORWARD = {
+    "gaussian_log_ratio": _fwd_gaussian_log_ratio,
+    "first_rejection": _fwd_first_rejection,
+    "reflect_resample": _fwd_reflect_resample,
+    "speculative_verify": _fwd_speculative_verify,
+}
 # the schemas come from the C++ extension (csrc/registration.cpp)
 _CUDA_LIB = register_cuda(_FORWARD) if ops.HAS_CPP else None
 # the same forwarding functions serve the backend entry (any device the kernels run on)
