@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 CPP_SOURCES := $(wildcard csrc/*.cpp csrc/*.h) CMakeLists.txt setup.py
 
-.PHONY: all venv build demo test test-fast bench clean
+.PHONY: all venv build demo test test-fast lint format bench clean
 
 all: build
 
@@ -34,6 +34,15 @@ test: build
 # Triton kernels run by the interpreter on CPU; `make test` runs everything
 test-fast: build
 	$(PY) -m pytest python_tests -q -m "not slow" -k "not triton"
+
+# ruff (pinned in requirements-dev.txt, config in pyproject.toml): lint, import order and format
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: venv
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
 
 bench: build
 	$(PY) bench/bench_verify.py

@@ -22,6 +22,7 @@ Rules:
   - Any other first word fails the test, so that a new kind of command gets a rule here.
 * Other blocks (program output, C++, ...) are not checked.
 """
+
 from __future__ import annotations
 
 import functools
@@ -39,7 +40,7 @@ DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 RUN_MARK = "<!-- doc-test: run -->"
 PYTHON_TIMEOUT = 300
 COMMAND_TIMEOUT = 300
-NOT_CHECKED = {"make", "pip", "cmake"}   # build or install (see the module docstring)
+NOT_CHECKED = {"make", "pip", "cmake"}  # build or install (see the module docstring)
 
 
 def _blocks():
@@ -57,8 +58,9 @@ def _blocks():
             j = start
             while j < len(lines) and lines[j].strip() != "```":
                 j += 1
-            body = "\n".join(line[len(indent):] if line.startswith(indent) else line
-                             for line in lines[start:j])
+            body = "\n".join(
+                line[len(indent) :] if line.startswith(indent) else line for line in lines[start:j]
+            )
             k = i - 1
             while k >= 0 and not lines[k].strip():
                 k -= 1
@@ -75,8 +77,8 @@ BASH_BLOCKS = [b for b in BLOCKS if b[2] in ("bash", "sh", "shell")]
 
 def _env():
     env = dict(os.environ)
-    env.pop("TRITON_INTERPRET", None)   # set by conftest for the kernel tests; a user has it unset
-    env["OMP_NUM_THREADS"] = "1"         # one thread per block: robust on a loaded shared machine
+    env.pop("TRITON_INTERPRET", None)  # set by conftest for the kernel tests; a user has it unset
+    env["OMP_NUM_THREADS"] = "1"  # one thread per block: robust on a loaded shared machine
     return env
 
 
@@ -90,10 +92,17 @@ def test_python_block_runs(block, tmp_path):
     file, line, _, code, _ = block
     script = tmp_path / "block.py"
     script.write_text(code + "\n")
-    res = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True,
-                         timeout=PYTHON_TIMEOUT, env=_env())
-    assert res.returncode == 0, (f"the python block at {file}:{line} failed:\n{code}\n--- stderr:\n"
-                                 f"{res.stderr[-4000:]}")
+    res = subprocess.run(
+        [sys.executable, str(script)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=PYTHON_TIMEOUT,
+        env=_env(),
+    )
+    assert res.returncode == 0, (
+        f"the python block at {file}:{line} failed:\n{code}\n--- stderr:\n{res.stderr[-4000:]}"
+    )
 
 
 # ----------------------------------------------------------------------------- command lines
@@ -124,17 +133,24 @@ def _split(argv: list[str]):
     if head == "torchrun":
         assert "-m" in argv, f"torchrun without -m MODULE: {argv}"
         i = argv.index("-m")
-        return [sys.executable, "-m", argv[i + 1]], argv[i + 2:]
-    if (head in ("python", "python3") and len(argv) > 1 and argv[1].startswith("bench/")) or \
-            (head == "bash" and len(argv) > 1 and argv[1].startswith("bench/")):
+        return [sys.executable, "-m", argv[i + 1]], argv[i + 2 :]
+    if (head in ("python", "python3") and len(argv) > 1 and argv[1].startswith("bench/")) or (
+        head == "bash" and len(argv) > 1 and argv[1].startswith("bench/")
+    ):
         return "bench", argv[1:]
     raise AssertionError(f"no rule for the command {shlex.join(argv)!r} (see test_docs.py)")
 
 
 @functools.lru_cache(maxsize=None)
 def _help(prefix: tuple) -> str:
-    res = subprocess.run([*prefix, "--help"], capture_output=True, text=True, timeout=COMMAND_TIMEOUT,
-                         env=_env(), cwd=ROOT)
+    res = subprocess.run(
+        [*prefix, "--help"],
+        capture_output=True,
+        text=True,
+        timeout=COMMAND_TIMEOUT,
+        env=_env(),
+        cwd=ROOT,
+    )
     assert res.returncode == 0, f"{' '.join(prefix[2:])} --help failed:\n{res.stderr[-2000:]}"
     return res.stdout
 
@@ -142,7 +158,9 @@ def _help(prefix: tuple) -> str:
 def _flags(help_text: str) -> dict:
     """``--flag`` -> its choices (a set), "value" (takes a value) or None (takes none)."""
     flags = {}
-    for m in re.finditer(r"(?<![\w-])(--[A-Za-z][\w-]*)(?: (\{[^}]*\}|[A-Z][A-Z0-9_|]*))?", help_text):
+    for m in re.finditer(
+        r"(?<![\w-])(--[A-Za-z][\w-]*)(?: (\{[^}]*\}|[A-Z][A-Z0-9_|]*))?", help_text
+    ):
         flag, arg = m.group(1), m.group(2)
         if arg is None:
             flags.setdefault(flag, None)
@@ -199,24 +217,39 @@ def test_bash_block_commands_exist(block, tmp_path):
             continue
         _check_flags(args, _flags(_help(tuple(prefix))), where)
         if marked:
-            res = subprocess.run([*prefix, *args], capture_output=True, text=True, cwd=tmp_path,
-                                 timeout=COMMAND_TIMEOUT, env=_env())
-            assert res.returncode == 0, f"{where} exited {res.returncode}:\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}"
+            res = subprocess.run(
+                [*prefix, *args],
+                capture_output=True,
+                text=True,
+                cwd=tmp_path,
+                timeout=COMMAND_TIMEOUT,
+                env=_env(),
+            )
+            assert res.returncode == 0, (
+                f"{where} exited {res.returncode}:\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}"
+            )
 
 
 def test_the_command_checks_catch_mistakes():
     """The checker itself (no subprocess): flags, choices and values are read from a help text."""
-    help_text = ("usage: specdiff demo [-h] [--model {digits,gmm}] [--steps STEPS] [--no-progress]\n"
-                 "  --steps STEPS  sampling steps (at most --window)\n")
+    help_text = (
+        "usage: specdiff demo [-h] [--model {digits,gmm}] [--steps STEPS] [--no-progress]\n"
+        "  --steps STEPS  sampling steps (at most --window)\n"
+    )
     flags = _flags(help_text)
-    assert flags == {"--model": {"digits", "gmm"}, "--steps": "value", "--no-progress": None,
-                     "--window": None}
+    assert flags == {
+        "--model": {"digits", "gmm"},
+        "--steps": "value",
+        "--no-progress": None,
+        "--window": None,
+    }
     _check_flags(["--model", "gmm", "--steps", "5", "--no-progress"], flags, "ok")
     for bad in (["--modle", "gmm"], ["--model", "mnist"], ["--steps"]):
         with pytest.raises(AssertionError):
             _check_flags(bad, flags, "bad")
-    assert _commands("OMP_NUM_THREADS=1 specdiff demo \\\n  --steps 5  # a comment\n") == \
-        [["specdiff", "demo", "--steps", "5"]]
+    assert _commands("OMP_NUM_THREADS=1 specdiff demo \\\n  --steps 5  # a comment\n") == [
+        ["specdiff", "demo", "--steps", "5"]
+    ]
     assert _split(["make", "test"]) is None
     with pytest.raises(AssertionError):
         _split(["curl", "https://example.com"])

@@ -401,9 +401,8 @@ def run_sample(args, spec: PipelineSpec) -> int:
         return res, time.perf_counter() - t
 
     # A UNet on a CPU is compute-bound: every evaluation counts. From 2 chains the static round's
-    # compact call evaluates what the ragged round does (patches, N = 200, L = 8, B = 4: static
-    # 8.08 vs ragged 8.31 s); one chain keeps the full B (L + 1) call, where the ragged round
-    # evaluates fewer states (B = 1: 445 vs 487, 2.29 vs 2.41 s).
+    # compact call evaluates what the ragged round does and runs faster; one chain keeps the full
+    # B (L + 1) call, where the ragged round evaluates fewer states, so one chain goes ragged.
     one_unet_chain = (
         device.type == "cpu" and spec.unet_class is not None and args.batch < COMPACT_MIN_CHAINS_CPU
     )
