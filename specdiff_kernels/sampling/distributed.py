@@ -166,45 +166,50 @@ def sample_distributed(
     if isinstance(event_shape, int):
         event_shape = (event_shape,)
     event_shape = tuple(int(s) for s in event_shape)
-    base = _base_sampler(sampler)
-    gen = torch.Generator().manual_seed(int(seed))
     xi = None if x_init is None else torch.as_tensor(x_init)[ids[0] : ids[-1] + 1] if ids else None
-    if ids:
-        res: SamplingResult = base.sample(
-            len(ids),
-            event_shape,
-            generator=gen,
-            chain_ids=ids,
-            x_init=xi,
-            dtype=dtype,
-            device=device,
-        )
-        samples, stats = res.samples, res.stats
-    else:  # more ranks than chains
-        dev = torch.device("cpu") if device is None else torch.device(device)
-        samples = torch.zeros(
-            (0, *event_shape), dtype=dtype if xi is None else xi.dtype, device=dev
-        )
-        stats = None
+    samples, stats = _sample_shard(
+        _base_sampler(sampler), ids, event_shape, seed, dtype, device, xi
+    )
     if out_dir is not None:
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        torch.save(
-            {
-                "chain_ids": ids,
-                "samples": samples.cpu(),
-                "stats": stats,
-                "rank": rank,
-                "world_size": world,
-                "num_chains": int(num_chains),
-            },
-            Path(out_dir) / f"rank{rank}.pt",
-        )
+        _save_shard(out_dir, ids, samples, stats, rank, world, int(num_chains))
     local = DistributedResult(
         samples, ids, stats, rank, world, [stats], stats.target_calls if stats is not None else 0
     )
     if not distributed or not gather:
         return local
     return _gather(local, int(num_chains), group)
+
+
+def _sample_shard(base, ids: list, event_shape: tuple, seed: int, dtype, device, xi):
+    """(samples, stats) of this rank's chains ``ids`` (stats None when it has none)."""
+    if not ids:  # more ranks than chains
+        dev = torch.device("cpu") if device is None else torch.device(device)
+        dtype = dtype if xi is None else xi.dtype
+        return torch.zeros((0, *event_shape), dtype=dtype, device=dev), None
+    gen = torch.Generator().manual_seed(int(seed))
+    res: SamplingResult = base.sample(
+        len(ids),
+        event_shape,
+        generator=gen,
+        chain_ids=ids,
+        x_init=xi,
+        dtype=dtype,
+        device=device,
+    )
+    return res.samples, res.stats
+
+
+def _save_shard(out_dir: str, ids: list, samples, stats, rank: int, world: int, num_chains: int):
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    shard = {
+        "chain_ids": ids,
+        "samples": samples.cpu(),
+        "stats": stats,
+        "rank": rank,
+        "world_size": world,
+        "num_chains": num_chains,
+    }
+    torch.save(shard, Path(out_dir) / f"rank{rank}.pt")
 
 
 def _gather(local: DistributedResult, num_chains: int, group) -> DistributedResult:

@@ -64,6 +64,17 @@ def _table(x, n: Optional[int] = None, name: str = "table") -> Tensor:
     return t
 
 
+def _timesteps(timesteps) -> Tensor:
+    """The network's timesteps as int64 where they are whole numbers, else float64."""
+    ts = torch.as_tensor(timesteps).flatten().clone()
+    if ts.numel() == 0:
+        raise ValueError("timesteps must not be empty")
+    if not ts.is_floating_point():
+        return ts.to(torch.int64)
+    ts = ts.to(torch.float64)
+    return ts.round().to(torch.int64) if bool((ts == ts.round()).all()) else ts
+
+
 class GaussianTransitions:
     """Per-step coefficient tables of an affine Gaussian sampler (see the module docstring).
 
@@ -105,16 +116,8 @@ class GaussianTransitions:
     ):
         if prediction not in PREDICTIONS:
             raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
-        ts = torch.as_tensor(timesteps).flatten().clone()
+        ts = _timesteps(timesteps)
         n = ts.numel()
-        if n == 0:
-            raise ValueError("timesteps must not be empty")
-        if ts.is_floating_point():
-            ts = ts.to(torch.float64)
-            if bool((ts == ts.round()).all()):
-                ts = ts.round().to(torch.int64)
-        else:
-            ts = ts.to(torch.int64)
         self.timesteps = ts
         self.num_steps = n
         self.c_x0 = _table(c_x0, n, "c_x0")
