@@ -46,7 +46,8 @@ import torch
 
 from specdiff_kernels import models
 from specdiff_kernels.cli.sample import CastNet
-from specdiff_kernels.sampling.sampler import AncestralSampler, SpeculativeSampler
+from specdiff_kernels.sampling.ancestral import AncestralSampler
+from specdiff_kernels.sampling.sampler import SpeculativeSampler
 from specdiff_kernels.testing.two_sample import two_sample_pvalue
 
 BASELINES = ("ancestral_eager", "ancestral_compiled", "diffusers_pipe", "diffusers_step_loop")

@@ -27,11 +27,8 @@ import _common as common
 import torch
 
 from specdiff_kernels import models
-from specdiff_kernels.sampling.sampler import (
-    COMPACT_MIN_CHAINS_CPU,
-    AncestralSampler,
-    SpeculativeSampler,
-)
+from specdiff_kernels.sampling.ancestral import AncestralSampler
+from specdiff_kernels.sampling.sampler import COMPACT_MIN_CHAINS_CPU, SpeculativeSampler
 
 # the configurations whose aten calls per round are counted (CPU, B <= ATEN_MAX_B)
 ATEN_CONFIGS = (

@@ -25,8 +25,8 @@ import _common as common
 import torch
 
 from specdiff_kernels import _C
+from specdiff_kernels.ops import backends
 from specdiff_kernels.ops import round as ro
-from specdiff_kernels.ops import verify as ops
 from specdiff_kernels.ops.reference import verify as reference
 from specdiff_kernels.sampling.transitions import clip_value, ddpm_transitions, round_tables
 
@@ -134,7 +134,7 @@ def composed_round(T):
 def fused_by_capability(a: dict, t, label: str) -> dict:
     """The fused round on each of the C++ kernels' instruction-set variants, same inputs."""
     out = {}
-    for cap in ops.cpu_capabilities():
+    for cap in backends.cpu_capabilities():
         before = _C.set_cpu_capability(cap)
         try:
             out[cap] = t(lambda: fused_round(a)).ms()

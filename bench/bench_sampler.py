@@ -58,8 +58,9 @@ import numpy as np
 import torch
 
 from specdiff_kernels import models
+from specdiff_kernels.sampling.ancestral import AncestralSampler
 from specdiff_kernels.sampling.drafts import DraftModelDraft, FrozenTargetDraft
-from specdiff_kernels.sampling.sampler import AncestralSampler, SpeculativeSampler
+from specdiff_kernels.sampling.sampler import SpeculativeSampler
 from specdiff_kernels.testing.two_sample import (
     energy_distance_statistic,
     sliced_wasserstein,

@@ -19,7 +19,7 @@ import sys
 import _common as common
 import torch
 
-from specdiff_kernels.ops import verify as vops
+from specdiff_kernels.ops import backends
 from specdiff_kernels.ops.reference import verify as reference
 
 HEADLINE = (64, 8, 3072)
@@ -162,7 +162,7 @@ def main(argv=None) -> int:
     meta = {
         **common.environment("cpu", __file__, argv),
         "read_bw_GBps": read_bw / 1e9,
-        "build_info": vops._C.build_info() if vops.HAS_CPP else None,
+        "build_info": backends._C.build_info() if backends.HAS_CPP else None,
     }
     common.write_results(
         common.out_stem(args.out, f"verify_cpu_{args.threads}t"),

@@ -18,7 +18,7 @@ else:
 
 import torch  # noqa: E402
 
-from specdiff_kernels.ops.verify import CPU_CAPABILITIES  # noqa: E402  (after TRITON_INTERPRET is set)
+from specdiff_kernels.ops.backends import CPU_CAPABILITIES  # noqa: E402  (after TRITON_INTERPRET is set)
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
@@ -42,13 +42,13 @@ def single_thread():
 def cpu_capability(request):
     """Runs the test with the C++ kernels' `request.param` instruction-set variant (see
     csrc/cpu_isa.h), then restores the one in use. A variant this CPU cannot run is skipped."""
-    from specdiff_kernels.ops import verify as ops
+    from specdiff_kernels.ops import backends
 
-    if not ops.HAS_CPP:
+    if not backends.HAS_CPP:
         pytest.skip("the C++ extension is not built")
-    if request.param not in ops.cpu_capabilities():
+    if request.param not in backends.cpu_capabilities():
         pytest.skip(f"this CPU does not support {request.param}")
-    before = ops._C.set_cpu_capability(request.param)
-    assert ops._C.cpu_capability() == request.param
+    before = backends._C.set_cpu_capability(request.param)
+    assert backends._C.cpu_capability() == request.param
     yield request.param
-    ops._C.set_cpu_capability(before)
+    backends._C.set_cpu_capability(before)

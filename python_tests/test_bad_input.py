@@ -16,8 +16,9 @@ import torch
 
 from specdiff_kernels.cli import commands as cli
 from specdiff_kernels.models.gmm import GMMDenoiser, make_gmm
+from specdiff_kernels.sampling.ancestral import AncestralSampler
 from specdiff_kernels.sampling.drafts import DraftModelDraft
-from specdiff_kernels.sampling.sampler import AncestralSampler, SpeculativeSampler
+from specdiff_kernels.sampling.sampler import SpeculativeSampler
 from specdiff_kernels.sampling.transitions import (
     alphas_cumprod_from_betas,
     ddim_transitions,

@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from specdiff_kernels.cli.commands import distributed_main as main
 from specdiff_kernels.models import load
+from specdiff_kernels.sampling.ancestral import AncestralSampler
 from specdiff_kernels.sampling.distributed import (
     load_shards,
     merge_stats,
@@ -29,7 +30,7 @@ from specdiff_kernels.sampling.distributed import (
 )
 from specdiff_kernels.sampling.drafts import DraftModelDraft, FrozenTargetDraft
 from specdiff_kernels.sampling.langevin import SpeculativeLangevin, banana_energy
-from specdiff_kernels.sampling.sampler import AncestralSampler, SpeculativeSampler
+from specdiff_kernels.sampling.sampler import SpeculativeSampler
 from specdiff_kernels.sampling.window import AdaptiveWindow
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -45,7 +45,7 @@ from verify_cases import (  # noqa: E402
 )
 
 import specdiff_kernels as sk  # noqa: E402
-from specdiff_kernels.ops import verify as ops  # noqa: E402
+from specdiff_kernels.ops import backends  # noqa: E402
 from specdiff_kernels.ops.reference import verify as reference
 
 pytestmark = pytest.mark.gpu
@@ -134,7 +134,7 @@ def test_fp64_and_sigma_forms(strategy):
 def test_parts_and_dispatcher(dtype):
     """The public API defaults to Triton on CUDA, and torch.ops.specdiff.* on CUDA tensors (the
     C++-defined schemas) run the same Triton kernels."""
-    assert ops.default_backend(DEV) == "triton"
+    assert backends.default_backend(DEV) == "triton"
     y, mq, mp, sigma, u, n = _window(6, 4, (3, 50), dtype, ("parts", dtype), True)
     pub = sk.speculative_verify(y, mq, mp, sigma, u, n)
     via_op = verify_op(y, mq, mp, sigma, u, n)
@@ -148,7 +148,7 @@ def test_parts_and_dispatcher(dtype):
     assert torch.equal(fr.cpu(), reference.first_rejection(lr.cpu().double(), u.cpu(), n.cpu()))
     rr64 = reference.reflect_resample(*(t[:, 1].cpu().double() for t in (y, mq, mp)))
     assert_state_close(rr.cpu(), rr64, y[:, 1].cpu(), dtype)
-    if ops.HAS_CPP:
+    if backends.HAS_CPP:
         disp = torch.ops.specdiff.speculative_verify(y, mq, mp, sigma, u, n)
         for a, b in zip(disp, via_op):
             assert torch.equal(a, b)
@@ -169,7 +169,7 @@ def test_opcheck():
     }
     for name in OPS:
         torch.library.opcheck(getattr(torch.ops.specdiff, f"triton_{name}").default, samples[name])
-        if ops.HAS_CPP:
+        if backends.HAS_CPP:
             torch.library.opcheck(getattr(torch.ops.specdiff, name).default, samples[name])
     for strategy in ("per_chain", "split"):
         torch.library.opcheck(verify_op, (y, mq, mp, sigma, u, None, strategy))

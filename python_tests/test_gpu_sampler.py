@@ -29,7 +29,8 @@ if tk.INTERPRET:
 from specdiff_kernels import models  # noqa: E402
 from specdiff_kernels.ops import layout  # noqa: E402
 from specdiff_kernels.ops import round as ro  # noqa: E402
-from specdiff_kernels.sampling.sampler import AncestralSampler, SpeculativeSampler  # noqa: E402
+from specdiff_kernels.sampling.ancestral import AncestralSampler  # noqa: E402
+from specdiff_kernels.sampling.sampler import SpeculativeSampler  # noqa: E402
 from specdiff_kernels.sampling.static_round import StaticRound  # noqa: E402
 from specdiff_kernels.testing.two_sample import per_coordinate_ks_pvalue  # noqa: E402
 

@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from specdiff_kernels.cli.demo import run_langevin_demo
+from specdiff_kernels.sampling.base import NonFiniteError
 from specdiff_kernels.sampling.drafts import FrozenTargetDraft
 from specdiff_kernels.sampling.langevin import (
     GradientModel,
@@ -32,7 +33,6 @@ from specdiff_kernels.sampling.langevin import (
     langevin_transitions,
 )
 from specdiff_kernels.sampling.noise import ChainNoise, base_seed_from
-from specdiff_kernels.sampling.sampler import NonFiniteError
 from specdiff_kernels.testing.two_sample import gaussian_one_sample_pvalue, two_sample_pvalue
 
 ALPHA = 1e-3

@@ -11,15 +11,12 @@ import torch
 
 import specdiff_kernels
 from specdiff_kernels.models.gmm import GMMDenoiser, make_gmm
+from specdiff_kernels.sampling.accounting import SamplerStats
+from specdiff_kernels.sampling.ancestral import AncestralSampler
+from specdiff_kernels.sampling.base import NonFiniteError
 from specdiff_kernels.sampling.drafts import DraftModelDraft, FrozenTargetDraft
 from specdiff_kernels.sampling.noise import ChainNoise
-from specdiff_kernels.sampling.sampler import (
-    COMPACT_MIN_CHAINS_CPU,
-    AncestralSampler,
-    NonFiniteError,
-    SamplerStats,
-    SpeculativeSampler,
-)
+from specdiff_kernels.sampling.sampler import COMPACT_MIN_CHAINS_CPU, SpeculativeSampler
 from specdiff_kernels.sampling.transitions import (
     alphas_cumprod_from_betas,
     ddim_transitions,

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from specdiff_kernels.models.gmm import GMMDenoiser, make_gmm
+from specdiff_kernels.sampling.ancestral import AncestralSampler
 from specdiff_kernels.sampling.drafts import DraftModelDraft, FrozenTargetDraft
-from specdiff_kernels.sampling.sampler import AncestralSampler, SpeculativeSampler
+from specdiff_kernels.sampling.sampler import SpeculativeSampler
 from specdiff_kernels.sampling.transitions import (
     alphas_cumprod_from_betas,
     ddpm_transitions,

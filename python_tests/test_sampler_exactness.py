@@ -24,8 +24,9 @@ import torch
 from scipy import stats
 
 from specdiff_kernels.models.gmm import GaussianMixture, GMMDenoiser, make_gmm
+from specdiff_kernels.sampling.ancestral import AncestralSampler
 from specdiff_kernels.sampling.drafts import DraftModelDraft, FrozenTargetDraft
-from specdiff_kernels.sampling.sampler import AncestralSampler, SpeculativeSampler
+from specdiff_kernels.sampling.sampler import SpeculativeSampler
 from specdiff_kernels.sampling.static_round import StaticRound
 from specdiff_kernels.sampling.transitions import (
     GaussianTransitions,

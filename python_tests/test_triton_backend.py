@@ -35,6 +35,7 @@ from verify_cases import (  # noqa: E402
 )
 
 import specdiff_kernels as sk  # noqa: E402
+from specdiff_kernels.ops import backends  # noqa: E402
 from specdiff_kernels.ops import verify as ops  # noqa: E402
 from specdiff_kernels.ops.reference import verify as reference
 
@@ -306,9 +307,9 @@ def test_backend_registration():
     assert "triton" in sk.available_backends()
     backend = ops.get_backend("triton", torch.device(DEVICE))
     assert backend.devices == (("cpu", "cuda") if tk.INTERPRET else ("cuda",))
-    assert ops.default_backend(torch.device("cuda")) == "triton"
+    assert backends.default_backend(torch.device("cuda")) == "triton"
     for name in ("gaussian_log_ratio", "first_rejection", "reflect_resample", "speculative_verify"):
-        if ops.HAS_CPP:  # the C++-defined op has a CUDA kernel, and it is Triton
+        if backends.HAS_CPP:  # the C++-defined op has a CUDA kernel, and it is Triton
             assert torch._C._dispatch_has_kernel_for_dispatch_key(f"specdiff::{name}", "CUDA")
         assert hasattr(torch.ops.specdiff, f"triton_{name}")
 

@@ -8,9 +8,9 @@
 * drafts: :class:`FrozenTargetDraft` (training-free) and :class:`DraftModelDraft`.
 """
 
+from .ops.backends import available_backends
 from .ops.verify import (
     VerifyResult,
-    available_backends,
     first_rejection,
     gaussian_log_ratio,
     reflect_resample,

@@ -153,20 +153,20 @@ def _error(parser: argparse.ArgumentParser, message: Optional[str]) -> None:
 # ----------------------------------------------------------------------------- specdiff info
 def cmd_info(args: argparse.Namespace) -> int:
     import specdiff_kernels as sk
-    from specdiff_kernels.ops import verify as ops
+    from specdiff_kernels.ops import backends
 
     print(f"specdiff_kernels {sk.__version__}")
     print(f"torch {torch.__version__}; CUDA available: {torch.cuda.is_available()}")
     print(f"backends: {', '.join(sk.available_backends())}")
-    if ops.HAS_CPP:
-        info = ops._C.build_info()
+    if backends.HAS_CPP:
+        info = backends._C.build_info()
         print(
             f"C++ build: {info['compiler']} [{info['build_type']}] flags '{info['cxx_flags'].strip()}', "
             f"OpenMP {info['openmp']}, SIMD {'/'.join(info['simd']) or 'none'}"
         )
         print(
             f"C++ kernels run the {info['cpu_capability']} variant (this CPU supports "
-            f"{ops._C.supported_cpu_capability()}; SPECDIFF_CPU_CAPABILITY caps it)"
+            f"{backends._C.supported_cpu_capability()}; SPECDIFF_CPU_CAPABILITY caps it)"
         )
     try:
         import triton
@@ -468,8 +468,9 @@ def check_distributed_args(args: argparse.Namespace) -> Optional[str]:
 
 def build_distributed_sampler(args, device):
     """(sampler, event_shape) for the checked arguments of ``python -m specdiff_kernels.cli.distributed``."""
+    from ..sampling.ancestral import AncestralSampler
     from ..sampling.drafts import DraftModelDraft, FrozenTargetDraft
-    from ..sampling.sampler import AncestralSampler, SpeculativeSampler
+    from ..sampling.sampler import SpeculativeSampler
 
     if args.model == "banana":
         from ..sampling.langevin import (

@@ -21,8 +21,10 @@ from typing import Optional
 import torch
 
 from .. import models
+from ..sampling.accounting import SamplerStats
+from ..sampling.ancestral import AncestralSampler
 from ..sampling.drafts import DraftModelDraft, FrozenTargetDraft
-from ..sampling.sampler import AncestralSampler, SamplerStats, SpeculativeSampler
+from ..sampling.sampler import SpeculativeSampler
 from ..testing.two_sample import two_sample_pvalue
 
 DRAFTS = ("frozen-x0", "frozen-eps", "model")

@@ -361,7 +361,8 @@ def _sync(device: torch.device) -> None:
 
 def run_sample(args, spec: PipelineSpec) -> int:
     """Sample with the checked arguments; print a summary (and the cost table with --compare)."""
-    from ..sampling.sampler import COMPACT_MIN_CHAINS_CPU, AncestralSampler, SpeculativeSampler
+    from ..sampling.ancestral import AncestralSampler
+    from ..sampling.sampler import COMPACT_MIN_CHAINS_CPU, SpeculativeSampler
     from ..testing.two_sample import two_sample_pvalue
     from .demo import cost_table, optional_module
 

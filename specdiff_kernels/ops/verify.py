@@ -21,16 +21,7 @@ import torch
 from torch import Tensor
 
 from . import _checks
-from .backends import (  # noqa: F401 (re-exported: the verify family's public names)
-    _C,
-    CPU_CAPABILITIES,
-    HAS_CPP,
-    REGISTRY,
-    Backend,
-    available_backends,
-    cpu_capabilities,
-    default_backend,
-)
+from .backends import HAS_CPP, REGISTRY, Backend
 from .reference import verify as reference
 
 

@@ -44,7 +44,6 @@ from torch import Tensor
 from ..ops import layout
 from ..ops import verify as ops
 from .accounting import SamplerStats
-from .ancestral import AncestralSampler
 from .base import Chains, NonFiniteError, SamplerBase, SamplingResult, sample_in_inference_mode
 from .drafts import Draft, DraftModelDraft, FrozenTargetDraft
 from .noise import ChainNoise
@@ -304,14 +303,3 @@ class SpeculativeSampler(SamplerBase):
         raise NonFiniteError(
             f"non-finite log ratio at sampling step {step} (timestep t={t}) for chain {ids[row]}"
         )
-
-
-# the samplers' public names, importable from here as before the split into modules
-__all__ = [
-    "AncestralSampler",
-    "COMPACT_MIN_CHAINS_CPU",
-    "NonFiniteError",
-    "SamplerStats",
-    "SamplingResult",
-    "SpeculativeSampler",
-]
