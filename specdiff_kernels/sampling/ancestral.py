@@ -35,6 +35,7 @@ class LeanAncestral:
         backend: Optional[str] = None,
         compile: bool = False,
         cond: Optional[dict] = None,
+        max_batch: Optional[int] = None,
     ):
         device = chain_ids.device
         self.T = transitions
@@ -46,7 +47,7 @@ class LeanAncestral:
         # transitions' own formula with the same counter-based noise
         self.coef = round_tables(transitions, device) if transitions.affine else None
         self.clip = clip_value(transitions)
-        self.net = NetworkCall(model, transitions, device, dtype)
+        self.net = NetworkCall(model, transitions, device, dtype, max_batch)
         # on CUDA, "reduce-overhead" replays each step as a CUDA graph: the fastest baseline
         self.cuda_graphs = compile and device.type == "cuda"
         mode = "reduce-overhead" if self.cuda_graphs else None
@@ -113,8 +114,11 @@ class AncestralSampler(SamplerBase):
         check_finite: bool = True,
         compile: bool = False,
         backend: Optional[str] = None,
+        max_batch: Optional[int] = None,
     ):
-        super().__init__(model, transitions, progress=progress, check_finite=check_finite)
+        super().__init__(
+            model, transitions, progress=progress, check_finite=check_finite, max_batch=max_batch
+        )
         self.compile = bool(compile)
         self.backend = backend
 
@@ -149,6 +153,7 @@ class AncestralSampler(SamplerBase):
             backend=self.backend,
             compile=self.compile,
             cond=chains.cond.gather(torch.arange(B, device=x.device)),
+            max_batch=self.network_max_batch(x, chains),
         )
         bar = self.progress_bar(B * N)
         x, bad = chain.run(x, self.check_finite, bar)

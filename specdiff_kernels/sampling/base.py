@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import Tensor
 
 from . import checks as _args
 from .accounting import SamplerStats
+from .network import chunked_call
 from .noise import ChainNoise, base_seed_from
 from .transitions import GaussianTransitions, Model
 
@@ -67,6 +69,7 @@ class SamplerBase:
         *,
         progress: bool = False,
         check_finite: bool = True,
+        max_batch: Optional[int] = None,
     ):
         if not isinstance(transitions, GaussianTransitions):
             raise TypeError(
@@ -76,6 +79,7 @@ class SamplerBase:
         self.transitions = transitions
         self.progress = progress
         self.check_finite = bool(check_finite)
+        self.max_batch = None if max_batch is None else _args.as_count("max_batch", max_batch)
 
     # -------------------------------------------------------------- setup and helpers
     def setup(
@@ -115,6 +119,11 @@ class SamplerBase:
             x = x_init.clone()
         return x, noise, chains
 
+    def network_max_batch(self, x: Tensor, chains: "Chains") -> Optional[int]:
+        """The most states one model invocation may hold in this run (None: no limit): a round's
+        one logical network call on more states is made in chunks of this size."""
+        return self.max_batch
+
     def nonfinite_output_error(self, role: str, step: int, chain: int) -> NonFiniteError:
         """The error for a non-finite network output, naming the step, its timestep and the chain
         (one message for every path)."""
@@ -130,7 +139,12 @@ class SamplerBase:
         """Raw x0-hat of ``model`` at states x [n, *E], steps k [n] of chains ``rows`` [n] (batch
         indices); raises on non-finite output."""
         cond = chains.cond.gather(rows.to(x.device)) if chains.cond else {}
-        out = self.transitions.call_model(model, x, k, **cond)
+        T = self.transitions
+        # a fresh input: a model that changes its input in place must not touch the states
+        xin, t = T.model_input(x, k), T.t(k).to(x.device)
+        if xin is x:
+            xin = x.clone()
+        out = chunked_call(model, xin, t, cond, self.network_max_batch(x, chains))
         _args.check_model_output(role, out, x)
         # one reduction first (a finite sum has no inf or NaN term); the row-wise test only when
         # it is not finite (which a sum that overflows also gives)

@@ -21,13 +21,40 @@ def draft_op(backend: Optional[str], *args) -> Tensor:
     return round_ops.frozen_draft(*args, backend=backend)
 
 
+def chunked_call(model: Model, x: Tensor, t: Tensor, cond: dict, max_batch: Optional[int]):
+    """``model(x, t, **cond)`` as one logical call, invoked on at most ``max_batch`` rows at a time
+    (bounded activation memory); the rows' results are concatenated in order."""
+    M = x.shape[0]
+    if max_batch is None or M <= max_batch:
+        return model(x, t, **cond)
+
+    def rows(v, a: int):  # conditioning values are tensors or dicts of them (added_cond_kwargs)
+        if isinstance(v, dict):
+            return {name: rows(w, a) for name, w in v.items()}
+        return v[a : a + max_batch]
+
+    outs = []
+    for a in range(0, M, max_batch):
+        part = {name: rows(v, a) for name, v in cond.items()}
+        outs.append(model(x[a : a + max_batch], t[a : a + max_batch], **part))
+    return torch.cat(outs)
+
+
 class NetworkCall:
     """The target network as the round calls it: raw x0-hat at states x and steps k (clamped
     into the table), every table on the states' device. A call does no host work."""
 
-    def __init__(self, model: Model, transitions: GaussianTransitions, device, dtype):
+    def __init__(
+        self,
+        model: Model,
+        transitions: GaussianTransitions,
+        device,
+        dtype,
+        max_batch: Optional[int] = None,
+    ):
         T = transitions
         self.model = model
+        self.max_batch = max_batch  # states per model invocation (None: the whole call at once)
         self.N = T.num_steps
         self.sample_pred = T.prediction == "sample"
         self.input_scale = T._on("input_scale", device, dtype)
@@ -40,7 +67,9 @@ class NetworkCall:
         conditioning (network kwargs, gathered per row)."""
         kc = k.clamp(0, self.N - 1)
         shape = (-1,) + (1,) * (x.dim() - 1)
-        out = self.model(x * self.input_scale[kc].view(shape), self.timesteps[kc], **cond)
+        # a fresh tensor: a model that changes its input in place cannot touch the states
+        xin = x * self.input_scale[kc].view(shape)
+        out = chunked_call(self.model, xin, self.timesteps[kc], cond, self.max_batch)
         check_model_output("target", out, x)  # shape and dtype only: traceable, no host read
         if self.sample_pred:
             return out, out

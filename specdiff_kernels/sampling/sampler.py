@@ -112,6 +112,9 @@ class SpeculativeSampler(SamplerBase):
             ``torch.compile`` (on CUDA or at B = 1 the whole round, network included, fullgraph;
             on CPU from ``COMPACT_MIN_CHAINS_CPU`` chains the network alone, with a dynamic
             batch). True with the ragged round is refused: it runs eagerly.
+        max_batch: the most states one model invocation may hold (None: no limit). A round's one
+            logical network call on more states (B (L + 1) at most) is made in chunks of this
+            size: the same samples, activation memory bounded by it.
     """
 
     name = "speculative"
@@ -129,8 +132,11 @@ class SpeculativeSampler(SamplerBase):
         check_finite: bool = True,
         path: str = "auto",
         compile: bool | str = "auto",
+        max_batch: Optional[int] = None,
     ):
-        super().__init__(model, transitions, progress=progress, check_finite=check_finite)
+        super().__init__(
+            model, transitions, progress=progress, check_finite=check_finite, max_batch=max_batch
+        )
         self.draft = FrozenTargetDraft() if draft is None else draft
         if not isinstance(self.draft, (FrozenTargetDraft, DraftModelDraft)):
             raise TypeError(
@@ -263,6 +269,7 @@ class SpeculativeSampler(SamplerBase):
             cuda_graph=cuda,
             cond=chains.cond,
             compact=compact,
+            max_batch=self.network_max_batch(x, chains),
         )
         bar = self.progress_bar(B * N)
         done_steps = 0

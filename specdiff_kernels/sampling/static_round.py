@@ -76,6 +76,8 @@ class StaticRound:
             all B (L + 1): the call's size then changes from round to round and is read on the
             host, so it suits CPU runs (a host read costs nothing there, the network's work is
             proportional to its batch), not captured rounds.
+        max_batch: the most states one model invocation holds (None: no limit); a larger call is
+            made in chunks of this size, still one logical call of the round.
     """
 
     def __init__(
@@ -93,6 +95,7 @@ class StaticRound:
         cuda_graph: bool = False,
         cond: Optional[ModelKwargs] = None,
         compact: bool = False,
+        max_batch: Optional[int] = None,
     ):
         device = chain_ids.device
         if compact and cuda_graph and device.type == "cuda":
@@ -121,7 +124,7 @@ class StaticRound:
         self.layout: Optional[layout.StatsLayout] = None
         if compile and compact:  # the round stays eager: its calls change size
             model = torch.compile(model, dynamic=True)
-        self.net = NetworkCall(model, transitions, device, dtype)
+        self.net = NetworkCall(model, transitions, device, dtype, max_batch)
         self.compile = compile
         self.cuda_graph = cuda_graph and device.type == "cuda"
         self.compact = compact
