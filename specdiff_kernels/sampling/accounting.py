@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from typing import Optional
 
 
 @dataclass
@@ -27,6 +28,9 @@ class SamplerStats:
     * ``accepted_by_step[k]`` / ``attempted_by_step[k]``: the same by sampling step k.
     * ``chain_rounds[c]``: the round in which chain c finished, i.e. the sequential target calls
       (with one call per round) that chain c alone would have needed: per-chain latency.
+    * ``autopilot`` (``window="auto"``): the cost model (``cost``: measured call sizes and seconds,
+      ``calibration_s``), ``window_hist`` (rounds per chosen window, 0: the ancestral loop),
+      ``ancestral_steps``, ``handed_off_at``, ``predicted_s`` / ``measured_s`` per round.
     """
 
     sampler: str
@@ -50,6 +54,7 @@ class SamplerStats:
     chain_rounds: list = field(default_factory=list)
     window_length_hist: list = field(default_factory=list)
     wall_time: float = 0.0
+    autopilot: Optional[dict] = None  # window="auto": the cost model and the windows chosen
 
     def __post_init__(self):
         L, N = self.window, self.num_steps
