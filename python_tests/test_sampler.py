@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -215,6 +216,56 @@ def test_nonfinite_log_ratio_names_step_and_chain():
     )
     with pytest.raises(NonFiniteError, match=r"non-finite log ratio .* sampling step 0 .* chain 0"):
         s.sample(2, (D,), generator=gen(0), dtype=torch.float64)
+
+
+class BigEps(torch.nn.Module):
+    """A finite eps output (``value`` on the rows whose state exceeds ``above``, else 0) that
+    makes the state overflow its dtype within a few steps (no clipping)."""
+
+    def __init__(self, value: float, above: float = -1.0):
+        super().__init__()
+        self.value, self.above = value, above
+
+    def forward(self, x, t):
+        big = x.reshape(x.shape[0], -1).abs().amax(1) > self.above
+        return torch.where(big.view(-1, 1), torch.full_like(x, self.value), torch.zeros_like(x))
+
+
+NONFINITE_FORM = r"at sampling step (\d+) \(timestep t=[^)]*\) for chain (\d+)"
+
+
+@pytest.mark.parametrize("dtype, value", [(torch.float16, 500.0), (torch.float32, 3e38)])
+def test_ancestral_state_overflow_raises_like_the_speculative_paths(dtype, value):
+    """Finite network outputs, states past the dtype's range: every sampler raises NonFiniteError
+    naming a step and a chain in one form (the ancestral one used to return NaN samples)."""
+    T = ddpm_transitions(ABAR, num_inference_steps=STEPS)
+    assert T.clip_sample is None
+    x = torch.randn(3, D, generator=gen(0)).to(dtype)
+    x[2] = 30.0
+    kw = dict(x_init=x, generator=gen(0), chain_ids=[10, 11, 12])
+    samplers = {
+        "ancestral": AncestralSampler(BigEps(value, above=20.0), T),
+        "static": SpeculativeSampler(BigEps(value, above=20.0), T, window=4, path="static"),
+        "ragged": SpeculativeSampler(BigEps(value, above=20.0), T, window=4, path="ragged"),
+    }
+    for name, s in samplers.items():
+        with pytest.raises(NonFiniteError, match=NONFINITE_FORM) as err:
+            s.sample(**kw)
+        assert err.value.args[0].count("\n") == 0
+        assert re.search(NONFINITE_FORM, str(err.value)).group(2) == "12", name
+    with pytest.raises(NonFiniteError, match=r"^non-finite state .* at sampling step \d+ "):
+        AncestralSampler(BigEps(value), T).sample(**kw)
+    # unchecked, the overflow is returned as it is
+    out = AncestralSampler(BigEps(value), T, check_finite=False).sample(**kw).samples
+    assert not bool(torch.isfinite(out).all())
+
+
+def test_ancestral_nonfinite_output_reported_before_the_state_it_made():
+    """At the step whose output is NaN the state is NaN too: the error names the output."""
+    model, T = setup()
+    t_bad = int(T.timesteps[5])
+    with pytest.raises(NonFiniteError, match=r"^target model .* sampling step 5 "):
+        AncestralSampler(NaNAt(model, t_bad=t_bad), T).sample(4, (D,), generator=gen(0))
 
 
 def test_bad_arguments():

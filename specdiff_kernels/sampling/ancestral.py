@@ -59,42 +59,63 @@ class LeanAncestral:
 
     def _step_eager(self, x: Tensor, k: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
         out, p = self.net(x, k, self.cond)
-        bad = ~torch.isfinite(out.reshape(x.shape[0], -1)).all(-1)
         if self.coef is None:
             xi, _ = round_ops.chain_noise(self.seed, self.ids, k, 1, x.shape[1:], x.dtype)
-            return self.T.mean_from_x0(x, p, k) + self.T.coef("std", k, x) * xi[:, 0], bad
-        y = draft_op(
-            self.backend, x, p, k, lengths, self.coef, self.seed, self.ids, 1, FREEZE_X0, self.clip
-        )
-        return y[:, 1].contiguous(), bad
+            y = self.T.mean_from_x0(x, p, k) + self.T.coef("std", k, x) * xi[:, 0]
+        else:
+            y = draft_op(
+                self.backend,
+                x,
+                p,
+                k,
+                lengths,
+                self.coef,
+                self.seed,
+                self.ids,
+                1,
+                FREEZE_X0,
+                self.clip,
+            )[:, 1].contiguous()
+        return y, nonfinite_code(out, y)
 
     def run(
         self, x: Tensor, check_finite: bool = True, bar=None
-    ) -> tuple[Tensor, Optional[tuple[int, int]]]:
-        """All N steps from x; returns the samples and the first (step, chain row) whose network
-        output was not finite (None if all were; read once, at the end)."""
-        B = x.shape[0]
+    ) -> tuple[Tensor, Optional[tuple[int, int, str]]]:
+        """All N steps from x; returns the samples and the first (step, chain row, what) at which
+        the network output (what = "output") or the new state (what = "state") was not finite
+        (None if none was). The flags stay on the device: one read, at the end."""
+        B, N = x.shape[0], self.N
         k = torch.zeros(B, dtype=torch.int64, device=x.device)
         lengths = torch.ones_like(k)  # a window of one step per chain
-        flags = []
+        # per chain, the first failure as 2 step + (1 if only the state failed); 2 N: none
+        first = torch.full_like(k, 2 * N)
         graphs = self.cuda_graphs
-        for _ in range(self.N):
+        for _ in range(N):
             if graphs:  # each step replays a CUDA graph whose outputs the next replay overwrites
                 torch.compiler.cudagraph_mark_step_begin()
-            x, bad = self._step(x, k, lengths)
+            x, code = self._step(x, k, lengths)
             if graphs:
-                x, bad = x.clone(), bad.clone()
+                x, code = x.clone(), code.clone()
             if check_finite:
-                flags.append(bad)
+                first = torch.where(code > 0, torch.minimum(first, 2 * k + (code == 1)), first)
             k = k + 1
             if bar is not None:
                 bar.update(B)
-        if check_finite and flags:
-            bad = torch.stack(flags)  # [N, B]
-            if bool(bad.any()):
-                step, row = (int(v) for v in bad.nonzero()[0])
-                return x, (step, row)
+        if check_finite and N:
+            f = int(first.min())
+            if f < 2 * N:
+                row = int((first == f).nonzero()[0, 0])
+                return x, (f // 2, row, "state" if f % 2 else "output")
         return x, None
+
+
+def nonfinite_code(out: Tensor, y: Tensor) -> Tensor:
+    """[B] int8, one reduction: 0 where the row of the network output ``out`` and of the new
+    state ``y`` are finite, 1 where only the state is not (it overflowed), >= 2 where the output
+    is not."""
+    B = y.shape[0]
+    bad_out = (~torch.isfinite(out)).reshape(B, -1).to(torch.int8) * 2
+    return (bad_out | (~torch.isfinite(y)).reshape(B, -1).to(torch.int8)).amax(-1)
 
 
 class AncestralSampler(SamplerBase):
@@ -160,8 +181,10 @@ class AncestralSampler(SamplerBase):
         if bar is not None:
             bar.close()
         if bad is not None:
-            step, row = bad
-            raise self.nonfinite_output_error("target", step, ids[row])
+            step, row, what = bad
+            if what == "output":
+                raise self.nonfinite_output_error("target", step, ids[row])
+            raise self.nonfinite_state_error(step, ids[row])
         n_det = int(T.deterministic.sum())
         stats.rounds = stats.target_calls = N
         stats.target_evals = B * N
@@ -172,4 +195,4 @@ class AncestralSampler(SamplerBase):
         return SamplingResult(x, stats)
 
 
-__all__ = ["AncestralSampler", "LeanAncestral"]
+__all__ = ["AncestralSampler", "LeanAncestral", "nonfinite_code"]

@@ -133,6 +133,15 @@ class SamplerBase:
             f"{step} (timestep t={t}) for chain {chain}"
         )
 
+    def nonfinite_state_error(self, step: int, chain: int) -> NonFiniteError:
+        """The error for a state that overflowed at a step whose network output was finite (the
+        speculative paths see it as a non-finite log ratio)."""
+        t = self.transitions.timesteps[min(step, self.transitions.num_steps - 1)].item()
+        return NonFiniteError(
+            f"non-finite state (the step's result overflowed its dtype) at sampling step {step} "
+            f"(timestep t={t}) for chain {chain}"
+        )
+
     def evaluate(
         self, model: Model, role: str, x: Tensor, k: Tensor, rows: Tensor, chains: "Chains"
     ) -> Tensor:
