@@ -89,7 +89,7 @@ def _load_gmm(dim: int = 64, components: int = 8, seed: int = 0, **_) -> Embedde
 
     abar = alphas_cumprod_from_betas(make_betas("linear", TRAIN_TIMESTEPS))
     gmm = make_gmm(int(dim), K=int(components), seed=int(seed))
-    moment_matched = GaussianMixture(gmm.mean()[None], torch.diagonal(gmm.cov()).sqrt()[None])
+    moment_matched = GaussianMixture(gmm.mean()[None], gmm.variance().sqrt()[None])
     return EmbeddedModel(
         name="gmm",
         target=GMMDenoiser(gmm, abar, prediction="epsilon"),

@@ -69,7 +69,15 @@ class GaussianMixture:
     def mean(self) -> Tensor:
         return self.weights @ self.means
 
+    def variance(self) -> Tensor:
+        """``[D]``: the diagonal of :meth:`cov`, without the D x D matrix (O(K D) memory)."""
+        c = self.means - self.mean()
+        return (self.weights[:, None] * self.stds**2).sum(0) + (self.weights[:, None] * c * c).sum(
+            0
+        )
+
     def cov(self) -> Tensor:
+        """``[D, D]`` (D^2 floats: for small D; :meth:`variance` is its diagonal)."""
         m = self.mean()
         within = (self.weights[:, None] * self.stds**2).sum(0)
         c = self.means - m
