@@ -102,6 +102,8 @@ def merge_stats(
             kw[name] = vals[0]
         elif name == "chain_rounds":
             continue
+        elif name == "autopilot":  # window="auto": each shard's controller, side by side
+            kw[name] = None if all(v is None for v in vals) else {"shards": vals}
         elif name in _MAX_FIELDS:
             kw[name] = max(vals)
         elif isinstance(vals[0], list):

@@ -36,6 +36,7 @@ reflected rather than drawn from xi_k directly) but not in law.
 from __future__ import annotations
 
 import time
+import weakref
 from typing import Callable, Optional
 
 import torch
@@ -43,13 +44,17 @@ from torch import Tensor
 
 from ..ops import layout
 from ..ops import verify as ops
+from ..ops.layout import FREEZE_X0
 from .accounting import SamplerStats
+from .ancestral import LeanAncestral
+from .autopilot import AutoRounds, AutoWindow, CostModel, WindowController, calibrate
 from .base import Chains, NonFiniteError, SamplerBase, SamplingResult, sample_in_inference_mode
 from .drafts import Draft, DraftModelDraft, FrozenTargetDraft
+from .network import NetworkCall, draft_op
 from .noise import ChainNoise
 from .ragged_round import RaggedRound
 from .static_round import StaticRound
-from .transitions import GaussianTransitions, Model, stochastic_runs
+from .transitions import GaussianTransitions, Model, clip_value, round_tables, stochastic_runs
 from .window import AdaptiveWindow, resolve_window
 
 VerifyFn = Callable[..., "ops.VerifyResult"]
@@ -59,6 +64,9 @@ PATHS = ("auto", "static", "ragged")
 # batch at which that compact call beats the full B (L + 1) call (bench/bench_compact.py ->
 # bench/results/compact_cpu.md; compiled: bench/results/latency_cpu.md).
 COMPACT_MIN_CHAINS_CPU = 2
+# window="auto"'s measured cost models, per model (weakly: they go with the model), then per
+# (shape, dtype, device, conditioning names, window, max_batch)
+_COSTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 class SpeculativeSampler(SamplerBase):
@@ -124,7 +132,7 @@ class SpeculativeSampler(SamplerBase):
         model: Model,
         transitions: GaussianTransitions,
         draft: Optional[Draft] = None,
-        window: int | str | AdaptiveWindow = 8,
+        window: int | str | AdaptiveWindow = "auto",
         *,
         backend: Optional[str] = None,
         verify_fn: Optional[VerifyFn] = None,
@@ -133,6 +141,7 @@ class SpeculativeSampler(SamplerBase):
         path: str = "auto",
         compile: bool | str = "auto",
         max_batch: Optional[int] = None,
+        cost=None,
     ):
         super().__init__(
             model, transitions, progress=progress, check_finite=check_finite, max_batch=max_batch
@@ -143,7 +152,16 @@ class SpeculativeSampler(SamplerBase):
                 f"draft must be a FrozenTargetDraft or DraftModelDraft, got "
                 f"{type(self.draft).__name__}"
             )
-        self.window, self.window_policy = resolve_window(window)
+        if window == "auto" or isinstance(window, AutoWindow):
+            self.window_policy = window if isinstance(window, AutoWindow) else AutoWindow()
+            self.window = self.window_policy.max_window
+        else:
+            self.window, self.window_policy = resolve_window(window)
+        self.autopilot = isinstance(self.window_policy, AutoWindow)
+        if cost is not None and not self.autopilot:
+            raise ValueError("cost= sets window='auto''s cost model: it needs window='auto'")
+        self.user_cost = None if cost is None else CostModel.from_user(cost, "cpu")
+        self._costs: dict = {}  # (B, event shape, dtype, device) -> CostModel, measured once
         self.backend = backend
         self.verify_fn = ops.speculative_verify if verify_fn is None else verify_fn
         if path not in PATHS:
@@ -214,7 +232,12 @@ class SpeculativeSampler(SamplerBase):
         if self.resolve_path() == "static":
             res = self._sample_static(x, noise, chains)
         else:
+            if self.autopilot:  # per-chain windows from the cost model
+                self.window_policy.cost = self.cost_model(x, noise, chains)
+                self.window_policy.num_chains = x.shape[0]
             res = RaggedRound(self, x, noise, chains).run()
+            if self.autopilot:
+                res.stats.autopilot = {"cost": self.window_policy.cost.as_dict()}
         res.stats.wall_time = time.perf_counter() - t0
         return res
 
@@ -231,7 +254,10 @@ class SpeculativeSampler(SamplerBase):
                 isinstance(draft, FrozenTargetDraft) and not draft.prefetch_root,
                 "FrozenTargetDraft(prefetch_root=False)",
             ),
-            (self.window_policy is not None, "an adaptive window"),
+            (
+                self.window_policy is not None and not self.autopilot,
+                "an adaptive window",
+            ),
             (self.verify_fn is not ops.speculative_verify, "a custom verify_fn"),
             (
                 not self.transitions.affine,
@@ -247,37 +273,42 @@ class SpeculativeSampler(SamplerBase):
         return "ragged" if self.static_path_blockers() else "static"
 
     # -------------------------------------------------------------- the static path
-    def _sample_static(self, x: Tensor, noise: ChainNoise, chains: Chains) -> SamplingResult:
-        T, L = self.transitions, self.window
-        B, N = x.shape[0], T.num_steps
+    def _static_round(self, x: Tensor, noise: ChainNoise, chains: Chains) -> StaticRound:
         cuda = x.device.type == "cuda"
-        compile_ = cuda if self.compile == "auto" else bool(self.compile)
         # on CPU: call the network only on the states a round reads (its size is read on the
         # host, which costs nothing there; compile=True then compiles the network alone, with a
         # dynamic batch); on CUDA: the fixed B (L + 1) call, captured as a CUDA graph
-        compact = not cuda and B >= COMPACT_MIN_CHAINS_CPU
-        rnd = StaticRound(
+        return StaticRound(
             self.model,
-            T,
-            L,
+            self.transitions,
+            self.window,
             self.draft.freeze,
             noise.seed,
             noise.chain_ids,
             dtype=x.dtype,
             backend=self.backend,
-            compile=compile_,
+            compile=self._compiled(x),
             cuda_graph=cuda,
             cond=chains.cond,
-            compact=compact,
+            compact=not cuda and x.shape[0] >= COMPACT_MIN_CHAINS_CPU,
             max_batch=self.network_max_batch(x, chains),
         )
+
+    def _compiled(self, x: Tensor) -> bool:
+        return x.device.type == "cuda" if self.compile == "auto" else bool(self.compile)
+
+    def _sample_static(self, x: Tensor, noise: ChainNoise, chains: Chains) -> SamplingResult:
+        B, N = x.shape[0], self.transitions.num_steps
+        rnd = self._static_round(x, noise, chains)
+        auto = self._auto_rounds(rnd, x, noise, chains) if self.autopilot else None
+        # the one host read of a round: the head of the counters (rounds, non-finite codes,
+        # steps done, chains left); with window="auto" also the acceptance by position
+        size = layout.STAT_HEAD if auto is None else auto.head_size()
         bar = self.progress_bar(B * N)
         done_steps = 0
         s = rnd.start(x)
         while True:
-            # the one host read of a round: the head of the counters (rounds, non-finite codes,
-            # steps done, chains left)
-            head = s.stats[: layout.STAT_HEAD].tolist()
+            head = s.stats[:size].tolist()
             bad_out, bad_lr = head[layout.STAT_BAD_OUTPUT], head[layout.STAT_BAD_RATIO]
             if self.check_finite and (bad_out != layout.NO_BAD or bad_lr != layout.NO_BAD):
                 self._raise_static_nonfinite(bad_out, bad_lr, chains.ids, N)
@@ -286,11 +317,25 @@ class SpeculativeSampler(SamplerBase):
                 done_steps = head[layout.STAT_STEPS_DONE]
             if head[layout.STAT_LIVE] == 0:
                 break
-            s = rnd.step(s)
+            s = rnd.step(s) if auto is None else auto.next(s, head)
         if bar is not None:
+            bar.update(B * N - done_steps)
             bar.close()
+        stats = self._static_stats(rnd, s, B)
+        if auto is not None:
+            if self.check_finite and auto.bad is not None:
+                step, row, what = auto.bad
+                if what == "state":
+                    raise self.nonfinite_state_error(step, chains.ids[row])
+                raise self.nonfinite_output_error("target", step, chains.ids[row])
+            auto.finish(stats, self.transitions)
+            auto.warn_if_mostly_ancestral(stats)
+        return SamplingResult(s.x, stats)
+
+    def _static_stats(self, rnd: StaticRound, s, B: int) -> SamplerStats:
+        T = self.transitions
         counts = s.stats.tolist()
-        stats = SamplerStats(self.name, B, N, L)
+        stats = SamplerStats(self.name, B, T.num_steps, self.window)
         stats.rounds = stats.target_calls = counts[layout.STAT_ROUNDS]
         stats.target_evals = rnd.target_evals
         stats.direct_steps = 0 if bool(T.deterministic[0]) else B
@@ -299,7 +344,71 @@ class SpeculativeSampler(SamplerBase):
         stats.deterministic_steps = counts[layout.STAT_DET_STEPS]
         for name, part in rnd.layout.slices.items():
             setattr(stats, name, counts[part])
-        return SamplingResult(s.x, stats)
+        return stats
+
+    # -------------------------------------------------------------- window="auto"
+    def cost_model(self, x: Tensor, noise: ChainNoise, chains: Chains) -> CostModel:
+        """The cost model of runs like this one: measured at the first, then cached per model
+        and (batch, event shape, dtype, device, conditioning, window, max_batch); ``cost=``
+        replaces the measurement."""
+        if self.user_cost is not None:
+            return self.user_cost
+        # shared by every sampler of this model in the process: two samplers of one model give
+        # the same samples for a seed, as with a fixed window
+        try:
+            costs = _COSTS.setdefault(self.model, {})
+        except TypeError:  # a model that cannot be weakly referenced: this sampler's own cache
+            costs = self._costs
+        cond = tuple(sorted(chains.cond.values)) if chains.cond else ()
+        key = (
+            tuple(x.shape),
+            x.dtype,
+            x.device,
+            cond,
+            self.window,
+            self.network_max_batch(x, chains),
+        )
+        if key not in costs:
+            costs[key] = self._calibrate(x, noise, chains)
+        return costs[key]
+
+    def _calibrate(self, x: Tensor, noise: ChainNoise, chains: Chains) -> CostModel:
+        T, B, W = self.transitions, x.shape[0], self.window
+        dev = x.device
+        net = NetworkCall(self.model, T, dev, x.dtype, self.network_max_batch(x, chains))
+
+        def call(b: int):
+            rows = torch.arange(b, device=dev) % B
+            cond = chains.cond.gather(rows) if chains.cond else {}
+            return net(x.index_select(0, rows), torch.zeros(b, dtype=torch.int64, device=dev), cond)
+
+        def draft():
+            if not T.affine:
+                return None
+            k = torch.zeros(B, dtype=torch.int64, device=dev)
+            coef = round_tables(T, dev)
+            args = (x, x, k, k + W, coef, noise.seed, noise.chain_ids, W, FREEZE_X0, clip_value(T))
+            return draft_op(self.backend, *args)
+
+        sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+        return calibrate(call, draft, B * (W + 1), B, B * (W + 1), T.num_steps, dev.type, sync)
+
+    def _auto_rounds(self, rnd: StaticRound, x, noise: ChainNoise, chains: Chains) -> AutoRounds:
+        B = x.shape[0]
+        cost = self.cost_model(x, noise, chains)
+        controller = WindowController(cost, self.window, B, rnd.compact)
+        lean = LeanAncestral(
+            self.model,
+            self.transitions,
+            noise.seed,
+            noise.chain_ids,
+            dtype=x.dtype,
+            backend=self.backend,
+            compile=self._compiled(x),
+            cond=chains.cond.gather(torch.arange(B, device=x.device)),
+            max_batch=self.network_max_batch(x, chains),
+        )
+        return AutoRounds(rnd, controller, lean)
 
     def _raise_static_nonfinite(self, bad_out: int, bad_lr: int, ids: list, N: int) -> None:
         code = bad_out if bad_out != layout.NO_BAD else bad_lr

@@ -23,6 +23,7 @@ first step (one plain ancestral step) and freezes the prediction, as the ragged 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 from typing import Callable, Optional
 
@@ -106,7 +107,7 @@ class StaticRound:
         self.T = transitions
         self.cond = ModelKwargs({}) if cond is None else cond
         self._cond_roots: dict = {}  # the chains' kwargs for a call on their roots [B]
-        self._cond_window: dict = {}  # ... on their windows [B (L + 1)], chain-major
+        self._cond_window: dict = {}  # window W -> ... on their windows [B (W + 1)], chain-major
         self.N = transitions.num_steps
         self.L = int(window)
         self.freeze = layout.FREEZE_MODES[freeze]
@@ -116,10 +117,6 @@ class StaticRound:
         self.clip = clip_value(transitions)
         # each chain's window length by its step: the stochastic run ahead of it, capped at L
         self.lengths_by_step = stochastic_runs(transitions).clamp(max=self.L).to(device)
-        # the last window position a round reads, by step (-1: finished, nothing to read)
-        self.read_upto = torch.cat(
-            [self.lengths_by_step[:-1], torch.full((1,), -1, dtype=torch.int64, device=device)]
-        )
         self._pos: Optional[Tensor] = None  # arange(L + 1), made in start(): rounds only read it
         self.layout: Optional[layout.StatsLayout] = None
         if compile and compact:  # the round stays eager: its calls change size
@@ -134,8 +131,9 @@ class StaticRound:
             if compile and not compact
             else self._round_eager
         )
-        self._graph = None
+        self._graphs: dict = {}  # window -> captured CUDA graph (all on the same buffers)
         self._static: Optional[ChainBatch] = None
+        self._tables: dict = {}  # window -> (lengths by step, last position read by step)
 
     # ------------------------------------------------------------------ pieces
     def _draft(self, x, frozen, k, lengths, window, freeze):
@@ -189,7 +187,7 @@ class StaticRound:
         self._pos = torch.arange(L + 1, **i64)
         chain = torch.arange(B, **i64)
         self._cond_roots = self.cond.gather(chain)
-        self._cond_window = self.cond.gather(chain.repeat_interleave(L + 1))
+        self._cond_window = {}
         k = torch.zeros(B, **i64)
         out, p0 = self.net(x, k, self._cond_roots)
         self.target_evals = B
@@ -222,18 +220,32 @@ class StaticRound:
         )
 
     # ------------------------------------------------------------------ the round
+    def tables(self, W: int) -> tuple[Tensor, Tensor]:
+        """Each chain's window length by its step for a round of window W <= L, and the last
+        window position such a round reads (-1: finished)."""
+        if W not in self._cond_window and self._pos is not None:
+            chain = torch.arange(len(self.ids), device=self._pos.device)
+            self._cond_window[W] = self.cond.gather(chain.repeat_interleave(W + 1))
+        if W not in self._tables:
+            lengths = self.lengths_by_step.clamp(max=W)
+            end = torch.full((1,), -1, dtype=torch.int64, device=lengths.device)
+            self._tables[W] = (lengths, torch.cat([lengths[:-1], end]))
+        return self._tables[W]
+
     def _evaluate(self, Y: Tensor, s: ChainBatch) -> tuple[Tensor, Tensor]:
-        """(raw output, x0-hat) at the window's states, both [B, L+1, *E]."""
+        """(raw output, x0-hat) at the window's states, both [B, W+1, *E]."""
         B, L1 = Y.shape[:2]
-        k_pos = s.k[:, None] + self._pos[None]  # [B, L+1] step of each position
+        pos = self._pos[:L1]
+        k_pos = s.k[:, None] + pos[None]  # [B, W+1] step of each position
         rows_y, rows_k = Y.reshape(B * L1, *Y.shape[2:]), k_pos.reshape(-1)
         if not self.compact:
-            out, P = self.net(rows_y, rows_k, self._cond_window)
+            out, P = self.net(rows_y, rows_k, self._cond_window[L1 - 1])
             return out.reshape(Y.shape), P.reshape(Y.shape)
         # the positions verify_frozen reads: 0..n of chains not finished (read_upto = -1 once
         # finished), from 1 where the root's prediction is the frozen value; the others stay 0
         first = s.exact.to(torch.int64)[:, None]
-        need = (self._pos[None] >= first) & (self._pos[None] <= self.read_upto[s.k][:, None])
+        read_upto = self.tables(L1 - 1)[1]
+        need = (pos[None] >= first) & (pos[None] <= read_upto[s.k][:, None])
         rows = need.view(-1).nonzero().view(-1)
         self.target_evals += rows.numel()  # the round is eager when compact
         cond = self.cond.gather(rows // L1) if self.cond else {}
@@ -259,15 +271,23 @@ class StaticRound:
         )
         return x0.to(f.dtype).reshape(f.shape)
 
-    def _round_eager(self, s: ChainBatch) -> ChainBatch:
-        L = self.L
+    def _round_eager(self, s: ChainBatch, W: int) -> ChainBatch:
         k = s.k
-        lengths = self.lengths_by_step[k]  # k lies in 0..N
-        Y = self._draft(s.x, s.frozen, k, lengths, L, self.freeze)
+        lengths = self.tables(W)[0][k]  # k lies in 0..N
+        Y = self._draft(s.x, s.frozen, k, lengths, W, self.freeze)
         out, P = self._evaluate(Y, s)
         res = self._verify(Y, P, s.frozen, k, lengths)
+        log_ratio = res.log_ratio
+        if W < self.L:  # the stats vector is laid out for L: pad the window to it
+            B = k.shape[0]
+            log_ratio = torch.nn.functional.pad(log_ratio, (0, self.L - W))
+            # only the finiteness of each state's output is counted: one value per state
+            ok = torch.isfinite(out.reshape(B, W + 1, -1)).all(-1)
+            summary = torch.zeros(B, self.L + 1, 1, dtype=out.dtype, device=out.device)
+            summary[:, : W + 1, 0] = torch.where(ok, 0.0, math.nan).to(out.dtype)
+            out = summary
         stats = torch.ops.specdiff.round_stats(
-            s.stats, k, lengths, res.num_accepted, res.committed, res.log_ratio, out, self.N
+            s.stats, k, lengths, res.num_accepted, res.committed, log_ratio, out, self.N
         )
         return ChainBatch(
             x=res.next_state,
@@ -277,24 +297,29 @@ class StaticRound:
             stats=stats,
         )
 
-    def step(self, s: ChainBatch) -> ChainBatch:
-        """One round. With ``cuda_graph``, the first call captures the round on s's buffers and
-        every later call replays it (s must be the batch returned by the previous call)."""
+    def step(self, s: ChainBatch, window: Optional[int] = None) -> ChainBatch:
+        """One round of window ``window`` (default L; at most L). With ``cuda_graph``, the first
+        call with a window captures its round on s's buffers and every later call replays it (s
+        must be the batch returned by the previous call; every window's graph shares them)."""
+        W = self.L if window is None else int(window)
+        self.tables(W)  # made here: a compiled round only reads them
         if not self.compact:
-            self.target_evals += s.x.shape[0] * (self.L + 1)
+            self.target_evals += s.x.shape[0] * (W + 1)
         if not self.cuda_graph:
-            return self._round(s)
-        if self._graph is None:
-            self._static = s
+            return self._round(s, W)
+        if W not in self._graphs:
+            if self._static is None:
+                self._static = s
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 # warm-up on the very batch the capture will read (the round is pure: s is not
                 # changed), so compilation and autotuning finish before the capture starts
-                self._round(s)
+                self._round(s, W)
             torch.cuda.current_stream().wait_stream(side)
-            self._graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self._graph):
-                s.copy_(self._round(s))
-        self._graph.replay()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                s.copy_(self._round(s, W))
+            self._graphs[W] = graph
+        self._graphs[W].replay()
         return self._static

@@ -1,0 +1,410 @@
+"""The cost-aware window controller: ``SpeculativeSampler(..., window="auto")`` (the default).
+
+Speculation trades evaluations for sequential calls. It pays only where a network call on the
+states of a window costs about as much as a call on the roots alone; where calls are
+compute-bound (a CPU at a large batch, a big UNet) every extra state costs its full price and
+plain ancestral steps are faster. The controller decides this per round, from measurements.
+
+1. **Cost model** (:class:`CostModel`): the network's time for a call on b states, measured at the
+   first ``sample()`` (:func:`calibrate`): b = B, then 2B, 3B, 5B, ... (window lengths 1, 2, 4, ...
+   of B chains) until the time grows in proportion to b (compute-bound: larger calls are
+   extrapolated linearly) or the probes' budget is spent (2% of the estimated ancestral run; the
+   probe at 2B is always made);
+   piecewise linear in between, extended by the last measured slope. Plus the sampler's own cost
+   per round: a fixed part per round and a part per drafted state, from one timed ``frozen_draft``
+   (draft, verify and the window's gather cost about three such passes). Cached per sampler and
+   (B, event shape, dtype, device); ``cost=`` replaces the measurement (a table ``{b: seconds}`` or
+   a callable ``b -> seconds``).
+2. **Acceptance**: discounted counts (factor ``decay`` per verified round) of this run's verified
+   steps, pooled over the chains: a0 at window position 0, a at positions >= 1, starting from a
+   prior (``prior_acceptance`` over ``prior_weight`` pseudo-steps) discounted like the data.
+3. **Choice** (:meth:`WindowController.choose`): before each round the window W in
+   ``CANDIDATES`` (0: a plain ancestral step; capped by the longest stochastic run) with the most
+   expected committed chain-steps per second,
+
+       W = argmax  live * S(W) / (t_net(b_W) + t_own(W)),   S(W) = 1 + a0 (1 - a^(W-1)) / (1 - a),
+       S(0) = 1, b_0 = live, b_W = the states the round's call holds,
+
+   a speculative W only where it beats the ancestral step by ``margin``. Once W = 0 is chosen at
+   roots none of which is exact, nothing the next round could observe differs (no window is
+   verified, the roots stay stale), so the choice would repeat: the run hands the rest of the
+   schedule to the ancestral chain's loop, whose own cost per step is the ancestral sampler's.
+
+Exactness (docs/design.md §5): W is a function of the chains' past verification outcomes (steps
+already committed) and of timings, which do not depend on any chain's noise; given that past, a
+round with any W commits steps whose law is the ancestral chain's, and an ancestral step draws
+the step's own noise xi_k. By the same induction over rounds (stopping times) as for a fixed L,
+the output law is the ancestral chain's. What W must never depend on is the current round's
+noise, uniforms or log ratios: it is chosen before the round. Two consequences users see: the
+samples of a seed depend on the measured costs (pass ``cost=`` or an int ``window`` to make a run
+repeatable across processes), and a chain's samples depend on its batch (W is chosen for the
+batch).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from ..ops import layout
+from .accounting import SamplerStats
+from .ancestral import LeanAncestral
+from .static_round import ChainBatch, StaticRound
+from .window import AdaptiveWindow
+
+CANDIDATES = (0, 1, 2, 4, 8, 16, 32)
+PROBE_MULTIPLES = (2, 3, 5, 9, 17, 33)  # call sizes of windows 1, 2, 4, 8, 16, 32 (full call)
+BUDGET_FRACTION = 0.02  # the probes' budget: this fraction of the estimated ancestral run
+LINEAR = 0.9  # t(mB) >= LINEAR * m * t(B): compute-bound, extrapolate linearly from here
+# the sampler's own fixed cost per round (host work, the round's small ops), seconds: the static
+# round's and the ancestral step's own costs at B = 1 (bench/results/latency_cpu.md)
+ROUND_FIXED = {"cpu": 8e-5, "cuda": 6e-5}
+ANCESTRAL_FIXED = {"cpu": 3e-5, "cuda": 2e-5}
+OWN_PASSES = 3.0  # a speculative round reads and writes the window about this many times
+
+
+@dataclass
+class CostModel:
+    """Seconds per network call on b states and the sampler's own cost (see the module docstring).
+
+    ``sizes``/``seconds``: measured calls (increasing b); ``per_state``: the own cost per drafted
+    state; ``round_fixed``/``ancestral_fixed``: the own cost per speculative round / ancestral
+    step; ``calibration_s``: what measuring took; ``user``: a user's ``b -> seconds``."""
+
+    sizes: list = field(default_factory=list)
+    seconds: list = field(default_factory=list)
+    per_state: float = 0.0
+    round_fixed: float = 8e-5
+    ancestral_fixed: float = 3e-5
+    calibration_s: float = 0.0
+    user: Optional[Callable[[int], float]] = None
+
+    def network(self, b: float) -> float:
+        """Predicted seconds of one call on b states."""
+        if self.user is not None:
+            return float(self.user(b))
+        xs, ts = self.sizes, self.seconds
+        if len(xs) == 1 or b <= xs[0]:
+            return ts[0] * max(b, 1.0) / xs[0] if b > xs[0] else ts[0]
+        for (x0, t0), (x1, t1) in zip(zip(xs, ts), zip(xs[1:], ts[1:])):
+            if b <= x1:
+                return t0 + (t1 - t0) * (b - x0) / (x1 - x0)
+        slope = max((ts[-1] - ts[-2]) / (xs[-1] - xs[-2]), 0.0)
+        return ts[-1] + slope * (b - xs[-1])
+
+    def speculative_round(self, evals: float, drafted: float) -> float:
+        return self.network(evals) + self.round_fixed + OWN_PASSES * self.per_state * drafted
+
+    def ancestral_step(self, live: float) -> float:
+        return self.network(live) + self.ancestral_fixed + self.per_state * 2 * live
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["user"] = self.user is not None
+        return d
+
+    @staticmethod
+    def from_user(cost, device_type: str) -> "CostModel":
+        """``cost=``: a table ``{b: seconds}`` or a callable ``b -> seconds``."""
+        fixed = dict(
+            round_fixed=ROUND_FIXED.get(device_type, 8e-5),
+            ancestral_fixed=ANCESTRAL_FIXED.get(device_type, 3e-5),
+        )
+        if callable(cost):
+            return CostModel(user=cost, **fixed)
+        if not isinstance(cost, dict) or not cost:
+            raise TypeError(
+                f"cost must be a non-empty dict {{states: seconds}} or a callable, got "
+                f"{type(cost).__name__}"
+            )
+        items = sorted((int(b), float(t)) for b, t in cost.items())
+        if any(b < 1 or not (t > 0 and math.isfinite(t)) for b, t in items):
+            raise ValueError(f"cost must map states >= 1 to finite seconds > 0, got {cost!r}")
+        return CostModel([b for b, _ in items], [t for _, t in items], **fixed)
+
+
+def _timed(fn: Callable[[], object], sync: Callable[[], None]) -> float:
+    sync()
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - t0
+
+
+def calibrate(
+    call: Callable[[int], object],
+    draft: Callable[[], object],
+    drafted_states: int,
+    B: int,
+    max_states: int,
+    num_steps: int,
+    device_type: str,
+    sync: Callable[[], None] = lambda: None,
+) -> CostModel:
+    """Measure the cost model (see the module docstring): ``call(b)`` runs the network on b
+    states, ``draft()`` one ``frozen_draft`` of ``drafted_states`` states."""
+    start = time.perf_counter()
+    t_B = min(_timed(lambda: call(B), sync) for _ in range(2))
+    per_state = _timed(draft, sync) / max(drafted_states, 1)
+    model = CostModel(
+        [B],
+        [t_B],
+        per_state,
+        ROUND_FIXED.get(device_type, 8e-5),
+        ANCESTRAL_FIXED.get(device_type, 3e-5),
+    )
+    budget = BUDGET_FRACTION * num_steps * model.ancestral_step(B)
+    for m in PROBE_MULTIPLES:
+        b = m * B
+        spent = time.perf_counter() - start
+        if b > max_states or (m > 2 and spent + model.network(b) > budget):
+            break  # the first probe is always made: one size cannot tell a slope
+        t_b = _timed(lambda: call(b), sync)
+        model.sizes.append(b)
+        model.seconds.append(max(t_b, model.seconds[-1]))  # noise must not make b cheaper
+        if t_b >= LINEAR * m * t_B:
+            break
+    model.calibration_s = time.perf_counter() - start
+    return model
+
+
+def expected_steps(a0: float, a: float, W: int) -> float:
+    """S(W): expected steps committed by a window of W drafted steps (W >= 1)."""
+    if W <= 1:
+        return 1.0
+    geo = W - 1 if a >= 1.0 else (1.0 - a ** (W - 1)) / (1.0 - a)
+    return 1.0 + a0 * geo
+
+
+@dataclass
+class ControllerLog:
+    """What the controller did in one run (``SamplerStats.autopilot``)."""
+
+    cost: dict
+    window_hist: dict = field(default_factory=dict)  # W -> rounds
+    ancestral_steps: int = 0  # chain-steps taken as plain ancestral steps
+    handed_off_at: Optional[int] = None  # the round after which the ancestral loop ran
+    predicted_s: list = field(default_factory=list)  # per round
+    measured_s: list = field(default_factory=list)  # per round (host clock, between reads)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class WindowController:
+    """The choice of W before each round (see the module docstring). ``max_window``: the
+    longest W (the round's buffer); ``compact``: the round's call holds only the states it reads
+    (else every chain's W + 1 states)."""
+
+    def __init__(
+        self,
+        cost: CostModel,
+        max_window: int,
+        num_chains: int,
+        compact: bool,
+        *,
+        prior_acceptance: float = 0.9,
+        prior_weight: float = 2.0,
+        decay: float = 0.7,
+        margin: float = 0.05,
+    ):
+        self.cost, self.B, self.compact = cost, num_chains, compact
+        self.candidates = [w for w in CANDIDATES if w <= max_window]
+        self.prior = (prior_acceptance * prior_weight, prior_weight)
+        self.decay, self.margin = decay, margin
+        # discounted (accepted, attempted) at position 0 and at positions >= 1
+        self.pos0 = list(self.prior)
+        self.rest = list(self.prior)
+
+    def acceptance(self) -> tuple[float, float]:
+        return self.pos0[0] / self.pos0[1], self.rest[0] / self.rest[1]
+
+    def observe(self, accepted: list, attempted: list) -> None:
+        """Fold in one round's verified steps by window position (the prior's pseudo-counts are
+        discounted with the data)."""
+        d = self.decay
+        new0 = (accepted[0], attempted[0])
+        new1 = (sum(accepted[1:]), sum(attempted[1:]))
+        for counts, new in ((self.pos0, new0), (self.rest, new1)):
+            for i in (0, 1):
+                counts[i] = d * counts[i] + new[i]
+
+    def round_time(self, W: int, live: int, exact: int, a0: float, a: float) -> tuple:
+        """(expected committed chain-steps, predicted seconds) of a round with window W."""
+        c = self.cost
+        if W == 0:
+            return float(live), c.ancestral_step(live)
+        evals = live * (W + 1) - exact if self.compact else self.B * (W + 1)
+        return live * expected_steps(a0, a, W), c.speculative_round(evals, self.B * (W + 1))
+
+    def choose(self, live: int, exact: int) -> tuple[int, float]:
+        """(W, predicted seconds) for the next round of ``live`` unfinished chains, ``exact`` of
+        them with an exact root."""
+        a0, a = self.acceptance()
+        steps0, time0 = self.round_time(0, live, exact, a0, a)
+        best, best_rate, best_time = 0, steps0 / time0 * (1 + self.margin), time0
+        for W in self.candidates[1:]:
+            steps, t = self.round_time(W, live, exact, a0, a)
+            if steps / t > best_rate:
+                best, best_rate, best_time = W, steps / t, t
+        return best, best_time
+
+
+class AutoRounds:
+    """The static round driven by the controller: :meth:`next` runs the round the controller
+    chooses, or hands the rest of the schedule to the ancestral loop (``lean``: a
+    :class:`~specdiff_kernels.sampling.ancestral.LeanAncestral` of the same chains)."""
+
+    def __init__(self, rnd: StaticRound, controller: WindowController, lean: LeanAncestral):
+        self.rnd, self.controller, self.lean = rnd, controller, lean
+        self.log = ControllerLog(cost=controller.cost.as_dict())
+        self.L, self.N = rnd.L, rnd.N
+        self.prev_counts: Optional[list] = None
+        self.t_prev: Optional[float] = None
+        self.handoff: Optional[dict] = None  # what the ancestral loop did, once it ran
+        # (step, row, "output" or "state") of the ancestral loop's first non-finite value
+        self.bad: Optional[tuple[int, int, str]] = None
+
+    def head_size(self) -> int:
+        """The stats prefix a round reads: the head, then accepted / attempted by position."""
+        return layout.STAT_HEAD + 2 * self.L
+
+    def next(self, s: ChainBatch, head: list) -> ChainBatch:
+        now = time.perf_counter()
+        if self.t_prev is not None:
+            self.log.measured_s.append(now - self.t_prev)
+        counts = head[layout.STAT_HEAD :]
+        if self.prev_counts is not None:
+            delta = [c - p for c, p in zip(counts, self.prev_counts)]
+            if delta[self.L]:  # a window was verified: position 0 was attempted
+                self.controller.observe(delta[: self.L], delta[self.L :])
+        self.prev_counts = counts
+        live = head[layout.STAT_LIVE]
+        exact = int(s.exact.sum()) if self.rnd.compact else 0
+        W, predicted = self.controller.choose(live, exact)
+        self.log.window_hist[W] = self.log.window_hist.get(W, 0) + 1
+        self.log.predicted_s.append(predicted)
+        if W == 0:  # would be chosen again at every later round: see the module docstring
+            s = self.ancestral_rest(s, len(self.log.predicted_s) - 1)
+            self.log.measured_s.append(time.perf_counter() - now)
+            return s
+        s = self.rnd.step(s, W)
+        self.t_prev = time.perf_counter()
+        return s
+
+    def ancestral_rest(self, s: ChainBatch, after_round: int) -> ChainBatch:
+        """Every chain's remaining steps as ancestral steps (chains may be at different steps;
+        a finished chain's window length is 0: its state is kept)."""
+        x, k = s.x, s.k
+        k_start = k.tolist()
+        lengths = (k < self.N).to(torch.int64)
+        # per chain, the first failure as 2 step + (1 if only the state failed); 2 N: none
+        first = torch.full_like(k, 2 * self.N)
+        graphs = self.lean.cuda_graphs
+        for _ in range(self.N - min(k_start)):
+            if graphs:  # each step replays a CUDA graph whose outputs the next replay overwrites
+                torch.compiler.cudagraph_mark_step_begin()
+            x, code = self.lean._step(x, k, lengths)
+            if graphs:
+                x, code = x.clone(), code.clone()
+            failed = (code > 0) & (lengths > 0)
+            first = torch.where(failed, torch.minimum(first, 2 * k + (code == 1)), first)
+            k = k + lengths
+            lengths = (k < self.N).to(torch.int64)
+        f = int(first.min())
+        if f < 2 * self.N:
+            row = int((first == f).nonzero()[0, 0])
+            self.bad = (f // 2, row, "state" if f % 2 else "output")
+        self.handoff = dict(after_round=after_round, k_start=k_start, calls=self.N - min(k_start))
+        stats = s.stats.clone()
+        stats[layout.STAT_LIVE] = 0
+        return ChainBatch(x=x, k=k, frozen=s.frozen, exact=s.exact, stats=stats)
+
+    def finish(self, stats: SamplerStats, transitions) -> None:
+        """Add the ancestral loop's calls and steps to the run's stats and log."""
+        h = self.handoff
+        if h is not None:
+            det = transitions.deterministic.to(torch.int64).tolist()
+            ahead = [sum(det[k:]) for k in range(self.N + 1)]  # deterministic steps from k on
+            B = len(h["k_start"])
+            stats.rounds += h["calls"]
+            stats.target_calls += h["calls"]
+            stats.target_evals += B * h["calls"]
+            n_det = sum(ahead[k] for k in h["k_start"])
+            n_all = sum(self.N - k for k in h["k_start"])
+            stats.deterministic_steps += n_det
+            stats.direct_steps += n_all - n_det
+            self.log.ancestral_steps = n_all
+            self.log.handed_off_at = h["after_round"]
+            base = h["after_round"] + 1  # the rounds before the hand-off, the first step's too
+            stats.chain_rounds = [
+                r if k >= self.N else base + self.N - k
+                for r, k in zip(stats.chain_rounds, h["k_start"])
+            ]
+        stats.autopilot = self.log.as_dict()
+
+    def warn_if_mostly_ancestral(self, stats: SamplerStats) -> None:
+        total = stats.num_chains * stats.num_steps
+        if total and self.log.ancestral_steps > 0.5 * total:
+            c = self.controller.cost
+            B = stats.num_chains
+            ratio = c.network(2 * B) / c.network(B)
+            a0, a = self.controller.acceptance()
+            warnings.warn(
+                f"window='auto' took {self.log.ancestral_steps / total:.0%} of the steps as plain "
+                f"ancestral steps: speculation does not pay for this model, batch and device "
+                f"(a call on {2 * B} states costs {ratio:.2f}x one on {B}; acceptance "
+                f"{a:.2f}); an int window forces speculation",
+                stacklevel=5,
+            )
+
+
+class AutoWindow(AdaptiveWindow):
+    """``window="auto"`` on the ragged path: each chain's window from its own acceptance (as
+    :class:`AdaptiveWindow`) and the cost model: the W in ``CANDIDATES`` (>= 1: a ragged round
+    always verifies) with the most expected committed steps per second of a round in which every
+    chain drafts W. ``cost`` and ``num_chains`` are set by the sampler before the run."""
+
+    def __init__(self, max_window: int = 32):
+        super().__init__(max_window, max_evals_ratio=None, prior_acceptance=0.9)
+        self.cost: Optional[CostModel] = None
+        self.num_chains = 1
+
+    def __repr__(self) -> str:
+        return f"AutoWindow(max_window={self.max_window})"
+
+    def choose(self, a0, a, extra_evals=None, cap=None) -> Tensor:
+        a0 = torch.as_tensor(a0, dtype=torch.float64).reshape(-1)
+        a = torch.as_tensor(a, dtype=torch.float64).reshape(-1)
+        e = torch.zeros_like(a) if extra_evals is None else torch.as_tensor(extra_evals)
+        e = e.to(torch.float64).reshape(-1)
+        Ws = [w for w in CANDIDATES if 1 <= w <= self.max_window] or [self.max_window]
+        B, c = self.num_chains, self.cost
+        rates = []
+        for W in Ws:
+            steps = self.expected_steps(a0, a, torch.tensor(W))
+            secs = torch.tensor(
+                [c.speculative_round(B * (W + extra), B * (W + 1)) for extra in (0.0, 1.0)],
+                dtype=torch.float64,
+            )
+            rates.append(steps / torch.where(e > 0, secs[1], secs[0]))
+        best = torch.stack(rates, 1).argmax(1)
+        return torch.tensor(Ws, dtype=torch.int64)[best]
+
+
+__all__ = [
+    "AutoRounds",
+    "AutoWindow",
+    "CANDIDATES",
+    "ControllerLog",
+    "CostModel",
+    "WindowController",
+    "calibrate",
+    "expected_steps",
+]
