@@ -37,13 +37,22 @@ import torch
 from torch import Tensor
 
 from ..sampling.transitions import (
+    PREDICTIONS,
+    SPACINGS,
     GaussianTransitions,
+    as_choice,
+    as_clip,
+    as_flag,
+    as_int,
+    as_real,
+    check_betas,
+    check_steps_offset,
     ddim_from_schedule,
     ddpm_transitions,
     euler_ancestral_from_sigmas,
 )
 
-__all__ = ["DiffusersModel", "diffusers_transitions", "from_pipeline"]
+__all__ = ["DiffusersModel", "diffusers_transitions", "from_pipeline", "scheduler_from_config"]
 
 _LEARNED = ("learned", "learned_range")
 
@@ -94,6 +103,11 @@ class DiffusersModel(torch.nn.Module):
         **call_kwargs,
     ) -> None:
         super().__init__()
+        if not callable(unet):
+            raise TypeError(
+                f"DiffusersModel: unet must be a callable model (a diffusers UNet), got "
+                f"{type(unet).__name__}"
+            )
         self.unet = unet
         self.call_kwargs = call_kwargs
         if guidance_scale is not None:
@@ -310,15 +324,145 @@ class _ThresholdedTransitions(GaussianTransitions):
         return super().mean_from_x0(x, self.threshold(x0, max(1, k.dim())), k)
 
 
-def _fresh(scheduler, num_inference_steps: Optional[int]):
+SUPPORTED = ("DDPMScheduler", "DDIMScheduler", "EulerAncestralDiscreteScheduler")
+_SUPPORTED_TEXT = "DDPMScheduler, DDIMScheduler (eta > 0), EulerAncestralDiscreteScheduler"
+
+
+def _supported_class(scheduler, where: str = "scheduler") -> str:
+    """The supported class ``scheduler`` is an instance of, else a one-line TypeError."""
+    import diffusers
+
+    if not isinstance(scheduler, diffusers.SchedulerMixin):
+        raise TypeError(
+            f"{where} must be a diffusers scheduler ({_SUPPORTED_TEXT}), got "
+            f"{type(scheduler).__name__}"
+        )
+    for name in SUPPORTED:
+        if isinstance(scheduler, getattr(diffusers, name)):
+            return name
+    raise TypeError(
+        f"unsupported scheduler {type(scheduler).__name__}; supported: {_SUPPORTED_TEXT}"
+    )
+
+
+def _check_schedule(cfg) -> None:
+    T = as_int(cfg.num_train_timesteps, "num_train_timesteps", 1)
+    trained = cfg.get("trained_betas")
+    if trained is not None:
+        betas = check_betas(trained, "trained_betas")
+        if betas.numel() != T:
+            raise ValueError(
+                f"trained_betas has {betas.numel()} entries for num_train_timesteps={T}"
+            )
+    elif cfg.get("beta_schedule") in ("linear", "scaled_linear", "sigmoid"):
+        for key in ("beta_start", "beta_end"):
+            as_real(cfg[key], key, 0, 1, open_low=True, open_high=True)
+
+
+def _check_options(kind: str, cfg) -> None:
+    """The step's options: prediction, clipping, thresholding, variance."""
+    preds = ("epsilon", "v_prediction") if kind.startswith("Euler") else PREDICTIONS
+    as_choice(cfg.prediction_type, "prediction_type", preds)
+    as_choice(cfg.get("timestep_spacing", "leading"), "timestep_spacing", SPACINGS)
+    if kind == "DDPMScheduler":
+        vt = cfg.variance_type
+        if vt in _LEARNED:
+            raise ValueError(
+                f"variance_type={vt!r}: learned variances make the draft and "
+                f"target steps' covariances differ, which speculative sampling cannot verify"
+            )
+        as_choice(vt, "variance_type", ("fixed_small", "fixed_small_log", "fixed_large"))
+    for key in ("clip_sample", "thresholding", "set_alpha_to_one", "rescale_betas_zero_snr"):
+        if key in cfg:
+            as_flag(cfg[key], key)
+    if cfg.get("thresholding", False):
+        r = cfg.get("dynamic_thresholding_ratio", 0.995)
+        as_real(r, "dynamic_thresholding_ratio", 0, 1, open_low=True)
+        as_real(
+            cfg.get("sample_max_value", 1.0), "sample_max_value", 0, open_low=True, finite=False
+        )
+    elif cfg.get("clip_sample", False):
+        as_clip(cfg.get("clip_sample_range", 1.0), "clip_sample_range")
+
+
+def _check_config(scheduler, num_inference_steps) -> tuple[str, Optional[int]]:
+    """Check a supported scheduler's config up front (diffusers itself accepts most bad values
+    and fails at ``step`` or deep in numpy); returns its class name and the step count."""
+    kind = _supported_class(scheduler)
+    cfg = scheduler.config
+    try:
+        _check_schedule(cfg)
+        _check_options(kind, cfg)
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"{kind} config: {err}") from None
+    T = int(cfg.num_train_timesteps)
+    if num_inference_steps is None:
+        num_inference_steps = getattr(scheduler, "num_inference_steps", None)
+        if not num_inference_steps:
+            raise ValueError(
+                "num_inference_steps must be given (the scheduler has no timesteps set)"
+            )
+    n = as_int(num_inference_steps, "num_inference_steps", 1, T)
+    try:
+        check_steps_offset(cfg.get("steps_offset", 0), cfg.get("timestep_spacing", "leading"), n, T)
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"{kind} config: {err}") from None
+    return kind, n
+
+
+def _diffusers_class(name: str):
+    import diffusers
+
+    return getattr(diffusers, name)
+
+
+def _build(cls, config: Mapping):
+    """``cls.from_config(config)``; diffusers' multi-line NotImplementedError for an unknown
+    beta_schedule becomes one line naming it."""
+    try:
+        return cls.from_config(config)
+    except NotImplementedError:
+        known = "'linear', 'scaled_linear', 'squaredcos_cap_v2'"
+        known += ", 'sigmoid'" if issubclass(cls, _diffusers_class("DDPMScheduler")) else ""
+        raise ValueError(
+            f"{cls.__name__} config: beta_schedule {config.get('beta_schedule')!r} is not "
+            f"implemented by diffusers; use one of {known}"
+        ) from None
+
+
+def scheduler_from_config(config: Mapping, scheduler_class=None):
+    """A supported diffusers scheduler from a config dict (e.g. a pipeline's
+    ``scheduler/scheduler_config.json``), every value checked with a one-line error naming it.
+
+    ``scheduler_class``: a supported scheduler class or its name (default: the config's
+    ``_class_name``). Keys of other schedulers are ignored, as by diffusers' ``from_config``.
+    """
+    import diffusers
+
+    if not isinstance(config, Mapping):
+        raise TypeError(f"config must be a dict of scheduler settings, got {type(config).__name__}")
+    cls = config.get("_class_name") if scheduler_class is None else scheduler_class
+    if isinstance(cls, str):
+        found = getattr(diffusers, cls, None)
+        if not (isinstance(found, type) and issubclass(found, diffusers.SchedulerMixin)):
+            raise ValueError(f"scheduler_class {cls!r} is not a diffusers scheduler")
+        cls = found
+    if not (isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin)):
+        raise TypeError(
+            f"scheduler_class must be a diffusers scheduler class or its name (or the config "
+            f"must name one in _class_name), got {cls!r}"
+        )
+    if not any(issubclass(cls, getattr(diffusers, name)) for name in SUPPORTED):
+        raise TypeError(f"unsupported scheduler {cls.__name__}; supported: {_SUPPORTED_TEXT}")
+    sched = _build(cls, {k: v for k, v in config.items() if not k.startswith("_")})
+    _check_config(sched, 1)
+    return sched
+
+
+def _fresh(scheduler, num_inference_steps: int):
     """A copy of the scheduler with timesteps set, so the caller's scheduler is not mutated."""
-    sched = type(scheduler).from_config(scheduler.config)
-    if num_inference_steps is not None:
-        sched.set_timesteps(int(num_inference_steps))
-    elif getattr(scheduler, "num_inference_steps", None):
-        sched.set_timesteps(int(scheduler.num_inference_steps))
-    else:
-        raise ValueError("num_inference_steps must be given (the scheduler has no timesteps set)")
+    sched = _build(type(scheduler), scheduler.config)
+    sched.set_timesteps(num_inference_steps)
     return sched
 
 
@@ -354,16 +498,6 @@ def _clip(cfg) -> Optional[float]:
 def _ddpm(sched) -> GaussianTransitions:
     cfg = sched.config
     vt = cfg.variance_type
-    if vt in _LEARNED:
-        raise ValueError(
-            f"DDPMScheduler variance_type={vt!r}: learned variances make the draft and "
-            f"target steps' covariances differ, which speculative sampling cannot verify"
-        )
-    if vt not in ("fixed_small", "fixed_small_log", "fixed_large"):
-        raise ValueError(
-            f"DDPMScheduler variance_type={vt!r} is not supported; use 'fixed_small', "
-            f"'fixed_small_log' or 'fixed_large'"
-        )
     # fixed_small_log draws with std sqrt(beta_tilde), exactly as fixed_small (diffusers 0.3x)
     variance = "fixed_large" if vt == "fixed_large" else "fixed_small"
     tr = ddpm_transitions(
@@ -378,11 +512,6 @@ def _ddpm(sched) -> GaussianTransitions:
 
 def _ddim(sched, eta: float) -> GaussianTransitions:
     cfg = sched.config
-    if eta <= 0:
-        raise ValueError(
-            "DDIMScheduler with eta = 0 is deterministic: there is nothing to "
-            "speculate; pass eta > 0"
-        )
     tr = ddim_from_schedule(
         sched.alphas_cumprod.double(),
         sched.timesteps.long(),
@@ -399,11 +528,6 @@ def _ddim(sched, eta: float) -> GaussianTransitions:
 
 def _euler_ancestral(sched) -> GaussianTransitions:
     cfg = sched.config
-    if cfg.prediction_type not in ("epsilon", "v_prediction"):
-        raise ValueError(
-            f"EulerAncestralDiscreteScheduler prediction_type="
-            f"{cfg.prediction_type!r} is not supported by diffusers either"
-        )
     return euler_ancestral_from_sigmas(
         sched.timesteps.double(),
         sched.sigmas.double(),
@@ -429,10 +553,9 @@ def diffusers_transitions(
         eta: DDIM's eta (required for DDIM, > 0).
         use_clipped_model_output: DDIM's flag of the same name.
     """
-    from diffusers import DDIMScheduler, DDPMScheduler, EulerAncestralDiscreteScheduler
-
-    sched = _fresh(scheduler, num_inference_steps)
-    if not isinstance(sched, DDIMScheduler):
+    kind, n = _check_config(scheduler, num_inference_steps)
+    use_clipped_model_output = as_flag(use_clipped_model_output, "use_clipped_model_output")
+    if kind != "DDIMScheduler":
         # DDPM and Euler-ancestral steps have a fixed variance: an eta would be silently ignored
         if eta is not None:
             raise ValueError(
@@ -443,20 +566,21 @@ def diffusers_transitions(
                 f"use_clipped_model_output applies to DDIMScheduler only, not to "
                 f"{type(scheduler).__name__}"
             )
-    if isinstance(sched, DDPMScheduler):
+    elif eta is None:
+        raise ValueError("DDIMScheduler: pass eta (> 0); diffusers' step takes it per call")
+    elif as_real(eta, "eta", 0) == 0:
+        raise ValueError(
+            "DDIMScheduler with eta = 0 is deterministic: there is nothing to speculate; "
+            "pass eta > 0"
+        )
+    sched = _fresh(scheduler, n)
+    if kind == "DDPMScheduler":
         return _ddpm(sched)
-    if isinstance(sched, DDIMScheduler):
-        if eta is None:
-            raise ValueError("DDIMScheduler: pass eta (> 0); diffusers' step takes it per call")
+    if kind == "DDIMScheduler":
         tr = _ddim(sched, float(eta))
-        tr.eps_from_clipped_x0 = bool(use_clipped_model_output)
+        tr.eps_from_clipped_x0 = use_clipped_model_output
         return tr
-    if isinstance(sched, EulerAncestralDiscreteScheduler):
-        return _euler_ancestral(sched)
-    raise TypeError(
-        f"unsupported scheduler {type(scheduler).__name__}; supported: DDPMScheduler, "
-        f"DDIMScheduler (eta > 0), EulerAncestralDiscreteScheduler"
-    )
+    return _euler_ancestral(sched)
 
 
 def from_pipeline(
@@ -476,7 +600,12 @@ def from_pipeline(
     "cpu", 1, True)`` and ``from_pipeline(pipe, n, guidance_scale=7.5, uncond={
     "encoder_hidden_states": neg[:1]})`` with ``model_kwargs={"encoder_hidden_states": cond}``.
     """
-    return (
-        DiffusersModel(pipe.unet, guidance_scale=guidance_scale, uncond=uncond, **call_kwargs),
-        diffusers_transitions(pipe.scheduler, num_inference_steps, eta=eta),
-    )
+    for part in ("unet", "scheduler"):
+        if getattr(pipe, part, None) is None:
+            raise TypeError(
+                f"from_pipeline: pipe must be a diffusers pipeline with .unet and .scheduler; "
+                f"{type(pipe).__name__} has no .{part}"
+            )
+    transitions = diffusers_transitions(pipe.scheduler, num_inference_steps, eta=eta)
+    model = DiffusersModel(pipe.unet, guidance_scale=guidance_scale, uncond=uncond, **call_kwargs)
+    return model, transitions

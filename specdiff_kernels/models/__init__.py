@@ -26,6 +26,8 @@ from torch import Tensor, nn
 from ..sampling.transitions import (
     GaussianTransitions,
     alphas_cumprod_from_betas,
+    as_choice,
+    as_int,
     ddim_transitions,
     ddpm_transitions,
     euler_ancestral_transitions,
@@ -56,8 +58,23 @@ class EmbeddedModel:
         """The chain over ``num_steps`` respaced steps of the training schedule.
 
         ``sampler``: ``"ddpm"`` (default; fixed_small variance), ``"ddim"`` (pass ``eta`` > 0) or
-        ``"euler_ancestral"``.
+        ``"euler_ancestral"``. ``kwargs``: the sampler's options (``spacing``, ``steps_offset``;
+        ``variance`` for DDPM; ``eta``, ``set_alpha_to_one``, ``use_clipped_model_output`` for
+        DDIM; ``init_std`` for Euler-ancestral); the schedule, prediction and clipping are the
+        model's own.
         """
+        sampler = as_choice(sampler, "sampler", tuple(_SAMPLER_OPTIONS))
+        num_steps = as_int(num_steps, "num_steps", 1, int(self.alphas_cumprod.numel()))
+        for key in kwargs:
+            if key not in _SAMPLER_OPTIONS[sampler]:
+                # the model's schedule/prediction/clipping would be overridden or, for betas
+                # next to alphas_cumprod, silently ignored
+                why = "is the model's own" if key in _MODEL_FIXED else "is not an option"
+                raise TypeError(
+                    f"EmbeddedModel.transitions got an unexpected keyword argument {key!r}: it "
+                    f"{why}; the options of sampler {sampler!r} are "
+                    f"{', '.join(_SAMPLER_OPTIONS[sampler])}"
+                )
         if sampler == "ddpm":
             return ddpm_transitions(
                 self.alphas_cumprod,
@@ -81,11 +98,26 @@ class EmbeddedModel:
                 prediction=self.prediction,
                 **kwargs,
             )
-        raise ValueError(f"sampler must be 'ddpm', 'ddim' or 'euler_ancestral', got {sampler!r}")
+        raise AssertionError(sampler)  # as_choice admitted only the samplers above
 
 
-def _load_gmm(dim: int = 64, components: int = 8, seed: int = 0, **_) -> EmbeddedModel:
+_SAMPLER_OPTIONS = {
+    "ddpm": ("spacing", "steps_offset", "variance"),
+    "ddim": ("eta", "spacing", "steps_offset", "set_alpha_to_one", "use_clipped_model_output"),
+    "euler_ancestral": ("spacing", "steps_offset", "init_std"),
+}
+_MODEL_FIXED = ("alphas_cumprod", "betas", "num_inference_steps", "timesteps", "prediction")
+_MODEL_FIXED += ("clip_sample",)
+
+
+def _load_gmm(dim: int = 64, components: int = 8, seed: int = 0) -> EmbeddedModel:
     from .gmm import GaussianMixture, GMMDenoiser, make_gmm
+
+    dim = as_int(dim, "dim", 1)
+    components = as_int(components, "components", 1)
+    seed = as_int(seed, "seed", 0)
+    if seed >= 2**64:
+        raise ValueError(f"seed must be < 2**64 (a torch generator seed), got {seed}")
 
     abar = alphas_cumprod_from_betas(make_betas("linear", TRAIN_TIMESTEPS))
     gmm = make_gmm(int(dim), K=int(components), seed=int(seed))
@@ -103,8 +135,35 @@ def _load_gmm(dim: int = 64, components: int = 8, seed: int = 0, **_) -> Embedde
     )
 
 
-def _load_digits(device="cpu", dtype=torch.float32, **_) -> EmbeddedModel:
-    from .digits import digits_alphas_cumprod, digits_dataset, load_digits_draft, load_digits_target
+def _check_device(device) -> torch.device:
+    if isinstance(device, bool) or not isinstance(device, (str, int, torch.device)):
+        raise TypeError(f"device must be a str or torch.device, got {device!r}")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(
+            f"device must be a torch device such as 'cpu' or 'cuda', got {device!r}"
+        ) from None
+    if dev.type == "cuda" and not (
+        torch.cuda.is_available() and (dev.index or 0) < torch.cuda.device_count()
+    ):
+        raise ValueError(
+            f"device {device!r} is not available (CUDA devices: {torch.cuda.device_count()})"
+        )
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be a CPU or CUDA device, got {device!r}")
+    return dev
+
+
+def _load_digits(device="cpu", dtype=torch.float32) -> EmbeddedModel:
+    from . import digits
+    from .digits import digits_alphas_cumprod, digits_dataset
+
+    device = _check_device(device)
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype such as torch.float32, got {dtype!r}")
+    if not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating-point dtype, got {dtype}")
 
     data_cache: dict = {}
 
@@ -117,8 +176,8 @@ def _load_digits(device="cpu", dtype=torch.float32, **_) -> EmbeddedModel:
 
     return EmbeddedModel(
         name="digits",
-        target=load_digits_target(device, dtype),
-        draft=load_digits_draft(device, dtype),
+        target=digits.load_digits_target(device, dtype),
+        draft=digits.load_digits_draft(device, dtype),
         event_shape=(1, 8, 8),
         alphas_cumprod=digits_alphas_cumprod(),
         prediction="epsilon",
@@ -130,6 +189,7 @@ def _load_digits(device="cpu", dtype=torch.float32, **_) -> EmbeddedModel:
 
 
 _REGISTRY = {"gmm": _load_gmm, "digits": _load_digits}
+_LOAD_OPTIONS = {"gmm": ("dim", "components", "seed"), "digits": ("device", "dtype")}
 
 
 def available() -> list[str]:
@@ -138,6 +198,14 @@ def available() -> list[str]:
 
 def load(name: str, **kwargs) -> EmbeddedModel:
     """Load an embedded model by name (``"digits"`` or ``"gmm"``; ``gmm`` takes ``dim=``)."""
+    if not isinstance(name, str):
+        raise TypeError(f"models.load: name must be a str, one of {available()}, got {name!r}")
     if name not in _REGISTRY:
-        raise ValueError(f"unknown model {name!r}; available: {available()}")
+        raise ValueError(f"unknown model name {name!r}; available: {available()}")
+    for key in kwargs:
+        if key not in _LOAD_OPTIONS[name]:
+            raise TypeError(
+                f"models.load({name!r}) got an unexpected keyword argument {key!r}; it takes "
+                f"{', '.join(_LOAD_OPTIONS[name])}"
+            )
     return _REGISTRY[name](**kwargs)

@@ -41,6 +41,7 @@ with :meth:`GaussianTransitions.mean_from_x0` (after :meth:`x0_from_eps` for eps
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 from typing import Callable, Optional, Sequence
 
@@ -53,26 +54,128 @@ PREDICTIONS = ("epsilon", "sample", "v_prediction")
 Model = Callable[[Tensor, Tensor], Tensor]
 
 
+def _tensor(x, name: str, dtype=None) -> Tensor:
+    """``x`` as a tensor; what torch cannot convert is a TypeError naming the argument."""
+    try:
+        return torch.as_tensor(x, dtype=dtype)
+    except (TypeError, ValueError, RuntimeError):
+        kind = type(x).__name__
+        raise TypeError(f"{name} must be a sequence or tensor of numbers, got {kind}") from None
+
+
+def _vector(x, name: str) -> Tensor:
+    """A 1-D (or scalar) float64 copy of ``x``: a [N, 1] table would be flattened silently."""
+    t = _tensor(x, name, torch.float64)
+    if t.dim() > 1:
+        raise ValueError(f"{name} must be one-dimensional, got shape {tuple(t.shape)}")
+    return t.flatten().clone()
+
+
+def _first_bad(name: str, t: Tensor, bad: Tensor, want: str) -> None:
+    """Raise ``name must be <want>`` with the first offending entry (a table may be long)."""
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(f"{name} must be {want}, got {t[i].item()} at index {i}")
+
+
 def _table(x, n: Optional[int] = None, name: str = "table") -> Tensor:
-    t = torch.as_tensor(x, dtype=torch.float64).flatten().clone()
+    t = _vector(x, name)
     if n is not None and t.numel() == 1 and n != 1:
         t = t.expand(n).clone()
     if n is not None and t.numel() != n:
         raise ValueError(f"{name} must have {n} entries (one per sampling step), got {t.numel()}")
-    if not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{name} must be finite, got {t.tolist()}")
+    _first_bad(name, t, ~torch.isfinite(t), "finite")
     return t
 
 
-def _timesteps(timesteps) -> Tensor:
+def _timesteps(timesteps, name: str = "timesteps") -> Tensor:
     """The network's timesteps as int64 where they are whole numbers, else float64."""
-    ts = torch.as_tensor(timesteps).flatten().clone()
+    ts = _tensor(timesteps, name)
+    if ts.dim() > 1:
+        raise ValueError(f"{name} must be one-dimensional, got shape {tuple(ts.shape)}")
+    ts = ts.flatten().clone()
     if ts.numel() == 0:
-        raise ValueError("timesteps must not be empty")
+        raise ValueError(f"{name} must not be empty")
+    if ts.dtype == torch.bool or ts.is_complex():
+        raise TypeError(f"{name} must be numbers, got a {ts.dtype} tensor")
     if not ts.is_floating_point():
         return ts.to(torch.int64)
     ts = ts.to(torch.float64)
+    _first_bad(name, ts, ~torch.isfinite(ts), "finite")
     return ts.round().to(torch.int64) if bool((ts == ts.round()).all()) else ts
+
+
+def as_int(value, name: str, low: int, high: Optional[int] = None) -> int:
+    """An int in ``low..high``; bools, floats (2.5 would be truncated) and strings are refused."""
+    span = f"in {low}..{high}" if high is not None else f">= {low}"
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int {span}, got {value!r}")
+    try:
+        n = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int {span}, got {value!r}") from None
+    if n < low or (high is not None and n > high):
+        raise ValueError(f"{name} must be {span}, got {n}")
+    return n
+
+
+def as_real(
+    value, name: str, low=-math.inf, high=math.inf, *, open_low=False, open_high=False, finite=True
+) -> float:
+    """A float in the range (bounds closed unless ``open_*``), finite unless ``finite=False``
+    (NaN is always refused); bools, strings and None are refused."""
+    if isinstance(value, Tensor):
+        real = value.numel() == 1 and not (value.is_complex() or value.dtype == torch.bool)
+    else:
+        real = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if not real:
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    v = float(value)
+    ok = not math.isnan(v) and not (finite and math.isinf(v))
+    ok = ok and (v > low if open_low else v >= low) and (v < high if open_high else v <= high)
+    if not ok:
+        lo, hi = f"{'(' if open_low else '['}{low:g}", f"{high:g}{')' if open_high else ']'}"
+        if high < math.inf:
+            bound = f"in {lo}, {hi}"
+        elif low > -math.inf:
+            bound = f"{'>' if open_low else '>='} {low:g}"
+        else:
+            bound = "not NaN"
+        raise ValueError(f"{name} must be {'a finite number ' if finite else ''}{bound}, got {v}")
+    return v
+
+
+def as_flag(value, name: str) -> bool:
+    """A bool (a string such as "no" would be truthy)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
+def as_choice(value, name: str, options: Sequence[str]) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be one of {tuple(options)}, got {value!r}")
+    if value not in options:
+        raise ValueError(f"{name} must be one of {tuple(options)}, got {value!r}")
+    return value
+
+
+def as_clip(clip_sample, name: str = "clip_sample") -> Optional[float]:
+    """None (no clipping) or a bound > 0 (inf: no clipping either)."""
+    if clip_sample is None:
+        return None
+    return as_real(clip_sample, name, 0.0, open_low=True, finite=False)
+
+
+def _options(prediction, clip_sample, eps_from_clipped_x0, init_std, name) -> tuple:
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a str, got {name!r}")
+    return (
+        as_choice(prediction, "prediction", PREDICTIONS),
+        as_clip(clip_sample),
+        as_flag(eps_from_clipped_x0, "eps_from_clipped_x0"),
+        as_real(init_std, "init_std", 0.0, open_low=True),
+    )
 
 
 class GaussianTransitions:
@@ -114,8 +217,9 @@ class GaussianTransitions:
         init_std: float = 1.0,
         name: str = "custom",
     ):
-        if prediction not in PREDICTIONS:
-            raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
+        prediction, clip_sample, eps_from_clipped_x0, init_std = _options(
+            prediction, clip_sample, eps_from_clipped_x0, init_std, name
+        )
         ts = _timesteps(timesteps)
         n = ts.numel()
         self.timesteps = ts
@@ -124,21 +228,20 @@ class GaussianTransitions:
         self.c_x = _table(c_x, n, "c_x")
         self.c_eps = _table(0.0 if c_eps is None else c_eps, n, "c_eps")
         self.std = _table(std, n, "std")
-        if bool((self.std < 0).any()):
-            raise ValueError(f"std must be >= 0, got {self.std.tolist()}")
+        _first_bad("std", self.std, self.std < 0, ">= 0")
         self.model_alpha = _table(model_alpha, n, "model_alpha")
         self.model_sigma = _table(model_sigma, n, "model_sigma")
         self.input_scale = _table(1.0 if input_scale is None else input_scale, n, "input_scale")
-        if bool((self.model_alpha <= 0).any()) or bool((self.input_scale <= 0).any()):
-            raise ValueError("model_alpha and input_scale must be > 0")
+        for label in ("model_alpha", "model_sigma", "input_scale"):
+            _first_bad(label, getattr(self, label), getattr(self, label) <= 0, "> 0")
         # VP samplers feed the state as it is: no multiply by ones on every call
         self.unit_input = bool((self.input_scale == 1).all())
         self.state_alpha = self.model_alpha / self.input_scale
         self.state_sigma = self.model_sigma / self.input_scale
         self.prediction = prediction
-        self.clip_sample = None if clip_sample is None else float(clip_sample)
-        self.eps_from_clipped_x0 = bool(eps_from_clipped_x0)
-        self.init_std = float(init_std)
+        self.clip_sample = clip_sample
+        self.eps_from_clipped_x0 = eps_from_clipped_x0
+        self.init_std = init_std
         self.name = name
         # x0_raw = out_x[k] * x + out_pred[k] * out
         if prediction == "epsilon":
@@ -242,6 +345,10 @@ class GaussianTransitions:
 
 
 # ---------------------------------------------------------------------- schedules
+SPACINGS = ("leading", "linspace", "trailing")
+BETA_SCHEDULES = ("linear", "scaled_linear", "cosine", "squaredcos_cap_v2")
+
+
 def make_betas(
     schedule: str = "linear",
     num_train_timesteps: int = 1000,
@@ -250,43 +357,75 @@ def make_betas(
 ) -> Tensor:
     """Training betas (float64), as diffusers: ``"linear"``, ``"scaled_linear"`` or
     ``"cosine"`` (= ``"squaredcos_cap_v2"``, Nichol & Dhariwal, betas capped at 0.999)."""
-    T = int(num_train_timesteps)
+    schedule = as_choice(schedule, "schedule", BETA_SCHEDULES)
+    T = as_int(num_train_timesteps, "num_train_timesteps", 1)
+    # a beta of 0 makes abar = 1 (noise std 0: 0/0 in the step), 1 makes every later abar 0
+    b0 = as_real(beta_start, "beta_start", 0, 1, open_low=True, open_high=True)
+    b1 = as_real(beta_end, "beta_end", 0, 1, open_low=True, open_high=True)
     if schedule == "linear":
-        return torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
+        return torch.linspace(b0, b1, T, dtype=torch.float64)
     if schedule == "scaled_linear":
-        return torch.linspace(beta_start**0.5, beta_end**0.5, T, dtype=torch.float64) ** 2
-    if schedule in ("cosine", "squaredcos_cap_v2"):
+        return torch.linspace(b0**0.5, b1**0.5, T, dtype=torch.float64) ** 2
 
-        def abar(s):
-            return math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
+    def abar(s):
+        return math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
 
-        return torch.tensor(
-            [min(1 - abar((i + 1) / T) / abar(i / T), 0.999) for i in range(T)], dtype=torch.float64
-        )
-    raise ValueError(
-        f"unknown beta schedule {schedule!r}; use 'linear', 'scaled_linear' or 'cosine'"
+    return torch.tensor(
+        [min(1 - abar((i + 1) / T) / abar(i / T), 0.999) for i in range(T)], dtype=torch.float64
     )
 
 
+def check_betas(betas, name: str = "betas") -> Tensor:
+    b = _tensor(betas, name, torch.float64)
+    if b.dim() != 1 or b.numel() == 0:
+        raise ValueError(f"{name} must be a non-empty 1-D sequence, got shape {tuple(b.shape)}")
+    _first_bad(name, b, ~((b > 0) & (b < 1)), "in (0, 1)")
+    return b
+
+
 def alphas_cumprod_from_betas(betas: Tensor) -> Tensor:
-    return torch.cumprod(1.0 - torch.as_tensor(betas, dtype=torch.float64), dim=0)
+    return torch.cumprod(1.0 - check_betas(betas), dim=0)
+
+
+def check_alphas_cumprod(alphas_cumprod, name: str = "alphas_cumprod") -> Tensor:
+    """A training schedule's abar as float64 [T]: in (0, 1] and non-increasing."""
+    a = _tensor(alphas_cumprod, name, torch.float64)
+    if a.dim() != 1 or a.numel() == 0:
+        raise ValueError(f"{name} must be a non-empty 1-D sequence, got shape {tuple(a.shape)}")
+    _first_bad(name, a, ~((a > 0) & (a <= 1)), "in (0, 1]")
+    up = a[1:] > a[:-1]
+    if bool(up.any()):
+        i = int(up.nonzero()[0, 0]) + 1
+        raise ValueError(
+            f"{name} must be non-increasing (a cumulative product of 1 - beta), got "
+            f"{a[i].item()} at index {i} after {a[i - 1].item()}"
+        )
+    return a
+
+
+def _schedule(alphas_cumprod, betas) -> Tensor:
+    if alphas_cumprod is not None and betas is not None:
+        raise ValueError("betas must not be given with alphas_cumprod (it would be ignored)")
+    if alphas_cumprod is None:
+        alphas_cumprod = alphas_cumprod_from_betas(make_betas() if betas is None else betas)
+    return check_alphas_cumprod(alphas_cumprod)
 
 
 def _inference_steps(num_inference_steps, T: int) -> int:
     """An int in 1..T (a float or bool would be truncated silently; 0 fails deep in numpy)."""
-    if isinstance(num_inference_steps, bool):
-        raise TypeError(
-            f"num_inference_steps must be an int in 1..{T}, got {num_inference_steps!r}"
+    return as_int(num_inference_steps, "num_inference_steps", 1, T)
+
+
+def check_steps_offset(steps_offset, spacing: str, n: int, T: int) -> int:
+    """``steps_offset`` (added by "leading" spacing only, as diffusers) keeps timesteps < T."""
+    off = as_int(steps_offset, "steps_offset", 0)
+    top = T - 1 - (n - 1) * (T // n)
+    if spacing == "leading" and off > top:
+        raise ValueError(
+            f"steps_offset must be at most {top} for {n} leading-spaced steps of {T} training "
+            f"timesteps (the first timestep would be {T - 1 - top + off}), got {off}"
         )
-    try:
-        n = operator.index(num_inference_steps)
-    except TypeError:
-        raise TypeError(
-            f"num_inference_steps must be an int in 1..{T}, got {num_inference_steps!r}"
-        ) from None
-    if not 0 < n <= T:
-        raise ValueError(f"num_inference_steps must be in 1..{T}, got {n}")
-    return n
+    return off
 
 
 def respaced_timesteps(
@@ -299,39 +438,46 @@ def respaced_timesteps(
 
     ``num_inference_steps=None`` gives all training timesteps T-1..0.
     """
-    T = int(num_train_timesteps)
+    T = as_int(num_train_timesteps, "num_train_timesteps", 1)
+    spacing = as_choice(spacing, "spacing", SPACINGS)
     if num_inference_steps is None:
+        as_int(steps_offset, "steps_offset", 0)
         return torch.arange(T - 1, -1, -1, dtype=torch.int64)
     n = _inference_steps(num_inference_steps, T)
+    steps_offset = check_steps_offset(steps_offset, spacing, n, T)
     if spacing == "leading":
         ts = (np.arange(0, n) * (T // n)).round()[::-1].astype(np.int64) + steps_offset
     elif spacing == "linspace":
         ts = np.linspace(0, T - 1, n).round()[::-1].astype(np.int64)
-    elif spacing == "trailing":
-        ts = np.round(np.arange(T, 0, -T / n)).astype(np.int64) - 1
     else:
-        raise ValueError(f"spacing must be 'leading', 'linspace' or 'trailing', got {spacing!r}")
+        ts = np.round(np.arange(T, 0, -T / n)).astype(np.int64) - 1
     return torch.from_numpy(ts.copy())
+
+
+def _schedule_timesteps(timesteps, T: int) -> Tensor:
+    """Explicit timesteps: integers in 0..T-1 (indices into the schedule), strictly decreasing."""
+    ts = _timesteps(timesteps)
+    if ts.is_floating_point():
+        frac = ts[ts != ts.round()][0].item()
+        raise TypeError(f"timesteps must be integers (indices into alphas_cumprod), got {frac}")
+    _first_bad("timesteps", ts, (ts < 0) | (ts >= T), f"in 0..{T - 1}")
+    if ts.numel() > 1 and bool((ts[1:] >= ts[:-1]).any()):
+        raise ValueError("timesteps must be strictly decreasing")
+    return ts
 
 
 def _abar_and_timesteps(
     alphas_cumprod, betas, num_inference_steps, timesteps, spacing, steps_offset
 ):
-    if alphas_cumprod is None:
-        if betas is None:
-            betas = make_betas()
-        alphas_cumprod = alphas_cumprod_from_betas(betas)
-    abar = torch.as_tensor(alphas_cumprod, dtype=torch.float64).flatten()
+    abar = _schedule(alphas_cumprod, betas)
     T = abar.numel()
     if timesteps is None:
-        ts = respaced_timesteps(T, num_inference_steps, spacing, steps_offset)
-    else:
-        ts = torch.as_tensor(timesteps, dtype=torch.int64).flatten()
-        if ts.numel() > 1 and bool((ts[1:] >= ts[:-1]).any()):
-            raise ValueError("timesteps must be strictly decreasing")
-    if bool((ts < 0).any()) or bool((ts >= T).any()):
-        raise ValueError(f"timesteps must lie in 0..{T - 1}")
-    return abar, ts
+        return abar, respaced_timesteps(T, num_inference_steps, spacing, steps_offset)
+    if num_inference_steps is not None:
+        raise ValueError("timesteps and num_inference_steps exclude each other; give one")
+    if spacing != "leading" or steps_offset != 0:
+        raise ValueError("timesteps are explicit: spacing and steps_offset do not apply to them")
+    return abar, _schedule_timesteps(timesteps, T)
 
 
 def ddpm_transitions(
@@ -362,8 +508,8 @@ def ddpm_transitions(
     A fixed_small step whose previous abar is 1 has variance 0 and is deterministic as well
     (diffusers clamps that variance at 1e-20, i.e. adds 1e-10 noise; dropped here).
     """
-    if variance not in ("fixed_small", "fixed_large"):
-        raise ValueError(f"variance must be 'fixed_small' or 'fixed_large', got {variance!r}")
+    variance = as_choice(variance, "variance", ("fixed_small", "fixed_large"))
+    prediction, clip_sample = as_choice(prediction, "prediction", PREDICTIONS), as_clip(clip_sample)
     abar, ts = _abar_and_timesteps(
         alphas_cumprod, betas, num_inference_steps, timesteps, spacing, steps_offset
     )
@@ -411,15 +557,19 @@ def ddim_transitions(
     As diffusers, the previous timestep is ``t - T // num_inference_steps`` (and
     ``final_alpha_cumprod`` = 1 or abar[0] below 0). eta = 0: every step is deterministic.
     """
-    abar, ts = _abar_and_timesteps(
-        alphas_cumprod, betas, num_inference_steps, None, spacing, steps_offset
-    )
+    as_real(eta, "eta", 0)
+    prediction, clip_sample = as_choice(prediction, "prediction", PREDICTIONS), as_clip(clip_sample)
+    set_alpha_to_one = as_flag(set_alpha_to_one, "set_alpha_to_one")
+    use_clipped_model_output = as_flag(use_clipped_model_output, "use_clipped_model_output")
+    abar = _schedule(alphas_cumprod, betas)
     T = abar.numel()
+    n = _inference_steps(num_inference_steps, T)
+    ts = respaced_timesteps(T, n, spacing, steps_offset)
     final = torch.tensor(1.0, dtype=torch.float64) if set_alpha_to_one else abar[0]
     return ddim_from_schedule(
         abar,
         ts,
-        T // _inference_steps(num_inference_steps, T),
+        T // n,
         final,
         eta=eta,
         prediction=prediction,
@@ -443,13 +593,12 @@ def ddim_from_schedule(
     computes it: previous timestep ``t - step_ratio``, ``final_alpha_cumprod`` below 0.
     ``kwargs`` go to :class:`GaussianTransitions` (prediction, clip_sample, eps_from_clipped_x0).
     Shared by :func:`ddim_transitions` and the diffusers adapter."""
-    eta = float(eta)
-    if not (math.isfinite(eta) and eta >= 0):
-        raise ValueError(f"eta must be a finite number >= 0, got {eta}")
-    abar = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
-    ts = torch.as_tensor(timesteps, dtype=torch.int64)
-    final = torch.as_tensor(final_alpha_cumprod, dtype=torch.float64)
-    prev = ts - int(step_ratio)
+    eta = as_real(eta, "eta", 0)
+    abar = check_alphas_cumprod(alphas_cumprod)
+    ts = _schedule_timesteps(timesteps, abar.numel())
+    prev = ts - as_int(step_ratio, "step_ratio", 1)
+    fin = as_real(final_alpha_cumprod, "final_alpha_cumprod", 0, 1, open_low=True)
+    final = torch.tensor(fin, dtype=torch.float64)
     a_t = abar[ts]
     a_prev = torch.where(prev >= 0, abar[prev.clamp_min(0)], final)
     var = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
@@ -489,19 +638,20 @@ def euler_ancestral_transitions(
     ``init_std`` defaults to diffusers' ``init_noise_sigma`` (sigma_max for "linspace"/"trailing"
     spacing, sqrt(sigma_max^2 + 1) for "leading").
     """
-    if alphas_cumprod is None:
-        alphas_cumprod = alphas_cumprod_from_betas(make_betas() if betas is None else betas)
-    abar = torch.as_tensor(alphas_cumprod, dtype=torch.float64).flatten()
+    prediction = as_choice(prediction, "prediction", PREDICTIONS)
+    if init_std is not None:
+        init_std = as_real(init_std, "init_std", 0, open_low=True)
+    spacing = as_choice(spacing, "spacing", SPACINGS)
+    abar = _schedule(alphas_cumprod, betas)
     T = abar.numel()
     n = _inference_steps(num_inference_steps, T)
+    steps_offset = check_steps_offset(steps_offset, spacing, n, T)
     if spacing == "linspace":
         ts = np.linspace(0, T - 1, n, dtype=np.float64)[::-1].copy()
     elif spacing == "leading":
         ts = (np.arange(0, n) * (T // n)).round()[::-1].copy().astype(np.float64) + steps_offset
-    elif spacing == "trailing":
-        ts = np.arange(T, 0, -T / n).round().copy().astype(np.float64) - 1
     else:
-        raise ValueError(f"spacing must be 'leading', 'linspace' or 'trailing', got {spacing!r}")
+        ts = np.arange(T, 0, -T / n).round().copy().astype(np.float64) - 1
     full = ((1 - abar) / abar).sqrt().numpy()
     sig = torch.from_numpy(np.interp(ts, np.arange(T), full))
     if init_std is None:
@@ -522,14 +672,22 @@ def euler_ancestral_from_sigmas(
     """The Euler-ancestral step from ``sigmas[k]`` to ``sigmas[k + 1]`` (``N + 1`` entries, the
     last one the final sigma, 0), as diffusers' ``EulerAncestralDiscreteScheduler.step``. Shared by
     :func:`euler_ancestral_transitions` and the diffusers adapter."""
-    sig = torch.as_tensor(sigmas, dtype=torch.float64)
+    ts = _timesteps(timesteps)
+    sig = _vector(sigmas, "sigmas")
+    if sig.numel() != ts.numel() + 1:
+        raise ValueError(
+            f"sigmas must have {ts.numel() + 1} entries (one per timestep, then the final "
+            f"sigma), got {sig.numel()}"
+        )
+    _first_bad("sigmas", sig, ~(torch.isfinite(sig) & (sig >= 0)), "finite and >= 0")
+    _first_bad("sigmas", sig[:-1], sig[:-1] <= 0, "> 0 before the final entry")
     s_from, s_to = sig[:-1], sig[1:]
     s_up = (s_to**2 * (s_from**2 - s_to**2) / s_from**2).clamp_min(0).sqrt()
     s_down = (s_to**2 - s_up**2).clamp_min(0).sqrt()
     ratio = s_down / s_from
     scale = 1 / (1 + s_from**2).sqrt()
     return GaussianTransitions(
-        timesteps,
+        ts,
         1 - ratio,
         ratio,
         s_up,
@@ -543,12 +701,20 @@ def euler_ancestral_from_sigmas(
 
 
 # ---------------------------------------------------------------- the round ops' tables
+def _check_transitions(transitions, where: str) -> None:
+    if not isinstance(transitions, GaussianTransitions):
+        raise TypeError(
+            f"{where}: transitions must be a GaussianTransitions, got {type(transitions).__name__}"
+        )
+
+
 def round_tables(transitions: GaussianTransitions, device=None) -> Tensor:
     """The float64 ``[8, N]`` coefficient tensor of ``transitions`` (rows ``ops.layout.ROW_*``):
 
     ``mean(x, k) = A clip(p) + E p + G x`` for the network's raw x0-hat p (GaussianTransitions'
     ``mean_from_x0`` with its eps term expanded), the step std, the frozen-eps draft's x0 at y
     (``X0_Y y - X0_F eps``) and the eps of an x0-hat at y (``EPS_Y y - EPS_P x0``)."""
+    _check_transitions(transitions, "round_tables")
     if not transitions.affine:
         raise ValueError(
             f"round_tables: {transitions.name} is not affine in x0-hat (dynamic "
@@ -577,12 +743,14 @@ def round_tables(transitions: GaussianTransitions, device=None) -> Tensor:
 
 def clip_value(transitions: GaussianTransitions) -> float:
     """The clip bound the ops take (``inf``: no clipping)."""
+    _check_transitions(transitions, "clip_value")
     return math.inf if transitions.clip_sample is None else float(transitions.clip_sample)
 
 
 def stochastic_runs(transitions: GaussianTransitions) -> Tensor:
     """``[N + 1]`` int64: stochastic steps from step k before the next deterministic step or the
     end (0 at a deterministic step and at k = N)."""
+    _check_transitions(transitions, "stochastic_runs")
     det = transitions.deterministic.tolist()
     run = [0] * (transitions.num_steps + 1)
     for s in range(transitions.num_steps - 1, -1, -1):
