@@ -28,6 +28,8 @@ class SamplerStats:
     * ``accepted_by_step[k]`` / ``attempted_by_step[k]``: the same by sampling step k.
     * ``chain_rounds[c]``: the round in which chain c finished, i.e. the sequential target calls
       (with one call per round) that chain c alone would have needed: per-chain latency.
+    * ``max_batch``: the most states one network invocation held (a round's one logical call made
+      in chunks of this size: the user's ``max_batch`` or the memory budget's); None: unchunked.
     * ``autopilot`` (``window="auto"``): the cost model (``cost``: measured call sizes and seconds,
       ``calibration_s``), ``window_hist`` (rounds per chosen window, 0: the ancestral loop),
       ``ancestral_steps``, ``handed_off_at``, ``predicted_s`` / ``measured_s`` per round.
@@ -54,6 +56,7 @@ class SamplerStats:
     chain_rounds: list = field(default_factory=list)
     window_length_hist: list = field(default_factory=list)
     wall_time: float = 0.0
+    max_batch: Optional[int] = None  # states per model invocation (None: calls not chunked)
     autopilot: Optional[dict] = None  # window="auto": the cost model and the windows chosen
 
     def __post_init__(self):

@@ -19,9 +19,19 @@ from torch import Tensor
 
 from . import checks as _args
 from .accounting import SamplerStats
-from .network import chunked_call
+from .network import available_memory, chunked_call, probe_call_bytes
 from .noise import ChainNoise, base_seed_from
 from .transitions import GaussianTransitions, Model
+
+# The default max_batch (max_batch=None; docs/design.md, "Memory"): calls of at most this many
+# states are never chunked and nothing is probed (every small run, whatever its network)
+PROBE_MIN_STATES = 1024
+PROBE_STATES = 8  # the probe call's states (its peak per state sizes the chunks)
+MEMORY_BUDGET_FRACTION = 0.25  # of the free device memory (CUDA) or available RAM (CPU)
+# On a CPU the network's work is proportional to its states: chunks of B states (the ancestral
+# call) cost no throughput, so a speculative run's activations are kept to about the ancestral
+# run's (or this many bytes, if more) even where the budget would allow more
+CPU_CHUNK_MIN_BYTES = 16 << 20
 
 
 class NonFiniteError(FloatingPointError):
@@ -50,8 +60,10 @@ def sample_in_inference_mode(sample):
 
     @functools.wraps(sample)
     def wrapper(self, *args, **kwargs) -> "SamplingResult":
+        self._max_batch_used = self.max_batch
         with torch.inference_mode():
             res = sample(self, *args, **kwargs)
+        res.stats.max_batch = self._max_batch_used
         return SamplingResult(res.samples.clone(), res.stats)
 
     return wrapper
@@ -80,6 +92,8 @@ class SamplerBase:
         self.progress = progress
         self.check_finite = bool(check_finite)
         self.max_batch = None if max_batch is None else _args.as_count("max_batch", max_batch)
+        self._max_batch_used = self.max_batch  # what the last run used (stats.max_batch)
+        self._budget_limits: dict = {}  # default max_batch by (B, call, shape, dtype, device)
 
     # -------------------------------------------------------------- setup and helpers
     def setup(
@@ -121,8 +135,50 @@ class SamplerBase:
 
     def network_max_batch(self, x: Tensor, chains: "Chains") -> Optional[int]:
         """The most states one model invocation may hold in this run (None: no limit): a round's
-        one logical network call on more states is made in chunks of this size."""
-        return self.max_batch
+        one logical network call on more states is made in chunks of this size. The user's
+        ``max_batch``, else one from the memory budget (:meth:`budget_max_batch`)."""
+        limit = self.max_batch
+        if limit is None:
+            limit = self.budget_max_batch(x, chains)
+        self._max_batch_used = limit
+        return limit
+
+    def budget_max_batch(self, x: Tensor, chains: "Chains") -> Optional[int]:
+        """The default ``max_batch`` of a run on chains ``chains`` with states like x: None when
+        its largest call (B (L + 1) states) is small or fits; else as many states as
+        ``MEMORY_BUDGET_FRACTION`` of the free memory holds, by the per-state peak of one probe
+        call, and on a CPU at most max(B, ``CPU_CHUNK_MIN_BYTES`` worth). Measured once per
+        (B, state shape, dtype, device)."""
+        B = len(chains.ids)
+        largest = B * (int(getattr(self, "window", 0)) + 1)
+        if largest <= PROBE_MIN_STATES:
+            return None
+        key = (B, largest, tuple(x.shape[1:]), x.dtype, x.device)
+        if key not in self._budget_limits:
+            per_state = self.probe_state_bytes(x, chains)
+            free = available_memory(x.device)
+            limit = None
+            if per_state is not None and free is not None:
+                limit = max(1, int(free * MEMORY_BUDGET_FRACTION) // per_state)
+                if x.device.type != "cuda":
+                    limit = min(limit, max(B, CPU_CHUNK_MIN_BYTES // per_state))
+                limit = None if largest <= limit else limit
+            self._budget_limits[key] = limit
+        return self._budget_limits[key]
+
+    def probe_state_bytes(self, x: Tensor, chains: "Chains") -> Optional[int]:
+        """Peak bytes per state of one target call on the first ``PROBE_STATES`` rows of x (at
+        step 0), its input and output included; None if the probe call fails (the run's own
+        first call then reports what is wrong)."""
+        n = min(x.shape[0], PROBE_STATES)
+        k = torch.zeros(n, dtype=torch.int64, device=x.device)
+        xin = self.transitions.model_input(x[:n], k).clone()
+        cond = chains.cond.gather(torch.arange(n, device=x.device)) if chains.cond else {}
+        try:
+            peak = probe_call_bytes(self.model, xin, self.transitions.t(k), cond)
+        except Exception:  # noqa: BLE001 - any failure of the user's model: no estimate
+            return None
+        return max(1, -(-peak // n) + 2 * xin[0].nbytes)
 
     def nonfinite_output_error(self, role: str, step: int, chain: int) -> NonFiniteError:
         """The error for a non-finite network output, naming the step, its timestep and the chain

@@ -3,10 +3,13 @@ ancestral chain, the ragged round's fused draft): no host work per call."""
 
 from __future__ import annotations
 
+import weakref
 from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from ..ops import round as round_ops
 from .checks import check_model_output
@@ -74,3 +77,75 @@ class NetworkCall:
         if self.sample_pred:
             return out, out
         return out, self.out_x[kc].view(shape) * x + self.out_pred[kc].view(shape) * out
+
+
+# ------------------------------------------------------------------ memory
+def available_memory(device: torch.device) -> Optional[int]:
+    """Bytes a run may still take: the CUDA device's free memory, else the system's available RAM
+    (psutil if installed, else /proc/meminfo's MemAvailable); None when unknown."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        pass
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+class _PeakLiveBytes(TorchDispatchMode):
+    """Bytes of the tensors an operation sequence allocates, tracked while they are alive; its
+    ``peak``. Storages the operations were given (inputs, parameters, views of them) are not
+    counted."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self._ptrs: set = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        given = {
+            a.untyped_storage().data_ptr()
+            for a in tree_leaves((args, kwargs))
+            if isinstance(a, Tensor)
+        }
+        for t in tree_leaves(out):
+            if not isinstance(t, Tensor) or t.device.type == "meta":
+                continue
+            ptr, n = t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()
+            if n and ptr not in given and ptr not in self._ptrs:
+                self._ptrs.add(ptr)
+                self.live += n
+                self.peak = max(self.peak, self.live)
+                weakref.finalize(t, self._free, ptr, n)
+        return out
+
+    def _free(self, ptr: int, n: int) -> None:
+        self._ptrs.discard(ptr)
+        self.live -= n
+
+
+def probe_call_bytes(model: Model, x: Tensor, t: Tensor, cond: dict) -> int:
+    """Peak bytes one ``model(x, t, **cond)`` call takes beyond its inputs: on CUDA the
+    allocator's peak; elsewhere the tensors the call's operations allocate, while alive (a lower
+    bound: a library's internal workspace is not seen)."""
+    if x.device.type == "cuda":
+        torch.cuda.synchronize(x.device)
+        base = torch.cuda.memory_allocated(x.device)
+        torch.cuda.reset_peak_memory_stats(x.device)
+        model(x, t, **cond)
+        torch.cuda.synchronize(x.device)
+        return max(0, torch.cuda.max_memory_allocated(x.device) - base)
+    with _PeakLiveBytes() as mode:
+        model(x, t, **cond)
+    return mode.peak
