@@ -97,14 +97,19 @@ class SpeculativeSampler(SamplerBase):
         transitions: the chain (:class:`GaussianTransitions`).
         draft: :class:`FrozenTargetDraft` (default ``FrozenTargetDraft("x0", prefetch_root=True)``)
             or :class:`DraftModelDraft`.
-        window: L, the number of drafted steps per round (an int >= 1); or ``"adaptive"`` /
-            an :class:`~specdiff_kernels.sampling.window.AdaptiveWindow`: each chain's window
-            length is chosen before each of its rounds from its OWN past acceptance (exactness is
-            kept: the length is a function of the past; see
-            :mod:`specdiff_kernels.sampling.window`). The buffer length (``self.window``,
-            ``stats.window``) is then the policy's ``max_window``. Either
-            is clamped to the longest run of stochastic steps of ``transitions`` (no window can
-            be longer).
+        window: ``"auto"`` (the default): before each round a cost-aware controller
+            (:mod:`specdiff_kernels.sampling.autopilot`, docs/design.md §9.1) picks the window
+            with the most expected committed steps per second from the measured cost of the
+            network's calls and the acceptance seen so far, including 0: plain ancestral steps,
+            so a run is not slower than the ancestral chain where speculation does not pay. An
+            int >= 1 fixes L, the number of drafted steps per round. ``"adaptive"`` / an
+            :class:`~specdiff_kernels.sampling.window.AdaptiveWindow`: each chain's window
+            length is chosen before each of its rounds from its OWN past acceptance under a cap
+            on evaluations per step (exactness is kept: the length is a function of the past;
+            see :mod:`specdiff_kernels.sampling.window`). The buffer length (``self.window``,
+            ``stats.window``) is then the policy's ``max_window`` (32 for "auto"). Either is
+            clamped to the longest run of stochastic steps of ``transitions`` (no window can be
+            longer).
         backend: passed to :func:`specdiff_kernels.speculative_verify` (None: by device).
         verify_fn: replaces the verify op (same signature and return type as
             :func:`specdiff_kernels.speculative_verify`, called with ``backend=`` as a keyword).
@@ -120,6 +125,10 @@ class SpeculativeSampler(SamplerBase):
             ``torch.compile`` (on CUDA or at B = 1 the whole round, network included, fullgraph;
             on CPU from ``COMPACT_MIN_CHAINS_CPU`` chains the network alone, with a dynamic
             batch). True with the ragged round is refused: it runs eagerly.
+        cost: with ``window="auto"``, the network's cost instead of measuring it: a table
+            ``{states: seconds}`` or a callable ``states -> seconds`` (e.g. a previous run's
+            ``stats.autopilot["cost"]`` sizes and seconds): runs then repeat bit for bit across
+            processes. Default: measured at the first ``sample()`` and cached per model.
         max_batch: the most states one model invocation may hold (None: no limit). A round's one
             logical network call on more states (B (L + 1) at most) is made in chunks of this
             size: the same samples, activation memory bounded by it.
@@ -160,7 +169,9 @@ class SpeculativeSampler(SamplerBase):
         self.autopilot = isinstance(self.window_policy, AutoWindow)
         if cost is not None and not self.autopilot:
             raise ValueError("cost= sets window='auto''s cost model: it needs window='auto'")
-        self.user_cost = None if cost is None else CostModel.from_user(cost, "cpu")
+        if cost is not None:
+            CostModel.from_user(cost, "cpu")  # checked here, made per device at sample()
+        self.user_cost = cost
         self._costs: dict = {}  # (B, event shape, dtype, device) -> CostModel, measured once
         self.backend = backend
         self.verify_fn = ops.speculative_verify if verify_fn is None else verify_fn
@@ -352,7 +363,7 @@ class SpeculativeSampler(SamplerBase):
         and (batch, event shape, dtype, device, conditioning, window, max_batch); ``cost=``
         replaces the measurement."""
         if self.user_cost is not None:
-            return self.user_cost
+            return CostModel.from_user(self.user_cost, x.device.type)
         # shared by every sampler of this model in the process: two samplers of one model give
         # the same samples for a seed, as with a fixed window
         try:
