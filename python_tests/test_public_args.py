@@ -355,7 +355,8 @@ CASES = {
     "gt_prediction_typo": (lambda: gt(prediction="eps"), ValueError, "prediction"),
     "gt_clip_0": (lambda: gt(clip_sample=0.0), ValueError, "clip_sample"),
     "gt_clip_str": (lambda: gt(clip_sample="1"), TypeError, "clip_sample"),
-    "gt_init_std_0": (lambda: gt(init_std=0.0), ValueError, "init_std"),
+    "gt_init_std_neg": (lambda: gt(init_std=-1.0), ValueError, "init_std"),
+    "gt_init_std_inf": (lambda: gt(init_std=math.inf), ValueError, "init_std"),
     "gt_init_std_nan": (lambda: gt(init_std=NAN), ValueError, "init_std"),
     "gt_init_std_none": (lambda: gt(init_std=None), TypeError, "init_std"),
     "gt_std_neg": (lambda: gt(std=[0.1, -0.1, 0.0]), ValueError, "std"),
@@ -743,5 +744,7 @@ def test_valid_input_still_builds():
     assert ddim_transitions(ABAR, eta=1).init_std == 1.0
     assert euler_ancestral_transitions(num_inference_steps=3, init_std=2).init_std == 2.0
     assert gt(timesteps=torch.tensor([20.5, 10.0, 0.0])).timesteps.dtype == torch.float64
+    assert gt(init_std=0).init_std == 0.0  # a fixed start at the origin (Langevin)
+    assert gt(clip_sample=torch.tensor(2.0), eps_from_clipped_x0=True).clip_sample == 2.0
     assert gmm().transitions(5, "ddim", eta=0.5, spacing="trailing").num_steps == 5
     assert models.load("gmm", dim=3, components=1, seed=7).event_shape == (3,)

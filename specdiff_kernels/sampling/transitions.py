@@ -174,7 +174,8 @@ def _options(prediction, clip_sample, eps_from_clipped_x0, init_std, name) -> tu
         as_choice(prediction, "prediction", PREDICTIONS),
         as_clip(clip_sample),
         as_flag(eps_from_clipped_x0, "eps_from_clipped_x0"),
-        as_real(init_std, "init_std", 0.0, open_low=True),
+        # 0 is a fixed start at the origin (e.g. a Langevin chain given no x_init)
+        as_real(init_std, "init_std", 0.0),
     )
 
 
