@@ -25,7 +25,7 @@ $(VENV)/.build-stamp: $(VENV)/.deps-stamp $(CPP_SOURCES)
 build: $(VENV)/.build-stamp
 
 demo: build
-	$(VENV)/bin/specdiff demo
+	$(VENV)/bin/specdiff demo --overwrite
 
 test: build
 	$(PY) -m pytest python_tests -q

@@ -63,9 +63,9 @@ def test_demo_runs_and_reports(tmp_path, capsys):
     assert rc == 0
     assert "sequential target calls (batch)" in out and "acceptance by window position" in out
     assert "two-sample test" in out
-    for name in ("demo_samples.png", "demo_acceptance.png", "demo_stats.json"):
+    for name in ("demo_gmm_samples.png", "demo_gmm_acceptance.png", "demo_gmm_stats.json"):
         assert (tmp_path / name).stat().st_size > 1000
-    stats = json.loads((tmp_path / "demo_stats.json").read_text())
+    stats = json.loads((tmp_path / "demo_gmm_stats.json").read_text())
     assert stats["speculative"]["target_calls"] < stats["ancestral"]["target_calls"]
     assert stats["two_sample_pvalue"] > 1e-3
 
@@ -91,7 +91,7 @@ def test_demo_with_draft_model_on_digits(tmp_path, capsys):
     )
     out = capsys.readouterr().out
     assert rc == 0 and "digit classifier mean confidence" in out
-    stats = json.loads((tmp_path / "demo_stats.json").read_text())
+    stats = json.loads((tmp_path / "demo_digits_stats.json").read_text())
     assert stats["speculative"]["draft_calls"] > 0
 
 
@@ -156,7 +156,7 @@ def test_demo_without_matplotlib_and_sklearn(tmp_path, capsys, monkeypatch):
         "(pip install 'specdiff_kernels[demo]' adds it)"
     )
     assert not any("digit classifier mean confidence" in line for line in out)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo_stats.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo_digits_stats.json"]
 
 
 def test_langevin_demo_uses_backend_and_out(tmp_path, capsys, monkeypatch):
@@ -194,7 +194,7 @@ def test_langevin_demo_uses_backend_and_out(tmp_path, capsys, monkeypatch):
     )
     assert rc == 0 and "plain ULA" in capsys.readouterr().out
     assert len(seen) > 3 and set(seen) == {"reference"}
-    stats = json.loads((tmp_path / "langevin_stats.json").read_text())
+    stats = json.loads((tmp_path / "demo_langevin_stats.json").read_text())
     assert stats["args"]["backend"] == "reference" and stats["args"]["dim"] == 3
     assert [r["sampler"] for r in stats["rows"]] == [
         "plain ULA",

@@ -67,13 +67,13 @@ def edited_copy(src: Path, dst: Path, file: str, **changes) -> Path:
 
 
 def grid_to_samples(png: Path, n: int, channels: int, size: int) -> torch.Tensor:
-    """Invert sample_cmd.image_grid for n tiles of size x size upscaled to 32 px (value in [-1, 1])."""
+    """Invert sample_cmd.image_grid for n tiles of size x size, upscaled (value in [-1, 1])."""
     from PIL import Image
 
     arr = np.asarray(Image.open(png))
     if channels == 1:
         arr = arr[..., None]
-    scale = max(1, -(-32 // size))
+    scale = {8: 8, 32: 4}[size]  # tiles of 64 px for 8x8 samples, 128 px for 32x32
     tile, pad = size * scale, 2
     cols = int(np.ceil(np.sqrt(n)))
     out = []
@@ -227,8 +227,8 @@ def test_sample_digits_with_its_draft_model(tmp_path, capsys):
     assert stats["speculative"]["draft_calls"] > 0 and stats["two_sample_pvalue"] > 1e-3
     from PIL import Image
 
-    # 32 digits: 6 columns x 6 rows of 32-px tiles (8x8 scaled by 4) with 2-px gaps
-    assert Image.open(tmp_path / "samples.png").size == (6 * 34 + 2, 6 * 34 + 2)
+    # 32 digits: 6 columns x 6 rows of 64-px tiles (8x8 scaled by 8) with 2-px gaps
+    assert Image.open(tmp_path / "samples.png").size == (6 * 66 + 2, 6 * 66 + 2)
 
 
 def test_sample_digits_bfloat16_and_ddim(tmp_path):
@@ -308,7 +308,7 @@ def test_patches_resolves_to_the_shipped_pipeline():
 
 def test_image_grid_denormalises():
     x = torch.tensor([-1.0, 0.0, 1.0, 2.0]).reshape(4, 1, 1, 1)
-    g = sample_cmd.image_grid(x, min_tile=1)
+    g = sample_cmd.image_grid(x, scale=1)
     assert g.dtype == np.uint8 and g.shape == (2 * 3 + 2, 2 * 3 + 2)
     assert [int(g[2, 2]), int(g[2, 5]), int(g[5, 2]), int(g[5, 5])] == [0, 128, 255, 255]
 
@@ -335,7 +335,7 @@ def test_demo_device_cpu(tmp_path, capsys):
         ]
     )
     assert rc == 0 and "device cpu" in capsys.readouterr().out
-    assert json.loads((tmp_path / "demo_stats.json").read_text())["args"]["device"] == "cpu"
+    assert json.loads((tmp_path / "demo_gmm_stats.json").read_text())["args"]["device"] == "cpu"
 
 
 # ----------------------------------------------------------------------------- refusals
@@ -538,10 +538,8 @@ def test_scheduler_the_adapter_refuses(pipe_dir, tmp_path, capsys, nothing_loade
     last = cli_error(
         ["sample", "--pipeline", str(d), "--scheduler", "euler-a", "--out", str(tmp_path)], capsys
     )
-    assert last == (
-        "specdiff sample: error: argument --scheduler: euler-a: EulerAncestralDiscreteScheduler "
-        "prediction_type='sample' is not supported by diffusers either"
-    )
+    assert last.startswith("specdiff sample: error: argument --scheduler: euler-a: ")
+    assert "prediction_type" in last and "'sample'" in last
 
 
 def test_missing_patches_weights(tmp_path, capsys, monkeypatch, nothing_loaded):

@@ -83,7 +83,7 @@ def check_demo(venv: Path, workdir: Path) -> str:
     assert "note: matplotlib is not installed, so the PNG output is skipped" in out
     assert "note: sklearn is not installed, so the digit classifier is skipped" in out
     assert "sequential target calls (batch)" in out and "two-sample test" in out
-    stats = json.loads((workdir / "out" / "demo_stats.json").read_text())
+    stats = json.loads((workdir / "out" / "demo_digits_stats.json").read_text())
     assert stats["two_sample_pvalue"] > 1e-3
     assert stats["speculative"]["target_calls"] < stats["ancestral"]["target_calls"]
     info = run([venv / "bin" / "specdiff", "info"], cwd=workdir).stdout

@@ -2,9 +2,13 @@
 ``python -m specdiff_kernels.cli.distributed``.
 
 Every argument is checked here, before any model is loaded or any chain sampled: a bad value, or a
-flag that does not apply to the chosen model, ends the command with argparse's one-line
-``error: argument --flag: ...`` and exit code 2. The library functions behind the commands take
-explicit values (no ``or default`` that would turn a 0 into the default).
+flag that does not apply to the chosen model, ends the command with ONE line on stderr,
+``specdiff sample: error: argument --flag: ...``, and exit code 2 (no usage block, no traceback).
+The same holds for what only loading can tell (weights that do not match their config): exit 2,
+naming the flag. A run that fails (a non-finite network output, out of memory) ends with one line
+and exit 1; Ctrl-C with ``specdiff sample: interrupted`` and exit 130, after removing what the run
+had half-written. The library functions behind the commands take explicit values (no
+``or default`` that would turn a 0 into the default).
 """
 
 from __future__ import annotations
@@ -22,6 +26,24 @@ import torch
 
 SEED_MAX = 2**63 - 1
 DIFFUSION_MODELS = ("digits", "gmm")
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with its errors on one line (``prog: error: message``, exit 2): the usage block
+    it prints above them by default buries the message; ``--help`` still shows it."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+class CommandError(Exception):
+    """An input the checks could not see before the run started (weights that do not load): one
+    line naming ``option``, exit 2, as an argument error."""
+
+    def __init__(self, option: str, message: str):
+        super().__init__(message)
+        self.option = option
 
 
 # ----------------------------------------------------------------------------- argument types
@@ -183,6 +205,7 @@ DEMO_MODEL_FLAGS = (
     ("--dim", "dim", ("gmm", "langevin")),
     ("--step-size", "step_size", ("langevin",)),
     ("--draft", "draft", DIFFUSION_MODELS),
+    ("--max-batch", "max_batch", DIFFUSION_MODELS),
 )
 DEMO_DEFAULTS = {
     "digits": {"batch": 192, "draft": "frozen-x0"},
@@ -193,6 +216,9 @@ DEMO_DEFAULTS = {
 
 def check_demo_args(args: argparse.Namespace) -> Optional[str]:
     """Fill the model's defaults into ``args``; the error message for the first bad argument."""
+    from . import memory
+    from .output import check_out
+
     err = _not_applicable(args, args.model, DEMO_MODEL_FLAGS)
     if err:
         return err
@@ -204,10 +230,19 @@ def check_demo_args(args: argparse.Namespace) -> Optional[str]:
     from .. import models
 
     max_steps = models.TRAIN_TIMESTEPS if args.model in DIFFUSION_MODELS else None
+    size = 64 if args.model == "digits" else args.dim
+    act = (
+        memory.DIGITS_ACT_BYTES
+        if args.model == "digits"
+        else memory.GENERIC_ACT_FLOATS_PER_DIM * 4 * size
+    )
     return (
         _check_steps_window(args.steps, args.window, max_steps)
         or _check_verify_backend(args.backend, args.device)
-        or _check_dir("--out", args.out)
+        or memory.check_batch(
+            args.batch, args.window, args.steps, size, act, args.max_batch, args.device
+        )
+        or check_out("--out", args.out, args.overwrite)
     )
 
 
@@ -226,6 +261,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
             out=args.out,
             device=args.device,
+            overwrite=args.overwrite,
         )
     from .demo import run_demo
 
@@ -271,6 +307,13 @@ def add_sample_arguments(sample: argparse.ArgumentParser) -> None:
         help="frozen target (training-free) or the draft network (digits only)",
     )
     sample.add_argument("--batch", type=positive_int, default=16, help="chains (default 16)")
+    sample.add_argument(
+        "--max-batch",
+        type=positive_int,
+        default=None,
+        help="the most states one network invocation holds (a round's call is made in chunks; "
+        "default: the sampler's)",
+    )
     sample.add_argument("--device", type=device_arg, default="cpu", help="cpu, cuda or cuda:N")
     sample.add_argument(
         "--dtype",
@@ -281,6 +324,11 @@ def add_sample_arguments(sample: argparse.ArgumentParser) -> None:
     sample.add_argument("--seed", type=seed_int, default=0)
     sample.add_argument(
         "--out", default="out", help="directory for samples.png and stats.json (default ./out)"
+    )
+    sample.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the files of an earlier run in --out (other files are kept)",
     )
     sample.add_argument(
         "--compare",
@@ -309,7 +357,22 @@ def check_sample_args(args: argparse.Namespace) -> Optional[str]:
             "argument --draft: 'model' needs a draft network, which only --pipeline digits "
             "ships; use frozen-x0 or frozen-eps"
         )
-    err = _check_steps_window(args.steps, args.window, None) or _check_dir("--out", args.out)
+    from . import memory
+    from .output import check_out
+
+    err = (
+        _check_steps_window(args.steps, args.window, None)
+        or memory.check_batch(
+            args.batch,
+            args.window,
+            args.steps,
+            math.prod(spec.event_shape),
+            spec.act_bytes,
+            args.max_batch,
+            args.device,
+        )
+        or check_out("--out", args.out, args.overwrite)
+    )
     if err is None:
         args.resolved = spec
     return err
@@ -324,9 +387,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    from .. import __version__
+
+    p = OneLineParser(
         prog="specdiff", description="Exact speculative sampling for diffusion models"
     )
+    p.add_argument("--version", action="version", version=f"specdiff_kernels {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="ancestral vs speculative sampling of an embedded model")
     demo.add_argument("--model", default="digits", choices=["digits", "gmm", "langevin"])
@@ -349,6 +415,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="chains per sampler (default: 192; langevin: 1000)",
     )
+    demo.add_argument(
+        "--max-batch",
+        type=positive_int,
+        default=None,
+        help="digits, gmm: the most states one network invocation holds (default: the sampler's)",
+    )
     demo.add_argument("--seed", type=seed_int, default=0)
     demo.add_argument(
         "--dim",
@@ -366,6 +438,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--device", type=device_arg, default="cpu", help="cpu, cuda or cuda:N")
     demo.add_argument("--out", default="out", help="directory for the PNGs and JSON")
+    demo.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the files of an earlier run in --out (other files are kept)",
+    )
     demo.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     demo.set_defaults(func=cmd_demo, check=check_demo_args)
     sample = sub.add_parser(
@@ -379,14 +456,61 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _fail(prog: str, message: str, code: int) -> int:
+    first = str(message).strip().splitlines()[0] if str(message).strip() else "failed"
+    print(f"{prog}: error: {first}", file=sys.stderr)
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    check, func = args.check, args.func
-    del args.check, args.func
-    if check is not None:
-        _error(parser.subcommands[args.command], check(args))
-    return func(args)
+    prog = parser.prog
+    try:
+        args = parser.parse_args(argv)
+        try:  # a bad SPECDIFF_CPU_CAPABILITY: one line and exit 2, before anything runs
+            from ..ops.backends import check_cpu_capability
+
+            check_cpu_capability()
+        except ValueError as err:
+            parser.error(str(err))
+        prog = parser.subcommands[args.command].prog
+        check, func = args.check, args.func
+        del args.check, args.func
+        if check is not None:
+            _error(parser.subcommands[args.command], check(args))
+        return _run(func, args, parser.subcommands[args.command])
+    except KeyboardInterrupt:
+        # the run has removed what it half-wrote (output.RunOutput); a traceback says nothing here
+        _close_progress_bars()
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _close_progress_bars() -> None:
+    """End an open tqdm bar's line, so that the message after it starts a line of its own."""
+    tqdm_module = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm_module, "tqdm", None), "_instances", ())):
+        bar.close()
+
+
+def _run(func, args, parser) -> int:
+    """``func(args)``; an input only the run could judge is an argument error (exit 2), a failed
+    run one line and exit 1. Anything else is a bug and keeps its traceback."""
+    from ..sampling.base import NonFiniteError
+    from .sample import PipelineError
+
+    try:
+        return func(args)
+    except (CommandError, PipelineError) as err:
+        _error(parser, f"argument {err.option}: {err}")
+    except NonFiniteError as err:
+        return _fail(parser.prog, err, 1)
+    except (MemoryError, torch.OutOfMemoryError) as err:
+        return _fail(
+            parser.prog,
+            f"out of memory ({type(err).__name__}); use a smaller --batch or --max-batch",
+            1,
+        )
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -395,7 +519,7 @@ DIST_DEFAULTS = {"dim": 64, "step_size": 0.05}
 
 
 def build_distributed_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="python -m specdiff_kernels.cli.distributed",
         description="Sample many chains across torchrun processes (gloo on "
         "CPU, nccl on GPU); the union is the same for any "

@@ -9,6 +9,10 @@ Two halves, so that every argument is refused before any weight is read:
 * :func:`run_sample` loads the network, samples, writes ``samples.png`` and ``stats.json``, and with
   ``compare`` also runs the ancestral chain (independent seed) for the cost table and the
   two-sample p-value.
+
+The JSON checks cover the weights too, as far as a header tells: the UNet's safetensors file must
+be complete (its header's offsets within the file) and every tensor it holds must have the shape
+the UNet config gives (the model built on the meta device: no memory, no weights read).
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ class PipelineSpec:
     has_draft_model: bool
     transitions: object = field(default=None, repr=False)
     unet_class: Optional[str] = None
+    act_bytes: int = 0  # estimated activation bytes per state of one network call (cli.memory)
 
 
 def _read_json(path: Path, option: str, what: str) -> dict:
@@ -90,10 +95,12 @@ def patches_dir() -> Path:
     return folder
 
 
-def _check_unet(path: Path) -> tuple[str, tuple]:
+def _check_unet(path: Path) -> tuple[str, tuple, dict]:
     cfg = _read_json(
         path / "unet" / "config.json", "--pipeline", f"{str(path)!r} has no usable unet/"
     )
+    if not isinstance(cfg, dict):
+        raise PipelineError("--pipeline", f"{str(path)!r}: unet/config.json is not a JSON object")
     cls = cfg.get("_class_name", "?")
     if cls not in UNET_CLASSES:
         raise PipelineError(
@@ -101,7 +108,18 @@ def _check_unet(path: Path) -> tuple[str, tuple]:
             f"{str(path)!r}: its unet is a {cls}; specdiff sample "
             f"runs unconditional {', '.join(UNET_CLASSES)} pipelines",
         )
-    cin, cout = int(cfg.get("in_channels", 3)), int(cfg.get("out_channels", 3))
+    try:
+        cin, cout = int(cfg.get("in_channels", 3)), int(cfg.get("out_channels", 3))
+        size = cfg.get("sample_size", 32)
+        h, w = (size, size) if isinstance(size, int) else tuple(int(v) for v in size)
+        if min(cin, cout, h, w) < 1:
+            raise ValueError("in_channels, out_channels and sample_size must be positive")
+    except (TypeError, ValueError) as err:
+        raise PipelineError(
+            "--pipeline",
+            f"{str(path)!r}: unet/config.json: in_channels, out_channels or sample_size is not "
+            f"usable ({err})",
+        ) from None
     if cout != cin:
         raise PipelineError(
             "--pipeline",
@@ -110,9 +128,85 @@ def _check_unet(path: Path) -> tuple[str, tuple]:
             f"sampling needs a UNet that predicts only the noise/x0/v, "
             f"with fixed variances",
         )
-    size = cfg.get("sample_size", 32)
-    h, w = (size, size) if isinstance(size, int) else tuple(size)
-    return cls, (cin, int(h), int(w))
+    return cls, (cin, int(h), int(w)), cfg
+
+
+WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+SAFETENSORS_DTYPES = {"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL"}
+
+
+def _safetensors_header(path: Path) -> dict:
+    """The header of a safetensors file, checked against the file's size (a truncated or
+    corrupt file is refused here, not in three chained tracebacks from the loader)."""
+    where = f"{str(path)!r}"
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little") if size >= 8 else -1
+            if n < 2 or 8 + n > size:
+                raise ValueError("its header length does not fit the file")
+            header = json.loads(f.read(n))
+        end = 0
+        for name, t in header.items():
+            if name == "__metadata__":
+                continue
+            begin, stop = t["data_offsets"]
+            if t["dtype"] not in SAFETENSORS_DTYPES or not 0 <= begin <= stop:
+                raise ValueError(f"tensor {name!r} has a bad entry")
+            end = max(end, int(stop))
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise PipelineError(
+            "--pipeline", f"{where} is not a readable safetensors file ({err})"
+        ) from None
+    if 8 + n + end > size:
+        raise PipelineError(
+            "--pipeline",
+            f"{where} is truncated: {size} bytes, its safetensors header needs {8 + n + end}",
+        )
+    return header
+
+
+def _check_unet_weights(path: Path, cls_name: str, cfg: dict) -> None:
+    """The UNet's weights exist and, for safetensors, are complete and have the shapes its config
+    gives."""
+    folder = path / "unet"
+    found = [folder / n for n in WEIGHT_NAMES if (folder / n).is_file()]
+    sharded = any(folder.glob("*.index.json"))
+    if not found and not sharded:
+        raise PipelineError(
+            "--pipeline", f"{str(path)!r}: no weights in unet/ (expected {WEIGHT_NAMES[0]})"
+        )
+    if not found or found[0].suffix != ".safetensors":
+        return  # sharded or pickled weights: only loading can tell
+    header = _safetensors_header(found[0])
+    import diffusers
+
+    try:
+        with torch.device("meta"):
+            expected = {
+                k: tuple(v.shape)
+                for k, v in getattr(diffusers, cls_name)
+                .from_config({k: v for k, v in cfg.items() if not k.startswith("_")})
+                .state_dict()
+                .items()
+            }
+    except Exception as err:  # diffusers raises many kinds for a config it cannot build
+        raise PipelineError(
+            "--pipeline",
+            f"{str(path)!r}: unet/config.json does not build a {cls_name}: "
+            f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}",
+        ) from None
+    stored = {k: tuple(t["shape"]) for k, t in header.items() if k != "__metadata__"}
+    wrong = [k for k in expected if k in stored and stored[k] != expected[k]]
+    missing = [k for k in expected if k not in stored]
+    if wrong or missing:
+        k = (wrong or missing)[0]
+        what = f"{k} has shape {stored[k]}, the config gives {expected[k]}" if wrong else f"no {k}"
+        raise PipelineError(
+            "--pipeline",
+            f"{str(path)!r}: the unet weights do not match unet/config.json "
+            f"({len(wrong)} tensors of another shape, {len(missing)} missing; first: {what})",
+        )
 
 
 def _scheduler_from_config(name: str, config: dict):
@@ -126,6 +220,13 @@ def _scheduler_from_config(name: str, config: dict):
     dlog.set_verbosity_error()  # from_config warns about another scheduler's keys
     try:
         return cls.from_config(cfg)
+    except Exception as err:  # diffusers raises NotImplementedError, TypeError, ... for bad keys
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise PipelineError(
+            "--pipeline",
+            f"scheduler/scheduler_config.json does not build a {cls.__name__}: "
+            f"{type(err).__name__}: {first}",
+        ) from None
     finally:
         dlog.set_verbosity(level)
 
@@ -159,12 +260,17 @@ def resolve_pipeline(
         raise PipelineError(
             "--pipeline", "diffusers is not installed (pip install 'specdiff_kernels[diffusers]')"
         ) from None
-    unet_class, event_shape = _check_unet(path)
+    unet_class, event_shape, unet_cfg = _check_unet(path)
+    _check_unet_weights(path, unet_class, unet_cfg)
     sched_cfg = _read_json(
         path / "scheduler" / "scheduler_config.json",
         "--pipeline",
         f"{pipeline!r} has no usable scheduler/",
     )
+    if not isinstance(sched_cfg, dict):
+        raise PipelineError(
+            "--pipeline", f"{pipeline!r}: scheduler/scheduler_config.json is not a JSON object"
+        )
     own = sched_cfg.get("_class_name", "?")
     given = scheduler is not None
     if scheduler is None:
@@ -182,7 +288,17 @@ def resolve_pipeline(
             "applies to --scheduler ddim only"
             + ("" if given else f" (this pipeline's own scheduler is {own})"),
         )
-    max_steps = int(sched_cfg.get("num_train_timesteps", 1000))
+    try:
+        max_steps = int(sched_cfg.get("num_train_timesteps", 1000))
+        if max_steps < 1:
+            raise ValueError(f"got {max_steps}")
+    except (TypeError, ValueError) as err:
+        raise PipelineError(
+            "--pipeline",
+            f"{pipeline!r}: scheduler/scheduler_config.json: num_train_timesteps must be a "
+            f"positive integer ({err})",
+        ) from None
+    _check_clip(pipeline, sched_cfg)
     if steps > max_steps:
         raise PipelineError(
             "--steps",
@@ -206,6 +322,8 @@ def resolve_pipeline(
         )
     except (ValueError, TypeError) as err:
         raise PipelineError("--scheduler", f"{scheduler}: {err}") from None
+    from .memory import unet_act_bytes
+
     return PipelineSpec(
         name=pipeline,
         path=path,
@@ -216,7 +334,36 @@ def resolve_pipeline(
         has_draft_model=False,
         transitions=T,
         unet_class=unet_class,
+        act_bytes=unet_act_bytes(unet_cfg),
     )
+
+
+def _positive(value) -> bool:
+    return (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value > 0
+    )
+
+
+def _check_clip(pipeline: str, cfg: dict) -> None:
+    """A clip range or threshold that the sampler would refuse only after loading the weights."""
+    where = f"{pipeline!r}: scheduler/scheduler_config.json"
+    if cfg.get("clip_sample") and not cfg.get("thresholding"):
+        value = cfg.get("clip_sample_range", 1.0)
+        if not _positive(value):
+            raise PipelineError(
+                "--pipeline",
+                f"{where}: clip_sample_range must be a positive number when clip_sample is true, "
+                f"got {value!r}",
+            )
+    if cfg.get("thresholding") and not _positive(cfg.get("sample_max_value", 1.0)):
+        raise PipelineError(
+            "--pipeline",
+            f"{where}: sample_max_value must be a positive number when thresholding is true, "
+            f"got {cfg.get('sample_max_value')!r}",
+        )
 
 
 def _resolve_digits(scheduler: Optional[str], steps: int, eta: Optional[float]) -> PipelineSpec:
@@ -238,6 +385,7 @@ def _resolve_digits(scheduler: Optional[str], steps: int, eta: Optional[float]) 
         ddpm_transitions,
         euler_ancestral_transitions,
     )
+    from .memory import DIGITS_ACT_BYTES
 
     abar = digits_alphas_cumprod()
     if scheduler == "ddpm":
@@ -261,6 +409,7 @@ def _resolve_digits(scheduler: Optional[str], steps: int, eta: Optional[float]) 
         max_steps=models.TRAIN_TIMESTEPS,
         has_draft_model=True,
         transitions=T,
+        act_bytes=DIGITS_ACT_BYTES,
     )
 
 
@@ -278,6 +427,14 @@ def load_unet(path: Path, device: torch.device, dtype: torch.dtype):
         unet = cls.from_pretrained(
             path, subfolder="unet", torch_dtype=dtype, low_cpu_mem_usage=False
         )
+    except (OSError, RuntimeError, ValueError, KeyError, TypeError) as err:
+        # what the header checks cannot see (pickled weights, a corrupt tensor); the loader's
+        # message is many lines and chained: its first line names the problem
+        first = str(err).strip().splitlines()[0][:300] if str(err).strip() else ""
+        raise PipelineError(
+            "--pipeline",
+            f"{str(path)!r}: the unet weights do not load: {type(err).__name__}: {first}",
+        ) from None
     finally:
         dlog.set_verbosity(level)
     return unet.to(device).eval()
@@ -318,9 +475,16 @@ def make_draft(kind: str, draft_net):
 
 
 # ----------------------------------------------------------------------------- output
-def image_grid(x: torch.Tensor, min_tile: int = 32):
-    """uint8 HxW(x3) array of up to 64 samples [B, C, H, W] in [-1, 1], tiles scaled up to at least
-    ``min_tile`` pixels (8x8 digits are unreadable at 1:1)."""
+def grid_scale(side: int, min_tile: int = 64, max_tile: int = 256) -> int:
+    """The nearest-neighbour upscaling of a tile with ``side`` pixels: to at least ``min_tile``
+    pixels, and up to 4x while that stays within ``max_tile`` (8 -> 64, 32 -> 128, 256 -> 256):
+    8x8 digits and 32x32 patches are too small to inspect at 1:1."""
+    return max(1, math.ceil(min_tile / side), min(4, max_tile // side))
+
+
+def image_grid(x: torch.Tensor, scale: Optional[int] = None):
+    """uint8 HxW(x3) array of up to 64 samples [B, C, H, W] in [-1, 1], tiles upscaled by
+    ``scale`` (default: :func:`grid_scale`)."""
     import numpy as np
 
     x = x[:64].detach().float().cpu()
@@ -328,7 +492,8 @@ def image_grid(x: torch.Tensor, min_tile: int = 32):
         raise ValueError(f"image_grid needs samples [B, C, H, W], got {tuple(x.shape)}")
     if x.shape[1] not in (1, 3):  # no natural colour mapping: show the channel mean
         x = x.mean(1, keepdim=True)
-    scale = max(1, math.ceil(min_tile / max(x.shape[2], x.shape[3])))
+    if scale is None:
+        scale = grid_scale(max(x.shape[2], x.shape[3]))
     if scale > 1:
         x = torch.nn.functional.interpolate(x, scale_factor=scale, mode="nearest")
     img = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
@@ -359,12 +524,22 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def two_sample_or_note(x: torch.Tensor, y: torch.Tensor, seed: int):
+    """(p-value, None), or (None, the reason) when a sample set is too small for the test."""
+    from ..testing.two_sample import two_sample_pvalue
+
+    n = min(x.shape[0], y.shape[0])
+    if n < 2:
+        return None, f"skipped: the two-sample test needs at least 2 samples per run, got {n}"
+    return two_sample_pvalue(x, y, seed=seed), None
+
+
 def run_sample(args, spec: PipelineSpec) -> int:
     """Sample with the checked arguments; print a summary (and the cost table with --compare)."""
     from ..sampling.ancestral import AncestralSampler
     from ..sampling.sampler import COMPACT_MIN_CHAINS_CPU, SpeculativeSampler
-    from ..testing.two_sample import two_sample_pvalue
     from .demo import cost_table, optional_module
+    from .output import RunOutput, sample_files
 
     # --dtype is the network's precision; the chains stay float32 (see CastNet)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
@@ -381,12 +556,13 @@ def run_sample(args, spec: PipelineSpec) -> int:
         f"batch {args.batch}, {device} {args.dtype}, seed {args.seed}; loaded in {load_s:.2f}s"
     )
     progress = not args.no_progress
-    with (
-        torch.inference_mode()
-    ):  # first-call costs (allocator, kernel selection) out of both timings
+    # first-call costs (allocator, kernel selection) out of both timings; on at most one
+    # invocation's states, so a batch that runs in chunks does not fail here
+    warm = min(args.batch, args.max_batch or args.batch)
+    with torch.inference_mode():
         net(
-            torch.zeros(args.batch, *spec.event_shape, device=device),
-            torch.full((args.batch,), int(T.timesteps[0]), device=device),
+            torch.zeros(warm, *spec.event_shape, device=device),
+            torch.full((warm,), int(T.timesteps[0]), device=device),
         )
 
     def run(sampler, seed):
@@ -409,7 +585,15 @@ def run_sample(args, spec: PipelineSpec) -> int:
     )
     path = "ragged" if one_unet_chain else "auto"
     spec_res, spec_wall = run(
-        SpeculativeSampler(net, T, draft=draft, window=args.window, progress=progress, path=path),
+        SpeculativeSampler(
+            net,
+            T,
+            draft=draft,
+            window=args.window,
+            progress=progress,
+            path=path,
+            max_batch=args.max_batch,
+        ),
         args.seed,
     )
     st = spec_res.stats
@@ -433,38 +617,41 @@ def run_sample(args, spec: PipelineSpec) -> int:
         "speculative": st.as_dict(),
         "wall_s": {"speculative": spec_wall},
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    written = []
-    if pil:
-        save_png(out / "samples.png", spec_res.samples)
-        written.append(out / "samples.png")
-    rc = 0
+    rc, anc_res = 0, None
     if args.compare:
         anc_seed = args.seed + INDEPENDENT_SEED_OFFSET
-        anc_res, anc_wall = run(AncestralSampler(net, T, progress=progress), anc_seed)
+        anc_res, anc_wall = run(
+            AncestralSampler(net, T, progress=progress, max_batch=args.max_batch), anc_seed
+        )
         print()
         print(cost_table(anc_res.stats, st))
         t1 = time.perf_counter()
-        p = two_sample_pvalue(spec_res.samples, anc_res.samples, seed=args.seed)
-        verdict = "no evidence of a difference" if p > 1e-3 else "DIFFERENT"
-        print(
-            f"two-sample test, speculative vs an independent ancestral run (seed {anc_seed}; "
-            f"per-coordinate KS + energy distance, Bonferroni): p = {p:.3f} ({verdict}; "
-            f"{time.perf_counter() - t1:.1f}s)"
-        )
+        p, note = two_sample_or_note(spec_res.samples, anc_res.samples, args.seed)
+        if p is None:
+            print(f"two-sample test: {note}")
+        else:
+            verdict = "no evidence of a difference" if p > 1e-3 else "DIFFERENT"
+            print(
+                f"two-sample test, speculative vs an independent ancestral run (seed {anc_seed}; "
+                f"per-coordinate KS + energy distance, Bonferroni): p = {p:.3f} ({verdict}; "
+                f"{time.perf_counter() - t1:.1f}s)"
+            )
+            rc = 0 if p > 1e-3 else 1
         record.update(
             ancestral=anc_res.stats.as_dict(),
             ancestral_seed=anc_seed,
             ratios=st.relative_to(anc_res.stats),
             two_sample_pvalue=p,
+            two_sample_note=note,
         )
         record["wall_s"]["ancestral"] = anc_wall
+    samples_png, ancestral_png, stats_json = sample_files()
+    with RunOutput(args.out, args.overwrite) as out:
         if pil:
-            save_png(out / "samples_ancestral.png", anc_res.samples)
-            written.append(out / "samples_ancestral.png")
-        rc = 0 if p > 1e-3 else 1
-    (out / "stats.json").write_text(json.dumps(record, indent=1, default=str))
-    written.append(out / "stats.json")
-    print(f"wrote {', '.join(map(str, written))}")
+            save_png(out.path(samples_png), spec_res.samples)
+            if anc_res is not None:
+                save_png(out.path(ancestral_png), anc_res.samples)
+        # last: a folder with stats.json holds a complete run
+        out.path(stats_json).write_text(json.dumps(record, indent=1, default=str))
+    print(f"wrote {', '.join(map(str, out.written))}")
     return rc
