@@ -543,6 +543,11 @@ def from_config(config, cls="DDPMScheduler"):
 DIFFUSERS_CASES = {
     "scheduler_none": (lambda: dt(None, 10), TypeError, "scheduler"),
     "scheduler_str": (lambda: dt("DDPMScheduler", 10), TypeError, "scheduler"),
+    "scheduler_class_not_instance": (
+        lambda: dt(_diffusers().DDPMScheduler, 10),
+        TypeError,
+        "scheduler",
+    ),
     "scheduler_unsupported": (lambda: dt(sched("PNDMScheduler"), 10), TypeError, "PNDMScheduler"),
     "scheduler_unsupported_lists": (
         lambda: dt(sched("EulerDiscreteScheduler"), 10),
@@ -708,6 +713,11 @@ DIFFUSERS_CASES = {
         lambda: fp(Pipe(unet=torch.nn.Identity(), scheduler=sched()), 10, guidance_scale="7"),
         TypeError,
         "guidance_scale",
+    ),
+    "model_return_dict": (
+        lambda: _model(torch.nn.Identity(), return_dict=True),
+        TypeError,
+        "return_dict",
     ),
     "model_unet_none": (lambda: _model(None), TypeError, "unet"),
     "model_guidance_nan": (

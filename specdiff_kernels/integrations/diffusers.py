@@ -55,6 +55,8 @@ from ..sampling.transitions import (
 __all__ = ["DiffusersModel", "diffusers_transitions", "from_pipeline", "scheduler_from_config"]
 
 _LEARNED = ("learned", "learned_range")
+# the UNet call's own arguments (DiffusersModel._call passes them)
+_RESERVED = ("sample", "timestep", "return_dict")
 
 
 class DiffusersModel(torch.nn.Module):
@@ -108,6 +110,12 @@ class DiffusersModel(torch.nn.Module):
                 f"DiffusersModel: unet must be a callable model (a diffusers UNet), got "
                 f"{type(unet).__name__}"
             )
+        for name in _RESERVED:
+            if name in call_kwargs:
+                raise TypeError(
+                    f"DiffusersModel: {name!r} is set by the sampler on every call; it cannot be "
+                    f"a fixed call argument"
+                )
         self.unet = unet
         self.call_kwargs = call_kwargs
         if guidance_scale is not None:
@@ -328,10 +336,24 @@ SUPPORTED = ("DDPMScheduler", "DDIMScheduler", "EulerAncestralDiscreteScheduler"
 _SUPPORTED_TEXT = "DDPMScheduler, DDIMScheduler (eta > 0), EulerAncestralDiscreteScheduler"
 
 
+def _import_diffusers():
+    try:
+        import diffusers
+    except ImportError:
+        raise ImportError(
+            "the diffusers adapter needs diffusers: pip install specdiff_kernels[diffusers]"
+        ) from None
+    return diffusers
+
+
 def _supported_class(scheduler, where: str = "scheduler") -> str:
     """The supported class ``scheduler`` is an instance of, else a one-line TypeError."""
-    import diffusers
-
+    diffusers = _import_diffusers()
+    if isinstance(scheduler, type) and issubclass(scheduler, diffusers.SchedulerMixin):
+        raise TypeError(
+            f"{where} must be a scheduler instance, got the class {scheduler.__name__} "
+            f"(pass {scheduler.__name__}() or {scheduler.__name__}.from_config(...))"
+        )
     if not isinstance(scheduler, diffusers.SchedulerMixin):
         raise TypeError(
             f"{where} must be a diffusers scheduler ({_SUPPORTED_TEXT}), got "
@@ -411,9 +433,7 @@ def _check_config(scheduler, num_inference_steps) -> tuple[str, Optional[int]]:
 
 
 def _diffusers_class(name: str):
-    import diffusers
-
-    return getattr(diffusers, name)
+    return getattr(_import_diffusers(), name)
 
 
 def _build(cls, config: Mapping):
@@ -437,7 +457,7 @@ def scheduler_from_config(config: Mapping, scheduler_class=None):
     ``scheduler_class``: a supported scheduler class or its name (default: the config's
     ``_class_name``). Keys of other schedulers are ignored, as by diffusers' ``from_config``.
     """
-    import diffusers
+    diffusers = _import_diffusers()
 
     if not isinstance(config, Mapping):
         raise TypeError(f"config must be a dict of scheduler settings, got {type(config).__name__}")
