@@ -674,6 +674,31 @@ DIFFUSERS_CASES = {
         ValueError,
         "clip_sample_range",
     ),
+    "from_config_T_str": (
+        lambda: from_config({"num_train_timesteps": "1000"}),
+        TypeError,
+        "num_train_timesteps",
+    ),
+    "from_config_T_float": (
+        lambda: from_config({"num_train_timesteps": 2.5}),
+        TypeError,
+        "num_train_timesteps",
+    ),
+    "from_config_beta_start_str": (
+        lambda: from_config({"beta_start": "0.1"}, "EulerAncestralDiscreteScheduler"),
+        TypeError,
+        "beta_start",
+    ),
+    "from_config_trained_betas_str": (
+        lambda: from_config({"trained_betas": "abc"}),
+        TypeError,
+        "trained_betas",
+    ),
+    "from_config_trained_betas_length": (
+        lambda: from_config({"trained_betas": [0.1, 0.2], "num_train_timesteps": 3}),
+        ValueError,
+        "trained_betas",
+    ),
     "from_config_no_class": (lambda: from_config({}, None), TypeError, "scheduler_class"),
     "from_config_class_unsupported": (
         lambda: from_config({}, "PNDMScheduler"),

@@ -367,8 +367,12 @@ def _supported_class(scheduler, where: str = "scheduler") -> str:
     )
 
 
-def _check_schedule(cfg) -> None:
-    T = as_int(cfg.num_train_timesteps, "num_train_timesteps", 1)
+def _check_schedule(cfg: Mapping) -> None:
+    """The training schedule's settings (a built scheduler's config, or a raw config dict: the
+    supported schedulers share these defaults); diffusers' constructor fails deep in torch on a
+    string or fractional value."""
+    cfg = {**_SCHEDULE_DEFAULTS, **cfg}
+    T = as_int(cfg["num_train_timesteps"], "num_train_timesteps", 1)
     trained = cfg.get("trained_betas")
     if trained is not None:
         betas = check_betas(trained, "trained_betas")
@@ -379,6 +383,14 @@ def _check_schedule(cfg) -> None:
     elif cfg.get("beta_schedule") in ("linear", "scaled_linear", "sigmoid"):
         for key in ("beta_start", "beta_end"):
             as_real(cfg[key], key, 0, 1, open_low=True, open_high=True)
+
+
+_SCHEDULE_DEFAULTS = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+}
 
 
 def _check_options(kind: str, cfg) -> None:
@@ -438,16 +450,19 @@ def _diffusers_class(name: str):
 
 def _build(cls, config: Mapping):
     """``cls.from_config(config)``; diffusers' multi-line NotImplementedError for an unknown
-    beta_schedule becomes one line naming it."""
+    beta_schedule becomes one line naming it, another failure one line naming the class."""
     try:
         return cls.from_config(config)
-    except NotImplementedError:
+    except NotImplementedError:  # a RuntimeError: caught first
         known = "'linear', 'scaled_linear', 'squaredcos_cap_v2'"
         known += ", 'sigmoid'" if issubclass(cls, _diffusers_class("DDPMScheduler")) else ""
         raise ValueError(
             f"{cls.__name__} config: beta_schedule {config.get('beta_schedule')!r} is not "
             f"implemented by diffusers; use one of {known}"
         ) from None
+    except (TypeError, ValueError, RuntimeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise type(err)(f"{cls.__name__} config: {first}") from None
 
 
 def scheduler_from_config(config: Mapping, scheduler_class=None):
@@ -474,7 +489,12 @@ def scheduler_from_config(config: Mapping, scheduler_class=None):
         )
     if not any(issubclass(cls, getattr(diffusers, name)) for name in SUPPORTED):
         raise TypeError(f"unsupported scheduler {cls.__name__}; supported: {_SUPPORTED_TEXT}")
-    sched = _build(cls, {k: v for k, v in config.items() if not k.startswith("_")})
+    config = {k: v for k, v in config.items() if not k.startswith("_")}
+    try:
+        _check_schedule(config)
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"{cls.__name__} config: {err}") from None
+    sched = _build(cls, config)
     _check_config(sched, 1)
     return sched
 

@@ -57,10 +57,14 @@ Model = Callable[[Tensor, Tensor], Tensor]
 def _tensor(x, name: str, dtype=None) -> Tensor:
     """``x`` as a tensor; what torch cannot convert is a TypeError naming the argument."""
     try:
-        return torch.as_tensor(x, dtype=dtype)
+        t = torch.as_tensor(x, dtype=dtype)
     except (TypeError, ValueError, RuntimeError):
         kind = type(x).__name__
         raise TypeError(f"{name} must be a sequence or tensor of numbers, got {kind}") from None
+    if t.is_meta:
+        raise ValueError(f"{name} is a meta tensor: it has no values to tabulate")
+    # the tables are small and indexed on the host; ops get their own device copies
+    return t.cpu()
 
 
 def _vector(x, name: str) -> Tensor:
