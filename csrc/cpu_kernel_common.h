@@ -28,16 +28,48 @@ template <typename scalar_t>
 using acc_type = std::conditional_t<std::is_same<scalar_t, double>::value, double, float>;
 
 // ---------------------------------------------------------------- argument checks
+// The floating dtypes the kernels are instantiated for (at::isFloatingType also admits the float8
+// types, which would pass the checks and fail in the dispatch macro, after allocating).
+inline bool is_kernel_float(at::ScalarType t) {
+  return t == at::kHalf || t == at::kBFloat16 || t == at::kFloat || t == at::kDouble;
+}
+
+// The integer dtypes an index input may have (ops/_checks.py INT_DTYPES); converted to int64.
+inline bool is_index_int(at::ScalarType t) {
+  return t == at::kByte || t == at::kChar || t == at::kShort || t == at::kInt || t == at::kLong;
+}
+
+// One tensor argument of an op, by its schema name; `t` null for an omitted optional.
+struct NamedArg {
+  const char* name;
+  const at::Tensor* t;
+};
+
+// Every tensor argument on the first one's device, and that device the CPU: checked first, before
+// any other check reads a value or anything is allocated. (The dispatcher sends a meta or CUDA
+// tensor among CPU ones to the Meta or CUDA kernel, not here; a direct or redispatched call can
+// still bring one.)
+inline void check_devices(const char* op, std::initializer_list<NamedArg> args) {
+  const NamedArg& first = *args.begin();
+  for (const NamedArg& a : args) {
+    if (a.t == nullptr || !a.t->defined()) continue;
+    TORCH_CHECK(a.t->device() == first.t->device(), op, ": ", a.name, " is on ", a.t->device(),
+                " but ", first.name, " is on ", first.t->device());
+  }
+  TORCH_CHECK(first.t->device().is_cpu(), op, ": ", first.name,
+              " must be a CPU tensor for the CPU kernel, got ", first.t->device());
+}
+
 inline void check_cpu(const at::Tensor& t, const char* op, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor for the CPU kernel, got ",
               t.device());
 }
 
-// A state-like input: a floating CPU tensor.
+// A state-like input: a CPU tensor of a kernel floating dtype.
 inline void check_cpu_float(const at::Tensor& t, const char* op, const char* name) {
   check_cpu(t, op, name);
-  TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": ", name,
-              " must be a floating tensor, got ", t.scalar_type());
+  TORCH_CHECK(is_kernel_float(t.scalar_type()), op, ": ", name,
+              " must be a float16, bfloat16, float32 or float64 tensor, got ", t.scalar_type());
 }
 
 // A per-chain vector: shape [B].

@@ -199,6 +199,9 @@ std::tuple<at::Tensor, at::Tensor> chain_noise_cpu(const at::Tensor& seed, const
                                                    const at::Tensor& steps, int64_t window,
                                                    int64_t event_numel, at::ScalarType dtype) {
   const char* op = "specdiff::chain_noise";
+  check_devices(op, {{"seed", &seed}, {"chain_ids", &chain_ids}, {"steps", &steps}});
+  TORCH_CHECK(is_kernel_float(dtype), op,
+              ": dtype must be float16, bfloat16, float32 or float64, got ", dtype);
   TORCH_CHECK(chain_ids.dim() == 1, op, ": chain_ids must have shape [B], got ", chain_ids.sizes());
   const int64_t B = chain_ids.size(0);
   const Key key(check_seed(seed, op));
@@ -207,7 +210,6 @@ std::tuple<at::Tensor, at::Tensor> chain_noise_cpu(const at::Tensor& seed, const
                                        (int64_t(1) << 32) - 2 - (int64_t(1) << 20));
   TORCH_CHECK(window >= 1, op, ": window must be >= 1, got ", window);
   TORCH_CHECK(event_numel >= 1, op, ": event_numel must be >= 1, got ", event_numel);
-  TORCH_CHECK(at::isFloatingType(dtype), op, ": dtype must be floating, got ", dtype);
   const int64_t D = event_numel;
   at::Tensor xi = at::empty({B, window, D}, chain_ids.options().dtype(dtype));
   at::Tensor u = at::empty({B, window}, chain_ids.options().dtype(at::kFloat));
@@ -242,6 +244,8 @@ at::Tensor frozen_draft_cpu(const at::Tensor& root, const at::Tensor& frozen, co
                             const at::Tensor& lengths, const at::Tensor& coef, const at::Tensor& seed,
                             const at::Tensor& chain_ids, int64_t window, int64_t freeze, double clip) {
   const char* op = "specdiff::frozen_draft";
+  check_devices(op, {{"root", &root}, {"frozen", &frozen}, {"steps", &steps}, {"lengths", &lengths},
+                     {"coef", &coef}, {"seed", &seed}, {"chain_ids", &chain_ids}});
   check_cpu_float(root, op, "root");
   TORCH_CHECK(root.dim() >= 2, op, ": root must have shape [B, *E], got ", root.sizes());
   RoundArgs a = check_round(op, root, frozen, steps, lengths, coef, seed, chain_ids, window, freeze,
@@ -308,6 +312,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& steps, const at::Tensor& lengths, const at::Tensor& coef,
     const at::Tensor& seed, const at::Tensor& chain_ids, int64_t freeze, double clip) {
   const char* op = "specdiff::verify_frozen";
+  check_devices(op, {{"states", &states}, {"x0_hat", &x0_hat}, {"frozen", &frozen},
+                     {"steps", &steps}, {"lengths", &lengths}, {"coef", &coef}, {"seed", &seed},
+                     {"chain_ids", &chain_ids}});
   check_cpu_float(states, op, "states");
   check_cpu_float(x0_hat, op, "x0_hat");
   TORCH_CHECK(states.dim() >= 3 && states.size(1) >= 2, op,
@@ -457,6 +464,9 @@ at::Tensor round_stats_cpu(const at::Tensor& stats, const at::Tensor& steps, con
                            const at::Tensor& num_accepted, const at::Tensor& committed,
                            const at::Tensor& log_ratio, const at::Tensor& output, int64_t num_steps) {
   const char* op = "specdiff::round_stats";
+  check_devices(op, {{"stats", &stats}, {"steps", &steps}, {"lengths", &lengths},
+                     {"num_accepted", &num_accepted}, {"committed", &committed},
+                     {"log_ratio", &log_ratio}, {"output", &output}});
   TORCH_CHECK(log_ratio.dim() == 2, op, ": log_ratio must have shape [B, L], got ", log_ratio.sizes());
   const int64_t B = log_ratio.size(0), L = log_ratio.size(1), N = num_steps;
   TORCH_CHECK(N >= 1 && L >= 1, op, ": num_steps and L must be >= 1, got ", N, " and ", L);

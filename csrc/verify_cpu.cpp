@@ -125,9 +125,9 @@ std::vector<int64_t> canonical_lengths(const char* op, const c10::optional<at::T
   if (!lengths.has_value()) return std::vector<int64_t>(B, L);
   const at::Tensor& t = *lengths;
   check_cpu(t, op, "lengths");
-  TORCH_CHECK(!at::isFloatingType(t.scalar_type()) && !at::isComplexType(t.scalar_type()) &&
-                  t.scalar_type() != at::kBool,
-              op, ": lengths must be an integer tensor, got ", t.scalar_type());
+  TORCH_CHECK(is_index_int(t.scalar_type()), op,
+              ": lengths must be an integer tensor (int8, int16, int32, int64 or uint8), got ",
+              t.scalar_type());
   check_batch_vector(t, op, "lengths", B);
   std::vector<int64_t> n = int64_values(t);
   for (int64_t b = 0; b < B; ++b) {
@@ -169,6 +169,8 @@ void window_partial_sums(const scalar_t* y, const scalar_t* mq, const scalar_t* 
 at::Tensor gaussian_log_ratio_cpu(const at::Tensor& draft_states, const at::Tensor& draft_means,
                                   const at::Tensor& target_means, const at::Tensor& sigma) {
   const char* op = "specdiff::gaussian_log_ratio";
+  check_devices(op, {{"draft_states", &draft_states}, {"draft_means", &draft_means},
+                     {"target_means", &target_means}, {"sigma", &sigma}});
   const int64_t D = check_window(op, draft_states, draft_means, target_means);
   const int64_t B = draft_states.size(0), L = draft_states.size(1);
   at::Tensor s = canonical_sigma(op, sigma, B, L);
@@ -194,6 +196,8 @@ at::Tensor gaussian_log_ratio_cpu(const at::Tensor& draft_states, const at::Tens
 at::Tensor first_rejection_cpu(const at::Tensor& log_ratio, const at::Tensor& uniforms,
                                const c10::optional<at::Tensor>& lengths) {
   const char* op = "specdiff::first_rejection";
+  check_devices(op, {{"log_ratio", &log_ratio}, {"uniforms", &uniforms},
+                     {"lengths", lengths.has_value() ? &*lengths : nullptr}});
   check_cpu_float(log_ratio, op, "log_ratio");
   TORCH_CHECK(log_ratio.dim() == 2, op, ": log_ratio must have shape [B, L], got ",
               log_ratio.sizes());
@@ -213,6 +217,8 @@ at::Tensor first_rejection_cpu(const at::Tensor& log_ratio, const at::Tensor& un
 at::Tensor reflect_resample_cpu(const at::Tensor& draft_state, const at::Tensor& draft_mean,
                                 const at::Tensor& target_mean) {
   const char* op = "specdiff::reflect_resample";
+  check_devices(op, {{"draft_state", &draft_state}, {"draft_mean", &draft_mean},
+                     {"target_mean", &target_mean}});
   check_cpu_float(draft_state, op, "draft_state");
   check_cpu_float(draft_mean, op, "draft_mean");
   check_cpu_float(target_mean, op, "target_mean");
@@ -223,7 +229,9 @@ at::Tensor reflect_resample_cpu(const at::Tensor& draft_state, const at::Tensor&
               draft_state.sizes(), ", ", draft_mean.sizes(), ", ", target_mean.sizes());
   TORCH_CHECK(draft_mean.scalar_type() == draft_state.scalar_type() &&
                   target_mean.scalar_type() == draft_state.scalar_type(),
-              op, ": draft_state, draft_mean and target_mean must share a dtype");
+              op, ": draft_state, draft_mean and target_mean must share a dtype, got ",
+              draft_state.scalar_type(), ", ", draft_mean.scalar_type(), ", ",
+              target_mean.scalar_type());
   const int64_t B = draft_state.size(0), D = event_numel(draft_state, op, 1);
   at::Tensor y = draft_state.contiguous(), mq = draft_mean.contiguous(), mp = target_mean.contiguous();
   at::Tensor out = at::empty_like(y);
@@ -257,6 +265,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> speculative_verify_cpu(
     const at::Tensor& draft_states, const at::Tensor& draft_means, const at::Tensor& target_means,
     const at::Tensor& sigma, const at::Tensor& uniforms, const c10::optional<at::Tensor>& lengths) {
   const char* op = "specdiff::speculative_verify";
+  check_devices(op, {{"draft_states", &draft_states}, {"draft_means", &draft_means},
+                     {"target_means", &target_means}, {"sigma", &sigma}, {"uniforms", &uniforms},
+                     {"lengths", lengths.has_value() ? &*lengths : nullptr}});
   const int64_t D = check_window(op, draft_states, draft_means, target_means);
   const int64_t B = draft_states.size(0), L = draft_states.size(1);
   at::Tensor s = canonical_sigma(op, sigma, B, L);

@@ -1,5 +1,7 @@
 """Argument validation of every op, both families and every backend: clear errors that name the
-argument. The public wrappers (:mod:`.verify`, :mod:`.round`) and the Triton launchers call these.
+argument. The public wrappers (:mod:`.verify`, :mod:`.round`) call the full checks; the entry
+points of ``torch.ops.specdiff`` that are not C++ kernels (the fakes, the Triton launchers) call
+the ``entry_*`` checks at the end of this module.
 
 Only metadata is inspected here (shapes, dtypes, devices), so the checks cost no device
 synchronisation and trace cleanly under torch.compile. Value checks (sigma > 0, uniforms in [0, 1),
@@ -427,3 +429,142 @@ def check_round_stats(
         raise ValueError(f"{op}: output must have shape [B, L+1, ...] = [{B}, {L + 1}, ...]")
     if output.device != log_ratio.device or stats.device != log_ratio.device:
         raise ValueError(f"{op}: stats, output and log_ratio must be on one device")
+
+
+# ---------------------------------------------------------------- dispatcher entry points
+# What every entry point of ``torch.ops.specdiff`` checks before allocating, where the C++ kernels
+# do not run: the fakes (a meta tensor among CPU ones dispatches to the Meta kernel, the fake;
+# torch.compile traces with it), the Triton launchers (the CUDA kernels) and round_stats' CUDA
+# composition. One device, and the dtypes of the op's contract (the C++ kernels check the same).
+# Metadata only: no host sync, no launch; shapes and values are the public wrappers' and the
+# kernels' concern.
+STATE = "state"  # a floating kernel dtype, the same for every STATE argument of the op
+FLOAT = "float"  # any floating kernel dtype (converted by the kernel)
+INT = "int"  # any integer dtype (converted by the kernel)
+INT64 = "int64"
+FLOAT64 = "float64"
+
+_KIND_DTYPES = {
+    STATE: FLOAT_DTYPES,
+    FLOAT: FLOAT_DTYPES,
+    INT: INT_DTYPES,
+    INT64: (torch.int64,),
+    FLOAT64: (torch.float64,),
+}
+
+
+def check_entry(op: str, *args: tuple[str, Tensor | None, str]) -> None:
+    """``args``: (name, tensor or None for an omitted optional, kind) in schema order; every
+    tensor on the first one's device, each of its kind's dtypes, STATE tensors of one dtype.
+    One pass, comparisons only (it runs at every launch of a Triton op)."""
+    first_name, first, _ = args[0]
+    device = first.device
+    state_name, state = None, None
+    for name, t, kind in args:
+        if t is None:
+            continue
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.device != device:
+            raise ValueError(f"{op}: {name} is on {t.device} but {first_name} is on {device}")
+        dtype = t.dtype
+        if dtype not in _KIND_DTYPES[kind]:
+            allowed = " or ".join(str(d) for d in _KIND_DTYPES[kind])
+            raise ValueError(f"{op}: {name} must have dtype {allowed}, got {dtype}")
+        if kind == STATE:
+            if state is None:
+                state_name, state = name, dtype
+            elif dtype != state:
+                raise ValueError(
+                    f"{op}: {name} dtype {dtype} must equal {state_name} dtype {state}"
+                )
+
+
+def entry_gaussian_log_ratio(op, draft_states, draft_means, target_means, sigma) -> None:
+    check_entry(
+        op,
+        ("draft_states", draft_states, STATE),
+        ("draft_means", draft_means, STATE),
+        ("target_means", target_means, STATE),
+        ("sigma", sigma, FLOAT),
+    )
+
+
+def entry_first_rejection(op, log_ratio, uniforms, lengths) -> None:
+    check_entry(
+        op,
+        ("log_ratio", log_ratio, FLOAT),
+        ("uniforms", uniforms, FLOAT),
+        ("lengths", lengths, INT),
+    )
+
+
+def entry_reflect_resample(op, draft_state, draft_mean, target_mean) -> None:
+    check_entry(
+        op,
+        ("draft_state", draft_state, STATE),
+        ("draft_mean", draft_mean, STATE),
+        ("target_mean", target_mean, STATE),
+    )
+
+
+def entry_speculative_verify(
+    op, draft_states, draft_means, target_means, sigma, uniforms, lengths
+) -> None:
+    check_entry(
+        op,
+        ("draft_states", draft_states, STATE),
+        ("draft_means", draft_means, STATE),
+        ("target_means", target_means, STATE),
+        ("sigma", sigma, FLOAT),
+        ("uniforms", uniforms, FLOAT),
+        ("lengths", lengths, INT),
+    )
+
+
+def entry_chain_noise(op, seed, chain_ids, steps, dtype) -> None:
+    check_entry(op, ("seed", seed, INT64), ("chain_ids", chain_ids, INT64), ("steps", steps, INT64))
+    if dtype not in FLOAT_DTYPES:
+        raise ValueError(
+            f"{op}: dtype must be one of {[str(d) for d in FLOAT_DTYPES]}, got {dtype}"
+        )
+
+
+def entry_frozen_draft(op, root, frozen, steps, lengths, coef, seed, chain_ids) -> None:
+    check_entry(
+        op,
+        ("root", root, STATE),
+        ("frozen", frozen, STATE),
+        ("steps", steps, INT64),
+        ("lengths", lengths, INT64),
+        ("coef", coef, FLOAT64),
+        ("seed", seed, INT64),
+        ("chain_ids", chain_ids, INT64),
+    )
+
+
+def entry_verify_frozen(op, states, x0_hat, frozen, steps, lengths, coef, seed, chain_ids) -> None:
+    check_entry(
+        op,
+        ("states", states, STATE),
+        ("x0_hat", x0_hat, STATE),
+        ("frozen", frozen, STATE),
+        ("steps", steps, INT64),
+        ("lengths", lengths, INT64),
+        ("coef", coef, FLOAT64),
+        ("seed", seed, INT64),
+        ("chain_ids", chain_ids, INT64),
+    )
+
+
+def entry_round_stats(op, stats, steps, lengths, num_accepted, committed, log_ratio, output):
+    check_entry(
+        op,
+        ("stats", stats, INT64),
+        ("steps", steps, INT64),
+        ("lengths", lengths, INT64),
+        ("num_accepted", num_accepted, INT64),
+        ("committed", committed, INT64),
+        ("log_ratio", log_ratio, FLOAT),
+        ("output", output, FLOAT),
+    )

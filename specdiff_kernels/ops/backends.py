@@ -22,13 +22,29 @@ except ImportError as _err:  # pragma: no cover - exercised only on broken insta
     _C = None
     HAS_CPP = False
     _CPP_IMPORT_ERROR = _err
-if HAS_CPP:
-    # reads SPECDIFF_CPU_CAPABILITY now: a bad value fails the import with one line, rather than
-    # the first op call, and never as a silent fallback to the reference backend
-    _C.cpu_capability()
 
 # the C++ kernels' instruction-set variants (csrc/cpu_isa.h), narrowest first
 CPU_CAPABILITIES = ("default", "avx2", "avx512")
+_capability_checked = False
+
+
+def check_cpu_capability() -> None:
+    """Raises a one-line ValueError if SPECDIFF_CPU_CAPABILITY names no variant.
+
+    Checked at the first use of the C++ backend (and up front by the CLI), not at import: an
+    import error cannot be caught by the command line that imports the package, so it would print
+    a traceback. A bad value is never a silent fallback to another backend; the C++ kernels
+    called directly refuse it too."""
+    global _capability_checked
+    # traced code does not call into _C (a graph break); the C++ kernels refuse a bad value anyway
+    if torch.compiler.is_compiling() or _capability_checked or not HAS_CPP:
+        return
+    try:
+        _C.cpu_capability()  # reads the variable once; the kernels use what it read
+    except ValueError as err:
+        raise ValueError(str(err)) from None
+    _capability_checked = True
+
 
 # the ops of each family, by the names every backend implements them under
 FAMILIES = {
@@ -41,6 +57,7 @@ def cpu_capabilities() -> list[str]:
     """The variants of CPU_CAPABILITIES this CPU can run (none without the C++ extension)."""
     if not HAS_CPP:
         return []
+    check_cpu_capability()
     return list(CPU_CAPABILITIES[: CPU_CAPABILITIES.index(_C.supported_cpu_capability()) + 1])
 
 
@@ -113,6 +130,8 @@ class BackendRegistry:
             known |= {n for fam, n in self._lazy if fam == family}
             raise ValueError(f"backend must be one of {sorted(known)}, got {name!r}")
         backend = self._backends[key]
+        if name == "cpp":
+            check_cpu_capability()
         if not backend.supports(device):
             raise ValueError(
                 f"backend {name!r} runs on {list(backend.devices or ())} tensors, "

@@ -210,8 +210,10 @@ def round_stats(
 
 # ---------------------------------------------------------------- fake (meta) kernels
 # Output metadata of every round op: registered here for the C++-defined ops and used by the
-# interpreted Triton ops (ops/triton/round.py) too.
+# interpreted Triton ops (ops/triton/round.py) too. A meta tensor among CPU tensors dispatches here,
+# not to the CPU kernel: each fake checks devices and dtypes as the kernels do.
 def fake_chain_noise(seed, chain_ids, steps, window, event_numel, dtype):
+    _checks.entry_chain_noise("chain_noise", seed, chain_ids, steps, dtype)
     B = chain_ids.shape[0]
     return (
         chain_ids.new_empty((B, window, event_numel), dtype=dtype),
@@ -220,10 +222,14 @@ def fake_chain_noise(seed, chain_ids, steps, window, event_numel, dtype):
 
 
 def fake_frozen_draft(root, frozen, steps, lengths, coef, seed, chain_ids, window, freeze, clip):
+    _checks.entry_frozen_draft("frozen_draft", root, frozen, steps, lengths, coef, seed, chain_ids)
     return root.new_empty((root.shape[0], window + 1, *root.shape[1:]))
 
 
 def fake_verify_frozen(states, x0_hat, frozen, steps, lengths, coef, seed, chain_ids, freeze, clip):
+    _checks.entry_verify_frozen(
+        "verify_frozen", states, x0_hat, frozen, steps, lengths, coef, seed, chain_ids
+    )
     B, L1 = states.shape[:2]
     E = states.shape[2:]
     return (
@@ -237,12 +243,25 @@ def fake_verify_frozen(states, x0_hat, frozen, steps, lengths, coef, seed, chain
 
 
 def fake_round_stats(stats, steps, lengths, num_accepted, committed, log_ratio, output, num_steps):
+    _checks.entry_round_stats(
+        "round_stats", stats, steps, lengths, num_accepted, committed, log_ratio, output
+    )
     return torch.empty_like(stats)
 
 
+def round_stats_cuda(stats, steps, lengths, num_accepted, committed, log_ratio, output, num_steps):
+    """round_stats' CUDA kernel: the reference composition (inside a captured round its launches
+    replay as one graph), after the entry checks (a CUDA tensor among CPU ones dispatches here)."""
+    _checks.entry_round_stats(
+        "round_stats", stats, steps, lengths, num_accepted, committed, log_ratio, output
+    )
+    return ref.round_stats(
+        stats, steps, lengths, num_accepted, committed, log_ratio, output, num_steps
+    )
+
+
 if HAS_CPP:
-    # CUDA: the reference composition; inside a captured round its launches replay as one graph
-    torch.library.register_kernel("specdiff::round_stats", "cuda", ref.round_stats)
+    torch.library.register_kernel("specdiff::round_stats", "cuda", round_stats_cuda)
     for _name, _fake in (
         ("chain_noise", fake_chain_noise),
         ("frozen_draft", fake_frozen_draft),

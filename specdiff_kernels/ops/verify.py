@@ -186,22 +186,32 @@ def speculative_verify(
 
 # ---------------------------------------------------------------- fake (meta) kernels
 # Output metadata of every verify op: registered here for the C++-defined ops and used by the Triton
-# ops (ops/triton/verify.py) too, whose trailing launch ``strategy`` shapes nothing.
+# ops (ops/triton/verify.py) too, whose trailing launch ``strategy`` shapes nothing. A meta tensor
+# among CPU tensors dispatches here, not to the CPU kernel: each fake checks devices and dtypes as
+# the kernels do (else it would return uninitialised CPU tensors).
 def fake_gaussian_log_ratio(draft_states, draft_means, target_means, sigma, strategy="auto"):
+    _checks.entry_gaussian_log_ratio(
+        "gaussian_log_ratio", draft_states, draft_means, target_means, sigma
+    )
     return draft_states.new_empty(draft_states.shape[:2], dtype=torch.float32)
 
 
 def fake_first_rejection(log_ratio, uniforms, lengths=None):
+    _checks.entry_first_rejection("first_rejection", log_ratio, uniforms, lengths)
     return log_ratio.new_empty(log_ratio.shape[:1], dtype=torch.int64)
 
 
 def fake_reflect_resample(draft_state, draft_mean, target_mean, strategy="auto"):
+    _checks.entry_reflect_resample("reflect_resample", draft_state, draft_mean, target_mean)
     return draft_state.new_empty(draft_state.shape)
 
 
 def fake_speculative_verify(
     draft_states, draft_means, target_means, sigma, uniforms, lengths=None, strategy="auto"
 ):
+    _checks.entry_speculative_verify(
+        "speculative_verify", draft_states, draft_means, target_means, sigma, uniforms, lengths
+    )
     B, L = draft_states.shape[:2]
     return (
         draft_states.new_empty((B,), dtype=torch.int64),

@@ -50,7 +50,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .. import layout
+from .. import _checks, layout
 from .. import round as round_ops
 from ..backends import REGISTRY, Backend
 from ..layout import acc_dtype
@@ -859,6 +859,7 @@ def chain_noise(
     dtype: torch.dtype,
 ) -> tuple[Tensor, Tensor]:
     """xi [B, window, D] (dtype) and u [B, window] (float32) of steps ``steps[b] + j``."""
+    _checks.entry_chain_noise("chain_noise", seed, chain_ids, steps, dtype)
     B, D = chain_ids.shape[0], int(event_numel)
     dev = chain_ids.device
     xi = torch.empty((B, window, D), device=dev, dtype=dtype)
@@ -897,6 +898,7 @@ def frozen_draft(
     clip: float,
 ) -> Tensor:
     """Drafted states Y [B, window + 1, *E] (semantics: reference.round.frozen_draft)."""
+    _checks.entry_frozen_draft("frozen_draft", root, frozen, steps, lengths, coef, seed, chain_ids)
     B = root.shape[0]
     y = torch.empty((B, window + 1, *root.shape[1:]), device=root.device, dtype=root.dtype)
     if B > 0:
@@ -942,6 +944,9 @@ def verify_frozen(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(num_accepted, committed, next_state, next_frozen, root_exact, log_ratio) (semantics:
     reference.round.verify_frozen)."""
+    _checks.entry_verify_frozen(
+        "verify_frozen", states, x0_hat, frozen, steps, lengths, coef, seed, chain_ids
+    )
     B, L1 = states.shape[:2]
     L = L1 - 1
     E = states.shape[2:]

@@ -57,6 +57,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .. import _checks
 from .. import verify as ops
 from .._checks import check_strategy
 from ..backends import REGISTRY, Backend
@@ -649,6 +650,9 @@ def speculative_verify(
     broadcasts to [B, L]. ``strategy``: "per_chain", "split", or None/"auto"
     (:func:`choose_strategy`).
     """
+    _checks.entry_speculative_verify(
+        "speculative_verify", draft_states, draft_means, target_means, sigma, uniforms, lengths
+    )
     check_strategy(strategy, STRATEGIES)
     y, mq, mp = contig(draft_states), contig(draft_means), contig(target_means)
     B, L = y.shape[0], y.shape[1]
@@ -681,6 +685,9 @@ def gaussian_log_ratio(
     strategy: str = "auto",
 ) -> Tensor:
     """[B, L] float32 log ratios (a - b/2) / s^2 of every step (docs/design.md §3)."""
+    _checks.entry_gaussian_log_ratio(
+        "gaussian_log_ratio", draft_states, draft_means, target_means, sigma
+    )
     check_strategy(strategy, STRATEGIES)
     y, mq, mp = contig(draft_states), contig(draft_means), contig(target_means)
     B, L = y.shape[0], y.shape[1]
@@ -698,6 +705,7 @@ def reflect_resample(
 ) -> Tensor:
     """Reflection-coupling resample y + (1 - 2<d, y - mq>/||d||^2) d of [B, *E] states (input
     dtype)."""
+    _checks.entry_reflect_resample("reflect_resample", draft_state, draft_mean, target_mean)
     check_strategy(strategy, STRATEGIES)
     y, mq, mp = contig(draft_state), contig(draft_mean), contig(target_mean)
     B = y.shape[0]
@@ -716,6 +724,7 @@ def first_rejection(
     log_ratio: Tensor, uniforms: Tensor, lengths: Optional[Tensor] = None
 ) -> Tensor:
     """[B] int64 index of the first rejected step, or the chain's length (default L) if none is."""
+    _checks.entry_first_rejection("first_rejection", log_ratio, uniforms, lengths)
     B, L = log_ratio.shape
     out = torch.empty((B,), device=log_ratio.device, dtype=torch.int64)
     if B == 0:
