@@ -364,6 +364,12 @@ CASES = {
     "gt_table_2d": (lambda: gt(c_x=[[0.9], [0.9], [0.9]]), ValueError, "c_x"),
     "gt_table_str": (lambda: gt(c_x="abc"), TypeError, "c_x"),
     "gt_table_nan": (lambda: gt(c_eps=[0.0, NAN, 0.0]), ValueError, "c_eps"),
+    "gt_table_meta": (lambda: gt(c_x=torch.ones(3, device="meta")), ValueError, "c_x"),
+    "ddpm_abar_meta": (
+        lambda: ddpm_transitions(ABAR.to("meta"), num_inference_steps=10),
+        ValueError,
+        "alphas_cumprod",
+    ),
     "gt_model_sigma_neg": (lambda: gt(model_sigma=[-0.5] * 3), ValueError, "model_sigma"),
     "gt_model_alpha_0": (lambda: gt(model_alpha=[0.0] * 3), ValueError, "model_alpha"),
     "gt_input_scale_0": (lambda: gt(input_scale=[0.0] * 3), ValueError, "input_scale"),
