@@ -264,6 +264,21 @@ CASES = {
         TypeError,
         "steps_offset",
     ),
+    "ddpm_offset_ignored_by_linspace": (
+        lambda: ddpm_transitions(ABAR, num_inference_steps=10, spacing="linspace", steps_offset=1),
+        ValueError,
+        "steps_offset",
+    ),
+    "ddpm_offset_without_respacing": (
+        lambda: ddpm_transitions(ABAR, steps_offset=1),
+        ValueError,
+        "steps_offset",
+    ),
+    "euler_offset_ignored_by_trailing": (
+        lambda: euler_ancestral_transitions(ABAR, spacing="trailing", steps_offset=1),
+        ValueError,
+        "steps_offset",
+    ),
     "ddpm_offset_past_T": (
         lambda: ddpm_transitions(ABAR, num_inference_steps=10, steps_offset=100),
         ValueError,
@@ -633,6 +648,7 @@ DIFFUSERS_CASES = {
         ValueError,
         "num_train_timesteps",
     ),
+    "steps_offset_non_int": (lambda: dt(sched(steps_offset=1.5), 10), TypeError, "steps_offset"),
     "steps_offset_neg": (lambda: dt(sched(steps_offset=-1), 10), ValueError, "steps_offset"),
     "steps_offset_past_T": (
         lambda: dt(sched("DDIMScheduler", steps_offset=200), 10, eta=1.0),
@@ -789,3 +805,11 @@ def test_valid_input_still_builds():
     assert gt(clip_sample=torch.tensor(2.0), eps_from_clipped_x0=True).clip_sample == 2.0
     assert gmm().transitions(5, "ddim", eta=0.5, spacing="trailing").num_steps == 5
     assert models.load("gmm", dim=3, components=1, seed=7).event_shape == (3,)
+
+
+def test_adapter_valid_input_still_builds():
+    """diffusers ignores steps_offset outside 'leading' spacing; the adapter follows it."""
+    _diffusers()
+    tr = dt(sched("DDIMScheduler", timestep_spacing="trailing", steps_offset=1), 10, eta=1.0)
+    assert tr.timesteps[0] == 999
+    assert dt(sched(steps_offset=1), 10).timesteps[0] == 901

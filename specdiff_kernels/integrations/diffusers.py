@@ -438,7 +438,8 @@ def _check_config(scheduler, num_inference_steps) -> tuple[str, Optional[int]]:
             )
     n = as_int(num_inference_steps, "num_inference_steps", 1, T)
     try:
-        check_steps_offset(cfg.get("steps_offset", 0), cfg.get("timestep_spacing", "leading"), n, T)
+        spacing = cfg.get("timestep_spacing", "leading")
+        check_steps_offset(cfg.get("steps_offset", 0), spacing, n, T, ignored_ok=True)
     except (TypeError, ValueError) as err:
         raise type(err)(f"{kind} config: {err}") from None
     return kind, n

@@ -421,9 +421,16 @@ def _inference_steps(num_inference_steps, T: int) -> int:
     return as_int(num_inference_steps, "num_inference_steps", 1, T)
 
 
-def check_steps_offset(steps_offset, spacing: str, n: int, T: int) -> int:
-    """``steps_offset`` (added by "leading" spacing only, as diffusers) keeps timesteps < T."""
+def check_steps_offset(steps_offset, spacing: str, n: int, T: int, *, ignored_ok=False) -> int:
+    """``steps_offset`` (added by "leading" spacing only, as diffusers) keeps timesteps < T.
+    Elsewhere it has no effect: refused unless ``ignored_ok`` (a diffusers config, where
+    ignoring it is diffusers' own behaviour)."""
     off = as_int(steps_offset, "steps_offset", 0)
+    if off and spacing != "leading" and not ignored_ok:
+        raise ValueError(
+            f"steps_offset applies to spacing='leading' only (it would be ignored with "
+            f"spacing={spacing!r}), got {off}"
+        )
     top = T - 1 - (n - 1) * (T // n)
     if spacing == "leading" and off > top:
         raise ValueError(
@@ -446,7 +453,8 @@ def respaced_timesteps(
     T = as_int(num_train_timesteps, "num_train_timesteps", 1)
     spacing = as_choice(spacing, "spacing", SPACINGS)
     if num_inference_steps is None:
-        as_int(steps_offset, "steps_offset", 0)
+        if as_int(steps_offset, "steps_offset", 0):
+            raise ValueError("steps_offset applies to respaced steps (num_inference_steps) only")
         return torch.arange(T - 1, -1, -1, dtype=torch.int64)
     n = _inference_steps(num_inference_steps, T)
     steps_offset = check_steps_offset(steps_offset, spacing, n, T)
