@@ -309,16 +309,18 @@ class AutoRounds:
         # per chain, the first failure as 2 step + (1 if only the state failed); 2 N: none
         first = torch.full_like(k, 2 * self.N)
         graphs = self.lean.cuda_graphs
+        lockstep = min(k_start) == max(k_start)  # the usual case: every chain ends together
         for _ in range(self.N - min(k_start)):
             if graphs:  # each step replays a CUDA graph whose outputs the next replay overwrites
                 torch.compiler.cudagraph_mark_step_begin()
             x, code = self.lean._step(x, k, lengths)
             if graphs:
                 x, code = x.clone(), code.clone()
-            failed = (code > 0) & (lengths > 0)
+            failed = code > 0 if lockstep else (code > 0) & (lengths > 0)
             first = torch.where(failed, torch.minimum(first, 2 * k + (code == 1)), first)
             k = k + lengths
-            lengths = (k < self.N).to(torch.int64)
+            if not lockstep:  # chains finish at different iterations
+                lengths = (k < self.N).to(torch.int64)
         f = int(first.min())
         if f < 2 * self.N:
             row = int((first == f).nonzero()[0, 0])
