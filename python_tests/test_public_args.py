@@ -307,6 +307,11 @@ CASES = {
         TypeError,
         "use_clipped_model_output",
     ),
+    "ddim_clipped_output_without_clip": (
+        lambda: ddim_transitions(ABAR, use_clipped_model_output=True),
+        ValueError,
+        "use_clipped_model_output",
+    ),
     "ddim_prediction_typo": (
         lambda: ddim_transitions(ABAR, prediction="v"),
         ValueError,
@@ -760,6 +765,16 @@ DIFFUSERS_CASES = {
         lambda: fp(Pipe(unet=torch.nn.Identity(), scheduler=sched()), 10, guidance_scale="7"),
         TypeError,
         "guidance_scale",
+    ),
+    "model_call_kwarg_typo": (
+        lambda: _model(torch.nn.Identity(), guidance=7.5),
+        TypeError,
+        "guidance",
+    ),
+    "pipe_call_kwarg_typo": (
+        lambda: fp(Pipe(unet=torch.nn.Identity(), scheduler=sched()), 10, guidance=7.5),
+        TypeError,
+        "guidance",
     ),
     "model_return_dict": (
         lambda: _model(torch.nn.Identity(), return_dict=True),

@@ -29,6 +29,7 @@ Install with ``pip install specdiff_kernels[diffusers]``.
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 from typing import Any, Mapping, Optional
@@ -116,6 +117,7 @@ class DiffusersModel(torch.nn.Module):
                     f"DiffusersModel: {name!r} is set by the sampler on every call; it cannot be "
                     f"a fixed call argument"
                 )
+        _check_call_kwargs(unet, call_kwargs)
         self.unet = unet
         self.call_kwargs = call_kwargs
         if guidance_scale is not None:
@@ -189,6 +191,25 @@ class DiffusersModel(torch.nn.Module):
                 f"share one covariance"
             )
         return out
+
+
+def _check_call_kwargs(unet, call_kwargs: Mapping) -> None:
+    """Fixed call arguments the UNet's forward does not take (a typo such as ``guidance=7.5``
+    given to from_pipeline) are refused now, not at the first call deep inside the sampler."""
+    if not call_kwargs:
+        return
+    try:
+        params = inspect.signature(getattr(unet, "forward", unet)).parameters
+    except (TypeError, ValueError):  # no signature to read (a C function): the call will tell
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    for name in call_kwargs:
+        if name not in params:
+            raise TypeError(
+                f"DiffusersModel: got an unexpected keyword argument {name!r}: "
+                f"{type(unet).__name__}.forward does not take it"
+            )
 
 
 def _as_uncond(uncond, where: str) -> dict:

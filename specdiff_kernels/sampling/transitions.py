@@ -574,6 +574,8 @@ def ddim_transitions(
     prediction, clip_sample = as_choice(prediction, "prediction", PREDICTIONS), as_clip(clip_sample)
     set_alpha_to_one = as_flag(set_alpha_to_one, "set_alpha_to_one")
     use_clipped_model_output = as_flag(use_clipped_model_output, "use_clipped_model_output")
+    if use_clipped_model_output and clip_sample is None:
+        raise ValueError("use_clipped_model_output has no effect without clip_sample; set both")
     abar = _schedule(alphas_cumprod, betas)
     T = abar.numel()
     n = _inference_steps(num_inference_steps, T)
