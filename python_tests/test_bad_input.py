@@ -146,7 +146,7 @@ def test_sample_arguments_refused_before_the_model_runs(sampler_cls, case):
 def test_window_true_is_not_a_window_of_one():
     with pytest.raises(
         TypeError,
-        match=r"^window must be an int >= 1, 'adaptive' or an "
+        match=r"^window must be 'auto', an int >= 1, 'adaptive' or an "
         r"AdaptiveWindow, got True$",
     ):
         SpeculativeSampler(Counting(), transitions(), window=True)
@@ -348,10 +348,13 @@ DEMO_CASES = [
         "argument --step-size: must be a positive number, got -0.1",
     ),
     (["--window", "10000"], "argument --window: must be at most --steps (200), got 10000"),
-    (["--window", "0"], "argument --window: must be a positive integer or 'adaptive', got 0"),
+    (
+        ["--window", "0"],
+        "argument --window: must be 'auto', a positive integer or 'adaptive', got 0",
+    ),
     (
         ["--window", "True"],
-        "argument --window: must be a positive integer or 'adaptive', got 'True'",
+        "argument --window: must be 'auto', a positive integer or 'adaptive', got 'True'",
     ),
 ]
 
@@ -428,7 +431,10 @@ DIST_CASES = [
     (["--steps", "0"], "argument --steps: must be a positive integer, got 0"),
     (["--dim", "0"], "argument --dim: must be a positive integer, got 0"),
     (["--seed", "-1"], "argument --seed: must be an integer in 0..2^63-1, got -1"),
-    (["--window", "x"], "argument --window: must be a positive integer or 'adaptive', got 'x'"),
+    (
+        ["--window", "x"],
+        "argument --window: must be 'auto', a positive integer or 'adaptive', got 'x'",
+    ),
     (["--window", "300"], "argument --window: must be at most --steps (200), got 300"),
     (
         ["--model", "digits", "--dim", "8"],

@@ -492,10 +492,13 @@ FOLDER_CASES = [
         ["--steps", "50", "--window", "51"],
         "argument --window: must be at most --steps (50), got 51",
     ),
-    (["--window", "0"], "argument --window: must be a positive integer or 'adaptive', got 0"),
+    (
+        ["--window", "0"],
+        "argument --window: must be 'auto', a positive integer or 'adaptive', got 0",
+    ),
     (
         ["--window", "adaptiv"],
-        "argument --window: must be a positive integer or 'adaptive', got 'adaptiv'",
+        "argument --window: must be 'auto', a positive integer or 'adaptive', got 'adaptiv'",
     ),
     (["--batch", "0"], "argument --batch: must be a positive integer, got 0"),
     (["--steps", "0"], "argument --steps: must be a positive integer, got 0"),

@@ -75,16 +75,18 @@ def positive_float(text: str) -> float:
 
 
 def window_arg(text: str):
-    if text == "adaptive":
+    if text in ("auto", "adaptive"):
         return text
     try:
         L = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"must be a positive integer or 'adaptive', got {text!r}"
+            f"must be 'auto', a positive integer or 'adaptive', got {text!r}"
         ) from None
     if L < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer or 'adaptive', got {L}")
+        raise argparse.ArgumentTypeError(
+            f"must be 'auto', a positive integer or 'adaptive', got {L}"
+        )
     return L
 
 
@@ -297,8 +299,9 @@ def add_sample_arguments(sample: argparse.ArgumentParser) -> None:
     sample.add_argument(
         "--window",
         type=window_arg,
-        default=8,
-        help="draft window L (at most N; default 8), or 'adaptive'",
+        default="auto",
+        help="'auto' (default: chosen per round from the measured cost, ancestral steps where "
+        "speculation does not pay), a fixed draft window L (at most N), or 'adaptive'",
     )
     sample.add_argument(
         "--draft",
@@ -400,8 +403,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--window",
         type=window_arg,
-        default=8,
-        help="draft window L (at most N), or 'adaptive' (per-chain, from its own acceptance)",
+        default="auto",
+        help="'auto' (default: chosen per round from the measured cost), a fixed draft window "
+        "L (at most N), or 'adaptive' (per-chain, from its own acceptance)",
     )
     demo.add_argument(
         "--draft",
@@ -531,7 +535,11 @@ def build_distributed_parser() -> argparse.ArgumentParser:
     p.add_argument("--chains", type=positive_int, default=1024, help="total chains over all ranks")
     p.add_argument("--steps", type=positive_int, default=200)
     p.add_argument(
-        "--window", type=window_arg, default=8, help="window L (at most --steps), or 'adaptive'"
+        "--window",
+        type=window_arg,
+        default=8,
+        help="window L (default 8: a chain's result does not depend on its rank), 'auto' or "
+        "'adaptive'",
     )
     p.add_argument(
         "--draft",

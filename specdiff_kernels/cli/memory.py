@@ -2,7 +2,9 @@
 
 A speculative round evaluates up to B (L + 1) states in one network call: the states, their means,
 noise and the verify's buffers (a few copies of B (L + 1) D floats), plus the network's activations
-on the states of one invocation (all of them, or ``--max-batch`` with chunking). The per-state
+on the states of one invocation: ``--max-batch`` of them, or as many as the sampler's default
+chunking allows (:meth:`specdiff_kernels.sampling.base.SamplerBase.budget_max_batch`: a quarter
+of the free memory, on a CPU about B states). The per-state
 activation sizes below were measured with ``/usr/bin/time -v`` (peak RSS) on this project's CPU
 runs: the digits MLP about 7 KB per state, the patches UNet about 2.1 MB (about ten float32
 copies of its feature maps). The estimate is meant to be within a factor of two: it refuses
@@ -11,7 +13,6 @@ batches that cannot fit at all, it does not plan a run to the last megabyte.
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -67,16 +68,29 @@ def unet_act_bytes(cfg: dict, bytes_per_float: int = 4) -> int:
 
 def window_states(window, steps: int) -> int:
     """States per chain in one round's network call: L + 1."""
-    L = min(ADAPTIVE_MAX_WINDOW, steps) if window == "adaptive" else int(window)
+    # "auto" and "adaptive" draft into a buffer of their longest window
+    L = min(ADAPTIVE_MAX_WINDOW, steps) if window in ("auto", "adaptive") else int(window)
     return L + 1
 
 
-def estimate_bytes(
-    batch: int, per_chain_states: int, event_size: int, act_bytes: int, max_batch: Optional[int]
+def invocation_states(
+    batch: int, states: int, act_bytes: int, max_batch: Optional[int], free: int, device: str
 ) -> int:
+    """The states one network invocation holds: ``max_batch``, or the sampler's default chunk."""
+    if max_batch is not None:
+        return min(states, max_batch)
+    from ..sampling.base import CPU_CHUNK_MIN_BYTES, MEMORY_BUDGET_FRACTION, PROBE_MIN_STATES
+
+    if states <= PROBE_MIN_STATES:
+        return states
+    chunk = max(1, int(free * MEMORY_BUDGET_FRACTION) // max(1, act_bytes))
+    if torch.device(device).type != "cuda":
+        chunk = min(chunk, max(batch, CPU_CHUNK_MIN_BYTES // max(1, act_bytes)))
+    return min(states, chunk)
+
+
+def estimate_bytes(states: int, invoked: int, event_size: int, act_bytes: int) -> int:
     """Peak bytes of one round: every state's buffers, and the activations of one invocation."""
-    states = batch * per_chain_states
-    invoked = states if max_batch is None else min(states, max_batch)
     return states * event_size * 4 * STATE_COPIES + invoked * act_bytes
 
 
@@ -97,17 +111,28 @@ def check_batch(
     free = available_bytes(device)
     if free is None:
         return None
-    per_chain = window_states(window, steps)
-    need = estimate_bytes(batch, per_chain, event_size, act_bytes, max_batch)
+    states = batch * window_states(window, steps)
+    invoked = invocation_states(batch, states, act_bytes, max_batch, free, device)
+    need = estimate_bytes(states, invoked, event_size, act_bytes)
     if need <= free:
         return None
     hint = "a smaller --batch"
-    if max_batch is None or max_batch > 1:
-        chunk = max(1, min(batch * per_chain, max_batch or math.inf) // 16)
-        with_chunks = estimate_bytes(batch, per_chain, event_size, act_bytes, chunk)
+    if invoked > 1:
+        chunk = max(1, invoked // 16)
+        with_chunks = estimate_bytes(states, chunk, event_size, act_bytes)
         if with_chunks <= free:
             hint += f", or --max-batch {chunk} (about {gb(with_chunks)})"
     return (
-        f"argument --batch: {batch} chains need about {gb(need)} ({batch * per_chain} states of "
-        f"{event_size} values per round, estimated) but {gb(free)} is free on {device}; use {hint}"
+        f"argument --batch: {batch} chains need about {gb(need)} ({states} states of "
+        f"{event_size} values per round, {invoked} per network call; estimated) but {gb(free)} "
+        f"is free on {device}; use {hint}"
     )
+
+
+def warmup_states(batch: int, act_bytes: int, max_batch: Optional[int], device: str) -> int:
+    """The states of the CLI's warm-up call: the ancestral call's B, within one invocation's
+    memory (a batch that runs in chunks must not fail in its warm-up)."""
+    free = available_bytes(device)
+    if free is None:
+        return batch if max_batch is None else min(batch, max_batch)
+    return max(1, invocation_states(batch, batch, act_bytes, max_batch, free, device))

@@ -257,12 +257,12 @@ def resolve_window(window) -> tuple[int, Optional[AdaptiveWindow]]:
         return window.max_window, window
     if isinstance(window, bool):  # True is an int to operator.index: it would mean L = 1
         raise TypeError(
-            f"window must be an int >= 1, 'adaptive' or an AdaptiveWindow, got {window!r}"
+            f"window must be 'auto', an int >= 1, 'adaptive' or an AdaptiveWindow, got {window!r}"
         )
     if isinstance(window, str):
         if window != "adaptive":
             raise ValueError(
-                f"window must be an int >= 1, 'adaptive' or an AdaptiveWindow, got {window!r}"
+                f"window must be 'auto', an int >= 1, 'adaptive' or an AdaptiveWindow, got {window!r}"
             )
         p = AdaptiveWindow()
         return p.max_window, p
@@ -270,7 +270,7 @@ def resolve_window(window) -> tuple[int, Optional[AdaptiveWindow]]:
         window = operator.index(window)
     except TypeError:
         raise ValueError(
-            f"window must be an int >= 1, 'adaptive' or an AdaptiveWindow, got {window!r}"
+            f"window must be 'auto', an int >= 1, 'adaptive' or an AdaptiveWindow, got {window!r}"
         ) from None
     if window < 1:
         raise ValueError(f"window must be >= 1, got {window}")
