@@ -471,6 +471,12 @@ def main(argv: list[str] | None = None) -> int:
     prog = parser.prog
     try:
         args = parser.parse_args(argv)
+        try:  # a bad SPECDIFF_CPU_CAPABILITY: one line and exit 2, before anything runs
+            from ..ops.backends import check_cpu_capability
+
+            check_cpu_capability()
+        except ValueError as err:
+            parser.error(str(err))
         prog = parser.subcommands[args.command].prog
         check, func = args.check, args.func
         del args.check, args.func
