@@ -118,6 +118,7 @@ BAD_SAMPLE_ARGS = [
     (["--seed", str(2**63)], "--seed"),
     (["--eta", "0.5"], "--eta"),  # ddpm
     (["--eta", "nan", "--scheduler", "ddim"], "--eta"),
+    (["--eta", "1e308", "--scheduler", "ddim"], "--eta"),  # sampled NaN states before
     (["--dtype", "float16"], "--dtype"),
     (["--dtype", "int8"], "--dtype"),
     (["--device", "tpu"], "--device"),
@@ -398,6 +399,20 @@ def test_ctrl_c_while_writing_removes_the_half_written_run(tmp_path, capsys, mon
     rc, _, err = cli(["sample", *FAST_DIGITS, "--batch", "2", "--out", str(out)], capsys)
     assert rc == 130 and one_line(err) == "specdiff sample: interrupted"
     assert sorted(p.name for p in out.iterdir()) == ["mine.txt"]
+
+
+def test_ctrl_c_in_the_distributed_command(tmp_path, capsys, monkeypatch):
+    from specdiff_kernels.sampling import distributed
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(distributed, "sample_distributed", interrupted)
+    argv = ["--model", "gmm", "--dim", "2", "--chains", "4", "--steps", "4", "--window", "2"]
+    rc, _, err = cli([*argv, "--out", str(tmp_path / "s.pt")], capsys, entry=distributed_main)
+    assert rc == 130
+    assert one_line(err) == "python -m specdiff_kernels.cli.distributed: interrupted"
+    assert not (tmp_path / "s.pt").exists()
 
 
 def test_ctrl_c_in_a_real_process(tmp_path):

@@ -74,6 +74,15 @@ def positive_float(text: str) -> float:
     return value
 
 
+def eta_float(text: str) -> float:
+    """DDIM's eta in (0, 1]: 0 is deterministic (nothing to speculate), and above 1 the step's
+    variance can exceed 1 - alpha_bar_prev, where DDIM's direction term has no real value."""
+    value = positive_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return value
+
+
 def window_arg(text: str):
     if text in ("auto", "adaptive"):
         return text
@@ -289,9 +298,9 @@ def add_sample_arguments(sample: argparse.ArgumentParser) -> None:
     )
     sample.add_argument(
         "--eta",
-        type=positive_float,
+        type=eta_float,
         default=None,
-        help="DDIM's eta (> 0; default 1.0); --scheduler ddim only",
+        help="DDIM's eta (in (0, 1]; default 1.0); --scheduler ddim only",
     )
     sample.add_argument(
         "--steps", type=positive_int, default=200, help="sampling steps N (default 200)"
@@ -639,6 +648,14 @@ def build_distributed_sampler(args, device):
 
 
 def distributed_main(argv: Optional[list] = None) -> int:
+    try:
+        return _distributed_main(argv)
+    except KeyboardInterrupt:
+        print("python -m specdiff_kernels.cli.distributed: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _distributed_main(argv: Optional[list]) -> int:
     import torch.distributed as dist
 
     from ..sampling.distributed import sample_distributed

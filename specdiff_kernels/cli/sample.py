@@ -558,7 +558,9 @@ def run_sample(args, spec: PipelineSpec) -> int:
     progress = not args.no_progress
     # first-call costs (allocator, kernel selection) out of both timings; on at most one
     # invocation's states, so a batch that runs in chunks does not fail here
-    warm = min(args.batch, args.max_batch or args.batch)
+    from .memory import warmup_states
+
+    warm = warmup_states(args.batch, spec.act_bytes, args.max_batch, args.device)
     with torch.inference_mode():
         net(
             torch.zeros(warm, *spec.event_shape, device=device),
