@@ -39,25 +39,67 @@ inline bool is_index_int(at::ScalarType t) {
   return t == at::kByte || t == at::kChar || t == at::kShort || t == at::kInt || t == at::kLong;
 }
 
+// What an argument's dtype may be (the contract of ops/_checks.py check_entry): kState a kernel
+// floating dtype shared by every kState argument of the op; kFloat any kernel floating dtype
+// (converted); kInt any index integer dtype (converted); kInt64 and kFloat64 exactly that.
+enum class Kind { kState, kFloat, kInt, kInt64, kFloat64 };
+
 // One tensor argument of an op, by its schema name; `t` null for an omitted optional.
 struct NamedArg {
   const char* name;
   const at::Tensor* t;
+  Kind kind;
 };
 
-// Every tensor argument on the first one's device, and that device the CPU: checked first, before
-// any other check reads a value or anything is allocated. (The dispatcher sends a meta or CUDA
-// tensor among CPU ones to the Meta or CUDA kernel, not here; a direct or redispatched call can
-// still bring one.)
-inline void check_devices(const char* op, std::initializer_list<NamedArg> args) {
+inline const char* kind_dtypes(Kind kind) {
+  switch (kind) {
+    case Kind::kState:
+    case Kind::kFloat: return "a float16, bfloat16, float32 or float64 tensor";
+    case Kind::kInt: return "an integer tensor (int8, int16, int32, int64 or uint8)";
+    case Kind::kInt64: return "an int64 tensor";
+    default: return "a float64 tensor";
+  }
+}
+
+inline bool kind_admits(Kind kind, at::ScalarType t) {
+  switch (kind) {
+    case Kind::kState:
+    case Kind::kFloat: return is_kernel_float(t);
+    case Kind::kInt: return is_index_int(t);
+    case Kind::kInt64: return t == at::kLong;
+    default: return t == at::kDouble;
+  }
+}
+
+// Every tensor argument on the first one's device, that device the CPU, and each argument of its
+// kind's dtypes: checked first, before any other check reads a value or anything is allocated.
+// (The dispatcher sends a meta or CUDA tensor among CPU ones to the Meta or CUDA kernel, not here;
+// a direct or redispatched call can still bring one.) Comparisons only: nothing is launched.
+inline void check_args(const char* op, std::initializer_list<NamedArg> args) {
   const NamedArg& first = *args.begin();
+  const at::Device device = first.t->device();
   for (const NamedArg& a : args) {
     if (a.t == nullptr || !a.t->defined()) continue;
-    TORCH_CHECK(a.t->device() == first.t->device(), op, ": ", a.name, " is on ", a.t->device(),
-                " but ", first.name, " is on ", first.t->device());
+    TORCH_CHECK(a.t->device() == device, op, ": ", a.name, " is on ", a.t->device(), " but ",
+                first.name, " is on ", device);
   }
-  TORCH_CHECK(first.t->device().is_cpu(), op, ": ", first.name,
-              " must be a CPU tensor for the CPU kernel, got ", first.t->device());
+  TORCH_CHECK(device.is_cpu(), op, ": ", first.name,
+              " must be a CPU tensor for the CPU kernel, got ", device);
+  const NamedArg* state = nullptr;
+  for (const NamedArg& a : args) {
+    if (a.t == nullptr || !a.t->defined()) continue;
+    const at::ScalarType t = a.t->scalar_type();
+    TORCH_CHECK(kind_admits(a.kind, t), op, ": ", a.name, " must be ", kind_dtypes(a.kind),
+                ", got ", t);
+    if (a.kind != Kind::kState) continue;
+    if (state == nullptr) {
+      state = &a;
+    } else {
+      TORCH_CHECK(t == state->t->scalar_type(), op, ": ", a.name, " dtype ", t, " must equal ",
+                  state->name, " dtype ", state->t->scalar_type(),
+                  " (the states must share a dtype)");
+    }
+  }
 }
 
 inline void check_cpu(const at::Tensor& t, const char* op, const char* name) {

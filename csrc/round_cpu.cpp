@@ -199,7 +199,8 @@ std::tuple<at::Tensor, at::Tensor> chain_noise_cpu(const at::Tensor& seed, const
                                                    const at::Tensor& steps, int64_t window,
                                                    int64_t event_numel, at::ScalarType dtype) {
   const char* op = "specdiff::chain_noise";
-  check_devices(op, {{"seed", &seed}, {"chain_ids", &chain_ids}, {"steps", &steps}});
+  check_args(op, {{"seed", &seed, Kind::kInt64}, {"chain_ids", &chain_ids, Kind::kInt64},
+                  {"steps", &steps, Kind::kInt64}});
   TORCH_CHECK(is_kernel_float(dtype), op,
               ": dtype must be float16, bfloat16, float32 or float64, got ", dtype);
   TORCH_CHECK(chain_ids.dim() == 1, op, ": chain_ids must have shape [B], got ", chain_ids.sizes());
@@ -244,8 +245,10 @@ at::Tensor frozen_draft_cpu(const at::Tensor& root, const at::Tensor& frozen, co
                             const at::Tensor& lengths, const at::Tensor& coef, const at::Tensor& seed,
                             const at::Tensor& chain_ids, int64_t window, int64_t freeze, double clip) {
   const char* op = "specdiff::frozen_draft";
-  check_devices(op, {{"root", &root}, {"frozen", &frozen}, {"steps", &steps}, {"lengths", &lengths},
-                     {"coef", &coef}, {"seed", &seed}, {"chain_ids", &chain_ids}});
+  check_args(op, {{"root", &root, Kind::kState}, {"frozen", &frozen, Kind::kState},
+                  {"steps", &steps, Kind::kInt64}, {"lengths", &lengths, Kind::kInt64},
+                  {"coef", &coef, Kind::kFloat64}, {"seed", &seed, Kind::kInt64},
+                  {"chain_ids", &chain_ids, Kind::kInt64}});
   check_cpu_float(root, op, "root");
   TORCH_CHECK(root.dim() >= 2, op, ": root must have shape [B, *E], got ", root.sizes());
   RoundArgs a = check_round(op, root, frozen, steps, lengths, coef, seed, chain_ids, window, freeze,
@@ -312,9 +315,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& steps, const at::Tensor& lengths, const at::Tensor& coef,
     const at::Tensor& seed, const at::Tensor& chain_ids, int64_t freeze, double clip) {
   const char* op = "specdiff::verify_frozen";
-  check_devices(op, {{"states", &states}, {"x0_hat", &x0_hat}, {"frozen", &frozen},
-                     {"steps", &steps}, {"lengths", &lengths}, {"coef", &coef}, {"seed", &seed},
-                     {"chain_ids", &chain_ids}});
+  check_args(op, {{"states", &states, Kind::kState}, {"x0_hat", &x0_hat, Kind::kState},
+                  {"frozen", &frozen, Kind::kState}, {"steps", &steps, Kind::kInt64},
+                  {"lengths", &lengths, Kind::kInt64}, {"coef", &coef, Kind::kFloat64},
+                  {"seed", &seed, Kind::kInt64}, {"chain_ids", &chain_ids, Kind::kInt64}});
   check_cpu_float(states, op, "states");
   check_cpu_float(x0_hat, op, "x0_hat");
   TORCH_CHECK(states.dim() >= 3 && states.size(1) >= 2, op,
@@ -464,9 +468,11 @@ at::Tensor round_stats_cpu(const at::Tensor& stats, const at::Tensor& steps, con
                            const at::Tensor& num_accepted, const at::Tensor& committed,
                            const at::Tensor& log_ratio, const at::Tensor& output, int64_t num_steps) {
   const char* op = "specdiff::round_stats";
-  check_devices(op, {{"stats", &stats}, {"steps", &steps}, {"lengths", &lengths},
-                     {"num_accepted", &num_accepted}, {"committed", &committed},
-                     {"log_ratio", &log_ratio}, {"output", &output}});
+  check_args(op, {{"stats", &stats, Kind::kInt64}, {"steps", &steps, Kind::kInt64},
+                  {"lengths", &lengths, Kind::kInt64},
+                  {"num_accepted", &num_accepted, Kind::kInt64},
+                  {"committed", &committed, Kind::kInt64}, {"log_ratio", &log_ratio, Kind::kFloat},
+                  {"output", &output, Kind::kFloat}});
   TORCH_CHECK(log_ratio.dim() == 2, op, ": log_ratio must have shape [B, L], got ", log_ratio.sizes());
   const int64_t B = log_ratio.size(0), L = log_ratio.size(1), N = num_steps;
   TORCH_CHECK(N >= 1 && L >= 1, op, ": num_steps and L must be >= 1, got ", N, " and ", L);

@@ -169,8 +169,9 @@ void window_partial_sums(const scalar_t* y, const scalar_t* mq, const scalar_t* 
 at::Tensor gaussian_log_ratio_cpu(const at::Tensor& draft_states, const at::Tensor& draft_means,
                                   const at::Tensor& target_means, const at::Tensor& sigma) {
   const char* op = "specdiff::gaussian_log_ratio";
-  check_devices(op, {{"draft_states", &draft_states}, {"draft_means", &draft_means},
-                     {"target_means", &target_means}, {"sigma", &sigma}});
+  check_args(op, {{"draft_states", &draft_states, Kind::kState},
+                  {"draft_means", &draft_means, Kind::kState},
+                  {"target_means", &target_means, Kind::kState}, {"sigma", &sigma, Kind::kFloat}});
   const int64_t D = check_window(op, draft_states, draft_means, target_means);
   const int64_t B = draft_states.size(0), L = draft_states.size(1);
   at::Tensor s = canonical_sigma(op, sigma, B, L);
@@ -196,8 +197,8 @@ at::Tensor gaussian_log_ratio_cpu(const at::Tensor& draft_states, const at::Tens
 at::Tensor first_rejection_cpu(const at::Tensor& log_ratio, const at::Tensor& uniforms,
                                const c10::optional<at::Tensor>& lengths) {
   const char* op = "specdiff::first_rejection";
-  check_devices(op, {{"log_ratio", &log_ratio}, {"uniforms", &uniforms},
-                     {"lengths", lengths.has_value() ? &*lengths : nullptr}});
+  check_args(op, {{"log_ratio", &log_ratio, Kind::kFloat}, {"uniforms", &uniforms, Kind::kFloat},
+                  {"lengths", lengths.has_value() ? &*lengths : nullptr, Kind::kInt}});
   check_cpu_float(log_ratio, op, "log_ratio");
   TORCH_CHECK(log_ratio.dim() == 2, op, ": log_ratio must have shape [B, L], got ",
               log_ratio.sizes());
@@ -217,8 +218,9 @@ at::Tensor first_rejection_cpu(const at::Tensor& log_ratio, const at::Tensor& un
 at::Tensor reflect_resample_cpu(const at::Tensor& draft_state, const at::Tensor& draft_mean,
                                 const at::Tensor& target_mean) {
   const char* op = "specdiff::reflect_resample";
-  check_devices(op, {{"draft_state", &draft_state}, {"draft_mean", &draft_mean},
-                     {"target_mean", &target_mean}});
+  check_args(op, {{"draft_state", &draft_state, Kind::kState},
+                  {"draft_mean", &draft_mean, Kind::kState},
+                  {"target_mean", &target_mean, Kind::kState}});
   check_cpu_float(draft_state, op, "draft_state");
   check_cpu_float(draft_mean, op, "draft_mean");
   check_cpu_float(target_mean, op, "target_mean");
@@ -265,9 +267,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> speculative_verify_cpu(
     const at::Tensor& draft_states, const at::Tensor& draft_means, const at::Tensor& target_means,
     const at::Tensor& sigma, const at::Tensor& uniforms, const c10::optional<at::Tensor>& lengths) {
   const char* op = "specdiff::speculative_verify";
-  check_devices(op, {{"draft_states", &draft_states}, {"draft_means", &draft_means},
-                     {"target_means", &target_means}, {"sigma", &sigma}, {"uniforms", &uniforms},
-                     {"lengths", lengths.has_value() ? &*lengths : nullptr}});
+  check_args(op, {{"draft_states", &draft_states, Kind::kState},
+                  {"draft_means", &draft_means, Kind::kState},
+                  {"target_means", &target_means, Kind::kState}, {"sigma", &sigma, Kind::kFloat},
+                  {"uniforms", &uniforms, Kind::kFloat},
+                  {"lengths", lengths.has_value() ? &*lengths : nullptr, Kind::kInt}});
   const int64_t D = check_window(op, draft_states, draft_means, target_means);
   const int64_t B = draft_states.size(0), L = draft_states.size(1);
   at::Tensor s = canonical_sigma(op, sigma, B, L);

@@ -453,6 +453,15 @@ _KIND_DTYPES = {
 }
 
 
+_KIND_NAMES = {
+    STATE: "a float16, bfloat16, float32 or float64 tensor",
+    FLOAT: "a float16, bfloat16, float32 or float64 tensor",
+    INT: "an integer tensor (int8, int16, int32, int64 or uint8)",
+    INT64: "an int64 tensor",
+    FLOAT64: "a float64 tensor",
+}
+
+
 def check_entry(op: str, *args: tuple[str, Tensor | None, str]) -> None:
     """``args``: (name, tensor or None for an omitted optional, kind) in schema order; every
     tensor on the first one's device, each of its kind's dtypes, STATE tensors of one dtype.
@@ -469,14 +478,14 @@ def check_entry(op: str, *args: tuple[str, Tensor | None, str]) -> None:
             raise ValueError(f"{op}: {name} is on {t.device} but {first_name} is on {device}")
         dtype = t.dtype
         if dtype not in _KIND_DTYPES[kind]:
-            allowed = " or ".join(str(d) for d in _KIND_DTYPES[kind])
-            raise ValueError(f"{op}: {name} must have dtype {allowed}, got {dtype}")
+            raise ValueError(f"{op}: {name} must be {_KIND_NAMES[kind]}, got {dtype}")
         if kind == STATE:
             if state is None:
                 state_name, state = name, dtype
             elif dtype != state:
                 raise ValueError(
-                    f"{op}: {name} dtype {dtype} must equal {state_name} dtype {state}"
+                    f"{op}: {name} dtype {dtype} must equal {state_name} dtype {state} "
+                    "(the states must share a dtype)"
                 )
 
 
