@@ -189,6 +189,7 @@ def test_demo_bad_argument_one_line(extra, flag, tmp_path, capsys, monkeypatch):
 
 BAD_DISTRIBUTED_ARGS = [
     (["--chains", "0"], "--chains"),
+    (["--chains", str(10**9)], "--chains"),  # cannot fit: refused before the model loads
     (["--steps", "-1"], "--steps"),
     (["--dim", "1", "--model", "banana"], "--dim"),
     (["--dim", "8", "--model", "digits"], "--dim"),

@@ -597,9 +597,22 @@ def check_distributed_args(args: argparse.Namespace) -> Optional[str]:
     if args.out is not None and args.per_rank_dir is not None:
         return "argument --out: not allowed with --per-rank-dir (ranks then write their own files)"
     from .. import models
+    from . import memory
 
     max_steps = None if args.model == "banana" else models.TRAIN_TIMESTEPS
     err = _check_steps_window(args.steps, args.window, max_steps)
+    if err is None:
+        # each rank holds its share of the chains; the ranks of one machine share its memory
+        size = 64 if args.model == "digits" else args.dim
+        act = (
+            memory.DIGITS_ACT_BYTES
+            if args.model == "digits"
+            else memory.GENERIC_ACT_FLOATS_PER_DIM * 4 * size
+        )
+        device = "cuda" if torch.cuda.is_available() and args.backend != "gloo" else "cpu"
+        err = memory.check_batch(
+            args.chains, args.window, args.steps, size, act, None, device, option="--chains"
+        )
     if err is None and args.out is not None:
         err = _check_file("--out", args.out)
     if err is None and args.per_rank_dir is not None:

@@ -106,8 +106,10 @@ def check_batch(
     act_bytes: int,
     max_batch: Optional[int],
     device: str,
+    option: str = "--batch",
 ) -> Optional[str]:
-    """The ``--batch`` error when the estimate exceeds the free memory (None: fits, or unknown)."""
+    """The ``option`` (the chains' flag) error when the estimate exceeds the free memory (None:
+    fits, or unknown)."""
     free = available_bytes(device)
     if free is None:
         return None
@@ -116,14 +118,14 @@ def check_batch(
     need = estimate_bytes(states, invoked, event_size, act_bytes)
     if need <= free:
         return None
-    hint = "a smaller --batch"
+    hint = f"a smaller {option}"
     if invoked > 1:
         chunk = max(1, invoked // 16)
         with_chunks = estimate_bytes(states, chunk, event_size, act_bytes)
         if with_chunks <= free:
             hint += f", or --max-batch {chunk} (about {gb(with_chunks)})"
     return (
-        f"argument --batch: {batch} chains need about {gb(need)} ({states} states of "
+        f"argument {option}: {batch} chains need about {gb(need)} ({states} states of "
         f"{event_size} values per round, {invoked} per network call; estimated) but {gb(free)} "
         f"is free on {device}; use {hint}"
     )
