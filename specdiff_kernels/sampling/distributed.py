@@ -104,6 +104,8 @@ def merge_stats(
             continue
         elif name == "autopilot":  # window="auto": each shard's controller, side by side
             kw[name] = None if all(v is None for v in vals) else {"shards": vals}
+        elif name == "max_batch":  # the largest invocation of any rank (None: one unchunked)
+            kw[name] = None if None in vals else max(vals)
         elif name in _MAX_FIELDS:
             kw[name] = max(vals)
         elif isinstance(vals[0], list):
