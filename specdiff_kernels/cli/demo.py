@@ -28,7 +28,6 @@ from ..sampling.drafts import DraftModelDraft, FrozenTargetDraft
 from ..sampling.sampler import SpeculativeSampler
 from ..testing.two_sample import two_sample_pvalue
 from .output import RunOutput, demo_files
-from .sample import two_sample_or_note
 
 DRAFTS = ("frozen-x0", "frozen-eps", "model")
 
@@ -139,6 +138,14 @@ def save_acceptance_plot(path: Path, spec: SamplerStats, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def two_sample_or_note(x: torch.Tensor, y: torch.Tensor, seed: int):
+    """(p-value, None), or (None, the reason) when a sample set is too small for the test."""
+    n = min(x.shape[0], y.shape[0])
+    if n < 2:
+        return None, f"skipped: the two-sample test needs at least 2 samples per run, got {n}"
+    return two_sample_pvalue(x, y, seed=seed), None
 
 
 def optional_module(module: str, what: str) -> bool:

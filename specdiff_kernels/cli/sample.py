@@ -524,21 +524,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def two_sample_or_note(x: torch.Tensor, y: torch.Tensor, seed: int):
-    """(p-value, None), or (None, the reason) when a sample set is too small for the test."""
-    from ..testing.two_sample import two_sample_pvalue
-
-    n = min(x.shape[0], y.shape[0])
-    if n < 2:
-        return None, f"skipped: the two-sample test needs at least 2 samples per run, got {n}"
-    return two_sample_pvalue(x, y, seed=seed), None
-
-
 def run_sample(args, spec: PipelineSpec) -> int:
     """Sample with the checked arguments; print a summary (and the cost table with --compare)."""
     from ..sampling.ancestral import AncestralSampler
     from ..sampling.sampler import COMPACT_MIN_CHAINS_CPU, SpeculativeSampler
-    from .demo import cost_table, optional_module
+    from .demo import cost_table, optional_module, two_sample_or_note
     from .output import RunOutput, sample_files
 
     # --dtype is the network's precision; the chains stay float32 (see CastNet)
