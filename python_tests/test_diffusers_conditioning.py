@@ -358,7 +358,8 @@ def law_samples():
     sched.set_timesteps(STEPS)
     model = DiffusersModel(unet, guidance_scale=W, uncond={"encoder_hidden_states": neg})
     tr = diffusers_transitions(DDPMScheduler(clip_sample=True), STEPS)
-    sampler = SpeculativeSampler(model, tr, window=WINDOW)
+    # max_batch: the round's largest call in one invocation (the CPU default would chunk it)
+    sampler = SpeculativeSampler(model, tr, window=WINDOW, max_batch=N_CHAINS * (WINDOW + 1))
     with torch.inference_mode():
         ref = scheduler_loop_cfg(unet, sched, emb, neg, W, seed=5)
         with CallCounter(unet) as calls:
