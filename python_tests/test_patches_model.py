@@ -74,6 +74,13 @@ def test_load_pipeline_is_fp32_eval_and_frozen(pipe):
     assert not any(p.requires_grad for p in pipe.unet.parameters())
 
 
+def test_load_pipeline_prints_nothing(capfd):
+    """No "install accelerate" notice, no loading bar: a user's stderr stays theirs."""
+    P.load_pipeline()
+    out, err = capfd.readouterr()
+    assert out == "" and err == ""
+
+
 def test_load_pipeline_missing_folder_names_the_train_command(monkeypatch, tmp_path):
     monkeypatch.setattr(P, "pipeline_dir", lambda: tmp_path / "nothing")
     with pytest.raises(FileNotFoundError, match="python -m specdiff_kernels.models.train patches"):

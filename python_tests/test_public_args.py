@@ -72,6 +72,12 @@ def prefixed(prefix, cases):
 
 # --------------------------------------------------------------------------- transitions
 CASES = {
+    # DDIM's eta above 1: the step's variance can exceed 1 - abar_prev (no real direction term)
+    "ddim_eta_above_1": (
+        lambda: ddim_transitions(ABAR, num_inference_steps=20, eta=1.5),
+        ValueError,
+        "eta",
+    ),
     # make_betas
     "make_betas_schedule_typo": (lambda: make_betas("bogus"), ValueError, "schedule"),
     "make_betas_schedule_int": (lambda: make_betas(3), TypeError, "schedule"),

@@ -630,7 +630,7 @@ def diffusers_transitions(
             )
     elif eta is None:
         raise ValueError("DDIMScheduler: pass eta (> 0); diffusers' step takes it per call")
-    elif as_real(eta, "eta", 0) == 0:
+    elif as_real(eta, "eta", 0, 1) == 0:
         raise ValueError(
             "DDIMScheduler with eta = 0 is deterministic: there is nothing to speculate; "
             "pass eta > 0"

@@ -113,8 +113,18 @@ def load_pipeline(device: Union[str, torch.device] = "cpu", dtype: torch.dtype =
             f"patches pipeline not found at {folder}; train it with `{TRAIN_COMMAND}`"
         )
     from diffusers import DDPMPipeline
+    from diffusers.utils import logging as dlog
 
-    pipe = DDPMPipeline.from_pretrained(str(folder), torch_dtype=dtype)
+    # diffusers would print a multi-line "install accelerate" notice and a progress bar for
+    # loading two small components; low_cpu_mem_usage=False is what it falls back to anyway
+    level = dlog.get_verbosity()
+    dlog.set_verbosity_error()
+    dlog.disable_progress_bar()
+    try:
+        pipe = DDPMPipeline.from_pretrained(str(folder), torch_dtype=dtype, low_cpu_mem_usage=False)
+    finally:
+        dlog.set_verbosity(level)
+        dlog.enable_progress_bar()
     pipe = pipe.to(device)
     pipe.unet.eval()
     pipe.unet.requires_grad_(False)

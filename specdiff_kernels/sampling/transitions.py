@@ -570,7 +570,7 @@ def ddim_transitions(
     As diffusers, the previous timestep is ``t - T // num_inference_steps`` (and
     ``final_alpha_cumprod`` = 1 or abar[0] below 0). eta = 0: every step is deterministic.
     """
-    as_real(eta, "eta", 0)
+    as_real(eta, "eta", 0, 1)  # above 1 the direction term can have no real value
     prediction, clip_sample = as_choice(prediction, "prediction", PREDICTIONS), as_clip(clip_sample)
     set_alpha_to_one = as_flag(set_alpha_to_one, "set_alpha_to_one")
     use_clipped_model_output = as_flag(use_clipped_model_output, "use_clipped_model_output")
@@ -608,7 +608,7 @@ def ddim_from_schedule(
     computes it: previous timestep ``t - step_ratio``, ``final_alpha_cumprod`` below 0.
     ``kwargs`` go to :class:`GaussianTransitions` (prediction, clip_sample, eps_from_clipped_x0).
     Shared by :func:`ddim_transitions` and the diffusers adapter."""
-    eta = as_real(eta, "eta", 0)
+    eta = as_real(eta, "eta", 0, 1)
     abar = check_alphas_cumprod(alphas_cumprod)
     ts = _schedule_timesteps(timesteps, abar.numel())
     prev = ts - as_int(step_ratio, "step_ratio", 1)
