@@ -251,7 +251,7 @@ def test_num_inference_steps_checked(builder, n, exc, match):
 
 
 def test_ddim_negative_eta():
-    with pytest.raises(ValueError, match=r"^eta must be a finite number >= 0, got -0.5$"):
+    with pytest.raises(ValueError, match=r"^eta must be a finite number in \[0, 1\], got -0.5$"):
         ddim_transitions(ABAR, num_inference_steps=10, eta=-0.5)
 
 
@@ -372,7 +372,8 @@ def test_demo_out_that_is_a_file(capsys, no_sampling, tmp_path):
         f"specdiff demo: error: argument --out: {str(f)!r} exists and is not a directory"
     )
     assert cli_error(["demo", "--out", str(f / "sub")], capsys) == (
-        f"specdiff demo: error: argument --out: cannot write to {str(f / 'sub')!r}: Not a directory"
+        f"specdiff demo: error: argument --out: cannot make {str(f / 'sub')!r}: {str(f)!r} is "
+        "not a directory"
     )
 
 

@@ -84,9 +84,15 @@ class CostModel:
     ancestral_fixed: float = 3e-5
     calibration_s: float = 0.0
     user: Optional[Callable[[int], float]] = None
+    _memo: dict = field(default_factory=dict, repr=False, compare=False)
 
     def network(self, b: float) -> float:
-        """Predicted seconds of one call on b states."""
+        """Predicted seconds of one call on b states (memoised: a run asks for few sizes)."""
+        if b not in self._memo:
+            self._memo[b] = self._network(b)
+        return self._memo[b]
+
+    def _network(self, b: float) -> float:
         if self.user is not None:
             return float(self.user(b))
         xs, ts = self.sizes, self.seconds
@@ -107,6 +113,7 @@ class CostModel:
     def as_dict(self) -> dict:
         d = asdict(self)
         d["user"] = self.user is not None
+        del d["_memo"]
         return d
 
     @staticmethod
@@ -150,26 +157,35 @@ def calibrate(
     """Measure the cost model (see the module docstring): ``call(b)`` runs the network on b
     states, ``draft()`` one ``frozen_draft`` of ``drafted_states`` states."""
     start = time.perf_counter()
-    t_B = min(_timed(lambda: call(B), sync) for _ in range(2))  # the first may be cold
-    # a call under a millisecond is timed more than once: one preemption would double it
-    reps = 2 if t_B < 1e-2 else 1
+    first = _timed(lambda: call(B), sync)  # may be cold: the first call at this shape
+    call(2 * B)  # so may this one (allocations of a new size): neither is kept
+    # B and 2B alternately (min of each): a slow spell of the machine falls on both sizes
+    reps = 2 if first < 1e-3 else 1
+    pairs = [
+        (_timed(lambda: call(B), sync), _timed(lambda: call(2 * B), sync)) for _ in range(reps)
+    ]
+    t_B = min([first] + [p[0] for p in pairs])
+    t_2B = max(min(p[1] for p in pairs), t_B)
     per_state = _timed(draft, sync) / max(drafted_states, 1)
     model = CostModel(
-        [B],
-        [t_B],
+        [B, 2 * B],
+        [t_B, t_2B],
         per_state,
         ROUND_FIXED.get(device_type, 8e-5),
         ANCESTRAL_FIXED.get(device_type, 3e-5),
     )
+    if 2 * B > max_states:
+        model.sizes, model.seconds = [B], [t_B]
     budget = BUDGET_FRACTION * num_steps * model.ancestral_step(B)
-    for m in PROBE_MULTIPLES:
+    for m in PROBE_MULTIPLES[1:] if t_2B < LINEAR * 2 * t_B else ():
         b = m * B
         spent = time.perf_counter() - start
-        if b > max_states or (m > 2 and spent + reps * model.network(b) > budget):
-            break  # the first probe is always made: one size cannot tell a slope
+        if b > max_states or spent + reps * model.network(b) > budget:
+            break
         t_b = min(_timed(lambda: call(b), sync) for _ in range(reps))
         model.sizes.append(b)
         model.seconds.append(max(t_b, model.seconds[-1]))  # noise must not make b cheaper
+        model._memo.clear()
         if t_b >= LINEAR * m * t_B:
             break
     model.calibration_s = time.perf_counter() - start
@@ -296,9 +312,8 @@ class AutoRounds:
             s = self.ancestral_rest(s, len(self.log.predicted_s) - 1)
             self.log.measured_s.append(time.perf_counter() - now)
             return s
-        s = self.rnd.step(s, W)
-        self.t_prev = time.perf_counter()
-        return s
+        self.t_prev = time.perf_counter()  # the round's time: from here to the next head read
+        return self.rnd.step(s, W)
 
     def ancestral_rest(self, s: ChainBatch, after_round: int) -> ChainBatch:
         """Every chain's remaining steps as ancestral steps (chains may be at different steps;
@@ -332,6 +347,8 @@ class AutoRounds:
 
     def finish(self, stats: SamplerStats, transitions) -> None:
         """Add the ancestral loop's calls and steps to the run's stats and log."""
+        if self.t_prev is not None and len(self.log.measured_s) < len(self.log.predicted_s):
+            self.log.measured_s.append(time.perf_counter() - self.t_prev)  # the last round
         h = self.handoff
         if h is not None:
             det = transitions.deterministic.to(torch.int64).tolist()

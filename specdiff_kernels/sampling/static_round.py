@@ -134,6 +134,9 @@ class StaticRound:
         self._graphs: dict = {}  # window -> captured CUDA graph (all on the same buffers)
         self._static: Optional[ChainBatch] = None
         self._tables: dict = {}  # window -> (lengths by step, last position read by step)
+        self._finite_summary: Optional[Tensor] = None  # see _output_summary
+        # a round may read a value on the host: eager (not traced whole), not captured, on a CPU
+        self._host_reads = device.type == "cpu" and not (compile and not compact)
 
     # ------------------------------------------------------------------ pieces
     def _draft(self, x, frozen, k, lengths, window, freeze):
@@ -279,13 +282,8 @@ class StaticRound:
         res = self._verify(Y, P, s.frozen, k, lengths)
         log_ratio = res.log_ratio
         if W < self.L:  # the stats vector is laid out for L: pad the window to it
-            B = k.shape[0]
             log_ratio = torch.nn.functional.pad(log_ratio, (0, self.L - W))
-            # only the finiteness of each state's output is counted: one value per state
-            ok = torch.isfinite(out.reshape(B, W + 1, -1)).all(-1)
-            summary = torch.zeros(B, self.L + 1, 1, dtype=out.dtype, device=out.device)
-            summary[:, : W + 1, 0] = torch.where(ok, 0.0, math.nan).to(out.dtype)
-            out = summary
+            out = self._output_summary(out, W)
         stats = torch.ops.specdiff.round_stats(
             s.stats, k, lengths, res.num_accepted, res.committed, log_ratio, out, self.N
         )
@@ -296,6 +294,21 @@ class StaticRound:
             exact=res.root_exact,
             stats=stats,
         )
+
+    def _output_summary(self, out: Tensor, W: int) -> Tensor:
+        """What round_stats reads of a window-W round's outputs, laid out for L: one value per
+        state, NaN where the state's output is not finite (round_stats counts only finiteness)."""
+        B = out.shape[0]
+        if self._host_reads and bool(torch.isfinite(out.sum())):
+            # eager rounds off the GPU: one reduction, then a zero summary made once (a finite
+            # sum has no inf or NaN term; a sum that overflows takes the full path below)
+            if self._finite_summary is None or self._finite_summary.dtype != out.dtype:
+                self._finite_summary = out.new_zeros(B, self.L + 1, 1)
+            return self._finite_summary
+        ok = torch.isfinite(out.reshape(B, W + 1, -1)).all(-1)
+        summary = torch.zeros(B, self.L + 1, 1, dtype=out.dtype, device=out.device)
+        summary[:, : W + 1, 0] = torch.where(ok, 0.0, math.nan).to(out.dtype)
+        return summary
 
     def step(self, s: ChainBatch, window: Optional[int] = None) -> ChainBatch:
         """One round of window ``window`` (default L; at most L). With ``cuda_graph``, the first
