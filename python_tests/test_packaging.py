@@ -85,7 +85,9 @@ def check_demo(venv: Path, workdir: Path) -> str:
     assert "sequential target calls (batch)" in out and "two-sample test" in out
     stats = json.loads((workdir / "out" / "demo_digits_stats.json").read_text())
     assert stats["two_sample_pvalue"] > 1e-3
-    assert stats["speculative"]["target_calls"] < stats["ancestral"]["target_calls"]
+    # window="auto" never makes more sequential calls than the ancestral chain (fewer where
+    # speculation pays, which it does at the demo's batch unless the machine measures otherwise)
+    assert stats["speculative"]["target_calls"] <= stats["ancestral"]["target_calls"]
     info = run([venv / "bin" / "specdiff", "info"], cwd=workdir).stdout
     assert "C++ build:" in info and "backends: reference, cpp" in info
     assert "-march=native" not in info, info  # the portable build is the default

@@ -84,6 +84,15 @@ def cost_table(anc: SamplerStats, spec: SamplerStats) -> str:
     )
     acc = "  ".join(f"{j}:{_fmt(a, '.2f')}" for j, a in enumerate(spec.acceptance_by_position))
     out.append(f"acceptance by window position: {acc}")
+    if spec.autopilot and "window_hist" in spec.autopilot:
+        ap = spec.autopilot
+        hist = ", ".join(f"{w}: {n}" for w, n in sorted(ap["window_hist"].items()))
+        share = ap["ancestral_steps"] / max(1, spec.num_chains * spec.num_steps)
+        out.append(
+            f"window='auto': rounds per window {{{hist}}} (0: the rest as ancestral steps, "
+            f"{share:.0%} of the steps); cost model measured in "
+            f"{ap['cost']['calibration_s'] * 1e3:.1f} ms"
+        )
     return "\n".join(out)
 
 

@@ -6,10 +6,10 @@ compute-bound (a CPU at a large batch, a big UNet) every extra state costs its f
 plain ancestral steps are faster. The controller decides this per round, from measurements.
 
 1. **Cost model** (:class:`CostModel`): the network's time for a call on b states, measured at the
-   first ``sample()`` (:func:`calibrate`): b = B, then 2B, 5B, 9B, ... (window lengths 1, 4, 8, ...
-   of B chains) until the time grows in proportion to b (compute-bound: larger calls are
-   extrapolated linearly) or the probes' budget is spent (2% of the estimated ancestral run; the
-   probe at 2B is always made);
+   first ``sample()`` (:func:`calibrate`): b = B and 2B alternately, then 9B (a window of 8 on B
+   chains) unless the time already grows in proportion to b (compute-bound: larger calls are
+   extrapolated linearly) or that one call would cost more than the budget (2% of the estimated
+   ancestral run);
    piecewise linear in between, extended by the last measured slope. Plus the sampler's own cost
    per round: a fixed part per round and a part per drafted state, from one timed ``frozen_draft``
    (draft, verify and the window's gather cost about three such passes). Cached per sampler and
@@ -59,8 +59,8 @@ from .static_round import ChainBatch, StaticRound
 from .window import AdaptiveWindow
 
 CANDIDATES = (0, 1, 2, 4, 8, 16, 32)
-PROBE_MULTIPLES = (2, 5, 9, 17, 33)  # call sizes of windows 1, 4, 8, 16, 32 (full call)
-BUDGET_FRACTION = 0.02  # the probes' budget: this fraction of the estimated ancestral run
+PROBE_MULTIPLES = (2, 9)  # call sizes of windows 1 and 8 (full call)
+BUDGET_FRACTION = 0.02  # the calibration's budget: this fraction of the estimated ancestral run
 LINEAR = 0.9  # t(mB) >= LINEAR * m * t(B): compute-bound, extrapolate linearly from here
 # the sampler's own fixed cost per round (host work, the round's small ops), seconds: the static
 # round's and the ancestral step's own costs at B = 1 (bench/results/latency_cpu.md)
@@ -158,9 +158,10 @@ def calibrate(
     states, ``draft()`` one ``frozen_draft`` of ``drafted_states`` states."""
     start = time.perf_counter()
     first = _timed(lambda: call(B), sync)  # may be cold: the first call at this shape
-    call(2 * B)  # so may this one (allocations of a new size): neither is kept
-    # B and 2B alternately (min of each): a slow spell of the machine falls on both sizes
     reps = 2 if first < 1e-3 else 1
+    if reps > 1:  # a cold first call at a new size (allocations) would dwarf a short one
+        call(2 * B)
+    # B and 2B alternately (min of each): a slow spell of the machine falls on both sizes
     pairs = [
         (_timed(lambda: call(B), sync), _timed(lambda: call(2 * B), sync)) for _ in range(reps)
     ]
@@ -179,10 +180,11 @@ def calibrate(
     budget = BUDGET_FRACTION * num_steps * model.ancestral_step(B)
     for m in PROBE_MULTIPLES[1:] if t_2B < LINEAR * 2 * t_B else ():
         b = m * B
-        spent = time.perf_counter() - start
-        if b > max_states or spent + reps * model.network(b) > budget:
+        # the slope from B to 2B can understate larger calls' (caches): one call at a window's
+        # size, if it costs at most the budget itself
+        if b > max_states or model.network(b) > budget:
             break
-        t_b = min(_timed(lambda: call(b), sync) for _ in range(reps))
+        t_b = _timed(lambda: call(b), sync)
         model.sizes.append(b)
         model.seconds.append(max(t_b, model.seconds[-1]))  # noise must not make b cheaper
         model._memo.clear()
