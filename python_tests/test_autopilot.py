@@ -47,7 +47,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 # high and stops paying when it collapses at the end of the schedule
 COSTS = {
     "flat": lambda b: 1e-3,
-    "handoff": lambda b: 1e-3 + 1.25e-3 * b / GAUSS_N,
+    "handoff": lambda b: 1e-3 + 1.05e-3 * b / GAUSS_N,
 }
 
 

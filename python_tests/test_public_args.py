@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from specdiff_kernels import models
+from specdiff_kernels.sampling.langevin import langevin_transitions
 from specdiff_kernels.sampling.transitions import (
     GaussianTransitions,
     alphas_cumprod_from_betas,
@@ -72,6 +73,27 @@ def prefixed(prefix, cases):
 
 # --------------------------------------------------------------------------- transitions
 CASES = {
+    # Langevin's chain: a step count is an int (2.5 was truncated to 2, True meant 1)
+    "langevin_steps_float": (
+        lambda: langevin_transitions(0.1, num_steps=2.5),
+        TypeError,
+        "num_steps",
+    ),
+    "langevin_steps_bool": (
+        lambda: langevin_transitions(0.1, num_steps=True),
+        TypeError,
+        "num_steps",
+    ),
+    "langevin_steps_str": (
+        lambda: langevin_transitions(0.1, num_steps="5"),
+        TypeError,
+        "num_steps",
+    ),
+    "langevin_init_std_str": (
+        lambda: langevin_transitions(0.1, num_steps=5, init_std="2"),
+        TypeError,
+        "init_std",
+    ),
     # DDIM's eta above 1: the step's variance can exceed 1 - abar_prev (no real direction term)
     "ddim_eta_above_1": (
         lambda: ddim_transitions(ABAR, num_inference_steps=20, eta=1.5),

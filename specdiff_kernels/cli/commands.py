@@ -676,6 +676,12 @@ def _distributed_main(argv: Optional[list]) -> int:
 
     parser = build_distributed_parser()
     args = parser.parse_args(argv)
+    try:  # a bad SPECDIFF_CPU_CAPABILITY: one line and exit 2, as specdiff's
+        from ..ops.backends import check_cpu_capability
+
+        check_cpu_capability()
+    except ValueError as err:
+        parser.error(str(err))
     _error(parser, check_distributed_args(args))
     launched = "WORLD_SIZE" in os.environ and "RANK" in os.environ
     own_group = False

@@ -25,7 +25,8 @@ plain ancestral steps are faster. The controller decides this per round, from me
        W = argmax  live * S(W) / (t_net(b_W) + t_own(W)),   S(W) = 1 + a0 (1 - a^(W-1)) / (1 - a),
        S(0) = 1, b_0 = live, b_W = the states the round's call holds,
 
-   a speculative W only where it beats the ancestral step by ``margin``. Once W = 0 is chosen at
+   a speculative W only where it beats the ancestral step by ``margin`` (10%: measured costs
+   are noisy, and a near-tie is not worth the risk). Once W = 0 is chosen at
    roots none of which is exact, nothing the next round could observe differs (no window is
    verified, the roots stay stale), so the choice would repeat: the run hands the rest of the
    schedule to the ancestral chain's loop, whose own cost per step is the ancestral sampler's.
@@ -232,7 +233,7 @@ class WindowController:
         prior_acceptance: float = 0.9,
         prior_weight: float = 2.0,
         decay: float = 0.7,
-        margin: float = 0.05,
+        margin: float = 0.10,
     ):
         self.cost, self.B, self.compact = cost, num_chains, compact
         self.candidates = [w for w in CANDIDATES if w <= max_window]

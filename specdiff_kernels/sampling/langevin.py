@@ -45,7 +45,7 @@ from .ancestral import AncestralSampler
 from .base import SamplingResult
 from .drafts import Draft, DraftModelDraft, FrozenTargetDraft
 from .sampler import SpeculativeSampler
-from .transitions import GaussianTransitions
+from .transitions import GaussianTransitions, as_int, as_real
 
 GradFn = Callable[[Tensor], Tensor]
 EnergyFn = Callable[[Tensor], Tensor]
@@ -77,9 +77,8 @@ def langevin_transitions(
     g = torch.as_tensor(step_size, dtype=torch.float64).flatten()
     if num_steps is None:
         num_steps = g.numel()
-    n = int(num_steps)
-    if n < 1:
-        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    n = as_int(num_steps, "num_steps", 1)  # 2.5, True or "5" are refused, not truncated
+    init_std = as_real(init_std, "init_std", 0)
     if g.numel() == 1:
         g = g.expand(n).clone()
     if g.numel() != n:
