@@ -449,7 +449,15 @@ def test_ctrl_c_in_a_real_process(tmp_path):
 
 
 def _interrupt(cmd):
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # a test run started in the background of a non-interactive shell ignores SIGINT, and its
+    # children inherit that: restore the default so Python installs its handler
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     try:
         first = proc.stdout.readline()  # printed once the network is loaded
         assert first.startswith("pipeline: digits"), first
