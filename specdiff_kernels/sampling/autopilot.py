@@ -356,8 +356,9 @@ class AutoRounds:
             self.log.measured_s.append(time.perf_counter() - self.t_prev)  # the last round
         h = self.handoff
         if h is not None:
-            det = transitions.deterministic.to(torch.int64).tolist()
-            ahead = [sum(det[k:]) for k in range(self.N + 1)]  # deterministic steps from k on
+            det = transitions.deterministic.to(torch.int64)
+            # deterministic steps from step k on (k = 0..N): a reversed cumulative sum
+            ahead = det.flip(0).cumsum(0).flip(0).tolist() + [0]
             B = len(h["k_start"])
             stats.rounds += h["calls"]
             stats.target_calls += h["calls"]

@@ -358,7 +358,9 @@ class SpeculativeSampler(SamplerBase):
         return stats
 
     # -------------------------------------------------------------- window="auto"
-    def cost_model(self, x: Tensor, noise: ChainNoise, chains: Chains) -> CostModel:
+    def cost_model(
+        self, x: Tensor, noise: ChainNoise, chains: Chains, rnd: Optional[StaticRound] = None
+    ) -> CostModel:
         """The cost model of runs like this one: measured at the first, then cached per model
         and (batch, event shape, dtype, device, conditioning, window, max_batch); ``cost=``
         replaces the measurement."""
@@ -380,13 +382,21 @@ class SpeculativeSampler(SamplerBase):
             self.network_max_batch(x, chains),
         )
         if key not in costs:
-            costs[key] = self._calibrate(x, noise, chains)
+            costs[key] = self._calibrate(x, noise, chains, rnd)
         return costs[key]
 
-    def _calibrate(self, x: Tensor, noise: ChainNoise, chains: Chains) -> CostModel:
+    def _calibrate(
+        self, x: Tensor, noise: ChainNoise, chains: Chains, rnd: Optional[StaticRound]
+    ) -> CostModel:
+        """The probes call the network as the run will: the static round's own network call and
+        tables where there is one (``rnd``), else ones made here (the ragged path)."""
         T, B, W = self.transitions, x.shape[0], self.window
         dev = x.device
-        net = NetworkCall(self.model, T, dev, x.dtype, self.network_max_batch(x, chains))
+        net = (
+            rnd.net
+            if rnd is not None
+            else NetworkCall(self.model, T, dev, x.dtype, self.network_max_batch(x, chains))
+        )
 
         def call(b: int):
             rows = torch.arange(b, device=dev) % B
@@ -397,7 +407,7 @@ class SpeculativeSampler(SamplerBase):
             if not T.affine:
                 return None
             k = torch.zeros(B, dtype=torch.int64, device=dev)
-            coef = round_tables(T, dev)
+            coef = rnd.coef if rnd is not None else round_tables(T, dev)
             args = (x, x, k, k + W, coef, noise.seed, noise.chain_ids, W, FREEZE_X0, clip_value(T))
             return draft_op(self.backend, *args)
 
@@ -406,7 +416,7 @@ class SpeculativeSampler(SamplerBase):
 
     def _auto_rounds(self, rnd: StaticRound, x, noise: ChainNoise, chains: Chains) -> AutoRounds:
         B = x.shape[0]
-        cost = self.cost_model(x, noise, chains)
+        cost = self.cost_model(x, noise, chains, rnd)
         controller = WindowController(cost, self.window, B, rnd.compact)
         lean = LeanAncestral(
             self.model,
