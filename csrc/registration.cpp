@@ -15,10 +15,11 @@ TORCH_LIBRARY(specdiff, m) {
   m.def("chain_noise(Tensor seed, Tensor chain_ids, Tensor steps, int window, int event_numel, "
         "ScalarType dtype) -> (Tensor, Tensor)");
   m.def("frozen_draft(Tensor root, Tensor frozen, Tensor steps, Tensor lengths, Tensor coef, "
-        "Tensor seed, Tensor chain_ids, int window, int freeze, float clip) -> Tensor");
+        "Tensor seed, Tensor chain_ids, int window, int freeze, float clip, Tensor? prev=None) "
+        "-> Tensor");
   m.def("verify_frozen(Tensor states, Tensor x0_hat, Tensor frozen, Tensor steps, Tensor lengths, "
-        "Tensor coef, Tensor seed, Tensor chain_ids, int freeze, float clip) -> "
-        "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+        "Tensor coef, Tensor seed, Tensor chain_ids, int freeze, float clip, Tensor? prev=None) -> "
+        "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("round_stats(Tensor stats, Tensor steps, Tensor lengths, Tensor num_accepted, "
         "Tensor committed, Tensor log_ratio, Tensor output, int num_steps) -> Tensor");
 }

@@ -13,6 +13,8 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "cpu_isa.h"
@@ -30,7 +32,8 @@ static_assert(kChunk % kTile == 0, "chunks hold whole tiles");
 
 // The constants of specdiff_kernels/ops/layout.py: the rows of the coefficient table (ROW_*), the
 // freeze modes (FREEZE_*) and the head slots of the static round's stats vector (STAT_*).
-enum Row { kA = 0, kE, kG, kStd, kX0Y, kX0F, kEpsY, kEpsP, kNumRows };
+// kH, the multistep term H p_prev, is read only when the op is given prev.
+enum Row { kA = 0, kE, kG, kStd, kX0Y, kX0F, kEpsY, kEpsP, kH, kNumRows };
 constexpr int64_t kFreezeX0 = 0, kFreezeEps = 1;
 enum Stat {
   kStatRounds = 0, kStatWindows, kStatSpecSteps, kStatDetSteps, kStatBadOutput, kStatBadRatio,
@@ -152,21 +155,28 @@ struct RoundArgs {
   std::vector<int64_t> k, n;
   std::vector<uint32_t> chain;
   int64_t seed;
-  at::Tensor coef;  // contiguous float64 [8, N]
+  at::Tensor coef;  // contiguous float64 [9, N]
 };
 
 RoundArgs check_round(const char* op, const at::Tensor& root, const at::Tensor& frozen,
                       const at::Tensor& steps, const at::Tensor& lengths, const at::Tensor& coef,
                       const at::Tensor& seed, const at::Tensor& chain_ids, int64_t window,
-                      int64_t freeze, double clip, bool stochastic_only) {
+                      int64_t freeze, double clip, bool stochastic_only,
+                      const std::optional<at::Tensor>& prev) {
   check_cpu_float(frozen, op, "frozen");
   TORCH_CHECK(frozen.sizes() == root.sizes() && frozen.scalar_type() == root.scalar_type(), op,
               ": frozen must match the root states' shape and dtype, got ", frozen.sizes(), " ",
               frozen.scalar_type(), " vs ", root.sizes(), " ", root.scalar_type());
+  if (prev.has_value()) {
+    check_cpu_float(*prev, op, "prev");
+    TORCH_CHECK(prev->sizes() == root.sizes() && prev->scalar_type() == root.scalar_type(), op,
+                ": prev must match the root states' shape and dtype, got ", prev->sizes(), " ",
+                prev->scalar_type(), " vs ", root.sizes(), " ", root.scalar_type());
+  }
   check_cpu(coef, op, "coef");
   TORCH_CHECK(coef.scalar_type() == at::kDouble && coef.dim() == 2 && coef.size(0) == kNumRows &&
                   coef.size(1) >= 1,
-              op, ": coef must be the float64 [8, N] table of round_tables(transitions), got ",
+              op, ": coef must be the float64 [9, N] table of round_tables(transitions), got ",
               coef.scalar_type(), " ", coef.sizes());
   TORCH_CHECK(window >= 1, op, ": window must be >= 1, got ", window);
   TORCH_CHECK(freeze == kFreezeX0 || freeze == kFreezeEps, op,
@@ -243,20 +253,24 @@ std::tuple<at::Tensor, at::Tensor> chain_noise_cpu(const at::Tensor& seed, const
 // ---------------------------------------------------------------- frozen_draft
 at::Tensor frozen_draft_cpu(const at::Tensor& root, const at::Tensor& frozen, const at::Tensor& steps,
                             const at::Tensor& lengths, const at::Tensor& coef, const at::Tensor& seed,
-                            const at::Tensor& chain_ids, int64_t window, int64_t freeze, double clip) {
+                            const at::Tensor& chain_ids, int64_t window, int64_t freeze, double clip,
+                            const std::optional<at::Tensor>& prev) {
   const char* op = "specdiff::frozen_draft";
   check_args(op, {{"root", &root, Kind::kState}, {"frozen", &frozen, Kind::kState},
                   {"steps", &steps, Kind::kInt64}, {"lengths", &lengths, Kind::kInt64},
                   {"coef", &coef, Kind::kFloat64}, {"seed", &seed, Kind::kInt64},
-                  {"chain_ids", &chain_ids, Kind::kInt64}});
+                  {"chain_ids", &chain_ids, Kind::kInt64},
+                  {"prev", prev.has_value() ? &*prev : nullptr, Kind::kState}});
   check_cpu_float(root, op, "root");
   TORCH_CHECK(root.dim() >= 2, op, ": root must have shape [B, *E], got ", root.sizes());
   RoundArgs a = check_round(op, root, frozen, steps, lengths, coef, seed, chain_ids, window, freeze,
-                            clip, false);
+                            clip, false, prev);
   at::Tensor Y = at::empty(shape_with({a.B, window + 1}, root.sizes().slice(1)),
                            root.options().memory_format(at::MemoryFormat::Contiguous));
   if (a.B == 0) return Y;
   at::Tensor x = root.contiguous(), fz = frozen.contiguous();
+  const bool multistep = prev.has_value();
+  at::Tensor pv = multistep ? prev->contiguous() : at::Tensor();
   const Key key(a.seed);
   const Layout lay(a.D);
   const int64_t nch = lay.chunks(), D = a.D, L = window, N = a.N;
@@ -266,6 +280,7 @@ at::Tensor frozen_draft_cpu(const at::Tensor& root, const at::Tensor& frozen, co
     using acc_t = acc_type<scalar_t>;
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const scalar_t* fp = fz.data_ptr<scalar_t>();
+    const scalar_t* qp = multistep ? pv.data_ptr<scalar_t>() : nullptr;
     scalar_t* yp = Y.data_ptr<scalar_t>();
     const acc_t cl = static_cast<acc_t>(clip);
     cpu::parallel_for_isa(a.B * nch, [&](int64_t begin, int64_t end) {
@@ -278,21 +293,38 @@ at::Tensor frozen_draft_cpu(const at::Tensor& root, const at::Tensor& frozen, co
         scalar_t* yb = yp + b * (L + 1) * D;
         copy_chunk(lay, i_lo, i_hi, xb, yb);
         for (int64_t j = 0; j < L; ++j) {
-          const scalar_t* prev = yb + j * D;
+          const scalar_t* cur = yb + j * D;  // (not the op's prev: the state drafted from)
           scalar_t* next = yb + (j + 1) * D;
           if (j >= a.n[b]) {
-            copy_chunk(lay, i_lo, i_hi, prev, next);
+            copy_chunk(lay, i_lo, i_hi, cur, next);
             continue;
           }
           const StepCoef<acc_t> c(cp, N, a.k[b] + j);
-          for (int64_t i0 = i_lo; i0 < i_hi; i0 += kTile) {
-            draw_tile<acc_t>(key, lay, a.chain[b], a.k[b] + j, i0, nz);
-            for_tile(lay, i0, [&](int lane, int64_t l, int64_t e) {
-              const acc_t y = static_cast<acc_t>(prev[e]);
-              const acc_t p = draft_x0(c, y, static_cast<acc_t>(fb[e]), eps);
-              next[e] = static_cast<scalar_t>(affine_mean(c, p, y, cl) + c.v[kStd] * nz[lane][l]);
-            });
-          }
+          // the variant is chosen per step, outside the element loop (the one-step loop is the
+          // one it always was): kMs 0 one-step; multistep, the draft's previous x0-hat is 1 prev
+          // (j = 0), 2 its x0-hat at the stored Y[j-1] (recomputed from the rounded state, as the
+          // oracle does)
+          auto step = [&](auto ms) {
+            constexpr int kMs = decltype(ms)::value;
+            const scalar_t* qb = kMs == 1 ? qp + b * D : kMs == 2 ? yb + (j - 1) * D : nullptr;
+            const StepCoef<acc_t> c1(cp, N, a.k[b] + j - 1);
+            for (int64_t i0 = i_lo; i0 < i_hi; i0 += kTile) {
+              draw_tile<acc_t>(key, lay, a.chain[b], a.k[b] + j, i0, nz);
+              for_tile(lay, i0, [&](int lane, int64_t l, int64_t e) {
+                const acc_t y = static_cast<acc_t>(cur[e]);
+                const acc_t f = static_cast<acc_t>(fb[e]);
+                const acc_t p = draft_x0(c, y, f, eps);
+                acc_t m = affine_mean(c, p, y, cl);
+                if constexpr (kMs == 1) m = m + c.v[kH] * static_cast<acc_t>(qb[e]);
+                if constexpr (kMs == 2)
+                  m = m + c.v[kH] * draft_x0(c1, static_cast<acc_t>(qb[e]), f, eps);
+                next[e] = static_cast<scalar_t>(m + c.v[kStd] * nz[lane][l]);
+              });
+            }
+          };
+          if (!multistep) step(std::integral_constant<int, 0>{});
+          else if (j == 0) step(std::integral_constant<int, 1>{});
+          else step(std::integral_constant<int, 2>{});
         }
       }
     });
@@ -310,15 +342,21 @@ struct ChainDecision {
   double reflect = 1.0;    // 1 - 2 <d, r> / ||d||^2 at a rejection
 };
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> verify_frozen_cpu(
-    const at::Tensor& states, const at::Tensor& x0_hat, const at::Tensor& frozen,
-    const at::Tensor& steps, const at::Tensor& lengths, const at::Tensor& coef,
-    const at::Tensor& seed, const at::Tensor& chain_ids, int64_t freeze, double clip) {
+using FrozenVerifyOut =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+FrozenVerifyOut verify_frozen_cpu(const at::Tensor& states, const at::Tensor& x0_hat,
+                                  const at::Tensor& frozen, const at::Tensor& steps,
+                                  const at::Tensor& lengths, const at::Tensor& coef,
+                                  const at::Tensor& seed, const at::Tensor& chain_ids,
+                                  int64_t freeze, double clip,
+                                  const std::optional<at::Tensor>& prev) {
   const char* op = "specdiff::verify_frozen";
   check_args(op, {{"states", &states, Kind::kState}, {"x0_hat", &x0_hat, Kind::kState},
                   {"frozen", &frozen, Kind::kState}, {"steps", &steps, Kind::kInt64},
                   {"lengths", &lengths, Kind::kInt64}, {"coef", &coef, Kind::kFloat64},
-                  {"seed", &seed, Kind::kInt64}, {"chain_ids", &chain_ids, Kind::kInt64}});
+                  {"seed", &seed, Kind::kInt64}, {"chain_ids", &chain_ids, Kind::kInt64},
+                  {"prev", prev.has_value() ? &*prev : nullptr, Kind::kState}});
   check_cpu_float(states, op, "states");
   check_cpu_float(x0_hat, op, "x0_hat");
   TORCH_CHECK(states.dim() >= 3 && states.size(1) >= 2, op,
@@ -329,7 +367,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const int64_t L = states.size(1) - 1;
   at::Tensor root = states.select(1, 0);
   RoundArgs a = check_round(op, root, frozen, steps, lengths, coef, seed, chain_ids, L, freeze, clip,
-                            true);
+                            true, prev);
+  const bool multistep = prev.has_value();
   const int64_t B = a.B, D = a.D, N = a.N;
   const std::vector<int64_t> sshape = shape_with({B}, states.sizes().slice(2));
   auto opts = states.options().memory_format(at::MemoryFormat::Contiguous);
@@ -339,9 +378,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor next_frozen = at::empty(sshape, opts);
   at::Tensor root_exact = at::empty({B}, opts.dtype(at::kBool));
   at::Tensor log_ratio = at::zeros({B, L}, opts.dtype(at::kFloat));
-  if (B == 0) return {num_accepted, committed, next_state, next_frozen, root_exact, log_ratio};
+  // the target's x0-hat at next_state's parent (multistep only; an empty [0] tensor without prev)
+  at::Tensor next_prev = multistep ? at::empty(sshape, opts) : at::empty({0}, opts);
+  if (B == 0)
+    return {num_accepted, committed, next_state, next_frozen, root_exact, log_ratio, next_prev};
 
   at::Tensor Yt = states.contiguous(), Pt = x0_hat.contiguous(), Ft = frozen.contiguous();
+  at::Tensor Qt = multistep ? prev->contiguous() : at::Tensor();
   const Key key(a.seed);
   const Layout lay(D);
   const int64_t nch = lay.chunks();
@@ -352,9 +395,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const scalar_t* Y = Yt.data_ptr<scalar_t>();
     const scalar_t* P = Pt.data_ptr<scalar_t>();
     const scalar_t* F = Ft.data_ptr<scalar_t>();
+    const scalar_t* Q = multistep ? Qt.data_ptr<scalar_t>() : nullptr;
     const acc_t cl = static_cast<acc_t>(clip);
 
     // Pass 1: <d_j, xi_j> and ||d_j||^2 per (chain, position, chunk); xi drawn in-kernel.
+    // Multistep, j >= 1: d_j gains H (P_{j-1} - p_q(y_{j-1})) (the two previous predictions);
+    // at j = 0 both means share prev, so d_0 has no H term.
     std::vector<SumPair> parts(static_cast<size_t>(B * L * nch));
     cpu::parallel_for_isa(B * L * nch, [&](int64_t begin, int64_t end) {
       acc_t nz[4][kTile];
@@ -367,15 +413,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         const scalar_t* pj = P + (b * (L + 1) + j) * D;
         const scalar_t* fb = F + b * D;
         acc_t av[kTile] = {}, bv[kTile] = {};
-        for (int64_t i0 = ch * kChunk; i0 < lay.chunk_end(ch); i0 += kTile) {
-          draw_tile<acc_t>(key, lay, a.chain[b], a.k[b] + j, i0, nz);
-          for_tile(lay, i0, [&](int lane, int64_t l, int64_t e) {
-            const acc_t pq = draft_x0(c, static_cast<acc_t>(yj[e]), static_cast<acc_t>(fb[e]), eps);
-            const acc_t d = mean_gap(c, static_cast<acc_t>(pj[e]), pq, cl);
-            av[l] += d * nz[lane][l];
-            bv[l] += d * d;
-          });
-        }
+        auto sums = [&](auto ms) {
+          constexpr bool kMulti = decltype(ms)::value;
+          const StepCoef<acc_t> c1(cp, N, a.k[b] + j - 1);
+          for (int64_t i0 = ch * kChunk; i0 < lay.chunk_end(ch); i0 += kTile) {
+            draw_tile<acc_t>(key, lay, a.chain[b], a.k[b] + j, i0, nz);
+            for_tile(lay, i0, [&](int lane, int64_t l, int64_t e) {
+              const acc_t f = static_cast<acc_t>(fb[e]);
+              const acc_t pq = draft_x0(c, static_cast<acc_t>(yj[e]), f, eps);
+              acc_t d = mean_gap(c, static_cast<acc_t>(pj[e]), pq, cl);
+              if constexpr (kMulti) {
+                const acc_t pq1 = draft_x0(c1, static_cast<acc_t>(yj[e - D]), f, eps);
+                d = d + c.v[kH] * (static_cast<acc_t>(pj[e - D]) - pq1);
+              }
+              av[l] += d * nz[lane][l];
+              bv[l] += d * d;
+            });
+          }
+        };
+        if (multistep && j > 0) sums(std::true_type{});
+        else sums(std::false_type{});
         parts[static_cast<size_t>(task)] = sum_lanes(av, bv);
       }
     });
@@ -419,9 +476,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       exact[b] = d.mode == Commit::kAccept && live_next;
     }
 
-    // Pass 3: next_state and next_frozen, chunk by chunk.
+    // Pass 3: next_state and next_frozen (and next_prev), chunk by chunk.
     scalar_t* xs = next_state.data_ptr<scalar_t>();
     scalar_t* xf = next_frozen.data_ptr<scalar_t>();
+    scalar_t* xq = multistep ? next_prev.data_ptr<scalar_t>() : nullptr;
     cpu::parallel_for_isa(B * nch, [&](int64_t begin, int64_t end) {
       acc_t nz[4][kTile];
       for (int64_t task = begin; task < end; ++task) {
@@ -435,29 +493,60 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         scalar_t* os = xs + b * D;
         scalar_t* of = xf + b * D;
         const acc_t refl = static_cast<acc_t>(d.reflect);
-        for (int64_t i0 = ch * kChunk; i0 < lay.chunk_end(ch); i0 += kTile) {
-          if (d.mode == Commit::kReflect)
-            draw_tile<acc_t>(key, lay, a.chain[b], kp, i0, nz);
-          for_tile(lay, i0, [&](int lane, int64_t l, int64_t e) {
-            const acc_t y = static_cast<acc_t>(yj[e]);
-            const acc_t p = static_cast<acc_t>(pj[e]);
-            const acc_t f = static_cast<acc_t>(fb[e]);
-            acc_t out = y;
-            if (d.mode == Commit::kReflect) {
-              const acc_t pq = draft_x0(c, y, f, eps);
-              out = affine_mean(c, pq, y, cl) + c.v[kStd] * nz[lane][l] +
-                    refl * mean_gap(c, p, pq, cl);
-            } else if (d.mode == Commit::kDeterministic) {
-              out = affine_mean(c, p, y, cl);
-            }
-            os[e] = static_cast<scalar_t>(out);
-            of[e] = d.new_frozen ? static_cast<scalar_t>(freeze_value(c, y, p, eps)) : fb[e];
-          });
-        }
+        auto commit = [&](auto ms) {
+          constexpr bool kMulti = decltype(ms)::value;
+          // the previous predictions at the deciding position: prev at the root, else the
+          // target's P_{pos-1} and the draft's x0-hat at y_{pos-1}
+          const bool at_root = d.pos == 0;
+          const scalar_t* qb = kMulti ? Q + b * D : nullptr;
+          const scalar_t* y1 = at_root ? yj : yj - D;
+          const scalar_t* p1 = at_root ? pj : pj - D;
+          const StepCoef<acc_t> c1(cp, N, kp - 1);
+          // next_prev: the target's x0-hat at the new state's parent
+          const bool parent_is_pos = d.mode == Commit::kReflect || d.mode == Commit::kDeterministic;
+          scalar_t* oq = kMulti ? xq + b * D : nullptr;
+          for (int64_t i0 = ch * kChunk; i0 < lay.chunk_end(ch); i0 += kTile) {
+            if (d.mode == Commit::kReflect)
+              draw_tile<acc_t>(key, lay, a.chain[b], kp, i0, nz);
+            for_tile(lay, i0, [&](int lane, int64_t l, int64_t e) {
+              const acc_t y = static_cast<acc_t>(yj[e]);
+              const acc_t p = static_cast<acc_t>(pj[e]);
+              const acc_t f = static_cast<acc_t>(fb[e]);
+              acc_t tq = 0, dq = 0;  // the target's and the draft's previous predictions
+              if constexpr (kMulti) {
+                if (at_root) {
+                  tq = dq = static_cast<acc_t>(qb[e]);
+                } else {
+                  tq = static_cast<acc_t>(p1[e]);
+                  dq = draft_x0(c1, static_cast<acc_t>(y1[e]), f, eps);
+                }
+              }
+              acc_t out = y;
+              if (d.mode == Commit::kReflect) {
+                const acc_t pq = draft_x0(c, y, f, eps);
+                acc_t mq = affine_mean(c, pq, y, cl);
+                acc_t gap = mean_gap(c, p, pq, cl);
+                if constexpr (kMulti) {
+                  mq = mq + c.v[kH] * dq;
+                  gap = gap + c.v[kH] * (tq - dq);
+                }
+                out = mq + c.v[kStd] * nz[lane][l] + refl * gap;
+              } else if (d.mode == Commit::kDeterministic) {
+                out = affine_mean(c, p, y, cl);
+                if constexpr (kMulti) out = out + c.v[kH] * tq;
+              }
+              os[e] = static_cast<scalar_t>(out);
+              of[e] = d.new_frozen ? static_cast<scalar_t>(freeze_value(c, y, p, eps)) : fb[e];
+              if constexpr (kMulti) oq[e] = parent_is_pos ? pj[e] : static_cast<scalar_t>(tq);
+            });
+          }
+        };
+        if (multistep) commit(std::true_type{});
+        else commit(std::false_type{});
       }
     });
   });
-  return {num_accepted, committed, next_state, next_frozen, root_exact, log_ratio};
+  return {num_accepted, committed, next_state, next_frozen, root_exact, log_ratio, next_prev};
 }
 
 // The static round's counters after one round (ops/reference/round.py round_stats, laid out by

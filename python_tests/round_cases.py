@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -24,6 +25,7 @@ from specdiff_kernels.sampling.transitions import (
     clip_value,
     ddim_transitions,
     ddpm_transitions,
+    dpmsolver_sde_transitions,
     euler_ancestral_transitions,
     round_tables,
 )
@@ -38,6 +40,43 @@ FAMILIES = {
     "euler_a": lambda: euler_ancestral_transitions(num_inference_steps=40),
     "ula": lambda: langevin_transitions(0.05, 40),
 }
+
+
+def _dpm2m_test_chain(clip_sample: Optional[float]) -> GaussianTransitions:
+    """DPM++ 2M SDE with deterministic steps that carry a multistep term (step 20 mid-schedule and
+    the last one): no sampler makes this chain, but the ops take any table, and the real ones' only
+    deterministic step (the last) has H = 0, which would leave the H term of the deterministic
+    mean untested."""
+    T = dpmsolver_sde_transitions(40)
+    std, c_prev = T.std.clone(), T.c_prev.clone()
+    std[20] = 0.0
+    c_prev[-1] = c_prev[-2]
+    return GaussianTransitions(
+        T.timesteps,
+        T.c_x0,
+        T.c_x,
+        std,
+        T.model_alpha,
+        T.model_sigma,
+        c_prev=c_prev,
+        prediction=T.prediction,
+        clip_sample=clip_sample,
+        name="dpm2m-sde test chain",
+    )
+
+
+# multistep families (the chain carries the previous step's x0-hat: the ops take ``prev``); kept
+# apart from FAMILIES, whose cases call the ops without ``prev``
+MULTISTEP_FAMILIES = {
+    "dpm2m_sde": lambda: dpmsolver_sde_transitions(40),
+    "dpm2m_sde_karras": lambda: dpmsolver_sde_transitions(40, sigma_schedule="karras"),
+    "dpm2m_sde_heun_leading": lambda: dpmsolver_sde_transitions(
+        24, solver_type="heun", spacing="leading", final_sigmas_type="sigma_min"
+    ),
+    "dpm2m_sde_det": lambda: _dpm2m_test_chain(None),
+    "dpm2m_sde_clip_det": lambda: _dpm2m_test_chain(1.0),
+}
+ALL_FAMILIES = {**FAMILIES, **MULTISTEP_FAMILIES}
 
 # fp32 accumulation for every narrower dtype
 ACC_RTOL = {torch.float64: 1e-11, torch.float32: 3e-5, torch.float16: 3e-5, torch.bfloat16: 3e-5}
@@ -54,6 +93,7 @@ class RoundCase:
     chain_ids: torch.Tensor
     window: int
     freeze: int
+    prev: Optional[torch.Tensor] = None  # [B, *E] multistep: the previous step's x0-hat
 
     @property
     def coef(self) -> torch.Tensor:
@@ -79,7 +119,13 @@ class RoundCase:
             ),
             self.window,
             self.freeze,
+            None if self.prev is None else self.prev.to(device),
         )
+
+    @property
+    def prev_args(self) -> tuple:
+        """() for a one-step case (the ops' calls stay as they were), (prev,) for a multistep one."""
+        return () if self.prev is None else (self.prev,)
 
     def draft_args(self):
         return (
@@ -93,6 +139,7 @@ class RoundCase:
             self.window,
             self.freeze,
             self.clip,
+            *self.prev_args,
         )
 
     def verify_args(self, Y, P):
@@ -107,6 +154,7 @@ class RoundCase:
             self.chain_ids,
             self.freeze,
             self.clip,
+            *self.prev_args,
         )
 
 
@@ -129,8 +177,10 @@ def make_case(
     n_mode: str = "mixed",
 ) -> RoundCase:
     """Chains at random steps (the last ones included) with windows that stop before a
-    deterministic step; ``n_mode="mixed"`` also shortens some windows and sets some to 0."""
-    T = FAMILIES[family]()
+    deterministic step; ``n_mode="mixed"`` also shortens some windows and sets some to 0. A
+    multistep family's case carries ``prev`` (drawn after the one-step case's tensors, so those
+    are the same as before)."""
+    T = ALL_FAMILIES[family]()
     N = T.num_steps
     k = torch.randint(0, N + 1, (B,), generator=gen)
     k[0] = min(N - 3, int(k[0]))  # keep one chain that can draft
@@ -143,7 +193,12 @@ def make_case(
     frozen = (torch.randn((B, *event), generator=gen, dtype=torch.float64) * 0.6).to(dtype)
     seed = ro.seed_tensor(int(torch.randint(0, 2**62, (1,), generator=gen)))
     ids = torch.randperm(4 * B + 7, generator=gen)[:B].to(torch.int64)
-    return RoundCase(T, root, frozen, k.to(torch.int64), n.to(torch.int64), seed, ids, L, freeze)
+    prev = None
+    if family in MULTISTEP_FAMILIES:
+        prev = (torch.randn((B, *event), generator=gen, dtype=torch.float64) * 0.6).to(dtype)
+    return RoundCase(
+        T, root, frozen, k.to(torch.int64), n.to(torch.int64), seed, ids, L, freeze, prev
+    )
 
 
 def make_x0_hat(case: RoundCase, Y: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -184,19 +239,26 @@ class RoundOracle:
     decisive: torch.Tensor  # [B] position that decides the commit
     margin: torch.Tensor  # [B, L] |log u - log_ratio|
     lr_tol: torch.Tensor  # [B, L] rounding bound of an fp32-accumulated log ratio, per unit
+    next_prev: Optional[torch.Tensor] = None  # float64 [B, D] (multistep cases only)
 
 
 def _coef(T, name, k, like):
     return T.coef(name, k.clamp(0, T.num_steps - 1), like)
 
 
+def _prev64(case: RoundCase, B: int, D: int) -> Optional[torch.Tensor]:
+    return None if case.prev is None else case.prev.cpu().double().reshape(B, D)
+
+
 def general_draft(case: RoundCase) -> tuple[torch.Tensor, torch.Tensor]:
-    """The draft rollout with GaussianTransitions' formulas, in float64: (Y [B, L+1, D], MQ)."""
+    """The draft rollout with GaussianTransitions' formulas, in float64: (Y [B, L+1, D], MQ).
+    Multistep: the draft's previous prediction is ``prev``, then its own x0-hat a step back."""
     T, B, L = case.T, case.root.shape[0], case.window
     D = case.root[0].numel()
     xi, _ = rr.chain_noise(case.seed, case.chain_ids, case.steps, L, D, torch.float64)
     y = case.root.double().reshape(B, D)
     f = case.frozen.double().reshape(B, D)
+    q_prev = _prev64(case, B, D)
     ys, mqs = [y], []
     for j in range(L):
         kj = case.steps + j
@@ -205,7 +267,8 @@ def general_draft(case: RoundCase) -> tuple[torch.Tensor, torch.Tensor]:
             if case.freeze == layout.FREEZE_X0
             else T.x0_from_eps(ys[-1], f, kj.clamp(max=T.num_steps - 1))
         )
-        mq = T.mean_from_x0(ys[-1], x0q, kj.clamp(max=T.num_steps - 1))
+        mq = T.mean_from_x0(ys[-1], x0q, kj.clamp(max=T.num_steps - 1), q_prev)
+        q_prev = x0q
         live = (j < case.lengths)[:, None]
         ys.append(torch.where(live, mq + _coef(T, "std", kj, ys[-1]) * xi[:, j], ys[-1]))
         mqs.append(torch.where(live, mq, ys[-2]))
@@ -220,14 +283,20 @@ def general_round(case: RoundCase, Y: torch.Tensor, P: torch.Tensor) -> RoundOra
     D = Y[0, 0].numel()
     Yd, Pd = Y.double().reshape(B, L + 1, D), P.double().reshape(B, L + 1, D)
     f = case.frozen.double().reshape(B, D)
+    prev = _prev64(case, B, D)
     k, n = case.steps, case.lengths
     _, u = rr.chain_noise(case.seed, case.chain_ids, k, L, D, torch.float64)
-    mq, mp, sig = [], [], []
+    mq, mp, sig, x0qs = [], [], [], []
     for j in range(L):
         kj = (k + j).clamp(max=N - 1)
         x0q = f if case.freeze == layout.FREEZE_X0 else T.x0_from_eps(Yd[:, j], f, kj)
-        mq.append(T.mean_from_x0(Yd[:, j], x0q, kj))
-        mp.append(T.mean_from_x0(Yd[:, j], Pd[:, j], kj))
+        # multistep: each chain's previous prediction, prev at the root, then its own x0-hat at
+        # the previous drafted state (the draft's, or the target's P_{j-1})
+        q_draft = prev if j == 0 or prev is None else x0qs[-1]
+        q_target = prev if j == 0 or prev is None else Pd[:, j - 1]
+        mq.append(T.mean_from_x0(Yd[:, j], x0q, kj, q_draft))
+        mp.append(T.mean_from_x0(Yd[:, j], Pd[:, j], kj, q_target))
+        x0qs.append(x0q)
         live = j < n
         sig.append(torch.where(live, T.step_std(kj), torch.ones(B, dtype=torch.float64)))
     MQ, MP, S = torch.stack(mq, 1), torch.stack(mp, 1), torch.stack(sig, 1)
@@ -248,7 +317,11 @@ def general_round(case: RoundCase, Y: torch.Tensor, P: torch.Tensor) -> RoundOra
     y_pos, p_pos = Yd[ar, pos], Pd[ar, pos]
     live_next = k + n < N
     det_next = live_next & T.deterministic[(k + n).clamp(max=N - 1)]
-    det_state = T.mean_from_x0(y_pos, p_pos, kpos)
+    # the target's previous prediction at the deciding position: prev at the root, P_{pos-1} after
+    p_before = None
+    if prev is not None:
+        p_before = torch.where((pos == 0)[:, None], prev, Pd[ar, (pos - 1).clamp(min=0)])
+    det_state = T.mean_from_x0(y_pos, p_pos, kpos, p_before)
     state = torch.where(
         rejected[:, None], res.next_state, torch.where(det_next[:, None], det_state, y_pos)
     )
@@ -257,6 +330,9 @@ def general_round(case: RoundCase, Y: torch.Tensor, P: torch.Tensor) -> RoundOra
     next_frozen = torch.where(keep[:, None], f, fz)
     committed = torch.where(rejected, nacc + 1, n + det_next.to(torch.int64))
     root_exact = ~rejected & live_next & ~det_next & (n > 0)
+    next_prev = None
+    if prev is not None:  # the target's x0-hat at the new state's parent
+        next_prev = torch.where((rejected | det_next)[:, None], p_pos, p_before)
     margin = (torch.log(u.double()) - lr).abs()
     # error scale of the log ratio: every term of d (and its x0-hats) rounded relative to itself
     coef = round_tables(T)
@@ -268,10 +344,14 @@ def general_round(case: RoundCase, Y: torch.Tensor, P: torch.Tensor) -> RoundOra
         else (c[layout.ROW_X0_Y] * Yd[:, :L]).abs() + (c[layout.ROW_X0_F] * f[:, None]).abs()
     )
     d_mag = (c[layout.ROW_A].abs() + c[layout.ROW_E].abs()) * (Pd[:, :L].abs() + pq_mag)
+    if prev is not None and L > 1:  # the multistep term's x0-hats, one position back
+        d_mag[:, 1:] += c[layout.ROW_H][:, 1:].abs() * (Pd[:, : L - 1].abs() + pq_mag[:, : L - 1])
     sd = S[..., None]
     d = MP - MQ
     lr_tol = ((d_mag + d.abs()) * (xi.abs() / sd + d.abs() / sd**2)).sum(-1)
-    return RoundOracle(nacc, committed, state, next_frozen, root_exact, lr, pos, margin, lr_tol)
+    return RoundOracle(
+        nacc, committed, state, next_frozen, root_exact, lr, pos, margin, lr_tol, next_prev
+    )
 
 
 def assert_draft_consistent(Y: torch.Tensor, case: RoundCase, dtype: torch.dtype) -> None:
@@ -289,13 +369,17 @@ def assert_draft_consistent(Y: torch.Tensor, case: RoundCase, dtype: torch.dtype
     f = case.frozen.cpu().double().reshape(B, D)
     Yd = Yc.double().reshape(B, L1, D)
     eps = torch.finfo(dtype).eps
+    q_prev = _prev64(case, B, D)  # the draft's previous x0-hat (from the stored state)
     for j in range(case.window):
         kj = (case.steps.cpu() + j).clamp(max=T.num_steps - 1)
         x0q = f if case.freeze == layout.FREEZE_X0 else T.x0_from_eps(Yd[:, j], f, kj)
-        mq = T.mean_from_x0(Yd[:, j], x0q, kj)
+        mq = T.mean_from_x0(Yd[:, j], x0q, kj, q_prev)
         want = mq + T.coef("std", kj, mq) * xi[:, j]
         live = j < case.lengths.cpu()
         mag = mq.abs() + Yd[:, j].abs() + f.abs() * 4 + xi[:, j].abs() * T.coef("std", kj, mq) + 1
+        if q_prev is not None:
+            mag = mag + (T.coef("c_prev", kj, mq) * q_prev).abs() * 4
+        q_prev = x0q
         tol = eps * want.abs() + 40 * ACC_RTOL[dtype] * mag + torch.finfo(dtype).tiny
         err = (Yd[:, j + 1] - want).abs()
         bad = live[:, None] & (err > tol)
@@ -312,11 +396,16 @@ def assert_round_matches(
 ) -> None:
     """A verify_frozen result against the oracle on the same (rounded) inputs: log ratios within
     accumulation error, decisions equal up to threshold ties, commits, states within rounding."""
-    nacc, comm, state, frozen, exact, lr = (t.cpu() for t in got)
+    nacc, comm, state, frozen, exact, lr, next_prev = (t.cpu() for t in got)
     B, L = lr.shape
     assert nacc.dtype == torch.int64 and comm.dtype == torch.int64 and exact.dtype == torch.bool
     assert lr.dtype == torch.float32 and state.dtype == dtype and frozen.dtype == dtype
     assert state.shape == case.root.shape and frozen.shape == case.root.shape
+    assert next_prev.dtype == dtype
+    if case.prev is None:
+        assert next_prev.shape == (0,), "next_prev must be an empty [0] tensor without prev"
+    else:
+        assert next_prev.shape == case.root.shape
     D = state[0].numel()
     live = torch.arange(L)[None] < case.lengths.cpu()[:, None]
     tol = 8 * ACC_RTOL[dtype] * oracle.lr_tol + 2e-7 * oracle.log_ratio.abs() + 1e-30
@@ -356,4 +445,11 @@ def assert_round_matches(
         assert not bool(bad.any()), (
             f"{name} differs from the oracle at {int(bad.sum())} elements; worst error "
             f"{float(err[same].max()):.3g}"
+        )
+    if case.prev is not None:
+        # a copy of an input (prev or a target x0-hat): bit for bit
+        want = oracle.next_prev.to(dtype).reshape(next_prev.shape)
+        assert torch.equal(next_prev[same], want[same]), (
+            f"next_prev differs from the oracle for chains "
+            f"{torch.nonzero(same & (next_prev != want).reshape(B, -1).any(1)).flatten().tolist()}"
         )

@@ -179,8 +179,8 @@ def test_unsupported_own_scheduler_needs_scheduler_flag(pipe_dir, tmp_path, caps
     last = cli_error(["sample", "--pipeline", str(d), "--out", str(tmp_path / "o")], capsys)
     assert last == (
         "specdiff sample: error: argument --scheduler: the pipeline's own scheduler "
-        "PNDMScheduler is not supported (no Gaussian ancestral step to speculate); pass "
-        "--scheduler ddpm or ddim or euler-a"
+        "PNDMScheduler is deterministic (no noise to speculate over); pass --scheduler "
+        "dpm++2m-sde (or ddpm, ddim, euler-a)"
     )
     rc = main(
         [
@@ -200,6 +200,168 @@ def test_unsupported_own_scheduler_needs_scheduler_flag(pipe_dir, tmp_path, caps
     )
     assert rc == 0
     assert "(the pipeline's own: PNDMScheduler)" in capsys.readouterr().out
+
+
+def test_unknown_own_scheduler_needs_scheduler_flag(pipe_dir, tmp_path, capsys, nothing_loaded):
+    d = edited_copy(
+        pipe_dir,
+        tmp_path / "ve",
+        "scheduler/scheduler_config.json",
+        _class_name="ScoreSdeVeScheduler",
+    )
+    last = cli_error(["sample", "--pipeline", str(d), "--out", str(tmp_path / "o")], capsys)
+    assert last == (
+        "specdiff sample: error: argument --scheduler: the pipeline's own scheduler "
+        "ScoreSdeVeScheduler is not supported (no Gaussian ancestral step to speculate); pass "
+        "--scheduler ddpm or ddim or euler-a or dpm++2m-sde"
+    )
+
+
+# ----------------------------------------------------------------------------- DPM++ 2M SDE
+def dpm_folder(src: Path, dst: Path, **changes) -> Path:
+    return edited_copy(
+        src,
+        dst,
+        "scheduler/scheduler_config.json",
+        _class_name="DPMSolverMultistepScheduler",
+        **changes,
+    )
+
+
+def sample_argv(pipeline, out, *extra, steps="20", batch="4"):
+    return [
+        "sample",
+        "--pipeline",
+        str(pipeline),
+        "--steps",
+        steps,
+        "--window",
+        "4",
+        "--batch",
+        batch,
+        "--no-progress",
+        "--out",
+        str(out),
+        *extra,
+    ]
+
+
+@pytest.mark.parametrize("karras", [False, True])
+def test_sample_with_dpm_sde_on_a_ddpm_folder(pipe_dir, tmp_path, capsys, karras):
+    """--scheduler dpm++2m-sde: the folder's scheduler config as diffusers' own
+    DPMSolverMultistepScheduler.from_config with the SDE algorithm, order 2 (and Karras)."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    from specdiff_kernels.integrations.diffusers import diffusers_transitions
+
+    extra = ["--scheduler", "dpm++2m-sde"] + (["--karras"] if karras else [])
+    rc = main(sample_argv(pipe_dir, tmp_path, *extra))
+    out = capsys.readouterr().out
+    assert rc == 0
+    label = "dpm++2m-sde (Karras sigmas)" if karras else "dpm++2m-sde"
+    assert f"scheduler {label} (the pipeline's own: DDPMScheduler)" in out
+    stats = json.loads((tmp_path / "stats.json").read_text())
+    assert stats["pipeline"]["scheduler"] == "dpm++2m-sde" and stats["pipeline"]["karras"] is karras
+    assert "dpm++2m-sde" in stats["pipeline"]["transitions"]
+    assert stats["speculative"]["num_steps"] == 20
+    cfg = json.loads((pipe_dir / "scheduler" / "scheduler_config.json").read_text())
+    sched = DPMSolverMultistepScheduler.from_config(
+        cfg, algorithm_type="sde-dpmsolver++", solver_order=2, use_karras_sigmas=karras
+    )
+    want = diffusers_transitions(sched, 20)
+    got = sample_cmd.resolve_pipeline(str(pipe_dir), "dpm++2m-sde", 20, None, karras=karras)
+    T = got.transitions
+    assert T.multistep and torch.equal(T.timesteps, want.timesteps)
+    for name in ("c_x0", "c_x", "c_prev", "std"):
+        assert torch.equal(getattr(T, name), getattr(want, name)), name
+
+
+def test_own_dpm_sde_scheduler_needs_no_flag(pipe_dir, tmp_path, capsys):
+    # --karras replaces the config's own sigma schedule (diffusers allows only one)
+    d = dpm_folder(
+        pipe_dir, tmp_path / "dpm", algorithm_type="sde-dpmsolver++", use_exponential_sigmas=True
+    )
+    rc = main(sample_argv(d, tmp_path / "o", "--karras"))
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert (
+        "scheduler dpm++2m-sde (Karras sigmas) (the pipeline's own: DPMSolverMultistepScheduler)"
+        in out
+    )
+    spec = sample_cmd.resolve_pipeline(str(d), None, 20, None)
+    assert spec.scheduler == "dpm++2m-sde" and not spec.karras and spec.transitions.multistep
+    karras = sample_cmd.resolve_pipeline(str(d), None, 20, None, karras=True)
+    assert karras.karras and not torch.equal(karras.transitions.c_x0, spec.transitions.c_x0)
+
+
+def test_own_dpm_ode_scheduler_is_refused_until_the_sde_one_is_asked(
+    pipe_dir, tmp_path, capsys, nothing_loaded
+):
+    d = dpm_folder(pipe_dir, tmp_path / "dpm", algorithm_type="dpmsolver++", solver_order=3)
+    last = cli_error(["sample", "--pipeline", str(d), "--out", str(tmp_path / "o")], capsys)
+    assert last == (
+        "specdiff sample: error: argument --scheduler: the pipeline's own scheduler "
+        "DPMSolverMultistepScheduler (algorithm_type 'dpmsolver++') is deterministic (no noise "
+        "to speculate over); pass --scheduler dpm++2m-sde (its SDE variant)"
+    )
+    # the flag makes it the 2M SDE solver: the SDE algorithm, order 2
+    spec = sample_cmd.resolve_pipeline(str(d), "dpm++2m-sde", 20, None)
+    assert spec.transitions.multistep and "dpm++2m-sde" in spec.transitions.name
+
+
+def test_own_dpm_sde_of_order_3_is_the_adapters_message(pipe_dir, tmp_path, capsys, nothing_loaded):
+    d = dpm_folder(pipe_dir, tmp_path / "dpm", algorithm_type="sde-dpmsolver++", solver_order=3)
+    last = cli_error(["sample", "--pipeline", str(d), "--out", str(tmp_path / "o")], capsys)
+    assert last.startswith(
+        "specdiff sample: error: argument --scheduler: dpm++2m-sde: DPMSolverMultistepScheduler "
+        "config: solver_order=3 is not supported"
+    )
+    assert last.endswith("use solver_order=2")
+
+
+KARRAS_CASES = [
+    (
+        ["--karras"],
+        "argument --karras: applies to --scheduler dpm++2m-sde only (this pipeline's own "
+        "scheduler is DDPMScheduler)",
+    ),
+    (
+        ["--scheduler", "euler-a", "--karras"],
+        "argument --karras: applies to --scheduler dpm++2m-sde only",
+    ),
+    (
+        ["--scheduler", "dpm++2m-sde", "--eta", "0.5"],
+        "argument --eta: applies to --scheduler ddim only",
+    ),
+]
+
+
+@pytest.mark.parametrize("argv,message", KARRAS_CASES, ids=[" ".join(a) for a, _ in KARRAS_CASES])
+def test_karras_elsewhere_is_refused(argv, message, pipe_dir, tmp_path, capsys, nothing_loaded):
+    last = cli_error(["sample", "--pipeline", str(pipe_dir), "--out", str(tmp_path), *argv], capsys)
+    assert last == f"specdiff sample: error: {message}"
+
+
+@pytest.mark.parametrize("karras", [False, True])
+def test_sample_digits_with_dpm_sde(tmp_path, capsys, karras):
+    from specdiff_kernels.models.digits import digits_alphas_cumprod
+    from specdiff_kernels.sampling.transitions import dpmsolver_sde_transitions
+
+    extra = ["--scheduler", "dpm++2m-sde", "--compare"] + (["--karras"] if karras else [])
+    rc = main(sample_argv("digits", tmp_path, *extra, steps="30", batch="64"))
+    assert rc == 0
+    stats = json.loads((tmp_path / "stats.json").read_text())
+    assert stats["two_sample_pvalue"] > 1e-3 and stats["ancestral"]["target_calls"] == 30
+    assert stats["pipeline"]["scheduler"] == "dpm++2m-sde" and stats["pipeline"]["karras"] is karras
+    assert stats["speculative"]["num_steps"] == 30
+    T = sample_cmd.resolve_pipeline("digits", "dpm++2m-sde", 30, None, karras=karras).transitions
+    want = dpmsolver_sde_transitions(
+        30,
+        alphas_cumprod=digits_alphas_cumprod(),
+        sigma_schedule="karras" if karras else "default",
+    )
+    assert T.multistep and torch.equal(T.timesteps, want.timesteps)
+    assert torch.equal(T.c_prev, want.c_prev) and torch.equal(T.c_x0, want.c_x0)
 
 
 def test_sample_digits_with_its_draft_model(tmp_path, capsys):
@@ -468,7 +630,8 @@ FOLDER_CASES = [
     (["--scheduler", "ddim", "--eta", "0"], "argument --eta: must be a positive number, got 0.0"),
     (
         ["--scheduler", "heun"],
-        "argument --scheduler: invalid choice: 'heun' (choose from 'ddpm', 'ddim', 'euler-a')",
+        "argument --scheduler: invalid choice: 'heun' (choose from 'ddpm', 'ddim', 'euler-a', "
+        "'dpm++2m-sde')",
     ),
     (
         ["--draft", "model"],
@@ -513,6 +676,7 @@ def test_sample_refuses_before_loading(argv, message, pipe_dir, tmp_path, capsys
 
 
 DIGITS_CASES = [
+    (["--karras"], "argument --karras: applies to --scheduler dpm++2m-sde only"),
     (
         ["--steps", "5000"],
         "argument --steps: must be at most 1000 (the model's training timesteps), got 5000",

@@ -313,3 +313,29 @@ def test_round_stats_cuda_equals_cpu(seed):
         *[a.to(DEV) if isinstance(a, torch.Tensor) else a for a in args]
     )
     assert torch.equal(got.cpu(), want)
+
+
+# ---------------------------------------------------------------- multistep (docs/design.md §6.1)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", [0, 2, 4, 5])
+def test_multistep_round_matches_reference(dtype, case):
+    """frozen_draft and verify_frozen with ``prev`` (DPM-Solver++ 2M SDE tables) on CUDA against
+    the float64 reference, next_prev included."""
+    from specdiff_kernels.sampling.transitions import dpmsolver_sde_transitions, round_tables
+
+    B, L, E = SHAPES[case]
+    freeze = case % 2
+    N = max(8, L + 4)
+    T = dpmsolver_sde_transitions(N)
+    coef, clip = round_tables(T), math.inf
+    gen = _gen("gpu-multistep", dtype, case)
+    steps, lengths = _chains(B, L, N, gen)
+    root, frozen, ids, seed = _inputs(B, E, dtype, gen)
+    prev = (0.5 * torch.randn(root.shape, generator=gen, dtype=torch.float64)).to(dtype)
+    args = _cuda(root, frozen, steps, lengths, coef, seed, ids)
+    Y = draft_op(*args, L, freeze, clip, prev.to(DEV)).cpu()
+    assert_draft_matches(Y, root, frozen, steps, lengths, coef, seed, ids, L, freeze, clip, prev)
+    P = _x0_hat(Y, frozen, steps, coef, freeze, gen)
+    vargs = _cuda(Y, P, frozen, steps, lengths, coef, seed, ids)
+    got = _cpu(verify_op(*vargs, freeze, clip, prev.to(DEV)))
+    assert_verify_matches(got, Y, P, frozen, steps, lengths, coef, seed, ids, freeze, clip, prev)

@@ -38,7 +38,7 @@ if not backends.HAS_CPP:  # pragma: no cover
     pytest.skip("the C++ extension is not built", allow_module_level=True)
 
 B, L, E = 2, 3, (5,)
-N_ROUND = 40  # steps of round_cases' ddpm_eps_clip family
+N_ROUND = 40  # steps of round_cases' dpm2m_sde family
 
 
 # ---------------------------------------------------------------- valid arguments of every op
@@ -55,7 +55,8 @@ def _verify_args(name: str) -> tuple:
 
 
 def _round_case():
-    case = make_case(B, L, E, torch.float32, "ddpm_eps_clip", layout.FREEZE_X0, torch.Generator())
+    # a multistep family: the round ops' calls carry their optional prev, checked like the rest
+    case = make_case(B, L, E, torch.float32, "dpm2m_sde", layout.FREEZE_X0, torch.Generator())
     case.steps = torch.tensor([0, 5], dtype=torch.int64)
     case.lengths = torch.tensor([L, 1], dtype=torch.int64)
     return case
@@ -123,6 +124,7 @@ BAD_DTYPES = {
     "frozen": (torch.int32, torch.float16),
     "states": (torch.int32, torch.float16),
     "x0_hat": (torch.int32, torch.float16),
+    "prev": (torch.int32, torch.float16),
     "coef": (torch.float32,),
     "seed": (torch.int32,),
     "chain_ids": (torch.int32,),

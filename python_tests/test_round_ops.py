@@ -11,6 +11,9 @@
 * Exactness of one round in law (the reflection coupling), and the same tests failing on a
   deliberately wrong kernel (reflection coefficient 1 - a/b).
 * Bad arguments, opcheck, torch.compile(fullgraph=True).
+* Multistep chains (``prev``, docs/design.md §6.1): the same oracle comparisons over DPM++ 2M SDE
+  families, every commit's next_prev, the H row left unread without prev, the law of a round's
+  second step and of the round after (and both tests failing on wrong multistep variants).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import pytest
 import torch
 from round_cases import (
     FAMILIES,
+    MULTISTEP_FAMILIES,
     assert_draft_consistent,
     assert_round_matches,
     general_draft,
@@ -28,12 +32,16 @@ from round_cases import (
 )
 from scipy import stats
 from verify_cases import stable_seed
+from wrong_verifiers import MULTISTEP_WRONG, multistep_verify_frozen
 
 from specdiff_kernels.ops import layout
 from specdiff_kernels.ops import round as ro
 from specdiff_kernels.ops import verify as ops
 from specdiff_kernels.ops.reference import round as rr
-from specdiff_kernels.sampling.transitions import clip_value, round_tables
+from specdiff_kernels.sampling.transitions import (
+    clip_value,
+    round_tables,
+)
 
 pytestmark = pytest.mark.skipif(not ops.HAS_CPP, reason="the C++ extension is not built")
 BACKENDS = ["reference", "cpp"]
@@ -626,3 +634,436 @@ def test_round_stats_opcheck_and_bad_arguments():
         torch.ops.specdiff.round_stats(stats[:-1], k, n, na, committed, lr, out, N)
     with pytest.raises(RuntimeError, match="num_accepted <= lengths"):
         torch.ops.specdiff.round_stats(stats, k, n, n + 1, committed, lr, out, N)
+
+
+# ---------------------------------------------------------------- multistep chains (prev)
+def _multistep_params():
+    out = []
+    for fam in MULTISTEP_FAMILIES:
+        for freeze in (layout.FREEZE_X0, layout.FREEZE_EPS):
+            for i, (B, L, E) in enumerate(SHAPES):
+                dtype = DTYPES[(i + freeze + len(fam)) % len(DTYPES)]
+                out.append((fam, freeze, B, L, E, dtype))
+    return out
+
+
+MS_PARAMS = _multistep_params()
+
+
+def test_multistep_params_cover_every_dtype_and_mode():
+    for fam in MULTISTEP_FAMILIES:
+        seen = {(p[1], p[5]) for p in MS_PARAMS if p[0] == fam}
+        assert {d for _, d in seen} == set(DTYPES), fam
+        assert {f for f, _ in seen} == {layout.FREEZE_X0, layout.FREEZE_EPS}, fam
+
+
+@pytest.mark.parametrize("fam,freeze,B,L,E,dtype", MS_PARAMS)
+def test_reference_multistep_round_equals_general_composition(fam, freeze, B, L, E, dtype):
+    gen = _gen("ms-ref", fam, freeze, B, L, E)
+    case = make_case(B, L, E, torch.float64, fam, freeze, gen)
+    assert case.prev is not None and case.T.multistep
+    Y = ro.frozen_draft(*case.draft_args(), backend="reference")
+    Yg, _ = general_draft(case)
+    assert torch.allclose(Y.reshape(Yg.shape), Yg, rtol=1e-12, atol=1e-12)
+    P = make_x0_hat(case, Y, gen)
+    got = ro.verify_frozen(*case.verify_args(Y, P), backend="reference")
+    assert_round_matches(got, general_round(case, Y, P), Y, P, case, torch.float64)
+
+
+def _check_cpp_multistep_round(fam, freeze, B, L, E, dtype, key="ms-cpp"):
+    gen = _gen(key, fam, freeze, B, L, E, str(dtype))
+    case = make_case(B, L, E, dtype, fam, freeze, gen)
+    Y = ro.frozen_draft(*case.draft_args(), backend="cpp")
+    assert_draft_consistent(Y, case, dtype)
+    P = make_x0_hat(case, Y, gen)
+    got = ro.verify_frozen(*case.verify_args(Y, P), backend="cpp")
+    assert_round_matches(got, general_round(case, Y, P), Y, P, case, dtype)
+    return case, got
+
+
+@pytest.mark.parametrize("fam,freeze,B,L,E,dtype", MS_PARAMS)
+def test_cpp_multistep_round_matches_oracle(fam, freeze, B, L, E, dtype):
+    _check_cpp_multistep_round(fam, freeze, B, L, E, dtype)
+
+
+@pytest.mark.parametrize("fam,freeze,B,L,E,dtype", MS_PARAMS[::5])
+def test_cpp_multistep_round_matches_oracle_per_capability(
+    cpu_capability, fam, freeze, B, L, E, dtype
+):
+    _check_cpp_multistep_round(fam, freeze, B, L, E, dtype)
+
+
+def _commit_kinds(case, res) -> set:
+    n, k, N = case.lengths, case.steps, case.T.num_steps
+    na, cm = res.num_accepted, res.committed
+    kinds = {
+        "reject_at_0": (na == 0) & (n > 0),
+        "reject_after_0": (na > 0) & (na < n),
+        "accept": (na == n) & (n > 0) & (cm == n) & (k + n < N),
+        "det_after_window": (n > 0) & (cm == n + 1),
+        "det_at_n0": (n == 0) & (cm == 1),
+        "idle": (n == 0) & (cm == 0),
+    }
+    return {name for name, m in kinds.items() if bool(m.any())}
+
+
+def test_multistep_cases_cover_every_commit():
+    """The multistep cases above reach every commit, so their next_prev checks cover each rule:
+    P_j at a rejection (at 0 and later), P_{n-1} after a window, P_n at a deterministic step (after
+    a window and at n = 0), prev for an idle chain."""
+    seen = set()
+    for fam, freeze, B, L, E, dtype in MS_PARAMS:
+        gen = _gen("ms-cpp", fam, freeze, B, L, E, str(dtype))
+        case = make_case(B, L, E, dtype, fam, freeze, gen)
+        Y = ro.frozen_draft(*case.draft_args(), backend="cpp")
+        res = ro.verify_frozen(*case.verify_args(Y, make_x0_hat(case, Y, gen)), backend="cpp")
+        seen |= _commit_kinds(case, res)
+    want = {"reject_at_0", "reject_after_0", "accept", "det_after_window", "det_at_n0", "idle"}
+    assert seen == want, want - seen
+
+
+def _hand_commit_case(dtype=torch.float64):
+    """One chain per commit, decided by construction (frozen eps, float64): P_j equal to the
+    draft's x0-hat (d = 0: accepted) or 3000 away from it (rejected)."""
+    T = MULTISTEP_FAMILIES["dpm2m_sde_det"]()  # deterministic steps 20 and 39, with H
+    gen = _gen("hand")
+    B, L, D = 8, 3, 16
+    k = torch.tensor([5, 5, 5, 17, 20, 40, 10, 39])
+    n = torch.tensor([3, 3, 3, 3, 0, 0, 0, 0])
+    case = make_case(B, L, (D,), dtype, "dpm2m_sde_det", layout.FREEZE_EPS, gen, n_mode="full")
+    case.T, case.steps, case.lengths = T, k, n
+    return case
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_multistep_commits_by_hand(backend):
+    case = _hand_commit_case()
+    B, L1, D = case.root.shape[0], case.window + 1, case.root.shape[1]
+    T, coef = case.T, case.coef
+    Y = ro.frozen_draft(*case.draft_args(), backend=backend)
+    f = case.frozen.double()
+    kk = (case.steps[:, None] + torch.arange(L1)[None]).clamp(max=T.num_steps - 1)
+    pq = (
+        coef[layout.ROW_X0_Y][kk][..., None] * Y.double()
+        - coef[layout.ROW_X0_F][kk][..., None] * f[:, None]
+    )
+    P = pq + 0.3 * torch.randn(B, L1, D, generator=_gen("hand-P"), dtype=torch.float64)
+    P[:, : case.window] = pq[:, : case.window]  # every window step accepted ...
+    P[1, 0] += 3000.0  # ... but chain 1's step 0
+    P[2, 2] += 3000.0  # ... and chain 2's step 2
+    got = ro.verify_frozen(*case.verify_args(Y, P), backend=backend)
+    assert got.num_accepted.tolist() == [3, 0, 2, 3, 0, 0, 0, 0]
+    assert got.committed.tolist() == [3, 1, 3, 4, 1, 0, 0, 1]
+    assert got.root_exact.tolist() == [True] + [False] * 7
+    want_prev = torch.stack(
+        [P[0, 2], P[1, 0], P[2, 2], P[3, 3], P[4, 0], case.prev[5], case.prev[6], P[7, 0]]
+    )
+    assert torch.equal(got.next_prev, want_prev)
+    # deterministic steps: the target's mean with its previous prediction (P_{n-1}, or prev)
+    for b, pos, before in ((3, 3, P[3, 2]), (4, 0, case.prev[4]), (7, 0, case.prev[7])):
+        kb = case.steps[b : b + 1] + pos
+        y = Y[b : b + 1, pos]
+        want = T.mean_from_x0(y, P[b : b + 1, pos], kb, before[None])
+        assert torch.allclose(got.next_state[b : b + 1], want, rtol=1e-12, atol=1e-12), b
+    assert torch.equal(got.next_state[0], Y[0, 3]) and torch.equal(got.next_state[5], Y[5, 0])
+    assert_round_matches(got, general_round(case, Y, P), Y, P, case, torch.float64)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_without_prev_the_h_row_is_not_read(backend):
+    """Without prev the ops do not read H (a NaN row changes nothing) and next_prev is an empty
+    [0] tensor; the one-step results are those of the one-step table."""
+    for fam, dtype in (("ddim_eta", torch.float32), ("dpm2m_sde", torch.bfloat16)):
+        gen = _gen("noh", fam)
+        case = make_case(3, 4, (5, 3), dtype, fam, layout.FREEZE_EPS, gen)
+        case.prev = None
+        nan_h = case.coef.clone()
+        nan_h[layout.ROW_H] = float("nan")
+        args = list(case.draft_args())
+        Y = ro.frozen_draft(*args, backend=backend)
+        args[4] = nan_h
+        assert torch.equal(ro.frozen_draft(*args, backend=backend), Y)
+        P = make_x0_hat(case, Y, gen)
+        vargs = list(case.verify_args(Y, P))
+        want = ro.verify_frozen(*vargs, backend=backend)
+        vargs[5] = nan_h
+        got = ro.verify_frozen(*vargs, backend=backend)
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
+        assert got.next_prev.shape == (0,) and got.next_prev.dtype == dtype
+
+
+def test_multistep_with_a_zero_h_row_is_the_one_step_round():
+    """prev with H = 0 (a one-step family): the same round as without prev, and next_prev the
+    target's x0-hat at the parent."""
+    gen = _gen("zero-h")
+    case = make_case(5, 3, (7,), torch.float32, "ddpm_eps_clip", layout.FREEZE_X0, gen)
+    Y = ro.frozen_draft(*case.draft_args(), backend="cpp")
+    P = make_x0_hat(case, Y, gen)
+    want = ro.verify_frozen(*case.verify_args(Y, P), backend="cpp")
+    prev = torch.randn(case.root.shape, generator=gen)
+    Y2 = ro.frozen_draft(*case.draft_args(), prev, backend="cpp")
+    assert torch.equal(Y2, Y)
+    got = ro.verify_frozen(*case.verify_args(Y, P), prev, backend="cpp")
+    for a, b in zip(got[:6], want[:6]):
+        assert torch.equal(a, b)
+    assert got.next_prev.shape == case.root.shape
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_multistep_empty_batch(backend, dtype):
+    case = make_case(1, 2, (3, 2), dtype, "dpm2m_sde", layout.FREEZE_X0, _gen("b0"))
+    for name in ("root", "frozen", "prev"):
+        setattr(case, name, getattr(case, name)[:0])
+    for name in ("steps", "lengths", "chain_ids"):
+        setattr(case, name, getattr(case, name)[:0])
+    Y = ro.frozen_draft(*case.draft_args(), backend=backend)
+    assert Y.shape == (0, 3, 3, 2)
+    got = ro.verify_frozen(*case.verify_args(Y, Y), backend=backend)
+    assert got.next_prev.shape == (0, 3, 2) and got.next_prev.dtype == dtype
+    assert got.log_ratio.shape == (0, 2)
+
+
+# exactness in law of the multistep term
+def _ms_setup(B, D, k0):
+    T = MULTISTEP_FAMILIES["dpm2m_sde"]()  # unclipped
+    coef = round_tables(T)
+    c = coef[:, k0]
+    u_dir = torch.tensor([1.0, -1.0, 0.5], dtype=torch.float64)[:D]
+    u_dir = u_dir / u_dir.norm()
+    return T, coef, c, u_dir, torch.arange(B, dtype=torch.int64)
+
+
+def _mean_p(coef, k, x, p, before, clip=float("inf")):
+    c = rr._rows(coef, k, torch.float64)
+    return rr.affine_mean(c, p, x, clip) + c[layout.ROW_H] * before
+
+
+def _law_within_window(draft, verify, B=8000, D=3, k0=34, gap=1.2, shift=1.0):
+    """L = 2 from step k0: given step 0 accepted (committed 2), the committed state must be
+    N(m_p(y_1, P_1, P_0), s_1^2 I) (step 1's coupling draws fresh noise and uniform). P_0 and prev
+    are each ``shift`` std (through H) away from the draft's previous x0-hat along the gap: a mean
+    gap without the H term, or a target mean that takes prev instead of P_0, is off by that much.
+    Returns the KS p-value of the standardised projection on the gap, the fraction of chains
+    that accepted step 0 and the acceptance rate of step 1 among them."""
+    T, coef, _, u_dir, ids = _ms_setup(B, D, k0)
+    c1 = coef[:, k0 + 1]
+    s1, H1 = float(c1[layout.ROW_STD]), float(c1[layout.ROW_H])
+    A_E = float(c1[layout.ROW_A] + c1[layout.ROW_E])
+    h_step = shift * s1 / abs(H1) * u_dir
+    root = torch.full((B, D), 0.3, dtype=torch.float64)
+    f = torch.tensor([0.2, -0.1, 0.4], dtype=torch.float64)[:D].expand(B, D).contiguous()
+    p0 = f + h_step
+    prev = (p0 + h_step).contiguous()
+    # P_1 such that d_1 = A_E (P_1 - f) + H (P_0 - f) is gap * s_1 along u_dir
+    p1 = f + (gap * s1 * u_dir - H1 * h_step) / A_E
+    steps = torch.full((B,), k0, dtype=torch.int64)
+    n = torch.full((B,), 2, dtype=torch.int64)
+    clip = clip_value(T)
+    Y = draft(root, f, steps, n, coef, SEED, ids, 2, layout.FREEZE_X0, clip, prev)
+    P = torch.stack([p0, p1, f], 1).expand(B, 3, D).contiguous()
+    res = verify(Y, P, f, steps, n, coef, SEED, ids, layout.FREEZE_X0, clip, prev)
+    took = res[1] == 2  # step 0 accepted
+    mp = _mean_p(coef, steps + 1, Y[:, 1], P[:, 1], P[:, 0])
+    z = (((res[2] - mp) @ u_dir) / s1)[took]
+    accept1 = float((res[0][took] == 2).double().mean())
+    return stats.kstest(z.numpy(), "norm").pvalue, float(took.double().mean()), accept1
+
+
+def _law_next_round(draft, verify, B=4000, D=3, k0=34, gap=1.2, shift=1.0):
+    """Two rounds of L = 1: the second round's committed state must be N(m_p(x_1, c_2, c_0), s^2 I)
+    with c_0 the target's x0-hat at x_1's parent, P_0 of round 1 (what next_prev must carry).
+    c_0 is ``shift`` std (through H) away from round 1's frozen x0 (the draft's x0-hat there) and
+    P_1 of round 1 (read for nothing: no deterministic step follows) 3 shifts away."""
+    T, coef, _, u_dir, ids = _ms_setup(B, D, k0)
+    c2 = coef[:, k0 + 1]
+    s, H = float(c2[layout.ROW_STD]), float(c2[layout.ROW_H])
+    A_E = float(c2[layout.ROW_A] + c2[layout.ROW_E])
+    clip = clip_value(T)
+    one = torch.ones(B, dtype=torch.int64)
+    root = torch.full((B, D), 0.3, dtype=torch.float64)
+    f1 = torch.tensor([0.2, -0.1, 0.4], dtype=torch.float64)[:D].expand(B, D).contiguous()
+    prev0 = torch.full((B, D), -0.2, dtype=torch.float64)
+    h_step = shift * s / abs(H) * u_dir
+    c0 = (f1 + h_step).contiguous()
+    k = torch.full((B,), k0, dtype=torch.int64)
+    Y1 = draft(root, f1, k, one, coef, SEED, ids, 1, layout.FREEZE_X0, clip, prev0)
+    P1 = torch.stack([c0, c0 + 3 * h_step], 1).contiguous()
+    r1 = verify(Y1, P1, f1, k, one, coef, SEED, ids, 0, clip, prev0)
+    x1, prev1 = r1[2], r1[6]
+    c_2 = torch.tensor([-0.3, 0.5, 0.1], dtype=torch.float64)[:D].expand(B, D).contiguous()
+    f2 = (c_2 - gap * s / A_E * u_dir).contiguous()
+    Y2 = draft(x1, f2, k + 1, one, coef, SEED, ids, 1, layout.FREEZE_X0, clip, prev1)
+    r2 = verify(Y2, torch.stack([c_2, c_2], 1), f2, k + 1, one, coef, SEED, ids, 0, clip, prev1)
+    mp = _mean_p(coef, k + 1, x1, c_2, c0)
+    z = ((r2[2] - mp) @ u_dir) / s
+    return stats.kstest(z.numpy(), "norm").pvalue, float((r1[0] == 1).double().mean())
+
+
+def _cpp_draft(*args):
+    return torch.ops.specdiff.frozen_draft(*args)
+
+
+def _cpp_verify(*args):
+    return torch.ops.specdiff.verify_frozen(*args)
+
+
+@pytest.mark.parametrize(
+    "draft,verify",
+    [
+        (rr.frozen_draft, rr.verify_frozen),
+        (_cpp_draft, _cpp_verify),
+        (rr.frozen_draft, multistep_verify_frozen("correct")),
+    ],
+    ids=["reference", "cpp", "composed"],
+)
+def test_multistep_round_has_the_target_law(draft, verify):
+    p, took, accept = _law_within_window(draft, verify)
+    assert 0.1 < took < 0.9 and 0.2 < accept < 0.8, (took, accept)  # every branch is exercised
+    assert p > 1e-3, p
+    p, accept = _law_next_round(draft, verify)
+    assert 0.1 < accept < 0.9, accept  # round 1: both commits (next_prev P_0 either way)
+    assert p > 1e-3, p
+
+
+@pytest.mark.parametrize("kind", ["target_prev_is_prev", "target_prev_is_draft_x0"])
+def test_wrong_multistep_target_prev_is_detected(kind):
+    """The power check: a verify whose target takes prev, or the draft's x0-hat (a mean gap
+    without the H term), as its previous prediction inside the window fails the law test."""
+    p, _, _ = _law_within_window(rr.frozen_draft, multistep_verify_frozen(kind))
+    assert p < 1e-6, p
+
+
+def test_wrong_multistep_next_prev_is_detected():
+    """A next_prev that is the draft's x0-hat (not the target's) fails the next round's law."""
+    p, _ = _law_next_round(rr.frozen_draft, multistep_verify_frozen("next_prev_is_draft_x0"))
+    assert p < 1e-6, p
+
+
+@pytest.mark.parametrize("kind", ("correct", *MULTISTEP_WRONG))
+def test_wrong_multistep_variants_fail_the_oracle(kind):
+    """Every wrong multistep variant also fails the oracle comparison (the correct composition
+    passes it): the oracle tests above can see these bugs."""
+    gen = _gen("ms-wrong", 2)
+    case = make_case(64, 4, (37,), torch.float64, "dpm2m_sde", layout.FREEZE_EPS, gen, "full")
+    case.steps = torch.randint(20, 33, (64,), generator=gen)  # where H is large
+    Y = rr.frozen_draft(*case.draft_args())
+    P = make_x0_hat(case, Y, gen)
+    got = multistep_verify_frozen(kind)(*case.verify_args(Y, P))
+    oracle = general_round(case, Y, P)
+    if kind == "correct":
+        assert_round_matches(got, oracle, Y, P, case, torch.float64)
+    else:
+        with pytest.raises(AssertionError):
+            assert_round_matches(got, oracle, Y, P, case, torch.float64)
+
+
+# bad arguments, opcheck, compile with prev
+def _small_ms_case(dtype=torch.float32):
+    return make_case(3, 4, (5,), dtype, "dpm2m_sde", layout.FREEZE_EPS, _gen("small-ms"))
+
+
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        (lambda c: c.prev[:, :4], "frozen_draft: prev must match the root states"),
+        (lambda c: c.prev.double(), "frozen_draft: prev must match the root states"),
+        (lambda c: c.prev[:2], "frozen_draft: prev must match the root states"),
+        (lambda c: c.prev.int(), "prev"),
+    ],
+)
+def test_bad_prev_is_refused(bad, match):
+    case = _small_ms_case()
+    args = list(case.draft_args())
+    args[-1] = bad(case)
+    with pytest.raises((ValueError, TypeError), match=match):
+        ro.frozen_draft(*args)
+    Y = ro.frozen_draft(*case.draft_args())
+    vargs = list(case.verify_args(Y, Y))
+    vargs[-1] = bad(case)
+    with pytest.raises(
+        (ValueError, TypeError), match=match.replace("frozen_draft", "verify_frozen")
+    ):
+        ro.verify_frozen(*vargs)
+
+
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        (lambda c: c.prev[:, :4], "prev must match the root states' shape and dtype"),
+        (lambda c: c.prev[:2], "prev must match the root states' shape and dtype"),
+        (lambda c: c.prev.double(), "prev dtype Double must equal root dtype Float"),
+        (lambda c: c.prev.int(), "prev must be a float16, bfloat16, float32 or float64"),
+    ],
+)
+def test_cpp_kernels_check_prev(bad, match):
+    case = _small_ms_case()
+    args = list(case.draft_args())
+    args[-1] = bad(case)
+    with pytest.raises(RuntimeError, match=r"specdiff::frozen_draft: " + match) as info:
+        torch.ops.specdiff.frozen_draft(*args)
+    assert "\n" not in str(info.value).strip()
+    Y = ro.frozen_draft(*case.draft_args())
+    vargs = list(case.verify_args(Y, Y))
+    vargs[-1] = bad(case)
+    want = match.replace("root dtype", "states dtype")
+    with pytest.raises(RuntimeError, match=r"specdiff::verify_frozen: " + want):
+        torch.ops.specdiff.verify_frozen(*vargs)
+
+
+def test_opcheck_multistep():
+    case = _small_ms_case()
+    Y = ro.frozen_draft(*case.draft_args())
+    P = Y * 0.9 + 0.05
+    torch.library.opcheck(torch.ops.specdiff.frozen_draft.default, case.draft_args())
+    torch.library.opcheck(torch.ops.specdiff.verify_frozen.default, case.verify_args(Y, P))
+
+
+def test_torch_compile_fullgraph_multistep_round():
+    case = _small_ms_case()
+    w = torch.linspace(0.5, 1.0, 5)
+
+    def round_(root, frozen, steps, lengths, coef, seed, ids, prev):
+        Y = torch.ops.specdiff.frozen_draft(
+            root, frozen, steps, lengths, coef, seed, ids, 4, 1, 1.0, prev
+        )
+        P = torch.tanh(Y * w)
+        return torch.ops.specdiff.verify_frozen(
+            Y, P, frozen, steps, lengths, coef, seed, ids, 1, 1.0, prev
+        )
+
+    args = (
+        case.root,
+        case.frozen,
+        case.steps,
+        case.lengths,
+        case.coef,
+        case.seed,
+        case.chain_ids,
+        case.prev,
+    )
+    eager = round_(*args)
+    assert len(eager) == 7 and eager[6].shape == case.root.shape
+    compiled = torch.compile(round_, fullgraph=True, backend="inductor")(*args)
+    for a, b in zip(eager, compiled):
+        assert torch.equal(a, b)
+
+
+def test_cpp_multistep_round_does_not_depend_on_the_thread_count():
+    """Chunk sizes, not the thread count, split the work: 1 and 2 threads give the same bits
+    (events of several chunks, so a chain's sums gather partials from different threads)."""
+    gen = _gen("threads")
+    case = make_case(5, 4, (4 * 512 * 3 + 5,), torch.float32, "dpm2m_sde", 1, gen, "full")
+    before = torch.get_num_threads()
+    outs = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            Y = ro.frozen_draft(*case.draft_args(), backend="cpp")
+            P = make_x0_hat(case, Y, _gen("threads-P"))
+            outs.append((Y, *ro.verify_frozen(*case.verify_args(Y, P), backend="cpp")))
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)

@@ -13,6 +13,9 @@ PyTorch oracle ``round_reference`` evaluated in float64.
   k + n == N), n = 0 (deterministic step taken from P_0, or idle), lengths / steps clamped
   in-kernel, NaN past n ignored, and a forced rejection whose reflection coefficient is checked
   tightly enough that 1 - a/b (instead of 1 - 2a/b) fails;
+* multistep rounds (``prev``; DPM-Solver++ 2M SDE tables): the draft's H q term, d_j's
+  H (P_{j-1} - q_{j-1}), every commit kind and next_prev bit for bit, outputs poisoned, one chain
+  with a long window over several blocks / chunks / scan tiles;
 * both freeze modes, clip on / off, fp32 / fp64 / fp16 (bf16 has no numpy type: GPU only,
   test_gpu_round.py), several blocks and partial-sum chunks (D = 130: 2 blocks of 32 counters),
   the finalize scan over several tiles (L = 17; forced 2-step / 1-chunk tiles);
@@ -39,6 +42,7 @@ from specdiff_kernels.ops.reference import round as R  # noqa: E402
 from specdiff_kernels.sampling.transitions import (  # noqa: E402
     ddim_transitions,
     ddpm_transitions,
+    dpmsolver_sde_transitions,
     euler_ancestral_transitions,
 )
 
@@ -158,9 +162,13 @@ def _out_tol(dtype, want):
     return torch.finfo(dtype).eps * want.abs() + torch.finfo(dtype).tiny
 
 
-def assert_draft_matches(Y, root, frozen, steps, lengths, coef, seed, ids, window, freeze, clip):
+def assert_draft_matches(
+    Y, root, frozen, steps, lengths, coef, seed, ids, window, freeze, clip, prev=None
+):
     """Each drafted state against one float64 step from the previous STORED state, rounded to the
-    state dtype; past n the state repeats bit for bit; Y[:, 0] is the root bit for bit."""
+    state dtype; past n the state repeats bit for bit; Y[:, 0] is the root bit for bit. With
+    ``prev`` (multistep) the step adds H q, q = prev at j = 0, else the draft's x0-hat at the
+    stored Y[:, j - 1]."""
     dtype = root.dtype
     B = root.shape[0]
     D = root[0].numel()
@@ -169,10 +177,16 @@ def assert_draft_matches(Y, root, frozen, steps, lengths, coef, seed, ids, windo
     Yd = Y.double().reshape(B, window + 1, D)
     f = frozen.double().reshape(B, D)
     n = lengths.clamp(0, window)
+    q = None if prev is None else prev.double().reshape(B, D)
+    q_mag = None if prev is None else q.abs()
     for j in range(window):
         c, xi, pq, pq_mag, mq, mq_mag = _step64(
             coef, steps + j, Yd[:, j], f, seed, ids, freeze, clip, D
         )
+        if q is not None:
+            mq = mq + c[layout.ROW_H] * q
+            mq_mag = mq_mag + c[layout.ROW_H].abs() * (q.abs() + q_mag)
+            q, q_mag = pq, pq_mag
         s = c[layout.ROW_STD]
         want = mq + s * xi
         tol = (
@@ -191,10 +205,21 @@ def assert_draft_matches(Y, root, frozen, steps, lengths, coef, seed, ids, windo
         assert torch.equal(Y[held, j + 1], Y[held, j]), "positions past n must repeat the state"
 
 
-def _verify_oracle(Y, P, frozen, steps, lengths, coef, seed, ids, freeze, clip):
-    """The float64 reference result plus per-step error scales (tolerances) of the log ratio."""
+def _verify_oracle(Y, P, frozen, steps, lengths, coef, seed, ids, freeze, clip, prev=None):
+    """The float64 reference result plus per-step error scales (tolerances) of the log ratio;
+    multistep (``prev``): d_j includes H (P_{j-1} - p_q(y_{j-1})) for j >= 1."""
     want = R.verify_frozen(
-        Y.double(), P.double(), frozen.double(), steps, lengths, coef, seed, ids, freeze, clip
+        Y.double(),
+        P.double(),
+        frozen.double(),
+        steps,
+        lengths,
+        coef,
+        seed,
+        ids,
+        freeze,
+        clip,
+        None if prev is None else prev.double(),
     )
     dtype = Y.dtype
     B, L1 = Y.shape[:2]
@@ -211,6 +236,10 @@ def _verify_oracle(Y, P, frozen, steps, lengths, coef, seed, ids, freeze, clip):
         A, E = c[layout.ROW_A], c[layout.ROW_E]
         d = A * (R._clip(Pd[:, j], clip) - R._clip(pq, clip)) + E * (Pd[:, j] - pq)
         dmag = (A.abs() + E.abs()) * (Pd[:, j].abs() + pq.abs() + pq_mag) + d.abs()
+        if prev is not None and j > 0:
+            H, pq_m, pq_mag_m = c[layout.ROW_H], parts[j - 1][2], parts[j - 1][3]
+            d = d + H * (Pd[:, j - 1] - pq_m)
+            dmag = dmag + H.abs() * (Pd[:, j - 1].abs() + pq_m.abs() + pq_mag_m)
         s = c[layout.ROW_STD]
         parts.append((c, xi, pq, pq_mag, mq, mq_mag, d, dmag))
         if j < L:
@@ -222,21 +251,31 @@ def _verify_oracle(Y, P, frozen, steps, lengths, coef, seed, ids, freeze, clip):
     return want, lr_tol, parts
 
 
-def assert_verify_matches(got, Y, P, frozen, steps, lengths, coef, seed, ids, freeze, clip):
-    """A verify_frozen result against the float64 reference on the same (rounded) inputs."""
+def assert_verify_matches(
+    got, Y, P, frozen, steps, lengths, coef, seed, ids, freeze, clip, prev=None
+):
+    """A verify_frozen result against the float64 reference on the same (rounded) inputs; with
+    ``prev`` (multistep) also next_prev (a copy of P_j, P_{j-1} or prev: bit for bit)."""
     dtype = Y.dtype
     B, L1 = Y.shape[:2]
     L = L1 - 1
     D = Y[0, 0].numel()
-    nacc, comm, state, nfz, exact, lr = got
+    nacc, comm, state, nfz, exact, lr = got[:6]
     assert nacc.dtype == torch.int64 and comm.dtype == torch.int64 and exact.dtype == torch.bool
     assert lr.dtype == torch.float32 and lr.shape == (B, L)
     assert state.dtype == dtype and nfz.dtype == dtype
     assert state.shape == frozen.shape and nfz.shape == frozen.shape
+    assert len(got) == 7, f"verify_frozen returns 7 outputs, got {len(got)}"
+    nprev = got[6]
+    assert nprev.dtype == dtype
+    if prev is None:
+        assert nprev.shape == (0,), f"next_prev must be empty without prev, got {nprev.shape}"
+    else:
+        assert nprev.shape == frozen.shape, f"next_prev shape {tuple(nprev.shape)}"
     want, lr_tol, parts = _verify_oracle(
-        Y, P, frozen, steps, lengths, coef, seed, ids, freeze, clip
+        Y, P, frozen, steps, lengths, coef, seed, ids, freeze, clip, prev
     )
-    w_nacc, w_comm, w_state, w_nfz, w_exact, _ = want
+    w_nacc, w_comm, w_state, w_nfz, w_exact, _, w_nprev = want
     n = lengths.clamp(0, L)
     live = torch.arange(L)[None] < n[:, None]
     # the float64 log ratios (want[5] is float32)
@@ -283,6 +322,22 @@ def assert_verify_matches(got, Y, P, frozen, steps, lengths, coef, seed, ids, fr
             t[b] if t.dim() == 2 else t[:, b] for t in parts[j]
         )
         y, p = Yf[b, j].double(), Pf[b, j].double()
+        if prev is not None:
+            # the previous predictions (target tp, draft dp) and what they add to the magnitudes
+            H = c[layout.ROW_H]
+            if j == 0:
+                tp = dp = prev.reshape(B, D)[b].double()
+                dp_mag = dp.abs()
+            else:
+                tp = Pf[b, j - 1].double()
+                dp, dp_mag = parts[j - 1][2][b], parts[j - 1][3][b]
+            mq_mag = mq_mag + H.abs() * (dp.abs() + dp_mag)
+            # next_prev: a copy of the target's x0-hat at the new state's parent
+            parent = Pf[b, j] if (rejected[b] or det[b]) else tp.to(dtype)
+            assert torch.equal(nprev.reshape(B, D)[b], parent), (
+                f"chain {b}: next_prev must be P[b, {j}], P[b, {j - 1}] or prev (commit at {j})"
+            )
+            assert torch.equal(nprev.reshape(B, D)[b].double(), w_nprev.reshape(B, D)[b])
         if rejected[b]:
             s = c[layout.ROW_STD]
             a_ = float(((d * xi).sum() * s).item())
@@ -308,6 +363,8 @@ def assert_verify_matches(got, Y, P, frozen, steps, lengths, coef, seed, ids, fr
             m_mag = (c[layout.ROW_A].abs() + c[layout.ROW_E].abs()) * p.abs() + (
                 c[layout.ROW_G] * y
             ).abs()
+            if prev is not None:
+                m_mag = m_mag + (c[layout.ROW_H] * tp).abs()
             tol_s = _out_tol(dtype, ws[b]) + C_ACC * eps * m_mag
             errs = (sd[b].double() - ws[b]).abs()
             assert bool((errs <= tol_s).all()), (
@@ -511,7 +568,7 @@ def test_verify_all_accepted_and_table_end(dtype, freeze):
         P = _x0_hat(Y, frozen, steps, coef, freeze, gen, gap_hi=0)
         got = verify_op(Y, P, frozen, steps, lengths, coef, seed, ids, freeze, clip)
         assert_verify_matches(got, Y, P, frozen, steps, lengths, coef, seed, ids, freeze, clip)
-        nacc, comm, state, nfz, exact, lr = got
+        nacc, comm, state, nfz, exact, lr, _ = got
         n = lengths
         assert torch.equal(nacc, n), "d = 0: every step is accepted"
         if freeze == layout.FREEZE_X0:  # P = f exactly (eps: P is the draft's x0 rounded, d ~ 0)
@@ -543,7 +600,7 @@ def test_forced_rejection_reflection(dtype):
     P = _x0_hat(Y, frozen, steps, coef, 0, gen, gap_lo=60.0, gap_hi=80.0)
     got = verify_op(Y, P, frozen, steps, lengths, coef, seed, ids, 0, clip)
     assert_verify_matches(got, Y, P, frozen, steps, lengths, coef, seed, ids, 0, clip)
-    nacc, comm, state, nfz, exact, lr = got
+    nacc, comm, state, nfz, exact, lr, nprev = got
     assert nacc.tolist() == [0] * B and comm.tolist() == [1] * B
     assert not bool(exact.any()) and torch.equal(nfz, P[:, 0])
     # the reflection coefficient, and what a wrong one would give
@@ -565,7 +622,7 @@ def test_forced_rejection_reflection(dtype):
             "the check could not see a wrong coefficient"
         )
         with pytest.raises(AssertionError, match="reflected state"):
-            bad = (nacc, comm, wrong.to(dtype).reshape(state.shape), nfz, exact, lr)
+            bad = (nacc, comm, wrong.to(dtype).reshape(state.shape), nfz, exact, lr, nprev)
             assert_verify_matches(bad, Y, P, frozen, steps, lengths, coef, seed, ids, 0, clip)
 
 
@@ -660,7 +717,180 @@ def test_public_api_and_backend():
     raw = verify_op(Y, P, frozen, steps, lengths, coef, seed, ids, 0, clip)
     for a, b in zip(res, raw):
         assert torch.equal(a, b)
-    assert res.next_state.shape == (2, 3, 5)
+    assert res.next_state.shape == (2, 3, 5) and res.next_prev.shape == (0,)
+    # multistep: prev is the last positional argument; next_prev the 7th field
+    prev = frozen.flip(0).contiguous()
+    Ym = round_ops.frozen_draft(
+        root, frozen, steps, lengths, coef, seed, ids, L, 0, clip, prev, backend="triton"
+    )
+    assert torch.equal(
+        Ym, draft_op(root, frozen, steps, lengths, coef, seed, ids, L, 0, clip, prev)
+    )
+    res = round_ops.verify_frozen(
+        Ym, P, frozen, steps, lengths, coef, seed, ids, 0, clip, prev, backend="triton"
+    )
+    raw = verify_op(Ym, P, frozen, steps, lengths, coef, seed, ids, 0, clip, prev)
+    for a, b in zip(res, raw):
+        assert torch.equal(a, b)
+    assert res.next_prev.shape == (2, 3, 5)
+
+
+# ---------------------------------------------------------------- multistep (prev)
+N_MS = 40  # dpmsolver_sde_transitions(N_MS): stochastic steps, then a deterministic last one
+
+
+def _ms_table(mix: bool):
+    """The table of DPM-Solver++ 2M SDE (H != 0 from step 1; A = 0). ``mix``: half of E moved to
+    A (the same means without clipping) and H tripled, so that clipping and the H term weigh; the
+    deterministic last step gets an H term too (the family's is 0)."""
+    coef = round_tables(dpmsolver_sde_transitions(N_MS))
+    assert coef.shape == (layout.NUM_ROWS, N_MS)
+    assert bool((coef[layout.ROW_H, 1:-1] != 0).all()) and coef[layout.ROW_STD, -1] == 0
+    if mix:
+        coef = coef.clone()
+        coef[layout.ROW_A] = 0.5 * coef[layout.ROW_E]
+        coef[layout.ROW_E] = 0.5 * coef[layout.ROW_E]
+        coef[layout.ROW_H] *= 3
+        coef[layout.ROW_H, -1] = coef[layout.ROW_H, -2]
+    return coef
+
+
+# role: (step, window length) of a chain for window L, and its expected (num_accepted,
+# committed, root_exact); "reject" has a huge gap at position L - 1, the others tiny gaps
+_ROLES = {
+    "reject": (lambda L: (20, L), lambda L: (L - 1, L, False)),
+    "accept": (lambda L: (12, L), lambda L: (L, L, True)),
+    "det": (lambda L: (N_MS - 1 - L, L), lambda L: (L, L + 1, False)),  # then the last step
+    "idle": (lambda L: (15, 0), lambda L: (0, 0, False)),
+    "det0": (lambda L: (N_MS - 1, 0), lambda L: (0, 1, False)),  # n = 0 at the last step
+    "end": (lambda L: (N_MS, 0), lambda L: (0, 0, False)),  # finished
+}
+
+
+def _poison(monkeypatch):
+    """Allocations made while patched start as NaN / -7: outputs must be written in full."""
+    orig_empty = torch.empty
+
+    def poisoned_empty(*args, **kwargs):
+        t = orig_empty(*args, **kwargs)
+        if t.dtype.is_floating_point:
+            t.fill_(float("nan"))
+        elif t.dtype != torch.bool:
+            t.fill_(-7)
+        return t
+
+    monkeypatch.setattr(torch, "empty", poisoned_empty)
+
+
+def _ms_round(monkeypatch, freeze, dtype, clip_on, L, E, roles, key):
+    """Draft (checked step by step) and verify a multistep round with poisoned outputs; returns
+    the inputs and the verify result."""
+    coef = _ms_table(mix=clip_on)
+    clip = 1.0 if clip_on else math.inf
+    B = len(roles)
+    gen = _gen("multistep", key, freeze, dtype, clip_on, L, E, roles)
+    root, frozen, ids, seed = _inputs(B, E, dtype, gen)
+    if clip_on and freeze == layout.FREEZE_X0:
+        frozen = (frozen.double() * 3).to(dtype)  # partly outside [-1, 1]
+    prev = (1.5 * torch.randn((B, *E), generator=gen, dtype=torch.float64)).to(dtype)
+    steps = torch.tensor([_ROLES[r][0](L)[0] for r in roles], dtype=torch.int64)
+    lengths = torch.tensor([_ROLES[r][0](L)[1] for r in roles], dtype=torch.int64)
+    with monkeypatch.context() as mp:
+        _poison(mp)
+        Y = draft_op(root, frozen, steps, lengths, coef, seed, ids, L, freeze, clip, prev)
+    assert_draft_matches(Y, root, frozen, steps, lengths, coef, seed, ids, L, freeze, clip, prev)
+    small = _x0_hat(Y, frozen, steps, coef, freeze, gen, gap_lo=0.001, gap_hi=0.002)
+    huge = _x0_hat(Y, frozen, steps, coef, freeze, gen, gap_lo=60.0, gap_hi=80.0)
+    pick = torch.zeros(B, L + 1, *([1] * len(E)), dtype=torch.bool)
+    for b, r in enumerate(roles):
+        pick[b, L - 1] = r == "reject"
+    P = torch.where(pick, huge, small)
+    with monkeypatch.context() as mp:
+        _poison(mp)
+        got = verify_op(Y, P, frozen, steps, lengths, coef, seed, ids, freeze, clip, prev)
+    args = (Y, P, frozen, steps, lengths, coef, seed, ids, freeze, clip)
+    return args, prev, got
+
+
+MS_CASES = [  # (freeze, dtype, clip on, L, event, chain roles)
+    (layout.FREEZE_X0, torch.float64, False, 3, (37,), ("reject", "det", "idle")),
+    (layout.FREEZE_EPS, torch.float64, True, 3, (2, 65), ("accept", "det0", "reject")),
+    (layout.FREEZE_X0, torch.float64, True, 1, (5,), ("reject", "det", "det0")),
+    (layout.FREEZE_EPS, torch.float64, False, 1, (37,), ("det", "end", "accept")),
+    (layout.FREEZE_X0, torch.float32, True, 3, (2, 65), ("det",)),
+    (layout.FREEZE_EPS, torch.float32, False, 1, (37,), ("det", "reject", "idle")),
+    (layout.FREEZE_EPS, torch.float32, True, 3, (37,), ("reject",)),
+    (layout.FREEZE_X0, torch.float32, False, 3, (2, 65), ("accept", "reject", "det0")),
+    (layout.FREEZE_EPS, torch.float16, False, 3, (37,), ("reject", "det", "idle")),
+    (layout.FREEZE_X0, torch.float16, True, 1, (1,), ("accept",)),
+]
+
+
+@pytest.mark.parametrize("freeze,dtype,clip_on,L,E,roles", MS_CASES, ids=str)
+def test_multistep_round_matches_reference(monkeypatch, freeze, dtype, clip_on, L, E, roles):
+    """frozen_draft and verify_frozen with ``prev`` against the float64 reference: every drafted
+    state (with its H q term), the log ratios (with H (P_{j-1} - q_{j-1})), the commits of every
+    kind (rejection at L - 1, accepted window, deterministic step after it or at n = 0, idle,
+    finished) and next_prev bit for bit; outputs poisoned before the kernels write them."""
+    args, prev, got = _ms_round(monkeypatch, freeze, dtype, clip_on, L, E, roles, "cases")
+    assert_verify_matches(got, *args, prev=prev)
+    want = [_ROLES[r][1](L) for r in roles]
+    assert got[0].tolist() == [w[0] for w in want]
+    assert got[1].tolist() == [w[1] for w in want]
+    assert got[4].tolist() == [w[2] for w in want]
+    for t in got[2:4] + got[6:]:
+        assert bool(torch.isfinite(t).all())
+    # without prev: the single-step round (no H term), and an empty next_prev
+    plain = verify_op(*args)
+    assert plain[6].shape == (0,) and plain[6].dtype == dtype
+    assert_verify_matches(plain, *args)
+
+
+@pytest.mark.parametrize("freeze", [layout.FREEZE_X0, layout.FREEZE_EPS])
+def test_multistep_split_event_and_tiled_scan(monkeypatch, freeze):
+    """One chain, a long window (L = 5) and an event of 130 (33 counters): the draft and the
+    finalize over 2 blocks, the partial sums over 2 chunks, the finalize scan forced into 2-step
+    / 1-chunk tiles; a rejection at position 4 (its d and the reflection read position 3)."""
+    monkeypatch.setattr(tr, "_BLOCK_L_MAX", 2)
+    monkeypatch.setattr(tr, "_BLOCK_NB_MAX", 1)
+    L, E = 5, (2, 65)
+    Q = -(-130 // 4)
+    assert tr.draft_block(1, Q, tk.num_sms(torch.device("cpu"))) < Q
+    assert tr.partial_chunk(L, Q, tk.num_sms(torch.device("cpu"))) < Q
+    args, prev, got = _ms_round(
+        monkeypatch, freeze, torch.float32, True, L, E, ("reject",), "split"
+    )
+    assert_verify_matches(got, *args, prev=prev)
+    assert got[0].tolist() == [L - 1] and got[1].tolist() == [L]
+    assert torch.equal(got[6], args[1][:, L - 1])
+
+
+def test_multistep_checks_can_fail(monkeypatch):
+    """The multistep checks see a missing H term and a wrong next_prev."""
+    roles = ("reject", "det", "idle")
+    args, prev, got = _ms_round(
+        monkeypatch, layout.FREEZE_EPS, torch.float64, True, 3, (37,), roles, "fail"
+    )
+    Y, P, frozen, steps, lengths, coef, seed, ids, freeze, clip = args
+    # the draft without its H term
+    root = Y[:, 0].contiguous()
+    Y0 = draft_op(root, frozen, steps, lengths, coef, seed, ids, 3, freeze, clip)
+    with pytest.raises(AssertionError, match="off the float64 draft step"):
+        assert_draft_matches(
+            Y0, root, frozen, steps, lengths, coef, seed, ids, 3, freeze, clip, prev
+        )
+    # next_prev from the wrong position / the wrong chain
+    for wrong in (P[:, 2].clone(), prev.flip(0)):
+        bad = (*got[:6], wrong)
+        with pytest.raises(AssertionError, match="next_prev"):
+            assert_verify_matches(bad, *args, prev=prev)
+    # the verify without its H term (d_j, the reflection, the deterministic step)
+    P2 = _x0_hat(Y, frozen, steps, coef, freeze, _gen("fail-gap"), gap_lo=0.5, gap_hi=1.0)
+    args2 = (Y, P2) + args[2:]
+    plain = verify_op(*args2)
+    assert_verify_matches(plain, *args2)
+    with pytest.raises(AssertionError, match="log ratio"):
+        assert_verify_matches((*plain[:6], got[6]), *args2, prev=prev)
 
 
 # ---------------------------------------------------------------- opcheck / torch.compile
@@ -684,24 +914,34 @@ def test_opcheck():
     torch.library.opcheck(
         verify_op, (Y, P, frozen, steps, lengths, coef, seed, ids, freeze, math.inf)
     )
+    # multistep: prev in, next_prev out
+    prev = frozen.flip(0).contiguous()
+    torch.library.opcheck(
+        draft_op, (root, frozen, steps, lengths, coef, seed, ids, L, freeze, clip, prev)
+    )
+    torch.library.opcheck(
+        verify_op, (Y, P, frozen, steps, lengths, coef, seed, ids, freeze, math.inf, prev)
+    )
 
 
-def test_torch_compile_fullgraph():
+@pytest.mark.parametrize("multistep", [False, True])
+def test_torch_compile_fullgraph(multistep):
     """Draft + verify in one compiled function: no graph break (the interpreted ops are opaque
-    custom ops with fake kernels) and the eager results, bit for bit."""
+    custom ops with fake kernels) and the eager results, bit for bit; multistep: with prev."""
     torch._dynamo.reset()
     root, frozen, steps, lengths, coef, seed, ids, L, freeze, clip, Y, P = _small_round(0)
+    prev = frozen.flip(0).contiguous() if multistep else None
 
-    def f(root, frozen, steps, lengths, coef, seed, ids, P):
+    def f(root, frozen, steps, lengths, coef, seed, ids, P, prev):
         Yd = torch.ops.specdiff.triton_frozen_draft(
-            root, frozen, steps, lengths, coef, seed, ids, L, freeze, clip
+            root, frozen, steps, lengths, coef, seed, ids, L, freeze, clip, prev
         )
         res = torch.ops.specdiff.triton_verify_frozen(
-            Yd, P, frozen, steps, lengths, coef, seed, ids, freeze, clip
+            Yd, P, frozen, steps, lengths, coef, seed, ids, freeze, clip, prev
         )
         return (Yd,) + tuple(res)
 
-    args = (root, frozen, steps, lengths, coef, seed, ids, P)
+    args = (root, frozen, steps, lengths, coef, seed, ids, P, prev)
     eager = f(*args)
     compiled = torch.compile(f, fullgraph=True)(*args)
     for e, c in zip(eager, compiled):
@@ -730,21 +970,22 @@ def compile_(fn, sig, consts):
 #    with the clip bound typed fp32 (a direct launch) or fp64 (how Inductor passes Python floats:
 #    on an H200 an fp64 bound once promoted the fp32 accumulators and failed to compile)
 ids = dict(steps_ptr="*i64", len_ptr="*i64", coef_ptr="*fp64", seed_ptr="*i64", ids_ptr="*i64")
-for dt, acc, clip_t in (("bf16", False, "fp32"), ("bf16", False, "fp64"), ("fp32", False, "fp64"),
-                        ("fp64", True, "fp64")):
+#    with and without the multistep term (HAS_PREV)
+for dt, acc, clip_t, ms in (("bf16", False, "fp32", False), ("bf16", False, "fp64", True),
+                            ("fp32", False, "fp64", False), ("fp64", True, "fp64", True)):
     clip = dict(clip_hi=clip_t, clip_mid=clip_t, clip_lo=clip_t)
     part = "*fp64" if acc else "*fp32"
     io = dict(y_ptr=f"*{dt}", p_ptr=f"*{dt}", frozen_ptr=f"*{dt}", **ids, part_ptr=part)
-    c = dict(FREEZE=1, HAS_CLIP=True, ACC_FP64=acc, BLOCK=256)
+    c = dict(FREEZE=1, HAS_CLIP=True, HAS_PREV=ms, ACC_FP64=acc, BLOCK=256)
     compile_(tr._chain_noise_kernel, dict(seed_ptr="*i64", ids_ptr="*i64", steps_ptr="*i64",
              xi_ptr=f"*{dt}", u_ptr="*fp32", W="i32", D="i32", Q="i32"),
              dict(ACC_FP64=acc, BLOCK=256))
     compile_(tr._frozen_draft_kernel, dict(root_ptr=f"*{dt}", frozen_ptr=f"*{dt}", **ids,
-             y_ptr=f"*{dt}", W="i32", N="i32", D="i32", Q="i32", **clip), c)
+             prev_ptr=f"*{dt}", y_ptr=f"*{dt}", W="i32", N="i32", D="i32", Q="i32", **clip), c)
     compile_(tr._verify_partials_kernel, dict(**io, L="i32", N="i32", D="i32", Q="i32",
              CHUNK="i32", NB="i32", **clip), c)
     out = dict(nacc_ptr="*i64", comm_ptr="*i64", next_ptr=f"*{dt}", nfz_ptr=f"*{dt}",
-               exact_ptr="*i1", lr_ptr="*fp32")
+               exact_ptr="*i1", lr_ptr="*fp32", prev_ptr=f"*{dt}", nprev_ptr=f"*{dt}")
     k = compile_(tr._verify_finalize_kernel, dict(**io, **out, L="i32", N="i32", D="i32", Q="i32",
                  NB="i32", **clip), dict(c, BLOCK_L=8, BLOCK_NB=16))
     assert "cubin" in k.asm
@@ -758,13 +999,16 @@ with mode:
     Y = torch.empty(2, 9, 3, 32, 32, dtype=torch.bfloat16, **d)
     st = torch.empty(2, dtype=torch.int64, **d)
     sd = torch.empty((), dtype=torch.int64, **d)
-    coef = torch.empty(8, 50, dtype=torch.float64, **d)
+    coef = torch.empty(9, 50, dtype=torch.float64, **d)
 
 def f(x, Y, st, sd, coef):
     a = torch.ops.specdiff.triton_frozen_draft(x, x, st, st, coef, sd, st, 8, 1, 0.37)
     b = torch.ops.specdiff.triton_verify_frozen(Y, Y, x, st, st, coef, sd, st, 0, 1.0)
     c = torch.ops.specdiff.triton_chain_noise(sd, st, st, 8, 3072, torch.bfloat16)
-    return a, b, c
+    # multistep (prev): next_prev is one more output
+    a2 = torch.ops.specdiff.triton_frozen_draft(x, x, st, st, coef, sd, st, 8, 0, 0.37, x)
+    b2 = torch.ops.specdiff.triton_verify_frozen(Y, Y, x, st, st, coef, sd, st, 1, 1.0, x)
+    return a, b, c, a2, b2
 
 graphs = []
 def fw(gm, ins):
@@ -779,9 +1023,9 @@ with mode, warnings.catch_warnings(record=True) as caught:
             raise
 gm = graphs[0]
 hops = [nd for nd in gm.graph.nodes if "triton_kernel_wrapper" in str(nd.target)]
-assert len(hops) == 4, len(hops)
+assert len(hops) == 7, len(hops)
 outputs = {"y_ptr", "part_ptr", "nacc_ptr", "comm_ptr", "next_ptr", "nfz_ptr", "exact_ptr",
-           "lr_ptr", "xi_ptr", "u_ptr"}
+           "lr_ptr", "xi_ptr", "u_ptr", "nprev_ptr"}
 for nd in hops:
     clone = set(nd.kwargs["tensors_to_clone"])
     assert clone and clone <= outputs, clone

@@ -300,3 +300,31 @@ def test_gmm_sample_moments_and_make_gmm():
     torch.testing.assert_close(
         model(x[:100], torch.zeros(100, dtype=torch.int64)), x[:100], atol=5e-3, rtol=0
     )
+
+
+# ------------------------------------------------------------------ multistep (DPM++ 2M SDE)
+def test_multistep_tables_and_their_checks():
+    from specdiff_kernels.ops.layout import ROW_H
+    from specdiff_kernels.sampling.transitions import dpmsolver_sde_transitions, round_tables
+
+    T = dpmsolver_sde_transitions(20)
+    assert T.multistep and float(T.c_prev[0]) == 0 and bool((T.c_prev[1:-1] < 0).all())
+    # final sigma 0: the last step is first order and deterministic (its mean is the x0-hat)
+    assert float(T.c_prev[-1]) == 0 and float(T.std[-1]) == 0 and float(T.c_x0[-1]) == 1
+    torch.testing.assert_close(round_tables(T)[ROW_H], T.c_prev, rtol=0, atol=0)
+    first = dpmsolver_sde_transitions(20, solver_order=1)
+    assert not first.multistep
+    torch.testing.assert_close(first.std, T.std)
+    with pytest.raises(ValueError, match="c_prev\\[0\\] must be 0"):
+        GaussianTransitions([2, 1], 0.5, 0.5, 0.1, 0.8, 0.6, c_prev=[0.3, 0.1])
+    x = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match="multistep.*prev"):
+        T.mean_from_x0(x, x, torch.zeros(2, dtype=torch.int64))
+    for kwargs, match in (
+        (dict(solver_order=3), "solver_order"),
+        (dict(solver_type="euler"), "solver_type"),
+        (dict(sigma_schedule="exponential"), "sigma_schedule"),
+        (dict(final_sigmas_type="one"), "final_sigmas_type"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            dpmsolver_sde_transitions(20, **kwargs)

@@ -102,8 +102,8 @@ def static_wrong_verify(kind: str, seed: int = 0):
     real = StaticRound._verify
     gen = torch.Generator().manual_seed(seed)
 
-    def verify(self, Y, P, frozen, k, n):
-        res = real(self, Y, P, frozen, k, n)
+    def verify(self, Y, P, frozen, k, n, prev):
+        res = real(self, Y, P, frozen, k, n, prev)
         B, L1 = Y.shape[:2]
         idx = torch.arange(B, device=Y.device)
         rejected = res.num_accepted < n
@@ -137,3 +137,95 @@ def static_wrong_verify(kind: str, seed: int = 0):
 # (fresh_from_p is not in this list: the frozen drafts reject too rarely in this chain for its small
 # error to show at these sample sizes; test_round_ops.py rejects it with the one-step law test.)
 STATIC_WRONG = ("always_accept", "keep_draft", "half_reflection")
+
+
+# ---------------------------------------------------------------- multistep verify_frozen variants
+# verify_frozen (with ``prev``) composed from the coefficient table's means, materialised, and the
+# general verify op; ``kind`` injects one bug of the multistep term (kind "correct": none, so a
+# test can show that the composition itself is right and the bug is all that differs).
+MULTISTEP_WRONG = (
+    "target_prev_is_prev",
+    "target_prev_is_draft_x0",
+    "draft_prev_is_prev",
+    "next_prev_is_draft_x0",
+)
+
+
+def multistep_verify_frozen(kind: str = "correct"):
+    """A verify_frozen(states, x0_hat, frozen, steps, lengths, coef, seed, chain_ids, freeze, clip,
+    prev) in float64. WRONG kinds: ``target_prev_is_prev`` (the target's previous prediction is
+    prev at every position, not P_{j-1}), ``target_prev_is_draft_x0`` (the target's previous
+    prediction is the draft's, so the mean gap has no H term), ``draft_prev_is_prev`` (the draft's
+    previous prediction is prev at every position; the draft
+    then no longer matches frozen_draft's rollout) and ``next_prev_is_draft_x0`` (next_prev is the
+    draft's x0-hat at the deciding position, not the target's)."""
+    from specdiff_kernels.ops.layout import ROW_H, ROW_STD
+    from specdiff_kernels.ops.reference import round as rr
+    from specdiff_kernels.ops.reference import verify as reference
+
+    if kind not in ("correct", *MULTISTEP_WRONG):
+        raise ValueError(kind)
+
+    def verify(states, x0_hat, frozen, steps, lengths, coef, seed, chain_ids, freeze, clip, prev):
+        B, L1 = states.shape[:2]
+        L, N = L1 - 1, coef.shape[1]
+        D = states[0, 0].numel()
+        f64 = torch.float64
+        Y = states.reshape(B, L1, D).to(f64)
+        P = x0_hat.reshape(B, L1, D).to(f64)
+        f = frozen.reshape(B, D).to(f64)
+        q = prev.reshape(B, D).to(f64)
+        k, n = steps.to(torch.int64), lengths.to(torch.int64)
+        xi, u = rr.chain_noise(seed, chain_ids, k, L, D, f64)
+        mq, mp, pq = [], [], []
+        for j in range(L1):  # position L: the deterministic step after a full window
+            c = rr._rows(coef, k + j, f64)
+            pq.append(rr.draft_x0(c, Y[:, j], f, freeze))
+            first = j == 0
+            d_prev = q if first or kind == "draft_prev_is_prev" else pq[j - 1]
+            t_prev = q if first or kind == "target_prev_is_prev" else P[:, j - 1]
+            if kind == "target_prev_is_draft_x0":
+                t_prev = d_prev
+            mq.append(rr.affine_mean(c, pq[j], Y[:, j], clip) + c[ROW_H] * d_prev)
+            mp.append(rr.affine_mean(c, P[:, j], Y[:, j], clip) + c[ROW_H] * t_prev)
+        MQ, MP = torch.stack(mq[:L], 1), torch.stack(mp[:L], 1)
+        pos_l = torch.arange(L, device=states.device)
+        live = pos_l[None] < n[:, None]
+        S = coef[ROW_STD][(k[:, None] + pos_l[None]).clamp(max=N - 1)].to(f64)
+        S = torch.where(live, S, torch.ones_like(S))
+        MP = torch.where(live[..., None], MP, MQ)
+        prop = MQ + S[..., None] * xi
+        nacc, reflected, _ = reference.speculative_verify(prop, MQ, MP, S, u.to(f64), n.clamp(1))
+        lr = torch.where(live, reference._log_ratio_acc(prop, MQ, MP, S), torch.zeros_like(S))
+        nacc = torch.where(n > 0, nacc, torch.zeros_like(n))
+        rejected = nacc < n
+        pos = torch.where(rejected, nacc, n)
+        ar = torch.arange(B, device=states.device)
+        y_pos, p_pos = Y[ar, pos], P[ar, pos]
+        c = rr._rows(coef, k + pos, f64)
+        live_next = k + n < N
+        det_next = live_next & (coef[ROW_STD, (k + n).clamp(max=N - 1)] == 0)
+        det = torch.stack(mp, 1)[ar, pos]
+        state = torch.where(
+            rejected[:, None], reflected, torch.where(det_next[:, None], det, y_pos)
+        )
+        keep = (~rejected & ~live_next) | ((n == 0) & ~det_next)
+        next_frozen = torch.where(keep[:, None], f, rr.freeze_value(c, y_pos, p_pos, freeze))
+        committed = torch.where(rejected, nacc + 1, n + det_next.to(torch.int64))
+        root_exact = ~rejected & live_next & ~det_next & (n > 0)
+        before = torch.where((pos == 0)[:, None], q, P[ar, (pos - 1).clamp(min=0)])
+        next_prev = torch.where((rejected | det_next)[:, None], p_pos, before)
+        if kind == "next_prev_is_draft_x0":
+            next_prev = torch.stack(pq, 1)[ar, pos]
+        dt, E = states.dtype, states.shape[2:]
+        return (
+            nacc,
+            committed,
+            state.to(dt).reshape(B, *E),
+            next_frozen.to(dt).reshape(B, *E),
+            root_exact,
+            lr.to(torch.float32),
+            next_prev.to(dt).reshape(B, *E),
+        )
+
+    return verify

@@ -4,7 +4,7 @@
   (``reference`` | ``cpp`` | ``triton``);
 * samplers: :class:`SpeculativeSampler` (ragged batches, exact) and the
   :class:`AncestralSampler` baseline, over :class:`GaussianTransitions` (DDPM, DDIM with eta > 0,
-  Euler-ancestral, or your own tables);
+  Euler-ancestral, DPM-Solver++ 2M SDE (multistep), or your own tables);
 * drafts: :class:`FrozenTargetDraft` (training-free) and :class:`DraftModelDraft`.
 """
 
@@ -25,6 +25,7 @@ from .sampling.transitions import (
     GaussianTransitions,
     ddim_transitions,
     ddpm_transitions,
+    dpmsolver_sde_transitions,
     euler_ancestral_transitions,
 )
 
@@ -43,6 +44,7 @@ __all__ = [
     "available_backends",
     "ddim_transitions",
     "ddpm_transitions",
+    "dpmsolver_sde_transitions",
     "euler_ancestral_transitions",
     "first_rejection",
     "gaussian_log_ratio",

@@ -295,7 +295,14 @@ def add_sample_arguments(sample: argparse.ArgumentParser) -> None:
         "--scheduler",
         default=None,
         choices=list(SCHEDULERS),
-        help="default: the pipeline's own (digits: ddpm)",
+        help="default: the pipeline's own (digits: ddpm); dpm++2m-sde: DPM-Solver++ 2M SDE "
+        "(diffusers' DPMSolverMultistepScheduler with algorithm_type='sde-dpmsolver++')",
+    )
+    sample.add_argument(
+        "--karras",
+        action="store_true",
+        help="Karras sigmas (use_karras_sigmas, replacing another sigma schedule the scheduler "
+        "config names); --scheduler dpm++2m-sde only",
     )
     sample.add_argument(
         "--eta",
@@ -362,7 +369,9 @@ def check_sample_args(args: argparse.Namespace) -> Optional[str]:
             "some kernels lack it); use float32 or bfloat16 on CPU"
         )
     try:
-        spec = resolve_pipeline(args.pipeline, args.scheduler, args.steps, args.eta)
+        spec = resolve_pipeline(
+            args.pipeline, args.scheduler, args.steps, args.eta, karras=args.karras
+        )
     except PipelineError as err:
         return f"argument {err.option}: {err}"
     if args.draft == "model" and not spec.has_draft_model:

@@ -4,8 +4,8 @@ Two halves, so that every argument is refused before any weight is read:
 
 * :func:`resolve_pipeline` reads only JSON (``model_index.json``, ``scheduler/scheduler_config.json``,
   ``unet/config.json``) and builds the chain's transitions from the scheduler's config (no weights),
-  so the adapter's own refusals (learned variances, DDIM with eta = 0, ...) surface as one-line
-  argument errors in :mod:`specdiff_kernels.cli.commands`;
+  so the adapter's own refusals (learned variances, DDIM with eta = 0, deterministic solvers, ...)
+  surface as one-line argument errors in :mod:`specdiff_kernels.cli.commands`;
 * :func:`run_sample` loads the network, samples, writes ``samples.png`` and ``stats.json``, and with
   ``compare`` also runs the ancestral chain (independent seed) for the cost table and the
   two-sample p-value.
@@ -31,8 +31,24 @@ SCHEDULERS = {
     "ddpm": "DDPMScheduler",
     "ddim": "DDIMScheduler",
     "euler-a": "EulerAncestralDiscreteScheduler",
+    "dpm++2m-sde": "DPMSolverMultistepScheduler",
 }
 SCHEDULER_NAMES = {cls: name for name, cls in SCHEDULERS.items()}
+DPM_SDE = "dpm++2m-sde"
+# what --scheduler dpm++2m-sde sets on the scheduler config (DPM-Solver++ 2M SDE, diffusers'
+# "DPM++ 2M SDE"); --karras adds use_karras_sigmas
+DPM_SDE_CONFIG = {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}
+OTHER_SIGMAS = ("use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas")
+# own schedulers that draw no noise (the adapter refuses them): --scheduler dpm++2m-sde instead
+DETERMINISTIC = (
+    "UniPCMultistepScheduler",
+    "DPMSolverSinglestepScheduler",
+    "DEISMultistepScheduler",
+    "PNDMScheduler",
+    "LMSDiscreteScheduler",
+    "HeunDiscreteScheduler",
+    "EulerDiscreteScheduler",
+)
 EMBEDDED = ("patches", "digits")
 # UNets called as unet(sample, timestep): conditional ones need inputs this command has no flag for
 UNET_CLASSES = ("UNet2DModel",)
@@ -54,7 +70,7 @@ class PipelineSpec:
 
     name: str  # "digits", "patches" or the folder as given
     path: Optional[Path]  # the save_pretrained folder (None: digits)
-    scheduler: str  # ddpm | ddim | euler-a
+    scheduler: str  # ddpm | ddim | euler-a | dpm++2m-sde
     own_scheduler: str  # the pipeline's own scheduler class name
     event_shape: tuple
     max_steps: int  # training timesteps: the most sampling steps
@@ -62,6 +78,11 @@ class PipelineSpec:
     transitions: object = field(default=None, repr=False)
     unet_class: Optional[str] = None
     act_bytes: int = 0  # estimated activation bytes per state of one network call (cli.memory)
+    karras: bool = False  # dpm++2m-sde on Karras sigmas
+
+    @property
+    def scheduler_label(self) -> str:
+        return self.scheduler + (" (Karras sigmas)" if self.karras else "")
 
 
 def _read_json(path: Path, option: str, what: str) -> dict:
@@ -209,11 +230,12 @@ def _check_unet_weights(path: Path, cls_name: str, cfg: dict) -> None:
         )
 
 
-def _scheduler_from_config(name: str, config: dict):
+def _scheduler_from_config(name: str, config: dict, overrides: Optional[dict] = None):
     import diffusers
 
     cls = getattr(diffusers, SCHEDULERS[name])
     cfg = {k: v for k, v in config.items() if not k.startswith("_")}
+    cfg.update(overrides or {})
     from diffusers.utils import logging as dlog
 
     level = dlog.get_verbosity()
@@ -231,13 +253,54 @@ def _scheduler_from_config(name: str, config: dict):
         dlog.set_verbosity(level)
 
 
+def _own_scheduler(own: str, cfg: dict) -> str:
+    """The --scheduler name of the pipeline's own scheduler, else a PipelineError saying why."""
+    if own == SCHEDULERS[DPM_SDE]:
+        algo = cfg.get("algorithm_type", "dpmsolver++")
+        if algo == "sde-dpmsolver++":
+            return DPM_SDE
+        raise PipelineError(
+            "--scheduler",
+            f"the pipeline's own scheduler {own} (algorithm_type {algo!r}) is deterministic (no "
+            f"noise to speculate over); pass --scheduler {DPM_SDE} (its SDE variant)",
+        )
+    if own in DETERMINISTIC:
+        raise PipelineError(
+            "--scheduler",
+            f"the pipeline's own scheduler {own} is deterministic (no noise to speculate "
+            f"over); pass --scheduler {DPM_SDE} (or {', '.join(list(SCHEDULERS)[:-1])})",
+        )
+    if own not in SCHEDULER_NAMES:
+        raise PipelineError(
+            "--scheduler",
+            f"the pipeline's own scheduler {own} is not supported "
+            f"(no Gaussian ancestral step to speculate); pass "
+            f"--scheduler {' or '.join(SCHEDULERS)}",
+        )
+    return SCHEDULER_NAMES[own]
+
+
+def _check_karras(karras: bool, scheduler: str, own: Optional[str] = None) -> None:
+    if karras and scheduler != DPM_SDE:
+        raise PipelineError(
+            "--karras",
+            f"applies to --scheduler {DPM_SDE} only"
+            + ("" if own is None else f" (this pipeline's own scheduler is {own})"),
+        )
+
+
 def resolve_pipeline(
-    pipeline: str, scheduler: Optional[str], steps: int, eta: Optional[float]
+    pipeline: str,
+    scheduler: Optional[str],
+    steps: int,
+    eta: Optional[float],
+    karras: bool = False,
 ) -> PipelineSpec:
-    """Check ``--pipeline`` / ``--scheduler`` / ``--eta`` / ``--steps`` from JSON only; build the
-    transitions (cheap: tables from the scheduler config). Raises :class:`PipelineError`."""
+    """Check ``--pipeline`` / ``--scheduler`` / ``--eta`` / ``--karras`` / ``--steps`` from JSON
+    only; build the transitions (cheap: tables from the scheduler config). Raises
+    :class:`PipelineError`."""
     if pipeline == "digits":
-        return _resolve_digits(scheduler, steps, eta)
+        return _resolve_digits(scheduler, steps, eta, karras)
     path = patches_dir() if pipeline == "patches" else Path(pipeline)
     if not path.exists():
         raise PipelineError(
@@ -274,20 +337,14 @@ def resolve_pipeline(
     own = sched_cfg.get("_class_name", "?")
     given = scheduler is not None
     if scheduler is None:
-        if own not in SCHEDULER_NAMES:
-            raise PipelineError(
-                "--scheduler",
-                f"the pipeline's own scheduler {own} is not supported "
-                f"(no Gaussian ancestral step to speculate); pass "
-                f"--scheduler {' or '.join(SCHEDULERS)}",
-            )
-        scheduler = SCHEDULER_NAMES[own]
+        scheduler = _own_scheduler(own, sched_cfg)
     if eta is not None and scheduler != "ddim":
         raise PipelineError(
             "--eta",
             "applies to --scheduler ddim only"
             + ("" if given else f" (this pipeline's own scheduler is {own})"),
         )
+    _check_karras(karras, scheduler, None if given else own)
     try:
         max_steps = int(sched_cfg.get("num_train_timesteps", 1000))
         if max_steps < 1:
@@ -315,7 +372,14 @@ def resolve_pipeline(
         )
     from ..integrations.diffusers import diffusers_transitions
 
-    sched = _scheduler_from_config(scheduler, sched_cfg)
+    overrides = {}
+    if scheduler == DPM_SDE:
+        # an explicit --scheduler makes any config (DDPM's, DPM-Solver++'s ODE) the 2M SDE one;
+        # the pipeline's own SDE config is taken as it is
+        overrides = dict(DPM_SDE_CONFIG) if given else {}
+        if karras:  # asked for: it replaces a sigma schedule the config names
+            overrides.update(dict.fromkeys(OTHER_SIGMAS, False), use_karras_sigmas=True)
+    sched = _scheduler_from_config(scheduler, sched_cfg, overrides)
     try:
         T = diffusers_transitions(
             sched, steps, eta=(DEFAULT_ETA if eta is None else eta) if scheduler == "ddim" else None
@@ -335,6 +399,7 @@ def resolve_pipeline(
         transitions=T,
         unet_class=unet_class,
         act_bytes=unet_act_bytes(unet_cfg),
+        karras=bool(getattr(sched.config, "use_karras_sigmas", False)),
     )
 
 
@@ -366,12 +431,15 @@ def _check_clip(pipeline: str, cfg: dict) -> None:
         )
 
 
-def _resolve_digits(scheduler: Optional[str], steps: int, eta: Optional[float]) -> PipelineSpec:
+def _resolve_digits(
+    scheduler: Optional[str], steps: int, eta: Optional[float], karras: bool = False
+) -> PipelineSpec:
     from .. import models
 
     scheduler = scheduler or "ddpm"
     if eta is not None and scheduler != "ddim":
         raise PipelineError("--eta", "applies to --scheduler ddim only")
+    _check_karras(karras, scheduler)
     if steps > models.TRAIN_TIMESTEPS:
         raise PipelineError(
             "--steps",
@@ -383,6 +451,7 @@ def _resolve_digits(scheduler: Optional[str], steps: int, eta: Optional[float]) 
     from ..sampling.transitions import (
         ddim_transitions,
         ddpm_transitions,
+        dpmsolver_sde_transitions,
         euler_ancestral_transitions,
     )
     from .memory import DIGITS_ACT_BYTES
@@ -398,6 +467,15 @@ def _resolve_digits(scheduler: Optional[str], steps: int, eta: Optional[float]) 
             clip_sample=1.0,
             eta=DEFAULT_ETA if eta is None else eta,
         )
+    elif scheduler == DPM_SDE:
+        # diffusers' defaults (linspace spacing, final sigma 0, lower_order_final) on the
+        # model's own schedule; no clipping: DPMSolverMultistepScheduler has none
+        T = dpmsolver_sde_transitions(
+            steps,
+            alphas_cumprod=abar,
+            sigma_schedule="karras" if karras else "default",
+            prediction="epsilon",
+        )
     else:
         T = euler_ancestral_transitions(abar, num_inference_steps=steps, prediction="epsilon")
     return PipelineSpec(
@@ -410,6 +488,7 @@ def _resolve_digits(scheduler: Optional[str], steps: int, eta: Optional[float]) 
         has_draft_model=True,
         transitions=T,
         act_bytes=DIGITS_ACT_BYTES,
+        karras=karras,
     )
 
 
@@ -541,7 +620,7 @@ def run_sample(args, spec: PipelineSpec) -> int:
     draft = make_draft(args.draft, draft_net)
     print(
         f"pipeline: {spec.name} ({spec.unet_class or 'embedded digits MLP'}, samples "
-        f"{tuple(spec.event_shape)}), scheduler {spec.scheduler} (the pipeline's own: "
+        f"{tuple(spec.event_shape)}), scheduler {spec.scheduler_label} (the pipeline's own: "
         f"{spec.own_scheduler}), {args.steps} steps, window {args.window}, draft {args.draft}, "
         f"batch {args.batch}, {device} {args.dtype}, seed {args.seed}; loaded in {load_s:.2f}s"
     )
@@ -601,6 +680,7 @@ def run_sample(args, spec: PipelineSpec) -> int:
             "path": None if spec.path is None else str(spec.path),
             "unet_class": spec.unet_class,
             "scheduler": spec.scheduler,
+            "karras": spec.karras,
             "own_scheduler": spec.own_scheduler,
             "event_shape": list(spec.event_shape),
             "transitions": repr(T),

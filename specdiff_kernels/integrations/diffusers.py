@@ -1,11 +1,17 @@
-"""diffusers adapter: a UNet-style model plus a DDPM, DDIM (eta > 0) or Euler-ancestral scheduler
-become the sampler's model and :class:`~specdiff_kernels.sampling.transitions.GaussianTransitions`.
+"""diffusers adapter: a UNet-style model plus a DDPM, DDIM (eta > 0), Euler-ancestral or
+SDE-DPM-Solver++ (``DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++")``, "DPM++ 2M
+SDE") scheduler become the sampler's model and
+:class:`~specdiff_kernels.sampling.transitions.GaussianTransitions`.
 
 diffusers' ``scheduler.step`` takes one scalar timestep for the whole batch; speculative sampling
 needs per-chain steps (ragged batches, drafted windows), so the step's coefficients are tabulated
 here from the scheduler's own ``timesteps``, ``alphas_cumprod`` and ``sigmas`` after
 ``set_timesteps``, and evaluated per sample. ``prediction_type``, ``clip_sample`` /
-``clip_sample_range``, ``thresholding`` (dynamic thresholding) and ``variance_type`` are honoured.
+``clip_sample_range``, ``thresholding`` (dynamic thresholding) and ``variance_type`` are honoured;
+for DPM-Solver every sigma option (Karras, exponential, beta, Lu lambdas, ``final_sigmas_type``,
+``timestep_spacing``) through the scheduler's own ``sigmas``, and ``solver_order`` 1 or 2,
+``solver_type``, ``lower_order_final`` and ``euler_at_final``. Deterministic solvers (DDIM with
+eta = 0, DPM-Solver++ ODE, UniPC, ...) are refused: there is no noise to speculate over.
 
 Conditioning (``class_labels``, ``encoder_hidden_states``, ...) is passed per chain through the
 samplers' ``model_kwargs``; classifier-free guidance (``DiffusersModel(unet, guidance_scale=w,
@@ -38,7 +44,9 @@ import torch
 from torch import Tensor
 
 from ..sampling.transitions import (
+    FINAL_SIGMAS,
     PREDICTIONS,
+    SOLVER_TYPES,
     SPACINGS,
     GaussianTransitions,
     as_choice,
@@ -50,6 +58,7 @@ from ..sampling.transitions import (
     check_steps_offset,
     ddim_from_schedule,
     ddpm_transitions,
+    dpmsolver_sde_from_sigmas,
     euler_ancestral_from_sigmas,
 )
 
@@ -331,7 +340,10 @@ def _double(cond: Mapping, null: Mapping) -> dict:
 
 class _ThresholdedTransitions(GaussianTransitions):
     """Transitions whose x0_hat goes through diffusers' dynamic thresholding (Imagen):
-    per sample, s = clamp(quantile(|x0|, ratio), 1, max); x0 <- clamp(x0, -s, s) / s."""
+    per sample, s = clamp(quantile(|x0|, ratio), 1, max); x0 <- clamp(x0, -s, s) / s.
+
+    For a multistep chain the previous step's x0-hat is thresholded too: diffusers keeps the
+    thresholded prediction in ``model_outputs``, and the chain carries the raw one."""
 
     # the mean is not affine in x0-hat: the fused round ops (static path) cannot express it
     affine = False
@@ -349,12 +361,37 @@ class _ThresholdedTransitions(GaussianTransitions):
         s = s.clamp(min=1.0, max=self.threshold_max).unsqueeze(1)
         return (torch.clamp(work, -s, s) / s).to(x0.dtype).reshape(x0.shape)
 
-    def mean_from_x0(self, x: Tensor, x0: Tensor, k: Tensor) -> Tensor:
-        return super().mean_from_x0(x, self.threshold(x0, max(1, k.dim())), k)
+    def mean_from_x0(
+        self, x: Tensor, x0: Tensor, k: Tensor, prev: Optional[Tensor] = None
+    ) -> Tensor:
+        dims = max(1, k.dim())
+        if prev is not None:
+            prev = self.threshold(prev, dims)
+        return super().mean_from_x0(x, self.threshold(x0, dims), k, prev)
 
 
-SUPPORTED = ("DDPMScheduler", "DDIMScheduler", "EulerAncestralDiscreteScheduler")
-_SUPPORTED_TEXT = "DDPMScheduler, DDIMScheduler (eta > 0), EulerAncestralDiscreteScheduler"
+SUPPORTED = (
+    "DDPMScheduler",
+    "DDIMScheduler",
+    "EulerAncestralDiscreteScheduler",
+    "DPMSolverMultistepScheduler",
+)
+_SUPPORTED_TEXT = (
+    "DDPMScheduler, DDIMScheduler (eta > 0), EulerAncestralDiscreteScheduler, "
+    "DPMSolverMultistepScheduler (algorithm_type='sde-dpmsolver++')"
+)
+_DETERMINISTIC = "deterministic (no noise to speculate over)"
+_USE_SDE_DPM = "use DPMSolverMultistepScheduler(algorithm_type='sde-dpmsolver++')"
+# diffusers schedulers whose step draws no noise: the stochastic one to use instead
+_DETERMINISTIC_CLASSES = {
+    "UniPCMultistepScheduler": _USE_SDE_DPM,
+    "DPMSolverSinglestepScheduler": _USE_SDE_DPM,
+    "DEISMultistepScheduler": _USE_SDE_DPM,
+    "PNDMScheduler": _USE_SDE_DPM,
+    "LMSDiscreteScheduler": _USE_SDE_DPM,
+    "HeunDiscreteScheduler": _USE_SDE_DPM,
+    "EulerDiscreteScheduler": "use EulerAncestralDiscreteScheduler",
+}
 
 
 def _import_diffusers():
@@ -383,9 +420,14 @@ def _supported_class(scheduler, where: str = "scheduler") -> str:
     for name in SUPPORTED:
         if isinstance(scheduler, getattr(diffusers, name)):
             return name
-    raise TypeError(
-        f"unsupported scheduler {type(scheduler).__name__}; supported: {_SUPPORTED_TEXT}"
-    )
+    raise TypeError(_unsupported_text(type(scheduler).__name__))
+
+
+def _unsupported_text(name: str) -> str:
+    instead = _DETERMINISTIC_CLASSES.get(name)
+    if instead is not None:
+        return f"unsupported scheduler {name}: {_DETERMINISTIC}; {instead}"
+    return f"unsupported scheduler {name}; supported: {_SUPPORTED_TEXT}"
 
 
 def _check_schedule(cfg: Mapping) -> None:
@@ -414,8 +456,62 @@ _SCHEDULE_DEFAULTS = {
 }
 
 
+def _check_dpm(cfg) -> None:
+    """DPMSolverMultistepScheduler: only the SDE variant of DPM-Solver++, order 1 or 2, on VP
+    sigmas, has a Gaussian step the chain can express (docs/design.md §2.1)."""
+    algo = cfg.get("algorithm_type", "dpmsolver++")
+    if algo in ("dpmsolver++", "dpmsolver"):
+        raise ValueError(
+            f"algorithm_type={algo!r} is {_DETERMINISTIC}; use algorithm_type='sde-dpmsolver++'"
+        )
+    if algo == "sde-dpmsolver":
+        raise ValueError(
+            "algorithm_type='sde-dpmsolver' is not supported (its multistep term is a difference "
+            "of noise predictions, not of x0-hats; deprecated by diffusers); use "
+            "algorithm_type='sde-dpmsolver++'"
+        )
+    as_choice(algo, "algorithm_type", ("sde-dpmsolver++",))
+    order = as_int(cfg.get("solver_order", 2), "solver_order", 1)
+    if order > 2:
+        raise ValueError(
+            f"solver_order={order} is not supported (its step needs two previous predictions); "
+            f"use solver_order=2"
+        )
+    as_choice(cfg.get("solver_type", "midpoint"), "solver_type", SOLVER_TYPES)
+    if cfg.get("prediction_type") == "flow_prediction":
+        raise ValueError(
+            "prediction_type='flow_prediction' is not supported (a flow-matching model); use "
+            "epsilon, sample or v_prediction"
+        )
+    if cfg.get("use_flow_sigmas"):
+        raise ValueError(
+            "use_flow_sigmas=True is not supported (flow-matching sigmas); the chain needs VP "
+            "sigmas"
+        )
+    vt = cfg.get("variance_type")
+    if vt in _LEARNED:
+        raise ValueError(
+            f"variance_type={vt!r}: learned variances make the draft and "
+            f"target steps' covariances differ, which speculative sampling cannot verify"
+        )
+    keys = (
+        "lower_order_final",
+        "euler_at_final",
+        "use_karras_sigmas",
+        "use_exponential_sigmas",
+        "use_beta_sigmas",
+        "use_lu_lambdas",
+    )
+    for key in keys:
+        if cfg.get(key) is not None:
+            as_flag(cfg[key], key)
+    as_choice(cfg.get("final_sigmas_type", "zero"), "final_sigmas_type", FINAL_SIGMAS)
+
+
 def _check_options(kind: str, cfg) -> None:
     """The step's options: prediction, clipping, thresholding, variance."""
+    if kind == "DPMSolverMultistepScheduler":
+        _check_dpm(cfg)
     preds = ("epsilon", "v_prediction") if kind.startswith("Euler") else PREDICTIONS
     as_choice(cfg.prediction_type, "prediction_type", preds)
     as_choice(cfg.get("timestep_spacing", "leading"), "timestep_spacing", SPACINGS)
@@ -475,7 +571,18 @@ def _build(cls, config: Mapping):
     beta_schedule becomes one line naming it, another failure one line naming the class."""
     try:
         return cls.from_config(config)
-    except NotImplementedError:  # a RuntimeError: caught first
+    except NotImplementedError as err:  # a RuntimeError: caught first
+        # DPMSolverMultistepScheduler raises it for an unknown algorithm_type or solver_type too
+        for key, known in (
+            ("algorithm_type", "'sde-dpmsolver++'"),
+            ("solver_type", "'midpoint', 'heun'"),
+        ):
+            value = config.get(key)
+            if isinstance(value, str) and str(err).startswith(f"{value} is not implemented"):
+                raise ValueError(
+                    f"{cls.__name__} config: {key} {value!r} is not implemented by diffusers; "
+                    f"use {known}"
+                ) from None
         known = "'linear', 'scaled_linear', 'squaredcos_cap_v2'"
         known += ", 'sigmoid'" if issubclass(cls, _diffusers_class("DDPMScheduler")) else ""
         raise ValueError(
@@ -493,6 +600,8 @@ def scheduler_from_config(config: Mapping, scheduler_class=None):
 
     ``scheduler_class``: a supported scheduler class or its name (default: the config's
     ``_class_name``). Keys of other schedulers are ignored, as by diffusers' ``from_config``.
+    A ``DPMSolverMultistepScheduler`` config must say ``algorithm_type="sde-dpmsolver++"`` (the
+    default, ``"dpmsolver++"``, is deterministic: refused) and ``solver_order`` 1 or 2.
     """
     diffusers = _import_diffusers()
 
@@ -510,7 +619,7 @@ def scheduler_from_config(config: Mapping, scheduler_class=None):
             f"must name one in _class_name), got {cls!r}"
         )
     if not any(issubclass(cls, getattr(diffusers, name)) for name in SUPPORTED):
-        raise TypeError(f"unsupported scheduler {cls.__name__}; supported: {_SUPPORTED_TEXT}")
+        raise TypeError(_unsupported_text(cls.__name__))
     config = {k: v for k, v in config.items() if not k.startswith("_")}
     try:
         _check_schedule(config)
@@ -540,6 +649,7 @@ def _with_thresholding(cfg, transitions: GaussianTransitions) -> GaussianTransit
         t.model_alpha,
         t.model_sigma,
         c_eps=t.c_eps,
+        c_prev=t.c_prev,
         input_scale=t.input_scale,
         prediction=t.prediction,
         clip_sample=None,
@@ -599,6 +709,39 @@ def _euler_ancestral(sched) -> GaussianTransitions:
     )
 
 
+def _dpm_sde(sched) -> GaussianTransitions:
+    cfg = sched.config
+    order = int(cfg.solver_order)
+    # the scheduler's own float32 sigmas (every sigma option already applied by set_timesteps),
+    # widened: the tables then take the steps diffusers takes
+    sigmas = sched.sigmas.double()
+    try:
+        tr = dpmsolver_sde_from_sigmas(
+            sched.timesteps,
+            sigmas,
+            solver_order=order,
+            solver_type=cfg.solver_type,
+            lower_order_final=bool(cfg.lower_order_final),
+            euler_at_final=bool(cfg.euler_at_final),
+            prediction=cfg.prediction_type,
+            name=f"diffusers-dpm++{'2m' if order == 2 else '1s'}-sde[{cfg.solver_type}]",
+        )
+    except ValueError:
+        same = (sigmas[1:] == sigmas[:-1]).nonzero().view(-1)
+        if order != 2 or same.numel() == 0:
+            raise
+        # e.g. Karras / exponential / beta sigmas end at sigma_min, and final_sigmas_type=
+        # 'sigma_min' appends it again: diffusers' own second-order step is NaN there (0 / 0)
+        k = int(same[0])
+        raise ValueError(
+            f"the scheduler's sigmas repeat (sigma[{k}] = sigma[{k + 1}] = "
+            f"{float(sigmas[k]):.4g}), where the second-order {cfg.solver_type} step divides by "
+            f"a zero log-SNR step (diffusers' own step gives NaN); use final_sigmas_type='zero' "
+            f"or solver_type='midpoint'"
+        ) from None
+    return _with_thresholding(cfg, tr)
+
+
 def diffusers_transitions(
     scheduler,
     num_inference_steps: Optional[int] = None,
@@ -609,8 +752,11 @@ def diffusers_transitions(
     """Tabulate a diffusers scheduler's ancestral step for per-sample use.
 
     Args:
-        scheduler: a ``DDPMScheduler``, ``DDIMScheduler`` or ``EulerAncestralDiscreteScheduler``
-            (not mutated: a copy gets ``set_timesteps``).
+        scheduler: a ``DDPMScheduler``, ``DDIMScheduler``, ``EulerAncestralDiscreteScheduler`` or
+            ``DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++")`` with
+            ``solver_order`` 1 or 2 (the transitions are then multistep for order 2: the mean
+            also takes the previous step's x0-hat) (not mutated: a copy gets ``set_timesteps``).
+            Deterministic schedulers are refused.
         num_inference_steps: sampling steps (default: the scheduler's, if already set).
         eta: DDIM's eta (required for DDIM, > 0).
         use_clipped_model_output: DDIM's flag of the same name.
@@ -632,8 +778,8 @@ def diffusers_transitions(
         raise ValueError("DDIMScheduler: pass eta (> 0); diffusers' step takes it per call")
     elif as_real(eta, "eta", 0, 1) == 0:
         raise ValueError(
-            "DDIMScheduler with eta = 0 is deterministic: there is nothing to speculate; "
-            "pass eta > 0"
+            f"DDIMScheduler with eta = 0 is {_DETERMINISTIC}; pass eta > 0 (eta = 1: DDPM's "
+            f"variance)"
         )
     sched = _fresh(scheduler, n)
     if kind == "DDPMScheduler":
@@ -642,6 +788,8 @@ def diffusers_transitions(
         tr = _ddim(sched, float(eta))
         tr.eps_from_clipped_x0 = use_clipped_model_output
         return tr
+    if kind == "DPMSolverMultistepScheduler":
+        return _dpm_sde(sched)
     return _euler_ancestral(sched)
 
 
@@ -654,7 +802,11 @@ def from_pipeline(
     uncond: Optional[Mapping[str, Any]] = None,
     **call_kwargs,
 ):
-    """``(model, transitions)`` from a diffusers pipeline with ``.unet`` and ``.scheduler``.
+    """``(model, transitions)`` from a diffusers pipeline with ``.unet`` and ``.scheduler`` (one
+    that :func:`diffusers_transitions` accepts: e.g. ``pipe.scheduler =
+    DPMSolverMultistepScheduler.from_config(pipe.scheduler.config,
+    algorithm_type="sde-dpmsolver++")`` for DPM++ 2M SDE). To call a pipeline as usual, see
+    :class:`specdiff_kernels.integrations.pipeline.SpeculativePipeline`.
 
     ``guidance_scale`` and ``uncond`` (classifier-free guidance) and ``call_kwargs`` go to
     :class:`DiffusersModel`; the per-chain conditioning is passed to the sampler's ``sample(...,

@@ -11,6 +11,7 @@ lengths in 1..L) run where they are free: CPU tensors in eager mode (the C++ ker
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -265,16 +266,19 @@ def _round(
     window: int,
     freeze: int,
     clip: float,
+    prev: Optional[Tensor] = None,
 ) -> None:
     """What frozen_draft and verify_frozen share (their windows start at ``root``)."""
     B = root.shape[0]
-    _states(op, "frozen", frozen, 2)
-    if frozen.shape != root.shape or frozen.dtype != root.dtype or frozen.device != root.device:
-        raise ValueError(
-            f"{op}: frozen must match the root states (shape {tuple(root.shape)}, "
-            f"{root.dtype}, {root.device}); got {tuple(frozen.shape)}, "
-            f"{frozen.dtype}, {frozen.device}"
-        )
+    for name, t in (("frozen", frozen), ("prev", prev)):
+        if t is None and name == "prev":
+            continue
+        _states(op, name, t, 2)
+        if t.shape != root.shape or t.dtype != root.dtype or t.device != root.device:
+            raise ValueError(
+                f"{op}: {name} must match the root states (shape {tuple(root.shape)}, "
+                f"{root.dtype}, {root.device}); got {tuple(t.shape)}, {t.dtype}, {t.device}"
+            )
     _seed(op, seed, root)
     _ids_steps(op, chain_ids, steps, B, root, 0)
     _int_vector(op, "lengths", lengths, B, root)
@@ -345,10 +349,11 @@ def check_frozen_draft(
     window: int,
     freeze: int,
     clip: float,
+    prev: Optional[Tensor] = None,
 ) -> None:
     op = "frozen_draft"
     _states(op, "root", root, 2)
-    _round(op, root, frozen, steps, lengths, coef, seed, chain_ids, window, freeze, clip)
+    _round(op, root, frozen, steps, lengths, coef, seed, chain_ids, window, freeze, clip, prev)
 
 
 def check_verify_frozen(
@@ -362,6 +367,7 @@ def check_verify_frozen(
     chain_ids: Tensor,
     freeze: int,
     clip: float,
+    prev: Optional[Tensor] = None,
 ) -> None:
     op = "verify_frozen"
     _states(op, "states", states, 3)
@@ -378,7 +384,9 @@ def check_verify_frozen(
     if states.shape[1] < 2:
         raise ValueError(f"{op}: states must hold L + 1 >= 2 positions, got {states.shape[1]}")
     window = states.shape[1] - 1
-    _round(op, states[:, 0], frozen, steps, lengths, coef, seed, chain_ids, window, freeze, clip)
+    _round(
+        op, states[:, 0], frozen, steps, lengths, coef, seed, chain_ids, window, freeze, clip, prev
+    )
     if _values_checkable(lengths) and states.shape[0]:
         # a verified window covers stochastic steps only (std > 0, before the end of the
         # schedule); a draft step with std 0 is the deterministic step itself
@@ -539,7 +547,7 @@ def entry_chain_noise(op, seed, chain_ids, steps, dtype) -> None:
         )
 
 
-def entry_frozen_draft(op, root, frozen, steps, lengths, coef, seed, chain_ids) -> None:
+def entry_frozen_draft(op, root, frozen, steps, lengths, coef, seed, chain_ids, prev=None) -> None:
     check_entry(
         op,
         ("root", root, STATE),
@@ -549,10 +557,13 @@ def entry_frozen_draft(op, root, frozen, steps, lengths, coef, seed, chain_ids) 
         ("coef", coef, FLOAT64),
         ("seed", seed, INT64),
         ("chain_ids", chain_ids, INT64),
+        ("prev", prev, STATE),
     )
 
 
-def entry_verify_frozen(op, states, x0_hat, frozen, steps, lengths, coef, seed, chain_ids) -> None:
+def entry_verify_frozen(
+    op, states, x0_hat, frozen, steps, lengths, coef, seed, chain_ids, prev=None
+) -> None:
     check_entry(
         op,
         ("states", states, STATE),
@@ -563,6 +574,7 @@ def entry_verify_frozen(op, states, x0_hat, frozen, steps, lengths, coef, seed, 
         ("coef", coef, FLOAT64),
         ("seed", seed, INT64),
         ("chain_ids", chain_ids, INT64),
+        ("prev", prev, STATE),
     )
 
 

@@ -18,9 +18,10 @@ from torch import Tensor
 
 # ---------------------------------------------------------------- table rows (coef[ROW, step])
 # affine mean A clip(p) + E p + G x of the network's x0-hat p, the step std, and the conversions
-# between x0 and eps the frozen-eps draft needs: x0 = X0_Y y - X0_F eps, eps = EPS_Y y - EPS_P x0
-ROW_A, ROW_E, ROW_G, ROW_STD, ROW_X0_Y, ROW_X0_F, ROW_EPS_Y, ROW_EPS_P = range(8)
-NUM_ROWS = 8
+# between x0 and eps the frozen-eps draft needs: x0 = X0_Y y - X0_F eps, eps = EPS_Y y - EPS_P x0,
+# and the multistep term H p_prev of the previous step's x0-hat (0 for one-step samplers)
+ROW_A, ROW_E, ROW_G, ROW_STD, ROW_X0_Y, ROW_X0_F, ROW_EPS_Y, ROW_EPS_P, ROW_H = range(9)
+NUM_ROWS = 9
 
 # ---------------------------------------------------------------- freeze modes
 # what the frozen-target draft holds fixed over a window: the target's x0-hat, or its eps-hat

@@ -10,8 +10,9 @@
   at Y and the frozen value; u_j drawn in-kernel), the first rejection, the reflection and the
   round's commit per chain. The draft and target means never exist in memory.
 
-Tables: the ops read a float64 ``[8, N]`` coefficient tensor (rows ``layout.ROW_*``:
-affine mean ``A clip(p) + E p + G x`` of the network's x0-hat p, step std, x0/eps conversions);
+Tables: the ops read a float64 ``[9, N]`` coefficient tensor (rows ``layout.ROW_*``:
+affine mean ``A clip(p) + E p + G x`` of the network's x0-hat p, step std, x0/eps conversions,
+and ``H``, the multistep term ``H p_prev`` read when ``prev`` is given);
 :func:`specdiff_kernels.sampling.transitions.round_tables` builds it from a transition family.
 
 Backends, as for the verify op: ``reference`` (PyTorch, the oracle), ``cpp`` (C++ CPU kernels
@@ -45,6 +46,7 @@ class FrozenVerifyResult(NamedTuple):
     next_frozen: Tensor  # [B, *E]: the frozen value for the next window
     root_exact: Tensor  # [B] bool: the target's x0-hat at next_state is next_frozen's source
     log_ratio: Tensor  # [B, L] float32 (0 at positions >= n)
+    next_prev: Tensor  # [B, *E]: multistep: the target's x0-hat at next_state's parent ([0]: none)
 
 
 def get_backend(name: Optional[str], device: torch.device) -> Backend:
@@ -130,6 +132,7 @@ def frozen_draft(
     window: int,
     freeze: int = FREEZE_X0,
     clip: float = math.inf,
+    prev: Optional[Tensor] = None,
     *,
     backend: Optional[str] = None,
 ) -> Tensor:
@@ -140,14 +143,16 @@ def frozen_draft(
     std[k+j] xi(seed, chain_ids[b], k+j)`` with k = steps[b] and p the draft's x0-hat (``frozen``
     itself for ``freeze=FREEZE_X0``, ``X0_Y y - X0_F frozen`` for ``FREEZE_EPS``); positions past
     ``lengths[b]`` repeat the last state. ``coef``: :func:`round_tables`; ``clip``:
-    :func:`clip_value`.
+    :func:`clip_value`. ``prev`` ([B, *E], multistep chains): each chain's previous x0-hat; the
+    mean then adds ``H[k+j]`` times ``prev`` at j = 0 and the draft's x0-hat at ``Y[b, j-1]`` after
+    (docs/design.md §6.1).
     """
     _checks.check_frozen_draft(
-        root, frozen, steps, lengths, coef, seed, chain_ids, window, freeze, clip
+        root, frozen, steps, lengths, coef, seed, chain_ids, window, freeze, clip, prev
     )
     impl = get_backend(backend, root.device)
     return impl.ops["frozen_draft"](
-        root, frozen, steps, lengths, coef, seed, chain_ids, window, freeze, float(clip)
+        root, frozen, steps, lengths, coef, seed, chain_ids, window, freeze, float(clip), prev
     )
 
 
@@ -162,6 +167,7 @@ def verify_frozen(
     chain_ids: Tensor,
     freeze: int = FREEZE_X0,
     clip: float = math.inf,
+    prev: Optional[Tensor] = None,
     *,
     backend: Optional[str] = None,
 ) -> FrozenVerifyResult:
@@ -172,16 +178,26 @@ def verify_frozen(
         states: ``[B, L+1, *E]`` the drafted states (from :func:`frozen_draft`).
         x0_hat: ``[B, L+1, *E]`` the target network's raw x0-hat at ``states`` (positions
             ``0..n`` are read; others may hold anything).
-        frozen, steps, lengths, coef, seed, chain_ids, freeze, clip: as for :func:`frozen_draft`
-            (``lengths`` in 0..L).
+        frozen, steps, lengths, coef, seed, chain_ids, freeze, clip, prev: as for
+            :func:`frozen_draft` (``lengths`` in 0..L).
     """
     _checks.check_verify_frozen(
-        states, x0_hat, frozen, steps, lengths, coef, seed, chain_ids, freeze, clip
+        states, x0_hat, frozen, steps, lengths, coef, seed, chain_ids, freeze, clip, prev
     )
     impl = get_backend(backend, states.device)
     return FrozenVerifyResult(
         *impl.ops["verify_frozen"](
-            states, x0_hat, frozen, steps, lengths, coef, seed, chain_ids, freeze, float(clip)
+            states,
+            x0_hat,
+            frozen,
+            steps,
+            lengths,
+            coef,
+            seed,
+            chain_ids,
+            freeze,
+            float(clip),
+            prev,
         )
     )
 
@@ -221,14 +237,20 @@ def fake_chain_noise(seed, chain_ids, steps, window, event_numel, dtype):
     )
 
 
-def fake_frozen_draft(root, frozen, steps, lengths, coef, seed, chain_ids, window, freeze, clip):
-    _checks.entry_frozen_draft("frozen_draft", root, frozen, steps, lengths, coef, seed, chain_ids)
+def fake_frozen_draft(
+    root, frozen, steps, lengths, coef, seed, chain_ids, window, freeze, clip, prev=None
+):
+    _checks.entry_frozen_draft(
+        "frozen_draft", root, frozen, steps, lengths, coef, seed, chain_ids, prev
+    )
     return root.new_empty((root.shape[0], window + 1, *root.shape[1:]))
 
 
-def fake_verify_frozen(states, x0_hat, frozen, steps, lengths, coef, seed, chain_ids, freeze, clip):
+def fake_verify_frozen(
+    states, x0_hat, frozen, steps, lengths, coef, seed, chain_ids, freeze, clip, prev=None
+):
     _checks.entry_verify_frozen(
-        "verify_frozen", states, x0_hat, frozen, steps, lengths, coef, seed, chain_ids
+        "verify_frozen", states, x0_hat, frozen, steps, lengths, coef, seed, chain_ids, prev
     )
     B, L1 = states.shape[:2]
     E = states.shape[2:]
@@ -239,6 +261,7 @@ def fake_verify_frozen(states, x0_hat, frozen, steps, lengths, coef, seed, chain
         states.new_empty((B, *E)),
         steps.new_empty((B,), dtype=torch.bool),
         states.new_empty((B, L1 - 1), dtype=torch.float32),
+        states.new_empty((B, *E)) if prev is not None else states.new_empty((0,)),
     )
 
 

@@ -16,7 +16,7 @@ from ..ops.layout import FREEZE_X0
 from .accounting import SamplerStats
 from .base import SamplerBase, SamplingResult, sample_in_inference_mode
 from .network import NetworkCall, draft_op
-from .transitions import GaussianTransitions, Model, clip_value, round_tables
+from .transitions import GaussianTransitions, Model, clip_value, round_tables, step_mean
 
 
 class LeanAncestral:
@@ -47,6 +47,8 @@ class LeanAncestral:
         # transitions' own formula with the same counter-based noise
         self.coef = round_tables(transitions, device) if transitions.affine else None
         self.clip = clip_value(transitions)
+        # multistep chains carry the previous step's x0-hat (docs/design.md §2.1)
+        self.multistep = transitions.multistep
         self.net = NetworkCall(model, transitions, device, dtype, max_batch)
         # on CUDA, "reduce-overhead" replays each step as a CUDA graph: the fastest baseline
         self.cuda_graphs = compile and device.type == "cuda"
@@ -57,11 +59,15 @@ class LeanAncestral:
             else self._step_eager
         )
 
-    def _step_eager(self, x: Tensor, k: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+    def _step_eager(
+        self, x: Tensor, k: Tensor, lengths: Tensor, prev: Optional[Tensor] = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """One step of every chain: (new states, :func:`nonfinite_code`, the x0-hat at x, which
+        is the next step's ``prev`` for multistep chains)."""
         out, p = self.net(x, k, self.cond)
         if self.coef is None:
             xi, _ = round_ops.chain_noise(self.seed, self.ids, k, 1, x.shape[1:], x.dtype)
-            y = self.T.mean_from_x0(x, p, k) + self.T.coef("std", k, x) * xi[:, 0]
+            y = step_mean(self.T, x, p, k, prev) + self.T.coef("std", k, x) * xi[:, 0]
         else:
             y = draft_op(
                 self.backend,
@@ -75,8 +81,9 @@ class LeanAncestral:
                 1,
                 FREEZE_X0,
                 self.clip,
+                prev,
             )[:, 1].contiguous()
-        return y, nonfinite_code(out, y)
+        return y, nonfinite_code(out, y), p
 
     def run(
         self, x: Tensor, check_finite: bool = True, bar=None
@@ -90,12 +97,16 @@ class LeanAncestral:
         # per chain, the first failure as 2 step + (1 if only the state failed); 2 N: none
         first = torch.full_like(k, 2 * N)
         graphs = self.cuda_graphs
+        # the first step is first order (c_prev[0] = 0): its previous prediction is never read
+        prev = torch.zeros_like(x) if self.multistep else None
         for _ in range(N):
             if graphs:  # each step replays a CUDA graph whose outputs the next replay overwrites
                 torch.compiler.cudagraph_mark_step_begin()
-            x, code = self._step(x, k, lengths)
+            x, code, p = self._step(x, k, lengths, prev)
             if graphs:
-                x, code = x.clone(), code.clone()
+                x, code, p = x.clone(), code.clone(), p.clone()
+            if prev is not None:
+                prev = p.reshape(x.shape)
             if check_finite:
                 first = torch.where(code > 0, torch.minimum(first, 2 * k + (code == 1)), first)
             k = k + 1

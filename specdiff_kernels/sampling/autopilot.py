@@ -330,12 +330,16 @@ class AutoRounds:
         first = torch.full_like(k, 2 * self.N)
         graphs = self.lean.cuda_graphs
         lockstep = min(k_start) == max(k_start)  # the usual case: every chain ends together
+        prev = s.prev if self.lean.multistep else None
         for _ in range(self.N - min(k_start)):
             if graphs:  # each step replays a CUDA graph whose outputs the next replay overwrites
                 torch.compiler.cudagraph_mark_step_begin()
-            x, code = self.lean._step(x, k, lengths)
+            x, code, p = self.lean._step(x, k, lengths, prev)
             if graphs:
-                x, code = x.clone(), code.clone()
+                x, code, p = x.clone(), code.clone(), p.clone()
+            if prev is not None:  # a finished chain keeps its own
+                live = (lengths > 0).reshape(-1, *([1] * (p.dim() - 1)))
+                prev = p if lockstep else torch.where(live, p, prev)
             failed = code > 0 if lockstep else (code > 0) & (lengths > 0)
             first = torch.where(failed, torch.minimum(first, 2 * k + (code == 1)), first)
             k = k + lengths
@@ -348,7 +352,8 @@ class AutoRounds:
         self.handoff = dict(after_round=after_round, k_start=k_start, calls=self.N - min(k_start))
         stats = s.stats.clone()
         stats[layout.STAT_LIVE] = 0
-        return ChainBatch(x=x, k=k, frozen=s.frozen, exact=s.exact, stats=stats)
+        prev = s.prev if prev is None else prev
+        return ChainBatch(x=x, k=k, frozen=s.frozen, exact=s.exact, stats=stats, prev=prev)
 
     def finish(self, stats: SamplerStats, transitions) -> None:
         """Add the ancestral loop's calls and steps to the run's stats and log."""

@@ -35,13 +35,19 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from ..ops.layout import FREEZE_MODES, acc_dtype
+from ..ops.layout import FREEZE_MODES, ROW_A, ROW_E, ROW_G, ROW_H, acc_dtype
 from .accounting import SamplerStats
 from .base import Chains, NonFiniteError, SamplerBase, SamplingResult
 from .drafts import DraftModelDraft, FrozenTargetDraft
 from .network import draft_op
 from .noise import ChainNoise
-from .transitions import GaussianTransitions, clip_value, round_tables, stochastic_runs
+from .transitions import (
+    GaussianTransitions,
+    clip_value,
+    round_tables,
+    step_mean,
+    stochastic_runs,
+)
 
 
 class RootStatus(IntEnum):
@@ -62,6 +68,7 @@ class RaggedChains:
     root_x0: Optional[Tensor]  # [B, *E] the target's x0-hat at x where root is EXACT
     frozen: Optional[Tensor]  # [B, *E] the frozen-target draft's frozen value
     finished_round: Tensor  # [B] int64 round of each chain's last step (CPU)
+    prev: Optional[Tensor] = None  # [B, *E] multistep: the target's x0-hat at x's parent
 
     def status(self, rows: Tensor, s: RootStatus) -> Tensor:
         return self.root[rows] == int(s)
@@ -143,21 +150,31 @@ class TargetCall:
         return out
 
 
-def affine_mean(transitions: GaussianTransitions, y: Tensor, p: Tensor, k: Tensor) -> Tensor:
-    """``mean_from_x0`` of affine transitions from the round tables: ``A clip(p) + E p + G y``,
-    three or five elementwise ops instead of the ~10 of the general formula (steps k of any
-    shape; y, p of shape ``[*k.shape, *E]``)."""
+def affine_mean(
+    transitions: GaussianTransitions, y: Tensor, p: Tensor, k: Tensor, prev: Optional[Tensor] = None
+) -> Tensor:
+    """``mean_from_x0`` of affine transitions from the round tables: ``A clip(p) + E p + G y``
+    (``+ H prev`` for multistep transitions), three to seven elementwise ops instead of the ~10 of
+    the general formula (steps k of any shape; y, p, prev of shape ``[*k.shape, *E]``)."""
     key = ("affine_rows", y.device, y.dtype)
     rows = transitions._cache.get(key)
     if rows is None:
-        rows = round_tables(transitions, y.device)[:3].to(y.dtype)
+        rows = round_tables(transitions, y.device)[[ROW_A, ROW_E, ROW_G, ROW_H]].to(y.dtype)
         transitions._cache[key] = rows
     c = rows[:, k.clamp(0, transitions.num_steps - 1)]
-    c = c.reshape(3, *k.shape, *([1] * (y.dim() - k.dim())))
+    c = c.reshape(4, *k.shape, *([1] * (y.dim() - k.dim())))
     mean = torch.addcmul(c[1] * p, c[2], y)
     if transitions.clip_sample is not None:
         mean = torch.addcmul(mean, c[0], p.clamp(-transitions.clip_sample, transitions.clip_sample))
+    if transitions.multistep:
+        mean = torch.addcmul(mean, c[3], prev)
     return mean
+
+
+def window_prev(first: Tensor, x0: Tensor) -> Tensor:
+    """The previous prediction at every window position: ``first`` ([w, *E], the chain's own) at
+    position 0, then ``x0`` ([w, L', *E], a prediction by position) of the position before."""
+    return torch.cat([first.unsqueeze(1), x0[:, :-1]], 1)
 
 
 # --------------------------------------------------------------------- drafts on the ragged path
@@ -211,12 +228,16 @@ class FrozenProposer:
             window,
             FREEZE_MODES[self.draft.freeze],
             clip_value(self.T),
+            state.prev[rd] if self.T.multistep else None,
         )
         pos = torch.arange(window, device=dev)
         kw = kd[:, None] + pos[None]
         Yl = Y[:, :window]
         x0q = self.draft.x0_at(self.T, fr.unsqueeze(1), Yl, kw)
-        return Y, affine_mean(self.T, Yl, x0q, kw)
+        if x0q.shape != Yl.shape:  # a frozen x0 broadcast over the window
+            x0q = x0q.expand(Yl.shape)
+        prev = window_prev(state.prev[rd], x0q) if self.T.multistep else None
+        return Y, affine_mean(self.T, Yl, x0q, kw, prev)
 
     def draft_x0(
         self,
@@ -391,6 +412,8 @@ class RaggedRound:
             root_x0=torch.zeros_like(x) if frozen else None,
             frozen=torch.zeros_like(x) if frozen else None,
             finished_round=torch.zeros(B, dtype=torch.int64),
+            # the first step is first order (c_prev[0] = 0): zeros are never read
+            prev=torch.zeros_like(x) if self.T.multistep else None,
         )
         self.stats = SamplerStats(sampler.name, B, self.N, self.L)
         self.counters = RaggedCounters(self.L, self.N)
@@ -508,7 +531,7 @@ class RaggedRound:
         if self.proposer.needs_frozen:
             self.proposer.freeze(state, rd, xr, x0, kr)
             state.set_status(rows, RootStatus.STALE)
-        state.x[rd] = self.T.mean_from_x0(xr, x0, kr)
+        state.x[rd] = step_mean(self.T, xr, x0, kr, self._prev(rd, x0))
         self.stats.deterministic_steps += rows.numel()
         self._advance(rows, 1)
 
@@ -522,12 +545,21 @@ class RaggedRound:
         kd = kr.to(dev)
         xi, _ = self.noise.window(rows, kr, 1)
         xr = state.x[rd]
-        mean = T.mean_from_x0(xr, x0, kd)
+        mean = step_mean(T, xr, x0, kd, self._prev(rd, x0))
         self.proposer.freeze(state, rd, xr, x0, kd)
         state.set_status(rows, RootStatus.STALE)
         state.x[rd] = mean + T.coef("std", kd, xr) * xi[:, 0].to(dev)
         self.stats.direct_steps += rows.numel()
         self._advance(rows, 1)
+
+    def _prev(self, rd: Tensor, x0: Tensor) -> Optional[Tensor]:
+        """Multistep: chains rd's previous prediction, which ``x0`` (the target's x0-hat at their
+        current states, about to be stepped from) replaces. None otherwise."""
+        if self.state.prev is None:
+            return None
+        prev = self.state.prev[rd]
+        self.state.prev[rd] = x0
+        return prev
 
     # ------------------------------------------------------------------ windows
     def _adaptive_lengths(self, rows: Tensor) -> Optional[Tensor]:
@@ -586,6 +618,7 @@ class RaggedRound:
         mqs = []
         shape1 = (rows.numel(),) + (1,) * (state.x.dim() - 1)
         max_n = int(lengths.max())
+        prev = state.prev[rd] if T.multistep else None  # the draft's previous prediction
         for j in range(self.L):
             yj = ys[j]
             if j >= max_n:
@@ -595,7 +628,8 @@ class RaggedRound:
             kj = kd + j
             active = nd > j
             x0j = self.proposer.draft_x0(state, rd, exact0, j, yj, kj, active, draft_eval)
-            mq = T.mean_from_x0(yj, x0j, kj)
+            mq = step_mean(T, yj, x0j, kj, prev)
+            prev = x0j if T.multistep else None
             ynext = mq + T.coef("std", kj, yj) * xi[:, j]
             mask = active.view(shape1)
             mqs.append(torch.where(mask, mq, yj))
@@ -622,9 +656,12 @@ class RaggedRound:
         pos = torch.arange(L)
         kw = kr[:, None] + pos[None]  # [w, L] step of each position
         active = pos[None] < lengths[:, None]
-        mean = functools.partial(affine_mean, T) if T.affine else T.mean_from_x0
+        mean = functools.partial(affine_mean if T.affine else step_mean, T)
+        rd = rows.to(dev)
+        # the target's previous prediction by position: the chain's own, then P_{j-1}
+        prev = window_prev(state.prev[rd], TP[:, :L]) if T.multistep else None
         # positions past a chain's window length hold anything finite: the verify op ignores them
-        MP = mean(win.Y[:, :L], TP[:, :L], kw.to(dev))
+        MP = mean(win.Y[:, :L], TP[:, :L], kw.to(dev), prev)
         sig_dtype = acc_dtype(state.x.dtype)
         sigma = torch.where(active, T.step_std(kw), torch.ones((), dtype=torch.float64))
         sigma = sigma.to(device=dev, dtype=sig_dtype)
@@ -643,7 +680,10 @@ class RaggedRound:
         if self.sampler.check_finite:
             self._check_log_ratio(win, res.log_ratio, attempted)
         advance = na + (na < lengths).to(torch.int64)
-        state.x[rows.to(dev)] = res.next_state.to(state.x.dtype)
+        state.x[rd] = res.next_state.to(state.x.dtype)
+        if T.multistep:  # P at the new state's parent: y_J after a rejection at J, else y_{n-1}
+            parent = torch.where(na < lengths, na, lengths - 1).to(dev)
+            state.prev[rd] = TP[torch.arange(rows.numel(), device=dev), parent]
         out = WindowOutcome(accepted, attempted, na, advance)
         self.counters.add(win, out)
         self.stats.windows += rows.numel()

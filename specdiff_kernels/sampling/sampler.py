@@ -69,6 +69,22 @@ COMPACT_MIN_CHAINS_CPU = 2
 _COSTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
+def _checked_draft(transitions: GaussianTransitions, draft: Optional[Draft]) -> Draft:
+    """The draft (default: frozen x0), after checking there is something to speculate over."""
+    if bool(transitions.deterministic.all()):
+        raise ValueError(
+            f"every step of {transitions.name} is deterministic (std 0): there is no noise to "
+            f"speculate over; use its stochastic variant (DDIM eta > 0, DDPM, Euler-ancestral, "
+            f"DPM-Solver++ 2M SDE) or AncestralSampler"
+        )
+    draft = FrozenTargetDraft() if draft is None else draft
+    if not isinstance(draft, (FrozenTargetDraft, DraftModelDraft)):
+        raise TypeError(
+            f"draft must be a FrozenTargetDraft or DraftModelDraft, got {type(draft).__name__}"
+        )
+    return draft
+
+
 class SpeculativeSampler(SamplerBase):
     """Exact speculative sampling of a Gaussian diffusion chain (docs/design.md §3, §5, §10).
 
@@ -155,12 +171,7 @@ class SpeculativeSampler(SamplerBase):
         super().__init__(
             model, transitions, progress=progress, check_finite=check_finite, max_batch=max_batch
         )
-        self.draft = FrozenTargetDraft() if draft is None else draft
-        if not isinstance(self.draft, (FrozenTargetDraft, DraftModelDraft)):
-            raise TypeError(
-                f"draft must be a FrozenTargetDraft or DraftModelDraft, got "
-                f"{type(self.draft).__name__}"
-            )
+        self.draft = _checked_draft(transitions, draft)
         if window == "auto" or isinstance(window, AutoWindow):
             self.window_policy = window if isinstance(window, AutoWindow) else AutoWindow()
             self.window = self.window_policy.max_window

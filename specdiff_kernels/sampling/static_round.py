@@ -50,6 +50,7 @@ class ChainBatch:
     exact: Tensor  # [B] bool: frozen is the target's own prediction at x (the last
     # round evaluated x: its window was accepted whole)
     stats: Tensor  # int64 counters, laid out by ops.layout.StatsLayout
+    prev: Tensor  # [B, *E] multistep chains: the target's x0-hat at x's parent; else empty [0]
 
     def tensors(self) -> list[Tensor]:
         return [getattr(self, f.name) for f in fields(self)]
@@ -115,6 +116,7 @@ class StaticRound:
         self.backend = backend
         self.coef = round_tables(transitions, device)
         self.clip = clip_value(transitions)
+        self.multistep = transitions.multistep
         # each chain's window length by its step: the stochastic run ahead of it, capped at L
         self.lengths_by_step = stochastic_runs(transitions).clamp(max=self.L).to(device)
         self._pos: Optional[Tensor] = None  # arange(L + 1), made in start(): rounds only read it
@@ -139,7 +141,7 @@ class StaticRound:
         self._host_reads = device.type == "cpu" and not (compile and not compact)
 
     # ------------------------------------------------------------------ pieces
-    def _draft(self, x, frozen, k, lengths, window, freeze):
+    def _draft(self, x, frozen, k, lengths, window, freeze, prev):
         return draft_op(
             self.backend,
             x,
@@ -152,28 +154,15 @@ class StaticRound:
             window,
             freeze,
             self.clip,
+            prev if self.multistep else None,
         )
 
-    def _verify(self, Y, P, frozen, k, lengths):
+    def _verify(self, Y, P, frozen, k, lengths, prev):
+        args = (Y, P, frozen, k, lengths, self.coef, self.seed, self.ids, self.freeze, self.clip)
+        prev = prev if self.multistep else None
         if self.backend is None:
-            return round_ops.FrozenVerifyResult(
-                *torch.ops.specdiff.verify_frozen(
-                    Y, P, frozen, k, lengths, self.coef, self.seed, self.ids, self.freeze, self.clip
-                )
-            )
-        return round_ops.verify_frozen(
-            Y,
-            P,
-            frozen,
-            k,
-            lengths,
-            self.coef,
-            self.seed,
-            self.ids,
-            self.freeze,
-            self.clip,
-            backend=self.backend,
-        )
+            return round_ops.FrozenVerifyResult(*torch.ops.specdiff.verify_frozen(*args, prev))
+        return round_ops.verify_frozen(*args, prev, backend=self.backend)
 
     def _freeze(self, y, p, k):
         B = y.shape[0]
@@ -195,7 +184,9 @@ class StaticRound:
         out, p0 = self.net(x, k, self._cond_roots)
         self.target_evals = B
         lengths = torch.ones(B, **i64) if N > 0 else k
-        x1 = self._draft(x, p0, k, lengths, 1, FREEZE_X0)[:, 1]
+        # a multistep chain's first step is first order (c_prev[0] = 0): no previous prediction
+        no_prev = torch.zeros_like(x)
+        x1 = self._draft(x, p0, k, lengths, 1, FREEZE_X0, no_prev)[:, 1]
         self.layout = lay = layout.StatsLayout(L, N, B)
         stats = torch.zeros(lay.size, **i64)
         bad = ~torch.isfinite(out.reshape(B, -1)).all(-1)
@@ -220,6 +211,7 @@ class StaticRound:
             frozen=self._freeze(x, p0, k),
             exact=torch.zeros(B, dtype=torch.bool, device=dev),
             stats=stats,
+            prev=p0.reshape(x.shape).contiguous() if self.multistep else x.new_empty((0,)),
         )
 
     # ------------------------------------------------------------------ the round
@@ -277,9 +269,9 @@ class StaticRound:
     def _round_eager(self, s: ChainBatch, W: int) -> ChainBatch:
         k = s.k
         lengths = self.tables(W)[0][k]  # k lies in 0..N
-        Y = self._draft(s.x, s.frozen, k, lengths, W, self.freeze)
+        Y = self._draft(s.x, s.frozen, k, lengths, W, self.freeze, s.prev)
         out, P = self._evaluate(Y, s)
-        res = self._verify(Y, P, s.frozen, k, lengths)
+        res = self._verify(Y, P, s.frozen, k, lengths, s.prev)
         log_ratio = res.log_ratio
         if W < self.L:  # the stats vector is laid out for L: pad the window to it
             log_ratio = torch.nn.functional.pad(log_ratio, (0, self.L - W))
@@ -293,6 +285,7 @@ class StaticRound:
             frozen=res.next_frozen,
             exact=res.root_exact,
             stats=stats,
+            prev=res.next_prev if self.multistep else s.prev,
         )
 
     def _output_summary(self, out: Tensor, W: int) -> Tensor:

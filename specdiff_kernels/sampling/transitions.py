@@ -183,6 +183,16 @@ def _options(prediction, clip_sample, eps_from_clipped_x0, init_std, name) -> tu
     )
 
 
+def _prev_table(c_prev, n: int) -> Tensor:
+    """The multistep coefficient table: 0 at step 0, which has no previous prediction."""
+    t = _table(0.0 if c_prev is None else c_prev, n, "c_prev")
+    if float(t[0]) != 0.0:
+        raise ValueError(
+            f"c_prev[0] must be 0 (the first step has no previous prediction), got {t[0].item()}"
+        )
+    return t
+
+
 class GaussianTransitions:
     """Per-step coefficient tables of an affine Gaussian sampler (see the module docstring).
 
@@ -195,6 +205,9 @@ class GaussianTransitions:
         c_x0, c_x, std: ``[N]`` mean coefficients and step std (std >= 0; 0 = deterministic).
         model_alpha, model_sigma: ``[N]`` VP coefficients of the model's input at each step.
         c_eps: ``[N]`` coefficient of eps_hat in the mean (default 0).
+        c_prev: ``[N]`` coefficient of the PREVIOUS step's raw x0_hat in the mean (default 0;
+            multistep solvers such as DPM-Solver++ 2M, docs/design.md §2.1). ``c_prev[0]`` must be
+            0: the first step has no previous prediction.
         input_scale: ``[N]`` model input = input_scale * state (default 1).
         prediction: ``"epsilon"``, ``"sample"`` or ``"v_prediction"``.
         clip_sample: clamp x0_hat to [-clip_sample, clip_sample] (None: no clipping).
@@ -215,6 +228,7 @@ class GaussianTransitions:
         model_sigma,
         *,
         c_eps=None,
+        c_prev=None,
         input_scale=None,
         prediction: str = "epsilon",
         clip_sample: Optional[float] = None,
@@ -232,6 +246,9 @@ class GaussianTransitions:
         self.c_x0 = _table(c_x0, n, "c_x0")
         self.c_x = _table(c_x, n, "c_x")
         self.c_eps = _table(0.0 if c_eps is None else c_eps, n, "c_eps")
+        self.c_prev = _prev_table(c_prev, n)
+        # the chain's state carries the previous step's x0-hat (docs/design.md §2.1)
+        self.multistep = bool((self.c_prev != 0).any())
         self.std = _table(std, n, "std")
         _first_bad("std", self.std, self.std < 0, ">= 0")
         self.model_alpha = _table(model_alpha, n, "model_alpha")
@@ -317,13 +334,23 @@ class GaussianTransitions:
     def x0_from_eps(self, x: Tensor, eps: Tensor, k: Tensor) -> Tensor:
         return (x - self.coef("state_sigma", k, x) * eps) / self.coef("state_alpha", k, x)
 
-    def mean_from_x0(self, x: Tensor, x0: Tensor, k: Tensor) -> Tensor:
-        """Transition mean at state x, step k, given the raw (unclipped) x0_hat."""
+    def mean_from_x0(
+        self, x: Tensor, x0: Tensor, k: Tensor, prev: Optional[Tensor] = None
+    ) -> Tensor:
+        """Transition mean at state x, step k, given the raw (unclipped) x0_hat, and for
+        multistep transitions the raw x0_hat of the previous step, ``prev`` (required then)."""
         x0c = x0 if self.clip_sample is None else x0.clamp(-self.clip_sample, self.clip_sample)
         mean = self.coef("c_x0", k, x) * x0c + self.coef("c_x", k, x) * x
         if self._has_eps:
             eps = self.eps_from_x0(x, x0c if self.eps_from_clipped_x0 else x0, k)
             mean = mean + self.coef("c_eps", k, x) * eps
+        if self.multistep:
+            if prev is None:
+                raise ValueError(
+                    f"{self.name} is a multistep sampler: its mean needs the previous step's "
+                    f"x0-hat (prev)"
+                )
+            mean = mean + self.coef("c_prev", k, x) * prev
         return mean
 
     def call_model(self, model: Model, x: Tensor, k: Tensor, **cond) -> Tensor:
@@ -335,8 +362,8 @@ class GaussianTransitions:
         """Raw x0_hat of ``model`` at states x [B, *E] and per-chain steps k [B]."""
         return self.x0_from_output(x, self.call_model(model, x, k), k)
 
-    def mean(self, model: Model, x: Tensor, k: Tensor) -> Tensor:
-        return self.mean_from_x0(x, self.predict_x0(model, x, k), k)
+    def mean(self, model: Model, x: Tensor, k: Tensor, prev: Optional[Tensor] = None) -> Tensor:
+        return self.mean_from_x0(x, self.predict_x0(model, x, k), k, prev)
 
     def sample_prior(
         self,
@@ -347,6 +374,16 @@ class GaussianTransitions:
     ) -> Tensor:
         x = torch.randn(tuple(shape), generator=generator, dtype=dtype, device=device)
         return x * self.init_std
+
+
+def step_mean(
+    transitions: GaussianTransitions, x: Tensor, x0: Tensor, k: Tensor, prev: Optional[Tensor]
+) -> Tensor:
+    """``transitions.mean_from_x0``, with ``prev`` only for multistep chains (a subclass written
+    for one-step samplers may override ``mean_from_x0(x, x0, k)`` without it)."""
+    if prev is None:
+        return transitions.mean_from_x0(x, x0, k)
+    return transitions.mean_from_x0(x, x0, k, prev)
 
 
 # ---------------------------------------------------------------------- schedules
@@ -715,6 +752,174 @@ def euler_ancestral_from_sigmas(
     )
 
 
+SOLVER_TYPES = ("midpoint", "heun")
+SIGMA_SCHEDULES = ("default", "karras")
+FINAL_SIGMAS = ("zero", "sigma_min")
+
+
+def dpmsolver_sde_from_sigmas(
+    timesteps,
+    sigmas,
+    *,
+    solver_order: int = 2,
+    solver_type: str = "midpoint",
+    lower_order_final: bool = True,
+    euler_at_final: bool = False,
+    prediction: str = "epsilon",
+    name: str = "dpm++2m-sde",
+) -> GaussianTransitions:
+    """SDE-DPM-Solver++ (Lu et al. 2022, "DPM-Solver++", the SDE variant of its multistep solver)
+    from ``sigmas`` (``N + 1`` entries: the VE noise levels sigma = sqrt((1 - abar) / abar) of the
+    N timesteps, then the final one), as diffusers'
+    ``DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++")`` steps (docs/design.md §2.1).
+
+    With alpha = 1/sqrt(1 + sigma^2), s = alpha sigma (VP) and lambda = log(alpha / s), step k goes
+    from s0 = sigmas[k] to t = sigmas[k + 1] with h = lambda_t - lambda_s0, r = h_prev / h:
+
+    * first order: x' = (s_t / s_s0) e^-h x + alpha_t (1 - e^-2h) D0 + s_t sqrt(1 - e^-2h) xi
+      with D0 the x0-hat at x;
+    * second order adds a multiple of D1 = (D0 - D_prev) / r (``"midpoint"``: 1/2 alpha_t
+      (1 - e^-2h); ``"heun"``: alpha_t ((1 - e^-2h) / (-2h) + 1)), D_prev the x0-hat of the
+      previous step: the chain is multistep (``c_prev``).
+
+    Step 0 is first order (no previous prediction), as is the last step when ``euler_at_final``,
+    when the final sigma is 0, or when ``lower_order_final`` and N < 15, exactly diffusers' rule.
+    A final sigma of 0 makes the last step deterministic (its mean is the x0-hat).
+    """
+    order = as_int(solver_order, "solver_order", 1, 2)
+    solver_type = as_choice(solver_type, "solver_type", SOLVER_TYPES)
+    lower_order_final = as_flag(lower_order_final, "lower_order_final")
+    euler_at_final = as_flag(euler_at_final, "euler_at_final")
+    ts = _timesteps(timesteps)
+    n = ts.numel()
+    sig = _vector(sigmas, "sigmas")
+    if sig.numel() != n + 1:
+        raise ValueError(
+            f"sigmas must have {n + 1} entries (one per timestep, then the final sigma), got "
+            f"{sig.numel()}"
+        )
+    _first_bad("sigmas", sig, ~(torch.isfinite(sig) & (sig >= 0)), "finite and >= 0")
+    _first_bad("sigmas", sig[:-1], sig[:-1] <= 0, "> 0 before the final entry")
+    alpha, s0, G, c_x0, std, c_prev = _sde_dpm_steps(
+        sig, order, solver_type, euler_at_final or (lower_order_final and n < 15)
+    )
+    return GaussianTransitions(
+        ts,
+        c_x0,
+        G,
+        std,
+        alpha,
+        s0,
+        c_prev=c_prev,
+        prediction=prediction,
+        name=name,
+    )
+
+
+def _sde_dpm_steps(sig: Tensor, order: int, solver_type: str, first_order_final: bool):
+    """The SDE-DPM-Solver++ step tables from the N + 1 noise levels ``sig`` (see
+    :func:`dpmsolver_sde_from_sigmas`): the model's VP alpha and sigma at each step, then G, c_x0,
+    std and c_prev."""
+    n = sig.numel() - 1
+    alpha = 1 / (1 + sig**2).sqrt()
+    s = sig * alpha
+    lam = torch.log(alpha) - torch.log(s)  # +inf at a final sigma of 0
+    s0, st, at = s[:-1], s[1:], alpha[1:]
+    h = lam[1:] - lam[:-1]
+    one_m_e2 = -torch.expm1(-2 * h)  # 1 - e^-2h
+    G = st / s0 * torch.exp(-h)  # 0 where h = inf
+    c_d0 = at * one_m_e2
+    std = st * one_m_e2.sqrt()
+    c_x0, c_prev = c_d0.clone(), torch.zeros(n, dtype=torch.float64)
+    second = torch.zeros(n, dtype=torch.bool)
+    if order == 2 and n > 1:
+        second[1:] = True
+        # diffusers' lower_order_final: the last step first order (always at a final sigma 0)
+        second[-1] = not (first_order_final or float(sig[-1]) == 0.0)
+    k = second.nonzero().view(-1)
+    r = (lam[k] - lam[k - 1]) / h[k]  # h_prev / h
+    if solver_type == "midpoint":
+        c_d1 = 0.5 * c_d0[k]
+    else:
+        c_d1 = at[k] * (one_m_e2[k] / (-2 * h[k]) + 1)
+    c_x0[k] = c_d0[k] + c_d1 / r
+    c_prev[k] = -c_d1 / r
+    return alpha[:-1], s0, G, c_x0, std, c_prev
+
+
+def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) -> Tensor:
+    """The noise levels of Karras et al. (2022), from sigma_max down to sigma_min (float64 [n])."""
+    ramp = torch.linspace(0, 1, n, dtype=torch.float64)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return (hi + ramp * (lo - hi)) ** rho
+
+
+def sigma_to_t(sigma: Tensor, log_sigmas: Tensor) -> Tensor:
+    """Fractional training timesteps of noise levels ``sigma`` (log-linear interpolation of the
+    training schedule's log sigmas), as diffusers' ``_sigma_to_t``."""
+    log_sigma = torch.log(sigma.clamp_min(1e-10))
+    dists = log_sigma[None, :] - log_sigmas[:, None]
+    low = (dists >= 0).to(torch.int64).cumsum(0).argmax(0).clamp(max=log_sigmas.numel() - 2)
+    lo, hi = log_sigmas[low], log_sigmas[low + 1]
+    w = ((lo - log_sigma) / (lo - hi)).clamp(0, 1)
+    return (1 - w) * low + w * (low + 1)
+
+
+def dpmsolver_sde_transitions(
+    num_inference_steps: int,
+    *,
+    alphas_cumprod=None,
+    betas=None,
+    sigma_schedule: str = "default",
+    spacing: str = "linspace",
+    solver_order: int = 2,
+    solver_type: str = "midpoint",
+    final_sigmas_type: str = "zero",
+    lower_order_final: bool = True,
+    euler_at_final: bool = False,
+    prediction: str = "epsilon",
+) -> GaussianTransitions:
+    """DPM-Solver++ 2M SDE ("DPM++ 2M SDE", with ``sigma_schedule="karras"`` "DPM++ 2M SDE
+    Karras") for a VP model with training schedule ``alphas_cumprod`` (or ``betas``; default: the
+    linear DDPM schedule), without diffusers: the timesteps and noise levels of diffusers'
+    ``DPMSolverMultistepScheduler.set_timesteps`` (``timestep_spacing`` = ``spacing``,
+    ``use_karras_sigmas``, ``final_sigmas_type``), steps by :func:`dpmsolver_sde_from_sigmas`.
+    ``solver_order=1`` is the first-order SDE-DPM-Solver++ chain."""
+    abar = _schedule(alphas_cumprod, betas)
+    T = abar.numel()
+    n = _inference_steps(num_inference_steps, T)
+    spacing = as_choice(spacing, "spacing", SPACINGS)
+    schedule = as_choice(sigma_schedule, "sigma_schedule", SIGMA_SCHEDULES)
+    final = as_choice(final_sigmas_type, "final_sigmas_type", FINAL_SIGMAS)
+    if spacing == "linspace":
+        ts = np.linspace(0, T - 1, n + 1).round()[::-1][:-1].astype(np.int64)
+    elif spacing == "leading":
+        ts = (np.arange(0, n + 1) * (T // (n + 1))).round()[::-1][:-1].astype(np.int64)
+    else:
+        ts = np.arange(T, 0, -T / n).round().astype(np.int64) - 1
+    train_sigmas = ((1 - abar) / abar).sqrt()
+    if schedule == "karras":
+        sig = karras_sigmas(float(train_sigmas[0]), float(train_sigmas[-1]), n)
+        timesteps = sigma_to_t(sig, train_sigmas.log()).round().to(torch.int64)
+    else:
+        timesteps = torch.from_numpy(ts.copy())
+        sig = torch.from_numpy(np.interp(ts, np.arange(T), train_sigmas.numpy()).astype(np.float64))
+    last = float(train_sigmas[0]) if final == "sigma_min" else 0.0
+    # diffusers keeps its sigmas in float32: so do the tables, for identical steps
+    sigmas = torch.cat([sig, torch.tensor([last], dtype=torch.float64)]).float().double()
+    label = "dpm++2m-sde" + (" karras" if schedule == "karras" else "")
+    return dpmsolver_sde_from_sigmas(
+        timesteps,
+        sigmas,
+        solver_order=solver_order,
+        solver_type=solver_type,
+        lower_order_final=lower_order_final,
+        euler_at_final=euler_at_final,
+        prediction=prediction,
+        name=label if solver_order == 2 else "dpm++1s-sde",
+    )
+
+
 # ---------------------------------------------------------------- the round ops' tables
 def _check_transitions(transitions, where: str) -> None:
     if not isinstance(transitions, GaussianTransitions):
@@ -724,11 +929,12 @@ def _check_transitions(transitions, where: str) -> None:
 
 
 def round_tables(transitions: GaussianTransitions, device=None) -> Tensor:
-    """The float64 ``[8, N]`` coefficient tensor of ``transitions`` (rows ``ops.layout.ROW_*``):
+    """The float64 ``[9, N]`` coefficient tensor of ``transitions`` (rows ``ops.layout.ROW_*``):
 
-    ``mean(x, k) = A clip(p) + E p + G x`` for the network's raw x0-hat p (GaussianTransitions'
-    ``mean_from_x0`` with its eps term expanded), the step std, the frozen-eps draft's x0 at y
-    (``X0_Y y - X0_F eps``) and the eps of an x0-hat at y (``EPS_Y y - EPS_P x0``)."""
+    ``mean(x, k) = A clip(p) + E p + G x + H p_prev`` for the network's raw x0-hat p
+    (GaussianTransitions' ``mean_from_x0`` with its eps term expanded; H = c_prev, 0 unless
+    multistep), the step std, the frozen-eps draft's x0 at y (``X0_Y y - X0_F eps``) and the eps of
+    an x0-hat at y (``EPS_Y y - EPS_P x0``)."""
     _check_transitions(transitions, "round_tables")
     if not transitions.affine:
         raise ValueError(
@@ -750,7 +956,7 @@ def round_tables(transitions: GaussianTransitions, device=None) -> Tensor:
         A, E = T.c_x0 + eps_x0, torch.zeros_like(G)
     else:
         A, E = T.c_x0.clone(), eps_x0
-    rows = [A, E, G, T.std, 1.0 / sa, ss / sa, 1.0 / ss, sa / ss]
+    rows = [A, E, G, T.std, 1.0 / sa, ss / sa, 1.0 / ss, sa / ss, T.c_prev]
     table = torch.stack(rows).to(device=device, dtype=torch.float64).contiguous()
     cache[key] = table
     return table

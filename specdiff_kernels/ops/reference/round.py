@@ -25,16 +25,23 @@ order). The integer stream is bit-identical on every backend; the normals agree 
 
 The frozen round (docs/design.md §6)
 --------------------------
-Per-step tables (``coef``, float64 ``[8, N]``, rows named by
+Per-step tables (``coef``, float64 ``[9, N]``, rows named by
 ``ops.layout.ROW_*``) describe the affine mean
-``m(x, k) = A clip(p) + E p + G x`` of the network's x0-hat p, the step std, and the conversions
-between x0 and eps that the frozen-eps draft needs. ``freeze``: 0 freezes x0-hat (the draft's x0 at
-every drafted state is f), 1 freezes eps-hat (the draft's x0 at y is ``X0_Y y - X0_F f``).
+``m(x, k) = A clip(p) + E p + G x (+ H p_prev)`` of the network's x0-hat p, the step std, the
+conversions between x0 and eps that the frozen-eps draft needs, and the multistep term of the
+previous step's x0-hat p_prev. ``freeze``: 0 freezes x0-hat (the draft's x0 at every drafted state
+is f), 1 freezes eps-hat (the draft's x0 at y is ``X0_Y y - X0_F f``).
+
+Multistep chains (docs/design.md §2.1, §6.1) pass ``prev``, the target's x0-hat at each chain's
+previous state; ``H`` is read only then. The draft's previous prediction at window position 0 is
+``prev`` and at position j >= 1 the draft's own x0-hat at position j - 1; the target's is ``prev``
+at position 0 and its x0-hat P_{j-1} at position j >= 1.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -51,6 +58,7 @@ from ..layout import (
     ROW_EPS_P,
     ROW_EPS_Y,
     ROW_G,
+    ROW_H,
     ROW_STD,
     ROW_X0_F,
     ROW_X0_Y,
@@ -172,7 +180,7 @@ def _clip(p: Tensor, clip: float) -> Tensor:
 
 
 def _rows(coef: Tensor, k: Tensor, acc: torch.dtype) -> Tensor:
-    """coef[:, k] as [8, B, 1] in acc (k clamped into the table)."""
+    """coef[:, k] as [NUM_ROWS, B, 1] in acc (k clamped into the table)."""
     N = coef.shape[1]
     return coef[:, k.clamp(0, N - 1)].to(acc)[..., None]
 
@@ -202,23 +210,30 @@ def frozen_draft(
     window: int,
     freeze: int,
     clip: float,
+    prev: Optional[Tensor] = None,
 ) -> Tensor:
     """Drafted states Y [B, window + 1, *E]: Y[:, 0] = root; for j < lengths[b],
     ``Y[b, j+1] = m_q(Y[b, j], k+j) + std[k+j] xi(seed, c, k+j)``; beyond, Y[b, j+1] = Y[b, j].
     Each drafted state is rounded to the state dtype before the next step drafts from it (the
-    verify recomputes m_q from the stored states)."""
+    verify recomputes m_q from the stored states). With ``prev`` (multistep), m_q adds
+    ``H[k+j] q_{j-1}``: q_{-1} = prev, q_j the draft's x0-hat at Y[b, j]."""
     B = root.shape[0]
     D = root[0].numel() if B else 0
     acc = acc_dtype(root.dtype)
     y = root.reshape(B, D).to(acc)
     f = frozen.reshape(B, D).to(acc)
+    q_prev = None if prev is None else prev.reshape(B, D).to(acc)
     k = steps.to(torch.int64)
     n = lengths.to(torch.int64).clamp(0, window)
     ys = [root.reshape(B, D)]
     for j in range(window):
         c = _rows(coef, k + j, acc)
         xi = normal_noise(seed, chain_ids, k + j, D, acc)
-        mq = affine_mean(c, draft_x0(c, y, f, freeze), y, clip)
+        pq = draft_x0(c, y, f, freeze)
+        mq = affine_mean(c, pq, y, clip)
+        if q_prev is not None:
+            mq = mq + c[ROW_H] * q_prev
+            q_prev = pq
         y_new = (mq + c[ROW_STD] * xi).to(root.dtype)
         live = (j < n)[:, None]
         ys.append(torch.where(live, y_new, ys[-1]))
@@ -237,7 +252,8 @@ def verify_frozen(
     chain_ids: Tensor,
     freeze: int,
     clip: float,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    prev: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Verify a frozen-draft window and commit the round (docs/design.md §6).
 
     With d_j = m_p(y_j) - m_q(y_j) = A (clip(P_j) - clip(p_q)) + E (P_j - p_q) and r_j = s xi_j:
@@ -253,8 +269,15 @@ def verify_frozen(
     * n = 0: a chain at a deterministic step k < N takes it from P_0 (committed 1,
       next_frozen = freeze(y_0, P_0)); any other chain is left as it is (committed 0).
 
+    Multistep (``prev`` given, docs/design.md §6.1): both means add ``H[k+j]`` times their previous
+    prediction (target: ``prev`` at j = 0, P_{j-1} after; draft: ``prev`` at j = 0, its own x0-hat
+    at y_{j-1} after), so d_j gains ``H (P_{j-1} - p_q(y_{j-1}))`` for j >= 1; ``next_prev`` is the
+    target's x0-hat at the new state's parent: P_j after a rejection at j or a deterministic step
+    from y_j, P_{n-1} after an accepted window, ``prev`` for an idle chain.
+
     Returns (num_accepted [B] int64, committed [B] int64, next_state [B, *E] (state dtype),
-    next_frozen [B, *E] (state dtype), root_exact [B] bool, log_ratio [B, L] float32).
+    next_frozen [B, *E] (state dtype), root_exact [B] bool, log_ratio [B, L] float32,
+    next_prev [B, *E] (state dtype; an empty [0] tensor without ``prev``)).
     """
     B, L1 = states.shape[:2]
     L = L1 - 1  # >= 1 (the wrappers check it)
@@ -264,6 +287,8 @@ def verify_frozen(
     Y = states.reshape(B, L1, D).to(acc)
     P = x0_hat.reshape(B, L1, D).to(acc)
     f = frozen.reshape(B, D).to(acc)
+    multistep = prev is not None
+    pi = prev.reshape(B, D).to(acc) if multistep else None
     k = steps.to(torch.int64)
     n = lengths.to(torch.int64).clamp(0, L)
     ar = torch.arange(B, device=states.device)
@@ -271,10 +296,14 @@ def verify_frozen(
     lr = torch.zeros(B, L, dtype=acc, device=states.device)
     a_all = torch.zeros(B, L, dtype=acc, device=states.device)
     b_all = torch.zeros(B, L, dtype=acc, device=states.device)
+    PQ = torch.zeros(B, L1, D, dtype=acc, device=states.device)  # the draft's x0-hat by position
     for j in range(L):
         c = _rows(coef, k + j, acc)
         pq = draft_x0(c, Y[:, j], f, freeze)
+        PQ[:, j] = pq
         d = c[ROW_A] * (_clip(P[:, j], clip) - _clip(pq, clip)) + c[ROW_E] * (P[:, j] - pq)
+        if multistep and j > 0:
+            d = d + c[ROW_H] * (P[:, j - 1] - PQ[:, j - 1])
         xi = normal_noise(seed, chain_ids, k + j, D, acc)
         a, b = (d * xi).sum(-1), (d * d).sum(-1)
         s = c[ROW_STD][:, 0]
@@ -299,6 +328,15 @@ def verify_frozen(
     pq = draft_x0(c, yj, f, freeze)
     mq = affine_mean(c, pq, yj, clip)
     d = c[ROW_A] * (_clip(pj, clip) - _clip(pq, clip)) + c[ROW_E] * (pj - pq)
+    det_mean = affine_mean(c, pj, yj, clip)
+    if multistep:
+        at_root = (j == 0)[:, None]
+        jm = (j - 1).clamp(min=0)
+        target_prev = torch.where(at_root, pi, P[ar, jm])  # P_{j-1}, prev at the root
+        draft_prev = torch.where(at_root, pi, PQ[ar, jm])
+        mq = mq + c[ROW_H] * draft_prev
+        d = d + c[ROW_H] * (target_prev - draft_prev)
+        det_mean = det_mean + c[ROW_H] * target_prev
     r = c[ROW_STD] * normal_noise(seed, chain_ids, k + j, D, acc)
     jc = j.clamp(max=L - 1)  # (only read at a rejection, j < n)
     a_j, b_j = a_all[ar, jc][:, None], b_all[ar, jc][:, None]
@@ -311,7 +349,6 @@ def verify_frozen(
     kn = k + n
     live_next = kn < N
     det_next = live_next & (coef[ROW_STD, kn.clamp(0, N - 1)] == 0)
-    det_mean = affine_mean(c, pj, yj, clip)
     accepted_state = torch.where(det_next[:, None], det_mean, yj)
 
     next_state = torch.where(rejected[:, None], reflected, accepted_state)
@@ -323,6 +360,11 @@ def verify_frozen(
     next_frozen = torch.where(keep_frozen[:, None], f, fz)
     root_exact = ~rejected & live_next & ~det_next & (n > 0)
     E = states.shape[2:]
+    if multistep:
+        parent_is_j = (rejected | det_next)[:, None]
+        next_prev = torch.where(parent_is_j, pj, target_prev).to(states.dtype).reshape(B, *E)
+    else:
+        next_prev = states.new_empty((0,))
     return (
         first.to(torch.int64),
         committed,
@@ -330,6 +372,7 @@ def verify_frozen(
         next_frozen.to(states.dtype).reshape(B, *E),
         root_exact,
         lr.to(torch.float32),
+        next_prev,
     )
 
 

@@ -29,6 +29,12 @@ Kernels
   next_frozen per the reference's commit rules (xi regenerated in-kernel for the reflection);
   block 0 also writes num_accepted, committed, root_exact and log_ratio.
 
+Multistep (``prev`` given; constexpr HAS_PREV, so without it nothing more is read or computed):
+the draft carries its previous x0-hat in registers (prev, then its own); a partial-sum row j >= 1
+also reads position j - 1 (P_{j-1}, and y_{j-1} for freeze eps) for d_j's H term; the finalize
+reads prev or position j - 1 at the deciding position and writes next_prev. Without prev the
+kernels get placeholders (frozen for prev, the empty next_prev) that they never touch.
+
 Nothing is read back to the host: steps / lengths are clamped in-kernel, the seed is read from its
 tensor, and the clip bound travels as three float32 arguments that sum to it exactly in float64
 (fp64 states clip at the exact bound; the others at its fp32 rounding, as torch's clamp does). So
@@ -44,6 +50,7 @@ from __future__ import annotations
 import functools
 import math
 import struct
+from typing import Optional
 
 import torch
 import triton
@@ -77,6 +84,7 @@ _ROW_X0_Y = tl.constexpr(layout.ROW_X0_Y)
 _ROW_X0_F = tl.constexpr(layout.ROW_X0_F)
 _ROW_EPS_Y = tl.constexpr(layout.ROW_EPS_Y)
 _ROW_EPS_P = tl.constexpr(layout.ROW_EPS_P)
+_ROW_H = tl.constexpr(layout.ROW_H)
 _STREAM_NORMAL = tl.constexpr(layout.STREAM_NORMAL)
 _STREAM_UNIFORM = tl.constexpr(layout.STREAM_UNIFORM)
 _PHILOX_M0 = tl.constexpr(layout.PHILOX_M0)
@@ -239,6 +247,7 @@ def _gap(p, pq, a, e, cl, HAS_CLIP: tl.constexpr):
 def _draft_lane(
     y,
     f,
+    q,
     xi,
     a,
     e,
@@ -246,14 +255,20 @@ def _draft_lane(
     s,
     x0y,
     x0f,
+    h,
     cl,
     out_ty: tl.constexpr,
     FREEZE: tl.constexpr,
     HAS_CLIP: tl.constexpr,
+    HAS_PREV: tl.constexpr,
 ):
-    """One drafted lane: m_q(y) + s xi, rounded to the state dtype, back in the acc dtype."""
-    mq = _affine(_draft_x0(y, f, x0y, x0f, FREEZE), y, a, e, g, cl, HAS_CLIP)
-    return (mq + s * xi).to(out_ty).to(y.dtype)
+    """One drafted lane: (m_q(y) + s xi rounded to the state dtype, back in the acc dtype; the
+    draft's x0-hat at y). Multistep: m_q adds H q (q: the draft's previous x0-hat)."""
+    pq = _draft_x0(y, f, x0y, x0f, FREEZE)
+    mq = _affine(pq, y, a, e, g, cl, HAS_CLIP)
+    if HAS_PREV:
+        mq = mq + h * q
+    return (mq + s * xi).to(out_ty).to(y.dtype), pq
 
 
 @triton.jit
@@ -263,6 +278,7 @@ def _row_sums_lane(
     f_ptr,
     row,
     frow,
+    mrow,
     off,
     m,
     xi,
@@ -270,17 +286,33 @@ def _row_sums_lane(
     e,
     x0y,
     x0f,
+    h,
+    x0y_m,
+    x0f_m,
+    has_m,
     cl,
     ACC_FP64: tl.constexpr,
     FREEZE: tl.constexpr,
     HAS_CLIP: tl.constexpr,
+    HAS_PREV: tl.constexpr,
 ):
-    """(d xi, d d) of one lane (masked elements give 0)."""
+    """(d xi, d d) of one lane (masked elements give 0). Multistep: d adds
+    H (P_{j-1} - p_q(y_{j-1})) (row mrow, conversions x0y_m / x0f_m of step k + j - 1) where has_m
+    (j >= 1)."""
     acc_t: tl.constexpr = tl.float64 if ACC_FP64 else tl.float32
     y = tl.load(y_ptr + row + off, mask=m, other=0.0).to(acc_t)
     p = tl.load(p_ptr + row + off, mask=m, other=0.0).to(acc_t)
     f = tl.load(f_ptr + frow + off, mask=m, other=0.0).to(acc_t)
     d = _gap(p, _draft_x0(y, f, x0y, x0f, FREEZE), a, e, cl, HAS_CLIP)
+    if HAS_PREV:
+        mm = m & has_m
+        pm = tl.load(p_ptr + mrow + off, mask=mm, other=0.0).to(acc_t)
+        if FREEZE == 0:
+            qm = f  # (y_{j-1} is not needed: the draft's x0-hat is f everywhere)
+        else:
+            ym = tl.load(y_ptr + mrow + off, mask=mm, other=0.0).to(acc_t)
+            qm = x0y_m * ym - x0f_m * f
+        d = tl.where(has_m, d + h * (pm - qm), d)
     d = tl.where(m, d, 0.0)
     return d * xi, d * d
 
@@ -292,8 +324,11 @@ def _commit_lane(
     f_ptr,
     next_ptr,
     nfz_ptr,
+    prev_ptr,
+    nprev_ptr,
     row,
     frow,
+    mrow,
     off,
     m,
     xi,
@@ -305,16 +340,22 @@ def _commit_lane(
     x0f,
     epy,
     epp,
+    h,
+    x0y_m,
+    x0f_m,
     cl,
     coef_r,
     rejected,
     det,
     keep_frozen,
+    at_root,
     ACC_FP64: tl.constexpr,
     FREEZE: tl.constexpr,
     HAS_CLIP: tl.constexpr,
+    HAS_PREV: tl.constexpr,
 ):
-    """One lane of next_state / next_frozen from y_j, P_j (row) and f (frow)."""
+    """One lane of next_state / next_frozen (/ next_prev) from y_j, P_j (row) and f (frow);
+    multistep: the previous predictions are prev (frow) at the root, else row mrow (j - 1)."""
     acc_t: tl.constexpr = tl.float64 if ACC_FP64 else tl.float32
     y_raw = tl.load(y_ptr + row + off, mask=m, other=0.0)
     y = y_raw.to(acc_t)
@@ -322,9 +363,35 @@ def _commit_lane(
     f_raw = tl.load(f_ptr + frow + off, mask=m, other=0.0)
     f = f_raw.to(acc_t)
     pq = _draft_x0(y, f, x0y, x0f, FREEZE)
-    res = tl.where(det, _affine(p, y, a, e, g, cl, HAS_CLIP), y)
+    mq = _affine(pq, y, a, e, g, cl, HAS_CLIP)
+    gap = _gap(p, pq, a, e, cl, HAS_CLIP)
+    det_mean = _affine(p, y, a, e, g, cl, HAS_CLIP)
+    if HAS_PREV:
+        # the target's previous x0-hat tp and the draft's dp: prev at the root, else P_{j-1} and
+        # the draft's x0-hat at y_{j-1}
+        mr = m & at_root
+        mm = m & ~at_root
+        pv = tl.load(prev_ptr + frow + off, mask=mr, other=0.0).to(acc_t)
+        pm = tl.load(p_ptr + mrow + off, mask=mm, other=0.0).to(acc_t)
+        if FREEZE == 0:
+            qm = f
+        else:
+            ym = tl.load(y_ptr + mrow + off, mask=mm, other=0.0).to(acc_t)
+            qm = x0y_m * ym - x0f_m * f
+        tp = tl.where(at_root, pv, pm)
+        dp = tl.where(at_root, pv, qm)
+        mq = mq + h * dp
+        gap = gap + h * (tp - dp)
+        det_mean = det_mean + h * tp
+        # the new state's parent is y_j after a rejection or a deterministic step, else y_{j-1}
+        tl.store(
+            nprev_ptr + frow + off,
+            tl.where(rejected | det, p, tp).to(nprev_ptr.dtype.element_ty),
+            mask=m,
+        )
+    res = tl.where(det, det_mean, y)
     # rejection: the draft's step reflected about the hyperplane orthogonal to d
-    refl = _affine(pq, y, a, e, g, cl, HAS_CLIP) + s * xi + coef_r * _gap(p, pq, a, e, cl, HAS_CLIP)
+    refl = mq + s * xi + coef_r * gap
     res = tl.where(rejected, refl, res)
     if FREEZE == 0:
         fz = p
@@ -378,6 +445,7 @@ def _frozen_draft_kernel(
     coef_ptr,
     seed_ptr,
     ids_ptr,
+    prev_ptr,
     y_ptr,
     W,
     N,
@@ -388,11 +456,13 @@ def _frozen_draft_kernel(
     clip_lo,
     FREEZE: tl.constexpr,
     HAS_CLIP: tl.constexpr,
+    HAS_PREV: tl.constexpr,
     ACC_FP64: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """Program (chain b, i-block): Y[b, 0] = root, then the window's drafted states (its
-    counters)."""
+    counters). Multistep (HAS_PREV): the draft's previous x0-hat q (prev, then its own) rides
+    along in registers."""
     acc_t: tl.constexpr = tl.float64 if ACC_FP64 else tl.float32
     ty = y_ptr.dtype.element_ty
     b = tl.program_id(0).to(tl.int64)
@@ -414,6 +484,13 @@ def _frozen_draft_kernel(
     f1 = tl.load(frozen_ptr + src + Q + i, mask=m1, other=0.0).to(acc_t)
     f2 = tl.load(frozen_ptr + src + 2 * Q + i, mask=m2, other=0.0).to(acc_t)
     f3 = tl.load(frozen_ptr + src + 3 * Q + i, mask=m3, other=0.0).to(acc_t)
+    if HAS_PREV:
+        q0 = tl.load(prev_ptr + src + i, mask=m0, other=0.0).to(acc_t)
+        q1 = tl.load(prev_ptr + src + Q + i, mask=m1, other=0.0).to(acc_t)
+        q2 = tl.load(prev_ptr + src + 2 * Q + i, mask=m2, other=0.0).to(acc_t)
+        q3 = tl.load(prev_ptr + src + 3 * Q + i, mask=m3, other=0.0).to(acc_t)
+    else:  # (placeholders, never read)
+        q0, q1, q2, q3 = f0, f1, f2, f3
     k = tl.load(steps_ptr + b)
     n = tl.minimum(tl.maximum(tl.load(len_ptr + b), 0), W)
     chain = tl.load(ids_ptr + b)
@@ -423,11 +500,25 @@ def _frozen_draft_kernel(
         if j < n:
             kc = _step_index(k + j, N)
             a, e, g, s, x0y, x0f = _draft_coefs(coef_ptr, kc, N, ACC_FP64)
+            if HAS_PREV:
+                h = _coef(coef_ptr, _ROW_H, kc, N, ACC_FP64)
+            else:
+                h = a  # (never read)
             n0, n1, n2, n3 = _normals(k0, k1, i, k + j, chain, ACC_FP64)
-            y0 = _draft_lane(y0, f0, n0, a, e, g, s, x0y, x0f, cl, ty, FREEZE, HAS_CLIP)
-            y1 = _draft_lane(y1, f1, n1, a, e, g, s, x0y, x0f, cl, ty, FREEZE, HAS_CLIP)
-            y2 = _draft_lane(y2, f2, n2, a, e, g, s, x0y, x0f, cl, ty, FREEZE, HAS_CLIP)
-            y3 = _draft_lane(y3, f3, n3, a, e, g, s, x0y, x0f, cl, ty, FREEZE, HAS_CLIP)
+            y0, p0 = _draft_lane(
+                y0, f0, q0, n0, a, e, g, s, x0y, x0f, h, cl, ty, FREEZE, HAS_CLIP, HAS_PREV
+            )
+            y1, p1 = _draft_lane(
+                y1, f1, q1, n1, a, e, g, s, x0y, x0f, h, cl, ty, FREEZE, HAS_CLIP, HAS_PREV
+            )
+            y2, p2 = _draft_lane(
+                y2, f2, q2, n2, a, e, g, s, x0y, x0f, h, cl, ty, FREEZE, HAS_CLIP, HAS_PREV
+            )
+            y3, p3 = _draft_lane(
+                y3, f3, q3, n3, a, e, g, s, x0y, x0f, h, cl, ty, FREEZE, HAS_CLIP, HAS_PREV
+            )
+            if HAS_PREV:
+                q0, q1, q2, q3 = p0, p1, p2, p3
         out = dst + (j + 1) * D
         tl.store(y_ptr + out + i, y0.to(ty), mask=m0)
         tl.store(y_ptr + out + Q + i, y1.to(ty), mask=m1)
@@ -457,11 +548,13 @@ def _verify_partials_kernel(
     clip_lo,
     FREEZE: tl.constexpr,
     HAS_CLIP: tl.constexpr,
+    HAS_PREV: tl.constexpr,
     ACC_FP64: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """Program (row = b * L + j, chunk): partial (<d_j, xi_j>, ||d_j||^2) over counters
-    [chunk * CHUNK, (chunk + 1) * CHUNK) at part[(row * NB + chunk) * 2 + {0, 1}]; 0 for j >= n."""
+    [chunk * CHUNK, (chunk + 1) * CHUNK) at part[(row * NB + chunk) * 2 + {0, 1}]; 0 for j >= n.
+    Multistep (HAS_PREV): d_j's H term reads position j - 1 too (nothing at j = 0)."""
     acc_t: tl.constexpr = tl.float64 if ACC_FP64 else tl.float32
     row = tl.program_id(0).to(tl.int64)
     ck = tl.program_id(1)
@@ -482,6 +575,15 @@ def _verify_partials_kernel(
         cl = _clip_value(clip_hi, clip_mid, clip_lo, ACC_FP64)
         yrow = (b * (L + 1) + j) * D
         frow = b * D
+        has_m = j > 0
+        if HAS_PREV:
+            h = _coef(coef_ptr, _ROW_H, kc, N, ACC_FP64)
+            kcm = _step_index(k - 1, N)
+            x0y_m = _coef(coef_ptr, _ROW_X0_Y, kcm, N, ACC_FP64)
+            x0f_m = _coef(coef_ptr, _ROW_X0_F, kcm, N, ACC_FP64)
+            mrow = tl.where(has_m, yrow - D, yrow)  # (read only where has_m)
+        else:  # (never read)
+            h, x0y_m, x0f_m, mrow = a, a, a, yrow
         start = ck * CHUNK
         stop = tl.minimum(start + CHUNK, Q)
         for i0 in range(start, stop, BLOCK):
@@ -494,6 +596,7 @@ def _verify_partials_kernel(
                 frozen_ptr,
                 yrow,
                 frow,
+                mrow,
                 i,
                 mi & (i < D),
                 n0,
@@ -501,10 +604,15 @@ def _verify_partials_kernel(
                 e,
                 x0y,
                 x0f,
+                h,
+                x0y_m,
+                x0f_m,
+                has_m,
                 cl,
                 ACC_FP64,
                 FREEZE,
                 HAS_CLIP,
+                HAS_PREV,
             )
             a_vec += da
             b_vec += db
@@ -514,6 +622,7 @@ def _verify_partials_kernel(
                 frozen_ptr,
                 yrow,
                 frow,
+                mrow,
                 Q + i,
                 mi & (Q + i < D),
                 n1,
@@ -521,10 +630,15 @@ def _verify_partials_kernel(
                 e,
                 x0y,
                 x0f,
+                h,
+                x0y_m,
+                x0f_m,
+                has_m,
                 cl,
                 ACC_FP64,
                 FREEZE,
                 HAS_CLIP,
+                HAS_PREV,
             )
             a_vec += da
             b_vec += db
@@ -534,6 +648,7 @@ def _verify_partials_kernel(
                 frozen_ptr,
                 yrow,
                 frow,
+                mrow,
                 2 * Q + i,
                 mi & (2 * Q + i < D),
                 n2,
@@ -541,10 +656,15 @@ def _verify_partials_kernel(
                 e,
                 x0y,
                 x0f,
+                h,
+                x0y_m,
+                x0f_m,
+                has_m,
                 cl,
                 ACC_FP64,
                 FREEZE,
                 HAS_CLIP,
+                HAS_PREV,
             )
             a_vec += da
             b_vec += db
@@ -554,6 +674,7 @@ def _verify_partials_kernel(
                 frozen_ptr,
                 yrow,
                 frow,
+                mrow,
                 3 * Q + i,
                 mi & (3 * Q + i < D),
                 n3,
@@ -561,10 +682,15 @@ def _verify_partials_kernel(
                 e,
                 x0y,
                 x0f,
+                h,
+                x0y_m,
+                x0f_m,
+                has_m,
                 cl,
                 ACC_FP64,
                 FREEZE,
                 HAS_CLIP,
+                HAS_PREV,
             )
             a_vec += da
             b_vec += db
@@ -590,6 +716,8 @@ def _verify_finalize_kernel(
     nfz_ptr,
     exact_ptr,
     lr_ptr,
+    prev_ptr,
+    nprev_ptr,
     L,
     N,
     D,
@@ -600,13 +728,15 @@ def _verify_finalize_kernel(
     clip_lo,
     FREEZE: tl.constexpr,
     HAS_CLIP: tl.constexpr,
+    HAS_PREV: tl.constexpr,
     ACC_FP64: tl.constexpr,
     BLOCK: tl.constexpr,
     BLOCK_L: tl.constexpr,
     BLOCK_NB: tl.constexpr,
 ):
     """Program (chain b, i-block): the chain's scan (identical in all its programs), then its block
-    of next_state / next_frozen; block 0 writes the per-chain outputs and the log ratios."""
+    of next_state / next_frozen (/ next_prev); block 0 writes the per-chain outputs and the log
+    ratios."""
     acc_t: tl.constexpr = tl.float64 if ACC_FP64 else tl.float32
     b = tl.program_id(0).to(tl.int64)
     ib = tl.program_id(1)
@@ -664,6 +794,16 @@ def _verify_finalize_kernel(
     epy = _coef(coef_ptr, _ROW_EPS_Y, kc, N, ACC_FP64)
     epp = _coef(coef_ptr, _ROW_EPS_P, kc, N, ACC_FP64)
     cl = _clip_value(clip_hi, clip_mid, clip_lo, ACC_FP64)
+    at_root = js == 0
+    row = (b * (L + 1) + js) * D
+    if HAS_PREV:
+        h = _coef(coef_ptr, _ROW_H, kc, N, ACC_FP64)
+        kcm = _step_index(ks - 1, N)
+        x0y_m = _coef(coef_ptr, _ROW_X0_Y, kcm, N, ACC_FP64)
+        x0f_m = _coef(coef_ptr, _ROW_X0_F, kcm, N, ACC_FP64)
+        mrow = tl.where(at_root, row, row - D)  # (read only past the root)
+    else:  # (never read)
+        h, x0y_m, x0f_m, mrow = a, a, a, row
     i = ib * BLOCK + tl.arange(0, BLOCK)
     mi = i < Q
     if rejected:  # the reflection needs the draft's noise of the rejected step
@@ -673,7 +813,6 @@ def _verify_finalize_kernel(
         n1 = n0
         n2 = n0
         n3 = n0
-    row = (b * (L + 1) + js) * D
     frow = b * D
     _commit_lane(
         y_ptr,
@@ -681,8 +820,11 @@ def _verify_finalize_kernel(
         frozen_ptr,
         next_ptr,
         nfz_ptr,
+        prev_ptr,
+        nprev_ptr,
         row,
         frow,
+        mrow,
         i,
         mi & (i < D),
         n0,
@@ -694,14 +836,19 @@ def _verify_finalize_kernel(
         x0f,
         epy,
         epp,
+        h,
+        x0y_m,
+        x0f_m,
         cl,
         coef_r,
         rejected,
         det,
         keep_frozen,
+        at_root,
         ACC_FP64,
         FREEZE,
         HAS_CLIP,
+        HAS_PREV,
     )
     _commit_lane(
         y_ptr,
@@ -709,8 +856,11 @@ def _verify_finalize_kernel(
         frozen_ptr,
         next_ptr,
         nfz_ptr,
+        prev_ptr,
+        nprev_ptr,
         row,
         frow,
+        mrow,
         Q + i,
         mi & (Q + i < D),
         n1,
@@ -722,14 +872,19 @@ def _verify_finalize_kernel(
         x0f,
         epy,
         epp,
+        h,
+        x0y_m,
+        x0f_m,
         cl,
         coef_r,
         rejected,
         det,
         keep_frozen,
+        at_root,
         ACC_FP64,
         FREEZE,
         HAS_CLIP,
+        HAS_PREV,
     )
     _commit_lane(
         y_ptr,
@@ -737,8 +892,11 @@ def _verify_finalize_kernel(
         frozen_ptr,
         next_ptr,
         nfz_ptr,
+        prev_ptr,
+        nprev_ptr,
         row,
         frow,
+        mrow,
         2 * Q + i,
         mi & (2 * Q + i < D),
         n2,
@@ -750,14 +908,19 @@ def _verify_finalize_kernel(
         x0f,
         epy,
         epp,
+        h,
+        x0y_m,
+        x0f_m,
         cl,
         coef_r,
         rejected,
         det,
         keep_frozen,
+        at_root,
         ACC_FP64,
         FREEZE,
         HAS_CLIP,
+        HAS_PREV,
     )
     _commit_lane(
         y_ptr,
@@ -765,8 +928,11 @@ def _verify_finalize_kernel(
         frozen_ptr,
         next_ptr,
         nfz_ptr,
+        prev_ptr,
+        nprev_ptr,
         row,
         frow,
+        mrow,
         3 * Q + i,
         mi & (3 * Q + i < D),
         n3,
@@ -778,14 +944,19 @@ def _verify_finalize_kernel(
         x0f,
         epy,
         epp,
+        h,
+        x0y_m,
+        x0f_m,
         cl,
         coef_r,
         rejected,
         det,
         keep_frozen,
+        at_root,
         ACC_FP64,
         FREEZE,
         HAS_CLIP,
+        HAS_PREV,
     )
 
 
@@ -896,9 +1067,12 @@ def frozen_draft(
     window: int,
     freeze: int,
     clip: float,
+    prev: Optional[Tensor] = None,
 ) -> Tensor:
     """Drafted states Y [B, window + 1, *E] (semantics: reference.round.frozen_draft)."""
-    _checks.entry_frozen_draft("frozen_draft", root, frozen, steps, lengths, coef, seed, chain_ids)
+    _checks.entry_frozen_draft(
+        "frozen_draft", root, frozen, steps, lengths, coef, seed, chain_ids, prev
+    )
     B = root.shape[0]
     y = torch.empty((B, window + 1, *root.shape[1:]), device=root.device, dtype=root.dtype)
     if B > 0:
@@ -906,18 +1080,20 @@ def frozen_draft(
         Q = _quarter(D)
         block = draft_block(B, Q, num_sms(root.device))
         grid = (B, triton.cdiv(Q, block))
+        f = contig(frozen)
         with quiet():
             _launch_kernel(
                 _frozen_draft_kernel,
                 block,
                 grid,
                 contig(root),
-                contig(frozen),
+                f,
                 contig(steps),
                 contig(lengths),
                 contig(coef),
                 seed,
                 contig(chain_ids),
+                f if prev is None else contig(prev),  # (no prev: a placeholder, never read)
                 y,
                 window,
                 coef.shape[1],
@@ -925,6 +1101,7 @@ def frozen_draft(
                 Q,
                 **_clip_args(clip),
                 FREEZE=int(freeze),
+                HAS_PREV=prev is not None,
                 ACC_FP64=acc_dtype(root.dtype) == torch.float64,
             )
     return y
@@ -941,11 +1118,12 @@ def verify_frozen(
     chain_ids: Tensor,
     freeze: int,
     clip: float,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(num_accepted, committed, next_state, next_frozen, root_exact, log_ratio) (semantics:
-    reference.round.verify_frozen)."""
+    prev: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(num_accepted, committed, next_state, next_frozen, root_exact, log_ratio, next_prev)
+    (semantics: reference.round.verify_frozen; next_prev is an empty [0] tensor without prev)."""
     _checks.entry_verify_frozen(
-        "verify_frozen", states, x0_hat, frozen, steps, lengths, coef, seed, chain_ids
+        "verify_frozen", states, x0_hat, frozen, steps, lengths, coef, seed, chain_ids, prev
     )
     B, L1 = states.shape[:2]
     L = L1 - 1
@@ -957,8 +1135,10 @@ def verify_frozen(
     next_frozen = torch.empty((B, *E), device=dev, dtype=states.dtype)
     root_exact = torch.empty((B,), device=dev, dtype=torch.bool)
     lr = torch.empty((B, L), device=dev, dtype=torch.float32)
+    has_prev = prev is not None
+    next_prev = torch.empty((B, *E) if has_prev else (0,), device=dev, dtype=states.dtype)
     if B == 0:
-        return nacc, committed, next_state, next_frozen, root_exact, lr
+        return nacc, committed, next_state, next_frozen, root_exact, lr, next_prev
     D = states.numel() // (B * L1)
     Q = _quarter(D)
     N = coef.shape[1]
@@ -966,6 +1146,7 @@ def verify_frozen(
     acc64 = acc == torch.float64
     clip_args = _clip_args(clip)
     y, p, f = contig(states), contig(x0_hat), contig(frozen)
+    pv = contig(prev) if has_prev else f  # (no prev: a placeholder, never read)
     st, ln, cf, ids = contig(steps), contig(lengths), contig(coef), contig(chain_ids)
     rows = max(B * L, 1)
     chunk = partial_chunk(rows, Q, num_sms(dev))
@@ -994,6 +1175,7 @@ def verify_frozen(
                 nb,
                 **clip_args,
                 FREEZE=int(freeze),
+                HAS_PREV=has_prev,
                 ACC_FP64=acc64,
             )
         _launch_kernel(
@@ -1015,6 +1197,8 @@ def verify_frozen(
             next_frozen,
             root_exact,
             lr,
+            pv,
+            next_prev,  # (no prev: [0], never written)
             L,
             N,
             D,
@@ -1022,11 +1206,12 @@ def verify_frozen(
             nb,
             **clip_args,
             FREEZE=int(freeze),
+            HAS_PREV=has_prev,
             ACC_FP64=acc64,
             BLOCK_L=min(next_pow2(L), _BLOCK_L_MAX),
             BLOCK_NB=min(next_pow2(nb), _BLOCK_NB_MAX),
         )
-    return nacc, committed, next_state, next_frozen, root_exact, lr
+    return nacc, committed, next_state, next_frozen, root_exact, lr, next_prev
 
 
 # ---------------------------------------------------------------- ops
@@ -1047,15 +1232,19 @@ def fwd_chain_noise(seed, chain_ids, steps, window, event_numel, dtype):
     return torch.ops.specdiff.triton_chain_noise(seed, chain_ids, steps, window, event_numel, dtype)
 
 
-def fwd_frozen_draft(root, frozen, steps, lengths, coef, seed, chain_ids, window, freeze, clip):
+def fwd_frozen_draft(
+    root, frozen, steps, lengths, coef, seed, chain_ids, window, freeze, clip, prev=None
+):
     return torch.ops.specdiff.triton_frozen_draft(
-        root, frozen, steps, lengths, coef, seed, chain_ids, window, freeze, clip
+        root, frozen, steps, lengths, coef, seed, chain_ids, window, freeze, clip, prev
     )
 
 
-def fwd_verify_frozen(states, x0_hat, frozen, steps, lengths, coef, seed, chain_ids, freeze, clip):
+def fwd_verify_frozen(
+    states, x0_hat, frozen, steps, lengths, coef, seed, chain_ids, freeze, clip, prev=None
+):
     return torch.ops.specdiff.triton_verify_frozen(
-        states, x0_hat, frozen, steps, lengths, coef, seed, chain_ids, freeze, clip
+        states, x0_hat, frozen, steps, lengths, coef, seed, chain_ids, freeze, clip, prev
     )
 
 
