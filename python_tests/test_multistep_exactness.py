@@ -167,6 +167,19 @@ def test_multistep_speculative_vs_ancestral_two_sample():
     assert two_sample_pvalue(spec.samples.numpy(), anc.samples.numpy()) > ALPHA
 
 
+def test_first_batch_buffers_are_distinct():
+    """A captured CUDA round copies its result into the first batch's tensors field by field
+    (ChainBatch.copy_): no two fields may share memory, or one copy overwrites another (the
+    frozen x0 and the previous prediction both come from the first call's x0-hat)."""
+    T = transitions("default")
+    rnd = StaticRound(
+        model_for(T), T, 4, "x0", torch.tensor(1), torch.arange(3), dtype=torch.float64
+    )
+    s = rnd.start(torch.randn(3, D, generator=gen(0), dtype=torch.float64))
+    ptrs = [t.untyped_storage().data_ptr() for t in s.tensors()]
+    assert len(set(ptrs)) == len(ptrs)
+
+
 # ------------------------------------------------------------------ power: wrong variants
 def _wrong_next_prev(kind: str):
     """StaticRound._verify whose next state's previous prediction is wrong after a rejection:

@@ -211,7 +211,8 @@ class StaticRound:
             frozen=self._freeze(x, p0, k),
             exact=torch.zeros(B, dtype=torch.bool, device=dev),
             stats=stats,
-            prev=p0.reshape(x.shape).contiguous() if self.multistep else x.new_empty((0,)),
+            # its own buffer: the frozen x0 is a view of p0, and a captured round copies into each
+            prev=p0.clone() if self.multistep else x.new_empty((0,)),
         )
 
     # ------------------------------------------------------------------ the round
