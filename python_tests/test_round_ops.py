@@ -161,9 +161,9 @@ SHAPES = [
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
 
-def _round_params():
+def _round_params(families):
     out = []
-    for fam in FAMILIES:
+    for fam in families:
         for freeze in (layout.FREEZE_X0, layout.FREEZE_EPS):
             for i, (B, L, E) in enumerate(SHAPES):
                 dtype = DTYPES[(i + freeze + len(fam)) % len(DTYPES)]
@@ -171,7 +171,7 @@ def _round_params():
     return out
 
 
-ROUND_PARAMS = _round_params()
+ROUND_PARAMS = _round_params(FAMILIES)
 
 
 @pytest.mark.parametrize("fam,freeze,B,L,E,dtype", ROUND_PARAMS)
@@ -637,17 +637,7 @@ def test_round_stats_opcheck_and_bad_arguments():
 
 
 # ---------------------------------------------------------------- multistep chains (prev)
-def _multistep_params():
-    out = []
-    for fam in MULTISTEP_FAMILIES:
-        for freeze in (layout.FREEZE_X0, layout.FREEZE_EPS):
-            for i, (B, L, E) in enumerate(SHAPES):
-                dtype = DTYPES[(i + freeze + len(fam)) % len(DTYPES)]
-                out.append((fam, freeze, B, L, E, dtype))
-    return out
-
-
-MS_PARAMS = _multistep_params()
+MS_PARAMS = _round_params(MULTISTEP_FAMILIES)
 
 
 def test_multistep_params_cover_every_dtype_and_mode():

@@ -34,7 +34,7 @@ import torch
 
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
-from verify_cases import run_aot_script  # noqa: E402
+from verify_cases import poison_empty, run_aot_script  # noqa: E402
 
 from specdiff_kernels.ops import layout  # noqa: E402
 from specdiff_kernels.ops import round as round_ops  # noqa: E402
@@ -767,21 +767,6 @@ _ROLES = {
 }
 
 
-def _poison(monkeypatch):
-    """Allocations made while patched start as NaN / -7: outputs must be written in full."""
-    orig_empty = torch.empty
-
-    def poisoned_empty(*args, **kwargs):
-        t = orig_empty(*args, **kwargs)
-        if t.dtype.is_floating_point:
-            t.fill_(float("nan"))
-        elif t.dtype != torch.bool:
-            t.fill_(-7)
-        return t
-
-    monkeypatch.setattr(torch, "empty", poisoned_empty)
-
-
 def _ms_round(monkeypatch, freeze, dtype, clip_on, L, E, roles, key):
     """Draft (checked step by step) and verify a multistep round with poisoned outputs; returns
     the inputs and the verify result."""
@@ -796,7 +781,7 @@ def _ms_round(monkeypatch, freeze, dtype, clip_on, L, E, roles, key):
     steps = torch.tensor([_ROLES[r][0](L)[0] for r in roles], dtype=torch.int64)
     lengths = torch.tensor([_ROLES[r][0](L)[1] for r in roles], dtype=torch.int64)
     with monkeypatch.context() as mp:
-        _poison(mp)
+        poison_empty(mp)
         Y = draft_op(root, frozen, steps, lengths, coef, seed, ids, L, freeze, clip, prev)
     assert_draft_matches(Y, root, frozen, steps, lengths, coef, seed, ids, L, freeze, clip, prev)
     small = _x0_hat(Y, frozen, steps, coef, freeze, gen, gap_lo=0.001, gap_hi=0.002)
@@ -806,7 +791,7 @@ def _ms_round(monkeypatch, freeze, dtype, clip_on, L, E, roles, key):
         pick[b, L - 1] = r == "reject"
     P = torch.where(pick, huge, small)
     with monkeypatch.context() as mp:
-        _poison(mp)
+        poison_empty(mp)
         got = verify_op(Y, P, frozen, steps, lengths, coef, seed, ids, freeze, clip, prev)
     args = (Y, P, frozen, steps, lengths, coef, seed, ids, freeze, clip)
     return args, prev, got

@@ -28,6 +28,7 @@ from verify_cases import (  # noqa: E402
     log_ratio_loop,
     log_ratio_tolerance,
     make_window,
+    poison_empty,
     reference64,
     reflect_loop,
     run_aot_script,
@@ -179,17 +180,7 @@ def test_poisoned_outputs_are_fully_written(strategy, monkeypatch):
     B, L, E = 3, 4, (2, 150)
     _, (y, mq, mp, sigma, u) = _window(B, L, E, torch.float32, ("poison", strategy))
     n = torch.tensor([4, 1, 2], device=DEVICE)
-    orig_empty = torch.empty
-
-    def poisoned_empty(*args, **kwargs):
-        t = orig_empty(*args, **kwargs)
-        if t.dtype.is_floating_point:
-            t.fill_(float("nan"))
-        elif t.dtype != torch.bool:
-            t.fill_(-7)
-        return t
-
-    monkeypatch.setattr(torch, "empty", poisoned_empty)
+    poison_empty(monkeypatch)
     got = verify_op(y, mq, mp, sigma, u, n, strategy)
     lr = log_ratio_op(y, mq, mp, sigma, strategy)
     rr = reflect_op(y[:, 1].contiguous(), mq[:, 1].contiguous(), mp[:, 1].contiguous(), strategy)

@@ -239,3 +239,19 @@ def run_aot_script(script: str, cwd, ok_marker: str) -> None:
     assert proc.returncode == 0 and ok_marker in proc.stdout, (
         proc.stdout[-3000:] + proc.stderr[-6000:]
     )
+
+
+def poison_empty(monkeypatch) -> None:
+    """Allocations made while patched start as NaN / -7: a kernel's outputs must be written in
+    full to pass a comparison."""
+    orig_empty = torch.empty
+
+    def poisoned_empty(*args, **kwargs):
+        t = orig_empty(*args, **kwargs)
+        if t.dtype.is_floating_point:
+            t.fill_(float("nan"))
+        elif t.dtype != torch.bool:
+            t.fill_(-7)
+        return t
+
+    monkeypatch.setattr(torch, "empty", poisoned_empty)

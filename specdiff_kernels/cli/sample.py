@@ -39,16 +39,6 @@ DPM_SDE = "dpm++2m-sde"
 # "DPM++ 2M SDE"); --karras adds use_karras_sigmas
 DPM_SDE_CONFIG = {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}
 OTHER_SIGMAS = ("use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas")
-# own schedulers that draw no noise (the adapter refuses them): --scheduler dpm++2m-sde instead
-DETERMINISTIC = (
-    "UniPCMultistepScheduler",
-    "DPMSolverSinglestepScheduler",
-    "DEISMultistepScheduler",
-    "PNDMScheduler",
-    "LMSDiscreteScheduler",
-    "HeunDiscreteScheduler",
-    "EulerDiscreteScheduler",
-)
 EMBEDDED = ("patches", "digits")
 # UNets called as unet(sample, timestep): conditional ones need inputs this command has no flag for
 UNET_CLASSES = ("UNet2DModel",)
@@ -255,20 +245,22 @@ def _scheduler_from_config(name: str, config: dict, overrides: Optional[dict] = 
 
 def _own_scheduler(own: str, cfg: dict) -> str:
     """The --scheduler name of the pipeline's own scheduler, else a PipelineError saying why."""
+    from ..integrations.diffusers import DETERMINISTIC_SCHEDULERS, NO_NOISE
+
     if own == SCHEDULERS[DPM_SDE]:
         algo = cfg.get("algorithm_type", "dpmsolver++")
         if algo == "sde-dpmsolver++":
             return DPM_SDE
         raise PipelineError(
             "--scheduler",
-            f"the pipeline's own scheduler {own} (algorithm_type {algo!r}) is deterministic (no "
-            f"noise to speculate over); pass --scheduler {DPM_SDE} (its SDE variant)",
+            f"the pipeline's own scheduler {own} (algorithm_type {algo!r}) is {NO_NOISE}; pass "
+            f"--scheduler {DPM_SDE} (its SDE variant)",
         )
-    if own in DETERMINISTIC:
+    if own in DETERMINISTIC_SCHEDULERS:
         raise PipelineError(
             "--scheduler",
-            f"the pipeline's own scheduler {own} is deterministic (no noise to speculate "
-            f"over); pass --scheduler {DPM_SDE} (or {', '.join(list(SCHEDULERS)[:-1])})",
+            f"the pipeline's own scheduler {own} is {NO_NOISE}; pass --scheduler {DPM_SDE} "
+            f"(or {', '.join(list(SCHEDULERS)[:-1])})",
         )
     if own not in SCHEDULER_NAMES:
         raise PipelineError(

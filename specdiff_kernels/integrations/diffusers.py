@@ -380,10 +380,10 @@ _SUPPORTED_TEXT = (
     "DDPMScheduler, DDIMScheduler (eta > 0), EulerAncestralDiscreteScheduler, "
     "DPMSolverMultistepScheduler (algorithm_type='sde-dpmsolver++')"
 )
-_DETERMINISTIC = "deterministic (no noise to speculate over)"
+NO_NOISE = "deterministic (no noise to speculate over)"
 _USE_SDE_DPM = "use DPMSolverMultistepScheduler(algorithm_type='sde-dpmsolver++')"
 # diffusers schedulers whose step draws no noise: the stochastic one to use instead
-_DETERMINISTIC_CLASSES = {
+DETERMINISTIC_SCHEDULERS = {
     "UniPCMultistepScheduler": _USE_SDE_DPM,
     "DPMSolverSinglestepScheduler": _USE_SDE_DPM,
     "DEISMultistepScheduler": _USE_SDE_DPM,
@@ -424,9 +424,9 @@ def _supported_class(scheduler, where: str = "scheduler") -> str:
 
 
 def _unsupported_text(name: str) -> str:
-    instead = _DETERMINISTIC_CLASSES.get(name)
+    instead = DETERMINISTIC_SCHEDULERS.get(name)
     if instead is not None:
-        return f"unsupported scheduler {name}: {_DETERMINISTIC}; {instead}"
+        return f"unsupported scheduler {name}: {NO_NOISE}; {instead}"
     return f"unsupported scheduler {name}; supported: {_SUPPORTED_TEXT}"
 
 
@@ -462,7 +462,7 @@ def _check_dpm(cfg) -> None:
     algo = cfg.get("algorithm_type", "dpmsolver++")
     if algo in ("dpmsolver++", "dpmsolver"):
         raise ValueError(
-            f"algorithm_type={algo!r} is {_DETERMINISTIC}; use algorithm_type='sde-dpmsolver++'"
+            f"algorithm_type={algo!r} is {NO_NOISE}; use algorithm_type='sde-dpmsolver++'"
         )
     if algo == "sde-dpmsolver":
         raise ValueError(
@@ -778,8 +778,7 @@ def diffusers_transitions(
         raise ValueError("DDIMScheduler: pass eta (> 0); diffusers' step takes it per call")
     elif as_real(eta, "eta", 0, 1) == 0:
         raise ValueError(
-            f"DDIMScheduler with eta = 0 is {_DETERMINISTIC}; pass eta > 0 (eta = 1: DDPM's "
-            f"variance)"
+            f"DDIMScheduler with eta = 0 is {NO_NOISE}; pass eta > 0 (eta = 1: DDPM's variance)"
         )
     sched = _fresh(scheduler, n)
     if kind == "DDPMScheduler":

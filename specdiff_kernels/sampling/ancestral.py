@@ -106,7 +106,7 @@ class LeanAncestral:
             if graphs:
                 x, code, p = x.clone(), code.clone(), p.clone()
             if prev is not None:
-                prev = p.reshape(x.shape)
+                prev = p
             if check_finite:
                 first = torch.where(code > 0, torch.minimum(first, 2 * k + (code == 1)), first)
             k = k + 1

@@ -234,9 +234,9 @@ class FrozenProposer:
         kw = kd[:, None] + pos[None]
         Yl = Y[:, :window]
         x0q = self.draft.x0_at(self.T, fr.unsqueeze(1), Yl, kw)
-        if x0q.shape != Yl.shape:  # a frozen x0 broadcast over the window
-            x0q = x0q.expand(Yl.shape)
-        prev = window_prev(state.prev[rd], x0q) if self.T.multistep else None
+        prev = None
+        if self.T.multistep:  # (a frozen x0 is [w, 1, *E]: broadcast over the window first)
+            prev = window_prev(state.prev[rd], x0q.expand(Yl.shape))
         return Y, affine_mean(self.T, Yl, x0q, kw, prev)
 
     def draft_x0(

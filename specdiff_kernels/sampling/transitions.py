@@ -891,17 +891,17 @@ def dpmsolver_sde_transitions(
     spacing = as_choice(spacing, "spacing", SPACINGS)
     schedule = as_choice(sigma_schedule, "sigma_schedule", SIGMA_SCHEDULES)
     final = as_choice(final_sigmas_type, "final_sigmas_type", FINAL_SIGMAS)
-    if spacing == "linspace":
-        ts = np.linspace(0, T - 1, n + 1).round()[::-1][:-1].astype(np.int64)
-    elif spacing == "leading":
-        ts = (np.arange(0, n + 1) * (T // (n + 1))).round()[::-1][:-1].astype(np.int64)
-    else:
-        ts = np.arange(T, 0, -T / n).round().astype(np.int64) - 1
     train_sigmas = ((1 - abar) / abar).sqrt()
-    if schedule == "karras":
+    if schedule == "karras":  # the timesteps follow the noise levels: no spacing
         sig = karras_sigmas(float(train_sigmas[0]), float(train_sigmas[-1]), n)
         timesteps = sigma_to_t(sig, train_sigmas.log()).round().to(torch.int64)
     else:
+        if spacing == "linspace":
+            ts = np.linspace(0, T - 1, n + 1).round()[::-1][:-1].astype(np.int64)
+        elif spacing == "leading":
+            ts = (np.arange(0, n + 1) * (T // (n + 1))).round()[::-1][:-1].astype(np.int64)
+        else:
+            ts = np.arange(T, 0, -T / n).round().astype(np.int64) - 1
         timesteps = torch.from_numpy(ts.copy())
         sig = torch.from_numpy(np.interp(ts, np.arange(T), train_sigmas.numpy()).astype(np.float64))
     last = float(train_sigmas[0]) if final == "sigma_min" else 0.0
