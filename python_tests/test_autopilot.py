@@ -29,7 +29,10 @@ from test_sampler_exactness import (
 )
 from wrong_verifiers import VerifyFreshFromP, static_wrong_verify, verify_keep_draft_on_reject
 
+import specdiff_kernels.sampling.sampler as sampler_module
 from specdiff_kernels.sampling.autopilot import (
+    MEASURE,
+    AutoRounds,
     AutoWindow,
     CostModel,
     WindowController,
@@ -107,21 +110,49 @@ def test_expected_steps_matches_a_simulated_window():
 
 
 def test_controller_falls_back_where_calls_are_compute_bound():
-    linear = CostModel([64, 128], [1e-3, 2e-3])
+    linear = CostModel([64, 128], [1e-3, 2e-3], online=False)
     ctl = WindowController(linear, 32, 64, compact=False)
-    assert ctl.choose(64, 0)[0] == 0
-    flat = CostModel([64, 128], [1e-3, 1e-3])
+    assert ctl.choose(64, 0) == (ctl.arm(0, 64, 0), False)
+    flat = CostModel([64, 128], [1e-3, 1e-3], online=False)
     ctl = WindowController(flat, 32, 64, compact=False)
-    assert ctl.choose(64, 0)[0] == 32  # prior acceptance 0.9, every window costs the same
+    assert ctl.choose(64, 0)[0].W == 32  # prior acceptance 0.9, every window costs the same
+
+
+def test_controller_measures_the_arm_the_model_does_not_prefer_then_trusts_measurements():
+    """A measured cost model is a first guess: the arm it does not prefer is tried on real rounds
+    (where the guess does not rule it out), and measured rounds correct the guess both ways."""
+    cost = CostModel([64, 128], [1e-3, 2e-3])  # compute-bound by the calibration
+    ctl = WindowController(cost, 32, 64, compact=False)
+    arm, explore = ctl.choose(64, 0)
+    assert arm.W > 0 and explore  # speculation is not ruled out (rate >= EXPLORE x ancestral)
+    for _ in range(MEASURE[1]):  # real rounds cost a quarter of the model's guess
+        cost.measured(arm.W, 0.25)
+    cost.measured(0, 1.0)
+    arm, explore = ctl.choose(64, 0)
+    assert arm.W > 0 and arm.factor == 0.25  # the nearest measured window's correction
+    for W in ctl.candidates[1:]:  # every window measured: nothing left to explore
+        cost.measured(W, 0.25)
+    assert ctl.choose(64, 0)[0].W > 0 and not ctl.choose(64, 0)[1]
+    slow = CostModel([64, 128], [1e-3, 1e-3])  # latency-bound by the calibration, but really not
+    ctl = WindowController(slow, 32, 64, compact=False)
+    assert ctl.choose(64, 0)[0].W >= 16  # the ancestral arm is ruled out by the guess
+    for _ in range(3):
+        slow.measured(32, 40.0)
+    assert ctl.choose(64, 0)[0].W < 32  # measured rounds: the long window costs what it does
+    never = CostModel([64, 128], [1e-3, 8e-3])  # far worse than ancestral: never tried
+    assert WindowController(never, 32, 64, compact=False).choose(64, 0) == (
+        ctl.arm(0, 64, 0)._replace(seconds=never.ancestral_step(64)),
+        False,
+    )
 
 
 def test_controller_shortens_the_window_when_acceptance_falls():
-    cost = CostModel([1, 2], [1e-3, 1.05e-3])
+    cost = CostModel([1, 2], [1e-3, 1.05e-3], online=False)
     ctl = WindowController(cost, 32, 1, compact=True)
-    high = ctl.choose(1, 1)[0]
+    high = ctl.choose(1, 1)[0].W
     for _ in range(20):  # position 0 accepted, later positions mostly rejected
         ctl.observe([1] + [0] * 31, [1, 1] + [0] * 30)
-    low = ctl.choose(1, 0)[0]
+    low = ctl.choose(1, 0)[0].W
     assert high > low
 
 
@@ -135,7 +166,8 @@ def test_run_records_the_controller_and_hands_off():
     assert sum(ap["window_hist"].values()) == len(ap["predicted_s"]) == len(ap["measured_s"])
     assert len(ap["window_hist"]) >= 2  # more than one window was chosen
     assert 0 < ap["ancestral_steps"] < GAUSS_N * T.num_steps
-    assert ap["handed_off_at"] is not None and res.stats.speculative_steps > 0
+    assert ap["ancestral_blocks"] and res.stats.speculative_steps > 0
+    assert sum(n for _, n in ap["ancestral_blocks"]) * GAUSS_N >= ap["ancestral_steps"]
     # every chain-step is accounted for exactly once
     st = res.stats
     total = st.speculative_steps + st.direct_steps + st.deterministic_steps
@@ -155,12 +187,14 @@ def test_mostly_ancestral_run_warns_once_and_says_why():
     assert res.stats.target_calls == T.num_steps  # the first step, then the ancestral loop
 
 
-def test_two_samplers_of_one_model_give_the_same_samples():
-    """The measured cost model is shared per model in the process: same seed, same samples."""
+def test_samplers_of_one_model_share_the_cost_model_and_its_measurements():
+    """Measured once per model in the process; later runs start from the earlier runs' real
+    rounds (their samples then differ by timings, their law does not)."""
     model, T = gmm_setup()
-    a = SpeculativeSampler(model, T).sample(9, (16,), generator=gen(5)).samples
-    b = SpeculativeSampler(model, T).sample(9, (16,), generator=gen(5)).samples
-    assert torch.equal(a, b)
+    a = SpeculativeSampler(model, T).sample(9, (16,), generator=gen(5)).stats.autopilot
+    b = SpeculativeSampler(model, T).sample(9, (16,), generator=gen(5)).stats.autopilot
+    assert a["cost"]["calibration_s"] == b["cost"]["calibration_s"] > 0
+    assert a["cost"]["ratios"] == {} and b["cost"]["ratios"]
 
 
 def test_given_cost_makes_runs_repeatable():
@@ -230,3 +264,76 @@ def test_auto_window_policy_is_cost_aware_on_the_ragged_path():
     assert int(w.choose(torch.tensor([0.9]), torch.tensor([0.9]))[0]) == 32
     w.cost = CostModel([8, 16], [1e-3, 2e-3])  # proportional: the shortest
     assert int(w.choose(torch.tensor([0.9]), torch.tensor([0.9]))[0]) == 1
+
+
+# ===================================================================== ancestral blocks
+class Alternating(WindowController):
+    """A past-only rule that switches often: speculative rounds of W = 4 and ancestral blocks
+    (every third decision; every sixth as a measuring probe), whatever the costs say."""
+
+    def choose(self, live, exact):
+        self.n = getattr(self, "n", 0) + 1
+        W = 0 if self.n % 3 == 0 else 4
+        return self.arm(W, live, exact), self.n % 6 == 0
+
+
+def keep_roots_exact(monkeypatch):
+    """A wrong block: it keeps the frozen value from before the block and calls the roots exact
+    (the next round then takes the target's step-0 mean from a prediction made steps ago)."""
+    block = AutoRounds.ancestral_block
+
+    def wrong(self, s, steps, arm):
+        out = block(self, s, steps, arm)
+        out.frozen, out.exact = s.frozen, torch.ones_like(out.exact)
+        return out
+
+    monkeypatch.setattr(AutoRounds, "ancestral_block", wrong)
+
+
+def run_alternating(monkeypatch, T, model, draft, seed, dim):
+    monkeypatch.setattr(sampler_module, "WindowController", Alternating)
+    s = SpeculativeSampler(model, T, draft, "auto", cost=COSTS["flat"], path="static")
+    res = s.sample(GAUSS_N, (dim,), generator=gen(seed), dtype=torch.float64)
+    hist = res.stats.autopilot["window_hist"]
+    assert hist.get(0, 0) >= 2 and hist.get(4, 0) >= 2  # both kinds, more than once
+    st = res.stats
+    assert st.speculative_steps + st.direct_steps + st.deterministic_steps == GAUSS_N * T.num_steps
+    assert max(st.chain_rounds) == st.rounds
+    return res
+
+
+@pytest.mark.parametrize("freeze", ["x0", "eps"])
+@pytest.mark.parametrize("wrong", [False, True])
+def test_switching_between_blocks_and_rounds_keeps_the_law(freeze, wrong, monkeypatch):
+    """Rounds after an ancestral block start from stale roots whose frozen value is the block's
+    last x0-hat; the power check (see keep_roots_exact) must be rejected."""
+    if wrong:
+        keep_roots_exact(monkeypatch)
+    T = gaussian_transitions("ddpm")
+    model = gaussian_model(T)
+    res = run_alternating(monkeypatch, T, model, FrozenTargetDraft(freeze), 740, GAUSS_D)
+    m, C = exact_final_law(model, T, GAUSS_D)
+    p = gaussian_one_sample_pvalue(res.samples.numpy(), m, C)
+    assert (p < ALPHA) if wrong else (p > ALPHA)
+
+
+@pytest.mark.parametrize("wrong", [False, True])
+def test_switching_keeps_the_multistep_law(wrong, monkeypatch):
+    """DPM-Solver++ 2M SDE: the block carries each chain's previous prediction into the next
+    round; the power check drops it (a zero buffer, as at a chain's first step)."""
+    import test_multistep_exactness as ms
+
+    if wrong:
+        block = AutoRounds.ancestral_block
+
+        def stale_prev(self, s, steps, arm):
+            out = block(self, s, steps, arm)
+            out.prev = torch.zeros_like(s.prev)
+            return out
+
+        monkeypatch.setattr(AutoRounds, "ancestral_block", stale_prev)
+    T = ms.transitions("default", 30)
+    model = ms.model_for(T)
+    res = run_alternating(monkeypatch, T, model, FrozenTargetDraft("x0"), 750, ms.D)
+    p = ms.law_p(T, model, res)
+    assert (p < ALPHA) if wrong else (p > ALPHA)

@@ -44,11 +44,12 @@ batch).
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -68,6 +69,15 @@ LINEAR = 0.9  # t(mB) >= LINEAR * m * t(B): compute-bound, extrapolate linearly 
 ROUND_FIXED = {"cpu": 8e-5, "cuda": 6e-5}
 ANCESTRAL_FIXED = {"cpu": 3e-5, "cuda": 2e-5}
 OWN_PASSES = 3.0  # a speculative round reads and writes the window about this many times
+# measuring real rounds: the arm not preferred is tried while it has fewer measurements than this
+# (W = 0: ancestral blocks; W >= 1: speculative rounds, pooled over W) and its rate is at least
+# EXPLORE times the preferred arm's; KEEP measurements per W are kept (a low quantile is used:
+# timing noise only ever adds time)
+MEASURE = {0: 1, 1: 2}
+EXPLORE = 0.5
+NEIGHBOUR = 0.75  # a window next to the best one is measured once where its rate is this close
+KEEP = 8
+FIRST_BLOCK, PROBE_BLOCK = 8, 4  # ancestral block lengths: first chosen (doubles), measuring
 
 
 @dataclass
@@ -85,6 +95,8 @@ class CostModel:
     ancestral_fixed: float = 3e-5
     calibration_s: float = 0.0
     user: Optional[Callable[[int], float]] = None
+    online: bool = True  # corrected by this process's real rounds (a user's cost=: never)
+    ratios: dict = field(default_factory=dict)  # W -> recent (measured / model) seconds
     _memo: dict = field(default_factory=dict, repr=False, compare=False)
 
     def network(self, b: float) -> float:
@@ -111,6 +123,30 @@ class CostModel:
     def ancestral_step(self, live: float) -> float:
         return self.network(live) + self.ancestral_fixed + self.per_state * 2 * live
 
+    def measured(self, W: int, ratio: float) -> None:
+        """Fold in one real round of window W (0: an ancestral block): measured / model seconds."""
+        if self.online and math.isfinite(ratio) and ratio > 0:
+            kept = self.ratios.setdefault(W, [])
+            kept.append(ratio)
+            del kept[:-KEEP]
+
+    def factor(self, W: int) -> float:
+        """The correction of the model's seconds for window W: a low quantile of W's measured
+        ratios, else of the nearest measured speculative window's (1: none measured)."""
+        kept = self.ratios.get(W)
+        if not kept and W > 0:
+            spec = [w for w in self.ratios if w > 0]
+            if spec:
+                kept = self.ratios[min(spec, key=lambda w: abs(math.log((w + 1) / (W + 1))))]
+        return sorted(kept)[(len(kept) - 1) // 4] if kept else 1.0
+
+    def needs_measuring(self, W: int) -> bool:
+        """Whether the arm of W (0: ancestral, else speculative) has too few real measurements."""
+        if not self.online:
+            return False
+        have = sum(len(v) for w, v in self.ratios.items() if (w > 0) == (W > 0))
+        return have < MEASURE[min(W, 1)]
+
     def as_dict(self) -> dict:
         d = asdict(self)
         d["user"] = self.user is not None
@@ -124,6 +160,7 @@ class CostModel:
             round_fixed=ROUND_FIXED.get(device_type, 8e-5),
             ancestral_fixed=ANCESTRAL_FIXED.get(device_type, 3e-5),
         )
+        fixed["online"] = False  # a run then repeats bit for bit across processes
         if callable(cost):
             return CostModel(user=cost, **fixed)
         if not isinstance(cost, dict) or not cost:
@@ -210,14 +247,29 @@ class ControllerLog:
     """What the controller did in one run (``SamplerStats.autopilot``)."""
 
     cost: dict
-    window_hist: dict = field(default_factory=dict)  # W -> rounds
+    window_hist: dict = field(default_factory=dict)  # W -> rounds (0: ancestral blocks)
     ancestral_steps: int = 0  # chain-steps taken as plain ancestral steps
-    handed_off_at: Optional[int] = None  # the round after which the ancestral loop ran
-    predicted_s: list = field(default_factory=list)  # per round
-    measured_s: list = field(default_factory=list)  # per round (host clock, between reads)
+    ancestral_blocks: list = field(default_factory=list)  # (first round, steps) of each block
+    explored: int = 0  # decisions made to measure the arm not preferred (see choose)
+    predicted_s: list = field(default_factory=list)  # per round or block
+    measured_s: list = field(default_factory=list)  # per round or block (host clock)
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+class Arm(NamedTuple):
+    """One candidate of a decision: window W (0: ancestral steps), expected committed chain-steps
+    and seconds, corrected by this process's measurements of real rounds (``factor``)."""
+
+    W: int
+    steps: float
+    seconds: float
+    factor: float
+
+    @property
+    def rate(self) -> float:
+        return self.steps / self.seconds
 
 
 class WindowController:
@@ -259,39 +311,63 @@ class WindowController:
                 counts[i] = d * counts[i] + new[i]
 
     def round_time(self, W: int, live: int, exact: int, a0: float, a: float) -> tuple:
-        """(expected committed chain-steps, predicted seconds) of a round with window W."""
+        """(expected committed chain-steps, the cost model's seconds) of a round with window W
+        (W = 0: one ancestral step of the batch)."""
         c = self.cost
         if W == 0:
             return float(live), c.ancestral_step(live)
         evals = live * (W + 1) - exact if self.compact else self.B * (W + 1)
         return live * expected_steps(a0, a, W), c.speculative_round(evals, self.B * (W + 1))
 
-    def choose(self, live: int, exact: int) -> tuple[int, float]:
-        """(W, predicted seconds) for the next round of ``live`` unfinished chains, ``exact`` of
-        them with an exact root."""
-        a0, a = self.acceptance()
-        steps0, time0 = self.round_time(0, live, exact, a0, a)
-        best, best_rate, best_time = 0, steps0 / time0 * (1 + self.margin), time0
-        for W in self.candidates[1:]:
-            steps, t = self.round_time(W, live, exact, a0, a)
-            if steps / t > best_rate:
-                best, best_rate, best_time = W, steps / t, t
-        return best, best_time
+    def arm(self, W: int, live: int, exact: int) -> Arm:
+        steps, t = self.round_time(W, live, exact, *self.acceptance())
+        f = self.cost.factor(W)
+        return Arm(W, steps, t * f, f)
+
+    def choose(self, live: int, exact: int) -> tuple[Arm, bool]:
+        """(the arm for the next round of ``live`` unfinished chains, ``exact`` of them with an
+        exact root; whether it was chosen to measure it rather than for its rate)."""
+        anc = self.arm(0, live, exact)
+        specs = {W: self.arm(W, live, exact) for W in self.candidates[1:]}
+        spec = max(specs.values(), key=lambda a: a.rate)
+        best, other = (spec, anc) if spec.rate > anc.rate * (1 + self.margin) else (anc, spec)
+        # the arm not preferred is measured on real rounds until it has enough measurements,
+        # where the cost model alone does not rule it out (a slow first calibration must not
+        # decide a whole run; a clearly worse arm costs nothing to skip)
+        if self.cost.needs_measuring(other.W) and other.rate >= EXPLORE * best.rate:
+            return other, True
+        # so is a window next to the best one, whose cost the model extrapolates from others
+        for W in (2 * best.W, best.W // 2) if best.W and self.cost.online else ():
+            near = specs.get(W)
+            if near and W not in self.cost.ratios and near.rate >= NEIGHBOUR * best.rate:
+                return near, True
+        return best, False
 
 
 class AutoRounds:
     """The static round driven by the controller: :meth:`next` runs the round the controller
-    chooses, or hands the rest of the schedule to the ancestral loop (``lean``: a
-    :class:`~specdiff_kernels.sampling.ancestral.LeanAncestral` of the same chains)."""
+    chooses, or a block of plain ancestral steps (``lean``: a
+    :class:`~specdiff_kernels.sampling.ancestral.LeanAncestral` of the same chains), and folds the
+    measured time of each into the cost model."""
 
-    def __init__(self, rnd: StaticRound, controller: WindowController, lean: LeanAncestral):
+    def __init__(
+        self,
+        rnd: StaticRound,
+        controller: WindowController,
+        lean: LeanAncestral,
+        check_finite: bool = True,
+    ):
         self.rnd, self.controller, self.lean = rnd, controller, lean
+        self.check_finite = check_finite
         self.log = ControllerLog(cost=controller.cost.as_dict())
         self.L, self.N = rnd.L, rnd.N
+        det = lean.T.deterministic.to(torch.int64).tolist()
+        self.det_before = [0] + list(itertools.accumulate(det))  # deterministic steps in [0, k)
         self.prev_counts: Optional[list] = None
-        self.t_prev: Optional[float] = None
-        self.handoff: Optional[dict] = None  # what the ancestral loop did, once it ran
-        # (step, row, "output" or "state") of the ancestral loop's first non-finite value
+        self.pending: Optional[tuple[int, float, float]] = None  # (W, model's s, start) of a round
+        self.block = FIRST_BLOCK  # the next ancestral block's length (doubles while repeated)
+        self.direct_steps = 0  # stochastic chain-steps of the ancestral blocks
+        # (step, row, "output" or "state") of an ancestral block's first non-finite value
         self.bad: Optional[tuple[int, int, str]] = None
 
     def head_size(self) -> int:
@@ -300,8 +376,10 @@ class AutoRounds:
 
     def next(self, s: ChainBatch, head: list) -> ChainBatch:
         now = time.perf_counter()
-        if self.t_prev is not None:
-            self.log.measured_s.append(now - self.t_prev)
+        if self.pending is not None:  # the last round's time: from its start to this head read
+            W, model_s, start = self.pending
+            self.measured(W, model_s, now - start)
+            self.pending = None
         counts = head[layout.STAT_HEAD :]
         if self.prev_counts is not None:
             delta = [c - p for c, p in zip(counts, self.prev_counts)]
@@ -310,75 +388,104 @@ class AutoRounds:
         self.prev_counts = counts
         live = head[layout.STAT_LIVE]
         exact = int(s.exact.sum()) if self.rnd.compact else 0
-        W, predicted = self.controller.choose(live, exact)
-        self.log.window_hist[W] = self.log.window_hist.get(W, 0) + 1
-        self.log.predicted_s.append(predicted)
-        if W == 0:  # would be chosen again at every later round: see the module docstring
-            s = self.ancestral_rest(s, len(self.log.predicted_s) - 1)
-            self.log.measured_s.append(time.perf_counter() - now)
-            return s
-        self.t_prev = time.perf_counter()  # the round's time: from here to the next head read
-        return self.rnd.step(s, W)
+        arm, explore = self.controller.choose(live, exact)
+        self.log.window_hist[arm.W] = self.log.window_hist.get(arm.W, 0) + 1
+        self.log.predicted_s.append(arm.seconds)
+        self.log.explored += explore
+        if arm.W == 0:
+            steps = PROBE_BLOCK if explore else self.block
+            self.block = self.block if explore else 2 * self.block
+            return self.ancestral_block(s, steps, arm)
+        self.block = FIRST_BLOCK
+        self.pending = (arm.W, arm.seconds / arm.factor, time.perf_counter())
+        return self.rnd.step(s, arm.W)
 
-    def ancestral_rest(self, s: ChainBatch, after_round: int) -> ChainBatch:
-        """Every chain's remaining steps as ancestral steps (chains may be at different steps;
-        a finished chain's window length is 0: its state is kept)."""
+    def measured(self, W: int, model_s: float, seconds: float) -> None:
+        self.log.measured_s.append(seconds)
+        self.controller.cost.measured(W, seconds / model_s)
+
+    def ancestral_block(self, s: ChainBatch, steps: int, arm: Arm) -> ChainBatch:
+        """``steps`` ancestral steps of every chain not finished (chains may be at different
+        steps; a finished chain's window length is 0: its state is kept). The next round starts
+        from stale roots: the frozen value (and a multistep chain's previous prediction) is the
+        x0-hat at each chain's last parent state, as after a rejected window."""
+        start = time.perf_counter()
         x, k = s.x, s.k
         k_start = k.tolist()
+        n = min(steps, self.N - min(k_start))
+        lockstep = min(k_start) == max(k_start)  # the usual case: every chain ends together
         lengths = (k < self.N).to(torch.int64)
         # per chain, the first failure as 2 step + (1 if only the state failed); 2 N: none
         first = torch.full_like(k, 2 * self.N)
         graphs = self.lean.cuda_graphs
-        lockstep = min(k_start) == max(k_start)  # the usual case: every chain ends together
         prev = s.prev if self.lean.multistep else None
-        for _ in range(self.N - min(k_start)):
+        last = None  # (parent states, their x0-hat, steps, lengths) of the last step
+        for _ in range(n):
             if graphs:  # each step replays a CUDA graph whose outputs the next replay overwrites
                 torch.compiler.cudagraph_mark_step_begin()
-            x, code, p = self.lean._step(x, k, lengths, prev)
+            y, code, p = self.lean._step(x, k, lengths, prev)
             if graphs:
-                x, code, p = x.clone(), code.clone(), p.clone()
+                y, code, p = y.clone(), code.clone(), p.clone()
             if prev is not None:  # a finished chain keeps its own
-                live = (lengths > 0).reshape(-1, *([1] * (p.dim() - 1)))
-                prev = p if lockstep else torch.where(live, p, prev)
+                prev = p if lockstep else torch.where(_rows_like(lengths > 0, p), p, prev)
             failed = code > 0 if lockstep else (code > 0) & (lengths > 0)
             first = torch.where(failed, torch.minimum(first, 2 * k + (code == 1)), first)
-            k = k + lengths
+            last = (x, p, k, lengths)
+            x, k = y, k + lengths
             if not lockstep:  # chains finish at different iterations
                 lengths = (k < self.N).to(torch.int64)
+        frozen = s.frozen
+        if last is not None:  # chains finished before the last step keep theirs (never read)
+            x_par, p, k_par, moved = last
+            fresh = self.rnd.freeze_at(x_par, p, k_par)
+            frozen = fresh if lockstep else torch.where(_rows_like(moved > 0, p), fresh, frozen)
         f = int(first.min())
-        if f < 2 * self.N:
+        if f < 2 * self.N and self.bad is None:
             row = int((first == f).nonzero()[0, 0])
             self.bad = (f // 2, row, "state" if f % 2 else "output")
-        self.handoff = dict(after_round=after_round, k_start=k_start, calls=self.N - min(k_start))
-        stats = s.stats.clone()
-        stats[layout.STAT_LIVE] = 0
+        stats = self.block_stats(s.stats, k_start, n)
+        if self.bad is not None and self.check_finite:
+            stats[layout.STAT_LIVE] = 0  # the run ends here and raises
+        if x.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.measured(0, arm.seconds / arm.factor * n, time.perf_counter() - start)
+        self.log.ancestral_blocks.append((len(self.log.predicted_s) - 1, n))
+        self.log.predicted_s[-1] *= n
         prev = s.prev if prev is None else prev
-        return ChainBatch(x=x, k=k, frozen=s.frozen, exact=s.exact, stats=stats, prev=prev)
+        exact = torch.zeros_like(s.exact)
+        return ChainBatch(x=x, k=k, frozen=frozen, exact=exact, stats=stats, prev=prev)
 
-    def finish(self, stats: SamplerStats, transitions) -> None:
-        """Add the ancestral loop's calls and steps to the run's stats and log."""
-        if self.t_prev is not None and len(self.log.measured_s) < len(self.log.predicted_s):
-            self.log.measured_s.append(time.perf_counter() - self.t_prev)  # the last round
-        h = self.handoff
-        if h is not None:
-            det = transitions.deterministic.to(torch.int64)
-            # deterministic steps from step k on (k = 0..N): a reversed cumulative sum
-            ahead = det.flip(0).cumsum(0).flip(0).tolist() + [0]
-            B = len(h["k_start"])
-            stats.rounds += h["calls"]
-            stats.target_calls += h["calls"]
-            stats.target_evals += B * h["calls"]
-            n_det = sum(ahead[k] for k in h["k_start"])
-            n_all = sum(self.N - k for k in h["k_start"])
-            stats.deterministic_steps += n_det
-            stats.direct_steps += n_all - n_det
-            self.log.ancestral_steps = n_all
-            self.log.handed_off_at = h["after_round"]
-            base = h["after_round"] + 1  # the rounds before the hand-off, the first step's too
-            stats.chain_rounds = [
-                r if k >= self.N else base + self.N - k
-                for r, k in zip(stats.chain_rounds, h["k_start"])
-            ]
+    def block_stats(self, stats: Tensor, k_start: list, n: int) -> Tensor:
+        """The stats vector after an ancestral block of n calls (host arithmetic: the block's
+        steps are known without reading the device)."""
+        N, B = self.N, len(k_start)
+        k_end = [min(k + n, N) for k in k_start]
+        taken = sum(e - k for k, e in zip(k_start, k_end))
+        det = sum(self.det_before[e] - self.det_before[k] for k, e in zip(k_start, k_end))
+        self.direct_steps += taken - det
+        self.log.ancestral_steps += taken
+        self.rnd.target_evals += B * n
+        out = stats.clone()
+        rounds = int(out[layout.STAT_ROUNDS])
+        out[layout.STAT_ROUNDS] = rounds + n
+        out[layout.STAT_DET_STEPS] += det
+        out[layout.STAT_STEPS_DONE] = sum(k_end)
+        out[layout.STAT_LIVE] = sum(e < N for e in k_end)
+        cr = self.rnd.layout.view(out, "chain_rounds")
+        done = [c for c, (k, e) in enumerate(zip(k_start, k_end)) if k < N and e >= N]
+        if done:  # a chain's rounds: the calls until its last step
+            idx = torch.tensor(done, dtype=torch.int64, device=out.device)
+            when = torch.tensor([rounds + N - k_start[c] for c in done], device=out.device)
+            cr.index_copy_(0, idx, when.to(cr.dtype))
+        return out
+
+    def finish(self, stats: SamplerStats) -> None:
+        """Add the ancestral blocks' steps to the run's stats and the controller's log."""
+        if self.pending is not None:  # the last round
+            W, model_s, start = self.pending
+            self.measured(W, model_s, time.perf_counter() - start)
+            self.pending = None
+        stats.direct_steps += self.direct_steps
         stats.autopilot = self.log.as_dict()
 
     def warn_if_mostly_ancestral(self, stats: SamplerStats) -> None:
@@ -395,6 +502,11 @@ class AutoRounds:
                 f"{a:.2f}); an int window forces speculation",
                 stacklevel=5,
             )
+
+
+def _rows_like(mask: Tensor, like: Tensor) -> Tensor:
+    """A [B] mask shaped to broadcast over ``like``'s [B, *E]."""
+    return mask.reshape(-1, *([1] * (like.dim() - 1)))
 
 
 class AutoWindow(AdaptiveWindow):

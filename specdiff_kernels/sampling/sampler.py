@@ -350,7 +350,7 @@ class SpeculativeSampler(SamplerBase):
                 if what == "state":
                     raise self.nonfinite_state_error(step, chains.ids[row])
                 raise self.nonfinite_output_error("target", step, chains.ids[row])
-            auto.finish(stats, self.transitions)
+            auto.finish(stats)
             auto.warn_if_mostly_ancestral(stats)
         return SamplingResult(s.x, stats)
 
@@ -440,7 +440,7 @@ class SpeculativeSampler(SamplerBase):
             cond=chains.cond.gather(torch.arange(B, device=x.device)),
             max_batch=self.network_max_batch(x, chains),
         )
-        return AutoRounds(rnd, controller, lean)
+        return AutoRounds(rnd, controller, lean, self.check_finite)
 
     def _raise_static_nonfinite(self, bad_out: int, bad_lr: int, ids: list, N: int) -> None:
         code = bad_out if bad_out != layout.NO_BAD else bad_lr

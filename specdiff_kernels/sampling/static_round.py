@@ -164,7 +164,8 @@ class StaticRound:
             return round_ops.FrozenVerifyResult(*torch.ops.specdiff.verify_frozen(*args, prev))
         return round_ops.verify_frozen(*args, prev, backend=self.backend)
 
-    def _freeze(self, y, p, k):
+    def freeze_at(self, y, p, k):
+        """The frozen value of the target's x0-hat p at states y (steps k)."""
         B = y.shape[0]
         c = rr._rows(self.coef, k, y.dtype)
         return rr.freeze_value(c, y.reshape(B, -1), p.reshape(B, -1), self.freeze).reshape(y.shape)
@@ -208,7 +209,7 @@ class StaticRound:
         return ChainBatch(
             x=x1,
             k=k + 1,
-            frozen=self._freeze(x, p0, k),
+            frozen=self.freeze_at(x, p0, k),
             exact=torch.zeros(B, dtype=torch.bool, device=dev),
             stats=stats,
             # its own buffer: the frozen x0 is a view of p0, and a captured round copies into each
