@@ -15,7 +15,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -48,8 +50,49 @@ def _fmt(v, spec=".3g"):
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
 
 
-def cost_table(anc: SamplerStats, spec: SamplerStats) -> str:
+@dataclass
+class WarmTimes:
+    """Wall seconds of warm runs of both samplers, interleaved (``reps`` each, same threads)."""
+
+    ancestral: list
+    speculative: list
+    threads: int
+
+    @property
+    def medians(self) -> tuple[float, float]:
+        return statistics.median(self.ancestral), statistics.median(self.speculative)
+
+
+def warm_times(run_ancestral, run_speculative, reps: int) -> WarmTimes:
+    """``reps`` runs of each, interleaved with alternating order (a slow spell of the machine or
+    a drift falls on both)."""
+    anc, spec = [], []
+    for i in range(reps):
+        pair = ((run_ancestral, anc), (run_speculative, spec))
+        for run, out in pair if i % 2 == 0 else pair[::-1]:
+            out.append(run().stats.wall_time)
+    return WarmTimes(anc, spec, torch.get_num_threads())
+
+
+def acceptance_line(spec: SamplerStats) -> str:
+    """Acceptance by window position, up to the longest window verified."""
+    acc = spec.acceptance_by_position
+    seen = [j for j, a in enumerate(acc) if not math.isnan(a)]
+    if not seen:
+        return "acceptance by window position: no window was verified (every step ancestral)"
+    shown = "  ".join(f"{j}:{_fmt(a, '.2f')}" for j, a in enumerate(acc[: seen[-1] + 1]))
+    return f"acceptance by window position: {shown}"
+
+
+def cost_table(anc: SamplerStats, spec: SamplerStats, warm: Optional[WarmTimes] = None) -> str:
+    """The cost table; ``warm``: its wall-time row from warm interleaved runs (medians), the
+    first runs' times on a line of their own."""
     rel = spec.relative_to(anc)
+    wall = ("wall time [s]", anc.wall_time, spec.wall_time)
+    if warm is not None:
+        n = len(warm.ancestral)
+        wall = (f"wall time [s], median of {n} warm runs", *warm.medians)
+    wall_ratio = wall[2] / wall[1]
     rows = [
         (
             "sequential target calls (batch)",
@@ -65,7 +108,7 @@ def cost_table(anc: SamplerStats, spec: SamplerStats) -> str:
         ),
         ("total target evaluations", anc.target_evals, spec.target_evals, rel["target_evals"]),
         ("draft calls / evaluations", "0 / 0", f"{spec.draft_calls} / {spec.draft_evals}", None),
-        ("wall time [s]", anc.wall_time, spec.wall_time, rel["wall_time"]),
+        (*wall, wall_ratio),
         ("mean accepted steps per round", None, spec.mean_accepted_length, None),
         ("mean committed steps per round", 1.0, spec.steps_per_window, None),
     ]
@@ -80,20 +123,31 @@ def cost_table(anc: SamplerStats, spec: SamplerStats) -> str:
         out.append(f"{name:{w}}  {fa:>12}  {fs:>12}  {_fmt(r, '.3f'):>8}")
     out.append(
         f"speed-up (ancestral / speculative): sequential calls x{1 / rel['target_calls']:.2f}, "
-        f"wall time x{1 / rel['wall_time']:.2f}"
+        f"wall time x{1 / wall_ratio:.2f}"
+        + ("" if warm is None else f" ({warm.threads} thread{'s' * (warm.threads > 1)})")
     )
-    acc = "  ".join(f"{j}:{_fmt(a, '.2f')}" for j, a in enumerate(spec.acceptance_by_position))
-    out.append(f"acceptance by window position: {acc}")
+    if warm is not None:
+        out.append(
+            f"first runs: ancestral {anc.wall_time:.4g} s, speculative {spec.wall_time:.4g} s "
+            f"(x{anc.wall_time / spec.wall_time:.2f}; the speculative one measures the cost model)"
+        )
+    out.append(acceptance_line(spec))
     if spec.autopilot and "window_hist" in spec.autopilot:
         ap = spec.autopilot
         hist = ", ".join(f"{w}: {n}" for w, n in sorted(ap["window_hist"].items()))
         share = ap["ancestral_steps"] / max(1, spec.num_chains * spec.num_steps)
         out.append(
-            f"window='auto': rounds per window {{{hist}}} (0: the rest as ancestral steps, "
+            f"window='auto': rounds per window {{{hist}}} (0: blocks of ancestral steps, "
             f"{share:.0%} of the steps); cost model measured in "
             f"{ap['cost']['calibration_s'] * 1e3:.1f} ms"
         )
     return "\n".join(out)
+
+
+def _mean_se(x: torch.Tensor) -> str:
+    x = x.double()
+    se = float(x.std() / math.sqrt(len(x))) if len(x) > 1 else math.nan
+    return f"{float(x.mean()):.3f} +- {_fmt(se, '.3f')}"
 
 
 def save_sample_grids(path: Path, anc, spec, event_shape, title: str) -> None:
@@ -179,25 +233,38 @@ def run_demo(args) -> int:
     transitions = model.transitions(args.steps)
     draft = make_draft(args.draft, model)
     print(f"model: {model.name} ({model.description})")
+    threads = torch.get_num_threads()
     print(
         f"chain: {transitions!r}; batch {args.batch}, window L={args.window}, draft {draft!r}, "
-        f"seed {args.seed}, device {device}"
+        f"seed {args.seed}, device {device}, {threads} CPU thread{'s' * (threads > 1)}"
     )
     gen = lambda: torch.Generator().manual_seed(args.seed)  # noqa: E731
-    anc = AncestralSampler(
-        model.target, transitions, progress=not args.no_progress, max_batch=args.max_batch
-    ).sample(args.batch, model.event_shape, generator=gen(), device=device)
-    spec = SpeculativeSampler(
-        model.target,
-        transitions,
-        draft=draft,
-        window=args.window,
-        backend=args.backend,
-        progress=not args.no_progress,
-        max_batch=args.max_batch,
-    ).sample(args.batch, model.event_shape, generator=gen(), device=device)
+
+    def samplers(progress: bool):
+        anc = AncestralSampler(
+            model.target, transitions, progress=progress, max_batch=args.max_batch
+        )
+        spec = SpeculativeSampler(
+            model.target,
+            transitions,
+            draft=draft,
+            window=args.window,
+            backend=args.backend,
+            progress=progress,
+            max_batch=args.max_batch,
+        )
+        run = lambda s: (
+            lambda: s.sample(  # noqa: E731
+                args.batch, model.event_shape, generator=gen(), device=device
+            )
+        )
+        return run(anc), run(spec)
+
+    first_anc, first_spec = samplers(not args.no_progress)
+    anc, spec = first_anc(), first_spec()
+    warm = warm_times(*samplers(False), args.reps)
     print()
-    print(cost_table(anc.stats, spec.stats))
+    print(cost_table(anc.stats, spec.stats, warm))
     # The two runs share their random streams: compare against an independent ancestral run so the
     # p-value tests the law, not a coupling of the two sample sets.
     t0 = time.perf_counter()
@@ -220,9 +287,11 @@ def run_demo(args) -> int:
     if classify:
         from ..models.digits_classifier import digit_confidence
 
+        a, b = (digit_confidence(r.samples.cpu()) for r in (anc, spec))
         print(
-            f"digit classifier mean confidence: ancestral {float(digit_confidence(anc.samples.cpu()).mean()):.3f}, "
-            f"speculative {float(digit_confidence(spec.samples.cpu()).mean()):.3f}"
+            f"digit classifier mean confidence (+- s.e., {len(a)} samples each; the same law, so "
+            f"a difference within the errors is sampling noise): ancestral {_mean_se(a)}, "
+            f"speculative {_mean_se(b)}"
         )
     samples_png, acceptance_png, stats_json = demo_files(args.model)
     with RunOutput(args.out, args.overwrite) as out:
@@ -239,6 +308,11 @@ def run_demo(args) -> int:
                     "args": vars(args),
                     "ancestral": anc.stats.as_dict(),
                     "speculative": spec.stats.as_dict(),
+                    "warm_wall_time_s": {
+                        "ancestral": warm.ancestral,
+                        "speculative": warm.speculative,
+                        "threads": warm.threads,
+                    },
                     "two_sample_pvalue": p,
                     "two_sample_note": note,
                 },

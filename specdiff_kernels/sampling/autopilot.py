@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import statistics
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -71,9 +72,8 @@ ANCESTRAL_FIXED = {"cpu": 3e-5, "cuda": 2e-5}
 OWN_PASSES = 3.0  # a speculative round reads and writes the window about this many times
 # measuring real rounds: the arm not preferred is tried while it has fewer measurements than this
 # (W = 0: ancestral blocks; W >= 1: speculative rounds, pooled over W) and its rate is at least
-# EXPLORE times the preferred arm's; KEEP measurements per W are kept (a low quantile is used:
-# timing noise only ever adds time)
-MEASURE = {0: 1, 1: 2}
+# EXPLORE times the preferred arm's; the last KEEP measurements per W are kept
+MEASURE = {0: 2, 1: 2}
 EXPLORE = 0.5
 NEIGHBOUR = 0.75  # a window next to the best one is measured once where its rate is this close
 KEEP = 8
@@ -131,14 +131,16 @@ class CostModel:
             del kept[:-KEEP]
 
     def factor(self, W: int) -> float:
-        """The correction of the model's seconds for window W: a low quantile of W's measured
-        ratios, else of the nearest measured speculative window's (1: none measured)."""
+        """The correction of the model's seconds for window W: the median of W's measured
+        ratios, else of the nearest measured speculative window's (1: none measured). A median,
+        not a minimum: the minimum of many measurements is lower than one measurement's, and
+        the arms are measured unequally often."""
         kept = self.ratios.get(W)
         if not kept and W > 0:
             spec = [w for w in self.ratios if w > 0]
             if spec:
                 kept = self.ratios[min(spec, key=lambda w: abs(math.log((w + 1) / (W + 1))))]
-        return sorted(kept)[(len(kept) - 1) // 4] if kept else 1.0
+        return statistics.median(kept) if kept else 1.0
 
     def needs_measuring(self, W: int) -> bool:
         """Whether the arm of W (0: ancestral, else speculative) has too few real measurements."""
@@ -290,7 +292,8 @@ class WindowController:
         margin: float = 0.10,
     ):
         self.cost, self.B, self.compact = cost, num_chains, compact
-        self.candidates = [w for w in CANDIDATES if w <= max_window]
+        # W = 1 commits one step on at least the states of an ancestral step: never better
+        self.candidates = [w for w in CANDIDATES if w <= max_window and w != 1]
         self.prior = (prior_acceptance * prior_weight, prior_weight)
         self.decay, self.margin = decay, margin
         # discounted (accepted, attempted) at position 0 and at positions >= 1
@@ -329,6 +332,8 @@ class WindowController:
         exact root; whether it was chosen to measure it rather than for its rate)."""
         anc = self.arm(0, live, exact)
         specs = {W: self.arm(W, live, exact) for W in self.candidates[1:]}
+        if not specs:  # no window longer than one step fits the schedule
+            return anc, False
         spec = max(specs.values(), key=lambda a: a.rate)
         best, other = (spec, anc) if spec.rate > anc.rate * (1 + self.margin) else (anc, spec)
         # the arm not preferred is measured on real rounds until it has enough measurements,
