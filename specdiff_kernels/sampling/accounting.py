@@ -30,9 +30,11 @@ class SamplerStats:
       (with one call per round) that chain c alone would have needed: per-chain latency.
     * ``max_batch``: the most states one network invocation held (a round's one logical call made
       in chunks of this size: the user's ``max_batch`` or the memory budget's); None: unchunked.
-    * ``autopilot`` (``window="auto"``): the cost model (``cost``: measured call sizes and seconds,
-      ``calibration_s``), ``window_hist`` (rounds per chosen window, 0: the ancestral loop),
-      ``ancestral_steps``, ``handed_off_at``, ``predicted_s`` / ``measured_s`` per round.
+    * ``autopilot`` (``window="auto"``): the cost model at the run's start (``cost``: measured
+      call sizes and seconds, ``calibration_s``, ``ratios``: earlier real rounds' measured /
+      model seconds by window), ``window_hist`` (rounds per chosen window, 0: ancestral blocks),
+      ``ancestral_steps``, ``ancestral_blocks`` ((decision index, steps) each), ``explored``
+      (decisions made to measure an arm), ``predicted_s`` / ``measured_s`` per decision.
     """
 
     sampler: str

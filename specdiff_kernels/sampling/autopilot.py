@@ -19,17 +19,31 @@ plain ancestral steps are faster. The controller decides this per round, from me
    steps, pooled over the chains: a0 at window position 0, a at positions >= 1, starting from a
    prior (``prior_acceptance`` over ``prior_weight`` pseudo-steps) discounted like the data.
 3. **Choice** (:meth:`WindowController.choose`): before each round the window W in
-   ``CANDIDATES`` (0: a plain ancestral step; capped by the longest stochastic run) with the most
-   expected committed chain-steps per second,
+   ``CANDIDATES`` (0: plain ancestral steps; 1 never: it commits one step on at least the
+   states of an ancestral step; capped by the longest stochastic run) with the most expected
+   committed chain-steps per second,
 
-       W = argmax  live * S(W) / (t_net(b_W) + t_own(W)),   S(W) = 1 + a0 (1 - a^(W-1)) / (1 - a),
-       S(0) = 1, b_0 = live, b_W = the states the round's call holds,
+       W = argmax  live * S(W) / (f_W * (t_net(b_W) + t_own(W))),
+       S(W) = 1 + a0 (1 - a^(W-1)) / (1 - a),   S(0) = 1,
 
-   a speculative W only where it beats the ancestral step by ``margin`` (10%: measured costs
-   are noisy, and a near-tie is not worth the risk). Once W = 0 is chosen at
-   roots none of which is exact, nothing the next round could observe differs (no window is
-   verified, the roots stay stale), so the choice would repeat: the run hands the rest of the
-   schedule to the ancestral chain's loop, whose own cost per step is the ancestral sampler's.
+   b_W the states the round's call holds, a speculative W only where it beats the ancestral
+   step by ``margin`` (10%: a near-tie is not worth the risk).
+4. **Measured rounds** (``f_W``): the cost model is a first guess, made in milliseconds. Every
+   real round and block is timed (host clock, from its start to the next read of the counters)
+   and its ratio to the model's seconds is kept per window (the last ``KEEP``); ``f_W`` is the
+   median for W, else the nearest measured window's. Sub-millisecond probes at the start are
+   noisy, and a wrong first guess used to decide a whole run; now the arm the guess does not
+   prefer (speculative rounds, or ancestral steps) is tried on real rounds until it has
+   ``MEASURE`` measurements, unless the guess rules it out (less than ``EXPLORE`` of the
+   preferred arm's rate), and so is a window next to the best one (``NEIGHBOUR``). The
+   corrections are shared, with the cost model, by later runs in the process. A user's
+   ``cost=`` is never corrected: such runs repeat bit for bit.
+5. **Ancestral blocks**: W = 0 runs a block of plain ancestral steps in the ancestral chain's
+   own loop (``FIRST_BLOCK`` steps, doubling while W = 0 is chosen again; ``PROBE_BLOCK`` to
+   measure), then the controller decides again from the measured costs, so a run that fell
+   back comes back to speculation when its own rounds say it pays. The next round starts from
+   stale roots: the frozen value is the x0-hat of each chain's last parent state (as after a
+   rejected window).
 
 Exactness (docs/design.md §5): W is a function of the chains' past verification outcomes (steps
 already committed) and of timings, which do not depend on any chain's noise; given that past, a

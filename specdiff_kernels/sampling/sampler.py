@@ -377,8 +377,8 @@ class SpeculativeSampler(SamplerBase):
         replaces the measurement."""
         if self.user_cost is not None:
             return CostModel.from_user(self.user_cost, x.device.type)
-        # shared by every sampler of this model in the process: two samplers of one model give
-        # the same samples for a seed, as with a fixed window
+        # shared by every sampler of this model in the process, with the corrections its real
+        # rounds have measured: later runs start from them
         try:
             costs = _COSTS.setdefault(self.model, {})
         except TypeError:  # a model that cannot be weakly referenced: this sampler's own cache
