@@ -205,16 +205,19 @@ def test_unsupported_own_scheduler_needs_scheduler_flag(pipe_dir, tmp_path, caps
 def test_unknown_own_scheduler_needs_scheduler_flag(pipe_dir, tmp_path, capsys, nothing_loaded):
     d = edited_copy(
         pipe_dir,
-        tmp_path / "ve",
+        tmp_path / "kdpm2a",
         "scheduler/scheduler_config.json",
-        _class_name="ScoreSdeVeScheduler",
+        _class_name="KDPM2AncestralDiscreteScheduler",
     )
     last = cli_error(["sample", "--pipeline", str(d), "--out", str(tmp_path / "o")], capsys)
     assert last == (
         "specdiff sample: error: argument --scheduler: the pipeline's own scheduler "
-        "ScoreSdeVeScheduler is not supported (no Gaussian ancestral step to speculate); pass "
-        "--scheduler ddpm or ddim or euler-a or dpm++2m-sde"
+        "KDPM2AncestralDiscreteScheduler is not supported (stochastic, but each step calls the "
+        "network twice (at a midpoint sigma) before its noise, so a step is not one Gaussian "
+        "around one network mean); pass --scheduler ddpm or ddim or euler-a or dpm++2m-sde (on "
+        "the same training schedule)"
     )
+    # a scheduler without a beta schedule (VE): no --scheduler is suggested (test_refusals.py)
 
 
 # ----------------------------------------------------------------------------- DPM++ 2M SDE

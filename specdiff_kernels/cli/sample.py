@@ -106,6 +106,50 @@ def patches_dir() -> Path:
     return folder
 
 
+def _check_transformer(path: Path, index: dict) -> None:
+    """A folder whose denoiser is a ``transformer/`` (DiT, PixArt, SD3, ...), not a ``unet/``."""
+    if (path / "unet" / "config.json").is_file():
+        return
+    folder = path / "transformer"
+    if not ((folder / "config.json").is_file() or "transformer" in index):
+        return
+    try:
+        cls = json.loads((folder / "config.json").read_text()).get("_class_name", "?")
+    except (OSError, ValueError, AttributeError):
+        cls = "?"
+    if cls == "?" and isinstance(index.get("transformer"), list) and index["transformer"]:
+        cls = index["transformer"][-1]
+    raise PipelineError(
+        "--pipeline",
+        f"{str(path)!r}: its denoiser is a transformer ({cls} in transformer/), not a unet; "
+        f"transformer models are not supported yet (specdiff sample runs unconditional "
+        f"{', '.join(UNET_CLASSES)} pipelines)",
+    )
+
+
+def _check_flow(pipeline: str, path: Path) -> None:
+    """A flow-matching scheduler config is refused first, whatever --scheduler says: no supported
+    sampler has its schedule (following a suggested --scheduler would sample the flow model on
+    a default VP schedule)."""
+    from ..integrations.diffusers import FLOW_MATCHING, is_flow_matching
+
+    try:
+        cfg = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
+    except (OSError, ValueError):
+        return  # missing or unreadable: refused with its own message later
+    if not isinstance(cfg, dict):
+        return
+    own = cfg.get("_class_name", "?")
+    why = is_flow_matching(own, cfg)
+    if why is not None:
+        raise PipelineError(
+            "--pipeline",
+            f"{pipeline!r}: a flow-matching pipeline (scheduler {own}: {why}); {FLOW_MATCHING} "
+            f"(ddpm, ddim, euler-a and dpm++2m-sde sample diffusion models trained on a beta "
+            f"schedule, not flow models)",
+        )
+
+
 def _check_unet(path: Path) -> tuple[str, tuple, dict]:
     cfg = _read_json(
         path / "unet" / "config.json", "--pipeline", f"{str(path)!r} has no usable unet/"
@@ -263,13 +307,116 @@ def _own_scheduler(own: str, cfg: dict) -> str:
             f"(or {', '.join(list(SCHEDULERS)[:-1])})",
         )
     if own not in SCHEDULER_NAMES:
+        from ..integrations.diffusers import UNSUPPORTED_REASONS
+
+        reason = UNSUPPORTED_REASONS.get(own, "no Gaussian ancestral step to speculate")
         raise PipelineError(
             "--scheduler",
-            f"the pipeline's own scheduler {own} is not supported "
-            f"(no Gaussian ancestral step to speculate); pass "
-            f"--scheduler {' or '.join(SCHEDULERS)}",
+            f"the pipeline's own scheduler {own} is not supported ({reason}); pass "
+            f"--scheduler {' or '.join(SCHEDULERS)} (on the same training schedule)",
         )
     return SCHEDULER_NAMES[own]
+
+
+# the scheduler-config keys that define the training schedule: a --scheduler override builds
+# from the folder's config, so it inherits them where its class has them
+TRAINING_KEYS = (
+    "num_train_timesteps",
+    "beta_start",
+    "beta_end",
+    "beta_schedule",
+    "trained_betas",
+    "rescale_betas_zero_snr",
+    "snr_shift_scale",
+)
+BETA_KEYS = ("beta_schedule", "trained_betas", "beta_start", "beta_end")
+
+
+def _own_training_schedule(pipeline: str, own: str, cfg: dict):
+    """The pipeline's own scheduler built from its config (JSON only), to compare an override's
+    training schedule with; a scheduler without a discrete beta (VP) schedule, or whose model
+    takes continuous timesteps, is refused whatever --scheduler says (every supported sampler
+    would run its model on another schedule). None: nothing to compare with (an unbuildable
+    config is refused with its own message when the chain's scheduler is built)."""
+    import diffusers
+    from diffusers.utils import logging as dlog
+
+    from ..integrations.diffusers import DETERMINISTIC_SCHEDULERS, NO_NOISE, UNSUPPORTED_REASONS
+
+    where = f"{pipeline!r}: its scheduler {own}"
+    cls = getattr(diffusers, own, None) if isinstance(own, str) else None
+    if not (isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin)):
+        if any(k in cfg for k in BETA_KEYS):
+            return None  # an unknown class that names its beta schedule: the override inherits it
+        raise PipelineError(
+            "--pipeline",
+            f"{where} is not a scheduler this diffusers knows and its config names no beta "
+            f"schedule ({', '.join(BETA_KEYS)}), so its training schedule is unknown and no "
+            f"supported sampler can be matched to it",
+        )
+    level = dlog.get_verbosity()
+    dlog.set_verbosity_error()
+    try:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            built = cls.from_config({k: v for k, v in cfg.items() if not k.startswith("_")})
+    except Exception:  # diffusers raises many kinds for a bad config: reported when built again
+        return None
+    finally:
+        dlog.set_verbosity(level)
+    if getattr(built, "alphas_cumprod", None) is None:
+        reason = UNSUPPORTED_REASONS.get(own) or (
+            NO_NOISE if own in DETERMINISTIC_SCHEDULERS else "no beta schedule"
+        )
+        raise PipelineError(
+            "--pipeline",
+            f"{where} has no discrete beta (VP) training schedule ({reason}); its model is not "
+            f"supported yet: ddpm, ddim, euler-a and dpm++2m-sde would run it on another schedule",
+        )
+    if built.config.get("timestep_type", "discrete") == "continuous":
+        raise PipelineError(
+            "--pipeline",
+            f"{where} has timestep_type 'continuous' (its model is conditioned on "
+            f"0.25 log(sigma), not on a timestep index); no supported sampler calls a model that "
+            f"way, so it is not supported yet",
+        )
+    return built
+
+
+def _check_inherited(name: str, own: str, own_sched, sched) -> None:
+    """The chain's scheduler (built from the folder's config) has the training schedule and
+    prediction type of the pipeline's own: what its class cannot take is refused. (The tolerance
+    lets Euler's clamp of a zero terminal alpha-bar to 2**-24 pass.)"""
+    a, b = own_sched.alphas_cumprod.double(), sched.alphas_cumprod.double()
+    if a.shape != b.shape or not torch.allclose(a, b, rtol=1e-5, atol=1e-6):
+        import inspect
+
+        # from_config keeps keys its class does not take in the config: ask its signature
+        takes = inspect.signature(type(sched).__init__).parameters
+        lost = [
+            f"{k}={own_sched.config[k]!r}"
+            for k in TRAINING_KEYS
+            if k in own_sched.config
+            and (k not in takes or sched.config.get(k) != own_sched.config[k])
+        ]
+        what = (
+            f" ({', '.join(lost)} of {own} is not a {type(sched).__name__} setting)" if lost else ""
+        )
+        raise PipelineError(
+            "--scheduler",
+            f"{name}: its training schedule (alphas_cumprod) would differ from the pipeline's own "
+            f"{own}'s{what}; the model must be sampled on the schedule it was trained on",
+        )
+    want = own_sched.config.get("prediction_type", "epsilon")
+    got = sched.config.get("prediction_type", "epsilon")
+    if want != got:
+        raise PipelineError(
+            "--scheduler",
+            f"{name}: its prediction_type {got!r} would differ from the pipeline's own {own}'s "
+            f"{want!r} (the model predicts {want})",
+        )
 
 
 def _check_karras(karras: bool, scheduler: str, own: Optional[str] = None) -> None:
@@ -306,7 +453,7 @@ def resolve_pipeline(
             f"{pipeline!r} is not a directory (a diffusers "
             f"save_pretrained folder, or one of {', '.join(EMBEDDED)})",
         )
-    _read_json(
+    index = _read_json(
         path / "model_index.json", "--pipeline", f"{pipeline!r} is not a diffusers pipeline folder"
     )
     try:
@@ -315,6 +462,8 @@ def resolve_pipeline(
         raise PipelineError(
             "--pipeline", "diffusers is not installed (pip install 'specdiff_kernels[diffusers]')"
         ) from None
+    _check_flow(pipeline, path)
+    _check_transformer(path, index if isinstance(index, dict) else {})
     unet_class, event_shape, unet_cfg = _check_unet(path)
     _check_unet_weights(path, unet_class, unet_cfg)
     sched_cfg = _read_json(
@@ -327,6 +476,7 @@ def resolve_pipeline(
             "--pipeline", f"{pipeline!r}: scheduler/scheduler_config.json is not a JSON object"
         )
     own = sched_cfg.get("_class_name", "?")
+    own_sched = _own_training_schedule(pipeline, own, sched_cfg)
     given = scheduler is not None
     if scheduler is None:
         scheduler = _own_scheduler(own, sched_cfg)
@@ -372,6 +522,8 @@ def resolve_pipeline(
         if karras:  # asked for: it replaces a sigma schedule the config names
             overrides.update(dict.fromkeys(OTHER_SIGMAS, False), use_karras_sigmas=True)
     sched = _scheduler_from_config(scheduler, sched_cfg, overrides)
+    if own_sched is not None:
+        _check_inherited(scheduler, own, own_sched, sched)
     try:
         T = diffusers_transitions(
             sched, steps, eta=(DEFAULT_ETA if eta is None else eta) if scheduler == "ddim" else None

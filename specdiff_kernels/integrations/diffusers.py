@@ -11,7 +11,8 @@ here from the scheduler's own ``timesteps``, ``alphas_cumprod`` and ``sigmas`` a
 for DPM-Solver every sigma option (Karras, exponential, beta, Lu lambdas, ``final_sigmas_type``,
 ``timestep_spacing``) through the scheduler's own ``sigmas``, and ``solver_order`` 1 or 2,
 ``solver_type``, ``lower_order_final`` and ``euler_at_final``. Deterministic solvers (DDIM with
-eta = 0, DPM-Solver++ ODE, UniPC, ...) are refused: there is no noise to speculate over.
+eta = 0, DPM-Solver++ ODE, UniPC, ...) are refused: there is no noise to speculate over; every
+other scheduler is refused with its reason (flow-matching ones: not supported yet).
 
 Conditioning (``class_labels``, ``encoder_hidden_states``, ...) is passed per chain through the
 samplers' ``model_kwargs``; classifier-free guidance (``DiffusersModel(unet, guidance_scale=w,
@@ -103,7 +104,10 @@ class DiffusersModel(torch.nn.Module):
     with its own ``guidance_scale`` (``1.0`` for an unguided draft that accepts ``uncond``).
 
     Models that predict a variance as extra channels are refused: speculative sampling needs the
-    draft and target steps to share one covariance.
+    draft and target steps to share one covariance. Diffusers models that are not called as
+    ``unet(sample, timestep, ...)`` (``Transformer2DModel``, ``DiTTransformer2DModel``,
+    ``SD3Transformer2DModel``, a VAE, ...) are refused at construction: transformer models are not
+    supported yet.
     """
 
     def __init__(
@@ -120,6 +124,7 @@ class DiffusersModel(torch.nn.Module):
                 f"DiffusersModel: unet must be a callable model (a diffusers UNet), got "
                 f"{type(unet).__name__}"
             )
+        _check_unet_style(unet)
         for name in _RESERVED:
             if name in call_kwargs:
                 raise TypeError(
@@ -200,6 +205,47 @@ class DiffusersModel(torch.nn.Module):
                 f"share one covariance"
             )
         return out
+
+
+TRANSFORMERS_NOT_YET = (
+    "transformer models are not supported yet (UNet-style models called as "
+    "unet(sample, timestep, ...) are: UNet2DModel, UNet2DConditionModel)"
+)
+
+
+def _is_diffusers_model(module) -> bool:
+    return any(
+        c.__name__ == "ModelMixin" and c.__module__.startswith("diffusers")
+        for c in type(module).__mro__
+    )
+
+
+def _check_unet_style(unet) -> None:
+    """A diffusers model that is not called as ``unet(sample, timestep, ...)`` (a DiT, SD3 or
+    other transformer, a VAE) is refused here in one line, not 28 frames deep in diffusers at the
+    first network call."""
+    if not _is_diffusers_model(unet):
+        return  # the user's own network: its call is its own contract
+    name = type(unet).__name__
+    try:
+        params = [
+            n
+            for n, p in inspect.signature(unet.forward).parameters.items()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
+    except (TypeError, ValueError):
+        params = None
+    if "Transformer" in name or (params and params[0] == "hidden_states"):
+        raise TypeError(
+            f"DiffusersModel: {name} is a transformer model (called as "
+            f"{name}(hidden_states, ...)); {TRANSFORMERS_NOT_YET}"
+        )
+    if params is not None and params[:2] != ["sample", "timestep"]:
+        raise TypeError(
+            f"DiffusersModel: {name} is not a UNet-style denoiser (its forward takes "
+            f"({', '.join(params[:2])}, ...), not (sample, timestep, ...)); only UNet-style "
+            f"models are supported (UNet2DModel, UNet2DConditionModel)"
+        )
 
 
 def _check_call_kwargs(unet, call_kwargs: Mapping) -> None:
@@ -385,12 +431,68 @@ _USE_SDE_DPM = "use DPMSolverMultistepScheduler(algorithm_type='sde-dpmsolver++'
 # diffusers schedulers whose step draws no noise: the stochastic one to use instead
 DETERMINISTIC_SCHEDULERS = {
     "UniPCMultistepScheduler": _USE_SDE_DPM,
-    "DPMSolverSinglestepScheduler": _USE_SDE_DPM,
+    "DPMSolverSinglestepScheduler": _USE_SDE_DPM
+    + " (the singlestep solver's SDE variant calls the network at points inside a step, so its "
+    "step is not one Gaussian around one network mean)",
     "DEISMultistepScheduler": _USE_SDE_DPM,
     "PNDMScheduler": _USE_SDE_DPM,
     "LMSDiscreteScheduler": _USE_SDE_DPM,
     "HeunDiscreteScheduler": _USE_SDE_DPM,
-    "EulerDiscreteScheduler": "use EulerAncestralDiscreteScheduler",
+    "KDPM2DiscreteScheduler": _USE_SDE_DPM,
+    "EulerDiscreteScheduler": "use EulerAncestralDiscreteScheduler (stochastic, supported); "
+    "EulerDiscreteScheduler is stochastic only with s_churn > 0 in its step, which is not "
+    "supported yet: the churn noise is added to the state before the network call, so the step is "
+    "not a Gaussian around the network's mean at the given state",
+}
+FLOW_MATCHING = "flow-matching models are not supported yet"
+# why every other diffusers scheduler is refused (a scheduler not listed here nor above: the
+# generic reason of _unsupported_text)
+UNSUPPORTED_REASONS = {
+    "KDPM2AncestralDiscreteScheduler": "stochastic, but each step calls the network twice (at a "
+    "midpoint sigma) before its noise, so a step is not one Gaussian around one network mean",
+    "DPMSolverSDEScheduler": "stochastic, but its noise comes from a Brownian tree (correlated "
+    "across steps) and each step calls the network twice, so its steps are not independent "
+    "Gaussians around one network mean",
+    "CosineDPMSolverMultistepScheduler": "stochastic, but its noise comes from a Brownian tree "
+    "(correlated across steps) on a continuous-time cosine (EDM) schedule, so its steps are not "
+    "independent Gaussians the adapter can tabulate",
+    "SASolverScheduler": "a stochastic predictor-corrector: the corrector reuses the predictor's "
+    "noise after the next network call, so a step is not one Gaussian transition",
+    "LCMScheduler": "a consistency-model sampler (boundary-condition scalings of a distilled "
+    "model), not tabulated yet",
+    "TCDScheduler": "a consistency-model sampler (trajectory consistency distillation), not "
+    "tabulated yet",
+    "CMStochasticIterativeScheduler": "a consistency-model sampler on an EDM sigma schedule, not "
+    "tabulated yet",
+    "SCMScheduler": "a continuous-time consistency-model sampler, not tabulated yet",
+    "EDMEulerScheduler": "an EDM-parametrised sampler (sigma-space preconditioning), deterministic "
+    "unless s_churn > 0 adds noise before the network call; not supported yet",
+    "EDMDPMSolverMultistepScheduler": "an EDM-parametrised sampler (sigma-space preconditioning, "
+    "no discrete beta schedule), not tabulated yet",
+    "ScoreSdeVeScheduler": "a variance-exploding SDE predictor-corrector (step_pred / "
+    "step_correct, Langevin corrector) on a continuous sigma schedule, not tabulated yet",
+    "ScoreSdeVpScheduler": "a continuous-time VP SDE (beta_min / beta_max), not tabulated yet",
+    "KarrasVeScheduler": "a variance-exploding churn sampler: its noise is added before the network "
+    "call, so a step is not a Gaussian around the network's mean",
+    "IPNDMScheduler": f"{NO_NOISE}, on its own continuous schedule",
+    "DDIMInverseScheduler": "an inversion scheduler (image to noise), deterministic",
+    "DPMSolverMultistepInverseScheduler": "an inversion scheduler (image to noise)",
+    "RePaintScheduler": "an inpainting sampler that jumps back in time and needs a known image "
+    "and mask",
+    "UnCLIPScheduler": "its model predicts a learned variance (variance_type='learned_range'), so "
+    "the draft and target steps' covariances differ",
+    "VQDiffusionScheduler": "a discrete (categorical) diffusion, not Gaussian",
+    "AmusedScheduler": "masked-token (categorical) generation, not Gaussian",
+    "DDPMWuerstchenScheduler": "Wuerstchen's continuous-time cosine schedule (timestep ratios), "
+    "not tabulated yet",
+    "DDPMParallelScheduler": "the parallel-sampling variant of DDPMScheduler; use DDPMScheduler",
+    "DDIMParallelScheduler": "the parallel-sampling variant of DDIMScheduler; use DDIMScheduler "
+    "with eta > 0",
+    "CogVideoXDDIMScheduler": "CogVideoX's SNR-shifted schedule (snr_shift_scale), not tabulated "
+    "yet",
+    "CogVideoXDPMScheduler": "CogVideoX's SNR-shifted schedule (snr_shift_scale), not tabulated "
+    "yet",
+    "ConsistencyDecoderScheduler": "a VAE's consistency decoder, not a diffusion sampler",
 }
 
 
@@ -423,11 +525,34 @@ def _supported_class(scheduler, where: str = "scheduler") -> str:
     raise TypeError(_unsupported_text(type(scheduler).__name__))
 
 
+def is_flow_matching(name: str, config: Optional[Mapping] = None) -> Optional[str]:
+    """Why a scheduler (class name, config) is a flow-matching one, else None."""
+    if isinstance(name, str) and name.startswith("FlowMatch"):
+        return "a flow-matching scheduler class"
+    cfg = config or {}
+    if cfg.get("prediction_type") == "flow_prediction":
+        return "prediction_type='flow_prediction'"
+    for key in ("use_flow_sigmas", "use_dynamic_shifting"):
+        if cfg.get(key):
+            return f"{key}={cfg[key]!r}"
+    for key in ("shift", "base_shift", "max_shift", "shift_terminal"):
+        if key in cfg:
+            return f"its config has the flow-matching key {key!r}"
+    return None
+
+
 def _unsupported_text(name: str) -> str:
     instead = DETERMINISTIC_SCHEDULERS.get(name)
     if instead is not None:
         return f"unsupported scheduler {name}: {NO_NOISE}; {instead}"
-    return f"unsupported scheduler {name}; supported: {_SUPPORTED_TEXT}"
+    if is_flow_matching(name):
+        return f"unsupported scheduler {name}: a flow-matching scheduler; {FLOW_MATCHING}"
+    reason = UNSUPPORTED_REASONS.get(
+        name,
+        "its step is not one of the Gaussian ancestral steps the adapter tabulates "
+        "(x' ~ N(mean from one network call, fixed std))",
+    )
+    return f"unsupported scheduler {name}: {reason}; supported: {_SUPPORTED_TEXT}"
 
 
 def _check_schedule(cfg: Mapping) -> None:
@@ -480,14 +605,15 @@ def _check_dpm(cfg) -> None:
     as_choice(cfg.get("solver_type", "midpoint"), "solver_type", SOLVER_TYPES)
     if cfg.get("prediction_type") == "flow_prediction":
         raise ValueError(
-            "prediction_type='flow_prediction' is not supported (a flow-matching model); use "
-            "epsilon, sample or v_prediction"
+            f"prediction_type='flow_prediction' is not supported (a flow-matching model; "
+            f"{FLOW_MATCHING})"
         )
-    if cfg.get("use_flow_sigmas"):
-        raise ValueError(
-            "use_flow_sigmas=True is not supported (flow-matching sigmas); the chain needs VP "
-            "sigmas"
-        )
+    for key in ("use_flow_sigmas", "use_dynamic_shifting"):
+        if cfg.get(key):
+            raise ValueError(
+                f"{key}={cfg[key]!r} is not supported (flow-matching sigmas; {FLOW_MATCHING}); "
+                f"the chain needs VP sigmas"
+            )
     vt = cfg.get("variance_type")
     if vt in _LEARNED:
         raise ValueError(
@@ -792,6 +918,24 @@ def diffusers_transitions(
     return _euler_ancestral(sched)
 
 
+def check_pipeline_parts(pipe, where: str) -> None:
+    """``pipe`` has a ``.unet`` and a ``.scheduler``; a transformer pipeline (``.transformer``:
+    DiT, PixArt, SD3, Flux, ...) is refused with its reason."""
+    if getattr(pipe, "unet", None) is None:
+        transformer = getattr(pipe, "transformer", None)
+        if transformer is not None:
+            raise TypeError(
+                f"{where}: {type(pipe).__name__} has a .transformer "
+                f"({type(transformer).__name__}), not a .unet; {TRANSFORMERS_NOT_YET}"
+            )
+    for part in ("unet", "scheduler"):
+        if getattr(pipe, part, None) is None:
+            raise TypeError(
+                f"{where}: pipe must be a diffusers pipeline with .unet and .scheduler; "
+                f"{type(pipe).__name__} has no .{part}"
+            )
+
+
 def from_pipeline(
     pipe,
     num_inference_steps: int,
@@ -813,12 +957,7 @@ def from_pipeline(
     "cpu", 1, True)`` and ``from_pipeline(pipe, n, guidance_scale=7.5, uncond={
     "encoder_hidden_states": neg[:1]})`` with ``model_kwargs={"encoder_hidden_states": cond}``.
     """
-    for part in ("unet", "scheduler"):
-        if getattr(pipe, part, None) is None:
-            raise TypeError(
-                f"from_pipeline: pipe must be a diffusers pipeline with .unet and .scheduler; "
-                f"{type(pipe).__name__} has no .{part}"
-            )
+    check_pipeline_parts(pipe, "from_pipeline")
     transitions = diffusers_transitions(pipe.scheduler, num_inference_steps, eta=eta)
     model = DiffusersModel(pipe.unet, guidance_scale=guidance_scale, uncond=uncond, **call_kwargs)
     return model, transitions

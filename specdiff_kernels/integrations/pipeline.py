@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 
 from ..sampling.sampler import SpeculativeSampler
-from .diffusers import DiffusersModel, diffusers_transitions
+from .diffusers import DiffusersModel, check_pipeline_parts, diffusers_transitions
 
 __all__ = ["SpeculativePipeline"]
 
@@ -54,7 +54,10 @@ class SpeculativePipeline:
     Args:
         pipe: an unconditional UNet image pipeline (``pipe.unet``, ``pipe.scheduler``; e.g.
             ``DDPMPipeline``, ``DDIMPipeline``). Its scheduler is read at every call (assigning
-            ``pipe.scheduler = ...`` between calls takes effect) and never mutated.
+            ``pipe.scheduler = ...`` between calls takes effect) and never mutated. Refused at
+            construction, in one line: a conditional pipeline (a text encoder, a UNet with
+            cross-attention or class labels: use :func:`from_pipeline` with ``model_kwargs``) and
+            a transformer pipeline (``pipe.transformer``: not supported yet).
         window: the sampler's ``window`` (default ``"auto"``).
         **sampler_options: further :class:`SpeculativeSampler` arguments (``draft``,
             ``progress``, ``path``, ``max_batch``, ``cost``, ``backend``, ...).
@@ -65,12 +68,17 @@ class SpeculativePipeline:
     """
 
     def __init__(self, pipe, *, window="auto", **sampler_options) -> None:
-        for part in ("unet", "scheduler"):
-            if getattr(pipe, part, None) is None:
-                raise TypeError(
-                    f"SpeculativePipeline: pipe must be a diffusers pipeline with .unet and "
-                    f".scheduler; {type(pipe).__name__} has no .{part}"
-                )
+        check_pipeline_parts(pipe, "SpeculativePipeline")
+        why = _conditional(pipe)
+        if why is not None:
+            raise TypeError(
+                f"SpeculativePipeline: {type(pipe).__name__} is a conditional pipeline ({why}); "
+                f"conditional pipelines are not supported yet by SpeculativePipeline, which "
+                f"samples unconditional UNet pipelines (DDPMPipeline, DDIMPipeline); use "
+                f"from_pipeline(pipe, num_inference_steps, ...) and pass the conditioning per "
+                f"chain with sample(..., model_kwargs={{...}}), as from_pipeline's docstring shows"
+            )
+        DiffusersModel(pipe.unet)  # a diffusers model that is not UNet-style: refused now
         accepted = inspect.signature(SpeculativeSampler.__init__).parameters
         unknown = [k for k in sampler_options if k not in accepted or k in _SET_HERE]
         if unknown:
@@ -177,6 +185,39 @@ class SpeculativePipeline:
         from diffusers import ImagePipelineOutput
 
         return ImagePipelineOutput(images=images)
+
+
+def _conditional(pipe) -> Optional[str]:
+    """What makes ``pipe`` conditional (its UNet needs inputs besides the sample and the
+    timestep), else None."""
+    unet = pipe.unet
+    if getattr(pipe, "text_encoder", None) is not None:
+        return f"it has a text_encoder ({type(pipe.text_encoder).__name__})"
+    cfg = getattr(unet, "config", None)
+    get = (lambda key: getattr(cfg, key, None)) if cfg is not None else (lambda key: None)
+    if get("cross_attention_dim") is not None:
+        return (
+            f"its unet {type(unet).__name__} has cross-attention (cross_attention_dim="
+            f"{get('cross_attention_dim')}) and needs encoder_hidden_states"
+        )
+    for key in ("num_class_embeds", "class_embed_type"):
+        if get(key) is not None:
+            return (
+                f"its unet {type(unet).__name__} is class-conditional ({key}={get(key)!r}) and "
+                f"needs class_labels"
+            )
+    try:
+        params = inspect.signature(unet.forward).parameters
+    except (AttributeError, TypeError, ValueError):
+        return None
+    needed = [
+        n
+        for n, p in list(params.items())[2:]
+        if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    ]
+    if needed:
+        return f"its unet {type(unet).__name__} needs {', '.join(needed)}"
+    return None
 
 
 def _cpu_generator(generator) -> Optional[torch.Generator]:

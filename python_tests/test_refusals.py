@@ -1,0 +1,554 @@
+"""What is not supported is refused before any network call, in one line that names the argument
+or class and says why (issue 27).
+
+* ``specdiff sample``: a flow-matching pipeline folder, with or without ``--scheduler``; a scheduler
+  without a discrete beta (VP) training schedule; a ``--scheduler`` override whose training schedule
+  or prediction type would differ from the folder's own (the override inherits them from the
+  folder's config where its class can); a transformer folder. Exit code 2, before any weight loads.
+* The adapter: ``DiffusersModel`` of a transformer or other non-UNet diffusers model,
+  ``from_pipeline`` / ``SpeculativePipeline`` of a transformer pipeline, ``SpeculativePipeline`` of a
+  conditional pipeline, and every unsupported diffusers scheduler, each with its reason.
+
+Tiny random components built from configs (no downloads).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers", reason="diffusers is an optional extra")
+import diffusers  # noqa: E402
+from diffusers import (  # noqa: E402
+    DDPMPipeline,
+    DDPMScheduler,
+    DiTPipeline,
+    DiTTransformer2DModel,
+    FlowMatchEulerDiscreteScheduler,
+    UNet2DConditionModel,
+    UNet2DModel,
+)
+
+from specdiff_kernels import AncestralSampler, SpeculativeSampler  # noqa: E402
+from specdiff_kernels.cli import sample as sample_cmd  # noqa: E402
+from specdiff_kernels.cli.commands import main  # noqa: E402
+from specdiff_kernels.integrations import SpeculativePipeline  # noqa: E402
+from specdiff_kernels.integrations.diffusers import (  # noqa: E402
+    SUPPORTED,
+    DiffusersModel,
+    diffusers_transitions,
+    from_pipeline,
+)
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+SIZE = 8
+SCHEDULER_FLAGS = ["ddpm", "ddim", "euler-a", "dpm++2m-sde"]
+
+
+def tiny_unet(**options) -> UNet2DModel:
+    torch.manual_seed(0)
+    return UNet2DModel(
+        sample_size=SIZE,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+        **options,
+    ).eval()
+
+
+def tiny_cond_unet() -> UNet2DConditionModel:
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        sample_size=SIZE,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        norm_num_groups=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=8,
+        attention_head_dim=2,
+    ).eval()
+
+
+def tiny_dit() -> DiTTransformer2DModel:
+    torch.manual_seed(0)
+    return DiTTransformer2DModel(
+        num_attention_heads=2,
+        attention_head_dim=4,
+        in_channels=4,
+        out_channels=4,
+        num_layers=1,
+        sample_size=SIZE,
+        patch_size=2,
+        num_embeds_ada_norm=10,
+    ).eval()
+
+
+def tiny_vae():
+    torch.manual_seed(0)
+    return diffusers.AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",),
+        block_out_channels=(8,),
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=SIZE,
+    ).eval()
+
+
+class CallCounter:
+    """Counts the forward calls of a torch module (a refusal must come before the first)."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.calls = 0
+        module.register_forward_pre_hook(self._hook)
+
+    def _hook(self, *args) -> None:
+        self.calls += 1
+
+
+def one_line(err: pytest.ExceptionInfo) -> str:
+    text = str(err.value)
+    assert text and "\n" not in text, text
+    return text
+
+
+# ----------------------------------------------------------------------------- CLI
+@pytest.fixture
+def nothing_loaded(monkeypatch):
+    """Loading weights, a network or sampling fails the test: the CLI must refuse before."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("work started")
+
+    monkeypatch.setattr(sample_cmd, "load_unet", refuse)
+    monkeypatch.setattr(sample_cmd, "load_network", refuse)
+    monkeypatch.setattr(AncestralSampler, "sample", refuse)
+    monkeypatch.setattr(SpeculativeSampler, "sample", refuse)
+
+
+def cli_error(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    captured = capsys.readouterr()
+    assert exc.value.code == 2
+    assert captured.out == "" and "Traceback" not in captured.err
+    lines = captured.err.strip().splitlines()
+    assert all(line.startswith(("usage:", " ")) for line in lines[:-1])  # argparse's usage only
+    assert lines[-1].startswith("specdiff sample: error: argument ")
+    return lines[-1]
+
+
+@pytest.fixture(scope="module")
+def pipe_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("pipe")
+    DDPMPipeline(unet=tiny_unet(), scheduler=DDPMScheduler()).save_pretrained(d)
+    return d
+
+
+def with_scheduler(src: Path, dst: Path, config: dict) -> Path:
+    """A copy of the pipeline folder whose scheduler_config.json is ``config``."""
+    shutil.copytree(src, dst)
+    (dst / "scheduler" / "scheduler_config.json").write_text(json.dumps(config))
+    return dst
+
+
+def scheduler_config(cls, **options) -> dict:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cfg = dict(cls(**options).config)
+    return {"_class_name": cls.__name__, **{k: v for k, v in cfg.items() if k[0] != "_"}}
+
+
+def argv(folder, out, *extra):
+    return [
+        "sample",
+        "--pipeline",
+        str(folder),
+        "--steps",
+        "5",
+        "--batch",
+        "2",
+        "--no-progress",
+    ] + [
+        "--out",
+        str(out),
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def flow_dir(tmp_path_factory, pipe_dir) -> Path:
+    """The concrete bug: a UNet folder whose scheduler is FlowMatchEulerDiscreteScheduler; the
+    refusal suggested --scheduler dpm++2m-sde, which then sampled the flow model on a default VP
+    schedule and exited 0."""
+    d = tmp_path_factory.mktemp("flowroot") / "flow"
+    return with_scheduler(pipe_dir, d, scheduler_config(FlowMatchEulerDiscreteScheduler))
+
+
+@pytest.mark.parametrize("flag", [None, *SCHEDULER_FLAGS])
+def test_flow_matching_folder_is_refused_with_or_without_scheduler(
+    flag, flow_dir, tmp_path, capsys, nothing_loaded
+):
+    extra = [] if flag is None else ["--scheduler", flag]
+    last = cli_error(argv(flow_dir, tmp_path / "o", *extra), capsys)
+    assert last.startswith("specdiff sample: error: argument --pipeline: ")
+    assert "FlowMatchEulerDiscreteScheduler" in last
+    assert "flow-matching models are not supported yet" in last
+    assert "--scheduler" not in last and "pass " not in last  # no scheduler is suggested
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    "options,why",
+    [
+        ({"algorithm_type": "sde-dpmsolver++", "use_flow_sigmas": True}, "use_flow_sigmas=True"),
+        (
+            {"algorithm_type": "sde-dpmsolver++", "prediction_type": "flow_prediction"},
+            "prediction_type='flow_prediction'",
+        ),
+        (
+            {"algorithm_type": "sde-dpmsolver++", "use_dynamic_shifting": True},
+            "use_dynamic_shifting",
+        ),
+    ],
+)
+@pytest.mark.parametrize("flag", [None, "ddpm"])
+def test_flow_matching_config_keys_are_refused(
+    options, why, flag, pipe_dir, tmp_path, capsys, nothing_loaded
+):
+    cfg = scheduler_config(diffusers.DPMSolverMultistepScheduler)
+    d = with_scheduler(pipe_dir, tmp_path / "dpm", {**cfg, **options})
+    extra = [] if flag is None else ["--scheduler", flag]
+    last = cli_error(argv(d, tmp_path / "o", *extra), capsys)
+    assert last.startswith("specdiff sample: error: argument --pipeline: ")
+    assert why in last and "flow-matching models are not supported yet" in last
+
+
+def write_transformer_folder(root: Path, model, scheduler) -> Path:
+    """model_index.json, transformer/config.json and scheduler/: configs only (the refusal comes
+    before any weight is looked for)."""
+    root.mkdir()
+    index = {
+        "_class_name": "DiTPipeline",
+        "transformer": ["diffusers", type(model).__name__],
+        "scheduler": ["diffusers", type(scheduler).__name__],
+    }
+    (root / "model_index.json").write_text(json.dumps(index))
+    model.save_config(root / "transformer")
+    scheduler.save_config(root / "scheduler")
+    return root
+
+
+def test_transformer_folder_is_refused(tmp_path, capsys, nothing_loaded):
+    d = write_transformer_folder(tmp_path / "dit", tiny_dit(), DDPMScheduler())
+    last = cli_error(argv(d, tmp_path / "o"), capsys)
+    assert last.startswith("specdiff sample: error: argument --pipeline: ")
+    assert "DiTTransformer2DModel" in last
+    assert "transformer models are not supported yet" in last
+
+
+def test_sd3_like_folder_is_refused_as_flow_matching(tmp_path, capsys, nothing_loaded):
+    torch.manual_seed(0)
+    sd3 = diffusers.SD3Transformer2DModel(
+        sample_size=SIZE,
+        patch_size=2,
+        in_channels=4,
+        num_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=16,
+        caption_projection_dim=16,
+        pooled_projection_dim=16,
+        out_channels=4,
+        pos_embed_max_size=16,
+    )
+    d = write_transformer_folder(tmp_path / "sd3", sd3, FlowMatchEulerDiscreteScheduler(shift=3.0))
+    for extra in ([], ["--scheduler", "dpm++2m-sde"]):
+        last = cli_error(argv(d, tmp_path / "o", *extra), capsys)
+        assert "flow-matching models are not supported yet" in last and "--scheduler" not in last
+
+
+NO_VP = [
+    ("ScoreSdeVeScheduler", "variance-exploding"),
+    ("EDMEulerScheduler", "EDM"),
+    ("CMStochasticIterativeScheduler", "consistency"),
+    ("IPNDMScheduler", "deterministic"),
+]
+
+
+@pytest.mark.parametrize("name,why", NO_VP, ids=[n for n, _ in NO_VP])
+@pytest.mark.parametrize("flag", [None, "ddpm", "dpm++2m-sde"])
+def test_scheduler_without_a_beta_schedule_is_refused(
+    name, why, flag, pipe_dir, tmp_path, capsys, nothing_loaded
+):
+    """Its config has no beta schedule: an override would silently sample the model on a default
+    linear VP schedule."""
+    d = with_scheduler(pipe_dir, tmp_path / "s", scheduler_config(getattr(diffusers, name)))
+    extra = [] if flag is None else ["--scheduler", flag]
+    last = cli_error(argv(d, tmp_path / "o", *extra), capsys)
+    assert last.startswith(
+        f"specdiff sample: error: argument --pipeline: {str(d)!r}: its scheduler {name} "
+    )
+    assert "has no discrete beta (VP) training schedule" in last and why in last
+    assert "not supported yet" in last
+
+
+def test_unknown_scheduler_class_needs_a_beta_schedule(pipe_dir, tmp_path, capsys, nothing_loaded):
+    d = with_scheduler(pipe_dir, tmp_path / "u", {"_class_name": "MySampler", "sigma_max": 80.0})
+    last = cli_error(argv(d, tmp_path / "o", "--scheduler", "ddpm"), capsys)
+    assert "MySampler" in last and "training schedule is unknown" in last
+    # one that names its beta schedule: the override inherits it
+    cfg = {"_class_name": "MySampler", "beta_schedule": "scaled_linear", "beta_start": 0.001}
+    d2 = with_scheduler(pipe_dir, tmp_path / "u2", cfg)
+    spec = sample_cmd.resolve_pipeline(str(d2), "ddpm", 5, None)
+    want = diffusers_transitions(DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.001), 5)
+    assert torch.equal(spec.transitions.c_x0, want.c_x0)
+    last = cli_error(argv(d2, tmp_path / "o"), capsys)  # no override: its own is not supported
+    assert "argument --scheduler: the pipeline's own scheduler MySampler is not supported (" in last
+
+
+def test_continuous_timesteps_are_refused(pipe_dir, tmp_path, capsys, nothing_loaded):
+    cfg = scheduler_config(diffusers.EulerDiscreteScheduler, timestep_type="continuous")
+    d = with_scheduler(pipe_dir, tmp_path / "c", cfg)
+    for extra in ([], ["--scheduler", "euler-a"]):
+        last = cli_error(argv(d, tmp_path / "o", *extra), capsys)
+        assert "argument --pipeline: " in last and "timestep_type 'continuous'" in last
+
+
+TRAINING = {
+    "num_train_timesteps": 500,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "prediction_type": "v_prediction",
+}
+
+
+@pytest.mark.parametrize("flag", SCHEDULER_FLAGS)
+def test_scheduler_override_inherits_the_training_schedule(flag, pipe_dir, tmp_path):
+    """--scheduler builds from the folder's config: its betas, steps and prediction type."""
+    cfg = scheduler_config(diffusers.EulerDiscreteScheduler, **TRAINING)
+    d = with_scheduler(pipe_dir, tmp_path / "p", cfg)
+    spec = sample_cmd.resolve_pipeline(str(d), flag, 20, None)
+    assert spec.max_steps == 500 and spec.transitions.prediction == "v_prediction"
+    cls = getattr(diffusers, sample_cmd.SCHEDULERS[flag])
+    extra = sample_cmd.DPM_SDE_CONFIG if flag == sample_cmd.DPM_SDE else {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        chain = cls.from_config({**cfg, **extra})
+    assert torch.equal(chain.alphas_cumprod, cls(**TRAINING).alphas_cumprod)
+    want = diffusers_transitions(chain, 20, eta=1.0 if flag == "ddim" else None)
+    for name in ("timesteps", "c_x0", "c_x", "std"):
+        assert torch.equal(getattr(spec.transitions, name), getattr(want, name)), name
+    own = diffusers.EulerDiscreteScheduler(**TRAINING).alphas_cumprod
+    assert torch.equal(cls(**TRAINING).alphas_cumprod, own)
+
+
+@pytest.mark.parametrize("flag", SCHEDULER_FLAGS)
+def test_override_that_cannot_inherit_the_schedule_is_refused(
+    flag, pipe_dir, tmp_path, capsys, nothing_loaded
+):
+    """CogVideoX's snr_shift_scale changes alphas_cumprod; no supported scheduler has it."""
+    cfg = scheduler_config(diffusers.CogVideoXDDIMScheduler, snr_shift_scale=3.0)
+    d = with_scheduler(pipe_dir, tmp_path / "cog", cfg)
+    last = cli_error(argv(d, tmp_path / "o", "--scheduler", flag), capsys)
+    assert last.startswith(f"specdiff sample: error: argument --scheduler: {flag}: ")
+    assert "training schedule (alphas_cumprod) would differ" in last
+    assert "CogVideoXDDIMScheduler" in last and "snr_shift_scale=3.0" in last
+    last = cli_error(argv(d, tmp_path / "o"), capsys)
+    assert "own scheduler CogVideoXDDIMScheduler is not supported (CogVideoX's SNR-shifted" in last
+
+
+def test_prediction_type_mismatch_is_refused():
+    own = DDPMScheduler(prediction_type="v_prediction")
+    with pytest.raises(sample_cmd.PipelineError) as err:
+        sample_cmd._check_inherited("ddim", "DDPMScheduler", own, diffusers.DDIMScheduler())
+    assert err.value.option == "--scheduler"
+    assert one_line(err) == (
+        "ddim: its prediction_type 'epsilon' would differ from the pipeline's own "
+        "DDPMScheduler's 'v_prediction' (the model predicts v_prediction)"
+    )
+
+
+def test_v_prediction_folder_with_euler_a(pipe_dir, tmp_path, capsys, nothing_loaded):
+    """v-prediction is inherited by every override; x0-prediction is refused by euler-a (the
+    adapter's message), before anything loads."""
+    d = with_scheduler(
+        pipe_dir, tmp_path / "v", scheduler_config(DDPMScheduler, prediction_type="v_prediction")
+    )
+    assert sample_cmd.resolve_pipeline(str(d), "euler-a", 5, None).transitions.prediction == (
+        "v_prediction"
+    )
+    x0 = with_scheduler(
+        pipe_dir, tmp_path / "x0", scheduler_config(DDPMScheduler, prediction_type="sample")
+    )
+    last = cli_error(argv(x0, tmp_path / "o", "--scheduler", "euler-a"), capsys)
+    assert "argument --scheduler: euler-a: " in last and "prediction_type" in last
+
+
+# ----------------------------------------------------------------------------- adapter
+def test_diffusers_model_refuses_a_transformer():
+    dit = tiny_dit()
+    count = CallCounter(dit)
+    with pytest.raises(TypeError) as err:
+        DiffusersModel(dit)
+    text = one_line(err)
+    assert text.startswith("DiffusersModel: DiTTransformer2DModel is a transformer model")
+    assert "transformer models are not supported yet" in text and "UNet2DModel" in text
+    assert count.calls == 0
+
+
+def test_diffusers_model_refuses_a_plain_transformer_and_a_vae():
+    torch.manual_seed(0)
+    t2d = diffusers.Transformer2DModel(
+        num_attention_heads=2, attention_head_dim=4, in_channels=4, num_layers=1, norm_num_groups=2
+    )
+    with pytest.raises(TypeError) as err:
+        DiffusersModel(t2d)
+    assert "Transformer2DModel is a transformer model" in one_line(err)
+    with pytest.raises(TypeError) as err:
+        DiffusersModel(tiny_vae())
+    text = one_line(err)
+    assert "AutoencoderKL is not a UNet-style denoiser" in text and "(sample, timestep" in text
+
+
+def dit_pipe() -> DiTPipeline:
+    return DiTPipeline(transformer=tiny_dit(), vae=tiny_vae(), scheduler=DDPMScheduler())
+
+
+def test_transformer_pipelines_are_refused():
+    pipe = dit_pipe()
+    count = CallCounter(pipe.transformer)
+    for make, where in (
+        (SpeculativePipeline, "SpeculativePipeline"),
+        (lambda p: from_pipeline(p, 10), "from_pipeline"),
+    ):
+        with pytest.raises(TypeError) as err:
+            make(pipe)
+        assert one_line(err) == (
+            f"{where}: DiTPipeline has a .transformer (DiTTransformer2DModel), not a .unet; "
+            f"transformer models are not supported yet (UNet-style models called as "
+            f"unet(sample, timestep, ...) are: UNet2DModel, UNet2DConditionModel)"
+        )
+    assert count.calls == 0
+
+
+def test_conditional_pipeline_is_refused():
+    pipe = DDPMPipeline(unet=tiny_cond_unet(), scheduler=DDPMScheduler())
+    count = CallCounter(pipe.unet)
+    with pytest.raises(TypeError) as err:
+        SpeculativePipeline(pipe)
+    text = one_line(err)
+    assert text.startswith("SpeculativePipeline: DDPMPipeline is a conditional pipeline (its unet ")
+    assert "UNet2DConditionModel" in text and "encoder_hidden_states" in text
+    assert "not supported yet" in text and "from_pipeline(" in text and "model_kwargs" in text
+    assert count.calls == 0
+
+
+def test_class_conditional_pipeline_is_refused():
+    pipe = DDPMPipeline(unet=tiny_unet(num_class_embeds=10), scheduler=DDPMScheduler())
+    with pytest.raises(TypeError) as err:
+        SpeculativePipeline(pipe)
+    text = one_line(err)
+    assert "conditional pipeline" in text and "num_class_embeds=10" in text
+    assert "class_labels" in text and "from_pipeline(" in text
+
+
+def test_stable_diffusion_pipeline_is_refused():
+    transformers = pytest.importorskip(
+        "transformers", reason="transformers is not installed: no CLIP text encoder to build"
+    )
+    config = transformers.CLIPTextConfig(
+        vocab_size=100,
+        hidden_size=8,
+        intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=16,
+    )
+    pipe = diffusers.StableDiffusionPipeline(
+        vae=tiny_vae(),
+        text_encoder=transformers.CLIPTextModel(config),
+        tokenizer=None,
+        unet=tiny_cond_unet(),
+        scheduler=DDPMScheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    with pytest.raises(TypeError) as err:
+        SpeculativePipeline(pipe)
+    text = one_line(err)
+    assert "StableDiffusionPipeline is a conditional pipeline (it has a text_encoder" in text
+    assert "from_pipeline(" in text
+
+
+def unsupported_schedulers() -> list:
+    """Every diffusers scheduler class the adapter does not support."""
+    names = []
+    for name in sorted(n for n in dir(diffusers) if n.endswith("Scheduler")):
+        cls = getattr(diffusers, name, None)
+        if isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin):
+            if name not in SUPPORTED:
+                names.append(name)
+    return names
+
+
+@pytest.mark.parametrize("name", unsupported_schedulers())
+def test_every_unsupported_scheduler_says_why(name):
+    from specdiff_kernels.integrations.diffusers import scheduler_from_config
+
+    with pytest.raises(TypeError) as err:
+        scheduler_from_config({}, name)
+    text = one_line(err)
+    assert text.startswith(f"unsupported scheduler {name}: ")  # a reason follows the name
+    if name.startswith("FlowMatch"):
+        assert text.endswith("flow-matching models are not supported yet")
+        assert "supported:" not in text and "use " not in text
+    elif "deterministic (no noise" not in text:
+        assert "; supported: DDPMScheduler" in text
+
+
+def test_euler_discrete_names_s_churn_and_euler_ancestral():
+    unet = tiny_unet()
+    count = CallCounter(unet)
+    pipe = DDPMPipeline(unet=unet, scheduler=diffusers.EulerDiscreteScheduler())
+    spec = SpeculativePipeline(pipe, window=2)
+    with pytest.raises(TypeError) as err:
+        spec(batch_size=1, num_inference_steps=5)
+    text = one_line(err)
+    assert text.startswith("unsupported scheduler EulerDiscreteScheduler: ")
+    assert "s_churn > 0" in text and "stochastic" in text and "not supported yet" in text
+    assert "use EulerAncestralDiscreteScheduler" in text
+    assert count.calls == 0
+
+
+def test_flow_matching_scheduler_in_the_adapter():
+    with pytest.raises(TypeError) as err:
+        diffusers_transitions(FlowMatchEulerDiscreteScheduler(), 10)
+    assert one_line(err) == (
+        "unsupported scheduler FlowMatchEulerDiscreteScheduler: a flow-matching scheduler; "
+        "flow-matching models are not supported yet"
+    )
+    sched = diffusers.DPMSolverMultistepScheduler(
+        algorithm_type="sde-dpmsolver++", use_dynamic_shifting=True
+    )
+    with pytest.raises(ValueError) as err:
+        diffusers_transitions(sched, 10)
+    assert "use_dynamic_shifting=True is not supported" in one_line(err)
+    assert "flow-matching models are not supported yet" in str(err.value)
