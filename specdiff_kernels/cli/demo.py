@@ -17,6 +17,7 @@ import json
 import math
 import statistics
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -67,10 +68,12 @@ def warm_times(run_ancestral, run_speculative, reps: int) -> WarmTimes:
     """``reps`` runs of each, interleaved with alternating order (a slow spell of the machine or
     a drift falls on both)."""
     anc, spec = [], []
-    for i in range(reps):
-        pair = ((run_ancestral, anc), (run_speculative, spec))
-        for run, out in pair if i % 2 == 0 else pair[::-1]:
-            out.append(run().stats.wall_time)
+    with warnings.catch_warnings():  # the first runs said it already
+        warnings.simplefilter("ignore")
+        for i in range(reps):
+            pair = ((run_ancestral, anc), (run_speculative, spec))
+            for run, out in pair if i % 2 == 0 else pair[::-1]:
+                out.append(run().stats.wall_time)
     return WarmTimes(anc, spec, torch.get_num_threads())
 
 
@@ -253,11 +256,12 @@ def run_demo(args) -> int:
             progress=progress,
             max_batch=args.max_batch,
         )
-        run = lambda s: (
-            lambda: s.sample(  # noqa: E731
+
+        def run(sampler):
+            return lambda: sampler.sample(
                 args.batch, model.event_shape, generator=gen(), device=device
             )
-        )
+
         return run(anc), run(spec)
 
     first_anc, first_spec = samplers(not args.no_progress)
