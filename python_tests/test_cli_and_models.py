@@ -107,6 +107,75 @@ def test_info_and_module_entry_point():
     assert res.returncode == 0, res.stderr
     assert "backends: reference, cpp" in res.stdout and "C++ build:" in res.stdout
     assert "C++ kernels run the default variant" in res.stdout  # as the variable asked
+    # the build line says what the build was compiled for, not "SIMD none" next to an avx512 line
+    assert "SIMD none" not in res.stdout and "compiled for" in res.stdout
+    from specdiff_kernels.ops import backends
+
+    if backends.HAS_CPP and backends._C.supported_cpu_capability() != "default":
+        assert "capped by SPECDIFF_CPU_CAPABILITY=default" in res.stdout
+
+
+def test_info_lines_name_the_build_baseline_and_the_dispatched_variant(monkeypatch):
+    """`specdiff info`: the build line names the instruction sets the build was compiled for (the
+    x86-64 baseline without -m flags) and the next the variant the kernels dispatch to, with
+    what this CPU supports and why a narrower one runs."""
+    import platform
+
+    from specdiff_kernels.cli.commands import _cpp_info_lines
+
+    class Ext:
+        def __init__(self, active, supported):
+            self.active, self.supported = active, supported
+
+        def cpu_capability(self):
+            return self.active
+
+        def supported_cpu_capability(self):
+            return self.supported
+
+    info = {"compiler": "12.2.0", "build_type": "Release", "cxx_flags": "-O3 ", "openmp": 201511}
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    monkeypatch.delenv("SPECDIFF_CPU_CAPABILITY", raising=False)
+    build, run = _cpp_info_lines({**info, "simd": []}, Ext("avx512", "avx512"))
+    assert "compiled for x86-64 baseline (SSE2)" in build and "run time" in build
+    assert run.startswith("C++ kernels run the avx512 variant") and "supports: avx512" in run
+    build, _ = _cpp_info_lines({**info, "simd": ["avx", "avx2"]}, Ext("avx2", "avx2"))
+    assert "compiled for avx/avx2" in build
+    monkeypatch.setenv("SPECDIFF_CPU_CAPABILITY", "avx2")
+    _, run = _cpp_info_lines({**info, "simd": []}, Ext("avx2", "avx512"))
+    assert "run the avx2 variant" in run and "capped by SPECDIFF_CPU_CAPABILITY=avx2" in run
+    monkeypatch.setattr(platform, "machine", lambda: "aarch64")
+    build, run = _cpp_info_lines({**info, "simd": ["neon"]}, Ext("default", "default"))
+    assert "compiled for neon" in build and "run time" not in build
+    assert run.startswith("C++ kernels run the default variant")
+
+
+def test_demo_help_gives_each_models_defaults(capsys):
+    """`specdiff demo --help` gives the per-model defaults the demo uses (digits runs 16 chains,
+    not the gmm's 192)."""
+    from specdiff_kernels.cli.commands import DEMO_DEFAULTS
+
+    with pytest.raises(SystemExit) as exc:
+        main(["demo", "--help"])
+    assert exc.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    batches = ", ".join(f"{m} {d['batch']}" for m, d in DEMO_DEFAULTS.items())
+    assert batches == "digits 16, gmm 192, langevin 1000"
+    assert f"chains per sampler (default: {batches})" in text
+    assert "(default: gmm 64, langevin 4;" in text
+
+
+@pytest.mark.parametrize("command", ["demo", "sample", "info"])
+def test_every_command_has_a_description(command, capsys):
+    from specdiff_kernels.cli.commands import build_parser
+
+    sub = build_parser().subcommands[command]
+    assert sub.description and len(sub.description) > 40
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--help"])
+    assert exc.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert " ".join(sub.description.split()) in out
 
 
 def test_digits_speculative_costs_less_than_ancestral():

@@ -151,8 +151,21 @@ def test_sample_bad_paths_one_line(pipe_dir, tmp_path, capsys, nothing_loaded):
     refused(["sample", *FAST_DIGITS, "--out", str(a_file / "sub")], capsys, "--out")
     refused(["sample"], capsys, "--pipeline")  # required
     refused(["sampel", "--pipeline", "digits"], capsys, "sampel")
-    rc, _, err = cli([], capsys)
-    assert rc == 2 and one_line(err)
+
+
+def test_bare_specdiff_lists_its_commands(capsys):
+    """No command: the usage with every command and its one-line description, on stderr, exit 2
+    (argparse's convention for a missing argument), no traceback."""
+    from specdiff_kernels.cli.commands import build_parser
+
+    rc, out, err = cli([], capsys)
+    assert rc == 2 and out == "" and "Traceback" not in err
+    assert err.startswith("usage: specdiff")
+    commands = build_parser().subcommands
+    for line_start in ("demo ", "sample ", "info "):
+        line = next(x for x in err.splitlines() if x.strip().startswith(line_start))
+        assert len(line.split()) > 2, line  # the name and a description
+    assert set(commands) == {"demo", "sample", "info"}
 
 
 BAD_DEMO_ARGS = [

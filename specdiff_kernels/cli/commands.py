@@ -189,18 +189,14 @@ def cmd_info(args: argparse.Namespace) -> int:
     from specdiff_kernels.ops import backends
 
     print(f"specdiff_kernels {sk.__version__}")
-    print(f"torch {torch.__version__}; CUDA available: {torch.cuda.is_available()}")
+    print(
+        f"torch {torch.__version__} (its CPU kernels: "
+        f"{torch.backends.cpu.get_cpu_capability()}); CUDA available: {torch.cuda.is_available()}"
+    )
     print(f"backends: {', '.join(sk.available_backends())}")
     if backends.HAS_CPP:
-        info = backends._C.build_info()
-        print(
-            f"C++ build: {info['compiler']} [{info['build_type']}] flags '{info['cxx_flags'].strip()}', "
-            f"OpenMP {info['openmp']}, SIMD {'/'.join(info['simd']) or 'none'}"
-        )
-        print(
-            f"C++ kernels run the {info['cpu_capability']} variant (this CPU supports "
-            f"{backends._C.supported_cpu_capability()}; SPECDIFF_CPU_CAPABILITY caps it)"
-        )
+        for line in _cpp_info_lines(backends._C.build_info(), backends._C):
+            print(line)
     try:
         import triton
 
@@ -208,6 +204,37 @@ def cmd_info(args: argparse.Namespace) -> int:
     except ImportError:
         print("triton: not installed")
     return 0
+
+
+def _cpp_info_lines(info: dict, ext) -> list[str]:
+    """Two lines on the C++ kernels: how they were compiled (the instruction sets every function
+    may use: the compiler's baseline unless the build was tuned, SPECDIFF_NATIVE=1), then the
+    instruction set this CPU supports and the variant the kernels dispatch to at run time."""
+    import platform
+
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    simd = "/".join(info["simd"])
+    baseline = simd or ("x86-64 baseline (SSE2)" if x86 else "the compiler's baseline")
+    lines = [
+        f"C++ build: compiler {info['compiler']} [{info['build_type']}] flags "
+        f"'{info['cxx_flags'].strip()}', OpenMP {info['openmp']}; compiled for {baseline}"
+        + (", with avx2 and avx512 variants of the kernels picked at run time" if x86 else "")
+    ]
+    active = ext.cpu_capability()
+    if not x86:
+        lines.append(f"C++ kernels run the {active} variant (one variant on {platform.machine()})")
+        return lines
+    supported = ext.supported_cpu_capability()
+    env = os.environ.get("SPECDIFF_CPU_CAPABILITY")
+    why = (
+        f"capped by SPECDIFF_CPU_CAPABILITY={env}"
+        if env and active != supported
+        else "SPECDIFF_CPU_CAPABILITY=default|avx2 caps it"
+    )
+    lines.append(
+        f"C++ kernels run the {active} variant (the widest this CPU supports: {supported}; {why})"
+    )
+    return lines
 
 
 # ----------------------------------------------------------------------------- specdiff demo
@@ -224,6 +251,12 @@ DEMO_DEFAULTS = {
     "gmm": {"batch": 192, "draft": "frozen-x0", "dim": 64},
     "langevin": {"batch": 1000, "dim": 4, "step_size": 0.05},
 }
+
+
+def _per_model_defaults(dest: str) -> str:
+    """``digits 16, gmm 192, langevin 1000``: the demo's default of ``dest`` for each model that
+    has one (the --help text, so that it cannot drift from DEMO_DEFAULTS)."""
+    return ", ".join(f"{m} {d[dest]}" for m, d in DEMO_DEFAULTS.items() if dest in d)
 
 
 def check_demo_args(args: argparse.Namespace) -> Optional[str]:
@@ -341,7 +374,7 @@ def add_sample_arguments(sample: argparse.ArgumentParser) -> None:
         choices=["float32", "float16", "bfloat16"],
         help="the network's precision; the chains' states stay float32 (float16: CUDA only)",
     )
-    sample.add_argument("--seed", type=seed_int, default=0)
+    sample.add_argument("--seed", type=seed_int, default=0, help="in 0..2^63-1 (default 0)")
     sample.add_argument(
         "--out", default="out", help="directory for samples.png and stats.json (default ./out)"
     )
@@ -412,13 +445,37 @@ def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
 
     p = OneLineParser(
-        prog="specdiff", description="Exact speculative sampling for diffusion models"
+        prog="specdiff",
+        description="Exact speculative sampling for diffusion models.",
+        epilog="python -m specdiff_kernels runs the same commands; every flag: docs/cli.md.",
     )
     p.add_argument("--version", action="version", version=f"specdiff_kernels {__version__}")
-    sub = p.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="ancestral vs speculative sampling of an embedded model")
-    demo.add_argument("--model", default="digits", choices=["digits", "gmm", "langevin"])
-    demo.add_argument("--steps", type=positive_int, default=200, help="sampling steps N")
+    sub = p.add_subparsers(
+        dest="command",
+        required=True,
+        title="commands",
+        metavar="COMMAND",
+        help="'specdiff COMMAND --help' lists its flags",
+    )
+    demo = sub.add_parser(
+        "demo",
+        help="ancestral vs speculative sampling of a shipped model, side by side",
+        description="Ancestral vs speculative sampling of a shipped model (digits, gmm) or "
+        "speculative Langevin (langevin), side by side: prints the cost table (sequential target "
+        "calls, evaluations, acceptance, wall time) and a two-sample test; writes "
+        "demo_<model>_samples.png, demo_<model>_acceptance.png and demo_<model>_stats.json to "
+        "--out.",
+    )
+    demo.add_argument(
+        "--model",
+        default="digits",
+        choices=["digits", "gmm", "langevin"],
+        help="the digits DDPM (default), the Gaussian mixture with its exact denoiser, or "
+        "speculative Langevin on a banana target",
+    )
+    demo.add_argument(
+        "--steps", type=positive_int, default=200, help="sampling steps N (default 200)"
+    )
     demo.add_argument(
         "--window",
         type=window_arg,
@@ -430,13 +487,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--draft",
         default=None,
         choices=["frozen-x0", "frozen-eps", "model"],
-        help="digits, gmm (default frozen-x0)",
+        help="digits, gmm: the frozen target (training-free) or the draft network "
+        "(default frozen-x0)",
     )
     demo.add_argument(
         "--batch",
         type=positive_int,
         default=None,
-        help="chains per sampler (default: 192; langevin: 1000)",
+        help="chains per sampler (default: " + _per_model_defaults("batch") + ")",
     )
     demo.add_argument(
         "--max-batch",
@@ -444,15 +502,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="digits, gmm: the most states one network invocation holds (default: the sampler's)",
     )
-    demo.add_argument("--seed", type=seed_int, default=0)
+    demo.add_argument("--seed", type=seed_int, default=0, help="in 0..2^63-1 (default 0)")
     demo.add_argument(
         "--dim",
         type=positive_int,
         default=None,
-        help="dimension of the gmm (default 64) or langevin banana (default 4, >= 2) model",
+        help="gmm, langevin: the dimension (default: "
+        + _per_model_defaults("dim")
+        + "; langevin: at least 2)",
     )
     demo.add_argument(
-        "--step-size", type=positive_float, default=None, help="langevin step size g (default 0.05)"
+        "--step-size",
+        type=positive_float,
+        default=None,
+        help=f"langevin: the ULA step size g (default {DEMO_DEFAULTS['langevin']['step_size']})",
     )
     demo.add_argument(
         "--backend",
@@ -460,7 +523,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="verify backend: reference, cpp or triton (default: by device)",
     )
     demo.add_argument("--device", type=device_arg, default="cpu", help="cpu, cuda or cuda:N")
-    demo.add_argument("--out", default="out", help="directory for the PNGs and JSON")
+    demo.add_argument(
+        "--out", default="out", help="directory for the PNGs and JSON (default ./out)"
+    )
     demo.add_argument(
         "--overwrite",
         action="store_true",
@@ -469,11 +534,22 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     demo.set_defaults(func=cmd_demo, check=check_demo_args)
     sample = sub.add_parser(
-        "sample", help="speculative sampling of a diffusers pipeline folder or an embedded model"
+        "sample",
+        help="speculative sampling of a diffusers pipeline folder or a shipped model",
+        description="Speculative sampling of a diffusers pipeline folder (an unconditional "
+        "UNet2DModel with its scheduler) or a shipped model (digits, patches): writes "
+        "samples.png and stats.json to --out; --compare also runs the ancestral chain and "
+        "prints the cost table and a two-sample test.",
     )
     add_sample_arguments(sample)
     sample.set_defaults(func=cmd_sample, check=check_sample_args)
-    info = sub.add_parser("info", help="version, build and backends")
+    info = sub.add_parser(
+        "info",
+        help="versions, the C++ build and the available backends",
+        description="Prints the version, torch and CUDA, the available verify backends, the C++ "
+        "build (compiler, flags, OpenMP, the instruction sets it was compiled for), the "
+        "instruction-set variant the C++ kernels run on this CPU, and the Triton version.",
+    )
     info.set_defaults(func=cmd_info, check=None)
     p.subcommands = {"demo": demo, "sample": sample, "info": info}
     return p
@@ -488,6 +564,11 @@ def _fail(prog: str, message: str, code: int) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     prog = parser.prog
+    if not (sys.argv[1:] if argv is None else argv):
+        # a bare ``specdiff``: the usage with the commands, as argparse's missing-argument error
+        # (stderr, exit 2), rather than one line naming a COMMAND it does not list
+        parser.print_help(sys.stderr)
+        return 2
     try:
         args = parser.parse_args(argv)
         try:  # a bad SPECDIFF_CPU_CAPABILITY: one line and exit 2, before anything runs

@@ -1,25 +1,37 @@
 """Train the embedded models.
 
-    python -m specdiff_kernels.models.train digits [--steps N] [--draft-steps N] [--out DIR] [--seed S]
-                                            [--threads K]
-    python -m specdiff_kernels.models.train patches [--steps N] [--batch B] [--out DIR] [--seed S]
-                                             [--threads K]
+    python -m specdiff_kernels.models.train digits [--steps N] [--draft-steps N] [--seed S]
+                                            [--threads K] [--out DIR | --into-package]
+    python -m specdiff_kernels.models.train patches [--steps N] [--batch B] [--seed S]
+                                             [--threads K] [--out DIR | --into-package]
+
+Where the results go: ``--out DIR`` (default ``./specdiff_models`` for digits,
+``./specdiff_models/patches`` for patches, relative to the current directory). The shipped weights
+inside the installed package are replaced only with ``--into-package``. Each run records, in its
+``*_train_info.json``, the command that reproduces it (every flag that changes the weights
+explicit).
 
 ``digits`` trains BOTH the digits target and the (much smaller) digits draft, deterministically
 (fixed seeds, explicit torch.Generator for data order / timesteps / noise, a fixed number of
-CPU threads -- 1 by default, see --threads --, deterministic algorithms; bitwise results
-differ between thread counts), with the standard DDPM epsilon-prediction loss on sklearn's bundled
-8x8 digits scaled to [-1, 1] (see :mod:`specdiff_kernels.models.digits`). The shipped weights
-are the EMA of the training weights. Writes ``digits_target.safetensors``,
-``digits_draft.safetensors`` and ``digits_train_info.json`` to ``--out`` (default: the package
-weights dir ``specdiff_kernels/models/weights``).
+CPU threads -- 1 by default, see --threads --, deterministic algorithms), with the standard DDPM
+epsilon-prediction loss on sklearn's bundled 8x8 digits scaled to [-1, 1] (see
+:mod:`specdiff_kernels.models.digits`). The shipped weights are the EMA of the training weights.
+Writes ``digits_target.safetensors``, ``digits_draft.safetensors`` and
+``digits_train_info.json``. Load a folder of your own with
+``specdiff_kernels.models.digits.load_digits_model(DIR / "digits_target.safetensors")`` (and
+``digits_draft.safetensors``).
 
 ``patches`` trains the diffusers ``UNet2DModel`` of :mod:`specdiff_kernels.models.patches` on
 random 32x32 crops (with horizontal flips) of scikit-image's bundled photographs, with the same
 loss, the same determinism rules and EMA weights, and writes a ``DDPMPipeline`` with
 ``save_pretrained`` (``model_index.json``, ``unet/``, ``scheduler/``, safetensors) plus
-``patches_train_info.json`` to ``--out`` (default: the packaged folder
-``specdiff_kernels/models/weights/patches``).
+``patches_train_info.json``; sample it with ``specdiff sample --pipeline DIR``.
+
+Reproducibility: two runs with the same seed, steps, thread count, torch version and CPU (which
+picks torch's and the BLAS library's kernels) give bitwise identical weights. Another thread
+count, torch version or CPU gives weights that differ in the last bits: a full digits retraining
+on another x86-64 CPU differs from the shipped weights by up to ~1e-5 (same losses). The JSON
+records the torch version, thread count and torch's CPU capability next to the command.
 """
 
 from __future__ import annotations
@@ -30,7 +42,6 @@ import json
 import math
 import os
 import platform
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +63,65 @@ DEFAULT_BATCH = 256
 # steps take ~37 min under that load.
 PATCHES_DEFAULT_STEPS = 4500
 PATCHES_DEFAULT_BATCH = 32
+# Where training writes unless told otherwise: a folder in the current directory, never the
+# installed package (its weights are replaced only with --into-package).
+DEFAULT_OUT = Path("specdiff_models")
+MODULE_COMMAND = "python -m specdiff_kernels.models.train"
+
+
+def default_out(model: str) -> Path:
+    """The folder ``model`` is written to without ``--out``: ``./specdiff_models`` for digits,
+    ``./specdiff_models/patches`` for the patches pipeline."""
+    return DEFAULT_OUT if model == "digits" else DEFAULT_OUT / "patches"
+
+
+def package_dir(model: str) -> Path:
+    """The installed package's folder of ``model``'s shipped weights (``--into-package``)."""
+    if model == "digits":
+        return D.WEIGHTS_DIR
+    from . import patches as P
+
+    return P.pipeline_dir()
+
+
+def reproduce_command(model: str, **flags) -> str:
+    """The command line that trains the same weights (every flag that changes them explicit; the
+    output folder left to the user)."""
+    parts = [MODULE_COMMAND, model]
+    for name, value in flags.items():
+        parts += [f"--{name.replace('_', '-')}", str(value)]
+    return " ".join(parts)
+
+
+def _machine() -> dict:
+    """What besides the command decides the bits: torch, the CPU and its instruction set."""
+    return {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_count": os.cpu_count(),
+        "num_threads": torch.get_num_threads(),
+    }
+
+
+class _Deterministic:
+    """``threads`` torch CPU threads and deterministic algorithms for the block; the caller's
+    settings are restored after it."""
+
+    def __init__(self, threads: int):
+        self.threads = threads
+
+    def __enter__(self):
+        self.prev = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled())
+        torch.set_num_threads(self.threads)
+        torch.use_deterministic_algorithms(True)
+        return self
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.prev[0])
+        torch.use_deterministic_algorithms(self.prev[1])
+        return False
 
 
 def _lr_at(step: int, total: int, base: float, warmup: int, final_frac: float) -> float:
@@ -256,12 +326,23 @@ def train_digits(
     out: str | Path | None = None,
     seed: int = DEFAULT_SEED,
     threads: int = DEFAULT_THREADS,
-    argv: list[str] | None = None,
 ) -> dict:
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(True)
+    """Train the digits target and draft; write them and ``digits_train_info.json`` to ``out``
+    (default ``./specdiff_models``; ``package_dir("digits")`` replaces the shipped weights)."""
     draft_steps = steps if draft_steps is None else draft_steps
-    out = Path(out) if out is not None else D.WEIGHTS_DIR
+    _check_positive(steps=steps, draft_steps=draft_steps, threads=threads)
+    out = Path(out) if out is not None else default_out("digits")
+    with _Deterministic(threads):
+        return _train_digits(steps, draft_steps, out, seed, threads)
+
+
+def _check_positive(**values) -> None:
+    for name, v in values.items():
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+
+
+def _train_digits(steps: int, draft_steps: int, out: Path, seed: int, threads: int) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     data = D.digits_dataset()
     t_all = time.perf_counter()
@@ -275,8 +356,9 @@ def train_digits(
     _save(draft, out / D.DRAFT_FILE, {"seed": seed + 1, "steps": draft_steps})
     total = time.perf_counter() - t_all
     info = {
-        "command": "python -m specdiff_kernels.models.train "
-        + " ".join(argv if argv is not None else ["digits"]),
+        "command": reproduce_command(
+            "digits", steps=steps, draft_steps=draft_steps, seed=seed, threads=threads
+        ),
         "seed": seed,
         "data": "sklearn.datasets.load_digits, 1797 x 8x8, scaled v/8-1 to [-1,1], no augmentation",
         "schedule": {
@@ -289,9 +371,7 @@ def train_digits(
         "loss": "mean squared error of epsilon, t ~ U{0..999}",
         "weights": "EMA of training weights, fp32",
         "total_wall_time_s": round(total, 2),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "num_threads": torch.get_num_threads(),
+        **_machine(),
         "target": tstats,
         "draft": dstats,
         "param_ratio_target_over_draft": round(tstats["params"] / dstats["params"], 2),
@@ -336,24 +416,59 @@ def train_patches(
     grad_clip: float = 1.0,
     log_every: int = 100,
     eval_crops: int = 512,
-    argv: list[str] | None = None,
 ) -> dict:
-    """Train the ``patches`` UNet and save the EMA weights as a diffusers ``DDPMPipeline``."""
+    """Train the ``patches`` UNet and save the EMA weights as a diffusers ``DDPMPipeline`` in
+    ``out`` (default ``./specdiff_models/patches``; ``package_dir("patches")`` replaces the
+    shipped pipeline)."""
+    _check_positive(steps=steps, batch=batch, threads=threads, eval_crops=eval_crops)
+    out = Path(out) if out is not None else default_out("patches")
+    # the command line trains with these; other values are recorded as the Python call
+    hyper = dict(
+        lr=lr,
+        warmup=warmup,
+        final_lr_frac=final_lr_frac,
+        ema_decay=ema_decay,
+        grad_clip=grad_clip,
+        eval_crops=eval_crops,
+    )
+    flags = dict(steps=steps, batch=batch, seed=seed, threads=threads)
+    if hyper == _PATCHES_CLI_HYPER:
+        command = reproduce_command("patches", **flags)
+    else:
+        call = ", ".join(f"{k}={v!r}" for k, v in {**flags, **hyper}.items())
+        command = (
+            f'python -c "from specdiff_kernels.models.train import train_patches; '
+            f"train_patches({call}, out='specdiff_models/patches')\""
+        )
+    with _Deterministic(threads):
+        return _train_patches(out, command, steps, batch, seed, threads, log_every, **hyper)
+
+
+_PATCHES_CLI_HYPER = dict(
+    lr=5e-4, warmup=200, final_lr_frac=0.05, ema_decay=0.999, grad_clip=1.0, eval_crops=512
+)
+
+
+def _train_patches(
+    out: Path,
+    command: str,
+    steps: int,
+    batch: int,
+    seed: int,
+    threads: int,
+    log_every: int,
+    *,
+    lr: float,
+    warmup: int,
+    final_lr_frac: float,
+    ema_decay: float,
+    grad_clip: float,
+    eval_crops: int,
+) -> dict:
     from diffusers import DDPMPipeline
 
     from . import patches as P
 
-    for name, v in (
-        ("steps", steps),
-        ("batch", batch),
-        ("threads", threads),
-        ("eval_crops", eval_crops),
-    ):
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise ValueError(f"{name} must be a positive int, got {v!r}")
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(True)
-    out = Path(out) if out is not None else P.pipeline_dir()
     out.mkdir(parents=True, exist_ok=True)
     scheduler = P.build_scheduler()
     abar = scheduler.alphas_cumprod.to(torch.float32)
@@ -389,8 +504,7 @@ def train_patches(
         if f.is_file():
             f.chmod(0o644)
     info = {
-        "command": "python -m specdiff_kernels.models.train "
-        + " ".join(argv if argv is not None else ["patches"]),
+        "command": command,
         "seed": seed,
         "data": (
             f"random {P.CROP}x{P.CROP} crops with horizontal flips of skimage.data "
@@ -410,11 +524,7 @@ def train_patches(
         "final_smoothed_train_loss": round(smooth, 6),
         "final_heldout_loss_ema": round(final_eval, 6),
         "heldout_eval_crops": eval_crops,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-        "cpu_count": os.cpu_count(),
-        "num_threads": torch.get_num_threads(),
+        **_machine(),
     }
     _write_json(out / "patches_train_info.json", info)
     print(
@@ -425,9 +535,10 @@ def train_patches(
     return info
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    ap = argparse.ArgumentParser(
+def build_parser() -> argparse.ArgumentParser:
+    from ..cli.commands import OneLineParser, positive_int, seed_int
+
+    ap = OneLineParser(
         prog="python -m specdiff_kernels.models.train",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -437,66 +548,96 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument(
         "--steps",
-        type=int,
+        type=positive_int,
         default=None,
         help=f"optimizer steps (digits target: default {DEFAULT_TARGET_STEPS}; "
         f"patches: default {PATCHES_DEFAULT_STEPS})",
     )
     ap.add_argument(
         "--batch",
-        type=int,
+        type=positive_int,
         default=None,
         help=f"patches only: crops per step (default {PATCHES_DEFAULT_BATCH})",
     )
     ap.add_argument(
         "--draft-steps",
-        type=int,
+        type=positive_int,
         default=None,
-        help="optimizer steps for the draft (default: same as --steps)",
+        help="digits only: optimizer steps for the draft (default: same as --steps)",
     )
-    ap.add_argument(
+    where = ap.add_mutually_exclusive_group()
+    where.add_argument(
         "--out",
         type=str,
         default=None,
-        help=f"output directory (digits default {D.WEIGHTS_DIR}; patches default "
-        "specdiff_kernels/models/weights/patches)",
+        metavar="DIR",
+        help=f"output folder (default ./{default_out('digits')} for digits, "
+        f"./{default_out('patches')} for patches, in the current directory); made if missing, "
+        "earlier results of the same model in it are replaced",
     )
-    ap.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    where.add_argument(
+        "--into-package",
+        action="store_true",
+        help="write into the installed package's weights folder instead, replacing the shipped "
+        "weights that models.load and specdiff use",
+    )
+    ap.add_argument("--seed", type=seed_int, default=DEFAULT_SEED, help=f"default {DEFAULT_SEED}")
     ap.add_argument(
         "--threads",
-        type=int,
+        type=positive_int,
         default=DEFAULT_THREADS,
-        help=f"torch CPU threads (default {DEFAULT_THREADS}). Results are bitwise "
-        "reproducible for a fixed thread count (they differ in the last bits "
-        "between thread counts); 2 is ~1.4x faster on an idle 2-core machine "
+        help=f"torch CPU threads (default {DEFAULT_THREADS}). The weights are bitwise "
+        "reproducible for a fixed seed, thread count, torch version and CPU instruction set "
+        "(they differ in the last bits otherwise); 2 is ~1.4x faster on an idle 2-core machine "
         "but ~10x slower when another process competes for the cores",
     )
+    return ap
+
+
+def _check_out(ap: argparse.ArgumentParser, args: argparse.Namespace) -> Path:
+    """The folder to write to, checked before minutes of training: writable, and the package's
+    own weights folder only with --into-package."""
+    from ..cli.commands import _check_dir
+
+    if args.into_package:
+        out, option = package_dir(args.model), "--into-package"
+    else:
+        out = Path(args.out) if args.out is not None else default_out(args.model)
+        option = "--out"
+        if out.resolve() == package_dir(args.model).resolve():
+            ap.error(
+                f"argument --out: {str(out)!r} is the package's own weights folder; pass "
+                "--into-package to replace the shipped weights"
+            )
+    err = _check_dir(option, str(out))
+    if err is not None:
+        ap.error(err)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
     args = ap.parse_args(argv)
-    for name in ("steps", "batch", "draft_steps", "threads"):
-        v = getattr(args, name)
-        if v is not None and v < 1:
-            ap.error(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+    if args.model == "patches" and args.draft_steps is not None:
+        ap.error("argument --draft-steps: applies to digits only")
+    if args.model == "digits" and args.batch is not None:
+        ap.error("argument --batch: applies to patches only")
+    out = _check_out(ap, args)
     if args.model == "patches":
-        if args.draft_steps is not None:
-            ap.error("--draft-steps applies to digits only")
         train_patches(
             steps=args.steps or PATCHES_DEFAULT_STEPS,
             batch=args.batch or PATCHES_DEFAULT_BATCH,
-            out=args.out,
+            out=out,
             seed=args.seed,
             threads=args.threads,
-            argv=argv,
         )
-    elif args.model == "digits":
-        if args.batch is not None:
-            ap.error("--batch applies to patches only")
+    else:
         train_digits(
             steps=args.steps or DEFAULT_TARGET_STEPS,
             draft_steps=args.draft_steps,
-            out=args.out,
+            out=out,
             seed=args.seed,
             threads=args.threads,
-            argv=argv,
         )
     return 0
 
