@@ -272,3 +272,36 @@ def test_langevin_demo_uses_backend_and_out(tmp_path, capsys, monkeypatch):
         "surrogate gradient, L=4",
     ]
     assert all(r["two_sample_pvalue"] > 1e-3 for r in stats["rows"])
+
+
+def test_demo_times_warm_interleaved_runs_on_the_threads_it_states(tmp_path, capsys):
+    """The printed wall ratio is a ratio of medians of warm interleaved runs, on the thread count
+    the header states; the caller's thread count comes back after."""
+    before = torch.get_num_threads()
+    args = ["demo", "--model", "gmm", "--dim", "8", "--steps", "30", "--batch", "24"]
+    rc = main(args + ["--reps", "3", "--threads", "1", "--no-progress", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert rc == 0 and torch.get_num_threads() == before
+    assert "1 CPU thread" in out and "median of 3 warm runs" in out and "first runs:" in out
+    warm = json.loads((tmp_path / "demo_gmm_stats.json").read_text())["warm_wall_time_s"]
+    assert len(warm["ancestral"]) == len(warm["speculative"]) == 3 and warm["threads"] == 1
+    assert all(t > 0 for t in warm["ancestral"] + warm["speculative"])
+
+
+def test_demo_reps_does_not_apply_to_langevin(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["demo", "--model", "langevin", "--reps", "3"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--reps" in err[0] and "langevin" in err[0]
+
+
+def test_acceptance_line_of_a_run_without_windows_says_so():
+    from specdiff_kernels.cli.demo import acceptance_line
+    from specdiff_kernels.sampling.accounting import SamplerStats
+
+    st = SamplerStats("speculative", 4, 10, 32)
+    st.accepted_by_position, st.attempted_by_position = [0] * 32, [0] * 32
+    assert acceptance_line(st).endswith("no window was verified (every step ancestral)")
+    st.accepted_by_position[:3], st.attempted_by_position[:3] = [4, 3, 1], [4, 4, 2]
+    assert acceptance_line(st) == "acceptance by window position: 0:1.00  1:0.75  2:0.50"

@@ -720,7 +720,8 @@ def test_missing_patches_weights(tmp_path, capsys, monkeypatch, nothing_loaded):
     assert last == (
         f"specdiff sample: error: argument --pipeline: the embedded 'patches' pipeline is "
         f"not in this install (no model_index.json in {str(tmp_path / 'nowhere')!r}); "
-        f"train it with `python -m specdiff_kernels.models.train patches`, or pass a pipeline "
+        f"train it with `python -m specdiff_kernels.models.train patches --into-package`, or "
+        f"pass a pipeline "
         f"folder or 'digits'"
     )
 

@@ -14,6 +14,7 @@ had half-written. The library functions behind the commands take explicit values
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import sys
@@ -244,11 +245,12 @@ DEMO_MODEL_FLAGS = (
     ("--step-size", "step_size", ("langevin",)),
     ("--draft", "draft", DIFFUSION_MODELS),
     ("--max-batch", "max_batch", DIFFUSION_MODELS),
+    ("--reps", "reps", DIFFUSION_MODELS),
 )
 DEMO_DEFAULTS = {
     # 16 digits: a batch at which speculation pays on a CPU (the network is latency-bound there)
-    "digits": {"batch": 16, "draft": "frozen-x0"},
-    "gmm": {"batch": 192, "draft": "frozen-x0", "dim": 64},
+    "digits": {"batch": 16, "draft": "frozen-x0", "reps": 5},
+    "gmm": {"batch": 192, "draft": "frozen-x0", "dim": 64, "reps": 5},
     "langevin": {"batch": 1000, "dim": 4, "step_size": 0.05},
 }
 
@@ -257,6 +259,18 @@ def _per_model_defaults(dest: str) -> str:
     """``digits 16, gmm 192, langevin 1000``: the demo's default of ``dest`` for each model that
     has one (the --help text, so that it cannot drift from DEMO_DEFAULTS)."""
     return ", ".join(f"{m} {d[dest]}" for m, d in DEMO_DEFAULTS.items() if dest in d)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Every run of a command on ``n`` intra-op threads (timings compare like with like); the
+    caller's count is restored after (the CLI is also called in-process)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def check_demo_args(args: argparse.Namespace) -> Optional[str]:
@@ -292,25 +306,26 @@ def check_demo_args(args: argparse.Namespace) -> Optional[str]:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    if args.model == "langevin":
-        from .demo import run_langevin_demo
+    with torch_threads(args.threads):
+        if args.model == "langevin":
+            from .demo import run_langevin_demo
 
-        return run_langevin_demo(
-            seed=args.seed,
-            batch=args.batch,
-            window=args.window,
-            steps=args.steps,
-            dim=args.dim,
-            step_size=args.step_size,
-            backend=args.backend,
-            progress=not args.no_progress,
-            out=args.out,
-            device=args.device,
-            overwrite=args.overwrite,
-        )
-    from .demo import run_demo
+            return run_langevin_demo(
+                seed=args.seed,
+                batch=args.batch,
+                window=args.window,
+                steps=args.steps,
+                dim=args.dim,
+                step_size=args.step_size,
+                backend=args.backend,
+                progress=not args.no_progress,
+                out=args.out,
+                device=args.device,
+                overwrite=args.overwrite,
+            )
+        from .demo import run_demo
 
-    return run_demo(args)
+        return run_demo(args)
 
 
 # ----------------------------------------------------------------------------- specdiff sample
@@ -388,6 +403,19 @@ def add_sample_arguments(sample: argparse.ArgumentParser) -> None:
         action="store_true",
         help="also run the ancestral chain (independent seed): cost table and two-sample p-value",
     )
+    sample.add_argument(
+        "--reps",
+        type=positive_int,
+        default=3,
+        help="with --compare: warm timed runs of each sampler after the first, interleaved; the "
+        "wall times in the table are their medians (default 3)",
+    )
+    sample.add_argument(
+        "--threads",
+        type=positive_int,
+        default=1,
+        help="torch CPU threads for every run (default 1)",
+    )
     sample.add_argument("--no-progress", action="store_true", help="no tqdm bars")
 
 
@@ -438,7 +466,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     spec = args.resolved
     del args.resolved
-    return run_sample(args, spec)
+    with torch_threads(args.threads):
+        return run_sample(args, spec)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -532,6 +561,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="replace the files of an earlier run in --out (other files are kept)",
     )
     demo.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    demo.add_argument(
+        "--threads",
+        type=positive_int,
+        default=1,
+        help="torch CPU threads for every run (default 1: two threads slow down many times "
+        "when another process is busy on a 2-core machine)",
+    )
+    demo.add_argument(
+        "--reps",
+        type=positive_int,
+        default=None,
+        help="digits, gmm: warm timed runs of each sampler after the first, interleaved; the "
+        "wall times printed are their medians (default 5)",
+    )
     demo.set_defaults(func=cmd_demo, check=check_demo_args)
     sample = sub.add_parser(
         "sample",

@@ -96,7 +96,11 @@ def patches_dir() -> Path:
         ) from None
     folder = Path(patches.pipeline_dir())
     if not (folder / "model_index.json").is_file():
-        how = getattr(patches, "TRAIN_COMMAND", "python -m specdiff_kernels.models.train patches")
+        how = getattr(
+            patches,
+            "TRAIN_COMMAND",
+            "python -m specdiff_kernels.models.train patches --into-package",
+        )
         raise PipelineError(
             "--pipeline",
             f"the embedded 'patches' pipeline is not in this install "
@@ -751,7 +755,7 @@ def run_sample(args, spec: PipelineSpec) -> int:
     """Sample with the checked arguments; print a summary (and the cost table with --compare)."""
     from ..sampling.ancestral import AncestralSampler
     from ..sampling.sampler import COMPACT_MIN_CHAINS_CPU, SpeculativeSampler
-    from .demo import cost_table, optional_module, two_sample_or_note
+    from .demo import cost_table, optional_module, two_sample_or_note, warm_times
     from .output import RunOutput, sample_files
 
     # --dtype is the network's precision; the chains stay float32 (see CastNet)
@@ -839,8 +843,18 @@ def run_sample(args, spec: PipelineSpec) -> int:
         anc_res, anc_wall = run(
             AncestralSampler(net, T, progress=progress, max_batch=args.max_batch), anc_seed
         )
+        warm = warm_times(
+            lambda: run(AncestralSampler(net, T, max_batch=args.max_batch), anc_seed)[0],
+            lambda: run(
+                SpeculativeSampler(
+                    net, T, draft=draft, window=args.window, path=path, max_batch=args.max_batch
+                ),
+                args.seed,
+            )[0],
+            args.reps,
+        )
         print()
-        print(cost_table(anc_res.stats, st))
+        print(cost_table(anc_res.stats, st, warm))
         t1 = time.perf_counter()
         p, note = two_sample_or_note(spec_res.samples, anc_res.samples, args.seed)
         if p is None:
@@ -861,6 +875,11 @@ def run_sample(args, spec: PipelineSpec) -> int:
             two_sample_note=note,
         )
         record["wall_s"]["ancestral"] = anc_wall
+        record["warm_wall_time_s"] = {
+            "ancestral": warm.ancestral,
+            "speculative": warm.speculative,
+            "threads": warm.threads,
+        }
     samples_png, ancestral_png, stats_json = sample_files()
     with RunOutput(args.out, args.overwrite) as out:
         if pil:

@@ -209,7 +209,7 @@ def load_digits_model(
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(
-            f"{path} not found; train it with `python -m specdiff_kernels.models.train digits`"
+            f"{path} not found; train it with `python -m specdiff_kernels.models.train digits --into-package`"
         )
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}

@@ -58,7 +58,7 @@ CROP = 32
 HELDOUT_FRACTION = 0.2
 #: ``skimage.data`` colour photographs stored in the scikit-image wheel (no pooch download)
 IMAGES = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle_left")
-TRAIN_COMMAND = "python -m specdiff_kernels.models.train patches"
+TRAIN_COMMAND = "python -m specdiff_kernels.models.train patches --into-package"
 
 UNET_CONFIG: dict = {
     "sample_size": CROP,
