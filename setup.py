@@ -147,6 +147,8 @@ setup(
         "plots": ["matplotlib"],
         # the demo's PNGs and its digit classifier; without them it prints a notice and skips them
         "demo": ["matplotlib", "scikit-learn"],
+        # the PushT diffusion policy's environment (pymunk physics; pygame/opencv only render)
+        "policy": ["gym-pusht>=0.1.8,<0.2"],
         "test": ["pytest", "hypothesis", "scikit-learn", "matplotlib"],
     },
     entry_points={"console_scripts": ["specdiff=specdiff_kernels.cli.commands:main"]},

@@ -11,6 +11,13 @@
   ``python -m specdiff_kernels.models.train patches`` on crops of scikit-image's photographs; load it with
   ``patches.load_pipeline()`` or ``DDPMPipeline.from_pretrained(patches.pipeline_dir())``.
 
+* ``pusht``: a Diffusion Policy (conditional 1-D temporal UNet, DDPM 100 steps, cosine
+  schedule) for gym-pusht's PushT task, trained by ``python -m specdiff_kernels.models.train
+  pusht`` on demonstrations of a scripted expert (:mod:`specdiff_kernels.models.pusht`). Its
+  network is called as ``model(x, t, obs=...)``; the loaded model also has ``.policy``,
+  ``normalize_obs``, ``unnormalize_action`` and ``obs_condition``. Running the environment needs
+  ``pip install 'specdiff_kernels[policy]'``; loading the policy does not.
+
 ``load(name)`` returns an :class:`EmbeddedModel` with the target, the draft model and a
 ``transitions(num_steps)`` factory over the model's training schedule.
 """
@@ -188,8 +195,21 @@ def _load_digits(device="cpu", dtype=torch.float32) -> EmbeddedModel:
     )
 
 
-_REGISTRY = {"gmm": _load_gmm, "digits": _load_digits}
-_LOAD_OPTIONS = {"gmm": ("dim", "components", "seed"), "digits": ("device", "dtype")}
+def _load_pusht(device="cpu", dtype=torch.float32) -> EmbeddedModel:
+    from . import pusht
+
+    device = _check_device(device)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+    return pusht.load_policy(device=device, dtype=dtype)
+
+
+_REGISTRY = {"gmm": _load_gmm, "digits": _load_digits, "pusht": _load_pusht}
+_LOAD_OPTIONS = {
+    "gmm": ("dim", "components", "seed"),
+    "digits": ("device", "dtype"),
+    "pusht": ("device", "dtype"),
+}
 
 
 def available() -> list[str]:
@@ -197,7 +217,8 @@ def available() -> list[str]:
 
 
 def load(name: str, **kwargs) -> EmbeddedModel:
-    """Load an embedded model by name (``"digits"`` or ``"gmm"``; ``gmm`` takes ``dim=``)."""
+    """Load an embedded model by name (``"digits"``, ``"gmm"`` or ``"pusht"``; ``gmm`` takes
+    ``dim=``)."""
     if not isinstance(name, str):
         raise TypeError(f"models.load: name must be a str, one of {available()}, got {name!r}")
     if name not in _REGISTRY:

@@ -4,6 +4,8 @@
                                             [--threads K] [--out DIR | --into-package]
     python -m specdiff_kernels.models.train patches [--steps N] [--batch B] [--seed S]
                                              [--threads K] [--out DIR | --into-package]
+    python -m specdiff_kernels.models.train pusht [--steps N] [--batch B] [--episodes E]
+                                           [--seed S] [--threads K] [--out DIR | --into-package]
 
 Where the results go: ``--out DIR`` (default ``./specdiff_models`` for digits,
 ``./specdiff_models/patches`` for patches, relative to the current directory). The shipped weights
@@ -26,6 +28,13 @@ random 32x32 crops (with horizontal flips) of scikit-image's bundled photographs
 loss, the same determinism rules and EMA weights, and writes a ``DDPMPipeline`` with
 ``save_pretrained`` (``model_index.json``, ``unet/``, ``scheduler/``, safetensors) plus
 ``patches_train_info.json``; sample it with ``specdiff sample --pipeline DIR``.
+
+``pusht`` (needs gym-pusht: ``pip install 'specdiff_kernels[policy]'``) runs the scripted expert
+of :mod:`specdiff_kernels.models.pusht_expert` for ``--episodes`` episodes (env seeds 0..E-1),
+fits the min/max normaliser on its observations and actions, and trains the Diffusion Policy
+network of :mod:`specdiff_kernels.models.pusht` (epsilon loss, 100-step squaredcos_cap_v2
+schedule, EMA weights). Writes ``pusht_policy.safetensors`` (network + normaliser),
+``pusht_demos.npz`` (the demonstrations) and ``pusht_train_info.json``.
 
 Reproducibility: two runs with the same seed, steps, thread count, torch version and CPU (which
 picks torch's and the BLAS library's kernels) give bitwise identical weights. Another thread
@@ -63,6 +72,11 @@ DEFAULT_BATCH = 256
 # steps take ~37 min under that load.
 PATCHES_DEFAULT_STEPS = 4500
 PATCHES_DEFAULT_BATCH = 32
+# pusht: sized for ~20 minutes at one thread of this 2-core CPU (a step of 256 chunks of the
+# 1.1M-parameter UNet took 0.18 s with another job on the other core), after ~3 minutes of demos
+PUSHT_DEFAULT_STEPS = 6000
+PUSHT_DEFAULT_BATCH = 256
+PUSHT_DEFAULT_EPISODES = 200
 # Where training writes unless told otherwise: a folder in the current directory, never the
 # installed package (its weights are replaced only with --into-package).
 DEFAULT_OUT = Path("specdiff_models")
@@ -70,15 +84,19 @@ MODULE_COMMAND = "python -m specdiff_kernels.models.train"
 
 
 def default_out(model: str) -> Path:
-    """The folder ``model`` is written to without ``--out``: ``./specdiff_models`` for digits,
-    ``./specdiff_models/patches`` for the patches pipeline."""
-    return DEFAULT_OUT if model == "digits" else DEFAULT_OUT / "patches"
+    """The folder ``model`` is written to without ``--out``: ``./specdiff_models`` for digits and
+    pusht, ``./specdiff_models/patches`` for the patches pipeline."""
+    return DEFAULT_OUT / "patches" if model == "patches" else DEFAULT_OUT
 
 
 def package_dir(model: str) -> Path:
     """The installed package's folder of ``model``'s shipped weights (``--into-package``)."""
     if model == "digits":
         return D.WEIGHTS_DIR
+    if model == "pusht":
+        from . import pusht
+
+        return pusht.WEIGHTS_DIR
     from . import patches as P
 
     return P.pipeline_dir()
@@ -535,6 +553,208 @@ def _train_patches(
     return info
 
 
+# --------------------------------------------------------------------------------------------
+# pusht: Diffusion Policy on the scripted expert's demonstrations
+# --------------------------------------------------------------------------------------------
+def pusht_windows(episodes, horizon: int, n_obs: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training pairs of every step t of every episode: observations [t-1, t] (the first
+    repeated at t = 0) and the action chunk t-1 .. t+14 (indices clamped to the episode, so the
+    first and last actions repeat at its ends, as Diffusion Policy's padding). Raw units:
+    ([N, n_obs, 5], [N, horizon, 2]) float64."""
+    import numpy as np
+
+    obs_w, act_w = [], []
+    for ep in episodes:
+        T = len(ep.actions)
+        t = np.arange(T)
+        oi = np.clip(t[:, None] + np.arange(-(n_obs - 1), 1)[None], 0, T - 1)
+        ai = np.clip(t[:, None] + np.arange(-(n_obs - 1), horizon - (n_obs - 1))[None], 0, T - 1)
+        obs_w.append(ep.obs[oi])
+        act_w.append(ep.actions[ai])
+    return (
+        torch.as_tensor(np.concatenate(obs_w), dtype=torch.float64),
+        torch.as_tensor(np.concatenate(act_w), dtype=torch.float64),
+    )
+
+
+def _save_demos(path: Path, demos) -> None:
+    import numpy as np
+
+    np.savez_compressed(
+        path,
+        obs=np.concatenate([e.obs for e in demos]),
+        actions=np.concatenate([e.actions for e in demos]),
+        episode_ends=np.cumsum([len(e.actions) for e in demos]),
+        seeds=np.array([e.seed for e in demos]),
+        success=np.array([e.success for e in demos]),
+        coverage=np.array([e.coverage for e in demos]),
+    )
+    path.chmod(0o644)
+
+
+def _pusht_eps_loss(model, x0, cond, g, abar) -> torch.Tensor:
+    b = x0.shape[0]
+    t = torch.randint(0, abar.shape[0], (b,), generator=g)
+    eps = torch.randn(x0.shape, generator=g)
+    a = abar[t].view(b, 1, 1)
+    xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
+    return (model(xt, t, obs=cond) - eps).pow(2).mean()
+
+
+def train_pusht(
+    steps: int = PUSHT_DEFAULT_STEPS,
+    batch: int = PUSHT_DEFAULT_BATCH,
+    episodes: int = PUSHT_DEFAULT_EPISODES,
+    out: str | Path | None = None,
+    seed: int = DEFAULT_SEED,
+    threads: int = DEFAULT_THREADS,
+    lr: float = 1e-3,
+    warmup: int = 300,
+    final_lr_frac: float = 0.02,
+    ema_decay: float = 0.999,
+    grad_clip: float = 1.0,
+    log_every: int = 250,
+    save_demos: bool = True,
+) -> dict:
+    """Generate ``episodes`` expert demonstrations, train the pusht policy on them and write
+    ``pusht_policy.safetensors``, ``pusht_train_info.json`` and (``save_demos``)
+    ``pusht_demos.npz`` to ``out`` (default ``./specdiff_models``; ``package_dir("pusht")``
+    replaces the shipped policy)."""
+    from . import pusht as P
+
+    P.require_gym_pusht()
+    _check_positive(steps=steps, batch=batch, episodes=episodes, threads=threads)
+    out = Path(out) if out is not None else default_out("pusht")
+    hyper = dict(
+        lr=lr, warmup=warmup, final_lr_frac=final_lr_frac, ema_decay=ema_decay, grad_clip=grad_clip
+    )
+    flags = dict(steps=steps, batch=batch, episodes=episodes, seed=seed, threads=threads)
+    if hyper == _PUSHT_CLI_HYPER:
+        command = reproduce_command("pusht", **flags)
+    else:
+        call = ", ".join(f"{k}={v!r}" for k, v in {**flags, **hyper}.items())
+        command = (
+            f'python -c "from specdiff_kernels.models.train import train_pusht; '
+            f"train_pusht({call}, out='specdiff_models')\""
+        )
+    with _Deterministic(threads):
+        return _train_pusht(
+            out, command, steps, batch, episodes, seed, threads, log_every, save_demos, **hyper
+        )
+
+
+_PUSHT_CLI_HYPER = dict(lr=1e-3, warmup=300, final_lr_frac=0.02, ema_decay=0.999, grad_clip=1.0)
+
+
+def _train_pusht(
+    out: Path,
+    command: str,
+    steps: int,
+    batch: int,
+    episodes: int,
+    seed: int,
+    threads: int,
+    log_every: int,
+    save_demos: bool,
+    *,
+    lr: float,
+    warmup: int,
+    final_lr_frac: float,
+    ema_decay: float,
+    grad_clip: float,
+) -> dict:
+
+    from . import pusht as P
+    from . import pusht_expert as X
+
+    out.mkdir(parents=True, exist_ok=True)
+    t_all = time.perf_counter()
+    demos, expert = X.generate_demos(episodes, first_seed=0)
+    written = [out / P.POLICY_FILE, out / P.INFO_FILE]
+    if save_demos:
+        written.append(out / "pusht_demos.npz")
+        _save_demos(out / "pusht_demos.npz", demos)
+    obs_w, act_w = pusht_windows(demos, P.HORIZON, P.N_OBS_STEPS)
+    norm = P.Normalizer.fit(obs_w.numpy(), act_w.numpy())
+    cond_all = norm.normalize_obs(obs_w).reshape(obs_w.shape[0], -1)
+    x_all = norm.normalize_action(act_w.to(torch.float32))
+    n = x_all.shape[0]
+
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    model = P.ConditionalUnet1D(**P.UNET_CONFIG)
+    ema = copy.deepcopy(model).eval()
+    ema.requires_grad_(False)
+    params = P.count_params(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.95, 0.999), weight_decay=1e-6)
+    abar = P.pusht_alphas_cumprod().to(torch.float32)
+    print(
+        f"[pusht] {n} training windows from {episodes} episodes; params={params} steps={steps} "
+        f"batch={batch} lr={lr} seed={seed} threads={threads}",
+        flush=True,
+    )
+    trainer = _Trainer(
+        "pusht",
+        model,
+        ema,
+        opt,
+        Schedule(steps, lr, warmup, final_lr_frac, ema_decay, grad_clip, log_every),
+    )
+    perm, pos = torch.randperm(n, generator=g), 0
+    for step in range(steps):
+        if pos + batch > n:
+            perm, pos = torch.randperm(n, generator=g), 0
+        idx = perm[pos : pos + batch]
+        pos += batch
+        trainer.step(step, _pusht_eps_loss(model, x_all[idx], cond_all[idx], g, abar))
+    wall = time.perf_counter() - trainer.t0
+    P.save_policy(out / P.POLICY_FILE, ema, norm, {"seed": seed, "steps": steps})
+    info = {
+        "command": command,
+        "seed": seed,
+        "data": (
+            f"{episodes} episodes of the scripted expert (specdiff_kernels.models.pusht_expert), "
+            f"gym-pusht PushTEnv(obs_type='state') seeds 0..{episodes - 1}; {n} windows "
+            f"(obs t-1..t, action chunk t-1..t+{P.HORIZON - 2})"
+        ),
+        "expert": expert,
+        "unet_config": P.UNET_CONFIG,
+        "policy": {
+            "n_obs_steps": P.N_OBS_STEPS,
+            "horizon": P.HORIZON,
+            "n_action_steps": P.N_ACTION_STEPS,
+            "event_shape": list(P.EVENT_SHAPE),
+            "obs": "normalised [agent_x, agent_y, block_x, block_y, block_angle wrapped to "
+            "[goal - pi, goal + pi)] of steps t-1, t, flattened [B, 10]",
+        },
+        "schedule": {
+            "T": P.TRAIN_TIMESTEPS,
+            "beta_schedule": P.BETA_SCHEDULE,
+            "prediction_type": "epsilon",
+            "clip_sample": P.CLIP_SAMPLE,
+        },
+        "normalizer": {k: v.tolist() for k, v in norm.state_dict().items()},
+        "loss": f"mean squared error of epsilon, t ~ U{{0..{P.TRAIN_TIMESTEPS - 1}}}",
+        "weights": "EMA of training weights, fp32",
+        "params": params,
+        "batch": batch,
+        **trainer.sch.record(),
+        "optimizer": "AdamW(betas=(0.95, 0.999), weight_decay=1e-6)",
+        "train_wall_time_s": round(wall, 2),
+        "total_wall_time_s": round(time.perf_counter() - t_all, 2),
+        "final_smoothed_train_loss": round(trainer.smooth, 6),
+        **_machine(),
+    }
+    _write_json(out / P.INFO_FILE, info)
+    (out / P.INFO_FILE).chmod(0o644)
+    print(
+        f"[pusht] done: train wall {wall:.1f}s, total {info['total_wall_time_s']}s; wrote "
+        f"{', '.join(map(str, written))}",
+        flush=True,
+    )
+    return info
+
+
 def build_parser() -> argparse.ArgumentParser:
     from ..cli.commands import OneLineParser, positive_int, seed_int
 
@@ -544,20 +764,30 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument(
-        "model", choices=["digits", "patches"], help="which embedded model family to train"
+        "model",
+        choices=["digits", "patches", "pusht"],
+        help="which embedded model family to train",
     )
     ap.add_argument(
         "--steps",
         type=positive_int,
         default=None,
         help=f"optimizer steps (digits target: default {DEFAULT_TARGET_STEPS}; "
-        f"patches: default {PATCHES_DEFAULT_STEPS})",
+        f"patches: default {PATCHES_DEFAULT_STEPS}; pusht: default {PUSHT_DEFAULT_STEPS})",
     )
     ap.add_argument(
         "--batch",
         type=positive_int,
         default=None,
-        help=f"patches only: crops per step (default {PATCHES_DEFAULT_BATCH})",
+        help=f"patches: crops per step (default {PATCHES_DEFAULT_BATCH}); pusht: action "
+        f"chunks per step (default {PUSHT_DEFAULT_BATCH})",
+    )
+    ap.add_argument(
+        "--episodes",
+        type=positive_int,
+        default=None,
+        help=f"pusht only: expert demonstrations (env seeds 0..E-1, default "
+        f"{PUSHT_DEFAULT_EPISODES})",
     )
     ap.add_argument(
         "--draft-steps",
@@ -571,7 +801,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=str,
         default=None,
         metavar="DIR",
-        help=f"output folder (default ./{default_out('digits')} for digits, "
+        help=f"output folder (default ./{default_out('digits')} for digits and pusht, "
         f"./{default_out('patches')} for patches, in the current directory); made if missing, "
         "earlier results of the same model in it are replaced",
     )
@@ -618,12 +848,31 @@ def _check_out(ap: argparse.ArgumentParser, args: argparse.Namespace) -> Path:
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
-    if args.model == "patches" and args.draft_steps is not None:
+    if args.model != "digits" and args.draft_steps is not None:
         ap.error("argument --draft-steps: applies to digits only")
     if args.model == "digits" and args.batch is not None:
-        ap.error("argument --batch: applies to patches only")
+        ap.error("argument --batch: applies to patches and pusht only")
+    if args.model != "pusht" and args.episodes is not None:
+        ap.error("argument --episodes: applies to pusht only")
+    if args.model == "pusht":
+        from . import pusht as P
+
+        try:
+            P.require_gym_pusht()
+        except ImportError as err:
+            ap.error(str(err))
     out = _check_out(ap, args)
-    if args.model == "patches":
+    if args.model == "pusht":
+        train_pusht(
+            steps=args.steps or PUSHT_DEFAULT_STEPS,
+            batch=args.batch or PUSHT_DEFAULT_BATCH,
+            episodes=args.episodes or PUSHT_DEFAULT_EPISODES,
+            out=out,
+            seed=args.seed,
+            threads=args.threads,
+            save_demos=not args.into_package,  # regenerated by the command; not package data
+        )
+    elif args.model == "patches":
         train_patches(
             steps=args.steps or PATCHES_DEFAULT_STEPS,
             batch=args.batch or PATCHES_DEFAULT_BATCH,
