@@ -756,7 +756,7 @@ def _train_pusht(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..cli.commands import OneLineParser, positive_int, seed_int
+    from ..argtypes import OneLineParser, positive_int, seed_int
 
     ap = OneLineParser(
         prog="python -m specdiff_kernels.models.train",
@@ -827,7 +827,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _check_out(ap: argparse.ArgumentParser, args: argparse.Namespace) -> Path:
     """The folder to write to, checked before minutes of training: writable, and the package's
     own weights folder only with --into-package."""
-    from ..cli.commands import _check_dir
+    from ..argtypes import check_dir as _check_dir
 
     if args.into_package:
         out, option = package_dir(args.model), "--into-package"
