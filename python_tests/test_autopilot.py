@@ -31,7 +31,11 @@ from wrong_verifiers import VerifyFreshFromP, static_wrong_verify, verify_keep_d
 
 import specdiff_kernels.sampling.sampler as sampler_module
 from specdiff_kernels.sampling.autopilot import (
+    KEEP,
     MEASURE,
+    REVISIT,
+    REVISIT_RATE,
+    SPEC_PROBE,
     AutoRounds,
     AutoWindow,
     CostModel,
@@ -118,32 +122,52 @@ def test_controller_falls_back_where_calls_are_compute_bound():
     assert ctl.choose(64, 0)[0].W == 32  # prior acceptance 0.9, every window costs the same
 
 
-def test_controller_measures_the_arm_the_model_does_not_prefer_then_trusts_measurements():
-    """A measured cost model is a first guess: the arm it does not prefer is tried on real rounds
-    (where the guess does not rule it out), and measured rounds correct the guess both ways."""
+def test_controller_measures_both_arms_then_trusts_measurements():
+    """A measured cost model is a first guess: ancestral steps are measured first (never wasted
+    work), then a short speculative window, where the guess does not rule them out; measured
+    rounds then correct the guess both ways."""
     cost = CostModel([64, 128], [1e-3, 2e-3])  # compute-bound by the calibration
     ctl = WindowController(cost, 32, 64, compact=False)
+    for _ in range(MEASURE[0]):
+        arm, explore = ctl.choose(64, 0)
+        assert arm.W == 0 and explore
+        cost.measured(0, 1.0)
     arm, explore = ctl.choose(64, 0)
-    assert arm.W > 0 and explore  # speculation is not ruled out (rate >= EXPLORE x ancestral)
+    assert 0 < arm.W <= SPEC_PROBE and explore  # not ruled out: rate >= EXPLORE x ancestral
     for _ in range(MEASURE[1]):  # real rounds cost a quarter of the model's guess
         cost.measured(arm.W, 0.25)
-    cost.measured(0, 1.0)
     arm, explore = ctl.choose(64, 0)
-    assert arm.W > 0 and arm.factor == 0.25  # the nearest measured window's correction
-    for W in ctl.candidates[1:]:  # every window measured: nothing left to explore
-        cost.measured(W, 0.25)
-    assert ctl.choose(64, 0)[0].W > 0 and not ctl.choose(64, 0)[1]
-    slow = CostModel([64, 128], [1e-3, 1e-3])  # latency-bound by the calibration, but really not
-    ctl = WindowController(slow, 32, 64, compact=False)
-    assert ctl.choose(64, 0)[0].W >= 16  # the ancestral arm is ruled out by the guess
-    for _ in range(3):
-        slow.measured(32, 40.0)
-    assert ctl.choose(64, 0)[0].W < 32  # measured rounds: the long window costs what it does
+    assert arm.W > 0 and not explore and arm.factor == 0.25
+    # the machine slows down: speculative rounds cost what they do, ancestral steps stay
+    for _ in range(KEEP):
+        cost.measured(8, 4.0)
+    arm, explore = ctl.choose(64, 0)
+    assert arm.W == 0 and not explore
     never = CostModel([64, 128], [1e-3, 8e-3])  # far worse than ancestral: never tried
-    assert WindowController(never, 32, 64, compact=False).choose(64, 0) == (
-        ctl.arm(0, 64, 0)._replace(seconds=never.ancestral_step(64)),
-        False,
-    )
+    ctl = WindowController(never, 32, 64, compact=False)
+    never.measured(0, 1.0), never.measured(0, 1.0)
+    assert all(ctl.choose(64, 0)[0].W == 0 for _ in range(3 * REVISIT))
+    flat = CostModel([64, 128], [1e-3, 1e-3])  # latency-bound: ancestral steps ruled out
+    assert WindowController(flat, 32, 64, compact=False).choose(64, 0)[0].W >= 16
+
+
+def test_a_stale_close_arm_is_measured_again():
+    cost = CostModel([64, 128], [1e-3, 1.6e-3])
+    ctl = WindowController(cost, 32, 64, compact=False)
+    cost.measured(0, 1.0), cost.measured(0, 1.0)
+    cost.measured(4, 1.2), cost.measured(4, 1.2)  # speculation measured slower than guessed
+    first = ctl.choose(64, 0)
+    assert first == (ctl.arm(0, 64, 0), False)
+    spec = max((ctl.arm(W, 64, 0) for W in ctl.candidates[1:]), key=lambda a: a.rate)
+    assert spec.rate >= REVISIT_RATE[1] * first[0].rate  # a close call
+    seen = []
+    for _ in range(REVISIT + 2):
+        arm, explore = ctl.choose(64, 0)
+        seen.append((arm.W > 0, explore))
+        if arm.W == 0:
+            cost.measured(0, 1.0)
+    assert (True, True) in seen  # measured again once stale
+    assert seen.index((True, True)) >= REVISIT - 1
 
 
 def test_controller_shortens_the_window_when_acceptance_falls():

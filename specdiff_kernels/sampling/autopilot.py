@@ -89,8 +89,12 @@ OWN_PASSES = 3.0  # a speculative round reads and writes the window about this m
 # EXPLORE times the preferred arm's; the last KEEP measurements per W are kept
 MEASURE = {0: 2, 1: 2}
 EXPLORE = 0.5
-NEIGHBOUR = 0.75  # a window next to the best one is measured once where its rate is this close
 KEEP = 8
+SPEC_PROBE = 4  # the longest window used to measure speculative rounds
+# an arm not measured for REVISIT decisions is measured again where its rate is at least this
+# fraction of the preferred arm's (W = 0: ancestral, 1: speculative)
+REVISIT = 10
+REVISIT_RATE = {0: 0.85, 1: 0.7}
 FIRST_BLOCK, PROBE_BLOCK = 8, 4  # ancestral block lengths: first chosen (doubles), measuring
 
 
@@ -110,7 +114,10 @@ class CostModel:
     calibration_s: float = 0.0
     user: Optional[Callable[[int], float]] = None
     online: bool = True  # corrected by this process's real rounds (a user's cost=: never)
-    ratios: dict = field(default_factory=dict)  # W -> recent (measured / model) seconds
+    # arm (0: ancestral steps, 1: speculative rounds) -> its last (measured / model) seconds
+    ratios: dict = field(default_factory=dict)
+    clock: int = 0  # decisions made with this model (all runs)
+    when: dict = field(default_factory=dict)  # arm -> the clock at its last measurement
     _memo: dict = field(default_factory=dict, repr=False, compare=False)
 
     def network(self, b: float) -> float:
@@ -140,28 +147,31 @@ class CostModel:
     def measured(self, W: int, ratio: float) -> None:
         """Fold in one real round of window W (0: an ancestral block): measured / model seconds."""
         if self.online and math.isfinite(ratio) and ratio > 0:
-            kept = self.ratios.setdefault(W, [])
+            arm = min(W, 1)
+            kept = self.ratios.setdefault(arm, [])
             kept.append(ratio)
             del kept[:-KEEP]
+            self.when[arm] = self.clock
 
     def factor(self, W: int) -> float:
-        """The correction of the model's seconds for window W: the median of W's measured
-        ratios, else of the nearest measured speculative window's (1: none measured). A median,
-        not a minimum: the minimum of many measurements is lower than one measurement's, and
-        the arms are measured unequally often."""
-        kept = self.ratios.get(W)
-        if not kept and W > 0:
-            spec = [w for w in self.ratios if w > 0]
-            if spec:
-                kept = self.ratios[min(spec, key=lambda w: abs(math.log((w + 1) / (W + 1))))]
+        """The correction of the model's seconds for window W: the median of the last measured
+        ratios of its arm (ancestral steps, or speculative rounds of any window), else the other
+        arm's (a call timed cold at the start misjudges every size alike), else 1. A median, not
+        a minimum: the minimum of many measurements is lower than one measurement's, and the
+        arms are measured unequally often."""
+        kept = self.ratios.get(min(W, 1)) or self.ratios.get(1 - min(W, 1))
         return statistics.median(kept) if kept else 1.0
 
     def needs_measuring(self, W: int) -> bool:
         """Whether the arm of W (0: ancestral, else speculative) has too few real measurements."""
-        if not self.online:
-            return False
-        have = sum(len(v) for w, v in self.ratios.items() if (w > 0) == (W > 0))
-        return have < MEASURE[min(W, 1)]
+        arm = min(W, 1)
+        return self.online and len(self.ratios.get(arm, ())) < MEASURE[arm]
+
+    def stale(self, W: int) -> bool:
+        """Whether the arm of W was last measured more than ``REVISIT`` decisions ago (the
+        machine's speed drifts: a slow spell must not keep an arm out for good)."""
+        last = self.when.get(min(W, 1))
+        return self.online and (last is None or self.clock - last > REVISIT)
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -349,17 +359,20 @@ class WindowController:
         if not specs:  # no window longer than one step fits the schedule
             return anc, False
         spec = max(specs.values(), key=lambda a: a.rate)
-        best, other = (spec, anc) if spec.rate > anc.rate * (1 + self.margin) else (anc, spec)
-        # the arm not preferred is measured on real rounds until it has enough measurements,
-        # where the cost model alone does not rule it out (a slow first calibration must not
-        # decide a whole run; a clearly worse arm costs nothing to skip)
-        if self.cost.needs_measuring(other.W) and other.rate >= EXPLORE * best.rate:
-            return other, True
-        # so is a window next to the best one, whose cost the model extrapolates from others
-        for W in (2 * best.W, best.W // 2) if best.W and self.cost.online else ():
-            near = specs.get(W)
-            if near and W not in self.cost.ratios and near.rate >= NEIGHBOUR * best.rate:
-                return near, True
+        best = spec if spec.rate > anc.rate * (1 + self.margin) else anc
+        # the arms are measured on real rounds where the cost model alone does not rule them
+        # out (a slow first calibration must not decide a whole run): ancestral steps first,
+        # which are never wasted work (they are the baseline's), then speculative rounds of a
+        # short window (a long one is a large bet on an unmeasured guess)
+        self.cost.clock += 1
+        for arm in (anc, specs.get(min(spec.W, SPEC_PROBE), spec)):
+            if self.cost.needs_measuring(arm.W) and arm.rate >= EXPLORE * best.rate:
+                return arm, True
+            # measured long ago and a close call: measured again (speculation is missed only
+            # where it would gain little; falling back only where it would lose little)
+            close = REVISIT_RATE[min(arm.W, 1)] * best.rate
+            if arm is not best and self.cost.stale(arm.W) and arm.rate >= close:
+                return arm, True
         return best, False
 
 
