@@ -30,14 +30,16 @@ plain ancestral steps are faster. The controller decides this per round, from me
    step by ``margin`` (10%: a near-tie is not worth the risk).
 4. **Measured rounds** (``f_W``): the cost model is a first guess, made in milliseconds. Every
    real round and block is timed (host clock, from its start to the next read of the counters)
-   and its ratio to the model's seconds is kept per window (the last ``KEEP``); ``f_W`` is the
-   median for W, else the nearest measured window's. Sub-millisecond probes at the start are
-   noisy, and a wrong first guess used to decide a whole run; now the arm the guess does not
-   prefer (speculative rounds, or ancestral steps) is tried on real rounds until it has
-   ``MEASURE`` measurements, unless the guess rules it out (less than ``EXPLORE`` of the
-   preferred arm's rate), and so is a window next to the best one (``NEIGHBOUR``). The
-   corrections are shared, with the cost model, by later runs in the process. A user's
-   ``cost=`` is never corrected: such runs repeat bit for bit.
+   and its ratio to the model's seconds is kept per arm (ancestral steps; speculative rounds of
+   any window: the last ``KEEP``); ``f_W`` is the median of its arm's ratios (else the other
+   arm's: a cold calibration misjudges every size alike). Sub-millisecond probes at the start
+   are noisy, and a wrong first guess used to decide a whole run; now both arms are measured on
+   real rounds (``MEASURE`` times) unless the guess rules one out (below ``EXPLORE`` of the
+   preferred arm's rate): ancestral steps first (they are the baseline's own work), then
+   speculation on a short window (``SPEC_PROBE``). An arm last measured more than ``REVISIT``
+   decisions ago is measured again where it is a close call (``REVISIT_RATE``): the machine's
+   speed drifts. The corrections are shared, with the cost model, by later runs in the process.
+   A user's ``cost=`` is never corrected: such runs repeat bit for bit.
 5. **Ancestral blocks**: W = 0 runs a block of plain ancestral steps in the ancestral chain's
    own loop (``FIRST_BLOCK`` steps, doubling while W = 0 is chosen again; ``PROBE_BLOCK`` to
    measure), then the controller decides again from the measured costs, so a run that fell
