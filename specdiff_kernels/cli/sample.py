@@ -879,6 +879,7 @@ def run_sample(args, spec: PipelineSpec) -> int:
             "ancestral": warm.ancestral,
             "speculative": warm.speculative,
             "threads": warm.threads,
+            "ratio": warm.ratio,
         }
     samples_png, ancestral_png, stats_json = sample_files()
     with RunOutput(args.out, args.overwrite) as out:
