@@ -98,6 +98,7 @@ SPEC_PROBE = 4  # the longest window used to measure speculative rounds
 REVISIT = 10
 REVISIT_RATE = {0: 0.85, 1: 0.7}
 FIRST_BLOCK, PROBE_BLOCK = 8, 4  # ancestral block lengths: first chosen (doubles), measuring
+LONGEST_BLOCK = 32  # the controller decides again at least this often
 
 
 @dataclass
@@ -325,6 +326,7 @@ class WindowController:
         # discounted (accepted, attempted) at position 0 and at positions >= 1
         self.pos0 = list(self.prior)
         self.rest = list(self.prior)
+        self.seen: set = set()  # the arms measured in this run (0: ancestral, 1: speculative)
 
     def acceptance(self) -> tuple[float, float]:
         return self.pos0[0] / self.pos0[1], self.rest[0] / self.rest[1]
@@ -370,10 +372,12 @@ class WindowController:
         for arm in (anc, specs.get(min(spec.W, SPEC_PROBE), spec)):
             if self.cost.needs_measuring(arm.W) and arm.rate >= EXPLORE * best.rate:
                 return arm, True
-            # measured long ago and a close call: measured again (speculation is missed only
-            # where it would gain little; falling back only where it would lose little)
+            # measured long ago or in another run, and a close call: measured again
+            # (speculation is missed only where it would gain little; falling back only where
+            # it would lose little)
             close = REVISIT_RATE[min(arm.W, 1)] * best.rate
-            if arm is not best and self.cost.stale(arm.W) and arm.rate >= close:
+            stale = self.cost.stale(arm.W) or min(arm.W, 1) not in self.seen
+            if arm is not best and self.cost.online and stale and arm.rate >= close:
                 return arm, True
         return best, False
 
@@ -428,7 +432,7 @@ class AutoRounds:
         self.log.explored += explore
         if arm.W == 0:
             steps = PROBE_BLOCK if explore else self.block
-            self.block = self.block if explore else 2 * self.block
+            self.block = self.block if explore else min(2 * self.block, LONGEST_BLOCK)
             return self.ancestral_block(s, steps, arm)
         self.block = FIRST_BLOCK
         self.pending = (arm.W, arm.seconds / arm.factor, time.perf_counter())
@@ -437,6 +441,7 @@ class AutoRounds:
     def measured(self, W: int, model_s: float, seconds: float) -> None:
         self.log.measured_s.append(seconds)
         self.controller.cost.measured(W, seconds / model_s)
+        self.controller.seen.add(min(W, 1))
 
     def ancestral_block(self, s: ChainBatch, steps: int, arm: Arm) -> ChainBatch:
         """``steps`` ancestral steps of every chain not finished (chains may be at different
