@@ -253,3 +253,36 @@ def test_the_command_checks_catch_mistakes():
     assert _split(["make", "test"]) is None
     with pytest.raises(AssertionError):
         _split(["curl", "https://example.com"])
+
+
+# ----------------------------------------------------------------------------- the demo's output
+def _readme_demo_block() -> str:
+    """The README's sample of what `make demo` prints: the bare block after 'make demo' samples."""
+    text = (ROOT / "README.md").read_text()
+    start = text.index("`make demo` samples")
+    m = re.search(r"^```\s*$\n(.*?)^```\s*$", text[start:], re.S | re.M)
+    return m.group(1)
+
+
+def _label(line: str) -> str:
+    """A line's fixed words: up to its first number (values change from run to run)."""
+    return re.split(r"\s*[-+]?\d", line.strip(), maxsplit=1)[0].strip()
+
+
+def test_readme_demo_block_matches_what_the_demo_prints(tmp_path):
+    """Every line the README shows of `make demo` (`specdiff demo --overwrite`) is one the demo
+    prints, up to its numbers (a short run: the same lines, other values)."""
+    cmd = [str(Path(sys.executable).with_name("specdiff")), "demo", "--steps", "40", "--reps", "1"]
+    res = subprocess.run(
+        cmd + ["--no-progress", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=COMMAND_TIMEOUT,
+        env=_env(),
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    printed = [_label(line) for line in res.stdout.splitlines()]
+    shown = [line for line in _readme_demo_block().splitlines() if line.strip()]
+    assert len(shown) >= 5
+    for line in shown:
+        assert _label(line) in printed, f"README line not printed by the demo: {line!r}"

@@ -37,12 +37,12 @@ plain ancestral steps are faster. The controller decides this per round, from me
    real rounds (``MEASURE`` times) unless the guess rules one out (below ``EXPLORE`` of the
    preferred arm's rate): ancestral steps first (they are the baseline's own work), then
    speculation on a short window (``SPEC_PROBE``). An arm last measured more than ``REVISIT``
-   decisions ago is measured again where it is a close call (``REVISIT_RATE``): the machine's
-   speed drifts. The corrections are shared, with the cost model, by later runs in the process.
+   decisions ago, or not yet in this run, is measured again where it is a close call
+   (``REVISIT_RATE``): the machine's speed drifts. The corrections are shared, with the cost model, by later runs in the process.
    A user's ``cost=`` is never corrected: such runs repeat bit for bit.
 5. **Ancestral blocks**: W = 0 runs a block of plain ancestral steps in the ancestral chain's
-   own loop (``FIRST_BLOCK`` steps, doubling while W = 0 is chosen again; ``PROBE_BLOCK`` to
-   measure), then the controller decides again from the measured costs, so a run that fell
+   own loop (``FIRST_BLOCK`` steps, doubling while W = 0 is chosen again, up to
+   ``LONGEST_BLOCK``; ``PROBE_BLOCK`` to measure), then the controller decides again from the measured costs, so a run that fell
    back comes back to speculation when its own rounds say it pays. The next round starts from
    stale roots: the frozen value is the x0-hat of each chain's last parent state (as after a
    rejected window).
