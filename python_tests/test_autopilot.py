@@ -31,6 +31,7 @@ from wrong_verifiers import VerifyFreshFromP, static_wrong_verify, verify_keep_d
 
 import specdiff_kernels.sampling.sampler as sampler_module
 from specdiff_kernels.sampling.autopilot import (
+    FORGET,
     KEEP,
     MEASURE,
     REVISIT,
@@ -139,8 +140,9 @@ def test_controller_measures_both_arms_then_trusts_measurements():
     arm, explore = ctl.choose(64, 0)
     assert arm.W > 0 and not explore and arm.factor == 0.25
     # the machine slows down: speculative rounds cost what they do, ancestral steps stay
-    for _ in range(KEEP):
-        cost.measured(8, 4.0)
+    for W in ctl.candidates[1:]:
+        for _ in range(KEEP):
+            cost.measured(W, 4.0)
     arm, explore = ctl.choose(64, 0)
     assert arm.W == 0 and not explore
     never = CostModel([64, 128], [1e-3, 8e-3])  # far worse than ancestral: never tried
@@ -149,6 +151,15 @@ def test_controller_measures_both_arms_then_trusts_measurements():
     assert all(ctl.choose(64, 0)[0].W == 0 for _ in range(3 * REVISIT))
     flat = CostModel([64, 128], [1e-3, 1e-3])  # latency-bound: ancestral steps ruled out
     assert WindowController(flat, 32, 64, compact=False).choose(64, 0)[0].W >= 16
+
+
+def test_a_window_with_its_own_recent_rounds_uses_them():
+    cost = CostModel([64, 128], [1e-3, 2e-3])
+    cost.measured(4, 1.0), cost.measured(4, 1.0), cost.measured(16, 3.0), cost.measured(16, 3.0)
+    assert cost.factor(16) == 3.0 and cost.factor(4) == 1.0  # each its own
+    assert cost.factor(8) == 2.0  # none of its own: the arm's median
+    cost.clock += FORGET + 1
+    assert cost.factor(16) == 2.0  # its own are forgotten
 
 
 def test_a_stale_close_arm_is_measured_again():

@@ -96,6 +96,7 @@ SPEC_PROBE = 4  # the longest window used to measure speculative rounds
 # an arm not measured for REVISIT decisions is measured again where its rate is at least this
 # fraction of the preferred arm's (W = 0: ancestral, 1: speculative)
 REVISIT = 10
+FORGET = 60  # a window's own measurements count for this many decisions
 REVISIT_RATE = {0: 0.85, 1: 0.7}
 FIRST_BLOCK, PROBE_BLOCK = 8, 4  # ancestral block lengths: first chosen (doubles), measuring
 LONGEST_BLOCK = 32  # the controller decides again at least this often
@@ -120,6 +121,7 @@ class CostModel:
     # arm (0: ancestral steps, 1: speculative rounds) -> its last (measured / model) seconds
     ratios: dict = field(default_factory=dict)
     clock: int = 0  # decisions made with this model (all runs)
+    by_window: dict = field(default_factory=dict)  # W >= 1 -> recent (clock, ratio) of W alone
     when: dict = field(default_factory=dict)  # arm -> the clock at its last measurement
     _memo: dict = field(default_factory=dict, repr=False, compare=False)
 
@@ -155,13 +157,20 @@ class CostModel:
             kept.append(ratio)
             del kept[:-KEEP]
             self.when[arm] = self.clock
+            if W > 0:
+                own = self.by_window.setdefault(W, [])
+                own.append((self.clock, ratio))
+                del own[:-KEEP]
 
     def factor(self, W: int) -> float:
-        """The correction of the model's seconds for window W: the median of the last measured
-        ratios of its arm (ancestral steps, or speculative rounds of any window), else the other
-        arm's (a call timed cold at the start misjudges every size alike), else 1. A median, not
+        """The correction of the model's seconds for window W: the median of W's own ratios
+        where it has two from the last ``FORGET`` decisions, else of the last measured ratios of
+        its arm (ancestral steps, or speculative rounds of any window), else the other arm's (a call timed cold at the start misjudges every size alike), else 1. A median, not
         a minimum: the minimum of many measurements is lower than one measurement's, and the
         arms are measured unequally often."""
+        own = [r for c, r in self.by_window.get(W, ()) if self.clock - c <= FORGET]
+        if len(own) >= 2:  # the window's own recent rounds: the model's shape can be off
+            return statistics.median(own)
         kept = self.ratios.get(min(W, 1)) or self.ratios.get(1 - min(W, 1))
         return statistics.median(kept) if kept else 1.0
 
