@@ -545,7 +545,7 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m specdiff_kernels.models.pusht expert|eval``: the expert's or the shipped
     policy's (ancestral DDPM) success rate and mean final coverage."""
 
-    from ..cli.commands import OneLineParser, positive_int
+    from ..argtypes import OneLineParser, positive_int
 
     ap = OneLineParser(prog="python -m specdiff_kernels.models.pusht", description=main.__doc__)
     ap.add_argument("what", choices=["expert", "eval"])
