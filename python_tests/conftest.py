@@ -52,3 +52,20 @@ def cpu_capability(request):
     assert backends._C.cpu_capability() == request.param
     yield request.param
     backends._C.set_cpu_capability(before)
+
+
+@pytest.fixture
+def nothing_loaded(monkeypatch):
+    """Loading weights (a UNet, a network) or sampling fails the test: the CLI must refuse
+    before any of it."""
+    from specdiff_kernels.cli import sample as sample_cmd
+    from specdiff_kernels.sampling.ancestral import AncestralSampler
+    from specdiff_kernels.sampling.sampler import SpeculativeSampler
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("work started")
+
+    monkeypatch.setattr(sample_cmd, "load_unet", refuse)
+    monkeypatch.setattr(sample_cmd, "load_network", refuse)
+    monkeypatch.setattr(AncestralSampler, "sample", refuse)
+    monkeypatch.setattr(SpeculativeSampler, "sample", refuse)

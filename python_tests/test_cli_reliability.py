@@ -62,18 +62,6 @@ def edited(src: Path, dst: Path, file: str, **changes) -> Path:
     return dst
 
 
-@pytest.fixture
-def nothing_loaded(monkeypatch):
-    """Loading the network or sampling fails the test: the CLI must refuse before either."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("work started")
-
-    monkeypatch.setattr(sample_cmd, "load_network", refuse)
-    monkeypatch.setattr(AncestralSampler, "sample", refuse)
-    monkeypatch.setattr(SpeculativeSampler, "sample", refuse)
-
-
 def cli(argv, capsys, entry=main):
     """(exit code, stdout, stderr) of one in-process command; an exception escaping the command
     (a traceback for the user) fails the test."""

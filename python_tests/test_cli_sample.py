@@ -504,18 +504,6 @@ def test_demo_device_cpu(tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------- refusals
-@pytest.fixture
-def nothing_loaded(monkeypatch):
-    """Loading a network or sampling fails the test: the CLI must refuse before either."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("work started")
-
-    monkeypatch.setattr(sample_cmd, "load_network", refuse)
-    monkeypatch.setattr(AncestralSampler, "sample", refuse)
-    monkeypatch.setattr(SpeculativeSampler, "sample", refuse)
-
-
 def cli_error(argv, capsys) -> str:
     with pytest.raises(SystemExit) as exc:
         main(argv)

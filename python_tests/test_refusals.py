@@ -33,10 +33,9 @@ from diffusers import (  # noqa: E402
     UNet2DConditionModel,
     UNet2DModel,
 )
+from test_cli_sample import cli_error as sample_cli_error  # noqa: E402
 
-from specdiff_kernels import AncestralSampler, SpeculativeSampler  # noqa: E402
 from specdiff_kernels.cli import sample as sample_cmd  # noqa: E402
-from specdiff_kernels.cli.commands import main  # noqa: E402
 from specdiff_kernels.integrations import SpeculativePipeline  # noqa: E402
 from specdiff_kernels.integrations.diffusers import (  # noqa: E402
     SUPPORTED,
@@ -128,29 +127,11 @@ def one_line(err: pytest.ExceptionInfo) -> str:
 
 
 # ----------------------------------------------------------------------------- CLI
-@pytest.fixture
-def nothing_loaded(monkeypatch):
-    """Loading weights, a network or sampling fails the test: the CLI must refuse before."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("work started")
-
-    monkeypatch.setattr(sample_cmd, "load_unet", refuse)
-    monkeypatch.setattr(sample_cmd, "load_network", refuse)
-    monkeypatch.setattr(AncestralSampler, "sample", refuse)
-    monkeypatch.setattr(SpeculativeSampler, "sample", refuse)
-
-
 def cli_error(argv, capsys) -> str:
-    with pytest.raises(SystemExit) as exc:
-        main(argv)
-    captured = capsys.readouterr()
-    assert exc.value.code == 2
-    assert captured.out == "" and "Traceback" not in captured.err
-    lines = captured.err.strip().splitlines()
-    assert all(line.startswith(("usage:", " ")) for line in lines[:-1])  # argparse's usage only
-    assert lines[-1].startswith("specdiff sample: error: argument ")
-    return lines[-1]
+    """specdiff sample's one-line argument error (test_cli_sample's checks), naming an argument."""
+    last = sample_cli_error(argv, capsys)
+    assert last.startswith("specdiff sample: error: argument ")
+    return last
 
 
 @pytest.fixture(scope="module")
