@@ -169,7 +169,7 @@ def test_a_stale_close_arm_is_measured_again():
     cost.measured(4, 1.2), cost.measured(4, 1.2)  # speculation measured slower than guessed
     # a new run (controller) measures a close arm once, whatever it measured before
     assert WindowController(cost, 32, 64, compact=False).choose(64, 0)[0].W > 0
-    ctl.seen = {0, 1}  # as if both were measured in this run
+    ctl.run_start = -1  # as if both were measured in this run
     first = ctl.choose(64, 0)
     assert first == (ctl.arm(0, 64, 0), False)
     spec = max((ctl.arm(W, 64, 0) for W in ctl.candidates[1:]), key=lambda a: a.rate)

@@ -335,7 +335,9 @@ class WindowController:
         # discounted (accepted, attempted) at position 0 and at positions >= 1
         self.pos0 = list(self.prior)
         self.rest = list(self.prior)
-        self.seen: set = set()  # the arms measured in this run (0: ancestral, 1: speculative)
+        # an arm measured after this clock was measured in this run (each run's first decision
+        # moves the clock past it)
+        self.run_start = cost.clock
 
     def acceptance(self) -> tuple[float, float]:
         return self.pos0[0] / self.pos0[1], self.rest[0] / self.rest[1]
@@ -385,7 +387,8 @@ class WindowController:
             # (speculation is missed only where it would gain little; falling back only where
             # it would lose little)
             close = REVISIT_RATE[min(arm.W, 1)] * best.rate
-            stale = self.cost.stale(arm.W) or min(arm.W, 1) not in self.seen
+            this_run = self.cost.when.get(min(arm.W, 1), -1) > self.run_start
+            stale = self.cost.stale(arm.W) or not this_run
             if arm is not best and self.cost.online and stale and arm.rate >= close:
                 return arm, True
         return best, False
@@ -422,11 +425,7 @@ class AutoRounds:
         return layout.STAT_HEAD + 2 * self.L
 
     def next(self, s: ChainBatch, head: list) -> ChainBatch:
-        now = time.perf_counter()
-        if self.pending is not None:  # the last round's time: from its start to this head read
-            W, model_s, start = self.pending
-            self.measured(W, model_s, now - start)
-            self.pending = None
+        self.settle()
         counts = head[layout.STAT_HEAD :]
         if self.prev_counts is not None:
             delta = [c - p for c, p in zip(counts, self.prev_counts)]
@@ -447,10 +446,16 @@ class AutoRounds:
         self.pending = (arm.W, arm.seconds / arm.factor, time.perf_counter())
         return self.rnd.step(s, arm.W)
 
+    def settle(self) -> None:
+        """Record the last round's time: from its start to now (the next head read)."""
+        if self.pending is not None:
+            W, model_s, start = self.pending
+            self.measured(W, model_s, time.perf_counter() - start)
+            self.pending = None
+
     def measured(self, W: int, model_s: float, seconds: float) -> None:
         self.log.measured_s.append(seconds)
         self.controller.cost.measured(W, seconds / model_s)
-        self.controller.seen.add(min(W, 1))
 
     def ancestral_block(self, s: ChainBatch, steps: int, arm: Arm) -> ChainBatch:
         """``steps`` ancestral steps of every chain not finished (chains may be at different
@@ -529,10 +534,7 @@ class AutoRounds:
 
     def finish(self, stats: SamplerStats) -> None:
         """Add the ancestral blocks' steps to the run's stats and the controller's log."""
-        if self.pending is not None:  # the last round
-            W, model_s, start = self.pending
-            self.measured(W, model_s, time.perf_counter() - start)
-            self.pending = None
+        self.settle()  # the last round
         stats.direct_steps += self.direct_steps
         stats.autopilot = self.log.as_dict()
 
