@@ -9,6 +9,7 @@ switch. The power tests run the same tests on deliberately wrong verifiers.
 
 from __future__ import annotations
 
+import time
 import warnings
 
 import pytest
@@ -88,6 +89,21 @@ def test_calibrate_stops_once_calls_grow_in_proportion():
     assert c.sizes[-1] <= 64 * 5  # no probe at 9B or more once the slope is linear
     assert c.calibration_s > 0 and len(c.sizes) == len(c.seconds)
     assert all(b in sizes for b in c.sizes)
+
+
+def test_calibrate_is_not_misled_by_a_cold_first_call_at_a_size():
+    # oneDNN builds its convolution primitives at a call's first shape: the first call at each
+    # size costs several times a later one (seen: 25 ms against 3 ms on the pusht policy). A
+    # latency-bound network whose cold calls would look compute-bound must be measured warm.
+    seen = set()
+
+    def call(b):  # 3 ms at any size once warm; the first call at a size 8x that
+        time.sleep(0.003 if b in seen else 0.024)
+        seen.add(b)
+
+    c = calibrate(call, lambda: None, 9, B=1, max_states=9, num_steps=100, device_type="cpu")
+    assert c.seconds[0] == pytest.approx(0.003, rel=0.5)
+    assert c.network(2) < 1.5 * c.network(1)
 
 
 def test_user_cost_is_checked():
