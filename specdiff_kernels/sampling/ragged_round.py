@@ -395,7 +395,14 @@ class RaggedRound:
     checked network evaluation.
     """
 
-    def __init__(self, sampler: SamplerBase, x: Tensor, noise: ChainNoise, chains: Chains):
+    def __init__(
+        self,
+        sampler: SamplerBase,
+        x: Tensor,
+        noise: ChainNoise,
+        chains: Chains,
+        warm: Optional[Tensor] = None,
+    ):
         self.sampler = sampler
         self.T, self.L = sampler.transitions, sampler.window
         self.N = self.T.num_steps
@@ -415,6 +422,10 @@ class RaggedRound:
             # the first step is first order (c_prev[0] = 0): zeros are never read
             prev=torch.zeros_like(x) if self.T.multistep else None,
         )
+        if warm is not None:  # the guess is the first frozen value, at stale roots
+            rows = torch.arange(B, device=x.device)
+            self.proposer.freeze(self.state, rows, x, warm, self.state.k.to(x.device))
+            self.state.set_status(torch.arange(B), RootStatus.STALE)
         self.stats = SamplerStats(sampler.name, B, self.N, self.L)
         self.counters = RaggedCounters(self.L, self.N)
         self.budget = None if self.policy is None else self.policy.init_state(B)

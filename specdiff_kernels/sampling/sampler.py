@@ -228,6 +228,7 @@ class SpeculativeSampler(SamplerBase):
         dtype: torch.dtype = torch.float32,
         device=None,
         model_kwargs: Optional[dict] = None,
+        warm_start=None,
     ) -> SamplingResult:
         """Run ``num_chains`` chains of shape ``event_shape`` to the end of the schedule.
 
@@ -243,6 +244,12 @@ class SpeculativeSampler(SamplerBase):
                 chain c gets row c, as ``model(x, t, **kwargs)``; e.g. ``class_labels`` or
                 ``encoder_hidden_states`` of a diffusers UNet. The law is that of the ancestral
                 chain with the same conditioning.
+            warm_start: a guess of each chain's sample ``[B, *E]`` (e.g. a robot policy's
+                previous action chunk, shifted by the steps executed since): the frozen-target
+                draft's first frozen x0-hat, in place of the first call at the starting states
+                (one sequential call fewer; docs/design.md §5.1). Any guess keeps the law exact;
+                a good one also lengthens the first windows. Needs the prefetching
+                ``FrozenTargetDraft`` (the default draft).
 
         Returns:
             :class:`SamplingResult` (samples ``[B, *E]``, :class:`SamplerStats`).
@@ -251,17 +258,42 @@ class SpeculativeSampler(SamplerBase):
         x, noise, chains = self.setup(
             num_chains, event_shape, generator, chain_ids, x_init, dtype, device, model_kwargs
         )
+        warm = self._checked_warm_start(warm_start, x)
         if self.resolve_path() == "static":
-            res = self._sample_static(x, noise, chains)
+            res = self._sample_static(x, noise, chains, warm)
         else:
             if self.autopilot:  # per-chain windows from the cost model
                 self.window_policy.cost = self.cost_model(x, noise, chains)
                 self.window_policy.num_chains = x.shape[0]
-            res = RaggedRound(self, x, noise, chains).run()
+            res = RaggedRound(self, x, noise, chains, warm).run()
             if self.autopilot:
                 res.stats.autopilot = {"cost": self.window_policy.cost.as_dict()}
         res.stats.wall_time = time.perf_counter() - t0
         return res
+
+    def _checked_warm_start(self, warm_start, x: Tensor) -> Optional[Tensor]:
+        """``warm_start`` as a tensor like x (None stays None), refused in one line where it
+        cannot be used."""
+        if warm_start is None:
+            return None
+        draft = self.draft
+        if not (isinstance(draft, FrozenTargetDraft) and draft.prefetch_root):
+            raise ValueError(
+                f"warm_start is the prefetching frozen-target draft's first frozen value; "
+                f"{draft!r} has none to replace (it calls the target at every root)"
+            )
+        if not isinstance(warm_start, Tensor) or not warm_start.is_floating_point():
+            got = warm_start.dtype if isinstance(warm_start, Tensor) else type(warm_start).__name__
+            raise TypeError(f"warm_start must be a floating-point tensor, got {got}")
+        if tuple(warm_start.shape) != tuple(x.shape):
+            raise ValueError(
+                f"warm_start must have the states' shape {tuple(x.shape)}, got "
+                f"{tuple(warm_start.shape)}"
+            )
+        warm = warm_start.to(device=x.device, dtype=x.dtype)
+        if not bool(torch.isfinite(warm).all()):
+            raise ValueError("warm_start has non-finite values")
+        return warm
 
     # -------------------------------------------------------------- which round
     def static_path_blockers(self) -> list[str]:
@@ -319,7 +351,9 @@ class SpeculativeSampler(SamplerBase):
     def _compiled(self, x: Tensor) -> bool:
         return x.device.type == "cuda" if self.compile == "auto" else bool(self.compile)
 
-    def _sample_static(self, x: Tensor, noise: ChainNoise, chains: Chains) -> SamplingResult:
+    def _sample_static(
+        self, x: Tensor, noise: ChainNoise, chains: Chains, warm: Optional[Tensor]
+    ) -> SamplingResult:
         B, N = x.shape[0], self.transitions.num_steps
         rnd = self._static_round(x, noise, chains)
         auto = self._auto_rounds(rnd, x, noise, chains) if self.autopilot else None
@@ -328,7 +362,7 @@ class SpeculativeSampler(SamplerBase):
         size = layout.STAT_HEAD if auto is None else auto.head_size()
         bar = self.progress_bar(B * N)
         done_steps = 0
-        s = rnd.start(x)
+        s = rnd.start(x, warm)
         while True:
             head = s.stats[:size].tolist()
             bad_out, bad_lr = head[layout.STAT_BAD_OUTPUT], head[layout.STAT_BAD_RATIO]
@@ -343,7 +377,7 @@ class SpeculativeSampler(SamplerBase):
         if bar is not None:
             bar.update(B * N - done_steps)
             bar.close()
-        stats = self._static_stats(rnd, s, B)
+        stats = self._static_stats(rnd, s, B, warm is not None)
         if auto is not None:
             if self.check_finite and auto.bad is not None:
                 step, row, what = auto.bad
@@ -354,13 +388,13 @@ class SpeculativeSampler(SamplerBase):
             auto.warn_if_mostly_ancestral(stats)
         return SamplingResult(s.x, stats)
 
-    def _static_stats(self, rnd: StaticRound, s, B: int) -> SamplerStats:
+    def _static_stats(self, rnd: StaticRound, s, B: int, warm: bool) -> SamplerStats:
         T = self.transitions
         counts = s.stats.tolist()
         stats = SamplerStats(self.name, B, T.num_steps, self.window)
         stats.rounds = stats.target_calls = counts[layout.STAT_ROUNDS]
         stats.target_evals = rnd.target_evals
-        stats.direct_steps = 0 if bool(T.deterministic[0]) else B
+        stats.direct_steps = 0 if warm or bool(T.deterministic[0]) else B
         stats.windows = counts[layout.STAT_WINDOWS]
         stats.speculative_steps = counts[layout.STAT_SPEC_STEPS]
         stats.deterministic_steps = counts[layout.STAT_DET_STEPS]

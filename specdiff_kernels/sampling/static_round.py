@@ -171,9 +171,10 @@ class StaticRound:
         return rr.freeze_value(c, y.reshape(B, -1), p.reshape(B, -1), self.freeze).reshape(y.shape)
 
     # ------------------------------------------------------------------ the first step
-    def start(self, x: Tensor) -> ChainBatch:
+    def start(self, x: Tensor, warm: Optional[Tensor] = None) -> ChainBatch:
         """The first round: one call at the roots, each chain's first step (ancestral), the first
-        frozen value."""
+        frozen value; with ``warm`` (a guess of each chain's x0-hat) no call: the guess is the
+        first frozen value, at stale roots."""
         B, L, N = x.shape[0], self.L, self.N
         dev = x.device
         i64 = dict(dtype=torch.int64, device=dev)
@@ -182,13 +183,27 @@ class StaticRound:
         self._cond_roots = self.cond.gather(chain)
         self._cond_window = {}
         k = torch.zeros(B, **i64)
+        self.layout = lay = layout.StatsLayout(L, N, B)
+        if warm is not None:
+            self.target_evals = 0
+            stats = torch.zeros(lay.size, **i64)
+            head = [0, 0, 0, 0, NO_BAD, NO_BAD, 0, B if N else 0]
+            stats[: layout.STAT_HEAD] = torch.tensor(head, **i64)
+            return ChainBatch(
+                x=x,
+                k=k,
+                frozen=self.freeze_at(x, warm, k),
+                exact=torch.zeros(B, dtype=torch.bool, device=dev),
+                stats=stats,
+                # the first step is first order (c_prev[0] = 0): zeros are never read
+                prev=torch.zeros_like(x) if self.multistep else x.new_empty((0,)),
+            )
         out, p0 = self.net(x, k, self._cond_roots)
         self.target_evals = B
         lengths = torch.ones(B, **i64) if N > 0 else k
         # a multistep chain's first step is first order (c_prev[0] = 0): no previous prediction
         no_prev = torch.zeros_like(x)
         x1 = self._draft(x, p0, k, lengths, 1, FREEZE_X0, no_prev)[:, 1]
-        self.layout = lay = layout.StatsLayout(L, N, B)
         stats = torch.zeros(lay.size, **i64)
         bad = ~torch.isfinite(out.reshape(B, -1)).all(-1)
         head = [
