@@ -156,14 +156,3 @@ def test_shipped_policy_loads_and_runs():
     assert acts.shape == (B, P.N_ACTION_STEPS, 2)
     lo, hi = em.normalizer.action_min.numpy(), em.normalizer.action_max.numpy()
     assert (acts >= lo - 1e-3).all() and (acts <= hi + 1e-3).all()  # clip_sample keeps them in
-
-
-@needs_env
-@needs_weights
-def test_closed_loop_runs():
-    em = models.load("pusht")
-    fn = P.ancestral_sampler_fn(em, num_steps=5, seed=0)
-    res = P.evaluate(fn, em.policy, episodes=2, max_steps=16)
-    assert res["episodes"] == 2 and len(res["per_episode"]) == 2
-    assert all(r["steps"] <= 16 for r in res["per_episode"])
-    assert res["sampler_calls"] <= 2

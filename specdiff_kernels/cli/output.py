@@ -27,10 +27,15 @@ def demo_files(model: str) -> tuple[str, ...]:
     return tuple(f"demo_{model}_{part}" for part in ("samples.png", "acceptance.png", "stats.json"))
 
 
+def policy_files() -> tuple[str, ...]:
+    return ("policy_pusht.json", "policy_pusht.png")
+
+
 # every name a specdiff command writes; the last four: the demos' names in earlier versions
 RUN_FILES = (
     *sample_files(),
     *(name for model in DEMO_MODELS for name in demo_files(model)),
+    *policy_files(),
     "demo_samples.png",
     "demo_acceptance.png",
     "demo_stats.json",

@@ -36,10 +36,9 @@ from __future__ import annotations
 import json
 import math
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -55,7 +54,6 @@ __all__ = [
     "ConditionalUnet1D",
     "Normalizer",
     "PushTPolicy",
-    "evaluate",
     "load_policy",
     "make_env",
     "require_gym_pusht",
@@ -437,105 +435,3 @@ def load_policy(path: str | Path | None = None, device="cpu", dtype=torch.float3
     em.unnormalize_action = norm.unnormalize_action
     em.obs_condition = policy.obs_condition
     return em
-
-
-# --------------------------------------------------------------------------------------------
-# closed loop
-# --------------------------------------------------------------------------------------------
-def ancestral_sampler_fn(em, num_steps: int = TRAIN_TIMESTEPS, seed: int = 0) -> Callable:
-    """obs histories [B, 2, 5] -> normalised chunks [B, 16, 2] by the ancestral DDPM chain."""
-    from ..sampling.ancestral import AncestralSampler
-
-    sampler = AncestralSampler(em.target, em.transitions(num_steps))
-    g = torch.Generator().manual_seed(seed)
-
-    def fn(history: np.ndarray) -> Tensor:
-        cond = em.obs_condition(history)
-        gen = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=g)))
-        res = sampler.sample(cond.shape[0], EVENT_SHAPE, generator=gen, model_kwargs={"obs": cond})
-        return res.samples
-
-    return fn
-
-
-def evaluate(
-    sample_fn: Callable,
-    policy: PushTPolicy,
-    episodes: int = 50,
-    first_seed: int = 100_000,
-    max_steps: int = MAX_STEPS,
-    batch: bool = True,
-    verbose: bool = False,
-) -> dict:
-    """Closed-loop evaluation: ``episodes`` episodes from env seeds ``first_seed, ...``; every
-    ``N_ACTION_STEPS`` steps ``sample_fn(history [B, 2, 5]) -> chunks [B, 16, 2]`` (normalised)
-    plans again; an episode ends at success (coverage > 0.95) or ``max_steps``. With
-    ``batch=True`` all live episodes are planned in one call (one chain per episode).
-
-    Returns success rate, mean final and max coverage, per-episode results, sampler calls and
-    wall time."""
-    require_gym_pusht()
-    t0 = time.perf_counter()
-    envs = [make_env() for _ in range(episodes if batch else 1)]
-    results = []
-    calls = 0
-
-    def run(group_seeds, group_envs):
-        nonlocal calls
-        hist, live, steps = [], list(range(len(group_seeds))), [0] * len(group_seeds)
-        res = [
-            {"seed": s, "success": False, "coverage": 0.0, "max_coverage": 0.0, "steps": 0}
-            for s in group_seeds
-        ]
-        for env, s in zip(group_envs, group_seeds):
-            o, _ = env.reset(seed=s)
-            hist.append([o, o])
-        while live:
-            h = np.stack([np.stack(hist[i]) for i in live])
-            acts = policy.actions(sample_fn(h))
-            calls += 1
-            still = []
-            for j, i in enumerate(live):
-                env, done = group_envs[i], False
-                for a in acts[j]:
-                    o, _, term, _, info = env.step(a)
-                    steps[i] += 1
-                    hist[i] = [hist[i][1], o]
-                    cov = float(info["coverage"])
-                    res[i].update(coverage=cov, steps=steps[i])
-                    res[i]["max_coverage"] = max(res[i]["max_coverage"], cov)
-                    if term:
-                        res[i]["success"] = True
-                    if term or steps[i] >= max_steps:
-                        done = True
-                        break
-                if not done:
-                    still.append(i)
-            live = still
-        return res
-
-    seeds = [first_seed + i for i in range(episodes)]
-    if batch:
-        results = run(seeds, envs)
-    else:
-        for s in seeds:
-            results += run([s], envs)
-            if verbose:
-                print(f"[pusht eval] seed {s}: {results[-1]}", flush=True)
-    out = {
-        "episodes": episodes,
-        "env_seeds": f"{first_seed}..{first_seed + episodes - 1}",
-        "success_rate": float(np.mean([r["success"] for r in results])),
-        "mean_final_coverage": float(np.mean([r["coverage"] for r in results])),
-        "mean_max_coverage": float(np.mean([r["max_coverage"] for r in results])),
-        "sampler_calls": calls,
-        "wall_time_s": round(time.perf_counter() - t0, 2),
-        "per_episode": results,
-    }
-    if verbose:
-        print(
-            f"[pusht eval] success {out['success_rate']:.3f}  mean final coverage "
-            f"{out['mean_final_coverage']:.3f}  ({episodes} episodes, {out['wall_time_s']}s)",
-            flush=True,
-        )
-    return out

@@ -8,14 +8,9 @@ import json
 
 import torch
 
-from .pusht import (
-    TRAIN_TIMESTEPS,
-    ancestral_sampler_fn,
-    evaluate,
-    load_policy,
-    require_gym_pusht,
-)
+from .pusht import TRAIN_TIMESTEPS, load_policy, require_gym_pusht
 from .pusht_expert import generate_demos
+from .pusht_loop import ChunkPlanner, PlannerConfig, run_episodes, summarize
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,10 +41,11 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(summary))
         return 0
     em = load_policy(args.weights)
-    fn = ancestral_sampler_fn(em, args.steps, seed=args.seed)
+    planner = ChunkPlanner(em, PlannerConfig(steps=args.steps, window=None, seed=args.seed))
     first = 100_000 if args.first_seed is None else args.first_seed
-    res = evaluate(fn, em.policy, episodes=args.episodes or 50, first_seed=first, verbose=True)
-    print(json.dumps({k: v for k, v in res.items() if k != "per_episode"}))
+    seeds = list(range(first, first + (args.episodes or 50)))
+    episodes, _ = run_episodes(planner, seeds)
+    print(json.dumps(summarize(episodes, planner.records)))
     return 0
 
 
