@@ -13,7 +13,9 @@
 #      fp32 and fp16, with and without torch.compile, and the batch cost curve
 #      (bench/bench_e2e.py --device cuda, cut to E2E_BUDGET seconds; E2E_ARGS adds arguments,
 #      e.g. "--dtypes float16" or "--models digits" to run the rest in a second command;
-#      E2E_DEVICE=cpu E2E_ARGS=--dry-run STEPS=e2e runs the step on a CPU machine in seconds).
+#      E2E_DEVICE=cpu E2E_ARGS=--dry-run STEPS=e2e runs the step on a CPU machine in seconds),
+#   8. the pusht policy's batch-1 latency per chunk for every sampler (bench/bench_policy.py
+#      --latency-only; POLICY_DEVICE=cpu STEPS=policy is its dry run on a CPU machine).
 # STEPS picks a subset (default: all of them).
 # Logs and results go to $OUT (default bench/results/gpu_run). Runs under the machine's python3
 # (PYTHON overrides); needs torch, triton, pytest, hypothesis, scipy, pybind11, cmake, ninja.
@@ -25,7 +27,7 @@
 # "build round_tests round_bench", then "sampler_tests latency" on the same warm machine).
 set -u
 OUT=${OUT:-bench/results/gpu_run}
-STEPS=" ${STEPS:-build tests bench overhead round_tests round_bench sampler_tests latency e2e} "
+STEPS=" ${STEPS:-build tests bench overhead round_tests round_bench sampler_tests latency e2e policy} "
 want() { [[ "$STEPS" == *" $1 "* ]]; }
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
@@ -106,6 +108,17 @@ if want e2e; then
   timeout "${E2E_TIMEOUT:-570}" $PY bench/bench_e2e.py --device "${E2E_DEVICE:-cuda}" \
     --time-budget "${E2E_BUDGET:-420}" ${E2E_ARGS:-} --out "$OUT/e2e_$slug" >"$OUT/e2e.log" 2>&1
   stamp "end-to-end benchmark rc=$?"; tail -n 60 "$OUT/e2e.log"
+fi
+
+# 8. the pusht policy's batch-1 latency per chunk (every sampler cell, no closed loop: the
+#    machine has no gym-pusht; the planning inputs come from bench/results/policy_cpu.json);
+#    POLICY_DEVICE=cpu runs it here as a dry run
+if want policy; then
+  stamp "policy latency"
+  timeout "${POLICY_TIMEOUT:-240}" $PY bench/bench_policy.py --device "${POLICY_DEVICE:-cuda}" \
+    --latency-only --threads 1 --latency-chunks "${POLICY_CHUNKS:-20}" \
+    --out "$OUT/policy_$slug" >"$OUT/policy.log" 2>&1
+  stamp "policy latency rc=$?"; tail -n 30 "$OUT/policy.log"
 fi
 
 if [ -n "${PACK:-}" ]; then

@@ -139,8 +139,9 @@ def histories() -> torch.Tensor:
     return np.stack([np.stack([o, o]) for o in (env.reset(seed=s)[0] for s in HISTORY_SEEDS)])
 
 
-def chunks(sampler, em, seed: int) -> np.ndarray:
-    cond = em.obs_condition(histories()).repeat_interleave(CHAINS, 0)
+def chunks(sampler, em, seed: int, n: int = len(HISTORY_SEEDS)) -> np.ndarray:
+    """[n, CHAINS, 32] chunks for the first n histories."""
+    cond = em.obs_condition(histories()[:n]).repeat_interleave(CHAINS, 0)
     with torch.inference_mode():
         res = sampler.sample(
             cond.shape[0],
@@ -148,7 +149,7 @@ def chunks(sampler, em, seed: int) -> np.ndarray:
             generator=torch.Generator().manual_seed(seed),
             model_kwargs={"obs": cond},
         )
-    return res.samples.reshape(len(HISTORY_SEEDS), CHAINS, -1).numpy()
+    return res.samples.reshape(n, CHAINS, -1).numpy()
 
 
 @pytest.fixture(scope="module")
@@ -162,12 +163,12 @@ def ancestral_chunks():
         torch.set_num_threads(before)
 
 
-def speculative_chunks(seed: int) -> np.ndarray:
+def speculative_chunks(seed: int, n: int = len(HISTORY_SEEDS)) -> np.ndarray:
     em = models.load("pusht")
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        return chunks(PL.ChunkPlanner(em, PL.PlannerConfig(window=8)).sampler, em, seed)
+        return chunks(PL.ChunkPlanner(em, PL.PlannerConfig(window=8)).sampler, em, seed, n)
     finally:
         torch.set_num_threads(before)
 
@@ -188,5 +189,5 @@ def test_speculative_chunks_have_the_ancestral_law(ancestral_chunks):
 @needs_weights
 def test_policy_chunk_test_rejects_a_wrong_verifier(ancestral_chunks, monkeypatch):
     monkeypatch.setattr(StaticRound, "_verify", static_wrong_verify("keep_draft", seed=3))
-    spec = speculative_chunks(4)
-    assert min(two_sample_pvalue(spec[h], ancestral_chunks[h]) for h in range(2)) < ALPHA
+    spec = speculative_chunks(4, n=1)
+    assert two_sample_pvalue(spec[0], ancestral_chunks[0]) < ALPHA

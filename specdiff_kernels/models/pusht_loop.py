@@ -103,8 +103,9 @@ class ChunkPlanner:
     """Observation histories [B, 2, 5] -> normalised action chunks [B, 16, 2], one sampler call
     each, recorded in ``records``."""
 
-    def __init__(self, em, config: PlannerConfig):
+    def __init__(self, em, config: PlannerConfig, device="cpu"):
         self.em, self.config = em, config
+        self.device = torch.device(device)
         T = policy_transitions(em, config.family, config.steps)
         if config.speculative:
             self.sampler = SpeculativeSampler(em.target, T, window=config.window)
@@ -116,19 +117,22 @@ class ChunkPlanner:
     def plan(self, history: np.ndarray, previous: Optional[Tensor] = None) -> Tensor:
         """Chunks for ``history`` [B, 2, 5] (raw observations); ``previous``: the chunks these
         chains executed from (for the warm start; None at an episode's start)."""
-        cond = self.em.obs_condition(history)
+        cond = self.em.obs_condition(history).to(self.device)
         seed = int(torch.randint(0, 2**62, (1,), generator=self._seeds))
         kwargs = {}
         if self.config.warm_start and previous is not None:
-            kwargs["warm_start"] = shifted(previous)
+            kwargs["warm_start"] = shifted(previous.to(self.device))
         t0 = time.perf_counter()
         res = self.sampler.sample(
             cond.shape[0],
             EVENT_SHAPE,
             generator=torch.Generator().manual_seed(seed),
             model_kwargs={"obs": cond},
+            device=self.device,
             **kwargs,
         )
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
         dt = time.perf_counter() - t0
         st = res.stats
         self.records.append(PlanRecord(cond.shape[0], st.target_calls, st.target_evals, dt))

@@ -35,7 +35,8 @@ plain ancestral steps are faster. The controller decides this per round, from me
    arm's: a cold calibration misjudges every size alike). Sub-millisecond probes at the start
    are noisy, and a wrong first guess used to decide a whole run; now both arms are measured on
    real rounds (``MEASURE`` times) unless the guess rules one out (below ``EXPLORE`` of the
-   preferred arm's rate): ancestral steps first (they are the baseline's own work), then
+   preferred arm's rate; an arm the process has never measured is measured once even then, in
+   runs of at least ``(SPEC_PROBE + 1) / PROBE_SHARE`` steps): ancestral steps first (they are the baseline's own work), then
    speculation on a short window (``SPEC_PROBE``). An arm last measured more than ``REVISIT``
    decisions ago, or not yet in this run, is measured again where it is a close call
    (``REVISIT_RATE``): the machine's speed drifts. The corrections are shared, with the cost model, by later runs in the process.
@@ -98,6 +99,7 @@ SPEC_PROBE = 4  # the longest window used to measure speculative rounds
 REVISIT = 10
 FORGET = 60  # a window's own measurements count for this many decisions
 REVISIT_RATE = {0: 0.85, 1: 0.7}
+PROBE_SHARE = 0.1
 FIRST_BLOCK, PROBE_BLOCK = 8, 4  # ancestral block lengths: first chosen (doubles), measuring
 LONGEST_BLOCK = 32  # the controller decides again at least this often
 
@@ -324,6 +326,7 @@ class WindowController:
         num_chains: int,
         compact: bool,
         *,
+        num_steps: int = 0,
         prior_acceptance: float = 0.9,
         prior_weight: float = 2.0,
         decay: float = 0.7,
@@ -340,6 +343,11 @@ class WindowController:
         # an arm measured after this clock was measured in this run (each run's first decision
         # moves the clock past it)
         self.run_start = cost.clock
+        # an arm this process has never measured is measured once whatever the guess says (a
+        # calibration timed beside another process can misjudge a size several times over, and
+        # an arm the guess rules out would otherwise never be seen): at most a probe's states
+        # per PROBE_SHARE of the run's steps
+        self.probe_unmeasured = SPEC_PROBE + 1 <= PROBE_SHARE * num_steps
 
     def acceptance(self) -> tuple[float, float]:
         return self.pos0[0] / self.pos0[1], self.rest[0] / self.rest[1]
@@ -383,7 +391,8 @@ class WindowController:
         # short window (a long one is a large bet on an unmeasured guess)
         self.cost.clock += 1
         for arm in (anc, specs.get(min(spec.W, SPEC_PROBE), spec)):
-            if self.cost.needs_measuring(arm.W) and arm.rate >= EXPLORE * best.rate:
+            never = self.probe_unmeasured and not self.cost.ratios.get(min(arm.W, 1))
+            if self.cost.needs_measuring(arm.W) and (arm.rate >= EXPLORE * best.rate or never):
                 return arm, True
             # measured long ago or in another run, and a close call: measured again
             # (speculation is missed only where it would gain little; falling back only where

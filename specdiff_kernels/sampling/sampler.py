@@ -462,7 +462,9 @@ class SpeculativeSampler(SamplerBase):
     def _auto_rounds(self, rnd: StaticRound, x, noise: ChainNoise, chains: Chains) -> AutoRounds:
         B = x.shape[0]
         cost = self.cost_model(x, noise, chains, rnd)
-        controller = WindowController(cost, self.window, B, rnd.compact)
+        controller = WindowController(
+            cost, self.window, B, rnd.compact, num_steps=self.transitions.num_steps
+        )
         lean = LeanAncestral(
             self.model,
             self.transitions,
