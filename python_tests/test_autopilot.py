@@ -167,6 +167,19 @@ def test_controller_measures_both_arms_then_trusts_measurements():
     assert all(ctl.choose(64, 0)[0].W == 0 for _ in range(3 * REVISIT))
     flat = CostModel([64, 128], [1e-3, 1e-3])  # latency-bound: ancestral steps ruled out
     assert WindowController(flat, 32, 64, compact=False).choose(64, 0)[0].W >= 16
+    # ... unless the run is long enough to afford one probe of an arm this process has never
+    # measured (a guess timed beside a busy process can rule out the arm that pays)
+    never = CostModel([64, 128], [1e-3, 8e-3])
+    never.measured(0, 1.0), never.measured(0, 1.0)
+    ctl = WindowController(never, 32, 64, compact=False, num_steps=100)
+    arm, explore = ctl.choose(64, 0)
+    assert 0 < arm.W <= SPEC_PROBE and explore
+    never.measured(arm.W, 1.0)  # measured as slow as guessed: not probed again
+    assert all(ctl.choose(64, 0)[0].W == 0 for _ in range(3 * REVISIT))
+    short = CostModel([64, 128], [1e-3, 8e-3])
+    short.measured(0, 1.0), short.measured(0, 1.0)
+    ctl = WindowController(short, 32, 64, compact=False, num_steps=40)  # too short to probe
+    assert ctl.choose(64, 0)[0].W == 0
 
 
 def test_a_window_with_its_own_recent_rounds_uses_them():

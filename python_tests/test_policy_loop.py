@@ -188,6 +188,6 @@ def test_speculative_chunks_have_the_ancestral_law(ancestral_chunks):
 @needs_env
 @needs_weights
 def test_policy_chunk_test_rejects_a_wrong_verifier(ancestral_chunks, monkeypatch):
-    monkeypatch.setattr(StaticRound, "_verify", static_wrong_verify("keep_draft", seed=3))
+    monkeypatch.setattr(StaticRound, "_verify", static_wrong_verify("always_accept", seed=3))
     spec = speculative_chunks(4, n=1)
     assert two_sample_pvalue(spec[0], ancestral_chunks[0]) < ALPHA
