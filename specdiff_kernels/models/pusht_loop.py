@@ -44,6 +44,7 @@ class PlannerConfig:
     window: int | str | None = "auto"
     warm_start: bool = False
     seed: int = 0
+    compile: bool = False  # the ancestral chain's network under torch.compile
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -52,6 +53,11 @@ class PlannerConfig:
             raise ValueError(
                 "family 'ddim' runs eta = 0: every step is deterministic, there is nothing to "
                 "speculate over (window=None runs it)"
+            )
+        if self.compile and self.window is not None:
+            raise ValueError(
+                "compile compiles the ancestral chain's network (on a CPU the compiled network "
+                "is slower on a speculative round's many states than the eager one)"
             )
         if self.warm_start and self.window is None:
             raise ValueError(
@@ -65,7 +71,8 @@ class PlannerConfig:
     def label(self) -> str:
         name = f"{LABELS[self.family]}-{self.steps}"
         if not self.speculative:
-            return f"ancestral {name}" if self.family != "ddim" else name
+            name = f"ancestral {name}" if self.family != "ddim" else name
+            return name + (" (torch.compile)" if self.compile else "")
         warm = ", warm start" if self.warm_start else ""
         return f"speculative {name} (window {self.window}{warm})"
 
@@ -110,7 +117,7 @@ class ChunkPlanner:
         if config.speculative:
             self.sampler = SpeculativeSampler(em.target, T, window=config.window)
         else:
-            self.sampler = AncestralSampler(em.target, T)
+            self.sampler = AncestralSampler(em.target, T, compile=config.compile)
         self._seeds = torch.Generator().manual_seed(config.seed)
         self.records: list[PlanRecord] = []
 
