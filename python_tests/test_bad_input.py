@@ -11,13 +11,14 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
 from specdiff_kernels.cli import commands as cli
 from specdiff_kernels.models.gmm import GMMDenoiser, make_gmm
 from specdiff_kernels.sampling.ancestral import AncestralSampler
-from specdiff_kernels.sampling.drafts import DraftModelDraft
+from specdiff_kernels.sampling.drafts import DraftModelDraft, FrozenTargetDraft
 from specdiff_kernels.sampling.sampler import SpeculativeSampler
 from specdiff_kernels.sampling.transitions import (
     alphas_cumprod_from_betas,
@@ -126,6 +127,46 @@ SAMPLE_CASES = {
         ValueError,
         r"^x_init has non-finite values in 1 row\(s\), the first is row 1$",
     ),
+    "dtype_other_than_x_init": (
+        dict(x_init=torch.zeros(3, D), dtype=torch.float64),
+        ValueError,
+        r"^dtype=torch.float64 but x_init has dtype torch.float32: leave dtype out",
+    ),
+    "int_dtype_with_x_init": (
+        dict(x_init=torch.zeros(3, D), dtype=torch.int32),
+        TypeError,
+        r"^dtype must be a floating torch.dtype, got torch.int32$",
+    ),
+    "device_other_than_x_init": (
+        dict(x_init=torch.zeros(3, D), device="cuda"),
+        ValueError,
+        r"^device='cuda' (is not available|but x_init is on cpu: leave device out)",
+    ),
+    "meta_x_init": (
+        dict(x_init=torch.zeros(3, D, device="meta")),
+        ValueError,
+        r"^x_init is on the meta device \(a shape without values\)",
+    ),
+    "meta_device": (
+        dict(num_chains=2, event_shape=(D,), device="meta"),
+        ValueError,
+        r"^device='meta' holds shapes without values",
+    ),
+    "sparse_x_init": (
+        dict(x_init=torch.zeros(3, D).to_sparse()),
+        ValueError,
+        r"^x_init must be a dense tensor, got layout torch.sparse_coo",
+    ),
+    "chain_id_beyond_int64": (
+        dict(num_chains=2, event_shape=(D,), chain_ids=[0, 2**63]),
+        ValueError,
+        r"^chain_ids must be in 0..2\*\*32-1 .*, got 9223372036854775808$",
+    ),
+    "chain_id_beyond_32_bits": (
+        dict(num_chains=2, event_shape=(D,), chain_ids=[0, 2**32]),
+        ValueError,
+        r"^chain_ids must be in 0..2\*\*32-1 .*, got 4294967296$",
+    ),
 }
 
 
@@ -141,6 +182,102 @@ def test_sample_arguments_refused_before_the_model_runs(sampler_cls, case):
         sampler_cls(model, transitions()).sample(**kwargs)
     one_line(err)
     assert model.calls == 0
+
+
+@pytest.mark.parametrize("sampler_cls", [SpeculativeSampler, AncestralSampler])
+def test_dtype_and_device_with_x_init(sampler_cls):
+    """Left out, or x_init's own, they are accepted (the states are x_init's); an x_init that is
+    not a tensor is made one of the given dtype."""
+    # a fixed window: window='auto' picks windows by measured costs (same law, other samples)
+    kw = dict(window=4) if sampler_cls is SpeculativeSampler else {}
+
+    def make():
+        return sampler_cls(Counting(), transitions(), **kw)
+
+    x = torch.randn(3, D, generator=gen(), dtype=torch.float64)
+    ref = make().sample(x_init=x, generator=gen()).samples
+    assert ref.dtype == torch.float64
+    same = make().sample(x_init=x, dtype=torch.float64, device="cpu", generator=gen())
+    assert torch.equal(same.samples, ref)
+    listed = make().sample(x_init=x.tolist(), dtype=torch.float64, generator=gen())
+    assert torch.equal(listed.samples, ref)
+    assert make().sample(2, (D,)).samples.dtype == torch.float32
+
+
+def test_device_other_than_x_init_named():
+    """The device check itself, without a second device: an x_init on another device than the
+    one given is refused (a GPU run of the case above reaches it through sample())."""
+    from specdiff_kernels.sampling.checks import check_matches_x_init
+
+    on_meta = torch.zeros(3, D, device="meta")
+    with pytest.raises(
+        ValueError,
+        match=r"^device='cpu' but x_init is on meta: leave device out \(x_init's is used\) or "
+        r"pass x_init.to\('cpu'\)$",
+    ) as err:
+        check_matches_x_init(on_meta, None, "cpu")
+    one_line(err)
+    check_matches_x_init(torch.zeros(3, D), torch.float32, "cpu")  # x_init's own: fine
+    check_matches_x_init(torch.zeros(3, D), None, None)
+
+
+def test_draft_model_must_be_callable():
+    with pytest.raises(
+        TypeError,
+        match=r"^draft_model must be a callable network draft_model\(x, t\), got NoneType$",
+    ) as err:
+        DraftModelDraft(None)
+    one_line(err)
+
+
+@pytest.mark.parametrize("value", ["no", 1, None])
+def test_prefetch_root_must_be_a_bool(value):
+    with pytest.raises(TypeError, match=r"^prefetch_root must be a bool, got ") as err:
+        FrozenTargetDraft(prefetch_root=value)
+    one_line(err)
+    assert FrozenTargetDraft(prefetch_root=np.bool_(False)).prefetch_root is False
+    assert FrozenTargetDraft(prefetch_root=True).prefetch_root is True
+
+
+def test_verify_fn_must_be_callable():
+    with pytest.raises(
+        TypeError,
+        match=r"^verify_fn must be callable like specdiff_kernels.speculative_verify, got int$",
+    ) as err:
+        SpeculativeSampler(Counting(), transitions(), verify_fn=3)
+    one_line(err)
+
+
+@pytest.mark.parametrize(
+    "wrap,kind",
+    [(tuple, "tuple"), (lambda res: None, "NoneType"), (lambda res: res.num_accepted, "Tensor")],
+)
+def test_verify_fn_result_checked(wrap, kind):
+    """A verify_fn whose result is not a VerifyResult is named at its first use, not met as an
+    AttributeError deep in the round; a plain function returning the op's result is fine."""
+    from specdiff_kernels.ops import speculative_verify
+
+    def bad(*args, **kwargs):
+        return wrap(speculative_verify(*args, **kwargs))
+
+    with pytest.raises(
+        TypeError, match=rf"^verify_fn returned {kind}, which has no tensor 'num_accepted'"
+    ) as err:
+        SpeculativeSampler(Counting(), transitions(), verify_fn=bad).sample(
+            2, (D,), generator=gen()
+        )
+    one_line(err)
+
+    def good(*args, **kwargs):
+        return speculative_verify(*args, **kwargs)
+
+    a = SpeculativeSampler(Counting(), transitions(), window=4, verify_fn=good).sample(
+        2, (D,), generator=gen()
+    )
+    b = SpeculativeSampler(Counting(), transitions(), window=4, path="ragged").sample(
+        2, (D,), generator=gen()
+    )
+    assert torch.equal(a.samples, b.samples)
 
 
 def test_window_true_is_not_a_window_of_one():

@@ -163,7 +163,7 @@ class AncestralSampler(SamplerBase):
         generator: Optional[torch.Generator] = None,
         chain_ids=None,
         x_init=None,
-        dtype: torch.dtype = torch.float32,
+        dtype: Optional[torch.dtype] = None,
         device=None,
         model_kwargs: Optional[dict] = None,
     ) -> SamplingResult:

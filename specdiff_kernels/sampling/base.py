@@ -99,13 +99,23 @@ class SamplerBase:
     def setup(
         self, num_chains, event_shape, generator, chain_ids, x_init, dtype, device, model_kwargs
     ):
-        # every argument is checked here, before the first model call
+        """The initial states, the chains' noise and the chains, every argument checked before
+        the first model call. ``dtype`` / ``device`` None: not given (float32 / CPU, or x_init's);
+        given with a tensor ``x_init``, they must be x_init's (they are not silently ignored); an
+        ``x_init`` that is not a tensor (a list, an array) is made one of that dtype and device."""
         _args.check_generator(generator)
         if num_chains is not None:
             num_chains = _args.as_count("num_chains", num_chains)
+        if dtype is not None:
+            _args.check_state_dtype(dtype)
         if x_init is not None:
-            x_init = torch.as_tensor(x_init)
-            _args.check_x_init(x_init, self.check_finite)
+            if isinstance(x_init, Tensor):
+                _args.check_x_init(x_init, self.check_finite)
+                _args.check_matches_x_init(x_init, dtype, device)
+            else:
+                dev = None if device is None else _args.as_device(device)
+                x_init = torch.as_tensor(x_init, dtype=dtype, device=dev)
+                _args.check_x_init(x_init, self.check_finite)
             if num_chains is not None and num_chains != x_init.shape[0]:
                 raise ValueError(f"num_chains={num_chains} but x_init has {x_init.shape[0]} rows")
             rows_shape = tuple(x_init.shape[1:])
@@ -119,6 +129,7 @@ class SamplerBase:
         if num_chains is None or event_shape is None:
             raise ValueError("give num_chains and event_shape, or x_init")
         event_shape = _args.as_event_shape(event_shape)
+        dtype = torch.float32 if dtype is None else dtype
         _args.check_state_dtype(dtype)
         device = _args.as_device(device)
         B = num_chains

@@ -12,6 +12,8 @@ import operator
 import torch
 from torch import Tensor
 
+from ..ops.verify import VerifyResult
+
 
 def as_count(name: str, value) -> int:
     """A positive int; bools and floats (2.7 would silently become 2) are refused."""
@@ -49,9 +51,13 @@ def as_event_shape(event_shape) -> tuple[int, ...]:
     return tuple(operator.index(d) for d in dims)
 
 
+# a chain id is one 32-bit word of its noise stream's Philox counter (docs/design.md, "Counter")
+MAX_CHAIN_ID = (1 << 32) - 1
+
+
 def as_chain_ids(chain_ids, num_chains: int) -> list[int]:
-    """Distinct non-negative ints, one per chain: each id seeds one chain's random stream, so a
-    repeated id would give two copies of one chain."""
+    """Distinct ints in 0..``MAX_CHAIN_ID``, one per chain: each id seeds one chain's random
+    stream, so a repeated id would give two copies of one chain."""
     if chain_ids is None:
         return list(range(num_chains))
     if isinstance(chain_ids, Tensor) and chain_ids.is_floating_point():
@@ -70,6 +76,11 @@ def as_chain_ids(chain_ids, num_chains: int) -> list[int]:
     for c in ids:
         if c < 0:
             raise ValueError(f"chain_ids must be >= 0, got {c}")
+        if c > MAX_CHAIN_ID:
+            raise ValueError(
+                f"chain_ids must be in 0..2**32-1 (a chain id is a 32-bit word of its noise "
+                f"stream's counter), got {c}"
+            )
         if c in seen:
             raise ValueError(
                 f"chain_ids must be distinct (each id seeds one chain's stream), got {c} twice"
@@ -103,6 +114,11 @@ def as_device(device) -> torch.device:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as err:
         raise ValueError(f"device={device!r} is not a torch device: {err}") from None
+    if dev.type == "meta":
+        raise ValueError(
+            "device='meta' holds shapes without values: sample on a device with data "
+            "(e.g. 'cpu' or 'cuda')"
+        )
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(
             f"device={str(dev)!r} is not available: torch.cuda.is_available() is False"
@@ -121,6 +137,14 @@ def check_state_dtype(dtype) -> None:
 
 
 def check_x_init(x_init: Tensor, check_finite: bool) -> None:
+    if x_init.device.type == "meta":
+        raise ValueError(
+            "x_init is on the meta device (a shape without values): give a tensor with data"
+        )
+    if x_init.layout != torch.strided:
+        raise ValueError(
+            f"x_init must be a dense tensor, got layout {x_init.layout} (use x_init.to_dense())"
+        )
     if not x_init.is_floating_point():
         raise TypeError(f"x_init must be a floating-point tensor, got dtype {x_init.dtype}")
     if x_init.dim() < 2 or x_init.shape[0] == 0 or x_init.numel() == 0:
@@ -134,6 +158,41 @@ def check_x_init(x_init: Tensor, check_finite: bool) -> None:
             rows = bad.nonzero()[:, 0].tolist()
             raise ValueError(
                 f"x_init has non-finite values in {len(rows)} row(s), the first is row {rows[0]}"
+            )
+
+
+def check_matches_x_init(x_init: Tensor, dtype, device) -> None:
+    """An explicit ``dtype`` / ``device`` given with a tensor ``x_init`` must be x_init's own (the
+    states are x_init's: another one would be silently ignored). None: not given."""
+    if dtype is not None and dtype != x_init.dtype:
+        raise ValueError(
+            f"dtype={dtype} but x_init has dtype {x_init.dtype}: leave dtype out (x_init's is "
+            f"used) or pass x_init.to({dtype})"
+        )
+    if device is not None:
+        dev = as_device(device)
+        own = x_init.device
+        same = dev.type == own.type and (
+            dev.index is None or own.index is None or dev.index == own.index
+        )
+        if not same:
+            raise ValueError(
+                f"device={str(dev)!r} but x_init is on {x_init.device}: leave device out "
+                f"(x_init's is used) or pass x_init.to({str(dev)!r})"
+            )
+
+
+def check_verify_result(res) -> None:
+    """What ``verify_fn`` returned must be a :class:`~specdiff_kernels.ops.VerifyResult` (or have
+    its tensor fields)."""
+    if isinstance(res, VerifyResult):
+        return
+    for field in VerifyResult._fields:
+        if not isinstance(getattr(res, field, None), Tensor):
+            raise TypeError(
+                f"verify_fn returned {type(res).__name__}, which has no tensor {field!r}: it must "
+                f"return a VerifyResult{VerifyResult._fields} like "
+                f"specdiff_kernels.speculative_verify"
             )
 
 

@@ -142,7 +142,7 @@ def sample_distributed(
     event_shape,
     *,
     seed: int,
-    dtype: torch.dtype = torch.float32,
+    dtype: Optional[torch.dtype] = None,
     device=None,
     x_init: Optional[Tensor] = None,
     gather: bool = True,
@@ -188,7 +188,7 @@ def _sample_shard(base, ids: list, event_shape: tuple, seed: int, dtype, device,
     """(samples, stats) of this rank's chains ``ids`` (stats None when it has none)."""
     if not ids:  # more ranks than chains
         dev = torch.device("cpu") if device is None else torch.device(device)
-        dtype = dtype if xi is None else xi.dtype
+        dtype = (torch.float32 if dtype is None else dtype) if xi is None else xi.dtype
         return torch.zeros((0, *event_shape), dtype=dtype, device=dev), None
     gen = torch.Generator().manual_seed(int(seed))
     res: SamplingResult = base.sample(

@@ -19,10 +19,16 @@ draft (any draft gives the ancestral chain's law); only the acceptance rate does
 
 from __future__ import annotations
 
+import numpy as np
 from torch import Tensor
 
 from ..ops.layout import FREEZE_MODES
 from .transitions import GaussianTransitions, Model
+
+
+def _is_bool(value) -> bool:
+    """A Python or NumPy bool (an int or a string such as "no" is not one)."""
+    return isinstance(value, (bool, np.bool_))
 
 
 class Draft:
@@ -42,6 +48,11 @@ class FrozenTargetDraft(Draft):
     def __init__(self, freeze: str = "x0", prefetch_root: bool = True):
         if freeze not in FREEZE_MODES:
             raise ValueError(f"freeze must be one of {tuple(FREEZE_MODES)}, got {freeze!r}")
+        if not _is_bool(prefetch_root):
+            raise TypeError(
+                f"prefetch_root must be a bool, got {type(prefetch_root).__name__} "
+                f"{prefetch_root!r}"
+            )
         self.freeze = freeze
         self.prefetch_root = bool(prefetch_root)
 
@@ -69,6 +80,11 @@ class DraftModelDraft(Draft):
     """Independent draft network ``draft_model(x, t)`` with the target's parametrisation."""
 
     def __init__(self, draft_model: Model):
+        if not callable(draft_model):
+            raise TypeError(
+                f"draft_model must be a callable network draft_model(x, t), got "
+                f"{type(draft_model).__name__}"
+            )
         self.model = draft_model
 
     def __repr__(self) -> str:

@@ -171,7 +171,7 @@ class _LangevinBase:
         event_shape=None,
         generator: Optional[torch.Generator] = None,
         chain_ids=None,
-        dtype: torch.dtype = torch.float32,
+        dtype: Optional[torch.dtype] = None,
         device=None,
     ) -> SamplingResult:
         """Run the chains for ``num_steps`` steps.
@@ -193,7 +193,7 @@ class _LangevinBase:
         if x_init is not None:
             x_init = torch.as_tensor(x_init)
             if not x_init.is_floating_point():
-                x_init = x_init.to(dtype)
+                x_init = x_init.to(torch.float32 if dtype is None else dtype)
         return self._sampler.sample(
             num_chains,
             event_shape,

@@ -38,6 +38,7 @@ from torch import Tensor
 from ..ops.layout import FREEZE_MODES, ROW_A, ROW_E, ROW_G, ROW_H, acc_dtype
 from .accounting import SamplerStats
 from .base import Chains, NonFiniteError, SamplerBase, SamplingResult
+from .checks import check_verify_result
 from .drafts import DraftModelDraft, FrozenTargetDraft
 from .network import draft_op
 from .noise import ChainNoise
@@ -685,6 +686,7 @@ class RaggedRound:
             lengths.to(dev),
             backend=self.sampler.backend,
         )
+        check_verify_result(res)
         na = res.num_accepted.to("cpu", torch.int64)
         attempted = active & (pos[None] <= na[:, None])
         accepted = pos[None] < na[:, None]

@@ -185,6 +185,11 @@ class SpeculativeSampler(SamplerBase):
         self.user_cost = cost
         self._costs: dict = {}  # (B, event shape, dtype, device) -> CostModel, measured once
         self.backend = backend
+        if verify_fn is not None and not callable(verify_fn):
+            raise TypeError(
+                f"verify_fn must be callable like specdiff_kernels.speculative_verify, got "
+                f"{type(verify_fn).__name__}"
+            )
         self.verify_fn = ops.speculative_verify if verify_fn is None else verify_fn
         if path not in PATHS:
             raise ValueError(f"path must be one of {PATHS}, got {path!r}")
@@ -225,7 +230,7 @@ class SpeculativeSampler(SamplerBase):
         generator: Optional[torch.Generator] = None,
         chain_ids=None,
         x_init=None,
-        dtype: torch.dtype = torch.float32,
+        dtype: Optional[torch.dtype] = None,
         device=None,
         model_kwargs: Optional[dict] = None,
         warm_start=None,
@@ -238,7 +243,9 @@ class SpeculativeSampler(SamplerBase):
             chain_ids: integer id of each chain (default 0..B-1): chain c's stream depends only on
                 (generator seed, c), so a chain gives the same result in any batch.
             x_init: initial states ``[B, *E]`` (default: ``init_std * N(0, I)`` from the streams).
-            dtype, device: of the states (ignored when ``x_init`` is given).
+            dtype, device: of the states (default float32, CPU). With a tensor ``x_init`` the
+                states are x_init's: leave them out, or give x_init's own (another one is
+                refused); an ``x_init`` that is not a tensor is made one of this dtype and device.
             model_kwargs: per-chain conditioning, ``{name: tensor with num_chains rows}`` (or a
                 dict of such tensors): every network call (target and draft model) on states of
                 chain c gets row c, as ``model(x, t, **kwargs)``; e.g. ``class_labels`` or
