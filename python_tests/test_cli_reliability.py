@@ -150,10 +150,10 @@ def test_bare_specdiff_lists_its_commands(capsys):
     assert rc == 2 and out == "" and "Traceback" not in err
     assert err.startswith("usage: specdiff")
     commands = build_parser().subcommands
-    for line_start in ("demo ", "sample ", "info "):
+    for line_start in ("demo ", "sample ", "policy ", "info "):
         line = next(x for x in err.splitlines() if x.strip().startswith(line_start))
         assert len(line.split()) > 2, line  # the name and a description
-    assert set(commands) == {"demo", "sample", "info"}
+    assert set(commands) == {"demo", "sample", "policy", "info"}
 
 
 BAD_DEMO_ARGS = [
