@@ -128,6 +128,17 @@ def test_policy_command_refusals_are_one_line(argv, word, capsys, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_policy_command_without_the_extra_is_one_line(monkeypatch, capsys, tmp_path):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "gym_pusht", None)
+    monkeypatch.setitem(sys.modules, "gym_pusht.envs", None)
+    with pytest.raises(SystemExit) as ex:
+        main(["policy", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert ex.value.code == 2 and len(err) == 1 and "specdiff_kernels[policy]" in err[0]
+
+
 # ============================================================== chunks for fixed observations
 HISTORY_SEEDS = (100_001, 100_003)
 CHAINS = 2000

@@ -91,7 +91,13 @@ def add_policy_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def check_policy_args(args: argparse.Namespace) -> Optional[str]:
+    from ..models.pusht import require_gym_pusht
     from ..models.pusht_loop import FAMILIES
+
+    try:
+        require_gym_pusht()
+    except ImportError as err:
+        return str(err)
 
     if args.steps is None:
         args.steps = FAMILIES[args.sampler]
@@ -115,10 +121,6 @@ def run_policy(args: argparse.Namespace) -> int:
     from ..models import pusht as P
     from ..models import pusht_loop as PL
 
-    try:
-        P.require_gym_pusht()
-    except ImportError as err:
-        raise SystemExit(f"specdiff policy: error: {err}") from None
     em = P.load_policy(args.weights)
     window = None if args.window == "ancestral" else args.window
     config = PL.PlannerConfig(args.sampler, args.steps, window, args.warm_start, args.seed)
