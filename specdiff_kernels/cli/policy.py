@@ -13,6 +13,7 @@ import argparse
 import json
 import math
 import os
+import warnings
 from typing import Optional
 
 from ..argtypes import positive_int, seed_int
@@ -131,9 +132,22 @@ def run_policy(args: argparse.Namespace) -> int:
         flush=True,
     )
     planner = PL.ChunkPlanner(em, config)
-    episodes, inputs = PL.run_episodes(planner, seeds, record_inputs=args.latency_chunks)
+    with warnings.catch_warnings(record=True) as seen:
+        # window="auto" warns at every planning step it mostly fell back: said once, below
+        warnings.simplefilter("always")
+        episodes, inputs = PL.run_episodes(planner, seeds, record_inputs=args.latency_chunks)
+    fell_back = sum("window='auto' took" in str(w.message) for w in seen)
+    for w in seen:
+        if "window='auto' took" not in str(w.message):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     summary = PL.summarize(episodes, planner.records)
     _print_summary(summary, args.episodes)
+    if fell_back:
+        print(
+            f"  (window='auto' took mostly ancestral steps in {fell_back} of "
+            f"{summary['planner_calls']} planning steps: at {args.episodes} chains a round's "
+            "call costs too much more than one on the chains alone here)"
+        )
     latency = {}
     if inputs:
         latency["run"] = PL.batch1_latency(PL.ChunkPlanner(em, config), inputs)
