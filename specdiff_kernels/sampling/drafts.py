@@ -19,16 +19,10 @@ draft (any draft gives the ancestral chain's law); only the acceptance rate does
 
 from __future__ import annotations
 
-import numpy as np
 from torch import Tensor
 
 from ..ops.layout import FREEZE_MODES
-from .transitions import GaussianTransitions, Model
-
-
-def _is_bool(value) -> bool:
-    """A Python or NumPy bool (an int or a string such as "no" is not one)."""
-    return isinstance(value, (bool, np.bool_))
+from .transitions import GaussianTransitions, Model, as_flag
 
 
 class Draft:
@@ -48,13 +42,8 @@ class FrozenTargetDraft(Draft):
     def __init__(self, freeze: str = "x0", prefetch_root: bool = True):
         if freeze not in FREEZE_MODES:
             raise ValueError(f"freeze must be one of {tuple(FREEZE_MODES)}, got {freeze!r}")
-        if not _is_bool(prefetch_root):
-            raise TypeError(
-                f"prefetch_root must be a bool, got {type(prefetch_root).__name__} "
-                f"{prefetch_root!r}"
-            )
         self.freeze = freeze
-        self.prefetch_root = bool(prefetch_root)
+        self.prefetch_root = as_flag(prefetch_root, "prefetch_root")
 
     def __repr__(self) -> str:
         return f"FrozenTargetDraft(freeze={self.freeze!r}, prefetch_root={self.prefetch_root})"

@@ -152,7 +152,7 @@ def as_real(
 def as_flag(value, name: str) -> bool:
     """A bool (a string such as "no" would be truthy)."""
     if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be True or False, got {value!r}")
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
     return bool(value)
 
 
