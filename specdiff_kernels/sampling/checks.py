@@ -182,6 +182,23 @@ def check_matches_x_init(x_init: Tensor, dtype, device) -> None:
             )
 
 
+def as_warm_start(warm_start, x: Tensor) -> Tensor:
+    """``sample(warm_start=...)`` as a tensor like the states x: floating point, x's shape,
+    finite."""
+    if not isinstance(warm_start, Tensor) or not warm_start.is_floating_point():
+        got = warm_start.dtype if isinstance(warm_start, Tensor) else type(warm_start).__name__
+        raise TypeError(f"warm_start must be a floating-point tensor, got {got}")
+    if tuple(warm_start.shape) != tuple(x.shape):
+        raise ValueError(
+            f"warm_start must have the states' shape {tuple(x.shape)}, got "
+            f"{tuple(warm_start.shape)}"
+        )
+    warm = warm_start.to(device=x.device, dtype=x.dtype)
+    if not bool(torch.isfinite(warm).all()):
+        raise ValueError("warm_start has non-finite values")
+    return warm
+
+
 def check_verify_result(res) -> None:
     """What ``verify_fn`` returned must be a :class:`~specdiff_kernels.ops.VerifyResult` (or have
     its tensor fields)."""

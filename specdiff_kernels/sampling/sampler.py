@@ -45,6 +45,7 @@ from torch import Tensor
 from ..ops import layout
 from ..ops import verify as ops
 from ..ops.layout import FREEZE_X0
+from . import checks as _args
 from .accounting import SamplerStats
 from .ancestral import LeanAncestral
 from .autopilot import AutoRounds, AutoWindow, CostModel, WindowController, calibrate
@@ -289,18 +290,7 @@ class SpeculativeSampler(SamplerBase):
                 f"warm_start is the prefetching frozen-target draft's first frozen value; "
                 f"{draft!r} has none to replace (it calls the target at every root)"
             )
-        if not isinstance(warm_start, Tensor) or not warm_start.is_floating_point():
-            got = warm_start.dtype if isinstance(warm_start, Tensor) else type(warm_start).__name__
-            raise TypeError(f"warm_start must be a floating-point tensor, got {got}")
-        if tuple(warm_start.shape) != tuple(x.shape):
-            raise ValueError(
-                f"warm_start must have the states' shape {tuple(x.shape)}, got "
-                f"{tuple(warm_start.shape)}"
-            )
-        warm = warm_start.to(device=x.device, dtype=x.dtype)
-        if not bool(torch.isfinite(warm).all()):
-            raise ValueError("warm_start has non-finite values")
-        return warm
+        return _args.as_warm_start(warm_start, x)
 
     # -------------------------------------------------------------- which round
     def static_path_blockers(self) -> list[str]:
@@ -384,7 +374,7 @@ class SpeculativeSampler(SamplerBase):
         if bar is not None:
             bar.update(B * N - done_steps)
             bar.close()
-        stats = self._static_stats(rnd, s, B, warm is not None)
+        stats = self._static_stats(rnd, s, B)
         if auto is not None:
             if self.check_finite and auto.bad is not None:
                 step, row, what = auto.bad
@@ -395,13 +385,13 @@ class SpeculativeSampler(SamplerBase):
             auto.warn_if_mostly_ancestral(stats)
         return SamplingResult(s.x, stats)
 
-    def _static_stats(self, rnd: StaticRound, s, B: int, warm: bool) -> SamplerStats:
+    def _static_stats(self, rnd: StaticRound, s, B: int) -> SamplerStats:
         T = self.transitions
         counts = s.stats.tolist()
         stats = SamplerStats(self.name, B, T.num_steps, self.window)
         stats.rounds = stats.target_calls = counts[layout.STAT_ROUNDS]
         stats.target_evals = rnd.target_evals
-        stats.direct_steps = 0 if warm or bool(T.deterministic[0]) else B
+        stats.direct_steps = rnd.direct_steps
         stats.windows = counts[layout.STAT_WINDOWS]
         stats.speculative_steps = counts[layout.STAT_SPEC_STEPS]
         stats.deterministic_steps = counts[layout.STAT_DET_STEPS]

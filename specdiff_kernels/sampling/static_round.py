@@ -128,6 +128,7 @@ class StaticRound:
         self.cuda_graph = cuda_graph and device.type == "cuda"
         self.compact = compact
         self.target_evals = 0  # states the network has been called on (host count)
+        self.direct_steps = 0  # stochastic chain-steps the first round took (host count)
         self._round: Callable[[ChainBatch], ChainBatch] = (
             torch.compile(self._round_eager, fullgraph=True, dynamic=False)
             if compile and not compact
@@ -185,10 +186,8 @@ class StaticRound:
         k = torch.zeros(B, **i64)
         self.layout = lay = layout.StatsLayout(L, N, B)
         if warm is not None:
-            self.target_evals = 0
-            stats = torch.zeros(lay.size, **i64)
-            head = [0, 0, 0, 0, NO_BAD, NO_BAD, 0, B if N else 0]
-            stats[: layout.STAT_HEAD] = torch.tensor(head, **i64)
+            self.target_evals = self.direct_steps = 0
+            stats = self._new_stats([0, 0, 0, 0, NO_BAD, NO_BAD, 0, B if N else 0])
             return ChainBatch(
                 x=x,
                 k=k,
@@ -200,23 +199,25 @@ class StaticRound:
             )
         out, p0 = self.net(x, k, self._cond_roots)
         self.target_evals = B
+        first_deterministic = bool(self.T.deterministic[0])
+        self.direct_steps = 0 if first_deterministic else B
         lengths = torch.ones(B, **i64) if N > 0 else k
         # a multistep chain's first step is first order (c_prev[0] = 0): no previous prediction
         no_prev = torch.zeros_like(x)
         x1 = self._draft(x, p0, k, lengths, 1, FREEZE_X0, no_prev)[:, 1]
-        stats = torch.zeros(lay.size, **i64)
         bad = ~torch.isfinite(out.reshape(B, -1)).all(-1)
-        head = [
-            1,
-            0,
-            0,
-            B if bool(self.T.deterministic[0]) else 0,
-            NO_BAD,
-            NO_BAD,
-            B if N else 0,
-            B if N > 1 else 0,
-        ]
-        stats[: layout.STAT_HEAD] = torch.tensor(head, **i64)
+        stats = self._new_stats(
+            [
+                1,
+                0,
+                0,
+                B if first_deterministic else 0,
+                NO_BAD,
+                NO_BAD,
+                B if N else 0,
+                B if N > 1 else 0,
+            ]
+        )
         # the first step's non-finite outputs: code = chain * (N + 1) + step 0
         stats[layout.STAT_BAD_OUTPUT] = (chain * (N + 1)).masked_fill(~bad, NO_BAD).amin()
         if N <= 1:
@@ -230,6 +231,13 @@ class StaticRound:
             # its own buffer: the frozen x0 is a view of p0, and a captured round copies into each
             prev=p0.clone() if self.multistep else x.new_empty((0,)),
         )
+
+    def _new_stats(self, head: list) -> Tensor:
+        """A zero stats vector (``self.layout``) on the device, its ``STAT_*`` head set."""
+        i64 = dict(dtype=torch.int64, device=self.ids.device)
+        stats = torch.zeros(self.layout.size, **i64)
+        stats[: layout.STAT_HEAD] = torch.tensor(head, **i64)
+        return stats
 
     # ------------------------------------------------------------------ the round
     def tables(self, W: int) -> tuple[Tensor, Tensor]:
