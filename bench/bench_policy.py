@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from _common import card_slug, device_name, environment, log, out_stem, write_results
 
+from specdiff_kernels.cli.commands import torch_threads
 from specdiff_kernels.models import pusht as P
 from specdiff_kernels.models import pusht_loop as PL
 
@@ -92,23 +93,8 @@ def diffusers_latency(em, inputs, device, warmup: int = 3) -> dict:
     loop = DiffusersLoop(em, device)
     for inp in inputs[:warmup]:
         loop.chunk(inp.history)
-    secs = [loop.chunk(inp.history) for inp in inputs]
-    return {
-        "chunks": len(secs),
-        "median_s": float(np.median(secs)),
-        "mean_s": float(np.mean(secs)),
-        "calls_per_chunk": float(P.TRAIN_TIMESTEPS),
-        "evals_per_chunk": float(P.TRAIN_TIMESTEPS),
-    }
-
-
-def with_threads(n: int, fn):
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        return fn()
-    finally:
-        torch.set_num_threads(before)
+    n = P.TRAIN_TIMESTEPS
+    return PL.latency_summary([PL.PlanRecord(1, n, n, loop.chunk(i.history)) for i in inputs])
 
 
 def sweep_windows(em, inputs, windows, device) -> dict:
@@ -116,7 +102,8 @@ def sweep_windows(em, inputs, windows, device) -> dict:
     out = {}
     for L in windows:
         planner = PL.ChunkPlanner(em, PL.PlannerConfig("ddpm", 100, L), device)
-        out[L] = with_threads(1, lambda: PL.batch1_latency(planner, inputs))
+        with torch_threads(1):
+            out[L] = PL.batch1_latency(planner, inputs)
         log(f"  L={L}: {out[L]['median_s'] * 1e3:.1f} ms, {out[L]['calls_per_chunk']:.1f} calls")
     return out
 
@@ -190,13 +177,15 @@ def run(args) -> dict:
         for name in order:
             cfg = table.get(name, base)
             planner = PL.ChunkPlanner(em, cfg, device)
-            lat = with_threads(threads, lambda: PL.batch1_latency(planner, inputs))
+            with torch_threads(threads):
+                lat = PL.batch1_latency(planner, inputs)
             rows[name].setdefault(key, []).append(lat)
         if args.diffusers and importlib.util.find_spec("diffusers") is None:
             log("note: diffusers is not installed: no diffusers baseline")
             args.diffusers = False
         if args.diffusers:
-            lat = with_threads(threads, lambda: diffusers_latency(em, inputs, device))
+            with torch_threads(threads):
+                lat = diffusers_latency(em, inputs, device)
             rows.setdefault(DIFFUSERS, {"label": DIFFUSERS})[key] = [lat]
         log(f"batch-1 latency at {threads} thread(s) done")
     return {

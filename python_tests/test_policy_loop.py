@@ -14,7 +14,7 @@ from test_pusht import needs_env, needs_weights
 from wrong_verifiers import static_wrong_verify
 
 from specdiff_kernels import models
-from specdiff_kernels.cli.commands import main
+from specdiff_kernels.cli.commands import main, torch_threads
 from specdiff_kernels.models import pusht as P
 from specdiff_kernels.models import pusht_loop as PL
 from specdiff_kernels.sampling.static_round import StaticRound
@@ -166,22 +166,14 @@ def chunks(sampler, em, seed: int, n: int = len(HISTORY_SEEDS)) -> np.ndarray:
 @pytest.fixture(scope="module")
 def ancestral_chunks():
     em = models.load("pusht")
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)  # 4,000 chains x 100 calls: the one test here worth two threads
-    try:
+    with torch_threads(2):  # 4,000 chains x 100 calls: the one test here worth two threads
         yield chunks(PL.ChunkPlanner(em, PL.PlannerConfig(window=None)).sampler, em, 1)
-    finally:
-        torch.set_num_threads(before)
 
 
 def speculative_chunks(seed: int, n: int = len(HISTORY_SEEDS)) -> np.ndarray:
     em = models.load("pusht")
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with torch_threads(2):
         return chunks(PL.ChunkPlanner(em, PL.PlannerConfig(window=8)).sampler, em, seed, n)
-    finally:
-        torch.set_num_threads(before)
 
 
 @pytest.mark.slow

@@ -241,7 +241,12 @@ def batch1_latency(planner: ChunkPlanner, inputs: list[PlanningInput], warmup: i
     start = len(planner.records)
     for inp in inputs:
         planner.plan(inp.history[None], inp.previous)
-    recs = planner.records[start:]
+    return latency_summary(planner.records[start:])
+
+
+def latency_summary(recs: list[PlanRecord]) -> dict:
+    """Batch-1 planner calls -> chunks, median and mean seconds, calls and evaluations per
+    chunk."""
     secs = [r.seconds for r in recs]
     return {
         "chunks": len(recs),
