@@ -284,6 +284,11 @@ def expected_steps(a0: float, a: float, W: int) -> float:
     return 1.0 + a0 * geo
 
 
+class MostlyAncestralWarning(UserWarning):
+    """``window="auto"`` took most of a run's steps as plain ancestral steps (speculation did
+    not pay for that model, batch and device)."""
+
+
 @dataclass
 class ControllerLog:
     """What the controller did in one run (``SamplerStats.autopilot``)."""
@@ -557,10 +562,12 @@ class AutoRounds:
             ratio = c.network(2 * B) / c.network(B)
             a0, a = self.controller.acceptance()
             warnings.warn(
-                f"window='auto' took {self.log.ancestral_steps / total:.0%} of the steps as plain "
-                f"ancestral steps: speculation does not pay for this model, batch and device "
-                f"(a call on {2 * B} states costs {ratio:.2f}x one on {B}; acceptance "
-                f"{a:.2f}); an int window forces speculation",
+                MostlyAncestralWarning(
+                    f"window='auto' took {self.log.ancestral_steps / total:.0%} of the steps as plain "
+                    f"ancestral steps: speculation does not pay for this model, batch and device "
+                    f"(a call on {2 * B} states costs {ratio:.2f}x one on {B}; acceptance "
+                    f"{a:.2f}); an int window forces speculation"
+                ),
                 stacklevel=5,
             )
 
