@@ -33,6 +33,7 @@ from torch import nn
 # the portable variant so that runs on different machines hash the same bytes (the environment
 # may override it).
 os.environ.setdefault("SPECDIFF_CPU_CAPABILITY", "default")
+os.environ.setdefault("TRITON_INTERPRET", "1")  # the Triton configs run on CPU tensors
 
 import specdiff_kernels  # noqa: E402
 from specdiff_kernels import (  # noqa: E402
@@ -42,6 +43,7 @@ from specdiff_kernels import (  # noqa: E402
     SpeculativeSampler,
     ddim_transitions,
     ddpm_transitions,
+    dpmsolver_sde_transitions,
     euler_ancestral_transitions,
     models,
 )
@@ -79,6 +81,10 @@ class Reparam(nn.Module):
         return x0 if self.prediction == "sample" else a.sqrt() * eps - (1 - a).sqrt() * x0
 
 
+def dpmpp_2m_sde(alphas_cumprod, num_inference_steps, **kwargs):
+    return dpmsolver_sde_transitions(num_inference_steps, alphas_cumprod=alphas_cumprod, **kwargs)
+
+
 # name -> (constructor, schedule, keyword arguments). "cos" runs the linear-schedule networks off
 # their schedule on purpose: only determinism matters here.
 FAMILIES = {
@@ -92,6 +98,12 @@ FAMILIES = {
     ),
     "ddim-eta0.6-eps-clip": (ddim_transitions, "model", {"eta": 0.6, "clip_sample": 1.0}),
     "euler-a-eps": (euler_ancestral_transitions, "model", {}),
+    "dpmpp-2m-sde-eps": (dpmpp_2m_sde, "model", {}),
+    "dpmpp-2m-sde-x0-karras": (
+        dpmpp_2m_sde,
+        "model",
+        {"prediction": "sample", "sigma_schedule": "karras"},
+    ),
 }
 # name -> (model, load kwargs, chains B, steps N, chain ids or None for 0..B-1)
 PROBLEMS = {
@@ -99,7 +111,8 @@ PROBLEMS = {
     "gmm16": ("gmm", {"dim": 16, "components": 8, "seed": 2}, 8, 32, list(range(100, 116, 2))),
     "digits": ("digits", {"dtype": DTYPE}, 4, 20, None),
 }
-DRAFTS = ("frozen-x0", "frozen-eps", "frozen-x0-noprefetch", "model")
+# "-warm": the frozen-x0 draft with a warm start (a fixed guess of the first prediction)
+DRAFTS = ("frozen-x0", "frozen-eps", "frozen-x0-noprefetch", "frozen-x0-warm", "model")
 WINDOWS = (1, 4, 8, "adaptive")
 PATHS = ("static", "ragged", "auto")
 BACKENDS = ("cpp", "reference")
@@ -115,6 +128,11 @@ CONFIGS = (
     + [
         (p, f, "-", "-", "ancestral", b)
         for p, f, b in itertools.product(PROBLEMS, FAMILIES, BACKENDS)
+    ]
+    # Triton kernels run by the interpreter on CPU tensors: slow, so the smallest problem only
+    + [
+        ("gmm2", f, d, 4, path, "triton")
+        for f, d, path in itertools.product(FAMILIES, ("frozen-x0", "frozen-eps"), PATHS[:2])
     ]
 )
 
@@ -141,6 +159,14 @@ def make_draft(kind: str, draft_net):
         return DraftModelDraft(draft_net)
     freeze = kind.split("-")[1]
     return FrozenTargetDraft(freeze, prefetch_root=not kind.endswith("noprefetch"))
+
+
+def warm_guess(draft: str, B: int, event_shape) -> torch.Tensor | None:
+    """The warm start of a "-warm" draft: a fixed guess of the first x0-hat, off the data."""
+    if not draft.endswith("warm"):
+        return None
+    g = torch.Generator().manual_seed(SEED + 1)
+    return 0.5 * torch.randn(B, *event_shape, generator=g, dtype=DTYPE)
 
 
 def digest(value) -> str:
@@ -182,6 +208,7 @@ def run(problem, family, draft, window, path, backend) -> dict:
             generator=torch.Generator().manual_seed(SEED),
             chain_ids=chain_ids,
             dtype=DTYPE,
+            **({} if path == "ancestral" else {"warm_start": warm_guess(draft, B, event_shape)}),
         )
     except Exception as err:  # a refused combination is a result too: it must stay refused
         return {"status": f"refused: {type(err).__name__}"}
