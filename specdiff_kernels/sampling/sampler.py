@@ -43,19 +43,20 @@ import torch
 from torch import Tensor
 
 from ..ops import layout
+from ..ops import round as round_ops
 from ..ops import verify as ops
-from ..ops.layout import FREEZE_X0
+from ..ops.round_spec import RoundChains
 from . import checks as _args
 from .accounting import SamplerStats
 from .ancestral import LeanAncestral
 from .autopilot import AutoRounds, AutoWindow, CostModel, WindowController, calibrate
 from .base import Chains, NonFiniteError, SamplerBase, SamplingResult, sample_in_inference_mode
 from .drafts import Draft, DraftModelDraft, FrozenTargetDraft
-from .network import NetworkCall, draft_op
+from .network import NetworkCall
 from .noise import ChainNoise
 from .ragged_round import RaggedRound
 from .static_round import StaticRound
-from .transitions import GaussianTransitions, Model, clip_value, round_tables, stochastic_runs
+from .transitions import GaussianTransitions, Model, round_spec, stochastic_runs
 from .window import AdaptiveWindow, resolve_window
 
 VerifyFn = Callable[..., "ops.VerifyResult"]
@@ -395,8 +396,7 @@ class SpeculativeSampler(SamplerBase):
         stats.windows = counts[layout.STAT_WINDOWS]
         stats.speculative_steps = counts[layout.STAT_SPEC_STEPS]
         stats.deterministic_steps = counts[layout.STAT_DET_STEPS]
-        for name, part in rnd.layout.slices.items():
-            setattr(stats, name, counts[part])
+        rnd.layout.fill(stats, counts)
         return stats
 
     # -------------------------------------------------------------- window="auto"
@@ -449,9 +449,9 @@ class SpeculativeSampler(SamplerBase):
             if not T.affine:
                 return None
             k = torch.zeros(B, dtype=torch.int64, device=dev)
-            coef = rnd.coef if rnd is not None else round_tables(T, dev)
-            args = (x, x, k, k + W, coef, noise.seed, noise.chain_ids, W, FREEZE_X0, clip_value(T))
-            return draft_op(self.backend, *args)
+            spec = rnd.spec if rnd is not None else round_spec(T, noise.seed)
+            chains = RoundChains(x, k, k + W, noise.chain_ids)
+            return round_ops.dispatch_frozen_draft(self.backend, x, chains, spec, W)
 
         sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
         return calibrate(call, draft, B * (W + 1), B, B * (W + 1), T.num_steps, dev.type, sync)

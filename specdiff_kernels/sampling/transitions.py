@@ -49,6 +49,21 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..ops.layout import (
+    FREEZE_MODES,
+    NUM_ROWS,
+    ROW_A,
+    ROW_E,
+    ROW_EPS_P,
+    ROW_EPS_Y,
+    ROW_G,
+    ROW_H,
+    ROW_STD,
+    ROW_X0_F,
+    ROW_X0_Y,
+)
+from ..ops.round_spec import RoundSpec
+
 PREDICTIONS = ("epsilon", "sample", "v_prediction")
 
 Model = Callable[[Tensor, Tensor], Tensor]
@@ -956,10 +971,32 @@ def round_tables(transitions: GaussianTransitions, device=None) -> Tensor:
         A, E = T.c_x0 + eps_x0, torch.zeros_like(G)
     else:
         A, E = T.c_x0.clone(), eps_x0
-    rows = [A, E, G, T.std, 1.0 / sa, ss / sa, 1.0 / ss, sa / ss, T.c_prev]
-    table = torch.stack(rows).to(device=device, dtype=torch.float64).contiguous()
+    rows = {
+        ROW_A: A,
+        ROW_E: E,
+        ROW_G: G,
+        ROW_STD: T.std,
+        ROW_X0_Y: 1.0 / sa,
+        ROW_X0_F: ss / sa,
+        ROW_EPS_Y: 1.0 / ss,
+        ROW_EPS_P: sa / ss,
+        ROW_H: T.c_prev,
+    }
+    table = torch.stack([rows[r] for r in range(NUM_ROWS)])
+    table = table.to(device=device, dtype=torch.float64).contiguous()
     cache[key] = table
     return table
+
+
+def round_spec(
+    transitions: GaussianTransitions, seed: Tensor, freeze: str = "x0", device=None
+) -> RoundSpec:
+    """The round ops' per-run constants (:class:`~specdiff_kernels.ops.round_spec.RoundSpec`) of
+    ``transitions`` with noise key ``seed`` (``ops.seed_tensor``) and a frozen-target draft that
+    freezes ``freeze`` (``"x0"`` or ``"eps"``); ``device``: the seed's by default."""
+    device = seed.device if device is None else device
+    coef = round_tables(transitions, device)
+    return RoundSpec(coef, seed, FREEZE_MODES[freeze], clip_value(transitions))
 
 
 def clip_value(transitions: GaussianTransitions) -> float:

@@ -41,7 +41,6 @@ at position 0 and its x0-hat P_{j-1} at position j >= 1.
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -74,6 +73,7 @@ from ..layout import (
     StatsLayout,
     acc_dtype,
 )
+from ..round_spec import RoundChains, RoundSpec
 
 # ---------------------------------------------------------------- Philox4x32-10
 MASK32 = 0xFFFFFFFF
@@ -199,24 +199,14 @@ def freeze_value(c: Tensor, y: Tensor, p: Tensor, freeze: int) -> Tensor:
     return p if freeze == FREEZE_X0 else c[ROW_EPS_Y] * y - c[ROW_EPS_P] * p
 
 
-def frozen_draft(
-    root: Tensor,
-    frozen: Tensor,
-    steps: Tensor,
-    lengths: Tensor,
-    coef: Tensor,
-    seed: Tensor,
-    chain_ids: Tensor,
-    window: int,
-    freeze: int,
-    clip: float,
-    prev: Optional[Tensor] = None,
-) -> Tensor:
+def frozen_draft(root: Tensor, chains: RoundChains, spec: RoundSpec, window: int) -> Tensor:
     """Drafted states Y [B, window + 1, *E]: Y[:, 0] = root; for j < lengths[b],
     ``Y[b, j+1] = m_q(Y[b, j], k+j) + std[k+j] xi(seed, c, k+j)``; beyond, Y[b, j+1] = Y[b, j].
     Each drafted state is rounded to the state dtype before the next step drafts from it (the
     verify recomputes m_q from the stored states). With ``prev`` (multistep), m_q adds
     ``H[k+j] q_{j-1}``: q_{-1} = prev, q_j the draft's x0-hat at Y[b, j]."""
+    frozen, steps, lengths, chain_ids, prev = chains
+    coef, seed, freeze, clip = spec
     B = root.shape[0]
     D = root[0].numel() if B else 0
     acc = acc_dtype(root.dtype)
@@ -242,17 +232,7 @@ def frozen_draft(
 
 
 def verify_frozen(
-    states: Tensor,
-    x0_hat: Tensor,
-    frozen: Tensor,
-    steps: Tensor,
-    lengths: Tensor,
-    coef: Tensor,
-    seed: Tensor,
-    chain_ids: Tensor,
-    freeze: int,
-    clip: float,
-    prev: Optional[Tensor] = None,
+    states: Tensor, x0_hat: Tensor, chains: RoundChains, spec: RoundSpec
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Verify a frozen-draft window and commit the round (docs/design.md §6).
 
@@ -279,6 +259,8 @@ def verify_frozen(
     next_frozen [B, *E] (state dtype), root_exact [B] bool, log_ratio [B, L] float32,
     next_prev [B, *E] (state dtype; an empty [0] tensor without ``prev``)).
     """
+    frozen, steps, lengths, chain_ids, prev = chains
+    coef, seed, freeze, clip = spec
     B, L1 = states.shape[:2]
     L = L1 - 1  # >= 1 (the wrappers check it)
     N = coef.shape[1]

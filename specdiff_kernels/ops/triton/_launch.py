@@ -46,14 +46,15 @@ DEVICES: tuple[str, ...] = ("cpu", "cuda") if INTERPRET else ("cuda",)
 _INTERP_NUM_SMS = 4  # the nominal device size under the interpreter
 
 
-def define(name: str, impl: Callable, fake: Callable):
+def define(name: str, impl: Callable, fake: Callable, schema: Optional[str] = None):
     """Op ``name`` running ``impl``: a triton_op (visible to Inductor) when compiled; an opaque
-    custom_op with ``fake`` when interpreting."""
+    custom_op with ``fake`` when interpreting. ``schema``: None infers it from ``impl``'s
+    annotations."""
     if INTERPRET:
-        op = torch.library.custom_op(name, impl, mutates_args=())
+        op = torch.library.custom_op(name, impl, mutates_args=(), schema=schema)
         op.register_fake(fake)
         return op
-    return torch.library.triton_op(name, impl, mutates_args=())
+    return torch.library.triton_op(name, impl, mutates_args=(), schema=schema)
 
 
 def register_cuda(kernels: dict[str, Callable]) -> torch.library.Library:

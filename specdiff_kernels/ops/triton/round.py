@@ -50,7 +50,6 @@ from __future__ import annotations
 import functools
 import math
 import struct
-from typing import Optional
 
 import torch
 import triton
@@ -61,6 +60,7 @@ from .. import _checks, layout
 from .. import round as round_ops
 from ..backends import REGISTRY, Backend
 from ..layout import acc_dtype
+from ..round_spec import SCHEMAS, RoundChains, RoundSpec, draft_parts, verify_parts
 from ._launch import (
     DEVICES,
     INTERPRET,
@@ -1056,23 +1056,11 @@ def chain_noise(
     return xi, u
 
 
-def frozen_draft(
-    root: Tensor,
-    frozen: Tensor,
-    steps: Tensor,
-    lengths: Tensor,
-    coef: Tensor,
-    seed: Tensor,
-    chain_ids: Tensor,
-    window: int,
-    freeze: int,
-    clip: float,
-    prev: Optional[Tensor] = None,
-) -> Tensor:
+def frozen_draft(root: Tensor, chains: RoundChains, spec: RoundSpec, window: int) -> Tensor:
     """Drafted states Y [B, window + 1, *E] (semantics: reference.round.frozen_draft)."""
-    _checks.entry_frozen_draft(
-        "frozen_draft", root, frozen, steps, lengths, coef, seed, chain_ids, prev
-    )
+    _checks.entry_frozen_draft("frozen_draft", root, chains, spec)
+    frozen, steps, lengths, chain_ids, prev = chains
+    coef, seed, freeze, clip = spec
     B = root.shape[0]
     y = torch.empty((B, window + 1, *root.shape[1:]), device=root.device, dtype=root.dtype)
     if B > 0:
@@ -1108,23 +1096,13 @@ def frozen_draft(
 
 
 def verify_frozen(
-    states: Tensor,
-    x0_hat: Tensor,
-    frozen: Tensor,
-    steps: Tensor,
-    lengths: Tensor,
-    coef: Tensor,
-    seed: Tensor,
-    chain_ids: Tensor,
-    freeze: int,
-    clip: float,
-    prev: Optional[Tensor] = None,
+    states: Tensor, x0_hat: Tensor, chains: RoundChains, spec: RoundSpec
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(num_accepted, committed, next_state, next_frozen, root_exact, log_ratio, next_prev)
     (semantics: reference.round.verify_frozen; next_prev is an empty [0] tensor without prev)."""
-    _checks.entry_verify_frozen(
-        "verify_frozen", states, x0_hat, frozen, steps, lengths, coef, seed, chain_ids, prev
-    )
+    _checks.entry_verify_frozen("verify_frozen", states, x0_hat, chains, spec)
+    frozen, steps, lengths, chain_ids, prev = chains
+    coef, seed, freeze, clip = spec
     B, L1 = states.shape[:2]
     L = L1 - 1
     E = states.shape[2:]
@@ -1215,44 +1193,33 @@ def verify_frozen(
 
 
 # ---------------------------------------------------------------- ops
-# fake impls (interpreted mode; compiled, the triton_op body is its own fake): the ones of the
-# C++-defined ops (ops/round.py)
+# The Triton ops take the dispatcher's flat schemas (round_spec.SCHEMAS); their fake impls
+# (interpreted mode; compiled, the triton_op body is its own fake) are the C++-defined ops' ones
+# (ops/round.py).
 triton_chain_noise = define("specdiff::triton_chain_noise", chain_noise, round_ops.fake_chain_noise)
 triton_frozen_draft = define(
-    "specdiff::triton_frozen_draft", frozen_draft, round_ops.fake_frozen_draft
+    "specdiff::triton_frozen_draft",
+    lambda *args: frozen_draft(*draft_parts(*args)),
+    round_ops.fake_frozen_draft,
+    schema=SCHEMAS["frozen_draft"],
 )
 triton_verify_frozen = define(
-    "specdiff::triton_verify_frozen", verify_frozen, round_ops.fake_verify_frozen
+    "specdiff::triton_verify_frozen",
+    lambda *args: verify_frozen(*verify_parts(*args)),
+    round_ops.fake_verify_frozen,
+    schema=SCHEMAS["verify_frozen"],
 )
 
-
-# ---------------------------------------------------------------- forwarding to the Triton ops
-# (the CUDA kernels of specdiff::chain_noise / frozen_draft / verify_frozen, and backend "triton")
-def fwd_chain_noise(seed, chain_ids, steps, window, event_numel, dtype):
-    return torch.ops.specdiff.triton_chain_noise(seed, chain_ids, steps, window, event_numel, dtype)
-
-
-def fwd_frozen_draft(
-    root, frozen, steps, lengths, coef, seed, chain_ids, window, freeze, clip, prev=None
-):
-    return torch.ops.specdiff.triton_frozen_draft(
-        root, frozen, steps, lengths, coef, seed, chain_ids, window, freeze, clip, prev
+# the CUDA kernels of specdiff::chain_noise / frozen_draft / verify_frozen (schemas from the C++
+# extension, csrc/registration.cpp), and backend "triton"
+_CUDA_LIB = (
+    register_cuda(
+        {
+            name: getattr(torch.ops.specdiff, "triton_" + name).default
+            for name in ("chain_noise", "frozen_draft", "verify_frozen")
+        }
     )
-
-
-def fwd_verify_frozen(
-    states, x0_hat, frozen, steps, lengths, coef, seed, chain_ids, freeze, clip, prev=None
-):
-    return torch.ops.specdiff.triton_verify_frozen(
-        states, x0_hat, frozen, steps, lengths, coef, seed, chain_ids, freeze, clip, prev
-    )
-
-
-_FORWARD = {
-    "chain_noise": fwd_chain_noise,
-    "frozen_draft": fwd_frozen_draft,
-    "verify_frozen": fwd_verify_frozen,
-}
-# the schemas come from the C++ extension (csrc/registration.cpp)
-_CUDA_LIB = register_cuda(_FORWARD) if round_ops.HAS_CPP else None
-REGISTRY.register(Backend("round", "triton", _FORWARD, devices=DEVICES))
+    if round_ops.HAS_CPP
+    else None
+)
+REGISTRY.register(Backend("round", "triton", round_ops.schema_ops("triton_"), devices=DEVICES))
