@@ -1054,3 +1054,30 @@ def test_cpp_multistep_round_does_not_depend_on_the_thread_count():
         torch.set_num_threads(before)
     for a, b in zip(*outs):
         assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------- the round spec and the schemas
+@pytest.mark.parametrize("op", ["frozen_draft", "verify_frozen"])
+def test_round_spec_flattens_to_the_dispatcher_schema(op):
+    """SCHEMAS is what csrc/registration.cpp defines; the bundles' fields are named as the
+    schema's arguments, and flatten / unflatten put each in its schema position."""
+    schema = getattr(torch.ops.specdiff, op).default._schema
+    assert str(schema) == f"specdiff::{op}{round_spec.SCHEMAS[op]}"
+    names = [a.name for a in schema.arguments]
+    parts = {"frozen_draft": round_spec.draft_parts, "verify_frozen": round_spec.verify_parts}[op]
+    flatten = {"frozen_draft": round_spec.draft_args, "verify_frozen": round_spec.verify_args}[op]
+    stand_ins = [1.5 if n == "clip" else n for n in names]  # flatten makes clip a float
+    bundled = parts(*stand_ins)
+    chains, spec = (b for b in bundled if isinstance(b, (RoundChains, RoundSpec)))
+    assert chains._asdict() == {f: f for f in RoundChains._fields}
+    assert {**spec._asdict(), "clip": "clip"} == {f: f for f in RoundSpec._fields}
+    assert list(flatten(*bundled)) == stand_ins
+
+
+def test_round_ops_refuse_flat_arguments_in_one_line():
+    """The wrappers take the bundles; the old flat call is refused naming the argument."""
+    case = _small_case()
+    with pytest.raises(TypeError, match=r"^frozen_draft: chains must be a RoundChains"):
+        ro.frozen_draft(case.root, case.frozen, case.spec, case.window)
+    with pytest.raises(TypeError, match=r"^verify_frozen: spec must be a RoundSpec"):
+        ro.verify_frozen(case.root[:, None].expand(3, 2, 5), case.root, case.chains, case.coef)
