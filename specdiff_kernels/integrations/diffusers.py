@@ -912,7 +912,7 @@ def _dpm_sde(sched, step: _StepArgs) -> GaussianTransitions:
 
 
 # each family's tabulation of its diffusers step (sampling.families), by family name
-_TABULATE = {"ddpm": _ddpm, "ddim": _ddim, "euler-a": _euler_ancestral, "dpm++2m-sde": _dpm_sde, "ddpm-parallel": _ddpm}
+_TABULATE = {"ddpm": _ddpm, "ddim": _ddim, "euler-a": _euler_ancestral, "dpm++2m-sde": _dpm_sde}
 
 
 def diffusers_transitions(

@@ -150,17 +150,6 @@ FAMILIES: tuple[Family, ...] = (
     ),
 )
 
-FAMILIES += (
-    Family(
-        "ddpm-parallel",
-        "DDPM (parallel)",
-        "DDPM's step, as diffusers' parallel-sampling scheduler",
-        ddpm_transitions,
-        _RESPACING + ("variance",),
-        scheduler="DDPMParallelScheduler",
-        clips=True,
-    ),
-)
 NAMES: tuple[str, ...] = tuple(f.name for f in FAMILIES)
 _BY_NAME = {n: f for f in FAMILIES for n in (f.name, *f.aliases)}
 
