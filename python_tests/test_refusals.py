@@ -43,6 +43,7 @@ from specdiff_kernels.integrations.diffusers import (  # noqa: E402
     diffusers_transitions,
     from_pipeline,
 )
+from specdiff_kernels.sampling.families import family  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -327,8 +328,8 @@ def test_scheduler_override_inherits_the_training_schedule(flag, pipe_dir, tmp_p
     d = with_scheduler(pipe_dir, tmp_path / "p", cfg)
     spec = sample_cmd.resolve_pipeline(str(d), flag, 20, None)
     assert spec.max_steps == 500 and spec.transitions.prediction == "v_prediction"
-    cls = getattr(diffusers, sample_cmd.SCHEDULERS[flag])
-    extra = sample_cmd.DPM_SDE_CONFIG if flag == sample_cmd.DPM_SDE else {}
+    fam = family(flag)
+    cls, extra = getattr(diffusers, fam.scheduler), dict(fam.scheduler_config)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         chain = cls.from_config({**cfg, **extra})
