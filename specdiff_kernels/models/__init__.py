@@ -33,13 +33,12 @@ from torch import Tensor, nn
 from ..sampling.transitions import (
     GaussianTransitions,
     alphas_cumprod_from_betas,
-    as_choice,
-    as_int,
     ddim_transitions,
     ddpm_transitions,
     euler_ancestral_transitions,
     make_betas,
 )
+from ..validate import as_choice, as_int
 
 __all__ = ["EmbeddedModel", "TRAIN_TIMESTEPS", "available", "load"]
 
@@ -70,8 +69,8 @@ class EmbeddedModel:
         DDIM; ``init_std`` for Euler-ancestral); the schedule, prediction and clipping are the
         model's own.
         """
-        sampler = as_choice(sampler, "sampler", tuple(_SAMPLER_OPTIONS))
-        num_steps = as_int(num_steps, "num_steps", 1, int(self.alphas_cumprod.numel()))
+        sampler = as_choice("sampler", sampler, tuple(_SAMPLER_OPTIONS))
+        num_steps = as_int("num_steps", num_steps, 1, int(self.alphas_cumprod.numel()))
         for key in kwargs:
             if key not in _SAMPLER_OPTIONS[sampler]:
                 # the model's schedule/prediction/clipping would be overridden or, for betas
@@ -120,9 +119,9 @@ _MODEL_FIXED += ("clip_sample",)
 def _load_gmm(dim: int = 64, components: int = 8, seed: int = 0) -> EmbeddedModel:
     from .gmm import GaussianMixture, GMMDenoiser, make_gmm
 
-    dim = as_int(dim, "dim", 1)
-    components = as_int(components, "components", 1)
-    seed = as_int(seed, "seed", 0)
+    dim = as_int("dim", dim, 1)
+    components = as_int("components", components, 1)
+    seed = as_int("seed", seed, 0)
     if seed >= 2**64:
         raise ValueError(f"seed must be < 2**64 (a torch generator seed), got {seed}")
 
