@@ -287,7 +287,7 @@ def test_window_true_is_not_a_window_of_one():
         r"AdaptiveWindow, got True$",
     ):
         SpeculativeSampler(Counting(), transitions(), window=True)
-    with pytest.raises(TypeError, match=r"^max_window must be an int, got 8.5$"):
+    with pytest.raises(TypeError, match=r"^max_window must be a positive int, got 8.5$"):
         AdaptiveWindow(max_window=8.5)
 
 
@@ -375,9 +375,9 @@ def test_bad_draft_model_output_is_named_draft():
 @pytest.mark.parametrize(
     "n,exc,match",
     [
-        (0, ValueError, r"^num_inference_steps must be in 1..1000, got 0$"),
-        (-5, ValueError, r"^num_inference_steps must be in 1..1000, got -5$"),
-        (1001, ValueError, r"^num_inference_steps must be in 1..1000, got 1001$"),
+        (0, ValueError, r"^num_inference_steps must be an int in 1..1000, got 0$"),
+        (-5, ValueError, r"^num_inference_steps must be an int in 1..1000, got -5$"),
+        (1001, ValueError, r"^num_inference_steps must be an int in 1..1000, got 1001$"),
         (2.5, TypeError, r"^num_inference_steps must be an int in 1..1000, got 2.5$"),
     ],
 )
