@@ -217,7 +217,7 @@ def test_unknown_own_scheduler_needs_scheduler_flag(pipe_dir, tmp_path, capsys, 
         "around one network mean); pass --scheduler ddpm or ddim or euler-a or dpm++2m-sde (on "
         "the same training schedule)"
     )
-    # a scheduler without a beta schedule (VE): no --scheduler is suggested (test_refusals.py)
+    # a scheduler without a beta schedule (VE): no --scheduler is suggested (arguments/test_cli_sample_arguments.py)
 
 
 # ----------------------------------------------------------------------------- DPM++ 2M SDE
