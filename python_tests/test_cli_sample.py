@@ -19,28 +19,14 @@ import pytest
 import torch
 
 pytest.importorskip("diffusers")
-from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel  # noqa: E402
+from diffusers import DDPMPipeline, DDPMScheduler  # noqa: E402
+from refusal import cli_error  # noqa: E402
+from tiny_diffusers import SIZE, tiny_unet  # noqa: E402
 
 from specdiff_kernels import AncestralSampler, SpeculativeSampler  # noqa: E402
 from specdiff_kernels.cli import sample as sample_cmd
 from specdiff_kernels.cli.commands import main  # noqa: E402
 from specdiff_kernels.integrations.diffusers import from_pipeline  # noqa: E402
-
-SIZE = 8
-
-
-def tiny_unet(out_channels: int = 3) -> UNet2DModel:
-    torch.manual_seed(0)
-    return UNet2DModel(
-        sample_size=SIZE,
-        in_channels=3,
-        out_channels=out_channels,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        norm_num_groups=4,
-    )
 
 
 @pytest.fixture(scope="module")
@@ -504,19 +490,6 @@ def test_demo_device_cpu(tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------- refusals
-def cli_error(argv, capsys) -> str:
-    with pytest.raises(SystemExit) as exc:
-        main(argv)
-    captured = capsys.readouterr()
-    assert exc.value.code == 2
-    assert captured.out == ""
-    assert "Traceback" not in captured.err
-    lines = captured.err.strip().splitlines()
-    assert lines[-1].startswith("specdiff ") and ": error: " in lines[-1]
-    assert all(line.startswith(("usage:", " ")) for line in lines[:-1])  # argparse's usage only
-    return lines[-1]
-
-
 def _bad_pipelines(src: Path, root: Path) -> dict:
     """name -> (folder, expected message) for broken copies of the tiny pipeline."""
     q = repr

@@ -11,12 +11,12 @@ from diffusers import DiTTransformer2DModel, UNet2DConditionModel, UNet2DModel
 SIZE = 8  # the sample size of every component
 
 
-def tiny_unet(**options) -> UNet2DModel:
+def tiny_unet(out_channels: int = 3, **options) -> UNet2DModel:
     torch.manual_seed(0)
     return UNet2DModel(
         sample_size=SIZE,
         in_channels=3,
-        out_channels=3,
+        out_channels=out_channels,
         block_out_channels=(8, 16),
         layers_per_block=1,
         down_block_types=("DownBlock2D", "DownBlock2D"),

@@ -1,5 +1,5 @@
-"""Helpers of the argument-check tests: every refusal is ONE line that names the argument, and
-comes before any work (a counting model, a call counter)."""
+"""Helpers of the argument-check tests (python_tests/arguments/ and the CLI tests): every refusal
+is ONE line that names the argument, and comes before any work (a call counter)."""
 
 from __future__ import annotations
 
