@@ -23,8 +23,7 @@ import pytest
 import torch
 
 pytest.importorskip("diffusers")
-from diffusers import DDPMPipeline, DDPMScheduler  # noqa: E402
-from tiny_diffusers import tiny_unet  # noqa: E402
+from tiny_diffusers import tiny_pipeline  # noqa: E402
 
 import specdiff_kernels  # noqa: E402
 from specdiff_kernels.cli import sample as sample_cmd  # noqa: E402
@@ -38,11 +37,7 @@ FAST_DIGITS = ["--pipeline", "digits", "--steps", "6", "--window", "2", "--no-pr
 
 @pytest.fixture(scope="module")
 def pipe_dir(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("pipe")
-    DDPMPipeline(
-        unet=tiny_unet(), scheduler=DDPMScheduler(num_train_timesteps=1000)
-    ).save_pretrained(d)
-    return d
+    return tiny_pipeline(tmp_path_factory.mktemp("pipe"))
 
 
 def edited(src: Path, dst: Path, file: str, **changes) -> Path:

@@ -19,9 +19,9 @@ import pytest
 import torch
 
 pytest.importorskip("diffusers")
-from diffusers import DDPMPipeline, DDPMScheduler  # noqa: E402
+from diffusers import DDPMPipeline  # noqa: E402
 from refusal import cli_error  # noqa: E402
-from tiny_diffusers import SIZE, tiny_unet  # noqa: E402
+from tiny_diffusers import SIZE, tiny_pipeline  # noqa: E402
 
 from specdiff_kernels import AncestralSampler, SpeculativeSampler  # noqa: E402
 from specdiff_kernels.cli import sample as sample_cmd
@@ -31,11 +31,7 @@ from specdiff_kernels.integrations.diffusers import from_pipeline  # noqa: E402
 
 @pytest.fixture(scope="module")
 def pipe_dir(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("pipe")
-    DDPMPipeline(
-        unet=tiny_unet(), scheduler=DDPMScheduler(num_train_timesteps=1000)
-    ).save_pretrained(d)
-    return d
+    return tiny_pipeline(tmp_path_factory.mktemp("pipe"))
 
 
 def edited_copy(src: Path, dst: Path, file: str, **changes) -> Path:

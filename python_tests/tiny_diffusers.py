@@ -4,9 +4,17 @@ this module after ``pytest.importorskip("diffusers")``)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import diffusers
 import torch
-from diffusers import DiTTransformer2DModel, UNet2DConditionModel, UNet2DModel
+from diffusers import (
+    DDPMPipeline,
+    DDPMScheduler,
+    DiTTransformer2DModel,
+    UNet2DConditionModel,
+    UNet2DModel,
+)
 
 SIZE = 8  # the sample size of every component
 
@@ -68,3 +76,11 @@ def tiny_vae():
         norm_num_groups=4,
         sample_size=SIZE,
     ).eval()
+
+
+def tiny_pipeline(folder: Path) -> Path:
+    """``folder`` holding a DDPMPipeline of :func:`tiny_unet` and a 1000-step DDPMScheduler, as
+    diffusers' ``save_pretrained`` writes it."""
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    DDPMPipeline(unet=tiny_unet(), scheduler=scheduler).save_pretrained(folder)
+    return folder

@@ -21,13 +21,12 @@ import torch
 pytest.importorskip("diffusers", reason="diffusers is an optional extra")
 import diffusers  # noqa: E402
 from diffusers import (  # noqa: E402
-    DDPMPipeline,
     DDPMScheduler,
     FlowMatchEulerDiscreteScheduler,
 )
 from refusal import cli_error as command_error  # noqa: E402
 from refusal import one_line  # noqa: E402
-from tiny_diffusers import SIZE, tiny_dit, tiny_unet  # noqa: E402
+from tiny_diffusers import SIZE, tiny_dit, tiny_pipeline  # noqa: E402
 
 from specdiff_kernels.cli import sample as sample_cmd  # noqa: E402
 from specdiff_kernels.integrations.diffusers import diffusers_transitions  # noqa: E402
@@ -46,9 +45,7 @@ def cli_error(argv, capsys) -> str:
 
 @pytest.fixture(scope="module")
 def pipe_dir(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("pipe")
-    DDPMPipeline(unet=tiny_unet(), scheduler=DDPMScheduler()).save_pretrained(d)
-    return d
+    return tiny_pipeline(tmp_path_factory.mktemp("pipe"))
 
 
 def with_scheduler(src: Path, dst: Path, config: dict) -> Path:
