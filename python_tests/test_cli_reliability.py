@@ -23,7 +23,7 @@ import pytest
 import torch
 
 pytest.importorskip("diffusers")
-from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel  # noqa: E402
+from tiny_diffusers import tiny_pipeline  # noqa: E402
 
 import specdiff_kernels  # noqa: E402
 from specdiff_kernels.cli import sample as sample_cmd  # noqa: E402
@@ -37,20 +37,7 @@ FAST_DIGITS = ["--pipeline", "digits", "--steps", "6", "--window", "2", "--no-pr
 
 @pytest.fixture(scope="module")
 def pipe_dir(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    unet = UNet2DModel(
-        sample_size=8,
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        norm_num_groups=4,
-    )
-    d = tmp_path_factory.mktemp("pipe")
-    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=1000)).save_pretrained(d)
-    return d
+    return tiny_pipeline(tmp_path_factory.mktemp("pipe"))
 
 
 def edited(src: Path, dst: Path, file: str, **changes) -> Path:

@@ -19,37 +19,19 @@ import pytest
 import torch
 
 pytest.importorskip("diffusers")
-from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel  # noqa: E402
+from diffusers import DDPMPipeline  # noqa: E402
+from refusal import cli_error  # noqa: E402
+from tiny_diffusers import SIZE, tiny_pipeline  # noqa: E402
 
 from specdiff_kernels import AncestralSampler, SpeculativeSampler  # noqa: E402
 from specdiff_kernels.cli import sample as sample_cmd
 from specdiff_kernels.cli.commands import main  # noqa: E402
 from specdiff_kernels.integrations.diffusers import from_pipeline  # noqa: E402
 
-SIZE = 8
-
-
-def tiny_unet(out_channels: int = 3) -> UNet2DModel:
-    torch.manual_seed(0)
-    return UNet2DModel(
-        sample_size=SIZE,
-        in_channels=3,
-        out_channels=out_channels,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        norm_num_groups=4,
-    )
-
 
 @pytest.fixture(scope="module")
 def pipe_dir(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("pipe")
-    DDPMPipeline(
-        unet=tiny_unet(), scheduler=DDPMScheduler(num_train_timesteps=1000)
-    ).save_pretrained(d)
-    return d
+    return tiny_pipeline(tmp_path_factory.mktemp("pipe"))
 
 
 def edited_copy(src: Path, dst: Path, file: str, **changes) -> Path:
@@ -217,7 +199,7 @@ def test_unknown_own_scheduler_needs_scheduler_flag(pipe_dir, tmp_path, capsys, 
         "around one network mean); pass --scheduler ddpm or ddim or euler-a or dpm++2m-sde (on "
         "the same training schedule)"
     )
-    # a scheduler without a beta schedule (VE): no --scheduler is suggested (test_refusals.py)
+    # a scheduler without a beta schedule (VE): no --scheduler is suggested (arguments/test_cli_sample_arguments.py)
 
 
 # ----------------------------------------------------------------------------- DPM++ 2M SDE
@@ -504,19 +486,6 @@ def test_demo_device_cpu(tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------- refusals
-def cli_error(argv, capsys) -> str:
-    with pytest.raises(SystemExit) as exc:
-        main(argv)
-    captured = capsys.readouterr()
-    assert exc.value.code == 2
-    assert captured.out == ""
-    assert "Traceback" not in captured.err
-    lines = captured.err.strip().splitlines()
-    assert lines[-1].startswith("specdiff ") and ": error: " in lines[-1]
-    assert all(line.startswith(("usage:", " ")) for line in lines[:-1])  # argparse's usage only
-    return lines[-1]
-
-
 def _bad_pipelines(src: Path, root: Path) -> dict:
     """name -> (folder, expected message) for broken copies of the tiny pipeline."""
     q = repr

@@ -424,12 +424,12 @@ def one_line(excinfo) -> None:
         (
             dict(guidance_scale=float("nan"), uncond={"class_labels": NULL}),
             ValueError,
-            "guidance_scale must be finite",
+            "guidance_scale must be a finite number",
         ),
         (
             dict(guidance_scale=float("inf"), uncond={"class_labels": NULL}),
             ValueError,
-            "guidance_scale must be finite",
+            "guidance_scale must be a finite number",
         ),
         (
             dict(guidance_scale="4", uncond={"class_labels": NULL}),

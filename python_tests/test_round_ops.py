@@ -237,7 +237,7 @@ def test_bad_cpu_capability_is_one_line_error():
     ):
         _C.set_cpu_capability("sse9")
     # the import succeeds (the CLI could not report an import error in one line:
-    # test_op_entry_checks.py); the round ops' C++ backend refuses the value at first use
+    # arguments/test_ops_arguments.py); the round ops' C++ backend refuses the value at first use
     env = dict(__import__("os").environ, SPECDIFF_CPU_CAPABILITY="avx1024")
     script = (
         "import torch\nfrom specdiff_kernels.ops import round as ro\n"

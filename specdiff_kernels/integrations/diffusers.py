@@ -52,11 +52,7 @@ from ..sampling.transitions import (
     SOLVER_TYPES,
     SPACINGS,
     GaussianTransitions,
-    as_choice,
     as_clip,
-    as_flag,
-    as_int,
-    as_real,
     check_betas,
     check_steps_offset,
     ddim_from_schedule,
@@ -64,6 +60,7 @@ from ..sampling.transitions import (
     dpmsolver_sde_from_sigmas,
     euler_ancestral_from_sigmas,
 )
+from ..validate import as_choice, as_flag, as_int, as_real
 
 __all__ = ["DiffusersModel", "diffusers_transitions", "from_pipeline", "scheduler_from_config"]
 
@@ -136,17 +133,11 @@ class DiffusersModel(torch.nn.Module):
         _check_call_kwargs(unet, call_kwargs)
         self.unet = unet
         self.call_kwargs = call_kwargs
-        if guidance_scale is not None:
-            if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, numbers.Real):
-                raise TypeError(
-                    f"DiffusersModel: guidance_scale must be a real number, got "
-                    f"{type(guidance_scale).__name__}"
-                )
-            if not math.isfinite(float(guidance_scale)):
-                raise ValueError(
-                    f"DiffusersModel: guidance_scale must be finite, got {guidance_scale}"
-                )
-        self.guidance_scale = None if guidance_scale is None else float(guidance_scale)
+        self.guidance_scale = (
+            None
+            if guidance_scale is None
+            else as_real("DiffusersModel: guidance_scale", guidance_scale)
+        )
         self.uncond = {} if uncond is None else _as_uncond(uncond, "uncond")
         if self.uncond and self.guidance_scale is None:
             raise ValueError(
@@ -558,7 +549,7 @@ def _check_schedule(cfg: Mapping) -> None:
     supported schedulers share these defaults); diffusers' constructor fails deep in torch on a
     string or fractional value."""
     cfg = {**_SCHEDULE_DEFAULTS, **cfg}
-    T = as_int(cfg["num_train_timesteps"], "num_train_timesteps", 1)
+    T = as_int("num_train_timesteps", cfg["num_train_timesteps"], 1)
     trained = cfg.get("trained_betas")
     if trained is not None:
         betas = check_betas(trained, "trained_betas")
@@ -568,7 +559,7 @@ def _check_schedule(cfg: Mapping) -> None:
             )
     elif cfg.get("beta_schedule") in ("linear", "scaled_linear", "sigmoid"):
         for key in ("beta_start", "beta_end"):
-            as_real(cfg[key], key, 0, 1, open_low=True, open_high=True)
+            as_real(key, cfg[key], 0, 1, open_low=True, open_high=True)
 
 
 _SCHEDULE_DEFAULTS = {
@@ -593,14 +584,14 @@ def _check_dpm(cfg) -> None:
             "of noise predictions, not of x0-hats; deprecated by diffusers); use "
             "algorithm_type='sde-dpmsolver++'"
         )
-    as_choice(algo, "algorithm_type", ("sde-dpmsolver++",))
-    order = as_int(cfg.get("solver_order", 2), "solver_order", 1)
+    as_choice("algorithm_type", algo, ("sde-dpmsolver++",))
+    order = as_int("solver_order", cfg.get("solver_order", 2), 1)
     if order > 2:
         raise ValueError(
             f"solver_order={order} is not supported (its step needs two previous predictions); "
             f"use solver_order=2"
         )
-    as_choice(cfg.get("solver_type", "midpoint"), "solver_type", SOLVER_TYPES)
+    as_choice("solver_type", cfg.get("solver_type", "midpoint"), SOLVER_TYPES)
     if cfg.get("prediction_type") == "flow_prediction":
         raise ValueError(
             f"prediction_type='flow_prediction' is not supported (a flow-matching model; "
@@ -628,8 +619,8 @@ def _check_dpm(cfg) -> None:
     )
     for key in keys:
         if cfg.get(key) is not None:
-            as_flag(cfg[key], key)
-    as_choice(cfg.get("final_sigmas_type", "zero"), "final_sigmas_type", FINAL_SIGMAS)
+            as_flag(key, cfg[key])
+    as_choice("final_sigmas_type", cfg.get("final_sigmas_type", "zero"), FINAL_SIGMAS)
 
 
 def _check_options(kind: str, cfg) -> None:
@@ -637,8 +628,8 @@ def _check_options(kind: str, cfg) -> None:
     if kind == "DPMSolverMultistepScheduler":
         _check_dpm(cfg)
     preds = ("epsilon", "v_prediction") if kind.startswith("Euler") else PREDICTIONS
-    as_choice(cfg.prediction_type, "prediction_type", preds)
-    as_choice(cfg.get("timestep_spacing", "leading"), "timestep_spacing", SPACINGS)
+    as_choice("prediction_type", cfg.prediction_type, preds)
+    as_choice("timestep_spacing", cfg.get("timestep_spacing", "leading"), SPACINGS)
     if kind == "DDPMScheduler":
         vt = cfg.variance_type
         if vt in _LEARNED:
@@ -646,18 +637,18 @@ def _check_options(kind: str, cfg) -> None:
                 f"variance_type={vt!r}: learned variances make the draft and "
                 f"target steps' covariances differ, which speculative sampling cannot verify"
             )
-        as_choice(vt, "variance_type", ("fixed_small", "fixed_small_log", "fixed_large"))
+        as_choice("variance_type", vt, ("fixed_small", "fixed_small_log", "fixed_large"))
     for key in ("clip_sample", "thresholding", "set_alpha_to_one", "rescale_betas_zero_snr"):
         if key in cfg:
-            as_flag(cfg[key], key)
+            as_flag(key, cfg[key])
     if cfg.get("thresholding", False):
         r = cfg.get("dynamic_thresholding_ratio", 0.995)
-        as_real(r, "dynamic_thresholding_ratio", 0, 1, open_low=True)
+        as_real("dynamic_thresholding_ratio", r, 0, 1, open_low=True)
         as_real(
-            cfg.get("sample_max_value", 1.0), "sample_max_value", 0, open_low=True, finite=False
+            "sample_max_value", cfg.get("sample_max_value", 1.0), 0, open_low=True, finite=False
         )
     elif cfg.get("clip_sample", False):
-        as_clip(cfg.get("clip_sample_range", 1.0), "clip_sample_range")
+        as_clip("clip_sample_range", cfg.get("clip_sample_range", 1.0))
 
 
 def _check_config(scheduler, num_inference_steps) -> tuple[Family, Optional[int]]:
@@ -678,7 +669,7 @@ def _check_config(scheduler, num_inference_steps) -> tuple[Family, Optional[int]
             raise ValueError(
                 "num_inference_steps must be given (the scheduler has no timesteps set)"
             )
-    n = as_int(num_inference_steps, "num_inference_steps", 1, T)
+    n = as_int("num_inference_steps", num_inference_steps, 1, T)
     try:
         spacing = cfg.get("timestep_spacing", "leading")
         check_steps_offset(cfg.get("steps_offset", 0), spacing, n, T, ignored_ok=True)
@@ -941,7 +932,7 @@ def diffusers_transitions(
 
 def _step_args(fam: Family, cls: str, eta, use_clipped_model_output) -> _StepArgs:
     """diffusers' per-call step arguments, for the families whose step takes them (DDIM's eta)."""
-    use_clipped_model_output = as_flag(use_clipped_model_output, "use_clipped_model_output")
+    use_clipped_model_output = as_flag("use_clipped_model_output", use_clipped_model_output)
     if "eta" not in fam.options:
         # DDPM and Euler-ancestral steps have a fixed variance: an eta would be silently ignored
         only = " or ".join(f.scheduler for f in _FAMILIES if "eta" in f.options)
@@ -951,7 +942,7 @@ def _step_args(fam: Family, cls: str, eta, use_clipped_model_output) -> _StepArg
             raise ValueError(f"use_clipped_model_output applies to {only} only, not to {cls}")
     elif eta is None:
         raise ValueError(f"{fam.scheduler}: pass eta (> 0); diffusers' step takes it per call")
-    elif as_real(eta, "eta", 0, 1) == 0:
+    elif as_real("eta", eta, 0, 1) == 0:
         raise ValueError(
             f"{fam.scheduler} with eta = 0 is {NO_NOISE}; pass eta > 0 (eta = 1: DDPM's variance)"
         )

@@ -34,9 +34,9 @@ from ..sampling.families import family
 from ..sampling.transitions import (
     GaussianTransitions,
     alphas_cumprod_from_betas,
-    as_int,
     make_betas,
 )
+from ..validate import as_int
 
 __all__ = ["EmbeddedModel", "TRAIN_TIMESTEPS", "available", "digits_schedule", "load"]
 
@@ -71,7 +71,7 @@ class EmbeddedModel:
         as diffusers' scheduler of that family).
         """
         fam = family(sampler, "sampler")
-        num_steps = as_int(num_steps, "num_steps", 1, int(self.alphas_cumprod.numel()))
+        num_steps = as_int("num_steps", num_steps, 1, int(self.alphas_cumprod.numel()))
         for key in kwargs:
             if key not in fam.options:
                 # the model's schedule/prediction/clipping would be overridden or, for betas
@@ -97,9 +97,9 @@ _MODEL_FIXED += ("clip_sample",)
 def _load_gmm(dim: int = 64, components: int = 8, seed: int = 0) -> EmbeddedModel:
     from .gmm import GaussianMixture, GMMDenoiser, make_gmm
 
-    dim = as_int(dim, "dim", 1)
-    components = as_int(components, "components", 1)
-    seed = as_int(seed, "seed", 0)
+    dim = as_int("dim", dim, 1)
+    components = as_int("components", components, 1)
+    seed = as_int("seed", seed, 0)
     if seed >= 2**64:
         raise ValueError(f"seed must be < 2**64 (a torch generator seed), got {seed}")
 

@@ -46,6 +46,7 @@ from ..ops import layout
 from ..ops import round as round_ops
 from ..ops import verify as ops
 from ..ops.round_spec import RoundChains
+from ..validate import as_choice
 from . import checks as _args
 from .accounting import SamplerStats
 from .ancestral import LeanAncestral
@@ -57,7 +58,7 @@ from .noise import ChainNoise
 from .ragged_round import RaggedRound
 from .static_round import StaticRound
 from .transitions import GaussianTransitions, Model, round_spec, stochastic_runs
-from .window import AdaptiveWindow, resolve_window
+from .window import AdaptiveWindow
 
 VerifyFn = Callable[..., "ops.VerifyResult"]
 PATHS = ("auto", "static", "ragged")
@@ -69,22 +70,6 @@ COMPACT_MIN_CHAINS_CPU = 2
 # window="auto"'s measured cost models, per model (weakly: they go with the model), then per
 # (shape, dtype, device, conditioning names, window, max_batch)
 _COSTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def _checked_draft(transitions: GaussianTransitions, draft: Optional[Draft]) -> Draft:
-    """The draft (default: frozen x0), after checking there is something to speculate over."""
-    if bool(transitions.deterministic.all()):
-        raise ValueError(
-            f"every step of {transitions.name} is deterministic (std 0): there is no noise to "
-            f"speculate over; use its stochastic variant (DDIM eta > 0, DDPM, Euler-ancestral, "
-            f"DPM-Solver++ 2M SDE) or AncestralSampler"
-        )
-    draft = FrozenTargetDraft() if draft is None else draft
-    if not isinstance(draft, (FrozenTargetDraft, DraftModelDraft)):
-        raise TypeError(
-            f"draft must be a FrozenTargetDraft or DraftModelDraft, got {type(draft).__name__}"
-        )
-    return draft
 
 
 class SpeculativeSampler(SamplerBase):
@@ -173,12 +158,12 @@ class SpeculativeSampler(SamplerBase):
         super().__init__(
             model, transitions, progress=progress, check_finite=check_finite, max_batch=max_batch
         )
-        self.draft = _checked_draft(transitions, draft)
+        self.draft = _args.check_draft(transitions, draft)
         if window == "auto" or isinstance(window, AutoWindow):
             self.window_policy = window if isinstance(window, AutoWindow) else AutoWindow()
             self.window = self.window_policy.max_window
         else:
-            self.window, self.window_policy = resolve_window(window)
+            self.window, self.window_policy = _args.as_window(window)
         self.autopilot = isinstance(self.window_policy, AutoWindow)
         if cost is not None and not self.autopilot:
             raise ValueError("cost= sets window='auto''s cost model: it needs window='auto'")
@@ -187,21 +172,16 @@ class SpeculativeSampler(SamplerBase):
         self.user_cost = cost
         self._costs: dict = {}  # (B, event shape, dtype, device) -> CostModel, measured once
         self.backend = backend
-        if verify_fn is not None and not callable(verify_fn):
-            raise TypeError(
-                f"verify_fn must be callable like specdiff_kernels.speculative_verify, got "
-                f"{type(verify_fn).__name__}"
-            )
-        self.verify_fn = ops.speculative_verify if verify_fn is None else verify_fn
-        if path not in PATHS:
-            raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+        self.verify_fn = (
+            ops.speculative_verify if verify_fn is None else _args.check_verify_fn(verify_fn)
+        )
+        path = as_choice("path", path, PATHS)
+        compile = _args.as_compile(compile)
         blockers = self.static_path_blockers()
         if path == "static" and blockers:
             raise ValueError(
                 f"path='static' cannot run with {', '.join(blockers)}; use path='ragged' or 'auto'"
             )
-        if compile not in (True, False, "auto"):
-            raise ValueError(f"compile must be True, False or 'auto', got {compile!r}")
         if compile is True and (path == "ragged" or blockers):
             why = ", ".join((["path='ragged'"] if path == "ragged" else []) + blockers)
             raise ValueError(
