@@ -23,11 +23,12 @@ Kernels
   problems still spread over the SMs (the loop is latency-bound).
 * ``verify_frozen``: two launches. ``_verify_partials``: grid (B * L, chunks) partial
   (<d_j, xi_j>, ||d_j||^2) of one (chain, step) row over a chunk of counters (rows j >= n write 0
-  and read nothing). ``_verify_finalize``: grid (B, cdiv(Q, BLOCK)); every program of a chain
-  reduces the chain's partials in the same fixed order (bit-identical sums in all of them), forms
-  the log ratios, draws u_j, finds the first rejection and writes its block of next_state /
-  next_frozen per the reference's commit rules (xi regenerated in-kernel for the reflection);
-  block 0 also writes num_accepted, committed, root_exact and log_ratio.
+  and read nothing; per lane ``_row_sums_lane``). ``_verify_finalize``: grid (B, cdiv(Q, BLOCK)),
+  three passes: ``_scan``: every program of a chain reduces the chain's partials in the same fixed
+  order (bit-identical sums in all of them), forms the log ratios, draws u_j and finds the first
+  rejection; ``_decide``: the round's outcome; ``_commit_lane`` (per lane): its block of
+  next_state / next_frozen per the reference's commit rules (xi regenerated in-kernel for the
+  reflection). Block 0 also writes num_accepted, committed, root_exact and log_ratio.
 
 Multistep (``prev`` given; constexpr HAS_PREV, so without it nothing more is read or computed):
 the draft carries its previous x0-hat in registers (prev, then its own); a partial-sum row j >= 1
@@ -108,13 +109,17 @@ _BLOCK_NB_MAX = 64  # partial-sum chunks per tile of the finalize reduction
 
 
 # ---------------------------------------------------------------- device helpers
-# Groups that travel together between the passes (Triton tuples, unpacked by position; a tuple is
-# compile-time structure only, so the generated code is the same as with the values one by one):
+# The four lanes of a counter block (elements lane * Q + i) are a tl.static_range loop over lane
+# (unrolled at compile time: the same code as four written-out calls). Values that travel together
+# between the passes are Triton tuples, unpacked by position (compile-time structure only):
 #   key    (k0, k1): the Philox key words (_philox_key);
-#   ns     the four lanes' normals at counters i (_normals), lane l = ns[l];
-#   chain  (b, k, chain id, n): the program's chain, its first step and window length;
+#   ns     the four lanes' normals at counters i (_normals), lane l = ns[l]; ys, fs, qs likewise;
+#   chain  (b, k, chain id, n): the program's chain, its first step and clamped window length;
+#   io     the tensor pointers a lane reads (and writes), in the order its docstring gives;
 #   rows   (row, frow, mrow): element offsets of y_j / P_j, of the per-chain [B, *E] tensors, and
-#          of position j - 1 (multistep; read only past the root).
+#          of position j - 1 (multistep; read only past the root);
+#   cf     the table rows of the step (and the clip bound), as the consuming lane lists them;
+#   dec    (reflection coefficient, rejected, det, keep_frozen, at_root): the commit's decision.
 @triton.jit
 def _philox_key(seed_ptr):
     """Key words (k0, k1) = (low, high) 32 bits of the int64 seed."""
@@ -291,7 +296,9 @@ def _gap(p, pq, a, e, cl, HAS_CLIP: tl.constexpr):
 
 
 @triton.jit
-def _prev_lane(y_ptr, p_ptr, mrow, off, mm, f, x0y_m, x0f_m, ACC_FP64: tl.constexpr, FREEZE):
+def _prev_lane(
+    y_ptr, p_ptr, mrow, off, mm, f, x0y_m, x0f_m, ACC_FP64: tl.constexpr, FREEZE: tl.constexpr
+):
     """Multistep, one lane at window position j - 1 (row mrow, read where mm): (P_{j-1}, the
     draft's x0-hat at y_{j-1})."""
     acc_t: tl.constexpr = tl.float64 if ACC_FP64 else tl.float32
@@ -332,7 +339,17 @@ def _chain_noise_kernel(
 
 
 @triton.jit
-def _draft_lane(y, f, q, xi, cf, out_ty: tl.constexpr, FREEZE, HAS_CLIP, HAS_PREV):
+def _draft_lane(
+    y,
+    f,
+    q,
+    xi,
+    cf,
+    out_ty: tl.constexpr,
+    FREEZE: tl.constexpr,
+    HAS_CLIP: tl.constexpr,
+    HAS_PREV: tl.constexpr,
+):
     """One drafted lane: (m_q(y) + s xi rounded to the state dtype, back in the acc dtype; the
     draft's x0-hat at y). Multistep: m_q adds H q (q: the draft's previous x0-hat). cf: the step's
     (A, E, G, std, X0_Y, X0_F, H, clip bound)."""
@@ -345,7 +362,17 @@ def _draft_lane(y, f, q, xi, cf, out_ty: tl.constexpr, FREEZE, HAS_CLIP, HAS_PRE
 
 
 @triton.jit
-def _draft_step(ys, fs, qs, ns, cf, out_ty: tl.constexpr, FREEZE, HAS_CLIP, HAS_PREV):
+def _draft_step(
+    ys,
+    fs,
+    qs,
+    ns,
+    cf,
+    out_ty: tl.constexpr,
+    FREEZE: tl.constexpr,
+    HAS_CLIP: tl.constexpr,
+    HAS_PREV: tl.constexpr,
+):
     """One drafted step of the four lanes -> (the drafted states, the draft's x0-hats at ys)."""
     new_ys = ()
     ps = ()
@@ -424,7 +451,17 @@ def _frozen_draft_kernel(
 # ---------------------------------------------------------------- verify_frozen: partial sums
 @triton.jit
 def _row_sums_lane(
-    io, rows, off, m, xi, cf, has_m, ACC_FP64: tl.constexpr, FREEZE, HAS_CLIP, HAS_PREV
+    io,
+    rows,
+    off,
+    m,
+    xi,
+    cf,
+    has_m,
+    ACC_FP64: tl.constexpr,
+    FREEZE: tl.constexpr,
+    HAS_CLIP: tl.constexpr,
+    HAS_PREV: tl.constexpr,
 ):
     """(d xi, d d) of one lane (masked elements give 0). io: (y, P, f) pointers; cf: the step's
     (A, E, X0_Y, X0_F, H, X0_Y and X0_F of step k + j - 1, clip bound). Multistep: d adds
@@ -605,7 +642,7 @@ def _decide(coef_ptr, chain, scan, N, outs, ib):
 
 @triton.jit
 def _commit_coefs(
-    coef_ptr, kc, ks, N, clip_hi, clip_mid, clip_lo, ACC_FP64: tl.constexpr, HAS_PREV
+    coef_ptr, kc, ks, N, clip_hi, clip_mid, clip_lo, ACC_FP64: tl.constexpr, HAS_PREV: tl.constexpr
 ):
     """The rows the commit reads at the deciding step ks (table column kc): (A, E, G, std, X0_Y,
     X0_F, EPS_Y, EPS_P, H, X0_Y and X0_F of step ks - 1, clip bound)."""
@@ -631,7 +668,19 @@ def _reflection_noise(key, i, ks, cid, rejected, ACC_FP64: tl.constexpr, BLOCK: 
 
 
 @triton.jit
-def _commit_lane(io, rows, off, m, xi, cf, dec, ACC_FP64: tl.constexpr, FREEZE, HAS_CLIP, HAS_PREV):
+def _commit_lane(
+    io,
+    rows,
+    off,
+    m,
+    xi,
+    cf,
+    dec,
+    ACC_FP64: tl.constexpr,
+    FREEZE: tl.constexpr,
+    HAS_CLIP: tl.constexpr,
+    HAS_PREV: tl.constexpr,
+):
     """One lane of next_state / next_frozen (/ next_prev) from y_j, P_j (row) and f (frow);
     multistep: the previous predictions are prev (frow) at the root, else row mrow (j - 1).
     io: (y, P, f, prev, next_state, next_frozen, next_prev) pointers; cf: _commit_coefs;
