@@ -211,13 +211,14 @@ def _per_chain_raw(
         b = tl.sum(b_vec, axis=0)
         scan = _decide_step(a, b, j, scan, chain, step_io, j >= 0, MODE, ACC_FP64)
     if MODE != 0:
-        rejected, step = _decision(scan[0], chain, nacc_ptr, None, MODE)
+        first, coef = scan
+        rejected, step = _decision(first, chain, nacc_ptr, None, MODE)
         in_row = (c * L + step) * D
         out_row = c * D
         for k in range(0, D, BLOCK_D):
             idx = k + offs
             _write_state(
-                ins, out_ptr, in_row + idx, out_row + idx, idx < D, rejected, scan[1], ACC_FP64
+                ins, out_ptr, in_row + idx, out_row + idx, idx < D, rejected, coef, ACC_FP64
             )
 
 
@@ -308,11 +309,12 @@ def _split_finalize_raw(
         b = tl.sum(b_vec, axis=0)
         scan = _decide_step(a, b, j, scan, chain, step_io, ob == 0, MODE, ACC_FP64)
     if MODE != 0:
-        rejected, step = _decision(scan[0], chain, nacc_ptr, ob == 0, MODE)
+        first, coef = scan
+        rejected, step = _decision(first, chain, nacc_ptr, ob == 0, MODE)
         idx = ob * BLOCK_D + tl.arange(0, BLOCK_D)
         in_off = (c * L + step) * D + idx
         ins = (y_ptr, mq_ptr, mp_ptr)
-        _write_state(ins, out_ptr, in_off, c * D + idx, idx < D, rejected, scan[1], ACC_FP64)
+        _write_state(ins, out_ptr, in_off, c * D + idx, idx < D, rejected, coef, ACC_FP64)
 
 
 # ---------------------------------------------------------------- first_rejection alone
