@@ -114,7 +114,8 @@ _BLOCK_NB_MAX = 64  # partial-sum chunks per tile of the finalize reduction
 # between the passes are Triton tuples, unpacked by position (compile-time structure only):
 #   key    (k0, k1): the Philox key words (_philox_key);
 #   ns     the four lanes' normals at counters i (_normals), lane l = ns[l]; ys, fs, qs likewise;
-#   chain  (b, k, chain id, n): the program's chain, its first step and clamped window length;
+#   ch     (b, k, chain, n): the program's chain (row b, first step k, chain id, clamped window
+#          length n);
 #   io     the tensor pointers a lane reads (and writes), in the order its docstring gives;
 #   rows   (row, frow, mrow): element offsets of y_j / P_j, of the per-chain [B, *E] tensors, and
 #          of position j - 1 (multistep; read only past the root);
@@ -576,7 +577,7 @@ def _scan(
     coef_ptr,
     lr_ptr,
     key,
-    chain,
+    ch,
     ib,
     L,
     N,
@@ -588,7 +589,7 @@ def _scan(
     """The chain's scan, in tiles of BLOCK_L window positions (the same in all its programs; block
     ib = 0 stores the log ratios) -> (first rejected position or n, <d, r> and ||d||^2 there)."""
     acc_t: tl.constexpr = tl.float64 if ACC_FP64 else tl.float32
-    b, k, cid, n = chain
+    b, k, chain, n = ch
     first = n
     a_first = tl.zeros((), acc_t)  # <d, r> = s <d, xi> of the first rejected step
     b_first = tl.zeros((), acc_t)  # ||d||^2 of it
@@ -602,7 +603,7 @@ def _scan(
         s = tl.where(live, s, 1.0)
         lr = tl.where(live, sa / s - sb / (2.0 * s * s), 0.0)
         tl.store(lr_ptr + b * L + j, lr.to(tl.float32), mask=mj & (ib == 0))
-        u = _uniform(key, k + j, cid).to(acc_t)
+        u = _uniform(key, k + j, chain).to(acc_t)
         cand = tl.min(tl.where(live & ~accept(lr, u), j, L), axis=0)
         newly = (first == n) & (cand < n)
         a_first = tl.where(newly, tl.sum(tl.where(j == cand, sa * s, 0.0), axis=0), a_first)
@@ -612,12 +613,12 @@ def _scan(
 
 
 @triton.jit
-def _decide(coef_ptr, chain, scan, N, outs, ib):
+def _decide(coef_ptr, ch, scan, N, outs, ib):
     """The round's outcome from its scan (first rejected position, <d, r> and ||d||^2 there) ->
     (rejected, the reflection coefficient, the deciding window position js, its step ks and table
     column kc, det: the step after the window is deterministic, keep_frozen: next_frozen is f).
     Block ib = 0 stores the chain's num_accepted, committed and root_exact (outs)."""
-    b, k, cid, n = chain
+    b, k, chain, n = ch
     first, a_first, b_first = scan
     nacc_ptr, comm_ptr, exact_ptr = outs
     rejected = first < n
@@ -655,12 +656,12 @@ def _commit_coefs(
 
 
 @triton.jit
-def _reflection_noise(key, i, ks, cid, rejected, ACC_FP64: tl.constexpr, BLOCK: tl.constexpr):
+def _reflection_noise(key, i, ks, chain, rejected, ACC_FP64: tl.constexpr, BLOCK: tl.constexpr):
     """The four lanes of the draft's noise of the rejected step ks (the reflection needs it);
     zeros when nothing was rejected (not drawn)."""
     acc_t: tl.constexpr = tl.float64 if ACC_FP64 else tl.float32
     if rejected:
-        ns = _normals(key, i, ks, cid, ACC_FP64)
+        ns = _normals(key, i, ks, chain, ACC_FP64)
     else:
         z = tl.zeros([BLOCK], acc_t)
         ns = (z, z, z, z)
@@ -766,13 +767,13 @@ def _verify_finalize_kernel(
     b = tl.program_id(0).to(tl.int64)
     ib = tl.program_id(1)
     k = tl.load(steps_ptr + b)
-    cid = tl.load(ids_ptr + b)
+    chain = tl.load(ids_ptr + b)
     n = tl.minimum(tl.maximum(tl.load(len_ptr + b), 0), L).to(tl.int32)
     key = _philox_key(seed_ptr)
-    chain = (b, k, cid, n)
-    scan = _scan(part_ptr, coef_ptr, lr_ptr, key, chain, ib, L, N, NB, ACC_FP64, BLOCK_L, BLOCK_NB)
+    ch = (b, k, chain, n)
+    scan = _scan(part_ptr, coef_ptr, lr_ptr, key, ch, ib, L, N, NB, ACC_FP64, BLOCK_L, BLOCK_NB)
     outs = (nacc_ptr, comm_ptr, exact_ptr)
-    rejected, coef_r, js, ks, kc, det, keep_frozen = _decide(coef_ptr, chain, scan, N, outs, ib)
+    rejected, coef_r, js, ks, kc, det, keep_frozen = _decide(coef_ptr, ch, scan, N, outs, ib)
     # the commit, at the deciding position js
     cf = _commit_coefs(coef_ptr, kc, ks, N, clip_hi, clip_mid, clip_lo, ACC_FP64, HAS_PREV)
     at_root = js == 0
@@ -781,7 +782,7 @@ def _verify_finalize_kernel(
     mrow = tl.where(at_root, row, row - D)  # (read only past the root)
     i = ib * BLOCK + tl.arange(0, BLOCK)
     mi = i < Q
-    ns = _reflection_noise(key, i, ks, cid, rejected, ACC_FP64, BLOCK)
+    ns = _reflection_noise(key, i, ks, chain, rejected, ACC_FP64, BLOCK)
     rows = (row, b * D, mrow)
     io = (y_ptr, p_ptr, frozen_ptr, prev_ptr, next_ptr, nfz_ptr, nprev_ptr)
     for lane in tl.static_range(4):
