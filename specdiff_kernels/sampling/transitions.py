@@ -47,19 +47,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..ops.layout import (
-    FREEZE_MODES,
-    NUM_ROWS,
-    ROW_A,
-    ROW_E,
-    ROW_EPS_P,
-    ROW_EPS_Y,
-    ROW_G,
-    ROW_H,
-    ROW_STD,
-    ROW_X0_F,
-    ROW_X0_Y,
-)
+from ..ops import layout
 from ..ops.round_spec import RoundSpec
 from ..validate import as_choice, as_flag, as_int, as_real
 
@@ -925,17 +913,17 @@ def round_tables(transitions: GaussianTransitions, device=None) -> Tensor:
     else:
         A, E = T.c_x0.clone(), eps_x0
     rows = {
-        ROW_A: A,
-        ROW_E: E,
-        ROW_G: G,
-        ROW_STD: T.std,
-        ROW_X0_Y: 1.0 / sa,
-        ROW_X0_F: ss / sa,
-        ROW_EPS_Y: 1.0 / ss,
-        ROW_EPS_P: sa / ss,
-        ROW_H: T.c_prev,
+        layout.ROW_A: A,
+        layout.ROW_E: E,
+        layout.ROW_G: G,
+        layout.ROW_STD: T.std,
+        layout.ROW_X0_Y: 1.0 / sa,
+        layout.ROW_X0_F: ss / sa,
+        layout.ROW_EPS_Y: 1.0 / ss,
+        layout.ROW_EPS_P: sa / ss,
+        layout.ROW_H: T.c_prev,
     }
-    table = torch.stack([rows[r] for r in range(NUM_ROWS)])
+    table = torch.stack([rows[r] for r in range(layout.NUM_ROWS)])
     table = table.to(device=device, dtype=torch.float64).contiguous()
     cache[key] = table
     return table
@@ -949,7 +937,7 @@ def round_spec(
     freezes ``freeze`` (``"x0"`` or ``"eps"``); ``device``: the seed's by default."""
     device = seed.device if device is None else device
     coef = round_tables(transitions, device)
-    return RoundSpec(coef, seed, FREEZE_MODES[freeze], clip_value(transitions))
+    return RoundSpec(coef, seed, layout.FREEZE_MODES[freeze], clip_value(transitions))
 
 
 def clip_value(transitions: GaussianTransitions) -> float:
