@@ -19,8 +19,10 @@ argument list: :func:`draft_args` / :func:`verify_args` flatten the bundles into
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 from torch import Tensor
 
@@ -100,3 +102,42 @@ def verify_parts(
     """:func:`verify_args`' inverse: ``(states, x0_hat, chains, spec)``."""
     chains = RoundChains(frozen, steps, lengths, chain_ids, prev)
     return states, x0_hat, chains, RoundSpec(coef, seed, freeze, clip)
+
+
+_TYPES = {"Tensor": Tensor, "Tensor?": Optional[Tensor], "int": int, "float": float}
+
+
+def schema_signature(op: str) -> inspect.Signature:
+    """The Python signature of op's schema (what ``torch.library`` infers a schema from)."""
+    args, returns = SCHEMAS[op][1:].split(") -> ")
+    params = []
+    for arg in args.split(", "):
+        kind, name = arg.split(" ")
+        name, _, default = name.partition("=")
+        params.append(
+            inspect.Parameter(
+                name,
+                inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                default=None if default else inspect.Parameter.empty,
+                annotation=_TYPES[kind],
+            )
+        )
+    n_out = returns.count("Tensor")
+    out = Tensor if n_out == 1 else tuple[(Tensor,) * n_out]
+    return inspect.Signature(params, return_annotation=out)
+
+
+def with_schema(op: str, parts: Callable, impl: Callable) -> Callable:
+    """``impl`` (spec form) as a function of op's flat schema arguments, carrying the schema's
+    signature: for ``torch.library.triton_op`` / ``custom_op``, which infer the schema from it."""
+    sig = schema_signature(op)
+
+    @functools.wraps(impl)
+    def flat(*args, **kwargs):
+        bound = sig.bind(*args, **kwargs)
+        bound.apply_defaults()
+        return impl(*parts(*bound.args))
+
+    flat.__signature__ = sig
+    del flat.__wrapped__  # inspect.signature must read __signature__, not impl's
+    return flat

@@ -46,15 +46,14 @@ DEVICES: tuple[str, ...] = ("cpu", "cuda") if INTERPRET else ("cuda",)
 _INTERP_NUM_SMS = 4  # the nominal device size under the interpreter
 
 
-def define(name: str, impl: Callable, fake: Callable, schema: Optional[str] = None):
+def define(name: str, impl: Callable, fake: Callable):
     """Op ``name`` running ``impl``: a triton_op (visible to Inductor) when compiled; an opaque
-    custom_op with ``fake`` when interpreting. ``schema``: None infers it from ``impl``'s
-    annotations."""
+    custom_op with ``fake`` when interpreting. The schema is inferred from ``impl``'s signature."""
     if INTERPRET:
-        op = torch.library.custom_op(name, impl, mutates_args=(), schema=schema)
+        op = torch.library.custom_op(name, impl, mutates_args=())
         op.register_fake(fake)
         return op
-    return torch.library.triton_op(name, impl, mutates_args=(), schema=schema)
+    return torch.library.triton_op(name, impl, mutates_args=())
 
 
 def register_cuda(kernels: dict[str, Callable]) -> torch.library.Library:

@@ -61,7 +61,7 @@ from .. import _checks, layout
 from .. import round as round_ops
 from ..backends import REGISTRY, Backend
 from ..layout import acc_dtype
-from ..round_spec import SCHEMAS, RoundChains, RoundSpec, draft_parts, verify_parts
+from ..round_spec import RoundChains, RoundSpec, draft_parts, verify_parts, with_schema
 from ._launch import (
     DEVICES,
     INTERPRET,
@@ -1029,15 +1029,13 @@ def verify_frozen(
 triton_chain_noise = define("specdiff::triton_chain_noise", chain_noise, round_ops.fake_chain_noise)
 triton_frozen_draft = define(
     "specdiff::triton_frozen_draft",
-    lambda *args: frozen_draft(*draft_parts(*args)),
+    with_schema("frozen_draft", draft_parts, frozen_draft),
     round_ops.fake_frozen_draft,
-    schema=SCHEMAS["frozen_draft"],
 )
 triton_verify_frozen = define(
     "specdiff::triton_verify_frozen",
-    lambda *args: verify_frozen(*verify_parts(*args)),
+    with_schema("verify_frozen", verify_parts, verify_frozen),
     round_ops.fake_verify_frozen,
-    schema=SCHEMAS["verify_frozen"],
 )
 
 # the CUDA kernels of specdiff::chain_noise / frozen_draft / verify_frozen (schemas from the C++
