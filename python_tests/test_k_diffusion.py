@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
 from scipy import stats
+from wrong_verifiers import verify_always_accept, verify_keep_draft_on_reject
 
 from specdiff_kernels.integrations.k_diffusion import sample_dpmpp_2m_sde, sample_euler_ancestral
 from specdiff_kernels.models.gmm import GaussianMixture, GMMDenoiser
@@ -29,8 +29,6 @@ from specdiff_kernels.testing.two_sample import (
     energy_distance_pvalue,
     per_coordinate_ks_pvalue,
 )
-
-from wrong_verifiers import verify_always_accept, verify_keep_draft_on_reject
 
 ALPHA = 0.01
 N_CHAINS = 2000
@@ -87,7 +85,10 @@ def oracle_dpmpp_2m_sde(
             t, s = -sigmas[i].log(), -sigmas[i + 1].log()
             h = s - t
             eta_h = eta * h
-            x = sigmas[i + 1] / sigmas[i] * (-eta_h).exp() * x + (-h - eta_h).expm1().neg() * denoised
+            x = (
+                sigmas[i + 1] / sigmas[i] * (-eta_h).exp() * x
+                + (-h - eta_h).expm1().neg() * denoised
+            )
             if old_denoised is not None:
                 r = h_last / h
                 if solver_type == "heun":
@@ -140,7 +141,9 @@ def oracle(name: str, sigmas, seed: int, **kw) -> torch.Tensor:
 
 def law_p(x, y) -> float:
     """Per-coordinate KS and the energy permutation test, Bonferroni over the two."""
-    return bonferroni([per_coordinate_ks_pvalue(x, y), energy_distance_pvalue(x, y, n_resamples=499)])
+    return bonferroni(
+        [per_coordinate_ks_pvalue(x, y), energy_distance_pvalue(x, y, n_resamples=499)]
+    )
 
 
 SIGMAS = get_sigmas_karras(12, 0.02, 10.0)

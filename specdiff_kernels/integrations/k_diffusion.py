@@ -111,7 +111,13 @@ class _Record:
                 raise RuntimeError(f"k-diffusion callback: step {i} of a chain was not recorded")
             sigma = sigmas[i]
             callback(
-                {"x": self.x[i], "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": self.denoised[i]}
+                {
+                    "x": self.x[i],
+                    "i": i,
+                    "sigma": sigma,
+                    "sigma_hat": sigma,
+                    "denoised": self.denoised[i],
+                }
             )
 
 
@@ -182,7 +188,9 @@ def _checked_call(model, x, extra_args, callback, disable, noise_sampler) -> dic
     """k-diffusion's other arguments, refused in one line where they cannot be honoured;
     returns the denoiser's kwargs."""
     if not callable(model):
-        raise TypeError(f"model must be a callable denoiser model(x, sigma, **extra_args), got {model!r}")
+        raise TypeError(
+            f"model must be a callable denoiser model(x, sigma, **extra_args), got {model!r}"
+        )
     if not (isinstance(x, Tensor) and x.is_floating_point() and x.dim() >= 1 and x.shape[0] > 0):
         raise TypeError(f"x must be a floating-point tensor [batch, ...], got {x!r}")
     if extra_args is not None and not isinstance(extra_args, dict):
