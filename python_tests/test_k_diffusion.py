@@ -229,15 +229,17 @@ def test_noiseless_chain_is_the_k_diffusion_loop_pointwise(case, end):
     torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.parametrize("name", list(SAMPLERS))
-def test_callback_gets_each_committed_step(name):
+@pytest.mark.parametrize(
+    "name,eta", [("euler_ancestral", 1.0), ("dpmpp_2m_sde", 1.0), ("dpmpp_2m_sde", 0.0)]
+)
+def test_callback_gets_each_committed_step(name, eta):
     """Once per step, in order, k-diffusion's keys; ``denoised`` is the denoiser at ``x``; the
     steps chain: the Euler-ancestral residuals x_{i+1} - mean_i(x_i) are s_up N(0, I), and the
-    last step (to sigma 0) returns its denoised."""
+    last step (to sigma 0) returns its denoised. eta = 0: the plain (deterministic) chain."""
     model, seen = MixtureDenoiser(), []
     sigmas = SIGMAS.double()
     x0 = start(400, sigmas, 5)
-    out = SAMPLERS[name][0](model, x0, sigmas, callback=seen.append, window=4)
+    out = SAMPLERS[name][0](model, x0, sigmas, callback=seen.append, window=4, eta=eta)
     N = len(sigmas) - 1
     assert [d["i"] for d in seen] == list(range(N))
     assert all(set(d) == {"x", "i", "sigma", "sigma_hat", "denoised"} for d in seen)
@@ -258,6 +260,8 @@ def test_callback_gets_each_committed_step(name):
         assert stats.kstest(torch.cat(z).numpy(), "norm").pvalue > ALPHA
 
 
+# window="auto" (measured costs): on a loaded machine it may say speculation does not pay here
+@pytest.mark.filterwarnings("ignore::specdiff_kernels.sampling.autopilot.MostlyAncestralWarning")
 @pytest.mark.parametrize("name", list(SAMPLERS))
 def test_extra_args_reach_every_denoiser_call(name):
     model = MixtureDenoiser()

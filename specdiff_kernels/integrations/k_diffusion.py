@@ -38,7 +38,9 @@ Speculative options (keyword-only, after k-diffusion's arguments): ``window`` (d
 streams; None: one draw from torch's global generator, as k-diffusion's ``randn_like``),
 ``return_info`` (return ``(x, stats)``, as k-diffusion's ``sample_dpm_adaptive``) and further
 :class:`~specdiff_kernels.SpeculativeSampler` arguments (``path``, ``max_batch``, ``cost``,
-``backend``, ...). On CUDA the path defaults to ``"ragged"``: the static round captures the
+``backend``, ...). ``window="auto"`` measures the denoiser's cost at every call (a few batched
+probe calls before the run); ``cost=`` (a previous run's ``stats.autopilot["cost"]``) or an int
+window skips that. On CUDA the path defaults to ``"ragged"``: the static round captures the
 network in a CUDA graph, which a k-diffusion denoiser (host syncs, Python control flow: ComfyUI's
 CFG wrapper) cannot be; give ``path="auto"`` for a denoiser that can.
 """
@@ -49,7 +51,7 @@ import inspect
 import math
 import sys
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -79,7 +81,8 @@ class _Chain:
     """A k-diffusion sampler on given sigmas: the project's tables and the state convention."""
 
     transitions: GaussianTransitions  # timesteps: the step indices 0..N-1
-    sigmas: Tensor  # [N + 1] as given (float64, CPU)
+    sigmas: Tensor  # [N + 1] float64 on the CPU
+    given: Tensor  # the sigmas as given (the callback's ``sigma``: k-diffusion's ``sigmas[i]``)
     vp: bool  # the state is x / sqrt(1 + sigma^2) (DPM-Solver++'s tables), else x itself
 
     def state_scale(self, k: int) -> float:
@@ -184,9 +187,22 @@ def _checked_sigmas(sigmas) -> Tensor:
     return sig
 
 
-def _checked_call(model, x, extra_args, callback, disable, noise_sampler) -> dict:
-    """k-diffusion's other arguments, refused in one line where they cannot be honoured;
+class _Args(NamedTuple):
+    """k-diffusion's arguments of a call."""
+
+    model: Callable
+    x: Tensor
+    sigmas: object
+    extra_args: Optional[dict]
+    callback: Optional[Callable]
+    disable: Optional[bool]
+    noise_sampler: object
+
+
+def _checked_call(args: _Args) -> dict:
+    """k-diffusion's arguments but sigmas, refused in one line where they cannot be honoured;
     returns the denoiser's kwargs."""
+    model, x, _, extra_args, callback, disable, noise_sampler = args
     if not callable(model):
         raise TypeError(
             f"model must be a callable denoiser model(x, sigma, **extra_args), got {model!r}"
@@ -215,7 +231,7 @@ def _sampler(model, chain: _Chain, progress: bool, spec: _Speculation, x: Tensor
     if bool(T.deterministic.all()):
         plain = {k: v for k, v in options.items() if k in _ANCESTRAL_OPTIONS}
         return AncestralSampler(model, T, progress=progress, **plain)
-    if recording:  # the static round evaluates finished chains too: no per-step record
+    if recording:  # the record reads the ragged round's calls: only states the chains need
         if options.get("path", "ragged") != "ragged":
             raise ValueError(
                 f"path={options['path']!r} cannot record the steps a callback gets; leave path "
@@ -227,12 +243,14 @@ def _sampler(model, chain: _Chain, progress: bool, spec: _Speculation, x: Tensor
     return SpeculativeSampler(model, T, spec.draft, spec.window, progress=progress, **options)
 
 
-def _sample(chain: _Chain, model, x, extra_args, callback, disable, spec: _Speculation):
-    """Run ``chain`` from k-diffusion's x: the shared body of both functions."""
+def _sample(chain: _Chain, args: _Args, extra_args: dict, spec: _Speculation):
+    """Run ``chain`` from k-diffusion's x."""
+    x, callback, disable = args.x, args.callback, args.disable
     N = chain.transitions.num_steps
     record = None if callback is None else _Record.like(x, N)
-    denoiser = _Denoiser(model, chain, extra_args, x, record)
-    progress = sys.stderr.isatty() if disable is None else not disable
+    denoiser = _Denoiser(args.model, chain, extra_args, x, record)
+    # tqdm's disable=None: a bar on a terminal only
+    progress = bool(getattr(sys.stderr, "isatty", bool)()) if disable is None else not disable
     sampler = _sampler(denoiser, chain, progress, spec, x, record is not None)
     rows = None if record is None else {_ROW: torch.arange(x.shape[0], device=x.device)}
     start = chain.state_scale(0)
@@ -242,8 +260,19 @@ def _sample(chain: _Chain, model, x, extra_args, callback, disable, spec: _Specu
     end = chain.state_scale(N)
     out = res.samples if end == 1.0 else res.samples / end
     if record is not None:
-        record.replay(callback, chain.sigmas.to(x.device, x.dtype))
+        record.replay(callback, chain.given)
     return (out, res.stats) if spec.return_info else out
+
+
+def _run(args: _Args, spec: _Speculation, tables: Callable[[Tensor], GaussianTransitions], vp):
+    """The shared body of both functions: ``tables(sigmas)`` builds the chain's tables from the
+    checked sigmas (float64); ``vp``: their state is x / sqrt(1 + sigma^2)."""
+    extra_args = _checked_call(args)
+    sig = _checked_sigmas(args.sigmas)
+    if sig.numel() < 2:  # no step: k-diffusion's loop returns x
+        return (args.x, None) if spec.return_info else args.x
+    chain = _Chain(tables(sig), sig, torch.as_tensor(args.sigmas), vp)
+    return _sample(chain, args, extra_args, spec)
 
 
 def _steps(sig: Tensor) -> Tensor:
@@ -274,21 +303,21 @@ def sample_euler_ancestral(
     sqrt(sigma_{i+1}^2 (sigma_i^2 - sigma_{i+1}^2) / sigma_i^2))``, ``sigma_down =
     sqrt(sigma_{i+1}^2 - sigma_up^2)``, ``x' = x + (x - denoised) / sigma_i * (sigma_down -
     sigma_i) + s_noise * sigma_up * N(0, I)``."""
+    args = _Args(model, x, sigmas, extra_args, callback, disable, noise_sampler)
     spec = _Speculation(window, draft, generator, return_info, sampler_options)
-    extra_args = _checked_call(model, x, extra_args, callback, disable, noise_sampler)
-    sig = _checked_sigmas(sigmas)
-    if sig.numel() < 2:  # no step: k-diffusion's loop returns x
-        return (x, None) if return_info else x
-    T = euler_ancestral_from_sigmas(
-        _steps(sig),
-        sig,
-        prediction="sample",
-        init_std=float(sig[0]),
-        name="k-diffusion euler_ancestral",
-        eta=eta,
-        s_noise=s_noise,
-    )
-    return _sample(_Chain(T, sig, vp=False), model, x, extra_args, callback, disable, spec)
+
+    def tables(sig: Tensor) -> GaussianTransitions:
+        return euler_ancestral_from_sigmas(
+            _steps(sig),
+            sig,
+            prediction="sample",
+            init_std=float(sig[0]),
+            name="k-diffusion euler_ancestral",
+            eta=eta,
+            s_noise=s_noise,
+        )
+
+    return _run(args, spec, tables, vp=False)
 
 
 @torch.no_grad()
@@ -316,20 +345,20 @@ def sample_dpmpp_2m_sde(
     from step 1: c (denoised - old_denoised) / r, r = h_last / h, c = (1 - e^(-(1 + eta) h)) / 2
     for "midpoint", (1 - e^(-(1 + eta) h)) / (-(1 + eta) h) + 1 for "heun") + s_noise
     sigma_{i+1} sqrt(1 - e^(-2 eta h)) N(0, I)``; a step to sigma = 0 gives ``denoised``."""
+    args = _Args(model, x, sigmas, extra_args, callback, disable, noise_sampler)
     spec = _Speculation(window, draft, generator, return_info, sampler_options)
-    extra_args = _checked_call(model, x, extra_args, callback, disable, noise_sampler)
     solver_type = as_choice(solver_type, "solver_type", SOLVER_TYPES)
-    sig = _checked_sigmas(sigmas)
-    if sig.numel() < 2:
-        return (x, None) if return_info else x
-    T = dpmsolver_sde_from_sigmas(
-        _steps(sig),
-        sig,
-        solver_type=solver_type,
-        lower_order_final=False,
-        prediction="sample",
-        name=f"k-diffusion dpmpp_2m_sde[{solver_type}]",
-        eta=eta,
-        s_noise=s_noise,
-    )
-    return _sample(_Chain(T, sig, vp=True), model, x, extra_args, callback, disable, spec)
+
+    def tables(sig: Tensor) -> GaussianTransitions:
+        return dpmsolver_sde_from_sigmas(
+            _steps(sig),
+            sig,
+            solver_type=solver_type,
+            lower_order_final=False,
+            prediction="sample",
+            name=f"k-diffusion dpmpp_2m_sde[{solver_type}]",
+            eta=eta,
+            s_noise=s_noise,
+        )
+
+    return _run(args, spec, tables, vp=True)
