@@ -672,11 +672,23 @@ def euler_ancestral_transitions(
 
 
 def euler_ancestral_from_sigmas(
-    timesteps: Tensor, sigmas: Tensor, *, prediction: str, init_std: float, name: str
+    timesteps: Tensor,
+    sigmas: Tensor,
+    *,
+    prediction: str,
+    init_std: float,
+    name: str,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
 ) -> GaussianTransitions:
     """The Euler-ancestral step from ``sigmas[k]`` to ``sigmas[k + 1]`` (``N + 1`` entries, the
     last one the final sigma, 0), as diffusers' ``EulerAncestralDiscreteScheduler.step``. Shared by
-    :func:`euler_ancestral_transitions` and the diffusers adapter."""
+    :func:`euler_ancestral_transitions`, the diffusers adapter and k-diffusion's interface
+    (:mod:`specdiff_kernels.integrations.k_diffusion`), whose ``eta`` and ``s_noise`` these are
+    (k-diffusion's ``get_ancestral_step``): ``s_up = min(s_to, eta * s_up)``, ``s_down =
+    sqrt(s_to^2 - s_up^2)``, and the noise added is ``s_noise * s_up`` (the mean keeps s_down)."""
+    eta = as_real("eta", eta, 0.0)
+    s_noise = as_real("s_noise", s_noise, 0.0)
     ts = _timesteps(timesteps)
     sig = _vector(sigmas, "sigmas")
     if sig.numel() != ts.numel() + 1:
@@ -688,6 +700,8 @@ def euler_ancestral_from_sigmas(
     _first_bad("sigmas", sig[:-1], sig[:-1] <= 0, "> 0 before the final entry")
     s_from, s_to = sig[:-1], sig[1:]
     s_up = (s_to**2 * (s_from**2 - s_to**2) / s_from**2).clamp_min(0).sqrt()
+    if eta != 1.0:  # (eta = 1: the tables diffusers' step gives, bit for bit)
+        s_up = torch.minimum(s_to, eta * s_up)
     s_down = (s_to**2 - s_up**2).clamp_min(0).sqrt()
     ratio = s_down / s_from
     scale = 1 / (1 + s_from**2).sqrt()
@@ -695,7 +709,7 @@ def euler_ancestral_from_sigmas(
         ts,
         1 - ratio,
         ratio,
-        s_up,
+        s_up if s_noise == 1.0 else s_noise * s_up,
         scale,
         s_from * scale,
         input_scale=scale,
@@ -720,6 +734,8 @@ def dpmsolver_sde_from_sigmas(
     euler_at_final: bool = False,
     prediction: str = "epsilon",
     name: str = "dpm++2m-sde",
+    eta: float = 1.0,
+    s_noise: float = 1.0,
 ) -> GaussianTransitions:
     """SDE-DPM-Solver++ (Lu et al. 2022, "DPM-Solver++", the SDE variant of its multistep solver)
     from ``sigmas`` (``N + 1`` entries: the VE noise levels sigma = sqrt((1 - abar) / abar) of the
@@ -738,8 +754,16 @@ def dpmsolver_sde_from_sigmas(
     Step 0 is first order (no previous prediction), as is the last step when ``euler_at_final``,
     when the final sigma is 0, or when ``lower_order_final`` and N < 15, exactly diffusers' rule.
     A final sigma of 0 makes the last step deterministic (its mean is the x0-hat).
+
+    ``eta`` and ``s_noise`` are k-diffusion's (``sample_dpmpp_2m_sde``; 1 and 1: diffusers'
+    chain): with eta h in place of h where the state decays and in the noise, G = (s_t / s_s0)
+    e^(-eta h), the x0-hat coefficients take 1 - e^(-(1 + eta) h) in place of 1 - e^-2h (heun's:
+    (1 - e^(-(1 + eta) h)) / (-(1 + eta) h) + 1), and the std is s_noise s_t sqrt(1 - e^(-2 eta
+    h)); eta = 0 is the deterministic DPM-Solver++ 2M chain of k-diffusion's SDE sampler.
     """
     order = as_int("solver_order", solver_order, 1, 2)
+    eta = as_real("eta", eta, 0.0)
+    s_noise = as_real("s_noise", s_noise, 0.0)
     solver_type = as_choice("solver_type", solver_type, SOLVER_TYPES)
     lower_order_final = as_flag("lower_order_final", lower_order_final)
     euler_at_final = as_flag("euler_at_final", euler_at_final)
@@ -754,13 +778,13 @@ def dpmsolver_sde_from_sigmas(
     _first_bad("sigmas", sig, ~(torch.isfinite(sig) & (sig >= 0)), "finite and >= 0")
     _first_bad("sigmas", sig[:-1], sig[:-1] <= 0, "> 0 before the final entry")
     alpha, s0, G, c_x0, std, c_prev = _sde_dpm_steps(
-        sig, order, solver_type, euler_at_final or (lower_order_final and n < 15)
+        sig, order, solver_type, euler_at_final or (lower_order_final and n < 15), eta
     )
     return GaussianTransitions(
         ts,
         c_x0,
         G,
-        std,
+        std if s_noise == 1.0 else s_noise * std,
         alpha,
         s0,
         c_prev=c_prev,
@@ -769,7 +793,9 @@ def dpmsolver_sde_from_sigmas(
     )
 
 
-def _sde_dpm_steps(sig: Tensor, order: int, solver_type: str, first_order_final: bool):
+def _sde_dpm_steps(
+    sig: Tensor, order: int, solver_type: str, first_order_final: bool, eta: float = 1.0
+):
     """The SDE-DPM-Solver++ step tables from the N + 1 noise levels ``sig`` (see
     :func:`dpmsolver_sde_from_sigmas`): the model's VP alpha and sigma at each step, then G, c_x0,
     std and c_prev."""
@@ -779,10 +805,12 @@ def _sde_dpm_steps(sig: Tensor, order: int, solver_type: str, first_order_final:
     lam = torch.log(alpha) - torch.log(s)  # +inf at a final sigma of 0
     s0, st, at = s[:-1], s[1:], alpha[1:]
     h = lam[1:] - lam[:-1]
-    one_m_e2 = -torch.expm1(-2 * h)  # 1 - e^-2h
-    G = st / s0 * torch.exp(-h)  # 0 where h = inf
+    # eta h, 0 at eta = 0 even where h = inf (no 0 * inf); h itself at eta = 1 (the same bits)
+    eta_h = torch.zeros_like(h) if eta == 0 else eta * h
+    one_m_e2 = -torch.expm1(-(h + eta_h))  # 1 - e^-(1 + eta)h: 1 - e^-2h at eta = 1
+    G = st / s0 * torch.exp(-eta_h)  # 0 where h = inf
     c_d0 = at * one_m_e2
-    std = st * one_m_e2.sqrt()
+    std = st * (-torch.expm1(-2 * eta_h)).sqrt()
     c_x0, c_prev = c_d0.clone(), torch.zeros(n, dtype=torch.float64)
     second = torch.zeros(n, dtype=torch.bool)
     if order == 2 and n > 1:
@@ -794,7 +822,7 @@ def _sde_dpm_steps(sig: Tensor, order: int, solver_type: str, first_order_final:
     if solver_type == "midpoint":
         c_d1 = 0.5 * c_d0[k]
     else:
-        c_d1 = at[k] * (one_m_e2[k] / (-2 * h[k]) + 1)
+        c_d1 = at[k] * (one_m_e2[k] / -(h[k] + eta_h[k]) + 1)
     c_x0[k] = c_d0[k] + c_d1 / r
     c_prev[k] = -c_d1 / r
     return alpha[:-1], s0, G, c_x0, std, c_prev
