@@ -12,6 +12,7 @@ import functools
 
 import pytest
 import torch
+from preamble import SINGLE_THREAD
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers is an optional extra")
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DConditionModel, UNet2DModel  # noqa: E402
@@ -24,8 +25,7 @@ from specdiff_kernels.integrations.diffusers import (  # noqa: E402
 )
 from specdiff_kernels.testing.two_sample import bonferroni, two_sample_pvalue  # noqa: E402
 
-# tiny tensors: intra-op threads only add synchronisation (see conftest.single_thread)
-pytestmark = pytest.mark.usefixtures("single_thread")
+pytestmark = SINGLE_THREAD
 
 SEQ, DIM = 3, 8  # prompt embeddings: [SEQ, DIM] per chain
 NUM_CLASSES = 4  # class ids 0..3; id NULL is the unconditional ("null") class

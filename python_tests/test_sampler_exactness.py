@@ -21,6 +21,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from preamble import ABAR, SINGLE_THREAD, gen
 from scipy import stats
 
 from specdiff_kernels.models.gmm import GaussianMixture, GMMDenoiser, make_gmm
@@ -30,23 +31,13 @@ from specdiff_kernels.sampling.sampler import SpeculativeSampler
 from specdiff_kernels.sampling.static_round import StaticRound
 from specdiff_kernels.sampling.transitions import (
     GaussianTransitions,
-    alphas_cumprod_from_betas,
     ddim_transitions,
     ddpm_transitions,
     euler_ancestral_transitions,
-    make_betas,
 )
 
 ALPHA = 1e-3
-ABAR = alphas_cumprod_from_betas(make_betas("linear", 1000))
-
-
-# tiny tensors: intra-op threads only add synchronisation (see conftest.single_thread)
-pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
+pytestmark = SINGLE_THREAD
 
 
 # ===================================================================== statistical tests

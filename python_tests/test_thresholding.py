@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from preamble import SINGLE_THREAD
 
 pytest.importorskip("diffusers")
 from diffusers import DDPMScheduler, UNet2DModel  # noqa: E402
@@ -15,7 +16,7 @@ from specdiff_kernels.integrations.diffusers import DiffusersModel, diffusers_tr
 from specdiff_kernels.sampling.transitions import round_tables  # noqa: E402
 from specdiff_kernels.testing.two_sample import per_coordinate_ks_pvalue  # noqa: E402
 
-pytestmark = pytest.mark.usefixtures("single_thread")
+pytestmark = SINGLE_THREAD
 STEPS = 12
 
 

@@ -1,0 +1,87 @@
+"""What many test modules share while they are imported: the training schedule, seeded
+generators, the single-thread marker, a tiny diffusers UNet, the ``specdiff`` command line, and
+the GPU-only modules' skip.
+
+Fixtures live in conftest.py; this module holds the plain functions and constants a test module
+needs at import time (module constants, parametrisation lists, its ``pytestmark``).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from specdiff_kernels.sampling.transitions import alphas_cumprod_from_betas, make_betas
+
+# The training schedule of the toy models: linear betas 1e-4..0.02 over 1000 steps (float64).
+ABAR = alphas_cumprod_from_betas(make_betas())
+
+# tiny tensors: intra-op threads only add synchronisation (see conftest.single_thread)
+SINGLE_THREAD = pytest.mark.usefixtures("single_thread")
+
+
+def gen(seed: int) -> torch.Generator:
+    """A fresh CPU generator seeded with ``seed``."""
+    return torch.Generator().manual_seed(seed)
+
+
+def tiny_unet(seed: int = 0, channels: int = 3, **config):
+    """A small random diffusers ``UNet2DModel`` in eval mode without gradients: 8 x 8 samples with
+    ``channels`` channels in and out, two plain blocks of 8 and 16 channels, one layer each;
+    ``config`` overrides or adds any ``UNet2DModel`` option. Its weights are drawn right after
+    ``torch.manual_seed(seed)``, so the same arguments give the same network."""
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(seed)
+    options = dict(
+        sample_size=8,
+        in_channels=channels,
+        out_channels=channels,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        norm_num_groups=4,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+    )
+    return UNet2DModel(**{**options, **config}).eval().requires_grad_(False)
+
+
+def cli_args(command: str, *args, out) -> list[str]:
+    """A ``specdiff`` argument list for a run: ``command``'s words (flags and values without
+    spaces), ``args`` as given (paths, a parametrised tail), then ``--no-progress --out out``."""
+    return [*command.split(), *map(str, args), "--no-progress", "--out", str(out)]
+
+
+def run_specdiff(*args: str, timeout: float, env: dict | None = None):
+    """``python -m specdiff_kernels *args`` in a subprocess: the installed command as a user runs
+    it; returns the CompletedProcess with its text output."""
+    return subprocess.run(
+        [sys.executable, "-m", "specdiff_kernels", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+
+
+def skip_unless_compiled_triton(module: str, interpreted_by: str) -> None:
+    """Skips the calling GPU-only module (with the reason) without a CUDA device or when
+    conftest.py made Triton interpret (SPECDIFF_TEST_GPU unset)."""
+    if not torch.cuda.is_available():
+        pytest.skip(
+            f"no CUDA device: {module} is tested only on a GPU machine "
+            f"(the interpreted path is covered by {interpreted_by})",
+            allow_module_level=True,
+        )
+    pytest.importorskip("triton")
+    from specdiff_kernels.ops.triton import verify as tk
+
+    if tk.INTERPRET:
+        pytest.skip(
+            "TRITON_INTERPRET=1 is set (conftest.py sets it unless SPECDIFF_TEST_GPU is set): "
+            f"run `SPECDIFF_TEST_GPU=1 pytest python_tests/{module}` to test compiled kernels",
+            allow_module_level=True,
+        )
