@@ -54,6 +54,19 @@ def cpu_capability(request):
     backends._C.set_cpu_capability(before)
 
 
+@pytest.fixture(scope="module")
+def pipe_dir(tmp_path_factory):
+    """A tiny random DDPM pipeline folder (preamble.tiny_unet: 3 x 8 x 8 samples) written by
+    diffusers' own ``save_pretrained``, once per test module."""
+    diffusers = pytest.importorskip("diffusers")
+    from preamble import tiny_unet
+
+    d = tmp_path_factory.mktemp("pipe")
+    scheduler = diffusers.DDPMScheduler(num_train_timesteps=1000)
+    diffusers.DDPMPipeline(unet=tiny_unet(), scheduler=scheduler).save_pretrained(d)
+    return d
+
+
 @pytest.fixture
 def nothing_loaded(monkeypatch):
     """Loading weights (a UNet, a network) or sampling fails the test: the CLI must refuse

@@ -8,8 +8,11 @@ needs at import time (module constants, parametrisation lists, its ``pytestmark`
 
 from __future__ import annotations
 
+import json
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -49,6 +52,21 @@ def tiny_unet(seed: int = 0, channels: int = 3, **config):
     return UNet2DModel(**{**options, **config}).eval().requires_grad_(False)
 
 
+def edited_copy(src: Path, dst: Path, file: str, **changes) -> Path:
+    """A copy of the pipeline folder ``src`` at ``dst`` with keys of one JSON file changed (a
+    value of None removes the key)."""
+    shutil.copytree(src, dst)
+    p = dst / file
+    cfg = json.loads(p.read_text())
+    for k, v in changes.items():
+        if v is None:
+            cfg.pop(k, None)
+        else:
+            cfg[k] = v
+    p.write_text(json.dumps(cfg))
+    return dst
+
+
 def cli_args(command: str, *args, out) -> list[str]:
     """A ``specdiff`` argument list for a run: ``command``'s words (flags and values without
     spaces), ``args`` as given (paths, a parametrised tail), then ``--no-progress --out out``."""
@@ -67,13 +85,14 @@ def run_specdiff(*args: str, timeout: float, env: dict | None = None):
     )
 
 
-def skip_unless_compiled_triton(module: str, interpreted_by: str) -> None:
-    """Skips the calling GPU-only module (with the reason) without a CUDA device or when
-    conftest.py made Triton interpret (SPECDIFF_TEST_GPU unset)."""
+def skip_unless_compiled_triton(module: str, on_cpu: str) -> None:
+    """Skips the calling GPU-only test module ``module`` (with the reason) without a CUDA device,
+    or when conftest.py made Triton interpret (SPECDIFF_TEST_GPU unset); ``on_cpu`` names the
+    module that tests the same code on CPU."""
     if not torch.cuda.is_available():
         pytest.skip(
-            f"no CUDA device: {module} is tested only on a GPU machine "
-            f"(the interpreted path is covered by {interpreted_by})",
+            f"no CUDA device: {module} runs the compiled Triton kernels, only on a GPU machine "
+            f"(on CPU: {on_cpu})",
             allow_module_level=True,
         )
     pytest.importorskip("triton")
