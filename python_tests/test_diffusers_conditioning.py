@@ -12,7 +12,7 @@ import functools
 
 import pytest
 import torch
-from preamble import SINGLE_THREAD
+from preamble import SINGLE_THREAD, tiny_unet
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers is an optional extra")
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DConditionModel, UNet2DModel  # noqa: E402
@@ -57,19 +57,9 @@ def text_unet(seed: int = 0) -> UNet2DConditionModel:
 
 @functools.lru_cache(maxsize=None)
 def class_unet(seed: int = 0) -> UNet2DModel:
-    torch.manual_seed(seed)
-    unet = UNet2DModel(
-        sample_size=8,
-        in_channels=2,
-        out_channels=2,
-        layers_per_block=1,
-        block_out_channels=(4, 8),
-        norm_num_groups=2,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        num_class_embeds=NUM_CLASSES + 1,
+    return tiny_unet(
+        seed, 2, block_out_channels=(4, 8), norm_num_groups=2, num_class_embeds=NUM_CLASSES + 1
     )
-    return unet.eval().requires_grad_(False)
 
 
 @functools.lru_cache(maxsize=None)

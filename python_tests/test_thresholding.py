@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from preamble import SINGLE_THREAD
+from preamble import SINGLE_THREAD, tiny_unet
 
 pytest.importorskip("diffusers")
-from diffusers import DDPMScheduler, UNet2DModel  # noqa: E402
+from diffusers import DDPMScheduler  # noqa: E402
 
 from specdiff_kernels import AncestralSampler, SpeculativeSampler  # noqa: E402
 from specdiff_kernels.integrations.diffusers import DiffusersModel, diffusers_transitions  # noqa: E402
@@ -37,21 +37,7 @@ class LoudUNet(torch.nn.Module):
 
     def __init__(self):
         super().__init__()
-        torch.manual_seed(3)
-        self.net = (
-            UNet2DModel(
-                sample_size=4,
-                in_channels=1,
-                out_channels=1,
-                layers_per_block=1,
-                block_out_channels=(8, 8),
-                norm_num_groups=4,
-                down_block_types=("DownBlock2D", "DownBlock2D"),
-                up_block_types=("UpBlock2D", "UpBlock2D"),
-            )
-            .eval()
-            .requires_grad_(False)
-        )
+        self.net = tiny_unet(3, channels=1, sample_size=4, block_out_channels=(8, 8))
 
     def forward(self, x, t, return_dict=False):
         return (4.0 * self.net(x, t).sample,)
