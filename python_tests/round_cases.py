@@ -127,35 +127,16 @@ class RoundCase:
         """() for a one-step case (the ops' calls stay as they were), (prev,) for a multistep one."""
         return () if self.prev is None else (self.prev,)
 
+    @property
+    def _chain_args(self) -> tuple:
+        """The arguments both ops take after their states, in the ops' order."""
+        return (self.frozen, self.steps, self.lengths, self.coef, self.seed, self.chain_ids)
+
     def draft_args(self):
-        return (
-            self.root,
-            self.frozen,
-            self.steps,
-            self.lengths,
-            self.coef,
-            self.seed,
-            self.chain_ids,
-            self.window,
-            self.freeze,
-            self.clip,
-            *self.prev_args,
-        )
+        return (self.root, *self._chain_args, self.window, self.freeze, self.clip, *self.prev_args)
 
     def verify_args(self, Y, P):
-        return (
-            Y,
-            P,
-            self.frozen,
-            self.steps,
-            self.lengths,
-            self.coef,
-            self.seed,
-            self.chain_ids,
-            self.freeze,
-            self.clip,
-            *self.prev_args,
-        )
+        return (Y, P, *self._chain_args, self.freeze, self.clip, *self.prev_args)
 
 
 def stochastic_run(T: GaussianTransitions, k: int) -> int:

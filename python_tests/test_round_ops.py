@@ -18,6 +18,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import pytest
 import torch
 from round_cases import (
@@ -270,36 +272,70 @@ def test_cases_cover_every_commit():
 
 
 # ---------------------------------------------------------------- exactness in law, power
-def _wrong_reflection_verify(
-    states, x0_hat, frozen, steps, lengths, coef, seed, chain_ids, freeze, clip
-):
-    """The reference verify with the reflection coefficient 1 - a/b instead of 1 - 2a/b."""
-    out = list(
-        rr.verify_frozen(
-            states, x0_hat, frozen, steps, lengths, coef, seed, chain_ids, freeze, clip
+class _Rejection(NamedTuple):
+    """The reference verify's rejecting chains at their first rejected position j (float64), and
+    the round's inputs a replacement of their committed state may read."""
+
+    rows: torch.Tensor  # the coefficient rows at step k + j
+    y: torch.Tensor  # the proposal at j [B, D]
+    p: torch.Tensor  # the target's x0-hat at j [B, D]
+    step: torch.Tensor  # k + j
+    frozen: torch.Tensor  # [B, D]
+    seed: torch.Tensor
+    chain_ids: torch.Tensor
+    freeze: int
+    clip: float
+
+
+def _reference_but_at_rejections(replace):
+    """A verify_frozen that is the reference's, except that a rejecting chain commits
+    ``replace(_Rejection)`` (float64 [B, D]) instead of the reflection."""
+
+    def verify(states, x0_hat, frozen, steps, lengths, coef, seed, chain_ids, freeze, clip):
+        out = list(
+            rr.verify_frozen(
+                states, x0_hat, frozen, steps, lengths, coef, seed, chain_ids, freeze, clip
+            )
         )
+        B, L1 = states.shape[:2]
+        D = states[0, 0].numel()
+        rejected = out[0] < lengths
+        j = torch.where(rejected, out[0], lengths)
+        ar = torch.arange(B)
+        at = _Rejection(
+            rr._rows(coef, steps + j, torch.float64),
+            states.reshape(B, L1, D).double()[ar, j],
+            x0_hat.reshape(B, L1, D).double()[ar, j],
+            steps + j,
+            frozen.reshape(B, D).double(),
+            seed,
+            chain_ids,
+            freeze,
+            clip,
+        )
+        out[2] = (
+            torch.where(rejected[:, None], replace(at), out[2].reshape(B, D).double())
+            .to(states.dtype)
+            .reshape(out[2].shape)
+        )
+        return tuple(out)
+
+    return verify
+
+
+@_reference_but_at_rejections
+def _wrong_reflection_verify(at: _Rejection) -> torch.Tensor:
+    """The reference verify with the reflection coefficient 1 - a/b instead of 1 - 2a/b."""
+    c, clip = at.rows, at.clip
+    pq = rr.draft_x0(c, at.y, at.frozen, at.freeze)
+    d = c[layout.ROW_A] * (rr._clip(at.p, clip) - rr._clip(pq, clip)) + c[layout.ROW_E] * (
+        at.p - pq
     )
-    B, L1 = states.shape[:2]
-    D = states[0, 0].numel()
-    k, n = steps, lengths
-    rejected = out[0] < n
-    j = torch.where(rejected, out[0], n)
-    c = rr._rows(coef, k + j, torch.float64)
-    yj = states.reshape(B, L1, D).double()[torch.arange(B), j]
-    pj = x0_hat.reshape(B, L1, D).double()[torch.arange(B), j]
-    f = frozen.reshape(B, D).double()
-    pq = rr.draft_x0(c, yj, f, freeze)
-    d = c[layout.ROW_A] * (rr._clip(pj, clip) - rr._clip(pq, clip)) + c[layout.ROW_E] * (pj - pq)
-    r = c[layout.ROW_STD] * rr.normal_noise(seed, chain_ids, k + j, D, torch.float64)
+    D = at.y.shape[1]
+    r = c[layout.ROW_STD] * rr.normal_noise(at.seed, at.chain_ids, at.step, D, torch.float64)
     a = (d * r).sum(-1, keepdim=True)
     b = (d * d).sum(-1, keepdim=True).clamp_min(1e-300)
-    wrong = rr.affine_mean(c, pq, yj, clip) + r + (1 - a / b) * d
-    out[2] = (
-        torch.where(rejected[:, None], wrong, out[2].reshape(B, D).double())
-        .to(states.dtype)
-        .reshape(out[2].shape)
-    )
-    return tuple(out)
+    return rr.affine_mean(c, pq, at.y, clip) + r + (1 - a / b) * d
 
 
 def _one_step_law(verify, B=4000, D=3, gap=1.2):
@@ -353,33 +389,13 @@ def test_cpp_round_has_the_target_law():
     assert p_par > 1e-3 and p_perp > 1e-3, (p_par, p_perp)
 
 
-def _fresh_from_p_verify(
-    states, x0_hat, frozen, steps, lengths, coef, seed, chain_ids, freeze, clip
-):
+@_reference_but_at_rejections
+def _fresh_from_p_verify(at: _Rejection) -> torch.Tensor:
     """WRONG: at a rejection, a fresh draw from p instead of the reflection."""
-    out = list(
-        rr.verify_frozen(
-            states, x0_hat, frozen, steps, lengths, coef, seed, chain_ids, freeze, clip
-        )
+    mp = rr.affine_mean(at.rows, at.p, at.y, at.clip)
+    return mp + at.rows[layout.ROW_STD] * torch.randn(
+        *at.y.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64
     )
-    B, L1 = states.shape[:2]
-    D = states[0, 0].numel()
-    rejected = out[0] < lengths
-    j = torch.where(rejected, out[0], lengths)
-    c = rr._rows(coef, steps + j, torch.float64)
-    ar = torch.arange(B)
-    mp = rr.affine_mean(
-        c, x0_hat.reshape(B, L1, D).double()[ar, j], states.reshape(B, L1, D).double()[ar, j], clip
-    )
-    fresh = mp + c[layout.ROW_STD] * torch.randn(
-        B, D, generator=torch.Generator().manual_seed(3), dtype=torch.float64
-    )
-    out[2] = (
-        torch.where(rejected[:, None], fresh, out[2].reshape(B, D).double())
-        .to(states.dtype)
-        .reshape(out[2].shape)
-    )
-    return tuple(out)
 
 
 def test_fresh_draw_at_rejection_is_detected():
