@@ -176,18 +176,24 @@ def _round_params(families):
 ROUND_PARAMS = _round_params(FAMILIES)
 
 
-@pytest.mark.parametrize("fam,freeze,B,L,E,dtype", ROUND_PARAMS)
-def test_reference_round_equals_general_composition(fam, freeze, B, L, E, dtype):
-    """The round_reference formulas (tables A, E, G, ...) against the samplers' own formulas and
-    the general verify op, float64 throughout."""
-    gen = _gen("ref", fam, freeze, B, L, E)
-    case = make_case(B, L, E, torch.float64, fam, freeze, gen)
+def _assert_reference_is_general(case, gen: torch.Generator) -> None:
+    """The reference backend's frozen_draft and verify_frozen on ``case`` against the samplers'
+    own formulas and the general verify op, float64 throughout."""
     Y = ro.frozen_draft(*case.draft_args(), backend="reference")
     Yg, _ = general_draft(case)
     assert torch.allclose(Y.reshape(Yg.shape), Yg, rtol=1e-12, atol=1e-12)
     P = make_x0_hat(case, Y, gen)
     got = ro.verify_frozen(*case.verify_args(Y, P), backend="reference")
     assert_round_matches(got, general_round(case, Y, P), Y, P, case, torch.float64)
+
+
+@pytest.mark.parametrize("fam,freeze,B,L,E,dtype", ROUND_PARAMS)
+def test_reference_round_equals_general_composition(fam, freeze, B, L, E, dtype):
+    """The round_reference formulas (tables A, E, G, ...) against the samplers' own formulas and
+    the general verify op, float64 throughout."""
+    gen = _gen("ref", fam, freeze, B, L, E)
+    case = make_case(B, L, E, torch.float64, fam, freeze, gen)
+    _assert_reference_is_general(case, gen)
 
 
 def _check_cpp_round(fam, freeze, B, L, E, dtype):
@@ -668,12 +674,7 @@ def test_reference_multistep_round_equals_general_composition(fam, freeze, B, L,
     gen = _gen("ms-ref", fam, freeze, B, L, E)
     case = make_case(B, L, E, torch.float64, fam, freeze, gen)
     assert case.prev is not None and case.T.multistep
-    Y = ro.frozen_draft(*case.draft_args(), backend="reference")
-    Yg, _ = general_draft(case)
-    assert torch.allclose(Y.reshape(Yg.shape), Yg, rtol=1e-12, atol=1e-12)
-    P = make_x0_hat(case, Y, gen)
-    got = ro.verify_frozen(*case.verify_args(Y, P), backend="reference")
-    assert_round_matches(got, general_round(case, Y, P), Y, P, case, torch.float64)
+    _assert_reference_is_general(case, gen)
 
 
 def _check_cpp_multistep_round(fam, freeze, B, L, E, dtype, key="ms-cpp"):
