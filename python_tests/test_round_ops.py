@@ -196,8 +196,10 @@ def test_reference_round_equals_general_composition(fam, freeze, B, L, E, dtype)
     _assert_reference_is_general(case, gen)
 
 
-def _check_cpp_round(fam, freeze, B, L, E, dtype):
-    gen = _gen("cpp", fam, freeze, B, L, E, str(dtype))
+def _check_cpp_round(fam, freeze, B, L, E, dtype, key="cpp"):
+    """The cpp backend's frozen_draft and verify_frozen on a case (its seed from ``key`` and the
+    parameters) against the oracle."""
+    gen = _gen(key, fam, freeze, B, L, E, str(dtype))
     case = make_case(B, L, E, dtype, fam, freeze, gen)
     Y = ro.frozen_draft(*case.draft_args(), backend="cpp")
     assert_draft_consistent(Y, case, dtype)
@@ -677,27 +679,16 @@ def test_reference_multistep_round_equals_general_composition(fam, freeze, B, L,
     _assert_reference_is_general(case, gen)
 
 
-def _check_cpp_multistep_round(fam, freeze, B, L, E, dtype, key="ms-cpp"):
-    gen = _gen(key, fam, freeze, B, L, E, str(dtype))
-    case = make_case(B, L, E, dtype, fam, freeze, gen)
-    Y = ro.frozen_draft(*case.draft_args(), backend="cpp")
-    assert_draft_consistent(Y, case, dtype)
-    P = make_x0_hat(case, Y, gen)
-    got = ro.verify_frozen(*case.verify_args(Y, P), backend="cpp")
-    assert_round_matches(got, general_round(case, Y, P), Y, P, case, dtype)
-    return case, got
-
-
 @pytest.mark.parametrize("fam,freeze,B,L,E,dtype", MS_PARAMS)
 def test_cpp_multistep_round_matches_oracle(fam, freeze, B, L, E, dtype):
-    _check_cpp_multistep_round(fam, freeze, B, L, E, dtype)
+    _check_cpp_round(fam, freeze, B, L, E, dtype, key="ms-cpp")
 
 
 @pytest.mark.parametrize("fam,freeze,B,L,E,dtype", MS_PARAMS[::5])
 def test_cpp_multistep_round_matches_oracle_per_capability(
     cpu_capability, fam, freeze, B, L, E, dtype
 ):
-    _check_cpp_multistep_round(fam, freeze, B, L, E, dtype)
+    _check_cpp_round(fam, freeze, B, L, E, dtype, key="ms-cpp")
 
 
 def _commit_kinds(case, res) -> set:
