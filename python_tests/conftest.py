@@ -56,15 +56,11 @@ def cpu_capability(request):
 
 @pytest.fixture(scope="module")
 def pipe_dir(tmp_path_factory):
-    """A tiny random DDPM pipeline folder (preamble.tiny_unet: 3 x 8 x 8 samples) written by
-    diffusers' own ``save_pretrained``, once per test module."""
-    diffusers = pytest.importorskip("diffusers")
-    from preamble import tiny_unet
+    """A tiny random DDPM pipeline folder (tiny_diffusers.tiny_pipeline), once per test module."""
+    pytest.importorskip("diffusers")
+    from tiny_diffusers import tiny_pipeline
 
-    d = tmp_path_factory.mktemp("pipe")
-    scheduler = diffusers.DDPMScheduler(num_train_timesteps=1000)
-    diffusers.DDPMPipeline(unet=tiny_unet(), scheduler=scheduler).save_pretrained(d)
-    return d
+    return tiny_pipeline(tmp_path_factory.mktemp("pipe"))
 
 
 @pytest.fixture

@@ -1,6 +1,6 @@
 """What many test modules share while they are imported: the training schedule, seeded
-generators, the single-thread marker, a tiny diffusers UNet, the ``specdiff`` command line, and
-the GPU-only modules' skip.
+generators, the single-thread marker, the ``specdiff`` command line, and the GPU-only modules'
+skip. (The tiny diffusers components are in tiny_diffusers.py, which imports diffusers.)
 
 Fixtures live in conftest.py; this module holds the plain functions and constants a test module
 needs at import time (module constants, parametrisation lists, its ``pytestmark``).
@@ -8,11 +8,8 @@ needs at import time (module constants, parametrisation lists, its ``pytestmark`
 
 from __future__ import annotations
 
-import json
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -29,42 +26,6 @@ SINGLE_THREAD = pytest.mark.usefixtures("single_thread")
 def gen(seed: int) -> torch.Generator:
     """A fresh CPU generator seeded with ``seed``."""
     return torch.Generator().manual_seed(seed)
-
-
-def tiny_unet(seed: int = 0, channels: int = 3, **config):
-    """A small random diffusers ``UNet2DModel`` in eval mode without gradients: 8 x 8 samples with
-    ``channels`` channels in and out, two plain blocks of 8 and 16 channels, one layer each;
-    ``config`` overrides or adds any ``UNet2DModel`` option. Its weights are drawn right after
-    ``torch.manual_seed(seed)``, so the same arguments give the same network."""
-    from diffusers import UNet2DModel
-
-    torch.manual_seed(seed)
-    options = dict(
-        sample_size=8,
-        in_channels=channels,
-        out_channels=channels,
-        layers_per_block=1,
-        block_out_channels=(8, 16),
-        norm_num_groups=4,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-    )
-    return UNet2DModel(**{**options, **config}).eval().requires_grad_(False)
-
-
-def edited_copy(src: Path, dst: Path, file: str, **changes) -> Path:
-    """A copy of the pipeline folder ``src`` at ``dst`` with keys of one JSON file changed (a
-    value of None removes the key)."""
-    shutil.copytree(src, dst)
-    p = dst / file
-    cfg = json.loads(p.read_text())
-    for k, v in changes.items():
-        if v is None:
-            cfg.pop(k, None)
-        else:
-            cfg[k] = v
-    p.write_text(json.dumps(cfg))
-    return dst
 
 
 def cli_args(command: str, *args, out) -> list[str]:

@@ -15,10 +15,11 @@ from typing import Optional
 import torch
 
 from specdiff_kernels import VerifyResult
-from specdiff_kernels.ops import layout
+from specdiff_kernels.ops import layout, round_spec
 from specdiff_kernels.ops import round as ro
 from specdiff_kernels.ops.reference import round as rr
 from specdiff_kernels.ops.reference import verify as reference
+from specdiff_kernels.ops.round_spec import RoundChains, RoundSpec
 from specdiff_kernels.sampling.langevin import langevin_transitions
 from specdiff_kernels.sampling.transitions import (
     GaussianTransitions,
@@ -123,20 +124,28 @@ class RoundCase:
         )
 
     @property
-    def prev_args(self) -> tuple:
-        """() for a one-step case (the ops' calls stay as they were), (prev,) for a multistep one."""
-        return () if self.prev is None else (self.prev,)
+    def chains(self) -> RoundChains:
+        return RoundChains(self.frozen, self.steps, self.lengths, self.chain_ids, self.prev)
 
     @property
-    def _chain_args(self) -> tuple:
-        """The arguments both ops take after their states, in the ops' order."""
-        return (self.frozen, self.steps, self.lengths, self.coef, self.seed, self.chain_ids)
+    def spec(self) -> RoundSpec:
+        return RoundSpec(self.coef, self.seed, self.freeze, self.clip)
 
-    def draft_args(self):
-        return (self.root, *self._chain_args, self.window, self.freeze, self.clip, *self.prev_args)
+    def draft_args(self) -> tuple:
+        """(root, chains, spec, window): the ops' wrappers, the oracle and the Triton launchers."""
+        return self.root, self.chains, self.spec, self.window
 
-    def verify_args(self, Y, P):
-        return (Y, P, *self._chain_args, self.freeze, self.clip, *self.prev_args)
+    def verify_args(self, Y, P) -> tuple:
+        """(states, x0_hat, chains, spec)."""
+        return Y, P, self.chains, self.spec
+
+    def draft_flat(self) -> tuple:
+        """The dispatcher op's flat arguments (torch.ops.specdiff.frozen_draft)."""
+        return round_spec.draft_args(*self.draft_args())
+
+    def verify_flat(self, Y, P) -> tuple:
+        """torch.ops.specdiff.verify_frozen's flat arguments."""
+        return round_spec.verify_args(*self.verify_args(Y, P))
 
 
 def stochastic_run(T: GaussianTransitions, k: int) -> int:

@@ -20,11 +20,12 @@ import torch
 from preamble import ABAR, SINGLE_THREAD, gen
 
 from specdiff_kernels.models.gmm import GaussianMixture, GMMDenoiser, make_gmm
+from specdiff_kernels.sampling.checks import as_window
 from specdiff_kernels.sampling.drafts import DraftModelDraft, FrozenTargetDraft
 from specdiff_kernels.sampling.langevin import SpeculativeLangevin
 from specdiff_kernels.sampling.sampler import SpeculativeSampler
 from specdiff_kernels.sampling.transitions import GaussianTransitions, ddpm_transitions
-from specdiff_kernels.sampling.window import AdaptiveWindow, resolve_window
+from specdiff_kernels.sampling.window import AdaptiveWindow
 from specdiff_kernels.testing.two_sample import gaussian_one_sample_pvalue
 
 ALPHA = 1e-3
@@ -92,14 +93,17 @@ def test_expected_steps_formula():
 
 
 def test_window_argument_forms():
-    assert resolve_window(8) == (8, None)
-    L, pol = resolve_window("adaptive")
+    assert as_window(8) == (8, None)
+    L, pol = as_window("adaptive")
     assert isinstance(pol, AdaptiveWindow) and L == pol.max_window
     p = AdaptiveWindow(max_window=12, max_evals_ratio=1.5)
-    assert resolve_window(p) == (12, p)
-    for bad in (0, "fixed", 2.5, None):
-        with pytest.raises(ValueError, match="window"):
-            resolve_window(bad)
+    assert as_window(p) == (12, p)
+    for bad in (0, "fixed"):
+        with pytest.raises(ValueError, match="^window must be"):
+            as_window(bad)
+    for bad in (2.5, None, True):  # not a window at all (True would have meant L = 1)
+        with pytest.raises(TypeError, match="^window must be"):
+            as_window(bad)
     with pytest.raises(ValueError):
         AdaptiveWindow(4, 0.5)
     with pytest.raises(ValueError):

@@ -21,9 +21,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from preamble import cli_args, edited_copy, run_specdiff
+from preamble import cli_args, run_specdiff
 
 pytest.importorskip("diffusers")
+from tiny_diffusers import edited_copy  # noqa: E402
 
 import specdiff_kernels  # noqa: E402
 from specdiff_kernels.cli import sample as sample_cmd  # noqa: E402

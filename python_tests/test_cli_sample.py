@@ -16,17 +16,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from preamble import cli_args, edited_copy, run_specdiff
+from preamble import cli_args, run_specdiff
 
 pytest.importorskip("diffusers")
 from diffusers import DDPMPipeline  # noqa: E402
+from refusal import cli_error  # noqa: E402
+from tiny_diffusers import SIZE, edited_copy  # noqa: E402
 
 from specdiff_kernels import AncestralSampler, SpeculativeSampler  # noqa: E402
 from specdiff_kernels.cli import sample as sample_cmd
 from specdiff_kernels.cli.commands import main  # noqa: E402
 from specdiff_kernels.integrations.diffusers import from_pipeline  # noqa: E402
-
-SIZE = 8
 
 
 def grid_to_samples(png: Path, n: int, channels: int, size: int) -> torch.Tensor:
@@ -150,7 +150,7 @@ def test_unknown_own_scheduler_needs_scheduler_flag(pipe_dir, tmp_path, capsys, 
         "around one network mean); pass --scheduler ddpm or ddim or euler-a or dpm++2m-sde (on "
         "the same training schedule)"
     )
-    # a scheduler without a beta schedule (VE): no --scheduler is suggested (test_refusals.py)
+    # a scheduler without a beta schedule (VE): no --scheduler is suggested (arguments/test_cli_sample_arguments.py)
 
 
 # ----------------------------------------------------------------------------- DPM++ 2M SDE
@@ -376,19 +376,6 @@ def test_demo_device_cpu(tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------- refusals
-def cli_error(argv, capsys) -> str:
-    with pytest.raises(SystemExit) as exc:
-        main(argv)
-    captured = capsys.readouterr()
-    assert exc.value.code == 2
-    assert captured.out == ""
-    assert "Traceback" not in captured.err
-    lines = captured.err.strip().splitlines()
-    assert lines[-1].startswith("specdiff ") and ": error: " in lines[-1]
-    assert all(line.startswith(("usage:", " ")) for line in lines[:-1])  # argparse's usage only
-    return lines[-1]
-
-
 def _bad_pipelines(src: Path, root: Path) -> dict:
     """name -> (folder, expected message) for broken copies of the tiny pipeline."""
     q = repr

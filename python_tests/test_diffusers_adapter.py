@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from preamble import tiny_unet
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers is an optional extra")
 from diffusers import DDIMScheduler, DDPMScheduler, EulerAncestralDiscreteScheduler  # noqa: E402
+from tiny_diffusers import tiny_unet  # noqa: E402
 
 from specdiff_kernels.integrations.diffusers import DiffusersModel, diffusers_transitions  # noqa: E402
 

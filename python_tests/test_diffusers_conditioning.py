@@ -12,10 +12,11 @@ import functools
 
 import pytest
 import torch
-from preamble import SINGLE_THREAD, tiny_unet
+from preamble import SINGLE_THREAD
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers is an optional extra")
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DConditionModel, UNet2DModel  # noqa: E402
+from tiny_diffusers import tiny_unet  # noqa: E402
 
 from specdiff_kernels import AncestralSampler, DraftModelDraft, SpeculativeSampler  # noqa: E402
 from specdiff_kernels.integrations.diffusers import (  # noqa: E402
@@ -414,12 +415,12 @@ def one_line(excinfo) -> None:
         (
             dict(guidance_scale=float("nan"), uncond={"class_labels": NULL}),
             ValueError,
-            "guidance_scale must be finite",
+            "guidance_scale must be a finite number",
         ),
         (
             dict(guidance_scale=float("inf"), uncond={"class_labels": NULL}),
             ValueError,
-            "guidance_scale must be finite",
+            "guidance_scale must be a finite number",
         ),
         (
             dict(guidance_scale="4", uncond={"class_labels": NULL}),

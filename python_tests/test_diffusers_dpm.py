@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from preamble import tiny_unet
 
 pytest.importorskip("diffusers", reason="diffusers is an optional extra")
 from diffusers import (  # noqa: E402
@@ -28,6 +27,7 @@ from diffusers import (  # noqa: E402
     EulerDiscreteScheduler,
     UniPCMultistepScheduler,
 )
+from tiny_diffusers import tiny_unet  # noqa: E402
 
 from specdiff_kernels.integrations.diffusers import (  # noqa: E402
     diffusers_transitions,

@@ -37,6 +37,12 @@ from test_round_triton import (  # noqa: E402
 from specdiff_kernels.ops import layout  # noqa: E402
 from specdiff_kernels.ops import round as round_ops  # noqa: E402
 from specdiff_kernels.ops.reference import round as R  # noqa: E402
+from specdiff_kernels.ops.round_spec import (  # noqa: E402
+    RoundChains,
+    RoundSpec,
+    draft_parts,
+    verify_parts,
+)
 from specdiff_kernels.ops.triton import round as tr  # noqa: E402
 from specdiff_kernels.ops.triton import verify as tk  # noqa: E402
 
@@ -160,11 +166,11 @@ def test_dispatcher_and_default_backend():
         B, L, E, dtype, "ddpm_clip", "dispatch"
     )
     c = _cuda(root, frozen, steps, lengths, coef, seed, ids)
-    Y = round_ops.frozen_draft(*c, L, 1, clip)
+    Y = round_ops.frozen_draft(*draft_parts(*c, L, 1, clip))
     assert torch.equal(Y, draft_op(*c, L, 1, clip))
     P = _x0_hat(Y.cpu(), frozen, steps, coef, 1, gen).to(DEV)
     vargs = (Y, P) + c[1:]
-    res = round_ops.verify_frozen(*vargs, 1, clip)
+    res = round_ops.verify_frozen(*verify_parts(*vargs, 1, clip))
     for a, b in zip(res, verify_op(*vargs, 1, clip)):
         assert torch.equal(a, b)
     xi, u = round_ops.chain_noise(c[5], c[6], c[2], L, E, dtype)
@@ -211,8 +217,10 @@ def test_torch_compile_fullgraph(dtype):
     c, L, freeze, clip, Y, P = _small(dtype, 0)
 
     def f(root, frozen, steps, lengths, coef, seed, ids, P):
-        Yd = round_ops.frozen_draft(root, frozen, steps, lengths, coef, seed, ids, L, freeze, clip)
-        res = round_ops.verify_frozen(Yd, P, frozen, steps, lengths, coef, seed, ids, freeze, clip)
+        chains = RoundChains(frozen, steps, lengths, ids)
+        spec = RoundSpec(coef, seed, freeze, clip)
+        Yd = round_ops.frozen_draft(root, chains, spec, L)
+        res = round_ops.verify_frozen(Yd, P, chains, spec)
         xi, u = round_ops.chain_noise(
             seed, ids, steps + res.committed, 1, root.shape[1:], root.dtype
         )
@@ -273,8 +281,10 @@ def test_no_host_sync():
         draft_op(*c, L, freeze, clip)
         verify_op(Y, P, frozen, steps, lengths, coef, seed, ids, freeze, clip)
         noise_op(seed, ids, steps, L, 140, torch.float16)
-        round_ops.frozen_draft(*c, L, freeze, clip)
-        round_ops.verify_frozen(Y, P, frozen, steps, lengths, coef, seed, ids, freeze, clip)
+        round_ops.frozen_draft(*draft_parts(*c, L, freeze, clip))
+        round_ops.verify_frozen(
+            *verify_parts(Y, P, frozen, steps, lengths, coef, seed, ids, freeze, clip)
+        )
         round_ops.chain_noise(seed, ids, steps, L, (2, 70), torch.float16)
 
     run()  # warm-up: compile

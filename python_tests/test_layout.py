@@ -162,3 +162,9 @@ def test_the_function_length_check_can_fail():
     assert _long_functions(function(61)) == ["<source>:1 f (61 lines)"]
     method = "class C:\n" + function(61, prefix="    ").replace("def f():", "async def f(self):")
     assert _long_functions(method) == ["<source>:2 f (61 lines)"]
+
+
+def test_the_coercers_sit_below_every_layer():
+    """specdiff_kernels.validate (the scalar coercers of every layer) imports no project module,
+    so ops, sampling and everything above may use it without a cycle."""
+    assert GRAPH[f"{PKG}.validate"] == set()

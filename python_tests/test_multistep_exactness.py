@@ -22,6 +22,7 @@ from specdiff_kernels import (
     SpeculativeSampler,
 )
 from specdiff_kernels.models.gmm import GaussianMixture, GMMDenoiser
+from specdiff_kernels.ops import round as round_ops
 from specdiff_kernels.sampling.static_round import StaticRound
 from specdiff_kernels.sampling.transitions import (
     GaussianTransitions,
@@ -183,19 +184,16 @@ def _wrong_next_prev(kind: str):
     frozen value) or the frozen value ("frozen")."""
     right = StaticRound._verify
 
-    def verify(self, Y, P, frozen, k, lengths, prev):
-        res = right(self, Y, P, frozen, k, lengths, prev)
+    def verify(self, Y, P, chains):
+        res = right(self, Y, P, chains)
         B = Y.shape[0]
-        rejected = res.num_accepted < lengths
+        rejected = res.num_accepted < chains.lengths
         J = res.num_accepted.clamp(max=Y.shape[1] - 1)
         yJ = Y[torch.arange(B), J]
         if kind == "frozen":
-            wrong = frozen
+            wrong = chains.frozen
         else:
-            from specdiff_kernels.ops.reference import round as rr
-
-            c = rr._rows(self.coef, k + J, yJ.dtype)
-            wrong = rr.draft_x0(c, yJ, frozen, self.freeze)
+            wrong = round_ops.draft_x0(self.spec, yJ, chains.frozen, chains.steps + J)
         mask = rejected.view(-1, *([1] * (Y.dim() - 2)))
         return res._replace(next_prev=torch.where(mask, wrong, res.next_prev))
 

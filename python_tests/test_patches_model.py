@@ -155,7 +155,7 @@ def test_crops_come_from_their_region_with_random_flips(heldout):
 def test_bad_data_arguments():
     with pytest.raises(ValueError, match="n must"):
         P.heldout_crops(-1)
-    with pytest.raises(ValueError, match="seed must"):
+    with pytest.raises(TypeError, match="seed must"):
         P.heldout_crops(4, seed=1.5)
     with pytest.raises(TypeError, match="generator must"):
         P.random_crops(4, 0)

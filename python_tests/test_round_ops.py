@@ -36,10 +36,11 @@ from scipy import stats
 from verify_cases import stable_seed
 from wrong_verifiers import MULTISTEP_WRONG, multistep_verify_frozen
 
-from specdiff_kernels.ops import layout
+from specdiff_kernels.ops import layout, round_spec
 from specdiff_kernels.ops import round as ro
 from specdiff_kernels.ops import verify as ops
 from specdiff_kernels.ops.reference import round as rr
+from specdiff_kernels.ops.round_spec import RoundChains, RoundSpec
 from specdiff_kernels.sampling.transitions import (
     clip_value,
     round_tables,
@@ -246,7 +247,7 @@ def test_bad_cpu_capability_is_one_line_error():
     ):
         _C.set_cpu_capability("sse9")
     # the import succeeds (the CLI could not report an import error in one line:
-    # test_op_entry_checks.py); the round ops' C++ backend refuses the value at first use
+    # arguments/test_ops_arguments.py); the round ops' C++ backend refuses the value at first use
     env = dict(__import__("os").environ, SPECDIFF_CPU_CAPABILITY="avx1024")
     script = (
         "import torch\nfrom specdiff_kernels.ops import round as ro\n"
@@ -281,45 +282,37 @@ def test_cases_cover_every_commit():
 
 # ---------------------------------------------------------------- exactness in law, power
 class _Rejection(NamedTuple):
-    """The reference verify's rejecting chains at their first rejected position j (float64), and
-    the round's inputs a replacement of their committed state may read."""
+    """The reference verify's rejecting chains at their first rejected position j (float64
+    [B, D]), with the round's chains and spec."""
 
     rows: torch.Tensor  # the coefficient rows at step k + j
-    y: torch.Tensor  # the proposal at j [B, D]
-    p: torch.Tensor  # the target's x0-hat at j [B, D]
+    y: torch.Tensor  # the proposal at j
+    p: torch.Tensor  # the target's x0-hat at j
     step: torch.Tensor  # k + j
-    frozen: torch.Tensor  # [B, D]
-    seed: torch.Tensor
-    chain_ids: torch.Tensor
-    freeze: int
-    clip: float
+    frozen: torch.Tensor  # the chains' frozen value
+    chains: RoundChains
+    spec: RoundSpec
 
 
 def _reference_but_at_rejections(replace):
     """A verify_frozen that is the reference's, except that a rejecting chain commits
     ``replace(_Rejection)`` (float64 [B, D]) instead of the reflection."""
 
-    def verify(states, x0_hat, frozen, steps, lengths, coef, seed, chain_ids, freeze, clip):
-        out = list(
-            rr.verify_frozen(
-                states, x0_hat, frozen, steps, lengths, coef, seed, chain_ids, freeze, clip
-            )
-        )
+    def verify(states, x0_hat, chains, spec):
+        out = list(rr.verify_frozen(states, x0_hat, chains, spec))
         B, L1 = states.shape[:2]
         D = states[0, 0].numel()
-        rejected = out[0] < lengths
-        j = torch.where(rejected, out[0], lengths)
+        rejected = out[0] < chains.lengths
+        j = torch.where(rejected, out[0], chains.lengths)
         ar = torch.arange(B)
         at = _Rejection(
-            rr._rows(coef, steps + j, torch.float64),
+            rr._rows(spec.coef, chains.steps + j, torch.float64),
             states.reshape(B, L1, D).double()[ar, j],
             x0_hat.reshape(B, L1, D).double()[ar, j],
-            steps + j,
-            frozen.reshape(B, D).double(),
-            seed,
-            chain_ids,
-            freeze,
-            clip,
+            chains.steps + j,
+            chains.frozen.reshape(B, D).double(),
+            chains,
+            spec,
         )
         out[2] = (
             torch.where(rejected[:, None], replace(at), out[2].reshape(B, D).double())
@@ -334,13 +327,14 @@ def _reference_but_at_rejections(replace):
 @_reference_but_at_rejections
 def _wrong_reflection_verify(at: _Rejection) -> torch.Tensor:
     """The reference verify with the reflection coefficient 1 - a/b instead of 1 - 2a/b."""
-    c, clip = at.rows, at.clip
-    pq = rr.draft_x0(c, at.y, at.frozen, at.freeze)
+    c, clip = at.rows, at.spec.clip
+    pq = rr.draft_x0(c, at.y, at.frozen, at.spec.freeze)
     d = c[layout.ROW_A] * (rr._clip(at.p, clip) - rr._clip(pq, clip)) + c[layout.ROW_E] * (
         at.p - pq
     )
     D = at.y.shape[1]
-    r = c[layout.ROW_STD] * rr.normal_noise(at.seed, at.chain_ids, at.step, D, torch.float64)
+    noise = rr.normal_noise(at.spec.seed, at.chains.chain_ids, at.step, D, torch.float64)
+    r = c[layout.ROW_STD] * noise
     a = (d * r).sum(-1, keepdim=True)
     b = (d * d).sum(-1, keepdim=True).clamp_min(1e-300)
     return rr.affine_mean(c, pq, at.y, clip) + r + (1 - a / b) * d
@@ -363,9 +357,11 @@ def _one_step_law(verify, B=4000, D=3, gap=1.2):
     ones = torch.ones(B, dtype=torch.int64)
     ids = torch.arange(B, dtype=torch.int64)
     clip = clip_value(T)
-    Y = rr.frozen_draft(root, frozen, steps, ones, coef, SEED, ids, 1, layout.FREEZE_X0, clip)
+    chains = RoundChains(frozen, steps, ones, ids)
+    spec = RoundSpec(coef, SEED, layout.FREEZE_X0, clip)
+    Y = rr.frozen_draft(root, chains, spec, 1)
     P = x0_target.expand(B, 2, D).contiguous()
-    res = verify(Y, P, frozen, steps, ones, coef, SEED, ids, layout.FREEZE_X0, clip)
+    res = verify(Y, P, chains, spec)
     c = rr._rows(coef, steps, torch.float64)
     mp = rr.affine_mean(c, P[:, 0], root, clip)
     mq = rr.affine_mean(c, frozen, root, clip)
@@ -391,7 +387,7 @@ def test_one_round_has_the_target_law():
 
 def test_cpp_round_has_the_target_law():
     def cpp(*args):
-        return torch.ops.specdiff.verify_frozen(*args)
+        return torch.ops.specdiff.verify_frozen(*round_spec.verify_args(*args))
 
     p_par, p_perp, _ = _one_step_law(cpp)
     assert p_par > 1e-3 and p_perp > 1e-3, (p_par, p_perp)
@@ -400,7 +396,7 @@ def test_cpp_round_has_the_target_law():
 @_reference_but_at_rejections
 def _fresh_from_p_verify(at: _Rejection) -> torch.Tensor:
     """WRONG: at a rejection, a fresh draw from p instead of the reflection."""
-    mp = rr.affine_mean(at.rows, at.p, at.y, at.clip)
+    mp = rr.affine_mean(at.rows, at.p, at.y, at.spec.clip)
     return mp + at.rows[layout.ROW_STD] * torch.randn(
         *at.y.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64
     )
@@ -472,7 +468,7 @@ def test_bad_arguments_name_the_argument(mutate, match):
     )
     mutate(args)
     with pytest.raises((ValueError, TypeError), match=match):
-        ro.frozen_draft(**args)
+        ro.frozen_draft(*round_spec.draft_parts(**args))
 
 
 def test_verified_window_must_be_stochastic():
@@ -481,9 +477,10 @@ def test_verified_window_must_be_stochastic():
     case = _small_case()
     k = torch.full((3,), 38, dtype=torch.int64)  # step 39 is the deterministic t = 0 step
     n = torch.tensor([2, 2, 1])
-    Y = ro.frozen_draft(case.root, case.frozen, k, n, case.coef, case.seed, case.chain_ids, 4)
+    chains = case.chains._replace(steps=k, lengths=n)
+    Y = ro.frozen_draft(case.root, chains, case.spec, 4)
     with pytest.raises(ValueError, match=r"lengths\[0\] = 2 from step 38 reaches a deterministic"):
-        ro.verify_frozen(Y, Y, case.frozen, k, n, case.coef, case.seed, case.chain_ids)
+        ro.verify_frozen(Y, Y, chains, case.spec)
 
 
 @pytest.mark.parametrize(
@@ -512,7 +509,7 @@ def test_verified_window_must_be_stochastic():
         ),
         (
             lambda c: torch.ops.specdiff.verify_frozen(
-                *c.verify_args(torch.zeros(3, 5, 5), torch.zeros(3, 5, 6))
+                *c.verify_flat(torch.zeros(3, 5, 5), torch.zeros(3, 5, 6))
             ),
             "x0_hat must match",
         ),
@@ -545,8 +542,8 @@ def test_opcheck():
         torch.ops.specdiff.chain_noise.default,
         (case.seed, case.chain_ids, case.steps, 3, 10, torch.float32),
     )
-    torch.library.opcheck(torch.ops.specdiff.frozen_draft.default, case.draft_args())
-    torch.library.opcheck(torch.ops.specdiff.verify_frozen.default, case.verify_args(Y, P))
+    torch.library.opcheck(torch.ops.specdiff.frozen_draft.default, case.draft_flat())
+    torch.library.opcheck(torch.ops.specdiff.verify_frozen.default, case.verify_flat(Y, P))
 
 
 def test_torch_compile_fullgraph_round():
@@ -777,15 +774,13 @@ def test_without_prev_the_h_row_is_not_read(backend):
         case.prev = None
         nan_h = case.coef.clone()
         nan_h[layout.ROW_H] = float("nan")
-        args = list(case.draft_args())
-        Y = ro.frozen_draft(*args, backend=backend)
-        args[4] = nan_h
-        assert torch.equal(ro.frozen_draft(*args, backend=backend), Y)
+        Y = ro.frozen_draft(*case.draft_args(), backend=backend)
+        nan_spec = case.spec._replace(coef=nan_h)
+        got_y = ro.frozen_draft(case.root, case.chains, nan_spec, case.window, backend=backend)
+        assert torch.equal(got_y, Y)
         P = make_x0_hat(case, Y, gen)
-        vargs = list(case.verify_args(Y, P))
-        want = ro.verify_frozen(*vargs, backend=backend)
-        vargs[5] = nan_h
-        got = ro.verify_frozen(*vargs, backend=backend)
+        want = ro.verify_frozen(*case.verify_args(Y, P), backend=backend)
+        got = ro.verify_frozen(Y, P, case.chains, nan_spec, backend=backend)
         for a, b in zip(got, want):
             assert torch.equal(a, b)
         assert got.next_prev.shape == (0,) and got.next_prev.dtype == dtype
@@ -800,9 +795,10 @@ def test_multistep_with_a_zero_h_row_is_the_one_step_round():
     P = make_x0_hat(case, Y, gen)
     want = ro.verify_frozen(*case.verify_args(Y, P), backend="cpp")
     prev = torch.randn(case.root.shape, generator=gen)
-    Y2 = ro.frozen_draft(*case.draft_args(), prev, backend="cpp")
+    with_prev = case.chains._replace(prev=prev)
+    Y2 = ro.frozen_draft(case.root, with_prev, case.spec, case.window, backend="cpp")
     assert torch.equal(Y2, Y)
-    got = ro.verify_frozen(*case.verify_args(Y, P), prev, backend="cpp")
+    got = ro.verify_frozen(Y, P, with_prev, case.spec, backend="cpp")
     for a, b in zip(got[:6], want[:6]):
         assert torch.equal(a, b)
     assert got.next_prev.shape == case.root.shape
@@ -859,9 +855,11 @@ def _law_within_window(draft, verify, B=8000, D=3, k0=34, gap=1.2, shift=1.0):
     steps = torch.full((B,), k0, dtype=torch.int64)
     n = torch.full((B,), 2, dtype=torch.int64)
     clip = clip_value(T)
-    Y = draft(root, f, steps, n, coef, SEED, ids, 2, layout.FREEZE_X0, clip, prev)
+    chains = RoundChains(f, steps, n, ids, prev)
+    spec = RoundSpec(coef, SEED, layout.FREEZE_X0, clip)
+    Y = draft(root, chains, spec, 2)
     P = torch.stack([p0, p1, f], 1).expand(B, 3, D).contiguous()
-    res = verify(Y, P, f, steps, n, coef, SEED, ids, layout.FREEZE_X0, clip, prev)
+    res = verify(Y, P, chains, spec)
     took = res[1] == 2  # step 0 accepted
     mp = _mean_p(coef, steps + 1, Y[:, 1], P[:, 1], P[:, 0])
     z = (((res[2] - mp) @ u_dir) / s1)[took]
@@ -886,25 +884,28 @@ def _law_next_round(draft, verify, B=4000, D=3, k0=34, gap=1.2, shift=1.0):
     h_step = shift * s / abs(H) * u_dir
     c0 = (f1 + h_step).contiguous()
     k = torch.full((B,), k0, dtype=torch.int64)
-    Y1 = draft(root, f1, k, one, coef, SEED, ids, 1, layout.FREEZE_X0, clip, prev0)
+    spec = RoundSpec(coef, SEED, layout.FREEZE_X0, clip)
+    round1 = RoundChains(f1, k, one, ids, prev0)
+    Y1 = draft(root, round1, spec, 1)
     P1 = torch.stack([c0, c0 + 3 * h_step], 1).contiguous()
-    r1 = verify(Y1, P1, f1, k, one, coef, SEED, ids, 0, clip, prev0)
+    r1 = verify(Y1, P1, round1, spec)
     x1, prev1 = r1[2], r1[6]
     c_2 = torch.tensor([-0.3, 0.5, 0.1], dtype=torch.float64)[:D].expand(B, D).contiguous()
     f2 = (c_2 - gap * s / A_E * u_dir).contiguous()
-    Y2 = draft(x1, f2, k + 1, one, coef, SEED, ids, 1, layout.FREEZE_X0, clip, prev1)
-    r2 = verify(Y2, torch.stack([c_2, c_2], 1), f2, k + 1, one, coef, SEED, ids, 0, clip, prev1)
+    round2 = RoundChains(f2, k + 1, one, ids, prev1)
+    Y2 = draft(x1, round2, spec, 1)
+    r2 = verify(Y2, torch.stack([c_2, c_2], 1), round2, spec)
     mp = _mean_p(coef, k + 1, x1, c_2, c0)
     z = ((r2[2] - mp) @ u_dir) / s
     return stats.kstest(z.numpy(), "norm").pvalue, float((r1[0] == 1).double().mean())
 
 
 def _cpp_draft(*args):
-    return torch.ops.specdiff.frozen_draft(*args)
+    return torch.ops.specdiff.frozen_draft(*round_spec.draft_args(*args))
 
 
 def _cpp_verify(*args):
-    return torch.ops.specdiff.verify_frozen(*args)
+    return torch.ops.specdiff.verify_frozen(*round_spec.verify_args(*args))
 
 
 @pytest.mark.parametrize(
@@ -973,17 +974,14 @@ def _small_ms_case(dtype=torch.float32):
 )
 def test_bad_prev_is_refused(bad, match):
     case = _small_ms_case()
-    args = list(case.draft_args())
-    args[-1] = bad(case)
+    chains = case.chains._replace(prev=bad(case))
     with pytest.raises((ValueError, TypeError), match=match):
-        ro.frozen_draft(*args)
+        ro.frozen_draft(case.root, chains, case.spec, case.window)
     Y = ro.frozen_draft(*case.draft_args())
-    vargs = list(case.verify_args(Y, Y))
-    vargs[-1] = bad(case)
     with pytest.raises(
         (ValueError, TypeError), match=match.replace("frozen_draft", "verify_frozen")
     ):
-        ro.verify_frozen(*vargs)
+        ro.verify_frozen(Y, Y, chains, case.spec)
 
 
 @pytest.mark.parametrize(
@@ -997,13 +995,13 @@ def test_bad_prev_is_refused(bad, match):
 )
 def test_cpp_kernels_check_prev(bad, match):
     case = _small_ms_case()
-    args = list(case.draft_args())
+    args = list(case.draft_flat())
     args[-1] = bad(case)
     with pytest.raises(RuntimeError, match=r"specdiff::frozen_draft: " + match) as info:
         torch.ops.specdiff.frozen_draft(*args)
     assert "\n" not in str(info.value).strip()
     Y = ro.frozen_draft(*case.draft_args())
-    vargs = list(case.verify_args(Y, Y))
+    vargs = list(case.verify_flat(Y, Y))
     vargs[-1] = bad(case)
     want = match.replace("root dtype", "states dtype")
     with pytest.raises(RuntimeError, match=r"specdiff::verify_frozen: " + want):
@@ -1014,8 +1012,8 @@ def test_opcheck_multistep():
     case = _small_ms_case()
     Y = ro.frozen_draft(*case.draft_args())
     P = Y * 0.9 + 0.05
-    torch.library.opcheck(torch.ops.specdiff.frozen_draft.default, case.draft_args())
-    torch.library.opcheck(torch.ops.specdiff.verify_frozen.default, case.verify_args(Y, P))
+    torch.library.opcheck(torch.ops.specdiff.frozen_draft.default, case.draft_flat())
+    torch.library.opcheck(torch.ops.specdiff.verify_frozen.default, case.verify_flat(Y, P))
 
 
 def test_torch_compile_fullgraph_multistep_round():
@@ -1065,3 +1063,30 @@ def test_cpp_multistep_round_does_not_depend_on_the_thread_count():
         torch.set_num_threads(before)
     for a, b in zip(*outs):
         assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------- the round spec and the schemas
+@pytest.mark.parametrize("op", ["frozen_draft", "verify_frozen"])
+def test_round_spec_flattens_to_the_dispatcher_schema(op):
+    """SCHEMAS is what csrc/registration.cpp defines; the bundles' fields are named as the
+    schema's arguments, and flatten / unflatten put each in its schema position."""
+    schema = getattr(torch.ops.specdiff, op).default._schema
+    assert str(schema) == f"specdiff::{op}{round_spec.SCHEMAS[op]}"
+    names = [a.name for a in schema.arguments]
+    parts = {"frozen_draft": round_spec.draft_parts, "verify_frozen": round_spec.verify_parts}[op]
+    flatten = {"frozen_draft": round_spec.draft_args, "verify_frozen": round_spec.verify_args}[op]
+    stand_ins = [1.5 if n == "clip" else n for n in names]  # flatten makes clip a float
+    bundled = parts(*stand_ins)
+    chains, spec = (b for b in bundled if isinstance(b, (RoundChains, RoundSpec)))
+    assert chains._asdict() == {f: f for f in RoundChains._fields}
+    assert {**spec._asdict(), "clip": "clip"} == {f: f for f in RoundSpec._fields}
+    assert list(flatten(*bundled)) == stand_ins
+
+
+def test_round_ops_refuse_flat_arguments_in_one_line():
+    """The wrappers take the bundles; the old flat call is refused naming the argument."""
+    case = _small_case()
+    with pytest.raises(TypeError, match=r"^frozen_draft: chains must be a RoundChains"):
+        ro.frozen_draft(case.root, case.frozen, case.spec, case.window)
+    with pytest.raises(TypeError, match=r"^verify_frozen: spec must be a RoundSpec"):
+        ro.verify_frozen(case.root[:, None].expand(3, 2, 5), case.root, case.chains, case.coef)

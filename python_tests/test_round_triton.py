@@ -39,6 +39,12 @@ from verify_cases import poison_empty, run_aot_script  # noqa: E402
 from specdiff_kernels.ops import layout  # noqa: E402
 from specdiff_kernels.ops import round as round_ops  # noqa: E402
 from specdiff_kernels.ops.reference import round as R  # noqa: E402
+from specdiff_kernels.ops.round_spec import (  # noqa: E402
+    RoundChains,
+    RoundSpec,
+    draft_parts,
+    verify_parts,
+)
 from specdiff_kernels.sampling.transitions import (  # noqa: E402
     ddim_transitions,
     ddpm_transitions,
@@ -209,17 +215,19 @@ def _verify_oracle(Y, P, frozen, steps, lengths, coef, seed, ids, freeze, clip, 
     """The float64 reference result plus per-step error scales (tolerances) of the log ratio;
     multistep (``prev``): d_j includes H (P_{j-1} - p_q(y_{j-1})) for j >= 1."""
     want = R.verify_frozen(
-        Y.double(),
-        P.double(),
-        frozen.double(),
-        steps,
-        lengths,
-        coef,
-        seed,
-        ids,
-        freeze,
-        clip,
-        None if prev is None else prev.double(),
+        *verify_parts(
+            Y.double(),
+            P.double(),
+            frozen.double(),
+            steps,
+            lengths,
+            coef,
+            seed,
+            ids,
+            freeze,
+            clip,
+            None if prev is None else prev.double(),
+        )
     )
     dtype = Y.dtype
     B, L1 = Y.shape[:2]
@@ -509,9 +517,8 @@ def test_frozen_draft_clip_matters_and_public_api(dtype, bound):
     assert not torch.equal(y_clip, y_off)
     for clip, y in ((bound, y_clip), (math.inf, y_off)):
         assert_draft_matches(y, root, frozen, steps, lengths, coef, seed, ids, L, 0, clip)
-    pub = round_ops.frozen_draft(
-        root, frozen, steps, lengths, coef, seed, ids, L, 0, bound, backend="triton"
-    )
+    args = (root, frozen, steps, lengths, coef, seed, ids, L, 0, bound)
+    pub = round_ops.frozen_draft(*draft_parts(*args), backend="triton")
     assert torch.equal(pub, y_clip)
 
 
@@ -682,7 +689,9 @@ def test_clamped_lengths_steps_and_poison_past_n():
     P = _x0_hat(Y, frozen, steps, coef, 1, gen)
     got = verify_op(Y, P, frozen, steps, lengths, coef, seed, ids, 1, clip)
     want = R.verify_frozen(
-        Y.double(), P.double(), frozen.double(), steps, lengths, coef, seed, ids, 1, clip
+        *verify_parts(
+            Y.double(), P.double(), frozen.double(), steps, lengths, coef, seed, ids, 1, clip
+        )
     )
     for g, w in zip(got[:2], want[:2]):
         assert torch.equal(g, w)
@@ -707,28 +716,23 @@ def test_public_api_and_backend():
     steps, lengths = torch.tensor([0, 4]), torch.tensor([2, 1])
     root, frozen, ids, seed = _inputs(2, E, torch.float32, gen)
     assert round_ops.get_backend("triton", torch.device("cpu")).name == "triton"
-    Y = round_ops.frozen_draft(
-        root, frozen, steps, lengths, coef, seed, ids, L, 0, clip, backend="triton"
-    )
+    chains = RoundChains(frozen, steps, lengths, ids)
+    spec = RoundSpec(coef, seed, 0, clip)
+    Y = round_ops.frozen_draft(root, chains, spec, L, backend="triton")
     P = _x0_hat(Y, frozen, steps, coef, 0, gen)
-    res = round_ops.verify_frozen(
-        Y, P, frozen, steps, lengths, coef, seed, ids, 0, clip, backend="triton"
-    )
+    res = round_ops.verify_frozen(Y, P, chains, spec, backend="triton")
     raw = verify_op(Y, P, frozen, steps, lengths, coef, seed, ids, 0, clip)
     for a, b in zip(res, raw):
         assert torch.equal(a, b)
     assert res.next_state.shape == (2, 3, 5) and res.next_prev.shape == (0,)
-    # multistep: prev is the last positional argument; next_prev the 7th field
+    # multistep: prev is the last field of RoundChains (and of the schema); next_prev the 7th
     prev = frozen.flip(0).contiguous()
-    Ym = round_ops.frozen_draft(
-        root, frozen, steps, lengths, coef, seed, ids, L, 0, clip, prev, backend="triton"
-    )
+    chains = chains._replace(prev=prev)
+    Ym = round_ops.frozen_draft(root, chains, spec, L, backend="triton")
     assert torch.equal(
         Ym, draft_op(root, frozen, steps, lengths, coef, seed, ids, L, 0, clip, prev)
     )
-    res = round_ops.verify_frozen(
-        Ym, P, frozen, steps, lengths, coef, seed, ids, 0, clip, prev, backend="triton"
-    )
+    res = round_ops.verify_frozen(Ym, P, chains, spec, backend="triton")
     raw = verify_op(Ym, P, frozen, steps, lengths, coef, seed, ids, 0, clip, prev)
     for a, b in zip(res, raw):
         assert torch.equal(a, b)

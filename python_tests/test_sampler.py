@@ -658,19 +658,21 @@ def test_target_call_segments_come_back_by_name():
     ["ddpm_eps_clip", "ddpm_large_noclip", "ddim_eta", "ddim_clipped_eps", "euler_a", "ula"],
 )
 def test_affine_mean_equals_the_general_formula(family):
-    """The ragged round's table form A clip(p) + E p + G y equals mean_from_x0, in float64,
-    for windows [w, L, *E] with per-position steps."""
+    """The ops' table form A clip(p) + E p + G y (the ragged round's draft and target means)
+    equals mean_from_x0, in float64, for windows [w, L, *E] with per-position steps."""
     from round_cases import FAMILIES
 
-    from specdiff_kernels.sampling.ragged_round import affine_mean
+    from specdiff_kernels.ops.round import affine_mean, seed_tensor
+    from specdiff_kernels.sampling.transitions import round_spec
 
     T = FAMILIES[family]()
+    spec = round_spec(T, seed_tensor(0))
     g = torch.Generator().manual_seed(1)
     y = torch.randn(5, 3, 2, 7, generator=g, dtype=torch.float64)
     p = 2 * torch.randn(5, 3, 2, 7, generator=g, dtype=torch.float64)  # |p| > clip often
     k = torch.randint(0, T.num_steps, (5, 3), generator=g)
     torch.testing.assert_close(
-        affine_mean(T, y, p, k), T.mean_from_x0(y, p, k), rtol=1e-10, atol=1e-10
+        affine_mean(spec, y, p, k), T.mean_from_x0(y, p, k), rtol=1e-10, atol=1e-10
     )
 
 

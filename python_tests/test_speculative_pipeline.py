@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from preamble import gen, tiny_unet
+from preamble import gen
 
 pytest.importorskip("diffusers", reason="diffusers is an optional extra")
 from diffusers import (  # noqa: E402
@@ -21,6 +21,7 @@ from diffusers import (  # noqa: E402
     DPMSolverMultistepScheduler,
     ImagePipelineOutput,
 )
+from tiny_diffusers import tiny_unet  # noqa: E402
 
 from specdiff_kernels import SpeculativeSampler  # noqa: E402
 from specdiff_kernels.integrations import SpeculativePipeline  # noqa: E402

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from preamble import SINGLE_THREAD, tiny_unet
+from preamble import SINGLE_THREAD
 
 pytest.importorskip("diffusers")
 from diffusers import DDPMScheduler  # noqa: E402
+from tiny_diffusers import tiny_unet  # noqa: E402
 
 from specdiff_kernels import AncestralSampler, SpeculativeSampler  # noqa: E402
 from specdiff_kernels.integrations.diffusers import DiffusersModel, diffusers_transitions  # noqa: E402

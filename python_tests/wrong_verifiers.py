@@ -79,22 +79,23 @@ def wrong_verifier(name: str, fresh_seed: int):
 # ---------------------------------------------------------------- the static path's verify
 # The static round calls the fused ``verify_frozen`` op (StaticRound._verify), not ``verify_fn``:
 # these WRONG variants replace that method (tests patch it with monkeypatch).
-def _mean_gap_and_step(rnd, Y, P, frozen, k, j):
+def _mean_gap_and_step(rnd, Y, P, chains, j):
     """m_p, the draft step's r = s xi and the mean gap d at window position j (float64)."""
     from specdiff_kernels.ops.layout import ROW_STD
     from specdiff_kernels.ops.reference import round as rr
 
+    spec, k = rnd.spec, chains.steps
     B = Y.shape[0]
     idx = torch.arange(B, device=Y.device)
     D = Y[0, 0].numel()
-    c = rr._rows(rnd.coef, k + j, torch.float64)
+    c = rr._rows(spec.coef, k + j, torch.float64)
     yj = Y.reshape(B, Y.shape[1], D)[idx, j].double()
     pj = P.reshape(B, Y.shape[1], D)[idx, j].double()
-    f = frozen.reshape(B, D).double()
-    pq = rr.draft_x0(c, yj, f, rnd.freeze)
-    mp = rr.affine_mean(c, pj, yj, rnd.clip)
-    mq = rr.affine_mean(c, pq, yj, rnd.clip)
-    r = c[ROW_STD] * rr.normal_noise(rnd.seed, rnd.ids, k + j, D, torch.float64)
+    f = chains.frozen.reshape(B, D).double()
+    pq = rr.draft_x0(c, yj, f, spec.freeze)
+    mp = rr.affine_mean(c, pj, yj, spec.clip)
+    mq = rr.affine_mean(c, pq, yj, spec.clip)
+    r = c[ROW_STD] * rr.normal_noise(spec.seed, chains.chain_ids, k + j, D, torch.float64)
     return mp, mq, r, c[ROW_STD]
 
 
@@ -107,8 +108,9 @@ def static_wrong_verify(kind: str, seed: int = 0):
     real = StaticRound._verify
     gen = torch.Generator().manual_seed(seed)
 
-    def verify(self, Y, P, frozen, k, n, prev):
-        res = real(self, Y, P, frozen, k, n, prev)
+    def verify(self, Y, P, chains):
+        res = real(self, Y, P, chains)
+        n = chains.lengths
         B, L1 = Y.shape[:2]
         idx = torch.arange(B, device=Y.device)
         rejected = res.num_accepted < n
@@ -123,7 +125,7 @@ def static_wrong_verify(kind: str, seed: int = 0):
             )
         if kind == "keep_draft":
             return res._replace(next_state=torch.where(mask, Y[idx, j + 1], res.next_state))
-        mp, mq, r, s = _mean_gap_and_step(self, Y, P, frozen, k, j)
+        mp, mq, r, s = _mean_gap_and_step(self, Y, P, chains, j)
         if kind == "fresh_from_p":
             wrong = mp + s * torch.randn(mp.shape, generator=gen, dtype=torch.float64)
         elif kind == "half_reflection":
@@ -157,8 +159,7 @@ MULTISTEP_WRONG = (
 
 
 def multistep_verify_frozen(kind: str = "correct"):
-    """A verify_frozen(states, x0_hat, frozen, steps, lengths, coef, seed, chain_ids, freeze, clip,
-    prev) in float64. WRONG kinds: ``target_prev_is_prev`` (the target's previous prediction is
+    """A verify_frozen(states, x0_hat, chains, spec) (``chains.prev`` given) in float64. WRONG kinds: ``target_prev_is_prev`` (the target's previous prediction is
     prev at every position, not P_{j-1}), ``target_prev_is_draft_x0`` (the target's previous
     prediction is the draft's, so the mean gap has no H term), ``draft_prev_is_prev`` (the draft's
     previous prediction is prev at every position; the draft
@@ -171,7 +172,9 @@ def multistep_verify_frozen(kind: str = "correct"):
     if kind not in ("correct", *MULTISTEP_WRONG):
         raise ValueError(kind)
 
-    def verify(states, x0_hat, frozen, steps, lengths, coef, seed, chain_ids, freeze, clip, prev):
+    def verify(states, x0_hat, chains, spec):
+        frozen, steps, lengths, chain_ids, prev = chains
+        coef, seed, freeze, clip = spec
         B, L1 = states.shape[:2]
         L, N = L1 - 1, coef.shape[1]
         D = states[0, 0].numel()

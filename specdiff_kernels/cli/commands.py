@@ -302,7 +302,8 @@ def cmd_policy(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------- specdiff sample
 def add_sample_arguments(sample: argparse.ArgumentParser) -> None:
-    from .sample import EMBEDDED, SCHEDULERS
+    from ..sampling.families import FAMILIES, NAMES, canonical
+    from .sample import EMBEDDED
 
     sample.add_argument(
         "--pipeline",
@@ -314,9 +315,10 @@ def add_sample_arguments(sample: argparse.ArgumentParser) -> None:
     sample.add_argument(
         "--scheduler",
         default=None,
-        choices=list(SCHEDULERS),
-        help="default: the pipeline's own (digits: ddpm); dpm++2m-sde: DPM-Solver++ 2M SDE "
-        "(diffusers' DPMSolverMultistepScheduler with algorithm_type='sde-dpmsolver++')",
+        type=canonical,
+        choices=NAMES,
+        help="the sampler family (default: the pipeline's own; digits: ddpm): "
+        + "; ".join(f"{f.name}: {f.label}, diffusers' {f.scheduler_text}" for f in FAMILIES),
     )
     sample.add_argument(
         "--karras",

@@ -41,11 +41,13 @@ def policy_window(text: str):
 
 def add_policy_arguments(p: argparse.ArgumentParser) -> None:
     from ..models.pusht_loop import FAMILIES
+    from ..sampling.families import canonical
 
     p.add_argument("--episodes", type=positive_int, default=50, help="episodes (default 50)")
     p.add_argument(
         "--sampler",
         default="ddpm",
+        type=canonical,
         choices=list(FAMILIES),
         help="ddpm (default, the policy's own 100 steps), ddim (eta 0, deterministic: "
         "ancestral only) or dpm++2m-sde",

@@ -26,18 +26,14 @@ from typing import Optional
 
 import torch
 
-# --scheduler value -> diffusers class; the embedded digits model maps them onto its own tables
-SCHEDULERS = {
-    "ddpm": "DDPMScheduler",
-    "ddim": "DDIMScheduler",
-    "euler-a": "EulerAncestralDiscreteScheduler",
-    "dpm++2m-sde": "DPMSolverMultistepScheduler",
-}
-SCHEDULER_NAMES = {cls: name for name, cls in SCHEDULERS.items()}
-DPM_SDE = "dpm++2m-sde"
-# what --scheduler dpm++2m-sde sets on the scheduler config (DPM-Solver++ 2M SDE, diffusers'
-# "DPM++ 2M SDE"); --karras adds use_karras_sigmas
-DPM_SDE_CONFIG = {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}
+from ..sampling.families import NAMES, Family, canonical, family, for_scheduler
+
+# --scheduler takes a sampler family (sampling.families); a deterministic solver's stochastic
+# counterpart, suggested when a pipeline's own scheduler is one
+SDE = family("dpm++2m-sde")
+# the family option each flag sets, and so the families it applies to
+FLAG_OPTIONS = {"--eta": "eta", "--karras": "sigma_schedule"}
+# --karras sets use_karras_sigmas on the scheduler config, replacing these
 OTHER_SIGMAS = ("use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas")
 EMBEDDED = ("patches", "digits")
 # UNets called as unet(sample, timestep): conditional ones need inputs this command has no flag for
@@ -60,7 +56,7 @@ class PipelineSpec:
 
     name: str  # "digits", "patches" or the folder as given
     path: Optional[Path]  # the save_pretrained folder (None: digits)
-    scheduler: str  # ddpm | ddim | euler-a | dpm++2m-sde
+    scheduler: str  # a sampler family's name (sampling.families)
     own_scheduler: str  # the pipeline's own scheduler class name
     event_shape: tuple
     max_steps: int  # training timesteps: the most sampling steps
@@ -149,8 +145,8 @@ def _check_flow(pipeline: str, path: Path) -> None:
         raise PipelineError(
             "--pipeline",
             f"{pipeline!r}: a flow-matching pipeline (scheduler {own}: {why}); {FLOW_MATCHING} "
-            f"(ddpm, ddim, euler-a and dpm++2m-sde sample diffusion models trained on a beta "
-            f"schedule, not flow models)",
+            f"({_all_families()} sample diffusion models trained on a beta schedule, not flow "
+            f"models)",
         )
 
 
@@ -268,58 +264,64 @@ def _check_unet_weights(path: Path, cls_name: str, cfg: dict) -> None:
         )
 
 
-def _scheduler_from_config(name: str, config: dict, overrides: Optional[dict] = None):
+def _all_families() -> str:
+    return f"{', '.join(NAMES[:-1])} and {NAMES[-1]}"
+
+
+def _chain_scheduler(fam: Family, given: bool, config: dict, overrides: dict):
+    """The chain's diffusers scheduler from the folder's config: a --scheduler given makes any
+    config the family's (its scheduler settings over the config's, e.g. DPM-Solver++'s ODE one
+    the 2M SDE one); the pipeline's own is taken as it is. The step's options are checked when
+    it is tabulated."""
+    from ..integrations.diffusers import build_scheduler
+
+    try:
+        return build_scheduler({**config, **overrides}, fam.name if given else fam.scheduler)
+    except (TypeError, ValueError) as err:
+        raise PipelineError("--pipeline", f"scheduler/scheduler_config.json: {err}") from None
+
+
+def _config_value(cls_name: str, cfg: dict, key: str):
+    """``cfg[key]``, else the scheduler class's default for it."""
+    import inspect
+
     import diffusers
 
-    cls = getattr(diffusers, SCHEDULERS[name])
-    cfg = {k: v for k, v in config.items() if not k.startswith("_")}
-    cfg.update(overrides or {})
-    from diffusers.utils import logging as dlog
-
-    level = dlog.get_verbosity()
-    dlog.set_verbosity_error()  # from_config warns about another scheduler's keys
-    try:
-        return cls.from_config(cfg)
-    except Exception as err:  # diffusers raises NotImplementedError, TypeError, ... for bad keys
-        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        raise PipelineError(
-            "--pipeline",
-            f"scheduler/scheduler_config.json does not build a {cls.__name__}: "
-            f"{type(err).__name__}: {first}",
-        ) from None
-    finally:
-        dlog.set_verbosity(level)
+    if key in cfg:
+        return cfg[key]
+    param = inspect.signature(getattr(diffusers, cls_name).__init__).parameters.get(key)
+    return None if param is None else param.default
 
 
 def _own_scheduler(own: str, cfg: dict) -> str:
     """The --scheduler name of the pipeline's own scheduler, else a PipelineError saying why."""
-    from ..integrations.diffusers import DETERMINISTIC_SCHEDULERS, NO_NOISE
+    from ..integrations.diffusers import DETERMINISTIC_SCHEDULERS, NO_NOISE, UNSUPPORTED_REASONS
 
-    if own == SCHEDULERS[DPM_SDE]:
-        algo = cfg.get("algorithm_type", "dpmsolver++")
-        if algo == "sde-dpmsolver++":
-            return DPM_SDE
-        raise PipelineError(
-            "--scheduler",
-            f"the pipeline's own scheduler {own} (algorithm_type {algo!r}) is {NO_NOISE}; pass "
-            f"--scheduler {DPM_SDE} (its SDE variant)",
-        )
+    fam = for_scheduler(own)
+    if fam is not None:
+        settings = dict(fam.scheduler_config)
+        for key in fam.variant:  # e.g. DPMSolverMultistepScheduler's algorithm_type
+            value = _config_value(own, cfg, key)
+            if value != settings[key]:
+                raise PipelineError(
+                    "--scheduler",
+                    f"the pipeline's own scheduler {own} ({key} {value!r}) is {NO_NOISE}; pass "
+                    f"--scheduler {fam.name} (its SDE variant)",
+                )
+        return fam.name
     if own in DETERMINISTIC_SCHEDULERS:
+        others = ", ".join(n for n in NAMES if n != SDE.name)
         raise PipelineError(
             "--scheduler",
-            f"the pipeline's own scheduler {own} is {NO_NOISE}; pass --scheduler {DPM_SDE} "
-            f"(or {', '.join(list(SCHEDULERS)[:-1])})",
+            f"the pipeline's own scheduler {own} is {NO_NOISE}; pass --scheduler {SDE.name} "
+            f"(or {others})",
         )
-    if own not in SCHEDULER_NAMES:
-        from ..integrations.diffusers import UNSUPPORTED_REASONS
-
-        reason = UNSUPPORTED_REASONS.get(own, "no Gaussian ancestral step to speculate")
-        raise PipelineError(
-            "--scheduler",
-            f"the pipeline's own scheduler {own} is not supported ({reason}); pass "
-            f"--scheduler {' or '.join(SCHEDULERS)} (on the same training schedule)",
-        )
-    return SCHEDULER_NAMES[own]
+    reason = UNSUPPORTED_REASONS.get(own, "no Gaussian ancestral step to speculate")
+    raise PipelineError(
+        "--scheduler",
+        f"the pipeline's own scheduler {own} is not supported ({reason}); pass "
+        f"--scheduler {' or '.join(NAMES)} (on the same training schedule)",
+    )
 
 
 # the scheduler-config keys that define the training schedule: a --scheduler override builds
@@ -343,9 +345,13 @@ def _own_training_schedule(pipeline: str, own: str, cfg: dict):
     would run its model on another schedule). None: nothing to compare with (an unbuildable
     config is refused with its own message when the chain's scheduler is built)."""
     import diffusers
-    from diffusers.utils import logging as dlog
 
-    from ..integrations.diffusers import DETERMINISTIC_SCHEDULERS, NO_NOISE, UNSUPPORTED_REASONS
+    from ..integrations.diffusers import (
+        DETERMINISTIC_SCHEDULERS,
+        NO_NOISE,
+        UNSUPPORTED_REASONS,
+        quiet_diffusers,
+    )
 
     where = f"{pipeline!r}: its scheduler {own}"
     cls = getattr(diffusers, own, None) if isinstance(own, str) else None
@@ -358,18 +364,14 @@ def _own_training_schedule(pipeline: str, own: str, cfg: dict):
             f"schedule ({', '.join(BETA_KEYS)}), so its training schedule is unknown and no "
             f"supported sampler can be matched to it",
         )
-    level = dlog.get_verbosity()
-    dlog.set_verbosity_error()
     try:
         import warnings
 
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), quiet_diffusers():
             warnings.simplefilter("ignore")
             built = cls.from_config({k: v for k, v in cfg.items() if not k.startswith("_")})
     except Exception:  # diffusers raises many kinds for a bad config: reported when built again
         return None
-    finally:
-        dlog.set_verbosity(level)
     if getattr(built, "alphas_cumprod", None) is None:
         reason = UNSUPPORTED_REASONS.get(own) or (
             NO_NOISE if own in DETERMINISTIC_SCHEDULERS else "no beta schedule"
@@ -377,7 +379,7 @@ def _own_training_schedule(pipeline: str, own: str, cfg: dict):
         raise PipelineError(
             "--pipeline",
             f"{where} has no discrete beta (VP) training schedule ({reason}); its model is not "
-            f"supported yet: ddpm, ddim, euler-a and dpm++2m-sde would run it on another schedule",
+            f"supported yet: {_all_families()} would run it on another schedule",
         )
     if built.config.get("timestep_type", "discrete") == "continuous":
         raise PipelineError(
@@ -423,13 +425,23 @@ def _check_inherited(name: str, own: str, own_sched, sched) -> None:
         )
 
 
-def _check_karras(karras: bool, scheduler: str, own: Optional[str] = None) -> None:
-    if karras and scheduler != DPM_SDE:
+def _check_flag(flag: str, scheduler: str, own: Optional[str] = None) -> None:
+    """``flag`` (given) sets an option of the family ``scheduler`` (FLAG_OPTIONS)."""
+    option = FLAG_OPTIONS[flag]
+    if option not in family(scheduler).options:
+        takes = " or ".join(f.name for f in map(family, NAMES) if option in f.options)
         raise PipelineError(
-            "--karras",
-            f"applies to --scheduler {DPM_SDE} only"
+            flag,
+            f"applies to --scheduler {takes} only"
             + ("" if own is None else f" (this pipeline's own scheduler is {own})"),
         )
+
+
+def _check_flags(scheduler: str, eta, karras: bool, own: Optional[str] = None) -> None:
+    if eta is not None:
+        _check_flag("--eta", scheduler, own)
+    if karras:
+        _check_flag("--karras", scheduler, own)
 
 
 def resolve_pipeline(
@@ -442,6 +454,7 @@ def resolve_pipeline(
     """Check ``--pipeline`` / ``--scheduler`` / ``--eta`` / ``--karras`` / ``--steps`` from JSON
     only; build the transitions (cheap: tables from the scheduler config). Raises
     :class:`PipelineError`."""
+    scheduler = None if scheduler is None else canonical(scheduler)
     if pipeline == "digits":
         return _resolve_digits(scheduler, steps, eta, karras)
     path = patches_dir() if pipeline == "patches" else Path(pipeline)
@@ -484,13 +497,8 @@ def resolve_pipeline(
     given = scheduler is not None
     if scheduler is None:
         scheduler = _own_scheduler(own, sched_cfg)
-    if eta is not None and scheduler != "ddim":
-        raise PipelineError(
-            "--eta",
-            "applies to --scheduler ddim only"
-            + ("" if given else f" (this pipeline's own scheduler is {own})"),
-        )
-    _check_karras(karras, scheduler, None if given else own)
+    _check_flags(scheduler, eta, karras, None if given else own)
+    fam = family(scheduler)
     try:
         max_steps = int(sched_cfg.get("num_train_timesteps", 1000))
         if max_steps < 1:
@@ -519,19 +527,13 @@ def resolve_pipeline(
     from ..integrations.diffusers import diffusers_transitions
 
     overrides = {}
-    if scheduler == DPM_SDE:
-        # an explicit --scheduler makes any config (DDPM's, DPM-Solver++'s ODE) the 2M SDE one;
-        # the pipeline's own SDE config is taken as it is
-        overrides = dict(DPM_SDE_CONFIG) if given else {}
-        if karras:  # asked for: it replaces a sigma schedule the config names
-            overrides.update(dict.fromkeys(OTHER_SIGMAS, False), use_karras_sigmas=True)
-    sched = _scheduler_from_config(scheduler, sched_cfg, overrides)
+    if karras:  # asked for: it replaces a sigma schedule the config names
+        overrides = dict.fromkeys(OTHER_SIGMAS, False) | {"use_karras_sigmas": True}
+    sched = _chain_scheduler(fam, given, sched_cfg, overrides)
     if own_sched is not None:
         _check_inherited(scheduler, own, own_sched, sched)
     try:
-        T = diffusers_transitions(
-            sched, steps, eta=(DEFAULT_ETA if eta is None else eta) if scheduler == "ddim" else None
-        )
+        T = diffusers_transitions(sched, steps, **_step_options(fam, eta))
     except (ValueError, TypeError) as err:
         raise PipelineError("--scheduler", f"{scheduler}: {err}") from None
     from .memory import unet_act_bytes
@@ -579,59 +581,40 @@ def _check_clip(pipeline: str, cfg: dict) -> None:
         )
 
 
+def _step_options(fam: Family, eta) -> dict:
+    """The --eta the family's step takes (DDIM's, default DEFAULT_ETA); none for the others."""
+    return {"eta": DEFAULT_ETA if eta is None else eta} if "eta" in fam.options else {}
+
+
 def _resolve_digits(
     scheduler: Optional[str], steps: int, eta: Optional[float], karras: bool = False
 ) -> PipelineSpec:
     from .. import models
+    from .memory import DIGITS_ACT_BYTES
 
     scheduler = scheduler or "ddpm"
-    if eta is not None and scheduler != "ddim":
-        raise PipelineError("--eta", "applies to --scheduler ddim only")
-    _check_karras(karras, scheduler)
+    _check_flags(scheduler, eta, karras)
     if steps > models.TRAIN_TIMESTEPS:
         raise PipelineError(
             "--steps",
             f"must be at most {models.TRAIN_TIMESTEPS} (the model's "
             f"training timesteps), got {steps}",
         )
-    # the digits tables need no weights: models.load would read them, so build them directly
-    from ..models.digits import digits_alphas_cumprod
-    from ..sampling.transitions import (
-        ddim_transitions,
-        ddpm_transitions,
-        dpmsolver_sde_transitions,
-        euler_ancestral_transitions,
-    )
-    from .memory import DIGITS_ACT_BYTES
-
-    abar = digits_alphas_cumprod()
-    if scheduler == "ddpm":
-        T = ddpm_transitions(abar, num_inference_steps=steps, prediction="epsilon", clip_sample=1.0)
-    elif scheduler == "ddim":
-        T = ddim_transitions(
-            abar,
-            num_inference_steps=steps,
-            prediction="epsilon",
-            clip_sample=1.0,
-            eta=DEFAULT_ETA if eta is None else eta,
-        )
-    elif scheduler == DPM_SDE:
-        # diffusers' defaults (linspace spacing, final sigma 0, lower_order_final) on the
-        # model's own schedule; no clipping: DPMSolverMultistepScheduler has none
-        T = dpmsolver_sde_transitions(
-            steps,
-            alphas_cumprod=abar,
-            sigma_schedule="karras" if karras else "default",
-            prediction="epsilon",
-        )
-    else:
-        T = euler_ancestral_transitions(abar, num_inference_steps=steps, prediction="epsilon")
+    # the model's own transitions, without its weights (models.load would read them)
+    em = models.digits_schedule()
+    options = _step_options(family(scheduler), eta)
+    if karras:
+        options["sigma_schedule"] = "karras"
+    try:
+        T = em.transitions(steps, scheduler, **options)
+    except (ValueError, TypeError) as err:
+        raise PipelineError("--scheduler", f"{scheduler}: {err}") from None
     return PipelineSpec(
         name="digits",
         path=None,
         scheduler=scheduler,
         own_scheduler="ddpm",
-        event_shape=(1, 8, 8),
+        event_shape=em.event_shape,
         max_steps=models.TRAIN_TIMESTEPS,
         has_draft_model=True,
         transitions=T,
@@ -644,16 +627,16 @@ def _resolve_digits(
 def load_unet(path: Path, device: torch.device, dtype: torch.dtype):
     """The pipeline's UNet in eval mode on ``device`` in ``dtype`` (no accelerate needed)."""
     import diffusers
-    from diffusers.utils import logging as dlog
+
+    from ..integrations.diffusers import quiet_diffusers
 
     cfg = json.loads((path / "unet" / "config.json").read_text())
     cls = getattr(diffusers, cfg["_class_name"])
-    level = dlog.get_verbosity()
-    dlog.set_verbosity_error()  # without accelerate, from_pretrained warns on every load
     try:
-        unet = cls.from_pretrained(
-            path, subfolder="unet", torch_dtype=dtype, low_cpu_mem_usage=False
-        )
+        with quiet_diffusers():  # without accelerate, from_pretrained warns on every load
+            unet = cls.from_pretrained(
+                path, subfolder="unet", torch_dtype=dtype, low_cpu_mem_usage=False
+            )
     except (OSError, RuntimeError, ValueError, KeyError, TypeError) as err:
         # what the header checks cannot see (pickled weights, a corrupt tensor); the loader's
         # message is many lines and chained: its first line names the problem
@@ -662,8 +645,6 @@ def load_unet(path: Path, device: torch.device, dtype: torch.dtype):
             "--pipeline",
             f"{str(path)!r}: the unet weights do not load: {type(err).__name__}: {first}",
         ) from None
-    finally:
-        dlog.set_verbosity(level)
     return unet.to(device).eval()
 
 

@@ -36,25 +36,23 @@ Install with ``pip install specdiff_kernels[diffusers]``.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import numbers
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
+from ..sampling.families import FAMILIES, NAMES, Family, canonical, family
 from ..sampling.transitions import (
     FINAL_SIGMAS,
     PREDICTIONS,
     SOLVER_TYPES,
     SPACINGS,
     GaussianTransitions,
-    as_choice,
     as_clip,
-    as_flag,
-    as_int,
-    as_real,
     check_betas,
     check_steps_offset,
     ddim_from_schedule,
@@ -62,6 +60,7 @@ from ..sampling.transitions import (
     dpmsolver_sde_from_sigmas,
     euler_ancestral_from_sigmas,
 )
+from ..validate import as_choice, as_flag, as_int, as_real
 
 __all__ = ["DiffusersModel", "diffusers_transitions", "from_pipeline", "scheduler_from_config"]
 
@@ -134,17 +133,11 @@ class DiffusersModel(torch.nn.Module):
         _check_call_kwargs(unet, call_kwargs)
         self.unet = unet
         self.call_kwargs = call_kwargs
-        if guidance_scale is not None:
-            if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, numbers.Real):
-                raise TypeError(
-                    f"DiffusersModel: guidance_scale must be a real number, got "
-                    f"{type(guidance_scale).__name__}"
-                )
-            if not math.isfinite(float(guidance_scale)):
-                raise ValueError(
-                    f"DiffusersModel: guidance_scale must be finite, got {guidance_scale}"
-                )
-        self.guidance_scale = None if guidance_scale is None else float(guidance_scale)
+        self.guidance_scale = (
+            None
+            if guidance_scale is None
+            else as_real("DiffusersModel: guidance_scale", guidance_scale)
+        )
         self.uncond = {} if uncond is None else _as_uncond(uncond, "uncond")
         if self.uncond and self.guidance_scale is None:
             raise ValueError(
@@ -416,18 +409,13 @@ class _ThresholdedTransitions(GaussianTransitions):
         return super().mean_from_x0(x, self.threshold(x0, dims), k, prev)
 
 
-SUPPORTED = (
-    "DDPMScheduler",
-    "DDIMScheduler",
-    "EulerAncestralDiscreteScheduler",
-    "DPMSolverMultistepScheduler",
-)
-_SUPPORTED_TEXT = (
-    "DDPMScheduler, DDIMScheduler (eta > 0), EulerAncestralDiscreteScheduler, "
-    "DPMSolverMultistepScheduler (algorithm_type='sde-dpmsolver++')"
-)
+# the families whose diffusers step the adapter tabulates (sampling.families), by class name
+_FAMILIES = tuple(f for f in FAMILIES if f.scheduler is not None)
+SUPPORTED = tuple(f.scheduler for f in _FAMILIES)
+_SUPPORTED_TEXT = ", ".join(f.scheduler_text for f in _FAMILIES)
 NO_NOISE = "deterministic (no noise to speculate over)"
-_USE_SDE_DPM = "use DPMSolverMultistepScheduler(algorithm_type='sde-dpmsolver++')"
+# a deterministic solver's stochastic counterpart
+_USE_SDE_DPM = f"use {family('dpm++2m-sde').scheduler_call}"
 # diffusers schedulers whose step draws no noise: the stochastic one to use instead
 DETERMINISTIC_SCHEDULERS = {
     "UniPCMultistepScheduler": _USE_SDE_DPM,
@@ -506,8 +494,9 @@ def _import_diffusers():
     return diffusers
 
 
-def _supported_class(scheduler, where: str = "scheduler") -> str:
-    """The supported class ``scheduler`` is an instance of, else a one-line TypeError."""
+def _supported_family(scheduler, where: str = "scheduler") -> Family:
+    """The family whose supported class ``scheduler`` is an instance of, else a one-line
+    TypeError."""
     diffusers = _import_diffusers()
     if isinstance(scheduler, type) and issubclass(scheduler, diffusers.SchedulerMixin):
         raise TypeError(
@@ -519,9 +508,9 @@ def _supported_class(scheduler, where: str = "scheduler") -> str:
             f"{where} must be a diffusers scheduler ({_SUPPORTED_TEXT}), got "
             f"{type(scheduler).__name__}"
         )
-    for name in SUPPORTED:
-        if isinstance(scheduler, getattr(diffusers, name)):
-            return name
+    for fam in _FAMILIES:
+        if isinstance(scheduler, getattr(diffusers, fam.scheduler)):
+            return fam
     raise TypeError(_unsupported_text(type(scheduler).__name__))
 
 
@@ -560,7 +549,7 @@ def _check_schedule(cfg: Mapping) -> None:
     supported schedulers share these defaults); diffusers' constructor fails deep in torch on a
     string or fractional value."""
     cfg = {**_SCHEDULE_DEFAULTS, **cfg}
-    T = as_int(cfg["num_train_timesteps"], "num_train_timesteps", 1)
+    T = as_int("num_train_timesteps", cfg["num_train_timesteps"], 1)
     trained = cfg.get("trained_betas")
     if trained is not None:
         betas = check_betas(trained, "trained_betas")
@@ -570,7 +559,7 @@ def _check_schedule(cfg: Mapping) -> None:
             )
     elif cfg.get("beta_schedule") in ("linear", "scaled_linear", "sigmoid"):
         for key in ("beta_start", "beta_end"):
-            as_real(cfg[key], key, 0, 1, open_low=True, open_high=True)
+            as_real(key, cfg[key], 0, 1, open_low=True, open_high=True)
 
 
 _SCHEDULE_DEFAULTS = {
@@ -595,14 +584,14 @@ def _check_dpm(cfg) -> None:
             "of noise predictions, not of x0-hats; deprecated by diffusers); use "
             "algorithm_type='sde-dpmsolver++'"
         )
-    as_choice(algo, "algorithm_type", ("sde-dpmsolver++",))
-    order = as_int(cfg.get("solver_order", 2), "solver_order", 1)
+    as_choice("algorithm_type", algo, ("sde-dpmsolver++",))
+    order = as_int("solver_order", cfg.get("solver_order", 2), 1)
     if order > 2:
         raise ValueError(
             f"solver_order={order} is not supported (its step needs two previous predictions); "
             f"use solver_order=2"
         )
-    as_choice(cfg.get("solver_type", "midpoint"), "solver_type", SOLVER_TYPES)
+    as_choice("solver_type", cfg.get("solver_type", "midpoint"), SOLVER_TYPES)
     if cfg.get("prediction_type") == "flow_prediction":
         raise ValueError(
             f"prediction_type='flow_prediction' is not supported (a flow-matching model; "
@@ -630,8 +619,8 @@ def _check_dpm(cfg) -> None:
     )
     for key in keys:
         if cfg.get(key) is not None:
-            as_flag(cfg[key], key)
-    as_choice(cfg.get("final_sigmas_type", "zero"), "final_sigmas_type", FINAL_SIGMAS)
+            as_flag(key, cfg[key])
+    as_choice("final_sigmas_type", cfg.get("final_sigmas_type", "zero"), FINAL_SIGMAS)
 
 
 def _check_options(kind: str, cfg) -> None:
@@ -639,8 +628,8 @@ def _check_options(kind: str, cfg) -> None:
     if kind == "DPMSolverMultistepScheduler":
         _check_dpm(cfg)
     preds = ("epsilon", "v_prediction") if kind.startswith("Euler") else PREDICTIONS
-    as_choice(cfg.prediction_type, "prediction_type", preds)
-    as_choice(cfg.get("timestep_spacing", "leading"), "timestep_spacing", SPACINGS)
+    as_choice("prediction_type", cfg.prediction_type, preds)
+    as_choice("timestep_spacing", cfg.get("timestep_spacing", "leading"), SPACINGS)
     if kind == "DDPMScheduler":
         vt = cfg.variance_type
         if vt in _LEARNED:
@@ -648,24 +637,25 @@ def _check_options(kind: str, cfg) -> None:
                 f"variance_type={vt!r}: learned variances make the draft and "
                 f"target steps' covariances differ, which speculative sampling cannot verify"
             )
-        as_choice(vt, "variance_type", ("fixed_small", "fixed_small_log", "fixed_large"))
+        as_choice("variance_type", vt, ("fixed_small", "fixed_small_log", "fixed_large"))
     for key in ("clip_sample", "thresholding", "set_alpha_to_one", "rescale_betas_zero_snr"):
         if key in cfg:
-            as_flag(cfg[key], key)
+            as_flag(key, cfg[key])
     if cfg.get("thresholding", False):
         r = cfg.get("dynamic_thresholding_ratio", 0.995)
-        as_real(r, "dynamic_thresholding_ratio", 0, 1, open_low=True)
+        as_real("dynamic_thresholding_ratio", r, 0, 1, open_low=True)
         as_real(
-            cfg.get("sample_max_value", 1.0), "sample_max_value", 0, open_low=True, finite=False
+            "sample_max_value", cfg.get("sample_max_value", 1.0), 0, open_low=True, finite=False
         )
     elif cfg.get("clip_sample", False):
-        as_clip(cfg.get("clip_sample_range", 1.0), "clip_sample_range")
+        as_clip("clip_sample_range", cfg.get("clip_sample_range", 1.0))
 
 
-def _check_config(scheduler, num_inference_steps) -> tuple[str, Optional[int]]:
+def _check_config(scheduler, num_inference_steps) -> tuple[Family, Optional[int]]:
     """Check a supported scheduler's config up front (diffusers itself accepts most bad values
-    and fails at ``step`` or deep in numpy); returns its class name and the step count."""
-    kind = _supported_class(scheduler)
+    and fails at ``step`` or deep in numpy); returns its family and the step count."""
+    fam = _supported_family(scheduler)
+    kind = fam.scheduler
     cfg = scheduler.config
     try:
         _check_schedule(cfg)
@@ -679,13 +669,13 @@ def _check_config(scheduler, num_inference_steps) -> tuple[str, Optional[int]]:
             raise ValueError(
                 "num_inference_steps must be given (the scheduler has no timesteps set)"
             )
-    n = as_int(num_inference_steps, "num_inference_steps", 1, T)
+    n = as_int("num_inference_steps", num_inference_steps, 1, T)
     try:
         spacing = cfg.get("timestep_spacing", "leading")
         check_steps_offset(cfg.get("steps_offset", 0), spacing, n, T, ignored_ok=True)
     except (TypeError, ValueError) as err:
         raise type(err)(f"{kind} config: {err}") from None
-    return kind, n
+    return fam, n
 
 
 def _diffusers_class(name: str):
@@ -718,22 +708,50 @@ def _build(cls, config: Mapping):
     except (TypeError, ValueError, RuntimeError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise type(err)(f"{cls.__name__} config: {first}") from None
+    except Exception as err:  # any other kind diffusers raises for a config it cannot build
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise ValueError(f"{cls.__name__} config: {type(err).__name__}: {first}") from None
 
 
 def scheduler_from_config(config: Mapping, scheduler_class=None):
     """A supported diffusers scheduler from a config dict (e.g. a pipeline's
     ``scheduler/scheduler_config.json``), every value checked with a one-line error naming it.
 
-    ``scheduler_class``: a supported scheduler class or its name (default: the config's
-    ``_class_name``). Keys of other schedulers are ignored, as by diffusers' ``from_config``.
-    A ``DPMSolverMultistepScheduler`` config must say ``algorithm_type="sde-dpmsolver++"`` (the
-    default, ``"dpmsolver++"``, is deterministic: refused) and ``solver_order`` 1 or 2.
+    ``scheduler_class``: a supported scheduler class or its name, or a sampler family's name
+    (:mod:`specdiff_kernels.sampling.families`, e.g. ``"dpm++2m-sde"``: its scheduler with the
+    family's settings over the config's); default: the config's ``_class_name``. Keys of other
+    schedulers are ignored, as by diffusers' ``from_config``. A ``DPMSolverMultistepScheduler``
+    config must say ``algorithm_type="sde-dpmsolver++"`` (the default, ``"dpmsolver++"``, is
+    deterministic: refused) and ``solver_order`` 1 or 2.
     """
-    diffusers = _import_diffusers()
+    sched = build_scheduler(config, scheduler_class)
+    _check_config(sched, 1)
+    return sched
 
+
+def build_scheduler(config: Mapping, scheduler_class=None):
+    """:func:`scheduler_from_config` up to the build: the class, the training schedule and what
+    diffusers' constructor refuses are checked; the step's options (prediction, clipping,
+    DPM-Solver's algorithm, ...) are left to :func:`diffusers_transitions`."""
     if not isinstance(config, Mapping):
         raise TypeError(f"config must be a dict of scheduler settings, got {type(config).__name__}")
     cls = config.get("_class_name") if scheduler_class is None else scheduler_class
+    config = {k: v for k, v in config.items() if not k.startswith("_")}
+    if isinstance(cls, str) and canonical(cls) in NAMES:
+        fam = family(cls)
+        cls, config = fam.scheduler, {**config, **dict(fam.scheduler_config)}
+    cls = _scheduler_class(cls)
+    try:
+        _check_schedule(config)
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"{cls.__name__} config: {err}") from None
+    with quiet_diffusers():  # from_config warns about another scheduler's keys
+        return _build(cls, config)
+
+
+def _scheduler_class(cls) -> type:
+    """A supported diffusers scheduler class from itself or its name."""
+    diffusers = _import_diffusers()
     if isinstance(cls, str):
         found = getattr(diffusers, cls, None)
         if not (isinstance(found, type) and issubclass(found, diffusers.SchedulerMixin)):
@@ -746,14 +764,21 @@ def scheduler_from_config(config: Mapping, scheduler_class=None):
         )
     if not any(issubclass(cls, getattr(diffusers, name)) for name in SUPPORTED):
         raise TypeError(_unsupported_text(cls.__name__))
-    config = {k: v for k, v in config.items() if not k.startswith("_")}
+    return cls
+
+
+@contextlib.contextmanager
+def quiet_diffusers():
+    """diffusers' logger at error level (its warnings about ignored config keys, or about
+    loading without accelerate, are noise here), restored after."""
+    from diffusers.utils import logging as dlog
+
+    level = dlog.get_verbosity()
+    dlog.set_verbosity_error()
     try:
-        _check_schedule(config)
-    except (TypeError, ValueError) as err:
-        raise type(err)(f"{cls.__name__} config: {err}") from None
-    sched = _build(cls, config)
-    _check_config(sched, 1)
-    return sched
+        yield
+    finally:
+        dlog.set_verbosity(level)
 
 
 def _fresh(scheduler, num_inference_steps: int):
@@ -793,7 +818,14 @@ def _clip(cfg) -> Optional[float]:
     return float(cfg.get("clip_sample_range", 1.0))
 
 
-def _ddpm(sched) -> GaussianTransitions:
+class _StepArgs(NamedTuple):
+    """diffusers' per-call ``step`` arguments (DDIM's); the other steps take none."""
+
+    eta: Optional[float]
+    use_clipped_model_output: bool
+
+
+def _ddpm(sched, step: _StepArgs) -> GaussianTransitions:
     cfg = sched.config
     vt = cfg.variance_type
     # fixed_small_log draws with std sqrt(beta_tilde), exactly as fixed_small (diffusers 0.3x)
@@ -808,8 +840,8 @@ def _ddpm(sched) -> GaussianTransitions:
     return _with_thresholding(cfg, tr)
 
 
-def _ddim(sched, eta: float) -> GaussianTransitions:
-    cfg = sched.config
+def _ddim(sched, step: _StepArgs) -> GaussianTransitions:
+    cfg, eta = sched.config, step.eta
     tr = ddim_from_schedule(
         sched.alphas_cumprod.double(),
         sched.timesteps.long(),
@@ -821,10 +853,12 @@ def _ddim(sched, eta: float) -> GaussianTransitions:
         eps_from_clipped_x0=False,
         name=f"diffusers-ddim[eta={eta}]",
     )
-    return _with_thresholding(cfg, tr)
+    tr = _with_thresholding(cfg, tr)
+    tr.eps_from_clipped_x0 = step.use_clipped_model_output
+    return tr
 
 
-def _euler_ancestral(sched) -> GaussianTransitions:
+def _euler_ancestral(sched, step: _StepArgs) -> GaussianTransitions:
     cfg = sched.config
     return euler_ancestral_from_sigmas(
         sched.timesteps.double(),
@@ -835,7 +869,7 @@ def _euler_ancestral(sched) -> GaussianTransitions:
     )
 
 
-def _dpm_sde(sched) -> GaussianTransitions:
+def _dpm_sde(sched, step: _StepArgs) -> GaussianTransitions:
     cfg = sched.config
     order = int(cfg.solver_order)
     # the scheduler's own float32 sigmas (every sigma option already applied by set_timesteps),
@@ -868,6 +902,10 @@ def _dpm_sde(sched) -> GaussianTransitions:
     return _with_thresholding(cfg, tr)
 
 
+# each family's tabulation of its diffusers step (sampling.families), by family name
+_TABULATE = {"ddpm": _ddpm, "ddim": _ddim, "euler-a": _euler_ancestral, "dpm++2m-sde": _dpm_sde}
+
+
 def diffusers_transitions(
     scheduler,
     num_inference_steps: Optional[int] = None,
@@ -887,35 +925,28 @@ def diffusers_transitions(
         eta: DDIM's eta (required for DDIM, > 0).
         use_clipped_model_output: DDIM's flag of the same name.
     """
-    kind, n = _check_config(scheduler, num_inference_steps)
-    use_clipped_model_output = as_flag(use_clipped_model_output, "use_clipped_model_output")
-    if kind != "DDIMScheduler":
+    fam, n = _check_config(scheduler, num_inference_steps)
+    step = _step_args(fam, type(scheduler).__name__, eta, use_clipped_model_output)
+    return _TABULATE[fam.name](_fresh(scheduler, n), step)
+
+
+def _step_args(fam: Family, cls: str, eta, use_clipped_model_output) -> _StepArgs:
+    """diffusers' per-call step arguments, for the families whose step takes them (DDIM's eta)."""
+    use_clipped_model_output = as_flag("use_clipped_model_output", use_clipped_model_output)
+    if "eta" not in fam.options:
         # DDPM and Euler-ancestral steps have a fixed variance: an eta would be silently ignored
+        only = " or ".join(f.scheduler for f in _FAMILIES if "eta" in f.options)
         if eta is not None:
-            raise ValueError(
-                f"eta applies to DDIMScheduler only, not to {type(scheduler).__name__}"
-            )
+            raise ValueError(f"eta applies to {only} only, not to {cls}")
         if use_clipped_model_output:
-            raise ValueError(
-                f"use_clipped_model_output applies to DDIMScheduler only, not to "
-                f"{type(scheduler).__name__}"
-            )
+            raise ValueError(f"use_clipped_model_output applies to {only} only, not to {cls}")
     elif eta is None:
-        raise ValueError("DDIMScheduler: pass eta (> 0); diffusers' step takes it per call")
-    elif as_real(eta, "eta", 0, 1) == 0:
+        raise ValueError(f"{fam.scheduler}: pass eta (> 0); diffusers' step takes it per call")
+    elif as_real("eta", eta, 0, 1) == 0:
         raise ValueError(
-            f"DDIMScheduler with eta = 0 is {NO_NOISE}; pass eta > 0 (eta = 1: DDPM's variance)"
+            f"{fam.scheduler} with eta = 0 is {NO_NOISE}; pass eta > 0 (eta = 1: DDPM's variance)"
         )
-    sched = _fresh(scheduler, n)
-    if kind == "DDPMScheduler":
-        return _ddpm(sched)
-    if kind == "DDIMScheduler":
-        tr = _ddim(sched, float(eta))
-        tr.eps_from_clipped_x0 = use_clipped_model_output
-        return tr
-    if kind == "DPMSolverMultistepScheduler":
-        return _dpm_sde(sched)
-    return _euler_ancestral(sched)
+    return _StepArgs(None if eta is None else float(eta), use_clipped_model_output)
 
 
 def check_pipeline_parts(pipe, where: str) -> None:

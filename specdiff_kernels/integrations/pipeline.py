@@ -27,6 +27,7 @@ from typing import Optional
 import torch
 
 from ..sampling.sampler import SpeculativeSampler
+from ..validate import as_int
 from .diffusers import DiffusersModel, check_pipeline_parts, diffusers_transitions
 
 __all__ = ["SpeculativePipeline"]
@@ -158,8 +159,7 @@ class SpeculativePipeline:
                 f"SpeculativePipeline.__call__: unexpected keyword argument(s) "
                 f"{', '.join(sorted(kwargs))} (accepted: {', '.join(_CALL_ARGS)})"
             )
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        batch_size = as_int("batch_size", batch_size, 1)
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         generator = _cpu_generator(generator)

@@ -24,24 +24,21 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
 
+from ..sampling.families import family
 from ..sampling.transitions import (
     GaussianTransitions,
     alphas_cumprod_from_betas,
-    as_choice,
-    as_int,
-    ddim_transitions,
-    ddpm_transitions,
-    euler_ancestral_transitions,
     make_betas,
 )
+from ..validate import as_int
 
-__all__ = ["EmbeddedModel", "TRAIN_TIMESTEPS", "available", "load"]
+__all__ = ["EmbeddedModel", "TRAIN_TIMESTEPS", "available", "digits_schedule", "load"]
 
 # Length of both embedded models' training schedule: the most sampling steps they can take.
 TRAIN_TIMESTEPS = 1000
@@ -64,55 +61,35 @@ class EmbeddedModel:
     def transitions(self, num_steps: int, sampler: str = "ddpm", **kwargs) -> GaussianTransitions:
         """The chain over ``num_steps`` respaced steps of the training schedule.
 
-        ``sampler``: ``"ddpm"`` (default; fixed_small variance), ``"ddim"`` (pass ``eta`` > 0) or
-        ``"euler_ancestral"``. ``kwargs``: the sampler's options (``spacing``, ``steps_offset``;
-        ``variance`` for DDPM; ``eta``, ``set_alpha_to_one``, ``use_clipped_model_output`` for
-        DDIM; ``init_std`` for Euler-ancestral); the schedule, prediction and clipping are the
-        model's own.
+        ``sampler``: a sampler family (:mod:`specdiff_kernels.sampling.families`): ``"ddpm"``
+        (default; fixed_small variance), ``"ddim"`` (pass ``eta`` > 0), ``"euler-a"`` (or
+        ``"euler_ancestral"``) or ``"dpm++2m-sde"``. ``kwargs``: the family's options
+        (``Family.options``: ``spacing``, ``steps_offset``; ``variance`` for DDPM; ``eta``,
+        ``set_alpha_to_one``, ``use_clipped_model_output`` for DDIM; ``init_std`` for
+        Euler-ancestral; ``sigma_schedule``, ``solver_order``, ... for DPM++ 2M SDE); the
+        schedule, prediction and clipping are the model's own (clipping where the family clips,
+        as diffusers' scheduler of that family).
         """
-        sampler = as_choice(sampler, "sampler", tuple(_SAMPLER_OPTIONS))
-        num_steps = as_int(num_steps, "num_steps", 1, int(self.alphas_cumprod.numel()))
+        fam = family(sampler, "sampler")
+        num_steps = as_int("num_steps", num_steps, 1, int(self.alphas_cumprod.numel()))
         for key in kwargs:
-            if key not in _SAMPLER_OPTIONS[sampler]:
+            if key not in fam.options:
                 # the model's schedule/prediction/clipping would be overridden or, for betas
                 # next to alphas_cumprod, silently ignored
                 why = "is the model's own" if key in _MODEL_FIXED else "is not an option"
                 raise TypeError(
                     f"EmbeddedModel.transitions got an unexpected keyword argument {key!r}: it "
-                    f"{why}; the options of sampler {sampler!r} are "
-                    f"{', '.join(_SAMPLER_OPTIONS[sampler])}"
+                    f"{why}; the options of sampler {fam.name!r} are {', '.join(fam.options)}"
                 )
-        if sampler == "ddpm":
-            return ddpm_transitions(
-                self.alphas_cumprod,
-                num_inference_steps=num_steps,
-                prediction=self.prediction,
-                clip_sample=self.clip_sample,
-                **kwargs,
-            )
-        if sampler == "ddim":
-            return ddim_transitions(
-                self.alphas_cumprod,
-                num_inference_steps=num_steps,
-                prediction=self.prediction,
-                clip_sample=self.clip_sample,
-                **kwargs,
-            )
-        if sampler == "euler_ancestral":
-            return euler_ancestral_transitions(
-                self.alphas_cumprod,
-                num_inference_steps=num_steps,
-                prediction=self.prediction,
-                **kwargs,
-            )
-        raise AssertionError(sampler)  # as_choice admitted only the samplers above
+        return fam.build(
+            self.alphas_cumprod,
+            num_steps,
+            prediction=self.prediction,
+            clip_sample=self.clip_sample,
+            **kwargs,
+        )
 
 
-_SAMPLER_OPTIONS = {
-    "ddpm": ("spacing", "steps_offset", "variance"),
-    "ddim": ("eta", "spacing", "steps_offset", "set_alpha_to_one", "use_clipped_model_output"),
-    "euler_ancestral": ("spacing", "steps_offset", "init_std"),
-}
 _MODEL_FIXED = ("alphas_cumprod", "betas", "num_inference_steps", "timesteps", "prediction")
 _MODEL_FIXED += ("clip_sample",)
 
@@ -120,9 +97,9 @@ _MODEL_FIXED += ("clip_sample",)
 def _load_gmm(dim: int = 64, components: int = 8, seed: int = 0) -> EmbeddedModel:
     from .gmm import GaussianMixture, GMMDenoiser, make_gmm
 
-    dim = as_int(dim, "dim", 1)
-    components = as_int(components, "components", 1)
-    seed = as_int(seed, "seed", 0)
+    dim = as_int("dim", dim, 1)
+    components = as_int("components", components, 1)
+    seed = as_int("seed", seed, 0)
     if seed >= 2**64:
         raise ValueError(f"seed must be < 2**64 (a torch generator seed), got {seed}")
 
@@ -164,7 +141,7 @@ def _check_device(device) -> torch.device:
 
 def _load_digits(device="cpu", dtype=torch.float32) -> EmbeddedModel:
     from . import digits
-    from .digits import digits_alphas_cumprod, digits_dataset
+    from .digits import digits_dataset
 
     device = _check_device(device)
     if not isinstance(dtype, torch.dtype):
@@ -181,17 +158,30 @@ def _load_digits(device="cpu", dtype=torch.float32) -> EmbeddedModel:
         idx = torch.randperm(x.shape[0], generator=generator)[:n]
         return x[idx]
 
-    return EmbeddedModel(
-        name="digits",
+    return replace(
+        digits_schedule(),
         target=digits.load_digits_target(device, dtype),
         draft=digits.load_digits_draft(device, dtype),
+        data=data,
+    )
+
+
+def digits_schedule() -> EmbeddedModel:
+    """The ``digits`` model without its networks (target and draft None, no weights read): its
+    training schedule, prediction, clipping and event shape, so its ``transitions`` can be built
+    (``specdiff sample`` checks its arguments before loading anything)."""
+    from .digits import digits_alphas_cumprod
+
+    return EmbeddedModel(
+        name="digits",
+        target=None,
+        draft=None,
         event_shape=(1, 8, 8),
         alphas_cumprod=digits_alphas_cumprod(),
         prediction="epsilon",
         clip_sample=1.0,
         description="DDPM (eps-prediction, 1000-step linear betas) trained on sklearn's 8x8 digits; "
         "draft: independently trained smaller network",
-        data=data,
     )
 
 

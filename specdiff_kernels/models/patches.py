@@ -35,6 +35,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..validate import as_int
+
 __all__ = [
     "CROP",
     "HELDOUT_FRACTION",
@@ -165,8 +167,7 @@ def _region(img: Tensor, heldout: bool) -> Tensor:
 def _crop_positions(n: int, generator: torch.Generator, heldout: bool):
     """``(which, ys, xs, flip)``: image index, top-left corner in region coordinates and
     horizontal flip of ``n`` crops."""
-    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
-        raise ValueError(f"n must be a non-negative int, got {n!r}")
+    n = as_int("n", n, 0)
     regions = [_region(im, heldout) for im in load_images()]
     # (H - CROP + 1) * (W - CROP + 1) corners per region: weighting images by it makes every
     # valid crop equally likely, so large images are not under-represented
@@ -207,8 +208,7 @@ def random_crops(n: int, generator: torch.Generator) -> Tensor:
 def heldout_crops(n: int, seed: int = 0) -> Tensor:
     """``n`` crops ``[n, 3, 32, 32]`` in [-1, 1] from the held-out regions (never trained on),
     drawn like the training crops; the same ``seed`` gives the same crops."""
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise ValueError(f"seed must be an int, got {seed!r}")
+    seed = as_int("seed", seed)
     return _crops(n, torch.Generator().manual_seed(seed), heldout=True)
 
 

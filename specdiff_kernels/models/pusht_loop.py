@@ -24,14 +24,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..sampling import families
 from ..sampling.ancestral import AncestralSampler
 from ..sampling.sampler import SpeculativeSampler
-from ..sampling.transitions import GaussianTransitions, dpmsolver_sde_transitions
+from ..sampling.transitions import GaussianTransitions
 from .pusht import EVENT_SHAPE, MAX_STEPS, N_ACTION_STEPS, TRAIN_TIMESTEPS, make_env
 
-#: the sampler families a planner runs, with their default step counts
+#: the sampler families (sampling.families) a planner runs, with their default step counts
 FAMILIES = {"ddpm": TRAIN_TIMESTEPS, "ddim": 10, "dpm++2m-sde": 10}
-LABELS = {"ddpm": "DDPM", "ddim": "DDIM", "dpm++2m-sde": "DPM++ 2M SDE"}
+#: the options a planner's family runs with: DDIM with eta = 0, as Diffusion Policy users run it
+OPTIONS = {"ddim": {"eta": 0.0}}
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,7 @@ class PlannerConfig:
     compile: bool = False  # the ancestral chain's network under torch.compile
 
     def __post_init__(self):
+        object.__setattr__(self, "family", families.canonical(self.family))  # an alias: its name
         if self.family not in FAMILIES:
             raise ValueError(f"family must be one of {tuple(FAMILIES)}, got {self.family!r}")
         if self.family == "ddim" and self.window is not None:
@@ -69,7 +72,7 @@ class PlannerConfig:
         return self.window is not None
 
     def label(self) -> str:
-        name = f"{LABELS[self.family]}-{self.steps}"
+        name = f"{families.family(self.family).label}-{self.steps}"
         if not self.speculative:
             name = f"ancestral {name}" if self.family != "ddim" else name
             return name + (" (torch.compile)" if self.compile else "")
@@ -78,15 +81,10 @@ class PlannerConfig:
 
 
 def policy_transitions(em, family: str, steps: int) -> GaussianTransitions:
-    """The policy's chain of ``family`` over ``steps`` steps of its training schedule (DPM++ 2M
-    SDE with diffusers' defaults: it has no clipping)."""
-    if family == "ddpm":
-        return em.transitions(steps)
-    if family == "ddim":
-        return em.transitions(steps, "ddim", eta=0.0)
-    return dpmsolver_sde_transitions(
-        steps, alphas_cumprod=em.alphas_cumprod, prediction=em.prediction
-    )
+    """The policy's chain of ``family`` over ``steps`` steps of its training schedule, with the
+    family's :data:`OPTIONS` (DPM++ 2M SDE with diffusers' defaults: it has no clipping)."""
+    name = families.family(family).name
+    return em.transitions(steps, name, **OPTIONS.get(name, {}))
 
 
 @dataclass(frozen=True)

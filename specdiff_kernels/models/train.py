@@ -58,6 +58,7 @@ from typing import Optional
 
 import torch
 
+from ..validate import as_int
 from . import digits as D
 
 DEFAULT_SEED = 20250105
@@ -357,8 +358,7 @@ def train_digits(
 
 def _check_positive(**values) -> None:
     for name, v in values.items():
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise ValueError(f"{name} must be a positive int, got {v!r}")
+        as_int(name, v, 1)
 
 
 def _train_digits(steps: int, draft_steps: int, out: Path, seed: int, threads: int) -> dict:

@@ -11,7 +11,6 @@ lengths in 1..L) run where they are free: CPU tensors in eager mode (the C++ ker
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -25,6 +24,7 @@ from .layout import (
     ROW_STD,
     StatsLayout,
 )
+from .round_spec import RoundChains, RoundSpec
 
 INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
@@ -254,21 +254,23 @@ def _states(op: str, name: str, x: Tensor, min_dim: int) -> None:
         raise ValueError(f"{op}: {name} must have a non-empty event shape, got {tuple(x.shape)}")
 
 
-def _round(
-    op: str,
-    root: Tensor,
-    frozen: Tensor,
-    steps: Tensor,
-    lengths: Tensor,
-    coef: Tensor,
-    seed: Tensor,
-    chain_ids: Tensor,
-    window: int,
-    freeze: int,
-    clip: float,
-    prev: Optional[Tensor] = None,
-) -> None:
+def _bundles(op: str, chains, spec) -> None:
+    if not isinstance(chains, RoundChains):
+        raise TypeError(
+            f"{op}: chains must be a RoundChains (frozen, steps, lengths, chain_ids, prev), got "
+            f"{type(chains).__name__}"
+        )
+    if not isinstance(spec, RoundSpec):
+        raise TypeError(
+            f"{op}: spec must be a RoundSpec (coef, seed, freeze, clip; "
+            f"sampling.transitions.round_spec), got {type(spec).__name__}"
+        )
+
+
+def _round(op: str, root: Tensor, chains: RoundChains, spec: RoundSpec, window: int) -> None:
     """What frozen_draft and verify_frozen share (their windows start at ``root``)."""
+    frozen, steps, lengths, chain_ids, prev = chains
+    coef, seed, freeze, clip = spec
     B = root.shape[0]
     for name, t in (("frozen", frozen), ("prev", prev)):
         if t is None and name == "prev":
@@ -338,38 +340,18 @@ def check_chain_noise(
     return event_shape
 
 
-def check_frozen_draft(
-    root: Tensor,
-    frozen: Tensor,
-    steps: Tensor,
-    lengths: Tensor,
-    coef: Tensor,
-    seed: Tensor,
-    chain_ids: Tensor,
-    window: int,
-    freeze: int,
-    clip: float,
-    prev: Optional[Tensor] = None,
-) -> None:
+def check_frozen_draft(root: Tensor, chains: RoundChains, spec: RoundSpec, window: int) -> None:
     op = "frozen_draft"
+    _bundles(op, chains, spec)
     _states(op, "root", root, 2)
-    _round(op, root, frozen, steps, lengths, coef, seed, chain_ids, window, freeze, clip, prev)
+    _round(op, root, chains, spec, window)
 
 
 def check_verify_frozen(
-    states: Tensor,
-    x0_hat: Tensor,
-    frozen: Tensor,
-    steps: Tensor,
-    lengths: Tensor,
-    coef: Tensor,
-    seed: Tensor,
-    chain_ids: Tensor,
-    freeze: int,
-    clip: float,
-    prev: Optional[Tensor] = None,
+    states: Tensor, x0_hat: Tensor, chains: RoundChains, spec: RoundSpec
 ) -> None:
     op = "verify_frozen"
+    _bundles(op, chains, spec)
     _states(op, "states", states, 3)
     if (
         not isinstance(x0_hat, Tensor)
@@ -384,9 +366,8 @@ def check_verify_frozen(
     if states.shape[1] < 2:
         raise ValueError(f"{op}: states must hold L + 1 >= 2 positions, got {states.shape[1]}")
     window = states.shape[1] - 1
-    _round(
-        op, states[:, 0], frozen, steps, lengths, coef, seed, chain_ids, window, freeze, clip, prev
-    )
+    _round(op, states[:, 0], chains, spec, window)
+    steps, lengths, coef = chains.steps, chains.lengths, spec.coef
     if _values_checkable(lengths) and states.shape[0]:
         # a verified window covers stochastic steps only (std > 0, before the end of the
         # schedule); a draft step with std 0 is the deterministic step itself
@@ -547,35 +528,26 @@ def entry_chain_noise(op, seed, chain_ids, steps, dtype) -> None:
         )
 
 
-def entry_frozen_draft(op, root, frozen, steps, lengths, coef, seed, chain_ids, prev=None) -> None:
+def _entry_round(op: str, first: tuple, chains: RoundChains, spec: RoundSpec) -> None:
     check_entry(
         op,
-        ("root", root, STATE),
-        ("frozen", frozen, STATE),
-        ("steps", steps, INT64),
-        ("lengths", lengths, INT64),
-        ("coef", coef, FLOAT64),
-        ("seed", seed, INT64),
-        ("chain_ids", chain_ids, INT64),
-        ("prev", prev, STATE),
+        *first,
+        ("frozen", chains.frozen, STATE),
+        ("steps", chains.steps, INT64),
+        ("lengths", chains.lengths, INT64),
+        ("coef", spec.coef, FLOAT64),
+        ("seed", spec.seed, INT64),
+        ("chain_ids", chains.chain_ids, INT64),
+        ("prev", chains.prev, STATE),
     )
 
 
-def entry_verify_frozen(
-    op, states, x0_hat, frozen, steps, lengths, coef, seed, chain_ids, prev=None
-) -> None:
-    check_entry(
-        op,
-        ("states", states, STATE),
-        ("x0_hat", x0_hat, STATE),
-        ("frozen", frozen, STATE),
-        ("steps", steps, INT64),
-        ("lengths", lengths, INT64),
-        ("coef", coef, FLOAT64),
-        ("seed", seed, INT64),
-        ("chain_ids", chain_ids, INT64),
-        ("prev", prev, STATE),
-    )
+def entry_frozen_draft(op, root, chains: RoundChains, spec: RoundSpec) -> None:
+    _entry_round(op, (("root", root, STATE),), chains, spec)
+
+
+def entry_verify_frozen(op, states, x0_hat, chains: RoundChains, spec: RoundSpec) -> None:
+    _entry_round(op, (("states", states, STATE), ("x0_hat", x0_hat, STATE)), chains, spec)
 
 
 def entry_round_stats(op, stats, steps, lengths, num_accepted, committed, log_ratio, output):

@@ -89,3 +89,9 @@ class StatsLayout:
 
     def view(self, stats: Tensor, name: str) -> Tensor:
         return stats[self.slices[name]]
+
+    def fill(self, target, counts: list) -> None:
+        """Set each part of ``counts`` (the vector read to the host) as the attribute of the same
+        name of ``target`` (a ``SamplerStats``)."""
+        for name, part in self.slices.items():
+            setattr(target, name, counts[part])

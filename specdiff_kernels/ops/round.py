@@ -10,10 +10,13 @@
   at Y and the frozen value; u_j drawn in-kernel), the first rejection, the reflection and the
   round's commit per chain. The draft and target means never exist in memory.
 
-Tables: the ops read a float64 ``[9, N]`` coefficient tensor (rows ``layout.ROW_*``:
-affine mean ``A clip(p) + E p + G x`` of the network's x0-hat p, step std, x0/eps conversions,
-and ``H``, the multistep term ``H p_prev`` read when ``prev`` is given);
-:func:`specdiff_kernels.sampling.transitions.round_tables` builds it from a transition family.
+Arguments: the run's constants as a :class:`~specdiff_kernels.ops.round_spec.RoundSpec` (the
+float64 ``[9, N]`` coefficient table, rows ``layout.ROW_*``: affine mean ``A clip(p) + E p + G x``
+of the network's x0-hat p, step std, x0/eps conversions, and ``H``, the multistep term
+``H p_prev`` read when ``prev`` is given; the seed, the freeze mode, the clip bound), built by
+:func:`specdiff_kernels.sampling.transitions.round_spec`, and each chain's place as a
+:class:`~specdiff_kernels.ops.round_spec.RoundChains`. :func:`freeze_value`, :func:`draft_x0` and
+:func:`affine_mean` are the same quantities in PyTorch, for the samplers' own code.
 
 Backends, as for the verify op: ``reference`` (PyTorch, the oracle), ``cpp`` (C++ CPU kernels
 behind ``torch.ops.specdiff.*``) and ``triton`` (GPU; CPU tensors under ``TRITON_INTERPRET=1``).
@@ -33,8 +36,16 @@ from torch import Tensor
 
 from . import _checks
 from .backends import HAS_CPP, REGISTRY, Backend
-from .layout import FREEZE_X0
+from .layout import ROW_H, acc_dtype
 from .reference import round as ref
+from .round_spec import (
+    RoundChains,
+    RoundSpec,
+    draft_args,
+    draft_parts,
+    verify_args,
+    verify_parts,
+)
 
 
 class FrozenVerifyResult(NamedTuple):
@@ -54,6 +65,25 @@ def get_backend(name: Optional[str], device: torch.device) -> Backend:
     return REGISTRY.get("round", name, device)
 
 
+def schema_ops(prefix: str = "") -> dict:
+    """The round family's backend functions (spec form) over the dispatcher ops
+    ``torch.ops.specdiff.<prefix>chain_noise`` / ``frozen_draft`` / ``verify_frozen`` (flat
+    arguments, :data:`~specdiff_kernels.ops.round_spec.SCHEMAS`)."""
+    noise, draft, verify = (
+        getattr(torch.ops.specdiff, prefix + name).default
+        for name in ("chain_noise", "frozen_draft", "verify_frozen")
+    )
+    return {
+        "chain_noise": noise,
+        "frozen_draft": lambda root, chains, spec, window: draft(
+            *draft_args(root, chains, spec, window)
+        ),
+        "verify_frozen": lambda states, x0_hat, chains, spec: verify(
+            *verify_args(states, x0_hat, chains, spec)
+        ),
+    }
+
+
 REGISTRY.register(
     Backend(
         "round",
@@ -66,18 +96,7 @@ REGISTRY.register(
     )
 )
 if HAS_CPP:
-    REGISTRY.register(
-        Backend(
-            "round",
-            "cpp",
-            {
-                "chain_noise": torch.ops.specdiff.chain_noise.default,
-                "frozen_draft": torch.ops.specdiff.frozen_draft.default,
-                "verify_frozen": torch.ops.specdiff.verify_frozen.default,
-            },
-            devices=("cpu",),
-        )
-    )
+    REGISTRY.register(Backend("round", "cpp", schema_ops(), devices=("cpu",)))
 
 
 def seed_tensor(seed: int, device=None) -> Tensor:
@@ -123,16 +142,9 @@ def chain_noise(
 
 def frozen_draft(
     root: Tensor,
-    frozen: Tensor,
-    steps: Tensor,
-    lengths: Tensor,
-    coef: Tensor,
-    seed: Tensor,
-    chain_ids: Tensor,
+    chains: RoundChains,
+    spec: RoundSpec,
     window: int,
-    freeze: int = FREEZE_X0,
-    clip: float = math.inf,
-    prev: Optional[Tensor] = None,
     *,
     backend: Optional[str] = None,
 ) -> Tensor:
@@ -142,32 +154,20 @@ def frozen_draft(
     ``Y[:, 0] = root``; for ``j < lengths[b]``: ``Y[b, j+1] = A clip(p) + E p + G Y[b, j] +
     std[k+j] xi(seed, chain_ids[b], k+j)`` with k = steps[b] and p the draft's x0-hat (``frozen``
     itself for ``freeze=FREEZE_X0``, ``X0_Y y - X0_F frozen`` for ``FREEZE_EPS``); positions past
-    ``lengths[b]`` repeat the last state. ``coef``: :func:`round_tables`; ``clip``:
-    :func:`clip_value`. ``prev`` ([B, *E], multistep chains): each chain's previous x0-hat; the
-    mean then adds ``H[k+j]`` times ``prev`` at j = 0 and the draft's x0-hat at ``Y[b, j-1]`` after
-    (docs/design.md §6.1).
+    ``lengths[b]`` repeat the last state. ``chains``: :class:`RoundChains`; ``spec``:
+    :class:`RoundSpec` (``sampling.transitions.round_spec``). ``chains.prev`` ([B, *E], multistep
+    chains): each chain's previous x0-hat; the mean then adds ``H[k+j]`` times ``prev`` at j = 0 and
+    the draft's x0-hat at ``Y[b, j-1]`` after (docs/design.md §6.1).
     """
-    _checks.check_frozen_draft(
-        root, frozen, steps, lengths, coef, seed, chain_ids, window, freeze, clip, prev
-    )
-    impl = get_backend(backend, root.device)
-    return impl.ops["frozen_draft"](
-        root, frozen, steps, lengths, coef, seed, chain_ids, window, freeze, float(clip), prev
-    )
+    _checks.check_frozen_draft(root, chains, spec, window)
+    return get_backend(backend, root.device).ops["frozen_draft"](root, chains, spec, window)
 
 
 def verify_frozen(
     states: Tensor,
     x0_hat: Tensor,
-    frozen: Tensor,
-    steps: Tensor,
-    lengths: Tensor,
-    coef: Tensor,
-    seed: Tensor,
-    chain_ids: Tensor,
-    freeze: int = FREEZE_X0,
-    clip: float = math.inf,
-    prev: Optional[Tensor] = None,
+    chains: RoundChains,
+    spec: RoundSpec,
     *,
     backend: Optional[str] = None,
 ) -> FrozenVerifyResult:
@@ -178,28 +178,32 @@ def verify_frozen(
         states: ``[B, L+1, *E]`` the drafted states (from :func:`frozen_draft`).
         x0_hat: ``[B, L+1, *E]`` the target network's raw x0-hat at ``states`` (positions
             ``0..n`` are read; others may hold anything).
-        frozen, steps, lengths, coef, seed, chain_ids, freeze, clip, prev: as for
-            :func:`frozen_draft` (``lengths`` in 0..L).
+        chains, spec: as for :func:`frozen_draft` (``lengths`` in 0..L).
     """
-    _checks.check_verify_frozen(
-        states, x0_hat, frozen, steps, lengths, coef, seed, chain_ids, freeze, clip, prev
-    )
+    _checks.check_verify_frozen(states, x0_hat, chains, spec)
     impl = get_backend(backend, states.device)
-    return FrozenVerifyResult(
-        *impl.ops["verify_frozen"](
-            states,
-            x0_hat,
-            frozen,
-            steps,
-            lengths,
-            coef,
-            seed,
-            chain_ids,
-            freeze,
-            float(clip),
-            prev,
-        )
-    )
+    return FrozenVerifyResult(*impl.ops["verify_frozen"](states, x0_hat, chains, spec))
+
+
+def dispatch_frozen_draft(
+    backend: Optional[str], root: Tensor, chains: RoundChains, spec: RoundSpec, window: int
+) -> Tensor:
+    """The samplers' ``frozen_draft``: the dispatcher op directly when no backend is named (no
+    Python checks: the round is a hot path and its arguments are built right; traceable whole),
+    else the checked wrapper."""
+    if backend is None:
+        return torch.ops.specdiff.frozen_draft(*draft_args(root, chains, spec, window))
+    return frozen_draft(root, chains, spec, window, backend=backend)
+
+
+def dispatch_verify_frozen(
+    backend: Optional[str], states: Tensor, x0_hat: Tensor, chains: RoundChains, spec: RoundSpec
+) -> FrozenVerifyResult:
+    """The samplers' ``verify_frozen`` (as :func:`dispatch_frozen_draft`)."""
+    if backend is None:
+        out = torch.ops.specdiff.verify_frozen(*verify_args(states, x0_hat, chains, spec))
+        return FrozenVerifyResult(*out)
+    return verify_frozen(states, x0_hat, chains, spec, backend=backend)
 
 
 def round_stats(
@@ -224,6 +228,45 @@ def round_stats(
     )
 
 
+# ---------------------------------------------------------------- the round's quantities
+# One PyTorch definition of the frozen value, the draft's x0-hat and the affine mean (docs/design.md
+# §6), the oracle's: the samplers' Python code (a chain's first frozen value, the ragged round's
+# draft means) calls these; the kernels compute the same in-kernel. States ``y`` of shape
+# ``[*k.shape, *E]`` at steps ``k`` (any shape), computed in the states' accumulation dtype and
+# returned in theirs.
+def step_rows(spec: RoundSpec, k: Tensor, like: Tensor) -> Tensor:
+    """``coef[:, k]`` (k clamped into the table) in ``like``'s accumulation dtype, shaped
+    ``[NUM_ROWS, *k.shape, 1, ...]`` to broadcast against ``like`` (``[*k.shape, *E]``)."""
+    N = spec.coef.shape[1]
+    c = spec.coef[:, k.clamp(0, N - 1)].to(acc_dtype(like.dtype))
+    return c.reshape(*c.shape, *([1] * (like.dim() - k.dim())))
+
+
+def freeze_value(spec: RoundSpec, y: Tensor, p: Tensor, k: Tensor) -> Tensor:
+    """The frozen value of the target's x0-hat ``p`` at states ``y``: ``p`` itself (freeze x0) or
+    its eps-hat (freeze eps)."""
+    c, acc = step_rows(spec, k, y), acc_dtype(y.dtype)
+    return ref.freeze_value(c, y.to(acc), p.to(acc), spec.freeze).to(y.dtype)
+
+
+def draft_x0(spec: RoundSpec, y: Tensor, frozen: Tensor, k: Tensor) -> Tensor:
+    """The frozen-target draft's x0-hat at drafted states ``y`` from the frozen value."""
+    c, acc = step_rows(spec, k, y), acc_dtype(y.dtype)
+    return ref.draft_x0(c, y.to(acc), frozen.to(acc), spec.freeze).to(y.dtype)
+
+
+def affine_mean(
+    spec: RoundSpec, y: Tensor, p: Tensor, k: Tensor, prev: Optional[Tensor] = None
+) -> Tensor:
+    """The step mean ``A clip(p) + E p + G y (+ H prev)`` of x0-hat ``p`` at states ``y``
+    (``prev``: multistep chains' previous x0-hat)."""
+    c, acc = step_rows(spec, k, y), acc_dtype(y.dtype)
+    mean = ref.affine_mean(c, p.to(acc), y.to(acc), spec.clip)
+    if prev is not None:
+        mean = mean + c[ROW_H] * prev.to(acc)
+    return mean.to(y.dtype)
+
+
 # ---------------------------------------------------------------- fake (meta) kernels
 # Output metadata of every round op: registered here for the C++-defined ops and used by the
 # interpreted Triton ops (ops/triton/round.py) too. A meta tensor among CPU tensors dispatches here,
@@ -237,31 +280,25 @@ def fake_chain_noise(seed, chain_ids, steps, window, event_numel, dtype):
     )
 
 
-def fake_frozen_draft(
-    root, frozen, steps, lengths, coef, seed, chain_ids, window, freeze, clip, prev=None
-):
-    _checks.entry_frozen_draft(
-        "frozen_draft", root, frozen, steps, lengths, coef, seed, chain_ids, prev
-    )
+def fake_frozen_draft(*args):
+    root, chains, spec, window = draft_parts(*args)
+    _checks.entry_frozen_draft("frozen_draft", root, chains, spec)
     return root.new_empty((root.shape[0], window + 1, *root.shape[1:]))
 
 
-def fake_verify_frozen(
-    states, x0_hat, frozen, steps, lengths, coef, seed, chain_ids, freeze, clip, prev=None
-):
-    _checks.entry_verify_frozen(
-        "verify_frozen", states, x0_hat, frozen, steps, lengths, coef, seed, chain_ids, prev
-    )
+def fake_verify_frozen(*args):
+    states, x0_hat, chains, spec = verify_parts(*args)
+    _checks.entry_verify_frozen("verify_frozen", states, x0_hat, chains, spec)
     B, L1 = states.shape[:2]
     E = states.shape[2:]
     return (
-        steps.new_empty((B,)),
-        steps.new_empty((B,)),
+        chains.steps.new_empty((B,)),
+        chains.steps.new_empty((B,)),
         states.new_empty((B, *E)),
         states.new_empty((B, *E)),
-        steps.new_empty((B,), dtype=torch.bool),
+        chains.steps.new_empty((B,), dtype=torch.bool),
         states.new_empty((B, L1 - 1), dtype=torch.float32),
-        states.new_empty((B, *E)) if prev is not None else states.new_empty((0,)),
+        states.new_empty((B, *E)) if chains.prev is not None else states.new_empty((0,)),
     )
 
 
@@ -272,15 +309,11 @@ def fake_round_stats(stats, steps, lengths, num_accepted, committed, log_ratio, 
     return torch.empty_like(stats)
 
 
-def round_stats_cuda(stats, steps, lengths, num_accepted, committed, log_ratio, output, num_steps):
+def round_stats_cuda(*args):
     """round_stats' CUDA kernel: the reference composition (inside a captured round its launches
     replay as one graph), after the entry checks (a CUDA tensor among CPU ones dispatches here)."""
-    _checks.entry_round_stats(
-        "round_stats", stats, steps, lengths, num_accepted, committed, log_ratio, output
-    )
-    return ref.round_stats(
-        stats, steps, lengths, num_accepted, committed, log_ratio, output, num_steps
-    )
+    fake_round_stats(*args)
+    return ref.round_stats(*args)
 
 
 if HAS_CPP:

@@ -12,11 +12,11 @@ import torch
 from torch import Tensor
 
 from ..ops import round as round_ops
-from ..ops.layout import FREEZE_X0
+from ..ops.round_spec import RoundChains
 from .accounting import SamplerStats
 from .base import SamplerBase, SamplingResult, sample_in_inference_mode
-from .network import NetworkCall, draft_op
-from .transitions import GaussianTransitions, Model, clip_value, round_tables, step_mean
+from .network import NetworkCall
+from .transitions import GaussianTransitions, Model, round_spec, step_mean
 
 
 class LeanAncestral:
@@ -40,13 +40,13 @@ class LeanAncestral:
         device = chain_ids.device
         self.T = transitions
         self.N = transitions.num_steps
-        self.seed, self.ids = seed, chain_ids
+        self.ids = chain_ids
         self.cond = {} if cond is None else cond  # the chains' network kwargs, rows in order
         self.backend = backend
         # a mean that is not affine in x0-hat (dynamic thresholding) is stepped by the
         # transitions' own formula with the same counter-based noise
-        self.coef = round_tables(transitions, device) if transitions.affine else None
-        self.clip = clip_value(transitions)
+        self.spec = round_spec(transitions, seed, device=device) if transitions.affine else None
+        self.seed = seed
         # multistep chains carry the previous step's x0-hat (docs/design.md §2.1)
         self.multistep = transitions.multistep
         self.net = NetworkCall(model, transitions, device, dtype, max_batch)
@@ -65,24 +65,13 @@ class LeanAncestral:
         """One step of every chain: (new states, :func:`nonfinite_code`, the x0-hat at x, which
         is the next step's ``prev`` for multistep chains)."""
         out, p = self.net(x, k, self.cond)
-        if self.coef is None:
+        if self.spec is None:
             xi, _ = round_ops.chain_noise(self.seed, self.ids, k, 1, x.shape[1:], x.dtype)
             y = step_mean(self.T, x, p, k, prev) + self.T.coef("std", k, x) * xi[:, 0]
         else:
-            y = draft_op(
-                self.backend,
-                x,
-                p,
-                k,
-                lengths,
-                self.coef,
-                self.seed,
-                self.ids,
-                1,
-                FREEZE_X0,
-                self.clip,
-                prev,
-            )[:, 1].contiguous()
+            chains = RoundChains(p, k, lengths, self.ids, prev)
+            y = round_ops.dispatch_frozen_draft(self.backend, x, chains, self.spec, 1)
+            y = y[:, 1].contiguous()
         return y, nonfinite_code(out, y), p
 
     def run(

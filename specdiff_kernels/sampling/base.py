@@ -17,11 +17,12 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..validate import as_flag, as_int
 from . import checks as _args
 from .accounting import SamplerStats
 from .network import available_memory, chunked_call, probe_call_bytes
 from .noise import ChainNoise, base_seed_from
-from .transitions import GaussianTransitions, Model
+from .transitions import GaussianTransitions, Model, check_transitions
 
 # The default max_batch (max_batch=None; docs/design.md, "Memory"): calls of at most this many
 # states are never chunked and nothing is probed (every small run, whatever its network)
@@ -83,15 +84,12 @@ class SamplerBase:
         check_finite: bool = True,
         max_batch: Optional[int] = None,
     ):
-        if not isinstance(transitions, GaussianTransitions):
-            raise TypeError(
-                f"transitions must be a GaussianTransitions, got {type(transitions).__name__}"
-            )
+        check_transitions(transitions)
         self.model = model
         self.transitions = transitions
         self.progress = progress
-        self.check_finite = bool(check_finite)
-        self.max_batch = None if max_batch is None else _args.as_count("max_batch", max_batch)
+        self.check_finite = as_flag("check_finite", check_finite)
+        self.max_batch = None if max_batch is None else as_int("max_batch", max_batch, 1)
         self._max_batch_used = self.max_batch  # what the last run used (stats.max_batch)
         self._budget_limits: dict = {}  # default max_batch by (B, call, shape, dtype, device)
 
@@ -105,7 +103,7 @@ class SamplerBase:
         ``x_init`` that is not a tensor (a list, an array) is made one of that dtype and device."""
         _args.check_generator(generator)
         if num_chains is not None:
-            num_chains = _args.as_count("num_chains", num_chains)
+            num_chains = as_int("num_chains", num_chains, 1)
         if dtype is not None:
             _args.check_state_dtype(dtype)
         if x_init is not None:

@@ -1,31 +1,84 @@
 """Checks of the samplers' arguments and of what the user's model returns.
 
-Everything a ``sample()`` call is given is checked before the first model call, with a one-line
-error that names the argument; a model's output is checked at its first call (a tuple, an output
-object, another dtype or device), before anything is done with it.
+Everything a sampler's constructor or a ``sample()`` call is given is checked before the first
+model call, with a one-line error that names the argument; a model's output is checked at its
+first call (a tuple, an output object, another dtype or device), before anything is done with it.
+Scalars go through the coercers of :mod:`specdiff_kernels.validate` (one convention for every
+layer); this module holds the checks that know the samplers' own types. The transitions' tables
+are checked by their builders (``transitions.py``), which this module's users import.
 """
 
 from __future__ import annotations
 
 import operator
+from typing import Callable, Optional, Union
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from ..ops.verify import VerifyResult
+from ..validate import as_int
+from .drafts import Draft, DraftModelDraft, FrozenTargetDraft
+from .transitions import GaussianTransitions
+from .window import AdaptiveWindow
+
+WINDOW_FORMS = "'auto', an int >= 1, 'adaptive' or an AdaptiveWindow"
 
 
-def as_count(name: str, value) -> int:
-    """A positive int; bools and floats (2.7 would silently become 2) are refused."""
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be a positive int, got {value!r}")
+# ----------------------------------------------------------------------------- sampler arguments
+def check_draft(transitions: GaussianTransitions, draft: Optional[Draft]) -> Draft:
+    """The draft (default: frozen x0), after checking there is something to speculate over."""
+    if bool(transitions.deterministic.all()):
+        raise ValueError(
+            f"every step of {transitions.name} is deterministic (std 0): there is no noise to "
+            f"speculate over; use its stochastic variant (DDIM eta > 0, DDPM, Euler-ancestral, "
+            f"DPM-Solver++ 2M SDE) or AncestralSampler"
+        )
+    draft = FrozenTargetDraft() if draft is None else draft
+    if not isinstance(draft, (FrozenTargetDraft, DraftModelDraft)):
+        raise TypeError(
+            f"draft must be a FrozenTargetDraft or DraftModelDraft, got {type(draft).__name__}"
+        )
+    return draft
+
+
+def as_window(window) -> tuple[int, Optional[AdaptiveWindow]]:
+    """``window`` (any form but ``"auto"``, which the sampler resolves) -> (buffer length L,
+    per-chain policy or None)."""
+    if isinstance(window, AdaptiveWindow):
+        return window.max_window, window
+    if isinstance(window, str):
+        if window != "adaptive":
+            raise ValueError(f"window must be {WINDOW_FORMS}, got {window!r}")
+        policy = AdaptiveWindow()
+        return policy.max_window, policy
     try:
-        n = operator.index(value)
+        return as_int("window", window, 1), None  # True would mean L = 1: refused
     except TypeError:
-        raise TypeError(f"{name} must be a positive int, got {value!r}") from None
-    if n < 1:
-        raise ValueError(f"{name} must be a positive int, got {n}")
-    return n
+        raise TypeError(f"window must be {WINDOW_FORMS}, got {window!r}") from None
+
+
+def check_verify_fn(verify_fn) -> Callable:
+    if not callable(verify_fn):
+        raise TypeError(
+            f"verify_fn must be callable like specdiff_kernels.speculative_verify, got "
+            f"{type(verify_fn).__name__}"
+        )
+    return verify_fn
+
+
+def as_compile(compile) -> Union[bool, str]:
+    """True, False or "auto" (1 or "yes" are not flags)."""
+    if isinstance(compile, (bool, np.bool_)):
+        return bool(compile)
+    if compile == "auto" and isinstance(compile, str):
+        return compile
+    err = ValueError if isinstance(compile, str) else TypeError
+    raise err(f"compile must be True, False or 'auto', got {compile!r}")
+
+
+# ----------------------------------------------------------------------------- sample() arguments
 
 
 def as_event_shape(event_shape) -> tuple[int, ...]:

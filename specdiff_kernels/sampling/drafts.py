@@ -22,7 +22,8 @@ from __future__ import annotations
 from torch import Tensor
 
 from ..ops.layout import FREEZE_MODES
-from .transitions import GaussianTransitions, Model, as_flag
+from ..validate import as_flag
+from .transitions import GaussianTransitions, Model
 
 
 class Draft:
@@ -43,7 +44,7 @@ class FrozenTargetDraft(Draft):
         if freeze not in FREEZE_MODES:
             raise ValueError(f"freeze must be one of {tuple(FREEZE_MODES)}, got {freeze!r}")
         self.freeze = freeze
-        self.prefetch_root = as_flag(prefetch_root, "prefetch_root")
+        self.prefetch_root = as_flag("prefetch_root", prefetch_root)
 
     def __repr__(self) -> str:
         return f"FrozenTargetDraft(freeze={self.freeze!r}, prefetch_root={self.prefetch_root})"

@@ -41,11 +41,12 @@ from typing import Callable, Optional, Union
 import torch
 from torch import Tensor
 
+from ..validate import as_int, as_real
 from .ancestral import AncestralSampler
 from .base import SamplingResult
 from .drafts import Draft, DraftModelDraft, FrozenTargetDraft
 from .sampler import SpeculativeSampler
-from .transitions import GaussianTransitions, as_int, as_real
+from .transitions import GaussianTransitions
 
 GradFn = Callable[[Tensor], Tensor]
 EnergyFn = Callable[[Tensor], Tensor]
@@ -77,8 +78,8 @@ def langevin_transitions(
     g = torch.as_tensor(step_size, dtype=torch.float64).flatten()
     if num_steps is None:
         num_steps = g.numel()
-    n = as_int(num_steps, "num_steps", 1)  # 2.5, True or "5" are refused, not truncated
-    init_std = as_real(init_std, "init_std", 0)
+    n = as_int("num_steps", num_steps, 1)  # 2.5, True or "5" are refused, not truncated
+    init_std = as_real("init_std", init_std, 0)
     if g.numel() == 1:
         g = g.expand(n).clone()
     if g.numel() != n:

@@ -1,5 +1,5 @@
-"""The network and the fused draft as the fused paths call them (the static round, the lean
-ancestral chain, the ragged round's fused draft): no host work per call."""
+"""The network as the fused paths call it (the static round, the lean ancestral chain): no host
+work per call."""
 
 from __future__ import annotations
 
@@ -11,17 +11,8 @@ from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from ..ops import round as round_ops
 from .checks import check_model_output
 from .transitions import GaussianTransitions, Model
-
-
-def draft_op(backend: Optional[str], *args) -> Tensor:
-    """``frozen_draft``: the dispatcher op directly (no Python checks: the round is a hot path and
-    its arguments are built right), or the checked wrapper when a backend is named."""
-    if backend is None:
-        return torch.ops.specdiff.frozen_draft(*args)
-    return round_ops.frozen_draft(*args, backend=backend)
 
 
 def chunked_call(model: Model, x: Tensor, t: Tensor, cond: dict, max_batch: Optional[int]):

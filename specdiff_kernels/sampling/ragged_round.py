@@ -35,17 +35,17 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from ..ops.layout import FREEZE_MODES, ROW_A, ROW_E, ROW_G, ROW_H, acc_dtype
+from ..ops import round as round_ops
+from ..ops.layout import StatsLayout, acc_dtype
+from ..ops.round_spec import RoundChains, RoundSpec
 from .accounting import SamplerStats
 from .base import Chains, NonFiniteError, SamplerBase, SamplingResult
 from .checks import check_verify_result
 from .drafts import DraftModelDraft, FrozenTargetDraft
-from .network import draft_op
 from .noise import ChainNoise
 from .transitions import (
     GaussianTransitions,
-    clip_value,
-    round_tables,
+    round_spec,
     step_mean,
     stochastic_runs,
 )
@@ -151,27 +151,6 @@ class TargetCall:
         return out
 
 
-def affine_mean(
-    transitions: GaussianTransitions, y: Tensor, p: Tensor, k: Tensor, prev: Optional[Tensor] = None
-) -> Tensor:
-    """``mean_from_x0`` of affine transitions from the round tables: ``A clip(p) + E p + G y``
-    (``+ H prev`` for multistep transitions), three to seven elementwise ops instead of the ~10 of
-    the general formula (steps k of any shape; y, p, prev of shape ``[*k.shape, *E]``)."""
-    key = ("affine_rows", y.device, y.dtype)
-    rows = transitions._cache.get(key)
-    if rows is None:
-        rows = round_tables(transitions, y.device)[[ROW_A, ROW_E, ROW_G, ROW_H]].to(y.dtype)
-        transitions._cache[key] = rows
-    c = rows[:, k.clamp(0, transitions.num_steps - 1)]
-    c = c.reshape(4, *k.shape, *([1] * (y.dim() - k.dim())))
-    mean = torch.addcmul(c[1] * p, c[2], y)
-    if transitions.clip_sample is not None:
-        mean = torch.addcmul(mean, c[0], p.clamp(-transitions.clip_sample, transitions.clip_sample))
-    if transitions.multistep:
-        mean = torch.addcmul(mean, c[3], prev)
-    return mean
-
-
 def window_prev(first: Tensor, x0: Tensor) -> Tensor:
     """The previous prediction at every window position: ``first`` ([w, *E], the chain's own) at
     position 0, then ``x0`` ([w, L', *E], a prediction by position) of the position before."""
@@ -185,14 +164,31 @@ class FrozenProposer:
 
     needs_frozen = True
 
-    def __init__(self, draft: FrozenTargetDraft, transitions: GaussianTransitions):
+    def __init__(
+        self, draft: FrozenTargetDraft, transitions: GaussianTransitions, spec: Optional[RoundSpec]
+    ):
         self.draft = draft
         self.T = transitions
         self.prefetch = draft.prefetch_root
+        self.spec = spec  # the round ops' constants (None: transitions not affine in x0-hat)
+
+    def freeze_value(self, x: Tensor, x0: Tensor, k: Tensor) -> Tensor:
+        """The frozen value of the target's x0-hat at states x: the ops' definition (the fused
+        kernels' and the static round's), or the transitions' own conversions where there is no
+        coefficient table (not affine)."""
+        if self.spec is None:
+            return self.draft.freeze_value(self.T, x, x0, k)
+        return round_ops.freeze_value(self.spec, x, x0, k)
+
+    def x0_at(self, frozen: Tensor, y: Tensor, k: Tensor) -> Tensor:
+        """The draft's x0-hat at drafted states y (as :meth:`freeze_value`)."""
+        if self.spec is None:
+            return self.draft.x0_at(self.T, frozen, y, k)
+        return round_ops.draft_x0(self.spec, y, frozen.expand(y.shape), k)
 
     def freeze(self, state: RaggedChains, rows: Tensor, x: Tensor, x0: Tensor, k: Tensor) -> None:
         """Freeze the target's x0-hat ``x0`` at states x of chains ``rows`` (device rows)."""
-        state.frozen[rows] = self.draft.freeze_value(self.T, x, x0, k)
+        state.frozen[rows] = self.freeze_value(x, x0, k)
 
     @property
     def fused(self) -> bool:
@@ -217,28 +213,15 @@ class FrozenProposer:
         rd = rows.to(dev)
         kd, nd = k.to(dev), lengths.to(dev)
         fr = state.frozen[rd]
-        Y = draft_op(
-            backend,
-            state.x[rd],
-            fr,
-            kd,
-            nd,
-            round_tables(self.T, dev),
-            noise.seed,
-            noise.chain_ids[rd],
-            window,
-            FREEZE_MODES[self.draft.freeze],
-            clip_value(self.T),
-            state.prev[rd] if self.T.multistep else None,
-        )
+        prev0 = state.prev[rd] if self.T.multistep else None
+        chains = RoundChains(fr, kd, nd, noise.chain_ids[rd], prev0)
+        Y = round_ops.dispatch_frozen_draft(backend, state.x[rd], chains, self.spec, window)
         pos = torch.arange(window, device=dev)
         kw = kd[:, None] + pos[None]
         Yl = Y[:, :window]
-        x0q = self.draft.x0_at(self.T, fr.unsqueeze(1), Yl, kw)
-        prev = None
-        if self.T.multistep:  # (a frozen x0 is [w, 1, *E]: broadcast over the window first)
-            prev = window_prev(state.prev[rd], x0q.expand(Yl.shape))
-        return Y, affine_mean(self.T, Yl, x0q, kw, prev)
+        x0q = self.x0_at(fr.unsqueeze(1), Yl, kw)
+        prev = window_prev(state.prev[rd], x0q) if self.T.multistep else None
+        return Y, round_ops.affine_mean(self.spec, Yl, x0q, kw, prev)
 
     def draft_x0(
         self,
@@ -251,7 +234,7 @@ class FrozenProposer:
         active: Tensor,
         evaluate,
     ) -> Tensor:
-        x0j = self.draft.x0_at(self.T, state.frozen[rd], yj, kj)
+        x0j = self.x0_at(state.frozen[rd], yj, kj)
         if j == 0:
             x0j = torch.where(exact0.view((-1,) + (1,) * (yj.dim() - 1)), state.root_x0[rd], x0j)
         return x0j
@@ -291,7 +274,7 @@ class FrozenProposer:
         usable = rejected | exact
         idx, srcd = torch.arange(w).to(dev), src.to(dev)
         ysrc, x0src = win.Y[idx, srcd], TP[idx, srcd]
-        fz = self.draft.freeze_value(self.T, ysrc, x0src, (win.k + src).to(dev))
+        fz = self.freeze_value(ysrc, x0src, (win.k + src).to(dev))
         ud = usable.to(dev).view((w,) + (1,) * (TP.dim() - 2))
         state.frozen[rd] = torch.where(ud, fz, state.frozen[rd])
         state.root_x0[rd] = torch.where(ud, x0src, state.root_x0[rd])
@@ -339,9 +322,9 @@ class ModelProposer:
         pass
 
 
-def proposer_for(draft, transitions: GaussianTransitions):
+def proposer_for(draft, transitions: GaussianTransitions, spec: Optional[RoundSpec]):
     if isinstance(draft, FrozenTargetDraft):
-        return FrozenProposer(draft, transitions)
+        return FrozenProposer(draft, transitions, spec)
     if isinstance(draft, DraftModelDraft):
         return ModelProposer(draft, transitions)
     raise TypeError(
@@ -351,35 +334,29 @@ def proposer_for(draft, transitions: GaussianTransitions):
 
 # ------------------------------------------------------------------------- counters
 class RaggedCounters:
-    """Acceptance statistics of a ragged run (CPU int64 tensors, copied into SamplerStats once)."""
+    """Acceptance statistics of a ragged run, in the static round's container (an int64 vector
+    laid out by :class:`~specdiff_kernels.ops.layout.StatsLayout`, on the CPU here; its head slots
+    are unused: the ragged round counts rounds and steps on the host)."""
 
-    def __init__(self, L: int, N: int):
-        z = lambda n: torch.zeros(n, dtype=torch.int64)  # noqa: E731
-        self.accepted_by_position, self.attempted_by_position = z(L), z(L)
-        self.accepted_length_hist, self.window_length_hist = z(L + 1), z(L + 1)
-        self.accepted_by_step, self.attempted_by_step = z(N), z(N)
-        self.N = N
+    def __init__(self, L: int, N: int, B: int):
+        self.layout = StatsLayout(L, N, B)
+        self.counts = torch.zeros(self.layout.size, dtype=torch.int64)
 
     def add(self, win: DraftedWindows, out: WindowOutcome) -> None:
-        L, N = self.accepted_by_position.numel(), self.N
+        lay, c = self.layout, self.counts
+        L, N = lay.L, lay.N
         kw = win.k[:, None] + torch.arange(L)[None]
-        self.accepted_by_position += out.accepted.sum(0)
-        self.attempted_by_position += out.attempted.sum(0)
-        self.accepted_length_hist += torch.bincount(out.num_accepted, minlength=L + 1)
-        self.window_length_hist += torch.bincount(win.lengths, minlength=L + 1)
-        self.accepted_by_step += torch.bincount(kw[out.accepted], minlength=N)[:N]
-        self.attempted_by_step += torch.bincount(kw[out.attempted], minlength=N)[:N]
+        lay.view(c, "accepted_by_position").add_(out.accepted.sum(0))
+        lay.view(c, "attempted_by_position").add_(out.attempted.sum(0))
+        lay.view(c, "accepted_length_hist").add_(torch.bincount(out.num_accepted, minlength=L + 1))
+        lay.view(c, "window_length_hist").add_(torch.bincount(win.lengths, minlength=L + 1))
+        lay.view(c, "accepted_by_step").add_(torch.bincount(kw[out.accepted], minlength=N)[:N])
+        lay.view(c, "attempted_by_step").add_(torch.bincount(kw[out.attempted], minlength=N)[:N])
 
-    def fill(self, stats) -> None:
-        for name in (
-            "accepted_by_position",
-            "attempted_by_position",
-            "accepted_length_hist",
-            "window_length_hist",
-            "accepted_by_step",
-            "attempted_by_step",
-        ):
-            setattr(stats, name, getattr(self, name).tolist())
+    def fill(self, stats: SamplerStats, finished_round: Tensor) -> None:
+        """Copy the counters, and each chain's last round, into ``stats``."""
+        self.layout.view(self.counts, "chain_rounds").copy_(finished_round)
+        self.layout.fill(stats, self.counts.tolist())
 
 
 # ------------------------------------------------------------------------- the round
@@ -408,7 +385,10 @@ class RaggedRound:
         self.T, self.L = sampler.transitions, sampler.window
         self.N = self.T.num_steps
         self.noise, self.chains = noise, chains
-        self.proposer = proposer_for(sampler.draft, self.T)
+        # the round ops' constants (affine transitions): the fused draft and the means' table
+        freeze = getattr(sampler.draft, "freeze", "x0")  # (a draft model freezes nothing)
+        self.spec = round_spec(self.T, noise.seed, freeze) if self.T.affine else None
+        self.proposer = proposer_for(sampler.draft, self.T, self.spec)
         self.policy = sampler.window_policy
         self.stochastic_ahead = stochastic_runs(self.T)  # by step: before a deterministic one
         B = x.shape[0]
@@ -428,7 +408,7 @@ class RaggedRound:
             self.proposer.freeze(self.state, rows, x, warm, self.state.k.to(x.device))
             self.state.set_status(torch.arange(B), RootStatus.STALE)
         self.stats = SamplerStats(sampler.name, B, self.N, self.L)
-        self.counters = RaggedCounters(self.L, self.N)
+        self.counters = RaggedCounters(self.L, self.N, B)
         self.budget = None if self.policy is None else self.policy.init_state(B)
         self.bar = sampler.progress_bar(B * self.N)
 
@@ -439,8 +419,7 @@ class RaggedRound:
             pass
         if self.bar is not None:
             self.bar.close()
-        self.counters.fill(self.stats)
-        self.stats.chain_rounds = self.state.finished_round.tolist()
+        self.counters.fill(self.stats, self.state.finished_round)
         return SamplingResult(self.state.x, self.stats)
 
     def _round(self) -> bool:
@@ -668,12 +647,12 @@ class RaggedRound:
         pos = torch.arange(L)
         kw = kr[:, None] + pos[None]  # [w, L] step of each position
         active = pos[None] < lengths[:, None]
-        mean = functools.partial(affine_mean if T.affine else step_mean, T)
         rd = rows.to(dev)
         # the target's previous prediction by position: the chain's own, then P_{j-1}
         prev = window_prev(state.prev[rd], TP[:, :L]) if T.multistep else None
         # positions past a chain's window length hold anything finite: the verify op ignores them
-        MP = mean(win.Y[:, :L], TP[:, :L], kw.to(dev), prev)
+        args = (win.Y[:, :L], TP[:, :L], kw.to(dev), prev)
+        MP = step_mean(T, *args) if self.spec is None else round_ops.affine_mean(self.spec, *args)
         sig_dtype = acc_dtype(state.x.dtype)
         sigma = torch.where(active, T.step_std(kw), torch.ones((), dtype=torch.float64))
         sigma = sigma.to(device=dev, dtype=sig_dtype)

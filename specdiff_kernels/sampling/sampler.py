@@ -43,20 +43,22 @@ import torch
 from torch import Tensor
 
 from ..ops import layout
+from ..ops import round as round_ops
 from ..ops import verify as ops
-from ..ops.layout import FREEZE_X0
+from ..ops.round_spec import RoundChains
+from ..validate import as_choice
 from . import checks as _args
 from .accounting import SamplerStats
 from .ancestral import LeanAncestral
 from .autopilot import AutoRounds, AutoWindow, CostModel, WindowController, calibrate
 from .base import Chains, NonFiniteError, SamplerBase, SamplingResult, sample_in_inference_mode
 from .drafts import Draft, DraftModelDraft, FrozenTargetDraft
-from .network import NetworkCall, draft_op
+from .network import NetworkCall
 from .noise import ChainNoise
 from .ragged_round import RaggedRound
 from .static_round import StaticRound
-from .transitions import GaussianTransitions, Model, clip_value, round_tables, stochastic_runs
-from .window import AdaptiveWindow, resolve_window
+from .transitions import GaussianTransitions, Model, round_spec, stochastic_runs
+from .window import AdaptiveWindow
 
 VerifyFn = Callable[..., "ops.VerifyResult"]
 PATHS = ("auto", "static", "ragged")
@@ -68,22 +70,6 @@ COMPACT_MIN_CHAINS_CPU = 2
 # window="auto"'s measured cost models, per model (weakly: they go with the model), then per
 # (shape, dtype, device, conditioning names, window, max_batch)
 _COSTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def _checked_draft(transitions: GaussianTransitions, draft: Optional[Draft]) -> Draft:
-    """The draft (default: frozen x0), after checking there is something to speculate over."""
-    if bool(transitions.deterministic.all()):
-        raise ValueError(
-            f"every step of {transitions.name} is deterministic (std 0): there is no noise to "
-            f"speculate over; use its stochastic variant (DDIM eta > 0, DDPM, Euler-ancestral, "
-            f"DPM-Solver++ 2M SDE) or AncestralSampler"
-        )
-    draft = FrozenTargetDraft() if draft is None else draft
-    if not isinstance(draft, (FrozenTargetDraft, DraftModelDraft)):
-        raise TypeError(
-            f"draft must be a FrozenTargetDraft or DraftModelDraft, got {type(draft).__name__}"
-        )
-    return draft
 
 
 class SpeculativeSampler(SamplerBase):
@@ -172,12 +158,12 @@ class SpeculativeSampler(SamplerBase):
         super().__init__(
             model, transitions, progress=progress, check_finite=check_finite, max_batch=max_batch
         )
-        self.draft = _checked_draft(transitions, draft)
+        self.draft = _args.check_draft(transitions, draft)
         if window == "auto" or isinstance(window, AutoWindow):
             self.window_policy = window if isinstance(window, AutoWindow) else AutoWindow()
             self.window = self.window_policy.max_window
         else:
-            self.window, self.window_policy = resolve_window(window)
+            self.window, self.window_policy = _args.as_window(window)
         self.autopilot = isinstance(self.window_policy, AutoWindow)
         if cost is not None and not self.autopilot:
             raise ValueError("cost= sets window='auto''s cost model: it needs window='auto'")
@@ -186,21 +172,16 @@ class SpeculativeSampler(SamplerBase):
         self.user_cost = cost
         self._costs: dict = {}  # (B, event shape, dtype, device) -> CostModel, measured once
         self.backend = backend
-        if verify_fn is not None and not callable(verify_fn):
-            raise TypeError(
-                f"verify_fn must be callable like specdiff_kernels.speculative_verify, got "
-                f"{type(verify_fn).__name__}"
-            )
-        self.verify_fn = ops.speculative_verify if verify_fn is None else verify_fn
-        if path not in PATHS:
-            raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+        self.verify_fn = (
+            ops.speculative_verify if verify_fn is None else _args.check_verify_fn(verify_fn)
+        )
+        path = as_choice("path", path, PATHS)
+        compile = _args.as_compile(compile)
         blockers = self.static_path_blockers()
         if path == "static" and blockers:
             raise ValueError(
                 f"path='static' cannot run with {', '.join(blockers)}; use path='ragged' or 'auto'"
             )
-        if compile not in (True, False, "auto"):
-            raise ValueError(f"compile must be True, False or 'auto', got {compile!r}")
         if compile is True and (path == "ragged" or blockers):
             why = ", ".join((["path='ragged'"] if path == "ragged" else []) + blockers)
             raise ValueError(
@@ -395,8 +376,7 @@ class SpeculativeSampler(SamplerBase):
         stats.windows = counts[layout.STAT_WINDOWS]
         stats.speculative_steps = counts[layout.STAT_SPEC_STEPS]
         stats.deterministic_steps = counts[layout.STAT_DET_STEPS]
-        for name, part in rnd.layout.slices.items():
-            setattr(stats, name, counts[part])
+        rnd.layout.fill(stats, counts)
         return stats
 
     # -------------------------------------------------------------- window="auto"
@@ -449,9 +429,9 @@ class SpeculativeSampler(SamplerBase):
             if not T.affine:
                 return None
             k = torch.zeros(B, dtype=torch.int64, device=dev)
-            coef = rnd.coef if rnd is not None else round_tables(T, dev)
-            args = (x, x, k, k + W, coef, noise.seed, noise.chain_ids, W, FREEZE_X0, clip_value(T))
-            return draft_op(self.backend, *args)
+            spec = rnd.spec if rnd is not None else round_spec(T, noise.seed)
+            chains = RoundChains(x, k, k + W, noise.chain_ids)
+            return round_ops.dispatch_frozen_draft(self.backend, x, chains, spec, W)
 
         sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
         return calibrate(call, draft, B * (W + 1), B, B * (W + 1), T.num_steps, dev.type, sync)

@@ -33,10 +33,10 @@ from torch import Tensor
 from ..ops import layout
 from ..ops import round as round_ops
 from ..ops.layout import FREEZE_X0, NO_BAD
-from ..ops.reference import round as rr
+from ..ops.round_spec import RoundChains, RoundSpec
 from .checks import ModelKwargs
-from .network import NetworkCall, draft_op
-from .transitions import GaussianTransitions, Model, clip_value, round_tables, stochastic_runs
+from .network import NetworkCall
+from .transitions import GaussianTransitions, Model, round_spec, stochastic_runs
 
 
 @dataclass
@@ -111,11 +111,9 @@ class StaticRound:
         self._cond_window: dict = {}  # window W -> ... on their windows [B (W + 1)], chain-major
         self.N = transitions.num_steps
         self.L = int(window)
-        self.freeze = layout.FREEZE_MODES[freeze]
-        self.seed, self.ids = seed, chain_ids
+        self.ids = chain_ids
         self.backend = backend
-        self.coef = round_tables(transitions, device)
-        self.clip = clip_value(transitions)
+        self.spec = round_spec(transitions, seed, freeze, device)
         self.multistep = transitions.multistep
         # each chain's window length by its step: the stochastic run ahead of it, capped at L
         self.lengths_by_step = stochastic_runs(transitions).clamp(max=self.L).to(device)
@@ -142,34 +140,19 @@ class StaticRound:
         self._host_reads = device.type == "cpu" and not (compile and not compact)
 
     # ------------------------------------------------------------------ pieces
-    def _draft(self, x, frozen, k, lengths, window, freeze, prev):
-        return draft_op(
-            self.backend,
-            x,
-            frozen,
-            k,
-            lengths,
-            self.coef,
-            self.seed,
-            self.ids,
-            window,
-            freeze,
-            self.clip,
-            prev if self.multistep else None,
-        )
+    def _chains(self, frozen: Tensor, k: Tensor, lengths: Tensor, prev: Tensor) -> RoundChains:
+        return RoundChains(frozen, k, lengths, self.ids, prev if self.multistep else None)
 
-    def _verify(self, Y, P, frozen, k, lengths, prev):
-        args = (Y, P, frozen, k, lengths, self.coef, self.seed, self.ids, self.freeze, self.clip)
-        prev = prev if self.multistep else None
-        if self.backend is None:
-            return round_ops.FrozenVerifyResult(*torch.ops.specdiff.verify_frozen(*args, prev))
-        return round_ops.verify_frozen(*args, prev, backend=self.backend)
+    def _draft(self, x, chains: RoundChains, window: int, spec: Optional[RoundSpec] = None):
+        spec = self.spec if spec is None else spec
+        return round_ops.dispatch_frozen_draft(self.backend, x, chains, spec, window)
+
+    def _verify(self, Y, P, chains: RoundChains) -> round_ops.FrozenVerifyResult:
+        return round_ops.dispatch_verify_frozen(self.backend, Y, P, chains, self.spec)
 
     def freeze_at(self, y, p, k):
         """The frozen value of the target's x0-hat p at states y (steps k)."""
-        B = y.shape[0]
-        c = rr._rows(self.coef, k, y.dtype)
-        return rr.freeze_value(c, y.reshape(B, -1), p.reshape(B, -1), self.freeze).reshape(y.shape)
+        return round_ops.freeze_value(self.spec, y, p, k)
 
     # ------------------------------------------------------------------ the first step
     def start(self, x: Tensor, warm: Optional[Tensor] = None) -> ChainBatch:
@@ -187,7 +170,7 @@ class StaticRound:
         self.layout = lay = layout.StatsLayout(L, N, B)
         if warm is not None:
             self.target_evals = self.direct_steps = 0
-            stats = self._new_stats([0, 0, 0, 0, NO_BAD, NO_BAD, 0, B if N else 0])
+            stats = self._new_stats({layout.STAT_LIVE: B if N else 0})
             return ChainBatch(
                 x=x,
                 k=k,
@@ -204,19 +187,16 @@ class StaticRound:
         lengths = torch.ones(B, **i64) if N > 0 else k
         # a multistep chain's first step is first order (c_prev[0] = 0): no previous prediction
         no_prev = torch.zeros_like(x)
-        x1 = self._draft(x, p0, k, lengths, 1, FREEZE_X0, no_prev)[:, 1]
+        first = self.spec._replace(freeze=FREEZE_X0)  # the step from the roots' own x0-hat
+        x1 = self._draft(x, self._chains(p0, k, lengths, no_prev), 1, first)[:, 1]
         bad = ~torch.isfinite(out.reshape(B, -1)).all(-1)
         stats = self._new_stats(
-            [
-                1,
-                0,
-                0,
-                B if first_deterministic else 0,
-                NO_BAD,
-                NO_BAD,
-                B if N else 0,
-                B if N > 1 else 0,
-            ]
+            {
+                layout.STAT_ROUNDS: 1,
+                layout.STAT_DET_STEPS: B if first_deterministic else 0,
+                layout.STAT_STEPS_DONE: B if N else 0,
+                layout.STAT_LIVE: B if N > 1 else 0,
+            }
         )
         # the first step's non-finite outputs: code = chain * (N + 1) + step 0
         stats[layout.STAT_BAD_OUTPUT] = (chain * (N + 1)).masked_fill(~bad, NO_BAD).amin()
@@ -232,11 +212,16 @@ class StaticRound:
             prev=p0.clone() if self.multistep else x.new_empty((0,)),
         )
 
-    def _new_stats(self, head: list) -> Tensor:
-        """A zero stats vector (``self.layout``) on the device, its ``STAT_*`` head set."""
+    def _new_stats(self, head: dict[int, int]) -> Tensor:
+        """A stats vector (``self.layout``) on the device: the ``STAT_*`` slots in ``head`` set,
+        the BAD slots "none seen", every other counter 0."""
+        values = [0] * layout.STAT_HEAD
+        values[layout.STAT_BAD_OUTPUT] = values[layout.STAT_BAD_RATIO] = NO_BAD
+        for slot, value in head.items():
+            values[slot] = value
         i64 = dict(dtype=torch.int64, device=self.ids.device)
         stats = torch.zeros(self.layout.size, **i64)
-        stats[: layout.STAT_HEAD] = torch.tensor(head, **i64)
+        stats[: layout.STAT_HEAD] = torch.tensor(values, **i64)
         return stats
 
     # ------------------------------------------------------------------ the round
@@ -281,22 +266,17 @@ class StaticRound:
         """The target's x0-hat at the roots of chains ex, from their frozen value (which the
         last round computed from the network's prediction at that very state)."""
         f = s.frozen.index_select(0, ex)
-        if self.freeze == FREEZE_X0:
+        if self.spec.freeze == FREEZE_X0:
             return f
-        acc = layout.acc_dtype(f.dtype)
-        c = rr._rows(self.coef, s.k.index_select(0, ex), acc)
-        x = s.x.index_select(0, ex)
-        x0 = rr.draft_x0(
-            c, x.reshape(len(ex), -1).to(acc), f.reshape(len(ex), -1).to(acc), self.freeze
-        )
-        return x0.to(f.dtype).reshape(f.shape)
+        return round_ops.draft_x0(self.spec, s.x.index_select(0, ex), f, s.k.index_select(0, ex))
 
     def _round_eager(self, s: ChainBatch, W: int) -> ChainBatch:
         k = s.k
         lengths = self.tables(W)[0][k]  # k lies in 0..N
-        Y = self._draft(s.x, s.frozen, k, lengths, W, self.freeze, s.prev)
+        chains = self._chains(s.frozen, k, lengths, s.prev)
+        Y = self._draft(s.x, chains, W)
         out, P = self._evaluate(Y, s)
-        res = self._verify(Y, P, s.frozen, k, lengths, s.prev)
+        res = self._verify(Y, P, chains)
         log_ratio = res.log_ratio
         if W < self.L:  # the stats vector is laid out for L: pad the window to it
             log_ratio = torch.nn.functional.pad(log_ratio, (0, self.L - W))

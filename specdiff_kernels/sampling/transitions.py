@@ -41,13 +41,15 @@ with :meth:`GaussianTransitions.mean_from_x0` (after :meth:`x0_from_eps` for eps
 from __future__ import annotations
 
 import math
-import numbers
-import operator
 from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from ..ops import layout
+from ..ops.round_spec import RoundSpec
+from ..validate import as_choice, as_flag, as_int, as_real
 
 PREDICTIONS = ("epsilon", "sample", "v_prediction")
 
@@ -109,77 +111,22 @@ def _timesteps(timesteps, name: str = "timesteps") -> Tensor:
     return ts.round().to(torch.int64) if bool((ts == ts.round()).all()) else ts
 
 
-def as_int(value, name: str, low: int, high: Optional[int] = None) -> int:
-    """An int in ``low..high``; bools, floats (2.5 would be truncated) and strings are refused."""
-    span = f"in {low}..{high}" if high is not None else f">= {low}"
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an int {span}, got {value!r}")
-    try:
-        n = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an int {span}, got {value!r}") from None
-    if n < low or (high is not None and n > high):
-        raise ValueError(f"{name} must be {span}, got {n}")
-    return n
-
-
-def as_real(
-    value, name: str, low=-math.inf, high=math.inf, *, open_low=False, open_high=False, finite=True
-) -> float:
-    """A float in the range (bounds closed unless ``open_*``), finite unless ``finite=False``
-    (NaN is always refused); bools, strings and None are refused."""
-    if isinstance(value, Tensor):
-        real = value.numel() == 1 and not (value.is_complex() or value.dtype == torch.bool)
-    else:
-        real = isinstance(value, numbers.Real) and not isinstance(value, bool)
-    if not real:
-        raise TypeError(f"{name} must be a real number, got {value!r}")
-    v = float(value)
-    ok = not math.isnan(v) and not (finite and math.isinf(v))
-    ok = ok and (v > low if open_low else v >= low) and (v < high if open_high else v <= high)
-    if not ok:
-        lo, hi = f"{'(' if open_low else '['}{low:g}", f"{high:g}{')' if open_high else ']'}"
-        if high < math.inf:
-            bound = f"in {lo}, {hi}"
-        elif low > -math.inf:
-            bound = f"{'>' if open_low else '>='} {low:g}"
-        else:
-            bound = "not NaN"
-        raise ValueError(f"{name} must be {'a finite number ' if finite else ''}{bound}, got {v}")
-    return v
-
-
-def as_flag(value, name: str) -> bool:
-    """A bool (a string such as "no" would be truthy)."""
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
-    return bool(value)
-
-
-def as_choice(value, name: str, options: Sequence[str]) -> str:
-    if not isinstance(value, str):
-        raise TypeError(f"{name} must be one of {tuple(options)}, got {value!r}")
-    if value not in options:
-        raise ValueError(f"{name} must be one of {tuple(options)}, got {value!r}")
-    return value
-
-
-def as_clip(clip_sample, name: str = "clip_sample") -> Optional[float]:
+def as_clip(name: str, value) -> Optional[float]:
     """None (no clipping) or a bound > 0 (inf: no clipping either)."""
-    if clip_sample is None:
+    if value is None:
         return None
-    return as_real(clip_sample, name, 0.0, open_low=True, finite=False)
+    return as_real(name, value, 0.0, open_low=True, finite=False)
 
 
 def _options(prediction, clip_sample, eps_from_clipped_x0, init_std, name) -> tuple:
     if not isinstance(name, str):
         raise TypeError(f"name must be a str, got {name!r}")
     return (
-        as_choice(prediction, "prediction", PREDICTIONS),
-        as_clip(clip_sample),
-        as_flag(eps_from_clipped_x0, "eps_from_clipped_x0"),
+        as_choice("prediction", prediction, PREDICTIONS),
+        as_clip("clip_sample", clip_sample),
+        as_flag("eps_from_clipped_x0", eps_from_clipped_x0),
         # 0 is a fixed start at the origin (e.g. a Langevin chain given no x_init)
-        as_real(init_std, "init_std", 0.0),
+        as_real("init_std", init_std, 0.0),
     )
 
 
@@ -399,11 +346,11 @@ def make_betas(
 ) -> Tensor:
     """Training betas (float64), as diffusers: ``"linear"``, ``"scaled_linear"`` or
     ``"cosine"`` (= ``"squaredcos_cap_v2"``, Nichol & Dhariwal, betas capped at 0.999)."""
-    schedule = as_choice(schedule, "schedule", BETA_SCHEDULES)
-    T = as_int(num_train_timesteps, "num_train_timesteps", 1)
+    schedule = as_choice("schedule", schedule, BETA_SCHEDULES)
+    T = as_int("num_train_timesteps", num_train_timesteps, 1)
     # a beta of 0 makes abar = 1 (noise std 0: 0/0 in the step), 1 makes every later abar 0
-    b0 = as_real(beta_start, "beta_start", 0, 1, open_low=True, open_high=True)
-    b1 = as_real(beta_end, "beta_end", 0, 1, open_low=True, open_high=True)
+    b0 = as_real("beta_start", beta_start, 0, 1, open_low=True, open_high=True)
+    b1 = as_real("beta_end", beta_end, 0, 1, open_low=True, open_high=True)
     if schedule == "linear":
         return torch.linspace(b0, b1, T, dtype=torch.float64)
     if schedule == "scaled_linear":
@@ -455,14 +402,14 @@ def _schedule(alphas_cumprod, betas) -> Tensor:
 
 def _inference_steps(num_inference_steps, T: int) -> int:
     """An int in 1..T (a float or bool would be truncated silently; 0 fails deep in numpy)."""
-    return as_int(num_inference_steps, "num_inference_steps", 1, T)
+    return as_int("num_inference_steps", num_inference_steps, 1, T)
 
 
 def check_steps_offset(steps_offset, spacing: str, n: int, T: int, *, ignored_ok=False) -> int:
     """``steps_offset`` (added by "leading" spacing only, as diffusers) keeps timesteps < T.
     Elsewhere it has no effect: refused unless ``ignored_ok`` (a diffusers config, where
     ignoring it is diffusers' own behaviour)."""
-    off = as_int(steps_offset, "steps_offset", 0)
+    off = as_int("steps_offset", steps_offset, 0)
     if off and spacing != "leading" and not ignored_ok:
         raise ValueError(
             f"steps_offset applies to spacing='leading' only (it would be ignored with "
@@ -487,10 +434,10 @@ def respaced_timesteps(
 
     ``num_inference_steps=None`` gives all training timesteps T-1..0.
     """
-    T = as_int(num_train_timesteps, "num_train_timesteps", 1)
-    spacing = as_choice(spacing, "spacing", SPACINGS)
+    T = as_int("num_train_timesteps", num_train_timesteps, 1)
+    spacing = as_choice("spacing", spacing, SPACINGS)
     if num_inference_steps is None:
-        if as_int(steps_offset, "steps_offset", 0):
+        if as_int("steps_offset", steps_offset, 0):
             raise ValueError("steps_offset applies to respaced steps (num_inference_steps) only")
         return torch.arange(T - 1, -1, -1, dtype=torch.int64)
     n = _inference_steps(num_inference_steps, T)
@@ -558,8 +505,11 @@ def ddpm_transitions(
     A fixed_small step whose previous abar is 1 has variance 0 and is deterministic as well
     (diffusers clamps that variance at 1e-20, i.e. adds 1e-10 noise; dropped here).
     """
-    variance = as_choice(variance, "variance", ("fixed_small", "fixed_large"))
-    prediction, clip_sample = as_choice(prediction, "prediction", PREDICTIONS), as_clip(clip_sample)
+    variance = as_choice("variance", variance, ("fixed_small", "fixed_large"))
+    prediction, clip_sample = (
+        as_choice("prediction", prediction, PREDICTIONS),
+        as_clip("clip_sample", clip_sample),
+    )
     abar, ts = _abar_and_timesteps(
         alphas_cumprod, betas, num_inference_steps, timesteps, spacing, steps_offset
     )
@@ -607,10 +557,13 @@ def ddim_transitions(
     As diffusers, the previous timestep is ``t - T // num_inference_steps`` (and
     ``final_alpha_cumprod`` = 1 or abar[0] below 0). eta = 0: every step is deterministic.
     """
-    as_real(eta, "eta", 0, 1)  # above 1 the direction term can have no real value
-    prediction, clip_sample = as_choice(prediction, "prediction", PREDICTIONS), as_clip(clip_sample)
-    set_alpha_to_one = as_flag(set_alpha_to_one, "set_alpha_to_one")
-    use_clipped_model_output = as_flag(use_clipped_model_output, "use_clipped_model_output")
+    as_real("eta", eta, 0, 1)  # above 1 the direction term can have no real value
+    prediction, clip_sample = (
+        as_choice("prediction", prediction, PREDICTIONS),
+        as_clip("clip_sample", clip_sample),
+    )
+    set_alpha_to_one = as_flag("set_alpha_to_one", set_alpha_to_one)
+    use_clipped_model_output = as_flag("use_clipped_model_output", use_clipped_model_output)
     if use_clipped_model_output and clip_sample is None:
         raise ValueError("use_clipped_model_output has no effect without clip_sample; set both")
     abar = _schedule(alphas_cumprod, betas)
@@ -645,11 +598,11 @@ def ddim_from_schedule(
     computes it: previous timestep ``t - step_ratio``, ``final_alpha_cumprod`` below 0.
     ``kwargs`` go to :class:`GaussianTransitions` (prediction, clip_sample, eps_from_clipped_x0).
     Shared by :func:`ddim_transitions` and the diffusers adapter."""
-    eta = as_real(eta, "eta", 0, 1)
+    eta = as_real("eta", eta, 0, 1)
     abar = check_alphas_cumprod(alphas_cumprod)
     ts = _schedule_timesteps(timesteps, abar.numel())
-    prev = ts - as_int(step_ratio, "step_ratio", 1)
-    fin = as_real(final_alpha_cumprod, "final_alpha_cumprod", 0, 1, open_low=True)
+    prev = ts - as_int("step_ratio", step_ratio, 1)
+    fin = as_real("final_alpha_cumprod", final_alpha_cumprod, 0, 1, open_low=True)
     final = torch.tensor(fin, dtype=torch.float64)
     a_t = abar[ts]
     a_prev = torch.where(prev >= 0, abar[prev.clamp_min(0)], final)
@@ -690,10 +643,10 @@ def euler_ancestral_transitions(
     ``init_std`` defaults to diffusers' ``init_noise_sigma`` (sigma_max for "linspace"/"trailing"
     spacing, sqrt(sigma_max^2 + 1) for "leading").
     """
-    prediction = as_choice(prediction, "prediction", PREDICTIONS)
+    prediction = as_choice("prediction", prediction, PREDICTIONS)
     if init_std is not None:
-        init_std = as_real(init_std, "init_std", 0, open_low=True)
-    spacing = as_choice(spacing, "spacing", SPACINGS)
+        init_std = as_real("init_std", init_std, 0, open_low=True)
+    spacing = as_choice("spacing", spacing, SPACINGS)
     abar = _schedule(alphas_cumprod, betas)
     T = abar.numel()
     n = _inference_steps(num_inference_steps, T)
@@ -786,10 +739,10 @@ def dpmsolver_sde_from_sigmas(
     when the final sigma is 0, or when ``lower_order_final`` and N < 15, exactly diffusers' rule.
     A final sigma of 0 makes the last step deterministic (its mean is the x0-hat).
     """
-    order = as_int(solver_order, "solver_order", 1, 2)
-    solver_type = as_choice(solver_type, "solver_type", SOLVER_TYPES)
-    lower_order_final = as_flag(lower_order_final, "lower_order_final")
-    euler_at_final = as_flag(euler_at_final, "euler_at_final")
+    order = as_int("solver_order", solver_order, 1, 2)
+    solver_type = as_choice("solver_type", solver_type, SOLVER_TYPES)
+    lower_order_final = as_flag("lower_order_final", lower_order_final)
+    euler_at_final = as_flag("euler_at_final", euler_at_final)
     ts = _timesteps(timesteps)
     n = ts.numel()
     sig = _vector(sigmas, "sigmas")
@@ -888,9 +841,9 @@ def dpmsolver_sde_transitions(
     abar = _schedule(alphas_cumprod, betas)
     T = abar.numel()
     n = _inference_steps(num_inference_steps, T)
-    spacing = as_choice(spacing, "spacing", SPACINGS)
-    schedule = as_choice(sigma_schedule, "sigma_schedule", SIGMA_SCHEDULES)
-    final = as_choice(final_sigmas_type, "final_sigmas_type", FINAL_SIGMAS)
+    spacing = as_choice("spacing", spacing, SPACINGS)
+    schedule = as_choice("sigma_schedule", sigma_schedule, SIGMA_SCHEDULES)
+    final = as_choice("final_sigmas_type", final_sigmas_type, FINAL_SIGMAS)
     train_sigmas = ((1 - abar) / abar).sqrt()
     if schedule == "karras":  # the timesteps follow the noise levels: no spacing
         sig = karras_sigmas(float(train_sigmas[0]), float(train_sigmas[-1]), n)
@@ -921,10 +874,13 @@ def dpmsolver_sde_transitions(
 
 
 # ---------------------------------------------------------------- the round ops' tables
-def _check_transitions(transitions, where: str) -> None:
+def check_transitions(transitions, where: str = "") -> None:
+    """``transitions`` is a GaussianTransitions (``where``: the function's name, for the
+    message)."""
     if not isinstance(transitions, GaussianTransitions):
         raise TypeError(
-            f"{where}: transitions must be a GaussianTransitions, got {type(transitions).__name__}"
+            f"{where + ': ' if where else ''}transitions must be a GaussianTransitions, got "
+            f"{type(transitions).__name__}"
         )
 
 
@@ -935,7 +891,7 @@ def round_tables(transitions: GaussianTransitions, device=None) -> Tensor:
     (GaussianTransitions' ``mean_from_x0`` with its eps term expanded; H = c_prev, 0 unless
     multistep), the step std, the frozen-eps draft's x0 at y (``X0_Y y - X0_F eps``) and the eps of
     an x0-hat at y (``EPS_Y y - EPS_P x0``)."""
-    _check_transitions(transitions, "round_tables")
+    check_transitions(transitions, "round_tables")
     if not transitions.affine:
         raise ValueError(
             f"round_tables: {transitions.name} is not affine in x0-hat (dynamic "
@@ -956,22 +912,44 @@ def round_tables(transitions: GaussianTransitions, device=None) -> Tensor:
         A, E = T.c_x0 + eps_x0, torch.zeros_like(G)
     else:
         A, E = T.c_x0.clone(), eps_x0
-    rows = [A, E, G, T.std, 1.0 / sa, ss / sa, 1.0 / ss, sa / ss, T.c_prev]
-    table = torch.stack(rows).to(device=device, dtype=torch.float64).contiguous()
+    rows = {
+        layout.ROW_A: A,
+        layout.ROW_E: E,
+        layout.ROW_G: G,
+        layout.ROW_STD: T.std,
+        layout.ROW_X0_Y: 1.0 / sa,
+        layout.ROW_X0_F: ss / sa,
+        layout.ROW_EPS_Y: 1.0 / ss,
+        layout.ROW_EPS_P: sa / ss,
+        layout.ROW_H: T.c_prev,
+    }
+    table = torch.stack([rows[r] for r in range(layout.NUM_ROWS)])
+    table = table.to(device=device, dtype=torch.float64).contiguous()
     cache[key] = table
     return table
 
 
+def round_spec(
+    transitions: GaussianTransitions, seed: Tensor, freeze: str = "x0", device=None
+) -> RoundSpec:
+    """The round ops' per-run constants (:class:`~specdiff_kernels.ops.round_spec.RoundSpec`) of
+    ``transitions`` with noise key ``seed`` (``ops.seed_tensor``) and a frozen-target draft that
+    freezes ``freeze`` (``"x0"`` or ``"eps"``); ``device``: the seed's by default."""
+    device = seed.device if device is None else device
+    coef = round_tables(transitions, device)
+    return RoundSpec(coef, seed, layout.FREEZE_MODES[freeze], clip_value(transitions))
+
+
 def clip_value(transitions: GaussianTransitions) -> float:
     """The clip bound the ops take (``inf``: no clipping)."""
-    _check_transitions(transitions, "clip_value")
+    check_transitions(transitions, "clip_value")
     return math.inf if transitions.clip_sample is None else float(transitions.clip_sample)
 
 
 def stochastic_runs(transitions: GaussianTransitions) -> Tensor:
     """``[N + 1]`` int64: stochastic steps from step k before the next deterministic step or the
     end (0 at a deterministic step and at k = N)."""
-    _check_transitions(transitions, "stochastic_runs")
+    check_transitions(transitions, "stochastic_runs")
     det = transitions.deterministic.tolist()
     run = [0] * (transitions.num_steps + 1)
     for s in range(transitions.num_steps - 1, -1, -1):

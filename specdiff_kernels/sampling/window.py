@@ -67,20 +67,12 @@ length (``lengths``), past which the verify op ignores the buffer.
 from __future__ import annotations
 
 import math
-import operator
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-
-def _as_int(name: str, value) -> int:
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got {value!r}")
-    try:
-        return operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an int, got {value!r}") from None
+from ..validate import as_flag, as_int, as_real
 
 
 class AdaptiveWindow:
@@ -112,21 +104,22 @@ class AdaptiveWindow:
         decay: float = 0.7,
         pacing: bool = False,
     ):
-        self.max_window = _as_int("max_window", max_window)
-        self.min_window = _as_int("min_window", min_window)
-        if not 1 <= self.min_window <= self.max_window:
-            raise ValueError(f"need 1 <= min_window <= max_window, got {min_window}, {max_window}")
-        if max_evals_ratio is not None and not float(max_evals_ratio) >= 1.0:
-            raise ValueError(f"max_evals_ratio must be >= 1 (or None), got {max_evals_ratio}")
-        self.max_evals_ratio = None if max_evals_ratio is None else float(max_evals_ratio)
-        if not 0.0 <= float(prior_acceptance) <= 1.0 or not float(prior_weight) > 0:
-            raise ValueError("prior_acceptance must lie in [0, 1] and prior_weight be > 0")
-        self.prior_acceptance = float(prior_acceptance)
-        self.prior_weight = float(prior_weight)
-        if not 0.0 < float(decay) <= 1.0:
-            raise ValueError(f"decay must lie in (0, 1], got {decay}")
-        self.decay = float(decay)
-        self.pacing = bool(pacing)
+        self.max_window = as_int("max_window", max_window, 1)
+        self.min_window = as_int("min_window", min_window, 1)
+        if self.min_window > self.max_window:
+            raise ValueError(
+                f"min_window must be at most max_window={self.max_window}, got {self.min_window}"
+            )
+        # None: no cap; inf is a cap that never binds
+        self.max_evals_ratio = (
+            None
+            if max_evals_ratio is None
+            else as_real("max_evals_ratio", max_evals_ratio, 1.0, finite=False)
+        )
+        self.prior_acceptance = as_real("prior_acceptance", prior_acceptance, 0.0, 1.0)
+        self.prior_weight = as_real("prior_weight", prior_weight, 0.0, open_low=True)
+        self.decay = as_real("decay", decay, 0.0, 1.0, open_low=True)
+        self.pacing = as_flag("pacing", pacing)
 
     def __repr__(self) -> str:
         return (
@@ -251,30 +244,4 @@ class AdaptiveWindow:
             state[name][rows] = d * state[name][rows] + new
 
 
-def resolve_window(window) -> tuple[int, Optional[AdaptiveWindow]]:
-    """``window`` argument of the sampler -> (buffer length L, policy or None)."""
-    if isinstance(window, AdaptiveWindow):
-        return window.max_window, window
-    if isinstance(window, bool):  # True is an int to operator.index: it would mean L = 1
-        raise TypeError(
-            f"window must be 'auto', an int >= 1, 'adaptive' or an AdaptiveWindow, got {window!r}"
-        )
-    if isinstance(window, str):
-        if window != "adaptive":
-            raise ValueError(
-                f"window must be 'auto', an int >= 1, 'adaptive' or an AdaptiveWindow, got {window!r}"
-            )
-        p = AdaptiveWindow()
-        return p.max_window, p
-    try:
-        window = operator.index(window)
-    except TypeError:
-        raise ValueError(
-            f"window must be 'auto', an int >= 1, 'adaptive' or an AdaptiveWindow, got {window!r}"
-        ) from None
-    if window < 1:
-        raise ValueError(f"window must be >= 1, got {window}")
-    return int(window), None
-
-
-__all__ = ["AdaptiveWindow", "resolve_window"]
+__all__ = ["AdaptiveWindow"]

@@ -41,7 +41,7 @@ at position 0 and its x0-hat P_{j-1} at position j >= 1.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -74,6 +74,7 @@ from ..layout import (
     StatsLayout,
     acc_dtype,
 )
+from ..round_spec import RoundChains, RoundSpec
 
 # ---------------------------------------------------------------- Philox4x32-10
 MASK32 = 0xFFFFFFFF
@@ -199,24 +200,14 @@ def freeze_value(c: Tensor, y: Tensor, p: Tensor, freeze: int) -> Tensor:
     return p if freeze == FREEZE_X0 else c[ROW_EPS_Y] * y - c[ROW_EPS_P] * p
 
 
-def frozen_draft(
-    root: Tensor,
-    frozen: Tensor,
-    steps: Tensor,
-    lengths: Tensor,
-    coef: Tensor,
-    seed: Tensor,
-    chain_ids: Tensor,
-    window: int,
-    freeze: int,
-    clip: float,
-    prev: Optional[Tensor] = None,
-) -> Tensor:
+def frozen_draft(root: Tensor, chains: RoundChains, spec: RoundSpec, window: int) -> Tensor:
     """Drafted states Y [B, window + 1, *E]: Y[:, 0] = root; for j < lengths[b],
     ``Y[b, j+1] = m_q(Y[b, j], k+j) + std[k+j] xi(seed, c, k+j)``; beyond, Y[b, j+1] = Y[b, j].
     Each drafted state is rounded to the state dtype before the next step drafts from it (the
     verify recomputes m_q from the stored states). With ``prev`` (multistep), m_q adds
     ``H[k+j] q_{j-1}``: q_{-1} = prev, q_j the draft's x0-hat at Y[b, j]."""
+    frozen, steps, lengths, chain_ids, prev = chains
+    coef, seed, freeze, clip = spec
     B = root.shape[0]
     D = root[0].numel() if B else 0
     acc = acc_dtype(root.dtype)
@@ -242,17 +233,7 @@ def frozen_draft(
 
 
 def verify_frozen(
-    states: Tensor,
-    x0_hat: Tensor,
-    frozen: Tensor,
-    steps: Tensor,
-    lengths: Tensor,
-    coef: Tensor,
-    seed: Tensor,
-    chain_ids: Tensor,
-    freeze: int,
-    clip: float,
-    prev: Optional[Tensor] = None,
+    states: Tensor, x0_hat: Tensor, chains: RoundChains, spec: RoundSpec
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Verify a frozen-draft window and commit the round (docs/design.md §6).
 
@@ -279,67 +260,115 @@ def verify_frozen(
     next_frozen [B, *E] (state dtype), root_exact [B] bool, log_ratio [B, L] float32,
     next_prev [B, *E] (state dtype; an empty [0] tensor without ``prev``)).
     """
-    B, L1 = states.shape[:2]
-    L = L1 - 1  # >= 1 (the wrappers check it)
-    N = coef.shape[1]
-    D = states[0, 0].numel() if B else 0
-    acc = acc_dtype(states.dtype)
-    Y = states.reshape(B, L1, D).to(acc)
-    P = x0_hat.reshape(B, L1, D).to(acc)
-    f = frozen.reshape(B, D).to(acc)
-    multistep = prev is not None
-    pi = prev.reshape(B, D).to(acc) if multistep else None
-    k = steps.to(torch.int64)
-    n = lengths.to(torch.int64).clamp(0, L)
-    ar = torch.arange(B, device=states.device)
+    w = _Window.of(states, x0_hat, chains, spec)
+    lr, ab, PQ = _partial_sums(w, spec)
+    first, rejected = _decide(w, spec, lr)
+    return _commit(w, spec, ab, PQ, first, rejected, lr)
 
-    lr = torch.zeros(B, L, dtype=acc, device=states.device)
-    a_all = torch.zeros(B, L, dtype=acc, device=states.device)
-    b_all = torch.zeros(B, L, dtype=acc, device=states.device)
-    PQ = torch.zeros(B, L1, D, dtype=acc, device=states.device)  # the draft's x0-hat by position
+
+class _Window(NamedTuple):
+    """verify_frozen's inputs as the passes read them (flattened to [B, ..., D], in acc)."""
+
+    Y: Tensor  # [B, L+1, D] drafted states
+    P: Tensor  # [B, L+1, D] the target's x0-hat at them
+    f: Tensor  # [B, D] frozen values
+    prev: Optional[Tensor]  # [B, D] multistep: the previous prediction at the root
+    k: Tensor  # [B] first steps
+    n: Tensor  # [B] window lengths, in 0..L
+    ids: Tensor  # [B] chain ids
+    like: Tensor  # the states as given (dtype, event shape, device)
+
+    @staticmethod
+    def of(states: Tensor, x0_hat: Tensor, chains: RoundChains, spec: RoundSpec) -> "_Window":
+        B, L1 = states.shape[:2]
+        D = states[0, 0].numel() if B else 0
+        acc = acc_dtype(states.dtype)
+        prev = chains.prev
+        return _Window(
+            states.reshape(B, L1, D).to(acc),
+            x0_hat.reshape(B, L1, D).to(acc),
+            chains.frozen.reshape(B, D).to(acc),
+            None if prev is None else prev.reshape(B, D).to(acc),
+            chains.steps.to(torch.int64),
+            chains.lengths.to(torch.int64).clamp(0, L1 - 1),  # L >= 1 (the wrappers check it)
+            chains.chain_ids,
+            states,
+        )
+
+
+def _gap(c: Tensor, p: Tensor, pq: Tensor, clip: float) -> Tensor:
+    """The mean gap's x0-hat terms A (clip(p) - clip(pq)) + E (p - pq)."""
+    return c[ROW_A] * (_clip(p, clip) - _clip(pq, clip)) + c[ROW_E] * (p - pq)
+
+
+def _partial_sums(w: _Window, spec: RoundSpec) -> tuple[Tensor, Tensor, Tensor]:
+    """Pass 1, per window position j: the log ratio l_j, the sums a_j = <d_j, r_j> and
+    b_j = ||d_j||^2 (stacked [2, B, L]) and the draft's x0-hat by position ([B, L+1, D])."""
+    B, L1, D = w.Y.shape
+    L, acc, dev = L1 - 1, w.Y.dtype, w.Y.device
+    lr = torch.zeros(B, L, dtype=acc, device=dev)
+    ab = torch.zeros(2, B, L, dtype=acc, device=dev)
+    PQ = torch.zeros(B, L1, D, dtype=acc, device=dev)
     for j in range(L):
-        c = _rows(coef, k + j, acc)
-        pq = draft_x0(c, Y[:, j], f, freeze)
+        c = _rows(spec.coef, w.k + j, acc)
+        pq = draft_x0(c, w.Y[:, j], w.f, spec.freeze)
         PQ[:, j] = pq
-        d = c[ROW_A] * (_clip(P[:, j], clip) - _clip(pq, clip)) + c[ROW_E] * (P[:, j] - pq)
-        if multistep and j > 0:
-            d = d + c[ROW_H] * (P[:, j - 1] - PQ[:, j - 1])
-        xi = normal_noise(seed, chain_ids, k + j, D, acc)
+        d = _gap(c, w.P[:, j], pq, spec.clip)
+        if w.prev is not None and j > 0:
+            d = d + c[ROW_H] * (w.P[:, j - 1] - PQ[:, j - 1])
+        xi = normal_noise(spec.seed, w.ids, w.k + j, D, acc)
         a, b = (d * xi).sum(-1), (d * d).sum(-1)
         s = c[ROW_STD][:, 0]
-        live = j < n
+        live = j < w.n
         safe_s = torch.where(live, s, torch.ones_like(s))
         lr[:, j] = torch.where(live, a / safe_s - b / (2 * safe_s * safe_s), torch.zeros_like(s))
-        a_all[:, j], b_all[:, j] = a * safe_s, b  # <d, r> and ||d||^2
-    u = torch.stack([uniform_noise(seed, chain_ids, k + j) for j in range(L)], 1)
-    pos = torch.arange(L, device=states.device)
-    accept = torch.isfinite(lr) & (torch.log(u.to(acc)) <= lr)
-    reject = (~accept) & (pos[None] < n[:, None])
+        ab[0, :, j], ab[1, :, j] = a * safe_s, b  # <d, r> and ||d||^2
+    return lr, ab, PQ
+
+
+def _decide(w: _Window, spec: RoundSpec, lr: Tensor) -> tuple[Tensor, Tensor]:
+    """Pass 2: each chain's first rejected position (n if none) and whether it rejected."""
+    B, L = lr.shape
+    dev = lr.device
+    u = torch.stack([uniform_noise(spec.seed, w.ids, w.k + j) for j in range(L)], 1)
+    pos = torch.arange(L, device=dev)
+    accept = torch.isfinite(lr) & (torch.log(u.to(lr.dtype)) <= lr)
+    reject = (~accept) & (pos[None] < w.n[:, None])
     first = torch.where(
         reject, pos[None].expand(B, L), torch.full_like(reject, L, dtype=torch.int64)
     )
-    first = torch.minimum(first.min(1).values, n)
-    rejected = first < n
+    first = torch.minimum(first.min(1).values, w.n)
+    return first, first < w.n
 
+
+def _commit(
+    w: _Window, spec: RoundSpec, ab: Tensor, PQ: Tensor, first: Tensor, rejected: Tensor, lr
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Pass 3: the round's outcome per chain at the deciding position (the table in
+    docs/design.md §6)."""
+    coef, clip, freeze = spec.coef, spec.clip, spec.freeze
+    B, L1, D = w.Y.shape
+    L, N, acc = L1 - 1, coef.shape[1], w.Y.dtype
+    k, n, ar = w.k, w.n, torch.arange(B, device=w.Y.device)
     j = torch.where(rejected, first, n).clamp(0, L)  # the position that decides
     c = _rows(coef, k + j, acc)
-    yj, pj = Y[ar, j], P[ar, j]
+    yj, pj = w.Y[ar, j], w.P[ar, j]
     # rejection: reflect the draft's step j about the hyperplane orthogonal to d_j
-    pq = draft_x0(c, yj, f, freeze)
+    pq = draft_x0(c, yj, w.f, freeze)
     mq = affine_mean(c, pq, yj, clip)
-    d = c[ROW_A] * (_clip(pj, clip) - _clip(pq, clip)) + c[ROW_E] * (pj - pq)
+    d = _gap(c, pj, pq, clip)
     det_mean = affine_mean(c, pj, yj, clip)
-    if multistep:
+    if w.prev is not None:
         at_root = (j == 0)[:, None]
         jm = (j - 1).clamp(min=0)
-        target_prev = torch.where(at_root, pi, P[ar, jm])  # P_{j-1}, prev at the root
-        draft_prev = torch.where(at_root, pi, PQ[ar, jm])
+        target_prev = torch.where(at_root, w.prev, w.P[ar, jm])  # P_{j-1}, prev at the root
+        draft_prev = torch.where(at_root, w.prev, PQ[ar, jm])
         mq = mq + c[ROW_H] * draft_prev
         d = d + c[ROW_H] * (target_prev - draft_prev)
         det_mean = det_mean + c[ROW_H] * target_prev
-    r = c[ROW_STD] * normal_noise(seed, chain_ids, k + j, D, acc)
+    r = c[ROW_STD] * normal_noise(spec.seed, w.ids, k + j, D, acc)
     jc = j.clamp(max=L - 1)  # (only read at a rejection, j < n)
-    a_j, b_j = a_all[ar, jc][:, None], b_all[ar, jc][:, None]
+    a_j, b_j = ab[0, ar, jc][:, None], ab[1, ar, jc][:, None]
     pos_b = b_j > 0
     coef_r = torch.where(
         pos_b, 1 - 2 * a_j / torch.where(pos_b, b_j, torch.ones_like(b_j)), torch.ones_like(b_j)
@@ -357,10 +386,11 @@ def verify_frozen(
     idle = (n == 0) & ~det_next
     fz = freeze_value(c, yj, pj, freeze)
     keep_frozen = idle | (~rejected & ~live_next)
-    next_frozen = torch.where(keep_frozen[:, None], f, fz)
+    next_frozen = torch.where(keep_frozen[:, None], w.f, fz)
     root_exact = ~rejected & live_next & ~det_next & (n > 0)
+    states = w.like
     E = states.shape[2:]
-    if multistep:
+    if w.prev is not None:
         parent_is_j = (rejected | det_next)[:, None]
         next_prev = torch.where(parent_is_j, pj, target_prev).to(states.dtype).reshape(B, *E)
     else:

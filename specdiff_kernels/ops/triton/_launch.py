@@ -48,7 +48,7 @@ _INTERP_NUM_SMS = 4  # the nominal device size under the interpreter
 
 def define(name: str, impl: Callable, fake: Callable):
     """Op ``name`` running ``impl``: a triton_op (visible to Inductor) when compiled; an opaque
-    custom_op with ``fake`` when interpreting."""
+    custom_op with ``fake`` when interpreting. The schema is inferred from ``impl``'s signature."""
     if INTERPRET:
         op = torch.library.custom_op(name, impl, mutates_args=())
         op.register_fake(fake)

@@ -23,11 +23,12 @@ Kernels
   problems still spread over the SMs (the loop is latency-bound).
 * ``verify_frozen``: two launches. ``_verify_partials``: grid (B * L, chunks) partial
   (<d_j, xi_j>, ||d_j||^2) of one (chain, step) row over a chunk of counters (rows j >= n write 0
-  and read nothing). ``_verify_finalize``: grid (B, cdiv(Q, BLOCK)); every program of a chain
-  reduces the chain's partials in the same fixed order (bit-identical sums in all of them), forms
-  the log ratios, draws u_j, finds the first rejection and writes its block of next_state /
-  next_frozen per the reference's commit rules (xi regenerated in-kernel for the reflection);
-  block 0 also writes num_accepted, committed, root_exact and log_ratio.
+  and read nothing; per lane ``_row_sums_lane``). ``_verify_finalize``: grid (B, cdiv(Q, BLOCK)),
+  three passes: ``_scan``: every program of a chain reduces the chain's partials in the same fixed
+  order (bit-identical sums in all of them), forms the log ratios, draws u_j and finds the first
+  rejection; ``_decide``: the round's outcome; ``_commit_lane`` (per lane): its block of
+  next_state / next_frozen per the reference's commit rules (xi regenerated in-kernel for the
+  reflection). Block 0 also writes num_accepted, committed, root_exact and log_ratio.
 
 Multistep (``prev`` given; constexpr HAS_PREV, so without it nothing more is read or computed):
 the draft carries its previous x0-hat in registers (prev, then its own); a partial-sum row j >= 1
@@ -50,7 +51,6 @@ from __future__ import annotations
 import functools
 import math
 import struct
-from typing import Optional
 
 import torch
 import triton
@@ -61,6 +61,7 @@ from .. import _checks, layout
 from .. import round as round_ops
 from ..backends import REGISTRY, Backend
 from ..layout import acc_dtype
+from ..round_spec import RoundChains, RoundSpec, draft_parts, verify_parts, with_schema
 from ._launch import (
     DEVICES,
     INTERPRET,
@@ -108,6 +109,18 @@ _BLOCK_NB_MAX = 64  # partial-sum chunks per tile of the finalize reduction
 
 
 # ---------------------------------------------------------------- device helpers
+# The four lanes of a counter block (elements lane * Q + i) are a tl.static_range loop over lane
+# (unrolled at compile time: the same code as four written-out calls). Values that travel together
+# between the passes are Triton tuples, unpacked by position (compile-time structure only):
+#   key    (k0, k1): the Philox key words (_philox_key);
+#   ns     the four lanes' normals at counters i (_normals), lane l = ns[l]; ys, fs, qs likewise;
+#   ch     (b, k, chain, n): the program's chain (row b, first step k, chain id, clamped window
+#          length n);
+#   io     the tensor pointers a lane reads (and writes), in the order its docstring gives;
+#   rows   (row, frow, mrow): element offsets of y_j / P_j, of the per-chain [B, *E] tensors, and
+#          of position j - 1 (multistep; read only past the root);
+#   cf     the table rows of the step (and the clip bound), as the consuming lane lists them;
+#   dec    (reflection coefficient, rejected, det, keep_frozen, at_root): the commit's decision.
 @triton.jit
 def _philox_key(seed_ptr):
     """Key words (k0, k1) = (low, high) 32 bits of the int64 seed."""
@@ -156,19 +169,45 @@ def _box_muller(xa, xb, ACC_FP64: tl.constexpr):
 
 
 @triton.jit
-def _normals(k0, k1, i, step, chain, ACC_FP64: tl.constexpr):
+def _normals(key, i, step, chain, ACC_FP64: tl.constexpr):
     """The four lanes of xi(seed, chain, step) at counters i (lane l is element l * Q + i)."""
-    x0, x1, x2, x3 = _philox(k0, k1, i, step, chain, _STREAM_NORMAL)
+    x0, x1, x2, x3 = _philox(key[0], key[1], i, step, chain, _STREAM_NORMAL)
     n0, n1 = _box_muller(x0, x1, ACC_FP64)
     n2, n3 = _box_muller(x2, x3, ACC_FP64)
     return n0, n1, n2, n3
 
 
 @triton.jit
-def _uniform(k0, k1, step, chain):
+def _uniform(key, step, chain):
     """u(seed, chain, step) in [0, 1), float32 (exact); step may be a scalar or a block."""
-    x0, _, _, _ = _philox(k0, k1, step * 0, step, chain, _STREAM_UNIFORM)
+    x0, _, _, _ = _philox(key[0], key[1], step * 0, step, chain, _STREAM_UNIFORM)
     return (x0 >> 8).to(tl.float32) * _TWO_M24
+
+
+@triton.jit
+def _lane(lane: tl.constexpr, i, mi, Q, D):
+    """The quarter layout: lane ``lane`` of counters i is elements lane * Q + i -> (offsets, mask);
+    mi: the counters' own bound."""
+    off = lane * Q + i
+    return off, mi & (off < D)
+
+
+@triton.jit
+def _load_lanes(ptr, i, mi, Q, D):
+    """The four lanes at counters i of the D-vector at ptr (masked elements 0), in its dtype."""
+    vals = ()
+    for lane in tl.static_range(4):
+        _, m = _lane(lane, i, mi, Q, D)
+        vals = vals + (tl.load(ptr + lane * Q + i, mask=m, other=0.0),)
+    return vals
+
+
+@triton.jit
+def _store_lanes(ptr, vals, i, mi, Q, D):
+    """Store the four lanes vals at counters i of the D-vector at ptr (in ptr's dtype)."""
+    for lane in tl.static_range(4):
+        _, m = _lane(lane, i, mi, Q, D)
+        tl.store(ptr + lane * Q + i, vals[lane].to(ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -217,6 +256,20 @@ def _draft_coefs(coef_ptr, kc, N, ACC_FP64: tl.constexpr):
 
 
 @triton.jit
+def _prev_coefs(coef_ptr, kc, k, N, a, ACC_FP64: tl.constexpr, HAS_PREV: tl.constexpr):
+    """The multistep rows of step k (column kc): (H, and X0_Y, X0_F of step k - 1, which convert
+    the draft's previous x0-hat); without prev, placeholders (a) that are never read."""
+    if HAS_PREV:
+        h = _coef(coef_ptr, _ROW_H, kc, N, ACC_FP64)
+        kcm = _step_index(k - 1, N)
+        x0y_m = _coef(coef_ptr, _ROW_X0_Y, kcm, N, ACC_FP64)
+        x0f_m = _coef(coef_ptr, _ROW_X0_F, kcm, N, ACC_FP64)
+    else:
+        h, x0y_m, x0f_m = a, a, a
+    return h, x0y_m, x0f_m
+
+
+@triton.jit
 def _step_index(k, N):
     """The table column of sampling step k (clamped into 0..N-1, as the reference)."""
     return tl.minimum(tl.maximum(k, 0), N - 1)
@@ -244,166 +297,22 @@ def _gap(p, pq, a, e, cl, HAS_CLIP: tl.constexpr):
 
 
 @triton.jit
-def _draft_lane(
-    y,
-    f,
-    q,
-    xi,
-    a,
-    e,
-    g,
-    s,
-    x0y,
-    x0f,
-    h,
-    cl,
-    out_ty: tl.constexpr,
-    FREEZE: tl.constexpr,
-    HAS_CLIP: tl.constexpr,
-    HAS_PREV: tl.constexpr,
+def _prev_lane(
+    y_ptr, p_ptr, mrow, off, mm, f, x0y_m, x0f_m, ACC_FP64: tl.constexpr, FREEZE: tl.constexpr
 ):
-    """One drafted lane: (m_q(y) + s xi rounded to the state dtype, back in the acc dtype; the
-    draft's x0-hat at y). Multistep: m_q adds H q (q: the draft's previous x0-hat)."""
-    pq = _draft_x0(y, f, x0y, x0f, FREEZE)
-    mq = _affine(pq, y, a, e, g, cl, HAS_CLIP)
-    if HAS_PREV:
-        mq = mq + h * q
-    return (mq + s * xi).to(out_ty).to(y.dtype), pq
-
-
-@triton.jit
-def _row_sums_lane(
-    y_ptr,
-    p_ptr,
-    f_ptr,
-    row,
-    frow,
-    mrow,
-    off,
-    m,
-    xi,
-    a,
-    e,
-    x0y,
-    x0f,
-    h,
-    x0y_m,
-    x0f_m,
-    has_m,
-    cl,
-    ACC_FP64: tl.constexpr,
-    FREEZE: tl.constexpr,
-    HAS_CLIP: tl.constexpr,
-    HAS_PREV: tl.constexpr,
-):
-    """(d xi, d d) of one lane (masked elements give 0). Multistep: d adds
-    H (P_{j-1} - p_q(y_{j-1})) (row mrow, conversions x0y_m / x0f_m of step k + j - 1) where has_m
-    (j >= 1)."""
+    """Multistep, one lane at window position j - 1 (row mrow, read where mm): (P_{j-1}, the
+    draft's x0-hat at y_{j-1})."""
     acc_t: tl.constexpr = tl.float64 if ACC_FP64 else tl.float32
-    y = tl.load(y_ptr + row + off, mask=m, other=0.0).to(acc_t)
-    p = tl.load(p_ptr + row + off, mask=m, other=0.0).to(acc_t)
-    f = tl.load(f_ptr + frow + off, mask=m, other=0.0).to(acc_t)
-    d = _gap(p, _draft_x0(y, f, x0y, x0f, FREEZE), a, e, cl, HAS_CLIP)
-    if HAS_PREV:
-        mm = m & has_m
-        pm = tl.load(p_ptr + mrow + off, mask=mm, other=0.0).to(acc_t)
-        if FREEZE == 0:
-            qm = f  # (y_{j-1} is not needed: the draft's x0-hat is f everywhere)
-        else:
-            ym = tl.load(y_ptr + mrow + off, mask=mm, other=0.0).to(acc_t)
-            qm = x0y_m * ym - x0f_m * f
-        d = tl.where(has_m, d + h * (pm - qm), d)
-    d = tl.where(m, d, 0.0)
-    return d * xi, d * d
-
-
-@triton.jit
-def _commit_lane(
-    y_ptr,
-    p_ptr,
-    f_ptr,
-    next_ptr,
-    nfz_ptr,
-    prev_ptr,
-    nprev_ptr,
-    row,
-    frow,
-    mrow,
-    off,
-    m,
-    xi,
-    a,
-    e,
-    g,
-    s,
-    x0y,
-    x0f,
-    epy,
-    epp,
-    h,
-    x0y_m,
-    x0f_m,
-    cl,
-    coef_r,
-    rejected,
-    det,
-    keep_frozen,
-    at_root,
-    ACC_FP64: tl.constexpr,
-    FREEZE: tl.constexpr,
-    HAS_CLIP: tl.constexpr,
-    HAS_PREV: tl.constexpr,
-):
-    """One lane of next_state / next_frozen (/ next_prev) from y_j, P_j (row) and f (frow);
-    multistep: the previous predictions are prev (frow) at the root, else row mrow (j - 1)."""
-    acc_t: tl.constexpr = tl.float64 if ACC_FP64 else tl.float32
-    y_raw = tl.load(y_ptr + row + off, mask=m, other=0.0)
-    y = y_raw.to(acc_t)
-    p = tl.load(p_ptr + row + off, mask=m, other=0.0).to(acc_t)
-    f_raw = tl.load(f_ptr + frow + off, mask=m, other=0.0)
-    f = f_raw.to(acc_t)
-    pq = _draft_x0(y, f, x0y, x0f, FREEZE)
-    mq = _affine(pq, y, a, e, g, cl, HAS_CLIP)
-    gap = _gap(p, pq, a, e, cl, HAS_CLIP)
-    det_mean = _affine(p, y, a, e, g, cl, HAS_CLIP)
-    if HAS_PREV:
-        # the target's previous x0-hat tp and the draft's dp: prev at the root, else P_{j-1} and
-        # the draft's x0-hat at y_{j-1}
-        mr = m & at_root
-        mm = m & ~at_root
-        pv = tl.load(prev_ptr + frow + off, mask=mr, other=0.0).to(acc_t)
-        pm = tl.load(p_ptr + mrow + off, mask=mm, other=0.0).to(acc_t)
-        if FREEZE == 0:
-            qm = f
-        else:
-            ym = tl.load(y_ptr + mrow + off, mask=mm, other=0.0).to(acc_t)
-            qm = x0y_m * ym - x0f_m * f
-        tp = tl.where(at_root, pv, pm)
-        dp = tl.where(at_root, pv, qm)
-        mq = mq + h * dp
-        gap = gap + h * (tp - dp)
-        det_mean = det_mean + h * tp
-        # the new state's parent is y_j after a rejection or a deterministic step, else y_{j-1}
-        tl.store(
-            nprev_ptr + frow + off,
-            tl.where(rejected | det, p, tp).to(nprev_ptr.dtype.element_ty),
-            mask=m,
-        )
-    res = tl.where(det, det_mean, y)
-    # rejection: the draft's step reflected about the hyperplane orthogonal to d
-    refl = mq + s * xi + coef_r * gap
-    res = tl.where(rejected, refl, res)
+    pm = tl.load(p_ptr + mrow + off, mask=mm, other=0.0).to(acc_t)
     if FREEZE == 0:
-        fz = p
+        qm = f  # (y_{j-1} is not needed: the draft's x0-hat is f everywhere)
     else:
-        fz = epy * y - epp * p
-    tl.store(next_ptr + frow + off, res.to(next_ptr.dtype.element_ty), mask=m)
-    tl.store(
-        nfz_ptr + frow + off, tl.where(keep_frozen, f, fz).to(nfz_ptr.dtype.element_ty), mask=m
-    )
+        ym = tl.load(y_ptr + mrow + off, mask=mm, other=0.0).to(acc_t)
+        qm = _draft_x0(ym, f, x0y_m, x0f_m, FREEZE)
+    return pm, qm
 
 
-# ---------------------------------------------------------------- kernels
+# ---------------------------------------------------------------- chain_noise / frozen_draft
 @triton.jit(do_not_specialize=["W"])
 def _chain_noise_kernel(
     seed_ptr,
@@ -423,17 +332,58 @@ def _chain_noise_kernel(
     b = row // W
     k = tl.load(steps_ptr + b) + row % W
     chain = tl.load(ids_ptr + b)
-    k0, k1 = _philox_key(seed_ptr)
+    key = _philox_key(seed_ptr)
     i = ib * BLOCK + tl.arange(0, BLOCK)
-    n0, n1, n2, n3 = _normals(k0, k1, i, k, chain, ACC_FP64)
-    out = xi_ptr + row * D
-    ty = xi_ptr.dtype.element_ty
-    mi = i < Q
-    tl.store(out + i, n0.to(ty), mask=mi & (i < D))
-    tl.store(out + Q + i, n1.to(ty), mask=mi & (Q + i < D))
-    tl.store(out + 2 * Q + i, n2.to(ty), mask=mi & (2 * Q + i < D))
-    tl.store(out + 3 * Q + i, n3.to(ty), mask=mi & (3 * Q + i < D))
-    tl.store(u_ptr + row, _uniform(k0, k1, k, chain), mask=ib == 0)
+    ns = _normals(key, i, k, chain, ACC_FP64)
+    _store_lanes(xi_ptr + row * D, ns, i, i < Q, Q, D)
+    tl.store(u_ptr + row, _uniform(key, k, chain), mask=ib == 0)
+
+
+@triton.jit
+def _draft_lane(
+    y,
+    f,
+    q,
+    xi,
+    cf,
+    out_ty: tl.constexpr,
+    FREEZE: tl.constexpr,
+    HAS_CLIP: tl.constexpr,
+    HAS_PREV: tl.constexpr,
+):
+    """One drafted lane: (m_q(y) + s xi rounded to the state dtype, back in the acc dtype; the
+    draft's x0-hat at y). Multistep: m_q adds H q (q: the draft's previous x0-hat). cf: the step's
+    (A, E, G, std, X0_Y, X0_F, H, clip bound)."""
+    a, e, g, s, x0y, x0f, h, cl = cf
+    pq = _draft_x0(y, f, x0y, x0f, FREEZE)
+    mq = _affine(pq, y, a, e, g, cl, HAS_CLIP)
+    if HAS_PREV:
+        mq = mq + h * q
+    return (mq + s * xi).to(out_ty).to(y.dtype), pq
+
+
+@triton.jit
+def _draft_step(
+    ys,
+    fs,
+    qs,
+    ns,
+    cf,
+    out_ty: tl.constexpr,
+    FREEZE: tl.constexpr,
+    HAS_CLIP: tl.constexpr,
+    HAS_PREV: tl.constexpr,
+):
+    """One drafted step of the four lanes -> (the drafted states, the draft's x0-hats at ys)."""
+    new_ys = ()
+    ps = ()
+    for lane in tl.static_range(4):
+        y, p = _draft_lane(
+            ys[lane], fs[lane], qs[lane], ns[lane], cf, out_ty, FREEZE, HAS_CLIP, HAS_PREV
+        )
+        new_ys = new_ys + (y,)
+        ps = ps + (p,)
+    return new_ys, ps
 
 
 @triton.jit(do_not_specialize=["W", "N"])
@@ -468,33 +418,20 @@ def _frozen_draft_kernel(
     b = tl.program_id(0).to(tl.int64)
     i = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mi = i < Q
-    m0, m1, m2, m3 = mi & (i < D), mi & (Q + i < D), mi & (2 * Q + i < D), mi & (3 * Q + i < D)
     src = b * D
     dst = b * (W + 1) * D
-    r0 = tl.load(root_ptr + src + i, mask=m0, other=0.0)
-    r1 = tl.load(root_ptr + src + Q + i, mask=m1, other=0.0)
-    r2 = tl.load(root_ptr + src + 2 * Q + i, mask=m2, other=0.0)
-    r3 = tl.load(root_ptr + src + 3 * Q + i, mask=m3, other=0.0)
-    tl.store(y_ptr + dst + i, r0, mask=m0)
-    tl.store(y_ptr + dst + Q + i, r1, mask=m1)
-    tl.store(y_ptr + dst + 2 * Q + i, r2, mask=m2)
-    tl.store(y_ptr + dst + 3 * Q + i, r3, mask=m3)
-    y0, y1, y2, y3 = r0.to(acc_t), r1.to(acc_t), r2.to(acc_t), r3.to(acc_t)
-    f0 = tl.load(frozen_ptr + src + i, mask=m0, other=0.0).to(acc_t)
-    f1 = tl.load(frozen_ptr + src + Q + i, mask=m1, other=0.0).to(acc_t)
-    f2 = tl.load(frozen_ptr + src + 2 * Q + i, mask=m2, other=0.0).to(acc_t)
-    f3 = tl.load(frozen_ptr + src + 3 * Q + i, mask=m3, other=0.0).to(acc_t)
+    roots = _load_lanes(root_ptr + src, i, mi, Q, D)
+    _store_lanes(y_ptr + dst, roots, i, mi, Q, D)
+    ys = [r.to(acc_t) for r in roots]
+    fs = [f.to(acc_t) for f in _load_lanes(frozen_ptr + src, i, mi, Q, D)]
     if HAS_PREV:
-        q0 = tl.load(prev_ptr + src + i, mask=m0, other=0.0).to(acc_t)
-        q1 = tl.load(prev_ptr + src + Q + i, mask=m1, other=0.0).to(acc_t)
-        q2 = tl.load(prev_ptr + src + 2 * Q + i, mask=m2, other=0.0).to(acc_t)
-        q3 = tl.load(prev_ptr + src + 3 * Q + i, mask=m3, other=0.0).to(acc_t)
+        qs = [q.to(acc_t) for q in _load_lanes(prev_ptr + src, i, mi, Q, D)]
     else:  # (placeholders, never read)
-        q0, q1, q2, q3 = f0, f1, f2, f3
+        qs = fs
     k = tl.load(steps_ptr + b)
     n = tl.minimum(tl.maximum(tl.load(len_ptr + b), 0), W)
     chain = tl.load(ids_ptr + b)
-    k0, k1 = _philox_key(seed_ptr)
+    key = _philox_key(seed_ptr)
     cl = _clip_value(clip_hi, clip_mid, clip_lo, ACC_FP64)
     for j in range(0, W):
         if j < n:
@@ -504,26 +441,45 @@ def _frozen_draft_kernel(
                 h = _coef(coef_ptr, _ROW_H, kc, N, ACC_FP64)
             else:
                 h = a  # (never read)
-            n0, n1, n2, n3 = _normals(k0, k1, i, k + j, chain, ACC_FP64)
-            y0, p0 = _draft_lane(
-                y0, f0, q0, n0, a, e, g, s, x0y, x0f, h, cl, ty, FREEZE, HAS_CLIP, HAS_PREV
-            )
-            y1, p1 = _draft_lane(
-                y1, f1, q1, n1, a, e, g, s, x0y, x0f, h, cl, ty, FREEZE, HAS_CLIP, HAS_PREV
-            )
-            y2, p2 = _draft_lane(
-                y2, f2, q2, n2, a, e, g, s, x0y, x0f, h, cl, ty, FREEZE, HAS_CLIP, HAS_PREV
-            )
-            y3, p3 = _draft_lane(
-                y3, f3, q3, n3, a, e, g, s, x0y, x0f, h, cl, ty, FREEZE, HAS_CLIP, HAS_PREV
-            )
+            ns = _normals(key, i, k + j, chain, ACC_FP64)
+            cf = (a, e, g, s, x0y, x0f, h, cl)
+            ys, ps = _draft_step(ys, fs, qs, ns, cf, ty, FREEZE, HAS_CLIP, HAS_PREV)
             if HAS_PREV:
-                q0, q1, q2, q3 = p0, p1, p2, p3
-        out = dst + (j + 1) * D
-        tl.store(y_ptr + out + i, y0.to(ty), mask=m0)
-        tl.store(y_ptr + out + Q + i, y1.to(ty), mask=m1)
-        tl.store(y_ptr + out + 2 * Q + i, y2.to(ty), mask=m2)
-        tl.store(y_ptr + out + 3 * Q + i, y3.to(ty), mask=m3)
+                qs = ps
+        _store_lanes(y_ptr + (dst + (j + 1) * D), ys, i, mi, Q, D)
+
+
+# ---------------------------------------------------------------- verify_frozen: partial sums
+@triton.jit
+def _row_sums_lane(
+    io,
+    rows,
+    off,
+    m,
+    xi,
+    cf,
+    has_m,
+    ACC_FP64: tl.constexpr,
+    FREEZE: tl.constexpr,
+    HAS_CLIP: tl.constexpr,
+    HAS_PREV: tl.constexpr,
+):
+    """(d xi, d d) of one lane (masked elements give 0). io: (y, P, f) pointers; cf: the step's
+    (A, E, X0_Y, X0_F, H, X0_Y and X0_F of step k + j - 1, clip bound). Multistep: d adds
+    H (P_{j-1} - p_q(y_{j-1})) where has_m (j >= 1)."""
+    acc_t: tl.constexpr = tl.float64 if ACC_FP64 else tl.float32
+    y_ptr, p_ptr, f_ptr = io
+    row, frow, mrow = rows
+    a, e, x0y, x0f, h, x0y_m, x0f_m, cl = cf
+    y = tl.load(y_ptr + row + off, mask=m, other=0.0).to(acc_t)
+    p = tl.load(p_ptr + row + off, mask=m, other=0.0).to(acc_t)
+    f = tl.load(f_ptr + frow + off, mask=m, other=0.0).to(acc_t)
+    d = _gap(p, _draft_x0(y, f, x0y, x0f, FREEZE), a, e, cl, HAS_CLIP)
+    if HAS_PREV:
+        pm, qm = _prev_lane(y_ptr, p_ptr, mrow, off, m & has_m, f, x0y_m, x0f_m, ACC_FP64, FREEZE)
+        d = tl.where(has_m, d + h * (pm - qm), d)
+    d = tl.where(m, d, 0.0)
+    return d * xi, d * d
 
 
 @triton.jit(do_not_specialize=["L", "N", "NB"])
@@ -566,137 +522,208 @@ def _verify_partials_kernel(
     if j < n:
         k = tl.load(steps_ptr + b) + j
         chain = tl.load(ids_ptr + b)
-        k0, k1 = _philox_key(seed_ptr)
+        key = _philox_key(seed_ptr)
         kc = _step_index(k, N)
         a = _coef(coef_ptr, _ROW_A, kc, N, ACC_FP64)
         e = _coef(coef_ptr, _ROW_E, kc, N, ACC_FP64)
         x0y = _coef(coef_ptr, _ROW_X0_Y, kc, N, ACC_FP64)
         x0f = _coef(coef_ptr, _ROW_X0_F, kc, N, ACC_FP64)
         cl = _clip_value(clip_hi, clip_mid, clip_lo, ACC_FP64)
-        yrow = (b * (L + 1) + j) * D
-        frow = b * D
+        h, x0y_m, x0f_m = _prev_coefs(coef_ptr, kc, k, N, a, ACC_FP64, HAS_PREV)
+        cf = (a, e, x0y, x0f, h, x0y_m, x0f_m, cl)
         has_m = j > 0
-        if HAS_PREV:
-            h = _coef(coef_ptr, _ROW_H, kc, N, ACC_FP64)
-            kcm = _step_index(k - 1, N)
-            x0y_m = _coef(coef_ptr, _ROW_X0_Y, kcm, N, ACC_FP64)
-            x0f_m = _coef(coef_ptr, _ROW_X0_F, kcm, N, ACC_FP64)
-            mrow = tl.where(has_m, yrow - D, yrow)  # (read only where has_m)
-        else:  # (never read)
-            h, x0y_m, x0f_m, mrow = a, a, a, yrow
+        yrow = (b * (L + 1) + j) * D
+        rows = (yrow, b * D, tl.where(has_m, yrow - D, yrow))
+        io = (y_ptr, p_ptr, frozen_ptr)
         start = ck * CHUNK
         stop = tl.minimum(start + CHUNK, Q)
         for i0 in range(start, stop, BLOCK):
             i = i0 + tl.arange(0, BLOCK)
-            mi = i < stop
-            n0, n1, n2, n3 = _normals(k0, k1, i, k, chain, ACC_FP64)
-            da, db = _row_sums_lane(
-                y_ptr,
-                p_ptr,
-                frozen_ptr,
-                yrow,
-                frow,
-                mrow,
-                i,
-                mi & (i < D),
-                n0,
-                a,
-                e,
-                x0y,
-                x0f,
-                h,
-                x0y_m,
-                x0f_m,
-                has_m,
-                cl,
-                ACC_FP64,
-                FREEZE,
-                HAS_CLIP,
-                HAS_PREV,
-            )
-            a_vec += da
-            b_vec += db
-            da, db = _row_sums_lane(
-                y_ptr,
-                p_ptr,
-                frozen_ptr,
-                yrow,
-                frow,
-                mrow,
-                Q + i,
-                mi & (Q + i < D),
-                n1,
-                a,
-                e,
-                x0y,
-                x0f,
-                h,
-                x0y_m,
-                x0f_m,
-                has_m,
-                cl,
-                ACC_FP64,
-                FREEZE,
-                HAS_CLIP,
-                HAS_PREV,
-            )
-            a_vec += da
-            b_vec += db
-            da, db = _row_sums_lane(
-                y_ptr,
-                p_ptr,
-                frozen_ptr,
-                yrow,
-                frow,
-                mrow,
-                2 * Q + i,
-                mi & (2 * Q + i < D),
-                n2,
-                a,
-                e,
-                x0y,
-                x0f,
-                h,
-                x0y_m,
-                x0f_m,
-                has_m,
-                cl,
-                ACC_FP64,
-                FREEZE,
-                HAS_CLIP,
-                HAS_PREV,
-            )
-            a_vec += da
-            b_vec += db
-            da, db = _row_sums_lane(
-                y_ptr,
-                p_ptr,
-                frozen_ptr,
-                yrow,
-                frow,
-                mrow,
-                3 * Q + i,
-                mi & (3 * Q + i < D),
-                n3,
-                a,
-                e,
-                x0y,
-                x0f,
-                h,
-                x0y_m,
-                x0f_m,
-                has_m,
-                cl,
-                ACC_FP64,
-                FREEZE,
-                HAS_CLIP,
-                HAS_PREV,
-            )
-            a_vec += da
-            b_vec += db
+            ns = _normals(key, i, k, chain, ACC_FP64)
+            for lane in tl.static_range(4):
+                off, m = _lane(lane, i, i < stop, Q, D)
+                da, db = _row_sums_lane(
+                    io, rows, off, m, ns[lane], cf, has_m, ACC_FP64, FREEZE, HAS_CLIP, HAS_PREV
+                )
+                a_vec += da
+                b_vec += db
     out = part_ptr + (row * NB + ck) * 2
     tl.store(out, tl.sum(a_vec, axis=0))
     tl.store(out + 1, tl.sum(b_vec, axis=0))
+
+
+# ---------------------------------------------------------------- verify_frozen: finalize
+@triton.jit
+def _tile_sums(
+    part_ptr, b, j, mj, L, NB, ACC_FP64: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_NB: tl.constexpr
+):
+    """(<d_j, xi_j>, ||d_j||^2) of chain b's window positions j (where mj): its partials summed
+    over the chunks in a fixed order, so every program of the chain gets the same bits."""
+    acc_t: tl.constexpr = tl.float64 if ACC_FP64 else tl.float32
+    cc = tl.arange(0, BLOCK_NB)
+    a2 = tl.zeros([BLOCK_L, BLOCK_NB], acc_t)  # (reduced after the loop: a reduction
+    b2 = tl.zeros([BLOCK_L, BLOCK_NB], acc_t)  # accumulated inside it crashes a Triton pass)
+    for c0 in range(0, NB, BLOCK_NB):
+        m2 = mj[:, None] & ((c0 + cc) < NB)[None, :]
+        off = ((b * L + j)[:, None] * NB + (c0 + cc)[None, :]) * 2
+        a2 += tl.load(part_ptr + off, mask=m2, other=0.0)
+        b2 += tl.load(part_ptr + off + 1, mask=m2, other=0.0)
+    return tl.sum(a2, axis=1), tl.sum(b2, axis=1)
+
+
+@triton.jit
+def _scan(
+    part_ptr,
+    coef_ptr,
+    lr_ptr,
+    key,
+    ch,
+    ib,
+    L,
+    N,
+    NB,
+    ACC_FP64: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    BLOCK_NB: tl.constexpr,
+):
+    """The chain's scan, in tiles of BLOCK_L window positions (the same in all its programs; block
+    ib = 0 stores the log ratios) -> (first rejected position or n, <d, r> and ||d||^2 there)."""
+    acc_t: tl.constexpr = tl.float64 if ACC_FP64 else tl.float32
+    b, k, chain, n = ch
+    first = n
+    a_first = tl.zeros((), acc_t)  # <d, r> = s <d, xi> of the first rejected step
+    b_first = tl.zeros((), acc_t)  # ||d||^2 of it
+    jj = tl.arange(0, BLOCK_L)
+    for j0 in range(0, L, BLOCK_L):
+        j = j0 + jj
+        mj = j < L
+        sa, sb = _tile_sums(part_ptr, b, j, mj, L, NB, ACC_FP64, BLOCK_L, BLOCK_NB)
+        live = j < n
+        s = tl.load(coef_ptr + _ROW_STD * N + _step_index(k + j, N), mask=mj, other=1.0).to(acc_t)
+        s = tl.where(live, s, 1.0)
+        lr = tl.where(live, sa / s - sb / (2.0 * s * s), 0.0)
+        tl.store(lr_ptr + b * L + j, lr.to(tl.float32), mask=mj & (ib == 0))
+        u = _uniform(key, k + j, chain).to(acc_t)
+        cand = tl.min(tl.where(live & ~accept(lr, u), j, L), axis=0)
+        newly = (first == n) & (cand < n)
+        a_first = tl.where(newly, tl.sum(tl.where(j == cand, sa * s, 0.0), axis=0), a_first)
+        b_first = tl.where(newly, tl.sum(tl.where(j == cand, sb, 0.0), axis=0), b_first)
+        first = tl.where(newly, cand, first)
+    return first, a_first, b_first
+
+
+@triton.jit
+def _decide(coef_ptr, ch, scan, N, outs, ib):
+    """The round's outcome from its scan (first rejected position, <d, r> and ||d||^2 there) ->
+    (rejected, the reflection coefficient, the deciding window position js, its step ks and table
+    column kc, det: the step after the window is deterministic, keep_frozen: next_frozen is f).
+    Block ib = 0 stores the chain's num_accepted, committed and root_exact (outs)."""
+    b, k, chain, n = ch
+    first, a_first, b_first = scan
+    nacc_ptr, comm_ptr, exact_ptr = outs
+    rejected = first < n
+    coef_r = reflect_coef(a_first, b_first)
+    js = tl.where(rejected, first, n)
+    ks = k + js
+    kc = _step_index(ks, N)
+    kn = k + n
+    live_next = kn < N
+    det = live_next & (tl.load(coef_ptr + _ROW_STD * N + _step_index(kn, N)) == 0)
+    det = det & ~rejected
+    committed = tl.where(rejected, first + 1, n + det.to(tl.int32))
+    idle = (n == 0) & ~det
+    keep_frozen = idle | (~rejected & ~live_next)
+    root_exact = ~rejected & live_next & ~det & (n > 0)
+    blk0 = ib == 0
+    tl.store(nacc_ptr + b, first.to(tl.int64), mask=blk0)
+    tl.store(comm_ptr + b, committed.to(tl.int64), mask=blk0)
+    tl.store(exact_ptr + b, root_exact, mask=blk0)
+    return rejected, coef_r, js, ks, kc, det, keep_frozen
+
+
+@triton.jit
+def _commit_coefs(
+    coef_ptr, kc, ks, N, clip_hi, clip_mid, clip_lo, ACC_FP64: tl.constexpr, HAS_PREV: tl.constexpr
+):
+    """The rows the commit reads at the deciding step ks (table column kc): (A, E, G, std, X0_Y,
+    X0_F, EPS_Y, EPS_P, H, X0_Y and X0_F of step ks - 1, clip bound)."""
+    a, e, g, s, x0y, x0f = _draft_coefs(coef_ptr, kc, N, ACC_FP64)
+    epy = _coef(coef_ptr, _ROW_EPS_Y, kc, N, ACC_FP64)
+    epp = _coef(coef_ptr, _ROW_EPS_P, kc, N, ACC_FP64)
+    cl = _clip_value(clip_hi, clip_mid, clip_lo, ACC_FP64)
+    h, x0y_m, x0f_m = _prev_coefs(coef_ptr, kc, ks, N, a, ACC_FP64, HAS_PREV)
+    return a, e, g, s, x0y, x0f, epy, epp, h, x0y_m, x0f_m, cl
+
+
+@triton.jit
+def _reflection_noise(key, i, ks, chain, rejected, ACC_FP64: tl.constexpr, BLOCK: tl.constexpr):
+    """The four lanes of the draft's noise of the rejected step ks (the reflection needs it);
+    zeros when nothing was rejected (not drawn)."""
+    acc_t: tl.constexpr = tl.float64 if ACC_FP64 else tl.float32
+    if rejected:
+        ns = _normals(key, i, ks, chain, ACC_FP64)
+    else:
+        z = tl.zeros([BLOCK], acc_t)
+        ns = (z, z, z, z)
+    return ns
+
+
+@triton.jit
+def _commit_lane(
+    io,
+    rows,
+    off,
+    m,
+    xi,
+    cf,
+    dec,
+    ACC_FP64: tl.constexpr,
+    FREEZE: tl.constexpr,
+    HAS_CLIP: tl.constexpr,
+    HAS_PREV: tl.constexpr,
+):
+    """One lane of next_state / next_frozen (/ next_prev) from y_j, P_j (row) and f (frow);
+    multistep: the previous predictions are prev (frow) at the root, else row mrow (j - 1).
+    io: (y, P, f, prev, next_state, next_frozen, next_prev) pointers; cf: _commit_coefs;
+    dec: (reflection coefficient, rejected, det, keep_frozen, at_root)."""
+    acc_t: tl.constexpr = tl.float64 if ACC_FP64 else tl.float32
+    y_ptr, p_ptr, f_ptr, prev_ptr, next_ptr, nfz_ptr, nprev_ptr = io
+    row, frow, mrow = rows
+    a, e, g, s, x0y, x0f, epy, epp, h, x0y_m, x0f_m, cl = cf
+    coef_r, rejected, det, keep_frozen, at_root = dec
+    y = tl.load(y_ptr + row + off, mask=m, other=0.0).to(acc_t)
+    p = tl.load(p_ptr + row + off, mask=m, other=0.0).to(acc_t)
+    f = tl.load(f_ptr + frow + off, mask=m, other=0.0).to(acc_t)
+    pq = _draft_x0(y, f, x0y, x0f, FREEZE)
+    mq = _affine(pq, y, a, e, g, cl, HAS_CLIP)
+    gap = _gap(p, pq, a, e, cl, HAS_CLIP)
+    det_mean = _affine(p, y, a, e, g, cl, HAS_CLIP)
+    if HAS_PREV:
+        # the target's previous x0-hat tp and the draft's dp: prev at the root, else P_{j-1} and
+        # the draft's x0-hat at y_{j-1}
+        pv = tl.load(prev_ptr + frow + off, mask=m & at_root, other=0.0).to(acc_t)
+        pm, qm = _prev_lane(
+            y_ptr, p_ptr, mrow, off, m & ~at_root, f, x0y_m, x0f_m, ACC_FP64, FREEZE
+        )
+        tp = tl.where(at_root, pv, pm)
+        dp = tl.where(at_root, pv, qm)
+        mq = mq + h * dp
+        gap = gap + h * (tp - dp)
+        det_mean = det_mean + h * tp
+        # the new state's parent is y_j after a rejection or a deterministic step, else y_{j-1}
+        nprev = nprev_ptr + frow + off
+        tl.store(nprev, tl.where(rejected | det, p, tp).to(nprev.dtype.element_ty), mask=m)
+    res = tl.where(det, det_mean, y)
+    # rejection: the draft's step reflected about the hyperplane orthogonal to d
+    refl = mq + s * xi + coef_r * gap
+    res = tl.where(rejected, refl, res)
+    if FREEZE == 0:
+        fz = p
+    else:
+        fz = epy * y - epp * p
+    tl.store(next_ptr + frow + off, res.to(next_ptr.dtype.element_ty), mask=m)
+    nfz = nfz_ptr + frow + off
+    tl.store(nfz, tl.where(keep_frozen, f, fz).to(nfz.dtype.element_ty), mask=m)
 
 
 @triton.jit(do_not_specialize=["L", "N", "NB"])
@@ -734,230 +761,33 @@ def _verify_finalize_kernel(
     BLOCK_L: tl.constexpr,
     BLOCK_NB: tl.constexpr,
 ):
-    """Program (chain b, i-block): the chain's scan (identical in all its programs), then its block
-    of next_state / next_frozen (/ next_prev); block 0 writes the per-chain outputs and the log
-    ratios."""
-    acc_t: tl.constexpr = tl.float64 if ACC_FP64 else tl.float32
+    """Program (chain b, i-block): the chain's scan (identical in all its programs), its decision,
+    then the commit of its block of next_state / next_frozen (/ next_prev); block 0 writes the
+    per-chain outputs and the log ratios."""
     b = tl.program_id(0).to(tl.int64)
     ib = tl.program_id(1)
     k = tl.load(steps_ptr + b)
     chain = tl.load(ids_ptr + b)
     n = tl.minimum(tl.maximum(tl.load(len_ptr + b), 0), L).to(tl.int32)
-    k0, k1 = _philox_key(seed_ptr)
-    first = n
-    a_first = tl.zeros((), acc_t)  # <d, r> = s <d, xi> of the first rejected step
-    b_first = tl.zeros((), acc_t)  # ||d||^2 of it
-    jj = tl.arange(0, BLOCK_L)
-    cc = tl.arange(0, BLOCK_NB)
-    for j0 in range(0, L, BLOCK_L):
-        j = j0 + jj
-        mj = j < L
-        a2 = tl.zeros([BLOCK_L, BLOCK_NB], acc_t)  # (reduced after the loop: a reduction
-        b2 = tl.zeros([BLOCK_L, BLOCK_NB], acc_t)  # accumulated inside it crashes a Triton pass)
-        for c0 in range(0, NB, BLOCK_NB):
-            m2 = mj[:, None] & ((c0 + cc) < NB)[None, :]
-            off = ((b * L + j)[:, None] * NB + (c0 + cc)[None, :]) * 2
-            a2 += tl.load(part_ptr + off, mask=m2, other=0.0)
-            b2 += tl.load(part_ptr + off + 1, mask=m2, other=0.0)
-        sa = tl.sum(a2, axis=1)
-        sb = tl.sum(b2, axis=1)
-        live = j < n
-        s = tl.load(coef_ptr + _ROW_STD * N + _step_index(k + j, N), mask=mj, other=1.0).to(acc_t)
-        s = tl.where(live, s, 1.0)
-        lr = tl.where(live, sa / s - sb / (2.0 * s * s), 0.0)
-        tl.store(lr_ptr + b * L + j, lr.to(tl.float32), mask=mj & (ib == 0))
-        u = _uniform(k0, k1, k + j, chain).to(acc_t)
-        cand = tl.min(tl.where(live & ~accept(lr, u), j, L), axis=0)
-        newly = (first == n) & (cand < n)
-        a_first = tl.where(newly, tl.sum(tl.where(j == cand, sa * s, 0.0), axis=0), a_first)
-        b_first = tl.where(newly, tl.sum(tl.where(j == cand, sb, 0.0), axis=0), b_first)
-        first = tl.where(newly, cand, first)
-    rejected = first < n
-    coef_r = reflect_coef(a_first, b_first)
-    js = tl.where(rejected, first, n)  # the window position that decides
-    ks = k + js
-    kc = _step_index(ks, N)
-    kn = k + n
-    live_next = kn < N
-    det = live_next & (tl.load(coef_ptr + _ROW_STD * N + _step_index(kn, N)) == 0)
-    det = det & ~rejected
-    committed = tl.where(rejected, first + 1, n + det.to(tl.int32))
-    idle = (n == 0) & ~det
-    keep_frozen = idle | (~rejected & ~live_next)
-    root_exact = ~rejected & live_next & ~det & (n > 0)
-    blk0 = ib == 0
-    tl.store(nacc_ptr + b, first.to(tl.int64), mask=blk0)
-    tl.store(comm_ptr + b, committed.to(tl.int64), mask=blk0)
-    tl.store(exact_ptr + b, root_exact, mask=blk0)
-
-    a, e, g, s, x0y, x0f = _draft_coefs(coef_ptr, kc, N, ACC_FP64)
-    epy = _coef(coef_ptr, _ROW_EPS_Y, kc, N, ACC_FP64)
-    epp = _coef(coef_ptr, _ROW_EPS_P, kc, N, ACC_FP64)
-    cl = _clip_value(clip_hi, clip_mid, clip_lo, ACC_FP64)
+    key = _philox_key(seed_ptr)
+    ch = (b, k, chain, n)
+    scan = _scan(part_ptr, coef_ptr, lr_ptr, key, ch, ib, L, N, NB, ACC_FP64, BLOCK_L, BLOCK_NB)
+    outs = (nacc_ptr, comm_ptr, exact_ptr)
+    rejected, coef_r, js, ks, kc, det, keep_frozen = _decide(coef_ptr, ch, scan, N, outs, ib)
+    # the commit, at the deciding position js
+    cf = _commit_coefs(coef_ptr, kc, ks, N, clip_hi, clip_mid, clip_lo, ACC_FP64, HAS_PREV)
     at_root = js == 0
+    dec = (coef_r, rejected, det, keep_frozen, at_root)
     row = (b * (L + 1) + js) * D
-    if HAS_PREV:
-        h = _coef(coef_ptr, _ROW_H, kc, N, ACC_FP64)
-        kcm = _step_index(ks - 1, N)
-        x0y_m = _coef(coef_ptr, _ROW_X0_Y, kcm, N, ACC_FP64)
-        x0f_m = _coef(coef_ptr, _ROW_X0_F, kcm, N, ACC_FP64)
-        mrow = tl.where(at_root, row, row - D)  # (read only past the root)
-    else:  # (never read)
-        h, x0y_m, x0f_m, mrow = a, a, a, row
+    mrow = tl.where(at_root, row, row - D)  # (read only past the root)
     i = ib * BLOCK + tl.arange(0, BLOCK)
     mi = i < Q
-    if rejected:  # the reflection needs the draft's noise of the rejected step
-        n0, n1, n2, n3 = _normals(k0, k1, i, ks, chain, ACC_FP64)
-    else:
-        n0 = tl.zeros([BLOCK], acc_t)
-        n1 = n0
-        n2 = n0
-        n3 = n0
-    frow = b * D
-    _commit_lane(
-        y_ptr,
-        p_ptr,
-        frozen_ptr,
-        next_ptr,
-        nfz_ptr,
-        prev_ptr,
-        nprev_ptr,
-        row,
-        frow,
-        mrow,
-        i,
-        mi & (i < D),
-        n0,
-        a,
-        e,
-        g,
-        s,
-        x0y,
-        x0f,
-        epy,
-        epp,
-        h,
-        x0y_m,
-        x0f_m,
-        cl,
-        coef_r,
-        rejected,
-        det,
-        keep_frozen,
-        at_root,
-        ACC_FP64,
-        FREEZE,
-        HAS_CLIP,
-        HAS_PREV,
-    )
-    _commit_lane(
-        y_ptr,
-        p_ptr,
-        frozen_ptr,
-        next_ptr,
-        nfz_ptr,
-        prev_ptr,
-        nprev_ptr,
-        row,
-        frow,
-        mrow,
-        Q + i,
-        mi & (Q + i < D),
-        n1,
-        a,
-        e,
-        g,
-        s,
-        x0y,
-        x0f,
-        epy,
-        epp,
-        h,
-        x0y_m,
-        x0f_m,
-        cl,
-        coef_r,
-        rejected,
-        det,
-        keep_frozen,
-        at_root,
-        ACC_FP64,
-        FREEZE,
-        HAS_CLIP,
-        HAS_PREV,
-    )
-    _commit_lane(
-        y_ptr,
-        p_ptr,
-        frozen_ptr,
-        next_ptr,
-        nfz_ptr,
-        prev_ptr,
-        nprev_ptr,
-        row,
-        frow,
-        mrow,
-        2 * Q + i,
-        mi & (2 * Q + i < D),
-        n2,
-        a,
-        e,
-        g,
-        s,
-        x0y,
-        x0f,
-        epy,
-        epp,
-        h,
-        x0y_m,
-        x0f_m,
-        cl,
-        coef_r,
-        rejected,
-        det,
-        keep_frozen,
-        at_root,
-        ACC_FP64,
-        FREEZE,
-        HAS_CLIP,
-        HAS_PREV,
-    )
-    _commit_lane(
-        y_ptr,
-        p_ptr,
-        frozen_ptr,
-        next_ptr,
-        nfz_ptr,
-        prev_ptr,
-        nprev_ptr,
-        row,
-        frow,
-        mrow,
-        3 * Q + i,
-        mi & (3 * Q + i < D),
-        n3,
-        a,
-        e,
-        g,
-        s,
-        x0y,
-        x0f,
-        epy,
-        epp,
-        h,
-        x0y_m,
-        x0f_m,
-        cl,
-        coef_r,
-        rejected,
-        det,
-        keep_frozen,
-        at_root,
-        ACC_FP64,
-        FREEZE,
-        HAS_CLIP,
-        HAS_PREV,
-    )
+    ns = _reflection_noise(key, i, ks, chain, rejected, ACC_FP64, BLOCK)
+    rows = (row, b * D, mrow)
+    io = (y_ptr, p_ptr, frozen_ptr, prev_ptr, next_ptr, nfz_ptr, nprev_ptr)
+    for lane in tl.static_range(4):
+        off, m = _lane(lane, i, mi, Q, D)
+        _commit_lane(io, rows, off, m, ns[lane], cf, dec, ACC_FP64, FREEZE, HAS_CLIP, HAS_PREV)
 
 
 # ---------------------------------------------------------------- launchers
@@ -1056,23 +886,11 @@ def chain_noise(
     return xi, u
 
 
-def frozen_draft(
-    root: Tensor,
-    frozen: Tensor,
-    steps: Tensor,
-    lengths: Tensor,
-    coef: Tensor,
-    seed: Tensor,
-    chain_ids: Tensor,
-    window: int,
-    freeze: int,
-    clip: float,
-    prev: Optional[Tensor] = None,
-) -> Tensor:
+def frozen_draft(root: Tensor, chains: RoundChains, spec: RoundSpec, window: int) -> Tensor:
     """Drafted states Y [B, window + 1, *E] (semantics: reference.round.frozen_draft)."""
-    _checks.entry_frozen_draft(
-        "frozen_draft", root, frozen, steps, lengths, coef, seed, chain_ids, prev
-    )
+    _checks.entry_frozen_draft("frozen_draft", root, chains, spec)
+    frozen, steps, lengths, chain_ids, prev = chains
+    coef, seed, freeze, clip = spec
     B = root.shape[0]
     y = torch.empty((B, window + 1, *root.shape[1:]), device=root.device, dtype=root.dtype)
     if B > 0:
@@ -1108,23 +926,13 @@ def frozen_draft(
 
 
 def verify_frozen(
-    states: Tensor,
-    x0_hat: Tensor,
-    frozen: Tensor,
-    steps: Tensor,
-    lengths: Tensor,
-    coef: Tensor,
-    seed: Tensor,
-    chain_ids: Tensor,
-    freeze: int,
-    clip: float,
-    prev: Optional[Tensor] = None,
+    states: Tensor, x0_hat: Tensor, chains: RoundChains, spec: RoundSpec
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(num_accepted, committed, next_state, next_frozen, root_exact, log_ratio, next_prev)
     (semantics: reference.round.verify_frozen; next_prev is an empty [0] tensor without prev)."""
-    _checks.entry_verify_frozen(
-        "verify_frozen", states, x0_hat, frozen, steps, lengths, coef, seed, chain_ids, prev
-    )
+    _checks.entry_verify_frozen("verify_frozen", states, x0_hat, chains, spec)
+    frozen, steps, lengths, chain_ids, prev = chains
+    coef, seed, freeze, clip = spec
     B, L1 = states.shape[:2]
     L = L1 - 1
     E = states.shape[2:]
@@ -1215,44 +1023,31 @@ def verify_frozen(
 
 
 # ---------------------------------------------------------------- ops
-# fake impls (interpreted mode; compiled, the triton_op body is its own fake): the ones of the
-# C++-defined ops (ops/round.py)
+# The Triton ops take the dispatcher's flat schemas (round_spec.SCHEMAS); their fake impls
+# (interpreted mode; compiled, the triton_op body is its own fake) are the C++-defined ops' ones
+# (ops/round.py).
 triton_chain_noise = define("specdiff::triton_chain_noise", chain_noise, round_ops.fake_chain_noise)
 triton_frozen_draft = define(
-    "specdiff::triton_frozen_draft", frozen_draft, round_ops.fake_frozen_draft
+    "specdiff::triton_frozen_draft",
+    with_schema("frozen_draft", draft_parts, frozen_draft),
+    round_ops.fake_frozen_draft,
 )
 triton_verify_frozen = define(
-    "specdiff::triton_verify_frozen", verify_frozen, round_ops.fake_verify_frozen
+    "specdiff::triton_verify_frozen",
+    with_schema("verify_frozen", verify_parts, verify_frozen),
+    round_ops.fake_verify_frozen,
 )
 
-
-# ---------------------------------------------------------------- forwarding to the Triton ops
-# (the CUDA kernels of specdiff::chain_noise / frozen_draft / verify_frozen, and backend "triton")
-def fwd_chain_noise(seed, chain_ids, steps, window, event_numel, dtype):
-    return torch.ops.specdiff.triton_chain_noise(seed, chain_ids, steps, window, event_numel, dtype)
-
-
-def fwd_frozen_draft(
-    root, frozen, steps, lengths, coef, seed, chain_ids, window, freeze, clip, prev=None
-):
-    return torch.ops.specdiff.triton_frozen_draft(
-        root, frozen, steps, lengths, coef, seed, chain_ids, window, freeze, clip, prev
+# the CUDA kernels of specdiff::chain_noise / frozen_draft / verify_frozen (schemas from the C++
+# extension, csrc/registration.cpp), and backend "triton"
+_CUDA_LIB = (
+    register_cuda(
+        {
+            name: getattr(torch.ops.specdiff, "triton_" + name).default
+            for name in ("chain_noise", "frozen_draft", "verify_frozen")
+        }
     )
-
-
-def fwd_verify_frozen(
-    states, x0_hat, frozen, steps, lengths, coef, seed, chain_ids, freeze, clip, prev=None
-):
-    return torch.ops.specdiff.triton_verify_frozen(
-        states, x0_hat, frozen, steps, lengths, coef, seed, chain_ids, freeze, clip, prev
-    )
-
-
-_FORWARD = {
-    "chain_noise": fwd_chain_noise,
-    "frozen_draft": fwd_frozen_draft,
-    "verify_frozen": fwd_verify_frozen,
-}
-# the schemas come from the C++ extension (csrc/registration.cpp)
-_CUDA_LIB = register_cuda(_FORWARD) if round_ops.HAS_CPP else None
-REGISTRY.register(Backend("round", "triton", _FORWARD, devices=DEVICES))
+    if round_ops.HAS_CPP
+    else None
+)
+REGISTRY.register(Backend("round", "triton", round_ops.schema_ops("triton_"), devices=DEVICES))

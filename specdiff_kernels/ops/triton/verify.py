@@ -85,6 +85,12 @@ MODE_VERIFY = 2  # speculative_verify: log ratios, first rejection, next state
 
 
 # ---------------------------------------------------------------- device helpers
+# Groups that travel together (Triton tuples, unpacked by position; compile-time structure only):
+#   ins      (y, mq, mp) pointers of the [B, L, *E] inputs;
+#   chain    (c, L, n): the chain, the window size and the chain's clamped length;
+#   step_io  (sigma, its strides along B and L, uniforms, log ratios): what a step's decision reads
+#            and writes;
+#   scan     (first rejected step or n, its reflection coefficient): the running scan state.
 @triton.jit
 def _load_lengths(n_ptr, c, L, HAS_N: tl.constexpr):
     if HAS_N:
@@ -96,26 +102,25 @@ def _load_lengths(n_ptr, c, L, HAS_N: tl.constexpr):
 
 
 @triton.jit
+def _dr_terms(ins, row, idx, m, ACC_FP64: tl.constexpr):
+    """(d r, d d) at elements row + idx (masked: 0), d = mp - mq, r = y - mq (accumulation dtype)."""
+    acc_t: tl.constexpr = tl.float64 if ACC_FP64 else tl.float32
+    y_ptr, mq_ptr, mp_ptr = ins
+    q = tl.load(mq_ptr + row + idx, mask=m, other=0.0).to(acc_t)
+    d = tl.load(mp_ptr + row + idx, mask=m, other=0.0).to(acc_t) - q
+    r = tl.load(y_ptr + row + idx, mask=m, other=0.0).to(acc_t) - q
+    return d * r, d * d
+
+
+@triton.jit
 def _decide_step(
-    a,
-    b,
-    c,
-    j,
-    L,
-    n,
-    first,
-    coef,
-    sig_ptr,
-    sig_sb,
-    sig_sl,
-    u_ptr,
-    lr_ptr,
-    store_lr,
-    MODE: tl.constexpr,
-    ACC_FP64: tl.constexpr,
+    a, b, j, scan, chain, step_io, store_lr, MODE: tl.constexpr, ACC_FP64: tl.constexpr
 ):
     """Fold step j (sums a, b) into the running scan state (first rejection, its coefficient)."""
     acc_t: tl.constexpr = tl.float64 if ACC_FP64 else tl.float32
+    first, coef = scan
+    c, L, n = chain
+    sig_ptr, sig_sb, sig_sl, u_ptr, lr_ptr = step_io
     if MODE == 1:
         reject = j >= 0  # reflect_resample: the single step is always "rejected"
     else:
@@ -134,11 +139,22 @@ def _decide_step(
 
 
 @triton.jit
-def _write_state(
-    y_ptr, mq_ptr, mp_ptr, out_ptr, in_off, out_off, mask, rejected, coef, ACC_FP64: tl.constexpr
-):
+def _decision(first, chain, nacc_ptr, store_mask, MODE: tl.constexpr):
+    """After the scan: num_accepted stored (verify mode; where store_mask) -> (rejected, the window
+    step whose row next_state comes from: the first rejected one, else the last, n - 1)."""
+    c, L, n = chain
+    if MODE == 2:
+        tl.store(nacc_ptr + c, first.to(tl.int64), mask=store_mask)
+    rejected = first < n
+    step = tl.where(rejected, first, n - 1).to(tl.int64)
+    return rejected, step
+
+
+@triton.jit
+def _write_state(ins, out_ptr, in_off, out_off, mask, rejected, coef, ACC_FP64: tl.constexpr):
     """One block of next_state: y + coef * (mp - mq) at a rejection, else an exact copy of y."""
     acc_t: tl.constexpr = tl.float64 if ACC_FP64 else tl.float32
+    y_ptr, mq_ptr, mp_ptr = ins
     y = tl.load(y_ptr + in_off, mask=mask, other=0.0)
     if rejected:
         q = tl.load(mq_ptr + in_off, mask=mask, other=0.0).to(acc_t)
@@ -178,60 +194,31 @@ def _per_chain_raw(
     c = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_D)
     n = _load_lengths(n_ptr, c, L, HAS_N)
-    first = n
-    coef = tl.full((), 1.0, acc_t)
+    ins = (y_ptr, mq_ptr, mp_ptr)
+    chain = (c, L, n)
+    step_io = (sig_ptr, sig_sb, sig_sl, u_ptr, lr_ptr)
+    scan = (n, tl.full((), 1.0, acc_t))
     for j in range(0, L):
         row = (c * L + j) * D
         a_vec = tl.zeros([BLOCK_D], acc_t)
         b_vec = tl.zeros([BLOCK_D], acc_t)
         for k in tl.range(0, D, BLOCK_D, num_stages=NUM_STAGES):
             idx = k + offs
-            m = idx < D
-            q = tl.load(mq_ptr + row + idx, mask=m, other=0.0).to(acc_t)
-            d = tl.load(mp_ptr + row + idx, mask=m, other=0.0).to(acc_t) - q
-            r = tl.load(y_ptr + row + idx, mask=m, other=0.0).to(acc_t) - q
-            a_vec += d * r
-            b_vec += d * d
+            dr, dd = _dr_terms(ins, row, idx, idx < D, ACC_FP64)
+            a_vec += dr
+            b_vec += dd
         a = tl.sum(a_vec, axis=0)
         b = tl.sum(b_vec, axis=0)
-        first, coef = _decide_step(
-            a,
-            b,
-            c,
-            j,
-            L,
-            n,
-            first,
-            coef,
-            sig_ptr,
-            sig_sb,
-            sig_sl,
-            u_ptr,
-            lr_ptr,
-            j >= 0,
-            MODE,
-            ACC_FP64,
-        )
+        scan = _decide_step(a, b, j, scan, chain, step_io, j >= 0, MODE, ACC_FP64)
     if MODE != 0:
-        if MODE == 2:
-            tl.store(nacc_ptr + c, first.to(tl.int64))
-        rejected = first < n
-        step = tl.where(rejected, first, n - 1).to(tl.int64)
+        first, coef = scan
+        rejected, step = _decision(first, chain, nacc_ptr, None, MODE)
         in_row = (c * L + step) * D
         out_row = c * D
         for k in range(0, D, BLOCK_D):
             idx = k + offs
             _write_state(
-                y_ptr,
-                mq_ptr,
-                mp_ptr,
-                out_ptr,
-                in_row + idx,
-                out_row + idx,
-                idx < D,
-                rejected,
-                coef,
-                ACC_FP64,
+                ins, out_ptr, in_row + idx, out_row + idx, idx < D, rejected, coef, ACC_FP64
             )
 
 
@@ -263,12 +250,9 @@ def _split_partials_raw(
     b_vec = tl.zeros([BLOCK_D], acc_t)
     for k in tl.range(0, CHUNK, BLOCK_D, num_stages=NUM_STAGES):
         idx = start + k + offs
-        m = idx < lim
-        q = tl.load(mq_ptr + base + idx, mask=m, other=0.0).to(acc_t)
-        d = tl.load(mp_ptr + base + idx, mask=m, other=0.0).to(acc_t) - q
-        r = tl.load(y_ptr + base + idx, mask=m, other=0.0).to(acc_t) - q
-        a_vec += d * r
-        b_vec += d * d
+        dr, dd = _dr_terms((y_ptr, mq_ptr, mp_ptr), base, idx, idx < lim, ACC_FP64)
+        a_vec += dr
+        b_vec += dd
     tl.store(part_ptr + 2 * pid, tl.sum(a_vec, axis=0))
     tl.store(part_ptr + 2 * pid + 1, tl.sum(b_vec, axis=0))
 
@@ -309,8 +293,9 @@ def _split_finalize_raw(
         c = pid // nob
         ob = pid % nob
     n = _load_lengths(n_ptr, c, L, HAS_N)
-    first = n
-    coef = tl.full((), 1.0, acc_t)
+    chain = (c, L, n)
+    step_io = (sig_ptr, sig_sb, sig_sl, u_ptr, lr_ptr)
+    scan = (n, tl.full((), 1.0, acc_t))
     kk = tl.arange(0, BLOCK_NB)
     for j in range(0, L):
         prow = (c * L + j) * NB
@@ -322,42 +307,14 @@ def _split_finalize_raw(
             b_vec += tl.load(part_ptr + 2 * (prow + k0 + kk) + 1, mask=m, other=0.0)
         a = tl.sum(a_vec, axis=0)
         b = tl.sum(b_vec, axis=0)
-        first, coef = _decide_step(
-            a,
-            b,
-            c,
-            j,
-            L,
-            n,
-            first,
-            coef,
-            sig_ptr,
-            sig_sb,
-            sig_sl,
-            u_ptr,
-            lr_ptr,
-            ob == 0,
-            MODE,
-            ACC_FP64,
-        )
+        scan = _decide_step(a, b, j, scan, chain, step_io, ob == 0, MODE, ACC_FP64)
     if MODE != 0:
-        if MODE == 2:
-            tl.store(nacc_ptr + c, first.to(tl.int64), mask=ob == 0)
-        rejected = first < n
-        step = tl.where(rejected, first, n - 1).to(tl.int64)
+        first, coef = scan
+        rejected, step = _decision(first, chain, nacc_ptr, ob == 0, MODE)
         idx = ob * BLOCK_D + tl.arange(0, BLOCK_D)
-        _write_state(
-            y_ptr,
-            mq_ptr,
-            mp_ptr,
-            out_ptr,
-            (c * L + step) * D + idx,
-            c * D + idx,
-            idx < D,
-            rejected,
-            coef,
-            ACC_FP64,
-        )
+        in_off = (c * L + step) * D + idx
+        ins = (y_ptr, mq_ptr, mp_ptr)
+        _write_state(ins, out_ptr, in_off, c * D + idx, idx < D, rejected, coef, ACC_FP64)
 
 
 # ---------------------------------------------------------------- first_rejection alone

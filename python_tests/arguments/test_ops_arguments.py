@@ -23,7 +23,7 @@ from round_cases import make_case
 from verify_cases import make_window
 
 import specdiff_kernels  # noqa: F401  (registers the C++ ops and their fakes)
-from specdiff_kernels.ops import backends, layout
+from specdiff_kernels.ops import backends, layout, round_spec
 from specdiff_kernels.ops import round as ro
 
 try:  # registers the specdiff::triton_* ops (interpreted on CPU: conftest sets TRITON_INTERPRET)
@@ -67,10 +67,10 @@ def _round_args(name: str) -> tuple:
     if name == "chain_noise":
         return (case.seed, case.chain_ids, case.steps, L, math.prod(E), torch.float32)
     if name == "frozen_draft":
-        return case.draft_args()
+        return case.draft_flat()
     if name == "verify_frozen":
         Y = ro.frozen_draft(*case.draft_args())
-        return case.verify_args(Y, Y + 0.01)
+        return case.verify_flat(Y, Y + 0.01)
     assert name == "round_stats"
     gen = torch.Generator().manual_seed(3)
     stats = torch.zeros(layout.StatsLayout(L, N_ROUND, B).size, dtype=torch.int64)
@@ -265,22 +265,25 @@ def test_cuda_argument_is_refused(op_name, i, arg):
 
 
 # ---------------------------------------------------------------- Triton launchers
-def _launchers():
+def _launchers() -> dict:
+    """Each Triton launcher, called with its op's flat schema arguments."""
     if not HAS_TRITON_OPS:
-        return []
-    fns = {
+        return {}
+    return {
         "speculative_verify": triton_verify.speculative_verify,
         "gaussian_log_ratio": triton_verify.gaussian_log_ratio,
         "reflect_resample": triton_verify.reflect_resample,
         "first_rejection": triton_verify.first_rejection,
         "chain_noise": triton_round.chain_noise,
-        "frozen_draft": triton_round.frozen_draft,
-        "verify_frozen": triton_round.verify_frozen,
+        "frozen_draft": lambda *a: triton_round.frozen_draft(*round_spec.draft_parts(*a)),
+        "verify_frozen": lambda *a: triton_round.verify_frozen(*round_spec.verify_parts(*a)),
     }
-    return [(name, i, arg) for name in fns for i, arg in tensor_params(name)]
 
 
-LAUNCHER_PARAMS = _launchers()
+LAUNCHERS = _launchers()
+
+
+LAUNCHER_PARAMS = [(name, i, arg) for name in LAUNCHERS for i, arg in tensor_params(name)]
 
 
 @pytest.mark.skipif(not HAS_TRITON_OPS, reason="triton is not installed")
@@ -288,10 +291,9 @@ LAUNCHER_PARAMS = _launchers()
 def test_triton_launcher_refuses_meta_argument(op_name, i, arg):
     """The launchers are the CUDA kernels of the specdiff::* ops (a CUDA tensor among CPU ones
     reaches them, past the fakes): they check devices themselves."""
-    module = triton_verify if op_name in backends.FAMILIES["verify"] else triton_round
     args = valid_args(op_name)
     bad = replaced(args, i, args[i].to("meta"))
-    assert_refused(lambda: getattr(module, op_name)(*bad), op_name, arg)
+    assert_refused(lambda: LAUNCHERS[op_name](*bad), op_name, arg)
 
 
 @pytest.mark.skipif(not HAS_TRITON_OPS, reason="triton is not installed")

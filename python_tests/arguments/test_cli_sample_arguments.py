@@ -1,15 +1,11 @@
-"""What is not supported is refused before any network call, in one line that names the argument
-or class and says why (issue 27).
+"""``specdiff sample`` refuses what it cannot run before any weight loads, in ONE line that names
+the argument and says why, exit code 2 (issue 27): a flow-matching pipeline folder, with or
+without ``--scheduler``; a scheduler without a discrete beta (VP) training schedule; a
+``--scheduler`` override whose training schedule or prediction type would differ from the
+folder's own (the override inherits them from the folder's config where its class can); a
+transformer folder.
 
-* ``specdiff sample``: a flow-matching pipeline folder, with or without ``--scheduler``; a scheduler
-  without a discrete beta (VP) training schedule; a ``--scheduler`` override whose training schedule
-  or prediction type would differ from the folder's own (the override inherits them from the
-  folder's config where its class can); a transformer folder. Exit code 2, before any weight loads.
-* The adapter: ``DiffusersModel`` of a transformer or other non-UNet diffusers model,
-  ``from_pipeline`` / ``SpeculativePipeline`` of a transformer pipeline, ``SpeculativePipeline`` of a
-  conditional pipeline, and every unsupported diffusers scheduler, each with its reason.
-
-Tiny random components built from configs (no downloads).
+Tiny random pipeline folders written by diffusers' ``save_pretrained`` (no downloads).
 """
 
 from __future__ import annotations
@@ -25,120 +21,27 @@ import torch
 pytest.importorskip("diffusers", reason="diffusers is an optional extra")
 import diffusers  # noqa: E402
 from diffusers import (  # noqa: E402
-    DDPMPipeline,
     DDPMScheduler,
-    DiTPipeline,
-    DiTTransformer2DModel,
     FlowMatchEulerDiscreteScheduler,
-    UNet2DConditionModel,
-    UNet2DModel,
 )
-from test_cli_sample import cli_error as sample_cli_error  # noqa: E402
+from refusal import cli_error as command_error  # noqa: E402
+from refusal import one_line  # noqa: E402
+from tiny_diffusers import SIZE, tiny_dit  # noqa: E402
 
 from specdiff_kernels.cli import sample as sample_cmd  # noqa: E402
-from specdiff_kernels.integrations import SpeculativePipeline  # noqa: E402
-from specdiff_kernels.integrations.diffusers import (  # noqa: E402
-    SUPPORTED,
-    DiffusersModel,
-    diffusers_transitions,
-    from_pipeline,
-)
+from specdiff_kernels.integrations.diffusers import diffusers_transitions  # noqa: E402
+from specdiff_kernels.sampling.families import family  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-SIZE = 8
 SCHEDULER_FLAGS = ["ddpm", "ddim", "euler-a", "dpm++2m-sde"]
 
 
-def tiny_unet(**options) -> UNet2DModel:
-    torch.manual_seed(0)
-    return UNet2DModel(
-        sample_size=SIZE,
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        norm_num_groups=4,
-        **options,
-    ).eval()
-
-
-def tiny_cond_unet() -> UNet2DConditionModel:
-    torch.manual_seed(0)
-    return UNet2DConditionModel(
-        sample_size=SIZE,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(8, 16),
-        norm_num_groups=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=8,
-        attention_head_dim=2,
-    ).eval()
-
-
-def tiny_dit() -> DiTTransformer2DModel:
-    torch.manual_seed(0)
-    return DiTTransformer2DModel(
-        num_attention_heads=2,
-        attention_head_dim=4,
-        in_channels=4,
-        out_channels=4,
-        num_layers=1,
-        sample_size=SIZE,
-        patch_size=2,
-        num_embeds_ada_norm=10,
-    ).eval()
-
-
-def tiny_vae():
-    torch.manual_seed(0)
-    return diffusers.AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",),
-        up_block_types=("UpDecoderBlock2D",),
-        block_out_channels=(8,),
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=SIZE,
-    ).eval()
-
-
-class CallCounter:
-    """Counts the forward calls of a torch module (a refusal must come before the first)."""
-
-    def __init__(self, module: torch.nn.Module) -> None:
-        self.calls = 0
-        module.register_forward_pre_hook(self._hook)
-
-    def _hook(self, *args) -> None:
-        self.calls += 1
-
-
-def one_line(err: pytest.ExceptionInfo) -> str:
-    text = str(err.value)
-    assert text and "\n" not in text, text
-    return text
-
-
-# ----------------------------------------------------------------------------- CLI
 def cli_error(argv, capsys) -> str:
-    """specdiff sample's one-line argument error (test_cli_sample's checks), naming an argument."""
-    last = sample_cli_error(argv, capsys)
+    """specdiff sample's one-line argument error, naming an argument."""
+    last = command_error(argv, capsys)
     assert last.startswith("specdiff sample: error: argument ")
     return last
-
-
-@pytest.fixture(scope="module")
-def pipe_dir(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("pipe")
-    DDPMPipeline(unet=tiny_unet(), scheduler=DDPMScheduler()).save_pretrained(d)
-    return d
 
 
 def with_scheduler(src: Path, dst: Path, config: dict) -> Path:
@@ -327,8 +230,8 @@ def test_scheduler_override_inherits_the_training_schedule(flag, pipe_dir, tmp_p
     d = with_scheduler(pipe_dir, tmp_path / "p", cfg)
     spec = sample_cmd.resolve_pipeline(str(d), flag, 20, None)
     assert spec.max_steps == 500 and spec.transitions.prediction == "v_prediction"
-    cls = getattr(diffusers, sample_cmd.SCHEDULERS[flag])
-    extra = sample_cmd.DPM_SDE_CONFIG if flag == sample_cmd.DPM_SDE else {}
+    fam = family(flag)
+    cls, extra = getattr(diffusers, fam.scheduler), dict(fam.scheduler_config)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         chain = cls.from_config({**cfg, **extra})
@@ -380,156 +283,3 @@ def test_v_prediction_folder_with_euler_a(pipe_dir, tmp_path, capsys, nothing_lo
     )
     last = cli_error(argv(x0, tmp_path / "o", "--scheduler", "euler-a"), capsys)
     assert "argument --scheduler: euler-a: " in last and "prediction_type" in last
-
-
-# ----------------------------------------------------------------------------- adapter
-def test_diffusers_model_refuses_a_transformer():
-    dit = tiny_dit()
-    count = CallCounter(dit)
-    with pytest.raises(TypeError) as err:
-        DiffusersModel(dit)
-    text = one_line(err)
-    assert text.startswith("DiffusersModel: DiTTransformer2DModel is a transformer model")
-    assert "transformer models are not supported yet" in text and "UNet2DModel" in text
-    assert count.calls == 0
-
-
-def test_diffusers_model_refuses_a_plain_transformer_and_a_vae():
-    torch.manual_seed(0)
-    t2d = diffusers.Transformer2DModel(
-        num_attention_heads=2, attention_head_dim=4, in_channels=4, num_layers=1, norm_num_groups=2
-    )
-    with pytest.raises(TypeError) as err:
-        DiffusersModel(t2d)
-    assert "Transformer2DModel is a transformer model" in one_line(err)
-    with pytest.raises(TypeError) as err:
-        DiffusersModel(tiny_vae())
-    text = one_line(err)
-    assert "AutoencoderKL is not a UNet-style denoiser" in text and "(sample, timestep" in text
-
-
-def dit_pipe() -> DiTPipeline:
-    return DiTPipeline(transformer=tiny_dit(), vae=tiny_vae(), scheduler=DDPMScheduler())
-
-
-def test_transformer_pipelines_are_refused():
-    pipe = dit_pipe()
-    count = CallCounter(pipe.transformer)
-    for make, where in (
-        (SpeculativePipeline, "SpeculativePipeline"),
-        (lambda p: from_pipeline(p, 10), "from_pipeline"),
-    ):
-        with pytest.raises(TypeError) as err:
-            make(pipe)
-        assert one_line(err) == (
-            f"{where}: DiTPipeline has a .transformer (DiTTransformer2DModel), not a .unet; "
-            f"transformer models are not supported yet (UNet-style models called as "
-            f"unet(sample, timestep, ...) are: UNet2DModel, UNet2DConditionModel)"
-        )
-    assert count.calls == 0
-
-
-def test_conditional_pipeline_is_refused():
-    pipe = DDPMPipeline(unet=tiny_cond_unet(), scheduler=DDPMScheduler())
-    count = CallCounter(pipe.unet)
-    with pytest.raises(TypeError) as err:
-        SpeculativePipeline(pipe)
-    text = one_line(err)
-    assert text.startswith("SpeculativePipeline: DDPMPipeline is a conditional pipeline (its unet ")
-    assert "UNet2DConditionModel" in text and "encoder_hidden_states" in text
-    assert "not supported yet" in text and "from_pipeline(" in text and "model_kwargs" in text
-    assert count.calls == 0
-
-
-def test_class_conditional_pipeline_is_refused():
-    pipe = DDPMPipeline(unet=tiny_unet(num_class_embeds=10), scheduler=DDPMScheduler())
-    with pytest.raises(TypeError) as err:
-        SpeculativePipeline(pipe)
-    text = one_line(err)
-    assert "conditional pipeline" in text and "num_class_embeds=10" in text
-    assert "class_labels" in text and "from_pipeline(" in text
-
-
-def test_stable_diffusion_pipeline_is_refused():
-    transformers = pytest.importorskip(
-        "transformers", reason="transformers is not installed: no CLIP text encoder to build"
-    )
-    config = transformers.CLIPTextConfig(
-        vocab_size=100,
-        hidden_size=8,
-        intermediate_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        max_position_embeddings=16,
-    )
-    pipe = diffusers.StableDiffusionPipeline(
-        vae=tiny_vae(),
-        text_encoder=transformers.CLIPTextModel(config),
-        tokenizer=None,
-        unet=tiny_cond_unet(),
-        scheduler=DDPMScheduler(),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    with pytest.raises(TypeError) as err:
-        SpeculativePipeline(pipe)
-    text = one_line(err)
-    assert "StableDiffusionPipeline is a conditional pipeline (it has a text_encoder" in text
-    assert "from_pipeline(" in text
-
-
-def unsupported_schedulers() -> list:
-    """Every diffusers scheduler class the adapter does not support."""
-    names = []
-    for name in sorted(n for n in dir(diffusers) if n.endswith("Scheduler")):
-        cls = getattr(diffusers, name, None)
-        if isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin):
-            if name not in SUPPORTED:
-                names.append(name)
-    return names
-
-
-@pytest.mark.parametrize("name", unsupported_schedulers())
-def test_every_unsupported_scheduler_says_why(name):
-    from specdiff_kernels.integrations.diffusers import scheduler_from_config
-
-    with pytest.raises(TypeError) as err:
-        scheduler_from_config({}, name)
-    text = one_line(err)
-    assert text.startswith(f"unsupported scheduler {name}: ")  # a reason follows the name
-    if name.startswith("FlowMatch"):
-        assert text.endswith("flow-matching models are not supported yet")
-        assert "supported:" not in text and "use " not in text
-    elif "deterministic (no noise" not in text:
-        assert "; supported: DDPMScheduler" in text
-
-
-def test_euler_discrete_names_s_churn_and_euler_ancestral():
-    unet = tiny_unet()
-    count = CallCounter(unet)
-    pipe = DDPMPipeline(unet=unet, scheduler=diffusers.EulerDiscreteScheduler())
-    spec = SpeculativePipeline(pipe, window=2)
-    with pytest.raises(TypeError) as err:
-        spec(batch_size=1, num_inference_steps=5)
-    text = one_line(err)
-    assert text.startswith("unsupported scheduler EulerDiscreteScheduler: ")
-    assert "s_churn > 0" in text and "stochastic" in text and "not supported yet" in text
-    assert "use EulerAncestralDiscreteScheduler" in text
-    assert count.calls == 0
-
-
-def test_flow_matching_scheduler_in_the_adapter():
-    with pytest.raises(TypeError) as err:
-        diffusers_transitions(FlowMatchEulerDiscreteScheduler(), 10)
-    assert one_line(err) == (
-        "unsupported scheduler FlowMatchEulerDiscreteScheduler: a flow-matching scheduler; "
-        "flow-matching models are not supported yet"
-    )
-    sched = diffusers.DPMSolverMultistepScheduler(
-        algorithm_type="sde-dpmsolver++", use_dynamic_shifting=True
-    )
-    with pytest.raises(ValueError) as err:
-        diffusers_transitions(sched, 10)
-    assert "use_dynamic_shifting=True is not supported" in one_line(err)
-    assert "flow-matching models are not supported yet" in str(err.value)

@@ -1,0 +1,179 @@
+"""The sampler families, one entry each: every consumer reads this table.
+
+A :class:`Family` is what a caller names when it asks for a chain: its canonical name (the
+``specdiff sample --scheduler`` value, e.g. ``"euler-a"``) and the other spellings accepted for
+it, the native builder in :mod:`specdiff_kernels.sampling.transitions` with the options it takes
+on a model's training schedule, the diffusers scheduler class whose step it tabulates (by name:
+the sampling layer does not import diffusers) with the settings that make that class this
+family, and whether the chain is multistep (its mean takes the previous step's prediction).
+
+Readers: the diffusers adapter (its supported list and dispatch), ``specdiff sample`` and
+``specdiff policy`` (choices, help, the scheduler built from a pipeline's config),
+``EmbeddedModel.transitions`` and the README's table of supported samplers (checked by
+``python_tests/test_families.py``). Adding a family is one entry here plus its builder, and the
+adapter's tabulation of its diffusers step if diffusers has one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from torch import Tensor
+
+from .transitions import (
+    GaussianTransitions,
+    ddim_transitions,
+    ddpm_transitions,
+    dpmsolver_sde_transitions,
+    euler_ancestral_transitions,
+)
+
+__all__ = ["FAMILIES", "NAMES", "Family", "canonical", "family", "for_scheduler"]
+
+
+@dataclass(frozen=True)
+class Family:
+    """One sampler family. ``scheduler_config``: the settings a diffusers config gets when this
+    family is built from another scheduler's config (``specdiff sample --scheduler``);
+    ``variant``: those of them that a scheduler of class ``scheduler`` must already have to be
+    this family (DPMSolverMultistepScheduler is DPM-Solver++ 2M SDE only with its SDE
+    algorithm)."""
+
+    name: str  # canonical: the CLI's spelling
+    label: str  # for tables and plots
+    description: str  # one line, for help and docs
+    builder: Callable[..., GaussianTransitions]
+    options: tuple[str, ...]  # the builder's options besides the model's schedule and prediction
+    scheduler: Optional[str] = None  # diffusers class name; None: diffusers has no such step
+    scheduler_config: tuple[tuple[str, object], ...] = ()
+    variant: tuple[str, ...] = ()
+    scheduler_note: str = ""  # what else its diffusers step needs, e.g. DDIM's eta > 0
+    multistep: bool = False
+    clips: bool = False  # the builder takes the model's clip_sample (diffusers' scheduler has it)
+    aliases: tuple[str, ...] = ()
+
+    @property
+    def scheduler_call(self) -> str:
+        """The diffusers scheduler as it is constructed, e.g.
+        ``DPMSolverMultistepScheduler(algorithm_type='sde-dpmsolver++')``."""
+        cfg = dict(self.scheduler_config)
+        return f"{self.scheduler}({', '.join(f'{k}={cfg[k]!r}' for k in self.variant)})"
+
+    @property
+    def scheduler_text(self) -> str:
+        """The diffusers scheduler with what makes it this family, for messages: e.g.
+        ``DDIMScheduler (eta > 0)``."""
+        cfg = dict(self.scheduler_config)
+        needs = [f"{k}={cfg[k]!r}" for k in self.variant]
+        if self.scheduler_note:
+            needs.append(self.scheduler_note)
+        return self.scheduler + (f" ({', '.join(needs)})" if needs else "")
+
+    def build(
+        self,
+        alphas_cumprod: Tensor,
+        num_steps: int,
+        *,
+        prediction: str,
+        clip_sample: Optional[float] = None,
+        **options,
+    ) -> GaussianTransitions:
+        """The chain over ``num_steps`` respaced steps of the training schedule
+        ``alphas_cumprod`` for a model predicting ``prediction``; ``clip_sample`` is the model's
+        clipping, used where the family clips (``clips``); ``options``: among ``options``."""
+        for key in options:
+            if key not in self.options:
+                raise TypeError(
+                    f"{self.name} got an unexpected option {key!r}; its options are "
+                    f"{', '.join(self.options)}"
+                )
+        model = {"clip_sample": clip_sample} if self.clips else {}
+        return self.builder(
+            alphas_cumprod=alphas_cumprod,
+            num_inference_steps=num_steps,
+            prediction=prediction,
+            **model,
+            **options,
+        )
+
+
+_RESPACING = ("spacing", "steps_offset")
+
+FAMILIES: tuple[Family, ...] = (
+    Family(
+        "ddpm",
+        "DDPM",
+        "DDPM's ancestral step (fixed_small or fixed_large variance)",
+        ddpm_transitions,
+        _RESPACING + ("variance",),
+        scheduler="DDPMScheduler",
+        clips=True,
+    ),
+    Family(
+        "ddim",
+        "DDIM",
+        "DDIM with eta > 0 (eta = 1: DDPM's variance on the respaced schedule)",
+        ddim_transitions,
+        ("eta",) + _RESPACING + ("set_alpha_to_one", "use_clipped_model_output"),
+        scheduler="DDIMScheduler",
+        scheduler_note="eta > 0",
+        clips=True,
+    ),
+    Family(
+        "euler-a",
+        "Euler-ancestral",
+        "Euler-ancestral (k-diffusion's sampler, VE state convention)",
+        euler_ancestral_transitions,
+        _RESPACING + ("init_std",),
+        scheduler="EulerAncestralDiscreteScheduler",
+        aliases=("euler_ancestral",),
+    ),
+    Family(
+        "dpm++2m-sde",
+        "DPM++ 2M SDE",
+        "DPM-Solver++ 2M SDE (Karras sigmas too), a multistep solver",
+        dpmsolver_sde_transitions,
+        (
+            "sigma_schedule",
+            "spacing",
+            "solver_order",
+            "solver_type",
+            "final_sigmas_type",
+            "lower_order_final",
+            "euler_at_final",
+        ),
+        scheduler="DPMSolverMultistepScheduler",
+        scheduler_config=(("algorithm_type", "sde-dpmsolver++"), ("solver_order", 2)),
+        variant=("algorithm_type",),
+        multistep=True,
+    ),
+)
+
+NAMES: tuple[str, ...] = tuple(f.name for f in FAMILIES)
+_BY_NAME = {n: f for f in FAMILIES for n in (f.name, *f.aliases)}
+
+
+def family(name: str, argument: str = "family") -> Family:
+    """The family called ``name`` (its canonical name or an alias); ``argument`` names the
+    caller's argument in the one-line error for anything else."""
+    if isinstance(name, Family):
+        return name
+    found = _BY_NAME.get(name) if isinstance(name, str) else None
+    if found is None:
+        aliases = tuple(a for f in FAMILIES for a in f.aliases)
+        err = ValueError if isinstance(name, str) else TypeError
+        raise err(f"{argument} must be one of {NAMES} (or an alias: {aliases}), got {name!r}")
+    return found
+
+
+def canonical(name: str) -> str:
+    """The canonical name of a family name or alias; anything else unchanged (for argparse's
+    ``type=``: its ``choices`` then refuses it in its own words)."""
+    found = _BY_NAME.get(name) if isinstance(name, str) else None
+    return name if found is None else found.name
+
+
+def for_scheduler(class_name: str) -> Optional[Family]:
+    """The family whose diffusers step is the scheduler class ``class_name``, else None."""
+    return next((f for f in FAMILIES if f.scheduler == class_name), None)
