@@ -197,15 +197,20 @@ def test_reference_round_equals_general_composition(fam, freeze, B, L, E, dtype)
     _assert_reference_is_general(case, gen)
 
 
-def _check_cpp_round(fam, freeze, B, L, E, dtype, key="cpp"):
-    """The cpp backend's frozen_draft and verify_frozen on a case (its seed from ``key`` and the
-    parameters) against the oracle."""
+def _cpp_round(fam, freeze, B, L, E, dtype, key="cpp"):
+    """A case (its seed from ``key`` and the parameters), the cpp backend's draft Y on it, the
+    target's x0-hat P there, and the cpp verify_frozen's result."""
     gen = _gen(key, fam, freeze, B, L, E, str(dtype))
     case = make_case(B, L, E, dtype, fam, freeze, gen)
     Y = ro.frozen_draft(*case.draft_args(), backend="cpp")
-    assert_draft_consistent(Y, case, dtype)
     P = make_x0_hat(case, Y, gen)
-    got = ro.verify_frozen(*case.verify_args(Y, P), backend="cpp")
+    return case, Y, P, ro.verify_frozen(*case.verify_args(Y, P), backend="cpp")
+
+
+def _check_cpp_round(fam, freeze, B, L, E, dtype, key="cpp"):
+    """The cpp backend's frozen_draft and verify_frozen on a case against the oracle."""
+    case, Y, P, got = _cpp_round(fam, freeze, B, L, E, dtype, key)
+    assert_draft_consistent(Y, case, dtype)
     assert_round_matches(got, general_round(case, Y, P), Y, P, case, dtype)
 
 
@@ -265,11 +270,8 @@ def test_cases_cover_every_commit():
     """The parametrised cases reach rejections, full acceptances, deterministic steps after a
     window, idle chains and chains that finish (else the tests above prove little)."""
     seen = set()
-    for fam, freeze, B, L, E, dtype in ROUND_PARAMS:
-        gen = _gen("cpp", fam, freeze, B, L, E, str(dtype))
-        case = make_case(B, L, E, dtype, fam, freeze, gen)
-        Y = ro.frozen_draft(*case.draft_args(), backend="cpp")
-        res = ro.verify_frozen(*case.verify_args(Y, make_x0_hat(case, Y, gen)), backend="cpp")
+    for params in ROUND_PARAMS:
+        case, _, _, res = _cpp_round(*params)
         n, k, N = case.lengths, case.steps, case.T.num_steps
         rej = res.num_accepted < n
         seen |= {"reject"} if bool(rej.any()) else set()
@@ -707,11 +709,8 @@ def test_multistep_cases_cover_every_commit():
     P_j at a rejection (at 0 and later), P_{n-1} after a window, P_n at a deterministic step (after
     a window and at n = 0), prev for an idle chain."""
     seen = set()
-    for fam, freeze, B, L, E, dtype in MS_PARAMS:
-        gen = _gen("ms-cpp", fam, freeze, B, L, E, str(dtype))
-        case = make_case(B, L, E, dtype, fam, freeze, gen)
-        Y = ro.frozen_draft(*case.draft_args(), backend="cpp")
-        res = ro.verify_frozen(*case.verify_args(Y, make_x0_hat(case, Y, gen)), backend="cpp")
+    for params in MS_PARAMS:
+        case, _, _, res = _cpp_round(*params, key="ms-cpp")
         seen |= _commit_kinds(case, res)
     want = {"reject_at_0", "reject_after_0", "accept", "det_after_window", "det_at_n0", "idle"}
     assert seen == want, want - seen
