@@ -54,6 +54,15 @@ def cpu_capability(request):
     backends._C.set_cpu_capability(before)
 
 
+@pytest.fixture(scope="module")
+def pipe_dir(tmp_path_factory):
+    """A tiny random DDPM pipeline folder (tiny_diffusers.tiny_pipeline), once per test module."""
+    pytest.importorskip("diffusers")
+    from tiny_diffusers import tiny_pipeline
+
+    return tiny_pipeline(tmp_path_factory.mktemp("pipe"))
+
+
 @pytest.fixture
 def nothing_loaded(monkeypatch):
     """Loading weights (a UNet, a network) or sampling fails the test: the CLI must refuse

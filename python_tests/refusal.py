@@ -8,14 +8,6 @@ import functools
 import pytest
 import torch
 
-from specdiff_kernels.sampling.transitions import alphas_cumprod_from_betas, make_betas
-
-ABAR = alphas_cumprod_from_betas(make_betas())  # the default 1000-step linear schedule
-
-
-def gen() -> torch.Generator:
-    return torch.Generator().manual_seed(0)
-
 
 def one_line(err: pytest.ExceptionInfo) -> str:
     """The error's message, which must be one non-empty line."""

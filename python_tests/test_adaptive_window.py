@@ -17,31 +17,19 @@ import math
 import numpy as np
 import pytest
 import torch
+from preamble import ABAR, SINGLE_THREAD, gen
 
 from specdiff_kernels.models.gmm import GaussianMixture, GMMDenoiser, make_gmm
 from specdiff_kernels.sampling.checks import as_window
 from specdiff_kernels.sampling.drafts import DraftModelDraft, FrozenTargetDraft
 from specdiff_kernels.sampling.langevin import SpeculativeLangevin
 from specdiff_kernels.sampling.sampler import SpeculativeSampler
-from specdiff_kernels.sampling.transitions import (
-    GaussianTransitions,
-    alphas_cumprod_from_betas,
-    ddpm_transitions,
-    make_betas,
-)
+from specdiff_kernels.sampling.transitions import GaussianTransitions, ddpm_transitions
 from specdiff_kernels.sampling.window import AdaptiveWindow
 from specdiff_kernels.testing.two_sample import gaussian_one_sample_pvalue
 
 ALPHA = 1e-3
-ABAR = alphas_cumprod_from_betas(make_betas("linear", 1000))
-
-
-# tiny tensors: intra-op threads only add synchronisation (see conftest.single_thread)
-pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
+pytestmark = SINGLE_THREAD
 
 
 # ===================================================================== wrong verifiers (power)

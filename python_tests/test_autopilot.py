@@ -14,6 +14,7 @@ import warnings
 
 import pytest
 import torch
+from preamble import SINGLE_THREAD, gen
 from test_sampler_exactness import (
     ALPHA,
     DRAFTS,
@@ -23,7 +24,6 @@ from test_sampler_exactness import (
     gaussian_model,
     gaussian_one_sample_pvalue,
     gaussian_transitions,
-    gen,
     gmm_ancestral,
     gmm_setup,
     two_sample_pvalue,
@@ -49,7 +49,7 @@ from specdiff_kernels.sampling.drafts import FrozenTargetDraft
 from specdiff_kernels.sampling.sampler import SpeculativeSampler
 from specdiff_kernels.sampling.static_round import StaticRound
 
-pytestmark = pytest.mark.usefixtures("single_thread")
+pytestmark = SINGLE_THREAD
 
 # seconds per call on b states: a latency-bound device (every window size costs the same), and
 # one where a state costs more than the call's fixed part: speculation pays while acceptance is

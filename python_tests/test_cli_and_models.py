@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
+from preamble import cli_args, run_specdiff
 
 from specdiff_kernels import SpeculativeSampler, models
 from specdiff_kernels.cli.commands import main
@@ -41,24 +40,7 @@ def test_gmm_data_matches_its_moments():
 
 
 def test_demo_runs_and_reports(tmp_path, capsys):
-    rc = main(
-        [
-            "demo",
-            "--model",
-            "gmm",
-            "--dim",
-            "8",
-            "--steps",
-            "40",
-            "--window",
-            "4",
-            "--batch",
-            "48",
-            "--no-progress",
-            "--out",
-            str(tmp_path),
-        ]
-    )
+    rc = main(cli_args("demo --model gmm --dim 8 --steps 40 --window 4 --batch 48", out=tmp_path))
     out = capsys.readouterr().out
     assert rc == 0
     assert "sequential target calls (batch)" in out and "acceptance by window position" in out
@@ -72,22 +54,7 @@ def test_demo_runs_and_reports(tmp_path, capsys):
 
 def test_demo_with_draft_model_on_digits(tmp_path, capsys):
     rc = main(
-        [
-            "demo",
-            "--model",
-            "digits",
-            "--steps",
-            "20",
-            "--window",
-            "3",
-            "--draft",
-            "model",
-            "--batch",
-            "32",
-            "--no-progress",
-            "--out",
-            str(tmp_path),
-        ]
+        cli_args("demo --model digits --steps 20 --window 3 --draft model --batch 32", out=tmp_path)
     )
     out = capsys.readouterr().out
     assert rc == 0 and "digit classifier mean confidence" in out
@@ -97,13 +64,7 @@ def test_demo_with_draft_model_on_digits(tmp_path, capsys):
 
 def test_info_and_module_entry_point():
     env = dict(os.environ, SPECDIFF_CPU_CAPABILITY="default")
-    res = subprocess.run(
-        [sys.executable, "-m", "specdiff_kernels", "info"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-    )
+    res = run_specdiff("info", timeout=120, env=env)
     assert res.returncode == 0, res.stderr
     assert "backends: reference, cpp" in res.stdout and "C++ build:" in res.stdout
     assert "C++ kernels run the default variant" in res.stdout  # as the variable asked
@@ -198,22 +159,7 @@ def test_demo_without_matplotlib_and_sklearn(tmp_path, capsys, monkeypatch):
         "find_spec",
         lambda name, *a: None if name in ("matplotlib", "sklearn") else real(name, *a),
     )
-    rc = main(
-        [
-            "demo",
-            "--model",
-            "digits",
-            "--steps",
-            "20",
-            "--window",
-            "3",
-            "--batch",
-            "16",
-            "--no-progress",
-            "--out",
-            str(tmp_path),
-        ]
-    )
+    rc = main(cli_args("demo --model digits --steps 20 --window 3 --batch 16", out=tmp_path))
     out = capsys.readouterr().out.splitlines()
     assert rc == 0
     assert out[0] == (
@@ -242,24 +188,10 @@ def test_langevin_demo_uses_backend_and_out(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(ops, "get_backend", spy)
     rc = main(
-        [
-            "demo",
-            "--model",
-            "langevin",
-            "--batch",
-            "64",
-            "--steps",
-            "20",
-            "--window",
-            "4",
-            "--dim",
-            "3",
-            "--backend",
-            "reference",
-            "--no-progress",
-            "--out",
-            str(tmp_path),
-        ]
+        cli_args(
+            "demo --model langevin --batch 64 --steps 20 --window 4 --dim 3 --backend reference",
+            out=tmp_path,
+        )
     )
     assert rc == 0 and "plain ULA" in capsys.readouterr().out
     assert len(seen) > 3 and set(seen) == {"reference"}
@@ -278,8 +210,11 @@ def test_demo_times_warm_interleaved_runs_on_the_threads_it_states(tmp_path, cap
     """The printed wall ratio is a ratio of medians of warm interleaved runs, on the thread count
     the header states; the caller's thread count comes back after."""
     before = torch.get_num_threads()
-    args = ["demo", "--model", "gmm", "--dim", "8", "--steps", "30", "--batch", "24"]
-    rc = main(args + ["--reps", "3", "--threads", "1", "--no-progress", "--out", str(tmp_path)])
+    rc = main(
+        cli_args(
+            "demo --model gmm --dim 8 --steps 30 --batch 24 --reps 3 --threads 1", out=tmp_path
+        )
+    )
     out = capsys.readouterr().out
     assert rc == 0 and torch.get_num_threads() == before
     assert "1 CPU thread" in out and "median of 3 warm runs" in out and "first runs:" in out

@@ -21,9 +21,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from preamble import cli_args, run_specdiff
 
 pytest.importorskip("diffusers")
-from tiny_diffusers import tiny_pipeline  # noqa: E402
+from tiny_diffusers import edited_copy  # noqa: E402
 
 import specdiff_kernels  # noqa: E402
 from specdiff_kernels.cli import sample as sample_cmd  # noqa: E402
@@ -33,20 +34,6 @@ from specdiff_kernels.sampling.sampler import SpeculativeSampler  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST_DIGITS = ["--pipeline", "digits", "--steps", "6", "--window", "2", "--no-progress"]
-
-
-@pytest.fixture(scope="module")
-def pipe_dir(tmp_path_factory) -> Path:
-    return tiny_pipeline(tmp_path_factory.mktemp("pipe"))
-
-
-def edited(src: Path, dst: Path, file: str, **changes) -> Path:
-    shutil.copytree(src, dst)
-    p = dst / file
-    cfg = json.loads(p.read_text())
-    cfg.update(changes)
-    p.write_text(json.dumps(cfg))
-    return dst
 
 
 def cli(argv, capsys, entry=main):
@@ -77,6 +64,14 @@ def refused(argv, capsys, flag: str, entry=main, code: int = 2) -> str:
     return line
 
 
+def each_bad_argument(cases):
+    """Parametrises a test over (arguments, the flag its one-line error names), with the arguments
+    as the test id."""
+    return pytest.mark.parametrize(
+        "extra,flag", cases, ids=lambda v: " ".join(v) if isinstance(v, list) else v
+    )
+
+
 # ----------------------------------------------------------------------------- every argument
 BAD_SAMPLE_ARGS = [
     (["--steps", "0"], "--steps"),
@@ -105,9 +100,7 @@ BAD_SAMPLE_ARGS = [
 ]
 
 
-@pytest.mark.parametrize(
-    "extra,flag", BAD_SAMPLE_ARGS, ids=lambda v: " ".join(v) if isinstance(v, list) else v
-)
+@each_bad_argument(BAD_SAMPLE_ARGS)
 def test_sample_bad_argument_one_line(extra, flag, tmp_path, capsys, nothing_loaded):
     refused(["sample", *FAST_DIGITS, "--out", str(tmp_path / "o"), *extra], capsys, flag)
     assert not (tmp_path / "o").exists()  # a refused command leaves nothing behind
@@ -161,9 +154,7 @@ BAD_DEMO_ARGS = [
 ]
 
 
-@pytest.mark.parametrize(
-    "extra,flag", BAD_DEMO_ARGS, ids=lambda v: " ".join(v) if isinstance(v, list) else v
-)
+@each_bad_argument(BAD_DEMO_ARGS)
 def test_demo_bad_argument_one_line(extra, flag, tmp_path, capsys, monkeypatch):
     from specdiff_kernels.cli import demo
 
@@ -187,9 +178,7 @@ BAD_DISTRIBUTED_ARGS = [
 ]
 
 
-@pytest.mark.parametrize(
-    "extra,flag", BAD_DISTRIBUTED_ARGS, ids=lambda v: " ".join(v) if isinstance(v, list) else v
-)
+@each_bad_argument(BAD_DISTRIBUTED_ARGS)
 def test_distributed_bad_argument_one_line(extra, flag, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     refused(extra, capsys, flag, entry=distributed_main)
@@ -198,7 +187,7 @@ def test_distributed_bad_argument_one_line(extra, flag, tmp_path, capsys, monkey
 # ----------------------------------------------------------------------------- pipeline folders
 def test_clip_range_not_positive_refused_before_loading(pipe_dir, tmp_path, capsys, nothing_loaded):
     for i, value in enumerate((0, -1.0)):
-        bad = edited(
+        bad = edited_copy(
             pipe_dir,
             tmp_path / f"clip{i}",
             "scheduler/scheduler_config.json",
@@ -224,7 +213,7 @@ def test_clip_range_not_positive_refused_before_loading(pipe_dir, tmp_path, caps
 def test_bad_scheduler_config_refused_before_loading(
     changes, pipe_dir, tmp_path, capsys, nothing_loaded
 ):
-    bad = edited(pipe_dir, tmp_path / "sched", "scheduler/scheduler_config.json", **changes)
+    bad = edited_copy(pipe_dir, tmp_path / "sched", "scheduler/scheduler_config.json", **changes)
     line = refused(
         ["sample", "--pipeline", str(bad), "--steps", "10", "--out", str(tmp_path / "o")],
         capsys,
@@ -235,7 +224,7 @@ def test_bad_scheduler_config_refused_before_loading(
 
 def test_bad_unet_config_refused_before_loading(pipe_dir, tmp_path, capsys, nothing_loaded):
     for i, changes in enumerate(({"in_channels": "three"}, {"sample_size": [8, 8, 8]})):
-        bad = edited(pipe_dir, tmp_path / f"unet{i}", "unet/config.json", **changes)
+        bad = edited_copy(pipe_dir, tmp_path / f"unet{i}", "unet/config.json", **changes)
         refused(
             ["sample", "--pipeline", str(bad), "--out", str(tmp_path / "o")], capsys, "--pipeline"
         )
@@ -268,7 +257,9 @@ def test_truncated_or_corrupt_weights_refused_before_loading(
 
 def test_weights_that_do_not_match_the_config(pipe_dir, tmp_path, capsys):
     """Only loading can tell: one line naming --pipeline, exit 2, nothing sampled or written."""
-    bad = edited(pipe_dir, tmp_path / "mismatch", "unet/config.json", block_out_channels=[16, 32])
+    bad = edited_copy(
+        pipe_dir, tmp_path / "mismatch", "unet/config.json", block_out_channels=[16, 32]
+    )
     line = refused(
         [
             "sample",
@@ -501,12 +492,7 @@ def test_max_batch_reaches_the_samplers(tmp_path, capsys, monkeypatch):
 
 # ----------------------------------------------------------------------------- the rest
 def test_version():
-    proc = subprocess.run(
-        [sys.executable, "-m", "specdiff_kernels", "--version"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = run_specdiff("--version", timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == f"specdiff_kernels {specdiff_kernels.__version__}"
 
@@ -538,26 +524,8 @@ def test_sample_grid_is_big_enough_to_look_at(tmp_path, capsys):
 
 def test_no_accelerate_warning_when_loading_a_pipeline(pipe_dir, tmp_path):
     env = dict(os.environ)
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "specdiff_kernels",
-            "sample",
-            "--pipeline",
-            str(pipe_dir),
-            "--steps",
-            "3",
-            "--window",
-            "1",
-            "--batch",
-            "1",
-            "--no-progress",
-            "--out",
-            str(tmp_path),
-        ],
-        capture_output=True,
-        text=True,
+    proc = run_specdiff(
+        *cli_args("sample --steps 3 --window 1 --batch 1", "--pipeline", pipe_dir, out=tmp_path),
         timeout=300,
         env=env,
     )

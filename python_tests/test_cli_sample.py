@@ -10,42 +10,23 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from preamble import cli_args, run_specdiff
 
 pytest.importorskip("diffusers")
 from diffusers import DDPMPipeline  # noqa: E402
 from refusal import cli_error  # noqa: E402
-from tiny_diffusers import SIZE, tiny_pipeline  # noqa: E402
+from tiny_diffusers import SIZE, edited_copy  # noqa: E402
 
 from specdiff_kernels import AncestralSampler, SpeculativeSampler  # noqa: E402
 from specdiff_kernels.cli import sample as sample_cmd
 from specdiff_kernels.cli.commands import main  # noqa: E402
 from specdiff_kernels.integrations.diffusers import from_pipeline  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def pipe_dir(tmp_path_factory) -> Path:
-    return tiny_pipeline(tmp_path_factory.mktemp("pipe"))
-
-
-def edited_copy(src: Path, dst: Path, file: str, **changes) -> Path:
-    """A copy of the pipeline folder with keys of one JSON file changed (None: key removed)."""
-    shutil.copytree(src, dst)
-    p = dst / file
-    cfg = json.loads(p.read_text())
-    for k, v in changes.items():
-        if v is None:
-            cfg.pop(k, None)
-        else:
-            cfg[k] = v
-    p.write_text(json.dumps(cfg))
-    return dst
 
 
 def grid_to_samples(png: Path, n: int, channels: int, size: int) -> torch.Tensor:
@@ -69,23 +50,12 @@ def grid_to_samples(png: Path, n: int, channels: int, size: int) -> torch.Tensor
 # ----------------------------------------------------------------------------- runs
 def test_sample_a_save_pretrained_folder(pipe_dir, tmp_path, capsys):
     rc = main(
-        [
-            "sample",
+        cli_args(
+            "sample --steps 40 --window 4 --batch 16 --seed 3 --compare",
             "--pipeline",
-            str(pipe_dir),
-            "--steps",
-            "40",
-            "--window",
-            "4",
-            "--batch",
-            "16",
-            "--seed",
-            "3",
-            "--compare",
-            "--no-progress",
-            "--out",
-            str(tmp_path),
-        ]
+            pipe_dir,
+            out=tmp_path,
+        )
     )
     out = capsys.readouterr().out
     assert rc == 0
@@ -129,21 +99,13 @@ def test_sample_a_save_pretrained_folder(pipe_dir, tmp_path, capsys):
 )
 def test_sample_with_another_scheduler(pipe_dir, tmp_path, capsys, argv, scheduler, transitions):
     rc = main(
-        [
-            "sample",
+        cli_args(
+            "sample --steps 20 --window adaptive --batch 4",
             "--pipeline",
-            str(pipe_dir),
-            "--steps",
-            "20",
-            "--window",
-            "adaptive",
-            "--batch",
-            "4",
-            "--no-progress",
-            "--out",
-            str(tmp_path),
+            pipe_dir,
             *argv,
-        ]
+            out=tmp_path,
+        )
     )
     assert rc == 0
     stats = json.loads((tmp_path / "stats.json").read_text())
@@ -165,20 +127,9 @@ def test_unsupported_own_scheduler_needs_scheduler_flag(pipe_dir, tmp_path, caps
         "dpm++2m-sde (or ddpm, ddim, euler-a)"
     )
     rc = main(
-        [
-            "sample",
-            "--pipeline",
-            str(d),
-            "--scheduler",
-            "ddpm",
-            "--steps",
-            "10",
-            "--batch",
-            "2",
-            "--no-progress",
-            "--out",
-            str(tmp_path / "o"),
-        ]
+        cli_args(
+            "sample --scheduler ddpm --steps 10 --batch 2", "--pipeline", d, out=tmp_path / "o"
+        )
     )
     assert rc == 0
     assert "(the pipeline's own: PNDMScheduler)" in capsys.readouterr().out
@@ -214,21 +165,13 @@ def dpm_folder(src: Path, dst: Path, **changes) -> Path:
 
 
 def sample_argv(pipeline, out, *extra, steps="20", batch="4"):
-    return [
-        "sample",
+    return cli_args(
+        f"sample --steps {steps} --window 4 --batch {batch}",
         "--pipeline",
-        str(pipeline),
-        "--steps",
-        steps,
-        "--window",
-        "4",
-        "--batch",
-        batch,
-        "--no-progress",
-        "--out",
-        str(out),
+        pipeline,
         *extra,
-    ]
+        out=out,
+    )
 
 
 @pytest.mark.parametrize("karras", [False, True])
@@ -351,23 +294,10 @@ def test_sample_digits_with_dpm_sde(tmp_path, capsys, karras):
 
 def test_sample_digits_with_its_draft_model(tmp_path, capsys):
     rc = main(
-        [
-            "sample",
-            "--pipeline",
-            "digits",
-            "--steps",
-            "50",
-            "--window",
-            "4",
-            "--batch",
-            "32",
-            "--draft",
-            "model",
-            "--compare",
-            "--no-progress",
-            "--out",
-            str(tmp_path),
-        ]
+        cli_args(
+            "sample --pipeline digits --steps 50 --window 4 --batch 32 --draft model --compare",
+            out=tmp_path,
+        )
     )
     assert rc == 0 and "digits" in capsys.readouterr().out
     stats = json.loads((tmp_path / "stats.json").read_text())
@@ -380,24 +310,10 @@ def test_sample_digits_with_its_draft_model(tmp_path, capsys):
 
 def test_sample_digits_bfloat16_and_ddim(tmp_path):
     rc = main(
-        [
-            "sample",
-            "--pipeline",
-            "digits",
-            "--scheduler",
-            "ddim",
-            "--eta",
-            "0.7",
-            "--steps",
-            "30",
-            "--batch",
-            "8",
-            "--dtype",
-            "bfloat16",
-            "--no-progress",
-            "--out",
-            str(tmp_path),
-        ]
+        cli_args(
+            "sample --pipeline digits --scheduler ddim --eta 0.7 --steps 30 --batch 8 --dtype bfloat16",
+            out=tmp_path,
+        )
     )
     assert rc == 0
     stats = json.loads((tmp_path / "stats.json").read_text())
@@ -419,20 +335,9 @@ def test_dtype_is_the_networks(pipe_dir, tmp_path, monkeypatch):
 
     monkeypatch.setattr(SpeculativeSampler, "sample", spy)
     rc = main(
-        [
-            "sample",
-            "--pipeline",
-            str(pipe_dir),
-            "--dtype",
-            "bfloat16",
-            "--steps",
-            "10",
-            "--batch",
-            "2",
-            "--no-progress",
-            "--out",
-            str(tmp_path),
-        ]
+        cli_args(
+            "sample --dtype bfloat16 --steps 10 --batch 2", "--pipeline", pipe_dir, out=tmp_path
+        )
     )
     assert rc == 0
     assert [u.dtype for u in loaded] == [torch.bfloat16] and sampled == [torch.float32]
@@ -462,24 +367,9 @@ def test_image_grid_denormalises():
 
 def test_demo_device_cpu(tmp_path, capsys):
     rc = main(
-        [
-            "demo",
-            "--model",
-            "gmm",
-            "--dim",
-            "4",
-            "--steps",
-            "20",
-            "--window",
-            "4",
-            "--batch",
-            "32",
-            "--device",
-            "cpu",
-            "--no-progress",
-            "--out",
-            str(tmp_path),
-        ]
+        cli_args(
+            "demo --model gmm --dim 4 --steps 20 --window 4 --batch 32 --device cpu", out=tmp_path
+        )
     )
     assert rc == 0 and "device cpu" in capsys.readouterr().out
     assert json.loads((tmp_path / "demo_gmm_stats.json").read_text())["args"]["device"] == "cpu"
@@ -510,23 +400,15 @@ def _bad_pipelines(src: Path, root: Path) -> dict:
         f"argument --pipeline: {q(str(empty))} is not a diffusers pipeline "
         f"folder: no model_index.json in {q(str(empty))}",
     )
-    no_unet = root / "no_unet"
-    shutil.copytree(src, no_unet)
-    shutil.rmtree(no_unet / "unet")
-    d["no unet"] = (
-        no_unet,
-        f"argument --pipeline: {q(str(no_unet))} has no usable unet/: no "
-        f"config.json in {q(str(no_unet / 'unet'))}",
-    )
-    no_sched = root / "no_sched"
-    shutil.copytree(src, no_sched)
-    shutil.rmtree(no_sched / "scheduler")
-    d["no scheduler"] = (
-        no_sched,
-        f"argument --pipeline: {q(str(no_sched))} has no usable "
-        f"scheduler/: no scheduler_config.json in "
-        f"{q(str(no_sched / 'scheduler'))}",
-    )
+    for part, config in (("unet", "config.json"), ("scheduler", "scheduler_config.json")):
+        folder = root / f"no_{part}"
+        shutil.copytree(src, folder)
+        shutil.rmtree(folder / part)
+        d[f"no {part}"] = (
+            folder,
+            f"argument --pipeline: {q(str(folder))} has no usable {part}/: no {config} in "
+            f"{q(str(folder / part))}",
+        )
     learned_unet = edited_copy(src, root / "six", "unet/config.json", out_channels=6)
     d["learned-variance unet"] = (
         learned_unet,
@@ -726,20 +608,8 @@ def test_cuda_index_past_the_devices(tmp_path, capsys, monkeypatch, nothing_load
 def test_sample_error_in_a_real_process(tmp_path):
     """The installed command: exit code 2, usage + one error line on stderr, no traceback, and it
     fails fast (no model import needed to refuse)."""
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "specdiff_kernels",
-            "sample",
-            "--pipeline",
-            str(tmp_path / "nope"),
-            "--out",
-            str(tmp_path / "o"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
+    proc = run_specdiff(
+        "sample", "--pipeline", str(tmp_path / "nope"), "--out", str(tmp_path / "o"), timeout=120
     )
     assert proc.returncode == 2 and proc.stdout == "" and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == (

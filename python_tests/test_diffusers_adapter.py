@@ -9,26 +9,17 @@ import pytest
 import torch
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers is an optional extra")
-from diffusers import DDIMScheduler, DDPMScheduler, EulerAncestralDiscreteScheduler, UNet2DModel  # noqa: E402
+from diffusers import DDIMScheduler, DDPMScheduler, EulerAncestralDiscreteScheduler  # noqa: E402
+from tiny_diffusers import tiny_unet  # noqa: E402
 
 from specdiff_kernels.integrations.diffusers import DiffusersModel, diffusers_transitions  # noqa: E402
 
 N_STEPS = 12
 
 
-def tiny_unet(out_channels: int = 1, seed: int = 0) -> UNet2DModel:
-    torch.manual_seed(seed)
-    unet = UNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=out_channels,
-        layers_per_block=1,
-        block_out_channels=(8, 16),
-        norm_num_groups=4,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-    )
-    return unet.eval().requires_grad_(False)
+def unet_1ch(seed: int = 0, **config):
+    """A tiny random UNet on one-channel 8 x 8 samples."""
+    return tiny_unet(seed, channels=1, **config)
 
 
 SCHEDULERS = {
@@ -87,7 +78,7 @@ def scheduler_step(sched, unet, x, i, eta, seed):
 @pytest.mark.parametrize("name", list(SCHEDULERS))
 def test_transition_matches_scheduler_step(name):
     make, eta = SCHEDULERS[name]
-    unet = tiny_unet()
+    unet = unet_1ch()
     model = DiffusersModel(unet)
     sched = make()
     tr = diffusers_transitions(sched, N_STEPS, eta=eta)
@@ -116,7 +107,7 @@ def test_transition_matches_scheduler_step(name):
 def test_per_sample_steps_match_scalar_steps(name):
     """A batch whose chains sit at different steps gives each chain its own step's mean."""
     make, eta = SCHEDULERS[name]
-    model = DiffusersModel(tiny_unet())
+    model = DiffusersModel(unet_1ch())
     tr = diffusers_transitions(make(), N_STEPS, eta=eta)
     x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(2))
     k = torch.tensor([0, 5, 3, N_STEPS - 1])
@@ -139,7 +130,7 @@ def test_learned_variance_is_refused():
     sched = DDPMScheduler(variance_type="learned_range")
     with pytest.raises(ValueError, match="learned variances"):
         diffusers_transitions(sched, 10)
-    model = DiffusersModel(tiny_unet(out_channels=2))
+    model = DiffusersModel(unet_1ch(out_channels=2))
     with pytest.raises(ValueError, match="also predicts a variance"):
         model(torch.randn(2, 1, 8, 8), torch.tensor([10, 20]))
 
@@ -176,7 +167,7 @@ def test_speculative_through_adapter_matches_scheduler_loop(name):
     from specdiff_kernels.testing.two_sample import two_sample_pvalue
 
     make, eta = SCHEDULERS[name]
-    unet = tiny_unet(seed=3)
+    unet = unet_1ch(3)
     n, steps = 240, 16
     sched = make()
     sched.set_timesteps(steps)

@@ -12,9 +12,11 @@ import functools
 
 import pytest
 import torch
+from preamble import SINGLE_THREAD
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers is an optional extra")
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DConditionModel, UNet2DModel  # noqa: E402
+from tiny_diffusers import tiny_unet  # noqa: E402
 
 from specdiff_kernels import AncestralSampler, DraftModelDraft, SpeculativeSampler  # noqa: E402
 from specdiff_kernels.integrations.diffusers import (  # noqa: E402
@@ -24,8 +26,7 @@ from specdiff_kernels.integrations.diffusers import (  # noqa: E402
 )
 from specdiff_kernels.testing.two_sample import bonferroni, two_sample_pvalue  # noqa: E402
 
-# tiny tensors: intra-op threads only add synchronisation (see conftest.single_thread)
-pytestmark = pytest.mark.usefixtures("single_thread")
+pytestmark = SINGLE_THREAD
 
 SEQ, DIM = 3, 8  # prompt embeddings: [SEQ, DIM] per chain
 NUM_CLASSES = 4  # class ids 0..3; id NULL is the unconditional ("null") class
@@ -57,19 +58,9 @@ def text_unet(seed: int = 0) -> UNet2DConditionModel:
 
 @functools.lru_cache(maxsize=None)
 def class_unet(seed: int = 0) -> UNet2DModel:
-    torch.manual_seed(seed)
-    unet = UNet2DModel(
-        sample_size=8,
-        in_channels=2,
-        out_channels=2,
-        layers_per_block=1,
-        block_out_channels=(4, 8),
-        norm_num_groups=2,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        num_class_embeds=NUM_CLASSES + 1,
+    return tiny_unet(
+        seed, 2, block_out_channels=(4, 8), norm_num_groups=2, num_class_embeds=NUM_CLASSES + 1
     )
-    return unet.eval().requires_grad_(False)
 
 
 @functools.lru_cache(maxsize=None)

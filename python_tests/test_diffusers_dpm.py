@@ -25,9 +25,9 @@ from diffusers import (  # noqa: E402
     DDPMPipeline,
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
-    UNet2DModel,
     UniPCMultistepScheduler,
 )
+from tiny_diffusers import tiny_unet  # noqa: E402
 
 from specdiff_kernels.integrations.diffusers import (  # noqa: E402
     diffusers_transitions,
@@ -305,17 +305,7 @@ def test_scheduler_from_config():
 
 
 def test_from_pipeline_with_a_dpm_scheduler():
-    torch.manual_seed(0)
-    unet = UNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        layers_per_block=1,
-        block_out_channels=(8, 16),
-        norm_num_groups=4,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-    ).eval()
+    unet = tiny_unet(channels=1)
     pipe = DDPMPipeline(unet=unet, scheduler=dpm(use_karras_sigmas=True))
     model, tr = from_pipeline(pipe, 12)
     assert tr.multistep and tr.num_steps == 12 and pipe.scheduler.num_inference_steps is None

@@ -176,13 +176,20 @@ def test_classifier_separates_digits_from_noise():
     assert digit_confidence(uniform).mean().item() < NOISE_MAX_CONF
 
 
+def assert_finite_and_confident(s: torch.Tensor, floor: float, measured: float) -> torch.Tensor:
+    """Finite samples whose mean classifier confidence is above ``floor`` and at its measured
+    value; returns the per-sample confidences."""
+    assert torch.isfinite(s).all()
+    conf = digit_confidence(s)
+    assert conf.mean().item() > floor, conf
+    assert conf.mean().item() == pytest.approx(measured, abs=MEASURED_ABS)
+    return conf
+
+
 def test_target_samples_look_like_digits(target):
     """64 samples, 100 strided steps. Measured: mean confidence 0.942."""
     s = ddpm_sample(target, 64, 100, seed=0)
-    assert torch.isfinite(s).all()
-    conf = digit_confidence(s)
-    assert conf.mean().item() > TARGET_MIN_CONF, conf
-    assert conf.mean().item() == pytest.approx(0.942, abs=MEASURED_ABS)
+    conf = assert_finite_and_confident(s, TARGET_MIN_CONF, 0.942)
     # the model covers (nearly) all classes
     assert torch.unique(digit_predict(s[conf > 0.5])).numel() >= 8
     # noise through the same classifier stays far below
@@ -192,11 +199,7 @@ def test_target_samples_look_like_digits(target):
 
 def test_draft_samples_look_reasonable(draft):
     """64 samples, 100 strided steps. Measured: mean confidence 0.877."""
-    s = ddpm_sample(draft, 64, 100, seed=0)
-    assert torch.isfinite(s).all()
-    conf = digit_confidence(s)
-    assert conf.mean().item() > DRAFT_MIN_CONF, conf
-    assert conf.mean().item() == pytest.approx(0.877, abs=MEASURED_ABS)
+    assert_finite_and_confident(ddpm_sample(draft, 64, 100, seed=0), DRAFT_MIN_CONF, 0.877)
 
 
 @pytest.mark.parametrize("num_steps,n,measured", [(50, 64, 0.940), (1000, 32, 0.970)])

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from preamble import SINGLE_THREAD
 
 from specdiff_kernels.cli.commands import distributed_main as main
 from specdiff_kernels.models import load
@@ -36,8 +37,7 @@ from specdiff_kernels.sampling.window import AdaptiveWindow
 ROOT = Path(__file__).resolve().parents[1]
 
 
-# tiny tensors: intra-op threads only add synchronisation (see conftest.single_thread)
-pytestmark = pytest.mark.usefixtures("single_thread")
+pytestmark = SINGLE_THREAD
 
 
 def assert_stats_equal(a, b, skip=("wall_time",)):

@@ -75,11 +75,12 @@ PYTHON_BLOCKS = [b for b in BLOCKS if b[2] == "python"]
 BASH_BLOCKS = [b for b in BLOCKS if b[2] in ("bash", "sh", "shell")]
 
 
-def _env():
+def _run(argv: list[str], timeout: float = COMMAND_TIMEOUT, cwd=None):
+    """``argv`` in a subprocess in a user's environment, its text output captured."""
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)  # set by conftest for the kernel tests; a user has it unset
     env["OMP_NUM_THREADS"] = "1"  # one thread per block: robust on a loaded shared machine
-    return env
+    return subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def test_the_docs_have_blocks_to_check():
@@ -92,14 +93,7 @@ def test_python_block_runs(block, tmp_path):
     file, line, _, code, _ = block
     script = tmp_path / "block.py"
     script.write_text(code + "\n")
-    res = subprocess.run(
-        [sys.executable, str(script)],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=PYTHON_TIMEOUT,
-        env=_env(),
-    )
+    res = _run([sys.executable, str(script)], PYTHON_TIMEOUT, cwd=tmp_path)
     assert res.returncode == 0, (
         f"the python block at {file}:{line} failed:\n{code}\n--- stderr:\n{res.stderr[-4000:]}"
     )
@@ -143,14 +137,7 @@ def _split(argv: list[str]):
 
 @functools.lru_cache(maxsize=None)
 def _help(prefix: tuple) -> str:
-    res = subprocess.run(
-        [*prefix, "--help"],
-        capture_output=True,
-        text=True,
-        timeout=COMMAND_TIMEOUT,
-        env=_env(),
-        cwd=ROOT,
-    )
+    res = _run([*prefix, "--help"], cwd=ROOT)
     assert res.returncode == 0, f"{' '.join(prefix[2:])} --help failed:\n{res.stderr[-2000:]}"
     return res.stdout
 
@@ -217,14 +204,7 @@ def test_bash_block_commands_exist(block, tmp_path):
             continue
         _check_flags(args, _flags(_help(tuple(prefix))), where)
         if marked:
-            res = subprocess.run(
-                [*prefix, *args],
-                capture_output=True,
-                text=True,
-                cwd=tmp_path,
-                timeout=COMMAND_TIMEOUT,
-                env=_env(),
-            )
+            res = _run([*prefix, *args], cwd=tmp_path)
             assert res.returncode == 0, (
                 f"{where} exited {res.returncode}:\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}"
             )
@@ -273,13 +253,7 @@ def test_readme_demo_block_matches_what_the_demo_prints(tmp_path):
     """Every line the README shows of `make demo` (`specdiff demo --overwrite`) is one the demo
     prints, up to its numbers (a short run: the same lines, other values)."""
     cmd = [str(Path(sys.executable).with_name("specdiff")), "demo", "--steps", "40", "--reps", "1"]
-    res = subprocess.run(
-        cmd + ["--no-progress", "--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=COMMAND_TIMEOUT,
-        env=_env(),
-    )
+    res = _run(cmd + ["--no-progress", "--out", str(tmp_path)])
     assert res.returncode == 0, res.stderr[-2000:]
     printed = [_label(line) for line in res.stdout.splitlines()]
     shown = [line for line in _readme_demo_block().splitlines() if line.strip()]

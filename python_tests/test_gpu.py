@@ -17,23 +17,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from preamble import skip_unless_compiled_triton
 
-if not torch.cuda.is_available():
-    pytest.skip(
-        "no CUDA device: the compiled Triton path is tested only on a GPU machine "
-        "(the interpreted path is covered by test_triton_backend.py)",
-        allow_module_level=True,
-    )
-pytest.importorskip("triton")
-
-from specdiff_kernels.ops.triton import verify as tk  # noqa: E402
-
-if tk.INTERPRET:
-    pytest.skip(
-        "TRITON_INTERPRET=1 is set (conftest.py sets it unless SPECDIFF_TEST_GPU is set): "
-        "run `SPECDIFF_TEST_GPU=1 pytest python_tests/test_gpu.py` to test compiled kernels",
-        allow_module_level=True,
-    )
+skip_unless_compiled_triton("test_gpu.py", on_cpu="test_triton_backend.py")
 
 from verify_cases import (  # noqa: E402
     assert_decisions_match,
@@ -47,6 +33,7 @@ from verify_cases import (  # noqa: E402
 import specdiff_kernels as sk  # noqa: E402
 from specdiff_kernels.ops import backends  # noqa: E402
 from specdiff_kernels.ops.reference import verify as reference
+from specdiff_kernels.ops.triton import verify as tk  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 DEV = torch.device("cuda")

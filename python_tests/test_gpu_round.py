@@ -20,24 +20,9 @@ import math
 
 import pytest
 import torch
+from preamble import skip_unless_compiled_triton
 
-if not torch.cuda.is_available():
-    pytest.skip(
-        "no CUDA device: the compiled Triton round ops are tested only on a GPU machine "
-        "(the interpreted path is covered by test_round_triton.py)",
-        allow_module_level=True,
-    )
-pytest.importorskip("triton")
-
-from specdiff_kernels.ops.triton import verify as tk  # noqa: E402
-
-if tk.INTERPRET:
-    pytest.skip(
-        "TRITON_INTERPRET=1 is set (conftest.py sets it unless SPECDIFF_TEST_GPU is set): "
-        "run `SPECDIFF_TEST_GPU=1 pytest python_tests/test_gpu_round.py` to test compiled "
-        "kernels",
-        allow_module_level=True,
-    )
+skip_unless_compiled_triton("test_gpu_round.py", on_cpu="test_round_triton.py")
 
 from test_round_triton import (  # noqa: E402
     XI_ERR,
@@ -59,6 +44,7 @@ from specdiff_kernels.ops.round_spec import (  # noqa: E402
     verify_parts,
 )
 from specdiff_kernels.ops.triton import round as tr  # noqa: E402
+from specdiff_kernels.ops.triton import verify as tk  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 DEV = torch.device("cuda")

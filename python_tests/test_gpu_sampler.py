@@ -14,17 +14,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from preamble import gen, skip_unless_compiled_triton
 
-if not torch.cuda.is_available():
-    pytest.skip(
-        "no CUDA device: the samplers' GPU path is tested only on a GPU machine",
-        allow_module_level=True,
-    )
-pytest.importorskip("triton")
-from specdiff_kernels.ops.triton import verify as tk  # noqa: E402
-
-if tk.INTERPRET:
-    pytest.skip("TRITON_INTERPRET=1 is set: run with SPECDIFF_TEST_GPU=1", allow_module_level=True)
+skip_unless_compiled_triton("test_gpu_sampler.py", on_cpu="test_sampler.py")
 
 from specdiff_kernels import models  # noqa: E402
 from specdiff_kernels.ops import layout  # noqa: E402
@@ -43,22 +35,18 @@ def digits():
     return models.load("digits")
 
 
-def _gen(seed):
-    return torch.Generator().manual_seed(seed)
-
-
 def test_static_round_on_cuda_follows_the_cpu_paths(digits):
     T = digits.transitions(100)
     B = 16
     net_cpu = digits.target.double()
     cpu = SpeculativeSampler(net_cpu, T, window=8, path="static", compile=False).sample(
-        B, digits.event_shape, generator=_gen(3), dtype=torch.float64
+        B, digits.event_shape, generator=gen(3), dtype=torch.float64
     )
     import copy
 
     net_gpu = copy.deepcopy(net_cpu).to(DEV)
     gpu = SpeculativeSampler(net_gpu, T, window=8, path="static", compile=False).sample(
-        B, digits.event_shape, generator=_gen(3), dtype=torch.float64, device=DEV
+        B, digits.event_shape, generator=gen(3), dtype=torch.float64, device=DEV
     )
     diff = (gpu.samples.cpu() - cpu.samples).flatten(1).abs().amax(1)
     # float64 matmuls round differently on the two devices (measured on an H200: up to 9e-6 after
@@ -74,9 +62,9 @@ def test_cuda_static_samples_have_the_ancestral_law(digits):
     net = digits.target.to(DEV)
     n = 2000
     spec = SpeculativeSampler(net, T, window=8, compile=False).sample(
-        n, digits.event_shape, generator=_gen(11), device=DEV
+        n, digits.event_shape, generator=gen(11), device=DEV
     )
-    anc = AncestralSampler(net, T).sample(n, digits.event_shape, generator=_gen(12), device=DEV)
+    anc = AncestralSampler(net, T).sample(n, digits.event_shape, generator=gen(12), device=DEV)
     # per-coordinate KS (scipy.stats.ks_2samp): the energy permutation test of two_sample_pvalue
     # failed inside a newer scipy's permutation_test on the GPU machine (IndexError)
     p = per_coordinate_ks_pvalue(

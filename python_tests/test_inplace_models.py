@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from preamble import ABAR, SINGLE_THREAD, gen
 from scipy import stats
 from torch import nn
 
@@ -21,19 +22,14 @@ from specdiff_kernels.sampling.ancestral import AncestralSampler
 from specdiff_kernels.sampling.drafts import DraftModelDraft, FrozenTargetDraft
 from specdiff_kernels.sampling.langevin import LangevinSampler, SpeculativeLangevin, banana_grad
 from specdiff_kernels.sampling.sampler import SpeculativeSampler
-from specdiff_kernels.sampling.transitions import alphas_cumprod_from_betas, ddpm_transitions
+from specdiff_kernels.sampling.transitions import ddpm_transitions
 from specdiff_kernels.testing.two_sample import two_sample_pvalue
 
-pytestmark = pytest.mark.usefixtures("single_thread")
+pytestmark = SINGLE_THREAD
 
-ABAR = alphas_cumprod_from_betas(torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64))
 D = 2
 STEPS = 20
 ALPHA = 1e-3
-
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 class Mutating(nn.Module):

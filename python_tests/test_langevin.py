@@ -20,6 +20,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from preamble import SINGLE_THREAD, gen
 
 from specdiff_kernels.cli.demo import run_langevin_demo
 from specdiff_kernels.sampling.base import NonFiniteError
@@ -38,12 +39,7 @@ from specdiff_kernels.testing.two_sample import gaussian_one_sample_pvalue, two_
 ALPHA = 1e-3
 
 
-# tiny tensors: intra-op threads only add synchronisation (see conftest.single_thread)
-pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
+pytestmark = SINGLE_THREAD
 
 
 # ===================================================================== wrong verifiers (power)

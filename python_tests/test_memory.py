@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from preamble import ABAR, SINGLE_THREAD, gen
 
 from specdiff_kernels import models
 from specdiff_kernels.models.gmm import GaussianMixture, GMMDenoiser, make_gmm
@@ -23,17 +24,9 @@ from specdiff_kernels.sampling.base import (
 from specdiff_kernels.sampling.checks import ModelKwargs
 from specdiff_kernels.sampling.drafts import DraftModelDraft
 from specdiff_kernels.sampling.sampler import SpeculativeSampler
-from specdiff_kernels.sampling.transitions import (
-    alphas_cumprod_from_betas,
-    ddpm_transitions,
-    make_betas,
-)
+from specdiff_kernels.sampling.transitions import ddpm_transitions
 
-pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
+pytestmark = SINGLE_THREAD
 
 
 # ----------------------------------------------------------------------------- the GMM
@@ -97,7 +90,6 @@ def test_gmm_dim_65536_loads_small_and_fast():
 
 
 # ----------------------------------------------------------------------------- chunked calls
-ABAR = alphas_cumprod_from_betas(make_betas())
 D = 5
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from preamble import ABAR, gen
 
 from specdiff_kernels import (
     AncestralSampler,
@@ -33,12 +34,7 @@ from specdiff_kernels.testing.two_sample import gaussian_one_sample_pvalue, two_
 ALPHA = 0.01
 D = 6
 N_CHAINS = 3000
-ABAR = torch.cumprod(1 - make_betas("linear", 1000), 0)
 BACKEND = None  # the default backend per device (the ops under test)
-
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 def data(shift: float = 0.0) -> GaussianMixture:

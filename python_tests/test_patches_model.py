@@ -19,11 +19,8 @@ from specdiff_kernels.testing import two_sample as stats
 
 
 @pytest.fixture(scope="module")
-def pipe():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield P.load_pipeline()
-    torch.set_num_threads(prev)
+def pipe(single_thread):
+    return P.load_pipeline()
 
 
 # ------------------------------------------------------------------ the packaged pipeline

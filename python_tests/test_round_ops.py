@@ -18,6 +18,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import pytest
 import torch
 from round_cases import (
@@ -175,12 +177,9 @@ def _round_params(families):
 ROUND_PARAMS = _round_params(FAMILIES)
 
 
-@pytest.mark.parametrize("fam,freeze,B,L,E,dtype", ROUND_PARAMS)
-def test_reference_round_equals_general_composition(fam, freeze, B, L, E, dtype):
-    """The round_reference formulas (tables A, E, G, ...) against the samplers' own formulas and
-    the general verify op, float64 throughout."""
-    gen = _gen("ref", fam, freeze, B, L, E)
-    case = make_case(B, L, E, torch.float64, fam, freeze, gen)
+def _assert_reference_is_general(case, gen: torch.Generator) -> None:
+    """The reference backend's frozen_draft and verify_frozen on ``case`` against the samplers'
+    own formulas and the general verify op, float64 throughout."""
     Y = ro.frozen_draft(*case.draft_args(), backend="reference")
     Yg, _ = general_draft(case)
     assert torch.allclose(Y.reshape(Yg.shape), Yg, rtol=1e-12, atol=1e-12)
@@ -189,13 +188,29 @@ def test_reference_round_equals_general_composition(fam, freeze, B, L, E, dtype)
     assert_round_matches(got, general_round(case, Y, P), Y, P, case, torch.float64)
 
 
-def _check_cpp_round(fam, freeze, B, L, E, dtype):
-    gen = _gen("cpp", fam, freeze, B, L, E, str(dtype))
+@pytest.mark.parametrize("fam,freeze,B,L,E,dtype", ROUND_PARAMS)
+def test_reference_round_equals_general_composition(fam, freeze, B, L, E, dtype):
+    """The round_reference formulas (tables A, E, G, ...) against the samplers' own formulas and
+    the general verify op, float64 throughout."""
+    gen = _gen("ref", fam, freeze, B, L, E)
+    case = make_case(B, L, E, torch.float64, fam, freeze, gen)
+    _assert_reference_is_general(case, gen)
+
+
+def _cpp_round(fam, freeze, B, L, E, dtype, key="cpp"):
+    """A case (its seed from ``key`` and the parameters), the cpp backend's draft Y on it, the
+    target's x0-hat P there, and the cpp verify_frozen's result."""
+    gen = _gen(key, fam, freeze, B, L, E, str(dtype))
     case = make_case(B, L, E, dtype, fam, freeze, gen)
     Y = ro.frozen_draft(*case.draft_args(), backend="cpp")
-    assert_draft_consistent(Y, case, dtype)
     P = make_x0_hat(case, Y, gen)
-    got = ro.verify_frozen(*case.verify_args(Y, P), backend="cpp")
+    return case, Y, P, ro.verify_frozen(*case.verify_args(Y, P), backend="cpp")
+
+
+def _check_cpp_round(fam, freeze, B, L, E, dtype, key="cpp"):
+    """The cpp backend's frozen_draft and verify_frozen on a case against the oracle."""
+    case, Y, P, got = _cpp_round(fam, freeze, B, L, E, dtype, key)
+    assert_draft_consistent(Y, case, dtype)
     assert_round_matches(got, general_round(case, Y, P), Y, P, case, dtype)
 
 
@@ -255,11 +270,8 @@ def test_cases_cover_every_commit():
     """The parametrised cases reach rejections, full acceptances, deterministic steps after a
     window, idle chains and chains that finish (else the tests above prove little)."""
     seen = set()
-    for fam, freeze, B, L, E, dtype in ROUND_PARAMS:
-        gen = _gen("cpp", fam, freeze, B, L, E, str(dtype))
-        case = make_case(B, L, E, dtype, fam, freeze, gen)
-        Y = ro.frozen_draft(*case.draft_args(), backend="cpp")
-        res = ro.verify_frozen(*case.verify_args(Y, make_x0_hat(case, Y, gen)), backend="cpp")
+    for params in ROUND_PARAMS:
+        case, _, _, res = _cpp_round(*params)
         n, k, N = case.lengths, case.steps, case.T.num_steps
         rej = res.num_accepted < n
         seen |= {"reject"} if bool(rej.any()) else set()
@@ -271,32 +283,63 @@ def test_cases_cover_every_commit():
 
 
 # ---------------------------------------------------------------- exactness in law, power
-def _wrong_reflection_verify(states, x0_hat, chains, spec):
+class _Rejection(NamedTuple):
+    """The reference verify's rejecting chains at their first rejected position j (float64
+    [B, D]), with the round's chains and spec."""
+
+    rows: torch.Tensor  # the coefficient rows at step k + j
+    y: torch.Tensor  # the proposal at j
+    p: torch.Tensor  # the target's x0-hat at j
+    step: torch.Tensor  # k + j
+    frozen: torch.Tensor  # the chains' frozen value
+    chains: RoundChains
+    spec: RoundSpec
+
+
+def _reference_but_at_rejections(replace):
+    """A verify_frozen that is the reference's, except that a rejecting chain commits
+    ``replace(_Rejection)`` (float64 [B, D]) instead of the reflection."""
+
+    def verify(states, x0_hat, chains, spec):
+        out = list(rr.verify_frozen(states, x0_hat, chains, spec))
+        B, L1 = states.shape[:2]
+        D = states[0, 0].numel()
+        rejected = out[0] < chains.lengths
+        j = torch.where(rejected, out[0], chains.lengths)
+        ar = torch.arange(B)
+        at = _Rejection(
+            rr._rows(spec.coef, chains.steps + j, torch.float64),
+            states.reshape(B, L1, D).double()[ar, j],
+            x0_hat.reshape(B, L1, D).double()[ar, j],
+            chains.steps + j,
+            chains.frozen.reshape(B, D).double(),
+            chains,
+            spec,
+        )
+        out[2] = (
+            torch.where(rejected[:, None], replace(at), out[2].reshape(B, D).double())
+            .to(states.dtype)
+            .reshape(out[2].shape)
+        )
+        return tuple(out)
+
+    return verify
+
+
+@_reference_but_at_rejections
+def _wrong_reflection_verify(at: _Rejection) -> torch.Tensor:
     """The reference verify with the reflection coefficient 1 - a/b instead of 1 - 2a/b."""
-    out = list(rr.verify_frozen(states, x0_hat, chains, spec))
-    frozen, steps, lengths, chain_ids, _ = chains
-    coef, seed, freeze, clip = spec
-    B, L1 = states.shape[:2]
-    D = states[0, 0].numel()
-    k, n = steps, lengths
-    rejected = out[0] < n
-    j = torch.where(rejected, out[0], n)
-    c = rr._rows(coef, k + j, torch.float64)
-    yj = states.reshape(B, L1, D).double()[torch.arange(B), j]
-    pj = x0_hat.reshape(B, L1, D).double()[torch.arange(B), j]
-    f = frozen.reshape(B, D).double()
-    pq = rr.draft_x0(c, yj, f, freeze)
-    d = c[layout.ROW_A] * (rr._clip(pj, clip) - rr._clip(pq, clip)) + c[layout.ROW_E] * (pj - pq)
-    r = c[layout.ROW_STD] * rr.normal_noise(seed, chain_ids, k + j, D, torch.float64)
+    c, clip = at.rows, at.spec.clip
+    pq = rr.draft_x0(c, at.y, at.frozen, at.spec.freeze)
+    d = c[layout.ROW_A] * (rr._clip(at.p, clip) - rr._clip(pq, clip)) + c[layout.ROW_E] * (
+        at.p - pq
+    )
+    D = at.y.shape[1]
+    noise = rr.normal_noise(at.spec.seed, at.chains.chain_ids, at.step, D, torch.float64)
+    r = c[layout.ROW_STD] * noise
     a = (d * r).sum(-1, keepdim=True)
     b = (d * d).sum(-1, keepdim=True).clamp_min(1e-300)
-    wrong = rr.affine_mean(c, pq, yj, clip) + r + (1 - a / b) * d
-    out[2] = (
-        torch.where(rejected[:, None], wrong, out[2].reshape(B, D).double())
-        .to(states.dtype)
-        .reshape(out[2].shape)
-    )
-    return tuple(out)
+    return rr.affine_mean(c, pq, at.y, clip) + r + (1 - a / b) * d
 
 
 def _one_step_law(verify, B=4000, D=3, gap=1.2):
@@ -352,29 +395,13 @@ def test_cpp_round_has_the_target_law():
     assert p_par > 1e-3 and p_perp > 1e-3, (p_par, p_perp)
 
 
-def _fresh_from_p_verify(states, x0_hat, chains, spec):
+@_reference_but_at_rejections
+def _fresh_from_p_verify(at: _Rejection) -> torch.Tensor:
     """WRONG: at a rejection, a fresh draw from p instead of the reflection."""
-    out = list(rr.verify_frozen(states, x0_hat, chains, spec))
-    frozen, steps, lengths, chain_ids, _ = chains
-    coef, seed, freeze, clip = spec
-    B, L1 = states.shape[:2]
-    D = states[0, 0].numel()
-    rejected = out[0] < lengths
-    j = torch.where(rejected, out[0], lengths)
-    c = rr._rows(coef, steps + j, torch.float64)
-    ar = torch.arange(B)
-    mp = rr.affine_mean(
-        c, x0_hat.reshape(B, L1, D).double()[ar, j], states.reshape(B, L1, D).double()[ar, j], clip
+    mp = rr.affine_mean(at.rows, at.p, at.y, at.spec.clip)
+    return mp + at.rows[layout.ROW_STD] * torch.randn(
+        *at.y.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64
     )
-    fresh = mp + c[layout.ROW_STD] * torch.randn(
-        B, D, generator=torch.Generator().manual_seed(3), dtype=torch.float64
-    )
-    out[2] = (
-        torch.where(rejected[:, None], fresh, out[2].reshape(B, D).double())
-        .to(states.dtype)
-        .reshape(out[2].shape)
-    )
-    return tuple(out)
 
 
 def test_fresh_draw_at_rejection_is_detected():
@@ -648,35 +675,19 @@ def test_reference_multistep_round_equals_general_composition(fam, freeze, B, L,
     gen = _gen("ms-ref", fam, freeze, B, L, E)
     case = make_case(B, L, E, torch.float64, fam, freeze, gen)
     assert case.prev is not None and case.T.multistep
-    Y = ro.frozen_draft(*case.draft_args(), backend="reference")
-    Yg, _ = general_draft(case)
-    assert torch.allclose(Y.reshape(Yg.shape), Yg, rtol=1e-12, atol=1e-12)
-    P = make_x0_hat(case, Y, gen)
-    got = ro.verify_frozen(*case.verify_args(Y, P), backend="reference")
-    assert_round_matches(got, general_round(case, Y, P), Y, P, case, torch.float64)
-
-
-def _check_cpp_multistep_round(fam, freeze, B, L, E, dtype, key="ms-cpp"):
-    gen = _gen(key, fam, freeze, B, L, E, str(dtype))
-    case = make_case(B, L, E, dtype, fam, freeze, gen)
-    Y = ro.frozen_draft(*case.draft_args(), backend="cpp")
-    assert_draft_consistent(Y, case, dtype)
-    P = make_x0_hat(case, Y, gen)
-    got = ro.verify_frozen(*case.verify_args(Y, P), backend="cpp")
-    assert_round_matches(got, general_round(case, Y, P), Y, P, case, dtype)
-    return case, got
+    _assert_reference_is_general(case, gen)
 
 
 @pytest.mark.parametrize("fam,freeze,B,L,E,dtype", MS_PARAMS)
 def test_cpp_multistep_round_matches_oracle(fam, freeze, B, L, E, dtype):
-    _check_cpp_multistep_round(fam, freeze, B, L, E, dtype)
+    _check_cpp_round(fam, freeze, B, L, E, dtype, key="ms-cpp")
 
 
 @pytest.mark.parametrize("fam,freeze,B,L,E,dtype", MS_PARAMS[::5])
 def test_cpp_multistep_round_matches_oracle_per_capability(
     cpu_capability, fam, freeze, B, L, E, dtype
 ):
-    _check_cpp_multistep_round(fam, freeze, B, L, E, dtype)
+    _check_cpp_round(fam, freeze, B, L, E, dtype, key="ms-cpp")
 
 
 def _commit_kinds(case, res) -> set:
@@ -698,11 +709,8 @@ def test_multistep_cases_cover_every_commit():
     P_j at a rejection (at 0 and later), P_{n-1} after a window, P_n at a deterministic step (after
     a window and at n = 0), prev for an idle chain."""
     seen = set()
-    for fam, freeze, B, L, E, dtype in MS_PARAMS:
-        gen = _gen("ms-cpp", fam, freeze, B, L, E, str(dtype))
-        case = make_case(B, L, E, dtype, fam, freeze, gen)
-        Y = ro.frozen_draft(*case.draft_args(), backend="cpp")
-        res = ro.verify_frozen(*case.verify_args(Y, make_x0_hat(case, Y, gen)), backend="cpp")
+    for params in MS_PARAMS:
+        case, _, _, res = _cpp_round(*params, key="ms-cpp")
         seen |= _commit_kinds(case, res)
     want = {"reject_at_0", "reject_after_0", "accept", "det_after_window", "det_at_n0", "idle"}
     assert seen == want, want - seen

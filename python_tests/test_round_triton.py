@@ -939,7 +939,6 @@ def test_torch_compile_fullgraph(multistep):
 
 # ---------------------------------------------------------------- the compiled path, without GPU
 _AOT_SCRIPT = r"""
-import warnings
 import torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -999,19 +998,7 @@ def f(x, Y, st, sd, coef):
     b2 = torch.ops.specdiff.triton_verify_frozen(Y, Y, x, st, st, coef, sd, st, 1, 1.0, x)
     return a, b, c, a2, b2
 
-graphs = []
-def fw(gm, ins):
-    graphs.append(gm)
-    return gm
-with mode, warnings.catch_warnings(record=True) as caught:
-    warnings.simplefilter("always")
-    try:
-        aot_function(f, fw_compiler=fw)(x, Y, st, sd, coef)
-    except RuntimeError as err:  # a CPU-only torch cannot run the fake graph; tracing is done
-        if "not linked with support for cuda" not in str(err) or not graphs:
-            raise
-gm = graphs[0]
-hops = [nd for nd in gm.graph.nodes if "triton_kernel_wrapper" in str(nd.target)]
+gm, hops = trace_hops(f, x, Y, st, sd, coef)
 assert len(hops) == 7, len(hops)
 outputs = {"y_ptr", "part_ptr", "nacc_ptr", "comm_ptr", "next_ptr", "nfz_ptr", "exact_ptr",
            "lr_ptr", "xi_ptr", "u_ptr", "nprev_ptr"}

@@ -9,6 +9,7 @@ import re
 
 import pytest
 import torch
+from preamble import ABAR, SINGLE_THREAD, gen
 
 import specdiff_kernels
 from specdiff_kernels.models.gmm import GMMDenoiser, make_gmm
@@ -19,24 +20,16 @@ from specdiff_kernels.sampling.drafts import DraftModelDraft, FrozenTargetDraft
 from specdiff_kernels.sampling.noise import ChainNoise
 from specdiff_kernels.sampling.sampler import COMPACT_MIN_CHAINS_CPU, SpeculativeSampler
 from specdiff_kernels.sampling.transitions import (
-    alphas_cumprod_from_betas,
     ddim_transitions,
     ddpm_transitions,
     euler_ancestral_transitions,
-    make_betas,
 )
 
-ABAR = alphas_cumprod_from_betas(make_betas())
 D = 6
 STEPS = 30
 
 
-# tiny tensors: intra-op threads only add synchronisation (see conftest.single_thread)
-pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-def gen(seed):
-    return torch.Generator().manual_seed(seed)
+pytestmark = SINGLE_THREAD
 
 
 def setup(steps=STEPS, kind="ddpm"):

@@ -6,23 +6,21 @@ from __future__ import annotations
 
 import pytest
 import torch
+from preamble import ABAR, SINGLE_THREAD, gen
 
 from specdiff_kernels.models.gmm import GMMDenoiser, make_gmm
 from specdiff_kernels.sampling.ancestral import AncestralSampler
 from specdiff_kernels.sampling.drafts import DraftModelDraft, FrozenTargetDraft
 from specdiff_kernels.sampling.sampler import SpeculativeSampler
 from specdiff_kernels.sampling.transitions import (
-    alphas_cumprod_from_betas,
     ddpm_transitions,
-    make_betas,
 )
 from specdiff_kernels.testing.two_sample import bonferroni, per_coordinate_ks_pvalue
 
-ABAR = alphas_cumprod_from_betas(make_betas())
 D = 4
 CLASSES = 3
 
-pytestmark = pytest.mark.usefixtures("single_thread")
+pytestmark = SINGLE_THREAD
 
 
 class ClassConditionalGMM(torch.nn.Module):
@@ -50,7 +48,7 @@ def setup(steps=40):
 
 
 def labels(B: int, seed: int = 3) -> torch.Tensor:
-    return torch.randint(0, CLASSES, (B,), generator=torch.Generator().manual_seed(seed))
+    return torch.randint(0, CLASSES, (B,), generator=gen(seed))
 
 
 SAMPLERS = {

@@ -21,6 +21,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from preamble import ABAR, SINGLE_THREAD, gen
 from scipy import stats
 
 from specdiff_kernels.models.gmm import GaussianMixture, GMMDenoiser, make_gmm
@@ -30,34 +31,24 @@ from specdiff_kernels.sampling.sampler import SpeculativeSampler
 from specdiff_kernels.sampling.static_round import StaticRound
 from specdiff_kernels.sampling.transitions import (
     GaussianTransitions,
-    alphas_cumprod_from_betas,
     ddim_transitions,
     ddpm_transitions,
     euler_ancestral_transitions,
-    make_betas,
 )
 
 ALPHA = 1e-3
-ABAR = alphas_cumprod_from_betas(make_betas("linear", 1000))
-
-
-# tiny tensors: intra-op threads only add synchronisation (see conftest.single_thread)
-pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
+pytestmark = SINGLE_THREAD
 
 
 # ===================================================================== statistical tests
 # (scipy.stats-based; shared with the demo and the benchmarks)
 # ===================================================================== wrong verifiers (power)
-from wrong_verifiers import (
+from wrong_verifiers import (  # noqa: E402
     STATIC_WRONG,
+    WRONG,
     VerifyFreshFromP,
     static_wrong_verify,
-    verify_always_accept,  # noqa: E402,F401
-    verify_keep_draft_on_reject,
+    wrong_verifier,
 )
 
 from specdiff_kernels.testing.two_sample import (  # noqa: E402,F401
@@ -156,11 +147,7 @@ def test_window_of_three_constant_steps():
 
 @pytest.mark.parametrize("wrong", ["always_accept", "keep_draft", "fresh_from_p"])
 def test_one_step_tests_reject_wrong_verifiers(wrong):
-    fn = {
-        "always_accept": verify_always_accept,
-        "keep_draft": verify_keep_draft_on_reject,
-        "fresh_from_p": VerifyFreshFromP(5),
-    }[wrong]
+    fn = wrong_verifier(wrong, fresh_seed=5)
     res, mp, mq, e, s = run_one_step(2.0, verify_fn=fn)
     assert one_step_pvalue(res.samples.numpy(), mp, e, s) < ALPHA
 
@@ -280,11 +267,7 @@ def test_speculative_other_samplers_match_exact_gaussian_law(kind, path):
 
 @pytest.mark.parametrize("wrong", ["always_accept", "keep_draft", "fresh_from_p"])
 def test_gaussian_chain_tests_reject_wrong_verifiers(wrong):
-    fn = {
-        "always_accept": verify_always_accept,
-        "keep_draft": verify_keep_draft_on_reject,
-        "fresh_from_p": VerifyFreshFromP(6),
-    }[wrong]
+    fn = wrong_verifier(wrong, fresh_seed=6)
     res, m, C = run_gaussian("ddpm", "wrong_draft_model", 8, 400, verify_fn=fn)
     assert gaussian_one_sample_pvalue(res.samples.numpy(), m, C) < ALPHA
 
@@ -406,7 +389,7 @@ def test_gmm_tests_reject_wrong_verifiers(gmm_reference, wrong):
         right = gmm_speculative(shifted_mixture_draft(), 4, 800)
         assert two_sample_pvalue(right.samples.numpy(), gmm_reference) > ALPHA
         return
-    fn = {"always_accept": verify_always_accept, "keep_draft": verify_keep_draft_on_reject}[wrong]
+    fn = WRONG[wrong]
     res = gmm_speculative(FrozenTargetDraft("x0"), 8, 800, verify_fn=fn)
     x = res.samples.numpy()
     assert two_sample_pvalue(x, gmm_reference) < ALPHA

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from preamble import gen
 
 pytest.importorskip("diffusers", reason="diffusers is an optional extra")
 from diffusers import (  # noqa: E402
@@ -19,8 +20,8 @@ from diffusers import (  # noqa: E402
     DDPMScheduler,
     DPMSolverMultistepScheduler,
     ImagePipelineOutput,
-    UNet2DModel,
 )
+from tiny_diffusers import tiny_unet  # noqa: E402
 
 from specdiff_kernels import SpeculativeSampler  # noqa: E402
 from specdiff_kernels.integrations import SpeculativePipeline  # noqa: E402
@@ -29,55 +30,36 @@ from specdiff_kernels.integrations.diffusers import from_pipeline  # noqa: E402
 SIZE = 8
 
 
-def tiny_unet(channels: int = 3, seed: int = 0) -> UNet2DModel:
-    torch.manual_seed(seed)
-    unet = UNet2DModel(
-        sample_size=SIZE,
-        in_channels=channels,
-        out_channels=channels,
-        layers_per_block=1,
-        block_out_channels=(8, 16),
-        norm_num_groups=4,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-    )
-    return unet.eval().requires_grad_(False)
-
-
 def ddpm_pipe(channels: int = 3, seed: int = 0) -> DDPMPipeline:
-    pipe = DDPMPipeline(unet=tiny_unet(channels, seed), scheduler=DDPMScheduler())
+    pipe = DDPMPipeline(unet=tiny_unet(seed, channels), scheduler=DDPMScheduler())
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
 def dpm_pipe(channels: int = 3, seed: int = 0, **options) -> DDPMPipeline:
     sched = DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++", **options)
-    pipe = DDPMPipeline(unet=tiny_unet(channels, seed), scheduler=sched)
+    pipe = DDPMPipeline(unet=tiny_unet(seed, channels), scheduler=sched)
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-def seeded(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 def test_output_types_and_post_processing():
     pipe = ddpm_pipe()
     spec = SpeculativePipeline(pipe, window=4)
     assert spec.last_stats is None
-    out = spec(batch_size=3, generator=seeded(1), num_inference_steps=20, output_type="pt")
+    out = spec(batch_size=3, generator=gen(1), num_inference_steps=20, output_type="pt")
     assert isinstance(out, ImagePipelineOutput)
     pt = out.images
     assert pt.shape == (3, 3, SIZE, SIZE) and float(pt.min()) >= 0 and float(pt.max()) <= 1
     assert spec.last_stats is not None and spec.last_stats.target_calls <= 20
     # the same samples as the sampler itself gives for this seed, DDPMPipeline's post-processing
     model, tr = from_pipeline(pipe, 20)
-    ref = SpeculativeSampler(model, tr, window=4).sample(3, (3, SIZE, SIZE), generator=seeded(1))
+    ref = SpeculativeSampler(model, tr, window=4).sample(3, (3, SIZE, SIZE), generator=gen(1))
     torch.testing.assert_close(pt, (ref.samples / 2 + 0.5).clamp(0, 1), rtol=0, atol=0)
-    (arr,) = spec(3, seeded(1), 20, output_type="np", return_dict=False)
+    (arr,) = spec(3, gen(1), 20, output_type="np", return_dict=False)
     assert isinstance(arr, np.ndarray) and arr.shape == (3, SIZE, SIZE, 3)
     np.testing.assert_array_equal(arr, pt.permute(0, 2, 3, 1).numpy())
-    pil = spec(batch_size=3, generator=seeded(1), num_inference_steps=20).images
+    pil = spec(batch_size=3, generator=gen(1), num_inference_steps=20).images
     assert [im.size for im in pil] == [(SIZE, SIZE)] * 3
     assert [im.mode for im in pil] == [im.mode for im in pipe.numpy_to_pil(arr)]
     np.testing.assert_array_equal(np.asarray(pil[0]), np.asarray(pipe.numpy_to_pil(arr)[0]))
@@ -85,11 +67,11 @@ def test_output_types_and_post_processing():
 
 def test_same_seed_same_images_and_the_sampler_is_reused():
     spec = SpeculativePipeline(ddpm_pipe(), window=2)
-    a = spec(2, seeded(5), 10, output_type="pt").images
+    a = spec(2, gen(5), 10, output_type="pt").images
     sampler = spec.sampler(10)
-    b = spec(2, seeded(5), 10, output_type="pt").images
+    b = spec(2, gen(5), 10, output_type="pt").images
     assert torch.equal(a, b) and spec.sampler(10) is sampler
-    assert not torch.equal(a, spec(2, seeded(6), 10, output_type="pt").images)
+    assert not torch.equal(a, spec(2, gen(6), 10, output_type="pt").images)
 
 
 def test_default_steps_are_the_pipelines():
@@ -101,12 +83,12 @@ def test_default_steps_are_the_pipelines():
 def test_a_new_scheduler_takes_effect():
     pipe = ddpm_pipe()
     spec = SpeculativePipeline(pipe, window=2)
-    spec(1, seeded(0), 10, output_type="pt")
+    spec(1, gen(0), 10, output_type="pt")
     assert "ddpm" in spec.sampler(10).transitions.name
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     with pytest.raises(ValueError, match="eta"):
-        spec(1, seeded(0), 10)
-    spec(1, seeded(0), 10, output_type="pt", eta=0.5)
+        spec(1, gen(0), 10)
+    spec(1, gen(0), 10, output_type="pt", eta=0.5)
     assert "ddim" in spec.sampler(10, 0.5).transitions.name
 
 
@@ -114,7 +96,7 @@ BAD_CALLS = [
     ({"guidance_scale": 3.0, "prompt": "x"}, TypeError, "guidance_scale, prompt"),
     ({"output_type": "latent"}, ValueError, "output_type must be one of"),
     ({"batch_size": 0}, ValueError, "batch_size must be a positive int"),
-    ({"generator": [seeded(0), seeded(1)]}, TypeError, "a list of per-image generators"),
+    ({"generator": [gen(0), gen(1)]}, TypeError, "a list of per-image generators"),
 ]
 
 
@@ -140,7 +122,7 @@ def test_bad_construction():
 
 
 def pipeline_loop_samples(pipe, n: int, steps: int, seed: int) -> torch.Tensor:
-    out = pipe(batch_size=n, generator=seeded(seed), num_inference_steps=steps, output_type="np")
+    out = pipe(batch_size=n, generator=gen(seed), num_inference_steps=steps, output_type="np")
     return torch.from_numpy(out.images).permute(0, 3, 1, 2).double()
 
 
@@ -176,7 +158,7 @@ def test_law_of_the_pipelines_own_loop(make):
     with torch.no_grad():
         ref = pipeline_loop_samples(pipe, N_LAW, STEPS_LAW, seed=5)
     spec = SpeculativePipeline(pipe, window=4)
-    got = spec(N_LAW, seeded(6), STEPS_LAW, output_type="pt").images.double()
+    got = spec(N_LAW, gen(6), STEPS_LAW, output_type="pt").images.double()
     assert spec.last_stats.target_calls <= STEPS_LAW
     if isinstance(pipe.scheduler, DPMSolverMultistepScheduler):
         assert spec.sampler(STEPS_LAW).transitions.multistep
@@ -231,7 +213,7 @@ def test_the_dpm_law_test_detects_a_wrong_chain(make, wrong):
         ref = pipeline_loop_samples(pipe, N_LAW, STEPS_LAW, seed=5)
     model, tr = from_pipeline(pipe, STEPS_LAW)
     res = SpeculativeSampler(model, wrong(tr), window=4).sample(
-        N_LAW, (1, SIZE, SIZE), generator=seeded(6)
+        N_LAW, (1, SIZE, SIZE), generator=gen(6)
     )
     got = (res.samples / 2 + 0.5).clamp(0, 1).double()
     assert two_sample_pvalue(got, ref, seed=0) < 1e-3

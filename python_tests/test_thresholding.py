@@ -6,16 +6,18 @@ from __future__ import annotations
 
 import pytest
 import torch
+from preamble import SINGLE_THREAD
 
 pytest.importorskip("diffusers")
-from diffusers import DDPMScheduler, UNet2DModel  # noqa: E402
+from diffusers import DDPMScheduler  # noqa: E402
+from tiny_diffusers import tiny_unet  # noqa: E402
 
 from specdiff_kernels import AncestralSampler, SpeculativeSampler  # noqa: E402
 from specdiff_kernels.integrations.diffusers import DiffusersModel, diffusers_transitions  # noqa: E402
 from specdiff_kernels.sampling.transitions import round_tables  # noqa: E402
 from specdiff_kernels.testing.two_sample import per_coordinate_ks_pvalue  # noqa: E402
 
-pytestmark = pytest.mark.usefixtures("single_thread")
+pytestmark = SINGLE_THREAD
 STEPS = 12
 
 
@@ -36,21 +38,7 @@ class LoudUNet(torch.nn.Module):
 
     def __init__(self):
         super().__init__()
-        torch.manual_seed(3)
-        self.net = (
-            UNet2DModel(
-                sample_size=4,
-                in_channels=1,
-                out_channels=1,
-                layers_per_block=1,
-                block_out_channels=(8, 8),
-                norm_num_groups=4,
-                down_block_types=("DownBlock2D", "DownBlock2D"),
-                up_block_types=("UpBlock2D", "UpBlock2D"),
-            )
-            .eval()
-            .requires_grad_(False)
-        )
+        self.net = tiny_unet(3, channels=1, sample_size=4, block_out_channels=(8, 8))
 
     def forward(self, x, t, return_dict=False):
         return (4.0 * self.net(x, t).sample,)

@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from preamble import ABAR
 
 from specdiff_kernels.models.gmm import GaussianMixture, GMMDenoiser, make_gmm
 from specdiff_kernels.sampling.transitions import (
@@ -26,7 +27,6 @@ diffusers = pytest.importorskip("diffusers")
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 T_TRAIN = 1000
-ABAR = alphas_cumprod_from_betas(make_betas("linear", T_TRAIN))
 RTOL = 2e-4  # diffusers works in float32
 ATOL = 2e-4
 

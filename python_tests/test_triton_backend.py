@@ -20,20 +20,7 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from verify_cases import (  # noqa: E402
-    assert_decisions_match,
-    assert_state_close,
-    assert_verify_matches_reference,
-    first_rejection_loop,
-    log_ratio_loop,
-    log_ratio_tolerance,
-    make_window,
-    poison_empty,
-    reference64,
-    reflect_loop,
-    run_aot_script,
-    stable_seed,
-)
+import verify_cases as vc  # noqa: E402
 
 import specdiff_kernels as sk  # noqa: E402
 from specdiff_kernels.ops import backends  # noqa: E402
@@ -59,8 +46,8 @@ first_rej_op = torch.ops.specdiff.triton_first_rejection.default
 
 
 def _window(B, L, E, dtype, seed_key, sigma_form="full"):
-    gen = torch.Generator().manual_seed(stable_seed(*seed_key))
-    y, mq, mp, sigma, u = make_window(B, L, E, dtype, gen)
+    gen = torch.Generator().manual_seed(vc.stable_seed(*seed_key))
+    y, mq, mp, sigma, u = vc.make_window(B, L, E, dtype, gen)
     sigma = {
         "full": sigma,
         "window": sigma[0].contiguous(),
@@ -72,7 +59,7 @@ def _window(B, L, E, dtype, seed_key, sigma_form="full"):
 
 def _check_verify(got, y, mq, mp, sigma, u, n, dtype):
     """Compare a fused-verify result with the float64 reference on the same rounded inputs."""
-    return assert_verify_matches_reference(got, y, mq, mp, sigma, u, n, dtype)
+    return vc.assert_verify_matches_reference(got, y, mq, mp, sigma, u, n, dtype)
 
 
 # ---------------------------------------------------------------- both strategies, forced
@@ -142,8 +129,8 @@ def test_strategies_agree_on_decisions(strategy):
     n = torch.randint(1, 7, (16,), generator=gen).to(DEVICE)
     other = "split" if strategy == "per_chain" else "per_chain"
     a, b = verify_op(y, mq, mp, sigma, u, n, strategy), verify_op(y, mq, mp, sigma, u, n, other)
-    tol = log_ratio_tolerance(y.cpu(), mq.cpu(), mp.cpu(), sigma.cpu(), dtype)
-    assert_decisions_match(a[0].cpu(), b[0].cpu(), a[2].cpu().double(), u.cpu(), tol)
+    tol = vc.log_ratio_tolerance(y.cpu(), mq.cpu(), mp.cpu(), sigma.cpu(), dtype)
+    vc.assert_decisions_match(a[0].cpu(), b[0].cpu(), a[2].cpu().double(), u.cpu(), tol)
     torch.testing.assert_close(a[2], b[2], rtol=1e-5, atol=1e-5)
 
 
@@ -162,7 +149,7 @@ def test_edge_values(strategy):
     mp[2, 0, 0] = float("inf")  # chain 2: inf at step 0
     mp[3, 2] += 50.0  # chain 3: p = q at steps 0, 1; certain rejection at 2
     got = verify_op(y, mq, mp, sigma, u, None, strategy)
-    ref = reference64(*(t.cpu() for t in (y, mq, mp, sigma, u)))
+    ref = vc.reference64(*(t.cpu() for t in (y, mq, mp, sigma, u)))
     assert got[0].cpu().tolist() == ref.num_accepted.tolist() == [3, 1, 0, 2]
     torch.testing.assert_close(
         got[2].cpu()[:, :], ref.log_ratio.float(), equal_nan=True, rtol=1e-5, atol=1e-4
@@ -170,7 +157,7 @@ def test_edge_values(strategy):
     assert got[2][3, 0] == 0 and got[2][3, 1] == 0
     assert torch.equal(got[1][0], y[0, -1])
     assert bool(torch.isnan(got[1][1]).any()) and not bool(torch.isfinite(got[1][2]).all())
-    assert_state_close(got[1][3:].cpu(), ref.next_state[3:], y[3:, 2].cpu(), torch.float32)
+    vc.assert_state_close(got[1][3:].cpu(), ref.next_state[3:], y[3:, 2].cpu(), torch.float32)
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -180,7 +167,7 @@ def test_poisoned_outputs_are_fully_written(strategy, monkeypatch):
     B, L, E = 3, 4, (2, 150)
     _, (y, mq, mp, sigma, u) = _window(B, L, E, torch.float32, ("poison", strategy))
     n = torch.tensor([4, 1, 2], device=DEVICE)
-    poison_empty(monkeypatch)
+    vc.poison_empty(monkeypatch)
     got = verify_op(y, mq, mp, sigma, u, n, strategy)
     lr = log_ratio_op(y, mq, mp, sigma, strategy)
     rr = reflect_op(y[:, 1].contiguous(), mq[:, 1].contiguous(), mp[:, 1].contiguous(), strategy)
@@ -200,7 +187,7 @@ def test_log_ratio_and_reflect(strategy, dtype):
     _, (y, mq, mp, sigma, u) = _window(B, L, E, dtype, ("parts", strategy, dtype))
     lr = log_ratio_op(y, mq, mp, sigma, strategy).cpu()
     lr64 = reference._log_ratio_acc(*(t.cpu().double() for t in (y, mq, mp, sigma)))
-    tol = log_ratio_tolerance(*(t.cpu() for t in (y, mq, mp, sigma)), dtype)
+    tol = vc.log_ratio_tolerance(*(t.cpu() for t in (y, mq, mp, sigma)), dtype)
     assert lr.dtype == torch.float32 and bool(
         ((lr.double() - lr64).abs() <= tol + 1.2e-7 * lr64.abs()).all()
     )
@@ -209,7 +196,7 @@ def test_log_ratio_and_reflect(strategy, dtype):
     rr = reflect_op(ys, qs, ps, strategy)
     assert rr.dtype == dtype and rr.shape == ys.shape
     rr64 = reference.reflect_resample(ys.cpu().double(), qs.cpu().double(), ps.cpu().double())
-    assert_state_close(rr.cpu(), rr64, ys.cpu(), dtype)
+    vc.assert_state_close(rr.cpu(), rr64, ys.cpu(), dtype)
     assert torch.equal(rr[0], ys[0])
 
 
@@ -247,19 +234,21 @@ def test_non_contiguous_inputs(strategy):
     assert not any(t.is_contiguous() for t in (yt, qt, pt, st, ut))
     n = torch.tensor([4, 1, 3, 2, 4], device=DEVICE)
     got = verify_op(yt, qt, pt, st, ut, n, strategy)
-    assert_verify_matches_reference(got, yt, qt, pt, st, ut, n, torch.float32, oracle="spec_loop")
+    vc.assert_verify_matches_reference(
+        got, yt, qt, pt, st, ut, n, torch.float32, oracle="spec_loop"
+    )
     lr = log_ratio_op(yt, qt, pt, st, strategy).cpu()
-    lr64 = log_ratio_loop(*(t.cpu() for t in (yt, qt, pt, st)))
+    lr64 = vc.log_ratio_loop(*(t.cpu() for t in (yt, qt, pt, st)))
     tol = (
-        log_ratio_tolerance(*(t.cpu() for t in (yt, qt, pt, st)), torch.float32)
+        vc.log_ratio_tolerance(*(t.cpu() for t in (yt, qt, pt, st)), torch.float32)
         + 1.2e-7 * lr64.abs()
     )
     assert bool(((lr.double() - lr64).abs() <= tol).all())
     y1, q1, p1 = yt[:, 1], qt[:, 1], pt[:, 1]
     rr = reflect_op(y1, q1, p1, strategy)
-    assert_state_close(
+    vc.assert_state_close(
         rr.cpu(),
-        reflect_loop(y1.cpu(), q1.cpu(), p1.cpu()).reshape(rr.shape),
+        vc.reflect_loop(y1.cpu(), q1.cpu(), p1.cpu()).reshape(rr.shape),
         y1.cpu(),
         torch.float32,
     )
@@ -344,14 +333,16 @@ def test_torch_compile_fullgraph_all_ops():
     )
     cpu = [t.cpu() for t in (y, mq, mp, sigma, u, n, y0, q0, p0)]
     yc, qc, pc, sc, uc, nc, y0c, q0c, p0c = cpu
-    assert_verify_matches_reference(
+    vc.assert_verify_matches_reference(
         (nacc, state, lr_f), yc, qc, pc, sc, uc, nc, torch.float32, oracle="spec_loop"
     )
-    lr64 = log_ratio_loop(yc, qc, pc, sc)
-    tol = log_ratio_tolerance(yc, qc, pc, sc, torch.float32) + 1.2e-7 * lr64.abs()
+    lr64 = vc.log_ratio_loop(yc, qc, pc, sc)
+    tol = vc.log_ratio_tolerance(yc, qc, pc, sc, torch.float32) + 1.2e-7 * lr64.abs()
     assert bool(((lr.cpu().double() - lr64).abs() <= tol).all())
-    assert torch.equal(fr.cpu(), first_rejection_loop(lr.cpu(), uc, nc))
-    assert_state_close(rr.cpu(), reflect_loop(y0c, q0c, p0c).reshape(rr.shape), y0c, torch.float32)
+    assert torch.equal(fr.cpu(), vc.first_rejection_loop(lr.cpu(), uc, nc))
+    vc.assert_state_close(
+        rr.cpu(), vc.reflect_loop(y0c, q0c, p0c).reshape(rr.shape), y0c, torch.float32
+    )
 
 
 # ---------------------------------------------------------------- the compiled path, without GPU
@@ -413,18 +404,7 @@ def f(y, u, s, n, y0):
     e = torch.ops.specdiff.triton_gaussian_log_ratio(y, y, y, s, "split")
     return a, b, c, d, e
 
-graphs = []
-def fw(gm, ins):
-    graphs.append(gm)
-    return gm
-with mode, warnings.catch_warnings():
-    try:
-        aot_function(f, fw_compiler=fw)(y, u, s, n, y0)
-    except RuntimeError as err:  # a CPU-only torch cannot run the fake graph; tracing is done
-        if "not linked with support for cuda" not in str(err) and not graphs:
-            raise
-gm = graphs[0]
-hops = [nd for nd in gm.graph.nodes if "triton_kernel_wrapper" in str(nd.target)]
+gm, hops = trace_hops(f, y, u, s, n, y0)
 assert len(hops) == 7, len(hops)  # split 2 + per_chain 1 + reflect 1 + first_rejection 1 + split 2
 outputs = {"part_ptr", "nacc_ptr", "out_ptr", "lr_ptr"}
 for nd in hops:
@@ -443,4 +423,4 @@ def test_compiled_path_without_gpu():
     """Ahead-of-time check of the GPU path on a CPU machine, in a subprocess without
     TRITON_INTERPRET: the kernels compile to sm_90 cubins (fp16/bf16/fp32/fp64), and the
     triton_ops decompose for Inductor into kernel calls that write only their outputs."""
-    run_aot_script(_AOT_SCRIPT, ROOT, "AOT-OK")
+    vc.run_aot_script(_AOT_SCRIPT, ROOT, "AOT-OK")

@@ -11,6 +11,7 @@ import dataclasses
 
 import pytest
 import torch
+from preamble import SINGLE_THREAD, gen
 from scipy import stats
 from test_sampler_exactness import (
     ALPHA,
@@ -23,7 +24,6 @@ from test_sampler_exactness import (
     exact_final_law,
     gaussian_model,
     gaussian_transitions,
-    gen,
     one_step_pvalue,
     one_step_setup,
 )
@@ -33,7 +33,7 @@ from specdiff_kernels.sampling.sampler import SpeculativeSampler
 from specdiff_kernels.sampling.static_round import StaticRound
 from specdiff_kernels.testing.two_sample import gaussian_one_sample_pvalue
 
-pytestmark = pytest.mark.usefixtures("single_thread")
+pytestmark = SINGLE_THREAD
 
 # a fixed "auto" cost: a call on 9 chains' windows costs what one on the roots does, so the
 # controller speculates, and the run repeats

@@ -4,6 +4,8 @@ this module after ``pytest.importorskip("diffusers")``)."""
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import diffusers
@@ -19,19 +21,23 @@ from diffusers import (
 SIZE = 8  # the sample size of every component
 
 
-def tiny_unet(out_channels: int = 3, **options) -> UNet2DModel:
-    torch.manual_seed(0)
-    return UNet2DModel(
+def tiny_unet(seed: int = 0, channels: int = 3, **config) -> UNet2DModel:
+    """A ``UNet2DModel`` in eval mode without gradients: SIZE x SIZE samples with ``channels``
+    channels in and out, two plain blocks of 8 and 16 channels, one layer each; ``config``
+    overrides or adds any ``UNet2DModel`` option. Its weights are drawn right after
+    ``torch.manual_seed(seed)``."""
+    torch.manual_seed(seed)
+    options = dict(
         sample_size=SIZE,
-        in_channels=3,
-        out_channels=out_channels,
-        block_out_channels=(8, 16),
+        in_channels=channels,
+        out_channels=channels,
         layers_per_block=1,
+        block_out_channels=(8, 16),
+        norm_num_groups=4,
         down_block_types=("DownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "UpBlock2D"),
-        norm_num_groups=4,
-        **options,
-    ).eval()
+    )
+    return UNet2DModel(**{**options, **config}).eval().requires_grad_(False)
 
 
 def tiny_cond_unet() -> UNet2DConditionModel:
@@ -84,3 +90,18 @@ def tiny_pipeline(folder: Path) -> Path:
     scheduler = DDPMScheduler(num_train_timesteps=1000)
     DDPMPipeline(unet=tiny_unet(), scheduler=scheduler).save_pretrained(folder)
     return folder
+
+
+def edited_copy(src: Path, dst: Path, file: str, **changes) -> Path:
+    """A copy of the pipeline folder ``src`` at ``dst`` with keys of one JSON file changed (a
+    value of None removes the key)."""
+    shutil.copytree(src, dst)
+    p = dst / file
+    cfg = json.loads(p.read_text())
+    for k, v in changes.items():
+        if v is None:
+            cfg.pop(k, None)
+        else:
+            cfg[k] = v
+    p.write_text(json.dumps(cfg))
+    return dst

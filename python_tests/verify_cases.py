@@ -216,16 +216,33 @@ def assert_verify_matches_reference(got, y, mq, mp, sigma, u, lengths, dtype, or
 # The ahead-of-time (no GPU) checks of the Triton kernels run a script in a subprocess without
 # TRITON_INTERPRET. Where a script says "# @AOT_STANDIN@", a stand-in driver reports an sm_90
 # target (the script's T) and 132 SMs, so Inductor's tracing and Triton's mutation analysis run
-# on a CPU machine, under a FakeTensorMode ``mode``.
+# on a CPU machine, under a FakeTensorMode ``mode``; ``trace_hops(f, *args)`` returns the forward
+# graph AOTAutograd makes of ``f`` and its triton kernel HOPs.
 AOT_STANDIN = """class _Driver:
     def get_current_target(self):
         return T
 triton.runtime.driver.set_active(_Driver())
 import specdiff_kernels.ops.triton._launch as _launch
 _launch._num_sms_of = lambda t, i: 132
+import warnings
 from torch._subclasses import FakeTensorMode
 from functorch.compile import aot_function
 mode = FakeTensorMode(allow_non_fake_inputs=True)
+
+def trace_hops(f, *args):
+    graphs = []
+    def fw(gm, ins):
+        graphs.append(gm)
+        return gm
+    with mode, warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        try:
+            aot_function(f, fw_compiler=fw)(*args)
+        except RuntimeError as err:  # a CPU-only torch cannot run the fake graph; tracing is done
+            if "not linked with support for cuda" not in str(err) or not graphs:
+                raise
+    gm = graphs[0]
+    return gm, [nd for nd in gm.graph.nodes if "triton_kernel_wrapper" in str(nd.target)]
 """
 
 

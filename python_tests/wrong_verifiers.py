@@ -71,6 +71,11 @@ class VerifyFreshFromP:
 WRONG = {"always_accept": verify_always_accept, "keep_draft": verify_keep_draft_on_reject}
 
 
+def wrong_verifier(name: str, fresh_seed: int):
+    """``WRONG[name]``, or for ``"fresh_from_p"`` a ``VerifyFreshFromP(fresh_seed)``."""
+    return VerifyFreshFromP(fresh_seed) if name == "fresh_from_p" else WRONG[name]
+
+
 # ---------------------------------------------------------------- the static path's verify
 # The static round calls the fused ``verify_frozen`` op (StaticRound._verify), not ``verify_fn``:
 # these WRONG variants replace that method (tests patch it with monkeypatch).

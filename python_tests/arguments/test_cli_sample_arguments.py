@@ -26,7 +26,7 @@ from diffusers import (  # noqa: E402
 )
 from refusal import cli_error as command_error  # noqa: E402
 from refusal import one_line  # noqa: E402
-from tiny_diffusers import SIZE, tiny_dit, tiny_pipeline  # noqa: E402
+from tiny_diffusers import SIZE, tiny_dit  # noqa: E402
 
 from specdiff_kernels.cli import sample as sample_cmd  # noqa: E402
 from specdiff_kernels.integrations.diffusers import diffusers_transitions  # noqa: E402
@@ -42,11 +42,6 @@ def cli_error(argv, capsys) -> str:
     last = command_error(argv, capsys)
     assert last.startswith("specdiff sample: error: argument ")
     return last
-
-
-@pytest.fixture(scope="module")
-def pipe_dir(tmp_path_factory) -> Path:
-    return tiny_pipeline(tmp_path_factory.mktemp("pipe"))
 
 
 def with_scheduler(src: Path, dst: Path, config: dict) -> Path:

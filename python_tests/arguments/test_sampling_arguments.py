@@ -18,7 +18,8 @@ import math
 import numpy as np
 import pytest
 import torch
-from refusal import ABAR, bad_steps, check, gen, one_line, vary
+from preamble import ABAR, gen
+from refusal import bad_steps, check, one_line, vary
 
 from specdiff_kernels import models
 from specdiff_kernels.models.gmm import GMMDenoiser, make_gmm
@@ -178,7 +179,7 @@ def test_sample_arguments_refused_before_the_model_runs(sampler_cls, case):
     if case == "cuda_without_gpu" and torch.cuda.is_available():
         pytest.skip("a GPU is present")
     kwargs, exc, match = SAMPLE_CASES[case]
-    kwargs = {"generator": gen(), **kwargs}
+    kwargs = {"generator": gen(0), **kwargs}
     model = Counting()
     with pytest.raises(exc, match=match) as err:
         sampler_cls(model, transitions()).sample(**kwargs)
@@ -196,12 +197,12 @@ def test_dtype_and_device_with_x_init(sampler_cls):
     def make():
         return sampler_cls(Counting(), transitions(), **kw)
 
-    x = torch.randn(3, D, generator=gen(), dtype=torch.float64)
-    ref = make().sample(x_init=x, generator=gen()).samples
+    x = torch.randn(3, D, generator=gen(0), dtype=torch.float64)
+    ref = make().sample(x_init=x, generator=gen(0)).samples
     assert ref.dtype == torch.float64
-    same = make().sample(x_init=x, dtype=torch.float64, device="cpu", generator=gen())
+    same = make().sample(x_init=x, dtype=torch.float64, device="cpu", generator=gen(0))
     assert torch.equal(same.samples, ref)
-    listed = make().sample(x_init=x.tolist(), dtype=torch.float64, generator=gen())
+    listed = make().sample(x_init=x.tolist(), dtype=torch.float64, generator=gen(0))
     assert torch.equal(listed.samples, ref)
     assert make().sample(2, (D,)).samples.dtype == torch.float32
 
@@ -266,7 +267,7 @@ def test_verify_fn_result_checked(wrap, kind):
         TypeError, match=rf"^verify_fn returned {kind}, which has no tensor 'num_accepted'"
     ) as err:
         SpeculativeSampler(Counting(), transitions(), verify_fn=bad).sample(
-            2, (D,), generator=gen()
+            2, (D,), generator=gen(0)
         )
     one_line(err)
 
@@ -274,10 +275,10 @@ def test_verify_fn_result_checked(wrap, kind):
         return speculative_verify(*args, **kwargs)
 
     a = SpeculativeSampler(Counting(), transitions(), window=4, verify_fn=good).sample(
-        2, (D,), generator=gen()
+        2, (D,), generator=gen(0)
     )
     b = SpeculativeSampler(Counting(), transitions(), window=4, path="ragged").sample(
-        2, (D,), generator=gen()
+        2, (D,), generator=gen(0)
     )
     assert torch.equal(a.samples, b.samples)
 
@@ -314,8 +315,8 @@ def test_window_longer_than_the_schedule_is_clamped():
     T = transitions()
     huge = SpeculativeSampler(Counting(), T, window=10_000)
     assert huge.window == STEPS - 1
-    a = huge.sample(3, (D,), generator=gen())
-    b = SpeculativeSampler(Counting(), T, window=STEPS - 1).sample(3, (D,), generator=gen())
+    a = huge.sample(3, (D,), generator=gen(0))
+    b = SpeculativeSampler(Counting(), T, window=STEPS - 1).sample(3, (D,), generator=gen(0))
     assert a.stats.window == STEPS - 1
     assert torch.equal(a.samples, b.samples)
     adaptive = SpeculativeSampler(Counting(), T, window=AdaptiveWindow(max_window=64))
@@ -355,7 +356,7 @@ def test_bad_model_output_refused_at_its_first_call(sampler_cls, case):
     wrap, exc, match = MODEL_CASES[case]
     model = Counting(wrap)
     with pytest.raises(exc, match=match) as err:
-        sampler_cls(model, transitions()).sample(2, (D,), generator=gen())
+        sampler_cls(model, transitions()).sample(2, (D,), generator=gen(0))
     one_line(err)
     assert model.calls == 1
 
@@ -364,7 +365,7 @@ def test_bad_draft_model_output_is_named_draft():
     draft = Counting(lambda out: out.double())
     with pytest.raises(TypeError, match=r"^draft model returned dtype torch.float64") as err:
         SpeculativeSampler(Counting(), transitions(), DraftModelDraft(draft)).sample(
-            2, (D,), generator=gen()
+            2, (D,), generator=gen(0)
         )
     one_line(err)
     assert draft.calls == 1
