@@ -187,7 +187,8 @@ struct Round {
 
 void check_round_tensors(const char* op, const RoundInputs& in) {
   check_cpu_float(in.frozen, op, "frozen");
-  TORCH_CHECK(in.frozen.sizes() == in.root.sizes() && in.frozen.scalar_type() == in.root.scalar_type(),
+  TORCH_CHECK(in.frozen.sizes() == in.root.sizes() &&
+                  in.frozen.scalar_type() == in.root.scalar_type(),
               op, ": frozen must match the root states' shape and dtype, got ", in.frozen.sizes(),
               " ", in.frozen.scalar_type(), " vs ", in.root.sizes(), " ", in.root.scalar_type());
   if (in.prev.has_value()) {
@@ -229,9 +230,19 @@ Round check_round(const char* op, const RoundInputs& in, bool stochastic_only) {
   std::vector<uint32_t> chain = check_chain_ids(in.chain_ids, op, B);
   std::vector<int64_t> step = check_range(in.steps, op, "steps", B, 0, N);
   std::vector<int64_t> length = check_range(in.lengths, op, "lengths", B, 0, in.window);
-  Round r{B,           D,           N,         in.window,          std::move(step),
-          std::move(length), std::move(chain), Key(seed), Layout(D), in.coef.contiguous(),
-          in.freeze == kFreezeEps, in.prev.has_value(), in.clip};
+  Round r{B,
+          D,
+          N,
+          in.window,
+          std::move(step),
+          std::move(length),
+          std::move(chain),
+          Key(seed),
+          Layout(D),
+          in.coef.contiguous(),
+          /*eps=*/in.freeze == kFreezeEps,
+          /*multistep=*/in.prev.has_value(),
+          in.clip};
   if (stochastic_only) check_stochastic_windows(op, r);
   return r;
 }

@@ -1,10 +1,11 @@
 // CPU kernels for the speculative-verify ops (docs/design.md §3, §4).
 //
-// Work is split into tasks of (chain, event block). The block size is a constant, not a function of
-// the thread count, so every reduction is summed in the same order whatever the parallelism: results
-// are bit-for-bit reproducible across machines running the same instruction-set variant (cpu_isa.h:
-// the lanes of a block's sums depend on the vector width). Within a block the sums are
-// accumulated in acc_type (cpu_kernel_common.h); blocks are combined in fp64.
+// The sums of a row (chain, step) are taken over event blocks of kBlock elements, each block in
+// kLanes fixed lanes of acc_type (cpu_kernel_common.h), the blocks then combined in block order in
+// fp64. Neither the block nor the lanes depend on the thread count or on how the work is split
+// into tasks (a task per chain, or per row and block), so every result is bit-for-bit
+// reproducible across machines running the same instruction-set variant (cpu_isa.h: the wide
+// variants contract multiply-adds into FMAs).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -173,7 +174,8 @@ struct ChainCommit {
 
 // Block k of the committed state of one chain (out points at its row of next_state).
 template <typename scalar_t, typename acc_t = acc_type<scalar_t>>
-inline void commit_block(const Window<scalar_t>& w, const ChainCommit& c, scalar_t* out, int64_t k) {
+inline void commit_block(const Window<scalar_t>& w, const ChainCommit& c, scalar_t* out,
+                         int64_t k) {
   const int64_t lo = k * kBlock, len = std::min(kBlock, w.D - lo);
   const int64_t off = w.offset(c.chain, c.step) + lo;
   if (c.reflect) {
@@ -225,7 +227,8 @@ at::Tensor gaussian_log_ratio_cpu(const at::Tensor& draft_states, const at::Tens
   const int64_t nb = num_blocks(D);
   const double* sp = s.data_ptr<double>();
   float* o = out.data_ptr<float>();
-  for (int64_t row = 0; row < B * L; ++row) o[row] = static_cast<float>(log_ratio_of(sum_blocks(parts, row, nb), sp[row]));
+  for (int64_t row = 0; row < B * L; ++row)
+    o[row] = static_cast<float>(log_ratio_of(sum_blocks(parts, row, nb), sp[row]));
   return out;
 }
 
@@ -325,28 +328,55 @@ SPECDIFF_NOINLINE ChainCommit decide(const Rule& rule, const Decisions& out, int
   return ChainCommit{c, n - 1, false, 1.0};
 }
 
-// The fused path (enough chains for every thread): one task per chain runs all three steps, so the
-// commit re-reads its row while it is still in this core's cache and there is one parallel region.
+// The log ratio of step j of chain c, written out. Not inlined into the task bodies: its fp64
+// arithmetic stays the portable one (no FMA contraction), as in decide().
+SPECDIFF_NOINLINE double step_log_ratio(const Rule& rule, const Decisions& out, int64_t c,
+                                        int64_t j, int64_t L, const SumPair& ab) {
+  const double lr = log_ratio_of(ab, rule.sigma[c * L + j]);
+  out.log_ratio[c * L + j] = static_cast<float>(lr);
+  return lr;
+}
+
+// <d, r> and ||d||^2 of row (c, j): its blocks combined in block order, as sum_blocks does.
+template <typename scalar_t>
+inline SumPair row_sums(const Window<scalar_t>& w, int64_t c, int64_t j, int64_t nb) {
+  SumPair s;
+  for (int64_t k = 0; k < nb; ++k) {
+    const SumPair p = row_block_sums(w, c, j, k);
+    s.a += p.a;
+    s.b += p.b;
+  }
+  return s;
+}
+
+// Chain c in one task, its steps in order: the step that decides the commit (the first rejected
+// one, or the last of the window) is committed as soon as its sums are known, while its rows are
+// still in this core's cache; the later steps only add their log ratios.
+template <typename scalar_t>
+inline void verify_chain(const Window<scalar_t>& w, const Rule& rule, const Decisions& out,
+                         scalar_t* next_state, int64_t c) {
+  const int64_t nb = num_blocks(w.D), n = rule.n[c];
+  bool open = n > 0;
+  for (int64_t j = 0; j < w.L; ++j) {
+    const SumPair ab = row_sums(w, c, j, nb);
+    const double lr = step_log_ratio(rule, out, c, j, w.L, ab);
+    if (!open) continue;
+    const bool accepted = accepts(lr, rule.u[c * w.L + j]);
+    if (accepted && j < n - 1) continue;
+    const ChainCommit commit = accepted ? ChainCommit{c, j, false, 1.0}
+                                        : ChainCommit{c, j, true, reflection_coef(ab)};
+    out.num_accepted[c] = accepted ? n : j;
+    for (int64_t k = 0; k < nb; ++k) commit_block(w, commit, next_state + c * w.D, k);
+    open = false;
+  }
+}
+
+// The fused path (enough chains for every thread): one task per chain, one parallel region.
 template <typename scalar_t>
 void verify_by_chain(const Window<scalar_t>& w, const Rule& rule, const Decisions& out,
                      scalar_t* next_state) {
-  const int64_t nb = num_blocks(w.D), L = w.L;
   cpu::parallel_for_isa(w.B, [&](int64_t begin, int64_t end) {
-    std::vector<SumPair> ab(static_cast<size_t>(L));
-    std::vector<double> lr(static_cast<size_t>(L));
-    for (int64_t c = begin; c < end; ++c) {
-      for (int64_t j = 0; j < L; ++j) {
-        SumPair s;  // the blocks combined in block order, as sum_blocks does
-        for (int64_t k = 0; k < nb; ++k) {
-          const SumPair p = row_block_sums(w, c, j, k);
-          s.a += p.a;
-          s.b += p.b;
-        }
-        ab[j] = s;
-      }
-      const ChainCommit commit = decide(rule, out, c, L, ab.data(), lr.data());
-      for (int64_t k = 0; k < nb; ++k) commit_block(w, commit, next_state + c * w.D, k);
-    }
+    for (int64_t c = begin; c < end; ++c) verify_chain(w, rule, out, next_state, c);
   });
 }
 
@@ -394,8 +424,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> speculative_verify_cpu(
   if (B == 0) return {num_accepted, next_state, log_ratio};
   const Rule rule{s.data_ptr<double>(), u.data_ptr<double>(), n.data()};
   const Decisions out{log_ratio.data_ptr<float>(), num_accepted.data_ptr<int64_t>()};
-  // chains per thread enough to balance the load: else split the rows too (same sums either way)
-  const bool by_chain = B >= 4 * at::get_num_threads();
+  // enough chains per thread to balance the load, else split the rows too (same sums either way)
+  const int64_t threads = at::get_num_threads();
+  const bool by_chain = threads == 1 || B >= 4 * threads;
   SPECDIFF_DISPATCH_FLOATING(y.scalar_type(), "speculative_verify", [&] {
     const Window<scalar_t> w{y.data_ptr<scalar_t>(), mq.data_ptr<scalar_t>(),
                              mp.data_ptr<scalar_t>(), B, L, D};
