@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from typing import Callable
 
 import _common as common
@@ -70,14 +69,10 @@ def make_round(B: int, L: int, D: int, device: str, dtype=torch.float32):
 
 def fused_round(a: dict, draft_only: bool = False):
     common_args = (a["steps"], a["lengths"], a["coef"], a["seed"], a["ids"])
-    Y = torch.ops.specdiff.frozen_draft(
-        a["root"], a["frozen"], *common_args, a["L"], 0, a["clip"]
-    )
+    Y = torch.ops.specdiff.frozen_draft(a["root"], a["frozen"], *common_args, a["L"], 0, a["clip"])
     if draft_only:
         return Y
-    return Y, torch.ops.specdiff.verify_frozen(
-        Y, a["P"], a["frozen"], *common_args, 0, a["clip"]
-    )
+    return Y, torch.ops.specdiff.verify_frozen(Y, a["P"], a["frozen"], *common_args, 0, a["clip"])
 
 
 def composed_round(T):
@@ -149,33 +144,6 @@ def with_capability(cap: str, fn: Callable[[], object]) -> Callable[[], object]:
     return run
 
 
-def calls_per_sample(fn: Callable[[], object]) -> int:
-    for _ in range(3):  # warm-up (the first call compiles)
-        fn()
-    t0 = time.perf_counter()
-    fn()
-    return max(1, round(SAMPLE_S / max(time.perf_counter() - t0, 1e-7)))
-
-
-def cpu_samples(impls: Impls, reps: int) -> dict[str, list[float]]:
-    """Seconds per call: one sample per implementation per repetition, interleaved."""
-    calls = {k: calls_per_sample(fn) for k, fn in impls.items()}
-
-    def run(key: str) -> float:
-        fn, n = impls[key], calls[key]
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        return (time.perf_counter() - t0) / n
-
-    return common.interleaved(run, list(impls), reps)
-
-
-def paired_ratio(num: list[float], den: list[float]) -> dict:
-    t = common.Timing.of([a / b for a, b in zip(num, den)])
-    return {"median": t.median, "q20": t.q20, "q80": t.q80}
-
-
 def bytes_fused(a: dict) -> int:
     B, D = a["root"].shape
     return (2 * a["L"] + 9) * B * D * 4
@@ -185,14 +153,14 @@ def measure_cpu(T, a: dict, reps: int, eager: bool) -> dict:
     impls = implementations(T, a, "cpu", eager)
     for cap in backends.cpu_capabilities():
         impls[f"fused[{cap}]"] = with_capability(cap, lambda: fused_round(a))
-    times = cpu_samples(impls, reps)
+    times = common.interleaved_per_call(impls, reps, SAMPLE_S)
     row = {name: common.Timing.of(ts).ms() for name, ts in times.items()}
     row["fused_by_capability"] = {
         k[len("fused[") : -1]: row.pop(k) for k in list(row) if k.startswith("fused[")
     }
-    row["vs_compiled"] = paired_ratio(times["compiled"], times["fused"])
-    row["vs_compiled_given"] = paired_ratio(times["compiled_given"], times["fused"])
-    row["of_sum_bw"] = paired_ratio(times["sum"], times["fused"])
+    row["vs_compiled"] = common.paired_ratio(times["compiled"], times["fused"])
+    row["vs_compiled_given"] = common.paired_ratio(times["compiled_given"], times["fused"])
+    row["of_sum_bw"] = common.paired_ratio(times["sum"], times["fused"])
     return row
 
 
@@ -212,7 +180,13 @@ def measure_cuda(T, a: dict, eager: bool) -> dict:
 
 def bench_size(B: int, L: int, D: int, device: str, reps: int, eager: bool) -> dict:
     T, a = make_round(B, L, D, device)
-    row = {"B": B, "L": L, "D": D, "threads": torch.get_num_threads(), "bytes_fused": bytes_fused(a)}
+    row = {
+        "B": B,
+        "L": L,
+        "D": D,
+        "threads": torch.get_num_threads(),
+        "bytes_fused": bytes_fused(a),
+    }
     row |= measure_cpu(T, a, reps, eager) if device == "cpu" else measure_cuda(T, a, eager)
     row["fused_GBps"] = row["bytes_fused"] / (row["fused"]["ms"] * 1e-3) / 1e9
     common.log(

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -94,47 +93,18 @@ def implementations(case: Case, eager: bool, compile_: bool) -> dict[str, Callab
     return impls
 
 
-def calls_per_sample(fn: Callable[[], object]) -> int:
-    """Calls that last about SAMPLE_S, after warm-up calls (the first compiles)."""
-    for _ in range(3):
-        fn()
-    t0 = time.perf_counter()
-    fn()
-    return max(1, round(SAMPLE_S / max(time.perf_counter() - t0, 1e-7)))
-
-
-def sample_times(impls: dict[str, Callable[[], object]], reps: int) -> dict[str, list[float]]:
-    """Seconds per call, one sample per implementation per repetition (interleaved)."""
-    calls = {k: calls_per_sample(fn) for k, fn in impls.items()}
-
-    def run(key: str) -> float:
-        fn, n = impls[key], calls[key]
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        return (time.perf_counter() - t0) / n
-
-    return common.interleaved(run, list(impls), reps)
-
-
-def paired_ratio(num: list[float], den: list[float]) -> dict:
-    """Median and 20-80% quantiles of num[i] / den[i] over the repetitions."""
-    t = common.Timing.of([a / b for a, b in zip(num, den)])
-    return {"median": t.median, "q20": t.q20, "q80": t.q80}
-
-
 def measure(case: Case, threads: int, reps: int, eager: bool, compile_: bool) -> dict:
-    times = sample_times(implementations(case, eager, compile_), reps)
+    times = common.interleaved_per_call(implementations(case, eager, compile_), reps, SAMPLE_S)
     row = {"B": case.B, "L": case.L, "D": case.D, "dtype": str(case.dtype).split(".")[-1]}
     row |= {"threads": threads, "bytes": case.input_bytes, "reps": reps}
     for name, ts in times.items():
         t = common.Timing.of(ts)
         row[name] = {**t.ms(), "GBps": case.input_bytes / t.median / 1e9}
-    row["of_sum_bw"] = paired_ratio(times["sum"], times["cpp"])
+    row["of_sum_bw"] = common.paired_ratio(times["sum"], times["cpp"])
     if "compiled" in times:
-        row["vs_compiled"] = paired_ratio(times["compiled"], times["cpp"])
+        row["vs_compiled"] = common.paired_ratio(times["compiled"], times["cpp"])
     if "eager" in times:
-        row["vs_eager"] = paired_ratio(times["eager"], times["cpp"])
+        row["vs_eager"] = common.paired_ratio(times["eager"], times["cpp"])
     return row
 
 
@@ -202,10 +172,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--eager", action="store_true", help="also time the uncompiled reference")
     ap.add_argument("--threads", default="1,2", help="intra-op thread counts, comma-separated")
     ap.add_argument("--reps", type=int, default=200, help="repetitions at the headline size")
+    ap.add_argument("--sweep-reps", type=int, default=40, help="repetitions at each sweep size")
     ap.add_argument(
-        "--sweep-reps", type=int, default=40, help="repetitions at each sweep size"
+        "--out", default=None, help="output path stem (default: bench/results/verify_cpu)"
     )
-    ap.add_argument("--out", default=None, help="output path stem (default: bench/results/verify_cpu)")
     args = ap.parse_args(argv)
     try:
         args.threads = [int(t) for t in args.threads.split(",")]
@@ -243,7 +213,9 @@ def main(argv=None) -> int:
         },
     }
     common.write_results(
-        common.out_stem(args.out, "verify_cpu"), {"meta": meta, "rows": rows}, to_markdown(meta, rows)
+        common.out_stem(args.out, "verify_cpu"),
+        {"meta": meta, "rows": rows},
+        to_markdown(meta, rows),
     )
     return 0
 
