@@ -136,6 +136,37 @@ def interleaved(
     return times
 
 
+def interleaved_per_call(
+    impls: dict[str, Callable[[], object]], reps: int, sample_s: float = 2e-3
+) -> dict[str, list[float]]:
+    """Seconds per call of each implementation, ``reps`` samples each, interleaved (see
+    ``interleaved``); a sample times as many back-to-back calls as last about ``sample_s``
+    (counted after three warm-up calls, the first of which may compile)."""
+    calls = {}
+    for key, fn in impls.items():
+        for _ in range(3):
+            fn()
+        t0 = time.perf_counter()
+        fn()
+        calls[key] = max(1, round(sample_s / max(time.perf_counter() - t0, 1e-7)))
+
+    def run(key: str) -> float:
+        fn, n = impls[key], calls[key]
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        return (time.perf_counter() - t0) / n
+
+    return interleaved(run, list(impls), reps)
+
+
+def paired_ratio(num: list[float], den: list[float]) -> dict:
+    """Median and 20-80% quantiles of ``num[i] / den[i]``: the ratio within each repetition of
+    interleaved timings, whose calls ran close together under the same load."""
+    t = Timing.of([a / b for a, b in zip(num, den)])
+    return {"median": t.median, "q20": t.q20, "q80": t.q80}
+
+
 def medians(times: dict[K, list[float]]) -> dict[K, float]:
     return {k: statistics.median(ts) for k, ts in times.items()}
 

@@ -1,20 +1,35 @@
-"""CPU microbenchmark of the fused speculative_verify op (not a test).
+"""CPU microbenchmark of the fused speculative_verify op against its floor and torch.compile
+(not a test).
 
-Compares the C++ kernel against the eager PyTorch reference and torch.compile(reference), reports
-median time, effective bandwidth (3·B·L·D·elt bytes read / time) and the fraction of this machine's
-read bandwidth, measured in the same run with a large ``x.sum()``.
+Side by side in one run, interleaved (a fresh random order in every repetition, so that other
+jobs' load falls on all of them alike), at each thread count:
 
-    python bench/bench_verify.py            # headline size + sweep, writes bench/results/verify_cpu.{json,md}
-    python bench/bench_verify.py --quick    # headline size only
+* ``cpp``: ``torch.ops.specdiff.speculative_verify`` (the C++ kernel);
+* ``sum``: ``x.sum()`` over a tensor of the same bytes as the op's three inputs: the floor, a
+  pass that only reads them;
+* ``compiled``: ``torch.compile`` of the plain PyTorch verify (ops/reference/verify.py);
+* ``eager``: that reference uncompiled (with ``--eager``; slow).
+
+Reported per implementation: the median time per call with its 20-80% quantiles and the input
+bandwidth (3·B·L·D·elt bytes / median). The ratios are medians over the repetitions of each
+repetition's own ratio (its calls ran seconds apart, under the same load): ``of_sum_bw`` = sum
+time / cpp time (the op's bandwidth as a fraction of the sum's) and ``vs_compiled`` = compiled
+time / cpp time.
+
+    python bench/bench_verify.py                  # 1 and 2 threads, headline + sweep
+    python bench/bench_verify.py --quick          # headline size (B=64, L=8, D=3072) only
+    python bench/bench_verify.py --threads 1 --reps 400
     python bench/bench_verify.py --device cuda [--quick ...]   # = bench/bench_verify_cuda.py
+
+Writes bench/results/verify_cpu.{json,md} (``--out`` for another path stem).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import os
 import sys
+from dataclasses import dataclass
+from typing import Callable
 
 import _common as common
 import torch
@@ -32,86 +47,112 @@ SWEEP = [
     (1, 8, 3 * 256 * 256),
     (8, 8, 4 * 64 * 64),
     (64, 8, 4 * 64 * 64),
-    (256, 16, 4 * 64 * 64),
 ]
-READ_NUMEL = 1 << 27  # 512 MiB of fp32: far beyond the caches
+SAMPLE_S = 2e-3  # each timed sample runs enough calls to last about this long
 
 
-def make_inputs(B: int, L: int, D: int, dtype=torch.float32, seed: int = 0):
+@dataclass(frozen=True)
+class Case:
+    B: int
+    L: int
+    D: int
+    dtype: torch.dtype = torch.float32
+
+    @property
+    def input_bytes(self) -> int:
+        return 3 * self.B * self.L * self.D * torch.empty((), dtype=self.dtype).element_size()
+
+    def label(self) -> str:
+        return f"B={self.B:4d} L={self.L:3d} D={self.D:7d}"
+
+
+def make_inputs(case: Case, seed: int = 0) -> tuple:
+    B, L, D = case.B, case.L, case.D
     g = torch.Generator().manual_seed(seed)
-    mq = torch.randn(B, L, D, generator=g).to(dtype)
-    mp = (mq.float() + 0.5 / D**0.5 * torch.randn(B, L, D, generator=g)).to(dtype)
-    y = (mq.float() + torch.randn(B, L, D, generator=g)).to(dtype)
-    sigma = torch.ones(B, L)
-    u = torch.rand(B, L, generator=g)
-    return y, mq, mp, sigma, u
+    mq = torch.randn(B, L, D, generator=g)
+    mp = mq + 0.5 / D**0.5 * torch.randn(B, L, D, generator=g)
+    y = mq + torch.randn(B, L, D, generator=g)
+    sigma, u = torch.ones(B, L), torch.rand(B, L, generator=g)
+    return tuple(t.to(case.dtype) for t in (y, mq, mp)) + (sigma, u)
 
 
-def bench_size(B: int, L: int, D: int, read_bw: float, dtype=torch.float32, compiled=None) -> dict:
-    args = make_inputs(B, L, D, dtype)
-    elt = torch.empty((), dtype=dtype).element_size()
-    nbytes = 3 * B * L * D * elt
-    row = {"B": B, "L": L, "D": D, "dtype": str(dtype).replace("torch.", ""), "bytes": nbytes}
+def implementations(case: Case, eager: bool, compile_: bool) -> dict[str, Callable[[], object]]:
+    args = make_inputs(case)
+    flat = torch.randn(case.input_bytes // torch.empty((), dtype=case.dtype).element_size())
+    flat = flat.to(case.dtype)
     impls = {
         "cpp": lambda: torch.ops.specdiff.speculative_verify(*args, None),
-        "eager_reference": lambda: reference.speculative_verify(*args),
+        "sum": lambda: flat.sum(),
     }
-    if compiled is not None:
-        impls["compiled_reference"] = lambda: compiled(*args)
-    for name, fn in impls.items():
-        t = common.time_cpu(fn)
-        row[name] = {
-            **dataclasses.asdict(t),
-            "ms": t.median * 1e3,
-            "GBps": nbytes / t.median / 1e9,
-            "frac_read_bw": nbytes / t.median / read_bw,
-        }
-    row["speedup_vs_eager"] = row["eager_reference"]["median"] / row["cpp"]["median"]
-    if "compiled_reference" in row:
-        row["speedup_vs_compiled"] = row["compiled_reference"]["median"] / row["cpp"]["median"]
+    if compile_:
+        torch._dynamo.reset()  # one compile per (threads, size): Inductor bakes the thread count
+        compiled = torch.compile(reference.speculative_verify, dynamic=False)
+        impls["compiled"] = lambda: compiled(*args)
+    if eager:
+        impls["eager"] = lambda: reference.speculative_verify(*args)
+    return impls
+
+
+def measure(case: Case, threads: int, reps: int, eager: bool, compile_: bool) -> dict:
+    times = common.interleaved_per_call(implementations(case, eager, compile_), reps, SAMPLE_S)
+    row = {"B": case.B, "L": case.L, "D": case.D, "dtype": str(case.dtype).split(".")[-1]}
+    row |= {"threads": threads, "bytes": case.input_bytes, "reps": reps}
+    for name, ts in times.items():
+        t = common.Timing.of(ts)
+        row[name] = {**t.ms(), "GBps": case.input_bytes / t.median / 1e9}
+    row["of_sum_bw"] = common.paired_ratio(times["sum"], times["cpp"])
+    if "compiled" in times:
+        row["vs_compiled"] = common.paired_ratio(times["compiled"], times["cpp"])
+    if "eager" in times:
+        row["vs_eager"] = common.paired_ratio(times["eager"], times["cpp"])
     return row
 
 
 def describe(row: dict) -> str:
-    cpp = row["cpp"]
     text = (
-        f"B={row['B']:4d} L={row['L']:3d} D={row['D']:7d}: cpp {cpp['ms']:8.3f} ms "
-        f"({cpp['GBps']:6.1f} GB/s, {100 * cpp['frac_read_bw']:4.0f}% of read BW) "
-        f"| eager {row['eager_reference']['ms']:8.3f} ms (x{row['speedup_vs_eager']:.1f})"
+        f"{row['threads']}t B={row['B']:4d} L={row['L']:3d} D={row['D']:7d}: "
+        f"cpp {row['cpp']['ms']:.3f} ms ({row['cpp']['GBps']:.1f} GB/s) | "
+        f"sum {row['sum']['ms']:.3f} ms | cpp of sum BW {row['of_sum_bw']['median']:.2f}"
     )
-    if "compiled_reference" in row:
+    if "vs_compiled" in row:
         text += (
-            f" | compiled {row['compiled_reference']['ms']:8.3f} ms "
-            f"(x{row['speedup_vs_compiled']:.2f})"
+            f" | compiled {row['compiled']['ms']:.3f} ms, cpp x{row['vs_compiled']['median']:.2f}"
         )
     return text
 
 
+def _ratio_cell(r: dict | None) -> str:
+    return "-" if r is None else f"{r['median']:.2f} ({r['q20']:.2f}-{r['q80']:.2f})"
+
+
+def _time_cell(t: dict | None) -> str:
+    return "-" if t is None else f"{t['ms']:.3f} ({t['q20']:.3f}-{t['q80']:.3f})"
+
+
 def to_markdown(meta: dict, rows: list[dict]) -> str:
-    load = meta.get("load_average") or meta.get("load_average_at_start") or []
+    load = meta.get("load_average") or []
     lines = [
-        f"# speculative_verify on CPU ({meta['cpu']}, {meta['threads']} threads)",
+        f"# speculative_verify on CPU ({meta['cpu']}, {meta['cores']} cores)",
         "",
-        f"Load average when the run started: {', '.join(f'{v:.2f}' for v in load) or '-'}.",
+        f"torch {meta['torch']}, C++ kernels' ISA `{meta['cpu_capability']}`. Load average when "
+        f"the run started: {', '.join(f'{v:.2f}' for v in load) or '-'} (other jobs share the "
+        "cores: the quantiles show the spread). Command: "
+        f"`{meta['command']}`",
         "",
-        f"torch {meta['torch']}; measured read bandwidth (x.sum over 512 MiB fp32): "
-        f"{meta['read_bw_GBps']:.1f} GB/s. Command: `{meta['command']}`",
+        "Times: median ms per call (20-80% quantiles). `sum`: `x.sum()` over the op's input bytes "
+        "(the read floor). Ratios: median over the repetitions of each repetition's ratio "
+        "(20-80%): `of sum BW` = sum time / cpp time, `vs compiled` = compiled time / cpp time.",
         "",
-        "| B | L | D | dtype | C++ ms | C++ GB/s | % read BW | eager ms | compiled ms | "
-        "× eager | × compiled |",
+        "| threads | B | L | D | cpp ms | cpp GB/s | sum ms | compiled ms | of sum BW | "
+        "vs compiled | reps |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        comp = r.get("compiled_reference")
         lines.append(
-            f"| {r['B']} | {r['L']} | {r['D']} | {r['dtype']} | {r['cpp']['ms']:.3f} | "
-            f"{r['cpp']['GBps']:.1f} | {100 * r['cpp']['frac_read_bw']:.0f}% | "
-            f"{r['eager_reference']['ms']:.3f} | "
-            + (
-                f"{comp['ms']:.3f} | {r['speedup_vs_eager']:.1f} | {r['speedup_vs_compiled']:.2f} |"
-                if comp
-                else f"- | {r['speedup_vs_eager']:.1f} | - |"
-            )
+            f"| {r['threads']} | {r['B']} | {r['L']} | {r['D']} | {_time_cell(r['cpp'])} | "
+            f"{r['cpp']['GBps']:.1f} | {_time_cell(r['sum'])} | "
+            f"{_time_cell(r.get('compiled'))} | {_ratio_cell(r['of_sum_bw'])} | "
+            f"{_ratio_cell(r.get('vs_compiled'))} | {r['reps']} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -128,13 +169,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     ap.add_argument("--quick", action="store_true", help="headline size only")
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile(reference)")
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="intra-op threads")
+    ap.add_argument("--eager", action="store_true", help="also time the uncompiled reference")
+    ap.add_argument("--threads", default="1,2", help="intra-op thread counts, comma-separated")
+    ap.add_argument("--reps", type=int, default=200, help="repetitions at the headline size")
+    ap.add_argument("--sweep-reps", type=int, default=40, help="repetitions at each sweep size")
     ap.add_argument(
-        "--out",
-        default=None,
-        help="output path stem (default: bench/results/verify_cpu_<threads>t)",
+        "--out", default=None, help="output path stem (default: bench/results/verify_cpu)"
     )
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    try:
+        args.threads = [int(t) for t in args.threads.split(",")]
+    except ValueError:
+        ap.error(f"--threads must be comma-separated integers, got {args.threads!r}")
+    return args
 
 
 def main(argv=None) -> int:
@@ -147,25 +194,26 @@ def main(argv=None) -> int:
 
         return cuda_main(["--device", "cuda", *rest])
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    read_bw = common.read_bandwidth(
-        "cpu", READ_NUMEL, lambda fn: common.time_cpu(fn, min_run_time=1.0)
-    )
-    compiled = (
-        None if args.no_compile else torch.compile(reference.speculative_verify, dynamic=False)
-    )
+    meta = common.environment("cpu", __file__, argv)
     rows = []
-    for B, L, D in [HEADLINE] + ([] if args.quick else SWEEP):
-        torch._dynamo.reset()
-        rows.append(bench_size(B, L, D, read_bw, compiled=compiled))
-        common.log(describe(rows[-1]))
-    meta = {
-        **common.environment("cpu", __file__, argv),
-        "read_bw_GBps": read_bw / 1e9,
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        sizes = [(HEADLINE, args.reps)] + [(s, args.sweep_reps) for s in SWEEP] * (not args.quick)
+        for (B, L, D), reps in sizes:
+            rows.append(measure(Case(B, L, D), threads, reps, args.eager, not args.no_compile))
+            common.log(describe(rows[-1]))
+    meta |= {
+        "threads": args.threads,
+        "cpu_capability": backends._C.cpu_capability() if backends.HAS_CPP else None,
         "build_info": backends._C.build_info() if backends.HAS_CPP else None,
+        "summary_headline": {
+            f"{r['threads']}t": {k: r[k]["median"] for k in ("of_sum_bw", "vs_compiled") if k in r}
+            for r in rows
+            if (r["B"], r["L"], r["D"]) == HEADLINE
+        },
     }
     common.write_results(
-        common.out_stem(args.out, f"verify_cpu_{args.threads}t"),
+        common.out_stem(args.out, "verify_cpu"),
         {"meta": meta, "rows": rows},
         to_markdown(meta, rows),
     )

@@ -40,6 +40,14 @@ std::string isa_name(Isa isa);
 #else
 #define SPECDIFF_FLATTEN
 #endif
+// A helper called from a task body that must keep the portable ISA: flatten does not inline it,
+// so its arithmetic is compiled once, without the wide variants' FMA contraction (its results
+// then do not depend on the variant, as when it ran outside the task body).
+#if defined(__GNUC__) || defined(__clang__)
+#define SPECDIFF_NOINLINE __attribute__((noinline))
+#else
+#define SPECDIFF_NOINLINE
+#endif
 #if SPECDIFF_ISA_DISPATCH
 #define SPECDIFF_TARGET_AVX2 __attribute__((target("avx2,fma,bmi,bmi2,f16c"), flatten))
 #define SPECDIFF_TARGET_AVX512 \

@@ -150,58 +150,101 @@ std::vector<int64_t> check_range(const at::Tensor& t, const char* op, const char
   return out;
 }
 
-struct RoundArgs {
-  int64_t B, D, N;
-  std::vector<int64_t> k, n;
-  std::vector<uint32_t> chain;
-  int64_t seed;
-  at::Tensor coef;  // contiguous float64 [9, N]
+// The arguments frozen_draft and verify_frozen share, as their schemas pass them (verify_frozen's
+// root is states[:, 0] and its window the states' L).
+struct RoundInputs {
+  const at::Tensor& root;
+  const at::Tensor& frozen;
+  const at::Tensor& steps;
+  const at::Tensor& lengths;
+  const at::Tensor& coef;
+  const at::Tensor& seed;
+  const at::Tensor& chain_ids;
+  const std::optional<at::Tensor>& prev;
+  int64_t window;
+  int64_t freeze;
+  double clip;
 };
 
-RoundArgs check_round(const char* op, const at::Tensor& root, const at::Tensor& frozen,
-                      const at::Tensor& steps, const at::Tensor& lengths, const at::Tensor& coef,
-                      const at::Tensor& seed, const at::Tensor& chain_ids, int64_t window,
-                      int64_t freeze, double clip, bool stochastic_only,
-                      const std::optional<at::Tensor>& prev) {
-  check_cpu_float(frozen, op, "frozen");
-  TORCH_CHECK(frozen.sizes() == root.sizes() && frozen.scalar_type() == root.scalar_type(), op,
-              ": frozen must match the root states' shape and dtype, got ", frozen.sizes(), " ",
-              frozen.scalar_type(), " vs ", root.sizes(), " ", root.scalar_type());
-  if (prev.has_value()) {
-    check_cpu_float(*prev, op, "prev");
-    TORCH_CHECK(prev->sizes() == root.sizes() && prev->scalar_type() == root.scalar_type(), op,
-                ": prev must match the root states' shape and dtype, got ", prev->sizes(), " ",
-                prev->scalar_type(), " vs ", root.sizes(), " ", root.scalar_type());
+// A round op's checked per-call constants: what every task reads.
+struct Round {
+  int64_t B, D, N, L;                 // chains, event elements, schedule steps, window
+  std::vector<int64_t> step, length;  // per chain: the window's first step k and its length n
+  std::vector<uint32_t> chain;        // per chain: the Philox chain word
+  Key key;
+  Layout lay;
+  at::Tensor coef;  // contiguous float64 [9, N]
+  bool eps;         // the frozen value is an eps (else an x0-hat)
+  bool multistep;   // prev given: the means carry H times the previous prediction
+  double clip;
+
+  const double* table() const { return coef.data_ptr<double>(); }
+  template <typename acc_t> StepCoef<acc_t> at_step(int64_t k) const {
+    return StepCoef<acc_t>(table(), N, k);
   }
-  check_cpu(coef, op, "coef");
-  TORCH_CHECK(coef.scalar_type() == at::kDouble && coef.dim() == 2 && coef.size(0) == kNumRows &&
-                  coef.size(1) >= 1,
+  double std_at(int64_t k) const { return table()[kStd * N + std::min(k, N - 1)]; }
+};
+
+void check_round_tensors(const char* op, const RoundInputs& in) {
+  check_cpu_float(in.frozen, op, "frozen");
+  TORCH_CHECK(in.frozen.sizes() == in.root.sizes() &&
+                  in.frozen.scalar_type() == in.root.scalar_type(),
+              op, ": frozen must match the root states' shape and dtype, got ", in.frozen.sizes(),
+              " ", in.frozen.scalar_type(), " vs ", in.root.sizes(), " ", in.root.scalar_type());
+  if (in.prev.has_value()) {
+    const at::Tensor& prev = *in.prev;
+    check_cpu_float(prev, op, "prev");
+    TORCH_CHECK(prev.sizes() == in.root.sizes() && prev.scalar_type() == in.root.scalar_type(), op,
+                ": prev must match the root states' shape and dtype, got ", prev.sizes(), " ",
+                prev.scalar_type(), " vs ", in.root.sizes(), " ", in.root.scalar_type());
+  }
+  check_cpu(in.coef, op, "coef");
+  TORCH_CHECK(in.coef.scalar_type() == at::kDouble && in.coef.dim() == 2 &&
+                  in.coef.size(0) == kNumRows && in.coef.size(1) >= 1,
               op, ": coef must be the float64 [9, N] table of round_tables(transitions), got ",
-              coef.scalar_type(), " ", coef.sizes());
-  TORCH_CHECK(window >= 1, op, ": window must be >= 1, got ", window);
-  TORCH_CHECK(freeze == kFreezeX0 || freeze == kFreezeEps, op,
-              ": freeze must be 0 (x0) or 1 (eps), got ", freeze);
-  TORCH_CHECK(clip > 0, op, ": clip must be > 0 (inf: no clipping), got ", clip);
-  RoundArgs a;
-  a.B = root.size(0);
-  a.D = event_numel(root, op, 1);
-  a.N = coef.size(1);
-  a.seed = check_seed(seed, op);
-  a.chain = check_chain_ids(chain_ids, op, a.B);
-  a.k = check_range(steps, op, "steps", a.B, 0, a.N);
-  a.n = check_range(lengths, op, "lengths", a.B, 0, window);
-  a.coef = coef.contiguous();
-  if (!stochastic_only) return a;  // a draft step with std 0 is the deterministic step itself
-  const double* std = a.coef.data_ptr<double>() + kStd * a.N;
-  for (int64_t b = 0; b < a.B; ++b) {
-    for (int64_t j = 0; j < a.n[b]; ++j) {
-      const int64_t k = a.k[b] + j;
-      TORCH_CHECK(k < a.N && std[k] > 0.0, op, ": lengths[", b, "] = ", a.n[b], " from step ",
-                  a.k[b], " reaches a deterministic step or the end of the schedule (N = ", a.N,
+              in.coef.scalar_type(), " ", in.coef.sizes());
+  TORCH_CHECK(in.window >= 1, op, ": window must be >= 1, got ", in.window);
+  TORCH_CHECK(in.freeze == kFreezeX0 || in.freeze == kFreezeEps, op,
+              ": freeze must be 0 (x0) or 1 (eps), got ", in.freeze);
+  TORCH_CHECK(in.clip > 0, op, ": clip must be > 0 (inf: no clipping), got ", in.clip);
+}
+
+// verify_frozen's windows must cover stochastic steps only (a draft step with std 0 is the
+// deterministic step itself, which frozen_draft may take).
+void check_stochastic_windows(const char* op, const Round& r) {
+  const double* std = r.table() + kStd * r.N;
+  for (int64_t b = 0; b < r.B; ++b) {
+    for (int64_t j = 0; j < r.length[b]; ++j) {
+      const int64_t k = r.step[b] + j;
+      TORCH_CHECK(k < r.N && std[k] > 0.0, op, ": lengths[", b, "] = ", r.length[b], " from step ",
+                  r.step[b], " reaches a deterministic step or the end of the schedule (N = ", r.N,
                   "); windows must cover stochastic steps only");
     }
   }
-  return a;
+}
+
+Round check_round(const char* op, const RoundInputs& in, bool stochastic_only) {
+  check_round_tensors(op, in);
+  const int64_t B = in.root.size(0), D = event_numel(in.root, op, 1), N = in.coef.size(1);
+  const int64_t seed = check_seed(in.seed, op);
+  std::vector<uint32_t> chain = check_chain_ids(in.chain_ids, op, B);
+  std::vector<int64_t> step = check_range(in.steps, op, "steps", B, 0, N);
+  std::vector<int64_t> length = check_range(in.lengths, op, "lengths", B, 0, in.window);
+  Round r{B,
+          D,
+          N,
+          in.window,
+          std::move(step),
+          std::move(length),
+          std::move(chain),
+          Key(seed),
+          Layout(D),
+          in.coef.contiguous(),
+          /*eps=*/in.freeze == kFreezeEps,
+          /*multistep=*/in.prev.has_value(),
+          in.clip};
+  if (stochastic_only) check_stochastic_windows(op, r);
+  return r;
 }
 
 // ---------------------------------------------------------------- chain_noise
@@ -251,6 +294,69 @@ std::tuple<at::Tensor, at::Tensor> chain_noise_cpu(const at::Tensor& seed, const
 }
 
 // ---------------------------------------------------------------- frozen_draft
+// One chain's vectors for the draft rollout (contiguous): root x [D], frozen f [D], prev [D] (null
+// without prev), and the output window Y [L+1, D].
+template <typename scalar_t> struct DraftChain {
+  const scalar_t* root;
+  const scalar_t* frozen;
+  const scalar_t* prev;
+  scalar_t* window;
+};
+
+// Which previous prediction a multistep draft step adds (H times it): none (one-step), the op's
+// prev (at j = 0), or the draft's own x0-hat at the stored state Y[j-1] (recomputed from the
+// rounded state, as the oracle does).
+enum class DraftPrev { kNone, kGiven, kRecomputed };
+
+// Y[j+1] = the draft's mean at Y[j] + std xi_j over the counters [i_lo, i_hi) of chain b. The
+// variant is chosen per step, outside the element loop.
+template <typename scalar_t, DraftPrev kPrev, typename acc_t = acc_type<scalar_t>>
+inline void draft_step(const Round& r, const DraftChain<scalar_t>& c, int64_t b, int64_t j,
+                       int64_t i_lo, int64_t i_hi, acc_t (&nz)[4][kTile]) {
+  const scalar_t* cur = c.window + j * r.D;  // the state drafted from (not the op's prev)
+  scalar_t* next = c.window + (j + 1) * r.D;
+  const scalar_t* prev_src = kPrev == DraftPrev::kGiven        ? c.prev
+                             : kPrev == DraftPrev::kRecomputed ? cur - r.D
+                                                               : nullptr;
+  const StepCoef<acc_t> s = r.at_step<acc_t>(r.step[b] + j);
+  const StepCoef<acc_t> s_before = r.at_step<acc_t>(r.step[b] + j - 1);
+  const acc_t cl = static_cast<acc_t>(r.clip);
+  const bool eps = r.eps;
+  for (int64_t i0 = i_lo; i0 < i_hi; i0 += kTile) {
+    draw_tile<acc_t>(r.key, r.lay, r.chain[b], r.step[b] + j, i0, nz);
+    for_tile(r.lay, i0, [&](int lane, int64_t l, int64_t e) {
+      const acc_t y = static_cast<acc_t>(cur[e]);
+      const acc_t f = static_cast<acc_t>(c.frozen[e]);
+      const acc_t p = draft_x0(s, y, f, eps);
+      acc_t m = affine_mean(s, p, y, cl);
+      if constexpr (kPrev == DraftPrev::kGiven) m = m + s.v[kH] * static_cast<acc_t>(prev_src[e]);
+      if constexpr (kPrev == DraftPrev::kRecomputed)
+        m = m + s.v[kH] * draft_x0(s_before, static_cast<acc_t>(prev_src[e]), f, eps);
+      next[e] = static_cast<scalar_t>(m + s.v[kStd] * nz[lane][l]);
+    });
+  }
+}
+
+// Chain b's whole window over the counters of chunk ch: Y[0] = root, then L draft steps (a copy
+// of the state past the chain's length).
+template <typename scalar_t, typename acc_t = acc_type<scalar_t>>
+inline void draft_chunk(const Round& r, const DraftChain<scalar_t>& c, int64_t b, int64_t ch,
+                        acc_t (&nz)[4][kTile]) {
+  const int64_t i_lo = ch * kChunk, i_hi = r.lay.chunk_end(ch);
+  copy_chunk(r.lay, i_lo, i_hi, c.root, c.window);
+  for (int64_t j = 0; j < r.L; ++j) {
+    if (j >= r.length[b]) {
+      copy_chunk(r.lay, i_lo, i_hi, c.window + j * r.D, c.window + (j + 1) * r.D);
+    } else if (!r.multistep) {
+      draft_step<scalar_t, DraftPrev::kNone>(r, c, b, j, i_lo, i_hi, nz);
+    } else if (j == 0) {
+      draft_step<scalar_t, DraftPrev::kGiven>(r, c, b, j, i_lo, i_hi, nz);
+    } else {
+      draft_step<scalar_t, DraftPrev::kRecomputed>(r, c, b, j, i_lo, i_hi, nz);
+    }
+  }
+}
+
 at::Tensor frozen_draft_cpu(const at::Tensor& root, const at::Tensor& frozen, const at::Tensor& steps,
                             const at::Tensor& lengths, const at::Tensor& coef, const at::Tensor& seed,
                             const at::Tensor& chain_ids, int64_t window, int64_t freeze, double clip,
@@ -263,69 +369,27 @@ at::Tensor frozen_draft_cpu(const at::Tensor& root, const at::Tensor& frozen, co
                   {"prev", prev.has_value() ? &*prev : nullptr, Kind::kState}});
   check_cpu_float(root, op, "root");
   TORCH_CHECK(root.dim() >= 2, op, ": root must have shape [B, *E], got ", root.sizes());
-  RoundArgs a = check_round(op, root, frozen, steps, lengths, coef, seed, chain_ids, window, freeze,
-                            clip, false, prev);
-  at::Tensor Y = at::empty(shape_with({a.B, window + 1}, root.sizes().slice(1)),
+  const Round r = check_round(
+      op, {root, frozen, steps, lengths, coef, seed, chain_ids, prev, window, freeze, clip}, false);
+  at::Tensor Y = at::empty(shape_with({r.B, window + 1}, root.sizes().slice(1)),
                            root.options().memory_format(at::MemoryFormat::Contiguous));
-  if (a.B == 0) return Y;
-  at::Tensor x = root.contiguous(), fz = frozen.contiguous();
-  const bool multistep = prev.has_value();
-  at::Tensor pv = multistep ? prev->contiguous() : at::Tensor();
-  const Key key(a.seed);
-  const Layout lay(a.D);
-  const int64_t nch = lay.chunks(), D = a.D, L = window, N = a.N;
-  const bool eps = freeze == kFreezeEps;
-  const double* cp = a.coef.data_ptr<double>();
+  if (r.B == 0) return Y;
+  const at::Tensor x = root.contiguous(), f = frozen.contiguous();
+  const at::Tensor pv = r.multistep ? prev->contiguous() : at::Tensor();
+  const int64_t nch = r.lay.chunks(), D = r.D;
   SPECDIFF_DISPATCH_FLOATING(root.scalar_type(), "frozen_draft", [&] {
     using acc_t = acc_type<scalar_t>;
     const scalar_t* xp = x.data_ptr<scalar_t>();
-    const scalar_t* fp = fz.data_ptr<scalar_t>();
-    const scalar_t* qp = multistep ? pv.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* fp = f.data_ptr<scalar_t>();
+    const scalar_t* pp = r.multistep ? pv.data_ptr<scalar_t>() : nullptr;
     scalar_t* yp = Y.data_ptr<scalar_t>();
-    const acc_t cl = static_cast<acc_t>(clip);
-    cpu::parallel_for_isa(a.B * nch, [&](int64_t begin, int64_t end) {
+    cpu::parallel_for_isa(r.B * nch, [&](int64_t begin, int64_t end) {
       acc_t nz[4][kTile];
       for (int64_t task = begin; task < end; ++task) {
-        const int64_t b = task / nch, ch = task % nch;
-        const int64_t i_lo = ch * kChunk, i_hi = lay.chunk_end(ch);
-        const scalar_t* xb = xp + b * D;
-        const scalar_t* fb = fp + b * D;
-        scalar_t* yb = yp + b * (L + 1) * D;
-        copy_chunk(lay, i_lo, i_hi, xb, yb);
-        for (int64_t j = 0; j < L; ++j) {
-          const scalar_t* cur = yb + j * D;  // (not the op's prev: the state drafted from)
-          scalar_t* next = yb + (j + 1) * D;
-          if (j >= a.n[b]) {
-            copy_chunk(lay, i_lo, i_hi, cur, next);
-            continue;
-          }
-          const StepCoef<acc_t> c(cp, N, a.k[b] + j);
-          // the variant is chosen per step, outside the element loop (the one-step loop is the
-          // one it always was): kMs 0 one-step; multistep, the draft's previous x0-hat is 1 prev
-          // (j = 0), 2 its x0-hat at the stored Y[j-1] (recomputed from the rounded state, as the
-          // oracle does)
-          auto step = [&](auto ms) {
-            constexpr int kMs = decltype(ms)::value;
-            const scalar_t* qb = kMs == 1 ? qp + b * D : kMs == 2 ? yb + (j - 1) * D : nullptr;
-            const StepCoef<acc_t> c1(cp, N, a.k[b] + j - 1);
-            for (int64_t i0 = i_lo; i0 < i_hi; i0 += kTile) {
-              draw_tile<acc_t>(key, lay, a.chain[b], a.k[b] + j, i0, nz);
-              for_tile(lay, i0, [&](int lane, int64_t l, int64_t e) {
-                const acc_t y = static_cast<acc_t>(cur[e]);
-                const acc_t f = static_cast<acc_t>(fb[e]);
-                const acc_t p = draft_x0(c, y, f, eps);
-                acc_t m = affine_mean(c, p, y, cl);
-                if constexpr (kMs == 1) m = m + c.v[kH] * static_cast<acc_t>(qb[e]);
-                if constexpr (kMs == 2)
-                  m = m + c.v[kH] * draft_x0(c1, static_cast<acc_t>(qb[e]), f, eps);
-                next[e] = static_cast<scalar_t>(m + c.v[kStd] * nz[lane][l]);
-              });
-            }
-          };
-          if (!multistep) step(std::integral_constant<int, 0>{});
-          else if (j == 0) step(std::integral_constant<int, 1>{});
-          else step(std::integral_constant<int, 2>{});
-        }
+        const int64_t b = task / nch;
+        const DraftChain<scalar_t> c{xp + b * D, fp + b * D, pp ? pp + b * D : nullptr,
+                                     yp + b * (r.L + 1) * D};
+        draft_chunk<scalar_t>(r, c, b, task % nch, nz);
       }
     });
   });
@@ -333,17 +397,234 @@ at::Tensor frozen_draft_cpu(const at::Tensor& root, const at::Tensor& frozen, co
 }
 
 // ---------------------------------------------------------------- verify_frozen
-enum class Commit : uint8_t { kIdle, kAccept, kDeterministic, kReflect };
+// Three passes, as the Triton kernels (ops/triton/round.py): partial_sums (O(B L D), the noise
+// drawn again in-kernel), decide (O(B L): log ratios, first rejection, what each chain commits),
+// commit (O(B D): the next state, frozen value and previous prediction).
 
-struct ChainDecision {
-  Commit mode = Commit::kIdle;
-  int64_t pos = 0;         // the window position whose state and prediction decide the commit
-  bool new_frozen = false; // next_frozen = freeze(Y_pos, P_pos); else the old frozen value
-  double reflect = 1.0;    // 1 - 2 <d, r> / ||d||^2 at a rejection
+// verify_frozen's inputs as typed pointers into contiguous tensors.
+template <typename scalar_t> struct VerifyInputs {
+  const scalar_t* states;  // Y [B, L+1, D]: the root and the drafted states
+  const scalar_t* x0_hat;  // P [B, L+1, D]: the target's x0-hats at Y
+  const scalar_t* frozen;  // f [B, D]
+  const scalar_t* prev;    // [B, D]: the previous prediction at the root; null without prev
+};
+
+// The op's seven results.
+struct VerifyOutputs {
+  at::Tensor num_accepted, committed, next_state, next_frozen, root_exact, log_ratio, next_prev;
 };
 
 using FrozenVerifyOut =
     std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+FrozenVerifyOut as_tuple(const VerifyOutputs& o) {
+  return {o.num_accepted, o.committed, o.next_state, o.next_frozen, o.root_exact, o.log_ratio,
+          o.next_prev};
+}
+
+VerifyOutputs allocate_outputs(const Round& r, const at::Tensor& states) {
+  const std::vector<int64_t> state_shape = shape_with({r.B}, states.sizes().slice(2));
+  auto opts = states.options().memory_format(at::MemoryFormat::Contiguous);
+  VerifyOutputs o;
+  o.num_accepted = at::empty({r.B}, opts.dtype(at::kLong));
+  o.committed = at::empty({r.B}, opts.dtype(at::kLong));
+  o.next_state = at::empty(state_shape, opts);
+  o.next_frozen = at::empty(state_shape, opts);
+  o.root_exact = at::empty({r.B}, opts.dtype(at::kBool));
+  o.log_ratio = at::zeros({r.B, r.L}, opts.dtype(at::kFloat));
+  // the target's x0-hat at next_state's parent (multistep only; an empty [0] tensor without prev)
+  o.next_prev = r.multistep ? at::empty(state_shape, opts) : at::empty({0}, opts);
+  return o;
+}
+
+enum class Commit : uint8_t { kIdle, kAccept, kDeterministic, kReflect };
+
+struct ChainDecision {
+  Commit mode = Commit::kIdle;
+  int64_t pos = 0;          // the window position whose state and prediction decide the commit
+  bool new_frozen = false;  // next_frozen = freeze(Y_pos, P_pos); else the old frozen value
+  double reflect = 1.0;     // 1 - 2 <d, r> / ||d||^2 at a rejection
+};
+
+// <d_j, xi_j> and ||d_j||^2 of window position j of chain b over chunk ch, d_j = m_p - m_q at
+// Y_j. Multistep (kMulti, j >= 1): d_j gains H (P_{j-1} - p_q(Y_{j-1})), the gap of the two
+// previous predictions; at j = 0 both means share prev, so d_0 has no H term.
+template <typename scalar_t, bool kMulti, typename acc_t = acc_type<scalar_t>>
+inline SumPair position_sums(const Round& r, const VerifyInputs<scalar_t>& in, int64_t b, int64_t j,
+                             int64_t ch, acc_t (&nz)[4][kTile]) {
+  const int64_t D = r.D;
+  const StepCoef<acc_t> s = r.at_step<acc_t>(r.step[b] + j);
+  const StepCoef<acc_t> s_before = r.at_step<acc_t>(r.step[b] + j - 1);
+  const scalar_t* y = in.states + (b * (r.L + 1) + j) * D;
+  const scalar_t* p = in.x0_hat + (b * (r.L + 1) + j) * D;
+  const scalar_t* f = in.frozen + b * D;
+  const acc_t cl = static_cast<acc_t>(r.clip);
+  const bool eps = r.eps;
+  acc_t av[kTile] = {}, bv[kTile] = {};
+  for (int64_t i0 = ch * kChunk; i0 < r.lay.chunk_end(ch); i0 += kTile) {
+    draw_tile<acc_t>(r.key, r.lay, r.chain[b], r.step[b] + j, i0, nz);
+    for_tile(r.lay, i0, [&](int lane, int64_t l, int64_t e) {
+      const acc_t fe = static_cast<acc_t>(f[e]);
+      const acc_t pq = draft_x0(s, static_cast<acc_t>(y[e]), fe, eps);
+      acc_t d = mean_gap(s, static_cast<acc_t>(p[e]), pq, cl);
+      if constexpr (kMulti) {
+        const acc_t pq_before = draft_x0(s_before, static_cast<acc_t>(y[e - D]), fe, eps);
+        d = d + s.v[kH] * (static_cast<acc_t>(p[e - D]) - pq_before);
+      }
+      av[l] += d * nz[lane][l];
+      bv[l] += d * d;
+    });
+  }
+  return sum_lanes(av, bv);
+}
+
+// Pass 1: the sums of every (chain, position, chunk), parts[(b * L + j) * chunks + ch]; positions
+// past a chain's length stay zero.
+template <typename scalar_t, typename acc_t = acc_type<scalar_t>>
+std::vector<SumPair> partial_sums(const Round& r, const VerifyInputs<scalar_t>& in) {
+  const int64_t nch = r.lay.chunks(), L = r.L;
+  std::vector<SumPair> parts(static_cast<size_t>(r.B * L * nch));
+  cpu::parallel_for_isa(r.B * L * nch, [&](int64_t begin, int64_t end) {
+    acc_t nz[4][kTile];
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t row = task / nch, ch = task % nch;
+      const int64_t b = row / L, j = row % L;
+      if (j >= r.length[b]) continue;
+      parts[static_cast<size_t>(task)] = r.multistep && j > 0
+                                             ? position_sums<scalar_t, true>(r, in, b, j, ch, nz)
+                                             : position_sums<scalar_t, false>(r, in, b, j, ch, nz);
+    }
+  });
+  return parts;
+}
+
+// Pass 2 (O(B L)): the log ratios (sums over xi, the draft step's noise: r = std xi), the
+// uniforms, the first rejection and each chain's commit; writes the op's small outputs.
+std::vector<ChainDecision> decide(const Round& r, const std::vector<SumPair>& parts,
+                                  const VerifyOutputs& out) {
+  const int64_t nch = r.lay.chunks(), L = r.L, N = r.N;
+  float* log_ratio = out.log_ratio.data_ptr<float>();
+  int64_t* num_accepted = out.num_accepted.data_ptr<int64_t>();
+  int64_t* committed = out.committed.data_ptr<int64_t>();
+  bool* root_exact = out.root_exact.data_ptr<bool>();
+  std::vector<ChainDecision> decisions(r.B);
+  for (int64_t b = 0; b < r.B; ++b) {
+    const int64_t k = r.step[b], n = r.length[b];
+    int64_t first = n;
+    double reflect = 1.0;
+    for (int64_t j = 0; j < n; ++j) {
+      const SumPair dx = sum_blocks(parts, b * L + j, nch);
+      const double s = r.std_at(k + j);
+      const double lr = dx.a / s - dx.b / (2.0 * s * s);
+      log_ratio[b * L + j] = static_cast<float>(lr);
+      const double u = philox::uniform(r.key, r.chain[b], k + j);
+      if (first == n && !accepts(lr, u)) {
+        first = j;
+        reflect = reflection_coef(dx, s);
+      }
+    }
+    ChainDecision& d = decisions[b];
+    num_accepted[b] = first;
+    const bool live_next = k + n < N;
+    const bool det_next = live_next && r.std_at(k + n) == 0.0;
+    if (first < n) {
+      d = {Commit::kReflect, first, true, reflect};
+      committed[b] = first + 1;
+    } else if (det_next) {
+      d = {Commit::kDeterministic, n, true, 1.0};
+      committed[b] = n + 1;
+    } else {
+      d = {n > 0 ? Commit::kAccept : Commit::kIdle, n, n > 0 && live_next, 1.0};
+      committed[b] = n;
+    }
+    root_exact[b] = d.mode == Commit::kAccept && live_next;
+  }
+  return decisions;
+}
+
+// Where pass 3 writes chain b's vectors.
+template <typename scalar_t> struct CommitTargets {
+  scalar_t* state;
+  scalar_t* frozen;
+  scalar_t* prev;  // null without prev
+};
+
+// Pass 3 for chain b over chunk ch: the reflected draft step at a rejection, the deterministic
+// step after a fully accepted window, else Y_pos; the frozen value and (multistep) the target's
+// x0-hat at the new state's parent.
+template <typename scalar_t, bool kMulti, typename acc_t = acc_type<scalar_t>>
+inline void commit_chunk(const Round& r, const VerifyInputs<scalar_t>& in, const ChainDecision& d,
+                         const CommitTargets<scalar_t>& out, int64_t b, int64_t ch,
+                         acc_t (&nz)[4][kTile]) {
+  const int64_t D = r.D, kp = r.step[b] + d.pos;
+  const StepCoef<acc_t> s = r.at_step<acc_t>(kp);
+  const StepCoef<acc_t> s_before = r.at_step<acc_t>(kp - 1);
+  const scalar_t* y = in.states + (b * (r.L + 1) + d.pos) * D;
+  const scalar_t* p = in.x0_hat + (b * (r.L + 1) + d.pos) * D;
+  const scalar_t* f = in.frozen + b * D;
+  const acc_t cl = static_cast<acc_t>(r.clip), refl = static_cast<acc_t>(d.reflect);
+  const bool eps = r.eps;
+  // the previous predictions at the deciding position: prev at the root, else the target's
+  // P_{pos-1} and the draft's x0-hat at Y_{pos-1}
+  const bool at_root = d.pos == 0;
+  const scalar_t* prev = kMulti ? in.prev + b * D : nullptr;
+  const scalar_t* y_before = at_root ? y : y - D;
+  const scalar_t* p_before = at_root ? p : p - D;
+  const bool parent_is_pos = d.mode == Commit::kReflect || d.mode == Commit::kDeterministic;
+  for (int64_t i0 = ch * kChunk; i0 < r.lay.chunk_end(ch); i0 += kTile) {
+    if (d.mode == Commit::kReflect) draw_tile<acc_t>(r.key, r.lay, r.chain[b], kp, i0, nz);
+    for_tile(r.lay, i0, [&](int lane, int64_t l, int64_t e) {
+      const acc_t ye = static_cast<acc_t>(y[e]);
+      const acc_t pe = static_cast<acc_t>(p[e]);
+      const acc_t fe = static_cast<acc_t>(f[e]);
+      acc_t tq = 0, dq = 0;  // the target's and the draft's previous predictions
+      if constexpr (kMulti) {
+        if (at_root) {
+          tq = dq = static_cast<acc_t>(prev[e]);
+        } else {
+          tq = static_cast<acc_t>(p_before[e]);
+          dq = draft_x0(s_before, static_cast<acc_t>(y_before[e]), fe, eps);
+        }
+      }
+      acc_t next = ye;
+      if (d.mode == Commit::kReflect) {
+        const acc_t pq = draft_x0(s, ye, fe, eps);
+        acc_t mq = affine_mean(s, pq, ye, cl);
+        acc_t gap = mean_gap(s, pe, pq, cl);
+        if constexpr (kMulti) {
+          mq = mq + s.v[kH] * dq;
+          gap = gap + s.v[kH] * (tq - dq);
+        }
+        next = mq + s.v[kStd] * nz[lane][l] + refl * gap;
+      } else if (d.mode == Commit::kDeterministic) {
+        next = affine_mean(s, pe, ye, cl);
+        if constexpr (kMulti) next = next + s.v[kH] * tq;
+      }
+      out.state[e] = static_cast<scalar_t>(next);
+      out.frozen[e] = d.new_frozen ? static_cast<scalar_t>(freeze_value(s, ye, pe, eps)) : f[e];
+      if constexpr (kMulti) out.prev[e] = parent_is_pos ? p[e] : static_cast<scalar_t>(tq);
+    });
+  }
+}
+
+// Pass 3: next_state, next_frozen (and next_prev), chunk by chunk.
+template <typename scalar_t, typename acc_t = acc_type<scalar_t>>
+void commit(const Round& r, const VerifyInputs<scalar_t>& in,
+            const std::vector<ChainDecision>& decisions, const VerifyOutputs& out) {
+  const int64_t nch = r.lay.chunks(), D = r.D;
+  scalar_t* state = out.next_state.data_ptr<scalar_t>();
+  scalar_t* frozen = out.next_frozen.data_ptr<scalar_t>();
+  scalar_t* prev = r.multistep ? out.next_prev.data_ptr<scalar_t>() : nullptr;
+  cpu::parallel_for_isa(r.B * nch, [&](int64_t begin, int64_t end) {
+    acc_t nz[4][kTile];
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / nch, ch = task % nch;
+      const CommitTargets<scalar_t> t{state + b * D, frozen + b * D, prev ? prev + b * D : nullptr};
+      if (r.multistep) commit_chunk<scalar_t, true>(r, in, decisions[b], t, b, ch, nz);
+      else commit_chunk<scalar_t, false>(r, in, decisions[b], t, b, ch, nz);
+    }
+  });
+}
 
 FrozenVerifyOut verify_frozen_cpu(const at::Tensor& states, const at::Tensor& x0_hat,
                                   const at::Tensor& frozen, const at::Tensor& steps,
@@ -364,189 +645,42 @@ FrozenVerifyOut verify_frozen_cpu(const at::Tensor& states, const at::Tensor& x0
   TORCH_CHECK(x0_hat.sizes() == states.sizes() && x0_hat.scalar_type() == states.scalar_type(), op,
               ": x0_hat must match states' shape and dtype, got ", x0_hat.sizes(), " ",
               x0_hat.scalar_type());
-  const int64_t L = states.size(1) - 1;
-  at::Tensor root = states.select(1, 0);
-  RoundArgs a = check_round(op, root, frozen, steps, lengths, coef, seed, chain_ids, L, freeze, clip,
-                            true, prev);
-  const bool multistep = prev.has_value();
-  const int64_t B = a.B, D = a.D, N = a.N;
-  const std::vector<int64_t> sshape = shape_with({B}, states.sizes().slice(2));
-  auto opts = states.options().memory_format(at::MemoryFormat::Contiguous);
-  at::Tensor num_accepted = at::empty({B}, opts.dtype(at::kLong));
-  at::Tensor committed = at::empty({B}, opts.dtype(at::kLong));
-  at::Tensor next_state = at::empty(sshape, opts);
-  at::Tensor next_frozen = at::empty(sshape, opts);
-  at::Tensor root_exact = at::empty({B}, opts.dtype(at::kBool));
-  at::Tensor log_ratio = at::zeros({B, L}, opts.dtype(at::kFloat));
-  // the target's x0-hat at next_state's parent (multistep only; an empty [0] tensor without prev)
-  at::Tensor next_prev = multistep ? at::empty(sshape, opts) : at::empty({0}, opts);
-  if (B == 0)
-    return {num_accepted, committed, next_state, next_frozen, root_exact, log_ratio, next_prev};
-
-  at::Tensor Yt = states.contiguous(), Pt = x0_hat.contiguous(), Ft = frozen.contiguous();
-  at::Tensor Qt = multistep ? prev->contiguous() : at::Tensor();
-  const Key key(a.seed);
-  const Layout lay(D);
-  const int64_t nch = lay.chunks();
-  const bool eps = freeze == kFreezeEps;
-  const double* cp = a.coef.data_ptr<double>();
+  const at::Tensor root = states.select(1, 0);
+  const Round r = check_round(op,
+                              {root, frozen, steps, lengths, coef, seed, chain_ids, prev,
+                               states.size(1) - 1, freeze, clip},
+                              true);
+  const VerifyOutputs out = allocate_outputs(r, states);
+  if (r.B == 0) return as_tuple(out);
+  const at::Tensor Y = states.contiguous(), P = x0_hat.contiguous(), F = frozen.contiguous();
+  const at::Tensor prev_c = r.multistep ? prev->contiguous() : at::Tensor();
   SPECDIFF_DISPATCH_FLOATING(states.scalar_type(), "verify_frozen", [&] {
-    using acc_t = acc_type<scalar_t>;
-    const scalar_t* Y = Yt.data_ptr<scalar_t>();
-    const scalar_t* P = Pt.data_ptr<scalar_t>();
-    const scalar_t* F = Ft.data_ptr<scalar_t>();
-    const scalar_t* Q = multistep ? Qt.data_ptr<scalar_t>() : nullptr;
-    const acc_t cl = static_cast<acc_t>(clip);
-
-    // Pass 1: <d_j, xi_j> and ||d_j||^2 per (chain, position, chunk); xi drawn in-kernel.
-    // Multistep, j >= 1: d_j gains H (P_{j-1} - p_q(y_{j-1})) (the two previous predictions);
-    // at j = 0 both means share prev, so d_0 has no H term.
-    std::vector<SumPair> parts(static_cast<size_t>(B * L * nch));
-    cpu::parallel_for_isa(B * L * nch, [&](int64_t begin, int64_t end) {
-      acc_t nz[4][kTile];
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t row = task / nch, ch = task % nch;
-        const int64_t b = row / L, j = row % L;
-        if (j >= a.n[b]) continue;
-        const StepCoef<acc_t> c(cp, N, a.k[b] + j);
-        const scalar_t* yj = Y + (b * (L + 1) + j) * D;
-        const scalar_t* pj = P + (b * (L + 1) + j) * D;
-        const scalar_t* fb = F + b * D;
-        acc_t av[kTile] = {}, bv[kTile] = {};
-        auto sums = [&](auto ms) {
-          constexpr bool kMulti = decltype(ms)::value;
-          const StepCoef<acc_t> c1(cp, N, a.k[b] + j - 1);
-          for (int64_t i0 = ch * kChunk; i0 < lay.chunk_end(ch); i0 += kTile) {
-            draw_tile<acc_t>(key, lay, a.chain[b], a.k[b] + j, i0, nz);
-            for_tile(lay, i0, [&](int lane, int64_t l, int64_t e) {
-              const acc_t f = static_cast<acc_t>(fb[e]);
-              const acc_t pq = draft_x0(c, static_cast<acc_t>(yj[e]), f, eps);
-              acc_t d = mean_gap(c, static_cast<acc_t>(pj[e]), pq, cl);
-              if constexpr (kMulti) {
-                const acc_t pq1 = draft_x0(c1, static_cast<acc_t>(yj[e - D]), f, eps);
-                d = d + c.v[kH] * (static_cast<acc_t>(pj[e - D]) - pq1);
-              }
-              av[l] += d * nz[lane][l];
-              bv[l] += d * d;
-            });
-          }
-        };
-        if (multistep && j > 0) sums(std::true_type{});
-        else sums(std::false_type{});
-        parts[static_cast<size_t>(task)] = sum_lanes(av, bv);
-      }
-    });
-
-    // Pass 2 (O(B L)): log ratios, uniforms, first rejection, and each chain's commit.
-    std::vector<ChainDecision> dec(B);
-    float* lro = log_ratio.data_ptr<float>();
-    int64_t* nacc = num_accepted.data_ptr<int64_t>();
-    int64_t* comm = committed.data_ptr<int64_t>();
-    bool* exact = root_exact.data_ptr<bool>();
-    for (int64_t b = 0; b < B; ++b) {
-      const int64_t k = a.k[b], n = a.n[b];
-      int64_t first = n;
-      double reflect = 1.0;
-      for (int64_t j = 0; j < n; ++j) {
-        // sums over xi, the noise of the draft step: r = s * xi
-        const SumPair dx = sum_blocks(parts, b * L + j, nch);
-        const double s = cp[kStd * N + std::min(k + j, N - 1)];
-        const double lr = dx.a / s - dx.b / (2.0 * s * s);
-        lro[b * L + j] = static_cast<float>(lr);
-        const double u = philox::uniform(key, a.chain[b], k + j);
-        if (first == n && !accepts(lr, u)) {
-          first = j;
-          reflect = reflection_coef(dx, s);
-        }
-      }
-      ChainDecision& d = dec[b];
-      nacc[b] = first;
-      const bool live_next = k + n < N;
-      const bool det_next = live_next && cp[kStd * N + std::min(k + n, N - 1)] == 0.0;
-      if (first < n) {
-        d = {Commit::kReflect, first, true, reflect};
-        comm[b] = first + 1;
-      } else if (det_next) {
-        d = {Commit::kDeterministic, n, true, 1.0};
-        comm[b] = n + 1;
-      } else {
-        d = {n > 0 ? Commit::kAccept : Commit::kIdle, n, n > 0 && live_next, 1.0};
-        comm[b] = n;
-      }
-      exact[b] = d.mode == Commit::kAccept && live_next;
-    }
-
-    // Pass 3: next_state and next_frozen (and next_prev), chunk by chunk.
-    scalar_t* xs = next_state.data_ptr<scalar_t>();
-    scalar_t* xf = next_frozen.data_ptr<scalar_t>();
-    scalar_t* xq = multistep ? next_prev.data_ptr<scalar_t>() : nullptr;
-    cpu::parallel_for_isa(B * nch, [&](int64_t begin, int64_t end) {
-      acc_t nz[4][kTile];
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t b = task / nch, ch = task % nch;
-        const ChainDecision& d = dec[b];
-        const int64_t kp = a.k[b] + d.pos;
-        const StepCoef<acc_t> c(cp, N, kp);
-        const scalar_t* yj = Y + (b * (L + 1) + d.pos) * D;
-        const scalar_t* pj = P + (b * (L + 1) + d.pos) * D;
-        const scalar_t* fb = F + b * D;
-        scalar_t* os = xs + b * D;
-        scalar_t* of = xf + b * D;
-        const acc_t refl = static_cast<acc_t>(d.reflect);
-        auto commit = [&](auto ms) {
-          constexpr bool kMulti = decltype(ms)::value;
-          // the previous predictions at the deciding position: prev at the root, else the
-          // target's P_{pos-1} and the draft's x0-hat at y_{pos-1}
-          const bool at_root = d.pos == 0;
-          const scalar_t* qb = kMulti ? Q + b * D : nullptr;
-          const scalar_t* y1 = at_root ? yj : yj - D;
-          const scalar_t* p1 = at_root ? pj : pj - D;
-          const StepCoef<acc_t> c1(cp, N, kp - 1);
-          // next_prev: the target's x0-hat at the new state's parent
-          const bool parent_is_pos = d.mode == Commit::kReflect || d.mode == Commit::kDeterministic;
-          scalar_t* oq = kMulti ? xq + b * D : nullptr;
-          for (int64_t i0 = ch * kChunk; i0 < lay.chunk_end(ch); i0 += kTile) {
-            if (d.mode == Commit::kReflect)
-              draw_tile<acc_t>(key, lay, a.chain[b], kp, i0, nz);
-            for_tile(lay, i0, [&](int lane, int64_t l, int64_t e) {
-              const acc_t y = static_cast<acc_t>(yj[e]);
-              const acc_t p = static_cast<acc_t>(pj[e]);
-              const acc_t f = static_cast<acc_t>(fb[e]);
-              acc_t tq = 0, dq = 0;  // the target's and the draft's previous predictions
-              if constexpr (kMulti) {
-                if (at_root) {
-                  tq = dq = static_cast<acc_t>(qb[e]);
-                } else {
-                  tq = static_cast<acc_t>(p1[e]);
-                  dq = draft_x0(c1, static_cast<acc_t>(y1[e]), f, eps);
-                }
-              }
-              acc_t out = y;
-              if (d.mode == Commit::kReflect) {
-                const acc_t pq = draft_x0(c, y, f, eps);
-                acc_t mq = affine_mean(c, pq, y, cl);
-                acc_t gap = mean_gap(c, p, pq, cl);
-                if constexpr (kMulti) {
-                  mq = mq + c.v[kH] * dq;
-                  gap = gap + c.v[kH] * (tq - dq);
-                }
-                out = mq + c.v[kStd] * nz[lane][l] + refl * gap;
-              } else if (d.mode == Commit::kDeterministic) {
-                out = affine_mean(c, p, y, cl);
-                if constexpr (kMulti) out = out + c.v[kH] * tq;
-              }
-              os[e] = static_cast<scalar_t>(out);
-              of[e] = d.new_frozen ? static_cast<scalar_t>(freeze_value(c, y, p, eps)) : fb[e];
-              if constexpr (kMulti) oq[e] = parent_is_pos ? pj[e] : static_cast<scalar_t>(tq);
-            });
-          }
-        };
-        if (multistep) commit(std::true_type{});
-        else commit(std::false_type{});
-      }
-    });
+    const VerifyInputs<scalar_t> in{Y.data_ptr<scalar_t>(), P.data_ptr<scalar_t>(),
+                                    F.data_ptr<scalar_t>(),
+                                    r.multistep ? prev_c.data_ptr<scalar_t>() : nullptr};
+    const std::vector<SumPair> parts = partial_sums<scalar_t>(r, in);
+    const std::vector<ChainDecision> decisions = decide(r, parts, out);
+    commit<scalar_t>(r, in, decisions, out);
   });
-  return {num_accepted, committed, next_state, next_frozen, root_exact, log_ratio, next_prev};
+  return as_tuple(out);
+}
+
+// Whether each of the `rows` rows of t (its elements in memory order, numel / rows per row) is
+// all finite: one pass rather than at::isfinite(...).all() per row, since each aten call costs
+// as much as the loop.
+std::vector<char> finite_rows(const at::Tensor& t, int64_t rows) {
+  const at::Tensor c = t.contiguous();
+  const int64_t D = c.numel() / std::max<int64_t>(1, rows);
+  std::vector<char> finite(static_cast<size_t>(rows));
+  SPECDIFF_DISPATCH_FLOATING(c.scalar_type(), "round_stats", [&] {
+    const scalar_t* p = c.data_ptr<scalar_t>();
+    for (int64_t r = 0; r < rows; ++r) {
+      bool ok = true;
+      for (int64_t e = 0; e < D; ++e) ok &= std::isfinite(static_cast<double>(p[r * D + e]));
+      finite[r] = ok;
+    }
+  });
+  return finite;
 }
 
 // The static round's counters after one round (ops/reference/round.py round_stats, laid out by
@@ -589,24 +723,8 @@ at::Tensor round_stats_cpu(const at::Tensor& stats, const at::Tensor& steps, con
   int64_t* chain_rounds = step_att + N;
   const std::vector<int64_t> k = int64_values(steps), n = int64_values(lengths),
                              na = int64_values(num_accepted), cm = int64_values(committed);
-  // finiteness of each (chain, position) of the output (rows of D values) and of the log ratios,
-  // in this pass rather than by at::isfinite(...).all(): each aten call costs as much as the loop
-  const at::Tensor o = output.contiguous();
-  const int64_t D = o.numel() / std::max<int64_t>(1, B * (L + 1));
-  std::vector<char> fo(static_cast<size_t>(B * (L + 1))), fr(static_cast<size_t>(B * L));
-  SPECDIFF_DISPATCH_FLOATING(o.scalar_type(), "round_stats", [&] {
-    const scalar_t* p = o.data_ptr<scalar_t>();
-    for (int64_t r = 0; r < B * (L + 1); ++r) {
-      bool ok = true;
-      for (int64_t e = 0; e < D; ++e) ok &= std::isfinite(static_cast<double>(p[r * D + e]));
-      fo[r] = ok;
-    }
-  });
-  const at::Tensor lrc = log_ratio.contiguous();
-  SPECDIFF_DISPATCH_FLOATING(lrc.scalar_type(), "round_stats", [&] {
-    const scalar_t* p = lrc.data_ptr<scalar_t>();
-    for (int64_t r = 0; r < B * L; ++r) fr[r] = std::isfinite(static_cast<double>(p[r]));
-  });
+  // finiteness of each (chain, position) of the output and of each log ratio
+  const std::vector<char> fo = finite_rows(output, B * (L + 1)), fr = finite_rows(log_ratio, B * L);
   const int64_t rounds = s[kStatRounds] + 1;
   int64_t windows = 0, spec_total = 0, det_total = 0, done = 0, live = 0;
   int64_t bad_out = s[kStatBadOutput], bad_ratio = s[kStatBadRatio];
