@@ -769,14 +769,7 @@ def dpmsolver_sde_from_sigmas(
     euler_at_final = as_flag("euler_at_final", euler_at_final)
     ts = _timesteps(timesteps)
     n = ts.numel()
-    sig = _vector(sigmas, "sigmas")
-    if sig.numel() != n + 1:
-        raise ValueError(
-            f"sigmas must have {n + 1} entries (one per timestep, then the final sigma), got "
-            f"{sig.numel()}"
-        )
-    _first_bad("sigmas", sig, ~(torch.isfinite(sig) & (sig >= 0)), "finite and >= 0")
-    _first_bad("sigmas", sig[:-1], sig[:-1] <= 0, "> 0 before the final entry")
+    sig = _sde_sigmas(sigmas, n)
     alpha, s0, G, c_x0, std, c_prev = _sde_dpm_steps(
         sig, order, solver_type, euler_at_final or (lower_order_final and n < 15), eta
     )
@@ -791,6 +784,19 @@ def dpmsolver_sde_from_sigmas(
         prediction=prediction,
         name=name,
     )
+
+
+def _sde_sigmas(sigmas, n: int) -> Tensor:
+    """``sigmas`` checked: ``n + 1`` finite levels, > 0 but for the last (>= 0)."""
+    sig = _vector(sigmas, "sigmas")
+    if sig.numel() != n + 1:
+        raise ValueError(
+            f"sigmas must have {n + 1} entries (one per timestep, then the final sigma), got "
+            f"{sig.numel()}"
+        )
+    _first_bad("sigmas", sig, ~(torch.isfinite(sig) & (sig >= 0)), "finite and >= 0")
+    _first_bad("sigmas", sig[:-1], sig[:-1] <= 0, "> 0 before the final entry")
+    return sig
 
 
 def _sde_dpm_steps(
