@@ -312,7 +312,7 @@ def fake_round_stats(stats, steps, lengths, num_accepted, committed, log_ratio, 
 def round_stats_cuda(*args):
     """round_stats' CUDA kernel: the reference composition (inside a captured round its launches
     replay as one graph), after the entry checks (a CUDA tensor among CPU ones dispatches here)."""
-    fake_round_stats(*args)
+    _checks.entry_round_stats("round_stats", *args[:-1])  # (num_steps is no tensor)
     return ref.round_stats(*args)
 
 

@@ -19,7 +19,6 @@ argument list: :func:`draft_args` / :func:`verify_args` flatten the bundles into
 
 from __future__ import annotations
 
-import functools
 import inspect
 import math
 from typing import Callable, NamedTuple, Optional
@@ -132,12 +131,10 @@ def with_schema(op: str, parts: Callable, impl: Callable) -> Callable:
     signature: for ``torch.library.triton_op`` / ``custom_op``, which infer the schema from it."""
     sig = schema_signature(op)
 
-    @functools.wraps(impl)
     def flat(*args, **kwargs):
         bound = sig.bind(*args, **kwargs)
         bound.apply_defaults()
         return impl(*parts(*bound.args))
 
     flat.__signature__ = sig
-    del flat.__wrapped__  # inspect.signature must read __signature__, not impl's
     return flat
