@@ -45,6 +45,7 @@ from typing import Any, Mapping, NamedTuple, Optional
 import torch
 from torch import Tensor
 
+from ..sampling.edm import edm_dpmsolver_sde_from_sigmas, euler_churn_from_sigmas
 from ..sampling.families import FAMILIES, NAMES, Family, canonical, family
 from ..sampling.transitions import (
     FINAL_SIGMAS,
@@ -427,10 +428,6 @@ DETERMINISTIC_SCHEDULERS = {
     "LMSDiscreteScheduler": _USE_SDE_DPM,
     "HeunDiscreteScheduler": _USE_SDE_DPM,
     "KDPM2DiscreteScheduler": _USE_SDE_DPM,
-    "EulerDiscreteScheduler": "use EulerAncestralDiscreteScheduler (stochastic, supported); "
-    "EulerDiscreteScheduler is stochastic only with s_churn > 0 in its step, which is not "
-    "supported yet: the churn noise is added to the state before the network call, so the step is "
-    "not a Gaussian around the network's mean at the given state",
 }
 FLOW_MATCHING = "flow-matching models are not supported yet"
 # why every other diffusers scheduler is refused (a scheduler not listed here nor above: the
@@ -454,9 +451,8 @@ UNSUPPORTED_REASONS = {
     "tabulated yet",
     "SCMScheduler": "a continuous-time consistency-model sampler, not tabulated yet",
     "EDMEulerScheduler": "an EDM-parametrised sampler (sigma-space preconditioning), deterministic "
-    "unless s_churn > 0 adds noise before the network call; not supported yet",
-    "EDMDPMSolverMultistepScheduler": "an EDM-parametrised sampler (sigma-space preconditioning, "
-    "no discrete beta schedule), not tabulated yet",
+    "unless its step gets s_churn > 0; with churn its step is one Gaussian given the state (its "
+    "noise is added after the network call, docs/design.md §2.2), but it is not tabulated yet",
     "ScoreSdeVeScheduler": "a variance-exploding SDE predictor-corrector (step_pred / "
     "step_correct, Langevin corrector) on a continuous sigma schedule, not tabulated yet",
     "ScoreSdeVpScheduler": "a continuous-time VP SDE (beta_min / beta_max), not tabulated yet",
@@ -623,11 +619,35 @@ def _check_dpm(cfg) -> None:
     as_choice("final_sigmas_type", cfg.get("final_sigmas_type", "zero"), FINAL_SIGMAS)
 
 
+def _check_edm_dpm(cfg) -> None:
+    """EDMDPMSolverMultistepScheduler: its SDE variant, order 1 or 2 (as DPM-Solver's)."""
+    algo = cfg.get("algorithm_type", "dpmsolver++")
+    if algo == "dpmsolver++":
+        raise ValueError(
+            f"algorithm_type={algo!r} is {NO_NOISE}; use algorithm_type='sde-dpmsolver++'"
+        )
+    as_choice("algorithm_type", algo, ("sde-dpmsolver++",))
+    if as_int("solver_order", cfg.get("solver_order", 2), 1) > 2:
+        raise ValueError(
+            f"solver_order={cfg['solver_order']} is not supported (its step needs two previous "
+            f"predictions); use solver_order=2"
+        )
+    as_choice("solver_type", cfg.get("solver_type", "midpoint"), SOLVER_TYPES)
+    as_real("sigma_data", cfg.get("sigma_data", 0.5), 0, open_low=True)
+    for key in ("lower_order_final", "euler_at_final"):
+        as_flag(key, cfg.get(key, False))
+    as_choice("final_sigmas_type", cfg.get("final_sigmas_type", "zero"), FINAL_SIGMAS)
+
+
 def _check_options(kind: str, cfg) -> None:
     """The step's options: prediction, clipping, thresholding, variance."""
     if kind == "DPMSolverMultistepScheduler":
         _check_dpm(cfg)
-    preds = ("epsilon", "v_prediction") if kind.startswith("Euler") else PREDICTIONS
+    if kind == "EDMDPMSolverMultistepScheduler":
+        _check_edm_dpm(cfg)
+    # EDM's preconditioning has c_out for these two only; Euler's step converts these two only
+    edm = kind.startswith("EDM") or kind.startswith("Cosine")
+    preds = ("epsilon", "v_prediction") if kind.startswith("Euler") or edm else PREDICTIONS
     as_choice("prediction_type", cfg.prediction_type, preds)
     as_choice("timestep_spacing", cfg.get("timestep_spacing", "leading"), SPACINGS)
     if kind == "DDPMScheduler":
@@ -802,6 +822,7 @@ def _with_thresholding(cfg, transitions: GaussianTransitions) -> GaussianTransit
         c_eps=t.c_eps,
         c_prev=t.c_prev,
         input_scale=t.input_scale,
+        output=t.output,
         prediction=t.prediction,
         clip_sample=None,
         eps_from_clipped_x0=t.eps_from_clipped_x0,
@@ -819,10 +840,11 @@ def _clip(cfg) -> Optional[float]:
 
 
 class _StepArgs(NamedTuple):
-    """diffusers' per-call ``step`` arguments (DDIM's); the other steps take none."""
+    """diffusers' per-call ``step`` arguments (DDIM's; Euler's churn); the other steps take none."""
 
     eta: Optional[float]
     use_clipped_model_output: bool
+    churn: Optional[dict] = None  # EulerDiscreteScheduler.step's s_churn, s_tmin, s_tmax, s_noise
 
 
 def _ddpm(sched, step: _StepArgs) -> GaussianTransitions:
@@ -902,8 +924,61 @@ def _dpm_sde(sched, step: _StepArgs) -> GaussianTransitions:
     return _with_thresholding(cfg, tr)
 
 
+def _repeated_sigmas(sigmas: Tensor, solver_type: str) -> Optional[str]:
+    """Why a second-order step divides by zero (a repeated sigma), or None."""
+    same = (sigmas[1:] == sigmas[:-1]).nonzero().view(-1)
+    if same.numel() == 0:
+        return None
+    k = int(same[0])
+    return (
+        f"the scheduler's sigmas repeat (sigma[{k}] = sigma[{k + 1}] = {float(sigmas[k]):.4g}), "
+        f"where the second-order {solver_type} step divides by a zero log-SNR step (diffusers' "
+        f"own step gives NaN); use final_sigmas_type='zero' or solver_type='midpoint'"
+    )
+
+
+def _edm_dpm_sde(sched, step: _StepArgs) -> GaussianTransitions:
+    """EDMDPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++"): the VE-state SDE-DPM-
+    Solver++ on the scheduler's own float32 sigmas, EDM-preconditioned (docs/design.md §2.2)."""
+    cfg = sched.config
+    order = int(cfg.solver_order)
+    sigmas = sched.sigmas.double()
+    try:
+        tr = edm_dpmsolver_sde_from_sigmas(
+            sched.timesteps.double(),  # c_noise = log(sigma) / 4
+            sigmas,
+            sigma_data=float(cfg.sigma_data),
+            prediction=cfg.prediction_type,
+            solver_order=order,
+            solver_type=cfg.solver_type,
+            lower_order_final=bool(cfg.lower_order_final),
+            euler_at_final=bool(cfg.euler_at_final),
+            init_std=float(sched.init_noise_sigma),
+            name=f"diffusers-edm-dpm++{'2m' if order == 2 else '1s'}-sde[{cfg.solver_type}]",
+        )
+    except ValueError:
+        why = _repeated_sigmas(sigmas, cfg.solver_type) if order == 2 else None
+        if why is None:
+            raise
+        raise ValueError(why) from None
+    return _with_thresholding(cfg, tr)
+
+
+def _euler_churn(sched, step: _StepArgs) -> GaussianTransitions:
+    """EulerDiscreteScheduler stepped with s_churn > 0 (docs/design.md §2.2)."""
+    return euler_churn_from_sigmas(
+        sched.timesteps.double(),
+        sched.sigmas.double(),
+        **step.churn,
+        prediction=sched.config.prediction_type,
+        init_std=float(sched.init_noise_sigma),
+        name=f"diffusers-euler-churn[s_churn={step.churn['s_churn']}]",
+    )
+
+
 # each family's tabulation of its diffusers step (sampling.families), by family name
 _TABULATE = {"ddpm": _ddpm, "ddim": _ddim, "euler-a": _euler_ancestral, "dpm++2m-sde": _dpm_sde}
+_TABULATE.update({"edm-dpm++2m-sde": _edm_dpm_sde, "euler-churn": _euler_churn})
 
 
 def diffusers_transitions(
@@ -912,6 +987,10 @@ def diffusers_transitions(
     *,
     eta: Optional[float] = None,
     use_clipped_model_output: bool = False,
+    s_churn: Optional[float] = None,
+    s_tmin: float = 0.0,
+    s_tmax: float = math.inf,
+    s_noise: float = 1.0,
 ) -> GaussianTransitions:
     """Tabulate a diffusers scheduler's ancestral step for per-sample use.
 
@@ -924,9 +1003,13 @@ def diffusers_transitions(
         num_inference_steps: sampling steps (default: the scheduler's, if already set).
         eta: DDIM's eta (required for DDIM, > 0).
         use_clipped_model_output: DDIM's flag of the same name.
+        s_churn, s_tmin, s_tmax, s_noise: ``EulerDiscreteScheduler.step``'s churn (s_churn
+            required for it, > 0: without churn its step is deterministic).
     """
     fam, n = _check_config(scheduler, num_inference_steps)
     step = _step_args(fam, type(scheduler).__name__, eta, use_clipped_model_output)
+    churn = _churn_args(fam, type(scheduler).__name__, s_churn, s_tmin, s_tmax, s_noise)
+    step = step._replace(churn=churn)
     return _TABULATE[fam.name](_fresh(scheduler, n), step)
 
 
@@ -947,6 +1030,28 @@ def _step_args(fam: Family, cls: str, eta, use_clipped_model_output) -> _StepArg
             f"{fam.scheduler} with eta = 0 is {NO_NOISE}; pass eta > 0 (eta = 1: DDPM's variance)"
         )
     return _StepArgs(None if eta is None else float(eta), use_clipped_model_output)
+
+
+def _churn_args(fam: Family, cls: str, s_churn, s_tmin, s_tmax, s_noise) -> Optional[dict]:
+    """EulerDiscreteScheduler.step's churn arguments, checked (None for the other families)."""
+    given = {"s_churn": s_churn, "s_tmin": s_tmin, "s_tmax": s_tmax, "s_noise": s_noise}
+    if "s_churn" not in fam.options:
+        defaults = {"s_churn": None, "s_tmin": 0.0, "s_tmax": math.inf, "s_noise": 1.0}
+        for key, value in given.items():
+            if value is not defaults[key] and value != defaults[key]:
+                raise ValueError(f"{key} applies to {family('euler-churn').scheduler} only, not to {cls}")
+        return None
+    if s_churn is None or as_real("s_churn", s_churn, 0.0, finite=False) == 0:
+        raise ValueError(
+            f"{fam.scheduler}: pass s_churn > 0 (diffusers' step takes it per call); without "
+            f"churn its step is {NO_NOISE}: use EulerAncestralDiscreteScheduler, or pass s_churn"
+        )
+    return {
+        "s_churn": float(s_churn),
+        "s_tmin": as_real("s_tmin", s_tmin, finite=False),
+        "s_tmax": as_real("s_tmax", s_tmax, finite=False),
+        "s_noise": as_real("s_noise", s_noise, 0.0),
+    }
 
 
 def check_pipeline_parts(pipe, where: str) -> None:

@@ -21,6 +21,7 @@ from typing import Callable, Optional
 
 from torch import Tensor
 
+from .edm import edm_dpmsolver_sde_transitions, euler_churn_transitions
 from .transitions import (
     GaussianTransitions,
     ddim_transitions,
@@ -144,6 +145,37 @@ FAMILIES: tuple[Family, ...] = (
             "euler_at_final",
         ),
         scheduler="DPMSolverMultistepScheduler",
+        scheduler_config=(("algorithm_type", "sde-dpmsolver++"), ("solver_order", 2)),
+        variant=("algorithm_type",),
+        multistep=True,
+    ),
+    Family(
+        "euler-churn",
+        "Euler (churn)",
+        "Euler with EDM's churn (s_churn > 0: noise added after the network call), VE state",
+        euler_churn_transitions,
+        ("s_churn", "s_tmin", "s_tmax", "s_noise") + _RESPACING + ("init_std",),
+        scheduler="EulerDiscreteScheduler",
+        scheduler_note="s_churn > 0",
+    ),
+    Family(
+        "edm-dpm++2m-sde",
+        "EDM DPM++ 2M SDE",
+        "DPM-Solver++ 2M SDE on EDM's VE state and sigma schedule (EDM preconditioning), multistep",
+        edm_dpmsolver_sde_transitions,
+        (
+            "sigma_min",
+            "sigma_max",
+            "sigma_data",
+            "sigma_schedule",
+            "rho",
+            "solver_order",
+            "solver_type",
+            "final_sigmas_type",
+            "lower_order_final",
+            "euler_at_final",
+        ),
+        scheduler="EDMDPMSolverMultistepScheduler",
         scheduler_config=(("algorithm_type", "sde-dpmsolver++"), ("solver_order", 2)),
         variant=("algorithm_type",),
         multistep=True,

@@ -140,6 +140,16 @@ def _prev_table(c_prev, n: int) -> Tensor:
     return t
 
 
+def _output_tables(output, n: int, prediction: str) -> tuple[Tensor, Tensor]:
+    """``output`` = (out_x, out_pred) checked: two finite ``[n]`` tables, not with ``"sample"``
+    (whose x0-hat is the output itself, read without the tables)."""
+    if not (isinstance(output, (tuple, list)) and len(output) == 2):
+        raise TypeError(f"output must be a pair of tables (out_x, out_pred), got {output!r}")
+    if prediction == "sample":
+        raise ValueError('output tables do not apply to prediction="sample" (x0-hat = output)')
+    return _table(output[0], n, "out_x"), _table(output[1], n, "out_pred")
+
+
 class GaussianTransitions:
     """Per-step coefficient tables of an affine Gaussian sampler (see the module docstring).
 
@@ -156,6 +166,10 @@ class GaussianTransitions:
             multistep solvers such as DPM-Solver++ 2M, docs/design.md §2.1). ``c_prev[0]`` must be
             0: the first step has no previous prediction.
         input_scale: ``[N]`` model input = input_scale * state (default 1).
+        output: ``(out_x, out_pred)``, two ``[N]`` tables: x0_hat = out_x * state + out_pred *
+            out, in place of the conversion ``prediction`` implies (default None: that one). EDM's
+            preconditioning (Karras et al. 2022) takes it: ``(c_skip, c_out)``
+            (:mod:`specdiff_kernels.sampling.edm`); ``prediction`` then only labels the output.
         prediction: ``"epsilon"``, ``"sample"`` or ``"v_prediction"``.
         clip_sample: clamp x0_hat to [-clip_sample, clip_sample] (None: no clipping).
         eps_from_clipped_x0: derive eps_hat from the clipped x0_hat (default: unclipped).
@@ -177,6 +191,7 @@ class GaussianTransitions:
         c_eps=None,
         c_prev=None,
         input_scale=None,
+        output=None,
         prediction: str = "epsilon",
         clip_sample: Optional[float] = None,
         eps_from_clipped_x0: bool = False,
@@ -222,6 +237,10 @@ class GaussianTransitions:
         else:  # v_prediction
             self.out_x = self.model_alpha * self.input_scale
             self.out_pred = -self.model_sigma
+        # explicit output tables (EDM's c_skip, c_out): kept so that copies can pass them on
+        self.output = None if output is None else _output_tables(output, n, prediction)
+        if self.output is not None:
+            self.out_x, self.out_pred = self.output
         self.deterministic = self.std == 0
         self._has_eps = bool((self.c_eps != 0).any())
         self._cache: dict = {}
@@ -800,13 +819,18 @@ def _sde_sigmas(sigmas, n: int) -> Tensor:
 
 
 def _sde_dpm_steps(
-    sig: Tensor, order: int, solver_type: str, first_order_final: bool, eta: float = 1.0
+    sig: Tensor,
+    order: int,
+    solver_type: str,
+    first_order_final: bool,
+    eta: float = 1.0,
+    ve: bool = False,
 ):
     """The SDE-DPM-Solver++ step tables from the N + 1 noise levels ``sig`` (see
     :func:`dpmsolver_sde_from_sigmas`): the model's VP alpha and sigma at each step, then G, c_x0,
-    std and c_prev."""
+    std and c_prev. ``ve``: the state is the VE x = x0 + sigma eps (alpha = 1, EDM's solvers)."""
     n = sig.numel() - 1
-    alpha = 1 / (1 + sig**2).sqrt()
+    alpha = torch.ones_like(sig) if ve else 1 / (1 + sig**2).sqrt()
     s = sig * alpha
     lam = torch.log(alpha) - torch.log(s)  # +inf at a final sigma of 0
     s0, st, at = s[:-1], s[1:], alpha[1:]
@@ -816,7 +840,9 @@ def _sde_dpm_steps(
     one_m_e2 = -torch.expm1(-(h + eta_h))  # 1 - e^-(1 + eta)h: 1 - e^-2h at eta = 1
     G = st / s0 * torch.exp(-eta_h)  # 0 where h = inf
     c_d0 = at * one_m_e2
-    std = st * (-torch.expm1(-2 * eta_h)).sqrt()
+    # clamped: a final sigma_min one float32 ulp above the last level (EDM's float32 Karras
+    # schedule) is a step of h < 0 by rounding, where diffusers' float32 h is 0
+    std = st * (-torch.expm1(-2 * eta_h)).clamp_min(0).sqrt()
     c_x0, c_prev = c_d0.clone(), torch.zeros(n, dtype=torch.float64)
     second = torch.zeros(n, dtype=torch.bool)
     if order == 2 and n > 1:
