@@ -143,10 +143,10 @@ def test_ddim_needs_positive_eta():
 
 
 def test_unsupported_scheduler():
-    from diffusers import EulerDiscreteScheduler
+    from diffusers import PNDMScheduler
 
     with pytest.raises(TypeError, match="unsupported scheduler"):
-        diffusers_transitions(EulerDiscreteScheduler(), 10)
+        diffusers_transitions(PNDMScheduler(), 10)
 
 
 def scheduler_loop(sched, unet, n: int, seed: int, eta=None) -> torch.Tensor:

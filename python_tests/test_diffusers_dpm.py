@@ -268,9 +268,10 @@ REFUSED = [
     ),
     (
         lambda: EulerDiscreteScheduler(),
-        TypeError,
-        "unsupported scheduler EulerDiscreteScheduler: deterministic (no noise to speculate "
-        "over); use EulerAncestralDiscreteScheduler",
+        ValueError,
+        "EulerDiscreteScheduler: pass s_churn > 0 (diffusers' step takes it per call); without "
+        "churn its step is deterministic (no noise to speculate over): use "
+        "EulerAncestralDiscreteScheduler, or pass s_churn",
     ),
 ]
 

@@ -67,7 +67,9 @@ def _steps_agree(monkeypatch, module: str, sched, T, step_kwargs: dict, seed: in
         want = mean + float(T.std[k]) * noise
         scale = float(want.abs().max()) + 1.0
         err = float((got.double() - want).abs().max())
-        assert err <= 2e-5 * scale, f"step {k}: |diffusers - tables| = {err:.3g} (scale {scale:.3g})"
+        assert err <= 2e-5 * scale, (
+            f"step {k}: |diffusers - tables| = {err:.3g} (scale {scale:.3g})"
+        )
         if T.std[k] > 0:
             assert drawn, f"step {k}: the tables add noise but diffusers' step drew none"
         prev, x = x0, got
@@ -170,7 +172,11 @@ def test_edm_thresholding_keeps_the_preconditioning():
     plain = diffusers_transitions(
         diffusers.EDMDPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++"), 10
     )
-    assert not T.affine and torch.equal(T.out_x, plain.out_x) and torch.equal(T.out_pred, plain.out_pred)
+    assert (
+        not T.affine
+        and torch.equal(T.out_x, plain.out_x)
+        and torch.equal(T.out_pred, plain.out_pred)
+    )
 
 
 def test_native_builder_is_the_adapters_chain():
@@ -296,6 +302,8 @@ def test_native_families_build_on_a_vp_model():
     abar = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)
     T = edm_dpmsolver_sde_transitions(10, alphas_cumprod=abar)
     assert T.output is None and T.timesteps.is_floating_point()
-    assert math.isclose(float(T.state_sigma[0]), float(((1 - abar[-1]) / abar[-1]).sqrt()), rel_tol=1e-6)
+    assert math.isclose(
+        float(T.state_sigma[0]), float(((1 - abar[-1]) / abar[-1]).sqrt()), rel_tol=1e-6
+    )
     with pytest.raises(ValueError, match="sigma_data applies to an EDM-preconditioned network"):
         edm_dpmsolver_sde_transitions(10, alphas_cumprod=abar, sigma_data=0.5)

@@ -91,7 +91,9 @@ def test_scheduler_class_exists_and_maps_back(fam):
     assert type(sched) is cls
     assert all(sched.config[k] == v for k, v in fam.scheduler_config)
     assert adapter._supported_family(sched) is fam
+    # the per-call step arguments diffusers' step of the family needs (DDIM's eta, Euler's churn)
     eta = {"eta": 1.0} if "eta" in fam.options else {}
+    eta = {"s_churn": 1.0} if "s_churn" in fam.options else eta
     T = adapter.diffusers_transitions(sched, 10, **eta)
     assert T.num_steps == 10 and T.multistep is fam.multistep
 

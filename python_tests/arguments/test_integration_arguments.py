@@ -73,8 +73,13 @@ DIFFUSERS_CASES = {
     ),
     "scheduler_unsupported": (lambda: dt(sched("PNDMScheduler"), 10), TypeError, "PNDMScheduler"),
     "scheduler_unsupported_lists": (
-        lambda: dt(sched("EulerDiscreteScheduler"), 10),
+        lambda: dt(sched("LMSDiscreteScheduler"), 10),
         TypeError,
+        "DPMSolverMultistepScheduler",
+    ),
+    "euler_without_churn": (
+        lambda: dt(sched("EulerDiscreteScheduler"), 10),
+        ValueError,
         "EulerAncestralDiscreteScheduler",
     ),
     **bad_steps("ddpm_n", lambda n: dt(sched(), n)),
@@ -449,12 +454,11 @@ def test_euler_discrete_names_s_churn_and_euler_ancestral():
     count = CallCounter(unet)
     pipe = DDPMPipeline(unet=unet, scheduler=diffusers.EulerDiscreteScheduler())
     spec = SpeculativePipeline(pipe, window=2)
-    with pytest.raises(TypeError) as err:
+    with pytest.raises(ValueError) as err:
         spec(batch_size=1, num_inference_steps=5)
     text = one_line(err)
-    assert text.startswith("unsupported scheduler EulerDiscreteScheduler: ")
-    assert "s_churn > 0" in text and "stochastic" in text and "not supported yet" in text
-    assert "use EulerAncestralDiscreteScheduler" in text
+    assert text.startswith("EulerDiscreteScheduler: pass s_churn > 0")
+    assert "deterministic" in text and "use EulerAncestralDiscreteScheduler" in text
     assert count.calls == 0
 
 

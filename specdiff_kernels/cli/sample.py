@@ -499,6 +499,12 @@ def resolve_pipeline(
         scheduler = _own_scheduler(own, sched_cfg)
     _check_flags(scheduler, eta, karras, None if given else own)
     fam = family(scheduler)
+    if "sigma_data" in fam.options:  # the folder's UNet has a beta (VP) schedule, checked above
+        raise PipelineError(
+            "--scheduler",
+            f"{fam.name} preconditions an EDM network (c_in, c_noise, c_skip, c_out); this "
+            f"pipeline's UNet is a VP model: use --scheduler {SDE.name} --karras",
+        )
     try:
         max_steps = int(sched_cfg.get("num_train_timesteps", 1000))
         if max_steps < 1:
@@ -582,7 +588,10 @@ def _check_clip(pipeline: str, cfg: dict) -> None:
 
 
 def _step_options(fam: Family, eta) -> dict:
-    """The --eta the family's step takes (DDIM's, default DEFAULT_ETA); none for the others."""
+    """The --eta the family's step takes (DDIM's, default DEFAULT_ETA); Euler's churn (the most,
+    gamma = sqrt(2) - 1 at every step: there is no flag for it); none for the others."""
+    if "s_churn" in fam.options:
+        return {"s_churn": math.inf}
     return {"eta": DEFAULT_ETA if eta is None else eta} if "eta" in fam.options else {}
 
 

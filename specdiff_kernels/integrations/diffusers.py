@@ -438,9 +438,10 @@ UNSUPPORTED_REASONS = {
     "DPMSolverSDEScheduler": "stochastic, but its noise comes from a Brownian tree (correlated "
     "across steps) and each step calls the network twice, so its steps are not independent "
     "Gaussians around one network mean",
-    "CosineDPMSolverMultistepScheduler": "stochastic, but its noise comes from a Brownian tree "
-    "(correlated across steps) on a continuous-time cosine (EDM) schedule, so its steps are not "
-    "independent Gaussians the adapter can tabulate",
+    "CosineDPMSolverMultistepScheduler": "stochastic, and in law a Gaussian chain (its Brownian-"
+    "tree noise over disjoint sigma intervals is independent across steps, docs/design.md §2.2), "
+    "but not tabulated yet (its noise variance per step follows torchsde's rounding of the "
+    "interval ends)",
     "SASolverScheduler": "a stochastic predictor-corrector: the corrector reuses the predictor's "
     "noise after the next network call, so a step is not one Gaussian transition",
     "LCMScheduler": "a consistency-model sampler (boundary-condition scalings of a distilled "
@@ -1039,7 +1040,9 @@ def _churn_args(fam: Family, cls: str, s_churn, s_tmin, s_tmax, s_noise) -> Opti
         defaults = {"s_churn": None, "s_tmin": 0.0, "s_tmax": math.inf, "s_noise": 1.0}
         for key, value in given.items():
             if value is not defaults[key] and value != defaults[key]:
-                raise ValueError(f"{key} applies to {family('euler-churn').scheduler} only, not to {cls}")
+                raise ValueError(
+                    f"{key} applies to {family('euler-churn').scheduler} only, not to {cls}"
+                )
         return None
     if s_churn is None or as_real("s_churn", s_churn, 0.0, finite=False) == 0:
         raise ValueError(

@@ -227,23 +227,21 @@ class GaussianTransitions:
         self.eps_from_clipped_x0 = eps_from_clipped_x0
         self.init_std = init_std
         self.name = name
-        # x0_raw = out_x[k] * x + out_pred[k] * out
-        if prediction == "epsilon":
-            self.out_x = self.input_scale / self.model_alpha
-            self.out_pred = -self.model_sigma / self.model_alpha
-        elif prediction == "sample":
-            self.out_x = torch.zeros(n, dtype=torch.float64)
-            self.out_pred = torch.ones(n, dtype=torch.float64)
-        else:  # v_prediction
-            self.out_x = self.model_alpha * self.input_scale
-            self.out_pred = -self.model_sigma
         # explicit output tables (EDM's c_skip, c_out): kept so that copies can pass them on
         self.output = None if output is None else _output_tables(output, n, prediction)
-        if self.output is not None:
-            self.out_x, self.out_pred = self.output
+        self.out_x, self.out_pred = self.output or self._conversion(prediction)
         self.deterministic = self.std == 0
         self._has_eps = bool((self.c_eps != 0).any())
         self._cache: dict = {}
+
+    def _conversion(self, prediction: str) -> tuple[Tensor, Tensor]:
+        """``(out_x, out_pred)`` of ``prediction``: x0_raw = out_x[k] * x + out_pred[k] * out."""
+        if prediction == "epsilon":
+            return self.input_scale / self.model_alpha, -self.model_sigma / self.model_alpha
+        if prediction == "sample":
+            n = self.num_steps
+            return torch.zeros(n, dtype=torch.float64), torch.ones(n, dtype=torch.float64)
+        return self.model_alpha * self.input_scale, -self.model_sigma  # v_prediction
 
     def __repr__(self) -> str:
         return (
