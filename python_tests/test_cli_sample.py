@@ -124,7 +124,7 @@ def test_unsupported_own_scheduler_needs_scheduler_flag(pipe_dir, tmp_path, caps
     assert last == (
         "specdiff sample: error: argument --scheduler: the pipeline's own scheduler "
         "PNDMScheduler is deterministic (no noise to speculate over); pass --scheduler "
-        "dpm++2m-sde (or ddpm, ddim, euler-a)"
+        "dpm++2m-sde (or ddpm, ddim, euler-a, euler-churn)"
     )
     rc = main(
         cli_args(
@@ -147,7 +147,7 @@ def test_unknown_own_scheduler_needs_scheduler_flag(pipe_dir, tmp_path, capsys, 
         "specdiff sample: error: argument --scheduler: the pipeline's own scheduler "
         "KDPM2AncestralDiscreteScheduler is not supported (stochastic, but each step calls the "
         "network twice (at a midpoint sigma) before its noise, so a step is not one Gaussian "
-        "around one network mean); pass --scheduler ddpm or ddim or euler-a or dpm++2m-sde (on "
+        "around one network mean); pass --scheduler ddpm or ddim or euler-a or dpm++2m-sde or euler-churn (on "
         "the same training schedule)"
     )
     # a scheduler without a beta schedule (VE): no --scheduler is suggested (arguments/test_cli_sample_arguments.py)
@@ -250,12 +250,12 @@ def test_own_dpm_sde_of_order_3_is_the_adapters_message(pipe_dir, tmp_path, caps
 KARRAS_CASES = [
     (
         ["--karras"],
-        "argument --karras: applies to --scheduler dpm++2m-sde only (this pipeline's own "
+        "argument --karras: applies to --scheduler dpm++2m-sde or edm-dpm++2m-sde only (this pipeline's own "
         "scheduler is DDPMScheduler)",
     ),
     (
         ["--scheduler", "euler-a", "--karras"],
-        "argument --karras: applies to --scheduler dpm++2m-sde only",
+        "argument --karras: applies to --scheduler dpm++2m-sde or edm-dpm++2m-sde only",
     ),
     (
         ["--scheduler", "dpm++2m-sde", "--eta", "0.5"],
@@ -473,7 +473,7 @@ FOLDER_CASES = [
     (
         ["--scheduler", "heun"],
         "argument --scheduler: invalid choice: 'heun' (choose from 'ddpm', 'ddim', 'euler-a', "
-        "'dpm++2m-sde')",
+        "'dpm++2m-sde', 'euler-churn', 'edm-dpm++2m-sde')",
     ),
     (
         ["--draft", "model"],
@@ -518,7 +518,7 @@ def test_sample_refuses_before_loading(argv, message, pipe_dir, tmp_path, capsys
 
 
 DIGITS_CASES = [
-    (["--karras"], "argument --karras: applies to --scheduler dpm++2m-sde only"),
+    (["--karras"], "argument --karras: applies to --scheduler dpm++2m-sde or edm-dpm++2m-sde only"),
     (
         ["--steps", "5000"],
         "argument --steps: must be at most 1000 (the model's training timesteps), got 5000",

@@ -31,6 +31,8 @@ from ..sampling.families import NAMES, Family, canonical, family, for_scheduler
 # --scheduler takes a sampler family (sampling.families); a deterministic solver's stochastic
 # counterpart, suggested when a pipeline's own scheduler is one
 SDE = family("dpm++2m-sde")
+# the families a VP pipeline folder can take (an EDM one preconditions an EDM network)
+VP_NAMES = tuple(n for n in NAMES if "sigma_data" not in family(n).options)
 # the family option each flag sets, and so the families it applies to
 FLAG_OPTIONS = {"--eta": "eta", "--karras": "sigma_schedule"}
 # --karras sets use_karras_sigmas on the scheduler config, replacing these
@@ -310,7 +312,7 @@ def _own_scheduler(own: str, cfg: dict) -> str:
                 )
         return fam.name
     if own in DETERMINISTIC_SCHEDULERS:
-        others = ", ".join(n for n in NAMES if n != SDE.name)
+        others = ", ".join(n for n in VP_NAMES if n != SDE.name)
         raise PipelineError(
             "--scheduler",
             f"the pipeline's own scheduler {own} is {NO_NOISE}; pass --scheduler {SDE.name} "
@@ -320,7 +322,7 @@ def _own_scheduler(own: str, cfg: dict) -> str:
     raise PipelineError(
         "--scheduler",
         f"the pipeline's own scheduler {own} is not supported ({reason}); pass "
-        f"--scheduler {' or '.join(NAMES)} (on the same training schedule)",
+        f"--scheduler {' or '.join(VP_NAMES)} (on the same training schedule)",
     )
 
 
