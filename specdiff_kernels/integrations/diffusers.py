@@ -638,7 +638,7 @@ def _check_dpm(cfg) -> None:
 
 def _check_flow(cfg) -> None:
     """FlowMatchEulerDiscreteScheduler: its stochastic step, on the sigma options its own
-    ``set_timesteps`` applies (docs/design.md "flow matching")."""
+    ``set_timesteps`` applies (docs/design.md §2.2)."""
     if not as_flag("stochastic_sampling", cfg.get("stochastic_sampling", False)):
         raise ValueError(
             f"stochastic_sampling=False is {NO_NOISE}: the Euler step of the flow ODE; set "

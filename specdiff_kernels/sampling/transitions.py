@@ -9,8 +9,8 @@ data). Every step is Gaussian with a model-independent, isotropic std::
 
 where ``x0_hat`` and ``eps_hat`` are the network's denoised estimate and noise estimate at
 (x, k). All per-step quantities are plain float64 tables of length N, so an adapter (e.g. for a
-diffusers scheduler) can supply its own; the builders below produce DDPM, DDIM (eta >= 0) and
-Euler-ancestral tables.
+diffusers scheduler) can supply its own; the builders below produce DDPM, DDIM (eta >= 0),
+Euler-ancestral, DPM-Solver++ 2M SDE and rectified-flow (FlowMatch Euler, Flow-GRPO SDE) tables.
 
 Conventions, made explicit:
 
@@ -25,7 +25,11 @@ Conventions, made explicit:
   (``state_alpha = 1``, ``state_sigma = sigma_k``) and ``input_scale = 1/sqrt(1 + sigma_k^2)``,
   exactly diffusers' ``scale_model_input``; the initial state has std ``init_std``.
 * **Prediction types.** ``epsilon``: x0 = (x_in - model_sigma * out) / model_alpha;
-  ``sample``: x0 = out; ``v_prediction``: x0 = model_alpha * x_in - model_sigma * out.
+  ``sample``: x0 = out; ``v_prediction``: x0 = model_alpha * x_in - model_sigma * out;
+  ``flow_prediction`` (rectified flow, x_t = (1 - t) x0 + t eps, the network's velocity v = eps -
+  x0): x0 = x_in - model_sigma * out, with model_alpha = 1 - t (0 at t = 1 is allowed, for every
+  prediction but epsilon) and model_sigma = t (docs/design.md §2.2; builders
+  :func:`flow_euler_transitions`, :func:`flow_sde_transitions`).
   ``eps_hat`` is derived from the *unclipped* x0 (``(x - state_alpha x0) / state_sigma``; for an
   epsilon-model this is its output), unless ``eps_from_clipped_x0`` (diffusers DDIM's
   ``use_clipped_model_output``).
@@ -174,7 +178,7 @@ class GaussianTransitions:
             multistep solvers such as DPM-Solver++ 2M, docs/design.md §2.1). ``c_prev[0]`` must be
             0: the first step has no previous prediction.
         input_scale: ``[N]`` model input = input_scale * state (default 1).
-        prediction: ``"epsilon"``, ``"sample"`` or ``"v_prediction"``.
+        prediction: ``"epsilon"``, ``"sample"``, ``"v_prediction"`` or ``"flow_prediction"``.
         clip_sample: clamp x0_hat to [-clip_sample, clip_sample] (None: no clipping).
         eps_from_clipped_x0: derive eps_hat from the clipped x0_hat (default: unclipped).
         init_std: std of the initial state, x_start ~ N(0, init_std^2 I).
@@ -242,7 +246,7 @@ class GaussianTransitions:
         self.state_sigma = ms / scale
         # x0 of an eps-hat at y: x0_y y - x0_f eps (the frozen-eps draft). Where state_alpha is 0
         # (flow at t = 1: the state is pure noise) eps says nothing of x0: the draft's x0 is 0
-        # there (any draft is exact; docs/design.md "flow matching")
+        # there (any draft is exact; docs/design.md §2.2)
         alive = self.state_alpha > 0
         self.x0_y = torch.where(alive, 1 / self.state_alpha, 0.0)
         self.x0_f = torch.where(alive, self.state_sigma / self.state_alpha, 0.0)
@@ -981,7 +985,7 @@ def _flow(ts: Tensor, s: Tensor, c_x0: Tensor, c_x: Tensor, std: Tensor, name: s
 
 def flow_euler_from_sigmas(timesteps, sigmas, *, name: str = "flow-euler") -> GaussianTransitions:
     """diffusers' ``FlowMatchEulerDiscreteScheduler(stochastic_sampling=True).step`` from
-    ``s = sigmas[k]`` to ``s' = sigmas[k + 1]`` (docs/design.md "flow matching", (F5)):
+    ``s = sigmas[k]`` to ``s' = sigmas[k + 1]`` (docs/design.md §2.2, (F5)):
     ``x0_hat = x - s v``, ``x' = (1 - s') x0_hat + s' z``, i.e. ``c_x0 = 1 - s'``, ``c_x = 0``,
     ``std = s'``. The last step, to s' = 0, is deterministic (x' = x0_hat). ``timesteps``: the
     model's (diffusers: ``1000 s``); ``sigmas``: ``N + 1`` entries, the last the final one."""
@@ -996,7 +1000,7 @@ def flow_sde_from_sigmas(
     """Flow-GRPO's step (Liu et al. 2025, ``sde_step_with_logprob``): the Euler-Maruyama step of
     the marginal-preserving reverse SDE with noise ``sigma_t = a sqrt(t / (1 - t))`` (``a`` =
     ``noise_level``) from ``s = sigmas[k]`` to ``s' = sigmas[k + 1]``, dt = s' - s < 0
-    (docs/design.md "flow matching", (F3), (F4))::
+    (docs/design.md §2.2, (F2)-(F4))::
 
         mean = x (1 + sigma_s^2 dt / (2 s)) + v (1 + sigma_s^2 (1 - s) / (2 s)) dt
         std  = sigma_s sqrt(-dt)
