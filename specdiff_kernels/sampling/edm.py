@@ -1,5 +1,5 @@
 """EDM-style stochastic samplers (Karras et al. 2022, "Elucidating the Design Space of
-Diffusion-Based Generative Models") as Gaussian chains (docs/design.md §2.2).
+Diffusion-Based Generative Models") as Gaussian chains (docs/design.md §2.3).
 
 Their state is the VE variable ``x = x0 + sigma eps`` on a decreasing list of noise levels
 ``sigmas`` (N + 1 entries, the last the final one). Two model parametrisations:
@@ -107,7 +107,7 @@ def edm_dpmsolver_sde_from_sigmas(
     ``sigma_data``: EDM's preconditioning (:func:`edm_preconditioning`; ``timesteps`` then are
     the network's c_noise); None: a VP model (its timesteps, input ``x / sqrt(1 + sigma^2)``).
     ``noise_var``: ``[N]`` variance of each step's noise draw when it is not 1 (the Brownian-tree
-    sampler of the cosine scheduler, docs/design.md §2.2); the std is scaled by its square root.
+    sampler of the cosine scheduler, docs/design.md §2.3); the std is scaled by its square root.
     """
     order = as_int("solver_order", solver_order, 1, 2)
     solver_type = as_choice("solver_type", solver_type, SOLVER_TYPES)
@@ -231,7 +231,7 @@ def euler_churn_from_sigmas(
 ) -> GaussianTransitions:
     """Euler with churn (Karras et al. 2022, Algorithm 2 without its 2nd-order correction) as
     diffusers' ``EulerDiscreteScheduler.step`` / ``EDMEulerScheduler.step`` with ``s_churn``
-    (docs/design.md §2.2). The network is called at the state x; then gamma = min(s_churn / N,
+    (docs/design.md §2.3). The network is called at the state x; then gamma = min(s_churn / N,
     sqrt(2) - 1) where s_tmin <= sigma <= s_tmax (else 0), sigma_hat = (1 + gamma) sigma,
     x_hat = x + s_noise sqrt(sigma_hat^2 - sigma^2) z, x0 from the output with x_hat, and
     x' = r x_hat + (1 - r) x0 with r = sigma_next / sigma_hat: given x, one Gaussian with a mean
