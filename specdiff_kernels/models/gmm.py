@@ -10,10 +10,6 @@ given per component, diagonal when given per component and dimension). Forward p
 so the posterior mean is ``sum_k r_k(x_t) E[x0 | x_t, k]`` with responsibilities ``r_k`` from a
 logsumexp over ``log w_k + log N(x_t; sqrt(abar) mu_k, v_k I)``. Everything is computed in
 float64. With K = 1 (a Gaussian) the denoiser is affine in x_t.
-
-Rectified flow (:class:`GMMFlowVelocity`): ``x_t = (1 - t) x0 + t eps`` is the same Gaussian
-algebra with ``sqrt(abar) -> 1 - t`` and ``1 - abar -> t^2``; the exact velocity is
-``v = E[eps - x0 | x_t] = (x_t - x0_hat) / t``.
 """
 
 from __future__ import annotations
@@ -157,7 +153,17 @@ class GMMDenoiser(nn.Module):
 
     def posterior_mean_x0(self, x: Tensor, abar: Tensor) -> Tensor:
         """E[x0 | x_t = x] for x [B, D] float64 and abar [B] float64."""
-        return _posterior_mean(self, x, abar.sqrt(), 1 - abar)
+        a = abar.sqrt()[:, None, None]  # [B,1,1]
+        v = abar[:, None, None] * self.var0[None] + (1 - abar)[:, None, None]  # [B,K,D]
+        centers = a * self.means[None]  # [B,K,D]
+        diff = x[:, None, :] - centers  # [B,K,D]
+        D = x.shape[-1]
+        logp = self.log_weights[None] - 0.5 * (
+            (diff**2 / v).sum(-1) + v.log().sum(-1) + D * math.log(2 * math.pi)
+        )
+        r = torch.softmax(logp, dim=-1)  # [B,K]
+        cond = self.means[None] + a * self.var0[None] / v * diff  # [B,K,D]
+        return (r[..., None] * cond).sum(1)
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
         B = x.shape[0]
@@ -182,60 +188,6 @@ class GMMDenoiser(nn.Module):
             eps = (xf - a * x0) / s
             out = eps if self.prediction == "epsilon" else a * eps - s * x0
         return out.to(x.dtype).reshape(x.shape)
-
-
-def _posterior_mean(m: nn.Module, x: Tensor, alpha: Tensor, sigma2: Tensor) -> Tensor:
-    """E[x0 | x_t = x] under x_t = alpha x0 + sqrt(sigma2) eps, for x [B, D], alpha and sigma2
-    [B] (float64), the mixture read from ``m``'s buffers (means, var0, log_weights)."""
-    a = alpha[:, None, None]  # [B,1,1]
-    v = a * a * m.var0[None] + sigma2[:, None, None]  # [B,K,D]
-    diff = x[:, None, :] - a * m.means[None]  # [B,K,D]
-    D = x.shape[-1]
-    logp = m.log_weights[None] - 0.5 * (
-        (diff**2 / v).sum(-1) + v.log().sum(-1) + D * math.log(2 * math.pi)
-    )
-    r = torch.softmax(logp, dim=-1)  # [B,K]
-    cond = m.means[None] + a * m.var0[None] / v * diff  # [B,K,D]
-    return (r[..., None] * cond).sum(1)
-
-
-class GMMFlowVelocity(nn.Module):
-    """Exact velocity ``model(x, timestep)`` of a :class:`GaussianMixture` under rectified flow.
-
-    ``x_t = (1 - t) x0 + t eps`` with ``t = timestep / num_train_timesteps`` (diffusers'
-    FlowMatch convention: timestep = 1000 t). Returns ``v = E[eps - x0 | x_t] = (x_t - x0_hat)
-    / t`` with x0_hat the posterior mean (``flow_prediction``). ``x`` is ``[B, *E]`` with
-    prod(E) = D; ``timestep`` a ``[B]`` or scalar tensor with 0 < t <= 1 (at t = 0 the velocity
-    is not defined by x_t alone; flow samplers never evaluate it there). Math in float64.
-    """
-
-    def __init__(self, gmm: GaussianMixture, num_train_timesteps: int = 1000):
-        super().__init__()
-        self.gmm = gmm
-        self.prediction = "flow_prediction"
-        self.num_train_timesteps = int(num_train_timesteps)
-        self.register_buffer("means", gmm.means.clone())
-        self.register_buffer("var0", (gmm.stds**2).clone())
-        self.register_buffer("log_weights", gmm.weights.log().clone())
-        self.num_calls = 0
-        self.num_evals = 0
-
-    def forward(self, x: Tensor, timestep: Tensor) -> Tensor:
-        B = x.shape[0]
-        xf = x.reshape(B, -1).to(torch.float64)
-        if xf.shape[1] != self.means.shape[1]:
-            raise ValueError(
-                f"x has {xf.shape[1]} features per sample, the mixture has D = {self.means.shape[1]}"
-            )
-        t = torch.as_tensor(timestep, device=x.device).to(torch.float64)
-        t = (t.expand(B) if t.dim() == 0 else t.reshape(B)) / self.num_train_timesteps
-        if not bool(((t > 0) & (t <= 1)).all()):
-            raise ValueError("timestep / num_train_timesteps must lie in (0, 1]")
-        x0 = _posterior_mean(self, xf, 1 - t, t * t)
-        if not torch.compiler.is_compiling():
-            self.num_calls += 1
-            self.num_evals += B
-        return ((xf - x0) / t[:, None]).to(x.dtype).reshape(x.shape)
 
 
 def make_gmm(
