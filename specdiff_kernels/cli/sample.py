@@ -499,6 +499,13 @@ def resolve_pipeline(
         scheduler = _own_scheduler(own, sched_cfg)
     _check_flags(scheduler, eta, karras, None if given else own)
     fam = family(scheduler)
+    if fam.flow:  # (a flow pipeline was refused above)
+        vp = " or ".join(n for n in NAMES if not family(n).flow)
+        raise PipelineError(
+            "--scheduler",
+            f"{scheduler} is a flow-matching family (rectified-flow models); {pipeline!r} is a "
+            f"diffusion pipeline (scheduler {own}, a beta schedule): pass --scheduler {vp}",
+        )
     try:
         max_steps = int(sched_cfg.get("num_train_timesteps", 1000))
         if max_steps < 1:
