@@ -94,7 +94,7 @@ def cell(m, fam, k: int, windows, chains: int, seed: int) -> dict:
 
 
 def runs(a) -> list[tuple[str, int, int, object]]:
-    """(model name, d, k, model) of the grid: GMM by dimension, GMM by steps, digits by steps."""
+    """(model name, d, k, models) of the grid: GMM by dimension, GMM by steps, digits by steps."""
     out = []
     for d in a.dims:
         out.append(("gmm", d, a.k, gmm_models(d)))
@@ -106,22 +106,28 @@ def runs(a) -> list[tuple[str, int, int, object]]:
     return out
 
 
+def num_chains(a, d: int) -> int:
+    """``--chains``, fewer at high dimension (``--state-budget`` floats per round and window
+    position), at least 64: the d = 1024 mixture's rounds cost ~ chains x L x 8 x d."""
+    return max(64, min(a.chains, a.state_budget // d))
+
+
 def table(rows: list[dict], title: str, vary: str) -> list[str]:
     md = [
         f"### {title}",
         "",
         f"| family | {vary} | calls / chain (best L) | speed-up k / calls | acceptance (L max) "
-        "| accepted / window | evals / sample |",
-        "|---|---|---|---|---|---|---|",
+        "| accepted / window | evals / sample | chains |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "skipped" in r:
-            md.append(f"| {r['family']} | {r[vary]} | skipped: {r['skipped']} | | | | |")
+            md.append(f"| {r['family']} | {r[vary]} | skipped: {r['skipped']} | | | | | |")
             continue
         md.append(
             f"| {r['family']} | {r[vary]} | {r['calls']:.1f} (L={r['best_L']}) | "
             f"{r['speedup']:.2f} | {r['acceptance']:.2f} | {r['accepted_len']:.2f} | "
-            f"{r['evals']:.0f} |"
+            f"{r['evals']:.0f} | {r['chains']} |"
         )
     return md + [""]
 
@@ -133,7 +139,8 @@ def markdown(rows: list[dict], env: dict, a) -> str:
         f"`{env['command']}`; {env['cpu']}, {env['cores']} cores, {env['threads']} thread, torch "
         f"{env['torch']}, {env['date']}; wall {env['wall_s']:.0f} s",
         "",
-        f"{a.chains} chains per cell, seed {a.seed}, frozen-x0 draft, windows L in {a.windows}; "
+        f"{a.chains} chains per cell (fewer above d = {a.state_budget // a.chains}: chains x d <= "
+        f"{a.state_budget}, at least 64), seed {a.seed}, frozen-x0 draft, windows L in {a.windows}; "
         "calls / chain at the best L (the ancestral chain takes k), acceptance and accepted "
         "steps per window at the longest L. GMM: 8 components, exact network (flow families: "
         "its exact velocity). DDIM: eta = 1; flow-sde: noise level 0.7.",
@@ -154,8 +161,9 @@ def main(argv=None) -> int:
     ap.add_argument("--k", type=int, default=50, help="steps of the dimension sweep")
     ap.add_argument("--steps", type=int, nargs="+", default=[20, 50, 100])
     ap.add_argument("--steps-dim", type=int, default=64, help="dimension of the steps sweep")
-    ap.add_argument("--windows", type=int, nargs="+", default=[4, 8, 16, 32])
-    ap.add_argument("--chains", type=int, default=512)
+    ap.add_argument("--windows", type=int, nargs="+", default=[4, 16, 32])
+    ap.add_argument("--chains", type=int, default=512, help="chains per cell (at most)")
+    ap.add_argument("--state-budget", type=int, default=32768, help="see num_chains")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-digits", action="store_true")
     ap.add_argument("--out", default=None)
@@ -163,9 +171,10 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     t0, rows = time.perf_counter(), []
     for name, d, k, ms in runs(a):
+        chains = num_chains(a, d)
         for order, fam in enumerate(FAMILIES):
-            r = dict(model=name, dim=d, k=k, family=fam.name, order=order)
-            r.update(cell(ms[is_flow(fam)], fam, k, a.windows, a.chains, a.seed))
+            r = dict(model=name, dim=d, k=k, family=fam.name, order=order, chains=chains)
+            r.update(cell(ms[is_flow(fam)], fam, k, a.windows, chains, a.seed))
             rows.append(r)
             common.log(
                 f"{name} d={d} k={k} {fam.name}: "
