@@ -14,7 +14,7 @@ from specdiff_kernels.cli.commands import main
 
 
 def test_registry_loads_both_models():
-    assert models.available() == ["digits", "gmm", "pusht"]
+    assert models.available() == ["digits", "digits-flow", "gmm", "pusht"]
     g = models.load("gmm", dim=5)
     assert g.event_shape == (5,) and g.draft is not None
     x = torch.randn(3, 5)

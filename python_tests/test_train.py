@@ -27,6 +27,7 @@ FILES = (D.TARGET_FILE, D.DRAFT_FILE, "digits_train_info.json")
 TINY = ["--steps", "2", "--draft-steps", "1"]
 SHIPPED_INFO = {
     "digits": D.WEIGHTS_DIR / "digits_train_info.json",
+    "digits-flow": D.WEIGHTS_DIR / D.FLOW_INFO_FILE,
     "patches": D.WEIGHTS_DIR / "patches" / "patches_train_info.json",
 }
 
@@ -93,6 +94,30 @@ def test_recorded_command_reproduces_the_weights_bitwise(tmp_path, capsys, packa
         assert a.keys() == b.keys()
         assert all(torch.equal(a[k], b[k]) for k in a), name
     assert json.loads((second / "digits_train_info.json").read_text())["command"] == command
+
+
+def test_digits_flow_writes_the_flow_pair(tmp_path, capsys, package_untouched):
+    """``digits-flow`` trains the same architectures with the velocity loss into its own files
+    (next to a digits DDPM in the same folder, nothing is overwritten)."""
+    from safetensors import safe_open
+
+    out = tmp_path / "flow"
+    rc, _, err = _run(["digits-flow", *TINY, "--seed", "4", "--out", str(out)], capsys)
+    assert rc == 0, err
+    flow_files = (D.FLOW_TARGET_FILE, D.FLOW_DRAFT_FILE, D.FLOW_INFO_FILE)
+    assert sorted(p.name for p in out.iterdir()) == sorted(flow_files)
+    info = json.loads((out / D.FLOW_INFO_FILE).read_text())
+    assert info["command"] == (
+        "python -m specdiff_kernels.models.train digits-flow --steps 2 --draft-steps 1 --seed 4 "
+        "--threads 1"
+    )
+    assert info["schedule"]["prediction_type"] == "flow_prediction"
+    with safe_open(str(out / D.FLOW_TARGET_FILE), framework="pt") as f:
+        assert f.metadata()["prediction_type"] == "flow_prediction"
+    assert D.load_digits_model(out / D.FLOW_DRAFT_FILE).config == D.DRAFT_CONFIG
+    # an untrained velocity model (zero output) scores E|eps - x0|^2 = 1 + E x0^2 = 1.72; the
+    # epsilon loss of the same untrained model would be ~1.0: the flow objective was used
+    assert 1.5 < info["target"]["final_eval_loss_ema"] < 1.9
 
 
 def test_into_package_writes_the_package_folder(tmp_path, monkeypatch, capsys):
@@ -166,7 +191,7 @@ def test_shipped_info_records_a_real_command(model):
     args = TR.build_parser().parse_args(words[3:])
     assert args.model == model and args.out is None and not args.into_package
     assert args.seed == info["seed"] and args.threads == info["num_threads"]
-    if model == "digits":
+    if model in ("digits", "digits-flow"):
         assert args.steps == info["target"]["steps"]
         assert args.draft_steps == info["draft"]["steps"]
     else:

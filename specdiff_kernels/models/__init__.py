@@ -6,6 +6,10 @@
 * ``digits``: a DDPM (eps-prediction, 1000-step linear schedule) trained on scikit-learn's bundled
   8x8 digits by ``python -m specdiff_kernels.models.train digits``, with a smaller, independently trained
   draft model.
+* ``digits-flow``: a rectified-flow model (velocity prediction, ``x_t = (1 - t) x0 + t eps``,
+  called with timestep ``1000 t``) of the same data, with the digits networks' architectures,
+  trained by ``python -m specdiff_kernels.models.train digits-flow``; no ``alphas_cumprod``: sample
+  it with the flow families (``"flow-euler"``, ``"flow-sde"``).
 * ``patches`` (:mod:`specdiff_kernels.models.patches`, not through ``load``): a real diffusers
   ``DDPMPipeline`` (UNet2DModel + DDPMScheduler) in ``save_pretrained`` layout, trained by
   ``python -m specdiff_kernels.models.train patches`` on crops of scikit-image's photographs; load it with
@@ -203,6 +207,35 @@ def digits_schedule() -> EmbeddedModel:
     )
 
 
+def _load_digits_flow(device="cpu", dtype=torch.float32) -> EmbeddedModel:
+    from . import digits
+
+    device = _check_device(device)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+    data_cache: dict = {}
+
+    def data(n, generator=None):
+        if "x" not in data_cache:
+            data_cache["x"] = digits.digits_dataset()
+        x = data_cache["x"]
+        return x[torch.randperm(x.shape[0], generator=generator)[:n]]
+
+    return EmbeddedModel(
+        name="digits-flow",
+        target=digits.load_digits_model(
+            digits.WEIGHTS_DIR / digits.FLOW_TARGET_FILE, device, dtype
+        ),
+        draft=digits.load_digits_model(digits.WEIGHTS_DIR / digits.FLOW_DRAFT_FILE, device, dtype),
+        event_shape=(1, 8, 8),
+        alphas_cumprod=None,  # a flow model: no VP schedule (x_t = (1 - t) x0 + t eps)
+        prediction="flow_prediction",
+        description="rectified flow (velocity prediction, timestep 1000 t) trained on sklearn's "
+        "8x8 digits; draft: independently trained smaller network",
+        data=data,
+    )
+
+
 def _load_pusht(device="cpu", dtype=torch.float32) -> EmbeddedModel:
     from . import pusht
 
@@ -212,10 +245,16 @@ def _load_pusht(device="cpu", dtype=torch.float32) -> EmbeddedModel:
     return pusht.load_policy(device=device, dtype=dtype)
 
 
-_REGISTRY = {"gmm": _load_gmm, "digits": _load_digits, "pusht": _load_pusht}
+_REGISTRY = {
+    "gmm": _load_gmm,
+    "digits": _load_digits,
+    "digits-flow": _load_digits_flow,
+    "pusht": _load_pusht,
+}
 _LOAD_OPTIONS = {
     "gmm": ("dim", "components", "seed"),
     "digits": ("device", "dtype"),
+    "digits-flow": ("device", "dtype"),
     "pusht": ("device", "dtype"),
 }
 
@@ -225,8 +264,8 @@ def available() -> list[str]:
 
 
 def load(name: str, **kwargs) -> EmbeddedModel:
-    """Load an embedded model by name (``"digits"``, ``"gmm"`` or ``"pusht"``; ``gmm`` takes
-    ``dim=``)."""
+    """Load an embedded model by name (``"digits"``, ``"digits-flow"``, ``"gmm"`` or ``"pusht"``;
+    ``gmm`` takes ``dim=``)."""
     if not isinstance(name, str):
         raise TypeError(f"models.load: name must be a str, one of {available()}, got {name!r}")
     if name not in _REGISTRY:

@@ -62,6 +62,10 @@ BETA_END = 0.02
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 TARGET_FILE = "digits_target.safetensors"
 DRAFT_FILE = "digits_draft.safetensors"
+# the rectified-flow pair (``train digits-flow``): same architectures, velocity prediction
+FLOW_TARGET_FILE = "digits_flow_target.safetensors"
+FLOW_DRAFT_FILE = "digits_flow_draft.safetensors"
+FLOW_INFO_FILE = "digits_flow_train_info.json"
 
 #: architecture of the shipped target (701,376 parameters, 2.8 MB fp32; 0.70 M MACs / sample)
 TARGET_CONFIG: dict[str, int] = {"width": 256, "depth": 4, "hidden_mult": 1, "temb_dim": 64}

@@ -93,7 +93,7 @@ def default_out(model: str) -> Path:
 
 def package_dir(model: str) -> Path:
     """The installed package's folder of ``model``'s shipped weights (``--into-package``)."""
-    if model == "digits":
+    if model in ("digits", "digits-flow"):
         return D.WEIGHTS_DIR
     if model == "pusht":
         from . import pusht
@@ -167,6 +167,27 @@ def _eps_loss(predict, x0: torch.Tensor, g: torch.Generator, abar: torch.Tensor)
     return (predict(xt, t) - eps).pow(2).mean()
 
 
+def _flow_pair(x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor):
+    """Rectified flow (docs/design.md, flow matching): x_t = (1 - t) x0 + t eps, its velocity
+    v = eps - x0, and the network's timestep input t * 1000 (diffusers' FlowMatch convention)."""
+    tt = t.view(-1, *([1] * (x0.dim() - 1)))
+    return (1 - tt) * x0 + tt * eps, eps - x0, t * D.T
+
+
+def _flow_loss(predict, x0: torch.Tensor, g: torch.Generator, abar=None) -> torch.Tensor:
+    """The rectified-flow loss ||v_hat(x_t, 1000 t) - (eps - x0)||^2 with t ~ U[0, 1) (t, then
+    eps, drawn from g). Uniform t, not SD3's logit-normal: the samplers step uniformly in t
+    (shift 1), so every t is used equally at sampling time, and the small-t steps that draw the
+    final strokes would get little training weight under a logit-normal density."""
+    t = torch.rand(x0.shape[0], generator=g)
+    eps = torch.randn(x0.shape, generator=g)
+    xt, v, timestep = _flow_pair(x0, t, eps)
+    return (predict(xt, timestep) - v).pow(2).mean()
+
+
+_LOSSES = {"epsilon": _eps_loss, "flow_prediction": _flow_loss}
+
+
 @dataclass(frozen=True)
 class Schedule:
     steps: int
@@ -232,19 +253,26 @@ def eval_loss(
     abar: torch.Tensor,
     seed: int = 12345,
     repeats: int = 4,
+    objective: str = "epsilon",
 ) -> float:
-    """Mean epsilon-MSE of ``model`` over the dataset with fixed (seeded) timesteps and noise."""
+    """Mean training loss (epsilon-MSE, or velocity-MSE for ``objective="flow_prediction"``) of
+    ``model`` over the dataset with fixed (seeded) timesteps and noise."""
     g = torch.Generator().manual_seed(seed)
     total, count = 0.0, 0
     for _ in range(repeats):
         for i in range(0, data.shape[0], 512):
             x0 = data[i : i + 512]
             b = x0.shape[0]
-            t = torch.randint(0, D.T, (b,), generator=g)
-            eps = torch.randn(x0.shape, generator=g)
-            a = abar[t].view(b, 1, 1, 1)
-            xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
-            total += (model(xt, t) - eps).pow(2).mean(dim=(1, 2, 3)).sum().item()
+            if objective == "flow_prediction":
+                t = torch.rand(b, generator=g)
+                eps = torch.randn(x0.shape, generator=g)
+                xt, target, t = _flow_pair(x0, t, eps)
+            else:
+                t = torch.randint(0, D.T, (b,), generator=g)
+                eps = torch.randn(x0.shape, generator=g)
+                a = abar[t].view(b, 1, 1, 1)
+                xt, target = a.sqrt() * x0 + (1 - a).sqrt() * eps, eps
+            total += (model(xt, t) - target).pow(2).mean(dim=(1, 2, 3)).sum().item()
             count += b
     return total / count
 
@@ -263,8 +291,12 @@ def train_eps_model(
     ema_decay: float = 0.9995,
     grad_clip: float = 1.0,
     log_every: int = 1000,
+    objective: str = "epsilon",
 ) -> tuple[torch.nn.Module, dict]:
-    """Train one epsilon-prediction DDPM network; returns (EMA model in eval mode, stats)."""
+    """Train one digits network, an epsilon-prediction DDPM (``objective="epsilon"``) or a
+    rectified-flow velocity model (``"flow_prediction"``); returns (EMA model in eval mode,
+    stats)."""
+    loss_fn = _LOSSES[objective]
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     model = D.build_digits_model(config)
@@ -300,10 +332,10 @@ def train_eps_model(
             pos += take
             need -= take
         x0 = data[torch.cat(idx_parts)]
-        trainer.step(step, _eps_loss(model, x0, g, abar))
+        trainer.step(step, loss_fn(model, x0, g, abar))
     wall = time.perf_counter() - trainer.t0
     smooth = trainer.smooth
-    final_eval = eval_loss(ema, data, abar)
+    final_eval = eval_loss(ema, data, abar, objective=objective)
     stats = {
         "config": config,
         "params": D.count_params(ema),
@@ -323,7 +355,14 @@ def train_eps_model(
     return ema, stats
 
 
-def _save(model: torch.nn.Module, path: Path, extra: dict) -> None:
+_DDPM_META = {"prediction_type": "epsilon", "schedule": "ddpm linear 1e-4..0.02, T=1000"}
+_FLOW_META = {
+    "prediction_type": "flow_prediction",
+    "schedule": "rectified flow x_t = (1 - t) x0 + t eps, timestep = 1000 t",
+}
+
+
+def _save(model: torch.nn.Module, path: Path, extra: dict, kind: dict = _DDPM_META) -> None:
     from safetensors.torch import save_file
 
     state = {
@@ -333,11 +372,58 @@ def _save(model: torch.nn.Module, path: Path, extra: dict) -> None:
         "config": json.dumps(model.config),
         "format": "pt",
         "model": "specdiff_kernels.models.digits.DigitsEpsMLP",
-        "prediction_type": "epsilon",
-        "schedule": "ddpm linear 1e-4..0.02, T=1000",
+        **kind,
     }
     meta.update({k: str(v) for k, v in extra.items()})
     save_file(state, str(path), metadata=meta)
+
+
+@dataclass(frozen=True)
+class _DigitsVariant:
+    """What tells the two embedded digits models apart: the objective, the files, the records."""
+
+    model: str  # the subcommand
+    objective: str  # a key of _LOSSES
+    target_file: str
+    draft_file: str
+    info_file: str
+    meta: dict
+    schedule: dict
+    loss: str
+
+
+_DIGITS = _DigitsVariant(
+    "digits",
+    "epsilon",
+    D.TARGET_FILE,
+    D.DRAFT_FILE,
+    "digits_train_info.json",
+    _DDPM_META,
+    {
+        "T": D.T,
+        "beta_start": D.BETA_START,
+        "beta_end": D.BETA_END,
+        "kind": "linear",
+        "prediction_type": "epsilon",
+    },
+    "mean squared error of epsilon, t ~ U{0..999}",
+)
+_DIGITS_FLOW = _DigitsVariant(
+    "digits-flow",
+    "flow_prediction",
+    D.FLOW_TARGET_FILE,
+    D.FLOW_DRAFT_FILE,
+    D.FLOW_INFO_FILE,
+    _FLOW_META,
+    {
+        "kind": "rectified flow, x_t = (1 - t) x0 + t eps, t in [0, 1]",
+        "num_train_timesteps": D.T,
+        "timestep_input": "1000 t (float)",
+        "prediction_type": "flow_prediction",
+    },
+    "mean squared error of the velocity eps - x0, t ~ U[0, 1) (uniform: the samplers step "
+    "uniformly in t, shift 1)",
+)
 
 
 def train_digits(
@@ -346,14 +432,17 @@ def train_digits(
     out: str | Path | None = None,
     seed: int = DEFAULT_SEED,
     threads: int = DEFAULT_THREADS,
+    flow: bool = False,
 ) -> dict:
     """Train the digits target and draft; write them and ``digits_train_info.json`` to ``out``
-    (default ``./specdiff_models``; ``package_dir("digits")`` replaces the shipped weights)."""
+    (default ``./specdiff_models``; ``package_dir("digits")`` replaces the shipped weights).
+    ``flow=True``: the rectified-flow pair instead (``digits_flow_*`` files, velocity loss)."""
     draft_steps = steps if draft_steps is None else draft_steps
     _check_positive(steps=steps, draft_steps=draft_steps, threads=threads)
     out = Path(out) if out is not None else default_out("digits")
+    variant = _DIGITS_FLOW if flow else _DIGITS
     with _Deterministic(threads):
-        return _train_digits(steps, draft_steps, out, seed, threads)
+        return _train_digits(variant, steps, draft_steps, out, seed, threads)
 
 
 def _check_positive(**values) -> None:
@@ -361,33 +450,41 @@ def _check_positive(**values) -> None:
         as_int(name, v, 1)
 
 
-def _train_digits(steps: int, draft_steps: int, out: Path, seed: int, threads: int) -> dict:
+def _train_digits(
+    var: _DigitsVariant, steps: int, draft_steps: int, out: Path, seed: int, threads: int
+) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     data = D.digits_dataset()
     t_all = time.perf_counter()
     target, tstats = train_eps_model(
-        "target", dict(D.TARGET_CONFIG), data, steps=steps, seed=seed, lr=1e-3
+        "target",
+        dict(D.TARGET_CONFIG),
+        data,
+        steps=steps,
+        seed=seed,
+        lr=1e-3,
+        objective=var.objective,
     )
-    _save(target, out / D.TARGET_FILE, {"seed": seed, "steps": steps})
+    _save(target, out / var.target_file, {"seed": seed, "steps": steps}, var.meta)
     draft, dstats = train_eps_model(
-        "draft", dict(D.DRAFT_CONFIG), data, steps=draft_steps, seed=seed + 1, lr=2e-3
+        "draft",
+        dict(D.DRAFT_CONFIG),
+        data,
+        steps=draft_steps,
+        seed=seed + 1,
+        lr=2e-3,
+        objective=var.objective,
     )
-    _save(draft, out / D.DRAFT_FILE, {"seed": seed + 1, "steps": draft_steps})
+    _save(draft, out / var.draft_file, {"seed": seed + 1, "steps": draft_steps}, var.meta)
     total = time.perf_counter() - t_all
     info = {
         "command": reproduce_command(
-            "digits", steps=steps, draft_steps=draft_steps, seed=seed, threads=threads
+            var.model, steps=steps, draft_steps=draft_steps, seed=seed, threads=threads
         ),
         "seed": seed,
         "data": "sklearn.datasets.load_digits, 1797 x 8x8, scaled v/8-1 to [-1,1], no augmentation",
-        "schedule": {
-            "T": D.T,
-            "beta_start": D.BETA_START,
-            "beta_end": D.BETA_END,
-            "kind": "linear",
-            "prediction_type": "epsilon",
-        },
-        "loss": "mean squared error of epsilon, t ~ U{0..999}",
+        "schedule": var.schedule,
+        "loss": var.loss,
         "weights": "EMA of training weights, fp32",
         "total_wall_time_s": round(total, 2),
         **_machine(),
@@ -398,9 +495,9 @@ def _train_digits(steps: int, draft_steps: int, out: Path, seed: int, threads: i
             tstats["macs_per_sample"] / dstats["macs_per_sample"], 2
         ),
     }
-    _write_json(out / "digits_train_info.json", info)
+    _write_json(out / var.info_file, info)
     print(
-        f"wrote {out / D.TARGET_FILE}, {out / D.DRAFT_FILE}, {out / 'digits_train_info.json'}"
+        f"wrote {out / var.target_file}, {out / var.draft_file}, {out / var.info_file}"
         f"  (total wall {total:.1f}s)",
         flush=True,
     )
@@ -766,14 +863,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument(
         "model",
-        choices=["digits", "patches", "pusht"],
+        choices=["digits", "digits-flow", "patches", "pusht"],
         help="which embedded model family to train",
     )
     ap.add_argument(
         "--steps",
         type=positive_int,
         default=None,
-        help=f"optimizer steps (digits target: default {DEFAULT_TARGET_STEPS}; "
+        help=f"optimizer steps (digits and digits-flow target: default {DEFAULT_TARGET_STEPS}; "
         f"patches: default {PATCHES_DEFAULT_STEPS}; pusht: default {PUSHT_DEFAULT_STEPS})",
     )
     ap.add_argument(
@@ -794,7 +891,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--draft-steps",
         type=positive_int,
         default=None,
-        help="digits only: optimizer steps for the draft (default: same as --steps)",
+        help="digits and digits-flow: optimizer steps for the draft (default: same as --steps)",
     )
     where = ap.add_mutually_exclusive_group()
     where.add_argument(
@@ -849,9 +946,10 @@ def _check_out(ap: argparse.ArgumentParser, args: argparse.Namespace) -> Path:
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
-    if args.model != "digits" and args.draft_steps is not None:
-        ap.error("argument --draft-steps: applies to digits only")
-    if args.model == "digits" and args.batch is not None:
+    is_digits = args.model in ("digits", "digits-flow")
+    if not is_digits and args.draft_steps is not None:
+        ap.error("argument --draft-steps: applies to digits and digits-flow only")
+    if is_digits and args.batch is not None:
         ap.error("argument --batch: applies to patches and pusht only")
     if args.model != "pusht" and args.episodes is not None:
         ap.error("argument --episodes: applies to pusht only")
@@ -888,6 +986,7 @@ def main(argv: list[str] | None = None) -> int:
             out=out,
             seed=args.seed,
             threads=args.threads,
+            flow=args.model == "digits-flow",
         )
     return 0
 
