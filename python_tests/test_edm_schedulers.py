@@ -327,6 +327,26 @@ def test_euler_without_churn_is_refused_and_other_families_take_no_churn():
         diffusers_transitions(sched, 10, s_churn=1.0, s_noise=-1.0)
 
 
+@pytest.mark.parametrize("cls", ["EulerDiscreteScheduler", "EDMEulerScheduler"])
+def test_from_pipeline_passes_the_churn_through(cls):
+    """from_pipeline takes the step's churn arguments as diffusers_transitions does (and refuses
+    the churn-less step, or churn for another scheduler, in its words)."""
+    from tiny_diffusers import tiny_unet
+
+    from specdiff_kernels.integrations.diffusers import from_pipeline
+
+    churn = {"s_churn": 5.0, "s_tmin": 0.2, "s_tmax": 30.0, "s_noise": 1.01}
+    pipe = diffusers.DDPMPipeline(unet=tiny_unet(channels=1), scheduler=getattr(diffusers, cls)())
+    _, T = from_pipeline(pipe, 10, **churn)
+    want = diffusers_transitions(pipe.scheduler, 10, **churn)
+    assert torch.equal(T.std, want.std) and torch.equal(T.c_x, want.c_x) and T.std.max() > 0
+    with pytest.raises(ValueError, match="pass s_churn > 0"):
+        from_pipeline(pipe, 10)
+    pipe.scheduler = diffusers.EulerAncestralDiscreteScheduler()
+    with pytest.raises(ValueError, match="s_churn applies to"):
+        from_pipeline(pipe, 10, s_churn=1.0)
+
+
 def test_edm_dpm_refuses_its_deterministic_solver():
     with pytest.raises(ValueError, match="algorithm_type='dpmsolver\\+\\+' is deterministic"):
         diffusers_transitions(diffusers.EDMDPMSolverMultistepScheduler(), 10)
