@@ -473,7 +473,8 @@ FOLDER_CASES = [
     (
         ["--scheduler", "heun"],
         "argument --scheduler: invalid choice: 'heun' (choose from 'ddpm', 'ddim', 'euler-a', "
-        "'dpm++2m-sde', 'euler-churn', 'edm-dpm++2m-sde', 'edm-euler-churn', 'cosine-dpm++2m-sde')",
+        "'dpm++2m-sde', 'euler-churn', 'edm-dpm++2m-sde', 'edm-euler-churn', 'cosine-dpm++2m-sde', "
+        "'flow-euler', 'flow-sde')",
     ),
     (
         ["--draft", "model"],

@@ -1,4 +1,4 @@
-"""EDM-style stochastic samplers (docs/design.md §2.2) against diffusers' own steps:
+"""EDM-style stochastic samplers (docs/design.md §2.3) against diffusers' own steps:
 
 * ``EDMDPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++")`` (EDM preconditioning:
   input c_in x, timestep c_noise, x0 = c_skip x + c_out out), ``EulerDiscreteScheduler`` and

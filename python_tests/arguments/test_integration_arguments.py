@@ -442,9 +442,9 @@ def test_every_unsupported_scheduler_says_why(name):
         scheduler_from_config({}, name)
     text = one_line(err)
     assert text.startswith(f"unsupported scheduler {name}: ")  # a reason follows the name
-    if name.startswith("FlowMatch"):
-        assert text.endswith("flow-matching models are not supported yet")
-        assert "supported:" not in text and "use " not in text
+    if name.startswith("FlowMatch"):  # the flow schedulers' reason names the flow families
+        assert "flow-matching models take FlowMatchEulerDiscreteScheduler(" in text
+        assert "'flow-euler'" in text and "'flow-sde'" in text
     elif "deterministic (no noise" not in text:
         assert "; supported: DDPMScheduler" in text
 
@@ -463,11 +463,11 @@ def test_euler_discrete_names_s_churn_and_euler_ancestral():
 
 
 def test_flow_matching_scheduler_in_the_adapter():
-    with pytest.raises(TypeError) as err:
+    with pytest.raises(ValueError) as err:
         diffusers_transitions(FlowMatchEulerDiscreteScheduler(), 10)
     assert one_line(err) == (
-        "unsupported scheduler FlowMatchEulerDiscreteScheduler: a flow-matching scheduler; "
-        "flow-matching models are not supported yet"
+        "FlowMatchEulerDiscreteScheduler config: stochastic_sampling=False is deterministic (no "
+        "noise to speculate over): the Euler step of the flow ODE; set stochastic_sampling=True"
     )
     sched = diffusers.DPMSolverMultistepScheduler(
         algorithm_type="sde-dpmsolver++", use_dynamic_shifting=True
@@ -475,4 +475,4 @@ def test_flow_matching_scheduler_in_the_adapter():
     with pytest.raises(ValueError) as err:
         diffusers_transitions(sched, 10)
     assert "use_dynamic_shifting=True is not supported" in one_line(err)
-    assert "flow-matching models are not supported yet" in str(err.value)
+    assert "flow-matching models take FlowMatchEulerDiscreteScheduler(" in str(err.value)

@@ -31,8 +31,9 @@ from ..sampling.families import NAMES, Family, canonical, family, for_scheduler
 # --scheduler takes a sampler family (sampling.families); a deterministic solver's stochastic
 # counterpart, suggested when a pipeline's own scheduler is one
 SDE = family("dpm++2m-sde")
-# the families a VP pipeline folder can take (an EDM one preconditions an EDM network)
-VP_NAMES = tuple(n for n in NAMES if "sigma_data" not in family(n).options)
+# the families a VP pipeline folder (a beta schedule) can take: not the flow-matching ones, nor
+# an EDM one (it preconditions an EDM network)
+VP_NAMES = tuple(n for n in NAMES if not family(n).flow and "sigma_data" not in family(n).options)
 # the family option each flag sets, and so the families it applies to
 FLAG_OPTIONS = {"--eta": "eta", "--karras": "sigma_schedule"}
 # --karras sets use_karras_sigmas on the scheduler config, replacing these
@@ -133,7 +134,7 @@ def _check_flow(pipeline: str, path: Path) -> None:
     """A flow-matching scheduler config is refused first, whatever --scheduler says: no supported
     sampler has its schedule (following a suggested --scheduler would sample the flow model on
     a default VP schedule)."""
-    from ..integrations.diffusers import FLOW_MATCHING, is_flow_matching
+    from ..integrations.diffusers import is_flow_matching
 
     try:
         cfg = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
@@ -146,9 +147,10 @@ def _check_flow(pipeline: str, path: Path) -> None:
     if why is not None:
         raise PipelineError(
             "--pipeline",
-            f"{pipeline!r}: a flow-matching pipeline (scheduler {own}: {why}); {FLOW_MATCHING} "
-            f"({_all_families()} sample diffusion models trained on a beta schedule, not flow "
-            f"models)",
+            f"{pipeline!r}: a flow-matching pipeline (scheduler {own}: {why}); flow-matching "
+            f"models are not supported yet by specdiff sample ({_all_families()} sample "
+            f"diffusion models trained on a beta schedule; flow models take the flow-euler and "
+            f"flow-sde chains in Python, docs/usage.md)",
         )
 
 
@@ -267,7 +269,7 @@ def _check_unet_weights(path: Path, cls_name: str, cfg: dict) -> None:
 
 
 def _all_families() -> str:
-    return f"{', '.join(NAMES[:-1])} and {NAMES[-1]}"
+    return f"{', '.join(VP_NAMES[:-1])} and {VP_NAMES[-1]}"
 
 
 def _chain_scheduler(fam: Family, given: bool, config: dict, overrides: dict):
@@ -505,6 +507,13 @@ def resolve_pipeline(
         scheduler = _own_scheduler(own, sched_cfg)
     _check_flags(scheduler, eta, karras, None if given else own)
     fam = family(scheduler)
+    if fam.flow:  # (a flow pipeline was refused above)
+        raise PipelineError(
+            "--scheduler",
+            f"{scheduler} is a flow-matching family (rectified-flow models); {pipeline!r} is a "
+            f"diffusion pipeline (scheduler {own}, a beta schedule): pass --scheduler "
+            f"{' or '.join(VP_NAMES)}",
+        )
     if "sigma_data" in fam.options:  # the folder's UNet has a beta (VP) schedule, checked above
         raise PipelineError(
             "--scheduler",

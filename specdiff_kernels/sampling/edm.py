@@ -1,5 +1,5 @@
 """EDM-style stochastic samplers (Karras et al. 2022, "Elucidating the Design Space of
-Diffusion-Based Generative Models") as Gaussian chains (docs/design.md §2.2).
+Diffusion-Based Generative Models") as Gaussian chains (docs/design.md §2.3).
 
 Their state is the VE variable ``x = x0 + sigma eps`` on a decreasing list of noise levels
 ``sigmas`` (N + 1 entries, the last the final one). Two model parametrisations:
@@ -107,7 +107,7 @@ def edm_dpmsolver_sde_from_sigmas(
     ``sigma_data``: EDM's preconditioning (:func:`edm_preconditioning`; ``timesteps`` then are
     the network's c_noise); None: a VP model (its timesteps, input ``x / sqrt(1 + sigma^2)``).
     ``noise_var``: ``[N]`` variance of each step's noise draw when it is not 1 (the Brownian-tree
-    sampler of the cosine scheduler, docs/design.md §2.2); the std is scaled by its square root.
+    sampler of the cosine scheduler, docs/design.md §2.3); the std is scaled by its square root.
     """
     order = as_int("solver_order", solver_order, 1, 2)
     solver_type = as_choice("solver_type", solver_type, SOLVER_TYPES)
@@ -246,7 +246,7 @@ def euler_churn_from_sigmas(
 ) -> GaussianTransitions:
     """Euler with churn (Karras et al. 2022, Algorithm 2 without its 2nd-order correction) as
     diffusers' ``EulerDiscreteScheduler.step`` / ``EDMEulerScheduler.step`` with ``s_churn``
-    (docs/design.md §2.2). The network is called at the state x; then gamma = min(s_churn / N,
+    (docs/design.md §2.3). The network is called at the state x; then gamma = min(s_churn / N,
     sqrt(2) - 1) where s_tmin <= sigma <= s_tmax (else 0), sigma_hat = (1 + gamma) sigma,
     x_hat = x + s_noise sqrt(sigma_hat^2 - sigma^2) z, x0 from the output with x_hat, and
     x' = r x_hat + (1 - r) x0 with r = sigma_next / sigma_hat: given x, one Gaussian with a mean
@@ -376,7 +376,7 @@ def edm_euler_churn_transitions(
     )
 
 
-# ------------------------------------------------ Stable Audio's cosine DPM-Solver (§2.2)
+# ------------------------------------------------ Stable Audio's cosine DPM-Solver (§2.3)
 # diffusers' BatchedBrownianTree builds torchsde's BrownianInterval with tol=1e-6: it rounds every
 # time it is given to this many decimals (``round(t, -int(log10(tol)))``)
 BROWNIAN_DIGITS = -int(math.log10(1e-6))
@@ -385,7 +385,7 @@ BROWNIAN_DIGITS = -int(math.log10(1e-6))
 def brownian_tree_noise_var(sigmas, sigma_min: float, sigma_max: float) -> Tensor:
     """``[N]`` variance of the noise diffusers' ``BrownianTreeNoiseSampler(sigma_min,
     sigma_max)`` gives step k, ``W(sigmas[k+1], sigmas[k]) / sqrt|sigmas[k] - sigmas[k+1]|``
-    (docs/design.md §2.2). W is a Brownian motion resolved by torchsde on the tree's rounded ends:
+    (docs/design.md §2.3). W is a Brownian motion resolved by torchsde on the tree's rounded ends:
     each query end is clamped to them, then rounded to ``BROWNIAN_DIGITS`` decimals, so W's
     variance is the rounded interval's length (0 where both ends clamp or round to one point)
     while the divisor is the float32 sigmas' own distance. ``sigma_min``/``sigma_max``: the scheduler's
