@@ -250,12 +250,12 @@ def test_own_dpm_sde_of_order_3_is_the_adapters_message(pipe_dir, tmp_path, caps
 KARRAS_CASES = [
     (
         ["--karras"],
-        "argument --karras: applies to --scheduler dpm++2m-sde or edm-dpm++2m-sde only (this pipeline's own "
+        "argument --karras: applies to --scheduler dpm++2m-sde or edm-dpm++2m-sde or edm-euler-churn or cosine-dpm++2m-sde only (this pipeline's own "
         "scheduler is DDPMScheduler)",
     ),
     (
         ["--scheduler", "euler-a", "--karras"],
-        "argument --karras: applies to --scheduler dpm++2m-sde or edm-dpm++2m-sde only",
+        "argument --karras: applies to --scheduler dpm++2m-sde or edm-dpm++2m-sde or edm-euler-churn or cosine-dpm++2m-sde only",
     ),
     (
         ["--scheduler", "dpm++2m-sde", "--eta", "0.5"],
@@ -473,7 +473,8 @@ FOLDER_CASES = [
     (
         ["--scheduler", "heun"],
         "argument --scheduler: invalid choice: 'heun' (choose from 'ddpm', 'ddim', 'euler-a', "
-        "'dpm++2m-sde', 'euler-churn', 'edm-dpm++2m-sde', 'flow-euler', 'flow-sde')",
+        "'dpm++2m-sde', 'euler-churn', 'edm-dpm++2m-sde', 'edm-euler-churn', 'cosine-dpm++2m-sde', "
+        "'flow-euler', 'flow-sde')",
     ),
     (
         ["--draft", "model"],
@@ -518,7 +519,10 @@ def test_sample_refuses_before_loading(argv, message, pipe_dir, tmp_path, capsys
 
 
 DIGITS_CASES = [
-    (["--karras"], "argument --karras: applies to --scheduler dpm++2m-sde or edm-dpm++2m-sde only"),
+    (
+        ["--karras"],
+        "argument --karras: applies to --scheduler dpm++2m-sde or edm-dpm++2m-sde or edm-euler-churn or cosine-dpm++2m-sde only",
+    ),
     (
         ["--steps", "5000"],
         "argument --steps: must be at most 1000 (the model's training timesteps), got 5000",

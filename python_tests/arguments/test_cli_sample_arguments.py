@@ -170,6 +170,7 @@ def test_sd3_like_folder_is_refused_as_flow_matching(tmp_path, capsys, nothing_l
 NO_VP = [
     ("ScoreSdeVeScheduler", "variance-exploding"),
     ("EDMEulerScheduler", "EDM"),
+    ("CosineDPMSolverMultistepScheduler", "EDM"),
     ("CMStochasticIterativeScheduler", "consistency"),
     ("IPNDMScheduler", "deterministic"),
 ]

@@ -377,9 +377,13 @@ def _own_training_schedule(pipeline: str, own: str, cfg: dict):
     except Exception:  # diffusers raises many kinds for a bad config: reported when built again
         return None
     if getattr(built, "alphas_cumprod", None) is None:
-        reason = UNSUPPORTED_REASONS.get(own) or (
-            NO_NOISE if own in DETERMINISTIC_SCHEDULERS else "no beta schedule"
-        )
+        fam = for_scheduler(own)
+        if fam is not None and "sigma_data" in fam.options:
+            reason = f"an EDM sampler ({fam.name}) for an EDM-preconditioned network"
+        else:
+            reason = UNSUPPORTED_REASONS.get(own) or (
+                NO_NOISE if own in DETERMINISTIC_SCHEDULERS else "no beta schedule"
+            )
         raise PipelineError(
             "--pipeline",
             f"{where} has no discrete beta (VP) training schedule ({reason}); its model is not "

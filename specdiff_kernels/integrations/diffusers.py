@@ -48,7 +48,12 @@ from typing import Any, Mapping, NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from ..sampling.edm import edm_dpmsolver_sde_from_sigmas, euler_churn_from_sigmas
+from ..sampling.edm import (
+    EDM_SCHEDULES,
+    brownian_tree_noise_var,
+    edm_dpmsolver_sde_from_sigmas,
+    euler_churn_from_sigmas,
+)
 from ..sampling.families import FAMILIES, NAMES, Family, canonical, family
 from ..sampling.transitions import (
     FINAL_SIGMAS,
@@ -447,10 +452,6 @@ UNSUPPORTED_REASONS = {
     "DPMSolverSDEScheduler": "stochastic, but its noise comes from a Brownian tree (correlated "
     "across steps) and each step calls the network twice, so its steps are not independent "
     "Gaussians around one network mean",
-    "CosineDPMSolverMultistepScheduler": "stochastic, and in law a Gaussian chain (its Brownian-"
-    "tree noise over disjoint sigma intervals is independent across steps, docs/design.md §2.3), "
-    "but not tabulated yet (its noise variance per step follows torchsde's rounding of the "
-    "interval ends)",
     "SASolverScheduler": "a stochastic predictor-corrector: the corrector reuses the predictor's "
     "noise after the next network call, so a step is not one Gaussian transition",
     "LCMScheduler": "a consistency-model sampler (boundary-condition scalings of a distilled "
@@ -460,9 +461,6 @@ UNSUPPORTED_REASONS = {
     "CMStochasticIterativeScheduler": "a consistency-model sampler on an EDM sigma schedule, not "
     "tabulated yet",
     "SCMScheduler": "a continuous-time consistency-model sampler, not tabulated yet",
-    "EDMEulerScheduler": "an EDM-parametrised sampler (sigma-space preconditioning), deterministic "
-    "unless its step gets s_churn > 0; with churn its step is one Gaussian given the state (its "
-    "noise is added after the network call, docs/design.md §2.3), but it is not tabulated yet",
     "ScoreSdeVeScheduler": "a variance-exploding SDE predictor-corrector (step_pred / "
     "step_correct, Langevin corrector) on a continuous sigma schedule, not tabulated yet",
     "ScoreSdeVpScheduler": "a continuous-time VP SDE (beta_min / beta_max), not tabulated yet",
@@ -678,14 +676,49 @@ def _check_flow(cfg) -> None:
 _TIME_SHIFTS = ("exponential", "linear")
 
 
+def _check_cosine(cfg) -> None:
+    """CosineDPMSolverMultistepScheduler: order 1 or 2, its sigma schedules, a final sigma of 0
+    (docs/design.md §2.3)."""
+    if as_int("solver_order", cfg.get("solver_order", 2), 1) > 2:
+        raise ValueError(
+            f"solver_order={cfg['solver_order']} is not supported (its step needs two previous "
+            f"predictions); use solver_order=2"
+        )
+    as_choice("solver_type", cfg.get("solver_type", "midpoint"), SOLVER_TYPES)
+    as_choice("sigma_schedule", cfg.get("sigma_schedule", "exponential"), EDM_SCHEDULES)
+    as_real("sigma_data", cfg.get("sigma_data", 1.0), 0, open_low=True)
+    for key in ("lower_order_final", "euler_at_final"):
+        as_flag(key, cfg.get(key, False))
+    final = as_choice("final_sigmas_type", cfg.get("final_sigmas_type", "zero"), FINAL_SIGMAS)
+    if final == "sigma_min":
+        raise ValueError(
+            "final_sigmas_type='sigma_min' is not supported: the last step's Brownian-tree "
+            "interval has length 0 and diffusers' noise there is 0/0 (NaN); use "
+            "final_sigmas_type='zero'"
+        )
+
+
+def _check_edm_euler(cfg) -> None:
+    """EDMEulerScheduler: its sigma schedules and preconditioning."""
+    as_choice("sigma_schedule", cfg.get("sigma_schedule", "karras"), EDM_SCHEDULES)
+    as_real("sigma_data", cfg.get("sigma_data", 0.5), 0, open_low=True)
+    as_choice("final_sigmas_type", cfg.get("final_sigmas_type", "zero"), FINAL_SIGMAS)
+
+
+_CHECKS = {
+    "DPMSolverMultistepScheduler": _check_dpm,
+    "EDMDPMSolverMultistepScheduler": _check_edm_dpm,
+    "CosineDPMSolverMultistepScheduler": _check_cosine,
+    "EDMEulerScheduler": _check_edm_euler,
+}
+
+
 def _check_options(kind: str, cfg) -> None:
     """The step's options: prediction, clipping, thresholding, variance."""
     if kind == FLOW_EULER.scheduler:
         return _check_flow(cfg)
-    if kind == "DPMSolverMultistepScheduler":
-        _check_dpm(cfg)
-    if kind == "EDMDPMSolverMultistepScheduler":
-        _check_edm_dpm(cfg)
+    if kind in _CHECKS:
+        _CHECKS[kind](cfg)
     # EDM's preconditioning has c_out for these two only; Euler's step converts these two only
     edm = kind.startswith("EDM") or kind.startswith("Cosine")
     preds = ("epsilon", "v_prediction") if kind.startswith("Euler") or edm else VP_PREDICTIONS
@@ -886,7 +919,7 @@ class _StepArgs(NamedTuple):
 
     eta: Optional[float]
     use_clipped_model_output: bool
-    churn: Optional[dict] = None  # EulerDiscreteScheduler.step's s_churn, s_tmin, s_tmax, s_noise
+    churn: Optional[dict] = None  # Euler's (and EDM Euler's) s_churn, s_tmin, s_tmax, s_noise
 
 
 def _ddpm(sched, step: _StepArgs) -> GaussianTransitions:
@@ -1018,6 +1051,43 @@ def _euler_churn(sched, step: _StepArgs) -> GaussianTransitions:
     )
 
 
+def _edm_euler_churn(sched, step: _StepArgs) -> GaussianTransitions:
+    """EDMEulerScheduler stepped with s_churn > 0: Euler churn with EDM's preconditioning at
+    sigma_hat (docs/design.md §2.3's EDM row)."""
+    cfg = sched.config
+    return euler_churn_from_sigmas(
+        sched.timesteps.double(),  # c_noise = log(sigma) / 4
+        sched.sigmas.double(),
+        **step.churn,
+        sigma_data=float(cfg.sigma_data),
+        prediction=cfg.prediction_type,
+        init_std=float(sched.init_noise_sigma),
+        name=f"diffusers-edm-euler-churn[s_churn={step.churn['s_churn']}]",
+    )
+
+
+def _cosine_dpm_sde(sched, step: _StepArgs) -> GaussianTransitions:
+    """CosineDPMSolverMultistepScheduler: the VE-state SDE-DPM-Solver++ on the scheduler's own
+    float32 sigmas (c_noise = atan(sigma) 2 / pi), its Brownian-tree noise's variance per step
+    (docs/design.md §2.3)."""
+    cfg = sched.config
+    order = int(cfg.solver_order)
+    sigmas = sched.sigmas.double()
+    return edm_dpmsolver_sde_from_sigmas(
+        sched.timesteps.double(),
+        sigmas,
+        sigma_data=float(cfg.sigma_data),
+        prediction=cfg.prediction_type,
+        solver_order=order,
+        solver_type=cfg.solver_type,
+        lower_order_final=bool(cfg.lower_order_final),
+        euler_at_final=bool(cfg.euler_at_final),
+        init_std=float(sched.init_noise_sigma),
+        noise_var=brownian_tree_noise_var(sigmas, cfg.sigma_min, cfg.sigma_max),
+        name=f"diffusers-cosine-dpm++{'2m' if order == 2 else '1s'}-sde[{cfg.solver_type}]",
+    )
+
+
 def _flow_euler(sched, step: _StepArgs) -> GaussianTransitions:
     # the scheduler's own float32 sigmas after set_timesteps (shift, dynamic shifting with mu,
     # shift_terminal, Karras / exponential / beta sigmas), widened
@@ -1035,6 +1105,8 @@ _TABULATE = {
     "flow-euler": _flow_euler,
     "edm-dpm++2m-sde": _edm_dpm_sde,
     "euler-churn": _euler_churn,
+    "edm-euler-churn": _edm_euler_churn,
+    "cosine-dpm++2m-sde": _cosine_dpm_sde,
 }
 
 
@@ -1058,14 +1130,17 @@ def diffusers_transitions(
             ``DPMSolverMultistepScheduler`` / ``EDMDPMSolverMultistepScheduler`` with
             ``algorithm_type="sde-dpmsolver++"`` and ``solver_order`` 1 or 2 (the transitions are
             then multistep for order 2: the mean also takes the previous step's x0-hat), or
-            ``FlowMatchEulerDiscreteScheduler(stochastic_sampling=True)`` (the registry's families,
+            ``FlowMatchEulerDiscreteScheduler(stochastic_sampling=True)``, ``EDMEulerScheduler``
+            (with ``s_churn > 0``), Stable Audio's ``CosineDPMSolverMultistepScheduler`` (the
+            registry's families,
             :mod:`specdiff_kernels.sampling.families`); not mutated: a copy gets
             ``set_timesteps``. Deterministic schedulers are refused.
         num_inference_steps: sampling steps (default: the scheduler's, if already set).
         eta: DDIM's eta (required for DDIM, > 0).
         use_clipped_model_output: DDIM's flag of the same name.
-        s_churn, s_tmin, s_tmax, s_noise: ``EulerDiscreteScheduler.step``'s churn (s_churn
-            required for it, > 0: without churn its step is deterministic).
+        s_churn, s_tmin, s_tmax, s_noise: ``EulerDiscreteScheduler.step``'s and
+            ``EDMEulerScheduler.step``'s churn (s_churn required for them, > 0: without churn
+            their step is deterministic).
         mu: ``FlowMatchEulerDiscreteScheduler``'s ``set_timesteps(n, mu=mu)`` shift, required
             with (and only with) ``use_dynamic_shifting=True`` (pipelines compute it from the
             image's token count).
@@ -1129,9 +1204,8 @@ def _churn_args(fam: Family, cls: str, s_churn, s_tmin, s_tmax, s_noise) -> Opti
         defaults = {"s_churn": None, "s_tmin": 0.0, "s_tmax": math.inf, "s_noise": 1.0}
         for key, value in given.items():
             if value is not defaults[key] and value != defaults[key]:
-                raise ValueError(
-                    f"{key} applies to {family('euler-churn').scheduler} only, not to {cls}"
-                )
+                only = " or ".join(f.scheduler for f in _FAMILIES if "s_churn" in f.options)
+                raise ValueError(f"{key} applies to {only} only, not to {cls}")
         return None
     if s_churn is None or as_real("s_churn", s_churn, 0.0, finite=False) == 0:
         raise ValueError(
@@ -1169,6 +1243,10 @@ def from_pipeline(
     num_inference_steps: int,
     *,
     eta: Optional[float] = None,
+    s_churn: Optional[float] = None,
+    s_tmin: float = 0.0,
+    s_tmax: float = math.inf,
+    s_noise: float = 1.0,
     guidance_scale: Optional[float] = None,
     uncond: Optional[Mapping[str, Any]] = None,
     **call_kwargs,
@@ -1179,6 +1257,8 @@ def from_pipeline(
     algorithm_type="sde-dpmsolver++")`` for DPM++ 2M SDE). To call a pipeline as usual, see
     :class:`specdiff_kernels.integrations.pipeline.SpeculativePipeline`.
 
+    ``eta`` (DDIM) and ``s_churn``, ``s_tmin``, ``s_tmax``, ``s_noise`` (Euler's churn) are the
+    scheduler step's per-call arguments, as :func:`diffusers_transitions` takes them.
     ``guidance_scale`` and ``uncond`` (classifier-free guidance) and ``call_kwargs`` go to
     :class:`DiffusersModel`; the per-chain conditioning is passed to the sampler's ``sample(...,
     model_kwargs=...)``. For a text pipeline, e.g. ``cond, neg = pipe.encode_prompt(prompts,
@@ -1186,6 +1266,7 @@ def from_pipeline(
     "encoder_hidden_states": neg[:1]})`` with ``model_kwargs={"encoder_hidden_states": cond}``.
     """
     check_pipeline_parts(pipe, "from_pipeline")
-    transitions = diffusers_transitions(pipe.scheduler, num_inference_steps, eta=eta)
+    churn = {"s_churn": s_churn, "s_tmin": s_tmin, "s_tmax": s_tmax, "s_noise": s_noise}
+    transitions = diffusers_transitions(pipe.scheduler, num_inference_steps, eta=eta, **churn)
     model = DiffusersModel(pipe.unet, guidance_scale=guidance_scale, uncond=uncond, **call_kwargs)
     return model, transitions

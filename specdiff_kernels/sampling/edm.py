@@ -23,7 +23,7 @@ it: the noise is added after the network call, so given x the step is one Gaussi
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -73,13 +73,13 @@ def edm_sigmas(
     n: int, sigma_min: float, sigma_max: float, rho: float = 7.0, schedule: str = "karras"
 ) -> Tensor:
     """``n`` decreasing noise levels from sigma_max to sigma_min: Karras et al.'s (``rho``) or
-    log-linear ("exponential"), rounded to float32 as diffusers' EDM schedulers keep them."""
+    log-linear ("exponential"), rounded to float32 as diffusers' EDM schedulers keep them (their
+    log-linear levels are computed in float32: so are these)."""
     schedule = as_choice("sigma_schedule", schedule, EDM_SCHEDULES)
     if schedule == "karras":
         sig = karras_sigmas(sigma_min, sigma_max, n, rho)
     else:
-        sig = torch.linspace(math.log(sigma_min), math.log(sigma_max), n, dtype=torch.float64)
-        sig = sig.exp().flip(0)
+        sig = torch.linspace(math.log(sigma_min), math.log(sigma_max), n).exp().flip(0)
     return sig.float().double()
 
 
@@ -194,13 +194,28 @@ def edm_dpmsolver_sde_transitions(
     )
 
 
-def _sigma_grid(alphas_cumprod, sigma_min, sigma_max, sigma_data):
+class _Defaults(NamedTuple):
+    """A scheduler's EDM-preconditioning defaults: sigma_data, sigma range, c_noise."""
+
+    sigma_data: float
+    sigma_min: float
+    sigma_max: float
+    conditioning: str
+
+
+EDM_DEFAULTS = _Defaults(0.5, 0.002, 80.0, "log")  # EDMDPMSolverMultistep-, EDMEulerScheduler
+COSINE_DEFAULTS = _Defaults(1.0, 0.3, 500.0, "atan")  # CosineDPMSolverMultistepScheduler
+
+
+def _sigma_grid(alphas_cumprod, sigma_min, sigma_max, sigma_data, defaults=EDM_DEFAULTS):
     """``(sigma_min, sigma_max, sigma_data, timesteps of sigmas)`` of an EDM-preconditioned
-    network (no ``alphas_cumprod``) or of a VP model of training schedule ``alphas_cumprod``."""
+    network (no ``alphas_cumprod``; ``defaults`` for what is not given) or of a VP model of
+    training schedule ``alphas_cumprod``."""
     if alphas_cumprod is None:
-        sd = 0.5 if sigma_data is None else as_real("sigma_data", sigma_data, 0.0, open_low=True)
-        lo_hi = (0.002, 80.0)
-        to_t = c_noise
+        sd = defaults.sigma_data
+        sd = sd if sigma_data is None else as_real("sigma_data", sigma_data, 0.0, open_low=True)
+        lo_hi = (defaults.sigma_min, defaults.sigma_max)
+        to_t = lambda sig: c_noise(sig, defaults.conditioning)  # noqa: E731
     else:
         if sigma_data is not None:
             raise ValueError(
@@ -318,4 +333,130 @@ def euler_churn_transitions(
         prediction=prediction,
         init_std=grid.init_std,
         name="euler-churn",
+    )
+
+
+def edm_euler_churn_transitions(
+    num_inference_steps: int,
+    *,
+    alphas_cumprod=None,
+    prediction: str = "epsilon",
+    s_churn: float = math.inf,
+    s_tmin: float = 0.0,
+    s_tmax: float = math.inf,
+    s_noise: float = 1.0,
+    sigma_min: Optional[float] = None,
+    sigma_max: Optional[float] = None,
+    sigma_data: Optional[float] = None,
+    sigma_schedule: str = "karras",
+    rho: float = 7.0,
+    final_sigmas_type: str = "zero",
+) -> GaussianTransitions:
+    """Euler with churn on EDM's noise levels (diffusers' ``EDMEulerScheduler`` stepped with
+    ``s_churn > 0``) without diffusers: the levels as :func:`edm_dpmsolver_sde_transitions`
+    (but ``final_sigmas_type="sigma_min"`` repeats the last level, as diffusers' EDM Euler),
+    stepped by :func:`euler_churn_from_sigmas` with EDM's preconditioning (or a VP model's
+    conversion, with ``alphas_cumprod``). ``s_churn`` defaults to the most churn."""
+    n = as_int("num_inference_steps", num_inference_steps, 1)
+    final = as_choice("final_sigmas_type", final_sigmas_type, FINAL_SIGMAS)
+    lo, hi, sigma_data, to_t = _sigma_grid(alphas_cumprod, sigma_min, sigma_max, sigma_data)
+    sig = edm_sigmas(n, lo, hi, as_real("rho", rho, 0.0, open_low=True), sigma_schedule)
+    last = sig[-1:] if final == "sigma_min" else sig.new_zeros(1)
+    return euler_churn_from_sigmas(
+        to_t(sig),
+        torch.cat([sig, last]),
+        s_churn=s_churn,
+        s_tmin=s_tmin,
+        s_tmax=s_tmax,
+        s_noise=s_noise,
+        sigma_data=sigma_data,
+        prediction=prediction,
+        init_std=math.sqrt(hi**2 + 1),
+        name="edm-euler-churn",
+    )
+
+
+# ------------------------------------------------ Stable Audio's cosine DPM-Solver (§2.3)
+# diffusers' BatchedBrownianTree builds torchsde's BrownianInterval with tol=1e-6: it rounds every
+# time it is given to this many decimals (``round(t, -int(log10(tol)))``)
+BROWNIAN_DIGITS = -int(math.log10(1e-6))
+
+
+def brownian_tree_noise_var(sigmas, sigma_min: float, sigma_max: float) -> Tensor:
+    """``[N]`` variance of the noise diffusers' ``BrownianTreeNoiseSampler(sigma_min,
+    sigma_max)`` gives step k, ``W(sigmas[k+1], sigmas[k]) / sqrt|sigmas[k] - sigmas[k+1]|``
+    (docs/design.md §2.3). W is a Brownian motion resolved by torchsde on the tree's rounded ends:
+    each query end is clamped to them, then rounded to ``BROWNIAN_DIGITS`` decimals, so W's
+    variance is the rounded interval's length (0 where both ends clamp or round to one point)
+    while the divisor is the float32 sigmas' own distance. ``sigma_min``/``sigma_max``: the scheduler's
+    config values (made float32 tensors as diffusers does)."""
+    rnd = lambda t: round(t, BROWNIAN_DIGITS)  # noqa: E731 (torchsde's _round)
+    lo = rnd(float(torch.as_tensor(sigma_min)))
+    hi = rnd(float(torch.as_tensor(sigma_max)))
+    s32 = _vector(sigmas, "sigmas").float()
+    ends = [min(max(float(t), lo), hi) for t in s32]  # BrownianInterval.__call__'s clamping
+    var = []
+    for k in range(s32.numel() - 1):
+        a, b = ends[k + 1], ends[k]
+        gap = float((s32[k] - s32[k + 1]).abs())  # diffusers' divisor, in float32
+        if gap == 0:
+            raise ValueError(
+                f"sigmas[{k}] = sigmas[{k + 1}] = {float(s32[k])!r}: diffusers' Brownian-tree "
+                f"noise there is 0/0 (NaN)"
+            )
+        # ends that round to one point: torchsde resolves no increment (zeros, or for some
+        # points a RecursionError in diffusers' step)
+        var.append((rnd(b) - rnd(a)) / gap)
+    return torch.tensor(var, dtype=torch.float64)
+
+
+def cosine_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float, schedule: str) -> Tensor:
+    """``n`` decreasing noise levels of ``CosineDPMSolverMultistepScheduler.set_timesteps``:
+    :func:`edm_sigmas`, but Karras' computed in float32 (its ramp is float32, the EDM
+    schedulers' float64)."""
+    if as_choice("sigma_schedule", schedule, EDM_SCHEDULES) == "exponential":
+        return edm_sigmas(n, sigma_min, sigma_max, rho, schedule)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return ((hi + torch.linspace(0, 1, n) * (lo - hi)) ** rho).double()
+
+
+def cosine_dpmsolver_sde_transitions(
+    num_inference_steps: int,
+    *,
+    alphas_cumprod=None,
+    prediction: str = "v_prediction",
+    sigma_min: Optional[float] = None,
+    sigma_max: Optional[float] = None,
+    sigma_data: Optional[float] = None,
+    sigma_schedule: str = "exponential",
+    rho: float = 7.0,
+    solver_order: int = 2,
+    solver_type: str = "midpoint",
+    lower_order_final: bool = True,
+    euler_at_final: bool = False,
+) -> GaussianTransitions:
+    """Stable Audio's sampler (diffusers' ``CosineDPMSolverMultistepScheduler``) without
+    diffusers: SDE-DPM-Solver++ (:func:`edm_dpmsolver_sde_from_sigmas`) on its noise levels
+    (:func:`cosine_sigmas`, then 0), EDM-preconditioned with c_noise = atan(sigma) 2 / pi (defaults
+    sigma_data 1, sigma 0.3..500), each step's noise variance that of its Brownian tree
+    (:func:`brownian_tree_noise_var`). With ``alphas_cumprod``: a VP model of that training
+    schedule (its sigma range). The final sigma is 0: diffusers' "sigma_min" ends on a zero-length
+    Brownian interval (0/0)."""
+    n = as_int("num_inference_steps", num_inference_steps, 1)
+    grid = _sigma_grid(alphas_cumprod, sigma_min, sigma_max, sigma_data, COSINE_DEFAULTS)
+    lo, hi, sigma_data, to_t = grid
+    sig = cosine_sigmas(n, lo, hi, as_real("rho", rho, 0.0, open_low=True), sigma_schedule)
+    sigmas = torch.cat([sig, sig.new_zeros(1)])
+    return edm_dpmsolver_sde_from_sigmas(
+        to_t(sig),
+        sigmas,
+        sigma_data=sigma_data,
+        prediction=prediction,
+        solver_order=solver_order,
+        solver_type=solver_type,
+        lower_order_final=lower_order_final,
+        euler_at_final=euler_at_final,
+        init_std=math.sqrt(hi**2 + 1),
+        noise_var=brownian_tree_noise_var(sigmas, lo, hi),
+        name="cosine-dpm++2m-sde" if solver_order == 2 else "cosine-dpm++1s-sde",
     )

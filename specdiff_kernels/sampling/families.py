@@ -21,7 +21,12 @@ from typing import Callable, Optional
 
 from torch import Tensor
 
-from .edm import edm_dpmsolver_sde_transitions, euler_churn_transitions
+from .edm import (
+    cosine_dpmsolver_sde_transitions,
+    edm_dpmsolver_sde_transitions,
+    edm_euler_churn_transitions,
+    euler_churn_transitions,
+)
 from .transitions import (
     FLOW,
     GaussianTransitions,
@@ -216,6 +221,37 @@ FAMILIES: tuple[Family, ...] = (
         scheduler="EDMDPMSolverMultistepScheduler",
         scheduler_config=(("algorithm_type", "sde-dpmsolver++"), ("solver_order", 2)),
         variant=("algorithm_type",),
+        multistep=True,
+    ),
+    Family(
+        "edm-euler-churn",
+        "EDM Euler (churn)",
+        "Euler with EDM's churn on EDM's VE state and sigma schedule (EDM preconditioning)",
+        edm_euler_churn_transitions,
+        ("s_churn", "s_tmin", "s_tmax", "s_noise")
+        + ("sigma_min", "sigma_max", "sigma_data", "sigma_schedule", "rho", "final_sigmas_type"),
+        scheduler="EDMEulerScheduler",
+        scheduler_note="s_churn > 0",
+    ),
+    Family(
+        "cosine-dpm++2m-sde",
+        "Cosine DPM++ 2M SDE",
+        "Stable Audio's DPM-Solver++ 2M SDE (EDM preconditioning, atan c_noise, Brownian-tree "
+        "noise), multistep",
+        cosine_dpmsolver_sde_transitions,
+        (
+            "sigma_min",
+            "sigma_max",
+            "sigma_data",
+            "sigma_schedule",
+            "rho",
+            "solver_order",
+            "solver_type",
+            "lower_order_final",
+            "euler_at_final",
+        ),
+        scheduler="CosineDPMSolverMultistepScheduler",
+        scheduler_config=(("solver_order", 2),),
         multistep=True,
     ),
     Family(
