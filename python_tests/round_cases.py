@@ -28,6 +28,8 @@ from specdiff_kernels.sampling.transitions import (
     ddpm_transitions,
     dpmsolver_sde_transitions,
     euler_ancestral_transitions,
+    flow_euler_transitions,
+    flow_sde_transitions,
     round_tables,
 )
 
@@ -40,6 +42,9 @@ FAMILIES = {
     ),
     "euler_a": lambda: euler_ancestral_transitions(num_inference_steps=40),
     "ula": lambda: langevin_transitions(0.05, 40),
+    # rectified flow: state_alpha = 0 at step 0 (t = 1), where the frozen-eps draft's x0 is 0
+    "flow_euler": lambda: flow_euler_transitions(40, shift=3.0),
+    "flow_sde": lambda: flow_sde_transitions(40),
 }
 
 

@@ -473,7 +473,7 @@ FOLDER_CASES = [
     (
         ["--scheduler", "heun"],
         "argument --scheduler: invalid choice: 'heun' (choose from 'ddpm', 'ddim', 'euler-a', "
-        "'dpm++2m-sde')",
+        "'dpm++2m-sde', 'flow-euler', 'flow-sde')",
     ),
     (
         ["--draft", "model"],

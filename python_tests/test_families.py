@@ -22,6 +22,12 @@ ROOT = Path(__file__).resolve().parent.parent
 WITH_SCHEDULER = [f for f in FAMILIES if f.scheduler is not None]
 # what a builder takes that is the model's own (EmbeddedModel fixes them), not a family option
 MODEL_FIXED = {"alphas_cumprod", "betas", "num_inference_steps", "prediction", "clip_sample"}
+MODEL_FIXED |= {"num_train_timesteps"}  # a flow model's
+
+
+def flow_model() -> models.EmbeddedModel:
+    """A rectified-flow EmbeddedModel (no networks): what the flow families build on."""
+    return models.EmbeddedModel("flow", None, None, (4,), None, "flow_prediction")
 
 
 def ids(fams) -> list[str]:
@@ -60,7 +66,7 @@ def test_options_are_the_builders(fam):
 
 @pytest.mark.parametrize("fam", FAMILIES, ids=ids(FAMILIES))
 def test_every_family_builds_on_an_embedded_model(fam):
-    m = models.load("gmm", dim=4)
+    m = flow_model() if fam.flow else models.load("gmm", dim=4)
     options = {"eta": 1.0} if "eta" in fam.options else {}
     T = m.transitions(12, fam.name, **options)
     assert T.num_steps == 12 and T.multistep is fam.multistep
@@ -94,6 +100,16 @@ def test_scheduler_class_exists_and_maps_back(fam):
     eta = {"eta": 1.0} if "eta" in fam.options else {}
     T = adapter.diffusers_transitions(sched, 10, **eta)
     assert T.num_steps == 10 and T.multistep is fam.multistep
+
+
+@pytest.mark.parametrize("fam", FAMILIES, ids=ids(FAMILIES))
+def test_a_family_refuses_the_other_kind_of_model_in_one_line(fam):
+    """A flow family on a diffusion model, and a diffusion family on a flow model."""
+    other = models.load("gmm", dim=4) if fam.flow else flow_model()
+    with pytest.raises(ValueError) as err:
+        other.transitions(12, fam.name)
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith(fam.name) and "flow" in msg
 
 
 def test_the_adapter_tabulates_every_family_diffusers_has():

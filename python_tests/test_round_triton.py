@@ -50,6 +50,7 @@ from specdiff_kernels.sampling.transitions import (  # noqa: E402
     ddpm_transitions,
     dpmsolver_sde_transitions,
     euler_ancestral_transitions,
+    flow_euler_transitions,
 )
 
 tr = pytest.importorskip("specdiff_kernels.ops.triton.round")
@@ -89,6 +90,8 @@ def _table(name: str, N: int = N_STEPS):
         T = ddim_transitions(num_inference_steps=N, eta=0.7)
     elif name == "euler_a":
         T = euler_ancestral_transitions(num_inference_steps=N)
+    elif name == "flow_euler":  # rectified flow: X0_Y = X0_F = 0 at step 0 (t = 1)
+        T = flow_euler_transitions(N, shift=3.0)
     else:
         raise ValueError(name)
     coef = round_tables(T)
@@ -486,6 +489,8 @@ DRAFT_CASES = [  # (table, freeze, dtype, event)
     ("ddpm_clip", layout.FREEZE_X0, torch.float16, (2, 65)),
     ("ddpm_clip", layout.FREEZE_EPS, torch.float64, (5,)),
     ("euler_a", layout.FREEZE_X0, torch.float32, (1,)),
+    ("flow_euler", layout.FREEZE_EPS, torch.float32, (37,)),
+    ("flow_euler", layout.FREEZE_X0, torch.float64, (2, 65)),
 ]
 
 
@@ -532,6 +537,8 @@ VERIFY_CASES = [  # (table, freeze, dtype, event, L)
     ("ddpm_clip", layout.FREEZE_X0, torch.float16, (2, 65), 2),
     ("euler_a", layout.FREEZE_X0, torch.float32, (1,), 5),
     ("ddpm_clip", layout.FREEZE_EPS, torch.float64, (5,), 5),
+    ("flow_euler", layout.FREEZE_EPS, torch.float32, (37,), 5),
+    ("flow_euler", layout.FREEZE_X0, torch.float64, (2, 65), 2),
 ]
 
 

@@ -655,7 +655,16 @@ def test_target_call_segments_come_back_by_name():
 
 @pytest.mark.parametrize(
     "family",
-    ["ddpm_eps_clip", "ddpm_large_noclip", "ddim_eta", "ddim_clipped_eps", "euler_a", "ula"],
+    [
+        "ddpm_eps_clip",
+        "ddpm_large_noclip",
+        "ddim_eta",
+        "ddim_clipped_eps",
+        "euler_a",
+        "ula",
+        "flow_euler",
+        "flow_sde",
+    ],
 )
 def test_affine_mean_equals_the_general_formula(family):
     """The ops' table form A clip(p) + E p + G y (the ragged round's draft and target means)

@@ -318,7 +318,12 @@ def add_sample_arguments(sample: argparse.ArgumentParser) -> None:
         type=canonical,
         choices=NAMES,
         help="the sampler family (default: the pipeline's own; digits: ddpm): "
-        + "; ".join(f"{f.name}: {f.label}, diffusers' {f.scheduler_text}" for f in FAMILIES),
+        + "; ".join(
+            f"{f.name}: {f.label}, "
+            + (f"diffusers' {f.scheduler_text}" if f.scheduler else "no diffusers scheduler")
+            + (" (rectified-flow models)" if f.flow else "")
+            for f in FAMILIES
+        ),
     )
     sample.add_argument(
         "--karras",

@@ -31,6 +31,8 @@ from ..sampling.families import NAMES, Family, canonical, family, for_scheduler
 # --scheduler takes a sampler family (sampling.families); a deterministic solver's stochastic
 # counterpart, suggested when a pipeline's own scheduler is one
 SDE = family("dpm++2m-sde")
+# the families a diffusion pipeline (a beta schedule) takes: not the flow-matching ones
+DIFFUSION_NAMES = tuple(n for n in NAMES if not family(n).flow)
 # the family option each flag sets, and so the families it applies to
 FLAG_OPTIONS = {"--eta": "eta", "--karras": "sigma_schedule"}
 # --karras sets use_karras_sigmas on the scheduler config, replacing these
@@ -131,7 +133,7 @@ def _check_flow(pipeline: str, path: Path) -> None:
     """A flow-matching scheduler config is refused first, whatever --scheduler says: no supported
     sampler has its schedule (following a suggested --scheduler would sample the flow model on
     a default VP schedule)."""
-    from ..integrations.diffusers import FLOW_MATCHING, is_flow_matching
+    from ..integrations.diffusers import is_flow_matching
 
     try:
         cfg = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
@@ -144,9 +146,10 @@ def _check_flow(pipeline: str, path: Path) -> None:
     if why is not None:
         raise PipelineError(
             "--pipeline",
-            f"{pipeline!r}: a flow-matching pipeline (scheduler {own}: {why}); {FLOW_MATCHING} "
-            f"({_all_families()} sample diffusion models trained on a beta schedule, not flow "
-            f"models)",
+            f"{pipeline!r}: a flow-matching pipeline (scheduler {own}: {why}); flow-matching "
+            f"models are not supported yet by specdiff sample ({_all_families()} sample "
+            f"diffusion models trained on a beta schedule; flow models take the flow-euler and "
+            f"flow-sde chains in Python, docs/usage.md)",
         )
 
 
@@ -265,7 +268,7 @@ def _check_unet_weights(path: Path, cls_name: str, cfg: dict) -> None:
 
 
 def _all_families() -> str:
-    return f"{', '.join(NAMES[:-1])} and {NAMES[-1]}"
+    return f"{', '.join(DIFFUSION_NAMES[:-1])} and {DIFFUSION_NAMES[-1]}"
 
 
 def _chain_scheduler(fam: Family, given: bool, config: dict, overrides: dict):
@@ -310,7 +313,7 @@ def _own_scheduler(own: str, cfg: dict) -> str:
                 )
         return fam.name
     if own in DETERMINISTIC_SCHEDULERS:
-        others = ", ".join(n for n in NAMES if n != SDE.name)
+        others = ", ".join(n for n in DIFFUSION_NAMES if n != SDE.name)
         raise PipelineError(
             "--scheduler",
             f"the pipeline's own scheduler {own} is {NO_NOISE}; pass --scheduler {SDE.name} "
@@ -320,7 +323,7 @@ def _own_scheduler(own: str, cfg: dict) -> str:
     raise PipelineError(
         "--scheduler",
         f"the pipeline's own scheduler {own} is not supported ({reason}); pass "
-        f"--scheduler {' or '.join(NAMES)} (on the same training schedule)",
+        f"--scheduler {' or '.join(DIFFUSION_NAMES)} (on the same training schedule)",
     )
 
 
@@ -499,6 +502,13 @@ def resolve_pipeline(
         scheduler = _own_scheduler(own, sched_cfg)
     _check_flags(scheduler, eta, karras, None if given else own)
     fam = family(scheduler)
+    if fam.flow:  # (a flow pipeline was refused above)
+        raise PipelineError(
+            "--scheduler",
+            f"{scheduler} is a flow-matching family (rectified-flow models); {pipeline!r} is a "
+            f"diffusion pipeline (scheduler {own}, a beta schedule): pass --scheduler "
+            f"{' or '.join(DIFFUSION_NAMES)}",
+        )
     try:
         max_steps = int(sched_cfg.get("num_train_timesteps", 1000))
         if max_steps < 1:

@@ -11,8 +11,11 @@ here from the scheduler's own ``timesteps``, ``alphas_cumprod`` and ``sigmas`` a
 for DPM-Solver every sigma option (Karras, exponential, beta, Lu lambdas, ``final_sigmas_type``,
 ``timestep_spacing``) through the scheduler's own ``sigmas``, and ``solver_order`` 1 or 2,
 ``solver_type``, ``lower_order_final`` and ``euler_at_final``. Deterministic solvers (DDIM with
-eta = 0, DPM-Solver++ ODE, UniPC, ...) are refused: there is no noise to speculate over; every
-other scheduler is refused with its reason (flow-matching ones: not supported yet).
+eta = 0, DPM-Solver++ ODE, UniPC, FlowMatch Euler without ``stochastic_sampling``, ...) are
+refused: there is no noise to speculate over. Rectified-flow models (``flow_prediction``) take
+``FlowMatchEulerDiscreteScheduler(stochastic_sampling=True)`` (``shift``, dynamic shifting with
+``mu=``, ``shift_terminal``, Karras / exponential / beta sigmas); every other scheduler is refused
+with its reason.
 
 Conditioning (``class_labels``, ``encoder_hidden_states``, ...) is passed per chain through the
 samplers' ``model_kwargs``; classifier-free guidance (``DiffusersModel(unet, guidance_scale=w,
@@ -48,9 +51,9 @@ from torch import Tensor
 from ..sampling.families import FAMILIES, NAMES, Family, canonical, family
 from ..sampling.transitions import (
     FINAL_SIGMAS,
-    PREDICTIONS,
     SOLVER_TYPES,
     SPACINGS,
+    VP_PREDICTIONS,
     GaussianTransitions,
     as_clip,
     check_betas,
@@ -59,6 +62,7 @@ from ..sampling.transitions import (
     ddpm_transitions,
     dpmsolver_sde_from_sigmas,
     euler_ancestral_from_sigmas,
+    flow_euler_from_sigmas,
 )
 from ..validate import as_choice, as_flag, as_int, as_real
 
@@ -513,7 +517,12 @@ DETERMINISTIC_SCHEDULERS = {
     "supported yet: the churn noise is added to the state before the network call, so the step is "
     "not a Gaussian around the network's mean at the given state",
 }
-FLOW_MATCHING = "flow-matching models are not supported yet"
+FLOW_EULER = family("flow-euler")
+# what a flow-matching model takes (the stochastic FlowMatch Euler step, or Flow-GRPO's SDE)
+FLOW_MATCHING = (
+    f"flow-matching models take {FLOW_EULER.scheduler_call} (family 'flow-euler') or the "
+    f"'flow-sde' chain (flow_sde_from_sigmas on its sigmas)"
+)
 # why every other diffusers scheduler is refused (a scheduler not listed here nor above: the
 # generic reason of _unsupported_text)
 UNSUPPORTED_REASONS = {
@@ -562,6 +571,10 @@ UNSUPPORTED_REASONS = {
     "CogVideoXDPMScheduler": "CogVideoX's SNR-shifted schedule (snr_shift_scale), not tabulated "
     "yet",
     "ConsistencyDecoderScheduler": "a VAE's consistency decoder, not a diffusion sampler",
+    "FlowMatchHeunDiscreteScheduler": f"{NO_NOISE}: Heun's method on the flow ODE, two network "
+    f"calls a step; {FLOW_MATCHING}",
+    "FlowMatchLCMScheduler": "a consistency-model sampler for flow models (its step may rescale "
+    f"the sample between steps), not tabulated yet; {FLOW_MATCHING}",
 }
 
 
@@ -615,7 +628,7 @@ def _unsupported_text(name: str) -> str:
     instead = DETERMINISTIC_SCHEDULERS.get(name)
     if instead is not None:
         return f"unsupported scheduler {name}: {NO_NOISE}; {instead}"
-    if is_flow_matching(name):
+    if is_flow_matching(name) and name not in UNSUPPORTED_REASONS:
         return f"unsupported scheduler {name}: a flow-matching scheduler; {FLOW_MATCHING}"
     reason = UNSUPPORTED_REASONS.get(
         name,
@@ -675,14 +688,14 @@ def _check_dpm(cfg) -> None:
     as_choice("solver_type", cfg.get("solver_type", "midpoint"), SOLVER_TYPES)
     if cfg.get("prediction_type") == "flow_prediction":
         raise ValueError(
-            f"prediction_type='flow_prediction' is not supported (a flow-matching model; "
-            f"{FLOW_MATCHING})"
+            f"prediction_type='flow_prediction' is not supported (DPM-Solver on a flow-matching "
+            f"model is not tabulated yet; {FLOW_MATCHING})"
         )
     for key in ("use_flow_sigmas", "use_dynamic_shifting"):
         if cfg.get(key):
             raise ValueError(
-                f"{key}={cfg[key]!r} is not supported (flow-matching sigmas; {FLOW_MATCHING}); "
-                f"the chain needs VP sigmas"
+                f"{key}={cfg[key]!r} is not supported (flow-matching sigmas: not tabulated for "
+                f"DPM-Solver yet; {FLOW_MATCHING}); the chain needs VP sigmas"
             )
     vt = cfg.get("variance_type")
     if vt in _LEARNED:
@@ -704,11 +717,38 @@ def _check_dpm(cfg) -> None:
     as_choice("final_sigmas_type", cfg.get("final_sigmas_type", "zero"), FINAL_SIGMAS)
 
 
+def _check_flow(cfg) -> None:
+    """FlowMatchEulerDiscreteScheduler: its stochastic step, on the sigma options its own
+    ``set_timesteps`` applies (docs/design.md §2.2)."""
+    if not as_flag("stochastic_sampling", cfg.get("stochastic_sampling", False)):
+        raise ValueError(
+            f"stochastic_sampling=False is {NO_NOISE}: the Euler step of the flow ODE; set "
+            f"stochastic_sampling=True"
+        )
+    if as_flag("invert_sigmas", cfg.get("invert_sigmas", False)):
+        raise ValueError(
+            "invert_sigmas=True is not supported (its sigmas rise to 1, so its stochastic step "
+            "does not sample x_t = (1 - t) x0 + t eps); use invert_sigmas=False"
+        )
+    as_real("shift", cfg.get("shift", 1.0), 0, open_low=True)
+    for key in ("use_dynamic_shifting", "use_karras_sigmas", "use_exponential_sigmas"):
+        as_flag(key, cfg.get(key) or False)
+    as_flag("use_beta_sigmas", cfg.get("use_beta_sigmas") or False)
+    as_choice("time_shift_type", cfg.get("time_shift_type", "exponential"), _TIME_SHIFTS)
+    if cfg.get("shift_terminal") is not None:  # diffusers stretches to it, dividing by 1 - it
+        as_real("shift_terminal", cfg["shift_terminal"], 0, 1, open_high=True)
+
+
+_TIME_SHIFTS = ("exponential", "linear")
+
+
 def _check_options(kind: str, cfg) -> None:
     """The step's options: prediction, clipping, thresholding, variance."""
+    if kind == FLOW_EULER.scheduler:
+        return _check_flow(cfg)
     if kind == "DPMSolverMultistepScheduler":
         _check_dpm(cfg)
-    preds = ("epsilon", "v_prediction") if kind.startswith("Euler") else PREDICTIONS
+    preds = ("epsilon", "v_prediction") if kind.startswith("Euler") else VP_PREDICTIONS
     as_choice("prediction_type", cfg.prediction_type, preds)
     as_choice("timestep_spacing", cfg.get("timestep_spacing", "leading"), SPACINGS)
     if kind == "DDPMScheduler":
@@ -750,7 +790,7 @@ def _check_config(scheduler, num_inference_steps) -> tuple[Family, Optional[int]
             raise ValueError(
                 "num_inference_steps must be given (the scheduler has no timesteps set)"
             )
-    n = as_int("num_inference_steps", num_inference_steps, 1, T)
+    n = as_int("num_inference_steps", num_inference_steps, 1, None if fam.flow else T)
     try:
         spacing = cfg.get("timestep_spacing", "leading")
         check_steps_offset(cfg.get("steps_offset", 0), spacing, n, T, ignored_ok=True)
@@ -862,10 +902,11 @@ def quiet_diffusers():
         dlog.set_verbosity(level)
 
 
-def _fresh(scheduler, num_inference_steps: int):
-    """A copy of the scheduler with timesteps set, so the caller's scheduler is not mutated."""
+def _fresh(scheduler, num_inference_steps: int, **options):
+    """A copy of the scheduler with timesteps set, so the caller's scheduler is not mutated
+    (``options``: FlowMatch's ``mu``)."""
     sched = _build(type(scheduler), scheduler.config)
-    sched.set_timesteps(num_inference_steps)
+    sched.set_timesteps(num_inference_steps, **options)
     return sched
 
 
@@ -983,8 +1024,22 @@ def _dpm_sde(sched, step: _StepArgs) -> GaussianTransitions:
     return _with_thresholding(cfg, tr)
 
 
+def _flow_euler(sched, step: _StepArgs) -> GaussianTransitions:
+    # the scheduler's own float32 sigmas after set_timesteps (shift, dynamic shifting with mu,
+    # shift_terminal, Karras / exponential / beta sigmas), widened
+    return flow_euler_from_sigmas(
+        sched.timesteps.double(), sched.sigmas.double(), name="diffusers-flow-euler"
+    )
+
+
 # each family's tabulation of its diffusers step (sampling.families), by family name
-_TABULATE = {"ddpm": _ddpm, "ddim": _ddim, "euler-a": _euler_ancestral, "dpm++2m-sde": _dpm_sde}
+_TABULATE = {
+    "ddpm": _ddpm,
+    "ddim": _ddim,
+    "euler-a": _euler_ancestral,
+    "dpm++2m-sde": _dpm_sde,
+    "flow-euler": _flow_euler,
+}
 
 
 def diffusers_transitions(
@@ -993,6 +1048,7 @@ def diffusers_transitions(
     *,
     eta: Optional[float] = None,
     use_clipped_model_output: bool = False,
+    mu: Optional[float] = None,
 ) -> GaussianTransitions:
     """Tabulate a diffusers scheduler's ancestral step for per-sample use.
 
@@ -1005,10 +1061,39 @@ def diffusers_transitions(
         num_inference_steps: sampling steps (default: the scheduler's, if already set).
         eta: DDIM's eta (required for DDIM, > 0).
         use_clipped_model_output: DDIM's flag of the same name.
+        mu: ``FlowMatchEulerDiscreteScheduler``'s ``set_timesteps(n, mu=mu)`` shift, required
+            with (and only with) ``use_dynamic_shifting=True`` (pipelines compute it from the
+            image's token count).
+
+    ``FlowMatchEulerDiscreteScheduler(stochastic_sampling=True)`` (rectified-flow models,
+    prediction ``"flow_prediction"``) is tabulated from its own sigmas after ``set_timesteps``;
+    Flow-GRPO's SDE on the same sigmas is ``flow_sde_from_sigmas(sched.timesteps, sched.sigmas,
+    noise_level=a)`` (a scheduler with timesteps set, any ``stochastic_sampling``).
     """
     fam, n = _check_config(scheduler, num_inference_steps)
     step = _step_args(fam, type(scheduler).__name__, eta, use_clipped_model_output)
-    return _TABULATE[fam.name](_fresh(scheduler, n), step)
+    return _TABULATE[fam.name](_fresh(scheduler, n, **_shift_args(fam, scheduler, mu)), step)
+
+
+def _shift_args(fam: Family, scheduler, mu) -> dict:
+    """``set_timesteps``' ``mu``: required by a FlowMatch scheduler with dynamic shifting, refused
+    elsewhere (it would be ignored)."""
+    dynamic = fam.flow and bool(scheduler.config.get("use_dynamic_shifting", False))
+    name = type(scheduler).__name__
+    if mu is None:
+        if dynamic:
+            raise ValueError(
+                f"mu must be given: {name} has use_dynamic_shifting=True (diffusers' "
+                f"set_timesteps(n, mu=mu))"
+            )
+        return {}
+    if not dynamic:
+        raise ValueError(
+            f"mu applies to {FLOW_EULER.scheduler} with use_dynamic_shifting=True only, not to "
+            f"{name}" + (" without it" if fam.flow else "")
+        )
+    linear = scheduler.config.get("time_shift_type") == "linear"  # mu / (mu + 1/t - 1)
+    return {"mu": as_real("mu", mu, 0.0, open_low=True) if linear else as_real("mu", mu)}
 
 
 def _step_args(fam: Family, cls: str, eta, use_clipped_model_output) -> _StepArgs:

@@ -52,26 +52,42 @@ class EmbeddedModel:
     target: nn.Module
     draft: Optional[nn.Module]
     event_shape: tuple[int, ...]
-    alphas_cumprod: Tensor  # training schedule, float64 [T]
-    prediction: str  # "epsilon" | "sample" | "v_prediction"
+    alphas_cumprod: Optional[Tensor]  # training schedule, float64 [T]; None: a flow model
+    prediction: str  # "epsilon" | "sample" | "v_prediction" | "flow_prediction"
     clip_sample: Optional[float] = None  # DDPM-style x0 clipping range (None: off)
     description: str = ""
     data: Optional[Callable[..., Tensor]] = field(default=None, repr=False)  # data(n, generator)
+    # a flow model (prediction "flow_prediction", alphas_cumprod None) is called as
+    # model(x_t, num_train_timesteps * t), x_t = (1 - t) x0 + t eps
+    num_train_timesteps: int = TRAIN_TIMESTEPS
 
-    def transitions(self, num_steps: int, sampler: str = "ddpm", **kwargs) -> GaussianTransitions:
+    @property
+    def flow(self) -> bool:
+        """Whether this is a rectified-flow model (sampled by the flow families)."""
+        return self.alphas_cumprod is None
+
+    def transitions(
+        self, num_steps: int, sampler: Optional[str] = None, **kwargs
+    ) -> GaussianTransitions:
         """The chain over ``num_steps`` respaced steps of the training schedule.
 
         ``sampler``: a sampler family (:mod:`specdiff_kernels.sampling.families`): ``"ddpm"``
-        (default; fixed_small variance), ``"ddim"`` (pass ``eta`` > 0), ``"euler-a"`` (or
-        ``"euler_ancestral"``) or ``"dpm++2m-sde"``. ``kwargs``: the family's options
+        (default for a diffusion model; fixed_small variance), ``"ddim"`` (pass ``eta`` > 0), ``"euler-a"`` (or
+        ``"euler_ancestral"``) or ``"dpm++2m-sde"``; a flow model (``alphas_cumprod`` None,
+        prediction ``"flow_prediction"``) takes ``"flow-euler"`` or ``"flow-sde"`` (``shift``,
+        ``noise_level``; default ``"flow-euler"``) and only those. ``kwargs``: the family's options
         (``Family.options``: ``spacing``, ``steps_offset``; ``variance`` for DDPM; ``eta``,
         ``set_alpha_to_one``, ``use_clipped_model_output`` for DDIM; ``init_std`` for
         Euler-ancestral; ``sigma_schedule``, ``solver_order``, ... for DPM++ 2M SDE); the
         schedule, prediction and clipping are the model's own (clipping where the family clips,
         as diffusers' scheduler of that family).
         """
+        if sampler is None:  # DDPM for a diffusion model, FlowMatch Euler for a flow model
+            sampler = "flow-euler" if self.flow else "ddpm"
         fam = family(sampler, "sampler")
-        num_steps = as_int("num_steps", num_steps, 1, int(self.alphas_cumprod.numel()))
+        fam.check_model(self.flow, self.prediction)
+        top = None if self.flow else int(self.alphas_cumprod.numel())
+        num_steps = as_int("num_steps", num_steps, 1, top)
         for key in kwargs:
             if key not in fam.options:
                 # the model's schedule/prediction/clipping would be overridden or, for betas
@@ -81,17 +97,19 @@ class EmbeddedModel:
                     f"EmbeddedModel.transitions got an unexpected keyword argument {key!r}: it "
                     f"{why}; the options of sampler {fam.name!r} are {', '.join(fam.options)}"
                 )
+        flow = {"num_train_timesteps": self.num_train_timesteps} if self.flow else {}
         return fam.build(
             self.alphas_cumprod,
             num_steps,
             prediction=self.prediction,
             clip_sample=self.clip_sample,
+            **flow,
             **kwargs,
         )
 
 
 _MODEL_FIXED = ("alphas_cumprod", "betas", "num_inference_steps", "timesteps", "prediction")
-_MODEL_FIXED += ("clip_sample",)
+_MODEL_FIXED += ("clip_sample", "num_train_timesteps")
 
 
 def _load_gmm(dim: int = 64, components: int = 8, seed: int = 0) -> EmbeddedModel:

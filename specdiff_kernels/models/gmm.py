@@ -107,6 +107,47 @@ def _log_mix(x: Tensor, centers: Tensor, var: Tensor, weights: Tensor) -> Tensor
     return weights.log()[None] - 0.5 * (diff2 + logdet[None] + D * math.log(2 * math.pi))
 
 
+def posterior_mean(mix: nn.Module, x: Tensor, a: Tensor, noise_var: Tensor) -> Tensor:
+    """E[x0 | a x0 + sqrt(noise_var) eps = x] for x [B, D] float64, a and noise_var [B] float64,
+    under the mixture of ``mix`` (buffers ``means``, ``var0``, ``log_weights``)."""
+    a = a[:, None, None]  # [B,1,1]
+    v = a**2 * mix.var0[None] + noise_var[:, None, None]  # [B,K,D]
+    diff = x[:, None, :] - a * mix.means[None]  # [B,K,D]
+    D = x.shape[-1]
+    logp = mix.log_weights[None] - 0.5 * (
+        (diff**2 / v).sum(-1) + v.log().sum(-1) + D * math.log(2 * math.pi)
+    )
+    r = torch.softmax(logp, dim=-1)  # [B,K]
+    cond = mix.means[None] + a * mix.var0[None] / v * diff  # [B,K,D]
+    return (r[..., None] * cond).sum(1)
+
+
+class GMMVelocity(nn.Module):
+    """Exact rectified-flow velocity ``model(x, timestep)`` of a :class:`GaussianMixture`:
+    ``x_t = (1 - t) x0 + t eps``, ``v = E[eps - x0 | x_t] = (x_t - E[x0 | x_t]) / t`` with ``t =
+    timestep / num_train_timesteps`` (diffusers' FlowMatch convention; prediction
+    ``"flow_prediction"``). Output: same shape and dtype as ``x``; math in float64."""
+
+    def __init__(self, gmm: GaussianMixture, num_train_timesteps: int = 1000):
+        super().__init__()
+        self.gmm = gmm
+        self.num_train_timesteps = int(num_train_timesteps)
+        self.register_buffer("means", gmm.means.clone())
+        self.register_buffer("var0", (gmm.stds**2).clone())
+        self.register_buffer("log_weights", gmm.weights.log().clone())
+        self.num_calls = 0
+
+    def forward(self, x: Tensor, timestep: Tensor) -> Tensor:
+        B = x.shape[0]
+        xf = x.reshape(B, -1).to(torch.float64)
+        t = torch.as_tensor(timestep, device=x.device).to(torch.float64).reshape(-1)
+        t = (t.expand(B) if t.numel() == 1 else t) / self.num_train_timesteps
+        x0 = posterior_mean(self, xf, 1 - t, t**2)
+        if not torch.compiler.is_compiling():
+            self.num_calls += 1
+        return ((xf - x0) / t[:, None]).to(x.dtype).reshape(x.shape)
+
+
 class GMMDenoiser(nn.Module):
     """Exact denoiser ``model(x, t)`` of a :class:`GaussianMixture` under the VP process.
 
@@ -153,17 +194,7 @@ class GMMDenoiser(nn.Module):
 
     def posterior_mean_x0(self, x: Tensor, abar: Tensor) -> Tensor:
         """E[x0 | x_t = x] for x [B, D] float64 and abar [B] float64."""
-        a = abar.sqrt()[:, None, None]  # [B,1,1]
-        v = abar[:, None, None] * self.var0[None] + (1 - abar)[:, None, None]  # [B,K,D]
-        centers = a * self.means[None]  # [B,K,D]
-        diff = x[:, None, :] - centers  # [B,K,D]
-        D = x.shape[-1]
-        logp = self.log_weights[None] - 0.5 * (
-            (diff**2 / v).sum(-1) + v.log().sum(-1) + D * math.log(2 * math.pi)
-        )
-        r = torch.softmax(logp, dim=-1)  # [B,K]
-        cond = self.means[None] + a * self.var0[None] / v * diff  # [B,K,D]
-        return (r[..., None] * cond).sum(1)
+        return posterior_mean(self, x, abar.sqrt(), 1 - abar)
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
         B = x.shape[0]

@@ -22,11 +22,14 @@ from typing import Callable, Optional
 from torch import Tensor
 
 from .transitions import (
+    FLOW,
     GaussianTransitions,
     ddim_transitions,
     ddpm_transitions,
     dpmsolver_sde_transitions,
     euler_ancestral_transitions,
+    flow_euler_transitions,
+    flow_sde_transitions,
 )
 
 __all__ = ["FAMILIES", "NAMES", "Family", "canonical", "family", "for_scheduler"]
@@ -52,6 +55,14 @@ class Family:
     multistep: bool = False
     clips: bool = False  # the builder takes the model's clip_sample (diffusers' scheduler has it)
     aliases: tuple[str, ...] = ()
+    # "vp": built on a discrete training schedule (alphas_cumprod); "flow": on a rectified-flow
+    # model (prediction "flow_prediction", x_t = (1 - t) x0 + t eps), which has none
+    schedule: str = "vp"
+
+    @property
+    def flow(self) -> bool:
+        """Whether this is a flow-matching family (no alphas_cumprod)."""
+        return self.schedule == "flow"
 
     @property
     def scheduler_call(self) -> str:
@@ -63,7 +74,10 @@ class Family:
     @property
     def scheduler_text(self) -> str:
         """The diffusers scheduler with what makes it this family, for messages: e.g.
-        ``DDIMScheduler (eta > 0)``."""
+        ``DDIMScheduler (eta > 0)``; ``"no diffusers scheduler"`` for a family diffusers has
+        no step of."""
+        if self.scheduler is None:
+            return "no diffusers scheduler"
         cfg = dict(self.scheduler_config)
         needs = [f"{k}={cfg[k]!r}" for k in self.variant]
         if self.scheduler_note:
@@ -72,22 +86,31 @@ class Family:
 
     def build(
         self,
-        alphas_cumprod: Tensor,
+        alphas_cumprod: Optional[Tensor],
         num_steps: int,
         *,
         prediction: str,
         clip_sample: Optional[float] = None,
+        num_train_timesteps: Optional[int] = None,
         **options,
     ) -> GaussianTransitions:
         """The chain over ``num_steps`` respaced steps of the training schedule
         ``alphas_cumprod`` for a model predicting ``prediction``; ``clip_sample`` is the model's
-        clipping, used where the family clips (``clips``); ``options``: among ``options``."""
+        clipping, used where the family clips (``clips``); ``options``: among ``options``. A flow
+        family takes no schedule (``alphas_cumprod=None``) but a flow_prediction model and its
+        ``num_train_timesteps`` (default 1000: it is called with timesteps 1000 t)."""
         for key in options:
             if key not in self.options:
                 raise TypeError(
                     f"{self.name} got an unexpected option {key!r}; its options are "
                     f"{', '.join(self.options)}"
                 )
+        self.check_model(alphas_cumprod is None, prediction)
+        if self.flow:
+            steps = (
+                {} if num_train_timesteps is None else {"num_train_timesteps": num_train_timesteps}
+            )
+            return self.builder(num_steps, prediction=prediction, **steps, **options)
         model = {"clip_sample": clip_sample} if self.clips else {}
         return self.builder(
             alphas_cumprod=alphas_cumprod,
@@ -96,6 +119,21 @@ class Family:
             **model,
             **options,
         )
+
+    def check_model(self, no_schedule: bool, prediction) -> None:
+        """One line refusing a flow family on a VP model (one with a training schedule or not
+        predicting flow_prediction) and a VP family on a flow model."""
+        if self.flow and (prediction != FLOW or not no_schedule):
+            raise ValueError(
+                f"{self.name} is a flow-matching family: it needs a rectified-flow model "
+                f"(prediction 'flow_prediction', no alphas_cumprod), got prediction {prediction!r}"
+            )
+        if not self.flow and (prediction == FLOW or no_schedule):
+            raise ValueError(
+                f"{self.name} needs a diffusion model with a training schedule (alphas_cumprod); "
+                f"a flow-matching model (prediction 'flow_prediction') takes "
+                f"{' or '.join(repr(f.name) for f in FAMILIES if f.flow)}"
+            )
 
 
 _RESPACING = ("spacing", "steps_offset")
@@ -147,6 +185,25 @@ FAMILIES: tuple[Family, ...] = (
         scheduler_config=(("algorithm_type", "sde-dpmsolver++"), ("solver_order", 2)),
         variant=("algorithm_type",),
         multistep=True,
+    ),
+    Family(
+        "flow-euler",
+        "FlowMatch Euler (stochastic)",
+        "rectified flow: FlowMatchEuler's stochastic step x' = (1 - t') x0_hat + t' z",
+        flow_euler_transitions,
+        ("shift",),
+        scheduler="FlowMatchEulerDiscreteScheduler",
+        scheduler_config=(("stochastic_sampling", True),),
+        variant=("stochastic_sampling",),
+        schedule="flow",
+    ),
+    Family(
+        "flow-sde",
+        "Flow-GRPO SDE",
+        "rectified flow: Flow-GRPO's reverse SDE (noise_level a), Euler-Maruyama",
+        flow_sde_transitions,
+        ("noise_level", "shift"),
+        schedule="flow",
     ),
 )
 

@@ -9,8 +9,8 @@ data). Every step is Gaussian with a model-independent, isotropic std::
 
 where ``x0_hat`` and ``eps_hat`` are the network's denoised estimate and noise estimate at
 (x, k). All per-step quantities are plain float64 tables of length N, so an adapter (e.g. for a
-diffusers scheduler) can supply its own; the builders below produce DDPM, DDIM (eta >= 0) and
-Euler-ancestral tables.
+diffusers scheduler) can supply its own; the builders below produce DDPM, DDIM (eta >= 0),
+Euler-ancestral, DPM-Solver++ 2M SDE and rectified-flow (FlowMatch Euler, Flow-GRPO SDE) tables.
 
 Conventions, made explicit:
 
@@ -25,7 +25,11 @@ Conventions, made explicit:
   (``state_alpha = 1``, ``state_sigma = sigma_k``) and ``input_scale = 1/sqrt(1 + sigma_k^2)``,
   exactly diffusers' ``scale_model_input``; the initial state has std ``init_std``.
 * **Prediction types.** ``epsilon``: x0 = (x_in - model_sigma * out) / model_alpha;
-  ``sample``: x0 = out; ``v_prediction``: x0 = model_alpha * x_in - model_sigma * out.
+  ``sample``: x0 = out; ``v_prediction``: x0 = model_alpha * x_in - model_sigma * out;
+  ``flow_prediction`` (rectified flow, x_t = (1 - t) x0 + t eps, the network's velocity v = eps -
+  x0): x0 = x_in - model_sigma * out, with model_alpha = 1 - t (0 at t = 1 is allowed, for every
+  prediction but epsilon) and model_sigma = t (docs/design.md §2.2; builders
+  :func:`flow_euler_transitions`, :func:`flow_sde_transitions`).
   ``eps_hat`` is derived from the *unclipped* x0 (``(x - state_alpha x0) / state_sigma``; for an
   epsilon-model this is its output), unless ``eps_from_clipped_x0`` (diffusers DDIM's
   ``use_clipped_model_output``).
@@ -51,7 +55,10 @@ from ..ops import layout
 from ..ops.round_spec import RoundSpec
 from ..validate import as_choice, as_flag, as_int, as_real
 
-PREDICTIONS = ("epsilon", "sample", "v_prediction")
+# what the VP/VE builders take; "flow_prediction" (rectified flow's velocity) only the flow ones
+VP_PREDICTIONS = ("epsilon", "sample", "v_prediction")
+FLOW = "flow_prediction"
+PREDICTIONS = VP_PREDICTIONS + (FLOW,)
 
 Model = Callable[[Tensor, Tensor], Tensor]
 
@@ -94,8 +101,9 @@ def _table(x, n: Optional[int] = None, name: str = "table") -> Tensor:
     return t
 
 
-def _timesteps(timesteps, name: str = "timesteps") -> Tensor:
-    """The network's timesteps as int64 where they are whole numbers, else float64."""
+def _timesteps(timesteps, name: str = "timesteps", flow: bool = False) -> Tensor:
+    """The network's timesteps as int64 where they are whole numbers, else float64; always
+    float64 for a flow model (``flow``: diffusers calls it with float timesteps t * 1000)."""
     ts = _tensor(timesteps, name)
     if ts.dim() > 1:
         raise ValueError(f"{name} must be one-dimensional, got shape {tuple(ts.shape)}")
@@ -105,10 +113,11 @@ def _timesteps(timesteps, name: str = "timesteps") -> Tensor:
     if ts.dtype == torch.bool or ts.is_complex():
         raise TypeError(f"{name} must be numbers, got a {ts.dtype} tensor")
     if not ts.is_floating_point():
-        return ts.to(torch.int64)
+        return ts.to(torch.float64 if flow else torch.int64)
     ts = ts.to(torch.float64)
     _first_bad(name, ts, ~torch.isfinite(ts), "finite")
-    return ts.round().to(torch.int64) if bool((ts == ts.round()).all()) else ts
+    whole = not flow and bool((ts == ts.round()).all())
+    return ts.round().to(torch.int64) if whole else ts
 
 
 def as_clip(name: str, value) -> Optional[float]:
@@ -128,6 +137,19 @@ def _options(prediction, clip_sample, eps_from_clipped_x0, init_std, name) -> tu
         # 0 is a fixed start at the origin (e.g. a Langevin chain given no x_init)
         as_real("init_std", init_std, 0.0),
     )
+
+
+def _check_model_alpha(alpha: Tensor, sigma: Tensor, prediction: str) -> None:
+    """model_alpha > 0 for epsilon-prediction (x0 = (x - sigma eps) / alpha); >= 0 otherwise
+    (flow at t = 1 is pure noise). A flow model's input is x_t = (1 - t) x0 + t eps: alpha =
+    1 - sigma, else its velocity does not give x0 = x - t v."""
+    if prediction == "epsilon":
+        _first_bad("model_alpha", alpha, alpha <= 0, "> 0 for epsilon-prediction")
+        return
+    _first_bad("model_alpha", alpha, alpha < 0, ">= 0")
+    if prediction == FLOW:
+        want = "1 - model_sigma for flow_prediction (x_t = (1 - t) x0 + t eps)"
+        _first_bad("model_alpha", alpha, (alpha + sigma - 1).abs() > 1e-9, want)
 
 
 def _prev_table(c_prev, n: int) -> Tensor:
@@ -156,7 +178,7 @@ class GaussianTransitions:
             multistep solvers such as DPM-Solver++ 2M, docs/design.md §2.1). ``c_prev[0]`` must be
             0: the first step has no previous prediction.
         input_scale: ``[N]`` model input = input_scale * state (default 1).
-        prediction: ``"epsilon"``, ``"sample"`` or ``"v_prediction"``.
+        prediction: ``"epsilon"``, ``"sample"``, ``"v_prediction"`` or ``"flow_prediction"``.
         clip_sample: clamp x0_hat to [-clip_sample, clip_sample] (None: no clipping).
         eps_from_clipped_x0: derive eps_hat from the clipped x0_hat (default: unclipped).
         init_std: std of the initial state, x_start ~ N(0, init_std^2 I).
@@ -186,7 +208,7 @@ class GaussianTransitions:
         prediction, clip_sample, eps_from_clipped_x0, init_std = _options(
             prediction, clip_sample, eps_from_clipped_x0, init_std, name
         )
-        ts = _timesteps(timesteps)
+        ts = _timesteps(timesteps, flow=prediction == FLOW)
         n = ts.numel()
         self.timesteps = ts
         self.num_steps = n
@@ -201,30 +223,42 @@ class GaussianTransitions:
         self.model_alpha = _table(model_alpha, n, "model_alpha")
         self.model_sigma = _table(model_sigma, n, "model_sigma")
         self.input_scale = _table(1.0 if input_scale is None else input_scale, n, "input_scale")
-        for label in ("model_alpha", "model_sigma", "input_scale"):
+        for label in ("model_sigma", "input_scale"):
             _first_bad(label, getattr(self, label), getattr(self, label) <= 0, "> 0")
+        _check_model_alpha(self.model_alpha, self.model_sigma, prediction)
         # VP samplers feed the state as it is: no multiply by ones on every call
         self.unit_input = bool((self.input_scale == 1).all())
-        self.state_alpha = self.model_alpha / self.input_scale
-        self.state_sigma = self.model_sigma / self.input_scale
         self.prediction = prediction
         self.clip_sample = clip_sample
         self.eps_from_clipped_x0 = eps_from_clipped_x0
         self.init_std = init_std
         self.name = name
-        # x0_raw = out_x[k] * x + out_pred[k] * out
-        if prediction == "epsilon":
-            self.out_x = self.input_scale / self.model_alpha
-            self.out_pred = -self.model_sigma / self.model_alpha
-        elif prediction == "sample":
-            self.out_x = torch.zeros(n, dtype=torch.float64)
-            self.out_pred = torch.ones(n, dtype=torch.float64)
-        else:  # v_prediction
-            self.out_x = self.model_alpha * self.input_scale
-            self.out_pred = -self.model_sigma
+        self._conversions()
         self.deterministic = self.std == 0
         self._has_eps = bool((self.c_eps != 0).any())
         self._cache: dict = {}
+
+    def _conversions(self) -> None:
+        """The state's alpha and sigma and the tables between x, the network output, x0 and
+        eps."""
+        ma, ms, scale = self.model_alpha, self.model_sigma, self.input_scale
+        self.state_alpha = ma / scale
+        self.state_sigma = ms / scale
+        # x0 of an eps-hat at y: x0_y y - x0_f eps (the frozen-eps draft). Where state_alpha is 0
+        # (flow at t = 1: the state is pure noise) eps says nothing of x0: the draft's x0 is 0
+        # there (any draft is exact; docs/design.md §2.2)
+        alive = self.state_alpha > 0
+        self.x0_y = torch.where(alive, 1 / self.state_alpha, 0.0)
+        self.x0_f = torch.where(alive, self.state_sigma / self.state_alpha, 0.0)
+        # x0_raw = out_x[k] * x + out_pred[k] * out
+        if self.prediction == "epsilon":
+            self.out_x, self.out_pred = scale / ma, -ms / ma
+        elif self.prediction == "sample":
+            self.out_x, self.out_pred = torch.zeros_like(ma), torch.ones_like(ma)
+        elif self.prediction == "v_prediction":
+            self.out_x, self.out_pred = ma * scale, -ms
+        else:  # flow_prediction: x0 = x_in - t v (x_in = (1 - t) x0 + t eps, v = eps - x0)
+            self.out_x, self.out_pred = scale.clone(), -ms
 
     def __repr__(self) -> str:
         return (
@@ -279,7 +313,8 @@ class GaussianTransitions:
         return (x - self.coef("state_alpha", k, x) * x0) / self.coef("state_sigma", k, x)
 
     def x0_from_eps(self, x: Tensor, eps: Tensor, k: Tensor) -> Tensor:
-        return (x - self.coef("state_sigma", k, x) * eps) / self.coef("state_alpha", k, x)
+        """x0 = (x - state_sigma eps) / state_alpha; 0 where state_alpha is 0 (see x0_y)."""
+        return self.coef("x0_y", k, x) * x - self.coef("x0_f", k, x) * eps
 
     def mean_from_x0(
         self, x: Tensor, x0: Tensor, k: Tensor, prev: Optional[Tensor] = None
@@ -507,7 +542,7 @@ def ddpm_transitions(
     """
     variance = as_choice("variance", variance, ("fixed_small", "fixed_large"))
     prediction, clip_sample = (
-        as_choice("prediction", prediction, PREDICTIONS),
+        as_choice("prediction", prediction, VP_PREDICTIONS),
         as_clip("clip_sample", clip_sample),
     )
     abar, ts = _abar_and_timesteps(
@@ -559,7 +594,7 @@ def ddim_transitions(
     """
     as_real("eta", eta, 0, 1)  # above 1 the direction term can have no real value
     prediction, clip_sample = (
-        as_choice("prediction", prediction, PREDICTIONS),
+        as_choice("prediction", prediction, VP_PREDICTIONS),
         as_clip("clip_sample", clip_sample),
     )
     set_alpha_to_one = as_flag("set_alpha_to_one", set_alpha_to_one)
@@ -643,7 +678,7 @@ def euler_ancestral_transitions(
     ``init_std`` defaults to diffusers' ``init_noise_sigma`` (sigma_max for "linspace"/"trailing"
     spacing, sqrt(sigma_max^2 + 1) for "leading").
     """
-    prediction = as_choice("prediction", prediction, PREDICTIONS)
+    prediction = as_choice("prediction", prediction, VP_PREDICTIONS)
     if init_std is not None:
         init_std = as_real("init_std", init_std, 0, open_low=True)
     spacing = as_choice("spacing", spacing, SPACINGS)
@@ -687,6 +722,7 @@ def euler_ancestral_from_sigmas(
     (:mod:`specdiff_kernels.integrations.k_diffusion`), whose ``eta`` and ``s_noise`` these are
     (k-diffusion's ``get_ancestral_step``): ``s_up = min(s_to, eta * s_up)``, ``s_down =
     sqrt(s_to^2 - s_up^2)``, and the noise added is ``s_noise * s_up`` (the mean keeps s_down)."""
+    prediction = as_choice("prediction", prediction, VP_PREDICTIONS)
     eta = as_real("eta", eta, 0.0)
     s_noise = as_real("s_noise", s_noise, 0.0)
     ts = _timesteps(timesteps)
@@ -762,8 +798,8 @@ def dpmsolver_sde_from_sigmas(
     h)); eta = 0 is the deterministic DPM-Solver++ 2M chain of k-diffusion's SDE sampler.
     """
     order = as_int("solver_order", solver_order, 1, 2)
-    eta = as_real("eta", eta, 0.0)
-    s_noise = as_real("s_noise", s_noise, 0.0)
+    prediction = as_choice("prediction", prediction, VP_PREDICTIONS)
+    eta, s_noise = as_real("eta", eta, 0.0), as_real("s_noise", s_noise, 0.0)
     solver_type = as_choice("solver_type", solver_type, SOLVER_TYPES)
     lower_order_final = as_flag("lower_order_final", lower_order_final)
     euler_at_final = as_flag("euler_at_final", euler_at_final)
@@ -907,6 +943,120 @@ def dpmsolver_sde_transitions(
     )
 
 
+# ---------------------------------------------------------------- flow matching
+def flow_sigmas(
+    num_inference_steps: int, *, shift: float = 1.0, num_train_timesteps: int = 1000
+) -> tuple[Tensor, Tensor]:
+    """``(timesteps [N], sigmas [N + 1])`` of diffusers'
+    ``FlowMatchEulerDiscreteScheduler(shift=shift, num_train_timesteps=T).set_timesteps(N)``, in
+    its float32 arithmetic: the training sigmas ``i / T`` (i = T..1) shifted by ``shift s / (1 +
+    (shift - 1) s)``, N levels spaced linearly from the largest to the smallest of them and
+    shifted once more (diffusers shifts the endpoints twice), the timesteps ``T sigma``, the final
+    sigma 0."""
+    T = as_int("num_train_timesteps", num_train_timesteps, 1)
+    n = as_int("num_inference_steps", num_inference_steps, 1)
+    shift = as_real("shift", shift, 0.0, open_low=True)
+    train = torch.from_numpy(np.linspace(1, T, T, dtype=np.float32)[::-1].copy()) / T
+    train = shift * train / (1 + (shift - 1) * train)
+    sig = np.linspace(train[0].item() * T, train[-1].item() * T, n) / T
+    sig = torch.from_numpy(shift * sig / (1 + (shift - 1) * sig)).to(torch.float32)
+    return sig * T, torch.cat([sig, sig.new_zeros(1)])
+
+
+def _flow_steps(timesteps, sigmas) -> tuple[Tensor, Tensor]:
+    """Checked float64 ``(timesteps [N], sigmas [N + 1])`` of a flow chain: the state's noise
+    level t at each step, then the final one; in [0, 1], > 0 before the final entry."""
+    ts = _timesteps(timesteps, flow=True)
+    sig = _vector(sigmas, "sigmas")
+    if sig.numel() != ts.numel() + 1:
+        raise ValueError(
+            f"sigmas must have {ts.numel() + 1} entries (one per timestep, then the final "
+            f"sigma), got {sig.numel()}"
+        )
+    _first_bad("sigmas", sig, ~(torch.isfinite(sig) & (sig >= 0) & (sig <= 1)), "in [0, 1]")
+    _first_bad("sigmas", sig[:-1], sig[:-1] <= 0, "> 0 before the final entry")
+    return ts, sig
+
+
+def _flow(ts: Tensor, s: Tensor, c_x0: Tensor, c_x: Tensor, std: Tensor, name: str):
+    """A rectified-flow chain: the model sees the state x_t = (1 - t) x0 + t eps as it is."""
+    return GaussianTransitions(ts, c_x0, c_x, std, 1 - s, s, prediction=FLOW, name=name)
+
+
+def flow_euler_from_sigmas(timesteps, sigmas, *, name: str = "flow-euler") -> GaussianTransitions:
+    """diffusers' ``FlowMatchEulerDiscreteScheduler(stochastic_sampling=True).step`` from
+    ``s = sigmas[k]`` to ``s' = sigmas[k + 1]`` (docs/design.md §2.2, (F5)):
+    ``x0_hat = x - s v``, ``x' = (1 - s') x0_hat + s' z``, i.e. ``c_x0 = 1 - s'``, ``c_x = 0``,
+    ``std = s'``. The last step, to s' = 0, is deterministic (x' = x0_hat). ``timesteps``: the
+    model's (diffusers: ``1000 s``); ``sigmas``: ``N + 1`` entries, the last the final one."""
+    ts, sig = _flow_steps(timesteps, sigmas)
+    s, s_next = sig[:-1], sig[1:]
+    return _flow(ts, s, 1 - s_next, torch.zeros_like(s), s_next.clone(), name)
+
+
+def flow_sde_from_sigmas(
+    timesteps, sigmas, *, noise_level: float = 0.7, name: str = "flow-sde"
+) -> GaussianTransitions:
+    """Flow-GRPO's step (Liu et al. 2025, ``sde_step_with_logprob``): the Euler-Maruyama step of
+    the marginal-preserving reverse SDE with noise ``sigma_t = a sqrt(t / (1 - t))`` (``a`` =
+    ``noise_level``) from ``s = sigmas[k]`` to ``s' = sigmas[k + 1]``, dt = s' - s < 0
+    (docs/design.md §2.2, (F2)-(F4))::
+
+        mean = x (1 + sigma_s^2 dt / (2 s)) + v (1 + sigma_s^2 (1 - s) / (2 s)) dt
+        std  = sigma_s sqrt(-dt)
+
+    with ``v = (x - x0_hat) / s``; as Flow-GRPO, ``sigmas[1]`` stands in for s = 1 in sigma_s's
+    denominator. Every step is stochastic, the last one too (a > 0); a = 0 is the Euler step of
+    the probability-flow ODE (deterministic)."""
+    a = as_real("noise_level", noise_level, 0.0)
+    ts, sig = _flow_steps(timesteps, sigmas)
+    _first_bad("sigmas", sig[1:], sig[1:] > sig[:-1], "non-increasing (dt <= 0)")
+    s, s_next = sig[:-1], sig[1:]
+    denom = 1 - torch.where(s == 1, sig[1], s)
+    if bool((denom <= 0).any()):
+        raise ValueError("sigmas[1] must be < 1 when sigmas[0] is 1 (it stands in for t = 1)")
+    sd = a * (s / denom).sqrt()  # (F2): sigma_t at the step's t = s
+    dt = s_next - s
+    b = (1 + sd**2 * (1 - s) / (2 * s)) * dt  # the velocity's coefficient, (F4)
+    c_x = 1 + sd**2 / (2 * s) * dt + b / s  # v = (x - x0_hat) / s
+    return _flow(ts, s, -b / s, c_x, sd * (-dt).sqrt(), name)
+
+
+def _flow_prediction(prediction) -> str:
+    return as_choice("prediction", prediction, (FLOW,))
+
+
+def flow_euler_transitions(
+    num_inference_steps: int,
+    *,
+    shift: float = 1.0,
+    num_train_timesteps: int = 1000,
+    prediction: str = FLOW,
+) -> GaussianTransitions:
+    """The stochastic FlowMatchEuler chain (:func:`flow_euler_from_sigmas`) on the sigmas of
+    diffusers' ``FlowMatchEulerDiscreteScheduler(shift=shift).set_timesteps(N)``
+    (:func:`flow_sigmas`), for a rectified-flow model called as ``model(x, 1000 t)``."""
+    _flow_prediction(prediction)
+    ts, sig = flow_sigmas(num_inference_steps, shift=shift, num_train_timesteps=num_train_timesteps)
+    return flow_euler_from_sigmas(ts, sig, name=f"flow-euler[shift={shift:g}]")
+
+
+def flow_sde_transitions(
+    num_inference_steps: int,
+    *,
+    noise_level: float = 0.7,
+    shift: float = 1.0,
+    num_train_timesteps: int = 1000,
+    prediction: str = FLOW,
+) -> GaussianTransitions:
+    """Flow-GRPO's SDE chain (:func:`flow_sde_from_sigmas`) on the sigmas of diffusers'
+    ``FlowMatchEulerDiscreteScheduler(shift=shift).set_timesteps(N)`` (:func:`flow_sigmas`)."""
+    _flow_prediction(prediction)
+    a = as_real("noise_level", noise_level, 0.0)
+    ts, sig = flow_sigmas(num_inference_steps, shift=shift, num_train_timesteps=num_train_timesteps)
+    return flow_sde_from_sigmas(ts, sig, noise_level=a, name=f"flow-sde[a={a:g}]")
+
+
 # ---------------------------------------------------------------- the round ops' tables
 def check_transitions(transitions, where: str = "") -> None:
     """``transitions`` is a GaussianTransitions (``where``: the function's name, for the
@@ -951,8 +1101,8 @@ def round_tables(transitions: GaussianTransitions, device=None) -> Tensor:
         layout.ROW_E: E,
         layout.ROW_G: G,
         layout.ROW_STD: T.std,
-        layout.ROW_X0_Y: 1.0 / sa,
-        layout.ROW_X0_F: ss / sa,
+        layout.ROW_X0_Y: T.x0_y,
+        layout.ROW_X0_F: T.x0_f,
         layout.ROW_EPS_Y: 1.0 / ss,
         layout.ROW_EPS_P: sa / ss,
         layout.ROW_H: T.c_prev,
