@@ -1,11 +1,12 @@
 """``SpeculativePipeline`` of conditional latent pipelines, called as the pipeline is:
-``DiTPipeline`` (class labels) and ``StableDiffusionPipeline`` (text), with classifier-free
-guidance in one batched network call.
+``DiTPipeline`` (class labels), ``StableDiffusionPipeline`` (text) and
+``StableDiffusion3Pipeline`` (text, rectified flow on the stochastic FlowMatch Euler scheduler),
+with classifier-free guidance in one batched network call.
 
 * The law: the latents (``output_type="latent"``) of ``SpeculativePipeline(pipe)(...)`` against
   the pipeline's OWN loop with the same stochastic scheduler (two-sample tests, 2000 chains,
   guided), and the power checks: the same test rejects an always-accepting verifier and the
-  pipeline's loop at another guidance scale.
+  pipeline's loop at another guidance scale (SD3's tiny random transformer: without guidance).
 * The outputs: the pipeline's output class, shapes, dtypes and ranges for every output type.
 * The refusals: what the wrapper cannot honour, in one line, before any network call.
 
@@ -28,7 +29,12 @@ from diffusers import (  # noqa: E402
 )
 from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput  # noqa: E402
 from refusal import CallCounter, one_line  # noqa: E402
-from tiny_diffusers import SIZE, tiny_dit_pipeline, tiny_sd_pipeline  # noqa: E402
+from tiny_diffusers import (  # noqa: E402
+    SIZE,
+    tiny_dit_pipeline,
+    tiny_sd3_pipeline,
+    tiny_sd_pipeline,
+)
 from wrong_verifiers import verify_always_accept  # noqa: E402
 
 from specdiff_kernels.integrations import SpeculativePipeline  # noqa: E402
@@ -313,3 +319,126 @@ def test_sd_guidance_distilled_unet_is_refused():
     with pytest.raises(TypeError) as err:
         SpeculativePipeline(pipe)
     assert "time_cond_proj_dim=8" in one_line(err)
+
+
+# ----------------------------------------------------------------------------- Stable Diffusion 3
+def sd3_call(**kwargs) -> dict:
+    """2000 chains of two prompts; T5's zeros (no text_encoder_3) cut to 4 tokens."""
+    return sd_call(max_sequence_length=4, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def sd3_law(one_thread):
+    """A tiny SD3 on FlowMatchEulerDiscreteScheduler(stochastic_sampling=True, shift=3) and its
+    own loop's latents at guidance 3 (its step draws from torch's global generator)."""
+    pipe = tiny_sd3_pipeline()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        ref = pipe(guidance_scale=3.0, generator=gen(1), **sd3_call()).images
+    return pipe, ref
+
+
+def test_sd3_law_of_the_pipelines_own_loop(sd3_law):
+    pipe, ref = sd3_law
+    spec = SpeculativePipeline(pipe, window=4)
+    out = spec(guidance_scale=3.0, generator=gen(2), **sd3_call())
+    assert type(out).__name__ == "StableDiffusion3PipelineOutput" and out.images.shape == ref.shape
+    assert spec.last_stats.target_calls <= STEPS
+    assert spec.sampler(STEPS, None, 3.0).transitions.prediction == "flow_prediction"
+    p = two_sample_pvalue(out.images, ref, seed=0)
+    assert p > 0.01, f"speculative SD3 latents differ from the pipeline's own loop (p={p:.2g})"
+
+
+def test_sd3_law_test_detects_a_wrong_chain_and_no_guidance(sd3_law):
+    pipe, ref = sd3_law
+    spec = SpeculativePipeline(pipe, window=4, verify_fn=verify_always_accept)
+    wrong = spec(guidance_scale=3.0, generator=gen(2), **sd3_call()).images
+    assert two_sample_pvalue(wrong, ref, seed=0) < 1e-3
+    unguided = SpeculativePipeline(pipe, window=4)(
+        guidance_scale=1.0, generator=gen(2), **sd3_call()
+    )
+    assert two_sample_pvalue(unguided.images, ref, seed=0) < 1e-3
+
+
+def test_sd3_guides_in_one_batched_call():
+    pipe = tiny_sd3_pipeline()
+    rows = []
+    forward = pipe.transformer.forward
+
+    def record(
+        hidden_states=None, encoder_hidden_states=None, pooled_projections=None, timestep=None, **kw
+    ):
+        rows.append((hidden_states.shape[0], pooled_projections.shape[0], timestep.dtype))
+        return forward(hidden_states, encoder_hidden_states, pooled_projections, timestep, **kw)
+
+    pipe.transformer.forward = record
+    spec = SpeculativePipeline(pipe, window=3)
+    spec(
+        "a cat", num_inference_steps=5, guidance_scale=4.0, max_sequence_length=4, generator=gen(0)
+    )
+    assert len(rows) == spec.last_stats.target_calls + spec.last_stats.draft_calls
+    # one call per network evaluation: both branches (2 rows per state), float timesteps
+    assert all(n == p and n % 2 == 0 and dtype.is_floating_point for n, p, dtype in rows)
+
+
+def test_sd3_outputs_and_dynamic_shifting():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    pipe = tiny_sd3_pipeline()
+    spec = SpeculativePipeline(pipe, window=4)
+    base = dict(
+        prompt=PROMPTS, num_images_per_prompt=2, num_inference_steps=4, max_sequence_length=4
+    )
+    for output_type in ("pil", "np", "pt", "latent"):
+        out = spec(generator=gen(0), output_type=output_type, **base)
+        own = pipe(generator=gen(0), output_type=output_type, **base)
+        assert type(out) is type(own)
+        if output_type == "pil":
+            assert [(im.size, im.mode) for im in out.images] == [
+                (im.size, im.mode) for im in own.images
+            ]
+            continue
+        assert type(out.images) is type(own.images) and out.images.shape == own.images.shape
+        assert out.images.dtype == own.images.dtype
+        if output_type != "latent":
+            assert 0 <= out.images.min() <= out.images.max() <= 1
+    (image,) = spec(generator=gen(0), output_type="np", return_dict=False, **base)
+    assert image.shape == (4, SIZE, SIZE, 3)
+    # dynamic shifting: the pipeline's mu from the image's token count, the same timesteps
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler(
+        stochastic_sampling=True, use_dynamic_shifting=True
+    )
+    spec(generator=gen(0), output_type="latent", **base)
+    pipe(generator=gen(0), output_type="latent", **base)
+    (sampler,) = spec._samplers.values()
+    torch.testing.assert_close(
+        sampler.transitions.timesteps.double(), pipe.scheduler.timesteps[:4].double()
+    )
+
+
+SD3_BAD_CALLS = [
+    ({"sigmas": [1.0, 0.5]}, "cannot honour: sigmas"),
+    ({"joint_attention_kwargs": {"scale": 0.5}}, "cannot honour: joint_attention_kwargs"),
+    ({"skip_guidance_layers": [0]}, "cannot honour: skip_guidance_layers"),
+    ({"callback_on_step_end": print}, "cannot honour: callback_on_step_end"),
+    ({"negative_prompt_4": "x"}, "unexpected keyword argument(s) negative_prompt_4"),
+]
+
+
+@pytest.mark.parametrize("kwargs,message", SD3_BAD_CALLS, ids=[m[:30] for _, m in SD3_BAD_CALLS])
+def test_sd3_refusals_are_one_line(kwargs, message):
+    pipe = tiny_sd3_pipeline()
+    count = CallCounter(pipe.transformer)
+    with pytest.raises(TypeError) as err:
+        SpeculativePipeline(pipe)(prompt="a cat", num_inference_steps=5, **kwargs)
+    assert message in one_line(err)
+    assert count.calls == 0
+
+
+def test_sd3_deterministic_flow_scheduler_is_refused():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    pipe = tiny_sd3_pipeline(FlowMatchEulerDiscreteScheduler())
+    with pytest.raises(ValueError) as err:
+        SpeculativePipeline(pipe)("a cat", num_inference_steps=5, max_sequence_length=4)
+    assert "stochastic_sampling=False" in one_line(err)

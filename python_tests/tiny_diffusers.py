@@ -72,7 +72,7 @@ def tiny_dit(num_classes: int = 10, out_channels: int = 4, seed: int = 0) -> DiT
     ).eval()
 
 
-def tiny_vae(blocks: int = 1):
+def tiny_vae(blocks: int = 1, **config):
     """A 4-channel AutoencoderKL of SIZE x SIZE images; ``blocks`` levels (latents SIZE /
     2 ** (blocks - 1) wide: diffusers' vae_scale_factor)."""
     torch.manual_seed(0)
@@ -85,6 +85,7 @@ def tiny_vae(blocks: int = 1):
         latent_channels=4,
         norm_num_groups=4,
         sample_size=SIZE,
+        **config,
     ).eval()
 
 
@@ -182,6 +183,50 @@ def tiny_dit_pipeline(scheduler=None, out_channels: int = 8):
         transformer=tiny_dit(num_classes=1000, out_channels=out_channels),
         vae=tiny_vae(),
         scheduler=DDPMScheduler() if scheduler is None else scheduler,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_sd3_pipeline(scheduler=None):
+    """A ``StableDiffusion3Pipeline`` of tiny parts: a one-layer ``SD3Transformer2DModel`` on
+    SIZE / 2 x SIZE / 2 latents with 4 channels (patch 2: 4 image tokens), two tiny CLIP text
+    encoders with projection (width 8 each: joint attention and pooled projections of 16), no T5
+    (``text_encoder_3=None``: the pipeline's zeros), a VAE of scale factor 2 with SD3's scaling
+    and shift factors; the scheduler's default is
+    ``FlowMatchEulerDiscreteScheduler(stochastic_sampling=True, shift=3.0)``. Progress bar off."""
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+
+    if scheduler is None:
+        scheduler = FlowMatchEulerDiscreteScheduler(stochastic_sampling=True, shift=3.0)
+    torch.manual_seed(0)
+    transformer = SD3Transformer2DModel(
+        sample_size=SIZE // 2,
+        patch_size=2,
+        in_channels=4,
+        out_channels=4,
+        num_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=16,
+        caption_projection_dim=16,
+        pooled_projection_dim=16,
+        pos_embed_max_size=SIZE,
+    ).eval()
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=scheduler,
+        vae=tiny_vae(blocks=2, scaling_factor=1.5305, shift_factor=0.0609),
+        text_encoder=tiny_clip_text_encoder(1, projection=True),
+        tokenizer=tiny_clip_tokenizer(),
+        text_encoder_2=tiny_clip_text_encoder(2, projection=True),
+        tokenizer_2=tiny_clip_tokenizer(),
+        text_encoder_3=None,
+        tokenizer_3=None,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -270,8 +270,8 @@ TRANSFORMERS_NOT_YET = (
 )
 # where a transformer is supported: DiffusersModel's refusal names it
 USE_TRANSFORMER_MODEL = (
-    "use DiffusersTransformerModel for transformers, or SpeculativePipeline(pipe) for a "
-    "DiTPipeline"
+    "use DiffusersTransformerModel for transformers, or SpeculativePipeline(pipe) for "
+    "DiTPipeline and StableDiffusion3Pipeline"
 )
 
 

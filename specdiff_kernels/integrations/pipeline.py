@@ -117,15 +117,17 @@ class SpeculativePipeline:
         num_inference_steps: int,
         eta: Optional[float] = None,
         guidance_scale: Optional[float] = None,
+        mu: Optional[float] = None,
     ) -> SpeculativeSampler:
         """The sampler a call with these settings uses (built once, then reused);
-        ``guidance_scale``: the model's (None: the conditional branch alone)."""
+        ``guidance_scale``: the model's (None: the conditional branch alone); ``mu``: a
+        FlowMatch scheduler's dynamic shift."""
         sched = self.pipe.scheduler
         config = repr(sorted(dict(sched.config).items()))
-        key = (num_inference_steps, eta, guidance_scale, id(sched), config)
+        key = (num_inference_steps, eta, guidance_scale, mu, id(sched), config)
         sampler = self._samplers.get(key)
         if sampler is None:
-            transitions = diffusers_transitions(sched, num_inference_steps, eta=eta)
+            transitions = diffusers_transitions(sched, num_inference_steps, eta=eta, mu=mu)
             model = self.kind.model(self.pipe, guidance_scale)
             dtype = getattr(model.unet, "dtype", torch.float32)
             if dtype != torch.float32:
@@ -149,7 +151,7 @@ class SpeculativePipeline:
         call = self._bind(args, kwargs)
         generator = _cpu_generator(call["generator"])
         run: Run = self.kind.prepare(self.pipe, call)
-        sampler = self.sampler(run.steps, run.eta, run.guidance)
+        sampler = self.sampler(run.steps, run.eta, run.guidance, run.mu)
         device = device_of(self.pipe)
         x_init = None
         if run.latents is not None:  # diffusers' prepare_latents: latents * init_noise_sigma

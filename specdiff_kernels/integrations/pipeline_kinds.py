@@ -54,6 +54,7 @@ class Run:
     event_shape: tuple
     finish: Callable[[Tensor], Any]  # the sampled latents -> the pipeline's output
     eta: Optional[float] = None  # DDIM's
+    mu: Optional[float] = None  # a FlowMatch scheduler's dynamic shift
     # the chains' initial latents in units of N(0, I) (the sampler scales them by the
     # scheduler's init_noise_sigma, as diffusers' prepare_latents does); None: drawn per chain
     latents: Optional[Tensor] = None
@@ -475,8 +476,143 @@ def _decode(pipe, latents: Tensor, output_type: str, args: dict, device):
     return output(StableDiffusionPipelineOutput, args["return_dict"], image, nsfw)
 
 
+# ------------------------------------------------------------------------------ SD3
+class StableDiffusion3(_Kind):
+    """``StableDiffusion3Pipeline``: a rectified-flow transformer (velocity prediction) on
+    ``FlowMatchEulerDiscreteScheduler(stochastic_sampling=True)``, the prompts encoded by the
+    pipeline's own ``encode_prompt`` (two CLIPs, T5 or its zeros), guided on the velocity against
+    the negative prompts' embeddings and pooled projections, decoded as
+    ``vae.decode(latents / scaling_factor + shift_factor)``."""
+
+    name = "StableDiffusion3Pipeline"
+    honoured = (
+        "prompt",
+        "prompt_2",
+        "prompt_3",
+        "height",
+        "width",
+        "num_inference_steps",
+        "guidance_scale",
+        "negative_prompt",
+        "negative_prompt_2",
+        "negative_prompt_3",
+        "num_images_per_prompt",
+        "generator",
+        "latents",
+        "prompt_embeds",
+        "negative_prompt_embeds",
+        "pooled_prompt_embeds",
+        "negative_pooled_prompt_embeds",
+        "output_type",
+        "return_dict",
+        "clip_skip",
+        "max_sequence_length",
+        "mu",
+        # the skip-layer guidance's settings: unused without skip_guidance_layers (refused)
+        "skip_layer_guidance_scale",
+        "skip_layer_guidance_stop",
+        "skip_layer_guidance_start",
+    )
+    # the text inputs, passed on to the pipeline's own check_inputs and encode_prompt
+    _texts = (
+        "prompt",
+        "prompt_2",
+        "prompt_3",
+        "negative_prompt",
+        "negative_prompt_2",
+        "negative_prompt_3",
+        "prompt_embeds",
+        "negative_prompt_embeds",
+        "pooled_prompt_embeds",
+        "negative_pooled_prompt_embeds",
+    )
+
+    def accepts(self, pipe) -> bool:
+        return _is(pipe, "StableDiffusion3Pipeline")
+
+    def check(self, pipe) -> None:
+        DiffusersTransformerModel(pipe.transformer)
+
+    def model(self, pipe, guidance) -> torch.nn.Module:
+        return DiffusersTransformerModel(pipe.transformer, guidance_scale=guidance)
+
+    def prepare(self, pipe, args: dict) -> Run:
+        guidance = guidance_of(args["guidance_scale"])
+        output_type = as_choice("output_type", args["output_type"], LATENT_OUTPUT_TYPES)
+        n = as_int("num_images_per_prompt", args["num_images_per_prompt"], 1)
+        f = pipe.vae_scale_factor
+        height = args["height"] or pipe.default_sample_size * f
+        width = args["width"] or pipe.default_sample_size * f
+        texts = {k: args[k] for k in self._texts}
+        pipe.check_inputs(
+            height=height, width=width, max_sequence_length=args["max_sequence_length"], **texts
+        )
+        device = device_of(pipe)
+        cond, neg, pooled, neg_pooled = pipe.encode_prompt(
+            do_classifier_free_guidance=guidance is not None,
+            device=device,
+            clip_skip=args["clip_skip"],
+            num_images_per_prompt=n,
+            max_sequence_length=args["max_sequence_length"],
+            **texts,
+        )
+        kwargs = {"encoder_hidden_states": cond, "pooled_projections": pooled}
+        if guidance is not None:
+            kwargs["uncond"] = {"encoder_hidden_states": neg, "pooled_projections": neg_pooled}
+        shape = (int(pipe.transformer.config.in_channels), int(height) // f, int(width) // f)
+
+        def finish(latents: Tensor):
+            return _decode_sd3(pipe, latents.to(cond.dtype), output_type, args["return_dict"])
+
+        return Run(
+            steps=as_int("num_inference_steps", args["num_inference_steps"], 1),
+            guidance=guidance,
+            num_chains=cond.shape[0],
+            event_shape=shape,
+            finish=finish,
+            mu=self.mu(pipe, args["mu"], shape),
+            latents=given_latents(args["latents"], cond.shape[0], shape),
+            model_kwargs=kwargs,
+        )
+
+    def mu(self, pipe, mu, shape: tuple) -> Optional[float]:
+        """The pipeline's shift for a scheduler with dynamic shifting (from the image's token
+        count unless given), else None."""
+        cfg = pipe.scheduler.config
+        if mu is not None or not cfg.get("use_dynamic_shifting", None):
+            return mu
+        from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import (
+            calculate_shift,
+        )
+
+        patch = pipe.transformer.config.patch_size
+        return calculate_shift(
+            (shape[1] // patch) * (shape[2] // patch),
+            cfg.get("base_image_seq_len", 256),
+            cfg.get("max_image_seq_len", 4096),
+            cfg.get("base_shift", 0.5),
+            cfg.get("max_shift", 1.16),
+        )
+
+
+def _decode_sd3(pipe, latents: Tensor, output_type: str, return_dict: bool):
+    """StableDiffusion3Pipeline's end of ``__call__``."""
+    from diffusers.pipelines.stable_diffusion_3 import StableDiffusion3PipelineOutput
+
+    if output_type == "latent":
+        image = latents
+    else:
+        cfg = pipe.vae.config
+        image = pipe.vae.decode(
+            ((latents / cfg.scaling_factor) + cfg.shift_factor).to(pipe.vae.dtype),
+            return_dict=False,
+        )[0]
+        image = pipe.image_processor.postprocess(image, output_type=output_type)
+    return output(StableDiffusion3PipelineOutput, return_dict, image)
+
+
 # every kind, most specific first (Unconditional accepts any pipeline: last)
-KINDS: tuple = (DiT(), StableDiffusion(), Unconditional())
+KINDS: tuple = (DiT(), StableDiffusion(), StableDiffusion3(), Unconditional())
 SUPPORTED_TEXT = ", ".join(k.name for k in KINDS if k.name != "unconditional")
 
 
