@@ -20,7 +20,10 @@ with its reason.
 Conditioning (``class_labels``, ``encoder_hidden_states``, ...) is passed per chain through the
 samplers' ``model_kwargs``; classifier-free guidance (``DiffusersModel(unet, guidance_scale=w,
 uncond=...)``) evaluates both branches in one batched UNet call. The guided prediction is a
-deterministic function of the state, so the sampler stays exact.
+deterministic function of the state, so the sampler stays exact. Transformers (DiT, SD3, ...) are
+called as ``transformer(hidden_states, timestep, ...)`` by :class:`DiffusersTransformerModel`,
+with the same conditioning and guidance; ``SpeculativePipeline`` (``.pipeline``) runs
+``DiTPipeline``, ``StableDiffusionPipeline`` and ``StableDiffusion3Pipeline`` as called.
 
 Example::
 
@@ -115,8 +118,8 @@ class DiffusersModel(torch.nn.Module):
     Models that predict a variance as extra channels are refused: speculative sampling needs the
     draft and target steps to share one covariance. Diffusers models that are not called as
     ``unet(sample, timestep, ...)`` (``Transformer2DModel``, ``DiTTransformer2DModel``,
-    ``SD3Transformer2DModel``, a VAE, ...) are refused at construction: transformer models are not
-    supported yet.
+    ``SD3Transformer2DModel``, a VAE, ...) are refused at construction: transformers go in
+    :class:`DiffusersTransformerModel`.
     """
 
     def __init__(

@@ -8,10 +8,13 @@
 * ``StableDiffusionPipeline`` (text to image: ``prompt``, ``negative_prompt``,
   ``guidance_scale``, ``num_images_per_prompt``, ``height`` / ``width``, ``latents``,
   ``prompt_embeds`` / ``negative_prompt_embeds``, ``output_type`` incl. ``"latent"``),
+* ``StableDiffusion3Pipeline`` (the same, with ``prompt_2`` / ``prompt_3``, pooled embeddings,
+  ``max_sequence_length`` and ``mu``; guidance on the velocity),
 
-with a stochastic scheduler (DDPM, DDIM with eta > 0, Euler-ancestral or
-``DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++")``), and is called like the
-pipeline, returning its output type::
+with a stochastic scheduler (DDPM, DDIM with eta > 0, Euler-ancestral,
+``DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++")``; SD3:
+``FlowMatchEulerDiscreteScheduler(stochastic_sampling=True)``), and is called like the pipeline,
+returning its output type::
 
     from diffusers import DDPMPipeline
     from specdiff_kernels.integrations.pipeline import SpeculativePipeline
@@ -68,8 +71,8 @@ class SpeculativePipeline:
 
     Args:
         pipe: an unconditional UNet image pipeline (``pipe.unet``, ``pipe.scheduler``; e.g.
-            ``DDPMPipeline``, ``DDIMPipeline``), a ``DiTPipeline`` or a
-            ``StableDiffusionPipeline``. Its scheduler is read at every call (assigning
+            ``DDPMPipeline``, ``DDIMPipeline``), a ``DiTPipeline``, a
+            ``StableDiffusionPipeline`` or a ``StableDiffusion3Pipeline``. Its scheduler is read at every call (assigning
             ``pipe.scheduler = ...`` between calls takes effect) and never mutated. Refused at
             construction, in one line: another conditional pipeline (use
             :func:`from_pipeline` with ``model_kwargs``) or transformer pipeline.
