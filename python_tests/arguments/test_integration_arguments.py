@@ -5,8 +5,9 @@ the argument or class and says why (issue 27).
   ``DiffusersModel``), table-driven: each case is ``(call, exception type, the name the message
   must contain)``.
 * What is not supported: ``DiffusersModel`` of a transformer or other non-UNet diffusers model,
-  ``from_pipeline`` / ``SpeculativePipeline`` of a transformer pipeline, ``SpeculativePipeline`` of
-  a conditional pipeline, and every unsupported diffusers scheduler, each with its reason.
+  ``from_pipeline`` of a transformer pipeline, ``SpeculativePipeline`` of a transformer or
+  conditional pipeline it has no kind for (python_tests/test_conditional_pipelines.py: the ones it
+  has), and every unsupported diffusers scheduler, each with its reason.
 
 Tiny random components built from configs (no downloads).
 """
@@ -336,7 +337,7 @@ def test_diffusers_model_refuses_a_transformer():
         DiffusersModel(dit)
     text = one_line(err)
     assert text.startswith("DiffusersModel: DiTTransformer2DModel is a transformer model")
-    assert "transformer models are not supported yet" in text and "UNet2DModel" in text
+    assert "not a UNet-style one; use DiffusersTransformerModel" in text
     assert count.calls == 0
 
 
@@ -359,19 +360,27 @@ def dit_pipe() -> DiTPipeline:
 
 
 def test_transformer_pipelines_are_refused():
+    """from_pipeline takes UNet pipelines; SpeculativePipeline a transformer pipeline it has a
+    kind for (a DiTPipeline), not another."""
     pipe = dit_pipe()
     count = CallCounter(pipe.transformer)
-    for make, where in (
-        (SpeculativePipeline, "SpeculativePipeline"),
-        (lambda p: from_pipeline(p, 10), "from_pipeline"),
-    ):
-        with pytest.raises(TypeError) as err:
-            make(pipe)
-        assert one_line(err) == (
-            f"{where}: DiTPipeline has a .transformer (DiTTransformer2DModel), not a .unet; "
-            f"transformer models are not supported yet (UNet-style models called as "
-            f"unet(sample, timestep, ...) are: UNet2DModel, UNet2DConditionModel)"
-        )
+    with pytest.raises(TypeError) as err:
+        from_pipeline(pipe, 10)
+    assert one_line(err) == (
+        "from_pipeline: DiTPipeline has a .transformer (DiTTransformer2DModel), not a .unet; "
+        "transformer models are not supported yet (UNet-style models called as "
+        "unet(sample, timestep, ...) are: UNet2DModel, UNet2DConditionModel)"
+    )
+
+    class PixArtLike:
+        transformer, scheduler = pipe.transformer, pipe.scheduler
+
+    with pytest.raises(TypeError) as err:
+        SpeculativePipeline(PixArtLike())
+    assert one_line(err).startswith(
+        "SpeculativePipeline: PixArtLike has a .transformer (DiTTransformer2DModel), not a "
+        ".unet, and is not a pipeline it supports (DiTPipeline, StableDiffusionPipeline"
+    )
     assert count.calls == 0
 
 
@@ -394,35 +403,6 @@ def test_class_conditional_pipeline_is_refused():
     text = one_line(err)
     assert "conditional pipeline" in text and "num_class_embeds=10" in text
     assert "class_labels" in text and "from_pipeline(" in text
-
-
-def test_stable_diffusion_pipeline_is_refused():
-    transformers = pytest.importorskip(
-        "transformers", reason="transformers is not installed: no CLIP text encoder to build"
-    )
-    config = transformers.CLIPTextConfig(
-        vocab_size=100,
-        hidden_size=8,
-        intermediate_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        max_position_embeddings=16,
-    )
-    pipe = diffusers.StableDiffusionPipeline(
-        vae=tiny_vae(),
-        text_encoder=transformers.CLIPTextModel(config),
-        tokenizer=None,
-        unet=tiny_cond_unet(),
-        scheduler=DDPMScheduler(),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    with pytest.raises(TypeError) as err:
-        SpeculativePipeline(pipe)
-    text = one_line(err)
-    assert "StableDiffusionPipeline is a conditional pipeline (it has a text_encoder" in text
-    assert "from_pipeline(" in text
 
 
 def unsupported_schedulers() -> list:

@@ -20,7 +20,10 @@ with its reason.
 Conditioning (``class_labels``, ``encoder_hidden_states``, ...) is passed per chain through the
 samplers' ``model_kwargs``; classifier-free guidance (``DiffusersModel(unet, guidance_scale=w,
 uncond=...)``) evaluates both branches in one batched UNet call. The guided prediction is a
-deterministic function of the state, so the sampler stays exact.
+deterministic function of the state, so the sampler stays exact. Transformers (DiT, SD3, ...) are
+called as ``transformer(hidden_states, timestep, ...)`` by :class:`DiffusersTransformerModel`,
+with the same conditioning and guidance; ``SpeculativePipeline`` (``.pipeline``) runs
+``DiTPipeline``, ``StableDiffusionPipeline`` and ``StableDiffusion3Pipeline`` as called.
 
 Example::
 
@@ -72,7 +75,13 @@ from ..sampling.transitions import (
 )
 from ..validate import as_choice, as_flag, as_int, as_real
 
-__all__ = ["DiffusersModel", "diffusers_transitions", "from_pipeline", "scheduler_from_config"]
+__all__ = [
+    "DiffusersModel",
+    "DiffusersTransformerModel",
+    "diffusers_transitions",
+    "from_pipeline",
+    "scheduler_from_config",
+]
 
 _LEARNED = ("learned", "learned_range")
 # the UNet call's own arguments (DiffusersModel._call passes them)
@@ -115,8 +124,8 @@ class DiffusersModel(torch.nn.Module):
     Models that predict a variance as extra channels are refused: speculative sampling needs the
     draft and target steps to share one covariance. Diffusers models that are not called as
     ``unet(sample, timestep, ...)`` (``Transformer2DModel``, ``DiTTransformer2DModel``,
-    ``SD3Transformer2DModel``, a VAE, ...) are refused at construction: transformer models are not
-    supported yet.
+    ``SD3Transformer2DModel``, a VAE, ...) are refused at construction: transformers go in
+    :class:`DiffusersTransformerModel`.
     """
 
     def __init__(
@@ -133,8 +142,8 @@ class DiffusersModel(torch.nn.Module):
                 f"DiffusersModel: unet must be a callable model (a diffusers UNet), got "
                 f"{type(unet).__name__}"
             )
-        _check_unet_style(unet)
-        for name in _RESERVED:
+        self._check_network(unet)
+        for name in self.reserved:
             if name in call_kwargs:
                 raise TypeError(
                     f"DiffusersModel: {name!r} is set by the sampler on every call; it cannot be "
@@ -161,6 +170,12 @@ class DiffusersModel(torch.nn.Module):
                     f"applies to per-call conditioning only"
                 )
         _check_null_class(unet, self.uncond.get("class_labels"))
+
+    # the network call's own arguments (set by _call on every call)
+    reserved = _RESERVED
+
+    def _check_network(self, net) -> None:
+        _check_unet_style(net)
 
     @property
     def guided(self) -> bool:
@@ -200,19 +215,72 @@ class DiffusersModel(torch.nn.Module):
 
     def _call(self, x: Tensor, t: Tensor, cond: dict) -> Tensor:
         out = self.unet(x, t, return_dict=False, **self.call_kwargs, **cond)[0]
-        if out.shape != x.shape:
-            raise ValueError(
-                f"DiffusersModel: the model returned shape {tuple(out.shape)} for input "
-                f"{tuple(x.shape)}; a model that also predicts a variance (2x channels) is not "
-                f"supported, because speculative sampling needs the draft and target steps to "
-                f"share one covariance"
-            )
-        return out
+        return _same_shape(out, x)
+
+
+class DiffusersTransformerModel(DiffusersModel):
+    """:class:`DiffusersModel` for a diffusers transformer, called as ``transformer(
+    hidden_states=x, timestep=t, **cond)`` (``DiTTransformer2DModel``, ``Transformer2DModel``,
+    ``SD3Transformer2DModel``, ...): the same per-chain conditioning, fixed call arguments and
+    classifier-free guidance on one doubled batch (SD3: ``encoder_hidden_states`` and
+    ``pooled_projections``, both with unconditional counterparts; DiT: ``class_labels`` with the
+    null class as ``uncond={"class_labels": 1000}``).
+
+    ``channels``: how many leading output channels are the prediction (default: all, and the
+    output must have the input's shape). A DiT that learns its variance (``out_channels = 2 x
+    in_channels``) returns it in the trailing channels; ``DiTPipeline`` guides the leading
+    (noise) channels and drops the rest before the scheduler's step, and so does
+    ``channels=in_channels``: the chain's covariance stays the scheduler's fixed one.
+    """
+
+    reserved = ("hidden_states", "timestep", "return_dict")
+
+    def __init__(
+        self,
+        transformer: torch.nn.Module,
+        *,
+        channels: Optional[int] = None,
+        guidance_scale: Optional[float] = None,
+        uncond: Optional[Mapping[str, Any]] = None,
+        **call_kwargs,
+    ) -> None:
+        super().__init__(transformer, guidance_scale=guidance_scale, uncond=uncond, **call_kwargs)
+        self.channels = (
+            None if channels is None else as_int("DiffusersTransformerModel: channels", channels, 1)
+        )
+
+    def _check_network(self, net) -> None:
+        _check_transformer_style(net)
+
+    def _call(self, x: Tensor, t: Tensor, cond: dict) -> Tensor:
+        out = self.unet(hidden_states=x, timestep=t, return_dict=False, **self.call_kwargs, **cond)
+        out = out[0]
+        if self.channels is not None:
+            out = out[:, : self.channels]
+        return _same_shape(out, x)
+
+
+def _same_shape(out: Tensor, x: Tensor) -> Tensor:
+    """The network's prediction for states x, refused when it is not x's shape."""
+    if out.shape != x.shape:
+        raise ValueError(
+            f"DiffusersModel: the model returned shape {tuple(out.shape)} for input "
+            f"{tuple(x.shape)}; a model that also predicts a variance (2x channels) is not "
+            f"supported, because speculative sampling needs the draft and target steps to "
+            f"share one covariance (a DiT's learned variance is dropped, as DiTPipeline does, "
+            f"by DiffusersTransformerModel(..., channels=in_channels))"
+        )
+    return out
 
 
 TRANSFORMERS_NOT_YET = (
     "transformer models are not supported yet (UNet-style models called as "
     "unet(sample, timestep, ...) are: UNet2DModel, UNet2DConditionModel)"
+)
+# where a transformer is supported: DiffusersModel's refusal names it
+USE_TRANSFORMER_MODEL = (
+    "use DiffusersTransformerModel for transformers, or SpeculativePipeline(pipe) for "
+    "DiTPipeline and StableDiffusion3Pipeline"
 )
 
 
@@ -241,13 +309,29 @@ def _check_unet_style(unet) -> None:
     if "Transformer" in name or (params and params[0] == "hidden_states"):
         raise TypeError(
             f"DiffusersModel: {name} is a transformer model (called as "
-            f"{name}(hidden_states, ...)); {TRANSFORMERS_NOT_YET}"
+            f"{name}(hidden_states, ...)), not a UNet-style one; {USE_TRANSFORMER_MODEL}"
         )
     if params is not None and params[:2] != ["sample", "timestep"]:
         raise TypeError(
             f"DiffusersModel: {name} is not a UNet-style denoiser (its forward takes "
             f"({', '.join(params[:2])}, ...), not (sample, timestep, ...)); only UNet-style "
             f"models are supported (UNet2DModel, UNet2DConditionModel)"
+        )
+
+
+def _check_transformer_style(net) -> None:
+    """A diffusers model whose forward does not take ``hidden_states`` and ``timestep`` (a UNet,
+    a VAE) is refused in one line."""
+    if not _is_diffusers_model(net):
+        return
+    try:
+        params = inspect.signature(net.forward).parameters
+    except (TypeError, ValueError):
+        return
+    if not all(n in params for n in ("hidden_states", "timestep")):
+        raise TypeError(
+            f"DiffusersTransformerModel: {type(net).__name__} is not a transformer denoiser "
+            f"called as (hidden_states, timestep, ...); UNet-style models go in DiffusersModel"
         )
 
 

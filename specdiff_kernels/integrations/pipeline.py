@@ -1,9 +1,20 @@
-"""A diffusers unconditional image pipeline that samples by speculative sampling.
+"""A diffusers pipeline that samples by speculative sampling, called as the pipeline is.
 
-``SpeculativePipeline(pipe)`` wraps a ``DDPMPipeline``-like pipeline (``pipe.unet``, a UNet
-called as ``unet(sample, timestep)``, and ``pipe.scheduler``: DDPM, DDIM with eta > 0,
-Euler-ancestral or ``DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++")``) and is
-called like the pipeline::
+``SpeculativePipeline(pipe)`` wraps
+
+* an unconditional UNet pipeline (``DDPMPipeline``, ``DDIMPipeline``: ``pipe.unet`` called as
+  ``unet(sample, timestep)``),
+* ``DiTPipeline`` (class-conditional latents: ``class_labels``, ``guidance_scale``),
+* ``StableDiffusionPipeline`` (text to image: ``prompt``, ``negative_prompt``,
+  ``guidance_scale``, ``num_images_per_prompt``, ``height`` / ``width``, ``latents``,
+  ``prompt_embeds`` / ``negative_prompt_embeds``, ``output_type`` incl. ``"latent"``),
+* ``StableDiffusion3Pipeline`` (the same, with ``prompt_2`` / ``prompt_3``, pooled embeddings,
+  ``max_sequence_length`` and ``mu``; guidance on the velocity),
+
+with a stochastic scheduler (DDPM, DDIM with eta > 0, Euler-ancestral,
+``DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++")``; SD3:
+``FlowMatchEulerDiscreteScheduler(stochastic_sampling=True)``), and is called like the pipeline,
+returning its output type::
 
     from diffusers import DDPMPipeline
     from specdiff_kernels.integrations.pipeline import SpeculativePipeline
@@ -14,9 +25,17 @@ called like the pipeline::
                   num_inference_steps=200).images         # PIL images, as pipe(...) gives
     spec.last_stats                                       # the run's SamplerStats
 
-The images have exactly the law of the pipeline's own loop with the same scheduler and step count
-(not the same pixels for a seed: the noise is drawn per chain from the generator's seed); only the
-number of sequential UNet calls changes. The post-processing is ``DDPMPipeline``'s.
+    sd = SpeculativePipeline(sd_pipe)                     # a StableDiffusionPipeline
+    out = sd(prompt=["a cat"], negative_prompt=["blurry"], guidance_scale=7.5,
+             num_inference_steps=50, generator=torch.Generator().manual_seed(0))
+
+The latents (images) have exactly the law of the pipeline's own loop with the same scheduler and
+step count (not the same pixels for a seed: the noise is drawn per chain from the generator's
+seed); only the number of sequential network calls changes. Classifier-free guidance evaluates
+both branches in one batched network call. Arguments of the pipeline's ``__call__`` that cannot
+be honoured (callbacks, ``guidance_rescale``, ``cross_attention_kwargs``, custom ``timesteps`` /
+``sigmas``, IP-adapter inputs, a list of generators, ...) are refused in one line naming them.
+Each pipeline is one kind (:mod:`.pipeline_kinds`): its call, conditioning and decoding.
 """
 
 from __future__ import annotations
@@ -27,26 +46,24 @@ from typing import Optional
 import torch
 
 from ..sampling.sampler import SpeculativeSampler
-from ..validate import as_int
-from .diffusers import DiffusersModel, check_pipeline_parts, diffusers_transitions
+from .diffusers import diffusers_transitions
+from .pipeline_kinds import WHY_NOT, PipelineKind, Run, default_steps, device_of, pipeline_kind
 
 __all__ = ["SpeculativePipeline"]
 
-OUTPUT_TYPES = ("pil", "np", "pt")
-_CALL_ARGS = ("batch_size", "generator", "num_inference_steps", "output_type", "return_dict", "eta")
 # SpeculativeSampler's own arguments that the wrapper sets
 _SET_HERE = ("model", "transitions", "window")
 
 
 class _Cast(torch.nn.Module):
-    """The UNet in its own precision, the chains' states float32 (as ``specdiff sample``)."""
+    """The network in its own precision, the chains' states float32 (as ``specdiff sample``)."""
 
     def __init__(self, net: torch.nn.Module, dtype: torch.dtype) -> None:
         super().__init__()
         self.net, self.dtype = net, dtype
 
-    def forward(self, x, t):
-        return self.net(x.to(self.dtype), t).to(x.dtype)
+    def forward(self, x, t, **cond):
+        return self.net(x.to(self.dtype), t, **cond).to(x.dtype)
 
 
 class SpeculativePipeline:
@@ -54,32 +71,28 @@ class SpeculativePipeline:
 
     Args:
         pipe: an unconditional UNet image pipeline (``pipe.unet``, ``pipe.scheduler``; e.g.
-            ``DDPMPipeline``, ``DDIMPipeline``). Its scheduler is read at every call (assigning
+            ``DDPMPipeline``, ``DDIMPipeline``), a ``DiTPipeline``, a
+            ``StableDiffusionPipeline`` or a ``StableDiffusion3Pipeline``. Its scheduler is read at every call (assigning
             ``pipe.scheduler = ...`` between calls takes effect) and never mutated. Refused at
-            construction, in one line: a conditional pipeline (a text encoder, a UNet with
-            cross-attention or class labels: use :func:`from_pipeline` with ``model_kwargs``) and
-            a transformer pipeline (``pipe.transformer``: not supported yet).
+            construction, in one line: another conditional pipeline (use
+            :func:`from_pipeline` with ``model_kwargs``) or transformer pipeline.
         window: the sampler's ``window`` (default ``"auto"``).
         **sampler_options: further :class:`SpeculativeSampler` arguments (``draft``,
             ``progress``, ``path``, ``max_batch``, ``cost``, ``backend``, ...).
 
+    Calls take the pipeline's own arguments (positional ones in its order) and return its own
+    output class; ``generator`` is one torch.Generator (a CUDA one is drawn from once for the
+    seed). An argument the wrapper cannot honour is refused, unless it has the pipeline's
+    default value.
+
     Attributes:
         last_stats: the :class:`~specdiff_kernels.SamplerStats` of the last call (None before).
         pipe: the wrapped pipeline.
+        kind: its :class:`~specdiff_kernels.integrations.pipeline_kinds.PipelineKind`.
     """
 
     def __init__(self, pipe, *, window="auto", **sampler_options) -> None:
-        check_pipeline_parts(pipe, "SpeculativePipeline")
-        why = _conditional(pipe)
-        if why is not None:
-            raise TypeError(
-                f"SpeculativePipeline: {type(pipe).__name__} is a conditional pipeline ({why}); "
-                f"conditional pipelines are not supported yet by SpeculativePipeline, which "
-                f"samples unconditional UNet pipelines (DDPMPipeline, DDIMPipeline); use "
-                f"from_pipeline(pipe, num_inference_steps, ...) and pass the conditioning per "
-                f"chain with sample(..., model_kwargs={{...}}), as from_pipeline's docstring shows"
-            )
-        DiffusersModel(pipe.unet)  # a diffusers model that is not UNet-style: refused now
+        self.kind: PipelineKind = pipeline_kind(pipe)
         accepted = inspect.signature(SpeculativeSampler.__init__).parameters
         unknown = [k for k in sampler_options if k not in accepted or k in _SET_HERE]
         if unknown:
@@ -92,7 +105,7 @@ class SpeculativePipeline:
         self.window = window
         self.sampler_options = sampler_options
         self.last_stats = None
-        # one sampler per (schedule, steps): window="auto" measures the network's cost once
+        # one sampler per (schedule, steps, guidance): window="auto" measures the cost once
         self._samplers: dict = {}
 
     def __repr__(self) -> str:
@@ -100,36 +113,26 @@ class SpeculativePipeline:
 
     # ------------------------------------------------------------------ the pipeline's call
     def _default_steps(self) -> int:
-        try:
-            p = inspect.signature(type(self.pipe).__call__).parameters.get("num_inference_steps")
-        except (TypeError, ValueError):
-            p = None
-        if p is not None and isinstance(p.default, int) and not isinstance(p.default, bool):
-            return p.default
-        return 1000
+        return default_steps(self.pipe)
 
-    def _device(self) -> torch.device:
-        device = getattr(self.pipe, "device", None)
-        if isinstance(device, torch.device):
-            return device
-        return next(self.pipe.unet.parameters()).device
-
-    def _event_shape(self) -> tuple:
-        cfg = self.pipe.unet.config
-        size = cfg.sample_size
-        hw = (size, size) if isinstance(size, int) else tuple(size)
-        return (int(cfg.in_channels), *(int(v) for v in hw))
-
-    def sampler(self, num_inference_steps: int, eta: Optional[float] = None) -> SpeculativeSampler:
-        """The sampler a call with these settings uses (built once, then reused)."""
+    def sampler(
+        self,
+        num_inference_steps: int,
+        eta: Optional[float] = None,
+        guidance_scale: Optional[float] = None,
+        mu: Optional[float] = None,
+    ) -> SpeculativeSampler:
+        """The sampler a call with these settings uses (built once, then reused);
+        ``guidance_scale``: the model's (None: the conditional branch alone); ``mu``: a
+        FlowMatch scheduler's dynamic shift."""
         sched = self.pipe.scheduler
-        key = (num_inference_steps, eta, id(sched), repr(sorted(dict(sched.config).items())))
+        config = repr(sorted(dict(sched.config).items()))
+        key = (num_inference_steps, eta, guidance_scale, mu, id(sched), config)
         sampler = self._samplers.get(key)
         if sampler is None:
-            transitions = diffusers_transitions(sched, num_inference_steps, eta=eta)
-            unet = self.pipe.unet
-            model = DiffusersModel(unet)
-            dtype = getattr(unet, "dtype", torch.float32)
+            transitions = diffusers_transitions(sched, num_inference_steps, eta=eta, mu=mu)
+            model = self.kind.model(self.pipe, guidance_scale)
+            dtype = getattr(model.unet, "dtype", torch.float32)
             if dtype != torch.float32:
                 model = _Cast(model, dtype)
             sampler = SpeculativeSampler(
@@ -138,86 +141,88 @@ class SpeculativePipeline:
             self._samplers = {key: sampler}  # the latest only: a schedule change drops the old
         return sampler
 
-    def __call__(
-        self,
-        batch_size: int = 1,
-        generator: Optional[torch.Generator] = None,
-        num_inference_steps: Optional[int] = None,
-        output_type: Optional[str] = "pil",
-        return_dict: bool = True,
-        eta: Optional[float] = None,
-        **kwargs,
-    ):
-        """As ``pipe(batch_size, generator, num_inference_steps, output_type, return_dict)``:
-        diffusers' ``ImagePipelineOutput(images=...)`` (a tuple ``(images,)`` when
-        ``return_dict=False``); ``output_type`` ``"pil"`` (a list of PIL images), ``"np"``
-        (``[B, H, W, C]`` float in [0, 1]) or ``"pt"`` (``[B, C, H, W]`` tensor in [0, 1]).
-        ``num_inference_steps`` defaults to the pipeline's own default; ``eta`` is DDIM's (> 0).
-        ``generator``: one torch.Generator (a CUDA one is drawn from once for the seed)."""
-        if kwargs:
-            raise TypeError(
-                f"SpeculativePipeline.__call__: unexpected keyword argument(s) "
-                f"{', '.join(sorted(kwargs))} (accepted: {', '.join(_CALL_ARGS)})"
-            )
-        batch_size = as_int("batch_size", batch_size, 1)
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
-        generator = _cpu_generator(generator)
-        n = self._default_steps() if num_inference_steps is None else num_inference_steps
-        sampler = self.sampler(n, eta)
+    @torch.no_grad()
+    def __call__(self, *args, **kwargs):
+        """As ``pipe(*args, **kwargs)``: the pipeline's own output (``ImagePipelineOutput``,
+        ``StableDiffusionPipelineOutput``, or its tuple with ``return_dict=False``).
+
+        Unconditional pipelines: ``(batch_size, generator, num_inference_steps, output_type,
+        return_dict, eta)``, ``output_type`` ``"pil"``, ``"np"`` (``[B, H, W, C]`` in [0, 1])
+        or ``"pt"`` (``[B, C, H, W]`` in [0, 1]); ``num_inference_steps`` defaults to the
+        pipeline's own default; ``eta`` is DDIM's (> 0). Latent pipelines also take
+        ``output_type="latent"`` (the sampled latents, not decoded)."""
+        call = self._bind(args, kwargs)
+        generator = _cpu_generator(call["generator"])
+        run: Run = self.kind.prepare(self.pipe, call)
+        sampler = self.sampler(run.steps, run.eta, run.guidance, run.mu)
+        device = device_of(self.pipe)
+        x_init = None
+        if run.latents is not None:  # diffusers' prepare_latents: latents * init_noise_sigma
+            x_init = run.latents.to(device, torch.float32) * sampler.transitions.init_std
         res = sampler.sample(
-            batch_size,
-            self._event_shape(),
+            None if x_init is not None else run.num_chains,
+            None if x_init is not None else run.event_shape,
             generator=generator,
-            device=self._device(),
-            dtype=torch.float32,
+            x_init=x_init,
+            device=None if x_init is not None else device,
+            dtype=None if x_init is not None else torch.float32,
+            model_kwargs=run.model_kwargs,
         )
         self.last_stats = res.stats
-        image = (res.samples / 2 + 0.5).clamp(0, 1)
-        if output_type == "pt":
-            images = image
-        else:
-            images = image.cpu().permute(0, 2, 3, 1).numpy()
-            if output_type == "pil":
-                images = self.pipe.numpy_to_pil(images)
-        if not return_dict:
-            return (images,)
-        from diffusers import ImagePipelineOutput
+        return run.finish(res.samples)
 
-        return ImagePipelineOutput(images=images)
-
-
-def _conditional(pipe) -> Optional[str]:
-    """What makes ``pipe`` conditional (its UNet needs inputs besides the sample and the
-    timestep), else None."""
-    unet = pipe.unet
-    if getattr(pipe, "text_encoder", None) is not None:
-        return f"it has a text_encoder ({type(pipe.text_encoder).__name__})"
-    cfg = getattr(unet, "config", None)
-    get = (lambda key: getattr(cfg, key, None)) if cfg is not None else (lambda key: None)
-    if get("cross_attention_dim") is not None:
-        return (
-            f"its unet {type(unet).__name__} has cross-attention (cross_attention_dim="
-            f"{get('cross_attention_dim')}) and needs encoder_hidden_states"
-        )
-    for key in ("num_class_embeds", "class_embed_type"):
-        if get(key) is not None:
-            return (
-                f"its unet {type(unet).__name__} is class-conditional ({key}={get(key)!r}) and "
-                f"needs class_labels"
+    def _bind(self, args: tuple, kwargs: dict) -> dict:
+        """The call's arguments by name, the pipeline's defaults filled in; what the wrapper
+        cannot honour is refused in one line, before any network call."""
+        sig = self.kind.signature(self.pipe)
+        params = [
+            p
+            for p in sig.parameters.values()
+            if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+        ]
+        where = "SpeculativePipeline.__call__"
+        if len(args) > len(params):
+            raise TypeError(
+                f"{where}: takes {len(params)} positional arguments but {len(args)} were given"
             )
-    try:
-        params = inspect.signature(unet.forward).parameters
-    except (AttributeError, TypeError, ValueError):
-        return None
-    needed = [
-        n
-        for n, p in list(params.items())[2:]
-        if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
-    ]
-    if needed:
-        return f"its unet {type(unet).__name__} needs {', '.join(needed)}"
-    return None
+        given = dict(zip((p.name for p in params), args))
+        for name, value in kwargs.items():
+            if name in given:
+                raise TypeError(f"{where}: got multiple values for argument {name!r}")
+            given[name] = value
+        defaults = {p.name: p.default for p in params}
+        unknown = sorted(k for k in given if k not in defaults)
+        not_honoured = [
+            f"{k} ({WHY_NOT.get(k, 'not supported')})"
+            for k in given
+            if k in defaults
+            and k not in self.kind.honoured
+            and not _is_default(given[k], defaults[k])
+        ] + self.kind.refused(self.pipe, given)
+        problems = []
+        if unknown:
+            problems.append(
+                f"unexpected keyword argument(s) {', '.join(unknown)} (accepted: "
+                f"{', '.join(self.kind.honoured)})"
+            )
+        if not_honoured:
+            problems.append(
+                f"{type(self.pipe).__name__}'s argument(s) that speculative sampling cannot "
+                f"honour: {', '.join(not_honoured)}"
+            )
+        if problems:
+            raise TypeError(f"{where}: {'; '.join(problems)}")
+        empty = inspect.Parameter.empty
+        return {k: (None if d is empty else d) for k, d in defaults.items()} | given
+
+
+def _is_default(value, default) -> bool:
+    """``value`` is the parameter's default (passing a default explicitly is harmless)."""
+    if value is default:
+        return True
+    if isinstance(value, (bool, int, float, str, list, tuple)) and type(value) is type(default):
+        return value == default
+    return False
 
 
 def _cpu_generator(generator) -> Optional[torch.Generator]:
