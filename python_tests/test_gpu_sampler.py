@@ -35,18 +35,29 @@ def digits():
     return models.load("digits")
 
 
-def test_static_round_on_cuda_follows_the_cpu_paths(digits):
-    T = digits.transitions(100)
+# a VP chain, a multistep EDM chain and the two flow chains (their own tables, same round ops)
+CHAINS = [
+    ("digits", "ddpm"),
+    ("digits", "edm-dpm++2m-sde"),
+    ("digits-flow", "flow-sde"),
+    ("digits-flow", "flow-euler"),
+]
+
+
+@pytest.mark.parametrize("name,family", CHAINS)
+def test_static_round_on_cuda_follows_the_cpu_paths(name, family):
+    model = models.load(name)
+    T = model.transitions(100, family)
     B = 16
-    net_cpu = digits.target.double()
+    net_cpu = model.target.double()
     cpu = SpeculativeSampler(net_cpu, T, window=8, path="static", compile=False).sample(
-        B, digits.event_shape, generator=gen(3), dtype=torch.float64
+        B, model.event_shape, generator=gen(3), dtype=torch.float64
     )
     import copy
 
     net_gpu = copy.deepcopy(net_cpu).to(DEV)
     gpu = SpeculativeSampler(net_gpu, T, window=8, path="static", compile=False).sample(
-        B, digits.event_shape, generator=gen(3), dtype=torch.float64, device=DEV
+        B, model.event_shape, generator=gen(3), dtype=torch.float64, device=DEV
     )
     diff = (gpu.samples.cpu() - cpu.samples).flatten(1).abs().amax(1)
     # float64 matmuls round differently on the two devices (measured on an H200: up to 9e-6 after
@@ -54,7 +65,6 @@ def test_static_round_on_cuda_follows_the_cpu_paths(digits):
     assert bool((diff < 1e-3).all()), diff
     assert gpu.stats.rounds == cpu.stats.rounds
     assert gpu.stats.accepted_by_position == cpu.stats.accepted_by_position
-    digits.target.float()
 
 
 def test_cuda_static_samples_have_the_ancestral_law(digits):
