@@ -1096,15 +1096,16 @@ def _repeated_sigmas(sigmas: Tensor, solver_type: str) -> Optional[str]:
     )
 
 
-def _edm_dpm_sde(sched, step: _StepArgs) -> GaussianTransitions:
-    """EDMDPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++"): the VE-state SDE-DPM-
-    Solver++ on the scheduler's own float32 sigmas, EDM-preconditioned (docs/design.md §2.3)."""
+def _edm_sde(sched, label: str, noise_var=None) -> GaussianTransitions:
+    """The VE-state SDE-DPM-Solver++ on an EDM-style scheduler's own float32 sigmas, with its
+    EDM preconditioning (its timesteps are its c_noise) and, for a Brownian-tree noise, the
+    per-step noise variance (docs/design.md §2.3)."""
     cfg = sched.config
     order = int(cfg.solver_order)
     sigmas = sched.sigmas.double()
     try:
-        tr = edm_dpmsolver_sde_from_sigmas(
-            sched.timesteps.double(),  # c_noise = log(sigma) / 4
+        return edm_dpmsolver_sde_from_sigmas(
+            sched.timesteps.double(),
             sigmas,
             sigma_data=float(cfg.sigma_data),
             prediction=cfg.prediction_type,
@@ -1113,14 +1114,19 @@ def _edm_dpm_sde(sched, step: _StepArgs) -> GaussianTransitions:
             lower_order_final=bool(cfg.lower_order_final),
             euler_at_final=bool(cfg.euler_at_final),
             init_std=float(sched.init_noise_sigma),
-            name=f"diffusers-edm-dpm++{'2m' if order == 2 else '1s'}-sde[{cfg.solver_type}]",
+            noise_var=noise_var,
+            name=f"diffusers-{label}-dpm++{'2m' if order == 2 else '1s'}-sde[{cfg.solver_type}]",
         )
     except ValueError:
         why = _repeated_sigmas(sigmas, cfg.solver_type) if order == 2 else None
         if why is None:
             raise
         raise ValueError(why) from None
-    return _with_thresholding(cfg, tr)
+
+
+def _edm_dpm_sde(sched, step: _StepArgs) -> GaussianTransitions:
+    """EDMDPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++"): c_noise = log(sigma)/4."""
+    return _with_thresholding(sched.config, _edm_sde(sched, "edm"))
 
 
 def _euler_churn(sched, step: _StepArgs) -> GaussianTransitions:
@@ -1151,25 +1157,11 @@ def _edm_euler_churn(sched, step: _StepArgs) -> GaussianTransitions:
 
 
 def _cosine_dpm_sde(sched, step: _StepArgs) -> GaussianTransitions:
-    """CosineDPMSolverMultistepScheduler: the VE-state SDE-DPM-Solver++ on the scheduler's own
-    float32 sigmas (c_noise = atan(sigma) 2 / pi), its Brownian-tree noise's variance per step
-    (docs/design.md §2.3)."""
+    """CosineDPMSolverMultistepScheduler: c_noise = atan(sigma) 2 / pi, and its Brownian-tree
+    noise's variance per step (docs/design.md §2.3)."""
     cfg = sched.config
-    order = int(cfg.solver_order)
-    sigmas = sched.sigmas.double()
-    return edm_dpmsolver_sde_from_sigmas(
-        sched.timesteps.double(),
-        sigmas,
-        sigma_data=float(cfg.sigma_data),
-        prediction=cfg.prediction_type,
-        solver_order=order,
-        solver_type=cfg.solver_type,
-        lower_order_final=bool(cfg.lower_order_final),
-        euler_at_final=bool(cfg.euler_at_final),
-        init_std=float(sched.init_noise_sigma),
-        noise_var=brownian_tree_noise_var(sigmas, cfg.sigma_min, cfg.sigma_max),
-        name=f"diffusers-cosine-dpm++{'2m' if order == 2 else '1s'}-sde[{cfg.solver_type}]",
-    )
+    var = brownian_tree_noise_var(sched.sigmas.double(), cfg.sigma_min, cfg.sigma_max)
+    return _edm_sde(sched, "cosine", noise_var=var)
 
 
 def _flow_euler(sched, step: _StepArgs) -> GaussianTransitions:
