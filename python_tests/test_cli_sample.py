@@ -308,6 +308,36 @@ def test_sample_digits_with_its_draft_model(tmp_path, capsys):
     assert Image.open(tmp_path / "samples.png").size == (6 * 66 + 2, 6 * 66 + 2)
 
 
+def test_sample_digits_flow_with_the_flow_sde(tmp_path, capsys):
+    from specdiff_kernels.sampling.transitions import flow_sde_transitions
+
+    argv = "sample --pipeline digits-flow --scheduler flow-sde --steps 30 --batch 64 --window 4 --compare"
+    assert main(cli_args(argv, out=tmp_path)) == 0
+    assert "digits-flow" in capsys.readouterr().out
+    stats = json.loads((tmp_path / "stats.json").read_text())
+    assert stats["two_sample_pvalue"] > 1e-3 and stats["ancestral"]["target_calls"] == 30
+    assert stats["pipeline"]["scheduler"] == "flow-sde"
+    assert stats["speculative"]["target_calls"] < 30
+    T = sample_cmd.resolve_pipeline("digits-flow", "flow-sde", 30, None).transitions
+    want = flow_sde_transitions(30)
+    assert T.prediction == "flow_prediction" and torch.equal(T.c_x0, want.c_x0)
+    assert torch.equal(T.std, want.std) and torch.equal(T.timesteps, want.timesteps)
+    # the model's own default: diffusers' stochastic FlowMatch Euler step
+    assert sample_cmd.resolve_pipeline("digits-flow", None, 30, None).scheduler == "flow-euler"
+
+
+def test_sample_digits_flow_refuses_a_diffusion_family(tmp_path, capsys, nothing_loaded):
+    last = cli_error(
+        ["sample", "--pipeline", "digits-flow", "--scheduler", "ddpm", "--out", str(tmp_path)],
+        capsys,
+    )
+    assert last == (
+        "specdiff sample: error: argument --scheduler: ddpm: ddpm needs a diffusion model with "
+        "a training schedule (alphas_cumprod); a flow-matching model (prediction "
+        "'flow_prediction') takes 'flow-euler' or 'flow-sde'"
+    )
+
+
 def test_sample_digits_bfloat16_and_ddim(tmp_path):
     rc = main(
         cli_args(
@@ -385,13 +415,13 @@ def _bad_pipelines(src: Path, root: Path) -> dict:
     d["file"] = (
         f,
         f"argument --pipeline: {q(str(f))} is not a directory (a diffusers "
-        f"save_pretrained folder, or one of patches, digits)",
+        f"save_pretrained folder, or one of patches, digits, digits-flow)",
     )
     missing = root / "missing"
     d["missing"] = (
         missing,
         f"argument --pipeline: {q(str(missing))} does not exist (a diffusers "
-        f"save_pretrained folder, or one of patches, digits)",
+        f"save_pretrained folder, or one of patches, digits, digits-flow)",
     )
     empty = root / "empty"
     empty.mkdir()
@@ -478,7 +508,7 @@ FOLDER_CASES = [
     ),
     (
         ["--draft", "model"],
-        "argument --draft: 'model' needs a draft network, which only --pipeline digits ships; use frozen-x0 or frozen-eps",
+        "argument --draft: 'model' needs a draft network, which only --pipeline digits and digits-flow ship; use frozen-x0 or frozen-eps",
     ),
     (
         ["--draft", "oracle"],
@@ -618,5 +648,5 @@ def test_sample_error_in_a_real_process(tmp_path):
     assert proc.returncode == 2 and proc.stdout == "" and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == (
         f"specdiff sample: error: argument --pipeline: {str(tmp_path / 'nope')!r} does not exist "
-        f"(a diffusers save_pretrained folder, or one of patches, digits)"
+        f"(a diffusers save_pretrained folder, or one of patches, digits, digits-flow)"
     )

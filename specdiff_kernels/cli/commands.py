@@ -317,7 +317,7 @@ def add_sample_arguments(sample: argparse.ArgumentParser) -> None:
         default=None,
         type=canonical,
         choices=NAMES,
-        help="the sampler family (default: the pipeline's own; digits: ddpm): "
+        help="the sampler family (default: the pipeline's own; digits: ddpm; digits-flow: flow-euler): "
         + "; ".join(
             f"{f.name}: {f.label}, "
             + (f"diffusers' {f.scheduler_text}" if f.scheduler else "no diffusers scheduler")
@@ -417,7 +417,7 @@ def check_sample_args(args: argparse.Namespace) -> Optional[str]:
     if args.draft == "model" and not spec.has_draft_model:
         return (
             "argument --draft: 'model' needs a draft network, which only --pipeline digits "
-            "ships; use frozen-x0 or frozen-eps"
+            "and digits-flow ship; use frozen-x0 or frozen-eps"
         )
     from . import memory
     from .output import check_out

@@ -38,7 +38,9 @@ VP_NAMES = tuple(n for n in NAMES if not family(n).flow and "sigma_data" not in 
 FLAG_OPTIONS = {"--eta": "eta", "--karras": "sigma_schedule"}
 # --karras sets use_karras_sigmas on the scheduler config, replacing these
 OTHER_SIGMAS = ("use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas")
-EMBEDDED = ("patches", "digits")
+EMBEDDED = ("patches", "digits", "digits-flow")
+# the embedded MLPs sampled without a diffusers pipeline (models.load)
+MLPS = ("digits", "digits-flow")
 # UNets called as unet(sample, timestep): conditional ones need inputs this command has no flag for
 UNET_CLASSES = ("UNet2DModel",)
 DEFAULT_ETA = 1.0  # DDIM: eta = 1 is DDPM's posterior variance on the respaced schedule
@@ -57,8 +59,8 @@ class PipelineError(ValueError):
 class PipelineSpec:
     """What the checks learned about ``--pipeline`` without loading any weights."""
 
-    name: str  # "digits", "patches" or the folder as given
-    path: Optional[Path]  # the save_pretrained folder (None: digits)
+    name: str  # "digits", "digits-flow", "patches" or the folder as given
+    path: Optional[Path]  # the save_pretrained folder (None: an embedded MLP, MLPS)
     scheduler: str  # a sampler family's name (sampling.families)
     own_scheduler: str  # the pipeline's own scheduler class name
     event_shape: tuple
@@ -463,8 +465,8 @@ def resolve_pipeline(
     only; build the transitions (cheap: tables from the scheduler config). Raises
     :class:`PipelineError`."""
     scheduler = None if scheduler is None else canonical(scheduler)
-    if pipeline == "digits":
-        return _resolve_digits(scheduler, steps, eta, karras)
+    if pipeline in MLPS:
+        return _resolve_digits(pipeline, scheduler, steps, eta, karras)
     path = patches_dir() if pipeline == "patches" else Path(pipeline)
     if not path.exists():
         raise PipelineError(
@@ -611,12 +613,14 @@ def _step_options(fam: Family, eta) -> dict:
 
 
 def _resolve_digits(
-    scheduler: Optional[str], steps: int, eta: Optional[float], karras: bool = False
+    name: str, scheduler: Optional[str], steps: int, eta: Optional[float], karras: bool = False
 ) -> PipelineSpec:
     from .. import models
     from .memory import DIGITS_ACT_BYTES
 
-    scheduler = scheduler or "ddpm"
+    # the model's own transitions, without its weights (models.load would read them)
+    em = models.digits_flow_schedule() if name == "digits-flow" else models.digits_schedule()
+    scheduler = scheduler or em.default_sampler
     _check_flags(scheduler, eta, karras)
     if steps > models.TRAIN_TIMESTEPS:
         raise PipelineError(
@@ -624,8 +628,6 @@ def _resolve_digits(
             f"must be at most {models.TRAIN_TIMESTEPS} (the model's "
             f"training timesteps), got {steps}",
         )
-    # the model's own transitions, without its weights (models.load would read them)
-    em = models.digits_schedule()
     options = _step_options(family(scheduler), eta)
     if karras:
         options["sigma_schedule"] = "karras"
@@ -634,10 +636,10 @@ def _resolve_digits(
     except (ValueError, TypeError) as err:
         raise PipelineError("--scheduler", f"{scheduler}: {err}") from None
     return PipelineSpec(
-        name="digits",
+        name=name,
         path=None,
         scheduler=scheduler,
-        own_scheduler="ddpm",
+        own_scheduler=em.default_sampler,
         event_shape=em.event_shape,
         max_steps=models.TRAIN_TIMESTEPS,
         has_draft_model=True,
@@ -690,7 +692,7 @@ def load_network(spec: PipelineSpec, device: torch.device, dtype: torch.dtype):
     if spec.path is None:
         from .. import models
 
-        m = models.load("digits", device=device, dtype=dtype)  # casts to its weights' dtype itself
+        m = models.load(spec.name, device=device, dtype=dtype)  # casts to its weights' dtype
         return m.target, m.draft
     from ..integrations.diffusers import DiffusersModel
 

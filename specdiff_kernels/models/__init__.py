@@ -42,7 +42,14 @@ from ..sampling.transitions import (
 )
 from ..validate import as_int
 
-__all__ = ["EmbeddedModel", "TRAIN_TIMESTEPS", "available", "digits_schedule", "load"]
+__all__ = [
+    "EmbeddedModel",
+    "TRAIN_TIMESTEPS",
+    "available",
+    "digits_flow_schedule",
+    "digits_schedule",
+    "load",
+]
 
 # Length of both embedded models' training schedule: the most sampling steps they can take.
 TRAIN_TIMESTEPS = 1000
@@ -70,6 +77,12 @@ class EmbeddedModel:
         """Whether this is a rectified-flow model (sampled by the flow families)."""
         return self.alphas_cumprod is None
 
+    @property
+    def default_sampler(self) -> str:
+        """DDPM for a diffusion model, FlowMatch Euler (stochastic) for a flow model: the step of
+        the diffusers scheduler each kind ships with."""
+        return "flow-euler" if self.flow else "ddpm"
+
     def transitions(
         self, num_steps: int, sampler: Optional[str] = None, **kwargs
     ) -> GaussianTransitions:
@@ -86,8 +99,8 @@ class EmbeddedModel:
         schedule, prediction and clipping are the model's own (clipping where the family clips,
         as diffusers' scheduler of that family).
         """
-        if sampler is None:  # DDPM for a diffusion model, FlowMatch Euler for a flow model
-            sampler = "flow-euler" if self.flow else "ddpm"
+        if sampler is None:
+            sampler = self.default_sampler
         fam = family(sampler, "sampler")
         fam.check_model(self.flow, self.prediction)
         top = None if self.flow else int(self.alphas_cumprod.numel())
@@ -204,6 +217,19 @@ def digits_schedule() -> EmbeddedModel:
         clip_sample=1.0,
         description="DDPM (eps-prediction, 1000-step linear betas) trained on sklearn's 8x8 digits; "
         "draft: independently trained smaller network",
+    )
+
+
+def digits_flow_schedule() -> EmbeddedModel:
+    """The ``digits-flow`` model without its networks (no weights read), as
+    :func:`digits_schedule`."""
+    return EmbeddedModel(
+        name="digits-flow",
+        target=None,
+        draft=None,
+        event_shape=(1, 8, 8),
+        alphas_cumprod=None,
+        prediction="flow_prediction",
     )
 
 
