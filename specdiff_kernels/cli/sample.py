@@ -27,13 +27,14 @@ from typing import Optional
 import torch
 
 from ..sampling.families import NAMES, Family, canonical, family, for_scheduler
+from ..sampling.network import CastNet
 
 # --scheduler takes a sampler family (sampling.families); a deterministic solver's stochastic
 # counterpart, suggested when a pipeline's own scheduler is one
 SDE = family("dpm++2m-sde")
 # the families a VP pipeline folder (a beta schedule) can take: not the flow-matching ones, nor
 # an EDM one (it preconditions an EDM network)
-VP_NAMES = tuple(n for n in NAMES if not family(n).flow and "sigma_data" not in family(n).options)
+VP_NAMES = tuple(n for n in NAMES if not family(n).flow and not family(n).edm)
 # the family option each flag sets, and so the families it applies to
 FLAG_OPTIONS = {"--eta": "eta", "--karras": "sigma_schedule"}
 # --karras sets use_karras_sigmas on the scheduler config, replacing these
@@ -380,7 +381,7 @@ def _own_training_schedule(pipeline: str, own: str, cfg: dict):
         return None
     if getattr(built, "alphas_cumprod", None) is None:
         fam = for_scheduler(own)
-        if fam is not None and "sigma_data" in fam.options:
+        if fam is not None and fam.edm:
             reason = f"an EDM sampler ({fam.name}) for an EDM-preconditioned network"
         else:
             reason = UNSUPPORTED_REASONS.get(own) or (
@@ -516,7 +517,7 @@ def resolve_pipeline(
             f"diffusion pipeline (scheduler {own}, a beta schedule): pass --scheduler "
             f"{' or '.join(VP_NAMES)}",
         )
-    if "sigma_data" in fam.options:  # the folder's UNet has a beta (VP) schedule, checked above
+    if fam.edm:  # the folder's UNet has a beta (VP) schedule, checked above
         raise PipelineError(
             "--scheduler",
             f"{fam.name} preconditions an EDM network (c_in, c_noise, c_skip, c_out); this "
@@ -672,18 +673,6 @@ def load_unet(path: Path, device: torch.device, dtype: torch.dtype):
             f"{str(path)!r}: the unet weights do not load: {type(err).__name__}: {first}",
         ) from None
     return unet.to(device).eval()
-
-
-class CastNet(torch.nn.Module):
-    """The network in a lower precision, the chain's states in float32: the verify's log-density
-    ratio sums over every coordinate, and the network, not the state update, is the cost."""
-
-    def __init__(self, net: torch.nn.Module, dtype: torch.dtype):
-        super().__init__()
-        self.net, self.dtype = net, dtype
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.net(x.to(self.dtype), t).to(x.dtype)
 
 
 def load_network(spec: PipelineSpec, device: torch.device, dtype: torch.dtype):

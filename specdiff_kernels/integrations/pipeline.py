@@ -45,6 +45,7 @@ from typing import Optional
 
 import torch
 
+from ..sampling.network import CastNet
 from ..sampling.sampler import SpeculativeSampler
 from .diffusers import diffusers_transitions
 from .pipeline_kinds import WHY_NOT, PipelineKind, Run, default_steps, device_of, pipeline_kind
@@ -53,17 +54,6 @@ __all__ = ["SpeculativePipeline"]
 
 # SpeculativeSampler's own arguments that the wrapper sets
 _SET_HERE = ("model", "transitions", "window")
-
-
-class _Cast(torch.nn.Module):
-    """The network in its own precision, the chains' states float32 (as ``specdiff sample``)."""
-
-    def __init__(self, net: torch.nn.Module, dtype: torch.dtype) -> None:
-        super().__init__()
-        self.net, self.dtype = net, dtype
-
-    def forward(self, x, t, **cond):
-        return self.net(x.to(self.dtype), t, **cond).to(x.dtype)
 
 
 class SpeculativePipeline:
@@ -134,7 +124,7 @@ class SpeculativePipeline:
             model = self.kind.model(self.pipe, guidance_scale)
             dtype = getattr(model.unet, "dtype", torch.float32)
             if dtype != torch.float32:
-                model = _Cast(model, dtype)
+                model = CastNet(model, dtype)
             sampler = SpeculativeSampler(
                 model, transitions, window=self.window, **self.sampler_options
             )

@@ -71,6 +71,12 @@ class Family:
         return self.schedule == "flow"
 
     @property
+    def edm(self) -> bool:
+        """Whether the family preconditions an EDM network (``sigma_data``: c_in, c_noise,
+        c_skip, c_out); on a VP model it takes the model's own conversion instead."""
+        return "sigma_data" in self.options
+
+    @property
     def scheduler_call(self) -> str:
         """The diffusers scheduler as it is constructed, e.g.
         ``DPMSolverMultistepScheduler(algorithm_type='sde-dpmsolver++')``."""
@@ -143,6 +149,10 @@ class Family:
 
 
 _RESPACING = ("spacing", "steps_offset")
+_CHURN = ("s_churn", "s_tmin", "s_tmax", "s_noise")
+_EDM = ("sigma_min", "sigma_max", "sigma_data", "sigma_schedule", "rho")  # EDM's noise levels
+_SOLVER = ("solver_order", "solver_type")
+_LAST_STEPS = ("lower_order_final", "euler_at_final")
 
 FAMILIES: tuple[Family, ...] = (
     Family(
@@ -178,15 +188,7 @@ FAMILIES: tuple[Family, ...] = (
         "DPM++ 2M SDE",
         "DPM-Solver++ 2M SDE (Karras sigmas too), a multistep solver",
         dpmsolver_sde_transitions,
-        (
-            "sigma_schedule",
-            "spacing",
-            "solver_order",
-            "solver_type",
-            "final_sigmas_type",
-            "lower_order_final",
-            "euler_at_final",
-        ),
+        ("sigma_schedule", "spacing") + _SOLVER + ("final_sigmas_type",) + _LAST_STEPS,
         scheduler="DPMSolverMultistepScheduler",
         scheduler_config=(("algorithm_type", "sde-dpmsolver++"), ("solver_order", 2)),
         variant=("algorithm_type",),
@@ -197,7 +199,7 @@ FAMILIES: tuple[Family, ...] = (
         "Euler (churn)",
         "Euler with EDM's churn (s_churn > 0: noise added after the network call), VE state",
         euler_churn_transitions,
-        ("s_churn", "s_tmin", "s_tmax", "s_noise") + _RESPACING + ("init_std",),
+        _CHURN + _RESPACING + ("init_std",),
         scheduler="EulerDiscreteScheduler",
         scheduler_note="s_churn > 0",
     ),
@@ -206,18 +208,7 @@ FAMILIES: tuple[Family, ...] = (
         "EDM DPM++ 2M SDE",
         "DPM-Solver++ 2M SDE on EDM's VE state and sigma schedule (EDM preconditioning), multistep",
         edm_dpmsolver_sde_transitions,
-        (
-            "sigma_min",
-            "sigma_max",
-            "sigma_data",
-            "sigma_schedule",
-            "rho",
-            "solver_order",
-            "solver_type",
-            "final_sigmas_type",
-            "lower_order_final",
-            "euler_at_final",
-        ),
+        _EDM + _SOLVER + ("final_sigmas_type",) + _LAST_STEPS,
         scheduler="EDMDPMSolverMultistepScheduler",
         scheduler_config=(("algorithm_type", "sde-dpmsolver++"), ("solver_order", 2)),
         variant=("algorithm_type",),
@@ -228,8 +219,7 @@ FAMILIES: tuple[Family, ...] = (
         "EDM Euler (churn)",
         "Euler with EDM's churn on EDM's VE state and sigma schedule (EDM preconditioning)",
         edm_euler_churn_transitions,
-        ("s_churn", "s_tmin", "s_tmax", "s_noise")
-        + ("sigma_min", "sigma_max", "sigma_data", "sigma_schedule", "rho", "final_sigmas_type"),
+        _CHURN + _EDM + ("final_sigmas_type",),
         scheduler="EDMEulerScheduler",
         scheduler_note="s_churn > 0",
     ),
@@ -239,17 +229,7 @@ FAMILIES: tuple[Family, ...] = (
         "Stable Audio's DPM-Solver++ 2M SDE (EDM preconditioning, atan c_noise, Brownian-tree "
         "noise), multistep",
         cosine_dpmsolver_sde_transitions,
-        (
-            "sigma_min",
-            "sigma_max",
-            "sigma_data",
-            "sigma_schedule",
-            "rho",
-            "solver_order",
-            "solver_type",
-            "lower_order_final",
-            "euler_at_final",
-        ),
+        _EDM + _SOLVER + _LAST_STEPS,
         scheduler="CosineDPMSolverMultistepScheduler",
         scheduler_config=(("solver_order", 2),),
         multistep=True,

@@ -15,6 +15,19 @@ from .checks import check_model_output
 from .transitions import GaussianTransitions, Model
 
 
+class CastNet(torch.nn.Module):
+    """The network in a lower precision, the chain's states in float32: the verify's log-density
+    ratio sums over every coordinate, and the network, not the state update, is the cost
+    (``specdiff sample --dtype``, ``SpeculativePipeline`` on a half-precision pipeline)."""
+
+    def __init__(self, net: torch.nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.net, self.dtype = net, dtype
+
+    def forward(self, x: Tensor, t: Tensor, **cond) -> Tensor:
+        return self.net(x.to(self.dtype), t, **cond).to(x.dtype)
+
+
 def chunked_call(model: Model, x: Tensor, t: Tensor, cond: dict, max_batch: Optional[int]):
     """``model(x, t, **cond)`` as one logical call, invoked on at most ``max_batch`` rows at a time
     (bounded activation memory); the rows' results are concatenated in order."""
